@@ -1,0 +1,197 @@
+"""Swap the fast encoder into a Hugging Face BERT/RoBERTa model in place, and back.
+
+`swap` replaces the forward of the model's base encoder (BertModel / RobertaModel, also inside any `*For*`
+task model) with the packed-token path. No module is replaced and no parameter is renamed, so state_dict
+keys, the forward signature and the output types stay HF's. Query, key and value weights are moved into one
+[3H, H] buffer that the three parameters view, so the fused QKV GEMM needs no copy; while swapped,
+`state_dict()` hands out independent copies of those three, so checkpoints never hold shared storage.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn as nn
+
+from mtbert_fast.models.config import EncoderConfig
+from mtbert_fast.models.encoder import EmbeddingWeights, LayerWeights, encode
+from mtbert_fast.ops.dispatch import requested_backend
+
+_STATE = "_mtbert_fast_swap"
+_IGNORED_KWARGS = {"use_cache", "cache", "past_key_values", "cache_position"}
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    base = getattr(model, "base_model", model)
+    if not hasattr(base, "embeddings") or not hasattr(base, "encoder"):
+        raise TypeError(
+            f"{type(model).__name__} is not a BERT or RoBERTa model (no embeddings/encoder); "
+            "swap takes BertModel, RobertaModel and their *For* task models"
+        )
+    return base
+
+
+class _QKVFusion:
+    """One layer's query/key/value parameters as views of one [3H, H] weight and one [3H] bias buffer."""
+
+    def __init__(self, attn: nn.Module):
+        self.linears = (attn.query, attn.key, attn.value)
+        self.fuse()
+
+    def fuse(self) -> None:
+        for kind in ("weight", "bias"):
+            params = [getattr(lin, kind) for lin in self.linears]
+            buf = torch.cat([p.detach() for p in params], 0)
+            for p, view in zip(params, buf.chunk(3, 0)):
+                p.data = view
+            setattr(self, kind, buf)
+
+    def _intact(self) -> bool:
+        for kind in ("weight", "bias"):
+            buf = getattr(self, kind)
+            offset = 0
+            for lin in self.linears:
+                p = getattr(lin, kind)
+                if p.dtype != buf.dtype or p.device != buf.device or p.data_ptr() != buf.data_ptr() + offset:
+                    return False
+                offset += p.numel() * p.element_size()
+        return True
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused [3H, H] weight and [3H] bias; concatenated afresh when autograd must reach the parameters."""
+        params = [getattr(lin, k) for k in ("weight", "bias") for lin in self.linears]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return torch.cat(params[:3], 0), torch.cat(params[3:], 0)
+        if not self._intact():  # .to(), .half() or a reassigned parameter broke the views
+            self.fuse()
+        return self.weight, self.bias
+
+
+def _unshare_qkv(module, state_dict, prefix, local_metadata):
+    for key, value in state_dict.items():
+        if key.startswith(prefix) and ".attention.self." in key:
+            state_dict[key] = value.clone()
+
+
+class _SwapState:
+    def __init__(self, base: nn.Module, backend: str | None):
+        self.config = EncoderConfig.from_hf(base.config)
+        self.backend = backend
+        self.qkv = [_QKVFusion(layer.attention.self) for layer in base.encoder.layer]
+        self.state_dict_hook = base.register_state_dict_post_hook(_unshare_qkv)
+
+    def layer_weights(self, base: nn.Module) -> list[LayerWeights]:
+        out = []
+        for layer, fusion in zip(base.encoder.layer, self.qkv):
+            qkv_w, qkv_b = fusion.weights()
+            a, i, o = layer.attention.output, layer.intermediate.dense, layer.output
+            out.append(LayerWeights(
+                qkv_w, qkv_b,
+                a.dense.weight, a.dense.bias, a.LayerNorm.weight, a.LayerNorm.bias,
+                i.weight, i.bias,
+                o.dense.weight, o.dense.bias, o.LayerNorm.weight, o.LayerNorm.bias,
+            ))  # fmt: skip
+        return out
+
+
+def _swapped_forward(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    token_type_ids=None,
+    position_ids=None,
+    inputs_embeds=None,
+    encoder_hidden_states=None,
+    encoder_attention_mask=None,
+    output_attentions=None,
+    output_hidden_states=None,
+    return_dict=None,
+    **kwargs,
+):
+    from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+
+    state: _SwapState = getattr(self, _STATE)
+    if encoder_hidden_states is not None or encoder_attention_mask is not None:
+        raise NotImplementedError("mtbert_fast's encoder has no cross-attention (encoder_hidden_states)")
+    if output_attentions if output_attentions is not None else getattr(self.config, "output_attentions", False):
+        raise NotImplementedError(
+            "output_attentions=True is not available after mtbert_fast.swap: the fused attention never forms the "
+            "attention probabilities. Call mtbert_fast.unswap(model) to get them from HF's implementation."
+        )
+    unknown = set(kwargs) - _IGNORED_KWARGS
+    if unknown:
+        raise TypeError(f"unexpected arguments for the swapped encoder: {', '.join(sorted(unknown))}")
+    if output_hidden_states is None:
+        output_hidden_states = getattr(self.config, "output_hidden_states", False)
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+
+    emb = self.embeddings
+    out = encode(
+        state.config,
+        EmbeddingWeights(
+            emb.word_embeddings.weight,
+            emb.position_embeddings.weight,
+            emb.token_type_embeddings.weight,
+            emb.LayerNorm.weight,
+            emb.LayerNorm.bias,
+        ),
+        state.layer_weights(self),
+        (self.pooler.dense.weight, self.pooler.dense.bias) if self.pooler is not None else None,
+        input_ids,
+        attention_mask,
+        token_type_ids,
+        position_ids,
+        inputs_embeds,
+        output_hidden_states=bool(output_hidden_states),
+        training=self.training,
+        backend=state.backend,
+    )
+    result = BaseModelOutputWithPoolingAndCrossAttentions(
+        last_hidden_state=out.last_hidden_state,
+        pooler_output=out.pooler_output,
+        hidden_states=out.hidden_states,
+    )
+    return result if return_dict else result.to_tuple()
+
+
+def swap(model: nn.Module, backend: str = "auto", dtype: torch.dtype | None = None) -> nn.Module:
+    """Run `model`'s BERT/RoBERTa encoder on mtbert_fast's packed-token path, in place; returns `model`.
+
+    model: an HF BertModel or RobertaModel, or any of their *For* task models.
+    backend: "auto" or one of cuda / triton / cpu / reference for every op.
+    dtype: if given, the whole model is cast to it first (as model.to(dtype) would), e.g. torch.bfloat16.
+    Outputs at padding positions of last_hidden_state (and hidden_states) are zeros. Undo with `unswap`.
+    """
+    base = _base_model(model)
+    requested_backend(backend)
+    EncoderConfig.from_hf(base.config)  # refuses unsupported configs before anything changes
+    if hasattr(base, _STATE):
+        raise RuntimeError(f"{type(model).__name__} is already swapped; call mtbert_fast.unswap(model) first")
+    if dtype is not None:
+        model.to(dtype)
+    setattr(base, _STATE, _SwapState(base, None if backend == "auto" else backend))
+    base.forward = types.MethodType(_swapped_forward, base)
+    return model
+
+
+def unswap(model: nn.Module) -> nn.Module:
+    """Restore HF's own forward; parameters keep their values (and the dtype `swap` cast them to)."""
+    base = _base_model(model)
+    state = getattr(base, _STATE, None)
+    if state is None:
+        raise RuntimeError(f"{type(model).__name__} is not swapped")
+    state.state_dict_hook.remove()
+    for fusion in state.qkv:  # give each parameter its own storage again
+        for lin in fusion.linears:
+            for kind in ("weight", "bias"):
+                p = getattr(lin, kind)
+                p.data = p.data.clone()
+    del base.forward
+    delattr(base, _STATE)
+    return model
+
+
+def is_swapped(model: nn.Module) -> bool:
+    return hasattr(_base_model(model), _STATE)

@@ -1,0 +1,422 @@
+"""The fast encoder: embeddings, layers and pooler on packed tokens, padding removed once at the start.
+
+The computation lives in plain functions over weight tuples (`EmbeddingWeights`, `LayerWeights`), so the same
+code runs `FastBertModel` (its own fused layout) and an HF model after `mtbert_fast.swap` (HF's modules).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mtbert_fast.models.config import EncoderConfig
+from mtbert_fast.ops import attention_varlen, bias_gelu, bias_residual_layer_norm, gather_rows, pad, unpad_indices
+
+
+class EmbeddingWeights(NamedTuple):
+    word: torch.Tensor  # [V, H]
+    position: torch.Tensor  # [P, H]
+    token_type: torch.Tensor  # [types, H]
+    norm_weight: torch.Tensor  # [H]
+    norm_bias: torch.Tensor  # [H]
+
+
+class LayerWeights(NamedTuple):
+    qkv_weight: torch.Tensor  # [3H, H]: query, key, value rows stacked
+    qkv_bias: torch.Tensor  # [3H]
+    attn_out_weight: torch.Tensor  # [H, H]
+    attn_out_bias: torch.Tensor  # [H]
+    attn_norm_weight: torch.Tensor  # [H]
+    attn_norm_bias: torch.Tensor  # [H]
+    ffn_in_weight: torch.Tensor  # [I, H]
+    ffn_in_bias: torch.Tensor  # [I]
+    ffn_out_weight: torch.Tensor  # [H, I]
+    ffn_out_bias: torch.Tensor  # [H]
+    ffn_norm_weight: torch.Tensor  # [H]
+    ffn_norm_bias: torch.Tensor  # [H]
+
+
+@dataclasses.dataclass
+class PackedBatch:
+    """Where the real tokens of a [batch, seqlen] input sit once packed.
+
+    indices int64 [T] into the flattened [batch * seqlen]; cu_seqlens int32 [batch + 1]; max_seqlen the longest row.
+    """
+
+    indices: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    batch: int
+    seqlen: int
+
+    @property
+    def first_token_rows(self) -> torch.Tensor:
+        """Packed row of each sequence's first real token (its CLS with right padding): int64 [batch]."""
+        return self.cu_seqlens[:-1].long()
+
+    def pad(self, packed: torch.Tensor) -> torch.Tensor:
+        """packed [T, ...] -> [batch, seqlen, ...], zeros at the padding."""
+        return pad(packed, self.indices, self.batch, self.seqlen)
+
+
+@dataclasses.dataclass
+class EncoderOutput:
+    """last_hidden_state [B, L, H] (zeros at padding); pooler_output [B, H] or None; hidden_states: the
+    embedding output and each layer's output, [B, L, H] each, when asked for; packed_hidden_state [T, H] and
+    `packed` for heads that read the packed tokens directly."""
+
+    last_hidden_state: torch.Tensor
+    pooler_output: torch.Tensor | None
+    hidden_states: tuple[torch.Tensor, ...] | None
+    packed_hidden_state: torch.Tensor
+    packed: PackedBatch
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{t.dtype} {tuple(t.shape)} on {t.device}"
+
+
+def validate_inputs(
+    config: EncoderConfig,
+    device: torch.device,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    token_type_ids: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+) -> tuple[int, int]:
+    """Checks every input and names the problem; returns (batch, seqlen). Nothing is computed on bad input."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    if input_ids is not None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seqlen], got {_describe(input_ids)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be int64 or int32, got {_describe(input_ids)}")
+        shape = tuple(input_ids.shape)
+    else:
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(f"inputs_embeds must be [batch, seqlen, {config.hidden_size}], got {_describe(inputs_embeds)}")
+        shape = tuple(inputs_embeds.shape[:2])
+    named = {"input_ids": input_ids, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
+             "token_type_ids": token_type_ids, "position_ids": position_ids}
+    for name, t in named.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the model is on {device}; move the inputs to {device}")
+    if shape[0] == 0 or shape[1] == 0:
+        raise ValueError(f"empty batch: input shape {shape}")
+    if input_ids is not None and input_ids.numel():
+        lo, hi = torch.aminmax(input_ids)
+        if lo < 0 or hi >= config.vocab_size:
+            bad = int(lo) if lo < 0 else int(hi)
+            raise ValueError(f"input_ids hold token id {bad}, outside the vocabulary [0, {config.vocab_size})")
+    if attention_mask is not None:
+        if attention_mask.shape != shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but the input is {shape}")
+        if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+            raise TypeError(
+                f"attention_mask must hold integers or bools (1 = real token, 0 = padding), got {attention_mask.dtype}:"
+                " a float mask is ambiguous (additive or multiplicative)"
+            )
+        if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            raise ValueError("attention_mask must hold only 0 and 1")
+        empty = (attention_mask == 0).all(dim=1).nonzero()
+        if empty.numel():
+            raise ValueError(f"row {int(empty[0])} of attention_mask has no real token")
+    if token_type_ids is not None:
+        if token_type_ids.shape != shape:
+            raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)} but the input is {shape}")
+        lo, hi = torch.aminmax(token_type_ids)
+        if lo < 0 or hi >= config.type_vocab_size:
+            raise ValueError(f"token_type_ids must be in [0, {config.type_vocab_size}), got values in [{int(lo)}, {int(hi)}]")
+    if position_ids is not None and position_ids.shape not in (shape, (1, shape[1])):
+        raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected {shape} or (1, {shape[1]})")
+    return shape
+
+
+def packed_positions(
+    config: EncoderConfig,
+    input_ids: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    packed: PackedBatch,
+) -> torch.Tensor:
+    """Position id of every packed token, int64 [T], numbered as the HF model numbers them."""
+    b, l = packed.batch, packed.seqlen
+    if position_ids is not None:
+        positions = gather_rows(position_ids.expand(b, l).reshape(-1).long(), packed.indices)
+    elif config.family == "roberta" and input_ids is not None:
+        # RoBERTa counts non-padding tokens from pad_token_id + 1 (fairseq's make_positions)
+        real = input_ids.ne(config.pad_token_id).long()
+        numbered = torch.cumsum(real, dim=1) * real + config.pad_token_id
+        positions = gather_rows(numbered.reshape(-1), packed.indices)
+    else:
+        positions = packed.indices % l
+        if config.family == "roberta":
+            positions = positions + config.pad_token_id + 1
+    if positions.numel():
+        lo, hi = torch.aminmax(positions)
+        if lo < 0 or hi >= config.max_position_embeddings:
+            too_long = int(hi) - (config.pad_token_id if config.family == "roberta" else -1)
+            raise ValueError(
+                f"position id {int(hi) if hi >= 0 else int(lo)} is outside [0, {config.max_position_embeddings}): "
+                f"a sequence of {too_long} tokens is longer than the model's max_position_embeddings allows"
+            )
+    return positions
+
+
+def embed_packed(
+    config: EncoderConfig,
+    w: EmbeddingWeights,
+    packed: PackedBatch,
+    input_ids: torch.Tensor | None,
+    token_type_ids: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    training: bool,
+) -> torch.Tensor:
+    """LayerNorm(word + token_type + position embeddings) of the real tokens only -> [T, H]."""
+    if inputs_embeds is not None:
+        x = gather_rows(inputs_embeds.reshape(-1, inputs_embeds.shape[-1]), packed.indices)
+    else:
+        ids = gather_rows(input_ids.reshape(-1).long(), packed.indices)
+        x = F.embedding(ids, w.word)
+    if token_type_ids is not None:
+        x = x + F.embedding(gather_rows(token_type_ids.reshape(-1).long(), packed.indices), w.token_type)
+    else:
+        x = x + w.token_type[0]
+    x = x + F.embedding(packed_positions(config, input_ids, position_ids, packed), w.position)
+    x = F.layer_norm(x, (x.shape[-1],), w.norm_weight, w.norm_bias, config.layer_norm_eps)
+    return F.dropout(x, config.hidden_dropout_prob, training)
+
+
+def _residual_norm(a, bias, residual, weight, beta, eps, p, training, backend):
+    """LayerNorm(dropout(a + bias) + residual); the bias folds into the fused kernel when there is no dropout."""
+    if training and p > 0.0:
+        a = F.dropout(a + bias, p, True)
+        bias = torch.zeros_like(bias)
+    return bias_residual_layer_norm(a, bias, residual, weight, beta, eps, backend=backend)
+
+
+def layer_forward(
+    config: EncoderConfig,
+    w: LayerWeights,
+    x: torch.Tensor,
+    packed: PackedBatch,
+    training: bool,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """One encoder layer on packed tokens: x [T, H] -> [T, H]."""
+    t, h = x.shape
+    eps, p = config.layer_norm_eps, config.hidden_dropout_prob
+    qkv = F.linear(x, w.qkv_weight, w.qkv_bias).view(t, 3, config.num_attention_heads, config.head_dim)
+    ctx = attention_varlen(
+        qkv,
+        packed.cu_seqlens,
+        packed.max_seqlen,
+        dropout_p=config.attention_probs_dropout_prob if training else 0.0,
+        backend=backend,
+    ).reshape(t, h)
+    x = _residual_norm(F.linear(ctx, w.attn_out_weight), w.attn_out_bias, x, w.attn_norm_weight,
+                       w.attn_norm_bias, eps, p, training, backend)
+    inner = bias_gelu(F.linear(x, w.ffn_in_weight), w.ffn_in_bias, config.gelu_approximate, backend=backend)
+    return _residual_norm(F.linear(inner, w.ffn_out_weight), w.ffn_out_bias, x, w.ffn_norm_weight,
+                          w.ffn_norm_bias, eps, p, training, backend)
+
+
+def encode(
+    config: EncoderConfig,
+    embeddings: EmbeddingWeights,
+    layers: Sequence[LayerWeights],
+    pooler: tuple[torch.Tensor, torch.Tensor] | None,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    token_type_ids: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    *,
+    output_hidden_states: bool = False,
+    training: bool = False,
+    backend: str | None = None,
+) -> EncoderOutput:
+    """The whole encoder: validate, unpad once, embed, run the layers, pool, re-pad the outputs."""
+    device = embeddings.word.device
+    batch, seqlen = validate_inputs(
+        config, device, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
+    )
+    if attention_mask is None:
+        attention_mask = torch.ones((batch, seqlen), dtype=torch.int32, device=device)
+    packed = PackedBatch(*unpad_indices(attention_mask), batch=batch, seqlen=seqlen)
+    if inputs_embeds is not None and inputs_embeds.dtype != embeddings.word.dtype:
+        raise TypeError(f"inputs_embeds has dtype {inputs_embeds.dtype} but the model runs in {embeddings.word.dtype}")
+
+    x = embed_packed(config, embeddings, packed, input_ids, token_type_ids, position_ids, inputs_embeds, training)
+    states = [x] if output_hidden_states else None
+    for w in layers:
+        x = layer_forward(config, w, x, packed, training, backend)
+        if states is not None:
+            states.append(x)
+
+    pooled = None
+    if pooler is not None:
+        pooled = torch.tanh(F.linear(gather_rows(x, packed.first_token_rows), *pooler))
+    return EncoderOutput(
+        last_hidden_state=packed.pad(x),
+        pooler_output=pooled,
+        hidden_states=tuple(packed.pad(s) for s in states) if states is not None else None,
+        packed_hidden_state=x,
+        packed=packed,
+    )
+
+
+class FastEmbeddings(nn.Module):
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        h = config.hidden_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, h)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, h)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, h)
+        self.LayerNorm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+
+    def weights(self) -> EmbeddingWeights:
+        return EmbeddingWeights(
+            self.word_embeddings.weight,
+            self.position_embeddings.weight,
+            self.token_type_embeddings.weight,
+            self.LayerNorm.weight,
+            self.LayerNorm.bias,
+        )
+
+
+class FastBertLayer(nn.Module):
+    """One layer's weights in the layout the kernels want: query, key and value in one [3H, H] matrix."""
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.qkv = nn.Linear(h, 3 * h)
+        self.attn_out = nn.Linear(h, h)
+        self.attn_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.ffn_in = nn.Linear(h, i)
+        self.ffn_out = nn.Linear(i, h)
+        self.ffn_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+
+    def weights(self) -> LayerWeights:
+        return LayerWeights(
+            self.qkv.weight, self.qkv.bias,
+            self.attn_out.weight, self.attn_out.bias,
+            self.attn_norm.weight, self.attn_norm.bias,
+            self.ffn_in.weight, self.ffn_in.bias,
+            self.ffn_out.weight, self.ffn_out.bias,
+            self.ffn_norm.weight, self.ffn_norm.bias,
+        )  # fmt: skip
+
+
+class FastBertModel(nn.Module):
+    """A BERT or RoBERTa encoder that runs on packed tokens with the fused mtbert_fast ops.
+
+    Build it from a config (random weights), from a loaded HF model (`from_hf`) or from an HF model directory
+    (`from_pretrained`). `forward` takes HF's inputs and returns an `EncoderOutput` whose last_hidden_state and
+    pooler_output equal HF's at the real tokens (zeros at padding).
+
+    dtype: parameters and compute dtype (float32, bfloat16, float16); backend: "auto" or a forced backend for
+    every op (see mtbert_fast.ops.dispatch).
+    """
+
+    def __init__(
+        self,
+        config: EncoderConfig,
+        add_pooling_layer: bool = True,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.backend = backend
+        self.embeddings = FastEmbeddings(config)
+        self.layers = nn.ModuleList(FastBertLayer(config) for _ in range(config.num_hidden_layers))
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if add_pooling_layer else None
+        self._init_weights()
+        self.to(device=device, dtype=dtype)
+
+    def _init_weights(self, std: float = 0.02) -> None:
+        """BERT's initialization: normal(0, 0.02) matrices and embeddings, zero biases, unit LayerNorm."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+            if isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+            if isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embeddings.word_embeddings.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embeddings.word_embeddings.weight.device
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> EncoderOutput:
+        """input_ids [B, L]; attention_mask [B, L] of 0/1 (default: all real)."""
+        pooler = (self.pooler.weight, self.pooler.bias) if self.pooler is not None else None
+        return encode(
+            self.config,
+            self.embeddings.weights(),
+            [layer.weights() for layer in self.layers],
+            pooler,
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            output_hidden_states=output_hidden_states,
+            training=self.training,
+            backend=self.backend,
+        )
+
+    @classmethod
+    def from_hf(cls, hf_model: nn.Module, *, dtype=None, backend: str | None = None) -> FastBertModel:
+        """From a loaded HF BertModel / RobertaModel, or any of their task models (their encoder is taken)."""
+        from mtbert_fast.models.hf_mapping import fast_state_dict_from_hf
+
+        base = getattr(hf_model, "base_model", hf_model)
+        config = EncoderConfig.from_hf(base.config)
+        state = fast_state_dict_from_hf(base.state_dict(), config, has_pooler=base.pooler is not None)
+        return cls._from_state(config, state, base.pooler is not None, dtype, backend)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, *, dtype=None, device=None, backend: str | None = None
+    ) -> FastBertModel:
+        """From an HF model directory: config.json and model.safetensors (or sharded safetensors); never unpickles."""
+        from mtbert_fast.models.hf_mapping import fast_state_dict_from_hf, read_safetensors_dir
+
+        config = EncoderConfig.from_json_file(os.path.join(path, "config.json"))
+        hf_state = read_safetensors_dir(path)
+        has_pooler = any(k.endswith("pooler.dense.weight") for k in hf_state)
+        state = fast_state_dict_from_hf(hf_state, config, has_pooler=has_pooler)
+        return cls._from_state(config, state, has_pooler, dtype, backend, device)
+
+    @classmethod
+    def _from_state(cls, config, state, has_pooler, dtype, backend, device=None) -> FastBertModel:
+        dtype = dtype or next(iter(state.values())).dtype
+        with torch.device("meta"):
+            model = cls(config, add_pooling_layer=has_pooler, backend=backend)
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,24 @@
+"""The mtbert_fast ops: typed wrappers over torch.ops.mtbert_fast with backend choice (see dispatch.py)."""
+
+from mtbert_fast.ops.attention_varlen import attention_varlen
+from mtbert_fast.ops.bias_gelu import bias_gelu
+from mtbert_fast.ops.bias_gelu_layer_norm import bias_gelu_layer_norm
+from mtbert_fast.ops.bias_residual_layer_norm import bias_residual_layer_norm
+from mtbert_fast.ops.dispatch import BACKENDS, BackendUnavailable
+from mtbert_fast.ops.mlm_gather_loss import mlm_gather_loss
+from mtbert_fast.ops.rows import gather_rows, pad, scatter_rows, unpad, unpad_indices
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "attention_varlen",
+    "bias_gelu",
+    "bias_gelu_layer_norm",
+    "bias_residual_layer_norm",
+    "gather_rows",
+    "mlm_gather_loss",
+    "pad",
+    "scatter_rows",
+    "unpad",
+    "unpad_indices",
+]

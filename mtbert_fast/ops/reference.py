@@ -1,0 +1,103 @@
+"""Pure-PyTorch references for every op: the oracle of the tests and the fallback that runs anywhere.
+
+Each function computes in fp32 and returns the input dtype, as the kernels do; autograd gives the
+backward. Shapes follow DESIGN.md: T packed tokens, B sequences, H hidden size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    return F.gelu(x, approximate=approximate)
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """GELU(x + bias).  x [N, D], bias [D] -> [N, D]."""
+    return _gelu(x.float() + bias.float(), approximate).to(x.dtype)
+
+
+def bias_residual_layer_norm(
+    x: torch.Tensor,
+    bias: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    beta: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """LayerNorm(x + bias + residual) * weight + beta.  x, residual [N, D]; bias, weight, beta [D]."""
+    s = x.float() + bias.float() + residual.float()
+    return F.layer_norm(s, (s.shape[-1],), weight.float(), beta.float(), eps).to(x.dtype)
+
+
+def bias_gelu_layer_norm(
+    x: torch.Tensor,
+    bias: torch.Tensor,
+    weight: torch.Tensor,
+    beta: torch.Tensor,
+    eps: float,
+    approximate: str = "none",
+) -> torch.Tensor:
+    """LayerNorm(GELU(x + bias)) * weight + beta: the masked-LM head transform.  x [N, D] -> [N, D]."""
+    g = _gelu(x.float() + bias.float(), approximate)
+    return F.layer_norm(g, (g.shape[-1],), weight.float(), beta.float(), eps).to(x.dtype)
+
+
+def attention_varlen(
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Bidirectional softmax attention over packed sequences, softmax in fp32.
+
+    qkv [T, 3, heads, head_dim]; cu_seqlens int32 [B+1] (sequence b owns rows cu_seqlens[b]:cu_seqlens[b+1]);
+    -> [T, heads, head_dim].  out_i = sum_j softmax_j(scale * q_i . k_j) v_j over j in i's sequence.
+    dropout_p: dropout on the probabilities, as HF applies it in training.
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(qkv.shape[-1])
+    bounds = cu_seqlens.tolist()
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        q, k, v = qkv[start:end].float().unbind(1)  # each [L, heads, head_dim]
+        scores = torch.einsum("ihd,jhd->hij", q, k) * scale
+        probs = torch.softmax(scores, dim=-1)
+        if dropout_p > 0.0:
+            probs = F.dropout(probs, dropout_p)
+        outs.append(torch.einsum("hij,jhd->ihd", probs, v))
+    out = torch.cat(outs, 0) if outs else qkv.new_zeros((0,) + qkv.shape[2:], dtype=torch.float32)
+    return out.to(qkv.dtype)
+
+
+def mlm_gather_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy of hidden @ weight.T + bias against labels, only over rows whose label != ignore_index.
+
+    hidden [N, H], weight [V, H], bias [V], labels int64 [N] -> scalar fp32 ("mean" over counted rows, or "sum").
+    """
+    keep = labels != ignore_index
+    logits = F.linear(hidden[keep].float(), weight.float(), bias.float())
+    return F.cross_entropy(logits, labels[keep], reduction=reduction)
+
+
+def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """x [R, ...], indices int64 [N] -> x[indices] [N, ...]."""
+    return x[indices]
+
+
+def scatter_rows(x: torch.Tensor, indices: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """x [N, ...], indices int64 [N] distinct -> out [num_rows, ...] with out[indices] = x, zeros elsewhere."""
+    out = x.new_zeros((num_rows,) + tuple(x.shape[1:]))
+    return out.index_put((indices,), x)

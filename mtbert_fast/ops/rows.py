@@ -1,0 +1,99 @@
+"""Packing helpers: gather/scatter of rows, and unpad/pad between [B, L, ...] and packed [T, ...]."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mtbert_fast import _ext
+from mtbert_fast.ops import dispatch, reference
+
+
+# Row copies are plain memory moves: PyTorch's own indexing is the GPU path, so no Triton kernel is written.
+_NO_TRITON = {"triton": "row gather/scatter has no Triton kernel; indexing in PyTorch serves the GPU"}
+
+
+def _check_indices(op: str, x: torch.Tensor, indices: torch.Tensor) -> None:
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least 1 dim, got a scalar")
+    if indices.dim() != 1 or indices.dtype != torch.int64:
+        raise ValueError(f"{op}: indices must be a 1-D int64 tensor, got {indices.dtype} {tuple(indices.shape)}")
+    if indices.device != x.device:
+        raise ValueError(f"{op}: indices are on {indices.device} but x is on {x.device}")
+
+
+def gather_rows(x: torch.Tensor, indices: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """x [R, ...], indices int64 [N] -> x[indices] [N, ...].  The gradient adds up repeated indices."""
+    _check_indices("gather_rows", x, indices)
+    if dispatch.choose("gather_rows", x, backend, _NO_TRITON) == "reference":
+        return reference.gather_rows(x, indices)
+    return torch.ops.mtbert_fast.gather_rows(x, indices)
+
+
+def scatter_rows(x: torch.Tensor, indices: torch.Tensor, num_rows: int, *, backend: str | None = None):
+    """x [N, ...], indices int64 [N], all distinct -> out [num_rows, ...]: out[indices] = x, zeros elsewhere."""
+    _check_indices("scatter_rows", x, indices)
+    if indices.shape[0] != x.shape[0]:
+        raise ValueError(f"scatter_rows: {indices.shape[0]} indices for {x.shape[0]} rows of x")
+    if dispatch.choose("scatter_rows", x, backend, _NO_TRITON) == "reference":
+        return reference.scatter_rows(x, indices, num_rows)
+    return torch.ops.mtbert_fast.scatter_rows(x, indices, num_rows)
+
+
+def unpad_indices(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """attention_mask [B, L] of 0/1 -> (indices int64 [T] into the flattened [B*L], cu_seqlens int32 [B+1],
+    max_seqlen).  A row's real tokens keep their order; holes in a row are allowed."""
+    seqlens = attention_mask.sum(dim=1, dtype=torch.int32)
+    indices = torch.nonzero(attention_mask.flatten(), as_tuple=False).flatten()
+    cu_seqlens = F.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
+    max_seqlen = int(seqlens.max()) if seqlens.numel() else 0
+    return indices, cu_seqlens, max_seqlen
+
+
+def unpad(hidden: torch.Tensor, attention_mask: torch.Tensor):
+    """hidden [B, L, ...], attention_mask [B, L] -> (packed [T, ...], indices [T], cu_seqlens [B+1], max_seqlen)."""
+    if hidden.shape[:2] != attention_mask.shape:
+        raise ValueError(
+            f"unpad: hidden is {tuple(hidden.shape)} but attention_mask is {tuple(attention_mask.shape)}"
+        )
+    indices, cu_seqlens, max_seqlen = unpad_indices(attention_mask)
+    packed = gather_rows(hidden.reshape((-1,) + tuple(hidden.shape[2:])), indices)
+    return packed, indices, cu_seqlens, max_seqlen
+
+
+def pad(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """packed [T, ...], indices [T] from unpad -> [batch, seqlen, ...] with zeros at the padding."""
+    out = scatter_rows(packed, indices, batch * seqlen)
+    return out.reshape((batch, seqlen) + tuple(packed.shape[1:]))
+
+
+if _ext.loaded():
+
+    @torch.library.register_fake("mtbert_fast::gather_rows")
+    def _fake_gather(x, indices):
+        return x.new_empty((indices.shape[0],) + tuple(x.shape[1:]))
+
+    @torch.library.register_fake("mtbert_fast::scatter_rows")
+    def _fake_scatter(x, indices, num_rows):
+        return x.new_empty((num_rows,) + tuple(x.shape[1:]))
+
+    def _setup_gather(ctx, inputs, output):
+        x, indices = inputs
+        ctx.save_for_backward(indices)
+        ctx.num_rows = x.shape[0]
+
+    def _backward_gather(ctx, grad):
+        (indices,) = ctx.saved_tensors
+        out = grad.new_zeros((ctx.num_rows,) + tuple(grad.shape[1:]))
+        return out.index_add_(0, indices, grad), None
+
+    def _setup_scatter(ctx, inputs, output):
+        _, indices, _ = inputs
+        ctx.save_for_backward(indices)
+
+    def _backward_scatter(ctx, grad):
+        (indices,) = ctx.saved_tensors
+        return torch.ops.mtbert_fast.gather_rows(grad.contiguous(), indices), None, None
+
+    torch.library.register_autograd("mtbert_fast::gather_rows", _backward_gather, setup_context=_setup_gather)
+    torch.library.register_autograd("mtbert_fast::scatter_rows", _backward_scatter, setup_context=_setup_scatter)
