@@ -1,0 +1,614 @@
+// Bidirectional attention over packed variable-length sequences, CPU.
+//
+// The kernels read Q, K and V straight out of the packed qkv [T, 3, heads, head_dim] of the fused QKV GEMM and
+// never build a padded [B, heads, L, L] tensor. Work is split over (sequence, head, query block); each piece runs
+// small register-blocked GEMMs on operands packed into thread-local buffers. Softmax and every accumulation are
+// fp32; the softmax is streamed over key blocks of kKeyBlock, so one block covers L <= 512.
+//
+// Precision of bf16 inputs: the products of two input tensors (Q K^T, dO V^T) use the AVX512-BF16 dot product
+// (vdpbf16ps, exact products, fp32 sums) where the CPU has it. The products with probabilities or their gradients
+// (P V, P^T dO, dS K, dS^T Q) stay fp32 with the bf16 operand widened when packed: rounding P or dS to bf16 would
+// double the error of PyTorch's own bf16 attention, which keeps them in fp32.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#define MTBF_BF16_DOT 1
+#endif
+
+#include "checks.h"
+
+namespace mtbert_fast {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+// Register tile: kTileRows rows x up to kTileVecs vectors of accumulators (24 of the 32 AVX-512 registers).
+constexpr int kTileRows = 6;
+constexpr int kTileVecs = kLanes >= 16 ? 4 : 2;
+
+constexpr int64_t kQueryBlock = 64;    // forward rows per work item
+constexpr int64_t kKeyBlock = 512;     // forward keys per softmax step
+constexpr int64_t kBackwardBlock = 128;  // backward query and key block
+constexpr int64_t kRunsPerThread = 4;
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Rows of the GEMM reduction dimension that the compute type consumes at once: bf16 dot products take pairs.
+template <typename CT>
+constexpr int64_t kPair = std::is_same<CT, float>::value ? 1 : 2;
+
+// ---------------------------------------------------------------------------------------------------------------
+// GEMM: c [m, n] (+)= a [m, k] @ b [k, n]. a is row-major with leading dimension lda. b is packed: rows of ldb
+// columns (n <= ldb, a multiple of kLanes), and for bf16 each pair of rows interleaved ([k / 2, ldb, 2]), the
+// layout vdpbf16ps multiplies. k must be a multiple of kPair<CT>.
+
+template <int MR, int NV>
+void tile_f32(int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+              bool accumulate) {
+  Vec acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? Vec::loadu(c + r * ldc + v * kLanes) : Vec(0.f);
+  for (int64_t kk = 0; kk < k; ++kk) {
+    Vec bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = Vec::loadu(b + kk * ldb + v * kLanes);
+    for (int r = 0; r < MR; ++r) {
+      const Vec av(a[r * lda + kk]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(av, bv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v].store(c + r * ldc + v * kLanes);
+}
+
+#ifdef MTBF_BF16_DOT
+template <int MR, int NV>
+__attribute__((target("avx512bf16"))) void tile_bf16(int64_t k, const at::BFloat16* a, int64_t lda,
+                                                     const at::BFloat16* b, int64_t ldb, float* c, int64_t ldc,
+                                                     bool accumulate) {
+  __m512 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? _mm512_loadu_ps(c + r * ldc + v * 16) : _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < k; kk += 2) {
+    __m512bh bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + kk * ldb + v * 32);
+    for (int r = 0; r < MR; ++r) {
+      int32_t pair;  // a[r, kk] and a[r, kk + 1], broadcast to every lane
+      std::memcpy(&pair, a + r * lda + kk, sizeof(pair));
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + v * 16, acc[r][v]);
+}
+
+bool cpu_has_bf16_dot() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+#endif
+
+template <typename CT>
+using TileFn = void (*)(int64_t, const CT*, int64_t, const CT*, int64_t, float*, int64_t, bool);
+
+template <typename CT, int MR, int NV>
+constexpr TileFn<CT> tile_fn() {
+#ifdef MTBF_BF16_DOT
+  if constexpr (std::is_same<CT, at::BFloat16>::value) return &tile_bf16<MR, NV>;
+  else
+#endif
+    return &tile_f32<MR, NV>;
+}
+
+template <typename CT, int MR>
+TileFn<CT> pick_tile_vecs(int nv) {
+  if constexpr (kTileVecs >= 4) {
+    if (nv >= 4) return tile_fn<CT, MR, kTileVecs>();
+    if (nv == 3) return tile_fn<CT, MR, 3>();
+  }
+  return nv >= 2 ? tile_fn<CT, MR, 2>() : tile_fn<CT, MR, 1>();
+}
+
+template <typename CT>
+TileFn<CT> pick_tile(int mr, int nv) {
+  switch (mr) {
+    case 1: return pick_tile_vecs<CT, 1>(nv);
+    case 2: return pick_tile_vecs<CT, 2>(nv);
+    case 3: return pick_tile_vecs<CT, 3>(nv);
+    case 4: return pick_tile_vecs<CT, 4>(nv);
+    case 5: return pick_tile_vecs<CT, 5>(nv);
+    default: return pick_tile_vecs<CT, kTileRows>(nv);
+  }
+}
+
+template <typename CT>
+void gemm(int64_t m, int64_t n, int64_t k,
+          const CT* a, int64_t lda,  // [m, k]
+          const CT* b, int64_t ldb,  // packed [k, n]
+          float* c, int64_t ldc,     // [m, n]
+          bool accumulate) {
+  for (int64_t n0 = 0; n0 < n; n0 += kTileVecs * kLanes) {
+    const int nv = static_cast<int>(std::min<int64_t>(kTileVecs, (n - n0) / kLanes));
+    for (int64_t m0 = 0; m0 < m; m0 += kTileRows) {
+      const int mr = static_cast<int>(std::min<int64_t>(kTileRows, m - m0));
+      pick_tile<CT>(mr, nv)(k, a + m0 * lda, lda, b + n0 * kPair<CT>, ldb, c + m0 * ldc + n0, ldc, accumulate);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Packing. ST is the tensor's dtype, CT the compute type of the GEMMs.
+
+template <typename CT, typename ST>
+CT to_compute(ST x) {
+  if constexpr (std::is_same<CT, ST>::value) return x;
+  else return static_cast<CT>(static_cast<float>(x));
+}
+
+// dst [rows, ld_dst] = src [rows, cols] (row stride ld_src, unit column stride), zero in columns cols..ld_dst.
+template <typename CT, typename ST>
+void pack_a(const ST* src, int64_t rows, int64_t cols, int64_t ld_src, CT* dst, int64_t ld_dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const ST* s = src + r * ld_src;
+    CT* d = dst + r * ld_dst;
+    for (int64_t c = 0; c < cols; ++c) d[c] = to_compute<CT>(s[c]);
+    for (int64_t c = cols; c < ld_dst; ++c) d[c] = CT(0);
+  }
+}
+
+// The fp32 B operand of gemm from the [k, n] matrix whose rows are contiguous (element (i, j) at src[i * ld_src +
+// j]): rows k..k_pad and columns n..ldb are zero, so that padded GEMMs add nothing.
+template <typename ST>
+void pack_b(const ST* src, int64_t k, int64_t n, int64_t ld_src, int64_t k_pad, int64_t ldb, float* dst) {
+  for (int64_t i = 0; i < k; ++i) {
+    const ST* s = src + i * ld_src;
+    float* d = dst + i * ldb;
+    for (int64_t j = 0; j < n; ++j) d[j] = static_cast<float>(s[j]);
+    std::fill(d + n, d + ldb, 0.f);
+  }
+  std::fill(dst + k * ldb, dst + k_pad * ldb, 0.f);
+}
+
+// The B operand of gemm from the transpose of src [n, k] (row stride ld_src): element (i, j) is src[j * ld_src + i].
+// Zero past k (up to k_pad = round_up(k, kPair)) and past n (up to ldb).
+template <typename CT, typename ST>
+void pack_b_transposed(const ST* src, int64_t k, int64_t n, int64_t ld_src, int64_t k_pad, int64_t ldb, CT* dst) {
+  constexpr int64_t P = kPair<CT>;
+  if constexpr (std::is_same<CT, ST>::value) {
+    // A packed row (for bf16 a pair of rows, adjacent in src) takes one 32-bit word from each row of src: a
+    // transpose of words.
+    if (k % P == 0 && ld_src % P == 0 && reinterpret_cast<uintptr_t>(src) % sizeof(float) == 0) {
+      at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(src), ld_src / P, reinterpret_cast<float*>(dst),
+                                    ldb, static_cast<int>(n), static_cast<int>(k / P));
+      for (int64_t w = 0; w < k / P; ++w) std::fill(dst + (w * ldb + n) * P, dst + (w + 1) * ldb * P, CT(0));
+      return;
+    }
+  }
+  std::fill(dst, dst + k_pad * ldb, CT(0));
+  for (int64_t j = 0; j < n; ++j) {
+    const ST* s = src + j * ld_src;
+    for (int64_t i = 0; i < k; ++i) dst[(i / P) * P * ldb + j * P + i % P] = to_compute<CT>(s[i]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Row helpers on fp32 buffers.
+
+float scaled_row_max(const float* x, int64_t n, float scale) {
+  const Vec vscale(scale);
+  Vec best(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) best = at::vec::maximum(best, Vec::loadu(x + j) * vscale);
+  float m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, best);
+  for (; j < n; ++j) m = std::max(m, x[j] * scale);
+  return m;
+}
+
+// x[j] = exp(x[j] * scale - shift) in place; returns the sum.
+float exp_row(float* x, int64_t n, float scale, float shift) {
+  const Vec vscale(scale), vshift(-shift);
+  Vec sum(0.f);
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const Vec e = at::vec::fmadd(Vec::loadu(x + j), vscale, vshift).exp_u20();
+    e.store(x + j);
+    sum = sum + e;
+  }
+  if (j < n) {
+    const int64_t rest = n - j;
+    const Vec e = at::vec::fmadd(Vec::loadu(x + j, rest), vscale, vshift).exp_u20();
+    e.store(x + j, rest);
+    sum = sum + Vec::set(Vec(0.f), e, rest);
+  }
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, sum);
+}
+
+// dst[0:n] = src[0:n] * factor, rounded once to the tensor dtype; src is overwritten.
+template <typename ST>
+void store_scaled(float* src, float factor, int64_t n, ST* dst) {
+  at::vec::map([factor](Vec x) { return x * Vec(factor); }, src, src, n);
+  at::vec::convert(src, dst, n);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Work split.
+
+// Strides of the packed qkv [T, 3, heads, head_dim] (unit stride in the last dim).
+struct Geometry {
+  int64_t tokens, heads, head_dim;
+  int64_t tok_stride, part_stride, head_stride;
+  float scale;
+};
+
+// Splits items into `parts` contiguous runs of about equal cost; returns parts + 1 bounds.
+std::vector<int64_t> split_by_cost(const std::vector<double>& cost, int64_t parts) {
+  double total = 0;
+  for (double c : cost) total += c;
+  std::vector<int64_t> bounds{0};
+  double seen = 0;
+  for (size_t i = 0; i < cost.size(); ++i) {
+    seen += cost[i];
+    while (static_cast<int64_t>(bounds.size()) < parts && seen >= total * bounds.size() / parts)
+      bounds.push_back(static_cast<int64_t>(i) + 1);
+  }
+  while (static_cast<int64_t>(bounds.size()) <= parts) bounds.push_back(static_cast<int64_t>(cost.size()));
+  return bounds;
+}
+
+// Runs fn(first, count) over the items in contiguous runs of about equal cost. Each thread gets several runs, handed
+// out on request, so that a thread slowed by other load on the machine does not hold up the others.
+template <typename Fn>
+void run_balanced(const std::vector<double>& cost, const Fn& fn) {
+  const int64_t n = static_cast<int64_t>(cost.size());
+  if (n == 0) return;
+  const int64_t threads = at::get_num_threads();
+  const int64_t runs = std::min<int64_t>(n, threads * kRunsPerThread);
+  const std::vector<int64_t> bounds = split_by_cost(cost, runs);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t r = next++; r < runs; r = next++)
+      if (bounds[r + 1] > bounds[r]) fn(bounds[r], bounds[r + 1] - bounds[r]);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Forward.
+
+struct QueryBlock {
+  int64_t start, len, head, q0, qn;  // sequence rows start..start+len, its query rows q0..q0+qn, one head
+};
+
+template <typename ST, typename CT>
+void forward_blocks(const Geometry& g,
+                    const ST* qkv,              // [T, 3, heads, head_dim], strided
+                    const QueryBlock* blocks,   // [n]
+                    int64_t n,
+                    ST* out,                    // [T, heads, head_dim]
+                    float* lse) {               // [heads, T]
+  constexpr int64_t P = kPair<CT>;
+  const int64_t dim = g.head_dim, kdim = round_up(dim, P), vdim = round_up(dim, kLanes);
+  int64_t max_len = 0;
+  for (int64_t t = 0; t < n; ++t) max_len = std::max(max_len, blocks[t].len);
+  const int64_t max_pad = round_up(max_len, kLanes);
+  const int64_t ld_s = round_up(std::min(max_len, kKeyBlock), kLanes);
+
+  std::vector<CT> k_t(kdim * max_pad), q_a(kQueryBlock * kdim);
+  std::vector<float> v_b(max_pad * vdim), s(kQueryBlock * ld_s), o(kQueryBlock * vdim);
+  std::vector<float> row_max(kQueryBlock), row_sum(kQueryBlock);
+  const bool direct_q = std::is_same<CT, ST>::value && dim % P == 0;
+  int64_t packed_start = -1, packed_head = -1;
+
+  for (int64_t t = 0; t < n; ++t) {
+    const QueryBlock& qb = blocks[t];
+    const int64_t len_pad = round_up(qb.len, kLanes);
+    const ST* q = qkv + qb.start * g.tok_stride + qb.head * g.head_stride;
+    if (qb.start != packed_start || qb.head != packed_head) {
+      pack_b_transposed(q + g.part_stride, dim, qb.len, g.tok_stride, kdim, len_pad, k_t.data());  // K^T
+      pack_b(q + 2 * g.part_stride, qb.len, dim, g.tok_stride, len_pad, vdim, v_b.data());         // V
+      packed_start = qb.start;
+      packed_head = qb.head;
+    }
+    const CT* a = q_a.data();
+    int64_t lda = kdim;
+    if (direct_q) {
+      a = reinterpret_cast<const CT*>(q + qb.q0 * g.tok_stride);
+      lda = g.tok_stride;
+    } else {
+      pack_a(q + qb.q0 * g.tok_stride, qb.qn, dim, g.tok_stride, q_a.data(), kdim);
+    }
+
+    for (int64_t j0 = 0; j0 < qb.len; j0 += kKeyBlock) {
+      const bool first = j0 == 0;
+      const int64_t bn = std::min(kKeyBlock, qb.len - j0);
+      gemm<CT>(qb.qn, round_up(bn, kLanes), kdim, a, lda, k_t.data() + j0 * P, len_pad, s.data(), ld_s, false);
+      for (int64_t r = 0; r < qb.qn; ++r) {
+        float* srow = s.data() + r * ld_s;
+        const float block_max = scaled_row_max(srow, bn, g.scale);
+        const float new_max = first ? block_max : std::max(row_max[r], block_max);
+        const float block_sum = exp_row(srow, bn, g.scale, new_max);
+        if (first) {
+          row_sum[r] = block_sum;
+        } else {
+          // Rescale what earlier key blocks accumulated to the new running maximum.
+          const float alpha = std::exp(row_max[r] - new_max);
+          row_sum[r] = row_sum[r] * alpha + block_sum;
+          float* orow = o.data() + r * vdim;
+          at::vec::map([alpha](Vec x) { return x * Vec(alpha); }, orow, orow, vdim);
+        }
+        row_max[r] = new_max;
+      }
+      gemm<float>(qb.qn, vdim, bn, s.data(), ld_s, v_b.data() + j0 * vdim, vdim, o.data(), vdim, !first);
+    }
+
+    for (int64_t r = 0; r < qb.qn; ++r) {
+      const int64_t row = qb.start + qb.q0 + r;
+      store_scaled(o.data() + r * vdim, 1.f / row_sum[r], dim, out + (row * g.heads + qb.head) * dim);
+      lse[qb.head * g.tokens + row] = row_max[r] + std::log(row_sum[r]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Backward, per (sequence, head): P = exp(scale * Q K^T - lse), dV = P^T dO, dP = dO V^T, dS = P * (dP - D),
+// dQ = scale * dS K, dK = scale * dS^T Q, with D_i = sum_j P_ij dP_ij. That equals rowsum(dO_i * O_i) but does not
+// read the saved out, whose rounding to bf16 would move D by more than dP - D is worth where the softmax is peaked.
+// Each query block first takes P^T and dP^T against every key (keys as rows, so that P^T and dS^T come straight out
+// of the GEMMs and only dS needs a transpose), sums D, then forms dS and the three gradients.
+
+struct SeqHead {
+  int64_t start, len, head;
+};
+
+template <typename ST, typename CT>
+void backward_seqs(const Geometry& g,
+                   const ST* qkv,          // [T, 3, heads, head_dim], strided
+                   const ST* grad_out,     // [T, heads, head_dim]
+                   const float* lse,       // [heads, T]
+                   const SeqHead* seqs,    // [n]
+                   int64_t n,
+                   ST* grad_qkv) {         // [T, 3, heads, head_dim]
+  constexpr int64_t P = kPair<CT>;
+  constexpr int64_t blk = kBackwardBlock;
+  const int64_t dim = g.head_dim, kdim = round_up(dim, P), vdim = round_up(dim, kLanes);
+  const int64_t row_stride = g.heads * dim;  // of grad_out
+  int64_t max_len = 0;
+  for (int64_t t = 0; t < n; ++t) max_len = std::max(max_len, seqs[t].len);
+  const int64_t max_pad = round_up(max_len, kLanes);
+  const bool direct_kv = std::is_same<CT, ST>::value && dim % P == 0;
+
+  std::vector<CT> q_t(kdim * max_pad), do_t(kdim * max_pad);                          // [head_dim, rows]
+  std::vector<CT> k_a, v_a;                                                           // [rows, head_dim]
+  std::vector<float> q_b(max_pad * vdim), k_b(max_pad * vdim), do_b(max_pad * vdim);  // [rows, head_dim]
+  if (!direct_kv) {
+    k_a.resize(max_pad * kdim);
+    v_a.resize(max_pad * kdim);
+  }
+  std::vector<float> dq(max_pad * vdim), dk(max_pad * vdim), dv(max_pad * vdim);
+  // P^T and dP^T (then dS^T) of one query block against every key [keys, blk]; dS of one block pair; D.
+  std::vector<float> pt(max_pad * blk), dpt(max_pad * blk), ds(blk * blk), d_sum(blk);
+
+  for (int64_t t = 0; t < n; ++t) {
+    const SeqHead& sh = seqs[t];
+    const int64_t len = sh.len, len_pad = round_up(len, kLanes);
+    const ST* q = qkv + sh.start * g.tok_stride + sh.head * g.head_stride;
+    const ST* k = q + g.part_stride;
+    const ST* v = k + g.part_stride;
+    const ST* go = grad_out + sh.start * row_stride + sh.head * dim;
+    const float* lse_row = lse + sh.head * g.tokens + sh.start;
+
+    pack_b_transposed(q, dim, len, g.tok_stride, kdim, len_pad, q_t.data());
+    pack_b_transposed(go, dim, len, row_stride, kdim, len_pad, do_t.data());
+    pack_b(q, len, dim, g.tok_stride, len_pad, vdim, q_b.data());
+    pack_b(k, len, dim, g.tok_stride, len_pad, vdim, k_b.data());
+    pack_b(go, len, dim, row_stride, len_pad, vdim, do_b.data());
+    const CT* ka = reinterpret_cast<const CT*>(k);
+    const CT* va = reinterpret_cast<const CT*>(v);
+    int64_t lda = g.tok_stride;
+    if (!direct_kv) {
+      pack_a(k, len, dim, g.tok_stride, k_a.data(), kdim);
+      pack_a(v, len, dim, g.tok_stride, v_a.data(), kdim);
+      ka = k_a.data();
+      va = v_a.data();
+      lda = kdim;
+    }
+    std::fill(dk.begin(), dk.begin() + len * vdim, 0.f);
+    std::fill(dv.begin(), dv.begin() + len * vdim, 0.f);
+
+    for (int64_t i0 = 0; i0 < len; i0 += blk) {
+      const int64_t bm = std::min(blk, len - i0), bm_vec = round_up(bm, kLanes);
+      for (int64_t j0 = 0; j0 < len; j0 += blk) {
+        const int64_t bn = std::min(blk, len - j0);
+        float* pt_blk = pt.data() + j0 * blk;
+        gemm<CT>(bn, bm_vec, kdim, ka + j0 * lda, lda, q_t.data() + i0 * P, len_pad, pt_blk, blk, false);
+        gemm<CT>(bn, bm_vec, kdim, va + j0 * lda, lda, do_t.data() + i0 * P, len_pad, dpt.data() + j0 * blk, blk,
+                 false);
+        for (int64_t j = 0; j < bn; ++j) {
+          float* row = pt_blk + j * blk;
+          at::vec::map2([scale = g.scale](Vec x, Vec l) { return at::vec::fmsub(x, Vec(scale), l).exp_u20(); },
+                        row, row, lse_row + i0, bm);
+        }
+      }
+      std::fill(d_sum.begin(), d_sum.end(), 0.f);
+      for (int64_t j = 0; j < len; ++j)
+        at::vec::map3([](Vec acc, Vec p, Vec dp) { return at::vec::fmadd(p, dp, acc); }, d_sum.data(), d_sum.data(),
+                      pt.data() + j * blk, dpt.data() + j * blk, bm);
+
+      float* dq_blk = dq.data() + i0 * vdim;
+      std::fill(dq_blk, dq_blk + bm * vdim, 0.f);
+      for (int64_t j0 = 0; j0 < len; j0 += blk) {
+        const int64_t bn = std::min(blk, len - j0);
+        const float* pt_blk = pt.data() + j0 * blk;
+        float* dst_blk = dpt.data() + j0 * blk;  // dP^T, becomes dS^T
+        gemm<float>(bn, vdim, bm, pt_blk, blk, do_b.data() + i0 * vdim, vdim, dv.data() + j0 * vdim, vdim, true);
+        for (int64_t j = 0; j < bn; ++j) {
+          float* row = dst_blk + j * blk;
+          at::vec::map3([](Vec dp, Vec p, Vec d) { return p * (dp - d); }, row, row, pt_blk + j * blk, d_sum.data(),
+                        bm);
+        }
+        gemm<float>(bn, vdim, bm, dst_blk, blk, q_b.data() + i0 * vdim, vdim, dk.data() + j0 * vdim, vdim, true);
+        at::vec::transpose_mxn<float>(dst_blk, blk, ds.data(), blk, static_cast<int>(bn), static_cast<int>(bm));
+        gemm<float>(bm, vdim, bn, ds.data(), blk, k_b.data() + j0 * vdim, vdim, dq_blk, vdim, true);
+      }
+    }
+
+    for (int64_t i = 0; i < len; ++i) {
+      ST* gq = grad_qkv + ((sh.start + i) * 3 * g.heads + sh.head) * dim;
+      store_scaled(dq.data() + i * vdim, g.scale, dim, gq);
+      store_scaled(dk.data() + i * vdim, g.scale, dim, gq + row_stride);
+      store_scaled(dv.data() + i * vdim, 1.f, dim, gq + 2 * row_stride);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Entry points.
+
+// Checks cu_seqlens against the T packed rows and max_seqlen; returns the (start, len) of every sequence.
+std::vector<std::pair<int64_t, int64_t>> read_cu_seqlens(const char* op, const at::Tensor& cu_seqlens, int64_t tokens,
+                                                         int64_t max_seqlen) {
+  TORCH_CHECK(cu_seqlens.device().is_cpu(), op, ": cu_seqlens must be on cpu, got ", cu_seqlens.device());
+  TORCH_CHECK(cu_seqlens.dim() == 1, op, ": cu_seqlens must have 1 dim, got shape ", cu_seqlens.sizes());
+  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt, op, ": cu_seqlens must be Int (int32), got ",
+              cu_seqlens.scalar_type());
+  TORCH_CHECK(cu_seqlens.numel() >= 1, op, ": cu_seqlens must hold at least one offset (B + 1 entries)");
+  const at::Tensor cu = cu_seqlens.contiguous();
+  const int32_t* c = cu.data_ptr<int32_t>();
+  const int64_t batch = cu.numel() - 1;
+  TORCH_CHECK(c[0] == 0, op, ": cu_seqlens[0] must be 0, got ", c[0]);
+  TORCH_CHECK(c[batch] == tokens, op, ": cu_seqlens[-1] must equal the ", tokens, " rows of qkv, got ", c[batch]);
+  std::vector<std::pair<int64_t, int64_t>> seqs;
+  seqs.reserve(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t len = int64_t{c[b + 1]} - c[b];
+    TORCH_CHECK(len >= 0, op, ": cu_seqlens must be non-decreasing, got cu_seqlens[", b, "] = ", c[b],
+                " > cu_seqlens[", b + 1, "] = ", c[b + 1]);
+    TORCH_CHECK(len <= max_seqlen, op, ": max_seqlen = ", max_seqlen, " but sequence ", b, " has length ", len);
+    seqs.emplace_back(c[b], len);
+  }
+  return seqs;
+}
+
+void check_qkv(const char* op, const at::Tensor& qkv) {
+  TORCH_CHECK(qkv.device().is_cpu(), op, ": qkv must be on cpu, got ", qkv.device());
+  TORCH_CHECK(qkv.dim() == 4 && qkv.size(1) == 3, op, ": qkv must have shape [T, 3, heads, head_dim], got ",
+              qkv.sizes());
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kBFloat16, op,
+              ": qkv must be Float or BFloat16, got ", qkv.scalar_type());
+}
+
+Geometry geometry(const at::Tensor& qkv, double scale) {
+  return Geometry{qkv.size(0), qkv.size(2), qkv.size(3), qkv.stride(0), qkv.stride(1), qkv.stride(2),
+                  static_cast<float>(scale)};
+}
+
+// Calls fn(ST{}, CT{}) with the tensor dtype and the GEMM compute type.
+template <typename Fn>
+void dispatch_types(at::ScalarType dtype, const Fn& fn) {
+  if (dtype == at::kFloat) return fn(float{}, float{});
+#ifdef MTBF_BF16_DOT
+  if (cpu_has_bf16_dot()) return fn(at::BFloat16{}, at::BFloat16{});
+#endif
+  fn(at::BFloat16{}, float{});
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_cpu(const at::Tensor& qkv_in, const at::Tensor& cu_seqlens,
+                                                        int64_t max_seqlen, double scale) {
+  constexpr const char* op = "attention_varlen";
+  check_qkv(op, qkv_in);
+  const at::Tensor qkv = qkv_in.stride(3) == 1 ? qkv_in : qkv_in.contiguous();
+  const auto seqs = read_cu_seqlens(op, cu_seqlens, qkv.size(0), max_seqlen);
+  const Geometry g = geometry(qkv, scale);
+  at::Tensor out = at::empty({g.tokens, g.heads, g.head_dim}, qkv.options());
+  at::Tensor lse = at::empty({g.heads, g.tokens}, qkv.options().dtype(at::kFloat));
+
+  std::vector<QueryBlock> blocks;
+  std::vector<double> cost;
+  for (const auto& [start, len] : seqs)
+    for (int64_t h = 0; h < g.heads; ++h)
+      for (int64_t q0 = 0; q0 < len; q0 += kQueryBlock) {
+        const int64_t qn = std::min(kQueryBlock, len - q0);
+        blocks.push_back({start, len, h, q0, qn});
+        cost.push_back(static_cast<double>(qn + 8) * (len + 8));
+      }
+  dispatch_types(qkv.scalar_type(), [&](auto st, auto ct) {
+    using ST = decltype(st);
+    using CT = decltype(ct);
+    const ST* qkv_p = qkv.data_ptr<ST>();
+    ST* out_p = out.data_ptr<ST>();
+    float* lse_p = lse.data_ptr<float>();
+    run_balanced(cost, [&](int64_t first, int64_t count) {
+      forward_blocks<ST, CT>(g, qkv_p, blocks.data() + first, count, out_p, lse_p);
+    });
+  });
+  return {out, lse};
+}
+
+// out is part of the op's contract (other backends read it) and is checked, but this kernel takes D from P and dP.
+at::Tensor attention_varlen_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& qkv_in,
+                                         const at::Tensor& out, const at::Tensor& lse_in,
+                                         const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale) {
+  constexpr const char* op = "attention_varlen_backward";
+  check_qkv(op, qkv_in);
+  const at::Tensor qkv = qkv_in.stride(3) == 1 ? qkv_in : qkv_in.contiguous();
+  const Geometry g = geometry(qkv, scale);
+  for (const at::Tensor* t : {&grad_out_in, &out}) {
+    const char* name = t == &grad_out_in ? "grad_out" : "out";
+    TORCH_CHECK(t->device().is_cpu(), op, ": ", name, " must be on cpu, got ", t->device());
+    TORCH_CHECK(t->sizes() == at::IntArrayRef({g.tokens, g.heads, g.head_dim}), op, ": ", name,
+                " must have shape [T, heads, head_dim] = [", g.tokens, ", ", g.heads, ", ", g.head_dim, "], got ",
+                t->sizes());
+    TORCH_CHECK(t->scalar_type() == qkv.scalar_type(), op, ": ", name, " has dtype ", t->scalar_type(),
+                " but qkv has ", qkv.scalar_type());
+  }
+  MTBF_CHECK_DEVICE_TYPE("attention_varlen_backward", lse_in, at::kCPU);
+  MTBF_CHECK_DTYPE("attention_varlen_backward", lse_in, at::kFloat);
+  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({g.heads, g.tokens}), op, ": lse must have shape [heads, T] = [",
+              g.heads, ", ", g.tokens, "], got ", lse_in.sizes());
+  const auto seqs = read_cu_seqlens(op, cu_seqlens, qkv.size(0), max_seqlen);
+  const at::Tensor grad_out = grad_out_in.contiguous();
+  const at::Tensor lse = lse_in.contiguous();
+  at::Tensor grad_qkv = at::empty({g.tokens, 3, g.heads, g.head_dim}, qkv.options());
+
+  std::vector<SeqHead> items;
+  std::vector<double> cost;
+  for (const auto& [start, len] : seqs)
+    for (int64_t h = 0; h < g.heads; ++h) {
+      if (len == 0) continue;
+      items.push_back({start, len, h});
+      cost.push_back(static_cast<double>(len + 16) * (len + 16));
+    }
+  dispatch_types(qkv.scalar_type(), [&](auto st, auto ct) {
+    using ST = decltype(st);
+    using CT = decltype(ct);
+    const ST* qkv_p = qkv.data_ptr<ST>();
+    const ST* go_p = grad_out.data_ptr<ST>();
+    const float* lse_p = lse.data_ptr<float>();
+    ST* grad_p = grad_qkv.data_ptr<ST>();
+    run_balanced(cost, [&](int64_t first, int64_t count) {
+      backward_seqs<ST, CT>(g, qkv_p, go_p, lse_p, items.data() + first, count, grad_p);
+    });
+  });
+  return grad_qkv;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtbert_fast, CPU, m) {
+  m.impl("attention_varlen", &attention_varlen_cpu);
+  m.impl("attention_varlen_backward", &attention_varlen_backward_cpu);
+}
+
+}  // namespace mtbert_fast

@@ -1,0 +1,194 @@
+// LayerNorm(x + bias + residual) and its backward on the CPU. Each row is read once; the fp32 sum s waits in a
+// per-thread row buffer (L1) for the statistics and the normalization.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "checks.h"
+#include "cpu_utils.h"
+
+namespace mtbert_fast {
+namespace {
+
+using namespace cpu;
+
+template <typename T>
+void bias_residual_layer_norm_kernel(
+    const T* x,         // [N, D]
+    const T* bias,      // [D]
+    const T* residual,  // [N, D]
+    const T* weight,    // [D]
+    const T* beta,      // [D]
+    double eps,
+    T* out,             // [N, D]
+    float* mean,        // [N]
+    float* rstd,        // [N]
+    int64_t N,
+    int64_t D) {
+  at::parallel_for(0, N, row_grain(D), [&](int64_t begin, int64_t end) {
+    const ParamF32<T> b(bias, D), w(weight, D), bt(beta, D);
+    std::vector<float> s(D);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t offset = row * D;
+      const fVec sum = reduce_vecs(D, fVec(0.f), [&](int64_t d, auto n, fVec& acc) {
+        const fVec v = load(x + offset + d, n) + load(b.data() + d, n) + load(residual + offset + d, n);
+        store(s.data() + d, v, n);
+        acc += v;
+      });
+      layer_norm_row(s.data(), lane_sum(sum), w.data(), bt.data(), eps, out + offset, mean + row, rstd + row, D);
+    }
+  });
+}
+
+template <typename T>
+void bias_residual_layer_norm_backward_kernel(
+    const T* grad_out,  // [N, D]
+    const T* x,         // [N, D]
+    const T* bias,      // [D]
+    const T* residual,  // [N, D]
+    const T* weight,    // [D]
+    const float* mean,  // [N]
+    const float* rstd,  // [N]
+    T* grad_s,          // [N, D]
+    float* partial,     // [blocks, 2, D]
+    int64_t N,
+    int64_t D) {
+  const int64_t blocks = num_row_blocks(N);
+  const int64_t grain = std::max<int64_t>(1, row_grain(D) / kRowsPerBlock);
+  at::parallel_for(0, blocks, grain, [&](int64_t first, int64_t last) {
+    const ParamF32<T> b(bias, D), w(weight, D);
+    std::vector<float> scratch(2 * D);
+    float* xhat = scratch.data();
+    float* g = xhat + D;
+    const auto s_of = [&](int64_t row, int64_t d, auto n) {
+      return load(x + row * D + d, n) + load(b.data() + d, n) + load(residual + row * D + d, n);
+    };
+    const auto put = [&](int64_t row, int64_t d, auto n, const fVec& grad) { store(grad_s + row * D + d, grad, n); };
+    for (int64_t k = first; k < last; ++k) {
+      float* dw = partial + 2 * k * D;
+      float* db = dw + D;
+      std::fill(dw, db + D, 0.f);
+      const int64_t begin = k * kRowsPerBlock;
+      const int64_t end = std::min(N, begin + kRowsPerBlock);
+      layer_norm_backward_block(grad_out, w.data(), mean, rstd, xhat, g, dw, db, begin, end, D, s_of, put);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_residual_layer_norm_cpu(
+    const at::Tensor& x,
+    const at::Tensor& bias,
+    const at::Tensor& residual,
+    const at::Tensor& weight,
+    const at::Tensor& beta,
+    double eps) {
+  MTBF_CHECK_DEVICE_TYPE("bias_residual_layer_norm", x, at::kCPU);
+  MTBF_CHECK_DEVICE_TYPE("bias_residual_layer_norm", bias, at::kCPU);
+  MTBF_CHECK_DEVICE_TYPE("bias_residual_layer_norm", residual, at::kCPU);
+  MTBF_CHECK_DEVICE_TYPE("bias_residual_layer_norm", weight, at::kCPU);
+  MTBF_CHECK_DEVICE_TYPE("bias_residual_layer_norm", beta, at::kCPU);
+  MTBF_CHECK_FLOAT_OR_BF16("bias_residual_layer_norm", x);
+  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm", x, bias);
+  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm", x, residual);
+  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm", x, weight);
+  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm", x, beta);
+  MTBF_CHECK_MIN_DIM("bias_residual_layer_norm", x, 1);
+  MTBF_CHECK_SAME_SHAPE("bias_residual_layer_norm", x, residual);
+  const int64_t D = x.size(-1);
+  TORCH_CHECK(D > 0, "bias_residual_layer_norm: x must have a non-empty last dim, got shape ", x.sizes());
+  MTBF_CHECK_DIM("bias_residual_layer_norm", bias, 1);
+  MTBF_CHECK_SIZE("bias_residual_layer_norm", bias, 0, D);
+  MTBF_CHECK_DIM("bias_residual_layer_norm", weight, 1);
+  MTBF_CHECK_SIZE("bias_residual_layer_norm", weight, 0, D);
+  MTBF_CHECK_DIM("bias_residual_layer_norm", beta, 1);
+  MTBF_CHECK_SIZE("bias_residual_layer_norm", beta, 0, D);
+
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor bc = bias.contiguous();
+  const at::Tensor rc = residual.contiguous();
+  const at::Tensor wc = weight.contiguous();
+  const at::Tensor betac = beta.contiguous();
+  const int64_t N = leading_rows(x);
+  at::Tensor out = at::empty_like(xc);
+  at::Tensor mean = at::empty({N}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({N}, x.options().dtype(at::kFloat));
+  dispatch_float_bf16(x.scalar_type(), [&](auto t) {
+    using T = decltype(t);
+    bias_residual_layer_norm_kernel<T>(
+        xc.const_data_ptr<T>(), bc.const_data_ptr<T>(), rc.const_data_ptr<T>(), wc.const_data_ptr<T>(),
+        betac.const_data_ptr<T>(), eps, out.mutable_data_ptr<T>(), mean.mutable_data_ptr<float>(),
+        rstd.mutable_data_ptr<float>(), N, D);
+  });
+  return {out, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_residual_layer_norm_backward_cpu(
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const at::Tensor& bias,
+    const at::Tensor& residual,
+    const at::Tensor& weight,
+    const at::Tensor& mean,
+    const at::Tensor& rstd) {
+  MTBF_CHECK_DEVICE_TYPE("bias_residual_layer_norm_backward", grad_out, at::kCPU);
+  MTBF_CHECK_DEVICE_TYPE("bias_residual_layer_norm_backward", x, at::kCPU);
+  MTBF_CHECK_DEVICE_TYPE("bias_residual_layer_norm_backward", bias, at::kCPU);
+  MTBF_CHECK_DEVICE_TYPE("bias_residual_layer_norm_backward", residual, at::kCPU);
+  MTBF_CHECK_DEVICE_TYPE("bias_residual_layer_norm_backward", weight, at::kCPU);
+  MTBF_CHECK_DEVICE_TYPE("bias_residual_layer_norm_backward", mean, at::kCPU);
+  MTBF_CHECK_DEVICE_TYPE("bias_residual_layer_norm_backward", rstd, at::kCPU);
+  MTBF_CHECK_FLOAT_OR_BF16("bias_residual_layer_norm_backward", x);
+  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm_backward", x, grad_out);
+  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm_backward", x, bias);
+  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm_backward", x, residual);
+  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm_backward", x, weight);
+  MTBF_CHECK_DTYPE("bias_residual_layer_norm_backward", mean, at::kFloat);
+  MTBF_CHECK_DTYPE("bias_residual_layer_norm_backward", rstd, at::kFloat);
+  MTBF_CHECK_MIN_DIM("bias_residual_layer_norm_backward", x, 1);
+  MTBF_CHECK_SAME_SHAPE("bias_residual_layer_norm_backward", x, grad_out);
+  MTBF_CHECK_SAME_SHAPE("bias_residual_layer_norm_backward", x, residual);
+  const int64_t D = x.size(-1);
+  const int64_t N = leading_rows(x);
+  TORCH_CHECK(D > 0, "bias_residual_layer_norm_backward: x must have a non-empty last dim, got shape ", x.sizes());
+  MTBF_CHECK_DIM("bias_residual_layer_norm_backward", bias, 1);
+  MTBF_CHECK_SIZE("bias_residual_layer_norm_backward", bias, 0, D);
+  MTBF_CHECK_DIM("bias_residual_layer_norm_backward", weight, 1);
+  MTBF_CHECK_SIZE("bias_residual_layer_norm_backward", weight, 0, D);
+  MTBF_CHECK_DIM("bias_residual_layer_norm_backward", mean, 1);
+  MTBF_CHECK_SIZE("bias_residual_layer_norm_backward", mean, 0, N);
+  MTBF_CHECK_DIM("bias_residual_layer_norm_backward", rstd, 1);
+  MTBF_CHECK_SIZE("bias_residual_layer_norm_backward", rstd, 0, N);
+
+  const at::Tensor gc = grad_out.contiguous();
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor bc = bias.contiguous();
+  const at::Tensor rc = residual.contiguous();
+  const at::Tensor wc = weight.contiguous();
+  const at::Tensor mc = mean.contiguous();
+  const at::Tensor sc = rstd.contiguous();
+  at::Tensor grad_s = at::empty_like(xc);
+  at::Tensor grad_weight = at::empty({D}, weight.options());
+  at::Tensor grad_beta = at::empty({D}, weight.options());
+  const int64_t blocks = num_row_blocks(N);
+  at::Tensor partial = at::empty({blocks, 2, D}, x.options().dtype(at::kFloat));
+  dispatch_float_bf16(x.scalar_type(), [&](auto t) {
+    using T = decltype(t);
+    bias_residual_layer_norm_backward_kernel<T>(
+        gc.const_data_ptr<T>(), xc.const_data_ptr<T>(), bc.const_data_ptr<T>(), rc.const_data_ptr<T>(),
+        wc.const_data_ptr<T>(), mc.const_data_ptr<float>(), sc.const_data_ptr<float>(), grad_s.mutable_data_ptr<T>(),
+        partial.mutable_data_ptr<float>(), N, D);
+    reduce_row_blocks(
+        partial.const_data_ptr<float>(), blocks, D, grad_weight.mutable_data_ptr<T>(), grad_beta.mutable_data_ptr<T>());
+  });
+  return {grad_s, grad_weight, grad_beta};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtbert_fast, CPU, m) {
+  m.impl("bias_residual_layer_norm", &bias_residual_layer_norm_cpu);
+  m.impl("bias_residual_layer_norm_backward", &bias_residual_layer_norm_backward_cpu);
+}
+
+}  // namespace mtbert_fast

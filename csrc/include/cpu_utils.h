@@ -1,0 +1,372 @@
+// Shared pieces of the row-wise CPU kernels: fp32 vectors loaded from and stored to float or bfloat16 memory
+// with an exact tail, row loops and sums, the two GELU forms with their derivatives, dtype and GELU dispatch, and
+// the LayerNorm row forward and backward that bias_residual_layer_norm and bias_gelu_layer_norm share.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <type_traits>
+#include <vector>
+
+#include "checks.h"
+
+namespace mtbert_fast::cpu {
+
+using fVec = at::vec::Vectorized<float>;
+using bVec = at::vec::Vectorized<at::BFloat16>;
+constexpr int64_t kVec = fVec::size();
+
+// Marks a whole vector; a tail is passed as its lane count instead, so one loop body serves both.
+struct Full {};
+
+// A tail load fills the lanes past the tail with zeros.
+inline fVec load(const float* p, Full) { return fVec::loadu(p); }
+inline fVec load(const float* p, int64_t n) { return fVec::loadu(p, n); }
+inline fVec load(const at::BFloat16* p, Full) {
+  fVec v;
+  at::vec::load_fp32_from_bf16(p, v);
+  return v;
+}
+inline fVec load(const at::BFloat16* p, int64_t n) {
+  return std::get<0>(at::vec::convert_to_float<at::BFloat16>(bVec::loadu(p, n)));
+}
+
+inline void store(float* p, const fVec& v, Full) { v.store(p); }
+inline void store(float* p, const fVec& v, int64_t n) { v.store(p, n); }
+#if defined(CPU_CAPABILITY_AVX512)
+// One 16-lane conversion (round to nearest even, NaN kept) instead of ATen's two-vector one; a single instruction
+// where the build enables AVX512-BF16 (which also flushes fp32 denormals to zero).
+inline __m256i to_bf16_bits(const fVec& v) {
+#if defined(__AVX512BF16__)
+  return (__m256i)_mm512_cvtneps_pbh(v);
+#else
+  return at::vec::cvtfp32_bf16(__m512(v));
+#endif
+}
+inline void store(at::BFloat16* p, const fVec& v, Full) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16_bits(v));
+}
+inline void store(at::BFloat16* p, const fVec& v, int64_t n) {
+  _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << n) - 1), to_bf16_bits(v));
+}
+#else
+inline void store(at::BFloat16* p, const fVec& v, Full) {
+  at::vec::convert_from_float<at::BFloat16>(v, v).store(p, kVec);
+}
+inline void store(at::BFloat16* p, const fVec& v, int64_t n) {
+  at::vec::convert_from_float<at::BFloat16>(v, v).store(p, n);
+}
+#endif
+
+// Zeroes the lanes past a tail so that they drop out of row sums.
+inline fVec keep_lanes(const fVec& v, Full) { return v; }
+inline fVec keep_lanes(const fVec& v, int64_t n) { return fVec::set(fVec(0.f), v, n); }
+
+// Calls f(d, Full{}) for each whole vector of a row of D and f(d, lanes) once for the tail.
+template <typename F>
+inline void for_each_vec(int64_t D, const F& f) {
+  int64_t d = 0;
+  for (; d + kVec <= D; d += kVec) f(d, Full{});
+  if (d < D) f(d, D - d);
+}
+
+// A [D] parameter as fp32: the tensor's own memory when it is fp32, else a copy converted once per parallel task,
+// so that the row loops read it without converting it again for every row.
+template <typename T>
+class ParamF32 {
+ public:
+  ParamF32(const T* p, int64_t D) {
+    if constexpr (std::is_same_v<T, float>) {
+      data_ = p;
+    } else {
+      copy_.resize(D);
+      for_each_vec(D, [&](int64_t d, auto n) { store(copy_.data() + d, load(p + d, n), n); });
+      data_ = copy_.data();
+    }
+  }
+  const float* data() const { return data_; }
+
+ private:
+  std::vector<float> copy_;
+  const float* data_;
+};
+
+// Like for_each_vec, but also hands f(d, lanes, acc) one of four accumulators in turn, so that a row sum runs as
+// four interleaved add chains instead of one (a single chain would bound the LayerNorm kernels by add latency).
+// Returns the four accumulators added together.
+template <typename Acc, typename F>
+inline Acc reduce_vecs(int64_t D, const Acc& zero, const F& f) {
+  Acc a0 = zero, a1 = zero, a2 = zero, a3 = zero;
+  int64_t d = 0;
+  for (; d + 4 * kVec <= D; d += 4 * kVec) {
+    f(d, Full{}, a0);
+    f(d + kVec, Full{}, a1);
+    f(d + 2 * kVec, Full{}, a2);
+    f(d + 3 * kVec, Full{}, a3);
+  }
+  for (; d + kVec <= D; d += kVec) f(d, Full{}, a0);
+  if (d < D) f(d, D - d, a1);
+  return (a0 + a1) + (a2 + a3);
+}
+
+// Sum of a vector's lanes.
+inline float lane_sum(const fVec& v) { return at::vec::vec_reduce_all<float>(std::plus<fVec>(), v); }
+
+// Two row sums carried together through reduce_vecs.
+struct SumPair {
+  fVec first;
+  fVec second;
+  SumPair operator+(const SumPair& o) const { return {first + o.first, second + o.second}; }
+};
+
+// 1 / v to full fp32 precision: one Newton step on the 14-bit estimate is far cheaper than a divide.
+inline fVec reciprocal(const fVec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 r = _mm512_rcp14_ps(v);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(v, r, _mm512_set1_ps(2.f)));
+#else
+  return v.reciprocal();
+#endif
+}
+
+// exp of a finite v: 2^n e^r with n = round(v / ln2) and r = v - n ln2 in one fused step (fp32 ln2 costs
+// |n| * 2e-9 relative, under 3e-7 for the arguments used here), and e^r by a degree-5 minimax polynomial on
+// [-ln2/2, ln2/2] (relative error 1.5e-7). scalef applies 2^n and gives 0 below the fp32 range and inf above it,
+// so no special cases are needed (the general exp spends much of its time on them).
+inline fVec exp_finite(const fVec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945309f), v);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.008290315f), r, _mm512_set1_ps(0.04189793f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.16667636f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.4999915f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.9999997f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+#else
+  return v.exp();
+#endif
+}
+
+// if_negative where x < 0, otherwise 1 - if_negative.
+inline fVec one_minus_unless_negative(const fVec& x, const fVec& if_negative) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __mmask16 not_negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NLT_UQ);
+  return _mm512_mask_sub_ps(if_negative, not_negative, _mm512_set1_ps(1.f), if_negative);
+#else
+  return fVec::blendv(fVec(1.f) - if_negative, if_negative, x < fVec(0.f));
+#endif
+}
+
+// Standard normal CDF Phi(x); also returns exp(-x^2 / 2), which the GELU derivative reuses.
+// erfc(a) ~= t * poly(t) * exp(-a^2) with t = 1 / (1 + p a), a = |x| / sqrt(2) (Abramowitz & Stegun 7.1.26,
+// |error| < 1.5e-7, the approximation ATen's vectorized erf uses); the 1 / sqrt(2) and Phi's factor 1/2 are folded
+// into the constants. Taking Phi from erfc on either side keeps the far negative tail accurate instead of
+// cancelling 1 + erf. |x| is capped at 15, past which exp(-x^2 / 2) is 0 in fp32 (Phi exactly 0 or 1), so that
+// infinite inputs reach neither the Newton step nor exp.
+inline fVec normal_cdf(const fVec& x, fVec& gauss) {
+  const fVec ax = at::vec::clamp_max(x.abs(), fVec(15.f));
+  const fVec t = reciprocal(at::vec::fmadd(fVec(0.3275911f * 0.70710678118654752f), ax, fVec(1.f)));
+  fVec half_poly = at::vec::fmadd(fVec(0.5f * 1.061405429f), t, fVec(0.5f * -1.453152027f));
+  half_poly = at::vec::fmadd(half_poly, t, fVec(0.5f * 1.421413741f));
+  half_poly = at::vec::fmadd(half_poly, t, fVec(0.5f * -0.284496736f));
+  half_poly = at::vec::fmadd(half_poly, t, fVec(0.5f * 0.254829592f));
+  gauss = exp_finite(ax * fVec(-0.5f) * ax);
+  return one_minus_unless_negative(x, t * half_poly * gauss);
+}
+
+// Logistic sigmoid; the argument is clamped to [-80, 80], where it is 0 or 1 in fp32 yet exp stays finite.
+// (at::vec's clamp and clamp_max keep a NaN argument.)
+inline fVec sigmoid(const fVec& u) {
+  const fVec e = exp_finite(at::vec::clamp(u.neg(), fVec(-80.f), fVec(80.f)));
+  return reciprocal(e + fVec(1.f));
+}
+
+// tanh form: 0.5 x (1 + tanh(k (x + c x^3))) = x * sigmoid(2 k (x + c x^3)).
+constexpr float kTanhK2 = 2.f * 0.7978845608028654f;  // 2 sqrt(2 / pi)
+constexpr float kTanhC = 0.044715f;
+constexpr float kInvSqrt2Pi = 0.3989422804014327f;
+
+template <GeluKind K>
+inline fVec gelu(const fVec& x) {
+  if constexpr (K == GeluKind::Erf) {
+    fVec gauss;
+    return x * normal_cdf(x, gauss);
+  } else {
+    const fVec x2 = x * x;
+    return x * sigmoid(fVec(kTanhK2) * x * at::vec::fmadd(fVec(kTanhC), x2, fVec(1.f)));
+  }
+}
+
+// GELU and its derivative together, sharing the exp.
+//   erf:  d/dx x Phi(x) = Phi(x) + x phi(x)
+//   tanh: d/dx x s(u) = s + x s (1 - s) u',  u = 2k(x + c x^3), u' = 2k(1 + 3c x^2)
+template <GeluKind K>
+inline void gelu_and_grad(const fVec& x, fVec& y, fVec& dy) {
+  if constexpr (K == GeluKind::Erf) {
+    fVec gauss;
+    const fVec cdf = normal_cdf(x, gauss);
+    y = x * cdf;
+    dy = at::vec::fmadd(x * fVec(kInvSqrt2Pi), gauss, cdf);
+  } else {
+    const fVec x2 = x * x;
+    const fVec s = sigmoid(fVec(kTanhK2) * x * at::vec::fmadd(fVec(kTanhC), x2, fVec(1.f)));
+    const fVec du = fVec(kTanhK2) * at::vec::fmadd(fVec(3.f * kTanhC), x2, fVec(1.f));
+    y = x * s;
+    dy = at::vec::fmadd(y * (fVec(1.f) - s), du, s);
+  }
+}
+
+template <GeluKind K>
+inline fVec gelu_grad(const fVec& x) {
+  fVec y, dy;
+  gelu_and_grad<K>(x, y, dy);
+  return dy;
+}
+
+// Calls f(T{}) with T = float or at::BFloat16 for the tensors' dtype (checked by the caller).
+template <typename F>
+inline void dispatch_float_bf16(at::ScalarType dtype, const F& f) {
+  if (dtype == at::kBFloat16) {
+    f(at::BFloat16{});
+  } else {
+    f(float{});
+  }
+}
+
+template <GeluKind K>
+using GeluTag = std::integral_constant<GeluKind, K>;
+
+// Calls f(GeluTag<K>{}) so that the GELU form is a compile-time constant inside the row loop.
+template <typename F>
+inline void dispatch_gelu(GeluKind kind, const F& f) {
+  if (kind == GeluKind::Erf) {
+    f(GeluTag<GeluKind::Erf>{});
+  } else {
+    f(GeluTag<GeluKind::Tanh>{});
+  }
+}
+
+// Rows per parallel task: about 32K elements (ATen's grain), so small inputs stay on one thread.
+constexpr int64_t kGrainElems = 32768;
+inline int64_t row_grain(int64_t D) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(D, 1)); }
+
+// Rows before the last dim (1 for a 1-D tensor), without dividing by a last dim that may be 0.
+inline int64_t leading_rows(const at::Tensor& t) {
+  int64_t rows = 1;
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) rows *= t.size(i);
+  return rows;
+}
+
+// ---- LayerNorm rows ----
+
+// Normalizes one row from its fp32 pre-norm values s, two-pass (the row is in L1, and the two passes avoid the
+// cancellation of E[s^2] - mean^2): out = (s - mean) * rstd * weight + beta, rstd = 1 / sqrt(var + eps) with the
+// biased variance.
+template <typename T>
+inline void layer_norm_row(
+    const float* s,       // [D]
+    float sum,            // sum of s
+    const float* weight,  // [D]
+    const float* beta,    // [D]
+    double eps,
+    T* out,               // [D]
+    float* mean,          // [1]
+    float* rstd,          // [1]
+    int64_t D) {
+  const float mu = sum / static_cast<float>(D);
+  const fVec sq = reduce_vecs(D, fVec(0.f), [&](int64_t d, auto n, fVec& acc) {
+    const fVec c = keep_lanes(load(s + d, n) - fVec(mu), n);
+    acc = at::vec::fmadd(c, c, acc);
+  });
+  const float rs = static_cast<float>(1.0 / std::sqrt(static_cast<double>(lane_sum(sq)) / D + eps));
+  for_each_vec(D, [&](int64_t d, auto n) {
+    const fVec xhat = (load(s + d, n) - fVec(mu)) * fVec(rs);
+    store(out + d, at::vec::fmadd(xhat, load(weight + d, n), load(beta + d, n)), n);
+  });
+  *mean = mu;
+  *rstd = rs;
+}
+
+// Row blocks of the LayerNorm backward. The block size is fixed, so each block's partial sums of grad_weight and
+// grad_beta, and their in-order reduction, are the same whatever the number of threads.
+constexpr int64_t kRowsPerBlock = 32;
+
+inline int64_t num_row_blocks(int64_t N) { return (N + kRowsPerBlock - 1) / kRowsPerBlock; }
+
+// LayerNorm backward over rows [begin, end) of one block, given s_of(row, d, lanes) -> s (the pre-norm values,
+// recomputed from the saved inputs) and put(row, d, lanes, grad_s) to finish and store the input gradient.
+//   xhat = (s - mean) * rstd, g = grad_out * weight, grad_s = rstd * (g - mean(g) - xhat * mean(g * xhat))
+// dw and db gain the block's sums of grad_out * xhat and of grad_out.
+template <typename T, typename SOf, typename Put>
+inline void layer_norm_backward_block(
+    const T* grad_out,    // [N, D]
+    const float* weight,  // [D]
+    const float* mean,    // [N]
+    const float* rstd,    // [N]
+    float* xhat,          // [D] scratch
+    float* g,             // [D] scratch
+    float* dw,            // [D]
+    float* db,            // [D]
+    int64_t begin,
+    int64_t end,
+    int64_t D,
+    const SOf& s_of,
+    const Put& put) {
+  for (int64_t row = begin; row < end; ++row) {
+    const T* dy_row = grad_out + row * D;
+    const fVec mu(mean[row]);
+    const fVec rs(rstd[row]);
+    // first: sum of g, second: sum of g * xhat.
+    const SumPair sums = reduce_vecs(D, SumPair{fVec(0.f), fVec(0.f)}, [&](int64_t d, auto n, SumPair& acc) {
+      const fVec xh = (s_of(row, d, n) - mu) * rs;
+      const fVec dy = load(dy_row + d, n);
+      const fVec gv = dy * load(weight + d, n);
+      store(xhat + d, xh, n);
+      store(g + d, gv, n);
+      acc.first += gv;
+      acc.second = at::vec::fmadd(gv, xh, acc.second);
+      store(dw + d, at::vec::fmadd(dy, xh, load(dw + d, n)), n);
+      store(db + d, load(db + d, n) + dy, n);
+    });
+    // g - mean(g) first: it is exactly 0 where the row is constant, so rstd (large there) amplifies no rounding.
+    const fVec mean_g(lane_sum(sums.first) / static_cast<float>(D));
+    const fVec mean_gx(lane_sum(sums.second) / static_cast<float>(D));
+    for_each_vec(D, [&](int64_t d, auto n) {
+      put(row, d, n, rs * at::vec::fnmadd(load(xhat + d, n), mean_gx, load(g + d, n) - mean_g));
+    });
+  }
+}
+
+// grad_weight and grad_beta from the per-block partial sums, each column summed over the blocks in order.
+template <typename T>
+inline void reduce_row_blocks(
+    const float* partial,  // [blocks, 2, D]: sums of grad_out * xhat, then of grad_out
+    int64_t blocks,
+    int64_t D,
+    T* grad_weight,        // [D]
+    T* grad_beta) {        // [D]
+  const int64_t grain = std::max<int64_t>(kVec, kGrainElems / std::max<int64_t>(blocks, 1));
+  at::parallel_for(0, D, grain, [&](int64_t c0, int64_t c1) {
+    for_each_vec(c1 - c0, [&](int64_t j, auto n) {
+      const int64_t d = c0 + j;
+      fVec w(0.f);
+      fVec b(0.f);
+      for (int64_t k = 0; k < blocks; ++k) {
+        w += load(partial + (2 * k) * D + d, n);
+        b += load(partial + (2 * k + 1) * D + d, n);
+      }
+      store(grad_weight + d, w, n);
+      store(grad_beta + d, b, n);
+    });
+  });
+}
+
+}  // namespace mtbert_fast::cpu
