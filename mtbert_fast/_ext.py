@@ -6,15 +6,32 @@ backends, and `load_error` keeps the reason for `python -m mtbert_fast.info` and
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 load_error: str | None
-try:
-    from mtbert_fast import _C  # noqa: F401  (registers the torch.ops.mtbert_fast kernels)
+_spec = importlib.util.find_spec("mtbert_fast._C")
+if _spec is None or _spec.origin is None:
+    load_error = "no compiled mtbert_fast._C next to the package (installed with MTBERT_FAST_SKIP_BUILD=1, or not built)"
+else:
+    try:
+        # _C is a plain shared library of TORCH_LIBRARY registrations, not a Python module
+        torch.ops.load_library(_spec.origin)
+        load_error = None
+    except OSError as exc:
+        load_error = f"mtbert_fast._C failed to load: {type(exc).__name__}: {exc}"
 
-    load_error = None
-except ImportError as exc:
-    load_error = f"{type(exc).__name__}: {exc}"
+
+
+def _registered(dispatch_key: str) -> frozenset[str]:
+    prefix = "mtbert_fast::"
+    names = torch._C._dispatch_get_registrations_for_dispatch_key(dispatch_key) if load_error is None else []
+    return frozenset(n[len(prefix):] for n in names if n.startswith(prefix))
+
+
+# Read once at load, so the backend choice is plain Python that torch.compile traces without a graph break.
+_KERNELS = {key: _registered(key) for key in ("CPU", "CUDA")}
 
 
 def loaded() -> bool:
@@ -23,9 +40,7 @@ def loaded() -> bool:
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether the built extension registered a kernel of `op` for `dispatch_key` ("CPU", "CUDA")."""
-    if load_error is not None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"mtbert_fast::{op}", dispatch_key)
+    return op in _KERNELS[dispatch_key]
 
 
 def built_with_cuda() -> bool:

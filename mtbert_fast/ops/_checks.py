@@ -43,3 +43,15 @@ def check_like(op: str, name: str, t: torch.Tensor, x: torch.Tensor) -> None:
 def sum_rows(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Column sums of grad [..., D] in fp32, returned as `dtype` [D]: the gradient of a broadcast bias."""
     return grad.reshape(-1, grad.shape[-1]).sum(0, dtype=torch.float32).to(dtype)
+
+
+def autocast_like(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Under torch.autocast, the floating-point tensors cast to autocast's dtype, as autocast casts a matmul's
+    inputs: the layer's activations arrive in bf16 from the autocast GEMMs while its weights stay fp32.
+    Outside autocast the tensors are returned unchanged, and mixed dtypes are refused by the checks."""
+    first = tensors[0]
+    device_type = first.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)

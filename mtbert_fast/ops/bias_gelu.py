@@ -6,7 +6,7 @@ import torch
 
 from mtbert_fast import _ext
 from mtbert_fast.ops import dispatch, reference
-from mtbert_fast.ops._checks import check_gelu, check_rows, sum_rows
+from mtbert_fast.ops._checks import autocast_like, check_gelu, check_rows, sum_rows
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none", *, backend: str | None = None):
@@ -15,6 +15,7 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none", *,
     approximate: "none" for 0.5 x (1 + erf(x / sqrt 2)), "tanh" for the tanh form (gelu_new).
     """
     check_gelu("bias_gelu", approximate)
+    x, bias = autocast_like(x, bias)
     check_rows("bias_gelu", x, vectors={"bias": bias})
     impl = dispatch.choose("bias_gelu", x, backend)
     if impl == "reference":

@@ -6,7 +6,7 @@ import torch
 
 from mtbert_fast import _ext
 from mtbert_fast.ops import dispatch, reference
-from mtbert_fast.ops._checks import check_gelu, check_rows, sum_rows
+from mtbert_fast.ops._checks import autocast_like, check_gelu, check_rows, sum_rows
 
 
 def bias_gelu_layer_norm(
@@ -22,6 +22,7 @@ def bias_gelu_layer_norm(
     """LayerNorm(GELU(x + bias)) * weight + beta, in fp32.  x [..., D]; bias, weight, beta [D] -> [..., D]."""
     op = "bias_gelu_layer_norm"
     check_gelu(op, approximate)
+    x, bias, weight, beta = autocast_like(x, bias, weight, beta)
     check_rows(op, x, vectors={"bias": bias, "weight": weight, "beta": beta})
     impl = dispatch.choose(op, x, backend)
     if impl == "reference":

@@ -6,7 +6,7 @@ import torch
 
 from mtbert_fast import _ext
 from mtbert_fast.ops import dispatch, reference
-from mtbert_fast.ops._checks import check_rows, sum_rows
+from mtbert_fast.ops._checks import autocast_like, check_rows, sum_rows
 
 
 def bias_residual_layer_norm(
@@ -24,6 +24,7 @@ def bias_residual_layer_norm(
     x, residual [..., D]; bias, weight, beta [D] -> [..., D] in x's dtype.
     """
     op = "bias_residual_layer_norm"
+    x, bias, residual, weight, beta = autocast_like(x, bias, residual, weight, beta)
     check_rows(op, x, same_shape={"residual": residual}, vectors={"bias": bias, "weight": weight, "beta": beta})
     impl = dispatch.choose(op, x, backend)
     if impl == "reference":

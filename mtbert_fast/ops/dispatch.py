@@ -83,7 +83,7 @@ def reason(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> s
     elif backend in ("cpu", "cuda"):
         key = backend.upper()
         if not _ext.loaded():
-            why = f"mtbert_fast._C is not built ({_ext.load_error})"
+            why = f"mtbert_fast._C unavailable: {_ext.load_error}"
         elif not _ext.has_kernel(op, key):
             why = f"mtbert_fast._C has no {key} kernel for {op}" + (
                 " (built without CUDA)" if key == "CUDA" and not _ext.built_with_cuda() else ""

@@ -6,6 +6,7 @@ import torch
 
 from mtbert_fast import _ext
 from mtbert_fast.ops import dispatch, reference
+from mtbert_fast.ops._checks import autocast_like
 
 
 def mlm_gather_loss(
@@ -39,6 +40,7 @@ def mlm_gather_loss(
         raise ValueError(f"{op}: reduction must be 'mean' or 'sum', got {reduction!r}")
     if bias is None:
         bias = weight.new_zeros(weight.shape[0])
+    hidden, weight, bias = autocast_like(hidden, weight, bias)
     if bias.shape != (weight.shape[0],):
         raise ValueError(f"{op}: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
     for name, t in (("weight", weight), ("bias", bias), ("labels", labels)):

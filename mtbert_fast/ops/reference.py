@@ -1,6 +1,6 @@
 """Pure-PyTorch references for every op: the oracle of the tests and the fallback that runs anywhere.
 
-Each function computes in fp32 and returns the input dtype, as the kernels do; autograd gives the
+Each function computes in fp32 (fp64 for fp64 inputs) and returns the input dtype, as the kernels do; autograd gives the
 backward. Shapes follow DESIGN.md: T packed tokens, B sequences, H hidden size.
 """
 
@@ -12,13 +12,18 @@ import torch
 import torch.nn.functional as F
 
 
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """The compute dtype: fp32, or fp64 for fp64 inputs."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
     return F.gelu(x, approximate=approximate)
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """GELU(x + bias).  x [N, D], bias [D] -> [N, D]."""
-    return _gelu(x.float() + bias.float(), approximate).to(x.dtype)
+    return _gelu(_acc(x) + _acc(bias), approximate).to(x.dtype)
 
 
 def bias_residual_layer_norm(
@@ -30,8 +35,8 @@ def bias_residual_layer_norm(
     eps: float,
 ) -> torch.Tensor:
     """LayerNorm(x + bias + residual) * weight + beta.  x, residual [N, D]; bias, weight, beta [D]."""
-    s = x.float() + bias.float() + residual.float()
-    return F.layer_norm(s, (s.shape[-1],), weight.float(), beta.float(), eps).to(x.dtype)
+    s = _acc(x) + _acc(bias) + _acc(residual)
+    return F.layer_norm(s, (s.shape[-1],), _acc(weight), _acc(beta), eps).to(x.dtype)
 
 
 def bias_gelu_layer_norm(
@@ -43,8 +48,8 @@ def bias_gelu_layer_norm(
     approximate: str = "none",
 ) -> torch.Tensor:
     """LayerNorm(GELU(x + bias)) * weight + beta: the masked-LM head transform.  x [N, D] -> [N, D]."""
-    g = _gelu(x.float() + bias.float(), approximate)
-    return F.layer_norm(g, (g.shape[-1],), weight.float(), beta.float(), eps).to(x.dtype)
+    g = _gelu(_acc(x) + _acc(bias), approximate)
+    return F.layer_norm(g, (g.shape[-1],), _acc(weight), _acc(beta), eps).to(x.dtype)
 
 
 def attention_varlen(
@@ -65,13 +70,13 @@ def attention_varlen(
     bounds = cu_seqlens.tolist()
     outs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
-        q, k, v = qkv[start:end].float().unbind(1)  # each [L, heads, head_dim]
+        q, k, v = _acc(qkv[start:end]).unbind(1)  # each [L, heads, head_dim]
         scores = torch.einsum("ihd,jhd->hij", q, k) * scale
         probs = torch.softmax(scores, dim=-1)
         if dropout_p > 0.0:
             probs = F.dropout(probs, dropout_p)
         outs.append(torch.einsum("hij,jhd->ihd", probs, v))
-    out = torch.cat(outs, 0) if outs else qkv.new_zeros((0,) + qkv.shape[2:], dtype=torch.float32)
+    out = torch.cat(outs, 0) if outs else qkv.new_zeros((0,) + qkv.shape[2:])
     return out.to(qkv.dtype)
 
 
@@ -88,7 +93,7 @@ def mlm_gather_loss(
     hidden [N, H], weight [V, H], bias [V], labels int64 [N] -> scalar fp32 ("mean" over counted rows, or "sum").
     """
     keep = labels != ignore_index
-    logits = F.linear(hidden[keep].float(), weight.float(), bias.float())
+    logits = F.linear(_acc(hidden[keep]), _acc(weight), _acc(bias))
     return F.cross_entropy(logits, labels[keep], reduction=reduction)
 
 
