@@ -9,6 +9,7 @@ keys, the forward signature and the output types stay HF's. Query, key and value
 
 from __future__ import annotations
 
+import inspect
 import types
 
 import torch
@@ -156,6 +157,25 @@ def _swapped_forward(
     return result if return_dict else result.to_tuple()
 
 
+def _forward_with_signature(hf_forward) -> types.FunctionType:
+    """A forward that keeps HF's signature (as inspect.signature shows it and as positional arguments map to it)
+    and runs `_swapped_forward`: a swapped BertModel is called exactly as before."""
+    signature = inspect.signature(hf_forward)
+
+    def forward(self, *args, **kwargs):
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        arguments.pop(next(iter(signature.parameters)))
+        for name, param in signature.parameters.items():
+            if param.kind is param.VAR_KEYWORD:
+                arguments.update(arguments.pop(name, {}))
+            elif param.kind is param.VAR_POSITIONAL and arguments.pop(name, ()):
+                raise TypeError(f"{type(self).__name__}.forward got unexpected positional arguments")
+        return _swapped_forward(self, **arguments)
+
+    forward.__signature__ = signature
+    return forward
+
+
 def swap(model: nn.Module, backend: str = "auto", dtype: torch.dtype | None = None) -> nn.Module:
     """Run `model`'s BERT/RoBERTa encoder on mtbert_fast's packed-token path, in place; returns `model`.
 
@@ -172,7 +192,7 @@ def swap(model: nn.Module, backend: str = "auto", dtype: torch.dtype | None = No
     if dtype is not None:
         model.to(dtype)
     setattr(base, _STATE, _SwapState(base, None if backend == "auto" else backend))
-    base.forward = types.MethodType(_swapped_forward, base)
+    base.forward = types.MethodType(_forward_with_signature(type(base).forward), base)
     return model
 
 

@@ -398,6 +398,8 @@ class FastBertModel(nn.Module):
         base = getattr(hf_model, "base_model", hf_model)
         config = EncoderConfig.from_hf(base.config)
         state = fast_state_dict_from_hf(base.state_dict(), config, has_pooler=base.pooler is not None)
+        # copies: the fast model owns its weights, so changing or training it leaves the HF model as it was
+        state = {k: v.clone() for k, v in state.items()}
         return cls._from_state(config, state, base.pooler is not None, dtype, backend)
 
     @classmethod
@@ -409,7 +411,7 @@ class FastBertModel(nn.Module):
 
         config = EncoderConfig.from_json_file(os.path.join(path, "config.json"))
         hf_state = read_safetensors_dir(path)
-        has_pooler = any(k.endswith("pooler.dense.weight") for k in hf_state)
+        has_pooler = any(k.endswith(("pooler.dense.weight", "pooler.dense.bias")) for k in hf_state)
         state = fast_state_dict_from_hf(hf_state, config, has_pooler=has_pooler)
         return cls._from_state(config, state, has_pooler, dtype, backend, device)
 

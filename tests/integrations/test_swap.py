@@ -1,0 +1,722 @@
+"""mtbert_fast.swap / unswap on HF BertModel, RobertaModel and their task models.
+
+Parity (fp32, within 1e-4 at the real tokens, our padding exactly zero) against the same HF model before the swap,
+with eager and sdpa attention: the real all-MiniLM-L6-v2, random bert-base at its real size, small random BERT and
+RoBERTa task models, lengths 1 and 512, and every input variant. Then what a swap must keep: the forward signature,
+output types, state_dict keys and values, hidden states, gradients, save_pretrained, dtype changes and
+load_state_dict after the swap, bit-exact outputs after unswap; bf16; dropout in train mode; refusals.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+import torch.nn as nn
+from transformers import (
+    AlbertConfig,
+    AlbertModel,
+    BertForMaskedLM,
+    BertForNextSentencePrediction,
+    BertForPreTraining,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
+    DistilBertConfig,
+    DistilBertModel,
+    GPT2Config,
+    GPT2Model,
+    RobertaForMaskedLM,
+    RobertaForSequenceClassification,
+    RobertaModel,
+)
+
+import mtbert_fast
+from mtbert_fast import FastBertModel, is_swapped, swap, unswap
+from mtbert_fast.models import UnsupportedModelError
+from mtbert_fast.ops import BackendUnavailable, dispatch
+
+pytestmark = pytest.mark.usefixtures("one_thread_unless_marked")
+CPU = torch.device("cpu")
+BERT_TASKS = [BertModel, BertForSequenceClassification, BertForTokenClassification, BertForMaskedLM,
+              BertForPreTraining, BertForNextSentencePrediction, BertForQuestionAnswering]
+ROBERTA_TASKS = [RobertaModel, RobertaForSequenceClassification, RobertaForMaskedLM]
+TASKS = BERT_TASKS + ROBERTA_TASKS
+
+
+def _config(cls, bert_config, roberta_config, **overrides):
+    return (roberta_config if cls in ROBERTA_TASKS else bert_config)(**overrides)
+
+
+def _task_inputs(cls, config, ids, mask, seed=0):
+    """Labels for `cls`, and its output fields: name -> True when the field is per token ([B, L, ...]).
+
+    A loss is compared only where the padding cannot enter it: question answering's softmax runs over every position,
+    padding included, whose logits HF computes from padding states and the swapped model from zeros."""
+    g = torch.Generator().manual_seed(seed)
+    b, l = ids.shape
+
+    def token_labels(n, keep=1.0):
+        labels = torch.randint(0, n, (b, l), generator=g)
+        drop = (mask == 0) | (torch.rand((b, l), generator=g) >= keep)
+        return labels.masked_fill(drop, -100)
+
+    if cls in (BertModel, RobertaModel):
+        return {}, {"last_hidden_state": True, "pooler_output": False}
+    if cls in (BertForSequenceClassification, RobertaForSequenceClassification):
+        return {"labels": torch.randint(0, config.num_labels, (b,), generator=g)}, {"logits": False, "loss": False}
+    if cls is BertForTokenClassification:
+        return {"labels": token_labels(config.num_labels)}, {"logits": True, "loss": False}
+    if cls in (BertForMaskedLM, RobertaForMaskedLM):
+        return {"labels": token_labels(config.vocab_size, keep=0.3)}, {"logits": True, "loss": False}
+    if cls is BertForPreTraining:
+        labels = {"labels": token_labels(config.vocab_size, keep=0.3),
+                  "next_sentence_label": torch.randint(0, 2, (b,), generator=g)}
+        return labels, {"prediction_logits": True, "seq_relationship_logits": False, "loss": False}
+    if cls is BertForNextSentencePrediction:
+        return {"labels": torch.randint(0, 2, (b,), generator=g)}, {"logits": False, "loss": False}
+    if cls is BertForQuestionAnswering:
+        lengths = mask.sum(1)
+        start = (torch.rand(b, generator=g) * lengths).long()
+        return {"start_positions": start, "end_positions": torch.minimum(start + 2, lengths - 1)}, {
+            "start_logits": True, "end_logits": True}
+    raise AssertionError(cls)
+
+
+def _compare(out, ref, fields, mask, assert_tokens_close, assert_close, zero_padding=True):
+    assert type(out) is type(ref)
+    for name, per_token in fields.items():
+        assert getattr(out, name) is not None, name
+        if per_token:
+            # only the encoder's own output is zero at the padding; a head maps those zeros to its bias
+            assert_tokens_close(getattr(out, name), getattr(ref, name), mask, what=name,
+                                zero_padding=zero_padding and name == "last_hidden_state")
+        else:
+            assert_close(getattr(out, name), getattr(ref, name), what=name)
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# --- parity ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", TASKS, ids=lambda c: c.__name__)
+def test_task_model_parity(cls, model_backend, bert_config, roberta_config, make_hf, hf_outputs, ragged_batch,
+                           assert_tokens_close, assert_close):
+    config = _config(cls, bert_config, roberta_config)
+    model = make_hf(cls, config)
+    ids, mask = ragged_batch(config, [5, 17, 1, 30, 12])
+    labels, fields = _task_inputs(cls, config, ids, mask)
+    signature, base_signature = inspect.signature(model.forward), inspect.signature(model.base_model.forward)
+    before = _state(model)
+    refs = hf_outputs(model, ids, attention_mask=mask, **labels)
+    assert swap(model, backend=model_backend) is model
+    assert is_swapped(model)
+    assert inspect.signature(model.forward) == signature
+    assert inspect.signature(model.base_model.forward) == base_signature
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, **labels)
+    for ref in refs.values():
+        _compare(out, ref, fields, mask, assert_tokens_close, assert_close)
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+
+
+def test_question_answering_loss_without_padding(model_backend, bert_config, make_hf, ragged_batch, assert_close):
+    config = bert_config()
+    model = make_hf(BertForQuestionAnswering, config)
+    ids, mask = ragged_batch(config, [20, 20, 20])
+    labels, _ = _task_inputs(BertForQuestionAnswering, config, ids, mask)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask, **labels)
+        swap(model, backend=model_backend)
+        out = model(ids, attention_mask=mask, **labels)
+    for name in ("loss", "start_logits", "end_logits"):
+        assert_close(getattr(out, name), getattr(ref, name), what=name)
+
+
+@pytest.mark.parametrize("cls", [BertModel, BertForSequenceClassification], ids=lambda c: c.__name__)
+def test_minilm_parity(cls, model_backend, minilm, minilm_batch, hf_outputs, assert_tokens_close, assert_close):
+    """The real all-MiniLM-L6-v2 weights on real sentences (a classifier head from a fixed seed on top)."""
+    mask = minilm_batch["attention_mask"]
+    if cls is BertModel:
+        model = copy.deepcopy(minilm.model)
+        refs, fields = minilm.refs, {"last_hidden_state": True, "pooler_output": False}
+    else:
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(copy.deepcopy(minilm.model.config)).eval()
+        model.bert.load_state_dict(minilm.model.state_dict())
+        refs, fields = hf_outputs(model, **minilm_batch), {"logits": False}
+    swap(model, backend=model_backend)
+    with torch.no_grad():
+        out = model(**minilm_batch)
+    for ref in refs.values():
+        _compare(out, ref, fields, mask, assert_tokens_close, assert_close)
+
+
+@pytest.mark.all_threads
+def test_bert_base_full_size_parity(bert_base, model_backend, assert_tokens_close, assert_close):
+    model = copy.deepcopy(bert_base.model)
+    assert model.config.num_hidden_layers == 12 and model.config.hidden_size == 768
+    swap(model, backend=model_backend)
+    with torch.no_grad():
+        out = model(bert_base.ids, attention_mask=bert_base.mask)
+    for ref in bert_base.refs.values():
+        _compare(out, ref, {"last_hidden_state": True, "pooler_output": False}, bert_base.mask,
+                 assert_tokens_close, assert_close)
+
+
+@pytest.mark.all_threads
+@pytest.mark.parametrize("cls", [BertForSequenceClassification, RobertaForMaskedLM], ids=lambda c: c.__name__)
+def test_lengths_1_and_512(cls, model_backend, bert_config, roberta_config, make_hf, hf_outputs, ragged_batch,
+                           assert_tokens_close, assert_close):
+    config = _config(cls, bert_config, roberta_config)
+    model = make_hf(cls, config)
+    ids, mask = ragged_batch(config, [1, 512, 64], seed=2)
+    labels, fields = _task_inputs(cls, config, ids, mask)
+    refs = hf_outputs(model, ids, attention_mask=mask, output_hidden_states=True, **labels)
+    swap(model, backend=model_backend)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, output_hidden_states=True, **labels)
+    for ref in refs.values():
+        _compare(out, ref, fields, mask, assert_tokens_close, assert_close)
+        assert_tokens_close(out.hidden_states[-1], ref.hidden_states[-1], mask, what="hidden_states[-1]")
+
+
+def _variant(name, config, ids, mask, model):
+    """Keyword inputs of one input variant and the mask of its real positions."""
+    g = torch.Generator().manual_seed(11)
+    b, l = ids.shape
+    if name == "token_type_ids":
+        types = torch.randint(0, config.type_vocab_size, (b, l), generator=g) * mask
+        return dict(input_ids=ids, attention_mask=mask, token_type_ids=types), mask
+    if name == "position_ids":
+        positions = torch.arange(l) + torch.tensor([[4], [0], [9]])
+        return dict(input_ids=ids, attention_mask=mask, position_ids=positions), mask
+    if name == "inputs_embeds":
+        embeds = model.get_input_embeddings()(ids) + 0.1 * torch.randn(b, l, config.hidden_size, generator=g)
+        return dict(inputs_embeds=embeds, attention_mask=mask), mask
+    if name == "all_ones_mask":
+        return dict(input_ids=ids, attention_mask=torch.ones_like(mask)), torch.ones_like(mask)
+    if name == "no_mask":
+        return dict(input_ids=ids), torch.ones_like(mask)
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("variant", ["token_type_ids", "position_ids", "inputs_embeds", "all_ones_mask", "no_mask"])
+@pytest.mark.parametrize("cls", [BertModel, RobertaModel, BertForSequenceClassification], ids=lambda c: c.__name__)
+def test_input_variants(variant, cls, model_backend, bert_config, roberta_config, make_hf, hf_outputs, ragged_batch,
+                        assert_tokens_close, assert_close):
+    config = _config(cls, bert_config, roberta_config)
+    model = make_hf(cls, config)
+    ids, mask = ragged_batch(config, [9, 20, 14], seed=4)
+    with torch.no_grad():
+        kwargs, real = _variant(variant, config, ids, mask, model)
+    refs = hf_outputs(model, **kwargs)
+    swap(model, backend=model_backend)
+    with torch.no_grad():
+        out = model(**kwargs)
+    _, fields = _task_inputs(cls, config, ids, mask)
+    fields.pop("loss", None)
+    for ref in refs.values():
+        _compare(out, ref, fields, real, assert_tokens_close, assert_close)
+
+
+@pytest.mark.parametrize("hidden_act", ["gelu_new", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize("cls", [BertForSequenceClassification, RobertaModel], ids=lambda c: c.__name__)
+def test_hidden_act(hidden_act, cls, model_backend, bert_config, roberta_config, make_hf, hf_outputs, ragged_batch,
+                    assert_tokens_close, assert_close):
+    config = _config(cls, bert_config, roberta_config, hidden_act=hidden_act)
+    model = make_hf(cls, config)
+    ids, mask = ragged_batch(config, [3, 26, 11])
+    labels, fields = _task_inputs(cls, config, ids, mask)
+    refs = hf_outputs(model, ids, attention_mask=mask, output_hidden_states=True, **labels)
+    swap(model, backend=model_backend)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, output_hidden_states=True, **labels)
+    for ref in refs.values():
+        _compare(out, ref, fields, mask, assert_tokens_close, assert_close)
+        assert_tokens_close(out.hidden_states[-1], ref.hidden_states[-1], mask, what="hidden_states[-1]")
+
+
+# --- gradients -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [BertForSequenceClassification, BertForTokenClassification, RobertaForMaskedLM],
+                         ids=lambda c: c.__name__)
+def test_gradients_match_hf(cls, model_backend, bert_config, roberta_config, make_hf, ragged_batch, assert_grad_close):
+    """After swap, the task loss's gradient reaches every parameter as in the unswapped model (eval mode, fp32)."""
+    config = _config(cls, bert_config, roberta_config)
+    ref_model = make_hf(cls, config)
+    model = copy.deepcopy(ref_model)
+    swap(model, backend=model_backend)
+    ids, mask = ragged_batch(config, [5, 17, 9, 2])
+    labels, _ = _task_inputs(cls, config, ids, mask, seed=3)
+    ref_model(ids, attention_mask=mask, **labels).loss.backward()
+    model(ids, attention_mask=mask, **labels).loss.backward()
+    ref_params, params = dict(ref_model.named_parameters()), dict(model.named_parameters())
+    assert list(params) == list(ref_params)
+    for name, p in params.items():
+        ref_grad = ref_params[name].grad
+        assert (p.grad is None) == (ref_grad is None), name
+        if ref_grad is not None:
+            assert_grad_close(p.grad, ref_grad, what=name)
+    prefix = "roberta" if cls is RobertaForMaskedLM else "bert"
+    for part in ("query", "key", "value"):  # the fused QKV path must still reach each of the three
+        grad = params[f"{prefix}.encoder.layer.0.attention.self.{part}.weight"].grad
+        assert grad is not None and grad.abs().max() > 1e-6, part
+
+
+# --- what a swap keeps -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", TASKS, ids=lambda c: c.__name__)
+def test_signature_is_kept(cls, bert_config, roberta_config, make_hf):
+    model = make_hf(cls, _config(cls, bert_config, roberta_config))
+    signature = inspect.signature(model.forward)
+    base_signature = inspect.signature(model.base_model.forward)
+    swap(model)
+    assert inspect.signature(model.forward) == signature
+    assert inspect.signature(model.base_model.forward) == base_signature
+    unswap(model)
+    assert inspect.signature(model.forward) == signature
+
+
+def test_positional_arguments_keep_their_meaning(model_backend, bert_config, make_hf, ragged_batch,
+                                                 assert_tokens_close):
+    """A swapped BertModel called positionally (input_ids, attention_mask, token_type_ids, position_ids) as HF's."""
+    config = bert_config()
+    model = make_hf(BertModel, config)
+    ids, mask = ragged_batch(config, [6, 12])
+    types = torch.ones_like(ids) * mask
+    positions = torch.arange(12) + 3
+    with torch.no_grad():
+        ref = model(ids, mask, types, positions[None])
+        swap(model, backend=model_backend)
+        out = model(ids, mask, types, positions[None])
+        plain = model(ids, mask)
+    assert_tokens_close(out.last_hidden_state, ref.last_hidden_state, mask)
+    assert (plain.last_hidden_state - out.last_hidden_state)[mask.bool()].abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("cls", [BertModel, BertForSequenceClassification, RobertaForMaskedLM],
+                         ids=lambda c: c.__name__)
+def test_output_hidden_states(cls, model_backend, bert_config, roberta_config, make_hf, ragged_batch,
+                              assert_tokens_close):
+    config = _config(cls, bert_config, roberta_config, num_hidden_layers=3)
+    model = make_hf(cls, config)
+    ids, mask = ragged_batch(config, [4, 19, 11])
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask, output_hidden_states=True)
+        swap(model, backend=model_backend)
+        out = model(ids, attention_mask=mask, output_hidden_states=True)
+        plain = model(ids, attention_mask=mask)
+    assert len(ref.hidden_states) == len(out.hidden_states) == 4
+    for i, (a, e) in enumerate(zip(out.hidden_states, ref.hidden_states)):
+        assert_tokens_close(a, e, mask, what=f"hidden_states[{i}]")
+    assert plain.hidden_states is None
+    if cls is BertModel:
+        assert torch.equal(out.hidden_states[-1], out.last_hidden_state)
+
+
+def test_output_hidden_states_from_config_and_tuples(bert_config, make_hf, ragged_batch, assert_tokens_close,
+                                                     assert_close):
+    config = bert_config(output_hidden_states=True)
+    model = make_hf(BertForSequenceClassification, config)
+    ids, mask = ragged_batch(config, [4, 19, 11])
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask)
+        ref_tuple = model(ids, attention_mask=mask, return_dict=False)
+        swap(model)
+        out = model(ids, attention_mask=mask)
+        out_tuple = model(ids, attention_mask=mask, return_dict=False)
+    assert len(out.hidden_states) == len(ref.hidden_states) == config.num_hidden_layers + 1
+    for a, e in zip(out.hidden_states, ref.hidden_states):
+        assert_tokens_close(a, e, mask)
+    assert isinstance(out_tuple, tuple) and len(out_tuple) == len(ref_tuple) == 2
+    assert_close(out_tuple[0], ref_tuple[0])
+    for a, e in zip(out_tuple[1], ref_tuple[1]):
+        assert_tokens_close(a, e, mask)
+    base = make_hf(BertModel, bert_config())
+    with torch.no_grad():
+        ref_tuple = base(ids, mask, return_dict=False)
+        out_tuple = swap(base)(ids, mask, return_dict=False)
+    assert isinstance(out_tuple, tuple) and len(out_tuple) == len(ref_tuple) == 2
+    assert_tokens_close(out_tuple[0], ref_tuple[0], mask)
+    assert_close(out_tuple[1], ref_tuple[1])
+
+
+@pytest.mark.parametrize("via", ["argument", "config"])
+def test_output_attentions_raises(via, bert_config, make_hf, ragged_batch):
+    config = bert_config(output_attentions=via == "config")
+    model = make_hf(BertForSequenceClassification, config)
+    ids, mask = ragged_batch(config, [4, 9])
+    kwargs = {"output_attentions": True} if via == "argument" else {}
+    with torch.no_grad():
+        assert model(ids, attention_mask=mask, **kwargs).attentions is not None
+        swap(model)
+        with pytest.raises(NotImplementedError, match=r"output_attentions=True is not available after mtbert_fast"):
+            model(ids, attention_mask=mask, **kwargs)
+
+
+@pytest.mark.parametrize("cls", [BertForMaskedLM, BertForSequenceClassification, RobertaModel],
+                         ids=lambda c: c.__name__)
+def test_unswap_restores_bit_exact_outputs(cls, model_backend, bert_config, roberta_config, make_hf, ragged_batch):
+    config = _config(cls, bert_config, roberta_config)
+    model = make_hf(cls, config)
+    ids, mask = ragged_batch(config, [7, 15, 2])
+    labels, fields = _task_inputs(cls, config, ids, mask)
+    base = model.base_model
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask, output_hidden_states=True, **labels)
+        swap(model, backend=model_backend)
+        swapped = model(ids, attention_mask=mask, output_hidden_states=True, **labels)
+        assert unswap(model) is model
+        again = model(ids, attention_mask=mask, output_hidden_states=True, **labels)
+    assert not is_swapped(model) and "forward" not in vars(base)
+    first_field = next(iter(fields))
+    assert not torch.equal(getattr(swapped, first_field), getattr(ref, first_field))  # the swap did run
+    for name in list(fields) + ["hidden_states"]:
+        a, e = getattr(again, name), getattr(ref, name)
+        for x, y in zip(a if isinstance(a, tuple) else (a,), e if isinstance(e, tuple) else (e,)):
+            assert torch.equal(x, y), name
+    attn = base.encoder.layer[0].attention.self
+    ptrs = {getattr(lin, kind).untyped_storage().data_ptr()
+            for lin in (attn.query, attn.key, attn.value) for kind in ("weight", "bias")}
+    assert len(ptrs) == 6  # each parameter owns its storage again
+    if cls is BertForMaskedLM:
+        assert model.cls.predictions.decoder.weight is base.embeddings.word_embeddings.weight
+
+
+def test_swap_unswap_swap(bert_config, make_hf, ragged_batch, assert_close):
+    config = bert_config()
+    model = make_hf(BertForSequenceClassification, config)
+    ids, mask = ragged_batch(config, [7, 15, 2])
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        swap(unswap(swap(model)))
+        assert is_swapped(model)
+        assert_close(model(ids, attention_mask=mask).logits, ref)
+
+
+def test_deepcopy_of_swapped_model(bert_config, make_hf, ragged_batch, assert_close):
+    """A deep copy is swapped on its own: it runs on its own weights, and unswapping it leaves the original swapped."""
+    config = bert_config()
+    model = make_hf(BertForSequenceClassification, config)
+    ids, mask = ragged_batch(config, [7, 15, 2])
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        swap(model)
+        twin = copy.deepcopy(model)
+        assert is_swapped(twin) and twin.bert.forward.__self__ is twin.bert
+        twin.bert.encoder.layer[1].attention.self.value.weight.mul_(2.0)  # must not reach the original
+        changed = twin(ids, attention_mask=mask).logits
+        assert_close(model(ids, attention_mask=mask).logits, ref)
+        assert (changed - ref).abs().max() > 1e-5
+        unswap(twin)
+        assert not is_swapped(twin) and is_swapped(model)
+        assert_close(twin(ids, attention_mask=mask).logits, changed)
+        assert_close(model(ids, attention_mask=mask).logits, ref)
+
+
+def test_swap_twice_and_unswap_twice_raise(bert_config, make_hf):
+    model = make_hf(BertForSequenceClassification, bert_config())
+    with pytest.raises(RuntimeError, match="is not swapped"):
+        unswap(model)
+    swap(model)
+    with pytest.raises(RuntimeError, match=r"already swapped; call mtbert_fast.unswap\(model\) first"):
+        swap(model)
+    with pytest.raises(RuntimeError, match="already swapped"):
+        swap(model.bert)
+    unswap(model)
+    with pytest.raises(RuntimeError, match="is not swapped"):
+        unswap(model)
+
+
+@pytest.mark.parametrize("cls", [BertForPreTraining, RobertaForSequenceClassification], ids=lambda c: c.__name__)
+def test_state_dict_is_kept_and_unshared(cls, bert_config, roberta_config, make_hf):
+    model = make_hf(cls, _config(cls, bert_config, roberta_config))
+    before = _state(model)
+    swap(model)
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for k, v in before.items():
+        assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
+    qkv = [k for k in after if ".attention.self." in k]
+    assert len(qkv) == 6 * model.config.num_hidden_layers
+    storages = {after[k].untyped_storage().data_ptr() for k in qkv}
+    assert len(storages) == len(qkv), "q/k/v entries of the state_dict share storage"
+    for k in qkv:  # each is an independent, exactly-sized copy: a checkpoint writer may save it as is
+        assert after[k].untyped_storage().nbytes() == after[k].numel() * after[k].element_size(), k
+
+
+def test_save_pretrained_while_swapped(model_backend, bert_config, make_hf, ragged_batch, tmp_path, assert_close):
+    config = bert_config()
+    model = make_hf(BertForMaskedLM, config)
+    before = _state(model)
+    ids, mask = ragged_batch(config, [7, 15, 2])
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    swap(model, backend=model_backend)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    reloaded = BertForMaskedLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    state = reloaded.state_dict()
+    assert set(state) == set(before)
+    for k, v in before.items():
+        assert torch.equal(state[k], v), k
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids, attention_mask=mask).logits, ref)
+        # the swapped model still runs on its fused weights after saving
+        swapped = model(ids, attention_mask=mask).logits
+    assert_close(swapped[mask.bool()], ref[mask.bool()])
+    fast = FastBertModel.from_pretrained(tmp_path)
+    assert torch.equal(fast.layers[0].qkv.weight, torch.cat(
+        [before[f"bert.encoder.layer.0.attention.self.{p}.weight"] for p in ("query", "key", "value")]))
+
+
+def test_dtype_change_after_swap(bert_config, make_hf, ragged_batch, assert_tokens_close, assert_close,
+                                 assert_low_precision_error):
+    """model.to(dtype) after swap re-fuses query/key/value: outputs follow the new weights, not stale copies."""
+    config = bert_config()
+    ref_model = make_hf(BertForSequenceClassification, config)
+    model = copy.deepcopy(ref_model)
+    swap(model)
+    ids, mask = ragged_batch(config, [7, 15, 2])
+    kwargs = dict(attention_mask=mask, output_hidden_states=True)
+    with torch.no_grad():
+        ref32 = ref_model(ids, **kwargs)
+        ref64 = copy.deepcopy(ref_model).double()(ids, **kwargs)
+
+        out64 = model.to(torch.float64)(ids, **kwargs)
+        assert out64.logits.dtype == torch.float64
+        assert_close(out64.logits, ref64.logits, atol=1e-9, what="float64 logits")
+        assert_tokens_close(out64.hidden_states[-1], ref64.hidden_states[-1], mask, atol=1e-9)
+
+        out32 = model.float()(ids, **kwargs)
+        assert out32.logits.dtype == torch.float32
+        assert_close(out32.logits, ref32.logits, what="float32 logits")
+        assert_tokens_close(out32.hidden_states[-1], ref32.hidden_states[-1], mask)
+
+        for dtype, cast in ((torch.bfloat16, nn.Module.bfloat16), (torch.float16, nn.Module.half)):
+            native = cast(copy.deepcopy(ref_model))(ids, **kwargs)
+            out = cast(model)(ids, **kwargs)
+            assert out.logits.dtype == dtype
+            assert_low_precision_error(out.hidden_states[-1], native.hidden_states[-1], ref32.hidden_states[-1], mask,
+                                       what=f"{dtype} last hidden state")
+            assert_low_precision_error(out.logits, native.logits, ref32.logits, what=f"{dtype} logits")
+            model.float().load_state_dict(ref_model.state_dict())  # undo the rounding before the next dtype
+
+
+@pytest.mark.parametrize("how", ["load_state_dict", "load_state_dict_assign", "in_place_edit"])
+def test_weights_changed_after_swap(how, model_backend, bert_config, make_hf, ragged_batch, assert_tokens_close,
+                                    assert_close):
+    config = bert_config()
+    model = make_hf(BertForSequenceClassification, config, seed=0)
+    other = make_hf(BertForSequenceClassification, config, seed=1)
+    ids, mask = ragged_batch(config, [7, 15, 2])
+    kwargs = dict(attention_mask=mask, output_hidden_states=True)
+    with torch.no_grad():
+        old = model(ids, **kwargs)
+        swap(model, backend=model_backend)
+        model(ids, **kwargs)  # the fused buffers exist and have been used
+        if how == "in_place_edit":
+            for layer in (model.bert.encoder.layer[0], other.bert.encoder.layer[0]):
+                layer.attention.self.value.weight.mul_(3.0)
+                layer.attention.self.key.bias.add_(0.5)
+            other.load_state_dict(model.state_dict())
+        else:
+            model.load_state_dict(other.state_dict(), assign=how == "load_state_dict_assign")
+        expected = other(ids, **kwargs)
+        out = model(ids, **kwargs)
+    assert (expected.hidden_states[-1] - old.hidden_states[-1])[mask.bool()].abs().max() > 1e-2
+    assert_close(out.logits, expected.logits)
+    assert_tokens_close(out.hidden_states[-1], expected.hidden_states[-1], mask)
+
+
+# --- bf16, dropout ---------------------------------------------------------------------------------------------------
+
+
+def test_swap_bf16_minilm(minilm, minilm_batch, assert_low_precision_error):
+    model = copy.deepcopy(minilm.model)
+    swap(model, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    mask = minilm_batch["attention_mask"]
+    with torch.no_grad():
+        out = model(**minilm_batch)
+        native_model = copy.deepcopy(minilm.model).to(torch.bfloat16)
+        for impl in ("eager", "sdpa"):
+            native_model.set_attn_implementation(impl)
+            native = native_model(**minilm_batch)
+            ref = minilm.refs["eager"]
+            assert_low_precision_error(out.last_hidden_state, native.last_hidden_state, ref.last_hidden_state, mask,
+                                       what=f"last_hidden_state vs {impl}")
+            assert_low_precision_error(out.pooler_output, native.pooler_output, ref.pooler_output,
+                                       what=f"pooler_output vs {impl}")
+    assert out.last_hidden_state.dtype == torch.bfloat16
+    assert torch.count_nonzero(out.last_hidden_state[~mask.bool()]) == 0
+
+
+def test_swap_bf16_task_model(bert_config, make_hf, ragged_batch, assert_low_precision_error):
+    config = bert_config()
+    ref_model = make_hf(BertForSequenceClassification, config)
+    model = swap(copy.deepcopy(ref_model), dtype=torch.bfloat16)
+    ids, mask = ragged_batch(config, [7, 40, 2, 23])
+    kwargs = dict(attention_mask=mask, output_hidden_states=True)
+    with torch.no_grad():
+        ref = ref_model(ids, **kwargs)
+        native = copy.deepcopy(ref_model).to(torch.bfloat16)(ids, **kwargs)
+        out = model(ids, **kwargs)
+    assert out.logits.dtype == torch.bfloat16
+    assert_low_precision_error(out.logits, native.logits, ref.logits, what="logits")
+    for i, (a, n, r) in enumerate(zip(out.hidden_states, native.hidden_states, ref.hidden_states)):
+        assert_low_precision_error(a, n, r, mask, what=f"hidden_states[{i}]")
+
+
+@pytest.mark.parametrize("dropout", [(0.1, 0.0), (0.0, 0.1)], ids=["hidden", "attention"])
+def test_train_mode_dropout_is_random(dropout, bert_config, make_hf, ragged_batch):
+    config = bert_config(hidden_dropout_prob=dropout[0], attention_probs_dropout_prob=dropout[1])
+    model = swap(make_hf(BertModel, config)).train()
+    ids, mask = ragged_batch(config, [8, 21, 3])
+    real = mask.bool()
+    with torch.no_grad():
+        a = model(ids, attention_mask=mask).last_hidden_state
+        b = model(ids, attention_mask=mask).last_hidden_state
+        torch.manual_seed(3)
+        c = model(ids, attention_mask=mask).last_hidden_state
+        torch.manual_seed(3)
+        d = model(ids, attention_mask=mask).last_hidden_state
+        evaluated = model.eval()(ids, attention_mask=mask).last_hidden_state
+    assert (a - b)[real].abs().max() > 1e-3
+    assert (a - evaluated)[real].abs().max() > 1e-3
+    assert torch.equal(c, d)
+    assert torch.count_nonzero(a[~real]) == 0
+
+
+@pytest.mark.parametrize("dropout", [(0.1, 0.0), (0.0, 0.1)], ids=["hidden", "attention"])
+def test_train_mode_dropout_matches_hf_in_distribution(dropout, bert_config, make_hf, ragged_batch):
+    """Dropout at every site HF has, at HF's rate: the mean |train - eval| deviation of the last hidden state, over 64
+    seeds, is within 6% of HF's (its seed-to-seed spread is about 1%). Weights are enlarged so that every layer's
+    dropout shows (with BERT's 0.02 init the embedding dropout alone dominates); leaving out one site (embeddings, the
+    attention output's or the feed-forward output's) moves the ratio by 10% or more, all residual sites by 30%."""
+    config = bert_config(hidden_dropout_prob=dropout[0], attention_probs_dropout_prob=dropout[1])
+    ref_model = make_hf(BertModel, config)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for name, p in ref_model.named_parameters():
+            if "LayerNorm" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model = swap(copy.deepcopy(ref_model))
+    ids, mask = ragged_batch(config, [8, 21, 3])
+    real = mask.bool()
+    deviation = {}
+    with torch.no_grad():
+        for name, m in (("hf", ref_model), ("swapped", model)):
+            evaluated = m.eval()(ids, attention_mask=mask).last_hidden_state
+            m.train()
+            total = 0.0
+            for seed in range(64):
+                torch.manual_seed(100 + seed)
+                total += (m(ids, attention_mask=mask).last_hidden_state - evaluated)[real].abs().mean().item()
+            deviation[name] = total / 64
+    ratio = deviation["swapped"] / deviation["hf"]
+    assert 0.94 <= ratio <= 1.06, f"train-mode deviation {deviation}: ratio {ratio:.3f}"
+
+
+def test_train_mode_without_dropout_equals_hf(model_backend, bert_config, make_hf, ragged_batch, assert_close):
+    config = bert_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    ref_model = make_hf(BertForSequenceClassification, config).train()
+    model = swap(copy.deepcopy(ref_model), backend=model_backend)
+    assert model.training
+    ids, mask = ragged_batch(config, [8, 21, 3])
+    labels, _ = _task_inputs(BertForSequenceClassification, config, ids, mask)
+    ref = ref_model(ids, attention_mask=mask, **labels)
+    out = model(ids, attention_mask=mask, **labels)
+    assert_close(out.logits, ref.logits)
+    assert_close(out.loss, ref.loss)
+
+
+# --- refusals --------------------------------------------------------------------------------------------------------
+
+
+UNSUPPORTED = [
+    (dict(position_embedding_type="relative_key"), r"position_embedding_type='relative_key'.*only absolute"),
+    (dict(is_decoder=True), r"is_decoder=True.*decoders .*not supported"),
+    (dict(hidden_act="relu"), r"hidden_act='relu' is not supported; supported: gelu, gelu_new, gelu_pytorch_tanh"),
+]
+
+
+@pytest.mark.parametrize("overrides,match", UNSUPPORTED, ids=["relative_key", "is_decoder", "relu"])
+@pytest.mark.parametrize("cls", [BertForSequenceClassification, RobertaForMaskedLM], ids=lambda c: c.__name__)
+def test_unsupported_config_is_refused_and_model_untouched(overrides, match, cls, bert_config, roberta_config,
+                                                           make_hf, ragged_batch):
+    config = _config(cls, bert_config, roberta_config, **overrides)
+    model = make_hf(cls, config)
+    ids, mask = ragged_batch(config, [5, 9])
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        with pytest.raises(UnsupportedModelError, match=match):
+            swap(model)
+        assert not is_swapped(model) and "forward" not in vars(model.base_model)
+        assert torch.equal(model(ids, attention_mask=mask).logits, ref)
+
+
+def _tiny_gpt2():
+    return GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100, n_positions=16))
+
+
+def _tiny_distilbert():
+    return DistilBertModel(DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=100))
+
+
+class _Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+
+@pytest.mark.parametrize("make", [_tiny_gpt2, _tiny_distilbert, _Plain], ids=["gpt2", "distilbert", "nn.Module"])
+def test_non_bert_models_are_refused(make):
+    model = make()
+    with pytest.raises(TypeError, match=r"is not a BERT or RoBERTa model.*swap takes BertModel, RobertaModel"):
+        swap(model)
+    assert "forward" not in vars(model)
+
+
+def test_albert_is_refused_by_model_type():
+    """ALBERT has embeddings and an encoder, but not BERT's: refused by its model_type, naming what is supported."""
+    model = AlbertModel(AlbertConfig(hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=1,
+                                     embedding_size=32))
+    with pytest.raises(UnsupportedModelError, match=r"'albert' is not supported; supported: BERT and RoBERTa"):
+        swap(model)
+    assert "forward" not in vars(model)
+
+
+def test_unknown_backend_is_refused(bert_config, make_hf):
+    model = make_hf(BertModel, bert_config())
+    with pytest.raises(ValueError, match=r"'fastest' is not a backend; choose one of auto, cuda, triton, cpu, "
+                                         r"reference"):
+        swap(model, backend="fastest")
+    assert not is_swapped(model)
+
+
+@pytest.mark.parametrize("backend", [b for b in dispatch.BACKENDS
+                                     if dispatch.reason(b, "bias_gelu", CPU, torch.float32) is not None])
+def test_forced_backend_that_cannot_run_raises_with_reasons(backend, bert_config, make_hf, ragged_batch):
+    config = bert_config()
+    model = swap(make_hf(BertModel, config), backend=backend)
+    ids, mask = ragged_batch(config, [5, 9])
+    with pytest.raises(BackendUnavailable, match=rf"backend '{backend}' cannot run this input.*reference: can run"):
+        with torch.no_grad():
+            model(ids, attention_mask=mask)
+
+
+def test_public_api():
+    assert mtbert_fast.swap is swap and mtbert_fast.unswap is unswap and mtbert_fast.is_swapped is is_swapped

@@ -1,0 +1,431 @@
+"""FastBertModel against the unswapped HF model: fp32 parity (eager and sdpa) on the real all-MiniLM-L6-v2, on
+random-weight BERT and RoBERTa configs (bert-base at its real size once), at lengths 1 and 512, with every input
+variant; loading from an HF model and from an HF directory (safetensors, sharded or not); gradients; dropout; bf16;
+and refusal of the configs the encoder does not implement.
+
+Outputs are compared at the real tokens within 1e-4 (DESIGN.md habit 7); the padded positions of our outputs must
+be exactly zero.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import (
+    AlbertConfig,
+    AlbertModel,
+    BertForSequenceClassification,
+    BertModel,
+    RobertaForMaskedLM,
+    RobertaModel,
+)
+
+from mtbert_fast import EncoderConfig, FastBertModel
+from mtbert_fast.models import EncoderOutput, UnsupportedModelError
+from mtbert_fast.models.hf_mapping import fast_state_dict_from_hf
+
+pytestmark = pytest.mark.usefixtures("one_thread_unless_marked")
+LOADERS = ("from_hf", "from_pretrained")
+
+
+def _fast(loader, hf_model, tmp_path, backend) -> FastBertModel:
+    """FastBertModel from a loaded HF model, or from the directory it was saved to (safetensors)."""
+    if loader == "from_hf":
+        return FastBertModel.from_hf(hf_model, backend=backend)
+    hf_model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    assert not (tmp_path / "pytorch_model.bin").exists()
+    return FastBertModel.from_pretrained(tmp_path, backend=backend)
+
+
+def _family(name, bert_config, roberta_config):
+    return (BertModel, bert_config()) if name == "bert" else (RobertaModel, roberta_config())
+
+
+def _check_parity(fast_out, hf_out, mask, assert_tokens_close, assert_close, pooler=True):
+    assert isinstance(fast_out, EncoderOutput)
+    assert fast_out.last_hidden_state.dtype == torch.float32
+    assert_tokens_close(fast_out.last_hidden_state, hf_out.last_hidden_state, mask, what="last_hidden_state")
+    real = int(mask.sum())
+    assert fast_out.packed_hidden_state.shape == (real, hf_out.last_hidden_state.shape[-1])
+    assert torch.equal(fast_out.packed_hidden_state, fast_out.last_hidden_state[mask.bool()])
+    if pooler:
+        assert_close(fast_out.pooler_output, hf_out.pooler_output, what="pooler_output")
+
+
+# --- the real all-MiniLM-L6-v2 on real sentences ------------------------------------------------------------------
+
+
+def test_sentences_are_ragged(minilm_batch):
+    lengths = minilm_batch["attention_mask"].sum(1).tolist()
+    assert len(set(lengths)) == len(lengths), lengths
+    assert min(lengths) == 3 and max(lengths) >= 60, lengths
+    assert minilm_batch["input_ids"].shape[1] == max(lengths)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_minilm_parity(loader, model_backend, minilm, minilm_dir, minilm_batch, assert_tokens_close, assert_close):
+    if loader == "from_hf":
+        fast = FastBertModel.from_hf(minilm.model, backend=model_backend)
+    else:
+        fast = FastBertModel.from_pretrained(minilm_dir, backend=model_backend)
+    assert not fast.training and fast.dtype == torch.float32
+    with torch.no_grad():
+        out = fast(**minilm_batch)
+    assert set(minilm.refs) == {"eager", "sdpa"}
+    for ref in minilm.refs.values():
+        _check_parity(out, ref, minilm_batch["attention_mask"], assert_tokens_close, assert_close)
+    assert out.hidden_states is None
+
+
+def test_minilm_bf16_error_is_at_most_twice_hf_bf16(minilm, minilm_batch, assert_low_precision_error):
+    hf = minilm.model
+    fast = FastBertModel.from_hf(hf, dtype=torch.bfloat16)
+    assert fast.dtype == torch.bfloat16
+    mask = minilm_batch["attention_mask"]
+    ref = minilm.refs["eager"]
+    with torch.no_grad():
+        out = fast(**minilm_batch)
+        assert out.last_hidden_state.dtype == torch.bfloat16
+        for impl in ("eager", "sdpa"):
+            native_model = copy.deepcopy(hf).to(torch.bfloat16)
+            native_model.set_attn_implementation(impl)
+            native = native_model(**minilm_batch)
+            assert_low_precision_error(out.last_hidden_state, native.last_hidden_state, ref.last_hidden_state, mask,
+                                       what=f"last_hidden_state vs {impl}")
+            assert_low_precision_error(out.pooler_output, native.pooler_output, ref.pooler_output,
+                                       what=f"pooler_output vs {impl}")
+    assert torch.count_nonzero(out.last_hidden_state[~mask.bool()]) == 0
+
+
+# --- random-weight BERT and RoBERTa ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+@pytest.mark.parametrize("loader", LOADERS)
+def test_random_config_parity(family, loader, model_backend, bert_config, roberta_config, make_hf, hf_outputs,
+                              ragged_batch, tmp_path, assert_tokens_close, assert_close):
+    cls, config = _family(family, bert_config, roberta_config)
+    hf = make_hf(cls, config)
+    fast = _fast(loader, hf, tmp_path, model_backend)
+    ids, mask = ragged_batch(config, [5, 17, 1, 30, 12])
+    with torch.no_grad():
+        out = fast(ids, mask)
+    for ref in hf_outputs(hf, ids, mask).values():
+        _check_parity(out, ref, mask, assert_tokens_close, assert_close)
+
+
+@pytest.mark.all_threads
+def test_bert_base_full_size_parity(bert_base, model_backend, assert_tokens_close, assert_close):
+    ids, mask = bert_base.ids, bert_base.mask
+    fast = FastBertModel.from_hf(bert_base.model, backend=model_backend)
+    assert len(fast.layers) == 12 and fast.config.hidden_size == 768
+    with torch.no_grad():
+        out = fast(ids, mask)
+    assert set(bert_base.refs) == {"eager", "sdpa"}
+    for ref in bert_base.refs.values():
+        _check_parity(out, ref, mask, assert_tokens_close, assert_close)
+
+
+@pytest.mark.all_threads
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_lengths_1_and_512(family, model_backend, bert_config, roberta_config, make_hf, hf_outputs, ragged_batch,
+                           assert_tokens_close, assert_close):
+    cls, config = _family(family, bert_config, roberta_config)
+    hf = make_hf(cls, config)
+    fast = FastBertModel.from_hf(hf, backend=model_backend)
+    ids, mask = ragged_batch(config, [1, 512, 77], seed=1)
+    assert ids.shape == (3, 512)
+    with torch.no_grad():
+        out = fast(ids, mask)
+    for ref in hf_outputs(hf, ids, mask).values():
+        _check_parity(out, ref, mask, assert_tokens_close, assert_close)
+    assert out.packed.max_seqlen == 512 and out.packed.cu_seqlens.tolist() == [0, 1, 513, 590]
+
+
+def _variant_inputs(variant, config, ids, mask, hf):
+    """The keyword inputs of one input variant, and the mask that says which positions are real."""
+    g = torch.Generator().manual_seed(7)
+    b, l = ids.shape
+    if variant == "token_type_ids":
+        types = torch.randint(0, config.type_vocab_size, (b, l), generator=g) * mask
+        return dict(input_ids=ids, attention_mask=mask, token_type_ids=types), mask
+    if variant == "position_ids":
+        offsets = torch.tensor([[0], [3], [11]])
+        return dict(input_ids=ids, attention_mask=mask, position_ids=torch.arange(l) + offsets), mask
+    if variant == "position_ids_broadcast":
+        return dict(input_ids=ids, attention_mask=mask, position_ids=(torch.arange(l) * 2 + 5)[None]), mask
+    if variant == "inputs_embeds":
+        embeds = hf.get_input_embeddings()(ids) + 0.1 * torch.randn(b, l, config.hidden_size, generator=g)
+        return dict(inputs_embeds=embeds, attention_mask=mask), mask
+    if variant == "all_ones_mask":
+        full = torch.ones_like(mask)
+        return dict(input_ids=ids, attention_mask=full), full
+    if variant == "no_mask":
+        return dict(input_ids=ids), torch.ones_like(mask)
+    if variant == "bool_mask":
+        return dict(input_ids=ids, attention_mask=mask.bool()), mask
+    if variant == "holes":
+        holed = mask.clone()
+        holed[:, 2] = 0
+        holed[1, 5:7] = 0
+        return dict(input_ids=ids, attention_mask=holed), holed
+    if variant == "left_padding":
+        flipped = mask.flip(1)
+        return dict(input_ids=ids.flip(1), attention_mask=flipped), flipped
+    raise AssertionError(variant)
+
+
+VARIANTS = ["token_type_ids", "position_ids", "position_ids_broadcast", "inputs_embeds", "all_ones_mask", "no_mask",
+            "bool_mask", "holes", "left_padding"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_input_variants(variant, family, model_backend, bert_config, roberta_config, make_hf, hf_outputs,
+                        ragged_batch, assert_tokens_close, assert_close):
+    cls, config = _family(family, bert_config, roberta_config)
+    hf = make_hf(cls, config)
+    fast = FastBertModel.from_hf(hf, backend=model_backend)
+    ids, mask = ragged_batch(config, [9, 20, 14], seed=3)
+    with torch.no_grad():
+        kwargs, real = _variant_inputs(variant, config, ids, mask, hf)
+        out = fast(**kwargs)
+    for ref in hf_outputs(hf, **kwargs).values():
+        # With left padding HF's pooler reads the padding at position 0, which the packed path never computes.
+        _check_parity(out, ref, real, assert_tokens_close, assert_close, pooler=variant != "left_padding")
+
+
+def test_variants_change_the_output(bert_config, make_hf, ragged_batch):
+    """The variants above are real tests: token types and positions given change HF's output."""
+    config = bert_config()
+    hf = make_hf(BertModel, config)
+    ids, mask = ragged_batch(config, [9, 20, 14], seed=3)
+    with torch.no_grad():
+        plain = hf(ids, mask).last_hidden_state
+        for variant in ("token_type_ids", "position_ids", "position_ids_broadcast"):
+            kwargs, _ = _variant_inputs(variant, config, ids, mask, hf)
+            assert (hf(**kwargs).last_hidden_state - plain)[mask.bool()].abs().max() > 1e-2, variant
+
+
+def test_mask_all_ones_equals_no_mask(bert_config, model_backend, make_hf, ragged_batch):
+    config = bert_config()
+    fast = FastBertModel.from_hf(make_hf(BertModel, config), backend=model_backend)
+    ids, _ = ragged_batch(config, [16, 16])
+    with torch.no_grad():
+        a = fast(ids, torch.ones_like(ids))
+        b = fast(ids)
+    assert torch.equal(a.last_hidden_state, b.last_hidden_state) and torch.equal(a.pooler_output, b.pooler_output)
+
+
+@pytest.mark.parametrize("hidden_act", ["gelu", "gelu_new", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_hidden_act(hidden_act, family, model_backend, bert_config, roberta_config, make_hf, hf_outputs, ragged_batch,
+                    assert_tokens_close, assert_close):
+    config = (bert_config if family == "bert" else roberta_config)(hidden_act=hidden_act)
+    hf = make_hf(BertModel if family == "bert" else RobertaModel, config)
+    fast = FastBertModel.from_hf(hf, backend=model_backend)
+    expected = "none" if hidden_act == "gelu" else "tanh"
+    assert fast.config.hidden_act == hidden_act and fast.config.gelu_approximate == expected
+    ids, mask = ragged_batch(config, [7, 25, 3])
+    with torch.no_grad():
+        out = fast(ids, mask)
+    for ref in hf_outputs(hf, ids, mask).values():
+        _check_parity(out, ref, mask, assert_tokens_close, assert_close)
+
+
+def test_tanh_and_erf_gelu_differ(bert_config, make_hf, ragged_batch):
+    """gelu and gelu_new models with the same weights give different outputs, so the test above can tell them apart."""
+    ids, mask = ragged_batch(bert_config(), [7, 25, 3])
+    outs = []
+    for act in ("gelu", "gelu_new"):
+        fast = FastBertModel.from_hf(make_hf(BertModel, bert_config(hidden_act=act)))
+        with torch.no_grad():
+            outs.append(fast(ids, mask).last_hidden_state)
+    assert (outs[0] - outs[1]).abs().max() > 1e-6
+
+
+def test_output_hidden_states(model_backend, bert_config, make_hf, hf_outputs, ragged_batch, assert_tokens_close):
+    config = bert_config(num_hidden_layers=3)
+    hf = make_hf(BertModel, config)
+    fast = FastBertModel.from_hf(hf, backend=model_backend)
+    ids, mask = ragged_batch(config, [4, 19, 11])
+    with torch.no_grad():
+        out = fast(ids, mask, output_hidden_states=True)
+    for impl, ref in hf_outputs(hf, ids, mask, output_hidden_states=True).items():
+        assert len(out.hidden_states) == len(ref.hidden_states) == config.num_hidden_layers + 1
+        for i, (a, e) in enumerate(zip(out.hidden_states, ref.hidden_states)):
+            assert_tokens_close(a, e, mask, what=f"{impl}: hidden_states[{i}]")
+    assert torch.equal(out.hidden_states[-1], out.last_hidden_state)
+
+
+def test_without_pooler(model_backend, bert_config, make_hf, ragged_batch, tmp_path, assert_tokens_close):
+    config = bert_config()
+    torch.manual_seed(0)
+    hf = BertModel._from_config(config, add_pooling_layer=False).eval()
+    assert hf.pooler is None
+    ids, mask = ragged_batch(config, [6, 13])
+    for loader in LOADERS:
+        fast = _fast(loader, hf, tmp_path / loader, model_backend)
+        assert fast.pooler is None
+        with torch.no_grad():
+            out = fast(ids, mask)
+            assert out.pooler_output is None
+            assert_tokens_close(out.last_hidden_state, hf(ids, mask).last_hidden_state, mask)
+
+
+# --- loading -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+@pytest.mark.parametrize("cls", [BertModel, BertForSequenceClassification, RobertaForMaskedLM])
+def test_from_pretrained_task_checkpoints(cls, sharded, bert_config, roberta_config, make_hf, ragged_batch, tmp_path,
+                                          assert_tokens_close, assert_close):
+    """Task-model checkpoints (keys under bert. / roberta.) and sharded safetensors load the encoder they hold."""
+    config = roberta_config() if cls is RobertaForMaskedLM else bert_config()
+    hf = make_hf(cls, config)
+    hf.save_pretrained(tmp_path, max_shard_size="100KB" if sharded else "50GB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() == sharded
+    fast = FastBertModel.from_pretrained(tmp_path)
+    base = hf.base_model
+    ids, mask = ragged_batch(config, [6, 13, 2])
+    with torch.no_grad():
+        ref = base(ids, mask)
+        out = fast(ids, mask)
+    assert (fast.pooler is None) == (base.pooler is None)
+    _check_parity(out, ref, mask, assert_tokens_close, assert_close, pooler=base.pooler is not None)
+
+
+def test_from_pretrained_dtype(bert_config, make_hf, ragged_batch, tmp_path):
+    config = bert_config()
+    make_hf(BertModel, config).save_pretrained(tmp_path)
+    fast = FastBertModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert fast.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in fast.parameters())
+    assert not any(p.is_meta for p in fast.parameters())
+    ids, mask = ragged_batch(config, [6, 13])
+    with torch.no_grad():
+        out = fast(ids, mask)
+    assert out.last_hidden_state.dtype == torch.bfloat16 and torch.isfinite(out.last_hidden_state).all()
+
+
+def test_from_hf_owns_its_weights(bert_config, make_hf):
+    """Training or editing the fast model leaves the HF model it came from unchanged."""
+    hf = make_hf(BertModel, bert_config())
+    before = {k: v.clone() for k, v in hf.state_dict().items()}
+    fast = FastBertModel.from_hf(hf)
+    with torch.no_grad():
+        for p in fast.parameters():
+            p.add_(1.0)
+    for k, v in hf.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_fused_qkv_layout(bert_config, make_hf):
+    """qkv holds query, key and value stacked in that order (so the attention reads the right third)."""
+    hf = make_hf(BertModel, bert_config())
+    fast = FastBertModel.from_hf(hf)
+    attn = hf.encoder.layer[1].attention.self
+    h = hf.config.hidden_size
+    for kind in ("weight", "bias"):
+        fused = getattr(fast.layers[1].qkv, kind)
+        for i, part in enumerate((attn.query, attn.key, attn.value)):
+            assert torch.equal(fused[i * h:(i + 1) * h], getattr(part, kind))
+
+
+# --- training: gradients and dropout -------------------------------------------------------------------------------
+
+
+def test_gradients_match_hf(model_backend, bert_config, make_hf, ragged_batch, assert_grad_close):
+    """The gradient of a loss on last_hidden_state and pooler_output reaches every weight as it does in HF."""
+    config = bert_config()
+    hf = make_hf(BertModel, config)
+    fast = FastBertModel.from_hf(hf, backend=model_backend)
+    ids, mask = ragged_batch(config, [5, 17, 9])
+    g = torch.Generator().manual_seed(1)
+    w_tokens = torch.randn(*ids.shape, config.hidden_size, generator=g) * mask[..., None]
+    w_pooled = torch.randn(len(ids), config.hidden_size, generator=g)
+
+    def loss(out):  # a mean, as a task loss is, so that the gradients are of order one
+        return (out.last_hidden_state * w_tokens).sum() / mask.sum() + (out.pooler_output * w_pooled).mean()
+
+    loss(hf(ids, mask)).backward()
+    loss(fast(ids, mask)).backward()
+    hf_grads = {k: p.grad for k, p in hf.named_parameters()}
+    expected = fast_state_dict_from_hf(hf_grads, fast.config, has_pooler=True)
+    got = dict(fast.named_parameters())
+    assert set(expected) == set(got)
+    for name, grad in expected.items():
+        assert_grad_close(got[name].grad, grad, what=name)
+    h = config.hidden_size
+    for i, part in enumerate(("query", "key", "value")):  # each third of the fused matrix, on its own scale
+        rows = slice(i * h, (i + 1) * h)
+        assert_grad_close(got["layers.0.qkv.weight"].grad[rows], expected["layers.0.qkv.weight"][rows], what=part)
+
+
+def test_train_mode_dropout(bert_config, make_hf, ragged_batch, assert_tokens_close, assert_close):
+    ids_mask = ragged_batch(bert_config(), [8, 21, 3])
+    mask = ids_mask[1]
+    # no dropout: train mode equals HF's train mode
+    hf = make_hf(BertModel, bert_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).train()
+    fast = FastBertModel.from_hf(hf).train()
+    _check_parity(fast(*ids_mask), hf(*ids_mask), mask, assert_tokens_close, assert_close)
+    # with dropout: two calls differ, and one seed gives one answer
+    for probs in ((0.1, 0.0), (0.0, 0.1)):
+        config = bert_config(hidden_dropout_prob=probs[0], attention_probs_dropout_prob=probs[1])
+        fast = FastBertModel.from_hf(make_hf(BertModel, config)).train()
+        with torch.no_grad():
+            a = fast(*ids_mask).last_hidden_state
+            b = fast(*ids_mask).last_hidden_state
+            torch.manual_seed(5)
+            c = fast(*ids_mask).last_hidden_state
+            torch.manual_seed(5)
+            d = fast(*ids_mask).last_hidden_state
+            evaluated = fast.eval()(*ids_mask).last_hidden_state
+        assert (a - b)[mask.bool()].abs().max() > 1e-3, probs
+        assert (a - evaluated)[mask.bool()].abs().max() > 1e-3, probs
+        assert torch.equal(c, d), probs
+        assert torch.count_nonzero(a[~mask.bool()]) == 0
+
+
+# --- refusals ------------------------------------------------------------------------------------------------------
+
+
+UNSUPPORTED = [
+    (dict(position_embedding_type="relative_key"), r"position_embedding_type='relative_key'.*only absolute"),
+    (dict(is_decoder=True), r"is_decoder=True.*decoders .*not supported"),
+    (dict(hidden_act="relu"), r"hidden_act='relu' is not supported; supported: gelu, gelu_new, gelu_pytorch_tanh"),
+]
+
+
+@pytest.mark.parametrize("overrides,match", UNSUPPORTED, ids=["relative_key", "is_decoder", "relu"])
+def test_unsupported_configs_are_refused(overrides, match, bert_config, make_hf, tmp_path):
+    hf = make_hf(BertModel, bert_config(**overrides))
+    with pytest.raises(UnsupportedModelError, match=match):
+        FastBertModel.from_hf(hf)
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match=match):
+        FastBertModel.from_pretrained(tmp_path)
+
+
+def test_non_bert_model_is_refused(tmp_path):
+    torch.manual_seed(0)
+    albert = AlbertModel(AlbertConfig(hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                                      num_hidden_layers=1, embedding_size=32))
+    with pytest.raises(UnsupportedModelError, match=r"'albert' is not supported; supported: BERT and RoBERTa"):
+        FastBertModel.from_hf(albert)
+    albert.save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match=r"'albert' is not supported; supported: BERT and RoBERTa"):
+        FastBertModel.from_pretrained(tmp_path)
+
+
+def test_encoder_config_round_trip(bert_config, roberta_config, tmp_path):
+    for hf_config, family in ((bert_config(), "bert"), (roberta_config(), "roberta")):
+        cfg = EncoderConfig.from_hf(hf_config)
+        assert cfg.family == family and cfg.hidden_size == 64 and cfg.pad_token_id == hf_config.pad_token_id
+        assert cfg.max_position_embeddings == hf_config.max_position_embeddings
+        path = tmp_path / f"{family}.json"
+        path.write_text(json.dumps(cfg.to_dict()))
+        assert EncoderConfig.from_json_file(path) == cfg
