@@ -1,0 +1,794 @@
+"""Task heads of the multi-task model. Each reads the packed [T, H] encoder output of the rows of its task.
+
+A head is an nn.Module with a `kind` (its name in saved configs), a JSON-able `config()`, a `check_labels` that
+refuses bad labels before any compute, and a `forward(view, labels, positions, mlm_logits)` returning
+(outputs dict, loss or None). `from_hf` / `to_hf` convert to and from the heads of HF's `*For*` task models.
+
+Shapes: B_t rows run the task, L the padded length, T_t their real tokens, H hidden, C classes, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mtbert_fast.models.config import EncoderConfig, UnsupportedModelError
+from mtbert_fast.models.encoder import EncoderOutput, PackedBatch
+from mtbert_fast.ops import bias_gelu_layer_norm, gather_rows, mlm_gather_loss
+
+IGNORE_INDEX = -100
+_HF_FAMILY = {"bert": "Bert", "roberta": "Roberta"}
+
+
+class HeadInput:
+    """The encoder output seen from one task: the rows `rows` (int64 [B_t]) of the batch, or all rows when None.
+
+    Sub-batches are built lazily and only from index arithmetic on the packed layout, so a head run on some
+    rows computes exactly what it would compute on a batch made of only those rows.
+    """
+
+    def __init__(self, encoder_output: EncoderOutput, rows: torch.Tensor | None = None):
+        self.encoder_output = encoder_output
+        self.rows = rows
+        self._tokens: tuple[torch.Tensor, PackedBatch] | None = None
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """The whole batch's packed hidden states [T, H]."""
+        return self.encoder_output.packed_hidden_state
+
+    @property
+    def batch(self) -> int:
+        return self.encoder_output.packed.batch if self.rows is None else self.rows.numel()
+
+    @property
+    def seqlen(self) -> int:
+        return self.encoder_output.packed.seqlen
+
+    def pooled(self) -> torch.Tensor:
+        """The encoder's pooler output of the rows [B_t, H]."""
+        pooled = self.encoder_output.pooler_output
+        if pooled is None:
+            raise RuntimeError("this head reads the pooler output, but the encoder has no pooler")
+        return pooled if self.rows is None else gather_rows(pooled, self.rows)
+
+    def first_tokens(self) -> torch.Tensor:
+        """Hidden state of each row's first real token (CLS / <s>) [B_t, H]."""
+        first = self.encoder_output.packed.first_token_rows
+        return gather_rows(self.hidden, first if self.rows is None else first[self.rows])
+
+    def tokens(self) -> tuple[torch.Tensor, PackedBatch]:
+        """(packed hidden states of the rows' real tokens [T_t, H], their PackedBatch over [B_t, L])."""
+        if self._tokens is None:
+            self._tokens = self._select_tokens()
+        return self._tokens
+
+    def _select_tokens(self) -> tuple[torch.Tensor, PackedBatch]:
+        packed = self.encoder_output.packed
+        if self.rows is None:
+            return self.hidden, packed
+        cu = packed.cu_seqlens.long()
+        lens = (cu[1:] - cu[:-1])[self.rows]
+        total = int(lens.sum())
+        sub_cu = F.pad(torch.cumsum(lens, 0), (1, 0))
+        # token j of selected sequence s sits at packed row cu[rows[s]] + j = j_global - sub_cu[s] + cu[rows[s]]
+        shift = torch.repeat_interleave(cu[:-1][self.rows] - sub_cu[:-1], lens, output_size=total)
+        token_rows = torch.arange(total, device=cu.device) + shift
+        seq = torch.repeat_interleave(torch.arange(self.batch, device=cu.device), lens, output_size=total)
+        indices = seq * packed.seqlen + packed.indices[token_rows] % packed.seqlen
+        sub = PackedBatch(indices, sub_cu.int(), int(lens.max()), self.batch, packed.seqlen)
+        return gather_rows(self.hidden, token_rows), sub
+
+    def real_mask(self) -> torch.Tensor:
+        """bool [B_t, L]: True at real tokens."""
+        _, packed = self.tokens()
+        mask = torch.zeros(packed.batch * packed.seqlen, dtype=torch.bool, device=packed.indices.device)
+        mask[packed.indices] = True
+        return mask.view(packed.batch, packed.seqlen)
+
+    def locate(self, where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """where: bool [B_t, L], True only at real tokens -> (rows of `hidden` int64 [N], positions int64 [N, 2]).
+
+        positions are (row within the task's rows, token index), in row-major order (the order of t[where])."""
+        packed = self.encoder_output.packed
+        positions = where.nonzero()
+        seq = positions[:, 0] if self.rows is None else self.rows[positions[:, 0]]
+        row_of = torch.full((packed.batch * packed.seqlen,), -1, dtype=torch.long, device=where.device)
+        row_of[packed.indices] = torch.arange(packed.indices.numel(), device=where.device)
+        return row_of[seq * packed.seqlen + positions[:, 1]], positions
+
+
+# --- label checks: each names the task, what was expected and what came ----------------------------------------
+
+
+def _describe(t: Any) -> str:
+    return f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _tensor(task: str, what: str, t: Any, shape: tuple[int, ...], expected: str, kind: str) -> torch.Tensor:
+    """t must be a tensor of `shape` whose dtype is of `kind` ("int", "float", "number", "bool")."""
+    ok_dtype = isinstance(t, torch.Tensor) and {
+        "int": not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool),
+        "float": t.dtype.is_floating_point,
+        "number": not t.dtype.is_complex,
+        "bool": t.dtype == torch.bool,
+    }[kind]
+    if not ok_dtype or tuple(t.shape) != shape:
+        raise ValueError(f"{what} for task {task!r} must be {expected}, got {_describe(t)}")
+    return t
+
+
+def _check_classes(task: str, what: str, t: torch.Tensor, num: int, bound: str) -> torch.Tensor:
+    """Integer labels in [0, num) or IGNORE_INDEX."""
+    bad = (t != IGNORE_INDEX) & ((t < 0) | (t >= num))
+    if bool(bad.any()):
+        value = int(t[bad][0])
+        raise ValueError(f"{what} for task {task!r} holds {value}, out of range: {bound} is {num} "
+                         f"(valid: 0..{num - 1}, or {IGNORE_INDEX} to ignore)")
+    return t.long()
+
+
+def _check_not_padding(task: str, what: str, marked: torch.Tensor, real: torch.Tensor) -> None:
+    at_pad = marked & ~real
+    if bool(at_pad.any()):
+        row, col = (int(i) for i in at_pad.nonzero()[0])
+        raise ValueError(f"{what} for task {task!r} marks padding position (row {row}, token {col}); "
+                         f"set {IGNORE_INDEX} (or False) at padding")
+
+
+def _bert_init(module: nn.Module, std: float = 0.02) -> None:
+    """BERT's initialization of head layers: normal(0, std) matrices, zero biases, unit LayerNorm."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _id2label(mapping: dict | None) -> dict[int, str] | None:
+    return None if mapping is None else {int(k): str(v) for k, v in mapping.items()}
+
+
+def _label_config(num_labels: int, id2label: dict[int, str] | None) -> dict[str, Any]:
+    if id2label is None:
+        return {"num_labels": num_labels}
+    return {"id2label": dict(id2label), "label2id": {v: k for k, v in id2label.items()}}
+
+
+def _copy(dst: nn.Parameter, src: torch.Tensor) -> None:
+    with torch.no_grad():
+        dst.copy_(src)
+
+
+class Head(nn.Module):
+    """Base of the task heads. Subclasses set `kind` and implement config, check_labels, forward, from_hf, to_hf."""
+
+    kind: ClassVar[str]
+    accepts_positions: ClassVar[bool] = False
+
+    @property
+    def needs_pooler(self) -> bool:
+        return False
+
+    @property
+    def hidden_size(self) -> int | None:
+        """The hidden size the head expects of the encoder, or None when any fits."""
+        return None
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments, JSON-able; `from_config` rebuilds the head from them."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], encoder_config: EncoderConfig) -> Head:
+        return cls(**config)
+
+    def check_labels(self, task: str, labels: Any, real: torch.Tensor) -> Any:
+        """Validate labels for the task's rows (real: bool [B_t, L], True at real tokens); return them normalized."""
+        raise ValueError(f"task {task!r} ({self.kind}) takes no labels")
+
+    def tie_weights(self, word_embeddings: nn.Parameter) -> None:
+        """Share the encoder's word embeddings where the head's weights are tied to them."""
+
+    def tied_parameters(self) -> tuple[str, ...]:
+        """Names (relative to the head) of parameters that are the encoder's word embeddings."""
+        return ()
+
+    @classmethod
+    def from_hf(cls, hf_model: nn.Module, encoder_config: EncoderConfig) -> Head:
+        raise NotImplementedError
+
+    def to_hf(self, encoder_config: EncoderConfig) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
+        """-> (transformers class name, config fields, head weights under the HF model's keys)."""
+        raise NotImplementedError
+
+
+class SequenceClassificationHead(Head):
+    """One prediction per sequence: single-label, multi-label or regression, as BertForSequenceClassification.
+
+    pooled=True (the default for the BERT head): dropout + linear on the encoder's pooler output.
+    roberta_style=True: RoBERTa's head on the first token: dropout, dense, tanh, dropout, out_proj.
+    pooled=False without roberta_style: dropout + linear on the first token's hidden state.
+    Outputs: logits [B_t, C]. Labels: int [B_t] in [0, C) or -100 (single_label); float [B_t, C] (multi_label);
+    float [B_t] when C == 1, else [B_t, C] (regression).
+    """
+
+    kind = "sequence_classification"
+    PROBLEM_TYPES = ("single_label", "multi_label", "regression")
+    _HF_PROBLEM_TYPES = {"single_label_classification": "single_label", "multi_label_classification": "multi_label"}
+
+    def __init__(
+        self,
+        hidden: int,
+        num_labels: int,
+        problem_type: str = "single_label",
+        pooled: bool | None = None,
+        roberta_style: bool = False,
+        dropout: float = 0.1,
+        id2label: dict[int, str] | None = None,
+    ):
+        super().__init__()
+        problem_type = self._HF_PROBLEM_TYPES.get(problem_type, problem_type)
+        if problem_type not in self.PROBLEM_TYPES:
+            raise ValueError(f"problem_type must be one of {', '.join(self.PROBLEM_TYPES)}, got {problem_type!r}")
+        if pooled and roberta_style:
+            raise ValueError("roberta_style reads the first token through its own dense + tanh, not the pooler: "
+                             "pass pooled=False (or leave it unset)")
+        if id2label is not None and len(id2label) != num_labels:
+            raise ValueError(f"id2label has {len(id2label)} entries for num_labels={num_labels}")
+        self.hidden, self.num_labels, self.problem_type = hidden, num_labels, problem_type
+        self.pooled = not roberta_style if pooled is None else pooled
+        self.roberta_style, self.dropout, self.id2label = roberta_style, dropout, _id2label(id2label)
+        if roberta_style:
+            self.dense = nn.Linear(hidden, hidden)
+            self.out_proj = nn.Linear(hidden, num_labels)
+        else:
+            self.classifier = nn.Linear(hidden, num_labels)
+        _bert_init(self)
+
+    @property
+    def needs_pooler(self) -> bool:
+        return self.pooled
+
+    @property
+    def hidden_size(self) -> int:
+        return self.hidden
+
+    def config(self) -> dict[str, Any]:
+        return {"hidden": self.hidden, "num_labels": self.num_labels, "problem_type": self.problem_type,
+                "pooled": self.pooled, "roberta_style": self.roberta_style, "dropout": self.dropout,
+                "id2label": None if self.id2label is None else {str(k): v for k, v in self.id2label.items()}}
+
+    def check_labels(self, task, labels, real):
+        b, c = real.shape[0], self.num_labels
+        if self.problem_type == "single_label":
+            t = _tensor(task, "labels", labels, (b,), f"integer class indices of shape ({b},)", "int")
+            return _check_classes(task, "labels", t, c, "num_labels")
+        if self.problem_type == "multi_label":
+            return _tensor(task, "labels", labels, (b, c), f"0/1 targets of shape ({b}, {c})", "number")
+        shapes = ((b,), (b, 1)) if c == 1 else ((b, c),)
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) and tuple(labels.shape) in shapes else shapes[0]
+        return _tensor(task, "labels", labels, shape, f"float targets of shape {shapes[0]}", "float")
+
+    def forward(self, view: HeadInput, labels=None, positions=None, mlm_logits=True):
+        x = view.pooled() if self.pooled else view.first_tokens()
+        x = F.dropout(x, self.dropout, self.training)
+        if self.roberta_style:
+            x = F.dropout(torch.tanh(self.dense(x)), self.dropout, self.training)
+            logits = self.out_proj(x)
+        else:
+            logits = self.classifier(x)
+        loss = None
+        if labels is not None:
+            scores = logits.float()
+            if self.problem_type == "single_label":
+                loss = F.cross_entropy(scores, labels, ignore_index=IGNORE_INDEX)
+            elif self.problem_type == "multi_label":
+                loss = F.binary_cross_entropy_with_logits(scores, labels.float())
+            elif self.num_labels == 1:
+                loss = F.mse_loss(scores.squeeze(), labels.float().squeeze())
+            else:
+                loss = F.mse_loss(scores, labels.float())
+        return {"logits": logits}, loss
+
+    @classmethod
+    def from_hf(cls, hf_model, encoder_config):
+        cfg = hf_model.config
+        problem_type = cfg.problem_type or ("regression" if cfg.num_labels == 1 else "single_label")
+        dropout = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
+        roberta = encoder_config.family == "roberta"
+        head = cls(cfg.hidden_size, cfg.num_labels, problem_type, roberta_style=roberta, dropout=dropout,
+                   id2label=cfg.id2label)
+        if roberta:
+            for name in ("dense", "out_proj"):
+                getattr(head, name).load_state_dict(getattr(hf_model.classifier, name).state_dict())
+        else:
+            head.classifier.load_state_dict(hf_model.classifier.state_dict())
+        return head
+
+    def to_hf(self, encoder_config):
+        family = encoder_config.family
+        if self.roberta_style != (family == "roberta") or self.pooled == self.roberta_style:
+            raise UnsupportedModelError(
+                f"no transformers class has this head on a {family} encoder: {_HF_FAMILY[family]}"
+                "ForSequenceClassification uses " + ("RoBERTa's dense+tanh head on <s>" if family == "roberta"
+                                                     else "a linear layer on the pooler output")
+            )
+        hf_problem = {"single_label": "single_label_classification",
+                      "multi_label": "multi_label_classification"}.get(self.problem_type, self.problem_type)
+        config = {"problem_type": hf_problem, "classifier_dropout": self.dropout,
+                  **_label_config(self.num_labels, self.id2label)}
+        prefixes = ("classifier.dense", "classifier.out_proj") if self.roberta_style else ("classifier",)
+        modules = (self.dense, self.out_proj) if self.roberta_style else (self.classifier,)
+        state = {f"{p}.{k}": v for p, m in zip(prefixes, modules) for k, v in m.state_dict().items()}
+        return f"{_HF_FAMILY[family]}ForSequenceClassification", config, state
+
+
+class TokenClassificationHead(Head):
+    """One prediction per token (NER, tagging), as BertForTokenClassification: dropout + linear on every real token.
+
+    Outputs: logits [B_t, L, C], zeros at padding. Labels: int [B_t, L] in [0, C) or -100, -100 at padding.
+    """
+
+    kind = "token_classification"
+
+    def __init__(self, hidden: int, num_labels: int, dropout: float = 0.1, id2label: dict[int, str] | None = None):
+        super().__init__()
+        if id2label is not None and len(id2label) != num_labels:
+            raise ValueError(f"id2label has {len(id2label)} entries for num_labels={num_labels}")
+        self.hidden, self.num_labels, self.dropout, self.id2label = hidden, num_labels, dropout, _id2label(id2label)
+        self.classifier = nn.Linear(hidden, num_labels)
+        _bert_init(self)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.hidden
+
+    def config(self):
+        return {"hidden": self.hidden, "num_labels": self.num_labels, "dropout": self.dropout,
+                "id2label": None if self.id2label is None else {str(k): v for k, v in self.id2label.items()}}
+
+    def check_labels(self, task, labels, real):
+        shape = tuple(real.shape)
+        t = _tensor(task, "labels", labels, shape, f"integer labels of shape {shape}, -100 at padding", "int")
+        _check_not_padding(task, "labels", t != IGNORE_INDEX, real)
+        return _check_classes(task, "labels", t, self.num_labels, "num_labels")
+
+    def forward(self, view, labels=None, positions=None, mlm_logits=True):
+        hidden, packed = view.tokens()
+        logits = self.classifier(F.dropout(hidden, self.dropout, self.training))  # [T_t, C]
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float(), labels.reshape(-1)[packed.indices], ignore_index=IGNORE_INDEX)
+        return {"logits": packed.pad(logits)}, loss
+
+    @classmethod
+    def from_hf(cls, hf_model, encoder_config):
+        cfg = hf_model.config
+        dropout = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
+        head = cls(cfg.hidden_size, cfg.num_labels, dropout, cfg.id2label)
+        head.classifier.load_state_dict(hf_model.classifier.state_dict())
+        return head
+
+    def to_hf(self, encoder_config):
+        family = encoder_config.family
+        config = {"classifier_dropout": self.dropout, **_label_config(self.num_labels, self.id2label)}
+        state = {f"classifier.{k}": v for k, v in self.classifier.state_dict().items()}
+        return f"{_HF_FAMILY[family]}ForTokenClassification", config, state
+
+
+class MaskedLMHead(Head):
+    """Masked-LM head computed only at the positions that need it, never at every token.
+
+    transform = LayerNorm(GELU(dense(h))) (the fused bias_gelu_layer_norm), decoder = the encoder's word
+    embeddings (the same Parameter, tied when added to a MultiTaskBert) plus a vocabulary bias.
+    With labels (int [B_t, L]: token ids at masked positions, -100 elsewhere and at padding) the labelled rows are
+    gathered first, transformed, and mlm_gather_loss gives the loss chunk by chunk. Logits [N, V] are returned
+    at `positions` (bool [B_t, L]) when given, else at the labelled positions when `mlm_logits` is true; with
+    them comes positions int64 [N, 2] = (row within the task's rows, token index). Without labels or positions
+    nothing is predicted.
+
+    approximate: the GELU form ("none" = erf, "tanh"); default the encoder's hidden_act (BERT's head uses
+    hidden_act, RoBERTa's always the erf GELU). tied=False keeps a decoder weight of its own.
+    """
+
+    kind = "masked_lm"
+    accepts_positions = True
+
+    def __init__(self, config: EncoderConfig, approximate: str | None = None, tied: bool = True):
+        super().__init__()
+        h, v = config.hidden_size, config.vocab_size
+        self.hidden, self.vocab_size, self.eps = h, v, config.layer_norm_eps
+        self.approximate = approximate or config.gelu_approximate
+        self.tied = tied
+        self.dense = nn.Linear(h, h)
+        self.layer_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(v))
+        if tied:
+            self.register_parameter("decoder_weight", None)
+        else:
+            self.decoder_weight = nn.Parameter(torch.empty(v, h))
+            nn.init.normal_(self.decoder_weight, std=0.02)
+        _bert_init(self)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.hidden
+
+    def config(self):
+        return {"approximate": self.approximate, "tied": self.tied}
+
+    @classmethod
+    def from_config(cls, config, encoder_config):
+        return cls(encoder_config, **config)
+
+    def tie_weights(self, word_embeddings):
+        if self.tied:
+            if tuple(word_embeddings.shape) != (self.vocab_size, self.hidden):
+                raise ValueError(f"the MLM decoder is [{self.vocab_size}, {self.hidden}] but the word embeddings "
+                                 f"are {list(word_embeddings.shape)}")
+            self.decoder_weight = word_embeddings
+
+    def tied_parameters(self):
+        return ("decoder_weight",) if self.tied else ()
+
+    def check_labels(self, task, labels, real):
+        shape = tuple(real.shape)
+        t = _tensor(task, "labels", labels, shape,
+                    f"integer token ids of shape {shape}, -100 at unmasked tokens and padding", "int")
+        _check_not_padding(task, "labels", t != IGNORE_INDEX, real)
+        return _check_classes(task, "labels", t, self.vocab_size, "vocab_size")
+
+    def check_positions(self, task, positions, real):
+        shape = tuple(real.shape)
+        t = _tensor(task, "positions", positions, shape, f"a bool mask of shape {shape}", "bool")
+        _check_not_padding(task, "positions", t, real)
+        return t
+
+    def _decoder(self) -> torch.Tensor:
+        if self.decoder_weight is None:
+            raise RuntimeError("the MLM decoder is tied to the encoder's word embeddings: add the head to a "
+                               "MultiTaskBert (or call tie_weights) before running it")
+        return self.decoder_weight
+
+    def transform(self, hidden_rows: torch.Tensor) -> torch.Tensor:
+        """[N, H] -> LayerNorm(GELU(hidden_rows @ dense.T + dense.bias)) [N, H]."""
+        x = F.linear(hidden_rows, self.dense.weight)
+        return bias_gelu_layer_norm(x, self.dense.bias, self.layer_norm.weight, self.layer_norm.bias, self.eps,
+                                    self.approximate)
+
+    def forward(self, view, labels=None, positions=None, mlm_logits=True):
+        out, loss = {}, None
+        weight = self._decoder()
+        if labels is not None:
+            masked = labels != IGNORE_INDEX
+            rows, where = view.locate(masked)
+            transformed = self.transform(gather_rows(view.hidden, rows))
+            loss = mlm_gather_loss(transformed, weight, self.bias, labels[masked])
+            if positions is None and mlm_logits:
+                out["logits"], out["positions"] = vocab_logits(transformed, weight, self.bias), where
+        if positions is not None:
+            rows, where = view.locate(positions)
+            transformed = self.transform(gather_rows(view.hidden, rows))
+            out["logits"], out["positions"] = vocab_logits(transformed, weight, self.bias), where
+        return out, loss
+
+    def _load_hf(self, transform_dense: nn.Module, layer_norm: nn.Module, decoder: nn.Linear) -> None:
+        self.dense.load_state_dict(transform_dense.state_dict())
+        self.layer_norm.load_state_dict(layer_norm.state_dict())
+        _copy(self.bias, decoder.bias)
+        if not self.tied:
+            _copy(self.decoder_weight, decoder.weight)
+
+    @classmethod
+    def from_hf(cls, hf_model, encoder_config):
+        family = encoder_config.family
+        if family == "roberta":
+            lm = hf_model.lm_head
+            dense, norm, decoder, approximate = lm.dense, lm.layer_norm, lm.decoder, "none"
+        else:
+            pred = hf_model.cls.predictions
+            dense, norm, decoder, approximate = pred.transform.dense, pred.transform.LayerNorm, pred.decoder, None
+        words = hf_model.base_model.embeddings.word_embeddings.weight
+        head = cls(encoder_config, approximate, tied=torch.equal(decoder.weight, words))
+        head._load_hf(dense, norm, decoder)
+        return head
+
+    def _hf_state(self, encoder_config: EncoderConfig) -> dict[str, torch.Tensor]:
+        family, weight = encoder_config.family, self._decoder()
+        if family == "roberta":
+            if self.approximate != "none":
+                raise UnsupportedModelError("RobertaForMaskedLM's head uses the erf GELU; this head uses "
+                                            f"approximate={self.approximate!r}")
+            names = {"dense": "lm_head.dense", "layer_norm": "lm_head.layer_norm"}
+            bias_keys, decoder = ("lm_head.bias", "lm_head.decoder.bias"), "lm_head.decoder.weight"
+        else:
+            if self.approximate != encoder_config.gelu_approximate:
+                raise UnsupportedModelError(f"BertForMaskedLM's head uses the encoder's hidden_act "
+                                            f"({encoder_config.hidden_act}); this head uses approximate="
+                                            f"{self.approximate!r}")
+            names = {"dense": "cls.predictions.transform.dense", "layer_norm": "cls.predictions.transform.LayerNorm"}
+            bias_keys = ("cls.predictions.bias", "cls.predictions.decoder.bias")
+            decoder = "cls.predictions.decoder.weight"
+        state = {f"{names[n]}.{k}": v for n in names for k, v in getattr(self, n).state_dict().items()}
+        state.update({k: self.bias.detach() for k in bias_keys})
+        state[decoder] = weight.detach()
+        return state
+
+    def to_hf(self, encoder_config):
+        family = encoder_config.family
+        return f"{_HF_FAMILY[family]}ForMaskedLM", {"tie_word_embeddings": self.tied}, self._hf_state(encoder_config)
+
+
+class NextSentenceHead(Head):
+    """BERT's next-sentence prediction: linear(H, 2) on the pooler output. Outputs logits [B_t, 2];
+    labels int [B_t] in {0, 1} (0: B follows A) or -100."""
+
+    kind = "next_sentence"
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+        self.seq_relationship = nn.Linear(hidden, 2)
+        _bert_init(self)
+
+    @property
+    def needs_pooler(self) -> bool:
+        return True
+
+    @property
+    def hidden_size(self) -> int:
+        return self.hidden
+
+    def config(self):
+        return {"hidden": self.hidden}
+
+    def check_labels(self, task, labels, real):
+        b = real.shape[0]
+        t = _tensor(task, "labels", labels, (b,), f"integer labels of shape ({b},)", "int")
+        return _check_classes(task, "labels", t, 2, "the number of classes")
+
+    def forward(self, view, labels=None, positions=None, mlm_logits=True):
+        logits = self.seq_relationship(view.pooled())
+        loss = None if labels is None else F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+        return {"logits": logits}, loss
+
+    @classmethod
+    def from_hf(cls, hf_model, encoder_config):
+        head = cls(hf_model.config.hidden_size)
+        head.seq_relationship.load_state_dict(hf_model.cls.seq_relationship.state_dict())
+        return head
+
+    def to_hf(self, encoder_config):
+        family = encoder_config.family
+        if family != "bert":
+            raise UnsupportedModelError(f"next-sentence prediction exists in transformers for BERT only, not {family}")
+        state = {f"cls.seq_relationship.{k}": v for k, v in self.seq_relationship.state_dict().items()}
+        return "BertForNextSentencePrediction", {}, state
+
+
+class SpanExtractionHead(Head):
+    """Extractive QA, as BertForQuestionAnswering: linear(H, 2) on every real token.
+
+    Outputs start_logits, end_logits [B_t, L], the dtype's most negative value at padding (HF computes garbage
+    there; a softmax or argmax over a row then ignores padding). Labels: (start_positions, end_positions) or
+    {"start_positions": ..., "end_positions": ...}, int [B_t] each, at real tokens of the row. The loss is
+    (CE(start) + CE(end)) / 2, normalized over real tokens only; HF's own loss also counts its padding logits,
+    so the two agree exactly on unpadded rows.
+    """
+
+    kind = "span_extraction"
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+        self.qa_outputs = nn.Linear(hidden, 2)
+        _bert_init(self)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.hidden
+
+    def config(self):
+        return {"hidden": self.hidden}
+
+    def check_labels(self, task, labels, real):
+        b, seqlen = real.shape
+        if isinstance(labels, dict):
+            unknown = set(labels) - {"start_positions", "end_positions"}
+            if unknown or len(labels) != 2:
+                raise ValueError(f"labels for task {task!r} must have the keys start_positions and end_positions, "
+                                 f"got {sorted(labels)}")
+            labels = (labels["start_positions"], labels["end_positions"])
+        if not isinstance(labels, (tuple, list)) or len(labels) != 2:
+            raise ValueError(f"labels for task {task!r} must be (start_positions, end_positions), got "
+                             f"{_describe(labels)}")
+        out = []
+        for name, t in zip(("start_positions", "end_positions"), labels):
+            if isinstance(t, torch.Tensor) and tuple(t.shape) == (b, 1):
+                t = t.squeeze(-1)
+            t = _tensor(task, name, t, (b,), f"integer token indices of shape ({b},)", "int").long()
+            bad = (t < 0) | (t >= seqlen)
+            if bool(bad.any()):
+                raise ValueError(f"{name} for task {task!r} holds {int(t[bad][0])}, out of range: the sequence "
+                                 f"length is {seqlen}")
+            at_pad = ~real[torch.arange(b, device=t.device), t.to(real.device)]
+            if bool(at_pad.any()):
+                row = int(at_pad.nonzero()[0])
+                raise ValueError(f"{name} for task {task!r} points at padding: row {row}, token {int(t[row])}")
+            out.append(t)
+        return tuple(out)
+
+    def forward(self, view, labels=None, positions=None, mlm_logits=True):
+        hidden, packed = view.tokens()
+        logits = packed.pad(self.qa_outputs(hidden))  # [B_t, L, 2]
+        padding = ~view.real_mask()
+        start, end = (s.squeeze(-1).masked_fill(padding, torch.finfo(s.dtype).min) for s in logits.split(1, -1))
+        loss = None
+        if labels is not None:
+            loss = (F.cross_entropy(start.float(), labels[0]) + F.cross_entropy(end.float(), labels[1])) / 2
+        return {"start_logits": start, "end_logits": end}, loss
+
+    @classmethod
+    def from_hf(cls, hf_model, encoder_config):
+        if hf_model.qa_outputs.out_features != 2:
+            raise UnsupportedModelError(f"a QA head predicts start and end (2 outputs), this one has "
+                                        f"{hf_model.qa_outputs.out_features}")
+        head = cls(hf_model.config.hidden_size)
+        head.qa_outputs.load_state_dict(hf_model.qa_outputs.state_dict())
+        return head
+
+    def to_hf(self, encoder_config):
+        family = encoder_config.family
+        state = {f"qa_outputs.{k}": v for k, v in self.qa_outputs.state_dict().items()}
+        return f"{_HF_FAMILY[family]}ForQuestionAnswering", {"num_labels": 2}, state
+
+
+class SentenceEmbeddingHead(Head):
+    """A sentence vector per row, no weights: the first token's hidden state ("cls") or the mean over the real
+    tokens ("mean"), L2-normalized when `normalize`. Outputs embeddings [B_t, H]. Takes no labels."""
+
+    kind = "sentence_embedding"
+    POOLINGS = ("cls", "mean")
+
+    def __init__(self, pooling: str = "cls", normalize: bool = False):
+        super().__init__()
+        if pooling not in self.POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(self.POOLINGS)}, got {pooling!r}")
+        self.pooling, self.normalize = pooling, normalize
+
+    def config(self):
+        return {"pooling": self.pooling, "normalize": self.normalize}
+
+    def forward(self, view, labels=None, positions=None, mlm_logits=True):
+        if self.pooling == "cls":
+            emb = view.first_tokens()
+        else:
+            hidden, packed = view.tokens()
+            lens = (packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]).long()
+            seq = torch.repeat_interleave(torch.arange(packed.batch, device=lens.device), lens,
+                                          output_size=hidden.shape[0])
+            sums = hidden.new_zeros((packed.batch, hidden.shape[1]), dtype=torch.float32)
+            emb = (sums.index_add(0, seq, hidden.float()) / lens[:, None]).to(hidden.dtype)
+        if self.normalize:
+            emb = F.normalize(emb, dim=-1)
+        return {"embeddings": emb}, None
+
+    def to_hf(self, encoder_config):
+        family = encoder_config.family
+        return f"{_HF_FAMILY[family]}Model", {}, {}
+
+
+class PreTrainingHead(Head):
+    """BERT's pretraining pair in one task, as BertForPreTraining: a MaskedLMHead (`mlm`) and a NextSentenceHead
+    (`nsp`). Labels: (mlm_labels [B_t, L], next_sentence_labels [B_t]) or {"mlm": ..., "nsp": ...}, both needed;
+    the loss is their sum, with mlm_loss and nsp_loss in the outputs. Outputs prediction_logits [N, V] and
+    positions [N, 2] (as MaskedLMHead), seq_relationship_logits [B_t, 2]."""
+
+    kind = "pretraining"
+    accepts_positions = True
+
+    def __init__(self, config: EncoderConfig, approximate: str | None = None, tied: bool = True):
+        super().__init__()
+        self.mlm = MaskedLMHead(config, approximate, tied)
+        self.nsp = NextSentenceHead(config.hidden_size)
+
+    @property
+    def needs_pooler(self) -> bool:
+        return True
+
+    @property
+    def hidden_size(self) -> int:
+        return self.mlm.hidden
+
+    def config(self):
+        return self.mlm.config()
+
+    @classmethod
+    def from_config(cls, config, encoder_config):
+        return cls(encoder_config, **config)
+
+    def tie_weights(self, word_embeddings):
+        self.mlm.tie_weights(word_embeddings)
+
+    def tied_parameters(self):
+        return tuple(f"mlm.{n}" for n in self.mlm.tied_parameters())
+
+    def check_labels(self, task, labels, real):
+        if isinstance(labels, dict) and set(labels) == {"mlm", "nsp"}:
+            labels = (labels["mlm"], labels["nsp"])
+        if not isinstance(labels, (tuple, list)) or len(labels) != 2:
+            raise ValueError(f"labels for task {task!r} must be (mlm_labels, next_sentence_labels) or "
+                             f"{{'mlm': ..., 'nsp': ...}}, got {_describe(labels)}")
+        return self.mlm.check_labels(task, labels[0], real), self.nsp.check_labels(task, labels[1], real)
+
+    def check_positions(self, task, positions, real):
+        return self.mlm.check_positions(task, positions, real)
+
+    def forward(self, view, labels=None, positions=None, mlm_logits=True):
+        mlm_labels, nsp_labels = labels if labels is not None else (None, None)
+        mlm_out, mlm_loss = self.mlm(view, mlm_labels, positions, mlm_logits)
+        nsp_out, nsp_loss = self.nsp(view, nsp_labels)
+        out = {"seq_relationship_logits": nsp_out["logits"]}
+        if "logits" in mlm_out:
+            out["prediction_logits"], out["positions"] = mlm_out["logits"], mlm_out["positions"]
+        if labels is None:
+            return out, None
+        out["mlm_loss"], out["nsp_loss"] = mlm_loss, nsp_loss
+        return out, mlm_loss + nsp_loss
+
+    @classmethod
+    def from_hf(cls, hf_model, encoder_config):
+        pred = hf_model.cls.predictions
+        words = hf_model.base_model.embeddings.word_embeddings.weight
+        head = cls(encoder_config, tied=torch.equal(pred.decoder.weight, words))
+        head.mlm._load_hf(pred.transform.dense, pred.transform.LayerNorm, pred.decoder)
+        head.nsp.seq_relationship.load_state_dict(hf_model.cls.seq_relationship.state_dict())
+        return head
+
+    def to_hf(self, encoder_config):
+        family = encoder_config.family
+        if family != "bert":
+            raise UnsupportedModelError(f"the pretraining pair exists in transformers for BERT only, not {family}")
+        _, _, nsp_state = self.nsp.to_hf(encoder_config)
+        state = {**self.mlm._hf_state(encoder_config), **nsp_state}
+        return "BertForPreTraining", {"tie_word_embeddings": self.mlm.tied}, state
+
+
+def vocab_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The vocabulary projection of transformed rows: [N, H] -> logits [N, V]. Only ever called on gathered rows."""
+    return F.linear(hidden, weight, bias)
+
+
+HEAD_KINDS: dict[str, type[Head]] = {
+    cls.kind: cls
+    for cls in (SequenceClassificationHead, TokenClassificationHead, MaskedLMHead, NextSentenceHead,
+                SpanExtractionHead, SentenceEmbeddingHead, PreTrainingHead)
+}
+
+# transformers class-name suffix -> the head that reads it
+_HF_TASKS: dict[str, type[Head]] = {
+    "ForSequenceClassification": SequenceClassificationHead,
+    "ForTokenClassification": TokenClassificationHead,
+    "ForMaskedLM": MaskedLMHead,
+    "ForNextSentencePrediction": NextSentenceHead,
+    "ForQuestionAnswering": SpanExtractionHead,
+    "ForPreTraining": PreTrainingHead,
+}
+
+
+def head_from_hf(hf_model: nn.Module, encoder_config: EncoderConfig) -> Head:
+    """The head of an HF Bert*/Roberta* task model, weights copied exactly."""
+    for klass in type(hf_model).__mro__:
+        name = klass.__name__
+        for suffix, head_cls in _HF_TASKS.items():
+            if name.endswith(suffix) and name[: -len(suffix)] in _HF_FAMILY.values():
+                return head_cls.from_hf(hf_model, encoder_config)
+    supported = ", ".join(f"{f}{s}" for f in _HF_FAMILY.values() for s in _HF_TASKS
+                          if not (f == "Roberta" and s in ("ForNextSentencePrediction", "ForPreTraining")))
+    raise UnsupportedModelError(f"{type(hf_model).__name__} is not a supported task model; supported: {supported}")
