@@ -1,0 +1,248 @@
+"""The training configuration and its data: every mistake is a ConfigError that names the task, file, column or
+value, raised before the tokenizer or the model is built; and the data pipeline's encodings are right."""
+
+from __future__ import annotations
+
+import json
+import os
+import pytest
+import torch
+
+from mtbert_fast.train import ConfigError, Trainer, load_config
+from mtbert_fast.train import trainer as trainer_module
+from mtbert_fast.train.data import TaskStream, collate, encode_task, load_records, load_tokenizer
+from mtbert_fast.train.masking import IGNORE_INDEX
+
+import train_synthetic as syn
+
+
+@pytest.fixture
+def files(tmp_path):
+    return syn.write_tasks(str(tmp_path), n=40)
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fails the test if the tokenizer or the model is built: checks must come first."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("work started before the configuration was checked")
+
+    monkeypatch.setattr(trainer_module, "load_tokenizer", refuse)
+    monkeypatch.setattr(trainer_module, "build_model", refuse)
+
+
+def _error(config: dict) -> str:
+    with pytest.raises(ConfigError) as info:
+        Trainer(load_config(config))
+    return str(info.value)
+
+
+def test_good_config_loads(files, no_work):
+    config = load_config(syn.base_config(files, tasks=("topic", "tags", "lm", "docs", "span")))
+    records = load_records(config)
+    assert [t.name for t in config.tasks] == ["topic", "tags", "lm", "docs", "span"]
+    assert len(records["topic"].train) == 32 and len(records["topic"].eval) == 8
+    assert records["topic"].train[0]["label"] in (0, 1)
+    assert all(len(r["tags"]) == len(r["tokens"]) for r in records["tags"].train)
+
+
+def test_missing_data_file(files, no_work):
+    config = syn.base_config(files)
+    config["tasks"][0]["train_file"] = os.path.join(os.path.dirname(files["topic"]), "nope.jsonl")
+    message = _error(config)
+    assert "task 'topic'" in message and "nope.jsonl does not exist" in message
+
+
+def test_missing_column_names_file_column_and_columns_present(files, no_work):
+    config = syn.base_config(files)
+    config["tasks"][0]["columns"] = {"text": "text"}  # the file calls it "sentence"
+    message = _error(config)
+    assert "task 'topic'" in message and files["topic"] in message
+    assert "column 'text'" in message and "columns: sentence, label" in message
+    assert "line 1 and 39 more rows" in message  # said once for the file, with the rows counted
+
+    config = syn.base_config(files)
+    config["tasks"][1]["columns"] = {"tags": "ner_tags"}  # CSV: the header says it once
+    message = _error(config)
+    assert f"{files['tags']} header" in message and "column 'ner_tags'" in message
+    assert "the file has columns: tokens, tags" in message
+
+
+def test_unknown_task_kind(files, no_work):
+    config = syn.base_config(files)
+    config["tasks"][0]["kind"] = "sentiment"
+    message = _error(config)
+    assert "unknown kind 'sentiment'" in message and "sequence_classification" in message
+
+
+def test_label_not_in_the_label_list(files, no_work):
+    config = syn.base_config(files)
+    config["tasks"][0]["labels"] = ["neg", "positive"]
+    message = _error(config)
+    # one misspelt label is one problem, with the rows it spoils counted
+    assert message == (f"task 'topic': {files['topic']} line 1 and 19 more rows: column 'label': label 'pos' is not "
+                       "in the label list ['neg', 'positive']")
+
+    config = syn.base_config(files)
+    config["tasks"][1]["labels"] = ["X", "Y"]
+    message = _error(config)
+    assert "label 'Z' is not in the label list ['X', 'Y']" in message and files["tags"] in message
+
+
+def test_integer_label_out_of_range(tmp_path, files, no_work):
+    path = syn.write_jsonl(str(tmp_path / "ints.jsonl"), [{"text": "w1 w2", "label": i} for i in (0, 1, 2, 3)])
+    config = syn.base_config(files, tasks=("topic",))
+    config["tasks"][0].update(train_file=path, columns={}, labels=None, num_labels=3)
+    message = _error(config)
+    assert "label 3 is out of range [0, 3)" in message and f"{path} line 4" in message
+
+
+def test_every_problem_is_reported_at_once(files, no_work):
+    config = syn.base_config(files)
+    config["tasks"][0]["kind"] = "sentiment"
+    config["tasks"][1]["train_file"] = "missing.csv"
+    config["training"]["lr_rate"] = 0.1
+    config["training"]["sampler"] = "random"
+    message = _error(config)
+    assert message.startswith("4 problems")
+    for part in ("unknown kind 'sentiment'", "missing.csv does not exist", "unknown key 'lr_rate'",
+                 "sampler 'random' is unknown"):
+        assert part in message
+
+
+def test_structural_mistakes(files, no_work):
+    cases = [
+        (lambda c: c["model"].pop("tokenizer"), "model.tokenizer is needed"),
+        (lambda c: c["model"].update(config="bert-huge"), "neither a named config"),
+        (lambda c: c["training"].update(batch_size=0), "batch_size must be at least 1"),
+        (lambda c: c["training"].update(batch_size="16"), "batch_size must be an integer"),
+        (lambda c: c["training"].pop("max_steps"), "needs max_steps or epochs"),
+        (lambda c: c["tasks"].append(dict(c["tasks"][0])), "task name 'topic' is used 2 times"),
+        (lambda c: c["tasks"][0].update(columns={"tokens": "x"}), "does not use"),
+        (lambda c: c["tasks"][0].update(labels=None), "give the label list"),
+        (lambda c: c["tasks"][2].update(labels=["a"]), "takes no labels"),
+        (lambda c: c.update(task=[]), "unknown top-level key 'task'"),
+    ]
+    for change, expected in cases:
+        config = syn.base_config(files)
+        change(config)
+        assert expected in _error(config), expected
+
+
+def test_row_level_mistakes(tmp_path, files, no_work):
+    bad_tags = syn.write_jsonl(str(tmp_path / "t.jsonl"), [{"tokens": ["w1", "w2"], "tags": ["X"]}])
+    bad_span = syn.write_jsonl(str(tmp_path / "s.jsonl"),
+                               [{"question": "w1", "context": "w2 w1", "answer": "w1", "answer_start": 0}])
+    bad_json = str(tmp_path / "j.jsonl")
+    with open(bad_json, "w") as f:
+        f.write('{"text": "w1"}\n{"text": \n')
+    one_doc = syn.write_jsonl(str(tmp_path / "d.jsonl"), [{"text": ["w1 w2", "w3"]}])
+    cases = [
+        ({"name": "t", "kind": "token_classification", "train_file": bad_tags, "labels": ["X"]},
+         "2 tokens but 1 tags"),
+        ({"name": "s", "kind": "span_extraction", "train_file": bad_span}, "is not at character 0"),
+        ({"name": "m", "kind": "masked_lm", "train_file": bad_json}, "line 2 is not valid JSON"),
+        ({"name": "p", "kind": "pretraining", "train_file": one_doc}, "at least two documents"),
+    ]
+    for task, expected in cases:
+        config = syn.base_config(files, tasks=())
+        config["tasks"] = [task]
+        assert expected in _error(config), expected
+
+
+def test_yaml_and_json_files_give_the_same_config(tmp_path, files):
+    yaml = pytest.importorskip("yaml")
+    config = syn.base_config(files)
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert load_config(tmp_path / "c.json") == load_config(tmp_path / "c.yaml")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(tmp_path / "bad.json")
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path, files):
+    config = syn.base_config(files, tasks=("topic",))
+    config["tasks"][0]["train_file"] = "topic.jsonl"
+    config["model"]["tokenizer"] = "tokenizer"
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    loaded = load_config(str(tmp_path / "c.json"))
+    assert loaded.tasks[0].train_file == files["topic"] and loaded.model.tokenizer == files["tokenizer"]
+
+
+# --- the data pipeline ------------------------------------------------------------------------------------------
+
+def test_token_labels_sit_on_each_words_first_subword(files):
+    tok = load_tokenizer(files["tokenizer"])
+    config = load_config(syn.base_config(files, tasks=("tags",)))
+    feats = encode_task(config.tasks[0], [{"tokens": ["w1s", "w2"], "tags": [1, 2]}], tok, 32)
+    assert tok.convert_ids_to_tokens(feats[0]["input_ids"]) == ["[CLS]", "w1", "##s", "w2", "[SEP]"]
+    assert feats[0]["token_labels"] == [IGNORE_INDEX, 1, IGNORE_INDEX, 2, IGNORE_INDEX]
+
+
+def test_span_positions_cover_the_answer(files):
+    tok = load_tokenizer(files["tokenizer"])
+    config = load_config(syn.base_config(files, tasks=("span",)))
+    records = load_records(config)["span"].train
+    for rec, feat in zip(records, encode_task(config.tasks[0], records, tok, 64)):
+        start, end = feat["start_position"], feat["end_position"]
+        answer = rec["context"][rec["start_char"]:rec["end_char"]]
+        assert start > 0 and tok.decode(feat["input_ids"][start:end + 1]) == answer
+    # an answer cut off by truncation points at [CLS]
+    cut = encode_task(config.tasks[0], [{"question": "w1", "context": "w2 w3 w4 w5 w6 w7 w1",
+                                          "start_char": 18, "end_char": 20}], tok, 8)
+    assert (cut[0]["start_position"], cut[0]["end_position"]) == (0, 0)
+
+
+def test_collate_pads_and_masks(files):
+    tok = load_tokenizer(files["tokenizer"])
+    config = load_config(syn.base_config(files, tasks=("lm", "docs")))
+    records = load_records(config)
+    lm, docs = config.tasks
+    feats = encode_task(lm, records["lm"].train[:4], tok, 32)
+    batch = collate(lm, feats, tok.pad_token_id, len(tok), tok.mask_token_id, torch.Generator().manual_seed(0))
+    lengths = [len(f["input_ids"]) for f in feats]
+    assert batch.input_ids.shape == (4, max(lengths)) and batch.attention_mask.sum(1).tolist() == lengths
+    labels = batch.labels["lm"]
+    assert (labels != IGNORE_INDEX).any() and not (labels[batch.attention_mask == 0] != IGNORE_INDEX).any()
+
+    feats = encode_task(docs, records["docs"].train, tok, 32, seed=0)
+    batch = collate(docs, feats[:8], tok.pad_token_id, len(tok), tok.mask_token_id, torch.Generator())
+    mlm, nsp = batch.labels["docs"]
+    assert mlm.shape == batch.input_ids.shape and nsp.shape == (8,)
+    assert set(batch.token_type_ids.unique().tolist()) == {0, 1}
+
+
+def test_streams_give_each_rank_a_disjoint_shard():
+    world, size, bs = 3, 50, 4
+    streams = [TaskStream(size, bs, seed=0, task_index=1, rank=r, world_size=world) for r in range(world)]
+    for epoch in range(2):
+        seen = []
+        for s in streams:
+            mine = [i for _ in range(s.batches_per_epoch) for i in s.next_indices()]
+            assert len(mine) == size // world
+            seen.append(mine)
+        flat = [i for m in seen for i in m]
+        assert len(set(flat)) == len(flat)  # disjoint within an epoch
+        if epoch == 0:
+            first = seen
+    assert seen != first  # each epoch is reshuffled
+    # (epoch, cursor) is the whole state
+    s = TaskStream(size, bs, seed=0, task_index=1)
+    [s.next_indices() for _ in range(17)]
+    t = TaskStream(size, bs, seed=0, task_index=1)
+    t.load_state_dict(s.state_dict())
+    assert [s.next_indices() for _ in range(20)] == [t.next_indices() for _ in range(20)]
+
+
+def test_held_out_split_partitions_the_rows_by_seed(files):
+    split = load_config(syn.base_config(files, tasks=("topic",), eval_split=0.25))
+    whole = load_config(syn.base_config(files, tasks=("topic",), eval_split=0.0))
+    a, b = load_records(split)["topic"], load_records(split)["topic"]
+    everything = load_records(whole)["topic"]
+    assert len(a.eval) == 10 and len(a.train) == 30 and a.eval == b.eval and everything.eval == []
+    key = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731
+    assert sorted(map(key, a.train + a.eval)) == sorted(map(key, everything.train))
+    other = load_config(syn.base_config(files, tasks=("topic",), eval_split=0.25, seed=1))
+    assert load_records(other)["topic"].eval != a.eval

@@ -1,0 +1,181 @@
+"""The training loop: a multi-task run really learns every task; the saved model gives the trained model's outputs;
+a run resumed from a checkpoint continues exactly as an uninterrupted one; the CLI entry point works."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from mtbert_fast.models import MultiTaskBert
+from mtbert_fast.train import Trainer, load_config, train
+from mtbert_fast.train.cli import add_train_parser
+from mtbert_fast.train.data import load_tokenizer
+from mtbert_fast.train.trainer import list_checkpoints
+
+import train_synthetic as syn
+
+LEARNING_TASKS = ("topic", "tags", "lm", "span")
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    """One short multi-task run (480 steps, 120 per task) on the synthetic tasks, kept for the module's tests."""
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("learn")
+    files = syn.write_tasks(str(tmp))
+    config = syn.base_config(files, tasks=LEARNING_TASKS, max_steps=480, eval_every=160,
+                             output_dir=str(tmp / "final"))
+    return train(config), tmp / "final", files
+
+
+def test_every_task_learns(learned):
+    result, _, _ = learned
+    first, last = result.evals[0], result.evals[-1]
+    assert first["step"] == 0 and last["step"] == 480 and result.steps == 480
+    assert set(first["losses"]) == set(LEARNING_TASKS)
+    for task in LEARNING_TASKS:
+        before, after = first["losses"][task], last["losses"][task]
+        assert after < 0.5 * before, f"{task}: held-out loss {before:.3f} -> {after:.3f}, not halved"
+    # round robin: each task had a quarter of the steps
+    assert [r["task"] for r in result.history[:8]] == list(LEARNING_TASKS) * 2
+
+
+def test_saved_model_gives_the_trained_models_outputs(learned):
+    result, final, files = learned
+    saved = set(os.listdir(final))
+    assert {"model.safetensors", "multitask_config.json", "train_config.json", "tokenizer.json"} <= saved
+    loaded = MultiTaskBert.from_pretrained(final)
+    trained = result.model.eval()
+    assert loaded.loss_weights == trained.loss_weights and loaded.tasks == trained.tasks
+    tok = load_tokenizer(str(final))  # the tokenizer is saved beside the model
+    enc = tok(["w1 w2 w3 w1 w2", "w7"], ["w1", "w9 w9 w9 w9"], padding=True, return_tensors="pt",
+              return_token_type_ids=True)
+    with torch.no_grad():
+        a = trained(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], tasks=("topic", "tags", "span"))
+        b = loaded(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], tasks=("topic", "tags", "span"))
+    for task, outputs in a.outputs.items():
+        for name, value in outputs.items():
+            assert torch.equal(value, b.outputs[task][name]), f"{task}.{name} differs after save/load"
+    # and the model predicts the synthetic rules
+    with torch.no_grad():
+        out = loaded(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], tasks="tags")
+    predicted = out.outputs["tags"]["logits"][0, 1:6].argmax(-1).tolist()
+    assert predicted == [syn.TAGS.index(syn.TAGS[i % 3]) for i in (1, 2, 3, 1, 2)]
+
+
+def _resume_config(files, tmp, **training):
+    config = syn.base_config(files, tasks=("topic", "lm", "docs", "span"), max_steps=16, batch_size=8,
+                             grad_accum_steps=2, sampler="temperature", temperature=2.0, eval_every=8, **training)
+    # dropout on: resuming must restore the random state of dropout too
+    config["model"]["config"].update(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    return config
+
+
+def test_resume_continues_exactly(tmp_path):
+    files = syn.write_tasks(str(tmp_path), n=96)
+    whole = train(_resume_config(files, tmp_path))
+
+    ckpt = str(tmp_path / "ckpt")
+    config = _resume_config(files, tmp_path, checkpoint_dir=ckpt, checkpoint_every=6, keep_checkpoints=2)
+    first = Trainer(load_config(config)).train(stop_after=7)  # interrupted at step 7: checkpoints 6 and 7
+    assert first.steps == 7 and first.history == whole.history[:7]
+    assert [os.path.basename(p) for p in list_checkpoints(ckpt)] == ["checkpoint-00000006", "checkpoint-00000007"]
+    assert sorted(os.listdir(list_checkpoints(ckpt)[-1])) == ["COMPLETE", "model", "rng-0.pt", "trainer_state.pt"]
+
+    config["training"]["resume_from"] = "latest"
+    resumed = train(config)
+    assert resumed.steps == 16
+    assert resumed.history == whole.history  # the same task, loss and lr at every step
+    assert resumed.evals == whole.evals
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs between the resumed and the uninterrupted run"
+    assert [os.path.basename(p) for p in list_checkpoints(ckpt)] == ["checkpoint-00000012", "checkpoint-00000016"]
+
+
+def test_resume_from_an_explicit_checkpoint_and_refusals(tmp_path):
+    files = syn.write_tasks(str(tmp_path), n=48)
+    ckpt = str(tmp_path / "ckpt")
+    config = syn.base_config(files, tasks=("topic", "tags"), max_steps=4, checkpoint_dir=ckpt, checkpoint_every=2)
+    train(config)
+    config["training"]["resume_from"] = os.path.join(ckpt, "checkpoint-00000002")
+    assert train(config).history == train({**config, "training": {**config["training"], "resume_from": None,
+                                                                   "checkpoint_dir": None,
+                                                                   "checkpoint_every": None}}).history
+    config["training"]["resume_from"] = str(tmp_path)
+    with pytest.raises(ValueError, match="not a complete training checkpoint"):
+        train(config)
+
+
+def test_pretrained_encoder_is_fine_tuned(tmp_path, minilm_dir):
+    from mtbert_fast.models import FastBertModel
+
+    files = syn.write_tasks(str(tmp_path), n=32)
+    config = syn.base_config(files, tasks=("topic", "tags"), max_steps=2, lr=1e-4, eval_split=0.0)
+    config["model"] = {"pretrained": minilm_dir, "max_length": 32}  # its own tokenizer by default
+    trainer = Trainer(load_config(config))
+    start = FastBertModel.from_pretrained(minilm_dir).state_dict()
+    assert all(torch.equal(v, start[k]) for k, v in trainer.model.encoder.state_dict().items())
+    result = trainer.train()
+    assert result.steps == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
+    assert not torch.equal(trainer.model.encoder.state_dict()["layers.0.qkv.weight"], start["layers.0.qkv.weight"])
+
+
+def test_epochs_set_the_step_count(tmp_path):
+    files = syn.write_tasks(str(tmp_path), n=50)
+    config = syn.base_config(files, tasks=("topic", "tags"), batch_size=8, grad_accum_steps=2, epochs=3.0)
+    del config["training"]["max_steps"]
+    trainer = Trainer(load_config(config))
+    # 40 training rows a task: 5 batches of 8 per epoch, two tasks, two batches a step
+    assert trainer.total_steps == 3 * (5 + 5) // 2
+
+
+def test_bf16_autocast_trains(tmp_path):
+    files = syn.write_tasks(str(tmp_path), n=48)
+    config = syn.base_config(files, tasks=("topic", "tags", "lm"), max_steps=3, bf16=True)
+    result = train(config)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
+
+
+def test_progress_without_tqdm_prints_lines(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # as if tqdm were not installed
+    files = syn.write_tasks(str(tmp_path), n=48)
+    train(syn.base_config(files, tasks=("topic",), max_steps=4, log_every=2, progress=True))
+    out = capsys.readouterr().out
+    assert "step 2/4  task topic  loss" in out and "step 4/4" in out and "eval step 4: topic" in out
+
+
+def _cli(argv):
+    parser = argparse.ArgumentParser(prog="mtbert-fast")
+    add_train_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_checks_trains_and_reports_errors(tmp_path, capsys):
+    files = syn.write_tasks(str(tmp_path), n=48)
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(syn.base_config(files, tasks=("topic", "lm"), max_steps=50)))
+
+    assert _cli(["train", str(path), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "topic: sequence_classification, 38 training rows, 10 held out" in out and "data OK" in out
+
+    final = tmp_path / "final"
+    assert _cli(["train", str(path), "--max-steps", "3", "--output-dir", str(final), "--no-progress"]) == 0
+    assert (final / "multitask_config.json").is_file()
+    saved = json.loads((final / "train_config.json").read_text())
+    assert saved["training"]["max_steps"] == 3
+
+    bad = json.loads(path.read_text())
+    bad["tasks"][0]["labels"] = ["neg"]
+    path.write_text(json.dumps(bad))
+    assert _cli(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"mtbert-fast train: error in {path}" in err and "label 'pos' is not in the label list ['neg']" in err
