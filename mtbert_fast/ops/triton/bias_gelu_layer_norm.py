@@ -1,0 +1,191 @@
+"""bias_gelu_layer_norm in Triton: y = LayerNorm(h) * weight + beta with h = GELU(x + bias), the masked-LM head
+transform, and its backward.
+
+x [N, D] (any leading dims, flattened); bias, weight, beta [D] -> y [N, D] in x's dtype, with mean, rstd fp32 [N]
+(the statistics of h) saved for the backward.  fp32 throughout, one program per row.
+Forward:  s = x + bias,  h = GELU(s) (erf or tanh form, see bias_gelu.py),  h_hat = (h - mean(h)) rstd,
+          rstd = 1 / sqrt(var(h) + eps),  y = h_hat * weight + beta
+Backward (g = dL/dy, wg = weight * g):
+          dh = rstd (wg - h_hat mean(h_hat wg) - mean(wg)),   dx = dh GELU'(s),
+          dweight = sum_rows(g h_hat),  dbeta = sum_rows(g),  dbias = sum_rows(dx)
+h is recomputed from x in the backward rather than stored.  The backward's grid and partial sums are those of
+bias_residual_layer_norm.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mtbert_fast.ops._checks import check_gelu
+from mtbert_fast.ops.triton._jit import device_guard, jit, reduction_programs, row_block, row_warps
+from mtbert_fast.ops.triton.bias_gelu import gelu, gelu_grad
+
+
+@jit
+def _fwd(
+    X,  # [N, D]
+    Bias,  # [D]
+    W,  # [D]
+    Beta,  # [D]
+    Y,  # [N, D] out
+    Mean,  # fp32 [N] out
+    Rstd,  # fp32 [N] out
+    D,
+    eps,
+    TANH: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    offs = row * D + cols
+    s = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) + tl.load(Bias + cols, mask=mask, other=0.0).to(
+        tl.float32
+    )
+    h = tl.where(mask, gelu(s, TANH), 0.0)
+    mean = tl.sum(h, axis=0) / D
+    diff = tl.where(mask, h - mean, 0.0)
+    rstd = tl.math.rsqrt(tl.sum(diff * diff, axis=0) / D + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    beta = tl.load(Beta + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + offs, (diff * rstd * w + beta).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + row, mean)
+    tl.store(Rstd + row, rstd)
+
+
+@jit
+def _bwd(
+    GradY,  # [N, D]
+    X,  # [N, D]
+    Bias,  # [D]
+    W,  # [D]
+    Mean,  # fp32 [N]
+    Rstd,  # fp32 [N]
+    GradX,  # [N, D] out
+    PartW,  # fp32 [P, D] out: per-program partial sums of dweight
+    PartBeta,  # fp32 [P, D] out: of dbeta
+    PartBias,  # fp32 [P, D] out: of dbias
+    N,
+    D,
+    rows_per_program,
+    TANH: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, N)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    bias = tl.load(Bias + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbeta = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    # pointers advance a row per step (see bias_residual_layer_norm.py)
+    first = row_start.to(tl.int64) * D
+    GradY += first
+    X += first
+    GradX += first
+    for row in range(row_start, row_end):
+        s = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32) + bias
+        g = tl.load(GradY + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(Rstd + row)
+        h_hat = tl.where(mask, (gelu(s, TANH) - tl.load(Mean + row)) * rstd, 0.0)
+        wg = w * g
+        c1 = tl.sum(h_hat * wg, axis=0) / D
+        c2 = tl.sum(wg, axis=0) / D
+        dx = tl.where(mask, (wg - (h_hat * c1 + c2)) * rstd * gelu_grad(s, TANH), 0.0)
+        tl.store(GradX + cols, dx.to(GradX.dtype.element_ty), mask=mask)
+        dw += g * h_hat
+        dbeta += g
+        dbias += dx
+        GradY += D
+        X += D
+        GradX += D
+    part = pid.to(tl.int64) * D + cols
+    tl.store(PartW + part, dw, mask=mask)
+    tl.store(PartBeta + part, dbeta, mask=mask)
+    tl.store(PartBias + part, dbias, mask=mask)
+
+
+@torch.library.custom_op("mtbert_fast::triton_bias_gelu_layer_norm", mutates_args=())
+def _op(
+    x: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor, eps: float, approximate: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_gelu("bias_gelu_layer_norm", approximate)
+    d = x.shape[-1]
+    block = row_block("bias_gelu_layer_norm", d)
+    x = x.contiguous()
+    rows = x.numel() // d if d else 0
+    y = torch.empty_like(x)
+    mean = x.new_empty((rows,), dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    if rows and d:
+        with device_guard(x):
+            _fwd[(rows,)](
+                x, bias.contiguous(), weight.contiguous(), beta.contiguous(), y, mean, rstd, d, eps,
+                TANH=approximate == "tanh", BLOCK_D=block, num_warps=row_warps(block),
+            )
+    return y, mean, rstd
+
+
+@_op.register_fake
+def _(x, bias, weight, beta, eps, approximate):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    mean = x.new_empty((rows,), dtype=torch.float32)
+    return x.new_empty(x.shape), mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("mtbert_fast::triton_bias_gelu_layer_norm_backward", mutates_args=())
+def _backward_op(
+    grad_y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+    rstd: torch.Tensor, approximate: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> grad_x [N, D], grad_weight, grad_beta, grad_bias [D] in weight's dtype."""
+    d = x.shape[-1]
+    block = row_block("bias_gelu_layer_norm", d)
+    x, grad_y = x.contiguous(), grad_y.contiguous()
+    rows = mean.numel()
+    grad_x = torch.empty_like(x)
+    programs = reduction_programs(x, rows)
+    partials = x.new_zeros((3, programs, d), dtype=torch.float32)
+    if rows and d:
+        with device_guard(x):
+            _bwd[(programs,)](
+                grad_y, x, bias.contiguous(), weight.contiguous(), mean, rstd, grad_x,
+                partials[0], partials[1], partials[2], rows, d, triton.cdiv(rows, programs),
+                TANH=approximate == "tanh", BLOCK_D=block, num_warps=row_warps(block),
+            )
+    grad_weight, grad_beta, grad_bias = (p.sum(0).to(weight.dtype) for p in partials)
+    return grad_x, grad_weight, grad_beta, grad_bias
+
+
+@_backward_op.register_fake
+def _(grad_y, x, bias, weight, mean, rstd, approximate):
+    return x.new_empty(x.shape), torch.empty_like(weight), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, bias, weight, beta, eps, approximate = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, bias, weight, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.approximate = approximate
+
+
+def _backward(ctx, grad, _grad_mean, _grad_rstd):
+    x, bias, weight, mean, rstd = ctx.saved_tensors
+    grad_x, grad_weight, grad_beta, grad_bias = _backward_op(grad, x, bias, weight, mean, rstd, ctx.approximate)
+    return grad_x, grad_bias, grad_weight, grad_beta, None, None
+
+
+_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def bias_gelu_layer_norm(
+    x: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor, eps: float, approximate: str = "none"
+) -> torch.Tensor:
+    """LayerNorm(GELU(x + bias)) * weight + beta by the Triton kernels; differentiable.  x [..., D]."""
+    return _op(x, bias, weight, beta, eps, approximate)[0]

@@ -1,0 +1,191 @@
+"""bias_residual_layer_norm in Triton: y = LayerNorm(s) * weight + beta with s = x + bias + residual, and its backward.
+
+x, residual [N, D] (any leading dims, flattened); bias, weight, beta [D] -> y [N, D] in x's dtype, with
+mean, rstd fp32 [N] saved for the backward.  Statistics in fp32, one program per row (the row lives in registers).
+Forward:  mean = sum(s) / D,  var = sum((s - mean)^2) / D,  rstd = 1 / sqrt(var + eps),  s_hat = (s - mean) rstd,
+          y = s_hat * weight + beta
+Backward (g = dL/dy, wg = weight * g; Ba, Kiros & Hinton 2016; as in Liger-Kernel ops/layer_norm.py):
+          ds = rstd (wg - s_hat mean(s_hat wg) - mean(wg)),   dweight = sum_rows(g s_hat),   dbeta = sum_rows(g)
+          dx = dresidual = ds,   dbias = sum_rows(ds)
+The backward runs on a fixed grid of P programs, each over a contiguous range of rows, accumulating dweight, dbeta
+and dbias of its rows in fp32 registers; the [P, D] partial sums are added up by torch afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mtbert_fast.ops.triton._jit import device_guard, jit, reduction_programs, row_block, row_warps
+
+
+@jit
+def _fwd(
+    X,  # [N, D]
+    Bias,  # [D]
+    Res,  # [N, D]
+    W,  # [D]
+    Beta,  # [D]
+    Y,  # [N, D] out
+    Mean,  # fp32 [N] out
+    Rstd,  # fp32 [N] out
+    D,
+    eps,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    offs = row * D + cols
+    s = (
+        tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        + tl.load(Bias + cols, mask=mask, other=0.0).to(tl.float32)
+        + tl.load(Res + offs, mask=mask, other=0.0).to(tl.float32)
+    )
+    mean = tl.sum(s, axis=0) / D
+    diff = tl.where(mask, s - mean, 0.0)
+    rstd = tl.math.rsqrt(tl.sum(diff * diff, axis=0) / D + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    beta = tl.load(Beta + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + offs, (diff * rstd * w + beta).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + row, mean)
+    tl.store(Rstd + row, rstd)
+
+
+@jit
+def _bwd(
+    GradY,  # [N, D]
+    X,  # [N, D]
+    Bias,  # [D]
+    Res,  # [N, D]
+    W,  # [D]
+    Mean,  # fp32 [N]
+    Rstd,  # fp32 [N]
+    GradS,  # [N, D] out: the gradient of x and of residual
+    PartW,  # fp32 [P, D] out: per-program partial sums of dweight
+    PartBeta,  # fp32 [P, D] out: of dbeta
+    PartBias,  # fp32 [P, D] out: of dbias
+    N,
+    D,
+    rows_per_program,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, N)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    bias = tl.load(Bias + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbeta = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    # pointers advance a row per step: a runtime loop index cannot be widened to int64 the same way compiled and
+    # interpreted, and row * D can overflow int32
+    first = row_start.to(tl.int64) * D
+    GradY += first
+    X += first
+    Res += first
+    GradS += first
+    for row in range(row_start, row_end):
+        s = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32) + bias
+        s += tl.load(Res + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(GradY + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(Rstd + row)
+        s_hat = tl.where(mask, (s - tl.load(Mean + row)) * rstd, 0.0)
+        wg = w * g
+        c1 = tl.sum(s_hat * wg, axis=0) / D
+        c2 = tl.sum(wg, axis=0) / D
+        ds = tl.where(mask, (wg - (s_hat * c1 + c2)) * rstd, 0.0)
+        tl.store(GradS + cols, ds.to(GradS.dtype.element_ty), mask=mask)
+        dw += g * s_hat
+        dbeta += g
+        dbias += ds
+        GradY += D
+        X += D
+        Res += D
+        GradS += D
+    part = pid.to(tl.int64) * D + cols
+    tl.store(PartW + part, dw, mask=mask)
+    tl.store(PartBeta + part, dbeta, mask=mask)
+    tl.store(PartBias + part, dbias, mask=mask)
+
+
+@torch.library.custom_op("mtbert_fast::triton_bias_residual_layer_norm", mutates_args=())
+def _op(
+    x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    d = x.shape[-1]
+    block = row_block("bias_residual_layer_norm", d)
+    x, residual = x.contiguous(), residual.contiguous()
+    rows = x.numel() // d if d else 0
+    y = torch.empty_like(x)
+    mean = x.new_empty((rows,), dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    if rows and d:
+        with device_guard(x):
+            _fwd[(rows,)](
+                x, bias.contiguous(), residual, weight.contiguous(), beta.contiguous(), y, mean, rstd, d, eps,
+                BLOCK_D=block, num_warps=row_warps(block),
+            )
+    return y, mean, rstd
+
+
+@_op.register_fake
+def _(x, bias, residual, weight, beta, eps):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    mean = x.new_empty((rows,), dtype=torch.float32)
+    return x.new_empty(x.shape), mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("mtbert_fast::triton_bias_residual_layer_norm_backward", mutates_args=())
+def _backward_op(
+    grad_y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+    mean: torch.Tensor, rstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> grad_s [N, D] (of x and residual), grad_weight, grad_beta, grad_bias [D] in weight's dtype."""
+    d = x.shape[-1]
+    block = row_block("bias_residual_layer_norm", d)
+    x, residual, grad_y = x.contiguous(), residual.contiguous(), grad_y.contiguous()
+    rows = mean.numel()
+    grad_s = torch.empty_like(x)
+    programs = reduction_programs(x, rows)
+    partials = x.new_zeros((3, programs, d), dtype=torch.float32)
+    if rows and d:
+        with device_guard(x):
+            _bwd[(programs,)](
+                grad_y, x, bias.contiguous(), residual, weight.contiguous(), mean, rstd, grad_s,
+                partials[0], partials[1], partials[2], rows, d, triton.cdiv(rows, programs),
+                BLOCK_D=block, num_warps=row_warps(block),
+            )
+    grad_weight, grad_beta, grad_bias = (p.sum(0).to(weight.dtype) for p in partials)
+    return grad_s, grad_weight, grad_beta, grad_bias
+
+
+@_backward_op.register_fake
+def _(grad_y, x, bias, residual, weight, mean, rstd):
+    return x.new_empty(x.shape), torch.empty_like(weight), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, bias, residual, weight, beta, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, bias, residual, weight, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, grad, _grad_mean, _grad_rstd):
+    x, bias, residual, weight, mean, rstd = ctx.saved_tensors
+    grad_s, grad_weight, grad_beta, grad_bias = _backward_op(grad, x, bias, residual, weight, mean, rstd)
+    return grad_s, grad_bias, grad_s, grad_weight, grad_beta, None
+
+
+_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def bias_residual_layer_norm(
+    x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """LayerNorm(x + bias + residual) * weight + beta by the Triton kernels; differentiable.  x, residual [..., D]."""
+    return _op(x, bias, residual, weight, beta, eps)[0]
