@@ -1,0 +1,827 @@
+// Bidirectional attention over packed variable-length sequences, CUDA.
+//
+// Q, K and V are read straight out of the packed qkv [T, 3, heads, head_dim] of the fused QKV GEMM; no padded
+// [B, heads, L, L] tensor is ever built. A block owns one (sequence, head) and a tile of query rows, and streams
+// the sequence's keys through shared memory with an online softmax in fp32 (FlashAttention's recurrence):
+//   m' = max(m, rowmax(S)),  l' = l e^(m - m') + rowsum(e^(S - m')),  O' = O e^(m - m') + e^(S - m') V
+// and lse = m + log l (natural log, of the scaled scores) for the backward.
+//
+// Forward, fp16/bf16 with head_dim <= 128 (sm80+): tensor cores through WMMA (16x16x16 tiles, fp32 accumulators).
+//   4 warps x 16 query rows, 64 keys per step; head_dim is zero-padded in shared memory to 32, 64, 96 or 128
+//   (80 -> 96), which adds nothing to Q K^T and only unused columns to P V. The scores go through shared memory for
+//   the softmax; P is rounded to the input dtype for P V (as FlashAttention does) while l sums the fp32 P.
+// Forward otherwise (fp32, head_dim > 128 up to 256, or a GPU before sm80): CUDA cores, fp32 throughout, one key per
+//   lane and 8 query rows per warp.
+// Backward (every dtype, head_dim <= 256): CUDA cores, fp32, deterministic (no atomics). delta = rowsum(dO * O);
+//   P = exp(scale Q K^T - lse), dP = dO V^T, dS = P (dP - delta); one kernel walks keys for dQ = scale dS K, one
+//   walks queries for dK = scale dS^T Q and dV = P^T dO.
+//
+// cu_seqlens stays on the GPU (no host sync). Its consistency (starts at 0, non-decreasing, ends at T) is checked by
+// device asserts; a sequence longer than max_seqlen is still computed in full (the blocks loop over query tiles).
+#include <ATen/ATen.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+
+#include "checks.h"
+#include "cuda_utils.cuh"
+
+namespace mtbert_fast {
+namespace {
+
+using namespace cuda;
+namespace wmma = nvcuda::wmma;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kMaxHeadDim = 256;
+constexpr int kMaxTensorCoreHeadDim = 128;
+constexpr int kMaxGridZ = 65535;
+
+// The packed batch as the kernels see it. Strides are in elements; out and grad_qkv are contiguous.
+struct Problem {
+  const int* cu_seqlens;  // [batch + 1]
+  int64_t tokens;
+  int batch;
+  int heads;
+  int head_dim;
+  int64_t tok_stride, part_stride, head_stride;  // of qkv
+  float scale;
+};
+
+// Bounds of sequence b, with the consistency of cu_seqlens asserted on the device.
+__device__ __forceinline__ void sequence_bounds(const Problem& p, int b, int64_t& start, int& len) {
+  const int s = p.cu_seqlens[b];
+  const int e = p.cu_seqlens[b + 1];
+  CUDA_KERNEL_ASSERT(s >= 0 && s <= e && e <= p.tokens && "attention_varlen: cu_seqlens must be non-decreasing in [0, T]");
+  CUDA_KERNEL_ASSERT((b > 0 || s == 0) && "attention_varlen: cu_seqlens[0] must be 0");
+  CUDA_KERNEL_ASSERT((b + 1 < p.batch || e == p.tokens) && "attention_varlen: cu_seqlens[-1] must be T");
+  start = s;
+  len = e - s;
+}
+
+// =====================================================================================================================
+// Forward on tensor cores (WMMA), fp16 / bf16.
+
+template <typename T>
+struct MmaType;
+template <>
+struct MmaType<at::Half> {
+  using type = __half;
+};
+template <>
+struct MmaType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+__device__ __forceinline__ __half to_mma(float v, __half) { return __float2half_rn(v); }
+__device__ __forceinline__ __nv_bfloat16 to_mma(float v, __nv_bfloat16) { return __float2bfloat16_rn(v); }
+
+constexpr int kTcWarps = 4;
+constexpr int kTcRows = 16 * kTcWarps;  // query rows per block
+constexpr int kTcKeys = 64;             // keys per step
+
+constexpr int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+// Shared memory of the tensor-core kernel, for a head dim padded to HD. Every WMMA pointer is 32-byte aligned and every
+// leading dimension a multiple of 16 bytes; the +8 / +4 pads move consecutive rows to other banks.
+template <int HD>
+struct TcLayout {
+  static constexpr int kLdh = HD + 8;       // Q, K, V tiles (16-bit elements)
+  static constexpr int kLds = kTcKeys + 4;  // scores (fp32)
+  static constexpr int kLdp = kTcKeys + 8;  // probabilities (16-bit)
+  static constexpr int kLdo = HD + 4;       // output staging (fp32)
+  static constexpr int kKvBytes = kTcKeys * kLdh * 2;
+  static constexpr int kSBytes = 16 * kLds * 4;
+  static constexpr int kPBytes = 16 * kLdp * 2;
+  // per warp: its 16 Q rows until they are in registers, then its scores and probabilities; then m, l and alpha
+  static constexpr int kScratchBytes = round_up(std::max(16 * kLdh * 2, kSBytes + kPBytes), 128);
+  static constexpr int kWarpBytes = kScratchBytes + 256;
+  static constexpr int kBytes = 2 * kKvBytes + kTcWarps * kWarpBytes;
+  static_assert(kTcWarps * 16 * kLdo * 4 <= 2 * kKvBytes, "the output staging must fit where K and V were");
+};
+
+// dst [rows, LD] = src rows [0, valid) x columns [0, d), zero elsewhere up to HD columns; 16-bit elements moved as raw
+// bits. vec: 8 elements (16 bytes) at a time, for d % 8 == 0 and 16-byte aligned source rows.
+template <int HD, int LD>
+__device__ __forceinline__ void load_tile(uint16_t* __restrict__ dst, const uint16_t* __restrict__ src,
+                                          int64_t stride, int rows, int valid, int d, bool vec, int tid,
+                                          int nthreads) {
+  if (vec) {
+    constexpr int kChunks = HD / 8;
+    for (int c = tid; c < rows * kChunks; c += nthreads) {
+      const int r = c / kChunks;
+      const int col = (c % kChunks) * 8;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (r < valid && col < d) v = *reinterpret_cast<const uint4*>(src + r * stride + col);
+      *reinterpret_cast<uint4*>(dst + r * LD + col) = v;
+    }
+  } else {
+    for (int c = tid; c < rows * HD; c += nthreads) {
+      const int r = c / HD;
+      const int col = c % HD;
+      dst[r * LD + col] = (r < valid && col < d) ? src[r * stride + col] : uint16_t{0};
+    }
+  }
+}
+
+template <typename T, int HD>
+__global__ void __launch_bounds__(kTcWarps * 32) attention_forward_tc_kernel(
+    Problem p,
+    const T* __restrict__ qkv,  // [T, 3, heads, head_dim], strided
+    T* __restrict__ out,        // [T, heads, head_dim]
+    float* __restrict__ lse,    // [heads, T]
+    bool vec) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using E = typename MmaType<T>::type;
+  using L = TcLayout<HD>;
+  using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  uint16_t* ks = reinterpret_cast<uint16_t*>(smem);                // [kTcKeys, kLdh]
+  uint16_t* vs = reinterpret_cast<uint16_t*>(smem + L::kKvBytes);  // [kTcKeys, kLdh]
+  unsigned char* scratch = smem + 2 * L::kKvBytes + warp * L::kWarpBytes;
+  uint16_t* qw = reinterpret_cast<uint16_t*>(scratch);             // [16, kLdh]
+  float* sw = reinterpret_cast<float*>(scratch);                   // [16, kLds], over qw
+  E* pw = reinterpret_cast<E*>(scratch + L::kSBytes);              // [16, kLdp]
+  float* row_max = reinterpret_cast<float*>(scratch + L::kScratchBytes);  // [16], log2 units
+  float* row_sum = row_max + 16;                                   // [16]
+  float* row_alpha = row_sum + 16;                                 // [16]
+  float* ow = reinterpret_cast<float*>(smem) + warp * 16 * L::kLdo;  // [16, kLdo], over K and V at the end
+
+  int64_t start;
+  int len;
+  sequence_bounds(p, blockIdx.x, start, len);
+  const int h = blockIdx.y;
+  const int d = p.head_dim;
+  const int64_t out_stride = static_cast<int64_t>(p.heads) * d;
+  const uint16_t* q_base = reinterpret_cast<const uint16_t*>(qkv + start * p.tok_stride + h * p.head_stride);
+  const uint16_t* k_base = q_base + p.part_stride;
+  const uint16_t* v_base = k_base + p.part_stride;
+  const float scale_log2 = p.scale * kLog2e;
+
+  // The row of each accumulator element (WMMA leaves the layout opaque): load a matrix whose rows hold their index.
+  Acc row_of;
+  for (int i = lane; i < 256; i += 32) sw[(i / 16) * L::kLds + i % 16] = static_cast<float>(i / 16);
+  __syncwarp();
+  wmma::load_matrix_sync(row_of, sw, L::kLds, wmma::mem_row_major);
+  __syncwarp();
+
+  for (int q0 = blockIdx.z * kTcRows; q0 < len; q0 += gridDim.z * kTcRows) {
+    const int wq0 = q0 + warp * 16;  // this warp's first query row
+    const int rows_valid = min(16, max(0, len - wq0));
+    load_tile<HD, L::kLdh>(qw, q_base + static_cast<int64_t>(wq0) * p.tok_stride, p.tok_stride, 16, rows_valid, d,
+                           vec, lane, 32);
+    __syncwarp();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> qf[HD / 16];
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+      wmma::load_matrix_sync(qf[kk], reinterpret_cast<const E*>(qw) + kk * 16, L::kLdh);
+    }
+    Acc acc[HD / 16];
+#pragma unroll
+    for (int n = 0; n < HD / 16; ++n) wmma::fill_fragment(acc[n], 0.f);
+    __syncwarp();  // the scores overwrite Q
+    if (lane < 16) {
+      row_max[lane] = -INFINITY;
+      row_sum[lane] = 0.f;
+    }
+
+    for (int k0 = 0; k0 < len; k0 += kTcKeys) {
+      const int kv_valid = min(kTcKeys, len - k0);
+      __syncthreads();  // every warp is done with the previous K and V (or with the output staging over them)
+      load_tile<HD, L::kLdh>(ks, k_base + static_cast<int64_t>(k0) * p.tok_stride, p.tok_stride, kTcKeys, kv_valid,
+                             d, vec, threadIdx.x, kTcWarps * 32);
+      load_tile<HD, L::kLdh>(vs, v_base + static_cast<int64_t>(k0) * p.tok_stride, p.tok_stride, kTcKeys, kv_valid,
+                             d, vec, threadIdx.x, kTcWarps * 32);
+      __syncthreads();
+
+      // S = Q K^T for this warp's 16 rows; K [keys, HD] row-major is K^T [HD, keys] column-major
+#pragma unroll
+      for (int j = 0; j < kTcKeys / 16; ++j) {
+        Acc s;
+        wmma::fill_fragment(s, 0.f);
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; ++kk) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::col_major> kf;
+          wmma::load_matrix_sync(kf, reinterpret_cast<const E*>(ks) + j * 16 * L::kLdh + kk * 16, L::kLdh);
+          wmma::mma_sync(s, qf[kk], kf, s);
+        }
+        wmma::store_matrix_sync(sw + j * 16, s, L::kLds, wmma::mem_row_major);
+      }
+      __syncwarp();
+
+      // Online softmax: two lanes per row, 32 columns each, in log2 units
+      {
+        const int r = lane >> 1;
+        const int half = lane & 1;
+        const float* srow = sw + r * L::kLds + half * 32;
+        E* prow = pw + r * L::kLdp + half * 32;
+        const int valid = kv_valid - half * 32;  // columns of this half that hold keys
+        float mx = -INFINITY;
+#pragma unroll 8
+        for (int i = 0; i < 32; ++i) {
+          const int c = (i + lane) & 31;  // staggered, so that the 32 lanes read 32 different banks
+          if (c < valid) mx = fmaxf(mx, srow[c] * scale_log2);
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        const float m_old = row_max[r];
+        const float m_new = fmaxf(m_old, mx);  // finite: each step has at least one key
+        float sum = 0.f;
+#pragma unroll 8
+        for (int i = 0; i < 32; ++i) {
+          const int c = (i + lane) & 31;
+          const float pv = c < valid ? exp2f(fmaf(srow[c], scale_log2, -m_new)) : 0.f;
+          prow[c] = to_mma(pv, E{});
+          sum += pv;
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        __syncwarp();
+        if (half == 0) {
+          const float alpha = exp2f(m_old - m_new);
+          row_alpha[r] = alpha;
+          row_sum[r] = fmaf(row_sum[r], alpha, sum);
+          row_max[r] = m_new;
+        }
+        __syncwarp();
+      }
+
+      // O = O * alpha + P V
+#pragma unroll
+      for (int n = 0; n < HD / 16; ++n) {
+#pragma unroll
+        for (int i = 0; i < acc[n].num_elements; ++i) acc[n].x[i] *= row_alpha[static_cast<int>(row_of.x[i])];
+      }
+#pragma unroll
+      for (int kk = 0; kk < kTcKeys / 16; ++kk) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> pf;
+        wmma::load_matrix_sync(pf, pw + kk * 16, L::kLdp);
+#pragma unroll
+        for (int n = 0; n < HD / 16; ++n) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::row_major> vf;
+          wmma::load_matrix_sync(vf, reinterpret_cast<const E*>(vs) + kk * 16 * L::kLdh + n * 16, L::kLdh);
+          wmma::mma_sync(acc[n], pf, vf, acc[n]);
+        }
+      }
+    }
+
+    // O / l through shared memory (over K and V) to the output rows
+    __syncthreads();
+#pragma unroll
+    for (int n = 0; n < HD / 16; ++n) {
+#pragma unroll
+      for (int i = 0; i < acc[n].num_elements; ++i) acc[n].x[i] /= row_sum[static_cast<int>(row_of.x[i])];
+      wmma::store_matrix_sync(ow + n * 16, acc[n], L::kLdo, wmma::mem_row_major);
+    }
+    __syncwarp();
+    T* out_base = out + (start + wq0) * out_stride + static_cast<int64_t>(h) * d;
+    if (vec) {
+      constexpr int kChunks = HD / 8;
+      for (int c = lane; c < 16 * kChunks; c += 32) {
+        const int r = c / kChunks;
+        const int col = (c % kChunks) * 8;
+        if (r < rows_valid && col < d) {
+          float v[8];
+#pragma unroll
+          for (int k = 0; k < 8; ++k) v[k] = ow[r * L::kLdo + col + k];
+          store_vec<T, 8>(out_base + r * out_stride + col, v);
+        }
+      }
+    } else {
+      for (int c = lane; c < 16 * d; c += 32) {
+        const int r = c / d;
+        const int col = c % d;
+        if (r < rows_valid) out_base[r * out_stride + col] = static_cast<T>(ow[r * L::kLdo + col]);
+      }
+    }
+    if (lane < rows_valid) lse[h * p.tokens + start + wq0 + lane] = (row_max[lane] + log2f(row_sum[lane])) * kLn2;
+  }
+#else
+  CUDA_KERNEL_ASSERT(false && "attention_varlen: the tensor-core kernel needs sm80 or newer");
+#endif
+}
+
+template <typename T, int HD>
+void launch_forward_tc(const Problem& p, dim3 grid, const T* qkv, T* out, float* lse, bool vec, cudaStream_t stream) {
+  constexpr int kBytes = TcLayout<HD>::kBytes;
+  auto kernel = attention_forward_tc_kernel<T, HD>;
+  if (kBytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
+  }
+  kernel<<<grid, kTcWarps * 32, kBytes, stream>>>(p, qkv, out, lse, vec);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// =====================================================================================================================
+// CUDA-core kernels, fp32 math, any dtype. NC = head-dim columns per lane (head_dim <= 32 * NC).
+
+constexpr int kSimpleWarps = 4;
+constexpr int kSimpleThreads = kSimpleWarps * 32;
+constexpr int kForwardRowsPerWarp = 8;
+constexpr int kForwardRows = kSimpleWarps * kForwardRowsPerWarp;  // query rows per block
+constexpr int kBackwardRowsPerWarp = 4;
+constexpr int kBackwardRows = kSimpleWarps * kBackwardRowsPerWarp;  // rows (queries or keys) per block
+constexpr int kLaneRows = 32;  // keys (forward, dQ) or queries (dK, dV) per step: one per lane
+
+// dst [rows, ld] (fp32) = src rows [0, valid) x columns [0, d), zero elsewhere up to `cols` columns.
+template <typename T>
+__device__ __forceinline__ void load_rows_f32(float* __restrict__ dst, int ld, const T* __restrict__ src,
+                                              int64_t stride, int rows, int valid, int d, int cols) {
+  for (int i = threadIdx.x; i < rows * cols; i += blockDim.x) {
+    const int r = i / cols;
+    const int c = i % cols;
+    dst[r * ld + c] = (r < valid && c < d) ? static_cast<float>(src[r * stride + c]) : 0.f;
+  }
+}
+
+__device__ __forceinline__ float dot(const float* __restrict__ a, const float* __restrict__ b, int d) {
+  float acc = 0.f;
+#pragma unroll 4
+  for (int c = 0; c < d; ++c) acc = fmaf(a[c], b[c], acc);
+  return acc;
+}
+
+inline size_t simple_forward_bytes(int d, int nc) {
+  return sizeof(float) * (kForwardRows * d + kLaneRows * (d + 1) + kLaneRows * 32 * nc);
+}
+
+template <typename T, int NC>
+__global__ void __launch_bounds__(kSimpleThreads) attention_forward_simple_kernel(
+    Problem p,
+    const T* __restrict__ qkv,  // [T, 3, heads, head_dim], strided
+    T* __restrict__ out,        // [T, heads, head_dim]
+    float* __restrict__ lse) {  // [heads, T]
+  constexpr int DP = 32 * NC;
+  constexpr int R = kForwardRowsPerWarp;
+  extern __shared__ float fsmem[];
+  const int d = p.head_dim;
+  float* qs = fsmem;                    // [kForwardRows, d]
+  float* ks = qs + kForwardRows * d;    // [32, d + 1]: lanes read different rows without bank conflicts
+  float* vs = ks + kLaneRows * (d + 1);  // [32, DP], zero past d
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+
+  int64_t start;
+  int len;
+  sequence_bounds(p, blockIdx.x, start, len);
+  const int h = blockIdx.y;
+  const int64_t out_stride = static_cast<int64_t>(p.heads) * d;
+  const T* q_base = qkv + start * p.tok_stride + h * p.head_stride;
+  const T* k_base = q_base + p.part_stride;
+  const T* v_base = k_base + p.part_stride;
+  const float scale_log2 = p.scale * kLog2e;
+
+  for (int q0 = blockIdx.z * kForwardRows; q0 < len; q0 += gridDim.z * kForwardRows) {
+    __syncthreads();  // the previous tile is done with qs
+    load_rows_f32(qs, d, q_base + static_cast<int64_t>(q0) * p.tok_stride, p.tok_stride, kForwardRows, len - q0, d, d);
+    float o[R][NC], m[R], l[R];
+#pragma unroll
+    for (int rr = 0; rr < R; ++rr) {
+      m[rr] = -INFINITY;
+      l[rr] = 0.f;
+#pragma unroll
+      for (int c = 0; c < NC; ++c) o[rr][c] = 0.f;
+    }
+    for (int k0 = 0; k0 < len; k0 += kLaneRows) {
+      const int kv_valid = min(kLaneRows, len - k0);
+      __syncthreads();
+      load_rows_f32(ks, d + 1, k_base + static_cast<int64_t>(k0) * p.tok_stride, p.tok_stride, kLaneRows, kv_valid,
+                    d, d);
+      load_rows_f32(vs, DP, v_base + static_cast<int64_t>(k0) * p.tok_stride, p.tok_stride, kLaneRows, kv_valid, d,
+                    DP);
+      __syncthreads();
+#pragma unroll
+      for (int rr = 0; rr < R; ++rr) {
+        const float* qrow = qs + (warp * R + rr) * d;
+        const float s = lane < kv_valid ? dot(qrow, ks + lane * (d + 1), d) * scale_log2 : -INFINITY;
+        const float m_new = fmaxf(m[rr], warp_max(s));
+        const float alpha = exp2f(m[rr] - m_new);
+        const float pv = lane < kv_valid ? exp2f(s - m_new) : 0.f;
+        l[rr] = fmaf(l[rr], alpha, warp_sum(pv));
+        m[rr] = m_new;
+#pragma unroll
+        for (int c = 0; c < NC; ++c) o[rr][c] *= alpha;
+        for (int j = 0; j < kv_valid; ++j) {
+          const float pj = __shfl_sync(0xffffffffu, pv, j);
+          const float* vrow = vs + j * DP + lane;
+#pragma unroll
+          for (int c = 0; c < NC; ++c) o[rr][c] = fmaf(pj, vrow[32 * c], o[rr][c]);
+        }
+      }
+    }
+#pragma unroll
+    for (int rr = 0; rr < R; ++rr) {
+      const int row = q0 + warp * R + rr;
+      if (row < len) {
+        const float inv = 1.f / l[rr];
+        T* dst = out + (start + row) * out_stride + static_cast<int64_t>(h) * d;
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+          if (lane + 32 * c < d) dst[lane + 32 * c] = static_cast<T>(o[rr][c] * inv);
+        }
+        if (lane == 0) lse[h * p.tokens + start + row] = (m[rr] + log2f(l[rr])) * kLn2;
+      }
+    }
+  }
+}
+
+// delta [heads, T] = rowsum(grad_out * out), one warp per (token, head).
+template <typename T>
+__global__ void attention_delta_kernel(
+    const T* __restrict__ grad_out,  // [T, heads, head_dim]
+    const T* __restrict__ out,       // [T, heads, head_dim]
+    float* __restrict__ delta,       // [heads, T]
+    int64_t tokens,
+    int heads,
+    int d) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
+  for (int64_t w = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32; w < tokens * heads;
+       w += warps) {
+    const int64_t t = w / heads;
+    const int h = static_cast<int>(w % heads);
+    const int64_t base = w * d;
+    float acc = 0.f;
+    for (int c = lane; c < d; c += 32) {
+      acc = fmaf(static_cast<float>(grad_out[base + c]), static_cast<float>(out[base + c]), acc);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) delta[h * tokens + t] = acc;
+  }
+}
+
+inline size_t dq_bytes(int d) { return sizeof(float) * (2 * kBackwardRows * d + 2 * kLaneRows * (d + 1)); }
+
+// dQ = scale * dS K over the keys of the sequence, for a tile of query rows.
+template <typename T, int NC>
+__global__ void __launch_bounds__(kSimpleThreads) attention_dq_kernel(
+    Problem p,
+    const T* __restrict__ qkv,        // [T, 3, heads, head_dim], strided
+    const T* __restrict__ grad_out,   // [T, heads, head_dim]
+    const float* __restrict__ lse,    // [heads, T]
+    const float* __restrict__ delta,  // [heads, T]
+    T* __restrict__ grad_qkv) {       // [T, 3, heads, head_dim]
+  constexpr int R = kBackwardRowsPerWarp;
+  extern __shared__ float fsmem[];
+  const int d = p.head_dim;
+  float* qs = fsmem;                       // [kBackwardRows, d]
+  float* dos = qs + kBackwardRows * d;     // [kBackwardRows, d]
+  float* ks = dos + kBackwardRows * d;     // [32, d + 1]
+  float* vs = ks + kLaneRows * (d + 1);    // [32, d + 1]
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+
+  int64_t start;
+  int len;
+  sequence_bounds(p, blockIdx.x, start, len);
+  const int h = blockIdx.y;
+  const int64_t row_stride = static_cast<int64_t>(p.heads) * d;  // of grad_out
+  const T* q_base = qkv + start * p.tok_stride + h * p.head_stride;
+  const T* k_base = q_base + p.part_stride;
+  const T* v_base = k_base + p.part_stride;
+  const T* go_base = grad_out + start * row_stride + static_cast<int64_t>(h) * d;
+  const float scale_log2 = p.scale * kLog2e;
+
+  for (int q0 = blockIdx.z * kBackwardRows; q0 < len; q0 += gridDim.z * kBackwardRows) {
+    __syncthreads();
+    load_rows_f32(qs, d, q_base + static_cast<int64_t>(q0) * p.tok_stride, p.tok_stride, kBackwardRows, len - q0, d,
+                  d);
+    load_rows_f32(dos, d, go_base + static_cast<int64_t>(q0) * row_stride, row_stride, kBackwardRows, len - q0, d, d);
+    float dq[R][NC], lse2[R], dl[R];
+#pragma unroll
+    for (int rr = 0; rr < R; ++rr) {
+      const int row = q0 + warp * R + rr;
+      lse2[rr] = row < len ? lse[h * p.tokens + start + row] * kLog2e : 0.f;
+      dl[rr] = row < len ? delta[h * p.tokens + start + row] : 0.f;
+#pragma unroll
+      for (int c = 0; c < NC; ++c) dq[rr][c] = 0.f;
+    }
+    for (int k0 = 0; k0 < len; k0 += kLaneRows) {
+      const int kv_valid = min(kLaneRows, len - k0);
+      __syncthreads();
+      load_rows_f32(ks, d + 1, k_base + static_cast<int64_t>(k0) * p.tok_stride, p.tok_stride, kLaneRows, kv_valid,
+                    d, d);
+      load_rows_f32(vs, d + 1, v_base + static_cast<int64_t>(k0) * p.tok_stride, p.tok_stride, kLaneRows, kv_valid,
+                    d, d);
+      __syncthreads();
+#pragma unroll
+      for (int rr = 0; rr < R; ++rr) {
+        const float* qrow = qs + (warp * R + rr) * d;
+        const float* dorow = dos + (warp * R + rr) * d;
+        float ds = 0.f;
+        if (lane < kv_valid) {
+          const float pv = exp2f(fmaf(dot(qrow, ks + lane * (d + 1), d), scale_log2, -lse2[rr]));
+          ds = pv * (dot(dorow, vs + lane * (d + 1), d) - dl[rr]);
+        }
+        for (int j = 0; j < kv_valid; ++j) {
+          const float dsj = __shfl_sync(0xffffffffu, ds, j);
+          const float* krow = ks + j * (d + 1) + lane;
+#pragma unroll
+          for (int c = 0; c < NC; ++c) {
+            if (lane + 32 * c < d) dq[rr][c] = fmaf(dsj, krow[32 * c], dq[rr][c]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int rr = 0; rr < R; ++rr) {
+      const int row = q0 + warp * R + rr;
+      if (row < len) {
+        T* dst = grad_qkv + (start + row) * 3 * row_stride + static_cast<int64_t>(h) * d;
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+          if (lane + 32 * c < d) dst[lane + 32 * c] = static_cast<T>(dq[rr][c] * p.scale);
+        }
+      }
+    }
+  }
+}
+
+inline size_t dkv_bytes(int d) {
+  return sizeof(float) * (2 * kBackwardRows * d + 2 * kLaneRows * (d + 1) + 2 * kLaneRows);
+}
+
+// dK = scale * dS^T Q and dV = P^T dO over the queries of the sequence, for a tile of key rows.
+template <typename T, int NC>
+__global__ void __launch_bounds__(kSimpleThreads) attention_dkv_kernel(
+    Problem p,
+    const T* __restrict__ qkv,        // [T, 3, heads, head_dim], strided
+    const T* __restrict__ grad_out,   // [T, heads, head_dim]
+    const float* __restrict__ lse,    // [heads, T]
+    const float* __restrict__ delta,  // [heads, T]
+    T* __restrict__ grad_qkv) {       // [T, 3, heads, head_dim]
+  constexpr int R = kBackwardRowsPerWarp;
+  extern __shared__ float fsmem[];
+  const int d = p.head_dim;
+  float* ks = fsmem;                         // [kBackwardRows, d]
+  float* vs = ks + kBackwardRows * d;        // [kBackwardRows, d]
+  float* qs = vs + kBackwardRows * d;        // [32, d + 1]
+  float* dos = qs + kLaneRows * (d + 1);     // [32, d + 1]
+  float* lse_s = dos + kLaneRows * (d + 1);  // [32], log2 units
+  float* delta_s = lse_s + kLaneRows;        // [32]
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+
+  int64_t start;
+  int len;
+  sequence_bounds(p, blockIdx.x, start, len);
+  const int h = blockIdx.y;
+  const int64_t row_stride = static_cast<int64_t>(p.heads) * d;
+  const T* q_base = qkv + start * p.tok_stride + h * p.head_stride;
+  const T* k_base = q_base + p.part_stride;
+  const T* v_base = k_base + p.part_stride;
+  const T* go_base = grad_out + start * row_stride + static_cast<int64_t>(h) * d;
+  const float* lse_base = lse + h * p.tokens + start;
+  const float* delta_base = delta + h * p.tokens + start;
+  const float scale_log2 = p.scale * kLog2e;
+
+  for (int j0 = blockIdx.z * kBackwardRows; j0 < len; j0 += gridDim.z * kBackwardRows) {
+    __syncthreads();
+    load_rows_f32(ks, d, k_base + static_cast<int64_t>(j0) * p.tok_stride, p.tok_stride, kBackwardRows, len - j0, d,
+                  d);
+    load_rows_f32(vs, d, v_base + static_cast<int64_t>(j0) * p.tok_stride, p.tok_stride, kBackwardRows, len - j0, d,
+                  d);
+    float dk[R][NC], dv[R][NC];
+#pragma unroll
+    for (int rr = 0; rr < R; ++rr) {
+#pragma unroll
+      for (int c = 0; c < NC; ++c) dk[rr][c] = dv[rr][c] = 0.f;
+    }
+    for (int i0 = 0; i0 < len; i0 += kLaneRows) {
+      const int q_valid = min(kLaneRows, len - i0);
+      __syncthreads();
+      load_rows_f32(qs, d + 1, q_base + static_cast<int64_t>(i0) * p.tok_stride, p.tok_stride, kLaneRows, q_valid, d,
+                    d);
+      load_rows_f32(dos, d + 1, go_base + static_cast<int64_t>(i0) * row_stride, row_stride, kLaneRows, q_valid, d, d);
+      if (threadIdx.x < kLaneRows) {
+        lse_s[threadIdx.x] = threadIdx.x < q_valid ? lse_base[i0 + threadIdx.x] * kLog2e : 0.f;
+        delta_s[threadIdx.x] = threadIdx.x < q_valid ? delta_base[i0 + threadIdx.x] : 0.f;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int rr = 0; rr < R; ++rr) {
+        const float* krow = ks + (warp * R + rr) * d;
+        const float* vrow = vs + (warp * R + rr) * d;
+        float pv = 0.f, ds = 0.f;
+        if (lane < q_valid) {
+          pv = exp2f(fmaf(dot(krow, qs + lane * (d + 1), d), scale_log2, -lse_s[lane]));
+          ds = pv * (dot(vrow, dos + lane * (d + 1), d) - delta_s[lane]);
+        }
+        for (int i = 0; i < q_valid; ++i) {
+          const float pi = __shfl_sync(0xffffffffu, pv, i);
+          const float dsi = __shfl_sync(0xffffffffu, ds, i);
+          const float* qrow = qs + i * (d + 1) + lane;
+          const float* dorow = dos + i * (d + 1) + lane;
+#pragma unroll
+          for (int c = 0; c < NC; ++c) {
+            if (lane + 32 * c < d) {
+              dv[rr][c] = fmaf(pi, dorow[32 * c], dv[rr][c]);
+              dk[rr][c] = fmaf(dsi, qrow[32 * c], dk[rr][c]);
+            }
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int rr = 0; rr < R; ++rr) {
+      const int row = j0 + warp * R + rr;
+      if (row < len) {
+        T* dst = grad_qkv + (start + row) * 3 * row_stride + static_cast<int64_t>(h) * d;
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+          if (lane + 32 * c < d) {
+            dst[row_stride + lane + 32 * c] = static_cast<T>(dk[rr][c] * p.scale);
+            dst[2 * row_stride + lane + 32 * c] = static_cast<T>(dv[rr][c]);
+          }
+        }
+      }
+    }
+  }
+}
+
+// Calls f(std::integral_constant<int, NC>{}) with the fewest columns per lane (1, 2, 4 or 8) that cover head_dim.
+template <typename F>
+void dispatch_columns(int head_dim, const F& f) {
+  if (head_dim <= 32) {
+    f(std::integral_constant<int, 1>{});
+  } else if (head_dim <= 64) {
+    f(std::integral_constant<int, 2>{});
+  } else if (head_dim <= 128) {
+    f(std::integral_constant<int, 4>{});
+  } else {
+    f(std::integral_constant<int, 8>{});
+  }
+}
+
+template <typename Kernel>
+void allow_shared_bytes(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  }
+}
+
+// =====================================================================================================================
+// Entry points.
+
+void check_qkv(const char* op, const at::Tensor& qkv) {
+  TORCH_CHECK(qkv.is_cuda(), op, ": qkv must be a CUDA tensor, got one on ", qkv.device());
+  TORCH_CHECK(qkv.dim() == 4 && qkv.size(1) == 3, op, ": qkv must have shape [T, 3, heads, head_dim], got ",
+              qkv.sizes());
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kHalf ||
+                  qkv.scalar_type() == at::kBFloat16,
+              op, ": qkv must be float32, float16 or bfloat16, got ", qkv.scalar_type());
+  TORCH_CHECK(qkv.size(3) <= kMaxHeadDim, op, ": head_dim must be at most ", kMaxHeadDim, ", got qkv of shape ",
+              qkv.sizes());
+  TORCH_CHECK(qkv.size(0) < INT_MAX, op, ": qkv has ", qkv.size(0), " rows; cu_seqlens (int32) indexes at most ",
+              INT_MAX - 1);
+  TORCH_CHECK(qkv.size(2) <= kMaxGridZ, op, ": at most ", kMaxGridZ, " heads, got qkv of shape ", qkv.sizes());
+}
+
+void check_cu_seqlens(const char* op, const at::Tensor& cu_seqlens, const at::Tensor& qkv, int64_t max_seqlen) {
+  TORCH_CHECK(cu_seqlens.device() == qkv.device(), op, ": cu_seqlens is on ", cu_seqlens.device(), " but qkv is on ",
+              qkv.device());
+  TORCH_CHECK(cu_seqlens.dim() == 1, op, ": cu_seqlens must have 1 dim, got shape ", cu_seqlens.sizes());
+  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt, op, ": cu_seqlens must be Int (int32), got ",
+              cu_seqlens.scalar_type());
+  TORCH_CHECK(cu_seqlens.numel() >= 1, op, ": cu_seqlens must hold at least one offset (B + 1 entries)");
+  TORCH_CHECK(cu_seqlens.numel() - 1 <= INT_MAX, op, ": too many sequences (", cu_seqlens.numel() - 1, ")");
+  TORCH_CHECK(max_seqlen >= 0, op, ": max_seqlen must be >= 0, got ", max_seqlen);
+}
+
+Problem make_problem(const at::Tensor& qkv, const at::Tensor& cu_seqlens, double scale) {
+  return Problem{cu_seqlens.const_data_ptr<int>(),
+                 qkv.size(0),
+                 static_cast<int>(cu_seqlens.numel() - 1),
+                 static_cast<int>(qkv.size(2)),
+                 static_cast<int>(qkv.size(3)),
+                 qkv.stride(0),
+                 qkv.stride(1),
+                 qkv.stride(2),
+                 static_cast<float>(scale)};
+}
+
+dim3 grid_of(const Problem& p, int64_t max_seqlen, int rows_per_block) {
+  const int64_t tiles = std::max<int64_t>(1, (max_seqlen + rows_per_block - 1) / rows_per_block);
+  return dim3(static_cast<unsigned>(p.batch), static_cast<unsigned>(p.heads),
+              static_cast<unsigned>(std::min<int64_t>(tiles, kMaxGridZ)));
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_cuda(const at::Tensor& qkv_in, const at::Tensor& cu_seqlens_in,
+                                                         int64_t max_seqlen, double scale) {
+  constexpr const char* op = "attention_varlen";
+  check_qkv(op, qkv_in);
+  check_cu_seqlens(op, cu_seqlens_in, qkv_in, max_seqlen);
+  const at::cuda::OptionalCUDAGuard device_guard(device_of(qkv_in));
+  const at::Tensor qkv = qkv_in.stride(3) == 1 ? qkv_in : qkv_in.contiguous();
+  const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
+  const Problem p = make_problem(qkv, cu_seqlens, scale);
+  at::Tensor out = at::empty({p.tokens, p.heads, p.head_dim}, qkv.options());
+  at::Tensor lse = at::empty({p.heads, p.tokens}, qkv.options().dtype(at::kFloat));
+  if (p.batch == 0 || p.heads == 0) return {out, lse};
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool tensor_cores = qkv.scalar_type() != at::kFloat && p.head_dim <= kMaxTensorCoreHeadDim &&
+                            at::cuda::getCurrentDeviceProperties()->major >= 8;
+  dispatch_floating(qkv.scalar_type(), [&](auto t) {
+    using T = decltype(t);
+    const T* qkv_p = qkv.const_data_ptr<T>();
+    T* out_p = out.mutable_data_ptr<T>();
+    float* lse_p = lse.mutable_data_ptr<float>();
+    if constexpr (!std::is_same_v<T, float>) {
+      if (tensor_cores) {
+        const bool vec = p.head_dim % 8 == 0 && p.tok_stride % 8 == 0 && p.part_stride % 8 == 0 &&
+                         p.head_stride % 8 == 0 && aligned_to(16, qkv_p, out_p);
+        const dim3 grid = grid_of(p, max_seqlen, kTcRows);
+        if (p.head_dim <= 32) {
+          launch_forward_tc<T, 32>(p, grid, qkv_p, out_p, lse_p, vec, stream);
+        } else if (p.head_dim <= 64) {
+          launch_forward_tc<T, 64>(p, grid, qkv_p, out_p, lse_p, vec, stream);
+        } else if (p.head_dim <= 96) {
+          launch_forward_tc<T, 96>(p, grid, qkv_p, out_p, lse_p, vec, stream);
+        } else {
+          launch_forward_tc<T, 128>(p, grid, qkv_p, out_p, lse_p, vec, stream);
+        }
+        return;
+      }
+    }
+    dispatch_columns(p.head_dim, [&](auto nc) {
+      constexpr int NC = decltype(nc)::value;
+      const size_t bytes = simple_forward_bytes(p.head_dim, NC);
+      auto kernel = attention_forward_simple_kernel<T, NC>;
+      allow_shared_bytes(kernel, bytes);
+      kernel<<<grid_of(p, max_seqlen, kForwardRows), kSimpleThreads, bytes, stream>>>(p, qkv_p, out_p, lse_p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {out, lse};
+}
+
+at::Tensor attention_varlen_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor& qkv_in,
+                                          const at::Tensor& out_in, const at::Tensor& lse_in,
+                                          const at::Tensor& cu_seqlens_in, int64_t max_seqlen, double scale) {
+  constexpr const char* op = "attention_varlen_backward";
+  check_qkv(op, qkv_in);
+  check_cu_seqlens(op, cu_seqlens_in, qkv_in, max_seqlen);
+  const int64_t tokens = qkv_in.size(0), heads = qkv_in.size(2), head_dim = qkv_in.size(3);
+  MTBF_CHECK_SAME_DEVICE("attention_varlen_backward", qkv_in, grad_out_in);
+  MTBF_CHECK_SAME_DEVICE("attention_varlen_backward", qkv_in, out_in);
+  MTBF_CHECK_SAME_DEVICE("attention_varlen_backward", qkv_in, lse_in);
+  MTBF_CHECK_SAME_DTYPE("attention_varlen_backward", qkv_in, grad_out_in);
+  MTBF_CHECK_SAME_DTYPE("attention_varlen_backward", qkv_in, out_in);
+  MTBF_CHECK_DTYPE("attention_varlen_backward", lse_in, at::kFloat);
+  for (const at::Tensor* t : {&grad_out_in, &out_in}) {
+    TORCH_CHECK(t->sizes() == at::IntArrayRef({tokens, heads, head_dim}), op, ": ",
+                t == &grad_out_in ? "grad_out" : "out", " must have shape [T, heads, head_dim] = [", tokens, ", ",
+                heads, ", ", head_dim, "], got ", t->sizes());
+  }
+  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({heads, tokens}), op, ": lse must have shape [heads, T] = [", heads,
+              ", ", tokens, "], got ", lse_in.sizes());
+  const at::cuda::OptionalCUDAGuard device_guard(device_of(qkv_in));
+  const at::Tensor qkv = qkv_in.stride(3) == 1 ? qkv_in : qkv_in.contiguous();
+  const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
+  const at::Tensor grad_out = grad_out_in.contiguous();
+  const at::Tensor out = out_in.contiguous();
+  const at::Tensor lse = lse_in.contiguous();
+  const Problem p = make_problem(qkv, cu_seqlens, scale);
+  at::Tensor grad_qkv = at::empty({tokens, 3, heads, head_dim}, qkv.options());
+  if (p.batch == 0 || p.heads == 0 || tokens == 0) return grad_qkv;
+  at::Tensor delta = at::empty({heads, tokens}, qkv.options().dtype(at::kFloat));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_floating(qkv.scalar_type(), [&](auto t) {
+    using T = decltype(t);
+    const T* qkv_p = qkv.const_data_ptr<T>();
+    const T* go_p = grad_out.const_data_ptr<T>();
+    const float* lse_p = lse.const_data_ptr<float>();
+    float* delta_p = delta.mutable_data_ptr<float>();
+    T* grad_p = grad_qkv.mutable_data_ptr<T>();
+    attention_delta_kernel<T><<<grid_for(tokens * heads * 32, 256), 256, 0, stream>>>(
+        go_p, out.const_data_ptr<T>(), delta_p, tokens, p.heads, p.head_dim);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_columns(p.head_dim, [&](auto nc) {
+      constexpr int NC = decltype(nc)::value;
+      const dim3 grid = grid_of(p, max_seqlen, kBackwardRows);
+      auto dq_kernel = attention_dq_kernel<T, NC>;
+      allow_shared_bytes(dq_kernel, dq_bytes(p.head_dim));
+      dq_kernel<<<grid, kSimpleThreads, dq_bytes(p.head_dim), stream>>>(p, qkv_p, go_p, lse_p, delta_p, grad_p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      auto dkv_kernel = attention_dkv_kernel<T, NC>;
+      allow_shared_bytes(dkv_kernel, dkv_bytes(p.head_dim));
+      dkv_kernel<<<grid, kSimpleThreads, dkv_bytes(p.head_dim), stream>>>(p, qkv_p, go_p, lse_p, delta_p, grad_p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return grad_qkv;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtbert_fast, CUDA, m) {
+  m.impl("attention_varlen", &attention_varlen_cuda);
+  m.impl("attention_varlen_backward", &attention_varlen_backward_cuda);
+}
+
+}  // namespace mtbert_fast

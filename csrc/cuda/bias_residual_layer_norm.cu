@@ -1,0 +1,138 @@
+// LayerNorm(x + bias + residual) and its backward on CUDA; the row kernels are in layer_norm.cuh.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cuda_utils.cuh"
+#include "layer_norm.cuh"
+
+namespace mtbert_fast {
+namespace {
+
+using namespace cuda;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_residual_layer_norm_cuda(
+    const at::Tensor& x,
+    const at::Tensor& bias,
+    const at::Tensor& residual,
+    const at::Tensor& weight,
+    const at::Tensor& beta,
+    double eps) {
+  MTBF_CHECK_CUDA("bias_residual_layer_norm", x);
+  MTBF_CHECK_CUDA_FLOATING("bias_residual_layer_norm", x);
+  MTBF_CHECK_SAME_DEVICE("bias_residual_layer_norm", x, bias);
+  MTBF_CHECK_SAME_DEVICE("bias_residual_layer_norm", x, residual);
+  MTBF_CHECK_SAME_DEVICE("bias_residual_layer_norm", x, weight);
+  MTBF_CHECK_SAME_DEVICE("bias_residual_layer_norm", x, beta);
+  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm", x, bias);
+  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm", x, residual);
+  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm", x, weight);
+  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm", x, beta);
+  MTBF_CHECK_MIN_DIM("bias_residual_layer_norm", x, 1);
+  MTBF_CHECK_SAME_SHAPE("bias_residual_layer_norm", x, residual);
+  const int64_t D = x.size(-1);
+  TORCH_CHECK(D > 0, "bias_residual_layer_norm: x must have a non-empty last dim, got shape ", x.sizes());
+  MTBF_CHECK_DIM("bias_residual_layer_norm", bias, 1);
+  MTBF_CHECK_SIZE("bias_residual_layer_norm", bias, 0, D);
+  MTBF_CHECK_DIM("bias_residual_layer_norm", weight, 1);
+  MTBF_CHECK_SIZE("bias_residual_layer_norm", weight, 0, D);
+  MTBF_CHECK_DIM("bias_residual_layer_norm", beta, 1);
+  MTBF_CHECK_SIZE("bias_residual_layer_norm", beta, 0, D);
+
+  const at::cuda::OptionalCUDAGuard device_guard(device_of(x));
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor bc = bias.contiguous();
+  const at::Tensor rc = residual.contiguous();
+  const at::Tensor wc = weight.contiguous();
+  const at::Tensor betac = beta.contiguous();
+  const int64_t N = xc.numel() / D;
+  at::Tensor out = at::empty_like(xc);
+  at::Tensor mean = at::empty({N}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({N}, x.options().dtype(at::kFloat));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_floating(x.scalar_type(), [&](auto t) {
+    using T = decltype(t);
+    const BiasResidualRows<T> rows{xc.const_data_ptr<T>(), bc.const_data_ptr<T>(), rc.const_data_ptr<T>()};
+    const T* w = wc.const_data_ptr<T>();
+    const T* b = betac.const_data_ptr<T>();
+    T* o = out.mutable_data_ptr<T>();
+    const bool aligned = aligned_to(16, rows.x, rows.bias, rows.residual, w, b, o);
+    launch_ln_forward<T>(rows, w, b, static_cast<float>(eps), o, mean.mutable_data_ptr<float>(),
+                         rstd.mutable_data_ptr<float>(), N, D, aligned, stream);
+  });
+  return {out, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_residual_layer_norm_backward_cuda(
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const at::Tensor& bias,
+    const at::Tensor& residual,
+    const at::Tensor& weight,
+    const at::Tensor& mean,
+    const at::Tensor& rstd) {
+  MTBF_CHECK_CUDA("bias_residual_layer_norm_backward", x);
+  MTBF_CHECK_CUDA_FLOATING("bias_residual_layer_norm_backward", x);
+  MTBF_CHECK_SAME_DEVICE("bias_residual_layer_norm_backward", x, grad_out);
+  MTBF_CHECK_SAME_DEVICE("bias_residual_layer_norm_backward", x, bias);
+  MTBF_CHECK_SAME_DEVICE("bias_residual_layer_norm_backward", x, residual);
+  MTBF_CHECK_SAME_DEVICE("bias_residual_layer_norm_backward", x, weight);
+  MTBF_CHECK_SAME_DEVICE("bias_residual_layer_norm_backward", x, mean);
+  MTBF_CHECK_SAME_DEVICE("bias_residual_layer_norm_backward", x, rstd);
+  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm_backward", x, grad_out);
+  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm_backward", x, bias);
+  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm_backward", x, residual);
+  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm_backward", x, weight);
+  MTBF_CHECK_DTYPE("bias_residual_layer_norm_backward", mean, at::kFloat);
+  MTBF_CHECK_DTYPE("bias_residual_layer_norm_backward", rstd, at::kFloat);
+  MTBF_CHECK_MIN_DIM("bias_residual_layer_norm_backward", x, 1);
+  MTBF_CHECK_SAME_SHAPE("bias_residual_layer_norm_backward", x, grad_out);
+  MTBF_CHECK_SAME_SHAPE("bias_residual_layer_norm_backward", x, residual);
+  const int64_t D = x.size(-1);
+  TORCH_CHECK(D > 0, "bias_residual_layer_norm_backward: x must have a non-empty last dim, got shape ", x.sizes());
+  const int64_t N = x.numel() / D;
+  MTBF_CHECK_DIM("bias_residual_layer_norm_backward", bias, 1);
+  MTBF_CHECK_SIZE("bias_residual_layer_norm_backward", bias, 0, D);
+  MTBF_CHECK_DIM("bias_residual_layer_norm_backward", weight, 1);
+  MTBF_CHECK_SIZE("bias_residual_layer_norm_backward", weight, 0, D);
+  MTBF_CHECK_DIM("bias_residual_layer_norm_backward", mean, 1);
+  MTBF_CHECK_SIZE("bias_residual_layer_norm_backward", mean, 0, N);
+  MTBF_CHECK_DIM("bias_residual_layer_norm_backward", rstd, 1);
+  MTBF_CHECK_SIZE("bias_residual_layer_norm_backward", rstd, 0, N);
+
+  const at::cuda::OptionalCUDAGuard device_guard(device_of(x));
+  const at::Tensor gc = grad_out.contiguous();
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor bc = bias.contiguous();
+  const at::Tensor rc = residual.contiguous();
+  const at::Tensor wc = weight.contiguous();
+  const at::Tensor mc = mean.contiguous();
+  const at::Tensor sc = rstd.contiguous();
+  at::Tensor grad_s = at::empty_like(xc);
+  if (N == 0) return {grad_s, at::zeros({D}, weight.options()), at::zeros({D}, weight.options())};
+  at::Tensor grad_weight = at::empty({D}, weight.options());
+  at::Tensor grad_beta = at::empty({D}, weight.options());
+  at::Tensor partial = at::empty({ln_backward_blocks(N), 2, D}, x.options().dtype(at::kFloat));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_floating(x.scalar_type(), [&](auto t) {
+    using T = decltype(t);
+    const BiasResidualRows<T> rows{xc.const_data_ptr<T>(), bc.const_data_ptr<T>(), rc.const_data_ptr<T>()};
+    const T* g = gc.const_data_ptr<T>();
+    const T* w = wc.const_data_ptr<T>();
+    T* gs = grad_s.mutable_data_ptr<T>();
+    const bool aligned = aligned_to(16, rows.x, rows.bias, rows.residual, g, w, gs);
+    launch_ln_backward<T>(rows, g, w, mc.const_data_ptr<float>(), sc.const_data_ptr<float>(), gs,
+                          partial.mutable_data_ptr<float>(), grad_weight.mutable_data_ptr<T>(),
+                          grad_beta.mutable_data_ptr<T>(), N, D, aligned, stream);
+  });
+  return {grad_s, grad_weight, grad_beta};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtbert_fast, CUDA, m) {
+  m.impl("bias_residual_layer_norm", &bias_residual_layer_norm_cuda);
+  m.impl("bias_residual_layer_norm_backward", &bias_residual_layer_norm_backward_cuda);
+}
+
+}  // namespace mtbert_fast
