@@ -1,8 +1,9 @@
 // Bidirectional attention over packed variable-length sequences, CPU.
 //
 // The kernels read Q, K and V straight out of the packed qkv [T, 3, heads, head_dim] of the fused QKV GEMM and
-// never build a padded [B, heads, L, L] tensor. Work is split over (sequence, head, query block); each piece runs
-// small register-blocked GEMMs on operands packed into thread-local buffers. Softmax and every accumulation are
+// never build a padded [B, heads, L, L] tensor. The forward splits the work over (sequence, head, query block), the
+// backward over (sequence, head); each piece runs small register-blocked GEMMs on operands packed into thread-local
+// buffers. Softmax and every accumulation are
 // fp32; the softmax is streamed over key blocks of kKeyBlock, so one block covers L <= 512.
 //
 // Precision of bf16 inputs: the products of two input tensors (Q K^T, dO V^T) use the AVX512-BF16 dot product

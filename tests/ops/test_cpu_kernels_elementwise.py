@@ -81,7 +81,9 @@ def ops():
     try:
         import mtbert_fast._C  # noqa: F401  (registers the ops)
     except ImportError:
-        # Another build in this process may already define the schemas (ops.cpp registers them once per process).
+        # _C is a plain library of registrations, so a built one registers its ops as the import opens it, and the
+        # import then fails for want of a module init. That build, or another one in this process, may already
+        # define the schemas (ops.cpp registers them once per process).
         if _op_exists("bias_gelu"):
             sources = [] if all(_has_cpu_kernel(op) for op in KERNEL_OPS) else KERNEL_SOURCES
             name = "mtbf_elem_test_kernels"
