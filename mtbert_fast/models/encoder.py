@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from mtbert_fast.models.config import EncoderConfig
 from mtbert_fast.ops import attention_varlen, bias_gelu, bias_residual_layer_norm, gather_rows, pad, unpad_indices
+from mtbert_fast.ops.dispatch import requested_backend
 
 
 class EmbeddingWeights(NamedTuple):
@@ -202,6 +203,36 @@ def _residual_norm(a, bias, residual, weight, beta, eps, p, training, backend):
     return bias_residual_layer_norm(a, bias, residual, weight, beta, eps, backend=backend)
 
 
+# oneDNN's linear: on CPUs where MKL's sgemm does not use AVX-512 it runs fp32 products ~2x faster, and it
+# applies GELU to the fp32 accumulators before the single store. It has no autograd, so it serves inference.
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _onednn_ok(x: torch.Tensor, w: LayerWeights, backend: str | None) -> bool:
+    if not _ONEDNN_LINEAR or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if requested_backend(backend) not in ("auto", "cpu"):
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in w)))
+
+
+class _Linear:
+    """x @ W.T (+ bias) (GELU), by oneDNN in inference on the CPU, by F.linear and the fused ops otherwise."""
+
+    def __init__(self, onednn: bool, backend: str | None):
+        self.onednn, self.backend = onednn, backend
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return F.linear(x, weight, bias)
+
+    def gelu(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], approximate)
+        return bias_gelu(F.linear(x, weight), bias, approximate, backend=self.backend)
+
+
 def layer_forward(
     config: EncoderConfig,
     w: LayerWeights,
@@ -213,7 +244,8 @@ def layer_forward(
     """One encoder layer on packed tokens: x [T, H] -> [T, H]."""
     t, h = x.shape
     eps, p = config.layer_norm_eps, config.hidden_dropout_prob
-    qkv = F.linear(x, w.qkv_weight, w.qkv_bias).view(t, 3, config.num_attention_heads, config.head_dim)
+    linear = _Linear(_onednn_ok(x, w, backend), backend)
+    qkv = linear(x, w.qkv_weight, w.qkv_bias).view(t, 3, config.num_attention_heads, config.head_dim)
     ctx = attention_varlen(
         qkv,
         packed.cu_seqlens,
@@ -221,10 +253,10 @@ def layer_forward(
         dropout_p=config.attention_probs_dropout_prob if training else 0.0,
         backend=backend,
     ).reshape(t, h)
-    x = _residual_norm(F.linear(ctx, w.attn_out_weight), w.attn_out_bias, x, w.attn_norm_weight,
+    x = _residual_norm(linear(ctx, w.attn_out_weight), w.attn_out_bias, x, w.attn_norm_weight,
                        w.attn_norm_bias, eps, p, training, backend)
-    inner = bias_gelu(F.linear(x, w.ffn_in_weight), w.ffn_in_bias, config.gelu_approximate, backend=backend)
-    return _residual_norm(F.linear(inner, w.ffn_out_weight), w.ffn_out_bias, x, w.ffn_norm_weight,
+    inner = linear.gelu(x, w.ffn_in_weight, w.ffn_in_bias, config.gelu_approximate)
+    return _residual_norm(linear(inner, w.ffn_out_weight), w.ffn_out_bias, x, w.ffn_norm_weight,
                           w.ffn_norm_bias, eps, p, training, backend)
 
 
