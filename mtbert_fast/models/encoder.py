@@ -161,6 +161,11 @@ def packed_positions(
             positions = positions + config.pad_token_id + 1
     if positions.numel():
         lo, hi = torch.aminmax(positions)
+        if position_ids is not None and (lo < 0 or hi >= config.max_position_embeddings):
+            raise ValueError(
+                f"position_ids hold values in [{int(lo)}, {int(hi)}], outside [0, {config.max_position_embeddings})"
+                " (the model's max_position_embeddings)"
+            )
         if lo < 0 or hi >= config.max_position_embeddings:
             too_long = int(hi) - (config.pad_token_id if config.family == "roberta" else -1)
             raise ValueError(

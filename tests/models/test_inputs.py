@@ -96,7 +96,10 @@ BAD_INPUTS = {
         ValueError, r"position_ids has shape \(1, 15\), expected \(2, 16\) or \(1, 16\)"),
     "position_id_past_the_table": (
         lambda ids, mask: dict(input_ids=ids, attention_mask=mask, position_ids=torch.arange(SEQLEN)[None] + 60),
-        ValueError, r"position id 75 is outside \[0, 64\)"),
+        ValueError, r"position_ids hold values in \[60, 75\], outside \[0, 64\)"),
+    "negative_position_id": (
+        lambda ids, mask: dict(input_ids=ids, attention_mask=mask, position_ids=torch.arange(SEQLEN)[None] - 1),
+        ValueError, r"position_ids hold values in \[-1, 14\], outside \[0, 64\)"),
     "ids_and_embeds": (
         lambda ids, mask: dict(input_ids=ids, attention_mask=mask, inputs_embeds=torch.zeros(2, SEQLEN, 64)),
         ValueError, r"exactly one of input_ids and inputs_embeds"),
