@@ -3,30 +3,17 @@ against the pure-PyTorch references (mtbert_fast/ops/reference.py).
 
 Tolerances (DESIGN.md habit 7): fp32 within 1e-5 of the reference (1e-4 for the row-summed weight gradients);
 bf16 error against an fp32 reference at most twice PyTorch's own bf16 error on the same computation, plus 1e-5.
-
-The ops come from the package's compiled extension when it imports; otherwise this file builds the kernel sources
-itself with the flags of setup.py.
 """
 
 from __future__ import annotations
 
-import ast
-import importlib.util
-import os
-import pathlib
-import tempfile
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-KERNEL_SOURCES = [
-    "csrc/cpu/bias_gelu.cpp",
-    "csrc/cpu/bias_residual_layer_norm.cpp",
-    "csrc/cpu/bias_gelu_layer_norm.cpp",
-    "csrc/cpu/rows.cpp",
-]
+from mtbert_fast.ops import reference
+
 KERNEL_OPS = [
     "bias_gelu",
     "bias_gelu_backward",
@@ -45,66 +32,9 @@ GELUS = ["none", "tanh"]
 EPS = 1e-5
 
 
-def _load_reference():
-    spec = importlib.util.spec_from_file_location("mtbf_reference", ROOT / "mtbert_fast" / "ops" / "reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-reference = _load_reference()
-
-
-def _setup_vector_flags() -> list[str]:
-    """setup.py's _vector_flags(), read from the file so that this build uses the package's flags."""
-    tree = ast.parse((ROOT / "setup.py").read_text())
-    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_vector_flags")
-    namespace = {"os": os}
-    exec(compile(ast.Module(body=[fn], type_ignores=[]), "setup.py", "exec"), namespace)
-    return namespace["_vector_flags"]()
-
-
-def _op_exists(name: str) -> bool:
-    try:
-        getattr(torch.ops.mtbert_fast, name)
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
-def _has_cpu_kernel(name: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"mtbert_fast::{name}", "CPU")
-
-
 @pytest.fixture(scope="module")
-def ops():
-    try:
-        import mtbert_fast._C  # noqa: F401  (registers the ops)
-    except ImportError:
-        # _C is a plain library of registrations, so a built one registers its ops as the import opens it, and the
-        # import then fails for want of a module init. That build, or another one in this process, may already
-        # define the schemas (ops.cpp registers them once per process).
-        if _op_exists("bias_gelu"):
-            sources = [] if all(_has_cpu_kernel(op) for op in KERNEL_OPS) else KERNEL_SOURCES
-            name = "mtbf_elem_test_kernels"
-        else:
-            sources = ["csrc/ops.cpp"] + KERNEL_SOURCES
-            name = "mtbf_elem_test"
-        if sources:
-            from torch.utils.cpp_extension import load
-
-            build_dir = pathlib.Path(tempfile.gettempdir()) / f"{name}_build"
-            build_dir.mkdir(exist_ok=True)
-            load(
-                name=name,
-                sources=[str(ROOT / s) for s in sources],
-                extra_include_paths=[str(ROOT / "csrc" / "include")],
-                extra_cflags=["-O3", "-std=c++17", "-fopenmp"] + _setup_vector_flags(),
-                extra_ldflags=["-fopenmp"],
-                build_directory=str(build_dir),
-                is_python_module=False,
-            )
-    return torch.ops.mtbert_fast
+def ops(compiled_kernels):
+    return compiled_kernels(KERNEL_OPS)
 
 
 def _make(shape, dtype, seed, scale=1.0):
