@@ -218,6 +218,9 @@ def _onednn_ok(x: torch.Tensor, w: LayerWeights, backend: str | None) -> bool:
         return False
     if requested_backend(backend) not in ("auto", "cpu"):
         return False
+    # autocast does not reach oneDNN's op, and that op takes one dtype for activations and weights
+    if torch.is_autocast_enabled("cpu") or any(t.dtype != x.dtype for t in w):
+        return False
     return not (torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in w)))
 
 

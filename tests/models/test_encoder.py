@@ -101,6 +101,19 @@ def test_minilm_bf16_error_is_at_most_twice_hf_bf16(minilm, minilm_batch, assert
     assert torch.count_nonzero(out.last_hidden_state[~mask.bool()]) == 0
 
 
+def test_minilm_under_bf16_autocast(minilm, minilm_batch, assert_low_precision_error):
+    """An fp32 model under torch.autocast(bfloat16): the fused ops take autocast's bf16 activations with fp32
+    weights, and the error stays within twice HF's own error under the same autocast."""
+    hf = minilm.model
+    fast = FastBertModel.from_hf(hf)
+    mask = minilm_batch["attention_mask"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fast(**minilm_batch)
+        native = hf(**minilm_batch)
+    assert_low_precision_error(out.last_hidden_state, native.last_hidden_state,
+                               minilm.refs["eager"].last_hidden_state, mask, what="last_hidden_state")
+
+
 # --- random-weight BERT and RoBERTa ---------------------------------------------------------------------------------
 
 
