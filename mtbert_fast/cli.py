@@ -1,4 +1,4 @@
-"""The mtbert-fast command.  `mtbert-fast bench`: HF transformers against mtbert_fast on real sentences."""
+"""The mtbert-fast command.  `mtbert-fast bench`: HF transformers (and ONNX Runtime) against mtbert_fast."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 
 from mtbert_fast.train.cli import add_train_parser
 
-DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                 "float16": "float16", "fp16": "float16"}
 
 
 def _positive_int(text: str) -> int:
@@ -26,32 +27,55 @@ def _dtype(text: str) -> str:
     return DTYPE_ALIASES[text]
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    """A comma list of positive integers, e.g. "8,32"."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"empty list {text!r}: give a comma list of positive integers, e.g. 32,128")
+    return tuple(_positive_int(t) for t in items)
+
+
+def _word_list(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
 def _add_bench(sub) -> None:
     from mtbert_fast.ops.dispatch import CHOICES
 
     p = sub.add_parser(
         "bench",
-        help="inference speed and parity: HF eager and sdpa against mtbert_fast.swap",
-        description="Runs HF BertModel (eager and sdpa attention) and the same model after mtbert_fast.swap on "
-        "ragged batches of real sentences, and prints real tokens/s, per-batch latency, the speed-up over HF "
-        "sdpa in the same dtype and the parity with HF's float32 output. Exits 1 if a provider fails parity.",
+        help="inference speed, memory and parity: HF eager / sdpa / ONNX Runtime against mtbert_fast",
+        description="Runs HF BertModel (eager and sdpa attention), ONNX Runtime where installed, and the same model "
+        "after mtbert_fast.swap with each backend that can run, on ragged batches of real text, and prints real "
+        "tokens/s, per-batch latency, peak memory, the speed-up over HF sdpa in the same dtype, the fraction of the "
+        "measured GEMM roofline and the parity with HF's float32 output; appends a CSV and draws speed-up against "
+        "sequence length and batch size into --out. Exits 1 if a provider fails parity.",
     )
-    p.add_argument("--batch", type=_positive_int, default=32, help="sentences per batch (default 32)")
+    p.add_argument("--model", nargs="+", default=["minilm", "bert-base"],
+                   help="minilm (the bundled all-MiniLM-L6-v2, real weights), bert-base (bert-base config, random "
+                        "weights) or an HF model directory; several allowed (default: minilm bert-base)")
     p.add_argument("--dtype", type=_dtype, nargs="+", default=["float32", "bfloat16"],
-                   help="one or more of float32 (fp32), bfloat16 (bf16); default both")  # fmt: skip
-    p.add_argument("--repeats", type=_positive_int, default=5, help="timed repetitions (default 5)")
-    p.add_argument("--sentences", type=_positive_int, default=None,
-                   help="sentences per repetition (default: the whole text once; a larger number repeats it)")
+                   help="one or more of float32 (fp32), bfloat16 (bf16), float16 (fp16, cuda only); default fp32 bf16")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda where available, else cpu)")
+    p.add_argument("--batch", type=_int_list, default=(8, 32),
+                   help="comma list of batch sizes for the sentence points (the largest also runs the length "
+                        "sweep); default 8,32")
+    p.add_argument("--lengths", type=_int_list, default=(32, 128),
+                   help="comma list of max lengths for the length sweep (lengths uniform in [L/8, L]); default 32,128")
+    p.add_argument("--tasks", type=_word_list, default=("encoder",),
+                   help="comma list of encoder, multitask (three task heads on one pass vs three HF models); "
+                        "default encoder")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="timed repetitions (default 3)")
+    p.add_argument("--sentences", type=_positive_int, default=32,
+                   help="sentences per sentence point (default 32; more than the text holds repeats it)")
     p.add_argument("--text", type=Path, default=None,
                    help="a file of sentences, one a line (default: the sentences shipped with mtbert_fast)")
-    p.add_argument("--model", type=Path, default=None,
-                   help="an HF BERT/RoBERTa model directory (default: the bundled all-MiniLM-L6-v2)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda where available, else cpu)")
-    p.add_argument("--backend", choices=CHOICES, default="auto", help="mtbert_fast backend for every op")
+    p.add_argument("--backend", choices=CHOICES, default="auto",
+                   help="mtbert_fast backend for every op (default auto: one provider per backend that can run)")
     p.add_argument("--max-length", type=_positive_int, default=512, help="tokens per sentence at most (default 512)")
     p.add_argument("--out", type=Path, default=Path("bench-results"),
-                   help="directory whose results.csv gets the rows appended (default bench-results)")
-    p.add_argument("--no-csv", action="store_true", help="print the table only")
+                   help="directory for results.csv (rows appended) and speedup.png (default bench-results)")
+    p.add_argument("--no-csv", action="store_true", help="print the table only (no CSV, no plot)")
     p.set_defaults(func=_run_bench, subparser=p)
 
 
@@ -59,12 +83,14 @@ def _run_bench(args: argparse.Namespace) -> int:
     from mtbert_fast.bench import runner
 
     cfg = runner.BenchConfig(
-        batch=args.batch,
+        models=tuple(str(m) for m in dict.fromkeys(args.model)),
         dtypes=tuple(dict.fromkeys(args.dtype)),
+        batches=tuple(dict.fromkeys(args.batch)),
+        lengths=tuple(dict.fromkeys(args.lengths)),
+        tasks=tuple(dict.fromkeys(args.tasks)),
         repeats=args.repeats,
         sentences=args.sentences,
         text=args.text,
-        model=args.model,
         device=args.device,
         backend=args.backend,
         max_length=args.max_length,

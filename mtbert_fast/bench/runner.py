@@ -1,23 +1,29 @@
-"""Inference benchmark: HF BertModel (eager, sdpa) and the same model after `mtbert_fast.swap`, side by side.
+"""Inference benchmark behind `mtbert-fast bench`: HF BertModel (eager, sdpa), ONNX Runtime where installed, and
+the same model after `mtbert_fast.swap` with each backend that can run, side by side on the same inputs.
 
-Every provider runs the same ragged batches of real sentences (tokenized by the model's own tokenizer, each
-batch padded to its longest sentence). One untimed pass per provider checks parity against HF's fp32 eager
-output at the real tokens and warms up; then the timed repetitions interleave the providers batch by batch,
-so that a slow moment of a shared machine hits all of them alike. Throughput counts real (non-padding) tokens only, and each
-ratio is against HF sdpa in the same dtype, measured in the same run.
+Models: the bundled all-MiniLM-L6-v2 ("minilm": real weights and tokenizer), a bert-base-sized config with random
+weights ("bert-base", the MiniLM tokenizer: same vocabulary), or any HF model directory. Inputs are real text:
+  - the sentence points: the bundled sentences (or --text), `batch` at a time, each batch padded to its longest,
+    one point per batch size (the speed-up-vs-batch curve);
+  - the length points: one batch of the largest batch size whose rows are pieces of that text with lengths drawn
+    uniformly in [L/8, L], one point per max length L (the speed-up-vs-length curve).
+One untimed pass per provider checks parity against HF's fp32 eager output at the real tokens, measures peak
+memory and warms up; the timed repetitions then interleave the providers batch by batch (harness.py). Throughput
+counts real tokens only; each ratio is against HF sdpa in the same dtype at the same point, measured in the same
+run; the roofline fraction is the encoder's FLOPs on the real tokens over the time, against this machine's
+measured GEMM rate in that dtype. Task "multitask" adds MultiTaskBert (sequence-cls + token-cls + masked-LM heads
+on one pass, 15% of tokens masked) against the three separate HF task models, at the largest batch and length.
 """
 
 from __future__ import annotations
 
-import csv
+import copy
 import dataclasses
-import datetime
+import math
 import os
-import platform
 import random
-import subprocess
 import sys
-import time
+import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -25,46 +31,65 @@ import numpy as np
 import torch
 
 import mtbert_fast
+from mtbert_fast.bench import harness
 from mtbert_fast.ops import dispatch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NAMED_MODELS = ("minilm", "bert-base")
+TASKS = ("encoder", "multitask")
 BASELINE = "hf-sdpa"
 FP32_TOLERANCE = 1e-4
+MLM_FRACTION = 0.15
 CSV_NAME = "results.csv"
-CSV_FIELDS = [
-    "time", "device", "torch", "transformers", "mtbert_fast", "commit", "model", "provider", "dtype", "batch",
-    "sentences", "batches", "real_tokens", "repeats", "tokens_per_s_median", "tokens_per_s_min",
-    "tokens_per_s_max", "latency_p50_ms", "latency_p90_ms", "speedup_vs_hf_sdpa", "max_abs_diff", "parity",
-    "backends",
+PLOT_NAME = "speedup.png"
+CSV_FIELDS = harness.META_FIELDS + [
+    "model", "task", "point", "batch", "max_length", "provider", "dtype", "sentences", "batches", "real_tokens",
+    "padded_tokens", "repeats", "tokens_per_s_median", "tokens_per_s_p10", "tokens_per_s_p90", "latency_p50_ms",
+    "latency_p90_ms", "peak_mem_mib", "speedup_vs_hf_sdpa", "roofline_fraction", "gemm_gflops", "max_abs_diff",
+    "parity_limit", "parity", "backends",
 ]  # fmt: skip
 
 
 class BenchError(ValueError):
-    """A benchmark that cannot run as asked (no sentences, no model); the message says what to change."""
+    """A benchmark that cannot run as asked (no sentences, no model, a dtype the device lacks); the message says
+    what to change."""
 
 
 @dataclasses.dataclass
 class BenchConfig:
-    batch: int = 32
+    models: tuple[str, ...] = NAMED_MODELS  # named configs or HF model directories
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
-    repeats: int = 5
-    sentences: int | None = None  # None: every sentence of the text once; more repeats the text
+    batches: tuple[int, ...] = (8, 32)
+    lengths: tuple[int, ...] = (32, 128)
+    tasks: tuple[str, ...] = ("encoder",)
+    repeats: int = 3
+    sentences: int | None = 32  # sentences per sentence point; None: the whole text once
     text: Path | None = None  # one sentence a line; None: the sentences shipped with mtbert_fast
-    model: Path | None = None  # an HF model directory; None: the bundled all-MiniLM-L6-v2
     device: str | None = None  # None: cuda where available, else cpu
-    backend: str = "auto"
+    backend: str = "auto"  # "auto": every backend that can run; else only that one
     max_length: int = 512
-    out: Path | None = Path("bench-results")  # None: no CSV
+    out: Path | None = Path("bench-results")  # None: no CSV, no plot
 
 
 @dataclasses.dataclass
 class Result:
+    model: str
+    task: str
+    point: str  # "sentences" or "L=<max length>"
+    batch: int
+    max_length: int
     provider: str
     dtype: str
+    real_tokens: int
+    padded_tokens: int
+    batches: int
     tokens_per_s: list[float]  # one per timed repetition
     latencies_s: list[float]  # one per batch per timed repetition
     max_abs_diff: float
+    peak_mem_bytes: int = 0
     parity_limit: float = float("nan")
+    flops: float = float("nan")  # encoder FLOPs on the real tokens of one repetition
+    gemm_flops_per_s: float = float("nan")
     backends: str = ""
 
     @property
@@ -75,8 +100,23 @@ class Result:
     def parity_ok(self) -> bool:
         return self.max_abs_diff <= self.parity_limit
 
+    @property
+    def roofline(self) -> float:
+        return self.flops * self.median / self.real_tokens / self.gemm_flops_per_s
+
     def latency_ms(self, q: float) -> float:
         return float(np.percentile(self.latencies_s, q)) * 1e3
+
+    @property
+    def key(self) -> tuple:
+        return (self.model, self.task, self.point, self.batch, self.dtype)
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- inputs ----------------------------------------------------------------------------------------------------
 
 
 def default_model_dir() -> Path:
@@ -125,248 +165,472 @@ def make_batches(tokenizer, sentences: list[str], batch: int, max_length: int, d
     return batches
 
 
-def _load_hf(model_dir: Path, attn: str, dtype: torch.dtype, device: torch.device):
-    from transformers import AutoModel
-
-    model = AutoModel.from_pretrained(model_dir, attn_implementation=attn)
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def providers(cfg: BenchConfig, model_dir: Path, device: torch.device) -> dict[str, object]:
-    """name -> function(dtype) that builds that provider's model."""
-    fast_name = "mtbert_fast" if cfg.backend == "auto" else f"mtbert_fast[{cfg.backend}]"
-
-    def fast(dtype):
-        model = _load_hf(model_dir, "sdpa", torch.float32, device)
-        return mtbert_fast.swap(model, backend=cfg.backend, dtype=dtype)
-
-    return {
-        "hf-eager": lambda dtype: _load_hf(model_dir, "eager", dtype, device),
-        BASELINE: lambda dtype: _load_hf(model_dir, "sdpa", dtype, device),
-        fast_name: fast,
-    }
+def text_batch(tokenizer, sentences: list[str], lengths: list[int], device: torch.device | str = "cpu") -> dict:
+    """One batch of real text: row i holds lengths[i] tokens ([CLS] text [SEP]) cut from the sentences joined
+    end to end; padded to the longest row."""
+    stream = [t for s in sentences for t in tokenizer(s, add_special_tokens=False)["input_ids"]]
+    cls_id, sep_id, pad_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id or 0
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    pos = 0
+    for i, n in enumerate(lengths):
+        body = [stream[(pos + j) % len(stream)] for j in range(max(0, n - 2))]
+        pos += len(body)
+        row = ([cls_id] + body + [sep_id])[:n]
+        ids[i, :n] = torch.tensor(row)
+        mask[i, :n] = 1
+    return {"input_ids": ids.to(device), "token_type_ids": torch.zeros_like(ids).to(device),
+            "attention_mask": mask.to(device)}  # fmt: skip
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def ragged_lengths(batch: int, low: int, high: int, seed: int = 0) -> list[int]:
+    """`batch` lengths drawn uniformly in [low, high] (seeded)."""
+    rng = random.Random(seed)
+    return [rng.randint(low, high) for _ in range(batch)]
+
+
+def bert_base_config():
+    """A bert-base-sized BertConfig (12 layers, hidden 768, FFN 3072, vocabulary 30522)."""
+    from transformers import BertConfig
+
+    return BertConfig()
+
+
+def random_bert(config, attn: str = "sdpa", seed: int = 0):
+    """An HF BertModel of `config` with seeded random weights, in eval mode."""
+    from transformers import BertModel
+
+    torch.manual_seed(seed)
+    return BertModel._from_config(config, attn_implementation=attn).eval()
+
+
+def with_attention(model, attn: str):
+    """A copy of an HF model that runs attention with `attn` ("eager" / "sdpa")."""
+    clone = copy.deepcopy(model)
+    clone.set_attn_implementation(attn)
+    return clone.eval()
+
+
+# --- providers -------------------------------------------------------------------------------------------------
+
+
+def fast_backends(device: torch.device, dtype: torch.dtype, forced: str = "auto") -> tuple[list[str], dict[str, str]]:
+    """(backends that can run the encoder's ops here, backend -> why not for the others)."""
+    ops = ("attention_varlen", "bias_gelu", "bias_residual_layer_norm")
+    names = dispatch.BACKENDS if forced == "auto" else (forced,)
+    usable, skipped = [], {}
+    for b in names:
+        why = next((r for op in ops if (r := dispatch.reason(b, op, device, dtype)) is not None), None)
+        if why is None:
+            usable.append(b)
+        else:
+            skipped[b] = why
+    return usable, skipped
+
+
+def _onnx_provider(hf_fp32, sample: dict, workdir: str):
+    """(callable running the model with ONNX Runtime, None) or (None, why not)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None, "onnxruntime is not installed"
+    names = list(sample)
+    path = os.path.join(workdir, "model.onnx")
+    try:
+        axes = {n: {0: "batch", 1: "length"} for n in names}
+        torch.onnx.export(hf_fp32, tuple(sample[n] for n in names), path, input_names=names,
+                          output_names=["last_hidden_state"], dynamic_axes=axes, dynamo=False)  # fmt: skip
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # export of an HF model fails in many version-specific ways; show why, run the rest
+        return None, f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+
+    def run(**batch):
+        out = session.run(["last_hidden_state"], {n: batch[n].cpu().numpy() for n in names})[0]
+        return torch.from_numpy(out)
+
+    return run, None
+
+
+def _hidden(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.last_hidden_state
 
 
 def _real_rows(out, batch) -> torch.Tensor:
-    return out.last_hidden_state[batch["attention_mask"].bool()].float()
+    return _hidden(out)[batch["attention_mask"].bool().to(_hidden(out).device)].float()
 
 
-def _backends_used(device: torch.device, dtype: torch.dtype, forced: str) -> str:
-    if forced != "auto":
-        return f"all ops forced to {forced}"
-    used = {op: b for (op, dev, dt), (b, _) in dispatch.last_choices().items() if dev == device.type and dt == dtype}
-    return " ".join(f"{op}={b}" for op, b in sorted(used.items()))
+# --- multi-task ------------------------------------------------------------------------------------------------
 
 
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
-    return f"cpu: {name}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+def hf_task_models(base, num_labels: tuple[int, int] = (3, 9), seed: int = 0) -> dict[str, torch.nn.Module]:
+    """HF sequence-cls, token-cls and masked-LM models sharing `base`'s encoder weights (heads seeded random)."""
+    from transformers import BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification
+
+    attn = base.config._attn_implementation
+    models = {}
+    for task, klass, extra in (("sequence", BertForSequenceClassification, {"num_labels": num_labels[0]}),
+                               ("token", BertForTokenClassification, {"num_labels": num_labels[1]}),
+                               ("mlm", BertForMaskedLM, {})):  # fmt: skip
+        config = copy.deepcopy(base.config)
+        for k, v in extra.items():
+            setattr(config, k, v)
+        torch.manual_seed(seed)
+        model = klass._from_config(config, attn_implementation=attn).eval()
+        model.bert.load_state_dict(base.state_dict(), strict=False)
+        models[task] = model
+    return models
 
 
-def git_commit() -> str:
-    """The commit of the source tree mtbert_fast runs from, with "+dirty" for uncommitted changes; "" if none."""
-    root = Path(mtbert_fast.__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
-                              capture_output=True, text=True, timeout=10)  # fmt: skip
-        if head.returncode != 0:
-            return ""
-        dirty = subprocess.run(["git", "-C", str(root), "diff-index", "--quiet", "HEAD", "--"],
-                               capture_output=True, timeout=10).returncode != 0  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return head.stdout.strip() + ("+dirty" if dirty else "")
+def mlm_positions(batch: dict, fraction: float = MLM_FRACTION, seed: int = 0) -> torch.Tensor:
+    """bool [B, L]: `fraction` of the real tokens (at least one per row), seeded."""
+    mask = batch["attention_mask"].bool()
+    gen = torch.Generator().manual_seed(seed)
+    chosen = (torch.rand(mask.shape, generator=gen) < fraction).to(mask.device) & mask
+    chosen[:, 1] |= mask[:, 1]
+    return chosen
 
 
-def _progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+def hf_multitask_outputs(models: dict, batch: dict, positions: torch.Tensor) -> list[torch.Tensor]:
+    """The three HF models' outputs, as the multi-task model reports them: sequence logits, token logits at the
+    real tokens, masked-LM logits at `positions`."""
+    real = batch["attention_mask"].bool()
+    return [models["sequence"](**batch).logits.float(), models["token"](**batch).logits[real].float(),
+            models["mlm"](**batch).logits[positions].float()]  # fmt: skip
 
 
-def run(cfg: BenchConfig) -> tuple[list[Result], dict[str, str]]:
-    """Runs the benchmark; returns one Result per (provider, dtype) and the run's description."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
-    from transformers import AutoTokenizer
+def fast_multitask_outputs(model, batch: dict, positions: torch.Tensor) -> list[torch.Tensor]:
+    out = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+                positions={"mlm": positions})  # fmt: skip
+    real = batch["attention_mask"].bool()
+    return [out.outputs["sequence"]["logits"].float(), out.outputs["token"]["logits"][real].float(),
+            out.outputs["mlm"]["logits"].float()]  # fmt: skip
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
+# --- the run ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Model:
+    name: str
+    hf: torch.nn.Module  # fp32, sdpa
+    tokenizer: object
+
+
+def _check(cfg: BenchConfig) -> torch.device:
     unknown = [d for d in cfg.dtypes if d not in DTYPES]
     if unknown or not cfg.dtypes:
         raise BenchError(f"unknown dtype {', '.join(unknown) or '(none)'}; choose from {', '.join(DTYPES)}")
     if cfg.repeats <= 0:
         raise BenchError(f"--repeats must be positive, got {cfg.repeats}")
+    if not cfg.batches or any(b <= 0 for b in cfg.batches):
+        raise BenchError(f"--batch needs positive batch sizes, got {list(cfg.batches)}")
+    if not cfg.lengths:
+        raise BenchError("empty length list: give --lengths as a comma list of max lengths, e.g. 32,128")
+    bad = [n for n in cfg.lengths if n < 2 or n > cfg.max_length]
+    if bad:
+        raise BenchError(f"--lengths must lie in [2, {cfg.max_length}] (room for [CLS] and [SEP]), got {bad}")
+    if not cfg.models:
+        raise BenchError("no model: give --model minilm, bert-base or an HF model directory")
+    unknown_tasks = [t for t in cfg.tasks if t not in TASKS]
+    if unknown_tasks or not cfg.tasks:
+        raise BenchError(f"unknown task {', '.join(unknown_tasks) or '(none)'}; choose from {', '.join(TASKS)}")
     dispatch.requested_backend(cfg.backend)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise BenchError(f"--device {cfg.device}: choose cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise BenchError(f"--device {cfg.device}: choose cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchError(f"--device {cfg.device}: CUDA is not available to this torch ({torch.__version__})")
-    model_dir = Path(cfg.model) if cfg.model is not None else default_model_dir()
-    model_name = model_dir.name if cfg.model is not None else "all-MiniLM-L6-v2"
-    if not (model_dir / "config.json").is_file():
-        raise BenchError(f"{model_dir} is not an HF model directory (no config.json)")
+    for d in cfg.dtypes:
+        if d == "float16" and device.type == "cpu":
+            raise BenchError("--dtype float16 does not run on cpu (no fast half-precision kernels there); use "
+                             "bfloat16 or --device cuda")
+        if d == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise BenchError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 support")
+    for m in cfg.models:
+        if m not in NAMED_MODELS and not (Path(m) / "config.json").is_file():
+            raise BenchError(f"unknown model {m!r}: give one of {', '.join(NAMED_MODELS)} or an HF model directory "
+                             "(with config.json)")
+    return device
 
+
+def _load_model(name: str) -> _Model:
+    from transformers import AutoModel, AutoTokenizer
+
+    minilm = default_model_dir() if name in NAMED_MODELS else None
+    if name == "minilm":
+        hf = AutoModel.from_pretrained(minilm, attn_implementation="sdpa")
+        return _Model("all-MiniLM-L6-v2", hf.float().eval(), AutoTokenizer.from_pretrained(minilm))
+    if name == "bert-base":
+        return _Model("bert-base (random weights)", random_bert(bert_base_config()),
+                      AutoTokenizer.from_pretrained(minilm))  # fmt: skip
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except Exception as exc:  # noqa: BLE001 - any tokenizer load failure is the same user error
+        raise BenchError(f"{name}: no tokenizer could be loaded ({exc}); the benchmark encodes real text") from exc
+    hf = AutoModel.from_pretrained(name, attn_implementation="sdpa")
+    return _Model(Path(name).name, hf.float().eval(), tokenizer)
+
+
+def _points(cfg: BenchConfig, model: _Model, sentences: list[str], device: torch.device):
+    """[(point name, batch, max length, list of batches)] for the encoder task."""
+    points = []
+    for b in cfg.batches:
+        points.append(("sentences", b, cfg.max_length,
+                       make_batches(model.tokenizer, sentences, b, cfg.max_length, device)))  # fmt: skip
+    sweep_batch = max(cfg.batches)
+    for n in cfg.lengths:
+        lengths = ragged_lengths(sweep_batch, max(2, n // 8), n, seed=n)
+        points.append((f"L={n}", sweep_batch, n, [text_batch(model.tokenizer, sentences, lengths, device)]))
+    return points
+
+
+def _time_point(fns: dict, batches: list, repeats: int, device) -> dict[str, tuple[list[float], list[float]]]:
+    """name -> (seconds per repetition, seconds per batch call); providers interleaved batch by batch."""
+    per_batch = [harness.time_interleaved({n: (lambda f=f, b=b: f(b)) for n, f in fns.items()}, repeats=repeats,
+                                          warmup=0, device=device) for b in batches]  # fmt: skip
+    return {n: ([sum(t[n].samples[r] for t in per_batch) for r in range(repeats)],
+                [s for t in per_batch for s in t[n].samples]) for n in fns}  # fmt: skip
+
+
+def _run_point(point, fns, reference, model_name, task, dtype_name, device, repeats, meta_extra):
+    name, batch, max_len, batches = point
+    results = {}
+    for prov, fn in fns.items():
+        diff, peak = 0.0, 0
+        for b, ref in zip(batches, reference):
+            out, used = harness.peak_memory(lambda: fn(b), device)
+            peak = max(peak, used)
+            diff = max(diff, max(float((o - r).abs().max()) if o.numel() else 0.0 for o, r in zip(out, ref)))
+        real = sum(int(b["attention_mask"].sum()) for b in batches)
+        padded = sum(b["attention_mask"].numel() for b in batches)
+        results[prov] = Result(model_name, task, name, batch, max_len, prov, dtype_name, real, padded, len(batches),
+                               [], [], diff, peak, **meta_extra.get(prov, {}))  # fmt: skip
+    timed = _time_point(fns, batches, repeats, device)
+    for prov, (reps, calls) in timed.items():
+        r = results[prov]
+        r.tokens_per_s = [r.real_tokens / s for s in reps]
+        r.latencies_s = calls
+    return list(results.values())
+
+
+def _encoder_runs(cfg, model: _Model, dtype_name: str, device, points, gemm_rate, skipped: dict) -> list[Result]:
+    dtype = DTYPES[dtype_name]
+    hf32 = model.hf.to(device)
+    ref_model = with_attention(hf32, "eager")
+    models = {"hf-eager": ref_model if dtype == torch.float32 else copy.deepcopy(ref_model).to(dtype=dtype),
+              BASELINE: hf32 if dtype == torch.float32 else copy.deepcopy(hf32).to(dtype=dtype)}  # fmt: skip
+    calls = {n: (lambda b, m=m: [_real_rows(m(**b), b)]) for n, m in models.items()}
+    if dtype == torch.float32 and device.type == "cpu":
+        with tempfile.TemporaryDirectory() as tmp:
+            ort_run, why = _onnx_provider(hf32, points[0][3][0], tmp)
+        if ort_run is None:
+            skipped["onnxruntime"] = why
+        else:
+            calls["onnxruntime"] = lambda b, f=ort_run: [_real_rows(f(**b), b)]
+    elif "onnxruntime" not in skipped:
+        skipped["onnxruntime"] = f"run in float32 on cpu only (asked {dtype_name} on {device.type})"
+    usable, why_not = fast_backends(device, dtype, cfg.backend)
+    for b, why in why_not.items():
+        skipped[f"mtbert_fast[{b}]"] = why
+    for b in usable:
+        m = mtbert_fast.swap(copy.deepcopy(hf32), backend=b, dtype=dtype)
+        calls[f"mtbert_fast[{b}]"] = lambda batch, m=m: [_real_rows(m(**batch), batch)]
+    extra = {f"mtbert_fast[{b}]": {"backends": f"all ops on {b}"} for b in usable}
+    results = []
+    for point in points:
+        _progress(f"  {model.name} {dtype_name} {point[0]} B={point[1]}: {', '.join(calls)}")
+        reference = [[_real_rows(ref_model(**b), b)] for b in point[3]]
+        rs = _run_point(point, calls, reference, model.name, "encoder", dtype_name, device, cfg.repeats, extra)
+        for r in rs:
+            r.flops = sum(harness.encoder_flops(hf32.config, b["attention_mask"].sum(1).tolist()) for b in point[3])
+            r.gemm_flops_per_s = gemm_rate
+        _set_limits(rs, dtype_name, "hf-eager")
+        results += rs
+    return results
+
+
+def _multitask_runs(cfg, model: _Model, dtype_name: str, device, sentences) -> list[Result]:
+    from mtbert_fast.models.multitask import MultiTaskBert
+
+    dtype = DTYPES[dtype_name]
+    batch_size, length = max(cfg.batches), max(cfg.lengths)
+    lengths = ragged_lengths(batch_size, max(2, length // 8), length, seed=length)
+    batch = text_batch(model.tokenizer, sentences, lengths, device)
+    positions = mlm_positions(batch)
+    hf32 = hf_task_models(model.hf.to(device))
+    reference = [hf_multitask_outputs({k: with_attention(m, "eager") for k, m in hf32.items()}, batch, positions)]
+    hf = {k: copy.deepcopy(m).to(dtype=dtype) for k, m in hf32.items()}
+    calls = {"hf-3-models": lambda b: hf_multitask_outputs(hf, b, positions)}
+    usable, _ = fast_backends(device, dtype, cfg.backend)
+    for b in usable:
+        mt = MultiTaskBert.from_hf_heads(hf32, dtype=dtype, backend=b)
+        calls[f"mtbert_fast[{b}]"] = lambda x, mt=mt: fast_multitask_outputs(mt, x, positions)
+    _progress(f"  {model.name} {dtype_name} multitask B={batch_size} L={length}: {', '.join(calls)}")
+    point = (f"L={length}", batch_size, length, [batch])
+    extra = {f"mtbert_fast[{b}]": {"backends": f"all ops on {b}"} for b in usable}
+    rs = _run_point(point, calls, [reference[0]], model.name, "multitask", dtype_name, device, cfg.repeats, extra)
+    _set_limits(rs, dtype_name, "hf-3-models")
+    return rs
+
+
+def _set_limits(results: list[Result], dtype_name: str, own: str) -> None:
+    """fp32: FP32_TOLERANCE; other dtypes: twice HF's own error in that dtype (same computation, only the dtype
+    differs), at least the fp32 tolerance."""
+    hf_err = next(r.max_abs_diff for r in results if r.provider == own)
+    for r in results:
+        r.parity_limit = FP32_TOLERANCE if dtype_name == "float32" else max(2 * hf_err, FP32_TOLERANCE)
+
+
+def run(cfg: BenchConfig) -> tuple[list[Result], dict[str, str], dict[str, str]]:
+    """Runs the benchmark; returns (results, the run's description, skipped provider -> why)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+    device = _check(cfg)
     sentences = load_sentences(cfg.text, cfg.sentences)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    batches = make_batches(tokenizer, sentences, cfg.batch, cfg.max_length, device)
-    real_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    padded_tokens = sum(b["attention_mask"].numel() for b in batches)
-
-    _progress(f"loading {model_name} and its reference output (HF eager, float32) on {device}")
-    builders = providers(cfg, model_dir, device)
-    models = {}
+    _progress(f"measuring the GEMM rate on {device} ({', '.join(cfg.dtypes)})")
+    gemm = {d: harness.gemm_flops_per_s(DTYPES[d], device) for d in cfg.dtypes}
+    results, skipped = [], {}
     with torch.inference_mode():
-        models[("hf-eager", "float32")] = builders["hf-eager"](torch.float32)
-        reference = [_real_rows(models[("hf-eager", "float32")](**b), b) for b in batches]
-        results: dict[tuple[str, str], Result] = {}
-        for dtype_name in cfg.dtypes:
-            dtype = DTYPES[dtype_name]
-            for name, build in builders.items():
-                key = (name, dtype_name)
-                if key not in models:
-                    models[key] = build(dtype)
-                _progress(f"warm-up and parity: {name} {dtype_name}")
-                diff = 0.0
-                for b, ref in zip(batches, reference):
-                    diff = max(diff, float((_real_rows(models[key](**b), b) - ref).abs().max()))
-                backends = _backends_used(device, dtype, cfg.backend) if name.startswith("mtbert_fast") else ""
-                results[key] = Result(name, dtype_name, [], [], diff, backends=backends)
-
-        keys = list(results)
-        for rep in range(cfg.repeats):
-            _progress(f"timed repetition {rep + 1}/{cfg.repeats}")
-            totals = dict.fromkeys(keys, 0.0)
-            for i, b in enumerate(batches):
-                turn = (rep + i) % len(keys)  # every provider runs each batch back to back, none always first
-                for key in keys[turn:] + keys[:turn]:
-                    _sync(device)
-                    start = time.perf_counter()
-                    models[key](**b)
-                    _sync(device)
-                    elapsed = time.perf_counter() - start
-                    results[key].latencies_s.append(elapsed)
-                    totals[key] += elapsed
-            for key, total in totals.items():
-                results[key].tokens_per_s.append(real_tokens / total)
-
-    for (name, dtype_name), r in results.items():
-        if dtype_name == "float32":
-            r.parity_limit = FP32_TOLERANCE
-        else:  # twice HF's own error in this dtype: the same eager computation, only the dtype differs
-            r.parity_limit = 2 * results[("hf-eager", dtype_name)].max_abs_diff
-
-    meta = {
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": describe_device(device),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "mtbert_fast": mtbert_fast.__version__,
-        "commit": git_commit(),
-        "model": model_name,
-        "batch": str(cfg.batch),
-        "sentences": str(len(sentences)),
-        "batches": str(len(batches)),
-        "real_tokens": str(real_tokens),
-        "padded_tokens": str(padded_tokens),
-        "repeats": str(cfg.repeats),
-    }
-    return list(results.values()), meta
+        for name in cfg.models:
+            _progress(f"loading {name}")
+            model = _load_model(name)
+            points = _points(cfg, model, sentences, device) if "encoder" in cfg.tasks else []
+            for dtype_name in cfg.dtypes:
+                if "encoder" in cfg.tasks:
+                    results += _encoder_runs(cfg, model, dtype_name, device, points, gemm[dtype_name], skipped)
+                if "multitask" in cfg.tasks:
+                    results += _multitask_runs(cfg, model, dtype_name, device, sentences)
+    meta = harness.run_metadata(device)
+    meta.update(sentences=str(len(sentences)), repeats=str(cfg.repeats))
+    meta["gemm"] = ", ".join(f"{d} {g / 1e9:,.0f} GFLOP/s" for d, g in gemm.items())
+    return results, meta, skipped
 
 
-def speedups(results: list[Result]) -> dict[tuple[str, str], float | None]:
-    """(provider, dtype) -> median tokens/s over HF sdpa's in the same dtype; None where parity failed."""
-    base = {r.dtype: r.median for r in results if r.provider == BASELINE}
-    return {(r.provider, r.dtype): (r.median / base[r.dtype] if r.parity_ok else None) for r in results}
+def speedups(results: list[Result]) -> dict[int, float | None]:
+    """id(result) -> median tokens/s over the baseline's (HF sdpa, or the three HF task models) at the same
+    point and dtype; None where parity failed."""
+    base = {r.key: r.median for r in results if r.provider in (BASELINE, "hf-3-models")}
+    return {id(r): (r.median / base[r.key] if r.parity_ok and r.key in base else None) for r in results}
 
 
-def format_table(results: list[Result], meta: dict[str, str]) -> str:
+def format_table(results: list[Result], meta: dict[str, str], skipped: dict[str, str] | None = None) -> str:
     ratio = speedups(results)
-    real, padded = int(meta["real_tokens"]), int(meta["padded_tokens"])
     lines = [
-        f"{meta['model']} on {meta['device']}",
+        f"{meta['device']}; measured GEMM rate: {meta['gemm']}",
         f"torch {meta['torch']}, transformers {meta['transformers']}, mtbert_fast {meta['mtbert_fast']}"
-        + (f" ({meta['commit']})" if meta["commit"] else ""),
-        f"{meta['sentences']} sentences in {meta['batches']} ragged batches of up to {meta['batch']}: "
-        f"{real} real tokens ({100 * real / padded:.0f}% of the padded {padded}); "
-        f"median of {meta['repeats']} timed repetition{'s' if meta['repeats'] != '1' else ''} after one untimed pass",
+        + (f" ({meta['commit']})" if meta["commit"] else "") + f", {meta['time']}",
+        f"sentence points: {meta['sentences']} sentences in ragged batches; L=n points: one batch, lengths "
+        f"uniform in [n/8, n]; median of {meta['repeats']} timed repetitions after one untimed pass",
         "",
     ]
-    headers = ["provider", "dtype", "real tok/s", "spread", "p50 ms", "p90 ms", "vs hf-sdpa", "max|diff|", "parity"]
+    headers = ["model", "task", "point", "B", "provider", "dtype", "real tok/s", "p10-p90", "p50 ms", "p90 ms",
+               "peak MiB", "vs base", "roofline", "max|diff|", "parity"]  # fmt: skip
     rows = []
     for r in results:
-        spread = (max(r.tokens_per_s) - min(r.tokens_per_s)) / 2 / r.median
-        x = ratio[(r.provider, r.dtype)]
+        x = ratio[id(r)]
+        t = harness.Timing(r.tokens_per_s)
         rows.append([
-            r.provider, r.dtype, f"{r.median:,.0f}", f"±{100 * spread:.1f}%",
-            f"{r.latency_ms(50):.1f}", f"{r.latency_ms(90):.1f}",
-            f"{x:.2f}x" if x is not None else "-", f"{r.max_abs_diff:.1e}", "ok" if r.parity_ok else "FAIL",
+            r.model, r.task, r.point, str(r.batch), r.provider, r.dtype, f"{r.median:,.0f}",
+            f"{t.p10:,.0f}-{t.p90:,.0f}", f"{r.latency_ms(50):.1f}", f"{r.latency_ms(90):.1f}",
+            f"{r.peak_mem_bytes / 2**20:.1f}", f"{x:.2f}x" if x is not None else "-",
+            f"{100 * r.roofline:.0f}%" if math.isfinite(r.roofline) else "-", f"{r.max_abs_diff:.1e}",
+            "ok" if r.parity_ok else "FAIL",
         ])  # fmt: skip
     widths = [max(len(c) for c in col) for col in zip(headers, *rows)]
-    right = {2, 3, 4, 5, 6, 7}
+    right = set(range(6, 14))
     fmt = lambda cells: "  ".join(  # noqa: E731
         c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
     ).rstrip()
     lines += [fmt(headers), fmt(["-" * w for w in widths])] + [fmt(row) for row in rows]
-    lines.append("")
-    lines.append(
-        "spread: half the range of tokens/s over the repetitions; max|diff|: largest difference of "
-        "last_hidden_state at the real tokens from HF eager float32"
-    )
-    limits = [f"float32 <= {FP32_TOLERANCE:.0e}"] + [
-        f"{r.dtype} <= {r.parity_limit:.1e} (twice HF eager's own {r.dtype} error)"
-        for r in results if r.provider == "hf-eager" and r.dtype != "float32"
-    ]  # fmt: skip
-    lines.append("parity: " + "; ".join(limits) + "; a provider that fails gets no ratio")
-    for r in results:
-        if r.backends:
-            lines.append(f"{r.provider} {r.dtype} ops ran on: {r.backends}")
+    lines += [
+        "",
+        "vs base: median real tokens/s over HF sdpa's in the same dtype at the same point (multitask: over the three "
+        "HF task models run one after the other); a provider failing parity is marked as such and gets no ratio",
+        "roofline: encoder FLOPs on the real tokens per second over the measured GEMM rate in that dtype; peak MiB: "
+        "memory a call added at its peak (RSS on cpu)",
+        f"max|diff|: largest difference from HF eager float32 at the real tokens; limit float32 {FP32_TOLERANCE:.0e}, "
+        "other dtypes twice HF's own error in that dtype",
+    ]
+    for name, why in (skipped or {}).items():
+        lines.append(f"skipped {name}: {why}")
     return "\n".join(lines)
 
 
 def append_csv(results: list[Result], meta: dict[str, str], out_dir: Path) -> Path:
     """Appends one row per result to out_dir/results.csv (header written when the file is new)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / CSV_NAME
     ratio = speedups(results)
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        for r in results:
-            x = ratio[(r.provider, r.dtype)]
-            writer.writerow({
-                **meta,
-                "provider": r.provider,
-                "dtype": r.dtype,
-                "tokens_per_s_median": f"{r.median:.1f}",
-                "tokens_per_s_min": f"{min(r.tokens_per_s):.1f}",
-                "tokens_per_s_max": f"{max(r.tokens_per_s):.1f}",
-                "latency_p50_ms": f"{r.latency_ms(50):.3f}",
-                "latency_p90_ms": f"{r.latency_ms(90):.3f}",
-                "speedup_vs_hf_sdpa": f"{x:.4f}" if x is not None else "",
-                "max_abs_diff": f"{r.max_abs_diff:.3e}",
-                "parity": "ok" if r.parity_ok else "FAIL",
-                "backends": r.backends,
-            })  # fmt: skip
+    rows = []
+    for r in results:
+        x = ratio[id(r)]
+        t = harness.Timing(r.tokens_per_s)
+        rows.append({
+            **meta, "model": r.model, "task": r.task, "point": r.point, "batch": r.batch,
+            "max_length": r.max_length, "provider": r.provider, "dtype": r.dtype, "batches": r.batches,
+            "real_tokens": r.real_tokens, "padded_tokens": r.padded_tokens,
+            "tokens_per_s_median": f"{r.median:.1f}", "tokens_per_s_p10": f"{t.p10:.1f}",
+            "tokens_per_s_p90": f"{t.p90:.1f}", "latency_p50_ms": f"{r.latency_ms(50):.3f}",
+            "latency_p90_ms": f"{r.latency_ms(90):.3f}", "peak_mem_mib": f"{r.peak_mem_bytes / 2**20:.2f}",
+            "speedup_vs_hf_sdpa": f"{x:.4f}" if x is not None else "",
+            "roofline_fraction": f"{r.roofline:.4f}" if math.isfinite(r.roofline) else "",
+            "gemm_gflops": f"{r.gemm_flops_per_s / 1e9:.1f}" if math.isfinite(r.gemm_flops_per_s) else "",
+            "max_abs_diff": f"{r.max_abs_diff:.3e}", "parity_limit": f"{r.parity_limit:.3e}",
+            "parity": "ok" if r.parity_ok else "FAIL", "backends": r.backends,
+        })  # fmt: skip
+    return harness.append_csv(Path(out_dir) / CSV_NAME, rows, CSV_FIELDS)
+
+
+def plot(results: list[Result], out_dir: Path) -> Path:
+    """out_dir/speedup.png: speed-up over HF sdpa against sequence length and against batch size, one row of
+    panels per (model, dtype)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratio = speedups(results)
+    enc = [r for r in results if r.task == "encoder"]
+    groups = list(dict.fromkeys((r.model, r.dtype) for r in enc)) or [("", "")]
+    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.6 * len(groups)), squeeze=False)
+    for row, (model, dtype) in zip(axes, groups):
+        for ax, kind, xlabel in ((row[0], "L=", "max sequence length (lengths uniform in [L/8, L])"),
+                                 (row[1], "sentences", "batch size (real sentences)")):  # fmt: skip
+            sel = [r for r in enc if (r.model, r.dtype) == (model, dtype) and r.point.startswith(kind)]
+            for prov in dict.fromkeys(r.provider for r in sel):
+                pts = sorted((r.max_length if kind == "L=" else r.batch, ratio[id(r)]) for r in sel
+                             if r.provider == prov and ratio[id(r)] is not None)  # fmt: skip
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
+            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("speed-up vs HF sdpa (real tok/s)")
+            ax.set_title(f"{model}, {dtype}", fontsize=10)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = Path(out_dir) / PLOT_NAME
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return path
 
 
 def main(cfg: BenchConfig) -> int:
-    """Runs, prints the table, appends the CSV; returns the exit status (1 when a provider fails parity)."""
-    results, meta = run(cfg)
-    print(format_table(results, meta))
+    """Runs, prints the table, appends the CSV, draws the plot; returns the exit status (1 when a provider fails
+    parity)."""
+    results, meta, skipped = run(cfg)
+    print(format_table(results, meta, skipped))
     if cfg.out is not None:
         print(f"results appended to {append_csv(results, meta, cfg.out)}")
+        try:
+            print(f"plot written to {plot(results, cfg.out)}")
+        except ImportError:
+            print("no plot: matplotlib is not installed (pip install matplotlib)")
     return 0 if all(r.parity_ok for r in results) else 1

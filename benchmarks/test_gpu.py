@@ -1,0 +1,122 @@
+"""The GPU targets of the CUDA / Triton issues, on a lent GPU only (skipped without CUDA); each result row names
+the device. bert-base, bf16: B=32 L=128 and B=32 with lengths averaging 0.6*128 against HF sdpa; B=1 latency;
+forward tokens/s as a fraction of the measured bf16 GEMM rate; MLM+NSP training step B=32 L=512 peak memory
+against BertForPreTraining; each op, CUDA against Triton."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from mtbert_fast import FastBertModel
+from mtbert_fast.bench import harness, runner
+from mtbert_fast.models.multitask import MultiTaskBert
+from mtbert_fast.ops import dispatch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmarks need CUDA (a lent GPU)")
+DEV = torch.device("cuda")
+
+
+def _batch(lengths):
+    ids = torch.randint(1000, 30000, (len(lengths), max(lengths)), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    return {"input_ids": ids.to(DEV), "attention_mask": mask.to(DEV), "token_type_ids": torch.zeros_like(ids).to(DEV)}
+
+
+@pytest.fixture(scope="module")
+def models():
+    hf32 = runner.random_bert(runner.bert_base_config()).to(DEV)
+    hf = copy.deepcopy(hf32).to(torch.bfloat16)
+    return hf32, hf, FastBertModel.from_hf(hf32, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("case, lengths, target", [
+    ("B=32 L=128", [128] * 32, ">=2x"),
+    ("B=32 lengths averaging 0.6*128", runner.ragged_lengths(32, 26, 128), ">=3x"),
+    ("B=1 L=128 latency", [128], "<=0.6x"),
+])  # fmt: skip
+def test_encoder_bf16(compare, report, models, case, lengths, target):
+    hf32, hf, fast = models
+    batch = _batch(lengths)
+    mask = batch["attention_mask"].bool()
+    with torch.inference_mode():
+        ref = hf32(**batch).last_hidden_state[mask].float()
+        own = float((hf(**batch).last_hidden_state[mask].float() - ref).abs().max())
+        err = float((fast(**batch).last_hidden_state[mask].float() - ref).abs().max())
+        assert err <= 2 * own + 1e-3
+        t = compare({"hf-sdpa": lambda: hf(**batch), "mtbert_fast": lambda: fast(**batch)}, rounds=20, warmup=3,
+                    device=DEV)
+    ratio = t["hf-sdpa"].median / t["mtbert_fast"].median
+    report(case, "bf16", "latency ratio" if len(lengths) == 1 else "speed-up vs hf-sdpa",
+           1 / ratio if len(lengths) == 1 else ratio, target, torch.cuda.get_device_name())
+    gemm = harness.gemm_flops_per_s(torch.bfloat16, DEV, repeats=20)
+    flops = harness.encoder_flops(hf32.config, lengths)
+    report(case, "bf16", "fraction of bf16 GEMM roofline", flops / t["mtbert_fast"].median / gemm, "reported",
+           f"{torch.cuda.get_device_name()}, GEMM {gemm / 1e12:.0f} TFLOP/s")
+
+
+def test_pretraining_step_memory_b32_l512(benchmark, report):
+    from transformers import BertForPreTraining
+
+    config = runner.bert_base_config()
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    torch.manual_seed(0)
+    hf = BertForPreTraining._from_config(config, attn_implementation="sdpa").to(DEV, torch.bfloat16).train()
+    fast = MultiTaskBert.from_hf_heads({"pretraining": hf}, dtype=torch.bfloat16).train()
+    batch = _batch([512] * 32)
+    positions = runner.mlm_positions({k: v.cpu() for k, v in batch.items()}).to(DEV)
+    labels = torch.where(positions, batch["input_ids"], torch.full_like(batch["input_ids"], -100))
+    nsp = (torch.arange(32) % 2).to(DEV)
+
+    def hf_step():
+        hf.zero_grad(set_to_none=True)
+        loss = hf(**batch, labels=labels, next_sentence_label=nsp).loss
+        loss.backward()
+        return float(loss)
+
+    def fast_step():
+        fast.zero_grad(set_to_none=True)
+        loss = fast(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                    labels={"pretraining": (labels, nsp)}).loss
+        loss.backward()
+        return float(loss)
+
+    hf_step(), fast_step()
+    hf_loss, hf_peak = harness.peak_memory(hf_step, DEV)
+    fast_loss, fast_peak = harness.peak_memory(fast_step, DEV)
+    assert abs(fast_loss - hf_loss) <= 5e-2 * max(1.0, abs(hf_loss))
+    benchmark.pedantic(fast_step, rounds=3, iterations=1)
+    report("MLM+NSP step B=32 L=512", "bf16", "peak memory ratio vs BertForPreTraining", fast_peak / hf_peak,
+           "<=0.6x", f"{torch.cuda.get_device_name()}: fast {fast_peak / 2**20:.0f} MiB, hf {hf_peak / 2**20:.0f} MiB")
+
+
+@pytest.mark.parametrize("op", ["bias_gelu", "bias_residual_layer_norm", "bias_gelu_layer_norm", "attention_varlen"])
+def test_cuda_vs_triton(compare, report, op):
+    import mtbert_fast.ops as ops
+
+    for b in ("cuda", "triton"):
+        why = dispatch.reason(b, op, DEV, torch.bfloat16)
+        if why:
+            pytest.skip(f"{b}: {why}")
+    T, H, I, heads = 4096, 768, 3072, 12
+    g = torch.Generator(device=DEV).manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, device=DEV).to(torch.bfloat16)  # noqa: E731
+    x, xi, bh, bi, res = r(T, H), r(T, I), r(H), r(I), r(T, H)
+    qkv, cu = r(T, 3, heads, H // heads), torch.arange(0, T + 1, 128, dtype=torch.int32, device=DEV)
+    call = {
+        "bias_gelu": lambda b: ops.bias_gelu(xi, bi, backend=b),
+        "bias_residual_layer_norm": lambda b: ops.bias_residual_layer_norm(x, bh, res, bh, bh, 1e-12, backend=b),
+        "bias_gelu_layer_norm": lambda b: ops.bias_gelu_layer_norm(x, bh, bh, bh, 1e-12, backend=b),
+        "attention_varlen": lambda b: ops.attention_varlen(qkv, cu, 128, 1 / math.sqrt(H // heads), backend=b),
+    }[op]
+    with torch.inference_mode():
+        assert float((call("cuda").float() - call("triton").float()).abs().max()) <= 5e-2
+        t = compare({"triton": lambda: call("triton"), "cuda": lambda: call("cuda")}, rounds=50, warmup=5,
+                    device=DEV)
+    report(op, "bf16", "CUDA speed-up vs Triton", t["triton"].median / t["cuda"].median, "reported",
+           torch.cuda.get_device_name())

@@ -1,0 +1,241 @@
+"""The shared benchmark harness: timing, peak memory, the machine's GEMM rate, encoder FLOPs, run metadata, CSV.
+
+Used by `mtbert-fast bench` (runner.py) and by the pytest-benchmark suites in benchmarks/. Every figure is meant
+to be a ratio to a baseline timed in the same call: `time_interleaved` runs the providers in a rotating order,
+so that a slow moment of a shared machine hits all of them alike.
+"""
+
+from __future__ import annotations
+
+import csv
+import ctypes
+import dataclasses
+import datetime
+import gc
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import mtbert_fast
+
+GEMM_SHAPE = (1024, 768, 3072)  # [M, K] @ [K, N]: a bert-base FFN matrix product on 1024 tokens
+
+
+@dataclasses.dataclass
+class Timing:
+    """Seconds per call, one sample per timed repetition."""
+
+    samples: list[float]
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.samples))
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.samples, q))
+
+    @property
+    def p10(self) -> float:
+        return self.percentile(10)
+
+    @property
+    def p90(self) -> float:
+        return self.percentile(90)
+
+    @property
+    def spread(self) -> float:
+        """(p90 - p10) / 2 relative to the median."""
+        return (self.p90 - self.p10) / 2 / self.median if self.median > 0 else 0.0
+
+
+def sync(device: torch.device | str) -> None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_round(fns: Mapping[str, Callable[[], object]], samples: dict[str, list[float]], turn: int,
+                      device: torch.device | str = "cpu") -> None:
+    """Runs every fn once, starting with the `turn`-th (mod len), appending its seconds to samples[name]."""
+    names = list(fns)
+    turn %= len(names)
+    for name in names[turn:] + names[:turn]:
+        sync(device)
+        start = time.perf_counter()
+        fns[name]()
+        sync(device)
+        samples.setdefault(name, []).append(time.perf_counter() - start)
+
+
+def time_interleaved(
+    fns: Mapping[str, Callable[[], object]],
+    repeats: int = 5,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
+) -> dict[str, Timing]:
+    """name -> Timing of fn(); each repetition runs every fn once, the first one rotating, after `warmup`
+    untimed rounds."""
+    if repeats <= 0:
+        raise ValueError(f"repeats must be positive, got {repeats}")
+    samples: dict[str, list[float]] = {n: [] for n in fns}
+    for rep in range(warmup + repeats):
+        interleaved_round(fns, samples, rep, device)
+    return {n: Timing(s[warmup:]) for n, s in samples.items()}
+
+
+# --- memory ----------------------------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def rss_bytes() -> int:
+    return _status_kib("VmRSS") * 1024
+
+
+def _release_free_memory() -> None:
+    """Hands freed heap pages back to the OS (glibc malloc_trim), so that memory a call reuses from earlier calls
+    counts in its peak instead of hiding in the RSS before it."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") -> tuple[object, int]:
+    """(fn(), bytes of memory fn added at its peak above what was in use before the call).
+
+    CPU: the process's peak RSS is reset to the current RSS (writing "5" to /proc/self/clear_refs), then VmHWM
+    is read after the call; the figure is VmHWM - VmRSS before. CUDA: torch.cuda.max_memory_allocated above the
+    memory allocated before. Raises OSError where /proc cannot reset the peak (not Linux).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        out = fn()
+        sync(device)
+        return out, torch.cuda.max_memory_allocated(device) - before
+    _release_free_memory()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = rss_bytes()
+    out = fn()
+    return out, max(0, _status_kib("VmHWM") * 1024 - before)
+
+
+# --- FLOPs and the roofline ------------------------------------------------------------------------------------
+
+
+def gemm_flops_per_s(
+    dtype: torch.dtype, device: torch.device | str = "cpu", repeats: int = 10, shape=GEMM_SHAPE
+) -> float:
+    """The machine's measured matrix-product rate in `dtype`: F.linear of [M, K] x [K, N], median of `repeats`."""
+    m, k, n = shape
+    device = torch.device(device)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
+    w = torch.randn(n, k, generator=gen).to(device=device, dtype=dtype)
+    with torch.inference_mode():
+        timing = time_interleaved({"gemm": lambda: F.linear(x, w)}, repeats=repeats, warmup=2, device=device)
+    return 2 * m * k * n / timing["gemm"].median
+
+
+def encoder_flops(config, lengths, *, pooler: bool = False) -> float:
+    """Forward FLOPs of an encoder on sequences of the given real lengths (no padding counted).
+
+    Per layer: the linear layers 2 * T * (4 H^2 + 2 H I) (QKV, output, FFN up and down), and attention
+    4 * sum(L_i^2) * H (Q K^T and P V). Elementwise work, embeddings and softmax are left out. config: anything
+    with hidden_size, intermediate_size, num_hidden_layers (an HF config or an EncoderConfig).
+    """
+    lengths = [int(n) for n in lengths]
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    tokens = sum(lengths)
+    linears = 2 * tokens * (4 * h * h + 2 * h * inter)
+    attention = 4 * sum(n * n for n in lengths) * h
+    total = layers * (linears + attention)
+    if pooler:
+        total += 2 * len(lengths) * h * h
+    return float(total)
+
+
+def roofline_fraction(flops: float, seconds: float, peak_flops_per_s: float) -> float:
+    return flops / seconds / peak_flops_per_s
+
+
+# --- run metadata and results ----------------------------------------------------------------------------------
+
+
+def describe_device(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"cpu: {name}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+
+
+def git_commit() -> str:
+    """The commit of the source tree mtbert_fast runs from, with "+dirty" for uncommitted changes; "" if none."""
+    root = Path(mtbert_fast.__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True, timeout=10)  # fmt: skip
+        if head.returncode != 0:
+            return ""
+        dirty = subprocess.run(["git", "-C", str(root), "diff-index", "--quiet", "HEAD", "--"],
+                               capture_output=True, timeout=10).returncode != 0  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def run_metadata(device: torch.device | str) -> dict[str, str]:
+    """time, device, versions and commit: the columns every results CSV starts with."""
+    try:
+        import transformers
+
+        tf_version = transformers.__version__
+    except ImportError:
+        tf_version = ""
+    return {
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": describe_device(device),
+        "torch": torch.__version__,
+        "transformers": tf_version,
+        "mtbert_fast": mtbert_fast.__version__,
+        "commit": git_commit(),
+    }
+
+
+META_FIELDS = ["time", "device", "torch", "transformers", "mtbert_fast", "commit"]
+
+
+def append_csv(path: Path, rows: list[dict[str, object]], fields: list[str]) -> Path:
+    """Appends rows to the CSV at `path` (header written when the file is new; unknown keys ignored)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    return path

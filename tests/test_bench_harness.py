@@ -1,0 +1,50 @@
+"""The shared benchmark harness: memory reading, FLOP counting, interleaved timing."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from mtbert_fast.bench import harness
+
+
+def test_peak_memory_sees_a_temporary_allocation():
+    size = 64 * 2**20
+
+    def allocate():
+        t = torch.ones(size // 4, dtype=torch.float32)  # touched, so resident
+        return float(t[-1])
+
+    out, peak = harness.peak_memory(allocate)
+    assert out == 1.0
+    assert size * 0.9 <= peak <= size * 2
+    _, small = harness.peak_memory(lambda: None)
+    assert small < size / 4, "the peak is reset before each call"
+
+
+def test_encoder_flops_is_a_hand_count():
+    cfg = types.SimpleNamespace(hidden_size=4, intermediate_size=8, num_hidden_layers=2)
+    # per layer: linears 2*T*(4*16 + 2*4*8) = 2*5*128 = 1280; attention 4*(3^2+2^2)*4 = 208
+    assert harness.encoder_flops(cfg, [3, 2]) == 2 * (1280 + 208)
+    assert harness.encoder_flops(cfg, [3, 2], pooler=True) == 2 * (1280 + 208) + 2 * 2 * 16
+
+
+def test_interleaved_timing_and_gemm_rate():
+    calls = []
+    timings = harness.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                       repeats=3, warmup=1)  # fmt: skip
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"], "the first provider rotates"
+    assert len(timings["a"].samples) == 3 and timings["a"].p10 <= timings["a"].median <= timings["a"].p90
+    assert harness.gemm_flops_per_s(torch.float32, repeats=2, shape=(64, 64, 64)) > 0
+    with pytest.raises(ValueError):
+        harness.time_interleaved({"a": lambda: None}, repeats=0)
+
+
+def test_metadata_and_csv(tmp_path):
+    meta = harness.run_metadata("cpu")
+    assert meta["device"].startswith("cpu") and meta["torch"]
+    path = harness.append_csv(tmp_path / "r.csv", [{**meta, "x": 1}], harness.META_FIELDS + ["x"])
+    harness.append_csv(path, [{**meta, "x": 2}], harness.META_FIELDS + ["x"])
+    assert path.read_text().count("\n") == 3
