@@ -9,10 +9,6 @@ from mtbert_fast import _ext
 from mtbert_fast.ops import dispatch, reference
 
 
-# Row copies are plain memory moves: PyTorch's own indexing is the GPU path, so no Triton kernel is written.
-_NO_TRITON = {"triton": "row gather/scatter has no Triton kernel; indexing in PyTorch serves the GPU"}
-
-
 def _check_indices(op: str, x: torch.Tensor, indices: torch.Tensor) -> None:
     if x.dim() < 1:
         raise ValueError(f"{op}: x must have at least 1 dim, got a scalar")
@@ -25,7 +21,7 @@ def _check_indices(op: str, x: torch.Tensor, indices: torch.Tensor) -> None:
 def gather_rows(x: torch.Tensor, indices: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """x [R, ...], indices int64 [N] -> x[indices] [N, ...].  The gradient adds up repeated indices."""
     _check_indices("gather_rows", x, indices)
-    if dispatch.choose("gather_rows", x, backend, _NO_TRITON) == "reference":
+    if dispatch.choose("gather_rows", x, backend) == "reference":
         return reference.gather_rows(x, indices)
     return torch.ops.mtbert_fast.gather_rows(x, indices)
 
@@ -35,7 +31,7 @@ def scatter_rows(x: torch.Tensor, indices: torch.Tensor, num_rows: int, *, backe
     _check_indices("scatter_rows", x, indices)
     if indices.shape[0] != x.shape[0]:
         raise ValueError(f"scatter_rows: {indices.shape[0]} indices for {x.shape[0]} rows of x")
-    if dispatch.choose("scatter_rows", x, backend, _NO_TRITON) == "reference":
+    if dispatch.choose("scatter_rows", x, backend) == "reference":
         return reference.scatter_rows(x, indices, num_rows)
     return torch.ops.mtbert_fast.scatter_rows(x, indices, num_rows)
 
