@@ -65,19 +65,18 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx = ["-O3", "-std=c++17", "-fopenmp"] + _vector_flags()
+    # No -std: torch's BuildExtension adds the standard its own headers need (C++17 up to torch 2.13, C++20 from
+    # 2.14, whose headers refuse C++17), and nvcc takes a single -std.
+    cxx = ["-O3", "-fopenmp"] + _vector_flags()
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        # No -std here: torch's BuildExtension adds the standard its own headers need (C++20 from torch 2.14,
-        # whose headers refuse C++17), and nvcc takes a single -std.
-        cuda_cxx = [f for f in cxx if not f.startswith("-std=")]
         ext = CUDAExtension(
             "mtbert_fast._C",
             sources + _sources("csrc/cuda/*.cu"),
             include_dirs=include_dirs,
             define_macros=[("MTBERT_FAST_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cuda_cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
             extra_link_args=["-fopenmp"],
         )
     else:
