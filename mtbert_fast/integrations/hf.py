@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import types
+import warnings
 
 import torch
 import torch.nn as nn
@@ -128,6 +129,14 @@ def _swapped_forward(
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
 
+    if self.pooler is not None and attention_mask is not None and attention_mask.dim() == 2 \
+            and bool((attention_mask[:, 0] == 0).any()):
+        warnings.warn(
+            "left-padded batch: the swapped pooler reads each row's first real token, where HF's reads position 0 "
+            "(a padding slot), so pooler_output and the heads that read it differ from HF's there; pad on the right "
+            "(the BERT tokenizers' default) to match HF",
+            stacklevel=2,
+        )
     emb = self.embeddings
     out = encode(
         state.config,

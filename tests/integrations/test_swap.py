@@ -720,3 +720,14 @@ def test_forced_backend_that_cannot_run_raises_with_reasons(backend, bert_config
 
 def test_public_api():
     assert mtbert_fast.swap is swap and mtbert_fast.unswap is unswap and mtbert_fast.is_swapped is is_swapped
+
+
+def test_left_padding_warns_that_the_pooler_differs(bert_config, make_hf, ragged_batch, recwarn):
+    config = bert_config()
+    hf = swap(make_hf(BertModel, config))
+    ids, mask = ragged_batch(config, [5, 3])
+    with torch.no_grad():
+        hf(input_ids=ids, attention_mask=mask)
+        assert not [w for w in recwarn if "left-padded" in str(w.message)]
+        with pytest.warns(UserWarning, match="left-padded batch: the swapped pooler reads each row's first real"):
+            hf(input_ids=ids.flip(1), attention_mask=mask.flip(1))
