@@ -8,6 +8,8 @@ import os
 from typing import Any
 
 FAMILIES = ("bert", "roberta")
+# HF model_type -> family: XLM-RoBERTa and CamemBERT are RoBERTa's architecture with other vocabularies
+MODEL_TYPES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "camembert": "roberta"}
 # HF hidden_act -> the `approximate` argument of the GELU ops
 ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 
@@ -61,9 +63,9 @@ class EncoderConfig:
     def from_dict(cls, d: dict[str, Any]) -> EncoderConfig:
         """From an HF config (its to_dict() or config.json); refuses features the encoder does not implement."""
         model_type = d.get("model_type", "bert")
-        if model_type not in FAMILIES:
+        if model_type not in MODEL_TYPES:
             raise UnsupportedModelError(
-                f"model_type {model_type!r} is not supported; supported: BERT and RoBERTa ({', '.join(FAMILIES)})"
+                f"model_type {model_type!r} is not supported; supported: BERT and RoBERTa ({', '.join(MODEL_TYPES)})"
             )
         refusals = {
             "position_embedding_type": ("absolute", "only absolute position embeddings are supported"),
@@ -76,7 +78,7 @@ class EncoderConfig:
                 raise UnsupportedModelError(f"{key}={value!r}: {why}")
         fields = {f.name for f in dataclasses.fields(cls)} - {"family"}
         kwargs = {k: d[k] for k in fields if k in d and d[k] is not None}
-        return cls(family=model_type, **kwargs)
+        return cls(family=MODEL_TYPES[model_type], **kwargs)
 
     @classmethod
     def from_hf(cls, hf_config) -> EncoderConfig:

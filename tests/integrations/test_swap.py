@@ -731,3 +731,23 @@ def test_left_padding_warns_that_the_pooler_differs(bert_config, make_hf, ragged
         assert not [w for w in recwarn if "left-padded" in str(w.message)]
         with pytest.warns(UserWarning, match="left-padded batch: the swapped pooler reads each row's first real"):
             hf(input_ids=ids.flip(1), attention_mask=mask.flip(1))
+
+
+@pytest.mark.parametrize("family", ["xlm-roberta", "camembert"])
+def test_roberta_architecture_families(family, model_backend, roberta_config, make_hf, ragged_batch,
+                                       assert_tokens_close, assert_close):
+    """XLM-RoBERTa and CamemBERT are RoBERTa's architecture: both the swap and FastBertModel.from_hf match HF."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+    fields = {k: v for k, v in roberta_config().to_dict().items() if k not in ("model_type", "architectures")}
+    config = AutoConfig.for_model(family, **fields)
+    ids, mask = ragged_batch(config, [6, 2, 9])
+    with torch.no_grad():
+        base = make_hf(AutoModel.from_config(config).__class__, config)
+        fast = FastBertModel.from_hf(base, backend=model_backend)(ids, attention_mask=mask)
+        ref = base(ids, attention_mask=mask)
+        assert_tokens_close(fast.last_hidden_state, ref.last_hidden_state, mask)
+        task = make_hf(AutoModelForSequenceClassification.from_config(config).__class__, config)
+        ref = task(ids, attention_mask=mask).logits
+        swap(task, backend=model_backend)
+        assert_close(task(ids, attention_mask=mask).logits, ref)
