@@ -129,14 +129,6 @@ def _swapped_forward(
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
 
-    if self.pooler is not None and attention_mask is not None and attention_mask.dim() == 2 \
-            and bool((attention_mask[:, 0] == 0).any()):
-        warnings.warn(
-            "left-padded batch: the swapped pooler reads each row's first real token, where HF's reads position 0 "
-            "(a padding slot), so pooler_output and the heads that read it differ from HF's there; pad on the right "
-            "(the BERT tokenizers' default) to match HF",
-            stacklevel=2,
-        )
     emb = self.embeddings
     out = encode(
         state.config,
@@ -158,6 +150,14 @@ def _swapped_forward(
         training=self.training,
         backend=state.backend,
     )
+    # after encode(), which has validated the mask
+    if self.pooler is not None and attention_mask is not None and bool((attention_mask[:, 0] == 0).any()):
+        warnings.warn(
+            "left-padded batch: the swapped pooler reads each row's first real token, where HF's reads position 0 "
+            "(a padding slot), so pooler_output and the heads that read it differ from HF's there; pad on the right "
+            "(the BERT tokenizers' default) to match HF",
+            stacklevel=2,
+        )
     result = BaseModelOutputWithPoolingAndCrossAttentions(
         last_hidden_state=out.last_hidden_state,
         pooler_output=out.pooler_output,
