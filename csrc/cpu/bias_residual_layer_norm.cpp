@@ -83,26 +83,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_residual_layer_norm_cpu(
     const at::Tensor& weight,
     const at::Tensor& beta,
     double eps) {
-  MTBF_CHECK_DEVICE_TYPE("bias_residual_layer_norm", x, at::kCPU);
-  MTBF_CHECK_DEVICE_TYPE("bias_residual_layer_norm", bias, at::kCPU);
-  MTBF_CHECK_DEVICE_TYPE("bias_residual_layer_norm", residual, at::kCPU);
-  MTBF_CHECK_DEVICE_TYPE("bias_residual_layer_norm", weight, at::kCPU);
-  MTBF_CHECK_DEVICE_TYPE("bias_residual_layer_norm", beta, at::kCPU);
-  MTBF_CHECK_FLOAT_OR_BF16("bias_residual_layer_norm", x);
-  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm", x, bias);
-  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm", x, residual);
-  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm", x, weight);
-  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm", x, beta);
-  MTBF_CHECK_MIN_DIM("bias_residual_layer_norm", x, 1);
-  MTBF_CHECK_SAME_SHAPE("bias_residual_layer_norm", x, residual);
-  const int64_t D = x.size(-1);
-  TORCH_CHECK(D > 0, "bias_residual_layer_norm: x must have a non-empty last dim, got shape ", x.sizes());
-  MTBF_CHECK_DIM("bias_residual_layer_norm", bias, 1);
-  MTBF_CHECK_SIZE("bias_residual_layer_norm", bias, 0, D);
-  MTBF_CHECK_DIM("bias_residual_layer_norm", weight, 1);
-  MTBF_CHECK_SIZE("bias_residual_layer_norm", weight, 0, D);
-  MTBF_CHECK_DIM("bias_residual_layer_norm", beta, 1);
-  MTBF_CHECK_SIZE("bias_residual_layer_norm", beta, 0, D);
+  const int64_t D = check_layer_norm_args("bias_residual_layer_norm", at::kCPU, x, {{"residual", residual}},
+                                          {{"bias", bias}, {"weight", weight}, {"beta", beta}});
 
   const at::Tensor xc = x.contiguous();
   const at::Tensor bc = bias.contiguous();
@@ -131,34 +113,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_residual_layer_norm_backward
     const at::Tensor& weight,
     const at::Tensor& mean,
     const at::Tensor& rstd) {
-  MTBF_CHECK_DEVICE_TYPE("bias_residual_layer_norm_backward", grad_out, at::kCPU);
-  MTBF_CHECK_DEVICE_TYPE("bias_residual_layer_norm_backward", x, at::kCPU);
-  MTBF_CHECK_DEVICE_TYPE("bias_residual_layer_norm_backward", bias, at::kCPU);
-  MTBF_CHECK_DEVICE_TYPE("bias_residual_layer_norm_backward", residual, at::kCPU);
-  MTBF_CHECK_DEVICE_TYPE("bias_residual_layer_norm_backward", weight, at::kCPU);
-  MTBF_CHECK_DEVICE_TYPE("bias_residual_layer_norm_backward", mean, at::kCPU);
-  MTBF_CHECK_DEVICE_TYPE("bias_residual_layer_norm_backward", rstd, at::kCPU);
-  MTBF_CHECK_FLOAT_OR_BF16("bias_residual_layer_norm_backward", x);
-  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm_backward", x, grad_out);
-  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm_backward", x, bias);
-  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm_backward", x, residual);
-  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm_backward", x, weight);
-  MTBF_CHECK_DTYPE("bias_residual_layer_norm_backward", mean, at::kFloat);
-  MTBF_CHECK_DTYPE("bias_residual_layer_norm_backward", rstd, at::kFloat);
-  MTBF_CHECK_MIN_DIM("bias_residual_layer_norm_backward", x, 1);
-  MTBF_CHECK_SAME_SHAPE("bias_residual_layer_norm_backward", x, grad_out);
-  MTBF_CHECK_SAME_SHAPE("bias_residual_layer_norm_backward", x, residual);
-  const int64_t D = x.size(-1);
+  const int64_t D = check_layer_norm_args("bias_residual_layer_norm_backward", at::kCPU, x,
+                                          {{"grad_out", grad_out}, {"residual", residual}},
+                                          {{"bias", bias}, {"weight", weight}}, {{"mean", mean}, {"rstd", rstd}});
   const int64_t N = leading_rows(x);
-  TORCH_CHECK(D > 0, "bias_residual_layer_norm_backward: x must have a non-empty last dim, got shape ", x.sizes());
-  MTBF_CHECK_DIM("bias_residual_layer_norm_backward", bias, 1);
-  MTBF_CHECK_SIZE("bias_residual_layer_norm_backward", bias, 0, D);
-  MTBF_CHECK_DIM("bias_residual_layer_norm_backward", weight, 1);
-  MTBF_CHECK_SIZE("bias_residual_layer_norm_backward", weight, 0, D);
-  MTBF_CHECK_DIM("bias_residual_layer_norm_backward", mean, 1);
-  MTBF_CHECK_SIZE("bias_residual_layer_norm_backward", mean, 0, N);
-  MTBF_CHECK_DIM("bias_residual_layer_norm_backward", rstd, 1);
-  MTBF_CHECK_SIZE("bias_residual_layer_norm_backward", rstd, 0, N);
 
   const at::Tensor gc = grad_out.contiguous();
   const at::Tensor xc = x.contiguous();

@@ -39,6 +39,54 @@
 
 namespace mtbert_fast {
 
+// A tensor argument and its name, for checks that several ops share.
+struct NamedTensor {
+  const char* name;
+  const at::Tensor& t;
+};
+
+// The checks every LayerNorm op shares, with the messages of the MTBF_CHECK_ macros. x [..., D]: float32 or
+// bfloat16, D > 0; like_x: tensors of x's shape; params: [D] vectors; all of x's dtype. stats: fp32 [N] (the saved
+// mean and rstd, N = rows of x). Every tensor on `device`. Returns D.
+inline int64_t check_layer_norm_args(const char* op, c10::DeviceType device, const at::Tensor& x,
+                                     std::initializer_list<NamedTensor> like_x, std::initializer_list<NamedTensor> params,
+                                     std::initializer_list<NamedTensor> stats = {}) {
+  const auto on_device = [&](const NamedTensor& a) {
+    TORCH_CHECK(a.t.device().type() == device, op, ": ", a.name, " must be on ", c10::DeviceTypeName(device),
+                ", got ", a.t.device());
+  };
+  const auto same_dtype = [&](const NamedTensor& a) {
+    TORCH_CHECK(a.t.scalar_type() == x.scalar_type(), op, ": ", a.name, " has dtype ", a.t.scalar_type(),
+                " but x has ", x.scalar_type());
+  };
+  const auto vector_of = [&](const NamedTensor& a, int64_t n) {
+    TORCH_CHECK(a.t.dim() == 1, op, ": ", a.name, " must have 1 dims, got shape ", a.t.sizes());
+    TORCH_CHECK(a.t.size(0) == n, op, ": ", a.name, ".size(0) must be ", n, ", got shape ", a.t.sizes());
+  };
+  on_device({"x", x});
+  for (const auto& a : like_x) on_device(a);
+  for (const auto& a : params) on_device(a);
+  for (const auto& a : stats) on_device(a);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
+              ": x must be float32 or bfloat16, got ", x.scalar_type());
+  for (const auto& a : like_x) same_dtype(a);
+  for (const auto& a : params) same_dtype(a);
+  for (const auto& a : stats) {
+    TORCH_CHECK(a.t.scalar_type() == at::kFloat, op, ": ", a.name, " must be ", at::kFloat, ", got ",
+                a.t.scalar_type());
+  }
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dims, got shape ", x.sizes());
+  for (const auto& a : like_x) {
+    TORCH_CHECK(a.t.sizes() == x.sizes(), op, ": ", a.name, " has shape ", a.t.sizes(), " but x has shape ",
+                x.sizes());
+  }
+  const int64_t D = x.size(-1);
+  TORCH_CHECK(D > 0, op, ": x must have a non-empty last dim, got shape ", x.sizes());
+  for (const auto& a : params) vector_of(a, D);
+  for (const auto& a : stats) vector_of(a, x.numel() / D);
+  return D;
+}
+
 // GELU variant named by the op's `approximate` argument.
 enum class GeluKind { Erf, Tanh };
 
