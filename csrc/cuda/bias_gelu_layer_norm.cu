@@ -20,23 +20,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_gelu_layer_norm_cuda(
     double eps,
     c10::string_view approximate) {
   const GeluKind kind = parse_gelu("bias_gelu_layer_norm", approximate);
-  MTBF_CHECK_CUDA("bias_gelu_layer_norm", x);
-  MTBF_CHECK_CUDA_FLOATING("bias_gelu_layer_norm", x);
-  MTBF_CHECK_SAME_DEVICE("bias_gelu_layer_norm", x, bias);
-  MTBF_CHECK_SAME_DEVICE("bias_gelu_layer_norm", x, weight);
-  MTBF_CHECK_SAME_DEVICE("bias_gelu_layer_norm", x, beta);
-  MTBF_CHECK_SAME_DTYPE("bias_gelu_layer_norm", x, bias);
-  MTBF_CHECK_SAME_DTYPE("bias_gelu_layer_norm", x, weight);
-  MTBF_CHECK_SAME_DTYPE("bias_gelu_layer_norm", x, beta);
-  MTBF_CHECK_MIN_DIM("bias_gelu_layer_norm", x, 1);
-  const int64_t D = x.size(-1);
-  TORCH_CHECK(D > 0, "bias_gelu_layer_norm: x must have a non-empty last dim, got shape ", x.sizes());
-  MTBF_CHECK_DIM("bias_gelu_layer_norm", bias, 1);
-  MTBF_CHECK_SIZE("bias_gelu_layer_norm", bias, 0, D);
-  MTBF_CHECK_DIM("bias_gelu_layer_norm", weight, 1);
-  MTBF_CHECK_SIZE("bias_gelu_layer_norm", weight, 0, D);
-  MTBF_CHECK_DIM("bias_gelu_layer_norm", beta, 1);
-  MTBF_CHECK_SIZE("bias_gelu_layer_norm", beta, 0, D);
+  const int64_t D = check_layer_norm_args("bias_gelu_layer_norm", at::kCUDA, x, {},
+                                          {{"bias", bias}, {"weight", weight}, {"beta", beta}});
 
   const at::cuda::OptionalCUDAGuard device_guard(device_of(x));
   const at::Tensor xc = x.contiguous();
@@ -74,31 +59,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_gelu_layer_norm_backward_cud
     const at::Tensor& rstd,
     c10::string_view approximate) {
   const GeluKind kind = parse_gelu("bias_gelu_layer_norm_backward", approximate);
-  MTBF_CHECK_CUDA("bias_gelu_layer_norm_backward", x);
-  MTBF_CHECK_CUDA_FLOATING("bias_gelu_layer_norm_backward", x);
-  MTBF_CHECK_SAME_DEVICE("bias_gelu_layer_norm_backward", x, grad_out);
-  MTBF_CHECK_SAME_DEVICE("bias_gelu_layer_norm_backward", x, bias);
-  MTBF_CHECK_SAME_DEVICE("bias_gelu_layer_norm_backward", x, weight);
-  MTBF_CHECK_SAME_DEVICE("bias_gelu_layer_norm_backward", x, mean);
-  MTBF_CHECK_SAME_DEVICE("bias_gelu_layer_norm_backward", x, rstd);
-  MTBF_CHECK_SAME_DTYPE("bias_gelu_layer_norm_backward", x, grad_out);
-  MTBF_CHECK_SAME_DTYPE("bias_gelu_layer_norm_backward", x, bias);
-  MTBF_CHECK_SAME_DTYPE("bias_gelu_layer_norm_backward", x, weight);
-  MTBF_CHECK_DTYPE("bias_gelu_layer_norm_backward", mean, at::kFloat);
-  MTBF_CHECK_DTYPE("bias_gelu_layer_norm_backward", rstd, at::kFloat);
-  MTBF_CHECK_MIN_DIM("bias_gelu_layer_norm_backward", x, 1);
-  MTBF_CHECK_SAME_SHAPE("bias_gelu_layer_norm_backward", x, grad_out);
-  const int64_t D = x.size(-1);
-  TORCH_CHECK(D > 0, "bias_gelu_layer_norm_backward: x must have a non-empty last dim, got shape ", x.sizes());
+  const int64_t D = check_layer_norm_args("bias_gelu_layer_norm_backward", at::kCUDA, x, {{"grad_out", grad_out}},
+                                          {{"bias", bias}, {"weight", weight}}, {{"mean", mean}, {"rstd", rstd}});
   const int64_t N = x.numel() / D;
-  MTBF_CHECK_DIM("bias_gelu_layer_norm_backward", bias, 1);
-  MTBF_CHECK_SIZE("bias_gelu_layer_norm_backward", bias, 0, D);
-  MTBF_CHECK_DIM("bias_gelu_layer_norm_backward", weight, 1);
-  MTBF_CHECK_SIZE("bias_gelu_layer_norm_backward", weight, 0, D);
-  MTBF_CHECK_DIM("bias_gelu_layer_norm_backward", mean, 1);
-  MTBF_CHECK_SIZE("bias_gelu_layer_norm_backward", mean, 0, N);
-  MTBF_CHECK_DIM("bias_gelu_layer_norm_backward", rstd, 1);
-  MTBF_CHECK_SIZE("bias_gelu_layer_norm_backward", rstd, 0, N);
 
   const at::cuda::OptionalCUDAGuard device_guard(device_of(x));
   const at::Tensor gc = grad_out.contiguous();

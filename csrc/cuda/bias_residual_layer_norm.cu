@@ -18,26 +18,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_residual_layer_norm_cuda(
     const at::Tensor& weight,
     const at::Tensor& beta,
     double eps) {
-  MTBF_CHECK_CUDA("bias_residual_layer_norm", x);
-  MTBF_CHECK_CUDA_FLOATING("bias_residual_layer_norm", x);
-  MTBF_CHECK_SAME_DEVICE("bias_residual_layer_norm", x, bias);
-  MTBF_CHECK_SAME_DEVICE("bias_residual_layer_norm", x, residual);
-  MTBF_CHECK_SAME_DEVICE("bias_residual_layer_norm", x, weight);
-  MTBF_CHECK_SAME_DEVICE("bias_residual_layer_norm", x, beta);
-  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm", x, bias);
-  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm", x, residual);
-  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm", x, weight);
-  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm", x, beta);
-  MTBF_CHECK_MIN_DIM("bias_residual_layer_norm", x, 1);
-  MTBF_CHECK_SAME_SHAPE("bias_residual_layer_norm", x, residual);
-  const int64_t D = x.size(-1);
-  TORCH_CHECK(D > 0, "bias_residual_layer_norm: x must have a non-empty last dim, got shape ", x.sizes());
-  MTBF_CHECK_DIM("bias_residual_layer_norm", bias, 1);
-  MTBF_CHECK_SIZE("bias_residual_layer_norm", bias, 0, D);
-  MTBF_CHECK_DIM("bias_residual_layer_norm", weight, 1);
-  MTBF_CHECK_SIZE("bias_residual_layer_norm", weight, 0, D);
-  MTBF_CHECK_DIM("bias_residual_layer_norm", beta, 1);
-  MTBF_CHECK_SIZE("bias_residual_layer_norm", beta, 0, D);
+  const int64_t D = check_layer_norm_args("bias_residual_layer_norm", at::kCUDA, x, {{"residual", residual}},
+                                          {{"bias", bias}, {"weight", weight}, {"beta", beta}});
 
   const at::cuda::OptionalCUDAGuard device_guard(device_of(x));
   const at::Tensor xc = x.contiguous();
@@ -71,34 +53,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_residual_layer_norm_backward
     const at::Tensor& weight,
     const at::Tensor& mean,
     const at::Tensor& rstd) {
-  MTBF_CHECK_CUDA("bias_residual_layer_norm_backward", x);
-  MTBF_CHECK_CUDA_FLOATING("bias_residual_layer_norm_backward", x);
-  MTBF_CHECK_SAME_DEVICE("bias_residual_layer_norm_backward", x, grad_out);
-  MTBF_CHECK_SAME_DEVICE("bias_residual_layer_norm_backward", x, bias);
-  MTBF_CHECK_SAME_DEVICE("bias_residual_layer_norm_backward", x, residual);
-  MTBF_CHECK_SAME_DEVICE("bias_residual_layer_norm_backward", x, weight);
-  MTBF_CHECK_SAME_DEVICE("bias_residual_layer_norm_backward", x, mean);
-  MTBF_CHECK_SAME_DEVICE("bias_residual_layer_norm_backward", x, rstd);
-  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm_backward", x, grad_out);
-  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm_backward", x, bias);
-  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm_backward", x, residual);
-  MTBF_CHECK_SAME_DTYPE("bias_residual_layer_norm_backward", x, weight);
-  MTBF_CHECK_DTYPE("bias_residual_layer_norm_backward", mean, at::kFloat);
-  MTBF_CHECK_DTYPE("bias_residual_layer_norm_backward", rstd, at::kFloat);
-  MTBF_CHECK_MIN_DIM("bias_residual_layer_norm_backward", x, 1);
-  MTBF_CHECK_SAME_SHAPE("bias_residual_layer_norm_backward", x, grad_out);
-  MTBF_CHECK_SAME_SHAPE("bias_residual_layer_norm_backward", x, residual);
-  const int64_t D = x.size(-1);
-  TORCH_CHECK(D > 0, "bias_residual_layer_norm_backward: x must have a non-empty last dim, got shape ", x.sizes());
+  const int64_t D = check_layer_norm_args("bias_residual_layer_norm_backward", at::kCUDA, x,
+                                          {{"grad_out", grad_out}, {"residual", residual}},
+                                          {{"bias", bias}, {"weight", weight}}, {{"mean", mean}, {"rstd", rstd}});
   const int64_t N = x.numel() / D;
-  MTBF_CHECK_DIM("bias_residual_layer_norm_backward", bias, 1);
-  MTBF_CHECK_SIZE("bias_residual_layer_norm_backward", bias, 0, D);
-  MTBF_CHECK_DIM("bias_residual_layer_norm_backward", weight, 1);
-  MTBF_CHECK_SIZE("bias_residual_layer_norm_backward", weight, 0, D);
-  MTBF_CHECK_DIM("bias_residual_layer_norm_backward", mean, 1);
-  MTBF_CHECK_SIZE("bias_residual_layer_norm_backward", mean, 0, N);
-  MTBF_CHECK_DIM("bias_residual_layer_norm_backward", rstd, 1);
-  MTBF_CHECK_SIZE("bias_residual_layer_norm_backward", rstd, 0, N);
 
   const at::cuda::OptionalCUDAGuard device_guard(device_of(x));
   const at::Tensor gc = grad_out.contiguous();

@@ -45,15 +45,15 @@ struct NamedTensor {
   const at::Tensor& t;
 };
 
-// The checks every LayerNorm op shares, with the messages of the MTBF_CHECK_ macros. x [..., D]: float32 or
-// bfloat16, D > 0; like_x: tensors of x's shape; params: [D] vectors; all of x's dtype. stats: fp32 [N] (the saved
-// mean and rstd, N = rows of x). Every tensor on `device`. Returns D.
+// The checks every LayerNorm op shares, on the CPU and on CUDA, with the messages of the MTBF_CHECK_ macros.
+// x [..., D], D > 0, on a `device` device: float32 or bfloat16 (CUDA: float16 too); like_x: tensors of x's shape;
+// params: [D] vectors; all of x's dtype. stats: fp32 [N] (the saved mean and rstd, N = rows of x). Every tensor on
+// x's device. Returns D.
 inline int64_t check_layer_norm_args(const char* op, c10::DeviceType device, const at::Tensor& x,
                                      std::initializer_list<NamedTensor> like_x, std::initializer_list<NamedTensor> params,
                                      std::initializer_list<NamedTensor> stats = {}) {
   const auto on_device = [&](const NamedTensor& a) {
-    TORCH_CHECK(a.t.device().type() == device, op, ": ", a.name, " must be on ", c10::DeviceTypeName(device),
-                ", got ", a.t.device());
+    TORCH_CHECK(a.t.device() == x.device(), op, ": ", a.name, " is on ", a.t.device(), " but x is on ", x.device());
   };
   const auto same_dtype = [&](const NamedTensor& a) {
     TORCH_CHECK(a.t.scalar_type() == x.scalar_type(), op, ": ", a.name, " has dtype ", a.t.scalar_type(),
@@ -63,12 +63,14 @@ inline int64_t check_layer_norm_args(const char* op, c10::DeviceType device, con
     TORCH_CHECK(a.t.dim() == 1, op, ": ", a.name, " must have 1 dims, got shape ", a.t.sizes());
     TORCH_CHECK(a.t.size(0) == n, op, ": ", a.name, ".size(0) must be ", n, ", got shape ", a.t.sizes());
   };
-  on_device({"x", x});
+  TORCH_CHECK(x.device().type() == device, op, ": x must be on ", c10::DeviceTypeName(device), ", got ", x.device());
   for (const auto& a : like_x) on_device(a);
   for (const auto& a : params) on_device(a);
   for (const auto& a : stats) on_device(a);
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
-              ": x must be float32 or bfloat16, got ", x.scalar_type());
+  const bool half_ok = device == c10::DeviceType::CUDA;
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
+                  (half_ok && x.scalar_type() == at::kHalf),
+              op, ": x must be float32", half_ok ? ", float16" : "", " or bfloat16, got ", x.scalar_type());
   for (const auto& a : like_x) same_dtype(a);
   for (const auto& a : params) same_dtype(a);
   for (const auto& a : stats) {
