@@ -75,6 +75,22 @@ def fast_state_dict_from_hf(
     return out
 
 
+def hf_state_dict_from_fast(state: dict[str, torch.Tensor], config: EncoderConfig) -> dict[str, torch.Tensor]:
+    """The inverse of fast_state_dict_from_hf: FastBertModel keys -> HF BertModel/RobertaModel keys (no task prefix),
+    Q/K/V split back apart."""
+    out = {f"embeddings.{n}": state[f"embeddings.{n}"] for n in _EMBEDDINGS}
+    for i in range(config.num_hidden_layers):
+        hf = f"encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            for part, t in zip(("query", "key", "value"), state[f"layers.{i}.qkv.{kind}"].chunk(3, 0)):
+                out[f"{hf}attention.self.{part}.{kind}"] = t
+            for fast_name, hf_name in _LAYER_MAP:
+                out[f"{hf}{hf_name}.{kind}"] = state[f"layers.{i}.{fast_name}.{kind}"]
+    if "pooler.weight" in state:
+        out["pooler.dense.weight"], out["pooler.dense.bias"] = state["pooler.weight"], state["pooler.bias"]
+    return out
+
+
 def read_safetensors_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of an HF model directory: model.safetensors, or the shards its index names."""
     from safetensors.torch import load_file

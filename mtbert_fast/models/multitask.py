@@ -15,7 +15,7 @@ import torch.nn as nn
 from mtbert_fast.models.config import EncoderConfig
 from mtbert_fast.models.encoder import FastBertModel, validate_inputs
 from mtbert_fast.models.heads import HEAD_KINDS, Head, HeadInput, head_from_hf
-from mtbert_fast.models.hf_mapping import _EMBEDDINGS, _LAYER_MAP, MissingWeightError
+from mtbert_fast.models.hf_mapping import MissingWeightError, hf_state_dict_from_fast
 
 CONFIG_NAME = "multitask_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -34,22 +34,6 @@ class MultiTaskOutput:
     outputs: dict[str, dict[str, torch.Tensor]]
     losses: dict[str, torch.Tensor]
     loss: torch.Tensor | None
-
-
-def hf_encoder_state(encoder: FastBertModel) -> dict[str, torch.Tensor]:
-    """FastBertModel weights under HF BertModel/RobertaModel keys (no task prefix), Q/K/V split back apart."""
-    src = encoder.state_dict()
-    out = {f"embeddings.{n}": src[f"embeddings.{n}"] for n in _EMBEDDINGS}
-    for i in range(encoder.config.num_hidden_layers):
-        hf = f"encoder.layer.{i}."
-        for kind in ("weight", "bias"):
-            for part, t in zip(("query", "key", "value"), src[f"layers.{i}.qkv.{kind}"].chunk(3, 0)):
-                out[f"{hf}attention.self.{part}.{kind}"] = t
-            for fast_name, hf_name in _LAYER_MAP:
-                out[f"{hf}{hf_name}.{kind}"] = src[f"layers.{i}.{fast_name}.{kind}"]
-    if encoder.pooler is not None:
-        out["pooler.dense.weight"], out["pooler.dense.bias"] = src["pooler.weight"], src["pooler.bias"]
-    return out
 
 
 class MultiTaskBert(nn.Module):
@@ -281,7 +265,8 @@ class MultiTaskBert(nn.Module):
         if getattr(base, "pooler", None) is not None and self.encoder.pooler is None:
             raise ValueError(f"{class_name} reads the pooler output, but the encoder has no pooler")
         prefix = "" if hf_model is base else f"{hf_model.base_model_prefix}."
-        state = {f"{prefix}{k}": v for k, v in hf_encoder_state(self.encoder).items()
+        encoder_state = hf_state_dict_from_fast(self.encoder.state_dict(), self.encoder.config)
+        state = {f"{prefix}{k}": v for k, v in encoder_state.items()
                  if not (k.startswith("pooler.") and getattr(base, "pooler", None) is None)}
         state.update(head_state)
         hf_model.load_state_dict({k: v.detach() for k, v in state.items()}, strict=True)
