@@ -288,11 +288,11 @@ def encode(
     batch, seqlen = validate_inputs(
         config, device, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
     )
+    if inputs_embeds is not None and inputs_embeds.dtype != embeddings.word.dtype:
+        raise TypeError(f"inputs_embeds has dtype {inputs_embeds.dtype} but the model runs in {embeddings.word.dtype}")
     if attention_mask is None:
         attention_mask = torch.ones((batch, seqlen), dtype=torch.int32, device=device)
     packed = PackedBatch(*unpad_indices(attention_mask), batch=batch, seqlen=seqlen)
-    if inputs_embeds is not None and inputs_embeds.dtype != embeddings.word.dtype:
-        raise TypeError(f"inputs_embeds has dtype {inputs_embeds.dtype} but the model runs in {embeddings.word.dtype}")
 
     x = embed_packed(config, embeddings, packed, input_ids, token_type_ids, position_ids, inputs_embeds, training)
     states = [x] if output_hidden_states else None
