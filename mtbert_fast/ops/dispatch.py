@@ -109,16 +109,19 @@ def choose(
     """
     wanted = requested_backend(backend)
     limits = limits or {}
+
+    def why_not(b: str) -> str | None:
+        return limits.get(b) or reason(b, op, t.device, t.dtype)
+
     if wanted != "auto":
-        why = limits.get(wanted) or reason(wanted, op, t.device, t.dtype)
+        why = why_not(wanted)
         if why is None:
             return wanted
-        reasons = {b: limits.get(b) or reason(b, op, t.device, t.dtype) or "can run" for b in BACKENDS}
-        detail = "; ".join(f"{b}: {r}" for b, r in reasons.items())
+        detail = "; ".join(f"{b}: {why_not(b) or 'can run'}" for b in BACKENDS)
         raise BackendUnavailable(f"{op}: backend {wanted!r} cannot run this input ({why}). All backends: {detail}")
     reasons: dict[str, str] = {}
     for b in BACKENDS:
-        why = limits.get(b) or reason(b, op, t.device, t.dtype)
+        why = why_not(b)
         if why is None:
             if not torch.compiler.is_compiling():
                 _last[(op, t.device.type, t.dtype)] = (b, reasons)
