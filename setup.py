@@ -4,7 +4,8 @@ Environment:
   MTBERT_FAST_SKIP_BUILD=1   install pure Python (every op then runs its PyTorch reference)
   MTBERT_FAST_CUDA=1         build the CUDA kernels even where no GPU is visible (needs nvcc and a CUDA torch)
   MTBERT_FAST_CUDA=0         never build them
-  TORCH_CUDA_ARCH_LIST       CUDA architectures (default "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST       CUDA architectures (default "8.0;9.0+PTX": machine code for sm_80 and sm_90, and PTX
+                             for compute_90 that the driver compiles for any newer GPU)
   MAX_JOBS                   parallel compile jobs (ninja)
 """
 
@@ -49,6 +50,25 @@ def _vector_flags():
     raise ValueError(f"MTBERT_FAST_CPU_ISA={isa!r}: expected avx512, avx2 or default")
 
 
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+
+def cuda_arch_names(arch_list):
+    """TORCH_CUDA_ARCH_LIST ("8.0;9.0+PTX", "9.0a 10.0") -> ["sm_80", "sm_90", "compute_90"]: what the build holds,
+    as the extension reports it at run time (the dispatch reads it to tell whether a GPU can run the kernels)."""
+    names = []
+    for entry in arch_list.replace(";", " ").split():
+        arch, ptx = (entry[: -len("+PTX")], True) if entry.endswith("+PTX") else (entry, False)
+        major, dot, minor = arch.partition(".")
+        if not (dot and major.isdigit() and minor[:1].isdigit() and minor[1:] in ("", "a", "f")):
+            raise ValueError(f"TORCH_CUDA_ARCH_LIST: {entry!r} is not an architecture like 8.0, 9.0a or 9.0+PTX")
+        number = f"{major}{minor}"
+        names.append(f"sm_{number}")
+        if ptx:
+            names.append(f"compute_{number}")
+    return names
+
+
 def _want_cuda():
     flag = os.environ.get("MTBERT_FAST_CUDA")
     if flag is not None:
@@ -70,12 +90,15 @@ def _extensions():
     cxx = ["-O3", "-fopenmp"] + _vector_flags()
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     if _want_cuda():
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        # one preprocessor token ("sm_80__sm_90__compute_90"): nvcc would split a list at commas, and quotes do not
+        # survive the build's command lines
+        archs = "__".join(cuda_arch_names(os.environ["TORCH_CUDA_ARCH_LIST"]))
         ext = CUDAExtension(
             "mtbert_fast._C",
             sources + _sources("csrc/cuda/*.cu"),
             include_dirs=include_dirs,
-            define_macros=[("MTBERT_FAST_WITH_CUDA", "1")],
+            define_macros=[("MTBERT_FAST_WITH_CUDA", "1"), ("MTBERT_FAST_CUDA_ARCHS", archs)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
             extra_link_args=["-fopenmp"],
         )

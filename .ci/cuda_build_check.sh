@@ -16,7 +16,7 @@
 #                            missing or broken
 #   MTBERT_FAST_CUDA_TORCH   torch version to install there (default 2.14.1)
 #   MTBERT_FAST_CUDA_CLEAN=1 rebuild every object from scratch
-#   TORCH_CUDA_ARCH_LIST     default "8.0;9.0";  MAX_JOBS  default 2
+#   TORCH_CUDA_ARCH_LIST     default "8.0;9.0+PTX";  MAX_JOBS  default 2
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -25,7 +25,7 @@ VENV=${MTBERT_FAST_CUDA_VENV:-$CACHE/cuda-venv}
 BUILD=$CACHE/cuda-build
 TORCH_VERSION=${MTBERT_FAST_CUDA_TORCH:-2.14.1}
 PYTHON=${PYTHON:-python3}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}
 export MAX_JOBS=${MAX_JOBS:-2}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 PY=$VENV/bin/python

@@ -4,12 +4,17 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(mtbert_fast, m) {
-  // qkv [T, 3, heads, head_dim], cu_seqlens int32 [B+1] -> out [T, heads, head_dim], lse fp32 [heads, T]
-  m.def("attention_varlen(Tensor qkv, Tensor cu_seqlens, int max_seqlen, float scale) -> (Tensor, Tensor)");
+  // qkv [T, 3, heads, head_dim], cu_seqlens int32 [B+1] -> out [T, heads, head_dim], lse fp32 [heads, T].
+  // max_seqlen sizes the launch only: a longer sequence is still computed in full. dropout_p > 0 drops attention
+  // probabilities with the Philox mask of csrc/include/philox.h drawn from rng_state (int64 [2] on the CPU: seed,
+  // offset); the backward regenerates the same mask from the same rng_state.
+  m.def(
+      "attention_varlen(Tensor qkv, Tensor cu_seqlens, int max_seqlen, float scale, float dropout_p=0., "
+      "Tensor? rng_state=None) -> (Tensor, Tensor)");
   // -> grad_qkv [T, 3, heads, head_dim]
   m.def(
       "attention_varlen_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, Tensor cu_seqlens, "
-      "int max_seqlen, float scale) -> Tensor");
+      "int max_seqlen, float scale, float dropout_p=0., Tensor? rng_state=None) -> Tensor");
 
   // x [N, D], bias [D] -> GELU(x + bias) [N, D]; approximate is "none" (erf) or "tanh"
   m.def("bias_gelu(Tensor x, Tensor bias, str approximate) -> Tensor");

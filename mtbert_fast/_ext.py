@@ -45,3 +45,18 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
 
 def built_with_cuda() -> bool:
     return has_kernel("bias_gelu", "CUDA")
+
+
+def cuda_archs() -> tuple[list[str], list[str]]:
+    """(machine-code archs, PTX archs) the CUDA kernels were compiled for, e.g. (["sm_80", "sm_90"], ["compute_90"]);
+    empty lists for a build without CUDA."""
+    if not built_with_cuda():
+        return [], []
+    names = torch.ops.mtbert_fast.cuda_archs().split()
+    return [n for n in names if n.startswith("sm_")], [n for n in names if n.startswith("compute_")]
+
+
+def cuda_attention_shared_bytes(head_dim: int, dtype: torch.dtype) -> int:
+    """The most dynamic shared memory per block that the CUDA attention kernels (forward and backward) ask for at
+    this head_dim and dtype."""
+    return int(torch.ops.mtbert_fast.cuda_attention_shared_bytes(head_dim, dtype))

@@ -1,13 +1,16 @@
-"""attention_varlen: bidirectional softmax attention over packed (unpadded) sequences."""
+"""attention_varlen: bidirectional softmax attention over packed (unpadded) sequences, with fused dropout."""
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 from mtbert_fast import _ext
-from mtbert_fast.ops import dispatch, reference
+from mtbert_fast.ops import dispatch, dropout, reference
+
+DEBUG_CHECKS_ENV = "MTBERT_FAST_DEBUG_CHECKS"
 
 
 def attention_varlen(
@@ -17,63 +20,106 @@ def attention_varlen(
     scale: float | None = None,
     *,
     dropout_p: float = 0.0,
+    rng_state: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """softmax(scale * Q K^T) V per sequence, with the softmax in fp32 and no padding anywhere.
 
     qkv [T, 3, heads, head_dim]: the packed output of the fused QKV projection, viewed per head.
-    cu_seqlens int32 [B+1]: sequence b owns rows cu_seqlens[b]:cu_seqlens[b+1]; cu_seqlens[-1] == T.
-    max_seqlen: the longest sequence.  scale: default 1/sqrt(head_dim).
-    dropout_p: dropout on the attention probabilities (training); only the reference computes it.
+    cu_seqlens int32 [B+1]: sequence b owns rows cu_seqlens[b]:cu_seqlens[b+1]; cu_seqlens[0] == 0, [-1] == T.
+    max_seqlen: the longest sequence; it sizes the kernel launch only (a longer sequence is still computed in full).
+    scale: default 1/sqrt(head_dim).
+    dropout_p: dropout on the attention probabilities (training), fused into the kernels; the mask is a Philox
+        function of rng_state (see mtbert_fast.ops.dropout), regenerated in the backward.
+    rng_state: int64 [2] on the CPU (seed, offset); default a fresh one from torch's CPU generator, so that
+        torch.manual_seed reproduces the masks.
     -> [T, heads, head_dim] in qkv's dtype.
+
+    Shapes, dtypes and devices are checked on every backend without a device synchronisation; the values of
+    cu_seqlens (0 first, non-decreasing, T last) are checked where that is free (CPU tensors) and on the GPU only
+    with MTBERT_FAST_DEBUG_CHECKS=1 (each check then reads cu_seqlens back to the host).
     """
     op = "attention_varlen"
+    check_inputs(op, qkv, cu_seqlens, max_seqlen)
+    dropout.check_rng_state(op, dropout_p, rng_state)
+    if scale is None:
+        scale = 1.0 / math.sqrt(qkv.shape[-1])
+    if dropout_p > 0.0 and rng_state is None:
+        rng_state = dropout.new_rng_state()
+    if dropout_p == 0.0:
+        rng_state = None
+    impl = dispatch.choose(op, qkv, backend)
+    if impl == "reference":
+        return reference.attention_varlen(qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state)
+    if impl == "triton":
+        return dispatch.triton_kernels[op](qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state)
+    return torch.ops.mtbert_fast.attention_varlen(qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state)[0]
+
+
+def check_inputs(op: str, qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> None:
+    """Every check that needs no device synchronisation, and the value checks of cu_seqlens where they are free."""
     if qkv.dim() != 4 or qkv.shape[1] != 3:
         raise ValueError(f"{op}: qkv must be [T, 3, heads, head_dim], got shape {tuple(qkv.shape)}")
+    if not qkv.dtype.is_floating_point:
+        raise TypeError(f"{op}: qkv must be a floating-point tensor, got {qkv.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
         raise ValueError(
             f"{op}: cu_seqlens must be a 1-D int32 tensor, got {cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}"
         )
     if cu_seqlens.device != qkv.device:
         raise ValueError(f"{op}: cu_seqlens is on {cu_seqlens.device} but qkv is on {qkv.device}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(qkv.shape[-1])
-    limits = {}
-    if dropout_p > 0.0:
-        limits = {b: "attention dropout is computed by the reference only" for b in ("cuda", "triton", "cpu")}
-    impl = dispatch.choose(op, qkv, backend, limits)
-    if impl == "reference":
-        return reference.attention_varlen(qkv, cu_seqlens, max_seqlen, scale, dropout_p)
-    if impl == "triton":
-        return dispatch.triton_kernels[op](qkv, cu_seqlens, max_seqlen, scale)
-    return torch.ops.mtbert_fast.attention_varlen(qkv, cu_seqlens, max_seqlen, scale)[0]
+    if cu_seqlens.numel() < 1:
+        raise ValueError(f"{op}: cu_seqlens must hold B + 1 >= 1 offsets, got an empty tensor")
+    if cu_seqlens.numel() == 1 and qkv.shape[0] > 0:
+        raise ValueError(f"{op}: cu_seqlens = [0] describes no sequence, but qkv has {qkv.shape[0]} rows")
+    if max_seqlen < 0:
+        raise ValueError(f"{op}: max_seqlen must be >= 0, got {max_seqlen}")
+    if torch.compiler.is_compiling():
+        return
+    if cu_seqlens.device.type == "cpu" or os.environ.get(DEBUG_CHECKS_ENV) == "1":
+        check_cu_seqlens_values(op, cu_seqlens, qkv.shape[0])
+
+
+def check_cu_seqlens_values(op: str, cu_seqlens: torch.Tensor, tokens: int) -> None:
+    """cu_seqlens[0] == 0, non-decreasing, cu_seqlens[-1] == tokens (reads cu_seqlens on the host)."""
+    c = cu_seqlens.tolist()
+    if c[0] != 0:
+        raise ValueError(f"{op}: cu_seqlens[0] must be 0, got {c[0]}")
+    if c[-1] != tokens:
+        raise ValueError(f"{op}: cu_seqlens[-1] must equal the {tokens} rows of qkv, got {c[-1]}")
+    for b, (lo, hi) in enumerate(zip(c[:-1], c[1:])):
+        if hi < lo:
+            raise ValueError(f"{op}: cu_seqlens must be non-decreasing, got cu_seqlens[{b}] = {lo} > "
+                             f"cu_seqlens[{b + 1}] = {hi}")
 
 
 if _ext.loaded():
 
     @torch.library.register_fake("mtbert_fast::attention_varlen")
-    def _fake(qkv, cu_seqlens, max_seqlen, scale):
+    def _fake(qkv, cu_seqlens, max_seqlen, scale, dropout_p=0.0, rng_state=None):
         t, _, heads, head_dim = qkv.shape
         return qkv.new_empty((t, heads, head_dim)), qkv.new_empty((heads, t), dtype=torch.float32)
 
     @torch.library.register_fake("mtbert_fast::attention_varlen_backward")
-    def _fake_backward(grad_out, qkv, out, lse, cu_seqlens, max_seqlen, scale):
-        return torch.empty_like(qkv)
+    def _fake_backward(grad_out, qkv, out, lse, cu_seqlens, max_seqlen, scale, dropout_p=0.0, rng_state=None):
+        return qkv.new_empty(qkv.shape)
 
     def _setup_context(ctx, inputs, output):
-        qkv, cu_seqlens, max_seqlen, scale = inputs
+        qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state = inputs
         out, lse = output
-        ctx.save_for_backward(qkv, out, lse, cu_seqlens)
+        ctx.save_for_backward(qkv, out, lse, cu_seqlens, rng_state)
         ctx.mark_non_differentiable(lse)
-        ctx.max_seqlen, ctx.scale = max_seqlen, scale
+        ctx.max_seqlen, ctx.scale, ctx.dropout_p = max_seqlen, scale, dropout_p
 
     def _backward(ctx, grad, _grad_lse):
-        qkv, out, lse, cu_seqlens = ctx.saved_tensors
-        grad_qkv = torch.ops.mtbert_fast.attention_varlen_backward(
-            grad.contiguous(), qkv, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale
-        )
-        return grad_qkv, None, None, None
+        qkv, out, lse, cu_seqlens, rng_state = ctx.saved_tensors
+        args = (grad.contiguous(), qkv, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.dropout_p, rng_state)
+        # the backward runs where it is fastest for this input, which need not be where the forward ran: every
+        # backend keeps lse in the same layout and draws the same dropout mask from rng_state
+        if dispatch.backward_backend("attention_varlen", qkv) == "triton":
+            grad_qkv = dispatch.triton_kernels["attention_varlen_backward"](*args)
+        else:
+            grad_qkv = torch.ops.mtbert_fast.attention_varlen_backward(*args)
+        return grad_qkv, None, None, None, None, None
 
     torch.library.register_autograd("mtbert_fast::attention_varlen", _backward, setup_context=_setup_context)

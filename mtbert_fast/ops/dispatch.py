@@ -1,8 +1,10 @@
 """Backend choice for every op, explainable.
 
-Each backend states which devices and dtypes it takes; `choose` returns the first that can run an input, in
-the order cuda -> triton -> cpu -> reference, or the one the caller forces with `backend=` or the
-`MTBERT_FAST_BACKEND` environment variable. A forced backend that cannot run raises `BackendUnavailable`
+Each backend states which devices, dtypes and input shapes it takes (`LIMITS`: head_dim, row length, ...), and the
+cuda backend also which GPUs its build holds code for and how much shared memory its attention needs; `choose`
+returns the first that can run an input, in the order cuda -> triton -> cpu -> reference, or the one the caller
+forces with `backend=` or the `MTBERT_FAST_BACKEND` environment variable. So an automatic choice never takes a
+backend that would then refuse the input. A forced backend that cannot run raises `BackendUnavailable`
 with every backend's reason; an automatic choice never fails because a build is missing: it falls back,
 and `last_choices()` remembers why (shown by `python -m mtbert_fast.info`).
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -32,6 +36,124 @@ _triton_import_error: str | None = None
 # ops that move rows of any dtype (token ids too), not only floating-point activations
 _ANY_DTYPE_OPS = ("gather_rows", "scatter_rows")
 _last: dict[tuple[str, str, torch.dtype], tuple[str, dict[str, str]]] = {}
+
+
+_ROW_OPS = ("bias_gelu", "bias_residual_layer_norm", "bias_gelu_layer_norm")
+_INT32_ROWS = 2**31 - 1
+# the Triton kernels hold a row of a row op in one program (mtbert_fast/ops/triton/_jit.py, MAX_ROW_BLOCK)
+TRITON_MAX_ROW = 65536
+MAX_HEAD_DIM = 256
+CUDA_MAX_HEADS = 65535
+
+
+@dataclass(frozen=True)
+class Limit:
+    """An input a backend refuses, declared once: `violated(t)` tells why an input like `t` (the op's main tensor)
+    is outside the limit, or None."""
+
+    ops: tuple[str, ...]
+    backends: tuple[str, ...]
+    text: str
+    violated: Callable[[torch.Tensor], str | None]
+
+
+def _head_dim(t: torch.Tensor) -> str | None:
+    d = t.shape[-1]
+    return None if d <= MAX_HEAD_DIM else f"head_dim {d} > {MAX_HEAD_DIM}"
+
+
+def _heads(t: torch.Tensor) -> str | None:
+    h = t.shape[2]
+    return None if h <= CUDA_MAX_HEADS else f"{h} heads > {CUDA_MAX_HEADS} (the grid's y limit)"
+
+
+def _tokens(t: torch.Tensor) -> str | None:
+    n = t.shape[0]
+    return None if n < _INT32_ROWS else f"{n} rows: cu_seqlens (int32) indexes at most {_INT32_ROWS - 1}"
+
+
+def _row(t: torch.Tensor) -> str | None:
+    d = t.shape[-1] if t.dim() else 1
+    return None if d <= TRITON_MAX_ROW else f"rows of {d} elements > {TRITON_MAX_ROW} (one program holds a row)"
+
+
+LIMITS = (
+    Limit(("attention_varlen",), ("cuda", "triton"), f"head_dim <= {MAX_HEAD_DIM}", _head_dim),
+    Limit(("attention_varlen",), ("cuda",), f"heads <= {CUDA_MAX_HEADS}", _heads),
+    Limit(("attention_varlen",), ("cuda", "triton", "cpu"), f"T <= {_INT32_ROWS - 1} rows (int32 cu_seqlens)",
+          _tokens),
+    Limit(_ROW_OPS, ("triton",), f"rows of at most {TRITON_MAX_ROW} elements", _row),
+)
+
+
+def limits_of(op: str, backend: str) -> list[str]:
+    """The declared input limits of `backend` for `op`, as text (for `python -m mtbert_fast.info`)."""
+    return [lim.text for lim in LIMITS if op in lim.ops and backend in lim.backends]
+
+
+def input_reason(backend: str, op: str, t: torch.Tensor) -> str | None:
+    """Why `backend` cannot run `op` on an input like `t` although it takes its device and dtype, or None."""
+    for lim in LIMITS:
+        if op in lim.ops and backend in lim.backends:
+            why = lim.violated(t)
+            if why is not None:
+                return why
+    if backend == "cuda" and t.device.type == "cuda":
+        return _cuda_device_reason(t.device) or _cuda_shared_memory_reason(op, t)
+    return None
+
+
+# ---- the GPUs the cuda build can run on ---------------------------------------------------------------------------
+
+_device_reasons: dict[int, str | None] = {}
+
+
+def parse_arch(name: str) -> tuple[int, int, str]:
+    """"sm_90a" / "compute_90" / "sm_120" -> (9, 0, "a") / (9, 0, "") / (12, 0, "")."""
+    digits = name.split("_", 1)[1]
+    suffix = digits.lstrip("0123456789")
+    number = int(digits[: len(digits) - len(suffix)])
+    return number // 10, number % 10, suffix
+
+
+def runs_on(sass: list[str], ptx: list[str], capability: tuple[int, int]) -> bool:
+    """Whether a build holding machine code for `sass` (["sm_80", "sm_90a"]) and PTX for `ptx` (["compute_90"])
+    can run on a GPU of `capability`: machine code runs on the same major version at the same or a higher minor
+    (an arch-specific "a" build only on its exact GPU); PTX is compiled by the driver for any newer GPU."""
+    for name in sass:
+        major, minor, suffix = parse_arch(name)
+        if major == capability[0] and (minor == capability[1] if suffix else minor <= capability[1]):
+            return True
+    for name in ptx:
+        major, minor, suffix = parse_arch(name)
+        if ((major, minor) == capability) if suffix else ((major, minor) <= capability):
+            return True
+    return False
+
+
+def arch_reason(sass: list[str], ptx: list[str], capability: tuple[int, int]) -> str | None:
+    if runs_on(sass, ptx, capability):
+        return None
+    built = ", ".join(sass + [f"PTX {p}" for p in ptx]) or "no architecture"
+    return f"mtbert_fast._C holds CUDA code for {built}; this GPU is sm_{capability[0]}{capability[1]}"
+
+
+def _cuda_device_reason(device: torch.device) -> str | None:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _device_reasons:
+        sass, ptx = _ext.cuda_archs()
+        _device_reasons[index] = arch_reason(sass, ptx, torch.cuda.get_device_capability(index))
+    return _device_reasons[index]
+
+
+def _cuda_shared_memory_reason(op: str, t: torch.Tensor) -> str | None:
+    if op != "attention_varlen":
+        return None
+    need = _ext.cuda_attention_shared_bytes(t.shape[-1], t.dtype)
+    have = torch.cuda.get_device_properties(t.device).shared_memory_per_block_optin
+    if need <= have:
+        return None
+    return f"head_dim {t.shape[-1]} needs {need} bytes of shared memory per block, this GPU allows {have}"
 
 
 class BackendUnavailable(RuntimeError):
@@ -100,18 +222,12 @@ def reason(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> s
     return why
 
 
-def choose(
-    op: str, t: torch.Tensor, backend: str | None = None, limits: dict[str, str] | None = None
-) -> str:
-    """The backend that runs `op` on inputs like `t`.
-
-    limits: extra per-backend reasons for this call (an argument a kernel does not support, say).
-    """
+def choose(op: str, t: torch.Tensor, backend: str | None = None) -> str:
+    """The backend that runs `op` on inputs like `t` (the op's main tensor: its device, dtype and shape decide)."""
     wanted = requested_backend(backend)
-    limits = limits or {}
 
     def why_not(b: str) -> str | None:
-        return limits.get(b) or reason(b, op, t.device, t.dtype)
+        return reason(b, op, t.device, t.dtype) or input_reason(b, op, t)
 
     if wanted != "auto":
         why = why_not(wanted)
@@ -128,6 +244,25 @@ def choose(
             return b
         reasons[b] = why
     raise BackendUnavailable(f"{op}: no backend can run this input: {reasons}")
+
+
+def backward_backend(op: str, t: torch.Tensor) -> str:
+    """Where the backward of `op` runs after a forward on the cuda backend: on Triton's tensor-core kernels when
+    they can take the input (the CUDA C++ backward runs on CUDA cores), unless $MTBERT_FAST_BACKEND forces cuda."""
+    if requested_backend() == "cuda":
+        return "cuda"
+    if f"{op}_backward" in _triton_kernels_for(t.device) and choose_ok("triton", op, t):
+        return "triton"
+    return "cuda"
+
+
+def _triton_kernels_for(device: torch.device) -> dict[str, object]:
+    return triton_kernels if _triton_reason("attention_varlen", device) is None else {}
+
+
+def choose_ok(backend: str, op: str, t: torch.Tensor) -> bool:
+    """Whether `backend` can run `op` on an input like `t`."""
+    return reason(backend, op, t.device, t.dtype) is None and input_reason(backend, op, t) is None
 
 
 def last_choices() -> dict[tuple[str, str, torch.dtype], tuple[str, dict[str, str]]]:

@@ -1,7 +1,7 @@
 """Pure-PyTorch references for every op: the oracle of the tests and the fallback that runs anywhere.
 
 Each function computes in fp32 (fp64 for fp64 inputs) and returns the input dtype, as the kernels do; autograd gives the
-backward. Shapes follow DESIGN.md: T packed tokens, B sequences, H hidden size.
+backward. Shapes: T packed tokens, B sequences, H hidden size.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from mtbert_fast.ops import dropout
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
@@ -58,15 +60,19 @@ def attention_varlen(
     max_seqlen: int,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    rng_state: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Bidirectional softmax attention over packed sequences, softmax in fp32.
 
     qkv [T, 3, heads, head_dim]; cu_seqlens int32 [B+1] (sequence b owns rows cu_seqlens[b]:cu_seqlens[b+1]);
     -> [T, heads, head_dim].  out_i = sum_j softmax_j(scale * q_i . k_j) v_j over j in i's sequence.
-    dropout_p: dropout on the probabilities, as HF applies it in training.
+    max_seqlen is not needed here (every sequence is computed in full, as by the kernels).
+    dropout_p, rng_state: dropout on the probabilities with the Philox mask of mtbert_fast.ops.dropout, the mask
+    every kernel draws from the same rng_state (int64 [2] on the CPU); kept probabilities are scaled by 1 / (1 - p).
     """
     if scale is None:
         scale = 1.0 / math.sqrt(qkv.shape[-1])
+    heads = qkv.shape[2]
     bounds = cu_seqlens.tolist()
     outs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
@@ -74,7 +80,9 @@ def attention_varlen(
         scores = torch.einsum("ihd,jhd->hij", q, k) * scale
         probs = torch.softmax(scores, dim=-1)
         if dropout_p > 0.0:
-            probs = F.dropout(probs, dropout_p)
+            rows = torch.arange(start, end, dtype=torch.int64)
+            keep = dropout.keep_mask(rng_state, dropout_p, heads, rows, rows).to(probs.device)
+            probs = probs * keep / (1.0 - dropout_p)
         outs.append(torch.einsum("hij,jhd->ihd", probs, v))
     out = torch.cat(outs, 0) if outs else qkv.new_zeros((0,) + qkv.shape[2:])
     return out.to(qkv.dtype)
