@@ -26,7 +26,7 @@ OPS = (
     "mlm_gather_loss",
 )
 DTYPES = (torch.float32, torch.bfloat16)
-ENV_VARS = (dispatch.ENV_VAR, "TRITON_INTERPRET")
+ENV_VARS = (dispatch.ENV_VAR, "TRITON_INTERPRET", "MTBERT_FAST_DEBUG_CHECKS")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -92,6 +92,9 @@ def report() -> str:
     out.append(f"transformers  {_optional_version('transformers')}")
     if _ext.loaded():
         out.append(f"extension     mtbert_fast._C loaded; CUDA kernels built: {'yes' if _ext.built_with_cuda() else 'no'}")
+        if _ext.built_with_cuda():
+            sass, ptx = _ext.cuda_archs()
+            out.append(f"  CUDA code   machine code for {', '.join(sass) or 'none'}; PTX for {', '.join(ptx) or 'none'}")
     else:
         out.append(f"extension     not loaded: {_ext.load_error}")
     out.append(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, torch threads {torch.get_num_threads()}")
@@ -108,6 +111,13 @@ def report() -> str:
         out.append("")
         out.append("Why a backend cannot run:")
         out.extend(f"  [{n}] {why}" for why, n in footnotes.items())
+    out.append("")
+    out.append("Input limits (an input outside them goes to the next backend; forcing that backend raises):")
+    limit_rows = [[op, b, "; ".join(dispatch.limits_of(op, b))] for op in OPS for b in dispatch.BACKENDS
+                  if dispatch.limits_of(op, b)]
+    out.extend("  " + line for line in _table(["op", "backend", "limits"], limit_rows))
+    out.append("  cuda, every op: a GPU the build holds code for (above); attention_varlen also the shared memory its "
+               "head_dim needs")
     try:
         forced = dispatch.requested_backend()
     except ValueError as exc:

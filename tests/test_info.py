@@ -47,3 +47,10 @@ def test_report_lists_choices_made_in_the_process(monkeypatch):
 def test_bad_backend_variable_is_reported_not_raised(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "fastest")
     assert "'fastest' is not a backend" in info.report()
+
+
+def test_report_prints_every_declared_input_limit():
+    text = info.report()
+    assert "Input limits" in text
+    for lim in dispatch.LIMITS:
+        assert lim.text in text

@@ -61,7 +61,7 @@ at::Tensor bias_gelu_cpu(const at::Tensor& x, const at::Tensor& bias, c10::strin
 
   const at::Tensor xc = x.contiguous();
   const at::Tensor bc = bias.contiguous();
-  at::Tensor out = at::empty_like(xc);
+  at::Tensor out = at::empty(xc.sizes(), xc.options());
   const int64_t D = x.size(-1);
   const int64_t N = leading_rows(x);
   dispatch_float_bf16(x.scalar_type(), [&](auto t) {
@@ -94,7 +94,7 @@ at::Tensor bias_gelu_backward_cpu(
   const at::Tensor gc = grad_out.contiguous();
   const at::Tensor xc = x.contiguous();
   const at::Tensor bc = bias.contiguous();
-  at::Tensor grad_x = at::empty_like(xc);
+  at::Tensor grad_x = at::empty(xc.sizes(), xc.options());
   const int64_t D = x.size(-1);
   const int64_t N = leading_rows(x);
   dispatch_float_bf16(x.scalar_type(), [&](auto t) {

@@ -27,13 +27,15 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none", *,
 
 if _ext.loaded():
 
+    # the kernels return contiguous tensors whatever the inputs' strides; so must the fakes (torch.compile
+    # checks the strides of what runs against them)
     @torch.library.register_fake("mtbert_fast::bias_gelu")
     def _fake(x, bias, approximate):
-        return torch.empty_like(x)
+        return x.new_empty(x.shape)
 
     @torch.library.register_fake("mtbert_fast::bias_gelu_backward")
     def _fake_backward(grad_out, x, bias, approximate):
-        return torch.empty_like(x)
+        return x.new_empty(x.shape)
 
     def _setup_context(ctx, inputs, output):
         x, bias, approximate = inputs

@@ -69,7 +69,7 @@ if _ext.loaded():
 
     @torch.library.register_fake("mtbert_fast::mlm_gather_loss_backward")
     def _fake_backward(grad_loss_sum, hidden, weight, bias, labels, lse, ignore_index, chunk_size):
-        return torch.empty_like(hidden), torch.empty_like(weight), torch.empty_like(bias)
+        return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
 
     def _setup_context(ctx, inputs, output):
         hidden, weight, bias, labels, ignore_index, chunk_size = inputs
