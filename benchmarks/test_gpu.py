@@ -1,7 +1,8 @@
-"""The GPU targets of the CUDA / Triton issues, on a lent GPU only (skipped without CUDA); each result row names
-the device. bert-base, bf16: B=32 L=128 and B=32 with lengths averaging 0.6*128 against HF sdpa; B=1 latency;
-forward tokens/s as a fraction of the measured bf16 GEMM rate; MLM+NSP training step B=32 L=512 peak memory
-against BertForPreTraining; each op, CUDA against Triton."""
+"""The GPU targets, on a GPU only (skipped without CUDA); each result row names the device. bert-base, bf16:
+inference at B=32 L=128 (>= 2x HF sdpa tokens/s) and B=32 with lengths averaging 0.6*128 (>= 3x real tokens/s),
+B=1 L=128 latency, forward tokens/s as a fraction of the bf16 GEMM rate measured in the same run (>= 0.5); the
+MLM+NSP training step with dropout 0.1 against BertForPreTraining (>= 2x) and its peak memory at B=32 L=512
+(<= 0.5x); each op, CUDA against Triton."""
 
 from __future__ import annotations
 
@@ -56,22 +57,24 @@ def test_encoder_bf16(compare, report, models, case, lengths, target):
            1 / ratio if len(lengths) == 1 else ratio, target, torch.cuda.get_device_name())
     gemm = harness.gemm_flops_per_s(torch.bfloat16, DEV, repeats=20)
     flops = harness.encoder_flops(hf32.config, lengths)
-    report(case, "bf16", "fraction of bf16 GEMM roofline", flops / t["mtbert_fast"].median / gemm, "reported",
+    report(case, "bf16", "fraction of bf16 GEMM roofline", flops / t["mtbert_fast"].median / gemm, ">=0.5",
            f"{torch.cuda.get_device_name()}, GEMM {gemm / 1e12:.0f} TFLOP/s")
 
 
-def test_pretraining_step_memory_b32_l512(benchmark, report):
+def _pretraining_steps(lengths, dropout):
+    """One MLM+NSP training step of HF BertForPreTraining and of MultiTaskBert built from it (bf16, bert-base),
+    with `dropout` as hidden and attention dropout on both (HF's default is 0.1)."""
     from transformers import BertForPreTraining
 
     config = runner.bert_base_config()
-    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
     torch.manual_seed(0)
     hf = BertForPreTraining._from_config(config, attn_implementation="sdpa").to(DEV, torch.bfloat16).train()
     fast = MultiTaskBert.from_hf_heads({"pretraining": hf}, dtype=torch.bfloat16).train()
-    batch = _batch([512] * 32)
+    batch = _batch(lengths)
     positions = runner.mlm_positions({k: v.cpu() for k, v in batch.items()}).to(DEV)
     labels = torch.where(positions, batch["input_ids"], torch.full_like(batch["input_ids"], -100))
-    nsp = (torch.arange(32) % 2).to(DEV)
+    nsp = (torch.arange(len(lengths)) % 2).to(DEV)
 
     def hf_step():
         hf.zero_grad(set_to_none=True)
@@ -86,13 +89,32 @@ def test_pretraining_step_memory_b32_l512(benchmark, report):
         loss.backward()
         return float(loss)
 
+    return hf_step, fast_step
+
+
+@pytest.mark.parametrize("case, lengths", [
+    ("B=32 L=128", [128] * 32),
+    ("B=32 lengths averaging 0.6*128", runner.ragged_lengths(32, 26, 128)),
+])  # fmt: skip
+def test_pretraining_step_speed_with_dropout(compare, report, case, lengths):
+    hf_step, fast_step = _pretraining_steps(lengths, dropout=0.1)
+    hf_loss, fast_loss = hf_step(), fast_step()
+    assert abs(fast_loss - hf_loss) <= 0.1 * max(1.0, abs(hf_loss)), (fast_loss, hf_loss)
+    t = compare({"hf-sdpa": hf_step, "mtbert_fast": fast_step}, rounds=10, warmup=2, device=DEV)
+    report(f"MLM+NSP training step {case}, dropout 0.1", "bf16", "speed-up vs BertForPreTraining",
+           t["hf-sdpa"].median / t["mtbert_fast"].median, ">=2x", torch.cuda.get_device_name())
+
+
+def test_pretraining_step_memory_b32_l512(benchmark, report):
+    hf_step, fast_step = _pretraining_steps([512] * 32, dropout=0.1)
     hf_step(), fast_step()
     hf_loss, hf_peak = harness.peak_memory(hf_step, DEV)
     fast_loss, fast_peak = harness.peak_memory(fast_step, DEV)
-    assert abs(fast_loss - hf_loss) <= 5e-2 * max(1.0, abs(hf_loss))
+    assert abs(fast_loss - hf_loss) <= 0.1 * max(1.0, abs(hf_loss)), (fast_loss, hf_loss)
     benchmark.pedantic(fast_step, rounds=3, iterations=1)
-    report("MLM+NSP step B=32 L=512", "bf16", "peak memory ratio vs BertForPreTraining", fast_peak / hf_peak,
-           "<=0.6x", f"{torch.cuda.get_device_name()}: fast {fast_peak / 2**20:.0f} MiB, hf {hf_peak / 2**20:.0f} MiB")
+    report("MLM+NSP step B=32 L=512, dropout 0.1", "bf16", "peak memory ratio vs BertForPreTraining",
+           fast_peak / hf_peak, "<=0.5x",
+           f"{torch.cuda.get_device_name()}: fast {fast_peak / 2**20:.0f} MiB, hf {hf_peak / 2**20:.0f} MiB")
 
 
 @pytest.mark.parametrize("op", ["bias_gelu", "bias_residual_layer_norm", "bias_gelu_layer_norm", "attention_varlen"])

@@ -1,0 +1,50 @@
+"""A small, complete workload for compute-sanitizer: attention forward and backward (dropout off and on, ragged
+lengths with 1 and a multi-tile sequence, fp16 and bf16 and fp32) and both LayerNorm ops with their backward, on one
+GPU backend. `python tests/cuda/sanitize_case.py --backend cuda|triton`; `--check` only imports and exits."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def run(backend: str) -> None:
+    from mtbert_fast import ops
+    from mtbert_fast.ops import dispatch, dropout
+
+    dev = torch.device("cuda")
+    lengths = [1, 77, 5, 130]
+    cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0).to(torch.int32).to(dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for head_dim in (64, 80):
+            qkv = torch.randn(sum(lengths), 3, 2, head_dim, generator=g, device=dev).to(dtype).requires_grad_()
+            why = dispatch.reason(backend, "attention_varlen", dev, dtype)
+            if why:
+                sys.exit(f"{backend} cannot run attention_varlen in {dtype}: {why}")
+            for p in (0.0, 0.1):
+                rng = dropout.new_rng_state() if p else None
+                out = ops.attention_varlen(qkv, cu, max(lengths), dropout_p=p, rng_state=rng, backend=backend)
+                out.float().square().sum().backward()
+        x = torch.randn(300, 96, generator=g, device=dev).to(dtype).requires_grad_()
+        b, r = torch.randn(96, device=dev).to(dtype), torch.randn(300, 96, device=dev).to(dtype)
+        w, beta = torch.ones(96, device=dev).requires_grad_(), torch.zeros(96, device=dev).requires_grad_()
+        params = (w, beta) if dtype == torch.float32 else (w.to(dtype), beta.to(dtype))
+        y = ops.bias_residual_layer_norm(x, b, r, *params, 1e-12, backend=backend)
+        z = ops.bias_gelu_layer_norm(y, b, *params, 1e-12, backend=backend)
+        ops.bias_gelu(z, b, backend=backend).float().sum().backward()
+    torch.cuda.synchronize()
+    print(f"sanitize_case: {backend} done")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backend", choices=["cuda", "triton"], required=True)
+    parser.add_argument("--check", action="store_true", help="import only (for a dry run without a GPU)")
+    args = parser.parse_args()
+    if args.check:
+        import mtbert_fast.ops  # noqa: F401
+    else:
+        run(args.backend)
