@@ -348,14 +348,24 @@ def test_float64_falls_back_to_reference_automatically():
     torch.testing.assert_close(ops.bias_gelu(x, b), F.gelu(x + b))
 
 
-def test_attention_dropout_runs_on_reference_and_is_refused_by_kernels():
-    qkv, cu, max_len = _packed([4, 2], 1, 8)
-    torch.manual_seed(0)
-    out = ops.attention_varlen(qkv, cu, max_len, dropout_p=0.5)
-    assert out.shape == (6, 1, 8)
-    if KERNEL_BACKENDS:
-        with pytest.raises(ops.BackendUnavailable, match="dropout"):
-            ops.attention_varlen(qkv, cu, max_len, dropout_p=0.5, backend="cpu")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_dropout_runs_on_every_backend_with_the_reference_mask(backend):
+    qkv, cu, max_len = _packed([4, 2, 9], 2, 8)
+    rng = torch.tensor([1234, 0])
+    out = ops.attention_varlen(qkv, cu, max_len, dropout_p=0.5, rng_state=rng, backend=backend)
+    torch.testing.assert_close(out, reference.attention_varlen(qkv, cu, max_len, None, 0.5, rng), atol=1e-5, rtol=1e-5)
+    torch.manual_seed(3)
+    first = ops.attention_varlen(qkv, cu, max_len, dropout_p=0.5, backend=backend)
+    torch.manual_seed(3)
+    assert torch.equal(ops.attention_varlen(qkv, cu, max_len, dropout_p=0.5, backend=backend), first)
+
+
+def test_attention_dropout_refuses_a_bad_rng_state():
+    qkv, cu, max_len = _packed([4], 1, 8)
+    with pytest.raises(ValueError, match=r"rng_state must be an int64 CPU tensor of shape \[2\]"):
+        ops.attention_varlen(qkv, cu, max_len, dropout_p=0.1, rng_state=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        ops.attention_varlen(qkv, cu, max_len, dropout_p=1.0)
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------
@@ -385,8 +395,12 @@ def test_bad_input_is_named(backend):
 @needs_ext
 def test_kernel_checks_name_bad_contents():
     qkv = _rand(5, 3, 1, 8)
-    with pytest.raises(RuntimeError, match="cu_seqlens"):
+    with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] must equal the 5 rows of qkv, got 4"):
         ops.attention_varlen(qkv, torch.tensor([0, 3, 4], dtype=torch.int32), 3, backend="cpu")
+    with pytest.raises(ValueError, match=r"cu_seqlens = \[0\] describes no sequence, but qkv has 5 rows"):
+        ops.attention_varlen(qkv, torch.tensor([0], dtype=torch.int32), 0, backend="cpu")
+    with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
+        ops.attention_varlen(qkv, torch.tensor([0, 4, 3, 5], dtype=torch.int32), 4, backend="cpu")
     with pytest.raises(RuntimeError, match="label"):
         ops.mlm_gather_loss(_rand(2, 4), _rand(5, 4), _rand(5), torch.tensor([1, 9]), backend="cpu")
     with pytest.raises(RuntimeError, match=r"indices\[1\] = 3 is out of range"):
