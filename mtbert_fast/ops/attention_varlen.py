@@ -41,11 +41,11 @@ def attention_varlen(
     """
     op = "attention_varlen"
     check_inputs(op, qkv, cu_seqlens, max_seqlen)
+    if dropout_p > 0.0 and rng_state is None:
+        rng_state = dropout.new_rng_state()
     dropout.check_rng_state(op, dropout_p, rng_state)
     if scale is None:
         scale = 1.0 / math.sqrt(qkv.shape[-1])
-    if dropout_p > 0.0 and rng_state is None:
-        rng_state = dropout.new_rng_state()
     if dropout_p == 0.0:
         rng_state = None
     impl = dispatch.choose(op, qkv, backend)

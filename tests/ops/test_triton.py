@@ -28,8 +28,10 @@ pytest.importorskip("triton")
 
 import mtbert_fast.ops.triton as tk  # noqa: E402
 from mtbert_fast import ops  # noqa: E402
-from mtbert_fast.ops import dispatch, reference  # noqa: E402
+from mtbert_fast.ops import dispatch, dropout, reference  # noqa: E402
 from mtbert_fast.ops.triton import _jit  # noqa: E402
+
+attention_module = sys.modules["mtbert_fast.ops.triton.attention_varlen"]
 
 FLOOR = 1e-6
 
@@ -149,18 +151,23 @@ def _packed(lengths, heads, head_dim, seed=0):
     return _rand(int(cu[-1]), 3, heads, head_dim, seed=seed), cu, max(lengths, default=0)
 
 
-def _native_attention(qkv, cu, fused):
+def _native_attention(qkv, cu, fused, dropout_p=0.0, rng_state=None):
     """PyTorch's own attention in qkv's dtype, one sequence at a time: its fused kernel
-    (F.scaled_dot_product_attention), or the eager form (matmul, softmax, matmul in the dtype, as HF's eager
-    attention; flash-attention's tests measure their kernels' gradients against that form)."""
+    (F.scaled_dot_product_attention), or the eager form (matmul, softmax, dropout with the reference's mask, matmul
+    in the dtype, as HF's eager attention; flash-attention's tests measure their kernels' gradients against that
+    form)."""
     outs = [qkv.new_zeros((0,) + qkv.shape[2:])]
     bounds = cu.tolist()
-    for s, e in zip(bounds[:-1], bounds[1:]):
+    masks = dropout.attention_dropout_masks(rng_state, dropout_p, qkv.shape[2], cu) if dropout_p else None
+    for b, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
         q, k, v = qkv[s:e].permute(1, 2, 0, 3).unbind(0)  # [heads, L, head_dim] each
         if fused:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
-            out = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1) @ v
+            probs = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1)
+            if dropout_p:
+                probs = probs * masks[b] / (1.0 - dropout_p)
+            out = probs @ v
         outs.append(out.transpose(0, 1))
     return torch.cat(outs)
 
@@ -202,12 +209,181 @@ def test_attention_varlen_no_tokens():
 
 def test_attention_varlen_scale_and_lse():
     qkv, cu, max_len = _packed([5, 9], 2, 32)
-    out, lse = torch.ops.mtbert_fast.triton_attention_varlen(qkv, cu, max_len, 0.3)
+    out, lse = torch.ops.mtbert_fast.triton_attention_varlen(qkv, cu, max_len, 0.3, 0.0, None)
     torch.testing.assert_close(out, reference.attention_varlen(qkv, cu, max_len, 0.3), atol=1e-5, rtol=1e-5)
     for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
         q, k, _ = qkv[s:e].unbind(1)
         want = torch.logsumexp(torch.einsum("ihd,jhd->hij", q, k) * 0.3, dim=-1)  # [heads, L]
         torch.testing.assert_close(lse[:, s:e], want, atol=1e-5, rtol=1e-5)
+
+
+def _rng_state(seed, offset=0):
+    return torch.tensor([seed, offset], dtype=torch.int64)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("max_seqlen", [16, 0])
+def test_attention_varlen_max_seqlen_below_the_longest(max_seqlen, dropout_p):
+    """max_seqlen sizes the launch only: with it below the longest sequence (here 70 tokens, five blocks of 16), or
+    0, every row still gets the reference's output and gradients."""
+    qkv, cu, _ = _packed([70, 5, 1], 2, 32)
+    rng_state = _rng_state(11)
+    _compare(
+        lambda q: tk.attention_varlen(q, cu, max_seqlen, None, dropout_p, rng_state),
+        lambda q: reference.attention_varlen(q, cu, 70, None, dropout_p, rng_state),
+        None, [qkv], torch.float32, f"attention_varlen max_seqlen={max_seqlen} dropout_p={dropout_p}",
+        atol=2e-5, rtol=1e-4,
+    )
+
+
+@pytest.mark.parametrize("cap", [1, 2])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_attention_varlen_capped_grid(cap, dropout_p, monkeypatch):
+    """With the grid's axis 1 capped below a sequence's block count (CUDA allows 65,535; here 1 or 2 programs for
+    three blocks of 16), each program loops over its blocks."""
+    monkeypatch.setattr(attention_module, "_MAX_GRID_Y", cap)
+    grids = {}
+    run = _jit.Kernel.run
+
+    def record(kernel, *args, grid, **kwargs):
+        grids[kernel.fn.__name__] = grid
+        return run(kernel, *args, grid=grid, **kwargs)
+
+    monkeypatch.setattr(_jit.Kernel, "run", record)
+    qkv, cu, max_len = _packed([40, 3, 33], 2, 32, seed=3)
+    rng_state = _rng_state(-5, 2**32 + 9)
+    _compare(
+        lambda q: tk.attention_varlen(q, cu, max_len, None, dropout_p, rng_state),
+        lambda q: reference.attention_varlen(q, cu, max_len, None, dropout_p, rng_state),
+        None, [qkv], torch.float32, f"attention_varlen capped at {cap} programs", atol=2e-5, rtol=1e-4,
+    )
+    assert {name: grid[1] for name, grid in grids.items() if name != "_bwd_delta"} == {
+        "_fwd": cap, "_bwd_dkdv": cap, "_bwd_dq": cap}
+    assert len(grids["_bwd_delta"]) == 1  # rows of T x heads on axis 0
+
+
+@pytest.mark.parametrize(
+    "dtype,lengths,heads,head_dim",
+    [
+        (torch.float32, [1, 40, 7], 2, 32),  # one token, three blocks of 16, one partial block
+        (torch.bfloat16, [1, 40, 7], 2, 32),
+        (torch.bfloat16, [19, 1], 3, 80),  # head_dim 80: a 128-wide masked block
+    ],
+)
+def test_attention_varlen_dropout(dtype, lengths, heads, head_dim):
+    """Fused dropout, forward and gradients, against the reference with the same rng_state (the same mask), within
+    twice the error of PyTorch's eager attention with that mask."""
+    qkv, cu, max_len = _packed(lengths, heads, head_dim, seed=5)
+    rng_state = _rng_state(0x1234_5678_9ABC_DEF0, 3)
+    _compare(
+        lambda q: tk.attention_varlen(q, cu, max_len, None, 0.3, rng_state),
+        lambda q: reference.attention_varlen(q, cu, max_len, None, 0.3, rng_state),
+        lambda q: _native_attention(q, cu, False, 0.3, rng_state),
+        [qkv], dtype, f"attention_varlen dropout {lengths} x {heads} heads x {head_dim}", atol=2e-5, rtol=1e-4,
+    )
+
+
+def _mask_probe(cu, heads, dropout_p, rng_state):
+    """The dropout mask the kernels apply, read off exactly: with q = 0 every probability of a sequence of length L
+    is 1/L, and with v_j the j-th unit vector (j within the sequence) out_i = (M_i1, ..., M_iL) / L; with dO_i the
+    i-th unit vector the gradient of v_j is (M_1j, ..., M_Lj) / L.  -> (forward's, backward's) bool
+    [heads, L, L] per sequence (True where kept)."""
+    bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+    max_len = max(e - s for s, e in bounds)
+    width = max(16, max_len)
+    qkv = torch.zeros(int(cu[-1]), 3, heads, width)
+    grad_out = torch.zeros(int(cu[-1]), heads, width)
+    for s, e in bounds:
+        qkv[s:e, 2] = torch.eye(e - s, width).unsqueeze(1)
+        grad_out[s:e] = torch.eye(e - s, width).unsqueeze(1)
+    qkv.requires_grad_()
+    out = tk.attention_varlen(qkv, cu, max_len, None, dropout_p, rng_state)
+    grad_v = torch.autograd.grad(out, qkv, grad_out)[0][:, 2]
+    forward, backward = [], []
+    for s, e in bounds:
+        kept = (e - s) * (1.0 - dropout_p)
+        fwd = out[s:e, :, : e - s].detach().permute(1, 0, 2) * kept  # [heads, i, j]
+        bwd = grad_v[s:e, :, : e - s].permute(1, 2, 0) * kept  # [heads, i, j]
+        for m in (fwd, bwd):
+            assert torch.allclose(m, m.round(), atol=1e-4) and set(m.round().unique().tolist()) <= {0.0, 1.0}
+        forward.append(fwd.round().bool())
+        backward.append(bwd.round().bool())
+    return forward, backward
+
+
+@pytest.mark.parametrize(
+    "seed,offset,dropout_p",
+    [
+        (0x1234_5678_9ABC_DEF0, 3, 0.3),
+        (-5, 2**32 + 9, 0.1),  # the key's high word 0xffffffff, the offset taken mod 2^32
+        (2**31 + 7, 2**31, 0.75),  # words >= 2^31, passed to the kernels as negative int32
+    ],
+)
+def test_attention_varlen_dropout_mask_is_the_reference_mask(seed, offset, dropout_p):
+    """The forward and the backward apply exactly mtbert_fast.ops.dropout's mask (keep_mask), keep within binomial
+    bounds of 1 - dropout_p, and the same rng_state gives the same result."""
+    heads = 2
+    qkv, cu, max_len = _packed([1, 37, 6], heads, 32, seed=8)
+    rng_state = _rng_state(seed, offset)
+    forward, backward = _mask_probe(cu, heads, dropout_p, rng_state)
+    want = dropout.attention_dropout_masks(rng_state, dropout_p, heads, cu)
+    for f, b, w in zip(forward, backward, want, strict=True):
+        assert torch.equal(f, w) and torch.equal(b, w)
+    kept = torch.cat([w.flatten() for w in want]).double()
+    n = kept.numel()
+    assert abs(kept.mean().item() - (1 - dropout_p)) <= 5 * math.sqrt(dropout_p * (1 - dropout_p) / n)
+
+    first, second = (_run(lambda q: tk.attention_varlen(q, cu, max_len, None, dropout_p, rng_state), [qkv],
+                          _rand(int(cu[-1]), heads, 32, seed=9)) for _ in range(2))
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1][0], second[1][0])
+    other = tk.attention_varlen(qkv, cu, max_len, None, dropout_p, _rng_state(seed, offset + 1))
+    assert not torch.equal(other, first[0])
+
+
+@pytest.mark.parametrize("dtype,dropout_p", [(torch.float32, 0.0), (torch.float32, 0.2), (torch.bfloat16, 0.2)])
+def test_attention_varlen_backward_function(dtype, dropout_p):
+    """attention_varlen_backward, the path taken after a CUDA forward (from that forward's out and lse), equals
+    autograd through the Triton op."""
+    qkv, cu, max_len = _packed([3, 20], 2, 32, seed=4)
+    qkv = qkv.to(dtype)
+    rng_state = _rng_state(99, 1)
+    grad_out = _rand(int(cu[-1]), 2, 32, seed=6, dtype=dtype)
+    out, (grad,) = _run(lambda q: tk.attention_varlen(q, cu, max_len, 0.2, dropout_p, rng_state), [qkv], grad_out)
+    fwd, lse = torch.ops.mtbert_fast.triton_attention_varlen(qkv, cu, max_len, 0.2, dropout_p, rng_state)
+    assert torch.equal(fwd, out)
+    got = tk.KERNELS["attention_varlen_backward"](grad_out, qkv, fwd, lse, cu, max_len, 0.2, dropout_p, rng_state)
+    assert got.shape == qkv.shape and got.dtype == dtype
+    assert torch.equal(got, grad)
+
+
+def test_attention_varlen_refuses_bad_inputs():
+    """The checks every backend makes, without reading a device tensor."""
+    qkv, cu, max_len = _packed([3, 2], 2, 16)
+    rng_state = _rng_state(1)
+    with pytest.raises(ValueError, match="qkv must be"):
+        tk.attention_varlen(qkv[:, 0], cu, max_len)
+    with pytest.raises(ValueError, match="int32"):
+        tk.attention_varlen(qkv, cu.long(), max_len)
+    with pytest.raises(ValueError, match=r"cu_seqlens\[-1\]"):
+        tk.attention_varlen(qkv, torch.tensor([0, 3, 4], dtype=torch.int32), max_len)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        tk.attention_varlen(qkv, cu, -1)
+    with pytest.raises(ValueError, match="needs rng_state"):
+        tk.attention_varlen(qkv, cu, max_len, None, 0.1)
+    with pytest.raises(ValueError, match="rng_state must be"):
+        tk.attention_varlen(qkv, cu, max_len, None, 0.1, rng_state.int())
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        tk.attention_varlen(qkv, cu, max_len, None, 1.0, rng_state)
+    out, lse = torch.ops.mtbert_fast.triton_attention_varlen(qkv, cu, max_len, 0.25, 0.0, None)
+    backward = tk.KERNELS["attention_varlen_backward"]
+    with pytest.raises(ValueError, match="grad_out must be"):
+        backward(out[:, :1], qkv, out, lse, cu, max_len, 0.25)
+    with pytest.raises(ValueError, match="out must be"):
+        backward(out, qkv, out.bfloat16(), lse, cu, max_len, 0.25)
+    with pytest.raises(ValueError, match="lse must be"):
+        backward(out, qkv, out, lse.t(), cu, max_len, 0.25)
+    with pytest.raises(ValueError, match="needs rng_state"):
+        backward(out, qkv, out, lse, cu, max_len, 0.25, 0.1)
 
 
 # --- masked-LM loss ----------------------------------------------------------------------------------------------
@@ -288,7 +464,8 @@ def _op_samples():
     h, vw, vb, labels = _mlm_inputs(5, 9, 20)
     mean, rstd = torch.ops.mtbert_fast.triton_bias_residual_layer_norm(x, b, r, w, beta, 1e-5)[1:]
     gmean, grstd = torch.ops.mtbert_fast.triton_bias_gelu_layer_norm(x, b, w, beta, 1e-5, "tanh")[1:]
-    out, lse = torch.ops.mtbert_fast.triton_attention_varlen(qkv, cu, max_len, 0.25)
+    rng_state = torch.tensor([5, 0])
+    out, lse = torch.ops.mtbert_fast.triton_attention_varlen(qkv, cu, max_len, 0.25, 0.1, rng_state)
     return {
         "triton_bias_gelu": (x, b, "tanh"),
         "triton_bias_gelu_backward": (r, x, b, "none"),
@@ -296,8 +473,8 @@ def _op_samples():
         "triton_bias_residual_layer_norm_backward": (r, x, b, r, w, mean, rstd),
         "triton_bias_gelu_layer_norm": (x, b, w, beta, 1e-5, "tanh"),
         "triton_bias_gelu_layer_norm_backward": (r, x, b, w, gmean, grstd, "tanh"),
-        "triton_attention_varlen": (qkv, cu, max_len, 0.25),
-        "triton_attention_varlen_backward": (out.clone(), qkv, out, lse, cu, max_len, 0.25),
+        "triton_attention_varlen": (qkv, cu, max_len, 0.25, 0.1, rng_state),
+        "triton_attention_varlen_backward": (out.clone(), qkv, out, lse, cu, max_len, 0.25, 0.1, rng_state),
         "triton_mlm_gather_loss": (h, vw, vb, labels, -100, 2, True, True, True),
     }
 
@@ -361,7 +538,7 @@ def _wrapper_calls():
     }
 
 
-@pytest.mark.parametrize("name", sorted(dispatch.triton_kernels))
+@pytest.mark.parametrize("name", sorted(n for n in dispatch.triton_kernels if not n.endswith("_backward")))
 def test_forced_triton_backend_runs_the_triton_kernel(name, monkeypatch):
     calls = []
     kernel = dispatch.triton_kernels[name]
@@ -378,8 +555,8 @@ def test_forced_triton_backend_runs_the_triton_kernel(name, monkeypatch):
 
 
 def test_every_op_has_a_triton_kernel():
-    assert set(tk.KERNELS) == {"attention_varlen", "bias_gelu", "bias_gelu_layer_norm", "bias_residual_layer_norm",
-                               "mlm_gather_loss"}
+    assert set(tk.KERNELS) == {"attention_varlen", "attention_varlen_backward", "bias_gelu", "bias_gelu_layer_norm",
+                               "bias_residual_layer_norm", "mlm_gather_loss"}
     for name, fn in tk.KERNELS.items():
         assert dispatch.triton_kernels[name] is fn
 
@@ -447,8 +624,11 @@ def test_kernels_compile_for_sm90(monkeypatch):
     tk.bias_residual_layer_norm(x, b, x.detach(), w, beta, 1e-12).sum().backward()
     tk.bias_gelu_layer_norm(x, b, w, beta, 1e-12, "none").sum().backward()
     cu = torch.tensor([0, 10], dtype=torch.int32)
+    rng_state = torch.tensor([-5, 2**32 + 9])
     for dtype, head_dim in ((torch.bfloat16, 64), (torch.float16, 80), (torch.bfloat16, 128), (torch.float32, 64)):
-        tk.attention_varlen(_rand(10, 3, 2, head_dim, dtype=dtype).requires_grad_(), cu, 10).sum().backward()
+        for dropout_p in (0.0, 0.1):
+            qkv = _rand(10, 3, 2, head_dim, dtype=dtype).requires_grad_()
+            tk.attention_varlen(qkv, cu, 10, None, dropout_p, rng_state).sum().backward()
     h, vw = _rand(6, 32, dtype=dt).requires_grad_(), _rand(50, 32, dtype=dt)
     tk.mlm_gather_loss(h, vw, torch.zeros(50, dtype=dt), torch.randint(0, 50, (6,))).backward()
     # bias_gelu, and each LayerNorm: forward and backward; attention: forward, delta, dK/dV, dQ; the loss: one

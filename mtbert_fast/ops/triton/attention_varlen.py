@@ -1,19 +1,32 @@
-"""attention_varlen in Triton: bidirectional softmax attention over packed sequences, FlashAttention-2 style.
+"""attention_varlen in Triton: bidirectional softmax attention over packed sequences, FlashAttention-2 style, with
+fused dropout on the probabilities.
 
 qkv [T, 3, heads, head_dim] (the fused QKV projection viewed per head), cu_seqlens int32 [B+1] (sequence b owns rows
-cu_seqlens[b]:cu_seqlens[b+1], cu_seqlens[0] == 0, cu_seqlens[-1] == T), max_seqlen >= the longest sequence
--> out [T, heads, head_dim] in qkv's dtype, lse fp32 [heads, T] (saved for the backward).
+cu_seqlens[b]:cu_seqlens[b+1], cu_seqlens[0] == 0, cu_seqlens[-1] == T), max_seqlen (the longest sequence: it sizes
+the launch only) -> out [T, heads, head_dim] in qkv's dtype, lse fp32 [heads, T] (saved for the backward).
 
-Per sequence and head, with S = scale Q K^T, P = softmax_rows(S):   O = P V,   lse_i = log sum_j exp(S_ij)
-Forward (Dao, "FlashAttention-2", 2023, Algorithm 1): one program per (sequence x head, block of BLOCK_M queries)
+Per sequence and head, with S = scale Q K^T, P = softmax_rows(S) and the dropout multipliers M (M_ij = 0 where
+probability ij is dropped, 1 / (1 - dropout_p) where it is kept; M = 1 without dropout):
+    O = (P * M) V,   lse_i = log sum_j exp(S_ij)   (the normalizer is that of the undropped P)
+Forward (Dao, "FlashAttention-2", 2023, Algorithm 1): a program per (sequence x head, block of BLOCK_M queries)
 walks the sequence's keys BLOCK_N at a time with the online softmax in fp32 (running max m, running sum l, the
-accumulator rescaled by exp(m_old - m_new)); scores go through exp2 with log2(e) folded into the scale.
+accumulator rescaled by exp(m_old - m_new)); scores go through exp2 with log2(e) folded into the scale.  Dropout
+zeroes the dropped probabilities before they meet V; the 1 / (1 - dropout_p) is applied once, with 1 / l.
 Backward (Algorithm 2):  delta_i = rowsum(dO_i * O_i)  (a preprocess kernel),  P = exp(S - lse),
-    dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dQ = scale dS K,   dK = scale dS^T Q
+    dV = (P * M)^T dO,   dP = (dO V^T) * M,   dS = P * (dP - delta),   dQ = scale dS K,   dK = scale dS^T Q
 one kernel per key block for dK, dV (looping over the query blocks) and one per query block for dQ (looping over the
 key blocks), so that no gradient needs atomics.
+The dropout mask is the one every backend draws (csrc/include/philox.h, mtbert_fast/ops/dropout.py): Philox4x32-10
+with key (seed mod 2^32, seed >> 32) and counter (j >> 2, i, h, offset mod 2^32), for packed query row i, packed key
+row j and head h; probability (h, i, j) takes word j & 3 and is kept iff that word >= floor(dropout_p * 2^32).  The
+kernels regenerate it per tile (one Philox per probability: four keys share a counter, but a tile's keys need not
+start at a multiple of four); the DROPOUT=False kernels compile without it.
+
+Launch: axis 0 is sequence x head, axis 1 the blocks of one sequence: max(1, cdiv(max_seqlen, BLOCK)) programs,
+capped at CUDA's 65,535, each looping over the blocks start, start + programs, ...; so every row is computed whatever
+max_seqlen says, and a program past the end of its (shorter) sequence does nothing.
 head_dim need not be a power of two: the head-dim block is the next power of two (at least 16, the smallest tl.dot
-operand), masked.  Programs past the end of their sequence return at once, so a ragged batch costs its real tokens.
+operand), masked.
 """
 
 from __future__ import annotations
@@ -24,12 +37,50 @@ import torch
 import triton
 import triton.language as tl
 
+from mtbert_fast.ops import dropout
+from mtbert_fast.ops.attention_varlen import check_inputs
 from mtbert_fast.ops.triton._jit import device_guard, jit, on_gpu
 
 _LOG2E = 1.4426950408889634
 _LOG2E_TL = tl.constexpr(_LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
 _MAX_HEAD_DIM = 256
+# CUDA's limit on a grid's second axis: the programs per sequence (and head); the kernels loop over the rest
+_MAX_GRID_Y = 65535
+# Philox4x32's round multipliers and key increments (Weyl sequence)
+_PHILOX_M0 = tl.constexpr(0xD2511F53)
+_PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+_PHILOX_W0 = tl.constexpr(0x9E3779B9)
+_PHILOX_W1 = tl.constexpr(0xBB67AE85)
+
+
+@jit
+def _philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 on uint32 tensors (broadcast together): the four words for counter (c0, c1, c2, c3) under key
+    (k0, k1)."""
+    for _ in tl.static_range(10):
+        hi0 = tl.umulhi(c0, _PHILOX_M0)
+        lo0 = c0 * _PHILOX_M0
+        hi1 = tl.umulhi(c2, _PHILOX_M1)
+        lo1 = c2 * _PHILOX_M1
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = k0 + _PHILOX_W0
+        k1 = k1 + _PHILOX_W1
+    return c0, c1, c2, c3
+
+
+@jit
+def _dropout_keep(i, j, h, seed_lo, seed_hi, rng_offset, threshold):
+    """Whether probability (h, i, j) is kept, for packed query rows i and key rows j (int64, broadcast together: the
+    result has their shape) of head h; seed_lo, seed_hi, rng_offset, threshold: 32-bit words passed as int32."""
+    j = j.to(tl.uint32)
+    w0, w1, w2, w3 = _philox4x32_10(
+        j >> 2, i.to(tl.uint32), h.to(tl.uint32), tl.cast(rng_offset, tl.uint32, bitcast=True),
+        tl.cast(seed_lo, tl.uint32, bitcast=True), tl.cast(seed_hi, tl.uint32, bitcast=True),
+    )
+    lane = j & 3
+    word = tl.where(lane == 0, w0, tl.where(lane == 1, w1, tl.where(lane == 2, w2, w3)))
+    return word >= tl.cast(threshold, tl.uint32, bitcast=True)
 
 
 @jit
@@ -39,12 +90,18 @@ def _fwd(
     Lse,  # fp32 [heads, T] out
     CuSeqlens,  # int32 [B+1]
     qk_scale,  # scale * log2(e)
+    seed_lo,  # the dropout mask's Philox key, offset and threshold, 32-bit words as int32 (see _dropout_args)
+    seed_hi,
+    rng_offset,
+    drop_threshold,
+    drop_scale,  # 1 / (1 - dropout_p)
     stride_t,  # qkv's stride over tokens
     stride_3,  # over q / k / v
     stride_h,  # over heads
     T,
     heads,
     head_dim,
+    DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot's input_precision: "ieee" for fp32 inputs
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -53,67 +110,72 @@ def _fwd(
     pid_bh = tl.program_id(0)
     b = pid_bh // heads
     h = pid_bh % heads
-    start_m = tl.program_id(1) * BLOCK_M
     seq_start = tl.load(CuSeqlens + b)
     seqlen = tl.load(CuSeqlens + b + 1) - seq_start
-    if start_m >= seqlen:
-        return
     seq_start = seq_start.to(tl.int64)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < seqlen
     mask_d = offs_d < head_dim
-    rows_m = seq_start + offs_m
     Q = QKV + h * stride_h
     K = Q + stride_3
     V = K + stride_3
-    q = tl.load(Q + rows_m[:, None] * stride_t + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    for start_m in range(tl.program_id(1) * BLOCK_M, seqlen, tl.num_programs(1) * BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < seqlen
+        rows_m = seq_start + offs_m
+        q_mask = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(Q + rows_m[:, None] * stride_t + offs_d[None, :], mask=q_mask, other=0.0)
 
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for start_n in range(0, seqlen, BLOCK_N):
-        mask_n = start_n + offs_n < seqlen
-        kv_offs = (seq_start + start_n + offs_n)[:, None] * stride_t + offs_d[None, :]
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + kv_offs, mask=kv_mask, other=0.0)
-        v = tl.load(V + kv_offs, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        for start_n in range(0, seqlen, BLOCK_N):
+            mask_n = start_n + offs_n < seqlen
+            rows_n = seq_start + start_n + offs_n
+            kv_offs = rows_n[:, None] * stride_t + offs_d[None, :]
+            kv_mask = mask_n[:, None] & mask_d[None, :]
+            k = tl.load(K + kv_offs, mask=kv_mask, other=0.0)
+            v = tl.load(V + kv_offs, mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if DROPOUT:
+                keep = _dropout_keep(rows_m[:, None], rows_n[None, :], h, seed_lo, seed_hi, rng_offset, drop_threshold)
+                p = tl.where(keep, p, 0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
 
-    out = acc / l_i[:, None]
-    o_offs = rows_m[:, None] * (heads * head_dim) + h * head_dim + offs_d[None, :]
-    tl.store(Out + o_offs, out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-    tl.store(Lse + h.to(tl.int64) * T + rows_m, (m_i + tl.log2(l_i)) * _LN2, mask=mask_m)
+        out = acc / l_i[:, None]
+        if DROPOUT:
+            out = out * drop_scale
+        o_offs = rows_m[:, None] * (heads * head_dim) + h * head_dim + offs_d[None, :]
+        tl.store(Out + o_offs, out.to(Out.dtype.element_ty), mask=q_mask)
+        tl.store(Lse + h.to(tl.int64) * T + rows_m, (m_i + tl.log2(l_i)) * _LN2, mask=mask_m)
 
 
 @jit
 def _bwd_delta(
-    Out,  # [T, heads, head_dim], contiguous
+    Out,  # [T, heads, head_dim], contiguous: rows of [T * heads, head_dim]
     GradOut,  # [T, heads, head_dim], contiguous
     Delta,  # fp32 [heads, T] out: rowsum(dO * O)
     T,
+    rows,  # T * heads
     heads,
     head_dim,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    h = tl.program_id(1)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # row t * heads + h
     offs_d = tl.arange(0, BLOCK_D)
-    mask_m = rows < T
+    mask_m = r < rows
     mask = mask_m[:, None] & (offs_d < head_dim)[None, :]
-    offs = rows[:, None] * (heads * head_dim) + h * head_dim + offs_d[None, :]
+    offs = r[:, None] * head_dim + offs_d[None, :]
     o = tl.load(Out + offs, mask=mask, other=0.0).to(tl.float32)
     do = tl.load(GradOut + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Delta + h.to(tl.int64) * T + rows, tl.sum(o * do, axis=1), mask=mask_m)
+    tl.store(Delta + (r % heads) * T + r // heads, tl.sum(o * do, axis=1), mask=mask_m)
 
 
 @jit
@@ -126,59 +188,72 @@ def _bwd_dkdv(
     CuSeqlens,  # int32 [B+1]
     qk_scale,  # scale * log2(e)
     scale,
+    seed_lo,  # the dropout mask, as in _fwd
+    seed_hi,
+    rng_offset,
+    drop_threshold,
+    drop_scale,
     stride_t,
     stride_3,
     stride_h,
     T,
     heads,
     head_dim,
+    DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,  # queries per inner step
-    BLOCK_N: tl.constexpr,  # keys owned by the program
+    BLOCK_N: tl.constexpr,  # keys per program step
     BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     b = pid_bh // heads
     h = pid_bh % heads
-    start_n = tl.program_id(1) * BLOCK_N
     seq_start = tl.load(CuSeqlens + b)
     seqlen = tl.load(CuSeqlens + b + 1) - seq_start
-    if start_n >= seqlen:
-        return
     seq_start = seq_start.to(tl.int64)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < seqlen
     mask_d = offs_d < head_dim
-    kv_offs = (seq_start + offs_n)[:, None] * stride_t + h * stride_h + offs_d[None, :]
-    kv_mask = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(QKV + stride_3 + kv_offs, mask=kv_mask, other=0.0)
-    v = tl.load(QKV + 2 * stride_3 + kv_offs, mask=kv_mask, other=0.0)
     lse_row = Lse + h.to(tl.int64) * T + seq_start
     delta_row = Delta + h.to(tl.int64) * T + seq_start
+    for start_n in range(tl.program_id(1) * BLOCK_N, seqlen, tl.num_programs(1) * BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < seqlen
+        rows_n = seq_start + offs_n
+        kv_offs = rows_n[:, None] * stride_t + h * stride_h + offs_d[None, :]
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(QKV + stride_3 + kv_offs, mask=kv_mask, other=0.0)
+        v = tl.load(QKV + 2 * stride_3 + kv_offs, mask=kv_mask, other=0.0)
 
-    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    for start_m in range(0, seqlen, BLOCK_M):
-        mask_m = start_m + offs_m < seqlen
-        rows_m = seq_start + start_m + offs_m
-        q_mask = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(QKV + rows_m[:, None] * stride_t + h * stride_h + offs_d[None, :], mask=q_mask, other=0.0)
-        do_offs = rows_m[:, None] * (heads * head_dim) + h * head_dim + offs_d[None, :]
-        do = tl.load(GradOut + do_offs, mask=q_mask, other=0.0)
-        lse = tl.load(lse_row + start_m + offs_m, mask=mask_m, other=0.0)
-        delta = tl.load(delta_row + start_m + offs_m, mask=mask_m, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M], log2 units
-        p_t = tl.exp2(s_t - lse[None, :] * _LOG2E_TL)
-        p_t = tl.where(mask_n[:, None] & mask_m[None, :], p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        for start_m in range(0, seqlen, BLOCK_M):
+            mask_m = start_m + offs_m < seqlen
+            rows_m = seq_start + start_m + offs_m
+            q_mask = mask_m[:, None] & mask_d[None, :]
+            q = tl.load(QKV + rows_m[:, None] * stride_t + h * stride_h + offs_d[None, :], mask=q_mask, other=0.0)
+            do_offs = rows_m[:, None] * (heads * head_dim) + h * head_dim + offs_d[None, :]
+            do = tl.load(GradOut + do_offs, mask=q_mask, other=0.0)
+            lse = tl.load(lse_row + start_m + offs_m, mask=mask_m, other=0.0)
+            delta = tl.load(delta_row + start_m + offs_m, mask=mask_m, other=0.0)
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M], log2 units
+            p_t = tl.exp2(s_t - lse[None, :] * _LOG2E_TL)
+            p_t = tl.where(mask_n[:, None] & mask_m[None, :], p_t, 0.0)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            if DROPOUT:
+                keep_t = _dropout_keep(rows_m[None, :], rows_n[:, None], h, seed_lo, seed_hi, rng_offset,
+                                       drop_threshold)
+                dv += tl.dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, input_precision=PRECISION)
+                dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
+            else:
+                dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
 
-    tl.store(GradQKV + stride_3 + kv_offs, (dk * scale).to(GradQKV.dtype.element_ty), mask=kv_mask)
-    tl.store(GradQKV + 2 * stride_3 + kv_offs, dv.to(GradQKV.dtype.element_ty), mask=kv_mask)
+        if DROPOUT:
+            dv = dv * drop_scale
+        tl.store(GradQKV + stride_3 + kv_offs, (dk * scale).to(GradQKV.dtype.element_ty), mask=kv_mask)
+        tl.store(GradQKV + 2 * stride_3 + kv_offs, dv.to(GradQKV.dtype.element_ty), mask=kv_mask)
 
 
 @jit
@@ -191,54 +266,62 @@ def _bwd_dq(
     CuSeqlens,  # int32 [B+1]
     qk_scale,  # scale * log2(e)
     scale,
+    seed_lo,  # the dropout mask, as in _fwd
+    seed_hi,
+    rng_offset,
+    drop_threshold,
+    drop_scale,
     stride_t,
     stride_3,
     stride_h,
     T,
     heads,
     head_dim,
+    DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # queries owned by the program
+    BLOCK_M: tl.constexpr,  # queries per program step
     BLOCK_N: tl.constexpr,  # keys per inner step
     BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     b = pid_bh // heads
     h = pid_bh % heads
-    start_m = tl.program_id(1) * BLOCK_M
     seq_start = tl.load(CuSeqlens + b)
     seqlen = tl.load(CuSeqlens + b + 1) - seq_start
-    if start_m >= seqlen:
-        return
     seq_start = seq_start.to(tl.int64)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < seqlen
     mask_d = offs_d < head_dim
-    rows_m = seq_start + offs_m
-    q_offs = rows_m[:, None] * stride_t + h * stride_h + offs_d[None, :]
-    q_mask = mask_m[:, None] & mask_d[None, :]
-    q = tl.load(QKV + q_offs, mask=q_mask, other=0.0)
-    do_offs = rows_m[:, None] * (heads * head_dim) + h * head_dim + offs_d[None, :]
-    do = tl.load(GradOut + do_offs, mask=q_mask, other=0.0)
-    lse = tl.load(Lse + h.to(tl.int64) * T + rows_m, mask=mask_m, other=0.0) * _LOG2E_TL
-    delta = tl.load(Delta + h.to(tl.int64) * T + rows_m, mask=mask_m, other=0.0)
+    for start_m in range(tl.program_id(1) * BLOCK_M, seqlen, tl.num_programs(1) * BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < seqlen
+        rows_m = seq_start + offs_m
+        q_offs = rows_m[:, None] * stride_t + h * stride_h + offs_d[None, :]
+        q_mask = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(QKV + q_offs, mask=q_mask, other=0.0)
+        do_offs = rows_m[:, None] * (heads * head_dim) + h * head_dim + offs_d[None, :]
+        do = tl.load(GradOut + do_offs, mask=q_mask, other=0.0)
+        lse = tl.load(Lse + h.to(tl.int64) * T + rows_m, mask=mask_m, other=0.0) * _LOG2E_TL
+        delta = tl.load(Delta + h.to(tl.int64) * T + rows_m, mask=mask_m, other=0.0)
 
-    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for start_n in range(0, seqlen, BLOCK_N):
-        mask_n = start_n + offs_n < seqlen
-        kv_offs = (seq_start + start_n + offs_n)[:, None] * stride_t + h * stride_h + offs_d[None, :]
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(QKV + stride_3 + kv_offs, mask=kv_mask, other=0.0)
-        v = tl.load(QKV + 2 * stride_3 + kv_offs, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
-        p = tl.where(mask_m[:, None] & mask_n[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        for start_n in range(0, seqlen, BLOCK_N):
+            mask_n = start_n + offs_n < seqlen
+            rows_n = seq_start + start_n + offs_n
+            kv_offs = rows_n[:, None] * stride_t + h * stride_h + offs_d[None, :]
+            kv_mask = mask_n[:, None] & mask_d[None, :]
+            k = tl.load(QKV + stride_3 + kv_offs, mask=kv_mask, other=0.0)
+            v = tl.load(QKV + 2 * stride_3 + kv_offs, mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+            p = tl.where(mask_m[:, None] & mask_n[None, :], tl.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            if DROPOUT:
+                keep = _dropout_keep(rows_m[:, None], rows_n[None, :], h, seed_lo, seed_hi, rng_offset, drop_threshold)
+                dp = tl.where(keep, dp * drop_scale, 0.0)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
-    tl.store(GradQKV + q_offs, (dq * scale).to(GradQKV.dtype.element_ty), mask=q_mask)
+        tl.store(GradQKV + q_offs, (dq * scale).to(GradQKV.dtype.element_ty), mask=q_mask)
 
 
 def _settings(qkv: torch.Tensor) -> dict[str, int | str]:
@@ -258,29 +341,53 @@ def _settings(qkv: torch.Tensor) -> dict[str, int | str]:
     return dict(settings, fwd_m=64, fwd_n=64, dkdv_m=32, dkdv_n=64, dq_m=64, dq_n=32, warps=warps, stages=2)
 
 
+def _programs(max_seqlen: int, block: int) -> int:
+    """The grid's axis 1: a program per block of the longest sequence, at least one, at most _MAX_GRID_Y (the
+    kernels loop over the blocks a program does not cover)."""
+    return min(max(1, triton.cdiv(max_seqlen, block)), _MAX_GRID_Y)
+
+
+def _as_int32(word: int) -> int:
+    """A 32-bit word as the int32 of the same bits: Triton passes it as i32, and the kernel bitcasts it back."""
+    return word - (1 << 32) if word >= 1 << 31 else word
+
+
+def _dropout_args(dropout_p: float, rng_state: torch.Tensor | None) -> tuple[int, int, int, int, float]:
+    """(seed_lo, seed_hi, rng_offset, threshold, 1 / (1 - dropout_p)): the kernels' dropout arguments, read on the
+    host from the CPU rng_state (no device synchronisation); zeros (unused) without dropout."""
+    if dropout_p == 0.0:
+        return 0, 0, 0, 0, 1.0
+    seed, offset = rng_state.tolist()
+    seed &= 2**64 - 1
+    words = (seed & 0xFFFFFFFF, seed >> 32, offset & 0xFFFFFFFF, dropout.threshold(dropout_p))
+    return (*(_as_int32(w) for w in words), 1.0 / (1.0 - dropout_p))
+
+
 @torch.library.custom_op("mtbert_fast::triton_attention_varlen", mutates_args=())
 def _op(
-    qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
+    qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float, dropout_p: float,
+    rng_state: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     qkv = qkv.contiguous()
     t, _, heads, head_dim = qkv.shape
     out = qkv.new_empty((t, heads, head_dim))
     lse = qkv.new_empty((heads, t), dtype=torch.float32)
     batch = cu_seqlens.numel() - 1
-    if t and batch > 0 and max_seqlen > 0:
+    if t and batch > 0:
         cfg = _settings(qkv)
-        grid = (batch * heads, triton.cdiv(max_seqlen, cfg["fwd_m"]))
+        grid = (batch * heads, _programs(max_seqlen, cfg["fwd_m"]))
         with device_guard(qkv):
             _fwd[grid](
-                qkv, out, lse, cu_seqlens, scale * _LOG2E, qkv.stride(0), qkv.stride(1), qkv.stride(2),
-                t, heads, head_dim, PRECISION=cfg["PRECISION"], BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"],
-                BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["warps"], num_stages=cfg["stages"],
+                qkv, out, lse, cu_seqlens, scale * _LOG2E, *_dropout_args(dropout_p, rng_state),
+                qkv.stride(0), qkv.stride(1), qkv.stride(2), t, heads, head_dim, DROPOUT=dropout_p > 0.0,
+                PRECISION=cfg["PRECISION"], BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], BLOCK_D=cfg["BLOCK_D"],
+                num_warps=cfg["warps"], num_stages=cfg["stages"],
             )
     return out, lse
 
 
 @_op.register_fake
-def _(qkv, cu_seqlens, max_seqlen, scale):
+def _(qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state):
     t, _, heads, head_dim = qkv.shape
     return qkv.new_empty((t, heads, head_dim)), qkv.new_empty((heads, t), dtype=torch.float32)
 
@@ -288,60 +395,100 @@ def _(qkv, cu_seqlens, max_seqlen, scale):
 @torch.library.custom_op("mtbert_fast::triton_attention_varlen_backward", mutates_args=())
 def _backward_op(
     grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor,
-    max_seqlen: int, scale: float,
+    max_seqlen: int, scale: float, dropout_p: float, rng_state: torch.Tensor | None,
 ) -> torch.Tensor:
     """-> grad_qkv [T, 3, heads, head_dim]."""
-    qkv, out, grad_out = qkv.contiguous(), out.contiguous(), grad_out.contiguous()
+    qkv, out, grad_out, lse = qkv.contiguous(), out.contiguous(), grad_out.contiguous(), lse.contiguous()
     t, _, heads, head_dim = qkv.shape
-    grad_qkv = torch.empty_like(qkv)
+    grad_qkv = qkv.new_empty(qkv.shape)
     batch = cu_seqlens.numel() - 1
-    if not (t and batch > 0 and max_seqlen > 0):
+    if not (t and batch > 0):
         return grad_qkv.zero_()
     cfg = _settings(qkv)
-    delta = torch.empty_like(lse)
-    common = dict(PRECISION=cfg["PRECISION"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["warps"], num_stages=cfg["stages"])
+    delta = lse.new_empty((heads, t))
+    common = dict(DROPOUT=dropout_p > 0.0, PRECISION=cfg["PRECISION"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["warps"],
+                  num_stages=cfg["stages"])
     args = (qkv, grad_out, lse, delta, grad_qkv, cu_seqlens, scale * _LOG2E, scale)
-    args += (qkv.stride(0), qkv.stride(1), qkv.stride(2), t, heads, head_dim)
+    args += (*_dropout_args(dropout_p, rng_state), qkv.stride(0), qkv.stride(1), qkv.stride(2), t, heads, head_dim)
     with device_guard(qkv):
-        _bwd_delta[(triton.cdiv(t, cfg["fwd_m"]), heads)](
-            out, grad_out, delta, t, heads, head_dim, BLOCK_M=cfg["fwd_m"], BLOCK_D=cfg["BLOCK_D"],
+        _bwd_delta[(triton.cdiv(t * heads, cfg["fwd_m"]),)](
+            out, grad_out, delta, t, t * heads, heads, head_dim, BLOCK_M=cfg["fwd_m"], BLOCK_D=cfg["BLOCK_D"],
             num_warps=cfg["warps"],
         )
-        _bwd_dkdv[(batch * heads, triton.cdiv(max_seqlen, cfg["dkdv_n"]))](
+        _bwd_dkdv[(batch * heads, _programs(max_seqlen, cfg["dkdv_n"]))](
             *args, BLOCK_M=cfg["dkdv_m"], BLOCK_N=cfg["dkdv_n"], **common
         )
-        _bwd_dq[(batch * heads, triton.cdiv(max_seqlen, cfg["dq_m"]))](
+        _bwd_dq[(batch * heads, _programs(max_seqlen, cfg["dq_m"]))](
             *args, BLOCK_M=cfg["dq_m"], BLOCK_N=cfg["dq_n"], **common
         )
     return grad_qkv
 
 
 @_backward_op.register_fake
-def _(grad_out, qkv, out, lse, cu_seqlens, max_seqlen, scale):
+def _(grad_out, qkv, out, lse, cu_seqlens, max_seqlen, scale, dropout_p, rng_state):
     return qkv.new_empty(qkv.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, cu_seqlens, max_seqlen, scale = inputs
+    qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state = inputs
     out, lse = output
-    ctx.save_for_backward(qkv, out, lse, cu_seqlens)
+    ctx.save_for_backward(qkv, out, lse, cu_seqlens, rng_state)
     ctx.mark_non_differentiable(lse)
-    ctx.max_seqlen, ctx.scale = max_seqlen, scale
+    ctx.max_seqlen, ctx.scale, ctx.dropout_p = max_seqlen, scale, dropout_p
 
 
 def _backward(ctx, grad, _grad_lse):
-    qkv, out, lse, cu_seqlens = ctx.saved_tensors
-    return _backward_op(grad, qkv, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale), None, None, None
+    qkv, out, lse, cu_seqlens, rng_state = ctx.saved_tensors
+    grad_qkv = _backward_op(grad, qkv, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.dropout_p, rng_state)
+    return grad_qkv, None, None, None, None, None
 
 
 _op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def attention_varlen(
-    qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float | None = None
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    rng_state: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(scale Q K^T) V per packed sequence by the Triton kernels; differentiable (in qkv).
-    qkv [T, 3, heads, head_dim], cu_seqlens int32 [B+1] -> [T, heads, head_dim]; scale defaults to 1/sqrt(head_dim)."""
+    """dropout(softmax(scale Q K^T)) V per packed sequence by the Triton kernels; differentiable (in qkv).
+    qkv [T, 3, heads, head_dim], cu_seqlens int32 [B+1] -> [T, heads, head_dim]; scale defaults to 1/sqrt(head_dim);
+    dropout_p > 0 needs rng_state (int64 [2] on the CPU: seed, offset), which fixes the mask."""
+    op = "attention_varlen"
+    check_inputs(op, qkv, cu_seqlens, max_seqlen)
+    dropout.check_rng_state(op, dropout_p, rng_state)
     if scale is None:
         scale = 1.0 / math.sqrt(qkv.shape[-1])
-    return _op(qkv, cu_seqlens, max_seqlen, scale)[0]
+    return _op(qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state)[0]
+
+
+def attention_varlen_backward(
+    grad_out: torch.Tensor,
+    qkv: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+    dropout_p: float = 0.0,
+    rng_state: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The gradient in qkv of attention_varlen(qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state), given the
+    gradient grad_out [T, heads, head_dim] of its out and the forward's out and lse fp32 [heads, T], from any backend
+    (they share lse's layout and the dropout mask) -> grad_qkv [T, 3, heads, head_dim]."""
+    op = "attention_varlen_backward"
+    check_inputs(op, qkv, cu_seqlens, max_seqlen)
+    dropout.check_rng_state(op, dropout_p, rng_state)
+    t, _, heads, head_dim = qkv.shape
+    for name, x, shape, dtype in (
+        ("grad_out", grad_out, (t, heads, head_dim), qkv.dtype),
+        ("out", out, (t, heads, head_dim), qkv.dtype),
+        ("lse", lse, (heads, t), torch.float32),
+    ):
+        if tuple(x.shape) != shape or x.dtype != dtype or x.device != qkv.device:
+            raise ValueError(f"{op}: {name} must be {dtype} of shape {list(shape)} on {qkv.device}, got {x.dtype} "
+                             f"of shape {list(x.shape)} on {x.device}")
+    return _backward_op(grad_out, qkv, out, lse, cu_seqlens, max_seqlen, scale, dropout_p, rng_state)
