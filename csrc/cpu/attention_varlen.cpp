@@ -4,7 +4,11 @@
 // never build a padded [B, heads, L, L] tensor. The forward splits the work over (sequence, head, query block), the
 // backward over (sequence, head); each piece runs small register-blocked GEMMs on operands packed into thread-local
 // buffers. Softmax and every accumulation are
-// fp32; the softmax is streamed over key blocks of kKeyBlock, so one block covers L <= 512.
+// fp32; the softmax is streamed over key blocks of kKeyBlock, so one block covers L <= 512. Buffers follow the
+// real sequence lengths, so max_seqlen is not needed.
+//
+// Dropout (dropout_p > 0) multiplies the normalized probabilities by the Philox mask of philox.h, drawn as keep bits
+// where they are used: in the forward per query row, in the backward per query block (regenerated, never stored).
 //
 // Precision of bf16 inputs: the products of two input tensors (Q K^T, dO V^T) use the AVX512-BF16 dot product
 // (vdpbf16ps, exact products, fp32 sums) where the CPU has it. The products with probabilities or their gradients
@@ -19,8 +23,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -29,6 +35,7 @@
 #define MTBF_BF16_DOT 1
 #endif
 
+#include "attention_dropout.h"
 #include "checks.h"
 
 namespace mtbert_fast {
@@ -245,6 +252,167 @@ void store_scaled(float* src, float factor, int64_t n, ST* dst) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// The dropout mask of philox.h as keep bits, never as a tensor. One Philox call gives the words of four
+// consecutive keys. Scalar calls, even so, cost about as much as the whole forward at head_dim 64; with AVX-512
+// sixteen calls run side by side in the lanes, and two such streams interleave to hide the latency of each round's
+// multiplies.
+
+#if defined(CPU_CAPABILITY_AVX512)
+// The low and high 32 bits of a * b per lane: vpmuludq multiplies the even lanes, and the odd ones shifted down.
+inline __m512i mul_lo_hi(__m512i a, __m512i b, __m512i* hi) {
+  const __m512i even = _mm512_mul_epu32(a, b);
+  const __m512i odd = _mm512_mul_epu32(a, _mm512_srli_epi64(b, 32));  // a holds its constant in every lane
+  *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  return _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+}
+
+// philox4x32_10 of philox.h on N streams of 16 counters: c[s] holds the counter of stream s, then its four words.
+template <int N>
+inline void philox16(__m512i (&c)[N][4], uint32_t k0, uint32_t k1) {
+  const __m512i mul0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m512i mul1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  for (int r = 0; r < 10; ++r) {
+    const __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0)), key1 = _mm512_set1_epi32(static_cast<int>(k1));
+    for (int s = 0; s < N; ++s) {
+      __m512i hi0, hi1;
+      const __m512i lo0 = mul_lo_hi(mul0, c[s][0], &hi0);
+      const __m512i lo1 = mul_lo_hi(mul1, c[s][2], &hi1);
+      c[s][0] = _mm512_ternarylogic_epi32(hi1, c[s][1], key0, 0x96);  // three-way xor
+      c[s][1] = lo1;
+      c[s][2] = _mm512_ternarylogic_epi32(hi0, c[s][3], key1, 0x96);
+      c[s][3] = lo0;
+    }
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+}
+
+inline __m512i lane_index() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+inline __m512i splat(int64_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
+
+// N calls of keep_bits_row: lane l of stream s draws group g + 16s + l, for keys 4g + 64s .. 4g + 64s + 63, whose
+// bits go to bits[4s .. 4s + 3]. A 4 x 16 transpose puts the words in key order before the compare.
+template <int N>
+void row_groups(const DropoutParams& d, uint32_t h, uint32_t i, int64_t g, uint16_t* bits) {  // [4 N]
+  __m512i c[N][4];
+  for (int s = 0; s < N; ++s) {
+    c[s][0] = _mm512_add_epi32(splat(g + 16 * s), lane_index());
+    c[s][1] = splat(i);
+    c[s][2] = splat(h);
+    c[s][3] = splat(d.offset);
+  }
+  philox16<N>(c, d.k0, d.k1);
+  const __m512i thr = splat(d.threshold);
+  for (int s = 0; s < N; ++s) {
+    const __m512i* w = c[s];
+    // Per 128-bit chunk q: the four words of group 4q + 0, 1, 2, 3.
+    const __m512i w01lo = _mm512_unpacklo_epi32(w[0], w[1]), w01hi = _mm512_unpackhi_epi32(w[0], w[1]);
+    const __m512i w23lo = _mm512_unpacklo_epi32(w[2], w[3]), w23hi = _mm512_unpackhi_epi32(w[2], w[3]);
+    const __m512i g0 = _mm512_unpacklo_epi64(w01lo, w23lo), g1 = _mm512_unpackhi_epi64(w01lo, w23lo);
+    const __m512i g2 = _mm512_unpacklo_epi64(w01hi, w23hi), g3 = _mm512_unpackhi_epi64(w01hi, w23hi);
+    // Then chunk q of each, in order: keys 16q .. 16q + 15.
+    const __m512i x0 = _mm512_shuffle_i32x4(g0, g1, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i x1 = _mm512_shuffle_i32x4(g2, g3, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i x2 = _mm512_shuffle_i32x4(g0, g1, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m512i x3 = _mm512_shuffle_i32x4(g2, g3, _MM_SHUFFLE(3, 2, 3, 2));
+    uint16_t* b = bits + 4 * s;
+    b[0] = _mm512_cmpge_epu32_mask(_mm512_shuffle_i32x4(x0, x1, _MM_SHUFFLE(2, 0, 2, 0)), thr);
+    b[1] = _mm512_cmpge_epu32_mask(_mm512_shuffle_i32x4(x0, x1, _MM_SHUFFLE(3, 1, 3, 1)), thr);
+    b[2] = _mm512_cmpge_epu32_mask(_mm512_shuffle_i32x4(x2, x3, _MM_SHUFFLE(2, 0, 2, 0)), thr);
+    b[3] = _mm512_cmpge_epu32_mask(_mm512_shuffle_i32x4(x2, x3, _MM_SHUFFLE(3, 1, 3, 1)), thr);
+  }
+}
+
+// N calls of keep_bits_block: lane l of stream s draws query row i + 16s + l against group g; word k is key 4g + k
+// across those queries (bits[4s + k]), the layout of the transposed blocks of the backward.
+template <int N>
+void query_groups(const DropoutParams& d, uint32_t h, int64_t i, int64_t g, __mmask16* bits) {  // [4 N]
+  __m512i c[N][4];
+  for (int s = 0; s < N; ++s) {
+    c[s][0] = splat(g);
+    c[s][1] = _mm512_add_epi32(splat(i + 16 * s), lane_index());
+    c[s][2] = splat(h);
+    c[s][3] = splat(d.offset);
+  }
+  philox16<N>(c, d.k0, d.k1);
+  const __m512i thr = splat(d.threshold);
+  for (int s = 0; s < N; ++s)
+    for (int k = 0; k < 4; ++k) bits[4 * s + k] = _mm512_cmpge_epu32_mask(c[s][k], thr);
+}
+#endif
+
+// uint16 words that keep_bits_row writes for n keys.
+constexpr int64_t row_bits_size(int64_t n) { return (n + 3 + 63) / 64 * 4 + 1; }
+
+// Keep bits of query row i against key rows ja .. ja+n (packed) of head h: bit b of bits[q] for key ja + 16q + b.
+void keep_bits_row(const DropoutParams& d, uint32_t h, uint32_t i, int64_t ja, int64_t n,
+                   uint16_t* bits) {  // [row_bits_size(n)]
+  const int64_t g0 = ja >> 2, shift = ja & 3;  // the first group starts `shift` keys before ja
+#if defined(CPU_CAPABILITY_AVX512)
+  const int64_t calls = (shift + n + 63) / 64;
+  int64_t v = 0;
+  for (; v + 2 <= calls; v += 2) row_groups<2>(d, h, i, g0 + 16 * v, bits + 4 * v);
+  if (v < calls) row_groups<1>(d, h, i, g0 + 16 * v, bits + 4 * v);
+  bits[4 * calls] = 0;
+#else
+  std::fill(bits, bits + (shift + n + 15) / 16 + 1, uint16_t{0});
+  for (int64_t g = g0; 4 * g < ja + n; ++g) {
+    const Philox4 r = dropout_words(d, static_cast<uint32_t>(g), i, h);
+    for (int k = 0; k < 4; ++k)
+      if (r.w[k] >= d.threshold) bits[(4 * (g - g0) + k) / 16] |= uint16_t(1u << ((4 * (g - g0) + k) % 16));
+  }
+#endif
+  // Drop the `shift` keys before ja.
+  for (int64_t q = 0; q < (n + 15) / 16; ++q)
+    bits[q] = static_cast<uint16_t>((bits[q] | static_cast<uint32_t>(bits[q + 1]) << 16) >> shift);
+}
+
+// Keep bits of query rows i0 .. i0+m against key rows ja .. ja+n (packed) of head h, transposed: bit l of
+// bits[(j - ja) * ld + v] for query i0 + 16v + l and key j.
+void keep_bits_block(const DropoutParams& d, uint32_t h, int64_t i0, int64_t m, int64_t ja, int64_t n,
+                     uint16_t* bits, int64_t ld) {  // [n, ld], ld >= ceil(m / 16)
+  for (int64_t g = ja >> 2; 4 * g < ja + n; ++g) {
+    const int64_t j_lo = std::max(4 * g, ja), j_hi = std::min(4 * g + 4, ja + n);  // the group's keys in range
+#if defined(CPU_CAPABILITY_AVX512)
+    for (int64_t v = 0; 16 * v < m; v += 2) {
+      const bool two = 16 * (v + 1) < m;
+      __mmask16 words[8];
+      if (two) query_groups<2>(d, h, i0 + 16 * v, g, words);
+      else query_groups<1>(d, h, i0 + 16 * v, g, words);
+      for (int64_t j = j_lo; j < j_hi; ++j) {
+        bits[(j - ja) * ld + v] = words[j & 3];
+        if (two) bits[(j - ja) * ld + v + 1] = words[4 + (j & 3)];
+      }
+    }
+#else
+    for (int64_t j = j_lo; j < j_hi; ++j)
+      std::fill(bits + (j - ja) * ld, bits + (j - ja) * ld + (m + 15) / 16, uint16_t{0});
+    for (int64_t l = 0; l < m; ++l) {
+      const Philox4 r = dropout_words(d, static_cast<uint32_t>(g), static_cast<uint32_t>(i0 + l), h);
+      for (int64_t j = j_lo; j < j_hi; ++j)
+        if (r.w[j & 3] >= d.threshold) bits[(j - ja) * ld + l / 16] |= uint16_t(1u << (l % 16));
+    }
+#endif
+  }
+}
+
+// x[t] *= scale where bit t (bit t % 16 of bits[t / 16]) is set, else 0, for t < n.
+void apply_keep_bits(float* x, const uint16_t* bits, int64_t n, float scale) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 vscale = _mm512_set1_ps(scale);
+  int64_t t = 0;
+  for (; t + 16 <= n; t += 16)
+    _mm512_storeu_ps(x + t, _mm512_maskz_mul_ps(bits[t / 16], _mm512_loadu_ps(x + t), vscale));
+  if (t < n) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n - t)) - 1);
+    _mm512_mask_storeu_ps(x + t, tail, _mm512_maskz_mul_ps(bits[t / 16], _mm512_maskz_loadu_ps(tail, x + t), vscale));
+  }
+#else
+  for (int64_t t = 0; t < n; ++t) x[t] = (bits[t / 16] >> (t % 16)) & 1 ? x[t] * scale : 0.f;
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Work split.
 
 // Strides of the packed qkv [T, 3, heads, head_dim] (unit stride in the last dim).
@@ -294,6 +462,7 @@ struct QueryBlock {
 
 template <typename ST, typename CT>
 void forward_blocks(const Geometry& g,
+                    const DropoutParams& drop,
                     const ST* qkv,              // [T, 3, heads, head_dim], strided
                     const QueryBlock* blocks,   // [n]
                     int64_t n,
@@ -309,6 +478,7 @@ void forward_blocks(const Geometry& g,
   std::vector<CT> k_t(kdim * max_pad), q_a(kQueryBlock * kdim);
   std::vector<float> v_b(max_pad * vdim), s(kQueryBlock * ld_s), o(kQueryBlock * vdim);
   std::vector<float> row_max(kQueryBlock), row_sum(kQueryBlock);
+  std::vector<uint16_t> keep(drop.enabled ? row_bits_size(kKeyBlock) : 0);
   const bool direct_q = std::is_same<CT, ST>::value && dim % P == 0;
   int64_t packed_start = -1, packed_head = -1;
 
@@ -350,6 +520,12 @@ void forward_blocks(const Geometry& g,
           at::vec::map([alpha](Vec x) { return x * Vec(alpha); }, orow, orow, vdim);
         }
         row_max[r] = new_max;
+        // Dropout acts on the normalized probabilities, so the sum above and lse stay those of the undropped ones.
+        if (drop.enabled) {
+          keep_bits_row(drop, static_cast<uint32_t>(qb.head), static_cast<uint32_t>(qb.start + qb.q0 + r),
+                        qb.start + j0, bn, keep.data());
+          apply_keep_bits(srow, keep.data(), bn, drop.scale);
+        }
       }
       gemm<float>(qb.qn, vdim, bn, s.data(), ld_s, v_b.data() + j0 * vdim, vdim, o.data(), vdim, !first);
     }
@@ -363,11 +539,13 @@ void forward_blocks(const Geometry& g,
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Backward, per (sequence, head): P = exp(scale * Q K^T - lse), dV = P^T dO, dP = dO V^T, dS = P * (dP - D),
-// dQ = scale * dS K, dK = scale * dS^T Q, with D_i = sum_j P_ij dP_ij. That equals rowsum(dO_i * O_i) but does not
-// read the saved out, whose rounding to bf16 would move D by more than dP - D is worth where the softmax is peaked.
+// Backward, per (sequence, head): P = exp(scale * Q K^T - lse), M the dropout multipliers (all 1 without dropout),
+// dV = (P * M)^T dO, dP = (dO V^T) * M, dS = P * (dP - D), dQ = scale * dS K, dK = scale * dS^T Q, with
+// D_i = sum_j P_ij dP_ij. That equals rowsum(dO_i * O_i) but does not read the saved out, whose rounding to bf16
+// would move D by more than dP - D is worth where the softmax is peaked.
 // Each query block first takes P^T and dP^T against every key (keys as rows, so that P^T and dS^T come straight out
-// of the GEMMs and only dS needs a transpose), sums D, then forms dS and the three gradients.
+// of the GEMMs and only dS needs a transpose), sums D, then forms dS and the three gradients. The keep bits of the
+// block are drawn once, with dP, and kept for P * M.
 
 struct SeqHead {
   int64_t start, len, head;
@@ -375,6 +553,7 @@ struct SeqHead {
 
 template <typename ST, typename CT>
 void backward_seqs(const Geometry& g,
+                   const DropoutParams& drop,
                    const ST* qkv,          // [T, 3, heads, head_dim], strided
                    const ST* grad_out,     // [T, heads, head_dim]
                    const float* lse,       // [heads, T]
@@ -400,6 +579,9 @@ void backward_seqs(const Geometry& g,
   std::vector<float> dq(max_pad * vdim), dk(max_pad * vdim), dv(max_pad * vdim);
   // P^T and dP^T (then dS^T) of one query block against every key [keys, blk]; dS of one block pair; D.
   std::vector<float> pt(max_pad * blk), dpt(max_pad * blk), ds(blk * blk), d_sum(blk);
+  // Keep bits of one query block against every key [keys, blk / 16]: bit l of word v for query 16v + l.
+  constexpr int64_t keep_ld = blk / 16;
+  std::vector<uint16_t> keep(drop.enabled ? max_pad * keep_ld : 0);
 
   for (int64_t t = 0; t < n; ++t) {
     const SeqHead& sh = seqs[t];
@@ -441,6 +623,12 @@ void backward_seqs(const Geometry& g,
           at::vec::map2([scale = g.scale](Vec x, Vec l) { return at::vec::fmsub(x, Vec(scale), l).exp_u20(); },
                         row, row, lse_row + i0, bm);
         }
+        if (drop.enabled) {
+          keep_bits_block(drop, static_cast<uint32_t>(sh.head), sh.start + i0, bm, sh.start + j0, bn,
+                          keep.data() + j0 * keep_ld, keep_ld);
+          for (int64_t j = j0; j < j0 + bn; ++j)
+            apply_keep_bits(dpt.data() + j * blk, keep.data() + j * keep_ld, bm, drop.scale);
+        }
       }
       std::fill(d_sum.begin(), d_sum.end(), 0.f);
       for (int64_t j = 0; j < len; ++j)
@@ -451,14 +639,17 @@ void backward_seqs(const Geometry& g,
       std::fill(dq_blk, dq_blk + bm * vdim, 0.f);
       for (int64_t j0 = 0; j0 < len; j0 += blk) {
         const int64_t bn = std::min(blk, len - j0);
-        const float* pt_blk = pt.data() + j0 * blk;
+        float* pt_blk = pt.data() + j0 * blk;   // P^T, becomes (P * M)^T once dS is formed
         float* dst_blk = dpt.data() + j0 * blk;  // dP^T, becomes dS^T
-        gemm<float>(bn, vdim, bm, pt_blk, blk, do_b.data() + i0 * vdim, vdim, dv.data() + j0 * vdim, vdim, true);
         for (int64_t j = 0; j < bn; ++j) {
           float* row = dst_blk + j * blk;
           at::vec::map3([](Vec dp, Vec p, Vec d) { return p * (dp - d); }, row, row, pt_blk + j * blk, d_sum.data(),
                         bm);
         }
+        if (drop.enabled)
+          for (int64_t j = 0; j < bn; ++j)
+            apply_keep_bits(pt_blk + j * blk, keep.data() + (j0 + j) * keep_ld, bm, drop.scale);
+        gemm<float>(bn, vdim, bm, pt_blk, blk, do_b.data() + i0 * vdim, vdim, dv.data() + j0 * vdim, vdim, true);
         gemm<float>(bn, vdim, bm, dst_blk, blk, q_b.data() + i0 * vdim, vdim, dk.data() + j0 * vdim, vdim, true);
         at::vec::transpose_mxn<float>(dst_blk, blk, ds.data(), blk, static_cast<int>(bn), static_cast<int>(bm));
         gemm<float>(bm, vdim, bn, ds.data(), blk, k_b.data() + j0 * vdim, vdim, dq_blk, vdim, true);
@@ -477,9 +668,10 @@ void backward_seqs(const Geometry& g,
 // ---------------------------------------------------------------------------------------------------------------
 // Entry points.
 
-// Checks cu_seqlens against the T packed rows and max_seqlen; returns the (start, len) of every sequence.
-std::vector<std::pair<int64_t, int64_t>> read_cu_seqlens(const char* op, const at::Tensor& cu_seqlens, int64_t tokens,
-                                                         int64_t max_seqlen) {
+// Checks cu_seqlens against the T packed rows; returns the (start, len) of every sequence. No check against
+// max_seqlen: a longer sequence is computed in full.
+std::vector<std::pair<int64_t, int64_t>> read_cu_seqlens(const char* op, const at::Tensor& cu_seqlens,
+                                                         int64_t tokens) {
   TORCH_CHECK(cu_seqlens.device().is_cpu(), op, ": cu_seqlens must be on cpu, got ", cu_seqlens.device());
   TORCH_CHECK(cu_seqlens.dim() == 1, op, ": cu_seqlens must have 1 dim, got shape ", cu_seqlens.sizes());
   TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt, op, ": cu_seqlens must be Int (int32), got ",
@@ -489,6 +681,8 @@ std::vector<std::pair<int64_t, int64_t>> read_cu_seqlens(const char* op, const a
   const int32_t* c = cu.data_ptr<int32_t>();
   const int64_t batch = cu.numel() - 1;
   TORCH_CHECK(c[0] == 0, op, ": cu_seqlens[0] must be 0, got ", c[0]);
+  TORCH_CHECK(batch > 0 || tokens == 0, op, ": cu_seqlens = [0] describes no sequence, but qkv has ", tokens,
+              " rows");
   TORCH_CHECK(c[batch] == tokens, op, ": cu_seqlens[-1] must equal the ", tokens, " rows of qkv, got ", c[batch]);
   std::vector<std::pair<int64_t, int64_t>> seqs;
   seqs.reserve(batch);
@@ -496,7 +690,6 @@ std::vector<std::pair<int64_t, int64_t>> read_cu_seqlens(const char* op, const a
     const int64_t len = int64_t{c[b + 1]} - c[b];
     TORCH_CHECK(len >= 0, op, ": cu_seqlens must be non-decreasing, got cu_seqlens[", b, "] = ", c[b],
                 " > cu_seqlens[", b + 1, "] = ", c[b + 1]);
-    TORCH_CHECK(len <= max_seqlen, op, ": max_seqlen = ", max_seqlen, " but sequence ", b, " has length ", len);
     seqs.emplace_back(c[b], len);
   }
   return seqs;
@@ -526,11 +719,13 @@ void dispatch_types(at::ScalarType dtype, const Fn& fn) {
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_varlen_cpu(const at::Tensor& qkv_in, const at::Tensor& cu_seqlens,
-                                                        int64_t max_seqlen, double scale) {
+                                                        int64_t /*max_seqlen*/, double scale, double dropout_p,
+                                                        const std::optional<at::Tensor>& rng_state) {
   constexpr const char* op = "attention_varlen";
   check_qkv(op, qkv_in);
+  const DropoutParams drop = make_dropout_params(op, dropout_p, rng_state);
   const at::Tensor qkv = qkv_in.stride(3) == 1 ? qkv_in : qkv_in.contiguous();
-  const auto seqs = read_cu_seqlens(op, cu_seqlens, qkv.size(0), max_seqlen);
+  const auto seqs = read_cu_seqlens(op, cu_seqlens, qkv.size(0));
   const Geometry g = geometry(qkv, scale);
   at::Tensor out = at::empty({g.tokens, g.heads, g.head_dim}, qkv.options());
   at::Tensor lse = at::empty({g.heads, g.tokens}, qkv.options().dtype(at::kFloat));
@@ -551,7 +746,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_cpu(const at::Tensor& qkv_in
     ST* out_p = out.data_ptr<ST>();
     float* lse_p = lse.data_ptr<float>();
     run_balanced(cost, [&](int64_t first, int64_t count) {
-      forward_blocks<ST, CT>(g, qkv_p, blocks.data() + first, count, out_p, lse_p);
+      forward_blocks<ST, CT>(g, drop, qkv_p, blocks.data() + first, count, out_p, lse_p);
     });
   });
   return {out, lse};
@@ -560,9 +755,11 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_cpu(const at::Tensor& qkv_in
 // out is part of the op's contract (other backends read it) and is checked, but this kernel takes D from P and dP.
 at::Tensor attention_varlen_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& qkv_in,
                                          const at::Tensor& out, const at::Tensor& lse_in,
-                                         const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale) {
+                                         const at::Tensor& cu_seqlens, int64_t /*max_seqlen*/, double scale,
+                                         double dropout_p, const std::optional<at::Tensor>& rng_state) {
   constexpr const char* op = "attention_varlen_backward";
   check_qkv(op, qkv_in);
+  const DropoutParams drop = make_dropout_params(op, dropout_p, rng_state);
   const at::Tensor qkv = qkv_in.stride(3) == 1 ? qkv_in : qkv_in.contiguous();
   const Geometry g = geometry(qkv, scale);
   for (const at::Tensor* t : {&grad_out_in, &out}) {
@@ -578,7 +775,7 @@ at::Tensor attention_varlen_backward_cpu(const at::Tensor& grad_out_in, const at
   MTBF_CHECK_DTYPE("attention_varlen_backward", lse_in, at::kFloat);
   TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({g.heads, g.tokens}), op, ": lse must have shape [heads, T] = [",
               g.heads, ", ", g.tokens, "], got ", lse_in.sizes());
-  const auto seqs = read_cu_seqlens(op, cu_seqlens, qkv.size(0), max_seqlen);
+  const auto seqs = read_cu_seqlens(op, cu_seqlens, qkv.size(0));
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
   at::Tensor grad_qkv = at::empty({g.tokens, 3, g.heads, g.head_dim}, qkv.options());
@@ -599,7 +796,7 @@ at::Tensor attention_varlen_backward_cpu(const at::Tensor& grad_out_in, const at
     const float* lse_p = lse.data_ptr<float>();
     ST* grad_p = grad_qkv.data_ptr<ST>();
     run_balanced(cost, [&](int64_t first, int64_t count) {
-      backward_seqs<ST, CT>(g, qkv_p, go_p, lse_p, items.data() + first, count, grad_p);
+      backward_seqs<ST, CT>(g, drop, qkv_p, go_p, lse_p, items.data() + first, count, grad_p);
     });
   });
   return grad_qkv;
