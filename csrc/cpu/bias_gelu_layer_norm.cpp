@@ -1,5 +1,7 @@
 // LayerNorm(GELU(x + bias)), the masked-LM head transform, and its backward on the CPU. Each row is read once;
 // the fp32 GELU output (and, backward, its derivative) waits in per-thread row buffers (L1).
+// x and bias share a dtype T; weight and beta are in T or both fp32 (mixed precision), and grad_weight and grad_beta,
+// summed in fp32, come back in their dtype.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -13,12 +15,12 @@ namespace {
 
 using namespace cpu;
 
-template <typename T, GeluKind K>
+template <typename T, typename W, GeluKind K>
 void bias_gelu_layer_norm_kernel(
     const T* x,       // [N, D]
     const T* bias,    // [D]
-    const T* weight,  // [D]
-    const T* beta,    // [D]
+    const W* weight,  // [D]
+    const W* beta,    // [D]
     double eps,
     T* out,           // [N, D]
     float* mean,      // [N]
@@ -26,7 +28,8 @@ void bias_gelu_layer_norm_kernel(
     int64_t N,
     int64_t D) {
   at::parallel_for(0, N, row_grain(D), [&](int64_t begin, int64_t end) {
-    const ParamF32<T> b(bias, D), w(weight, D), bt(beta, D);
+    const ParamF32<T> b(bias, D);
+    const ParamF32<W> w(weight, D), bt(beta, D);
     std::vector<float> s(D);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t offset = row * D;
@@ -40,12 +43,12 @@ void bias_gelu_layer_norm_kernel(
   });
 }
 
-template <typename T, GeluKind K>
+template <typename T, typename W, GeluKind K>
 void bias_gelu_layer_norm_backward_kernel(
     const T* grad_out,  // [N, D]
     const T* x,         // [N, D]
     const T* bias,      // [D]
-    const T* weight,    // [D]
+    const W* weight,    // [D]
     const float* mean,  // [N]
     const float* rstd,  // [N]
     T* grad_x,          // [N, D]
@@ -55,7 +58,8 @@ void bias_gelu_layer_norm_backward_kernel(
   const int64_t blocks = num_row_blocks(N);
   const int64_t grain = std::max<int64_t>(1, row_grain(D) / kRowsPerBlock);
   at::parallel_for(0, blocks, grain, [&](int64_t first, int64_t last) {
-    const ParamF32<T> b(bias, D), w(weight, D);
+    const ParamF32<T> b(bias, D);
+    const ParamF32<W> w(weight, D);
     std::vector<float> scratch(3 * D);
     float* xhat = scratch.data();
     float* g = xhat + D;
@@ -89,8 +93,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_gelu_layer_norm_cpu(
     double eps,
     c10::string_view approximate) {
   const GeluKind kind = parse_gelu("bias_gelu_layer_norm", approximate);
-  const int64_t D = check_layer_norm_args("bias_gelu_layer_norm", at::kCPU, x, {},
-                                          {{"bias", bias}, {"weight", weight}, {"beta", beta}});
+  const int64_t D = check_layer_norm_args("bias_gelu_layer_norm", at::kCPU, x, {}, {{"bias", bias}}, {},
+                                          {{"weight", weight}, {"beta", beta}});
 
   const at::Tensor xc = x.contiguous();
   const at::Tensor bc = bias.contiguous();
@@ -100,11 +104,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_gelu_layer_norm_cpu(
   at::Tensor out = at::empty_like(xc);
   at::Tensor mean = at::empty({N}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({N}, x.options().dtype(at::kFloat));
-  dispatch_float_bf16(x.scalar_type(), [&](auto t) {
+  dispatch_layer_norm_types(x.scalar_type(), weight.scalar_type(), [&](auto t, auto w) {
     using T = decltype(t);
+    using W = decltype(w);
     dispatch_gelu(kind, [&](auto k) {
-      bias_gelu_layer_norm_kernel<T, decltype(k)::value>(
-          xc.const_data_ptr<T>(), bc.const_data_ptr<T>(), wc.const_data_ptr<T>(), betac.const_data_ptr<T>(), eps,
+      bias_gelu_layer_norm_kernel<T, W, decltype(k)::value>(
+          xc.const_data_ptr<T>(), bc.const_data_ptr<T>(), wc.const_data_ptr<W>(), betac.const_data_ptr<W>(), eps,
           out.mutable_data_ptr<T>(), mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), N, D);
     });
   });
@@ -121,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_gelu_layer_norm_backward_cpu
     c10::string_view approximate) {
   const GeluKind kind = parse_gelu("bias_gelu_layer_norm_backward", approximate);
   const int64_t D = check_layer_norm_args("bias_gelu_layer_norm_backward", at::kCPU, x, {{"grad_out", grad_out}},
-                                          {{"bias", bias}, {"weight", weight}}, {{"mean", mean}, {"rstd", rstd}});
+                                          {{"bias", bias}}, {{"mean", mean}, {"rstd", rstd}}, {{"weight", weight}});
   const int64_t N = leading_rows(x);
 
   const at::Tensor gc = grad_out.contiguous();
@@ -135,16 +140,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_gelu_layer_norm_backward_cpu
   at::Tensor grad_beta = at::empty({D}, weight.options());
   const int64_t blocks = num_row_blocks(N);
   at::Tensor partial = at::empty({blocks, 2, D}, x.options().dtype(at::kFloat));
-  dispatch_float_bf16(x.scalar_type(), [&](auto t) {
+  dispatch_layer_norm_types(x.scalar_type(), weight.scalar_type(), [&](auto t, auto w) {
     using T = decltype(t);
+    using W = decltype(w);
     dispatch_gelu(kind, [&](auto k) {
-      bias_gelu_layer_norm_backward_kernel<T, decltype(k)::value>(
-          gc.const_data_ptr<T>(), xc.const_data_ptr<T>(), bc.const_data_ptr<T>(), wc.const_data_ptr<T>(),
+      bias_gelu_layer_norm_backward_kernel<T, W, decltype(k)::value>(
+          gc.const_data_ptr<T>(), xc.const_data_ptr<T>(), bc.const_data_ptr<T>(), wc.const_data_ptr<W>(),
           mc.const_data_ptr<float>(), sc.const_data_ptr<float>(), grad_x.mutable_data_ptr<T>(),
           partial.mutable_data_ptr<float>(), N, D);
     });
     reduce_row_blocks(
-        partial.const_data_ptr<float>(), blocks, D, grad_weight.mutable_data_ptr<T>(), grad_beta.mutable_data_ptr<T>());
+        partial.const_data_ptr<float>(), blocks, D, grad_weight.mutable_data_ptr<W>(), grad_beta.mutable_data_ptr<W>());
   });
   return {grad_x, grad_weight, grad_beta};
 }

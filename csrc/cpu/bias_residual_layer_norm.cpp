@@ -1,5 +1,7 @@
 // LayerNorm(x + bias + residual) and its backward on the CPU. Each row is read once; the fp32 sum s waits in a
 // per-thread row buffer (L1) for the statistics and the normalization.
+// x, bias and residual share a dtype T; weight and beta are in T or both fp32 (mixed precision), and grad_weight and
+// grad_beta, summed in fp32, come back in their dtype.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -13,13 +15,13 @@ namespace {
 
 using namespace cpu;
 
-template <typename T>
+template <typename T, typename W>
 void bias_residual_layer_norm_kernel(
     const T* x,         // [N, D]
     const T* bias,      // [D]
     const T* residual,  // [N, D]
-    const T* weight,    // [D]
-    const T* beta,      // [D]
+    const W* weight,    // [D]
+    const W* beta,      // [D]
     double eps,
     T* out,             // [N, D]
     float* mean,        // [N]
@@ -27,7 +29,8 @@ void bias_residual_layer_norm_kernel(
     int64_t N,
     int64_t D) {
   at::parallel_for(0, N, row_grain(D), [&](int64_t begin, int64_t end) {
-    const ParamF32<T> b(bias, D), w(weight, D), bt(beta, D);
+    const ParamF32<T> b(bias, D);
+    const ParamF32<W> w(weight, D), bt(beta, D);
     std::vector<float> s(D);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t offset = row * D;
@@ -41,13 +44,13 @@ void bias_residual_layer_norm_kernel(
   });
 }
 
-template <typename T>
+template <typename T, typename W>
 void bias_residual_layer_norm_backward_kernel(
     const T* grad_out,  // [N, D]
     const T* x,         // [N, D]
     const T* bias,      // [D]
     const T* residual,  // [N, D]
-    const T* weight,    // [D]
+    const W* weight,    // [D]
     const float* mean,  // [N]
     const float* rstd,  // [N]
     T* grad_s,          // [N, D]
@@ -57,7 +60,8 @@ void bias_residual_layer_norm_backward_kernel(
   const int64_t blocks = num_row_blocks(N);
   const int64_t grain = std::max<int64_t>(1, row_grain(D) / kRowsPerBlock);
   at::parallel_for(0, blocks, grain, [&](int64_t first, int64_t last) {
-    const ParamF32<T> b(bias, D), w(weight, D);
+    const ParamF32<T> b(bias, D);
+    const ParamF32<W> w(weight, D);
     std::vector<float> scratch(2 * D);
     float* xhat = scratch.data();
     float* g = xhat + D;
@@ -84,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_residual_layer_norm_cpu(
     const at::Tensor& beta,
     double eps) {
   const int64_t D = check_layer_norm_args("bias_residual_layer_norm", at::kCPU, x, {{"residual", residual}},
-                                          {{"bias", bias}, {"weight", weight}, {"beta", beta}});
+                                          {{"bias", bias}}, {}, {{"weight", weight}, {"beta", beta}});
 
   const at::Tensor xc = x.contiguous();
   const at::Tensor bc = bias.contiguous();
@@ -95,11 +99,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_residual_layer_norm_cpu(
   at::Tensor out = at::empty_like(xc);
   at::Tensor mean = at::empty({N}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({N}, x.options().dtype(at::kFloat));
-  dispatch_float_bf16(x.scalar_type(), [&](auto t) {
+  dispatch_layer_norm_types(x.scalar_type(), weight.scalar_type(), [&](auto t, auto w) {
     using T = decltype(t);
-    bias_residual_layer_norm_kernel<T>(
-        xc.const_data_ptr<T>(), bc.const_data_ptr<T>(), rc.const_data_ptr<T>(), wc.const_data_ptr<T>(),
-        betac.const_data_ptr<T>(), eps, out.mutable_data_ptr<T>(), mean.mutable_data_ptr<float>(),
+    using W = decltype(w);
+    bias_residual_layer_norm_kernel<T, W>(
+        xc.const_data_ptr<T>(), bc.const_data_ptr<T>(), rc.const_data_ptr<T>(), wc.const_data_ptr<W>(),
+        betac.const_data_ptr<W>(), eps, out.mutable_data_ptr<T>(), mean.mutable_data_ptr<float>(),
         rstd.mutable_data_ptr<float>(), N, D);
   });
   return {out, mean, rstd};
@@ -114,8 +119,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_residual_layer_norm_backward
     const at::Tensor& mean,
     const at::Tensor& rstd) {
   const int64_t D = check_layer_norm_args("bias_residual_layer_norm_backward", at::kCPU, x,
-                                          {{"grad_out", grad_out}, {"residual", residual}},
-                                          {{"bias", bias}, {"weight", weight}}, {{"mean", mean}, {"rstd", rstd}});
+                                          {{"grad_out", grad_out}, {"residual", residual}}, {{"bias", bias}},
+                                          {{"mean", mean}, {"rstd", rstd}}, {{"weight", weight}});
   const int64_t N = leading_rows(x);
 
   const at::Tensor gc = grad_out.contiguous();
@@ -130,14 +135,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_residual_layer_norm_backward
   at::Tensor grad_beta = at::empty({D}, weight.options());
   const int64_t blocks = num_row_blocks(N);
   at::Tensor partial = at::empty({blocks, 2, D}, x.options().dtype(at::kFloat));
-  dispatch_float_bf16(x.scalar_type(), [&](auto t) {
+  dispatch_layer_norm_types(x.scalar_type(), weight.scalar_type(), [&](auto t, auto w) {
     using T = decltype(t);
-    bias_residual_layer_norm_backward_kernel<T>(
+    using W = decltype(w);
+    bias_residual_layer_norm_backward_kernel<T, W>(
         gc.const_data_ptr<T>(), xc.const_data_ptr<T>(), bc.const_data_ptr<T>(), rc.const_data_ptr<T>(),
-        wc.const_data_ptr<T>(), mc.const_data_ptr<float>(), sc.const_data_ptr<float>(), grad_s.mutable_data_ptr<T>(),
+        wc.const_data_ptr<W>(), mc.const_data_ptr<float>(), sc.const_data_ptr<float>(), grad_s.mutable_data_ptr<T>(),
         partial.mutable_data_ptr<float>(), N, D);
     reduce_row_blocks(
-        partial.const_data_ptr<float>(), blocks, D, grad_weight.mutable_data_ptr<T>(), grad_beta.mutable_data_ptr<T>());
+        partial.const_data_ptr<float>(), blocks, D, grad_weight.mutable_data_ptr<W>(), grad_beta.mutable_data_ptr<W>());
   });
   return {grad_s, grad_weight, grad_beta};
 }

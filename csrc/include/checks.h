@@ -47,11 +47,13 @@ struct NamedTensor {
 
 // The checks every LayerNorm op shares, on the CPU and on CUDA, with the messages of the MTBF_CHECK_ macros.
 // x [..., D], D > 0, on a `device` device: float32 or bfloat16 (CUDA: float16 too); like_x: tensors of x's shape;
-// params: [D] vectors; all of x's dtype. stats: fp32 [N] (the saved mean and rstd, N = rows of x). Every tensor on
-// x's device. Returns D.
+// params: [D] vectors; all of x's dtype. stats: fp32 [N] (the saved mean and rstd, N = rows of x). affine: [D]
+// vectors of one dtype, x's or float32 (a LayerNorm's weight and beta, which mixed precision keeps in fp32; a kernel
+// that passes them here reads them in either dtype). Every tensor on x's device. Returns D.
 inline int64_t check_layer_norm_args(const char* op, c10::DeviceType device, const at::Tensor& x,
                                      std::initializer_list<NamedTensor> like_x, std::initializer_list<NamedTensor> params,
-                                     std::initializer_list<NamedTensor> stats = {}) {
+                                     std::initializer_list<NamedTensor> stats = {},
+                                     std::initializer_list<NamedTensor> affine = {}) {
   const auto on_device = [&](const NamedTensor& a) {
     TORCH_CHECK(a.t.device() == x.device(), op, ": ", a.name, " is on ", a.t.device(), " but x is on ", x.device());
   };
@@ -67,12 +69,25 @@ inline int64_t check_layer_norm_args(const char* op, c10::DeviceType device, con
   for (const auto& a : like_x) on_device(a);
   for (const auto& a : params) on_device(a);
   for (const auto& a : stats) on_device(a);
+  for (const auto& a : affine) on_device(a);
   const bool half_ok = device == c10::DeviceType::CUDA;
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
                   (half_ok && x.scalar_type() == at::kHalf),
               op, ": x must be float32", half_ok ? ", float16" : "", " or bfloat16, got ", x.scalar_type());
   for (const auto& a : like_x) same_dtype(a);
   for (const auto& a : params) same_dtype(a);
+  const NamedTensor* first_affine = nullptr;
+  for (const auto& a : affine) {
+    if (first_affine == nullptr) {
+      TORCH_CHECK(a.t.scalar_type() == x.scalar_type() || a.t.scalar_type() == at::kFloat, op, ": ", a.name,
+                  " has dtype ", a.t.scalar_type(), " but x has ", x.scalar_type(), "; it must be x's dtype or ",
+                  at::kFloat);
+      first_affine = &a;
+    } else {
+      TORCH_CHECK(a.t.scalar_type() == first_affine->t.scalar_type(), op, ": ", a.name, " has dtype ",
+                  a.t.scalar_type(), " but ", first_affine->name, " has ", first_affine->t.scalar_type());
+    }
+  }
   for (const auto& a : stats) {
     TORCH_CHECK(a.t.scalar_type() == at::kFloat, op, ": ", a.name, " must be ", at::kFloat, ", got ",
                 a.t.scalar_type());
@@ -85,6 +100,7 @@ inline int64_t check_layer_norm_args(const char* op, c10::DeviceType device, con
   const int64_t D = x.size(-1);
   TORCH_CHECK(D > 0, op, ": x must have a non-empty last dim, got shape ", x.sizes());
   for (const auto& a : params) vector_of(a, D);
+  for (const auto& a : affine) vector_of(a, D);
   for (const auto& a : stats) vector_of(a, x.numel() / D);
   return D;
 }

@@ -241,6 +241,20 @@ inline void dispatch_float_bf16(at::ScalarType dtype, const F& f) {
   }
 }
 
+// Calls f(T{}, W{}) for a LayerNorm's activation dtype T (float or at::BFloat16) and the dtype W of its weight and
+// beta: T, or float (the fp32 parameters of mixed precision); both checked by the caller.
+template <typename F>
+inline void dispatch_layer_norm_types(at::ScalarType x_dtype, at::ScalarType param_dtype, const F& f) {
+  dispatch_float_bf16(x_dtype, [&](auto t) {
+    using T = decltype(t);
+    if (param_dtype == at::kFloat) {
+      f(T{}, float{});
+    } else {
+      f(T{}, T{});
+    }
+  });
+}
+
 template <GeluKind K>
 using GeluTag = std::integral_constant<GeluKind, K>;
 
@@ -345,14 +359,15 @@ inline void layer_norm_backward_block(
   }
 }
 
-// grad_weight and grad_beta from the per-block partial sums, each column summed over the blocks in order.
-template <typename T>
+// grad_weight and grad_beta from the per-block partial sums, each column summed over the blocks in order in fp32
+// and rounded once to the parameters' dtype W.
+template <typename W>
 inline void reduce_row_blocks(
     const float* partial,  // [blocks, 2, D]: sums of grad_out * xhat, then of grad_out
     int64_t blocks,
     int64_t D,
-    T* grad_weight,        // [D]
-    T* grad_beta) {        // [D]
+    W* grad_weight,        // [D]
+    W* grad_beta) {        // [D]
   const int64_t grain = std::max<int64_t>(kVec, kGrainElems / std::max<int64_t>(blocks, 1));
   at::parallel_for(0, D, grain, [&](int64_t c0, int64_t c1) {
     for_each_vec(c1 - c0, [&](int64_t j, auto n) {

@@ -6,7 +6,7 @@ import torch
 
 from mtbert_fast import _ext
 from mtbert_fast.ops import dispatch, reference
-from mtbert_fast.ops._checks import autocast_like, check_gelu, check_rows, sum_rows
+from mtbert_fast.ops._checks import autocast_layer_norm, check_gelu, check_rows, sum_rows
 
 
 def bias_gelu_layer_norm(
@@ -19,11 +19,16 @@ def bias_gelu_layer_norm(
     *,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """LayerNorm(GELU(x + bias)) * weight + beta, in fp32.  x [..., D]; bias, weight, beta [D] -> [..., D]."""
+    """LayerNorm(GELU(x + bias)) * weight + beta, in fp32.
+
+    x [..., D]; bias [D] in x's dtype; weight, beta [D] in x's dtype or both float32 -> [..., D] in x's dtype. The
+    gradients of weight and beta are summed in fp32 and returned in their dtype. Under torch.autocast, x and bias
+    are cast to autocast's dtype, and fp32 weight and beta stay fp32.
+    """
     op = "bias_gelu_layer_norm"
     check_gelu(op, approximate)
-    x, bias, weight, beta = autocast_like(x, bias, weight, beta)
-    check_rows(op, x, vectors={"bias": bias, "weight": weight, "beta": beta})
+    (x, bias), (weight, beta) = autocast_layer_norm((x, bias), (weight, beta))
+    check_rows(op, x, vectors={"bias": bias}, params={"weight": weight, "beta": beta})
     impl = dispatch.choose(op, x, backend)
     if impl == "reference":
         return reference.bias_gelu_layer_norm(x, bias, weight, beta, eps, approximate)
@@ -34,15 +39,18 @@ def bias_gelu_layer_norm(
 
 if _ext.loaded():
 
+    # The fakes describe exactly what the kernels return: new contiguous tensors, whatever the inputs' strides.
+
     @torch.library.register_fake("mtbert_fast::bias_gelu_layer_norm")
     def _fake(x, bias, weight, beta, eps, approximate):
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         stats = x.new_empty((rows,), dtype=torch.float32)
-        return torch.empty_like(x), stats, stats.clone()
+        return x.new_empty(x.shape), stats, stats.clone()
 
     @torch.library.register_fake("mtbert_fast::bias_gelu_layer_norm_backward")
     def _fake_backward(grad_out, x, bias, weight, mean, rstd, approximate):
-        return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+        d = x.shape[-1]
+        return x.new_empty(x.shape), weight.new_empty((d,)), weight.new_empty((d,))
 
     def _setup_context(ctx, inputs, output):
         x, bias, weight, beta, eps, approximate = inputs

@@ -6,7 +6,7 @@ import torch
 
 from mtbert_fast import _ext
 from mtbert_fast.ops import dispatch, reference
-from mtbert_fast.ops._checks import autocast_like, check_rows, sum_rows
+from mtbert_fast.ops._checks import autocast_layer_norm, check_rows, sum_rows
 
 
 def bias_residual_layer_norm(
@@ -21,11 +21,15 @@ def bias_residual_layer_norm(
 ) -> torch.Tensor:
     """LayerNorm(s) * weight + beta with s = x + bias + residual, statistics in fp32.
 
-    x, residual [..., D]; bias, weight, beta [D] -> [..., D] in x's dtype.
+    x, residual [..., D]; bias [D] in x's dtype; weight, beta [D] in x's dtype or both float32 -> [..., D] in x's
+    dtype. The gradients of weight and beta are summed in fp32 and returned in their dtype. Under torch.autocast,
+    x, bias and residual are cast to autocast's dtype, and fp32 weight and beta stay fp32.
     """
     op = "bias_residual_layer_norm"
-    x, bias, residual, weight, beta = autocast_like(x, bias, residual, weight, beta)
-    check_rows(op, x, same_shape={"residual": residual}, vectors={"bias": bias, "weight": weight, "beta": beta})
+    (x, bias, residual), (weight, beta) = autocast_layer_norm((x, bias, residual), (weight, beta))
+    check_rows(
+        op, x, same_shape={"residual": residual}, vectors={"bias": bias}, params={"weight": weight, "beta": beta}
+    )
     impl = dispatch.choose(op, x, backend)
     if impl == "reference":
         return reference.bias_residual_layer_norm(x, bias, residual, weight, beta, eps)
@@ -36,15 +40,18 @@ def bias_residual_layer_norm(
 
 if _ext.loaded():
 
+    # The fakes describe exactly what the kernels return: new contiguous tensors, whatever the inputs' strides.
+
     @torch.library.register_fake("mtbert_fast::bias_residual_layer_norm")
     def _fake(x, bias, residual, weight, beta, eps):
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         stats = x.new_empty((rows,), dtype=torch.float32)
-        return torch.empty_like(x), stats, stats.clone()
+        return x.new_empty(x.shape), stats, stats.clone()
 
     @torch.library.register_fake("mtbert_fast::bias_residual_layer_norm_backward")
     def _fake_backward(grad_out, x, bias, residual, weight, mean, rstd):
-        return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+        d = x.shape[-1]
+        return x.new_empty(x.shape), weight.new_empty((d,)), weight.new_empty((d,))
 
     def _setup_context(ctx, inputs, output):
         x, bias, residual, weight, beta, eps = inputs

@@ -36,9 +36,10 @@ def bias_residual_layer_norm(
     beta: torch.Tensor,
     eps: float,
 ) -> torch.Tensor:
-    """LayerNorm(x + bias + residual) * weight + beta.  x, residual [N, D]; bias, weight, beta [D]."""
+    """LayerNorm(x + bias + residual) * weight + beta.  x, residual [N, D]; bias, weight, beta [D].
+    weight and beta may be fp32 while x is not; their gradients are then fp32 too."""
     s = _acc(x) + _acc(bias) + _acc(residual)
-    return F.layer_norm(s, (s.shape[-1],), _acc(weight), _acc(beta), eps).to(x.dtype)
+    return F.layer_norm(s, (s.shape[-1],), weight.to(s.dtype), beta.to(s.dtype), eps).to(x.dtype)
 
 
 def bias_gelu_layer_norm(
@@ -49,9 +50,10 @@ def bias_gelu_layer_norm(
     eps: float,
     approximate: str = "none",
 ) -> torch.Tensor:
-    """LayerNorm(GELU(x + bias)) * weight + beta: the masked-LM head transform.  x [N, D] -> [N, D]."""
+    """LayerNorm(GELU(x + bias)) * weight + beta: the masked-LM head transform.  x [N, D] -> [N, D].
+    weight and beta may be fp32 while x is not; their gradients are then fp32 too."""
     g = _gelu(_acc(x) + _acc(bias), approximate)
-    return F.layer_norm(g, (g.shape[-1],), _acc(weight), _acc(beta), eps).to(x.dtype)
+    return F.layer_norm(g, (g.shape[-1],), weight.to(g.dtype), beta.to(g.dtype), eps).to(x.dtype)
 
 
 def attention_varlen(

@@ -2,7 +2,8 @@
 transform, and its backward.
 
 x [N, D] (any leading dims, flattened); bias, weight, beta [D] -> y [N, D] in x's dtype, with mean, rstd fp32 [N]
-(the statistics of h) saved for the backward.  fp32 throughout, one program per row.
+(the statistics of h) saved for the backward.  fp32 throughout, one program per row.  weight and beta are in x's
+dtype or both fp32 (mixed precision); their gradients come back in their dtype.
 Forward:  s = x + bias,  h = GELU(s) (erf or tanh form, see bias_gelu.py),  h_hat = (h - mean(h)) rstd,
           rstd = 1 / sqrt(var(h) + eps),  y = h_hat * weight + beta
 Backward (g = dL/dy, wg = weight * g):
@@ -143,7 +144,7 @@ def _backward_op(
     grad_y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
     rstd: torch.Tensor, approximate: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> grad_x [N, D], grad_weight, grad_beta, grad_bias [D] in weight's dtype."""
+    """-> grad_x [N, D], grad_weight, grad_beta [D] in weight's dtype (summed in fp32), grad_bias [D] in bias's."""
     d = x.shape[-1]
     block = row_block("bias_gelu_layer_norm", d)
     x, grad_y = x.contiguous(), grad_y.contiguous()
@@ -158,13 +159,15 @@ def _backward_op(
                 partials[0], partials[1], partials[2], rows, d, triton.cdiv(rows, programs),
                 TANH=approximate == "tanh", BLOCK_D=block, num_warps=row_warps(block),
             )
-    grad_weight, grad_beta, grad_bias = (p.sum(0).to(weight.dtype) for p in partials)
+    grad_weight, grad_beta = (p.sum(0).to(weight.dtype) for p in partials[:2])
+    grad_bias = partials[2].sum(0).to(bias.dtype)
     return grad_x, grad_weight, grad_beta, grad_bias
 
 
 @_backward_op.register_fake
 def _(grad_y, x, bias, weight, mean, rstd, approximate):
-    return x.new_empty(x.shape), torch.empty_like(weight), torch.empty_like(weight), torch.empty_like(weight)
+    d = x.shape[-1]
+    return x.new_empty(x.shape), weight.new_empty((d,)), weight.new_empty((d,)), bias.new_empty((d,))
 
 
 def _setup_context(ctx, inputs, output):

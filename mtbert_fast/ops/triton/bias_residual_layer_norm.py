@@ -1,7 +1,8 @@
 """bias_residual_layer_norm in Triton: y = LayerNorm(s) * weight + beta with s = x + bias + residual, and its backward.
 
 x, residual [N, D] (any leading dims, flattened); bias, weight, beta [D] -> y [N, D] in x's dtype, with
-mean, rstd fp32 [N] saved for the backward.  Statistics in fp32, one program per row (the row lives in registers).
+mean, rstd fp32 [N] saved for the backward.  weight and beta are in x's dtype or both fp32 (mixed precision); their
+gradients come back in their dtype.  Statistics in fp32, one program per row (the row lives in registers).
 Forward:  mean = sum(s) / D,  var = sum((s - mean)^2) / D,  rstd = 1 / sqrt(var + eps),  s_hat = (s - mean) rstd,
           y = s_hat * weight + beta
 Backward (g = dL/dy, wg = weight * g; Ba, Kiros & Hinton 2016; as in Liger-Kernel ops/layer_norm.py):
@@ -144,7 +145,8 @@ def _backward_op(
     grad_y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     mean: torch.Tensor, rstd: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> grad_s [N, D] (of x and residual), grad_weight, grad_beta, grad_bias [D] in weight's dtype."""
+    """-> grad_s [N, D] (of x and residual), grad_weight, grad_beta [D] in weight's dtype (summed in fp32),
+    grad_bias [D] in bias's."""
     d = x.shape[-1]
     block = row_block("bias_residual_layer_norm", d)
     x, residual, grad_y = x.contiguous(), residual.contiguous(), grad_y.contiguous()
@@ -159,13 +161,15 @@ def _backward_op(
                 partials[0], partials[1], partials[2], rows, d, triton.cdiv(rows, programs),
                 BLOCK_D=block, num_warps=row_warps(block),
             )
-    grad_weight, grad_beta, grad_bias = (p.sum(0).to(weight.dtype) for p in partials)
+    grad_weight, grad_beta = (p.sum(0).to(weight.dtype) for p in partials[:2])
+    grad_bias = partials[2].sum(0).to(bias.dtype)
     return grad_s, grad_weight, grad_beta, grad_bias
 
 
 @_backward_op.register_fake
 def _(grad_y, x, bias, residual, weight, mean, rstd):
-    return x.new_empty(x.shape), torch.empty_like(weight), torch.empty_like(weight), torch.empty_like(weight)
+    d = x.shape[-1]
+    return x.new_empty(x.shape), weight.new_empty((d,)), weight.new_empty((d,)), bias.new_empty((d,))
 
 
 def _setup_context(ctx, inputs, output):
