@@ -3,8 +3,10 @@
 #
 # Compiles mtbert_fast._C with csrc/cuda/*.cu against a CUDA build of torch (nvcc must be installed), imports
 # mtbert_fast from that build, and checks that every op of csrc/ops.cpp that has a CUDA kernel by design is
-# registered for the CUDA dispatch key. Exits non-zero when a .cu does not compile or link, when the import
-# fails, or when an op is missing. Nothing CUDA runs: the GPU tests are tests/cuda/.
+# registered for the CUDA dispatch key, and that the build's tensor-less ops answer: cuda_archs() names the archs
+# of TORCH_CUDA_ARCH_LIST (as setup.py's cuda_arch_names spells them) and cuda_attention_shared_bytes() gives a
+# size for every head dim and dtype. Exits non-zero when a .cu does not compile or link, when the import fails, or
+# when an op is missing or answers wrong. Nothing CUDA runs: the GPU tests are tests/cuda/.
 #
 # Nothing is written inside the clone: the venv and the build live in a cache directory, so the clone's own
 # in-place CPU build (used by `make test`) is left alone. The sources are mirrored into the cache by content,
@@ -151,12 +153,12 @@ NINJA_LOG=$(echo "$SRC"/build/temp.*/.ninja_log)
   sort -k3 -rn || true
 
 # --- 5. import and kernel registration ------------------------------------------------------------------------
-(cd "$BUILD" && PYTHONPATH="$SRC" "$PY" - "$SRC" <<'PYEOF'
-import glob, os, re, sys
+(cd "$BUILD" && PYTHONPATH="$SRC" "$PY" - "$SRC" "$TORCH_CUDA_ARCH_LIST" <<'PYEOF'
+import ast, glob, os, re, sys
 
 import torch
 
-src = sys.argv[1]
+src, arch_list = sys.argv[1:]
 import mtbert_fast  # must work without a GPU
 from mtbert_fast import _ext
 
@@ -182,6 +184,31 @@ for op in ops:
         missing.append(op)
 if missing:
     sys.exit(f"cuda_build_check: no CUDA kernel registered for {', '.join(missing)}")
+
+# the tensor-less ops of the CUDA sources (mtbert_fast/_ext.py calls them); they answer without a GPU
+for op in ("cuda_archs", "cuda_attention_shared_bytes"):
+    if not torch._C._dispatch_has_kernel(f"mtbert_fast::{op}"):
+        sys.exit(f"cuda_build_check: mtbert_fast._C defines no op {op}")
+# setup.py's cuda_arch_names, taken from its source (importing setup.py would run setup())
+with open(os.path.join(src, "setup.py")) as f:
+    tree = ast.parse(f.read())
+names = {}
+exec(compile(ast.Module([n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "cuda_arch_names"],
+                        type_ignores=[]), "setup.py", "exec"), names)
+want = " ".join(names["cuda_arch_names"](arch_list))
+got = torch.ops.mtbert_fast.cuda_archs()
+print(f"    cuda_archs() = {got!r} (TORCH_CUDA_ARCH_LIST {arch_list!r})")
+if got != want:
+    sys.exit(f"cuda_build_check: cuda_archs() = {got!r}, but the build was for {want!r}")
+sizes = {}
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for head_dim in (1, 32, 64, 80, 96, 128, 160, 256):
+        n = torch.ops.mtbert_fast.cuda_attention_shared_bytes(head_dim, dtype)
+        if not isinstance(n, int) or n <= 0:
+            sys.exit(f"cuda_build_check: cuda_attention_shared_bytes({head_dim}, {dtype}) = {n!r}")
+        sizes[(str(dtype).replace("torch.", ""), head_dim)] = n
+print("    cuda_attention_shared_bytes: " + ", ".join(f"{d} hd{h} {n}" for (d, h), n in sizes.items()
+                                                      if h in (64, 128, 256)))
 print(f"    torch {torch.__version__} (CUDA {torch.version.cuda}), GPU visible: {torch.cuda.is_available()}")
 PYEOF
 )

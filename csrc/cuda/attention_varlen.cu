@@ -1,4 +1,4 @@
-// Bidirectional attention over packed variable-length sequences, CUDA.
+// Bidirectional attention over packed variable-length sequences, CUDA, with fused attention dropout.
 //
 // Q, K and V are read straight out of the packed qkv [T, 3, heads, head_dim] of the fused QKV GEMM; no padded
 // [B, heads, L, L] tensor is ever built. A block owns one (sequence, head) and a tile of query rows, and streams
@@ -6,15 +6,21 @@
 //   m' = max(m, rowmax(S)),  l' = l e^(m - m') + rowsum(e^(S - m')),  O' = O e^(m - m') + e^(S - m') V
 // and lse = m + log l (natural log, of the scaled scores) for the backward.
 //
-// Forward, fp16/bf16 with head_dim <= 128 (sm80+): tensor cores through WMMA (16x16x16 tiles, fp32 accumulators).
-//   4 warps x 16 query rows, 64 keys per step; head_dim is zero-padded in shared memory to 32, 64, 96 or 128
-//   (80 -> 96), which adds nothing to Q K^T and only unused columns to P V. The scores go through shared memory for
-//   the softmax; P is rounded to the input dtype for P V (as FlashAttention does) while l sums the fp32 P.
-// Forward otherwise (fp32, head_dim > 128 up to 256, or a GPU before sm80): CUDA cores, fp32 throughout, one key per
-//   lane and 8 query rows per warp.
+// Dropout (dropout_p > 0) multiplies each probability by M_ij = keep_ij / (1 - p), keep_ij drawn from rng_state
+// by the Philox mask of csrc/include/philox.h (one definition for every backend; i and j are packed row indices).
+// The forward is O = sum_j (P_ij M_ij) V_j with l and lse from the undropped P; the backward regenerates the mask:
+// dV = (P o M)^T dO, dP = (dO V^T) o M, dS = P o (dP - delta) with delta = rowsum(dO o O), dQ = scale dS K,
+// dK = scale dS^T Q. Every kernel takes the dropout as a template flag, so dropout off costs nothing.
+//
+// Forward, fp16/bf16 with head_dim <= 128, where the build holds the tensor-core kernel as sm80+ code: tensor cores
+//   through WMMA (16x16x16 tiles, fp32 accumulators). 4 warps x 16 query rows, 64 keys per step; head_dim is
+//   zero-padded in shared memory to 32, 64, 96 or 128 (80 -> 96), which adds nothing to Q K^T and only unused columns
+//   to P V. The scores go through shared memory for the softmax; P (times the 0/1 keep mask) is rounded to the input
+//   dtype for P V (as FlashAttention does) while l sums the fp32, undropped P; 1 / (1 - p) is applied with 1 / l.
+// Forward otherwise (fp32, head_dim > 128 up to 256, or code compiled for an arch before sm80): CUDA cores, fp32
+//   throughout, one key per lane and 8 query rows per warp.
 // Backward (every dtype, head_dim <= 256): CUDA cores, fp32, deterministic (no atomics). delta = rowsum(dO * O);
-//   P = exp(scale Q K^T - lse), dP = dO V^T, dS = P (dP - delta); one kernel walks keys for dQ = scale dS K, one
-//   walks queries for dK = scale dS^T Q and dV = P^T dO.
+//   P = exp(scale Q K^T - lse); one kernel walks keys for dQ, one walks queries for dK and dV.
 //
 // cu_seqlens stays on the GPU (no host sync). Its consistency (starts at 0, non-decreasing, ends at T) is checked by
 // device asserts; a sequence longer than max_seqlen is still computed in full (the blocks loop over query tiles).
@@ -26,9 +32,19 @@
 
 #include <algorithm>
 #include <climits>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
 
+#include "attention_dropout.h"
 #include "checks.h"
 #include "cuda_utils.cuh"
+#include "philox.h"
+
+// The CUDA architectures this build holds code for, as one token (setup.py: "sm_80__sm_90__compute_90").
+#define MTBF_STRINGIZE2(x) #x
+#define MTBF_STRINGIZE(x) MTBF_STRINGIZE2(x)
 
 namespace mtbert_fast {
 namespace {
@@ -42,6 +58,25 @@ constexpr int kMaxHeadDim = 256;
 constexpr int kMaxTensorCoreHeadDim = 128;
 constexpr int kMaxGridZ = 65535;
 
+// "sm_80 sm_90 compute_90": the architectures of TORCH_CUDA_ARCH_LIST that setup.py compiled for.
+std::string built_cuda_archs() {
+#ifdef MTBERT_FAST_CUDA_ARCHS
+  std::string s = MTBF_STRINGIZE(MTBERT_FAST_CUDA_ARCHS);
+#else
+  std::string s;
+#endif
+  std::string out;
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (s[i] == '_' && i + 1 < s.size() && s[i + 1] == '_') {
+      out += ' ';
+      ++i;
+    } else {
+      out += s[i];
+    }
+  }
+  return out;
+}
+
 // The packed batch as the kernels see it. Strides are in elements; out and grad_qkv are contiguous.
 struct Problem {
   const int* cu_seqlens;  // [batch + 1]
@@ -51,6 +86,7 @@ struct Problem {
   int head_dim;
   int64_t tok_stride, part_stride, head_stride;  // of qkv
   float scale;
+  DropoutParams drop;  // used by the kernels instantiated with DROP = true only
 };
 
 // Bounds of sequence b, with the consistency of cu_seqlens asserted on the device.
@@ -62,6 +98,16 @@ __device__ __forceinline__ void sequence_bounds(const Problem& p, int b, int64_t
   CUDA_KERNEL_ASSERT((b + 1 < p.batch || e == p.tokens) && "attention_varlen: cu_seqlens[-1] must be T");
   start = s;
   len = e - s;
+}
+
+// Whether probability (h, i, j) survives dropout: query row i, key row j (packed row indices), head h; word j & 3 of
+// the Philox draw for counter (j >> 2, i, h, offset), kept iff >= threshold (philox.h).
+__device__ __forceinline__ bool dropout_kept(const DropoutParams& d, int64_t i, int64_t j, int h) {
+  const uint32_t ju = static_cast<uint32_t>(j);
+  const Philox4 r = dropout_words(d, ju >> 2, static_cast<uint32_t>(i), static_cast<uint32_t>(h));
+  const uint32_t k = ju & 3u;
+  const uint32_t word = k == 0u ? r.w[0] : k == 1u ? r.w[1] : k == 2u ? r.w[2] : r.w[3];
+  return word >= d.threshold;
 }
 
 // =====================================================================================================================
@@ -105,6 +151,19 @@ struct TcLayout {
   static_assert(kTcWarps * 16 * kLdo * 4 <= 2 * kKvBytes, "the output staging must fit where K and V were");
 };
 
+// The head dim the tensor-core kernel pads head_dim (<= 128) to.
+constexpr int tc_padded_head_dim(int d) { return d <= 32 ? 32 : d <= 64 ? 64 : d <= 96 ? 96 : 128; }
+
+// Dynamic shared memory of a tensor-core forward launch: the one number the launch asks for and the dispatch reads.
+inline size_t tc_forward_bytes(int d) {
+  switch (tc_padded_head_dim(d)) {
+    case 32: return TcLayout<32>::kBytes;
+    case 64: return TcLayout<64>::kBytes;
+    case 96: return TcLayout<96>::kBytes;
+    default: return TcLayout<128>::kBytes;
+  }
+}
+
 // dst [rows, LD] = src rows [0, valid) x columns [0, d), zero elsewhere up to HD columns; 16-bit elements moved as raw
 // bits. vec: 8 elements (16 bytes) at a time, for d % 8 == 0 and 16-byte aligned source rows.
 template <int HD, int LD>
@@ -129,7 +188,7 @@ __device__ __forceinline__ void load_tile(uint16_t* __restrict__ dst, const uint
   }
 }
 
-template <typename T, int HD>
+template <typename T, int HD, bool DROP>
 __global__ void __launch_bounds__(kTcWarps * 32) attention_forward_tc_kernel(
     Problem p,
     const T* __restrict__ qkv,  // [T, 3, heads, head_dim], strided
@@ -223,6 +282,25 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_forward_tc_kernel(
         const float* srow = sw + r * L::kLds + half * 32;
         E* prow = pw + r * L::kLdp + half * 32;
         const int valid = kv_valid - half * 32;  // columns of this half that hold keys
+        // Bit c: column c of this half survives dropout. Its 32 keys j0 .. j0 + 31 take the words of the 8 or 9
+        // Philox groups j >> 2 they span (j0 % 4 is the same for every lane, so every lane draws as many).
+        uint32_t kept = 0xffffffffu;
+        if constexpr (DROP) {
+          kept = 0u;
+          const uint32_t i = static_cast<uint32_t>(start + wq0 + r);
+          const uint32_t j0 = static_cast<uint32_t>(start + k0 + half * 32);
+          const int lead = static_cast<int>(j0 & 3u);  // keys of j0's group before j0
+          const int groups = (lead + 35) / 4;
+#pragma unroll 1
+          for (int g = 0; g < groups; ++g) {
+            const Philox4 w = dropout_words(p.drop, (j0 >> 2) + static_cast<uint32_t>(g), i, static_cast<uint32_t>(h));
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+              const int c = 4 * g + k - lead;
+              if (c >= 0 && c < 32 && w.w[k] >= p.drop.threshold) kept |= 1u << c;
+            }
+          }
+        }
         float mx = -INFINITY;
 #pragma unroll 8
         for (int i = 0; i < 32; ++i) {
@@ -237,8 +315,12 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_forward_tc_kernel(
         for (int i = 0; i < 32; ++i) {
           const int c = (i + lane) & 31;
           const float pv = c < valid ? exp2f(fmaf(srow[c], scale_log2, -m_new)) : 0.f;
-          prow[c] = to_mma(pv, E{});
-          sum += pv;
+          if constexpr (DROP) {
+            prow[c] = to_mma((kept >> c) & 1u ? pv : 0.f, E{});
+          } else {
+            prow[c] = to_mma(pv, E{});
+          }
+          sum += pv;  // l sums the undropped probabilities
         }
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         __syncwarp();
@@ -270,12 +352,18 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_forward_tc_kernel(
       }
     }
 
-    // O / l through shared memory (over K and V) to the output rows
+    // O / l (times 1 / (1 - p) with dropout) through shared memory (over K and V) to the output rows
     __syncthreads();
 #pragma unroll
     for (int n = 0; n < HD / 16; ++n) {
 #pragma unroll
-      for (int i = 0; i < acc[n].num_elements; ++i) acc[n].x[i] /= row_sum[static_cast<int>(row_of.x[i])];
+      for (int i = 0; i < acc[n].num_elements; ++i) {
+        if constexpr (DROP) {
+          acc[n].x[i] *= p.drop.scale / row_sum[static_cast<int>(row_of.x[i])];
+        } else {
+          acc[n].x[i] /= row_sum[static_cast<int>(row_of.x[i])];
+        }
+      }
       wmma::store_matrix_sync(ow + n * 16, acc[n], L::kLdo, wmma::mem_row_major);
     }
     __syncwarp();
@@ -306,15 +394,54 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_forward_tc_kernel(
 #endif
 }
 
-template <typename T, int HD>
-void launch_forward_tc(const Problem& p, dim3 grid, const T* qkv, T* out, float* lse, bool vec, cudaStream_t stream) {
-  constexpr int kBytes = TcLayout<HD>::kBytes;
-  auto kernel = attention_forward_tc_kernel<T, HD>;
-  if (kBytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
+template <typename Kernel>
+void allow_shared_bytes(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   }
-  kernel<<<grid, kTcWarps * 32, kBytes, stream>>>(p, qkv, out, lse, vec);
+}
+
+template <typename T, int HD, bool DROP>
+void launch_forward_tc(const Problem& p, dim3 grid, const T* qkv, T* out, float* lse, bool vec, cudaStream_t stream) {
+  const size_t bytes = tc_forward_bytes(HD);
+  auto kernel = attention_forward_tc_kernel<T, HD, DROP>;
+  allow_shared_bytes(kernel, bytes);
+  kernel<<<grid, kTcWarps * 32, bytes, stream>>>(p, qkv, out, lse, vec);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Whether the tensor-core forward of this build runs as sm80+ code on the current device, asked once per device of
+// the runtime (cudaFuncGetAttributes of one instantiation: all were compiled for the same archs). A build whose
+// archs lack sm_80 (say 7.5+PTX, JIT-compiled on an H100) holds it only as the device assert of its #else branch.
+// Where the build holds no code at all for the device, this raises, naming the archs and the GPU.
+bool tensor_core_forward_compiled(c10::DeviceIndex device) {
+  static std::mutex mutex;
+  static std::vector<int8_t> known;  // per device: -1 not asked yet, 0 no, 1 yes
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    if (device < static_cast<int>(known.size()) && known[device] >= 0) return known[device] == 1;
+  }
+  cudaFuncAttributes attr{};
+  const cudaError_t err = cudaFuncGetAttributes(&attr, attention_forward_tc_kernel<at::Half, 32, false>);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // clear the error, so that it does not surface at the next launch check
+    if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction) {
+      const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
+      const std::string archs = built_cuda_archs();
+      TORCH_CHECK(false, "attention_varlen: mtbert_fast._C holds CUDA code for ", archs.empty() ? "no known arch" : archs,
+                  ", none of which runs on GPU ", static_cast<int>(device), " (", prop->name, ", sm_", prop->major,
+                  prop->minor, "); rebuild with TORCH_CUDA_ARCH_LIST=\"", prop->major, ".", prop->minor, "\" (",
+                  cudaGetErrorString(err), ")");
+    }
+    C10_CUDA_CHECK(err);
+  }
+  // ptxVersion: the virtual arch the code was compiled from (its __CUDA_ARCH__); binaryVersion: the machine code's
+  const int virtual_arch = attr.ptxVersion > 0 ? attr.ptxVersion : attr.binaryVersion;
+  const bool ok = virtual_arch >= 80 && attr.binaryVersion >= 80;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (device >= static_cast<int>(known.size())) known.resize(device + 1, -1);
+  known[device] = ok ? 1 : 0;
+  return ok;
 }
 
 // =====================================================================================================================
@@ -327,6 +454,37 @@ constexpr int kForwardRows = kSimpleWarps * kForwardRowsPerWarp;  // query rows 
 constexpr int kBackwardRowsPerWarp = 4;
 constexpr int kBackwardRows = kSimpleWarps * kBackwardRowsPerWarp;  // rows (queries or keys) per block
 constexpr int kLaneRows = 32;  // keys (forward, dQ) or queries (dK, dV) per step: one per lane
+
+// The fewest columns per lane (1, 2, 4 or 8) that cover head_dim.
+constexpr int columns_per_lane(int d) { return d <= 32 ? 1 : d <= 64 ? 2 : d <= 128 ? 4 : 8; }
+
+// Calls f(std::integral_constant<int, NC>{}) with NC = columns_per_lane(head_dim).
+template <typename F>
+void dispatch_columns(int head_dim, const F& f) {
+  switch (columns_per_lane(head_dim)) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
+// Dynamic shared memory of the CUDA-core launches (the launches and the dispatch both read these).
+inline size_t simple_forward_bytes(int d) {
+  return sizeof(float) * (kForwardRows * d + kLaneRows * (d + 1) + kLaneRows * 32 * columns_per_lane(d));
+}
+inline size_t dq_bytes(int d) { return sizeof(float) * (2 * kBackwardRows * d + 2 * kLaneRows * (d + 1)); }
+inline size_t dkv_bytes(int d) {
+  return sizeof(float) * (2 * kBackwardRows * d + 2 * kLaneRows * (d + 1) + 2 * kLaneRows);
+}
+
+// The most dynamic shared memory per block that an attention launch (forward: tensor-core where dtype and head_dim
+// allow it, else CUDA-core; backward: dQ and dK/dV) asks for at this head_dim and dtype.
+size_t attention_shared_bytes(int d, at::ScalarType dtype) {
+  size_t bytes = std::max({simple_forward_bytes(d), dq_bytes(d), dkv_bytes(d)});
+  if (dtype != at::kFloat && d <= kMaxTensorCoreHeadDim) bytes = std::max(bytes, tc_forward_bytes(d));
+  return bytes;
+}
 
 // dst [rows, ld] (fp32) = src rows [0, valid) x columns [0, d), zero elsewhere up to `cols` columns.
 template <typename T>
@@ -346,11 +504,7 @@ __device__ __forceinline__ float dot(const float* __restrict__ a, const float* _
   return acc;
 }
 
-inline size_t simple_forward_bytes(int d, int nc) {
-  return sizeof(float) * (kForwardRows * d + kLaneRows * (d + 1) + kLaneRows * 32 * nc);
-}
-
-template <typename T, int NC>
+template <typename T, int NC, bool DROP>
 __global__ void __launch_bounds__(kSimpleThreads) attention_forward_simple_kernel(
     Problem p,
     const T* __restrict__ qkv,  // [T, 3, heads, head_dim], strided
@@ -402,12 +556,16 @@ __global__ void __launch_bounds__(kSimpleThreads) attention_forward_simple_kerne
         const float m_new = fmaxf(m[rr], warp_max(s));
         const float alpha = exp2f(m[rr] - m_new);
         const float pv = lane < kv_valid ? exp2f(s - m_new) : 0.f;
-        l[rr] = fmaf(l[rr], alpha, warp_sum(pv));
+        l[rr] = fmaf(l[rr], alpha, warp_sum(pv));  // the undropped sum
         m[rr] = m_new;
+        float pd = pv;  // the probability that meets V: dropped to 0 where the mask says so
+        if constexpr (DROP) {
+          if (lane < kv_valid && !dropout_kept(p.drop, start + q0 + warp * R + rr, start + k0 + lane, h)) pd = 0.f;
+        }
 #pragma unroll
         for (int c = 0; c < NC; ++c) o[rr][c] *= alpha;
         for (int j = 0; j < kv_valid; ++j) {
-          const float pj = __shfl_sync(0xffffffffu, pv, j);
+          const float pj = __shfl_sync(0xffffffffu, pd, j);
           const float* vrow = vs + j * DP + lane;
 #pragma unroll
           for (int c = 0; c < NC; ++c) o[rr][c] = fmaf(pj, vrow[32 * c], o[rr][c]);
@@ -418,7 +576,7 @@ __global__ void __launch_bounds__(kSimpleThreads) attention_forward_simple_kerne
     for (int rr = 0; rr < R; ++rr) {
       const int row = q0 + warp * R + rr;
       if (row < len) {
-        const float inv = 1.f / l[rr];
+        const float inv = (DROP ? p.drop.scale : 1.f) / l[rr];
         T* dst = out + (start + row) * out_stride + static_cast<int64_t>(h) * d;
 #pragma unroll
         for (int c = 0; c < NC; ++c) {
@@ -430,7 +588,8 @@ __global__ void __launch_bounds__(kSimpleThreads) attention_forward_simple_kerne
   }
 }
 
-// delta [heads, T] = rowsum(grad_out * out), one warp per (token, head).
+// delta [heads, T] = rowsum(grad_out * out), one warp per (token, head). out is the dropped output, so this is also
+// rowsum(P o dP) with the masked dP of the backward.
 template <typename T>
 __global__ void attention_delta_kernel(
     const T* __restrict__ grad_out,  // [T, heads, head_dim]
@@ -455,10 +614,8 @@ __global__ void attention_delta_kernel(
   }
 }
 
-inline size_t dq_bytes(int d) { return sizeof(float) * (2 * kBackwardRows * d + 2 * kLaneRows * (d + 1)); }
-
 // dQ = scale * dS K over the keys of the sequence, for a tile of query rows.
-template <typename T, int NC>
+template <typename T, int NC, bool DROP>
 __global__ void __launch_bounds__(kSimpleThreads) attention_dq_kernel(
     Problem p,
     const T* __restrict__ qkv,        // [T, 3, heads, head_dim], strided
@@ -516,7 +673,11 @@ __global__ void __launch_bounds__(kSimpleThreads) attention_dq_kernel(
         float ds = 0.f;
         if (lane < kv_valid) {
           const float pv = exp2f(fmaf(dot(qrow, ks + lane * (d + 1), d), scale_log2, -lse2[rr]));
-          ds = pv * (dot(dorow, vs + lane * (d + 1), d) - dl[rr]);
+          float dp = dot(dorow, vs + lane * (d + 1), d);
+          if constexpr (DROP) {
+            dp = dropout_kept(p.drop, start + q0 + warp * R + rr, start + k0 + lane, h) ? dp * p.drop.scale : 0.f;
+          }
+          ds = pv * (dp - dl[rr]);
         }
         for (int j = 0; j < kv_valid; ++j) {
           const float dsj = __shfl_sync(0xffffffffu, ds, j);
@@ -542,12 +703,8 @@ __global__ void __launch_bounds__(kSimpleThreads) attention_dq_kernel(
   }
 }
 
-inline size_t dkv_bytes(int d) {
-  return sizeof(float) * (2 * kBackwardRows * d + 2 * kLaneRows * (d + 1) + 2 * kLaneRows);
-}
-
-// dK = scale * dS^T Q and dV = P^T dO over the queries of the sequence, for a tile of key rows.
-template <typename T, int NC>
+// dK = scale * dS^T Q and dV = (P o M)^T dO over the queries of the sequence, for a tile of key rows.
+template <typename T, int NC, bool DROP>
 __global__ void __launch_bounds__(kSimpleThreads) attention_dkv_kernel(
     Problem p,
     const T* __restrict__ qkv,        // [T, 3, heads, head_dim], strided
@@ -607,10 +764,19 @@ __global__ void __launch_bounds__(kSimpleThreads) attention_dkv_kernel(
       for (int rr = 0; rr < R; ++rr) {
         const float* krow = ks + (warp * R + rr) * d;
         const float* vrow = vs + (warp * R + rr) * d;
-        float pv = 0.f, ds = 0.f;
+        float pv = 0.f, ds = 0.f;  // pv: the probability that met V in the forward (P o M)
         if (lane < q_valid) {
-          pv = exp2f(fmaf(dot(krow, qs + lane * (d + 1), d), scale_log2, -lse_s[lane]));
-          ds = pv * (dot(vrow, dos + lane * (d + 1), d) - delta_s[lane]);
+          const float pu = exp2f(fmaf(dot(krow, qs + lane * (d + 1), d), scale_log2, -lse_s[lane]));
+          const float dp = dot(vrow, dos + lane * (d + 1), d);
+          if constexpr (DROP) {
+            const float mult =
+                dropout_kept(p.drop, start + i0 + lane, start + j0 + warp * R + rr, h) ? p.drop.scale : 0.f;
+            pv = pu * mult;
+            ds = pu * (dp * mult - delta_s[lane]);
+          } else {
+            pv = pu;
+            ds = pu * (dp - delta_s[lane]);
+          }
         }
         for (int i = 0; i < q_valid; ++i) {
           const float pi = __shfl_sync(0xffffffffu, pv, i);
@@ -644,29 +810,18 @@ __global__ void __launch_bounds__(kSimpleThreads) attention_dkv_kernel(
   }
 }
 
-// Calls f(std::integral_constant<int, NC>{}) with the fewest columns per lane (1, 2, 4 or 8) that cover head_dim.
-template <typename F>
-void dispatch_columns(int head_dim, const F& f) {
-  if (head_dim <= 32) {
-    f(std::integral_constant<int, 1>{});
-  } else if (head_dim <= 64) {
-    f(std::integral_constant<int, 2>{});
-  } else if (head_dim <= 128) {
-    f(std::integral_constant<int, 4>{});
-  } else {
-    f(std::integral_constant<int, 8>{});
-  }
-}
-
-template <typename Kernel>
-void allow_shared_bytes(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-  }
-}
-
 // =====================================================================================================================
 // Entry points.
+
+// Calls f(std::bool_constant<DROP>{}): the kernels are instantiated with and without dropout.
+template <typename F>
+void dispatch_dropout(const DropoutParams& drop, const F& f) {
+  if (drop.enabled) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
 
 void check_qkv(const char* op, const at::Tensor& qkv) {
   TORCH_CHECK(qkv.is_cuda(), op, ": qkv must be a CUDA tensor, got one on ", qkv.device());
@@ -682,6 +837,7 @@ void check_qkv(const char* op, const at::Tensor& qkv) {
   TORCH_CHECK(qkv.size(2) <= kMaxGridZ, op, ": at most ", kMaxGridZ, " heads, got qkv of shape ", qkv.sizes());
 }
 
+// Sizes only: the values of cu_seqlens stay on the GPU (device asserts check them).
 void check_cu_seqlens(const char* op, const at::Tensor& cu_seqlens, const at::Tensor& qkv, int64_t max_seqlen) {
   TORCH_CHECK(cu_seqlens.device() == qkv.device(), op, ": cu_seqlens is on ", cu_seqlens.device(), " but qkv is on ",
               qkv.device());
@@ -689,11 +845,14 @@ void check_cu_seqlens(const char* op, const at::Tensor& cu_seqlens, const at::Te
   TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt, op, ": cu_seqlens must be Int (int32), got ",
               cu_seqlens.scalar_type());
   TORCH_CHECK(cu_seqlens.numel() >= 1, op, ": cu_seqlens must hold at least one offset (B + 1 entries)");
+  TORCH_CHECK(cu_seqlens.numel() >= 2 || qkv.size(0) == 0, op,
+              ": cu_seqlens has a single entry (B = 0 sequences), but qkv has ", qkv.size(0),
+              " rows; cu_seqlens must hold B + 1 offsets from 0 to T");
   TORCH_CHECK(cu_seqlens.numel() - 1 <= INT_MAX, op, ": too many sequences (", cu_seqlens.numel() - 1, ")");
   TORCH_CHECK(max_seqlen >= 0, op, ": max_seqlen must be >= 0, got ", max_seqlen);
 }
 
-Problem make_problem(const at::Tensor& qkv, const at::Tensor& cu_seqlens, double scale) {
+Problem make_problem(const at::Tensor& qkv, const at::Tensor& cu_seqlens, double scale, const DropoutParams& drop) {
   return Problem{cu_seqlens.const_data_ptr<int>(),
                  qkv.size(0),
                  static_cast<int>(cu_seqlens.numel() - 1),
@@ -702,7 +861,8 @@ Problem make_problem(const at::Tensor& qkv, const at::Tensor& cu_seqlens, double
                  qkv.stride(0),
                  qkv.stride(1),
                  qkv.stride(2),
-                 static_cast<float>(scale)};
+                 static_cast<float>(scale),
+                 drop};
 }
 
 dim3 grid_of(const Problem& p, int64_t max_seqlen, int rows_per_block) {
@@ -712,49 +872,51 @@ dim3 grid_of(const Problem& p, int64_t max_seqlen, int rows_per_block) {
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_varlen_cuda(const at::Tensor& qkv_in, const at::Tensor& cu_seqlens_in,
-                                                         int64_t max_seqlen, double scale) {
+                                                         int64_t max_seqlen, double scale, double dropout_p,
+                                                         const std::optional<at::Tensor>& rng_state) {
   constexpr const char* op = "attention_varlen";
   check_qkv(op, qkv_in);
   check_cu_seqlens(op, cu_seqlens_in, qkv_in, max_seqlen);
+  const DropoutParams drop = make_dropout_params(op, dropout_p, rng_state);
   const at::cuda::OptionalCUDAGuard device_guard(device_of(qkv_in));
   const at::Tensor qkv = qkv_in.stride(3) == 1 ? qkv_in : qkv_in.contiguous();
   const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
-  const Problem p = make_problem(qkv, cu_seqlens, scale);
+  const Problem p = make_problem(qkv, cu_seqlens, scale, drop);
   at::Tensor out = at::empty({p.tokens, p.heads, p.head_dim}, qkv.options());
   at::Tensor lse = at::empty({p.heads, p.tokens}, qkv.options().dtype(at::kFloat));
-  if (p.batch == 0 || p.heads == 0) return {out, lse};
+  if (p.tokens == 0 || p.heads == 0) return {out, lse};  // T = 0: empty, whatever B is
+  const bool tc_compiled = tensor_core_forward_compiled(qkv.device().index());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const bool tensor_cores = qkv.scalar_type() != at::kFloat && p.head_dim <= kMaxTensorCoreHeadDim &&
-                            at::cuda::getCurrentDeviceProperties()->major >= 8;
+  const bool tensor_cores = qkv.scalar_type() != at::kFloat && p.head_dim <= kMaxTensorCoreHeadDim && tc_compiled;
   dispatch_floating(qkv.scalar_type(), [&](auto t) {
     using T = decltype(t);
     const T* qkv_p = qkv.const_data_ptr<T>();
     T* out_p = out.mutable_data_ptr<T>();
     float* lse_p = lse.mutable_data_ptr<float>();
-    if constexpr (!std::is_same_v<T, float>) {
-      if (tensor_cores) {
-        const bool vec = p.head_dim % 8 == 0 && p.tok_stride % 8 == 0 && p.part_stride % 8 == 0 &&
-                         p.head_stride % 8 == 0 && aligned_to(16, qkv_p, out_p);
-        const dim3 grid = grid_of(p, max_seqlen, kTcRows);
-        if (p.head_dim <= 32) {
-          launch_forward_tc<T, 32>(p, grid, qkv_p, out_p, lse_p, vec, stream);
-        } else if (p.head_dim <= 64) {
-          launch_forward_tc<T, 64>(p, grid, qkv_p, out_p, lse_p, vec, stream);
-        } else if (p.head_dim <= 96) {
-          launch_forward_tc<T, 96>(p, grid, qkv_p, out_p, lse_p, vec, stream);
-        } else {
-          launch_forward_tc<T, 128>(p, grid, qkv_p, out_p, lse_p, vec, stream);
+    dispatch_dropout(drop, [&](auto dropout) {
+      constexpr bool DROP = decltype(dropout)::value;
+      if constexpr (!std::is_same_v<T, float>) {
+        if (tensor_cores) {
+          const bool vec = p.head_dim % 8 == 0 && p.tok_stride % 8 == 0 && p.part_stride % 8 == 0 &&
+                           p.head_stride % 8 == 0 && aligned_to(16, qkv_p, out_p);
+          const dim3 grid = grid_of(p, max_seqlen, kTcRows);
+          switch (tc_padded_head_dim(p.head_dim)) {
+            case 32: launch_forward_tc<T, 32, DROP>(p, grid, qkv_p, out_p, lse_p, vec, stream); break;
+            case 64: launch_forward_tc<T, 64, DROP>(p, grid, qkv_p, out_p, lse_p, vec, stream); break;
+            case 96: launch_forward_tc<T, 96, DROP>(p, grid, qkv_p, out_p, lse_p, vec, stream); break;
+            default: launch_forward_tc<T, 128, DROP>(p, grid, qkv_p, out_p, lse_p, vec, stream); break;
+          }
+          return;
         }
-        return;
       }
-    }
-    dispatch_columns(p.head_dim, [&](auto nc) {
-      constexpr int NC = decltype(nc)::value;
-      const size_t bytes = simple_forward_bytes(p.head_dim, NC);
-      auto kernel = attention_forward_simple_kernel<T, NC>;
-      allow_shared_bytes(kernel, bytes);
-      kernel<<<grid_of(p, max_seqlen, kForwardRows), kSimpleThreads, bytes, stream>>>(p, qkv_p, out_p, lse_p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dispatch_columns(p.head_dim, [&](auto nc) {
+        constexpr int NC = decltype(nc)::value;
+        const size_t bytes = simple_forward_bytes(p.head_dim);
+        auto kernel = attention_forward_simple_kernel<T, NC, DROP>;
+        allow_shared_bytes(kernel, bytes);
+        kernel<<<grid_of(p, max_seqlen, kForwardRows), kSimpleThreads, bytes, stream>>>(p, qkv_p, out_p, lse_p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return {out, lse};
@@ -762,7 +924,8 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_cuda(const at::Tensor& qkv_i
 
 at::Tensor attention_varlen_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor& qkv_in,
                                           const at::Tensor& out_in, const at::Tensor& lse_in,
-                                          const at::Tensor& cu_seqlens_in, int64_t max_seqlen, double scale) {
+                                          const at::Tensor& cu_seqlens_in, int64_t max_seqlen, double scale,
+                                          double dropout_p, const std::optional<at::Tensor>& rng_state) {
   constexpr const char* op = "attention_varlen_backward";
   check_qkv(op, qkv_in);
   check_cu_seqlens(op, cu_seqlens_in, qkv_in, max_seqlen);
@@ -780,15 +943,17 @@ at::Tensor attention_varlen_backward_cuda(const at::Tensor& grad_out_in, const a
   }
   TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({heads, tokens}), op, ": lse must have shape [heads, T] = [", heads,
               ", ", tokens, "], got ", lse_in.sizes());
+  const DropoutParams drop = make_dropout_params(op, dropout_p, rng_state);
   const at::cuda::OptionalCUDAGuard device_guard(device_of(qkv_in));
   const at::Tensor qkv = qkv_in.stride(3) == 1 ? qkv_in : qkv_in.contiguous();
   const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor out = out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
-  const Problem p = make_problem(qkv, cu_seqlens, scale);
+  const Problem p = make_problem(qkv, cu_seqlens, scale, drop);
   at::Tensor grad_qkv = at::empty({tokens, 3, heads, head_dim}, qkv.options());
-  if (p.batch == 0 || p.heads == 0 || tokens == 0) return grad_qkv;
+  if (tokens == 0 || heads == 0) return grad_qkv;  // T = 0: empty, whatever B is
+  (void)tensor_core_forward_compiled(qkv.device().index());  // raises where the build holds no code for this GPU
   at::Tensor delta = at::empty({heads, tokens}, qkv.options().dtype(at::kFloat));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_floating(qkv.scalar_type(), [&](auto t) {
@@ -801,20 +966,38 @@ at::Tensor attention_varlen_backward_cuda(const at::Tensor& grad_out_in, const a
     attention_delta_kernel<T><<<grid_for(tokens * heads * 32, 256), 256, 0, stream>>>(
         go_p, out.const_data_ptr<T>(), delta_p, tokens, p.heads, p.head_dim);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    dispatch_columns(p.head_dim, [&](auto nc) {
-      constexpr int NC = decltype(nc)::value;
-      const dim3 grid = grid_of(p, max_seqlen, kBackwardRows);
-      auto dq_kernel = attention_dq_kernel<T, NC>;
-      allow_shared_bytes(dq_kernel, dq_bytes(p.head_dim));
-      dq_kernel<<<grid, kSimpleThreads, dq_bytes(p.head_dim), stream>>>(p, qkv_p, go_p, lse_p, delta_p, grad_p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      auto dkv_kernel = attention_dkv_kernel<T, NC>;
-      allow_shared_bytes(dkv_kernel, dkv_bytes(p.head_dim));
-      dkv_kernel<<<grid, kSimpleThreads, dkv_bytes(p.head_dim), stream>>>(p, qkv_p, go_p, lse_p, delta_p, grad_p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_dropout(drop, [&](auto dropout) {
+      constexpr bool DROP = decltype(dropout)::value;
+      dispatch_columns(p.head_dim, [&](auto nc) {
+        constexpr int NC = decltype(nc)::value;
+        const dim3 grid = grid_of(p, max_seqlen, kBackwardRows);
+        auto dq_kernel = attention_dq_kernel<T, NC, DROP>;
+        allow_shared_bytes(dq_kernel, dq_bytes(p.head_dim));
+        dq_kernel<<<grid, kSimpleThreads, dq_bytes(p.head_dim), stream>>>(p, qkv_p, go_p, lse_p, delta_p, grad_p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        auto dkv_kernel = attention_dkv_kernel<T, NC, DROP>;
+        allow_shared_bytes(dkv_kernel, dkv_bytes(p.head_dim));
+        dkv_kernel<<<grid, kSimpleThreads, dkv_bytes(p.head_dim), stream>>>(p, qkv_p, go_p, lse_p, delta_p, grad_p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return grad_qkv;
+}
+
+// ---- tensor-less ops for the Python dispatch (mtbert_fast/_ext.py) ----
+
+// "sm_80 sm_90 compute_90": machine code (sm_) and PTX (compute_) archs of this build.
+std::string cuda_archs_op() { return built_cuda_archs(); }
+
+// The most dynamic shared memory per block the attention launches ask for at this head_dim and dtype; the dispatch
+// compares it with the GPU's shared_memory_per_block_optin.
+int64_t cuda_attention_shared_bytes_op(int64_t head_dim, at::ScalarType dtype) {
+  TORCH_CHECK(head_dim >= 0 && head_dim <= kMaxHeadDim, "cuda_attention_shared_bytes: head_dim must be in [0, ",
+              kMaxHeadDim, "], got ", head_dim);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "cuda_attention_shared_bytes: dtype must be float32, float16 or bfloat16, got ", dtype);
+  return static_cast<int64_t>(attention_shared_bytes(static_cast<int>(head_dim), dtype));
 }
 
 }  // namespace
@@ -822,6 +1005,12 @@ at::Tensor attention_varlen_backward_cuda(const at::Tensor& grad_out_in, const a
 TORCH_LIBRARY_IMPL(mtbert_fast, CUDA, m) {
   m.impl("attention_varlen", &attention_varlen_cuda);
   m.impl("attention_varlen_backward", &attention_varlen_backward_cuda);
+}
+
+// Tensor-less ops get a catch-all kernel: they answer without a GPU.
+TORCH_LIBRARY_FRAGMENT(mtbert_fast, m) {
+  m.def("cuda_archs() -> str", &cuda_archs_op);
+  m.def("cuda_attention_shared_bytes(int head_dim, ScalarType dtype) -> int", &cuda_attention_shared_bytes_op);
 }
 
 }  // namespace mtbert_fast

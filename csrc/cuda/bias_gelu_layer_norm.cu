@@ -1,5 +1,6 @@
 // LayerNorm(GELU(x + bias)), the masked-LM head transform, and its backward on CUDA; the row kernels are in
-// layer_norm.cuh. The backward recomputes GELU(x + bias) and its derivative from x instead of saving them.
+// layer_norm.cuh. The backward recomputes GELU(x + bias) and its derivative from x instead of saving them. x and bias
+// share one dtype T; weight and beta are T or float32 (layer_norm.cuh), and so are grad_weight and grad_beta.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -19,9 +20,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_gelu_layer_norm_cuda(
     const at::Tensor& beta,
     double eps,
     c10::string_view approximate) {
-  const GeluKind kind = parse_gelu("bias_gelu_layer_norm", approximate);
-  const int64_t D = check_layer_norm_args("bias_gelu_layer_norm", at::kCUDA, x, {},
-                                          {{"bias", bias}, {"weight", weight}, {"beta", beta}});
+  constexpr const char* op = "bias_gelu_layer_norm";
+  const GeluKind kind = parse_gelu(op, approximate);
+  const int64_t D = check_layer_norm_args(op, at::kCUDA, x, {}, {{"bias", bias}});
+  const bool fp32_params = check_ln_params(op, x, D, {{"weight", weight}, {"beta", beta}});
 
   const at::cuda::OptionalCUDAGuard device_guard(device_of(x));
   const at::Tensor xc = x.contiguous();
@@ -33,18 +35,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_gelu_layer_norm_cuda(
   at::Tensor mean = at::empty({N}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({N}, x.options().dtype(at::kFloat));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  dispatch_floating(x.scalar_type(), [&](auto t) {
+  dispatch_ln_types(x.scalar_type(), fp32_params, [&](auto t, auto w_type) {
     using T = decltype(t);
+    using W = decltype(w_type);
     const T* xp = xc.const_data_ptr<T>();
     const T* bp = bc.const_data_ptr<T>();
-    const T* w = wc.const_data_ptr<T>();
-    const T* b = betac.const_data_ptr<T>();
+    const W* w = wc.const_data_ptr<W>();
+    const W* b = betac.const_data_ptr<W>();
     T* o = out.mutable_data_ptr<T>();
-    const bool aligned = aligned_to(16, xp, bp, w, b, o);
+    const bool aligned = aligned_to(16, xp, bp, o) && aligned_to(16, w, b);
     dispatch_gelu(kind, [&](auto k) {
       const BiasGeluRows<T, decltype(k)::value> rows{xp, bp};
-      launch_ln_forward<T>(rows, w, b, static_cast<float>(eps), o, mean.mutable_data_ptr<float>(),
-                           rstd.mutable_data_ptr<float>(), N, D, aligned, stream);
+      launch_ln_forward<T, W>(rows, w, b, static_cast<float>(eps), o, mean.mutable_data_ptr<float>(),
+                              rstd.mutable_data_ptr<float>(), N, D, aligned, stream);
     });
   });
   return {out, mean, rstd};
@@ -58,9 +61,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_gelu_layer_norm_backward_cud
     const at::Tensor& mean,
     const at::Tensor& rstd,
     c10::string_view approximate) {
-  const GeluKind kind = parse_gelu("bias_gelu_layer_norm_backward", approximate);
-  const int64_t D = check_layer_norm_args("bias_gelu_layer_norm_backward", at::kCUDA, x, {{"grad_out", grad_out}},
-                                          {{"bias", bias}, {"weight", weight}}, {{"mean", mean}, {"rstd", rstd}});
+  constexpr const char* op = "bias_gelu_layer_norm_backward";
+  const GeluKind kind = parse_gelu(op, approximate);
+  const int64_t D = check_layer_norm_args(op, at::kCUDA, x, {{"grad_out", grad_out}}, {{"bias", bias}},
+                                          {{"mean", mean}, {"rstd", rstd}});
+  const bool fp32_params = check_ln_params(op, x, D, {{"weight", weight}});
   const int64_t N = x.numel() / D;
 
   const at::cuda::OptionalCUDAGuard device_guard(device_of(x));
@@ -71,24 +76,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_gelu_layer_norm_backward_cud
   const at::Tensor mc = mean.contiguous();
   const at::Tensor sc = rstd.contiguous();
   at::Tensor grad_x = at::empty_like(xc);
+  // grad_weight and grad_beta in weight's dtype (W)
   if (N == 0) return {grad_x, at::zeros({D}, weight.options()), at::zeros({D}, weight.options())};
   at::Tensor grad_weight = at::empty({D}, weight.options());
   at::Tensor grad_beta = at::empty({D}, weight.options());
   at::Tensor partial = at::empty({ln_backward_blocks(N), 2, D}, x.options().dtype(at::kFloat));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  dispatch_floating(x.scalar_type(), [&](auto t) {
+  dispatch_ln_types(x.scalar_type(), fp32_params, [&](auto t, auto w_type) {
     using T = decltype(t);
+    using W = decltype(w_type);
     const T* xp = xc.const_data_ptr<T>();
     const T* bp = bc.const_data_ptr<T>();
     const T* g = gc.const_data_ptr<T>();
-    const T* w = wc.const_data_ptr<T>();
+    const W* w = wc.const_data_ptr<W>();
     T* gx = grad_x.mutable_data_ptr<T>();
-    const bool aligned = aligned_to(16, xp, bp, g, w, gx);
+    const bool aligned = aligned_to(16, xp, bp, g, gx) && aligned_to(16, w);
     dispatch_gelu(kind, [&](auto k) {
       const BiasGeluRows<T, decltype(k)::value> rows{xp, bp};
-      launch_ln_backward<T>(rows, g, w, mc.const_data_ptr<float>(), sc.const_data_ptr<float>(), gx,
-                            partial.mutable_data_ptr<float>(), grad_weight.mutable_data_ptr<T>(),
-                            grad_beta.mutable_data_ptr<T>(), N, D, aligned, stream);
+      launch_ln_backward<T, W>(rows, g, w, mc.const_data_ptr<float>(), sc.const_data_ptr<float>(), gx,
+                               partial.mutable_data_ptr<float>(), grad_weight.mutable_data_ptr<W>(),
+                               grad_beta.mutable_data_ptr<W>(), N, D, aligned, stream);
     });
   });
   return {grad_x, grad_weight, grad_beta};

@@ -10,10 +10,16 @@
 // Each block takes a fixed run of rows (the run length depends on N only) and writes its partial sums of
 // grad_out * xhat and grad_out to partial [blocks, 2, D]; a second kernel adds the blocks up column by column in a
 // fixed order, so grad_weight and grad_beta are the same from run to run (no atomics).
+//
+// Dtypes: the activations (x, bias, residual, grad_out, out, grad_in) are T (fp32, bf16 or fp16); weight and beta
+// are W, which is T or fp32 (fp32 LayerNorm parameters beside fp16/bf16 activations, as mixed-precision training
+// keeps them). grad_weight and grad_beta are W, summed in fp32 and rounded once, to W.
 #pragma once
 
 #include <algorithm>
 #include <climits>
+#include <initializer_list>
+#include <type_traits>
 
 #include "cuda_utils.cuh"
 
@@ -73,13 +79,52 @@ struct BiasGeluRows {
   }
 };
 
+// ---- arguments ----
+
+// weight and beta (and in the backward, weight alone): [D] vectors on x's device, of one dtype W that is x's dtype or
+// float32; anything else is refused, naming the tensor. (bias, residual and grad_out are checked as x's dtype by
+// check_layer_norm_args.) Returns whether W is float32 while x is not.
+inline bool check_ln_params(const char* op, const at::Tensor& x, int64_t D, std::initializer_list<NamedTensor> params) {
+  const NamedTensor* first = nullptr;
+  for (const NamedTensor& a : params) {
+    TORCH_CHECK(a.t.device() == x.device(), op, ": ", a.name, " is on ", a.t.device(), " but x is on ", x.device());
+    TORCH_CHECK(a.t.dim() == 1, op, ": ", a.name, " must have 1 dims, got shape ", a.t.sizes());
+    TORCH_CHECK(a.t.size(0) == D, op, ": ", a.name, ".size(0) must be ", D, ", got shape ", a.t.sizes());
+    TORCH_CHECK(a.t.scalar_type() == x.scalar_type() || a.t.scalar_type() == at::kFloat, op, ": ", a.name,
+                " has dtype ", a.t.scalar_type(), " but x has ", x.scalar_type(),
+                "; the LayerNorm weight and beta must be x's dtype or float32");
+    if (first == nullptr) {
+      first = &a;
+    } else {
+      TORCH_CHECK(a.t.scalar_type() == first->t.scalar_type(), op, ": ", a.name, " has dtype ", a.t.scalar_type(),
+                  " but ", first->name, " has ", first->t.scalar_type(), "; weight and beta must share one dtype");
+    }
+  }
+  return first != nullptr && first->t.scalar_type() == at::kFloat && x.scalar_type() != at::kFloat;
+}
+
+// Calls f(T{}, W{}) with T the activations' dtype and W the parameters' (T, or float where fp32_params).
+template <typename F>
+inline void dispatch_ln_types(at::ScalarType x_dtype, bool fp32_params, const F& f) {
+  dispatch_floating(x_dtype, [&](auto t) {
+    using T = decltype(t);
+    if constexpr (std::is_same_v<T, float>) {
+      f(t, float{});
+    } else if (fp32_params) {
+      f(t, float{});
+    } else {
+      f(t, T{});
+    }
+  });
+}
+
 // ---- forward ----
 
-template <typename T, int VEC, int ITEMS, class Rows>
+template <typename T, typename W, int VEC, int ITEMS, class Rows>
 __global__ void __launch_bounds__(kLnMaxThreads) ln_forward_kernel(
     Rows rows,
-    const T* __restrict__ weight,  // [D]
-    const T* __restrict__ beta,    // [D]
+    const W* __restrict__ weight,  // [D]
+    const W* __restrict__ beta,    // [D]
     float eps,
     T* __restrict__ out,           // [N, D]
     float* __restrict__ mean,      // [N]
@@ -119,8 +164,8 @@ __global__ void __launch_bounds__(kLnMaxThreads) ln_forward_kernel(
       const int64_t col = (threadIdx.x + static_cast<int64_t>(it) * blockDim.x) * VEC;
       if (col < D) {
         float w[VEC], b[VEC];
-        load_vec<T, VEC>(weight + col, w);
-        load_vec<T, VEC>(beta + col, b);
+        load_vec<W, VEC>(weight + col, w);
+        load_vec<W, VEC>(beta + col, b);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) w[k] = fmaf((s[it][k] - mu) * rs, w[k], b[k]);
         store_vec<T, VEC>(out + offset + col, w);
@@ -133,11 +178,11 @@ __global__ void __launch_bounds__(kLnMaxThreads) ln_forward_kernel(
   }
 }
 
-template <typename T, class Rows>
+template <typename T, typename W, class Rows>
 __global__ void __launch_bounds__(kLnMaxThreads) ln_forward_generic_kernel(
     Rows rows,
-    const T* __restrict__ weight,  // [D]
-    const T* __restrict__ beta,    // [D]
+    const W* __restrict__ weight,  // [D]
+    const W* __restrict__ beta,    // [D]
     float eps,
     T* __restrict__ out,           // [N, D]
     float* __restrict__ mean,      // [N]
@@ -177,11 +222,11 @@ __global__ void __launch_bounds__(kLnMaxThreads) ln_forward_generic_kernel(
 
 // ---- backward ----
 
-template <typename T, int VEC, int ITEMS, class Rows>
+template <typename T, typename W, int VEC, int ITEMS, class Rows>
 __global__ void __launch_bounds__(kLnMaxThreads) ln_backward_kernel(
     Rows rows,
     const T* __restrict__ grad_out,  // [N, D]
-    const T* __restrict__ weight,    // [D]
+    const W* __restrict__ weight,    // [D]
     const float* __restrict__ mean,  // [N]
     const float* __restrict__ rstd,  // [N]
     T* __restrict__ grad_in,         // [N, D]: grad of s, times ds/dx where Rows has it
@@ -215,7 +260,7 @@ __global__ void __launch_bounds__(kLnMaxThreads) ln_backward_kernel(
           rows.template values<VEC>(offset, col, s);
         }
         load_vec<T, VEC>(grad_out + offset + col, dy);
-        load_vec<T, VEC>(weight + col, w);
+        load_vec<W, VEC>(weight + col, w);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           xh[it][k] = (s[k] - mu) * rs;
@@ -256,11 +301,11 @@ __global__ void __launch_bounds__(kLnMaxThreads) ln_backward_kernel(
   }
 }
 
-template <typename T, class Rows>
+template <typename T, typename W, class Rows>
 __global__ void __launch_bounds__(kLnMaxThreads) ln_backward_generic_kernel(
     Rows rows,
     const T* __restrict__ grad_out,  // [N, D]
-    const T* __restrict__ weight,    // [D]
+    const W* __restrict__ weight,    // [D]
     const float* __restrict__ mean,  // [N]
     const float* __restrict__ rstd,  // [N]
     T* __restrict__ grad_in,         // [N, D]
@@ -306,16 +351,16 @@ __global__ void __launch_bounds__(kLnMaxThreads) ln_backward_generic_kernel(
 }
 
 // grad_weight and grad_beta [D] from partial [blocks, 2, D]: threadIdx.x picks the column, threadIdx.y every
-// kReduceRows-th block; the kReduceRows sums are then added in order.
+// kReduceRows-th block; the kReduceRows sums are then added in order, in fp32, and rounded once to W.
 constexpr int kReduceRows = 16;
 
-template <typename T>
+template <typename W>
 __global__ void __launch_bounds__(32 * kReduceRows) ln_reduce_partials_kernel(
     const float* __restrict__ partial,  // [blocks, 2, D]
     int64_t blocks,
     int64_t D,
-    T* __restrict__ grad_weight,        // [D]
-    T* __restrict__ grad_beta) {        // [D]
+    W* __restrict__ grad_weight,        // [D]
+    W* __restrict__ grad_beta) {        // [D]
   __shared__ float sw[kReduceRows][33];
   __shared__ float sb[kReduceRows][33];
   const int64_t col = blockIdx.x * 32 + threadIdx.x;
@@ -336,8 +381,8 @@ __global__ void __launch_bounds__(32 * kReduceRows) ln_reduce_partials_kernel(
       tw += sw[j][threadIdx.x];
       tb += sb[j][threadIdx.x];
     }
-    grad_weight[col] = static_cast<T>(tw);
-    grad_beta[col] = static_cast<T>(tb);
+    grad_weight[col] = static_cast<W>(tw);
+    grad_beta[col] = static_cast<W>(tb);
   }
 }
 
@@ -381,18 +426,20 @@ void dispatch_items(int items, const F& f) {
 
 inline unsigned row_grid(int64_t N) { return static_cast<unsigned>(std::min<int64_t>(N, INT_MAX)); }
 
-template <typename T, class Rows>
-void launch_ln_forward(const Rows& rows, const T* weight, const T* beta, float eps, T* out, float* mean, float* rstd,
+// aligned: every pointer of the launch (activations and parameters) is 16-byte aligned; the vectors then move
+// 16 / sizeof(T) elements of each tensor at once (two 16-byte accesses for fp32 parameters beside fp16/bf16).
+template <typename T, typename W, class Rows>
+void launch_ln_forward(const Rows& rows, const W* weight, const W* beta, float eps, T* out, float* mean, float* rstd,
                        int64_t N, int64_t D, bool aligned, cudaStream_t stream) {
   if (N == 0) return;
   const LnShape shape = ln_shape<T>(D, aligned);
   if (shape.generic) {
-    ln_forward_generic_kernel<T, Rows>
+    ln_forward_generic_kernel<T, W, Rows>
         <<<row_grid(N), shape.threads, 0, stream>>>(rows, weight, beta, eps, out, mean, rstd, N, D);
   } else {
     constexpr int kVec = 16 / sizeof(T);
     dispatch_items<kVec>(shape.items, [&](auto items) {
-      ln_forward_kernel<T, kVec, decltype(items)::value, Rows>
+      ln_forward_kernel<T, W, kVec, decltype(items)::value, Rows>
           <<<row_grid(N), shape.threads, 0, stream>>>(rows, weight, beta, eps, out, mean, rstd, N, D);
     });
   }
@@ -405,27 +452,27 @@ inline int64_t ln_backward_rows_per_block(int64_t N) {
 }
 
 // grad_in [N, D]; grad_weight, grad_beta [D]. `partial` must hold [ceil(N / rows_per_block), 2, D] floats.
-template <typename T, class Rows>
-void launch_ln_backward(const Rows& rows, const T* grad_out, const T* weight, const float* mean, const float* rstd,
-                        T* grad_in, float* partial, T* grad_weight, T* grad_beta, int64_t N, int64_t D, bool aligned,
+template <typename T, typename W, class Rows>
+void launch_ln_backward(const Rows& rows, const T* grad_out, const W* weight, const float* mean, const float* rstd,
+                        T* grad_in, float* partial, W* grad_weight, W* grad_beta, int64_t N, int64_t D, bool aligned,
                         cudaStream_t stream) {
   const int64_t per_block = ln_backward_rows_per_block(N);
   const int64_t blocks = (N + per_block - 1) / per_block;
   const LnShape shape = ln_shape<T>(D, aligned);
   if (shape.generic) {
-    ln_backward_generic_kernel<T, Rows><<<static_cast<unsigned>(blocks), shape.threads, 0, stream>>>(
+    ln_backward_generic_kernel<T, W, Rows><<<static_cast<unsigned>(blocks), shape.threads, 0, stream>>>(
         rows, grad_out, weight, mean, rstd, grad_in, partial, N, D, per_block);
   } else {
     constexpr int kVec = 16 / sizeof(T);
     dispatch_items<kVec>(shape.items, [&](auto items) {
-      ln_backward_kernel<T, kVec, decltype(items)::value, Rows><<<static_cast<unsigned>(blocks), shape.threads, 0,
-                                                                  stream>>>(
+      ln_backward_kernel<T, W, kVec, decltype(items)::value, Rows><<<static_cast<unsigned>(blocks), shape.threads, 0,
+                                                                     stream>>>(
           rows, grad_out, weight, mean, rstd, grad_in, partial, N, D, per_block);
     });
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const dim3 reduce_block(32, kReduceRows);
-  ln_reduce_partials_kernel<T><<<static_cast<unsigned>((D + 31) / 32), reduce_block, 0, stream>>>(
+  ln_reduce_partials_kernel<W><<<static_cast<unsigned>((D + 31) / 32), reduce_block, 0, stream>>>(
       partial, blocks, D, grad_weight, grad_beta);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

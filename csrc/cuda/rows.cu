@@ -1,12 +1,16 @@
 // gather_rows / scatter_rows on CUDA: whole rows copied in the widest unit (16 bytes down to 1) that the row size
-// and the pointers allow, so every dtype works. Indices are checked on the device as the rows move: the first bad
-// position goes to a flag that is read back after the launch, and the error names the index. While a CUDA graph is
-// being captured nothing can be read back: a bad index then gives a zero row (scatter: a duplicate keeps one of its
-// rows) and no error.
+// and the pointers allow, so every dtype works. Nothing is read back to the host: an index out of range is a device
+// assert (it prints the op, the position and the index, and the CUDA context then reports a device-side assert on
+// its next synchronisation). Repeated indices of scatter_rows are detected on the device as the rows are mapped; they
+// are reported, with a readback, only when MTBERT_FAST_DEBUG_CHECKS=1 (read once); otherwise one of the repeated rows
+// wins. While a CUDA graph is being captured nothing is read back even then.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <torch/library.h>
 
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "checks.h"
@@ -19,6 +23,15 @@ using namespace cuda;
 
 constexpr int kThreads = 128;
 constexpr unsigned long long kNone = ~0ull;  // an empty flag or map slot (-1 as int64)
+
+// MTBERT_FAST_DEBUG_CHECKS=1: checks that need a readback of device values run (read once, at the first call).
+bool debug_checks() {
+  static const bool on = [] {
+    const char* v = std::getenv("MTBERT_FAST_DEBUG_CHECKS");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return on;
+}
 
 // Elements per row of a tensor whose first dim counts the rows (its numel may be 0 with rows of any size).
 int64_t row_numel(const at::Tensor& t) {
@@ -53,37 +66,42 @@ __global__ void __launch_bounds__(kThreads) gather_rows_kernel(
     int64_t N,
     int64_t R,
     int64_t units,
-    int tpr,
-    unsigned long long* __restrict__ bad) {  // [1]: first position with an index out of range
+    int tpr) {
   const int rows_per_block = kThreads / tpr;
   const int lane = threadIdx.x % tpr;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(rows_per_block) + threadIdx.x / tpr; i < N;
        i += static_cast<int64_t>(gridDim.x) * rows_per_block) {
     const int64_t r = index[i];
     if (r < 0 || r >= R) {
-      if (lane == 0) atomicMin(bad, static_cast<unsigned long long>(i));
-      zero_row(out + i * units, units, lane, tpr);
+      if (lane == 0) {
+        printf("gather_rows: indices[%lld] = %lld is out of range for x with %lld rows\n", static_cast<long long>(i),
+               static_cast<long long>(r), static_cast<long long>(R));
+      }
+      CUDA_KERNEL_ASSERT(r >= 0 && r < R && "gather_rows: an index of indices is out of range for x");
+      zero_row(out + i * units, units, lane, tpr);  // where device asserts are compiled out
     } else {
       copy_row(x + r * units, out + i * units, units, lane, tpr);
     }
   }
 }
 
-// source[r] = the position i with index[i] == r; bad[0] gets the first position out of range, bad[1] the first
-// position that lost the race for a row already taken (a repeated index).
+// source[r] = the position i with index[i] == r (an index out of range is a device assert); where `repeated` is
+// given, it gets the first position that lost the race for a row already taken (a repeated index).
 __global__ void scatter_map_kernel(
     const int64_t* __restrict__ index,   // [N]
     int64_t N,
     int64_t num_rows,
-    unsigned long long* __restrict__ source,  // [num_rows], kNone where no index points
-    unsigned long long* __restrict__ bad) {   // [2]
+    unsigned long long* __restrict__ source,     // [num_rows], kNone where no index points
+    unsigned long long* __restrict__ repeated) {  // [1] or nullptr
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < N;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = index[i];
     if (r < 0 || r >= num_rows) {
-      atomicMin(&bad[0], static_cast<unsigned long long>(i));
-    } else if (atomicCAS(&source[r], kNone, static_cast<unsigned long long>(i)) != kNone) {
-      atomicMin(&bad[1], static_cast<unsigned long long>(i));
+      printf("scatter_rows: indices[%lld] = %lld is out of range for num_rows = %lld\n", static_cast<long long>(i),
+             static_cast<long long>(r), static_cast<long long>(num_rows));
+      CUDA_KERNEL_ASSERT(r >= 0 && r < num_rows && "scatter_rows: an index of indices is out of range for num_rows");
+    } else if (atomicCAS(&source[r], kNone, static_cast<unsigned long long>(i)) != kNone && repeated != nullptr) {
+      atomicMin(repeated, static_cast<unsigned long long>(i));
     }
   }
 }
@@ -141,7 +159,6 @@ at::Tensor gather_rows_cuda(const at::Tensor& x, const at::Tensor& indices) {
   sizes[0] = N;
   at::Tensor out = at::empty(sizes, x.options());
   if (N == 0) return out;
-  at::Tensor bad = at::full({1}, -1, indices.options());
   const int64_t row_bytes = row_numel(x) * x.element_size();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_unit(row_bytes, xc.const_data_ptr(), out.const_data_ptr(), [&](auto unit) {
@@ -150,15 +167,9 @@ at::Tensor gather_rows_cuda(const at::Tensor& x, const at::Tensor& indices) {
     const int tpr = threads_per_row(units);
     gather_rows_kernel<U><<<grid_for(N * tpr, kThreads), kThreads, 0, stream>>>(
         static_cast<const U*>(xc.const_data_ptr()), ic.const_data_ptr<int64_t>(),
-        static_cast<U*>(out.mutable_data_ptr()), N, R, units, tpr,
-        reinterpret_cast<unsigned long long*>(bad.mutable_data_ptr<int64_t>()));
+        static_cast<U*>(out.mutable_data_ptr()), N, R, units, tpr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  if (!capturing()) {
-    const int64_t i = bad.item<int64_t>();
-    TORCH_CHECK(i < 0, "gather_rows: indices[", i, "] = ", ic[i].item<int64_t>(), " is out of range for x with ", R,
-                " rows (shape ", x.sizes(), ")");
-  }
   return out;
 }
 
@@ -175,13 +186,15 @@ at::Tensor scatter_rows_cuda(const at::Tensor& x, const at::Tensor& indices, int
   at::Tensor out = at::empty(sizes, x.options());
   if (N == 0 && num_rows == 0) return out;
   at::Tensor source = at::full({num_rows}, -1, indices.options());
-  at::Tensor bad = at::full({2}, -1, indices.options());
   auto* source_p = reinterpret_cast<unsigned long long*>(source.mutable_data_ptr<int64_t>());
+  const bool check_repeated = N > 0 && debug_checks() && !capturing();
+  at::Tensor repeated;
+  if (check_repeated) repeated = at::full({1}, -1, indices.options());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (N > 0) {
     scatter_map_kernel<<<grid_for(N, kThreads), kThreads, 0, stream>>>(
         ic.const_data_ptr<int64_t>(), N, num_rows, source_p,
-        reinterpret_cast<unsigned long long*>(bad.mutable_data_ptr<int64_t>()));
+        check_repeated ? reinterpret_cast<unsigned long long*>(repeated.mutable_data_ptr<int64_t>()) : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (num_rows > 0) {
@@ -196,19 +209,14 @@ at::Tensor scatter_rows_cuda(const at::Tensor& x, const at::Tensor& indices, int
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  if (N > 0 && !capturing()) {
-    const at::Tensor flags = bad.cpu();
-    const int64_t out_of_range = flags.const_data_ptr<int64_t>()[0];
-    const int64_t repeated = flags.const_data_ptr<int64_t>()[1];
-    if (out_of_range >= 0 && (repeated < 0 || out_of_range < repeated)) {
-      TORCH_CHECK(false, "scatter_rows: indices[", out_of_range, "] = ", ic[out_of_range].item<int64_t>(),
-                  " is out of range for num_rows = ", num_rows);
-    }
-    if (repeated >= 0) {
-      const int64_t r = ic[repeated].item<int64_t>();
+  if (check_repeated) {
+    // MTBERT_FAST_DEBUG_CHECKS=1 only: reads the flag back (a synchronisation)
+    const int64_t first = repeated.item<int64_t>();
+    if (first >= 0) {
+      const int64_t r = ic[first].item<int64_t>();
       const int64_t other = source[r].item<int64_t>();
-      TORCH_CHECK(false, "scatter_rows: indices must be distinct, but indices[", std::min(repeated, other),
-                  "] and indices[", std::max(repeated, other), "] are both ", r);
+      TORCH_CHECK(false, "scatter_rows: indices must be distinct, but indices[", std::min(first, other),
+                  "] and indices[", std::max(first, other), "] are both ", r);
     }
   }
   return out;

@@ -1,6 +1,6 @@
 // Shared pieces of the CUDA kernels: input checks that name the tensor, the dtype and GELU switches, fp32 loads and
-// stores of 1 to 8 elements at once (one 128-bit access for 8 fp16/bf16 or 4 fp32), warp and block sums, and the
-// two GELU forms with their derivatives.
+// stores of 1 to 8 elements at once (one 128-bit access for 8 fp16/bf16 or 4 fp32, two for 8 fp32), warp and block
+// sums, and the two GELU forms with their derivatives.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -67,19 +67,36 @@ struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
+// Moves VEC elements as few accesses of at most 16 bytes (8 fp32 weights beside 8 fp16 activations: two accesses);
+// the address must be aligned to min(16, sizeof(T) * VEC) bytes.
+template <typename T, int VEC>
+constexpr int vec_chunk() {
+  return sizeof(T) * VEC <= 16 ? VEC : static_cast<int>(16 / sizeof(T));
+}
+
 template <typename T, int VEC>
 __device__ __forceinline__ void load_vec(const T* p, float (&out)[VEC]) {
-  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
+  constexpr int kChunk = vec_chunk<T, VEC>();
+  static_assert(VEC % kChunk == 0, "VEC must be a multiple of the 16-byte chunk");
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) out[i] = static_cast<float>(pk.v[i]);
+  for (int c = 0; c < VEC; c += kChunk) {
+    const Pack<T, kChunk> pk = *reinterpret_cast<const Pack<T, kChunk>*>(p + c);
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) out[c + i] = static_cast<float>(pk.v[i]);
+  }
 }
 
 template <typename T, int VEC>
 __device__ __forceinline__ void store_vec(T* p, const float (&in)[VEC]) {
-  Pack<T, VEC> pk;
+  constexpr int kChunk = vec_chunk<T, VEC>();
+  static_assert(VEC % kChunk == 0, "VEC must be a multiple of the 16-byte chunk");
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) pk.v[i] = static_cast<T>(in[i]);
-  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+  for (int c = 0; c < VEC; c += kChunk) {
+    Pack<T, kChunk> pk;
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) pk.v[i] = static_cast<T>(in[c + i]);
+    *reinterpret_cast<Pack<T, kChunk>*>(p + c) = pk;
+  }
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
