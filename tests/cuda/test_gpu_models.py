@@ -22,11 +22,8 @@ BACKENDS = ["auto", "cuda", "triton"]
 
 
 @pytest.fixture(autouse=True)
-def no_tf32():
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+def _full_fp32(no_tf32):
     yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def _config(**kw):
