@@ -69,7 +69,7 @@ def real_rows(out, mask):
 
 def assert_parity(fast, hf_low, ref, dtype, what="output"):
     """fp32: within 1e-4 of the fp32 reference; lower precision: at most twice HF's own error in that dtype
-    (plus a small floor), as in tests/ (DESIGN.md habit 7)."""
+    (plus a small floor), as in tests/."""
     err = float((fast - ref).abs().max())
     if dtype == torch.float32:
         assert err <= 1e-4 * max(1.0, float(ref.abs().max())), f"{what}: fp32 error {err:.2e}"

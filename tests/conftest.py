@@ -1,7 +1,7 @@
 """Shared fixtures: the real all-MiniLM-L6-v2 checkpoint and tokenizer, real English sentences of ragged lengths,
 small random-weight BERT/RoBERTa configs, seeded HF model builders and the parity check against HF.
 
-Tolerances (DESIGN.md habit 7): fp32 parity with HF within 1e-4 absolute at the real tokens, padding exactly zero;
+Tolerances: fp32 parity with HF within 1e-4 absolute at the real tokens, padding exactly zero;
 in bf16/fp16 an error against the fp32 HF model at most twice HF's own error in that dtype, plus a tiny floor.
 Nothing is downloaded: HF_HUB_OFFLINE is set before transformers is imported.
 """

@@ -1,7 +1,7 @@
 """The CUDA kernels (csrc/cuda/) against the pure-PyTorch references (mtbert_fast/ops/reference.py). GPU only: the
 whole file is skipped where torch sees no CUDA device, or where mtbert_fast._C was built without its CUDA kernels.
 
-Tolerances (DESIGN.md habit 7): fp32 within 1e-5 of the reference for the row kernels (1e-4 for the row-summed
+Tolerances: fp32 within 1e-5 of the reference for the row kernels (1e-4 for the row-summed
 weight gradients, growing like sqrt(rows) past 64 rows), 1e-4 for attention; fp16/bf16: the error against the fp32
 reference is at most twice the error of PyTorch's own computation in that dtype on the same inputs, plus a small floor.
 With fp32 LayerNorm parameters beside fp16/bf16 activations, the outputs are the fp32 result rounded once (within two

@@ -3,7 +3,7 @@ random-weight BERT and RoBERTa configs (bert-base at its real size once), at len
 variant; loading from an HF model and from an HF directory (safetensors, sharded or not); gradients; dropout; bf16;
 and refusal of the configs the encoder does not implement.
 
-Outputs are compared at the real tokens within 1e-4 (DESIGN.md habit 7); the padded positions of our outputs must
+Outputs are compared at the real tokens within 1e-4; the padded positions of our outputs must
 be exactly zero.
 """
 

@@ -1,7 +1,7 @@
 """C++ CPU kernels of attention_varlen and mlm_gather_loss (forward and backward) against the pure-PyTorch
 references (mtbert_fast/ops/reference.py), with autograd through the reference for the backward.
 
-Tolerances (DESIGN.md habit 7): fp32 within 1e-5 of the reference (looser only where a value sums many terms);
+Tolerances: fp32 within 1e-5 of the reference (looser only where a value sums many terms);
 bf16 error against an fp32 reference at most twice PyTorch's own bf16 error on the same computation, plus a small
 floor. The fp32 reference of a bf16 case runs on the same bf16 inputs, upcast.
 """

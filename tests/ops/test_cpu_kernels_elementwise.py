@@ -1,7 +1,7 @@
 """C++ CPU kernels of bias_gelu, bias_residual_layer_norm, bias_gelu_layer_norm, gather_rows and scatter_rows
 against the pure-PyTorch references (mtbert_fast/ops/reference.py).
 
-Tolerances (DESIGN.md habit 7): fp32 within 1e-5 of the reference (1e-4 for the row-summed weight gradients);
+Tolerances: fp32 within 1e-5 of the reference (1e-4 for the row-summed weight gradients);
 bf16 error against an fp32 reference at most twice PyTorch's own bf16 error on the same computation, plus 1e-5.
 """
 

@@ -7,7 +7,7 @@ token) neither overflow fp16 under a loss scale nor round to bf16. Also: the fak
 contiguous outputs, so torch.compile (inductor) takes transposed, sliced and expanded inputs.
 
 Backends: the reference and Triton (TRITON_INTERPRET=1, set per test) in fp16 and bf16, the C++ CPU kernels in bf16
-(the only low-precision dtype they take). Tolerances (DESIGN.md habit 7): outputs and activation gradients in T:
+(the only low-precision dtype they take). Tolerances: outputs and activation gradients in T:
 the error against the fp32 reference on the same T inputs upcast is at most twice PyTorch's own error computing
 the same thing in T, plus 1e-6; fp32 weight and beta gradients: within 1e-4 relative (1e-5 absolute; 1e-4 of the
 largest column for the sums past fp16's range) of the fp32 reference on the same T inputs, as only the order of fp32

@@ -9,7 +9,7 @@ interpreted at launch time (mtbert_fast/ops/triton/_jit.py), so it does not matt
 (16 for attention, 32 vocabulary columns for the loss, 4 programs for the LayerNorm backward), so these small shapes
 still run the multi-block and multi-program paths.
 
-Tolerances (DESIGN.md habit 7): fp32 within 1e-5 (2e-5 absolute, 1e-4 relative where a value sums over a row, a
+Tolerances: fp32 within 1e-5 (2e-5 absolute, 1e-4 relative where a value sums over a row, a
 sequence or the vocabulary); bf16/fp16: the error against the fp32 reference, on the same low-precision inputs
 upcast, is at most twice PyTorch's own error computing the same thing in that dtype, plus 1e-6.  bf16 under the
 interpreter behaves as on the GPU (round-to-nearest casts, exact bf16 products in tl.dot) thanks to _jit.py's fixes.
