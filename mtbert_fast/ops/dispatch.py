@@ -40,7 +40,7 @@ _last: dict[tuple[str, str, torch.dtype], tuple[str, dict[str, str]]] = {}
 
 _ROW_OPS = ("bias_gelu", "bias_residual_layer_norm", "bias_gelu_layer_norm")
 _INT32_ROWS = 2**31 - 1
-# the Triton kernels hold a row of a row op in one program (mtbert_fast/ops/triton/_jit.py, MAX_ROW_BLOCK)
+# the Triton kernels hold a row of a row op in one program (mtbert_fast/ops/triton/_jit.py reads this)
 TRITON_MAX_ROW = 65536
 MAX_HEAD_DIM = 256
 CUDA_MAX_HEADS = 65535
@@ -106,6 +106,7 @@ def input_reason(backend: str, op: str, t: torch.Tensor) -> str | None:
 # ---- the GPUs the cuda build can run on ---------------------------------------------------------------------------
 
 _device_reasons: dict[int, str | None] = {}
+_shared_memory_reasons: dict[tuple[int, int, torch.dtype], str | None] = {}
 
 
 def parse_arch(name: str) -> tuple[int, int, str]:
@@ -149,11 +150,15 @@ def _cuda_device_reason(device: torch.device) -> str | None:
 def _cuda_shared_memory_reason(op: str, t: torch.Tensor) -> str | None:
     if op != "attention_varlen":
         return None
-    need = _ext.cuda_attention_shared_bytes(t.shape[-1], t.dtype)
-    have = torch.cuda.get_device_properties(t.device).shared_memory_per_block_optin
-    if need <= have:
-        return None
-    return f"head_dim {t.shape[-1]} needs {need} bytes of shared memory per block, this GPU allows {have}"
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    key = (index, t.shape[-1], t.dtype)
+    if key not in _shared_memory_reasons:  # asked on every call: the answer is a function of the key alone
+        need = _ext.cuda_attention_shared_bytes(t.shape[-1], t.dtype)
+        have = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+        _shared_memory_reasons[key] = None if need <= have else (
+            f"head_dim {t.shape[-1]} needs {need} bytes of shared memory per block, this GPU allows {have}"
+        )
+    return _shared_memory_reasons[key]
 
 
 class BackendUnavailable(RuntimeError):
@@ -225,19 +230,15 @@ def reason(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> s
 def choose(op: str, t: torch.Tensor, backend: str | None = None) -> str:
     """The backend that runs `op` on inputs like `t` (the op's main tensor: its device, dtype and shape decide)."""
     wanted = requested_backend(backend)
-
-    def why_not(b: str) -> str | None:
-        return reason(b, op, t.device, t.dtype) or input_reason(b, op, t)
-
     if wanted != "auto":
-        why = why_not(wanted)
+        why = why_not(wanted, op, t)
         if why is None:
             return wanted
-        detail = "; ".join(f"{b}: {why_not(b) or 'can run'}" for b in BACKENDS)
+        detail = "; ".join(f"{b}: {why_not(b, op, t) or 'can run'}" for b in BACKENDS)
         raise BackendUnavailable(f"{op}: backend {wanted!r} cannot run this input ({why}). All backends: {detail}")
     reasons: dict[str, str] = {}
     for b in BACKENDS:
-        why = why_not(b)
+        why = why_not(b, op, t)
         if why is None:
             if not torch.compiler.is_compiling():
                 _last[(op, t.device.type, t.dtype)] = (b, reasons)
@@ -251,18 +252,15 @@ def backward_backend(op: str, t: torch.Tensor) -> str:
     they can take the input (the CUDA C++ backward runs on CUDA cores), unless $MTBERT_FAST_BACKEND forces cuda."""
     if requested_backend() == "cuda":
         return "cuda"
-    if f"{op}_backward" in _triton_kernels_for(t.device) and choose_ok("triton", op, t):
+    # why_not loads the Triton kernels first, so the lookup that follows sees them
+    if why_not("triton", op, t) is None and f"{op}_backward" in triton_kernels:
         return "triton"
     return "cuda"
 
 
-def _triton_kernels_for(device: torch.device) -> dict[str, object]:
-    return triton_kernels if _triton_reason("attention_varlen", device) is None else {}
-
-
-def choose_ok(backend: str, op: str, t: torch.Tensor) -> bool:
-    """Whether `backend` can run `op` on an input like `t`."""
-    return reason(backend, op, t.device, t.dtype) is None and input_reason(backend, op, t) is None
+def why_not(backend: str, op: str, t: torch.Tensor) -> str | None:
+    """Why `backend` cannot run `op` on an input like `t` (device, dtype, build, shape), or None when it can."""
+    return reason(backend, op, t.device, t.dtype) or input_reason(backend, op, t)
 
 
 def last_choices() -> dict[tuple[str, str, torch.dtype], tuple[str, dict[str, str]]]:

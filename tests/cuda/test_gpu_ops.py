@@ -27,7 +27,7 @@ def _full_fp32(no_tf32):
 
 
 def _require(backend, op, t):
-    why = dispatch.reason(backend, op, t.device, t.dtype) or dispatch.input_reason(backend, op, t)
+    why = dispatch.why_not(backend, op, t)
     assert why is None, f"{backend} cannot run {op} on this GPU: {why}"
 
 

@@ -37,14 +37,14 @@ import torch
 import triton
 import triton.language as tl
 
-from mtbert_fast.ops import dropout
+from mtbert_fast.ops import dispatch, dropout
 from mtbert_fast.ops.attention_varlen import check_inputs
 from mtbert_fast.ops.triton._jit import device_guard, jit, on_gpu
 
 _LOG2E = 1.4426950408889634
 _LOG2E_TL = tl.constexpr(_LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
-_MAX_HEAD_DIM = 256
+_MAX_HEAD_DIM = dispatch.MAX_HEAD_DIM
 # CUDA's limit on a grid's second axis: the programs per sequence (and head); the kernels loop over the rest
 _MAX_GRID_Y = 65535
 # Philox4x32's round multipliers and key increments (Weyl sequence)
