@@ -668,10 +668,11 @@ void backward_seqs(const Geometry& g,
 // ---------------------------------------------------------------------------------------------------------------
 // Entry points.
 
-// Checks cu_seqlens against the T packed rows; returns the (start, len) of every sequence. No check against
-// max_seqlen: a longer sequence is computed in full.
-std::vector<std::pair<int64_t, int64_t>> read_cu_seqlens(const char* op, const at::Tensor& cu_seqlens,
-                                                         int64_t tokens) {
+// Checks cu_seqlens against the T packed rows; returns the (start, len) of every sequence. max_seqlen only has to
+// be >= 0, as on every backend: a longer sequence is computed in full.
+std::vector<std::pair<int64_t, int64_t>> read_cu_seqlens(const char* op, const at::Tensor& cu_seqlens, int64_t tokens,
+                                                         int64_t max_seqlen) {
+  TORCH_CHECK(max_seqlen >= 0, op, ": max_seqlen must be >= 0, got ", max_seqlen);
   TORCH_CHECK(cu_seqlens.device().is_cpu(), op, ": cu_seqlens must be on cpu, got ", cu_seqlens.device());
   TORCH_CHECK(cu_seqlens.dim() == 1, op, ": cu_seqlens must have 1 dim, got shape ", cu_seqlens.sizes());
   TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt, op, ": cu_seqlens must be Int (int32), got ",
@@ -719,13 +720,13 @@ void dispatch_types(at::ScalarType dtype, const Fn& fn) {
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_varlen_cpu(const at::Tensor& qkv_in, const at::Tensor& cu_seqlens,
-                                                        int64_t /*max_seqlen*/, double scale, double dropout_p,
+                                                        int64_t max_seqlen, double scale, double dropout_p,
                                                         const std::optional<at::Tensor>& rng_state) {
   constexpr const char* op = "attention_varlen";
   check_qkv(op, qkv_in);
   const DropoutParams drop = make_dropout_params(op, dropout_p, rng_state);
   const at::Tensor qkv = qkv_in.stride(3) == 1 ? qkv_in : qkv_in.contiguous();
-  const auto seqs = read_cu_seqlens(op, cu_seqlens, qkv.size(0));
+  const auto seqs = read_cu_seqlens(op, cu_seqlens, qkv.size(0), max_seqlen);
   const Geometry g = geometry(qkv, scale);
   at::Tensor out = at::empty({g.tokens, g.heads, g.head_dim}, qkv.options());
   at::Tensor lse = at::empty({g.heads, g.tokens}, qkv.options().dtype(at::kFloat));
@@ -755,7 +756,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_cpu(const at::Tensor& qkv_in
 // out is part of the op's contract (other backends read it) and is checked, but this kernel takes D from P and dP.
 at::Tensor attention_varlen_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& qkv_in,
                                          const at::Tensor& out, const at::Tensor& lse_in,
-                                         const at::Tensor& cu_seqlens, int64_t /*max_seqlen*/, double scale,
+                                         const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale,
                                          double dropout_p, const std::optional<at::Tensor>& rng_state) {
   constexpr const char* op = "attention_varlen_backward";
   check_qkv(op, qkv_in);
@@ -775,7 +776,7 @@ at::Tensor attention_varlen_backward_cpu(const at::Tensor& grad_out_in, const at
   MTBF_CHECK_DTYPE("attention_varlen_backward", lse_in, at::kFloat);
   TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({g.heads, g.tokens}), op, ": lse must have shape [heads, T] = [",
               g.heads, ", ", g.tokens, "], got ", lse_in.sizes());
-  const auto seqs = read_cu_seqlens(op, cu_seqlens, qkv.size(0));
+  const auto seqs = read_cu_seqlens(op, cu_seqlens, qkv.size(0), max_seqlen);
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
   at::Tensor grad_qkv = at::empty({g.tokens, 3, g.heads, g.head_dim}, qkv.options());

@@ -290,6 +290,26 @@ def test_compile_fullgraph(name):
 
 
 @needs_ext
+def test_attention_dropout_opcheck_and_compile():
+    """The dropout arguments pass opcheck, and torch.compile(fullgraph=True) traces the wrapper that draws
+    rng_state from torch's generator: compiled and eager give the same result for the same seed."""
+    qkv, cu, max_len = _packed([3, 1, 6], 2, 16)
+    rng = torch.tensor([77, 0])
+    torch.library.opcheck(torch.ops.mtbert_fast.attention_varlen, (qkv.clone().requires_grad_(), cu, max_len, 0.25,
+                                                                   0.3, rng))
+    torch._dynamo.reset()
+
+    def fn(q):
+        return ops.attention_varlen(q, cu, max_len, dropout_p=0.3, backend="cpu")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(5)
+    out = compiled(qkv)
+    torch.manual_seed(5)
+    torch.testing.assert_close(out, fn(qkv))
+
+
+@needs_ext
 def test_compile_fullgraph_backward():
     torch._dynamo.reset()
     x, b, r = _rand(5, 12, seed=1), _rand(12, seed=2), _rand(5, 12, seed=3)
@@ -401,6 +421,8 @@ def test_kernel_checks_name_bad_contents():
         ops.attention_varlen(qkv, torch.tensor([0], dtype=torch.int32), 0, backend="cpu")
     with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
         ops.attention_varlen(qkv, torch.tensor([0, 4, 3, 5], dtype=torch.int32), 4, backend="cpu")
+    with pytest.raises(RuntimeError, match="max_seqlen must be >= 0, got -1"):
+        torch.ops.mtbert_fast.attention_varlen(qkv, torch.tensor([0, 5], dtype=torch.int32), -1, 0.5)
     with pytest.raises(RuntimeError, match="label"):
         ops.mlm_gather_loss(_rand(2, 4), _rand(5, 4), _rand(5), torch.tensor([1, 9]), backend="cpu")
     with pytest.raises(RuntimeError, match=r"indices\[1\] = 3 is out of range"):
