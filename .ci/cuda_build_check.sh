@@ -176,7 +176,7 @@ if not ops:
 no_cuda_kernel = {"mlm_gather_loss", "mlm_gather_loss_backward"}  # Triton covers them on the GPU
 missing = []
 for op in ops:
-    has = torch._C._dispatch_has_kernel_for_dispatch_key(f"mtbert_fast::{op}", "CUDA")
+    has = torch._C._dispatch_has_kernel_for_dispatch_key(f"mtbert_fast_C::{op}", "CUDA")
     expected = op not in no_cuda_kernel
     note = "" if has or not expected else "   <-- MISSING"
     print(f"    {op:36s} CUDA kernel: {'yes' if has else 'no (none planned)' if not expected else 'no'}{note}")
@@ -187,7 +187,7 @@ if missing:
 
 # the tensor-less ops of the CUDA sources (mtbert_fast/_ext.py calls them); they answer without a GPU
 for op in ("cuda_archs", "cuda_attention_shared_bytes"):
-    if not torch._C._dispatch_has_kernel(f"mtbert_fast::{op}"):
+    if not torch._C._dispatch_has_kernel(f"mtbert_fast_C::{op}"):
         sys.exit(f"cuda_build_check: mtbert_fast._C defines no op {op}")
 # setup.py's cuda_arch_names, taken from its source (importing setup.py would run setup())
 with open(os.path.join(src, "setup.py")) as f:
@@ -196,14 +196,14 @@ names = {}
 exec(compile(ast.Module([n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "cuda_arch_names"],
                         type_ignores=[]), "setup.py", "exec"), names)
 want = " ".join(names["cuda_arch_names"](arch_list))
-got = torch.ops.mtbert_fast.cuda_archs()
+got = torch.ops.mtbert_fast_C.cuda_archs()
 print(f"    cuda_archs() = {got!r} (TORCH_CUDA_ARCH_LIST {arch_list!r})")
 if got != want:
     sys.exit(f"cuda_build_check: cuda_archs() = {got!r}, but the build was for {want!r}")
 sizes = {}
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
     for head_dim in (1, 32, 64, 80, 96, 128, 160, 256):
-        n = torch.ops.mtbert_fast.cuda_attention_shared_bytes(head_dim, dtype)
+        n = torch.ops.mtbert_fast_C.cuda_attention_shared_bytes(head_dim, dtype)
         if not isinstance(n, int) or n <= 0:
             sys.exit(f"cuda_build_check: cuda_attention_shared_bytes({head_dim}, {dtype}) = {n!r}")
         sizes[(str(dtype).replace("torch.", ""), head_dim)] = n

@@ -1,9 +1,9 @@
 // Every mtbert_fast op signature, in one place. Backends register implementations with
-// TORCH_LIBRARY_IMPL(mtbert_fast, <Key>, m) in their own files (csrc/cpu, csrc/cuda); fake (meta)
+// TORCH_LIBRARY_IMPL(mtbert_fast_C, <Key>, m) in their own files (csrc/cpu, csrc/cuda); fake (meta)
 // implementations and autograd live in Python (mtbert_fast/ops/).
 #include <torch/library.h>
 
-TORCH_LIBRARY(mtbert_fast, m) {
+TORCH_LIBRARY(mtbert_fast_C, m) {
   // qkv [T, 3, heads, head_dim], cu_seqlens int32 [B+1] -> out [T, heads, head_dim], lse fp32 [heads, T].
   // max_seqlen sizes the launch only: a longer sequence is still computed in full. dropout_p > 0 drops attention
   // probabilities with the Philox mask of csrc/include/philox.h drawn from rng_state (int64 [2] on the CPU: seed,

@@ -25,7 +25,7 @@ else:
 
 
 def _registered(dispatch_key: str) -> frozenset[str]:
-    prefix = "mtbert_fast::"
+    prefix = "mtbert_fast_C::"
     names = torch._C._dispatch_get_registrations_for_dispatch_key(dispatch_key) if load_error is None else []
     return frozenset(n[len(prefix):] for n in names if n.startswith(prefix))
 
@@ -52,11 +52,11 @@ def cuda_archs() -> tuple[list[str], list[str]]:
     empty lists for a build without CUDA."""
     if not built_with_cuda():
         return [], []
-    names = torch.ops.mtbert_fast.cuda_archs().split()
+    names = torch.ops.mtbert_fast_C.cuda_archs().split()
     return [n for n in names if n.startswith("sm_")], [n for n in names if n.startswith("compute_")]
 
 
 def cuda_attention_shared_bytes(head_dim: int, dtype: torch.dtype) -> int:
     """The most dynamic shared memory per block that the CUDA attention kernels (forward and backward) ask for at
     this head_dim and dtype."""
-    return int(torch.ops.mtbert_fast.cuda_attention_shared_bytes(head_dim, dtype))
+    return int(torch.ops.mtbert_fast_C.cuda_attention_shared_bytes(head_dim, dtype))

@@ -805,7 +805,7 @@ at::Tensor attention_varlen_backward_cpu(const at::Tensor& grad_out_in, const at
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mtbert_fast, CPU, m) {
+TORCH_LIBRARY_IMPL(mtbert_fast_C, CPU, m) {
   m.impl("attention_varlen", &attention_varlen_cpu);
   m.impl("attention_varlen_backward", &attention_varlen_backward_cpu);
 }

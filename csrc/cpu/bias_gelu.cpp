@@ -109,7 +109,7 @@ at::Tensor bias_gelu_backward_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mtbert_fast, CPU, m) {
+TORCH_LIBRARY_IMPL(mtbert_fast_C, CPU, m) {
   m.impl("bias_gelu", &bias_gelu_cpu);
   m.impl("bias_gelu_backward", &bias_gelu_backward_cpu);
 }

@@ -157,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_gelu_layer_norm_backward_cpu
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mtbert_fast, CPU, m) {
+TORCH_LIBRARY_IMPL(mtbert_fast_C, CPU, m) {
   m.impl("bias_gelu_layer_norm", &bias_gelu_layer_norm_cpu);
   m.impl("bias_gelu_layer_norm_backward", &bias_gelu_layer_norm_backward_cpu);
 }

@@ -150,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_residual_layer_norm_backward
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mtbert_fast, CPU, m) {
+TORCH_LIBRARY_IMPL(mtbert_fast_C, CPU, m) {
   m.impl("bias_residual_layer_norm", &bias_residual_layer_norm_cpu);
   m.impl("bias_residual_layer_norm_backward", &bias_residual_layer_norm_backward_cpu);
 }

@@ -244,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlm_gather_loss_backward_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mtbert_fast, CPU, m) {
+TORCH_LIBRARY_IMPL(mtbert_fast_C, CPU, m) {
   m.impl("mlm_gather_loss", &mlm_gather_loss_cpu);
   m.impl("mlm_gather_loss_backward", &mlm_gather_loss_backward_cpu);
 }

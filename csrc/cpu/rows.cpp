@@ -115,7 +115,7 @@ at::Tensor scatter_rows_cpu(const at::Tensor& x, const at::Tensor& indices, int6
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mtbert_fast, CPU, m) {
+TORCH_LIBRARY_IMPL(mtbert_fast_C, CPU, m) {
   m.impl("gather_rows", &gather_rows_cpu);
   m.impl("scatter_rows", &scatter_rows_cpu);
 }

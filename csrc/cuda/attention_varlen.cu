@@ -1002,13 +1002,13 @@ int64_t cuda_attention_shared_bytes_op(int64_t head_dim, at::ScalarType dtype) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mtbert_fast, CUDA, m) {
+TORCH_LIBRARY_IMPL(mtbert_fast_C, CUDA, m) {
   m.impl("attention_varlen", &attention_varlen_cuda);
   m.impl("attention_varlen_backward", &attention_varlen_backward_cuda);
 }
 
 // Tensor-less ops get a catch-all kernel: they answer without a GPU.
-TORCH_LIBRARY_FRAGMENT(mtbert_fast, m) {
+TORCH_LIBRARY_FRAGMENT(mtbert_fast_C, m) {
   m.def("cuda_archs() -> str", &cuda_archs_op);
   m.def("cuda_attention_shared_bytes(int head_dim, ScalarType dtype) -> int", &cuda_attention_shared_bytes_op);
 }

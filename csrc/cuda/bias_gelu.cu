@@ -151,7 +151,7 @@ at::Tensor bias_gelu_backward_cuda(const at::Tensor& grad_out, const at::Tensor&
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mtbert_fast, CUDA, m) {
+TORCH_LIBRARY_IMPL(mtbert_fast_C, CUDA, m) {
   m.impl("bias_gelu", &bias_gelu_cuda);
   m.impl("bias_gelu_backward", &bias_gelu_backward_cuda);
 }

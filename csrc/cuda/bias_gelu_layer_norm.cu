@@ -103,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_gelu_layer_norm_backward_cud
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mtbert_fast, CUDA, m) {
+TORCH_LIBRARY_IMPL(mtbert_fast_C, CUDA, m) {
   m.impl("bias_gelu_layer_norm", &bias_gelu_layer_norm_cuda);
   m.impl("bias_gelu_layer_norm_backward", &bias_gelu_layer_norm_backward_cuda);
 }

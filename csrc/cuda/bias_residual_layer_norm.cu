@@ -94,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_residual_layer_norm_backward
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mtbert_fast, CUDA, m) {
+TORCH_LIBRARY_IMPL(mtbert_fast_C, CUDA, m) {
   m.impl("bias_residual_layer_norm", &bias_residual_layer_norm_cuda);
   m.impl("bias_residual_layer_norm_backward", &bias_residual_layer_norm_backward_cuda);
 }

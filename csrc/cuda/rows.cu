@@ -224,7 +224,7 @@ at::Tensor scatter_rows_cuda(const at::Tensor& x, const at::Tensor& indices, int
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mtbert_fast, CUDA, m) {
+TORCH_LIBRARY_IMPL(mtbert_fast_C, CUDA, m) {
   m.impl("gather_rows", &gather_rows_cuda);
   m.impl("scatter_rows", &scatter_rows_cuda);
 }

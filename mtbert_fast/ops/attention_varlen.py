@@ -53,7 +53,7 @@ def attention_varlen(
         return reference.attention_varlen(qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state)
     if impl == "triton":
         return dispatch.triton_kernels[op](qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state)
-    return torch.ops.mtbert_fast.attention_varlen(qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state)[0]
+    return torch.ops.mtbert_fast_C.attention_varlen(qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state)[0]
 
 
 def check_inputs(op: str, qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> None:
@@ -95,12 +95,12 @@ def check_cu_seqlens_values(op: str, cu_seqlens: torch.Tensor, tokens: int) -> N
 
 if _ext.loaded():
 
-    @torch.library.register_fake("mtbert_fast::attention_varlen")
+    @torch.library.register_fake("mtbert_fast_C::attention_varlen")
     def _fake(qkv, cu_seqlens, max_seqlen, scale, dropout_p=0.0, rng_state=None):
         t, _, heads, head_dim = qkv.shape
         return qkv.new_empty((t, heads, head_dim)), qkv.new_empty((heads, t), dtype=torch.float32)
 
-    @torch.library.register_fake("mtbert_fast::attention_varlen_backward")
+    @torch.library.register_fake("mtbert_fast_C::attention_varlen_backward")
     def _fake_backward(grad_out, qkv, out, lse, cu_seqlens, max_seqlen, scale, dropout_p=0.0, rng_state=None):
         return qkv.new_empty(qkv.shape)
 
@@ -119,7 +119,7 @@ if _ext.loaded():
         if dispatch.backward_backend("attention_varlen", qkv) == "triton":
             grad_qkv = dispatch.triton_kernels["attention_varlen_backward"](*args)
         else:
-            grad_qkv = torch.ops.mtbert_fast.attention_varlen_backward(*args)
+            grad_qkv = torch.ops.mtbert_fast_C.attention_varlen_backward(*args)
         return grad_qkv, None, None, None, None, None
 
-    torch.library.register_autograd("mtbert_fast::attention_varlen", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("mtbert_fast_C::attention_varlen", _backward, setup_context=_setup_context)

@@ -22,18 +22,18 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none", *,
         return reference.bias_gelu(x, bias, approximate)
     if impl == "triton":
         return dispatch.triton_kernels["bias_gelu"](x, bias, approximate)
-    return torch.ops.mtbert_fast.bias_gelu(x, bias, approximate)
+    return torch.ops.mtbert_fast_C.bias_gelu(x, bias, approximate)
 
 
 if _ext.loaded():
 
     # the kernels return contiguous tensors whatever the inputs' strides; so must the fakes (torch.compile
     # checks the strides of what runs against them)
-    @torch.library.register_fake("mtbert_fast::bias_gelu")
+    @torch.library.register_fake("mtbert_fast_C::bias_gelu")
     def _fake(x, bias, approximate):
         return x.new_empty(x.shape)
 
-    @torch.library.register_fake("mtbert_fast::bias_gelu_backward")
+    @torch.library.register_fake("mtbert_fast_C::bias_gelu_backward")
     def _fake_backward(grad_out, x, bias, approximate):
         return x.new_empty(x.shape)
 
@@ -44,7 +44,7 @@ if _ext.loaded():
 
     def _backward(ctx, grad):
         x, bias = ctx.saved_tensors
-        grad_x = torch.ops.mtbert_fast.bias_gelu_backward(grad.contiguous(), x, bias, ctx.approximate)
+        grad_x = torch.ops.mtbert_fast_C.bias_gelu_backward(grad.contiguous(), x, bias, ctx.approximate)
         return grad_x, sum_rows(grad_x, bias.dtype), None
 
-    torch.library.register_autograd("mtbert_fast::bias_gelu", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("mtbert_fast_C::bias_gelu", _backward, setup_context=_setup_context)

@@ -34,20 +34,20 @@ def bias_gelu_layer_norm(
         return reference.bias_gelu_layer_norm(x, bias, weight, beta, eps, approximate)
     if impl == "triton":
         return dispatch.triton_kernels[op](x, bias, weight, beta, eps, approximate)
-    return torch.ops.mtbert_fast.bias_gelu_layer_norm(x, bias, weight, beta, eps, approximate)[0]
+    return torch.ops.mtbert_fast_C.bias_gelu_layer_norm(x, bias, weight, beta, eps, approximate)[0]
 
 
 if _ext.loaded():
 
     # The fakes describe exactly what the kernels return: new contiguous tensors, whatever the inputs' strides.
 
-    @torch.library.register_fake("mtbert_fast::bias_gelu_layer_norm")
+    @torch.library.register_fake("mtbert_fast_C::bias_gelu_layer_norm")
     def _fake(x, bias, weight, beta, eps, approximate):
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         stats = x.new_empty((rows,), dtype=torch.float32)
         return x.new_empty(x.shape), stats, stats.clone()
 
-    @torch.library.register_fake("mtbert_fast::bias_gelu_layer_norm_backward")
+    @torch.library.register_fake("mtbert_fast_C::bias_gelu_layer_norm_backward")
     def _fake_backward(grad_out, x, bias, weight, mean, rstd, approximate):
         d = x.shape[-1]
         return x.new_empty(x.shape), weight.new_empty((d,)), weight.new_empty((d,))
@@ -61,9 +61,9 @@ if _ext.loaded():
 
     def _backward(ctx, grad, _grad_mean, _grad_rstd):
         x, bias, weight, mean, rstd = ctx.saved_tensors
-        grad_x, grad_weight, grad_beta = torch.ops.mtbert_fast.bias_gelu_layer_norm_backward(
+        grad_x, grad_weight, grad_beta = torch.ops.mtbert_fast_C.bias_gelu_layer_norm_backward(
             grad.contiguous(), x, bias, weight, mean, rstd, ctx.approximate
         )
         return grad_x, sum_rows(grad_x, bias.dtype), grad_weight, grad_beta, None, None
 
-    torch.library.register_autograd("mtbert_fast::bias_gelu_layer_norm", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("mtbert_fast_C::bias_gelu_layer_norm", _backward, setup_context=_setup_context)

@@ -35,20 +35,20 @@ def bias_residual_layer_norm(
         return reference.bias_residual_layer_norm(x, bias, residual, weight, beta, eps)
     if impl == "triton":
         return dispatch.triton_kernels[op](x, bias, residual, weight, beta, eps)
-    return torch.ops.mtbert_fast.bias_residual_layer_norm(x, bias, residual, weight, beta, eps)[0]
+    return torch.ops.mtbert_fast_C.bias_residual_layer_norm(x, bias, residual, weight, beta, eps)[0]
 
 
 if _ext.loaded():
 
     # The fakes describe exactly what the kernels return: new contiguous tensors, whatever the inputs' strides.
 
-    @torch.library.register_fake("mtbert_fast::bias_residual_layer_norm")
+    @torch.library.register_fake("mtbert_fast_C::bias_residual_layer_norm")
     def _fake(x, bias, residual, weight, beta, eps):
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         stats = x.new_empty((rows,), dtype=torch.float32)
         return x.new_empty(x.shape), stats, stats.clone()
 
-    @torch.library.register_fake("mtbert_fast::bias_residual_layer_norm_backward")
+    @torch.library.register_fake("mtbert_fast_C::bias_residual_layer_norm_backward")
     def _fake_backward(grad_out, x, bias, residual, weight, mean, rstd):
         d = x.shape[-1]
         return x.new_empty(x.shape), weight.new_empty((d,)), weight.new_empty((d,))
@@ -61,11 +61,11 @@ if _ext.loaded():
 
     def _backward(ctx, grad, _grad_mean, _grad_rstd):
         x, bias, residual, weight, mean, rstd = ctx.saved_tensors
-        grad_s, grad_weight, grad_beta = torch.ops.mtbert_fast.bias_residual_layer_norm_backward(
+        grad_s, grad_weight, grad_beta = torch.ops.mtbert_fast_C.bias_residual_layer_norm_backward(
             grad.contiguous(), x, bias, residual, weight, mean, rstd
         )
         return grad_s, sum_rows(grad_s, bias.dtype), grad_s, grad_weight, grad_beta, None
 
     torch.library.register_autograd(
-        "mtbert_fast::bias_residual_layer_norm", _backward, setup_context=_setup_context
+        "mtbert_fast_C::bias_residual_layer_norm", _backward, setup_context=_setup_context
     )

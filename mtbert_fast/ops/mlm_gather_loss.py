@@ -55,7 +55,7 @@ def mlm_gather_loss(
     if impl == "triton":
         loss_sum = dispatch.triton_kernels[op](hidden, weight, bias, labels, ignore_index, chunk_size)
     else:
-        loss_sum = torch.ops.mtbert_fast.mlm_gather_loss(hidden, weight, bias, labels, ignore_index, chunk_size)[0]
+        loss_sum = torch.ops.mtbert_fast_C.mlm_gather_loss(hidden, weight, bias, labels, ignore_index, chunk_size)[0]
     if reduction == "sum":
         return loss_sum
     return loss_sum / (labels != ignore_index).sum()
@@ -63,11 +63,11 @@ def mlm_gather_loss(
 
 if _ext.loaded():
 
-    @torch.library.register_fake("mtbert_fast::mlm_gather_loss")
+    @torch.library.register_fake("mtbert_fast_C::mlm_gather_loss")
     def _fake(hidden, weight, bias, labels, ignore_index, chunk_size):
         return hidden.new_empty((), dtype=torch.float32), hidden.new_empty((hidden.shape[0],), dtype=torch.float32)
 
-    @torch.library.register_fake("mtbert_fast::mlm_gather_loss_backward")
+    @torch.library.register_fake("mtbert_fast_C::mlm_gather_loss_backward")
     def _fake_backward(grad_loss_sum, hidden, weight, bias, labels, lse, ignore_index, chunk_size):
         return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
 
@@ -80,9 +80,9 @@ if _ext.loaded():
 
     def _backward(ctx, grad, _grad_lse):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
-        grad_hidden, grad_weight, grad_bias = torch.ops.mtbert_fast.mlm_gather_loss_backward(
+        grad_hidden, grad_weight, grad_bias = torch.ops.mtbert_fast_C.mlm_gather_loss_backward(
             grad, hidden, weight, bias, labels, lse, ctx.ignore_index, ctx.chunk_size
         )
         return grad_hidden, grad_weight, grad_bias, None, None, None
 
-    torch.library.register_autograd("mtbert_fast::mlm_gather_loss", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("mtbert_fast_C::mlm_gather_loss", _backward, setup_context=_setup_context)

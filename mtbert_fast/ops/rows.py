@@ -23,7 +23,7 @@ def gather_rows(x: torch.Tensor, indices: torch.Tensor, *, backend: str | None =
     _check_indices("gather_rows", x, indices)
     if dispatch.choose("gather_rows", x, backend) == "reference":
         return reference.gather_rows(x, indices)
-    return torch.ops.mtbert_fast.gather_rows(x, indices)
+    return torch.ops.mtbert_fast_C.gather_rows(x, indices)
 
 
 def scatter_rows(x: torch.Tensor, indices: torch.Tensor, num_rows: int, *, backend: str | None = None):
@@ -33,7 +33,7 @@ def scatter_rows(x: torch.Tensor, indices: torch.Tensor, num_rows: int, *, backe
         raise ValueError(f"scatter_rows: {indices.shape[0]} indices for {x.shape[0]} rows of x")
     if dispatch.choose("scatter_rows", x, backend) == "reference":
         return reference.scatter_rows(x, indices, num_rows)
-    return torch.ops.mtbert_fast.scatter_rows(x, indices, num_rows)
+    return torch.ops.mtbert_fast_C.scatter_rows(x, indices, num_rows)
 
 
 def unpad_indices(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -65,11 +65,11 @@ def pad(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) ->
 
 if _ext.loaded():
 
-    @torch.library.register_fake("mtbert_fast::gather_rows")
+    @torch.library.register_fake("mtbert_fast_C::gather_rows")
     def _fake_gather(x, indices):
         return x.new_empty((indices.shape[0],) + tuple(x.shape[1:]))
 
-    @torch.library.register_fake("mtbert_fast::scatter_rows")
+    @torch.library.register_fake("mtbert_fast_C::scatter_rows")
     def _fake_scatter(x, indices, num_rows):
         return x.new_empty((num_rows,) + tuple(x.shape[1:]))
 
@@ -89,7 +89,7 @@ if _ext.loaded():
 
     def _backward_scatter(ctx, grad):
         (indices,) = ctx.saved_tensors
-        return torch.ops.mtbert_fast.gather_rows(grad.contiguous(), indices), None, None
+        return torch.ops.mtbert_fast_C.gather_rows(grad.contiguous(), indices), None, None
 
-    torch.library.register_autograd("mtbert_fast::gather_rows", _backward_gather, setup_context=_setup_gather)
-    torch.library.register_autograd("mtbert_fast::scatter_rows", _backward_scatter, setup_context=_setup_scatter)
+    torch.library.register_autograd("mtbert_fast_C::gather_rows", _backward_gather, setup_context=_setup_gather)
+    torch.library.register_autograd("mtbert_fast_C::scatter_rows", _backward_scatter, setup_context=_setup_scatter)

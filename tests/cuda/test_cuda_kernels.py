@@ -47,7 +47,7 @@ def _missing_kernels() -> list[str]:
     missing = []
     for op in CUDA_OPS:
         try:
-            has = torch._C._dispatch_has_kernel_for_dispatch_key(f"mtbert_fast::{op}", "CUDA")
+            has = torch._C._dispatch_has_kernel_for_dispatch_key(f"mtbert_fast_C::{op}", "CUDA")
         except RuntimeError:
             has = False
         if not has:
@@ -61,7 +61,7 @@ if _missing_kernels():
     pytest.skip(f"mtbert_fast._C has no CUDA kernel for {', '.join(_missing_kernels())}", allow_module_level=True)
 
 DEV = torch.device("cuda")
-OPS = torch.ops.mtbert_fast
+OPS = torch.ops.mtbert_fast_C
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 LOW = [torch.float16, torch.bfloat16]
 GELUS = ["none", "tanh"]
@@ -841,9 +841,9 @@ _BAD_INDEX = """
 
 
 @pytest.mark.parametrize("call,message", [
-    ("torch.ops.mtbert_fast.gather_rows(x, torch.tensor([0, 5, 6, 1], device='cuda'))",
+    ("torch.ops.mtbert_fast_C.gather_rows(x, torch.tensor([0, 5, 6, 1], device='cuda'))",
      r"gather_rows: indices\[2\] = 6 is out of range for x with 6 rows"),
-    ("torch.ops.mtbert_fast.scatter_rows(x[:3], torch.tensor([0, 9, 1], device='cuda'), 5)",
+    ("torch.ops.mtbert_fast_C.scatter_rows(x[:3], torch.tensor([0, 9, 1], device='cuda'), 5)",
      r"scatter_rows: indices\[1\] = 9 is out of range for num_rows = 5"),
 ], ids=["gather_rows", "scatter_rows"])
 def test_bad_row_index_is_a_device_assert(call, message):
@@ -864,12 +864,12 @@ def test_scatter_rows_repeated_indices_with_debug_checks():
         import mtbert_fast  # noqa: F401
         x = torch.randn(3, 4, device="cuda")
         try:
-            torch.ops.mtbert_fast.scatter_rows(x, torch.tensor([4, 1, 4], device="cuda"), 5)
+            torch.ops.mtbert_fast_C.scatter_rows(x, torch.tensor([4, 1, 4], device="cuda"), 5)
         except RuntimeError as exc:
             print("RAISED:", str(exc).splitlines()[0], flush=True)
         else:
             print("NO ERROR", flush=True)
-        out = torch.ops.mtbert_fast.scatter_rows(x, torch.tensor([4, 1, 0], device="cuda"), 5)
+        out = torch.ops.mtbert_fast_C.scatter_rows(x, torch.tensor([4, 1, 0], device="cuda"), 5)
         print("DISTINCT OK" if torch.equal(out[[4, 1, 0]], x) else "DISTINCT WRONG", flush=True)
     """
     status, out = _run_python(code, MTBERT_FAST_DEBUG_CHECKS="1")

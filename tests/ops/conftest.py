@@ -12,7 +12,7 @@ from mtbert_fast import _ext
 
 @pytest.fixture(scope="session")
 def compiled_kernels():
-    """The CPU kernels of the package's built extension (torch.ops.mtbert_fast); a missing build fails the test."""
+    """The CPU kernels of the package's built extension (torch.ops.mtbert_fast_C); a missing build fails the test."""
 
     def require(names: list[str]):
         if os.environ.get("MTBERT_FAST_SKIP_BUILD") == "1":
@@ -20,6 +20,6 @@ def compiled_kernels():
         assert _ext.loaded(), _ext.load_error
         missing = [name for name in names if not _ext.has_kernel(name, "CPU")]
         assert not missing, f"no CPU kernel registered for {missing}"
-        return torch.ops.mtbert_fast
+        return torch.ops.mtbert_fast_C
 
     return require

@@ -133,7 +133,7 @@ def test_cpu_kernel_returns_param_grads_in_param_dtype(op):
     same as the fp32 reference; with bf16 weight and beta (the same fp32 sums, rounded once) they are bf16."""
     x, b, r, w, beta = _inputs((37, 24), torch.bfloat16)
     g = _rand(37, 24, seed=9).to(torch.bfloat16)
-    kernels = torch.ops.mtbert_fast
+    kernels = torch.ops.mtbert_fast_C
     results = {}
     for wd in (torch.float32, torch.bfloat16):
         wt, bt = w.to(wd), beta.to(wd)
@@ -254,7 +254,7 @@ def test_wrong_residual_dtype_is_refused():
 
 @needs_ext
 def test_cpu_kernels_refuse_wrong_param_dtypes():
-    k = torch.ops.mtbert_fast
+    k = torch.ops.mtbert_fast_C
     x, b, r, w, beta = _inputs((4, 8), torch.bfloat16)
     mean, rstd = torch.zeros(4), torch.ones(4)
     with pytest.raises(RuntimeError, match="bias_residual_layer_norm: beta has dtype BFloat16 but weight has Float"):
@@ -297,12 +297,13 @@ def _strided(dtype, n=6, d=16):
 
 
 def _op_args(prefix, dtype):
-    """name -> arguments of the op torch.ops.mtbert_fast.<prefix><name>, for each name in LN_OP_NAMES, on the
+    """name -> arguments of the op <prefix><name> (the C++ kernels' torch.ops.mtbert_fast_C.<name>, or Triton's
+    torch.ops.mtbert_fast.triton_<name>), for each name in LN_OP_NAMES, on the
     views of _strided (the backward ops: a contiguous grad_out, x transposed, weight strided)."""
     leaves, views = _strided(dtype)
     x, b, r, w, beta = views(*leaves)
     assert not (x.is_contiguous() or r.is_contiguous() or w.is_contiguous() or beta.is_contiguous())
-    k = torch.ops.mtbert_fast
+    k = torch.ops.mtbert_fast if prefix else torch.ops.mtbert_fast_C
     mean, rstd = getattr(k, prefix + "bias_residual_layer_norm")(x, b, r, w, beta, EPS)[1:]
     gmean, grstd = getattr(k, prefix + "bias_gelu_layer_norm")(x, b, w, beta, EPS, "tanh")[1:]
     g = _rand(6, 16, seed=9, dtype=dtype)
@@ -334,7 +335,7 @@ def _check_compiled_equals_eager(op, backend, dtype):
     # the forward through the public wrapper, and the backward op: the non-contiguous views are the graph's inputs
     wrapper = lambda x, b, r, w, beta: fn(x, b, r, w, beta, backend=backend)  # noqa: E731
     forward_args = args["bias_residual_layer_norm"][:5]
-    backward_op = getattr(torch.ops.mtbert_fast, prefix + op + "_backward")
+    backward_op = getattr(torch.ops.mtbert_fast if prefix else torch.ops.mtbert_fast_C, prefix + op + "_backward")
     backward_args = args[op + "_backward"]
     for f, f_args in ((wrapper, forward_args), (backward_op, backward_args)):
         torch._dynamo.reset()
@@ -397,4 +398,4 @@ def test_opcheck_mixed_dtypes_and_strides(prefix, name):
     needs_grad = not name.endswith("_backward")
     args = [a.detach().requires_grad_(needs_grad) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
             for a in _op_args(prefix, torch.bfloat16)[name]]
-    torch.library.opcheck(getattr(torch.ops.mtbert_fast, prefix + name), args)
+    torch.library.opcheck(getattr(torch.ops.mtbert_fast if prefix else torch.ops.mtbert_fast_C, prefix + name), args)

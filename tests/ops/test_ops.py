@@ -261,7 +261,7 @@ def _samples():
 @needs_ext
 @pytest.mark.parametrize("name", sorted(_samples()))
 def test_opcheck(name):
-    op = getattr(torch.ops.mtbert_fast, name)
+    op = getattr(torch.ops.mtbert_fast_C, name)
     args = [a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
             for a in _samples()[name]]
     torch.library.opcheck(op, args)
@@ -295,7 +295,7 @@ def test_attention_dropout_opcheck_and_compile():
     rng_state from torch's generator: compiled and eager give the same result for the same seed."""
     qkv, cu, max_len = _packed([3, 1, 6], 2, 16)
     rng = torch.tensor([77, 0])
-    torch.library.opcheck(torch.ops.mtbert_fast.attention_varlen, (qkv.clone().requires_grad_(), cu, max_len, 0.25,
+    torch.library.opcheck(torch.ops.mtbert_fast_C.attention_varlen, (qkv.clone().requires_grad_(), cu, max_len, 0.25,
                                                                    0.3, rng))
     torch._dynamo.reset()
 
@@ -422,7 +422,7 @@ def test_kernel_checks_name_bad_contents():
     with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
         ops.attention_varlen(qkv, torch.tensor([0, 4, 3, 5], dtype=torch.int32), 4, backend="cpu")
     with pytest.raises(RuntimeError, match="max_seqlen must be >= 0, got -1"):
-        torch.ops.mtbert_fast.attention_varlen(qkv, torch.tensor([0, 5], dtype=torch.int32), -1, 0.5)
+        torch.ops.mtbert_fast_C.attention_varlen(qkv, torch.tensor([0, 5], dtype=torch.int32), -1, 0.5)
     with pytest.raises(RuntimeError, match="label"):
         ops.mlm_gather_loss(_rand(2, 4), _rand(5, 4), _rand(5), torch.tensor([1, 9]), backend="cpu")
     with pytest.raises(RuntimeError, match=r"indices\[1\] = 3 is out of range"):
