@@ -14,17 +14,8 @@ import torch
 
 import mtbert_fast
 from mtbert_fast import _ext
-from mtbert_fast.ops import dispatch
+from mtbert_fast.ops import dispatch, registry
 
-OPS = (
-    "attention_varlen",
-    "bias_gelu",
-    "bias_residual_layer_norm",
-    "bias_gelu_layer_norm",
-    "gather_rows",
-    "scatter_rows",
-    "mlm_gather_loss",
-)
 DTYPES = (torch.float32, torch.bfloat16)
 ENV_VARS = (dispatch.ENV_VAR, "TRITON_INTERPRET", "MTBERT_FAST_DEBUG_CHECKS")
 
@@ -62,7 +53,7 @@ def devices() -> list[torch.device]:
 def backend_rows(footnotes: dict[str, int]) -> list[list[str]]:
     """One row per (op, device, dtype): the automatic choice, then each backend as "yes" or a footnote [n]."""
     rows = []
-    for op in OPS:
+    for op in registry.OPS:
         for device in devices():
             for dtype in DTYPES:
                 reasons = {b: dispatch.reason(b, op, device, dtype) for b in dispatch.BACKENDS}
@@ -113,7 +104,7 @@ def report() -> str:
         out.extend(f"  [{n}] {why}" for why, n in footnotes.items())
     out.append("")
     out.append("Input limits (an input outside them goes to the next backend; forcing that backend raises):")
-    limit_rows = [[op, b, "; ".join(dispatch.limits_of(op, b))] for op in OPS for b in dispatch.BACKENDS
+    limit_rows = [[op, b, "; ".join(dispatch.limits_of(op, b))] for op in registry.OPS for b in dispatch.BACKENDS
                   if dispatch.limits_of(op, b)]
     out.extend("  " + line for line in _table(["op", "backend", "limits"], limit_rows))
     out.append("  cuda, every op: a GPU the build holds code for (above); attention_varlen also the shared memory its "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from mtbert_fast.ops.registry import TRITON_MAX_ROW, Limit
+
 GELU_KINDS = ("none", "tanh")
 
 
@@ -96,3 +98,20 @@ def _autocast_dtype(first: torch.Tensor) -> torch.dtype | None:
     if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
+
+
+def row_limits() -> tuple[Limit, ...]:
+    """The Triton row ops' limit: one program holds a row."""
+    return (Limit(f"rows of at most {TRITON_MAX_ROW} elements", _row),)
+
+
+def _row(t: torch.Tensor) -> str | None:
+    d = t.shape[-1] if t.dim() else 1
+    return None if d <= TRITON_MAX_ROW else f"rows of {d} elements > {TRITON_MAX_ROW} (one program holds a row)"
+
+
+def layer_norm_fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a LayerNorm kernel returns for x [..., D]: out like x, mean and rstd fp32 [rows], all new and contiguous."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    stats = x.new_empty((rows,), dtype=torch.float32)
+    return x.new_empty(x.shape), stats, stats.clone()

@@ -7,8 +7,8 @@ import os
 
 import torch
 
-from mtbert_fast import _ext
 from mtbert_fast.ops import dispatch, dropout, reference
+from mtbert_fast.ops.registry import CPU_DTYPES, CUDA_MAX_HEADS, INT32_ROWS, MAX_HEAD_DIM, Backend, Limit, Op
 
 DEBUG_CHECKS_ENV = "MTBERT_FAST_DEBUG_CHECKS"
 
@@ -48,12 +48,7 @@ def attention_varlen(
         scale = 1.0 / math.sqrt(qkv.shape[-1])
     if dropout_p == 0.0:
         rng_state = None
-    impl = dispatch.choose(op, qkv, backend)
-    if impl == "reference":
-        return reference.attention_varlen(qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state)
-    if impl == "triton":
-        return dispatch.triton_kernels[op](qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state)
-    return torch.ops.mtbert_fast_C.attention_varlen(qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state)[0]
+    return OP(qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state, backend=backend)
 
 
 def check_inputs(op: str, qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> None:
@@ -93,33 +88,68 @@ def check_cu_seqlens_values(op: str, cu_seqlens: torch.Tensor, tokens: int) -> N
                              f"cu_seqlens[{b + 1}] = {hi}")
 
 
-if _ext.loaded():
+def _fake(qkv, cu_seqlens, max_seqlen, scale, dropout_p=0.0, rng_state=None):
+    t, _, heads, head_dim = qkv.shape
+    return qkv.new_empty((t, heads, head_dim)), qkv.new_empty((heads, t), dtype=torch.float32)
 
-    @torch.library.register_fake("mtbert_fast_C::attention_varlen")
-    def _fake(qkv, cu_seqlens, max_seqlen, scale, dropout_p=0.0, rng_state=None):
-        t, _, heads, head_dim = qkv.shape
-        return qkv.new_empty((t, heads, head_dim)), qkv.new_empty((heads, t), dtype=torch.float32)
 
-    @torch.library.register_fake("mtbert_fast_C::attention_varlen_backward")
-    def _fake_backward(grad_out, qkv, out, lse, cu_seqlens, max_seqlen, scale, dropout_p=0.0, rng_state=None):
-        return qkv.new_empty(qkv.shape)
+def _fake_backward(grad_out, qkv, out, lse, cu_seqlens, max_seqlen, scale, dropout_p=0.0, rng_state=None):
+    return qkv.new_empty(qkv.shape)
 
-    def _setup_context(ctx, inputs, output):
-        qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state = inputs
-        out, lse = output
-        ctx.save_for_backward(qkv, out, lse, cu_seqlens, rng_state)
-        ctx.mark_non_differentiable(lse)
-        ctx.max_seqlen, ctx.scale, ctx.dropout_p = max_seqlen, scale, dropout_p
 
-    def _backward(ctx, grad, _grad_lse):
-        qkv, out, lse, cu_seqlens, rng_state = ctx.saved_tensors
-        args = (grad.contiguous(), qkv, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.dropout_p, rng_state)
-        # the backward runs where it is fastest for this input, which need not be where the forward ran: every
-        # backend keeps lse in the same layout and draws the same dropout mask from rng_state
-        if dispatch.backward_backend("attention_varlen", qkv) == "triton":
-            grad_qkv = dispatch.triton_kernels["attention_varlen_backward"](*args)
-        else:
-            grad_qkv = torch.ops.mtbert_fast_C.attention_varlen_backward(*args)
-        return grad_qkv, None, None, None, None, None
+def _setup_context(ctx, inputs, output):
+    qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse, cu_seqlens, rng_state)
+    ctx.mark_non_differentiable(lse)
+    ctx.max_seqlen, ctx.scale, ctx.dropout_p = max_seqlen, scale, dropout_p
 
-    torch.library.register_autograd("mtbert_fast_C::attention_varlen", _backward, setup_context=_setup_context)
+
+def _backward(ctx, grad, _grad_lse):
+    qkv, out, lse, cu_seqlens, rng_state = ctx.saved_tensors
+    # the backward runs where it is fastest for this input, which need not be where the forward ran: every backend
+    # keeps lse in the same layout and draws the same dropout mask from rng_state
+    backend = dispatch.backward_backend(OP.name, ctx.backend, qkv)
+    grad_qkv = OP.backward_kernel(backend)(
+        grad.contiguous(), qkv, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.dropout_p, rng_state
+    )
+    return grad_qkv, None, None, None, None, None
+
+
+def _head_dim(qkv: torch.Tensor) -> str | None:
+    d = qkv.shape[-1]
+    return None if d <= MAX_HEAD_DIM else f"head_dim {d} > {MAX_HEAD_DIM}"
+
+
+def _heads(qkv: torch.Tensor) -> str | None:
+    h = qkv.shape[2]
+    return None if h <= CUDA_MAX_HEADS else f"{h} heads > {CUDA_MAX_HEADS} (the grid's y limit)"
+
+
+def _tokens(qkv: torch.Tensor) -> str | None:
+    n = qkv.shape[0]
+    return None if n < INT32_ROWS else f"{n} rows: cu_seqlens (int32) indexes at most {INT32_ROWS - 1}"
+
+
+_HEAD_DIM = Limit(f"head_dim <= {MAX_HEAD_DIM}", _head_dim)
+_TOKENS = Limit(f"T <= {INT32_ROWS - 1} rows (int32 cu_seqlens)", _tokens)
+
+OP = Op(
+    name="attention_varlen",
+    # qkv [T, 3, heads, head_dim], cu_seqlens int32 [B+1] -> out [T, heads, head_dim], lse fp32 [heads, T]
+    schema="(Tensor qkv, Tensor cu_seqlens, int max_seqlen, float scale, float dropout_p=0., Tensor? rng_state=None) "
+           "-> (Tensor, Tensor)",
+    # -> grad_qkv [T, 3, heads, head_dim]
+    backward_schema="(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, Tensor cu_seqlens, int max_seqlen, "
+                    "float scale, float dropout_p=0., Tensor? rng_state=None) -> Tensor",
+    reference=reference.attention_varlen,
+    backends={
+        "cuda": Backend(limits=(_HEAD_DIM, Limit(f"heads <= {CUDA_MAX_HEADS}", _heads), _TOKENS)),
+        "triton": Backend("forward", "backward", limits=(_HEAD_DIM, _TOKENS)),
+        "cpu": Backend(dtypes=CPU_DTYPES, limits=(_TOKENS,)),
+    },
+    fake=_fake,
+    backward_fake=_fake_backward,
+    setup_context=_setup_context,
+    backward=_backward,
+)

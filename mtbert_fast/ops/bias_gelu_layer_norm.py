@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from mtbert_fast import _ext
-from mtbert_fast.ops import dispatch, reference
-from mtbert_fast.ops._checks import autocast_layer_norm, check_gelu, check_rows, sum_rows
+from mtbert_fast.ops import reference
+from mtbert_fast.ops._checks import (
+    autocast_layer_norm, check_gelu, check_rows, layer_norm_fake, row_limits, sum_rows,
+)
+from mtbert_fast.ops.registry import CPU_DTYPES, Backend, Op
 
 
 def bias_gelu_layer_norm(
@@ -29,41 +31,59 @@ def bias_gelu_layer_norm(
     check_gelu(op, approximate)
     (x, bias), (weight, beta) = autocast_layer_norm((x, bias), (weight, beta))
     check_rows(op, x, vectors={"bias": bias}, params={"weight": weight, "beta": beta})
-    impl = dispatch.choose(op, x, backend)
-    if impl == "reference":
-        return reference.bias_gelu_layer_norm(x, bias, weight, beta, eps, approximate)
-    if impl == "triton":
-        return dispatch.triton_kernels[op](x, bias, weight, beta, eps, approximate)
-    return torch.ops.mtbert_fast_C.bias_gelu_layer_norm(x, bias, weight, beta, eps, approximate)[0]
+    return OP(x, bias, weight, beta, eps, approximate, backend=backend)
 
 
-if _ext.loaded():
+def _fake(x, bias, weight, beta, eps, approximate):
+    return layer_norm_fake(x)
 
-    # The fakes describe exactly what the kernels return: new contiguous tensors, whatever the inputs' strides.
 
-    @torch.library.register_fake("mtbert_fast_C::bias_gelu_layer_norm")
-    def _fake(x, bias, weight, beta, eps, approximate):
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        stats = x.new_empty((rows,), dtype=torch.float32)
-        return x.new_empty(x.shape), stats, stats.clone()
+def _fake_backward(grad_out, x, bias, weight, mean, rstd, approximate):
+    d = x.shape[-1]
+    return x.new_empty(x.shape), weight.new_empty((d,)), weight.new_empty((d,)), bias.new_empty((d,))
 
-    @torch.library.register_fake("mtbert_fast_C::bias_gelu_layer_norm_backward")
-    def _fake_backward(grad_out, x, bias, weight, mean, rstd, approximate):
-        d = x.shape[-1]
-        return x.new_empty(x.shape), weight.new_empty((d,)), weight.new_empty((d,))
 
-    def _setup_context(ctx, inputs, output):
-        x, bias, weight, beta, eps, approximate = inputs
-        _, mean, rstd = output
-        ctx.save_for_backward(x, bias, weight, mean, rstd)
-        ctx.mark_non_differentiable(mean, rstd)
-        ctx.approximate = approximate
+def _cpp_backward(grad_out, x, bias, weight, mean, rstd, approximate):
+    """The C++ kernels return grad_x, grad_weight, grad_beta; grad_bias is grad_x summed over rows."""
+    grad_x, grad_weight, grad_beta = torch.ops.mtbert_fast_C.bias_gelu_layer_norm_backward(
+        grad_out, x, bias, weight, mean, rstd, approximate
+    )
+    return grad_x, grad_weight, grad_beta, sum_rows(grad_x, bias.dtype)
 
-    def _backward(ctx, grad, _grad_mean, _grad_rstd):
-        x, bias, weight, mean, rstd = ctx.saved_tensors
-        grad_x, grad_weight, grad_beta = torch.ops.mtbert_fast_C.bias_gelu_layer_norm_backward(
-            grad.contiguous(), x, bias, weight, mean, rstd, ctx.approximate
-        )
-        return grad_x, sum_rows(grad_x, bias.dtype), grad_weight, grad_beta, None, None
 
-    torch.library.register_autograd("mtbert_fast_C::bias_gelu_layer_norm", _backward, setup_context=_setup_context)
+def _setup_context(ctx, inputs, output):
+    x, bias, weight, beta, eps, approximate = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, bias, weight, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.approximate = approximate
+
+
+def _backward(ctx, grad, _grad_mean, _grad_rstd):
+    x, bias, weight, mean, rstd = ctx.saved_tensors
+    grad_x, grad_weight, grad_beta, grad_bias = OP.backward_kernel(ctx.backend)(
+        grad.contiguous(), x, bias, weight, mean, rstd, ctx.approximate
+    )
+    return grad_x, grad_bias, grad_weight, grad_beta, None, None
+
+
+OP = Op(
+    name="bias_gelu_layer_norm",
+    # -> out [N, D], mean fp32 [N], rstd fp32 [N]
+    schema="(Tensor x, Tensor bias, Tensor weight, Tensor beta, float eps, str approximate) -> (Tensor, Tensor, Tensor)",
+    # -> grad_x [N, D], grad_weight [D], grad_beta [D], grad_bias [D]
+    backward_schema="(Tensor grad_out, Tensor x, Tensor bias, Tensor weight, Tensor mean, Tensor rstd, "
+                    "str approximate) -> (Tensor, Tensor, Tensor, Tensor)",
+    cpp_backward_schema="(Tensor grad_out, Tensor x, Tensor bias, Tensor weight, Tensor mean, Tensor rstd, "
+                        "str approximate) -> (Tensor, Tensor, Tensor)",
+    reference=reference.bias_gelu_layer_norm,
+    backends={
+        "cuda": Backend(backward=_cpp_backward),
+        "triton": Backend("forward", "backward", limits=row_limits()),
+        "cpu": Backend(backward=_cpp_backward, dtypes=CPU_DTYPES),
+    },
+    fake=_fake,
+    backward_fake=_fake_backward,
+    setup_context=_setup_context,
+    backward=_backward,
+)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from mtbert_fast import _ext
-from mtbert_fast.ops import dispatch, reference
-from mtbert_fast.ops._checks import autocast_layer_norm, check_rows, sum_rows
+from mtbert_fast.ops import reference
+from mtbert_fast.ops._checks import autocast_layer_norm, check_rows, layer_norm_fake, row_limits, sum_rows
+from mtbert_fast.ops.registry import CPU_DTYPES, Backend, Op
 
 
 def bias_residual_layer_norm(
@@ -30,42 +30,58 @@ def bias_residual_layer_norm(
     check_rows(
         op, x, same_shape={"residual": residual}, vectors={"bias": bias}, params={"weight": weight, "beta": beta}
     )
-    impl = dispatch.choose(op, x, backend)
-    if impl == "reference":
-        return reference.bias_residual_layer_norm(x, bias, residual, weight, beta, eps)
-    if impl == "triton":
-        return dispatch.triton_kernels[op](x, bias, residual, weight, beta, eps)
-    return torch.ops.mtbert_fast_C.bias_residual_layer_norm(x, bias, residual, weight, beta, eps)[0]
+    return OP(x, bias, residual, weight, beta, eps, backend=backend)
 
 
-if _ext.loaded():
+def _fake(x, bias, residual, weight, beta, eps):
+    return layer_norm_fake(x)
 
-    # The fakes describe exactly what the kernels return: new contiguous tensors, whatever the inputs' strides.
 
-    @torch.library.register_fake("mtbert_fast_C::bias_residual_layer_norm")
-    def _fake(x, bias, residual, weight, beta, eps):
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        stats = x.new_empty((rows,), dtype=torch.float32)
-        return x.new_empty(x.shape), stats, stats.clone()
+def _fake_backward(grad_out, x, bias, residual, weight, mean, rstd):
+    d = x.shape[-1]
+    return x.new_empty(x.shape), weight.new_empty((d,)), weight.new_empty((d,)), bias.new_empty((d,))
 
-    @torch.library.register_fake("mtbert_fast_C::bias_residual_layer_norm_backward")
-    def _fake_backward(grad_out, x, bias, residual, weight, mean, rstd):
-        d = x.shape[-1]
-        return x.new_empty(x.shape), weight.new_empty((d,)), weight.new_empty((d,))
 
-    def _setup_context(ctx, inputs, output):
-        x, bias, residual, weight, beta, eps = inputs
-        _, mean, rstd = output
-        ctx.save_for_backward(x, bias, residual, weight, mean, rstd)
-        ctx.mark_non_differentiable(mean, rstd)
-
-    def _backward(ctx, grad, _grad_mean, _grad_rstd):
-        x, bias, residual, weight, mean, rstd = ctx.saved_tensors
-        grad_s, grad_weight, grad_beta = torch.ops.mtbert_fast_C.bias_residual_layer_norm_backward(
-            grad.contiguous(), x, bias, residual, weight, mean, rstd
-        )
-        return grad_s, sum_rows(grad_s, bias.dtype), grad_s, grad_weight, grad_beta, None
-
-    torch.library.register_autograd(
-        "mtbert_fast_C::bias_residual_layer_norm", _backward, setup_context=_setup_context
+def _cpp_backward(grad_out, x, bias, residual, weight, mean, rstd):
+    """The C++ kernels return grad_s, grad_weight, grad_beta; grad_bias is grad_s summed over rows."""
+    grad_s, grad_weight, grad_beta = torch.ops.mtbert_fast_C.bias_residual_layer_norm_backward(
+        grad_out, x, bias, residual, weight, mean, rstd
     )
+    return grad_s, grad_weight, grad_beta, sum_rows(grad_s, bias.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    x, bias, residual, weight, beta, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, bias, residual, weight, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, grad, _grad_mean, _grad_rstd):
+    x, bias, residual, weight, mean, rstd = ctx.saved_tensors
+    grad_s, grad_weight, grad_beta, grad_bias = OP.backward_kernel(ctx.backend)(
+        grad.contiguous(), x, bias, residual, weight, mean, rstd
+    )
+    return grad_s, grad_bias, grad_s, grad_weight, grad_beta, None
+
+
+OP = Op(
+    name="bias_residual_layer_norm",
+    # -> out [N, D], mean fp32 [N], rstd fp32 [N]
+    schema="(Tensor x, Tensor bias, Tensor residual, Tensor weight, Tensor beta, float eps) -> (Tensor, Tensor, Tensor)",
+    # -> grad_s [N, D] (the gradient of x and of residual), grad_weight [D], grad_beta [D], grad_bias [D]
+    backward_schema="(Tensor grad_out, Tensor x, Tensor bias, Tensor residual, Tensor weight, Tensor mean, "
+                    "Tensor rstd) -> (Tensor, Tensor, Tensor, Tensor)",
+    cpp_backward_schema="(Tensor grad_out, Tensor x, Tensor bias, Tensor residual, Tensor weight, Tensor mean, "
+                        "Tensor rstd) -> (Tensor, Tensor, Tensor)",
+    reference=reference.bias_residual_layer_norm,
+    backends={
+        "cuda": Backend(backward=_cpp_backward),
+        "triton": Backend("forward", "backward", limits=row_limits()),
+        "cpu": Backend(backward=_cpp_backward, dtypes=CPU_DTYPES),
+    },
+    fake=_fake,
+    backward_fake=_fake_backward,
+    setup_context=_setup_context,
+    backward=_backward,
+)

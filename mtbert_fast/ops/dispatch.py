@@ -1,103 +1,46 @@
 """Backend choice for every op, explainable.
 
-Each backend states which devices, dtypes and input shapes it takes (`LIMITS`: head_dim, row length, ...), and the
-cuda backend also which GPUs its build holds code for and how much shared memory its attention needs; `choose`
-returns the first that can run an input, in the order cuda -> triton -> cpu -> reference, or the one the caller
-forces with `backend=` or the `MTBERT_FAST_BACKEND` environment variable. So an automatic choice never takes a
-backend that would then refuse the input. A forced backend that cannot run raises `BackendUnavailable`
-with every backend's reason; an automatic choice never fails because a build is missing: it falls back,
-and `last_choices()` remembers why (shown by `python -m mtbert_fast.info`).
+Each op's declaration (registry.py) states which backends have a kernel for it and which dtypes and input shapes
+each takes (its limits: head_dim, row length, ...); the cuda backend also states which GPUs its build holds code
+for and how much shared memory its attention needs. `choose` returns the first backend that can run an input, in
+the order cuda -> triton -> cpu -> reference, or the one the caller forces with `backend=` or the
+`MTBERT_FAST_BACKEND` environment variable, so an automatic choice never takes a backend that would then refuse
+the input. A forced backend that cannot run raises `BackendUnavailable` with every backend's reason; an automatic
+choice never fails because a build is missing: it falls back, and `last_choices()` remembers why (shown by
+`python -m mtbert_fast.info`).
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from mtbert_fast import _ext
+from mtbert_fast.ops import registry
 
-BACKENDS = ("cuda", "triton", "cpu", "reference")
+BACKENDS = registry.BACKENDS
 CHOICES = ("auto",) + BACKENDS
 ENV_VAR = "MTBERT_FAST_BACKEND"
 
-_DTYPES = {
-    "cuda": (torch.float16, torch.bfloat16, torch.float32),
-    "triton": (torch.float16, torch.bfloat16, torch.float32),
-    "cpu": (torch.bfloat16, torch.float32),
-}
-
-# op name -> callable, filled by mtbert_fast.ops.triton when Triton imports
-triton_kernels: dict[str, object] = {}
 _triton_import_error: str | None = None
-# ops that move rows of any dtype (token ids too), not only floating-point activations
-_ANY_DTYPE_OPS = ("gather_rows", "scatter_rows")
+_triton_imported = False
 _last: dict[tuple[str, str, torch.dtype], tuple[str, dict[str, str]]] = {}
-
-
-_ROW_OPS = ("bias_gelu", "bias_residual_layer_norm", "bias_gelu_layer_norm")
-_INT32_ROWS = 2**31 - 1
-# the Triton kernels hold a row of a row op in one program (mtbert_fast/ops/triton/_jit.py reads this)
-TRITON_MAX_ROW = 65536
-MAX_HEAD_DIM = 256
-CUDA_MAX_HEADS = 65535
-
-
-@dataclass(frozen=True)
-class Limit:
-    """An input a backend refuses, declared once: `violated(t)` tells why an input like `t` (the op's main tensor)
-    is outside the limit, or None."""
-
-    ops: tuple[str, ...]
-    backends: tuple[str, ...]
-    text: str
-    violated: Callable[[torch.Tensor], str | None]
-
-
-def _head_dim(t: torch.Tensor) -> str | None:
-    d = t.shape[-1]
-    return None if d <= MAX_HEAD_DIM else f"head_dim {d} > {MAX_HEAD_DIM}"
-
-
-def _heads(t: torch.Tensor) -> str | None:
-    h = t.shape[2]
-    return None if h <= CUDA_MAX_HEADS else f"{h} heads > {CUDA_MAX_HEADS} (the grid's y limit)"
-
-
-def _tokens(t: torch.Tensor) -> str | None:
-    n = t.shape[0]
-    return None if n < _INT32_ROWS else f"{n} rows: cu_seqlens (int32) indexes at most {_INT32_ROWS - 1}"
-
-
-def _row(t: torch.Tensor) -> str | None:
-    d = t.shape[-1] if t.dim() else 1
-    return None if d <= TRITON_MAX_ROW else f"rows of {d} elements > {TRITON_MAX_ROW} (one program holds a row)"
-
-
-LIMITS = (
-    Limit(("attention_varlen",), ("cuda", "triton"), f"head_dim <= {MAX_HEAD_DIM}", _head_dim),
-    Limit(("attention_varlen",), ("cuda",), f"heads <= {CUDA_MAX_HEADS}", _heads),
-    Limit(("attention_varlen",), ("cuda", "triton", "cpu"), f"T <= {_INT32_ROWS - 1} rows (int32 cu_seqlens)",
-          _tokens),
-    Limit(_ROW_OPS, ("triton",), f"rows of at most {TRITON_MAX_ROW} elements", _row),
-)
 
 
 def limits_of(op: str, backend: str) -> list[str]:
     """The declared input limits of `backend` for `op`, as text (for `python -m mtbert_fast.info`)."""
-    return [lim.text for lim in LIMITS if op in lim.ops and backend in lim.backends]
+    return [lim.text for lim in registry.OPS[op].limits(backend)]
 
 
 def input_reason(backend: str, op: str, t: torch.Tensor) -> str | None:
     """Why `backend` cannot run `op` on an input like `t` although it takes its device and dtype, or None."""
-    for lim in LIMITS:
-        if op in lim.ops and backend in lim.backends:
-            why = lim.violated(t)
-            if why is not None:
-                return why
+    for lim in registry.OPS[op].limits(backend):
+        why = lim.violated(t)
+        if why is not None:
+            return why
     if backend == "cuda" and t.device.type == "cuda":
         return _cuda_device_reason(t.device) or _cuda_shared_memory_reason(op, t)
     return None
@@ -175,11 +118,11 @@ def requested_backend(backend: str | None = None) -> str:
 
 
 def _triton_reason(op: str, device: torch.device) -> str | None:
+    if "triton" not in registry.OPS[op].backends:
+        return f"no Triton kernel for {op}"
     _load_triton()
     if _triton_import_error is not None:
         return _triton_import_error
-    if op not in triton_kernels:
-        return f"no Triton kernel for {op}"
     if device.type == "cuda":
         return None
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
@@ -188,28 +131,36 @@ def _triton_reason(op: str, device: torch.device) -> str | None:
 
 
 def _load_triton() -> None:
-    global _triton_import_error
-    if triton_kernels or _triton_import_error is not None:
+    """Import the Triton kernels once; a failure is kept as the Triton backend's reason."""
+    global _triton_import_error, _triton_imported
+    if _triton_imported or _triton_import_error is not None:
         return
     if importlib.util.find_spec("triton") is None:
         _triton_import_error = "triton is not installed"
         return
     try:
-        importlib.import_module("mtbert_fast.ops.triton")
+        for name, spec in registry.OPS.items():
+            if "triton" in spec.backends:
+                importlib.import_module(f"{registry.TRITON_MODULES}.{name}")
     except Exception as exc:  # a broken Triton install must not break the other backends
-        _triton_import_error = f"mtbert_fast.ops.triton failed to import: {type(exc).__name__}: {exc}"
+        _triton_import_error = f"{registry.TRITON_MODULES} failed to import: {type(exc).__name__}: {exc}"
+    else:
+        _triton_imported = True
 
 
 def reason(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """Why `backend` cannot run `op` on this device and dtype, or None when it can."""
-    any_dtype = op in _ANY_DTYPE_OPS
+    spec = registry.OPS[op]
     if backend == "reference":
+        any_dtype = all(b.dtypes is None for b in spec.backends.values())
         return None if dtype.is_floating_point or any_dtype else f"dtype {dtype} is not a floating-point type"
     if backend == "triton":
         why = _triton_reason(op, device)
     elif backend in ("cpu", "cuda"):
         key = backend.upper()
-        if not _ext.loaded():
+        if backend not in spec.backends:
+            why = f"no {backend} kernel for {op}"
+        elif not _ext.loaded():
             why = f"mtbert_fast._C unavailable: {_ext.load_error}"
         elif not _ext.has_kernel(op, key):
             why = f"mtbert_fast._C has no {key} kernel for {op}" + (
@@ -221,8 +172,9 @@ def reason(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> s
             why = None
     else:
         raise ValueError(f"unknown backend {backend!r}")
-    if why is None and not any_dtype and dtype not in _DTYPES[backend]:
-        names = ", ".join(str(d).replace("torch.", "") for d in _DTYPES[backend])
+    dtypes = spec.dtypes(backend) if why is None else None
+    if dtypes is not None and dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         why = f"dtype {str(dtype).replace('torch.', '')} is not supported ({names})"
     return why
 
@@ -247,15 +199,13 @@ def choose(op: str, t: torch.Tensor, backend: str | None = None) -> str:
     raise BackendUnavailable(f"{op}: no backend can run this input: {reasons}")
 
 
-def backward_backend(op: str, t: torch.Tensor) -> str:
-    """Where the backward of `op` runs after a forward on the cuda backend: on Triton's tensor-core kernels when
-    they can take the input (the CUDA C++ backward runs on CUDA cores), unless $MTBERT_FAST_BACKEND forces cuda."""
-    if requested_backend() == "cuda":
-        return "cuda"
-    # why_not loads the Triton kernels first, so the lookup that follows sees them
-    if why_not("triton", op, t) is None and f"{op}_backward" in triton_kernels:
-        return "triton"
-    return "cuda"
+def backward_backend(op: str, forward: str, t: torch.Tensor) -> str:
+    """Where the backward of `op` runs after its forward ran on `forward`: the same backend, except that after a
+    forward on the cuda backend, Triton's tensor-core backward runs when it can take the input (the CUDA C++
+    backward runs on CUDA cores), unless $MTBERT_FAST_BACKEND forces cuda."""
+    if forward != "cuda" or requested_backend() == "cuda":
+        return forward
+    return "triton" if why_not("triton", op, t) is None else "cuda"
 
 
 def why_not(backend: str, op: str, t: torch.Tensor) -> str | None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from mtbert_fast import _ext
-from mtbert_fast.ops import dispatch, reference
+from mtbert_fast.ops import reference
 from mtbert_fast.ops._checks import autocast_like
+from mtbert_fast.ops.registry import CPU_DTYPES, Backend, Op
 
 
 def mlm_gather_loss(
@@ -49,40 +49,57 @@ def mlm_gather_loss(
     for name, t in (("weight", weight), ("bias", bias)):
         if t.dtype != hidden.dtype:
             raise TypeError(f"{op}: {name} has dtype {t.dtype} but hidden has {hidden.dtype}")
-    impl = dispatch.choose(op, hidden, backend)
-    if impl == "reference":
-        return reference.mlm_gather_loss(hidden, weight, bias, labels, ignore_index, reduction)
-    if impl == "triton":
-        loss_sum = dispatch.triton_kernels[op](hidden, weight, bias, labels, ignore_index, chunk_size)
-    else:
-        loss_sum = torch.ops.mtbert_fast_C.mlm_gather_loss(hidden, weight, bias, labels, ignore_index, chunk_size)[0]
+    loss_sum = OP(hidden, weight, bias, labels, ignore_index, chunk_size, backend=backend)
     if reduction == "sum":
         return loss_sum
     return loss_sum / (labels != ignore_index).sum()
 
 
-if _ext.loaded():
+def _reference_sum(hidden, weight, bias, labels, ignore_index, chunk_size):
+    return reference.mlm_gather_loss(hidden, weight, bias, labels, ignore_index, "sum")
 
-    @torch.library.register_fake("mtbert_fast_C::mlm_gather_loss")
-    def _fake(hidden, weight, bias, labels, ignore_index, chunk_size):
-        return hidden.new_empty((), dtype=torch.float32), hidden.new_empty((hidden.shape[0],), dtype=torch.float32)
 
-    @torch.library.register_fake("mtbert_fast_C::mlm_gather_loss_backward")
-    def _fake_backward(grad_loss_sum, hidden, weight, bias, labels, lse, ignore_index, chunk_size):
-        return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
+def _fake(hidden, weight, bias, labels, ignore_index, chunk_size):
+    return hidden.new_empty((), dtype=torch.float32), hidden.new_empty((hidden.shape[0],), dtype=torch.float32)
 
-    def _setup_context(ctx, inputs, output):
-        hidden, weight, bias, labels, ignore_index, chunk_size = inputs
-        _, lse = output
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.mark_non_differentiable(lse)
-        ctx.ignore_index, ctx.chunk_size = ignore_index, chunk_size
 
-    def _backward(ctx, grad, _grad_lse):
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
-        grad_hidden, grad_weight, grad_bias = torch.ops.mtbert_fast_C.mlm_gather_loss_backward(
-            grad, hidden, weight, bias, labels, lse, ctx.ignore_index, ctx.chunk_size
-        )
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+def _fake_backward(grad_loss_sum, hidden, weight, bias, labels, lse, ignore_index, chunk_size):
+    return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
 
-    torch.library.register_autograd("mtbert_fast_C::mlm_gather_loss", _backward, setup_context=_setup_context)
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, ignore_index, chunk_size = inputs
+    _, lse = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse)
+    ctx.mark_non_differentiable(lse)
+    ctx.ignore_index, ctx.chunk_size = ignore_index, chunk_size
+
+
+def _backward(ctx, grad, _grad_lse):
+    hidden, weight, bias, labels, lse = ctx.saved_tensors
+    grad_hidden, grad_weight, grad_bias = OP.backward_kernel(ctx.backend)(
+        grad, hidden, weight, bias, labels, lse, ctx.ignore_index, ctx.chunk_size
+    )
+    return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+OP = Op(
+    name="mlm_gather_loss",
+    # hidden [N, H], weight [V, H], bias [V], labels int64 [N]: cross-entropy of hidden @ weight.T + bias, computed
+    # chunk_size rows at a time over the rows whose label != ignore_index
+    # -> loss_sum fp32 [] (summed over the counted rows), lse fp32 [N] (0 at ignored rows)
+    schema="(Tensor hidden, Tensor weight, Tensor bias, Tensor labels, int ignore_index, int chunk_size) "
+           "-> (Tensor, Tensor)",
+    # grad_loss_sum [] -> grad_hidden [N, H], grad_weight [V, H], grad_bias [V] (the logits recomputed chunk by chunk)
+    backward_schema="(Tensor grad_loss_sum, Tensor hidden, Tensor weight, Tensor bias, Tensor labels, Tensor lse, "
+                    "int ignore_index, int chunk_size) -> (Tensor, Tensor, Tensor)",
+    reference=_reference_sum,
+    backends={
+        "triton": Backend("forward", "backward"),
+        "cpu": Backend(dtypes=CPU_DTYPES),
+    },
+    fake=_fake,
+    backward_fake=_fake_backward,
+    setup_context=_setup_context,
+    backward=_backward,
+)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mtbert_fast import _ext
-from mtbert_fast.ops import dispatch, reference
+from mtbert_fast.ops import reference
+from mtbert_fast.ops.registry import Backend, Op
 
 
 def _check_indices(op: str, x: torch.Tensor, indices: torch.Tensor) -> None:
@@ -21,9 +21,7 @@ def _check_indices(op: str, x: torch.Tensor, indices: torch.Tensor) -> None:
 def gather_rows(x: torch.Tensor, indices: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """x [R, ...], indices int64 [N] -> x[indices] [N, ...].  The gradient adds up repeated indices."""
     _check_indices("gather_rows", x, indices)
-    if dispatch.choose("gather_rows", x, backend) == "reference":
-        return reference.gather_rows(x, indices)
-    return torch.ops.mtbert_fast_C.gather_rows(x, indices)
+    return GATHER(x, indices, backend=backend)
 
 
 def scatter_rows(x: torch.Tensor, indices: torch.Tensor, num_rows: int, *, backend: str | None = None):
@@ -31,9 +29,7 @@ def scatter_rows(x: torch.Tensor, indices: torch.Tensor, num_rows: int, *, backe
     _check_indices("scatter_rows", x, indices)
     if indices.shape[0] != x.shape[0]:
         raise ValueError(f"scatter_rows: {indices.shape[0]} indices for {x.shape[0]} rows of x")
-    if dispatch.choose("scatter_rows", x, backend) == "reference":
-        return reference.scatter_rows(x, indices, num_rows)
-    return torch.ops.mtbert_fast_C.scatter_rows(x, indices, num_rows)
+    return SCATTER(x, indices, num_rows, backend=backend)
 
 
 def unpad_indices(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -63,33 +59,56 @@ def pad(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) ->
     return out.reshape((batch, seqlen) + tuple(packed.shape[1:]))
 
 
-if _ext.loaded():
+def _fake_gather(x, indices):
+    return x.new_empty((indices.shape[0],) + tuple(x.shape[1:]))
 
-    @torch.library.register_fake("mtbert_fast_C::gather_rows")
-    def _fake_gather(x, indices):
-        return x.new_empty((indices.shape[0],) + tuple(x.shape[1:]))
 
-    @torch.library.register_fake("mtbert_fast_C::scatter_rows")
-    def _fake_scatter(x, indices, num_rows):
-        return x.new_empty((num_rows,) + tuple(x.shape[1:]))
+def _fake_scatter(x, indices, num_rows):
+    return x.new_empty((num_rows,) + tuple(x.shape[1:]))
 
-    def _setup_gather(ctx, inputs, output):
-        x, indices = inputs
-        ctx.save_for_backward(indices)
-        ctx.num_rows = x.shape[0]
 
-    def _backward_gather(ctx, grad):
-        (indices,) = ctx.saved_tensors
-        out = grad.new_zeros((ctx.num_rows,) + tuple(grad.shape[1:]))
-        return out.index_add_(0, indices, grad), None
+def _setup_gather(ctx, inputs, output):
+    x, indices = inputs
+    ctx.save_for_backward(indices)
+    ctx.num_rows = x.shape[0]
 
-    def _setup_scatter(ctx, inputs, output):
-        _, indices, _ = inputs
-        ctx.save_for_backward(indices)
 
-    def _backward_scatter(ctx, grad):
-        (indices,) = ctx.saved_tensors
-        return torch.ops.mtbert_fast_C.gather_rows(grad.contiguous(), indices), None, None
+def _backward_gather(ctx, grad):
+    (indices,) = ctx.saved_tensors
+    out = grad.new_zeros((ctx.num_rows,) + tuple(grad.shape[1:]))
+    return out.index_add_(0, indices, grad), None
 
-    torch.library.register_autograd("mtbert_fast_C::gather_rows", _backward_gather, setup_context=_setup_gather)
-    torch.library.register_autograd("mtbert_fast_C::scatter_rows", _backward_scatter, setup_context=_setup_scatter)
+
+def _setup_scatter(ctx, inputs, output):
+    _, indices, _ = inputs
+    ctx.save_for_backward(indices)
+
+
+def _backward_scatter(ctx, grad):
+    (indices,) = ctx.saved_tensors
+    return GATHER.op(grad.contiguous(), indices, ctx.backend), None, None
+
+
+# rows of any dtype (token ids too), not only floating-point activations
+_ANY_DTYPE = {"cuda": Backend(dtypes=None), "cpu": Backend(dtypes=None)}
+
+GATHER = Op(
+    name="gather_rows",
+    # x [R, ...], indices int64 [N] -> x[indices] [N, ...]
+    schema="(Tensor x, Tensor indices) -> Tensor",
+    reference=reference.gather_rows,
+    backends=_ANY_DTYPE,
+    fake=_fake_gather,
+    setup_context=_setup_gather,
+    backward=_backward_gather,
+)
+SCATTER = Op(
+    name="scatter_rows",
+    # x [N, ...], indices int64 [N] (distinct) -> out [num_rows, ...], zero where no index points
+    schema="(Tensor x, Tensor indices, int num_rows) -> Tensor",
+    reference=reference.scatter_rows,
+    backends=_ANY_DTYPE,
+    fake=_fake_scatter,
+    setup_context=_setup_scatter,
+    backward=_backward_scatter,
+)

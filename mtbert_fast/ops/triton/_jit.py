@@ -20,7 +20,7 @@ from triton.runtime import interpreter
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
-from mtbert_fast.ops import dispatch
+from mtbert_fast.ops.registry import TRITON_MAX_ROW
 
 # programs per streaming multiprocessor for the kernels that reduce partial sums over a fixed grid
 _PROGRAMS_PER_SM = 4
@@ -28,7 +28,7 @@ _PROGRAMS_PER_SM = 4
 _INTERPRETER_PROGRAMS = 4
 # one program holds a whole row in registers: rows longer than this do not fit (Liger-Kernel's MAX_FUSED_SIZE); the
 # backend choice declares the same limit, so it never hands Triton a longer row
-MAX_ROW_BLOCK = dispatch.TRITON_MAX_ROW
+MAX_ROW_BLOCK = TRITON_MAX_ROW
 
 _interpreted: dict[object, InterpretedFunction] = {}
 

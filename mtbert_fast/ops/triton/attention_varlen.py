@@ -31,20 +31,18 @@ operand), masked.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from mtbert_fast.ops import dispatch, dropout
-from mtbert_fast.ops.attention_varlen import check_inputs
+from mtbert_fast.ops import dropout
+from mtbert_fast.ops.registry import MAX_HEAD_DIM
 from mtbert_fast.ops.triton._jit import device_guard, jit, on_gpu
 
 _LOG2E = 1.4426950408889634
 _LOG2E_TL = tl.constexpr(_LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
-_MAX_HEAD_DIM = dispatch.MAX_HEAD_DIM
+_MAX_HEAD_DIM = MAX_HEAD_DIM
 # CUDA's limit on a grid's second axis: the programs per sequence (and head); the kernels loop over the rest
 _MAX_GRID_Y = 65535
 # Philox4x32's round multipliers and key increments (Weyl sequence)
@@ -363,11 +361,11 @@ def _dropout_args(dropout_p: float, rng_state: torch.Tensor | None) -> tuple[int
     return (*(_as_int32(w) for w in words), 1.0 / (1.0 - dropout_p))
 
 
-@torch.library.custom_op("mtbert_fast::triton_attention_varlen", mutates_args=())
-def _op(
+def forward(
     qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float, dropout_p: float,
     rng_state: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> out [T, heads, head_dim], lse fp32 [heads, T]."""
     qkv = qkv.contiguous()
     t, _, heads, head_dim = qkv.shape
     out = qkv.new_empty((t, heads, head_dim))
@@ -386,14 +384,7 @@ def _op(
     return out, lse
 
 
-@_op.register_fake
-def _(qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state):
-    t, _, heads, head_dim = qkv.shape
-    return qkv.new_empty((t, heads, head_dim)), qkv.new_empty((heads, t), dtype=torch.float32)
-
-
-@torch.library.custom_op("mtbert_fast::triton_attention_varlen_backward", mutates_args=())
-def _backward_op(
+def backward(
     grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor,
     max_seqlen: int, scale: float, dropout_p: float, rng_state: torch.Tensor | None,
 ) -> torch.Tensor:
@@ -423,72 +414,3 @@ def _backward_op(
         )
     return grad_qkv
 
-
-@_backward_op.register_fake
-def _(grad_out, qkv, out, lse, cu_seqlens, max_seqlen, scale, dropout_p, rng_state):
-    return qkv.new_empty(qkv.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state = inputs
-    out, lse = output
-    ctx.save_for_backward(qkv, out, lse, cu_seqlens, rng_state)
-    ctx.mark_non_differentiable(lse)
-    ctx.max_seqlen, ctx.scale, ctx.dropout_p = max_seqlen, scale, dropout_p
-
-
-def _backward(ctx, grad, _grad_lse):
-    qkv, out, lse, cu_seqlens, rng_state = ctx.saved_tensors
-    grad_qkv = _backward_op(grad, qkv, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.dropout_p, rng_state)
-    return grad_qkv, None, None, None, None, None
-
-
-_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def attention_varlen(
-    qkv: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    rng_state: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """dropout(softmax(scale Q K^T)) V per packed sequence by the Triton kernels; differentiable (in qkv).
-    qkv [T, 3, heads, head_dim], cu_seqlens int32 [B+1] -> [T, heads, head_dim]; scale defaults to 1/sqrt(head_dim);
-    dropout_p > 0 needs rng_state (int64 [2] on the CPU: seed, offset), which fixes the mask."""
-    op = "attention_varlen"
-    check_inputs(op, qkv, cu_seqlens, max_seqlen)
-    dropout.check_rng_state(op, dropout_p, rng_state)
-    if scale is None:
-        scale = 1.0 / math.sqrt(qkv.shape[-1])
-    return _op(qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state)[0]
-
-
-def attention_varlen_backward(
-    grad_out: torch.Tensor,
-    qkv: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
-    scale: float,
-    dropout_p: float = 0.0,
-    rng_state: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The gradient in qkv of attention_varlen(qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state), given the
-    gradient grad_out [T, heads, head_dim] of its out and the forward's out and lse fp32 [heads, T], from any backend
-    (they share lse's layout and the dropout mask) -> grad_qkv [T, 3, heads, head_dim]."""
-    op = "attention_varlen_backward"
-    check_inputs(op, qkv, cu_seqlens, max_seqlen)
-    dropout.check_rng_state(op, dropout_p, rng_state)
-    t, _, heads, head_dim = qkv.shape
-    for name, x, shape, dtype in (
-        ("grad_out", grad_out, (t, heads, head_dim), qkv.dtype),
-        ("out", out, (t, heads, head_dim), qkv.dtype),
-        ("lse", lse, (heads, t), torch.float32),
-    ):
-        if tuple(x.shape) != shape or x.dtype != dtype or x.device != qkv.device:
-            raise ValueError(f"{op}: {name} must be {dtype} of shape {list(shape)} on {qkv.device}, got {x.dtype} "
-                             f"of shape {list(x.shape)} on {x.device}")
-    return _backward_op(grad_out, qkv, out, lse, cu_seqlens, max_seqlen, scale, dropout_p, rng_state)

@@ -7,7 +7,8 @@ GELU, tanh:   g(s) = 0.5 s (1 + tanh u) = s sigmoid(2u),  u = sqrt(2/pi) (s + 0.
               g'(s) = sigmoid(2u) + 2 s sigmoid(2u) (1 - sigmoid(2u)) u'(s),  u'(s) = sqrt(2/pi) (1 + 3 * 0.044715 s^2)
 (Hendrycks & Gimpel, "Gaussian Error Linear Units", 2016; sigmoid(2u) replaces 0.5 (1 + tanh u), which Triton lacks
 as a portable builtin and which loses precision near 0 when written with exp.)
-The kernels run over the flat [N * D] elements, BLOCK at a time; grad_bias is the column sum of grad_x, in fp32.
+The kernels run over the flat [N * D] elements, BLOCK at a time; the op (mtbert_fast.ops.bias_gelu) sums grad_x
+over rows for grad_bias.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mtbert_fast.ops._checks import check_gelu, sum_rows
+from mtbert_fast.ops._checks import check_gelu
 from mtbert_fast.ops.triton._jit import device_guard, jit
 
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
@@ -97,45 +98,15 @@ def _launch(kernel, out: torch.Tensor, tensors: tuple[torch.Tensor, ...], d: int
     return out
 
 
-@torch.library.custom_op("mtbert_fast::triton_bias_gelu", mutates_args=())
-def _bias_gelu_op(x: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
+def forward(x: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
+    """GELU(x + bias).  x [..., D], bias [D] -> [..., D] in x's dtype."""
     check_gelu("bias_gelu", approximate)
     x = x.contiguous()
     return _launch(_bias_gelu_fwd, torch.empty_like(x), (x, bias.contiguous()), x.shape[-1], approximate)
 
 
-@_bias_gelu_op.register_fake
-def _(x, bias, approximate):
-    return x.new_empty(x.shape)
-
-
-@torch.library.custom_op("mtbert_fast::triton_bias_gelu_backward", mutates_args=())
-def _bias_gelu_backward_op(grad_y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
+def backward(grad_y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
+    """-> grad_x [..., D]: grad_y * GELU'(x + bias)."""
     x = x.contiguous()
     tensors = (grad_y.contiguous(), x, bias.contiguous())
     return _launch(_bias_gelu_bwd, torch.empty_like(x), tensors, x.shape[-1], approximate)
-
-
-@_bias_gelu_backward_op.register_fake
-def _(grad_y, x, bias, approximate):
-    return x.new_empty(x.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    x, bias, approximate = inputs
-    ctx.save_for_backward(x, bias)
-    ctx.approximate = approximate
-
-
-def _backward(ctx, grad):
-    x, bias = ctx.saved_tensors
-    grad_x = _bias_gelu_backward_op(grad, x, bias, ctx.approximate)
-    return grad_x, sum_rows(grad_x, bias.dtype), None
-
-
-_bias_gelu_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-    """GELU(x + bias) by the Triton kernel.  x [..., D], bias [D] -> [..., D] in x's dtype; differentiable."""
-    return _bias_gelu_op(x, bias, approximate)

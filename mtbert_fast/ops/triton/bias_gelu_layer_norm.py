@@ -111,8 +111,7 @@ def _bwd(
     tl.store(PartBias + part, dbias, mask=mask)
 
 
-@torch.library.custom_op("mtbert_fast::triton_bias_gelu_layer_norm", mutates_args=())
-def _op(
+def forward(
     x: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor, eps: float, approximate: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_gelu("bias_gelu_layer_norm", approximate)
@@ -132,15 +131,7 @@ def _op(
     return y, mean, rstd
 
 
-@_op.register_fake
-def _(x, bias, weight, beta, eps, approximate):
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    mean = x.new_empty((rows,), dtype=torch.float32)
-    return x.new_empty(x.shape), mean, torch.empty_like(mean)
-
-
-@torch.library.custom_op("mtbert_fast::triton_bias_gelu_layer_norm_backward", mutates_args=())
-def _backward_op(
+def backward(
     grad_y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
     rstd: torch.Tensor, approximate: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -163,32 +154,3 @@ def _backward_op(
     grad_bias = partials[2].sum(0).to(bias.dtype)
     return grad_x, grad_weight, grad_beta, grad_bias
 
-
-@_backward_op.register_fake
-def _(grad_y, x, bias, weight, mean, rstd, approximate):
-    d = x.shape[-1]
-    return x.new_empty(x.shape), weight.new_empty((d,)), weight.new_empty((d,)), bias.new_empty((d,))
-
-
-def _setup_context(ctx, inputs, output):
-    x, bias, weight, beta, eps, approximate = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, bias, weight, mean, rstd)
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.approximate = approximate
-
-
-def _backward(ctx, grad, _grad_mean, _grad_rstd):
-    x, bias, weight, mean, rstd = ctx.saved_tensors
-    grad_x, grad_weight, grad_beta, grad_bias = _backward_op(grad, x, bias, weight, mean, rstd, ctx.approximate)
-    return grad_x, grad_bias, grad_weight, grad_beta, None, None
-
-
-_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def bias_gelu_layer_norm(
-    x: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor, eps: float, approximate: str = "none"
-) -> torch.Tensor:
-    """LayerNorm(GELU(x + bias)) * weight + beta by the Triton kernels; differentiable.  x [..., D]."""
-    return _op(x, bias, weight, beta, eps, approximate)[0]

@@ -113,10 +113,10 @@ def _bwd(
     tl.store(PartBias + part, dbias, mask=mask)
 
 
-@torch.library.custom_op("mtbert_fast::triton_bias_residual_layer_norm", mutates_args=())
-def _op(
+def forward(
     x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> y [N, D] in x's dtype, mean and rstd fp32 [N] (saved for the backward)."""
     d = x.shape[-1]
     block = row_block("bias_residual_layer_norm", d)
     x, residual = x.contiguous(), residual.contiguous()
@@ -133,15 +133,7 @@ def _op(
     return y, mean, rstd
 
 
-@_op.register_fake
-def _(x, bias, residual, weight, beta, eps):
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    mean = x.new_empty((rows,), dtype=torch.float32)
-    return x.new_empty(x.shape), mean, torch.empty_like(mean)
-
-
-@torch.library.custom_op("mtbert_fast::triton_bias_residual_layer_norm_backward", mutates_args=())
-def _backward_op(
+def backward(
     grad_y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     mean: torch.Tensor, rstd: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -165,31 +157,3 @@ def _backward_op(
     grad_bias = partials[2].sum(0).to(bias.dtype)
     return grad_s, grad_weight, grad_beta, grad_bias
 
-
-@_backward_op.register_fake
-def _(grad_y, x, bias, residual, weight, mean, rstd):
-    d = x.shape[-1]
-    return x.new_empty(x.shape), weight.new_empty((d,)), weight.new_empty((d,)), bias.new_empty((d,))
-
-
-def _setup_context(ctx, inputs, output):
-    x, bias, residual, weight, beta, eps = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, bias, residual, weight, mean, rstd)
-    ctx.mark_non_differentiable(mean, rstd)
-
-
-def _backward(ctx, grad, _grad_mean, _grad_rstd):
-    x, bias, residual, weight, mean, rstd = ctx.saved_tensors
-    grad_s, grad_weight, grad_beta, grad_bias = _backward_op(grad, x, bias, residual, weight, mean, rstd)
-    return grad_s, grad_bias, grad_s, grad_weight, grad_beta, None
-
-
-_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def bias_residual_layer_norm(
-    x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor, eps: float
-) -> torch.Tensor:
-    """LayerNorm(x + bias + residual) * weight + beta by the Triton kernels; differentiable.  x, residual [..., D]."""
-    return _op(x, bias, residual, weight, beta, eps)[0]
