@@ -192,6 +192,10 @@ class Head(nn.Module):
         """Validate labels for the task's rows (real: bool [B_t, L], True at real tokens); return them normalized."""
         raise ValueError(f"task {task!r} ({self.kind}) takes no labels")
 
+    def check_positions(self, task: str, positions: Any, real: torch.Tensor) -> torch.Tensor:
+        """Validate where to predict for the task's rows (bool [B_t, L]); heads that predict everywhere take none."""
+        raise ValueError(f"task {task!r} ({self.kind}) takes no positions; only masked-LM heads do")
+
     def tie_weights(self, word_embeddings: nn.Parameter) -> None:
         """Share the encoder's word embeddings where the head's weights are tied to them."""
 

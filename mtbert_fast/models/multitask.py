@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from mtbert_fast.models.config import EncoderConfig
-from mtbert_fast.models.encoder import FastBertModel, validate_inputs
+from mtbert_fast.models.encoder import FastBertModel
 from mtbert_fast.models.heads import HEAD_KINDS, Head, HeadInput, head_from_hf
 from mtbert_fast.models.hf_mapping import MissingWeightError, hf_state_dict_from_fast
 
@@ -162,10 +162,11 @@ class MultiTaskBert(nn.Module):
         positions: masked-LM / pretraining task -> bool [B_t, L]: where to predict (logits only there).
         mlm_logits: whether masked-LM heads given labels also return logits at the labelled positions
           (default: in eval mode only; the loss never needs them).
-        Every check (unknown task, labels for a task not run, shapes, ranges) runs before any compute.
+        Every check runs once, before any compute: the encoder's on the inputs, routing's on the task names, each
+        head's on its labels and positions.
         """
-        config, device = self.encoder.config, self.encoder.device
-        batch, seqlen = validate_inputs(config, device, input_ids, attention_mask, token_type_ids, None, None)
+        device = self.encoder.device
+        batch, seqlen = self.encoder.check_inputs(input_ids, attention_mask, token_type_ids)
         routes = self.route(tasks, batch, device)
         labels = self._per_task("labels", labels, routes)
         positions = self._per_task("positions", positions, routes)
@@ -178,15 +179,13 @@ class MultiTaskBert(nn.Module):
             if task in labels:
                 checked_labels[task] = head.check_labels(task, _to(labels[task], device), real_rows)
             if task in positions:
-                if not head.accepts_positions:
-                    raise ValueError(f"task {task!r} ({head.kind}) takes no positions; only masked-LM heads do")
                 checked_positions[task] = head.check_positions(task, _to(positions[task], device), real_rows)
         if mlm_logits is None:
             mlm_logits = not self.training
         if not routes:
             return MultiTaskOutput({}, {}, None)
 
-        encoded = self.encoder(input_ids, attention_mask, token_type_ids)
+        encoded = self.encoder(input_ids, attention_mask, token_type_ids, inputs_checked=True)
         outputs, losses = {}, {}
         for task, rows in routes.items():
             out, loss = self.heads[task](HeadInput(encoded, rows), checked_labels.get(task),
