@@ -10,7 +10,7 @@ import torch
 from conftest import assert_parity, real_rows
 
 from mtbert_fast import FastBertModel
-from mtbert_fast.bench import harness, runner
+from mtbert_fast.bench import harness, measure
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # (case, batch, (low, high) lengths, {dtype: target speed-up})
@@ -22,19 +22,19 @@ THROUGHPUT = [
 
 @pytest.fixture(scope="module")
 def sentences():
-    return runner.load_sentences()
+    return measure.load_sentences()
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(runner.default_model_dir())
+    return AutoTokenizer.from_pretrained(measure.default_model_dir())
 
 
 @pytest.fixture(scope="module")
 def bert_base():
-    return runner.random_bert(runner.bert_base_config())
+    return measure.random_bert(measure.bert_base_config())
 
 
 @pytest.fixture(scope="module")
@@ -77,13 +77,13 @@ def _measure(compare, report, case, dtype_name, hf32, batch, target, gemm_rate, 
 @pytest.mark.parametrize("case, size, bounds, targets", THROUGHPUT, ids=["b8_l128", "b32_ragged"])
 def test_bert_base_throughput(compare, report, bert_base, tokenizer, sentences, gemm_rate, dtype_name, case, size,
                               bounds, targets):  # fmt: skip
-    lengths = runner.ragged_lengths(size, *bounds)
-    batch = runner.text_batch(tokenizer, sentences, lengths)
+    lengths = measure.ragged_lengths(size, *bounds)
+    batch = measure.text_batch(tokenizer, sentences, lengths)
     _measure(compare, report, f"bert-base {case}", dtype_name, bert_base, batch, targets[dtype_name], gemm_rate)
 
 
 def test_bert_base_latency_b1(compare, report, bert_base, tokenizer, sentences, gemm_rate):
-    batch = runner.text_batch(tokenizer, sentences, [128])
+    batch = measure.text_batch(tokenizer, sentences, [128])
     _measure(compare, report, "bert-base B=1 L=128 latency", "bf16", bert_base, batch, "<=0.6x", gemm_rate,
              latency=True)
 
@@ -92,6 +92,6 @@ def test_bert_base_latency_b1(compare, report, bert_base, tokenizer, sentences, 
 def test_minilm_real_sentences(compare, report, tokenizer, sentences, gemm_rate, dtype_name):
     from transformers import AutoModel
 
-    hf32 = AutoModel.from_pretrained(runner.default_model_dir(), attn_implementation="sdpa").float().eval()
-    batch = runner.make_batches(tokenizer, sentences[:32], 32, 512, torch.device("cpu"))[0]
+    hf32 = AutoModel.from_pretrained(measure.default_model_dir(), attn_implementation="sdpa").float().eval()
+    batch = measure.make_batches(tokenizer, sentences[:32], 32, 512, torch.device("cpu"))[0]
     _measure(compare, report, "all-MiniLM-L6-v2 B=32 real sentences", dtype_name, hf32, batch, ">=2x", gemm_rate)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mtbert_fast import FastBertModel
-from mtbert_fast.bench import harness, runner
+from mtbert_fast.bench import harness, measure
 from mtbert_fast.models.multitask import MultiTaskBert
 from mtbert_fast.ops import dispatch
 
@@ -31,14 +31,14 @@ def _batch(lengths):
 
 @pytest.fixture(scope="module")
 def models():
-    hf32 = runner.random_bert(runner.bert_base_config()).to(DEV)
+    hf32 = measure.random_bert(measure.bert_base_config()).to(DEV)
     hf = copy.deepcopy(hf32).to(torch.bfloat16)
     return hf32, hf, FastBertModel.from_hf(hf32, dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("case, lengths, target", [
     ("B=32 L=128", [128] * 32, ">=2x"),
-    ("B=32 lengths averaging 0.6*128", runner.ragged_lengths(32, 26, 128), ">=3x"),
+    ("B=32 lengths averaging 0.6*128", measure.ragged_lengths(32, 26, 128), ">=3x"),
     ("B=1 L=128 latency", [128], "<=0.6x"),
 ])  # fmt: skip
 def test_encoder_bf16(compare, report, models, case, lengths, target):
@@ -66,13 +66,13 @@ def _pretraining_steps(lengths, dropout):
     with `dropout` as hidden and attention dropout on both (HF's default is 0.1)."""
     from transformers import BertForPreTraining
 
-    config = runner.bert_base_config()
+    config = measure.bert_base_config()
     config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
     torch.manual_seed(0)
     hf = BertForPreTraining._from_config(config, attn_implementation="sdpa").to(DEV, torch.bfloat16).train()
     fast = MultiTaskBert.from_hf_heads({"pretraining": hf}, dtype=torch.bfloat16).train()
     batch = _batch(lengths)
-    positions = runner.mlm_positions({k: v.cpu() for k, v in batch.items()}).to(DEV)
+    positions = measure.mlm_positions({k: v.cpu() for k, v in batch.items()}).to(DEV)
     labels = torch.where(positions, batch["input_ids"], torch.full_like(batch["input_ids"], -100))
     nsp = (torch.arange(len(lengths)) % 2).to(DEV)
 
@@ -94,7 +94,7 @@ def _pretraining_steps(lengths, dropout):
 
 @pytest.mark.parametrize("case, lengths", [
     ("B=32 L=128", [128] * 32),
-    ("B=32 lengths averaging 0.6*128", runner.ragged_lengths(32, 26, 128)),
+    ("B=32 lengths averaging 0.6*128", measure.ragged_lengths(32, 26, 128)),
 ])  # fmt: skip
 def test_pretraining_step_speed_with_dropout(compare, report, case, lengths):
     hf_step, fast_step = _pretraining_steps(lengths, dropout=0.1)

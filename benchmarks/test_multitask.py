@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import assert_parity
 
-from mtbert_fast.bench import harness, runner
+from mtbert_fast.bench import harness, measure
 from mtbert_fast.models.heads import HeadInput
 from mtbert_fast.models.multitask import MultiTaskBert
 
@@ -22,29 +22,29 @@ B, L = 8, 128
 def batch():
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(runner.default_model_dir())
-    return runner.text_batch(tokenizer, runner.load_sentences(), [L] * B)
+    tokenizer = AutoTokenizer.from_pretrained(measure.default_model_dir())
+    return measure.text_batch(tokenizer, measure.load_sentences(), [L] * B)
 
 
 @pytest.fixture(scope="module")
 def hf_tasks():
-    return runner.hf_task_models(runner.random_bert(runner.bert_base_config()))
+    return measure.hf_task_models(measure.random_bert(measure.bert_base_config()))
 
 
 @pytest.mark.parametrize("dtype_name", ["bf16", "fp32"])
 def test_three_heads_one_pass(compare, report, batch, hf_tasks, dtype_name):
     dtype = DTYPES[dtype_name]
-    positions = runner.mlm_positions(batch)
+    positions = measure.mlm_positions(batch)
     with torch.inference_mode():
-        ref = runner.hf_multitask_outputs(hf_tasks, batch, positions)
+        ref = measure.hf_multitask_outputs(hf_tasks, batch, positions)
         hf = {k: copy.deepcopy(m).to(dtype) for k, m in hf_tasks.items()}
         fast = MultiTaskBert.from_hf_heads(hf_tasks, dtype=dtype)
-        hf_out = runner.hf_multitask_outputs(hf, batch, positions)
-        fast_out = runner.fast_multitask_outputs(fast, batch, positions)
+        hf_out = measure.hf_multitask_outputs(hf, batch, positions)
+        fast_out = measure.fast_multitask_outputs(fast, batch, positions)
         errs = [assert_parity(f, h, r, dtype, what) for f, h, r, what in
                 zip(fast_out, hf_out, ref, ("sequence logits", "token logits", "masked-LM logits"))]  # fmt: skip
-        t = compare({"hf-3-models": lambda: runner.hf_multitask_outputs(hf, batch, positions),
-                     "mtbert_fast": lambda: runner.fast_multitask_outputs(fast, batch, positions)})  # fmt: skip
+        t = compare({"hf-3-models": lambda: measure.hf_multitask_outputs(hf, batch, positions),
+                     "mtbert_fast": lambda: measure.fast_multitask_outputs(fast, batch, positions)})  # fmt: skip
     report("3 heads, one pass vs 3 HF models", dtype_name, "speed-up",
            t["hf-3-models"].median / t["mtbert_fast"].median, ">=3.5x",
            f"hf {t['hf-3-models'].median * 1e3:.0f} ms, fast {t['mtbert_fast'].median * 1e3:.0f} ms; "
@@ -54,7 +54,7 @@ def test_three_heads_one_pass(compare, report, batch, hf_tasks, dtype_name):
 @pytest.mark.parametrize("dtype_name", ["bf16", "fp32"])
 def test_mlm_head_on_masked_rows(compare, report, batch, hf_tasks, dtype_name):
     dtype = DTYPES[dtype_name]
-    positions = runner.mlm_positions(batch)
+    positions = measure.mlm_positions(batch)
     with torch.inference_mode():
         hf_mlm = copy.deepcopy(hf_tasks["mlm"]).to(dtype)
         fast = MultiTaskBert.from_hf_heads({"mlm": hf_tasks["mlm"]}, dtype=dtype)
@@ -80,12 +80,12 @@ def test_pretraining_step_memory(benchmark, report, batch, dtype_name):
     from transformers import BertForPreTraining
 
     dtype = DTYPES[dtype_name]
-    config = runner.bert_base_config()
+    config = measure.bert_base_config()
     config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0  # the same loss on both sides
     torch.manual_seed(0)
     hf = BertForPreTraining._from_config(config, attn_implementation="sdpa").to(dtype).train()
     fast = MultiTaskBert.from_hf_heads({"pretraining": hf}, dtype=dtype).train()
-    positions = runner.mlm_positions(batch)
+    positions = measure.mlm_positions(batch)
     mlm_labels = torch.where(positions, batch["input_ids"], torch.full_like(batch["input_ids"], -100))
     nsp = torch.arange(B) % 2
 

@@ -80,9 +80,9 @@ def _add_bench(sub) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from mtbert_fast.bench import runner
+    from mtbert_fast.bench import measure, runner
 
-    cfg = runner.BenchConfig(
+    cfg = measure.BenchConfig(
         models=tuple(str(m) for m in dict.fromkeys(args.model)),
         dtypes=tuple(dict.fromkeys(args.dtype)),
         batches=tuple(dict.fromkeys(args.batch)),
@@ -98,7 +98,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     )
     try:
         return runner.main(cfg)
-    except runner.BenchError as exc:
+    except measure.BenchError as exc:
         args.subparser.error(str(exc))
 
 

@@ -8,7 +8,7 @@ import csv
 import pytest
 
 from mtbert_fast import cli
-from mtbert_fast.bench import runner
+from mtbert_fast.bench import measure
 
 
 def test_bench_prints_table_appends_csv_and_plots(tmp_path, monkeypatch, capsys):
@@ -108,9 +108,9 @@ def test_empty_text_is_an_empty_batch_error(tmp_path, capsys):
 
 
 def test_sentences_cycle_the_text():
-    shipped = runner.load_sentences()
+    shipped = measure.load_sentences()
     assert len(shipped) >= 150
     assert len(set(shipped)) == len(shipped)
-    assert runner.load_sentences(count=len(shipped) + 5)[-5:] == shipped[:5]
-    with pytest.raises(runner.BenchError, match="empty batch"):
-        runner.load_sentences(count=0)
+    assert measure.load_sentences(count=len(shipped) + 5)[-5:] == shipped[:5]
+    with pytest.raises(measure.BenchError, match="empty batch"):
+        measure.load_sentences(count=0)

@@ -7,6 +7,7 @@ code runs `FastBertModel` (its own fused layout) and an HF model after `mtbert_f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import NamedTuple, Sequence
 
@@ -67,15 +68,28 @@ class PackedBatch:
 
 @dataclasses.dataclass
 class EncoderOutput:
-    """last_hidden_state [B, L, H] (zeros at padding); pooler_output [B, H] or None; hidden_states: the
-    embedding output and each layer's output, [B, L, H] each, when asked for; packed_hidden_state [T, H] and
-    `packed` for heads that read the packed tokens directly."""
+    """What the encoder computes, packed: packed_hidden_state [T, H] (the last layer at the real tokens) and
+    `packed`, where those tokens sit; pooler_output [B, H] or None; packed_hidden_states: the embedding output and
+    each layer's output, [T, H] each, when asked for.
 
-    last_hidden_state: torch.Tensor
+    last_hidden_state [B, L, H] and hidden_states ([B, L, H] each, or None) are their padded forms, zeros at
+    padding, built on first access: the heads read the packed rows and never pay for a padded copy.
+    """
+
     pooler_output: torch.Tensor | None
-    hidden_states: tuple[torch.Tensor, ...] | None
     packed_hidden_state: torch.Tensor
     packed: PackedBatch
+    packed_hidden_states: tuple[torch.Tensor, ...] | None = None
+
+    @functools.cached_property
+    def last_hidden_state(self) -> torch.Tensor:
+        return self.packed.pad(self.packed_hidden_state)
+
+    @functools.cached_property
+    def hidden_states(self) -> tuple[torch.Tensor, ...] | None:
+        if self.packed_hidden_states is None:
+            return None
+        return tuple(self.packed.pad(s) for s in self.packed_hidden_states)
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -282,12 +296,18 @@ def encode(
     output_hidden_states: bool = False,
     training: bool = False,
     backend: str | None = None,
+    inputs_checked: bool = False,
 ) -> EncoderOutput:
-    """The whole encoder: validate, unpad once, embed, run the layers, pool, re-pad the outputs."""
+    """The whole encoder: validate, unpad once, embed, run the layers, pool. The padded outputs are built when
+    read (see EncoderOutput). inputs_checked: the caller has run validate_inputs on exactly these inputs, so it
+    does not run again."""
     device = embeddings.word.device
-    batch, seqlen = validate_inputs(
-        config, device, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
-    )
+    if inputs_checked:
+        batch, seqlen = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+    else:
+        batch, seqlen = validate_inputs(
+            config, device, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
+        )
     if inputs_embeds is not None and inputs_embeds.dtype != embeddings.word.dtype:
         raise TypeError(f"inputs_embeds has dtype {inputs_embeds.dtype} but the model runs in {embeddings.word.dtype}")
     if attention_mask is None:
@@ -305,11 +325,10 @@ def encode(
     if pooler is not None:
         pooled = torch.tanh(F.linear(gather_rows(x, packed.first_token_rows), *pooler))
     return EncoderOutput(
-        last_hidden_state=packed.pad(x),
         pooler_output=pooled,
-        hidden_states=tuple(packed.pad(s) for s in states) if states is not None else None,
         packed_hidden_state=x,
         packed=packed,
+        packed_hidden_states=tuple(states) if states is not None else None,
     )
 
 
@@ -412,8 +431,11 @@ class FastBertModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        *,
+        inputs_checked: bool = False,
     ) -> EncoderOutput:
-        """input_ids [B, L]; attention_mask [B, L] of 0/1 (default: all real)."""
+        """input_ids [B, L]; attention_mask [B, L] of 0/1 (default: all real). inputs_checked: `check_inputs`
+        has passed these very inputs, so they are not checked again."""
         pooler = (self.pooler.weight, self.pooler.bias) if self.pooler is not None else None
         return encode(
             self.config,
@@ -428,7 +450,21 @@ class FastBertModel(nn.Module):
             output_hidden_states=output_hidden_states,
             training=self.training,
             backend=self.backend,
+            inputs_checked=inputs_checked,
         )
+
+    def check_inputs(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> tuple[int, int]:
+        """The checks `forward` runs on its inputs, without running it: (batch, seqlen), or an error naming the
+        problem."""
+        return validate_inputs(self.config, self.device, input_ids, attention_mask, token_type_ids, position_ids,
+                               inputs_embeds)
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module, *, dtype=None, backend: str | None = None) -> FastBertModel:

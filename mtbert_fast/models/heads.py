@@ -2,7 +2,7 @@
 
 A head is an nn.Module with a `kind` (its name in saved configs), a JSON-able `config()`, a `check_labels` that
 refuses bad labels before any compute, and a `forward(view, labels, positions, mlm_logits)` returning
-(outputs dict, loss or None). `from_hf` / `to_hf` convert to and from the heads of HF's `*For*` task models.
+(outputs dict, loss or None). Conversion to and from the heads of HF's `*For*` task models lives in hf_mapping.
 
 Shapes: B_t rows run the task, L the padded length, T_t their real tokens, H hidden, C classes, V vocabulary.
 """
@@ -15,12 +15,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtbert_fast.models.config import EncoderConfig, UnsupportedModelError
+from mtbert_fast.models.config import EncoderConfig
 from mtbert_fast.models.encoder import EncoderOutput, PackedBatch
 from mtbert_fast.ops import bias_gelu_layer_norm, gather_rows, mlm_gather_loss
 
 IGNORE_INDEX = -100
-_HF_FAMILY = {"bert": "Bert", "roberta": "Roberta"}
 
 
 class HeadInput:
@@ -154,19 +153,8 @@ def _id2label(mapping: dict | None) -> dict[int, str] | None:
     return None if mapping is None else {int(k): str(v) for k, v in mapping.items()}
 
 
-def _label_config(num_labels: int, id2label: dict[int, str] | None) -> dict[str, Any]:
-    if id2label is None:
-        return {"num_labels": num_labels}
-    return {"id2label": dict(id2label), "label2id": {v: k for k, v in id2label.items()}}
-
-
-def _copy(dst: nn.Parameter, src: torch.Tensor) -> None:
-    with torch.no_grad():
-        dst.copy_(src)
-
-
 class Head(nn.Module):
-    """Base of the task heads. Subclasses set `kind` and implement config, check_labels, forward, from_hf, to_hf."""
+    """Base of the task heads. Subclasses set `kind` and implement config, check_labels and forward."""
 
     kind: ClassVar[str]
     accepts_positions: ClassVar[bool] = False
@@ -192,20 +180,16 @@ class Head(nn.Module):
         """Validate labels for the task's rows (real: bool [B_t, L], True at real tokens); return them normalized."""
         raise ValueError(f"task {task!r} ({self.kind}) takes no labels")
 
+    def check_positions(self, task: str, positions: Any, real: torch.Tensor) -> torch.Tensor:
+        """Validate where to predict for the task's rows (bool [B_t, L]); heads that predict everywhere take none."""
+        raise ValueError(f"task {task!r} ({self.kind}) takes no positions; only masked-LM heads do")
+
     def tie_weights(self, word_embeddings: nn.Parameter) -> None:
         """Share the encoder's word embeddings where the head's weights are tied to them."""
 
     def tied_parameters(self) -> tuple[str, ...]:
         """Names (relative to the head) of parameters that are the encoder's word embeddings."""
         return ()
-
-    @classmethod
-    def from_hf(cls, hf_model: nn.Module, encoder_config: EncoderConfig) -> Head:
-        raise NotImplementedError
-
-    def to_hf(self, encoder_config: EncoderConfig) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
-        """-> (transformers class name, config fields, head weights under the HF model's keys)."""
-        raise NotImplementedError
 
 
 class SequenceClassificationHead(Head):
@@ -296,38 +280,6 @@ class SequenceClassificationHead(Head):
                 loss = F.mse_loss(scores, labels.float())
         return {"logits": logits}, loss
 
-    @classmethod
-    def from_hf(cls, hf_model, encoder_config):
-        cfg = hf_model.config
-        problem_type = cfg.problem_type or ("regression" if cfg.num_labels == 1 else "single_label")
-        dropout = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
-        roberta = encoder_config.family == "roberta"
-        head = cls(cfg.hidden_size, cfg.num_labels, problem_type, roberta_style=roberta, dropout=dropout,
-                   id2label=cfg.id2label)
-        if roberta:
-            for name in ("dense", "out_proj"):
-                getattr(head, name).load_state_dict(getattr(hf_model.classifier, name).state_dict())
-        else:
-            head.classifier.load_state_dict(hf_model.classifier.state_dict())
-        return head
-
-    def to_hf(self, encoder_config):
-        family = encoder_config.family
-        if self.roberta_style != (family == "roberta") or self.pooled == self.roberta_style:
-            raise UnsupportedModelError(
-                f"no transformers class has this head on a {family} encoder: {_HF_FAMILY[family]}"
-                "ForSequenceClassification uses " + ("RoBERTa's dense+tanh head on <s>" if family == "roberta"
-                                                     else "a linear layer on the pooler output")
-            )
-        hf_problem = {"single_label": "single_label_classification",
-                      "multi_label": "multi_label_classification"}.get(self.problem_type, self.problem_type)
-        config = {"problem_type": hf_problem, "classifier_dropout": self.dropout,
-                  **_label_config(self.num_labels, self.id2label)}
-        prefixes = ("classifier.dense", "classifier.out_proj") if self.roberta_style else ("classifier",)
-        modules = (self.dense, self.out_proj) if self.roberta_style else (self.classifier,)
-        state = {f"{p}.{k}": v for p, m in zip(prefixes, modules) for k, v in m.state_dict().items()}
-        return f"{_HF_FAMILY[family]}ForSequenceClassification", config, state
-
 
 class TokenClassificationHead(Head):
     """One prediction per token (NER, tagging), as BertForTokenClassification: dropout + linear on every real token.
@@ -366,20 +318,6 @@ class TokenClassificationHead(Head):
         if labels is not None:
             loss = F.cross_entropy(logits.float(), labels.reshape(-1)[packed.indices], ignore_index=IGNORE_INDEX)
         return {"logits": packed.pad(logits)}, loss
-
-    @classmethod
-    def from_hf(cls, hf_model, encoder_config):
-        cfg = hf_model.config
-        dropout = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
-        head = cls(cfg.hidden_size, cfg.num_labels, dropout, cfg.id2label)
-        head.classifier.load_state_dict(hf_model.classifier.state_dict())
-        return head
-
-    def to_hf(self, encoder_config):
-        family = encoder_config.family
-        config = {"classifier_dropout": self.dropout, **_label_config(self.num_labels, self.id2label)}
-        state = {f"classifier.{k}": v for k, v in self.classifier.state_dict().items()}
-        return f"{_HF_FAMILY[family]}ForTokenClassification", config, state
 
 
 class MaskedLMHead(Head):
@@ -478,52 +416,6 @@ class MaskedLMHead(Head):
             out["logits"], out["positions"] = vocab_logits(transformed, weight, self.bias), where
         return out, loss
 
-    def _load_hf(self, transform_dense: nn.Module, layer_norm: nn.Module, decoder: nn.Linear) -> None:
-        self.dense.load_state_dict(transform_dense.state_dict())
-        self.layer_norm.load_state_dict(layer_norm.state_dict())
-        _copy(self.bias, decoder.bias)
-        if not self.tied:
-            _copy(self.decoder_weight, decoder.weight)
-
-    @classmethod
-    def from_hf(cls, hf_model, encoder_config):
-        family = encoder_config.family
-        if family == "roberta":
-            lm = hf_model.lm_head
-            dense, norm, decoder, approximate = lm.dense, lm.layer_norm, lm.decoder, "none"
-        else:
-            pred = hf_model.cls.predictions
-            dense, norm, decoder, approximate = pred.transform.dense, pred.transform.LayerNorm, pred.decoder, None
-        words = hf_model.base_model.embeddings.word_embeddings.weight
-        head = cls(encoder_config, approximate, tied=torch.equal(decoder.weight, words))
-        head._load_hf(dense, norm, decoder)
-        return head
-
-    def _hf_state(self, encoder_config: EncoderConfig) -> dict[str, torch.Tensor]:
-        family, weight = encoder_config.family, self._decoder()
-        if family == "roberta":
-            if self.approximate != "none":
-                raise UnsupportedModelError("RobertaForMaskedLM's head uses the erf GELU; this head uses "
-                                            f"approximate={self.approximate!r}")
-            names = {"dense": "lm_head.dense", "layer_norm": "lm_head.layer_norm"}
-            bias_keys, decoder = ("lm_head.bias", "lm_head.decoder.bias"), "lm_head.decoder.weight"
-        else:
-            if self.approximate != encoder_config.gelu_approximate:
-                raise UnsupportedModelError(f"BertForMaskedLM's head uses the encoder's hidden_act "
-                                            f"({encoder_config.hidden_act}); this head uses approximate="
-                                            f"{self.approximate!r}")
-            names = {"dense": "cls.predictions.transform.dense", "layer_norm": "cls.predictions.transform.LayerNorm"}
-            bias_keys = ("cls.predictions.bias", "cls.predictions.decoder.bias")
-            decoder = "cls.predictions.decoder.weight"
-        state = {f"{names[n]}.{k}": v for n in names for k, v in getattr(self, n).state_dict().items()}
-        state.update({k: self.bias.detach() for k in bias_keys})
-        state[decoder] = weight.detach()
-        return state
-
-    def to_hf(self, encoder_config):
-        family = encoder_config.family
-        return f"{_HF_FAMILY[family]}ForMaskedLM", {"tie_word_embeddings": self.tied}, self._hf_state(encoder_config)
-
 
 class NextSentenceHead(Head):
     """BERT's next-sentence prediction: linear(H, 2) on the pooler output. Outputs logits [B_t, 2];
@@ -557,19 +449,6 @@ class NextSentenceHead(Head):
         logits = self.seq_relationship(view.pooled())
         loss = None if labels is None else F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
         return {"logits": logits}, loss
-
-    @classmethod
-    def from_hf(cls, hf_model, encoder_config):
-        head = cls(hf_model.config.hidden_size)
-        head.seq_relationship.load_state_dict(hf_model.cls.seq_relationship.state_dict())
-        return head
-
-    def to_hf(self, encoder_config):
-        family = encoder_config.family
-        if family != "bert":
-            raise UnsupportedModelError(f"next-sentence prediction exists in transformers for BERT only, not {family}")
-        state = {f"cls.seq_relationship.{k}": v for k, v in self.seq_relationship.state_dict().items()}
-        return "BertForNextSentencePrediction", {}, state
 
 
 class SpanExtractionHead(Head):
@@ -634,20 +513,6 @@ class SpanExtractionHead(Head):
             loss = (F.cross_entropy(start.float(), labels[0]) + F.cross_entropy(end.float(), labels[1])) / 2
         return {"start_logits": start, "end_logits": end}, loss
 
-    @classmethod
-    def from_hf(cls, hf_model, encoder_config):
-        if hf_model.qa_outputs.out_features != 2:
-            raise UnsupportedModelError(f"a QA head predicts start and end (2 outputs), this one has "
-                                        f"{hf_model.qa_outputs.out_features}")
-        head = cls(hf_model.config.hidden_size)
-        head.qa_outputs.load_state_dict(hf_model.qa_outputs.state_dict())
-        return head
-
-    def to_hf(self, encoder_config):
-        family = encoder_config.family
-        state = {f"qa_outputs.{k}": v for k, v in self.qa_outputs.state_dict().items()}
-        return f"{_HF_FAMILY[family]}ForQuestionAnswering", {"num_labels": 2}, state
-
 
 class SentenceEmbeddingHead(Head):
     """A sentence vector per row, no weights: the first token's hidden state ("cls") or the mean over the real
@@ -678,10 +543,6 @@ class SentenceEmbeddingHead(Head):
         if self.normalize:
             emb = F.normalize(emb, dim=-1)
         return {"embeddings": emb}, None
-
-    def to_hf(self, encoder_config):
-        family = encoder_config.family
-        return f"{_HF_FAMILY[family]}Model", {}, {}
 
 
 class PreTrainingHead(Head):
@@ -742,23 +603,6 @@ class PreTrainingHead(Head):
         out["mlm_loss"], out["nsp_loss"] = mlm_loss, nsp_loss
         return out, mlm_loss + nsp_loss
 
-    @classmethod
-    def from_hf(cls, hf_model, encoder_config):
-        pred = hf_model.cls.predictions
-        words = hf_model.base_model.embeddings.word_embeddings.weight
-        head = cls(encoder_config, tied=torch.equal(pred.decoder.weight, words))
-        head.mlm._load_hf(pred.transform.dense, pred.transform.LayerNorm, pred.decoder)
-        head.nsp.seq_relationship.load_state_dict(hf_model.cls.seq_relationship.state_dict())
-        return head
-
-    def to_hf(self, encoder_config):
-        family = encoder_config.family
-        if family != "bert":
-            raise UnsupportedModelError(f"the pretraining pair exists in transformers for BERT only, not {family}")
-        _, _, nsp_state = self.nsp.to_hf(encoder_config)
-        state = {**self.mlm._hf_state(encoder_config), **nsp_state}
-        return "BertForPreTraining", {"tie_word_embeddings": self.mlm.tied}, state
-
 
 def vocab_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """The vocabulary projection of transformed rows: [N, H] -> logits [N, V]. Only ever called on gathered rows."""
@@ -770,25 +614,3 @@ HEAD_KINDS: dict[str, type[Head]] = {
     for cls in (SequenceClassificationHead, TokenClassificationHead, MaskedLMHead, NextSentenceHead,
                 SpanExtractionHead, SentenceEmbeddingHead, PreTrainingHead)
 }
-
-# transformers class-name suffix -> the head that reads it
-_HF_TASKS: dict[str, type[Head]] = {
-    "ForSequenceClassification": SequenceClassificationHead,
-    "ForTokenClassification": TokenClassificationHead,
-    "ForMaskedLM": MaskedLMHead,
-    "ForNextSentencePrediction": NextSentenceHead,
-    "ForQuestionAnswering": SpanExtractionHead,
-    "ForPreTraining": PreTrainingHead,
-}
-
-
-def head_from_hf(hf_model: nn.Module, encoder_config: EncoderConfig) -> Head:
-    """The head of an HF Bert*/Roberta* task model, weights copied exactly."""
-    for klass in type(hf_model).__mro__:
-        name = klass.__name__
-        for suffix, head_cls in _HF_TASKS.items():
-            if name.endswith(suffix) and name[: -len(suffix)] in _HF_FAMILY.values():
-                return head_cls.from_hf(hf_model, encoder_config)
-    supported = ", ".join(f"{f}{s}" for f in _HF_FAMILY.values() for s in _HF_TASKS
-                          if not (f == "Roberta" and s in ("ForNextSentencePrediction", "ForPreTraining")))
-    raise UnsupportedModelError(f"{type(hf_model).__name__} is not a supported task model; supported: {supported}")

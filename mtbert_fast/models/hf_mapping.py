@@ -1,13 +1,30 @@
-"""HF BERT/RoBERTa state_dict <-> FastBertModel state_dict, and safetensors reading (never unpickling)."""
+"""Hugging Face <-> mtbert_fast: HF BERT/RoBERTa state_dict <-> FastBertModel state_dict, safetensors reading (never
+unpickling), the task heads <-> the heads of HF's *For* task models, and a MultiTaskBert's encoder and heads from
+HF task models or one task of it as a transformers checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
+import torch.nn as nn
 
-from mtbert_fast.models.config import EncoderConfig
+from mtbert_fast.models.config import EncoderConfig, UnsupportedModelError
+from mtbert_fast.models.encoder import FastBertModel
+from mtbert_fast.models.heads import (
+    Head,
+    MaskedLMHead,
+    NextSentenceHead,
+    PreTrainingHead,
+    SentenceEmbeddingHead,
+    SequenceClassificationHead,
+    SpanExtractionHead,
+    TokenClassificationHead,
+)
 
 _PREFIXES = ("bert.", "roberta.", "model.", "")
 # (fast name, HF name) for each layer, the QKV fusion aside
@@ -109,3 +126,273 @@ def read_safetensors_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     pickled = [n for n in ("pytorch_model.bin", "tf_model.h5") if os.path.isfile(os.path.join(path, n))]
     hint = f" (found {', '.join(pickled)}, which is not read: it would need unpickling)" if pickled else ""
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}{hint}")
+
+
+# --- task heads <-> the heads of HF's *For* task models ----------------------------------------------------------
+
+_HF_FAMILY = {"bert": "Bert", "roberta": "Roberta"}
+# the problem_type names transformers uses for the head's own
+_HF_PROBLEM_TYPE = {ours: hf for hf, ours in SequenceClassificationHead._HF_PROBLEM_TYPES.items()}
+HfHead = tuple[str, dict[str, Any], dict[str, torch.Tensor]]  # (class name, config fields, weights under its keys)
+
+
+def _label_config(num_labels: int, id2label: dict[int, str] | None) -> dict[str, Any]:
+    if id2label is None:
+        return {"num_labels": num_labels}
+    return {"id2label": dict(id2label), "label2id": {v: k for k, v in id2label.items()}}
+
+
+def _copy(dst: nn.Parameter, src: torch.Tensor) -> None:
+    with torch.no_grad():
+        dst.copy_(src)
+
+
+def _classifier_dropout(hf_config) -> float:
+    return hf_config.classifier_dropout if hf_config.classifier_dropout is not None else hf_config.hidden_dropout_prob
+
+
+def _prefixed(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
+
+
+def _sequence_classification_from_hf(hf_model, encoder_config: EncoderConfig) -> SequenceClassificationHead:
+    cfg = hf_model.config
+    problem_type = cfg.problem_type or ("regression" if cfg.num_labels == 1 else "single_label")
+    roberta = encoder_config.family == "roberta"
+    head = SequenceClassificationHead(cfg.hidden_size, cfg.num_labels, problem_type, roberta_style=roberta,
+                                      dropout=_classifier_dropout(cfg), id2label=cfg.id2label)
+    if roberta:
+        for name in ("dense", "out_proj"):
+            getattr(head, name).load_state_dict(getattr(hf_model.classifier, name).state_dict())
+    else:
+        head.classifier.load_state_dict(hf_model.classifier.state_dict())
+    return head
+
+
+def _sequence_classification_to_hf(head: SequenceClassificationHead, encoder_config: EncoderConfig) -> HfHead:
+    family = encoder_config.family
+    if head.roberta_style != (family == "roberta") or head.pooled == head.roberta_style:
+        raise UnsupportedModelError(
+            f"no transformers class has this head on a {family} encoder: {_HF_FAMILY[family]}"
+            "ForSequenceClassification uses " + ("RoBERTa's dense+tanh head on <s>" if family == "roberta"
+                                                 else "a linear layer on the pooler output")
+        )
+    config = {"problem_type": _HF_PROBLEM_TYPE.get(head.problem_type, head.problem_type),
+              "classifier_dropout": head.dropout, **_label_config(head.num_labels, head.id2label)}
+    if head.roberta_style:
+        state = {**_prefixed("classifier.dense", head.dense), **_prefixed("classifier.out_proj", head.out_proj)}
+    else:
+        state = _prefixed("classifier", head.classifier)
+    return f"{_HF_FAMILY[family]}ForSequenceClassification", config, state
+
+
+def _token_classification_from_hf(hf_model, encoder_config: EncoderConfig) -> TokenClassificationHead:
+    cfg = hf_model.config
+    head = TokenClassificationHead(cfg.hidden_size, cfg.num_labels, _classifier_dropout(cfg), cfg.id2label)
+    head.classifier.load_state_dict(hf_model.classifier.state_dict())
+    return head
+
+
+def _token_classification_to_hf(head: TokenClassificationHead, encoder_config: EncoderConfig) -> HfHead:
+    config = {"classifier_dropout": head.dropout, **_label_config(head.num_labels, head.id2label)}
+    return (f"{_HF_FAMILY[encoder_config.family]}ForTokenClassification", config,
+            _prefixed("classifier", head.classifier))
+
+
+def _load_masked_lm(head: MaskedLMHead, transform_dense: nn.Module, layer_norm: nn.Module, decoder: nn.Linear) -> None:
+    head.dense.load_state_dict(transform_dense.state_dict())
+    head.layer_norm.load_state_dict(layer_norm.state_dict())
+    _copy(head.bias, decoder.bias)
+    if not head.tied:
+        _copy(head.decoder_weight, decoder.weight)
+
+
+def _tied(hf_model, decoder: nn.Linear) -> bool:
+    return torch.equal(decoder.weight, hf_model.base_model.embeddings.word_embeddings.weight)
+
+
+def _masked_lm_from_hf(hf_model, encoder_config: EncoderConfig) -> MaskedLMHead:
+    if encoder_config.family == "roberta":
+        lm = hf_model.lm_head
+        dense, norm, decoder, approximate = lm.dense, lm.layer_norm, lm.decoder, "none"
+    else:
+        pred = hf_model.cls.predictions
+        dense, norm, decoder, approximate = pred.transform.dense, pred.transform.LayerNorm, pred.decoder, None
+    head = MaskedLMHead(encoder_config, approximate, tied=_tied(hf_model, decoder))
+    _load_masked_lm(head, dense, norm, decoder)
+    return head
+
+
+def _masked_lm_state(head: MaskedLMHead, encoder_config: EncoderConfig) -> dict[str, torch.Tensor]:
+    family, weight = encoder_config.family, head._decoder()
+    if family == "roberta":
+        if head.approximate != "none":
+            raise UnsupportedModelError("RobertaForMaskedLM's head uses the erf GELU; this head uses "
+                                        f"approximate={head.approximate!r}")
+        names = {"dense": "lm_head.dense", "layer_norm": "lm_head.layer_norm"}
+        bias_keys, decoder = ("lm_head.bias", "lm_head.decoder.bias"), "lm_head.decoder.weight"
+    else:
+        if head.approximate != encoder_config.gelu_approximate:
+            raise UnsupportedModelError(f"BertForMaskedLM's head uses the encoder's hidden_act "
+                                        f"({encoder_config.hidden_act}); this head uses approximate="
+                                        f"{head.approximate!r}")
+        names = {"dense": "cls.predictions.transform.dense", "layer_norm": "cls.predictions.transform.LayerNorm"}
+        bias_keys = ("cls.predictions.bias", "cls.predictions.decoder.bias")
+        decoder = "cls.predictions.decoder.weight"
+    state = {k: v for n, hf_name in names.items() for k, v in _prefixed(hf_name, getattr(head, n)).items()}
+    state.update({k: head.bias.detach() for k in bias_keys})
+    state[decoder] = weight.detach()
+    return state
+
+
+def _masked_lm_to_hf(head: MaskedLMHead, encoder_config: EncoderConfig) -> HfHead:
+    return (f"{_HF_FAMILY[encoder_config.family]}ForMaskedLM", {"tie_word_embeddings": head.tied},
+            _masked_lm_state(head, encoder_config))
+
+
+def _bert_only(what: str, encoder_config: EncoderConfig) -> None:
+    if encoder_config.family != "bert":
+        raise UnsupportedModelError(f"{what} exists in transformers for BERT only, not {encoder_config.family}")
+
+
+def _next_sentence_from_hf(hf_model, encoder_config: EncoderConfig) -> NextSentenceHead:
+    head = NextSentenceHead(hf_model.config.hidden_size)
+    head.seq_relationship.load_state_dict(hf_model.cls.seq_relationship.state_dict())
+    return head
+
+
+def _next_sentence_to_hf(head: NextSentenceHead, encoder_config: EncoderConfig) -> HfHead:
+    _bert_only("next-sentence prediction", encoder_config)
+    return "BertForNextSentencePrediction", {}, _prefixed("cls.seq_relationship", head.seq_relationship)
+
+
+def _span_extraction_from_hf(hf_model, encoder_config: EncoderConfig) -> SpanExtractionHead:
+    if hf_model.qa_outputs.out_features != 2:
+        raise UnsupportedModelError(f"a QA head predicts start and end (2 outputs), this one has "
+                                    f"{hf_model.qa_outputs.out_features}")
+    head = SpanExtractionHead(hf_model.config.hidden_size)
+    head.qa_outputs.load_state_dict(hf_model.qa_outputs.state_dict())
+    return head
+
+
+def _span_extraction_to_hf(head: SpanExtractionHead, encoder_config: EncoderConfig) -> HfHead:
+    return (f"{_HF_FAMILY[encoder_config.family]}ForQuestionAnswering", {"num_labels": 2},
+            _prefixed("qa_outputs", head.qa_outputs))
+
+
+def _sentence_embedding_to_hf(head: SentenceEmbeddingHead, encoder_config: EncoderConfig) -> HfHead:
+    return f"{_HF_FAMILY[encoder_config.family]}Model", {}, {}
+
+
+def _pretraining_from_hf(hf_model, encoder_config: EncoderConfig) -> PreTrainingHead:
+    pred = hf_model.cls.predictions
+    head = PreTrainingHead(encoder_config, tied=_tied(hf_model, pred.decoder))
+    _load_masked_lm(head.mlm, pred.transform.dense, pred.transform.LayerNorm, pred.decoder)
+    head.nsp.seq_relationship.load_state_dict(hf_model.cls.seq_relationship.state_dict())
+    return head
+
+
+def _pretraining_to_hf(head: PreTrainingHead, encoder_config: EncoderConfig) -> HfHead:
+    _bert_only("the pretraining pair", encoder_config)
+    _, _, nsp_state = _next_sentence_to_hf(head.nsp, encoder_config)
+    state = {**_masked_lm_state(head.mlm, encoder_config), **nsp_state}
+    return "BertForPreTraining", {"tie_word_embeddings": head.mlm.tied}, state
+
+
+# transformers class-name suffix -> the head that reads it
+_FROM_HF: dict[str, Callable[[nn.Module, EncoderConfig], Head]] = {
+    "ForSequenceClassification": _sequence_classification_from_hf,
+    "ForTokenClassification": _token_classification_from_hf,
+    "ForMaskedLM": _masked_lm_from_hf,
+    "ForNextSentencePrediction": _next_sentence_from_hf,
+    "ForQuestionAnswering": _span_extraction_from_hf,
+    "ForPreTraining": _pretraining_from_hf,
+}
+_TO_HF: dict[type[Head], Callable[[Any, EncoderConfig], HfHead]] = {
+    SequenceClassificationHead: _sequence_classification_to_hf,
+    TokenClassificationHead: _token_classification_to_hf,
+    MaskedLMHead: _masked_lm_to_hf,
+    NextSentenceHead: _next_sentence_to_hf,
+    SpanExtractionHead: _span_extraction_to_hf,
+    SentenceEmbeddingHead: _sentence_embedding_to_hf,
+    PreTrainingHead: _pretraining_to_hf,
+}
+
+
+def head_from_hf(hf_model: nn.Module, encoder_config: EncoderConfig) -> Head:
+    """The head of an HF Bert*/Roberta* task model, weights copied exactly."""
+    for klass in type(hf_model).__mro__:
+        name = klass.__name__
+        for suffix, convert in _FROM_HF.items():
+            if name.endswith(suffix) and name[: -len(suffix)] in _HF_FAMILY.values():
+                return convert(hf_model, encoder_config)
+    supported = ", ".join(f"{f}{s}" for f in _HF_FAMILY.values() for s in _FROM_HF
+                          if not (f == "Roberta" and s in ("ForNextSentencePrediction", "ForPreTraining")))
+    raise UnsupportedModelError(f"{type(hf_model).__name__} is not a supported task model; supported: {supported}")
+
+
+def head_to_hf(head: Head, encoder_config: EncoderConfig) -> HfHead:
+    """-> (transformers class name, config fields, head weights under the HF model's keys)."""
+    convert = next((_TO_HF[klass] for klass in type(head).__mro__ if klass in _TO_HF), None)
+    if convert is None:
+        raise NotImplementedError(f"{type(head).__name__} has no transformers counterpart")
+    return convert(head, encoder_config)
+
+
+# --- MultiTaskBert <-> HF task models ----------------------------------------------------------------------------
+
+
+def encoder_and_heads_from_hf(
+    models: Mapping[str, nn.Module], *, dtype: torch.dtype | None = None, backend: str | None = None
+) -> tuple[FastBertModel, dict[str, Head]]:
+    """The shared encoder and one head per task of HF task models (see MultiTaskBert.from_hf_heads)."""
+    if not models:
+        raise ValueError("from_hf_heads needs at least one task model")
+    bases = {task: getattr(m, "base_model", m) for task, m in models.items()}
+    configs = {task: EncoderConfig.from_hf(b.config) for task, b in bases.items()}
+    states = {task: b.state_dict() for task, b in bases.items()}
+    first = next(iter(models))
+    with_pooler = [t for t, b in bases.items() if getattr(b, "pooler", None) is not None]
+    for task in models:
+        if configs[task] != configs[first]:
+            a, b = dataclasses.asdict(configs[first]), dataclasses.asdict(configs[task])
+            field = next(k for k in a if a[k] != b[k])
+            raise ValueError(f"encoder configs differ between {first!r} and {task!r}: {field} is {a[field]!r} "
+                             f"vs {b[field]!r}")
+        pooler_ref = with_pooler[0] if with_pooler else first
+        for key, value in states[task].items():
+            ref = first if not key.startswith("pooler.") else pooler_ref
+            other = states[ref].get(key)
+            if other is None or other.shape != value.shape or not torch.equal(other, value):
+                raise ValueError(f"{key} differs between {ref!r} and {task!r}: the task models must share "
+                                 "one encoder")
+        missing = [k for k in states[first] if not k.startswith("pooler.") and k not in states[task]]
+        if missing:
+            raise ValueError(f"{missing[0]} differs between {first!r} and {task!r}: missing in {task!r}")
+    encoder = FastBertModel.from_hf(models[with_pooler[0] if with_pooler else first], dtype=dtype, backend=backend)
+    heads = {task: head_from_hf(m, configs[task]) for task, m in models.items()}
+    return encoder, heads
+
+
+def save_hf_task(encoder: FastBertModel, head: Head, path: str | os.PathLike) -> None:
+    """The encoder and one head as an ordinary transformers checkpoint (see MultiTaskBert.export_hf)."""
+    import transformers
+
+    config = encoder.config
+    class_name, config_fields, head_state = head_to_hf(head, config)
+    fields = config.to_dict()
+    model_type = fields.pop("model_type")
+    hf_config = transformers.AutoConfig.for_model(model_type, **fields, **config_fields)
+    hf_class = getattr(transformers, class_name)
+    kwargs = {"add_pooling_layer": encoder.pooler is not None} if class_name.endswith("Model") else {}
+    hf_model = hf_class(hf_config, **kwargs)
+    base = hf_model.base_model
+    if getattr(base, "pooler", None) is not None and encoder.pooler is None:
+        raise ValueError(f"{class_name} reads the pooler output, but the encoder has no pooler")
+    prefix = "" if hf_model is base else f"{hf_model.base_model_prefix}."
+    encoder_state = hf_state_dict_from_fast(encoder.state_dict(), config)
+    state = {f"{prefix}{k}": v for k, v in encoder_state.items()
+             if not (k.startswith("pooler.") and getattr(base, "pooler", None) is None)}
+    state.update(head_state)
+    hf_model.load_state_dict({k: v.detach() for k, v in state.items()}, strict=True)
+    hf_model.to(encoder.dtype).save_pretrained(path)

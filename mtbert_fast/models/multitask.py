@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 
 from mtbert_fast.models.config import EncoderConfig
-from mtbert_fast.models.encoder import FastBertModel, validate_inputs
-from mtbert_fast.models.heads import HEAD_KINDS, Head, HeadInput, head_from_hf
-from mtbert_fast.models.hf_mapping import MissingWeightError, hf_state_dict_from_fast
+from mtbert_fast.models.encoder import FastBertModel
+from mtbert_fast.models.heads import HEAD_KINDS, Head, HeadInput
+from mtbert_fast.models.hf_mapping import MissingWeightError, encoder_and_heads_from_hf, save_hf_task
 
 CONFIG_NAME = "multitask_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -162,10 +162,11 @@ class MultiTaskBert(nn.Module):
         positions: masked-LM / pretraining task -> bool [B_t, L]: where to predict (logits only there).
         mlm_logits: whether masked-LM heads given labels also return logits at the labelled positions
           (default: in eval mode only; the loss never needs them).
-        Every check (unknown task, labels for a task not run, shapes, ranges) runs before any compute.
+        Every check runs once, before any compute: the encoder's on the inputs, routing's on the task names, each
+        head's on its labels and positions.
         """
-        config, device = self.encoder.config, self.encoder.device
-        batch, seqlen = validate_inputs(config, device, input_ids, attention_mask, token_type_ids, None, None)
+        device = self.encoder.device
+        batch, seqlen = self.encoder.check_inputs(input_ids, attention_mask, token_type_ids)
         routes = self.route(tasks, batch, device)
         labels = self._per_task("labels", labels, routes)
         positions = self._per_task("positions", positions, routes)
@@ -178,15 +179,13 @@ class MultiTaskBert(nn.Module):
             if task in labels:
                 checked_labels[task] = head.check_labels(task, _to(labels[task], device), real_rows)
             if task in positions:
-                if not head.accepts_positions:
-                    raise ValueError(f"task {task!r} ({head.kind}) takes no positions; only masked-LM heads do")
                 checked_positions[task] = head.check_positions(task, _to(positions[task], device), real_rows)
         if mlm_logits is None:
             mlm_logits = not self.training
         if not routes:
             return MultiTaskOutput({}, {}, None)
 
-        encoded = self.encoder(input_ids, attention_mask, token_type_ids)
+        encoded = self.encoder(input_ids, attention_mask, token_type_ids, inputs_checked=True)
         outputs, losses = {}, {}
         for task, rows in routes.items():
             out, loss = self.heads[task](HeadInput(encoded, rows), checked_labels.get(task),
@@ -219,58 +218,15 @@ class MultiTaskBert(nn.Module):
         first differing one). Models built without a pooler (MaskedLM, TokenClassification, QA) share all the
         other weights; the pooler comes from the models that have one, which must agree among themselves.
         """
-        if not models:
-            raise ValueError("from_hf_heads needs at least one task model")
-        bases = {task: getattr(m, "base_model", m) for task, m in models.items()}
-        configs = {task: EncoderConfig.from_hf(b.config) for task, b in bases.items()}
-        states = {task: b.state_dict() for task, b in bases.items()}
-        first = next(iter(models))
-        with_pooler = [t for t, b in bases.items() if getattr(b, "pooler", None) is not None]
-        for task in models:
-            if configs[task] != configs[first]:
-                a, b = dataclasses.asdict(configs[first]), dataclasses.asdict(configs[task])
-                field = next(k for k in a if a[k] != b[k])
-                raise ValueError(f"encoder configs differ between {first!r} and {task!r}: {field} is {a[field]!r} "
-                                 f"vs {b[field]!r}")
-            pooler_ref = with_pooler[0] if with_pooler else first
-            for key, value in states[task].items():
-                ref = first if not key.startswith("pooler.") else pooler_ref
-                other = states[ref].get(key)
-                if other is None or other.shape != value.shape or not torch.equal(other, value):
-                    raise ValueError(f"{key} differs between {ref!r} and {task!r}: the task models must share "
-                                     "one encoder")
-            missing = [k for k in states[first] if not k.startswith("pooler.") and k not in states[task]]
-            if missing:
-                raise ValueError(f"{missing[0]} differs between {first!r} and {task!r}: missing in {task!r}")
-        encoder = FastBertModel.from_hf(models[with_pooler[0] if with_pooler else first], dtype=dtype, backend=backend)
-        heads = {task: head_from_hf(m, configs[task]) for task, m in models.items()}
+        encoder, heads = encoder_and_heads_from_hf(models, dtype=dtype, backend=backend)
         return cls(encoder, heads, loss_weights).eval()
 
     def export_hf(self, task: str, path: str | os.PathLike) -> None:
         """Save one task as an ordinary transformers checkpoint (e.g. BertForSequenceClassification; a
         sentence-embedding task as a plain BertModel/RobertaModel) that `from_pretrained` loads."""
-        import transformers
-
         if task not in self.heads:
             raise self._unknown("", task)
-        config = self.encoder.config
-        class_name, config_fields, head_state = self.heads[task].to_hf(config)
-        fields = config.to_dict()
-        model_type = fields.pop("model_type")
-        hf_config = transformers.AutoConfig.for_model(model_type, **fields, **config_fields)
-        hf_class = getattr(transformers, class_name)
-        kwargs = {"add_pooling_layer": self.encoder.pooler is not None} if class_name.endswith("Model") else {}
-        hf_model = hf_class(hf_config, **kwargs)
-        base = hf_model.base_model
-        if getattr(base, "pooler", None) is not None and self.encoder.pooler is None:
-            raise ValueError(f"{class_name} reads the pooler output, but the encoder has no pooler")
-        prefix = "" if hf_model is base else f"{hf_model.base_model_prefix}."
-        encoder_state = hf_state_dict_from_fast(self.encoder.state_dict(), self.encoder.config)
-        state = {f"{prefix}{k}": v for k, v in encoder_state.items()
-                 if not (k.startswith("pooler.") and getattr(base, "pooler", None) is None)}
-        state.update(head_state)
-        hf_model.load_state_dict({k: v.detach() for k, v in state.items()}, strict=True)
-        hf_model.to(self.encoder.dtype).save_pretrained(path)
+        save_hf_task(self.encoder, self.heads[task], path)
 
     # --- own checkpoint --------------------------------------------------------------------------------------
 

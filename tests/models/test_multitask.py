@@ -21,6 +21,7 @@ from mtbert_fast.models import (  # noqa: E402
     SentenceEmbeddingHead,
     SequenceClassificationHead,
 )
+from mtbert_fast.models import encoder as encoder_module  # noqa: E402
 from mtbert_fast.models import heads as heads_module  # noqa: E402
 
 ATOL = 1e-4
@@ -302,6 +303,134 @@ def test_training_step_backward(bert):
     assert words.grad is not None and model.heads["mlm"].dense.weight.grad is not None
     assert model.heads["sentiment"].classifier.weight.grad is not None
     assert model.heads["mlm"].decoder_weight is words
+
+
+# --- padding: only what a head or an output reads ------------------------------------------------------------------
+
+
+@pytest.fixture
+def pads(monkeypatch):
+    """The shapes of every tensor padded from the packed layout ([B, L, ...]), in call order."""
+    seen = []
+    original = encoder_module.pad
+
+    def record(packed, indices, batch, seqlen):
+        out = original(packed, indices, batch, seqlen)
+        seen.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(encoder_module, "pad", record)
+    return seen
+
+
+@pytest.mark.parametrize("tasks, padded", [
+    ("sentiment", []),
+    (("sentiment", "topics", "score", "nsp"), []),
+    ("mlm", []),
+    ("pretrain", []),
+    ("ner", [(4, SEQLEN, 5)]),
+    ("qa", [(4, SEQLEN, 2)]),
+    (None, [(4, SEQLEN, 5), (4, SEQLEN, 2)]),
+])
+@torch.no_grad()
+def test_heads_never_pad_the_hidden_states(bert, pads, tasks, padded):
+    """Sequence-level and masked-LM heads read packed rows and pad nothing; token-level heads pad their logits
+    [B, L, C], never the hidden states [B, L, H]."""
+    _, model = bert
+    batch = _batch()
+    labels = _labels(batch)
+    names = list(model.heads) if tasks is None else [tasks] if isinstance(tasks, str) else list(tasks)
+    model(**batch, tasks=tasks, labels={t: labels[t] for t in names})
+    assert pads == padded
+
+
+@torch.no_grad()
+def test_encoder_pads_its_outputs_on_first_read(bert, pads):
+    _, model = bert
+    batch = _batch()
+    out = model.encoder(**batch, output_hidden_states=True)
+    assert pads == []
+    hidden = out.last_hidden_state
+    assert pads == [(4, SEQLEN, 64)] and out.last_hidden_state is hidden
+    states = out.hidden_states
+    assert len(states) == 3 and out.hidden_states is states and len(pads) == 4
+    assert torch.equal(hidden[batch["attention_mask"].bool()], out.packed_hidden_state)
+    assert torch.equal(states[-1], hidden)
+
+
+# --- each check runs once ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def check_calls(monkeypatch, bert):
+    """name -> [None for a passed check, the message of a refusal], for the input check and each head's checks."""
+    _, model = bert
+    calls: dict[str, list[str | None]] = {}
+
+    def spy(name, original):
+        def run(*args, **kwargs):
+            try:
+                result = original(*args, **kwargs)
+            except (ValueError, TypeError) as exc:
+                calls.setdefault(name, []).append(str(exc))
+                raise
+            calls.setdefault(name, []).append(None)
+            return result
+
+        return run
+
+    monkeypatch.setattr(encoder_module, "validate_inputs", spy("inputs", encoder_module.validate_inputs))
+    checks = [(task, head, check) for task, head in model.heads.items()
+              for check in ("check_labels", "check_positions")]
+    for task, head, check in checks:
+        setattr(head, check, spy(f"{task}.{check}", getattr(head, check)))
+    yield calls
+    for _, head, check in checks:
+        delattr(head, check)  # the model is shared by the module's tests: unshadow its methods
+
+
+def test_a_forward_checks_inputs_labels_and_positions_once(bert, check_calls):
+    _, model = bert
+    batch = _batch()
+    labels = _labels(batch)
+    where = batch["attention_mask"].bool()
+    with torch.no_grad():
+        model(**batch, labels=labels, positions={"mlm": where})
+    expected = {"inputs": [None], "mlm.check_positions": [None]}
+    expected.update({f"{task}.check_labels": [None] for task in BERT_TASKS})
+    assert check_calls == expected
+
+
+@pytest.mark.parametrize("bad, error, message, check", [
+    (dict(input_ids=torch.zeros(4, SEQLEN)), TypeError, "input_ids must be int64 or int32, got torch.float32",
+     "inputs"),
+    (dict(input_ids=torch.zeros(4, SEQLEN, dtype=torch.long)[0]), ValueError,
+     "input_ids must be \\[batch, seqlen\\], got torch.int64 \\(12,\\)", "inputs"),
+    (dict(input_ids=torch.zeros(4, SEQLEN, dtype=torch.long, device="meta")), ValueError,
+     "input_ids is on meta but the model is on cpu", "inputs"),
+    (dict(attention_mask=torch.ones(4, SEQLEN - 1, dtype=torch.long)), ValueError,
+     "attention_mask has shape \\(4, 11\\) but the input is \\(4, 12\\)", "inputs"),
+    (dict(attention_mask=torch.ones(4, SEQLEN)), TypeError, "attention_mask must hold integers or bools", "inputs"),
+    (dict(token_type_ids=torch.full((4, SEQLEN), 2)), ValueError, "token_type_ids must be in \\[0, 2\\)", "inputs"),
+    (dict(tasks="sentiment", labels={"sentiment": torch.zeros(4)}), ValueError,
+     "labels for task 'sentiment' must be integer class indices of shape \\(4,\\), got torch.float32",
+     "sentiment.check_labels"),
+    (dict(tasks="ner", labels={"ner": torch.full((4, SEQLEN), 5)}), ValueError,
+     "labels for task 'ner' marks padding position \\(row 1, token 7\\)", "ner.check_labels"),
+    (dict(tasks="ner", positions={"ner": torch.ones(4, SEQLEN, dtype=torch.bool)}), ValueError,
+     "task 'ner' \\(token_classification\\) takes no positions; only masked-LM heads do", "ner.check_positions"),
+    (dict(tasks="mlm", positions={"mlm": torch.ones(4, SEQLEN)}), ValueError,
+     "positions for task 'mlm' must be a bool mask of shape \\(4, 12\\), got torch.float32", "mlm.check_positions"),
+])
+def test_each_bad_input_is_refused_once(bert, check_calls, bad, error, message, check):
+    """The one check that owns a problem refuses it, once, with its message; nothing else runs it again."""
+    _, model = bert
+    kwargs = {**_batch(), **bad}
+    with torch.no_grad(), pytest.raises(error, match=message):
+        model(**kwargs)
+    refusals = {name: [m for m in msgs if m is not None] for name, msgs in check_calls.items()}
+    assert {name: len(msgs) for name, msgs in refusals.items() if msgs} == {check: 1}
+    assert all(len(msgs) == 1 for msgs in check_calls.values()), check_calls
 
 
 # --- the MLM head touches only the rows it predicts ---------------------------------------------------------------

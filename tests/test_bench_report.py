@@ -1,0 +1,106 @@
+"""The bench's reporting half renders given result rows (table, CSV, plot) without loading or running any model;
+runner.main prints, writes and sets the exit status from what measuring returns."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from mtbert_fast.bench import measure, report, runner
+
+META = {"time": "2025-01-02T03:04:05+00:00", "device": "cpu (test)", "torch": "2.x", "transformers": "4.x",
+        "mtbert_fast": "0.1.0", "commit": "abc1234", "sentences": "6", "repeats": "2",
+        "gemm": "float32 100 GFLOP/s"}  # fmt: skip
+
+
+def _result(provider, tokens_per_s, point="sentences", batch=4, max_length=512, task="encoder", diff=1e-6, **extra):
+    return measure.Result(
+        model="tiny", task=task, point=point, batch=batch, max_length=max_length, provider=provider, dtype="float32",
+        real_tokens=1000, padded_tokens=1200, batches=2, tokens_per_s=tokens_per_s, latencies_s=[0.01, 0.02, 0.03],
+        max_abs_diff=diff, parity_limit=measure.FP32_TOLERANCE, **extra,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def rows():
+    """Two points of the encoder task (HF sdpa the baseline, a fast provider twice as fast, one failing parity) and
+    one multitask point."""
+    out = []
+    for point, batch, max_length in (("sentences", 4, 512), ("L=32", 8, 32)):
+        out += [
+            _result("hf-eager", [800.0, 900.0], point, batch, max_length),
+            _result(measure.BASELINE, [1000.0, 1000.0], point, batch, max_length),
+            _result("mtbert_fast[cpu]", [2000.0, 2000.0], point, batch, max_length, flops=1e10,
+                    gemm_flops_per_s=1e11, backends="all ops on cpu"),
+            _result("mtbert_fast[reference]", [3000.0, 3000.0], point, batch, max_length, diff=1.0),
+        ]
+    out += [_result(measure.MULTITASK_BASELINE, [500.0], "L=32", 8, 32, task="multitask"),
+            _result("mtbert_fast[cpu]", [1500.0], "L=32", 8, 32, task="multitask")]
+    return out
+
+
+def test_speedups_are_against_the_baseline_and_none_on_failed_parity(rows):
+    ratio = report.speedups(rows)
+    by_name = {(r.task, r.point, r.provider): ratio[id(r)] for r in rows}
+    assert by_name[("encoder", "sentences", measure.BASELINE)] == 1.0
+    assert by_name[("encoder", "sentences", "mtbert_fast[cpu]")] == 2.0
+    assert by_name[("encoder", "L=32", "hf-eager")] == pytest.approx(0.85)
+    assert by_name[("encoder", "L=32", "mtbert_fast[reference]")] is None
+    assert by_name[("multitask", "L=32", "mtbert_fast[cpu]")] == 3.0
+
+
+def test_table_renders_every_row_and_the_skipped_providers(rows):
+    text = report.format_table(rows, META, {"onnxruntime": "onnxruntime is not installed"})
+    lines = text.splitlines()
+    assert lines[0] == "cpu (test); measured GEMM rate: float32 100 GFLOP/s"
+    assert "mtbert_fast 0.1.0 (abc1234), 2025-01-02T03:04:05+00:00" in lines[1]
+    header = next(line for line in lines if line.startswith("model"))
+    for column in ("real tok/s", "p10-p90", "p50 ms", "p90 ms", "peak MiB", "vs base", "roofline", "max|diff|",
+                   "parity"):  # fmt: skip
+        assert column in header
+    body = lines[lines.index(header) + 2: lines.index(header) + 2 + len(rows)]
+    assert len(body) == len(rows) and all(line.startswith("tiny") for line in body)
+    fast = next(line for line in body if "mtbert_fast[cpu]" in line and "encoder" in line)
+    assert "2,000" in fast and "2.00x" in fast and "20%" in fast and fast.endswith("ok")
+    failed = next(line for line in body if "mtbert_fast[reference]" in line)
+    assert failed.endswith("FAIL") and " - " in failed
+    assert "3.00x" in next(line for line in body if "multitask" in line and "mtbert_fast[cpu]" in line)
+    assert lines[-1] == "skipped onnxruntime: onnxruntime is not installed"
+
+
+def test_csv_appends_one_row_per_result(rows, tmp_path):
+    path = report.append_csv(rows, META, tmp_path / "out")
+    assert path == tmp_path / "out" / report.CSV_NAME
+    report.append_csv(rows[:1], META, tmp_path / "out")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == report.CSV_FIELDS
+        written = list(reader)
+    assert len(written) == len(rows) + 1
+    fast = written[2]
+    assert fast["provider"] == "mtbert_fast[cpu]" and fast["speedup_vs_hf_sdpa"] == "2.0000"
+    assert fast["roofline_fraction"] == "0.2000" and fast["gemm_gflops"] == "100.0"
+    assert fast["tokens_per_s_median"] == "2000.0" and fast["latency_p50_ms"] == "20.000"
+    assert fast["commit"] == "abc1234" and fast["backends"] == "all ops on cpu"
+    assert written[3]["parity"] == "FAIL" and written[3]["speedup_vs_hf_sdpa"] == ""
+
+
+def test_plot_draws_the_encoder_points(rows, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = report.plot(rows, tmp_path)
+    assert path == tmp_path / report.PLOT_NAME and path.stat().st_size > 0
+
+
+def test_runner_prints_writes_and_exits_1_on_failed_parity(rows, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(measure, "run", lambda cfg: (rows, META, {}))
+    assert runner.main(measure.BenchConfig(out=tmp_path)) == 1
+    text = capsys.readouterr().out
+    assert report.format_table(rows, META, {}) in text
+    assert f"results appended to {tmp_path / report.CSV_NAME}" in text
+    assert (tmp_path / report.PLOT_NAME).is_file()
+    passing = [r for r in rows if r.parity_ok]
+    monkeypatch.setattr(measure, "run", lambda cfg: (passing, META, {}))
+    assert runner.main(measure.BenchConfig(out=None)) == 0
+    assert "results appended" not in capsys.readouterr().out
