@@ -2,8 +2,8 @@
 # Build check of the CUDA kernels on a machine without a GPU.
 #
 # Compiles mtbert_fast._C with csrc/cuda/*.cu against a CUDA build of torch (nvcc must be installed), imports
-# mtbert_fast from that build, and checks that every op of csrc/ops.cpp that has a CUDA kernel by design is
-# registered for the CUDA dispatch key, and that the build's tensor-less ops answer: cuda_archs() names the archs
+# mtbert_fast from that build, and checks that every op whose declaration (mtbert_fast/ops/registry.py, OPS) has a
+# cuda backend has its C++ kernels (forward and backward) registered for the CUDA dispatch key, and that the build's tensor-less ops answer: cuda_archs() names the archs
 # of TORCH_CUDA_ARCH_LIST (as setup.py's cuda_arch_names spells them) and cuda_attention_shared_bytes() gives a
 # size for every head dim and dtype. Exits non-zero when a .cu does not compile or link, when the import fails, or
 # when an op is missing or answers wrong. Nothing CUDA runs: the GPU tests are tests/cuda/.
@@ -154,7 +154,7 @@ NINJA_LOG=$(echo "$SRC"/build/temp.*/.ninja_log)
 
 # --- 5. import and kernel registration ------------------------------------------------------------------------
 (cd "$BUILD" && PYTHONPATH="$SRC" "$PY" - "$SRC" "$TORCH_CUDA_ARCH_LIST" <<'PYEOF'
-import ast, glob, os, re, sys
+import ast, glob, os, sys
 
 import torch
 
@@ -169,19 +169,20 @@ torch.ops.load_library(built[0])  # registers the kernels (already done if mtber
 if not _ext.loaded():
     print(f"    WARNING: mtbert_fast._ext could not import the build, so the dispatcher will not use its kernels: "
           f"{_ext.load_error}")
-with open(os.path.join(src, "csrc", "ops.cpp")) as f:
-    ops = re.findall(r'"(\w+)\(', f.read())
-if not ops:
-    sys.exit("cuda_build_check: found no op in csrc/ops.cpp")
-no_cuda_kernel = {"mlm_gather_loss", "mlm_gather_loss_backward"}  # Triton covers them on the GPU
+from mtbert_fast.ops import registry
+
 missing = []
-for op in ops:
-    has = torch._C._dispatch_has_kernel_for_dispatch_key(f"mtbert_fast_C::{op}", "CUDA")
-    expected = op not in no_cuda_kernel
-    note = "" if has or not expected else "   <-- MISSING"
-    print(f"    {op:36s} CUDA kernel: {'yes' if has else 'no (none planned)' if not expected else 'no'}{note}")
-    if expected and not has:
-        missing.append(op)
+for name, op in registry.OPS.items():
+    kernels = [name] + ([f"{name}_backward"] if op.backward_schema is not None else [])
+    for kernel in kernels:
+        has = torch._C._dispatch_has_kernel_for_dispatch_key(f"mtbert_fast_C::{kernel}", "CUDA")
+        expected = "cuda" in op.backends
+        note = "" if has or not expected else "   <-- MISSING"
+        print(f"    {kernel:36s} CUDA kernel: {'yes' if has else 'no' if expected else 'no (none declared)'}{note}")
+        if expected and not has:
+            missing.append(kernel)
+        if has and not expected:
+            sys.exit(f"cuda_build_check: {kernel} has a CUDA kernel that its op's declaration does not list")
 if missing:
     sys.exit(f"cuda_build_check: no CUDA kernel registered for {', '.join(missing)}")
 

@@ -66,6 +66,20 @@ def backend_rows(footnotes: dict[str, int]) -> list[list[str]]:
     return rows
 
 
+def op_rows() -> list[list[str]]:
+    """One row per declared op: its backends with kernels, how its gradient is computed, its schema."""
+    rows = []
+    for name, op in registry.OPS.items():
+        if op.backward_schema is not None:
+            backward = f"{name}_backward op"
+        elif op.backward is not None:
+            backward = "formula"
+        else:
+            backward = "none"
+        rows.append([name, ", ".join(op.backends), backward, op.schema])
+    return rows
+
+
 def report() -> str:
     """The whole report as text."""
     out: list[str] = []
@@ -91,6 +105,10 @@ def report() -> str:
     out.append(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, torch threads {torch.get_num_threads()}")
     for var in ENV_VARS:
         out.append(f"${var} = {os.environ.get(var, '(unset)')}")
+
+    out.append("")
+    out.append("Ops (each declared once in mtbert_fast/ops/<op>.py; kernels per backend besides the reference):")
+    out.extend("  " + line for line in _table(["op", "kernels", "backward", "schema"], op_rows()))
 
     out.append("")
     order = " -> ".join(dispatch.BACKENDS)

@@ -5,15 +5,15 @@ from __future__ import annotations
 import torch
 
 from mtbert_fast import _ext, info, ops
-from mtbert_fast.ops import dispatch
+from mtbert_fast.ops import dispatch, registry
 
 
 def test_report_names_every_op_and_backend(capsys, monkeypatch):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     info.main()
     text = capsys.readouterr().out
-    for op in info.OPS:
-        assert op in text
+    for name, op in registry.OPS.items():
+        assert name in text and op.schema in text
     for backend in dispatch.BACKENDS:
         assert backend in text
     assert torch.__version__ in text
@@ -26,7 +26,7 @@ def test_report_names_every_op_and_backend(capsys, monkeypatch):
 def test_every_row_has_a_usable_backend_or_a_reason():
     footnotes: dict[str, int] = {}
     rows = info.backend_rows(footnotes)
-    assert len(rows) == len(info.OPS) * len(info.devices()) * len(info.DTYPES)
+    assert len(rows) == len(registry.OPS) * len(info.devices()) * len(info.DTYPES)
     for row in rows:
         auto, cells = row[3], row[4:]
         assert row[-1] == "yes", "the reference runs every op on every device"
@@ -52,5 +52,7 @@ def test_bad_backend_variable_is_reported_not_raised(monkeypatch):
 def test_report_prints_every_declared_input_limit():
     text = info.report()
     assert "Input limits" in text
-    for lim in dispatch.LIMITS:
+    limits = [lim for op in registry.OPS.values() for b in op.backends.values() for lim in b.limits]
+    assert limits
+    for lim in limits:
         assert lim.text in text

@@ -28,6 +28,8 @@ ENV_VAR = "MTBERT_FAST_BACKEND"
 _triton_import_error: str | None = None
 _triton_imported = False
 _last: dict[tuple[str, str, torch.dtype], tuple[str, dict[str, str]]] = {}
+_reasons: dict[tuple, str | None] = {}
+_TRITON_DEVICES = "Triton runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1)"
 
 
 def limits_of(op: str, backend: str) -> list[str]:
@@ -35,14 +37,16 @@ def limits_of(op: str, backend: str) -> list[str]:
     return [lim.text for lim in registry.OPS[op].limits(backend)]
 
 
-def input_reason(backend: str, op: str, t: torch.Tensor) -> str | None:
+def input_reason(backend: str, op: str, t: torch.Tensor, device: torch.device | None = None) -> str | None:
     """Why `backend` cannot run `op` on an input like `t` although it takes its device and dtype, or None."""
     for lim in registry.OPS[op].limits(backend):
         why = lim.violated(t)
         if why is not None:
             return why
-    if backend == "cuda" and t.device.type == "cuda":
-        return _cuda_device_reason(t.device) or _cuda_shared_memory_reason(op, t)
+    if backend == "cuda":
+        device = t.device if device is None else device
+        if device.type == "cuda":
+            return _cuda_device_reason(device) or _cuda_shared_memory_reason(op, t)
     return None
 
 
@@ -123,11 +127,9 @@ def _triton_reason(op: str, device: torch.device) -> str | None:
     _load_triton()
     if _triton_import_error is not None:
         return _triton_import_error
-    if device.type == "cuda":
+    if device.type in ("cuda", "cpu"):
         return None
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return None
-    return f"Triton runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1), got a {device.type} tensor"
+    return f"{_TRITON_DEVICES}, got a {device.type} tensor"
 
 
 def _load_triton() -> None:
@@ -150,6 +152,17 @@ def _load_triton() -> None:
 
 def reason(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """Why `backend` cannot run `op` on this device and dtype, or None when it can."""
+    key = (backend, op, device.type, dtype)
+    if key not in _reasons:  # a function of the key alone once the extension and Triton have loaded
+        _reasons[key] = _reason(backend, op, device, dtype)
+    why = _reasons[key]
+    # TRITON_INTERPRET is read at every call: tests turn it on and off
+    if why is None and backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"{_TRITON_DEVICES}, got a cpu tensor"
+    return why
+
+
+def _reason(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str | None:
     spec = registry.OPS[op]
     if backend == "reference":
         any_dtype = all(b.dtypes is None for b in spec.backends.values())
@@ -189,11 +202,12 @@ def choose(op: str, t: torch.Tensor, backend: str | None = None) -> str:
         detail = "; ".join(f"{b}: {why_not(b, op, t) or 'can run'}" for b in BACKENDS)
         raise BackendUnavailable(f"{op}: backend {wanted!r} cannot run this input ({why}). All backends: {detail}")
     reasons: dict[str, str] = {}
+    device, dtype = t.device, t.dtype  # read once: each read of t.device builds a new object
     for b in BACKENDS:
-        why = why_not(b, op, t)
+        why = reason(b, op, device, dtype) or input_reason(b, op, t, device)
         if why is None:
             if not torch.compiler.is_compiling():
-                _last[(op, t.device.type, t.dtype)] = (b, reasons)
+                _last[(op, device.type, dtype)] = (b, reasons)
             return b
         reasons[b] = why
     raise BackendUnavailable(f"{op}: no backend can run this input: {reasons}")
@@ -210,7 +224,8 @@ def backward_backend(op: str, forward: str, t: torch.Tensor) -> str:
 
 def why_not(backend: str, op: str, t: torch.Tensor) -> str | None:
     """Why `backend` cannot run `op` on an input like `t` (device, dtype, build, shape), or None when it can."""
-    return reason(backend, op, t.device, t.dtype) or input_reason(backend, op, t)
+    device = t.device
+    return reason(backend, op, device, t.dtype) or input_reason(backend, op, t, device)
 
 
 def last_choices() -> dict[tuple[str, str, torch.dtype], tuple[str, dict[str, str]]]:

@@ -22,8 +22,8 @@ nothing here imports Triton.
 
 from __future__ import annotations
 
+import functools
 import importlib
-import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -165,14 +165,15 @@ class Op:
 
     # ---- kernels -----------------------------------------------------------------------------------------------
 
-    @property
-    def op(self):
+    @functools.cached_property
+    def op(self) -> torch._ops.OpOverload:
         """The dispatcher op torch.ops.mtbert_fast.<name>."""
-        return getattr(getattr(torch.ops, NAMESPACE), self.name)
+        return getattr(getattr(torch.ops, NAMESPACE), self.name).default
 
-    @property
-    def backward_op(self):
-        return getattr(getattr(torch.ops, NAMESPACE), f"{self.name}_backward")
+    @functools.cached_property
+    def backward_op(self) -> torch._ops.OpOverload:
+        """The dispatcher op torch.ops.mtbert_fast.<name>_backward."""
+        return getattr(getattr(torch.ops, NAMESPACE), f"{self.name}_backward").default
 
     def kernel(self, backend: str, backward: bool = False) -> Callable:
         """The function that runs `backend`'s forward (or backward) kernel on the schema's arguments."""
