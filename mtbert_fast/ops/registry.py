@@ -103,7 +103,6 @@ class Op:
     backward_fake: Callable | None = None
     setup_context: Callable | None = None
     backward: Callable | None = None
-    doc: str = ""
     _kernels: dict[tuple[str, str], Callable] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
