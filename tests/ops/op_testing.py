@@ -55,10 +55,10 @@ class Runner:
 
     def forward(self, *args):
         """The dispatcher op on this backend: all its outputs."""
-        return self.op.op(*args, self.name)
+        return self.op.op(*args, backend=self.name)
 
     def backward(self, *args):
-        return self.op.backward_op(*args, self.name)
+        return self.op.backward_op(*args, backend=self.name)
 
     def to(self, *tensors):
         return [t.to(self.device) if isinstance(t, torch.Tensor) else t for t in tensors]
