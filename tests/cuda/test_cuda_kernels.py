@@ -61,7 +61,18 @@ if _missing_kernels():
     pytest.skip(f"mtbert_fast._C has no CUDA kernel for {', '.join(_missing_kernels())}", allow_module_level=True)
 
 DEV = torch.device("cuda")
-OPS = torch.ops.mtbert_fast_C
+KERNELS = torch.ops.mtbert_fast_C  # the build's tensor-less queries
+
+
+class _CudaBackend:
+    """torch.ops.mtbert_fast.<op>(..., backend="cuda"): each op's dispatcher op forced onto the CUDA kernels."""
+
+    def __getattr__(self, name):
+        op = getattr(torch.ops.mtbert_fast, name)
+        return lambda *args: op(*args, backend="cuda")
+
+
+OPS = _CudaBackend()
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 LOW = [torch.float16, torch.bfloat16]
 GELUS = ["none", "tanh"]
@@ -216,7 +227,7 @@ def test_layer_norm_leading_dims_and_strides():
 
 
 def _ln_run(op, x, bias, residual, weight, beta, grad_out):
-    """(out, mean, rstd) and the backward's three gradients of bias_residual_layer_norm (residual given) or
+    """(out, mean, rstd) and the backward's gradients of the input, weight and beta of bias_residual_layer_norm (residual given) or
     bias_gelu_layer_norm (residual None)."""
     if op == "bias_residual_layer_norm":
         out, mean, rstd = OPS.bias_residual_layer_norm(x, bias, residual, weight, beta, EPS)
@@ -224,7 +235,7 @@ def _ln_run(op, x, bias, residual, weight, beta, grad_out):
     else:
         out, mean, rstd = OPS.bias_gelu_layer_norm(x, bias, weight, beta, EPS, "none")
         grads = OPS.bias_gelu_layer_norm_backward(grad_out, x, bias, weight, mean, rstd, "none")
-    return (out, mean, rstd), tuple(grads)
+    return (out, mean, rstd), tuple(grads)[:3]
 
 
 LN_OPS = ["bias_residual_layer_norm", "bias_gelu_layer_norm"]
@@ -677,7 +688,7 @@ def _opcheck_samples():
 def test_opcheck(name):
     args = [a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
             for a in _opcheck_samples()[name]]
-    torch.library.opcheck(getattr(OPS, name), args)
+    torch.library.opcheck(getattr(torch.ops.mtbert_fast, name), (*args, "cuda"))
 
 
 # ---- non-contiguous inputs ---------------------------------------------------------------------------------------
@@ -799,17 +810,17 @@ def test_cuda_archs_and_attention_shared_bytes():
     from mtbert_fast import _ext
     from mtbert_fast.ops import dispatch
 
-    names = OPS.cuda_archs().split()
+    names = KERNELS.cuda_archs().split()
     assert names and all(re.fullmatch(r"(sm|compute)_\d+[af]?", n) for n in names), names
     sass, ptx = _ext.cuda_archs()
     assert dispatch.runs_on(sass, ptx, torch.cuda.get_device_capability(DEV)), names
     optin = torch.cuda.get_device_properties(DEV).shared_memory_per_block_optin
     for dtype in FLOATS:
-        sizes = [OPS.cuda_attention_shared_bytes(hd, dtype) for hd in (1, 32, 64, 80, 96, 128, 160, 256)]
+        sizes = [KERNELS.cuda_attention_shared_bytes(hd, dtype) for hd in (1, 32, 64, 80, 96, 128, 160, 256)]
         assert all(0 < n <= optin for n in sizes), (dtype, sizes, optin)
         assert sizes == sorted(sizes), (dtype, sizes)
     with pytest.raises(RuntimeError, match="head_dim"):
-        OPS.cuda_attention_shared_bytes(257, torch.float16)
+        KERNELS.cuda_attention_shared_bytes(257, torch.float16)
 
 
 # ---- device asserts, each in a fresh process ---------------------------------------------------------------------
@@ -841,9 +852,9 @@ _BAD_INDEX = """
 
 
 @pytest.mark.parametrize("call,message", [
-    ("torch.ops.mtbert_fast_C.gather_rows(x, torch.tensor([0, 5, 6, 1], device='cuda'))",
+    ("torch.ops.mtbert_fast.gather_rows(x, torch.tensor([0, 5, 6, 1], device='cuda'), backend='cuda')",
      r"gather_rows: indices\[2\] = 6 is out of range for x with 6 rows"),
-    ("torch.ops.mtbert_fast_C.scatter_rows(x[:3], torch.tensor([0, 9, 1], device='cuda'), 5)",
+    ("torch.ops.mtbert_fast.scatter_rows(x[:3], torch.tensor([0, 9, 1], device='cuda'), 5, backend='cuda')",
      r"scatter_rows: indices\[1\] = 9 is out of range for num_rows = 5"),
 ], ids=["gather_rows", "scatter_rows"])
 def test_bad_row_index_is_a_device_assert(call, message):
@@ -864,12 +875,12 @@ def test_scatter_rows_repeated_indices_with_debug_checks():
         import mtbert_fast  # noqa: F401
         x = torch.randn(3, 4, device="cuda")
         try:
-            torch.ops.mtbert_fast_C.scatter_rows(x, torch.tensor([4, 1, 4], device="cuda"), 5)
+            torch.ops.mtbert_fast.scatter_rows(x, torch.tensor([4, 1, 4], device="cuda"), 5, backend="cuda")
         except RuntimeError as exc:
             print("RAISED:", str(exc).splitlines()[0], flush=True)
         else:
             print("NO ERROR", flush=True)
-        out = torch.ops.mtbert_fast_C.scatter_rows(x, torch.tensor([4, 1, 0], device="cuda"), 5)
+        out = torch.ops.mtbert_fast.scatter_rows(x, torch.tensor([4, 1, 0], device="cuda"), 5, backend="cuda")
         print("DISTINCT OK" if torch.equal(out[[4, 1, 0]], x) else "DISTINCT WRONG", flush=True)
     """
     status, out = _run_python(code, MTBERT_FAST_DEBUG_CHECKS="1")

@@ -1,13 +1,17 @@
-"""Backend choice knows each backend's real limits: input shapes, the GPUs a CUDA build runs on, shared memory.
-An automatic choice never takes a backend that would then refuse the input; a forced one raises with the reason."""
+"""Backend choice: each backend's real limits (input shapes, the GPUs a CUDA build runs on, shared memory), the
+automatic order, forcing a backend by argument or $MTBERT_FAST_BACKEND, and where the backward runs. An automatic
+choice never takes a backend that would then refuse the input; a forced one raises with every backend's reason."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mtbert_fast import _ext, ops
-from mtbert_fast.ops import dispatch, reference
+
+from mtbert_fast.ops import dispatch, reference, registry
+from op_testing import HAS_TRITON, rand
 
 SM80_SM90 = (["sm_80", "sm_90"], [])
 WITH_PTX = (["sm_80", "sm_90"], ["compute_90"])
@@ -84,9 +88,9 @@ def test_head_dim_limit_is_declared_and_explained():
 
 
 def test_triton_row_limit():
-    x = torch.empty(2, dispatch.TRITON_MAX_ROW + 1)
+    x = torch.empty(2, registry.TRITON_MAX_ROW + 1)
     assert "one program holds a row" in dispatch.input_reason("triton", "bias_gelu", x)
-    assert dispatch.input_reason("triton", "bias_gelu", x[:, : dispatch.TRITON_MAX_ROW]) is None
+    assert dispatch.input_reason("triton", "bias_gelu", x[:, : registry.TRITON_MAX_ROW]) is None
 
 
 def test_auto_skips_a_backend_whose_limit_the_input_exceeds(monkeypatch):
@@ -103,6 +107,68 @@ def test_auto_skips_a_backend_whose_limit_the_input_exceeds(monkeypatch):
         ops.attention_varlen(qkv, cu, 4, backend="triton")
 
 
-def test_backward_follows_a_forced_cuda_backend(monkeypatch):
+def test_backward_follows_the_forward(monkeypatch):
+    """The backward runs where the forward ran; after a cuda forward, Triton's backward when it can take the input,
+    unless $MTBERT_FAST_BACKEND forces cuda."""
+    qkv = _qkv(64)
+    for forward in ("cpu", "triton", "reference"):
+        assert dispatch.backward_backend("attention_varlen", forward, qkv) == forward
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    want = "triton" if dispatch.why_not("triton", "attention_varlen", qkv) is None else "cuda"
+    assert dispatch.backward_backend("attention_varlen", "cuda", qkv) == want
+    assert dispatch.backward_backend("attention_varlen", "cuda", _qkv(300)) == "cuda"  # head_dim Triton refuses
     monkeypatch.setenv(dispatch.ENV_VAR, "cuda")
-    assert dispatch.backward_backend("attention_varlen", _qkv(64)) == "cuda"
+    assert dispatch.backward_backend("attention_varlen", "cuda", qkv) == "cuda"
+
+
+def test_auto_prefers_compiled_cpu_kernel():
+    x, b = rand(2, 8), rand(8)
+    ops.bias_gelu(x, b)
+    chosen, passed_over = dispatch.last_choices()[("bias_gelu", "cpu", torch.float32)]
+    assert chosen == ("cpu" if _ext.has_kernel("bias_gelu", "CPU") else "reference")
+    assert set(passed_over) >= {"cuda", "triton"}
+
+
+def test_forced_backend_that_cannot_run_names_every_reason():
+    x, b = rand(2, 8), rand(8)
+    with pytest.raises(ops.BackendUnavailable, match=r"backend 'cuda' cannot run.*cuda:.*triton:.*cpu:.*reference:"):
+        ops.bias_gelu(x, b, backend="cuda")
+
+
+def test_forced_cpu_backend_names_the_dtype():
+    assert _ext.loaded(), _ext.load_error
+    x, b = rand(2, 8).double(), rand(8).double()
+    with pytest.raises(ops.BackendUnavailable, match=r"dtype float64 is not supported \(bfloat16, float32\)"):
+        ops.bias_gelu(x, b, backend="cpu")
+
+
+def test_env_var_forces_backend(monkeypatch):
+    x, b = rand(2, 8), rand(8)
+    monkeypatch.setenv(dispatch.ENV_VAR, "cuda")
+    with pytest.raises(ops.BackendUnavailable):
+        ops.bias_gelu(x, b)
+    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    torch.testing.assert_close(ops.bias_gelu(x, b), reference.bias_gelu(x, b))
+    monkeypatch.setenv(dispatch.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match=r"MTBERT_FAST_BACKEND=.*'fastest'.*auto, cuda, triton, cpu, reference"):
+        ops.bias_gelu(x, b)
+
+
+def test_float64_falls_back_to_reference_automatically():
+    x, b = rand(3, 5).double(), rand(5).double()
+    torch.testing.assert_close(ops.bias_gelu(x, b), F.gelu(x + b))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, b = rand(2, 8), rand(8)
+    with pytest.raises(ops.BackendUnavailable, match="TRITON_INTERPRET=1"):
+        ops.bias_gelu(x, b, backend="triton")
+    assert dispatch.choose("bias_gelu", x) != "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.choose("bias_gelu", x) == "triton"
+
+
+def test_no_triton_kernel_is_a_reason():
+    assert dispatch.reason("triton", "gather_rows", torch.device("cpu"), torch.float32) == "no Triton kernel for gather_rows"

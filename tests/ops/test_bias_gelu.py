@@ -1,0 +1,105 @@
+"""bias_gelu on every backend that runs here, forward and backward, against the reference (op_testing.py states the
+backends and tolerances: fp32 within 1e-5; bf16/fp16 at most twice PyTorch's own error, plus a small floor)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtbert_fast import ops
+from mtbert_fast.ops import reference
+from op_testing import assert_close, compare, rand
+
+OP_NAME = "bias_gelu"
+GELUS = ["none", "tanh"]
+
+
+@pytest.mark.interpreter_cases(D=[1, 31, 1000], N=[0, 1, 37])
+@pytest.mark.parametrize("approximate", GELUS)
+@pytest.mark.parametrize("N", [0, 1, 5, 37])
+@pytest.mark.parametrize("D", [1, 7, 31, 768, 1000])
+def test_kernels(backend, dtype, D, N, approximate):
+    """The forward and backward kernels against the reference's output and autograd gradient."""
+    x, bias, grad_out = backend.to(rand(N, D, scale=2.0, dtype=dtype), rand(D, seed=1, dtype=dtype),
+                                   rand(N, D, seed=2, dtype=dtype))
+    out = backend.forward(x, bias, approximate)
+    grad_x = backend.backward(grad_out, x, bias, approximate)
+    assert out.dtype == grad_x.dtype == dtype
+
+    x32 = x.float().requires_grad_()
+    exact = reference.bias_gelu(x32, bias.float(), approximate)
+    (exact_grad,) = torch.autograd.grad(exact, x32, grad_out.float())
+    xt = x.clone().requires_grad_()
+    native = F.gelu(xt + bias, approximate=approximate)
+    (native_grad,) = torch.autograd.grad(native, xt, grad_out)
+    assert_close(out, exact, native, dtype, "out", floor=1e-5)
+    assert_close(grad_x, exact_grad, native_grad, dtype, "grad_x", floor=1e-5)
+
+
+@pytest.mark.parametrize("approximate", GELUS)
+@pytest.mark.parametrize("shape", [(1, 1), (5, 7), (37, 31), (7, 300), (3, 768), (2, 3, 1000), (0, 16)])
+def test_wrapper_autograd(backend, dtype, shape, approximate):
+    """ops.bias_gelu with backend= forced: the output and the gradients of x and bias through autograd."""
+    x, b = backend.to(rand(*shape, seed=1, scale=2), rand(shape[-1], seed=2))
+    compare(lambda x, b: ops.bias_gelu(x, b, approximate, backend=backend.name),
+            lambda x, b: reference.bias_gelu(x, b, approximate),
+            lambda x, b: F.gelu(x + b, approximate=approximate),
+            [x, b], dtype, f"bias_gelu {approximate}", atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("approximate", GELUS)
+def test_special_values(backend, approximate):
+    """Far tails against a float64 GELU; +inf stays inf (the limit) and NaN stays NaN."""
+    x = torch.tensor([[-1e4, -30.0, -8.0, -1e-20, 0.0, 1e-20, 8.0, 30.0, 1e4, float("inf"), float("nan")]])
+    x, zero = backend.to(x, torch.zeros(x.shape[1]))
+    out = backend.forward(x, zero, approximate)[0]
+    want = F.gelu(x[0, :9].double(), approximate=approximate).float()
+    torch.testing.assert_close(out[:9], want, atol=1e-6, rtol=1e-6)
+    assert out[9] == float("inf") and out[10].isnan()
+
+
+def test_leading_dims_and_strides(backend, dtype):
+    """x [2, 3, D] transposed and a strided bias: the output keeps x's shape, contiguous, the values of the
+    contiguous copies; so does the gradient."""
+    d = 40
+    x, bias, grad = backend.to(rand(d, 3, 2, dtype=dtype).permute(2, 1, 0), rand(2 * d, seed=2, dtype=dtype)[::2],
+                               rand(d, 2, 3, seed=3, dtype=dtype).permute(1, 2, 0))
+    assert not (x.is_contiguous() or bias.is_contiguous() or grad.is_contiguous())
+    out = backend.forward(x, bias, "none")
+    assert out.shape == x.shape and out.is_contiguous()
+    assert torch.equal(out, backend.forward(x.contiguous(), bias.contiguous(), "none"))
+    grad_x = backend.backward(grad, x, bias, "tanh")
+    assert grad_x.shape == x.shape
+    assert torch.equal(grad_x, backend.backward(grad.contiguous(), x.contiguous(), bias.contiguous(), "tanh"))
+
+
+def test_bad_input_is_named(backend):
+    x, b = backend.to(rand(4, 6), rand(6))
+    with pytest.raises(ValueError, match=r"bias has shape \(5,\), expected \(6,\)"):
+        ops.bias_gelu(x, b[:5], backend=backend.name)
+    with pytest.raises(TypeError, match="bias has dtype torch.bfloat16"):
+        ops.bias_gelu(x, b.bfloat16(), backend=backend.name)
+    with pytest.raises(ValueError, match="bias is on meta"):
+        ops.bias_gelu(x, b.to("meta"), backend=backend.name)
+    with pytest.raises(ValueError, match="approximate must be"):
+        ops.bias_gelu(x, b, "sigmoid", backend=backend.name)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        ops.bias_gelu(x.long(), b.long(), backend=backend.name)
+
+
+def test_cpu_kernel_checks_name_the_op_and_tensor():
+    """The C++ kernels check their own arguments too, naming the op and the tensor."""
+    op = lambda *args: torch.ops.mtbert_fast.bias_gelu(*args, "cpu")  # noqa: E731
+    backward = lambda *args: torch.ops.mtbert_fast.bias_gelu_backward(*args, "cpu")  # noqa: E731
+    x, bias = rand(4, 8), rand(8)
+    with pytest.raises(RuntimeError, match=r"bias_gelu: bias.size\(0\) must be 8"):
+        op(x, rand(7), "none")
+    with pytest.raises(RuntimeError, match="bias_gelu: bias has dtype BFloat16"):
+        op(x, bias.bfloat16(), "none")
+    with pytest.raises(RuntimeError, match="bias_gelu: x must be float32 or bfloat16"):
+        op(x.double(), bias.double(), "none")
+    with pytest.raises(RuntimeError, match='approximate must be "none" or "tanh"'):
+        op(x, bias, "sigmoid")
+    with pytest.raises(RuntimeError, match="bias_gelu_backward: grad_out has shape"):
+        backward(rand(4, 9), x, bias, "none")

@@ -1,0 +1,192 @@
+"""Every op of the registry on every backend that runs here: its declaration (reference, cpu backend, Triton
+functions, the C++ schemas), torch.library.opcheck of its dispatcher ops, its fakes against what the kernels return
+on inputs that are not contiguous, and torch.compile(fullgraph=True) through its public wrapper."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from mtbert_fast import ops
+from mtbert_fast.ops import registry
+from op_testing import cu_seqlens, rand, rng_state
+
+CPP_OP_NAMES = sorted(name for name, op in registry.OPS.items() if {"cpu", "cuda"} & set(op.backends))
+
+
+def _forward_args(name, device):
+    """The op's schema arguments, the tensors strided (transposed, sliced, expanded) wherever the op allows."""
+    x = rand(12, 5, seed=1, device=device).t()  # [5, 12]
+    args = {
+        "bias_gelu": lambda: (x, rand(24, seed=2, device=device)[::2], "tanh"),
+        "bias_residual_layer_norm": lambda: (x, rand(12, seed=2, device=device), rand(5, 20, seed=3, device=device)[:, 4:16],
+                                             1 + rand(24, seed=4, scale=0.1, device=device)[::2],
+                                             rand(1, seed=5, device=device).expand(12), 1e-12),
+        "bias_gelu_layer_norm": lambda: (x, rand(12, seed=2, device=device), 1 + rand(12, seed=4, scale=0.1, device=device),
+                                         rand(1, seed=5, device=device).expand(12), 1e-12, "tanh"),
+        "attention_varlen": lambda: (rand(8, 3, 2, 32, seed=6, device=device)[..., :16],
+                                     cu_seqlens([3, 1, 4], device), 4, 0.25, 0.1, rng_state(5)),
+        "mlm_gather_loss": lambda: (rand(5, 24, seed=7, device=device)[:, ::2], rand(7, 12, seed=8, device=device),
+                                    rand(7, seed=9, device=device),
+                                    torch.tensor([1, -100, 0, 6, 2], device=device), -100, 2),
+        "gather_rows": lambda: (x, torch.tensor([4, 0, 2], device=device)),
+        "scatter_rows": lambda: (x[:3], torch.tensor([4, 0, 2], device=device), 6),
+    }
+    return args[name]()
+
+
+def _backward_args(name, args, outs):
+    """The backward op's arguments after a forward on `args` that returned `outs`."""
+    if name == "attention_varlen":
+        return (rand(*outs[0].shape, seed=10, device=outs[0].device), args[0], *outs, *args[1:])
+    if name == "mlm_gather_loss":
+        return (torch.tensor(0.5, device=outs[0].device), *args[:4], outs[1], *args[4:])
+    g = rand(*reversed(outs[0].shape), seed=10, dtype=outs[0].dtype, device=outs[0].device).t()
+    if name == "bias_gelu":
+        return (g, *args)
+    if name == "bias_residual_layer_norm":
+        return (g, *args[:4], *outs[1:])
+    assert name == "bias_gelu_layer_norm", name
+    return (g, *args[:3], *outs[1:], args[5])
+
+
+def _call(op, args, backend):
+    out = op(*args, backend=backend)
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _grad_leaves(args, requires_grad):
+    return [a.detach().clone().requires_grad_(requires_grad) if isinstance(a, torch.Tensor) and a.is_floating_point()
+            else a for a in args]
+
+
+# --- the declarations ----------------------------------------------------------------------------------------------
+
+
+def test_every_op_has_a_reference_and_a_cpu_kernel():
+    assert set(registry.OPS) == {"attention_varlen", "bias_gelu", "bias_gelu_layer_norm", "bias_residual_layer_norm",
+                                 "gather_rows", "mlm_gather_loss", "scatter_rows"}
+    for name, op in registry.OPS.items():
+        assert callable(op.reference), name
+        assert "cpu" in op.backends, name
+        assert set(op.backends) <= set(registry.KERNEL_BACKENDS), name
+        assert (op.backward_schema is None) == (name in ("gather_rows", "scatter_rows")), name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_backends_name_functions_that_exist():
+    for name, op in registry.OPS.items():
+        if "triton" not in op.backends:
+            continue
+        module = importlib.import_module(f"{registry.TRITON_MODULES}.{name}")
+        spec = op.backends["triton"]
+        for which in (spec.forward, spec.backward):
+            assert isinstance(which, str) and callable(getattr(module, which, None)), (name, which)
+        assert op.kernel("triton") is getattr(module, spec.forward)
+        assert op.kernel("triton", backward=True) is getattr(module, spec.backward)
+
+
+@pytest.mark.parametrize("name", CPP_OP_NAMES)
+def test_cpp_schemas_match_the_registry(name):
+    """torch.ops.mtbert_fast_C holds the C++ kernels' schemas as the registry declares them, and the dispatcher op
+    takes the same arguments plus the backend."""
+    op = registry.OPS[name]
+    kernels = getattr(torch.ops, registry.KERNEL_NAMESPACE)
+    expected = [(name, op.schema)]
+    if op.backward_schema is not None:
+        expected.append((f"{name}_backward", op.cpp_backward_schema or op.backward_schema))
+    for kernel_name, schema in expected:
+        want = torch._C.parse_schema(f"{registry.KERNEL_NAMESPACE}::{kernel_name}{schema}")
+        assert str(getattr(kernels, kernel_name).default._schema) == str(want)
+    public = op.op.default._schema
+    assert [a.name for a in public.arguments] == [a.name for a in torch._C.parse_schema(f"x{op.schema}").arguments] + [
+        "backend"]
+
+
+# --- per op and backend --------------------------------------------------------------------------------------------
+
+
+def test_forced_backend_runs_its_kernel(op_name, backend, monkeypatch):
+    """op(..., backend=b) runs b's kernel (through the dispatcher op) and returns its result."""
+    op = registry.OPS[op_name]
+    calls = []
+    kernel = op.kernel(backend.name)
+
+    def spy(*args):
+        calls.append(backend.name)
+        return kernel(*args)
+
+    monkeypatch.setitem(op._kernels, (backend.name, "forward"), spy)
+    args = _forward_args(op_name, backend.device)
+    out = op(*args, backend=backend.name)
+    assert calls == [backend.name]
+    with torch.no_grad():
+        want = op.reference(*args)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-5)
+
+
+def test_opcheck(op_name, backend):
+    """torch.library.opcheck of the dispatcher op (schema, fake against real: shapes, dtypes, strides; the autograd
+    registration) on strided inputs, and of the backward op."""
+    op = registry.OPS[op_name]
+    args = _forward_args(op_name, backend.device)
+    torch.library.opcheck(op.op, (*_grad_leaves(args, True), backend.name))
+    if op.backward_schema is not None:
+        bargs = _backward_args(op_name, args, _call(op.op, args, backend.name))
+        torch.library.opcheck(op.backward_op, (*_grad_leaves(bargs, False), backend.name))
+
+
+def test_fakes_describe_the_kernels_outputs(op_name, backend):
+    """The fakes (what torch.compile plans with) give each output the shape, dtype and strides the kernel returns,
+    on inputs that are not contiguous, for the forward and the backward op."""
+    op = registry.OPS[op_name]
+    args = _forward_args(op_name, backend.device)
+    assert any(isinstance(a, torch.Tensor) and not a.is_contiguous() for a in args)
+    cases = [(op.op, args)]
+    if op.backward_schema is not None:
+        cases.append((op.backward_op, _backward_args(op_name, args, _call(op.op, args, backend.name))))
+    for fn, fn_args in cases:
+        real = _call(fn, fn_args, backend.name)
+        with FakeTensorMode() as mode:
+            fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in fn_args]
+            fake = _call(fn, fake_args, backend.name)
+        assert len(fake) == len(real)
+        for i, (f, r) in enumerate(zip(fake, real)):
+            assert (f.shape, f.dtype, f.stride()) == (r.shape, r.dtype, r.stride()), (fn, i)
+
+
+_WRAPPERS = {
+    "bias_gelu": lambda x, b, a, **k: ops.bias_gelu(x, b, a, **k),
+    "bias_residual_layer_norm": lambda *a, **k: ops.bias_residual_layer_norm(*a, **k),
+    "bias_gelu_layer_norm": lambda *a, **k: ops.bias_gelu_layer_norm(*a, **k),
+    "attention_varlen": lambda q, cu, m, s, p, rng, **k: ops.attention_varlen(q, cu, m, s, dropout_p=p, rng_state=rng,
+                                                                              **k),
+    "mlm_gather_loss": lambda h, w, b, lab, ig, ch, **k: ops.mlm_gather_loss(h, w, b, lab, ig, chunk_size=ch, **k),
+    "gather_rows": lambda x, i, **k: ops.gather_rows(x, i, **k),
+    "scatter_rows": lambda x, i, n, **k: ops.scatter_rows(x, i, n, **k),
+}
+
+
+def test_compile_fullgraph(op_name, backend, fresh_inductor):
+    """torch.compile(fullgraph=True) of the public wrapper by Inductor, which asserts the fakes' strides at run time,
+    on strided inputs: the forward equals eager exactly; forward and backward through autograd (aot_eager) equal
+    eager's gradients."""
+    args = _forward_args(op_name, backend.device)
+
+    def fn(*a):
+        return _WRAPPERS[op_name](*a, backend=backend.name)
+
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(*args), fn(*args), atol=0, rtol=0)
+    torch._dynamo.reset()
+    eager_leaves, compiled_leaves = _grad_leaves(args, True), _grad_leaves(args, True)
+    wrt = [a for a in eager_leaves if isinstance(a, torch.Tensor) and a.requires_grad]
+    eager = torch.autograd.grad(fn(*eager_leaves).float().square().sum(), wrt)
+    loss = torch.compile(lambda *a: fn(*a).float().square().sum(), fullgraph=True, backend="aot_eager")
+    compiled_wrt = [a for a in compiled_leaves if isinstance(a, torch.Tensor) and a.requires_grad]
+    compiled = torch.autograd.grad(loss(*compiled_leaves), compiled_wrt)
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
