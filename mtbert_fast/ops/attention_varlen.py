@@ -75,6 +75,26 @@ def check_inputs(op: str, qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqle
         check_cu_seqlens_values(op, cu_seqlens, qkv.shape[0])
 
 
+def check_backward_inputs(
+    grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor,
+    max_seqlen: int, dropout_p: float, rng_state: torch.Tensor | None,
+) -> None:
+    """The backward's inputs: those of the forward, and grad_out, out [T, heads, head_dim] in qkv's dtype and lse
+    fp32 [heads, T] on qkv's device (the C++ kernels check the same in C++)."""
+    op = "attention_varlen_backward"
+    check_inputs(op, qkv, cu_seqlens, max_seqlen)
+    dropout.check_rng_state(op, dropout_p, rng_state)
+    t, _, heads, head_dim = qkv.shape
+    for name, x, shape, dtype in (
+        ("grad_out", grad_out, (t, heads, head_dim), qkv.dtype),
+        ("out", out, (t, heads, head_dim), qkv.dtype),
+        ("lse", lse, (heads, t), torch.float32),
+    ):
+        if tuple(x.shape) != shape or x.dtype != dtype or x.device != qkv.device:
+            raise ValueError(f"{op}: {name} must be {dtype} of shape {list(shape)} on {qkv.device}, got {x.dtype} "
+                             f"of shape {list(x.shape)} on {x.device}")
+
+
 def check_cu_seqlens_values(op: str, cu_seqlens: torch.Tensor, tokens: int) -> None:
     """cu_seqlens[0] == 0, non-decreasing, cu_seqlens[-1] == tokens (reads cu_seqlens on the host)."""
     c = cu_seqlens.tolist()

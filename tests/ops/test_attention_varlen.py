@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from mtbert_fast import ops
-from mtbert_fast.ops import dropout, reference
+from mtbert_fast.ops import dropout, reference, registry
 from op_testing import assert_close, compare, cu_seqlens, max_err, packed, rand, rng_state
 
 OP_NAME = "attention_varlen"
@@ -378,6 +378,24 @@ def test_bad_input_is_named(backend):
             call()
     with pytest.raises(TypeError, match="qkv must be a floating-point tensor"):
         attention(qkv.long(), cu, max_len)
+
+
+def test_backward_op_refuses_bad_inputs(backend):
+    """The backward op, which autograd calls but anyone may call, refuses on every backend what does not fit the
+    forward it differentiates, naming the tensor, instead of reading past the end of a tensor."""
+    qkv, cu, max_len = packed([3, 2], 2, 16, device=backend.device)
+    op = registry.OPS["attention_varlen"]
+    out, lse = op.op(qkv, cu, max_len, 0.25, backend=backend.name)
+    backward = lambda *args: op.backward_op(*args, backend=backend.name)  # noqa: E731
+    cases = [
+        ((out[:, :1], qkv, out, lse, cu, max_len, 0.25), "grad_out must"),
+        ((out, qkv, out[:, :1], lse, cu, max_len, 0.25), "out must"),
+        ((out, qkv, out, lse.t(), cu, max_len, 0.25), "lse must"),
+        ((out, qkv, out, lse, cu, max_len, 0.25, 0.1, None), "needs rng_state"),
+    ]
+    for args, match in cases:
+        with pytest.raises((ValueError, RuntimeError), match=match):
+            backward(*args)
 
 
 def test_compile_draws_dropout_rng_like_eager(backend, fresh_inductor):

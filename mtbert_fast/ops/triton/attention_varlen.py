@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from mtbert_fast.ops import dropout
+from mtbert_fast.ops.attention_varlen import check_backward_inputs, check_inputs
 from mtbert_fast.ops.registry import MAX_HEAD_DIM
 from mtbert_fast.ops.triton._jit import device_guard, jit, on_gpu
 
@@ -366,6 +367,8 @@ def forward(
     rng_state: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> out [T, heads, head_dim], lse fp32 [heads, T]."""
+    check_inputs("attention_varlen", qkv, cu_seqlens, max_seqlen)
+    dropout.check_rng_state("attention_varlen", dropout_p, rng_state)
     qkv = qkv.contiguous()
     t, _, heads, head_dim = qkv.shape
     out = qkv.new_empty((t, heads, head_dim))
@@ -389,6 +392,7 @@ def backward(
     max_seqlen: int, scale: float, dropout_p: float, rng_state: torch.Tensor | None,
 ) -> torch.Tensor:
     """-> grad_qkv [T, 3, heads, head_dim]."""
+    check_backward_inputs(grad_out, qkv, out, lse, cu_seqlens, max_seqlen, dropout_p, rng_state)
     qkv, out, grad_out, lse = qkv.contiguous(), out.contiguous(), grad_out.contiguous(), lse.contiguous()
     t, _, heads, head_dim = qkv.shape
     grad_qkv = qkv.new_empty(qkv.shape)
