@@ -101,7 +101,7 @@ def test_cpp_schemas_match_the_registry(name):
     for kernel_name, schema in expected:
         want = torch._C.parse_schema(f"{registry.KERNEL_NAMESPACE}::{kernel_name}{schema}")
         assert str(getattr(kernels, kernel_name).default._schema) == str(want)
-    public = op.op.default._schema
+    public = op.op._schema
     assert [a.name for a in public.arguments] == [a.name for a in torch._C.parse_schema(f"x{op.schema}").arguments] + [
         "backend"]
 
