@@ -204,7 +204,10 @@ class Op:
         chosen = dispatch.choose(self.name, inputs[self.main], backend)
         if chosen == "reference":
             return self.reference(*inputs)
-        out = self.op(*inputs, chosen)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            out = self.op(*inputs, chosen)
+        else:  # nothing to record for autograd or a graph: the kernel itself, without the dispatcher op's hop
+            out = self.kernel(chosen)(*inputs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
     # ---- what the dispatch and info read -----------------------------------------------------------------------

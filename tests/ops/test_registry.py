@@ -109,8 +109,10 @@ def test_cpp_schemas_match_the_registry(name):
 # --- per op and backend --------------------------------------------------------------------------------------------
 
 
-def test_forced_backend_runs_its_kernel(op_name, backend, monkeypatch):
-    """op(..., backend=b) runs b's kernel (through the dispatcher op) and returns its result."""
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode"])
+def test_forced_backend_runs_its_kernel(op_name, backend, mode, monkeypatch):
+    """op(..., backend=b) runs b's kernel and returns its result: through the dispatcher op where autograd may
+    record it, and straight to the kernel under no_grad and inference_mode."""
     op = registry.OPS[op_name]
     calls = []
     kernel = op.kernel(backend.name)
@@ -121,7 +123,9 @@ def test_forced_backend_runs_its_kernel(op_name, backend, monkeypatch):
 
     monkeypatch.setitem(op._kernels, (backend.name, "forward"), spy)
     args = _forward_args(op_name, backend.device)
-    out = op(*args, backend=backend.name)
+    context = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[mode]
+    with context():
+        out = op(*args, backend=backend.name)
     assert calls == [backend.name]
     with torch.no_grad():
         want = op.reference(*args)
