@@ -35,13 +35,8 @@ mkdir -p "$CACHE"
 exec 9>"$CACHE/cuda-build.lock"
 flock 9  # one run at a time on this cache
 
-START=$EPOCHREALTIME
-PHASE_START=$START
-seconds_since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
-phase_done() {
-  printf '==> cuda_build_check: %-36s %7s s\n' "$1" "$(seconds_since "$PHASE_START")"
-  PHASE_START=$EPOCHREALTIME
-}
+PHASE_TAG=cuda_build_check
+source "$ROOT/.ci/phase_timer.sh"
 
 # --- 1. venv with a CUDA torch ----------------------------------------------------------------------------
 # one interpreter start (importing a CUDA torch takes seconds): prints the torch version, fails if it is not usable
