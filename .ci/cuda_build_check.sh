@@ -146,7 +146,8 @@ fi
 phase_done "build (MAX_JOBS=$MAX_JOBS)"
 # what this run compiled (ninja skips what is up to date), slowest first
 for f in $(ninja_logs); do tail -n +"$((${SEEN[$f]:-1} + 1))" "$f"; done | grep -v '^#' |
-  awk '{ n = split($4, p, "/"); printf "    compiled %-48s %7.1f s\n", p[n - 3] "/" p[n - 1] "/" p[n], ($2 - $1) / 1000 }' |
+  awk '{ path = $4; sub(/.*\/temp\.[^\/]*\//, "", path); sub(/\/csrc\//, "/", path)
+         printf "    compiled %-48s %7.1f s\n", path, ($2 - $1) / 1000 }' |
   sort -k3 -rn || true
 
 # --- 5. import and kernel registration ------------------------------------------------------------------------
