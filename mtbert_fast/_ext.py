@@ -1,27 +1,135 @@
-"""Guarded load of the compiled extension mtbert_fast._C.
+"""Guarded load of the compiled extension: mtbert_fast._C (the op schemas, and the CUDA kernels where built) and one
+build of the C++ CPU kernels, mtbert_fast._C_cpu_<isa>.
 
-Importing mtbert_fast never fails because the build is missing or broken: the ops then run on the other
-backends, and `load_error` keeps the reason for `python -m mtbert_fast.info` and for forced-backend errors.
+The CPU kernels are compiled once per instruction set (default, avx2, avx512 on x86-64); the one loaded is the best
+that both the build holds and the CPU runs, following ATen's own choice (torch.backends.cpu.get_cpu_capability(),
+which honours $ATEN_CPU_CAPABILITY), unless $MTBERT_FAST_CPU_ISA names one. Only one is ever loaded into a process.
+
+The extension is loaded only when the running torch is the one it was compiled against (recorded at build time in
+_build_info.json): a C++ ABI mismatch can crash. Importing mtbert_fast never fails because the build is missing,
+broken or mismatched: the ops then run on the other backends, and `load_error` keeps the reason for
+`python -m mtbert_fast.info` and for forced-backend errors.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import warnings
 
 import torch
 
-load_error: str | None
-_spec = importlib.util.find_spec("mtbert_fast._C")
-if _spec is None or _spec.origin is None:
-    load_error = "no compiled mtbert_fast._C next to the package (installed with MTBERT_FAST_SKIP_BUILD=1, or not built)"
-else:
-    try:
-        # _C is a plain shared library of TORCH_LIBRARY registrations, not a Python module
-        torch.ops.load_library(_spec.origin)
-        load_error = None
-    except OSError as exc:
-        load_error = f"mtbert_fast._C failed to load: {type(exc).__name__}: {exc}"
+ISA_ENV = "MTBERT_FAST_CPU_ISA"
+ISAS = ("default", "avx2", "avx512")  # ascending
+# /proc/cpuinfo flags each instruction set's build is compiled for (setup.py's CPU_ISA_FLAGS)
+_ISA_CPU_FLAGS = {
+    "default": set(),
+    "avx2": {"avx2", "fma", "f16c"},
+    "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"},
+}
+REBUILD_COMMAND = "pip install --no-deps --force-reinstall --no-cache-dir --no-binary mtbert_fast mtbert_fast"
+REBUILD_FROM_CHECKOUT = "pip install --no-deps --force-reinstall ."
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_BUILD_INFO_PATH = os.path.join(_PACKAGE_DIR, "_build_info.json")
 
+
+class BuildMismatchWarning(UserWarning):
+    """The compiled extension was built against another torch than the one running, so it is not loaded."""
+
+
+def _origin(module: str) -> str | None:
+    spec = importlib.util.find_spec(f"mtbert_fast.{module}")
+    return None if spec is None else spec.origin
+
+
+def _read_build_info() -> dict | None:
+    try:
+        with open(_BUILD_INFO_PATH) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _cpu_flags() -> set[str] | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split(":")[-1].split())
+    except OSError:
+        return None
+
+
+def supported_isas() -> tuple[str, ...]:
+    """The instruction sets this CPU runs: from /proc/cpuinfo, or else up to ATen's capability."""
+    flags = _cpu_flags()
+    if flags:
+        return tuple(isa for isa in ISAS if _ISA_CPU_FLAGS[isa] <= flags)
+    return ISAS[: ISAS.index(_aten_isa()) + 1]
+
+
+def _aten_isa() -> str:
+    """ATen's CPU capability as one of ISAS ("AVX512" -> "avx512"; anything not x86 -> "default")."""
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    return capability if capability in ISAS else "default"
+
+
+def _choose_isa(built: list[str]) -> tuple[str | None, str | None]:
+    """(the CPU build to load, None) or (None, why none can be)."""
+    wanted = os.environ.get(ISA_ENV, "").strip().lower()
+    supported = supported_isas()
+    if wanted:
+        if wanted not in ISAS:
+            return None, f"${ISA_ENV}={wanted}: expected one of {', '.join(ISAS)}"
+        if wanted not in built:
+            return None, f"${ISA_ENV}={wanted}: this build holds the CPU kernels for {', '.join(built)} only"
+        if wanted not in supported:
+            return None, f"${ISA_ENV}={wanted}: this CPU lacks it (it runs {', '.join(supported)})"
+        return wanted, None
+    ceiling = ISAS.index(_aten_isa())
+    usable = [isa for isa in built if isa in supported and ISAS.index(isa) <= ceiling]
+    if not usable:
+        return None, f"no CPU build this CPU runs: built for {', '.join(built)}, the CPU runs {', '.join(supported)}"
+    return max(usable, key=ISAS.index), None
+
+
+def mismatch_message(built: str, running: str) -> str:
+    return (
+        f"mtbert_fast: its compiled kernels were built against torch {built}, but torch {running} is running. They "
+        "are not loaded (a C++ ABI mismatch can crash the process), so every op falls back to its PyTorch reference "
+        f"or Triton. Rebuild them against this torch: `{REBUILD_COMMAND}` (or, from a source checkout, "
+        f"`{REBUILD_FROM_CHECKOUT}`)."
+    )
+
+
+def _load() -> tuple[str | None, str | None]:
+    """Loads the extension: (load error or None, the CPU build loaded or None)."""
+    core = _origin("_C")
+    if core is None:
+        return "no compiled mtbert_fast._C next to the package (installed with MTBERT_FAST_SKIP_BUILD=1, or not built)", None
+    if build_info is None:
+        return (f"{_BUILD_INFO_PATH} is missing or unreadable, so the torch mtbert_fast._C was built against is "
+                f"unknown; rebuild it: `{REBUILD_FROM_CHECKOUT}` from a source checkout, or `{REBUILD_COMMAND}`"), None
+    if build_info.get("torch") != torch.__version__:
+        message = mismatch_message(build_info.get("torch"), torch.__version__)
+        warnings.warn(message, BuildMismatchWarning, stacklevel=2)
+        return message, None
+    built = [isa for isa in build_info.get("cpu_isas", []) if _origin(f"_C_cpu_{isa}") is not None]
+    isa, why_not = _choose_isa(built)
+    if why_not is not None:
+        return why_not, None
+    try:
+        # plain shared libraries of TORCH_LIBRARY registrations, not Python modules: the schemas first
+        torch.ops.load_library(core)
+        torch.ops.load_library(_origin(f"_C_cpu_{isa}"))
+    except OSError as exc:
+        return f"mtbert_fast._C failed to load: {type(exc).__name__}: {exc}", None
+    return None, isa
+
+
+build_info: dict | None = _read_build_info()
+load_error: str | None
+_cpu_isa: str | None
+load_error, _cpu_isa = _load()
 
 
 def _registered(dispatch_key: str) -> frozenset[str]:
@@ -36,6 +144,16 @@ _KERNELS = {key: _registered(key) for key in ("CPU", "CUDA")}
 
 def loaded() -> bool:
     return load_error is None
+
+
+def cpu_isa() -> str | None:
+    """The instruction set of the CPU kernels loaded ("default", "avx2", "avx512"), or None when none is."""
+    return _cpu_isa
+
+
+def built_isas() -> list[str]:
+    """The instruction sets this build compiled the CPU kernels for."""
+    return list(build_info.get("cpu_isas", [])) if build_info else []
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:

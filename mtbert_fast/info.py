@@ -17,7 +17,7 @@ from mtbert_fast import _ext
 from mtbert_fast.ops import dispatch, registry
 
 DTYPES = (torch.float32, torch.bfloat16)
-ENV_VARS = (dispatch.ENV_VAR, "TRITON_INTERPRET", "MTBERT_FAST_DEBUG_CHECKS")
+ENV_VARS = (dispatch.ENV_VAR, _ext.ISA_ENV, "TRITON_INTERPRET", "MTBERT_FAST_DEBUG_CHECKS")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -102,6 +102,12 @@ def report() -> str:
             out.append(f"  CUDA code   machine code for {', '.join(sass) or 'none'}; PTX for {', '.join(ptx) or 'none'}")
     else:
         out.append(f"extension     not loaded: {_ext.load_error}")
+    if _ext.build_info:
+        built = _ext.build_info
+        out.append(f"  built for   torch {built['torch']} (CUDA {built['torch_cuda'] or 'none'}); CPU kernels for "
+                   f"{', '.join(_ext.built_isas())}, loaded: {_ext.cpu_isa() or 'none'}")
+        out.append(f"  CUDA archs  {', '.join(built['cuda_archs']) or 'none'}"
+                   + (f" ({built['cuda_not_built']})" if built.get("cuda_not_built") else ""))
     out.append(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, torch threads {torch.get_num_threads()}")
     for var in ENV_VARS:
         out.append(f"${var} = {os.environ.get(var, '(unset)')}")

@@ -38,13 +38,10 @@
 #include <vector>
 
 #include "attention_dropout.h"
+#include "build_info.h"
 #include "checks.h"
 #include "cuda_utils.cuh"
 #include "philox.h"
-
-// The CUDA architectures this build holds code for, as one token (setup.py: "sm_80__sm_90__compute_90").
-#define MTBF_STRINGIZE2(x) #x
-#define MTBF_STRINGIZE(x) MTBF_STRINGIZE2(x)
 
 namespace mtbert_fast {
 namespace {
@@ -57,25 +54,6 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kMaxHeadDim = 256;
 constexpr int kMaxTensorCoreHeadDim = 128;
 constexpr int kMaxGridZ = 65535;
-
-// "sm_80 sm_90 compute_90": the architectures of TORCH_CUDA_ARCH_LIST that setup.py compiled for.
-std::string built_cuda_archs() {
-#ifdef MTBERT_FAST_CUDA_ARCHS
-  std::string s = MTBF_STRINGIZE(MTBERT_FAST_CUDA_ARCHS);
-#else
-  std::string s;
-#endif
-  std::string out;
-  for (size_t i = 0; i < s.size(); ++i) {
-    if (s[i] == '_' && i + 1 < s.size() && s[i + 1] == '_') {
-      out += ' ';
-      ++i;
-    } else {
-      out += s[i];
-    }
-  }
-  return out;
-}
 
 // The packed batch as the kernels see it. Strides are in elements; out and grad_qkv are contiguous.
 struct Problem {
@@ -987,9 +965,6 @@ at::Tensor attention_varlen_backward_cuda(const at::Tensor& grad_out_in, const a
 
 // ---- tensor-less ops for the Python dispatch (mtbert_fast/_ext.py) ----
 
-// "sm_80 sm_90 compute_90": machine code (sm_) and PTX (compute_) archs of this build.
-std::string cuda_archs_op() { return built_cuda_archs(); }
-
 // The most dynamic shared memory per block the attention launches ask for at this head_dim and dtype; the dispatch
 // compares it with the GPU's shared_memory_per_block_optin.
 int64_t cuda_attention_shared_bytes_op(int64_t head_dim, at::ScalarType dtype) {
@@ -1009,7 +984,6 @@ TORCH_LIBRARY_IMPL(mtbert_fast_C, CUDA, m) {
 
 // Tensor-less ops get a catch-all kernel: they answer without a GPU.
 TORCH_LIBRARY_FRAGMENT(mtbert_fast_C, m) {
-  m.def("cuda_archs() -> str", &cuda_archs_op);
   m.def("cuda_attention_shared_bytes(int head_dim, ScalarType dtype) -> int", &cuda_attention_shared_bytes_op);
 }
 

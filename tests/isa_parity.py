@@ -1,0 +1,112 @@
+"""Every C++ CPU op, forward and backward, against its PyTorch reference in fp32 and bf16, on the CPU build of the
+kernels this process loaded; run by test_cpu_isa.py in a subprocess per instruction set ($MTBERT_FAST_CPU_ISA).
+Prints one JSON line: the instruction set loaded, the libraries of the extension loaded, the load error, and the
+cases that passed.
+
+Tolerances: fp32 within 1e-4 of the reference (both compute in fp32; the kernels sum in another order). bf16: the
+kernel's error against the exact (fp64) result of the same bf16 inputs at most twice the reference's own bf16 error
+(the reference computes in fp32 and rounds once), plus 2e-2 times the result's largest magnitude, about two bf16 ulps
+of it: the kernels may round intermediates to bf16 for their matrix products (mlm_gather_loss's probabilities).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+import mtbert_fast.ops as ops
+from mtbert_fast import _ext
+from mtbert_fast.ops import reference
+
+
+def _rand(shape, dtype, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _run(fn, inputs, dtype, upcast=False):
+    """fn's output and the gradients of its floating inputs under a fixed random cotangent in dtype, all as fp64;
+    with upcast, fn runs on the inputs cast to fp64 (the exact result)."""
+    leaves = [t.double() if upcast and t.is_floating_point() else t for t in inputs]
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in leaves]
+    out = fn(*leaves)
+    cotangent = _rand(out.shape, dtype, 99).to(out.dtype)
+    (out * cotangent).sum().backward()
+    return [out.detach().double()] + [t.grad.double() for t in leaves if t.is_floating_point()]
+
+
+def check(name, dtype, kernel, ref, inputs):
+    got = _run(kernel, inputs, dtype)
+    want = _run(ref, inputs, dtype)
+    if dtype == torch.float32:
+        for i, (g, w) in enumerate(zip(got, want)):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name} fp32 result {i}: {m}")
+        return
+    exact = _run(ref, inputs, dtype, upcast=True)
+    for i, (g, w, e) in enumerate(zip(got, want, exact)):
+        err = (g - e).abs().max().item() if e.numel() else 0.0
+        base = (w - e).abs().max().item() if e.numel() else 0.0
+        floor = 2e-2 * e.abs().max().item() if e.numel() else 0.0
+        assert err <= 2 * base + floor, f"{name} bf16 result {i}: error {err:.3g}, the reference's {base:.3g}"
+
+
+def main() -> None:
+    passed = []
+    if _ext.loaded():
+        for dtype in (torch.float32, torch.bfloat16):
+            N, D = 7, 100  # a row length that is no multiple of any vector width
+            x, bias, residual = _rand((N, D), dtype, 1), _rand((D,), dtype, 2), _rand((N, D), dtype, 3)
+            weight, beta = 1 + 0.1 * _rand((D,), dtype, 4), _rand((D,), dtype, 5)
+            cases = {}
+            for approximate in ("none", "tanh"):
+                cases[f"bias_gelu[{approximate}]"] = (
+                    lambda x, b, a=approximate: ops.bias_gelu(x, b, a, backend="cpu"),
+                    lambda x, b, a=approximate: reference.bias_gelu(x, b, a),
+                    (x, bias),
+                )
+                cases[f"bias_gelu_layer_norm[{approximate}]"] = (
+                    lambda *t, a=approximate: ops.bias_gelu_layer_norm(*t, 1e-5, a, backend="cpu"),
+                    lambda *t, a=approximate: reference.bias_gelu_layer_norm(*t, 1e-5, a),
+                    (x, bias, weight, beta),
+                )
+            cases["bias_residual_layer_norm"] = (
+                lambda *t: ops.bias_residual_layer_norm(*t, 1e-5, backend="cpu"),
+                lambda *t: reference.bias_residual_layer_norm(*t, 1e-5),
+                (x, bias, residual, weight, beta),
+            )
+            rows = torch.tensor([4, 0, 6, 2], dtype=torch.int64)
+            cases["gather_rows"] = (
+                lambda x, i: ops.gather_rows(x, i, backend="cpu"), reference.gather_rows, (x, rows))
+            cases["scatter_rows"] = (
+                lambda x, i: ops.scatter_rows(x, i, 9, backend="cpu"),
+                lambda x, i: reference.scatter_rows(x, i, 9),
+                (x[:4], rows),
+            )
+            V = 37
+            labels = torch.tensor([3, -100, 0, 36, -100, 11, 5], dtype=torch.int64)
+            cases["mlm_gather_loss"] = (
+                lambda h, w, b, y: ops.mlm_gather_loss(h, w, b, y, backend="cpu"),
+                reference.mlm_gather_loss,
+                (x[:, :48], _rand((V, 48), dtype, 6), _rand((V,), dtype, 7), labels),
+            )
+            lens = [5, 1, 17, 9]
+            cu = torch.tensor([0, 5, 6, 23, 32], dtype=torch.int32)
+            qkv = _rand((sum(lens), 3, 2, 32), dtype, 8)
+            for p in (0.0, 0.2):
+                rng = torch.tensor([20240611, 4], dtype=torch.int64)
+                cases[f"attention_varlen[dropout {p}]"] = (
+                    lambda q, p=p, rng=rng: ops.attention_varlen(q, cu, max(lens), dropout_p=p, rng_state=rng,
+                                                                 backend="cpu"),
+                    lambda q, p=p, rng=rng: reference.attention_varlen(q, cu, max(lens), None, p, rng),
+                    (qkv,),
+                )
+            for name, (kernel, ref, inputs) in cases.items():
+                check(name, dtype, kernel, ref, inputs)
+                passed.append(f"{name} {str(dtype).replace('torch.', '')}")
+    libs = sorted(os.path.basename(p).split(".")[0] for p in torch.ops.loaded_libraries if "mtbert_fast" in p)
+    print(json.dumps({"isa": _ext.cpu_isa(), "libs": libs, "load_error": _ext.load_error, "passed": passed}))
+
+
+if __name__ == "__main__":
+    main()
