@@ -26,7 +26,7 @@ venv: $(BUILD_STAMP)
 $(DEPS_STAMP):
 	@echo "==> creating $(VENV) with torch==$(TORCH_VERSION) (CPU build) and the test dependencies"
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade "setuptools>=64" wheel
+	$(PIP) install --upgrade "setuptools>=77" wheel
 	$(PIP) install torch==$(TORCH_VERSION) $(TEST_DEPS)
 	@touch $@
 
