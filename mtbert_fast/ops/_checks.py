@@ -115,3 +115,21 @@ def layer_norm_fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     stats = x.new_empty((rows,), dtype=torch.float32)
     return x.new_empty(x.shape), stats, stats.clone()
+
+
+def layer_norm_backward_fake(x: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor):
+    """What a LayerNorm backward returns: the input's gradient like x, grad_weight and grad_beta [D] in weight's
+    dtype, grad_bias [D] in bias's."""
+    d = x.shape[-1]
+    return x.new_empty(x.shape), weight.new_empty((d,)), weight.new_empty((d,)), bias.new_empty((d,))
+
+
+def with_bias_grad(kernel: str):
+    """The C++ LayerNorm backward `kernel` (-> grad, grad_weight, grad_beta), adapted to the op's schema, which adds
+    grad_bias: the input's gradient summed over rows (bias is the backward's third argument)."""
+
+    def backward(*args):
+        grad, grad_weight, grad_beta = getattr(torch.ops.mtbert_fast_C, kernel)(*args)
+        return grad, grad_weight, grad_beta, sum_rows(grad, args[2].dtype)
+
+    return backward

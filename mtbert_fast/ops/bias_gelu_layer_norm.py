@@ -6,7 +6,7 @@ import torch
 
 from mtbert_fast.ops import reference
 from mtbert_fast.ops._checks import (
-    autocast_layer_norm, check_gelu, check_rows, layer_norm_fake, row_limits, sum_rows,
+    autocast_layer_norm, check_gelu, check_rows, layer_norm_backward_fake, layer_norm_fake, row_limits, with_bias_grad,
 )
 from mtbert_fast.ops.registry import CPU_DTYPES, Backend, Op
 
@@ -39,16 +39,7 @@ def _fake(x, bias, weight, beta, eps, approximate):
 
 
 def _fake_backward(grad_out, x, bias, weight, mean, rstd, approximate):
-    d = x.shape[-1]
-    return x.new_empty(x.shape), weight.new_empty((d,)), weight.new_empty((d,)), bias.new_empty((d,))
-
-
-def _cpp_backward(grad_out, x, bias, weight, mean, rstd, approximate):
-    """The C++ kernels return grad_x, grad_weight, grad_beta; grad_bias is grad_x summed over rows."""
-    grad_x, grad_weight, grad_beta = torch.ops.mtbert_fast_C.bias_gelu_layer_norm_backward(
-        grad_out, x, bias, weight, mean, rstd, approximate
-    )
-    return grad_x, grad_weight, grad_beta, sum_rows(grad_x, bias.dtype)
+    return layer_norm_backward_fake(x, bias, weight)
 
 
 def _setup_context(ctx, inputs, output):
@@ -67,6 +58,8 @@ def _backward(ctx, grad, _grad_mean, _grad_rstd):
     return grad_x, grad_bias, grad_weight, grad_beta, None, None
 
 
+_CPP_BACKWARD = with_bias_grad("bias_gelu_layer_norm_backward")
+
 OP = Op(
     name="bias_gelu_layer_norm",
     # -> out [N, D], mean fp32 [N], rstd fp32 [N]
@@ -78,9 +71,9 @@ OP = Op(
                         "str approximate) -> (Tensor, Tensor, Tensor)",
     reference=reference.bias_gelu_layer_norm,
     backends={
-        "cuda": Backend(backward=_cpp_backward),
+        "cuda": Backend(backward=_CPP_BACKWARD),
         "triton": Backend("forward", "backward", limits=row_limits()),
-        "cpu": Backend(backward=_cpp_backward, dtypes=CPU_DTYPES),
+        "cpu": Backend(backward=_CPP_BACKWARD, dtypes=CPU_DTYPES),
     },
     fake=_fake,
     backward_fake=_fake_backward,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from mtbert_fast.ops import reference
-from mtbert_fast.ops._checks import autocast_layer_norm, check_rows, layer_norm_fake, row_limits, sum_rows
+from mtbert_fast.ops._checks import (
+    autocast_layer_norm, check_rows, layer_norm_backward_fake, layer_norm_fake, row_limits, with_bias_grad,
+)
 from mtbert_fast.ops.registry import CPU_DTYPES, Backend, Op
 
 
@@ -38,16 +40,7 @@ def _fake(x, bias, residual, weight, beta, eps):
 
 
 def _fake_backward(grad_out, x, bias, residual, weight, mean, rstd):
-    d = x.shape[-1]
-    return x.new_empty(x.shape), weight.new_empty((d,)), weight.new_empty((d,)), bias.new_empty((d,))
-
-
-def _cpp_backward(grad_out, x, bias, residual, weight, mean, rstd):
-    """The C++ kernels return grad_s, grad_weight, grad_beta; grad_bias is grad_s summed over rows."""
-    grad_s, grad_weight, grad_beta = torch.ops.mtbert_fast_C.bias_residual_layer_norm_backward(
-        grad_out, x, bias, residual, weight, mean, rstd
-    )
-    return grad_s, grad_weight, grad_beta, sum_rows(grad_s, bias.dtype)
+    return layer_norm_backward_fake(x, bias, weight)
 
 
 def _setup_context(ctx, inputs, output):
@@ -65,6 +58,8 @@ def _backward(ctx, grad, _grad_mean, _grad_rstd):
     return grad_s, grad_bias, grad_s, grad_weight, grad_beta, None
 
 
+_CPP_BACKWARD = with_bias_grad("bias_residual_layer_norm_backward")
+
 OP = Op(
     name="bias_residual_layer_norm",
     # -> out [N, D], mean fp32 [N], rstd fp32 [N]
@@ -76,9 +71,9 @@ OP = Op(
                         "Tensor rstd) -> (Tensor, Tensor, Tensor)",
     reference=reference.bias_residual_layer_norm,
     backends={
-        "cuda": Backend(backward=_cpp_backward),
+        "cuda": Backend(backward=_CPP_BACKWARD),
         "triton": Backend("forward", "backward", limits=row_limits()),
-        "cpu": Backend(backward=_cpp_backward, dtypes=CPU_DTYPES),
+        "cpu": Backend(backward=_CPP_BACKWARD, dtypes=CPU_DTYPES),
     },
     fake=_fake,
     backward_fake=_fake_backward,
