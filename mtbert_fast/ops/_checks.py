@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mtbert_fast.ops.registry import TRITON_MAX_ROW, Limit
+from mtbert_fast.ops.registry import CPU_DTYPES, TRITON_MAX_ROW, Backend, Limit
 
 GELU_KINDS = ("none", "tanh")
 
@@ -133,3 +133,14 @@ def with_bias_grad(kernel: str):
         return grad, grad_weight, grad_beta, sum_rows(grad, args[2].dtype)
 
     return backward
+
+
+def layer_norm_backends(backward_kernel: str) -> dict[str, Backend]:
+    """The backends of a LayerNorm op: the C++ kernels on cuda and cpu, their backward `backward_kernel` adapted to
+    return grad_bias (with_bias_grad), and Triton's row kernels."""
+    cpp_backward = with_bias_grad(backward_kernel)
+    return {
+        "cuda": Backend(backward=cpp_backward),
+        "triton": Backend("forward", "backward", limits=row_limits()),
+        "cpu": Backend(backward=cpp_backward, dtypes=CPU_DTYPES),
+    }

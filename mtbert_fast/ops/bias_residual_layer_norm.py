@@ -6,9 +6,9 @@ import torch
 
 from mtbert_fast.ops import reference
 from mtbert_fast.ops._checks import (
-    autocast_layer_norm, check_rows, layer_norm_backward_fake, layer_norm_fake, row_limits, with_bias_grad,
+    autocast_layer_norm, check_rows, layer_norm_backends, layer_norm_backward_fake, layer_norm_fake,
 )
-from mtbert_fast.ops.registry import CPU_DTYPES, Backend, Op
+from mtbert_fast.ops.registry import Op
 
 
 def bias_residual_layer_norm(
@@ -58,8 +58,6 @@ def _backward(ctx, grad, _grad_mean, _grad_rstd):
     return grad_s, grad_bias, grad_s, grad_weight, grad_beta, None
 
 
-_CPP_BACKWARD = with_bias_grad("bias_residual_layer_norm_backward")
-
 OP = Op(
     name="bias_residual_layer_norm",
     # -> out [N, D], mean fp32 [N], rstd fp32 [N]
@@ -70,11 +68,7 @@ OP = Op(
     cpp_backward_schema="(Tensor grad_out, Tensor x, Tensor bias, Tensor residual, Tensor weight, Tensor mean, "
                         "Tensor rstd) -> (Tensor, Tensor, Tensor)",
     reference=reference.bias_residual_layer_norm,
-    backends={
-        "cuda": Backend(backward=_CPP_BACKWARD),
-        "triton": Backend("forward", "backward", limits=row_limits()),
-        "cpu": Backend(backward=_CPP_BACKWARD, dtypes=CPU_DTYPES),
-    },
+    backends=layer_norm_backends("bias_residual_layer_norm_backward"),
     fake=_fake,
     backward_fake=_fake_backward,
     setup_context=_setup_context,
