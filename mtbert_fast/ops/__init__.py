@@ -5,6 +5,7 @@ from mtbert_fast.ops.bias_gelu import bias_gelu
 from mtbert_fast.ops.bias_gelu_layer_norm import bias_gelu_layer_norm
 from mtbert_fast.ops.bias_residual_layer_norm import bias_residual_layer_norm
 from mtbert_fast.ops.dispatch import BACKENDS, BackendUnavailable
+from mtbert_fast.ops.int8 import int8_linear, int8_linear_gelu_quantize, int8_linear_residual_layer_norm, quantize_rows
 from mtbert_fast.ops.mlm_gather_loss import mlm_gather_loss
 from mtbert_fast.ops.rows import gather_rows, pad, scatter_rows, unpad, unpad_indices
 
@@ -16,8 +17,12 @@ __all__ = [
     "bias_gelu_layer_norm",
     "bias_residual_layer_norm",
     "gather_rows",
+    "int8_linear",
+    "int8_linear_gelu_quantize",
+    "int8_linear_residual_layer_norm",
     "mlm_gather_loss",
     "pad",
+    "quantize_rows",
     "scatter_rows",
     "unpad",
     "unpad_indices",

@@ -116,3 +116,45 @@ def scatter_rows(x: torch.Tensor, indices: torch.Tensor, num_rows: int) -> torch
     """x [N, ...], indices int64 [N] distinct -> out [num_rows, ...] with out[indices] = x, zeros elsewhere."""
     out = x.new_zeros((num_rows,) + tuple(x.shape[1:]))
     return out.index_put((indices,), x)
+
+
+# ---- int8 products ----------------------------------------------------------------------------------------------
+
+
+def quantize_rows(x: torch.Tensor, smooth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row of x * smooth as int8 with an fp32 scale and zero: x * smooth ~= scale * (q - zero), asymmetric over
+    [min(row, 0), max(row, 0)], ties rounded to even.  x [N, K], smooth fp32 [K] -> q int8 [N, K], scale, zero fp32 [N]."""
+    v = x.float() * smooth
+    lo = v.amin(1).clamp(max=0)
+    hi = v.amax(1).clamp(min=0)
+    scale = (hi - lo) / 255
+    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    zero = torch.round(-lo * inv) - 128
+    q = (torch.round(v * inv[:, None]) + zero[:, None]).clamp(-128, 127).to(torch.int8)
+    return q, scale, zero
+
+
+def _int8_product(q, scale, zero, weight, weight_scale, weight_sum, bias) -> torch.Tensor:
+    """scale * weight_scale * (q @ weight^T - zero * weight_sum) + bias in fp32; the int32 sums are exact in fp64."""
+    acc = (q.double() @ weight.double().T).float()
+    return (acc - zero[:, None] * weight_sum) * (scale[:, None] * weight_scale) + bias.float()
+
+
+def int8_linear(q, scale, zero, weight, weight_scale, weight_sum, bias) -> torch.Tensor:
+    """The dequantized product plus bias.  q int8 [N, K] with scale, zero [N] (from quantize_rows); weight int8
+    [M, K] with weight_scale fp32 [M] and weight_sum fp32 [M] (its row sums); bias [M] -> [N, M] in bias's dtype."""
+    return _int8_product(q, scale, zero, weight, weight_scale, weight_sum, bias).to(bias.dtype)
+
+
+def int8_linear_gelu_quantize(q, scale, zero, weight, weight_scale, weight_sum, bias, approximate, smooth):
+    """GELU of int8_linear, kept in fp32 and quantized again with the next product's smooth [M]: (q, scale, zero)."""
+    h = _gelu(_int8_product(q, scale, zero, weight, weight_scale, weight_sum, bias), approximate)
+    return quantize_rows(h, smooth)
+
+
+def int8_linear_residual_layer_norm(q, scale, zero, weight, weight_scale, weight_sum, bias, residual, norm_weight,
+                                    norm_bias, eps):
+    """LayerNorm(int8_linear in fp32 + residual) * norm_weight + norm_bias -> [N, M] in bias's dtype."""
+    s = _int8_product(q, scale, zero, weight, weight_scale, weight_sum, bias) + residual.float()
+    out = F.layer_norm(s, (s.shape[-1],), norm_weight.float(), norm_bias.float(), eps)
+    return out.to(bias.dtype)

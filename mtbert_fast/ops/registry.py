@@ -84,6 +84,8 @@ class Op:
     reference: plain PyTorch, taking the schema's arguments and returning the op's result (the first output).
     backends: "cpu" / "cuda" / "triton" -> Backend; the reference backend is always there.
     main: the index of the input whose device, dtype and shape choose the backend.
+    result_outputs: how many leading outputs form the result (the rest are saved for the backward); the reference
+    returns exactly those.
     fake: the outputs' metadata for the schema's arguments (new contiguous tensors, as every kernel returns).
     backward_schema, backward_fake: the backward kernels' op, when the autograd formula calls one;
     cpp_backward_schema: the C++ backward kernels' schema where it differs (a Backend adapter then bridges them).
@@ -98,6 +100,7 @@ class Op:
     backends: dict[str, Backend]
     fake: Callable
     main: int = 0
+    result_outputs: int = 1
     backward_schema: str | None = None
     cpp_backward_schema: str | None = None
     backward_fake: Callable | None = None
@@ -208,7 +211,9 @@ class Op:
             out = self.op(*inputs, chosen)
         else:  # nothing to record for autograd or a graph: the kernel itself, without the dispatcher op's hop
             out = self.kernel(chosen)(*inputs)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        if not isinstance(out, (tuple, list)):
+            return out
+        return out[0] if self.result_outputs == 1 else tuple(out[: self.result_outputs])
 
     # ---- what the dispatch and info read -----------------------------------------------------------------------
 

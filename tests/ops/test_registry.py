@@ -33,9 +33,31 @@ def _forward_args(name, device):
                                     rand(7, seed=9, device=device),
                                     torch.tensor([1, -100, 0, 6, 2], device=device), -100, 2),
         "gather_rows": lambda: (x, torch.tensor([4, 0, 2], device=device)),
+        "quantize_rows": lambda: (x, rand(24, seed=2, device=device)[::2].abs()),
+        **{name: (lambda name=name: _int8_args(name, device)) for name in INT8_PRODUCTS},
         "scatter_rows": lambda: (x[:3], torch.tensor([4, 0, 2], device=device), 6),
     }
     return args[name]()
+
+
+INT8_PRODUCTS = ("int8_linear", "int8_linear_gelu_quantize", "int8_linear_residual_layer_norm")
+
+
+def _int8_args(name, device):
+    """An int8 product's arguments: q from quantize_rows, a strided int8 weight [6, 12]."""
+    q, scale, zero = ops.reference.quantize_rows(rand(12, 5, seed=1).t(), torch.ones(12))
+    w = torch.randint(-127, 128, (12, 6), dtype=torch.int8, generator=torch.Generator().manual_seed(3)).t()
+    product = [t.to(device) for t in (q, scale, zero, w, rand(6, seed=4).abs(), w.float().sum(1), rand(6, seed=5))]
+    if name == "int8_linear_gelu_quantize":
+        return (*product, "tanh", rand(12, seed=6, device=device)[::2].abs())
+    if name == "int8_linear_residual_layer_norm":
+        return (*product, rand(5, 12, seed=7, device=device)[:, ::2], 1 + rand(6, seed=8, scale=0.1, device=device),
+                rand(6, seed=9, device=device), 1e-12)
+    return tuple(product)
+
+
+def _differentiable(name) -> bool:
+    return registry.OPS[name].backward is not None
 
 
 def _backward_args(name, args, outs):
@@ -68,12 +90,13 @@ def _grad_leaves(args, requires_grad):
 
 def test_every_op_has_a_reference_and_a_cpu_kernel():
     assert set(registry.OPS) == {"attention_varlen", "bias_gelu", "bias_gelu_layer_norm", "bias_residual_layer_norm",
-                                 "gather_rows", "mlm_gather_loss", "scatter_rows"}
+                                 "gather_rows", "mlm_gather_loss", "scatter_rows", "quantize_rows", *INT8_PRODUCTS}
     for name, op in registry.OPS.items():
         assert callable(op.reference), name
         assert "cpu" in op.backends, name
         assert set(op.backends) <= set(registry.KERNEL_BACKENDS), name
-        assert (op.backward_schema is None) == (name in ("gather_rows", "scatter_rows")), name
+        inference_only = ("gather_rows", "scatter_rows", "quantize_rows", *INT8_PRODUCTS)
+        assert (op.backward_schema is None) == (name in inference_only), name
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -137,7 +160,7 @@ def test_opcheck(op_name, backend):
     registration) on strided inputs, and of the backward op."""
     op = registry.OPS[op_name]
     args = _forward_args(op_name, backend.device)
-    torch.library.opcheck(op.op, (*_grad_leaves(args, True), backend.name))
+    torch.library.opcheck(op.op, (*_grad_leaves(args, _differentiable(op_name)), backend.name))
     if op.backward_schema is not None:
         bargs = _backward_args(op_name, args, _call(op.op, args, backend.name))
         torch.library.opcheck(op.backward_op, (*_grad_leaves(bargs, False), backend.name))
@@ -171,6 +194,10 @@ _WRAPPERS = {
     "mlm_gather_loss": lambda h, w, b, lab, ig, ch, **k: ops.mlm_gather_loss(h, w, b, lab, ig, chunk_size=ch, **k),
     "gather_rows": lambda x, i, **k: ops.gather_rows(x, i, **k),
     "scatter_rows": lambda x, i, n, **k: ops.scatter_rows(x, i, n, **k),
+    "quantize_rows": lambda *a, **k: ops.quantize_rows(*a, **k),
+    "int8_linear": lambda *a, **k: ops.int8_linear(*a, **k),
+    "int8_linear_gelu_quantize": lambda *a, **k: ops.int8_linear_gelu_quantize(*a, **k),
+    "int8_linear_residual_layer_norm": lambda *a, **k: ops.int8_linear_residual_layer_norm(*a, **k),
 }
 
 
@@ -185,6 +212,8 @@ def test_compile_fullgraph(op_name, backend, fresh_inductor):
 
     torch.testing.assert_close(torch.compile(fn, fullgraph=True)(*args), fn(*args), atol=0, rtol=0)
     torch._dynamo.reset()
+    if not _differentiable(op_name):
+        return
     eager_leaves, compiled_leaves = _grad_leaves(args, True), _grad_leaves(args, True)
     wrt = [a for a in eager_leaves if isinstance(a, torch.Tensor) and a.requires_grad]
     eager = torch.autograd.grad(fn(*eager_leaves).float().square().sum(), wrt)
