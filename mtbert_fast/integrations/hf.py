@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 
 from mtbert_fast.models.config import EncoderConfig
-from mtbert_fast.models.encoder import EmbeddingWeights, LayerWeights, encode
+from mtbert_fast.models.encoder import EmbeddingWeights, Int8State, LayerWeights, encode, quantize_encoder
+from mtbert_fast.models.int8 import DEFAULT_SMOOTHING, check_model_dtype
 from mtbert_fast.ops.dispatch import requested_backend
 
 _STATE = "_mtbert_fast_swap"
@@ -82,6 +83,27 @@ class _SwapState:
         self.backend = backend
         self.qkv = [_QKVFusion(layer.attention.self) for layer in base.encoder.layer]
         self.state_dict_hook = base.register_state_dict_post_hook(_unshare_qkv)
+        self.int8: Int8State | None = None
+
+    def release(self) -> None:
+        """Undo what the state did to the model: the state_dict hook, the shared QKV storage."""
+        self.state_dict_hook.remove()
+        for fusion in self.qkv:  # give each parameter its own storage again
+            for lin in fusion.linears:
+                for kind in ("weight", "bias"):
+                    p = getattr(lin, kind)
+                    p.data = p.data.clone()
+
+    def quantize(self, base: nn.Module, calibration, smoothing: float) -> None:
+        with torch.no_grad():  # the fused QKV buffers, not copies made for autograd
+            layers = self.layer_weights(base)
+        int8 = quantize_encoder(self.config, _embedding_weights(base), layers, calibration, smoothing, self.backend)
+        self.int8 = Int8State(int8, list(base.encoder.parameters()))
+
+    def run_layers(self, base: nn.Module) -> list:
+        if self.int8 is not None:
+            return self.int8.current(list(base.encoder.parameters()))
+        return self.layer_weights(base)
 
     def layer_weights(self, base: nn.Module) -> list[LayerWeights]:
         out = []
@@ -95,6 +117,17 @@ class _SwapState:
                 o.dense.weight, o.dense.bias, o.LayerNorm.weight, o.LayerNorm.bias,
             ))  # fmt: skip
         return out
+
+
+def _embedding_weights(base: nn.Module) -> EmbeddingWeights:
+    emb = base.embeddings
+    return EmbeddingWeights(
+        emb.word_embeddings.weight,
+        emb.position_embeddings.weight,
+        emb.token_type_embeddings.weight,
+        emb.LayerNorm.weight,
+        emb.LayerNorm.bias,
+    )
 
 
 def _swapped_forward(
@@ -129,17 +162,10 @@ def _swapped_forward(
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
 
-    emb = self.embeddings
     out = encode(
         state.config,
-        EmbeddingWeights(
-            emb.word_embeddings.weight,
-            emb.position_embeddings.weight,
-            emb.token_type_embeddings.weight,
-            emb.LayerNorm.weight,
-            emb.LayerNorm.bias,
-        ),
-        state.layer_weights(self),
+        _embedding_weights(self),
+        state.run_layers(self),
         (self.pooler.dense.weight, self.pooler.dense.bias) if self.pooler is not None else None,
         input_ids,
         attention_mask,
@@ -185,12 +211,26 @@ def _forward_with_signature(hf_forward) -> types.FunctionType:
     return forward
 
 
-def swap(model: nn.Module, backend: str = "auto", dtype: torch.dtype | None = None) -> nn.Module:
+def swap(
+    model: nn.Module,
+    backend: str = "auto",
+    dtype: torch.dtype | None = None,
+    *,
+    calibration=None,
+    smoothing: float = DEFAULT_SMOOTHING,
+) -> nn.Module:
     """Run `model`'s BERT/RoBERTa encoder on mtbert_fast's packed-token path, in place; returns `model`.
 
     model: an HF BertModel or RobertaModel, or any of their *For* task models.
     backend: "auto" or one of cuda / triton / cpu / reference for every op.
     dtype: if given, the whole model is cast to it first (as model.to(dtype) would), e.g. torch.bfloat16.
+      torch.qint8: int8 inference on the CPU. The encoder's four products per layer run on int8 weights (per
+      output channel) and int8 activations (per token, smoothed); embeddings, attention, LayerNorm, GELU and the
+      task heads stay in the model's float dtype (float32, or bfloat16 if the model was cast to it before). The
+      float weights stay in the model, so state_dict and `unswap` are unaffected; after changing them, swap again.
+    calibration, smoothing: for torch.qint8 only (see FastBertModel.quantize): model inputs to calibrate the
+      activation ranges on (a tokenizer's output, or a list of them; default: synthetic token ids), and
+      SmoothQuant's alpha.
     Outputs at padding positions of last_hidden_state (and hidden_states) are zeros. Undo with `unswap`.
     """
     base = _base_model(model)
@@ -198,9 +238,20 @@ def swap(model: nn.Module, backend: str = "auto", dtype: torch.dtype | None = No
     EncoderConfig.from_hf(base.config)  # refuses unsupported configs before anything changes
     if hasattr(base, _STATE):
         raise RuntimeError(f"{type(model).__name__} is already swapped; call mtbert_fast.unswap(model) first")
-    if dtype is not None:
+    check_model_dtype(dtype)
+    int8 = dtype == torch.qint8
+    if calibration is not None and not int8:
+        raise ValueError("calibration is read for int8 only: pass dtype=torch.qint8 with it")
+    if dtype is not None and not int8:
         model.to(dtype)
-    setattr(base, _STATE, _SwapState(base, None if backend == "auto" else backend))
+    state = _SwapState(base, None if backend == "auto" else backend)
+    if int8:
+        try:
+            state.quantize(base, calibration, smoothing)
+        except Exception:
+            state.release()
+            raise
+    setattr(base, _STATE, state)
     base.forward = types.MethodType(_forward_with_signature(type(base).forward), base)
     return model
 
@@ -211,12 +262,7 @@ def unswap(model: nn.Module) -> nn.Module:
     state = getattr(base, _STATE, None)
     if state is None:
         raise RuntimeError(f"{type(model).__name__} is not swapped")
-    state.state_dict_hook.remove()
-    for fusion in state.qkv:  # give each parameter its own storage again
-        for lin in fusion.linears:
-            for kind in ("weight", "bias"):
-                p = getattr(lin, kind)
-                p.data = p.data.clone()
+    state.release()
     del base.forward
     delattr(base, _STATE)
     return model

@@ -9,13 +9,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from mtbert_fast.models.config import EncoderConfig
+from mtbert_fast.models.int8 import (
+    DEFAULT_SMOOTHING, AbsMax, Int8LayerWeights, calibration_batches, check_int8_device, check_int8_dtype, check_model_dtype,
+    int8_layer_forward, quantize_layers, weights_snapshot,
+)
 from mtbert_fast.ops import attention_varlen, bias_gelu, bias_residual_layer_norm, gather_rows, pad, unpad_indices
 from mtbert_fast.ops.dispatch import requested_backend
 
@@ -262,11 +266,15 @@ def layer_forward(
     packed: PackedBatch,
     training: bool,
     backend: str | None = None,
+    observe: Callable[[str, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """One encoder layer on packed tokens: x [T, H] -> [T, H]."""
+    """One encoder layer on packed tokens: x [T, H] -> [T, H]. observe(product, input), where given, sees the input
+    of each of the four products ("qkv", "attn_out", "ffn_in", "ffn_out"): how int8 calibration reads the ranges."""
     t, h = x.shape
     eps, p = config.layer_norm_eps, config.hidden_dropout_prob
     linear = _Linear(_onednn_ok(x, w, backend), backend)
+    if observe is not None:
+        return _observed_layer_forward(config, w, x, packed, linear, backend, observe)
     qkv = linear(x, w.qkv_weight, w.qkv_bias).view(t, 3, config.num_attention_heads, config.head_dim)
     ctx = attention_varlen(
         qkv,
@@ -280,6 +288,23 @@ def layer_forward(
     inner = linear.gelu(x, w.ffn_in_weight, w.ffn_in_bias, config.gelu_approximate)
     return _residual_norm(linear(inner, w.ffn_out_weight), w.ffn_out_bias, x, w.ffn_norm_weight,
                           w.ffn_norm_bias, eps, p, training, backend)
+
+
+def _observed_layer_forward(config, w, x, packed, linear, backend, observe):
+    """layer_forward in inference, handing each product's input to observe (the GELU output is formed apart)."""
+    t, h = x.shape
+    eps = config.layer_norm_eps
+    observe("qkv", x)
+    qkv = linear(x, w.qkv_weight, w.qkv_bias).view(t, 3, config.num_attention_heads, config.head_dim)
+    ctx = attention_varlen(qkv, packed.cu_seqlens, packed.max_seqlen, backend=backend).reshape(t, h)
+    observe("attn_out", ctx)
+    x = _residual_norm(linear(ctx, w.attn_out_weight), w.attn_out_bias, x, w.attn_norm_weight, w.attn_norm_bias,
+                       eps, 0.0, False, backend)
+    observe("ffn_in", x)
+    inner = linear.gelu(x, w.ffn_in_weight, w.ffn_in_bias, config.gelu_approximate)
+    observe("ffn_out", inner)
+    return _residual_norm(linear(inner, w.ffn_out_weight), w.ffn_out_bias, x, w.ffn_norm_weight, w.ffn_norm_bias,
+                          eps, 0.0, False, backend)
 
 
 def encode(
@@ -297,10 +322,12 @@ def encode(
     training: bool = False,
     backend: str | None = None,
     inputs_checked: bool = False,
+    observe: Callable[[int], Callable[[str, torch.Tensor], None]] | None = None,
 ) -> EncoderOutput:
     """The whole encoder: validate, unpad once, embed, run the layers, pool. The padded outputs are built when
     read (see EncoderOutput). inputs_checked: the caller has run validate_inputs on exactly these inputs, so it
-    does not run again."""
+    does not run again. layers: float LayerWeights, or Int8LayerWeights for int8 inference (no training).
+    observe(layer index), where given, returns that layer's observer (see layer_forward)."""
     device = embeddings.word.device
     if inputs_checked:
         batch, seqlen = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
@@ -316,8 +343,14 @@ def encode(
 
     x = embed_packed(config, embeddings, packed, input_ids, token_type_ids, position_ids, inputs_embeds, training)
     states = [x] if output_hidden_states else None
-    for w in layers:
-        x = layer_forward(config, w, x, packed, training, backend)
+    for i, w in enumerate(layers):
+        if isinstance(w, Int8LayerWeights):
+            if training:
+                raise RuntimeError("an int8 model runs inference only: call model.eval() (train the float model, "
+                                   "then quantize it)")
+            x = int8_layer_forward(config, w, x, packed, backend)
+        else:
+            x = layer_forward(config, w, x, packed, training, backend, observe(i) if observe is not None else None)
         if states is not None:
             states.append(x)
 
@@ -330,6 +363,39 @@ def encode(
         packed=packed,
         packed_hidden_states=tuple(states) if states is not None else None,
     )
+
+
+def quantize_encoder(
+    config: EncoderConfig,
+    embeddings: EmbeddingWeights,
+    layers: Sequence[LayerWeights],
+    calibration=None,
+    smoothing: float = DEFAULT_SMOOTHING,
+    backend: str | None = None,
+) -> list[Int8LayerWeights]:
+    """int8 layers from float ones: calibrate on `calibration` (see int8.calibration_batches), then quantize."""
+    word = embeddings.word
+    check_int8_device(word.device)
+    check_int8_dtype(word.dtype)
+    absmax = AbsMax([{} for _ in layers])
+    with torch.inference_mode():
+        for batch in calibration_batches(calibration, config, word.device):
+            encode(config, embeddings, layers, None, **batch, backend=backend, observe=absmax.observer)
+    return quantize_layers(layers, absmax, word.dtype, smoothing)
+
+
+class Int8State:
+    """The int8 layers of a quantized model and the float parameters they were made from: if those change (an
+    in-place update, .to(), loading a state dict) the int8 copies are stale, and using them is refused."""
+
+    def __init__(self, layers: list[Int8LayerWeights], params: Sequence[torch.Tensor]):
+        self.layers, self.snapshot = layers, weights_snapshot(params)
+
+    def current(self, params: Sequence[torch.Tensor]) -> list[Int8LayerWeights]:
+        if weights_snapshot(params) != self.snapshot:
+            raise RuntimeError("the float weights changed after the model was quantized to int8, so its int8 weights "
+                               "are stale: quantize it again (or dequantize it to run the float weights)")
+        return self.layers
 
 
 class FastEmbeddings(nn.Module):
@@ -401,6 +467,7 @@ class FastBertModel(nn.Module):
         self.embeddings = FastEmbeddings(config)
         self.layers = nn.ModuleList(FastBertLayer(config) for _ in range(config.num_hidden_layers))
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if add_pooling_layer else None
+        self.int8: Int8State | None = None
         self._init_weights()
         self.to(device=device, dtype=dtype)
 
@@ -437,10 +504,14 @@ class FastBertModel(nn.Module):
         """input_ids [B, L]; attention_mask [B, L] of 0/1 (default: all real). inputs_checked: `check_inputs`
         has passed these very inputs, so they are not checked again."""
         pooler = (self.pooler.weight, self.pooler.bias) if self.pooler is not None else None
+        if self.int8 is not None:
+            layers = self.int8.current(list(self.layers.parameters()))
+        else:
+            layers = [layer.weights() for layer in self.layers]
         return encode(
             self.config,
             self.embeddings.weights(),
-            [layer.weights() for layer in self.layers],
+            layers,
             pooler,
             input_ids,
             attention_mask,
@@ -452,6 +523,26 @@ class FastBertModel(nn.Module):
             backend=self.backend,
             inputs_checked=inputs_checked,
         )
+
+    def quantize(self, calibration=None, *, smoothing: float = DEFAULT_SMOOTHING) -> FastBertModel:
+        """int8 inference, in place: the four products of every layer run on int8 weights (per output channel) and
+        int8 activations (per token, smoothed); the rest stays in the model's dtype (float32 or bfloat16). Returns
+        the model. The float weights stay, so state_dict is unchanged and `dequantize` undoes this.
+
+        calibration: model inputs to read activation ranges from: a dict as a tokenizer returns it, or a list of
+        them; a few hundred sentences of the text the model will see give the best accuracy. None: synthetic token
+        ids. smoothing: SmoothQuant's alpha (0: none). Inference only: a quantized model refuses train mode.
+        """
+        with torch.no_grad():
+            layers = [layer.weights() for layer in self.layers]
+        int8 = quantize_encoder(self.config, self.embeddings.weights(), layers, calibration, smoothing, self.backend)
+        self.int8 = Int8State(int8, list(self.layers.parameters()))
+        return self
+
+    def dequantize(self) -> FastBertModel:
+        """Back to the float products (the float weights were kept)."""
+        self.int8 = None
+        return self
 
     def check_inputs(
         self,
@@ -467,8 +558,11 @@ class FastBertModel(nn.Module):
                                inputs_embeds)
 
     @classmethod
-    def from_hf(cls, hf_model: nn.Module, *, dtype=None, backend: str | None = None) -> FastBertModel:
-        """From a loaded HF BertModel / RobertaModel, or any of their task models (their encoder is taken)."""
+    def from_hf(cls, hf_model: nn.Module, *, dtype=None, backend: str | None = None, calibration=None
+                ) -> FastBertModel:
+        """From a loaded HF BertModel / RobertaModel, or any of their task models (their encoder is taken).
+        dtype=torch.qint8: int8 inference with activations in the HF model's float dtype (see `quantize`, which
+        reads `calibration`)."""
         from mtbert_fast.models.hf_mapping import fast_state_dict_from_hf
 
         base = getattr(hf_model, "base_model", hf_model)
@@ -476,25 +570,31 @@ class FastBertModel(nn.Module):
         state = fast_state_dict_from_hf(base.state_dict(), config, has_pooler=base.pooler is not None)
         # copies: the fast model owns its weights, so changing or training it leaves the HF model as it was
         state = {k: v.clone() for k, v in state.items()}
-        return cls._from_state(config, state, base.pooler is not None, dtype, backend)
+        return cls._from_state(config, state, base.pooler is not None, dtype, backend, calibration=calibration)
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, *, dtype=None, device=None, backend: str | None = None
+        cls, path: str | os.PathLike, *, dtype=None, device=None, backend: str | None = None, calibration=None
     ) -> FastBertModel:
-        """From an HF model directory: config.json and model.safetensors (or sharded safetensors); never unpickles."""
+        """From an HF model directory: config.json and model.safetensors (or sharded safetensors); never unpickles.
+        dtype=torch.qint8: int8 inference with float32 activations (see `quantize`, which reads `calibration`)."""
         from mtbert_fast.models.hf_mapping import fast_state_dict_from_hf, read_safetensors_dir
 
         config = EncoderConfig.from_json_file(os.path.join(path, "config.json"))
         hf_state = read_safetensors_dir(path)
         has_pooler = any(k.endswith(("pooler.dense.weight", "pooler.dense.bias")) for k in hf_state)
         state = fast_state_dict_from_hf(hf_state, config, has_pooler=has_pooler)
-        return cls._from_state(config, state, has_pooler, dtype, backend, device)
+        return cls._from_state(config, state, has_pooler, dtype, backend, device, calibration)
 
     @classmethod
-    def _from_state(cls, config, state, has_pooler, dtype, backend, device=None) -> FastBertModel:
-        dtype = dtype or next(iter(state.values())).dtype
+    def _from_state(cls, config, state, has_pooler, dtype, backend, device=None, calibration=None) -> FastBertModel:
+        int8 = dtype == torch.qint8
+        check_model_dtype(dtype)
+        if calibration is not None and not int8:
+            raise ValueError("calibration is read by int8 models only: pass dtype=torch.qint8 with it")
+        float_dtype = next(iter(state.values())).dtype if int8 or dtype is None else dtype
         with torch.device("meta"):
             model = cls(config, add_pooling_layer=has_pooler, backend=backend)
         model.load_state_dict(state, strict=True, assign=True)
-        return model.to(device=device, dtype=dtype).eval()
+        model = model.to(device=device, dtype=float_dtype).eval()
+        return model.quantize(calibration) if int8 else model

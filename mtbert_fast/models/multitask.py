@@ -16,6 +16,7 @@ from mtbert_fast.models.config import EncoderConfig
 from mtbert_fast.models.encoder import FastBertModel
 from mtbert_fast.models.heads import HEAD_KINDS, Head, HeadInput
 from mtbert_fast.models.hf_mapping import MissingWeightError, encoder_and_heads_from_hf, save_hf_task
+from mtbert_fast.models.int8 import DEFAULT_SMOOTHING, check_model_dtype
 
 CONFIG_NAME = "multitask_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -200,6 +201,16 @@ class MultiTaskBert(nn.Module):
             total = weighted if total is None else total + weighted
         return MultiTaskOutput(outputs, losses, total)
 
+    def quantize(self, calibration=None, *, smoothing: float = DEFAULT_SMOOTHING) -> MultiTaskBert:
+        """int8 inference for the shared encoder (FastBertModel.quantize); the heads stay in the float dtype and
+        read the int8 encoder's output. Returns the model; `dequantize` undoes it."""
+        self.encoder.quantize(calibration, smoothing=smoothing)
+        return self
+
+    def dequantize(self) -> MultiTaskBert:
+        self.encoder.dequantize()
+        return self
+
     # --- Hugging Face import / export --------------------------------------------------------------------------
 
     @classmethod
@@ -257,8 +268,10 @@ class MultiTaskBert(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         backend: str | None = None,
+        calibration=None,
     ) -> MultiTaskBert:
-        """From a directory written by save_pretrained; reads JSON and safetensors only (never unpickles)."""
+        """From a directory written by save_pretrained; reads JSON and safetensors only (never unpickles).
+        dtype=torch.qint8: int8 inference for the encoder (see `quantize`, which reads `calibration`)."""
         from safetensors.torch import load_file
 
         config_file, weights_file = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
@@ -293,6 +306,11 @@ class MultiTaskBert(nn.Module):
             raise ValueError(f"{weights_file} holds weights the model does not have: {', '.join(unexpected[:5])}")
         model.load_state_dict(state, strict=False, assign=True)
         model.tie_weights()
+        check_model_dtype(dtype)
+        if calibration is not None and dtype != torch.qint8:
+            raise ValueError("calibration is read by int8 models only: pass dtype=torch.qint8 with it")
+        if dtype == torch.qint8:
+            return model.to(device=device).eval().quantize(calibration)
         return model.to(device=device, dtype=dtype).eval()
 
 

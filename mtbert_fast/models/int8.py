@@ -1,0 +1,187 @@
+"""int8 inference for the encoder: int8 weights per output channel, activations quantized per token at run time.
+
+What is int8: the four products of every layer (QKV, attention output, FFN in, FFN out). What stays in the model's
+float dtype (float32 or bfloat16): embeddings, attention (scores, softmax, the weighted sum), LayerNorm, GELU,
+residuals and the pooler.
+
+Accuracy comes from three choices, each measured on real weights (trained BERTs carry a few activation channels
+tens of times larger than the rest, which random weights do not have):
+  - activations are quantized per token and asymmetrically (a zero point per row), not per tensor;
+  - the products are smoothed (SmoothQuant): input channel k is divided by s_k = a_k^alpha / w_k^(1-alpha) and the
+    weight's column k multiplied by it, where a_k is the largest |activation| seen on that channel during
+    calibration and w_k the largest |weight| in that column; the division runs inside the quantization pass;
+  - calibration runs the float model once on a few batches, real text from the user's domain where given, else
+    synthetic token ids (random ids, lengths 3 to 64), which find the same outlier channels on the models tried.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
+
+import torch
+
+from mtbert_fast.models.config import EncoderConfig
+from mtbert_fast.ops import (
+    attention_varlen, int8_linear, int8_linear_gelu_quantize, int8_linear_residual_layer_norm, quantize_rows,
+)
+
+DEFAULT_SMOOTHING = 0.5
+SYNTHETIC_ROWS = 64
+SYNTHETIC_LENGTHS = (3, 64)
+# the four products of a layer, named by where their input comes from
+PRODUCTS = ("qkv", "attn_out", "ffn_in", "ffn_out")
+
+
+class Int8Linear(NamedTuple):
+    weight: torch.Tensor  # int8 [N, K]: the smoothed weight, per output channel
+    weight_scale: torch.Tensor  # fp32 [N]
+    weight_sum: torch.Tensor  # fp32 [N]: row sums of the int8 weight (the zero point's correction)
+    bias: torch.Tensor  # [N] in the activation dtype
+    smooth: torch.Tensor  # fp32 [K]: multiplies the input before it is quantized (1 / s)
+
+
+class Int8LayerWeights(NamedTuple):
+    qkv: Int8Linear
+    attn_out: Int8Linear
+    ffn_in: Int8Linear
+    ffn_out: Int8Linear
+    attn_norm_weight: torch.Tensor
+    attn_norm_bias: torch.Tensor
+    ffn_norm_weight: torch.Tensor
+    ffn_norm_bias: torch.Tensor
+
+
+def quantize_linear(weight: torch.Tensor, bias: torch.Tensor, input_absmax: torch.Tensor,
+                    smoothing: float = DEFAULT_SMOOTHING) -> Int8Linear:
+    """weight [N, K] and bias [N] of a float linear, input_absmax fp32 [K] from calibration -> Int8Linear."""
+    w = weight.detach().float()
+    s = input_absmax.float().clamp_min(1e-5).pow(smoothing) / w.abs().amax(0).clamp_min(1e-5).pow(1 - smoothing)
+    s = s.clamp(1e-4, 1e4)
+    ws = w * s
+    scale = ws.abs().amax(1).clamp_min(1e-12) / 127
+    q = torch.round(ws / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return Int8Linear(q, scale, q.float().sum(1), bias.detach().clone(), (1 / s).contiguous())
+
+
+def int8_layer_forward(config: EncoderConfig, w: Int8LayerWeights, x: torch.Tensor, packed, backend=None):
+    """One encoder layer with int8 products on packed tokens: x [T, H] -> [T, H] in x's dtype."""
+    t, h = x.shape
+    eps = config.layer_norm_eps
+    qkv = int8_linear(*quantize_rows(x, w.qkv.smooth, backend=backend), *w.qkv[:4], backend=backend)
+    ctx = attention_varlen(
+        qkv.view(t, 3, config.num_attention_heads, config.head_dim), packed.cu_seqlens, packed.max_seqlen,
+        backend=backend,
+    ).reshape(t, h)
+    x = int8_linear_residual_layer_norm(
+        *quantize_rows(ctx, w.attn_out.smooth, backend=backend), *w.attn_out[:4], x, w.attn_norm_weight,
+        w.attn_norm_bias, eps, backend=backend,
+    )
+    inner = int8_linear_gelu_quantize(
+        *quantize_rows(x, w.ffn_in.smooth, backend=backend), *w.ffn_in[:4], config.gelu_approximate,
+        w.ffn_out.smooth, backend=backend,
+    )
+    return int8_linear_residual_layer_norm(
+        *inner, *w.ffn_out[:4], x, w.ffn_norm_weight, w.ffn_norm_bias, eps, backend=backend
+    )
+
+
+# ---- calibration --------------------------------------------------------------------------------------------------
+
+
+def synthetic_batches(config: EncoderConfig, device: torch.device, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Calibration input when none is given: SYNTHETIC_ROWS rows of random token ids (never the padding id), lengths
+    uniform in SYNTHETIC_LENGTHS (at most the model's maximum), right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    longest = min(SYNTHETIC_LENGTHS[1], config.max_position_embeddings - 2)
+    shortest = min(SYNTHETIC_LENGTHS[0], longest)
+    lengths = torch.randint(shortest, longest + 1, (SYNTHETIC_ROWS,), generator=g)
+    ids = torch.randint(0, config.vocab_size, (SYNTHETIC_ROWS, longest), generator=g)
+    if config.pad_token_id is not None and config.vocab_size > 1:
+        ids = torch.where(ids == config.pad_token_id, (ids + 1) % config.vocab_size, ids)
+    mask = (torch.arange(longest)[None, :] < lengths[:, None]).long()
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad))
+    return [{"input_ids": ids.to(device), "attention_mask": mask.to(device)}]
+
+
+def calibration_batches(calibration, config: EncoderConfig, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """`calibration` as a list of input dicts: None (synthetic), one dict of model inputs (as a tokenizer returns
+    them) or an iterable of such dicts."""
+    if calibration is None:
+        return synthetic_batches(config, device)
+    batches = [calibration] if isinstance(calibration, Mapping) else list(calibration)
+    if not batches:
+        raise ValueError("calibration is empty: pass a dict of model inputs (input_ids, attention_mask, ...) as a "
+                         "tokenizer returns them, a list of such dicts, or None for synthetic calibration")
+    allowed = {"input_ids", "attention_mask", "token_type_ids", "position_ids"}
+    out = []
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            raise TypeError(f"calibration batch {i} must be a dict of model inputs with input_ids, got "
+                            f"{type(batch).__name__}")
+        out.append({k: torch.as_tensor(v).to(device) for k, v in batch.items() if k in allowed})
+    return out
+
+
+@dataclasses.dataclass
+class AbsMax:
+    """The largest |value| per channel of each product's input, layer by layer, over the calibration batches."""
+
+    layers: list[dict[str, torch.Tensor]]
+
+    def observer(self, layer: int) -> Callable[[str, torch.Tensor], None]:
+        def observe(product: str, x: torch.Tensor) -> None:
+            a = x.detach().abs().amax(0).float()
+            seen = self.layers[layer]
+            seen[product] = a if product not in seen else torch.maximum(seen[product], a)
+
+        return observe
+
+
+def quantize_layers(
+    layers: Sequence, absmax: AbsMax, dtype: torch.dtype, smoothing: float = DEFAULT_SMOOTHING
+) -> list[Int8LayerWeights]:
+    """Float LayerWeights and their calibrated input ranges -> Int8LayerWeights, activations in `dtype`."""
+    if not 0.0 <= smoothing <= 1.0:
+        raise ValueError(f"smoothing must be in [0, 1] (SmoothQuant's alpha), got {smoothing}")
+    out = []
+    for w, seen in zip(layers, absmax.layers):
+        missing = [p for p in PRODUCTS if p not in seen]
+        if missing:
+            raise RuntimeError(f"calibration saw no input for {', '.join(missing)}: it needs at least one real token")
+        pairs = {"qkv": (w.qkv_weight, w.qkv_bias), "attn_out": (w.attn_out_weight, w.attn_out_bias),
+                 "ffn_in": (w.ffn_in_weight, w.ffn_in_bias), "ffn_out": (w.ffn_out_weight, w.ffn_out_bias)}
+        lin = {p: quantize_linear(weight, bias.to(dtype), seen[p], smoothing) for p, (weight, bias) in pairs.items()}
+        out.append(Int8LayerWeights(
+            lin["qkv"], lin["attn_out"], lin["ffn_in"], lin["ffn_out"],
+            w.attn_norm_weight.detach().clone(), w.attn_norm_bias.detach().clone(),
+            w.ffn_norm_weight.detach().clone(), w.ffn_norm_bias.detach().clone(),
+        ))  # fmt: skip
+    return out
+
+
+def check_model_dtype(dtype: torch.dtype | None) -> None:
+    """The dtypes a model can be built or swapped in: a float dtype, or torch.qint8 for int8 inference."""
+    if dtype is not None and dtype != torch.qint8 and not dtype.is_floating_point:
+        raise TypeError(f"dtype {dtype} is not supported: use float32, bfloat16 or float16, or torch.qint8 for int8 "
+                        "inference (int8 products, float activations)")
+
+
+def check_int8_dtype(dtype: torch.dtype) -> None:
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"int8 inference keeps activations in float32 or bfloat16; the model is {dtype}: cast it to "
+                        "one of those first")
+
+
+def check_int8_device(device: torch.device) -> None:
+    if device.type != "cpu":
+        raise NotImplementedError(
+            f"int8 inference runs on the CPU (VNNI int8 products); the model is on {device}. Move it to the CPU "
+            "first, or use bfloat16 on the GPU"
+        )
+
+
+def weights_snapshot(tensors: Iterable[torch.Tensor]) -> tuple:
+    """What identifies the float weights that were quantized: a later in-place change or .to() alters it."""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
