@@ -69,3 +69,13 @@ def test_metadata_and_csv(tmp_path):
     path = harness.append_csv(tmp_path / "r.csv", [{**meta, "x": 1}], harness.META_FIELDS + ["x"])
     harness.append_csv(path, [{**meta, "x": 2}], harness.META_FIELDS + ["x"])
     assert path.read_text().count("\n") == 3
+
+
+def test_csv_with_other_columns_is_left_alone(tmp_path):
+    old = tmp_path / "r.csv"
+    old.write_text("time,model\n2024,tiny\n")
+    path = harness.append_csv(old, [{"x": 1}], ["x"])
+    assert path == tmp_path / "r-1.csv" and path.read_text().splitlines() == ["x", "1"]
+    assert old.read_text() == "time,model\n2024,tiny\n"
+    assert harness.append_csv(old, [{"x": 2}], ["x"]) == path, "the next run appends to the file with its columns"
+    assert harness.append_csv(old, [{"y": 3}], ["y"]) == tmp_path / "r-2.csv"

@@ -150,7 +150,10 @@ def _gemm_routes(dtype: torch.dtype, device: torch.device, shape) -> dict[str, C
     if dtype in INT8_DTYPES:
         a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8).to(device)
         b = torch.randint(-128, 128, (k, n), generator=gen, dtype=torch.int8).to(device)
-        return {"torch._int_mm": lambda: torch._int_mm(a, b)}
+        routes = {"torch._int_mm": lambda: torch._int_mm(a, b)}
+        if device.type == "cpu" and hasattr(torch.ops.onednn, "qlinear_pointwise"):
+            routes.update(_onednn_int8_route(a.to(torch.uint8), b.t().contiguous()))
+        return routes
     x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
     w = torch.randn(n, k, generator=gen).to(device=device, dtype=dtype)
     routes = {"F.linear": lambda: F.linear(x, w)}
@@ -159,12 +162,29 @@ def _gemm_routes(dtype: torch.dtype, device: torch.device, shape) -> dict[str, C
     return routes
 
 
+def _onednn_int8_route(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """{"onednn": oneDNN's int8 linear (uint8 activations, int8 weights [N, K], the route of torch's x86 int8
+    inference)}, or {} where this torch's oneDNN op does not take these arguments."""
+    try:
+        packed = torch.ops.onednn.qlinear_prepack(w, list(x.shape))
+        scales, zeros = torch.ones(w.shape[0]), torch.zeros(w.shape[0], dtype=torch.int32)
+
+        def call():
+            return torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, packed, scales, zeros, None, 1.0, 0, torch.float32,
+                                                      "none", [], "")  # fmt: skip
+
+        call()
+    except (RuntimeError, TypeError, AttributeError):
+        return {}
+    return {"onednn": call}
+
+
 def gemm_flops_per_s(
     dtype: torch.dtype, device: torch.device | str = "cpu", repeats: int = 10, shape=GEMM_SHAPE
 ) -> float:
     """The machine's measured matrix-product rate in `dtype`: [M, K] x [K, N], median of `repeats`, by the
     fastest route PyTorch offers (F.linear, and on the CPU also oneDNN's linear, which the encoder uses; int8 or
-    qint8: torch._int_mm)."""
+    qint8: torch._int_mm, and on the CPU also oneDNN's int8 linear)."""
     m, k, n = shape
     device = torch.device(device)
     with torch.inference_mode():
@@ -248,11 +268,25 @@ def run_metadata(device: torch.device | str) -> dict[str, str]:
 META_FIELDS = ["time", "device", "torch", "transformers", "mtbert_fast", "commit"]
 
 
+def _header(path: Path) -> list[str] | None:
+    """The CSV's column names; None for a missing or empty file."""
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    with path.open(newline="") as f:
+        return next(csv.reader(f), None)
+
+
 def append_csv(path: Path, rows: list[dict[str, object]], fields: list[str]) -> Path:
-    """Appends rows to the CSV at `path` (header written when the file is new; unknown keys ignored)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
+    """Appends rows to the CSV at `path` (header written when the file is new; unknown keys ignored); returns the
+    path written. A file there with other columns (from an older version) is left alone: the rows go to the first
+    `<stem>-<n>.csv` beside it that is new or has these columns."""
+    base = path = Path(path)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    while (header := _header(path)) is not None and header != fields:
+        n += 1
+        path = base.with_name(f"{base.stem}-{n}{base.suffix}")
+    new = header is None
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
