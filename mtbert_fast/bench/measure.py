@@ -12,11 +12,11 @@ weights ("bert-base", the MiniLM tokenizer: same vocabulary), or any HF model di
   - the full point: B=8 rows of L=128 tokens of that text, no padding;
   - the latency points: B=1 at L=16 and at L=128, every token real, a few different rows one call each.
 One untimed pass per provider checks parity against HF's fp32 eager output at the real tokens (the largest
-difference, and the lowest cosine between mean-pooled outputs), measures peak memory and warms up (torch.compile
-compiles there); the timed repetitions then interleave the providers batch by batch (harness.py). Throughput counts
-real tokens only; each ratio is against HF sdpa in the same dtype at the same point (int8 rows: HF sdpa float32),
+difference, and the lowest cosine between mean-pooled outputs) and warms up (torch.compile compiles there); one more
+call on the point's largest batch measures peak memory; the timed repetitions then interleave the providers batch
+by batch (harness.py). Throughput counts real tokens only; each ratio is against HF sdpa in the same dtype at the same point (int8 rows: HF sdpa float32),
 measured in the same run; the roofline fraction is the encoder's FLOPs on the real tokens over the time, against
-this machine's measured GEMM rate in that dtype (int8: torch._int_mm). Task "multitask" adds MultiTaskBert
+this machine's measured GEMM rate in that dtype (int8: int8 products). Task "multitask" adds MultiTaskBert
 (sequence-cls + token-cls + masked-LM heads on one pass, 15% of tokens masked) against the three separate HF task
 models, at the largest batch and length.
 """

@@ -80,7 +80,8 @@ def format_table(results: list[Result], meta: dict[str, str], skipped: dict[str,
         "OpenVINO, CTranslate2, torch int8: neither HF eager/sdpa nor mtbert_fast) that passed parity in the same "
         "dtype at the same point; fastest peer: which one",
         "roofline: encoder FLOPs on the real tokens per second over the measured GEMM rate in that dtype (int8: "
-        "torch._int_mm); peak MiB: memory a call added at its peak (RSS on cpu)",
+        "the faster of torch._int_mm and oneDNN's int8 linear); peak MiB: memory a call added at its peak (RSS on "
+        "cpu)",
         f"max|diff|: largest difference from HF eager float32 at the real tokens; limit float32 {FP32_TOLERANCE:.0e}, "
         "bfloat16/float16 twice HF's own error in that dtype; cos: lowest cosine, over the sequences, between the "
         f"output mean-pooled over real tokens and HF float32's; int8 rows pass with cos >= {INT8_MIN_COSINE}",
