@@ -14,11 +14,11 @@ weights ("bert-base", the MiniLM tokenizer: same vocabulary), or any HF model di
 One untimed pass per provider checks parity against HF's fp32 eager output at the real tokens (the largest
 difference, and the lowest cosine between mean-pooled outputs) and warms up (torch.compile compiles there); one more
 call on the point's largest batch measures peak memory; the timed repetitions then interleave the providers batch
-by batch (harness.py). Throughput counts real tokens only; each ratio is against HF sdpa in the same dtype at the same point (int8 rows: HF sdpa float32),
-measured in the same run; the roofline fraction is the encoder's FLOPs on the real tokens over the time, against
-this machine's measured GEMM rate in that dtype (int8: int8 products). Task "multitask" adds MultiTaskBert
-(sequence-cls + token-cls + masked-LM heads on one pass, 15% of tokens masked) against the three separate HF task
-models, at the largest batch and length.
+by batch (harness.py). Throughput counts real tokens only; each ratio is against HF sdpa in the same dtype at the
+same point (int8 rows: HF sdpa float32), measured in the same run; the roofline fraction is the encoder's FLOPs on
+the real tokens over the time, against this machine's measured GEMM rate in that dtype (int8: int8 products). Task
+"multitask" adds MultiTaskBert (sequence-cls + token-cls + masked-LM heads on one pass, 15% of tokens masked)
+against the three separate HF task models, at the largest batch and length.
 """
 
 from __future__ import annotations
