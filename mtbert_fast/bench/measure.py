@@ -1,19 +1,24 @@
-"""The measuring half of `mtbert-fast bench`: HF BertModel (eager, sdpa), ONNX Runtime where installed, and the same
-model after `mtbert_fast.swap` with each backend that can run, side by side on the same inputs, giving one Result
-row per (model, task, point, provider, dtype). report.py renders the rows; runner.py wires the two.
+"""The measuring half of `mtbert-fast bench`: HF BertModel (eager, sdpa), the peer runtimes of peers.py (torch.compile,
+ONNX Runtime, OpenVINO, CTranslate2, torch's dynamic int8 quantization) where they can run, and the same model after
+`mtbert_fast.swap` with each backend that can run, side by side on the same inputs with the same thread count,
+giving one Result row per (model, task, point, provider, dtype). report.py renders the rows; runner.py wires the two.
 
 Models: the bundled all-MiniLM-L6-v2 ("minilm": real weights and tokenizer), a bert-base-sized config with random
 weights ("bert-base", the MiniLM tokenizer: same vocabulary), or any HF model directory. Inputs are real text:
   - the sentence points: the bundled sentences (or --text), `batch` at a time, each batch padded to its longest,
     one point per batch size (the speed-up-vs-batch curve);
   - the length points: one batch of the largest batch size whose rows are pieces of that text with lengths drawn
-    uniformly in [L/8, L], one point per max length L (the speed-up-vs-length curve).
-One untimed pass per provider checks parity against HF's fp32 eager output at the real tokens, measures peak
-memory and warms up; the timed repetitions then interleave the providers batch by batch (harness.py). Throughput
-counts real tokens only; each ratio is against HF sdpa in the same dtype at the same point, measured in the same
-run; the roofline fraction is the encoder's FLOPs on the real tokens over the time, against this machine's
-measured GEMM rate in that dtype. Task "multitask" adds MultiTaskBert (sequence-cls + token-cls + masked-LM heads
-on one pass, 15% of tokens masked) against the three separate HF task models, at the largest batch and length.
+    uniformly in [L/8, L], one point per max length L (the speed-up-vs-length curve);
+  - the full point: B=8 rows of L=128 tokens of that text, no padding;
+  - the latency points: B=1 at L=16 and at L=128, every token real, a few different rows one call each.
+One untimed pass per provider checks parity against HF's fp32 eager output at the real tokens (the largest
+difference, and the lowest cosine between mean-pooled outputs) and warms up (torch.compile compiles there); one more
+call on the point's largest batch measures peak memory; the timed repetitions then interleave the providers batch
+by batch (harness.py). Throughput counts real tokens only; each ratio is against HF sdpa in the same dtype at the
+same point (int8 rows: HF sdpa float32), measured in the same run; the roofline fraction is the encoder's FLOPs on
+the real tokens over the time, against this machine's measured GEMM rate in that dtype (int8: int8 products). Task
+"multitask" adds MultiTaskBert (sequence-cls + token-cls + masked-LM heads on one pass, 15% of tokens masked)
+against the three separate HF task models, at the largest batch and length.
 """
 
 from __future__ import annotations
@@ -31,15 +36,22 @@ import numpy as np
 import torch
 
 import mtbert_fast
-from mtbert_fast.bench import harness
+from mtbert_fast.bench import harness, peers
 from mtbert_fast.ops import dispatch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INT8 = peers.INT8
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, INT8: torch.qint8}
 NAMED_MODELS = ("minilm", "bert-base")
 TASKS = ("encoder", "multitask")
+POINTS = ("sentences", "lengths", "full", "latency")
+FULL_POINT = (8, 128)  # batch, length
+LATENCY_LENGTHS = (16, 128)
+LATENCY_CALLS = 4  # different single rows per latency point
 BASELINE = "hf-sdpa"
 MULTITASK_BASELINE = "hf-3-models"  # the three HF task models, one after the other
+HF_PROVIDERS = ("hf-eager", BASELINE, MULTITASK_BASELINE)
 FP32_TOLERANCE = 1e-4
+INT8_MIN_COSINE = 0.8  # int8 rows: only catches broken outputs; the cosine itself is shown for every provider
 MLM_FRACTION = 0.15
 
 
@@ -55,7 +67,10 @@ class BenchConfig:
     batches: tuple[int, ...] = (8, 32)
     lengths: tuple[int, ...] = (32, 128)
     tasks: tuple[str, ...] = ("encoder",)
+    points: tuple[str, ...] = POINTS
+    peers: tuple[str, ...] = peers.NAMES  # the peer runtimes to run
     repeats: int = 3
+    threads: int | None = None  # None: torch's thread count
     sentences: int | None = 32  # sentences per sentence point; None: the whole text once
     text: Path | None = None  # one sentence a line; None: the sentences shipped with mtbert_fast
     device: str | None = None  # None: cuda where available, else cpu
@@ -68,7 +83,7 @@ class BenchConfig:
 class Result:
     model: str
     task: str
-    point: str  # "sentences" or "L=<max length>"
+    point: str  # "sentences", "L=<max length>", "full" or "latency L=<length>"
     batch: int
     max_length: int
     provider: str
@@ -84,6 +99,7 @@ class Result:
     flops: float = float("nan")  # encoder FLOPs on the real tokens of one repetition
     gemm_flops_per_s: float = float("nan")
     backends: str = ""
+    min_cosine: float = float("nan")  # lowest cosine between mean-pooled outputs and HF fp32's (encoder task)
 
     @property
     def median(self) -> float:
@@ -91,7 +107,16 @@ class Result:
 
     @property
     def parity_ok(self) -> bool:
+        """int8: the mean-pooled cosine against HF fp32 is at least INT8_MIN_COSINE; other dtypes: the largest
+        difference is within the limit."""
+        if self.dtype == INT8:
+            return self.min_cosine >= INT8_MIN_COSINE
         return self.max_abs_diff <= self.parity_limit
+
+    @property
+    def base_key(self) -> tuple:
+        """The key of the row this one's speed-up is over: the same point in the same dtype, int8 in float32."""
+        return self.key[:-1] + ("float32" if self.dtype == INT8 else self.dtype,)
 
     @property
     def roofline(self) -> float:
@@ -222,35 +247,30 @@ def fast_backends(device: torch.device, dtype: torch.dtype, forced: str = "auto"
     return usable, skipped
 
 
-def _onnx_provider(hf_fp32, sample: dict, workdir: str):
-    """(callable running the model with ONNX Runtime, None) or (None, why not)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return None, "onnxruntime is not installed"
-    names = list(sample)
-    path = os.path.join(workdir, "model.onnx")
-    try:
-        axes = {n: {0: "batch", 1: "length"} for n in names}
-        torch.onnx.export(hf_fp32, tuple(sample[n] for n in names), path, input_names=names,
-                          output_names=["last_hidden_state"], dynamic_axes=axes, dynamo=False)  # fmt: skip
-        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # export of an HF model fails in many version-specific ways; show why, run the rest
-        return None, f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-
-    def run(**batch):
-        out = session.run(["last_hidden_state"], {n: batch[n].cpu().numpy() for n in names})[0]
-        return torch.from_numpy(out)
-
-    return run, None
-
-
 def _hidden(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.last_hidden_state
 
 
 def _real_rows(out, batch) -> torch.Tensor:
     return _hidden(out)[batch["attention_mask"].bool().to(_hidden(out).device)].float()
+
+
+def is_peer(provider: str) -> bool:
+    """Whether a provider is a peer runtime: neither HF's own nor mtbert_fast."""
+    return provider not in HF_PROVIDERS and not provider.startswith("mtbert_fast")
+
+
+def max_abs_diff(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
+    """The largest |out - ref| over the paired tensors (0 for empty ones)."""
+    return max((float((o.float() - r.float()).abs().max()) for o, r in zip(outs, refs) if o.numel()), default=0.0)
+
+
+def min_pooled_cosine(real_rows: torch.Tensor, ref_rows: torch.Tensor, lengths) -> float:
+    """The lowest cosine similarity, over sequences, between the mean over a sequence's real tokens of
+    `real_rows` and of `ref_rows` ([tokens, H], the sequences' real tokens one after the other)."""
+    lengths = [int(n) for n in lengths]
+    pooled = [torch.stack([t.mean(0) for t in rows.float().split(lengths)]) for rows in (real_rows, ref_rows)]
+    return float(torch.nn.functional.cosine_similarity(*pooled, dim=-1).min())
 
 
 # --- multi-task ------------------------------------------------------------------------------------------------
@@ -328,6 +348,16 @@ def _check(cfg: BenchConfig) -> torch.device:
     unknown_tasks = [t for t in cfg.tasks if t not in TASKS]
     if unknown_tasks or not cfg.tasks:
         raise BenchError(f"unknown task {', '.join(unknown_tasks) or '(none)'}; choose from {', '.join(TASKS)}")
+    unknown_points = [p for p in cfg.points if p not in POINTS]
+    if unknown_points or not cfg.points:
+        raise BenchError(f"unknown point {', '.join(unknown_points) or '(none)'}; choose from {', '.join(POINTS)}")
+    unknown_peers = [p for p in cfg.peers if p not in peers.NAMES]
+    if unknown_peers:
+        raise BenchError(f"unknown peer {', '.join(unknown_peers)}; choose from {', '.join(peers.NAMES)} or none")
+    if cfg.threads is not None and cfg.threads <= 0:
+        raise BenchError(f"--threads must be positive, got {cfg.threads}")
+    if INT8 in cfg.dtypes and "float32" not in cfg.dtypes:
+        raise BenchError("--dtype int8 is compared with HF sdpa in float32: ask both, e.g. --dtype float32 int8")
     dispatch.requested_backend(cfg.backend)
     try:
         device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -338,6 +368,8 @@ def _check(cfg: BenchConfig) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchError(f"--device {cfg.device}: CUDA is not available to this torch ({torch.__version__})")
     for d in cfg.dtypes:
+        if d == INT8 and device.type != "cpu":
+            raise BenchError("--dtype int8 runs on cpu only (the int8 runtimes compared are cpu ones)")
         if d == "float16" and device.type == "cpu":
             raise BenchError("--dtype float16 does not run on cpu (no fast half-precision kernels there); use "
                              "bfloat16 or --device cuda")
@@ -369,15 +401,22 @@ def _load_model(name: str) -> _Model:
 
 
 def _points(cfg: BenchConfig, model: _Model, sentences: list[str], device: torch.device):
-    """[(point name, batch, max length, list of batches)] for the encoder task."""
+    """[(point name, batch, max length, list of batches)] for the encoder task, the kinds of cfg.points."""
+    tok = model.tokenizer
     points = []
-    for b in cfg.batches:
-        points.append(("sentences", b, cfg.max_length,
-                       make_batches(model.tokenizer, sentences, b, cfg.max_length, device)))  # fmt: skip
-    sweep_batch = max(cfg.batches)
-    for n in cfg.lengths:
-        lengths = ragged_lengths(sweep_batch, max(2, n // 8), n, seed=n)
-        points.append((f"L={n}", sweep_batch, n, [text_batch(model.tokenizer, sentences, lengths, device)]))
+    if "sentences" in cfg.points:
+        points += [("sentences", b, cfg.max_length, make_batches(tok, sentences, b, cfg.max_length, device))
+                   for b in cfg.batches]  # fmt: skip
+    if "lengths" in cfg.points:
+        sweep = max(cfg.batches)
+        points += [(f"L={n}", sweep, n, [text_batch(tok, sentences, ragged_lengths(sweep, max(2, n // 8), n, seed=n),
+                                                    device)]) for n in cfg.lengths]  # fmt: skip
+    if "full" in cfg.points:
+        batch, n = FULL_POINT
+        points.append(("full", batch, n, [text_batch(tok, sentences, [n] * batch, device)]))
+    if "latency" in cfg.points:
+        points += [(f"latency L={n}", 1, n, [text_batch(tok, sentences[i:], [n], device) for i in range(LATENCY_CALLS)])
+                   for n in LATENCY_LENGTHS]  # fmt: skip
     return points
 
 
@@ -390,18 +429,25 @@ def _time_point(fns: dict, batches: list, repeats: int, device) -> dict[str, tup
 
 
 def _run_point(point, fns, reference, model_name, task, dtype_name, device, repeats, meta_extra):
+    """The point's Result per provider: the untimed pass (parity, warm-up: torch.compile compiles there), the peak
+    memory of one more call on the point's largest batch, then the timed passes. The encoder task's outputs are
+    [real rows]; their mean-pooled cosine is taken per sequence."""
     name, batch, max_len, batches = point
+    largest = max(batches, key=lambda b: b["attention_mask"].numel())
     results = {}
     for prov, fn in fns.items():
-        diff, peak = 0.0, 0
+        diff, cosines = 0.0, []
         for b, ref in zip(batches, reference):
-            out, used = harness.peak_memory(lambda: fn(b), device)
-            peak = max(peak, used)
-            diff = max(diff, max(float((o - r).abs().max()) if o.numel() else 0.0 for o, r in zip(out, ref)))
+            out = fn(b)
+            diff = max(diff, max_abs_diff(out, ref))
+            if task == "encoder":
+                cosines.append(min_pooled_cosine(out[0], ref[0], b["attention_mask"].sum(1)))
+        _, peak = harness.peak_memory(lambda: fn(largest), device)
         real = sum(int(b["attention_mask"].sum()) for b in batches)
         padded = sum(b["attention_mask"].numel() for b in batches)
+        cosine = min(cosines, default=float("nan"))
         results[prov] = Result(model_name, task, name, batch, max_len, prov, dtype_name, real, padded, len(batches),
-                               [], [], diff, peak, **meta_extra.get(prov, {}))  # fmt: skip
+                               [], [], diff, peak, min_cosine=cosine, **meta_extra.get(prov, {}))  # fmt: skip
     timed = _time_point(fns, batches, repeats, device)
     for prov, (reps, calls) in timed.items():
         r = results[prov]
@@ -410,36 +456,55 @@ def _run_point(point, fns, reference, model_name, task, dtype_name, device, repe
     return list(results.values())
 
 
-def _encoder_runs(cfg, model: _Model, dtype_name: str, device, points, gemm_rate, skipped: dict) -> list[Result]:
-    dtype = DTYPES[dtype_name]
-    hf32 = model.hf.to(device)
-    ref_model = with_attention(hf32, "eager")
+def _hf_calls(hf32, ref_model, dtype: torch.dtype) -> dict:
+    """HF eager and sdpa in `dtype` (the float32 models themselves in float32)."""
     models = {"hf-eager": ref_model if dtype == torch.float32 else copy.deepcopy(ref_model).to(dtype=dtype),
               BASELINE: hf32 if dtype == torch.float32 else copy.deepcopy(hf32).to(dtype=dtype)}  # fmt: skip
-    calls = {n: (lambda b, m=m: [_real_rows(m(**b), b)]) for n, m in models.items()}
-    if dtype == torch.float32 and device.type == "cpu":
-        with tempfile.TemporaryDirectory() as tmp:
-            ort_run, why = _onnx_provider(hf32, points[0][3][0], tmp)
-        if ort_run is None:
-            skipped["onnxruntime"] = why
-        else:
-            calls["onnxruntime"] = lambda b, f=ort_run: [_real_rows(f(**b), b)]
-    elif "onnxruntime" not in skipped:
-        skipped["onnxruntime"] = f"run in float32 on cpu only (asked {dtype_name} on {device.type})"
+    return {n: (lambda b, m=m: [_real_rows(m(**b), b)]) for n, m in models.items()}
+
+
+def _fast_calls(cfg, hf32, dtype_name: str, device, skipped: dict) -> tuple[dict, dict]:
+    """(mtbert_fast provider -> call, provider -> Result fields): one per backend that can run in that dtype;
+    int8: swap(dtype=torch.qint8) with --backend, a skip where swap refuses qint8."""
+    dtype = DTYPES[dtype_name]
+    if dtype_name == INT8:
+        name = f"mtbert_fast[{cfg.backend}]"
+        try:
+            m = mtbert_fast.swap(copy.deepcopy(hf32), backend=cfg.backend, dtype=dtype)
+        except (TypeError, ValueError) as exc:
+            skipped[f"{name} int8"] = f"mtbert_fast.swap(dtype=torch.qint8) refused: {exc}"
+            return {}, {}
+        return {name: lambda batch: [_real_rows(m(**batch), batch)]}, {name: {"backends": f"int8, {cfg.backend}"}}
     usable, why_not = fast_backends(device, dtype, cfg.backend)
     for b, why in why_not.items():
         skipped[f"mtbert_fast[{b}]"] = why
+    calls = {}
     for b in usable:
         m = mtbert_fast.swap(copy.deepcopy(hf32), backend=b, dtype=dtype)
         calls[f"mtbert_fast[{b}]"] = lambda batch, m=m: [_real_rows(m(**batch), batch)]
-    extra = {f"mtbert_fast[{b}]": {"backends": f"all ops on {b}"} for b in usable}
+    return calls, {f"mtbert_fast[{b}]": {"backends": f"all ops on {b}"} for b in usable}
+
+
+def _encoder_runs(cfg, model: _Model, dtype_name: str, device, points, gemm_rate, peer_set: peers.Peers,
+                  skipped: dict) -> list[Result]:  # fmt: skip
+    """Every provider of `dtype_name` at every point: HF eager and sdpa (not in int8), the peers, mtbert_fast."""
+    hf32 = model.hf.to(device)
+    ref_model = with_attention(hf32, "eager")
+    calls = {} if dtype_name == INT8 else _hf_calls(hf32, ref_model, DTYPES[dtype_name])
+    peer_runs, why_not = peer_set.providers(dtype_name, device)
+    skipped.update(why_not)
+    calls.update({n: (lambda b, f=f: [_real_rows(f(b), b)]) for n, f in peer_runs.items()})
+    fast, extra = _fast_calls(cfg, hf32, dtype_name, device, skipped)
+    calls.update(fast)
+    pooler = getattr(hf32, "pooler", None) is not None
     results = []
     for point in points:
         _progress(f"  {model.name} {dtype_name} {point[0]} B={point[1]}: {', '.join(calls)}")
         reference = [[_real_rows(ref_model(**b), b)] for b in point[3]]
         rs = _run_point(point, calls, reference, model.name, "encoder", dtype_name, device, cfg.repeats, extra)
         for r in rs:
-            r.flops = sum(harness.encoder_flops(hf32.config, b["attention_mask"].sum(1).tolist()) for b in point[3])
+            r.flops = sum(harness.encoder_flops(hf32.config, b["attention_mask"].sum(1).tolist(), pooler=pooler)
+                          for b in point[3])  # fmt: skip
             r.gemm_flops_per_s = gemm_rate
         _set_limits(rs, dtype_name, "hf-eager")
         results += rs
@@ -472,10 +537,30 @@ def _multitask_runs(cfg, model: _Model, dtype_name: str, device, sentences) -> l
 
 def _set_limits(results: list[Result], dtype_name: str, own: str) -> None:
     """fp32: FP32_TOLERANCE; other dtypes: twice HF's own error in that dtype (same computation, only the dtype
-    differs), at least the fp32 tolerance."""
+    differs), at least the fp32 tolerance; int8: none (judged by the cosine, see Result.parity_ok)."""
+    if dtype_name == INT8:
+        return
     hf_err = next(r.max_abs_diff for r in results if r.provider == own)
     for r in results:
         r.parity_limit = FP32_TOLERANCE if dtype_name == "float32" else max(2 * hf_err, FP32_TOLERANCE)
+
+
+def _model_runs(cfg: BenchConfig, model: _Model, device, sentences, gemm: dict, threads: int,
+                skipped: dict) -> list[Result]:  # fmt: skip
+    """Every dtype and task of one model; the peers' exports live in a temporary directory meanwhile."""
+    points = _points(cfg, model, sentences, device) if "encoder" in cfg.tasks else []
+    sample = text_batch(model.tokenizer, sentences, [12, 7], device)  # rows of different lengths
+    results = []
+    with tempfile.TemporaryDirectory(prefix="mtbert-fast-bench-") as workdir:
+        peer_set = peers.Peers(model.hf.to(device), sample, workdir, threads, cfg.peers)
+        for dtype_name in cfg.dtypes:
+            if "encoder" in cfg.tasks:
+                results += _encoder_runs(cfg, model, dtype_name, device, points, gemm[dtype_name], peer_set, skipped)
+            if "multitask" in cfg.tasks and dtype_name == INT8:
+                skipped["multitask int8"] = "the multi-task comparison runs in floating point only"
+            elif "multitask" in cfg.tasks:
+                results += _multitask_runs(cfg, model, dtype_name, device, sentences)
+    return results
 
 
 def run(cfg: BenchConfig) -> tuple[list[Result], dict[str, str], dict[str, str]]:
@@ -487,21 +572,17 @@ def run(cfg: BenchConfig) -> tuple[list[Result], dict[str, str], dict[str, str]]
     transformers.utils.logging.disable_progress_bar()
 
     device = _check(cfg)
+    threads = cfg.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
     sentences = load_sentences(cfg.text, cfg.sentences)
-    _progress(f"measuring the GEMM rate on {device} ({', '.join(cfg.dtypes)})")
+    _progress(f"measuring the GEMM rate on {device} ({', '.join(cfg.dtypes)}), {threads} threads")
     gemm = {d: harness.gemm_flops_per_s(DTYPES[d], device) for d in cfg.dtypes}
     results, skipped = [], {}
     with torch.inference_mode():
         for name in cfg.models:
             _progress(f"loading {name}")
-            model = _load_model(name)
-            points = _points(cfg, model, sentences, device) if "encoder" in cfg.tasks else []
-            for dtype_name in cfg.dtypes:
-                if "encoder" in cfg.tasks:
-                    results += _encoder_runs(cfg, model, dtype_name, device, points, gemm[dtype_name], skipped)
-                if "multitask" in cfg.tasks:
-                    results += _multitask_runs(cfg, model, dtype_name, device, sentences)
+            results += _model_runs(cfg, _load_model(name), device, sentences, gemm, threads, skipped)
     meta = harness.run_metadata(device)
-    meta.update(sentences=str(len(sentences)), repeats=str(cfg.repeats))
+    meta.update(sentences=str(len(sentences)), repeats=str(cfg.repeats), threads=str(threads))
     meta["gemm"] = ", ".join(f"{d} {g / 1e9:,.0f} GFLOP/s" for d, g in gemm.items())
     return results, meta, skipped

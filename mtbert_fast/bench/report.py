@@ -7,74 +7,102 @@ import math
 from pathlib import Path
 
 from mtbert_fast.bench import harness
-from mtbert_fast.bench.measure import BASELINE, FP32_TOLERANCE, MULTITASK_BASELINE, Result
+from mtbert_fast.bench.measure import (BASELINE, FP32_TOLERANCE, FULL_POINT, INT8_MIN_COSINE, MULTITASK_BASELINE,
+                                      Result, is_peer)  # fmt: skip
 
 CSV_NAME = "results.csv"
 PLOT_NAME = "speedup.png"
 CSV_FIELDS = harness.META_FIELDS + [
     "model", "task", "point", "batch", "max_length", "provider", "dtype", "sentences", "batches", "real_tokens",
-    "padded_tokens", "repeats", "tokens_per_s_median", "tokens_per_s_p10", "tokens_per_s_p90", "latency_p50_ms",
-    "latency_p90_ms", "peak_mem_mib", "speedup_vs_hf_sdpa", "roofline_fraction", "gemm_gflops", "max_abs_diff",
-    "parity_limit", "parity", "backends",
+    "padded_tokens", "repeats", "threads", "tokens_per_s_median", "tokens_per_s_p10", "tokens_per_s_p90",
+    "latency_p50_ms", "latency_p90_ms", "peak_mem_mib", "speedup_vs_hf_sdpa", "speedup_vs_fastest_peer",
+    "fastest_peer", "roofline_fraction", "gemm_gflops", "max_abs_diff", "min_cosine", "parity_limit", "parity",
+    "backends",
 ]  # fmt: skip
 
 
 def speedups(results: list[Result]) -> dict[int, float | None]:
     """id(result) -> median tokens/s over the baseline's (HF sdpa, or the three HF task models) at the same
-    point and dtype; None where parity failed."""
+    point in the same dtype (int8 rows: HF sdpa float32); None where parity failed."""
     base = {r.key: r.median for r in results if r.provider in (BASELINE, MULTITASK_BASELINE)}
-    return {id(r): (r.median / base[r.key] if r.parity_ok and r.key in base else None) for r in results}
+    return {id(r): (r.median / base[r.base_key] if r.parity_ok and r.base_key in base else None) for r in results}
+
+
+def versus_fastest_peer(results: list[Result]) -> dict[int, tuple[float, str]]:
+    """id(mtbert_fast result) -> (its median tokens/s over the fastest peer's, that peer): the fastest peer that
+    passed parity at the same point in the same dtype. No entry where there is none, or the row failed parity."""
+    fastest: dict[tuple, Result] = {}
+    for r in results:
+        if is_peer(r.provider) and r.parity_ok and (r.key not in fastest or r.median > fastest[r.key].median):
+            fastest[r.key] = r
+    return {id(r): (r.median / fastest[r.key].median, fastest[r.key].provider) for r in results
+            if r.provider.startswith("mtbert_fast") and r.parity_ok and r.key in fastest}  # fmt: skip
 
 
 def format_table(results: list[Result], meta: dict[str, str], skipped: dict[str, str] | None = None) -> str:
-    ratio = speedups(results)
+    ratio, peer = speedups(results), versus_fastest_peer(results)
     lines = [
         f"{meta['device']}; measured GEMM rate: {meta['gemm']}",
         f"torch {meta['torch']}, transformers {meta['transformers']}, mtbert_fast {meta['mtbert_fast']}"
         + (f" ({meta['commit']})" if meta["commit"] else "") + f", {meta['time']}",
         f"sentence points: {meta['sentences']} sentences in ragged batches; L=n points: one batch, lengths "
-        f"uniform in [n/8, n]; median of {meta['repeats']} timed repetitions after one untimed pass",
+        f"uniform in [n/8, n]; full: B={FULL_POINT[0]}, L={FULL_POINT[1]}, no padding; latency: B=1, no padding; "
+        f"median of {meta['repeats']} timed repetitions after one untimed pass; {meta['threads']} threads for every "
+        "provider",
         "",
     ]
     headers = ["model", "task", "point", "B", "provider", "dtype", "real tok/s", "p10-p90", "p50 ms", "p90 ms",
-               "peak MiB", "vs base", "roofline", "max|diff|", "parity"]  # fmt: skip
+               "peak MiB", "vs base", "vs peer", "fastest peer", "roofline", "max|diff|", "cos", "parity"]  # fmt: skip
     rows = []
     for r in results:
         x = ratio[id(r)]
+        vs_peer, peer_name = peer.get(id(r), (None, "-"))
         t = harness.Timing(r.tokens_per_s)
         rows.append([
             r.model, r.task, r.point, str(r.batch), r.provider, r.dtype, f"{r.median:,.0f}",
             f"{t.p10:,.0f}-{t.p90:,.0f}", f"{r.latency_ms(50):.1f}", f"{r.latency_ms(90):.1f}",
-            f"{r.peak_mem_bytes / 2**20:.1f}", f"{x:.2f}x" if x is not None else "-",
+            f"{r.peak_mem_bytes / 2**20:.1f}", _ratio(x), _ratio(vs_peer), peer_name,
             f"{100 * r.roofline:.0f}%" if math.isfinite(r.roofline) else "-", f"{r.max_abs_diff:.1e}",
-            "ok" if r.parity_ok else "FAIL",
+            f"{r.min_cosine:.4f}" if math.isfinite(r.min_cosine) else "-", "ok" if r.parity_ok else "FAIL",
         ])  # fmt: skip
     widths = [max(len(c) for c in col) for col in zip(headers, *rows)]
-    right = set(range(6, 14))
+    right = set(range(6, 13)) | {14, 15, 16}
     fmt = lambda cells: "  ".join(  # noqa: E731
         c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
     ).rstrip()
     lines += [fmt(headers), fmt(["-" * w for w in widths])] + [fmt(row) for row in rows]
     lines += [
         "",
-        "vs base: median real tokens/s over HF sdpa's in the same dtype at the same point (multitask: over the three "
-        "HF task models run one after the other); a provider failing parity is marked as such and gets no ratio",
-        "roofline: encoder FLOPs on the real tokens per second over the measured GEMM rate in that dtype; peak MiB: "
-        "memory a call added at its peak (RSS on cpu)",
+        "vs base: median real tokens/s over HF sdpa's in the same dtype at the same point (int8 rows: over HF sdpa "
+        "float32; multitask: over the three HF task models run one after the other); a provider failing parity is "
+        "marked as such and gets no ratio",
+        "vs peer: an mtbert_fast row's median real tokens/s over the fastest peer (torch.compile, ONNX Runtime, "
+        "OpenVINO, CTranslate2, torch int8: neither HF eager/sdpa nor mtbert_fast) that passed parity in the same "
+        "dtype at the same point; fastest peer: which one",
+        "roofline: encoder FLOPs on the real tokens per second over the measured GEMM rate in that dtype (int8: "
+        "the faster of torch._int_mm and oneDNN's int8 linear); peak MiB: memory a call added at its peak (RSS on "
+        "cpu)",
         f"max|diff|: largest difference from HF eager float32 at the real tokens; limit float32 {FP32_TOLERANCE:.0e}, "
-        "other dtypes twice HF's own error in that dtype",
+        "bfloat16/float16 twice HF's own error in that dtype; cos: lowest cosine, over the sequences, between the "
+        f"output mean-pooled over real tokens and HF float32's; int8 rows pass with cos >= {INT8_MIN_COSINE}",
     ]
     for name, why in (skipped or {}).items():
         lines.append(f"skipped {name}: {why}")
     return "\n".join(lines)
 
 
+def _ratio(x: float | None) -> str:
+    return f"{x:.2f}x" if x is not None else "-"
+
+
 def append_csv(results: list[Result], meta: dict[str, str], out_dir: Path) -> Path:
-    """Appends one row per result to out_dir/results.csv (header written when the file is new)."""
-    ratio = speedups(results)
+    """Appends one row per result to out_dir/results.csv (header written when the file is new; a file with other
+    columns is left alone, see harness.append_csv); returns the path written."""
+    ratio, peer = speedups(results), versus_fastest_peer(results)
     rows = []
     for r in results:
         x = ratio[id(r)]
+        vs_peer, peer_name = peer.get(id(r), (None, ""))
         t = harness.Timing(r.tokens_per_s)
         rows.append({
             **meta, "model": r.model, "task": r.task, "point": r.point, "batch": r.batch,
@@ -84,9 +112,11 @@ def append_csv(results: list[Result], meta: dict[str, str], out_dir: Path) -> Pa
             "tokens_per_s_p90": f"{t.p90:.1f}", "latency_p50_ms": f"{r.latency_ms(50):.3f}",
             "latency_p90_ms": f"{r.latency_ms(90):.3f}", "peak_mem_mib": f"{r.peak_mem_bytes / 2**20:.2f}",
             "speedup_vs_hf_sdpa": f"{x:.4f}" if x is not None else "",
+            "speedup_vs_fastest_peer": f"{vs_peer:.4f}" if vs_peer is not None else "", "fastest_peer": peer_name,
             "roofline_fraction": f"{r.roofline:.4f}" if math.isfinite(r.roofline) else "",
             "gemm_gflops": f"{r.gemm_flops_per_s / 1e9:.1f}" if math.isfinite(r.gemm_flops_per_s) else "",
             "max_abs_diff": f"{r.max_abs_diff:.3e}", "parity_limit": f"{r.parity_limit:.3e}",
+            "min_cosine": f"{r.min_cosine:.6f}" if math.isfinite(r.min_cosine) else "",
             "parity": "ok" if r.parity_ok else "FAIL", "backends": r.backends,
         })  # fmt: skip
     return harness.append_csv(Path(out_dir) / CSV_NAME, rows, CSV_FIELDS)
@@ -118,7 +148,8 @@ def plot(results: list[Result], out_dir: Path) -> Path:
             ax.set_xlabel(xlabel)
             ax.set_ylabel("speed-up vs HF sdpa (real tok/s)")
             ax.set_title(f"{model}, {dtype}", fontsize=10)
-            ax.legend(fontsize=8)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
     fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = Path(out_dir) / PLOT_NAME
