@@ -183,5 +183,6 @@ def check_int8_device(device: torch.device) -> None:
 
 
 def weights_snapshot(tensors: Iterable[torch.Tensor]) -> tuple:
-    """What identifies the float weights that were quantized: a later in-place change or .to() alters it."""
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    """What identifies the float weights that were quantized: a later in-place change or .to() alters it (inference
+    tensors, made under torch.inference_mode, keep no version counter: only their storage is compared)."""
+    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device) for t in tensors)

@@ -192,3 +192,10 @@ def test_a_failed_quantization_leaves_the_model_unswapped():
     assert not mtbert_fast.is_swapped(model)
     assert all(p.untyped_storage().data_ptr() != model.encoder.layer[0].attention.self.key.weight
                .untyped_storage().data_ptr() for p in [model.encoder.layer[0].attention.self.query.weight])
+
+
+def test_a_model_built_under_inference_mode_quantizes(minilm_batch):
+    with torch.inference_mode():
+        model = mtbert_fast.swap(_tiny_hf(), dtype=torch.qint8)
+        out = model(input_ids=minilm_batch["input_ids"] % 50, attention_mask=minilm_batch["attention_mask"])
+    assert torch.isfinite(out.last_hidden_state).all()
