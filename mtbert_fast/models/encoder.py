@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from typing import Callable, NamedTuple, Sequence
 
@@ -21,6 +22,7 @@ from mtbert_fast.models.int8 import (
     int8_layer_forward, quantize_layers, weights_snapshot,
 )
 from mtbert_fast.ops import attention_varlen, bias_gelu, bias_residual_layer_norm, gather_rows, pad, unpad_indices
+from mtbert_fast.ops.attention_varlen import OP as attention_varlen_op
 from mtbert_fast.ops.dispatch import requested_backend
 
 
@@ -59,6 +61,13 @@ class PackedBatch:
     max_seqlen: int
     batch: int
     seqlen: int
+
+    @classmethod
+    def dense(cls, batch: int, seqlen: int, device: torch.device) -> PackedBatch:
+        """Every token real: what unpad_indices gives for an all-ones mask, without reading one."""
+        indices = torch.arange(batch * seqlen, device=device)
+        cu_seqlens = torch.arange(0, batch * seqlen + 1, seqlen, dtype=torch.int32, device=device)
+        return cls(indices, cu_seqlens, seqlen, batch, seqlen)
 
     @property
     def first_token_rows(self) -> torch.Tensor:
@@ -231,7 +240,7 @@ def _residual_norm(a, bias, residual, weight, beta, eps, p, training, backend):
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _onednn_ok(x: torch.Tensor, w: LayerWeights, backend: str | None) -> bool:
+def _onednn_ok(x: torch.Tensor, w: Sequence[torch.Tensor], backend: str | None) -> bool:
     if not _ONEDNN_LINEAR or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         return False
     if requested_backend(backend) not in ("auto", "cpu"):
@@ -276,13 +285,13 @@ def layer_forward(
     if observe is not None:
         return _observed_layer_forward(config, w, x, packed, linear, backend, observe)
     qkv = linear(x, w.qkv_weight, w.qkv_bias).view(t, 3, config.num_attention_heads, config.head_dim)
-    ctx = attention_varlen(
-        qkv,
-        packed.cu_seqlens,
-        packed.max_seqlen,
-        dropout_p=config.attention_probs_dropout_prob if training else 0.0,
-        backend=backend,
-    ).reshape(t, h)
+    if training:
+        ctx = attention_varlen(qkv, packed.cu_seqlens, packed.max_seqlen,
+                               dropout_p=config.attention_probs_dropout_prob, backend=backend)
+    else:  # qkv is the view above and packed was built by encode(): the wrapper's checks hold, so it is skipped
+        ctx = attention_varlen_op(qkv, packed.cu_seqlens, packed.max_seqlen, 1.0 / math.sqrt(config.head_dim), 0.0, None,
+                                  backend=backend)
+    ctx = ctx.reshape(t, h)
     x = _residual_norm(linear(ctx, w.attn_out_weight), w.attn_out_bias, x, w.attn_norm_weight,
                        w.attn_norm_bias, eps, p, training, backend)
     inner = linear.gelu(x, w.ffn_in_weight, w.ffn_in_bias, config.gelu_approximate)
@@ -337,9 +346,10 @@ def encode(
         )
     if inputs_embeds is not None and inputs_embeds.dtype != embeddings.word.dtype:
         raise TypeError(f"inputs_embeds has dtype {inputs_embeds.dtype} but the model runs in {embeddings.word.dtype}")
-    if attention_mask is None:
-        attention_mask = torch.ones((batch, seqlen), dtype=torch.int32, device=device)
-    packed = PackedBatch(*unpad_indices(attention_mask), batch=batch, seqlen=seqlen)
+    if attention_mask is None or bool(attention_mask.all()):
+        packed = PackedBatch.dense(batch, seqlen, device)
+    else:
+        packed = PackedBatch(*unpad_indices(attention_mask), batch=batch, seqlen=seqlen)
 
     x = embed_packed(config, embeddings, packed, input_ids, token_type_ids, position_ids, inputs_embeds, training)
     states = [x] if output_hidden_states else None
@@ -356,7 +366,8 @@ def encode(
 
     pooled = None
     if pooler is not None:
-        pooled = torch.tanh(F.linear(gather_rows(x, packed.first_token_rows), *pooler))
+        linear = _Linear(_onednn_ok(x, pooler, backend), backend)
+        pooled = torch.tanh(linear(gather_rows(x, packed.first_token_rows), *pooler))
     return EncoderOutput(
         pooler_output=pooled,
         packed_hidden_state=x,

@@ -234,6 +234,32 @@ def test_mask_all_ones_equals_no_mask(bert_config, model_backend, make_hf, ragge
     assert torch.equal(a.last_hidden_state, b.last_hidden_state) and torch.equal(a.pooler_output, b.pooler_output)
 
 
+def test_dense_packing_equals_unpad_of_all_ones():
+    from mtbert_fast.models.encoder import PackedBatch
+    from mtbert_fast.ops import unpad_indices
+
+    dense = PackedBatch.dense(3, 5, torch.device("cpu"))
+    indices, cu_seqlens, max_seqlen = unpad_indices(torch.ones(3, 5, dtype=torch.int64))
+    assert torch.equal(dense.indices, indices) and torch.equal(dense.cu_seqlens, cu_seqlens)
+    assert (dense.max_seqlen, dense.batch, dense.seqlen) == (max_seqlen, 3, 5)
+
+
+def test_inference_layer_equals_the_checked_wrapper_path(bert_config, model_backend, make_hf, ragged_batch):
+    """In inference the layer calls the attention op without its wrapper's checks; with dropout off, training mode
+    runs the wrapper, and both give the same bits."""
+    from mtbert_fast.models.encoder import layer_forward
+
+    config = bert_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    fast = FastBertModel.from_hf(make_hf(BertModel, config), backend=model_backend)
+    ids, mask = ragged_batch(config, [5, 16, 9])
+    with torch.no_grad():
+        out = fast(ids, mask, output_hidden_states=True)
+        x, packed, w = out.packed_hidden_states[0], out.packed, fast.layers[0].weights()
+        inference = layer_forward(fast.config, w, x, packed, training=False, backend=model_backend)
+        wrapper = layer_forward(fast.config, w, x, packed, training=True, backend=model_backend)
+    assert torch.equal(inference, wrapper)
+
+
 @pytest.mark.parametrize("hidden_act", ["gelu", "gelu_new", "gelu_pytorch_tanh"])
 @pytest.mark.parametrize("family", ["bert", "roberta"])
 def test_hidden_act(hidden_act, family, model_backend, bert_config, roberta_config, make_hf, hf_outputs, ragged_batch,

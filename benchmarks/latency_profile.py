@@ -1,0 +1,229 @@
+"""Batch-1 latency of mtbert_fast against OpenVINO and ONNX Runtime, and where mtbert_fast's time goes.
+
+    HF_HUB_OFFLINE=1 python benchmarks/latency_profile.py [--threads 2] [--lengths 16 128] [--profile]
+
+For each model (all-MiniLM-L6-v2, a random bert-base), dtype (fp32, bf16) and length (one sequence, every token
+real), every engine runs in turn in one process (interleaved rounds, medians), so the ratios hold on a loaded
+machine even where the absolute numbers do not. Engines:
+
+- hf: the HF model (sdpa) in the dtype;
+- swap: the same model after mtbert_fast.swap; fast: FastBertModel.from_hf;
+- ort: ONNX Runtime on the model exported in fp32 (its CPU provider has no bf16 kernels for these ops);
+- ov: OpenVINO with INFERENCE_PRECISION_HINT f32 or bf16.
+
+A peer that is not installed (or fails to convert) is skipped with the reason. The breakdown splits FastBertModel's
+time into the whole forward, its layers (the Python layer code), the same layers' kernels called directly (no
+wrapper, check or dispatch), and the rest (input checks, packing, embeddings, output); --profile adds
+torch.profiler's table of ops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+from mtbert_fast import FastBertModel, swap
+from mtbert_fast.bench import harness, measure
+from mtbert_fast.models import encoder
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def minilm():
+    from transformers import BertModel
+
+    return BertModel.from_pretrained(str(measure.default_model_dir()), attn_implementation="sdpa").eval()
+
+
+def bert_base():
+    return measure.random_bert(measure.bert_base_config())
+
+
+MODELS = {"minilm": minilm, "bert-base": bert_base}
+
+
+def inputs(vocab: int, length: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(length)
+    ids = torch.randint(1000, vocab, (1, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+class _LastHidden(torch.nn.Module):
+    """forward(input_ids, attention_mask) -> last_hidden_state: BertModel.forward's positional arguments after
+    these two differ between transformers versions, which the exporter's tracing trips over."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def ort_engine(hf32, sample, workdir, threads):
+    """(run, None) or (None, why not)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None, "onnxruntime is not installed"
+    eager = _LastHidden(measure.with_attention(hf32, "eager"))
+    path = os.path.join(workdir, f"{id(hf32)}.onnx")
+    names = list(sample)
+    try:
+        torch.onnx.export(eager, tuple(sample[n] for n in names), path, dynamo=False, input_names=names,
+                          output_names=["last_hidden_state"],
+                          dynamic_axes={n: {0: "batch", 1: "length"} for n in names})  # fmt: skip
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # export fails in version-specific ways: say why, run the rest
+        return None, f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+
+    def run(batch):
+        return session.run(["last_hidden_state"], {n: batch[n].numpy() for n in names})[0].copy()
+
+    return run, None
+
+
+def ov_engine(hf32, sample, dtype_name, threads):
+    try:
+        import openvino as ov
+    except ImportError:
+        return None, "openvino is not installed"
+    try:
+        model = ov.convert_model(measure.with_attention(hf32, "eager"), example_input=dict(sample))
+        compiled = ov.Core().compile_model(model, "CPU", {
+            "INFERENCE_NUM_THREADS": threads,
+            "INFERENCE_PRECISION_HINT": "f32" if dtype_name == "fp32" else "bf16",
+            "PERFORMANCE_HINT": "LATENCY",
+        })
+    except Exception as exc:
+        return None, f"OpenVINO conversion failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    request = compiled.create_infer_request()
+
+    def run(batch):
+        request.infer({n: t.numpy() for n, t in batch.items()})
+        return request.get_output_tensor(0).data.copy()
+
+    return run, None
+
+
+def kernels_only(fast: FastBertModel, batch: dict):
+    """The layers' kernels on the packed input, called directly: what the layers would cost with no Python
+    between kernels beyond the calls themselves."""
+    cfg = fast.config
+    with torch.inference_mode():
+        out = fast(**batch, output_hidden_states=True)
+    x0, packed = out.packed_hidden_states[0], out.packed
+    ws = [layer.weights() for layer in fast.layers]
+    lin = torch.ops.mkldnn._linear_pointwise
+    C = torch.ops.mtbert_fast_C
+    scale = cfg.head_dim ** -0.5
+    eps = cfg.layer_norm_eps
+    t, h = x0.shape
+
+    def run():
+        x = x0
+        for w in ws:
+            qkv = lin(x, w.qkv_weight, w.qkv_bias, "none", [], "").view(t, 3, cfg.num_attention_heads, cfg.head_dim)
+            ctx = C.attention_varlen(qkv, packed.cu_seqlens, packed.max_seqlen, scale, 0.0, None)[0].reshape(t, h)
+            x = C.bias_residual_layer_norm(lin(ctx, w.attn_out_weight, None, "none", [], ""), w.attn_out_bias, x,
+                                           w.attn_norm_weight, w.attn_norm_bias, eps)[0]
+            inner = lin(x, w.ffn_in_weight, w.ffn_in_bias, "gelu", [], cfg.gelu_approximate)
+            x = C.bias_residual_layer_norm(lin(inner, w.ffn_out_weight, None, "none", [], ""), w.ffn_out_bias, x,
+                                           w.ffn_norm_weight, w.ffn_norm_bias, eps)[0]
+        return x
+
+    def layers():
+        x = x0
+        for w in [layer.weights() for layer in fast.layers]:
+            x = encoder.layer_forward(cfg, w, x, packed, False, fast.backend)
+        return x
+
+    return run, layers
+
+
+def breakdown(fast, batch, repeats):
+    kernels, layers = kernels_only(fast, batch)
+    with torch.inference_mode():
+        t = harness.time_interleaved({"forward": lambda: fast(**batch), "layers": layers, "kernels": kernels},
+                                     repeats=repeats, warmup=3)
+    fwd, lay, ker = (t[k].median * 1e3 for k in ("forward", "layers", "kernels"))
+    return {"forward": fwd, "layers": lay, "layer kernels": ker, "layer Python": lay - ker,
+            "outside the layers": fwd - lay}
+
+
+def profile(fast, batch, rows: int = 15):
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    with torch.inference_mode():
+        for _ in range(3):
+            fast(**batch)
+        with prof(activities=[ProfilerActivity.CPU]) as p:
+            for _ in range(20):
+                fast(**batch)
+    print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    ap.add_argument("--lengths", nargs="+", type=int, default=[16, 128])
+    ap.add_argument("--repeats", type=int, default=60)
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler's table for each case")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"threads {args.threads}; {harness.describe_device('cpu')}; torch {torch.__version__}")
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for model_name in args.models:
+            hf32 = MODELS[model_name]()
+            for length in args.lengths:
+                batch = inputs(hf32.config.vocab_size, length)
+                ort_run, ort_why = ort_engine(hf32, batch, workdir, args.threads)
+                for dtype_name in args.dtypes:
+                    dtype = DTYPES[dtype_name]
+                    hf = hf32 if dtype == torch.float32 else copy.deepcopy(hf32).to(dtype)
+                    swapped = swap(copy.deepcopy(hf32), dtype=dtype)
+                    fast = FastBertModel.from_hf(hf32, dtype=dtype)
+                    ov_run, ov_why = ov_engine(hf32, batch, dtype_name, args.threads)
+                    engines = {"hf": lambda: hf(**batch), "swap": lambda: swapped(**batch),
+                               "fast": lambda: fast(**batch).last_hidden_state}
+                    if ort_run is not None:
+                        engines["ort"] = lambda: ort_run(batch)
+                    if ov_run is not None:
+                        engines["ov"] = lambda: ov_run(batch)
+                    with torch.inference_mode():
+                        t = harness.time_interleaved(engines, repeats=args.repeats, warmup=5)
+                    ms = {k: v.median * 1e3 for k, v in t.items()}
+                    peers = {k: ms[k] for k in ("ort", "ov") if k in ms}
+                    best = min(peers.values()) if peers else float("nan")
+                    case = f"{model_name} {dtype_name} B=1 L={length}"
+                    print(f"\n{case}: " + "  ".join(f"{k} {v:.3f} ms" for k, v in ms.items()))
+                    for why, name in ((ort_why, "ort"), (ov_why, "ov")):
+                        if why:
+                            print(f"  {name} skipped: {why}")
+                    ratios = {k: ms[k] / best for k in ("fast", "swap")}
+                    print("  ratio to the fastest peer: " + "  ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+                    parts = breakdown(fast, batch, args.repeats)
+                    print("  fast breakdown (ms): " + "  ".join(f"{k} {v:.3f}" for k, v in parts.items()))
+                    if args.profile:
+                        profile(fast, batch)
+                    rows.append((case, ratios["fast"], ratios["swap"]))
+    print("\nsummary: latency / fastest peer (target <= 0.90)")
+    for case, f, s in rows:
+        print(f"  {case:28s} fast {f:.2f}x  swap {s:.2f}x")
+    print(f"  geomean: fast {np.exp(np.mean([np.log(r[1]) for r in rows])):.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
