@@ -1,6 +1,7 @@
 """The bench's peer runtimes and parity measures: a tiny random BertModel through each peer that is installed
 matches HF float32 on a padded batch; a peer whose package is missing is a skip with the reason; the parity
-helpers; mtbert_fast int8 is a skip with swap's reason while swap refuses qint8."""
+helpers; mtbert_fast's int8 rows (float32 and bfloat16 activations), and a skip with swap's reason where it refuses
+qint8."""
 
 from __future__ import annotations
 
@@ -97,8 +98,15 @@ def test_peers_other_than_torch_compile_run_on_cpu_only(tiny):
                        for p in ("onnxruntime", "openvino", "ctranslate2")}  # fmt: skip
 
 
-def test_mtbert_fast_int8_is_a_skip_while_swap_refuses_qint8(tiny, monkeypatch):
-    hf = tiny[0]
+def test_mtbert_fast_int8_rows_and_their_skips(tiny, monkeypatch):
+    hf, batch = tiny[0], tiny[1]
+    skipped = {}
+    calls, extra = measure._fast_calls(measure.BenchConfig(backend="cpu"), hf, "int8", CPU, skipped)
+    assert skipped == {} and set(calls) == {"mtbert_fast[cpu]", "mtbert_fast[cpu,bf16-act]"}
+    assert extra["mtbert_fast[cpu,bf16-act]"] == {"backends": "int8, cpu, bfloat16 activations"}
+    with torch.inference_mode():
+        rows = calls["mtbert_fast[cpu]"](batch)[0]
+    assert rows.shape == (int(batch["attention_mask"].sum()), hf.config.hidden_size)
 
     def refuse(model, backend="auto", dtype=None):
         raise TypeError(f"no {dtype}")
@@ -107,4 +115,5 @@ def test_mtbert_fast_int8_is_a_skip_while_swap_refuses_qint8(tiny, monkeypatch):
     skipped = {}
     calls, extra = measure._fast_calls(measure.BenchConfig(), hf, "int8", CPU, skipped)
     assert calls == {} and extra == {}
-    assert skipped == {"mtbert_fast[auto] int8": "mtbert_fast.swap(dtype=torch.qint8) refused: no torch.qint8"}
+    assert skipped == {f"mtbert_fast[auto{s}] int8": "mtbert_fast.swap(dtype=torch.qint8) refused: no torch.qint8"
+                       for s in ("", ",bf16-act")}

@@ -27,7 +27,7 @@ using namespace cpu;
 using iVec = at::vec::Vectorized<int32_t>;
 
 // Rows of the int32 product computed at a time: the block's accumulators stay in cache for the epilogue.
-constexpr int64_t kBlockRows = 128;
+constexpr int64_t kBlockRows = 256;
 
 inline fVec load_acc(const int32_t* p, Full) { return at::vec::convert_to_fp_of_same_size<float>(iVec::loadu(p)); }
 inline fVec load_acc(const int32_t* p, int64_t n) {

@@ -465,16 +465,21 @@ def _hf_calls(hf32, ref_model, dtype: torch.dtype) -> dict:
 
 def _fast_calls(cfg, hf32, dtype_name: str, device, skipped: dict) -> tuple[dict, dict]:
     """(mtbert_fast provider -> call, provider -> Result fields): one per backend that can run in that dtype;
-    int8: swap(dtype=torch.qint8) with --backend, a skip where swap refuses qint8."""
+    int8: swap(dtype=torch.qint8) with --backend, with float32 activations (`mtbert_fast[b]`) and bfloat16 ones
+    (`mtbert_fast[b,bf16-act]`, the model cast to bfloat16 first); a skip where swap refuses qint8."""
     dtype = DTYPES[dtype_name]
     if dtype_name == INT8:
-        name = f"mtbert_fast[{cfg.backend}]"
-        try:
-            m = mtbert_fast.swap(copy.deepcopy(hf32), backend=cfg.backend, dtype=dtype)
-        except (TypeError, ValueError) as exc:
-            skipped[f"{name} int8"] = f"mtbert_fast.swap(dtype=torch.qint8) refused: {exc}"
-            return {}, {}
-        return {name: lambda batch: [_real_rows(m(**batch), batch)]}, {name: {"backends": f"int8, {cfg.backend}"}}
+        calls, extra = {}, {}
+        for suffix, activations in (("", torch.float32), (",bf16-act", torch.bfloat16)):
+            name = f"mtbert_fast[{cfg.backend}{suffix}]"
+            try:
+                m = mtbert_fast.swap(copy.deepcopy(hf32).to(activations), backend=cfg.backend, dtype=dtype)
+            except (TypeError, ValueError, NotImplementedError) as exc:
+                skipped[f"{name} int8"] = f"mtbert_fast.swap(dtype=torch.qint8) refused: {exc}"
+                continue
+            calls[name] = lambda batch, m=m: [_real_rows(m(**batch), batch)]
+            extra[name] = {"backends": f"int8, {cfg.backend}, {str(activations).replace('torch.', '')} activations"}
+        return calls, extra
     usable, why_not = fast_backends(device, dtype, cfg.backend)
     for b, why in why_not.items():
         skipped[f"mtbert_fast[{b}]"] = why
