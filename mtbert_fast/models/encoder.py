@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mtbert_fast.models.config import EncoderConfig
+from mtbert_fast.models.weight_pack import onednn_weight
 from mtbert_fast.ops import attention_varlen, bias_gelu, bias_residual_layer_norm, gather_rows, pad, unpad_indices
 from mtbert_fast.ops.dispatch import requested_backend
 
@@ -239,19 +240,20 @@ def _onednn_ok(x: torch.Tensor, w: LayerWeights, backend: str | None) -> bool:
 
 
 class _Linear:
-    """x @ W.T (+ bias) (GELU), by oneDNN in inference on the CPU, by F.linear and the fused ops otherwise."""
+    """x @ W.T (+ bias) (GELU), by oneDNN in inference on the CPU (weights pre-packed, see weight_pack), by
+    F.linear and the fused ops otherwise."""
 
     def __init__(self, onednn: bool, backend: str | None):
         self.onednn, self.backend = onednn, backend
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.onednn:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise(x, onednn_weight(weight), bias, "none", [], "")
         return F.linear(x, weight, bias)
 
     def gelu(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
         if self.onednn:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], approximate)
+            return torch.ops.mkldnn._linear_pointwise(x, onednn_weight(weight), bias, "gelu", [], approximate)
         return bias_gelu(F.linear(x, weight), bias, approximate, backend=self.backend)
 
 
