@@ -16,8 +16,9 @@ Every token is real (no padding). Per model and dtype, in one process, interleav
   - attention alone: attention_varlen on one layer's [T, 3, heads, head_dim], times the layers.
 FLOPs are exact (harness.encoder_flops): every linear including the pooler, and attention's two products Q K^T
 and P V, 4 L^2 H per layer per sequence; elementwise work is not counted. The roofline fraction is FLOPs / time /
-GEMM rate. The attainable fraction is what the model would reach with its linears at the GEMM rate and attention
-at the rate its own kernel reaches; `--profile` adds a torch.profiler breakdown of mtbert_fast's forward by part
+GEMM rate, also taken per round against that round's GEMM rate (robust to a load that changes between rounds), and
+the ratio to OpenVINO likewise. The attainable fraction is what the model would reach with its linears at the GEMM
+rate and attention at the rate its own kernel reaches; `--profile` adds a torch.profiler breakdown of mtbert_fast's forward by part
 (linears, attention, LayerNorm, the rest) with the GFLOP/s of each.
 
 On a machine that other jobs keep busy, run with OMP_WAIT_POLICY=PASSIVE (it must be set before the process
@@ -35,6 +36,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -195,8 +197,13 @@ def run_point(name: str, hf, dtype_name: str, args) -> None:
     with torch.inference_mode():
         timing = harness.time_interleaved(fns, repeats=args.repeats, warmup=2)
     m, k, n = harness.GEMM_SHAPE
-    routes = {r: GEMM_CALLS * 2 * m * k * n / timing[r].median for r in fns if r.startswith("gemm")}
+    gemm_flops = GEMM_CALLS * 2 * m * k * n
+    routes = {r: gemm_flops / timing[r].median for r in fns if r.startswith("gemm")}
     gemm_rate = max(routes.values())
+    # per round: the GEMM rate of that round, and ratios of calls made seconds apart, which a load that changes
+    # from round to round moves less than it moves the medians
+    rounds = range(args.repeats)
+    round_gemm = [max(gemm_flops / timing[r].samples[i] for r in routes) for i in rounds]
     work = {"mtbert_fast": flops, "openvino": flops,
             "linears alone": part_flops["linears"] - 2 * args.batch * config.hidden_size ** 2,
             "attention alone": part_flops["attention"]}
@@ -205,18 +212,24 @@ def run_point(name: str, hf, dtype_name: str, args) -> None:
     if ov_note:
         print(f"    {ov_note}")
     print("    GEMM routes: " + ", ".join(f"{r[5:]} {v / 1e9:.1f}" for r, v in routes.items()) + " GFLOP/s")
+    print("    provider         median ms  GFLOP/s  roofline (of medians / per round)  p10-p90 ms")
     for provider, f in work.items():
         if provider not in timing:
             continue
         t = timing[provider]
-        print(f"    {provider:15s} {t.median * 1e3:8.1f} ms  {f / t.median / 1e9:7.1f} GFLOP/s  roofline"
-              f" {f / t.median / gemm_rate:.3f}  (p10-p90 {t.p10 * 1e3:.1f}-{t.p90 * 1e3:.1f} ms)")
+        per_round = np.median([f / t.samples[i] / round_gemm[i] for i in rounds])
+        print(f"    {provider:15s} {t.median * 1e3:9.1f} {f / t.median / 1e9:8.1f}  {f / t.median / gemm_rate:.3f} /"
+              f" {per_round:.3f}  {t.p10 * 1e3:.1f}-{t.p90 * 1e3:.1f}")
     # the best this encoder can do: linears at the GEMM rate, attention at its kernel's rate, nothing else
-    limit_s = part_flops["linears"] / gemm_rate + timing["attention alone"].median
-    fast_s = timing["mtbert_fast"].median
-    print(f"    attainable roofline {flops / limit_s / gemm_rate:.3f}; mtbert_fast reaches {limit_s / fast_s:.3f} of it")
+    limits = [part_flops["linears"] / round_gemm[i] + timing["attention alone"].samples[i] for i in rounds]
+    fast = timing["mtbert_fast"].samples
+    print(f"    attainable roofline (per round) {np.median([flops / limits[i] / round_gemm[i] for i in rounds]):.3f};"
+          f" mtbert_fast reaches {np.median([limits[i] / fast[i] for i in rounds]):.3f} of it")
     if "openvino" in timing:
-        print(f"    speed vs OpenVINO: {timing['openvino'].median / fast_s:.3f}x")
+        ov = timing["openvino"].samples
+        print(f"    speed vs OpenVINO: {timing['openvino'].median / timing['mtbert_fast'].median:.3f}x of medians,"
+              f" {np.median([ov[i] / fast[i] for i in rounds]):.3f}x per round (median),"
+              f" {min(ov) / min(fast):.3f}x of the fastest calls")
     if args.profile:
         profile_parts(fast, inputs, part_flops)
 
