@@ -222,14 +222,14 @@ def run_point(name: str, hf, dtype_name: str, args) -> None:
               f" {per_round:.3f}  {t.p10 * 1e3:.1f}-{t.p90 * 1e3:.1f}")
     # the best this encoder can do: linears at the GEMM rate, attention at its kernel's rate, nothing else
     limits = [part_flops["linears"] / round_gemm[i] + timing["attention alone"].samples[i] for i in rounds]
-    fast = timing["mtbert_fast"].samples
+    fast_t = timing["mtbert_fast"].samples
     print(f"    attainable roofline (per round) {np.median([flops / limits[i] / round_gemm[i] for i in rounds]):.3f};"
-          f" mtbert_fast reaches {np.median([limits[i] / fast[i] for i in rounds]):.3f} of it")
+          f" mtbert_fast reaches {np.median([limits[i] / fast_t[i] for i in rounds]):.3f} of it")
     if "openvino" in timing:
         ov = timing["openvino"].samples
         print(f"    speed vs OpenVINO: {timing['openvino'].median / timing['mtbert_fast'].median:.3f}x of medians,"
-              f" {np.median([ov[i] / fast[i] for i in rounds]):.3f}x per round (median),"
-              f" {min(ov) / min(fast):.3f}x of the fastest calls")
+              f" {np.median([ov[i] / fast_t[i] for i in rounds]):.3f}x per round (median),"
+              f" {min(ov) / min(fast_t):.3f}x of the fastest calls")
     if args.profile:
         profile_parts(fast, inputs, part_flops)
 
