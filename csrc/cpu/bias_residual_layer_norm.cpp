@@ -28,7 +28,7 @@ void bias_residual_layer_norm_kernel(
     float* rstd,        // [N]
     int64_t N,
     int64_t D) {
-  at::parallel_for(0, N, row_grain(D), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, layer_norm_row_grain(D), [&](int64_t begin, int64_t end) {
     const ParamF32<T> b(bias, D);
     const ParamF32<W> w(weight, D), bt(beta, D);
     std::vector<float> s(D);

@@ -36,7 +36,12 @@ def _base_model(model: nn.Module) -> nn.Module:
 
 
 class _QKVFusion:
-    """One layer's query/key/value parameters as views of one [3H, H] weight and one [3H] bias buffer."""
+    """One layer's query/key/value parameters as views of one [3H, H] weight and one [3H] bias buffer.
+
+    The parameters keep their own version counters (`.data =` does not share the buffer's), so a write through a
+    parameter (load_state_dict, an optimizer step) moves the fused weight's version on by hand: the packed copy
+    oneDNN computes with (models/weight_pack.py) follows it.
+    """
 
     def __init__(self, attn: nn.Module):
         self.linears = (attn.query, attn.key, attn.value)
@@ -49,6 +54,13 @@ class _QKVFusion:
             for p, view in zip(params, buf.chunk(3, 0)):
                 p.data = view
             setattr(self, kind, buf)
+        self.versions = self._weight_versions()
+
+    def _weight_versions(self) -> tuple[int, ...] | None:
+        weights = [lin.weight for lin in self.linears]
+        if any(w.is_inference() for w in weights):  # no version counter; such weights are never packed
+            return None
+        return tuple(w._version for w in weights)
 
     def _intact(self) -> bool:
         for kind in ("weight", "bias"):
@@ -68,6 +80,10 @@ class _QKVFusion:
             return torch.cat(params[:3], 0), torch.cat(params[3:], 0)
         if not self._intact():  # .to(), .half() or a reassigned parameter broke the views
             self.fuse()
+        versions = self._weight_versions()
+        if versions != self.versions and not self.weight.is_inference():
+            torch.autograd.graph.increment_version(self.weight)
+            self.versions = versions
         return self.weight, self.bias
 
 

@@ -21,6 +21,7 @@ from mtbert_fast.models.int8 import (
     DEFAULT_SMOOTHING, AbsMax, Int8LayerWeights, calibration_batches, check_int8_device, check_int8_dtype, check_model_dtype,
     int8_layer_forward, quantize_layers, weights_snapshot,
 )
+from mtbert_fast.models.weight_pack import onednn_weight
 from mtbert_fast.ops import attention_varlen, bias_gelu, bias_residual_layer_norm, gather_rows, pad, unpad_indices
 from mtbert_fast.ops.attention_varlen import OP as attention_varlen_op
 from mtbert_fast.ops.dispatch import requested_backend
@@ -252,19 +253,20 @@ def _onednn_ok(x: torch.Tensor, w: Sequence[torch.Tensor], backend: str | None) 
 
 
 class _Linear:
-    """x @ W.T (+ bias) (GELU), by oneDNN in inference on the CPU, by F.linear and the fused ops otherwise."""
+    """x @ W.T (+ bias) (GELU), by oneDNN in inference on the CPU (weights pre-packed, see weight_pack), by
+    F.linear and the fused ops otherwise."""
 
     def __init__(self, onednn: bool, backend: str | None):
         self.onednn, self.backend = onednn, backend
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.onednn:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise(x, onednn_weight(weight), bias, "none", [], "")
         return F.linear(x, weight, bias)
 
     def gelu(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
         if self.onednn:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], approximate)
+            return torch.ops.mkldnn._linear_pointwise(x, onednn_weight(weight), bias, "gelu", [], approximate)
         return bias_gelu(F.linear(x, weight), bias, approximate, backend=self.backend)
 
 

@@ -336,3 +336,20 @@ def test_weight_grads_do_not_depend_on_threads(ln):
         torch.set_num_threads(threads)
     for a, c in zip(*results):
         assert torch.equal(a, c)
+
+
+def test_forward_does_not_depend_on_threads(ln):
+    """Rows above the size the forward splits over threads (about 1M elements) give bitwise the output, mean and
+    rstd of one thread."""
+    cpu = next(r for r in runners(ln.name) if r.name == "cpu")
+    x, b, r, w, beta = ln.inputs((1500, 768), torch.float32)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(ln.forward(cpu, x, b, r, w, beta))
+    finally:
+        torch.set_num_threads(threads)
+    for a, c in zip(*results):
+        assert torch.equal(a, c)

@@ -1,0 +1,263 @@
+"""Full batches on the CPU: mtbert_fast against OpenVINO, and where mtbert_fast's time goes.
+
+    python benchmarks/full_batch_profile.py [--models minilm bert-base] [--dtypes float32 bfloat16]
+                                            [--batch 8] [--length 128] [--threads 2] [--repeats 15]
+
+Every token is real (no padding). Per model and dtype, in one process, interleaved round by round (medians):
+  - mtbert_fast: FastBertModel from the HF model in that dtype;
+  - OpenVINO: the HF model converted once, compiled with INFERENCE_PRECISION_HINT=f32 for the float32 rows and
+    with the plugin's default precision (bf16 on CPUs with AVX512-BF16) for the bfloat16 rows; skipped, with the
+    reason, where openvino is not installed;
+  - gemm: [1024, 768] x [768, 3072] by oneDNN with the weight packed as the encoder packs it, and the same product
+    with a plain weight and with F.linear, 8 products per timed call; the fastest route is the GEMM rate of the
+    roofline;
+  - linears alone: the encoder's four products of one layer (QKV, output, FFN up with GELU, FFN down) on packed
+    weights, times the layers: what the linears cost with nothing around them;
+  - attention alone: attention_varlen on one layer's [T, 3, heads, head_dim], times the layers.
+FLOPs are exact (harness.encoder_flops): every linear including the pooler, and attention's two products Q K^T
+and P V, 4 L^2 H per layer per sequence; elementwise work is not counted. The roofline fraction is FLOPs / time /
+GEMM rate, also taken per round against that round's GEMM rate (robust to a load that changes between rounds), and
+the ratio to OpenVINO likewise. The attainable fraction is what the model would reach with its linears at the GEMM
+rate and attention at the rate its own kernel reaches; `--profile` adds a torch.profiler breakdown of mtbert_fast's forward by part
+(linears, attention, LayerNorm, the rest) with the GFLOP/s of each.
+
+On a machine that other jobs keep busy, run with OMP_WAIT_POLICY=PASSIVE (it must be set before the process
+starts): PyTorch's OpenMP threads otherwise spin after every parallel region and take the core the next step needs
+(docs/cpu-full-batch.md). The header prints the policy in force and the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from mtbert_fast import FastBertModel  # noqa: E402
+from mtbert_fast.bench import harness, measure  # noqa: E402
+from mtbert_fast.models.weight_pack import onednn_weight  # noqa: E402
+from mtbert_fast.ops import attention_varlen  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+OV_PRECISION = {"float32": "f32", "bfloat16": None}  # None: the plugin's default
+PARTS = {  # profiler event name -> part
+    "mkldnn::_linear_pointwise": "linears",
+    "aten::addmm": "linears",
+    "mtbert_fast_C::attention_varlen": "attention",
+    "mtbert_fast_C::bias_residual_layer_norm": "layernorm",
+    "aten::native_layer_norm": "layernorm",
+}
+
+
+def load_model(name: str):
+    if name == "bert-base":
+        return measure.random_bert(measure.bert_base_config())
+    from transformers import AutoModel
+
+    path = measure.default_model_dir() if name == "minilm" else name
+    return AutoModel.from_pretrained(path).eval()
+
+
+def full_batch(config, batch: int, length: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "input_ids": torch.randint(1000, config.vocab_size, (batch, length), generator=g),
+        "attention_mask": torch.ones(batch, length, dtype=torch.int64),
+        "token_type_ids": torch.zeros(batch, length, dtype=torch.int64),
+    }
+
+
+def openvino_runner(hf, inputs: dict, threads: int, precision: str | None):
+    """(callable, precision it runs in) or (None, why not)."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return None, "openvino is not installed (pip install openvino)"
+    with torch.no_grad():
+        model = ov.convert_model(hf, example_input=inputs)
+    config = {"INFERENCE_NUM_THREADS": str(threads), "PERFORMANCE_HINT": "LATENCY"}
+    if precision is not None:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    compiled = ov.Core().compile_model(model, "CPU", config)
+    request = compiled.create_infer_request()
+    feeds = {k: v.numpy() for k, v in inputs.items()}
+
+    def run():
+        request.infer(feeds)
+        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+
+    return run, str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+
+
+GEMM_CALLS = 8  # products per timed call, so that one call lasts as long as several of the model's linears
+
+
+def gemm_routes(dtype: torch.dtype, shape=harness.GEMM_SHAPE) -> dict:
+    m, k, n = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    packed = onednn_weight(w)
+    products = {
+        "gemm packed": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
+        "gemm plain": lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
+        "gemm F.linear": lambda: F.linear(x, w),
+    }
+    return {name: (lambda f=f: [f() for _ in range(GEMM_CALLS)]) for name, f in products.items()}
+
+
+def linears_alone(fast: FastBertModel, tokens: int):
+    """One layer's four products on packed weights with nothing around them."""
+    layer = fast.layers[0]
+    g = torch.Generator().manual_seed(0)
+    h, i = fast.config.hidden_size, fast.config.intermediate_size
+    x = torch.randn(tokens, h, generator=g).to(fast.dtype)
+    inner = torch.randn(tokens, i, generator=g).to(fast.dtype)
+    approximate = fast.config.gelu_approximate
+    lp = torch.ops.mkldnn._linear_pointwise
+
+    def run():
+        lp(x, onednn_weight(layer.qkv.weight), layer.qkv.bias, "none", [], "")
+        lp(x, onednn_weight(layer.attn_out.weight), layer.attn_out.bias, "none", [], "")
+        lp(x, onednn_weight(layer.ffn_in.weight), layer.ffn_in.bias, "gelu", [], approximate)
+        lp(inner, onednn_weight(layer.ffn_out.weight), layer.ffn_out.bias, "none", [], "")
+
+    return run
+
+
+def attention_alone(fast: FastBertModel, batch: int, length: int):
+    """One layer's attention (packed, every token real) on its own."""
+    c = fast.config
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(batch * length, 3, c.num_attention_heads, c.head_dim, generator=g).to(fast.dtype)
+    cu_seqlens = torch.arange(0, batch * length + 1, length, dtype=torch.int32)
+    return lambda: attention_varlen(qkv, cu_seqlens, length)
+
+
+def linear_flops(config, tokens: int, batch: int) -> float:
+    h, i = config.hidden_size, config.intermediate_size
+    return config.num_hidden_layers * 2 * tokens * (4 * h * h + 2 * h * i) + 2 * batch * h * h
+
+
+def profile_parts(fast: FastBertModel, inputs: dict, flops: dict[str, float], runs: int = 3) -> None:
+    with torch.inference_mode():
+        fast(**inputs)
+        with torch.profiler.profile() as prof:
+            for _ in range(runs):
+                fast(**inputs)
+    ms: dict[str, float] = {}
+    for event in prof.key_averages():
+        part = PARTS.get(event.key, "rest")
+        ms[part] = ms.get(part, 0.0) + event.self_cpu_time_total / 1e3 / runs
+    total = sum(ms.values())
+    print("    profile (self CPU time per forward):")
+    for part in ("linears", "attention", "layernorm", "rest"):
+        t = ms.get(part, 0.0)
+        rate = f"{flops[part] / t / 1e6:7.1f} GFLOP/s" if part in flops and t > 0 else ""
+        print(f"      {part:10s} {t:8.2f} ms {100 * t / total:5.1f} %  {rate}")
+
+
+def run_point(name: str, hf, dtype_name: str, args) -> None:
+    dtype = DTYPES[dtype_name]
+    config = hf.config
+    inputs = full_batch(config, args.batch, args.length)
+    tokens = args.batch * args.length
+    flops = harness.encoder_flops(config, [args.length] * args.batch, pooler=True)
+    part_flops = {"linears": linear_flops(config, tokens, args.batch)}
+    part_flops["attention"] = flops - part_flops["linears"]
+
+    fast = FastBertModel.from_hf(hf, dtype=dtype)
+    with torch.inference_mode():
+        reference = hf(**inputs).last_hidden_state
+        diff = (fast(**inputs).last_hidden_state.float() - reference).abs().max().item()
+    fns = {"mtbert_fast": lambda: fast(**inputs)}
+    ov_note = ""
+    if not args.no_openvino:
+        run_ov, ov_note = openvino_runner(hf, inputs, args.threads, OV_PRECISION[dtype_name])
+        if run_ov is None:
+            ov_note = f"OpenVINO skipped: {ov_note}"
+        else:
+            ov_diff = (run_ov() - reference).abs().max().item()
+            fns["openvino"] = run_ov
+            ov_note = f"OpenVINO in {ov_note}, max |diff| vs HF fp32 {ov_diff:.2e}"
+    fns.update(gemm_routes(dtype))
+    layers = config.num_hidden_layers
+    one_layer = linears_alone(fast, tokens)
+    fns["linears alone"] = lambda: [one_layer() for _ in range(layers)]
+    one_attention = attention_alone(fast, args.batch, args.length)
+    fns["attention alone"] = lambda: [one_attention() for _ in range(layers)]
+
+    with torch.inference_mode():
+        timing = harness.time_interleaved(fns, repeats=args.repeats, warmup=2)
+    m, k, n = harness.GEMM_SHAPE
+    gemm_flops = GEMM_CALLS * 2 * m * k * n
+    routes = {r: gemm_flops / timing[r].median for r in fns if r.startswith("gemm")}
+    gemm_rate = max(routes.values())
+    # per round: the GEMM rate of that round, and ratios of calls made seconds apart, which a load that changes
+    # from round to round moves less than it moves the medians
+    rounds = range(args.repeats)
+    round_gemm = [max(gemm_flops / timing[r].samples[i] for r in routes) for i in rounds]
+    work = {"mtbert_fast": flops, "openvino": flops,
+            "linears alone": part_flops["linears"] - 2 * args.batch * config.hidden_size ** 2,
+            "attention alone": part_flops["attention"]}
+    print(f"\n{name} {dtype_name}  B={args.batch} L={args.length}  {flops / 1e9:.1f} GFLOP per forward"
+          f"  (attention {100 * part_flops['attention'] / flops:.1f} %)  max |diff| vs HF fp32 {diff:.2e}")
+    if ov_note:
+        print(f"    {ov_note}")
+    print("    GEMM routes: " + ", ".join(f"{r[5:]} {v / 1e9:.1f}" for r, v in routes.items()) + " GFLOP/s")
+    print("    provider         median ms  GFLOP/s  roofline (of medians / per round)  p10-p90 ms")
+    for provider, f in work.items():
+        if provider not in timing:
+            continue
+        t = timing[provider]
+        per_round = np.median([f / t.samples[i] / round_gemm[i] for i in rounds])
+        print(f"    {provider:15s} {t.median * 1e3:9.1f} {f / t.median / 1e9:8.1f}  {f / t.median / gemm_rate:.3f} /"
+              f" {per_round:.3f}  {t.p10 * 1e3:.1f}-{t.p90 * 1e3:.1f}")
+    # the best this encoder can do: linears at the GEMM rate, attention at its kernel's rate, nothing else
+    limits = [part_flops["linears"] / round_gemm[i] + timing["attention alone"].samples[i] for i in rounds]
+    fast_t = timing["mtbert_fast"].samples
+    print(f"    attainable roofline (per round) {np.median([flops / limits[i] / round_gemm[i] for i in rounds]):.3f};"
+          f" mtbert_fast reaches {np.median([limits[i] / fast_t[i] for i in rounds]):.3f} of it")
+    if "openvino" in timing:
+        ov = timing["openvino"].samples
+        print(f"    speed vs OpenVINO: {timing['openvino'].median / timing['mtbert_fast'].median:.3f}x of medians,"
+              f" {np.median([ov[i] / fast_t[i] for i in rounds]):.3f}x per round (median),"
+              f" {min(ov) / min(fast_t):.3f}x of the fastest calls")
+    if args.profile:
+        profile_parts(fast, inputs, part_flops)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["minilm", "bert-base"],
+                        help="minilm (bundled all-MiniLM-L6-v2), bert-base (random weights) or an HF model directory")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--no-openvino", action="store_true", help="leave OpenVINO out")
+    parser.add_argument("--profile", action="store_true", help="add a torch.profiler breakdown by part")
+    args = parser.parse_args(argv)
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    print(harness.describe_device("cpu"), f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}",
+          f"load average {os.getloadavg()[0]:.1f}")
+    for name in args.models:
+        hf = load_model(name)
+        for dtype_name in args.dtypes:
+            run_point(name, hf, dtype_name, args)
+
+
+if __name__ == "__main__":
+    main()

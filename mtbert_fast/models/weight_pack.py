@@ -1,0 +1,62 @@
+"""oneDNN's blocked copies of linear weights for CPU inference, made once per weight and reused.
+
+Handed a plain [N, K] weight, oneDNN's matrix product copies it into its blocked layout on every call, a few percent
+of a BERT forward on the CPU. `onednn_weight(w)` makes that blocked copy once and returns it while `w` is unchanged.
+A pack stays valid while the weight keeps its storage, offset, shape, strides and version counter: in-place updates
+through the tensor (optimizer steps, `load_state_dict`, `copy_` under no_grad) bump the version, and `.to()`,
+`.half()` or assigning `.data` give it other storage. Two cases cannot be seen and are never packed or must be
+released by hand:
+  - inference tensors (made under torch.inference_mode) have no version counter, so they are never packed;
+  - writes through `w.data` bypass the version counter, as they bypass autograd: call `release_packs()` after them.
+
+Packs are for inference only (oneDNN's linear has no autograd); the encoder uses them exactly where it uses that op.
+A pack costs one more copy of the weight's memory, freed with the weight.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils.weak import WeakIdKeyDictionary
+
+AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+class _Pack(NamedTuple):
+    storage: StorageWeakRef  # holds the storage's identity (not its memory), so its address cannot be reused
+    layout: tuple  # offset, shape, strides, dtype, version
+    packed: torch.Tensor
+
+
+_packs: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _layout(w: torch.Tensor) -> tuple:
+    return (w.storage_offset(), tuple(w.shape), w.stride(), w.dtype, w._version)
+
+
+def onednn_weight(w: torch.Tensor) -> torch.Tensor:
+    """`w` [N, K] in oneDNN's blocked layout for `torch.ops.mkldnn._linear_pointwise`, packed on first use and
+    again whenever `w` has changed; `w` itself where it cannot be packed (see the module docstring)."""
+    if not AVAILABLE or w.device.type != "cpu" or w.is_inference() or w.requires_grad and torch.is_grad_enabled():
+        return w
+    pack = _packs.get(w)
+    layout = _layout(w)
+    if pack is None or pack.layout != layout or pack.storage.cdata != w.untyped_storage()._cdata:
+        with torch.no_grad():
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous())
+        pack = _Pack(StorageWeakRef(w.untyped_storage()), layout, packed)
+        _packs[w] = pack
+    return pack.packed
+
+
+def release_packs() -> None:
+    """Drops every cached pack; the next inference call packs its weights afresh."""
+    _packs.clear()
+
+
+def pack_count() -> int:
+    """How many weights hold a pack now."""
+    return len(_packs)

@@ -1,0 +1,165 @@
+"""The cache of oneDNN-packed linear weights: a pack is made once and reused, gives the same products as the plain
+weight, and is replaced whenever the weight changes (in place, by `.to()`, by assigning `.data`), for
+FastBertModel and a swapped HF model; gradients and inference tensors never go through a pack."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import BertForSequenceClassification, BertModel
+
+from mtbert_fast import FastBertModel, swap
+from mtbert_fast.models import weight_pack
+from mtbert_fast.models.weight_pack import onednn_weight, pack_count, release_packs
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread_unless_marked"),
+    pytest.mark.skipif(not weight_pack.AVAILABLE, reason="this PyTorch build has no oneDNN weight packing"),
+]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _linear(x, w, bias=None):
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+
+
+@pytest.fixture(autouse=True)
+def no_packs():
+    release_packs()
+    yield
+    release_packs()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pack_is_made_once_and_gives_the_plain_product(dtype):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 64, generator=g).to(dtype)
+    x = torch.randn(37, 64, generator=g).to(dtype)
+    packed = onednn_weight(w)
+    assert packed is not w and packed.is_mkldnn and pack_count() == 1
+    assert onednn_weight(w) is packed
+    assert torch.equal(_linear(x, packed), _linear(x, w))
+
+
+@pytest.mark.parametrize("change", ["in_place", "assign_data", "to_dtype"])
+def test_changed_weight_is_packed_again(change):
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(64, 96)
+    x = torch.randn(5, 64, generator=g)
+    with torch.no_grad():
+        onednn_weight(layer.weight)
+        if change == "in_place":
+            layer.weight.mul_(2.0)
+        elif change == "assign_data":
+            layer.weight.data = torch.randn(96, 64, generator=g)
+        else:
+            layer.to(torch.bfloat16)
+            x = x.bfloat16()
+        assert torch.equal(_linear(x, onednn_weight(layer.weight)), _linear(x, layer.weight))
+
+
+def test_view_is_packed_again_when_its_base_changes():
+    """A view shares its base's version counter (as query, key and value share one fused buffer in a swap)."""
+    base = torch.randn(192, 64)
+    w = base[96:]
+    x = torch.randn(5, 64)
+    onednn_weight(w)
+    base.add_(1.0)
+    assert torch.equal(_linear(x, onednn_weight(w)), _linear(x, w))
+
+
+def test_writes_through_data_need_release_packs():
+    """`.data` bypasses the version counter, as it bypasses autograd: release_packs() makes such writes seen."""
+    w = torch.randn(32, 16)
+    x = torch.randn(3, 16)
+    stale = onednn_weight(w)
+    w.data.mul_(2.0)
+    assert onednn_weight(w) is stale
+    release_packs()
+    assert torch.equal(_linear(x, onednn_weight(w)), _linear(x, w))
+
+
+def test_inference_tensors_and_grad_weights_are_not_packed():
+    with torch.inference_mode():
+        frozen = torch.randn(32, 16)
+    assert onednn_weight(frozen) is frozen
+    trained = torch.nn.Parameter(torch.randn(32, 16))
+    assert onednn_weight(trained) is trained
+    with torch.no_grad():
+        assert onednn_weight(trained) is not trained
+    assert pack_count() == 1
+
+
+def test_pack_is_freed_with_its_weight():
+    w = torch.randn(32, 16)
+    onednn_weight(w)
+    assert pack_count() == 1
+    del w
+    assert pack_count() == 0
+
+
+def _batch(ragged_batch, config):
+    return ragged_batch(config, [9, 17, 4])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fast_model_outputs_equal_unpacked(dtype, bert_config, make_hf, ragged_batch, monkeypatch):
+    config = bert_config()
+    fast = FastBertModel.from_hf(make_hf(BertModel, config), dtype=dtype)
+    ids, mask = _batch(ragged_batch, config)
+    with torch.no_grad():
+        packed = fast(ids, mask).last_hidden_state
+        assert pack_count() == 4 * config.num_hidden_layers
+        monkeypatch.setattr(weight_pack, "AVAILABLE", False)
+        plain = fast(ids, mask).last_hidden_state
+    assert torch.equal(packed, plain)
+
+
+def test_fast_model_sees_a_training_step(bert_config, make_hf, ragged_batch, assert_tokens_close):
+    """Eval after an optimizer step computes with the stepped weights, not the packs of the eval before it."""
+    config = bert_config()
+    fast = FastBertModel.from_hf(make_hf(BertModel, config))
+    ids, mask = _batch(ragged_batch, config)
+    with torch.no_grad():
+        before = fast(ids, mask).last_hidden_state
+    opt = torch.optim.SGD(fast.parameters(), lr=1.0)
+    fast.train()
+    fast(ids, mask).last_hidden_state.square().mean().backward()
+    opt.step()
+    fast.eval()
+    with torch.no_grad():
+        after = fast(ids, mask).last_hidden_state
+        fresh = copy.deepcopy(fast)(ids, mask).last_hidden_state
+    assert (after - before)[mask.bool()].abs().max() > 1e-3
+    assert_tokens_close(after, fresh, mask, atol=0.0)
+
+
+def test_fast_model_sees_to_dtype(bert_config, make_hf, ragged_batch, assert_tokens_close):
+    config = bert_config()
+    fast = FastBertModel.from_hf(make_hf(BertModel, config))
+    ids, mask = _batch(ragged_batch, config)
+    with torch.no_grad():
+        fast(ids, mask)
+        out = fast.to(torch.bfloat16)(ids, mask).last_hidden_state
+        fresh = copy.deepcopy(fast)(ids, mask).last_hidden_state
+    assert out.dtype == torch.bfloat16
+    assert_tokens_close(out, fresh, mask, atol=0.0)
+
+
+def test_swapped_model_sees_in_place_edits(bert_config, make_hf, ragged_batch, assert_close):
+    """Every linear of a swapped layer: the fused query/key/value buffer and the three plain parameters."""
+    config = bert_config()
+    model = make_hf(BertForSequenceClassification, config)
+    reference = copy.deepcopy(model)
+    swap(model)
+    ids, mask = _batch(ragged_batch, config)
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+        for m in (model, reference):
+            layer = m.bert.encoder.layer[0]
+            for linear in (layer.attention.self.key, layer.attention.output.dense, layer.intermediate.dense,
+                           layer.output.dense):
+                linear.weight.mul_(1.5)
+        assert_close(model(ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits)
