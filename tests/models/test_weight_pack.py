@@ -110,11 +110,12 @@ def test_fast_model_outputs_equal_unpacked(dtype, bert_config, make_hf, ragged_b
     fast = FastBertModel.from_hf(make_hf(BertModel, config), dtype=dtype)
     ids, mask = _batch(ragged_batch, config)
     with torch.no_grad():
-        packed = fast(ids, mask).last_hidden_state
-        assert pack_count() == 4 * config.num_hidden_layers
+        packed = fast(ids, mask)
+        assert fast.pooler is not None and pack_count() == 4 * config.num_hidden_layers + 1  # and the pooler's
         monkeypatch.setattr(weight_pack, "AVAILABLE", False)
-        plain = fast(ids, mask).last_hidden_state
-    assert torch.equal(packed, plain)
+        plain = fast(ids, mask)
+    assert torch.equal(packed.last_hidden_state, plain.last_hidden_state)
+    assert torch.equal(packed.pooler_output, plain.pooler_output)
 
 
 def test_fast_model_sees_a_training_step(bert_config, make_hf, ragged_batch, assert_tokens_close):

@@ -67,7 +67,8 @@ def test_quantize_rows(backend, dtype, shape):
         assert zero[2] == 127 and q[2].min() == -128
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1), (5, 7, 3), (37, 64, 96), (130, 96, 40)])
+# 1030 rows: more than one block of the kernels' int32 product (1024 rows)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (5, 7, 3), (37, 64, 96), (130, 96, 40), (1030, 16, 24)])
 def test_int8_linear(backend, dtype, shape):
     n, k, m = shape
     q, scale, zero = reference.quantize_rows(_rows(n, k, torch.float32), torch.ones(k))
@@ -82,7 +83,7 @@ def test_int8_linear(backend, dtype, shape):
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-@pytest.mark.parametrize("shape", [(1, 8, 1), (6, 7, 33), (37, 64, 300), (130, 48, 96)])
+@pytest.mark.parametrize("shape", [(1, 8, 1), (6, 7, 33), (37, 64, 300), (130, 48, 96), (1030, 16, 24)])
 def test_int8_linear_gelu_quantize(backend, dtype, shape, approximate):
     n, k, m = shape
     q, scale, zero = reference.quantize_rows(_rows(n, k, torch.float32), torch.ones(k))
@@ -98,7 +99,7 @@ def test_int8_linear_gelu_quantize(backend, dtype, shape, approximate):
 
 
 @pytest.mark.parametrize("param_dtype", ["activation", "float32"])
-@pytest.mark.parametrize("shape", [(1, 8, 1), (6, 7, 33), (37, 64, 300), (130, 48, 96)])
+@pytest.mark.parametrize("shape", [(1, 8, 1), (6, 7, 33), (37, 64, 300), (130, 48, 96), (1030, 16, 24)])
 def test_int8_linear_residual_layer_norm(backend, dtype, shape, param_dtype):
     n, k, m = shape
     q, scale, zero = reference.quantize_rows(_rows(n, k, torch.float32), torch.ones(k))
