@@ -270,6 +270,10 @@ class _Linear:
         return bias_gelu(F.linear(x, weight), bias, approximate, backend=self.backend)
 
 
+def _ignore(product: str, x: torch.Tensor) -> None:
+    pass
+
+
 def layer_forward(
     config: EncoderConfig,
     w: LayerWeights,
@@ -284,8 +288,8 @@ def layer_forward(
     t, h = x.shape
     eps, p = config.layer_norm_eps, config.hidden_dropout_prob
     linear = _Linear(_onednn_ok(x, w, backend), backend)
-    if observe is not None:
-        return _observed_layer_forward(config, w, x, packed, linear, backend, observe)
+    observe = observe or _ignore
+    observe("qkv", x)
     qkv = linear(x, w.qkv_weight, w.qkv_bias).view(t, 3, config.num_attention_heads, config.head_dim)
     if training:
         ctx = attention_varlen(qkv, packed.cu_seqlens, packed.max_seqlen,
@@ -294,28 +298,14 @@ def layer_forward(
         ctx = attention_varlen_op(qkv, packed.cu_seqlens, packed.max_seqlen, 1.0 / math.sqrt(config.head_dim), 0.0, None,
                                   backend=backend)
     ctx = ctx.reshape(t, h)
+    observe("attn_out", ctx)
     x = _residual_norm(linear(ctx, w.attn_out_weight), w.attn_out_bias, x, w.attn_norm_weight,
                        w.attn_norm_bias, eps, p, training, backend)
-    inner = linear.gelu(x, w.ffn_in_weight, w.ffn_in_bias, config.gelu_approximate)
-    return _residual_norm(linear(inner, w.ffn_out_weight), w.ffn_out_bias, x, w.ffn_norm_weight,
-                          w.ffn_norm_bias, eps, p, training, backend)
-
-
-def _observed_layer_forward(config, w, x, packed, linear, backend, observe):
-    """layer_forward in inference, handing each product's input to observe (the GELU output is formed apart)."""
-    t, h = x.shape
-    eps = config.layer_norm_eps
-    observe("qkv", x)
-    qkv = linear(x, w.qkv_weight, w.qkv_bias).view(t, 3, config.num_attention_heads, config.head_dim)
-    ctx = attention_varlen(qkv, packed.cu_seqlens, packed.max_seqlen, backend=backend).reshape(t, h)
-    observe("attn_out", ctx)
-    x = _residual_norm(linear(ctx, w.attn_out_weight), w.attn_out_bias, x, w.attn_norm_weight, w.attn_norm_bias,
-                       eps, 0.0, False, backend)
     observe("ffn_in", x)
     inner = linear.gelu(x, w.ffn_in_weight, w.ffn_in_bias, config.gelu_approximate)
     observe("ffn_out", inner)
-    return _residual_norm(linear(inner, w.ffn_out_weight), w.ffn_out_bias, x, w.ffn_norm_weight, w.ffn_norm_bias,
-                          eps, 0.0, False, backend)
+    return _residual_norm(linear(inner, w.ffn_out_weight), w.ffn_out_bias, x, w.ffn_norm_weight,
+                          w.ffn_norm_bias, eps, p, training, backend)
 
 
 def encode(

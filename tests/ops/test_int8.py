@@ -36,6 +36,12 @@ def _weights(m, k, seed=3):
     return w, scale, w.float().sum(1)
 
 
+def _product_args(n, k, m, dtype):
+    """(q, scale, zero, weight, weight_scale, weight_sum, bias): n quantized rows of k, a weight of m outputs."""
+    q, scale, zero = reference.quantize_rows(_rows(n, k, torch.float32), torch.ones(k))
+    return (q, scale, zero, *_weights(m, k), rand(m, seed=7, dtype=dtype))
+
+
 def _assert_quantized_close(got, want, max_level_diff=0, what="q"):
     q, scale, zero = got
     rq, rscale, rzero = want
@@ -71,9 +77,7 @@ def test_quantize_rows(backend, dtype, shape):
 @pytest.mark.parametrize("shape", [(1, 1, 1), (5, 7, 3), (37, 64, 96), (130, 96, 40), (1030, 16, 24)])
 def test_int8_linear(backend, dtype, shape):
     n, k, m = shape
-    q, scale, zero = reference.quantize_rows(_rows(n, k, torch.float32), torch.ones(k))
-    w, ws, wsum = _weights(m, k)
-    bias = rand(m, seed=7, dtype=dtype)
+    q, scale, zero, w, ws, wsum, bias = _product_args(n, k, m, dtype)
     args = backend.to(q, scale, zero, w, ws, wsum, bias)
     got = ops.int8_linear(*args, backend=backend.name)
     want = reference.int8_linear(q, scale, zero, w, ws, wsum, bias)
@@ -86,9 +90,7 @@ def test_int8_linear(backend, dtype, shape):
 @pytest.mark.parametrize("shape", [(1, 8, 1), (6, 7, 33), (37, 64, 300), (130, 48, 96), (1030, 16, 24)])
 def test_int8_linear_gelu_quantize(backend, dtype, shape, approximate):
     n, k, m = shape
-    q, scale, zero = reference.quantize_rows(_rows(n, k, torch.float32), torch.ones(k))
-    w, ws, wsum = _weights(m, k)
-    bias = rand(m, seed=7, dtype=dtype)
+    q, scale, zero, w, ws, wsum, bias = _product_args(n, k, m, dtype)
     smooth = rand(m, seed=8).abs() + 0.5
     args = backend.to(q, scale, zero, w, ws, wsum, bias, approximate, smooth)
     got = ops.int8_linear_gelu_quantize(*args, backend=backend.name)
@@ -102,9 +104,8 @@ def test_int8_linear_gelu_quantize(backend, dtype, shape, approximate):
 @pytest.mark.parametrize("shape", [(1, 8, 1), (6, 7, 33), (37, 64, 300), (130, 48, 96), (1030, 16, 24)])
 def test_int8_linear_residual_layer_norm(backend, dtype, shape, param_dtype):
     n, k, m = shape
-    q, scale, zero = reference.quantize_rows(_rows(n, k, torch.float32), torch.ones(k))
-    w, ws, wsum = _weights(m, k)
-    bias, residual = rand(m, seed=7, dtype=dtype), rand(n, m, seed=9, dtype=dtype)
+    q, scale, zero, w, ws, wsum, bias = _product_args(n, k, m, dtype)
+    residual = rand(n, m, seed=9, dtype=dtype)
     pdtype = dtype if param_dtype == "activation" else torch.float32
     nw, nb = 1 + rand(m, seed=10, scale=0.1, dtype=pdtype), rand(m, seed=11, dtype=pdtype)
     args = backend.to(q, scale, zero, w, ws, wsum, bias, residual, nw, nb, 1e-12)
