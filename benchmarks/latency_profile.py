@@ -3,8 +3,8 @@
     HF_HUB_OFFLINE=1 python benchmarks/latency_profile.py [--threads 2] [--lengths 16 128] [--profile]
 
 For each model (all-MiniLM-L6-v2, a random bert-base), dtype (fp32, bf16) and length (one sequence, every token
-real), every engine runs in turn in one process (interleaved rounds, medians), so the ratios hold on a loaded
-machine even where the absolute numbers do not. Engines:
+real), every engine runs in turn in one process (rounds of BLOCK calls in a row per engine after an untimed one,
+the first engine rotating; medians), so the ratios hold on a loaded machine even where the absolute numbers do not. Engines:
 
 - hf: the HF model (sdpa) in the dtype;
 - swap: the same model after mtbert_fast.swap; fast: FastBertModel.from_hf;
@@ -33,6 +33,9 @@ from mtbert_fast.bench import harness, measure
 from mtbert_fast.models import encoder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# calls in a row per engine and round: a call of a few milliseconds must not pay for the previous engine's thread
+# pool still spinning (see harness.interleaved_round)
+BLOCK = 10
 
 
 def minilm():
@@ -153,7 +156,7 @@ def breakdown(fast, batch, repeats):
     kernels, layers = kernels_only(fast, batch)
     with torch.inference_mode():
         t = harness.time_interleaved({"forward": lambda: fast(**batch), "layers": layers, "kernels": kernels},
-                                     repeats=repeats, warmup=3)
+                                     repeats=max(1, repeats // BLOCK), warmup=1, block=BLOCK)
     fwd, lay, ker = (t[k].median * 1e3 for k in ("forward", "layers", "kernels"))
     return {"forward": fwd, "layers": lay, "layer kernels": ker, "layer Python": lay - ker,
             "outside the layers": fwd - lay}
@@ -177,9 +180,10 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     ap.add_argument("--lengths", nargs="+", type=int, default=[16, 128])
-    ap.add_argument("--repeats", type=int, default=60)
+    ap.add_argument("--repeats", type=int, default=60, help="timed calls per engine and case")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's table for each case")
     args = ap.parse_args(argv)
+    rounds = max(1, args.repeats // BLOCK)
     torch.set_num_threads(args.threads)
     print(f"threads {args.threads}; {harness.describe_device('cpu')}; torch {torch.__version__}")
     rows = []
@@ -202,7 +206,7 @@ def main(argv=None) -> int:
                     if ov_run is not None:
                         engines["ov"] = lambda: ov_run(batch)
                     with torch.inference_mode():
-                        t = harness.time_interleaved(engines, repeats=args.repeats, warmup=5)
+                        t = harness.time_interleaved(engines, repeats=rounds, warmup=1, block=BLOCK)
                     ms = {k: v.median * 1e3 for k, v in t.items()}
                     peers = {k: ms[k] for k in ("ort", "ov") if k in ms}
                     best = min(peers.values()) if peers else float("nan")

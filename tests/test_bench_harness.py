@@ -63,6 +63,16 @@ def test_interleaved_timing_and_gemm_rate():
         harness.time_interleaved({"a": lambda: None}, repeats=0)
 
 
+def test_block_timing_runs_each_provider_in_a_row_after_an_untimed_call():
+    calls = []
+    timings = harness.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                       repeats=2, warmup=1, block=3)  # fmt: skip
+    assert calls == ["a"] * 4 + ["b"] * 4 + ["b"] * 4 + ["a"] * 4 + ["a"] * 4 + ["b"] * 4
+    assert len(timings["a"].samples) == 6 and len(timings["b"].samples) == 6
+    with pytest.raises(ValueError, match="block"):
+        harness.time_interleaved({"a": lambda: None}, block=0)
+
+
 def test_metadata_and_csv(tmp_path):
     meta = harness.run_metadata("cpu")
     assert meta["device"].startswith("cpu") and meta["torch"]
@@ -79,3 +89,20 @@ def test_csv_with_other_columns_is_left_alone(tmp_path):
     assert old.read_text() == "time,model\n2024,tiny\n"
     assert harness.append_csv(old, [{"x": 2}], ["x"]) == path, "the next run appends to the file with its columns"
     assert harness.append_csv(old, [{"y": 3}], ["y"]) == tmp_path / "r-2.csv"
+
+
+def test_bench_point_runs_each_provider_over_its_batches_in_a_row():
+    from mtbert_fast.bench import measure
+
+    calls = []
+    batches = [{"attention_mask": torch.ones(2, n)} for n in (4, 3)]
+    fns = {p: (lambda b, p=p: calls.append((p, b["attention_mask"].shape[1]))) for p in ("a", "b")}
+    timed = measure._time_point(fns, batches, repeats=2, device="cpu")
+    # each turn: an untimed call on the smallest batch, then the batches in order; the first provider rotates
+    assert calls == [("a", 3), ("a", 4), ("a", 3), ("b", 3), ("b", 4), ("b", 3),
+                     ("b", 3), ("b", 4), ("b", 3), ("a", 3), ("a", 4), ("a", 3)]  # fmt: skip
+    reps, per_call = timed["a"]
+    assert len(reps) == 2 and len(per_call) == 4 and reps[0] == pytest.approx(per_call[0] + per_call[1])
+    calls.clear()
+    measure._time_point(fns, [{"attention_mask": torch.ones(8, 5)}], repeats=1, device="cpu")
+    assert calls == [("a", 5), ("b", 5)], "one batch of several rows runs long enough to need no untimed call"

@@ -61,16 +61,23 @@ def sync(device: torch.device | str) -> None:
 
 
 def interleaved_round(fns: Mapping[str, Callable[[], object]], samples: dict[str, list[float]], turn: int,
-                      device: torch.device | str = "cpu") -> None:
-    """Runs every fn once, starting with the `turn`-th (mod len), appending its seconds to samples[name]."""
+                      device: torch.device | str = "cpu", block: int = 1) -> None:
+    """Runs every fn in turn, starting with the `turn`-th (mod len), appending its seconds to samples[name].
+
+    block > 1: each fn runs once untimed, then `block` timed calls in a row. Short calls need this: a runtime's
+    thread pool spins for a while after its call (OpenMP's default wait policy, ONNX Runtime, OpenVINO's TBB), and
+    the next provider's call would pay for it, where a user's loop of calls to one engine never does."""
     names = list(fns)
     turn %= len(names)
     for name in names[turn:] + names[:turn]:
-        sync(device)
-        start = time.perf_counter()
-        fns[name]()
-        sync(device)
-        samples.setdefault(name, []).append(time.perf_counter() - start)
+        if block > 1:
+            fns[name]()
+        for _ in range(block):
+            sync(device)
+            start = time.perf_counter()
+            fns[name]()
+            sync(device)
+            samples.setdefault(name, []).append(time.perf_counter() - start)
 
 
 def time_interleaved(
@@ -78,15 +85,19 @@ def time_interleaved(
     repeats: int = 5,
     warmup: int = 1,
     device: torch.device | str = "cpu",
+    block: int = 1,
 ) -> dict[str, Timing]:
-    """name -> Timing of fn(); each repetition runs every fn once, the first one rotating, after `warmup`
-    untimed rounds."""
+    """name -> Timing of fn(); each repetition runs every fn once (block > 1: `block` times in a row after an
+    untimed call, see interleaved_round), the first one rotating, after `warmup` untimed rounds. Each Timing
+    holds repeats * block samples."""
     if repeats <= 0:
         raise ValueError(f"repeats must be positive, got {repeats}")
+    if block <= 0:
+        raise ValueError(f"block must be positive, got {block}")
     samples: dict[str, list[float]] = {n: [] for n in fns}
     for rep in range(warmup + repeats):
-        interleaved_round(fns, samples, rep, device)
-    return {n: Timing(s[warmup:]) for n, s in samples.items()}
+        interleaved_round(fns, samples, rep, device, block)
+    return {n: Timing(s[warmup * block:]) for n, s in samples.items()}
 
 
 # --- memory ----------------------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ weights ("bert-base", the MiniLM tokenizer: same vocabulary), or any HF model di
   - the latency points: B=1 at L=16 and at L=128, every token real, a few different rows one call each.
 One untimed pass per provider checks parity against HF's fp32 eager output at the real tokens (the largest
 difference, and the lowest cosine between mean-pooled outputs) and warms up (torch.compile compiles there); one more
-call on the point's largest batch measures peak memory; the timed repetitions then interleave the providers batch
-by batch (harness.py). Throughput counts real tokens only; each ratio is against HF sdpa in the same dtype at the
+call on the point's largest batch measures peak memory; in each timed repetition every provider then runs all the
+point's batches in a row, the first provider rotating (short calls after one untimed call, see _time_point). Throughput counts real tokens only; each ratio is against HF sdpa in the same dtype at the
 same point (int8 rows: HF sdpa float32), measured in the same run; the roofline fraction is the encoder's FLOPs on
 the real tokens over the time, against this machine's measured GEMM rate in that dtype (int8: int8 products). Task
 "multitask" adds MultiTaskBert (sequence-cls + token-cls + masked-LM heads on one pass, 15% of tokens masked)
@@ -29,6 +29,7 @@ import os
 import random
 import sys
 import tempfile
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -421,11 +422,32 @@ def _points(cfg: BenchConfig, model: _Model, sentences: list[str], device: torch
 
 
 def _time_point(fns: dict, batches: list, repeats: int, device) -> dict[str, tuple[list[float], list[float]]]:
-    """name -> (seconds per repetition, seconds per batch call); providers interleaved batch by batch."""
-    per_batch = [harness.time_interleaved({n: (lambda f=f, b=b: f(b)) for n, f in fns.items()}, repeats=repeats,
-                                          warmup=0, device=device) for b in batches]  # fmt: skip
-    return {n: ([sum(t[n].samples[r] for t in per_batch) for r in range(repeats)],
-                [s for t in per_batch for s in t[n].samples]) for n in fns}  # fmt: skip
+    """name -> (seconds per repetition, seconds per batch call).
+
+    Each repetition runs every provider over all the batches in a row, as a user's loop would, the first provider
+    rotating from one repetition to the next. Where the calls are short (more than one batch, or single rows), each
+    provider's turn starts with an untimed call: the thread pool of the provider before it may still be spinning
+    (see harness.interleaved_round), and a call of a few milliseconds would pay for it."""
+    warm = min(batches, key=lambda b: b["attention_mask"].numel()) if len(batches) > 1 or batches[0][
+        "attention_mask"].shape[0] == 1 else None
+    names = list(fns)
+    reps: dict[str, list[float]] = {n: [] for n in names}
+    calls: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(repeats):
+        turn = rep % len(names)
+        for name in names[turn:] + names[:turn]:
+            if warm is not None:
+                fns[name](warm)
+            times = []
+            for b in batches:
+                harness.sync(device)
+                start = time.perf_counter()
+                fns[name](b)
+                harness.sync(device)
+                times.append(time.perf_counter() - start)
+            calls[name] += times
+            reps[name].append(sum(times))
+    return {n: (reps[n], calls[n]) for n in names}
 
 
 def _run_point(point, fns, reference, model_name, task, dtype_name, device, repeats, meta_extra):
