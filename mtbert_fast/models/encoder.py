@@ -147,13 +147,19 @@ def validate_inputs(
     if attention_mask is not None:
         if attention_mask.shape != shape:
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but the input is {shape}")
-        if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
-            raise TypeError(
-                f"attention_mask must hold integers or bools (1 = real token, 0 = padding), got {attention_mask.dtype}:"
-                " a float mask is ambiguous (additive or multiplicative)"
-            )
-        if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
-            raise ValueError("attention_mask must hold only 0 and 1")
+        if attention_mask.dtype.is_complex:
+            raise TypeError(f"attention_mask must hold integers, bools or floats (1 = real token, 0 = padding), got "
+                            f"{attention_mask.dtype}")
+        if attention_mask.dtype != torch.bool:
+            other = attention_mask[(attention_mask != 0) & (attention_mask != 1)]
+            if other.numel() and attention_mask.dtype.is_floating_point:
+                raise ValueError(
+                    f"a float attention_mask must hold only 0.0 and 1.0 (1 = real token, 0 = padding), as HF's "
+                    f"tokenizers make it; it holds {float(other[0])}: an additive mask (0 / -inf or a large negative "
+                    "number at padding) or fractional weights are not accepted"
+                )
+            if other.numel():
+                raise ValueError(f"attention_mask must hold only 0 and 1, it holds {int(other[0])}")
         empty = (attention_mask == 0).all(dim=1).nonzero()
         if empty.numel():
             raise ValueError(f"row {int(empty[0])} of attention_mask has no real token")
@@ -338,6 +344,8 @@ def encode(
         )
     if inputs_embeds is not None and inputs_embeds.dtype != embeddings.word.dtype:
         raise TypeError(f"inputs_embeds has dtype {inputs_embeds.dtype} but the model runs in {embeddings.word.dtype}")
+    if attention_mask is not None and attention_mask.dtype.is_floating_point:  # 0.0 / 1.0, as validated
+        attention_mask = attention_mask != 0
     if attention_mask is None or bool(attention_mask.all()):
         packed = PackedBatch.dense(batch, seqlen, device)
     else:
