@@ -1,4 +1,5 @@
-"""Swap the fast encoder into a Hugging Face BERT/RoBERTa model in place, and back.
+"""Swap the fast encoder into a Hugging Face BERT/RoBERTa model (or the one inside a sentence-transformers model) in
+place, and back.
 
 `swap` replaces the forward of the model's base encoder (BertModel / RobertaModel, also inside any `*For*`
 task model) with the packed-token path. No module is replaced and no parameter is renamed, so state_dict
@@ -227,6 +228,18 @@ def _forward_with_signature(hf_forward) -> types.FunctionType:
     return forward
 
 
+def _hf_models(model: nn.Module) -> list[nn.Module]:
+    """The transformers models `swap` works on: `model` itself, or those inside a sentence-transformers model
+    (SentenceTransformer, CrossEncoder): each module of it that holds one as `auto_model`."""
+    if not type(model).__module__.startswith("sentence_transformers."):
+        return [model]
+    inner = list({id(m.auto_model): m.auto_model for m in model.modules()
+                  if isinstance(getattr(m, "auto_model", None), nn.Module)}.values())
+    if not inner:
+        raise TypeError(f"{type(model).__name__} holds no transformers model (no module with an auto_model) to swap")
+    return inner
+
+
 def swap(
     model: nn.Module,
     backend: str = "auto",
@@ -237,7 +250,8 @@ def swap(
 ) -> nn.Module:
     """Run `model`'s BERT/RoBERTa encoder on mtbert_fast's packed-token path, in place; returns `model`.
 
-    model: an HF BertModel or RobertaModel, or any of their *For* task models.
+    model: an HF BertModel or RobertaModel, or any of their *For* task models; or a sentence-transformers
+      SentenceTransformer or CrossEncoder, whose transformers model is swapped (`encode` / `predict` keep working).
     backend: "auto" or one of cuda / triton / cpu / reference for every op.
     dtype: if given, the whole model is cast to it first (as model.to(dtype) would), e.g. torch.bfloat16.
       torch.qint8: int8 inference on the CPU. The encoder's four products per layer run on int8 weights (per
@@ -249,40 +263,45 @@ def swap(
       SmoothQuant's alpha.
     Outputs at padding positions of last_hidden_state (and hidden_states) are zeros. Undo with `unswap`.
     """
-    base = _base_model(model)
+    bases = [_base_model(m) for m in _hf_models(model)]
     requested_backend(backend)
-    EncoderConfig.from_hf(base.config)  # refuses unsupported configs before anything changes
-    if hasattr(base, _STATE):
-        raise RuntimeError(f"{type(model).__name__} is already swapped; call mtbert_fast.unswap(model) first")
+    for base in bases:  # refuses unsupported configs before anything changes
+        EncoderConfig.from_hf(base.config)
+        if hasattr(base, _STATE):
+            raise RuntimeError(f"{type(model).__name__} is already swapped; call mtbert_fast.unswap(model) first")
     check_model_dtype(dtype)
     int8 = dtype == torch.qint8
     if calibration is not None and not int8:
         raise ValueError("calibration is read for int8 only: pass dtype=torch.qint8 with it")
     if dtype is not None and not int8:
         model.to(dtype)
-    state = _SwapState(base, None if backend == "auto" else backend)
-    if int8:
-        try:
-            state.quantize(base, calibration, smoothing)
-        except Exception:
+    states = []
+    try:
+        for base in bases:
+            states.append(_SwapState(base, None if backend == "auto" else backend))
+            if int8:
+                states[-1].quantize(base, calibration, smoothing)
+    except Exception:
+        for state in states:
             state.release()
-            raise
-    setattr(base, _STATE, state)
-    base.forward = types.MethodType(_forward_with_signature(type(base).forward), base)
+        raise
+    for base, state in zip(bases, states):
+        setattr(base, _STATE, state)
+        base.forward = types.MethodType(_forward_with_signature(type(base).forward), base)
     return model
 
 
 def unswap(model: nn.Module) -> nn.Module:
     """Restore HF's own forward; parameters keep their values (and the dtype `swap` cast them to)."""
-    base = _base_model(model)
-    state = getattr(base, _STATE, None)
-    if state is None:
+    bases = [_base_model(m) for m in _hf_models(model)]
+    if not all(hasattr(base, _STATE) for base in bases):
         raise RuntimeError(f"{type(model).__name__} is not swapped")
-    state.release()
-    del base.forward
-    delattr(base, _STATE)
+    for base in bases:
+        getattr(base, _STATE).release()
+        del base.forward
+        delattr(base, _STATE)
     return model
 
 
 def is_swapped(model: nn.Module) -> bool:
-    return hasattr(_base_model(model), _STATE)
+    return all(hasattr(_base_model(m), _STATE) for m in _hf_models(model))
