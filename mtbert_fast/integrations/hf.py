@@ -183,6 +183,8 @@ def _swapped_forward(
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
 
+    if not state.layout.token_types:  # HF's DistilBertModel takes token_type_ids in **kwargs and ignores them
+        token_type_ids = None
     pooler = getattr(self, "pooler", None)
     out = encode(
         state.config,

@@ -1,5 +1,6 @@
 """mtbert_fast.swap / unswap on sentence-transformers models: SentenceTransformer (the real all-MiniLM-L6-v2 on the
-bundled sentences) and CrossEncoder (a random-weight BertForSequenceClassification saved to a temporary directory).
+bundled sentences, and a random-weight DistilBERT one) and CrossEncoder (a random-weight BertForSequenceClassification
+saved to a temporary directory).
 encode() / predict() keep working and agree with the unswapped model; unswap gives back its exact outputs.
 Skipped where sentence-transformers is not installed.
 """
@@ -105,6 +106,24 @@ def test_cross_encoder_swap_unswap(cross_encoder_dir, real_sentences):
     unswap(model)
     assert not is_swapped(model)
     assert torch.equal(torch.as_tensor(model.predict(pairs, batch_size=8)), ref)
+
+
+def test_distilbert_sentence_transformer(tmp_path, minilm_dir, real_sentences):
+    """A SentenceTransformer built from modules around a random-weight DistilBertModel (MiniLM's tokenizer)."""
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
+
+    torch.manual_seed(0)
+    DistilBertModel(DistilBertConfig(dim=48, n_heads=3, n_layers=2, hidden_dim=80)).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(tmp_path)
+    model = st.SentenceTransformer(modules=[Transformer(str(tmp_path)), Pooling(48)], device="cpu").eval()
+    ref = _embed(model, real_sentences)
+    swap(model)
+    assert type(model[0].auto_model).__name__ == "DistilBertModel" and is_swapped(model)
+    cos = _cosine(_embed(model, real_sentences), ref)
+    assert cos.min().item() >= COSINE, f"lowest cosine {cos.min().item():.8f}"
+    unswap(model)
+    assert torch.equal(_embed(model, real_sentences), ref)
 
 
 def test_unsupported_inner_model_is_refused_and_nothing_changes(cross_encoder_dir):

@@ -15,11 +15,13 @@ import pytest
 import torch
 from transformers import (
     DistilBertForMaskedLM,
+    DistilBertForMultipleChoice,
     DistilBertForQuestionAnswering,
     DistilBertForSequenceClassification,
     DistilBertForTokenClassification,
     DistilBertModel,
     ElectraForMaskedLM,
+    ElectraForMultipleChoice,
     ElectraForPreTraining,
     ElectraForQuestionAnswering,
     ElectraForSequenceClassification,
@@ -40,7 +42,7 @@ TASKS = DISTILBERT + ELECTRA
 
 
 def _config(cls, distilbert_config, electra_config, **overrides):
-    return (distilbert_config if cls in DISTILBERT else electra_config)(**overrides)
+    return (distilbert_config if cls.__name__.startswith("DistilBert") else electra_config)(**overrides)
 
 
 def _task_inputs(cls, config, ids, mask, seed=0):
@@ -189,13 +191,39 @@ def test_unswap_restores_bit_exact_outputs(cls, distilbert_config, electra_confi
         assert torch.equal(model(ids, attention_mask=mask).logits, ref)
 
 
-def test_distilbert_takes_no_token_types(distilbert_config, make_hf, ragged_batch):
-    """DistilBERT has no token-type table: token types given to it are refused, not ignored."""
+@pytest.mark.parametrize("cls", [DistilBertForMultipleChoice, ElectraForMultipleChoice], ids=lambda c: c.__name__)
+def test_multiple_choice(cls, model_backend, distilbert_config, electra_config, make_hf, hf_outputs, assert_close):
+    """[B, choices, L] inputs, which the task model flattens to [B * choices, L] for the encoder."""
+    config = _config(cls, distilbert_config, electra_config)
+    model = make_hf(cls, config)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, config.vocab_size, (2, 3, 14), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 1, 6:] = 0
+    mask[1, 2, 1:] = 0
+    labels = torch.tensor([1, 2])
+    refs = hf_outputs(model, ids, attention_mask=mask, labels=labels)
+    swap(model, backend=model_backend)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, labels=labels)
+    for ref in refs.values():
+        assert_close(out.logits, ref.logits, what="logits")
+        assert_close(out.loss, ref.loss, what="loss")
+
+
+def test_swapped_distilbert_ignores_token_types_as_hf_does(distilbert_config, make_hf, ragged_batch,
+                                                          assert_tokens_close):
+    """HF's DistilBertModel takes token_type_ids (a BERT tokenizer makes them; sentence-transformers passes them on)
+    and ignores them; so does the swapped model. FastBertModel, which is not a drop-in, refuses them."""
     config = distilbert_config()
-    model = swap(make_hf(DistilBertModel, config))
-    ids, mask = ragged_batch(config, [4, 2])
-    with pytest.raises(ValueError, match="token_type_ids given, but a distilbert model has no token types"):
-        model(ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
+    model = make_hf(DistilBertModel, config)
+    ids, mask = ragged_batch(config, [4, 9])
+    types = torch.ones_like(ids)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).last_hidden_state
+        assert torch.equal(model(ids, attention_mask=mask, token_type_ids=types).last_hidden_state, ref)
+        swap(model)
+        assert_tokens_close(model(ids, attention_mask=mask, token_type_ids=types).last_hidden_state, ref, mask)
 
 
 @pytest.mark.parametrize("cls,overrides,match", [

@@ -88,6 +88,21 @@ def test_bf16_error_is_at_most_twice_hf_bf16(family, family_config, make_hf, rag
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_int8_inference(family, family_config, make_hf, ragged_batch):
+    """int8 quantization runs on either family's layers (DistilBERT without token types, ELECTRA after its
+    projection) and stays close to the float model."""
+    config = family_config(family)
+    hf = make_hf(getattr(transformers, f"{PREFIX[family]}Model"), config)
+    fast = FastBertModel.from_hf(hf, dtype=torch.qint8)
+    ids, mask = ragged_batch(config, [9, 17, 4])
+    real = mask.bool()
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask).last_hidden_state[real]
+        out = fast(ids, mask).last_hidden_state[real]
+    assert F.cosine_similarity(out, ref, dim=-1).min().item() > 0.99
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_encoder_layout(family, family_config, make_hf):
     """DistilBERT has no token-type table; ELECTRA's projection comes only where embedding_size differs."""
     for overrides in ({}, {"embedding_size": 48}) if family == "electra" else ({},):
