@@ -1,5 +1,5 @@
 """Shared fixtures: the real all-MiniLM-L6-v2 checkpoint and tokenizer, real English sentences of ragged lengths,
-small random-weight BERT/RoBERTa configs, seeded HF model builders and the parity check against HF.
+small random-weight BERT/RoBERTa/DistilBERT/ELECTRA configs, seeded HF model builders and the parity check against HF.
 
 Tolerances: fp32 parity with HF within 1e-4 absolute at the real tokens, padding exactly zero;
 in bf16/fp16 an error against the fp32 HF model at most twice HF's own error in that dtype, plus a tiny floor.
@@ -178,6 +178,39 @@ def roberta_config():
     return make
 
 
+# odd sizes: hidden 48 in 3 heads of 16, intermediate 80, a vocabulary of 997
+_ODD = dict(vocab_size=997, max_position_embeddings=512, pad_token_id=0)
+
+
+@pytest.fixture
+def distilbert_config():
+    """distilbert_config(**overrides) -> a small DistilBertConfig: 2 layers, dim 48, 3 heads, hidden_dim 80, vocab 997,
+    512 positions (learned; sinusoidal_pos_embds=True for the fixed table)."""
+    from transformers import DistilBertConfig
+
+    def make(**overrides):
+        kw = dict(_ODD, dim=48, n_layers=2, n_heads=3, hidden_dim=80)
+        kw.update(overrides)
+        return DistilBertConfig(**kw)
+
+    return make
+
+
+@pytest.fixture
+def electra_config():
+    """electra_config(**overrides) -> a small ElectraConfig (a discriminator): 2 layers, hidden 48, 3 heads,
+    intermediate 80, vocab 997, 512 positions, embeddings of 32 projected to 48 (embedding_size=48: no projection)."""
+    from transformers import ElectraConfig
+
+    def make(**overrides):
+        kw = dict(_ODD, embedding_size=32, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
+                  intermediate_size=80, type_vocab_size=2)
+        kw.update(overrides)
+        return ElectraConfig(**kw)
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def bert_base_config():
     """bert-base-uncased at its real size: 12 layers, hidden 768, 12 heads, intermediate 3072, vocab 30522."""
@@ -288,5 +321,137 @@ def assert_low_precision_error():
         native_err = (native - ref32).abs().max().item()
         floor = 1e-3 * ref32.abs().max().item()
         assert err <= 2 * native_err + floor, f"{what}: error {err:.3g} vs HF's own {native_err:.3g} (+{floor:.2g})"
+
+    return check
+
+
+@pytest.fixture
+def compare_outputs(assert_tokens_close, assert_close):
+    """compare_outputs(out, ref, fields, mask, zero_padding=True): same output type, and each field (name -> True
+    when per token, [B, L, ...]) within 1e-4: per-token fields at the real tokens only."""
+
+    def check(out, ref, fields, mask, zero_padding: bool = True):
+        assert type(out) is type(ref)
+        for name, per_token in fields.items():
+            assert getattr(out, name) is not None, name
+            if per_token:
+                # only the encoder's own output is zero at the padding; a head maps those zeros to its bias
+                assert_tokens_close(getattr(out, name), getattr(ref, name), mask, what=name,
+                                    zero_padding=zero_padding and name == "last_hidden_state")
+            else:
+                assert_close(getattr(out, name), getattr(ref, name), what=name)
+
+    return check
+
+
+@pytest.fixture
+def swap_parity(hf_outputs, compare_outputs):
+    """swap_parity(model, backend, ids, mask, fields, **kwargs) -> (swapped output, HF outputs per attention
+    implementation): swaps `model` in place and checks that its outputs match HF's (compare_outputs), that the
+    forward signatures are HF's and that the state_dict keeps its keys and values."""
+    import inspect
+
+    from mtbert_fast import is_swapped, swap
+
+    def run(model, backend, ids, mask, fields, **kwargs):
+        signature, base_signature = inspect.signature(model.forward), inspect.signature(model.base_model.forward)
+        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        refs = hf_outputs(model, ids, attention_mask=mask, **kwargs)
+        assert swap(model, backend=backend) is model
+        assert is_swapped(model)
+        assert inspect.signature(model.forward) == signature
+        assert inspect.signature(model.base_model.forward) == base_signature
+        with torch.no_grad():
+            out = model(ids, attention_mask=mask, **kwargs)
+        for ref in refs.values():
+            compare_outputs(out, ref, fields, mask)
+        after = model.state_dict()
+        assert list(after) == list(before)
+        for k, v in before.items():
+            assert torch.equal(after[k], v), k
+        return out, refs
+
+    return run
+
+
+@pytest.fixture
+def input_variant():
+    """input_variant(name, config, ids, mask, model) -> (keyword inputs, mask of the real positions) of one input
+    variant: token_type_ids, position_ids (3 rows), position_ids_broadcast, inputs_embeds, all_ones_mask, no_mask,
+    bool_mask, float_mask (0.0 / 1.0), holes (padding inside rows), left_padding."""
+
+    def make(name, config, ids, mask, model):
+        g = torch.Generator().manual_seed(11)
+        b, l = ids.shape
+        if name == "token_type_ids":
+            types = torch.randint(0, config.type_vocab_size, (b, l), generator=g) * mask
+            return dict(input_ids=ids, attention_mask=mask, token_type_ids=types), mask
+        if name == "position_ids":
+            positions = torch.arange(l) + torch.tensor([[4], [0], [9]])
+            return dict(input_ids=ids, attention_mask=mask, position_ids=positions), mask
+        if name == "position_ids_broadcast":
+            return dict(input_ids=ids, attention_mask=mask, position_ids=(torch.arange(l) * 2 + 5)[None]), mask
+        if name == "inputs_embeds":
+            with torch.no_grad():
+                embeds = model.get_input_embeddings()(ids)
+            return dict(inputs_embeds=embeds + 0.1 * torch.randn(embeds.shape, generator=g), attention_mask=mask), mask
+        if name == "bool_mask":
+            return dict(input_ids=ids, attention_mask=mask.bool()), mask
+        if name == "float_mask":
+            return dict(input_ids=ids, attention_mask=mask.float()), mask
+        if name == "holes":
+            holed = mask.clone()
+            holed[:, 2] = 0
+            holed[1, 5:7] = 0
+            return dict(input_ids=ids, attention_mask=holed), holed
+        if name == "left_padding":
+            flipped = mask.flip(1)
+            return dict(input_ids=ids.flip(1), attention_mask=flipped), flipped
+        if name == "all_ones_mask":
+            return dict(input_ids=ids, attention_mask=torch.ones_like(mask)), torch.ones_like(mask)
+        if name == "no_mask":
+            return dict(input_ids=ids), torch.ones_like(mask)
+        raise AssertionError(name)
+
+    return make
+
+
+@pytest.fixture
+def assert_swap_bf16(assert_low_precision_error):
+    """assert_swap_bf16(ref_model, ids, mask): a copy of the fp32 HF task model `ref_model`, swapped with
+    dtype=torch.bfloat16, gives logits and hidden states within twice the error of HF's own bf16 model."""
+    import copy
+
+    from mtbert_fast import swap
+
+    def check(ref_model, ids, mask):
+        model = swap(copy.deepcopy(ref_model), dtype=torch.bfloat16)
+        kwargs = dict(attention_mask=mask, output_hidden_states=True)
+        with torch.no_grad():
+            ref = ref_model(ids, **kwargs)
+            native = copy.deepcopy(ref_model).to(torch.bfloat16)(ids, **kwargs)
+            out = model(ids, **kwargs)
+        assert out.logits.dtype == torch.bfloat16
+        assert_low_precision_error(out.logits, native.logits, ref.logits, what="logits")
+        for i, (a, n, r) in enumerate(zip(out.hidden_states, native.hidden_states, ref.hidden_states, strict=True)):
+            assert_low_precision_error(a, n, r, mask, what=f"hidden_states[{i}]")
+
+    return check
+
+
+@pytest.fixture
+def assert_swap_refused():
+    """assert_swap_refused(model, ids, mask, match): swap(model) raises UnsupportedModelError matching `match`, and
+    the model is left as it was: not swapped, HF's forward, the same logits."""
+    from mtbert_fast import is_swapped, swap
+    from mtbert_fast.models import UnsupportedModelError
+
+    def check(model, ids, mask, match):
+        with torch.no_grad():
+            ref = model(ids, attention_mask=mask).logits
+            with pytest.raises(UnsupportedModelError, match=match):
+                swap(model)
+            assert not is_swapped(model) and "forward" not in vars(model.base_model)
+            assert torch.equal(model(ids, attention_mask=mask).logits, ref)
 
     return check

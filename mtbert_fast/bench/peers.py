@@ -46,9 +46,14 @@ def _failed(what: str, exc: Exception) -> Unavailable:
     return Unavailable(f"{what} failed: {type(exc).__name__}: {first}")
 
 
+def _outputs(model: torch.nn.Module) -> list[str]:
+    """The outputs an export has: the pooler's only where the model has one (DistilBERT and ELECTRA have none)."""
+    return list(OUTPUTS if getattr(model, "pooler", None) is not None else OUTPUTS[:1])
+
+
 class _Positional(torch.nn.Module):
-    """The HF model called with its inputs by position, returning (last_hidden_state, pooler_output): the form
-    the ONNX exporters take."""
+    """The HF model called with its inputs by position, returning (last_hidden_state, pooler_output) or, without a
+    pooler, (last_hidden_state,): the form the ONNX exporters take."""
 
     def __init__(self, model: torch.nn.Module, names: list[str]):
         super().__init__()
@@ -56,7 +61,7 @@ class _Positional(torch.nn.Module):
 
     def forward(self, *tensors):
         out = self.model(**dict(zip(self.names, tensors)))
-        return out.last_hidden_state, out.pooler_output
+        return tuple(getattr(out, name) for name in _outputs(self.model))
 
 
 def _pad_to(hidden: torch.Tensor, width: int) -> torch.Tensor:
@@ -179,7 +184,7 @@ class Peers:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(_Positional(self.hf32, self.names), tuple(self.sample[n] for n in self.names),
-                                  str(path), input_names=self.names, output_names=list(OUTPUTS), dynamo=True,
+                                  str(path), input_names=self.names, output_names=_outputs(self.hf32), dynamo=True,
                                   dynamic_axes={n: {0: "batch", 1: "length"} for n in self.names},
                                   verbose=False)  # fmt: skip
         except Exception as exc:  # export of an HF model fails in many version-specific ways; show why
@@ -195,7 +200,7 @@ class Peers:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(_Positional(eager.eval(), self.names), tuple(self.sample[n] for n in self.names),
-                              str(raw), input_names=self.names, output_names=list(OUTPUTS), dynamo=False,
+                              str(raw), input_names=self.names, output_names=_outputs(self.hf32), dynamo=False,
                               dynamic_axes={n: {0: "batch", 1: "length"} for n in self.names})  # fmt: skip
         config = self.hf32.config
         model = optimize_model(str(raw), model_type="bert", num_heads=config.num_attention_heads,

@@ -1,9 +1,10 @@
-"""Swap the fast encoder into a Hugging Face BERT/RoBERTa model in place, and back.
+"""Swap the fast encoder into a Hugging Face BERT/RoBERTa/DistilBERT/ELECTRA model (or the one inside a
+sentence-transformers model) in place, and back.
 
-`swap` replaces the forward of the model's base encoder (BertModel / RobertaModel, also inside any `*For*`
-task model) with the packed-token path. No module is replaced and no parameter is renamed, so state_dict
-keys, the forward signature and the output types stay HF's. Query, key and value weights are moved into one
-[3H, H] buffer that the three parameters view, so the fused QKV GEMM needs no copy; while swapped,
+`swap` replaces the forward of the model's base encoder (BertModel / RobertaModel / DistilBertModel / ElectraModel,
+also inside any `*For*` task model) with the packed-token path. No module is replaced and no parameter is renamed,
+so state_dict keys, the forward signature and the output types stay HF's. Query, key and value weights are moved
+into one [3H, H] buffer that the three parameters view, so the fused QKV GEMM needs no copy; while swapped,
 `state_dict()` hands out independent copies of those three, so checkpoints never hold shared storage.
 """
 
@@ -18,6 +19,7 @@ import torch.nn as nn
 
 from mtbert_fast.models.config import EncoderConfig
 from mtbert_fast.models.encoder import EmbeddingWeights, Int8State, LayerWeights, encode, quantize_encoder
+from mtbert_fast.models.hf_mapping import LAYOUTS, HfLayout
 from mtbert_fast.models.int8 import DEFAULT_SMOOTHING, check_model_dtype
 from mtbert_fast.ops.dispatch import requested_backend
 
@@ -27,10 +29,10 @@ _IGNORED_KWARGS = {"use_cache", "cache", "past_key_values", "cache_position"}
 
 def _base_model(model: nn.Module) -> nn.Module:
     base = getattr(model, "base_model", model)
-    if not hasattr(base, "embeddings") or not hasattr(base, "encoder"):
+    if not hasattr(base, "embeddings") or not hasattr(base, "config"):
         raise TypeError(
-            f"{type(model).__name__} is not a BERT or RoBERTa model (no embeddings/encoder); "
-            "swap takes BertModel, RobertaModel and their *For* task models"
+            f"{type(model).__name__} is not a BERT or RoBERTa model, nor a DistilBERT or ELECTRA one (no embeddings); "
+            "swap takes BertModel, RobertaModel, DistilBertModel, ElectraModel and their *For* task models"
         )
     return base
 
@@ -43,8 +45,8 @@ class _QKVFusion:
     oneDNN computes with (models/weight_pack.py) follows it.
     """
 
-    def __init__(self, attn: nn.Module):
-        self.linears = (attn.query, attn.key, attn.value)
+    def __init__(self, linears: tuple[nn.Linear, nn.Linear, nn.Linear]):
+        self.linears = linears
         self.fuse()
 
     def fuse(self) -> None:
@@ -87,19 +89,25 @@ class _QKVFusion:
         return self.weight, self.bias
 
 
-def _unshare_qkv(module, state_dict, prefix, local_metadata):
-    for key, value in state_dict.items():
-        if key.startswith(prefix) and ".attention.self." in key:
-            state_dict[key] = value.clone()
-
-
 class _SwapState:
     def __init__(self, base: nn.Module, backend: str | None):
         self.config = EncoderConfig.from_hf(base.config)
+        self.layout: HfLayout = LAYOUTS[self.config.family]
         self.backend = backend
-        self.qkv = [_QKVFusion(layer.attention.self) for layer in base.encoder.layer]
-        self.state_dict_hook = base.register_state_dict_post_hook(_unshare_qkv)
+        self.qkv = [_QKVFusion(tuple(layer.get_submodule(n) for n in self.layout.qkv)) for layer in self.layers(base)]
+        qkv_keys = {f"{self.layout.layers}.{i}.{n}.{kind}" for i in range(len(self.qkv)) for n in self.layout.qkv
+                    for kind in ("weight", "bias")}
+
+        def unshare_qkv(module, state_dict, prefix, local_metadata):
+            for key, value in state_dict.items():
+                if key.startswith(prefix) and key[len(prefix):] in qkv_keys:
+                    state_dict[key] = value.clone()
+
+        self.state_dict_hook = base.register_state_dict_post_hook(unshare_qkv)
         self.int8: Int8State | None = None
+
+    def layers(self, base: nn.Module) -> nn.ModuleList:
+        return base.get_submodule(self.layout.layers)
 
     def release(self) -> None:
         """Undo what the state did to the model: the state_dict hook, the shared QKV storage."""
@@ -114,35 +122,32 @@ class _SwapState:
         with torch.no_grad():  # the fused QKV buffers, not copies made for autograd
             layers = self.layer_weights(base)
         int8 = quantize_encoder(self.config, _embedding_weights(base), layers, calibration, smoothing, self.backend)
-        self.int8 = Int8State(int8, list(base.encoder.parameters()))
+        self.int8 = Int8State(int8, list(self.layers(base).parameters()))
 
     def run_layers(self, base: nn.Module) -> list:
         if self.int8 is not None:
-            return self.int8.current(list(base.encoder.parameters()))
+            return self.int8.current(list(self.layers(base).parameters()))
         return self.layer_weights(base)
 
     def layer_weights(self, base: nn.Module) -> list[LayerWeights]:
         out = []
-        for layer, fusion in zip(base.encoder.layer, self.qkv):
-            qkv_w, qkv_b = fusion.weights()
-            a, i, o = layer.attention.output, layer.intermediate.dense, layer.output
-            out.append(LayerWeights(
-                qkv_w, qkv_b,
-                a.dense.weight, a.dense.bias, a.LayerNorm.weight, a.LayerNorm.bias,
-                i.weight, i.bias,
-                o.dense.weight, o.dense.bias, o.LayerNorm.weight, o.LayerNorm.bias,
-            ))  # fmt: skip
+        for layer, fusion in zip(self.layers(base), self.qkv):
+            modules = [layer.get_submodule(name) for _, name in self.layout.layer]
+            out.append(LayerWeights(*fusion.weights(), *(t for m in modules for t in (m.weight, m.bias))))
         return out
 
 
 def _embedding_weights(base: nn.Module) -> EmbeddingWeights:
     emb = base.embeddings
+    types, project = getattr(emb, "token_type_embeddings", None), getattr(base, "embeddings_project", None)
     return EmbeddingWeights(
         emb.word_embeddings.weight,
         emb.position_embeddings.weight,
-        emb.token_type_embeddings.weight,
+        types.weight if types is not None else None,
         emb.LayerNorm.weight,
         emb.LayerNorm.bias,
+        project.weight if project is not None else None,
+        project.bias if project is not None else None,
     )
 
 
@@ -160,7 +165,7 @@ def _swapped_forward(
     return_dict=None,
     **kwargs,
 ):
-    from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+    from transformers import modeling_outputs
 
     state: _SwapState = getattr(self, _STATE)
     if encoder_hidden_states is not None or encoder_attention_mask is not None:
@@ -178,11 +183,14 @@ def _swapped_forward(
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
 
+    if not state.layout.token_types:  # HF's DistilBertModel takes token_type_ids in **kwargs and ignores them
+        token_type_ids = None
+    pooler = getattr(self, "pooler", None)
     out = encode(
         state.config,
         _embedding_weights(self),
         state.run_layers(self),
-        (self.pooler.dense.weight, self.pooler.dense.bias) if self.pooler is not None else None,
+        (pooler.dense.weight, pooler.dense.bias) if pooler is not None else None,
         input_ids,
         attention_mask,
         token_type_ids,
@@ -193,18 +201,17 @@ def _swapped_forward(
         backend=state.backend,
     )
     # after encode(), which has validated the mask
-    if self.pooler is not None and attention_mask is not None and bool((attention_mask[:, 0] == 0).any()):
+    if pooler is not None and attention_mask is not None and bool((attention_mask[:, 0] == 0).any()):
         warnings.warn(
             "left-padded batch: the swapped pooler reads each row's first real token, where HF's reads position 0 "
             "(a padding slot), so pooler_output and the heads that read it differ from HF's there; pad on the right "
             "(the BERT tokenizers' default) to match HF",
             stacklevel=2,
         )
-    result = BaseModelOutputWithPoolingAndCrossAttentions(
-        last_hidden_state=out.last_hidden_state,
-        pooler_output=out.pooler_output,
-        hidden_states=out.hidden_states,
-    )
+    fields = {"last_hidden_state": out.last_hidden_state, "hidden_states": out.hidden_states}
+    if state.layout.pooler:
+        fields["pooler_output"] = out.pooler_output
+    result = getattr(modeling_outputs, state.layout.output)(**fields)
     return result if return_dict else result.to_tuple()
 
 
@@ -227,6 +234,18 @@ def _forward_with_signature(hf_forward) -> types.FunctionType:
     return forward
 
 
+def _hf_models(model: nn.Module) -> list[nn.Module]:
+    """The transformers models `swap` works on: `model` itself, or those inside a sentence-transformers model
+    (SentenceTransformer, CrossEncoder): each module of it that holds one as `auto_model`."""
+    if not type(model).__module__.startswith("sentence_transformers."):
+        return [model]
+    inner = list({id(m.auto_model): m.auto_model for m in model.modules()
+                  if isinstance(getattr(m, "auto_model", None), nn.Module)}.values())
+    if not inner:
+        raise TypeError(f"{type(model).__name__} holds no transformers model (no module with an auto_model) to swap")
+    return inner
+
+
 def swap(
     model: nn.Module,
     backend: str = "auto",
@@ -235,9 +254,11 @@ def swap(
     calibration=None,
     smoothing: float = DEFAULT_SMOOTHING,
 ) -> nn.Module:
-    """Run `model`'s BERT/RoBERTa encoder on mtbert_fast's packed-token path, in place; returns `model`.
+    """Run `model`'s BERT-family encoder on mtbert_fast's packed-token path, in place; returns `model`.
 
-    model: an HF BertModel or RobertaModel, or any of their *For* task models.
+    model: an HF BertModel, RobertaModel, DistilBertModel or ElectraModel, or any of their *For* task models (XLM-R
+      and CamemBERT too); or a sentence-transformers
+      SentenceTransformer or CrossEncoder, whose transformers model is swapped (`encode` / `predict` keep working).
     backend: "auto" or one of cuda / triton / cpu / reference for every op.
     dtype: if given, the whole model is cast to it first (as model.to(dtype) would), e.g. torch.bfloat16.
       torch.qint8: int8 inference on the CPU. The encoder's four products per layer run on int8 weights (per
@@ -249,40 +270,45 @@ def swap(
       SmoothQuant's alpha.
     Outputs at padding positions of last_hidden_state (and hidden_states) are zeros. Undo with `unswap`.
     """
-    base = _base_model(model)
+    bases = [_base_model(m) for m in _hf_models(model)]
     requested_backend(backend)
-    EncoderConfig.from_hf(base.config)  # refuses unsupported configs before anything changes
-    if hasattr(base, _STATE):
-        raise RuntimeError(f"{type(model).__name__} is already swapped; call mtbert_fast.unswap(model) first")
+    for base in bases:  # refuses unsupported configs before anything changes
+        EncoderConfig.from_hf(base.config)
+        if hasattr(base, _STATE):
+            raise RuntimeError(f"{type(model).__name__} is already swapped; call mtbert_fast.unswap(model) first")
     check_model_dtype(dtype)
     int8 = dtype == torch.qint8
     if calibration is not None and not int8:
         raise ValueError("calibration is read for int8 only: pass dtype=torch.qint8 with it")
     if dtype is not None and not int8:
         model.to(dtype)
-    state = _SwapState(base, None if backend == "auto" else backend)
-    if int8:
-        try:
-            state.quantize(base, calibration, smoothing)
-        except Exception:
+    states = []
+    try:
+        for base in bases:
+            states.append(_SwapState(base, None if backend == "auto" else backend))
+            if int8:
+                states[-1].quantize(base, calibration, smoothing)
+    except Exception:
+        for state in states:
             state.release()
-            raise
-    setattr(base, _STATE, state)
-    base.forward = types.MethodType(_forward_with_signature(type(base).forward), base)
+        raise
+    for base, state in zip(bases, states):
+        setattr(base, _STATE, state)
+        base.forward = types.MethodType(_forward_with_signature(type(base).forward), base)
     return model
 
 
 def unswap(model: nn.Module) -> nn.Module:
     """Restore HF's own forward; parameters keep their values (and the dtype `swap` cast them to)."""
-    base = _base_model(model)
-    state = getattr(base, _STATE, None)
-    if state is None:
+    bases = [_base_model(m) for m in _hf_models(model)]
+    if not all(hasattr(base, _STATE) for base in bases):
         raise RuntimeError(f"{type(model).__name__} is not swapped")
-    state.release()
-    del base.forward
-    delattr(base, _STATE)
+    for base in bases:
+        getattr(base, _STATE).release()
+        del base.forward
+        delattr(base, _STATE)
     return model
 
 
 def is_swapped(model: nn.Module) -> bool:
-    return hasattr(_base_model(model), _STATE)
+    return all(hasattr(_base_model(m), _STATE) for m in _hf_models(model))

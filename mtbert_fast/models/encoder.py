@@ -28,11 +28,15 @@ from mtbert_fast.ops.dispatch import requested_backend
 
 
 class EmbeddingWeights(NamedTuple):
-    word: torch.Tensor  # [V, H]
-    position: torch.Tensor  # [P, H]
-    token_type: torch.Tensor  # [types, H]
-    norm_weight: torch.Tensor  # [H]
-    norm_bias: torch.Tensor  # [H]
+    """E is the embedding width: hidden_size H, or ELECTRA's embedding_size, projected to H after the LayerNorm."""
+
+    word: torch.Tensor  # [V, E]
+    position: torch.Tensor  # [P, E]
+    token_type: torch.Tensor | None  # [types, E]; None for DistilBERT, which has no token types
+    norm_weight: torch.Tensor  # [E]
+    norm_bias: torch.Tensor  # [E]
+    project_weight: torch.Tensor | None = None  # [H, E] (ELECTRA's embeddings_project), None when E == H
+    project_bias: torch.Tensor | None = None  # [H]
 
 
 class LayerWeights(NamedTuple):
@@ -129,8 +133,9 @@ def validate_inputs(
             raise TypeError(f"input_ids must be int64 or int32, got {_describe(input_ids)}")
         shape = tuple(input_ids.shape)
     else:
-        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
-            raise ValueError(f"inputs_embeds must be [batch, seqlen, {config.hidden_size}], got {_describe(inputs_embeds)}")
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.embedding_width:
+            raise ValueError(f"inputs_embeds must be [batch, seqlen, {config.embedding_width}], got "
+                             f"{_describe(inputs_embeds)}")
         shape = tuple(inputs_embeds.shape[:2])
     named = {"input_ids": input_ids, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
              "token_type_ids": token_type_ids, "position_ids": position_ids}
@@ -147,17 +152,25 @@ def validate_inputs(
     if attention_mask is not None:
         if attention_mask.shape != shape:
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but the input is {shape}")
-        if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
-            raise TypeError(
-                f"attention_mask must hold integers or bools (1 = real token, 0 = padding), got {attention_mask.dtype}:"
-                " a float mask is ambiguous (additive or multiplicative)"
-            )
-        if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
-            raise ValueError("attention_mask must hold only 0 and 1")
+        if attention_mask.dtype.is_complex:
+            raise TypeError(f"attention_mask must hold integers, bools or floats (1 = real token, 0 = padding), got "
+                            f"{attention_mask.dtype}")
+        if attention_mask.dtype != torch.bool:
+            other = attention_mask[(attention_mask != 0) & (attention_mask != 1)]
+            if other.numel() and attention_mask.dtype.is_floating_point:
+                raise ValueError(
+                    f"a float attention_mask must hold only 0.0 and 1.0 (1 = real token, 0 = padding), as HF's "
+                    f"tokenizers make it; it holds {float(other[0])}: an additive mask (0 / -inf or a large negative "
+                    "number at padding) or fractional weights are not accepted"
+                )
+            if other.numel():
+                raise ValueError(f"attention_mask must hold only 0 and 1, it holds {int(other[0])}")
         empty = (attention_mask == 0).all(dim=1).nonzero()
         if empty.numel():
             raise ValueError(f"row {int(empty[0])} of attention_mask has no real token")
     if token_type_ids is not None:
+        if config.type_vocab_size == 0:
+            raise ValueError(f"token_type_ids given, but a {config.family} model has no token types")
         if token_type_ids.shape != shape:
             raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)} but the input is {shape}")
         lo, hi = torch.aminmax(token_type_ids)
@@ -213,7 +226,8 @@ def embed_packed(
     inputs_embeds: torch.Tensor | None,
     training: bool,
 ) -> torch.Tensor:
-    """LayerNorm(word + token_type + position embeddings) of the real tokens only -> [T, H]."""
+    """LayerNorm(word + token_type + position embeddings) of the real tokens only, projected to H where the
+    embedding width differs (ELECTRA) -> [T, H]."""
     if inputs_embeds is not None:
         x = gather_rows(inputs_embeds.reshape(-1, inputs_embeds.shape[-1]), packed.indices)
     else:
@@ -221,11 +235,12 @@ def embed_packed(
         x = F.embedding(ids, w.word)
     if token_type_ids is not None:
         x = x + F.embedding(gather_rows(token_type_ids.reshape(-1).long(), packed.indices), w.token_type)
-    else:
+    elif w.token_type is not None:
         x = x + w.token_type[0]
     x = x + F.embedding(packed_positions(config, input_ids, position_ids, packed), w.position)
     x = F.layer_norm(x, (x.shape[-1],), w.norm_weight, w.norm_bias, config.layer_norm_eps)
-    return F.dropout(x, config.hidden_dropout_prob, training)
+    x = F.dropout(x, config.hidden_dropout_prob, training)
+    return x if w.project_weight is None else F.linear(x, w.project_weight, w.project_bias)
 
 
 def _residual_norm(a, bias, residual, weight, beta, eps, p, training, backend):
@@ -300,7 +315,7 @@ def layer_forward(
     ctx = ctx.reshape(t, h)
     observe("attn_out", ctx)
     x = _residual_norm(linear(ctx, w.attn_out_weight), w.attn_out_bias, x, w.attn_norm_weight,
-                       w.attn_norm_bias, eps, p, training, backend)
+                       w.attn_norm_bias, eps, config.attn_out_dropout_prob, training, backend)
     observe("ffn_in", x)
     inner = linear.gelu(x, w.ffn_in_weight, w.ffn_in_bias, config.gelu_approximate)
     observe("ffn_out", inner)
@@ -338,6 +353,8 @@ def encode(
         )
     if inputs_embeds is not None and inputs_embeds.dtype != embeddings.word.dtype:
         raise TypeError(f"inputs_embeds has dtype {inputs_embeds.dtype} but the model runs in {embeddings.word.dtype}")
+    if attention_mask is not None and attention_mask.dtype.is_floating_point:  # 0.0 / 1.0, as validated
+        attention_mask = attention_mask != 0
     if attention_mask is None or bool(attention_mask.all()):
         packed = PackedBatch.dense(batch, seqlen, device)
     else:
@@ -402,21 +419,28 @@ class Int8State:
 
 
 class FastEmbeddings(nn.Module):
+    """Word, position and (except DistilBERT) token-type tables, LayerNorm, and ELECTRA's projection to hidden_size
+    where its embedding_size differs."""
+
     def __init__(self, config: EncoderConfig):
         super().__init__()
-        h = config.hidden_size
-        self.word_embeddings = nn.Embedding(config.vocab_size, h)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, h)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, h)
-        self.LayerNorm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        e = config.embedding_width
+        self.word_embeddings = nn.Embedding(config.vocab_size, e)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, e)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, e) if config.type_vocab_size else None
+        self.LayerNorm = nn.LayerNorm(e, eps=config.layer_norm_eps)
+        self.project = nn.Linear(e, config.hidden_size) if e != config.hidden_size else None
 
     def weights(self) -> EmbeddingWeights:
+        types, project = self.token_type_embeddings, self.project
         return EmbeddingWeights(
             self.word_embeddings.weight,
             self.position_embeddings.weight,
-            self.token_type_embeddings.weight,
+            types.weight if types is not None else None,
             self.LayerNorm.weight,
             self.LayerNorm.bias,
+            project.weight if project is not None else None,
+            project.bias if project is not None else None,
         )
 
 
@@ -445,7 +469,7 @@ class FastBertLayer(nn.Module):
 
 
 class FastBertModel(nn.Module):
-    """A BERT or RoBERTa encoder that runs on packed tokens with the fused mtbert_fast ops.
+    """A BERT, RoBERTa, DistilBERT or ELECTRA encoder that runs on packed tokens with the fused mtbert_fast ops.
 
     Build it from a config (random weights), from a loaded HF model (`from_hf`) or from an HF model directory
     (`from_pretrained`). `forward` takes HF's inputs and returns an `EncoderOutput` whose last_hidden_state and
@@ -563,17 +587,19 @@ class FastBertModel(nn.Module):
     @classmethod
     def from_hf(cls, hf_model: nn.Module, *, dtype=None, backend: str | None = None, calibration=None
                 ) -> FastBertModel:
-        """From a loaded HF BertModel / RobertaModel, or any of their task models (their encoder is taken).
+        """From a loaded HF BertModel / RobertaModel / DistilBertModel / ElectraModel, or any of their task models
+        (their encoder is taken).
         dtype=torch.qint8: int8 inference with activations in the HF model's float dtype (see `quantize`, which
         reads `calibration`)."""
         from mtbert_fast.models.hf_mapping import fast_state_dict_from_hf
 
         base = getattr(hf_model, "base_model", hf_model)
         config = EncoderConfig.from_hf(base.config)
-        state = fast_state_dict_from_hf(base.state_dict(), config, has_pooler=base.pooler is not None)
+        has_pooler = getattr(base, "pooler", None) is not None
+        state = fast_state_dict_from_hf(base.state_dict(), config, has_pooler=has_pooler)
         # copies: the fast model owns its weights, so changing or training it leaves the HF model as it was
         state = {k: v.clone() for k, v in state.items()}
-        return cls._from_state(config, state, base.pooler is not None, dtype, backend, calibration=calibration)
+        return cls._from_state(config, state, has_pooler, dtype, backend, calibration=calibration)
 
     @classmethod
     def from_pretrained(

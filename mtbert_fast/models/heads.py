@@ -196,7 +196,9 @@ class SequenceClassificationHead(Head):
     """One prediction per sequence: single-label, multi-label or regression, as BertForSequenceClassification.
 
     pooled=True (the default for the BERT head): dropout + linear on the encoder's pooler output.
-    roberta_style=True: RoBERTa's head on the first token: dropout, dense, tanh, dropout, out_proj.
+    roberta_style=True: a dense head on the first token: dropout, dense, activation, dropout, out_proj; RoBERTa's
+    with activation "tanh", ELECTRA's with "gelu" (erf); DistilBERT's is dense, "relu", dropout, out_proj
+    (dropout_before_dense=False).
     pooled=False without roberta_style: dropout + linear on the first token's hidden state.
     Outputs: logits [B_t, C]. Labels: int [B_t] in [0, C) or -100 (single_label); float [B_t, C] (multi_label);
     float [B_t] when C == 1, else [B_t, C] (regression).
@@ -205,6 +207,7 @@ class SequenceClassificationHead(Head):
     kind = "sequence_classification"
     PROBLEM_TYPES = ("single_label", "multi_label", "regression")
     _HF_PROBLEM_TYPES = {"single_label_classification": "single_label", "multi_label_classification": "multi_label"}
+    ACTIVATIONS = {"tanh": torch.tanh, "gelu": F.gelu, "relu": F.relu}
 
     def __init__(
         self,
@@ -215,9 +218,15 @@ class SequenceClassificationHead(Head):
         roberta_style: bool = False,
         dropout: float = 0.1,
         id2label: dict[int, str] | None = None,
+        activation: str = "tanh",
+        dropout_before_dense: bool = True,
     ):
         super().__init__()
         problem_type = self._HF_PROBLEM_TYPES.get(problem_type, problem_type)
+        if activation not in self.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(self.ACTIVATIONS)}, got {activation!r}")
+        if not roberta_style and (activation != "tanh" or not dropout_before_dense):
+            raise ValueError("activation and dropout_before_dense shape the dense head: pass roberta_style=True")
         if problem_type not in self.PROBLEM_TYPES:
             raise ValueError(f"problem_type must be one of {', '.join(self.PROBLEM_TYPES)}, got {problem_type!r}")
         if pooled and roberta_style:
@@ -228,6 +237,7 @@ class SequenceClassificationHead(Head):
         self.hidden, self.num_labels, self.problem_type = hidden, num_labels, problem_type
         self.pooled = not roberta_style if pooled is None else pooled
         self.roberta_style, self.dropout, self.id2label = roberta_style, dropout, _id2label(id2label)
+        self.activation, self.dropout_before_dense = activation, dropout_before_dense
         if roberta_style:
             self.dense = nn.Linear(hidden, hidden)
             self.out_proj = nn.Linear(hidden, num_labels)
@@ -246,7 +256,8 @@ class SequenceClassificationHead(Head):
     def config(self) -> dict[str, Any]:
         return {"hidden": self.hidden, "num_labels": self.num_labels, "problem_type": self.problem_type,
                 "pooled": self.pooled, "roberta_style": self.roberta_style, "dropout": self.dropout,
-                "id2label": None if self.id2label is None else {str(k): v for k, v in self.id2label.items()}}
+                "id2label": None if self.id2label is None else {str(k): v for k, v in self.id2label.items()},
+                "activation": self.activation, "dropout_before_dense": self.dropout_before_dense}
 
     def check_labels(self, task, labels, real):
         b, c = real.shape[0], self.num_labels
@@ -261,9 +272,10 @@ class SequenceClassificationHead(Head):
 
     def forward(self, view: HeadInput, labels=None, positions=None, mlm_logits=True):
         x = view.pooled() if self.pooled else view.first_tokens()
-        x = F.dropout(x, self.dropout, self.training)
+        if self.dropout_before_dense:
+            x = F.dropout(x, self.dropout, self.training)
         if self.roberta_style:
-            x = F.dropout(torch.tanh(self.dense(x)), self.dropout, self.training)
+            x = F.dropout(self.ACTIVATIONS[self.activation](self.dense(x)), self.dropout, self.training)
             logits = self.out_proj(x)
         else:
             logits = self.classifier(x)

@@ -1,6 +1,6 @@
-"""Hugging Face <-> mtbert_fast: HF BERT/RoBERTa state_dict <-> FastBertModel state_dict, safetensors reading (never
-unpickling), the task heads <-> the heads of HF's *For* task models, and a MultiTaskBert's encoder and heads from
-HF task models or one task of it as a transformers checkpoint."""
+"""Hugging Face <-> mtbert_fast: HF BERT/RoBERTa/DistilBERT/ELECTRA state_dict <-> FastBertModel state_dict,
+safetensors reading (never unpickling), the task heads <-> the heads of HF's *For* task models, and a MultiTaskBert's
+encoder and heads from HF task models or one task of it as a transformers checkpoint."""
 
 from __future__ import annotations
 
@@ -26,17 +26,56 @@ from mtbert_fast.models.heads import (
     TokenClassificationHead,
 )
 
-_PREFIXES = ("bert.", "roberta.", "model.", "")
-# (fast name, HF name) for each layer, the QKV fusion aside
-_LAYER_MAP = (
-    ("attn_out", "attention.output.dense"),
-    ("attn_norm", "attention.output.LayerNorm"),
-    ("ffn_in", "intermediate.dense"),
-    ("ffn_out", "output.dense"),
-    ("ffn_norm", "output.LayerNorm"),
+_PREFIXES = ("bert.", "roberta.", "distilbert.", "electra.", "model.", "")
+
+
+@dataclasses.dataclass(frozen=True)
+class HfLayout:
+    """Where a family's HF base model keeps the encoder, relative to the base model.
+
+    layers: the ModuleList of layers; qkv: the query, key and value linears in a layer; layer: (fast name, HF
+    module) for the rest of a layer, in LayerWeights' order; token_types: whether the embeddings have a token-type
+    table; pooler: whether the base model can have a pooler; output: the transformers.modeling_outputs class the
+    base model returns.
+    """
+
+    layers: str
+    qkv: tuple[str, str, str]
+    layer: tuple[tuple[str, str], ...]
+    token_types: bool
+    pooler: bool
+    output: str
+
+    def embedding_names(self) -> tuple[str, ...]:
+        types = ("token_type_embeddings.weight",) if self.token_types else ()
+        return ("word_embeddings.weight", "position_embeddings.weight", *types, "LayerNorm.weight", "LayerNorm.bias")
+
+
+_BERT_LAYOUT = HfLayout(
+    layers="encoder.layer",
+    qkv=("attention.self.query", "attention.self.key", "attention.self.value"),
+    layer=(("attn_out", "attention.output.dense"), ("attn_norm", "attention.output.LayerNorm"),
+           ("ffn_in", "intermediate.dense"), ("ffn_out", "output.dense"), ("ffn_norm", "output.LayerNorm")),
+    token_types=True,
+    pooler=True,
+    output="BaseModelOutputWithPoolingAndCrossAttentions",
 )
-_EMBEDDINGS = ("word_embeddings.weight", "position_embeddings.weight", "token_type_embeddings.weight",
-               "LayerNorm.weight", "LayerNorm.bias")
+LAYOUTS = {
+    "bert": _BERT_LAYOUT,
+    "roberta": _BERT_LAYOUT,
+    "electra": dataclasses.replace(_BERT_LAYOUT, pooler=False, output="BaseModelOutputWithPastAndCrossAttentions"),
+    "distilbert": HfLayout(
+        layers="transformer.layer",
+        qkv=("attention.q_lin", "attention.k_lin", "attention.v_lin"),
+        layer=(("attn_out", "attention.out_lin"), ("attn_norm", "sa_layer_norm"), ("ffn_in", "ffn.lin1"),
+               ("ffn_out", "ffn.lin2"), ("ffn_norm", "output_layer_norm")),
+        token_types=False,
+        pooler=False,
+        output="BaseModelOutput",
+    ),
+}
+# ELECTRA's projection from embedding_size to hidden_size sits beside the embeddings in HF, inside them here
+_PROJECTION = (("embeddings.project", "embeddings_project"),)
 
 
 class MissingWeightError(KeyError):
@@ -52,7 +91,7 @@ def _normalize(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if prefix is None:
         raise MissingWeightError(
             "no embeddings.word_embeddings.weight in the checkpoint (looked under prefixes "
-            f"{', '.join(repr(p) for p in _PREFIXES)}): is this a BERT or RoBERTa checkpoint?"
+            f"{', '.join(repr(p) for p in _PREFIXES)}): is this a BERT, RoBERTa, DistilBERT or ELECTRA checkpoint?"
         )
     out = {}
     for k, v in state.items():
@@ -67,10 +106,27 @@ def _normalize(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _encoder_key_pairs(config: EncoderConfig) -> list[tuple[str, str]]:
+    """(FastBertModel key, HF base-model key) of every encoder weight except query/key/value and the pooler."""
+    layout = LAYOUTS[config.family]
+    pairs = [(f"embeddings.{n}", f"embeddings.{n}") for n in layout.embedding_names()]
+    if config.embedding_width != config.hidden_size:
+        pairs += [(f"{fast}.{kind}", f"{hf}.{kind}") for fast, hf in _PROJECTION for kind in ("weight", "bias")]
+    for i in range(config.num_hidden_layers):
+        pairs += [(f"layers.{i}.{fast}.{kind}", f"{layout.layers}.{i}.{hf}.{kind}")
+                  for fast, hf in layout.layer for kind in ("weight", "bias")]
+    return pairs
+
+
+def _qkv_keys(config: EncoderConfig, i: int, kind: str) -> list[str]:
+    layout = LAYOUTS[config.family]
+    return [f"{layout.layers}.{i}.{name}.{kind}" for name in layout.qkv]
+
+
 def fast_state_dict_from_hf(
     hf_state: dict[str, torch.Tensor], config: EncoderConfig, has_pooler: bool
 ) -> dict[str, torch.Tensor]:
-    """HF keys (with or without the bert./roberta. prefix) -> FastBertModel keys, Q/K/V concatenated."""
+    """HF keys (with or without the task model's prefix) -> FastBertModel keys, Q/K/V concatenated."""
     src = _normalize(hf_state)
 
     def take(name: str) -> torch.Tensor:
@@ -78,14 +134,10 @@ def fast_state_dict_from_hf(
             raise MissingWeightError(f"missing weight {name!r} in the checkpoint")
         return src[name]
 
-    out = {f"embeddings.{n}": take(f"embeddings.{n}") for n in _EMBEDDINGS}
+    out = {fast: take(hf) for fast, hf in _encoder_key_pairs(config)}
     for i in range(config.num_hidden_layers):
-        hf = f"encoder.layer.{i}."
         for kind in ("weight", "bias"):
-            parts = [take(f"{hf}attention.self.{p}.{kind}") for p in ("query", "key", "value")]
-            out[f"layers.{i}.qkv.{kind}"] = torch.cat(parts, 0)
-            for fast_name, hf_name in _LAYER_MAP:
-                out[f"layers.{i}.{fast_name}.{kind}"] = take(f"{hf}{hf_name}.{kind}")
+            out[f"layers.{i}.qkv.{kind}"] = torch.cat([take(k) for k in _qkv_keys(config, i, kind)], 0)
     if has_pooler:
         out["pooler.weight"] = take("pooler.dense.weight")
         out["pooler.bias"] = take("pooler.dense.bias")
@@ -93,16 +145,12 @@ def fast_state_dict_from_hf(
 
 
 def hf_state_dict_from_fast(state: dict[str, torch.Tensor], config: EncoderConfig) -> dict[str, torch.Tensor]:
-    """The inverse of fast_state_dict_from_hf: FastBertModel keys -> HF BertModel/RobertaModel keys (no task prefix),
+    """The inverse of fast_state_dict_from_hf: FastBertModel keys -> the HF base model's keys (no task prefix),
     Q/K/V split back apart."""
-    out = {f"embeddings.{n}": state[f"embeddings.{n}"] for n in _EMBEDDINGS}
+    out = {hf: state[fast] for fast, hf in _encoder_key_pairs(config)}
     for i in range(config.num_hidden_layers):
-        hf = f"encoder.layer.{i}."
         for kind in ("weight", "bias"):
-            for part, t in zip(("query", "key", "value"), state[f"layers.{i}.qkv.{kind}"].chunk(3, 0)):
-                out[f"{hf}attention.self.{part}.{kind}"] = t
-            for fast_name, hf_name in _LAYER_MAP:
-                out[f"{hf}{hf_name}.{kind}"] = state[f"layers.{i}.{fast_name}.{kind}"]
+            out.update(zip(_qkv_keys(config, i, kind), state[f"layers.{i}.qkv.{kind}"].chunk(3, 0)))
     if "pooler.weight" in state:
         out["pooler.dense.weight"], out["pooler.dense.bias"] = state["pooler.weight"], state["pooler.bias"]
     return out
@@ -130,7 +178,21 @@ def read_safetensors_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 # --- task heads <-> the heads of HF's *For* task models ----------------------------------------------------------
 
-_HF_FAMILY = {"bert": "Bert", "roberta": "Roberta"}
+_HF_FAMILY = {"bert": "Bert", "roberta": "Roberta", "distilbert": "DistilBert", "electra": "Electra"}
+# family -> HF names of its sequence-classification head's dense and output linears, their activation, and whether
+# dropout comes before the dense; BERT's reads the pooler output instead
+_DENSE_CLASSIFIERS = {
+    "roberta": (("classifier.dense", "classifier.out_proj"), "tanh", True),
+    "electra": (("classifier.dense", "classifier.out_proj"), "gelu", True),
+    "distilbert": (("pre_classifier", "classifier"), "relu", False),
+}
+# family -> HF names of the masked-LM head's transform dense, its LayerNorm, its decoder, and the decoder's bias
+_MASKED_LM = {
+    "bert": ("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm", "cls.predictions.decoder",
+             ("cls.predictions.bias", "cls.predictions.decoder.bias")),
+    "roberta": ("lm_head.dense", "lm_head.layer_norm", "lm_head.decoder", ("lm_head.bias", "lm_head.decoder.bias")),
+    "distilbert": ("vocab_transform", "vocab_layer_norm", "vocab_projector", ("vocab_projector.bias",)),
+}
 # the problem_type names transformers uses for the head's own
 _HF_PROBLEM_TYPE = {ours: hf for hf, ours in SequenceClassificationHead._HF_PROBLEM_TYPES.items()}
 HfHead = tuple[str, dict[str, Any], dict[str, torch.Tensor]]  # (class name, config fields, weights under its keys)
@@ -148,6 +210,8 @@ def _copy(dst: nn.Parameter, src: torch.Tensor) -> None:
 
 
 def _classifier_dropout(hf_config) -> float:
+    if hf_config.model_type == "distilbert":  # its token classifier reuses the encoder's dropout
+        return hf_config.dropout
     return hf_config.classifier_dropout if hf_config.classifier_dropout is not None else hf_config.hidden_dropout_prob
 
 
@@ -156,34 +220,47 @@ def _prefixed(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _sequence_classification_from_hf(hf_model, encoder_config: EncoderConfig) -> SequenceClassificationHead:
-    cfg = hf_model.config
+    cfg, family = hf_model.config, encoder_config.family
     problem_type = cfg.problem_type or ("regression" if cfg.num_labels == 1 else "single_label")
-    roberta = encoder_config.family == "roberta"
-    head = SequenceClassificationHead(cfg.hidden_size, cfg.num_labels, problem_type, roberta_style=roberta,
-                                      dropout=_classifier_dropout(cfg), id2label=cfg.id2label)
-    if roberta:
-        for name in ("dense", "out_proj"):
-            getattr(head, name).load_state_dict(getattr(hf_model.classifier, name).state_dict())
-    else:
+    if family not in _DENSE_CLASSIFIERS:
+        head = SequenceClassificationHead(cfg.hidden_size, cfg.num_labels, problem_type,
+                                          dropout=_classifier_dropout(cfg), id2label=cfg.id2label)
         head.classifier.load_state_dict(hf_model.classifier.state_dict())
+        return head
+    names, activation, dropout_first = _DENSE_CLASSIFIERS[family]
+    dropout = cfg.seq_classif_dropout if family == "distilbert" else _classifier_dropout(cfg)
+    head = SequenceClassificationHead(cfg.hidden_size, cfg.num_labels, problem_type, roberta_style=True,
+                                      dropout=dropout, id2label=cfg.id2label, activation=activation,
+                                      dropout_before_dense=dropout_first)
+    for ours, theirs in zip(("dense", "out_proj"), names):
+        getattr(head, ours).load_state_dict(hf_model.get_submodule(theirs).state_dict())
     return head
 
 
 def _sequence_classification_to_hf(head: SequenceClassificationHead, encoder_config: EncoderConfig) -> HfHead:
     family = encoder_config.family
-    if head.roberta_style != (family == "roberta") or head.pooled == head.roberta_style:
-        raise UnsupportedModelError(
-            f"no transformers class has this head on a {family} encoder: {_HF_FAMILY[family]}"
-            "ForSequenceClassification uses " + ("RoBERTa's dense+tanh head on <s>" if family == "roberta"
-                                                 else "a linear layer on the pooler output")
-        )
-    config = {"problem_type": _HF_PROBLEM_TYPE.get(head.problem_type, head.problem_type),
-              "classifier_dropout": head.dropout, **_label_config(head.num_labels, head.id2label)}
-    if head.roberta_style:
-        state = {**_prefixed("classifier.dense", head.dense), **_prefixed("classifier.out_proj", head.out_proj)}
+    class_name = f"{_HF_FAMILY[family]}ForSequenceClassification"
+    dense = _DENSE_CLASSIFIERS.get(family)
+    if dense is None:
+        fits, hf_head = head.pooled and not head.roberta_style, "a linear layer on the pooler output"
     else:
+        _, activation, dropout_first = dense
+        fits = (head.roberta_style and not head.pooled and head.activation == activation
+                and head.dropout_before_dense == dropout_first)
+        hf_head = (f"a dense + {activation} head on the first token"
+                   + ("" if dropout_first else " (no dropout before the dense)"))
+    if not fits:
+        raise UnsupportedModelError(f"no transformers class has this head on a {family} encoder: {class_name} "
+                                    f"uses {hf_head}")
+    config = {"problem_type": _HF_PROBLEM_TYPE.get(head.problem_type, head.problem_type),
+              **_label_config(head.num_labels, head.id2label)}
+    config["seq_classif_dropout" if family == "distilbert" else "classifier_dropout"] = head.dropout
+    if dense is None:
         state = _prefixed("classifier", head.classifier)
-    return f"{_HF_FAMILY[family]}ForSequenceClassification", config, state
+    else:
+        state = {k: v for ours, theirs in zip(("dense", "out_proj"), dense[0])
+                 for k, v in _prefixed(theirs, getattr(head, ours)).items()}
+    return class_name, config, state
 
 
 def _token_classification_from_hf(hf_model, encoder_config: EncoderConfig) -> TokenClassificationHead:
@@ -194,7 +271,9 @@ def _token_classification_from_hf(hf_model, encoder_config: EncoderConfig) -> To
 
 
 def _token_classification_to_hf(head: TokenClassificationHead, encoder_config: EncoderConfig) -> HfHead:
-    config = {"classifier_dropout": head.dropout, **_label_config(head.num_labels, head.id2label)}
+    config = _label_config(head.num_labels, head.id2label)
+    if encoder_config.family != "distilbert":  # DistilBERT's token classifier has the encoder's dropout
+        config["classifier_dropout"] = head.dropout
     return (f"{_HF_FAMILY[encoder_config.family]}ForTokenClassification", config,
             _prefixed("classifier", head.classifier))
 
@@ -212,12 +291,9 @@ def _tied(hf_model, decoder: nn.Linear) -> bool:
 
 
 def _masked_lm_from_hf(hf_model, encoder_config: EncoderConfig) -> MaskedLMHead:
-    if encoder_config.family == "roberta":
-        lm = hf_model.lm_head
-        dense, norm, decoder, approximate = lm.dense, lm.layer_norm, lm.decoder, "none"
-    else:
-        pred = hf_model.cls.predictions
-        dense, norm, decoder, approximate = pred.transform.dense, pred.transform.LayerNorm, pred.decoder, None
+    dense, norm, decoder = (hf_model.get_submodule(n) for n in _MASKED_LM[encoder_config.family][:3])
+    # RoBERTa's head always uses the erf GELU; BERT's and DistilBERT's the encoder's activation
+    approximate = "none" if encoder_config.family == "roberta" else None
     head = MaskedLMHead(encoder_config, approximate, tied=_tied(hf_model, decoder))
     _load_masked_lm(head, dense, norm, decoder)
     return head
@@ -225,23 +301,16 @@ def _masked_lm_from_hf(hf_model, encoder_config: EncoderConfig) -> MaskedLMHead:
 
 def _masked_lm_state(head: MaskedLMHead, encoder_config: EncoderConfig) -> dict[str, torch.Tensor]:
     family, weight = encoder_config.family, head._decoder()
-    if family == "roberta":
-        if head.approximate != "none":
-            raise UnsupportedModelError("RobertaForMaskedLM's head uses the erf GELU; this head uses "
-                                        f"approximate={head.approximate!r}")
-        names = {"dense": "lm_head.dense", "layer_norm": "lm_head.layer_norm"}
-        bias_keys, decoder = ("lm_head.bias", "lm_head.decoder.bias"), "lm_head.decoder.weight"
-    else:
-        if head.approximate != encoder_config.gelu_approximate:
-            raise UnsupportedModelError(f"BertForMaskedLM's head uses the encoder's hidden_act "
-                                        f"({encoder_config.hidden_act}); this head uses approximate="
-                                        f"{head.approximate!r}")
-        names = {"dense": "cls.predictions.transform.dense", "layer_norm": "cls.predictions.transform.LayerNorm"}
-        bias_keys = ("cls.predictions.bias", "cls.predictions.decoder.bias")
-        decoder = "cls.predictions.decoder.weight"
-    state = {k: v for n, hf_name in names.items() for k, v in _prefixed(hf_name, getattr(head, n)).items()}
+    class_name = f"{_HF_FAMILY[family]}ForMaskedLM"
+    expected = ("none", "the erf GELU") if family == "roberta" else (
+        encoder_config.gelu_approximate, f"the encoder's hidden_act ({encoder_config.hidden_act})")
+    if head.approximate != expected[0]:
+        raise UnsupportedModelError(f"{class_name}'s head uses {expected[1]}; this head uses "
+                                    f"approximate={head.approximate!r}")
+    dense, norm, decoder, bias_keys = _MASKED_LM[family]
+    state = {**_prefixed(dense, head.dense), **_prefixed(norm, head.layer_norm)}
     state.update({k: head.bias.detach() for k in bias_keys})
-    state[decoder] = weight.detach()
+    state[f"{decoder}.weight"] = weight.detach()
     return state
 
 
@@ -319,15 +388,24 @@ _TO_HF: dict[type[Head], Callable[[Any, EncoderConfig], HfHead]] = {
 }
 
 
+# HF class-name prefix -> the task-model suffixes whose heads map. ELECTRA's ForMaskedLM is its generator (its head
+# works in embedding_size) and its ForPreTraining the replaced-token discriminator: neither has a head here.
+_TASKS = {
+    "Bert": tuple(_FROM_HF),
+    "Roberta": ("ForSequenceClassification", "ForTokenClassification", "ForMaskedLM", "ForQuestionAnswering"),
+    "DistilBert": ("ForSequenceClassification", "ForTokenClassification", "ForMaskedLM", "ForQuestionAnswering"),
+    "Electra": ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering"),
+}
+
+
 def head_from_hf(hf_model: nn.Module, encoder_config: EncoderConfig) -> Head:
-    """The head of an HF Bert*/Roberta* task model, weights copied exactly."""
+    """The head of an HF Bert* / Roberta* / DistilBert* / Electra* task model, weights copied exactly."""
     for klass in type(hf_model).__mro__:
         name = klass.__name__
-        for suffix, convert in _FROM_HF.items():
-            if name.endswith(suffix) and name[: -len(suffix)] in _HF_FAMILY.values():
-                return convert(hf_model, encoder_config)
-    supported = ", ".join(f"{f}{s}" for f in _HF_FAMILY.values() for s in _FROM_HF
-                          if not (f == "Roberta" and s in ("ForNextSentencePrediction", "ForPreTraining")))
+        for suffix in _FROM_HF:
+            if name.endswith(suffix) and suffix in _TASKS.get(name[: -len(suffix)], ()):
+                return _FROM_HF[suffix](hf_model, encoder_config)
+    supported = ", ".join(f"{f}{s}" for f, suffixes in _TASKS.items() for s in suffixes)
     raise UnsupportedModelError(f"{type(hf_model).__name__} is not a supported task model; supported: {supported}")
 
 
@@ -384,7 +462,8 @@ def save_hf_task(encoder: FastBertModel, head: Head, path: str | os.PathLike) ->
     model_type = fields.pop("model_type")
     hf_config = transformers.AutoConfig.for_model(model_type, **fields, **config_fields)
     hf_class = getattr(transformers, class_name)
-    kwargs = {"add_pooling_layer": encoder.pooler is not None} if class_name.endswith("Model") else {}
+    has_pooler = LAYOUTS[config.family].pooler
+    kwargs = {"add_pooling_layer": encoder.pooler is not None} if class_name.endswith("Model") and has_pooler else {}
     hf_model = hf_class(hf_config, **kwargs)
     base = hf_model.base_model
     if getattr(base, "pooler", None) is not None and encoder.pooler is None:

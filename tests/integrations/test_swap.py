@@ -25,8 +25,6 @@ from transformers import (
     BertForSequenceClassification,
     BertForTokenClassification,
     BertModel,
-    DistilBertConfig,
-    DistilBertModel,
     GPT2Config,
     GPT2Model,
     RobertaForMaskedLM,
@@ -86,18 +84,6 @@ def _task_inputs(cls, config, ids, mask, seed=0):
     raise AssertionError(cls)
 
 
-def _compare(out, ref, fields, mask, assert_tokens_close, assert_close, zero_padding=True):
-    assert type(out) is type(ref)
-    for name, per_token in fields.items():
-        assert getattr(out, name) is not None, name
-        if per_token:
-            # only the encoder's own output is zero at the padding; a head maps those zeros to its bias
-            assert_tokens_close(getattr(out, name), getattr(ref, name), mask, what=name,
-                                zero_padding=zero_padding and name == "last_hidden_state")
-        else:
-            assert_close(getattr(out, name), getattr(ref, name), what=name)
-
-
 def _state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -106,27 +92,12 @@ def _state(model):
 
 
 @pytest.mark.parametrize("cls", TASKS, ids=lambda c: c.__name__)
-def test_task_model_parity(cls, model_backend, bert_config, roberta_config, make_hf, hf_outputs, ragged_batch,
-                           assert_tokens_close, assert_close):
+def test_task_model_parity(cls, model_backend, bert_config, roberta_config, make_hf, ragged_batch, swap_parity):
     config = _config(cls, bert_config, roberta_config)
     model = make_hf(cls, config)
     ids, mask = ragged_batch(config, [5, 17, 1, 30, 12])
     labels, fields = _task_inputs(cls, config, ids, mask)
-    signature, base_signature = inspect.signature(model.forward), inspect.signature(model.base_model.forward)
-    before = _state(model)
-    refs = hf_outputs(model, ids, attention_mask=mask, **labels)
-    assert swap(model, backend=model_backend) is model
-    assert is_swapped(model)
-    assert inspect.signature(model.forward) == signature
-    assert inspect.signature(model.base_model.forward) == base_signature
-    with torch.no_grad():
-        out = model(ids, attention_mask=mask, **labels)
-    for ref in refs.values():
-        _compare(out, ref, fields, mask, assert_tokens_close, assert_close)
-    after = model.state_dict()
-    assert list(after) == list(before)
-    for k, v in before.items():
-        assert torch.equal(after[k], v), k
+    swap_parity(model, model_backend, ids, mask, fields, **labels)
 
 
 def test_question_answering_loss_without_padding(model_backend, bert_config, make_hf, ragged_batch, assert_close):
@@ -143,7 +114,7 @@ def test_question_answering_loss_without_padding(model_backend, bert_config, mak
 
 
 @pytest.mark.parametrize("cls", [BertModel, BertForSequenceClassification], ids=lambda c: c.__name__)
-def test_minilm_parity(cls, model_backend, minilm, minilm_batch, hf_outputs, assert_tokens_close, assert_close):
+def test_minilm_parity(cls, model_backend, minilm, minilm_batch, hf_outputs, compare_outputs):
     """The real all-MiniLM-L6-v2 weights on real sentences (a classifier head from a fixed seed on top)."""
     mask = minilm_batch["attention_mask"]
     if cls is BertModel:
@@ -158,25 +129,24 @@ def test_minilm_parity(cls, model_backend, minilm, minilm_batch, hf_outputs, ass
     with torch.no_grad():
         out = model(**minilm_batch)
     for ref in refs.values():
-        _compare(out, ref, fields, mask, assert_tokens_close, assert_close)
+        compare_outputs(out, ref, fields, mask)
 
 
 @pytest.mark.all_threads
-def test_bert_base_full_size_parity(bert_base, model_backend, assert_tokens_close, assert_close):
+def test_bert_base_full_size_parity(bert_base, model_backend, compare_outputs):
     model = copy.deepcopy(bert_base.model)
     assert model.config.num_hidden_layers == 12 and model.config.hidden_size == 768
     swap(model, backend=model_backend)
     with torch.no_grad():
         out = model(bert_base.ids, attention_mask=bert_base.mask)
     for ref in bert_base.refs.values():
-        _compare(out, ref, {"last_hidden_state": True, "pooler_output": False}, bert_base.mask,
-                 assert_tokens_close, assert_close)
+        compare_outputs(out, ref, {"last_hidden_state": True, "pooler_output": False}, bert_base.mask)
 
 
 @pytest.mark.all_threads
 @pytest.mark.parametrize("cls", [BertForSequenceClassification, RobertaForMaskedLM], ids=lambda c: c.__name__)
 def test_lengths_1_and_512(cls, model_backend, bert_config, roberta_config, make_hf, hf_outputs, ragged_batch,
-                           assert_tokens_close, assert_close):
+                           assert_tokens_close, compare_outputs):
     config = _config(cls, bert_config, roberta_config)
     model = make_hf(cls, config)
     ids, mask = ragged_batch(config, [1, 512, 64], seed=2)
@@ -186,39 +156,20 @@ def test_lengths_1_and_512(cls, model_backend, bert_config, roberta_config, make
     with torch.no_grad():
         out = model(ids, attention_mask=mask, output_hidden_states=True, **labels)
     for ref in refs.values():
-        _compare(out, ref, fields, mask, assert_tokens_close, assert_close)
+        compare_outputs(out, ref, fields, mask)
         assert_tokens_close(out.hidden_states[-1], ref.hidden_states[-1], mask, what="hidden_states[-1]")
 
 
-def _variant(name, config, ids, mask, model):
-    """Keyword inputs of one input variant and the mask of its real positions."""
-    g = torch.Generator().manual_seed(11)
-    b, l = ids.shape
-    if name == "token_type_ids":
-        types = torch.randint(0, config.type_vocab_size, (b, l), generator=g) * mask
-        return dict(input_ids=ids, attention_mask=mask, token_type_ids=types), mask
-    if name == "position_ids":
-        positions = torch.arange(l) + torch.tensor([[4], [0], [9]])
-        return dict(input_ids=ids, attention_mask=mask, position_ids=positions), mask
-    if name == "inputs_embeds":
-        embeds = model.get_input_embeddings()(ids) + 0.1 * torch.randn(b, l, config.hidden_size, generator=g)
-        return dict(inputs_embeds=embeds, attention_mask=mask), mask
-    if name == "all_ones_mask":
-        return dict(input_ids=ids, attention_mask=torch.ones_like(mask)), torch.ones_like(mask)
-    if name == "no_mask":
-        return dict(input_ids=ids), torch.ones_like(mask)
-    raise AssertionError(name)
-
-
-@pytest.mark.parametrize("variant", ["token_type_ids", "position_ids", "inputs_embeds", "all_ones_mask", "no_mask"])
+@pytest.mark.parametrize("variant", ["token_type_ids", "position_ids", "inputs_embeds", "float_mask", "all_ones_mask",
+                                     "no_mask"])
 @pytest.mark.parametrize("cls", [BertModel, RobertaModel, BertForSequenceClassification], ids=lambda c: c.__name__)
 def test_input_variants(variant, cls, model_backend, bert_config, roberta_config, make_hf, hf_outputs, ragged_batch,
-                        assert_tokens_close, assert_close):
+                        compare_outputs, input_variant):
     config = _config(cls, bert_config, roberta_config)
     model = make_hf(cls, config)
     ids, mask = ragged_batch(config, [9, 20, 14], seed=4)
     with torch.no_grad():
-        kwargs, real = _variant(variant, config, ids, mask, model)
+        kwargs, real = input_variant(variant, config, ids, mask, model)
     refs = hf_outputs(model, **kwargs)
     swap(model, backend=model_backend)
     with torch.no_grad():
@@ -226,13 +177,13 @@ def test_input_variants(variant, cls, model_backend, bert_config, roberta_config
     _, fields = _task_inputs(cls, config, ids, mask)
     fields.pop("loss", None)
     for ref in refs.values():
-        _compare(out, ref, fields, real, assert_tokens_close, assert_close)
+        compare_outputs(out, ref, fields, real)
 
 
 @pytest.mark.parametrize("hidden_act", ["gelu_new", "gelu_pytorch_tanh"])
 @pytest.mark.parametrize("cls", [BertForSequenceClassification, RobertaModel], ids=lambda c: c.__name__)
 def test_hidden_act(hidden_act, cls, model_backend, bert_config, roberta_config, make_hf, hf_outputs, ragged_batch,
-                    assert_tokens_close, assert_close):
+                    assert_tokens_close, compare_outputs):
     config = _config(cls, bert_config, roberta_config, hidden_act=hidden_act)
     model = make_hf(cls, config)
     ids, mask = ragged_batch(config, [3, 26, 11])
@@ -242,7 +193,7 @@ def test_hidden_act(hidden_act, cls, model_backend, bert_config, roberta_config,
     with torch.no_grad():
         out = model(ids, attention_mask=mask, output_hidden_states=True, **labels)
     for ref in refs.values():
-        _compare(out, ref, fields, mask, assert_tokens_close, assert_close)
+        compare_outputs(out, ref, fields, mask)
         assert_tokens_close(out.hidden_states[-1], ref.hidden_states[-1], mask, what="hidden_states[-1]")
 
 
@@ -564,20 +515,9 @@ def test_swap_bf16_minilm(minilm, minilm_batch, assert_low_precision_error):
     assert torch.count_nonzero(out.last_hidden_state[~mask.bool()]) == 0
 
 
-def test_swap_bf16_task_model(bert_config, make_hf, ragged_batch, assert_low_precision_error):
+def test_swap_bf16_task_model(bert_config, make_hf, ragged_batch, assert_swap_bf16):
     config = bert_config()
-    ref_model = make_hf(BertForSequenceClassification, config)
-    model = swap(copy.deepcopy(ref_model), dtype=torch.bfloat16)
-    ids, mask = ragged_batch(config, [7, 40, 2, 23])
-    kwargs = dict(attention_mask=mask, output_hidden_states=True)
-    with torch.no_grad():
-        ref = ref_model(ids, **kwargs)
-        native = copy.deepcopy(ref_model).to(torch.bfloat16)(ids, **kwargs)
-        out = model(ids, **kwargs)
-    assert out.logits.dtype == torch.bfloat16
-    assert_low_precision_error(out.logits, native.logits, ref.logits, what="logits")
-    for i, (a, n, r) in enumerate(zip(out.hidden_states, native.hidden_states, ref.hidden_states)):
-        assert_low_precision_error(a, n, r, mask, what=f"hidden_states[{i}]")
+    assert_swap_bf16(make_hf(BertForSequenceClassification, config), *ragged_batch(config, [7, 40, 2, 23]))
 
 
 @pytest.mark.parametrize("dropout", [(0.1, 0.0), (0.0, 0.1)], ids=["hidden", "attention"])
@@ -656,24 +596,13 @@ UNSUPPORTED = [
 @pytest.mark.parametrize("overrides,match", UNSUPPORTED, ids=["relative_key", "is_decoder", "relu"])
 @pytest.mark.parametrize("cls", [BertForSequenceClassification, RobertaForMaskedLM], ids=lambda c: c.__name__)
 def test_unsupported_config_is_refused_and_model_untouched(overrides, match, cls, bert_config, roberta_config,
-                                                           make_hf, ragged_batch):
+                                                           make_hf, ragged_batch, assert_swap_refused):
     config = _config(cls, bert_config, roberta_config, **overrides)
-    model = make_hf(cls, config)
-    ids, mask = ragged_batch(config, [5, 9])
-    with torch.no_grad():
-        ref = model(ids, attention_mask=mask).logits
-        with pytest.raises(UnsupportedModelError, match=match):
-            swap(model)
-        assert not is_swapped(model) and "forward" not in vars(model.base_model)
-        assert torch.equal(model(ids, attention_mask=mask).logits, ref)
+    assert_swap_refused(make_hf(cls, config), *ragged_batch(config, [5, 9]), match)
 
 
 def _tiny_gpt2():
     return GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100, n_positions=16))
-
-
-def _tiny_distilbert():
-    return DistilBertModel(DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=100))
 
 
 class _Plain(nn.Module):
@@ -682,10 +611,11 @@ class _Plain(nn.Module):
         self.linear = nn.Linear(4, 4)
 
 
-@pytest.mark.parametrize("make", [_tiny_gpt2, _tiny_distilbert, _Plain], ids=["gpt2", "distilbert", "nn.Module"])
+@pytest.mark.parametrize("make", [_tiny_gpt2, _Plain], ids=["gpt2", "nn.Module"])
 def test_non_bert_models_are_refused(make):
     model = make()
-    with pytest.raises(TypeError, match=r"is not a BERT or RoBERTa model.*swap takes BertModel, RobertaModel"):
+    with pytest.raises(TypeError, match=r"is not a BERT or RoBERTa model, nor a DistilBERT or ELECTRA one.*swap "
+                                        r"takes BertModel, RobertaModel, DistilBertModel, ElectraModel"):
         swap(model)
     assert "forward" not in vars(model)
 
@@ -694,7 +624,8 @@ def test_albert_is_refused_by_model_type():
     """ALBERT has embeddings and an encoder, but not BERT's: refused by its model_type, naming what is supported."""
     model = AlbertModel(AlbertConfig(hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=1,
                                      embedding_size=32))
-    with pytest.raises(UnsupportedModelError, match=r"'albert' is not supported; supported: BERT and RoBERTa"):
+    with pytest.raises(UnsupportedModelError,
+                       match=r"'albert' is not supported; supported: BERT, RoBERTa, DistilBERT and ELECTRA"):
         swap(model)
     assert "forward" not in vars(model)
 

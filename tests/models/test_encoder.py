@@ -159,60 +159,27 @@ def test_lengths_1_and_512(family, model_backend, bert_config, roberta_config, m
     assert out.packed.max_seqlen == 512 and out.packed.cu_seqlens.tolist() == [0, 1, 513, 590]
 
 
-def _variant_inputs(variant, config, ids, mask, hf):
-    """The keyword inputs of one input variant, and the mask that says which positions are real."""
-    g = torch.Generator().manual_seed(7)
-    b, l = ids.shape
-    if variant == "token_type_ids":
-        types = torch.randint(0, config.type_vocab_size, (b, l), generator=g) * mask
-        return dict(input_ids=ids, attention_mask=mask, token_type_ids=types), mask
-    if variant == "position_ids":
-        offsets = torch.tensor([[0], [3], [11]])
-        return dict(input_ids=ids, attention_mask=mask, position_ids=torch.arange(l) + offsets), mask
-    if variant == "position_ids_broadcast":
-        return dict(input_ids=ids, attention_mask=mask, position_ids=(torch.arange(l) * 2 + 5)[None]), mask
-    if variant == "inputs_embeds":
-        embeds = hf.get_input_embeddings()(ids) + 0.1 * torch.randn(b, l, config.hidden_size, generator=g)
-        return dict(inputs_embeds=embeds, attention_mask=mask), mask
-    if variant == "all_ones_mask":
-        full = torch.ones_like(mask)
-        return dict(input_ids=ids, attention_mask=full), full
-    if variant == "no_mask":
-        return dict(input_ids=ids), torch.ones_like(mask)
-    if variant == "bool_mask":
-        return dict(input_ids=ids, attention_mask=mask.bool()), mask
-    if variant == "holes":
-        holed = mask.clone()
-        holed[:, 2] = 0
-        holed[1, 5:7] = 0
-        return dict(input_ids=ids, attention_mask=holed), holed
-    if variant == "left_padding":
-        flipped = mask.flip(1)
-        return dict(input_ids=ids.flip(1), attention_mask=flipped), flipped
-    raise AssertionError(variant)
-
-
 VARIANTS = ["token_type_ids", "position_ids", "position_ids_broadcast", "inputs_embeds", "all_ones_mask", "no_mask",
-            "bool_mask", "holes", "left_padding"]
+            "bool_mask", "float_mask", "holes", "left_padding"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("family", ["bert", "roberta"])
 def test_input_variants(variant, family, model_backend, bert_config, roberta_config, make_hf, hf_outputs,
-                        ragged_batch, assert_tokens_close, assert_close):
+                        ragged_batch, assert_tokens_close, assert_close, input_variant):
     cls, config = _family(family, bert_config, roberta_config)
     hf = make_hf(cls, config)
     fast = FastBertModel.from_hf(hf, backend=model_backend)
     ids, mask = ragged_batch(config, [9, 20, 14], seed=3)
     with torch.no_grad():
-        kwargs, real = _variant_inputs(variant, config, ids, mask, hf)
+        kwargs, real = input_variant(variant, config, ids, mask, hf)
         out = fast(**kwargs)
     for ref in hf_outputs(hf, **kwargs).values():
         # With left padding HF's pooler reads the padding at position 0, which the packed path never computes.
         _check_parity(out, ref, real, assert_tokens_close, assert_close, pooler=variant != "left_padding")
 
 
-def test_variants_change_the_output(bert_config, make_hf, ragged_batch):
+def test_variants_change_the_output(bert_config, make_hf, ragged_batch, input_variant):
     """The variants above are real tests: token types and positions given change HF's output."""
     config = bert_config()
     hf = make_hf(BertModel, config)
@@ -220,7 +187,7 @@ def test_variants_change_the_output(bert_config, make_hf, ragged_batch):
     with torch.no_grad():
         plain = hf(ids, mask).last_hidden_state
         for variant in ("token_type_ids", "position_ids", "position_ids_broadcast"):
-            kwargs, _ = _variant_inputs(variant, config, ids, mask, hf)
+            kwargs, _ = input_variant(variant, config, ids, mask, hf)
             assert (hf(**kwargs).last_hidden_state - plain)[mask.bool()].abs().max() > 1e-2, variant
 
 
@@ -453,10 +420,12 @@ def test_non_bert_model_is_refused(tmp_path):
     torch.manual_seed(0)
     albert = AlbertModel(AlbertConfig(hidden_size=64, num_attention_heads=4, intermediate_size=128,
                                       num_hidden_layers=1, embedding_size=32))
-    with pytest.raises(UnsupportedModelError, match=r"'albert' is not supported; supported: BERT and RoBERTa"):
+    with pytest.raises(UnsupportedModelError, match=r"'albert' is not supported; supported: BERT, RoBERTa, "
+                                                    r"DistilBERT and ELECTRA"):
         FastBertModel.from_hf(albert)
     albert.save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedModelError, match=r"'albert' is not supported; supported: BERT and RoBERTa"):
+    with pytest.raises(UnsupportedModelError, match=r"'albert' is not supported; supported: BERT, RoBERTa, "
+                                                    r"DistilBERT and ELECTRA"):
         FastBertModel.from_pretrained(tmp_path)
 
 

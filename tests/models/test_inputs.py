@@ -67,14 +67,22 @@ BAD_INPUTS = {
         ValueError, r"a sequence of 65 tokens is longer than the model's max_position_embeddings"),
     "row_without_real_token": (lambda ids, mask: dict(input_ids=ids, attention_mask=_set(mask, 1, 0)),
                                ValueError, r"row 1 of attention_mask has no real token"),
-    "float_mask": (lambda ids, mask: dict(input_ids=ids, attention_mask=mask.float()),
-                   TypeError, r"attention_mask must hold integers or bools.*float mask is ambiguous"),
     "additive_float_mask": (lambda ids, mask: dict(input_ids=ids, attention_mask=(1.0 - mask.float()) * -1e4),
-                            TypeError, r"float mask is ambiguous"),
+                            ValueError, r"float attention_mask must hold only 0.0 and 1.0 .*holds -10000.0: an "
+                                        r"additive mask"),
+    "additive_inf_mask": (
+        lambda ids, mask: dict(input_ids=ids, attention_mask=torch.zeros(mask.shape).masked_fill(mask == 0, -torch.inf)),
+        ValueError, r"float attention_mask must hold only 0.0 and 1.0 .*holds -inf"),
+    "fractional_float_mask": (lambda ids, mask: dict(input_ids=ids, attention_mask=_set(mask.float(), (0, 3), 0.5)),
+                              ValueError, r"float attention_mask must hold only 0.0 and 1.0 .*holds 0.5"),
+    "nan_in_float_mask": (lambda ids, mask: dict(input_ids=ids, attention_mask=_set(mask.float(), (1, 2), torch.nan)),
+                          ValueError, r"float attention_mask must hold only 0.0 and 1.0 .*holds nan"),
+    "complex_mask": (lambda ids, mask: dict(input_ids=ids, attention_mask=mask.to(torch.complex64)),
+                     TypeError, r"attention_mask must hold integers, bools or floats.*complex64"),
     "mask_with_a_2": (lambda ids, mask: dict(input_ids=ids, attention_mask=_set(mask, (0, 4), 2)),
-                      ValueError, r"attention_mask must hold only 0 and 1"),
+                      ValueError, r"attention_mask must hold only 0 and 1, it holds 2"),
     "mask_with_a_minus_1": (lambda ids, mask: dict(input_ids=ids, attention_mask=_set(mask, (1, 10), -1)),
-                            ValueError, r"attention_mask must hold only 0 and 1"),
+                            ValueError, r"attention_mask must hold only 0 and 1, it holds -1"),
     "mask_on_another_device": (lambda ids, mask: dict(input_ids=ids, attention_mask=_meta(mask)),
                                ValueError, r"attention_mask is on meta but the model is on cpu"),
     "ids_on_another_device": (lambda ids, mask: dict(input_ids=_meta(ids), attention_mask=mask),
@@ -134,6 +142,42 @@ def test_bad_input_is_refused(case, target, good):
     kwargs = make(*good)
     with torch.no_grad(), pytest.raises(error, match=match):
         model(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_float_mask_of_zeros_and_ones_equals_the_integer_mask(dtype, target, good):
+    """HF takes a float 0.0/1.0 mask as it takes an integer one; so does the fast path (the int8 path's calibration
+    and the heads read the same validated mask)."""
+    model, _ = target
+    ids, mask = good
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask)
+        out = model(input_ids=ids, attention_mask=mask.to(dtype))
+    for name in ("logits", "pooler_output", "last_hidden_state"):
+        if hasattr(ref, name):
+            assert torch.equal(getattr(out, name), getattr(ref, name)), name
+
+
+def test_float_mask_in_multitask_model(bert_config, make_hf, ragged_batch):
+    """MultiTaskBert takes the float mask too, for the encoder and for the heads' checks of labels at padding."""
+    from transformers import BertForTokenClassification
+
+    from mtbert_fast import MultiTaskBert
+
+    config = bert_config()
+    seq, tok = make_hf(BertForSequenceClassification, config), make_hf(BertForTokenClassification, config)
+    tok.bert.load_state_dict(seq.bert.state_dict(), strict=False)  # one shared encoder (tok has no pooler)
+    model = MultiTaskBert.from_hf_heads({"seq": seq, "tok": tok})
+    ids, mask = ragged_batch(config, [SEQLEN, 7], seed=5)
+    labels = {"tok": torch.zeros_like(ids).masked_fill(mask == 0, -100)}
+    with torch.no_grad():
+        ref = model(ids, mask, labels=labels)
+        out = model(ids, mask.float(), labels=labels)
+        for task in ("seq", "tok"):
+            assert torch.equal(out.outputs[task]["logits"], ref.outputs[task]["logits"]), task
+        assert torch.equal(out.loss, ref.loss)
+        with pytest.raises(ValueError, match=r"float attention_mask must hold only 0.0 and 1.0 .*additive"):
+            model(ids, (1.0 - mask.float()) * torch.finfo(torch.float32).min)
 
 
 @pytest.mark.parametrize("kind", ["fast", "swapped"])
