@@ -98,8 +98,9 @@ void check_vector(const char* op, const char* name, const at::Tensor& t, int64_t
 }
 
 // acc - zero * wsum, the centred sums of a row, as fp32 with a single rounding of the exact value: int32 sums are
-// centred in int32 (zero and wsum hold integers: zero <= 255, |wsum| <= 127 K, so nothing overflows for K < 2^15)
-// and converted once; fp32 sums hold integers exactly (see ops/int8.py), and one fused multiply-add rounds once.
+// centred in int32 and converted once (zero and wsum hold integers; int32 arithmetic wraps, so the result is exact
+// whenever it fits, and |sum_k (q - zero) w| <= 255 * 127 K does for the K that int8_sums takes); fp32 sums hold
+// integers exactly (see ops/int8.py), and one fused multiply-add rounds once.
 inline fVec centred(const int32_t* acc, const float* wsum, int32_t zero, int64_t d, Full) {
   const iVec c = load_int(acc + d, Full{}) - iVec(zero) * at::vec::convert_to_int_of_same_size(load(wsum + d, Full{}));
   return at::vec::convert_to_fp_of_same_size<float>(c);

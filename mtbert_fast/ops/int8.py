@@ -30,6 +30,8 @@ _FLOATS = (torch.float32, torch.bfloat16)
 _SUMS = (torch.int32, torch.float32)
 # integers of magnitude up to 2^24 are exact in fp32
 FP32_EXACT = 2**24
+# the longest rows whose sums (up to 255 * 127 per entry) fit int32
+MAX_K = (2**31 - 1) // (255 * 127)
 
 
 def _check_vector(op: str, name: str, t: torch.Tensor, n: int, like: torch.Tensor, dtypes=(torch.float32,)) -> None:
@@ -128,6 +130,8 @@ def int8_sums(q: torch.Tensor, weight: torch.Tensor, packed: PackedInt8Weight | 
     if weight.dtype != torch.int8 or weight.dim() != 2 or weight.shape[1] != q.shape[1]:
         raise ValueError(f"int8_sums: weight must be torch.int8 [out, {q.shape[1]}] (q's last dim), got {weight.dtype} "
                          f"{tuple(weight.shape)}")
+    if q.shape[1] > MAX_K:
+        raise ValueError(f"int8_sums: rows of {q.shape[1]} entries can sum past int32; at most {MAX_K} are taken")
     if packed is not None:
         return _onednn_sums(q, packed.tensor, weight.shape[0])
     # _int_mm multiplies int8 by int8: q - 128 as int8 (the top bit flipped), then 128 * the weight's row sums back

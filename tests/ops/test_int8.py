@@ -14,7 +14,7 @@ import torch
 
 from mtbert_fast import ops
 from mtbert_fast.ops import reference
-from mtbert_fast.ops.int8 import FP32_EXACT, onednn_int8_exact, sums_bound
+from mtbert_fast.ops.int8 import FP32_EXACT, MAX_K, onednn_int8_exact, sums_bound
 from op_testing import rand
 
 OP_NAME = "quantize_rows"
@@ -135,6 +135,9 @@ def test_int8_sums_errors_name_the_problem():
         ops.int8_sums(q, w[:, :5])
     with pytest.raises(TypeError, match="weight must be a 2-D torch.int8"):
         ops.pack_int8_weight(w.float())
+    k = MAX_K + 1
+    with pytest.raises(ValueError, match=f"rows of {k} entries can sum past int32"):
+        ops.int8_sums(torch.zeros(1, k, dtype=torch.uint8), torch.zeros(1, k, dtype=torch.int8))
 
 
 # ---- the epilogues -----------------------------------------------------------------------------------------------
