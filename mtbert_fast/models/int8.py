@@ -46,7 +46,8 @@ class Int8Linear(NamedTuple):
     def sums(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The epilogue ops' leading arguments for the quantized input (q, scale, zero): the integer sums, the
         input's scale and zero, the weight's scale and sums, the bias."""
-        return int8_sums(q, self.weight, self.packed), scale, zero, self.weight_scale, self.weight_sum, self.bias
+        acc, zero = int8_sums(q, zero, self.weight, self.packed)
+        return acc, scale, zero, self.weight_scale, self.weight_sum, self.bias
 
 
 class Int8LayerWeights(NamedTuple):

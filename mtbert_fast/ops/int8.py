@@ -3,16 +3,17 @@
 An activation row x is stored as uint8 q with an fp32 scale and an integer zero in [0, 255], after multiplying it
 by a per-channel smoothing vector: x * smooth ~= scale * (q - zero) (asymmetric, so rows that are mostly positive
 keep all 256 levels). A weight is int8 [M, K] per output channel: weight_scale [M] and its row sums weight_sum [M].
-A product is `int8_sums(q, weight)`, the integer sums acc = q @ weight^T, exact, and an epilogue op that takes acc:
-scale * weight_scale * (acc - zero * weight_sum) + bias, then GELU, LayerNorm, ... The products have no autograd:
-this is the inference path (see mtbert_fast.models.int8 for how weights are quantized).
+A product is `int8_sums(q, zero, weight)`, the exact integer sums acc of q @ weight^T (or of (q - 128) @ weight^T)
+with the zero point that goes with them, and an epilogue op that takes acc: scale * weight_scale * (acc - zero *
+weight_sum) + bias, then GELU, LayerNorm, ... The products have no autograd: this is the inference path (see
+mtbert_fast.models.int8 for how weights are quantized).
 
 The sums run on oneDNN's int8 linear with the weight packed once (`pack_int8_weight`), uint8 activations with zero
 point 0, scales 1 and fp32 output: the int32 sums, converted to fp32 once. Each sum of a row of q (0..255) with
 weight row n lies in [255 * (sum of w[n]'s negative entries), 255 * (sum of its positive ones)]; where every such
 bound is below 2^24 in magnitude, fp32 holds every sum exactly. A weight past that bound (all-MiniLM-L6-v2's largest
-is 2^22.7, a random bert-base's 2^23.6: docs/cpu-int8.md) is not packed, and its sums come from `torch._int_mm` in
-int32. oneDNN's uint8 x int8 product is checked once against an exact one on inputs that overflow an int16 pair
+is 2^22.7, a random bert-base's 2^23.6: docs/cpu-int8.md) is not packed, and its sums come from `torch._int_mm`
+in int32. oneDNN's uint8 x int8 product is checked once against an exact one on inputs that overflow an int16 pair
 (CPUs without VNNI multiply through int16 and saturate); where it fails, nothing is packed.
 """
 
@@ -121,9 +122,12 @@ def pack_int8_weight(weight: torch.Tensor) -> PackedInt8Weight | None:
     return PackedInt8Weight(weight)
 
 
-def int8_sums(q: torch.Tensor, weight: torch.Tensor, packed: PackedInt8Weight | None = None) -> torch.Tensor:
-    """acc = q @ weight^T, exact: q uint8 [N, K], weight int8 [M, K] -> [N, M], fp32 from oneDNN on `packed` (which
-    pack_int8_weight made from weight), else int32."""
+def int8_sums(q: torch.Tensor, zero: torch.Tensor, weight: torch.Tensor, packed: PackedInt8Weight | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integer sums of the product of q uint8 [N, K] (zero fp32 [N], from quantize_rows) with weight int8 [M, K],
+    exact, and the zero point they go with: (acc [N, M], zero' [N]) with acc - zero' * weight_sum = (q - zero) @
+    weight^T. On `packed` (pack_int8_weight of weight): oneDNN's fp32 sums of q, and zero itself. Else torch._int_mm's
+    int32 sums of q - 128 (int8), and zero - 128."""
     if q.dtype != torch.uint8 or q.dim() != 2:
         raise TypeError(f"int8_sums: q must be a 2-D torch.uint8 tensor (from quantize_rows), got {q.dtype} "
                         f"{tuple(q.shape)}")
@@ -133,10 +137,9 @@ def int8_sums(q: torch.Tensor, weight: torch.Tensor, packed: PackedInt8Weight | 
     if q.shape[1] > MAX_K:
         raise ValueError(f"int8_sums: rows of {q.shape[1]} entries can sum past int32; at most {MAX_K} are taken")
     if packed is not None:
-        return _onednn_sums(q, packed.tensor, weight.shape[0])
-    # _int_mm multiplies int8 by int8: q - 128 as int8 (the top bit flipped), then 128 * the weight's row sums back
-    signed = torch.bitwise_xor(q.view(torch.int8), -128)
-    return torch._int_mm(signed, weight.t()) + 128 * weight.sum(1, dtype=torch.int32)
+        return _onednn_sums(q, packed.tensor, weight.shape[0]), zero
+    # _int_mm multiplies int8 by int8: q - 128 as int8 is q with its top bit flipped
+    return torch._int_mm(torch.bitwise_xor(q.view(torch.int8), -128), weight.t()), zero - 128
 
 
 def quantize_rows(x: torch.Tensor, smooth: torch.Tensor, *, backend: str | None = None):

@@ -110,10 +110,14 @@ def test_int8_sums_are_exact(shape):
     assert sums_bound(w) < FP32_EXACT
     packed = ops.pack_int8_weight(w)
     assert (packed is not None) == onednn_int8_exact()
+    zero = torch.randint(0, 256, (n,)).float()
     for route in (packed, None):
-        got = ops.int8_sums(q, w, route)
-        assert got.dtype == (torch.int32 if route is None else torch.float32) and got.shape == (n, m)
-        assert torch.equal(got.long(), want), "packed" if route is not None else "_int_mm"
+        acc, zero_of_acc = ops.int8_sums(q, zero, w, route)
+        assert acc.dtype == (torch.int32 if route is None else torch.float32) and acc.shape == (n, m)
+        centred = acc.long() - zero_of_acc.long()[:, None] * w.long().sum(1)
+        assert torch.equal(centred, want - zero.long()[:, None] * w.long().sum(1)), route
+        if route is not None:
+            assert torch.equal(acc.long(), want) and torch.equal(zero_of_acc, zero)
 
 
 def test_int8_sums_past_fp32_are_not_packed():
@@ -122,22 +126,24 @@ def test_int8_sums_past_fp32_are_not_packed():
     q, w = torch.full((3, k), 255, dtype=torch.uint8), torch.full((4, k), 127, dtype=torch.int8)
     assert sums_bound(w) >= FP32_EXACT > sums_bound(w[:, :-1])
     assert ops.pack_int8_weight(w) is None
-    got = ops.int8_sums(q, w, ops.pack_int8_weight(w))
-    assert got.dtype == torch.int32 and torch.equal(got.long(), reference.int8_sums(q, w))
-    assert got.abs().max().item() >= FP32_EXACT
+    zero = torch.zeros(3)
+    acc, zero_of_acc = ops.int8_sums(q, zero, w, ops.pack_int8_weight(w))
+    assert acc.dtype == torch.int32 and torch.equal(zero_of_acc, zero - 128)
+    want = reference.int8_sums(q, w)
+    assert torch.equal(acc.long() + 128 * w.long().sum(1), want) and want.max().item() >= FP32_EXACT
 
 
 def test_int8_sums_errors_name_the_problem():
     q, w = _extreme(3, 8, 4)
     with pytest.raises(TypeError, match="q must be a 2-D torch.uint8"):
-        ops.int8_sums(q.to(torch.int8), w)
+        ops.int8_sums(q.to(torch.int8), torch.zeros(3), w)
     with pytest.raises(ValueError, match=r"weight must be torch.int8 \[out, 8\]"):
-        ops.int8_sums(q, w[:, :5])
+        ops.int8_sums(q, torch.zeros(3), w[:, :5])
     with pytest.raises(TypeError, match="weight must be a 2-D torch.int8"):
         ops.pack_int8_weight(w.float())
     k = MAX_K + 1
     with pytest.raises(ValueError, match=f"rows of {k} entries can sum past int32"):
-        ops.int8_sums(torch.zeros(1, k, dtype=torch.uint8), torch.zeros(1, k, dtype=torch.int8))
+        ops.int8_sums(torch.zeros(1, k, dtype=torch.uint8), torch.zeros(1), torch.zeros(1, k, dtype=torch.int8))
 
 
 # ---- the epilogues -----------------------------------------------------------------------------------------------
@@ -216,7 +222,7 @@ def test_product_approximates_the_float_linear(backend):
     wscale = weight.abs().amax(1) / 127
     w = torch.round(weight / wscale[:, None]).to(torch.int8)
     q, scale, zero = ops.quantize_rows(x, torch.ones(96), backend=backend.name)
-    acc = ops.int8_sums(q, w, ops.pack_int8_weight(w))
+    acc, zero = ops.int8_sums(q, zero, w, ops.pack_int8_weight(w))
     got = ops.int8_linear(acc, scale, zero, wscale, w.float().sum(1), bias, backend=backend.name)
     want = x @ weight.T + bias
     rel = ((got - want).norm() / want.norm()).item()
