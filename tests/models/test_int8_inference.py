@@ -254,3 +254,14 @@ def test_a_quantized_model_copies_and_pickles(minilm_batch):
             with pytest.raises(RuntimeError, match="stale"):
                 other(**batch)
             assert torch.equal(other.quantize()(**batch).last_hidden_state, want)
+
+
+def test_int8_hidden_states_are_each_layers_output(minilm_batch):
+    """With output_hidden_states, an int8 model returns each layer's float output (not the quantized copy it hands
+    the next layer), the last one equal to the final output."""
+    model = FastBertModel.from_hf(_tiny_hf(), dtype=torch.qint8)
+    batch = {"input_ids": minilm_batch["input_ids"] % 50, "attention_mask": minilm_batch["attention_mask"]}
+    with torch.inference_mode():
+        out = model(**batch, output_hidden_states=True)
+    assert len(out.hidden_states) == 3 and all(isinstance(h, torch.Tensor) for h in out.hidden_states)
+    assert torch.equal(out.hidden_states[-1], out.last_hidden_state)
