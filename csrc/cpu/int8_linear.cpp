@@ -1,12 +1,15 @@
-// int8 inference on the CPU: activations quantized per token, the products on int8 (VNNI where the CPU has it,
-// through at::_int_mm, which oneDNN runs), and the dequantization fused with what follows each product.
+// int8 inference on the CPU: activations quantized per token, the products on uint8 x int8 (VNNI), and the
+// dequantization fused with what follows each product.
 //
-// A row of activations x (float or bfloat16), multiplied by a per-channel smoothing vector m, is stored as int8 q
-// with an fp32 scale and an integer zero (asymmetric, so a row that is mostly positive, like GELU's output, keeps
-// all 256 levels):  x * m ~= scale * (q - zero).  A weight row n holds int8 w[n, :] with scale ws[n] (per output
-// channel) and wsum[n] = sum_k w[n, k], so that
-//   (x * m) . (w[n] * ws[n]) ~= scale * ws[n] * (acc[n] - zero * wsum[n]),   acc = q @ w^T in int32.
+// A row of activations x (float or bfloat16), multiplied by a per-channel smoothing vector m, is stored as uint8 q
+// with an fp32 scale and an integer zero in [0, 255] (asymmetric, so a row that is mostly positive, like GELU's
+// output, keeps all 256 levels):  x * m ~= scale * (q - zero).  A weight row n holds int8 w[n, :] with scale ws[n]
+// (per output channel) and wsum[n] = sum_k w[n, k], so that
+//   (x * m) . (w[n] * ws[n]) ~= scale * ws[n] * (acc[n] - zero * wsum[n]),   acc = q @ w^T, integer sums.
 // The weights carry 1 / m (folded in when they were quantized), so the products equal x @ W^T.
+//
+// The products themselves run outside these kernels (oneDNN's int8 linear on a pre-packed weight, see
+// mtbert_fast/ops/int8.py): the kernels take their integer sums acc, as int32 or as fp32 holding them exactly.
 //
 // Ops: quantize_rows; int8_linear (+ bias, float out); int8_linear_gelu_quantize (+ bias, GELU, and the result
 // quantized again for the next product, so the [T, I] activation never goes to memory in float);
@@ -26,35 +29,29 @@ namespace {
 using namespace cpu;
 using iVec = at::vec::Vectorized<int32_t>;
 
-// Rows of the int32 product computed at a time. oneDNN re-lays-out the weight on every call, so few large calls win
-// (measured on [1024, 768] x [768, 3072]: blocks of 128 rows ran at 0.87 of one call's rate, of 512 at 0.94); the
-// bound keeps the int32 block at 4 KB per output column (12 MB for a BERT-base FFN).
-constexpr int64_t kBlockRows = 1024;
+inline iVec load_int(const int32_t* p, Full) { return iVec::loadu(p); }
+inline iVec load_int(const int32_t* p, int64_t n) { return iVec::loadu(p, n); }
 
-inline fVec load_acc(const int32_t* p, Full) { return at::vec::convert_to_fp_of_same_size<float>(iVec::loadu(p)); }
-inline fVec load_acc(const int32_t* p, int64_t n) {
-  return at::vec::convert_to_fp_of_same_size<float>(iVec::loadu(p, n));
-}
-
-// round(v) + zero, saturated to int8 (v and zero hold integers after the rounding; ties go to even, as torch.round).
-inline void store_int8(int8_t* p, const fVec& v, const fVec& zero, int64_t n) {
-  const fVec r = at::vec::clamp(v.round() + zero, fVec(-128.f), fVec(127.f));
+// round(v) + zero, saturated to [0, 255] (v and zero hold integers after the rounding; ties go to even, as
+// torch.round).
+inline void store_uint8(uint8_t* p, const fVec& v, const fVec& zero, int64_t n) {
+  const fVec r = at::vec::clamp(v.round() + zero, fVec(0.f), fVec(255.f));
 #if defined(CPU_CAPABILITY_AVX512)
   _mm_mask_storeu_epi8(p, static_cast<__mmask16>(n == kVec ? 0xFFFF : (1u << n) - 1),
                        _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r)));
 #else
   float buf[kVec];
   r.store(buf);
-  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<int8_t>(buf[i]);
+  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<uint8_t>(buf[i]);
 #endif
 }
-inline void store_int8(int8_t* p, const fVec& v, const fVec& zero, Full) { store_int8(p, v, zero, kVec); }
+inline void store_uint8(uint8_t* p, const fVec& v, const fVec& zero, Full) { store_uint8(p, v, zero, kVec); }
 
 // The row quantization of fp32 values v (already smoothed): returns nothing, writes q and the row's scale and zero.
-//   lo = min(v, 0), hi = max(v, 0), scale = (hi - lo) / 255, zero = round(-lo / scale) - 128, q = round(v / scale) + zero
+//   lo = min(v, 0), hi = max(v, 0), scale = (hi - lo) / 255, zero = round(-lo / scale), q = round(v / scale) + zero
 // A row of zeros gets scale 0 (its q dequantize to 0 whatever they hold).
 template <typename ValueOf>
-inline void quantize_row(int64_t K, const ValueOf& value_of, int8_t* q, float* scale, float* zero) {
+inline void quantize_row(int64_t K, const ValueOf& value_of, uint8_t* q, float* scale, float* zero) {
   fVec lo(0.f), hi(0.f);
   for_each_vec(K, [&](int64_t k, auto n) {
     const fVec v = keep_lanes(value_of(k, n), n);
@@ -65,15 +62,15 @@ inline void quantize_row(int64_t K, const ValueOf& value_of, int8_t* q, float* s
   const float hi_s = at::vec::vec_reduce_all<float>([](const fVec& a, const fVec& b) { return at::vec::maximum(a, b); }, hi);
   const float s = (hi_s - lo_s) / 255.f;
   const float inv = s > 0.f ? 1.f / s : 0.f;
-  const float z = std::nearbyint(-lo_s * inv) - 128.f;
+  const float z = std::nearbyint(-lo_s * inv);
   const fVec inv_v(inv), z_v(z);
-  for_each_vec(K, [&](int64_t k, auto n) { store_int8(q + k, value_of(k, n) * inv_v, z_v, n); });
+  for_each_vec(K, [&](int64_t k, auto n) { store_uint8(q + k, value_of(k, n) * inv_v, z_v, n); });
   *scale = s;
   *zero = z;
 }
 
 template <typename T>
-void quantize_rows_kernel(const T* x, const float* smooth, int8_t* q, float* scale, float* zero, int64_t N,
+void quantize_rows_kernel(const T* x, const float* smooth, uint8_t* q, float* scale, float* zero, int64_t N,
                           int64_t K) {
   at::parallel_for(0, N, row_grain(K), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
@@ -96,13 +93,31 @@ void check_float_or_bf16(const char* op, const char* name, const at::Tensor& t) 
 }
 
 void check_vector(const char* op, const char* name, const at::Tensor& t, int64_t n, const at::Tensor& like) {
-  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but q is on ", like.device());
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but acc is on ", like.device());
   TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape [", n, "], got ", t.sizes());
 }
 
+// acc - zero * wsum, the centred sums of a row, as fp32 with a single rounding of the exact value: int32 sums are
+// centred in int32 and converted once (zero and wsum hold integers; int32 arithmetic wraps, so the result is exact
+// whenever it fits, and |sum_k (q - zero) w| <= 255 * 127 K does for the K that int8_sums takes); fp32 sums hold
+// integers exactly (see ops/int8.py), and one fused multiply-add rounds once.
+inline fVec centred(const int32_t* acc, const float* wsum, int32_t zero, int64_t d, Full) {
+  const iVec c = load_int(acc + d, Full{}) - iVec(zero) * at::vec::convert_to_int_of_same_size(load(wsum + d, Full{}));
+  return at::vec::convert_to_fp_of_same_size<float>(c);
+}
+inline fVec centred(const int32_t* acc, const float* wsum, int32_t zero, int64_t d, int64_t n) {
+  const iVec c = load_int(acc + d, n) - iVec(zero) * at::vec::convert_to_int_of_same_size(load(wsum + d, n));
+  return at::vec::convert_to_fp_of_same_size<float>(c);
+}
+template <typename Lanes>
+inline fVec centred(const float* acc, const float* wsum, int32_t zero, int64_t d, Lanes n) {
+  return at::vec::fnmadd(fVec(static_cast<float>(zero)), load(wsum + d, n), load(acc + d, n));
+}
+
 // The dequantized product of one row, plus bias, handed to f(d, lanes, y) vector by vector.
+template <typename A>
 struct RowDequant {
-  const int32_t* acc;   // [N] this row's int32 products
+  const A* acc;         // [N] this row's integer sums
   const float* wscale;  // [N]
   const float* wsum;    // [N]
   float scale;
@@ -110,41 +125,38 @@ struct RowDequant {
 
   template <typename F>
   inline void operator()(int64_t N, const float* bias, const F& f) const {
-    const fVec s(scale), z(zero);
+    const fVec s(scale);
+    const int32_t z = static_cast<int32_t>(zero);
     for_each_vec(N, [&](int64_t d, auto n) {
-      const fVec centred = at::vec::fnmadd(z, load(wsum + d, n), load_acc(acc + d, n));
-      f(d, n, at::vec::fmadd(centred, s * load(wscale + d, n), load(bias + d, n)));
+      f(d, n, at::vec::fmadd(centred(acc, wsum, z, d, n), s * load(wscale + d, n), load(bias + d, n)));
     });
   }
 };
 
-// The common part of the three product ops: checks, then for each block of rows the int32 product of the block
-// and epilogue(rows [begin, end) of the block, RowDequant of a row) in parallel over the block's rows.
-struct Int8Product {
-  const at::Tensor& q;
+// The common part of the three product ops: checks, then epilogue(row, RowDequant of the row) in parallel over the
+// rows of acc.
+struct Int8Epilogue {
+  const at::Tensor& acc;
   const at::Tensor& scale;
   const at::Tensor& zero;
-  const at::Tensor& weight;
   const at::Tensor& wscale;
   const at::Tensor& wsum;
   const at::Tensor& bias;
 
-  int64_t rows() const { return q.size(0); }
-  int64_t out_features() const { return weight.size(0); }
+  int64_t rows() const { return acc.size(0); }
+  int64_t out_features() const { return acc.size(1); }
 
   void check(const char* op) const {
-    TORCH_CHECK(q.device().type() == at::kCPU, op, ": q must be on cpu, got ", q.device());
-    check_dtype(op, "q", q, at::kChar);
-    check_dtype(op, "weight", weight, at::kChar);
-    TORCH_CHECK(q.dim() == 2, op, ": q must have 2 dims, got shape ", q.sizes());
-    TORCH_CHECK(weight.dim() == 2 && weight.size(1) == q.size(1), op, ": weight must have shape [N, ", q.size(1),
-                "], got ", weight.sizes());
-    TORCH_CHECK(weight.device() == q.device(), op, ": weight is on ", weight.device(), " but q is on ", q.device());
-    check_vector(op, "scale", scale, q.size(0), q);
-    check_vector(op, "zero", zero, q.size(0), q);
-    check_vector(op, "weight_scale", wscale, weight.size(0), q);
-    check_vector(op, "weight_sum", wsum, weight.size(0), q);
-    check_vector(op, "bias", bias, weight.size(0), q);
+    TORCH_CHECK(acc.device().type() == at::kCPU, op, ": acc must be on cpu, got ", acc.device());
+    TORCH_CHECK(acc.scalar_type() == at::kInt || acc.scalar_type() == at::kFloat, op,
+                ": acc (the integer sums) must be int32 or float32, got ", acc.scalar_type());
+    TORCH_CHECK(acc.dim() == 2, op, ": acc must have 2 dims, got shape ", acc.sizes());
+    const int64_t N = acc.size(1);
+    check_vector(op, "scale", scale, acc.size(0), acc);
+    check_vector(op, "zero", zero, acc.size(0), acc);
+    check_vector(op, "weight_scale", wscale, N, acc);
+    check_vector(op, "weight_sum", wsum, N, acc);
+    check_vector(op, "bias", bias, N, acc);
     for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"scale", scale}, {"zero", zero},
                                   {"weight_scale", wscale}, {"weight_sum", wsum}}) {
       check_dtype(op, name, t, at::kFloat);
@@ -154,22 +166,24 @@ struct Int8Product {
 
   template <typename Epilogue>
   void run(const Epilogue& epilogue) const {
-    const at::Tensor qc = q.contiguous();
-    const at::Tensor w_t = weight.contiguous().t();  // [K, N] view: the layout _int_mm reads as its second operand
+    const at::Tensor ac = acc.contiguous();
     const at::Tensor sc = scale.contiguous(), zc = zero.contiguous();
     const at::Tensor wsc = wscale.contiguous(), wsm = wsum.contiguous();
-    const int64_t M = rows(), N = out_features();
-    for (int64_t begin = 0; begin < M; begin += kBlockRows) {
-      const int64_t end = std::min(M, begin + kBlockRows);
-      const at::Tensor acc = at::_int_mm(qc.narrow(0, begin, end - begin), w_t);
-      const int32_t* acc_p = acc.const_data_ptr<int32_t>();
-      at::parallel_for(begin, end, std::max<int64_t>(1, row_grain(N)), [&](int64_t r0, int64_t r1) {
+    const int64_t N = out_features();
+    const auto each_row = [&](auto* acc_p) {
+      at::parallel_for(0, rows(), std::max<int64_t>(1, row_grain(N)), [&](int64_t r0, int64_t r1) {
         for (int64_t row = r0; row < r1; ++row) {
-          const RowDequant dq{acc_p + (row - begin) * N, wsc.const_data_ptr<float>(), wsm.const_data_ptr<float>(),
-                              sc.const_data_ptr<float>()[row], zc.const_data_ptr<float>()[row]};
+          const RowDequant<std::remove_const_t<std::remove_pointer_t<decltype(acc_p)>>> dq{
+              acc_p + row * N, wsc.const_data_ptr<float>(), wsm.const_data_ptr<float>(),
+              sc.const_data_ptr<float>()[row], zc.const_data_ptr<float>()[row]};
           epilogue(row, dq);
         }
       });
+    };
+    if (ac.scalar_type() == at::kInt) {
+      each_row(ac.const_data_ptr<int32_t>());
+    } else {
+      each_row(ac.const_data_ptr<float>());
     }
   }
 };
@@ -184,21 +198,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows_cpu(const at::Tenso
   MTBF_CHECK_SIZE("quantize_rows", smooth, 0, x.size(1));
   const at::Tensor xc = x.contiguous(), mc = smooth.contiguous();
   const int64_t N = x.size(0), K = x.size(1);
-  at::Tensor q = at::empty({N, K}, x.options().dtype(at::kChar));
+  at::Tensor q = at::empty({N, K}, x.options().dtype(at::kByte));
   at::Tensor scale = at::empty({N}, x.options().dtype(at::kFloat));
   at::Tensor zero = at::empty({N}, x.options().dtype(at::kFloat));
   dispatch_float_bf16(x.scalar_type(), [&](auto t) {
     using T = decltype(t);
-    quantize_rows_kernel<T>(xc.const_data_ptr<T>(), mc.const_data_ptr<float>(), q.mutable_data_ptr<int8_t>(),
+    quantize_rows_kernel<T>(xc.const_data_ptr<T>(), mc.const_data_ptr<float>(), q.mutable_data_ptr<uint8_t>(),
                             scale.mutable_data_ptr<float>(), zero.mutable_data_ptr<float>(), N, K);
   });
   return {q, scale, zero};
 }
 
-at::Tensor int8_linear_cpu(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
-                           const at::Tensor& weight, const at::Tensor& weight_scale, const at::Tensor& weight_sum,
-                           const at::Tensor& bias) {
-  const Int8Product prod{q, scale, zero, weight, weight_scale, weight_sum, bias};
+// Quantized rows [M, N] with their scales and zeros, to be filled row by row by quantize_row.
+struct QuantizedRows {
+  at::Tensor q, scale, zero;
+
+  QuantizedRows(int64_t M, int64_t N, const at::Tensor& like)
+      : q(at::empty({M, N}, like.options().dtype(at::kByte))),
+        scale(at::empty({M}, like.options().dtype(at::kFloat))),
+        zero(at::empty({M}, like.options().dtype(at::kFloat))) {}
+
+  template <typename ValueOf>
+  void quantize(int64_t row, int64_t N, const ValueOf& value_of) {
+    quantize_row(N, value_of, q.mutable_data_ptr<uint8_t>() + row * N, scale.mutable_data_ptr<float>() + row,
+                 zero.mutable_data_ptr<float>() + row);
+  }
+};
+
+void check_smooth(const char* op, const at::Tensor& smooth, int64_t N, const at::Tensor& like) {
+  check_dtype(op, "smooth", smooth, at::kFloat);
+  check_vector(op, "smooth", smooth, N, like);
+}
+
+at::Tensor int8_linear_cpu(const at::Tensor& acc, const at::Tensor& scale, const at::Tensor& zero,
+                           const at::Tensor& weight_scale, const at::Tensor& weight_sum, const at::Tensor& bias) {
+  const Int8Epilogue prod{acc, scale, zero, weight_scale, weight_sum, bias};
   prod.check("int8_linear");
   const int64_t N = prod.out_features();
   at::Tensor out = at::empty({prod.rows(), N}, bias.options());
@@ -206,7 +240,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& q, const at::Tensor& scale, const a
   dispatch_float_bf16(bias.scalar_type(), [&](auto t) {
     using T = decltype(t);
     T* o = out.mutable_data_ptr<T>();
-    prod.run([&](int64_t row, const RowDequant& dq) {
+    prod.run([&](int64_t row, const auto& dq) {
       dq(N, bf.const_data_ptr<float>(), [&](int64_t d, auto n, const fVec& y) { store(o + row * N + d, y, n); });
     });
   });
@@ -214,54 +248,47 @@ at::Tensor int8_linear_cpu(const at::Tensor& q, const at::Tensor& scale, const a
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear_gelu_quantize_cpu(
-    const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero, const at::Tensor& weight,
-    const at::Tensor& weight_scale, const at::Tensor& weight_sum, const at::Tensor& bias,
-    c10::string_view approximate, const at::Tensor& smooth) {
+    const at::Tensor& acc, const at::Tensor& scale, const at::Tensor& zero, const at::Tensor& weight_scale,
+    const at::Tensor& weight_sum, const at::Tensor& bias, c10::string_view approximate, const at::Tensor& smooth) {
   constexpr const char* op = "int8_linear_gelu_quantize";
   const GeluKind kind = parse_gelu(op, approximate);
-  const Int8Product prod{q, scale, zero, weight, weight_scale, weight_sum, bias};
+  const Int8Epilogue prod{acc, scale, zero, weight_scale, weight_sum, bias};
   prod.check(op);
   const int64_t M = prod.rows(), N = prod.out_features();
-  check_dtype(op, "smooth", smooth, at::kFloat);
-  check_vector(op, "smooth", smooth, N, q);
+  check_smooth(op, smooth, N, acc);
   const at::Tensor mc = smooth.contiguous();
-  at::Tensor q_out = at::empty({M, N}, q.options());
-  at::Tensor scale_out = at::empty({M}, scale.options());
-  at::Tensor zero_out = at::empty({M}, scale.options());
+  QuantizedRows out(M, N, acc);
   const at::Tensor bf = bias.to(at::kFloat).contiguous();
   dispatch_gelu(kind, [&](auto k) {
     constexpr GeluKind K = decltype(k)::value;
-    prod.run([&](int64_t row, const RowDequant& dq) {
+    prod.run([&](int64_t row, const auto& dq) {
       thread_local std::vector<float> h;  // the row after GELU and smoothing, in fp32
       h.resize(N);
       const float* m = mc.const_data_ptr<float>();
       dq(N, bf.const_data_ptr<float>(), [&](int64_t d, auto n, const fVec& y) {
         store(h.data() + d, gelu<K>(y) * load(m + d, n), n);
       });
-      quantize_row(
-          N, [&](int64_t d, auto n) { return load(h.data() + d, n); }, q_out.mutable_data_ptr<int8_t>() + row * N,
-          scale_out.mutable_data_ptr<float>() + row, zero_out.mutable_data_ptr<float>() + row);
+      out.quantize(row, N, [&](int64_t d, auto n) { return load(h.data() + d, n); });
     });
   });
-  return {q_out, scale_out, zero_out};
+  return {out.q, out.scale, out.zero};
 }
 
-at::Tensor int8_linear_residual_layer_norm_cpu(
-    const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero, const at::Tensor& weight,
-    const at::Tensor& weight_scale, const at::Tensor& weight_sum, const at::Tensor& bias, const at::Tensor& residual,
-    const at::Tensor& norm_weight, const at::Tensor& norm_bias, double eps) {
-  constexpr const char* op = "int8_linear_residual_layer_norm";
-  const Int8Product prod{q, scale, zero, weight, weight_scale, weight_sum, bias};
-  prod.check(op);
+// LayerNorm(product + bias + residual) into out, each row then handed to after_row(row, out_row).
+template <typename AfterRow>
+at::Tensor residual_layer_norm(const char* op, const Int8Epilogue& prod, const at::Tensor& residual,
+                               const at::Tensor& norm_weight, const at::Tensor& norm_bias, double eps,
+                               const AfterRow& after_row) {
+  const at::Tensor& bias = prod.bias;
   const int64_t M = prod.rows(), N = prod.out_features();
   check_dtype(op, "residual", residual, bias.scalar_type());
-  TORCH_CHECK(residual.device() == q.device(), op, ": residual is on ", residual.device(), " but q is on ",
-              q.device());
+  TORCH_CHECK(residual.device() == prod.acc.device(), op, ": residual is on ", residual.device(), " but acc is on ",
+              prod.acc.device());
   TORCH_CHECK(residual.dim() == 2 && residual.size(0) == M && residual.size(1) == N, op,
               ": residual must have shape [", M, ", ", N, "], got ", residual.sizes());
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"norm_weight", norm_weight},
                                 {"norm_bias", norm_bias}}) {
-    check_vector(op, name, t, N, q);
+    check_vector(op, name, t, N, prod.acc);
     TORCH_CHECK(t.scalar_type() == bias.scalar_type() || t.scalar_type() == at::kFloat, op, ": ", name,
                 " must be float32 or bias's dtype ", bias.scalar_type(), ", got ", t.scalar_type());
   }
@@ -274,7 +301,7 @@ at::Tensor int8_linear_residual_layer_norm_cpu(
     using T = decltype(t);
     const T* res = rc.const_data_ptr<T>();
     T* o = out.mutable_data_ptr<T>();
-    prod.run([&](int64_t row, const RowDequant& dq) {
+    prod.run([&](int64_t row, const auto& dq) {
       thread_local std::vector<float> s;  // the row's pre-norm values, in fp32
       s.resize(N);
       fVec sum(0.f);
@@ -286,9 +313,41 @@ at::Tensor int8_linear_residual_layer_norm_cpu(
       float mean, rstd;
       layer_norm_row(s.data(), lane_sum(sum), wf.const_data_ptr<float>(), bt.const_data_ptr<float>(), eps,
                      o + row * N, &mean, &rstd, N);
+      after_row(row, static_cast<const T*>(o + row * N));
     });
   });
   return out;
+}
+
+at::Tensor int8_linear_residual_layer_norm_cpu(
+    const at::Tensor& acc, const at::Tensor& scale, const at::Tensor& zero, const at::Tensor& weight_scale,
+    const at::Tensor& weight_sum, const at::Tensor& bias, const at::Tensor& residual, const at::Tensor& norm_weight,
+    const at::Tensor& norm_bias, double eps) {
+  constexpr const char* op = "int8_linear_residual_layer_norm";
+  const Int8Epilogue prod{acc, scale, zero, weight_scale, weight_sum, bias};
+  prod.check(op);
+  return residual_layer_norm(op, prod, residual, norm_weight, norm_bias, eps, [](int64_t, const auto*) {});
+}
+
+// The same, and each output row quantized for the next product as quantize_rows(out, smooth) would (from the
+// stored values, so in bfloat16 exactly what the next product would have read), while the row is in cache.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_linear_residual_layer_norm_quantize_cpu(
+    const at::Tensor& acc, const at::Tensor& scale, const at::Tensor& zero, const at::Tensor& weight_scale,
+    const at::Tensor& weight_sum, const at::Tensor& bias, const at::Tensor& residual, const at::Tensor& norm_weight,
+    const at::Tensor& norm_bias, double eps, const at::Tensor& smooth) {
+  constexpr const char* op = "int8_linear_residual_layer_norm_quantize";
+  const Int8Epilogue prod{acc, scale, zero, weight_scale, weight_sum, bias};
+  prod.check(op);
+  const int64_t M = prod.rows(), N = prod.out_features();
+  check_smooth(op, smooth, N, acc);
+  const at::Tensor mc = smooth.contiguous();
+  const float* m = mc.const_data_ptr<float>();
+  QuantizedRows quantized(M, N, acc);
+  const auto quantize_row_of = [&](int64_t row, const auto* o) {
+    quantized.quantize(row, N, [&](int64_t d, auto n) { return load(o + d, n) * load(m + d, n); });
+  };
+  at::Tensor out = residual_layer_norm(op, prod, residual, norm_weight, norm_bias, eps, quantize_row_of);
+  return {out, quantized.q, quantized.scale, quantized.zero};
 }
 
 }  // namespace
@@ -298,6 +357,7 @@ TORCH_LIBRARY_IMPL(mtbert_fast_C, CPU, m) {
   m.impl("int8_linear", &int8_linear_cpu);
   m.impl("int8_linear_gelu_quantize", &int8_linear_gelu_quantize_cpu);
   m.impl("int8_linear_residual_layer_norm", &int8_linear_residual_layer_norm_cpu);
+  m.impl("int8_linear_residual_layer_norm_quantize", &int8_linear_residual_layer_norm_quantize_cpu);
 }
 
 }  // namespace mtbert_fast

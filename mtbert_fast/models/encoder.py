@@ -367,11 +367,14 @@ def encode(
             if training:
                 raise RuntimeError("an int8 model runs inference only: call model.eval() (train the float model, "
                                    "then quantize it)")
-            x = int8_layer_forward(config, w, x, packed, backend)
+            # an int8 layer before another one hands it its output already quantized for the QKV product
+            following = layers[i + 1] if i + 1 < len(layers) else None
+            next_smooth = following.qkv.smooth if isinstance(following, Int8LayerWeights) else None
+            x = int8_layer_forward(config, w, x, packed, backend, next_smooth)
         else:
             x = layer_forward(config, w, x, packed, training, backend, observe(i) if observe is not None else None)
         if states is not None:
-            states.append(x)
+            states.append(x[0] if isinstance(x, tuple) else x)
 
     pooled = None
     if pooler is not None:

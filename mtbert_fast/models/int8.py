@@ -23,8 +23,10 @@ import torch
 
 from mtbert_fast.models.config import EncoderConfig
 from mtbert_fast.ops import (
-    attention_varlen, int8_linear, int8_linear_gelu_quantize, int8_linear_residual_layer_norm, quantize_rows,
+    attention_varlen, int8_linear, int8_linear_gelu_quantize, int8_linear_residual_layer_norm,
+    int8_linear_residual_layer_norm_quantize, int8_sums, pack_int8_weight, quantize_rows,
 )
+from mtbert_fast.ops.int8 import PackedInt8Weight
 
 DEFAULT_SMOOTHING = 0.5
 SYNTHETIC_ROWS = 64
@@ -35,10 +37,17 @@ PRODUCTS = ("qkv", "attn_out", "ffn_in", "ffn_out")
 
 class Int8Linear(NamedTuple):
     weight: torch.Tensor  # int8 [N, K]: the smoothed weight, per output channel
+    packed: PackedInt8Weight | None  # the weight in oneDNN's layout (ops.pack_int8_weight), None where not packed
     weight_scale: torch.Tensor  # fp32 [N]
     weight_sum: torch.Tensor  # fp32 [N]: row sums of the int8 weight (the zero point's correction)
     bias: torch.Tensor  # [N] in the activation dtype
     smooth: torch.Tensor  # fp32 [K]: multiplies the input before it is quantized (1 / s)
+
+    def sums(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The epilogue ops' leading arguments for the quantized input (q, scale, zero): the integer sums, the
+        input's scale and zero, the weight's scale and sums, the bias."""
+        acc, zero = int8_sums(q, zero, self.weight, self.packed)
+        return acc, scale, zero, self.weight_scale, self.weight_sum, self.bias
 
 
 class Int8LayerWeights(NamedTuple):
@@ -61,29 +70,32 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor, input_absmax: torc
     ws = w * s
     scale = ws.abs().amax(1).clamp_min(1e-12) / 127
     q = torch.round(ws / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return Int8Linear(q, scale, q.float().sum(1), bias.detach().clone(), (1 / s).contiguous())
+    return Int8Linear(q, pack_int8_weight(q), scale, q.float().sum(1), bias.detach().clone(), (1 / s).contiguous())
 
 
-def int8_layer_forward(config: EncoderConfig, w: Int8LayerWeights, x: torch.Tensor, packed, backend=None):
-    """One encoder layer with int8 products on packed tokens: x [T, H] -> [T, H] in x's dtype."""
+def int8_layer_forward(config: EncoderConfig, w: Int8LayerWeights, x, packed, backend=None, next_smooth=None):
+    """One encoder layer with int8 products on packed tokens -> [T, H] in x's dtype. x: [T, H], or (x, q, scale,
+    zero) with x already quantized for the QKV product (what the previous layer returns when given next_smooth, the
+    next layer's qkv smooth; the layer then returns (y, y quantized) likewise)."""
+    x, *qx = x if isinstance(x, tuple) else (x,)
     t, h = x.shape
     eps = config.layer_norm_eps
-    qkv = int8_linear(*quantize_rows(x, w.qkv.smooth, backend=backend), *w.qkv[:4], backend=backend)
+    qkv = int8_linear(*w.qkv.sums(*(qx or quantize_rows(x, w.qkv.smooth, backend=backend))), backend=backend)
     ctx = attention_varlen(
         qkv.view(t, 3, config.num_attention_heads, config.head_dim), packed.cu_seqlens, packed.max_seqlen,
         backend=backend,
     ).reshape(t, h)
-    x = int8_linear_residual_layer_norm(
-        *quantize_rows(ctx, w.attn_out.smooth, backend=backend), *w.attn_out[:4], x, w.attn_norm_weight,
-        w.attn_norm_bias, eps, backend=backend,
+    x, *qx = int8_linear_residual_layer_norm_quantize(
+        *w.attn_out.sums(*quantize_rows(ctx, w.attn_out.smooth, backend=backend)), x, w.attn_norm_weight,
+        w.attn_norm_bias, eps, w.ffn_in.smooth, backend=backend,
     )
     inner = int8_linear_gelu_quantize(
-        *quantize_rows(x, w.ffn_in.smooth, backend=backend), *w.ffn_in[:4], config.gelu_approximate,
-        w.ffn_out.smooth, backend=backend,
+        *w.ffn_in.sums(*qx), config.gelu_approximate, w.ffn_out.smooth, backend=backend
     )
-    return int8_linear_residual_layer_norm(
-        *inner, *w.ffn_out[:4], x, w.ffn_norm_weight, w.ffn_norm_bias, eps, backend=backend
-    )
+    norm = (*w.ffn_out.sums(*inner), x, w.ffn_norm_weight, w.ffn_norm_bias, eps)
+    if next_smooth is None:
+        return int8_linear_residual_layer_norm(*norm, backend=backend)
+    return tuple(int8_linear_residual_layer_norm_quantize(*norm, next_smooth, backend=backend))
 
 
 # ---- calibration --------------------------------------------------------------------------------------------------

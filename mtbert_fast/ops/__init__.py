@@ -5,7 +5,10 @@ from mtbert_fast.ops.bias_gelu import bias_gelu
 from mtbert_fast.ops.bias_gelu_layer_norm import bias_gelu_layer_norm
 from mtbert_fast.ops.bias_residual_layer_norm import bias_residual_layer_norm
 from mtbert_fast.ops.dispatch import BACKENDS, BackendUnavailable
-from mtbert_fast.ops.int8 import int8_linear, int8_linear_gelu_quantize, int8_linear_residual_layer_norm, quantize_rows
+from mtbert_fast.ops.int8 import (
+    int8_linear, int8_linear_gelu_quantize, int8_linear_residual_layer_norm, int8_linear_residual_layer_norm_quantize,
+    int8_sums, pack_int8_weight, quantize_rows,
+)
 from mtbert_fast.ops.mlm_gather_loss import mlm_gather_loss
 from mtbert_fast.ops.rows import gather_rows, pad, scatter_rows, unpad, unpad_indices
 
@@ -20,7 +23,10 @@ __all__ = [
     "int8_linear",
     "int8_linear_gelu_quantize",
     "int8_linear_residual_layer_norm",
+    "int8_linear_residual_layer_norm_quantize",
+    "int8_sums",
     "mlm_gather_loss",
+    "pack_int8_weight",
     "pad",
     "quantize_rows",
     "scatter_rows",

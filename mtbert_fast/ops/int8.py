@@ -1,13 +1,25 @@
 """int8 products for inference: per-token quantization of activations and int8 linears with fused epilogues.
 
-An activation row x is stored as int8 q with an fp32 scale and zero, after multiplying it by a per-channel
-smoothing vector: x * smooth ~= scale * (q - zero) (asymmetric, so rows that are mostly positive keep all 256
-levels). A weight is int8 [M, K] per output channel: weight_scale [M] and its row sums weight_sum [M]; the product
-is scale * weight_scale * (q @ weight^T - zero * weight_sum), exact in int32 before the scaling. The products have
-no autograd: this is the inference path (see mtbert_fast.quant for how weights are quantized).
+An activation row x is stored as uint8 q with an fp32 scale and an integer zero in [0, 255], after multiplying it
+by a per-channel smoothing vector: x * smooth ~= scale * (q - zero) (asymmetric, so rows that are mostly positive
+keep all 256 levels). A weight is int8 [M, K] per output channel: weight_scale [M] and its row sums weight_sum [M].
+A product is `int8_sums(q, zero, weight)`, the exact integer sums acc of q @ weight^T (or of (q - 128) @ weight^T)
+with the zero point that goes with them, and an epilogue op that takes acc: scale * weight_scale * (acc - zero *
+weight_sum) + bias, then GELU, LayerNorm, ... The products have no autograd: this is the inference path (see
+mtbert_fast.models.int8 for how weights are quantized).
+
+The sums run on oneDNN's int8 linear with the weight packed once (`pack_int8_weight`), uint8 activations with zero
+point 0, scales 1 and fp32 output: the int32 sums, converted to fp32 once. Each sum of a row of q (0..255) with
+weight row n lies in [255 * (sum of w[n]'s negative entries), 255 * (sum of its positive ones)]; where every such
+bound is below 2^24 in magnitude, fp32 holds every sum exactly. A weight past that bound (all-MiniLM-L6-v2's largest
+is 2^22.7, a random bert-base's 2^23.6: docs/cpu-int8.md) is not packed, and its sums come from `torch._int_mm`
+in int32. oneDNN's uint8 x int8 product is checked once against an exact one on inputs that overflow an int16 pair
+(CPUs without VNNI multiply through int16 and saturate); where it fails, nothing is packed.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -16,33 +28,118 @@ from mtbert_fast.ops._checks import check_gelu
 from mtbert_fast.ops.registry import CPU_DTYPES, Backend, Op
 
 _FLOATS = (torch.float32, torch.bfloat16)
+_SUMS = (torch.int32, torch.float32)
+# integers of magnitude up to 2^24 are exact in fp32
+FP32_EXACT = 2**24
+# the longest rows whose sums (up to 255 * 127 per entry) fit int32
+MAX_K = (2**31 - 1) // (255 * 127)
 
 
 def _check_vector(op: str, name: str, t: torch.Tensor, n: int, like: torch.Tensor, dtypes=(torch.float32,)) -> None:
     if t.device != like.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but q is on {like.device}")
+        raise ValueError(f"{op}: {name} is on {t.device} but acc is on {like.device}")
     if t.dtype not in dtypes:
         raise TypeError(f"{op}: {name} must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
     if t.shape != (n,):
         raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected ({n},)")
 
 
-def _check_product(op, q, scale, zero, weight, weight_scale, weight_sum, bias) -> None:
-    for name, t in (("q", q), ("weight", weight)):
-        if t.dtype != torch.int8:
-            raise TypeError(f"{op}: {name} must be torch.int8, got {t.dtype}")
-        if t.dim() != 2:
-            raise ValueError(f"{op}: {name} must be 2-D, got shape {tuple(t.shape)}")
-    if weight.shape[1] != q.shape[1]:
-        raise ValueError(f"{op}: weight has shape {tuple(weight.shape)}, expected [out, {q.shape[1]}] (q's last dim)")
-    if weight.device != q.device:
-        raise ValueError(f"{op}: weight is on {weight.device} but q is on {q.device}")
-    rows, out = q.shape[0], weight.shape[0]
-    _check_vector(op, "scale", scale, rows, q)
-    _check_vector(op, "zero", zero, rows, q)
-    _check_vector(op, "weight_scale", weight_scale, out, q)
-    _check_vector(op, "weight_sum", weight_sum, out, q)
-    _check_vector(op, "bias", bias, out, q, _FLOATS)
+def _check_product(op, acc, scale, zero, weight_scale, weight_sum, bias) -> None:
+    if acc.dtype not in _SUMS:
+        raise TypeError(f"{op}: acc (the integer sums) must be torch.int32 or torch.float32, got {acc.dtype}")
+    if acc.dim() != 2:
+        raise ValueError(f"{op}: acc must be 2-D [rows, out], got shape {tuple(acc.shape)}")
+    rows, out = acc.shape
+    _check_vector(op, "scale", scale, rows, acc)
+    _check_vector(op, "zero", zero, rows, acc)
+    _check_vector(op, "weight_scale", weight_scale, out, acc)
+    _check_vector(op, "weight_sum", weight_sum, out, acc)
+    _check_vector(op, "bias", bias, out, acc, _FLOATS)
+
+
+# ---- the integer sums -----------------------------------------------------------------------------------------
+
+
+def sums_bound(weight: torch.Tensor) -> int:
+    """The largest |sum| that uint8 rows (0..255) can make with the int8 weight [M, K]."""
+    w = weight.to(torch.int64)
+    return 255 * max(w.clamp(min=0).sum(1).max().item(), (-w).clamp(min=0).sum(1).max().item(), 0)
+
+
+@functools.cache
+def onednn_int8_exact() -> bool:
+    """Whether this torch's oneDNN int8 linear runs here and returns exact uint8 x int8 sums on values (255 x 127)
+    whose pairs overflow int16."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")):
+        return False
+    k, n = 64, 32
+    w = torch.full((n, k), 127, dtype=torch.int8)
+    w[1::2] = -128 + 1
+    q = torch.full((5, k), 255, dtype=torch.uint8)
+    try:
+        got = _onednn_sums(q, torch.ops.onednn.qlinear_prepack(w, None), n)
+    except (RuntimeError, TypeError):
+        return False
+    return bool(torch.equal(got, (q.to(torch.int64) @ w.to(torch.int64).T).float()))
+
+
+@functools.lru_cache(maxsize=64)
+def _unit_weight_quantization(out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """oneDNN's per-channel weight scales (1) and zero points (0): made once per width, not on every product."""
+    with torch.inference_mode(False):
+        return torch.ones(out_features), torch.zeros(out_features, dtype=torch.int64)
+
+
+def _onednn_sums(q: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    ones, zeros = _unit_weight_quantization(out_features)
+    return torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [],
+                                              "")  # fmt: skip
+
+
+class PackedInt8Weight:
+    """oneDNN's packed copy of an int8 weight [M, K] (an opaque tensor, which has no storage to copy or save). It is
+    never written, so copies of a model share it; pickling stores the plain weight and packs it again on loading."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+        self.tensor = torch.ops.onednn.qlinear_prepack(weight.contiguous(), None)
+
+    def __deepcopy__(self, memo) -> PackedInt8Weight:
+        return self
+
+    def __reduce__(self):
+        return PackedInt8Weight, (self.weight,)
+
+
+def pack_int8_weight(weight: torch.Tensor) -> PackedInt8Weight | None:
+    """The int8 weight [M, K] in oneDNN's layout for `int8_sums`, or None where its sums would not be exact in fp32
+    or oneDNN's int8 product does not run (exactly) here."""
+    if weight.dtype != torch.int8 or weight.dim() != 2:
+        raise TypeError(f"pack_int8_weight: weight must be a 2-D torch.int8 tensor, got {weight.dtype} "
+                        f"{tuple(weight.shape)}")
+    if weight.device.type != "cpu" or sums_bound(weight) >= FP32_EXACT or not onednn_int8_exact():
+        return None
+    return PackedInt8Weight(weight)
+
+
+def int8_sums(q: torch.Tensor, zero: torch.Tensor, weight: torch.Tensor, packed: PackedInt8Weight | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integer sums of the product of q uint8 [N, K] (zero fp32 [N], from quantize_rows) with weight int8 [M, K],
+    exact, and the zero point they go with: (acc [N, M], zero' [N]) with acc - zero' * weight_sum = (q - zero) @
+    weight^T. On `packed` (pack_int8_weight of weight): oneDNN's fp32 sums of q, and zero itself. Else torch._int_mm's
+    int32 sums of q - 128 (int8), and zero - 128."""
+    if q.dtype != torch.uint8 or q.dim() != 2:
+        raise TypeError(f"int8_sums: q must be a 2-D torch.uint8 tensor (from quantize_rows), got {q.dtype} "
+                        f"{tuple(q.shape)}")
+    if weight.dtype != torch.int8 or weight.dim() != 2 or weight.shape[1] != q.shape[1]:
+        raise ValueError(f"int8_sums: weight must be torch.int8 [out, {q.shape[1]}] (q's last dim), got {weight.dtype} "
+                         f"{tuple(weight.shape)}")
+    if q.shape[1] > MAX_K:
+        raise ValueError(f"int8_sums: rows of {q.shape[1]} entries can sum past int32; at most {MAX_K} are taken")
+    if packed is not None:
+        return _onednn_sums(q, packed.tensor, weight.shape[0]), zero
+    # _int_mm multiplies int8 by int8: q - 128 as int8 is q with its top bit flipped
+    return torch._int_mm(torch.bitwise_xor(q.view(torch.int8), -128), weight.t()), zero - 128
 
 
 def quantize_rows(x: torch.Tensor, smooth: torch.Tensor, *, backend: str | None = None):
@@ -61,54 +158,72 @@ def quantize_rows(x: torch.Tensor, smooth: torch.Tensor, *, backend: str | None 
     return QUANTIZE_ROWS(x, smooth, backend=backend)
 
 
-def int8_linear(q, scale, zero, weight, weight_scale, weight_sum, bias, *, backend: str | None = None):
-    """The dequantized product plus bias: [N, M] in bias's dtype (float32 / bfloat16)."""
-    _check_product("int8_linear", q, scale, zero, weight, weight_scale, weight_sum, bias)
-    return INT8_LINEAR(q, scale, zero, weight, weight_scale, weight_sum, bias, backend=backend)
+def int8_linear(acc, scale, zero, weight_scale, weight_sum, bias, *, backend: str | None = None):
+    """The dequantized product plus bias: acc [N, M] (int8_sums), scale, zero [N] (quantize_rows), weight_scale,
+    weight_sum fp32 [M], bias [M] -> [N, M] in bias's dtype (float32 / bfloat16)."""
+    _check_product("int8_linear", acc, scale, zero, weight_scale, weight_sum, bias)
+    return INT8_LINEAR(acc, scale, zero, weight_scale, weight_sum, bias, backend=backend)
 
 
-def int8_linear_gelu_quantize(q, scale, zero, weight, weight_scale, weight_sum, bias, approximate: str,
+def int8_linear_gelu_quantize(acc, scale, zero, weight_scale, weight_sum, bias, approximate: str,
                               smooth: torch.Tensor, *, backend: str | None = None):
     """GELU(product + bias) in fp32, quantized again for the next product with its smooth [M]:
-    (q int8 [N, M], scale, zero fp32 [N]). The float activation is never stored."""
+    (q uint8 [N, M], scale, zero fp32 [N]). The float activation is never stored."""
     op = "int8_linear_gelu_quantize"
     check_gelu(op, approximate)
-    _check_product(op, q, scale, zero, weight, weight_scale, weight_sum, bias)
-    _check_vector(op, "smooth", smooth, weight.shape[0], q)
-    return INT8_LINEAR_GELU_QUANTIZE(q, scale, zero, weight, weight_scale, weight_sum, bias, approximate, smooth,
+    _check_product(op, acc, scale, zero, weight_scale, weight_sum, bias)
+    _check_vector(op, "smooth", smooth, acc.shape[1], acc)
+    return INT8_LINEAR_GELU_QUANTIZE(acc, scale, zero, weight_scale, weight_sum, bias, approximate, smooth,
                                      backend=backend)
 
 
-def int8_linear_residual_layer_norm(q, scale, zero, weight, weight_scale, weight_sum, bias, residual, norm_weight,
+def _check_residual_layer_norm(op, acc, bias, residual, norm_weight, norm_bias) -> None:
+    if residual.shape != acc.shape:
+        raise ValueError(f"{op}: residual has shape {tuple(residual.shape)}, expected {tuple(acc.shape)} (acc's)")
+    if residual.device != acc.device or residual.dtype != bias.dtype:
+        raise TypeError(f"{op}: residual must be {bias.dtype} (bias's dtype) on {acc.device}, got {residual.dtype} "
+                        f"on {residual.device}")
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        _check_vector(op, name, t, acc.shape[1], acc, (bias.dtype, torch.float32))
+
+
+def int8_linear_residual_layer_norm(acc, scale, zero, weight_scale, weight_sum, bias, residual, norm_weight,
                                     norm_bias, eps: float, *, backend: str | None = None):
     """LayerNorm(product + bias + residual) * norm_weight + norm_bias, in fp32 -> [N, M] in bias's dtype.
     residual [N, M] in bias's dtype; norm_weight, norm_bias [M] in bias's dtype or float32."""
     op = "int8_linear_residual_layer_norm"
-    _check_product(op, q, scale, zero, weight, weight_scale, weight_sum, bias)
-    if residual.shape != (q.shape[0], weight.shape[0]):
-        raise ValueError(f"{op}: residual has shape {tuple(residual.shape)}, expected "
-                         f"({q.shape[0]}, {weight.shape[0]})")
-    if residual.device != q.device or residual.dtype != bias.dtype:
-        raise TypeError(f"{op}: residual must be {bias.dtype} (bias's dtype) on {q.device}, got {residual.dtype} "
-                        f"on {residual.device}")
-    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
-        _check_vector(op, name, t, weight.shape[0], q, (bias.dtype, torch.float32))
-    return INT8_LINEAR_RESIDUAL_LAYER_NORM(q, scale, zero, weight, weight_scale, weight_sum, bias, residual,
-                                           norm_weight, norm_bias, eps, backend=backend)
+    _check_product(op, acc, scale, zero, weight_scale, weight_sum, bias)
+    _check_residual_layer_norm(op, acc, bias, residual, norm_weight, norm_bias)
+    return INT8_LINEAR_RESIDUAL_LAYER_NORM(acc, scale, zero, weight_scale, weight_sum, bias, residual, norm_weight,
+                                           norm_bias, eps, backend=backend)
+
+
+def int8_linear_residual_layer_norm_quantize(acc, scale, zero, weight_scale, weight_sum, bias, residual, norm_weight,
+                                             norm_bias, eps: float, smooth: torch.Tensor, *,
+                                             backend: str | None = None):
+    """int8_linear_residual_layer_norm's output y, and y quantized for the next product with its smooth [M], in the
+    same pass: (y [N, M] in bias's dtype, q uint8 [N, M], scale, zero fp32 [N]), q as quantize_rows(y, smooth)."""
+    op = "int8_linear_residual_layer_norm_quantize"
+    _check_product(op, acc, scale, zero, weight_scale, weight_sum, bias)
+    _check_residual_layer_norm(op, acc, bias, residual, norm_weight, norm_bias)
+    _check_vector(op, "smooth", smooth, acc.shape[1], acc)
+    return INT8_LINEAR_RESIDUAL_LAYER_NORM_QUANTIZE(acc, scale, zero, weight_scale, weight_sum, bias, residual,
+                                                    norm_weight, norm_bias, eps, smooth, backend=backend)
 
 
 def _fake_quantized(x):
     n = x.shape[0]
-    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((n,), dtype=torch.float32), \
+    return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty((n,), dtype=torch.float32), \
         x.new_empty((n,), dtype=torch.float32)
 
 
-def _fake_product(q, weight, bias):
-    return q.new_empty((q.shape[0], weight.shape[0]), dtype=bias.dtype)
+def _fake_product(acc, bias):
+    return acc.new_empty(acc.shape, dtype=bias.dtype)
 
 
-_PRODUCT = "Tensor q, Tensor scale, Tensor zero, Tensor weight, Tensor weight_scale, Tensor weight_sum, Tensor bias"
-# the products' main input is q (int8): their kernels take any activation dtype the checks above let through
+_PRODUCT = "Tensor acc, Tensor scale, Tensor zero, Tensor weight_scale, Tensor weight_sum, Tensor bias"
+_RESIDUAL_LAYER_NORM = "Tensor residual, Tensor norm_weight, Tensor norm_bias, float eps"
+# the products' main input is acc (integer sums): their kernels take any activation dtype the checks above let through
 _PRODUCT_BACKENDS = {"cpu": Backend(dtypes=None)}
 
 QUANTIZE_ROWS = Op(
@@ -125,7 +240,7 @@ INT8_LINEAR = Op(
     schema=f"({_PRODUCT}) -> Tensor",
     reference=reference.int8_linear,
     backends=_PRODUCT_BACKENDS,
-    fake=lambda q, scale, zero, weight, weight_scale, weight_sum, bias: _fake_product(q, weight, bias),
+    fake=lambda acc, scale, zero, weight_scale, weight_sum, bias: _fake_product(acc, bias),
 )
 
 INT8_LINEAR_GELU_QUANTIZE = Op(
@@ -133,16 +248,24 @@ INT8_LINEAR_GELU_QUANTIZE = Op(
     schema=f"({_PRODUCT}, str approximate, Tensor smooth) -> (Tensor, Tensor, Tensor)",
     reference=reference.int8_linear_gelu_quantize,
     backends=_PRODUCT_BACKENDS,
-    fake=lambda q, scale, zero, weight, weight_scale, weight_sum, bias, approximate, smooth: _fake_quantized(
-        _fake_product(q, weight, bias)
-    ),
+    fake=lambda acc, scale, zero, weight_scale, weight_sum, bias, approximate, smooth: _fake_quantized(acc),
     result_outputs=3,
 )
 
 INT8_LINEAR_RESIDUAL_LAYER_NORM = Op(
     name="int8_linear_residual_layer_norm",
-    schema=f"({_PRODUCT}, Tensor residual, Tensor norm_weight, Tensor norm_bias, float eps) -> Tensor",
+    schema=f"({_PRODUCT}, {_RESIDUAL_LAYER_NORM}) -> Tensor",
     reference=reference.int8_linear_residual_layer_norm,
     backends=_PRODUCT_BACKENDS,
-    fake=lambda q, scale, zero, weight, weight_scale, weight_sum, bias, *rest: _fake_product(q, weight, bias),
+    fake=lambda acc, scale, zero, weight_scale, weight_sum, bias, *rest: _fake_product(acc, bias),
+)
+
+INT8_LINEAR_RESIDUAL_LAYER_NORM_QUANTIZE = Op(
+    name="int8_linear_residual_layer_norm_quantize",
+    schema=f"({_PRODUCT}, {_RESIDUAL_LAYER_NORM}, Tensor smooth) -> (Tensor, Tensor, Tensor, Tensor)",
+    reference=reference.int8_linear_residual_layer_norm_quantize,
+    backends=_PRODUCT_BACKENDS,
+    fake=lambda acc, scale, zero, weight_scale, weight_sum, bias, *rest: (_fake_product(acc, bias),
+                                                                          *_fake_quantized(acc)),
+    result_outputs=4,
 )

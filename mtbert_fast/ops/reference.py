@@ -122,39 +122,54 @@ def scatter_rows(x: torch.Tensor, indices: torch.Tensor, num_rows: int) -> torch
 
 
 def quantize_rows(x: torch.Tensor, smooth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each row of x * smooth as int8 with an fp32 scale and zero: x * smooth ~= scale * (q - zero), asymmetric over
-    [min(row, 0), max(row, 0)], ties rounded to even.  x [N, K], smooth fp32 [K] -> q int8 [N, K], scale, zero fp32 [N]."""
+    """Each row of x * smooth as uint8 with an fp32 scale and an integer zero in [0, 255]: x * smooth ~= scale *
+    (q - zero), asymmetric over [min(row, 0), max(row, 0)], ties rounded to even.  x [N, K], smooth fp32 [K] ->
+    q uint8 [N, K], scale, zero fp32 [N]."""
     v = x.float() * smooth
     lo = v.amin(1).clamp(max=0)
     hi = v.amax(1).clamp(min=0)
     scale = (hi - lo) / 255
     inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
-    zero = torch.round(-lo * inv) - 128
-    q = (torch.round(v * inv[:, None]) + zero[:, None]).clamp(-128, 127).to(torch.int8)
+    zero = torch.round(-lo * inv)
+    q = (torch.round(v * inv[:, None]) + zero[:, None]).clamp(0, 255).to(torch.uint8)
     return q, scale, zero
 
 
-def _int8_product(q, scale, zero, weight, weight_scale, weight_sum, bias) -> torch.Tensor:
-    """scale * weight_scale * (q @ weight^T - zero * weight_sum) + bias in fp32; the int32 sums are exact in fp64."""
-    acc = (q.double() @ weight.double().T).float()
-    return (acc - zero[:, None] * weight_sum) * (scale[:, None] * weight_scale) + bias.float()
+def int8_sums(q: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """q uint8 [N, K] @ weight int8 [M, K]^T, exact in int64 -> [N, M]."""
+    return q.long() @ weight.long().T
 
 
-def int8_linear(q, scale, zero, weight, weight_scale, weight_sum, bias) -> torch.Tensor:
-    """The dequantized product plus bias.  q int8 [N, K] with scale, zero [N] (from quantize_rows); weight int8
-    [M, K] with weight_scale fp32 [M] and weight_sum fp32 [M] (its row sums); bias [M] -> [N, M] in bias's dtype."""
-    return _int8_product(q, scale, zero, weight, weight_scale, weight_sum, bias).to(bias.dtype)
+def _int8_product(acc, scale, zero, weight_scale, weight_sum, bias) -> torch.Tensor:
+    """scale * weight_scale * (acc - zero * weight_sum) + bias in fp32, the centred integer sums exact in fp64."""
+    centred = (acc.double() - zero.double()[:, None] * weight_sum.double()).float()
+    return centred * (scale[:, None] * weight_scale) + bias.float()
 
 
-def int8_linear_gelu_quantize(q, scale, zero, weight, weight_scale, weight_sum, bias, approximate, smooth):
+def int8_linear(acc, scale, zero, weight_scale, weight_sum, bias) -> torch.Tensor:
+    """The dequantized product plus bias.  acc [N, M]: the integer sums q @ weight^T (int8_sums) of q uint8 [N, K]
+    with scale, zero [N] (from quantize_rows) and an int8 weight [M, K] with weight_scale fp32 [M] and weight_sum
+    fp32 [M] (its row sums); bias [M] -> [N, M] in bias's dtype."""
+    return _int8_product(acc, scale, zero, weight_scale, weight_sum, bias).to(bias.dtype)
+
+
+def int8_linear_gelu_quantize(acc, scale, zero, weight_scale, weight_sum, bias, approximate, smooth):
     """GELU of int8_linear, kept in fp32 and quantized again with the next product's smooth [M]: (q, scale, zero)."""
-    h = _gelu(_int8_product(q, scale, zero, weight, weight_scale, weight_sum, bias), approximate)
+    h = _gelu(_int8_product(acc, scale, zero, weight_scale, weight_sum, bias), approximate)
     return quantize_rows(h, smooth)
 
 
-def int8_linear_residual_layer_norm(q, scale, zero, weight, weight_scale, weight_sum, bias, residual, norm_weight,
+def int8_linear_residual_layer_norm(acc, scale, zero, weight_scale, weight_sum, bias, residual, norm_weight,
                                     norm_bias, eps):
     """LayerNorm(int8_linear in fp32 + residual) * norm_weight + norm_bias -> [N, M] in bias's dtype."""
-    s = _int8_product(q, scale, zero, weight, weight_scale, weight_sum, bias) + residual.float()
+    s = _int8_product(acc, scale, zero, weight_scale, weight_sum, bias) + residual.float()
     out = F.layer_norm(s, (s.shape[-1],), norm_weight.float(), norm_bias.float(), eps)
     return out.to(bias.dtype)
+
+
+def int8_linear_residual_layer_norm_quantize(acc, scale, zero, weight_scale, weight_sum, bias, residual, norm_weight,
+                                             norm_bias, eps, smooth):
+    """int8_linear_residual_layer_norm's output y and quantize_rows(y, smooth): (y, q, scale, zero)."""
+    y = int8_linear_residual_layer_norm(acc, scale, zero, weight_scale, weight_sum, bias, residual, norm_weight,
+                                        norm_bias, eps)
+    return (y, *quantize_rows(y, smooth))

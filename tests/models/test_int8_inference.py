@@ -18,6 +18,8 @@ import torch.nn.functional as F
 import mtbert_fast
 from mtbert_fast import FastBertModel, MultiTaskBert
 from mtbert_fast.models.heads import SequenceClassificationHead
+from mtbert_fast.models.int8 import PRODUCTS, int8_layer_forward
+from mtbert_fast.ops import quantize_rows
 
 CALIBRATION_SENTENCES = 100
 
@@ -199,3 +201,67 @@ def test_a_model_built_under_inference_mode_quantizes(minilm_batch):
         model = mtbert_fast.swap(_tiny_hf(), dtype=torch.qint8)
         out = model(input_ids=minilm_batch["input_ids"] % 50, attention_mask=minilm_batch["attention_mask"])
     assert torch.isfinite(out.last_hidden_state).all()
+
+
+def test_packed_and_unpacked_products_agree_exactly(minilm_dir, minilm_batch):
+    """The products on oneDNN's packed weights (fp32 sums) and on torch._int_mm (int32 sums) give the same output to
+    the bit: both sums are exact, and each epilogue rounds the centred sums once."""
+    from mtbert_fast.ops.int8 import onednn_int8_exact
+
+    model = FastBertModel.from_pretrained(minilm_dir, dtype=torch.qint8)
+    layers = model.int8.layers
+    assert all((lin.packed is not None) == onednn_int8_exact() for w in layers for lin in w[:4])
+    with torch.inference_mode():
+        packed = model(**minilm_batch).last_hidden_state
+        model.int8.layers = [w._replace(**{p: getattr(w, p)._replace(packed=None) for p in PRODUCTS}) for w in layers]
+        unpacked = model(**minilm_batch).last_hidden_state
+    assert torch.equal(packed, unpacked)
+
+
+def test_layers_hand_on_their_output_quantized(minilm_dir, minilm_batch):
+    """A layer given the next layer's smooth returns its output and that output quantized as quantize_rows would, and
+    the next layer on those equals the next layer on the output alone."""
+    from mtbert_fast.models.encoder import PackedBatch, embed_packed
+
+    model = FastBertModel.from_pretrained(minilm_dir, dtype=torch.qint8)
+    config, (first, second) = model.config, model.int8.layers[:2]
+    batch, seqlen = minilm_batch["input_ids"].shape
+    packed = PackedBatch.dense(batch, seqlen, torch.device("cpu"))
+    with torch.inference_mode():
+        x = embed_packed(config, model.embeddings.weights(), packed, minilm_batch["input_ids"], None, None, None, False)
+        y, *quantized = int8_layer_forward(config, first, x, packed, next_smooth=second.qkv.smooth)
+        assert torch.equal(y, int8_layer_forward(config, first, x, packed))
+        for got, want in zip(quantized, quantize_rows(y, second.qkv.smooth)):
+            assert torch.equal(got, want)
+        assert torch.equal(int8_layer_forward(config, second, (y, *quantized), packed),
+                           int8_layer_forward(config, second, y, packed))
+
+
+def test_a_quantized_model_copies_and_pickles(minilm_batch):
+    """A quantized model (its packed weights too) deep-copies and pickles; as for any change of the float weights'
+    storage, a copy runs once quantized again, and then gives the original's output."""
+    import io
+
+    model = FastBertModel.from_hf(_tiny_hf(), dtype=torch.qint8)
+    batch = {"input_ids": minilm_batch["input_ids"] % 50, "attention_mask": minilm_batch["attention_mask"]}
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    copies = (copy.deepcopy(model), torch.load(buffer, weights_only=False))
+    with torch.inference_mode():
+        want = model(**batch).last_hidden_state
+        for other in copies:
+            with pytest.raises(RuntimeError, match="stale"):
+                other(**batch)
+            assert torch.equal(other.quantize()(**batch).last_hidden_state, want)
+
+
+def test_int8_hidden_states_are_each_layers_output(minilm_batch):
+    """With output_hidden_states, an int8 model returns each layer's float output (not the quantized copy it hands
+    the next layer), the last one equal to the final output."""
+    model = FastBertModel.from_hf(_tiny_hf(), dtype=torch.qint8)
+    batch = {"input_ids": minilm_batch["input_ids"] % 50, "attention_mask": minilm_batch["attention_mask"]}
+    with torch.inference_mode():
+        out = model(**batch, output_hidden_states=True)
+    assert len(out.hidden_states) == 3 and all(isinstance(h, torch.Tensor) for h in out.hidden_states)
+    assert torch.equal(out.hidden_states[-1], out.last_hidden_state)

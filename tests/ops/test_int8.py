@@ -1,10 +1,11 @@
-"""The int8 ops on every backend that runs here, against the reference: quantize_rows and the three products
-(int8_linear, int8_linear_gelu_quantize, int8_linear_residual_layer_norm). All four have the same backends (a C++
-kernel on the CPU), so the `backend` fixture of quantize_rows serves them all.
+"""The int8 ops on every backend that runs here, against the reference: quantize_rows, the integer sums of a product
+(int8_sums, on oneDNN's packed weight and on torch._int_mm) and the four epilogues that read them (int8_linear,
+int8_linear_gelu_quantize, int8_linear_residual_layer_norm and its _quantize form). All have the same backends (a
+C++ kernel on the CPU), so the `backend` fixture of quantize_rows serves them all.
 
-The int32 products are exact on every backend; what may differ is the fp32 epilogue's rounding order (1e-6
-relative) and, in the requantized GELU output, a level where the kernel's GELU and PyTorch's differ in the last
-bits right at a rounding boundary."""
+The integer sums are exact on every route; what may differ is the fp32 epilogue's rounding order (1e-6 relative)
+and, in a requantized output, a level where the kernel's GELU or LayerNorm and PyTorch's differ in the last bits
+right at a rounding boundary."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ import torch
 
 from mtbert_fast import ops
 from mtbert_fast.ops import reference
+from mtbert_fast.ops.int8 import FP32_EXACT, MAX_K, onednn_int8_exact, sums_bound
 from op_testing import rand
 
 OP_NAME = "quantize_rows"
 SHAPES = [(0, 8), (1, 1), (5, 7), (37, 31), (19, 768), (3, 1000)]
+# the epilogues take the sums as int32 (torch._int_mm) or as fp32 holding them exactly (oneDNN)
+SUM_DTYPES = [torch.int32, torch.float32]
 
 
 def _rows(n, k, dtype, seed=0):
@@ -36,10 +40,12 @@ def _weights(m, k, seed=3):
     return w, scale, w.float().sum(1)
 
 
-def _product_args(n, k, m, dtype):
-    """(q, scale, zero, weight, weight_scale, weight_sum, bias): n quantized rows of k, a weight of m outputs."""
+def _product_args(n, k, m, dtype, sums=torch.int32):
+    """(acc, scale, zero, weight_scale, weight_sum, bias): the sums of n quantized rows of k with a weight of m
+    outputs, in `sums`."""
     q, scale, zero = reference.quantize_rows(_rows(n, k, torch.float32), torch.ones(k))
-    return (q, scale, zero, *_weights(m, k), rand(m, seed=7, dtype=dtype))
+    w, ws, wsum = _weights(m, k)
+    return (reference.int8_sums(q, w).to(sums), scale, zero, ws, wsum, rand(m, seed=7, dtype=dtype))
 
 
 def _assert_quantized_close(got, want, max_level_diff=0, what="q"):
@@ -58,92 +64,184 @@ def test_quantize_rows(backend, dtype, shape):
     smooth = rand(k, seed=5).abs() + 0.5
     got = backend.forward(*backend.to(x, smooth))
     want = reference.quantize_rows(x, smooth)
-    assert got[0].dtype == torch.int8 and got[1].dtype == got[2].dtype == torch.float32
+    assert got[0].dtype == torch.uint8 and got[1].dtype == got[2].dtype == torch.float32
     _assert_quantized_close(got, want)
     q, scale, zero = got
     if n:
         # dequantized within half a level of the input; a row of zeros comes back as zeros
         back = scale[:, None] * (q.float() - zero[:, None])
         assert ((back - x.float() * smooth).abs() <= scale[:, None] * 0.5 + 1e-6).all()
-        assert q.min() >= -128 and q.max() <= 127
     if n >= 5:
         assert scale[3] == 0 and (scale[3] * (q[3].float() - zero[3]) == 0).all()
         # an all-positive row spends every level on [0, max]; an all-negative one on [min, 0]
-        assert zero[1] == -128 and q[1].max() == 127
-        assert zero[2] == 127 and q[2].min() == -128
+        assert zero[1] == 0 and q[1].max() == 255
+        assert zero[2] == 255 and q[2].min() == 0
 
 
-# 1030 rows: more than one block of the kernels' int32 product (1024 rows)
-@pytest.mark.parametrize("shape", [(1, 1, 1), (5, 7, 3), (37, 64, 96), (130, 96, 40), (1030, 16, 24)])
-def test_int8_linear(backend, dtype, shape):
+# ---- the integer sums ------------------------------------------------------------------------------------------
+
+
+# the most entries of 255 x 127 whose sum stays below 2^24 (255 * 127 * 518 = 16,775,130)
+_MOST_EXACT = 518
+
+
+def _extreme(n, k, m, seed=0):
+    """q and a weight at the ends of their ranges (0 / 255 against -127 / 127), the rest random: q's row 0 is all
+    255, weight rows 0 and 1 are 127 and -127 on their first _MOST_EXACT entries, so that their sums reach the
+    largest that fp32 holds exactly where k >= _MOST_EXACT."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 256, (n, k), dtype=torch.uint8, generator=g)
+    w = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+    q[0] = 255
+    for row, value in ((0, 127), (1, -127))[:m]:
+        w[row] = 0
+        w[row, :_MOST_EXACT] = value
+    return q, w
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (5, 7, 3), (37, 64, 96), (2, _MOST_EXACT, 4), (1, 768, 2304),
+                                   (130, 96, 40), (9, 300, 7)])
+def test_int8_sums_are_exact(shape):
+    """Both routes of int8_sums (oneDNN on the packed weight, where it runs here, and torch._int_mm) equal the int64
+    product, on values at the ends of both ranges."""
     n, k, m = shape
-    q, scale, zero, w, ws, wsum, bias = _product_args(n, k, m, dtype)
-    args = backend.to(q, scale, zero, w, ws, wsum, bias)
-    got = ops.int8_linear(*args, backend=backend.name)
-    want = reference.int8_linear(q, scale, zero, w, ws, wsum, bias)
+    q, w = _extreme(n, k, m)
+    want = reference.int8_sums(q, w)
+    assert sums_bound(w) < FP32_EXACT
+    packed = ops.pack_int8_weight(w)
+    assert (packed is not None) == onednn_int8_exact()
+    zero = torch.randint(0, 256, (n,)).float()
+    for route in (packed, None):
+        acc, zero_of_acc = ops.int8_sums(q, zero, w, route)
+        assert acc.dtype == (torch.int32 if route is None else torch.float32) and acc.shape == (n, m)
+        centred = acc.long() - zero_of_acc.long()[:, None] * w.long().sum(1)
+        assert torch.equal(centred, want - zero.long()[:, None] * w.long().sum(1)), route
+        if route is not None:
+            assert torch.equal(acc.long(), want) and torch.equal(zero_of_acc, zero)
+
+
+def test_int8_sums_past_fp32_are_not_packed():
+    """A weight whose sums could pass 2^24 is left unpacked, and its sums come back exact in int32."""
+    k = FP32_EXACT // (255 * 127) + 1
+    q, w = torch.full((3, k), 255, dtype=torch.uint8), torch.full((4, k), 127, dtype=torch.int8)
+    assert sums_bound(w) >= FP32_EXACT > sums_bound(w[:, :-1])
+    assert ops.pack_int8_weight(w) is None
+    zero = torch.zeros(3)
+    acc, zero_of_acc = ops.int8_sums(q, zero, w, ops.pack_int8_weight(w))
+    assert acc.dtype == torch.int32 and torch.equal(zero_of_acc, zero - 128)
+    want = reference.int8_sums(q, w)
+    assert torch.equal(acc.long() + 128 * w.long().sum(1), want) and want.max().item() >= FP32_EXACT
+
+
+def test_int8_sums_errors_name_the_problem():
+    q, w = _extreme(3, 8, 4)
+    with pytest.raises(TypeError, match="q must be a 2-D torch.uint8"):
+        ops.int8_sums(q.to(torch.int8), torch.zeros(3), w)
+    with pytest.raises(ValueError, match=r"weight must be torch.int8 \[out, 8\]"):
+        ops.int8_sums(q, torch.zeros(3), w[:, :5])
+    with pytest.raises(TypeError, match="weight must be a 2-D torch.int8"):
+        ops.pack_int8_weight(w.float())
+    k = MAX_K + 1
+    with pytest.raises(ValueError, match=f"rows of {k} entries can sum past int32"):
+        ops.int8_sums(torch.zeros(1, k, dtype=torch.uint8), torch.zeros(1), torch.zeros(1, k, dtype=torch.int8))
+
+
+# ---- the epilogues -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sums", SUM_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (5, 7, 3), (37, 64, 96), (130, 96, 40), (1030, 16, 24)])
+def test_int8_linear(backend, dtype, shape, sums):
+    n, k, m = shape
+    args = _product_args(n, k, m, dtype, sums)
+    got = ops.int8_linear(*backend.to(*args), backend=backend.name)
+    want = reference.int8_linear(*args)
     assert got.dtype == dtype and got.shape == (n, m)
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 8e-3}
     torch.testing.assert_close(got.float(), want.float(), **tol)
 
 
+@pytest.mark.parametrize("sums", SUM_DTYPES)
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("shape", [(1, 8, 1), (6, 7, 33), (37, 64, 300), (130, 48, 96), (1030, 16, 24)])
-def test_int8_linear_gelu_quantize(backend, dtype, shape, approximate):
+def test_int8_linear_gelu_quantize(backend, dtype, shape, approximate, sums):
     n, k, m = shape
-    q, scale, zero, w, ws, wsum, bias = _product_args(n, k, m, dtype)
-    smooth = rand(m, seed=8).abs() + 0.5
-    args = backend.to(q, scale, zero, w, ws, wsum, bias, approximate, smooth)
-    got = ops.int8_linear_gelu_quantize(*args, backend=backend.name)
-    want = reference.int8_linear_gelu_quantize(q, scale, zero, w, ws, wsum, bias, approximate, smooth)
+    args = (*_product_args(n, k, m, dtype, sums), approximate, rand(m, seed=8).abs() + 0.5)
+    got = ops.int8_linear_gelu_quantize(*backend.to(*args), backend=backend.name)
+    want = reference.int8_linear_gelu_quantize(*args)
     _assert_quantized_close(got, want, max_level_diff=1, what="gelu output")
     levels = (got[0].int() != want[0].int()).float().mean().item()
     assert levels < 0.01, f"{levels:.2%} of the levels differ from the reference's"
 
 
-@pytest.mark.parametrize("param_dtype", ["activation", "float32"])
-@pytest.mark.parametrize("shape", [(1, 8, 1), (6, 7, 33), (37, 64, 300), (130, 48, 96), (1030, 16, 24)])
-def test_int8_linear_residual_layer_norm(backend, dtype, shape, param_dtype):
-    n, k, m = shape
-    q, scale, zero, w, ws, wsum, bias = _product_args(n, k, m, dtype)
-    residual = rand(n, m, seed=9, dtype=dtype)
+def _residual_layer_norm_args(n, k, m, dtype, param_dtype, sums):
     pdtype = dtype if param_dtype == "activation" else torch.float32
-    nw, nb = 1 + rand(m, seed=10, scale=0.1, dtype=pdtype), rand(m, seed=11, dtype=pdtype)
-    args = backend.to(q, scale, zero, w, ws, wsum, bias, residual, nw, nb, 1e-12)
-    got = ops.int8_linear_residual_layer_norm(*args, backend=backend.name)
-    want = reference.int8_linear_residual_layer_norm(q, scale, zero, w, ws, wsum, bias, residual, nw, nb, 1e-12)
-    assert got.dtype == dtype and got.shape == (n, m)
+    return (*_product_args(n, k, m, dtype, sums), rand(n, m, seed=9, dtype=dtype),
+            1 + rand(m, seed=10, scale=0.1, dtype=pdtype), rand(m, seed=11, dtype=pdtype), 1e-12)
+
+
+def _assert_layer_norm_close(got, want, dtype):
+    assert got.dtype == dtype and got.shape == want.shape
     tol = {"atol": 2e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 1e-2}
     torch.testing.assert_close(got.float(), want.float(), **tol)
 
 
+RESIDUAL_SHAPES = [(1, 8, 1), (6, 7, 33), (37, 64, 300), (130, 48, 96), (1030, 16, 24)]
+
+
+@pytest.mark.parametrize("sums", SUM_DTYPES)
+@pytest.mark.parametrize("param_dtype", ["activation", "float32"])
+@pytest.mark.parametrize("shape", RESIDUAL_SHAPES)
+def test_int8_linear_residual_layer_norm(backend, dtype, shape, param_dtype, sums):
+    args = _residual_layer_norm_args(*shape, dtype, param_dtype, sums)
+    got = ops.int8_linear_residual_layer_norm(*backend.to(*args), backend=backend.name)
+    _assert_layer_norm_close(got, reference.int8_linear_residual_layer_norm(*args), dtype)
+
+
+@pytest.mark.parametrize("sums", SUM_DTYPES)
+@pytest.mark.parametrize("param_dtype", ["activation", "float32"])
+@pytest.mark.parametrize("shape", RESIDUAL_SHAPES)
+def test_int8_linear_residual_layer_norm_quantize(backend, dtype, shape, param_dtype, sums):
+    """The LayerNorm output equals the unfused op's, and its quantization is exactly quantize_rows of that output;
+    against the reference, within the LayerNorm's tolerance and a level."""
+    args = _residual_layer_norm_args(*shape, dtype, param_dtype, sums)
+    smooth = rand(shape[2], seed=12).abs() + 0.5
+    y, *quantized = ops.int8_linear_residual_layer_norm_quantize(*backend.to(*args, smooth), backend=backend.name)
+    assert torch.equal(y, ops.int8_linear_residual_layer_norm(*backend.to(*args), backend=backend.name))
+    _assert_quantized_close(quantized, ops.quantize_rows(y, smooth, backend=backend.name), what="fused quantize")
+    want_y, *want_q = reference.int8_linear_residual_layer_norm_quantize(*args, smooth)
+    _assert_layer_norm_close(y, want_y, dtype)
+    if dtype == torch.float32:
+        _assert_quantized_close(quantized, want_q, max_level_diff=1, what="layer norm output")
+
+
 def test_product_approximates_the_float_linear(backend):
-    """quantize_rows then int8_linear, with weights quantized per output channel, is the float product within the
-    quantization error."""
+    """quantize_rows, int8_sums then int8_linear, with weights quantized per output channel, is the float product
+    within the quantization error."""
     x, weight, bias = rand(64, 96, seed=1), rand(48, 96, seed=2) * 0.05, rand(48, seed=3)
     wscale = weight.abs().amax(1) / 127
     w = torch.round(weight / wscale[:, None]).to(torch.int8)
-    q = ops.quantize_rows(x, torch.ones(96), backend=backend.name)
-    got = ops.int8_linear(*q, w, wscale, w.float().sum(1), bias, backend=backend.name)
+    q, scale, zero = ops.quantize_rows(x, torch.ones(96), backend=backend.name)
+    acc, zero = ops.int8_sums(q, zero, w, ops.pack_int8_weight(w))
+    got = ops.int8_linear(acc, scale, zero, wscale, w.float().sum(1), bias, backend=backend.name)
     want = x @ weight.T + bias
     rel = ((got - want).norm() / want.norm()).item()
     assert rel < 0.02, rel
 
 
 @pytest.mark.parametrize("case, error, match", [
-    ("q float", TypeError, "q must be torch.int8"),
-    ("weight k", ValueError, "weight has shape"),
+    ("acc int8", TypeError, "acc \\(the integer sums\\) must be torch.int32 or torch.float32"),
+    ("acc 1-D", ValueError, "acc must be 2-D"),
     ("scale shape", ValueError, "scale has shape"),
     ("scale dtype", TypeError, "weight_scale must be torch.float32"),
     ("bias int", TypeError, "bias must be"),
 ])
 def test_product_errors_name_the_problem(case, error, match):
-    q, scale, zero = reference.quantize_rows(rand(4, 8), torch.ones(8))
-    w, ws, wsum = _weights(3, 8)
-    bias = rand(3)
-    if case == "q float":
-        q = q.float()
-    elif case == "weight k":
-        w = w[:, :5]
+    acc, scale, zero, ws, wsum, bias = _product_args(4, 8, 3, torch.float32)
+    if case == "acc int8":
+        acc = acc.to(torch.int8)
+    elif case == "acc 1-D":
+        acc = acc[0]
     elif case == "scale shape":
         scale = scale[:2]
     elif case == "scale dtype":
@@ -151,7 +249,7 @@ def test_product_errors_name_the_problem(case, error, match):
     elif case == "bias int":
         bias = bias.long()
     with pytest.raises(error, match=match):
-        ops.int8_linear(q, scale, zero, w, ws, wsum, bias)
+        ops.int8_linear(acc, scale, zero, ws, wsum, bias)
 
 
 def test_quantize_rows_errors_name_the_problem():

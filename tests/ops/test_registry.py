@@ -40,19 +40,23 @@ def _forward_args(name, device):
     return args[name]()
 
 
-INT8_PRODUCTS = ("int8_linear", "int8_linear_gelu_quantize", "int8_linear_residual_layer_norm")
+INT8_PRODUCTS = ("int8_linear", "int8_linear_gelu_quantize", "int8_linear_residual_layer_norm",
+                 "int8_linear_residual_layer_norm_quantize")
 
 
 def _int8_args(name, device):
-    """An int8 product's arguments: q from quantize_rows, a strided int8 weight [6, 12]."""
+    """An int8 product's arguments: the column-major int32 sums of q from quantize_rows with an int8 weight [6, 12]."""
     q, scale, zero = ops.reference.quantize_rows(rand(12, 5, seed=1).t(), torch.ones(12))
     w = torch.randint(-127, 128, (12, 6), dtype=torch.int8, generator=torch.Generator().manual_seed(3)).t()
-    product = [t.to(device) for t in (q, scale, zero, w, rand(6, seed=4).abs(), w.float().sum(1), rand(6, seed=5))]
+    acc = ops.reference.int8_sums(q, w).to(torch.int32).t().contiguous().t()
+    product = [t.to(device) for t in (acc, scale, zero, rand(6, seed=4).abs(), w.float().sum(1), rand(6, seed=5))]
     if name == "int8_linear_gelu_quantize":
         return (*product, "tanh", rand(12, seed=6, device=device)[::2].abs())
-    if name == "int8_linear_residual_layer_norm":
-        return (*product, rand(5, 12, seed=7, device=device)[:, ::2], 1 + rand(6, seed=8, scale=0.1, device=device),
+    if name.startswith("int8_linear_residual_layer_norm"):
+        norm = (rand(5, 12, seed=7, device=device)[:, ::2], 1 + rand(6, seed=8, scale=0.1, device=device),
                 rand(6, seed=9, device=device), 1e-12)
+        smooth = (rand(12, seed=10, device=device)[::2].abs(),) if name.endswith("_quantize") else ()
+        return (*product, *norm, *smooth)
     return tuple(product)
 
 
@@ -198,6 +202,7 @@ _WRAPPERS = {
     "int8_linear": lambda *a, **k: ops.int8_linear(*a, **k),
     "int8_linear_gelu_quantize": lambda *a, **k: ops.int8_linear_gelu_quantize(*a, **k),
     "int8_linear_residual_layer_norm": lambda *a, **k: ops.int8_linear_residual_layer_norm(*a, **k),
+    "int8_linear_residual_layer_norm_quantize": lambda *a, **k: ops.int8_linear_residual_layer_norm_quantize(*a, **k),
 }
 
 

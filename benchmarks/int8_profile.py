@@ -1,0 +1,130 @@
+"""int8 inference on the CPU: what each part of the int8 layer costs, and what each of its routes buys.
+
+    python benchmarks/int8_profile.py [--models minilm bert-base] [--batch 8] [--length 128] [--threads 2]
+                                      [--repeats 15] [--profile]
+
+In one process, interleaved round by round (medians of the per-round ratios), on full batches (every token real)
+and on ragged ones (lengths uniform in [length / 8, length]), the int8 model with bfloat16 activations:
+  - int8: the encoder's layers as the model runs them (oneDNN's int8 linear on packed weights, each LayerNorm's
+    output quantized in the LayerNorm's pass);
+  - unpacked: the same layers with the integer sums from torch._int_mm (the route of weights that are not packed);
+  - unfused: the same layers, each product's input quantized by its own quantize_rows pass;
+  - bf16: the model's own bfloat16 layers (oneDNN's bf16 linear on packed weights).
+Each row gives the time of `int8` and every other route's time over it (above 1: int8 is faster). `--profile` adds a
+torch.profiler breakdown of the int8 layers by op.
+
+Run with OMP_WAIT_POLICY=PASSIVE set before the process starts on a machine that other jobs keep busy
+(docs/cpu-full-batch.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from mtbert_fast import FastBertModel  # noqa: E402
+from mtbert_fast.bench.measure import bert_base_config, default_model_dir, random_bert, ragged_lengths  # noqa: E402
+from mtbert_fast.models.encoder import PackedBatch, embed_packed, layer_forward  # noqa: E402
+from mtbert_fast.models.int8 import PRODUCTS, int8_layer_forward  # noqa: E402
+from mtbert_fast.ops import unpad_indices  # noqa: E402
+
+
+def _model(name: str) -> FastBertModel:
+    if name == "bert-base":
+        return FastBertModel.from_hf(random_bert(bert_base_config())).to(torch.bfloat16)
+    return FastBertModel.from_pretrained(default_model_dir()).to(torch.bfloat16)
+
+
+def _int8_stack(config, layers, packed, fused: bool):
+    def run(x):
+        for i, w in enumerate(layers):
+            following = layers[i + 1].qkv.smooth if fused and i + 1 < len(layers) else None
+            x = int8_layer_forward(config, w, x, packed, None, following)
+        return x
+
+    return run
+
+
+def _routes(model: FastBertModel, batch: int, length: int, ragged: bool):
+    """{route: (fn, x)}: each route's layer stack on the same embedded batch."""
+    config = model.config
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, config.vocab_size, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if ragged:
+        for row, n in enumerate(ragged_lengths(batch, max(2, length // 8), length)):
+            mask[row, n:] = 0
+    packed = PackedBatch(*unpad_indices(mask), batch=batch, seqlen=length)
+    with torch.inference_mode():
+        x = embed_packed(config, model.embeddings.weights(), packed, ids, None, None, None, False)
+    float_layers = [layer.weights() for layer in model.layers]
+    model.quantize()
+    layers = model.int8.layers
+    unpacked = [w._replace(**{p: getattr(w, p)._replace(packed=None) for p in PRODUCTS}) for w in layers]
+
+    def bf16(x):
+        for w in float_layers:
+            x = layer_forward(config, w, x, packed, False)
+        return x
+
+    routes = {"int8": _int8_stack(config, layers, packed, True),
+              "unpacked": _int8_stack(config, unpacked, packed, True),
+              "unfused": _int8_stack(config, layers, packed, False),
+              "bf16": bf16}
+    model.dequantize()
+    return routes, x, int(mask.sum())
+
+
+def _time(fn, x) -> float:
+    start = time.perf_counter()
+    fn(x)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=["minilm", "bert-base"], choices=["minilm", "bert-base"])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--length", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--profile", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}, load {os.getloadavg()[0]:.1f}")
+    for name in args.models:
+        model = _model(name)
+        for ragged in (False, True):
+            routes, x, tokens = _routes(model, args.batch, args.length, ragged)
+            with torch.inference_mode():
+                for fn in routes.values():
+                    fn(x)
+                times = {r: [] for r in routes}
+                for _ in range(args.repeats):
+                    for r, fn in routes.items():
+                        times[r].append(_time(fn, x))
+                ratios = {r: statistics.median(t / i for t, i in zip(times[r], times["int8"]))
+                          for r in routes if r != "int8"}
+                point = f"B={args.batch}, L<={args.length} ragged" if ragged else f"B={args.batch}, L={args.length}"
+                int8_ms = statistics.median(times["int8"]) * 1e3
+                print(f"{name:9s} {point:22s} {tokens:5d} tokens  int8 {int8_ms:7.1f} ms  "
+                      + "  ".join(f"{r} {v:.3f}x" for r, v in ratios.items()))
+                if args.profile and not ragged:
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                        for _ in range(3):
+                            routes["int8"](x)
+                    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+if __name__ == "__main__":
+    main()
