@@ -5,8 +5,10 @@ from mtbert_fast.ops.bias_gelu import bias_gelu
 from mtbert_fast.ops.bias_gelu_layer_norm import bias_gelu_layer_norm
 from mtbert_fast.ops.bias_residual_layer_norm import bias_residual_layer_norm
 from mtbert_fast.ops.dispatch import BACKENDS, BackendUnavailable
+from mtbert_fast.ops.geglu import geglu
 from mtbert_fast.ops.int8 import int8_linear, int8_linear_gelu_quantize, int8_linear_residual_layer_norm, quantize_rows
 from mtbert_fast.ops.mlm_gather_loss import mlm_gather_loss
+from mtbert_fast.ops.rotary_qk import rotary_qk, rotary_tables
 from mtbert_fast.ops.rows import gather_rows, pad, scatter_rows, unpad, unpad_indices
 
 __all__ = [
@@ -17,12 +19,15 @@ __all__ = [
     "bias_gelu_layer_norm",
     "bias_residual_layer_norm",
     "gather_rows",
+    "geglu",
     "int8_linear",
     "int8_linear_gelu_quantize",
     "int8_linear_residual_layer_norm",
     "mlm_gather_loss",
     "pad",
     "quantize_rows",
+    "rotary_qk",
+    "rotary_tables",
     "scatter_rows",
     "unpad",
     "unpad_indices",
