@@ -65,6 +65,11 @@ def main() -> None:
                     lambda x, b, a=approximate: reference.bias_gelu(x, b, a),
                     (x, bias),
                 )
+                cases[f"geglu[{approximate}]"] = (
+                    lambda x, a=approximate: ops.geglu(x, a, backend="cpu"),
+                    lambda x, a=approximate: reference.geglu(x, a),
+                    (x,),
+                )
                 cases[f"bias_gelu_layer_norm[{approximate}]"] = (
                     lambda *t, a=approximate: ops.bias_gelu_layer_norm(*t, 1e-5, a, backend="cpu"),
                     lambda *t, a=approximate: reference.bias_gelu_layer_norm(*t, 1e-5, a),
@@ -101,6 +106,13 @@ def main() -> None:
                     lambda q, p=p, rng=rng: reference.attention_varlen(q, cu, max(lens), None, p, rng),
                     (qkv,),
                 )
+            cos, sin = ops.rotary_tables(34, 20, 10000.0)  # 17 pairs: no multiple of any vector width
+            positions = torch.cat([torch.arange(n) for n in lens])
+            cases["rotary_qk"] = (
+                lambda q: ops.rotary_qk(q, cos, sin, positions, backend="cpu"),
+                lambda q: reference.rotary_qk(q, cos, sin, positions),
+                (_rand((sum(lens), 3, 2, 34), dtype, 9),),
+            )
             for name, (kernel, ref, inputs) in cases.items():
                 check(name, dtype, kernel, ref, inputs)
                 passed.append(f"{name} {str(dtype).replace('torch.', '')}")

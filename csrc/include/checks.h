@@ -105,6 +105,34 @@ inline int64_t check_layer_norm_args(const char* op, c10::DeviceType device, con
   return D;
 }
 
+// rotary_qk's arguments, on the CPU and on CUDA: qkv [N, 3, H, D] (D even) of a float dtype the device takes (CUDA:
+// float16 too), cos and sin fp32 [P, D/2], positions int32/int64 [N], all on qkv's device.
+inline void check_rotary_qk_args(c10::DeviceType device, const at::Tensor& qkv, const at::Tensor& cos,
+                                 const at::Tensor& sin, const at::Tensor& positions) {
+  constexpr const char* op = "rotary_qk";
+  TORCH_CHECK(qkv.device().type() == device, op, ": qkv must be on ", c10::DeviceTypeName(device), ", got ",
+              qkv.device());
+  MTBF_CHECK_SAME_DEVICE("rotary_qk", qkv, cos);
+  MTBF_CHECK_SAME_DEVICE("rotary_qk", qkv, sin);
+  MTBF_CHECK_SAME_DEVICE("rotary_qk", qkv, positions);
+  const bool half_ok = device == c10::DeviceType::CUDA;
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kBFloat16 ||
+                  (half_ok && qkv.scalar_type() == at::kHalf),
+              op, ": qkv must be float32", half_ok ? ", float16" : "", " or bfloat16, got ", qkv.scalar_type());
+  MTBF_CHECK_DIM("rotary_qk", qkv, 4);
+  MTBF_CHECK_SIZE("rotary_qk", qkv, 1, 3);
+  TORCH_CHECK(qkv.size(3) % 2 == 0, op, ": head_dim must be even, got ", qkv.size(3));
+  MTBF_CHECK_DTYPE("rotary_qk", cos, at::kFloat);
+  MTBF_CHECK_DTYPE("rotary_qk", sin, at::kFloat);
+  MTBF_CHECK_DIM("rotary_qk", cos, 2);
+  MTBF_CHECK_SIZE("rotary_qk", cos, 1, qkv.size(3) / 2);
+  MTBF_CHECK_SAME_SHAPE("rotary_qk", cos, sin);
+  TORCH_CHECK(positions.scalar_type() == at::kInt || positions.scalar_type() == at::kLong, op,
+              ": positions must be int32 or int64, got ", positions.scalar_type());
+  MTBF_CHECK_DIM("rotary_qk", positions, 1);
+  MTBF_CHECK_SIZE("rotary_qk", positions, 0, qkv.size(0));
+}
+
 // GELU variant named by the op's `approximate` argument.
 enum class GeluKind { Erf, Tanh };
 

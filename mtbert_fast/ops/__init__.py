@@ -5,11 +5,13 @@ from mtbert_fast.ops.bias_gelu import bias_gelu
 from mtbert_fast.ops.bias_gelu_layer_norm import bias_gelu_layer_norm
 from mtbert_fast.ops.bias_residual_layer_norm import bias_residual_layer_norm
 from mtbert_fast.ops.dispatch import BACKENDS, BackendUnavailable
+from mtbert_fast.ops.geglu import geglu
 from mtbert_fast.ops.int8 import (
     int8_linear, int8_linear_gelu_quantize, int8_linear_residual_layer_norm, int8_linear_residual_layer_norm_quantize,
     int8_sums, pack_int8_weight, quantize_rows,
 )
 from mtbert_fast.ops.mlm_gather_loss import mlm_gather_loss
+from mtbert_fast.ops.rotary_qk import rotary_qk, rotary_tables
 from mtbert_fast.ops.rows import gather_rows, pad, scatter_rows, unpad, unpad_indices
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "bias_gelu_layer_norm",
     "bias_residual_layer_norm",
     "gather_rows",
+    "geglu",
     "int8_linear",
     "int8_linear_gelu_quantize",
     "int8_linear_residual_layer_norm",
@@ -29,6 +32,8 @@ __all__ = [
     "pack_int8_weight",
     "pad",
     "quantize_rows",
+    "rotary_qk",
+    "rotary_tables",
     "scatter_rows",
     "unpad",
     "unpad_indices",

@@ -173,3 +173,28 @@ def int8_linear_residual_layer_norm_quantize(acc, scale, zero, weight_scale, wei
     y = int8_linear_residual_layer_norm(acc, scale, zero, weight_scale, weight_sum, bias, residual, norm_weight,
                                         norm_bias, eps)
     return (y, *quantize_rows(y, smooth))
+
+
+def rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+              inverse: bool = False) -> torch.Tensor:
+    """qkv [T, 3, heads, D] with its query and key heads rotated by the angles of each token's position (RoFormer,
+    the half-split form of GPT-NeoX and HF's rotate_half); the value heads unchanged. cos, sin [P, D/2] fp32 of the
+    angles; positions [T] ints < P. For i < D/2: out[i] = x[i] c - x[i + D/2] s, out[i + D/2] = x[i + D/2] c + x[i] s;
+    inverse rotates by the negative angles (the backward)."""
+    half = qkv.shape[-1] // 2
+    qk = _acc(qkv[:, :2])
+    c = cos[positions.long()].to(qk.dtype)[:, None, None, :]
+    s = sin[positions.long()].to(qk.dtype)[:, None, None, :]
+    if inverse:
+        s = -s
+    x1, x2 = qk[..., :half], qk[..., half:]
+    rotated = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(qkv.dtype)
+    return torch.cat([rotated, qkv[:, 2:]], dim=1)
+
+
+def geglu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """GELU(a) * g for x = [a | g] split in halves along the last dim (Shazeer, "GLU Variants Improve Transformer",
+    2020; ModernBERT's MLP).  x [..., 2I] -> [..., I]."""
+    half = x.shape[-1] // 2
+    a = _acc(x)
+    return (_gelu(a[..., :half], approximate) * a[..., half:]).to(x.dtype)

@@ -36,6 +36,9 @@ def _forward_args(name, device):
         "quantize_rows": lambda: (x, rand(24, seed=2, device=device)[::2].abs()),
         **{name: (lambda name=name: _int8_args(name, device)) for name in INT8_PRODUCTS},
         "scatter_rows": lambda: (x[:3], torch.tensor([4, 0, 2], device=device), 6),
+        "geglu": lambda: (rand(12, 5, seed=1, device=device).t()[:, 2:], "tanh"),
+        "rotary_qk": lambda: (rand(5, 3, 2, 16, seed=10, device=device)[..., :8], *ops.rotary_tables(8, 6, 100.0, device),
+                              torch.tensor([0, 1, 2, 0, 5], device=device), False),
     }
     return args[name]()
 
@@ -71,7 +74,7 @@ def _backward_args(name, args, outs):
     if name == "mlm_gather_loss":
         return (torch.tensor(0.5, device=outs[0].device), *args[:4], outs[1], *args[4:])
     g = rand(*reversed(outs[0].shape), seed=10, dtype=outs[0].dtype, device=outs[0].device).t()
-    if name == "bias_gelu":
+    if name in ("bias_gelu", "geglu"):
         return (g, *args)
     if name == "bias_residual_layer_norm":
         return (g, *args[:4], *outs[1:])
@@ -84,9 +87,13 @@ def _call(op, args, backend):
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
-def _grad_leaves(args, requires_grad):
-    return [a.detach().clone().requires_grad_(requires_grad) if isinstance(a, torch.Tensor) and a.is_floating_point()
-            else a for a in args]
+# floating-point arguments an op gives no gradient for: rotary_qk's cos and sin tables (constants of the model)
+_CONSTANTS = {"rotary_qk": (1, 2)}
+
+
+def _grad_leaves(args, requires_grad, op_name=None):
+    return [a.detach().clone().requires_grad_(requires_grad and i not in _CONSTANTS.get(op_name, ()))
+            if isinstance(a, torch.Tensor) and a.is_floating_point() else a for i, a in enumerate(args)]
 
 
 # --- the declarations ----------------------------------------------------------------------------------------------
@@ -94,13 +101,15 @@ def _grad_leaves(args, requires_grad):
 
 def test_every_op_has_a_reference_and_a_cpu_kernel():
     assert set(registry.OPS) == {"attention_varlen", "bias_gelu", "bias_gelu_layer_norm", "bias_residual_layer_norm",
-                                 "gather_rows", "mlm_gather_loss", "scatter_rows", "quantize_rows", *INT8_PRODUCTS}
+                                 "gather_rows", "mlm_gather_loss", "scatter_rows", "quantize_rows", "rotary_qk",
+                                 "geglu", *INT8_PRODUCTS}
     for name, op in registry.OPS.items():
         assert callable(op.reference), name
         assert "cpu" in op.backends, name
         assert set(op.backends) <= set(registry.KERNEL_BACKENDS), name
         inference_only = ("gather_rows", "scatter_rows", "quantize_rows", *INT8_PRODUCTS)
-        assert (op.backward_schema is None) == (name in inference_only), name
+        # rotary_qk's backward is its own forward, rotating back
+        assert (op.backward_schema is None) == (name in (*inference_only, "rotary_qk")), name
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -110,10 +119,11 @@ def test_triton_backends_name_functions_that_exist():
             continue
         module = importlib.import_module(f"{registry.TRITON_MODULES}.{name}")
         spec = op.backends["triton"]
-        for which in (spec.forward, spec.backward):
+        for which in (spec.forward, spec.backward) if op.backward_schema is not None else (spec.forward,):
             assert isinstance(which, str) and callable(getattr(module, which, None)), (name, which)
         assert op.kernel("triton") is getattr(module, spec.forward)
-        assert op.kernel("triton", backward=True) is getattr(module, spec.backward)
+        if op.backward_schema is not None:
+            assert op.kernel("triton", backward=True) is getattr(module, spec.backward)
 
 
 @pytest.mark.parametrize("name", CPP_OP_NAMES)
@@ -164,7 +174,7 @@ def test_opcheck(op_name, backend):
     registration) on strided inputs, and of the backward op."""
     op = registry.OPS[op_name]
     args = _forward_args(op_name, backend.device)
-    torch.library.opcheck(op.op, (*_grad_leaves(args, _differentiable(op_name)), backend.name))
+    torch.library.opcheck(op.op, (*_grad_leaves(args, _differentiable(op_name), op_name), backend.name))
     if op.backward_schema is not None:
         bargs = _backward_args(op_name, args, _call(op.op, args, backend.name))
         torch.library.opcheck(op.backward_op, (*_grad_leaves(bargs, False), backend.name))
@@ -199,6 +209,8 @@ _WRAPPERS = {
     "gather_rows": lambda x, i, **k: ops.gather_rows(x, i, **k),
     "scatter_rows": lambda x, i, n, **k: ops.scatter_rows(x, i, n, **k),
     "quantize_rows": lambda *a, **k: ops.quantize_rows(*a, **k),
+    "rotary_qk": lambda q, c, s, p, inverse, **k: ops.rotary_qk(q, c, s, p, **k),
+    "geglu": lambda x, a, **k: ops.geglu(x, a, **k),
     "int8_linear": lambda *a, **k: ops.int8_linear(*a, **k),
     "int8_linear_gelu_quantize": lambda *a, **k: ops.int8_linear_gelu_quantize(*a, **k),
     "int8_linear_residual_layer_norm": lambda *a, **k: ops.int8_linear_residual_layer_norm(*a, **k),
@@ -219,7 +231,7 @@ def test_compile_fullgraph(op_name, backend, fresh_inductor):
     torch._dynamo.reset()
     if not _differentiable(op_name):
         return
-    eager_leaves, compiled_leaves = _grad_leaves(args, True), _grad_leaves(args, True)
+    eager_leaves, compiled_leaves = _grad_leaves(args, True, op_name), _grad_leaves(args, True, op_name)
     wrt = [a for a in eager_leaves if isinstance(a, torch.Tensor) and a.requires_grad]
     eager = torch.autograd.grad(fn(*eager_leaves).float().square().sum(), wrt)
     loss = torch.compile(lambda *a: fn(*a).float().square().sum(), fullgraph=True, backend="aot_eager")

@@ -103,7 +103,8 @@ def test_kernels_compile_for_sm90(monkeypatch):
     w, beta = rand(768, dtype=dt).requires_grad_(), rand(768, dtype=dt).requires_grad_()
     # the kernels launch on CPU tensors here, as the compile replaces each launch: force Triton past the dispatch
     kernel = {name: op.kernel("triton") for name, op in registry.OPS.items() if "triton" in op.backends}
-    backward = {name: op.kernel("triton", backward=True) for name, op in registry.OPS.items() if "triton" in op.backends}
+    backward = {name: op.kernel("triton", backward=True) for name, op in registry.OPS.items()
+                if "triton" in op.backends and op.backward_schema is not None}
     y = kernel["bias_gelu"](x, b, "tanh")
     backward["bias_gelu"](y, x, b, "tanh")
     y, mean, rstd = kernel["bias_residual_layer_norm"](x, b, x, w, beta, 1e-12)
@@ -120,6 +121,10 @@ def test_kernels_compile_for_sm90(monkeypatch):
     h, vw, labels = rand(6, 32, dtype=dt), rand(50, 32, dtype=dt), torch.randint(0, 50, (6,))
     loss, lse = kernel["mlm_gather_loss"](h, vw, torch.zeros(50, dtype=dt), labels, -100, 0)
     backward["mlm_gather_loss"](torch.ones(()), h, vw, torch.zeros(50, dtype=dt), labels, lse, -100, 0)
+    y = kernel["geglu"](x, "none")
+    backward["geglu"](y, x, "none")
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        kernel["rotary_qk"](rand(5, 3, 2, 64, dtype=dtype), *ops.rotary_tables(64, 8, 10000.0), torch.arange(5), False)
     # bias_gelu, and each LayerNorm: forward and backward; attention: forward, delta, dK/dV, dQ; the loss: forward and
-    # the backward's recomputed logits
-    assert len(set(compiled)) == 12, sorted(set(compiled))
+    # the backward's recomputed logits; geglu: forward and backward; rotary_qk (its backward is itself)
+    assert len(set(compiled)) == 15, sorted(set(compiled))
