@@ -232,14 +232,16 @@ void pack_b_transposed(const ST* src, int64_t k, int64_t n, int64_t ld_src, int6
 // ---------------------------------------------------------------------------------------------------------------
 // Row helpers on fp32 buffers.
 
-// exp(x) for x <= 0 (softmax arguments): 2^n 2^f with n = round(x log2 e), f in [-1/2, 1/2], 2^f a degree-5
-// polynomial fitted to relative error 2.2e-7 (about 2 ulp; ATen's exp_u20 allows 20), and 2^n applied by vscalefps,
-// which also gives 0 for arguments too negative for a normal result. 9 vector operations, where exp_u20 takes 19.
-inline Vec exp_nonpositive(const Vec& x) {
+constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
+
+// 2^x for x <= 0: the forward's softmax works in base 2, with the scores scaled by log2(e) up front. 2^n 2^f with
+// n = round(x), f in [-1/2, 1/2], 2^f a degree-5 polynomial fitted to relative error 2.2e-7 (about 2 ulp; ATen's
+// exp_u20 allows 20), and 2^n applied by vscalefps, which also gives 0 for arguments too negative for a normal
+// result: 8 vector operations, where exp_u20 takes 19.
+inline Vec exp2_nonpositive(const Vec& x) {
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
   __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.3266970636323094e-3f), f, _mm512_set1_ps(9.675459936261177e-3f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550742521882057e-2f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022121727466583e-1f));
@@ -247,23 +249,23 @@ inline Vec exp_nonpositive(const Vec& x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
   return _mm512_scalef_ps(p, n);
 #else
-  return x.exp_u20();
+  return (x * Vec(kLn2)).exp_u20();
 #endif
 }
 
-// x[j] = exp(x[j] - shift) in place for j < n, x[j] <= shift; returns the sum.
-float exp_row(float* x, int64_t n, float shift) {
+// x[j] = 2^(x[j] - shift) in place for j < n, x[j] <= shift; returns the sum.
+float exp2_row(float* x, int64_t n, float shift) {
   const Vec vshift(shift);
   Vec sum(0.f);
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
-    const Vec e = exp_nonpositive(Vec::loadu(x + j) - vshift);
+    const Vec e = exp2_nonpositive(Vec::loadu(x + j) - vshift);
     e.store(x + j);
     sum = sum + e;
   }
   if (j < n) {
     const int64_t rest = n - j;
-    const Vec e = exp_nonpositive(Vec::loadu(x + j, rest) - vshift);
+    const Vec e = exp2_nonpositive(Vec::loadu(x + j, rest) - vshift);
     e.store(x + j, rest);
     sum = sum + Vec::set(Vec(0.f), e, rest);
   }
@@ -526,8 +528,8 @@ inline Vec max_ignoring_nan(const Vec& a, const Vec& b) {
 #endif
 }
 
-// Epilogue of the scores tile: s [MR, NV vectors] = scale * acc, the columns from `cols` on set to -inf (K^T's
-// zero padding must not raise a row maximum), and row_max [MR] raised to them lane by lane.
+// Epilogue of the scores tile: s [MR, NV vectors] = scale * acc (the forward passes scale * log2(e)), the columns
+// from `cols` on set to -inf (K^T's zero padding must not raise a row maximum), and row_max [MR] raised to them.
 struct StoreScores {
   float* s;
   int64_t lds;
@@ -543,13 +545,16 @@ struct StoreScores {
   template <int MR, int NV>
   void finish(const Vec (&acc)[MR][NV]) const {
     const Vec vscale(scale), minus_inf(-std::numeric_limits<float>::infinity());
-    for (int r = 0; r < MR; ++r)
+    for (int r = 0; r < MR; ++r) {
+      Vec m = row_max[r];  // in a register: s may alias row_max for all the compiler knows
       for (int v = 0; v < NV; ++v) {
         Vec x = acc[r][v] * vscale;
         if ((v + 1) * kLanes > cols) x = Vec::set(minus_inf, x, std::max<int64_t>(0, cols - v * kLanes));
         x.store(s + r * lds + v * kLanes);
-        row_max[r] = max_ignoring_nan(row_max[r], x);
+        m = max_ignoring_nan(m, x);
       }
+      row_max[r] = m;
+    }
   }
 };
 
@@ -653,16 +658,16 @@ void forward_blocks(const Geometry& g,
           const int nv = static_cast<int>((cols + kLanes - 1) / kLanes);
           (nv == kTileVecs ? scores_tile : pick_tile<CT, StoreScores>(mr, nv))(
               kdim, a + r0 * lda, lda, k_t.data() + (j0 + c0) * P, len_pad,
-              StoreScores{s.data() + c0, ld_s, g.scale, cols, vmax});
+              StoreScores{s.data() + c0, ld_s, g.scale * kLog2e, cols, vmax});
         }
         for (int r = 0; r < mr; ++r) {
           float* srow = s.data() + r * ld_s;
           const float block_max =
               at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vmax[r]);
           const float new_max = first ? block_max : std::max(row_max[r], block_max);
-          const float block_sum = exp_row(srow, bn, new_max);
+          const float block_sum = exp2_row(srow, bn, new_max);
           // Rescale what earlier key blocks accumulated to the new running maximum.
-          alpha[r] = first ? 1.f : std::exp(row_max[r] - new_max);
+          alpha[r] = first ? 1.f : std::exp2(row_max[r] - new_max);
           row_sum[r] = first ? block_sum : row_sum[r] * alpha[r] + block_sum;
           row_max[r] = new_max;
           inv_sum[r] = 1.f / row_sum[r];
@@ -682,7 +687,7 @@ void forward_blocks(const Geometry& g,
                            out + row0 * ld_out + qb.head * dim + c0, ld_out, dim - c0});
         }
       }
-      for (int r = 0; r < mr; ++r) lse[qb.head * g.tokens + row0 + r] = row_max[r] + std::log(row_sum[r]);
+      for (int r = 0; r < mr; ++r) lse[qb.head * g.tokens + row0 + r] = row_max[r] * kLn2 + std::log(row_sum[r]);
     }
   }
 }
