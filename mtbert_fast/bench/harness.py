@@ -61,16 +61,17 @@ def sync(device: torch.device | str) -> None:
 
 
 def interleaved_round(fns: Mapping[str, Callable[[], object]], samples: dict[str, list[float]], turn: int,
-                      device: torch.device | str = "cpu") -> None:
-    """Runs every fn once, starting with the `turn`-th (mod len), appending its seconds to samples[name]."""
+                      device: torch.device | str = "cpu", clock: Callable[[], float] = time.perf_counter) -> None:
+    """Runs every fn once, starting with the `turn`-th (mod len), appending its seconds by `clock` to
+    samples[name]."""
     names = list(fns)
     turn %= len(names)
     for name in names[turn:] + names[:turn]:
         sync(device)
-        start = time.perf_counter()
+        start = clock()
         fns[name]()
         sync(device)
-        samples.setdefault(name, []).append(time.perf_counter() - start)
+        samples.setdefault(name, []).append(clock() - start)
 
 
 def time_interleaved(
@@ -78,14 +79,16 @@ def time_interleaved(
     repeats: int = 5,
     warmup: int = 1,
     device: torch.device | str = "cpu",
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Timing]:
     """name -> Timing of fn(); each repetition runs every fn once, the first one rotating, after `warmup`
-    untimed rounds."""
+    untimed rounds. `clock` defaults to wall time; time.thread_time counts only the calling thread's CPU time, which
+    a busy machine does not inflate by descheduling it (meaningful where all the work runs on that thread)."""
     if repeats <= 0:
         raise ValueError(f"repeats must be positive, got {repeats}")
     samples: dict[str, list[float]] = {n: [] for n in fns}
     for rep in range(warmup + repeats):
-        interleaved_round(fns, samples, rep, device)
+        interleaved_round(fns, samples, rep, device, clock)
     return {n: Timing(s[warmup:]) for n, s in samples.items()}
 
 
@@ -143,7 +146,7 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
 INT8_DTYPES = (torch.int8, torch.qint8)
 
 
-def _gemm_routes(dtype: torch.dtype, device: torch.device, shape) -> dict[str, Callable[[], object]]:
+def gemm_routes(dtype: torch.dtype, device: torch.device, shape) -> dict[str, Callable[[], object]]:
     """name -> call of one [M, K] x [K, N] product in `dtype` (int8: int8 operands, int32 result)."""
     m, k, n = shape
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -188,7 +191,7 @@ def gemm_flops_per_s(
     m, k, n = shape
     device = torch.device(device)
     with torch.inference_mode():
-        timing = time_interleaved(_gemm_routes(dtype, device, shape), repeats=repeats, warmup=2, device=device)
+        timing = time_interleaved(gemm_routes(dtype, device, shape), repeats=repeats, warmup=2, device=device)
     return 2 * m * k * n / min(t.median for t in timing.values())
 
 
