@@ -123,6 +123,12 @@ def test_block_boundaries(backend, dtype, head_dim):
     _check_kernels(backend, lens, heads=2, head_dim=head_dim, dtype=dtype, seed=12)
 
 
+@pytest.mark.interpreter_cases(dtype=[])  # 38 x 38 blocks of 16: too slow to interpret
+def test_longer_than_one_key_block_head_dim_64(backend, dtype):
+    """The CPU forward's streamed softmax (over 512 keys) in every dtype, for query groups of 6 and a partial one."""
+    _check_kernels(backend, [605, 4], heads=2, head_dim=64, dtype=dtype, seed=15)
+
+
 @pytest.mark.parametrize("length", [5, 17, 130])
 def test_every_score_far_below_zero(backend, dtype, length):
     """Scores around -300: the softmax is taken against the row maximum of the real keys only (a zero from padding
