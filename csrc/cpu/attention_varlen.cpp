@@ -234,7 +234,7 @@ void pack_b_transposed(const ST* src, int64_t k, int64_t n, int64_t ld_src, int6
 
 constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
 
-// 2^x for x <= 0: the forward's softmax works in base 2, with the scores scaled by log2(e) up front. 2^n 2^f with
+// 2^x for x <= 0: the forward's softmax works in base 2, its scale multiplied by log2(e). 2^n 2^f with
 // n = round(x), f in [-1/2, 1/2], 2^f a degree-5 polynomial fitted to relative error 2.2e-7 (about 2 ulp; ATen's
 // exp_u20 allows 20), and 2^n applied by vscalefps, which also gives 0 for arguments too negative for a normal
 // result: 8 vector operations, where exp_u20 takes 19.
@@ -253,19 +253,21 @@ inline Vec exp2_nonpositive(const Vec& x) {
 #endif
 }
 
-// x[j] = 2^(x[j] - shift) in place for j < n, x[j] <= shift; returns the sum.
-float exp2_row(float* x, int64_t n, float shift) {
-  const Vec vshift(shift);
+// x[j] = 2^(x[j] * scale - shift) in place for j < n, x[j] * scale <= shift; returns the sum. One rounding, of a
+// result near 0 for the probabilities that count, where rounding x[j] * scale first would cost the rounding of a
+// number as large as the scores.
+float exp2_row(float* x, int64_t n, float scale, float shift) {
+  const Vec vscale(scale), vshift(-shift);
   Vec sum(0.f);
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
-    const Vec e = exp2_nonpositive(Vec::loadu(x + j) - vshift);
+    const Vec e = exp2_nonpositive(at::vec::fmadd(Vec::loadu(x + j), vscale, vshift));
     e.store(x + j);
     sum = sum + e;
   }
   if (j < n) {
     const int64_t rest = n - j;
-    const Vec e = exp2_nonpositive(Vec::loadu(x + j, rest) - vshift);
+    const Vec e = exp2_nonpositive(at::vec::fmadd(Vec::loadu(x + j, rest), vscale, vshift));
     e.store(x + j, rest);
     sum = sum + Vec::set(Vec(0.f), e, rest);
   }
@@ -528,8 +530,8 @@ inline Vec max_ignoring_nan(const Vec& a, const Vec& b) {
 #endif
 }
 
-// Epilogue of the scores tile: s [MR, NV vectors] = scale * acc (the forward passes scale * log2(e)), the columns
-// from `cols` on set to -inf (K^T's zero padding must not raise a row maximum), and row_max [MR] raised to them.
+// Epilogue of the scores tile: s [MR, NV vectors] = acc, and row_max [MR] raised to scale * acc (the forward passes
+// scale * log2(e)) but for the columns from `cols` on (K^T's zero padding must not raise a row maximum).
 struct StoreScores {
   float* s;
   int64_t lds;
@@ -548,9 +550,9 @@ struct StoreScores {
     for (int r = 0; r < MR; ++r) {
       Vec m = row_max[r];  // in a register: s may alias row_max for all the compiler knows
       for (int v = 0; v < NV; ++v) {
+        acc[r][v].store(s + r * lds + v * kLanes);
         Vec x = acc[r][v] * vscale;
         if ((v + 1) * kLanes > cols) x = Vec::set(minus_inf, x, std::max<int64_t>(0, cols - v * kLanes));
-        x.store(s + r * lds + v * kLanes);
         m = max_ignoring_nan(m, x);
       }
       row_max[r] = m;
@@ -665,7 +667,7 @@ void forward_blocks(const Geometry& g,
           const float block_max =
               at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vmax[r]);
           const float new_max = first ? block_max : std::max(row_max[r], block_max);
-          const float block_sum = exp2_row(srow, bn, new_max);
+          const float block_sum = exp2_row(srow, bn, g.scale * kLog2e, new_max);
           // Rescale what earlier key blocks accumulated to the new running maximum.
           alpha[r] = first ? 1.f : std::exp2(row_max[r] - new_max);
           row_sum[r] = first ? block_sum : row_sum[r] * alpha[r] + block_sum;
