@@ -73,6 +73,13 @@ def test_block_timing_runs_each_provider_in_a_row_after_an_untimed_call():
         harness.time_interleaved({"a": lambda: None}, block=0)
 
 
+def test_interleaved_timing_takes_a_clock():
+    """Samples are differences of the given clock around each call (here a clock that ticks 1 per reading)."""
+    ticks = iter(range(100))
+    timings = harness.time_interleaved({"a": lambda: None, "b": lambda: None}, repeats=2, clock=lambda: next(ticks))
+    assert timings["a"].samples == [1, 1] and timings["b"].samples == [1, 1]
+
+
 def test_metadata_and_csv(tmp_path):
     meta = harness.run_metadata("cpu")
     assert meta["device"].startswith("cpu") and meta["torch"]

@@ -37,6 +37,7 @@
 
 #include "attention_dropout.h"
 #include "checks.h"
+#include "cpu_utils.h"
 
 namespace mtbert_fast {
 namespace {
@@ -59,16 +60,15 @@ template <typename CT>
 constexpr int64_t kPair = std::is_same<CT, float>::value ? 1 : 2;
 
 // ---------------------------------------------------------------------------------------------------------------
-// GEMM: c [m, n] (+)= a [m, k] @ b [k, n]. a is row-major with leading dimension lda. b is packed: rows of ldb
-// columns (n <= ldb, a multiple of kLanes), and for bf16 each pair of rows interleaved ([k / 2, ldb, 2]), the
-// layout vdpbf16ps multiplies. k must be a multiple of kPair<CT>.
+// GEMM tiles: acc [MR, NV vectors] = a [MR, k] @ b [k, NV * kLanes], handed to an epilogue that sets the accumulators
+// up (init) and takes them away (finish). a is row-major with leading dimension lda. b is packed: rows of ldb
+// columns (a multiple of kLanes), and for bf16 each pair of rows interleaved ([k / 2, ldb, 2]), the layout vdpbf16ps
+// multiplies. k must be a multiple of kPair<CT>.
 
-template <int MR, int NV>
-void tile_f32(int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
-              bool accumulate) {
+template <int MR, int NV, typename Epilogue>
+void tile_f32(int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, const Epilogue& epi) {
   Vec acc[MR][NV];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? Vec::loadu(c + r * ldc + v * kLanes) : Vec(0.f);
+  epi.init(acc);
   for (int64_t kk = 0; kk < k; ++kk) {
     Vec bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = Vec::loadu(b + kk * ldb + v * kLanes);
@@ -77,18 +77,15 @@ void tile_f32(int64_t k, const float* a, int64_t lda, const float* b, int64_t ld
       for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(av, bv[v], acc[r][v]);
     }
   }
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v].store(c + r * ldc + v * kLanes);
+  epi.finish(acc);
 }
 
 #ifdef MTBF_BF16_DOT
-template <int MR, int NV>
+template <int MR, int NV, typename Epilogue>
 __attribute__((target("avx512bf16"))) void tile_bf16(int64_t k, const at::BFloat16* a, int64_t lda,
-                                                     const at::BFloat16* b, int64_t ldb, float* c, int64_t ldc,
-                                                     bool accumulate) {
-  __m512 acc[MR][NV];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? _mm512_loadu_ps(c + r * ldc + v * 16) : _mm512_setzero_ps();
+                                                     const at::BFloat16* b, int64_t ldb, const Epilogue& epi) {
+  Vec acc[MR][NV];
+  epi.init(acc);
   for (int64_t kk = 0; kk < k; kk += 2) {
     __m512bh bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + kk * ldb + v * 32);
@@ -99,8 +96,7 @@ __attribute__((target("avx512bf16"))) void tile_bf16(int64_t k, const at::BFloat
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
     }
   }
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + v * 16, acc[r][v]);
+  epi.finish(acc);
 }
 
 bool cpu_has_bf16_dot() {
@@ -109,39 +105,59 @@ bool cpu_has_bf16_dot() {
 }
 #endif
 
-template <typename CT>
-using TileFn = void (*)(int64_t, const CT*, int64_t, const CT*, int64_t, float*, int64_t, bool);
+template <typename CT, typename Epilogue>
+using TileFn = void (*)(int64_t, const CT*, int64_t, const CT*, int64_t, const Epilogue&);
 
-template <typename CT, int MR, int NV>
-constexpr TileFn<CT> tile_fn() {
+template <typename CT, int MR, int NV, typename Epilogue>
+constexpr TileFn<CT, Epilogue> tile_fn() {
 #ifdef MTBF_BF16_DOT
-  if constexpr (std::is_same<CT, at::BFloat16>::value) return &tile_bf16<MR, NV>;
+  if constexpr (std::is_same<CT, at::BFloat16>::value) return &tile_bf16<MR, NV, Epilogue>;
   else
 #endif
-    return &tile_f32<MR, NV>;
+    return &tile_f32<MR, NV, Epilogue>;
 }
 
-template <typename CT, int MR>
-TileFn<CT> pick_tile_vecs(int nv) {
+template <typename CT, typename Epilogue, int MR>
+TileFn<CT, Epilogue> pick_tile_vecs(int nv) {
   if constexpr (kTileVecs >= 4) {
-    if (nv >= 4) return tile_fn<CT, MR, kTileVecs>();
-    if (nv == 3) return tile_fn<CT, MR, 3>();
+    if (nv >= 4) return tile_fn<CT, MR, kTileVecs, Epilogue>();
+    if (nv == 3) return tile_fn<CT, MR, 3, Epilogue>();
   }
-  return nv >= 2 ? tile_fn<CT, MR, 2>() : tile_fn<CT, MR, 1>();
+  return nv >= 2 ? tile_fn<CT, MR, 2, Epilogue>() : tile_fn<CT, MR, 1, Epilogue>();
 }
 
-template <typename CT>
-TileFn<CT> pick_tile(int mr, int nv) {
+// The tile of mr rows (1..kTileRows) and nv vectors (1..kTileVecs).
+template <typename CT, typename Epilogue>
+TileFn<CT, Epilogue> pick_tile(int mr, int nv) {
   switch (mr) {
-    case 1: return pick_tile_vecs<CT, 1>(nv);
-    case 2: return pick_tile_vecs<CT, 2>(nv);
-    case 3: return pick_tile_vecs<CT, 3>(nv);
-    case 4: return pick_tile_vecs<CT, 4>(nv);
-    case 5: return pick_tile_vecs<CT, 5>(nv);
-    default: return pick_tile_vecs<CT, kTileRows>(nv);
+    case 1: return pick_tile_vecs<CT, Epilogue, 1>(nv);
+    case 2: return pick_tile_vecs<CT, Epilogue, 2>(nv);
+    case 3: return pick_tile_vecs<CT, Epilogue, 3>(nv);
+    case 4: return pick_tile_vecs<CT, Epilogue, 4>(nv);
+    case 5: return pick_tile_vecs<CT, Epilogue, 5>(nv);
+    default: return pick_tile_vecs<CT, Epilogue, kTileRows>(nv);
   }
 }
 
+// The plain GEMM's epilogue: c [MR, NV vectors] (row stride ldc) = acc, or += acc with accumulate.
+struct StoreC {
+  float* c;
+  int64_t ldc;
+  bool accumulate;
+
+  template <int MR, int NV>
+  void init(Vec (&acc)[MR][NV]) const {
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? Vec::loadu(c + r * ldc + v * kLanes) : Vec(0.f);
+  }
+  template <int MR, int NV>
+  void finish(const Vec (&acc)[MR][NV]) const {
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v].store(c + r * ldc + v * kLanes);
+  }
+};
+
+// c [m, n] (+)= a [m, k] @ b [k, n]; b packed as the tiles take it, n <= ldb.
 template <typename CT>
 void gemm(int64_t m, int64_t n, int64_t k,
           const CT* a, int64_t lda,  // [m, k]
@@ -152,7 +168,8 @@ void gemm(int64_t m, int64_t n, int64_t k,
     const int nv = static_cast<int>(std::min<int64_t>(kTileVecs, (n - n0) / kLanes));
     for (int64_t m0 = 0; m0 < m; m0 += kTileRows) {
       const int mr = static_cast<int>(std::min<int64_t>(kTileRows, m - m0));
-      pick_tile<CT>(mr, nv)(k, a + m0 * lda, lda, b + n0 * kPair<CT>, ldb, c + m0 * ldc + n0, ldc, accumulate);
+      pick_tile<CT, StoreC>(mr, nv)(k, a + m0 * lda, lda, b + n0 * kPair<CT>, ldb,
+                                    StoreC{c + m0 * ldc + n0, ldc, accumulate});
     }
   }
 }
@@ -215,29 +232,42 @@ void pack_b_transposed(const ST* src, int64_t k, int64_t n, int64_t ld_src, int6
 // ---------------------------------------------------------------------------------------------------------------
 // Row helpers on fp32 buffers.
 
-float scaled_row_max(const float* x, int64_t n, float scale) {
-  const Vec vscale(scale);
-  Vec best(-std::numeric_limits<float>::infinity());
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) best = at::vec::maximum(best, Vec::loadu(x + j) * vscale);
-  float m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, best);
-  for (; j < n; ++j) m = std::max(m, x[j] * scale);
-  return m;
+constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
+
+// 2^x for x <= 0: the forward's softmax works in base 2, its scale multiplied by log2(e). 2^n 2^f with
+// n = round(x), f in [-1/2, 1/2], 2^f a degree-5 polynomial fitted to relative error 2.2e-7 (about 2 ulp; ATen's
+// exp_u20 allows 20), and 2^n applied by vscalefps, which also gives 0 for arguments too negative for a normal
+// result: 8 vector operations, where exp_u20 takes 19.
+inline Vec exp2_nonpositive(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.3266970636323094e-3f), f, _mm512_set1_ps(9.675459936261177e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550742521882057e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022121727466583e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440460205e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
+  return _mm512_scalef_ps(p, n);
+#else
+  return (x * Vec(kLn2)).exp_u20();
+#endif
 }
 
-// x[j] = exp(x[j] * scale - shift) in place; returns the sum.
-float exp_row(float* x, int64_t n, float scale, float shift) {
+// x[j] = 2^(x[j] * scale - shift) in place for j < n, x[j] * scale <= shift; returns the sum. One rounding, of a
+// result near 0 for the probabilities that count, where rounding x[j] * scale first would cost the rounding of a
+// number as large as the scores.
+float exp2_row(float* x, int64_t n, float scale, float shift) {
   const Vec vscale(scale), vshift(-shift);
   Vec sum(0.f);
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
-    const Vec e = at::vec::fmadd(Vec::loadu(x + j), vscale, vshift).exp_u20();
+    const Vec e = exp2_nonpositive(at::vec::fmadd(Vec::loadu(x + j), vscale, vshift));
     e.store(x + j);
     sum = sum + e;
   }
   if (j < n) {
     const int64_t rest = n - j;
-    const Vec e = at::vec::fmadd(Vec::loadu(x + j, rest), vscale, vshift).exp_u20();
+    const Vec e = exp2_nonpositive(at::vec::fmadd(Vec::loadu(x + j, rest), vscale, vshift));
     e.store(x + j, rest);
     sum = sum + Vec::set(Vec(0.f), e, rest);
   }
@@ -460,6 +490,114 @@ struct QueryBlock {
   int64_t start, len, head, q0, qn;  // sequence rows start..start+len, its query rows q0..q0+qn, one head
 };
 
+// Rows of qkv lie a whole token apart (kilobytes: a page or more), too far for the hardware prefetchers, so each
+// row a work item reads first is a cache miss. While one item computes, its row groups prefetch, share by share,
+// the rows the next item reads: its query rows, and the key and value rows if it packs them.
+inline void prefetch(const char* p) {
+#if defined(__x86_64__) || defined(__i386__)
+  // GCC deletes a loop of __builtin_prefetch as a loop without side effects (C++ assumes loops finish).
+  asm volatile("prefetcht0 %0" : : "m"(*p));
+#else
+  __builtin_prefetch(p);
+#endif
+}
+
+template <typename ST>
+void prefetch_share(const Geometry& g, const ST* qkv, const QueryBlock& next, bool packs, int64_t share,
+                    int64_t shares) {
+  constexpr int64_t kLine = 64;
+  const int64_t bytes = g.head_dim * static_cast<int64_t>(sizeof(ST));
+  const auto rows = [&](int64_t first, int64_t count, int64_t part) {
+    for (int64_t i = first + count * share / shares; i < first + count * (share + 1) / shares; ++i) {
+      const char* row = reinterpret_cast<const char*>(qkv + (next.start + i) * g.tok_stride + part * g.part_stride +
+                                                      next.head * g.head_stride);
+      for (int64_t b = 0; b < bytes; b += kLine) prefetch(row + b);
+    }
+  };
+  rows(next.q0, next.qn, 0);
+  if (packs) {
+    rows(0, next.len, 1);
+    rows(0, next.len, 2);
+  }
+}
+
+// at::vec::maximum propagates NaN at the price of a compare and a blend; a NaN score gives a NaN output anyway.
+inline Vec max_ignoring_nan(const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_max_ps(a, b);
+#else
+  return at::vec::maximum(a, b);
+#endif
+}
+
+// Epilogue of the scores tile: s [MR, NV vectors] = acc, and row_max [MR] raised to scale * acc (the forward passes
+// scale * log2(e)) but for the columns from `cols` on (K^T's zero padding must not raise a row maximum).
+struct StoreScores {
+  float* s;
+  int64_t lds;
+  float scale;
+  int64_t cols;
+  Vec* row_max;
+
+  template <int MR, int NV>
+  void init(Vec (&acc)[MR][NV]) const {
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] = Vec(0.f);
+  }
+  template <int MR, int NV>
+  void finish(const Vec (&acc)[MR][NV]) const {
+    const Vec vscale(scale), minus_inf(-std::numeric_limits<float>::infinity());
+    for (int r = 0; r < MR; ++r) {
+      Vec m = row_max[r];  // in a register: s may alias row_max for all the compiler knows
+      for (int v = 0; v < NV; ++v) {
+        acc[r][v].store(s + r * lds + v * kLanes);
+        Vec x = acc[r][v] * vscale;
+        if ((v + 1) * kLanes > cols) x = Vec::set(minus_inf, x, std::max<int64_t>(0, cols - v * kLanes));
+        m = max_ignoring_nan(m, x);
+      }
+      row_max[r] = m;
+    }
+  }
+};
+
+// Epilogue of the P V tile. acc starts at zero for the first key block, else at o * alpha[r] (the output so far,
+// rescaled to the new row maximum); it goes back to o, or after the last key block, times inv_sum[r] and rounded
+// once, to the output rows (row stride ld_out, columns up to `cols`).
+template <typename ST>
+struct StoreOut {
+  float* o;
+  int64_t ldo;
+  bool first, last;
+  const float* alpha;
+  const float* inv_sum;
+  ST* out;
+  int64_t ld_out, cols;
+
+  template <int MR, int NV>
+  void init(Vec (&acc)[MR][NV]) const {
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] = first ? Vec(0.f) : Vec::loadu(o + r * ldo + v * kLanes) * Vec(alpha[r]);
+  }
+  template <int MR, int NV>
+  void finish(const Vec (&acc)[MR][NV]) const {
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) {
+        if (!last) {
+          acc[r][v].store(o + r * ldo + v * kLanes);
+          continue;
+        }
+        const Vec x = acc[r][v] * Vec(inv_sum[r]);
+        const int64_t n = cols - v * kLanes;
+        if (n >= kLanes) cpu::store(out + r * ld_out + v * kLanes, x, cpu::Full{});
+        else if (n > 0) cpu::store(out + r * ld_out + v * kLanes, x, n);
+      }
+  }
+};
+
+// Each query block runs in groups of kTileRows rows, so that a group's scores (at most kTileRows x kKeyBlock) stay
+// in the L1 cache between the three passes over them: the scores tiles, which also take the row maxima; exp and
+// the row sums; the P V tiles, which write the normalized output straight to `out`. K^T and V are packed once per
+// (sequence, head) and serve every query block of it that this thread runs.
 template <typename ST, typename CT>
 void forward_blocks(const Geometry& g,
                     const DropoutParams& drop,
@@ -469,15 +607,18 @@ void forward_blocks(const Geometry& g,
                     ST* out,                    // [T, heads, head_dim]
                     float* lse) {               // [heads, T]
   constexpr int64_t P = kPair<CT>;
+  constexpr int64_t R = kTileRows;
   const int64_t dim = g.head_dim, kdim = round_up(dim, P), vdim = round_up(dim, kLanes);
+  const int64_t ld_out = g.heads * dim;
   int64_t max_len = 0;
   for (int64_t t = 0; t < n; ++t) max_len = std::max(max_len, blocks[t].len);
   const int64_t max_pad = round_up(max_len, kLanes);
   const int64_t ld_s = round_up(std::min(max_len, kKeyBlock), kLanes);
 
   std::vector<CT> k_t(kdim * max_pad), q_a(kQueryBlock * kdim);
-  std::vector<float> v_b(max_pad * vdim), s(kQueryBlock * ld_s), o(kQueryBlock * vdim);
-  std::vector<float> row_max(kQueryBlock), row_sum(kQueryBlock);
+  std::vector<float> v_b(max_pad * vdim), s(R * ld_s), o(R * vdim);
+  float row_max[R], row_sum[R], alpha[R], inv_sum[R];
+  Vec vmax[R];
   std::vector<uint16_t> keep(drop.enabled ? row_bits_size(kKeyBlock) : 0);
   const bool direct_q = std::is_same<CT, ST>::value && dim % P == 0;
   int64_t packed_start = -1, packed_head = -1;
@@ -501,39 +642,54 @@ void forward_blocks(const Geometry& g,
       pack_a(q + qb.q0 * g.tok_stride, qb.qn, dim, g.tok_stride, q_a.data(), kdim);
     }
 
-    for (int64_t j0 = 0; j0 < qb.len; j0 += kKeyBlock) {
-      const bool first = j0 == 0;
-      const int64_t bn = std::min(kKeyBlock, qb.len - j0);
-      gemm<CT>(qb.qn, round_up(bn, kLanes), kdim, a, lda, k_t.data() + j0 * P, len_pad, s.data(), ld_s, false);
-      for (int64_t r = 0; r < qb.qn; ++r) {
-        float* srow = s.data() + r * ld_s;
-        const float block_max = scaled_row_max(srow, bn, g.scale);
-        const float new_max = first ? block_max : std::max(row_max[r], block_max);
-        const float block_sum = exp_row(srow, bn, g.scale, new_max);
-        if (first) {
-          row_sum[r] = block_sum;
-        } else {
-          // Rescale what earlier key blocks accumulated to the new running maximum.
-          const float alpha = std::exp(row_max[r] - new_max);
-          row_sum[r] = row_sum[r] * alpha + block_sum;
-          float* orow = o.data() + r * vdim;
-          at::vec::map([alpha](Vec x) { return x * Vec(alpha); }, orow, orow, vdim);
+    const QueryBlock* next = t + 1 < n ? &blocks[t + 1] : nullptr;
+    const bool next_packs = next != nullptr && (next->start != qb.start || next->head != qb.head);
+    const int64_t groups = (qb.qn + R - 1) / R;
+    for (int64_t r0 = 0; r0 < qb.qn; r0 += R) {
+      const int mr = static_cast<int>(std::min(R, qb.qn - r0));
+      if (next != nullptr) prefetch_share(g, qkv, *next, next_packs, r0 / R, groups);
+      const int64_t row0 = qb.start + qb.q0 + r0;  // packed row of the group's first query
+      const auto scores_tile = pick_tile<CT, StoreScores>(mr, kTileVecs);
+      const auto out_tile = pick_tile<float, StoreOut<ST>>(mr, kTileVecs);
+      for (int64_t j0 = 0; j0 < qb.len; j0 += kKeyBlock) {
+        const bool first = j0 == 0;
+        const int64_t bn = std::min(kKeyBlock, qb.len - j0);
+        std::fill(vmax, vmax + mr, Vec(-std::numeric_limits<float>::infinity()));
+        for (int64_t c0 = 0; c0 < bn; c0 += kTileVecs * kLanes) {
+          const int64_t cols = std::min(kTileVecs * kLanes, bn - c0);
+          const int nv = static_cast<int>((cols + kLanes - 1) / kLanes);
+          (nv == kTileVecs ? scores_tile : pick_tile<CT, StoreScores>(mr, nv))(
+              kdim, a + r0 * lda, lda, k_t.data() + (j0 + c0) * P, len_pad,
+              StoreScores{s.data() + c0, ld_s, g.scale * kLog2e, cols, vmax});
         }
-        row_max[r] = new_max;
-        // Dropout acts on the normalized probabilities, so the sum above and lse stay those of the undropped ones.
-        if (drop.enabled) {
-          keep_bits_row(drop, static_cast<uint32_t>(qb.head), static_cast<uint32_t>(qb.start + qb.q0 + r),
-                        qb.start + j0, bn, keep.data());
-          apply_keep_bits(srow, keep.data(), bn, drop.scale);
+        for (int r = 0; r < mr; ++r) {
+          float* srow = s.data() + r * ld_s;
+          const float block_max =
+              at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vmax[r]);
+          const float new_max = first ? block_max : std::max(row_max[r], block_max);
+          const float block_sum = exp2_row(srow, bn, g.scale * kLog2e, new_max);
+          // Rescale what earlier key blocks accumulated to the new running maximum.
+          alpha[r] = first ? 1.f : std::exp2(row_max[r] - new_max);
+          row_sum[r] = first ? block_sum : row_sum[r] * alpha[r] + block_sum;
+          row_max[r] = new_max;
+          inv_sum[r] = 1.f / row_sum[r];
+          // Dropout acts on the normalized probabilities, so the sum above and lse stay those of the undropped ones.
+          if (drop.enabled) {
+            keep_bits_row(drop, static_cast<uint32_t>(qb.head), static_cast<uint32_t>(row0 + r), qb.start + j0, bn,
+                          keep.data());
+            apply_keep_bits(srow, keep.data(), bn, drop.scale);
+          }
+        }
+        const bool last = j0 + bn == qb.len;
+        for (int64_t c0 = 0; c0 < vdim; c0 += kTileVecs * kLanes) {
+          const int nv = static_cast<int>(std::min<int64_t>(kTileVecs, (vdim - c0) / kLanes));
+          (nv == kTileVecs ? out_tile : pick_tile<float, StoreOut<ST>>(mr, nv))(
+              bn, s.data(), ld_s, v_b.data() + j0 * vdim + c0, vdim,
+              StoreOut<ST>{o.data() + c0, vdim, first, last, alpha, inv_sum,
+                           out + row0 * ld_out + qb.head * dim + c0, ld_out, dim - c0});
         }
       }
-      gemm<float>(qb.qn, vdim, bn, s.data(), ld_s, v_b.data() + j0 * vdim, vdim, o.data(), vdim, !first);
-    }
-
-    for (int64_t r = 0; r < qb.qn; ++r) {
-      const int64_t row = qb.start + qb.q0 + r;
-      store_scaled(o.data() + r * vdim, 1.f / row_sum[r], dim, out + (row * g.heads + qb.head) * dim);
-      lse[qb.head * g.tokens + row] = row_max[r] + std::log(row_sum[r]);
+      for (int r = 0; r < mr; ++r) lse[qb.head * g.tokens + row0 + r] = row_max[r] * kLn2 + std::log(row_sum[r]);
     }
   }
 }

@@ -61,8 +61,10 @@ def sync(device: torch.device | str) -> None:
 
 
 def interleaved_round(fns: Mapping[str, Callable[[], object]], samples: dict[str, list[float]], turn: int,
-                      device: torch.device | str = "cpu", block: int = 1) -> None:
-    """Runs every fn in turn, starting with the `turn`-th (mod len), appending its seconds to samples[name].
+                      device: torch.device | str = "cpu", block: int = 1,
+                      clock: Callable[[], float] = time.perf_counter) -> None:
+    """Runs every fn in turn, starting with the `turn`-th (mod len), appending its seconds by `clock` to
+    samples[name].
 
     block > 1: each fn runs once untimed, then `block` timed calls in a row. Short calls need this: a runtime's
     thread pool spins for a while after its call (OpenMP's default wait policy, ONNX Runtime, OpenVINO's TBB), and
@@ -74,10 +76,10 @@ def interleaved_round(fns: Mapping[str, Callable[[], object]], samples: dict[str
             fns[name]()
         for _ in range(block):
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             fns[name]()
             sync(device)
-            samples.setdefault(name, []).append(time.perf_counter() - start)
+            samples.setdefault(name, []).append(clock() - start)
 
 
 def time_interleaved(
@@ -86,17 +88,20 @@ def time_interleaved(
     warmup: int = 1,
     device: torch.device | str = "cpu",
     block: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Timing]:
     """name -> Timing of fn(); each repetition runs every fn once (block > 1: `block` times in a row after an
     untimed call, see interleaved_round), the first one rotating, after `warmup` untimed rounds. Each Timing
-    holds repeats * block samples."""
+    holds repeats * block samples. `clock` defaults to wall time; time.thread_time counts only the calling thread's
+    CPU time, which a busy machine does not inflate by descheduling it (meaningful where all the work runs on that
+    thread)."""
     if repeats <= 0:
         raise ValueError(f"repeats must be positive, got {repeats}")
     if block <= 0:
         raise ValueError(f"block must be positive, got {block}")
     samples: dict[str, list[float]] = {n: [] for n in fns}
     for rep in range(warmup + repeats):
-        interleaved_round(fns, samples, rep, device, block)
+        interleaved_round(fns, samples, rep, device, block, clock)
     return {n: Timing(s[warmup * block:]) for n, s in samples.items()}
 
 
@@ -154,7 +159,7 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
 INT8_DTYPES = (torch.int8, torch.qint8)
 
 
-def _gemm_routes(dtype: torch.dtype, device: torch.device, shape) -> dict[str, Callable[[], object]]:
+def gemm_routes(dtype: torch.dtype, device: torch.device, shape) -> dict[str, Callable[[], object]]:
     """name -> call of one [M, K] x [K, N] product in `dtype` (int8: int8 operands, int32 result)."""
     m, k, n = shape
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -199,7 +204,7 @@ def gemm_flops_per_s(
     m, k, n = shape
     device = torch.device(device)
     with torch.inference_mode():
-        timing = time_interleaved(_gemm_routes(dtype, device, shape), repeats=repeats, warmup=2, device=device)
+        timing = time_interleaved(gemm_routes(dtype, device, shape), repeats=repeats, warmup=2, device=device)
     return 2 * m * k * n / min(t.median for t in timing.values())
 
 

@@ -114,6 +114,39 @@ def test_longer_than_one_key_block(backend, dropout_p):
                    rng=rng_state() if dropout_p else None)
 
 
+@pytest.mark.interpreter_cases(dtype=[])  # blocks of 16 over 512 keys: too slow to interpret
+@pytest.mark.parametrize("head_dim", [32, 64])
+def test_block_boundaries(backend, dtype, head_dim):
+    """Lengths on either side of the CPU forward's boundaries, in one ragged batch: vectors of 16 keys, tiles of 64
+    keys, query groups of 6 rows and query blocks of 64 (1, 15, 16, 17, 63, 64, 65, 127, 128, 129, 512)."""
+    lens = [1, 15, 16, 17, 63, 64, 65, 127, 128, 129, 512, 6, 7]
+    _check_kernels(backend, lens, heads=2, head_dim=head_dim, dtype=dtype, seed=12)
+
+
+@pytest.mark.interpreter_cases(dtype=[])  # 38 x 38 blocks of 16: too slow to interpret
+def test_longer_than_one_key_block_head_dim_64(backend, dtype):
+    """The CPU forward's streamed softmax (over 512 keys) in every dtype, for query groups of 6 and a partial one."""
+    _check_kernels(backend, [605, 4], heads=2, head_dim=64, dtype=dtype, seed=15)
+
+
+@pytest.mark.parametrize("length", [5, 17, 130])
+def test_every_score_far_below_zero(backend, dtype, length):
+    """Scores around -300: the softmax is taken against the row maximum of the real keys only (a zero from padding
+    taken as the maximum would make every exp underflow to 0 and the output NaN)."""
+    cu = cu_seqlens([length], backend.device)
+    heads, head_dim = 2, 32
+    u = F.normalize(rand(1, 1, 1, head_dim, seed=13), dim=-1)
+    noise = rand(length, 3, heads, head_dim, seed=14, scale=0.05)
+    qkv = torch.cat([-u + noise[:, :1], u + noise[:, 1:2], noise[:, 2:] * 20], 1)
+    qkv = qkv.to(dtype=dtype, device=backend.device)
+    out, lse = backend.forward(qkv, cu, length, 300.0)
+    assert torch.isfinite(out).all() and (lse < -200).all()
+    exact_out, exact_lse, _ = _exact(qkv, cu, 300.0, torch.zeros_like(out))
+    torch.testing.assert_close(lse, exact_lse, atol=1e-3, rtol=1e-5)
+    native = _native(qkv, cu, 300.0, fused=backend.name == "cpu") if dtype != torch.float32 else out
+    assert_close(out, exact_out, native, dtype, "out", atol=1e-4, rtol=1e-4, floor=1e-5)
+
+
 def test_strided_qkv_and_scale(backend, dtype):
     """qkv as a view of a wider GEMM output (token stride > 3 * heads * head_dim), with a non-default scale."""
     lens, heads, head_dim = [9, 20], 2, 64

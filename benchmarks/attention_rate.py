@@ -1,0 +1,106 @@
+"""The CPU attention kernel alone against the GEMM rate, measured in the same process.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/attention_rate.py [--threads 1 2] [--dtypes float32 bfloat16]
+                                                               [--head-dims 64 32] [--lengths 32 64 128 256 512]
+                                                               [--repeats 21]
+
+Per thread count and dtype, every case runs in turn in one process (interleaved rounds, medians): the forward of
+attention_varlen on the cpu backend (inference: no gradient, no dropout) over about 1024 packed tokens of 12 heads
+(B = 1024 / L full sequences of length L, and a ragged batch of lengths drawn in 16..256), and the GEMM
+[1024, 768] x [768, 3072] in the same dtype by F.linear and by oneDNN's linear (harness.gemm_routes); the faster
+route's rate is the roofline (on the AMD EPYC of docs/cpu-full-batch.md, F.linear reaches under half of oneDNN's
+rate in fp32). Attention FLOPs are its two products, Q K^T and P V: 4 L^2 head_dim per head per sequence; the
+softmax is not counted. The fraction is the attention rate over the GEMM rate, of medians and as the median of
+per-round fractions against that round's fastest route (robust to a load that moves between rounds). One thread is
+timed by the thread's CPU time (time.thread_time), which other jobs on a shared machine do not inflate by
+descheduling it; more threads by wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from mtbert_fast.bench import harness  # noqa: E402
+from mtbert_fast.ops import attention_varlen  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+HEADS = 12
+TOKENS = 1024
+
+
+def ragged_lengths(seed: int = 0, tokens: int = TOKENS) -> list[int]:
+    """Lengths drawn uniformly in 16..256 until about `tokens` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    lens: list[int] = []
+    while sum(lens) < tokens:
+        lens.append(int(torch.randint(16, 257, (1,), generator=g)))
+    return lens
+
+
+def attention_case(lens: list[int], head_dim: int, dtype: torch.dtype):
+    """(call, FLOPs) of the attention forward over packed sequences of these lengths."""
+    cu = torch.tensor([0] + np.cumsum(lens).tolist(), dtype=torch.int32)
+    g = torch.Generator().manual_seed(len(lens) + head_dim)
+    qkv = torch.randn(sum(lens), 3, HEADS, head_dim, generator=g).to(dtype)
+    flops = sum(4 * n * n * head_dim * HEADS for n in lens)
+    return (lambda: attention_varlen(qkv, cu, max(lens), backend="cpu")), flops
+
+
+def run(threads: int, dtype_name: str, args) -> None:
+    torch.set_num_threads(threads)
+    dtype = DTYPES[dtype_name]
+    m, k, n = harness.GEMM_SHAPE
+    routes = {f"gemm {r}": fn for r, fn in harness.gemm_routes(dtype, torch.device("cpu"), harness.GEMM_SHAPE).items()}
+    fns = dict(routes)
+    flops = dict.fromkeys(routes, 2.0 * m * k * n)
+    for head_dim in args.head_dims:
+        cases = {f"L={length}": [length] * max(1, TOKENS // length) for length in args.lengths}
+        cases["ragged"] = ragged_lengths()
+        for label, lens in cases.items():
+            name = f"d={head_dim} {label}"
+            fns[name], flops[name] = attention_case(lens, head_dim, dtype)
+    # one thread: its CPU time, which other jobs on a busy machine do not inflate; more: wall time
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    with torch.inference_mode():
+        timing = harness.time_interleaved(fns, repeats=args.repeats, warmup=2, clock=clock)
+    rates = {r: flops[r] / timing[r].median for r in routes}
+    gemm_rate = max(rates.values())
+    rounds = range(args.repeats)
+    round_gemm = [max(flops[r] / timing[r].samples[i] for r in routes) for i in rounds]
+    print(f"\n{dtype_name}, {threads} thread(s), {'thread CPU' if threads == 1 else 'wall'} time: GEMM {gemm_rate / 1e9:.0f} GFLOP/s ("
+          + ", ".join(f"{r} {v / 1e9:.0f}" for r, v in rates.items()) + ")")
+    print(f"    {'case':16s} {'us':>9s} {'GFLOP/s':>8s}  fraction of GEMM rate (of medians / per round)")
+    for name, t in timing.items():
+        if name in routes:
+            continue
+        rate = flops[name] / t.median
+        per_round = np.median([flops[name] / t.samples[i] / round_gemm[i] for i in rounds])
+        print(f"    {name:16s} {t.median * 1e6:9.0f} {rate / 1e9:8.1f}  {rate / gemm_rate:.3f} / {per_round:.3f}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--head-dims", nargs="+", type=int, default=[64, 32])
+    parser.add_argument("--lengths", nargs="+", type=int, default=[32, 64, 128, 256, 512])
+    parser.add_argument("--repeats", type=int, default=21)
+    args = parser.parse_args(argv)
+    print(harness.describe_device("cpu"), f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}",
+          f"load average {os.getloadavg()[0]:.1f}", f"commit {harness.git_commit()}")
+    for threads in args.threads:
+        for dtype_name in args.dtypes:
+            run(threads, dtype_name, args)
+
+
+if __name__ == "__main__":
+    main()
