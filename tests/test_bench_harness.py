@@ -98,9 +98,18 @@ def test_csv_with_other_columns_is_left_alone(tmp_path):
     assert harness.append_csv(old, [{"y": 3}], ["y"]) == tmp_path / "r-2.csv"
 
 
-def test_bench_point_runs_each_provider_over_its_batches_in_a_row():
+def test_settle_pauses_before_each_turn(monkeypatch):
+    events = []
+    monkeypatch.setattr(harness.time, "sleep", lambda s: events.append(("sleep", s)))
+    harness.time_interleaved({"a": lambda: events.append("a"), "b": lambda: events.append("b")}, repeats=1,
+                             warmup=0, settle=0.25)  # fmt: skip
+    assert events == [("sleep", 0.25), "a", ("sleep", 0.25), "b"]
+
+
+def test_bench_point_runs_each_provider_over_its_batches_in_a_row(monkeypatch):
     from mtbert_fast.bench import measure
 
+    monkeypatch.setattr(measure, "SETTLE_S", 0.0)
     calls = []
     batches = [{"attention_mask": torch.ones(2, n)} for n in (4, 3)]
     fns = {p: (lambda b, p=p: calls.append((p, b["attention_mask"].shape[1]))) for p in ("a", "b")}

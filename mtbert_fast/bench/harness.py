@@ -62,16 +62,19 @@ def sync(device: torch.device | str) -> None:
 
 def interleaved_round(fns: Mapping[str, Callable[[], object]], samples: dict[str, list[float]], turn: int,
                       device: torch.device | str = "cpu", block: int = 1,
-                      clock: Callable[[], float] = time.perf_counter) -> None:
+                      clock: Callable[[], float] = time.perf_counter, settle: float = 0.0) -> None:
     """Runs every fn in turn, starting with the `turn`-th (mod len), appending its seconds by `clock` to
     samples[name].
 
     block > 1: each fn runs once untimed, then `block` timed calls in a row. Short calls need this: a runtime's
     thread pool spins for a while after its call (OpenMP's default wait policy, ONNX Runtime, OpenVINO's TBB), and
-    the next provider's call would pay for it, where a user's loop of calls to one engine never does."""
+    the next provider's call would pay for it, where a user's loop of calls to one engine never does; `settle`
+    seconds of pause before each fn's turn let the previous pool stop spinning (ONNX Runtime's spins for 10-30 ms)."""
     names = list(fns)
     turn %= len(names)
     for name in names[turn:] + names[:turn]:
+        if settle:
+            time.sleep(settle)
         if block > 1:
             fns[name]()
         for _ in range(block):
@@ -89,19 +92,20 @@ def time_interleaved(
     device: torch.device | str = "cpu",
     block: int = 1,
     clock: Callable[[], float] = time.perf_counter,
+    settle: float = 0.0,
 ) -> dict[str, Timing]:
     """name -> Timing of fn(); each repetition runs every fn once (block > 1: `block` times in a row after an
     untimed call, see interleaved_round), the first one rotating, after `warmup` untimed rounds. Each Timing
-    holds repeats * block samples. `clock` defaults to wall time; time.thread_time counts only the calling thread's
-    CPU time, which a busy machine does not inflate by descheduling it (meaningful where all the work runs on that
-    thread)."""
+    holds repeats * block samples; `settle`: see interleaved_round. `clock` defaults to wall time; time.thread_time
+    counts only the calling thread's CPU time, which a busy machine does not inflate by descheduling it (meaningful
+    where all the work runs on that thread)."""
     if repeats <= 0:
         raise ValueError(f"repeats must be positive, got {repeats}")
     if block <= 0:
         raise ValueError(f"block must be positive, got {block}")
     samples: dict[str, list[float]] = {n: [] for n in fns}
     for rep in range(warmup + repeats):
-        interleaved_round(fns, samples, rep, device, block, clock)
+        interleaved_round(fns, samples, rep, device, block, clock, settle)
     return {n: Timing(s[warmup * block:]) for n, s in samples.items()}
 
 

@@ -55,6 +55,7 @@ POINTS = ("sentences", "lengths", "full", "latency")
 FULL_POINT = (8, 128)  # batch, length
 LATENCY_LENGTHS = (16, 128)
 LATENCY_CALLS = 4  # different single rows per latency point
+SETTLE_S = 0.1  # the pause before each provider's turn at a point (see _time_point)
 BASELINE = "hf-sdpa"
 MULTITASK_BASELINE = "hf-3-models"  # the three HF task models, one after the other
 HF_PROVIDERS = ("hf-eager", BASELINE, MULTITASK_BASELINE)
@@ -446,9 +447,10 @@ def _time_point(fns: dict, batches: list, repeats: int, device) -> dict[str, tup
     """name -> (seconds per repetition, seconds per batch call).
 
     Each repetition runs every provider over all the batches in a row, as a user's loop would, the first provider
-    rotating from one repetition to the next. Where the calls are short (more than one batch, or single rows), each
-    provider's turn starts with an untimed call: the thread pool of the provider before it may still be spinning
-    (see harness.interleaved_round), and a call of a few milliseconds would pay for it."""
+    rotating from one repetition to the next. A runtime's thread pool keeps spinning after its last call (ONNX
+    Runtime's for 10-30 ms on this machine's CPU, libgomp's and OpenVINO's for less) and takes the cores from the
+    next provider's first calls: each provider's turn starts after a pause of SETTLE_S, and, where the calls are
+    short (more than one batch, or single rows), with an untimed call that wakes its own pool."""
     warm = min(batches, key=lambda b: b["attention_mask"].numel()) if len(batches) > 1 or batches[0][
         "attention_mask"].shape[0] == 1 else None
     names = list(fns)
@@ -457,6 +459,7 @@ def _time_point(fns: dict, batches: list, repeats: int, device) -> dict[str, tup
     for rep in range(repeats):
         turn = rep % len(names)
         for name in names[turn:] + names[:turn]:
+            time.sleep(SETTLE_S)
             if warm is not None:
                 fns[name](warm)
             times = []

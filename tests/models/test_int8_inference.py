@@ -88,22 +88,25 @@ def test_bfloat16_activations(hf_minilm, split):
 
 @pytest.mark.parametrize("classes", [4, 8])
 def test_classification_top1_agreement(hf_minilm, int8_minilm, split, classes):
-    """Sentence classification as all-MiniLM-L6-v2 is used for it: a nearest-centroid classifier over mean-pooled
-    embeddings, its centroids found by k-means on the float model's embeddings of the calibration sentences; on
-    the held-out sentences the int8 model's top-1 class equals the float model's."""
+    """Sentence classification as all-MiniLM-L6-v2 is used for it: nearest-centroid classifiers over mean-pooled
+    embeddings, their centroids found by k-means on the float model's embeddings of the calibration sentences; on
+    the held-out sentences the int8 model's top-1 class equals the float model's in at least 99% of the decisions.
+    Five classifiers (k-means from five seeds) give 515 decisions: with 103 alone, one sentence within 1e-3 of a
+    tie between two centroids, which any change of rounding may tip, would decide the test."""
     calibration, held_out = split
     train = F.normalize(_embeddings(hf_minilm, calibration))
-    centroids = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:classes]]
-    for _ in range(20):
-        nearest = (train @ centroids.T).argmax(-1)
-        centroids = F.normalize(torch.stack([train[nearest == c].mean(0) if (nearest == c).any() else centroids[c]
-                                             for c in range(classes)]))
-
-    def classify(model):
-        return (F.normalize(_embeddings(model, held_out)) @ centroids.T).argmax(-1)
-
-    agree = (classify(int8_minilm) == classify(hf_minilm)).float().mean()
-    assert agree >= 0.99, f"top-1 agreement {agree:.3f}"
+    float_held_out, int8_held_out = F.normalize(_embeddings(hf_minilm, held_out)), F.normalize(_embeddings(
+        int8_minilm, held_out))
+    agree = []
+    for seed in range(5):
+        centroids = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:classes]]
+        for _ in range(20):
+            nearest = (train @ centroids.T).argmax(-1)
+            centroids = F.normalize(torch.stack([train[nearest == c].mean(0) if (nearest == c).any() else centroids[c]
+                                                 for c in range(classes)]))
+        agree.append((int8_held_out @ centroids.T).argmax(-1) == (float_held_out @ centroids.T).argmax(-1))
+    agree = torch.cat(agree).float()
+    assert agree.mean() >= 0.99, f"top-1 agreement {agree.mean():.4f} over {len(agree)} decisions"
 
 
 def test_fast_model_and_multitask_match_the_swapped_model(int8_minilm, minilm_dir, split):
