@@ -3,7 +3,7 @@
     HF_HUB_OFFLINE=1 python benchmarks/latency_profile.py [--threads 2] [--lengths 16 128] [--profile]
 
 For each model (all-MiniLM-L6-v2, a random bert-base), dtype (fp32, bf16) and length (one sequence, every token
-real), every engine runs in turn in one process (rounds of BLOCK calls in a row per engine after a 0.1 s pause and
+real), every engine runs in turn in one process (rounds of BLOCK calls in a row per engine after a 0.3 s pause and
 an untimed call, the first engine rotating; medians), so the ratios hold on a loaded machine even where the absolute
 numbers do not. Engines:
 
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
                     if ov_run is not None:
                         engines["ov"] = lambda: ov_run(batch)
                     with torch.inference_mode():
-                        t = harness.time_interleaved(engines, repeats=rounds, warmup=1, block=BLOCK, settle=0.1)
+                        t = harness.time_interleaved(engines, repeats=rounds, warmup=1, block=BLOCK, settle=0.3)
                     ms = {k: v.median * 1e3 for k, v in t.items()}
                     peers = {k: ms[k] for k in ("ort", "ov") if k in ms}
                     best = min(peers.values()) if peers else float("nan")

@@ -114,11 +114,11 @@ def test_bench_point_runs_each_provider_over_its_batches_in_a_row(monkeypatch):
     batches = [{"attention_mask": torch.ones(2, n)} for n in (4, 3)]
     fns = {p: (lambda b, p=p: calls.append((p, b["attention_mask"].shape[1]))) for p in ("a", "b")}
     timed = measure._time_point(fns, batches, repeats=2, device="cpu")
-    # each turn: an untimed call on the smallest batch, then the batches in order; the first provider rotates
-    assert calls == [("a", 3), ("a", 4), ("a", 3), ("b", 3), ("b", 4), ("b", 3),
-                     ("b", 3), ("b", 4), ("b", 3), ("a", 3), ("a", 4), ("a", 3)]  # fmt: skip
+    # each turn: an untimed pass over the batches, then the timed one; the first provider rotates
+    once = [("a", 4), ("a", 3)]
+    assert calls == once * 2 + [("b", 4), ("b", 3)] * 4 + once * 2
     reps, per_call = timed["a"]
     assert len(reps) == 2 and len(per_call) == 4 and reps[0] == pytest.approx(per_call[0] + per_call[1])
     calls.clear()
     measure._time_point(fns, [{"attention_mask": torch.ones(8, 5)}], repeats=1, device="cpu")
-    assert calls == [("a", 5), ("b", 5)], "one batch of several rows runs long enough to need no untimed call"
+    assert calls == [("a", 5), ("b", 5)], "one batch of several rows runs long enough to need no untimed pass"

@@ -16,7 +16,8 @@ directory. Inputs are real text:
 One untimed pass per provider checks parity against HF's fp32 eager output at the real tokens (the largest
 difference, and the lowest cosine between mean-pooled outputs) and warms up (torch.compile compiles there); one more
 call on the point's largest batch measures peak memory; in each timed repetition every provider then runs all the
-point's batches in a row, the first provider rotating (short calls after one untimed call, see _time_point). Throughput counts real tokens only; each ratio is against HF sdpa in the same dtype at the
+point's batches in a row, the first provider rotating (after a pause, and short calls after an untimed pass, see
+_time_point). Throughput counts real tokens only; each ratio is against HF sdpa in the same dtype at the
 same point (int8 rows: HF sdpa float32), measured in the same run; the roofline fraction is the encoder's FLOPs on
 the real tokens over the time, against this machine's measured GEMM rate in that dtype (int8: int8 products). Task
 "multitask" adds MultiTaskBert (sequence-cls + token-cls + masked-LM heads on one pass, 15% of tokens masked)
@@ -55,7 +56,7 @@ POINTS = ("sentences", "lengths", "full", "latency")
 FULL_POINT = (8, 128)  # batch, length
 LATENCY_LENGTHS = (16, 128)
 LATENCY_CALLS = 4  # different single rows per latency point
-SETTLE_S = 0.1  # the pause before each provider's turn at a point (see _time_point)
+SETTLE_S = 0.3  # the pause before each provider's turn at a point (see _time_point)
 BASELINE = "hf-sdpa"
 MULTITASK_BASELINE = "hf-3-models"  # the three HF task models, one after the other
 HF_PROVIDERS = ("hf-eager", BASELINE, MULTITASK_BASELINE)
@@ -448,11 +449,12 @@ def _time_point(fns: dict, batches: list, repeats: int, device) -> dict[str, tup
 
     Each repetition runs every provider over all the batches in a row, as a user's loop would, the first provider
     rotating from one repetition to the next. A runtime's thread pool keeps spinning after its last call (ONNX
-    Runtime's for 10-30 ms on this machine's CPU, libgomp's and OpenVINO's for less) and takes the cores from the
-    next provider's first calls: each provider's turn starts after a pause of SETTLE_S, and, where the calls are
-    short (more than one batch, or single rows), with an untimed call that wakes its own pool."""
-    warm = min(batches, key=lambda b: b["attention_mask"].numel()) if len(batches) > 1 or batches[0][
-        "attention_mask"].shape[0] == 1 else None
+    Runtime's for 10-30 ms on a 2-core EPYC, CTranslate2's int8 for up to 200 ms, libgomp's and OpenVINO's for
+    less) and takes the cores from the next provider's first calls: each provider's turn starts after a pause of
+    SETTLE_S and, where the calls are short (more than one batch, or single rows), an untimed pass over the
+    batches, which wakes its own pool (ONNX Runtime's first calls after a pause run up to 4x slower than in a
+    loop)."""
+    short = len(batches) > 1 or batches[0]["attention_mask"].shape[0] == 1
     names = list(fns)
     reps: dict[str, list[float]] = {n: [] for n in names}
     calls: dict[str, list[float]] = {n: [] for n in names}
@@ -460,8 +462,8 @@ def _time_point(fns: dict, batches: list, repeats: int, device) -> dict[str, tup
         turn = rep % len(names)
         for name in names[turn:] + names[:turn]:
             time.sleep(SETTLE_S)
-            if warm is not None:
-                fns[name](warm)
+            for b in batches if short else ():
+                fns[name](b)
             times = []
             for b in batches:
                 harness.sync(device)
