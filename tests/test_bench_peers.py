@@ -137,3 +137,12 @@ def test_mtbert_fast_int8_rows_and_their_skips(tiny, monkeypatch):
     assert calls == {} and extra == {}
     assert skipped == {f"mtbert_fast[auto{s}] int8": "mtbert_fast.swap(dtype=torch.qint8) refused: no torch.qint8"
                        for s in ("", ",bf16-act")}
+
+
+def test_a_ctranslate2_worker_that_cannot_load_is_a_skip_with_the_reason(tiny, tmp_path):
+    """CTranslate2 runs in a worker process; one that dies before its encoder is ready is reported, not waited on."""
+    pytest.importorskip("ctranslate2")
+    fresh = peers.Peers(*tiny[:2], tmp_path, threads=1, selected=("ctranslate2",))
+    fresh._once("ctranslate2", lambda: tmp_path)  # a directory without a converted model
+    assert fresh.providers("float32", CPU) == ({}, {"ctranslate2 float32": "the CTranslate2 worker process ended "
+                                                                           "before its encoder was ready"})  # fmt: skip

@@ -35,15 +35,11 @@ def _ctranslate2_worker(conn, path: str, compute: str, threads: int) -> None:
     """CTranslate2's encoder, serving forward_batch over `conn` until the pipe closes. It runs in a process of its
     own because, once it has run in a process, every later OpenMP parallel region of torch there is slower (on a
     2-core EPYC, a [16, 384] x [384, 1536] oneDNN linear took 107 us instead of 56, a LayerNorm 55 us instead of 8),
-    which would be charged to every provider timed after it."""
+    which would be charged to every provider timed after it. (Importing it and asking its compute types does not.)"""
     import ctranslate2
 
-    supported = ctranslate2.get_supported_compute_types("cpu")
-    if compute not in supported:
-        conn.send(("unavailable", f"CTranslate2 has no {compute} on this cpu (it has {', '.join(sorted(supported))})"))
-        return
     encoder = ctranslate2.Encoder(path, device="cpu", compute_type=compute, intra_threads=threads, inter_threads=1)
-    conn.send(("ready", None))
+    conn.send("ready")
     while True:
         try:
             ids, token_types = conn.recv()
@@ -286,15 +282,18 @@ class Peers:
         hidden states back through a pipe (about 1% of a call at these sizes)."""
         ct2 = _require("ctranslate2")
         compute = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", INT8: "int8"}[dtype_name]
+        supported = ct2.get_supported_compute_types("cpu")
+        if compute not in supported:
+            raise Unavailable(f"CTranslate2 has no {compute} on this cpu (it has {', '.join(sorted(supported))})")
         path = self._once("ctranslate2", lambda: self._convert_ctranslate2(ct2))
-        conn, child = multiprocessing.get_context("spawn").Pipe()
-        worker = multiprocessing.get_context("spawn").Process(
-            target=_ctranslate2_worker, args=(child, str(path), compute, self.threads), daemon=True)
-        worker.start()
-        status, why = conn.recv()
-        if status != "ready":
-            worker.join()
-            raise Unavailable(why)
+        spawn = multiprocessing.get_context("spawn")
+        conn, child = spawn.Pipe()
+        spawn.Process(target=_ctranslate2_worker, args=(child, str(path), compute, self.threads), daemon=True).start()
+        child.close()  # the worker holds it now: if the worker dies, recv sees the pipe close instead of waiting
+        try:
+            conn.recv()  # "ready"
+        except EOFError:
+            raise Unavailable("the CTranslate2 worker process ended before its encoder was ready") from None
 
         def run(batch):
             lengths = batch["attention_mask"].sum(1).tolist()
