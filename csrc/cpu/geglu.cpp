@@ -49,21 +49,11 @@ void geglu_backward_kernel(
   });
 }
 
-int64_t check_geglu(const char* op, const at::Tensor& x) {
-  TORCH_CHECK(x.device().type() == at::kCPU, op, ": x must be on cpu, got ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
-              ": x must be float32 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dims, got shape ", x.sizes());
-  TORCH_CHECK(x.size(-1) % 2 == 0, op, ": x's last dim must be even, got shape ", x.sizes());
-  return x.size(-1) / 2;
-}
-
 at::Tensor geglu_cpu(const at::Tensor& x, c10::string_view approximate) {
   const GeluKind kind = parse_gelu("geglu", approximate);
-  const int64_t I = check_geglu("geglu", x);
+  const std::vector<int64_t> shape = check_geglu_args("geglu", c10::DeviceType::CPU, x);
+  const int64_t I = shape.back();
   const at::Tensor xc = x.contiguous();
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape.back() = I;
   at::Tensor out = at::empty(shape, xc.options());
   const int64_t N = leading_rows(x);
   dispatch_float_bf16(x.scalar_type(), [&](auto t) {
@@ -77,13 +67,7 @@ at::Tensor geglu_cpu(const at::Tensor& x, c10::string_view approximate) {
 
 at::Tensor geglu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, c10::string_view approximate) {
   const GeluKind kind = parse_gelu("geglu_backward", approximate);
-  const int64_t I = check_geglu("geglu_backward", x);
-  MTBF_CHECK_DEVICE_TYPE("geglu_backward", grad_out, at::kCPU);
-  MTBF_CHECK_SAME_DTYPE("geglu_backward", x, grad_out);
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape.back() = I;
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(shape), "geglu_backward: grad_out must have shape ",
-              at::IntArrayRef(shape), " (x's with the last dim halved), got ", grad_out.sizes());
+  const int64_t I = check_geglu_args("geglu_backward", c10::DeviceType::CPU, x, &grad_out).back();
   const at::Tensor gc = grad_out.contiguous();
   const at::Tensor xc = x.contiguous();
   at::Tensor grad_x = at::empty(xc.sizes(), xc.options());

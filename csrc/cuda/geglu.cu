@@ -50,20 +50,9 @@ __global__ void __launch_bounds__(kThreads) geglu_backward_kernel(
   }
 }
 
-std::vector<int64_t> check_geglu(const char* op, const at::Tensor& x) {
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got one on ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-              op, ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dims, got shape ", x.sizes());
-  TORCH_CHECK(x.size(-1) % 2 == 0, op, ": x's last dim must be even, got shape ", x.sizes());
-  std::vector<int64_t> half = x.sizes().vec();
-  half.back() /= 2;
-  return half;
-}
-
 at::Tensor geglu_cuda(const at::Tensor& x, c10::string_view approximate) {
   const GeluKind kind = parse_gelu("geglu", approximate);
-  const std::vector<int64_t> shape = check_geglu("geglu", x);
+  const std::vector<int64_t> shape = check_geglu_args("geglu", c10::DeviceType::CUDA, x);
   const at::cuda::OptionalCUDAGuard device_guard(device_of(x));
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty(shape, xc.options());
@@ -84,19 +73,13 @@ at::Tensor geglu_cuda(const at::Tensor& x, c10::string_view approximate) {
 
 at::Tensor geglu_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, c10::string_view approximate) {
   const GeluKind kind = parse_gelu("geglu_backward", approximate);
-  const std::vector<int64_t> shape = check_geglu("geglu_backward", x);
-  MTBF_CHECK_CUDA("geglu_backward", grad_out);
-  MTBF_CHECK_SAME_DEVICE("geglu_backward", x, grad_out);
-  MTBF_CHECK_SAME_DTYPE("geglu_backward", x, grad_out);
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(shape), "geglu_backward: grad_out must have shape ",
-              at::IntArrayRef(shape), " (x's with the last dim halved), got ", grad_out.sizes());
+  const int64_t I = check_geglu_args("geglu_backward", c10::DeviceType::CUDA, x, &grad_out).back();
   const at::cuda::OptionalCUDAGuard device_guard(device_of(x));
   const at::Tensor gc = grad_out.contiguous();
   const at::Tensor xc = x.contiguous();
   at::Tensor grad_x = at::empty_like(xc);
   const int64_t numel = gc.numel();
   if (numel == 0) return grad_x;
-  const int64_t I = shape.back();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_floating(x.scalar_type(), [&](auto t) {
     using T = decltype(t);

@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <vector>
+
 #define MTBF_CHECK_DIM(op, t, n) \
   TORCH_CHECK((t).dim() == (n), op ": " #t " must have " #n " dims, got shape ", (t).sizes())
 
@@ -131,6 +133,30 @@ inline void check_rotary_qk_args(c10::DeviceType device, const at::Tensor& qkv, 
               ": positions must be int32 or int64, got ", positions.scalar_type());
   MTBF_CHECK_DIM("rotary_qk", positions, 1);
   MTBF_CHECK_SIZE("rotary_qk", positions, 0, qkv.size(0));
+}
+
+// geglu's arguments, on the CPU and on CUDA: x [..., 2I] of a float dtype the device takes (CUDA: float16 too) and,
+// for the backward, grad_out [..., I] of x's dtype on its device. Returns the output's shape [..., I].
+inline std::vector<int64_t> check_geglu_args(const char* op, c10::DeviceType device, const at::Tensor& x,
+                                             const at::Tensor* grad_out = nullptr) {
+  TORCH_CHECK(x.device().type() == device, op, ": x must be on ", c10::DeviceTypeName(device), ", got ", x.device());
+  const bool half_ok = device == c10::DeviceType::CUDA;
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
+                  (half_ok && x.scalar_type() == at::kHalf),
+              op, ": x must be float32", half_ok ? ", float16" : "", " or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dims, got shape ", x.sizes());
+  TORCH_CHECK(x.size(-1) % 2 == 0, op, ": x's last dim must be even, got shape ", x.sizes());
+  std::vector<int64_t> half = x.sizes().vec();
+  half.back() /= 2;
+  if (grad_out != nullptr) {
+    TORCH_CHECK(grad_out->device() == x.device(), op, ": grad_out is on ", grad_out->device(), " but x is on ",
+                x.device());
+    TORCH_CHECK(grad_out->scalar_type() == x.scalar_type(), op, ": grad_out has dtype ", grad_out->scalar_type(),
+                " but x has ", x.scalar_type());
+    TORCH_CHECK(grad_out->sizes() == at::IntArrayRef(half), op, ": grad_out must have shape ", at::IntArrayRef(half),
+                " (x's with the last dim halved), got ", grad_out->sizes());
+  }
+  return half;
 }
 
 // GELU variant named by the op's `approximate` argument.
