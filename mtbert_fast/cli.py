@@ -62,9 +62,10 @@ def _add_bench(sub) -> None:
         "mtbert_fast fails parity (a peer that fails it is marked FAIL and not ranked).",
     )
     p.add_argument("--model", nargs="+", default=["minilm", "bert-base"],
-                   help="minilm (the bundled all-MiniLM-L6-v2, real weights); bert-base, distilbert-base or "
-                        "electra-small (those configs, random weights); or an HF BERT, RoBERTa, DistilBERT or ELECTRA "
-                        "model directory; several allowed (default: minilm bert-base)")
+                   help="minilm (the bundled all-MiniLM-L6-v2, real weights); bert-base, distilbert-base, "
+                        "electra-small, mpnet-base or modernbert-base (those configs, random weights); or an HF BERT, "
+                        "RoBERTa, DistilBERT, ELECTRA, MPNet or ModernBERT model directory; several allowed (default: "
+                        "minilm bert-base)")
     p.add_argument("--dtype", type=_dtype, nargs="+", default=["float32", "bfloat16"],
                    help="one or more of float32 (fp32), bfloat16 (bf16), float16 (fp16, cuda only), int8 (cpu, "
                         "with float32: the int8 runtimes against HF sdpa float32); default fp32 bf16")

@@ -211,6 +211,38 @@ def electra_config():
     return make
 
 
+@pytest.fixture
+def mpnet_config():
+    """mpnet_config(**overrides) -> a small MPNetConfig: 2 layers, hidden 48, 3 heads, intermediate 80, vocab 997,
+    514 positions (its positions count from 2, so 512 tokens fit, as in mpnet-base), pad_token_id 1, 32 relative
+    position buckets."""
+    from transformers import MPNetConfig
+
+    def make(**overrides):
+        kw = dict(_ODD, max_position_embeddings=514, pad_token_id=1, hidden_size=48, num_hidden_layers=2,
+                  num_attention_heads=3, intermediate_size=80)
+        kw.update(overrides)
+        return MPNetConfig(**kw)
+
+    return make
+
+
+@pytest.fixture
+def modernbert_config():
+    """modernbert_config(**overrides) -> a small ModernBertConfig: 4 layers (full, sliding, sliding, full), hidden 48,
+    3 heads, intermediate 80 (GeGLU: Wi of 160), vocab 997, 512 positions, local_attention 8 (a window of 4 each
+    side, so short test sequences reach past it), no biases, special tokens inside the vocabulary."""
+    from transformers import ModernBertConfig
+
+    def make(**overrides):
+        kw = dict(_ODD, hidden_size=48, num_hidden_layers=4, num_attention_heads=3, intermediate_size=80,
+                  local_attention=8, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+        kw.update(overrides)
+        return ModernBertConfig(**kw)
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def bert_base_config():
     """bert-base-uncased at its real size: 12 layers, hidden 768, 12 heads, intermediate 3072, vocab 30522."""

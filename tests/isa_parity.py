@@ -106,6 +106,13 @@ def main() -> None:
                     lambda q, p=p, rng=rng: reference.attention_varlen(q, cu, max(lens), None, p, rng),
                     (qkv,),
                 )
+            # R = 3 inside a window of 8: pairs of the clamped distances 4..8 share the table's end buckets
+            table = _rand((2, 7), torch.float32, 10)
+            cases["attention_varlen[rel_bias, window]"] = (
+                lambda q, b: ops.attention_varlen(q, cu, max(lens), rel_bias=b, window=8, backend="cpu"),
+                lambda q, b: reference.attention_varlen(q, cu, max(lens), rel_bias=b, window=8),
+                (qkv, table),
+            )
             cos, sin = ops.rotary_tables(34, 20, 10000.0)  # 17 pairs: no multiple of any vector width
             positions = torch.cat([torch.arange(n) for n in lens])
             cases["rotary_qk"] = (

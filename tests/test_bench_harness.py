@@ -51,6 +51,32 @@ def test_encoder_flops_counts_every_linear_of_a_bert_model():
     assert sum(counted) + attention == harness.encoder_flops(config, lengths, pooler=True)
 
 
+def test_encoder_flops_counts_every_linear_of_a_modernbert_model():
+    """ModernBERT: its GeGLU up-projection is 2I wide, and a sliding layer's attention products cover only the
+    query-key pairs within its window (counted against the mask HF builds)."""
+    transformers = pytest.importorskip("transformers")
+    from mtbert_fast.models import EncoderConfig
+
+    config = transformers.ModernBertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                           intermediate_size=48, vocab_size=50, local_attention=4, pad_token_id=0,
+                                           bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+    model = transformers.ModernBertModel(config).eval()
+    counted = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda m, args, out: counted.append(2 * args[0][..., 0].numel()
+                                                                             * m.in_features * m.out_features))
+    lengths = [5, 3, 1]
+    with torch.inference_mode():
+        for n in lengths:
+            model(input_ids=torch.arange(3, n + 3)[None])
+    pairs = {kind: sum(int(((torch.arange(n)[:, None] - torch.arange(n)[None]).abs() <= w).sum()) for n in lengths)
+             for kind, w in (("full_attention", 10**6), ("sliding_attention", 2))}
+    attention = sum(2 * 2 * pairs[kind] * 32 for kind in config.layer_types)
+    assert sum(counted) + attention == harness.encoder_flops(EncoderConfig.from_hf(config), lengths)
+    assert [harness.attended_pairs(n, 2) for n in (1, 3, 5, 9)] == [1, 9, 19, 39]
+
+
 def test_interleaved_timing_and_gemm_rate():
     calls = []
     timings = harness.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},

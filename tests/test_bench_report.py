@@ -95,7 +95,7 @@ def test_table_renders_every_row_and_the_skipped_providers(rows):
     assert next(line for line in body if "torch.quantize_dynamic" in line).endswith("0.5000  FAIL")
     multitask = next(line for line in body if "multitask" in line and "mtbert_fast[cpu]" in line)
     assert "3.00x" in multitask and multitask.split()[-2:] == ["-", "ok"]
-    assert any(line.startswith("vs peer: ") for line in lines) and "int8 rows: over HF sdpa float32" in text
+    assert any(line.startswith("vs peer: ") for line in lines) and "int8 rows: over that baseline in float32" in text
     assert lines[-1] == "skipped onnxruntime: onnxruntime is not installed"
 
 

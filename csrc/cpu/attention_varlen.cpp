@@ -7,6 +7,11 @@
 // fp32; the softmax is streamed over key blocks of kKeyBlock, so one block covers L <= 512. Buffers follow the
 // real sequence lengths, so max_seqlen is not needed.
 //
+// Position terms: a relative position bias (rel_bias [heads, 2R+1], indexed by the clamped distance j - i) joins the
+// scores before the softmax, and a local window (|j - i| <= window) masks them and skips the key tiles outside its
+// band, forward and backward. The forward takes each as a compile-time flag: without them its inner loops test
+// nothing.
+//
 // Dropout (dropout_p > 0) multiplies the normalized probabilities by the Philox mask of philox.h, drawn as keep bits
 // where they are used: in the forward per query row, in the backward per query block (regenerated, never stored).
 //
@@ -117,8 +122,11 @@ constexpr TileFn<CT, Epilogue> tile_fn() {
     return &tile_f32<MR, NV, Epilogue>;
 }
 
+// C10_ALWAYS_INLINE on pick_tile_vecs, pick_tile, pack_b and prefetch_share: GCC inlines them into the forward by
+// itself while one instantiation calls them, not once each position term has its own, and out of line they slow the
+// plain forward by 2 to 4% (fp32, L = 128).
 template <typename CT, typename Epilogue, int MR>
-TileFn<CT, Epilogue> pick_tile_vecs(int nv) {
+C10_ALWAYS_INLINE TileFn<CT, Epilogue> pick_tile_vecs(int nv) {
   if constexpr (kTileVecs >= 4) {
     if (nv >= 4) return tile_fn<CT, MR, kTileVecs, Epilogue>();
     if (nv == 3) return tile_fn<CT, MR, 3, Epilogue>();
@@ -128,7 +136,7 @@ TileFn<CT, Epilogue> pick_tile_vecs(int nv) {
 
 // The tile of mr rows (1..kTileRows) and nv vectors (1..kTileVecs).
 template <typename CT, typename Epilogue>
-TileFn<CT, Epilogue> pick_tile(int mr, int nv) {
+C10_ALWAYS_INLINE TileFn<CT, Epilogue> pick_tile(int mr, int nv) {
   switch (mr) {
     case 1: return pick_tile_vecs<CT, Epilogue, 1>(nv);
     case 2: return pick_tile_vecs<CT, Epilogue, 2>(nv);
@@ -197,7 +205,8 @@ void pack_a(const ST* src, int64_t rows, int64_t cols, int64_t ld_src, CT* dst, 
 // The fp32 B operand of gemm from the [k, n] matrix whose rows are contiguous (element (i, j) at src[i * ld_src +
 // j]): rows k..k_pad and columns n..ldb are zero, so that padded GEMMs add nothing.
 template <typename ST>
-void pack_b(const ST* src, int64_t k, int64_t n, int64_t ld_src, int64_t k_pad, int64_t ldb, float* dst) {
+C10_ALWAYS_INLINE void pack_b(const ST* src, int64_t k, int64_t n, int64_t ld_src, int64_t k_pad, int64_t ldb,
+                              float* dst) {
   for (int64_t i = 0; i < k; ++i) {
     const ST* s = src + i * ld_src;
     float* d = dst + i * ldb;
@@ -452,6 +461,24 @@ struct Geometry {
   float scale;
 };
 
+// The position terms: rel_bias [heads, 2R+1] (nullptr without one) and the local window (-1: none).
+struct PositionArgs {
+  const float* rel_bias;  // [heads, 2R+1]
+  int64_t radius;         // R
+  int64_t window;
+};
+
+// rel_bias's row of one head spread along the diagonals of a sequence of len rows, times factor: diag[u] = factor *
+// rel_bias[head, clamp(sign * (u - (len - 1)), -R, R) + R] for u < n. With sign 1 the biases of query i against
+// consecutive keys j lie at diag[len - 1 - i + j], consecutive; with sign -1 those of key j against consecutive
+// queries i at diag[len - 1 - j + i].
+void spread_bias(const PositionArgs& pos, int64_t head, int64_t len, float factor, int64_t sign,
+                 float* diag, int64_t n) {  // [n]
+  const float* row = pos.rel_bias + head * (2 * pos.radius + 1);
+  for (int64_t u = 0; u < n; ++u)
+    diag[u] = factor * row[std::clamp(sign * (u - (len - 1)), -pos.radius, pos.radius) + pos.radius];
+}
+
 // Splits items into `parts` contiguous runs of about equal cost; returns parts + 1 bounds.
 std::vector<int64_t> split_by_cost(const std::vector<double>& cost, int64_t parts) {
   double total = 0;
@@ -503,8 +530,8 @@ inline void prefetch(const char* p) {
 }
 
 template <typename ST>
-void prefetch_share(const Geometry& g, const ST* qkv, const QueryBlock& next, bool packs, int64_t share,
-                    int64_t shares) {
+C10_ALWAYS_INLINE void prefetch_share(const Geometry& g, const ST* qkv, const QueryBlock& next, bool packs,
+                                      int64_t share, int64_t shares) {
   constexpr int64_t kLine = 64;
   const int64_t bytes = g.head_dim * static_cast<int64_t>(sizeof(ST));
   const auto rows = [&](int64_t first, int64_t count, int64_t part) {
@@ -530,14 +557,31 @@ inline Vec max_ignoring_nan(const Vec& a, const Vec& b) {
 #endif
 }
 
+// The score of a key outside the window: exp2_row makes it 0 against any finite row maximum, where -inf would
+// give NaN (exp2_nonpositive's fraction of -inf is -inf - -inf).
+constexpr float kMasked = std::numeric_limits<float>::lowest();
+
+// x with kMasked in the lanes whose key lies more than `window` from its query; lane l's key minus query position
+// is d + l.
+inline Vec mask_window(const Vec& x, int64_t d, int64_t window) {
+  if (d >= -window && d + kLanes - 1 <= window) return x;
+  const Vec dist = Vec::arange(static_cast<float>(d), 1.f).abs();
+  return Vec::blendv(x, Vec(kMasked), dist > Vec(static_cast<float>(window)));
+}
+
 // Epilogue of the scores tile: s [MR, NV vectors] = acc, and row_max [MR] raised to scale * acc (the forward passes
-// scale * log2(e)) but for the columns from `cols` on (K^T's zero padding must not raise a row maximum).
+// scale * log2(e)) but for the columns from `cols` on (K^T's zero padding must not raise a row maximum). With a
+// position term (kBias, kWindow), s and the maxima take the whole score, scale * acc + bias (the bias in the same
+// log2 units), kMasked outside the window: exp2_row then takes s with scale 1.
+template <bool kBias, bool kWindow>
 struct StoreScores {
   float* s;
   int64_t lds;
   float scale;
   int64_t cols;
   Vec* row_max;
+  const float* bias;       // kBias: row r's biases at bias - r + column (spread_bias)
+  int64_t offset, window;  // kWindow: key minus query position of the tile's first row and column, and the window
 
   template <int MR, int NV>
   void init(Vec (&acc)[MR][NV]) const {
@@ -547,11 +591,21 @@ struct StoreScores {
   template <int MR, int NV>
   void finish(const Vec (&acc)[MR][NV]) const {
     const Vec vscale(scale), minus_inf(-std::numeric_limits<float>::infinity());
+    // Most tiles of a band lie inside it: they mask nothing.
+    const bool edge = kWindow && (offset - (MR - 1) < -window || offset + NV * kLanes - 1 > window);
     for (int r = 0; r < MR; ++r) {
       Vec m = row_max[r];  // in a register: s may alias row_max for all the compiler knows
       for (int v = 0; v < NV; ++v) {
-        acc[r][v].store(s + r * lds + v * kLanes);
-        Vec x = acc[r][v] * vscale;
+        Vec x;
+        if constexpr (kBias || kWindow) {
+          if constexpr (kBias) x = at::vec::fmadd(acc[r][v], vscale, Vec::loadu(bias - r + v * kLanes));
+          else x = acc[r][v] * vscale;
+          if (edge) x = mask_window(x, offset - r + v * kLanes, window);
+          x.store(s + r * lds + v * kLanes);
+        } else {
+          acc[r][v].store(s + r * lds + v * kLanes);
+          x = acc[r][v] * vscale;
+        }
         if ((v + 1) * kLanes > cols) x = Vec::set(minus_inf, x, std::max<int64_t>(0, cols - v * kLanes));
         m = max_ignoring_nan(m, x);
       }
@@ -597,10 +651,12 @@ struct StoreOut {
 // Each query block runs in groups of kTileRows rows, so that a group's scores (at most kTileRows x kKeyBlock) stay
 // in the L1 cache between the three passes over them: the scores tiles, which also take the row maxima; exp and
 // the row sums; the P V tiles, which write the normalized output straight to `out`. K^T and V are packed once per
-// (sequence, head) and serve every query block of it that this thread runs.
-template <typename ST, typename CT>
+// (sequence, head) and serve every query block of it that this thread runs, as does rel_bias's row spread along the
+// diagonals. A window limits each group to the keys of its band. kBias, kWindow: rel_bias, a window is given.
+template <typename ST, typename CT, bool kBias, bool kWindow>
 void forward_blocks(const Geometry& g,
                     const DropoutParams& drop,
+                    const PositionArgs& pos,
                     const ST* qkv,              // [T, 3, heads, head_dim], strided
                     const QueryBlock* blocks,   // [n]
                     int64_t n,
@@ -620,6 +676,8 @@ void forward_blocks(const Geometry& g,
   float row_max[R], row_sum[R], alpha[R], inv_sum[R];
   Vec vmax[R];
   std::vector<uint16_t> keep(drop.enabled ? row_bits_size(kKeyBlock) : 0);
+  // Query i's biases against the keys up to len_pad, in log2 units: [2 len_pad].
+  std::vector<float> bias_diag(kBias ? 2 * max_pad : 0);
   const bool direct_q = std::is_same<CT, ST>::value && dim % P == 0;
   int64_t packed_start = -1, packed_head = -1;
 
@@ -630,6 +688,7 @@ void forward_blocks(const Geometry& g,
     if (qb.start != packed_start || qb.head != packed_head) {
       pack_b_transposed(q + g.part_stride, dim, qb.len, g.tok_stride, kdim, len_pad, k_t.data());  // K^T
       pack_b(q + 2 * g.part_stride, qb.len, dim, g.tok_stride, len_pad, vdim, v_b.data());         // V
+      if constexpr (kBias) spread_bias(pos, qb.head, qb.len, kLog2e, 1, bias_diag.data(), 2 * len_pad);
       packed_start = qb.start;
       packed_head = qb.head;
     }
@@ -649,25 +708,37 @@ void forward_blocks(const Geometry& g,
       const int mr = static_cast<int>(std::min(R, qb.qn - r0));
       if (next != nullptr) prefetch_share(g, qkv, *next, next_packs, r0 / R, groups);
       const int64_t row0 = qb.start + qb.q0 + r0;  // packed row of the group's first query
-      const auto scores_tile = pick_tile<CT, StoreScores>(mr, kTileVecs);
+      const int64_t qpos = qb.q0 + r0;             // its position in the sequence
+      const float* bias = kBias ? bias_diag.data() + (qb.len - 1 - qpos) : nullptr;
+      // The keys of the group's band, from a vector boundary (K^T's padding ends at one). The first key of each
+      // row's window lies under kLanes + kTileRows keys from jlo, in the first key block: every row's first maximum
+      // is that of a key it sees.
+      int64_t jlo = 0, jhi = qb.len;
+      if (kWindow) {
+        jlo = std::max<int64_t>(0, qpos - pos.window) / kLanes * kLanes;
+        jhi = std::min(qb.len, qpos + mr + pos.window);
+      }
+      using Scores = StoreScores<kBias, kWindow>;
+      const auto scores_tile = pick_tile<CT, Scores>(mr, kTileVecs);
       const auto out_tile = pick_tile<float, StoreOut<ST>>(mr, kTileVecs);
-      for (int64_t j0 = 0; j0 < qb.len; j0 += kKeyBlock) {
-        const bool first = j0 == 0;
-        const int64_t bn = std::min(kKeyBlock, qb.len - j0);
+      for (int64_t j0 = jlo; j0 < jhi; j0 += kKeyBlock) {
+        const bool first = j0 == jlo;
+        const int64_t bn = std::min(kKeyBlock, jhi - j0);
         std::fill(vmax, vmax + mr, Vec(-std::numeric_limits<float>::infinity()));
         for (int64_t c0 = 0; c0 < bn; c0 += kTileVecs * kLanes) {
           const int64_t cols = std::min(kTileVecs * kLanes, bn - c0);
           const int nv = static_cast<int>((cols + kLanes - 1) / kLanes);
-          (nv == kTileVecs ? scores_tile : pick_tile<CT, StoreScores>(mr, nv))(
+          (nv == kTileVecs ? scores_tile : pick_tile<CT, Scores>(mr, nv))(
               kdim, a + r0 * lda, lda, k_t.data() + (j0 + c0) * P, len_pad,
-              StoreScores{s.data() + c0, ld_s, g.scale * kLog2e, cols, vmax});
+              Scores{s.data() + c0, ld_s, g.scale * kLog2e, cols, vmax, kBias ? bias + j0 + c0 : nullptr,
+                     j0 + c0 - qpos, pos.window});
         }
         for (int r = 0; r < mr; ++r) {
           float* srow = s.data() + r * ld_s;
           const float block_max =
               at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vmax[r]);
           const float new_max = first ? block_max : std::max(row_max[r], block_max);
-          const float block_sum = exp2_row(srow, bn, g.scale * kLog2e, new_max);
+          const float block_sum = exp2_row(srow, bn, kBias || kWindow ? 1.f : g.scale * kLog2e, new_max);
           // Rescale what earlier key blocks accumulated to the new running maximum.
           alpha[r] = first ? 1.f : std::exp2(row_max[r] - new_max);
           row_sum[r] = first ? block_sum : row_sum[r] * alpha[r] + block_sum;
@@ -680,7 +751,7 @@ void forward_blocks(const Geometry& g,
             apply_keep_bits(srow, keep.data(), bn, drop.scale);
           }
         }
-        const bool last = j0 + bn == qb.len;
+        const bool last = j0 + bn == jhi;
         for (int64_t c0 = 0; c0 < vdim; c0 += kTileVecs * kLanes) {
           const int nv = static_cast<int>(std::min<int64_t>(kTileVecs, (vdim - c0) / kLanes));
           (nv == kTileVecs ? out_tile : pick_tile<float, StoreOut<ST>>(mr, nv))(
@@ -702,20 +773,33 @@ void forward_blocks(const Geometry& g,
 // Each query block first takes P^T and dP^T against every key (keys as rows, so that P^T and dS^T come straight out
 // of the GEMMs and only dS needs a transpose), sums D, then forms dS and the three gradients. The keep bits of the
 // block are drawn once, with dP, and kept for P * M.
+// Position terms: the bias joins the scores before the exp, P is 0 outside the window, and a window limits each
+// query block to the keys of its band. rel_bias's gradient is dS summed over the pairs of each clamped distance:
+// along the diagonals of the sequence first, then folded into the table's width, one row per item, which the
+// caller sums per head (no thread writes another's row, and the sum's order is fixed).
 
 struct SeqHead {
   int64_t start, len, head;
 };
 
+// The queries lo .. hi of the block i0 .. i0 + bm that see key `key`: all of them without a window.
+inline std::pair<int64_t, int64_t> window_queries(int64_t window, int64_t key, int64_t i0, int64_t bm) {
+  if (window < 0) return {0, bm};
+  const int64_t lo = std::clamp<int64_t>(key - window - i0, 0, bm);
+  return {lo, std::clamp<int64_t>(key + window + 1 - i0, lo, bm)};
+}
+
 template <typename ST, typename CT>
 void backward_seqs(const Geometry& g,
                    const DropoutParams& drop,
+                   const PositionArgs& pos,
                    const ST* qkv,          // [T, 3, heads, head_dim], strided
                    const ST* grad_out,     // [T, heads, head_dim]
                    const float* lse,       // [heads, T]
                    const SeqHead* seqs,    // [n]
                    int64_t n,
-                   ST* grad_qkv) {         // [T, 3, heads, head_dim]
+                   ST* grad_qkv,           // [T, 3, heads, head_dim]
+                   float* grad_bias) {     // [n, 2R+1] with rel_bias
   constexpr int64_t P = kPair<CT>;
   constexpr int64_t blk = kBackwardBlock;
   const int64_t dim = g.head_dim, kdim = round_up(dim, P), vdim = round_up(dim, kLanes);
@@ -738,6 +822,9 @@ void backward_seqs(const Geometry& g,
   // Keep bits of one query block against every key [keys, blk / 16]: bit l of word v for query 16v + l.
   constexpr int64_t keep_ld = blk / 16;
   std::vector<uint16_t> keep(drop.enabled ? max_pad * keep_ld : 0);
+  // Key j's biases against the queries, and dS summed along the diagonals (spread_bias with sign -1): [2 len - 1].
+  const bool has_bias = pos.rel_bias != nullptr;
+  std::vector<float> bias_diag(has_bias ? 2 * max_len : 0), ds_diag(has_bias ? 2 * max_len : 0);
 
   for (int64_t t = 0; t < n; ++t) {
     const SeqHead& sh = seqs[t];
@@ -765,19 +852,36 @@ void backward_seqs(const Geometry& g,
     }
     std::fill(dk.begin(), dk.begin() + len * vdim, 0.f);
     std::fill(dv.begin(), dv.begin() + len * vdim, 0.f);
+    if (has_bias) {
+      spread_bias(pos, sh.head, len, 1.f, -1, bias_diag.data(), 2 * len - 1);
+      std::fill(ds_diag.begin(), ds_diag.begin() + 2 * len - 1, 0.f);
+    }
 
     for (int64_t i0 = 0; i0 < len; i0 += blk) {
       const int64_t bm = std::min(blk, len - i0), bm_vec = round_up(bm, kLanes);
-      for (int64_t j0 = 0; j0 < len; j0 += blk) {
-        const int64_t bn = std::min(blk, len - j0);
+      int64_t jlo = 0, jhi = len;  // the keys of the block's band
+      if (pos.window >= 0) {
+        jlo = std::max<int64_t>(0, i0 - pos.window);
+        jhi = std::min(len, i0 + bm + pos.window);
+      }
+      for (int64_t j0 = jlo; j0 < jhi; j0 += blk) {
+        const int64_t bn = std::min(blk, jhi - j0);
         float* pt_blk = pt.data() + j0 * blk;
         gemm<CT>(bn, bm_vec, kdim, ka + j0 * lda, lda, q_t.data() + i0 * P, len_pad, pt_blk, blk, false);
         gemm<CT>(bn, bm_vec, kdim, va + j0 * lda, lda, do_t.data() + i0 * P, len_pad, dpt.data() + j0 * blk, blk,
                  false);
         for (int64_t j = 0; j < bn; ++j) {
           float* row = pt_blk + j * blk;
-          at::vec::map2([scale = g.scale](Vec x, Vec l) { return at::vec::fmsub(x, Vec(scale), l).exp_u20(); },
-                        row, row, lse_row + i0, bm);
+          const auto [lo, hi] = window_queries(pos.window, j0 + j, i0, bm);
+          std::fill(row, row + lo, 0.f);
+          std::fill(row + hi, row + bm, 0.f);
+          if (has_bias)
+            at::vec::map3(
+                [scale = g.scale](Vec x, Vec l, Vec b) { return (at::vec::fmadd(x, Vec(scale), b) - l).exp_u20(); },
+                row + lo, row + lo, lse_row + i0 + lo, bias_diag.data() + (len - 1 - (j0 + j) + i0 + lo), hi - lo);
+          else
+            at::vec::map2([scale = g.scale](Vec x, Vec l) { return at::vec::fmsub(x, Vec(scale), l).exp_u20(); },
+                          row + lo, row + lo, lse_row + i0 + lo, hi - lo);
         }
         if (drop.enabled) {
           keep_bits_block(drop, static_cast<uint32_t>(sh.head), sh.start + i0, bm, sh.start + j0, bn,
@@ -787,14 +891,14 @@ void backward_seqs(const Geometry& g,
         }
       }
       std::fill(d_sum.begin(), d_sum.end(), 0.f);
-      for (int64_t j = 0; j < len; ++j)
+      for (int64_t j = jlo; j < jhi; ++j)
         at::vec::map3([](Vec acc, Vec p, Vec dp) { return at::vec::fmadd(p, dp, acc); }, d_sum.data(), d_sum.data(),
                       pt.data() + j * blk, dpt.data() + j * blk, bm);
 
       float* dq_blk = dq.data() + i0 * vdim;
       std::fill(dq_blk, dq_blk + bm * vdim, 0.f);
-      for (int64_t j0 = 0; j0 < len; j0 += blk) {
-        const int64_t bn = std::min(blk, len - j0);
+      for (int64_t j0 = jlo; j0 < jhi; j0 += blk) {
+        const int64_t bn = std::min(blk, jhi - j0);
         float* pt_blk = pt.data() + j0 * blk;   // P^T, becomes (P * M)^T once dS is formed
         float* dst_blk = dpt.data() + j0 * blk;  // dP^T, becomes dS^T
         for (int64_t j = 0; j < bn; ++j) {
@@ -802,6 +906,13 @@ void backward_seqs(const Geometry& g,
           at::vec::map3([](Vec dp, Vec p, Vec d) { return p * (dp - d); }, row, row, pt_blk + j * blk, d_sum.data(),
                         bm);
         }
+        if (has_bias)
+          for (int64_t j = 0; j < bn; ++j) {
+            const auto [lo, hi] = window_queries(pos.window, j0 + j, i0, bm);
+            float* diag = ds_diag.data() + (len - 1 - (j0 + j) + i0);
+            at::vec::map2([](Vec acc, Vec ds) { return acc + ds; }, diag + lo, diag + lo, dst_blk + j * blk + lo,
+                          hi - lo);
+          }
         if (drop.enabled)
           for (int64_t j = 0; j < bn; ++j)
             apply_keep_bits(pt_blk + j * blk, keep.data() + (j0 + j) * keep_ld, bm, drop.scale);
@@ -817,6 +928,12 @@ void backward_seqs(const Geometry& g,
       store_scaled(dq.data() + i * vdim, g.scale, dim, gq);
       store_scaled(dk.data() + i * vdim, g.scale, dim, gq + row_stride);
       store_scaled(dv.data() + i * vdim, 1.f, dim, gq + 2 * row_stride);
+    }
+    if (has_bias) {
+      float* gb = grad_bias + t * (2 * pos.radius + 1);
+      std::fill(gb, gb + 2 * pos.radius + 1, 0.f);
+      for (int64_t u = 0; u < 2 * len - 1; ++u)
+        gb[std::clamp(len - 1 - u, -pos.radius, pos.radius) + pos.radius] += ds_diag[u];
     }
   }
 }
@@ -860,6 +977,17 @@ void check_qkv(const char* op, const at::Tensor& qkv) {
               ": qkv must be Float or BFloat16, got ", qkv.scalar_type());
 }
 
+// Checks the position terms against qkv (checked before) and points at them.
+PositionArgs position_args(const char* op, const at::Tensor& qkv, const std::optional<at::Tensor>& rel_bias,
+                           int64_t window) {
+  check_position_args(op, qkv, rel_bias, window);
+  if (!rel_bias.has_value()) return {nullptr, 0, window};
+  return {rel_bias->data_ptr<float>(), (rel_bias->size(1) - 1) / 2, window};
+}
+
+// Keys a query sees in a sequence of len: all of them, or its window's.
+int64_t keys_seen(int64_t len, int64_t window) { return window < 0 ? len : std::min(len, 2 * window + 1); }
+
 Geometry geometry(const at::Tensor& qkv, double scale) {
   return Geometry{qkv.size(0), qkv.size(2), qkv.size(3), qkv.stride(0), qkv.stride(1), qkv.stride(2),
                   static_cast<float>(scale)};
@@ -875,11 +1003,22 @@ void dispatch_types(at::ScalarType dtype, const Fn& fn) {
   fn(at::BFloat16{}, float{});
 }
 
+// Calls fn(std::bool_constant<a>{}, std::bool_constant<b>{}).
+template <typename Fn>
+void dispatch_flags(bool a, bool b, const Fn& fn) {
+  if (a && b) return fn(std::true_type{}, std::true_type{});
+  if (a) return fn(std::true_type{}, std::false_type{});
+  if (b) return fn(std::false_type{}, std::true_type{});
+  fn(std::false_type{}, std::false_type{});
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_varlen_cpu(const at::Tensor& qkv_in, const at::Tensor& cu_seqlens,
                                                         int64_t max_seqlen, double scale, double dropout_p,
-                                                        const std::optional<at::Tensor>& rng_state) {
+                                                        const std::optional<at::Tensor>& rng_state,
+                                                        const std::optional<at::Tensor>& rel_bias, int64_t window) {
   constexpr const char* op = "attention_varlen";
   check_qkv(op, qkv_in);
+  const PositionArgs pos = position_args(op, qkv_in, rel_bias, window);
   const DropoutParams drop = make_dropout_params(op, dropout_p, rng_state);
   const at::Tensor qkv = qkv_in.stride(3) == 1 ? qkv_in : qkv_in.contiguous();
   const auto seqs = read_cu_seqlens(op, cu_seqlens, qkv.size(0), max_seqlen);
@@ -894,7 +1033,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_cpu(const at::Tensor& qkv_in
       for (int64_t q0 = 0; q0 < len; q0 += kQueryBlock) {
         const int64_t qn = std::min(kQueryBlock, len - q0);
         blocks.push_back({start, len, h, q0, qn});
-        cost.push_back(static_cast<double>(qn + 8) * (len + 8));
+        cost.push_back(static_cast<double>(qn + 8) * (std::min(len, keys_seen(len, window) + qn) + 8));
       }
   dispatch_types(qkv.scalar_type(), [&](auto st, auto ct) {
     using ST = decltype(st);
@@ -903,19 +1042,28 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_cpu(const at::Tensor& qkv_in
     ST* out_p = out.data_ptr<ST>();
     float* lse_p = lse.data_ptr<float>();
     run_balanced(cost, [&](int64_t first, int64_t count) {
-      forward_blocks<ST, CT>(g, drop, qkv_p, blocks.data() + first, count, out_p, lse_p);
+      dispatch_flags(pos.rel_bias != nullptr, pos.window >= 0, [&](auto bias, auto window) {
+        forward_blocks<ST, CT, decltype(bias)::value, decltype(window)::value>(g, drop, pos, qkv_p,
+                                                                               blocks.data() + first, count, out_p,
+                                                                               lse_p);
+      });
     });
   });
   return {out, lse};
 }
 
 // out is part of the op's contract (other backends read it) and is checked, but this kernel takes D from P and dP.
-at::Tensor attention_varlen_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& qkv_in,
-                                         const at::Tensor& out, const at::Tensor& lse_in,
-                                         const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale,
-                                         double dropout_p, const std::optional<at::Tensor>& rng_state) {
+std::tuple<at::Tensor, at::Tensor> attention_varlen_backward_cpu(const at::Tensor& grad_out_in,
+                                                                 const at::Tensor& qkv_in, const at::Tensor& out,
+                                                                 const at::Tensor& lse_in,
+                                                                 const at::Tensor& cu_seqlens, int64_t max_seqlen,
+                                                                 double scale, double dropout_p,
+                                                                 const std::optional<at::Tensor>& rng_state,
+                                                                 const std::optional<at::Tensor>& rel_bias,
+                                                                 int64_t window) {
   constexpr const char* op = "attention_varlen_backward";
   check_qkv(op, qkv_in);
+  const PositionArgs pos = position_args(op, qkv_in, rel_bias, window);
   const DropoutParams drop = make_dropout_params(op, dropout_p, rng_state);
   const at::Tensor qkv = qkv_in.stride(3) == 1 ? qkv_in : qkv_in.contiguous();
   const Geometry g = geometry(qkv, scale);
@@ -943,8 +1091,11 @@ at::Tensor attention_varlen_backward_cpu(const at::Tensor& grad_out_in, const at
     for (int64_t h = 0; h < g.heads; ++h) {
       if (len == 0) continue;
       items.push_back({start, len, h});
-      cost.push_back(static_cast<double>(len + 16) * (len + 16));
+      cost.push_back(static_cast<double>(len + 16) * (std::min(len, keys_seen(len, window) + kBackwardBlock) + 16));
     }
+  // rel_bias's gradient per item (sequence, head), summed per head below.
+  const int64_t width = rel_bias.has_value() ? rel_bias->size(1) : 0;
+  at::Tensor grad_bias_items = at::empty({static_cast<int64_t>(items.size()), width}, lse.options());
   dispatch_types(qkv.scalar_type(), [&](auto st, auto ct) {
     using ST = decltype(st);
     using CT = decltype(ct);
@@ -952,11 +1103,17 @@ at::Tensor attention_varlen_backward_cpu(const at::Tensor& grad_out_in, const at
     const ST* go_p = grad_out.data_ptr<ST>();
     const float* lse_p = lse.data_ptr<float>();
     ST* grad_p = grad_qkv.data_ptr<ST>();
+    float* grad_bias_p = grad_bias_items.data_ptr<float>();
     run_balanced(cost, [&](int64_t first, int64_t count) {
-      backward_seqs<ST, CT>(g, drop, qkv_p, go_p, lse_p, items.data() + first, count, grad_p);
+      backward_seqs<ST, CT>(g, drop, pos, qkv_p, go_p, lse_p, items.data() + first, count, grad_p,
+                            grad_bias_p + first * width);
     });
   });
-  return grad_qkv;
+  if (!rel_bias.has_value()) return {grad_qkv, at::empty({0}, qkv.options().dtype(at::kFloat))};
+  // Items run sequence by sequence, head by head.
+  at::Tensor grad_rel_bias = items.empty() ? at::zeros({g.heads, width}, lse.options())
+                                           : grad_bias_items.view({-1, g.heads, width}).sum(0);
+  return {grad_qkv, grad_rel_bias};
 }
 
 }  // namespace

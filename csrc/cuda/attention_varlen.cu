@@ -12,6 +12,15 @@
 // dV = (P o M)^T dO, dP = (dO V^T) o M, dS = P o (dP - delta) with delta = rowsum(dO o O), dQ = scale dS K,
 // dK = scale dS^T Q. Every kernel takes the dropout as a template flag, so dropout off costs nothing.
 //
+// Position terms (MPNet's and T5's relative position bias, ModernBERT's local window), with i, j the query's and the
+// key's positions in their sequence: S_ij = scale q_i.k_j + rel_bias[h, clamp(j - i, -R, R) + R], and S_ij = -inf
+// where window >= 0 and |j - i| > window. Every kernel takes them as one template flag POS (has a table or a window,
+// tested at run time inside), so the plain path's code is that of a build without them and the instantiations only
+// double. With a window, a block visits only the key (dK/dV: query) tiles that meet its rows' band, and a row that a
+// tile masks entirely keeps m = -inf without making a NaN. grad_rel_bias[h, c] sums dS_ij over the pairs of bucket
+// c: the dQ kernel (which forms every dS once) adds them up per block in shared memory, then one atomicAdd per
+// touched entry into a zeroed fp32 buffer (straight to global memory for a table wider than kMaxSharedBiasGrad).
+//
 // Forward, fp16/bf16 with head_dim <= 128, where the build holds the tensor-core kernel as sm80+ code: tensor cores
 //   through WMMA (16x16x16 tiles, fp32 accumulators). 4 warps x 16 query rows, 64 keys per step; head_dim is
 //   zero-padded in shared memory to 32, 64, 96 or 128 (80 -> 96), which adds nothing to Q K^T and only unused columns
@@ -19,8 +28,9 @@
 //   dtype for P V (as FlashAttention does) while l sums the fp32, undropped P; 1 / (1 - p) is applied with 1 / l.
 // Forward otherwise (fp32, head_dim > 128 up to 256, or code compiled for an arch before sm80): CUDA cores, fp32
 //   throughout, one key per lane and 8 query rows per warp.
-// Backward (every dtype, head_dim <= 256): CUDA cores, fp32, deterministic (no atomics). delta = rowsum(dO * O);
-//   P = exp(scale Q K^T - lse); one kernel walks keys for dQ, one walks queries for dK and dV.
+// Backward (every dtype, head_dim <= 256): CUDA cores, fp32; grad_qkv is deterministic (no atomics), grad_rel_bias
+//   is summed with atomics (its last bits vary with the order). delta = rowsum(dO * O); P = exp(S - lse); one kernel
+//   walks keys for dQ, one walks queries for dK and dV.
 //
 // cu_seqlens stays on the GPU (no host sync). Its consistency (starts at 0, non-decreasing, ends at T) is checked by
 // device asserts; a sequence longer than max_seqlen is still computed in full (the blocks loop over query tiles).
@@ -64,7 +74,10 @@ struct Problem {
   int head_dim;
   int64_t tok_stride, part_stride, head_stride;  // of qkv
   float scale;
-  DropoutParams drop;  // used by the kernels instantiated with DROP = true only
+  DropoutParams drop;     // used by the kernels instantiated with DROP = true only
+  const float* rel_bias;  // [heads, 2R+1] or null; this and window: used by the kernels with POS = true only
+  int rel_r;              // R
+  int window;             // -1: none
 };
 
 // Bounds of sequence b, with the consistency of cu_seqlens asserted on the device.
@@ -86,6 +99,46 @@ __device__ __forceinline__ bool dropout_kept(const DropoutParams& d, int64_t i, 
   const uint32_t k = ju & 3u;
   const uint32_t word = k == 0u ? r.w[0] : k == 1u ? r.w[1] : k == 2u ? r.w[2] : r.w[3];
   return word >= d.threshold;
+}
+
+// The head's row of rel_bias [2R+1], or null.
+__device__ __forceinline__ const float* bias_row(const Problem& p, int h) {
+  return p.rel_bias == nullptr ? nullptr : p.rel_bias + static_cast<int64_t>(h) * (2 * p.rel_r + 1);
+}
+
+// Score (i, j) in log2 units from s2 = scale q_i.k_j log2(e): plus the bias of the clamped distance (bias_h: the
+// head's row of rel_bias, or null), -inf outside the window. i, j: positions in the sequence.
+__device__ __forceinline__ float position_score(const Problem& p, const float* __restrict__ bias_h, float s2, int i,
+                                                int j) {
+  if (p.window >= 0 && abs(j - i) > p.window) return -INFINITY;
+  if (bias_h != nullptr) s2 = fmaf(bias_h[min(max(j - i, -p.rel_r), p.rel_r) + p.rel_r], kLog2e, s2);
+  return s2;
+}
+
+// The positions [lo, hi) of a sequence of len that rows first..last (first <= last) see: all without a window.
+__device__ __forceinline__ void window_band(const Problem& p, int len, int first, int last, int& lo, int& hi) {
+  lo = 0;
+  hi = len;
+  if (p.window >= 0) {
+    lo = max(0, first - p.window);
+    const int64_t end = static_cast<int64_t>(last) + p.window + 1;  // may pass INT_MAX
+    hi = end < len ? static_cast<int>(end) : len;
+  }
+}
+
+// Adds the dS of one query row i (lane: key position j = i + dist, v = 0 where there is no pair) to acc [2R+1] at
+// clamp(dist, -R, R) + R; the whole warp calls it. The unclamped distances differ from lane to lane; the clamped ones
+// (every lane, far from the diagonal of a long sequence) are summed over the warp first, so that no 32 lanes collide.
+__device__ __forceinline__ void add_bias_grad(float* acc, int rel_r, int dist, float v, int lane) {
+  const bool lo = dist <= -rel_r;
+  const bool hi = !lo && dist >= rel_r;  // R = 0: every distance is lo
+  const float lo_sum = warp_sum(lo ? v : 0.f);
+  const float hi_sum = warp_sum(hi ? v : 0.f);
+  if (!lo && !hi && v != 0.f) atomicAdd(acc + dist + rel_r, v);
+  if (lane == 0) {
+    if (lo_sum != 0.f) atomicAdd(acc, lo_sum);
+    if (hi_sum != 0.f) atomicAdd(acc + 2 * rel_r, hi_sum);
+  }
 }
 
 // =====================================================================================================================
@@ -166,7 +219,7 @@ __device__ __forceinline__ void load_tile(uint16_t* __restrict__ dst, const uint
   }
 }
 
-template <typename T, int HD, bool DROP>
+template <typename T, int HD, bool DROP, bool POS>
 __global__ void __launch_bounds__(kTcWarps * 32) attention_forward_tc_kernel(
     Problem p,
     const T* __restrict__ qkv,  // [T, 3, heads, head_dim], strided
@@ -201,6 +254,7 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_forward_tc_kernel(
   const uint16_t* k_base = q_base + p.part_stride;
   const uint16_t* v_base = k_base + p.part_stride;
   const float scale_log2 = p.scale * kLog2e;
+  const float* bias_h = bias_row(p, h);
 
   // The row of each accumulator element (WMMA leaves the layout opaque): load a matrix whose rows hold their index.
   Acc row_of;
@@ -228,15 +282,24 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_forward_tc_kernel(
       row_max[lane] = -INFINITY;
       row_sum[lane] = 0.f;
     }
+    // keys [k_lo, k_hi): those the block's rows see; [w_lo, w_hi): those this warp's rows see (none if it has none)
+    int k_lo = 0, k_hi = len, w_lo = 0, w_hi = 0;
+    if constexpr (POS) {
+      window_band(p, len, q0, min(q0 + kTcRows, len) - 1, k_lo, k_hi);
+      if (rows_valid > 0) window_band(p, len, wq0, wq0 + rows_valid - 1, w_lo, w_hi);
+    }
 
-    for (int k0 = 0; k0 < len; k0 += kTcKeys) {
-      const int kv_valid = min(kTcKeys, len - k0);
+    for (int k0 = k_lo; k0 < k_hi; k0 += kTcKeys) {
+      const int kv_valid = min(kTcKeys, k_hi - k0);
       __syncthreads();  // every warp is done with the previous K and V (or with the output staging over them)
       load_tile<HD, L::kLdh>(ks, k_base + static_cast<int64_t>(k0) * p.tok_stride, p.tok_stride, kTcKeys, kv_valid,
                              d, vec, threadIdx.x, kTcWarps * 32);
       load_tile<HD, L::kLdh>(vs, v_base + static_cast<int64_t>(k0) * p.tok_stride, p.tok_stride, kTcKeys, kv_valid,
                              d, vec, threadIdx.x, kTcWarps * 32);
       __syncthreads();
+      if constexpr (POS) {
+        if (k0 >= w_hi || k0 + kv_valid <= w_lo) continue;  // this tile is outside the warp's band: nothing to add
+      }
 
       // S = Q K^T for this warp's 16 rows; K [keys, HD] row-major is K^T [HD, keys] column-major
 #pragma unroll
@@ -257,7 +320,7 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_forward_tc_kernel(
       {
         const int r = lane >> 1;
         const int half = lane & 1;
-        const float* srow = sw + r * L::kLds + half * 32;
+        float* srow = sw + r * L::kLds + half * 32;
         E* prow = pw + r * L::kLdp + half * 32;
         const int valid = kv_valid - half * 32;  // columns of this half that hold keys
         // Bit c: column c of this half survives dropout. Its 32 keys j0 .. j0 + 31 take the words of the 8 or 9
@@ -279,20 +342,31 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_forward_tc_kernel(
             }
           }
         }
+        if constexpr (POS) {
+          // the biased, masked scores in log2 units over the raw ones (each lane its own columns), for both passes
+#pragma unroll 8
+          for (int i = 0; i < 32; ++i) {
+            const int c = (i + lane) & 31;
+            if (c < valid) srow[c] = position_score(p, bias_h, srow[c] * scale_log2, wq0 + r, k0 + half * 32 + c);
+          }
+        }
+        const float to_log2 = POS ? 1.f : scale_log2;  // the factor that takes srow to log2 units
         float mx = -INFINITY;
 #pragma unroll 8
         for (int i = 0; i < 32; ++i) {
           const int c = (i + lane) & 31;  // staggered, so that the 32 lanes read 32 different banks
-          if (c < valid) mx = fmaxf(mx, srow[c] * scale_log2);
+          if (c < valid) mx = fmaxf(mx, srow[c] * to_log2);
         }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         const float m_old = row_max[r];
-        const float m_new = fmaxf(m_old, mx);  // finite: each step has at least one key
+        const float m_new = fmaxf(m_old, mx);  // finite without POS: each step has at least one key
+        // with POS, a row whose keys so far are all masked keeps m = -inf: its exponents are taken from 0 instead
+        const float m_ref = POS && m_new == -INFINITY ? 0.f : m_new;
         float sum = 0.f;
 #pragma unroll 8
         for (int i = 0; i < 32; ++i) {
           const int c = (i + lane) & 31;
-          const float pv = c < valid ? exp2f(fmaf(srow[c], scale_log2, -m_new)) : 0.f;
+          const float pv = c < valid ? exp2f(fmaf(srow[c], to_log2, -m_ref)) : 0.f;
           if constexpr (DROP) {
             prow[c] = to_mma((kept >> c) & 1u ? pv : 0.f, E{});
           } else {
@@ -303,7 +377,7 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_forward_tc_kernel(
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         __syncwarp();
         if (half == 0) {
-          const float alpha = exp2f(m_old - m_new);
+          const float alpha = exp2f(m_old - m_ref);
           row_alpha[r] = alpha;
           row_sum[r] = fmaf(row_sum[r], alpha, sum);
           row_max[r] = m_new;
@@ -379,10 +453,10 @@ void allow_shared_bytes(Kernel kernel, size_t bytes) {
   }
 }
 
-template <typename T, int HD, bool DROP>
+template <typename T, int HD, bool DROP, bool POS>
 void launch_forward_tc(const Problem& p, dim3 grid, const T* qkv, T* out, float* lse, bool vec, cudaStream_t stream) {
   const size_t bytes = tc_forward_bytes(HD);
-  auto kernel = attention_forward_tc_kernel<T, HD, DROP>;
+  auto kernel = attention_forward_tc_kernel<T, HD, DROP, POS>;
   allow_shared_bytes(kernel, bytes);
   kernel<<<grid, kTcWarps * 32, bytes, stream>>>(p, qkv, out, lse, vec);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -400,7 +474,7 @@ bool tensor_core_forward_compiled(c10::DeviceIndex device) {
     if (device < static_cast<int>(known.size()) && known[device] >= 0) return known[device] == 1;
   }
   cudaFuncAttributes attr{};
-  const cudaError_t err = cudaFuncGetAttributes(&attr, attention_forward_tc_kernel<at::Half, 32, false>);
+  const cudaError_t err = cudaFuncGetAttributes(&attr, attention_forward_tc_kernel<at::Half, 32, false, false>);
   if (err != cudaSuccess) {
     (void)cudaGetLastError();  // clear the error, so that it does not surface at the next launch check
     if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction) {
@@ -432,6 +506,9 @@ constexpr int kForwardRows = kSimpleWarps * kForwardRowsPerWarp;  // query rows 
 constexpr int kBackwardRowsPerWarp = 4;
 constexpr int kBackwardRows = kSimpleWarps * kBackwardRowsPerWarp;  // rows (queries or keys) per block
 constexpr int kLaneRows = 32;  // keys (forward, dQ) or queries (dK, dV) per step: one per lane
+// The widest rel_bias table (2R+1 entries) whose gradient the dQ kernel sums in shared memory; its 2 KB keep the
+// head_dim 256 launches within the 99 KB per block of sm_86 and sm_89. Wider tables are summed in global memory.
+constexpr int kMaxSharedBiasGrad = 512;
 
 // The fewest columns per lane (1, 2, 4 or 8) that cover head_dim.
 constexpr int columns_per_lane(int d) { return d <= 32 ? 1 : d <= 64 ? 2 : d <= 128 ? 4 : 8; }
@@ -452,14 +529,20 @@ inline size_t simple_forward_bytes(int d) {
   return sizeof(float) * (kForwardRows * d + kLaneRows * (d + 1) + kLaneRows * 32 * columns_per_lane(d));
 }
 inline size_t dq_bytes(int d) { return sizeof(float) * (2 * kBackwardRows * d + 2 * kLaneRows * (d + 1)); }
+// What the dQ kernel asks for beyond dq_bytes with a rel_bias table: its sums of dS per bucket, where they fit.
+inline size_t dq_bias_bytes(const Problem& p) {
+  const int entries = 2 * p.rel_r + 1;
+  return p.rel_bias != nullptr && entries <= kMaxSharedBiasGrad ? sizeof(float) * entries : 0;
+}
 inline size_t dkv_bytes(int d) {
   return sizeof(float) * (2 * kBackwardRows * d + 2 * kLaneRows * (d + 1) + 2 * kLaneRows);
 }
 
 // The most dynamic shared memory per block that an attention launch (forward: tensor-core where dtype and head_dim
-// allow it, else CUDA-core; backward: dQ and dK/dV) asks for at this head_dim and dtype.
+// allow it, else CUDA-core; backward: dQ, with a rel_bias table's sums at their widest, and dK/dV) asks for at this
+// head_dim and dtype.
 size_t attention_shared_bytes(int d, at::ScalarType dtype) {
-  size_t bytes = std::max({simple_forward_bytes(d), dq_bytes(d), dkv_bytes(d)});
+  size_t bytes = std::max({simple_forward_bytes(d), dq_bytes(d) + sizeof(float) * kMaxSharedBiasGrad, dkv_bytes(d)});
   if (dtype != at::kFloat && d <= kMaxTensorCoreHeadDim) bytes = std::max(bytes, tc_forward_bytes(d));
   return bytes;
 }
@@ -482,7 +565,7 @@ __device__ __forceinline__ float dot(const float* __restrict__ a, const float* _
   return acc;
 }
 
-template <typename T, int NC, bool DROP>
+template <typename T, int NC, bool DROP, bool POS>
 __global__ void __launch_bounds__(kSimpleThreads) attention_forward_simple_kernel(
     Problem p,
     const T* __restrict__ qkv,  // [T, 3, heads, head_dim], strided
@@ -507,6 +590,7 @@ __global__ void __launch_bounds__(kSimpleThreads) attention_forward_simple_kerne
   const T* k_base = q_base + p.part_stride;
   const T* v_base = k_base + p.part_stride;
   const float scale_log2 = p.scale * kLog2e;
+  const float* bias_h = bias_row(p, h);
 
   for (int q0 = blockIdx.z * kForwardRows; q0 < len; q0 += gridDim.z * kForwardRows) {
     __syncthreads();  // the previous tile is done with qs
@@ -519,8 +603,10 @@ __global__ void __launch_bounds__(kSimpleThreads) attention_forward_simple_kerne
 #pragma unroll
       for (int c = 0; c < NC; ++c) o[rr][c] = 0.f;
     }
-    for (int k0 = 0; k0 < len; k0 += kLaneRows) {
-      const int kv_valid = min(kLaneRows, len - k0);
+    int k_lo = 0, k_hi = len;  // the keys the tile's rows see
+    if constexpr (POS) window_band(p, len, q0, min(q0 + kForwardRows, len) - 1, k_lo, k_hi);
+    for (int k0 = k_lo; k0 < k_hi; k0 += kLaneRows) {
+      const int kv_valid = min(kLaneRows, k_hi - k0);
       __syncthreads();
       load_rows_f32(ks, d + 1, k_base + static_cast<int64_t>(k0) * p.tok_stride, p.tok_stride, kLaneRows, kv_valid,
                     d, d);
@@ -530,10 +616,15 @@ __global__ void __launch_bounds__(kSimpleThreads) attention_forward_simple_kerne
 #pragma unroll
       for (int rr = 0; rr < R; ++rr) {
         const float* qrow = qs + (warp * R + rr) * d;
-        const float s = lane < kv_valid ? dot(qrow, ks + lane * (d + 1), d) * scale_log2 : -INFINITY;
+        float s = lane < kv_valid ? dot(qrow, ks + lane * (d + 1), d) * scale_log2 : -INFINITY;
+        if constexpr (POS) {
+          if (lane < kv_valid) s = position_score(p, bias_h, s, q0 + warp * R + rr, k0 + lane);
+        }
         const float m_new = fmaxf(m[rr], warp_max(s));
-        const float alpha = exp2f(m[rr] - m_new);
-        const float pv = lane < kv_valid ? exp2f(s - m_new) : 0.f;
+        // with POS, a row whose keys so far are all masked keeps m = -inf: its exponents are taken from 0 instead
+        const float m_ref = POS && m_new == -INFINITY ? 0.f : m_new;
+        const float alpha = exp2f(m[rr] - m_ref);
+        const float pv = lane < kv_valid ? exp2f(s - m_ref) : 0.f;
         l[rr] = fmaf(l[rr], alpha, warp_sum(pv));  // the undropped sum
         m[rr] = m_new;
         float pd = pv;  // the probability that meets V: dropped to 0 where the mask says so
@@ -592,15 +683,17 @@ __global__ void attention_delta_kernel(
   }
 }
 
-// dQ = scale * dS K over the keys of the sequence, for a tile of query rows.
-template <typename T, int NC, bool DROP>
+// dQ = scale * dS K over the keys of the sequence, for a tile of query rows; with a rel_bias table, also its gradient
+// (every dS_ij is formed here exactly once).
+template <typename T, int NC, bool DROP, bool POS>
 __global__ void __launch_bounds__(kSimpleThreads) attention_dq_kernel(
     Problem p,
     const T* __restrict__ qkv,        // [T, 3, heads, head_dim], strided
     const T* __restrict__ grad_out,   // [T, heads, head_dim]
     const float* __restrict__ lse,    // [heads, T]
     const float* __restrict__ delta,  // [heads, T]
-    T* __restrict__ grad_qkv) {       // [T, 3, heads, head_dim]
+    T* __restrict__ grad_qkv,         // [T, 3, heads, head_dim]
+    float* __restrict__ grad_bias) {  // [heads, 2R+1], zeroed, or null (no table; used with POS only)
   constexpr int R = kBackwardRowsPerWarp;
   extern __shared__ float fsmem[];
   const int d = p.head_dim;
@@ -608,6 +701,7 @@ __global__ void __launch_bounds__(kSimpleThreads) attention_dq_kernel(
   float* dos = qs + kBackwardRows * d;     // [kBackwardRows, d]
   float* ks = dos + kBackwardRows * d;     // [32, d + 1]
   float* vs = ks + kLaneRows * (d + 1);    // [32, d + 1]
+  float* gb_s = vs + kLaneRows * (d + 1);  // [2R+1] where shared_grad: this block's sums of dS per bucket
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
 
@@ -621,6 +715,14 @@ __global__ void __launch_bounds__(kSimpleThreads) attention_dq_kernel(
   const T* v_base = k_base + p.part_stride;
   const T* go_base = grad_out + start * row_stride + static_cast<int64_t>(h) * d;
   const float scale_log2 = p.scale * kLog2e;
+  const float* bias_h = bias_row(p, h);
+  const int entries = 2 * p.rel_r + 1;
+  const bool bias_grad = POS && grad_bias != nullptr;
+  const bool shared_grad = bias_grad && entries <= kMaxSharedBiasGrad;  // as dq_bias_bytes sized the launch
+  float* gb_h = bias_grad ? grad_bias + static_cast<int64_t>(h) * entries : nullptr;
+  if (shared_grad) {
+    for (int c = threadIdx.x; c < entries; c += blockDim.x) gb_s[c] = 0.f;  // the loop's first barrier orders this
+  }
 
   for (int q0 = blockIdx.z * kBackwardRows; q0 < len; q0 += gridDim.z * kBackwardRows) {
     __syncthreads();
@@ -636,8 +738,10 @@ __global__ void __launch_bounds__(kSimpleThreads) attention_dq_kernel(
 #pragma unroll
       for (int c = 0; c < NC; ++c) dq[rr][c] = 0.f;
     }
-    for (int k0 = 0; k0 < len; k0 += kLaneRows) {
-      const int kv_valid = min(kLaneRows, len - k0);
+    int k_lo = 0, k_hi = len;  // the keys the tile's rows see
+    if constexpr (POS) window_band(p, len, q0, min(q0 + kBackwardRows, len) - 1, k_lo, k_hi);
+    for (int k0 = k_lo; k0 < k_hi; k0 += kLaneRows) {
+      const int kv_valid = min(kLaneRows, k_hi - k0);
       __syncthreads();
       load_rows_f32(ks, d + 1, k_base + static_cast<int64_t>(k0) * p.tok_stride, p.tok_stride, kLaneRows, kv_valid,
                     d, d);
@@ -648,14 +752,29 @@ __global__ void __launch_bounds__(kSimpleThreads) attention_dq_kernel(
       for (int rr = 0; rr < R; ++rr) {
         const float* qrow = qs + (warp * R + rr) * d;
         const float* dorow = dos + (warp * R + rr) * d;
+        const int i = q0 + warp * R + rr;  // the query's position
         float ds = 0.f;
         if (lane < kv_valid) {
-          const float pv = exp2f(fmaf(dot(qrow, ks + lane * (d + 1), d), scale_log2, -lse2[rr]));
+          const float qk = dot(qrow, ks + lane * (d + 1), d);
+          float pv;
+          if constexpr (POS) {
+            pv = exp2f(position_score(p, bias_h, qk * scale_log2, i, k0 + lane) - lse2[rr]);
+          } else {
+            pv = exp2f(fmaf(qk, scale_log2, -lse2[rr]));
+          }
           float dp = dot(dorow, vs + lane * (d + 1), d);
           if constexpr (DROP) {
-            dp = dropout_kept(p.drop, start + q0 + warp * R + rr, start + k0 + lane, h) ? dp * p.drop.scale : 0.f;
+            dp = dropout_kept(p.drop, start + i, start + k0 + lane, h) ? dp * p.drop.scale : 0.f;
           }
           ds = pv * (dp - dl[rr]);
+        }
+        if (bias_grad) {
+          const float v = i < len ? ds : 0.f;  // rows past the sequence add nothing
+          if (shared_grad) {
+            add_bias_grad(gb_s, p.rel_r, k0 + lane - i, v, lane);
+          } else {
+            add_bias_grad(gb_h, p.rel_r, k0 + lane - i, v, lane);
+          }
         }
         for (int j = 0; j < kv_valid; ++j) {
           const float dsj = __shfl_sync(0xffffffffu, ds, j);
@@ -679,10 +798,16 @@ __global__ void __launch_bounds__(kSimpleThreads) attention_dq_kernel(
       }
     }
   }
+  if (shared_grad) {
+    __syncthreads();
+    for (int c = threadIdx.x; c < entries; c += blockDim.x) {
+      if (gb_s[c] != 0.f) atomicAdd(gb_h + c, gb_s[c]);
+    }
+  }
 }
 
 // dK = scale * dS^T Q and dV = (P o M)^T dO over the queries of the sequence, for a tile of key rows.
-template <typename T, int NC, bool DROP>
+template <typename T, int NC, bool DROP, bool POS>
 __global__ void __launch_bounds__(kSimpleThreads) attention_dkv_kernel(
     Problem p,
     const T* __restrict__ qkv,        // [T, 3, heads, head_dim], strided
@@ -714,6 +839,7 @@ __global__ void __launch_bounds__(kSimpleThreads) attention_dkv_kernel(
   const float* lse_base = lse + h * p.tokens + start;
   const float* delta_base = delta + h * p.tokens + start;
   const float scale_log2 = p.scale * kLog2e;
+  const float* bias_h = bias_row(p, h);
 
   for (int j0 = blockIdx.z * kBackwardRows; j0 < len; j0 += gridDim.z * kBackwardRows) {
     __syncthreads();
@@ -727,8 +853,10 @@ __global__ void __launch_bounds__(kSimpleThreads) attention_dkv_kernel(
 #pragma unroll
       for (int c = 0; c < NC; ++c) dk[rr][c] = dv[rr][c] = 0.f;
     }
-    for (int i0 = 0; i0 < len; i0 += kLaneRows) {
-      const int q_valid = min(kLaneRows, len - i0);
+    int i_lo = 0, i_hi = len;  // the queries that see the tile's keys
+    if constexpr (POS) window_band(p, len, j0, min(j0 + kBackwardRows, len) - 1, i_lo, i_hi);
+    for (int i0 = i_lo; i0 < i_hi; i0 += kLaneRows) {
+      const int q_valid = min(kLaneRows, i_hi - i0);
       __syncthreads();
       load_rows_f32(qs, d + 1, q_base + static_cast<int64_t>(i0) * p.tok_stride, p.tok_stride, kLaneRows, q_valid, d,
                     d);
@@ -744,7 +872,13 @@ __global__ void __launch_bounds__(kSimpleThreads) attention_dkv_kernel(
         const float* vrow = vs + (warp * R + rr) * d;
         float pv = 0.f, ds = 0.f;  // pv: the probability that met V in the forward (P o M)
         if (lane < q_valid) {
-          const float pu = exp2f(fmaf(dot(krow, qs + lane * (d + 1), d), scale_log2, -lse_s[lane]));
+          const float qk = dot(krow, qs + lane * (d + 1), d);
+          float pu;
+          if constexpr (POS) {
+            pu = exp2f(position_score(p, bias_h, qk * scale_log2, i0 + lane, j0 + warp * R + rr) - lse_s[lane]);
+          } else {
+            pu = exp2f(fmaf(qk, scale_log2, -lse_s[lane]));
+          }
           const float dp = dot(vrow, dos + lane * (d + 1), d);
           if constexpr (DROP) {
             const float mult =
@@ -801,6 +935,16 @@ void dispatch_dropout(const DropoutParams& drop, const F& f) {
   }
 }
 
+// Calls f(std::bool_constant<POS>{}), POS: a rel_bias table or a window is there.
+template <typename F>
+void dispatch_position(const Problem& p, const F& f) {
+  if (p.rel_bias != nullptr || p.window >= 0) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
 void check_qkv(const char* op, const at::Tensor& qkv) {
   TORCH_CHECK(qkv.is_cuda(), op, ": qkv must be a CUDA tensor, got one on ", qkv.device());
   TORCH_CHECK(qkv.dim() == 4 && qkv.size(1) == 3, op, ": qkv must have shape [T, 3, heads, head_dim], got ",
@@ -830,7 +974,11 @@ void check_cu_seqlens(const char* op, const at::Tensor& cu_seqlens, const at::Te
   TORCH_CHECK(max_seqlen >= 0, op, ": max_seqlen must be >= 0, got ", max_seqlen);
 }
 
-Problem make_problem(const at::Tensor& qkv, const at::Tensor& cu_seqlens, double scale, const DropoutParams& drop) {
+// rel_bias and window as check_position_args takes them. A window of T - 1 or more masks nothing and is dropped, so
+// that the int window never overflows and a table-less call with it runs the plain kernels.
+Problem make_problem(const at::Tensor& qkv, const at::Tensor& cu_seqlens, double scale, const DropoutParams& drop,
+                     const std::optional<at::Tensor>& rel_bias, int64_t window) {
+  const bool has_bias = rel_bias.has_value();
   return Problem{cu_seqlens.const_data_ptr<int>(),
                  qkv.size(0),
                  static_cast<int>(cu_seqlens.numel() - 1),
@@ -840,7 +988,10 @@ Problem make_problem(const at::Tensor& qkv, const at::Tensor& cu_seqlens, double
                  qkv.stride(1),
                  qkv.stride(2),
                  static_cast<float>(scale),
-                 drop};
+                 drop,
+                 has_bias ? rel_bias->const_data_ptr<float>() : nullptr,
+                 has_bias ? static_cast<int>((rel_bias->size(1) - 1) / 2) : 0,
+                 window < 0 || window >= qkv.size(0) - 1 ? -1 : static_cast<int>(window)};
 }
 
 dim3 grid_of(const Problem& p, int64_t max_seqlen, int rows_per_block) {
@@ -851,15 +1002,17 @@ dim3 grid_of(const Problem& p, int64_t max_seqlen, int rows_per_block) {
 
 std::tuple<at::Tensor, at::Tensor> attention_varlen_cuda(const at::Tensor& qkv_in, const at::Tensor& cu_seqlens_in,
                                                          int64_t max_seqlen, double scale, double dropout_p,
-                                                         const std::optional<at::Tensor>& rng_state) {
+                                                         const std::optional<at::Tensor>& rng_state,
+                                                         const std::optional<at::Tensor>& rel_bias, int64_t window) {
   constexpr const char* op = "attention_varlen";
   check_qkv(op, qkv_in);
   check_cu_seqlens(op, cu_seqlens_in, qkv_in, max_seqlen);
+  check_position_args(op, qkv_in, rel_bias, window);
   const DropoutParams drop = make_dropout_params(op, dropout_p, rng_state);
   const at::cuda::OptionalCUDAGuard device_guard(device_of(qkv_in));
   const at::Tensor qkv = qkv_in.stride(3) == 1 ? qkv_in : qkv_in.contiguous();
   const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
-  const Problem p = make_problem(qkv, cu_seqlens, scale, drop);
+  const Problem p = make_problem(qkv, cu_seqlens, scale, drop, rel_bias, window);
   at::Tensor out = at::empty({p.tokens, p.heads, p.head_dim}, qkv.options());
   at::Tensor lse = at::empty({p.heads, p.tokens}, qkv.options().dtype(at::kFloat));
   if (p.tokens == 0 || p.heads == 0) return {out, lse};  // T = 0: empty, whatever B is
@@ -873,40 +1026,44 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_cuda(const at::Tensor& qkv_i
     float* lse_p = lse.mutable_data_ptr<float>();
     dispatch_dropout(drop, [&](auto dropout) {
       constexpr bool DROP = decltype(dropout)::value;
-      if constexpr (!std::is_same_v<T, float>) {
-        if (tensor_cores) {
-          const bool vec = p.head_dim % 8 == 0 && p.tok_stride % 8 == 0 && p.part_stride % 8 == 0 &&
-                           p.head_stride % 8 == 0 && aligned_to(16, qkv_p, out_p);
-          const dim3 grid = grid_of(p, max_seqlen, kTcRows);
-          switch (tc_padded_head_dim(p.head_dim)) {
-            case 32: launch_forward_tc<T, 32, DROP>(p, grid, qkv_p, out_p, lse_p, vec, stream); break;
-            case 64: launch_forward_tc<T, 64, DROP>(p, grid, qkv_p, out_p, lse_p, vec, stream); break;
-            case 96: launch_forward_tc<T, 96, DROP>(p, grid, qkv_p, out_p, lse_p, vec, stream); break;
-            default: launch_forward_tc<T, 128, DROP>(p, grid, qkv_p, out_p, lse_p, vec, stream); break;
+      dispatch_position(p, [&](auto position) {
+        constexpr bool POS = decltype(position)::value;
+        if constexpr (!std::is_same_v<T, float>) {
+          if (tensor_cores) {
+            const bool vec = p.head_dim % 8 == 0 && p.tok_stride % 8 == 0 && p.part_stride % 8 == 0 &&
+                             p.head_stride % 8 == 0 && aligned_to(16, qkv_p, out_p);
+            const dim3 grid = grid_of(p, max_seqlen, kTcRows);
+            switch (tc_padded_head_dim(p.head_dim)) {
+              case 32: launch_forward_tc<T, 32, DROP, POS>(p, grid, qkv_p, out_p, lse_p, vec, stream); break;
+              case 64: launch_forward_tc<T, 64, DROP, POS>(p, grid, qkv_p, out_p, lse_p, vec, stream); break;
+              case 96: launch_forward_tc<T, 96, DROP, POS>(p, grid, qkv_p, out_p, lse_p, vec, stream); break;
+              default: launch_forward_tc<T, 128, DROP, POS>(p, grid, qkv_p, out_p, lse_p, vec, stream); break;
+            }
+            return;
           }
-          return;
         }
-      }
-      dispatch_columns(p.head_dim, [&](auto nc) {
-        constexpr int NC = decltype(nc)::value;
-        const size_t bytes = simple_forward_bytes(p.head_dim);
-        auto kernel = attention_forward_simple_kernel<T, NC, DROP>;
-        allow_shared_bytes(kernel, bytes);
-        kernel<<<grid_of(p, max_seqlen, kForwardRows), kSimpleThreads, bytes, stream>>>(p, qkv_p, out_p, lse_p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        dispatch_columns(p.head_dim, [&](auto nc) {
+          constexpr int NC = decltype(nc)::value;
+          const size_t bytes = simple_forward_bytes(p.head_dim);
+          auto kernel = attention_forward_simple_kernel<T, NC, DROP, POS>;
+          allow_shared_bytes(kernel, bytes);
+          kernel<<<grid_of(p, max_seqlen, kForwardRows), kSimpleThreads, bytes, stream>>>(p, qkv_p, out_p, lse_p);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
       });
     });
   });
   return {out, lse};
 }
 
-at::Tensor attention_varlen_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor& qkv_in,
-                                          const at::Tensor& out_in, const at::Tensor& lse_in,
-                                          const at::Tensor& cu_seqlens_in, int64_t max_seqlen, double scale,
-                                          double dropout_p, const std::optional<at::Tensor>& rng_state) {
+std::tuple<at::Tensor, at::Tensor> attention_varlen_backward_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& qkv_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+    const at::Tensor& cu_seqlens_in, int64_t max_seqlen, double scale, double dropout_p,
+    const std::optional<at::Tensor>& rng_state, const std::optional<at::Tensor>& rel_bias, int64_t window) {
   constexpr const char* op = "attention_varlen_backward";
   check_qkv(op, qkv_in);
   check_cu_seqlens(op, cu_seqlens_in, qkv_in, max_seqlen);
+  check_position_args(op, qkv_in, rel_bias, window);
   const int64_t tokens = qkv_in.size(0), heads = qkv_in.size(2), head_dim = qkv_in.size(3);
   MTBF_CHECK_SAME_DEVICE("attention_varlen_backward", qkv_in, grad_out_in);
   MTBF_CHECK_SAME_DEVICE("attention_varlen_backward", qkv_in, out_in);
@@ -928,9 +1085,13 @@ at::Tensor attention_varlen_backward_cuda(const at::Tensor& grad_out_in, const a
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor out = out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
-  const Problem p = make_problem(qkv, cu_seqlens, scale, drop);
+  const Problem p = make_problem(qkv, cu_seqlens, scale, drop, rel_bias, window);
   at::Tensor grad_qkv = at::empty({tokens, 3, heads, head_dim}, qkv.options());
-  if (tokens == 0 || heads == 0) return grad_qkv;  // T = 0: empty, whatever B is
+  // the dQ kernel adds into it: zeros, also where no pair lands and where there is nothing to compute
+  at::Tensor grad_rel_bias = rel_bias.has_value() ? at::zeros(rel_bias->sizes(), qkv.options().dtype(at::kFloat))
+                                                  : at::empty({0}, qkv.options().dtype(at::kFloat));
+  float* grad_bias_p = rel_bias.has_value() ? grad_rel_bias.mutable_data_ptr<float>() : nullptr;
+  if (tokens == 0 || heads == 0) return {grad_qkv, grad_rel_bias};  // T = 0: empty, whatever B is
   (void)tensor_core_forward_compiled(qkv.device().index());  // raises where the build holds no code for this GPU
   at::Tensor delta = at::empty({heads, tokens}, qkv.options().dtype(at::kFloat));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -946,21 +1107,27 @@ at::Tensor attention_varlen_backward_cuda(const at::Tensor& grad_out_in, const a
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     dispatch_dropout(drop, [&](auto dropout) {
       constexpr bool DROP = decltype(dropout)::value;
-      dispatch_columns(p.head_dim, [&](auto nc) {
-        constexpr int NC = decltype(nc)::value;
-        const dim3 grid = grid_of(p, max_seqlen, kBackwardRows);
-        auto dq_kernel = attention_dq_kernel<T, NC, DROP>;
-        allow_shared_bytes(dq_kernel, dq_bytes(p.head_dim));
-        dq_kernel<<<grid, kSimpleThreads, dq_bytes(p.head_dim), stream>>>(p, qkv_p, go_p, lse_p, delta_p, grad_p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        auto dkv_kernel = attention_dkv_kernel<T, NC, DROP>;
-        allow_shared_bytes(dkv_kernel, dkv_bytes(p.head_dim));
-        dkv_kernel<<<grid, kSimpleThreads, dkv_bytes(p.head_dim), stream>>>(p, qkv_p, go_p, lse_p, delta_p, grad_p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dispatch_position(p, [&](auto position) {
+        constexpr bool POS = decltype(position)::value;
+        dispatch_columns(p.head_dim, [&](auto nc) {
+          constexpr int NC = decltype(nc)::value;
+          const dim3 grid = grid_of(p, max_seqlen, kBackwardRows);
+          const size_t dq_launch_bytes = dq_bytes(p.head_dim) + (POS ? dq_bias_bytes(p) : 0);
+          auto dq_kernel = attention_dq_kernel<T, NC, DROP, POS>;
+          allow_shared_bytes(dq_kernel, dq_launch_bytes);
+          dq_kernel<<<grid, kSimpleThreads, dq_launch_bytes, stream>>>(p, qkv_p, go_p, lse_p, delta_p, grad_p,
+                                                                       grad_bias_p);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          auto dkv_kernel = attention_dkv_kernel<T, NC, DROP, POS>;
+          allow_shared_bytes(dkv_kernel, dkv_bytes(p.head_dim));
+          dkv_kernel<<<grid, kSimpleThreads, dkv_bytes(p.head_dim), stream>>>(p, qkv_p, go_p, lse_p, delta_p,
+                                                                              grad_p);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
       });
     });
   });
-  return grad_qkv;
+  return {grad_qkv, grad_rel_bias};
 }
 
 // ---- tensor-less ops for the Python dispatch (mtbert_fast/_ext.py) ----

@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <climits>
+#include <optional>
 #include <vector>
 
 #define MTBF_CHECK_DIM(op, t, n) \
@@ -157,6 +159,21 @@ inline std::vector<int64_t> check_geglu_args(const char* op, c10::DeviceType dev
                 " (x's with the last dim halved), got ", grad_out->sizes());
   }
   return half;
+}
+
+// attention_varlen's position terms, on the CPU and on CUDA: rel_bias fp32 [heads, 2R+1] (heads = qkv.size(2)),
+// contiguous, on qkv's device, or none; window >= 0 (local attention) or -1 (none). qkv's shape is checked before.
+inline void check_position_args(const char* op, const at::Tensor& qkv, const std::optional<at::Tensor>& rel_bias,
+                                int64_t window) {
+  TORCH_CHECK(window >= -1, op, ": window must be >= 0 (local attention) or -1 (none), got ", window);
+  if (!rel_bias.has_value()) return;
+  const at::Tensor& t = *rel_bias;
+  TORCH_CHECK(t.device() == qkv.device(), op, ": rel_bias is on ", t.device(), " but qkv is on ", qkv.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": rel_bias must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == qkv.size(2) && t.size(1) % 2 == 1, op,
+              ": rel_bias must be [heads, 2R+1] = [", qkv.size(2), ", odd], got shape ", t.sizes());
+  TORCH_CHECK(t.size(1) <= INT_MAX, op, ": rel_bias has ", t.size(1), " columns, at most ", INT_MAX);
+  TORCH_CHECK(t.is_contiguous(), op, ": rel_bias must be contiguous, got strides ", t.strides());
 }
 
 // GELU variant named by the op's `approximate` argument.

@@ -216,20 +216,33 @@ def encoder_flops(config, lengths, *, pooler: bool = False) -> float:
     """Forward FLOPs of an encoder on sequences of the given real lengths (no padding counted).
 
     Per layer: every linear layer, 2 * T * (4 H^2 + 2 H I) over the T real tokens (Q, K and V, the attention
-    output, FFN up and down), and attention's two products per sequence, 2 * 2 * L_i^2 * H (Q K^T and P V). With
-    `pooler`, the pooler's linear on each sequence's first token, 2 * H^2 per sequence. Elementwise work,
-    embeddings, biases and softmax are left out. config: anything with hidden_size, intermediate_size,
-    num_hidden_layers (an HF config or an EncoderConfig).
+    output, FFN up and down; a GeGLU feed-forward's up-projection is 2I wide: 2 * T * (4 H^2 + 3 H I)), and
+    attention's two products per sequence, 2 * 2 * P_i * H over the P_i = L_i^2 query-key pairs (fewer in a
+    sliding-window layer: those within the window). With `pooler`, the pooler's linear on each sequence's first
+    token, 2 * H^2 per sequence. Elementwise work, embeddings, biases and softmax are left out. config: anything
+    with hidden_size, intermediate_size, num_hidden_layers (an HF config or an EncoderConfig; an EncoderConfig's
+    pre_norm, layer_types and window describe ModernBERT's layers).
     """
     lengths = [int(n) for n in lengths]
     h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     tokens = sum(lengths)
-    linears = 2 * tokens * (4 * h * h + 2 * h * inter)
-    attention = 2 * 2 * sum(n * n for n in lengths) * h
-    total = layers * (linears + attention)
+    gated = getattr(config, "pre_norm", False)
+    linears = 2 * tokens * (4 * h * h + (3 if gated else 2) * h * inter)
+    kinds = config.layer_types if gated else ("full_attention",) * layers
+    total = 0
+    for kind in kinds:
+        window = config.window if kind == "sliding_attention" else -1
+        total += linears + 2 * 2 * sum(attended_pairs(n, window) for n in lengths) * h
     if pooler:
         total += 2 * len(lengths) * h * h
     return float(total)
+
+
+def attended_pairs(n: int, window: int = -1) -> int:
+    """Query-key pairs of a sequence of n tokens: all n^2, or with window >= 0 those with |i - j| <= window."""
+    if window < 0 or window >= n - 1:
+        return n * n
+    return n * (2 * window + 1) - window * (window + 1)
 
 
 def roofline_fraction(flops: float, seconds: float, peak_flops_per_s: float) -> float:

@@ -4,9 +4,9 @@ ONNX Runtime, OpenVINO, CTranslate2, torch's dynamic int8 quantization) where th
 giving one Result row per (model, task, point, provider, dtype). report.py renders the rows; runner.py wires the two.
 
 Models: the bundled all-MiniLM-L6-v2 ("minilm": real weights and tokenizer), configs of the sizes of bert-base,
-distilbert-base-uncased and electra-small-discriminator with random weights ("bert-base", "distilbert-base",
-"electra-small"; the MiniLM tokenizer: same vocabulary), or any HF BERT, RoBERTa, DistilBERT or ELECTRA model
-directory. Inputs are real text:
+distilbert-base-uncased, electra-small-discriminator, mpnet-base and ModernBERT-base with random weights
+("bert-base", "distilbert-base", "electra-small", "mpnet-base", "modernbert-base"; the MiniLM tokenizer, whose ids
+fit every one's vocabulary), or any HF BERT, RoBERTa, DistilBERT, ELECTRA, MPNet or ModernBERT model directory. Inputs are real text:
   - the sentence points: the bundled sentences (or --text), `batch` at a time, each batch padded to its longest,
     one point per batch size (the speed-up-vs-batch curve);
   - the length points: one batch of the largest batch size whose rows are pieces of that text with lengths drawn
@@ -43,13 +43,15 @@ import torch
 import mtbert_fast
 from mtbert_fast.bench import harness, peers
 from mtbert_fast.models import EncoderConfig
+from mtbert_fast.models.config import NO_TOKEN_TYPES
 from mtbert_fast.ops import dispatch
 
 INT8 = peers.INT8
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, INT8: torch.qint8}
 # named configs with random weights -> (transformers model class, its config class: the defaults are those sizes)
 RANDOM_MODELS = {"bert-base": ("BertModel", "BertConfig"), "distilbert-base": ("DistilBertModel", "DistilBertConfig"),
-                 "electra-small": ("ElectraModel", "ElectraConfig")}
+                 "electra-small": ("ElectraModel", "ElectraConfig"), "mpnet-base": ("MPNetModel", "MPNetConfig"),
+                 "modernbert-base": ("ModernBertModel", "ModernBertConfig")}
 NAMED_MODELS = ("minilm", *RANDOM_MODELS)
 TASKS = ("encoder", "multitask")
 POINTS = ("sentences", "lengths", "full", "latency")
@@ -346,8 +348,8 @@ class _Model:
         return EncoderConfig.from_hf(self.hf.config).family
 
     def inputs(self, batch: dict) -> dict:
-        """The batch as the model takes it: DistilBERT has no token types."""
-        return {k: v for k, v in batch.items() if k != "token_type_ids" or self.family != "distilbert"}
+        """The batch as the model takes it: DistilBERT and MPNet have no token types."""
+        return {k: v for k, v in batch.items() if k != "token_type_ids" or self.family not in NO_TOKEN_TYPES}
 
 
 def _check(cfg: BenchConfig) -> torch.device:
@@ -414,14 +416,19 @@ def _load_model(name: str) -> _Model:
 
         model_class, config_class = (getattr(transformers, n) for n in RANDOM_MODELS[name])
         torch.manual_seed(0)
-        hf = model_class._from_config(config_class(), attn_implementation="sdpa").eval()
+        hf = model_class._from_config(config_class(), attn_implementation=_fastest_attention(model_class)).eval()
         return _Model(f"{name} (random weights)", hf, AutoTokenizer.from_pretrained(minilm))
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception as exc:  # noqa: BLE001 - any tokenizer load failure is the same user error
         raise BenchError(f"{name}: no tokenizer could be loaded ({exc}); the benchmark encodes real text") from exc
-    hf = AutoModel.from_pretrained(name, attn_implementation="sdpa")
+    hf = AutoModel.from_pretrained(name)  # sdpa where the class has it
     return _Model(Path(name).name, hf.float().eval(), tokenizer)
+
+
+def _fastest_attention(model_class) -> str:
+    """HF's sdpa attention where the class has it, else eager (transformers runs MPNet eager only)."""
+    return "sdpa" if model_class._supports_sdpa else "eager"
 
 
 def _points(cfg: BenchConfig, model: _Model, sentences: list[str], device: torch.device):
@@ -505,9 +512,11 @@ def _run_point(point, fns, reference, model_name, task, dtype_name, device, repe
 
 
 def _hf_calls(hf32, ref_model, dtype: torch.dtype) -> dict:
-    """HF eager and sdpa in `dtype` (the float32 models themselves in float32)."""
-    models = {"hf-eager": ref_model if dtype == torch.float32 else copy.deepcopy(ref_model).to(dtype=dtype),
-              BASELINE: hf32 if dtype == torch.float32 else copy.deepcopy(hf32).to(dtype=dtype)}  # fmt: skip
+    """HF eager and sdpa in `dtype` (the float32 models themselves in float32); eager alone for a model
+    transformers runs without sdpa (MPNet), which is then the baseline."""
+    models = {"hf-eager": ref_model if dtype == torch.float32 else copy.deepcopy(ref_model).to(dtype=dtype)}
+    if hf32.config._attn_implementation == "sdpa":
+        models[BASELINE] = hf32 if dtype == torch.float32 else copy.deepcopy(hf32).to(dtype=dtype)
     return {n: (lambda b, m=m: [_real_rows(m(**b), b)]) for n, m in models.items()}
 
 

@@ -22,9 +22,11 @@ CSV_FIELDS = harness.META_FIELDS + [
 
 
 def speedups(results: list[Result]) -> dict[int, float | None]:
-    """id(result) -> median tokens/s over the baseline's (HF sdpa, or the three HF task models) at the same
-    point in the same dtype (int8 rows: HF sdpa float32); None where parity failed."""
-    base = {r.key: r.median for r in results if r.provider in (BASELINE, MULTITASK_BASELINE)}
+    """id(result) -> median tokens/s over the baseline's (HF sdpa; HF eager for a model transformers runs without
+    sdpa, such as MPNet; or the three HF task models) at the same point in the same dtype (int8 rows: the baseline in
+    float32); None where parity failed."""
+    base = {r.key: r.median for r in results if r.provider == "hf-eager"}
+    base.update({r.key: r.median for r in results if r.provider in (BASELINE, MULTITASK_BASELINE)})
     return {id(r): (r.median / base[r.base_key] if r.parity_ok and r.base_key in base else None) for r in results}
 
 
@@ -73,9 +75,10 @@ def format_table(results: list[Result], meta: dict[str, str], skipped: dict[str,
     lines += [fmt(headers), fmt(["-" * w for w in widths])] + [fmt(row) for row in rows]
     lines += [
         "",
-        "vs base: median real tokens/s over HF sdpa's in the same dtype at the same point (int8 rows: over HF sdpa "
-        "float32; multitask: over the three HF task models run one after the other); a provider failing parity is "
-        "marked as such and gets no ratio",
+        "vs base: median real tokens/s over HF sdpa's in the same dtype at the same point (HF eager's for a model "
+        "transformers runs without sdpa, such as MPNet; int8 rows: over that baseline in float32; multitask: over the "
+        "three HF task models run one after the other); a provider failing parity is marked as such and gets no "
+        "ratio",
         "vs peer: an mtbert_fast row's median real tokens/s over the fastest peer (torch.compile, ONNX Runtime, "
         "OpenVINO, CTranslate2, torch int8: neither HF eager/sdpa nor mtbert_fast) that passed parity in the same "
         "dtype at the same point; fastest peer: which one",

@@ -1,8 +1,8 @@
-"""Swap the fast encoder into a Hugging Face BERT/RoBERTa/DistilBERT/ELECTRA model (or the one inside a
+"""Swap the fast encoder into a Hugging Face BERT/RoBERTa/DistilBERT/ELECTRA/MPNet/ModernBERT model (or the one inside a
 sentence-transformers model) in place, and back.
 
-`swap` replaces the forward of the model's base encoder (BertModel / RobertaModel / DistilBertModel / ElectraModel,
-also inside any `*For*` task model) with the packed-token path. No module is replaced and no parameter is renamed,
+`swap` replaces the forward of the model's base encoder (BertModel / RobertaModel / DistilBertModel / ElectraModel /
+MPNetModel / ModernBertModel, also inside any `*For*` task model) with the packed-token path. No module is replaced and no parameter is renamed,
 so state_dict keys, the forward signature and the output types stay HF's. Query, key and value weights are moved
 into one [3H, H] buffer that the three parameters view, so the fused QKV GEMM needs no copy; while swapped,
 `state_dict()` hands out independent copies of those three, so checkpoints never hold shared storage.
@@ -17,9 +17,9 @@ import warnings
 import torch
 import torch.nn as nn
 
-from mtbert_fast.models.config import EncoderConfig
+from mtbert_fast.models.config import EncoderConfig, family_names
 from mtbert_fast.models.encoder import EmbeddingWeights, Int8State, LayerWeights, encode, quantize_encoder
-from mtbert_fast.models.hf_mapping import LAYOUTS, HfLayout
+from mtbert_fast.models.hf_mapping import HF_PREFIXES, LAYOUTS, HfLayout
 from mtbert_fast.models.int8 import DEFAULT_SMOOTHING, check_model_dtype
 from mtbert_fast.ops.dispatch import requested_backend
 
@@ -31,8 +31,8 @@ def _base_model(model: nn.Module) -> nn.Module:
     base = getattr(model, "base_model", model)
     if not hasattr(base, "embeddings") or not hasattr(base, "config"):
         raise TypeError(
-            f"{type(model).__name__} is not a BERT or RoBERTa model, nor a DistilBERT or ELECTRA one (no embeddings); "
-            "swap takes BertModel, RobertaModel, DistilBertModel, ElectraModel and their *For* task models"
+            f"{type(model).__name__} is not a model of the {family_names()} families (no embeddings); swap takes "
+            f"{', '.join(f'{prefix}Model' for prefix in HF_PREFIXES.values())} and their *For* task models"
         )
     return base
 
@@ -89,14 +89,31 @@ class _QKVFusion:
         return self.weight, self.bias
 
 
+class _FusedQKV:
+    """A layer whose query, key and value are one linear already (ModernBERT's Wqkv): nothing to fuse or undo."""
+
+    linears = ()
+
+    def __init__(self, linear: nn.Linear):
+        self.linear = linear
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.linear.weight, self.linear.bias
+
+
 class _SwapState:
     def __init__(self, base: nn.Module, backend: str | None):
         self.config = EncoderConfig.from_hf(base.config)
         self.layout: HfLayout = LAYOUTS[self.config.family]
         self.backend = backend
-        self.qkv = [_QKVFusion(tuple(layer.get_submodule(n) for n in self.layout.qkv)) for layer in self.layers(base)]
-        qkv_keys = {f"{self.layout.layers}.{i}.{n}.{kind}" for i in range(len(self.qkv)) for n in self.layout.qkv
-                    for kind in ("weight", "bias")}
+        if len(self.layout.qkv) == 1:
+            self.qkv = [_FusedQKV(layer.get_submodule(self.layout.qkv[0])) for layer in self.layers(base)]
+            qkv_keys = set()
+        else:
+            self.qkv = [_QKVFusion(tuple(layer.get_submodule(n) for n in self.layout.qkv))
+                        for layer in self.layers(base)]
+            qkv_keys = {f"{self.layout.layers}.{i}.{n}.{kind}" for i in range(len(self.qkv)) for n in self.layout.qkv
+                        for kind in ("weight", "bias")}
 
         def unshare_qkv(module, state_dict, prefix, local_metadata):
             for key, value in state_dict.items():
@@ -121,8 +138,21 @@ class _SwapState:
     def quantize(self, base: nn.Module, calibration, smoothing: float) -> None:
         with torch.no_grad():  # the fused QKV buffers, not copies made for autograd
             layers = self.layer_weights(base)
-        int8 = quantize_encoder(self.config, _embedding_weights(base), layers, calibration, smoothing, self.backend)
+        int8 = quantize_encoder(self.config, _embedding_weights(base, self.layout), layers, calibration, smoothing,
+                                self.backend, self.relative_bias(base))
         self.int8 = Int8State(int8, list(self.layers(base).parameters()))
+
+    def relative_bias(self, base: nn.Module) -> torch.Tensor | None:
+        """MPNet's [buckets, heads] relative position bias weight, or None."""
+        name = self.layout.relative_bias
+        return base.get_submodule(name).weight if name is not None else None
+
+    def final_norm(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """ModernBERT's LayerNorm after the last layer, or None."""
+        if self.layout.final_norm is None:
+            return None
+        norm = base.get_submodule(self.layout.final_norm)
+        return norm.weight, norm.bias
 
     def run_layers(self, base: nn.Module) -> list:
         if self.int8 is not None:
@@ -133,19 +163,22 @@ class _SwapState:
         out = []
         for layer, fusion in zip(self.layers(base), self.qkv):
             modules = [layer.get_submodule(name) for _, name in self.layout.layer]
-            out.append(LayerWeights(*fusion.weights(), *(t for m in modules for t in (m.weight, m.bias))))
+            # ModernBERT's first attn_norm is an Identity and its linears may have no bias: None there
+            out.append(LayerWeights(*fusion.weights(), *(getattr(m, kind, None) for m in modules
+                                                         for kind in ("weight", "bias"))))
         return out
 
 
-def _embedding_weights(base: nn.Module) -> EmbeddingWeights:
+def _embedding_weights(base: nn.Module, layout: HfLayout) -> EmbeddingWeights:
     emb = base.embeddings
     types, project = getattr(emb, "token_type_embeddings", None), getattr(base, "embeddings_project", None)
+    norm = emb.get_submodule(layout.norm)
     return EmbeddingWeights(
-        emb.word_embeddings.weight,
-        emb.position_embeddings.weight,
+        emb.get_submodule(layout.word).weight,
+        emb.position_embeddings.weight if layout.positions else None,
         types.weight if types is not None else None,
-        emb.LayerNorm.weight,
-        emb.LayerNorm.bias,
+        norm.weight,
+        norm.bias,
         project.weight if project is not None else None,
         project.bias if project is not None else None,
     )
@@ -188,7 +221,7 @@ def _swapped_forward(
     pooler = getattr(self, "pooler", None)
     out = encode(
         state.config,
-        _embedding_weights(self),
+        _embedding_weights(self, state.layout),
         state.run_layers(self),
         (pooler.dense.weight, pooler.dense.bias) if pooler is not None else None,
         input_ids,
@@ -199,6 +232,8 @@ def _swapped_forward(
         output_hidden_states=bool(output_hidden_states),
         training=self.training,
         backend=state.backend,
+        relative_attention_bias=state.relative_bias(self),
+        final_norm=state.final_norm(self),
     )
     # after encode(), which has validated the mask
     if pooler is not None and attention_mask is not None and bool((attention_mask[:, 0] == 0).any()):
@@ -256,8 +291,8 @@ def swap(
 ) -> nn.Module:
     """Run `model`'s BERT-family encoder on mtbert_fast's packed-token path, in place; returns `model`.
 
-    model: an HF BertModel, RobertaModel, DistilBertModel or ElectraModel, or any of their *For* task models (XLM-R
-      and CamemBERT too); or a sentence-transformers
+    model: an HF BertModel, RobertaModel, DistilBertModel, ElectraModel, MPNetModel or ModernBertModel, or any of
+      their *For* task models (XLM-R and CamemBERT too); or a sentence-transformers
       SentenceTransformer or CrossEncoder, whose transformers model is swapped (`encode` / `predict` keep working).
     backend: "auto" or one of cuda / triton / cpu / reference for every op.
     dtype: if given, the whole model is cast to it first (as model.to(dtype) would), e.g. torch.bfloat16.

@@ -1,5 +1,5 @@
-"""The encoder configuration: what BERT, RoBERTa, DistilBERT and ELECTRA configs use, and a clear refusal of
-anything else."""
+"""The encoder configuration: what BERT, RoBERTa, DistilBERT, ELECTRA, MPNet and ModernBERT configs use, and a clear
+refusal of anything else."""
 
 from __future__ import annotations
 
@@ -8,10 +8,20 @@ import json
 import os
 from typing import Any
 
-FAMILIES = ("bert", "roberta", "distilbert", "electra")
+FAMILIES = ("bert", "roberta", "distilbert", "electra", "mpnet", "modernbert")
 # HF model_type -> family: XLM-RoBERTa and CamemBERT are RoBERTa's architecture with other vocabularies
 MODEL_TYPES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "camembert": "roberta",
-               "distilbert": "distilbert", "electra": "electra"}
+               "distilbert": "distilbert", "electra": "electra", "mpnet": "mpnet", "modernbert": "modernbert"}
+# the families as people name them, in FAMILIES' order
+FAMILY_NAMES = {"bert": "BERT", "roberta": "RoBERTa", "distilbert": "DistilBERT", "electra": "ELECTRA", "mpnet": "MPNet",
+                "modernbert": "ModernBERT"}
+# families without token types
+NO_TOKEN_TYPES = ("distilbert", "mpnet", "modernbert")
+# ModernBERT's attention kinds per layer: the whole sequence, or a window of local_attention / 2 each side
+LAYER_TYPES = ("full_attention", "sliding_attention")
+# families whose position ids count from a padding id + 1, skipping padding tokens (fairseq's make_positions), and
+# that id: RoBERTa's pad_token_id; MPNet's embeddings fix it at 1 whatever the config's pad_token_id
+_POSITION_PADDING = {"roberta": None, "mpnet": 1}
 # HF hidden_act -> the `approximate` argument of the GELU ops
 ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 # DistilBertConfig's own names for the fields (it has no token types and a fixed LayerNorm eps)
@@ -19,6 +29,12 @@ _DISTILBERT_NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_h
                      "hidden_dim": "intermediate_size", "activation": "hidden_act", "dropout": "hidden_dropout_prob",
                      "attention_dropout": "attention_probs_dropout_prob"}
 _DISTILBERT_FIXED = {"type_vocab_size": 0, "layer_norm_eps": 1e-12}
+
+
+def family_names(names: dict[str, str] | None = None) -> str:
+    """"BERT, RoBERTa, ... and ModernBERT": the supported families, or `names` of them, for messages."""
+    names = list((names or FAMILY_NAMES).values())
+    return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
 
 
 class UnsupportedModelError(ValueError):
@@ -31,7 +47,12 @@ class EncoderConfig:
 
     family "roberta" numbers positions from pad_token_id + 1 and skips padding tokens, as RoBERTa does; "distilbert"
     has no token types (type_vocab_size 0) and no dropout on the attention output; "electra" may embed in
-    embedding_size dimensions and project to hidden_size (None: hidden_size, no projection).
+    embedding_size dimensions and project to hidden_size (None: hidden_size, no projection); "mpnet" has no token
+    types, numbers positions as RoBERTa does from the padding id 1, and adds a relative position bias to the
+    attention scores, bucketed into relative_attention_num_buckets (None for every other family); "modernbert" is
+    pre-norm, with rotary positions (theta rope_theta in full-attention layers, local_rope_theta in sliding ones),
+    a GeGLU feed-forward, no token types and no position table, layer_types saying which layers attend within
+    local_attention / 2 of each token, optional biases (norm_bias, attention_bias, mlp_bias) and a final norm.
     """
 
     vocab_size: int = 30522
@@ -48,14 +69,30 @@ class EncoderConfig:
     pad_token_id: int = 0
     family: str = "bert"
     embedding_size: int | None = None
+    relative_attention_num_buckets: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    local_attention: int | None = None
+    rope_theta: float | None = None
+    local_rope_theta: float | None = None
+    norm_bias: bool = True
+    attention_bias: bool = True
+    mlp_bias: bool = True
+    embedding_dropout_prob: float | None = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise UnsupportedModelError(f"model family {self.family!r} is not supported; supported: {FAMILIES}")
         if self.embedding_size is not None and self.family != "electra":
             raise ValueError(f"embedding_size is an ELECTRA option; a {self.family} model embeds in hidden_size")
-        if (self.type_vocab_size == 0) != (self.family == "distilbert"):
-            raise ValueError(f"type_vocab_size={self.type_vocab_size}: DistilBERT alone has no token types")
+        if (self.type_vocab_size == 0) != (self.family in NO_TOKEN_TYPES):
+            raise ValueError(f"type_vocab_size={self.type_vocab_size}: only DistilBERT and MPNet have no token types")
+        buckets = self.relative_attention_num_buckets
+        if (buckets is not None) != (self.family == "mpnet"):
+            raise ValueError(f"relative_attention_num_buckets={buckets}: an MPNet option, which MPNet needs")
+        if buckets is not None and buckets < 4:
+            raise ValueError(f"relative_attention_num_buckets must be >= 4 (a half per direction, half of each "
+                             f"exact), got {buckets}")
+        self._check_modernbert()
         if self.hidden_act not in ACTIVATIONS:
             raise UnsupportedModelError(
                 f"hidden_act={self.hidden_act!r} is not supported; supported: {', '.join(ACTIVATIONS)}"
@@ -64,6 +101,42 @@ class EncoderConfig:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
             )
+
+    def _check_modernbert(self) -> None:
+        modern = self.family == "modernbert"
+        own = {"layer_types": self.layer_types, "local_attention": self.local_attention, "rope_theta": self.rope_theta,
+               "local_rope_theta": self.local_rope_theta, "embedding_dropout_prob": self.embedding_dropout_prob}
+        given = [k for k, v in own.items() if v is not None]
+        if not modern:
+            unbiased = [k for k in ("norm_bias", "attention_bias", "mlp_bias") if not getattr(self, k)]
+            if given or unbiased:
+                raise ValueError(f"{(given + unbiased)[0]} is a ModernBERT option; a {self.family} model has no use "
+                                 "for it")
+            return
+        missing = [k for k in ("layer_types", "local_attention", "rope_theta", "local_rope_theta") if own[k] is None]
+        if missing:
+            raise ValueError(f"a modernbert config needs {', '.join(missing)}")
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"layer_types names {len(self.layer_types)} layers, but num_hidden_layers is "
+                             f"{self.num_hidden_layers}")
+        unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        if unknown:
+            raise UnsupportedModelError(f"layer_types holds {unknown[0]!r}; supported: {', '.join(LAYER_TYPES)}")
+        if self.local_attention < 0:
+            raise ValueError(f"local_attention must be >= 0, got {self.local_attention}")
+        if self.head_dim % 2:
+            raise ValueError(f"rotary positions rotate pairs: head_dim {self.head_dim} must be even")
+
+    @property
+    def window(self) -> int:
+        """ModernBERT's sliding layers: each token attends to the keys within this distance (local_attention // 2,
+        both ends included, as HF's sliding-window mask)."""
+        return self.local_attention // 2
+
+    @property
+    def pre_norm(self) -> bool:
+        """LayerNorm before attention and feed-forward, the residual added after (ModernBERT); else after (BERT)."""
+        return self.family == "modernbert"
 
     @property
     def head_dim(self) -> int:
@@ -79,6 +152,14 @@ class EncoderConfig:
         return self.embedding_size or self.hidden_size
 
     @property
+    def position_padding_idx(self) -> int | None:
+        """The padding id positions count from (RoBERTa, MPNet), or None where positions count from 0."""
+        if self.family not in _POSITION_PADDING:
+            return None
+        fixed = _POSITION_PADDING[self.family]
+        return self.pad_token_id if fixed is None else fixed
+
+    @property
     def attn_out_dropout_prob(self) -> float:
         """Dropout on the attention output before its residual: DistilBERT has none there."""
         return 0.0 if self.family == "distilbert" else self.hidden_dropout_prob
@@ -89,8 +170,7 @@ class EncoderConfig:
         model_type = d.get("model_type", "bert")
         if model_type not in MODEL_TYPES:
             raise UnsupportedModelError(
-                f"model_type {model_type!r} is not supported; supported: BERT, RoBERTa, DistilBERT and ELECTRA "
-                f"({', '.join(MODEL_TYPES)})"
+                f"model_type {model_type!r} is not supported; supported: {family_names()} ({', '.join(MODEL_TYPES)})"
             )
         family = MODEL_TYPES[model_type]
         if family == "distilbert":
@@ -100,6 +180,10 @@ class EncoderConfig:
             d = {**{ours: d[theirs] for theirs, ours in _DISTILBERT_NAMES.items() if theirs in d},
                  **{k: v for k, v in d.items() if k in ("vocab_size", "max_position_embeddings", "pad_token_id")},
                  **_DISTILBERT_FIXED}
+        if family == "mpnet":
+            d = {**d, "type_vocab_size": 0, "relative_attention_num_buckets": d.get("relative_attention_num_buckets", 32)}
+        if family == "modernbert":
+            d = _modernbert_fields(d)
         refusals = {
             "position_embedding_type": ("absolute", "only absolute position embeddings are supported"),
             "is_decoder": (False, "decoders (causal attention) are not supported: the encoder is bidirectional"),
@@ -112,6 +196,10 @@ class EncoderConfig:
         fields = {f.name for f in dataclasses.fields(cls)} - {"family"}
         if family != "electra":
             fields.discard("embedding_size")
+        if family != "mpnet":
+            fields.discard("relative_attention_num_buckets")
+        if family != "modernbert":
+            fields -= set(_MODERNBERT_FIELDS)
         kwargs = {k: d[k] for k in fields if k in d and d[k] is not None}
         if kwargs.get("embedding_size") == kwargs.get("hidden_size", cls.hidden_size):
             del kwargs["embedding_size"]  # no projection
@@ -131,6 +219,14 @@ class EncoderConfig:
         d = dataclasses.asdict(self)
         d["model_type"] = d.pop("family")
         del d["embedding_size"]
+        if self.family == "mpnet":
+            del d["type_vocab_size"]
+        else:
+            del d["relative_attention_num_buckets"]
+        if self.family == "modernbert":
+            return _modernbert_dict(self, d)
+        for key in _MODERNBERT_FIELDS:
+            del d[key]
         if self.family == "electra":
             d["embedding_size"] = self.embedding_width
         if self.family == "distilbert":
@@ -139,3 +235,51 @@ class EncoderConfig:
             for key in _DISTILBERT_FIXED:
                 del d[key]
         return d
+
+
+_MODERNBERT_FIELDS = ("layer_types", "local_attention", "rope_theta", "local_rope_theta", "norm_bias", "attention_bias",
+                      "mlp_bias", "embedding_dropout_prob")
+# ModernBertConfig's names for the fields that BERT names otherwise
+_MODERNBERT_NAMES = {"hidden_activation": "hidden_act", "norm_eps": "layer_norm_eps", "mlp_dropout": "hidden_dropout_prob",
+                     "attention_dropout": "attention_probs_dropout_prob", "embedding_dropout": "embedding_dropout_prob"}
+
+
+def _modernbert_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """A ModernBertConfig dict (its to_dict(), or a config.json of either format: rope_parameters, or the older
+    global_rope_theta / local_rope_theta / global_attn_every_n_layers) in EncoderConfig's names."""
+    rope = d.get("rope_parameters") or {}
+    for kind in LAYER_TYPES:
+        rope_type = (rope.get(kind) or {}).get("rope_type", "default")
+        if rope_type != "default":
+            raise UnsupportedModelError(f"rope_parameters[{kind!r}] has rope_type={rope_type!r}: only the default "
+                                        "rotary embedding is supported")
+    layers = d.get("num_hidden_layers", 22)
+    every = d.get("global_attn_every_n_layers", 3)
+    layer_types = d.get("layer_types") or [LAYER_TYPES[bool(i % every)] for i in range(layers)]
+    out = {k: d[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                             "intermediate_size", "max_position_embeddings", "pad_token_id", "norm_bias",
+                             "attention_bias", "mlp_bias", "local_attention") if k in d}
+    out.update({ours: d[theirs] for theirs, ours in _MODERNBERT_NAMES.items() if theirs in d})
+    out.update(type_vocab_size=0, layer_types=tuple(layer_types), local_attention=d.get("local_attention", 128),
+               rope_theta=float((rope.get("full_attention") or {}).get("rope_theta", d.get("global_rope_theta",
+                                                                                            160000.0))),
+               local_rope_theta=float((rope.get("sliding_attention") or {}).get("rope_theta",
+                                                                                d.get("local_rope_theta", 10000.0))))
+    out.setdefault("hidden_act", "gelu")
+    out.setdefault("layer_norm_eps", 1e-5)
+    for bias in ("norm_bias", "attention_bias", "mlp_bias"):
+        out.setdefault(bias, False)
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "embedding_dropout_prob"):
+        out.setdefault(key, 0.0)
+    return out
+
+
+def _modernbert_dict(config: EncoderConfig, d: dict[str, Any]) -> dict[str, Any]:
+    """EncoderConfig's asdict() of a ModernBERT encoder -> ModernBertConfig's fields."""
+    for theirs, ours in _MODERNBERT_NAMES.items():
+        d[theirs] = d.pop(ours)
+    del d["type_vocab_size"]
+    d["layer_types"] = list(config.layer_types)
+    d["rope_parameters"] = {"full_attention": {"rope_type": "default", "rope_theta": d.pop("rope_theta")},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": d.pop("local_rope_theta")}}
+    return d

@@ -16,13 +16,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtbert_fast.models.config import EncoderConfig
+from mtbert_fast.models.config import EncoderConfig, UnsupportedModelError
 from mtbert_fast.models.int8 import (
     DEFAULT_SMOOTHING, AbsMax, Int8LayerWeights, calibration_batches, check_int8_device, check_int8_dtype, check_model_dtype,
     int8_layer_forward, quantize_layers, weights_snapshot,
 )
 from mtbert_fast.models.weight_pack import onednn_weight
-from mtbert_fast.ops import attention_varlen, bias_gelu, bias_residual_layer_norm, gather_rows, pad, unpad_indices
+from mtbert_fast.ops import (
+    attention_varlen, bias_gelu, bias_residual_layer_norm, gather_rows, geglu, pad, rotary_qk, rotary_tables, unpad_indices,
+)
 from mtbert_fast.ops.attention_varlen import OP as attention_varlen_op
 from mtbert_fast.ops.dispatch import requested_backend
 
@@ -31,27 +33,31 @@ class EmbeddingWeights(NamedTuple):
     """E is the embedding width: hidden_size H, or ELECTRA's embedding_size, projected to H after the LayerNorm."""
 
     word: torch.Tensor  # [V, E]
-    position: torch.Tensor  # [P, E]
-    token_type: torch.Tensor | None  # [types, E]; None for DistilBERT, which has no token types
+    position: torch.Tensor | None  # [P, E]; None for ModernBERT, whose positions are rotary
+    token_type: torch.Tensor | None  # [types, E]; None for DistilBERT, MPNet and ModernBERT, which have no token types
     norm_weight: torch.Tensor  # [E]
-    norm_bias: torch.Tensor  # [E]
+    norm_bias: torch.Tensor | None  # [E]; None where the LayerNorms have no bias (ModernBERT)
     project_weight: torch.Tensor | None = None  # [H, E] (ELECTRA's embeddings_project), None when E == H
     project_bias: torch.Tensor | None = None  # [H]
 
 
 class LayerWeights(NamedTuple):
+    """A post-norm (BERT) layer: attn_norm after attention, ffn_norm after the feed-forward. A pre-norm (ModernBERT)
+    layer: attn_norm before attention (None in its first layer, which has none), ffn_norm before the feed-forward,
+    ffn_in [2I, H] for the GeGLU halves, and any bias None where the model has none."""
+
     qkv_weight: torch.Tensor  # [3H, H]: query, key, value rows stacked
-    qkv_bias: torch.Tensor  # [3H]
+    qkv_bias: torch.Tensor | None  # [3H]
     attn_out_weight: torch.Tensor  # [H, H]
-    attn_out_bias: torch.Tensor  # [H]
-    attn_norm_weight: torch.Tensor  # [H]
-    attn_norm_bias: torch.Tensor  # [H]
-    ffn_in_weight: torch.Tensor  # [I, H]
-    ffn_in_bias: torch.Tensor  # [I]
+    attn_out_bias: torch.Tensor | None  # [H]
+    attn_norm_weight: torch.Tensor | None  # [H]
+    attn_norm_bias: torch.Tensor | None  # [H]
+    ffn_in_weight: torch.Tensor  # [I, H], or [2I, H] (GeGLU)
+    ffn_in_bias: torch.Tensor | None  # [I] or [2I]
     ffn_out_weight: torch.Tensor  # [H, I]
-    ffn_out_bias: torch.Tensor  # [H]
+    ffn_out_bias: torch.Tensor | None  # [H]
     ffn_norm_weight: torch.Tensor  # [H]
-    ffn_norm_bias: torch.Tensor  # [H]
+    ffn_norm_bias: torch.Tensor | None  # [H]
 
 
 @dataclasses.dataclass
@@ -168,6 +174,8 @@ def validate_inputs(
         empty = (attention_mask == 0).all(dim=1).nonzero()
         if empty.numel():
             raise ValueError(f"row {int(empty[0])} of attention_mask has no real token")
+        if config.relative_attention_num_buckets is not None or config.family == "modernbert":
+            _check_no_holes(config, attention_mask != 0)
     if token_type_ids is not None:
         if config.type_vocab_size == 0:
             raise ValueError(f"token_type_ids given, but a {config.family} model has no token types")
@@ -181,6 +189,48 @@ def validate_inputs(
     return shape
 
 
+def _check_no_holes(config: EncoderConfig, real: torch.Tensor) -> None:
+    """A relative position bias or a sliding window measures distances over the padded row, and packing closes the
+    gaps between real tokens: so each row's real tokens must be one run (padding at either end). real: bool [B, L]."""
+    pos = torch.arange(real.shape[1], device=real.device)
+    first = torch.where(real, pos, real.shape[1]).amin(1)
+    last = torch.where(real, pos, -1).amax(1)
+    holes = (last - first + 1 != real.sum(1)).nonzero()
+    if holes.numel():
+        raise ValueError(
+            f"row {int(holes[0])} of attention_mask has padding between real tokens: a {config.family} model's "
+            "relative position bias or local attention window counts the distance across it, which the packed path "
+            "does not; keep each row's real tokens together (padding on the right or the left)"
+        )
+
+
+# HF's MPNet buckets distances up to 128 (a constant of its code, not a config field)
+MPNET_MAX_DISTANCE = 128
+
+
+def relative_position_buckets(distance: torch.Tensor, num_buckets: int, max_distance: int = MPNET_MAX_DISTANCE
+                              ) -> torch.Tensor:
+    """MPNet's (T5's bidirectional) bucket of each key-minus-query distance, int64, in its arithmetic: half the
+    buckets per direction, the nearer half of each exact, the rest logarithmic up to max_distance."""
+    half = num_buckets // 2
+    n = -distance
+    direction = (n < 0).long() * half
+    n = n.abs()
+    exact = half // 2
+    far = exact + (torch.log(n.clamp_min(1).float() / exact) / math.log(max_distance / exact) * (half - exact)).long()
+    return direction + torch.where(n < exact, n, far.clamp_max(half - 1))
+
+
+def relative_bias_table(weight: torch.Tensor, max_seqlen: int, max_distance: int = MPNET_MAX_DISTANCE
+                        ) -> torch.Tensor:
+    """The relative_attention_bias weight [buckets, heads] as attention_varlen's rel_bias: fp32 [heads, 2R+1] over
+    the distances -R..R, R = min(max_seqlen - 1, max_distance). Every distance of max_distance or more falls in its
+    direction's last bucket, so the kernels' clamp to R is exact, and the GPU backward sums those pairs per tile."""
+    r = min(max(max_seqlen - 1, 0), max_distance)
+    distance = torch.arange(-r, r + 1, device=weight.device)
+    return F.embedding(relative_position_buckets(distance, weight.shape[0]), weight).t().float().contiguous()
+
+
 def packed_positions(
     config: EncoderConfig,
     input_ids: torch.Tensor | None,
@@ -189,17 +239,18 @@ def packed_positions(
 ) -> torch.Tensor:
     """Position id of every packed token, int64 [T], numbered as the HF model numbers them."""
     b, l = packed.batch, packed.seqlen
+    padding_idx = config.position_padding_idx
     if position_ids is not None:
         positions = gather_rows(position_ids.expand(b, l).reshape(-1).long(), packed.indices)
-    elif config.family == "roberta" and input_ids is not None:
-        # RoBERTa counts non-padding tokens from pad_token_id + 1 (fairseq's make_positions)
-        real = input_ids.ne(config.pad_token_id).long()
-        numbered = torch.cumsum(real, dim=1) * real + config.pad_token_id
+    elif padding_idx is not None and input_ids is not None:
+        # RoBERTa and MPNet count non-padding tokens from the padding id + 1 (fairseq's make_positions)
+        real = input_ids.ne(padding_idx).long()
+        numbered = torch.cumsum(real, dim=1) * real + padding_idx
         positions = gather_rows(numbered.reshape(-1), packed.indices)
     else:
         positions = packed.indices % l
-        if config.family == "roberta":
-            positions = positions + config.pad_token_id + 1
+        if padding_idx is not None:
+            positions = positions + padding_idx + 1
     if positions.numel():
         lo, hi = torch.aminmax(positions)
         if position_ids is not None and (lo < 0 or hi >= config.max_position_embeddings):
@@ -208,7 +259,7 @@ def packed_positions(
                 " (the model's max_position_embeddings)"
             )
         if lo < 0 or hi >= config.max_position_embeddings:
-            too_long = int(hi) - (config.pad_token_id if config.family == "roberta" else -1)
+            too_long = int(hi) - (padding_idx if padding_idx is not None else -1)
             raise ValueError(
                 f"position id {int(hi) if hi >= 0 else int(lo)} is outside [0, {config.max_position_embeddings}): "
                 f"a sequence of {too_long} tokens is longer than the model's max_position_embeddings allows"
@@ -237,9 +288,11 @@ def embed_packed(
         x = x + F.embedding(gather_rows(token_type_ids.reshape(-1).long(), packed.indices), w.token_type)
     elif w.token_type is not None:
         x = x + w.token_type[0]
-    x = x + F.embedding(packed_positions(config, input_ids, position_ids, packed), w.position)
+    if w.position is not None:
+        x = x + F.embedding(packed_positions(config, input_ids, position_ids, packed), w.position)
     x = F.layer_norm(x, (x.shape[-1],), w.norm_weight, w.norm_bias, config.layer_norm_eps)
-    x = F.dropout(x, config.hidden_dropout_prob, training)
+    p = config.hidden_dropout_prob if config.embedding_dropout_prob is None else config.embedding_dropout_prob
+    x = F.dropout(x, p, training)
     return x if w.project_weight is None else F.linear(x, w.project_weight, w.project_bias)
 
 
@@ -256,7 +309,8 @@ def _residual_norm(a, bias, residual, weight, beta, eps, p, training, backend):
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _onednn_ok(x: torch.Tensor, w: Sequence[torch.Tensor], backend: str | None) -> bool:
+def _onednn_ok(x: torch.Tensor, w: Sequence[torch.Tensor | None], backend: str | None) -> bool:
+    w = [t for t in w if t is not None]
     if not _ONEDNN_LINEAR or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         return False
     if requested_backend(backend) not in ("auto", "cpu"):
@@ -297,9 +351,11 @@ def layer_forward(
     training: bool,
     backend: str | None = None,
     observe: Callable[[str, torch.Tensor], None] | None = None,
+    rel_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One encoder layer on packed tokens: x [T, H] -> [T, H]. observe(product, input), where given, sees the input
-    of each of the four products ("qkv", "attn_out", "ffn_in", "ffn_out"): how int8 calibration reads the ranges."""
+    of each of the four products ("qkv", "attn_out", "ffn_in", "ffn_out"): how int8 calibration reads the ranges.
+    rel_bias: fp32 [heads, 2R+1], the relative position bias of every layer (MPNet), or None."""
     t, h = x.shape
     eps, p = config.layer_norm_eps, config.hidden_dropout_prob
     linear = _Linear(_onednn_ok(x, w, backend), backend)
@@ -308,10 +364,10 @@ def layer_forward(
     qkv = linear(x, w.qkv_weight, w.qkv_bias).view(t, 3, config.num_attention_heads, config.head_dim)
     if training:
         ctx = attention_varlen(qkv, packed.cu_seqlens, packed.max_seqlen,
-                               dropout_p=config.attention_probs_dropout_prob, backend=backend)
+                               dropout_p=config.attention_probs_dropout_prob, rel_bias=rel_bias, backend=backend)
     else:  # qkv is the view above and packed was built by encode(): the wrapper's checks hold, so it is skipped
         ctx = attention_varlen_op(qkv, packed.cu_seqlens, packed.max_seqlen, 1.0 / math.sqrt(config.head_dim), 0.0, None,
-                                  backend=backend)
+                                  rel_bias, -1, backend=backend)
     ctx = ctx.reshape(t, h)
     observe("attn_out", ctx)
     x = _residual_norm(linear(ctx, w.attn_out_weight), w.attn_out_bias, x, w.attn_norm_weight,
@@ -321,6 +377,54 @@ def layer_forward(
     observe("ffn_out", inner)
     return _residual_norm(linear(inner, w.ffn_out_weight), w.ffn_out_bias, x, w.ffn_norm_weight,
                           w.ffn_norm_bias, eps, p, training, backend)
+
+
+class Rotary(NamedTuple):
+    """What a ModernBERT layer's attention reads besides its weights: each token's position, and the cos / sin
+    tables of each layer type's theta (rotary_tables), [P, head_dim / 2] fp32."""
+
+    positions: torch.Tensor  # int64 [T]
+    tables: dict[str, tuple[torch.Tensor, torch.Tensor]]  # "full_attention" / "sliding_attention" -> (cos, sin)
+
+
+def rotary_for(config: EncoderConfig, packed: PackedBatch, position_ids: torch.Tensor | None) -> Rotary:
+    """Positions as HF numbers them (0.. over the padded row, or position_ids) and tables long enough for them."""
+    positions = packed_positions(config, None, position_ids, packed)
+    size = config.max_position_embeddings if position_ids is not None else packed.seqlen
+    device = positions.device
+    thetas = {"full_attention": config.rope_theta, "sliding_attention": config.local_rope_theta}
+    return Rotary(positions, {kind: rotary_tables(config.head_dim, size, thetas[kind], device)
+                              for kind in set(config.layer_types)})
+
+
+def pre_norm_layer_forward(
+    config: EncoderConfig,
+    w: LayerWeights,
+    x: torch.Tensor,
+    packed: PackedBatch,
+    layer_type: str,
+    rotary: Rotary,
+    training: bool,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """One ModernBERT layer on packed tokens, x [T, H] -> [T, H]:
+    x + Wo(attention(rotary(Wqkv(LN(x))))), then + Wo(dropout(GeGLU(Wi(LN(x))))); a sliding layer attends within
+    config.window of each token."""
+    t, h = x.shape
+    eps = config.layer_norm_eps
+    linear = _Linear(_onednn_ok(x, w, backend), backend)
+    a = x if w.attn_norm_weight is None else F.layer_norm(x, (h,), w.attn_norm_weight, w.attn_norm_bias, eps)
+    qkv = linear(a, w.qkv_weight, w.qkv_bias).view(t, 3, config.num_attention_heads, config.head_dim)
+    qkv = rotary_qk(qkv, *rotary.tables[layer_type], rotary.positions, backend=backend)
+    window = config.window if layer_type == "sliding_attention" else -1
+    p_attn = config.attention_probs_dropout_prob if training else 0.0
+    ctx = attention_varlen(qkv, packed.cu_seqlens, packed.max_seqlen, dropout_p=p_attn, window=window,
+                           backend=backend).reshape(t, h)
+    x = x + F.dropout(linear(ctx, w.attn_out_weight, w.attn_out_bias), p_attn, training)
+    m = F.layer_norm(x, (h,), w.ffn_norm_weight, w.ffn_norm_bias, eps)
+    inner = geglu(linear(m, w.ffn_in_weight, w.ffn_in_bias), config.gelu_approximate, backend=backend)
+    inner = F.dropout(inner, config.hidden_dropout_prob, training)
+    return x + linear(inner, w.ffn_out_weight, w.ffn_out_bias)
 
 
 def encode(
@@ -339,11 +443,16 @@ def encode(
     backend: str | None = None,
     inputs_checked: bool = False,
     observe: Callable[[int], Callable[[str, torch.Tensor], None]] | None = None,
+    relative_attention_bias: torch.Tensor | None = None,
+    final_norm: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> EncoderOutput:
     """The whole encoder: validate, unpad once, embed, run the layers, pool. The padded outputs are built when
     read (see EncoderOutput). inputs_checked: the caller has run validate_inputs on exactly these inputs, so it
     does not run again. layers: float LayerWeights, or Int8LayerWeights for int8 inference (no training).
-    observe(layer index), where given, returns that layer's observer (see layer_forward)."""
+    observe(layer index), where given, returns that layer's observer (see layer_forward).
+    relative_attention_bias: [buckets, heads], MPNet's one table for every layer; required exactly when the config
+    has relative_attention_num_buckets. final_norm: (weight, bias) of the LayerNorm after the last layer of a
+    pre-norm encoder (ModernBERT), which then holds its output in place of the last layer's in the hidden states."""
     device = embeddings.word.device
     if inputs_checked:
         batch, seqlen = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
@@ -360,21 +469,46 @@ def encode(
     else:
         packed = PackedBatch(*unpad_indices(attention_mask), batch=batch, seqlen=seqlen)
 
+    rel_bias = None
+    if config.relative_attention_num_buckets is not None:
+        expected = (config.relative_attention_num_buckets, config.num_attention_heads)
+        if relative_attention_bias is None or tuple(relative_attention_bias.shape) != expected:
+            got = "none" if relative_attention_bias is None else f"shape {tuple(relative_attention_bias.shape)}"
+            raise ValueError(f"a {config.family} encoder needs its relative_attention_bias weight of shape "
+                             f"{expected} (buckets, heads), got {got}")
+        rel_bias = relative_bias_table(relative_attention_bias, packed.max_seqlen)
+    elif relative_attention_bias is not None:
+        raise ValueError(f"relative_attention_bias given, but a {config.family} encoder has no relative position bias")
+
+    if (final_norm is not None) != config.pre_norm:
+        raise ValueError(f"a {config.family} encoder {'needs' if config.pre_norm else 'has no'} final norm")
+    rotary = rotary_for(config, packed, position_ids) if config.pre_norm else None
+
     x = embed_packed(config, embeddings, packed, input_ids, token_type_ids, position_ids, inputs_embeds, training)
     states = [x] if output_hidden_states else None
     for i, w in enumerate(layers):
-        if isinstance(w, Int8LayerWeights):
+        if config.pre_norm:
+            if isinstance(w, Int8LayerWeights):
+                raise NotImplementedError("int8 inference runs post-norm (BERT-style) layers; a modernbert encoder "
+                                          "runs in float")
+            x = pre_norm_layer_forward(config, w, x, packed, config.layer_types[i], rotary, training, backend)
+        elif isinstance(w, Int8LayerWeights):
             if training:
                 raise RuntimeError("an int8 model runs inference only: call model.eval() (train the float model, "
                                    "then quantize it)")
             # an int8 layer before another one hands it its output already quantized for the QKV product
             following = layers[i + 1] if i + 1 < len(layers) else None
             next_smooth = following.qkv.smooth if isinstance(following, Int8LayerWeights) else None
-            x = int8_layer_forward(config, w, x, packed, backend, next_smooth)
+            x = int8_layer_forward(config, w, x, packed, backend, next_smooth, rel_bias)
         else:
-            x = layer_forward(config, w, x, packed, training, backend, observe(i) if observe is not None else None)
+            x = layer_forward(config, w, x, packed, training, backend, observe(i) if observe is not None else None,
+                              rel_bias)
         if states is not None:
             states.append(x[0] if isinstance(x, tuple) else x)
+    if final_norm is not None:
+        x = F.layer_norm(x, (x.shape[-1],), *final_norm, config.layer_norm_eps)
+        if states is not None:  # as HF's ModernBertModel reports them
+            states[-1] = x
 
     pooled = None
     if pooler is not None:
@@ -395,15 +529,20 @@ def quantize_encoder(
     calibration=None,
     smoothing: float = DEFAULT_SMOOTHING,
     backend: str | None = None,
+    relative_attention_bias: torch.Tensor | None = None,
 ) -> list[Int8LayerWeights]:
     """int8 layers from float ones: calibrate on `calibration` (see int8.calibration_batches), then quantize."""
+    if config.pre_norm:
+        raise UnsupportedModelError(f"int8 inference runs post-norm (BERT-style) layers; a {config.family} encoder "
+                                    "runs in float32 or bfloat16")
     word = embeddings.word
     check_int8_device(word.device)
     check_int8_dtype(word.dtype)
     absmax = AbsMax([{} for _ in layers])
     with torch.inference_mode():
         for batch in calibration_batches(calibration, config, word.device):
-            encode(config, embeddings, layers, None, **batch, backend=backend, observe=absmax.observer)
+            encode(config, embeddings, layers, None, **batch, backend=backend, observe=absmax.observer,
+                   relative_attention_bias=relative_attention_bias)
     return quantize_layers(layers, absmax, word.dtype, smoothing)
 
 
@@ -422,23 +561,23 @@ class Int8State:
 
 
 class FastEmbeddings(nn.Module):
-    """Word, position and (except DistilBERT) token-type tables, LayerNorm, and ELECTRA's projection to hidden_size
-    where its embedding_size differs."""
+    """Word, position (except ModernBERT) and token-type (where the family has them) tables, LayerNorm, and ELECTRA's
+    projection to hidden_size where its embedding_size differs."""
 
     def __init__(self, config: EncoderConfig):
         super().__init__()
         e = config.embedding_width
         self.word_embeddings = nn.Embedding(config.vocab_size, e)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, e)
+        self.position_embeddings = None if config.pre_norm else nn.Embedding(config.max_position_embeddings, e)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, e) if config.type_vocab_size else None
-        self.LayerNorm = nn.LayerNorm(e, eps=config.layer_norm_eps)
+        self.LayerNorm = nn.LayerNorm(e, eps=config.layer_norm_eps, bias=config.norm_bias)
         self.project = nn.Linear(e, config.hidden_size) if e != config.hidden_size else None
 
     def weights(self) -> EmbeddingWeights:
-        types, project = self.token_type_embeddings, self.project
+        types, project, positions = self.token_type_embeddings, self.project, self.position_embeddings
         return EmbeddingWeights(
             self.word_embeddings.weight,
-            self.position_embeddings.weight,
+            positions.weight if positions is not None else None,
             types.weight if types is not None else None,
             self.LayerNorm.weight,
             self.LayerNorm.bias,
@@ -448,23 +587,26 @@ class FastEmbeddings(nn.Module):
 
 
 class FastBertLayer(nn.Module):
-    """One layer's weights in the layout the kernels want: query, key and value in one [3H, H] matrix."""
+    """One layer's weights in the layout the kernels want: query, key and value in one [3H, H] matrix. A ModernBERT
+    layer has a [2I, H] ffn_in (the GeGLU halves), biases only where its config asks, and no attn_norm in layer 0."""
 
-    def __init__(self, config: EncoderConfig):
+    def __init__(self, config: EncoderConfig, index: int = 0):
         super().__init__()
-        h, i = config.hidden_size, config.intermediate_size
-        self.qkv = nn.Linear(h, 3 * h)
-        self.attn_out = nn.Linear(h, h)
-        self.attn_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
-        self.ffn_in = nn.Linear(h, i)
-        self.ffn_out = nn.Linear(i, h)
-        self.ffn_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        h, i, eps = config.hidden_size, config.intermediate_size, config.layer_norm_eps
+        attn_bias, mlp_bias, norm_bias = config.attention_bias, config.mlp_bias, config.norm_bias
+        self.qkv = nn.Linear(h, 3 * h, bias=attn_bias)
+        self.attn_out = nn.Linear(h, h, bias=attn_bias)
+        self.attn_norm = None if config.pre_norm and index == 0 else nn.LayerNorm(h, eps=eps, bias=norm_bias)
+        self.ffn_in = nn.Linear(h, 2 * i if config.pre_norm else i, bias=mlp_bias)
+        self.ffn_out = nn.Linear(i, h, bias=mlp_bias)
+        self.ffn_norm = nn.LayerNorm(h, eps=eps, bias=norm_bias)
 
     def weights(self) -> LayerWeights:
+        norm = self.attn_norm
         return LayerWeights(
             self.qkv.weight, self.qkv.bias,
             self.attn_out.weight, self.attn_out.bias,
-            self.attn_norm.weight, self.attn_norm.bias,
+            norm.weight if norm is not None else None, norm.bias if norm is not None else None,
             self.ffn_in.weight, self.ffn_in.bias,
             self.ffn_out.weight, self.ffn_out.bias,
             self.ffn_norm.weight, self.ffn_norm.bias,
@@ -472,31 +614,42 @@ class FastBertLayer(nn.Module):
 
 
 class FastBertModel(nn.Module):
-    """A BERT, RoBERTa, DistilBERT or ELECTRA encoder that runs on packed tokens with the fused mtbert_fast ops.
+    """A BERT, RoBERTa, DistilBERT, ELECTRA or MPNet encoder that runs on packed tokens with the fused mtbert_fast
+    ops.
 
     Build it from a config (random weights), from a loaded HF model (`from_hf`) or from an HF model directory
     (`from_pretrained`). `forward` takes HF's inputs and returns an `EncoderOutput` whose last_hidden_state and
     pooler_output equal HF's at the real tokens (zeros at padding).
 
     dtype: parameters and compute dtype (float32, bfloat16, float16); backend: "auto" or a forced backend for
-    every op (see mtbert_fast.ops.dispatch).
+    every op (see mtbert_fast.ops.dispatch); add_pooling_layer: default, as the family's HF base model.
     """
 
     def __init__(
         self,
         config: EncoderConfig,
-        add_pooling_layer: bool = True,
+        add_pooling_layer: bool | None = None,
         *,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         backend: str | None = None,
     ):
         super().__init__()
+        if add_pooling_layer is None:  # the family's HF base model has one (ModernBERT's has none)
+            add_pooling_layer = not config.pre_norm
         self.config = config
         self.backend = backend
         self.embeddings = FastEmbeddings(config)
-        self.layers = nn.ModuleList(FastBertLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(FastBertLayer(config, i) for i in range(config.num_hidden_layers))
+        if add_pooling_layer and config.pre_norm:
+            raise ValueError(f"a {config.family} encoder has no pooler: pass add_pooling_layer=False")
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if add_pooling_layer else None
+        # ModernBERT: the LayerNorm after the last layer
+        self.final_norm = (nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=config.norm_bias)
+                           if config.pre_norm else None)
+        buckets = config.relative_attention_num_buckets
+        # MPNet: one [buckets, heads] table of attention-score biases shared by every layer
+        self.relative_attention_bias = nn.Embedding(buckets, config.num_attention_heads) if buckets else None
         self.int8: Int8State | None = None
         self._init_weights()
         self.to(device=device, dtype=dtype)
@@ -506,11 +659,12 @@ class FastBertModel(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=std)
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
             if isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -552,7 +706,13 @@ class FastBertModel(nn.Module):
             training=self.training,
             backend=self.backend,
             inputs_checked=inputs_checked,
+            relative_attention_bias=self._relative_attention_bias(),
+            final_norm=(self.final_norm.weight, self.final_norm.bias) if self.final_norm is not None else None,
         )
+
+    def _relative_attention_bias(self) -> torch.Tensor | None:
+        table = self.relative_attention_bias
+        return table.weight if table is not None else None
 
     def quantize(self, calibration=None, *, smoothing: float = DEFAULT_SMOOTHING) -> FastBertModel:
         """int8 inference, in place: the four products of every layer run on int8 weights (per output channel) and
@@ -565,7 +725,8 @@ class FastBertModel(nn.Module):
         """
         with torch.no_grad():
             layers = [layer.weights() for layer in self.layers]
-        int8 = quantize_encoder(self.config, self.embeddings.weights(), layers, calibration, smoothing, self.backend)
+        int8 = quantize_encoder(self.config, self.embeddings.weights(), layers, calibration, smoothing, self.backend,
+                                self._relative_attention_bias())
         self.int8 = Int8State(int8, list(self.layers.parameters()))
         return self
 
@@ -590,8 +751,8 @@ class FastBertModel(nn.Module):
     @classmethod
     def from_hf(cls, hf_model: nn.Module, *, dtype=None, backend: str | None = None, calibration=None
                 ) -> FastBertModel:
-        """From a loaded HF BertModel / RobertaModel / DistilBertModel / ElectraModel, or any of their task models
-        (their encoder is taken).
+        """From a loaded HF BertModel / RobertaModel / DistilBertModel / ElectraModel / MPNetModel, or any of their
+        task models (their encoder is taken).
         dtype=torch.qint8: int8 inference with activations in the HF model's float dtype (see `quantize`, which
         reads `calibration`)."""
         from mtbert_fast.models.hf_mapping import fast_state_dict_from_hf

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtbert_fast.models.config import EncoderConfig
+from mtbert_fast.models.config import ACTIVATIONS, EncoderConfig
 from mtbert_fast.models.encoder import EncoderOutput, PackedBatch
 from mtbert_fast.ops import bias_gelu_layer_norm, gather_rows, mlm_gather_loss
 
@@ -58,6 +58,14 @@ class HeadInput:
         """Hidden state of each row's first real token (CLS / <s>) [B_t, H]."""
         first = self.encoder_output.packed.first_token_rows
         return gather_rows(self.hidden, first if self.rows is None else first[self.rows])
+
+    def mean_tokens(self) -> torch.Tensor:
+        """Mean of each row's real tokens' hidden states [B_t, H] (summed in fp32)."""
+        hidden, packed = self.tokens()
+        lens = (packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]).long()
+        seq = torch.repeat_interleave(torch.arange(packed.batch, device=lens.device), lens, output_size=hidden.shape[0])
+        sums = hidden.new_zeros((packed.batch, hidden.shape[1]), dtype=torch.float32)
+        return (sums.index_add(0, seq, hidden.float()) / lens[:, None]).to(hidden.dtype)
 
     def tokens(self) -> tuple[torch.Tensor, PackedBatch]:
         """(packed hidden states of the rows' real tokens [T_t, H], their PackedBatch over [B_t, L])."""
@@ -143,14 +151,46 @@ def _bert_init(module: nn.Module, std: float = 0.02) -> None:
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=std)
-            nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
+        if isinstance(m, (nn.Linear, nn.LayerNorm)) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
 
 def _id2label(mapping: dict | None) -> dict[int, str] | None:
     return None if mapping is None else {int(k): str(v) for k, v in mapping.items()}
+
+
+class PredictionTransform(nn.Module):
+    """ModernBERT's prediction head, which its task heads run before their classifier (and its masked-LM head before
+    the decoder): LayerNorm(GELU(dense(x))), the dense and the LayerNorm each with or without a bias.
+
+    activation: an HF GELU name (gelu = erf; gelu_new, gelu_pytorch_tanh = the tanh form).
+    """
+
+    def __init__(self, hidden: int, eps: float = 1e-5, activation: str = "gelu", dense_bias: bool = False,
+                 norm_bias: bool = False):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        self.hidden, self.eps, self.activation = hidden, eps, activation
+        self.dense = nn.Linear(hidden, hidden, bias=dense_bias)
+        self.norm = nn.LayerNorm(hidden, eps=eps, bias=norm_bias)
+
+    def config(self) -> dict[str, Any]:
+        return {"eps": self.eps, "activation": self.activation, "dense_bias": self.dense.bias is not None,
+                "norm_bias": self.norm.bias is not None}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(F.gelu(self.dense(x), approximate=ACTIVATIONS[self.activation]))
+
+
+def _transform(hidden: int, config: dict[str, Any] | None) -> PredictionTransform | None:
+    return None if config is None else PredictionTransform(hidden, **config)
+
+
+def _transform_config(transform: PredictionTransform | None) -> dict[str, Any] | None:
+    return None if transform is None else transform.config()
 
 
 class Head(nn.Module):
@@ -200,6 +240,8 @@ class SequenceClassificationHead(Head):
     with activation "tanh", ELECTRA's with "gelu" (erf); DistilBERT's is dense, "relu", dropout, out_proj
     (dropout_before_dense=False).
     pooled=False without roberta_style: dropout + linear on the first token's hidden state.
+    transform (a PredictionTransform's config): ModernBERT's head, transform, dropout and linear on the first token
+    or, with mean_pooled, on the mean of the real tokens.
     Outputs: logits [B_t, C]. Labels: int [B_t] in [0, C) or -100 (single_label); float [B_t, C] (multi_label);
     float [B_t] when C == 1, else [B_t, C] (regression).
     """
@@ -220,9 +262,16 @@ class SequenceClassificationHead(Head):
         id2label: dict[int, str] | None = None,
         activation: str = "tanh",
         dropout_before_dense: bool = True,
+        transform: dict[str, Any] | None = None,
+        mean_pooled: bool = False,
     ):
         super().__init__()
         problem_type = self._HF_PROBLEM_TYPES.get(problem_type, problem_type)
+        if transform is not None and (roberta_style or pooled):
+            raise ValueError("transform runs ModernBERT's head on the tokens: it takes neither roberta_style nor "
+                             "pooled=True")
+        if mean_pooled and pooled:
+            raise ValueError("mean_pooled averages the tokens' hidden states: it takes no pooled=True")
         if activation not in self.ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(self.ACTIVATIONS)}, got {activation!r}")
         if not roberta_style and (activation != "tanh" or not dropout_before_dense):
@@ -235,7 +284,8 @@ class SequenceClassificationHead(Head):
         if id2label is not None and len(id2label) != num_labels:
             raise ValueError(f"id2label has {len(id2label)} entries for num_labels={num_labels}")
         self.hidden, self.num_labels, self.problem_type = hidden, num_labels, problem_type
-        self.pooled = not roberta_style if pooled is None else pooled
+        self.pooled = not (roberta_style or transform is not None or mean_pooled) if pooled is None else pooled
+        self.mean_pooled = mean_pooled
         self.roberta_style, self.dropout, self.id2label = roberta_style, dropout, _id2label(id2label)
         self.activation, self.dropout_before_dense = activation, dropout_before_dense
         if roberta_style:
@@ -243,6 +293,7 @@ class SequenceClassificationHead(Head):
             self.out_proj = nn.Linear(hidden, num_labels)
         else:
             self.classifier = nn.Linear(hidden, num_labels)
+        self.transform = _transform(hidden, transform)
         _bert_init(self)
 
     @property
@@ -257,7 +308,8 @@ class SequenceClassificationHead(Head):
         return {"hidden": self.hidden, "num_labels": self.num_labels, "problem_type": self.problem_type,
                 "pooled": self.pooled, "roberta_style": self.roberta_style, "dropout": self.dropout,
                 "id2label": None if self.id2label is None else {str(k): v for k, v in self.id2label.items()},
-                "activation": self.activation, "dropout_before_dense": self.dropout_before_dense}
+                "activation": self.activation, "dropout_before_dense": self.dropout_before_dense,
+                "transform": _transform_config(self.transform), "mean_pooled": self.mean_pooled}
 
     def check_labels(self, task, labels, real):
         b, c = real.shape[0], self.num_labels
@@ -271,7 +323,12 @@ class SequenceClassificationHead(Head):
         return _tensor(task, "labels", labels, shape, f"float targets of shape {shapes[0]}", "float")
 
     def forward(self, view: HeadInput, labels=None, positions=None, mlm_logits=True):
-        x = view.pooled() if self.pooled else view.first_tokens()
+        if self.pooled:
+            x = view.pooled()
+        else:
+            x = view.mean_tokens() if self.mean_pooled else view.first_tokens()
+        if self.transform is not None:
+            x = self.transform(x)
         if self.dropout_before_dense:
             x = F.dropout(x, self.dropout, self.training)
         if self.roberta_style:
@@ -294,19 +351,22 @@ class SequenceClassificationHead(Head):
 
 
 class TokenClassificationHead(Head):
-    """One prediction per token (NER, tagging), as BertForTokenClassification: dropout + linear on every real token.
+    """One prediction per token (NER, tagging), as BertForTokenClassification: dropout + linear on every real token
+    (after ModernBERT's PredictionTransform where `transform` gives its config).
 
     Outputs: logits [B_t, L, C], zeros at padding. Labels: int [B_t, L] in [0, C) or -100, -100 at padding.
     """
 
     kind = "token_classification"
 
-    def __init__(self, hidden: int, num_labels: int, dropout: float = 0.1, id2label: dict[int, str] | None = None):
+    def __init__(self, hidden: int, num_labels: int, dropout: float = 0.1, id2label: dict[int, str] | None = None,
+                 transform: dict[str, Any] | None = None):
         super().__init__()
         if id2label is not None and len(id2label) != num_labels:
             raise ValueError(f"id2label has {len(id2label)} entries for num_labels={num_labels}")
         self.hidden, self.num_labels, self.dropout, self.id2label = hidden, num_labels, dropout, _id2label(id2label)
         self.classifier = nn.Linear(hidden, num_labels)
+        self.transform = _transform(hidden, transform)
         _bert_init(self)
 
     @property
@@ -315,7 +375,8 @@ class TokenClassificationHead(Head):
 
     def config(self):
         return {"hidden": self.hidden, "num_labels": self.num_labels, "dropout": self.dropout,
-                "id2label": None if self.id2label is None else {str(k): v for k, v in self.id2label.items()}}
+                "id2label": None if self.id2label is None else {str(k): v for k, v in self.id2label.items()},
+                "transform": _transform_config(self.transform)}
 
     def check_labels(self, task, labels, real):
         shape = tuple(real.shape)
@@ -325,6 +386,8 @@ class TokenClassificationHead(Head):
 
     def forward(self, view, labels=None, positions=None, mlm_logits=True):
         hidden, packed = view.tokens()
+        if self.transform is not None:
+            hidden = self.transform(hidden)
         logits = self.classifier(F.dropout(hidden, self.dropout, self.training))  # [T_t, C]
         loss = None
         if labels is not None:
@@ -344,21 +407,23 @@ class MaskedLMHead(Head):
     nothing is predicted.
 
     approximate: the GELU form ("none" = erf, "tanh"); default the encoder's hidden_act (BERT's head uses
-    hidden_act, RoBERTa's always the erf GELU). tied=False keeps a decoder weight of its own.
+    hidden_act, RoBERTa's always the erf GELU). tied=False keeps a decoder weight of its own. dense_bias,
+    norm_bias, decoder_bias: ModernBERT's head may have none of the three.
     """
 
     kind = "masked_lm"
     accepts_positions = True
 
-    def __init__(self, config: EncoderConfig, approximate: str | None = None, tied: bool = True):
+    def __init__(self, config: EncoderConfig, approximate: str | None = None, tied: bool = True,
+                 dense_bias: bool = True, norm_bias: bool = True, decoder_bias: bool = True):
         super().__init__()
         h, v = config.hidden_size, config.vocab_size
         self.hidden, self.vocab_size, self.eps = h, v, config.layer_norm_eps
         self.approximate = approximate or config.gelu_approximate
         self.tied = tied
-        self.dense = nn.Linear(h, h)
-        self.layer_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
-        self.bias = nn.Parameter(torch.zeros(v))
+        self.dense = nn.Linear(h, h, bias=dense_bias)
+        self.layer_norm = nn.LayerNorm(h, eps=config.layer_norm_eps, bias=norm_bias)
+        self.bias = nn.Parameter(torch.zeros(v)) if decoder_bias else None
         if tied:
             self.register_parameter("decoder_weight", None)
         else:
@@ -371,11 +436,16 @@ class MaskedLMHead(Head):
         return self.hidden
 
     def config(self):
-        return {"approximate": self.approximate, "tied": self.tied}
+        return {"approximate": self.approximate, "tied": self.tied, "dense_bias": self.dense.bias is not None,
+                "norm_bias": self.layer_norm.bias is not None, "decoder_bias": self.bias is not None}
 
     @classmethod
     def from_config(cls, config, encoder_config):
         return cls(encoder_config, **config)
+
+    def _zeros_for_missing(self, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+        """The fused kernels take a bias: zeros where the head has none (no parameter, no gradient)."""
+        return bias if bias is not None else self.dense.weight.new_zeros(n)
 
     def tie_weights(self, word_embeddings):
         if self.tied:
@@ -409,23 +479,25 @@ class MaskedLMHead(Head):
     def transform(self, hidden_rows: torch.Tensor) -> torch.Tensor:
         """[N, H] -> LayerNorm(GELU(hidden_rows @ dense.T + dense.bias)) [N, H]."""
         x = F.linear(hidden_rows, self.dense.weight)
-        return bias_gelu_layer_norm(x, self.dense.bias, self.layer_norm.weight, self.layer_norm.bias, self.eps,
-                                    self.approximate)
+        h = self.hidden
+        return bias_gelu_layer_norm(x, self._zeros_for_missing(self.dense.bias, h), self.layer_norm.weight,
+                                    self._zeros_for_missing(self.layer_norm.bias, h), self.eps, self.approximate)
 
     def forward(self, view, labels=None, positions=None, mlm_logits=True):
         out, loss = {}, None
         weight = self._decoder()
+        bias = self._zeros_for_missing(self.bias, self.vocab_size)
         if labels is not None:
             masked = labels != IGNORE_INDEX
             rows, where = view.locate(masked)
             transformed = self.transform(gather_rows(view.hidden, rows))
-            loss = mlm_gather_loss(transformed, weight, self.bias, labels[masked])
+            loss = mlm_gather_loss(transformed, weight, bias, labels[masked])
             if positions is None and mlm_logits:
-                out["logits"], out["positions"] = vocab_logits(transformed, weight, self.bias), where
+                out["logits"], out["positions"] = vocab_logits(transformed, weight, bias), where
         if positions is not None:
             rows, where = view.locate(positions)
             transformed = self.transform(gather_rows(view.hidden, rows))
-            out["logits"], out["positions"] = vocab_logits(transformed, weight, self.bias), where
+            out["logits"], out["positions"] = vocab_logits(transformed, weight, bias), where
         return out, loss
 
 
@@ -464,7 +536,8 @@ class NextSentenceHead(Head):
 
 
 class SpanExtractionHead(Head):
-    """Extractive QA, as BertForQuestionAnswering: linear(H, 2) on every real token.
+    """Extractive QA, as BertForQuestionAnswering: linear(H, 2) on every real token; with `transform`, ModernBERT's
+    PredictionTransform and dropout before it.
 
     Outputs start_logits, end_logits [B_t, L], the dtype's most negative value at padding (HF computes garbage
     there; a softmax or argmax over a row then ignores padding). Labels: (start_positions, end_positions) or
@@ -475,10 +548,13 @@ class SpanExtractionHead(Head):
 
     kind = "span_extraction"
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, transform: dict[str, Any] | None = None, dropout: float = 0.0):
         super().__init__()
-        self.hidden = hidden
+        if dropout and transform is None:
+            raise ValueError("dropout comes with transform (ModernBERT's QA head); BERT's QA head has none")
+        self.hidden, self.dropout = hidden, dropout
         self.qa_outputs = nn.Linear(hidden, 2)
+        self.transform = _transform(hidden, transform)
         _bert_init(self)
 
     @property
@@ -486,7 +562,7 @@ class SpanExtractionHead(Head):
         return self.hidden
 
     def config(self):
-        return {"hidden": self.hidden}
+        return {"hidden": self.hidden, "transform": _transform_config(self.transform), "dropout": self.dropout}
 
     def check_labels(self, task, labels, real):
         b, seqlen = real.shape
@@ -517,6 +593,8 @@ class SpanExtractionHead(Head):
 
     def forward(self, view, labels=None, positions=None, mlm_logits=True):
         hidden, packed = view.tokens()
+        if self.transform is not None:
+            hidden = F.dropout(self.transform(hidden), self.dropout, self.training)
         logits = packed.pad(self.qa_outputs(hidden))  # [B_t, L, 2]
         padding = ~view.real_mask()
         start, end = (s.squeeze(-1).masked_fill(padding, torch.finfo(s.dtype).min) for s in logits.split(1, -1))
@@ -543,15 +621,7 @@ class SentenceEmbeddingHead(Head):
         return {"pooling": self.pooling, "normalize": self.normalize}
 
     def forward(self, view, labels=None, positions=None, mlm_logits=True):
-        if self.pooling == "cls":
-            emb = view.first_tokens()
-        else:
-            hidden, packed = view.tokens()
-            lens = (packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]).long()
-            seq = torch.repeat_interleave(torch.arange(packed.batch, device=lens.device), lens,
-                                          output_size=hidden.shape[0])
-            sums = hidden.new_zeros((packed.batch, hidden.shape[1]), dtype=torch.float32)
-            emb = (sums.index_add(0, seq, hidden.float()) / lens[:, None]).to(hidden.dtype)
+        emb = view.first_tokens() if self.pooling == "cls" else view.mean_tokens()
         if self.normalize:
             emb = F.normalize(emb, dim=-1)
         return {"embeddings": emb}, None
@@ -580,7 +650,7 @@ class PreTrainingHead(Head):
         return self.mlm.hidden
 
     def config(self):
-        return self.mlm.config()
+        return {"approximate": self.mlm.approximate, "tied": self.mlm.tied}
 
     @classmethod
     def from_config(cls, config, encoder_config):

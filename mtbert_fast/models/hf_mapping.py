@@ -1,4 +1,4 @@
-"""Hugging Face <-> mtbert_fast: HF BERT/RoBERTa/DistilBERT/ELECTRA state_dict <-> FastBertModel state_dict,
+"""Hugging Face <-> mtbert_fast: HF BERT/RoBERTa/DistilBERT/ELECTRA/MPNet/ModernBERT state_dict <-> FastBertModel state_dict,
 safetensors reading (never unpickling), the task heads <-> the heads of HF's *For* task models, and a MultiTaskBert's
 encoder and heads from HF task models or one task of it as a transformers checkpoint."""
 
@@ -13,12 +13,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from mtbert_fast.models.config import EncoderConfig, UnsupportedModelError
+from mtbert_fast.models.config import ACTIVATIONS, EncoderConfig, UnsupportedModelError, family_names
 from mtbert_fast.models.encoder import FastBertModel
 from mtbert_fast.models.heads import (
     Head,
     MaskedLMHead,
     NextSentenceHead,
+    PredictionTransform,
     PreTrainingHead,
     SentenceEmbeddingHead,
     SequenceClassificationHead,
@@ -26,29 +27,45 @@ from mtbert_fast.models.heads import (
     TokenClassificationHead,
 )
 
-_PREFIXES = ("bert.", "roberta.", "distilbert.", "electra.", "model.", "")
+_PREFIXES = ("bert.", "roberta.", "distilbert.", "electra.", "mpnet.", "model.", "")
 
 
 @dataclasses.dataclass(frozen=True)
 class HfLayout:
     """Where a family's HF base model keeps the encoder, relative to the base model.
 
-    layers: the ModuleList of layers; qkv: the query, key and value linears in a layer; layer: (fast name, HF
-    module) for the rest of a layer, in LayerWeights' order; token_types: whether the embeddings have a token-type
-    table; pooler: whether the base model can have a pooler; output: the transformers.modeling_outputs class the
-    base model returns.
+    layers: the ModuleList of layers; qkv: the query, key and value linears in a layer (one, already fused, in
+    ModernBERT); layer: (fast name, HF module) for the rest of a layer, in LayerWeights' order; token_types: whether
+    the embeddings have a token-type table; pooler: whether the base model can have a pooler; output: the
+    transformers.modeling_outputs class the base model returns; relative_bias: the Embedding of relative position
+    biases (MPNet's), or None; word, norm: the embeddings' table and LayerNorm; positions: whether the embeddings
+    have a position table; final_norm: the LayerNorm after the last layer (ModernBERT's), or None.
     """
 
     layers: str
-    qkv: tuple[str, str, str]
+    qkv: tuple[str, ...]
     layer: tuple[tuple[str, str], ...]
     token_types: bool
     pooler: bool
     output: str
+    relative_bias: str | None = None
+    word: str = "word_embeddings"
+    norm: str = "LayerNorm"
+    positions: bool = True
+    final_norm: str | None = None
 
-    def embedding_names(self) -> tuple[str, ...]:
-        types = ("token_type_embeddings.weight",) if self.token_types else ()
-        return ("word_embeddings.weight", "position_embeddings.weight", *types, "LayerNorm.weight", "LayerNorm.bias")
+    def embedding_pairs(self, config: EncoderConfig) -> list[tuple[str, str]]:
+        """(FastEmbeddings name, HF embeddings name) of every embedding weight."""
+        pairs = [("word_embeddings.weight", f"{self.word}.weight")]
+        if self.positions:
+            pairs.append(("position_embeddings.weight", "position_embeddings.weight"))
+        if self.token_types:
+            pairs.append(("token_type_embeddings.weight", "token_type_embeddings.weight"))
+        return pairs + [(f"LayerNorm.{kind}", f"{self.norm}.{kind}") for kind in _kinds(config.norm_bias)]
+
+
+def _kinds(bias: bool) -> tuple[str, ...]:
+    return ("weight", "bias") if bias else ("weight",)
 
 
 _BERT_LAYOUT = HfLayout(
@@ -73,7 +90,33 @@ LAYOUTS = {
         pooler=False,
         output="BaseModelOutput",
     ),
+    "mpnet": HfLayout(
+        layers="encoder.layer",
+        qkv=("attention.attn.q", "attention.attn.k", "attention.attn.v"),
+        layer=(("attn_out", "attention.attn.o"), ("attn_norm", "attention.LayerNorm"),
+               ("ffn_in", "intermediate.dense"), ("ffn_out", "output.dense"), ("ffn_norm", "output.LayerNorm")),
+        token_types=False,
+        pooler=True,
+        output="BaseModelOutputWithPooling",
+        relative_bias="encoder.relative_attention_bias",
+    ),
+    "modernbert": HfLayout(
+        layers="layers",
+        qkv=("attn.Wqkv",),
+        layer=(("attn_out", "attn.Wo"), ("attn_norm", "attn_norm"), ("ffn_in", "mlp.Wi"), ("ffn_out", "mlp.Wo"),
+               ("ffn_norm", "mlp_norm")),
+        token_types=False,
+        pooler=False,
+        output="BaseModelOutput",
+        word="tok_embeddings",
+        norm="norm",
+        positions=False,
+        final_norm="final_norm",
+    ),
 }
+# which config flag says whether each part of a layer has a bias (all do, but in ModernBERT)
+_LAYER_BIAS = {"qkv": "attention_bias", "attn_out": "attention_bias", "attn_norm": "norm_bias", "ffn_in": "mlp_bias",
+               "ffn_out": "mlp_bias", "ffn_norm": "norm_bias"}
 # ELECTRA's projection from embedding_size to hidden_size sits beside the embeddings in HF, inside them here
 _PROJECTION = (("embeddings.project", "embeddings_project"),)
 
@@ -87,11 +130,13 @@ class MissingWeightError(KeyError):
 
 def _normalize(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Strip the task-model prefix (bert., roberta.) and rename old LayerNorm gamma/beta to weight/bias."""
-    prefix = next((p for p in _PREFIXES if f"{p}embeddings.word_embeddings.weight" in state), None)
+    prefix = next((p for p in _PREFIXES for table in ("word_embeddings", "tok_embeddings")
+                   if f"{p}embeddings.{table}.weight" in state), None)
     if prefix is None:
         raise MissingWeightError(
-            "no embeddings.word_embeddings.weight in the checkpoint (looked under prefixes "
-            f"{', '.join(repr(p) for p in _PREFIXES)}): is this a BERT, RoBERTa, DistilBERT or ELECTRA checkpoint?"
+            "no embeddings.word_embeddings.weight in the checkpoint (nor ModernBERT's embeddings.tok_embeddings.weight; "
+            f"looked under prefixes {', '.join(repr(p) for p in _PREFIXES)}): is this a checkpoint of the "
+            f"{family_names()} families?"
         )
     out = {}
     for k, v in state.items():
@@ -109,13 +154,24 @@ def _normalize(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _encoder_key_pairs(config: EncoderConfig) -> list[tuple[str, str]]:
     """(FastBertModel key, HF base-model key) of every encoder weight except query/key/value and the pooler."""
     layout = LAYOUTS[config.family]
-    pairs = [(f"embeddings.{n}", f"embeddings.{n}") for n in layout.embedding_names()]
+    pairs = [(f"embeddings.{fast}", f"embeddings.{hf}") for fast, hf in layout.embedding_pairs(config)]
     if config.embedding_width != config.hidden_size:
         pairs += [(f"{fast}.{kind}", f"{hf}.{kind}") for fast, hf in _PROJECTION for kind in ("weight", "bias")]
+    if layout.relative_bias is not None:
+        pairs.append(("relative_attention_bias.weight", f"{layout.relative_bias}.weight"))
+    if layout.final_norm is not None:
+        pairs += [(f"final_norm.{kind}", f"{layout.final_norm}.{kind}") for kind in _kinds(config.norm_bias)]
     for i in range(config.num_hidden_layers):
-        pairs += [(f"layers.{i}.{fast}.{kind}", f"{layout.layers}.{i}.{hf}.{kind}")
-                  for fast, hf in layout.layer for kind in ("weight", "bias")]
+        for fast, hf in layout.layer:
+            if fast == "attn_norm" and config.pre_norm and i == 0:  # ModernBERT's first layer has none
+                continue
+            pairs += [(f"layers.{i}.{fast}.{kind}", f"{layout.layers}.{i}.{hf}.{kind}")
+                      for kind in _kinds(getattr(config, _LAYER_BIAS[fast]))]
     return pairs
+
+
+def _qkv_kinds(config: EncoderConfig) -> tuple[str, ...]:
+    return _kinds(config.attention_bias)
 
 
 def _qkv_keys(config: EncoderConfig, i: int, kind: str) -> list[str]:
@@ -136,7 +192,7 @@ def fast_state_dict_from_hf(
 
     out = {fast: take(hf) for fast, hf in _encoder_key_pairs(config)}
     for i in range(config.num_hidden_layers):
-        for kind in ("weight", "bias"):
+        for kind in _qkv_kinds(config):
             out[f"layers.{i}.qkv.{kind}"] = torch.cat([take(k) for k in _qkv_keys(config, i, kind)], 0)
     if has_pooler:
         out["pooler.weight"] = take("pooler.dense.weight")
@@ -149,8 +205,9 @@ def hf_state_dict_from_fast(state: dict[str, torch.Tensor], config: EncoderConfi
     Q/K/V split back apart."""
     out = {hf: state[fast] for fast, hf in _encoder_key_pairs(config)}
     for i in range(config.num_hidden_layers):
-        for kind in ("weight", "bias"):
-            out.update(zip(_qkv_keys(config, i, kind), state[f"layers.{i}.qkv.{kind}"].chunk(3, 0)))
+        for kind in _qkv_kinds(config):
+            keys = _qkv_keys(config, i, kind)
+            out.update(zip(keys, state[f"layers.{i}.qkv.{kind}"].chunk(len(keys), 0)))
     if "pooler.weight" in state:
         out["pooler.dense.weight"], out["pooler.dense.bias"] = state["pooler.weight"], state["pooler.bias"]
     return out
@@ -178,11 +235,13 @@ def read_safetensors_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 # --- task heads <-> the heads of HF's *For* task models ----------------------------------------------------------
 
-_HF_FAMILY = {"bert": "Bert", "roberta": "Roberta", "distilbert": "DistilBert", "electra": "Electra"}
+HF_PREFIXES = {"bert": "Bert", "roberta": "Roberta", "distilbert": "DistilBert", "electra": "Electra", "mpnet": "MPNet",
+              "modernbert": "ModernBert"}
 # family -> HF names of its sequence-classification head's dense and output linears, their activation, and whether
 # dropout comes before the dense; BERT's reads the pooler output instead
 _DENSE_CLASSIFIERS = {
     "roberta": (("classifier.dense", "classifier.out_proj"), "tanh", True),
+    "mpnet": (("classifier.dense", "classifier.out_proj"), "tanh", True),
     "electra": (("classifier.dense", "classifier.out_proj"), "gelu", True),
     "distilbert": (("pre_classifier", "classifier"), "relu", False),
 }
@@ -191,8 +250,13 @@ _MASKED_LM = {
     "bert": ("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm", "cls.predictions.decoder",
              ("cls.predictions.bias", "cls.predictions.decoder.bias")),
     "roberta": ("lm_head.dense", "lm_head.layer_norm", "lm_head.decoder", ("lm_head.bias", "lm_head.decoder.bias")),
+    "mpnet": ("lm_head.dense", "lm_head.layer_norm", "lm_head.decoder", ("lm_head.bias", "lm_head.decoder.bias")),
     "distilbert": ("vocab_transform", "vocab_layer_norm", "vocab_projector", ("vocab_projector.bias",)),
 }
+# families whose masked-LM head applies the erf GELU whatever the encoder's hidden_act
+_ERF_MLM = ("roberta", "mpnet")
+# families whose task heads take their dropout from the encoder's (their configs have no classifier_dropout)
+_ENCODER_DROPOUT_HEADS = ("distilbert", "mpnet")
 # the problem_type names transformers uses for the head's own
 _HF_PROBLEM_TYPE = {ours: hf for hf, ours in SequenceClassificationHead._HF_PROBLEM_TYPES.items()}
 HfHead = tuple[str, dict[str, Any], dict[str, torch.Tensor]]  # (class name, config fields, weights under its keys)
@@ -212,6 +276,8 @@ def _copy(dst: nn.Parameter, src: torch.Tensor) -> None:
 def _classifier_dropout(hf_config) -> float:
     if hf_config.model_type == "distilbert":  # its token classifier reuses the encoder's dropout
         return hf_config.dropout
+    if hf_config.model_type == "mpnet":  # its heads' dropout is the encoder's
+        return hf_config.hidden_dropout_prob
     return hf_config.classifier_dropout if hf_config.classifier_dropout is not None else hf_config.hidden_dropout_prob
 
 
@@ -222,6 +288,12 @@ def _prefixed(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
 def _sequence_classification_from_hf(hf_model, encoder_config: EncoderConfig) -> SequenceClassificationHead:
     cfg, family = hf_model.config, encoder_config.family
     problem_type = cfg.problem_type or ("regression" if cfg.num_labels == 1 else "single_label")
+    if family == "modernbert":
+        head = SequenceClassificationHead(cfg.hidden_size, cfg.num_labels, problem_type, dropout=cfg.classifier_dropout,
+                                          id2label=cfg.id2label, transform=_modernbert_transform(cfg),
+                                          mean_pooled=cfg.classifier_pooling == "mean")
+        _load_modernbert_head(head.transform, head.classifier, hf_model)
+        return head
     if family not in _DENSE_CLASSIFIERS:
         head = SequenceClassificationHead(cfg.hidden_size, cfg.num_labels, problem_type,
                                           dropout=_classifier_dropout(cfg), id2label=cfg.id2label)
@@ -239,7 +311,14 @@ def _sequence_classification_from_hf(hf_model, encoder_config: EncoderConfig) ->
 
 def _sequence_classification_to_hf(head: SequenceClassificationHead, encoder_config: EncoderConfig) -> HfHead:
     family = encoder_config.family
-    class_name = f"{_HF_FAMILY[family]}ForSequenceClassification"
+    class_name = f"{HF_PREFIXES[family]}ForSequenceClassification"
+    if family == "modernbert" or head.transform is not None:
+        config = {"problem_type": _HF_PROBLEM_TYPE.get(head.problem_type, head.problem_type),
+                  "classifier_pooling": "mean" if head.mean_pooled else "cls",
+                  **_label_config(head.num_labels, head.id2label)}
+        return _modernbert_head_to_hf("ForSequenceClassification", head, head.classifier, encoder_config, config)
+    if head.mean_pooled:
+        raise UnsupportedModelError(f"{class_name} reads the first token; this head averages the tokens")
     dense = _DENSE_CLASSIFIERS.get(family)
     if dense is None:
         fits, hf_head = head.pooled and not head.roberta_style, "a linear layer on the pooler output"
@@ -254,7 +333,10 @@ def _sequence_classification_to_hf(head: SequenceClassificationHead, encoder_con
                                     f"uses {hf_head}")
     config = {"problem_type": _HF_PROBLEM_TYPE.get(head.problem_type, head.problem_type),
               **_label_config(head.num_labels, head.id2label)}
-    config["seq_classif_dropout" if family == "distilbert" else "classifier_dropout"] = head.dropout
+    if family == "distilbert":
+        config["seq_classif_dropout"] = head.dropout
+    elif family not in _ENCODER_DROPOUT_HEADS:
+        config["classifier_dropout"] = head.dropout
     if dense is None:
         state = _prefixed("classifier", head.classifier)
     else:
@@ -265,6 +347,11 @@ def _sequence_classification_to_hf(head: SequenceClassificationHead, encoder_con
 
 def _token_classification_from_hf(hf_model, encoder_config: EncoderConfig) -> TokenClassificationHead:
     cfg = hf_model.config
+    if encoder_config.family == "modernbert":
+        head = TokenClassificationHead(cfg.hidden_size, cfg.num_labels, cfg.classifier_dropout, cfg.id2label,
+                                       transform=_modernbert_transform(cfg))
+        _load_modernbert_head(head.transform, head.classifier, hf_model)
+        return head
     head = TokenClassificationHead(cfg.hidden_size, cfg.num_labels, _classifier_dropout(cfg), cfg.id2label)
     head.classifier.load_state_dict(hf_model.classifier.state_dict())
     return head
@@ -272,50 +359,65 @@ def _token_classification_from_hf(hf_model, encoder_config: EncoderConfig) -> To
 
 def _token_classification_to_hf(head: TokenClassificationHead, encoder_config: EncoderConfig) -> HfHead:
     config = _label_config(head.num_labels, head.id2label)
-    if encoder_config.family != "distilbert":  # DistilBERT's token classifier has the encoder's dropout
+    if encoder_config.family == "modernbert" or head.transform is not None:
+        return _modernbert_head_to_hf("ForTokenClassification", head, head.classifier, encoder_config, config)
+    if encoder_config.family not in _ENCODER_DROPOUT_HEADS:
         config["classifier_dropout"] = head.dropout
-    return (f"{_HF_FAMILY[encoder_config.family]}ForTokenClassification", config,
+    return (f"{HF_PREFIXES[encoder_config.family]}ForTokenClassification", config,
             _prefixed("classifier", head.classifier))
 
 
 def _load_masked_lm(head: MaskedLMHead, transform_dense: nn.Module, layer_norm: nn.Module, decoder: nn.Linear) -> None:
     head.dense.load_state_dict(transform_dense.state_dict())
     head.layer_norm.load_state_dict(layer_norm.state_dict())
-    _copy(head.bias, decoder.bias)
+    if head.bias is not None:
+        _copy(head.bias, decoder.bias)
     if not head.tied:
         _copy(head.decoder_weight, decoder.weight)
 
 
 def _tied(hf_model, decoder: nn.Linear) -> bool:
-    return torch.equal(decoder.weight, hf_model.base_model.embeddings.word_embeddings.weight)
+    return torch.equal(decoder.weight, hf_model.base_model.get_input_embeddings().weight)
 
 
 def _masked_lm_from_hf(hf_model, encoder_config: EncoderConfig) -> MaskedLMHead:
+    if encoder_config.family == "modernbert":
+        cfg = hf_model.config
+        head = MaskedLMHead(encoder_config, ACTIVATIONS[cfg.classifier_activation], tied=_tied(hf_model, hf_model.decoder),
+                            dense_bias=cfg.classifier_bias, norm_bias=cfg.norm_bias, decoder_bias=cfg.decoder_bias)
+        _load_masked_lm(head, hf_model.head.dense, hf_model.head.norm, hf_model.decoder)
+        return head
     dense, norm, decoder = (hf_model.get_submodule(n) for n in _MASKED_LM[encoder_config.family][:3])
-    # RoBERTa's head always uses the erf GELU; BERT's and DistilBERT's the encoder's activation
-    approximate = "none" if encoder_config.family == "roberta" else None
+    # RoBERTa's and MPNet's heads always use the erf GELU; BERT's and DistilBERT's the encoder's activation
+    approximate = "none" if encoder_config.family in _ERF_MLM else None
     head = MaskedLMHead(encoder_config, approximate, tied=_tied(hf_model, decoder))
     _load_masked_lm(head, dense, norm, decoder)
     return head
 
 
 def _masked_lm_state(head: MaskedLMHead, encoder_config: EncoderConfig) -> dict[str, torch.Tensor]:
-    family, weight = encoder_config.family, head._decoder()
-    class_name = f"{_HF_FAMILY[family]}ForMaskedLM"
-    expected = ("none", "the erf GELU") if family == "roberta" else (
+    family = encoder_config.family
+    class_name = f"{HF_PREFIXES[family]}ForMaskedLM"
+    expected = ("none", "the erf GELU") if family in _ERF_MLM else (
         encoder_config.gelu_approximate, f"the encoder's hidden_act ({encoder_config.hidden_act})")
     if head.approximate != expected[0]:
         raise UnsupportedModelError(f"{class_name}'s head uses {expected[1]}; this head uses "
                                     f"approximate={head.approximate!r}")
+    missing = [name for name, bias in (("dense_bias", head.dense.bias), ("norm_bias", head.layer_norm.bias),
+                                       ("decoder_bias", head.bias)) if bias is None]
+    if missing:
+        raise UnsupportedModelError(f"{class_name}'s head has every bias; this head was built with {missing[0]}=False")
     dense, norm, decoder, bias_keys = _MASKED_LM[family]
     state = {**_prefixed(dense, head.dense), **_prefixed(norm, head.layer_norm)}
     state.update({k: head.bias.detach() for k in bias_keys})
-    state[f"{decoder}.weight"] = weight.detach()
+    state[f"{decoder}.weight"] = head._decoder().detach()
     return state
 
 
 def _masked_lm_to_hf(head: MaskedLMHead, encoder_config: EncoderConfig) -> HfHead:
-    return (f"{_HF_FAMILY[encoder_config.family]}ForMaskedLM", {"tie_word_embeddings": head.tied},
+    if encoder_config.family == "modernbert":
+        return _modernbert_masked_lm_to_hf(head, encoder_config)
+    return (f"{HF_PREFIXES[encoder_config.family]}ForMaskedLM", {"tie_word_embeddings": head.tied},
             _masked_lm_state(head, encoder_config))
 
 
@@ -336,21 +438,31 @@ def _next_sentence_to_hf(head: NextSentenceHead, encoder_config: EncoderConfig) 
 
 
 def _span_extraction_from_hf(hf_model, encoder_config: EncoderConfig) -> SpanExtractionHead:
-    if hf_model.qa_outputs.out_features != 2:
+    modern = encoder_config.family == "modernbert"  # its QA linear is named classifier
+    outputs = hf_model.classifier if modern else hf_model.qa_outputs
+    if outputs.out_features != 2:
         raise UnsupportedModelError(f"a QA head predicts start and end (2 outputs), this one has "
-                                    f"{hf_model.qa_outputs.out_features}")
-    head = SpanExtractionHead(hf_model.config.hidden_size)
-    head.qa_outputs.load_state_dict(hf_model.qa_outputs.state_dict())
+                                    f"{outputs.out_features}")
+    cfg = hf_model.config
+    if modern:
+        head = SpanExtractionHead(cfg.hidden_size, _modernbert_transform(cfg), cfg.classifier_dropout)
+        _load_modernbert_head(head.transform, head.qa_outputs, hf_model)
+        return head
+    head = SpanExtractionHead(cfg.hidden_size)
+    head.qa_outputs.load_state_dict(outputs.state_dict())
     return head
 
 
 def _span_extraction_to_hf(head: SpanExtractionHead, encoder_config: EncoderConfig) -> HfHead:
-    return (f"{_HF_FAMILY[encoder_config.family]}ForQuestionAnswering", {"num_labels": 2},
+    if encoder_config.family == "modernbert" or head.transform is not None:
+        return _modernbert_head_to_hf("ForQuestionAnswering", head, head.qa_outputs, encoder_config,
+                                      {"num_labels": 2})
+    return (f"{HF_PREFIXES[encoder_config.family]}ForQuestionAnswering", {"num_labels": 2},
             _prefixed("qa_outputs", head.qa_outputs))
 
 
 def _sentence_embedding_to_hf(head: SentenceEmbeddingHead, encoder_config: EncoderConfig) -> HfHead:
-    return f"{_HF_FAMILY[encoder_config.family]}Model", {}, {}
+    return f"{HF_PREFIXES[encoder_config.family]}Model", {}, {}
 
 
 def _pretraining_from_hf(hf_model, encoder_config: EncoderConfig) -> PreTrainingHead:
@@ -366,6 +478,64 @@ def _pretraining_to_hf(head: PreTrainingHead, encoder_config: EncoderConfig) -> 
     _, _, nsp_state = _next_sentence_to_hf(head.nsp, encoder_config)
     state = {**_masked_lm_state(head.mlm, encoder_config), **nsp_state}
     return "BertForPreTraining", {"tie_word_embeddings": head.mlm.tied}, state
+
+
+# --- ModernBERT's heads: its prediction head (dense, activation, LayerNorm) before a classifier or the decoder ----
+
+_GELU_NAMES = {"none": "gelu", "tanh": "gelu_pytorch_tanh"}  # approximate -> an HF activation name
+
+
+def _modernbert_transform(cfg) -> dict[str, Any]:
+    """The PredictionTransform config of a ModernBertConfig's head (its LayerNorm shares the encoder's eps and
+    norm_bias)."""
+    return {"eps": cfg.norm_eps, "activation": cfg.classifier_activation, "dense_bias": cfg.classifier_bias,
+            "norm_bias": cfg.norm_bias}
+
+
+def _load_modernbert_head(transform: PredictionTransform, classifier: nn.Linear, hf_model) -> None:
+    transform.dense.load_state_dict(hf_model.head.dense.state_dict())
+    transform.norm.load_state_dict(hf_model.head.norm.state_dict())
+    classifier.load_state_dict(hf_model.classifier.state_dict())
+
+
+def _modernbert_head_config(class_name: str, dense_bias: bool, norm_bias: bool, eps: float, activation: str,
+                            encoder_config: EncoderConfig) -> dict[str, Any]:
+    """The ModernBertConfig fields of a head, or an error naming what ModernBERT's classes cannot hold."""
+    if norm_bias != encoder_config.norm_bias or eps != encoder_config.layer_norm_eps:
+        raise UnsupportedModelError(f"{class_name}'s head LayerNorm shares the encoder's norm_bias "
+                                    f"({encoder_config.norm_bias}) and eps ({encoder_config.layer_norm_eps}); this "
+                                    f"head's has norm_bias={norm_bias}, eps={eps}")
+    return {"classifier_bias": dense_bias, "classifier_activation": activation}
+
+
+def _modernbert_head_to_hf(suffix: str, head: Head, output: nn.Linear, encoder_config: EncoderConfig,
+                           config: dict[str, Any]) -> HfHead:
+    """A classifier head with ModernBERT's prediction head before it -> ModernBert<suffix>; refused for another
+    family (no transformers class has such a head) or without the prediction head."""
+    t = head.transform
+    class_name = f"{HF_PREFIXES[encoder_config.family]}{suffix}"
+    if encoder_config.family != "modernbert":
+        raise UnsupportedModelError(f"this head runs ModernBERT's prediction head before its output; {class_name} "
+                                    "has none")
+    if t is None:
+        raise UnsupportedModelError(f"{class_name} runs a prediction head (dense, activation, LayerNorm) before its "
+                                    "output; this head has none (pass transform=)")
+    fields = _modernbert_head_config(class_name, t.dense.bias is not None, t.norm.bias is not None, t.eps,
+                                     t.activation, encoder_config)
+    state = {**_prefixed("head.dense", t.dense), **_prefixed("head.norm", t.norm), **_prefixed("classifier", output)}
+    return class_name, {**config, **fields, "classifier_dropout": head.dropout}, state
+
+
+def _modernbert_masked_lm_to_hf(head: MaskedLMHead, encoder_config: EncoderConfig) -> HfHead:
+    fields = _modernbert_head_config("ModernBertForMaskedLM", head.dense.bias is not None,
+                                     head.layer_norm.bias is not None, head.eps, _GELU_NAMES[head.approximate],
+                                     encoder_config)
+    state = {**_prefixed("head.dense", head.dense), **_prefixed("head.norm", head.layer_norm),
+             "decoder.weight": head._decoder().detach()}
+    if head.bias is not None:
+        state["decoder.bias"] = head.bias.detach()
+    return ("ModernBertForMaskedLM", {**fields, "decoder_bias": head.bias is not None,
+                                      "tie_word_embeddings": head.tied}, state)
 
 
 # transformers class-name suffix -> the head that reads it
@@ -395,11 +565,14 @@ _TASKS = {
     "Roberta": ("ForSequenceClassification", "ForTokenClassification", "ForMaskedLM", "ForQuestionAnswering"),
     "DistilBert": ("ForSequenceClassification", "ForTokenClassification", "ForMaskedLM", "ForQuestionAnswering"),
     "Electra": ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering"),
+    "MPNet": ("ForSequenceClassification", "ForTokenClassification", "ForMaskedLM", "ForQuestionAnswering"),
+    "ModernBert": ("ForSequenceClassification", "ForTokenClassification", "ForMaskedLM", "ForQuestionAnswering"),
 }
 
 
 def head_from_hf(hf_model: nn.Module, encoder_config: EncoderConfig) -> Head:
-    """The head of an HF Bert* / Roberta* / DistilBert* / Electra* task model, weights copied exactly."""
+    """The head of an HF Bert* / Roberta* / DistilBert* / Electra* / MPNet* / ModernBert* task model, weights copied
+    exactly."""
     for klass in type(hf_model).__mro__:
         name = klass.__name__
         for suffix in _FROM_HF:

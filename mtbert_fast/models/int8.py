@@ -73,17 +73,18 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor, input_absmax: torc
     return Int8Linear(q, pack_int8_weight(q), scale, q.float().sum(1), bias.detach().clone(), (1 / s).contiguous())
 
 
-def int8_layer_forward(config: EncoderConfig, w: Int8LayerWeights, x, packed, backend=None, next_smooth=None):
+def int8_layer_forward(config: EncoderConfig, w: Int8LayerWeights, x, packed, backend=None, next_smooth=None,
+                       rel_bias=None):
     """One encoder layer with int8 products on packed tokens -> [T, H] in x's dtype. x: [T, H], or (x, q, scale,
     zero) with x already quantized for the QKV product (what the previous layer returns when given next_smooth, the
-    next layer's qkv smooth; the layer then returns (y, y quantized) likewise)."""
+    next layer's qkv smooth; the layer then returns (y, y quantized) likewise). rel_bias: as for layer_forward."""
     x, *qx = x if isinstance(x, tuple) else (x,)
     t, h = x.shape
     eps = config.layer_norm_eps
     qkv = int8_linear(*w.qkv.sums(*(qx or quantize_rows(x, w.qkv.smooth, backend=backend))), backend=backend)
     ctx = attention_varlen(
         qkv.view(t, 3, config.num_attention_heads, config.head_dim), packed.cu_seqlens, packed.max_seqlen,
-        backend=backend,
+        rel_bias=rel_bias, backend=backend,
     ).reshape(t, h)
     x, *qx = int8_linear_residual_layer_norm_quantize(
         *w.attn_out.sums(*quantize_rows(ctx, w.attn_out.smooth, backend=backend)), x, w.attn_norm_weight,

@@ -1,4 +1,5 @@
-"""attention_varlen: bidirectional softmax attention over packed (unpadded) sequences, with fused dropout."""
+"""attention_varlen: bidirectional softmax attention over packed (unpadded) sequences, with fused dropout, an optional
+relative position bias and an optional local window."""
 
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ def attention_varlen(
     *,
     dropout_p: float = 0.0,
     rng_state: torch.Tensor | None = None,
+    rel_bias: torch.Tensor | None = None,
+    window: int = -1,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """softmax(scale * Q K^T) V per sequence, with the softmax in fp32 and no padding anywhere.
+    """softmax(scale * Q K^T + bias) V per sequence, with the softmax in fp32 and no padding anywhere.
 
     qkv [T, 3, heads, head_dim]: the packed output of the fused QKV projection, viewed per head.
     cu_seqlens int32 [B+1]: sequence b owns rows cu_seqlens[b]:cu_seqlens[b+1]; cu_seqlens[0] == 0, [-1] == T.
@@ -33,6 +36,12 @@ def attention_varlen(
         function of rng_state (see mtbert_fast.ops.dropout), regenerated in the backward.
     rng_state: int64 [2] on the CPU (seed, offset); default a fresh one from torch's CPU generator, so that
         torch.manual_seed reproduces the masks.
+    rel_bias fp32 [heads, 2R+1], contiguous, on qkv's device: a relative position bias added to the scaled scores,
+        bias_ij = rel_bias[h, clamp(j - i, -R, R) + R] with i, j the query's and the key's positions in their
+        sequence (MPNet's and T5's bucketed biases are such a table: every distance beyond R shares the last bucket).
+        It has a gradient (fp32, as rel_bias).
+    window: where >= 0, query i attends only to the keys with |j - i| <= window (ModernBERT's local attention with
+        local_attention = 2 * window); -1 attends to the whole sequence.
     -> [T, heads, head_dim] in qkv's dtype.
 
     Shapes, dtypes and devices are checked on every backend without a device synchronisation; the values of
@@ -41,6 +50,7 @@ def attention_varlen(
     """
     op = "attention_varlen"
     check_inputs(op, qkv, cu_seqlens, max_seqlen)
+    check_position_args(op, qkv, rel_bias, window)
     if dropout_p > 0.0 and rng_state is None:
         rng_state = dropout.new_rng_state()
     dropout.check_rng_state(op, dropout_p, rng_state)
@@ -48,7 +58,24 @@ def attention_varlen(
         scale = 1.0 / math.sqrt(qkv.shape[-1])
     if dropout_p == 0.0:
         rng_state = None
-    return OP(qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state, backend=backend)
+    return OP(qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state, rel_bias, window, backend=backend)
+
+
+def check_position_args(op: str, qkv: torch.Tensor, rel_bias: torch.Tensor | None, window: int) -> None:
+    """rel_bias fp32 [heads, 2R+1] contiguous on qkv's device, or None; window >= -1."""
+    if rel_bias is not None:
+        heads = qkv.shape[2]
+        if rel_bias.dim() != 2 or rel_bias.shape[0] != heads or rel_bias.shape[1] % 2 != 1:
+            raise ValueError(f"{op}: rel_bias must be [heads, 2R+1] = [{heads}, odd], got shape "
+                             f"{tuple(rel_bias.shape)}")
+        if rel_bias.dtype != torch.float32:
+            raise TypeError(f"{op}: rel_bias must be float32, got {rel_bias.dtype}")
+        if rel_bias.device != qkv.device:
+            raise ValueError(f"{op}: rel_bias is on {rel_bias.device} but qkv is on {qkv.device}")
+        if not rel_bias.is_contiguous():
+            raise ValueError(f"{op}: rel_bias must be contiguous, got strides {rel_bias.stride()}")
+    if window < -1:
+        raise ValueError(f"{op}: window must be >= 0 (local attention) or -1 (none), got {window}")
 
 
 def check_inputs(op: str, qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> None:
@@ -77,12 +104,14 @@ def check_inputs(op: str, qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqle
 
 def check_backward_inputs(
     grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor,
-    max_seqlen: int, dropout_p: float, rng_state: torch.Tensor | None,
+    max_seqlen: int, dropout_p: float, rng_state: torch.Tensor | None, rel_bias: torch.Tensor | None = None,
+    window: int = -1,
 ) -> None:
     """The backward's inputs: those of the forward, and grad_out, out [T, heads, head_dim] in qkv's dtype and lse
     fp32 [heads, T] on qkv's device (the C++ kernels check the same in C++)."""
     op = "attention_varlen_backward"
     check_inputs(op, qkv, cu_seqlens, max_seqlen)
+    check_position_args(op, qkv, rel_bias, window)
     dropout.check_rng_state(op, dropout_p, rng_state)
     t, _, heads, head_dim = qkv.shape
     for name, x, shape, dtype in (
@@ -108,32 +137,40 @@ def check_cu_seqlens_values(op: str, cu_seqlens: torch.Tensor, tokens: int) -> N
                              f"cu_seqlens[{b + 1}] = {hi}")
 
 
-def _fake(qkv, cu_seqlens, max_seqlen, scale, dropout_p=0.0, rng_state=None):
+def _fake(qkv, cu_seqlens, max_seqlen, scale, dropout_p=0.0, rng_state=None, rel_bias=None, window=-1):
     t, _, heads, head_dim = qkv.shape
     return qkv.new_empty((t, heads, head_dim)), qkv.new_empty((heads, t), dtype=torch.float32)
 
 
-def _fake_backward(grad_out, qkv, out, lse, cu_seqlens, max_seqlen, scale, dropout_p=0.0, rng_state=None):
-    return qkv.new_empty(qkv.shape)
+def _fake_backward(grad_out, qkv, out, lse, cu_seqlens, max_seqlen, scale, dropout_p=0.0, rng_state=None,
+                   rel_bias=None, window=-1):
+    return qkv.new_empty(qkv.shape), grad_rel_bias_like(qkv, rel_bias)
+
+
+def grad_rel_bias_like(qkv: torch.Tensor, rel_bias: torch.Tensor | None) -> torch.Tensor:
+    """The backward's second output, uninitialised: fp32 as rel_bias, or [0] without one."""
+    shape = (0,) if rel_bias is None else tuple(rel_bias.shape)
+    return qkv.new_empty(shape, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state = inputs
+    qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state, rel_bias, window = inputs
     out, lse = output
-    ctx.save_for_backward(qkv, out, lse, cu_seqlens, rng_state)
+    ctx.save_for_backward(qkv, out, lse, cu_seqlens, rng_state, rel_bias)
     ctx.mark_non_differentiable(lse)
-    ctx.max_seqlen, ctx.scale, ctx.dropout_p = max_seqlen, scale, dropout_p
+    ctx.max_seqlen, ctx.scale, ctx.dropout_p, ctx.window = max_seqlen, scale, dropout_p, window
 
 
 def _backward(ctx, grad, _grad_lse):
-    qkv, out, lse, cu_seqlens, rng_state = ctx.saved_tensors
+    qkv, out, lse, cu_seqlens, rng_state, rel_bias = ctx.saved_tensors
     # the backward runs where it is fastest for this input, which need not be where the forward ran: every backend
     # keeps lse in the same layout and draws the same dropout mask from rng_state
     backend = dispatch.backward_backend(OP.name, ctx.backend, qkv)
-    grad_qkv = OP.backward_kernel(backend)(
-        grad.contiguous(), qkv, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.dropout_p, rng_state
+    grad_qkv, grad_rel_bias = OP.backward_kernel(backend)(
+        grad.contiguous(), qkv, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.dropout_p, rng_state, rel_bias,
+        ctx.window,
     )
-    return grad_qkv, None, None, None, None, None
+    return grad_qkv, None, None, None, None, None, (grad_rel_bias if rel_bias is not None else None), None
 
 
 def _head_dim(qkv: torch.Tensor) -> str | None:
@@ -156,12 +193,14 @@ _TOKENS = Limit(f"T <= {INT32_ROWS - 1} rows (int32 cu_seqlens)", _tokens)
 
 OP = Op(
     name="attention_varlen",
-    # qkv [T, 3, heads, head_dim], cu_seqlens int32 [B+1] -> out [T, heads, head_dim], lse fp32 [heads, T]
-    schema="(Tensor qkv, Tensor cu_seqlens, int max_seqlen, float scale, float dropout_p=0., Tensor? rng_state=None) "
-           "-> (Tensor, Tensor)",
-    # -> grad_qkv [T, 3, heads, head_dim]
+    # qkv [T, 3, heads, head_dim], cu_seqlens int32 [B+1], rel_bias fp32 [heads, 2R+1]
+    # -> out [T, heads, head_dim], lse fp32 [heads, T] (the log-sum-exp of the biased, scaled scores)
+    schema="(Tensor qkv, Tensor cu_seqlens, int max_seqlen, float scale, float dropout_p=0., Tensor? rng_state=None, "
+           "Tensor? rel_bias=None, int window=-1) -> (Tensor, Tensor)",
+    # -> grad_qkv [T, 3, heads, head_dim], grad_rel_bias fp32 [heads, 2R+1] ([0] without rel_bias)
     backward_schema="(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, Tensor cu_seqlens, int max_seqlen, "
-                    "float scale, float dropout_p=0., Tensor? rng_state=None) -> Tensor",
+                    "float scale, float dropout_p=0., Tensor? rng_state=None, Tensor? rel_bias=None, int window=-1) "
+                    "-> (Tensor, Tensor)",
     reference=reference.attention_varlen,
     backends={
         "cuda": Backend(limits=(_HEAD_DIM, Limit(f"heads <= {CUDA_MAX_HEADS}", _heads), _TOKENS)),

@@ -63,11 +63,17 @@ def attention_varlen(
     scale: float | None = None,
     dropout_p: float = 0.0,
     rng_state: torch.Tensor | None = None,
+    rel_bias: torch.Tensor | None = None,
+    window: int = -1,
 ) -> torch.Tensor:
     """Bidirectional softmax attention over packed sequences, softmax in fp32.
 
     qkv [T, 3, heads, head_dim]; cu_seqlens int32 [B+1] (sequence b owns rows cu_seqlens[b]:cu_seqlens[b+1]);
-    -> [T, heads, head_dim].  out_i = sum_j softmax_j(scale * q_i . k_j) v_j over j in i's sequence.
+    -> [T, heads, head_dim].  out_i = sum_j softmax_j(scale * q_i . k_j + bias_ij) v_j over j in i's sequence, with
+    i, j positions within the sequence.
+    rel_bias fp32 [heads, 2R+1]: bias_ij = rel_bias[h, clamp(j - i, -R, R) + R] (a relative position bias, as MPNet's
+    and T5's); none when None.
+    window: where >= 0, query i sees only the keys with |j - i| <= window (local attention, as ModernBERT's).
     max_seqlen is not needed here (every sequence is computed in full, as by the kernels).
     dropout_p, rng_state: dropout on the probabilities with the Philox mask of mtbert_fast.ops.dropout, the mask
     every kernel draws from the same rng_state (int64 [2] on the CPU); kept probabilities are scaled by 1 / (1 - p).
@@ -80,6 +86,13 @@ def attention_varlen(
     for start, end in zip(bounds[:-1], bounds[1:]):
         q, k, v = _acc(qkv[start:end]).unbind(1)  # each [L, heads, head_dim]
         scores = torch.einsum("ihd,jhd->hij", q, k) * scale
+        pos = torch.arange(end - start, device=qkv.device)
+        rel = pos[None, :] - pos[:, None]  # [L, L]: j - i
+        if rel_bias is not None:
+            r = (rel_bias.shape[1] - 1) // 2
+            scores = scores + rel_bias.to(scores.dtype)[:, rel.clamp(-r, r) + r]
+        if window >= 0:
+            scores = scores.masked_fill(rel.abs() > window, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         if dropout_p > 0.0:
             rows = torch.arange(start, end, dtype=torch.int64)

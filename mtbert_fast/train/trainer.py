@@ -109,18 +109,26 @@ def build_model(config: TrainConfig, tokenizer) -> MultiTaskBert:
 
 def make_head(task: TaskSpec, enc: EncoderConfig, has_pooler: bool):
     id2label = {i: str(v) for i, v in enumerate(task.labels)} if task.labels is not None else None
+    # ModernBERT's task heads run its prediction head (no dense bias, the encoder's LayerNorm) before their output
+    transform = ({"eps": enc.layer_norm_eps, "activation": "gelu", "dense_bias": False, "norm_bias": enc.norm_bias}
+                 if enc.family == "modernbert" else None)
     if task.kind == "sequence_classification":
-        roberta = enc.family == "roberta"
+        roberta = enc.family in ("roberta", "mpnet")  # their HF classifiers: a dense + tanh head on the first token
         return SequenceClassificationHead(enc.hidden_size, task.num_labels, task.problem_type,
-                                          pooled=has_pooler and not roberta, roberta_style=roberta,
-                                          dropout=enc.hidden_dropout_prob, id2label=id2label)
+                                          pooled=has_pooler and not roberta and transform is None,
+                                          roberta_style=roberta, dropout=enc.hidden_dropout_prob, id2label=id2label,
+                                          transform=transform)
     if task.kind == "token_classification":
-        return TokenClassificationHead(enc.hidden_size, task.num_labels, enc.hidden_dropout_prob, id2label)
+        return TokenClassificationHead(enc.hidden_size, task.num_labels, enc.hidden_dropout_prob, id2label, transform)
     if task.kind == "masked_lm":
+        if transform is not None:
+            return MaskedLMHead(enc, dense_bias=False, norm_bias=enc.norm_bias)
         return MaskedLMHead(enc)
     if task.kind == "next_sentence":
         return NextSentenceHead(enc.hidden_size)
     if task.kind == "span_extraction":
+        if transform is not None:
+            return SpanExtractionHead(enc.hidden_size, transform, enc.hidden_dropout_prob)
         return SpanExtractionHead(enc.hidden_size)
     if task.kind == "pretraining":
         return PreTrainingHead(enc)

@@ -1,6 +1,7 @@
 """A small, complete workload for compute-sanitizer: attention forward and backward (dropout off and on, ragged
-lengths with 1 and a multi-tile sequence, fp16 and bf16 and fp32) and both LayerNorm ops with their backward, on one
-GPU backend. `python tests/cuda/sanitize_case.py --backend cuda|triton`; `--check` only imports and exits."""
+lengths with 1 and a multi-tile sequence, fp16 and bf16 and fp32; on the CUDA kernels also with a relative position
+bias table and a window) and both LayerNorm ops with their backward, on one GPU backend.
+`python tests/cuda/sanitize_case.py --backend cuda|triton`; `--check` only imports and exits."""
 
 from __future__ import annotations
 
@@ -24,10 +25,17 @@ def run(backend: str) -> None:
             why = dispatch.reason(backend, "attention_varlen", dev, dtype)
             if why:
                 sys.exit(f"{backend} cannot run attention_varlen in {dtype}: {why}")
+            # a table narrower than the longest distance (its last entries shared by the far keys), and a window
+            positions = [{}]
+            if backend == "cuda":
+                table = torch.randn(2, 2 * 40 + 1, generator=g, device=dev).requires_grad_()
+                positions.append(dict(rel_bias=table, window=20))
             for p in (0.0, 0.1):
-                rng = dropout.new_rng_state() if p else None
-                out = ops.attention_varlen(qkv, cu, max(lengths), dropout_p=p, rng_state=rng, backend=backend)
-                out.float().square().sum().backward()
+                for position in positions:
+                    rng = dropout.new_rng_state() if p else None
+                    out = ops.attention_varlen(qkv, cu, max(lengths), dropout_p=p, rng_state=rng, backend=backend,
+                                               **position)
+                    out.float().square().sum().backward()
         x = torch.randn(300, 96, generator=g, device=dev).to(dtype).requires_grad_()
         b, r = torch.randn(96, device=dev).to(dtype), torch.randn(300, 96, device=dev).to(dtype)
         w, beta = torch.ones(96, device=dev).requires_grad_(), torch.zeros(96, device=dev).requires_grad_()

@@ -415,15 +415,30 @@ def _packed(seqlens, heads, head_dim, dtype, seed=0, scale=1.0):
     return _make((T, 3, heads, head_dim), dtype, seed, scale), cu
 
 
-def _native_attention(qkv, cu, scale, dropout_p=0.0, rng_state=None):
+def _position_terms(length, rel_bias, window, device):
+    """[heads or 1, L, L] fp32: rel_bias[h, clamp(j - i, -R, R) + R] (0 without a table), -inf outside the window."""
+    pos = torch.arange(length, device=device)
+    rel = pos[None, :] - pos[:, None]  # j - i
+    if rel_bias is None:
+        terms = torch.zeros((1, length, length), device=device)
+    else:
+        r = (rel_bias.shape[1] - 1) // 2
+        terms = rel_bias[:, rel.clamp(-r, r) + r]
+    return terms.masked_fill(rel.abs() > window, float("-inf")) if window >= 0 else terms
+
+
+def _native_attention(qkv, cu, scale, dropout_p=0.0, rng_state=None, rel_bias=None, window=-1):
     """PyTorch's own attention in qkv's dtype (scores, softmax and P V each rounded to it), as HF's eager runs it;
-    with dropout_p > 0 the probabilities take the mask of mtbert_fast.ops.dropout (the kernels' mask)."""
+    with dropout_p > 0 the probabilities take the mask of mtbert_fast.ops.dropout (the kernels' mask); the position
+    terms are added to the scores in qkv's dtype."""
     outs = []
     bounds = cu.tolist()
     masks = dropout.attention_dropout_masks(rng_state, dropout_p, qkv.shape[2], cu.cpu()) if dropout_p else None
     for b, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
         q, k, v = qkv[s:e].unbind(1)
         scores = torch.einsum("ihd,jhd->hij", q, k) * scale
+        if rel_bias is not None or window >= 0:
+            scores = scores + _position_terms(e - s, rel_bias, window, qkv.device).to(scores.dtype)
         probs = torch.softmax(scores, dim=-1)
         if masks is not None:
             probs = probs * masks[b].to(qkv.device) / (1.0 - dropout_p)
@@ -431,12 +446,13 @@ def _native_attention(qkv, cu, scale, dropout_p=0.0, rng_state=None):
     return torch.cat(outs) if outs else qkv.new_zeros((0,) + qkv.shape[2:])
 
 
-def _exact_lse(qkv, cu, scale):
+def _exact_lse(qkv, cu, scale, rel_bias=None, window=-1):
     out = torch.empty(qkv.shape[2], qkv.shape[0], device=DEV)
     bounds = cu.tolist()
     for s, e in zip(bounds[:-1], bounds[1:]):
         q, k, _ = qkv[s:e].float().unbind(1)
-        out[:, s:e] = torch.logsumexp(torch.einsum("ihd,jhd->hij", q, k) * scale, dim=-1)
+        scores = torch.einsum("ihd,jhd->hij", q, k) * scale + _position_terms(e - s, rel_bias, window, DEV)
+        out[:, s:e] = torch.logsumexp(scores, dim=-1)
     return out
 
 
@@ -495,7 +511,7 @@ def test_attention_varlen_backward(dtype, head_dim, case):
     grad_out = _make((qkv.shape[0], 2, head_dim), dtype, 7)
     scale = 1.0 / math.sqrt(head_dim)
     out, lse = OPS.attention_varlen(qkv, cu, max(seqlens), scale)
-    grad = OPS.attention_varlen_backward(grad_out, qkv, out, lse, cu, max(seqlens), scale)
+    grad, _ = OPS.attention_varlen_backward(grad_out, qkv, out, lse, cu, max(seqlens), scale)
 
     q32 = qkv.float().requires_grad_()
     (exact,) = torch.autograd.grad(reference.attention_varlen(q32, cu, max(seqlens), scale), q32, grad_out.float())
@@ -548,7 +564,7 @@ def test_attention_dropout_forward_and_backward(dtype, head_dim):
                                rtol=1e-4)
 
     grad_out = _make((qkv.shape[0], 2, head_dim), dtype, 7)
-    grad = OPS.attention_varlen_backward(grad_out, qkv, out, lse, cu, max(seqlens), scale, DROPOUT_P, rng)
+    grad, _ = OPS.attention_varlen_backward(grad_out, qkv, out, lse, cu, max(seqlens), scale, DROPOUT_P, rng)
     (exact_grad,) = torch.autograd.grad(exact, q32, grad_out.float())
     (native_grad,) = torch.autograd.grad(native, qn, grad_out)
     _assert_close(grad, native_grad, exact_grad, dtype, "grad_qkv", atol=1e-4, floor=2e-3)
@@ -579,7 +595,7 @@ def test_attention_dropout_mask_is_the_reference_mask(dtype, head_dim):
     grad_out = torch.zeros_like(out)
     for s, e in zip(bounds[:-1], bounds[1:]):
         grad_out[s:e] = torch.eye(e - s, head_dim, dtype=dtype, device=DEV)[:, None, :]
-    grad = OPS.attention_varlen_backward(grad_out, qkv, out, lse, cu, max(seqlens), 1.0, DROPOUT_P, rng)
+    grad, _ = OPS.attention_varlen_backward(grad_out, qkv, out, lse, cu, max(seqlens), 1.0, DROPOUT_P, rng)
     for b, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
         keep = masks[b].to(DEV)  # [heads, L, L]: query i, key j
         L = e - s
@@ -603,8 +619,9 @@ def test_attention_dropout_short_max_seqlen(dtype):
     exact = reference.attention_varlen(qkv.float(), cu, 300, scale, DROPOUT_P, rng)
     _assert_close(out, _native_attention(qkv, cu, scale, DROPOUT_P, rng), exact, dtype, "out", atol=1e-4, floor=1e-3)
     grad_out = _make((qkv.shape[0], 2, 64), dtype, 3)
-    short = OPS.attention_varlen_backward(grad_out, qkv, out, lse, cu, 1, scale, DROPOUT_P, rng)
-    assert torch.equal(short, OPS.attention_varlen_backward(grad_out, qkv, out, lse, cu, 300, scale, DROPOUT_P, rng))
+    short_grad, _ = OPS.attention_varlen_backward(grad_out, qkv, out, lse, cu, 1, scale, DROPOUT_P, rng)
+    full_grad, _ = OPS.attention_varlen_backward(grad_out, qkv, out, lse, cu, 300, scale, DROPOUT_P, rng)
+    assert torch.equal(short_grad, full_grad)
 
 
 def test_attention_dropout_is_a_function_of_rng_state():
@@ -629,6 +646,74 @@ def test_attention_dropout_arguments_checked():
         OPS.attention_varlen(qkv, cu, 6, 0.2, 0.1, _rng_state().to(DEV))
 
 
+# ---- attention position terms ------------------------------------------------------------------------------------
+
+POSITION_SEQLENS = [300, 1, 70, 129]  # many tiles of every kernel, a lone token, bands that start inside tiles
+POSITION_CASES = [  # window, dropout_p, R of the rel_bias table
+    (-1, 0.0, 100),  # the table alone, clamped at both ends of the long sequences
+    (37, 0.0, 300),  # a table wider than the dQ kernel sums in shared memory (its gradient goes to global atomics)
+    (37, DROPOUT_P, 100),
+    (0, 0.0, 2),  # every query sees itself only: whole tiles masked for some rows
+]
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 128, 160])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_attention_position_terms(dtype, head_dim):
+    """The rel_bias table and the window on every kernel path (the tensor-core forward for fp16/bf16 up to head_dim
+    128, the CUDA-core one otherwise, both backward kernels) over sequences of many tiles, with grad_rel_bias summed
+    over many blocks."""
+    qkv, cu = _packed(POSITION_SEQLENS, 2, head_dim, dtype)
+    grad_out = _make((qkv.shape[0], 2, head_dim), dtype, 7)
+    scale = 1.0 / math.sqrt(head_dim)
+    max_len = max(POSITION_SEQLENS)
+    for window, p, r in POSITION_CASES:
+        what = f"window={window} p={p} R={r}"
+        table = _make((2, 2 * r + 1), torch.float32, 9, scale=2.0).contiguous()
+        rng = _rng_state() if p else None
+        out, lse = OPS.attention_varlen(qkv, cu, max_len, scale, p, rng, table, window)
+        grad, grad_bias = OPS.attention_varlen_backward(grad_out, qkv, out, lse, cu, max_len, scale, p, rng, table,
+                                                        window)
+        q32, b32 = qkv.float().requires_grad_(), table.clone().requires_grad_()
+        exact = reference.attention_varlen(q32, cu, max_len, scale, p, rng, b32, window)
+        exact_grad, exact_grad_bias = torch.autograd.grad(exact, (q32, b32), grad_out.float())
+        qn, bn = qkv.clone().requires_grad_(), table.clone().requires_grad_()
+        native = _native_attention(qn, cu, scale, p, rng, bn, window)
+        native_grad, native_grad_bias = torch.autograd.grad(native, (qn, bn), grad_out)
+        _assert_close(out, native.detach(), exact.detach(), dtype, f"out {what}", atol=1e-4, floor=1e-3)
+        torch.testing.assert_close(lse, _exact_lse(qkv, cu, scale, table, window), rtol=1e-4,
+                                   atol=1e-4 if dtype == torch.float32 else 2e-3, msg=lambda m: f"lse {what}: {m}")
+        _assert_close(grad, native_grad, exact_grad, dtype, f"grad_qkv {what}", atol=1e-4, floor=2e-3)
+        assert grad_bias.dtype == torch.float32 and grad_bias.shape == table.shape, what
+        if dtype == torch.float32:  # each entry sums dS over up to T pairs
+            torch.testing.assert_close(grad_bias, exact_grad_bias, atol=1e-5 * max_len, rtol=1e-4,
+                                       msg=lambda m: f"grad_rel_bias {what}: {m}")
+        else:
+            err, base = _max_err(grad_bias, exact_grad_bias), _max_err(native_grad_bias, exact_grad_bias)
+            assert err <= 2 * base + 1e-3, f"grad_rel_bias {what}: {dtype} error {err:.3g} vs PyTorch's own {base:.3g}"
+
+
+def test_attention_position_arguments_checked():
+    """The kernels' own checks name rel_bias and window (the ops are callable without the wrapper)."""
+    qkv, cu = _packed([4, 6], 2, 32, torch.float16)
+    table = _make((2, 7), torch.float32, 1)
+    out, lse = OPS.attention_varlen(qkv, cu, 6, 0.2)
+    bad = [
+        (table.cpu(), "rel_bias is on cpu"),
+        (table.double(), "rel_bias must be float32"),
+        (table[:, :6].contiguous(), r"rel_bias must be \[heads, 2R\+1\] = \[2, odd\]"),
+        (table[:1], r"rel_bias must be \[heads, 2R\+1\]"),
+        (_make((7, 2), torch.float32, 1).t(), "rel_bias must be contiguous"),
+    ]
+    for t, match in bad:
+        with pytest.raises(RuntimeError, match=match):
+            OPS.attention_varlen(qkv, cu, 6, 0.2, 0.0, None, t, -1)
+        with pytest.raises(RuntimeError, match=match):
+            OPS.attention_varlen_backward(out, qkv, out, lse, cu, 6, 0.2, 0.0, None, t, -1)
+    with pytest.raises(RuntimeError, match="window must be >= 0"):
+        OPS.attention_varlen(qkv, cu, 6, 0.2, 0.0, None, None, -2)
+
+
 def test_attention_varlen_empty_batches():
     """cu_seqlens = [0] with T > 0 is refused, naming cu_seqlens; T = 0 gives empty tensors whatever B is."""
     qkv, _ = _packed([3, 4], 2, 32, torch.float16)
@@ -644,7 +729,7 @@ def test_attention_varlen_empty_batches():
         for p, rng in ((0.0, None), (0.1, _rng_state())):
             o, lse_ = OPS.attention_varlen(empty, cu, 0, 0.2, p, rng)
             assert o.shape == (0, 2, 32) and lse_.shape == (2, 0)
-            g = OPS.attention_varlen_backward(o, empty, o, lse_, cu, 0, 0.2, p, rng)
+            g, _ = OPS.attention_varlen_backward(o, empty, o, lse_, cu, 0, 0.2, p, rng)
             assert g.shape == (0, 3, 2, 32)
 
 
@@ -680,7 +765,8 @@ def _opcheck_samples():
         "bias_gelu_layer_norm": (x, b, w, beta, EPS, "none"),
         "gather_rows": (x, torch.tensor([4, 0, 0, 2], device=DEV)),
         "scatter_rows": (x, torch.tensor([6, 0, 3, 2, 1], device=DEV), 8),
-        "attention_varlen": (qkv, cu, 9, 0.25),
+        # every argument spelled out: the trailing backend is positional
+        "attention_varlen": (qkv, cu, 9, 0.25, 0.0, None, _make((2, 9), torch.float32, 5), 3),
     }
 
 
@@ -795,7 +881,7 @@ def test_attention_dropout_never_synchronizes(dtype):
     try:
         out = mops.attention_varlen(qkv, cu, 70, dropout_p=0.1, rng_state=rng, backend="cuda")
         o, lse = OPS.attention_varlen(qkv, cu, 70, 0.125, 0.1, rng)
-        grad = OPS.attention_varlen_backward(grad_out, qkv, o, lse, cu, 70, 0.125, 0.1, rng)
+        grad, _ = OPS.attention_varlen_backward(grad_out, qkv, o, lse, cu, 70, 0.125, 0.1, rng)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert out.shape == o.shape and torch.isfinite(out).all() and torch.isfinite(grad).all()

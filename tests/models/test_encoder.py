@@ -421,11 +421,11 @@ def test_non_bert_model_is_refused(tmp_path):
     albert = AlbertModel(AlbertConfig(hidden_size=64, num_attention_heads=4, intermediate_size=128,
                                       num_hidden_layers=1, embedding_size=32))
     with pytest.raises(UnsupportedModelError, match=r"'albert' is not supported; supported: BERT, RoBERTa, "
-                                                    r"DistilBERT and ELECTRA"):
+                                                    r"DistilBERT, ELECTRA, MPNet"):
         FastBertModel.from_hf(albert)
     albert.save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError, match=r"'albert' is not supported; supported: BERT, RoBERTa, "
-                                                    r"DistilBERT and ELECTRA"):
+                                                    r"DistilBERT, ELECTRA, MPNet"):
         FastBertModel.from_pretrained(tmp_path)
 
 

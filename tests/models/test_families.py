@@ -1,4 +1,4 @@
-"""FastBertModel and MultiTaskBert on DistilBERT and ELECTRA: parity with HF (fp32 within 1e-4 at the real tokens,
+"""FastBertModel and MultiTaskBert on DistilBERT, ELECTRA and MPNet: parity with HF (fp32 within 1e-4 at the real tokens,
 eager and sdpa; bf16 within twice HF's own bf16 error), loading from HF directories of every task model, the heads
 of every mapped *For* class against HF's, export back to transformers, the own checkpoint, and refusals.
 Random weights of odd sizes: hidden 48, 3 heads, vocab 997.
@@ -17,18 +17,23 @@ from mtbert_fast import FastBertModel, MultiTaskBert
 from mtbert_fast.models import EncoderConfig, UnsupportedModelError
 
 pytestmark = pytest.mark.usefixtures("one_thread_unless_marked")
-FAMILIES = ("distilbert", "electra")
-PREFIX = {"distilbert": "DistilBert", "electra": "Electra"}
+FAMILIES = ("distilbert", "electra", "mpnet")
+PREFIX = {"distilbert": "DistilBert", "electra": "Electra", "mpnet": "MPNet", "modernbert": "ModernBert"}
+# the multi-task tests also run ModernBERT (its encoder tests are in tests/integrations/test_swap_modernbert.py)
+HEAD_FAMILIES = (*FAMILIES, "modernbert")
 HEADS = {
     "distilbert": ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM"),
     "electra": ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering"),
+    "mpnet": ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM"),
+    "modernbert": ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM"),
 }
 
 
 @pytest.fixture
-def family_config(distilbert_config, electra_config):
+def family_config(distilbert_config, electra_config, mpnet_config, modernbert_config):
     def make(family, **overrides):
-        return (distilbert_config if family == "distilbert" else electra_config)(**overrides)
+        return {"distilbert": distilbert_config, "electra": electra_config, "mpnet": mpnet_config,
+                "modernbert": modernbert_config}[family](**overrides)
 
     return make
 
@@ -44,7 +49,7 @@ def test_encoder_parity(family, loader, model_backend, family_config, make_hf, h
     else:
         hf.save_pretrained(tmp_path)
         fast = FastBertModel.from_pretrained(tmp_path, backend=model_backend)
-    assert fast.config.family == family and fast.pooler is None
+    assert fast.config.family == family and (fast.pooler is None) == (family != "mpnet")
     ids, mask = ragged_batch(config, [1, 30, 7, 512 if loader == "from_hf" else 12])
     refs = hf_outputs(hf, ids, attention_mask=mask, output_hidden_states=True)
     with torch.no_grad():
@@ -109,7 +114,8 @@ def test_encoder_layout(family, family_config, make_hf):
         hf = make_hf(getattr(transformers, f"{PREFIX[family]}Model"), family_config(family, **overrides))
         fast = FastBertModel.from_hf(hf)
         emb = fast.embeddings
-        assert (emb.token_type_embeddings is None) == (family == "distilbert")
+        assert (emb.token_type_embeddings is None) == (family in ("distilbert", "mpnet"))
+        assert (fast.relative_attention_bias is None) == (family != "mpnet")
         projected = family == "electra" and not overrides
         assert (emb.project is None) != projected
         assert emb.word_embeddings.weight.shape[1] == (32 if projected else 48)
@@ -136,6 +142,10 @@ def test_encoder_config_round_trip(family, family_config):
     if family == "electra":
         assert config.embedding_size == 32 and config.to_dict()["embedding_size"] == 32
         assert EncoderConfig.from_hf(family_config(family, embedding_size=48)).embedding_size is None
+    elif family == "mpnet":
+        assert config.type_vocab_size == 0 and config.relative_attention_num_buckets == 32
+        assert "type_vocab_size" not in config.to_dict() and config.position_padding_idx == 1
+        assert EncoderConfig.from_hf(family_config(family, pad_token_id=0)).position_padding_idx == 1
     else:
         assert config.type_vocab_size == 0 and config.hidden_size == 48 and config.to_dict()["dim"] == 48
 
@@ -159,7 +169,9 @@ def _task_models(family, family_config, seed=0):
         torch.manual_seed(seed + 1 + i)
         overrides = {"num_labels": 4} if suffix in ("ForSequenceClassification", "ForTokenClassification") else {}
         model = getattr(transformers, f"{PREFIX[family]}{suffix}")(family_config(family, **overrides)).eval()
-        model.base_model.load_state_dict(shared.state_dict())
+        base = model.base_model  # MPNet's task models have no pooler
+        base.load_state_dict({k: v for k, v in shared.state_dict().items()
+                              if not k.startswith("pooler.") or getattr(base, "pooler", None) is not None})
         models[suffix[3:].lower()] = model
     return models
 
@@ -176,7 +188,7 @@ def _labels(mask, vocab, seed=0):
     }
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", HEAD_FAMILIES)
 @torch.no_grad()
 def test_heads_match_hf(family, family_config, ragged_batch, assert_close):
     models = _task_models(family, family_config)
@@ -203,7 +215,7 @@ def test_heads_match_hf(family, family_config, ragged_batch, assert_close):
             assert_close(out.losses[task], ref.loss, what=f"{task} loss")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", HEAD_FAMILIES)
 @torch.no_grad()
 def test_export_hf_loads_in_transformers_with_the_same_outputs(family, family_config, ragged_batch, tmp_path,
                                                                assert_close):
@@ -221,10 +233,11 @@ def test_export_hf_loads_in_transformers_with_the_same_outputs(family, family_co
                 assert_close(a[real] if a.dim() > 1 and a.shape[:2] == real.shape else a,
                              b[real] if b.dim() > 1 and b.shape[:2] == real.shape else b, atol=1e-5, what=task)
         if task == "maskedlm":
-            assert hf.vocab_projector.weight is hf.distilbert.embeddings.word_embeddings.weight
+            decoder = {"distilbert": "vocab_projector", "mpnet": "lm_head.decoder", "modernbert": "decoder"}[family]
+            assert hf.get_submodule(decoder).weight is hf.base_model.get_input_embeddings().weight
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", HEAD_FAMILIES)
 @torch.no_grad()
 def test_own_checkpoint_round_trip(family, family_config, ragged_batch, tmp_path):
     model = MultiTaskBert.from_hf_heads(_task_models(family, family_config))

@@ -181,7 +181,7 @@ def test_errors_name_the_problem(minilm_batch):
         mtbert_fast.swap(_tiny_hf(), dtype=torch.qint8, calibration=[])
     with pytest.raises(TypeError, match="calibration batch 0 must be a dict"):
         mtbert_fast.swap(_tiny_hf(), dtype=torch.qint8, calibration=[minilm_batch["input_ids"]])
-    with pytest.raises(TypeError, match="is not a BERT or RoBERTa model"):
+    with pytest.raises(TypeError, match="is not a model of the BERT, RoBERTa"):
         mtbert_fast.swap(torch.nn.Linear(2, 2), dtype=torch.qint8)
     with pytest.raises(ValueError, match="smoothing must be in"):
         FastBertModel.from_hf(_tiny_hf()).quantize(smoothing=2.0)

@@ -61,7 +61,8 @@ _SM90_SHARED_BYTES = 232448
 def test_kernels_compile_for_sm90(monkeypatch):
     """Runs every op and its backward with the GPU launch settings, compiling each launch for sm_90 (Triton's own
     compiler and ptxas, no GPU needed) instead of running it: catches what the interpreter accepts and the compiler
-    does not, and checks that each kernel's shared memory fits an H100."""
+    does not, and checks that each kernel's shared memory fits an H100.  The attention kernels compile with and
+    without each of their position terms (HAS_BIAS, WINDOWED)."""
     from triton import compiler
     from triton.backends import backends
     from triton.backends.compiler import GPUTarget
@@ -70,7 +71,7 @@ def test_kernels_compile_for_sm90(monkeypatch):
         pytest.skip(f"this Triton has no NVIDIA backend (only {sorted(backends)})")
 
     monkeypatch.delenv("TRITON_INTERPRET")
-    compiled = []
+    compiled, attention_variants = [], set()
 
     def compile_launch(kernel, *args, grid, warmup, **kwargs):
         options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
@@ -93,6 +94,8 @@ def test_kernels_compile_for_sm90(monkeypatch):
             raise AssertionError(f"{kernel.fn.__name__} {constexprs} does not compile for sm_90: {exc}") from exc
         assert binary.metadata.shared <= _SM90_SHARED_BYTES, (kernel.fn.__name__, constexprs, binary.metadata.shared)
         compiled.append(f"{kernel.fn.__module__}.{kernel.fn.__name__}")
+        if "HAS_BIAS" in constexprs:
+            attention_variants.add((kernel.fn.__name__, constexprs["HAS_BIAS"], constexprs["WINDOWED"]))
 
     monkeypatch.setattr(_jit.Kernel, "run", compile_launch)
     for module in ("attention_varlen", "mlm_gather_loss"):
@@ -113,11 +116,15 @@ def test_kernels_compile_for_sm90(monkeypatch):
     backward["bias_gelu_layer_norm"](y, x, b, w, mean, rstd, "none")
     cu = torch.tensor([0, 10], dtype=torch.int32)
     rng = torch.tensor([-5, 2**32 + 9])
+    table = rand(2, 9)  # R = 4
+    # (dropout_p, rel_bias, window): plain with and without dropout, the bias alone, the window alone (3 < T - 1),
+    # both with dropout
+    positions = ((0.0, None, -1), (0.1, None, -1), (0.0, table, -1), (0.0, None, 3), (0.1, table, 3))
     for dtype, head_dim in ((torch.bfloat16, 64), (torch.float16, 80), (torch.bfloat16, 128), (torch.float32, 64)):
-        for dropout_p in (0.0, 0.1):
+        for dropout_p, rel_bias, window in positions:
             qkv = rand(10, 3, 2, head_dim, dtype=dtype)
-            out, lse = kernel["attention_varlen"](qkv, cu, 10, 0.125, dropout_p, rng)
-            backward["attention_varlen"](out, qkv, out, lse, cu, 10, 0.125, dropout_p, rng)
+            out, lse = kernel["attention_varlen"](qkv, cu, 10, 0.125, dropout_p, rng, rel_bias, window)
+            backward["attention_varlen"](out, qkv, out, lse, cu, 10, 0.125, dropout_p, rng, rel_bias, window)
     h, vw, labels = rand(6, 32, dtype=dt), rand(50, 32, dtype=dt), torch.randint(0, 50, (6,))
     loss, lse = kernel["mlm_gather_loss"](h, vw, torch.zeros(50, dtype=dt), labels, -100, 0)
     backward["mlm_gather_loss"](torch.ones(()), h, vw, torch.zeros(50, dtype=dt), labels, lse, -100, 0)
@@ -128,3 +135,5 @@ def test_kernels_compile_for_sm90(monkeypatch):
     # bias_gelu, and each LayerNorm: forward and backward; attention: forward, delta, dK/dV, dQ; the loss: forward and
     # the backward's recomputed logits; geglu: forward and backward; rotary_qk (its backward is itself)
     assert len(set(compiled)) == 15, sorted(set(compiled))
+    assert attention_variants == {(name, has_bias, windowed) for name in ("_fwd", "_bwd_dkdv", "_bwd_dq")
+                                  for has_bias in (False, True) for windowed in (False, True)}, attention_variants

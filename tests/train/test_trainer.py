@@ -179,3 +179,21 @@ def test_cli_checks_trains_and_reports_errors(tmp_path, capsys):
     assert _cli(["train", str(path)]) == 2
     err = capsys.readouterr().err
     assert f"mtbert-fast train: error in {path}" in err and "label 'pos' is not in the label list ['neg']" in err
+
+
+def test_modernbert_heads_are_its_own(tmp_path, modernbert_config):
+    """On a ModernBERT encoder the trainer builds the heads of ModernBERT's task classes (its prediction head before
+    each output), so each trained task exports to transformers."""
+    from mtbert_fast.models import EncoderConfig, FastBertModel, MultiTaskBert
+    from mtbert_fast.train.config import TaskSpec
+    from mtbert_fast.train.trainer import make_head
+
+    enc = EncoderConfig.from_hf(modernbert_config())
+    encoder = FastBertModel(enc)
+    kinds = {"sequence_classification": 3, "token_classification": 5, "masked_lm": None, "span_extraction": None}
+    heads = {kind: make_head(TaskSpec(name=kind, kind=kind, train_file="unused", num_labels=n), enc, False)
+             for kind, n in kinds.items()}
+    model = MultiTaskBert(encoder, heads)
+    for kind in kinds:
+        model.export_hf(kind, tmp_path / kind)
+        assert (tmp_path / kind / "config.json").read_text().count('"model_type": "modernbert"') == 1

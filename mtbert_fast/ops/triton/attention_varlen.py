@@ -1,12 +1,13 @@
 """attention_varlen in Triton: bidirectional softmax attention over packed sequences, FlashAttention-2 style, with
-fused dropout on the probabilities.
+fused dropout on the probabilities, an optional relative position bias and an optional local window.
 
 qkv [T, 3, heads, head_dim] (the fused QKV projection viewed per head), cu_seqlens int32 [B+1] (sequence b owns rows
 cu_seqlens[b]:cu_seqlens[b+1], cu_seqlens[0] == 0, cu_seqlens[-1] == T), max_seqlen (the longest sequence: it sizes
 the launch only) -> out [T, heads, head_dim] in qkv's dtype, lse fp32 [heads, T] (saved for the backward).
 
-Per sequence and head, with S = scale Q K^T, P = softmax_rows(S) and the dropout multipliers M (M_ij = 0 where
-probability ij is dropped, 1 / (1 - dropout_p) where it is kept; M = 1 without dropout):
+Per sequence and head, with S = scale Q K^T + B, P = softmax_rows(S) and the dropout multipliers M (M_ij = 0 where
+probability ij is dropped, 1 / (1 - dropout_p) where it is kept; M = 1 without dropout); B_ij = rel_bias[h, clamp(j - i,
+-R, R) + R] for positions i, j in the sequence (0 without rel_bias), and -inf where |j - i| > window (with a window):
     O = (P * M) V,   lse_i = log sum_j exp(S_ij)   (the normalizer is that of the undropped P)
 Forward (Dao, "FlashAttention-2", 2023, Algorithm 1): a program per (sequence x head, block of BLOCK_M queries)
 walks the sequence's keys BLOCK_N at a time with the online softmax in fp32 (running max m, running sum l, the
@@ -15,7 +16,13 @@ zeroes the dropped probabilities before they meet V; the 1 / (1 - dropout_p) is 
 Backward (Algorithm 2):  delta_i = rowsum(dO_i * O_i)  (a preprocess kernel),  P = exp(S - lse),
     dV = (P * M)^T dO,   dP = (dO V^T) * M,   dS = P * (dP - delta),   dQ = scale dS K,   dK = scale dS^T Q
 one kernel per key block for dK, dV (looping over the query blocks) and one per query block for dQ (looping over the
-key blocks), so that no gradient needs atomics.
+key blocks), so that no gradient of qkv needs atomics.  The bias table's gradient, dB[h, d] = sum of dS_ij over the
+pairs with clamp(j - i, -R, R) + R == d, is added with atomics into an fp32 buffer by the dK, dV kernel, where dS is
+formed: the pairs of a tile in the two end buckets (distances clamped to -R or R: most pairs of a sequence much
+longer than R) as one sum each, the others per element.
+With a window every kernel visits only the blocks that meet the band |j - i| <= window of its own block.  The bias
+and the window are constexpr flags (HAS_BIAS, WINDOWED): without them the kernels compile as they would without the
+code.
 The dropout mask is the one every backend draws (csrc/include/philox.h, mtbert_fast/ops/dropout.py): Philox4x32-10
 with key (seed mod 2^32, seed >> 32) and counter (j >> 2, i, h, offset mod 2^32), for packed query row i, packed key
 row j and head h; probability (h, i, j) takes word j & 3 and is kept iff that word >= floor(dropout_p * 2^32).  The
@@ -36,7 +43,9 @@ import triton
 import triton.language as tl
 
 from mtbert_fast.ops import dropout
-from mtbert_fast.ops.attention_varlen import check_backward_inputs, check_inputs
+from mtbert_fast.ops.attention_varlen import (
+    check_backward_inputs, check_inputs, check_position_args, grad_rel_bias_like,
+)
 from mtbert_fast.ops.registry import MAX_HEAD_DIM
 from mtbert_fast.ops.triton._jit import device_guard, jit, on_gpu
 
@@ -83,17 +92,45 @@ def _dropout_keep(i, j, h, seed_lo, seed_hi, rng_offset, threshold):
 
 
 @jit
+def _band(start, BLOCK: tl.constexpr, seqlen, window, WINDOWED: tl.constexpr):
+    """The positions [lo, hi) of the other side (keys of a query block, queries of a key block) that the block
+    [start, start + BLOCK) meets: those within the window of one of its own (clamped to the sequence), or all."""
+    lo = 0
+    hi = seqlen
+    if WINDOWED:
+        lo = tl.maximum(start - window, 0)
+        hi = tl.minimum(seqlen - window, start + BLOCK) + window  # min(seqlen, start + BLOCK + window), within int32
+    return lo, hi
+
+
+@jit
+def _position_scores(s, i, j, h, RelBias, rel_r, window, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr):
+    """Scores s (log2 units) of query positions i and key positions j (broadcast to s's shape) with the bias of
+    distance j - i added and -inf outside the window."""
+    if HAS_BIAS:
+        # the clamped index stays inside the table for every element, masked or not: the load needs no mask
+        bucket = tl.minimum(tl.maximum(j - i, -rel_r), rel_r) + rel_r
+        s += tl.load(RelBias + h * (2 * rel_r + 1) + bucket) * _LOG2E_TL
+    if WINDOWED:
+        s = tl.where(tl.abs(j - i) <= window, s, float("-inf"))
+    return s
+
+
+@jit
 def _fwd(
     QKV,  # [T, 3, heads, head_dim], head_dim contiguous
     Out,  # [T, heads, head_dim] out, contiguous
     Lse,  # fp32 [heads, T] out
     CuSeqlens,  # int32 [B+1]
+    RelBias,  # fp32 [heads, 2R+1] (unread without HAS_BIAS)
     qk_scale,  # scale * log2(e)
     seed_lo,  # the dropout mask's Philox key, offset and threshold, 32-bit words as int32 (see _dropout_args)
     seed_hi,
     rng_offset,
     drop_threshold,
     drop_scale,  # 1 / (1 - dropout_p)
+    rel_r,  # R, the largest distance with a bucket of its own
+    window,  # the largest |j - i| attended (unread without WINDOWED)
     stride_t,  # qkv's stride over tokens
     stride_3,  # over q / k / v
     stride_h,  # over heads
@@ -101,6 +138,8 @@ def _fwd(
     heads,
     head_dim,
     DROPOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    WINDOWED: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot's input_precision: "ieee" for fp32 inputs
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -128,7 +167,8 @@ def _fwd(
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        for start_n in range(0, seqlen, BLOCK_N):
+        lo, hi = _band(start_m, BLOCK_M, seqlen, window, WINDOWED)
+        for start_n in range(lo, hi, BLOCK_N):
             mask_n = start_n + offs_n < seqlen
             rows_n = seq_start + start_n + offs_n
             kv_offs = rows_n[:, None] * stride_t + offs_d[None, :]
@@ -136,10 +176,17 @@ def _fwd(
             k = tl.load(K + kv_offs, mask=kv_mask, other=0.0)
             v = tl.load(V + kv_offs, mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+            s = _position_scores(s, offs_m[:, None], (start_n + offs_n)[None, :], h, RelBias, rel_r, window,
+                                 HAS_BIAS, WINDOWED)
             s = tl.where(mask_n[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
+            m_ref = m_new
+            if WINDOWED:
+                # a row may have no key of this block in its window yet (m_new = -inf): its p and alpha must be 0,
+                # not exp2(-inf - (-inf)) = NaN
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_ref[:, None])
+            alpha = tl.exp2(m_i - m_ref)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             if DROPOUT:
                 keep = _dropout_keep(rows_m[:, None], rows_n[None, :], h, seed_lo, seed_hi, rng_offset, drop_threshold)
@@ -147,6 +194,9 @@ def _fwd(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
 
+        if WINDOWED:
+            # a row past the sequence's end may have no key within its window, so l_i = 0 (the row is not stored)
+            l_i = tl.where(mask_m, l_i, 1.0)
         out = acc / l_i[:, None]
         if DROPOUT:
             out = out * drop_scale
@@ -178,6 +228,22 @@ def _bwd_delta(
 
 
 @jit
+def _add_bias_grad(GradRow, ds, rel, live, rel_r, window, WINDOWED: tl.constexpr):
+    """Adds a tile's dS (the gradient of the biased score is that of its bias too) into its head's row of the bias
+    table's gradient, GradRow fp32 [2R+1], by the distance rel = j - i of each element (ds's shape; live: the pairs
+    inside the sequence).  The pairs clamped to an end bucket go in as one sum per end: a sequence much longer than
+    R puts most pairs there, and one atomic per element on a single address would serialise; the others go per
+    element, spread over the 2R - 1 inner buckets (one address per diagonal of the tile)."""
+    if WINDOWED:
+        live = live & (tl.abs(rel) <= window)
+    upper = rel >= rel_r
+    lower = (rel <= -rel_r) & (rel < rel_r)  # with R = 0 both ends are bucket 0: count it once
+    tl.atomic_add(GradRow + 2 * rel_r, tl.sum(tl.where(live & upper, ds, 0.0)), sem="relaxed")
+    tl.atomic_add(GradRow, tl.sum(tl.where(live & lower, ds, 0.0)), sem="relaxed")
+    tl.atomic_add(GradRow + rel + rel_r, ds, mask=live & (rel > -rel_r) & (rel < rel_r), sem="relaxed")
+
+
+@jit
 def _bwd_dkdv(
     QKV,  # [T, 3, heads, head_dim], head_dim contiguous
     GradOut,  # [T, heads, head_dim], contiguous
@@ -185,6 +251,8 @@ def _bwd_dkdv(
     Delta,  # fp32 [heads, T]
     GradQKV,  # [T, 3, heads, head_dim] out (its k and v parts), strided as QKV
     CuSeqlens,  # int32 [B+1]
+    RelBias,  # fp32 [heads, 2R+1] (unread without HAS_BIAS)
+    GradRelBias,  # fp32 [heads, 2R+1], zeroed: accumulated into (untouched without HAS_BIAS)
     qk_scale,  # scale * log2(e)
     scale,
     seed_lo,  # the dropout mask, as in _fwd
@@ -192,6 +260,8 @@ def _bwd_dkdv(
     rng_offset,
     drop_threshold,
     drop_scale,
+    rel_r,  # as in _fwd
+    window,
     stride_t,
     stride_3,
     stride_h,
@@ -199,6 +269,8 @@ def _bwd_dkdv(
     heads,
     head_dim,
     DROPOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    WINDOWED: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,  # queries per inner step
     BLOCK_N: tl.constexpr,  # keys per program step
@@ -226,7 +298,8 @@ def _bwd_dkdv(
 
         dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-        for start_m in range(0, seqlen, BLOCK_M):
+        lo, hi = _band(start_n, BLOCK_N, seqlen, window, WINDOWED)
+        for start_m in range(lo, hi, BLOCK_M):
             mask_m = start_m + offs_m < seqlen
             rows_m = seq_start + start_m + offs_m
             q_mask = mask_m[:, None] & mask_d[None, :]
@@ -236,6 +309,8 @@ def _bwd_dkdv(
             lse = tl.load(lse_row + start_m + offs_m, mask=mask_m, other=0.0)
             delta = tl.load(delta_row + start_m + offs_m, mask=mask_m, other=0.0)
             s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M], log2 units
+            s_t = _position_scores(s_t, (start_m + offs_m)[None, :], offs_n[:, None], h, RelBias, rel_r, window,
+                                   HAS_BIAS, WINDOWED)
             p_t = tl.exp2(s_t - lse[None, :] * _LOG2E_TL)
             p_t = tl.where(mask_n[:, None] & mask_m[None, :], p_t, 0.0)
             dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -248,6 +323,9 @@ def _bwd_dkdv(
                 dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+            if HAS_BIAS:
+                _add_bias_grad(GradRelBias + h * (2 * rel_r + 1), ds_t, offs_n[:, None] - (start_m + offs_m)[None, :],
+                               mask_n[:, None] & mask_m[None, :], rel_r, window, WINDOWED)
 
         if DROPOUT:
             dv = dv * drop_scale
@@ -263,6 +341,7 @@ def _bwd_dq(
     Delta,  # fp32 [heads, T]
     GradQKV,  # [T, 3, heads, head_dim] out (its q part), strided as QKV
     CuSeqlens,  # int32 [B+1]
+    RelBias,  # fp32 [heads, 2R+1] (unread without HAS_BIAS)
     qk_scale,  # scale * log2(e)
     scale,
     seed_lo,  # the dropout mask, as in _fwd
@@ -270,6 +349,8 @@ def _bwd_dq(
     rng_offset,
     drop_threshold,
     drop_scale,
+    rel_r,  # as in _fwd
+    window,
     stride_t,
     stride_3,
     stride_h,
@@ -277,6 +358,8 @@ def _bwd_dq(
     heads,
     head_dim,
     DROPOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    WINDOWED: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,  # queries per program step
     BLOCK_N: tl.constexpr,  # keys per inner step
@@ -304,7 +387,8 @@ def _bwd_dq(
         delta = tl.load(Delta + h.to(tl.int64) * T + rows_m, mask=mask_m, other=0.0)
 
         dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        for start_n in range(0, seqlen, BLOCK_N):
+        lo, hi = _band(start_m, BLOCK_M, seqlen, window, WINDOWED)
+        for start_n in range(lo, hi, BLOCK_N):
             mask_n = start_n + offs_n < seqlen
             rows_n = seq_start + start_n + offs_n
             kv_offs = rows_n[:, None] * stride_t + h * stride_h + offs_d[None, :]
@@ -312,6 +396,8 @@ def _bwd_dq(
             k = tl.load(QKV + stride_3 + kv_offs, mask=kv_mask, other=0.0)
             v = tl.load(QKV + 2 * stride_3 + kv_offs, mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+            s = _position_scores(s, offs_m[:, None], (start_n + offs_n)[None, :], h, RelBias, rel_r, window,
+                                 HAS_BIAS, WINDOWED)
             p = tl.where(mask_m[:, None] & mask_n[None, :], tl.exp2(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             if DROPOUT:
@@ -362,12 +448,22 @@ def _dropout_args(dropout_p: float, rng_state: torch.Tensor | None) -> tuple[int
     return (*(_as_int32(w) for w in words), 1.0 / (1.0 - dropout_p))
 
 
+def _position_args(rel_bias: torch.Tensor | None, window: int, t: int, unread: torch.Tensor) -> tuple:
+    """(RelBias, rel_r, window) and the constexpr flags: the kernels' position arguments; `unread` (any fp32 tensor)
+    stands for a missing table.  A window of T - 1 or more masks nothing in any sequence: it runs as none."""
+    windowed = 0 <= window < t - 1
+    rel_r = 0 if rel_bias is None else (rel_bias.shape[1] - 1) // 2
+    table = unread if rel_bias is None else rel_bias
+    return (table, rel_r, window if windowed else -1), dict(HAS_BIAS=rel_bias is not None, WINDOWED=windowed)
+
+
 def forward(
     qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float, dropout_p: float,
-    rng_state: torch.Tensor | None,
+    rng_state: torch.Tensor | None, rel_bias: torch.Tensor | None = None, window: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> out [T, heads, head_dim], lse fp32 [heads, T]."""
     check_inputs("attention_varlen", qkv, cu_seqlens, max_seqlen)
+    check_position_args("attention_varlen", qkv, rel_bias, window)
     dropout.check_rng_state("attention_varlen", dropout_p, rng_state)
     qkv = qkv.contiguous()
     t, _, heads, head_dim = qkv.shape
@@ -377,10 +473,11 @@ def forward(
     if t and batch > 0:
         cfg = _settings(qkv)
         grid = (batch * heads, _programs(max_seqlen, cfg["fwd_m"]))
+        (table, rel_r, window), flags = _position_args(rel_bias, window, t, lse)
         with device_guard(qkv):
             _fwd[grid](
-                qkv, out, lse, cu_seqlens, scale * _LOG2E, *_dropout_args(dropout_p, rng_state),
-                qkv.stride(0), qkv.stride(1), qkv.stride(2), t, heads, head_dim, DROPOUT=dropout_p > 0.0,
+                qkv, out, lse, cu_seqlens, table, scale * _LOG2E, *_dropout_args(dropout_p, rng_state), rel_r, window,
+                qkv.stride(0), qkv.stride(1), qkv.stride(2), t, heads, head_dim, DROPOUT=dropout_p > 0.0, **flags,
                 PRECISION=cfg["PRECISION"], BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], BLOCK_D=cfg["BLOCK_D"],
                 num_warps=cfg["warps"], num_stages=cfg["stages"],
             )
@@ -390,31 +487,36 @@ def forward(
 def backward(
     grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor,
     max_seqlen: int, scale: float, dropout_p: float, rng_state: torch.Tensor | None,
-) -> torch.Tensor:
-    """-> grad_qkv [T, 3, heads, head_dim]."""
-    check_backward_inputs(grad_out, qkv, out, lse, cu_seqlens, max_seqlen, dropout_p, rng_state)
+    rel_bias: torch.Tensor | None = None, window: int = -1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> grad_qkv [T, 3, heads, head_dim], grad_rel_bias fp32 [heads, 2R+1] ([0] without rel_bias)."""
+    check_backward_inputs(grad_out, qkv, out, lse, cu_seqlens, max_seqlen, dropout_p, rng_state, rel_bias, window)
     qkv, out, grad_out, lse = qkv.contiguous(), out.contiguous(), grad_out.contiguous(), lse.contiguous()
     t, _, heads, head_dim = qkv.shape
     grad_qkv = qkv.new_empty(qkv.shape)
     batch = cu_seqlens.numel() - 1
+    # zeroed: the dK, dV kernel adds into it, and a bucket no pair lands in stays 0
+    grad_rel_bias = grad_rel_bias_like(qkv, rel_bias).zero_()
     if not (t and batch > 0):
-        return grad_qkv.zero_()
+        return grad_qkv.zero_(), grad_rel_bias
     cfg = _settings(qkv)
     delta = lse.new_empty((heads, t))
-    common = dict(DROPOUT=dropout_p > 0.0, PRECISION=cfg["PRECISION"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["warps"],
-                  num_stages=cfg["stages"])
-    args = (qkv, grad_out, lse, delta, grad_qkv, cu_seqlens, scale * _LOG2E, scale)
-    args += (*_dropout_args(dropout_p, rng_state), qkv.stride(0), qkv.stride(1), qkv.stride(2), t, heads, head_dim)
+    (table, rel_r, window), flags = _position_args(rel_bias, window, t, lse)
+    common = dict(DROPOUT=dropout_p > 0.0, **flags, PRECISION=cfg["PRECISION"], BLOCK_D=cfg["BLOCK_D"],
+                  num_warps=cfg["warps"], num_stages=cfg["stages"])
+    head = (qkv, grad_out, lse, delta, grad_qkv, cu_seqlens, table)
+    tail = (scale * _LOG2E, scale, *_dropout_args(dropout_p, rng_state), rel_r, window, qkv.stride(0), qkv.stride(1),
+            qkv.stride(2), t, heads, head_dim)
     with device_guard(qkv):
         _bwd_delta[(triton.cdiv(t * heads, cfg["fwd_m"]),)](
             out, grad_out, delta, t, t * heads, heads, head_dim, BLOCK_M=cfg["fwd_m"], BLOCK_D=cfg["BLOCK_D"],
             num_warps=cfg["warps"],
         )
         _bwd_dkdv[(batch * heads, _programs(max_seqlen, cfg["dkdv_n"]))](
-            *args, BLOCK_M=cfg["dkdv_m"], BLOCK_N=cfg["dkdv_n"], **common
+            *head, grad_rel_bias, *tail, BLOCK_M=cfg["dkdv_m"], BLOCK_N=cfg["dkdv_n"], **common
         )
         _bwd_dq[(batch * heads, _programs(max_seqlen, cfg["dq_m"]))](
-            *args, BLOCK_M=cfg["dq_m"], BLOCK_N=cfg["dq_n"], **common
+            *head, *tail, BLOCK_M=cfg["dq_m"], BLOCK_N=cfg["dq_n"], **common
         )
-    return grad_qkv
+    return grad_qkv, grad_rel_bias
 
