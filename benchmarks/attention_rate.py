@@ -3,7 +3,7 @@
     OMP_WAIT_POLICY=PASSIVE python benchmarks/attention_rate.py [--threads 1 2] [--dtypes float32 bfloat16]
                                                                [--head-dims 64 32] [--lengths 32 64 128 256 512]
                                                                [--repeats 21] [--rel-bias R]
-                                                               [--window W]
+                                                               [--window W] [--pos W]
 
 Per thread count and dtype, every case runs in turn in one process (interleaved rounds, medians): the forward of
 attention_varlen on the cpu backend (inference: no gradient, no dropout) over about 1024 packed tokens of 12 heads
@@ -12,10 +12,12 @@ attention_varlen on the cpu backend (inference: no gradient, no dropout) over ab
 route's rate is the roofline (on the AMD EPYC of docs/cpu-full-batch.md, F.linear reaches under half of oneDNN's
 rate in fp32). Attention FLOPs are its two products, Q K^T and P V: 4 L^2 head_dim per head per sequence; the
 softmax is not counted. --rel-bias R adds a relative position bias table [heads, 2R+1]; --window W attends to the
-keys within W positions only, and the FLOPs count only the pairs attended. The fraction is the attention rate over
-the GEMM rate, of medians and as the median of per-round fractions against that round's fastest route (robust to a
-load that moves between rounds). One thread is timed by the thread's CPU time (time.thread_time), which other jobs
-on a shared machine do not inflate by descheduling it; more threads by wall time.
+keys within W positions only, and the FLOPs count only the pairs attended. --pos W adds per-token position tables
+pos_q and pos_k [heads, T, W] (DeBERTa's disentangled attention) over the distances up to W / 2, clamped. The
+fraction is the attention rate over the GEMM rate, of medians and as the median of per-round fractions against that
+round's fastest route (robust to a load that moves between rounds). One thread is timed by the thread's CPU time
+(time.thread_time), which other jobs on a shared machine do not inflate by descheduling it; more threads by wall
+time.
 """
 
 from __future__ import annotations
@@ -55,15 +57,24 @@ def attended_pairs(n: int, window: int) -> int:
     return n * n - (n - window - 1) * (n - window)
 
 
-def attention_case(lens: list[int], head_dim: int, dtype: torch.dtype, rel_r: int | None = None, window: int = -1):
+def attention_case(lens: list[int], head_dim: int, dtype: torch.dtype, rel_r: int | None = None, window: int = -1,
+                   pos_w: int | None = None):
     """(call, FLOPs) of the attention forward over packed sequences of these lengths, with a relative position bias
-    table of 2 rel_r + 1 buckets and a local window where given."""
+    table of 2 rel_r + 1 buckets, a local window and position tables of pos_w columns where given."""
     cu = torch.tensor([0] + np.cumsum(lens).tolist(), dtype=torch.int32)
     g = torch.Generator().manual_seed(len(lens) + head_dim)
     qkv = torch.randn(sum(lens), 3, HEADS, head_dim, generator=g).to(dtype)
     rel_bias = None if rel_r is None else torch.randn(HEADS, 2 * rel_r + 1, generator=g)
+    tables = {}
+    if pos_w is not None:
+        p = pos_w // 2
+        index = torch.arange(-p, p + 1).clamp(-p, pos_w - p - 1) + p
+        tables = dict(pos_q=torch.randn(HEADS, sum(lens), pos_w, generator=g).to(dtype),
+                      pos_k=torch.randn(HEADS, sum(lens), pos_w, generator=g).to(dtype),
+                      pos_index=index.to(torch.int32))
     flops = sum(4 * attended_pairs(n, window) * head_dim * HEADS for n in lens)
-    return (lambda: attention_varlen(qkv, cu, max(lens), rel_bias=rel_bias, window=window, backend="cpu")), flops
+    return (lambda: attention_varlen(qkv, cu, max(lens), rel_bias=rel_bias, window=window, backend="cpu",
+                                     **tables)), flops
 
 
 def run(threads: int, dtype_name: str, args) -> None:
@@ -78,7 +89,7 @@ def run(threads: int, dtype_name: str, args) -> None:
         cases["ragged"] = ragged_lengths()
         for label, lens in cases.items():
             name = f"d={head_dim} {label}"
-            fns[name], flops[name] = attention_case(lens, head_dim, dtype, args.rel_bias, args.window)
+            fns[name], flops[name] = attention_case(lens, head_dim, dtype, args.rel_bias, args.window, args.pos)
     # one thread: its CPU time, which other jobs on a busy machine do not inflate; more: wall time
     clock = time.thread_time if threads == 1 else time.perf_counter
     with torch.inference_mode():
@@ -108,10 +119,12 @@ def main(argv=None) -> None:
     parser.add_argument("--rel-bias", type=int, default=None, metavar="R",
                         help="a relative position bias table of 2R+1 buckets per head")
     parser.add_argument("--window", type=int, default=-1, help="local attention: keys within this many positions")
+    parser.add_argument("--pos", type=int, default=None, metavar="W",
+                        help="per-token position tables pos_q and pos_k of W columns")
     args = parser.parse_args(argv)
     print(harness.describe_device("cpu"), f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}",
           f"load average {os.getloadavg()[0]:.1f}", f"commit {harness.git_commit()}",
-          f"rel_bias R={args.rel_bias} window={args.window}")
+          f"rel_bias R={args.rel_bias} window={args.window} pos W={args.pos}")
     for threads in args.threads:
         for dtype_name in args.dtypes:
             run(threads, dtype_name, args)

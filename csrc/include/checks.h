@@ -6,6 +6,7 @@
 
 #include <climits>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #define MTBF_CHECK_DIM(op, t, n) \
@@ -174,6 +175,41 @@ inline void check_position_args(const char* op, const at::Tensor& qkv, const std
               ": rel_bias must be [heads, 2R+1] = [", qkv.size(2), ", odd], got shape ", t.sizes());
   TORCH_CHECK(t.size(1) <= INT_MAX, op, ": rel_bias has ", t.size(1), " columns, at most ", INT_MAX);
   TORCH_CHECK(t.is_contiguous(), op, ": rel_bias must be contiguous, got strides ", t.strides());
+}
+
+// pos_q / pos_k [heads, T, W] in qkv's dtype, contiguous, on qkv's device, one W >= 1 for both; pos_index int32
+// [2P+1] on qkv's device, given iff a table is (its values must be columns in [0, W);
+// each backend checks them where it reads them). After qkv's own checks.
+inline void check_token_position_args(const char* op, const at::Tensor& qkv, const std::optional<at::Tensor>& pos_q,
+                               const std::optional<at::Tensor>& pos_k, const std::optional<at::Tensor>& pos_index) {
+  if (!pos_q.has_value() && !pos_k.has_value()) {
+    TORCH_CHECK(!pos_index.has_value(), op, ": pos_index given without pos_q or pos_k");
+    return;
+  }
+  const at::Tensor& first = pos_q.has_value() ? *pos_q : *pos_k;
+  TORCH_CHECK(pos_index.has_value(), op, ": ", pos_q.has_value() ? "pos_q" : "pos_k",
+              " needs pos_index (the column of each distance)");
+  const int64_t width = first.dim() == 3 ? first.size(2) : 0;
+  for (const auto& [name, table] : {std::pair{"pos_q", &pos_q}, std::pair{"pos_k", &pos_k}}) {
+    if (!table->has_value()) continue;
+    const at::Tensor& t = **table;
+    TORCH_CHECK(t.device() == qkv.device(), op, ": ", name, " is on ", t.device(), " but qkv is on ", qkv.device());
+    TORCH_CHECK(t.scalar_type() == qkv.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but qkv has ",
+                qkv.scalar_type());
+    TORCH_CHECK(t.dim() == 3 && t.size(0) == qkv.size(2) && t.size(1) == qkv.size(0) && t.size(2) == width &&
+                    width >= 1,
+                op, ": ", name, " must be [heads, T, W] = [", qkv.size(2), ", ", qkv.size(0),
+                ", W], W >= 1 and the same for pos_q and pos_k, got shape ", t.sizes());
+    TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());
+  }
+  TORCH_CHECK(width <= INT_MAX, op, ": the position tables have ", width, " columns, at most ", INT_MAX);
+  const at::Tensor& index = *pos_index;
+  TORCH_CHECK(index.device() == qkv.device(), op, ": pos_index is on ", index.device(), " but qkv is on ",
+              qkv.device());
+  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kInt && index.size(0) % 2 == 1, op,
+              ": pos_index must be a 1-D int32 tensor of odd length 2P+1, got ", index.scalar_type(), " of shape ",
+              index.sizes());
+  TORCH_CHECK(index.size(0) <= INT_MAX, op, ": pos_index has ", index.size(0), " entries, at most ", INT_MAX);
 }
 
 // GELU variant named by the op's `approximate` argument.

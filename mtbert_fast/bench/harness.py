@@ -218,16 +218,24 @@ def encoder_flops(config, lengths, *, pooler: bool = False) -> float:
     Per layer: every linear layer, 2 * T * (4 H^2 + 2 H I) over the T real tokens (Q, K and V, the attention
     output, FFN up and down; a GeGLU feed-forward's up-projection is 2I wide: 2 * T * (4 H^2 + 3 H I)), and
     attention's two products per sequence, 2 * 2 * P_i * H over the P_i = L_i^2 query-key pairs (fewer in a
-    sliding-window layer: those within the window). With `pooler`, the pooler's linear on each sequence's first
-    token, 2 * H^2 per sequence. Elementwise work, embeddings, biases and softmax are left out. config: anything
-    with hidden_size, intermediate_size, num_hidden_layers (an HF config or an EncoderConfig; an EncoderConfig's
-    pre_norm, layer_types and window describe ModernBERT's layers).
+    sliding-window layer: those within the window). DeBERTa's position terms add, per term and layer, the
+    projection of the W relative-position rows the batch reaches, 2 * W * H^2, and the product of every token with
+    them, 2 * T * W * H. With `pooler`, the pooler's linear on each sequence's first token, 2 * H^2 per sequence.
+    Elementwise work, embeddings, biases and softmax are left out. config: anything with hidden_size,
+    intermediate_size, num_hidden_layers (an HF config or an EncoderConfig; an EncoderConfig's pre_norm, layer_types
+    and window describe ModernBERT's layers, its disentangled and pos_att_type DeBERTa's).
     """
     lengths = [int(n) for n in lengths]
     h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     tokens = sum(lengths)
     gated = getattr(config, "pre_norm", False)
     linears = 2 * tokens * (4 * h * h + (3 if gated else 2) * h * inter)
+    if getattr(config, "disentangled", False) and lengths:
+        from mtbert_fast.models.encoder import disentangled_index
+
+        _, lo, hi = disentangled_index(config, max(lengths), "cpu")
+        terms = len(set(config.pos_att_type) & {"c2p", "p2c"})
+        linears += terms * (2 * (hi - lo) * h * h + 2 * tokens * (hi - lo) * h)
     kinds = config.layer_types if gated else ("full_attention",) * layers
     total = 0
     for kind in kinds:

@@ -4,9 +4,10 @@ ONNX Runtime, OpenVINO, CTranslate2, torch's dynamic int8 quantization) where th
 giving one Result row per (model, task, point, provider, dtype). report.py renders the rows; runner.py wires the two.
 
 Models: the bundled all-MiniLM-L6-v2 ("minilm": real weights and tokenizer), configs of the sizes of bert-base,
-distilbert-base-uncased, electra-small-discriminator, mpnet-base and ModernBERT-base with random weights
-("bert-base", "distilbert-base", "electra-small", "mpnet-base", "modernbert-base"; the MiniLM tokenizer, whose ids
-fit every one's vocabulary), or any HF BERT, RoBERTa, DistilBERT, ELECTRA, MPNet or ModernBERT model directory. Inputs are real text:
+distilbert-base-uncased, electra-small-discriminator, mpnet-base, ModernBERT-base and deberta-v3-base with random
+weights ("bert-base", "distilbert-base", "electra-small", "mpnet-base", "modernbert-base", "deberta-v3-base"; the
+MiniLM tokenizer, whose ids fit every one's vocabulary), or any HF BERT, RoBERTa, DistilBERT, ELECTRA, MPNet,
+ModernBERT or DeBERTa-v2/v3 model directory. Inputs are real text:
   - the sentence points: the bundled sentences (or --text), `batch` at a time, each batch padded to its longest,
     one point per batch size (the speed-up-vs-batch curve);
   - the length points: one batch of the largest batch size whose rows are pieces of that text with lengths drawn
@@ -43,15 +44,21 @@ import torch
 import mtbert_fast
 from mtbert_fast.bench import harness, peers
 from mtbert_fast.models import EncoderConfig
-from mtbert_fast.models.config import NO_TOKEN_TYPES
 from mtbert_fast.ops import dispatch
 
 INT8 = peers.INT8
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, INT8: torch.qint8}
-# named configs with random weights -> (transformers model class, its config class: the defaults are those sizes)
-RANDOM_MODELS = {"bert-base": ("BertModel", "BertConfig"), "distilbert-base": ("DistilBertModel", "DistilBertConfig"),
-                 "electra-small": ("ElectraModel", "ElectraConfig"), "mpnet-base": ("MPNetModel", "MPNetConfig"),
-                 "modernbert-base": ("ModernBertModel", "ModernBertConfig")}
+# named configs with random weights -> (transformers model class, its config class, the fields that differ from its
+# defaults)
+DEBERTA_V3_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                       relative_attention=True, position_buckets=256, max_relative_positions=512,
+                       pos_att_type=["p2c", "c2p"], share_att_key=True, norm_rel_ebd="layer_norm",
+                       position_biased_input=False, type_vocab_size=0, layer_norm_eps=1e-7)
+RANDOM_MODELS = {"bert-base": ("BertModel", "BertConfig", {}),
+                 "distilbert-base": ("DistilBertModel", "DistilBertConfig", {}),
+                 "electra-small": ("ElectraModel", "ElectraConfig", {}), "mpnet-base": ("MPNetModel", "MPNetConfig", {}),
+                 "modernbert-base": ("ModernBertModel", "ModernBertConfig", {}),
+                 "deberta-v3-base": ("DebertaV2Model", "DebertaV2Config", DEBERTA_V3_BASE)}
 NAMED_MODELS = ("minilm", *RANDOM_MODELS)
 TASKS = ("encoder", "multitask")
 POINTS = ("sentences", "lengths", "full", "latency")
@@ -348,8 +355,10 @@ class _Model:
         return EncoderConfig.from_hf(self.hf.config).family
 
     def inputs(self, batch: dict) -> dict:
-        """The batch as the model takes it: DistilBERT and MPNet have no token types."""
-        return {k: v for k, v in batch.items() if k != "token_type_ids" or self.family not in NO_TOKEN_TYPES}
+        """The batch as the model takes it: without token types where it has none (DistilBERT, MPNet, ModernBERT,
+        DeBERTa-v3)."""
+        return {k: v for k, v in batch.items()
+                if k != "token_type_ids" or EncoderConfig.from_hf(self.hf.config).type_vocab_size > 0}
 
 
 def _check(cfg: BenchConfig) -> torch.device:
@@ -414,9 +423,11 @@ def _load_model(name: str) -> _Model:
     if name in RANDOM_MODELS:
         import transformers
 
-        model_class, config_class = (getattr(transformers, n) for n in RANDOM_MODELS[name])
+        model_name, config_name, fields = RANDOM_MODELS[name]
+        model_class, config_class = getattr(transformers, model_name), getattr(transformers, config_name)
         torch.manual_seed(0)
-        hf = model_class._from_config(config_class(), attn_implementation=_fastest_attention(model_class)).eval()
+        hf = model_class._from_config(config_class(**fields), attn_implementation=_fastest_attention(model_class))
+        hf = hf.eval()
         return _Model(f"{name} (random weights)", hf, AutoTokenizer.from_pretrained(minilm))
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)

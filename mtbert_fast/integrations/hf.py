@@ -1,8 +1,8 @@
-"""Swap the fast encoder into a Hugging Face BERT/RoBERTa/DistilBERT/ELECTRA/MPNet/ModernBERT model (or the one inside a
+"""Swap the fast encoder into a Hugging Face BERT/RoBERTa/DistilBERT/ELECTRA/MPNet/ModernBERT/DeBERTa-v2 model (or the one inside a
 sentence-transformers model) in place, and back.
 
 `swap` replaces the forward of the model's base encoder (BertModel / RobertaModel / DistilBertModel / ElectraModel /
-MPNetModel / ModernBertModel, also inside any `*For*` task model) with the packed-token path. No module is replaced and no parameter is renamed,
+MPNetModel / ModernBertModel / DebertaV2Model, also inside any `*For*` task model) with the packed-token path. No module is replaced and no parameter is renamed,
 so state_dict keys, the forward signature and the output types stay HF's. Query, key and value weights are moved
 into one [3H, H] buffer that the three parameters view, so the fused QKV GEMM needs no copy; while swapped,
 `state_dict()` hands out independent copies of those three, so checkpoints never hold shared storage.
@@ -18,7 +18,9 @@ import torch
 import torch.nn as nn
 
 from mtbert_fast.models.config import EncoderConfig, family_names
-from mtbert_fast.models.encoder import EmbeddingWeights, Int8State, LayerWeights, encode, quantize_encoder
+from mtbert_fast.models.encoder import (
+    DisentangledWeights, EmbeddingWeights, Int8State, LayerWeights, disentangled_projections, encode, quantize_encoder,
+)
 from mtbert_fast.models.hf_mapping import HF_PREFIXES, LAYOUTS, HfLayout
 from mtbert_fast.models.int8 import DEFAULT_SMOOTHING, check_model_dtype
 from mtbert_fast.ops.dispatch import requested_backend
@@ -147,6 +149,20 @@ class _SwapState:
         name = self.layout.relative_bias
         return base.get_submodule(name).weight if name is not None else None
 
+    def disentangled(self, base: nn.Module, layers: list[LayerWeights]) -> DisentangledWeights | None:
+        """DeBERTa's relative-position table, its LayerNorm and each layer's projections of it, or None."""
+        if not self.config.disentangled:
+            return None
+        encoder = base.encoder
+        norm = (encoder.LayerNorm.weight, encoder.LayerNorm.bias) if self.config.norm_rel_ebd else None
+        projections = [
+            disentangled_projections(self.config, w.qkv_weight, w.qkv_bias,
+                                     getattr(layer.attention.self, "pos_key_proj", None),
+                                     getattr(layer.attention.self, "pos_query_proj", None))
+            for layer, w in zip(self.layers(base), layers)
+        ]
+        return DisentangledWeights(encoder.rel_embeddings.weight, norm, projections)
+
     def final_norm(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """ModernBERT's LayerNorm after the last layer, or None."""
         if self.layout.final_norm is None:
@@ -173,9 +189,10 @@ def _embedding_weights(base: nn.Module, layout: HfLayout) -> EmbeddingWeights:
     emb = base.embeddings
     types, project = getattr(emb, "token_type_embeddings", None), getattr(base, "embeddings_project", None)
     norm = emb.get_submodule(layout.norm)
+    positions = getattr(emb, "position_embeddings", None) if layout.positions else None
     return EmbeddingWeights(
         emb.get_submodule(layout.word).weight,
-        emb.position_embeddings.weight if layout.positions else None,
+        positions.weight if positions is not None else None,
         types.weight if types is not None else None,
         norm.weight,
         norm.bias,
@@ -218,11 +235,12 @@ def _swapped_forward(
 
     if not state.layout.token_types:  # HF's DistilBertModel takes token_type_ids in **kwargs and ignores them
         token_type_ids = None
-    pooler = getattr(self, "pooler", None)
+    pooler = getattr(self, "pooler", None) if state.layout.pooler else None
+    layers = state.run_layers(self)
     out = encode(
         state.config,
         _embedding_weights(self, state.layout),
-        state.run_layers(self),
+        layers,
         (pooler.dense.weight, pooler.dense.bias) if pooler is not None else None,
         input_ids,
         attention_mask,
@@ -234,6 +252,7 @@ def _swapped_forward(
         backend=state.backend,
         relative_attention_bias=state.relative_bias(self),
         final_norm=state.final_norm(self),
+        disentangled=state.disentangled(self, layers),
     )
     # after encode(), which has validated the mask
     if pooler is not None and attention_mask is not None and bool((attention_mask[:, 0] == 0).any()):
@@ -291,8 +310,8 @@ def swap(
 ) -> nn.Module:
     """Run `model`'s BERT-family encoder on mtbert_fast's packed-token path, in place; returns `model`.
 
-    model: an HF BertModel, RobertaModel, DistilBertModel, ElectraModel, MPNetModel or ModernBertModel, or any of
-      their *For* task models (XLM-R and CamemBERT too); or a sentence-transformers
+    model: an HF BertModel, RobertaModel, DistilBertModel, ElectraModel, MPNetModel, ModernBertModel or
+      DebertaV2Model (DeBERTa-v3 too), or any of their *For* task models (XLM-R and CamemBERT too); or a sentence-transformers
       SentenceTransformer or CrossEncoder, whose transformers model is swapped (`encode` / `predict` keep working).
     backend: "auto" or one of cuda / triton / cpu / reference for every op.
     dtype: if given, the whole model is cast to it first (as model.to(dtype) would), e.g. torch.bfloat16.

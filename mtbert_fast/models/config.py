@@ -1,22 +1,26 @@
-"""The encoder configuration: what BERT, RoBERTa, DistilBERT, ELECTRA, MPNet and ModernBERT configs use, and a clear
-refusal of anything else."""
+"""The encoder configuration: what BERT, RoBERTa, DistilBERT, ELECTRA, MPNet, ModernBERT and DeBERTa-v2/v3 configs use,
+and a clear refusal of anything else."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
-FAMILIES = ("bert", "roberta", "distilbert", "electra", "mpnet", "modernbert")
+FAMILIES = ("bert", "roberta", "distilbert", "electra", "mpnet", "modernbert", "deberta")
 # HF model_type -> family: XLM-RoBERTa and CamemBERT are RoBERTa's architecture with other vocabularies
 MODEL_TYPES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "camembert": "roberta",
-               "distilbert": "distilbert", "electra": "electra", "mpnet": "mpnet", "modernbert": "modernbert"}
+               "distilbert": "distilbert", "electra": "electra", "mpnet": "mpnet", "modernbert": "modernbert",
+               "deberta-v2": "deberta"}
 # the families as people name them, in FAMILIES' order
 FAMILY_NAMES = {"bert": "BERT", "roberta": "RoBERTa", "distilbert": "DistilBERT", "electra": "ELECTRA", "mpnet": "MPNet",
-                "modernbert": "ModernBERT"}
+                "modernbert": "ModernBERT", "deberta": "DeBERTa-v2/v3"}
 # families without token types
 NO_TOKEN_TYPES = ("distilbert", "mpnet", "modernbert")
+# DeBERTa's position terms: content-to-position and position-to-content
+POS_ATT_TYPES = ("c2p", "p2c")
 # ModernBERT's attention kinds per layer: the whole sequence, or a window of local_attention / 2 each side
 LAYER_TYPES = ("full_attention", "sliding_attention")
 # families whose position ids count from a padding id + 1, skipping padding tokens (fairseq's make_positions), and
@@ -52,7 +56,12 @@ class EncoderConfig:
     attention scores, bucketed into relative_attention_num_buckets (None for every other family); "modernbert" is
     pre-norm, with rotary positions (theta rope_theta in full-attention layers, local_rope_theta in sliding ones),
     a GeGLU feed-forward, no token types and no position table, layer_types saying which layers attend within
-    local_attention / 2 of each token, optional biases (norm_bias, attention_bias, mlp_bias) and a final norm.
+    local_attention / 2 of each token, optional biases (norm_bias, attention_bias, mlp_bias) and a final norm;
+    "deberta" (DeBERTa-v2 and v3) has disentangled attention where relative_attention is set: each layer adds the
+    pos_att_type terms ("c2p": query . relative-position key, "p2c": key . relative-position query) over the
+    relative_position_table rows of log-bucketed distances (position_buckets, max_relative_positions), with the
+    table LayerNorm-ed where norm_rel_ebd and projected by the layer's own query/key linears where share_att_key;
+    absolute positions are added to the embeddings only where position_biased_input.
     """
 
     vocab_size: int = 30522
@@ -78,14 +87,22 @@ class EncoderConfig:
     attention_bias: bool = True
     mlp_bias: bool = True
     embedding_dropout_prob: float | None = None
+    relative_attention: bool = False
+    position_buckets: int = -1
+    max_relative_positions: int = -1
+    pos_att_type: tuple[str, ...] = ()
+    share_att_key: bool = False
+    position_biased_input: bool = True
+    norm_rel_ebd: bool = False
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise UnsupportedModelError(f"model family {self.family!r} is not supported; supported: {FAMILIES}")
         if self.embedding_size is not None and self.family != "electra":
             raise ValueError(f"embedding_size is an ELECTRA option; a {self.family} model embeds in hidden_size")
-        if (self.type_vocab_size == 0) != (self.family in NO_TOKEN_TYPES):
-            raise ValueError(f"type_vocab_size={self.type_vocab_size}: only DistilBERT and MPNet have no token types")
+        if self.family != "deberta" and (self.type_vocab_size == 0) != (self.family in NO_TOKEN_TYPES):
+            raise ValueError(f"type_vocab_size={self.type_vocab_size}: only DistilBERT, MPNet and ModernBERT have no "
+                             "token types (DeBERTa may have either)")
         buckets = self.relative_attention_num_buckets
         if (buckets is not None) != (self.family == "mpnet"):
             raise ValueError(f"relative_attention_num_buckets={buckets}: an MPNet option, which MPNet needs")
@@ -93,6 +110,7 @@ class EncoderConfig:
             raise ValueError(f"relative_attention_num_buckets must be >= 4 (a half per direction, half of each "
                              f"exact), got {buckets}")
         self._check_modernbert()
+        self._check_deberta()
         if self.hidden_act not in ACTIVATIONS:
             raise UnsupportedModelError(
                 f"hidden_act={self.hidden_act!r} is not supported; supported: {', '.join(ACTIVATIONS)}"
@@ -126,6 +144,35 @@ class EncoderConfig:
             raise ValueError(f"local_attention must be >= 0, got {self.local_attention}")
         if self.head_dim % 2:
             raise ValueError(f"rotary positions rotate pairs: head_dim {self.head_dim} must be even")
+
+    def _check_deberta(self) -> None:
+        own = {"relative_attention": False, "position_buckets": -1, "max_relative_positions": -1, "pos_att_type": (),
+               "share_att_key": False, "position_biased_input": True, "norm_rel_ebd": False}
+        if self.family != "deberta":
+            changed = next((k for k, v in own.items() if getattr(self, k) != v), None)
+            if changed is not None:
+                raise ValueError(f"{changed} is a DeBERTa option; a {self.family} model has no use for it")
+            return
+        unknown = sorted(set(self.pos_att_type) - set(POS_ATT_TYPES))
+        if unknown:
+            raise UnsupportedModelError(f"pos_att_type holds {unknown[0]!r}; supported: {', '.join(POS_ATT_TYPES)}")
+
+    @property
+    def disentangled(self) -> bool:
+        """DeBERTa's relative position terms are added to the attention scores."""
+        return self.relative_attention and bool(self.pos_att_type)
+
+    @property
+    def attention_span(self) -> int:
+        """DeBERTa's S: the relative-position table has 2S rows; bucketed distances index them from S."""
+        if self.position_buckets > 0:
+            return self.position_buckets
+        return self.max_relative_positions if self.max_relative_positions >= 1 else self.max_position_embeddings
+
+    @property
+    def attention_scale(self) -> float:
+        """Every score term's scale: 1 / sqrt(head_dim), over sqrt(1 + the number of DeBERTa's position terms)."""
+        return 1.0 / math.sqrt(self.head_dim * (1 + len(set(self.pos_att_type) & set(POS_ATT_TYPES))))
 
     @property
     def window(self) -> int:
@@ -184,6 +231,8 @@ class EncoderConfig:
             d = {**d, "type_vocab_size": 0, "relative_attention_num_buckets": d.get("relative_attention_num_buckets", 32)}
         if family == "modernbert":
             d = _modernbert_fields(d)
+        if family == "deberta":
+            d = _deberta_fields(d)
         refusals = {
             "position_embedding_type": ("absolute", "only absolute position embeddings are supported"),
             "is_decoder": (False, "decoders (causal attention) are not supported: the encoder is bidirectional"),
@@ -200,6 +249,8 @@ class EncoderConfig:
             fields.discard("relative_attention_num_buckets")
         if family != "modernbert":
             fields -= set(_MODERNBERT_FIELDS)
+        if family != "deberta":
+            fields -= set(_DEBERTA_FIELDS)
         kwargs = {k: d[k] for k in fields if k in d and d[k] is not None}
         if kwargs.get("embedding_size") == kwargs.get("hidden_size", cls.hidden_size):
             del kwargs["embedding_size"]  # no projection
@@ -227,6 +278,13 @@ class EncoderConfig:
             return _modernbert_dict(self, d)
         for key in _MODERNBERT_FIELDS:
             del d[key]
+        if self.family == "deberta":
+            d["model_type"] = "deberta-v2"
+            d["pos_att_type"] = list(self.pos_att_type)
+            d["norm_rel_ebd"] = "layer_norm" if self.norm_rel_ebd else "none"
+        else:
+            for key in _DEBERTA_FIELDS:
+                del d[key]
         if self.family == "electra":
             d["embedding_size"] = self.embedding_width
         if self.family == "distilbert":
@@ -283,3 +341,39 @@ def _modernbert_dict(config: EncoderConfig, d: dict[str, Any]) -> dict[str, Any]
     d["rope_parameters"] = {"full_attention": {"rope_type": "default", "rope_theta": d.pop("rope_theta")},
                             "sliding_attention": {"rope_type": "default", "rope_theta": d.pop("local_rope_theta")}}
     return d
+
+
+_DEBERTA_FIELDS = ("relative_attention", "position_buckets", "max_relative_positions", "pos_att_type", "share_att_key",
+                   "position_biased_input", "norm_rel_ebd")
+
+
+def _deberta_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """A DebertaV2Config dict in EncoderConfig's names; refuses what the encoder does not run."""
+    if d.get("conv_kernel_size", 0) > 0:
+        raise UnsupportedModelError(f"conv_kernel_size={d['conv_kernel_size']}: DeBERTa's convolution layer (the "
+                                    "v2-xlarge/xxlarge models) is not supported")
+    embedding_size = d.get("embedding_size")
+    if embedding_size is not None and embedding_size != d.get("hidden_size", 768):
+        raise UnsupportedModelError(f"embedding_size={embedding_size}: a DeBERTa embedding projection is not supported "
+                                    "(embedding_size must equal hidden_size)")
+    if d.get("z_steps", 0) > 1:
+        raise UnsupportedModelError(f"z_steps={d['z_steps']} is not supported")
+    heads = d.get("num_attention_heads", 12)
+    head_size = d.get("attention_head_size")
+    if head_size is not None and head_size * heads != d.get("hidden_size", 768):
+        raise UnsupportedModelError(f"attention_head_size={head_size}: heads of another width than hidden_size / "
+                                    "num_attention_heads are not supported")
+    pos_att_type = d.get("pos_att_type") or ()
+    if isinstance(pos_att_type, str):
+        pos_att_type = [x.strip() for x in pos_att_type.lower().split("|")]
+    norm = [x.strip() for x in str(d.get("norm_rel_ebd") or "none").lower().split("|")]
+    if set(norm) - {"none", "layer_norm"}:
+        raise UnsupportedModelError(f"norm_rel_ebd={d['norm_rel_ebd']!r}: only layer_norm or none is supported")
+    if d.get("pooler_hidden_size", d.get("hidden_size")) != d.get("hidden_size"):
+        raise UnsupportedModelError(f"pooler_hidden_size={d['pooler_hidden_size']}: a pooler of another width than "
+                                    "hidden_size is not supported")
+    return {**d, "pos_att_type": tuple(pos_att_type), "norm_rel_ebd": "layer_norm" in norm,
+            "relative_attention": bool(d.get("relative_attention", False)),
+            "position_buckets": d.get("position_buckets", -1), "max_relative_positions": d.get("max_relative_positions", -1),
+            "share_att_key": bool(d.get("share_att_key", False)),
+            "position_biased_input": bool(d.get("position_biased_input", True)), "embedding_size": None}

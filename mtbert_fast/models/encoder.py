@@ -34,7 +34,7 @@ class EmbeddingWeights(NamedTuple):
 
     word: torch.Tensor  # [V, E]
     position: torch.Tensor | None  # [P, E]; None for ModernBERT, whose positions are rotary
-    token_type: torch.Tensor | None  # [types, E]; None for DistilBERT, MPNet and ModernBERT, which have no token types
+    token_type: torch.Tensor | None  # [types, E]; None where the model has no token types (DistilBERT, MPNet, ...)
     norm_weight: torch.Tensor  # [E]
     norm_bias: torch.Tensor | None  # [E]; None where the LayerNorms have no bias (ModernBERT)
     project_weight: torch.Tensor | None = None  # [H, E] (ELECTRA's embeddings_project), None when E == H
@@ -174,7 +174,7 @@ def validate_inputs(
         empty = (attention_mask == 0).all(dim=1).nonzero()
         if empty.numel():
             raise ValueError(f"row {int(empty[0])} of attention_mask has no real token")
-        if config.relative_attention_num_buckets is not None or config.family == "modernbert":
+        if config.relative_attention_num_buckets is not None or config.family == "modernbert" or config.disentangled:
             _check_no_holes(config, attention_mask != 0)
     if token_type_ids is not None:
         if config.type_vocab_size == 0:
@@ -229,6 +229,44 @@ def relative_bias_table(weight: torch.Tensor, max_seqlen: int, max_distance: int
     r = min(max(max_seqlen - 1, 0), max_distance)
     distance = torch.arange(-r, r + 1, device=weight.device)
     return F.embedding(relative_position_buckets(distance, weight.shape[0]), weight).t().float().contiguous()
+
+
+def deberta_buckets(distance: torch.Tensor, bucket_size: int, max_position: int) -> torch.Tensor:
+    """DeBERTa-v2's log bucket of each query-minus-key distance, int64, in its arithmetic: exact within
+    bucket_size / 2, logarithmic beyond, up to max_position."""
+    sign = torch.sign(distance)
+    mid = bucket_size // 2
+    near = (distance < mid) & (distance > -mid)
+    magnitude = torch.where(near, torch.tensor(mid - 1).type_as(distance), distance.abs())
+    log_pos = torch.ceil(torch.log(magnitude / mid) / torch.log(torch.tensor((max_position - 1) / mid))
+                         * (mid - 1)) + mid
+    return torch.where(magnitude <= mid, distance.type_as(log_pos), log_pos * sign).long()
+
+
+class DisentangledWeights(NamedTuple):
+    """DeBERTa's relative positions: the [2S, H] table, its LayerNorm (None without norm_rel_ebd), and per layer the
+    projections of its rows into relative-position keys (for "c2p") and queries (for "p2c"): (key weight, key bias,
+    query weight, query bias), None where the layer has no such term. With share_att_key they are the layer's own
+    key and query weights."""
+
+    table: torch.Tensor  # [2S, H]
+    norm: tuple[torch.Tensor, torch.Tensor] | None
+    layers: Sequence[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]
+
+
+def disentangled_index(config: EncoderConfig, max_seqlen: int, device: torch.device) -> tuple[torch.Tensor, int, int]:
+    """(pos_index int32 [2P+1], lo, hi): the table row of every key-minus-query distance -P..P (P = max_seqlen - 1),
+    less lo, and the rows [lo, hi) the batch reaches. DeBERTa's row for query i, key j: clamp(bucket(i - j) + S, 0,
+    2S - 1), S = config.attention_span."""
+    p, span = max(max_seqlen - 1, 0), config.attention_span
+    query_minus_key = -torch.arange(-p, p + 1)
+    if config.position_buckets > 0:
+        longest = config.max_relative_positions
+        longest = longest if longest >= 1 else config.max_position_embeddings
+        query_minus_key = deberta_buckets(query_minus_key, config.position_buckets, longest)
+    rows = (query_minus_key + span).clamp(0, 2 * span - 1)
+    lo, hi = int(rows.min()), int(rows.max()) + 1
+    return (rows - lo).to(device=device, dtype=torch.int32), lo, hi
 
 
 def packed_positions(
@@ -352,22 +390,35 @@ def layer_forward(
     backend: str | None = None,
     observe: Callable[[str, torch.Tensor], None] | None = None,
     rel_bias: torch.Tensor | None = None,
+    position_terms: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One encoder layer on packed tokens: x [T, H] -> [T, H]. observe(product, input), where given, sees the input
     of each of the four products ("qkv", "attn_out", "ffn_in", "ffn_out"): how int8 calibration reads the ranges.
-    rel_bias: fp32 [heads, 2R+1], the relative position bias of every layer (MPNet), or None."""
+    rel_bias: fp32 [heads, 2R+1], the relative position bias of every layer (MPNet), or None.
+    position_terms: DeBERTa's (relative-position keys [W, heads, d] or None, relative-position queries [W, heads, d]
+    or None, pos_index int32): the content-to-position term Q_i . K_pos and the position-to-content term
+    K_j . Q_pos of every token, formed here as [heads, T, W] tables for attention_varlen."""
     t, h = x.shape
     eps, p = config.layer_norm_eps, config.hidden_dropout_prob
+    scale = config.attention_scale
     linear = _Linear(_onednn_ok(x, w, backend), backend)
     observe = observe or _ignore
     observe("qkv", x)
     qkv = linear(x, w.qkv_weight, w.qkv_bias).view(t, 3, config.num_attention_heads, config.head_dim)
+    pos_q = pos_k = pos_index = None
+    if position_terms is not None:
+        pos_key, pos_query, pos_index = position_terms
+        if pos_key is not None:  # one product per head: [heads, T, d] @ [heads, d, W]
+            pos_q = torch.matmul(qkv[:, 0].transpose(0, 1), pos_key.permute(1, 2, 0)).mul_(scale)
+        if pos_query is not None:
+            pos_k = torch.matmul(qkv[:, 1].transpose(0, 1), pos_query.permute(1, 2, 0)).mul_(scale)
     if training:
-        ctx = attention_varlen(qkv, packed.cu_seqlens, packed.max_seqlen,
-                               dropout_p=config.attention_probs_dropout_prob, rel_bias=rel_bias, backend=backend)
+        ctx = attention_varlen(qkv, packed.cu_seqlens, packed.max_seqlen, scale,
+                               dropout_p=config.attention_probs_dropout_prob, rel_bias=rel_bias, pos_q=pos_q,
+                               pos_k=pos_k, pos_index=pos_index, backend=backend)
     else:  # qkv is the view above and packed was built by encode(): the wrapper's checks hold, so it is skipped
-        ctx = attention_varlen_op(qkv, packed.cu_seqlens, packed.max_seqlen, 1.0 / math.sqrt(config.head_dim), 0.0, None,
-                                  rel_bias, -1, backend=backend)
+        ctx = attention_varlen_op(qkv, packed.cu_seqlens, packed.max_seqlen, scale, 0.0, None, rel_bias, -1, pos_q,
+                                  pos_k, pos_index, backend=backend)
     ctx = ctx.reshape(t, h)
     observe("attn_out", ctx)
     x = _residual_norm(linear(ctx, w.attn_out_weight), w.attn_out_bias, x, w.attn_norm_weight,
@@ -427,6 +478,26 @@ def pre_norm_layer_forward(
     return x + linear(inner, w.ffn_out_weight, w.ffn_out_bias)
 
 
+def position_terms(config: EncoderConfig, w: DisentangledWeights, packed: PackedBatch, training: bool
+                   ) -> list[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]]:
+    """Each layer's DeBERTa position terms (see layer_forward): the table's rows the batch reaches, LayerNorm-ed,
+    dropped out per layer in training (as HF's pos_dropout), projected by the layer's relative-position key and
+    query linears into [W, heads, head_dim]."""
+    index, lo, hi = disentangled_index(config, packed.max_seqlen, w.table.device)
+    rows = w.table
+    if w.norm is not None:
+        rows = F.layer_norm(rows, (rows.shape[-1],), *w.norm, config.layer_norm_eps)
+    rows = rows[lo:hi]
+    heads, d = config.num_attention_heads, config.head_dim
+    terms = []
+    for key_w, key_b, query_w, query_b in w.layers:
+        r = F.dropout(rows, config.hidden_dropout_prob, training)
+        pos_key = F.linear(r, key_w, key_b).view(-1, heads, d) if key_w is not None else None
+        pos_query = F.linear(r, query_w, query_b).view(-1, heads, d) if query_w is not None else None
+        terms.append((pos_key, pos_query, index))
+    return terms
+
+
 def encode(
     config: EncoderConfig,
     embeddings: EmbeddingWeights,
@@ -445,6 +516,7 @@ def encode(
     observe: Callable[[int], Callable[[str, torch.Tensor], None]] | None = None,
     relative_attention_bias: torch.Tensor | None = None,
     final_norm: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    disentangled: DisentangledWeights | None = None,
 ) -> EncoderOutput:
     """The whole encoder: validate, unpad once, embed, run the layers, pool. The padded outputs are built when
     read (see EncoderOutput). inputs_checked: the caller has run validate_inputs on exactly these inputs, so it
@@ -452,7 +524,8 @@ def encode(
     observe(layer index), where given, returns that layer's observer (see layer_forward).
     relative_attention_bias: [buckets, heads], MPNet's one table for every layer; required exactly when the config
     has relative_attention_num_buckets. final_norm: (weight, bias) of the LayerNorm after the last layer of a
-    pre-norm encoder (ModernBERT), which then holds its output in place of the last layer's in the hidden states."""
+    pre-norm encoder (ModernBERT), which then holds its output in place of the last layer's in the hidden states.
+    disentangled: DeBERTa's relative positions, required exactly when config.disentangled."""
     device = embeddings.word.device
     if inputs_checked:
         batch, seqlen = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
@@ -483,6 +556,10 @@ def encode(
     if (final_norm is not None) != config.pre_norm:
         raise ValueError(f"a {config.family} encoder {'needs' if config.pre_norm else 'has no'} final norm")
     rotary = rotary_for(config, packed, position_ids) if config.pre_norm else None
+    if (disentangled is not None) != config.disentangled:
+        raise ValueError(f"a {config.family} encoder {'needs' if config.disentangled else 'has no'} relative "
+                         "position table (disentangled)")
+    terms = position_terms(config, disentangled, packed, training) if disentangled is not None else None
 
     x = embed_packed(config, embeddings, packed, input_ids, token_type_ids, position_ids, inputs_embeds, training)
     states = [x] if output_hidden_states else None
@@ -499,10 +576,13 @@ def encode(
             # an int8 layer before another one hands it its output already quantized for the QKV product
             following = layers[i + 1] if i + 1 < len(layers) else None
             next_smooth = following.qkv.smooth if isinstance(following, Int8LayerWeights) else None
+            if terms is not None:
+                raise UnsupportedModelError("int8 inference has no disentangled attention: a deberta encoder runs in "
+                                            "float32 or bfloat16")
             x = int8_layer_forward(config, w, x, packed, backend, next_smooth, rel_bias)
         else:
             x = layer_forward(config, w, x, packed, training, backend, observe(i) if observe is not None else None,
-                              rel_bias)
+                              rel_bias, terms[i] if terms is not None else None)
         if states is not None:
             states.append(x[0] if isinstance(x, tuple) else x)
     if final_norm is not None:
@@ -532,9 +612,10 @@ def quantize_encoder(
     relative_attention_bias: torch.Tensor | None = None,
 ) -> list[Int8LayerWeights]:
     """int8 layers from float ones: calibrate on `calibration` (see int8.calibration_batches), then quantize."""
-    if config.pre_norm:
-        raise UnsupportedModelError(f"int8 inference runs post-norm (BERT-style) layers; a {config.family} encoder "
-                                    "runs in float32 or bfloat16")
+    if config.pre_norm or config.disentangled:
+        what = "post-norm (BERT-style) layers" if config.pre_norm else "no disentangled attention"
+        raise UnsupportedModelError(f"int8 inference runs {what}; a {config.family} encoder runs in float32 or "
+                                    "bfloat16")
     word = embeddings.word
     check_int8_device(word.device)
     check_int8_dtype(word.dtype)
@@ -568,7 +649,8 @@ class FastEmbeddings(nn.Module):
         super().__init__()
         e = config.embedding_width
         self.word_embeddings = nn.Embedding(config.vocab_size, e)
-        self.position_embeddings = None if config.pre_norm else nn.Embedding(config.max_position_embeddings, e)
+        absolute = not config.pre_norm and config.position_biased_input  # ModernBERT's are rotary, DeBERTa's may be none
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, e) if absolute else None
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, e) if config.type_vocab_size else None
         self.LayerNorm = nn.LayerNorm(e, eps=config.layer_norm_eps, bias=config.norm_bias)
         self.project = nn.Linear(e, config.hidden_size) if e != config.hidden_size else None
@@ -586,6 +668,19 @@ class FastEmbeddings(nn.Module):
         )
 
 
+def disentangled_projections(config: EncoderConfig, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor,
+                             pos_key: nn.Linear | None, pos_query: nn.Linear | None) -> tuple[torch.Tensor | None, ...]:
+    """A DeBERTa layer's (key weight, key bias, query weight, query bias) for the relative-position rows: its own
+    pos_key / pos_query linears, or with share_att_key its content key and query rows of the fused QKV weight."""
+    h = config.hidden_size
+    key = query = (None, None)
+    if "c2p" in config.pos_att_type:
+        key = (qkv_weight[h:2 * h], qkv_bias[h:2 * h]) if config.share_att_key else (pos_key.weight, pos_key.bias)
+    if "p2c" in config.pos_att_type:
+        query = (qkv_weight[:h], qkv_bias[:h]) if config.share_att_key else (pos_query.weight, pos_query.bias)
+    return (*key, *query)
+
+
 class FastBertLayer(nn.Module):
     """One layer's weights in the layout the kernels want: query, key and value in one [3H, H] matrix. A ModernBERT
     layer has a [2I, H] ffn_in (the GeGLU halves), biases only where its config asks, and no attn_norm in layer 0."""
@@ -600,6 +695,14 @@ class FastBertLayer(nn.Module):
         self.ffn_in = nn.Linear(h, 2 * i if config.pre_norm else i, bias=mlp_bias)
         self.ffn_out = nn.Linear(i, h, bias=mlp_bias)
         self.ffn_norm = nn.LayerNorm(h, eps=eps, bias=norm_bias)
+        # DeBERTa: the projections of the relative-position table into keys (c2p) and queries (p2c)
+        own = config.relative_attention and not config.share_att_key
+        self.pos_key = nn.Linear(h, h) if own and "c2p" in config.pos_att_type else None
+        self.pos_query = nn.Linear(h, h) if own and "p2c" in config.pos_att_type else None
+
+    def position_projections(self, config: EncoderConfig) -> tuple[torch.Tensor | None, ...]:
+        """(key weight, key bias, query weight, query bias) of DisentangledWeights.layers for this layer."""
+        return disentangled_projections(config, self.qkv.weight, self.qkv.bias, self.pos_key, self.pos_query)
 
     def weights(self) -> LayerWeights:
         norm = self.attn_norm
@@ -614,8 +717,8 @@ class FastBertLayer(nn.Module):
 
 
 class FastBertModel(nn.Module):
-    """A BERT, RoBERTa, DistilBERT, ELECTRA or MPNet encoder that runs on packed tokens with the fused mtbert_fast
-    ops.
+    """A BERT, RoBERTa, DistilBERT, ELECTRA, MPNet, ModernBERT or DeBERTa-v2/v3 encoder that runs on packed tokens
+    with the fused mtbert_fast ops.
 
     Build it from a config (random weights), from a loaded HF model (`from_hf`) or from an HF model directory
     (`from_pretrained`). `forward` takes HF's inputs and returns an `EncoderOutput` whose last_hidden_state and
@@ -650,6 +753,11 @@ class FastBertModel(nn.Module):
         buckets = config.relative_attention_num_buckets
         # MPNet: one [buckets, heads] table of attention-score biases shared by every layer
         self.relative_attention_bias = nn.Embedding(buckets, config.num_attention_heads) if buckets else None
+        # DeBERTa: the relative-position table and its LayerNorm
+        span = config.attention_span if config.relative_attention else 0
+        self.rel_embeddings = nn.Embedding(2 * span, config.hidden_size) if span else None
+        norm = config.relative_attention and config.norm_rel_ebd
+        self.rel_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if norm else None
         self.int8: Int8State | None = None
         self._init_weights()
         self.to(device=device, dtype=dtype)
@@ -708,7 +816,15 @@ class FastBertModel(nn.Module):
             inputs_checked=inputs_checked,
             relative_attention_bias=self._relative_attention_bias(),
             final_norm=(self.final_norm.weight, self.final_norm.bias) if self.final_norm is not None else None,
+            disentangled=self._disentangled(),
         )
+
+    def _disentangled(self) -> DisentangledWeights | None:
+        if not self.config.disentangled:
+            return None
+        norm = (self.rel_norm.weight, self.rel_norm.bias) if self.rel_norm is not None else None
+        return DisentangledWeights(self.rel_embeddings.weight, norm,
+                                   [layer.position_projections(self.config) for layer in self.layers])
 
     def _relative_attention_bias(self) -> torch.Tensor | None:
         table = self.relative_attention_bias

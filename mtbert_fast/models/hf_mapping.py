@@ -1,4 +1,4 @@
-"""Hugging Face <-> mtbert_fast: HF BERT/RoBERTa/DistilBERT/ELECTRA/MPNet/ModernBERT state_dict <-> FastBertModel state_dict,
+"""Hugging Face <-> mtbert_fast: HF BERT/RoBERTa/DistilBERT/ELECTRA/MPNet/ModernBERT/DeBERTa-v2 state_dict <-> FastBertModel state_dict,
 safetensors reading (never unpickling), the task heads <-> the heads of HF's *For* task models, and a MultiTaskBert's
 encoder and heads from HF task models or one task of it as a transformers checkpoint."""
 
@@ -27,7 +27,7 @@ from mtbert_fast.models.heads import (
     TokenClassificationHead,
 )
 
-_PREFIXES = ("bert.", "roberta.", "distilbert.", "electra.", "mpnet.", "model.", "")
+_PREFIXES = ("bert.", "roberta.", "distilbert.", "electra.", "mpnet.", "deberta.", "model.", "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +57,9 @@ class HfLayout:
     def embedding_pairs(self, config: EncoderConfig) -> list[tuple[str, str]]:
         """(FastEmbeddings name, HF embeddings name) of every embedding weight."""
         pairs = [("word_embeddings.weight", f"{self.word}.weight")]
-        if self.positions:
+        if self.positions and config.position_biased_input:
             pairs.append(("position_embeddings.weight", "position_embeddings.weight"))
-        if self.token_types:
+        if self.token_types and config.type_vocab_size > 0:
             pairs.append(("token_type_embeddings.weight", "token_type_embeddings.weight"))
         return pairs + [(f"LayerNorm.{kind}", f"{self.norm}.{kind}") for kind in _kinds(config.norm_bias)]
 
@@ -113,7 +113,19 @@ LAYOUTS = {
         positions=False,
         final_norm="final_norm",
     ),
+    "deberta": HfLayout(
+        layers="encoder.layer",
+        qkv=("attention.self.query_proj", "attention.self.key_proj", "attention.self.value_proj"),
+        layer=_BERT_LAYOUT.layer,
+        token_types=True,
+        pooler=False,
+        output="BaseModelOutput",
+    ),
 }
+# DeBERTa's relative positions: (FastBertModel name, HF base-model name) of the table and its LayerNorm, and of each
+# layer's projections of it
+_DEBERTA_TABLE = (("rel_embeddings", "encoder.rel_embeddings"), ("rel_norm", "encoder.LayerNorm"))
+_DEBERTA_PROJECTIONS = (("pos_key", "attention.self.pos_key_proj"), ("pos_query", "attention.self.pos_query_proj"))
 # which config flag says whether each part of a layer has a bias (all do, but in ModernBERT)
 _LAYER_BIAS = {"qkv": "attention_bias", "attn_out": "attention_bias", "attn_norm": "norm_bias", "ffn_in": "mlp_bias",
                "ffn_out": "mlp_bias", "ffn_norm": "norm_bias"}
@@ -161,6 +173,15 @@ def _encoder_key_pairs(config: EncoderConfig) -> list[tuple[str, str]]:
         pairs.append(("relative_attention_bias.weight", f"{layout.relative_bias}.weight"))
     if layout.final_norm is not None:
         pairs += [(f"final_norm.{kind}", f"{layout.final_norm}.{kind}") for kind in _kinds(config.norm_bias)]
+    if config.relative_attention:
+        (table, hf_table), (norm, hf_norm) = _DEBERTA_TABLE
+        pairs.append((f"{table}.weight", f"{hf_table}.weight"))
+        if config.norm_rel_ebd:
+            pairs += [(f"{norm}.{kind}", f"{hf_norm}.{kind}") for kind in ("weight", "bias")]
+        own = [] if config.share_att_key else [
+            pair for pair, term in zip(_DEBERTA_PROJECTIONS, ("c2p", "p2c")) if term in config.pos_att_type]
+        pairs += [(f"layers.{i}.{fast}.{kind}", f"{layout.layers}.{i}.{hf}.{kind}")
+                  for i in range(config.num_hidden_layers) for fast, hf in own for kind in ("weight", "bias")]
     for i in range(config.num_hidden_layers):
         for fast, hf in layout.layer:
             if fast == "attn_norm" and config.pre_norm and i == 0:  # ModernBERT's first layer has none
@@ -236,12 +257,13 @@ def read_safetensors_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 # --- task heads <-> the heads of HF's *For* task models ----------------------------------------------------------
 
 HF_PREFIXES = {"bert": "Bert", "roberta": "Roberta", "distilbert": "DistilBert", "electra": "Electra", "mpnet": "MPNet",
-              "modernbert": "ModernBert"}
+               "modernbert": "ModernBert", "deberta": "DebertaV2"}
 # family -> HF names of its sequence-classification head's dense and output linears, their activation, and whether
 # dropout comes before the dense; BERT's reads the pooler output instead
 _DENSE_CLASSIFIERS = {
     "roberta": (("classifier.dense", "classifier.out_proj"), "tanh", True),
     "mpnet": (("classifier.dense", "classifier.out_proj"), "tanh", True),
+    "deberta": (("pooler.dense", "classifier"), "gelu", True),  # the activation is the config's pooler_hidden_act
     "electra": (("classifier.dense", "classifier.out_proj"), "gelu", True),
     "distilbert": (("pre_classifier", "classifier"), "relu", False),
 }
@@ -251,12 +273,15 @@ _MASKED_LM = {
              ("cls.predictions.bias", "cls.predictions.decoder.bias")),
     "roberta": ("lm_head.dense", "lm_head.layer_norm", "lm_head.decoder", ("lm_head.bias", "lm_head.decoder.bias")),
     "mpnet": ("lm_head.dense", "lm_head.layer_norm", "lm_head.decoder", ("lm_head.bias", "lm_head.decoder.bias")),
+    # DeBERTa's legacy head (transformers' default): the decoder's own bias computes; cls.predictions.bias is kept equal
+    "deberta": ("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm", "cls.predictions.decoder",
+                ("cls.predictions.bias", "cls.predictions.decoder.bias")),
     "distilbert": ("vocab_transform", "vocab_layer_norm", "vocab_projector", ("vocab_projector.bias",)),
 }
 # families whose masked-LM head applies the erf GELU whatever the encoder's hidden_act
 _ERF_MLM = ("roberta", "mpnet")
 # families whose task heads take their dropout from the encoder's (their configs have no classifier_dropout)
-_ENCODER_DROPOUT_HEADS = ("distilbert", "mpnet")
+_ENCODER_DROPOUT_HEADS = ("distilbert", "mpnet", "deberta")
 # the problem_type names transformers uses for the head's own
 _HF_PROBLEM_TYPE = {ours: hf for hf, ours in SequenceClassificationHead._HF_PROBLEM_TYPES.items()}
 HfHead = tuple[str, dict[str, Any], dict[str, torch.Tensor]]  # (class name, config fields, weights under its keys)
@@ -276,7 +301,7 @@ def _copy(dst: nn.Parameter, src: torch.Tensor) -> None:
 def _classifier_dropout(hf_config) -> float:
     if hf_config.model_type == "distilbert":  # its token classifier reuses the encoder's dropout
         return hf_config.dropout
-    if hf_config.model_type == "mpnet":  # its heads' dropout is the encoder's
+    if hf_config.model_type in ("mpnet", "deberta-v2"):  # their heads' dropout is the encoder's
         return hf_config.hidden_dropout_prob
     return hf_config.classifier_dropout if hf_config.classifier_dropout is not None else hf_config.hidden_dropout_prob
 
@@ -301,6 +326,13 @@ def _sequence_classification_from_hf(hf_model, encoder_config: EncoderConfig) ->
         return head
     names, activation, dropout_first = _DENSE_CLASSIFIERS[family]
     dropout = cfg.seq_classif_dropout if family == "distilbert" else _classifier_dropout(cfg)
+    if family == "deberta":  # ContextPooler: dropout, dense, pooler_hidden_act; then dropout, classifier
+        activation = cfg.pooler_hidden_act
+        if activation not in SequenceClassificationHead.ACTIVATIONS:
+            raise UnsupportedModelError(f"pooler_hidden_act={activation!r} is not supported; supported: "
+                                        f"{', '.join(SequenceClassificationHead.ACTIVATIONS)}")
+        cls_dropout = getattr(cfg, "cls_dropout", None)
+        dropout = cfg.hidden_dropout_prob if cls_dropout is None else cls_dropout
     head = SequenceClassificationHead(cfg.hidden_size, cfg.num_labels, problem_type, roberta_style=True,
                                       dropout=dropout, id2label=cfg.id2label, activation=activation,
                                       dropout_before_dense=dropout_first)
@@ -324,6 +356,8 @@ def _sequence_classification_to_hf(head: SequenceClassificationHead, encoder_con
         fits, hf_head = head.pooled and not head.roberta_style, "a linear layer on the pooler output"
     else:
         _, activation, dropout_first = dense
+        if family == "deberta":  # any activation, named in the config
+            activation = head.activation
         fits = (head.roberta_style and not head.pooled and head.activation == activation
                 and head.dropout_before_dense == dropout_first)
         hf_head = (f"a dense + {activation} head on the first token"
@@ -335,6 +369,8 @@ def _sequence_classification_to_hf(head: SequenceClassificationHead, encoder_con
               **_label_config(head.num_labels, head.id2label)}
     if family == "distilbert":
         config["seq_classif_dropout"] = head.dropout
+    elif family == "deberta":
+        config.update(pooler_hidden_act=head.activation, pooler_dropout=head.dropout, cls_dropout=head.dropout)
     elif family not in _ENCODER_DROPOUT_HEADS:
         config["classifier_dropout"] = head.dropout
     if dense is None:
@@ -387,6 +423,9 @@ def _masked_lm_from_hf(hf_model, encoder_config: EncoderConfig) -> MaskedLMHead:
                             dense_bias=cfg.classifier_bias, norm_bias=cfg.norm_bias, decoder_bias=cfg.decoder_bias)
         _load_masked_lm(head, hf_model.head.dense, hf_model.head.norm, hf_model.decoder)
         return head
+    if encoder_config.family == "deberta" and not getattr(hf_model.config, "legacy", True):
+        raise UnsupportedModelError("DebertaV2ForMaskedLM with legacy=False (the lm_predictions head) is not mapped; "
+                                    "the legacy head (transformers' default) is")
     dense, norm, decoder = (hf_model.get_submodule(n) for n in _MASKED_LM[encoder_config.family][:3])
     # RoBERTa's and MPNet's heads always use the erf GELU; BERT's and DistilBERT's the encoder's activation
     approximate = "none" if encoder_config.family in _ERF_MLM else None
@@ -567,12 +606,13 @@ _TASKS = {
     "Electra": ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering"),
     "MPNet": ("ForSequenceClassification", "ForTokenClassification", "ForMaskedLM", "ForQuestionAnswering"),
     "ModernBert": ("ForSequenceClassification", "ForTokenClassification", "ForMaskedLM", "ForQuestionAnswering"),
+    "DebertaV2": ("ForSequenceClassification", "ForTokenClassification", "ForMaskedLM", "ForQuestionAnswering"),
 }
 
 
 def head_from_hf(hf_model: nn.Module, encoder_config: EncoderConfig) -> Head:
-    """The head of an HF Bert* / Roberta* / DistilBert* / Electra* / MPNet* / ModernBert* task model, weights copied
-    exactly."""
+    """The head of an HF Bert* / Roberta* / DistilBert* / Electra* / MPNet* / ModernBert* / DebertaV2* task model,
+    weights copied exactly."""
     for klass in type(hf_model).__mro__:
         name = klass.__name__
         for suffix in _FROM_HF:

@@ -1,5 +1,6 @@
-"""attention_varlen: bidirectional softmax attention over packed (unpadded) sequences, with fused dropout, an optional
-relative position bias and an optional local window."""
+"""attention_varlen: bidirectional softmax attention over packed (unpadded) sequences, with fused dropout and optional
+position terms: a relative position bias per distance, per-token position terms (disentangled attention) and a local
+window."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ def attention_varlen(
     rng_state: torch.Tensor | None = None,
     rel_bias: torch.Tensor | None = None,
     window: int = -1,
+    pos_q: torch.Tensor | None = None,
+    pos_k: torch.Tensor | None = None,
+    pos_index: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """softmax(scale * Q K^T + bias) V per sequence, with the softmax in fp32 and no padding anywhere.
@@ -42,6 +46,12 @@ def attention_varlen(
         It has a gradient (fp32, as rel_bias).
     window: where >= 0, query i attends only to the keys with |j - i| <= window (ModernBERT's local attention with
         local_attention = 2 * window); -1 attends to the whole sequence.
+    pos_q, pos_k [heads, T, W] in qkv's dtype, contiguous, and pos_index int32 [2P+1] in [0, W): per-token position
+        terms, DeBERTa's disentangled attention: the score of query i and key j gains pos_q[h, i, c] + pos_k[h, j, c]
+        with c = pos_index[clamp(j - i, -P, P) + P] (DeBERTa: pos_q = Q_i . K_pos, the content-to-position term,
+        pos_k = K_j . Q_pos, position-to-content, both already scaled, as a batched product per head writes them;
+        pos_index the bucket column of each distance). Either table may be None; pos_index comes with them. Both
+        have gradients.
     -> [T, heads, head_dim] in qkv's dtype.
 
     Shapes, dtypes and devices are checked on every backend without a device synchronisation; the values of
@@ -51,6 +61,7 @@ def attention_varlen(
     op = "attention_varlen"
     check_inputs(op, qkv, cu_seqlens, max_seqlen)
     check_position_args(op, qkv, rel_bias, window)
+    check_token_position_args(op, qkv, pos_q, pos_k, pos_index)
     if dropout_p > 0.0 and rng_state is None:
         rng_state = dropout.new_rng_state()
     dropout.check_rng_state(op, dropout_p, rng_state)
@@ -58,7 +69,44 @@ def attention_varlen(
         scale = 1.0 / math.sqrt(qkv.shape[-1])
     if dropout_p == 0.0:
         rng_state = None
-    return OP(qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state, rel_bias, window, backend=backend)
+    return OP(qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state, rel_bias, window, pos_q, pos_k, pos_index,
+              backend=backend)
+
+
+def check_token_position_args(op: str, qkv: torch.Tensor, pos_q: torch.Tensor | None, pos_k: torch.Tensor | None,
+                              pos_index: torch.Tensor | None) -> None:
+    """pos_q / pos_k [heads, T, W] in qkv's dtype, contiguous, on qkv's device, with pos_index int32 [2P+1] whose
+    values (read where free: on the CPU, or with MTBERT_FAST_DEBUG_CHECKS=1) are columns of them."""
+    tables = {name: t for name, t in (("pos_q", pos_q), ("pos_k", pos_k)) if t is not None}
+    if not tables:
+        if pos_index is not None:
+            raise ValueError(f"{op}: pos_index given without pos_q or pos_k")
+        return
+    if pos_index is None:
+        raise ValueError(f"{op}: {next(iter(tables))} needs pos_index (the column of each distance)")
+    t, _, heads, _ = qkv.shape
+    width = next(iter(tables.values())).shape[-1]
+    for name, table in tables.items():
+        if table.dim() != 3 or tuple(table.shape[:2]) != (heads, t) or table.shape[2] != width or width < 1:
+            raise ValueError(f"{op}: {name} must be [heads, T, W] = [{heads}, {t}, W], W >= 1 and the same for "
+                             f"pos_q and pos_k, got shape {tuple(table.shape)}")
+        if table.dtype != qkv.dtype:
+            raise TypeError(f"{op}: {name} has dtype {table.dtype} but qkv has {qkv.dtype}")
+        if table.device != qkv.device:
+            raise ValueError(f"{op}: {name} is on {table.device} but qkv is on {qkv.device}")
+        if not table.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous, got strides {table.stride()}")
+    if pos_index.dim() != 1 or pos_index.dtype != torch.int32 or pos_index.shape[0] % 2 != 1:
+        raise ValueError(f"{op}: pos_index must be a 1-D int32 tensor of odd length 2P+1, got {pos_index.dtype} of "
+                         f"shape {tuple(pos_index.shape)}")
+    if pos_index.device != qkv.device:
+        raise ValueError(f"{op}: pos_index is on {pos_index.device} but qkv is on {qkv.device}")
+    if torch.compiler.is_compiling() or not pos_index.numel():
+        return
+    if pos_index.device.type == "cpu" or os.environ.get(DEBUG_CHECKS_ENV) == "1":
+        lo, hi = (int(v) for v in torch.aminmax(pos_index))
+        if lo < 0 or hi >= width:
+            raise ValueError(f"{op}: pos_index holds {lo if lo < 0 else hi}, outside the tables' columns [0, {width})")
 
 
 def check_position_args(op: str, qkv: torch.Tensor, rel_bias: torch.Tensor | None, window: int) -> None:
@@ -105,13 +153,15 @@ def check_inputs(op: str, qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqle
 def check_backward_inputs(
     grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor,
     max_seqlen: int, dropout_p: float, rng_state: torch.Tensor | None, rel_bias: torch.Tensor | None = None,
-    window: int = -1,
+    window: int = -1, pos_q: torch.Tensor | None = None, pos_k: torch.Tensor | None = None,
+    pos_index: torch.Tensor | None = None,
 ) -> None:
     """The backward's inputs: those of the forward, and grad_out, out [T, heads, head_dim] in qkv's dtype and lse
     fp32 [heads, T] on qkv's device (the C++ kernels check the same in C++)."""
     op = "attention_varlen_backward"
     check_inputs(op, qkv, cu_seqlens, max_seqlen)
     check_position_args(op, qkv, rel_bias, window)
+    check_token_position_args(op, qkv, pos_q, pos_k, pos_index)
     dropout.check_rng_state(op, dropout_p, rng_state)
     t, _, heads, head_dim = qkv.shape
     for name, x, shape, dtype in (
@@ -137,14 +187,21 @@ def check_cu_seqlens_values(op: str, cu_seqlens: torch.Tensor, tokens: int) -> N
                              f"cu_seqlens[{b + 1}] = {hi}")
 
 
-def _fake(qkv, cu_seqlens, max_seqlen, scale, dropout_p=0.0, rng_state=None, rel_bias=None, window=-1):
+def _fake(qkv, cu_seqlens, max_seqlen, scale, dropout_p=0.0, rng_state=None, rel_bias=None, window=-1, pos_q=None,
+          pos_k=None, pos_index=None):
     t, _, heads, head_dim = qkv.shape
     return qkv.new_empty((t, heads, head_dim)), qkv.new_empty((heads, t), dtype=torch.float32)
 
 
 def _fake_backward(grad_out, qkv, out, lse, cu_seqlens, max_seqlen, scale, dropout_p=0.0, rng_state=None,
-                   rel_bias=None, window=-1):
-    return qkv.new_empty(qkv.shape), grad_rel_bias_like(qkv, rel_bias)
+                   rel_bias=None, window=-1, pos_q=None, pos_k=None, pos_index=None):
+    return (qkv.new_empty(qkv.shape), grad_rel_bias_like(qkv, rel_bias), grad_table_like(qkv, pos_q),
+            grad_table_like(qkv, pos_k))
+
+
+def grad_table_like(qkv: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
+    """The backward's gradient of pos_q or pos_k, uninitialised: as the table, or [0] in qkv's dtype without one."""
+    return qkv.new_empty((0,)) if table is None else torch.empty_like(table, memory_format=torch.contiguous_format)
 
 
 def grad_rel_bias_like(qkv: torch.Tensor, rel_bias: torch.Tensor | None) -> torch.Tensor:
@@ -154,23 +211,24 @@ def grad_rel_bias_like(qkv: torch.Tensor, rel_bias: torch.Tensor | None) -> torc
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state, rel_bias, window = inputs
+    qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state, rel_bias, window, pos_q, pos_k, pos_index = inputs
     out, lse = output
-    ctx.save_for_backward(qkv, out, lse, cu_seqlens, rng_state, rel_bias)
+    ctx.save_for_backward(qkv, out, lse, cu_seqlens, rng_state, rel_bias, pos_q, pos_k, pos_index)
     ctx.mark_non_differentiable(lse)
     ctx.max_seqlen, ctx.scale, ctx.dropout_p, ctx.window = max_seqlen, scale, dropout_p, window
 
 
 def _backward(ctx, grad, _grad_lse):
-    qkv, out, lse, cu_seqlens, rng_state, rel_bias = ctx.saved_tensors
+    qkv, out, lse, cu_seqlens, rng_state, rel_bias, pos_q, pos_k, pos_index = ctx.saved_tensors
     # the backward runs where it is fastest for this input, which need not be where the forward ran: every backend
     # keeps lse in the same layout and draws the same dropout mask from rng_state
     backend = dispatch.backward_backend(OP.name, ctx.backend, qkv)
-    grad_qkv, grad_rel_bias = OP.backward_kernel(backend)(
+    grad_qkv, grad_rel_bias, grad_pos_q, grad_pos_k = OP.backward_kernel(backend)(
         grad.contiguous(), qkv, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.dropout_p, rng_state, rel_bias,
-        ctx.window,
+        ctx.window, pos_q, pos_k, pos_index,
     )
-    return grad_qkv, None, None, None, None, None, (grad_rel_bias if rel_bias is not None else None), None
+    return (grad_qkv, None, None, None, None, None, grad_rel_bias if rel_bias is not None else None, None,
+            grad_pos_q if pos_q is not None else None, grad_pos_k if pos_k is not None else None, None)
 
 
 def _head_dim(qkv: torch.Tensor) -> str | None:
@@ -193,14 +251,16 @@ _TOKENS = Limit(f"T <= {INT32_ROWS - 1} rows (int32 cu_seqlens)", _tokens)
 
 OP = Op(
     name="attention_varlen",
-    # qkv [T, 3, heads, head_dim], cu_seqlens int32 [B+1], rel_bias fp32 [heads, 2R+1]
-    # -> out [T, heads, head_dim], lse fp32 [heads, T] (the log-sum-exp of the biased, scaled scores)
+    # qkv [T, 3, heads, head_dim], cu_seqlens int32 [B+1], rel_bias fp32 [heads, 2R+1], pos_q / pos_k [heads, T, W],
+    # pos_index int32 [2P+1] -> out [T, heads, head_dim], lse fp32 [heads, T] (the log-sum-exp of the full scores)
     schema="(Tensor qkv, Tensor cu_seqlens, int max_seqlen, float scale, float dropout_p=0., Tensor? rng_state=None, "
-           "Tensor? rel_bias=None, int window=-1) -> (Tensor, Tensor)",
-    # -> grad_qkv [T, 3, heads, head_dim], grad_rel_bias fp32 [heads, 2R+1] ([0] without rel_bias)
+           "Tensor? rel_bias=None, int window=-1, Tensor? pos_q=None, Tensor? pos_k=None, Tensor? pos_index=None) "
+           "-> (Tensor, Tensor)",
+    # -> grad_qkv [T, 3, heads, head_dim], grad_rel_bias fp32 [heads, 2R+1], grad_pos_q, grad_pos_k [heads, T, W]
+    # (each [0] without its input)
     backward_schema="(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, Tensor cu_seqlens, int max_seqlen, "
-                    "float scale, float dropout_p=0., Tensor? rng_state=None, Tensor? rel_bias=None, int window=-1) "
-                    "-> (Tensor, Tensor)",
+                    "float scale, float dropout_p=0., Tensor? rng_state=None, Tensor? rel_bias=None, int window=-1, "
+                    "Tensor? pos_q=None, Tensor? pos_k=None, Tensor? pos_index=None) -> (Tensor, Tensor, Tensor, Tensor)",
     reference=reference.attention_varlen,
     backends={
         "cuda": Backend(limits=(_HEAD_DIM, Limit(f"heads <= {CUDA_MAX_HEADS}", _heads), _TOKENS)),

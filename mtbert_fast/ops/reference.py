@@ -65,6 +65,9 @@ def attention_varlen(
     rng_state: torch.Tensor | None = None,
     rel_bias: torch.Tensor | None = None,
     window: int = -1,
+    pos_q: torch.Tensor | None = None,
+    pos_k: torch.Tensor | None = None,
+    pos_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Bidirectional softmax attention over packed sequences, softmax in fp32.
 
@@ -74,6 +77,9 @@ def attention_varlen(
     rel_bias fp32 [heads, 2R+1]: bias_ij = rel_bias[h, clamp(j - i, -R, R) + R] (a relative position bias, as MPNet's
     and T5's); none when None.
     window: where >= 0, query i sees only the keys with |j - i| <= window (local attention, as ModernBERT's).
+    pos_q, pos_k [heads, T, W], pos_index int32 [2P+1]: per-token position terms (DeBERTa's disentangled attention):
+    the score of query i and key j gains pos_q[h, i, c] + pos_k[h, j, c], c = pos_index[clamp(j - i, -P, P) + P];
+    either table may be None.
     max_seqlen is not needed here (every sequence is computed in full, as by the kernels).
     dropout_p, rng_state: dropout on the probabilities with the Philox mask of mtbert_fast.ops.dropout, the mask
     every kernel draws from the same rng_state (int64 [2] on the CPU); kept probabilities are scaled by 1 / (1 - p).
@@ -91,6 +97,14 @@ def attention_varlen(
         if rel_bias is not None:
             r = (rel_bias.shape[1] - 1) // 2
             scores = scores + rel_bias.to(scores.dtype)[:, rel.clamp(-r, r) + r]
+        if pos_index is not None:
+            p = (pos_index.shape[0] - 1) // 2
+            column = pos_index.long()[rel.clamp(-p, p) + p]  # [L, L]: the column c(i, j)
+            if pos_q is not None:  # query i's row at c(i, j)
+                scores = scores + torch.gather(_acc(pos_q[:, start:end]), 2, column.expand(heads, -1, -1))
+            if pos_k is not None:  # key j's row at c(i, j)
+                t = _acc(pos_k[:, start:end])
+                scores = scores + torch.gather(t, 2, column.t().expand(heads, -1, -1)).transpose(1, 2)
         if window >= 0:
             scores = scores.masked_fill(rel.abs() > window, float("-inf"))
         probs = torch.softmax(scores, dim=-1)

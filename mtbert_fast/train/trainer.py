@@ -113,11 +113,12 @@ def make_head(task: TaskSpec, enc: EncoderConfig, has_pooler: bool):
     transform = ({"eps": enc.layer_norm_eps, "activation": "gelu", "dense_bias": False, "norm_bias": enc.norm_bias}
                  if enc.family == "modernbert" else None)
     if task.kind == "sequence_classification":
-        roberta = enc.family in ("roberta", "mpnet")  # their HF classifiers: a dense + tanh head on the first token
+        # their HF classifiers: a dense head on the first token (DeBERTa's ContextPooler with GELU)
+        roberta = enc.family in ("roberta", "mpnet", "deberta")
         return SequenceClassificationHead(enc.hidden_size, task.num_labels, task.problem_type,
                                           pooled=has_pooler and not roberta and transform is None,
                                           roberta_style=roberta, dropout=enc.hidden_dropout_prob, id2label=id2label,
-                                          transform=transform)
+                                          activation="gelu" if enc.family == "deberta" else "tanh", transform=transform)
     if task.kind == "token_classification":
         return TokenClassificationHead(enc.hidden_size, task.num_labels, enc.hidden_dropout_prob, id2label, transform)
     if task.kind == "masked_lm":

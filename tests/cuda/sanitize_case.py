@@ -1,6 +1,7 @@
 """A small, complete workload for compute-sanitizer: attention forward and backward (dropout off and on, ragged
 lengths with 1 and a multi-tile sequence, fp16 and bf16 and fp32; on the CUDA kernels also with a relative position
-bias table and a window) and both LayerNorm ops with their backward, on one GPU backend.
+bias table and a window, and with DeBERTa's per-token position tables) and both LayerNorm ops with their backward, on
+one GPU backend.
 `python tests/cuda/sanitize_case.py --backend cuda|triton`; `--check` only imports and exits."""
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ def run(backend: str) -> None:
             if backend == "cuda":
                 table = torch.randn(2, 2 * 40 + 1, generator=g, device=dev).requires_grad_()
                 positions.append(dict(rel_bias=table, window=20))
+                # pos_q and pos_k of 17 columns, the distances past 8 sharing the end ones, P = 40 below the longest
+                index = (torch.arange(-40, 41, device=dev).clamp(-8, 8) + 8).to(torch.int32)
+                pos_q, pos_k = (torch.randn(2, sum(lengths), 17, generator=g, device=dev).to(dtype).requires_grad_()
+                                for _ in range(2))
+                positions.append(dict(pos_q=pos_q, pos_k=pos_k, pos_index=index))
             for p in (0.0, 0.1):
                 for position in positions:
                     rng = dropout.new_rng_state() if p else None

@@ -427,16 +427,35 @@ def _position_terms(length, rel_bias, window, device):
     return terms.masked_fill(rel.abs() > window, float("-inf")) if window >= 0 else terms
 
 
-def _native_attention(qkv, cu, scale, dropout_p=0.0, rng_state=None, rel_bias=None, window=-1):
+def _table_terms(start, length, tables):
+    """[heads, L, L] in the tables' dtype: pos_q[h, start + i, c] + pos_k[h, start + j, c] with
+    c = pos_index[clamp(j - i, -P, P) + P], for tables = (pos_q, pos_k, pos_index), either table None."""
+    pos_q, pos_k, pos_index = tables
+    pos = torch.arange(length, device=pos_index.device)
+    p = (pos_index.shape[0] - 1) // 2
+    column = pos_index.long()[(pos[None, :] - pos[:, None]).clamp(-p, p) + p]  # [L, L]: c(i, j)
+    terms = 0
+    if pos_q is not None:
+        rows = pos_q[:, start:start + length]
+        terms = terms + torch.gather(rows, 2, column.expand(rows.shape[0], -1, -1))
+    if pos_k is not None:
+        rows = pos_k[:, start:start + length]
+        terms = terms + torch.gather(rows, 2, column.t().expand(rows.shape[0], -1, -1)).transpose(1, 2)
+    return terms
+
+
+def _native_attention(qkv, cu, scale, dropout_p=0.0, rng_state=None, rel_bias=None, window=-1, tables=None):
     """PyTorch's own attention in qkv's dtype (scores, softmax and P V each rounded to it), as HF's eager runs it;
     with dropout_p > 0 the probabilities take the mask of mtbert_fast.ops.dropout (the kernels' mask); the position
-    terms are added to the scores in qkv's dtype."""
+    terms (tables: (pos_q, pos_k, pos_index) or None) are added to the scores in qkv's dtype."""
     outs = []
     bounds = cu.tolist()
     masks = dropout.attention_dropout_masks(rng_state, dropout_p, qkv.shape[2], cu.cpu()) if dropout_p else None
     for b, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
         q, k, v = qkv[s:e].unbind(1)
         scores = torch.einsum("ihd,jhd->hij", q, k) * scale
+        if tables is not None:
+            scores = scores + _table_terms(s, e - s, tables)
         if rel_bias is not None or window >= 0:
             scores = scores + _position_terms(e - s, rel_bias, window, qkv.device).to(scores.dtype)
         probs = torch.softmax(scores, dim=-1)
@@ -446,12 +465,16 @@ def _native_attention(qkv, cu, scale, dropout_p=0.0, rng_state=None, rel_bias=No
     return torch.cat(outs) if outs else qkv.new_zeros((0,) + qkv.shape[2:])
 
 
-def _exact_lse(qkv, cu, scale, rel_bias=None, window=-1):
+def _exact_lse(qkv, cu, scale, rel_bias=None, window=-1, tables=None):
     out = torch.empty(qkv.shape[2], qkv.shape[0], device=DEV)
+    if tables is not None:
+        tables = tuple(t.float() if t is not None and t.is_floating_point() else t for t in tables)
     bounds = cu.tolist()
     for s, e in zip(bounds[:-1], bounds[1:]):
         q, k, _ = qkv[s:e].float().unbind(1)
         scores = torch.einsum("ihd,jhd->hij", q, k) * scale + _position_terms(e - s, rel_bias, window, DEV)
+        if tables is not None:
+            scores = scores + _table_terms(s, e - s, tables)
         out[:, s:e] = torch.logsumexp(scores, dim=-1)
     return out
 
@@ -511,7 +534,7 @@ def test_attention_varlen_backward(dtype, head_dim, case):
     grad_out = _make((qkv.shape[0], 2, head_dim), dtype, 7)
     scale = 1.0 / math.sqrt(head_dim)
     out, lse = OPS.attention_varlen(qkv, cu, max(seqlens), scale)
-    grad, _ = OPS.attention_varlen_backward(grad_out, qkv, out, lse, cu, max(seqlens), scale)
+    grad, *_ = OPS.attention_varlen_backward(grad_out, qkv, out, lse, cu, max(seqlens), scale)
 
     q32 = qkv.float().requires_grad_()
     (exact,) = torch.autograd.grad(reference.attention_varlen(q32, cu, max(seqlens), scale), q32, grad_out.float())
@@ -564,7 +587,7 @@ def test_attention_dropout_forward_and_backward(dtype, head_dim):
                                rtol=1e-4)
 
     grad_out = _make((qkv.shape[0], 2, head_dim), dtype, 7)
-    grad, _ = OPS.attention_varlen_backward(grad_out, qkv, out, lse, cu, max(seqlens), scale, DROPOUT_P, rng)
+    grad, *_ = OPS.attention_varlen_backward(grad_out, qkv, out, lse, cu, max(seqlens), scale, DROPOUT_P, rng)
     (exact_grad,) = torch.autograd.grad(exact, q32, grad_out.float())
     (native_grad,) = torch.autograd.grad(native, qn, grad_out)
     _assert_close(grad, native_grad, exact_grad, dtype, "grad_qkv", atol=1e-4, floor=2e-3)
@@ -595,7 +618,7 @@ def test_attention_dropout_mask_is_the_reference_mask(dtype, head_dim):
     grad_out = torch.zeros_like(out)
     for s, e in zip(bounds[:-1], bounds[1:]):
         grad_out[s:e] = torch.eye(e - s, head_dim, dtype=dtype, device=DEV)[:, None, :]
-    grad, _ = OPS.attention_varlen_backward(grad_out, qkv, out, lse, cu, max(seqlens), 1.0, DROPOUT_P, rng)
+    grad, *_ = OPS.attention_varlen_backward(grad_out, qkv, out, lse, cu, max(seqlens), 1.0, DROPOUT_P, rng)
     for b, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
         keep = masks[b].to(DEV)  # [heads, L, L]: query i, key j
         L = e - s
@@ -619,8 +642,8 @@ def test_attention_dropout_short_max_seqlen(dtype):
     exact = reference.attention_varlen(qkv.float(), cu, 300, scale, DROPOUT_P, rng)
     _assert_close(out, _native_attention(qkv, cu, scale, DROPOUT_P, rng), exact, dtype, "out", atol=1e-4, floor=1e-3)
     grad_out = _make((qkv.shape[0], 2, 64), dtype, 3)
-    short_grad, _ = OPS.attention_varlen_backward(grad_out, qkv, out, lse, cu, 1, scale, DROPOUT_P, rng)
-    full_grad, _ = OPS.attention_varlen_backward(grad_out, qkv, out, lse, cu, 300, scale, DROPOUT_P, rng)
+    short_grad, *_ = OPS.attention_varlen_backward(grad_out, qkv, out, lse, cu, 1, scale, DROPOUT_P, rng)
+    full_grad, *_ = OPS.attention_varlen_backward(grad_out, qkv, out, lse, cu, 300, scale, DROPOUT_P, rng)
     assert torch.equal(short_grad, full_grad)
 
 
@@ -672,7 +695,7 @@ def test_attention_position_terms(dtype, head_dim):
         table = _make((2, 2 * r + 1), torch.float32, 9, scale=2.0).contiguous()
         rng = _rng_state() if p else None
         out, lse = OPS.attention_varlen(qkv, cu, max_len, scale, p, rng, table, window)
-        grad, grad_bias = OPS.attention_varlen_backward(grad_out, qkv, out, lse, cu, max_len, scale, p, rng, table,
+        grad, grad_bias, *_ = OPS.attention_varlen_backward(grad_out, qkv, out, lse, cu, max_len, scale, p, rng, table,
                                                         window)
         q32, b32 = qkv.float().requires_grad_(), table.clone().requires_grad_()
         exact = reference.attention_varlen(q32, cu, max_len, scale, p, rng, b32, window)
@@ -691,6 +714,114 @@ def test_attention_position_terms(dtype, head_dim):
         else:
             err, base = _max_err(grad_bias, exact_grad_bias), _max_err(native_grad_bias, exact_grad_bias)
             assert err <= 2 * base + 1e-3, f"grad_rel_bias {what}: {dtype} error {err:.3g} vs PyTorch's own {base:.3g}"
+
+
+# ---- attention per-token position terms (DeBERTa's disentangled attention) ----------------------------------------
+
+TABLE_SEQLENS = [300, 1, 70, 129, 5]  # many tiles of every kernel, a lone token, rows past the last tile's end
+TABLE_CASES = [  # which tables, P, W, R of a rel_bias table (None: none), window, dropout_p
+    ("qk", 6, 9, None, -1, 0.0),  # P far below the lengths: most pairs land in the two end columns
+    ("q", 320, 400, None, -1, 0.0),  # P past every length: no distance clamped by P
+    ("k", 40, 17, None, -1, 0.0),  # many distances per column (DeBERTa's log buckets)
+    ("qk", 100, 64, 30, 37, DROPOUT_P),  # with a rel_bias table, a window and dropout
+]
+
+
+def _pos_index(p, width, seed):
+    """pos_index int32 [2P+1] on the GPU: the distance's column, clamped at the table's ends, with a seeded shuffle of
+    some entries, so that the columns are neither monotone nor all used."""
+    index = torch.arange(-p, p + 1).clamp(-(width // 2), width - width // 2 - 1) + width // 2
+    g = torch.Generator().manual_seed(seed)
+    swap = torch.randperm(2 * p + 1, generator=g)[: p // 2]
+    index[swap] = torch.randint(0, width, (swap.numel(),), generator=g)
+    return index.to(torch.int32).to(DEV)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_attention_token_position_tables(dtype, head_dim):
+    """pos_q and pos_k on every kernel path (the tensor-core forward for fp16/bf16, the CUDA-core one for fp32, both
+    backward kernels), alone, together and with a rel_bias table, a window and dropout: out, lse and the four
+    gradients against the reference, the tables' gradients in their dtype and zero in the columns no pair reaches."""
+    heads = 2
+    qkv, cu = _packed(TABLE_SEQLENS, heads, head_dim, dtype)
+    tokens = qkv.shape[0]
+    grad_out = _make((tokens, heads, head_dim), dtype, 7)
+    scale = 1.0 / math.sqrt(head_dim)
+    max_len = max(TABLE_SEQLENS)
+    for which, p, width, r, window, drop in TABLE_CASES:
+        what = f"tables={which} P={p} W={width} R={r} window={window} p={drop}"
+        pos_q = _make((heads, tokens, width), dtype, 11, scale=2.0) if "q" in which else None
+        pos_k = _make((heads, tokens, width), dtype, 12, scale=2.0) if "k" in which else None
+        index = _pos_index(p, width, seed=13)
+        rel_bias = None if r is None else _make((heads, 2 * r + 1), torch.float32, 9)
+        rng = _rng_state() if drop else None
+        out, lse = OPS.attention_varlen(qkv, cu, max_len, scale, drop, rng, rel_bias, window, pos_q, pos_k, index)
+        grads = OPS.attention_varlen_backward(grad_out, qkv, out, lse, cu, max_len, scale, drop, rng, rel_bias, window,
+                                              pos_q, pos_k, index)
+
+        given = (qkv, rel_bias, pos_q, pos_k)
+        leaves = [t.detach().float().clone().requires_grad_() if t is not None else None for t in given]
+        exact = reference.attention_varlen(leaves[0], cu, max_len, scale, drop, rng, leaves[1], window, leaves[2],
+                                           leaves[3], index)
+        exact_grads = iter(torch.autograd.grad(exact, [t for t in leaves if t is not None], grad_out.float()))
+        exact_grads = [next(exact_grads) if t is not None else None for t in leaves]
+        natives = [t.detach().clone().requires_grad_() if t is not None else None for t in given]
+        native = _native_attention(natives[0], cu, scale, drop, rng, natives[1], window,
+                                   (natives[2], natives[3], index))
+        native_grads = iter(torch.autograd.grad(native, [t for t in natives if t is not None], grad_out))
+        native_grads = [next(native_grads) if t is not None else None for t in natives]
+
+        _assert_close(out, native.detach(), exact.detach(), dtype, f"out {what}", atol=1e-4, floor=1e-3)
+        torch.testing.assert_close(lse, _exact_lse(qkv, cu, scale, rel_bias, window, (pos_q, pos_k, index)),
+                                   rtol=1e-4, atol=1e-4 if dtype == torch.float32 else 2e-3,
+                                   msg=lambda m: f"lse {what}: {m}")
+        _assert_close(grads[0], native_grads[0], exact_grads[0], dtype, f"grad_qkv {what}", atol=1e-4, floor=2e-3)
+        unused = ~torch.isin(torch.arange(width, device=DEV), index)  # columns that no distance maps to
+        for name, got, want, base, table in zip(("rel_bias", "pos_q", "pos_k"), grads[1:], exact_grads[1:],
+                                                native_grads[1:], given[1:]):
+            if table is None:
+                assert got.shape == (0,), f"grad_{name} {what}"
+                continue
+            assert got.shape == table.shape and got.dtype == table.dtype, f"grad_{name} {what}"
+            if name != "rel_bias":
+                assert not got[..., unused].any(), f"grad_{name} {what}: nonzero where no pair lands"
+            # each entry sums dS over up to a sequence's length (pos_q, pos_k) or T (rel_bias) pairs
+            if dtype == torch.float32:
+                torch.testing.assert_close(got, want, atol=1e-5 * max_len, rtol=1e-4,
+                                           msg=lambda m: f"grad_{name} {what}: {m}")
+            else:
+                err, base_err = _max_err(got, want), _max_err(base, want)
+                assert err <= 2 * base_err + 1e-3, f"grad_{name} {what}: {dtype} error {err:.3g} vs {base_err:.3g}"
+
+
+def test_attention_token_position_arguments_checked():
+    """The kernels' own checks name pos_q, pos_k and pos_index (the ops are callable without the wrapper)."""
+    qkv, cu = _packed([4, 6], 2, 32, torch.float16)
+    out, lse = OPS.attention_varlen(qkv, cu, 6, 0.2)
+    table = _make((2, 10, 5), torch.float16, 1)
+    index = torch.tensor([0, 1, 2, 3, 4], dtype=torch.int32, device=DEV)
+    bad = [
+        ((table.cpu(), None, index), "pos_q is on cpu"),
+        ((None, table.float(), index), "pos_k has dtype Float but qkv has Half"),
+        ((table[:, :9].contiguous(), None, index), r"pos_q must be \[heads, T, W\] = \[2, 10, W\]"),
+        ((table[:1], None, index), r"pos_q must be \[heads, T, W\]"),
+        ((table[0], None, index), r"pos_q must be \[heads, T, W\]"),
+        ((table, table[..., :4].contiguous(), index), r"pos_k must be \[heads, T, W\].* the same for pos_q and pos_k"),
+        ((_make((2, 5, 10), torch.float16, 1).transpose(1, 2), None, index), "pos_q must be contiguous"),
+        ((table, None, None), "pos_q needs pos_index"),
+        ((None, table, None), "pos_k needs pos_index"),
+        ((None, None, index), "pos_index given without pos_q or pos_k"),
+        ((table, None, index.cpu()), "pos_index is on cpu"),
+        ((table, None, index.long()), "pos_index must be a 1-D int32 tensor of odd length 2P\\+1"),
+        ((table, None, index[:4]), "pos_index must be a 1-D int32 tensor of odd length 2P\\+1"),
+        ((table, None, index[None]), "pos_index must be a 1-D int32 tensor"),
+    ]
+    for args, match in bad:
+        with pytest.raises(RuntimeError, match=match):
+            OPS.attention_varlen(qkv, cu, 6, 0.2, 0.0, None, None, -1, *args)
+        with pytest.raises(RuntimeError, match=match):
+            OPS.attention_varlen_backward(out, qkv, out, lse, cu, 6, 0.2, 0.0, None, None, -1, *args)
 
 
 def test_attention_position_arguments_checked():
@@ -729,7 +860,7 @@ def test_attention_varlen_empty_batches():
         for p, rng in ((0.0, None), (0.1, _rng_state())):
             o, lse_ = OPS.attention_varlen(empty, cu, 0, 0.2, p, rng)
             assert o.shape == (0, 2, 32) and lse_.shape == (2, 0)
-            g, _ = OPS.attention_varlen_backward(o, empty, o, lse_, cu, 0, 0.2, p, rng)
+            g, *_ = OPS.attention_varlen_backward(o, empty, o, lse_, cu, 0, 0.2, p, rng)
             assert g.shape == (0, 3, 2, 32)
 
 
@@ -881,7 +1012,7 @@ def test_attention_dropout_never_synchronizes(dtype):
     try:
         out = mops.attention_varlen(qkv, cu, 70, dropout_p=0.1, rng_state=rng, backend="cuda")
         o, lse = OPS.attention_varlen(qkv, cu, 70, 0.125, 0.1, rng)
-        grad, _ = OPS.attention_varlen_backward(grad_out, qkv, o, lse, cu, 70, 0.125, 0.1, rng)
+        grad, *_ = OPS.attention_varlen_backward(grad_out, qkv, o, lse, cu, 70, 0.125, 0.1, rng)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert out.shape == o.shape and torch.isfinite(out).all() and torch.isfinite(grad).all()

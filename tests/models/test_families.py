@@ -18,22 +18,24 @@ from mtbert_fast.models import EncoderConfig, UnsupportedModelError
 
 pytestmark = pytest.mark.usefixtures("one_thread_unless_marked")
 FAMILIES = ("distilbert", "electra", "mpnet")
-PREFIX = {"distilbert": "DistilBert", "electra": "Electra", "mpnet": "MPNet", "modernbert": "ModernBert"}
-# the multi-task tests also run ModernBERT (its encoder tests are in tests/integrations/test_swap_modernbert.py)
-HEAD_FAMILIES = (*FAMILIES, "modernbert")
+PREFIX = {"distilbert": "DistilBert", "electra": "Electra", "mpnet": "MPNet", "modernbert": "ModernBert",
+          "deberta": "DebertaV2"}
+# the multi-task tests also run ModernBERT and DeBERTa (their encoder tests are in tests/integrations)
+HEAD_FAMILIES = (*FAMILIES, "modernbert", "deberta")
 HEADS = {
     "distilbert": ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM"),
     "electra": ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering"),
     "mpnet": ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM"),
     "modernbert": ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM"),
+    "deberta": ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM"),
 }
 
 
 @pytest.fixture
-def family_config(distilbert_config, electra_config, mpnet_config, modernbert_config):
+def family_config(distilbert_config, electra_config, mpnet_config, modernbert_config, deberta_config):
     def make(family, **overrides):
         return {"distilbert": distilbert_config, "electra": electra_config, "mpnet": mpnet_config,
-                "modernbert": modernbert_config}[family](**overrides)
+                "modernbert": modernbert_config, "deberta": deberta_config}[family](**overrides)
 
     return make
 
@@ -233,7 +235,8 @@ def test_export_hf_loads_in_transformers_with_the_same_outputs(family, family_co
                 assert_close(a[real] if a.dim() > 1 and a.shape[:2] == real.shape else a,
                              b[real] if b.dim() > 1 and b.shape[:2] == real.shape else b, atol=1e-5, what=task)
         if task == "maskedlm":
-            decoder = {"distilbert": "vocab_projector", "mpnet": "lm_head.decoder", "modernbert": "decoder"}[family]
+            decoder = {"distilbert": "vocab_projector", "mpnet": "lm_head.decoder", "modernbert": "decoder",
+                       "deberta": "cls.predictions.decoder"}[family]
             assert hf.get_submodule(decoder).weight is hf.base_model.get_input_embeddings().weight
 
 

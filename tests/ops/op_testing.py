@@ -13,6 +13,7 @@ a small floor.
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +96,13 @@ def assert_close(got, ref32, native, dtype, what="output", atol=1e-5, rtol=1e-5,
     assert torch.isfinite(got).all() or not torch.isfinite(ref32).all(), f"{what}: non-finite values"
     err, base = max_err(got, ref32), max_err(native, ref32)
     assert err <= 2 * base + floor, f"{what}: {dtype} error {err:.3g} vs PyTorch's own error {base:.3g}"
+
+
+def table_grad_floor(max_seqlen: int) -> float:
+    """The error floor of an attention position table's gradient in bf16 / fp16: the kernels form
+    D = rowsum(dO * O) from the output rounded to the dtype (as FlashAttention's backward does), so each dS carries
+    that rounding, and one table entry sums up to a sequence's worth of them."""
+    return 2**-8 * math.sqrt(max(1, max_seqlen))
 
 
 def forward_backward(fn, inputs, grad_out=None, seed=9):

@@ -78,7 +78,7 @@ def _check_kernels(backend, lens, heads, head_dim, dtype, scale=None, qkv=None, 
     max_seqlen = max(lens, default=0) if max_seqlen is None else max_seqlen
 
     out, lse = backend.forward(qkv, cu, max_seqlen, scale, dropout_p, rng)
-    grad, _ = backend.backward(grad_out, qkv, out, lse, cu, max_seqlen, scale, dropout_p, rng)
+    grad, *_ = backend.backward(grad_out, qkv, out, lse, cu, max_seqlen, scale, dropout_p, rng)
     assert out.shape == (total, heads, head_dim) and out.dtype == dtype
     assert lse.shape == (heads, total) and lse.dtype == torch.float32
     assert grad.shape == (total, 3, heads, head_dim) and grad.dtype == dtype
@@ -162,7 +162,7 @@ def test_no_tokens(backend, dtype, lens):
     qkv = torch.zeros((0, 3, 2, 32), dtype=dtype, device=backend.device)
     out, lse = backend.forward(qkv, cu, 0, 0.125)
     assert out.shape == (0, 2, 32) and lse.shape == (2, 0)
-    grad, _ = backend.backward(torch.zeros_like(out), qkv, out, lse, cu, 0, 0.125)
+    grad, *_ = backend.backward(torch.zeros_like(out), qkv, out, lse, cu, 0, 0.125)
     assert grad.shape == (0, 3, 2, 32)
     leaf = qkv.clone().requires_grad_()
     out = ops.attention_varlen(leaf, cu, 0, backend=backend.name)
@@ -203,7 +203,7 @@ def _one_hot_attention(backend, lens, heads, dropout_p, rng):
         grad_out[start + place, :, place] = 1.0
     qkv, grad_out, cu_dev = backend.to(qkv, grad_out, cu)
     out, lse = backend.forward(qkv, cu_dev, max(lens), 1.0, dropout_p, rng)
-    grad, _ = backend.backward(grad_out, qkv, out, lse, cu_dev, max(lens), 1.0, dropout_p, rng)
+    grad, *_ = backend.backward(grad_out, qkv, out, lse, cu_dev, max(lens), 1.0, dropout_p, rng)
     seqs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         n = end - start
@@ -279,7 +279,7 @@ def test_dropout_gradients_by_finite_differences(backend):
     qkv, grad_out, cu = backend.to(qkv, grad_out, cu)
     out, lse = backend.forward(qkv, cu, max(lens), scale, p, rng)
     torch.testing.assert_close(out.double().cpu(), ref(qkv64).detach(), atol=1e-6, rtol=1e-6)
-    grad, _ = backend.backward(grad_out, qkv, out, lse, cu, max(lens), scale, p, rng)
+    grad, *_ = backend.backward(grad_out, qkv, out, lse, cu, max(lens), scale, p, rng)
     torch.testing.assert_close(grad.double().cpu(), want, atol=1e-5, rtol=1e-5)
 
 

@@ -56,13 +56,15 @@ _SIGNATURE_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16
                     torch.int64: "i64"}
 # an H100's shared memory per block (227 KiB)
 _SM90_SHARED_BYTES = 232448
+# the attention kernels' constexpr position flags
+_ATTENTION_FLAGS = ("HAS_BIAS", "WINDOWED", "HAS_POS_Q", "HAS_POS_K")
 
 
 def test_kernels_compile_for_sm90(monkeypatch):
     """Runs every op and its backward with the GPU launch settings, compiling each launch for sm_90 (Triton's own
     compiler and ptxas, no GPU needed) instead of running it: catches what the interpreter accepts and the compiler
     does not, and checks that each kernel's shared memory fits an H100.  The attention kernels compile with and
-    without each of their position terms (HAS_BIAS, WINDOWED)."""
+    without each of their position terms (HAS_BIAS, WINDOWED, HAS_POS_Q, HAS_POS_K)."""
     from triton import compiler
     from triton.backends import backends
     from triton.backends.compiler import GPUTarget
@@ -95,7 +97,7 @@ def test_kernels_compile_for_sm90(monkeypatch):
         assert binary.metadata.shared <= _SM90_SHARED_BYTES, (kernel.fn.__name__, constexprs, binary.metadata.shared)
         compiled.append(f"{kernel.fn.__module__}.{kernel.fn.__name__}")
         if "HAS_BIAS" in constexprs:
-            attention_variants.add((kernel.fn.__name__, constexprs["HAS_BIAS"], constexprs["WINDOWED"]))
+            attention_variants.add((kernel.fn.__name__, *(constexprs[flag] for flag in _ATTENTION_FLAGS)))
 
     monkeypatch.setattr(_jit.Kernel, "run", compile_launch)
     for module in ("attention_varlen", "mlm_gather_loss"):
@@ -117,14 +119,18 @@ def test_kernels_compile_for_sm90(monkeypatch):
     cu = torch.tensor([0, 10], dtype=torch.int32)
     rng = torch.tensor([-5, 2**32 + 9])
     table = rand(2, 9)  # R = 4
-    # (dropout_p, rel_bias, window): plain with and without dropout, the bias alone, the window alone (3 < T - 1),
-    # both with dropout
-    positions = ((0.0, None, -1), (0.1, None, -1), (0.0, table, -1), (0.0, None, 3), (0.1, table, 3))
+    index = torch.tensor([0, 0, 1, 2, 3, 4, 4], dtype=torch.int32)  # P = 3 into W = 5 columns
+    # (dropout_p, rel_bias, window, per-token tables): plain with and without dropout, the bias alone, the window alone
+    # (3 < T - 1), both with dropout; pos_q alone, pos_k alone, and both with the bias, the window and dropout
+    positions = ((0.0, None, -1, ""), (0.1, None, -1, ""), (0.0, table, -1, ""), (0.0, None, 3, ""),
+                 (0.1, table, 3, ""), (0.0, None, -1, "q"), (0.0, None, -1, "k"), (0.1, table, 3, "qk"))
     for dtype, head_dim in ((torch.bfloat16, 64), (torch.float16, 80), (torch.bfloat16, 128), (torch.float32, 64)):
-        for dropout_p, rel_bias, window in positions:
+        for dropout_p, rel_bias, window, which in positions:
             qkv = rand(10, 3, 2, head_dim, dtype=dtype)
-            out, lse = kernel["attention_varlen"](qkv, cu, 10, 0.125, dropout_p, rng, rel_bias, window)
-            backward["attention_varlen"](out, qkv, out, lse, cu, 10, 0.125, dropout_p, rng, rel_bias, window)
+            pos = tuple(rand(2, 10, 5, dtype=dtype) if side in which else None for side in "qk")
+            pos += (index if which else None,)
+            out, lse = kernel["attention_varlen"](qkv, cu, 10, 0.125, dropout_p, rng, rel_bias, window, *pos)
+            backward["attention_varlen"](out, qkv, out, lse, cu, 10, 0.125, dropout_p, rng, rel_bias, window, *pos)
     h, vw, labels = rand(6, 32, dtype=dt), rand(50, 32, dtype=dt), torch.randint(0, 50, (6,))
     loss, lse = kernel["mlm_gather_loss"](h, vw, torch.zeros(50, dtype=dt), labels, -100, 0)
     backward["mlm_gather_loss"](torch.ones(()), h, vw, torch.zeros(50, dtype=dt), labels, lse, -100, 0)
@@ -135,5 +141,9 @@ def test_kernels_compile_for_sm90(monkeypatch):
     # bias_gelu, and each LayerNorm: forward and backward; attention: forward, delta, dK/dV, dQ; the loss: forward and
     # the backward's recomputed logits; geglu: forward and backward; rotary_qk (its backward is itself)
     assert len(set(compiled)) == 15, sorted(set(compiled))
-    assert attention_variants == {(name, has_bias, windowed) for name in ("_fwd", "_bwd_dkdv", "_bwd_dq")
-                                  for has_bias in (False, True) for windowed in (False, True)}, attention_variants
+    # (HAS_BIAS, WINDOWED, HAS_POS_Q, HAS_POS_K) of each entry of positions
+    flags = {(False, False, False, False), (True, False, False, False), (False, True, False, False),
+             (True, True, False, False), (False, False, True, False), (False, False, False, True),
+             (True, True, True, True)}
+    assert attention_variants == {(name, *f) for name in ("_fwd", "_bwd_dkdv", "_bwd_dq") for f in flags}, \
+        attention_variants

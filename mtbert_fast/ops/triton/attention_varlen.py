@@ -1,5 +1,6 @@
 """attention_varlen in Triton: bidirectional softmax attention over packed sequences, FlashAttention-2 style, with
-fused dropout on the probabilities, an optional relative position bias and an optional local window.
+fused dropout on the probabilities, an optional relative position bias, optional per-token position terms (DeBERTa's
+disentangled attention) and an optional local window.
 
 qkv [T, 3, heads, head_dim] (the fused QKV projection viewed per head), cu_seqlens int32 [B+1] (sequence b owns rows
 cu_seqlens[b]:cu_seqlens[b+1], cu_seqlens[0] == 0, cu_seqlens[-1] == T), max_seqlen (the longest sequence: it sizes
@@ -7,7 +8,9 @@ the launch only) -> out [T, heads, head_dim] in qkv's dtype, lse fp32 [heads, T]
 
 Per sequence and head, with S = scale Q K^T + B, P = softmax_rows(S) and the dropout multipliers M (M_ij = 0 where
 probability ij is dropped, 1 / (1 - dropout_p) where it is kept; M = 1 without dropout); B_ij = rel_bias[h, clamp(j - i,
--R, R) + R] for positions i, j in the sequence (0 without rel_bias), and -inf where |j - i| > window (with a window):
+-R, R) + R] + pos_q[h, row i, c_ij] + pos_k[h, row j, c_ij], c_ij = pos_index[clamp(j - i, -P, P) + P], for positions
+i, j in the sequence and their packed rows (each term 0 without its table), and -inf where |j - i| > window (with a
+window):
     O = (P * M) V,   lse_i = log sum_j exp(S_ij)   (the normalizer is that of the undropped P)
 Forward (Dao, "FlashAttention-2", 2023, Algorithm 1): a program per (sequence x head, block of BLOCK_M queries)
 walks the sequence's keys BLOCK_N at a time with the online softmax in fp32 (running max m, running sum l, the
@@ -19,10 +22,13 @@ one kernel per key block for dK, dV (looping over the query blocks) and one per 
 key blocks), so that no gradient of qkv needs atomics.  The bias table's gradient, dB[h, d] = sum of dS_ij over the
 pairs with clamp(j - i, -R, R) + R == d, is added with atomics into an fp32 buffer by the dK, dV kernel, where dS is
 formed: the pairs of a tile in the two end buckets (distances clamped to -R or R: most pairs of a sequence much
-longer than R) as one sum each, the others per element.
-With a window every kernel visits only the blocks that meet the band |j - i| <= window of its own block.  The bias
-and the window are constexpr flags (HAS_BIAS, WINDOWED): without them the kernels compile as they would without the
-code.
+longer than R) as one sum each, the others per element.  The per-token tables' gradients, d pos_q[h, row i, c] = sum
+of dS_ij over the keys j with c_ij == c and d pos_k[h, row j, c] = sum over the queries i with c_ij == c, are added
+with atomics into fp32 [heads, T, W] buffers by the kernel that owns those rows (pos_q's by the dQ kernel, pos_k's
+by the dK, dV kernel), so no two programs write one address; the end distances again as one sum per row.
+With a window every kernel visits only the blocks that meet the band |j - i| <= window of its own block.  The bias,
+each per-token table and the window are constexpr flags (HAS_BIAS, HAS_POS_Q, HAS_POS_K, WINDOWED): without them the
+kernels compile as they would without the code.
 The dropout mask is the one every backend draws (csrc/include/philox.h, mtbert_fast/ops/dropout.py): Philox4x32-10
 with key (seed mod 2^32, seed >> 32) and counter (j >> 2, i, h, offset mod 2^32), for packed query row i, packed key
 row j and head h; probability (h, i, j) takes word j & 3 and is kept iff that word >= floor(dropout_p * 2^32).  The
@@ -44,7 +50,8 @@ import triton.language as tl
 
 from mtbert_fast.ops import dropout
 from mtbert_fast.ops.attention_varlen import (
-    check_backward_inputs, check_inputs, check_position_args, grad_rel_bias_like,
+    check_backward_inputs, check_inputs, check_position_args, check_token_position_args, grad_rel_bias_like,
+    grad_table_like,
 )
 from mtbert_fast.ops.registry import MAX_HEAD_DIM
 from mtbert_fast.ops.triton._jit import device_guard, jit, on_gpu
@@ -117,12 +124,56 @@ def _position_scores(s, i, j, h, RelBias, rel_r, window, HAS_BIAS: tl.constexpr,
 
 
 @jit
+def _pos_column(rel, PosIndex, pos_r):
+    """The tables' column of each distance rel = j - i: pos_index[clamp(rel, -P, P) + P] (the clamped index stays
+    inside pos_index for every element, masked or not: the load needs no mask)."""
+    return tl.load(PosIndex + tl.minimum(tl.maximum(rel, -pos_r), pos_r) + pos_r)
+
+
+@jit
+def _token_scores(s, col, rows_i, rows_j, live, h, T, PosQ, PosK, width, HAS_POS_Q: tl.constexpr,
+                  HAS_POS_K: tl.constexpr):
+    """Scores s (log2 units) with the per-token terms pos_q[h, row i, col] + pos_k[h, row j, col] added, for packed
+    query rows rows_i and key rows rows_j and the column col of each pair (broadcast to s's shape); the loads are
+    masked to the pairs inside the sequence (live): a row past the last sequence's end is past the tables'."""
+    head = h.to(tl.int64) * T
+    if HAS_POS_Q:
+        s += tl.load(PosQ + (head + rows_i) * width + col, mask=live, other=0.0).to(tl.float32) * _LOG2E_TL
+    if HAS_POS_K:
+        s += tl.load(PosK + (head + rows_j) * width + col, mask=live, other=0.0).to(tl.float32) * _LOG2E_TL
+    return s
+
+
+@jit
+def _add_pos_grad(GradRows, ds, rel, col, live, PosIndex, pos_r):
+    """Adds a tile's dS (the gradient of a score is that of both its per-token terms) into the gradient of the table
+    whose rows the program owns: GradRows [ROWS] points at each owned row of an fp32 [heads, T, W] buffer, and ds,
+    rel = j - i, col (each pair's column), live (the pairs inside the sequence) are [ROWS, OTHER]; pair (r, o) adds
+    into column col of row r.  The pairs clamped to an end distance (-P or P) share that end's column in a row: they
+    go in as one sum per row and end, as a sequence much longer than P puts most pairs there and per-element atomics
+    on one address would serialise.  The others go per element: distances that share a column (log buckets) still
+    meet on one address within the tile, which the atomics sum correctly.  A pair with dS = 0 (outside the window,
+    dropped, or its probability underflowed) adds nothing and issues no atomic."""
+    upper = live & (rel >= pos_r)
+    lower = live & (rel <= -pos_r) & (rel < pos_r)  # with P = 0 both ends are column pos_index[0]: count it once
+    upper_sum = tl.sum(tl.where(upper, ds, 0.0), axis=1)
+    lower_sum = tl.sum(tl.where(lower, ds, 0.0), axis=1)
+    tl.atomic_add(GradRows + tl.load(PosIndex + 2 * pos_r), upper_sum, mask=upper_sum != 0.0, sem="relaxed")
+    tl.atomic_add(GradRows + tl.load(PosIndex), lower_sum, mask=lower_sum != 0.0, sem="relaxed")
+    inner = live & (rel > -pos_r) & (rel < pos_r) & (ds != 0.0)
+    tl.atomic_add(GradRows[:, None] + col, ds, mask=inner, sem="relaxed")
+
+
+@jit
 def _fwd(
     QKV,  # [T, 3, heads, head_dim], head_dim contiguous
     Out,  # [T, heads, head_dim] out, contiguous
     Lse,  # fp32 [heads, T] out
     CuSeqlens,  # int32 [B+1]
     RelBias,  # fp32 [heads, 2R+1] (unread without HAS_BIAS)
+    PosQ,  # [heads, T, W] in qkv's dtype, contiguous (unread without HAS_POS_Q)
+    PosK,  # [heads, T, W] in qkv's dtype, contiguous (unread without HAS_POS_K)
+    PosIndex,  # int32 [2P+1], values in [0, W) (unread without either table)
     qk_scale,  # scale * log2(e)
     seed_lo,  # the dropout mask's Philox key, offset and threshold, 32-bit words as int32 (see _dropout_args)
     seed_hi,
@@ -130,6 +181,8 @@ def _fwd(
     drop_threshold,
     drop_scale,  # 1 / (1 - dropout_p)
     rel_r,  # R, the largest distance with a bucket of its own
+    pos_r,  # P, the largest distance with an entry of its own in pos_index
+    width,  # W, the tables' columns
     window,  # the largest |j - i| attended (unread without WINDOWED)
     stride_t,  # qkv's stride over tokens
     stride_3,  # over q / k / v
@@ -139,6 +192,8 @@ def _fwd(
     head_dim,
     DROPOUT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_POS_Q: tl.constexpr,
+    HAS_POS_K: tl.constexpr,
     WINDOWED: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot's input_precision: "ieee" for fp32 inputs
     BLOCK_M: tl.constexpr,
@@ -176,6 +231,10 @@ def _fwd(
             k = tl.load(K + kv_offs, mask=kv_mask, other=0.0)
             v = tl.load(V + kv_offs, mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+            if HAS_POS_Q or HAS_POS_K:
+                col = _pos_column((start_n + offs_n)[None, :] - offs_m[:, None], PosIndex, pos_r)
+                s = _token_scores(s, col, rows_m[:, None], rows_n[None, :], mask_m[:, None] & mask_n[None, :], h, T,
+                                  PosQ, PosK, width, HAS_POS_Q, HAS_POS_K)
             s = _position_scores(s, offs_m[:, None], (start_n + offs_n)[None, :], h, RelBias, rel_r, window,
                                  HAS_BIAS, WINDOWED)
             s = tl.where(mask_n[None, :], s, float("-inf"))
@@ -252,7 +311,11 @@ def _bwd_dkdv(
     GradQKV,  # [T, 3, heads, head_dim] out (its k and v parts), strided as QKV
     CuSeqlens,  # int32 [B+1]
     RelBias,  # fp32 [heads, 2R+1] (unread without HAS_BIAS)
+    PosQ,  # [heads, T, W] (unread without HAS_POS_Q)
+    PosK,  # [heads, T, W] (unread without HAS_POS_K)
+    PosIndex,  # int32 [2P+1] (unread without either table)
     GradRelBias,  # fp32 [heads, 2R+1], zeroed: accumulated into (untouched without HAS_BIAS)
+    GradPosK,  # fp32 [heads, T, W], zeroed: each program adds into its own key rows (untouched without HAS_POS_K)
     qk_scale,  # scale * log2(e)
     scale,
     seed_lo,  # the dropout mask, as in _fwd
@@ -261,6 +324,8 @@ def _bwd_dkdv(
     drop_threshold,
     drop_scale,
     rel_r,  # as in _fwd
+    pos_r,
+    width,
     window,
     stride_t,
     stride_3,
@@ -270,6 +335,8 @@ def _bwd_dkdv(
     head_dim,
     DROPOUT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_POS_Q: tl.constexpr,
+    HAS_POS_K: tl.constexpr,
     WINDOWED: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,  # queries per inner step
@@ -309,10 +376,16 @@ def _bwd_dkdv(
             lse = tl.load(lse_row + start_m + offs_m, mask=mask_m, other=0.0)
             delta = tl.load(delta_row + start_m + offs_m, mask=mask_m, other=0.0)
             s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M], log2 units
+            live_t = mask_n[:, None] & mask_m[None, :]
+            if HAS_POS_Q or HAS_POS_K:
+                rel_t = offs_n[:, None] - (start_m + offs_m)[None, :]  # j - i
+                col_t = _pos_column(rel_t, PosIndex, pos_r)
+                s_t = _token_scores(s_t, col_t, rows_m[None, :], rows_n[:, None], live_t, h, T, PosQ, PosK, width,
+                                    HAS_POS_Q, HAS_POS_K)
             s_t = _position_scores(s_t, (start_m + offs_m)[None, :], offs_n[:, None], h, RelBias, rel_r, window,
                                    HAS_BIAS, WINDOWED)
             p_t = tl.exp2(s_t - lse[None, :] * _LOG2E_TL)
-            p_t = tl.where(mask_n[:, None] & mask_m[None, :], p_t, 0.0)
+            p_t = tl.where(live_t, p_t, 0.0)
             dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             if DROPOUT:
                 keep_t = _dropout_keep(rows_m[None, :], rows_n[:, None], h, seed_lo, seed_hi, rng_offset,
@@ -325,7 +398,10 @@ def _bwd_dkdv(
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
             if HAS_BIAS:
                 _add_bias_grad(GradRelBias + h * (2 * rel_r + 1), ds_t, offs_n[:, None] - (start_m + offs_m)[None, :],
-                               mask_n[:, None] & mask_m[None, :], rel_r, window, WINDOWED)
+                               live_t, rel_r, window, WINDOWED)
+            if HAS_POS_K:
+                _add_pos_grad(GradPosK + (h.to(tl.int64) * T + rows_n) * width, ds_t, rel_t, col_t, live_t, PosIndex,
+                              pos_r)
 
         if DROPOUT:
             dv = dv * drop_scale
@@ -342,6 +418,10 @@ def _bwd_dq(
     GradQKV,  # [T, 3, heads, head_dim] out (its q part), strided as QKV
     CuSeqlens,  # int32 [B+1]
     RelBias,  # fp32 [heads, 2R+1] (unread without HAS_BIAS)
+    PosQ,  # [heads, T, W] (unread without HAS_POS_Q)
+    PosK,  # [heads, T, W] (unread without HAS_POS_K)
+    PosIndex,  # int32 [2P+1] (unread without either table)
+    GradPosQ,  # fp32 [heads, T, W], zeroed: each program adds into its own query rows (untouched without HAS_POS_Q)
     qk_scale,  # scale * log2(e)
     scale,
     seed_lo,  # the dropout mask, as in _fwd
@@ -350,6 +430,8 @@ def _bwd_dq(
     drop_threshold,
     drop_scale,
     rel_r,  # as in _fwd
+    pos_r,
+    width,
     window,
     stride_t,
     stride_3,
@@ -359,6 +441,8 @@ def _bwd_dq(
     head_dim,
     DROPOUT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_POS_Q: tl.constexpr,
+    HAS_POS_K: tl.constexpr,
     WINDOWED: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,  # queries per program step
@@ -396,15 +480,23 @@ def _bwd_dq(
             k = tl.load(QKV + stride_3 + kv_offs, mask=kv_mask, other=0.0)
             v = tl.load(QKV + 2 * stride_3 + kv_offs, mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+            live = mask_m[:, None] & mask_n[None, :]
+            if HAS_POS_Q or HAS_POS_K:
+                rel = (start_n + offs_n)[None, :] - offs_m[:, None]  # j - i
+                col = _pos_column(rel, PosIndex, pos_r)
+                s = _token_scores(s, col, rows_m[:, None], rows_n[None, :], live, h, T, PosQ, PosK, width, HAS_POS_Q,
+                                  HAS_POS_K)
             s = _position_scores(s, offs_m[:, None], (start_n + offs_n)[None, :], h, RelBias, rel_r, window,
                                  HAS_BIAS, WINDOWED)
-            p = tl.where(mask_m[:, None] & mask_n[None, :], tl.exp2(s - lse[:, None]), 0.0)
+            p = tl.where(live, tl.exp2(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             if DROPOUT:
                 keep = _dropout_keep(rows_m[:, None], rows_n[None, :], h, seed_lo, seed_hi, rng_offset, drop_threshold)
                 dp = tl.where(keep, dp * drop_scale, 0.0)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+            if HAS_POS_Q:
+                _add_pos_grad(GradPosQ + (h.to(tl.int64) * T + rows_m) * width, ds, rel, col, live, PosIndex, pos_r)
 
         tl.store(GradQKV + q_offs, (dq * scale).to(GradQKV.dtype.element_ty), mask=q_mask)
 
@@ -448,22 +540,39 @@ def _dropout_args(dropout_p: float, rng_state: torch.Tensor | None) -> tuple[int
     return (*(_as_int32(w) for w in words), 1.0 / (1.0 - dropout_p))
 
 
-def _position_args(rel_bias: torch.Tensor | None, window: int, t: int, unread: torch.Tensor) -> tuple:
-    """(RelBias, rel_r, window) and the constexpr flags: the kernels' position arguments; `unread` (any fp32 tensor)
-    stands for a missing table.  A window of T - 1 or more masks nothing in any sequence: it runs as none."""
+def _position_args(rel_bias: torch.Tensor | None, window: int, t: int, pos_q: torch.Tensor | None,
+                   pos_k: torch.Tensor | None, pos_index: torch.Tensor | None, unread: torch.Tensor) -> tuple:
+    """(RelBias, PosQ, PosK, PosIndex), (rel_r, pos_r, width, window) and the constexpr flags: the kernels' position
+    arguments; `unread` (any fp32 tensor) stands for a missing table.  A window of T - 1 or more masks nothing in
+    any sequence: it runs as none."""
     windowed = 0 <= window < t - 1
     rel_r = 0 if rel_bias is None else (rel_bias.shape[1] - 1) // 2
-    table = unread if rel_bias is None else rel_bias
-    return (table, rel_r, window if windowed else -1), dict(HAS_BIAS=rel_bias is not None, WINDOWED=windowed)
+    pos_r = 0 if pos_index is None else (pos_index.shape[0] - 1) // 2
+    width = next((x.shape[2] for x in (pos_q, pos_k) if x is not None), 0)
+    tables = tuple(unread if x is None else x for x in (rel_bias, pos_q, pos_k, pos_index))
+    flags = dict(HAS_BIAS=rel_bias is not None, HAS_POS_Q=pos_q is not None, HAS_POS_K=pos_k is not None,
+                 WINDOWED=windowed)
+    return tables, (rel_r, pos_r, width, window if windowed else -1), flags
+
+
+def _table_grad_buffer(qkv: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
+    """Where the kernels add a per-token table's gradient: fp32 [heads, T, W], zeroed (a column no pair lands in
+    stays 0); the gradient itself for an fp32 table, else converted to the table's dtype once the kernels are done.
+    [0] in qkv's dtype without the table."""
+    if table is None:
+        return grad_table_like(qkv, None)
+    return torch.zeros(table.shape, dtype=torch.float32, device=table.device)
 
 
 def forward(
     qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float, dropout_p: float,
     rng_state: torch.Tensor | None, rel_bias: torch.Tensor | None = None, window: int = -1,
+    pos_q: torch.Tensor | None = None, pos_k: torch.Tensor | None = None, pos_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> out [T, heads, head_dim], lse fp32 [heads, T]."""
     check_inputs("attention_varlen", qkv, cu_seqlens, max_seqlen)
     check_position_args("attention_varlen", qkv, rel_bias, window)
+    check_token_position_args("attention_varlen", qkv, pos_q, pos_k, pos_index)
     dropout.check_rng_state("attention_varlen", dropout_p, rng_state)
     qkv = qkv.contiguous()
     t, _, heads, head_dim = qkv.shape
@@ -473,10 +582,10 @@ def forward(
     if t and batch > 0:
         cfg = _settings(qkv)
         grid = (batch * heads, _programs(max_seqlen, cfg["fwd_m"]))
-        (table, rel_r, window), flags = _position_args(rel_bias, window, t, lse)
+        tables, sizes, flags = _position_args(rel_bias, window, t, pos_q, pos_k, pos_index, lse)
         with device_guard(qkv):
             _fwd[grid](
-                qkv, out, lse, cu_seqlens, table, scale * _LOG2E, *_dropout_args(dropout_p, rng_state), rel_r, window,
+                qkv, out, lse, cu_seqlens, *tables, scale * _LOG2E, *_dropout_args(dropout_p, rng_state), *sizes,
                 qkv.stride(0), qkv.stride(1), qkv.stride(2), t, heads, head_dim, DROPOUT=dropout_p > 0.0, **flags,
                 PRECISION=cfg["PRECISION"], BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], BLOCK_D=cfg["BLOCK_D"],
                 num_warps=cfg["warps"], num_stages=cfg["stages"],
@@ -487,25 +596,32 @@ def forward(
 def backward(
     grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor,
     max_seqlen: int, scale: float, dropout_p: float, rng_state: torch.Tensor | None,
-    rel_bias: torch.Tensor | None = None, window: int = -1,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> grad_qkv [T, 3, heads, head_dim], grad_rel_bias fp32 [heads, 2R+1] ([0] without rel_bias)."""
-    check_backward_inputs(grad_out, qkv, out, lse, cu_seqlens, max_seqlen, dropout_p, rng_state, rel_bias, window)
+    rel_bias: torch.Tensor | None = None, window: int = -1, pos_q: torch.Tensor | None = None,
+    pos_k: torch.Tensor | None = None, pos_index: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> grad_qkv [T, 3, heads, head_dim], grad_rel_bias fp32 [heads, 2R+1], grad_pos_q, grad_pos_k [heads, T, W]
+    (each [0] without its input)."""
+    check_backward_inputs(grad_out, qkv, out, lse, cu_seqlens, max_seqlen, dropout_p, rng_state, rel_bias, window,
+                          pos_q, pos_k, pos_index)
     qkv, out, grad_out, lse = qkv.contiguous(), out.contiguous(), grad_out.contiguous(), lse.contiguous()
     t, _, heads, head_dim = qkv.shape
     grad_qkv = qkv.new_empty(qkv.shape)
     batch = cu_seqlens.numel() - 1
     # zeroed: the dK, dV kernel adds into it, and a bucket no pair lands in stays 0
     grad_rel_bias = grad_rel_bias_like(qkv, rel_bias).zero_()
+    # the tables' gradients, added with atomics (the dQ kernel pos_q's, the dK, dV kernel pos_k's) into fp32: a
+    # program's rows are its own, but a row's W columns (512 for DeBERTa-v3) times a block of rows do not fit in
+    # registers, and the pairs of a tile scatter over them
+    grad_pos_q, grad_pos_k = _table_grad_buffer(qkv, pos_q), _table_grad_buffer(qkv, pos_k)
     if not (t and batch > 0):
-        return grad_qkv.zero_(), grad_rel_bias
+        return grad_qkv.zero_(), grad_rel_bias, *_table_grads(grad_pos_q, grad_pos_k, pos_q, pos_k)
     cfg = _settings(qkv)
     delta = lse.new_empty((heads, t))
-    (table, rel_r, window), flags = _position_args(rel_bias, window, t, lse)
+    tables, sizes, flags = _position_args(rel_bias, window, t, pos_q, pos_k, pos_index, lse)
     common = dict(DROPOUT=dropout_p > 0.0, **flags, PRECISION=cfg["PRECISION"], BLOCK_D=cfg["BLOCK_D"],
                   num_warps=cfg["warps"], num_stages=cfg["stages"])
-    head = (qkv, grad_out, lse, delta, grad_qkv, cu_seqlens, table)
-    tail = (scale * _LOG2E, scale, *_dropout_args(dropout_p, rng_state), rel_r, window, qkv.stride(0), qkv.stride(1),
+    head = (qkv, grad_out, lse, delta, grad_qkv, cu_seqlens, *tables)
+    tail = (scale * _LOG2E, scale, *_dropout_args(dropout_p, rng_state), *sizes, qkv.stride(0), qkv.stride(1),
             qkv.stride(2), t, heads, head_dim)
     with device_guard(qkv):
         _bwd_delta[(triton.cdiv(t * heads, cfg["fwd_m"]),)](
@@ -513,10 +629,16 @@ def backward(
             num_warps=cfg["warps"],
         )
         _bwd_dkdv[(batch * heads, _programs(max_seqlen, cfg["dkdv_n"]))](
-            *head, grad_rel_bias, *tail, BLOCK_M=cfg["dkdv_m"], BLOCK_N=cfg["dkdv_n"], **common
+            *head, grad_rel_bias, grad_pos_k, *tail, BLOCK_M=cfg["dkdv_m"], BLOCK_N=cfg["dkdv_n"], **common
         )
         _bwd_dq[(batch * heads, _programs(max_seqlen, cfg["dq_m"]))](
-            *head, *tail, BLOCK_M=cfg["dq_m"], BLOCK_N=cfg["dq_n"], **common
+            *head, grad_pos_q, *tail, BLOCK_M=cfg["dq_m"], BLOCK_N=cfg["dq_n"], **common
         )
-    return grad_qkv, grad_rel_bias
+    return grad_qkv, grad_rel_bias, *_table_grads(grad_pos_q, grad_pos_k, pos_q, pos_k)
+
+
+def _table_grads(grad_pos_q: torch.Tensor, grad_pos_k: torch.Tensor, pos_q: torch.Tensor | None,
+                 pos_k: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables' gradients from their fp32 buffers (_table_grad_buffer), in each table's dtype."""
+    return tuple(g if x is None else g.to(x.dtype) for g, x in ((grad_pos_q, pos_q), (grad_pos_k, pos_k)))
 
