@@ -158,6 +158,21 @@ class EncoderConfig:
             raise UnsupportedModelError(f"pos_att_type holds {unknown[0]!r}; supported: {', '.join(POS_ATT_TYPES)}")
 
     @property
+    def relative_positions(self) -> bool:
+        """Attention depends on the distance between tokens beyond their embeddings (MPNet's bias, ModernBERT's
+        window, DeBERTa's position terms), measured over the padded row."""
+        return self.relative_attention_num_buckets is not None or self.family == "modernbert" or self.disentangled
+
+    @property
+    def int8_reason(self) -> str | None:
+        """Why int8 inference cannot run this encoder, or None: its int8 layers are post-norm (BERT-style) and have
+        no position terms in attention."""
+        if not (self.pre_norm or self.disentangled):
+            return None
+        what = "post-norm (BERT-style) layers" if self.pre_norm else "no disentangled attention"
+        return f"int8 inference runs {what}; a {self.family} encoder runs in float32 or bfloat16"
+
+    @property
     def disentangled(self) -> bool:
         """DeBERTa's relative position terms are added to the attention scores."""
         return self.relative_attention and bool(self.pos_att_type)

@@ -174,7 +174,7 @@ def validate_inputs(
         empty = (attention_mask == 0).all(dim=1).nonzero()
         if empty.numel():
             raise ValueError(f"row {int(empty[0])} of attention_mask has no real token")
-        if config.relative_attention_num_buckets is not None or config.family == "modernbert" or config.disentangled:
+        if config.relative_positions:
             _check_no_holes(config, attention_mask != 0)
     if token_type_ids is not None:
         if config.type_vocab_size == 0:
@@ -563,11 +563,10 @@ def encode(
 
     x = embed_packed(config, embeddings, packed, input_ids, token_type_ids, position_ids, inputs_embeds, training)
     states = [x] if output_hidden_states else None
+    if config.int8_reason is not None and any(isinstance(w, Int8LayerWeights) for w in layers):
+        raise UnsupportedModelError(config.int8_reason)
     for i, w in enumerate(layers):
         if config.pre_norm:
-            if isinstance(w, Int8LayerWeights):
-                raise NotImplementedError("int8 inference runs post-norm (BERT-style) layers; a modernbert encoder "
-                                          "runs in float")
             x = pre_norm_layer_forward(config, w, x, packed, config.layer_types[i], rotary, training, backend)
         elif isinstance(w, Int8LayerWeights):
             if training:
@@ -576,9 +575,6 @@ def encode(
             # an int8 layer before another one hands it its output already quantized for the QKV product
             following = layers[i + 1] if i + 1 < len(layers) else None
             next_smooth = following.qkv.smooth if isinstance(following, Int8LayerWeights) else None
-            if terms is not None:
-                raise UnsupportedModelError("int8 inference has no disentangled attention: a deberta encoder runs in "
-                                            "float32 or bfloat16")
             x = int8_layer_forward(config, w, x, packed, backend, next_smooth, rel_bias)
         else:
             x = layer_forward(config, w, x, packed, training, backend, observe(i) if observe is not None else None,
@@ -612,10 +608,8 @@ def quantize_encoder(
     relative_attention_bias: torch.Tensor | None = None,
 ) -> list[Int8LayerWeights]:
     """int8 layers from float ones: calibrate on `calibration` (see int8.calibration_batches), then quantize."""
-    if config.pre_norm or config.disentangled:
-        what = "post-norm (BERT-style) layers" if config.pre_norm else "no disentangled attention"
-        raise UnsupportedModelError(f"int8 inference runs {what}; a {config.family} encoder runs in float32 or "
-                                    "bfloat16")
+    if config.int8_reason is not None:
+        raise UnsupportedModelError(config.int8_reason)
     word = embeddings.word
     check_int8_device(word.device)
     check_int8_dtype(word.dtype)

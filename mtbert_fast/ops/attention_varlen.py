@@ -60,8 +60,7 @@ def attention_varlen(
     """
     op = "attention_varlen"
     check_inputs(op, qkv, cu_seqlens, max_seqlen)
-    check_position_args(op, qkv, rel_bias, window)
-    check_token_position_args(op, qkv, pos_q, pos_k, pos_index)
+    check_position_args(op, qkv, rel_bias, window, pos_q, pos_k, pos_index)
     if dropout_p > 0.0 and rng_state is None:
         rng_state = dropout.new_rng_state()
     dropout.check_rng_state(op, dropout_p, rng_state)
@@ -73,10 +72,34 @@ def attention_varlen(
               backend=backend)
 
 
-def check_token_position_args(op: str, qkv: torch.Tensor, pos_q: torch.Tensor | None, pos_k: torch.Tensor | None,
-                              pos_index: torch.Tensor | None) -> None:
-    """pos_q / pos_k [heads, T, W] in qkv's dtype, contiguous, on qkv's device, with pos_index int32 [2P+1] whose
-    values (read where free: on the CPU, or with MTBERT_FAST_DEBUG_CHECKS=1) are columns of them."""
+def check_position_args(op: str, qkv: torch.Tensor, rel_bias: torch.Tensor | None, window: int,
+                        pos_q: torch.Tensor | None = None, pos_k: torch.Tensor | None = None,
+                        pos_index: torch.Tensor | None = None) -> None:
+    """Every position term: rel_bias fp32 [heads, 2R+1] or None; window >= -1; pos_q / pos_k [heads, T, W] in qkv's
+    dtype with pos_index int32 [2P+1], whose values (read where free: on the CPU, or with MTBERT_FAST_DEBUG_CHECKS=1)
+    are columns of them. Each tensor contiguous on qkv's device."""
+    if rel_bias is not None:
+        heads = qkv.shape[2]
+        if rel_bias.dim() != 2 or rel_bias.shape[0] != heads or rel_bias.shape[1] % 2 != 1:
+            raise ValueError(f"{op}: rel_bias must be [heads, 2R+1] = [{heads}, odd], got shape "
+                             f"{tuple(rel_bias.shape)}")
+        if rel_bias.dtype != torch.float32:
+            raise TypeError(f"{op}: rel_bias must be float32, got {rel_bias.dtype}")
+        _check_beside_qkv(op, "rel_bias", rel_bias, qkv)
+    if window < -1:
+        raise ValueError(f"{op}: window must be >= 0 (local attention) or -1 (none), got {window}")
+    _check_token_tables(op, qkv, pos_q, pos_k, pos_index)
+
+
+def _check_beside_qkv(op: str, name: str, t: torch.Tensor, qkv: torch.Tensor) -> None:
+    if t.device != qkv.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but qkv is on {qkv.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous, got strides {t.stride()}")
+
+
+def _check_token_tables(op: str, qkv: torch.Tensor, pos_q: torch.Tensor | None, pos_k: torch.Tensor | None,
+                        pos_index: torch.Tensor | None) -> None:
     tables = {name: t for name, t in (("pos_q", pos_q), ("pos_k", pos_k)) if t is not None}
     if not tables:
         if pos_index is not None:
@@ -92,10 +115,7 @@ def check_token_position_args(op: str, qkv: torch.Tensor, pos_q: torch.Tensor | 
                              f"pos_q and pos_k, got shape {tuple(table.shape)}")
         if table.dtype != qkv.dtype:
             raise TypeError(f"{op}: {name} has dtype {table.dtype} but qkv has {qkv.dtype}")
-        if table.device != qkv.device:
-            raise ValueError(f"{op}: {name} is on {table.device} but qkv is on {qkv.device}")
-        if not table.is_contiguous():
-            raise ValueError(f"{op}: {name} must be contiguous, got strides {table.stride()}")
+        _check_beside_qkv(op, name, table, qkv)
     if pos_index.dim() != 1 or pos_index.dtype != torch.int32 or pos_index.shape[0] % 2 != 1:
         raise ValueError(f"{op}: pos_index must be a 1-D int32 tensor of odd length 2P+1, got {pos_index.dtype} of "
                          f"shape {tuple(pos_index.shape)}")
@@ -107,23 +127,6 @@ def check_token_position_args(op: str, qkv: torch.Tensor, pos_q: torch.Tensor | 
         lo, hi = (int(v) for v in torch.aminmax(pos_index))
         if lo < 0 or hi >= width:
             raise ValueError(f"{op}: pos_index holds {lo if lo < 0 else hi}, outside the tables' columns [0, {width})")
-
-
-def check_position_args(op: str, qkv: torch.Tensor, rel_bias: torch.Tensor | None, window: int) -> None:
-    """rel_bias fp32 [heads, 2R+1] contiguous on qkv's device, or None; window >= -1."""
-    if rel_bias is not None:
-        heads = qkv.shape[2]
-        if rel_bias.dim() != 2 or rel_bias.shape[0] != heads or rel_bias.shape[1] % 2 != 1:
-            raise ValueError(f"{op}: rel_bias must be [heads, 2R+1] = [{heads}, odd], got shape "
-                             f"{tuple(rel_bias.shape)}")
-        if rel_bias.dtype != torch.float32:
-            raise TypeError(f"{op}: rel_bias must be float32, got {rel_bias.dtype}")
-        if rel_bias.device != qkv.device:
-            raise ValueError(f"{op}: rel_bias is on {rel_bias.device} but qkv is on {qkv.device}")
-        if not rel_bias.is_contiguous():
-            raise ValueError(f"{op}: rel_bias must be contiguous, got strides {rel_bias.stride()}")
-    if window < -1:
-        raise ValueError(f"{op}: window must be >= 0 (local attention) or -1 (none), got {window}")
 
 
 def check_inputs(op: str, qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> None:
@@ -160,8 +163,7 @@ def check_backward_inputs(
     fp32 [heads, T] on qkv's device (the C++ kernels check the same in C++)."""
     op = "attention_varlen_backward"
     check_inputs(op, qkv, cu_seqlens, max_seqlen)
-    check_position_args(op, qkv, rel_bias, window)
-    check_token_position_args(op, qkv, pos_q, pos_k, pos_index)
+    check_position_args(op, qkv, rel_bias, window, pos_q, pos_k, pos_index)
     dropout.check_rng_state(op, dropout_p, rng_state)
     t, _, heads, head_dim = qkv.shape
     for name, x, shape, dtype in (

@@ -50,8 +50,7 @@ import triton.language as tl
 
 from mtbert_fast.ops import dropout
 from mtbert_fast.ops.attention_varlen import (
-    check_backward_inputs, check_inputs, check_position_args, check_token_position_args, grad_rel_bias_like,
-    grad_table_like,
+    check_backward_inputs, check_inputs, check_position_args, grad_rel_bias_like, grad_table_like,
 )
 from mtbert_fast.ops.registry import MAX_HEAD_DIM
 from mtbert_fast.ops.triton._jit import device_guard, jit, on_gpu
@@ -571,8 +570,7 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> out [T, heads, head_dim], lse fp32 [heads, T]."""
     check_inputs("attention_varlen", qkv, cu_seqlens, max_seqlen)
-    check_position_args("attention_varlen", qkv, rel_bias, window)
-    check_token_position_args("attention_varlen", qkv, pos_q, pos_k, pos_index)
+    check_position_args("attention_varlen", qkv, rel_bias, window, pos_q, pos_k, pos_index)
     dropout.check_rng_state("attention_varlen", dropout_p, rng_state)
     qkv = qkv.contiguous()
     t, _, heads, head_dim = qkv.shape
