@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -385,6 +386,14 @@ class Trainer:
                   flush=True)
         return TrainResult(self.step, list(self.history), list(self.evals), self.model)
 
+    def close(self) -> None:
+        """Unwraps DistributedDataParallel and frees it now.  Its reducer sits in a reference cycle and holds the
+        process group: left to the cyclic collector, the group's worker threads could be torn down during
+        interpreter shutdown, which aborts the process."""
+        if isinstance(self.loss_module, nn.parallel.DistributedDataParallel):
+            self.loss_module = self.loss_module.module
+            gc.collect()
+
     def save_model(self, path: str) -> None:
         """The trained MultiTaskBert (save_pretrained), its tokenizer and the training configuration."""
         self.model.save_pretrained(path)
@@ -501,8 +510,15 @@ def train(config: TrainConfig | dict | str | os.PathLike, stop_after: int | None
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
         joined = True
+    trainer = None
     try:
-        return Trainer(config).train(stop_after=stop_after)
+        trainer = Trainer(config)
+        result = trainer.train(stop_after=stop_after)
+        if joined:
+            dist.barrier()  # no rank leaves the group while another still writes its model or checkpoint
+        return result
     finally:
+        if trainer is not None:
+            trainer.close()
         if joined:
             dist.destroy_process_group()
