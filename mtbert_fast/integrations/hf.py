@@ -39,6 +39,23 @@ def _base_model(model: nn.Module) -> nn.Module:
     return base
 
 
+def _submodule(module: nn.Module, path: tuple[str, ...]) -> nn.Module:
+    """module.get_submodule(".".join(path)), read from the child dictionaries directly: get_submodule costs
+    microseconds per name, which a forward of short inputs reading every layer's modules notices."""
+    for name in path:
+        child = module._modules.get(name)
+        if child is None:
+            return module.get_submodule(".".join(path))  # raises with get_submodule's message
+        module = child
+    return module
+
+
+def _param(module: nn.Module, kind: str) -> torch.Tensor | None:
+    """getattr(module, kind, None) for a parameter, without nn.Module.__getattr__'s Python fallback."""
+    params = module._parameters
+    return params[kind] if kind in params else getattr(module, kind, None)
+
+
 class _QKVFusion:
     """One layer's query/key/value parameters as views of one [3H, H] weight and one [3H] bias buffer.
 
@@ -53,7 +70,7 @@ class _QKVFusion:
 
     def fuse(self) -> None:
         for kind in ("weight", "bias"):
-            params = [getattr(lin, kind) for lin in self.linears]
+            params = [_param(lin, kind) for lin in self.linears]
             buf = torch.cat([p.detach() for p in params], 0)
             for p, view in zip(params, buf.chunk(3, 0)):
                 p.data = view
@@ -61,7 +78,7 @@ class _QKVFusion:
         self.versions = self._weight_versions()
 
     def _weight_versions(self) -> tuple[int, ...] | None:
-        weights = [lin.weight for lin in self.linears]
+        weights = [_param(lin, "weight") for lin in self.linears]
         if any(w.is_inference() for w in weights):  # no version counter; such weights are never packed
             return None
         return tuple(w._version for w in weights)
@@ -71,7 +88,7 @@ class _QKVFusion:
             buf = getattr(self, kind)
             offset = 0
             for lin in self.linears:
-                p = getattr(lin, kind)
+                p = _param(lin, kind)
                 if p.dtype != buf.dtype or p.device != buf.device or p.data_ptr() != buf.data_ptr() + offset:
                     return False
                 offset += p.numel() * p.element_size()
@@ -79,7 +96,7 @@ class _QKVFusion:
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The fused [3H, H] weight and [3H] bias; concatenated afresh when autograd must reach the parameters."""
-        params = [getattr(lin, k) for k in ("weight", "bias") for lin in self.linears]
+        params = [_param(lin, k) for k in ("weight", "bias") for lin in self.linears]
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return torch.cat(params[:3], 0), torch.cat(params[3:], 0)
         if not self._intact():  # .to(), .half() or a reassigned parameter broke the views
@@ -107,6 +124,8 @@ class _SwapState:
     def __init__(self, base: nn.Module, backend: str | None):
         self.config = EncoderConfig.from_hf(base.config)
         self.layout: HfLayout = LAYOUTS[self.config.family]
+        self.layers_path = tuple(self.layout.layers.split("."))
+        self.layer_paths = [tuple(name.split(".")) for _, name in self.layout.layer]
         self.backend = backend
         if len(self.layout.qkv) == 1:
             self.qkv = [_FusedQKV(layer.get_submodule(self.layout.qkv[0])) for layer in self.layers(base)]
@@ -126,7 +145,7 @@ class _SwapState:
         self.int8: Int8State | None = None
 
     def layers(self, base: nn.Module) -> nn.ModuleList:
-        return base.get_submodule(self.layout.layers)
+        return _submodule(base, self.layers_path)
 
     def release(self) -> None:
         """Undo what the state did to the model: the state_dict hook, the shared QKV storage."""
@@ -178,9 +197,9 @@ class _SwapState:
     def layer_weights(self, base: nn.Module) -> list[LayerWeights]:
         out = []
         for layer, fusion in zip(self.layers(base), self.qkv):
-            modules = [layer.get_submodule(name) for _, name in self.layout.layer]
+            modules = [_submodule(layer, path) for path in self.layer_paths]
             # ModernBERT's first attn_norm is an Identity and its linears may have no bias: None there
-            out.append(LayerWeights(*fusion.weights(), *(getattr(m, kind, None) for m in modules
+            out.append(LayerWeights(*fusion.weights(), *(_param(m, kind) for m in modules
                                                          for kind in ("weight", "bias"))))
         return out
 

@@ -23,9 +23,11 @@ from mtbert_fast.models.int8 import (
 )
 from mtbert_fast.models.weight_pack import onednn_weight
 from mtbert_fast.ops import (
-    attention_varlen, bias_gelu, bias_residual_layer_norm, gather_rows, geglu, pad, rotary_qk, rotary_tables, unpad_indices,
+    attention_varlen, bias_gelu, bias_residual_layer_norm, dispatch, gather_rows, geglu, pad, rotary_qk, rotary_tables,
+    unpad_indices,
 )
 from mtbert_fast.ops.attention_varlen import OP as attention_varlen_op
+from mtbert_fast.ops.bias_residual_layer_norm import OP as bias_residual_layer_norm_op
 from mtbert_fast.ops.dispatch import requested_backend
 
 
@@ -72,13 +74,14 @@ class PackedBatch:
     max_seqlen: int
     batch: int
     seqlen: int
+    all_real: bool = False  # no padding: the packed rows are the [batch, seqlen] rows in order
 
     @classmethod
     def dense(cls, batch: int, seqlen: int, device: torch.device) -> PackedBatch:
         """Every token real: what unpad_indices gives for an all-ones mask, without reading one."""
         indices = torch.arange(batch * seqlen, device=device)
         cu_seqlens = torch.arange(0, batch * seqlen + 1, seqlen, dtype=torch.int32, device=device)
-        return cls(indices, cu_seqlens, seqlen, batch, seqlen)
+        return cls(indices, cu_seqlens, seqlen, batch, seqlen, all_real=True)
 
     @property
     def first_token_rows(self) -> torch.Tensor:
@@ -86,7 +89,9 @@ class PackedBatch:
         return self.cu_seqlens[:-1].long()
 
     def pad(self, packed: torch.Tensor) -> torch.Tensor:
-        """packed [T, ...] -> [batch, seqlen, ...], zeros at the padding."""
+        """packed [T, ...] -> [batch, seqlen, ...], zeros at the padding; a view of `packed` when there is none."""
+        if self.all_real:
+            return packed.reshape((self.batch, self.seqlen) + tuple(packed.shape[1:]))
         return pad(packed, self.indices, self.batch, self.seqlen)
 
 
@@ -314,6 +319,7 @@ def embed_packed(
     position_ids: torch.Tensor | None,
     inputs_embeds: torch.Tensor | None,
     training: bool,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """LayerNorm(word + token_type + position embeddings) of the real tokens only, projected to H where the
     embedding width differs (ELECTRA) -> [T, H]."""
@@ -331,7 +337,10 @@ def embed_packed(
     x = F.layer_norm(x, (x.shape[-1],), w.norm_weight, w.norm_bias, config.layer_norm_eps)
     p = config.hidden_dropout_prob if config.embedding_dropout_prob is None else config.embedding_dropout_prob
     x = F.dropout(x, p, training)
-    return x if w.project_weight is None else F.linear(x, w.project_weight, w.project_bias)
+    if w.project_weight is None:
+        return x
+    project = (w.project_weight, w.project_bias)
+    return _Linear(_onednn_ok(x, project, backend), backend)(x, *project)
 
 
 def _residual_norm(a, bias, residual, weight, beta, eps, p, training, backend):
@@ -339,6 +348,12 @@ def _residual_norm(a, bias, residual, weight, beta, eps, p, training, backend):
     if training and p > 0.0:
         a = F.dropout(a + bias, p, True)
         bias = torch.zeros_like(bias)
+    if not (training or torch.is_grad_enabled() or torch.is_autocast_enabled(a.device.type)):
+        # a and residual are [T, H] rows the layer made, and the C++ kernels check every argument themselves (with
+        # messages naming it): the wrapper's Python checks are skipped for them, and nothing is recorded
+        chosen = dispatch.choose(bias_residual_layer_norm_op.name, a, backend)
+        if chosen in ("cpu", "cuda"):
+            return bias_residual_layer_norm_op.kernel(chosen)(a, bias, residual, weight, beta, eps)[0]
     return bias_residual_layer_norm(a, bias, residual, weight, beta, eps, backend=backend)
 
 
@@ -561,7 +576,8 @@ def encode(
                          "position table (disentangled)")
     terms = position_terms(config, disentangled, packed, training) if disentangled is not None else None
 
-    x = embed_packed(config, embeddings, packed, input_ids, token_type_ids, position_ids, inputs_embeds, training)
+    x = embed_packed(config, embeddings, packed, input_ids, token_type_ids, position_ids, inputs_embeds, training,
+                     backend)
     states = [x] if output_hidden_states else None
     if config.int8_reason is not None and any(isinstance(w, Int8LayerWeights) for w in layers):
         raise UnsupportedModelError(config.int8_reason)

@@ -209,6 +209,11 @@ def test_dense_packing_equals_unpad_of_all_ones():
     indices, cu_seqlens, max_seqlen = unpad_indices(torch.ones(3, 5, dtype=torch.int64))
     assert torch.equal(dense.indices, indices) and torch.equal(dense.cu_seqlens, cu_seqlens)
     assert (dense.max_seqlen, dense.batch, dense.seqlen) == (max_seqlen, 3, 5)
+    assert dense.all_real and not PackedBatch(indices, cu_seqlens, max_seqlen, 3, 5).all_real
+    rows = torch.randn(15, 4)
+    padded = dense.pad(rows)  # no padding to fill: the packed rows themselves, viewed as [batch, seqlen, ...]
+    assert padded.shape == (3, 5, 4) and padded.data_ptr() == rows.data_ptr()
+    assert torch.equal(padded, PackedBatch(indices, cu_seqlens, max_seqlen, 3, 5).pad(rows))
 
 
 def test_inference_layer_equals_the_checked_wrapper_path(bert_config, model_backend, make_hf, ragged_batch):
@@ -225,6 +230,25 @@ def test_inference_layer_equals_the_checked_wrapper_path(bert_config, model_back
         inference = layer_forward(fast.config, w, x, packed, training=False, backend=model_backend)
         wrapper = layer_forward(fast.config, w, x, packed, training=True, backend=model_backend)
     assert torch.equal(inference, wrapper)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("bad", ["shape", "dtype"])
+def test_inference_layer_norm_refuses_bad_weights(bad, mode, bert_config, model_backend, make_hf, ragged_batch):
+    """Inference calls the LayerNorm kernels without the wrapper's Python checks: a LayerNorm weight of the wrong
+    shape or dtype is still refused, by name, on every backend."""
+    config = bert_config()
+    fast = FastBertModel.from_hf(make_hf(BertModel, config), backend=model_backend)
+    norm = fast.layers[1].ffn_norm
+    with torch.no_grad():
+        if bad == "shape":
+            norm.weight = torch.nn.Parameter(torch.ones(config.hidden_size + 1))
+        else:
+            norm.weight = torch.nn.Parameter(torch.ones(config.hidden_size, dtype=torch.float64))
+    ids, mask = ragged_batch(config, [5, 9])
+    context = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with context, pytest.raises((ValueError, TypeError, RuntimeError), match="weight"):
+        fast(ids, mask)
 
 
 @pytest.mark.parametrize("hidden_act", ["gelu", "gelu_new", "gelu_pytorch_tanh"])
