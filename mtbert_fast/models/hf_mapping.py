@@ -267,6 +267,16 @@ _DENSE_CLASSIFIERS = {
     "electra": (("classifier.dense", "classifier.out_proj"), "gelu", True),
     "distilbert": (("pre_classifier", "classifier"), "relu", False),
 }
+
+
+def dense_classifier_form(family: str) -> tuple[str, bool] | None:
+    """(activation, dropout before the dense) of the family's HF sequence classifier where it is a dense head on the
+    first token (DeBERTa's activation is its config's pooler_hidden_act, "gelu" by default); None where it is not
+    (BERT's reads the pooler; ModernBERT's runs its prediction head)."""
+    dense = _DENSE_CLASSIFIERS.get(family)
+    return None if dense is None else dense[1:]
+
+
 # family -> HF names of the masked-LM head's transform dense, its LayerNorm, its decoder, and the decoder's bias
 _MASKED_LM = {
     "bert": ("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm", "cls.predictions.decoder",

@@ -39,6 +39,7 @@ from mtbert_fast.models import (
     TokenClassificationHead,
     UnsupportedModelError,
 )
+from mtbert_fast.models.hf_mapping import dense_classifier_form
 from mtbert_fast.train.config import NAMED_CONFIGS, ConfigError, TaskSpec, TrainConfig, load_config
 from mtbert_fast.train.data import Batch, TaskStream, _mix, collate, encode_task, load_records, load_tokenizer
 from mtbert_fast.train.samplers import make_sampler
@@ -114,12 +115,17 @@ def make_head(task: TaskSpec, enc: EncoderConfig, has_pooler: bool):
     transform = ({"eps": enc.layer_norm_eps, "activation": "gelu", "dense_bias": False, "norm_bias": enc.norm_bias}
                  if enc.family == "modernbert" else None)
     if task.kind == "sequence_classification":
-        # their HF classifiers: a dense head on the first token (DeBERTa's ContextPooler with GELU)
-        roberta = enc.family in ("roberta", "mpnet", "deberta")
-        return SequenceClassificationHead(enc.hidden_size, task.num_labels, task.problem_type,
-                                          pooled=has_pooler and not roberta and transform is None,
-                                          roberta_style=roberta, dropout=enc.hidden_dropout_prob, id2label=id2label,
-                                          activation="gelu" if enc.family == "deberta" else "tanh", transform=transform)
+        # the family's HF classifier: BERT's on the pooler, a dense head on the first token (RoBERTa, MPNet,
+        # DistilBERT, ELECTRA, DeBERTa's ContextPooler), ModernBERT's prediction head
+        dense = dense_classifier_form(enc.family)
+        if dense is None:
+            return SequenceClassificationHead(enc.hidden_size, task.num_labels, task.problem_type,
+                                              pooled=has_pooler and transform is None, dropout=enc.hidden_dropout_prob,
+                                              id2label=id2label, transform=transform)
+        activation, dropout_first = dense
+        return SequenceClassificationHead(enc.hidden_size, task.num_labels, task.problem_type, roberta_style=True,
+                                          dropout=enc.hidden_dropout_prob, id2label=id2label, activation=activation,
+                                          dropout_before_dense=dropout_first)
     if task.kind == "token_classification":
         return TokenClassificationHead(enc.hidden_size, task.num_labels, enc.hidden_dropout_prob, id2label, transform)
     if task.kind == "masked_lm":

@@ -181,19 +181,35 @@ def test_cli_checks_trains_and_reports_errors(tmp_path, capsys):
     assert f"mtbert-fast train: error in {path}" in err and "label 'pos' is not in the label list ['neg']" in err
 
 
-def test_modernbert_heads_are_its_own(tmp_path, modernbert_config):
-    """On a ModernBERT encoder the trainer builds the heads of ModernBERT's task classes (its prediction head before
-    each output), so each trained task exports to transformers."""
+@pytest.mark.parametrize("family", ["distilbert", "electra", "mpnet", "modernbert", "deberta"])
+def test_trainer_heads_are_the_familys_own(family, request, tmp_path):
+    """The trainer builds each family's own task heads (ModernBERT's prediction head before each output; the dense
+    classifiers of DistilBERT, ELECTRA, MPNet and DeBERTa), so every trained task exports to transformers, and the
+    exported sequence classifier gives the trained head's logits."""
+    from transformers import AutoModelForSequenceClassification
+
     from mtbert_fast.models import EncoderConfig, FastBertModel, MultiTaskBert
     from mtbert_fast.train.config import TaskSpec
     from mtbert_fast.train.trainer import make_head
 
-    enc = EncoderConfig.from_hf(modernbert_config())
-    encoder = FastBertModel(enc)
-    kinds = {"sequence_classification": 3, "token_classification": 5, "masked_lm": None, "span_extraction": None}
+    hf_config = request.getfixturevalue(f"{family}_config")()
+    enc = EncoderConfig.from_hf(hf_config)
+    torch.manual_seed(0)
+    encoder = FastBertModel(enc, add_pooling_layer=False)
+    kinds = {"sequence_classification": 3, "token_classification": 5, "span_extraction": None}
+    if family != "electra":  # ELECTRA's masked LM is its generator, which MultiTaskBert does not map
+        kinds["masked_lm"] = None
     heads = {kind: make_head(TaskSpec(name=kind, kind=kind, train_file="unused", num_labels=n), enc, False)
              for kind, n in kinds.items()}
-    model = MultiTaskBert(encoder, heads)
+    model = MultiTaskBert(encoder, heads).eval()
     for kind in kinds:
         model.export_hf(kind, tmp_path / kind)
-        assert (tmp_path / kind / "config.json").read_text().count('"model_type": "modernbert"') == 1
+        assert json.loads((tmp_path / kind / "config.json").read_text())["model_type"] == hf_config.model_type
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "sequence_classification").eval()
+    ids = torch.randint(5, enc.vocab_size, (3, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        ours = model(ids, mask, tasks="sequence_classification").outputs["sequence_classification"]["logits"]
+        theirs = hf(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
