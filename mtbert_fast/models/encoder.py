@@ -691,6 +691,14 @@ def disentangled_projections(config: EncoderConfig, qkv_weight: torch.Tensor, qk
     return (*key, *query)
 
 
+def _weight_and_bias(module: nn.Module | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(module.weight, module.bias) of a Linear or LayerNorm, (None, None) for a missing module."""
+    if module is None:
+        return None, None
+    params = module._parameters
+    return params["weight"], params.get("bias")
+
+
 class FastBertLayer(nn.Module):
     """One layer's weights in the layout the kernels want: query, key and value in one [3H, H] matrix. A ModernBERT
     layer has a [2I, H] ffn_in (the GeGLU halves), biases only where its config asks, and no attn_norm in layer 0."""
@@ -715,15 +723,11 @@ class FastBertLayer(nn.Module):
         return disentangled_projections(config, self.qkv.weight, self.qkv.bias, self.pos_key, self.pos_query)
 
     def weights(self) -> LayerWeights:
-        norm = self.attn_norm
-        return LayerWeights(
-            self.qkv.weight, self.qkv.bias,
-            self.attn_out.weight, self.attn_out.bias,
-            norm.weight if norm is not None else None, norm.bias if norm is not None else None,
-            self.ffn_in.weight, self.ffn_in.bias,
-            self.ffn_out.weight, self.ffn_out.bias,
-            self.ffn_norm.weight, self.ffn_norm.bias,
-        )  # fmt: skip
+        # read from the module dictionaries: each nn.Module attribute read costs a Python __getattr__, and an
+        # inference forward reads every layer's weights
+        modules = self._modules
+        return LayerWeights(*(t for name in ("qkv", "attn_out", "attn_norm", "ffn_in", "ffn_out", "ffn_norm")
+                              for t in _weight_and_bias(modules.get(name))))
 
 
 class FastBertModel(nn.Module):

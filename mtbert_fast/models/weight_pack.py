@@ -15,11 +15,11 @@ A pack costs one more copy of the weight's memory, freed with the weight.
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils.weak import WeakIdKeyDictionary
 
 AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
@@ -30,7 +30,13 @@ class _Pack(NamedTuple):
     packed: torch.Tensor
 
 
-_packs: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# id(weight) -> (a weak reference to the weight, its pack); the reference's callback drops the entry when the weight
+# dies, before its id can be reused. Plain dictionary reads: a WeakIdKeyDictionary lookup builds a key object.
+_packs: dict[int, tuple[weakref.ref, _Pack]] = {}
+
+
+def _forget(key: int) -> None:
+    _packs.pop(key, None)
 
 
 def _layout(w: torch.Tensor) -> tuple:
@@ -42,13 +48,15 @@ def onednn_weight(w: torch.Tensor) -> torch.Tensor:
     again whenever `w` has changed; `w` itself where it cannot be packed (see the module docstring)."""
     if not AVAILABLE or w.device.type != "cpu" or w.is_inference() or w.requires_grad and torch.is_grad_enabled():
         return w
-    pack = _packs.get(w)
+    key = id(w)
+    entry = _packs.get(key)
+    pack = entry[1] if entry is not None and entry[0]() is w else None
     layout = _layout(w)
     if pack is None or pack.layout != layout or pack.storage.cdata != w.untyped_storage()._cdata:
         with torch.no_grad():
             packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous())
         pack = _Pack(StorageWeakRef(w.untyped_storage()), layout, packed)
-        _packs[w] = pack
+        _packs[key] = (weakref.ref(w, lambda _, key=key: _forget(key)), pack)
     return pack.packed
 
 

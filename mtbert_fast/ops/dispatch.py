@@ -29,6 +29,9 @@ _triton_import_error: str | None = None
 _triton_imported = False
 _last: dict[tuple[str, str, torch.dtype], tuple[str, dict[str, str]]] = {}
 _reasons: dict[tuple, str | None] = {}
+# (op, device, dtype, TRITON_INTERPRET on) -> the backend an automatic choice takes when every backend before it is
+# refused for the device, dtype or build alone (not the input's shape): then only its own shape limits need checking
+_auto: dict[tuple, str] = {}
 _TRITON_DEVICES = "Triton runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1)"
 
 
@@ -201,15 +204,25 @@ def choose(op: str, t: torch.Tensor, backend: str | None = None) -> str:
             return wanted
         detail = "; ".join(f"{b}: {why_not(b, op, t) or 'can run'}" for b in BACKENDS)
         raise BackendUnavailable(f"{op}: backend {wanted!r} cannot run this input ({why}). All backends: {detail}")
-    reasons: dict[str, str] = {}
     device, dtype = t.device, t.dtype  # read once: each read of t.device builds a new object
+    key = (op, device, dtype, os.environ.get("TRITON_INTERPRET") == "1")
+    cached = _auto.get(key)
+    if cached is not None and input_reason(cached, op, t, device) is None:
+        return cached
+    reasons: dict[str, str] = {}
+    shape_free = True  # every backend passed over so far was refused for the device, dtype or build alone
     for b in BACKENDS:
-        why = reason(b, op, device, dtype) or input_reason(b, op, t, device)
+        why = reason(b, op, device, dtype)
+        shape_free_here = why is None
+        why = why or input_reason(b, op, t, device)
         if why is None:
             if not torch.compiler.is_compiling():
                 _last[(op, device.type, dtype)] = (b, reasons)
+                if shape_free:
+                    _auto[key] = b
             return b
         reasons[b] = why
+        shape_free = shape_free and not shape_free_here
     raise BackendUnavailable(f"{op}: no backend can run this input: {reasons}")
 
 

@@ -107,6 +107,21 @@ def test_auto_skips_a_backend_whose_limit_the_input_exceeds(monkeypatch):
         ops.attention_varlen(qkv, cu, 4, backend="triton")
 
 
+def test_auto_choice_follows_each_input_shape(monkeypatch):
+    """The automatic choice is remembered per op, device and dtype, but each input's shape limits are still read:
+    a head_dim Triton refuses goes on, before and after one it takes, and with the interpreter off Triton is out."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if dispatch.reason("triton", "attention_varlen", torch.device("cpu"), torch.float32) is not None:
+        pytest.skip("Triton is not usable here")
+    wide, narrow = _qkv(300), _qkv(64)
+    assert dispatch.choose("attention_varlen", wide) != "triton"
+    assert dispatch.choose("attention_varlen", narrow) == "triton"
+    assert dispatch.choose("attention_varlen", wide) != "triton"
+    assert dispatch.choose("attention_varlen", narrow) == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert dispatch.choose("attention_varlen", narrow) != "triton"
+
+
 def test_backward_follows_the_forward(monkeypatch):
     """The backward runs where the forward ran; after a cuda forward, Triton's backward when it can take the input,
     unless $MTBERT_FAST_BACKEND forces cuda."""
