@@ -425,6 +425,49 @@ def swap_parity(hf_outputs, compare_outputs):
 
 
 @pytest.fixture
+def unswap_is_bit_exact(ragged_batch):
+    """unswap_is_bit_exact(model, config): swap a task model (one with logits), run it, unswap it, and its logits
+    equal the unswapped model's bit for bit, with nothing of the swap left on the base model."""
+    from mtbert_fast import is_swapped, swap, unswap
+
+    def run(model, config):
+        ids, mask = ragged_batch(config, [6, 13])
+        with torch.no_grad():
+            ref = model(ids, attention_mask=mask).logits
+            swap(model)
+            model(ids, attention_mask=mask)
+            unswap(model)
+            assert not is_swapped(model) and "forward" not in vars(model.base_model)
+            assert torch.equal(model(ids, attention_mask=mask).logits, ref)
+
+    return run
+
+
+@pytest.fixture
+def multiple_choice_parity(hf_outputs, assert_close):
+    """multiple_choice_parity(multiple_choice_model, config, backend): [B, choices, L] inputs, which the task model
+    flattens to [B * choices, L] for the encoder; the swapped logits and loss match HF's."""
+    from mtbert_fast import swap
+
+    def run(model, config, backend):
+        g = torch.Generator().manual_seed(5)
+        ids = torch.randint(3, config.vocab_size, (2, 3, 14), generator=g)
+        mask = torch.ones_like(ids)
+        mask[0, 1, 6:] = 0
+        mask[1, 2, 1:] = 0
+        labels = torch.tensor([1, 2])
+        refs = hf_outputs(model, ids, attention_mask=mask, labels=labels)
+        swap(model, backend=backend)
+        with torch.no_grad():
+            out = model(ids, attention_mask=mask, labels=labels)
+        for ref in refs.values():
+            assert_close(out.logits, ref.logits, what="logits")
+            assert_close(out.loss, ref.loss, what="loss")
+
+    return run
+
+
+@pytest.fixture
 def input_variant():
     """input_variant(name, config, ids, mask, model) -> (keyword inputs, mask of the real positions) of one input
     variant: token_type_ids, position_ids (3 rows), position_ids_broadcast, inputs_embeds, all_ones_mask, no_mask,

@@ -29,7 +29,7 @@ from transformers import (
     ElectraModel,
 )
 
-from mtbert_fast import is_swapped, swap, unswap
+from mtbert_fast import swap
 
 pytestmark = pytest.mark.usefixtures("one_thread_unless_marked")
 DISTILBERT = [DistilBertModel, DistilBertForSequenceClassification, DistilBertForTokenClassification,
@@ -178,37 +178,15 @@ def test_gradients_match_hf(cls, model_backend, distilbert_config, electra_confi
 
 
 @pytest.mark.parametrize("cls", [DistilBertForMaskedLM, ElectraForSequenceClassification], ids=lambda c: c.__name__)
-def test_unswap_restores_bit_exact_outputs(cls, distilbert_config, electra_config, make_hf, ragged_batch):
+def test_unswap_restores_bit_exact_outputs(cls, distilbert_config, electra_config, make_hf, unswap_is_bit_exact):
     config = _config(cls, distilbert_config, electra_config)
-    model = make_hf(cls, config)
-    ids, mask = ragged_batch(config, [6, 13])
-    with torch.no_grad():
-        ref = model(ids, attention_mask=mask).logits
-        swap(model)
-        model(ids, attention_mask=mask)
-        unswap(model)
-        assert not is_swapped(model) and "forward" not in vars(model.base_model)
-        assert torch.equal(model(ids, attention_mask=mask).logits, ref)
+    unswap_is_bit_exact(make_hf(cls, config), config)
 
 
 @pytest.mark.parametrize("cls", [DistilBertForMultipleChoice, ElectraForMultipleChoice], ids=lambda c: c.__name__)
-def test_multiple_choice(cls, model_backend, distilbert_config, electra_config, make_hf, hf_outputs, assert_close):
-    """[B, choices, L] inputs, which the task model flattens to [B * choices, L] for the encoder."""
+def test_multiple_choice(cls, model_backend, distilbert_config, electra_config, make_hf, multiple_choice_parity):
     config = _config(cls, distilbert_config, electra_config)
-    model = make_hf(cls, config)
-    g = torch.Generator().manual_seed(5)
-    ids = torch.randint(3, config.vocab_size, (2, 3, 14), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, 1, 6:] = 0
-    mask[1, 2, 1:] = 0
-    labels = torch.tensor([1, 2])
-    refs = hf_outputs(model, ids, attention_mask=mask, labels=labels)
-    swap(model, backend=model_backend)
-    with torch.no_grad():
-        out = model(ids, attention_mask=mask, labels=labels)
-    for ref in refs.values():
-        assert_close(out.logits, ref.logits, what="logits")
-        assert_close(out.loss, ref.loss, what="loss")
+    multiple_choice_parity(make_hf(cls, config), config, model_backend)
 
 
 def test_swapped_distilbert_ignores_token_types_as_hf_does(distilbert_config, make_hf, ragged_batch,

@@ -24,7 +24,7 @@ from transformers import (
     ModernBertModel,
 )
 
-from mtbert_fast import FastBertModel, is_swapped, swap, unswap
+from mtbert_fast import FastBertModel, is_swapped, swap
 from mtbert_fast.models import EncoderConfig, UnsupportedModelError
 
 pytestmark = pytest.mark.usefixtures("one_thread_unless_marked")
@@ -162,35 +162,14 @@ def test_gradients_match_hf(model_backend, modernbert_config, make_hf, ragged_ba
         assert_grad_close(grads[name].grad, p.grad, what=name)
 
 
-def test_unswap_restores_bit_exact_outputs(modernbert_config, make_hf, ragged_batch):
+def test_unswap_restores_bit_exact_outputs(modernbert_config, make_hf, unswap_is_bit_exact):
     config = modernbert_config()
-    model = make_hf(ModernBertForMaskedLM, config)
-    ids, mask = ragged_batch(config, [6, 13])
-    with torch.no_grad():
-        ref = model(ids, attention_mask=mask).logits
-        swap(model)
-        model(ids, attention_mask=mask)
-        unswap(model)
-        assert not is_swapped(model) and "forward" not in vars(model.base_model)
-        assert torch.equal(model(ids, attention_mask=mask).logits, ref)
+    unswap_is_bit_exact(make_hf(ModernBertForMaskedLM, config), config)
 
 
-def test_multiple_choice(model_backend, modernbert_config, make_hf, hf_outputs, assert_close):
+def test_multiple_choice(model_backend, modernbert_config, make_hf, multiple_choice_parity):
     config = modernbert_config()
-    model = make_hf(ModernBertForMultipleChoice, config)
-    g = torch.Generator().manual_seed(5)
-    ids = torch.randint(3, config.vocab_size, (2, 3, 14), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, 1, 6:] = 0
-    mask[1, 2, 1:] = 0
-    labels = torch.tensor([1, 2])
-    refs = hf_outputs(model, ids, attention_mask=mask, labels=labels)
-    swap(model, backend=model_backend)
-    with torch.no_grad():
-        out = model(ids, attention_mask=mask, labels=labels)
-    for ref in refs.values():
-        assert_close(out.logits, ref.logits, what="logits")
-        assert_close(out.loss, ref.loss, what="loss")
+    multiple_choice_parity(make_hf(ModernBertForMultipleChoice, config), config, model_backend)
 
 
 def test_config_round_trip(modernbert_config):

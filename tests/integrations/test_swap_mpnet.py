@@ -26,7 +26,7 @@ from transformers import (
     MPNetModel,
 )
 
-from mtbert_fast import FastBertModel, is_swapped, swap, unswap
+from mtbert_fast import FastBertModel, swap
 from mtbert_fast.models.encoder import relative_bias_table, relative_position_buckets
 from mtbert_fast.models.hf_mapping import MissingWeightError
 
@@ -148,35 +148,14 @@ def test_gradients_match_hf(model_backend, mpnet_config, make_hf, ragged_batch, 
         assert_grad_close(grads[name].grad, p.grad, what=name)
 
 
-def test_unswap_restores_bit_exact_outputs(mpnet_config, make_hf, ragged_batch):
+def test_unswap_restores_bit_exact_outputs(mpnet_config, make_hf, unswap_is_bit_exact):
     config = mpnet_config()
-    model = _model(make_hf, MPNetForMaskedLM, config)
-    ids, mask = ragged_batch(config, [6, 13])
-    with torch.no_grad():
-        ref = model(ids, attention_mask=mask).logits
-        swap(model)
-        model(ids, attention_mask=mask)
-        unswap(model)
-        assert not is_swapped(model) and "forward" not in vars(model.base_model)
-        assert torch.equal(model(ids, attention_mask=mask).logits, ref)
+    unswap_is_bit_exact(_model(make_hf, MPNetForMaskedLM, config), config)
 
 
-def test_multiple_choice(model_backend, mpnet_config, make_hf, hf_outputs, assert_close):
+def test_multiple_choice(model_backend, mpnet_config, make_hf, multiple_choice_parity):
     config = mpnet_config()
-    model = _model(make_hf, MPNetForMultipleChoice, config)
-    g = torch.Generator().manual_seed(5)
-    ids = torch.randint(3, config.vocab_size, (2, 3, 14), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, 1, 6:] = 0
-    mask[1, 2, 1:] = 0
-    labels = torch.tensor([1, 2])
-    refs = hf_outputs(model, ids, attention_mask=mask, labels=labels)
-    swap(model, backend=model_backend)
-    with torch.no_grad():
-        out = model(ids, attention_mask=mask, labels=labels)
-    for ref in refs.values():
-        assert_close(out.logits, ref.logits, what="logits")
-        assert_close(out.loss, ref.loss, what="loss")
+    multiple_choice_parity(_model(make_hf, MPNetForMultipleChoice, config), config, model_backend)
 
 
 def test_fast_model_needs_the_bias_table(mpnet_config, make_hf, tmp_path):
