@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from mtbert_fast.models.config import EncoderConfig, UnsupportedModelError
 from mtbert_fast.models.int8 import (
-    DEFAULT_SMOOTHING, AbsMax, Int8LayerWeights, calibration_batches, check_int8_device, check_int8_dtype, check_model_dtype,
-    int8_layer_forward, quantize_layers, weights_snapshot,
+    DEFAULT_SMOOTHING, InputStats, Int8LayerWeights, calibration_batches, check_int8_device, check_int8_dtype,
+    check_model_dtype, check_smoothing, gram_passes, int8_layer_forward, quantize_layers, weights_snapshot,
 )
 from mtbert_fast.models.weight_pack import onednn_weight
 from mtbert_fast.ops import (
@@ -623,18 +623,25 @@ def quantize_encoder(
     backend: str | None = None,
     relative_attention_bias: torch.Tensor | None = None,
 ) -> list[Int8LayerWeights]:
-    """int8 layers from float ones: calibrate on `calibration` (see int8.calibration_batches), then quantize."""
+    """int8 layers from float ones: calibrate on `calibration` (see int8.calibration_batches), then quantize. Given
+    calibration text, the weights are rounded with error compensation on its X^T X, which takes one calibration
+    pass per group of layers whose matrices fit int8.GRAM_BUDGET_BYTES; synthetic calibration takes one pass."""
     if config.int8_reason is not None:
         raise UnsupportedModelError(config.int8_reason)
     word = embeddings.word
     check_int8_device(word.device)
     check_int8_dtype(word.dtype)
-    absmax = AbsMax([{} for _ in layers])
-    with torch.inference_mode():
-        for batch in calibration_batches(calibration, config, word.device):
-            encode(config, embeddings, layers, None, **batch, backend=backend, observe=absmax.observer,
-                   relative_attention_bias=relative_attention_bias)
-    return quantize_layers(layers, absmax, word.dtype, smoothing)
+    check_smoothing(smoothing)
+    batches = calibration_batches(calibration, config, word.device)
+    out: list[Int8LayerWeights] = []
+    for group in gram_passes(layers) if calibration is not None else [range(len(layers))]:
+        stats = InputStats(len(layers), group if calibration is not None else ())
+        with torch.inference_mode():
+            for batch in batches:
+                encode(config, embeddings, layers, None, **batch, backend=backend, observe=stats.observer,
+                       relative_attention_bias=relative_attention_bias)
+        out += quantize_layers(layers, stats, word.dtype, smoothing, group)
+    return out
 
 
 class Int8State:

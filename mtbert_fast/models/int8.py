@@ -11,12 +11,16 @@ tens of times larger than the rest, which random weights do not have):
     weight's column k multiplied by it, where a_k is the largest |activation| seen on that channel during
     calibration and w_k the largest |weight| in that column; the division runs inside the quantization pass;
   - calibration runs the float model once on a few batches, real text from the user's domain where given, else
-    synthetic token ids (random ids, lengths 3 to 64), which find the same outlier channels on the models tried.
+    synthetic token ids (random ids, lengths 3 to 64), which find the same outlier channels on the models tried;
+  - with real calibration text, each weight is rounded with error compensation (GPTQ, `gptq_round`): column by
+    column, the rounding error of a column is spread over the columns not yet rounded, weighted by how the
+    calibration inputs of those columns correlate, so that the product's output on such inputs moves least.
+    Synthetic ids are not text, and compensating for their correlations made real sentences worse: there the
+    weights are rounded to nearest.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
@@ -29,6 +33,11 @@ from mtbert_fast.ops import (
 from mtbert_fast.ops.int8 import PackedInt8Weight
 
 DEFAULT_SMOOTHING = 0.5
+# GPTQ's damping: this fraction of the mean diagonal of X^T X added to the diagonal before it is inverted
+GPTQ_DAMPING = 0.1
+GPTQ_BLOCK = 128
+# the most memory that calibration's X^T X matrices take at once (more layers than fit are calibrated in more passes)
+GRAM_BUDGET_BYTES = 256 * 2**20
 SYNTHETIC_ROWS = 64
 SYNTHETIC_LENGTHS = (3, 64)
 # the four products of a layer, named by where their input comes from
@@ -61,15 +70,57 @@ class Int8LayerWeights(NamedTuple):
     ffn_norm_bias: torch.Tensor
 
 
+def gptq_round(weight: torch.Tensor, scale: torch.Tensor, gram: torch.Tensor, damping: float = GPTQ_DAMPING,
+               block: int = GPTQ_BLOCK) -> torch.Tensor:
+    """weight [N, K] rounded to int8 on the per-row scale [N] so that x @ weight^T moves least for inputs x whose
+    X^T X is gram [K, K] (GPTQ: Frantar et al., 2022). With gram damped (`damping` times the mean of its diagonal
+    added to the diagonal) and U the upper Cholesky factor of its inverse, the columns are rounded in order, each to
+    the nearest step (clamped to [-127, 127]) of the column as the earlier ones left it, and its rounding error,
+    divided by U's pivot, is taken from the later columns along U's row. Columns no input reached (a zero on gram's
+    diagonal) are rounded to nearest and pass nothing on."""
+    n, k = weight.shape
+    if gram.shape != (k, k):
+        raise ValueError(f"gptq_round: gram must be [{k}, {k}] (weight's columns), got {tuple(gram.shape)}")
+    if scale.shape != (n,):
+        raise ValueError(f"gptq_round: scale must be [{n}] (weight's rows), got {tuple(scale.shape)}")
+    h = gram.float().clone()
+    diag = h.diagonal()
+    dead = diag <= 0
+    h[dead, :] = 0
+    h[:, dead] = 0
+    diag += damping * (diag[~dead].mean() if not dead.all() else 1.0)
+    diag[dead] = 1
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    # row i of wt is column i of the weight: each step reads and updates contiguous rows
+    wt = weight.float().t().contiguous()
+    step = scale.float()
+    qt = torch.empty_like(wt)
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        ub = u[b0:b1, b0:b1]
+        err = torch.empty(b1 - b0, n)
+        for i in range(b1 - b0):
+            torch.round(wt[b0 + i] / step, out=qt[b0 + i]).clamp_(-127, 127)
+            torch.div(wt[b0 + i] - qt[b0 + i] * step, ub[i, i], out=err[i])
+            wt[b0 + i + 1:b1].addr_(ub[i, i + 1:], err[i], alpha=-1)
+        wt[b1:].addmm_(u[b0:b1, b1:].t(), err, alpha=-1)
+    return qt.t().to(torch.int8).contiguous()
+
+
 def quantize_linear(weight: torch.Tensor, bias: torch.Tensor, input_absmax: torch.Tensor,
-                    smoothing: float = DEFAULT_SMOOTHING) -> Int8Linear:
-    """weight [N, K] and bias [N] of a float linear, input_absmax fp32 [K] from calibration -> Int8Linear."""
+                    smoothing: float = DEFAULT_SMOOTHING, gram: torch.Tensor | None = None) -> Int8Linear:
+    """weight [N, K] and bias [N] of a float linear, input_absmax fp32 [K] from calibration -> Int8Linear.
+    gram: X^T X [K, K] of the calibration inputs, for error-compensated rounding (gptq_round); None: to nearest."""
     w = weight.detach().float()
     s = input_absmax.float().clamp_min(1e-5).pow(smoothing) / w.abs().amax(0).clamp_min(1e-5).pow(1 - smoothing)
     s = s.clamp(1e-4, 1e4)
     ws = w * s
     scale = ws.abs().amax(1).clamp_min(1e-12) / 127
-    q = torch.round(ws / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    if gram is None:
+        q = torch.round(ws / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    else:  # the smoothed inputs are x / s: their X^T X is gram / (s s^T)
+        inv = 1 / s
+        q = gptq_round(ws, scale, inv[:, None] * gram * inv[None, :])
     return Int8Linear(q, pack_int8_weight(q), scale, q.float().sum(1), bias.detach().clone(), (1 / s).contiguous())
 
 
@@ -137,35 +188,67 @@ def calibration_batches(calibration, config: EncoderConfig, device: torch.device
     return out
 
 
-@dataclasses.dataclass
-class AbsMax:
-    """The largest |value| per channel of each product's input, layer by layer, over the calibration batches."""
+class InputStats:
+    """What calibration sees of each product's input, layer by layer: the largest |value| per channel, and, for the
+    layers in `gram_layers`, X^T X (fp32 [K, K], summed over the calibration tokens) for error-compensated rounding."""
 
-    layers: list[dict[str, torch.Tensor]]
+    def __init__(self, num_layers: int, gram_layers: Iterable[int] = ()):
+        self.absmax: list[dict[str, torch.Tensor]] = [{} for _ in range(num_layers)]
+        self.gram: dict[tuple[int, str], torch.Tensor] = {}
+        self.gram_layers = set(gram_layers)
 
     def observer(self, layer: int) -> Callable[[str, torch.Tensor], None]:
         def observe(product: str, x: torch.Tensor) -> None:
-            a = x.detach().abs().amax(0).float()
-            seen = self.layers[layer]
+            x = x.detach().float()
+            a = x.abs().amax(0)
+            seen = self.absmax[layer]
             seen[product] = a if product not in seen else torch.maximum(seen[product], a)
+            if layer in self.gram_layers:
+                key = (layer, product)
+                self.gram[key] = x.T @ x if key not in self.gram else self.gram[key].addmm_(x.T, x)
 
         return observe
 
 
-def quantize_layers(
-    layers: Sequence, absmax: AbsMax, dtype: torch.dtype, smoothing: float = DEFAULT_SMOOTHING
-) -> list[Int8LayerWeights]:
-    """Float LayerWeights and their calibrated input ranges -> Int8LayerWeights, activations in `dtype`."""
+def gram_passes(layers: Sequence, budget: int | None = None) -> list[list[int]]:
+    """The layers in groups whose X^T X matrices (fp32, one per product input) fit `budget` bytes together
+    (default GRAM_BUDGET_BYTES), at least one layer a group: calibration runs once per group."""
+    budget = GRAM_BUDGET_BYTES if budget is None else budget
+    groups: list[list[int]] = []
+    used = budget
+    for i, w in enumerate(layers):
+        size = 4 * sum(weight.shape[1] ** 2 for weight in (w.qkv_weight, w.attn_out_weight, w.ffn_in_weight,
+                                                            w.ffn_out_weight))
+        if used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += size
+    return groups
+
+
+def check_smoothing(smoothing: float) -> None:
     if not 0.0 <= smoothing <= 1.0:
         raise ValueError(f"smoothing must be in [0, 1] (SmoothQuant's alpha), got {smoothing}")
+
+
+def quantize_layers(
+    layers: Sequence, stats: InputStats, dtype: torch.dtype, smoothing: float = DEFAULT_SMOOTHING,
+    indices: Iterable[int] | None = None,
+) -> list[Int8LayerWeights]:
+    """Float LayerWeights and their calibrated input statistics -> Int8LayerWeights, activations in `dtype`, for
+    the layers at `indices` (default: all). Products with X^T X in `stats` are rounded with error compensation."""
+    check_smoothing(smoothing)
     out = []
-    for w, seen in zip(layers, absmax.layers):
+    for i in range(len(layers)) if indices is None else indices:
+        w, seen = layers[i], stats.absmax[i]
         missing = [p for p in PRODUCTS if p not in seen]
         if missing:
             raise RuntimeError(f"calibration saw no input for {', '.join(missing)}: it needs at least one real token")
         pairs = {"qkv": (w.qkv_weight, w.qkv_bias), "attn_out": (w.attn_out_weight, w.attn_out_bias),
                  "ffn_in": (w.ffn_in_weight, w.ffn_in_bias), "ffn_out": (w.ffn_out_weight, w.ffn_out_bias)}
-        lin = {p: quantize_linear(weight, bias.to(dtype), seen[p], smoothing) for p, (weight, bias) in pairs.items()}
+        lin = {p: quantize_linear(weight, bias.to(dtype), seen[p], smoothing, stats.gram.get((i, p)))
+               for p, (weight, bias) in pairs.items()}
         out.append(Int8LayerWeights(
             lin["qkv"], lin["attn_out"], lin["ffn_in"], lin["ffn_out"],
             w.attn_norm_weight.detach().clone(), w.attn_norm_bias.detach().clone(),

@@ -1,0 +1,103 @@
+"""Error-compensated rounding of int8 weights (GPTQ) and the calibration passes that collect its X^T X."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtbert_fast import FastBertModel
+from mtbert_fast.models import encoder, int8
+from mtbert_fast.models.int8 import gptq_round, gram_passes
+
+
+def _nearest(w, scale):
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+
+
+def _weight_and_inputs(n=48, k=64, rows=2000, seed=0):
+    """A weight and correlated inputs (a few strong directions plus noise, as activations have)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 8, generator=g) @ torch.randn(8, k, generator=g) + 0.1 * torch.randn(rows, k, generator=g)
+    w = 0.05 * torch.randn(n, k, generator=g)
+    return w, w.abs().amax(1) / 127, x
+
+
+def test_uncorrelated_inputs_round_to_nearest():
+    """With X^T X diagonal no column's error has anywhere to go: every entry is rounded to nearest."""
+    w, scale, _ = _weight_and_inputs()
+    gram = torch.diag(torch.rand(w.shape[1], generator=torch.Generator().manual_seed(1)) + 0.5)
+    assert torch.equal(gptq_round(w, scale, gram), _nearest(w, scale))
+
+
+def test_the_products_move_less_than_rounded_to_nearest():
+    w, scale, x = _weight_and_inputs()
+    q = gptq_round(w, scale, x.T @ x)
+    assert q.dtype == torch.int8 and q.shape == w.shape and q.is_contiguous()
+    assert q.abs().max() <= 127
+
+    def error(q):
+        return (x @ (q.float() * scale[:, None] - w).T).norm()
+
+    assert error(q) < 0.7 * error(_nearest(w, scale)), (error(q), error(_nearest(w, scale)))
+    # each entry stays within a step of the weight it was rounded from (the compensation moves later columns by
+    # less than a step on these inputs)
+    assert ((q.float() - w / scale[:, None]).abs() <= 1.5).all()
+
+
+def test_columns_no_input_reached_round_to_nearest():
+    w, scale, x = _weight_and_inputs()
+    x[:, [0, 5]] = 0
+    got = gptq_round(w, scale, x.T @ x)
+    assert torch.equal(got[:, [0, 5]], _nearest(w, scale)[:, [0, 5]])
+
+    def error(q):
+        return (x @ (q.float() * scale[:, None] - w).T).norm()
+
+    assert error(got) < 0.7 * error(_nearest(w, scale))
+    x[:] = 0
+    assert torch.equal(gptq_round(w, scale, x.T @ x), _nearest(w, scale))
+
+
+def test_bad_shapes_are_named():
+    w, scale, x = _weight_and_inputs()
+    with pytest.raises(ValueError, match=r"gram must be \[64, 64\]"):
+        gptq_round(w, scale, torch.eye(63))
+    with pytest.raises(ValueError, match=r"scale must be \[48\]"):
+        gptq_round(w, scale[:-1], x.T @ x)
+
+
+class _Layer:
+    """The four weights' shapes, as gram_passes reads them from LayerWeights."""
+
+    def __init__(self, hidden, inner):
+        self.qkv_weight = torch.empty(3 * hidden, hidden)
+        self.attn_out_weight = self.ffn_in_weight = torch.empty(inner, hidden)
+        self.ffn_out_weight = torch.empty(hidden, inner)
+
+
+def test_layers_are_calibrated_in_groups_that_fit_the_budget():
+    layers = [_Layer(8, 16)] * 5
+    per_layer = 4 * (3 * 8 * 8 + 16 * 16)
+    assert gram_passes(layers, budget=2 * per_layer) == [[0, 1], [2, 3], [4]]
+    assert gram_passes(layers, budget=10 * per_layer) == [[0, 1, 2, 3, 4]]
+    assert gram_passes(layers, budget=per_layer - 1) == [[0], [1], [2], [3], [4]]
+
+
+def test_several_passes_quantize_as_one(monkeypatch, minilm_batch):
+    """A budget of one layer's matrices calibrates layer by layer, and gives the same int8 weights as one pass."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    hf = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                              intermediate_size=48, max_position_embeddings=128)).eval()
+    calibration = {"input_ids": minilm_batch["input_ids"] % 50, "attention_mask": minilm_batch["attention_mask"]}
+    one = FastBertModel.from_hf(hf, dtype=torch.qint8, calibration=calibration).int8.layers
+    passes = []
+    monkeypatch.setattr(int8, "GRAM_BUDGET_BYTES", 1)
+    monkeypatch.setattr(encoder, "gram_passes", lambda layers: passes.append(gram_passes(layers)) or passes[-1])
+    several = FastBertModel.from_hf(hf, dtype=torch.qint8, calibration=calibration).int8.layers
+    assert passes == [[[0], [1], [2]]]
+    for a, b in zip(one, several):
+        for p in int8.PRODUCTS:
+            assert torch.equal(getattr(a, p).weight, getattr(b, p).weight)
+            assert torch.equal(getattr(a, p).smooth, getattr(b, p).smooth)
