@@ -46,13 +46,15 @@ def centroids(train, classes, seed):
     return c
 
 
-def quantized(hf, calibration, rounding, dtype):
+def quantized(hf, calibration, rounding, dtype, smoothing):
     if rounding == "gptq":
-        return mtbert_fast.swap(copy.deepcopy(hf).to(dtype), dtype=torch.qint8, calibration=calibration)
+        return mtbert_fast.swap(copy.deepcopy(hf).to(dtype), dtype=torch.qint8, calibration=calibration,
+                               smoothing=smoothing)
     nearest = int8.quantize_linear
     int8.quantize_linear = lambda w, b, a, s, gram: nearest(w, b, a, s)
     try:
-        return mtbert_fast.swap(copy.deepcopy(hf).to(dtype), dtype=torch.qint8, calibration=calibration)
+        return mtbert_fast.swap(copy.deepcopy(hf).to(dtype), dtype=torch.qint8, calibration=calibration,
+                               smoothing=smoothing)
     finally:
         int8.quantize_linear = nearest
 
@@ -60,6 +62,7 @@ def quantized(hf, calibration, rounding, dtype):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=40)
+    parser.add_argument("--smoothing", type=float, default=int8.DEFAULT_SMOOTHING, help="SmoothQuant's alpha")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 activations (the model cast before quantizing)")
     args = parser.parse_args()
     from transformers import AutoModel, AutoTokenizer
@@ -75,7 +78,8 @@ def main() -> None:
     splits = {"first 100 / last 103": (sentences[:100], sentences[100:]),
               "last 103 / first 100": (sentences[100:], sentences[:100])}
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    print(f"all-MiniLM-L6-v2, int8 with {dtype} activations, {args.seeds} classifiers per class count")
+    print(f"all-MiniLM-L6-v2, int8 with {dtype} activations, smoothing {args.smoothing}, {args.seeds} classifiers per "
+          "class count")
     print("| calibrated / judged | rounding | worst cosine | mean cosine | similarity error | top-1, 4 classes "
           "| top-1, 8 classes |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -84,7 +88,7 @@ def main() -> None:
         train = F.normalize(embeddings(hf, calibration))
         want = embeddings(hf, held)
         for rounding in ("nearest", "gptq"):
-            got = embeddings(quantized(hf, calibration, rounding, dtype), held)
+            got = embeddings(quantized(hf, calibration, rounding, dtype, args.smoothing), held)
             cos = F.cosine_similarity(got, want)
             errors, agreement = [], []
             for classes in (4, 8):

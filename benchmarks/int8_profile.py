@@ -9,6 +9,8 @@ and on ragged ones (lengths uniform in [length / 8, length]), the int8 model wit
     output quantized in the LayerNorm's pass);
   - unpacked: the same layers with the integer sums from torch._int_mm (the route of weights that are not packed);
   - unfused: the same layers, each product's input quantized by its own quantize_rows pass;
+  - no-outliers: the same layers without the outlier channels' fp32 part (for its cost only: those channels are
+    then dropped, not computed);
   - bf16: the model's own bfloat16 layers (oneDNN's bf16 linear on packed weights).
 Each row gives the time of `int8` and every other route's time over it (above 1: int8 is faster). `--profile` adds a
 torch.profiler breakdown of the int8 layers by op.
@@ -70,6 +72,9 @@ def _routes(model: FastBertModel, batch: int, length: int, ragged: bool):
     model.quantize()
     layers = model.int8.layers
     unpacked = [w._replace(**{p: getattr(w, p)._replace(packed=None) for p in PRODUCTS}) for w in layers]
+    no_outliers = [w._replace(**{p: getattr(w, p)._replace(
+        outlier_index=getattr(w, p).outlier_index[:0], outlier_weight=getattr(w, p).outlier_weight[:0])
+        for p in PRODUCTS}) for w in layers]
 
     def bf16(x):
         for w in float_layers:
@@ -79,6 +84,7 @@ def _routes(model: FastBertModel, batch: int, length: int, ragged: bool):
     routes = {"int8": _int8_stack(config, layers, packed, True),
               "unpacked": _int8_stack(config, unpacked, packed, True),
               "unfused": _int8_stack(config, layers, packed, False),
+              "no-outliers": _int8_stack(config, no_outliers, packed, True),
               "bf16": bf16}
     model.dequantize()
     return routes, x, int(mask.sum())

@@ -8,6 +8,12 @@
 //   (x * m) . (w[n] * ws[n]) ~= scale * ws[n] * (acc[n] - zero * wsum[n]),   acc = q @ w^T, integer sums.
 // The weights carry 1 / m (folded in when they were quantized), so the products equal x @ W^T.
 //
+// Outlier channels: a few input channels whose activations are far larger than the rest are left out of the
+// quantized input (their smooth is 0, so they quantize to the zero point and add nothing to the sums) and added back
+// in fp32 by the epilogue: y[t, n] += sum_j outlier_x[t, j] * outlier_w[j, n], outlier_x [T, k] the float inputs at
+// those channels and outlier_w [k, N] the float weight's columns there. Where given, the GELU op also returns its
+// outputs at the next product's outlier channels (`keep`), which that product's epilogue adds back.
+//
 // The products themselves run outside these kernels (oneDNN's int8 linear on a pre-packed weight, see
 // mtbert_fast/ops/int8.py): the kernels take their integer sums acc, as int32 or as fp32 holding them exactly.
 //
@@ -18,6 +24,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "checks.h"
@@ -114,7 +121,8 @@ inline fVec centred(const float* acc, const float* wsum, int32_t zero, int64_t d
   return at::vec::fnmadd(fVec(static_cast<float>(zero)), load(wsum + d, n), load(acc + d, n));
 }
 
-// The dequantized product of one row, plus bias, handed to f(d, lanes, y) vector by vector.
+// The dequantized product of one row, plus bias and the outlier channels' fp32 part, handed to f(d, lanes, y)
+// vector by vector.
 template <typename A>
 struct RowDequant {
   const A* acc;         // [N] this row's integer sums
@@ -122,16 +130,26 @@ struct RowDequant {
   const float* wsum;    // [N]
   float scale;
   float zero;
+  const float* outlier_x;  // [k] this row's inputs at the outlier channels
+  const float* outlier_w;  // [k, N]
+  int64_t outliers;        // k (0: none)
 
   template <typename F>
   inline void operator()(int64_t N, const float* bias, const F& f) const {
     const fVec s(scale);
     const int32_t z = static_cast<int32_t>(zero);
     for_each_vec(N, [&](int64_t d, auto n) {
-      f(d, n, at::vec::fmadd(centred(acc, wsum, z, d, n), s * load(wscale + d, n), load(bias + d, n)));
+      fVec y = at::vec::fmadd(centred(acc, wsum, z, d, n), s * load(wscale + d, n), load(bias + d, n));
+      for (int64_t j = 0; j < outliers; ++j) {
+        y = at::vec::fmadd(fVec(outlier_x[j]), load(outlier_w + j * N + d, n), y);
+      }
+      f(d, n, y);
     });
   }
 };
+
+// The outlier channels' fp32 inputs [T, k] and weights [k, N], given together or not at all.
+using Outliers = std::optional<at::Tensor>;
 
 // The common part of the three product ops: checks, then epilogue(row, RowDequant of the row) in parallel over the
 // rows of acc.
@@ -142,6 +160,10 @@ struct Int8Epilogue {
   const at::Tensor& wscale;
   const at::Tensor& wsum;
   const at::Tensor& bias;
+  const Outliers& outlier_x;
+  const Outliers& outlier_w;
+
+  int64_t outliers() const { return outlier_x.has_value() ? outlier_x->size(1) : 0; }
 
   int64_t rows() const { return acc.size(0); }
   int64_t out_features() const { return acc.size(1); }
@@ -162,6 +184,20 @@ struct Int8Epilogue {
       check_dtype(op, name, t, at::kFloat);
     }
     check_float_or_bf16(op, "bias", bias);
+    TORCH_CHECK(outlier_x.has_value() == outlier_w.has_value(), op,
+                ": outlier_x and outlier_w go together: pass both or neither");
+    if (outlier_x.has_value()) {
+      const at::Tensor &x = *outlier_x, &w = *outlier_w;
+      for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"outlier_x", x}, {"outlier_w", w}}) {
+        check_dtype(op, name, t, at::kFloat);
+        TORCH_CHECK(t.device() == acc.device(), op, ": ", name, " is on ", t.device(), " but acc is on ",
+                    acc.device());
+      }
+      TORCH_CHECK(x.dim() == 2 && x.size(0) == acc.size(0), op, ": outlier_x must have shape [", acc.size(0),
+                  ", k], got ", x.sizes());
+      TORCH_CHECK(w.dim() == 2 && w.size(0) == x.size(1) && w.size(1) == N, op, ": outlier_w must have shape [",
+                  x.size(1), ", ", N, "] (outlier_x's k, acc's columns), got ", w.sizes());
+    }
   }
 
   template <typename Epilogue>
@@ -169,13 +205,17 @@ struct Int8Epilogue {
     const at::Tensor ac = acc.contiguous();
     const at::Tensor sc = scale.contiguous(), zc = zero.contiguous();
     const at::Tensor wsc = wscale.contiguous(), wsm = wsum.contiguous();
-    const int64_t N = out_features();
+    const int64_t N = out_features(), k = outliers();
+    const at::Tensor xo = k ? outlier_x->contiguous() : at::Tensor(), wo = k ? outlier_w->contiguous() : at::Tensor();
+    const float* xo_p = k ? xo.const_data_ptr<float>() : nullptr;
+    const float* wo_p = k ? wo.const_data_ptr<float>() : nullptr;
     const auto each_row = [&](auto* acc_p) {
       at::parallel_for(0, rows(), std::max<int64_t>(1, row_grain(N)), [&](int64_t r0, int64_t r1) {
         for (int64_t row = r0; row < r1; ++row) {
           const RowDequant<std::remove_const_t<std::remove_pointer_t<decltype(acc_p)>>> dq{
               acc_p + row * N, wsc.const_data_ptr<float>(), wsm.const_data_ptr<float>(),
-              sc.const_data_ptr<float>()[row], zc.const_data_ptr<float>()[row]};
+              sc.const_data_ptr<float>()[row], zc.const_data_ptr<float>()[row],
+              k ? xo_p + row * k : nullptr, wo_p, k};
           epilogue(row, dq);
         }
       });
@@ -231,8 +271,9 @@ void check_smooth(const char* op, const at::Tensor& smooth, int64_t N, const at:
 }
 
 at::Tensor int8_linear_cpu(const at::Tensor& acc, const at::Tensor& scale, const at::Tensor& zero,
-                           const at::Tensor& weight_scale, const at::Tensor& weight_sum, const at::Tensor& bias) {
-  const Int8Epilogue prod{acc, scale, zero, weight_scale, weight_sum, bias};
+                           const at::Tensor& weight_scale, const at::Tensor& weight_sum, const at::Tensor& bias,
+                           const Outliers& outlier_x, const Outliers& outlier_w) {
+  const Int8Epilogue prod{acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w};
   prod.check("int8_linear");
   const int64_t N = prod.out_features();
   at::Tensor out = at::empty({prod.rows(), N}, bias.options());
@@ -247,31 +288,47 @@ at::Tensor int8_linear_cpu(const at::Tensor& acc, const at::Tensor& scale, const
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear_gelu_quantize_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_linear_gelu_quantize_cpu(
     const at::Tensor& acc, const at::Tensor& scale, const at::Tensor& zero, const at::Tensor& weight_scale,
-    const at::Tensor& weight_sum, const at::Tensor& bias, c10::string_view approximate, const at::Tensor& smooth) {
+    const at::Tensor& weight_sum, const at::Tensor& bias, const Outliers& outlier_x, const Outliers& outlier_w,
+    c10::string_view approximate, const at::Tensor& smooth, const std::optional<at::Tensor>& keep) {
   constexpr const char* op = "int8_linear_gelu_quantize";
   const GeluKind kind = parse_gelu(op, approximate);
-  const Int8Epilogue prod{acc, scale, zero, weight_scale, weight_sum, bias};
+  const Int8Epilogue prod{acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w};
   prod.check(op);
   const int64_t M = prod.rows(), N = prod.out_features();
   check_smooth(op, smooth, N, acc);
   const at::Tensor mc = smooth.contiguous();
+  int64_t kept_n = 0;
+  at::Tensor keep_c;
+  if (keep.has_value()) {
+    check_dtype(op, "keep", *keep, at::kLong);
+    TORCH_CHECK(keep->device() == acc.device() && keep->dim() == 1, op, ": keep must be a 1-D int64 tensor on ",
+                acc.device(), ", got shape ", keep->sizes(), " on ", keep->device());
+    keep_c = keep->contiguous();
+    kept_n = keep_c.numel();
+    const int64_t* ix = keep_c.const_data_ptr<int64_t>();
+    for (int64_t j = 0; j < kept_n; ++j) {
+      TORCH_CHECK(ix[j] >= 0 && ix[j] < N, op, ": keep holds channel ", ix[j], ", outside [0, ", N, ")");
+    }
+  }
+  const int64_t* keep_p = kept_n ? keep_c.const_data_ptr<int64_t>() : nullptr;
   QuantizedRows out(M, N, acc);
+  at::Tensor kept = at::empty({M, kept_n}, acc.options().dtype(at::kFloat));
+  float* kept_p = kept.mutable_data_ptr<float>();
   const at::Tensor bf = bias.to(at::kFloat).contiguous();
   dispatch_gelu(kind, [&](auto k) {
     constexpr GeluKind K = decltype(k)::value;
     prod.run([&](int64_t row, const auto& dq) {
-      thread_local std::vector<float> h;  // the row after GELU and smoothing, in fp32
-      h.resize(N);
+      thread_local std::vector<float> g;  // the row after GELU, in fp32
+      g.resize(N);
       const float* m = mc.const_data_ptr<float>();
-      dq(N, bf.const_data_ptr<float>(), [&](int64_t d, auto n, const fVec& y) {
-        store(h.data() + d, gelu<K>(y) * load(m + d, n), n);
-      });
-      out.quantize(row, N, [&](int64_t d, auto n) { return load(h.data() + d, n); });
+      dq(N, bf.const_data_ptr<float>(), [&](int64_t d, auto n, const fVec& y) { store(g.data() + d, gelu<K>(y), n); });
+      for (int64_t j = 0; j < kept_n; ++j) kept_p[row * kept_n + j] = g[keep_p[j]];
+      out.quantize(row, N, [&](int64_t d, auto n) { return load(g.data() + d, n) * load(m + d, n); });
     });
   });
-  return {out.q, out.scale, out.zero};
+  return {out.q, out.scale, out.zero, kept};
 }
 
 // LayerNorm(product + bias + residual) into out, each row then handed to after_row(row, out_row).
@@ -321,10 +378,10 @@ at::Tensor residual_layer_norm(const char* op, const Int8Epilogue& prod, const a
 
 at::Tensor int8_linear_residual_layer_norm_cpu(
     const at::Tensor& acc, const at::Tensor& scale, const at::Tensor& zero, const at::Tensor& weight_scale,
-    const at::Tensor& weight_sum, const at::Tensor& bias, const at::Tensor& residual, const at::Tensor& norm_weight,
-    const at::Tensor& norm_bias, double eps) {
+    const at::Tensor& weight_sum, const at::Tensor& bias, const Outliers& outlier_x, const Outliers& outlier_w,
+    const at::Tensor& residual, const at::Tensor& norm_weight, const at::Tensor& norm_bias, double eps) {
   constexpr const char* op = "int8_linear_residual_layer_norm";
-  const Int8Epilogue prod{acc, scale, zero, weight_scale, weight_sum, bias};
+  const Int8Epilogue prod{acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w};
   prod.check(op);
   return residual_layer_norm(op, prod, residual, norm_weight, norm_bias, eps, [](int64_t, const auto*) {});
 }
@@ -333,10 +390,11 @@ at::Tensor int8_linear_residual_layer_norm_cpu(
 // stored values, so in bfloat16 exactly what the next product would have read), while the row is in cache.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_linear_residual_layer_norm_quantize_cpu(
     const at::Tensor& acc, const at::Tensor& scale, const at::Tensor& zero, const at::Tensor& weight_scale,
-    const at::Tensor& weight_sum, const at::Tensor& bias, const at::Tensor& residual, const at::Tensor& norm_weight,
-    const at::Tensor& norm_bias, double eps, const at::Tensor& smooth) {
+    const at::Tensor& weight_sum, const at::Tensor& bias, const Outliers& outlier_x, const Outliers& outlier_w,
+    const at::Tensor& residual, const at::Tensor& norm_weight, const at::Tensor& norm_bias, double eps,
+    const at::Tensor& smooth) {
   constexpr const char* op = "int8_linear_residual_layer_norm_quantize";
-  const Int8Epilogue prod{acc, scale, zero, weight_scale, weight_sum, bias};
+  const Int8Epilogue prod{acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w};
   prod.check(op);
   const int64_t M = prod.rows(), N = prod.out_features();
   check_smooth(op, smooth, N, acc);

@@ -12,6 +12,9 @@ tens of times larger than the rest, which random weights do not have):
     calibration and w_k the largest |weight| in that column; the division runs inside the quantization pass;
   - calibration runs the float model once on a few batches, real text from the user's domain where given, else
     synthetic token ids (random ids, lengths 3 to 64), which find the same outlier channels on the models tried;
+  - the few input channels of a product whose smoothed calibration range still stands out (OUTLIER_RATIO times the
+    median channel's, at most OUTLIER_CHANNELS) are left out of the int8 product and added back in fp32 by its
+    epilogue (outlier_x @ outlier_w), so they no longer set every token's scale;
   - with real calibration text, each weight is rounded with error compensation (GPTQ, `gptq_round`): column by
     column, the rounding error of a column is spread over the columns not yet rounded, weighted by how the
     calibration inputs of those columns correlate, so that the product's output on such inputs moves least.
@@ -33,6 +36,10 @@ from mtbert_fast.ops import (
 from mtbert_fast.ops.int8 import PackedInt8Weight
 
 DEFAULT_SMOOTHING = 0.5
+# input channels per product computed in fp32 instead of int8: at most OUTLIER_CHANNELS, those whose smoothed
+# calibration range is at least OUTLIER_RATIO times the median channel's
+OUTLIER_CHANNELS = 4
+OUTLIER_RATIO = 4.0
 # GPTQ's damping: this fraction of the mean diagonal of X^T X added to the diagonal before it is inverted
 GPTQ_DAMPING = 0.1
 GPTQ_BLOCK = 128
@@ -50,13 +57,22 @@ class Int8Linear(NamedTuple):
     weight_scale: torch.Tensor  # fp32 [N]
     weight_sum: torch.Tensor  # fp32 [N]: row sums of the int8 weight (the zero point's correction)
     bias: torch.Tensor  # [N] in the activation dtype
-    smooth: torch.Tensor  # fp32 [K]: multiplies the input before it is quantized (1 / s)
+    smooth: torch.Tensor  # fp32 [K]: multiplies the input before it is quantized (1 / s; 0 at the outlier channels)
+    outlier_index: torch.Tensor  # int64 [k]: the input channels left out of the int8 product
+    outlier_weight: torch.Tensor  # fp32 [k, N]: the float weight's columns at those channels
 
     def sums(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The epilogue ops' leading arguments for the quantized input (q, scale, zero): the integer sums, the
         input's scale and zero, the weight's scale and sums, the bias."""
         acc, zero = int8_sums(q, zero, self.weight, self.packed)
         return acc, scale, zero, self.weight_scale, self.weight_sum, self.bias
+
+    def outliers(self, x: torch.Tensor | None = None, kept: torch.Tensor | None = None):
+        """The epilogue ops' `outliers` for the float input x [T, K], or for its values at the outlier channels
+        already gathered (kept [T, k] fp32); None where there are none."""
+        if not self.outlier_index.numel():
+            return None
+        return (x.index_select(1, self.outlier_index).float() if kept is None else kept), self.outlier_weight
 
 
 class Int8LayerWeights(NamedTuple):
@@ -114,14 +130,22 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor, input_absmax: torc
     w = weight.detach().float()
     s = input_absmax.float().clamp_min(1e-5).pow(smoothing) / w.abs().amax(0).clamp_min(1e-5).pow(1 - smoothing)
     s = s.clamp(1e-4, 1e4)
-    ws = w * s
+    # the outlier channels: the input's smooth and the weight's columns are 0 there, so they add nothing to the
+    # int8 product (a 0 quantizes to the zero point) and set neither its per-token nor its per-channel scales
+    ranges = input_absmax.float() / s
+    top = ranges.topk(min(OUTLIER_CHANNELS, w.shape[1]))
+    outliers = top.indices[top.values >= OUTLIER_RATIO * ranges.median()].sort().values
+    inliers = torch.ones_like(s, dtype=torch.bool)
+    inliers[outliers] = False
+    ws = w * s * inliers
     scale = ws.abs().amax(1).clamp_min(1e-12) / 127
     if gram is None:
         q = torch.round(ws / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    else:  # the smoothed inputs are x / s: their X^T X is gram / (s s^T)
-        inv = 1 / s
+    else:  # the smoothed inputs are x / s, 0 at the outlier channels: their X^T X is gram / (s s^T) there
+        inv = inliers / s
         q = gptq_round(ws, scale, inv[:, None] * gram * inv[None, :])
-    return Int8Linear(q, pack_int8_weight(q), scale, q.float().sum(1), bias.detach().clone(), (1 / s).contiguous())
+    return Int8Linear(q, pack_int8_weight(q), scale, q.float().sum(1), bias.detach().clone(),
+                      (inliers / s).contiguous(), outliers, w[:, outliers].t().contiguous())
 
 
 def int8_layer_forward(config: EncoderConfig, w: Int8LayerWeights, x, packed, backend=None, next_smooth=None,
@@ -132,22 +156,25 @@ def int8_layer_forward(config: EncoderConfig, w: Int8LayerWeights, x, packed, ba
     x, *qx = x if isinstance(x, tuple) else (x,)
     t, h = x.shape
     eps = config.layer_norm_eps
-    qkv = int8_linear(*w.qkv.sums(*(qx or quantize_rows(x, w.qkv.smooth, backend=backend))), backend=backend)
+    qkv = int8_linear(*w.qkv.sums(*(qx or quantize_rows(x, w.qkv.smooth, backend=backend))),
+                      outliers=w.qkv.outliers(x), backend=backend)
     ctx = attention_varlen(
         qkv.view(t, 3, config.num_attention_heads, config.head_dim), packed.cu_seqlens, packed.max_seqlen,
         rel_bias=rel_bias, backend=backend,
     ).reshape(t, h)
     x, *qx = int8_linear_residual_layer_norm_quantize(
         *w.attn_out.sums(*quantize_rows(ctx, w.attn_out.smooth, backend=backend)), x, w.attn_norm_weight,
-        w.attn_norm_bias, eps, w.ffn_in.smooth, backend=backend,
+        w.attn_norm_bias, eps, w.ffn_in.smooth, outliers=w.attn_out.outliers(ctx), backend=backend,
     )
-    inner = int8_linear_gelu_quantize(
-        *w.ffn_in.sums(*qx), config.gelu_approximate, w.ffn_out.smooth, backend=backend
+    *inner, kept = int8_linear_gelu_quantize(
+        *w.ffn_in.sums(*qx), config.gelu_approximate, w.ffn_out.smooth, outliers=w.ffn_in.outliers(x),
+        keep=w.ffn_out.outlier_index, backend=backend,
     )
     norm = (*w.ffn_out.sums(*inner), x, w.ffn_norm_weight, w.ffn_norm_bias, eps)
+    outliers = w.ffn_out.outliers(kept=kept)
     if next_smooth is None:
-        return int8_linear_residual_layer_norm(*norm, backend=backend)
-    return tuple(int8_linear_residual_layer_norm_quantize(*norm, next_smooth, backend=backend))
+        return int8_linear_residual_layer_norm(*norm, outliers=outliers, backend=backend)
+    return tuple(int8_linear_residual_layer_norm_quantize(*norm, next_smooth, outliers=outliers, backend=backend))
 
 
 # ---- calibration --------------------------------------------------------------------------------------------------

@@ -44,6 +44,24 @@ def _check_vector(op: str, name: str, t: torch.Tensor, n: int, like: torch.Tenso
         raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected ({n},)")
 
 
+def _check_outliers(op: str, acc: torch.Tensor, outliers) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """outliers: None, or (outlier_x fp32 [rows, k], outlier_w fp32 [k, out]) -> the two op arguments."""
+    if outliers is None:
+        return None, None
+    x, w = outliers
+    for name, t in (("outlier_x", x), ("outlier_w", w)):
+        if t.device != acc.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but acc is on {acc.device}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"{op}: {name} must be torch.float32, got {t.dtype}")
+    if x.dim() != 2 or x.shape[0] != acc.shape[0]:
+        raise ValueError(f"{op}: outlier_x must be [{acc.shape[0]}, k] (acc's rows), got {tuple(x.shape)}")
+    if w.shape != (x.shape[1], acc.shape[1]):
+        raise ValueError(f"{op}: outlier_w must be [{x.shape[1]}, {acc.shape[1]}] (outlier_x's k, acc's columns), got "
+                         f"{tuple(w.shape)}")
+    return x, w
+
+
 def _check_product(op, acc, scale, zero, weight_scale, weight_sum, bias) -> None:
     if acc.dtype not in _SUMS:
         raise TypeError(f"{op}: acc (the integer sums) must be torch.int32 or torch.float32, got {acc.dtype}")
@@ -158,23 +176,35 @@ def quantize_rows(x: torch.Tensor, smooth: torch.Tensor, *, backend: str | None 
     return QUANTIZE_ROWS(x, smooth, backend=backend)
 
 
-def int8_linear(acc, scale, zero, weight_scale, weight_sum, bias, *, backend: str | None = None):
+def int8_linear(acc, scale, zero, weight_scale, weight_sum, bias, *, outliers=None, backend: str | None = None):
     """The dequantized product plus bias: acc [N, M] (int8_sums), scale, zero [N] (quantize_rows), weight_scale,
-    weight_sum fp32 [M], bias [M] -> [N, M] in bias's dtype (float32 / bfloat16)."""
-    _check_product("int8_linear", acc, scale, zero, weight_scale, weight_sum, bias)
-    return INT8_LINEAR(acc, scale, zero, weight_scale, weight_sum, bias, backend=backend)
+    weight_sum fp32 [M] -> [N, M] in bias's dtype (float32 / bfloat16). outliers: (outlier_x fp32 [N, k],
+    outlier_w fp32 [k, M]), the fp32 part of the product over input channels left out of q, added to every output:
+    + outlier_x @ outlier_w. The same keyword on the other product ops."""
+    op = "int8_linear"
+    _check_product(op, acc, scale, zero, weight_scale, weight_sum, bias)
+    ox, ow = _check_outliers(op, acc, outliers)
+    return INT8_LINEAR(acc, scale, zero, weight_scale, weight_sum, bias, ox, ow, backend=backend)
 
 
 def int8_linear_gelu_quantize(acc, scale, zero, weight_scale, weight_sum, bias, approximate: str,
-                              smooth: torch.Tensor, *, backend: str | None = None):
+                              smooth: torch.Tensor, *, outliers=None, keep: torch.Tensor | None = None,
+                              backend: str | None = None):
     """GELU(product + bias) in fp32, quantized again for the next product with its smooth [M]:
-    (q uint8 [N, M], scale, zero fp32 [N]). The float activation is never stored."""
+    (q uint8 [N, M], scale, zero fp32 [N], kept fp32 [N, len(keep)]). The float activation is never stored, except
+    at the channels `keep` (int64 [k]; none where None), returned in `kept` for the next product's outliers (the
+    kernel refuses a channel outside [0, M))."""
     op = "int8_linear_gelu_quantize"
     check_gelu(op, approximate)
     _check_product(op, acc, scale, zero, weight_scale, weight_sum, bias)
     _check_vector(op, "smooth", smooth, acc.shape[1], acc)
-    return INT8_LINEAR_GELU_QUANTIZE(acc, scale, zero, weight_scale, weight_sum, bias, approximate, smooth,
-                                     backend=backend)
+    ox, ow = _check_outliers(op, acc, outliers)
+    if keep is not None:
+        if keep.dtype != torch.int64 or keep.dim() != 1 or keep.device != acc.device:
+            raise TypeError(f"{op}: keep must be a 1-D torch.int64 tensor on {acc.device}, got {keep.dtype} "
+                            f"{tuple(keep.shape)} on {keep.device}")
+    return INT8_LINEAR_GELU_QUANTIZE(acc, scale, zero, weight_scale, weight_sum, bias, ox, ow, approximate, smooth,
+                                     keep, backend=backend)
 
 
 def _check_residual_layer_norm(op, acc, bias, residual, norm_weight, norm_bias) -> None:
@@ -188,18 +218,19 @@ def _check_residual_layer_norm(op, acc, bias, residual, norm_weight, norm_bias) 
 
 
 def int8_linear_residual_layer_norm(acc, scale, zero, weight_scale, weight_sum, bias, residual, norm_weight,
-                                    norm_bias, eps: float, *, backend: str | None = None):
+                                    norm_bias, eps: float, *, outliers=None, backend: str | None = None):
     """LayerNorm(product + bias + residual) * norm_weight + norm_bias, in fp32 -> [N, M] in bias's dtype.
     residual [N, M] in bias's dtype; norm_weight, norm_bias [M] in bias's dtype or float32."""
     op = "int8_linear_residual_layer_norm"
     _check_product(op, acc, scale, zero, weight_scale, weight_sum, bias)
     _check_residual_layer_norm(op, acc, bias, residual, norm_weight, norm_bias)
-    return INT8_LINEAR_RESIDUAL_LAYER_NORM(acc, scale, zero, weight_scale, weight_sum, bias, residual, norm_weight,
-                                           norm_bias, eps, backend=backend)
+    ox, ow = _check_outliers(op, acc, outliers)
+    return INT8_LINEAR_RESIDUAL_LAYER_NORM(acc, scale, zero, weight_scale, weight_sum, bias, ox, ow, residual,
+                                           norm_weight, norm_bias, eps, backend=backend)
 
 
 def int8_linear_residual_layer_norm_quantize(acc, scale, zero, weight_scale, weight_sum, bias, residual, norm_weight,
-                                             norm_bias, eps: float, smooth: torch.Tensor, *,
+                                             norm_bias, eps: float, smooth: torch.Tensor, *, outliers=None,
                                              backend: str | None = None):
     """int8_linear_residual_layer_norm's output y, and y quantized for the next product with its smooth [M], in the
     same pass: (y [N, M] in bias's dtype, q uint8 [N, M], scale, zero fp32 [N]), q as quantize_rows(y, smooth)."""
@@ -207,8 +238,9 @@ def int8_linear_residual_layer_norm_quantize(acc, scale, zero, weight_scale, wei
     _check_product(op, acc, scale, zero, weight_scale, weight_sum, bias)
     _check_residual_layer_norm(op, acc, bias, residual, norm_weight, norm_bias)
     _check_vector(op, "smooth", smooth, acc.shape[1], acc)
-    return INT8_LINEAR_RESIDUAL_LAYER_NORM_QUANTIZE(acc, scale, zero, weight_scale, weight_sum, bias, residual,
-                                                    norm_weight, norm_bias, eps, smooth, backend=backend)
+    ox, ow = _check_outliers(op, acc, outliers)
+    return INT8_LINEAR_RESIDUAL_LAYER_NORM_QUANTIZE(acc, scale, zero, weight_scale, weight_sum, bias, ox, ow,
+                                                    residual, norm_weight, norm_bias, eps, smooth, backend=backend)
 
 
 def _fake_quantized(x):
@@ -221,7 +253,8 @@ def _fake_product(acc, bias):
     return acc.new_empty(acc.shape, dtype=bias.dtype)
 
 
-_PRODUCT = "Tensor acc, Tensor scale, Tensor zero, Tensor weight_scale, Tensor weight_sum, Tensor bias"
+_PRODUCT = ("Tensor acc, Tensor scale, Tensor zero, Tensor weight_scale, Tensor weight_sum, Tensor bias, "
+            "Tensor? outlier_x, Tensor? outlier_w")
 _RESIDUAL_LAYER_NORM = "Tensor residual, Tensor norm_weight, Tensor norm_bias, float eps"
 # the products' main input is acc (integer sums): their kernels take any activation dtype the checks above let through
 _PRODUCT_BACKENDS = {"cpu": Backend(dtypes=None)}
@@ -240,16 +273,18 @@ INT8_LINEAR = Op(
     schema=f"({_PRODUCT}) -> Tensor",
     reference=reference.int8_linear,
     backends=_PRODUCT_BACKENDS,
-    fake=lambda acc, scale, zero, weight_scale, weight_sum, bias: _fake_product(acc, bias),
+    fake=lambda acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w: _fake_product(acc, bias),
 )
 
 INT8_LINEAR_GELU_QUANTIZE = Op(
     name="int8_linear_gelu_quantize",
-    schema=f"({_PRODUCT}, str approximate, Tensor smooth) -> (Tensor, Tensor, Tensor)",
+    schema=f"({_PRODUCT}, str approximate, Tensor smooth, Tensor? keep) -> (Tensor, Tensor, Tensor, Tensor)",
     reference=reference.int8_linear_gelu_quantize,
     backends=_PRODUCT_BACKENDS,
-    fake=lambda acc, scale, zero, weight_scale, weight_sum, bias, approximate, smooth: _fake_quantized(acc),
-    result_outputs=3,
+    fake=lambda acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w, approximate, smooth, keep: (
+        *_fake_quantized(acc), acc.new_empty((acc.shape[0], 0 if keep is None else keep.shape[0]),
+                                             dtype=torch.float32)),
+    result_outputs=4,
 )
 
 INT8_LINEAR_RESIDUAL_LAYER_NORM = Op(

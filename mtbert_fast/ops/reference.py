@@ -167,38 +167,44 @@ def int8_sums(q: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return q.long() @ weight.long().T
 
 
-def _int8_product(acc, scale, zero, weight_scale, weight_sum, bias) -> torch.Tensor:
-    """scale * weight_scale * (acc - zero * weight_sum) + bias in fp32, the centred integer sums exact in fp64."""
+def _int8_product(acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w) -> torch.Tensor:
+    """scale * weight_scale * (acc - zero * weight_sum) + bias in fp32, the centred integer sums exact in fp64, plus
+    outlier_x @ outlier_w where given."""
     centred = (acc.double() - zero.double()[:, None] * weight_sum.double()).float()
-    return centred * (scale[:, None] * weight_scale) + bias.float()
+    out = centred * (scale[:, None] * weight_scale) + bias.float()
+    return out if outlier_x is None else out + outlier_x @ outlier_w
 
 
-def int8_linear(acc, scale, zero, weight_scale, weight_sum, bias) -> torch.Tensor:
+def int8_linear(acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w) -> torch.Tensor:
     """The dequantized product plus bias.  acc [N, M]: the integer sums q @ weight^T (int8_sums) of q uint8 [N, K]
     with scale, zero [N] (from quantize_rows) and an int8 weight [M, K] with weight_scale fp32 [M] and weight_sum
-    fp32 [M] (its row sums); bias [M] -> [N, M] in bias's dtype."""
-    return _int8_product(acc, scale, zero, weight_scale, weight_sum, bias).to(bias.dtype)
+    fp32 [M] (its row sums); bias [M]; outlier_x fp32 [N, k] and outlier_w fp32 [k, M] or None: the fp32 part of the
+    product over input channels left out of q -> [N, M] in bias's dtype."""
+    return _int8_product(acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w).to(bias.dtype)
 
 
-def int8_linear_gelu_quantize(acc, scale, zero, weight_scale, weight_sum, bias, approximate, smooth):
-    """GELU of int8_linear, kept in fp32 and quantized again with the next product's smooth [M]: (q, scale, zero)."""
-    h = _gelu(_int8_product(acc, scale, zero, weight_scale, weight_sum, bias), approximate)
-    return quantize_rows(h, smooth)
+def int8_linear_gelu_quantize(acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w, approximate,
+                              smooth, keep):
+    """GELU of int8_linear, kept in fp32 and quantized again with the next product's smooth [M]: (q, scale, zero,
+    kept), kept fp32 [N, len(keep)] the GELU output at the channels keep (int64 [k], or None: none)."""
+    h = _gelu(_int8_product(acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w), approximate)
+    kept = h[:, keep] if keep is not None else h.new_empty((h.shape[0], 0))
+    return (*quantize_rows(h, smooth), kept)
 
 
-def int8_linear_residual_layer_norm(acc, scale, zero, weight_scale, weight_sum, bias, residual, norm_weight,
-                                    norm_bias, eps):
+def int8_linear_residual_layer_norm(acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w, residual,
+                                    norm_weight, norm_bias, eps):
     """LayerNorm(int8_linear in fp32 + residual) * norm_weight + norm_bias -> [N, M] in bias's dtype."""
-    s = _int8_product(acc, scale, zero, weight_scale, weight_sum, bias) + residual.float()
+    s = _int8_product(acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w) + residual.float()
     out = F.layer_norm(s, (s.shape[-1],), norm_weight.float(), norm_bias.float(), eps)
     return out.to(bias.dtype)
 
 
-def int8_linear_residual_layer_norm_quantize(acc, scale, zero, weight_scale, weight_sum, bias, residual, norm_weight,
-                                             norm_bias, eps, smooth):
+def int8_linear_residual_layer_norm_quantize(acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w,
+                                             residual, norm_weight, norm_bias, eps, smooth):
     """int8_linear_residual_layer_norm's output y and quantize_rows(y, smooth): (y, q, scale, zero)."""
-    y = int8_linear_residual_layer_norm(acc, scale, zero, weight_scale, weight_sum, bias, residual, norm_weight,
-                                        norm_bias, eps)
+    y = int8_linear_residual_layer_norm(acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w,
+                                        residual, norm_weight, norm_bias, eps)
     return (y, *quantize_rows(y, smooth))
 
 

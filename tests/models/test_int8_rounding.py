@@ -101,3 +101,40 @@ def test_several_passes_quantize_as_one(monkeypatch, minilm_batch):
         for p in int8.PRODUCTS:
             assert torch.equal(getattr(a, p).weight, getattr(b, p).weight)
             assert torch.equal(getattr(a, p).smooth, getattr(b, p).smooth)
+
+
+def _product(lin, x):
+    """The int8 product of quantize_linear's result on float rows x, with its outlier channels' fp32 part."""
+    from mtbert_fast import ops
+
+    q, scale, zero = ops.quantize_rows(x, lin.smooth)
+    return ops.int8_linear(*lin.sums(q, scale, zero), outliers=lin.outliers(x))
+
+
+def test_outlier_channels_run_in_fp32(monkeypatch):
+    """The inputs whose smoothed range stands out (OUTLIER_RATIO times the median's, at most OUTLIER_CHANNELS of them)
+    leave the int8 product (smooth 0, weight column 0) and come back in fp32 from the float weight; on rows where two
+    channels are 50x and 20x the rest, the product's error falls far below what it is with every channel in int8."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g)
+    x[:, 7] *= 50
+    x[:, 20] *= 20
+    w, bias = 0.1 * torch.randn(24, 32, generator=g), torch.randn(24, generator=g)
+    absmax = x.abs().amax(0)
+    lin = int8.quantize_linear(w, bias, absmax)
+    assert lin.outlier_index.tolist() == [7, 20]
+    assert (lin.smooth[lin.outlier_index] == 0).all() and (lin.weight[:, lin.outlier_index] == 0).all()
+    assert torch.equal(lin.outlier_weight, w[:, lin.outlier_index].t())
+    want = x @ w.T + bias
+    with_outliers = (_product(lin, x) - want).norm() / want.norm()
+    monkeypatch.setattr(int8, "OUTLIER_CHANNELS", 0)
+    plain = int8.quantize_linear(w, bias, absmax)
+    assert plain.outlier_index.numel() == 0 and plain.outliers(x) is None
+    without = (_product(plain, x) - want).norm() / want.norm()
+    assert with_outliers < 0.5 * without, (with_outliers, without)
+    monkeypatch.setattr(int8, "OUTLIER_CHANNELS", 1)
+    assert int8.quantize_linear(w, bias, absmax).outlier_index.tolist() == [7]
+    monkeypatch.setattr(int8, "OUTLIER_CHANNELS", 4)
+    x[:, 7] /= 50
+    x[:, 20] /= 20
+    assert int8.quantize_linear(w, bias, x.abs().amax(0)).outlier_index.numel() == 0

@@ -48,6 +48,23 @@ def _product_args(n, k, m, dtype, sums=torch.int32):
     return (reference.int8_sums(q, w).to(sums), scale, zero, ws, wsum, rand(m, seed=7, dtype=dtype))
 
 
+def _outliers(n, m, on, seed=13):
+    """(outlier_x [n, 3], outlier_w [3, m]) in fp32 where `on`, else (None, None): the fp32 part of a product over
+    three input channels left out of the int8 one (large, as outliers are)."""
+    if not on:
+        return None, None
+    return rand(n, 3, seed=seed, scale=20.0), rand(3, m, seed=seed + 1, scale=0.05)
+
+
+def _with_outliers(args, outliers):
+    """The reference's positional arguments: the six product arguments, outlier_x, outlier_w, then the rest."""
+    return (*args[:6], *outliers, *args[6:])
+
+
+def _op_outliers(backend, outliers):
+    return None if outliers[0] is None else backend.to(*outliers)
+
+
 def _assert_quantized_close(got, want, max_level_diff=0, what="q"):
     q, scale, zero = got
     rq, rscale, rzero = want
@@ -149,29 +166,39 @@ def test_int8_sums_errors_name_the_problem():
 # ---- the epilogues -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("outliers", [False, True], ids=["int8", "outliers"])
 @pytest.mark.parametrize("sums", SUM_DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1, 1), (5, 7, 3), (37, 64, 96), (130, 96, 40), (1030, 16, 24)])
-def test_int8_linear(backend, dtype, shape, sums):
+def test_int8_linear(backend, dtype, shape, sums, outliers):
     n, k, m = shape
-    args = _product_args(n, k, m, dtype, sums)
-    got = ops.int8_linear(*backend.to(*args), backend=backend.name)
-    want = reference.int8_linear(*args)
+    args, extra = _product_args(n, k, m, dtype, sums), _outliers(n, m, outliers)
+    got = ops.int8_linear(*backend.to(*args), outliers=_op_outliers(backend, extra), backend=backend.name)
+    want = reference.int8_linear(*args, *extra)
     assert got.dtype == dtype and got.shape == (n, m)
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 8e-3}
     torch.testing.assert_close(got.float(), want.float(), **tol)
 
 
+@pytest.mark.parametrize("outliers", [False, True], ids=["int8", "outliers"])
 @pytest.mark.parametrize("sums", SUM_DTYPES)
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("shape", [(1, 8, 1), (6, 7, 33), (37, 64, 300), (130, 48, 96), (1030, 16, 24)])
-def test_int8_linear_gelu_quantize(backend, dtype, shape, approximate, sums):
+def test_int8_linear_gelu_quantize(backend, dtype, shape, approximate, sums, outliers):
+    """The requantized GELU output against the reference's, and, where asked (`keep`), the GELU output itself at a
+    few channels (the next product's outliers), in fp32."""
     n, k, m = shape
-    args = (*_product_args(n, k, m, dtype, sums), approximate, rand(m, seed=8).abs() + 0.5)
-    got = ops.int8_linear_gelu_quantize(*backend.to(*args), backend=backend.name)
-    want = reference.int8_linear_gelu_quantize(*args)
+    args, extra = _product_args(n, k, m, dtype, sums), _outliers(n, m, outliers)
+    smooth = rand(m, seed=8).abs() + 0.5
+    keep = torch.tensor([m - 1, 0, m // 2]) if outliers else None
+    *got, kept = ops.int8_linear_gelu_quantize(*backend.to(*args), approximate, backend.to(smooth)[0],
+                                               outliers=_op_outliers(backend, extra), keep=keep,
+                                               backend=backend.name)
+    *want, want_kept = reference.int8_linear_gelu_quantize(*args, *extra, approximate, smooth, keep)
     _assert_quantized_close(got, want, max_level_diff=1, what="gelu output")
     levels = (got[0].int() != want[0].int()).float().mean().item()
     assert levels < 0.01, f"{levels:.2%} of the levels differ from the reference's"
+    assert kept.dtype == torch.float32 and kept.shape == (n, 0 if keep is None else 3)
+    torch.testing.assert_close(kept, want_kept, atol=1e-4, rtol=1e-5)
 
 
 def _residual_layer_norm_args(n, k, m, dtype, param_dtype, sums):
@@ -189,27 +216,31 @@ def _assert_layer_norm_close(got, want, dtype):
 RESIDUAL_SHAPES = [(1, 8, 1), (6, 7, 33), (37, 64, 300), (130, 48, 96), (1030, 16, 24)]
 
 
+@pytest.mark.parametrize("outliers", [False, True], ids=["int8", "outliers"])
 @pytest.mark.parametrize("sums", SUM_DTYPES)
 @pytest.mark.parametrize("param_dtype", ["activation", "float32"])
 @pytest.mark.parametrize("shape", RESIDUAL_SHAPES)
-def test_int8_linear_residual_layer_norm(backend, dtype, shape, param_dtype, sums):
-    args = _residual_layer_norm_args(*shape, dtype, param_dtype, sums)
-    got = ops.int8_linear_residual_layer_norm(*backend.to(*args), backend=backend.name)
-    _assert_layer_norm_close(got, reference.int8_linear_residual_layer_norm(*args), dtype)
+def test_int8_linear_residual_layer_norm(backend, dtype, shape, param_dtype, sums, outliers):
+    args, extra = _residual_layer_norm_args(*shape, dtype, param_dtype, sums), _outliers(shape[0], shape[2], outliers)
+    got = ops.int8_linear_residual_layer_norm(*backend.to(*args), outliers=_op_outliers(backend, extra),
+                                              backend=backend.name)
+    _assert_layer_norm_close(got, reference.int8_linear_residual_layer_norm(*_with_outliers(args, extra)), dtype)
 
 
+@pytest.mark.parametrize("outliers", [False, True], ids=["int8", "outliers"])
 @pytest.mark.parametrize("sums", SUM_DTYPES)
 @pytest.mark.parametrize("param_dtype", ["activation", "float32"])
 @pytest.mark.parametrize("shape", RESIDUAL_SHAPES)
-def test_int8_linear_residual_layer_norm_quantize(backend, dtype, shape, param_dtype, sums):
+def test_int8_linear_residual_layer_norm_quantize(backend, dtype, shape, param_dtype, sums, outliers):
     """The LayerNorm output equals the unfused op's, and its quantization is exactly quantize_rows of that output;
     against the reference, within the LayerNorm's tolerance and a level."""
-    args = _residual_layer_norm_args(*shape, dtype, param_dtype, sums)
+    args, extra = _residual_layer_norm_args(*shape, dtype, param_dtype, sums), _outliers(shape[0], shape[2], outliers)
     smooth = rand(shape[2], seed=12).abs() + 0.5
-    y, *quantized = ops.int8_linear_residual_layer_norm_quantize(*backend.to(*args, smooth), backend=backend.name)
-    assert torch.equal(y, ops.int8_linear_residual_layer_norm(*backend.to(*args), backend=backend.name))
+    kw = {"outliers": _op_outliers(backend, extra), "backend": backend.name}
+    y, *quantized = ops.int8_linear_residual_layer_norm_quantize(*backend.to(*args, smooth), **kw)
+    assert torch.equal(y, ops.int8_linear_residual_layer_norm(*backend.to(*args), **kw))
     _assert_quantized_close(quantized, ops.quantize_rows(y, smooth, backend=backend.name), what="fused quantize")
-    want_y, *want_q = reference.int8_linear_residual_layer_norm_quantize(*args, smooth)
+    want_y, *want_q = reference.int8_linear_residual_layer_norm_quantize(*_with_outliers(args, extra), smooth)
     _assert_layer_norm_close(y, want_y, dtype)
     if dtype == torch.float32:
         _assert_quantized_close(quantized, want_q, max_level_diff=1, what="layer norm output")
@@ -227,6 +258,21 @@ def test_product_approximates_the_float_linear(backend):
     want = x @ weight.T + bias
     rel = ((got - want).norm() / want.norm()).item()
     assert rel < 0.02, rel
+
+
+def test_outliers_and_keep_errors_name_the_problem():
+    acc, scale, zero, ws, wsum, bias = args = _product_args(4, 8, 3, torch.float32)
+    ox, ow = _outliers(4, 3, True)
+    for bad, match in [((ox.double(), ow), "outlier_x must be torch.float32"),
+                       ((ox[:2], ow), r"outlier_x must be \[4, k\]"),
+                       ((ox, ow[:, :2]), r"outlier_w must be \[3, 3\]")]:
+        with pytest.raises((TypeError, ValueError), match=match):
+            ops.int8_linear(*args, outliers=bad)
+    smooth = torch.ones(3)
+    with pytest.raises(TypeError, match="keep must be a 1-D torch.int64"):
+        ops.int8_linear_gelu_quantize(*args, "none", smooth, keep=torch.tensor([0], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=r"keep holds channel 3, outside \[0, 3\)"):
+        ops.int8_linear_gelu_quantize(*args, "none", smooth, keep=torch.tensor([3]))
 
 
 @pytest.mark.parametrize("case, error, match", [

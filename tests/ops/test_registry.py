@@ -56,8 +56,10 @@ def _int8_args(name, device):
     w = torch.randint(-127, 128, (12, 6), dtype=torch.int8, generator=torch.Generator().manual_seed(3)).t()
     acc = ops.reference.int8_sums(q, w).to(torch.int32).t().contiguous().t()
     product = [t.to(device) for t in (acc, scale, zero, rand(6, seed=4).abs(), w.float().sum(1), rand(6, seed=5))]
+    # two input channels' fp32 part (outlier_x [5, 2], outlier_w [2, 6]), both strided
+    product += [rand(2, 5, seed=11, device=device).t(), rand(12, 2, seed=12, device=device)[::2].t()]
     if name == "int8_linear_gelu_quantize":
-        return (*product, "tanh", rand(12, seed=6, device=device)[::2].abs())
+        return (*product, "tanh", rand(12, seed=6, device=device)[::2].abs(), torch.tensor([5, 1], device=device))
     if name.startswith("int8_linear_residual_layer_norm"):
         norm = (rand(5, 12, seed=7, device=device)[:, ::2], 1 + rand(6, seed=8, scale=0.1, device=device),
                 rand(6, seed=9, device=device), 1e-12)
@@ -214,10 +216,14 @@ _WRAPPERS = {
     "quantize_rows": lambda *a, **k: ops.quantize_rows(*a, **k),
     "rotary_qk": lambda q, c, s, p, inverse, **k: ops.rotary_qk(q, c, s, p, **k),
     "geglu": lambda x, a, **k: ops.geglu(x, a, **k),
-    "int8_linear": lambda *a, **k: ops.int8_linear(*a, **k),
-    "int8_linear_gelu_quantize": lambda *a, **k: ops.int8_linear_gelu_quantize(*a, **k),
-    "int8_linear_residual_layer_norm": lambda *a, **k: ops.int8_linear_residual_layer_norm(*a, **k),
-    "int8_linear_residual_layer_norm_quantize": lambda *a, **k: ops.int8_linear_residual_layer_norm_quantize(*a, **k),
+    # the ops' arguments 6 and 7 (outlier_x, outlier_w) are the wrappers' `outliers`, the GELU op's last its `keep`
+    "int8_linear": lambda *a, **k: ops.int8_linear(*a[:6], outliers=a[6:8], **k),
+    "int8_linear_gelu_quantize": lambda *a, **k: ops.int8_linear_gelu_quantize(*a[:6], *a[8:10], outliers=a[6:8],
+                                                                               keep=a[10], **k),
+    "int8_linear_residual_layer_norm": lambda *a, **k: ops.int8_linear_residual_layer_norm(*a[:6], *a[8:],
+                                                                                           outliers=a[6:8], **k),
+    "int8_linear_residual_layer_norm_quantize": lambda *a, **k: ops.int8_linear_residual_layer_norm_quantize(
+        *a[:6], *a[8:], outliers=a[6:8], **k),
 }
 
 
