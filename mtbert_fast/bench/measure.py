@@ -17,7 +17,7 @@ ModernBERT or DeBERTa-v2/v3 model directory. Inputs are real text:
 One untimed pass per provider checks parity against HF's fp32 eager output at the real tokens (the largest
 difference, and the lowest cosine between mean-pooled outputs) and warms up (torch.compile compiles there); one more
 call on the point's largest batch measures peak memory; in each timed repetition every provider then runs all the
-point's batches in a row, the first provider rotating (after a pause, and short calls after an untimed pass, see
+point's batches in a row, the first provider rotating (after a pause and an untimed pass over them, see
 _time_point). Throughput counts real tokens only; each ratio is against HF sdpa in the same dtype at the
 same point (int8 rows: HF sdpa float32), measured in the same run; the roofline fraction is the encoder's FLOPs on
 the real tokens over the time, against this machine's measured GEMM rate in that dtype (int8: int8 products). Task
@@ -469,10 +469,10 @@ def _time_point(fns: dict, batches: list, repeats: int, device) -> dict[str, tup
     rotating from one repetition to the next. A runtime's thread pool keeps spinning after its last call (ONNX
     Runtime's for 10-30 ms on a 2-core EPYC, CTranslate2's int8 for up to 200 ms, libgomp's and OpenVINO's for
     less) and takes the cores from the next provider's first calls: each provider's turn starts after a pause of
-    SETTLE_S and, where the calls are short (more than one batch, or single rows), an untimed pass over the
-    batches, which wakes its own pool (ONNX Runtime's first calls after a pause run up to 4x slower than in a
-    loop)."""
-    short = len(batches) > 1 or batches[0]["attention_mask"].shape[0] == 1
+    SETTLE_S and an untimed pass over the batches, which wakes its own pool (ONNX Runtime's first calls after a
+    pause run up to 4x slower than in a loop). Long calls need the pass too: on a 2-core EPYC VM, the first full
+    batch (B=8, L=128) after the pause ran 20-35% slower than in a loop for mtbert_fast and 5-10% for HF, where one
+    call before it brought both back to their loop's time."""
     names = list(fns)
     reps: dict[str, list[float]] = {n: [] for n in names}
     calls: dict[str, list[float]] = {n: [] for n in names}
@@ -480,7 +480,7 @@ def _time_point(fns: dict, batches: list, repeats: int, device) -> dict[str, tup
         turn = rep % len(names)
         for name in names[turn:] + names[:turn]:
             time.sleep(SETTLE_S)
-            for b in batches if short else ():
+            for b in batches:
                 fns[name](b)
             times = []
             for b in batches:
