@@ -339,8 +339,8 @@ def swap(
       task heads stay in the model's float dtype (float32, or bfloat16 if the model was cast to it before). The
       float weights stay in the model, so state_dict and `unswap` are unaffected; after changing them, swap again.
     calibration, smoothing: for torch.qint8 only (see FastBertModel.quantize): model inputs to calibrate the
-      activation ranges on (a tokenizer's output, or a list of them; default: synthetic token ids), and
-      SmoothQuant's alpha.
+      activation ranges on (a tokenizer's output, or a list of them; with them the weights are rounded with GPTQ's
+      error compensation; default: synthetic token ids), and SmoothQuant's alpha.
     Outputs at padding positions of last_hidden_state (and hidden_states) are zeros. Undo with `unswap`.
     """
     bases = [_base_model(m) for m in _hf_models(model)]

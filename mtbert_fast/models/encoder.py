@@ -857,8 +857,10 @@ class FastBertModel(nn.Module):
         the model. The float weights stay, so state_dict is unchanged and `dequantize` undoes this.
 
         calibration: model inputs to read activation ranges from: a dict as a tokenizer returns it, or a list of
-        them; a few hundred sentences of the text the model will see give the best accuracy. None: synthetic token
-        ids. smoothing: SmoothQuant's alpha (0: none). Inference only: a quantized model refuses train mode.
+        them; a few hundred sentences of the text the model will see give the best accuracy, and with them the
+        weights are rounded with GPTQ's error compensation. None: synthetic token ids, weights rounded to nearest.
+        Input channels whose range still stands out after smoothing run in fp32 (models/int8.py). smoothing:
+        SmoothQuant's alpha (0: none). Inference only: a quantized model refuses train mode.
         """
         with torch.no_grad():
             layers = [layer.weights() for layer in self.layers]
