@@ -33,7 +33,11 @@ from mtbert_fast.ops import (
     attention_varlen, int8_linear, int8_linear_gelu_quantize, int8_linear_residual_layer_norm,
     int8_linear_residual_layer_norm_quantize, int8_sums, pack_int8_weight, quantize_rows,
 )
-from mtbert_fast.ops.int8 import PackedInt8Weight
+from mtbert_fast.ops import dispatch
+from mtbert_fast.ops.int8 import (
+    INT8_LINEAR, INT8_LINEAR_GELU_QUANTIZE, INT8_LINEAR_RESIDUAL_LAYER_NORM, INT8_LINEAR_RESIDUAL_LAYER_NORM_QUANTIZE,
+    QUANTIZE_ROWS, PackedInt8Weight, int8_sums_unchecked,
+)
 
 DEFAULT_SMOOTHING = 0.5
 # input channels per product computed in fp32 instead of int8: at most OUTLIER_CHANNELS, those whose smoothed
@@ -61,10 +65,12 @@ class Int8Linear(NamedTuple):
     outlier_index: torch.Tensor  # int64 [k]: the input channels left out of the int8 product
     outlier_weight: torch.Tensor  # fp32 [k, N]: the float weight's columns at those channels
 
-    def sums(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def sums(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, checked: bool = True
+             ) -> tuple[torch.Tensor, ...]:
         """The epilogue ops' leading arguments for the quantized input (q, scale, zero): the integer sums, the
-        input's scale and zero, the weight's scale and sums, the bias."""
-        acc, zero = int8_sums(q, zero, self.weight, self.packed)
+        input's scale and zero, the weight's scale and sums, the bias. checked=False: q comes from quantize_rows
+        or an epilogue op of the layer, and int8_sums' checks are skipped."""
+        acc, zero = (int8_sums if checked else int8_sums_unchecked)(q, zero, self.weight, self.packed)
         return acc, scale, zero, self.weight_scale, self.weight_sum, self.bias
 
     def outliers(self, x: torch.Tensor | None = None, kept: torch.Tensor | None = None):
@@ -148,6 +154,49 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor, input_absmax: torc
                       (inliers / s).contiguous(), outliers, w[:, outliers].t().contiguous())
 
 
+class _Int8Ops(NamedTuple):
+    """The int8 ops a layer calls, each on (product arguments, outliers, rest...)."""
+
+    checked: bool
+    quantize_rows: Callable
+    linear: Callable
+    gelu_quantize: Callable
+    residual_layer_norm: Callable
+    residual_layer_norm_quantize: Callable
+
+
+def _kernel_call(op) -> Callable:
+    kernel = op.kernel("cpu")
+    return lambda product, outliers, *rest: kernel(*product, *(outliers or (None, None)), *rest)
+
+
+def _int8_ops(x: torch.Tensor, backend: str | None) -> _Int8Ops:
+    """In inference on the C++ kernels (the automatic choice, or backend "cpu"), the kernels themselves: they check
+    every argument and name it, and the layer made all of them but x (checked by the encoder), so the wrappers'
+    Python checks, which cost a short call more than some of its work, are skipped. Otherwise the checked
+    wrappers."""
+    if (not (torch.is_grad_enabled() or torch.compiler.is_compiling())
+            and dispatch.choose(INT8_LINEAR.name, x, backend) == "cpu"):
+        gelu = INT8_LINEAR_GELU_QUANTIZE.kernel("cpu")
+        return _Int8Ops(
+            False, QUANTIZE_ROWS.kernel("cpu"), _kernel_call(INT8_LINEAR),
+            lambda product, outliers, approximate, smooth, keep: gelu(*product, *(outliers or (None, None)),
+                                                                      approximate, smooth, keep),
+            _kernel_call(INT8_LINEAR_RESIDUAL_LAYER_NORM), _kernel_call(INT8_LINEAR_RESIDUAL_LAYER_NORM_QUANTIZE),
+        )  # fmt: skip
+    return _Int8Ops(
+        True,
+        lambda x, smooth: quantize_rows(x, smooth, backend=backend),
+        lambda product, outliers: int8_linear(*product, outliers=outliers, backend=backend),
+        lambda product, outliers, approximate, smooth, keep: int8_linear_gelu_quantize(
+            *product, approximate, smooth, outliers=outliers, keep=keep, backend=backend),
+        lambda product, outliers, *rest: int8_linear_residual_layer_norm(*product, *rest, outliers=outliers,
+                                                                         backend=backend),
+        lambda product, outliers, *rest: int8_linear_residual_layer_norm_quantize(*product, *rest, outliers=outliers,
+                                                                                  backend=backend),
+    )  # fmt: skip
+
+
 def int8_layer_forward(config: EncoderConfig, w: Int8LayerWeights, x, packed, backend=None, next_smooth=None,
                        rel_bias=None):
     """One encoder layer with int8 products on packed tokens -> [T, H] in x's dtype. x: [T, H], or (x, q, scale,
@@ -156,25 +205,23 @@ def int8_layer_forward(config: EncoderConfig, w: Int8LayerWeights, x, packed, ba
     x, *qx = x if isinstance(x, tuple) else (x,)
     t, h = x.shape
     eps = config.layer_norm_eps
-    qkv = int8_linear(*w.qkv.sums(*(qx or quantize_rows(x, w.qkv.smooth, backend=backend))),
-                      outliers=w.qkv.outliers(x), backend=backend)
+    k = _int8_ops(x, backend)
+    qkv = k.linear(w.qkv.sums(*(qx or k.quantize_rows(x, w.qkv.smooth)), k.checked), w.qkv.outliers(x))
     ctx = attention_varlen(
         qkv.view(t, 3, config.num_attention_heads, config.head_dim), packed.cu_seqlens, packed.max_seqlen,
         rel_bias=rel_bias, backend=backend,
     ).reshape(t, h)
-    x, *qx = int8_linear_residual_layer_norm_quantize(
-        *w.attn_out.sums(*quantize_rows(ctx, w.attn_out.smooth, backend=backend)), x, w.attn_norm_weight,
-        w.attn_norm_bias, eps, w.ffn_in.smooth, outliers=w.attn_out.outliers(ctx), backend=backend,
+    x, *qx = k.residual_layer_norm_quantize(
+        w.attn_out.sums(*k.quantize_rows(ctx, w.attn_out.smooth), k.checked), w.attn_out.outliers(ctx), x,
+        w.attn_norm_weight, w.attn_norm_bias, eps, w.ffn_in.smooth,
     )
-    *inner, kept = int8_linear_gelu_quantize(
-        *w.ffn_in.sums(*qx), config.gelu_approximate, w.ffn_out.smooth, outliers=w.ffn_in.outliers(x),
-        keep=w.ffn_out.outlier_index, backend=backend,
-    )
-    norm = (*w.ffn_out.sums(*inner), x, w.ffn_norm_weight, w.ffn_norm_bias, eps)
-    outliers = w.ffn_out.outliers(kept=kept)
+    *inner, kept = k.gelu_quantize(w.ffn_in.sums(*qx, k.checked), w.ffn_in.outliers(x), config.gelu_approximate,
+                                   w.ffn_out.smooth, w.ffn_out.outlier_index)
+    product, outliers = w.ffn_out.sums(*inner, k.checked), w.ffn_out.outliers(kept=kept)
+    norm = (x, w.ffn_norm_weight, w.ffn_norm_bias, eps)
     if next_smooth is None:
-        return int8_linear_residual_layer_norm(*norm, outliers=outliers, backend=backend)
-    return tuple(int8_linear_residual_layer_norm_quantize(*norm, next_smooth, outliers=outliers, backend=backend))
+        return k.residual_layer_norm(product, outliers, *norm)
+    return tuple(k.residual_layer_norm_quantize(product, outliers, *norm, next_smooth))
 
 
 # ---- calibration --------------------------------------------------------------------------------------------------

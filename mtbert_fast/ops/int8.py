@@ -154,6 +154,11 @@ def int8_sums(q: torch.Tensor, zero: torch.Tensor, weight: torch.Tensor, packed:
                          f"{tuple(weight.shape)}")
     if q.shape[1] > MAX_K:
         raise ValueError(f"int8_sums: rows of {q.shape[1]} entries can sum past int32; at most {MAX_K} are taken")
+    return int8_sums_unchecked(q, zero, weight, packed)
+
+
+def int8_sums_unchecked(q, zero, weight, packed=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8_sums without its argument checks, for callers that made q and the weight themselves (the int8 layer)."""
     if packed is not None:
         return _onednn_sums(q, packed.tensor, weight.shape[0]), zero
     # _int_mm multiplies int8 by int8: q - 128 as int8 is q with its top bit flipped

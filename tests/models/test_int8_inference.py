@@ -283,3 +283,26 @@ def test_int8_hidden_states_are_each_layers_output(minilm_batch):
         out = model(**batch, output_hidden_states=True)
     assert len(out.hidden_states) == 3 and all(isinstance(h, torch.Tensor) for h in out.hidden_states)
     assert torch.equal(out.hidden_states[-1], out.last_hidden_state)
+
+
+def test_inference_calls_the_kernels_directly_with_the_same_result(minilm_dir, minilm_batch):
+    """In inference the int8 layer calls the C++ kernels without the wrappers' Python checks; with grad enabled it
+    goes through the checked wrappers. Both give the same bits, and the kernels still refuse a bad argument by
+    name."""
+    from mtbert_fast.models import int8
+    from mtbert_fast.models.encoder import PackedBatch, embed_packed
+
+    model = FastBertModel.from_pretrained(minilm_dir, dtype=torch.qint8).requires_grad_(False)
+    config, layer = model.config, model.int8.layers[0]
+    batch, seqlen = minilm_batch["input_ids"].shape
+    packed = PackedBatch.dense(batch, seqlen, torch.device("cpu"))
+    with torch.no_grad():
+        x = embed_packed(config, model.embeddings.weights(), packed, minilm_batch["input_ids"], None, None, None, False)
+        assert not int8._int8_ops(x, None).checked
+        direct = int8_layer_forward(config, layer, x, packed)
+    with torch.enable_grad():
+        assert int8._int8_ops(x, None).checked
+        assert torch.equal(int8_layer_forward(config, layer, x, packed), direct)
+    bad = layer._replace(qkv=layer.qkv._replace(bias=layer.qkv.bias[:-1]))
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"int8_linear: bias must have shape \[1152\]"):
+        int8_layer_forward(config, bad, x, packed)
