@@ -47,16 +47,15 @@ def centroids(train, classes, seed):
 
 
 def quantized(hf, calibration, rounding, dtype, smoothing):
-    if rounding == "gptq":
-        return mtbert_fast.swap(copy.deepcopy(hf).to(dtype), dtype=torch.qint8, calibration=calibration,
-                               smoothing=smoothing)
-    nearest = int8.quantize_linear
-    int8.quantize_linear = lambda w, b, a, s, gram: nearest(w, b, a, s)
+    """hf swapped to int8; rounding "nearest" drops the X^T X that GPTQ's rounding reads."""
+    compensated = int8.quantize_linear
+    if rounding == "nearest":
+        int8.quantize_linear = lambda w, b, a, s, gram: compensated(w, b, a, s)
     try:
         return mtbert_fast.swap(copy.deepcopy(hf).to(dtype), dtype=torch.qint8, calibration=calibration,
-                               smoothing=smoothing)
+                                smoothing=smoothing)
     finally:
-        int8.quantize_linear = nearest
+        int8.quantize_linear = compensated
 
 
 def main() -> None:

@@ -528,7 +528,7 @@ def encode(
     training: bool = False,
     backend: str | None = None,
     inputs_checked: bool = False,
-    observe: Callable[[int], Callable[[str, torch.Tensor], None]] | None = None,
+    observe: Callable[[int], Callable[[str, torch.Tensor], None] | None] | None = None,
     relative_attention_bias: torch.Tensor | None = None,
     final_norm: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     disentangled: DisentangledWeights | None = None,
@@ -536,7 +536,7 @@ def encode(
     """The whole encoder: validate, unpad once, embed, run the layers, pool. The padded outputs are built when
     read (see EncoderOutput). inputs_checked: the caller has run validate_inputs on exactly these inputs, so it
     does not run again. layers: float LayerWeights, or Int8LayerWeights for int8 inference (no training).
-    observe(layer index), where given, returns that layer's observer (see layer_forward).
+    observe(layer index), where given, returns that layer's observer (see layer_forward), or None for none.
     relative_attention_bias: [buckets, heads], MPNet's one table for every layer; required exactly when the config
     has relative_attention_num_buckets. final_norm: (weight, bias) of the LayerNorm after the last layer of a
     pre-norm encoder (ModernBERT), which then holds its output in place of the last layer's in the hidden states.
@@ -633,9 +633,10 @@ def quantize_encoder(
     check_int8_dtype(word.dtype)
     check_smoothing(smoothing)
     batches = calibration_batches(calibration, config, word.device)
+    compensate = calibration is not None
     out: list[Int8LayerWeights] = []
-    for group in gram_passes(layers) if calibration is not None else [range(len(layers))]:
-        stats = InputStats(len(layers), group if calibration is not None else ())
+    for group in gram_passes(layers) if compensate else [range(len(layers))]:
+        stats = InputStats(len(layers), group, gram=compensate)
         with torch.inference_mode():
             for batch in batches:
                 encode(config, embeddings, layers, None, **batch, backend=backend, observe=stats.observer,

@@ -24,16 +24,16 @@ tens of times larger than the rest, which random weights do not have):
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 
 from mtbert_fast.models.config import EncoderConfig
 from mtbert_fast.ops import (
-    attention_varlen, int8_linear, int8_linear_gelu_quantize, int8_linear_residual_layer_norm,
+    attention_varlen, dispatch, int8_linear, int8_linear_gelu_quantize, int8_linear_residual_layer_norm,
     int8_linear_residual_layer_norm_quantize, int8_sums, pack_int8_weight, quantize_rows,
 )
-from mtbert_fast.ops import dispatch
 from mtbert_fast.ops.int8 import (
     INT8_LINEAR, INT8_LINEAR_GELU_QUANTIZE, INT8_LINEAR_RESIDUAL_LAYER_NORM, INT8_LINEAR_RESIDUAL_LAYER_NORM_QUANTIZE,
     QUANTIZE_ROWS, PackedInt8Weight, int8_sums_unchecked,
@@ -170,6 +170,17 @@ def _kernel_call(op) -> Callable:
     return lambda product, outliers, *rest: kernel(*product, *(outliers or (None, None)), *rest)
 
 
+@functools.cache
+def _direct_ops() -> _Int8Ops:
+    return _Int8Ops(False, QUANTIZE_ROWS.kernel("cpu"), *map(_kernel_call, (
+        INT8_LINEAR, INT8_LINEAR_GELU_QUANTIZE, INT8_LINEAR_RESIDUAL_LAYER_NORM,
+        INT8_LINEAR_RESIDUAL_LAYER_NORM_QUANTIZE)))
+
+
+def _wrapper_call(fn, backend: str | None) -> Callable:
+    return lambda product, outliers, *rest: fn(*product, *rest, outliers=outliers, backend=backend)
+
+
 def _int8_ops(x: torch.Tensor, backend: str | None) -> _Int8Ops:
     """In inference on the C++ kernels (the automatic choice, or backend "cpu"), the kernels themselves: they check
     every argument and name it, and the layer made all of them but x (checked by the encoder), so the wrappers'
@@ -177,24 +188,16 @@ def _int8_ops(x: torch.Tensor, backend: str | None) -> _Int8Ops:
     wrappers."""
     if (not (torch.is_grad_enabled() or torch.compiler.is_compiling())
             and dispatch.choose(INT8_LINEAR.name, x, backend) == "cpu"):
-        gelu = INT8_LINEAR_GELU_QUANTIZE.kernel("cpu")
-        return _Int8Ops(
-            False, QUANTIZE_ROWS.kernel("cpu"), _kernel_call(INT8_LINEAR),
-            lambda product, outliers, approximate, smooth, keep: gelu(*product, *(outliers or (None, None)),
-                                                                      approximate, smooth, keep),
-            _kernel_call(INT8_LINEAR_RESIDUAL_LAYER_NORM), _kernel_call(INT8_LINEAR_RESIDUAL_LAYER_NORM_QUANTIZE),
-        )  # fmt: skip
+        return _direct_ops()
     return _Int8Ops(
         True,
         lambda x, smooth: quantize_rows(x, smooth, backend=backend),
-        lambda product, outliers: int8_linear(*product, outliers=outliers, backend=backend),
+        _wrapper_call(int8_linear, backend),
         lambda product, outliers, approximate, smooth, keep: int8_linear_gelu_quantize(
             *product, approximate, smooth, outliers=outliers, keep=keep, backend=backend),
-        lambda product, outliers, *rest: int8_linear_residual_layer_norm(*product, *rest, outliers=outliers,
-                                                                         backend=backend),
-        lambda product, outliers, *rest: int8_linear_residual_layer_norm_quantize(*product, *rest, outliers=outliers,
-                                                                                  backend=backend),
-    )  # fmt: skip
+        _wrapper_call(int8_linear_residual_layer_norm, backend),
+        _wrapper_call(int8_linear_residual_layer_norm_quantize, backend),
+    )
 
 
 def int8_layer_forward(config: EncoderConfig, w: Int8LayerWeights, x, packed, backend=None, next_smooth=None,
@@ -263,25 +266,26 @@ def calibration_batches(calibration, config: EncoderConfig, device: torch.device
 
 
 class InputStats:
-    """What calibration sees of each product's input, layer by layer: the largest |value| per channel, and, for the
-    layers in `gram_layers`, X^T X (fp32 [K, K], summed over the calibration tokens) for error-compensated rounding."""
+    """What calibration sees of each product's input in the layers at `layers`: the largest |value| per channel, and
+    with `gram`, X^T X (fp32 [K, K], summed over the calibration tokens) for error-compensated rounding."""
 
-    def __init__(self, num_layers: int, gram_layers: Iterable[int] = ()):
+    def __init__(self, num_layers: int, layers: Iterable[int], gram: bool):
         self.absmax: list[dict[str, torch.Tensor]] = [{} for _ in range(num_layers)]
         self.gram: dict[tuple[int, str], torch.Tensor] = {}
-        self.gram_layers = set(gram_layers)
+        self.layers, self.with_gram = set(layers), gram
 
-    def observer(self, layer: int) -> Callable[[str, torch.Tensor], None]:
+    def observer(self, layer: int) -> Callable[[str, torch.Tensor], None] | None:
+        """The layer's observer for encode (None for a layer outside `layers`: nothing to see there)."""
         def observe(product: str, x: torch.Tensor) -> None:
             x = x.detach().float()
             a = x.abs().amax(0)
             seen = self.absmax[layer]
             seen[product] = a if product not in seen else torch.maximum(seen[product], a)
-            if layer in self.gram_layers:
+            if self.with_gram:
                 key = (layer, product)
                 self.gram[key] = x.T @ x if key not in self.gram else self.gram[key].addmm_(x.T, x)
 
-        return observe
+        return observe if layer in self.layers else None
 
 
 def gram_passes(layers: Sequence, budget: int | None = None) -> list[list[int]]:
