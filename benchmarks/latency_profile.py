@@ -32,7 +32,8 @@ import torch
 from mtbert_fast import FastBertModel, swap
 from mtbert_fast.bench import harness, measure
 from mtbert_fast.models import encoder
-from mtbert_fast.models.weight_pack import onednn_weight
+from mtbert_fast.models.weight_pack import onednn_weight, panel_weight
+from mtbert_fast.ops.panel_linear import encoder_rows as panel_rows
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # calls in a row per engine and round: a call of a few milliseconds must not pay for the previous engine's thread
@@ -127,14 +128,22 @@ def kernels_only(fast: FastBertModel, batch: dict):
         out = fast(**batch, output_hidden_states=True)
     x0, packed = out.packed_hidden_states[0], out.packed
     ws = [layer.weights() for layer in fast.layers]
-    with torch.inference_mode():  # the blocked copies the layers compute with (packed where autograd is off)
-        packs = [[onednn_weight(t) for t in (w.qkv_weight, w.attn_out_weight, w.ffn_in_weight, w.ffn_out_weight)]
-                 for w in ws]
-    lin = torch.ops.mkldnn._linear_pointwise
+    t, h = x0.shape
     C = torch.ops.mtbert_fast_C
+    # the route the layers take: panel_linear for few rows, else oneDNN's linear (packed where autograd is off)
+    if t <= panel_rows(x0.dtype):
+        pack = panel_weight
+
+        def lin(x, w, bias, act, scalars, approximate):
+            return C.panel_linear(x, w, bias, out_features[id(w)], act == "gelu", approximate or "none")
+    else:
+        pack, lin = onednn_weight, torch.ops.mkldnn._linear_pointwise
+    with torch.inference_mode():
+        packs = [[pack(m) for m in (w.qkv_weight, w.attn_out_weight, w.ffn_in_weight, w.ffn_out_weight)] for w in ws]
+    out_features = {id(p): m.shape[0] for w, layer in zip(ws, packs)
+                    for p, m in zip(layer, (w.qkv_weight, w.attn_out_weight, w.ffn_in_weight, w.ffn_out_weight))}
     scale = cfg.head_dim ** -0.5
     eps = cfg.layer_norm_eps
-    t, h = x0.shape
 
     def run():
         x = x0

@@ -21,13 +21,15 @@ from mtbert_fast.models.int8 import (
     DEFAULT_SMOOTHING, InputStats, Int8LayerWeights, calibration_batches, check_int8_device, check_int8_dtype,
     check_model_dtype, check_smoothing, gram_passes, int8_layer_forward, quantize_layers, weights_snapshot,
 )
-from mtbert_fast.models.weight_pack import onednn_weight
+from mtbert_fast.models.weight_pack import onednn_weight, panel_weight
 from mtbert_fast.ops import (
     attention_varlen, bias_gelu, bias_residual_layer_norm, dispatch, gather_rows, geglu, pad, rotary_qk, rotary_tables,
     unpad_indices,
 )
 from mtbert_fast.ops.attention_varlen import OP as attention_varlen_op
 from mtbert_fast.ops.bias_residual_layer_norm import OP as bias_residual_layer_norm_op
+from mtbert_fast.ops.panel_linear import OP as panel_linear_op
+from mtbert_fast.ops.panel_linear import encoder_rows as panel_rows
 from mtbert_fast.ops.dispatch import requested_backend
 
 
@@ -375,21 +377,38 @@ def _onednn_ok(x: torch.Tensor, w: Sequence[torch.Tensor | None], backend: str |
 
 
 class _Linear:
-    """x @ W.T (+ bias) (GELU), by oneDNN in inference on the CPU (weights pre-packed, see weight_pack), by
-    F.linear and the fused ops otherwise."""
+    """x @ W.T (+ bias) (GELU): in inference on the CPU by panel_linear for inputs of few rows and by oneDNN for the
+    others (weights pre-packed for each, see weight_pack), by F.linear and the fused ops otherwise."""
 
     def __init__(self, onednn: bool, backend: str | None):
         self.onednn, self.backend = onednn, backend
 
+    def _panels(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+        if x.shape[0] > panel_rows(x.dtype):
+            return None
+        return panel_weight(weight)
+
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.onednn:
+            panels = self._panels(x, weight)
+            if panels is not None:
+                return _panel_kernel()(x, panels, bias, weight.shape[0], False, "none")
             return torch.ops.mkldnn._linear_pointwise(x, onednn_weight(weight), bias, "none", [], "")
         return F.linear(x, weight, bias)
 
     def gelu(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
         if self.onednn:
+            panels = self._panels(x, weight)
+            if panels is not None:
+                return _panel_kernel()(x, panels, bias, weight.shape[0], True, approximate)
             return torch.ops.mkldnn._linear_pointwise(x, onednn_weight(weight), bias, "gelu", [], approximate)
         return bias_gelu(F.linear(x, weight), bias, approximate, backend=self.backend)
+
+
+@functools.cache
+def _panel_kernel() -> Callable:
+    """panel_linear's C++ kernel, called directly: the encoder made its inputs, and the kernel checks them itself."""
+    return panel_linear_op.kernel("cpu")
 
 
 def _ignore(product: str, x: torch.Tensor) -> None:

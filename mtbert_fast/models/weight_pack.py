@@ -1,7 +1,9 @@
-"""oneDNN's blocked copies of linear weights for CPU inference, made once per weight and reused.
+"""Packed copies of linear weights for CPU inference, made once per weight and reused.
 
 Handed a plain [N, K] weight, oneDNN's matrix product copies it into its blocked layout on every call, a few percent
 of a BERT forward on the CPU. `onednn_weight(w)` makes that blocked copy once and returns it while `w` is unchanged.
+`panel_weight(w)` does the same for the column panels of `mtbert_fast.ops.panel_linear`, which the encoder uses for
+inputs of few rows; a weight gets that second copy only once such an input has run.
 A pack stays valid while the weight keeps its storage, offset, shape, strides and version counter: in-place updates
 through the tensor (optimizer steps, `load_state_dict`, `copy_` under no_grad) bump the version, and `.to()`,
 `.half()` or assigning `.data` give it other storage. Two cases cannot be seen and are never packed or must be
@@ -9,7 +11,7 @@ released by hand:
   - inference tensors (made under torch.inference_mode) have no version counter, so they are never packed;
   - writes through `w.data` bypass the version counter, as they bypass autograd: call `release_packs()` after them.
 
-Packs are for inference only (oneDNN's linear has no autograd); the encoder uses them exactly where it uses that op.
+Packs are for inference only (neither product has autograd); the encoder uses them exactly where it uses those ops.
 A pack costs one more copy of the weight's memory, freed with the weight.
 """
 
@@ -21,6 +23,8 @@ from typing import NamedTuple
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from mtbert_fast.ops.panel_linear import pack_panels
+
 AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
@@ -30,41 +34,57 @@ class _Pack(NamedTuple):
     packed: torch.Tensor
 
 
-# id(weight) -> (a weak reference to the weight, its pack); the reference's callback drops the entry when the weight
-# dies, before its id can be reused. Plain dictionary reads: a WeakIdKeyDictionary lookup builds a key object.
-_packs: dict[int, tuple[weakref.ref, _Pack]] = {}
-
-
-def _forget(key: int) -> None:
-    _packs.pop(key, None)
+# per kind of pack: id(weight) -> (a weak reference to the weight, its pack); the reference's callback drops the entry
+# when the weight dies, before its id can be reused. Plain dictionary reads: a WeakIdKeyDictionary lookup builds a key
+# object.
+_packs: dict[str, dict[int, tuple[weakref.ref, _Pack]]] = {"onednn": {}, "panels": {}}
 
 
 def _layout(w: torch.Tensor) -> tuple:
     return (w.storage_offset(), tuple(w.shape), w.stride(), w.dtype, w._version)
 
 
-def onednn_weight(w: torch.Tensor) -> torch.Tensor:
-    """`w` [N, K] in oneDNN's blocked layout for `torch.ops.mkldnn._linear_pointwise`, packed on first use and
-    again whenever `w` has changed; `w` itself where it cannot be packed (see the module docstring)."""
-    if not AVAILABLE or w.device.type != "cpu" or w.is_inference() or w.requires_grad and torch.is_grad_enabled():
-        return w
+def _packable(w: torch.Tensor) -> bool:
+    return w.device.type == "cpu" and not w.is_inference() and not (w.requires_grad and torch.is_grad_enabled())
+
+
+def _cached(kind: str, w: torch.Tensor, make) -> torch.Tensor:
+    """The `kind` pack of w, made by make(w) on first use and again whenever w has changed."""
+    cache = _packs[kind]
     key = id(w)
-    entry = _packs.get(key)
+    entry = cache.get(key)
     pack = entry[1] if entry is not None and entry[0]() is w else None
     layout = _layout(w)
     if pack is None or pack.layout != layout or pack.storage.cdata != w.untyped_storage()._cdata:
         with torch.no_grad():
-            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous())
+            packed = make(w.detach().contiguous())
         pack = _Pack(StorageWeakRef(w.untyped_storage()), layout, packed)
-        _packs[key] = (weakref.ref(w, lambda _, key=key: _forget(key)), pack)
+        cache[key] = (weakref.ref(w, lambda _, key=key: cache.pop(key, None)), pack)
     return pack.packed
+
+
+def onednn_weight(w: torch.Tensor) -> torch.Tensor:
+    """`w` [N, K] in oneDNN's blocked layout for `torch.ops.mkldnn._linear_pointwise`, packed on first use and
+    again whenever `w` has changed; `w` itself where it cannot be packed (see the module docstring)."""
+    if not AVAILABLE or not _packable(w):
+        return w
+    return _cached("onednn", w, torch.ops.mkldnn._reorder_linear_weight)
+
+
+def panel_weight(w: torch.Tensor) -> torch.Tensor | None:
+    """`w` [N, K] packed for `mtbert_fast.ops.panel_linear` (the linear of few rows), on first use and again whenever
+    `w` has changed; None where it cannot be packed (see the module docstring)."""
+    if not _packable(w):
+        return None
+    return _cached("panels", w, pack_panels)
 
 
 def release_packs() -> None:
     """Drops every cached pack; the next inference call packs its weights afresh."""
-    _packs.clear()
+    for cache in _packs.values():
+        cache.clear()
 
 
-def pack_count() -> int:
-    """How many weights hold a pack now."""
-    return len(_packs)
+def pack_count(kind: str = "onednn") -> int:
+    """How many weights hold a pack of `kind` ("onednn", "panels") now."""
+    return len(_packs[kind])

@@ -11,6 +11,7 @@ from mtbert_fast.ops.int8 import (
     int8_sums, pack_int8_weight, quantize_rows,
 )
 from mtbert_fast.ops.mlm_gather_loss import mlm_gather_loss
+from mtbert_fast.ops.panel_linear import pack_panels, panel_linear
 from mtbert_fast.ops.rotary_qk import rotary_qk, rotary_tables
 from mtbert_fast.ops.rows import gather_rows, pad, scatter_rows, unpad, unpad_indices
 
@@ -30,7 +31,9 @@ __all__ = [
     "int8_sums",
     "mlm_gather_loss",
     "pack_int8_weight",
+    "pack_panels",
     "pad",
+    "panel_linear",
     "quantize_rows",
     "rotary_qk",
     "rotary_tables",

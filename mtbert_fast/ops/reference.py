@@ -28,6 +28,27 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") ->
     return _gelu(_acc(x) + _acc(bias), approximate).to(x.dtype)
 
 
+def unpack_panels(panels: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The weight [out_features, K] of panel_linear's panels (fp32 [P, K, 32], or bf16 [P, K / 2, 32, 2] of
+    interleaved row pairs, where K then counts the zero row that pads an odd K)."""
+    if panels.dim() == 4:
+        p, half, width, _ = panels.shape
+        w = panels.permute(0, 2, 1, 3).reshape(p * width, 2 * half)
+    else:
+        w = panels.transpose(1, 2).reshape(-1, panels.shape[1])
+    return w[:out_features]
+
+
+def panel_linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, out_features: int, gelu: bool,
+                 approximate: str) -> torch.Tensor:
+    """x [M, K] @ W^T + bias (then GELU) -> [M, out_features], W = unpack_panels(panels)."""
+    w = unpack_panels(panels, out_features)[:, : x.shape[1]]
+    y = _acc(x) @ _acc(w).t()
+    if bias is not None:
+        y = y + _acc(bias)
+    return (_gelu(y, approximate) if gelu else y).to(x.dtype)
+
+
 def bias_residual_layer_norm(
     x: torch.Tensor,
     bias: torch.Tensor,

@@ -1,6 +1,7 @@
-"""The cache of oneDNN-packed linear weights: a pack is made once and reused, gives the same products as the plain
-weight, and is replaced whenever the weight changes (in place, by `.to()`, by assigning `.data`), for
-FastBertModel and a swapped HF model; gradients and inference tensors never go through a pack."""
+"""The cache of packed linear weights (oneDNN's blocked layout, and the column panels of panel_linear, which the
+encoder runs for inputs of few rows): a pack is made once and reused, gives the same products as the plain weight,
+and is replaced whenever the weight changes (in place, by `.to()`, by assigning `.data`), for FastBertModel and a
+swapped HF model on either route; gradients and inference tensors never go through a pack."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import torch
 from transformers import BertForSequenceClassification, BertModel
 
 from mtbert_fast import FastBertModel, swap
-from mtbert_fast.models import weight_pack
-from mtbert_fast.models.weight_pack import onednn_weight, pack_count, release_packs
+from mtbert_fast.models import encoder, weight_pack
+from mtbert_fast.models.weight_pack import onednn_weight, pack_count, panel_weight, release_packs
+from mtbert_fast.ops import reference
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread_unless_marked"),
@@ -30,6 +32,14 @@ def no_packs():
     release_packs()
     yield
     release_packs()
+
+
+@pytest.fixture(params=["onednn", "panels"])
+def route(request, monkeypatch):
+    """The encoder's inference linears on oneDNN's linear or on panel_linear, whatever the number of rows."""
+    rows = 0 if request.param == "onednn" else 1 << 30
+    monkeypatch.setattr(encoder, "panel_rows", lambda dtype: rows)
+    return request.param
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -104,8 +114,23 @@ def _batch(ragged_batch, config):
     return ragged_batch(config, [9, 17, 4])
 
 
+def test_panels_are_made_once_and_repacked_when_the_weight_changes():
+    w = torch.randn(40, 24)
+    panels = panel_weight(w)
+    assert panel_weight(w) is panels and pack_count("panels") == 1 and pack_count() == 0
+    assert torch.equal(reference.unpack_panels(panels, 40), w)
+    w.mul_(2.0)
+    assert torch.equal(reference.unpack_panels(panel_weight(w), 40), w)
+    with torch.inference_mode():
+        frozen = torch.randn(32, 16)
+    assert panel_weight(frozen) is None
+    del w
+    assert pack_count("panels") == 0
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fast_model_outputs_equal_unpacked(dtype, bert_config, make_hf, ragged_batch, monkeypatch):
+    monkeypatch.setattr(encoder, "panel_rows", lambda dtype: 0)
     config = bert_config()
     fast = FastBertModel.from_hf(make_hf(BertModel, config), dtype=dtype)
     ids, mask = _batch(ragged_batch, config)
@@ -118,7 +143,25 @@ def test_fast_model_outputs_equal_unpacked(dtype, bert_config, make_hf, ragged_b
     assert torch.equal(packed.pooler_output, plain.pooler_output)
 
 
-def test_fast_model_sees_a_training_step(bert_config, make_hf, ragged_batch, assert_tokens_close):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_panel_route_matches_the_onednn_route(dtype, bert_config, make_hf, ragged_batch, monkeypatch):
+    config = bert_config()
+    fast = FastBertModel.from_hf(make_hf(BertModel, config), dtype=dtype)
+    ids, mask = _batch(ragged_batch, config)
+    with torch.no_grad():
+        monkeypatch.setattr(encoder, "panel_rows", lambda dtype: 1 << 30)
+        panels = fast(ids, mask)
+        assert pack_count("panels") == 4 * config.num_hidden_layers + 1 and pack_count() == 0
+        monkeypatch.setattr(encoder, "panel_rows", lambda dtype: 0)
+        onednn = fast(ids, mask)
+    real = mask.bool()
+    # the same products summed in another order: fp32 rounding, or in bf16 an output rounding that may differ
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
+    torch.testing.assert_close(panels.last_hidden_state[real].float(), onednn.last_hidden_state[real].float(), **tol)
+    torch.testing.assert_close(panels.pooler_output.float(), onednn.pooler_output.float(), **tol)
+
+
+def test_fast_model_sees_a_training_step(route, bert_config, make_hf, ragged_batch, assert_tokens_close):
     """Eval after an optimizer step computes with the stepped weights, not the packs of the eval before it."""
     config = bert_config()
     fast = FastBertModel.from_hf(make_hf(BertModel, config))
@@ -137,7 +180,7 @@ def test_fast_model_sees_a_training_step(bert_config, make_hf, ragged_batch, ass
     assert_tokens_close(after, fresh, mask, atol=0.0)
 
 
-def test_fast_model_sees_to_dtype(bert_config, make_hf, ragged_batch, assert_tokens_close):
+def test_fast_model_sees_to_dtype(route, bert_config, make_hf, ragged_batch, assert_tokens_close):
     config = bert_config()
     fast = FastBertModel.from_hf(make_hf(BertModel, config))
     ids, mask = _batch(ragged_batch, config)
@@ -149,7 +192,7 @@ def test_fast_model_sees_to_dtype(bert_config, make_hf, ragged_batch, assert_tok
     assert_tokens_close(out, fresh, mask, atol=0.0)
 
 
-def test_swapped_model_sees_in_place_edits(bert_config, make_hf, ragged_batch, assert_close):
+def test_swapped_model_sees_in_place_edits(route, bert_config, make_hf, ragged_batch, assert_close):
     """Every linear of a swapped layer: the fused query/key/value buffer and the three plain parameters."""
     config = bert_config()
     model = make_hf(BertForSequenceClassification, config)

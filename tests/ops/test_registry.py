@@ -37,6 +37,9 @@ def _forward_args(name, device):
                                     torch.tensor([1, -100, 0, 6, 2], device=device), -100, 2),
         "gather_rows": lambda: (x, torch.tensor([4, 0, 2], device=device)),
         "quantize_rows": lambda: (x, rand(24, seed=2, device=device)[::2].abs()),
+        # 40 out_features: a whole panel and a part of one
+        "panel_linear": lambda: (x, ops.pack_panels(rand(40, 12, seed=14)).to(device).transpose(1, 2).contiguous()
+                                 .transpose(1, 2), rand(80, seed=15, device=device)[::2], 40, True, "tanh"),
         **{name: (lambda name=name: _int8_args(name, device)) for name in INT8_PRODUCTS},
         "scatter_rows": lambda: (x[:3], torch.tensor([4, 0, 2], device=device), 6),
         "geglu": lambda: (rand(12, 5, seed=1, device=device).t()[:, 2:], "tanh"),
@@ -107,12 +110,12 @@ def _grad_leaves(args, requires_grad, op_name=None):
 def test_every_op_has_a_reference_and_a_cpu_kernel():
     assert set(registry.OPS) == {"attention_varlen", "bias_gelu", "bias_gelu_layer_norm", "bias_residual_layer_norm",
                                  "gather_rows", "mlm_gather_loss", "scatter_rows", "quantize_rows", "rotary_qk",
-                                 "geglu", *INT8_PRODUCTS}
+                                 "geglu", "panel_linear", *INT8_PRODUCTS}
     for name, op in registry.OPS.items():
         assert callable(op.reference), name
         assert "cpu" in op.backends, name
         assert set(op.backends) <= set(registry.KERNEL_BACKENDS), name
-        inference_only = ("gather_rows", "scatter_rows", "quantize_rows", *INT8_PRODUCTS)
+        inference_only = ("gather_rows", "scatter_rows", "quantize_rows", "panel_linear", *INT8_PRODUCTS)
         # rotary_qk's backward is its own forward, rotating back
         assert (op.backward_schema is None) == (name in (*inference_only, "rotary_qk")), name
 
@@ -216,6 +219,7 @@ _WRAPPERS = {
     "quantize_rows": lambda *a, **k: ops.quantize_rows(*a, **k),
     "rotary_qk": lambda q, c, s, p, inverse, **k: ops.rotary_qk(q, c, s, p, **k),
     "geglu": lambda x, a, **k: ops.geglu(x, a, **k),
+    "panel_linear": lambda x, p, b, n, g, a, **k: ops.panel_linear(x, p, b, n, gelu=g, approximate=a, **k),
     # the ops' arguments 6 and 7 (outlier_x, outlier_w) are the wrappers' `outliers`, the GELU op's last its `keep`
     "int8_linear": lambda *a, **k: ops.int8_linear(*a[:6], outliers=a[6:8], **k),
     "int8_linear_gelu_quantize": lambda *a, **k: ops.int8_linear_gelu_quantize(*a[:6], *a[8:10], outliers=a[6:8],

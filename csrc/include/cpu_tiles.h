@@ -1,0 +1,85 @@
+// Register-blocked GEMM tiles for the CPU kernels: acc [MR rows, NV vectors] = a @ b with b packed in rows of
+// vectors (bf16: pairs of rows interleaved, the layout vdpbf16ps multiplies), and an epilogue that sets the
+// accumulators up and takes them away. attention_varlen and panel_linear run on them.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#define MTBF_BF16_DOT 1
+#endif
+
+namespace mtbert_fast::cpu {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+
+// Rows of the GEMM reduction dimension that the compute type consumes at once: bf16 dot products take pairs.
+template <typename CT>
+constexpr int64_t kPair = std::is_same<CT, float>::value ? 1 : 2;
+
+// GEMM tiles: acc [MR, NV vectors] = a [MR, k] @ b [k, NV * kLanes], handed to an epilogue that sets the accumulators
+// up (init) and takes them away (finish). a is row-major with leading dimension lda. b is packed: rows of ldb
+// columns (a multiple of kLanes), and for bf16 each pair of rows interleaved ([k / 2, ldb, 2]), the layout vdpbf16ps
+// multiplies. k must be a multiple of kPair<CT>.
+
+template <int MR, int NV, typename Epilogue>
+void tile_f32(int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, const Epilogue& epi) {
+  Vec acc[MR][NV];
+  epi.init(acc);
+  for (int64_t kk = 0; kk < k; ++kk) {
+    Vec bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = Vec::loadu(b + kk * ldb + v * kLanes);
+    for (int r = 0; r < MR; ++r) {
+      const Vec av(a[r * lda + kk]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(av, bv[v], acc[r][v]);
+    }
+  }
+  epi.finish(acc);
+}
+
+#ifdef MTBF_BF16_DOT
+template <int MR, int NV, typename Epilogue>
+__attribute__((target("avx512bf16"))) void tile_bf16(int64_t k, const at::BFloat16* a, int64_t lda,
+                                                     const at::BFloat16* b, int64_t ldb, const Epilogue& epi) {
+  Vec acc[MR][NV];
+  epi.init(acc);
+  for (int64_t kk = 0; kk < k; kk += 2) {
+    __m512bh bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + kk * ldb + v * 32);
+    for (int r = 0; r < MR; ++r) {
+      int32_t pair;  // a[r, kk] and a[r, kk + 1], broadcast to every lane
+      std::memcpy(&pair, a + r * lda + kk, sizeof(pair));
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+    }
+  }
+  epi.finish(acc);
+}
+
+inline bool cpu_has_bf16_dot() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+#endif
+
+template <typename CT, typename Epilogue>
+using TileFn = void (*)(int64_t, const CT*, int64_t, const CT*, int64_t, const Epilogue&);
+
+template <typename CT, int MR, int NV, typename Epilogue>
+constexpr TileFn<CT, Epilogue> tile_fn() {
+#ifdef MTBF_BF16_DOT
+  if constexpr (std::is_same<CT, at::BFloat16>::value) return &tile_bf16<MR, NV, Epilogue>;
+  else
+#endif
+    return &tile_f32<MR, NV, Epilogue>;
+}
+
+}  // namespace mtbert_fast::cpu

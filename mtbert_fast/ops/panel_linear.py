@@ -1,0 +1,114 @@
+"""panel_linear: x @ W^T + bias (then GELU) for a few rows of x, on a weight packed once into column panels.
+
+A forward over a short input (one query, a small batch) multiplies few rows by every weight of the model, so it is
+bound by reading the weights; oneDNN's linear, blocked for many rows, reads them at about half the memory rate at
+16 rows (docs/cpu-latency.md). The CPU kernel streams each panel of PANEL columns once per call and runs all the rows
+over it. Inference only (no autograd): the encoder calls it where it calls oneDNN's linear, for inputs of few rows.
+
+Panels (`pack_panels`): fp32 weights as fp32 [P, K, PANEL]; bf16 weights, where the CPU multiplies bf16 pairs
+(AVX512-BF16), as bf16 [P, ceil(K / 2), PANEL, 2] with each pair of reduction rows interleaved; elsewhere as fp32
+panels, which a bf16 x multiplies after widening. Columns past N and the odd row past K are zero.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from mtbert_fast import _ext
+from mtbert_fast.ops import reference
+from mtbert_fast.ops._checks import check_gelu
+from mtbert_fast.ops.registry import CPU_DTYPES, Backend, Op
+
+PANEL = 32  # columns per panel (csrc/cpu/panel_linear.cpp's kPanel)
+
+
+@functools.cache
+def bf16_pairs() -> bool:
+    """Whether bf16 weights pack as bf16 pairs: the AVX-512 CPU kernels are loaded and the CPU has AVX512-BF16."""
+    flags = _ext._cpu_flags() or set()
+    return _ext.cpu_isa() == "avx512" and "avx512_bf16" in flags
+
+
+# The most rows for which the encoder's inference linears run panel_linear rather than oneDNN's linear. Whole
+# forwards, panel_linear's time over oneDNN's (2-core AMD EPYC, AVX-512 with BF16; all-MiniLM-L6-v2 / bert-base):
+# fp32 1.21x / 1.06x at 16 tokens, 1.06x / 1.00x at 48, 1.05x / 0.99x at 96; bf16 1.37x / 1.15x at 16, 1.10x /
+# 1.02x at 96, 1.08x / 1.03x at 120, 1.04x / 1.00x at 252.
+MAX_ROWS = {torch.float32: 48, torch.bfloat16: 128}
+
+
+@functools.cache
+def encoder_rows(dtype: torch.dtype) -> int:
+    """The most rows of `dtype` the encoder hands panel_linear (0: never): only where the AVX-512 kernels are loaded,
+    and for bf16 where they multiply bf16 pairs."""
+    if not _ext.has_kernel("panel_linear", "CPU") or _ext.cpu_isa() != "avx512":
+        return 0
+    if dtype == torch.bfloat16 and not bf16_pairs():
+        return 0
+    return MAX_ROWS.get(dtype, 0)
+
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] (float32 or bfloat16) -> its panels for panel_linear (see the module docstring)."""
+    if weight.dim() != 2 or weight.dtype not in CPU_DTYPES:
+        raise TypeError(f"pack_panels: weight must be a 2-D float32 or bfloat16 tensor, got {weight.dtype} "
+                        f"{tuple(weight.shape)}")
+    n, k = weight.shape
+    p = -(-n // PANEL)
+    w = weight.detach()
+    if weight.dtype == torch.bfloat16 and bf16_pairs():
+        w = F.pad(w, (0, k % 2, 0, p * PANEL - n))  # [P * PANEL, Kp]
+        return w.view(p, PANEL, -1, 2).permute(0, 2, 1, 3).contiguous()
+    w = F.pad(w.float(), (0, 0, 0, p * PANEL - n))
+    return w.view(p, PANEL, k).transpose(1, 2).contiguous()
+
+
+def _check(x, panels, bias, out_features) -> None:
+    op = "panel_linear"
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be [rows, K], got shape {tuple(x.shape)}")
+    if x.dtype not in CPU_DTYPES or panels.dtype not in CPU_DTYPES:
+        raise TypeError(f"{op}: x and panels must be float32 or bfloat16, got {x.dtype} and {panels.dtype}")
+    if panels.device != x.device:
+        raise ValueError(f"{op}: panels are on {panels.device} but x is on {x.device}")
+    if out_features <= 0:
+        raise ValueError(f"{op}: out_features must be positive, got {out_features}")
+    k, p = x.shape[1], -(-out_features // PANEL)
+    if panels.dtype == torch.bfloat16:
+        if x.dtype != torch.bfloat16:
+            raise TypeError(f"{op}: bfloat16 panels multiply a bfloat16 x only, got x of dtype {x.dtype}")
+        want = (p, -(-k // 2), PANEL, 2)
+    else:
+        want = (p, k, PANEL)
+    if tuple(panels.shape) != want:
+        raise ValueError(f"{op}: panels must have shape {want} for x of {k} columns and {out_features} out_features "
+                         f"(pack_panels of an [{out_features}, {k}] weight), got {tuple(panels.shape)}")
+    if bias is not None:
+        if bias.device != x.device:
+            raise ValueError(f"{op}: bias is on {bias.device} but x is on {x.device}")
+        if bias.shape != (out_features,):
+            raise ValueError(f"{op}: bias must have shape ({out_features},) (out_features), got {tuple(bias.shape)}")
+
+
+def panel_linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, out_features: int, *,
+                 gelu: bool = False, approximate: str = "none", backend: str | None = None) -> torch.Tensor:
+    """x [M, K] @ W^T + bias -> [M, out_features] in x's dtype, with GELU (approximate "none" or "tanh") when gelu;
+    panels = pack_panels(W) for W [out_features, K]. Accumulates in fp32."""
+    check_gelu("panel_linear", approximate)
+    _check(x, panels, bias, out_features)
+    return OP(x, panels, bias, out_features, gelu, approximate, backend=backend)
+
+
+def _fake(x, panels, bias, out_features, gelu, approximate):
+    return x.new_empty((x.shape[0], out_features))
+
+
+OP = Op(
+    name="panel_linear",
+    schema="(Tensor x, Tensor panels, Tensor? bias, int out_features, bool gelu, str approximate) -> Tensor",
+    reference=reference.panel_linear,
+    backends={"cpu": Backend(dtypes=CPU_DTYPES)},
+    fake=_fake,
+)

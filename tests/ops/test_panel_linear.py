@@ -1,0 +1,107 @@
+"""panel_linear, the inference linear of few rows, on every backend that runs here against the reference
+(op_testing.py states the backends and tolerances); its panels and its errors."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtbert_fast import ops
+from mtbert_fast.ops import reference
+from op_testing import assert_close, rand
+
+OP_NAME = "panel_linear"
+# the module (mtbert_fast.ops.panel_linear is the wrapper function)
+panel_module = importlib.import_module("mtbert_fast.ops.panel_linear")
+ACTIVATIONS = [(False, "none"), (True, "none"), (True, "tanh")]
+
+
+def _native(x, w, bias, gelu, approximate):
+    """PyTorch in x's dtype."""
+    y = F.linear(x, w, bias)
+    return F.gelu(y, approximate=approximate) if gelu else y
+
+
+@pytest.mark.parametrize("gelu,approximate", ACTIVATIONS)
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (1, 384, 1152), (3, 7, 33), (13, 31, 64), (16, 64, 40),
+                                   (40, 33, 95), (25, 768, 96)])
+def test_kernel_against_the_reference(backend, dtype, M, K, N, gelu, approximate):
+    """Every row count against the tiles (1..12 rows, blocks split evenly), odd K (bf16 pairs pad it), a tail
+    panel, and the fp32 and bf16 panels."""
+    x, w, bias = backend.to(rand(M, K, dtype=dtype), rand(N, K, seed=1, scale=K**-0.5, dtype=dtype),
+                            rand(N, seed=2, dtype=dtype))
+    panels = ops.pack_panels(w.cpu()).to(backend.device)
+    out = backend.forward(x, panels, bias, N, gelu, approximate)
+    assert out.dtype == dtype and out.shape == (M, N)
+    ref = reference.panel_linear(x.float(), ops.pack_panels(w.float().cpu()).to(backend.device), bias.float(), N,
+                                 gelu, approximate)
+    assert_close(out, ref, _native(x, w, bias, gelu, approximate), dtype, atol=1e-5, rtol=1e-5)
+    without_bias = backend.forward(x, panels, None, N, gelu, approximate)
+    assert_close(without_bias, _native(x.float(), w.float(), None, gelu, approximate),
+                 _native(x, w, None, gelu, approximate), dtype, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_rows_on_fp32_panels(backend):
+    """A bf16 x on fp32 panels (what a CPU without AVX512-BF16 packs): widened, products in fp32."""
+    x, w, bias = rand(5, 70, dtype=torch.bfloat16), rand(50, 70, seed=1, scale=0.1), rand(50, seed=2)
+    panels = ops.pack_panels(w)
+    assert panels.dtype == torch.float32
+    out = backend.forward(x, panels, bias, 50, True, "none")
+    want = F.gelu(F.linear(x.float(), w, bias))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), want, atol=0.0, rtol=2**-8)
+
+
+@pytest.mark.parametrize("pairs", [False, True])
+def test_panels_unpack_to_the_weight(pairs, monkeypatch):
+    monkeypatch.setattr(panel_module, "bf16_pairs", lambda: pairs)
+    for dtype in (torch.float32, torch.bfloat16):
+        w = rand(45, 9, dtype=dtype)
+        panels = ops.pack_panels(w)
+        bf16_layout = pairs and dtype == torch.bfloat16
+        assert panels.shape == ((2, 5, 32, 2) if bf16_layout else (2, 9, 32))
+        assert panels.dtype == (torch.bfloat16 if bf16_layout else torch.float32)
+        unpacked = reference.unpack_panels(panels, 45)
+        assert torch.equal(unpacked[:, :9], w.to(panels.dtype))
+        assert not unpacked[:, 9:].any()
+
+
+def test_errors_name_the_argument():
+    x, w = rand(4, 10), rand(40, 10)
+    panels = ops.pack_panels(w)
+    with pytest.raises(ValueError, match="panels must have shape"):
+        ops.panel_linear(x, panels, None, 70)
+    with pytest.raises(ValueError, match="panels must have shape"):
+        ops.panel_linear(rand(4, 11), panels, None, 40)
+    with pytest.raises(ValueError, match=r"bias must have shape \(40,\)"):
+        ops.panel_linear(x, panels, rand(39), 40)
+    with pytest.raises(ValueError, match="x must be"):
+        ops.panel_linear(rand(2, 4, 10), panels, None, 40)
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        ops.panel_linear(x.double(), panels, None, 40)
+    with pytest.raises(ValueError, match="approximate"):
+        ops.panel_linear(x, panels, None, 40, gelu=True, approximate="fast")
+    with pytest.raises(ValueError, match="out_features must be positive"):
+        ops.panel_linear(x, panels, None, 0)
+    with pytest.raises(TypeError, match="2-D float32 or bfloat16"):
+        ops.pack_panels(rand(3, 4, 5))
+    bf16_panels = torch.zeros(2, 5, 32, 2, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="bfloat16 panels multiply a bfloat16 x only"):
+        ops.panel_linear(x, bf16_panels, None, 40)
+
+
+def test_kernel_checks_its_arguments():
+    """The C++ kernel, which the encoder calls without the wrapper, names a bad argument itself."""
+    kernel = panel_module.OP.kernel("cpu")
+    x, panels = rand(4, 10), ops.pack_panels(rand(40, 10))
+    with pytest.raises(RuntimeError, match="panel_linear: panels must have shape"):
+        kernel(x, panels, None, 70, False, "none")
+    with pytest.raises(RuntimeError, match=r"panel_linear: bias must have shape \[40\]"):
+        kernel(x, panels, rand(7), 40, False, "none")
+    with pytest.raises(RuntimeError, match="panel_linear: x must have 2 dims"):
+        kernel(rand(4), panels, None, 40, False, "none")
+    with pytest.raises(RuntimeError, match="bfloat16 panels multiply a bfloat16 x only"):
+        kernel(x, torch.zeros(2, 5, 32, 2, dtype=torch.bfloat16), None, 40, False, "none")
