@@ -31,6 +31,8 @@ def _run(fn, inputs, dtype, upcast=False):
     leaves = [t.double() if upcast and t.is_floating_point() else t for t in inputs]
     leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in leaves]
     out = fn(*leaves)
+    if not out.requires_grad:  # an inference-only op
+        return [out.double()]
     cotangent = _rand(out.shape, dtype, 99).to(out.dtype)
     (out * cotangent).sum().backward()
     return [out.detach().double()] + [t.grad.double() for t in leaves if t.is_floating_point()]
@@ -132,6 +134,14 @@ def main() -> None:
                 lambda q: reference.rotary_qk(q, cos, sin, positions),
                 (_rand((sum(lens), 3, 2, 34), dtype, 9),),
             )
+            # 40 columns: a whole panel and part of one; 100 rows of reduction, 7 rows of x
+            for approximate in ("none", "tanh"):
+                cases[f"panel_linear[{approximate}]"] = (
+                    lambda x, w, b, a=approximate: ops.panel_linear(x.detach(), ops.pack_panels(w), b.detach(), 40,
+                                                                    gelu=True, approximate=a, backend="cpu"),
+                    lambda x, w, b, a=approximate: reference.bias_gelu(x.detach() @ w.detach().t(), b.detach(), a),
+                    (x, 0.1 * _rand((40, D), dtype, 13), _rand((40,), dtype, 14)),
+                )
             for name, (kernel, ref, inputs) in cases.items():
                 check(name, dtype, kernel, ref, inputs)
                 passed.append(f"{name} {str(dtype).replace('torch.', '')}")
