@@ -77,6 +77,18 @@ class PackedBatch:
     batch: int
     seqlen: int
     all_real: bool = False  # no padding: the packed rows are the [batch, seqlen] rows in order
+    # op name -> the backend chosen for its kernel in inference on this batch: every layer of a forward hands an op
+    # inputs of one shape and dtype, so the dispatch runs once per op, not once per layer
+    kernels: dict[str, str] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def kernel_backend(self, op_name: str, t: torch.Tensor, backend: str | None) -> str:
+        """dispatch.choose(op_name, t, backend), remembered for the batch (not while compiling)."""
+        chosen = self.kernels.get(op_name)
+        if chosen is None:
+            chosen = dispatch.choose(op_name, t, backend)
+            if not torch.compiler.is_compiling():
+                self.kernels[op_name] = chosen
+        return chosen
 
     @classmethod
     def dense(cls, batch: int, seqlen: int, device: torch.device) -> PackedBatch:
@@ -345,7 +357,7 @@ def embed_packed(
     return _Linear(_onednn_ok(x, project, backend), backend)(x, *project)
 
 
-def _residual_norm(a, bias, residual, weight, beta, eps, p, training, backend):
+def _residual_norm(a, bias, residual, weight, beta, eps, p, training, backend, packed: PackedBatch):
     """LayerNorm(dropout(a + bias) + residual); the bias folds into the fused kernel when there is no dropout."""
     if training and p > 0.0:
         a = F.dropout(a + bias, p, True)
@@ -353,7 +365,7 @@ def _residual_norm(a, bias, residual, weight, beta, eps, p, training, backend):
     if not (training or torch.is_grad_enabled() or torch.is_autocast_enabled(a.device.type)):
         # a and residual are [T, H] rows the layer made, and the C++ kernels check every argument themselves (with
         # messages naming it): the wrapper's Python checks are skipped for them, and nothing is recorded
-        chosen = dispatch.choose(bias_residual_layer_norm_op.name, a, backend)
+        chosen = packed.kernel_backend(bias_residual_layer_norm_op.name, a, backend)
         if chosen in ("cpu", "cuda"):
             return bias_residual_layer_norm_op.kernel(chosen)(a, bias, residual, weight, beta, eps)[0]
     return bias_residual_layer_norm(a, bias, residual, weight, beta, eps, backend=backend)
@@ -451,17 +463,21 @@ def layer_forward(
                                dropout_p=config.attention_probs_dropout_prob, rel_bias=rel_bias, pos_q=pos_q,
                                pos_k=pos_k, pos_index=pos_index, backend=backend)
     else:  # qkv is the view above and packed was built by encode(): the wrapper's checks hold, so it is skipped
-        ctx = attention_varlen_op(qkv, packed.cu_seqlens, packed.max_seqlen, scale, 0.0, None, rel_bias, -1, pos_q,
-                                  pos_k, pos_index, backend=backend)
+        args = (qkv, packed.cu_seqlens, packed.max_seqlen, scale, 0.0, None, rel_bias, -1, pos_q, pos_k, pos_index)
+        chosen = packed.kernel_backend(attention_varlen_op.name, qkv, backend)
+        if chosen == "reference" or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            ctx = attention_varlen_op(*args, backend=backend)
+        else:  # as the op itself runs it with nothing to record: its kernel, without a second dispatch
+            ctx = attention_varlen_op.kernel(chosen)(*args)[0]
     ctx = ctx.reshape(t, h)
     observe("attn_out", ctx)
     x = _residual_norm(linear(ctx, w.attn_out_weight), w.attn_out_bias, x, w.attn_norm_weight,
-                       w.attn_norm_bias, eps, config.attn_out_dropout_prob, training, backend)
+                       w.attn_norm_bias, eps, config.attn_out_dropout_prob, training, backend, packed)
     observe("ffn_in", x)
     inner = linear.gelu(x, w.ffn_in_weight, w.ffn_in_bias, config.gelu_approximate)
     observe("ffn_out", inner)
     return _residual_norm(linear(inner, w.ffn_out_weight), w.ffn_out_bias, x, w.ffn_norm_weight,
-                          w.ffn_norm_bias, eps, p, training, backend)
+                          w.ffn_norm_bias, eps, p, training, backend, packed)
 
 
 class Rotary(NamedTuple):

@@ -232,6 +232,32 @@ def test_inference_layer_equals_the_checked_wrapper_path(bert_config, model_back
     assert torch.equal(inference, wrapper)
 
 
+def test_inference_chooses_each_kernel_once_per_forward(bert_config, model_backend, make_hf, ragged_batch,
+                                                         monkeypatch):
+    """Every layer hands attention and the LayerNorms inputs of one shape and dtype: the dispatch runs once per op
+    and forward, and the batch remembers the choice."""
+    from mtbert_fast.ops import dispatch
+
+    config = bert_config(num_hidden_layers=3)
+    fast = FastBertModel.from_hf(make_hf(BertModel, config), backend=model_backend)
+    ids, mask = ragged_batch(config, [5, 16, 9])
+    choose, calls = dispatch.choose, []
+
+    def spy(op, t, backend=None):
+        calls.append(op)
+        return choose(op, t, backend)
+
+    monkeypatch.setattr(dispatch, "choose", spy)
+    with torch.no_grad():
+        out = fast(ids, mask)
+    assert set(out.packed.kernels) == {"attention_varlen", "bias_residual_layer_norm"}
+    if model_backend == "reference":  # the reference runs the ops' wrappers, which choose again
+        assert set(out.packed.kernels.values()) == {"reference"}
+    else:
+        assert calls.count("attention_varlen") == 1 and calls.count("bias_residual_layer_norm") == 1
+        assert "reference" not in out.packed.kernels.values()
+
+
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
 @pytest.mark.parametrize("bad", ["shape", "dtype"])
 def test_inference_layer_norm_refuses_bad_weights(bad, mode, bert_config, model_backend, make_hf, ragged_batch):
