@@ -395,32 +395,26 @@ class _Linear:
     def __init__(self, onednn: bool, backend: str | None):
         self.onednn, self.backend = onednn, backend
 
-    def _panels(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-        if x.shape[0] > panel_rows(x.dtype):
-            return None
-        return panel_weight(weight)
+    def _cpu(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str | None):
+        """approximate: GELU's form, None for no GELU."""
+        if x.shape[0] <= panel_rows(x.dtype):
+            panels = panel_weight(weight)
+            if panels is not None:
+                # the kernel is called directly: the encoder made its inputs, and the kernel checks them itself
+                kernel = panel_linear_op.kernel("cpu")
+                return kernel(x, panels, bias, weight.shape[0], approximate is not None, approximate or "none")
+        attr = ("none", "") if approximate is None else ("gelu", approximate)
+        return torch.ops.mkldnn._linear_pointwise(x, onednn_weight(weight), bias, attr[0], [], attr[1])
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.onednn:
-            panels = self._panels(x, weight)
-            if panels is not None:
-                return _panel_kernel()(x, panels, bias, weight.shape[0], False, "none")
-            return torch.ops.mkldnn._linear_pointwise(x, onednn_weight(weight), bias, "none", [], "")
+            return self._cpu(x, weight, bias, None)
         return F.linear(x, weight, bias)
 
     def gelu(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
         if self.onednn:
-            panels = self._panels(x, weight)
-            if panels is not None:
-                return _panel_kernel()(x, panels, bias, weight.shape[0], True, approximate)
-            return torch.ops.mkldnn._linear_pointwise(x, onednn_weight(weight), bias, "gelu", [], approximate)
+            return self._cpu(x, weight, bias, approximate)
         return bias_gelu(F.linear(x, weight), bias, approximate, backend=self.backend)
-
-
-@functools.cache
-def _panel_kernel() -> Callable:
-    """panel_linear's C++ kernel, called directly: the encoder made its inputs, and the kernel checks them itself."""
-    return panel_linear_op.kernel("cpu")
 
 
 def _ignore(product: str, x: torch.Tensor) -> None:
