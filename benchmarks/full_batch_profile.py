@@ -18,18 +18,24 @@ FLOPs are exact (harness.encoder_flops): every linear including the pooler, and 
 and P V, 4 L^2 H per layer per sequence; elementwise work is not counted. The roofline fraction is FLOPs / time /
 GEMM rate, also taken per round against that round's GEMM rate (robust to a load that changes between rounds), and
 the ratio to OpenVINO likewise. The attainable fraction is what the model would reach with its linears at the GEMM
-rate and attention at the rate its own kernel reaches; `--profile` adds a torch.profiler breakdown of mtbert_fast's forward by part
-(linears, attention, LayerNorm, the rest) with the GFLOP/s of each.
+rate and attention at the rate its own kernel reaches; `--profile` adds a torch.profiler breakdown of mtbert_fast's
+forward by part (linears, attention, LayerNorm, the rest) with the GFLOP/s of each.
 
+Every timed call follows a pause of SETTLE seconds, so that no call pays for the previous one's spinning threads.
 On a machine that other jobs keep busy, run with OMP_WAIT_POLICY=PASSIVE (it must be set before the process
-starts): PyTorch's OpenMP threads otherwise spin after every parallel region and take the core the next step needs
-(docs/cpu-full-batch.md). The header prints the policy in force and the load average.
+starts): PyTorch's OpenMP threads otherwise spin after every parallel region and take the core the next step needs.
+On a quiet machine leave the default: under PASSIVE the forward after a pause ran up to 45 % slower (MiniLM) while
+the scheduler placed the threads anew. Set MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_MMAP_THRESHOLD_=33554432 as
+well: in some processes glibc otherwise returns the top of its heap to the OS after every forward, and the next one
+faults its activations in again; the faults per forward are printed (docs/cpu-full-batch.md). The header prints the
+policy in force and the load average.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 from pathlib import Path
 
@@ -96,6 +102,9 @@ def openvino_runner(hf, inputs: dict, threads: int, precision: str | None):
     return run, str(compiled.get_property("INFERENCE_PRECISION_HINT"))
 
 
+# seconds of pause before each timed call: OpenVINO's TBB workers spin for a while after its call and slowed whatever
+# came next (the GEMM timed after it read ~10% low)
+SETTLE = 0.1
 GEMM_CALLS = 8  # products per timed call, so that one call lasts as long as several of the model's linears
 
 
@@ -164,6 +173,17 @@ def profile_parts(fast: FastBertModel, inputs: dict, flops: dict[str, float], ru
         print(f"      {part:10s} {t:8.2f} ms {100 * t / total:5.1f} %  {rate}")
 
 
+def page_faults(fn, calls: int = 3) -> float:
+    """Page faults per call of fn: memory that the C library handed back to the OS after one call and the next
+    call touched again (glibc trims the top of its heap once more than its trim threshold lies free there)."""
+    with torch.inference_mode():
+        fn()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(calls):
+            fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
 def run_point(name: str, hf, dtype_name: str, args) -> None:
     dtype = DTYPES[dtype_name]
     config = hf.config
@@ -195,7 +215,7 @@ def run_point(name: str, hf, dtype_name: str, args) -> None:
     fns["attention alone"] = lambda: [one_attention() for _ in range(layers)]
 
     with torch.inference_mode():
-        timing = harness.time_interleaved(fns, repeats=args.repeats, warmup=2)
+        timing = harness.time_interleaved(fns, repeats=args.repeats, warmup=2, settle=SETTLE)
     m, k, n = harness.GEMM_SHAPE
     gemm_flops = GEMM_CALLS * 2 * m * k * n
     routes = {r: gemm_flops / timing[r].median for r in fns if r.startswith("gemm")}
@@ -230,6 +250,7 @@ def run_point(name: str, hf, dtype_name: str, args) -> None:
         print(f"    speed vs OpenVINO: {timing['openvino'].median / timing['mtbert_fast'].median:.3f}x of medians,"
               f" {np.median([ov[i] / fast_t[i] for i in rounds]):.3f}x per round (median),"
               f" {min(ov) / min(fast_t):.3f}x of the fastest calls")
+    print(f"    page faults per mtbert_fast forward: {page_faults(fns['mtbert_fast']):.0f}")
     if args.profile:
         profile_parts(fast, inputs, part_flops)
 
