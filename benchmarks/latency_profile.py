@@ -130,30 +130,34 @@ def kernels_only(fast: FastBertModel, batch: dict):
     ws = [layer.weights() for layer in fast.layers]
     t, h = x0.shape
     C = torch.ops.mtbert_fast_C
-    # the route the layers take: panel_linear for few rows, else oneDNN's linear (packed where autograd is off)
+    # the route the layers take: panel_linear for few rows, else oneDNN's linear (packed where autograd is off);
+    # each weight as (its pack, its out_features)
     if t <= panel_rows(x0.dtype):
         pack = panel_weight
 
-        def lin(x, w, bias, act, scalars, approximate):
-            return C.panel_linear(x, w, bias, out_features[id(w)], act == "gelu", approximate or "none")
+        def lin(x, packed_weight, bias, act, approximate):
+            panels, out_features = packed_weight
+            return C.panel_linear(x, panels, bias, out_features, act == "gelu", approximate or "none")
     else:
-        pack, lin = onednn_weight, torch.ops.mkldnn._linear_pointwise
+        pack = onednn_weight
+
+        def lin(x, packed_weight, bias, act, approximate):
+            return torch.ops.mkldnn._linear_pointwise(x, packed_weight[0], bias, act, [], approximate)
     with torch.inference_mode():
-        packs = [[pack(m) for m in (w.qkv_weight, w.attn_out_weight, w.ffn_in_weight, w.ffn_out_weight)] for w in ws]
-    out_features = {id(p): m.shape[0] for w, layer in zip(ws, packs)
-                    for p, m in zip(layer, (w.qkv_weight, w.attn_out_weight, w.ffn_in_weight, w.ffn_out_weight))}
+        packs = [[(pack(m), m.shape[0]) for m in (w.qkv_weight, w.attn_out_weight, w.ffn_in_weight, w.ffn_out_weight)]
+                 for w in ws]
     scale = cfg.head_dim ** -0.5
     eps = cfg.layer_norm_eps
 
     def run():
         x = x0
         for w, (qkv_w, out_w, in_w, ffn_out_w) in zip(ws, packs):
-            qkv = lin(x, qkv_w, w.qkv_bias, "none", [], "").view(t, 3, cfg.num_attention_heads, cfg.head_dim)
+            qkv = lin(x, qkv_w, w.qkv_bias, "none", "").view(t, 3, cfg.num_attention_heads, cfg.head_dim)
             ctx = C.attention_varlen(qkv, packed.cu_seqlens, packed.max_seqlen, scale, 0.0, None)[0].reshape(t, h)
-            x = C.bias_residual_layer_norm(lin(ctx, out_w, None, "none", [], ""), w.attn_out_bias, x,
+            x = C.bias_residual_layer_norm(lin(ctx, out_w, None, "none", ""), w.attn_out_bias, x,
                                            w.attn_norm_weight, w.attn_norm_bias, eps)[0]
-            inner = lin(x, in_w, w.ffn_in_bias, "gelu", [], cfg.gelu_approximate)
-            x = C.bias_residual_layer_norm(lin(inner, ffn_out_w, None, "none", [], ""), w.ffn_out_bias, x,
+            inner = lin(x, in_w, w.ffn_in_bias, "gelu", cfg.gelu_approximate)
+            x = C.bias_residual_layer_norm(lin(inner, ffn_out_w, None, "none", ""), w.ffn_out_bias, x,
                                            w.ffn_norm_weight, w.ffn_norm_bias, eps)[0]
         return x
 
