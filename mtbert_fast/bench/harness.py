@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import mtbert_fast
+from mtbert_fast.models.weight_pack import onednn_dtype
 
 GEMM_SHAPE = (1024, 768, 3072)  # [M, K] @ [K, N]: a bert-base FFN matrix product on 1024 tokens
 
@@ -178,7 +179,12 @@ def gemm_routes(dtype: torch.dtype, device: torch.device, shape) -> dict[str, Ca
     w = torch.randn(n, k, generator=gen).to(device=device, dtype=dtype)
     routes = {"F.linear": lambda: F.linear(x, w)}
     if device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        routes["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        if onednn_dtype(dtype) == dtype:
+            routes["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        else:  # bf16 where oneDNN has no bf16 product: the encoder's route, float32 products on a float32 weight
+            w32 = w.float()
+            routes["onednn, float32 products"] = lambda: torch.ops.mkldnn._linear_pointwise(
+                x.float(), w32, None, "none", [], "").to(dtype)
     return routes
 
 
@@ -203,8 +209,9 @@ def gemm_flops_per_s(
     dtype: torch.dtype, device: torch.device | str = "cpu", repeats: int = 10, shape=GEMM_SHAPE
 ) -> float:
     """The machine's measured matrix-product rate in `dtype`: [M, K] x [K, N], median of `repeats`, by the
-    fastest route PyTorch offers (F.linear, and on the CPU also oneDNN's linear, which the encoder uses; int8 or
-    qint8: torch._int_mm, and on the CPU also oneDNN's int8 linear)."""
+    fastest route PyTorch offers (F.linear, and on the CPU also oneDNN's linear, which the encoder uses, on float32
+    products for bf16 where oneDNN has none in bf16; int8 or qint8: torch._int_mm, and on the CPU also oneDNN's int8
+    linear)."""
     m, k, n = shape
     device = torch.device(device)
     with torch.inference_mode():

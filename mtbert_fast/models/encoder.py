@@ -404,7 +404,12 @@ class _Linear:
                 kernel = panel_linear_op.kernel("cpu")
                 return kernel(x, panels, bias, weight.shape[0], approximate is not None, approximate or "none")
         attr = ("none", "") if approximate is None else ("gelu", approximate)
-        return torch.ops.mkldnn._linear_pointwise(x, onednn_weight(weight), bias, attr[0], [], attr[1])
+        packed = onednn_weight(weight)
+        if packed.dtype == x.dtype:
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, attr[0], [], attr[1])
+        # bf16 where oneDNN has no bf16 product: float32 products of the same exact terms, rounded once to bf16
+        bias = None if bias is None else bias.float()
+        return torch.ops.mkldnn._linear_pointwise(x.float(), packed, bias, attr[0], [], attr[1]).to(x.dtype)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.onednn:

@@ -13,6 +13,10 @@ released by hand:
 
 Packs are for inference only (neither product has autograd); the encoder uses them exactly where it uses those ops.
 A pack costs one more copy of the weight's memory, freed with the weight.
+
+oneDNN multiplies bf16 only on CPUs with AVX-512 (BW, VL and DQ) or AVX-NE-CONVERT. Elsewhere (an AVX2 CPU) a bf16
+weight's oneDNN pack is float32, twice the weight's memory: its products run on the float32 kernels, with the
+same exact products and float32 sums as a bf16 product (see `onednn_weight`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from mtbert_fast.ops.panel_linear import pack_panels
 
 AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+# whether oneDNN multiplies bf16 operands on this CPU
+ONEDNN_BF16 = AVAILABLE and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 class _Pack(NamedTuple):
@@ -63,12 +69,24 @@ def _cached(kind: str, w: torch.Tensor, make) -> torch.Tensor:
     return pack.packed
 
 
+def onednn_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which oneDNN's linear multiplies a `dtype` weight here: float32 for bf16 on a CPU where oneDNN
+    has no bf16 product, else `dtype`."""
+    return torch.float32 if dtype == torch.bfloat16 and not ONEDNN_BF16 else dtype
+
+
+def _pack_onednn(w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w.to(onednn_dtype(w.dtype)))
+
+
 def onednn_weight(w: torch.Tensor) -> torch.Tensor:
-    """`w` [N, K] in oneDNN's blocked layout for `torch.ops.mkldnn._linear_pointwise`, packed on first use and
-    again whenever `w` has changed; `w` itself where it cannot be packed (see the module docstring)."""
+    """`w` [N, K] for `torch.ops.mkldnn._linear_pointwise`, in `onednn_dtype(w.dtype)`: in oneDNN's blocked layout,
+    packed on first use and again whenever `w` has changed; where it cannot be packed (see the module docstring),
+    `w` itself, or `w` widened to float32 on every call for a bf16 `w` that oneDNN cannot multiply here. The caller
+    widens x (and the bias) to the returned dtype."""
     if not AVAILABLE or not _packable(w):
-        return w
-    return _cached("onednn", w, torch.ops.mkldnn._reorder_linear_weight)
+        return w.to(onednn_dtype(w.dtype))
+    return _cached("onednn", w, _pack_onednn)
 
 
 def panel_weight(w: torch.Tensor) -> torch.Tensor | None:

@@ -13,7 +13,7 @@ from transformers import BertForSequenceClassification, BertModel
 
 from mtbert_fast import FastBertModel, swap
 from mtbert_fast.models import encoder, weight_pack
-from mtbert_fast.models.weight_pack import onednn_weight, pack_count, panel_weight, release_packs
+from mtbert_fast.models.weight_pack import onednn_dtype, onednn_weight, pack_count, panel_weight, release_packs
 from mtbert_fast.ops import reference
 
 pytestmark = [
@@ -24,7 +24,10 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 
 def _linear(x, w, bias=None):
-    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+    """oneDNN's linear in the dtype it multiplies x's dtype in here (bf16 widened to float32 where it has no bf16
+    product), on a pack or a plain weight."""
+    dtype = onednn_dtype(x.dtype)
+    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), w if w.is_mkldnn else w.to(dtype), bias, "none", [], "")
 
 
 @pytest.fixture(autouse=True)
@@ -48,9 +51,33 @@ def test_pack_is_made_once_and_gives_the_plain_product(dtype):
     w = torch.randn(96, 64, generator=g).to(dtype)
     x = torch.randn(37, 64, generator=g).to(dtype)
     packed = onednn_weight(w)
-    assert packed is not w and packed.is_mkldnn and pack_count() == 1
+    assert packed is not w and packed.is_mkldnn and packed.dtype == onednn_dtype(dtype) and pack_count() == 1
     assert onednn_weight(w) is packed
     assert torch.equal(_linear(x, packed), _linear(x, w))
+
+
+@pytest.mark.parametrize("packable", [True, False])
+@pytest.mark.parametrize("approximate", [None, "none", "tanh"])
+def test_bf16_without_onednn_bf16_products_runs_float32_products(packable, approximate, monkeypatch):
+    """Where oneDNN has no bf16 product (CPUs without AVX-512), a bf16 weight packs as float32 (or, where it cannot
+    be packed, is widened on each call), and the encoder's bf16 linears run float32 products rounded once to bf16."""
+    monkeypatch.setattr(weight_pack, "ONEDNN_BF16", False)
+    monkeypatch.setattr(encoder, "panel_rows", lambda dtype: 0)
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode(not packable):
+        w = torch.randn(96, 64, generator=g).bfloat16()
+    b = torch.randn(96, generator=g).bfloat16()
+    x = torch.randn(37, 64, generator=g).bfloat16()
+    assert onednn_weight(w).dtype == torch.float32 and onednn_weight(w).is_mkldnn == packable
+    lin = encoder._Linear(True, None)
+    got = lin(x, w, b) if approximate is None else lin.gelu(x, w, b, approximate)
+    want = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    if approximate is not None:
+        want = torch.nn.functional.gelu(want, approximate=approximate)
+    assert got.dtype == torch.bfloat16
+    # one rounding to bf16 (half a unit in its 8-bit significand) of float32 sums of exact products
+    torch.testing.assert_close(got.float(), want, rtol=2**-8, atol=1e-6)
+    assert pack_count() == (1 if packable else 0)
 
 
 @pytest.mark.parametrize("change", ["in_place", "assign_data", "to_dtype"])
