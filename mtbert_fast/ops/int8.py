@@ -14,7 +14,10 @@ weight row n lies in [255 * (sum of w[n]'s negative entries), 255 * (sum of its 
 bound is below 2^24 in magnitude, fp32 holds every sum exactly. A weight past that bound (all-MiniLM-L6-v2's largest
 is 2^22.7, a random bert-base's 2^23.6: docs/cpu-int8.md) is not packed, and its sums come from `torch._int_mm`
 in int32. oneDNN's uint8 x int8 product is checked once against an exact one on inputs that overflow an int16 pair
-(CPUs without VNNI multiply through int16 and saturate); where it fails, nothing is packed.
+(CPUs without VNNI multiply through int16 and saturate). Where it fails, the weight is packed for oneDNN's float32
+product instead, which multiplies q and the weight widened to fp32: every product and every partial sum is an
+integer below the same 2^24 bound, so those sums are exact too. That runs at the float32 rate, where torch._int_mm
+on such a CPU (an AVX2 one) runs 20-30x slower.
 """
 
 from __future__ import annotations
@@ -114,13 +117,25 @@ def _onednn_sums(q: torch.Tensor, packed: torch.Tensor, out_features: int) -> to
                                               "")  # fmt: skip
 
 
+@functools.cache
+def _onednn_float32() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and \
+        hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 class PackedInt8Weight:
-    """oneDNN's packed copy of an int8 weight [M, K] (an opaque tensor, which has no storage to copy or save). It is
-    never written, so copies of a model share it; pickling stores the plain weight and packs it again on loading."""
+    """oneDNN's packed copy of an int8 weight [M, K] (an opaque tensor, which has no storage to copy or save): for
+    its int8 product where that is exact here, else (`float_sums`) the weight widened to fp32 for its float32
+    product. It is never written, so copies of a model share it; pickling stores the plain weight and packs it again
+    on loading."""
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
-        self.tensor = torch.ops.onednn.qlinear_prepack(weight.contiguous(), None)
+        self.float_sums = not onednn_int8_exact()
+        if self.float_sums:
+            self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight.float())
+        else:
+            self.tensor = torch.ops.onednn.qlinear_prepack(weight.contiguous(), None)
 
     def __deepcopy__(self, memo) -> PackedInt8Weight:
         return self
@@ -131,11 +146,13 @@ class PackedInt8Weight:
 
 def pack_int8_weight(weight: torch.Tensor) -> PackedInt8Weight | None:
     """The int8 weight [M, K] in oneDNN's layout for `int8_sums`, or None where its sums would not be exact in fp32
-    or oneDNN's int8 product does not run (exactly) here."""
+    or neither oneDNN's int8 product (exact) nor its float32 one runs here."""
     if weight.dtype != torch.int8 or weight.dim() != 2:
         raise TypeError(f"pack_int8_weight: weight must be a 2-D torch.int8 tensor, got {weight.dtype} "
                         f"{tuple(weight.shape)}")
-    if weight.device.type != "cpu" or sums_bound(weight) >= FP32_EXACT or not onednn_int8_exact():
+    if weight.device.type != "cpu" or sums_bound(weight) >= FP32_EXACT:
+        return None
+    if not (onednn_int8_exact() or _onednn_float32()):
         return None
     return PackedInt8Weight(weight)
 
@@ -144,8 +161,8 @@ def int8_sums(q: torch.Tensor, zero: torch.Tensor, weight: torch.Tensor, packed:
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """The integer sums of the product of q uint8 [N, K] (zero fp32 [N], from quantize_rows) with weight int8 [M, K],
     exact, and the zero point they go with: (acc [N, M], zero' [N]) with acc - zero' * weight_sum = (q - zero) @
-    weight^T. On `packed` (pack_int8_weight of weight): oneDNN's fp32 sums of q, and zero itself. Else torch._int_mm's
-    int32 sums of q - 128 (int8), and zero - 128."""
+    weight^T. On `packed` (pack_int8_weight of weight): oneDNN's fp32 sums of q (its int8 product, or its float32
+    one on q widened), and zero itself. Else torch._int_mm's int32 sums of q - 128 (int8), and zero - 128."""
     if q.dtype != torch.uint8 or q.dim() != 2:
         raise TypeError(f"int8_sums: q must be a 2-D torch.uint8 tensor (from quantize_rows), got {q.dtype} "
                         f"{tuple(q.shape)}")
@@ -160,6 +177,8 @@ def int8_sums(q: torch.Tensor, zero: torch.Tensor, weight: torch.Tensor, packed:
 def int8_sums_unchecked(q, zero, weight, packed=None) -> tuple[torch.Tensor, torch.Tensor]:
     """int8_sums without its argument checks, for callers that made q and the weight themselves (the int8 layer)."""
     if packed is not None:
+        if packed.float_sums:
+            return torch.ops.mkldnn._linear_pointwise(q.float(), packed.tensor, None, "none", [], ""), zero
         return _onednn_sums(q, packed.tensor, weight.shape[0]), zero
     # _int_mm multiplies int8 by int8: q - 128 as int8 is q with its top bit flipped
     return torch._int_mm(torch.bitwise_xor(q.view(torch.int8), -128), weight.t()), zero - 128
