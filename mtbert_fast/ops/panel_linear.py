@@ -32,22 +32,30 @@ def bf16_pairs() -> bool:
     return _ext.cpu_isa() == "avx512" and "avx512_bf16" in flags
 
 
-# The most rows for which the encoder's inference linears run panel_linear rather than oneDNN's linear. Whole
-# forwards, panel_linear's time over oneDNN's (2-core AMD EPYC, AVX-512 with BF16; all-MiniLM-L6-v2 / bert-base):
-# fp32 1.21x / 1.06x at 16 tokens, 1.06x / 1.00x at 48, 1.05x / 0.99x at 96; bf16 1.37x / 1.15x at 16, 1.10x /
-# 1.02x at 96, 1.08x / 1.03x at 120, 1.04x / 1.00x at 252.
-MAX_ROWS = {torch.float32: 48, torch.bfloat16: 128}
+# The most rows for which the encoder's inference linears run panel_linear rather than oneDNN's linear, by the
+# instruction set of the CPU kernels loaded. Whole forwards, oneDNN's time over panel_linear's (all-MiniLM-L6-v2 /
+# bert-base, 2 threads):
+# - avx512 (2-core AMD EPYC with AVX-512 and BF16): fp32 1.21x / 1.06x at 16 tokens, 1.06x / 1.00x at 48, 1.05x /
+#   0.99x at 96; bf16 1.37x / 1.15x at 16, 1.10x / 1.02x at 96, 1.08x / 1.03x at 120, 1.04x / 1.00x at 252.
+# - avx2 (2-core AMD EPYC with AVX2, no AVX-512, where oneDNN's kernels are AVX2 ones too): fp32 1.33x / 1.23x at 16,
+#   1.15x / 1.16x at 48, 1.11x / 1.05x at 128, 1.03x / 1.08x at 1,024, MiniLM 1.03x at 2,048 and 0.93x at 4,096;
+#   bf16 (float32 products on such a CPU) MiniLM 1.39x at 16, 1.17x at 128, 1.10x at 1,024, 1.05x at 2,048.
+MAX_ROWS = {
+    "avx512": {torch.float32: 48, torch.bfloat16: 128},
+    "avx2": {torch.float32: 2048, torch.bfloat16: 2048},
+}
 
 
 @functools.cache
 def encoder_rows(dtype: torch.dtype) -> int:
-    """The most rows of `dtype` the encoder hands panel_linear (0: never): only where the AVX-512 kernels are loaded,
-    and for bf16 where they multiply bf16 pairs."""
-    if not _ext.has_kernel("panel_linear", "CPU") or _ext.cpu_isa() != "avx512":
+    """The most rows of `dtype` the encoder hands panel_linear (0: never): where the AVX-512 or AVX2 kernels are
+    loaded, and for bf16 on AVX-512 only where they multiply bf16 pairs (else oneDNN's bf16 product is faster)."""
+    isa = _ext.cpu_isa()
+    if not _ext.has_kernel("panel_linear", "CPU") or isa not in MAX_ROWS:
         return 0
-    if dtype == torch.bfloat16 and not bf16_pairs():
+    if isa == "avx512" and dtype == torch.bfloat16 and not bf16_pairs():
         return 0
-    return MAX_ROWS.get(dtype, 0)
+    return MAX_ROWS[isa].get(dtype, 0)
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ def _native(x, w, bias, gelu, approximate):
 
 @pytest.mark.parametrize("gelu,approximate", ACTIVATIONS)
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (1, 384, 1152), (3, 7, 33), (13, 31, 64), (16, 64, 40),
-                                   (40, 33, 95), (25, 768, 96)])
+                                   (40, 33, 95), (25, 768, 96), (301, 96, 70)])
 def test_kernel_against_the_reference(backend, dtype, M, K, N, gelu, approximate):
     """Every row count against the tiles (1..12 rows, blocks split evenly), odd K (bf16 pairs pad it), a tail
     panel, and the fp32 and bf16 panels."""
@@ -53,6 +53,25 @@ def test_bf16_rows_on_fp32_panels(backend):
     want = F.gelu(F.linear(x.float(), w, bias))
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), want, atol=0.0, rtol=2**-8)
+
+
+@pytest.mark.parametrize("isa,pairs,want", [
+    ("avx512", True, {torch.float32: 48, torch.bfloat16: 128}),
+    ("avx512", False, {torch.float32: 48, torch.bfloat16: 0}),  # oneDNN's bf16 product is the faster one there
+    ("avx2", False, {torch.float32: 2048, torch.bfloat16: 2048}),
+    ("default", False, {torch.float32: 0, torch.bfloat16: 0}),
+    (None, False, {torch.float32: 0, torch.bfloat16: 0}),  # no CPU kernels loaded
+])
+def test_encoder_rows_follow_the_loaded_kernels(isa, pairs, want, monkeypatch):
+    """How many rows the encoder hands panel_linear, by the instruction set of the CPU kernels loaded."""
+    monkeypatch.setattr(panel_module._ext, "cpu_isa", lambda: isa)
+    monkeypatch.setattr(panel_module._ext, "has_kernel", lambda op, device: isa is not None)
+    monkeypatch.setattr(panel_module, "bf16_pairs", lambda: pairs)
+    panel_module.encoder_rows.cache_clear()
+    try:
+        assert {dtype: panel_module.encoder_rows(dtype) for dtype in want} == want
+    finally:
+        panel_module.encoder_rows.cache_clear()
 
 
 @pytest.mark.parametrize("pairs", [False, True])
