@@ -21,7 +21,9 @@
 // (vdpbf16ps, exact products, fp32 sums) where the CPU has it. The products with probabilities or their gradients
 // (P V, P^T dO, dS K, dS^T Q) stay fp32 with the bf16 operand widened when packed: rounding P or dS to bf16 would
 // double the error of PyTorch's own bf16 attention, which keeps them in fp32.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>

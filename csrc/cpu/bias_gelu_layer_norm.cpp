@@ -2,7 +2,10 @@
 // the fp32 GELU output (and, backward, its derivative) waits in per-thread row buffers (L1).
 // x and bias share a dtype T; weight and beta are in T or both fp32 (mixed precision), and grad_weight and grad_beta,
 // summed in fp32, come back in their dtype.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <vector>

@@ -1,6 +1,8 @@
 // GELU(a) * g over the halves [a | g] of each row, and its input gradient, on the CPU: one pass over the rows, fp32
 // math, one store in the input dtype.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "checks.h"

@@ -20,7 +20,9 @@
 // Ops: quantize_rows; int8_linear (+ bias, float out); int8_linear_gelu_quantize (+ bias, GELU, and the result
 // quantized again for the next product, so the [T, I] activation never goes to memory in float);
 // int8_linear_residual_layer_norm (+ bias + residual, LayerNorm).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cmath>

@@ -4,7 +4,13 @@
 // hidden @ weight.T comes from one at::mm in the input dtype (oneDNN's bf16 GEMM for bf16), and the bias, the
 // log-sum-exp, the loss and the gradient of the logits are taken from it in fp32 (adding the bias there saves the
 // pass of addmm that copies it into the output). The backward recomputes each chunk's logits instead of keeping them.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/tensor.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>

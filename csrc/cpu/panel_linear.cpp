@@ -10,7 +10,9 @@
 // Accumulation is fp32. bf16 panels use the AVX512-BF16 dot product (exact products, fp32 sums); a bf16 x with fp32
 // panels is widened once per call. The bias is added to the fp32 accumulators and GELU applied to them before the
 // single store.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -1,6 +1,8 @@
 // Rotary position embeddings on the query and key heads of a packed qkv, on the CPU: one pass over the tokens,
 // fp32 math, one store in the input dtype; the value heads are copied.
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

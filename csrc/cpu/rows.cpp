@@ -1,6 +1,7 @@
 // gather_rows / scatter_rows on the CPU: whole rows moved with memcpy, so every dtype works. Indices are checked
 // before any row moves, and a bad one is named in the error.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -40,7 +40,9 @@
 //
 // cu_seqlens stays on the GPU (no host sync). Its consistency (starts at 0, non-decreasing, ends at T) is checked by
 // device asserts; a sequence longer than max_seqlen is still computed in full (the blocks loop over query tiles).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>

@@ -1,6 +1,7 @@
 // GELU(x + bias) and its backward on CUDA: elementwise, grid-stride, 128-bit loads and stores when every row
 // starts 16-byte aligned (D a multiple of the vector, aligned pointers), one element at a time otherwise.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include "checks.h"

@@ -1,7 +1,10 @@
 // LayerNorm(GELU(x + bias)), the masked-LM head transform, and its backward on CUDA; the row kernels are in
 // layer_norm.cuh. The backward recomputes GELU(x + bias) and its derivative from x instead of saving them. x and bias
 // share one dtype T; weight and beta are T or float32 (layer_norm.cuh), and so are grad_weight and grad_beta.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "checks.h"

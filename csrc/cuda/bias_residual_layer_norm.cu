@@ -1,6 +1,9 @@
 // LayerNorm(x + bias + residual) and its backward on CUDA; the row kernels are in layer_norm.cuh. x, bias and residual
 // share one dtype T; weight and beta are T or float32 (layer_norm.cuh), and so are grad_weight and grad_beta.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "checks.h"

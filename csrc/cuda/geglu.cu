@@ -1,6 +1,8 @@
 // GELU(a) * g over the halves [a | g] of each row, and its input gradient, on CUDA: one thread per output element,
 // grid-stride, fp32 math.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <vector>

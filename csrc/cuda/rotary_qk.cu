@@ -1,7 +1,9 @@
 // Rotary position embeddings on the query and key heads of a packed qkv, on CUDA: one thread per (token, head, pair
 // (i, i + D/2)), grid-stride, fp32 math; the value heads are copied. Raising on an out-of-range position would need a
 // device sync (the Python wrapper checks positions where that is cheap): such a token's query and key come out NaN.
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include "checks.h"

@@ -4,7 +4,9 @@
 // its next synchronisation). Repeated indices of scatter_rows are detected on the device as the rows are mapped; they
 // are reported, with a readback, only when MTBERT_FAST_DEBUG_CHECKS=1 (read once); otherwise one of the repeated rows
 // wins. While a CUDA graph is being captured nothing is read back even then.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <torch/library.h>
 

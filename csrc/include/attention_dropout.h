@@ -2,7 +2,7 @@
 // DropoutParams every attention kernel takes.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cmath>
 #include <optional>

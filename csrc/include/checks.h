@@ -1,7 +1,7 @@
 // Input checks shared by every kernel: a failing check names the op, the tensor and what was expected.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <climits>

@@ -3,7 +3,7 @@
 // accumulators up and takes them away. attention_varlen and panel_linear run on them.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 

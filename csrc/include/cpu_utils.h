@@ -3,7 +3,7 @@
 // the LayerNorm row forward and backward that bias_residual_layer_norm and bias_gelu_layer_norm share.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
