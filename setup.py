@@ -12,6 +12,8 @@ Environment:
   CUDA_HOME                  the CUDA toolkit (torch otherwise takes it from the nvcc on PATH)
   TORCH_CUDA_ARCH_LIST       CUDA architectures (default "8.0;9.0+PTX": machine code for sm_80 and sm_90, and PTX
                              for compute_90 that the driver compiles for any newer GPU)
+  MTBERT_FAST_BUILD_ISAS     the CPU kernel builds to compile, e.g. "avx512" or "default,avx2" (default: all three
+                             on x86-64); the CPU that runs them needs one of them
   MAX_JOBS                   parallel compile jobs (ninja)
 """
 
@@ -45,10 +47,19 @@ def _sources(pattern):
 
 
 def cpu_isas():
-    """The instruction sets built: all three on x86-64, the baseline elsewhere."""
-    if platform.machine().lower() in ("x86_64", "amd64"):
-        return list(CPU_ISA_FLAGS)
-    return ["default"]
+    """The instruction sets built: those $MTBERT_FAST_BUILD_ISAS names, else all three on x86-64 and the baseline
+    elsewhere."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    wanted = os.environ.get("MTBERT_FAST_BUILD_ISAS", "").strip()
+    if not wanted:
+        return list(CPU_ISA_FLAGS) if x86 else ["default"]
+    names = [name.strip() for name in wanted.split(",") if name.strip()]
+    unknown = [name for name in names if name not in CPU_ISA_FLAGS]
+    if unknown or not names:
+        sys.exit(f"MTBERT_FAST_BUILD_ISAS={wanted!r}: name one or more of {', '.join(CPU_ISA_FLAGS)}, comma-separated")
+    if not x86 and names != ["default"]:
+        sys.exit(f"MTBERT_FAST_BUILD_ISAS={wanted!r}: {platform.machine()} builds the default kernels only")
+    return [isa for isa in CPU_ISA_FLAGS if isa in names]
 
 
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
