@@ -137,7 +137,8 @@ LOG=$BUILD/build.log
 ninja_logs() { compgen -G "$SRC/build/temp.*/*/.ninja_log" || true; }
 declare -A SEEN
 for f in $(ninja_logs); do SEEN[$f]=$(wc -l <"$f"); done
-if ! (cd "$SRC" && MTBERT_FAST_CUDA=1 "$PY" setup.py build_ext --inplace >"$LOG" 2>&1); then
+# the CPU kernels only in their baseline build: `make test` compiles and tests all of them
+if ! (cd "$SRC" && MTBERT_FAST_CUDA=1 MTBERT_FAST_BUILD_ISAS=default "$PY" setup.py build_ext --inplace >"$LOG" 2>&1); then
   echo "cuda_build_check: the CUDA build failed; the end of $LOG:" >&2
   grep -n -E "error|Error" "$LOG" | head -40 >&2 || true
   tail -n 80 "$LOG" >&2
