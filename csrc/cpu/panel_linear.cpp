@@ -1,16 +1,18 @@
 // x @ W^T + bias, optionally GELU, for a few rows of x (a short query, a small batch), CPU.
 //
-// W [N, K] is packed once into panels of kPanel columns (mtbert_fast.ops.panel_linear.pack_panels): fp32
-// [P, K, kPanel], or bf16 [P, ceil(K / 2), kPanel, 2] with each pair of reduction rows interleaved, as vdpbf16ps
+// W [N, K] is packed once into panels of kPanel columns (mtbert_fast.ops.panel_linear.pack_panels): [P, K, kPanel]
+// in W's dtype, or bf16 pairs [P, ceil(K / 2), kPanel, 2] with each pair of reduction rows interleaved, as vdpbf16ps
 // multiplies them; columns past N and the odd row past K are zero. A thread takes whole panels and runs every row
 // block of x over a panel while it sits in its cache, so each weight is read from memory once per call. With few
 // rows a call is bound by reading the weights; oneDNN's linear, blocked for many rows, reads them at about half the
 // rate there (docs/cpu-latency.md). For such x a panel is walked in chunks that stay in L1 over every row block, the
 // next chunk fetched while one runs (chunk_rows).
 //
-// Accumulation is fp32: between chunks a row block's partial sums wait in a per-thread fp32 buffer. bf16 panels use
-// the AVX512-BF16 dot product (exact products, fp32 sums); a bf16 x with fp32 panels is widened once per call. The
-// bias starts the fp32 accumulators, and GELU is applied to them before the single store of the last chunk.
+// Accumulation is fp32: between chunks a row block's partial sums wait in a per-thread fp32 buffer. bf16 pair panels
+// use the AVX512-BF16 dot product (exact products, fp32 sums). Elsewhere a bf16 weight is packed as bf16 panels of
+// rows ([P, K, kPanel]) that the fp32 products widen as they load them: half the bytes of fp32 panels to read, the
+// same results. A bf16 x with panels of rows is widened once per call. The bias starts the fp32 accumulators, and
+// GELU is applied to them before the single store of the last chunk.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
@@ -21,6 +23,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -86,34 +89,52 @@ struct PanelStore {
 // Reduction rows per chunk of a panel for x of M rows: few rows are bound by fetching the weights, and chunks that
 // stay in L1 (8 or 16 KiB of fp32 panel) over every row block, each fetched while the previous one runs, read them
 // about 1.3x as fast at 16 rows as whole panels do. From about a hundred rows on, the panels are reused enough that
-// chunking costs more (x's rows fetched again and partial sums stored per chunk) than it saves: one chunk.
+// chunking costs more (x's rows fetched again and partial sums stored per chunk) than it saves: one chunk. Measured
+// with the 3-row tiles of AVX2; the AVX-512 kernels, whose 12-row tiles pass over a panel a quarter as often, keep
+// whole panels.
 inline int64_t chunk_rows(int64_t M, int64_t Kp) {
-  if (M > 96) return Kp;
+  if (kLanes >= 16 || M > 96) return Kp;
   return M <= 32 ? 64 : 128;
 }
 
-template <typename CT, typename Epilogue, int MR = kMaxRows>
-cpu::TileFn<CT, Epilogue> pick_rows(int mr) {
+// The tile for AT rows of x over BT panels: the bf16 dot product for bf16 pairs, fp32 products otherwise (bf16
+// panels of plain rows widened as they are loaded).
+template <typename AT, typename BT, typename Epilogue>
+using PanelTile = void (*)(int64_t, const AT*, int64_t, const BT*, int64_t, const Epilogue&);
+
+template <typename AT, typename BT, typename Epilogue, int MR>
+constexpr PanelTile<AT, BT, Epilogue> tile_of() {
+  if constexpr (std::is_same<AT, BT>::value) return cpu::tile_fn<AT, MR, kPanelVecs, Epilogue>();
+  else return &cpu::tile_f32<MR, kPanelVecs, Epilogue, BT>;
+}
+
+template <typename AT, typename BT, typename Epilogue, int MR = kMaxRows>
+PanelTile<AT, BT, Epilogue> pick_rows(int mr) {
   if constexpr (MR == 1) {
-    return cpu::tile_fn<CT, 1, kPanelVecs, Epilogue>();
+    return tile_of<AT, BT, Epilogue, 1>();
   } else {
-    return mr == MR ? cpu::tile_fn<CT, MR, kPanelVecs, Epilogue>() : pick_rows<CT, Epilogue, MR - 1>(mr);
+    return mr == MR ? tile_of<AT, BT, Epilogue, MR>() : pick_rows<AT, BT, Epilogue, MR - 1>(mr);
   }
 }
 
-// out [M, N] = act(a [M, Kp] @ panels + bias); CT the compute type of a and the panels, Kp their reduction length.
-template <typename CT, typename T, bool Gelu, GeluKind K>
-void run_panels(const CT* a, int64_t M, int64_t Kp, const CT* panels, int64_t P, const float* bias, T* out,
+// out [M, N] = act(a [M, Kp] @ panels + bias); AT and BT the types of a and the panels, Kp their reduction length.
+template <typename AT, typename BT, typename T, bool Gelu, GeluKind K>
+void run_panels(const AT* a, int64_t M, int64_t Kp, const BT* panels, int64_t P, const float* bias, T* out,
                 int64_t N) {
   using Epilogue = PanelStore<T, Gelu, K>;
   // row blocks of at most kMaxRows, as even as possible (16 rows: two of 8, not 12 and 4)
   const int64_t blocks = (M + kMaxRows - 1) / kMaxRows, base = M / blocks, extra = M % blocks;
   const int64_t grain = std::max<int64_t>(1, kTaskFmas / (std::max<int64_t>(M, 4) * Kp * kPanel));
   const int64_t chunk = chunk_rows(M, Kp);
+  // bf16 panels of rows under fp32 products: a single row block widens them as it loads them; more row blocks run
+  // over a chunk widened once into fp32, since widening in every block would cost more than the products.
+  constexpr bool widened = std::is_same<AT, float>::value && !std::is_same<BT, float>::value;
+  const bool widen_once = widened && blocks > 1;
   at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
     std::vector<float> partial(chunk < Kp ? M * kPanel : 0);
+    std::vector<float> wide(widen_once ? std::min(chunk, Kp) * kPanel : 0);
     for (int64_t p = p0; p < p1; ++p) {
-      const CT* panel = panels + p * Kp * kPanel;
+      const BT* panel = panels + p * Kp * kPanel;
       for (int64_t k0 = 0; k0 < Kp; k0 += chunk) {
         const int64_t kc = std::min(chunk, Kp - k0);
         Epilogue epi{bias != nullptr ? bias + p * kPanel : nullptr, partial.data(), out + p * kPanel, N,
@@ -125,26 +146,38 @@ void run_panels(const CT* a, int64_t M, int64_t Kp, const CT* panels, int64_t P,
         const char* next_end =
             reinterpret_cast<const char*>(panels + std::min(p1 * Kp, p * Kp + k0 + kc + chunk) * kPanel);
         const int64_t share = chunk < Kp && blocks > 1 ? ((next_end - next) / 64 + blocks - 1) / blocks : 0;
-        int64_t m0 = 0;
-        for (int64_t i = 0; i < blocks; ++i) {
-          for (int64_t l = 0; l < share && next < next_end; ++l, next += 64) __builtin_prefetch(next, 0, 3);
-          const int mr = static_cast<int>(base + (i < extra ? 1 : 0));
-          pick_rows<CT, Epilogue>(mr)(kc, a + m0 * Kp + k0, Kp, panel + k0 * kPanel, kPanel, epi);
-          epi.partial += mr * kPanel;
-          epi.out += mr * N;
-          m0 += mr;
+        const auto run_blocks = [&](const auto* b) {
+          using B = std::remove_const_t<std::remove_pointer_t<decltype(b)>>;
+          int64_t m0 = 0;
+          for (int64_t i = 0; i < blocks; ++i) {
+            for (int64_t l = 0; l < share && next < next_end; ++l, next += 64) __builtin_prefetch(next, 0, 3);
+            const int mr = static_cast<int>(base + (i < extra ? 1 : 0));
+            pick_rows<AT, B, Epilogue>(mr)(kc, a + m0 * Kp + k0, Kp, b, kPanel, epi);
+            epi.partial += mr * kPanel;
+            epi.out += mr * N;
+            m0 += mr;
+          }
+        };
+        const BT* b = panel + k0 * kPanel;
+        if constexpr (widened) {
+          if (widen_once) {
+            for (int64_t e = 0; e < kc * kPanel; e += kLanes) cpu::load(b + e, cpu::Full{}).store(wide.data() + e);
+            run_blocks(static_cast<const float*>(wide.data()));
+            continue;
+          }
         }
+        run_blocks(b);
       }
     }
   });
 }
 
-template <typename CT, typename T>
-void dispatch_activation(bool gelu, GeluKind kind, const CT* a, int64_t M, int64_t Kp, const CT* panels,
+template <typename AT, typename BT, typename T>
+void dispatch_activation(bool gelu, GeluKind kind, const AT* a, int64_t M, int64_t Kp, const BT* panels,
                          int64_t P, const float* bias, T* out, int64_t N) {
-  if (!gelu) return run_panels<CT, T, false, GeluKind::Erf>(a, M, Kp, panels, P, bias, out, N);
+  if (!gelu) return run_panels<AT, BT, T, false, GeluKind::Erf>(a, M, Kp, panels, P, bias, out, N);
   cpu::dispatch_gelu(kind, [&](auto tag) {
-    run_panels<CT, T, true, decltype(tag)::value>(a, M, Kp, panels, P, bias, out, N);
+    run_panels<AT, BT, T, true, decltype(tag)::value>(a, M, Kp, panels, P, bias, out, N);
   });
 }
 
@@ -157,14 +190,15 @@ at::Tensor panel_linear_cpu(const at::Tensor& x, const at::Tensor& panels, const
   MTBF_CHECK_FLOAT_OR_BF16("panel_linear", x);
   MTBF_CHECK_FLOAT_OR_BF16("panel_linear", panels);
   const bool bf16_panels = panels.scalar_type() == at::kBFloat16;
+  const bool pairs = bf16_panels && panels.dim() == 4;  // else rows of fp32 or of bf16 widened on load
   TORCH_CHECK(!bf16_panels || x.scalar_type() == at::kBFloat16, op,
               ": bfloat16 panels multiply a bfloat16 x only, got x of dtype ", x.scalar_type());
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
-  const int64_t Kp = bf16_panels ? (K + 1) / 2 * 2 : K;
+  const int64_t Kp = pairs ? (K + 1) / 2 * 2 : K;
   const int64_t P = (N + kPanel - 1) / kPanel;
   TORCH_CHECK(N > 0, op, ": out_features must be positive, got ", N);
-  const std::vector<int64_t> want = bf16_panels ? std::vector<int64_t>{P, Kp / 2, kPanel, 2}
-                                                : std::vector<int64_t>{P, K, kPanel};
+  const std::vector<int64_t> want = pairs ? std::vector<int64_t>{P, Kp / 2, kPanel, 2}
+                                          : std::vector<int64_t>{P, K, kPanel};
   TORCH_CHECK(panels.sizes() == at::IntArrayRef(want), op, ": panels must have shape ", at::IntArrayRef(want),
               " for x of ", K, " columns and ", N, " out_features, got ", panels.sizes());
   const GeluKind kind = parse_gelu(op, approximate);
@@ -180,25 +214,30 @@ at::Tensor panel_linear_cpu(const at::Tensor& x, const at::Tensor& panels, const
   const at::Tensor w = panels.contiguous();
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0) return out;
-  if (bf16_panels) {
+  if (pairs) {
 #ifdef MTBF_BF16_DOT
     TORCH_CHECK(cpu::cpu_has_bf16_dot(), op,
-                ": bfloat16 panels need a CPU with AVX512-BF16; pack the weight as float32 panels here");
+                ": bfloat16 pair panels need a CPU with AVX512-BF16; pack the weight as panels of rows here");
     at::Tensor a = x.contiguous();
     if (Kp != K) a = at::constant_pad_nd(a, {0, 1});
     dispatch_activation(gelu, kind, a.const_data_ptr<at::BFloat16>(), M, Kp,
                         w.const_data_ptr<at::BFloat16>(), P, bias_ptr, out.mutable_data_ptr<at::BFloat16>(), N);
 #else
-    TORCH_CHECK(false, op, ": bfloat16 panels need the AVX-512 build of the CPU kernels on a CPU with AVX512-BF16; "
-                "pack the weight as float32 panels here");
+    TORCH_CHECK(false, op, ": bfloat16 pair panels need the AVX-512 build of the CPU kernels on a CPU with "
+                "AVX512-BF16; pack the weight as panels of rows here");
 #endif
     return out;
   }
   const at::Tensor a = x.to(at::kFloat).contiguous();
   cpu::dispatch_float_bf16(x.scalar_type(), [&](auto t) {
     using T = decltype(t);
-    dispatch_activation(gelu, kind, a.const_data_ptr<float>(), M, K, w.const_data_ptr<float>(), P, bias_ptr,
-                        out.mutable_data_ptr<T>(), N);
+    if (bf16_panels) {
+      dispatch_activation(gelu, kind, a.const_data_ptr<float>(), M, K, w.const_data_ptr<at::BFloat16>(), P,
+                          bias_ptr, out.mutable_data_ptr<T>(), N);
+    } else {
+      dispatch_activation(gelu, kind, a.const_data_ptr<float>(), M, K, w.const_data_ptr<float>(), P, bias_ptr,
+                          out.mutable_data_ptr<T>(), N);
+    }
   });
   return out;
 }

@@ -11,6 +11,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "cpu_utils.h"
+
 #if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 #define MTBF_BF16_DOT 1
@@ -30,13 +32,15 @@ constexpr int64_t kPair = std::is_same<CT, float>::value ? 1 : 2;
 // columns (a multiple of kLanes), and for bf16 each pair of rows interleaved ([k / 2, ldb, 2]), the layout vdpbf16ps
 // multiplies. k must be a multiple of kPair<CT>.
 
-template <int MR, int NV, typename Epilogue>
-void tile_f32(int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, const Epilogue& epi) {
+// BT: the type of b's elements, float or bf16 widened exactly to fp32 as it is loaded (half the bytes to read, for
+// tiles bound by reading b); the products and sums are fp32.
+template <int MR, int NV, typename Epilogue, typename BT = float>
+void tile_f32(int64_t k, const float* a, int64_t lda, const BT* b, int64_t ldb, const Epilogue& epi) {
   Vec acc[MR][NV];
   epi.init(acc);
   for (int64_t kk = 0; kk < k; ++kk) {
     Vec bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = Vec::loadu(b + kk * ldb + v * kLanes);
+    for (int v = 0; v < NV; ++v) bv[v] = load(b + kk * ldb + v * kLanes, Full{});
     for (int r = 0; r < MR; ++r) {
       const Vec av(a[r * lda + kk]);
       for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(av, bv[v], acc[r][v]);

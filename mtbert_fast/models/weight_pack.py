@@ -16,7 +16,7 @@ A pack costs one more copy of the weight's memory, freed with the weight.
 
 oneDNN multiplies bf16 only on CPUs with AVX-512 (BW, VL and DQ) or AVX-NE-CONVERT. Elsewhere (an AVX2 CPU) a bf16
 weight's oneDNN pack is float32, twice the weight's memory: its products run on the float32 kernels, with the
-same exact products and float32 sums as a bf16 product (see `onednn_weight`).
+same exact products and float32 sums as a bf16 product (see `onednn_weight`). Its panels stay bf16 everywhere.
 """
 
 from __future__ import annotations

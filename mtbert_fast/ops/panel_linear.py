@@ -5,9 +5,10 @@ bound by reading the weights; oneDNN's linear, blocked for many rows, reads them
 16 rows (docs/cpu-latency.md). The CPU kernel streams each panel of PANEL columns once per call and runs all the rows
 over it. Inference only (no autograd): the encoder calls it where it calls oneDNN's linear, for inputs of few rows.
 
-Panels (`pack_panels`): fp32 weights as fp32 [P, K, PANEL]; bf16 weights, where the CPU multiplies bf16 pairs
-(AVX512-BF16), as bf16 [P, ceil(K / 2), PANEL, 2] with each pair of reduction rows interleaved; elsewhere as fp32
-panels, which a bf16 x multiplies after widening. Columns past N and the odd row past K are zero.
+Panels (`pack_panels`): [P, K, PANEL] in the weight's dtype; bf16 weights, where the CPU multiplies bf16 pairs
+(AVX512-BF16), as bf16 [P, ceil(K / 2), PANEL, 2] with each pair of reduction rows interleaved. Elsewhere the kernel
+widens bf16 panels to fp32 as it loads them, which reads half the bytes of fp32 panels for the same products, and a
+bf16 x is widened once per call. Columns past N and the odd row past K are zero.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     if weight.dtype == torch.bfloat16 and bf16_pairs():
         w = F.pad(w, (0, k % 2, 0, p * PANEL - n))  # [P * PANEL, Kp]
         return w.view(p, PANEL, -1, 2).permute(0, 2, 1, 3).contiguous()
-    w = F.pad(w.float(), (0, 0, 0, p * PANEL - n))
+    w = F.pad(w, (0, 0, 0, p * PANEL - n))
     return w.view(p, PANEL, k).transpose(1, 2).contiguous()
 
 
@@ -84,12 +85,9 @@ def _check(x, panels, bias, out_features) -> None:
     if out_features <= 0:
         raise ValueError(f"{op}: out_features must be positive, got {out_features}")
     k, p = x.shape[1], -(-out_features // PANEL)
-    if panels.dtype == torch.bfloat16:
-        if x.dtype != torch.bfloat16:
-            raise TypeError(f"{op}: bfloat16 panels multiply a bfloat16 x only, got x of dtype {x.dtype}")
-        want = (p, -(-k // 2), PANEL, 2)
-    else:
-        want = (p, k, PANEL)
+    if panels.dtype == torch.bfloat16 and x.dtype != torch.bfloat16:
+        raise TypeError(f"{op}: bfloat16 panels multiply a bfloat16 x only, got x of dtype {x.dtype}")
+    want = (p, -(-k // 2), PANEL, 2) if panels.dtype == torch.bfloat16 and panels.dim() == 4 else (p, k, PANEL)
     if tuple(panels.shape) != want:
         raise ValueError(f"{op}: panels must have shape {want} for x of {k} columns and {out_features} out_features "
                          f"(pack_panels of an [{out_features}, {k}] weight), got {tuple(panels.shape)}")

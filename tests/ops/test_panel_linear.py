@@ -30,8 +30,8 @@ def _native(x, w, bias, gelu, approximate):
                                    (40, 33, 95), (25, 768, 96), (7, 201, 33), (50, 301, 70), (301, 96, 70)])
 def test_kernel_against_the_reference(backend, dtype, M, K, N, gelu, approximate):
     """Every row count against the tiles (1..12 rows, blocks split evenly), odd K (bf16 pairs pad it), a tail
-    panel, the fp32 and bf16 panels, and K walked in chunks of 64 or 128 with a shorter last one (x of up to 96
-    rows)."""
+    panel, the fp32 and bf16 panels, and K walked in chunks of 64 or 128 with a shorter last one (the AVX2 kernels,
+    x of up to 96 rows)."""
     x, w, bias = backend.to(rand(M, K, dtype=dtype), rand(N, K, seed=1, scale=K**-0.5, dtype=dtype),
                             rand(N, seed=2, dtype=dtype))
     panels = ops.pack_panels(w.cpu()).to(backend.device)
@@ -54,6 +54,21 @@ def test_bf16_rows_on_fp32_panels(backend):
     want = F.gelu(F.linear(x.float(), w, bias))
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), want, atol=0.0, rtol=2**-8)
+
+
+@pytest.mark.parametrize("gelu,approximate", ACTIVATIONS)
+@pytest.mark.parametrize("M,K,N", [(1, 70, 50), (16, 201, 33), (50, 301, 70), (120, 40, 64)])
+def test_bf16_panels_of_rows_equal_fp32_panels(backend, M, K, N, gelu, approximate, monkeypatch):
+    """bf16 panels of rows (what a CPU without AVX512-BF16 packs a bf16 weight into), widened as they are loaded:
+    bit for bit what fp32 panels of the same weight give, in half their bytes."""
+    monkeypatch.setattr(panel_module, "bf16_pairs", lambda: False)
+    x, w, bias = (rand(M, K, dtype=torch.bfloat16), rand(N, K, seed=1, scale=K**-0.5, dtype=torch.bfloat16),
+                  rand(N, seed=2, dtype=torch.bfloat16))
+    rows = ops.pack_panels(w)
+    assert rows.dtype == torch.bfloat16 and rows.shape == (-(-N // 32), K, 32)
+    out = backend.forward(x, rows, bias, N, gelu, approximate)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, backend.forward(x, ops.pack_panels(w.float()), bias, N, gelu, approximate))
 
 
 @pytest.mark.parametrize("isa,pairs,want", [
@@ -83,7 +98,7 @@ def test_panels_unpack_to_the_weight(pairs, monkeypatch):
         panels = ops.pack_panels(w)
         bf16_layout = pairs and dtype == torch.bfloat16
         assert panels.shape == ((2, 5, 32, 2) if bf16_layout else (2, 9, 32))
-        assert panels.dtype == (torch.bfloat16 if bf16_layout else torch.float32)
+        assert panels.dtype == dtype
         unpacked = reference.unpack_panels(panels, 45)
         assert torch.equal(unpacked[:, :9], w.to(panels.dtype))
         assert not unpacked[:, 9:].any()
