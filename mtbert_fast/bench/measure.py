@@ -655,7 +655,10 @@ def run(cfg: BenchConfig) -> tuple[list[Result], dict[str, str], dict[str, str]]
     _progress(f"measuring the GEMM rate on {device} ({', '.join(cfg.dtypes)}), {threads} threads")
     gemm = {d: harness.gemm_flops_per_s(DTYPES[d], device) for d in cfg.dtypes}
     results, skipped = [], {}
-    with torch.inference_mode():
+    # no_grad, not inference_mode: weights loaded (or copied) under inference_mode are inference tensors, which have
+    # no version counter, so the encoder never packs them (weight_pack) and every call would pay for oneDNN's weight
+    # reorder and skip panel_linear, as in a user's process that loads its model that way
+    with torch.no_grad():
         for name in cfg.models:
             _progress(f"loading {name}")
             results += _model_runs(cfg, _load_model(name), device, sentences, gemm, threads, skipped)
