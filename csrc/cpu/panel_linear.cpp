@@ -161,7 +161,8 @@ void run_panels(const AT* a, int64_t M, int64_t Kp, const BT* panels, int64_t P,
         const BT* b = panel + k0 * kPanel;
         if constexpr (widened) {
           if (widen_once) {
-            for (int64_t e = 0; e < kc * kPanel; e += kLanes) cpu::load(b + e, cpu::Full{}).store(wide.data() + e);
+            cpu::for_each_vec(kc * kPanel,
+                              [&](int64_t e, auto n) { cpu::store(wide.data() + e, cpu::load(b + e, n), n); });
             run_blocks(static_cast<const float*>(wide.data()));
             continue;
           }
