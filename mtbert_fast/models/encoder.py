@@ -30,6 +30,7 @@ from mtbert_fast.ops.attention_varlen import OP as attention_varlen_op
 from mtbert_fast.ops.bias_residual_layer_norm import OP as bias_residual_layer_norm_op
 from mtbert_fast.ops.panel_linear import OP as panel_linear_op
 from mtbert_fast.ops.panel_linear import encoder_rows as panel_rows
+from mtbert_fast.ops.post_norm_layers import OP as post_norm_layers_op
 from mtbert_fast.ops.dispatch import requested_backend
 
 
@@ -547,6 +548,29 @@ def position_terms(config: EncoderConfig, w: DisentangledWeights, packed: Packed
     return terms
 
 
+def _post_norm_stack(config: EncoderConfig, layers: Sequence, x: torch.Tensor, packed: PackedBatch,
+                     backend: str | None) -> list[torch.Tensor] | None:
+    """Every layer's tensors for one post_norm_layers call, where that kernel runs exactly what layer_forward would:
+    CPU inference on panel_linear's few rows (no autograd, autocast or tracing), float post-norm layers with every
+    bias and norm parameter, each weight packed in panels; else None. The caller has excluded DeBERTa's position
+    terms, observers and per-layer outputs."""
+    if (config.pre_norm or torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or x.shape[0] > panel_rows(x.dtype)):
+        return None
+    if packed.kernel_backend(post_norm_layers_op.name, x, backend) != "cpu":
+        return None
+    weights = []
+    for w in layers:
+        if not isinstance(w, LayerWeights) or any(t is None for t in w) or not _onednn_ok(x, w, backend):
+            return None
+        panels = [panel_weight(t) for t in (w.qkv_weight, w.attn_out_weight, w.ffn_in_weight, w.ffn_out_weight)]
+        if any(p is None for p in panels):
+            return None
+        weights += [panels[0], w.qkv_bias, panels[1], w.attn_out_bias, w.attn_norm_weight, w.attn_norm_bias,
+                    panels[2], w.ffn_in_bias, panels[3], w.ffn_out_bias, w.ffn_norm_weight, w.ffn_norm_bias]
+    return weights or None
+
+
 def encode(
     config: EncoderConfig,
     embeddings: EmbeddingWeights,
@@ -615,22 +639,30 @@ def encode(
     states = [x] if output_hidden_states else None
     if config.int8_reason is not None and any(isinstance(w, Int8LayerWeights) for w in layers):
         raise UnsupportedModelError(config.int8_reason)
-    for i, w in enumerate(layers):
-        if config.pre_norm:
-            x = pre_norm_layer_forward(config, w, x, packed, config.layer_types[i], rotary, training, backend)
-        elif isinstance(w, Int8LayerWeights):
-            if training:
-                raise RuntimeError("an int8 model runs inference only: call model.eval() (train the float model, "
-                                   "then quantize it)")
-            # an int8 layer before another one hands it its output already quantized for the QKV product
-            following = layers[i + 1] if i + 1 < len(layers) else None
-            next_smooth = following.qkv.smooth if isinstance(following, Int8LayerWeights) else None
-            x = int8_layer_forward(config, w, x, packed, backend, next_smooth, rel_bias)
-        else:
-            x = layer_forward(config, w, x, packed, training, backend, observe(i) if observe is not None else None,
-                              rel_bias, terms[i] if terms is not None else None)
-        if states is not None:
-            states.append(x[0] if isinstance(x, tuple) else x)
+    stack = None
+    if not training and observe is None and states is None and terms is None:
+        stack = _post_norm_stack(config, layers, x, packed, backend)
+    if stack is not None:  # the layers below, kernel for kernel, called from C++
+        x = post_norm_layers_op.kernel("cpu")(x, packed.cu_seqlens, packed.max_seqlen, stack,
+                                              config.num_attention_heads, config.attention_scale,
+                                              config.layer_norm_eps, config.gelu_approximate, rel_bias)
+    else:
+        for i, w in enumerate(layers):
+            if config.pre_norm:
+                x = pre_norm_layer_forward(config, w, x, packed, config.layer_types[i], rotary, training, backend)
+            elif isinstance(w, Int8LayerWeights):
+                if training:
+                    raise RuntimeError("an int8 model runs inference only: call model.eval() (train the float model, "
+                                       "then quantize it)")
+                # an int8 layer before another one hands it its output already quantized for the QKV product
+                following = layers[i + 1] if i + 1 < len(layers) else None
+                next_smooth = following.qkv.smooth if isinstance(following, Int8LayerWeights) else None
+                x = int8_layer_forward(config, w, x, packed, backend, next_smooth, rel_bias)
+            else:
+                x = layer_forward(config, w, x, packed, training, backend, observe(i) if observe is not None else None,
+                                  rel_bias, terms[i] if terms is not None else None)
+            if states is not None:
+                states.append(x[0] if isinstance(x, tuple) else x)
     if final_norm is not None:
         x = F.layer_norm(x, (x.shape[-1],), *final_norm, config.layer_norm_eps)
         if states is not None:  # as HF's ModernBertModel reports them

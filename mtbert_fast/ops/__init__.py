@@ -12,6 +12,7 @@ from mtbert_fast.ops.int8 import (
 )
 from mtbert_fast.ops.mlm_gather_loss import mlm_gather_loss
 from mtbert_fast.ops.panel_linear import pack_panels, panel_linear
+from mtbert_fast.ops.post_norm_layers import post_norm_layers
 from mtbert_fast.ops.rotary_qk import rotary_qk, rotary_tables
 from mtbert_fast.ops.rows import gather_rows, pad, scatter_rows, unpad, unpad_indices
 
@@ -34,6 +35,7 @@ __all__ = [
     "pack_panels",
     "pad",
     "panel_linear",
+    "post_norm_layers",
     "quantize_rows",
     "rotary_qk",
     "rotary_tables",

@@ -74,8 +74,9 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     return w.view(p, PANEL, k).transpose(1, 2).contiguous()
 
 
-def _check(x, panels, bias, out_features) -> None:
-    op = "panel_linear"
+def check_product(op: str, x, panels, bias, out_features) -> None:
+    """Raises, with `op` leading the message, where x, panels and bias cannot make a panel_linear product of
+    out_features columns."""
     if x.dim() != 2:
         raise ValueError(f"{op}: x must be [rows, K], got shape {tuple(x.shape)}")
     if x.dtype not in CPU_DTYPES or panels.dtype not in CPU_DTYPES:
@@ -103,7 +104,7 @@ def panel_linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | Non
     """x [M, K] @ W^T + bias -> [M, out_features] in x's dtype, with GELU (approximate "none" or "tanh") when gelu;
     panels = pack_panels(W) for W [out_features, K]. Accumulates in fp32."""
     check_gelu("panel_linear", approximate)
-    _check(x, panels, bias, out_features)
+    check_product("panel_linear", x, panels, bias, out_features)
     return OP(x, panels, bias, out_features, gelu, approximate, backend=backend)
 
 

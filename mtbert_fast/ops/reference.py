@@ -138,6 +138,25 @@ def attention_varlen(
     return out.to(qkv.dtype)
 
 
+def post_norm_layers(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, weights: list[torch.Tensor],
+                     heads: int, scale: float, eps: float, approximate: str,
+                     rel_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Post-norm (BERT) encoder layers on packed tokens.  x [T, H]; weights: 12 per layer (QKV panels, its bias
+    [3H], the attention output's panels and bias [H], that norm's weight and bias [H], the intermediate panels and
+    bias [I], the output's panels and bias [H], that norm's weight and bias [H]) -> [T, H]. Each layer:
+    x = LN(attention(x Wqkv^T + bqkv) Wo^T + bo + x), x = LN(GELU(x Wi^T + bi) Wf^T + bf + x), in x's dtype
+    between the steps, as the kernels store them."""
+    t, h = x.shape
+    for i in range(0, len(weights), 12):
+        wqkv, bqkv, wo, bo, g1, b1, wi, bi, wf, bf, g2, b2 = weights[i:i + 12]
+        qkv = panel_linear(x, wqkv, bqkv, 3 * h, False, "none").view(t, 3, heads, h // heads)
+        ctx = attention_varlen(qkv, cu_seqlens, max_seqlen, scale, rel_bias=rel_bias).reshape(t, h)
+        x = bias_residual_layer_norm(panel_linear(ctx, wo, None, h, False, "none"), bo, x, g1, b1, eps)
+        inner = panel_linear(x, wi, bi, bi.shape[0], True, approximate)
+        x = bias_residual_layer_norm(panel_linear(inner, wf, None, h, False, "none"), bf, x, g2, b2, eps)
+    return x
+
+
 def mlm_gather_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -235,7 +235,8 @@ def test_inference_layer_equals_the_checked_wrapper_path(bert_config, model_back
 def test_inference_chooses_each_kernel_once_per_forward(bert_config, model_backend, make_hf, ragged_batch,
                                                          monkeypatch):
     """Every layer hands attention and the LayerNorms inputs of one shape and dtype: the dispatch runs once per op
-    and forward, and the batch remembers the choice."""
+    and forward, and the batch remembers the choice. (Every layer's output is asked for, so the layers run one by
+    one, not in one post_norm_layers call.)"""
     from mtbert_fast.ops import dispatch
 
     config = bert_config(num_hidden_layers=3)
@@ -249,7 +250,7 @@ def test_inference_chooses_each_kernel_once_per_forward(bert_config, model_backe
 
     monkeypatch.setattr(dispatch, "choose", spy)
     with torch.no_grad():
-        out = fast(ids, mask)
+        out = fast(ids, mask, output_hidden_states=True)
     assert set(out.packed.kernels) == {"attention_varlen", "bias_residual_layer_norm"}
     if model_backend == "reference":  # the reference runs the ops' wrappers, which choose again
         assert set(out.packed.kernels.values()) == {"reference"}

@@ -234,3 +234,36 @@ def test_swapped_model_sees_in_place_edits(route, bert_config, make_hf, ragged_b
                            layer.output.dense):
                 linear.weight.mul_(1.5)
         assert_close(model(ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("family", ["bert", "distilbert", "mpnet"])
+def test_panel_route_runs_the_layers_in_one_call(family, dtype, bert_config, distilbert_config, mpnet_config,
+                                                 make_hf, ragged_batch, monkeypatch):
+    """On the panel route, inference runs every layer in one post_norm_layers call (MPNet's relative position bias
+    too), with the result of the layers run one by one, bit for bit; a forward that asks for every layer's output,
+    or records gradients, runs them one by one."""
+    from transformers import DistilBertModel, MPNetModel
+
+    monkeypatch.setattr(encoder, "panel_rows", lambda dtype: 1 << 30)
+    config = {"bert": bert_config, "distilbert": distilbert_config, "mpnet": mpnet_config}[family]()
+    cls = {"bert": BertModel, "distilbert": DistilBertModel, "mpnet": MPNetModel}[family]
+    fast = FastBertModel.from_hf(make_hf(cls, config), dtype=dtype).eval()
+    ids, mask = ragged_batch(config, [7, 1, 12])
+    stack_kernel = encoder.post_norm_layers_op.kernel("cpu")
+    calls = []
+
+    def spy(x, *args):
+        calls.append(len(args[2]))
+        return stack_kernel(x, *args)
+
+    monkeypatch.setitem(encoder.post_norm_layers_op._kernels, ("cpu", "forward"), spy)
+    with torch.no_grad():
+        stacked = fast(ids, mask)
+        assert calls == [12 * config.num_hidden_layers]
+        by_layer = fast(ids, mask, output_hidden_states=True)
+        assert len(calls) == 1
+    assert torch.equal(stacked.last_hidden_state, by_layer.last_hidden_state)
+    with torch.enable_grad():
+        fast(ids, mask)
+    assert len(calls) == 1

@@ -40,6 +40,8 @@ def _forward_args(name, device):
         # 40 out_features: a whole panel and a part of one
         "panel_linear": lambda: (x, ops.pack_panels(rand(40, 12, seed=14)).to(device).transpose(1, 2).contiguous()
                                  .transpose(1, 2), rand(80, seed=15, device=device)[::2], 40, True, "tanh"),
+        "post_norm_layers": lambda: (x, cu_seqlens([3, 2], device), 3, _layer_args(device), 2, 0.3, 1e-12, "tanh",
+                                     rand(2, 5, seed=16, device=device)),
         **{name: (lambda name=name: _int8_args(name, device)) for name in INT8_PRODUCTS},
         "scatter_rows": lambda: (x[:3], torch.tensor([4, 0, 2], device=device), 6),
         "geglu": lambda: (rand(12, 5, seed=1, device=device).t()[:, 2:], "tanh"),
@@ -51,6 +53,16 @@ def _forward_args(name, device):
 
 INT8_PRODUCTS = ("int8_linear", "int8_linear_gelu_quantize", "int8_linear_residual_layer_norm",
                  "int8_linear_residual_layer_norm_quantize")
+
+
+def _layer_args(device):
+    """One post-norm layer's 12 tensors for x of 12 columns (an intermediate size of 20), vectors strided."""
+    shapes = [(36, 12), (72,), (12, 12), (24,), (24,), (24,), (20, 12), (40,), (12, 20), (24,), (24,), (24,)]
+    out = []
+    for i, shape in enumerate(shapes):
+        t = rand(*shape, seed=20 + i, scale=0.3)
+        out.append(ops.pack_panels(t).to(device) if t.dim() == 2 else t.to(device)[::2])
+    return out
 
 
 def _int8_args(name, device):
@@ -110,12 +122,13 @@ def _grad_leaves(args, requires_grad, op_name=None):
 def test_every_op_has_a_reference_and_a_cpu_kernel():
     assert set(registry.OPS) == {"attention_varlen", "bias_gelu", "bias_gelu_layer_norm", "bias_residual_layer_norm",
                                  "gather_rows", "mlm_gather_loss", "scatter_rows", "quantize_rows", "rotary_qk",
-                                 "geglu", "panel_linear", *INT8_PRODUCTS}
+                                 "geglu", "panel_linear", "post_norm_layers", *INT8_PRODUCTS}
     for name, op in registry.OPS.items():
         assert callable(op.reference), name
         assert "cpu" in op.backends, name
         assert set(op.backends) <= set(registry.KERNEL_BACKENDS), name
-        inference_only = ("gather_rows", "scatter_rows", "quantize_rows", "panel_linear", *INT8_PRODUCTS)
+        inference_only = ("gather_rows", "scatter_rows", "quantize_rows", "panel_linear", "post_norm_layers",
+                          *INT8_PRODUCTS)
         # rotary_qk's backward is its own forward, rotating back
         assert (op.backward_schema is None) == (name in (*inference_only, "rotary_qk")), name
 
@@ -200,7 +213,8 @@ def test_fakes_describe_the_kernels_outputs(op_name, backend):
     for fn, fn_args in cases:
         real = _call(fn, fn_args, backend.name)
         with FakeTensorMode() as mode:
-            fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in fn_args]
+            fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor)
+                         else [mode.from_tensor(t) for t in a] if isinstance(a, list) else a for a in fn_args]
             fake = _call(fn, fake_args, backend.name)
         assert len(fake) == len(real)
         for i, (f, r) in enumerate(zip(fake, real)):
@@ -220,6 +234,7 @@ _WRAPPERS = {
     "rotary_qk": lambda q, c, s, p, inverse, **k: ops.rotary_qk(q, c, s, p, **k),
     "geglu": lambda x, a, **k: ops.geglu(x, a, **k),
     "panel_linear": lambda x, p, b, n, g, a, **k: ops.panel_linear(x, p, b, n, gelu=g, approximate=a, **k),
+    "post_norm_layers": lambda *a, **k: ops.post_norm_layers(*a, **k),
     # the ops' arguments 6 and 7 (outlier_x, outlier_w) are the wrappers' `outliers`, the GELU op's last its `keep`
     "int8_linear": lambda *a, **k: ops.int8_linear(*a[:6], outliers=a[6:8], **k),
     "int8_linear_gelu_quantize": lambda *a, **k: ops.int8_linear_gelu_quantize(*a[:6], *a[8:10], outliers=a[6:8],

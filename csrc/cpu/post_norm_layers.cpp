@@ -1,0 +1,99 @@
+// A stack of post-norm encoder layers (BERT's) on packed tokens, for inference on the CPU, in one call.
+//
+// Each layer is the encoder's inference layer, kernel for kernel:
+//   qkv = x @ Wqkv^T + bqkv                                  panel_linear
+//   ctx = attention_varlen(qkv, cu_seqlens, max_seqlen)      (rel_bias added to the scores where given)
+//   x   = LayerNorm(ctx @ Wo^T + bo + x)                     panel_linear, bias_residual_layer_norm
+//   h   = GELU(x @ Wi^T + bi)                                panel_linear with its GELU epilogue
+//   x   = LayerNorm(h @ Wf^T + bf + x)                       panel_linear, bias_residual_layer_norm
+// so its output equals the layer-by-layer calls bit for bit. A short input spends a large share of a forward between
+// the kernels when they are called one by one from Python (argument parsing, the op dispatch, the layer's own code):
+// here the kernels follow each other through the C++ dispatcher.
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "checks.h"
+
+namespace mtbert_fast {
+namespace {
+
+constexpr int64_t kPerLayer = 12;  // tensors per layer in `weights`
+
+using PanelLinear = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, bool,
+                               c10::string_view);
+using Attention = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t, double, double,
+                                                     const std::optional<at::Tensor>&,
+                                                     const std::optional<at::Tensor>&, int64_t,
+                                                     const std::optional<at::Tensor>&,
+                                                     const std::optional<at::Tensor>&,
+                                                     const std::optional<at::Tensor>&);
+using ResidualNorm = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                    const at::Tensor&, const at::Tensor&,
+                                                                    const at::Tensor&, double);
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> kernel_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// weights: per layer, in order, [Wqkv panels, bqkv [3H], Wo panels, bo [H], norm weight [H], norm bias [H],
+// Wi panels, bi [I], Wf panels, bf [H], norm weight [H], norm bias [H]]; the panels of pack_panels.
+at::Tensor post_norm_layers_cpu(const at::Tensor& x,           // [T, H]
+                                const at::Tensor& cu_seqlens,  // int32 [B + 1]
+                                int64_t max_seqlen, at::TensorList weights, int64_t heads, double scale, double eps,
+                                c10::string_view approximate,
+                                const std::optional<at::Tensor>& rel_bias) {  // fp32 [heads, 2R + 1]
+  constexpr const char* op = "post_norm_layers";
+  MTBF_CHECK_DEVICE_TYPE("post_norm_layers", x, c10::DeviceType::CPU);
+  MTBF_CHECK_DIM("post_norm_layers", x, 2);
+  MTBF_CHECK_FLOAT_OR_BF16("post_norm_layers", x);
+  const int64_t T = x.size(0), H = x.size(1);
+  TORCH_CHECK(heads > 0 && H % heads == 0, op, ": the hidden size ", H, " (x's columns) must be a multiple of heads, "
+              "got heads = ", heads);
+  TORCH_CHECK(!weights.empty() && weights.size() % kPerLayer == 0, op, ": weights must hold ", kPerLayer,
+              " tensors per layer and at least one layer, got ", weights.size());
+  const int64_t layers = static_cast<int64_t>(weights.size()) / kPerLayer;
+  for (int64_t i = 0; i < layers; ++i) {
+    const at::Tensor* w = weights.data() + i * kPerLayer;
+    const std::tuple<int, const char*, int64_t> vectors[] = {
+        {1, "the QKV bias [3H]", 3 * H},         {3, "the attention output bias [H]", H},
+        {4, "the attention norm's weight [H]", H}, {5, "the attention norm's bias [H]", H},
+        {7, "the intermediate bias [I]", 0}, {9, "the output bias [H]", H},
+        {10, "the output norm's weight [H]", H},  {11, "the output norm's bias [H]", H}};
+    for (const auto& [k, what, n] : vectors) {
+      // n == 0: any positive length (I is the intermediate panels' width)
+      TORCH_CHECK(w[k].dim() == 1 && (n == 0 ? w[k].size(0) > 0 : w[k].size(0) == n), op, ": weights[",
+                  i * kPerLayer + k, "] (layer ", i, ", ", what, ") must be a vector of ",
+                  n == 0 ? std::string("I > 0") : std::to_string(n), " elements for x of ", H,
+                  " columns, got shape ", w[k].sizes());
+    }
+  }
+  static const auto linear = kernel_op<PanelLinear>("mtbert_fast_C::panel_linear");
+  static const auto attention = kernel_op<Attention>("mtbert_fast_C::attention_varlen");
+  static const auto residual_norm = kernel_op<ResidualNorm>("mtbert_fast_C::bias_residual_layer_norm");
+  const std::optional<at::Tensor> none;
+  at::Tensor h = x;
+  for (int64_t i = 0; i < layers; ++i) {
+    const at::Tensor* w = weights.data() + i * kPerLayer;
+    const at::Tensor qkv = linear.call(h, w[0], w[1], 3 * H, false, "none").view({T, 3, heads, H / heads});
+    const at::Tensor ctx = std::get<0>(attention.call(qkv, cu_seqlens, max_seqlen, scale, 0.0, none, rel_bias, -1,
+                                                      none, none, none));
+    h = std::get<0>(residual_norm.call(linear.call(ctx.view({T, H}), w[2], none, H, false, "none"), w[3], h, w[4],
+                                       w[5], eps));
+    const at::Tensor inner = linear.call(h, w[6], w[7], w[7].size(0), true, approximate);
+    h = std::get<0>(residual_norm.call(linear.call(inner, w[8], none, H, false, "none"), w[9], h, w[10], w[11],
+                                       eps));
+  }
+  return h;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtbert_fast_C, CPU, m) { m.impl("post_norm_layers", &post_norm_layers_cpu); }
+
+}  // namespace mtbert_fast

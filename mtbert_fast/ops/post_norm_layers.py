@@ -1,0 +1,88 @@
+"""post_norm_layers: a stack of post-norm (BERT) encoder layers on packed tokens, in one call, for CPU inference.
+
+Each layer is the encoder's inference layer on weights packed by `pack_panels`, kernel for kernel: the QKV product
+(panel_linear), attention_varlen, the attention output's product and bias_residual_layer_norm, the intermediate
+product with its GELU, the output product and bias_residual_layer_norm; its result equals those calls made one by
+one, bit for bit. On a short input (one query of a few tokens) a forward spends a large share of its time between
+those kernels when Python calls them; here they follow each other in C++. Inference only (no autograd).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from mtbert_fast.ops import reference
+from mtbert_fast.ops._checks import check_gelu
+from mtbert_fast.ops.panel_linear import check_product
+from mtbert_fast.ops.registry import CPU_DTYPES, Backend, Op
+
+PER_LAYER = 12  # tensors per layer in `weights`
+# where each layer's vectors sit in its 12 tensors, and what they are
+_VECTORS = {1: "the QKV bias [3H]", 3: "the attention output bias [H]", 4: "the attention norm's weight [H]",
+            5: "the attention norm's bias [H]", 7: "the intermediate bias [I]", 9: "the output bias [H]",
+            10: "the output norm's weight [H]", 11: "the output norm's bias [H]"}
+
+
+def layer_weights(qkv_panels, qkv_bias, out_panels, out_bias, attn_norm_weight, attn_norm_bias, inner_panels,
+                  inner_bias, ffn_out_panels, ffn_out_bias, ffn_norm_weight, ffn_norm_bias) -> list[torch.Tensor]:
+    """One layer's 12 tensors in the order post_norm_layers reads them."""
+    return [qkv_panels, qkv_bias, out_panels, out_bias, attn_norm_weight, attn_norm_bias, inner_panels, inner_bias,
+            ffn_out_panels, ffn_out_bias, ffn_norm_weight, ffn_norm_bias]
+
+
+def _check(x: torch.Tensor, weights: Sequence[torch.Tensor], heads: int) -> None:
+    op = "post_norm_layers"
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be [T, H], got shape {tuple(x.shape)}")
+    if x.dtype not in CPU_DTYPES:
+        raise TypeError(f"{op}: x must be float32 or bfloat16, got {x.dtype}")
+    h = x.shape[1]
+    if heads <= 0 or h % heads:
+        raise ValueError(f"{op}: the hidden size {h} (x's columns) must be a multiple of heads, got heads = {heads}")
+    if not weights or len(weights) % PER_LAYER:
+        raise ValueError(f"{op}: weights must hold {PER_LAYER} tensors per layer and at least one layer, got "
+                         f"{len(weights)}")
+    for i in range(0, len(weights), PER_LAYER):
+        w = weights[i:i + PER_LAYER]
+        inner = w[7].shape[0] if w[7].dim() == 1 else 0
+        for k, what in _VECTORS.items():
+            n = {1: 3 * h, 7: inner}.get(k, h)
+            if w[k].dim() != 1 or w[k].shape[0] != n or n == 0:
+                raise ValueError(f"{op}: weights[{i + k}] (layer {i // PER_LAYER}, {what}) must be a vector of "
+                                 f"{n or 'I > 0'} elements for x of {h} columns, got shape {tuple(w[k].shape)}")
+        for k, rows, cols in ((0, h, 3 * h), (2, h, h), (6, h, inner), (8, inner, h)):
+            check_product(f"{op}: weights[{i + k}] (layer {i // PER_LAYER})", x.new_empty((0, rows)), w[k], None,
+                          cols)
+
+
+def post_norm_layers(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, weights: Sequence[torch.Tensor],
+                     heads: int, scale: float, eps: float = 1e-12, approximate: str = "none",
+                     rel_bias: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
+    """x [T, H] through len(weights) / 12 post-norm encoder layers -> [T, H] in x's dtype.
+
+    cu_seqlens int32 [B+1] and max_seqlen as for attention_varlen; weights: each layer's 12 tensors in the order of
+    `layer_weights` (panels from pack_panels of each [out_features, in_features] weight, in x's dtype); heads the
+    attention heads, scale the scores' scale, eps the LayerNorms' epsilon, approximate GELU's form ("none" or
+    "tanh"); rel_bias fp32 [heads, 2R+1], a relative position bias added to every layer's scores (MPNet), or None.
+    """
+    check_gelu("post_norm_layers", approximate)
+    weights = list(weights)
+    _check(x, weights, heads)
+    return OP(x, cu_seqlens, max_seqlen, weights, heads, scale, eps, approximate, rel_bias, backend=backend)
+
+
+def _fake(x, cu_seqlens, max_seqlen, weights, heads, scale, eps, approximate, rel_bias):
+    return x.new_empty(x.shape)
+
+
+OP = Op(
+    name="post_norm_layers",
+    # x [T, H], cu_seqlens int32 [B+1], weights 12 per layer (see layer_weights), rel_bias fp32 [heads, 2R+1] -> [T, H]
+    schema="(Tensor x, Tensor cu_seqlens, int max_seqlen, Tensor[] weights, int heads, float scale, float eps, "
+           "str approximate, Tensor? rel_bias=None) -> Tensor",
+    reference=reference.post_norm_layers,
+    backends={"cpu": Backend(dtypes=CPU_DTYPES)},
+    fake=_fake,
+)

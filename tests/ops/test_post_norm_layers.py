@@ -1,0 +1,125 @@
+"""post_norm_layers, a stack of post-norm encoder layers in one call, on every backend that runs here: against the
+reference, against the same kernels called one by one (bit for bit), and its errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtbert_fast import ops
+from mtbert_fast.ops import reference
+from mtbert_fast.ops.post_norm_layers import layer_weights
+from op_testing import assert_close, cu_seqlens, rand
+
+OP_NAME = "post_norm_layers"
+
+
+def _layer(h, inner, dtype, seed):
+    """One layer's plain weights: (Wqkv, bqkv, Wo, bo, g1, b1, Wi, bi, Wf, bf, g2, b2)."""
+    s = seed * 20
+    return (rand(3 * h, h, seed=s, scale=h**-0.5, dtype=dtype), rand(3 * h, seed=s + 1, scale=0.1, dtype=dtype),
+            rand(h, h, seed=s + 2, scale=h**-0.5, dtype=dtype), rand(h, seed=s + 3, scale=0.1, dtype=dtype),
+            1 + rand(h, seed=s + 4, scale=0.1, dtype=dtype), rand(h, seed=s + 5, scale=0.1, dtype=dtype),
+            rand(inner, h, seed=s + 6, scale=h**-0.5, dtype=dtype), rand(inner, seed=s + 7, scale=0.1, dtype=dtype),
+            rand(h, inner, seed=s + 8, scale=inner**-0.5, dtype=dtype), rand(h, seed=s + 9, scale=0.1, dtype=dtype),
+            1 + rand(h, seed=s + 10, scale=0.1, dtype=dtype), rand(h, seed=s + 11, scale=0.1, dtype=dtype))
+
+
+def _packed(plain):
+    """The op's 12 tensors of a layer: each matrix as panels."""
+    return layer_weights(*(ops.pack_panels(t) if t.dim() == 2 else t for t in plain))
+
+
+def _native(x, lengths, layers, heads, scale, eps, approximate, rel_bias):
+    """The layers in x's dtype with PyTorch's own ops (softmax attention per sequence)."""
+    t, h = x.shape
+    for wqkv, bqkv, wo, bo, g1, b1, wi, bi, wf, bf, g2, b2 in layers:
+        q, k, v = F.linear(x, wqkv, bqkv).view(t, 3, heads, h // heads).unbind(1)
+        ctx, start = [], 0
+        for n in lengths:
+            s = torch.einsum("ihd,jhd->hij", q[start:start + n], k[start:start + n]) * scale
+            if rel_bias is not None:
+                r = (rel_bias.shape[1] - 1) // 2
+                pos = torch.arange(n)
+                s = s + rel_bias.to(s.dtype)[:, (pos[None, :] - pos[:, None]).clamp(-r, r) + r]
+            ctx.append(torch.einsum("hij,jhd->ihd", s.softmax(-1), v[start:start + n]))
+            start += n
+        a = F.linear(torch.cat(ctx).reshape(t, h), wo, bo) + x
+        x = F.layer_norm(a, (h,), g1, b1, eps)
+        f = F.linear(F.gelu(F.linear(x, wi, bi), approximate=approximate), wf, bf) + x
+        x = F.layer_norm(f, (h,), g2, b2, eps)
+    return x
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("relative", [False, True])
+@pytest.mark.parametrize("lengths,h,heads,inner", [([1], 8, 2, 8), ([5, 1, 12], 24, 3, 40), ([17, 30], 64, 4, 96)])
+def test_kernel_against_the_reference(backend, dtype, lengths, h, heads, inner, approximate, relative):
+    """Ragged sequences down to one token, head sizes of 4 to 16, an intermediate size with a part panel (40), two
+    layers; with and without a relative position bias."""
+    t, scale, eps = sum(lengths), 1 / math.sqrt(h // heads), 1e-12
+    plain = [_layer(h, inner, dtype, seed) for seed in (1, 2)]
+    weights = [w for layer in plain for w in _packed(layer)]
+    rel_bias = rand(heads, 2 * max(lengths) - 1, seed=7) if relative else None
+    x, cu = backend.to(rand(t, h, seed=3, dtype=dtype), cu_seqlens(lengths))
+    out = backend.forward(x, cu, max(lengths), backend.to(*weights), heads, scale, eps, approximate, rel_bias)
+    assert out.dtype == dtype and out.shape == (t, h)
+    ref = reference.post_norm_layers(x.float(), cu, max(lengths), [w.float() for w in weights], heads, scale, eps,
+                                     approximate, rel_bias)
+    native = _native(x, lengths, plain, heads, scale, eps, approximate, rel_bias)
+    assert_close(out, ref, native, dtype, atol=1e-5, rtol=1e-5)
+
+
+def test_equals_the_kernels_called_one_by_one(backend, dtype):
+    """The stack runs exactly the encoder's per-layer kernels: the same result, bit for bit."""
+    lengths, h, heads, inner = [9, 3], 48, 4, 72
+    t, scale, eps = sum(lengths), 0.25, 1e-12
+    weights = [w for seed in (1, 2, 3) for w in _packed(_layer(h, inner, dtype, seed))]
+    x, cu = rand(t, h, seed=3, dtype=dtype), cu_seqlens(lengths)
+    out = backend.forward(x, cu, max(lengths), weights, heads, scale, eps, "none", None)
+    want = x
+    for i in range(0, len(weights), 12):
+        wqkv, bqkv, wo, bo, g1, b1, wi, bi, wf, bf, g2, b2 = weights[i:i + 12]
+        qkv = ops.panel_linear(want, wqkv, bqkv, 3 * h).view(t, 3, heads, h // heads)
+        ctx = ops.attention_varlen(qkv, cu, max(lengths), scale).reshape(t, h)
+        want = ops.bias_residual_layer_norm(ops.panel_linear(ctx, wo, None, h), bo, want, g1, b1, eps)
+        inner_out = ops.panel_linear(want, wi, bi, inner, gelu=True)
+        want = ops.bias_residual_layer_norm(ops.panel_linear(inner_out, wf, None, h), bf, want, g2, b2, eps)
+    assert torch.equal(out, want)
+
+
+def _args(dtype=torch.float32, layers=1):
+    weights = [w for seed in range(1, layers + 1) for w in _packed(_layer(16, 24, dtype, seed))]
+    return rand(6, 16, dtype=dtype), cu_seqlens([2, 4]), 4, weights, 2, 0.25
+
+
+@pytest.mark.parametrize("call", ["wrapper", "kernel"])
+def test_errors_name_the_problem(backend, call):
+    x, cu, max_seqlen, weights, heads, scale = _args(layers=2)
+    run = ops.post_norm_layers if call == "wrapper" else (
+        lambda *a: backend.forward(*a, 1e-12, "none", None))
+    with pytest.raises((ValueError, RuntimeError), match="12 tensors per layer"):
+        run(x, cu, max_seqlen, weights[:-1], heads, scale)
+    with pytest.raises((ValueError, RuntimeError), match="12 tensors per layer"):
+        run(x, cu, max_seqlen, [], heads, scale)
+    with pytest.raises((ValueError, RuntimeError), match="multiple of heads"):
+        run(x, cu, max_seqlen, weights, 3, scale)
+    bad = list(weights)
+    bad[12 + 9] = bad[12 + 9][:-1]
+    with pytest.raises((ValueError, RuntimeError), match=r"weights\[21\] \(layer 1, the output bias \[H\]\).*16"):
+        run(x, cu, max_seqlen, bad, heads, scale)
+    bad = list(weights)
+    bad[6] = ops.pack_panels(rand(24, 12))
+    with pytest.raises((ValueError, RuntimeError), match="panels must have shape"):
+        run(x, cu, max_seqlen, bad, heads, scale)
+    with pytest.raises((ValueError, RuntimeError), match="x must"):
+        run(x[None], cu, max_seqlen, weights, heads, scale)
+
+
+def test_wrapper_refuses_a_gelu_it_does_not_know():
+    x, cu, max_seqlen, weights, heads, scale = _args()
+    with pytest.raises(ValueError, match="approximate"):
+        ops.post_norm_layers(x, cu, max_seqlen, weights, heads, scale, approximate="sigmoid")
