@@ -76,6 +76,7 @@ class _QKVFusion:
                 p.data = view
             setattr(self, kind, buf)
         self.versions = self._weight_versions()
+        self.addresses = self._addresses()
 
     def _weight_versions(self) -> tuple[int, ...] | None:
         weights = [_param(lin, "weight") for lin in self.linears]
@@ -83,16 +84,13 @@ class _QKVFusion:
             return None
         return tuple(w._version for w in weights)
 
+    def _addresses(self) -> tuple[int, ...]:
+        return tuple(_param(lin, kind).data_ptr() for kind in ("weight", "bias") for lin in self.linears)
+
     def _intact(self) -> bool:
-        for kind in ("weight", "bias"):
-            buf = getattr(self, kind)
-            offset = 0
-            for lin in self.linears:
-                p = _param(lin, kind)
-                if p.dtype != buf.dtype or p.device != buf.device or p.data_ptr() != buf.data_ptr() + offset:
-                    return False
-                offset += p.numel() * p.element_size()
-        return True
+        """Whether every parameter is still its view of the fused buffers: .to(), .half() or assigning a parameter
+        gives it other memory, and while the buffers live no other tensor can take their addresses."""
+        return self._addresses() == self.addresses
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The fused [3H, H] weight and [3H] bias; concatenated afresh when autograd must reach the parameters."""
@@ -274,7 +272,7 @@ def _swapped_forward(
         disentangled=state.disentangled(self, layers),
     )
     # after encode(), which has validated the mask
-    if pooler is not None and attention_mask is not None and bool((attention_mask[:, 0] == 0).any()):
+    if pooler is not None and not out.packed.all_real and bool((attention_mask[:, 0] == 0).any()):
         warnings.warn(
             "left-padded batch: the swapped pooler reads each row's first real token, where HF's reads position 0 "
             "(a padding slot), so pooler_output and the heads that read it differ from HF's there; pad on the right "

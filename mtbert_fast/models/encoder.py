@@ -103,6 +103,18 @@ class PackedBatch:
         """Packed row of each sequence's first real token (its CLS with right padding): int64 [batch]."""
         return self.cu_seqlens[:-1].long()
 
+    def first_tokens(self, packed: torch.Tensor) -> torch.Tensor:
+        """packed [T, ...] -> the rows of each sequence's first real token, [batch, ...] (a view when nothing is
+        padded)."""
+        if self.all_real:
+            return packed[:: self.seqlen]
+        return gather_rows(packed, self.first_token_rows)
+
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        """t [batch, seqlen, ...] -> its real tokens' entries [T, ...] (a view when nothing is padded)."""
+        flat = t.reshape((self.batch * self.seqlen,) + tuple(t.shape[2:]))
+        return flat if self.all_real else gather_rows(flat, self.indices)
+
     def pad(self, packed: torch.Tensor) -> torch.Tensor:
         """packed [T, ...] -> [batch, seqlen, ...], zeros at the padding; a view of `packed` when there is none."""
         if self.all_real:
@@ -181,7 +193,12 @@ def validate_inputs(
         if attention_mask.dtype.is_complex:
             raise TypeError(f"attention_mask must hold integers, bools or floats (1 = real token, 0 = padding), got "
                             f"{attention_mask.dtype}")
-        if attention_mask.dtype != torch.bool:
+        # an integer mask within [0, 1] holds only 0 and 1, and one whose least value is 1 has no padding at all:
+        # one pass over it on the common path (a float mask may hold fractions: its values are compared)
+        lo = hi = None
+        if attention_mask.dtype != torch.bool and not attention_mask.dtype.is_floating_point:
+            lo, hi = (int(v) for v in torch.aminmax(attention_mask))
+        if attention_mask.dtype != torch.bool and (lo is None or lo < 0 or hi > 1):
             other = attention_mask[(attention_mask != 0) & (attention_mask != 1)]
             if other.numel() and attention_mask.dtype.is_floating_point:
                 raise ValueError(
@@ -191,9 +208,10 @@ def validate_inputs(
                 )
             if other.numel():
                 raise ValueError(f"attention_mask must hold only 0 and 1, it holds {int(other[0])}")
-        empty = (attention_mask == 0).all(dim=1).nonzero()
-        if empty.numel():
-            raise ValueError(f"row {int(empty[0])} of attention_mask has no real token")
+        if lo != 1:
+            empty = (attention_mask == 0).all(dim=1).nonzero()
+            if empty.numel():
+                raise ValueError(f"row {int(empty[0])} of attention_mask has no real token")
         if config.relative_positions:
             _check_no_holes(config, attention_mask != 0)
     if token_type_ids is not None:
@@ -299,16 +317,24 @@ def packed_positions(
     b, l = packed.batch, packed.seqlen
     padding_idx = config.position_padding_idx
     if position_ids is not None:
-        positions = gather_rows(position_ids.expand(b, l).reshape(-1).long(), packed.indices)
+        positions = packed.rows(position_ids.expand(b, l).long())
     elif padding_idx is not None and input_ids is not None:
         # RoBERTa and MPNet count non-padding tokens from the padding id + 1 (fairseq's make_positions)
         real = input_ids.ne(padding_idx).long()
         numbered = torch.cumsum(real, dim=1) * real + padding_idx
-        positions = gather_rows(numbered.reshape(-1), packed.indices)
+        positions = packed.rows(numbered)
     else:
         positions = packed.indices % l
         if padding_idx is not None:
             positions = positions + padding_idx + 1
+        if packed.all_real:  # every row numbers 0 .. l - 1 (after the padding id): the last is the largest
+            last = l - 1 + (padding_idx + 1 if padding_idx is not None else 0)
+            if last >= config.max_position_embeddings:
+                raise ValueError(
+                    f"position id {last} is outside [0, {config.max_position_embeddings}): a sequence of {l} tokens "
+                    "is longer than the model's max_position_embeddings allows"
+                )
+            return positions
     if positions.numel():
         lo, hi = torch.aminmax(positions)
         if position_ids is not None and (lo < 0 or hi >= config.max_position_embeddings):
@@ -339,12 +365,11 @@ def embed_packed(
     """LayerNorm(word + token_type + position embeddings) of the real tokens only, projected to H where the
     embedding width differs (ELECTRA) -> [T, H]."""
     if inputs_embeds is not None:
-        x = gather_rows(inputs_embeds.reshape(-1, inputs_embeds.shape[-1]), packed.indices)
+        x = packed.rows(inputs_embeds)
     else:
-        ids = gather_rows(input_ids.reshape(-1).long(), packed.indices)
-        x = F.embedding(ids, w.word)
+        x = F.embedding(packed.rows(input_ids.long()), w.word)
     if token_type_ids is not None:
-        x = x + F.embedding(gather_rows(token_type_ids.reshape(-1).long(), packed.indices), w.token_type)
+        x = x + F.embedding(packed.rows(token_type_ids.long()), w.token_type)
     elif w.token_type is not None:
         x = x + w.token_type[0]
     if w.position is not None:
@@ -557,11 +582,11 @@ def _post_norm_stack(config: EncoderConfig, layers: Sequence, x: torch.Tensor, p
     if (config.pre_norm or torch.is_grad_enabled() or torch.compiler.is_compiling()
             or x.shape[0] > panel_rows(x.dtype)):
         return None
-    if packed.kernel_backend(post_norm_layers_op.name, x, backend) != "cpu":
+    if packed.kernel_backend(post_norm_layers_op.name, x, backend) != "cpu" or not _onednn_ok(x, (), backend):
         return None
     weights = []
     for w in layers:
-        if not isinstance(w, LayerWeights) or any(t is None for t in w) or not _onednn_ok(x, w, backend):
+        if not isinstance(w, LayerWeights) or any(t is None or t.dtype != x.dtype for t in w):
             return None
         panels = [panel_weight(t) for t in (w.qkv_weight, w.attn_out_weight, w.ffn_in_weight, w.ffn_out_weight)]
         if any(p is None for p in panels):
@@ -671,7 +696,7 @@ def encode(
     pooled = None
     if pooler is not None:
         linear = _Linear(_onednn_ok(x, pooler, backend), backend)
-        pooled = torch.tanh(linear(gather_rows(x, packed.first_token_rows), *pooler))
+        pooled = torch.tanh(linear(packed.first_tokens(x), *pooler))
     return EncoderOutput(
         pooler_output=pooled,
         packed_hidden_state=x,
