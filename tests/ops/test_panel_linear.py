@@ -27,11 +27,12 @@ def _native(x, w, bias, gelu, approximate):
 
 @pytest.mark.parametrize("gelu,approximate", ACTIVATIONS)
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (1, 384, 1152), (3, 7, 33), (13, 31, 64), (16, 64, 40),
-                                   (40, 33, 95), (25, 768, 96), (7, 201, 33), (50, 301, 70), (301, 96, 70)])
+                                   (40, 33, 95), (25, 768, 96), (7, 201, 33), (50, 301, 70), (301, 96, 70),
+                                   (130, 700, 40)])
 def test_kernel_against_the_reference(backend, dtype, M, K, N, gelu, approximate):
     """Every row count against the tiles (1..12 rows, blocks split evenly), odd K (bf16 pairs pad it), a tail
-    panel, the fp32 and bf16 panels, and K walked in chunks of 64 or 128 with a shorter last one (the AVX2 kernels,
-    x of up to 96 rows)."""
+    panel, the fp32 and bf16 panels, and K walked in chunks of 64 or 128 (the AVX2 kernels, x of up to 96 rows) or
+    512 (97-384 rows) with a shorter last one."""
     x, w, bias = backend.to(rand(M, K, dtype=dtype), rand(N, K, seed=1, scale=K**-0.5, dtype=dtype),
                             rand(N, seed=2, dtype=dtype))
     panels = ops.pack_panels(w.cpu()).to(backend.device)
