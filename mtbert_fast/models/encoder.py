@@ -582,7 +582,9 @@ def _post_norm_stack(config: EncoderConfig, layers: Sequence, x: torch.Tensor, p
     if (config.pre_norm or torch.is_grad_enabled() or torch.compiler.is_compiling()
             or x.shape[0] > panel_rows(x.dtype)):
         return None
-    if packed.kernel_backend(post_norm_layers_op.name, x, backend) != "cpu" or not _onednn_ok(x, (), backend):
+    # a CPU tensor and a backend of auto or cpu first: asked for another backend, the dispatch would refuse this
+    # CPU-only op rather than let the layers run there
+    if not _onednn_ok(x, (), backend) or packed.kernel_backend(post_norm_layers_op.name, x, backend) != "cpu":
         return None
     weights = []
     for w in layers:

@@ -267,3 +267,24 @@ def test_panel_route_runs_the_layers_in_one_call(family, dtype, bert_config, dis
     with torch.enable_grad():
         fast(ids, mask)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
+def test_layers_in_one_call_defer_to_a_forced_backend(backend, bert_config, make_hf, monkeypatch):
+    """Asked for a backend other than cpu (a GPU's, or the reference), the encoder does not take the CPU-only
+    post_norm_layers call, whose dispatch would refuse that backend: the layers run one by one on the backend asked
+    for, or fail there with its own reason."""
+    monkeypatch.setattr(encoder, "panel_rows", lambda dtype: 1 << 30)
+    config = bert_config()
+    fast = FastBertModel.from_hf(make_hf(BertModel, config))
+    layers = [layer.weights() for layer in fast.layers]
+    x = torch.randn(5, config.hidden_size)
+    on_meta = torch.empty(5, config.hidden_size, device="meta")
+
+    def stack(t, asked):
+        return encoder._post_norm_stack(fast.config, layers, t, encoder.PackedBatch.dense(1, 5, x.device), asked)
+
+    with torch.no_grad():
+        assert stack(x, backend) is None
+        assert stack(x, "cpu") is not None
+        assert stack(on_meta, None) is None
