@@ -31,6 +31,7 @@ from mtbert_fast.ops.bias_residual_layer_norm import OP as bias_residual_layer_n
 from mtbert_fast.ops.panel_linear import OP as panel_linear_op
 from mtbert_fast.ops.panel_linear import encoder_rows as panel_rows
 from mtbert_fast.ops.post_norm_layers import OP as post_norm_layers_op
+from mtbert_fast.ops.post_norm_layers import layer_weights
 from mtbert_fast.ops.dispatch import requested_backend
 
 
@@ -593,8 +594,9 @@ def _post_norm_stack(config: EncoderConfig, layers: Sequence, x: torch.Tensor, p
         panels = [panel_weight(t) for t in (w.qkv_weight, w.attn_out_weight, w.ffn_in_weight, w.ffn_out_weight)]
         if any(p is None for p in panels):
             return None
-        weights += [panels[0], w.qkv_bias, panels[1], w.attn_out_bias, w.attn_norm_weight, w.attn_norm_bias,
-                    panels[2], w.ffn_in_bias, panels[3], w.ffn_out_bias, w.ffn_norm_weight, w.ffn_norm_bias]
+        weights += layer_weights(panels[0], w.qkv_bias, panels[1], w.attn_out_bias, w.attn_norm_weight,
+                                 w.attn_norm_bias, panels[2], w.ffn_in_bias, panels[3], w.ffn_out_bias,
+                                 w.ffn_norm_weight, w.ffn_norm_bias)
     return weights or None
 
 
