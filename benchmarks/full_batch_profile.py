@@ -11,8 +11,9 @@ Every token is real (no padding). Per model and dtype, in one process, interleav
   - gemm: [1024, 768] x [768, 3072] by oneDNN with the weight packed as the encoder packs it, and the same product
     with a plain weight and with F.linear, 8 products per timed call; the fastest route is the GEMM rate of the
     roofline;
-  - linears alone: the encoder's four products of one layer (QKV, output, FFN up with GELU, FFN down) on packed
-    weights, times the layers: what the linears cost with nothing around them;
+  - linears alone: the encoder's four products of one layer (QKV, output, FFN up with GELU, FFN down) on the
+    kernel the encoder runs them on at this many rows (panel_linear or oneDNN's linear) and its packed weights, times
+    the layers: what the linears cost with nothing around them;
   - attention alone: attention_varlen on one layer's [T, 3, heads, head_dim], times the layers.
 FLOPs are exact (harness.encoder_flops): every linear including the pooler, and attention's two products Q K^T
 and P V, 4 L^2 H per layer per sequence; elementwise work is not counted. The roofline fraction is FLOPs / time /
@@ -48,14 +49,16 @@ import torch.nn.functional as F  # noqa: E402
 
 from mtbert_fast import FastBertModel  # noqa: E402
 from mtbert_fast.bench import harness, measure  # noqa: E402
-from mtbert_fast.models.weight_pack import onednn_weight  # noqa: E402
+from mtbert_fast.models.weight_pack import onednn_weight, panel_weight  # noqa: E402
 from mtbert_fast.ops import attention_varlen  # noqa: E402
+from mtbert_fast.ops.panel_linear import encoder_rows as panel_rows  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 OV_PRECISION = {"float32": "f32", "bfloat16": None}  # None: the plugin's default
 PARTS = {  # profiler event name -> part
     "mkldnn::_linear_pointwise": "linears",
     "aten::addmm": "linears",
+    "mtbert_fast_C::panel_linear": "linears",
     "mtbert_fast_C::attention_varlen": "attention",
     "mtbert_fast_C::bias_residual_layer_norm": "layernorm",
     "aten::native_layer_norm": "layernorm",
@@ -123,20 +126,31 @@ def gemm_routes(dtype: torch.dtype, shape=harness.GEMM_SHAPE) -> dict:
 
 
 def linears_alone(fast: FastBertModel, tokens: int):
-    """One layer's four products on packed weights with nothing around them."""
+    """One layer's four products with nothing around them, on the route the encoder takes for `tokens` rows:
+    panel_linear where it hands them that kernel (see mtbert_fast.ops.panel_linear.encoder_rows), else oneDNN's linear,
+    each on its packed weight."""
     layer = fast.layers[0]
     g = torch.Generator().manual_seed(0)
     h, i = fast.config.hidden_size, fast.config.intermediate_size
     x = torch.randn(tokens, h, generator=g).to(fast.dtype)
     inner = torch.randn(tokens, i, generator=g).to(fast.dtype)
     approximate = fast.config.gelu_approximate
-    lp = torch.ops.mkldnn._linear_pointwise
+    products = ((x, layer.qkv, None), (x, layer.attn_out, None), (x, layer.ffn_in, approximate),
+                (inner, layer.ffn_out, None))
+    if tokens <= panel_rows(fast.dtype) and all(panel_weight(m.weight) is not None for _, m, _ in products):
+        panel_linear = torch.ops.mtbert_fast_C.panel_linear
+
+        def product(a, m, gelu):
+            return panel_linear(a, panel_weight(m.weight), m.bias, m.weight.shape[0], gelu is not None,
+                                gelu or "none")
+    else:
+        def product(a, m, gelu):
+            return torch.ops.mkldnn._linear_pointwise(a, onednn_weight(m.weight), m.bias,
+                                                      "none" if gelu is None else "gelu", [], gelu or "")
 
     def run():
-        lp(x, onednn_weight(layer.qkv.weight), layer.qkv.bias, "none", [], "")
-        lp(x, onednn_weight(layer.attn_out.weight), layer.attn_out.bias, "none", [], "")
-        lp(x, onednn_weight(layer.ffn_in.weight), layer.ffn_in.bias, "gelu", [], approximate)
-        lp(inner, onednn_weight(layer.ffn_out.weight), layer.ffn_out.bias, "none", [], "")
+        for a, m, gelu in products:
+            product(a, m, gelu)
 
     return run
 
