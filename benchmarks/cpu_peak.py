@@ -7,8 +7,9 @@ rate is what the core's vector units can issue: the ceiling of any product built
   - fp32 fma: vfmadd231ps, 8 (AVX2) or 16 (AVX-512) multiply-adds an instruction;
   - int8 via int16: vpmaddwd + vpaddd on uint8 and int8 values widened to int16, 16 an instruction pair; the exact
     uint8 x int8 product on a CPU without VNNI;
-  - int8 via maddubs: vpmaddubsw + vpmaddwd + vpaddd, 32 a triple; exact only for activations of 7 bits (0..127),
-    since the pairs of 8-bit products saturate in int16;
+  - int8 via maddubs: vpmaddubsw + vpmaddwd + vpaddd, 32 a triple; the pairs of 8-bit products saturate in int16,
+    so it is exact only for activations of 7 bits (0..127) or weights whose neighbouring entries of one sign sum to
+    at most 128 in magnitude (what mtbert_fast's int8 weights keep to on such CPUs);
   - AVX-512 only, where the CPU has them: vpdpbusd (VNNI, 64 a instruction) and vdpbf16ps (AVX512-BF16, 32).
 Rates are giga multiply-adds a second (GMAC/s; fp32 GFLOP/s are twice that) on one thread and on --threads threads
 (each thread its own chains), the median of --rounds rounds, and each mix's rate over fp32 fma's in the same round.

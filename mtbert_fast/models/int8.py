@@ -20,6 +20,11 @@ tens of times larger than the rest, which random weights do not have):
     calibration inputs of those columns correlate, so that the product's output on such inputs moves least.
     Synthetic ids are not text, and compensating for their correlations made real sentences worse: there the
     weights are rounded to nearest.
+On CPUs without VNNI, oneDNN's int8 product adds neighbouring columns in int16 and is exact only for weights whose
+pairs of one sign sum to at most PAIR_LIMIT (128) in magnitude (mtbert_fast.ops.int8). There each row's scale is
+also large enough for its largest such pair to round within the limit, and GPTQ clamps an odd column to what its
+pair's even column leaves, so every weight runs on the int8 product (about twice the float32 rate there) with the
+same exact sums.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from mtbert_fast.ops import (
 )
 from mtbert_fast.ops.int8 import (
     INT8_LINEAR, INT8_LINEAR_GELU_QUANTIZE, INT8_LINEAR_RESIDUAL_LAYER_NORM, INT8_LINEAR_RESIDUAL_LAYER_NORM_QUANTIZE,
-    QUANTIZE_ROWS, PackedInt8Weight, int8_sums_unchecked,
+    PAIR_LIMIT, QUANTIZE_ROWS, PackedInt8Weight, int8_sums_unchecked, pair_sums, weight_pairs_limited,
 )
 
 DEFAULT_SMOOTHING = 0.5
@@ -92,14 +97,38 @@ class Int8LayerWeights(NamedTuple):
     ffn_norm_bias: torch.Tensor
 
 
+def clamp_pair_(odd: torch.Tensor, even: torch.Tensor) -> torch.Tensor:
+    """Clamps the rounded column 2i + 1 (in place) so that with the rounded column 2i beside it no two entries of
+    one sign sum past PAIR_LIMIT in magnitude."""
+    return odd.clamp_(torch.where(even < 0, -PAIR_LIMIT - even, -127), torch.where(even > 0, PAIR_LIMIT - even, 127))
+
+
+def round_to_nearest(weight: torch.Tensor, scale: torch.Tensor, pairs: bool = False) -> torch.Tensor:
+    """weight [N, K] over its per-row scale [N], rounded to the nearest int8 in [-127, 127]; with `pairs`, each odd
+    column then clamped against its even neighbour (clamp_pair_: a no-op for a scale from `weight_scale`)."""
+    q = torch.round(weight / scale[:, None]).clamp_(-127, 127)
+    if pairs:
+        clamp_pair_(q[:, 1::2], q[:, 0:q.shape[1] // 2 * 2:2])
+    return q.to(torch.int8)
+
+
+def weight_scale(weight: torch.Tensor, pairs: bool = False) -> torch.Tensor:
+    """The per-row scale [N] of weight [N, K]: its largest |entry| over 127, and with `pairs` at least its largest
+    sum of neighbouring entries of one sign over PAIR_LIMIT (pair_sums), so that rounding to nearest keeps every such
+    pair within the limit (two entries whose exact sum is at most 128 steps round to at most 128)."""
+    scale = weight.abs().amax(1).clamp_min(1e-12) / 127
+    return torch.maximum(scale, pair_sums(weight) / PAIR_LIMIT) if pairs else scale
+
+
 def gptq_round(weight: torch.Tensor, scale: torch.Tensor, gram: torch.Tensor, damping: float = GPTQ_DAMPING,
-               block: int = GPTQ_BLOCK) -> torch.Tensor:
+               block: int = GPTQ_BLOCK, pairs: bool = False) -> torch.Tensor:
     """weight [N, K] rounded to int8 on the per-row scale [N] so that x @ weight^T moves least for inputs x whose
     X^T X is gram [K, K] (GPTQ: Frantar et al., 2022). With gram damped (`damping` times the mean of its diagonal
     added to the diagonal) and U the upper Cholesky factor of its inverse, the columns are rounded in order, each to
-    the nearest step (clamped to [-127, 127]) of the column as the earlier ones left it, and its rounding error,
-    divided by U's pivot, is taken from the later columns along U's row. Columns no input reached (a zero on gram's
-    diagonal) are rounded to nearest and pass nothing on."""
+    the nearest step (clamped to [-127, 127], and with `pairs` an odd column to what clamp_pair_ leaves beside its
+    even neighbour) of the column as the earlier ones left it, and its rounding error, divided by U's pivot, is
+    taken from the later columns along U's row. Columns no input reached (a zero on gram's diagonal) are rounded to
+    nearest and pass nothing on."""
     n, k = weight.shape
     if gram.shape != (k, k):
         raise ValueError(f"gptq_round: gram must be [{k}, {k}] (weight's columns), got {tuple(gram.shape)}")
@@ -123,6 +152,8 @@ def gptq_round(weight: torch.Tensor, scale: torch.Tensor, gram: torch.Tensor, da
         err = torch.empty(b1 - b0, n)
         for i in range(b1 - b0):
             torch.round(wt[b0 + i] / step, out=qt[b0 + i]).clamp_(-127, 127)
+            if pairs and (b0 + i) % 2:
+                clamp_pair_(qt[b0 + i], qt[b0 + i - 1])
             torch.div(wt[b0 + i] - qt[b0 + i] * step, ub[i, i], out=err[i])
             wt[b0 + i + 1:b1].addr_(ub[i, i + 1:], err[i], alpha=-1)
         wt[b1:].addmm_(u[b0:b1, b1:].t(), err, alpha=-1)
@@ -144,12 +175,13 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor, input_absmax: torc
     inliers = torch.ones_like(s, dtype=torch.bool)
     inliers[outliers] = False
     ws = w * s * inliers
-    scale = ws.abs().amax(1).clamp_min(1e-12) / 127
+    pairs = weight_pairs_limited()
+    scale = weight_scale(ws, pairs)
     if gram is None:
-        q = torch.round(ws / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        q = round_to_nearest(ws, scale, pairs)
     else:  # the smoothed inputs are x / s, 0 at the outlier channels: their X^T X is gram / (s s^T) there
         inv = inliers / s
-        q = gptq_round(ws, scale, inv[:, None] * gram * inv[None, :])
+        q = gptq_round(ws, scale, inv[:, None] * gram * inv[None, :], pairs=pairs)
     return Int8Linear(q, pack_int8_weight(q), scale, q.float().sum(1), bias.detach().clone(),
                       (inliers / s).contiguous(), outliers, w[:, outliers].t().contiguous())
 

@@ -14,10 +14,14 @@ weight row n lies in [255 * (sum of w[n]'s negative entries), 255 * (sum of its 
 bound is below 2^24 in magnitude, fp32 holds every sum exactly. A weight past that bound (all-MiniLM-L6-v2's largest
 is 2^22.7, a random bert-base's 2^23.6: docs/cpu-int8.md) is not packed, and its sums come from `torch._int_mm`
 in int32. oneDNN's uint8 x int8 product is checked once against an exact one on inputs that overflow an int16 pair
-(CPUs without VNNI multiply through int16 and saturate). Where it fails, the weight is packed for oneDNN's float32
-product instead, which multiplies q and the weight widened to fp32: every product and every partial sum is an
-integer below the same 2^24 bound, so those sums are exact too. That runs at the float32 rate, where torch._int_mm
-on such a CPU (an AVX2 one) runs 20-30x slower.
+(CPUs without VNNI multiply through int16 and saturate). Where it fails, its sums are still exact for a weight
+whose neighbouring entries (columns 2i and 2i + 1, the pair the int16 step adds) of the same sign sum to at most
+PAIR_LIMIT (128) in magnitude, since 255 * 128 fits an int16: a second check confirms that oneDNN pairs the columns
+so here (`onednn_int8_pairs`), and mtbert_fast.models.int8 then quantizes the weights to keep every pair within the
+limit (`pairs_safe`). Any other weight is packed for oneDNN's float32 product instead, which multiplies q and the
+weight widened to fp32: every product and every partial sum is an integer below the same 2^24 bound, so those sums
+are exact too. That runs at the float32 rate, where torch._int_mm on such a CPU (an AVX2 one) runs 20-30x slower,
+and the int8 product on pair-safe weights at about twice it.
 """
 
 from __future__ import annotations
@@ -104,6 +108,57 @@ def onednn_int8_exact() -> bool:
     return bool(torch.equal(got, (q.to(torch.int64) @ w.to(torch.int64).T).float()))
 
 
+# the largest |w[2i] + w[2i + 1]| of two entries of one sign for which 255 * it fits an int16 (255 * 128 = 32,640)
+PAIR_LIMIT = 128
+
+
+def pair_sums(weight: torch.Tensor) -> torch.Tensor:
+    """Per row of weight [M, K] (int8 or float), the largest magnitude of a sum of two neighbouring entries (columns
+    2i and 2i + 1) of the same sign: [M], in weight's dtype widened (int64 or fp32). An odd K's last column pairs
+    with nothing."""
+    w = weight if weight.is_floating_point() else weight.to(torch.int64)
+    if w.shape[1] % 2:
+        w = torch.nn.functional.pad(w, (0, 1))
+    even, odd = w[:, 0::2], w[:, 1::2]
+    pos = even.clamp(min=0) + odd.clamp(min=0)
+    neg = even.clamp(max=0) + odd.clamp(max=0)
+    return torch.maximum(pos, -neg).amax(1) if w.shape[1] else w.new_zeros(w.shape[0])
+
+
+def pairs_safe(weight: torch.Tensor) -> bool:
+    """Whether every pair of neighbouring entries (columns 2i and 2i + 1) of one sign in the int8 weight sums to at
+    most PAIR_LIMIT in magnitude: the weights whose uint8 products through int16 pairs cannot saturate."""
+    return bool((pair_sums(weight) <= PAIR_LIMIT).all())
+
+
+@functools.cache
+def onednn_int8_pairs() -> bool:
+    """Whether oneDNN's int8 linear runs here and returns exact sums for 255 x weights that are pairs_safe, at widths
+    of one, a few and many rows, where some pairs sum to PAIR_LIMIT and the misaligned pairs (2i + 1, 2i + 2)
+    would overflow: it adds columns 2i and 2i + 1 in int16, and nothing else there. True wherever
+    onednn_int8_exact() is."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")):
+        return False
+    k, n = 70, 12
+    rows = [[127, 1, 0, 127], [64, 64, -64, -64], [-127, 0, 0, -127], [1, 127, 127, 1]]
+    w = torch.tensor([(r * (k // 4 + 1))[:k] for r in rows] * (n // len(rows)), dtype=torch.int8)
+    try:
+        packed = torch.ops.onednn.qlinear_prepack(w, None)
+        for m in (1, 5, 130):
+            q = torch.full((m, k), 255, dtype=torch.uint8)
+            if not torch.equal(_onednn_sums(q, packed, n), (q.to(torch.int64) @ w.to(torch.int64).T).float()):
+                return False
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+def weight_pairs_limited() -> bool:
+    """Whether the int8 weights should be quantized pairs_safe: where oneDNN's int8 product is exact only for such
+    weights (CPUs without VNNI). Elsewhere any int8 weight runs on it."""
+    return not onednn_int8_exact() and onednn_int8_pairs()
+
+
 @functools.lru_cache(maxsize=64)
 def _unit_weight_quantization(out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
     """oneDNN's per-channel weight scales (1) and zero points (0): made once per width, not on every product."""
@@ -125,13 +180,13 @@ def _onednn_float32() -> bool:
 
 class PackedInt8Weight:
     """oneDNN's packed copy of an int8 weight [M, K] (an opaque tensor, which has no storage to copy or save): for
-    its int8 product where that is exact here, else (`float_sums`) the weight widened to fp32 for its float32
-    product. It is never written, so copies of a model share it; pickling stores the plain weight and packs it again
-    on loading."""
+    its int8 product where that is exact here for this weight (on any weight, or on pairs_safe ones), else
+    (`float_sums`) the weight widened to fp32 for its float32 product. It is never written, so copies of a model
+    share it; pickling stores the plain weight and packs it again on loading (on the route of that machine)."""
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
-        self.float_sums = not onednn_int8_exact()
+        self.float_sums = not (onednn_int8_exact() or (onednn_int8_pairs() and pairs_safe(weight)))
         if self.float_sums:
             self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight.float())
         else:

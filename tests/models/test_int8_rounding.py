@@ -8,6 +8,7 @@ import torch
 from mtbert_fast import FastBertModel
 from mtbert_fast.models import encoder, int8
 from mtbert_fast.models.int8 import gptq_round, gram_passes
+from mtbert_fast.ops.int8 import pairs_safe
 
 
 def _nearest(w, scale):
@@ -138,3 +139,50 @@ def test_outlier_channels_run_in_fp32(monkeypatch):
     x[:, 7] /= 50
     x[:, 20] /= 20
     assert int8.quantize_linear(w, bias, x.abs().amax(0)).outlier_index.numel() == 0
+
+
+def _paired_weight(n=48, k=65, seed=0):
+    """A weight whose neighbouring columns (2i, 2i + 1) are often both large and of one sign."""
+    g = torch.Generator().manual_seed(seed)
+    w = 0.05 * torch.randn(n, k, generator=g)
+    pairs = k // 2
+    w[:, 1:2 * pairs:2] = w[:, 0:2 * pairs:2] * (0.5 + torch.rand(n, pairs, generator=g))
+    return w
+
+
+@pytest.mark.parametrize("gptq", [False, True], ids=["nearest", "gptq"])
+def test_pair_limited_weights_are_pairs_safe(gptq):
+    """With `pairs` (CPUs whose int8 product adds neighbouring columns in int16), the scale leaves room for each
+    row's largest pair of one sign, and nearest rounding and GPTQ (which clamps each odd column against its even
+    neighbour, then compensates for it) both give pairs_safe weights that still round the weight closely; without
+    it the same weight's pairs pass the limit."""
+    w = _paired_weight()
+    _, _, x = _weight_and_inputs(k=w.shape[1])
+    scale = int8.weight_scale(w, pairs=True)
+    assert torch.equal(int8.weight_scale(w), w.abs().amax(1) / 127)
+    assert (scale >= w.abs().amax(1) / 127).all() and (scale <= 2 * w.abs().amax(1) / 127).all()
+    q = gptq_round(w, scale, x.T @ x, pairs=True) if gptq else int8.round_to_nearest(w, scale, pairs=True)
+    assert q.dtype == torch.int8 and pairs_safe(q)
+    if not gptq:
+        assert torch.equal(q, _nearest(w, scale))  # the clamp has nothing to do after weight_scale
+    assert (q.float() * scale[:, None] - w).abs().max() <= 2 * scale.max()
+    plain = w.abs().amax(1) / 127
+    assert not pairs_safe(gptq_round(w, plain, x.T @ x) if gptq else _nearest(w, plain))
+
+
+def test_clamp_pair_keeps_each_pair_within_the_limit():
+    even = torch.tensor([127.0, -127.0, 64.0, -5.0, 0.0, 100.0])
+    odd = torch.tensor([3.0, -3.0, 90.0, -127.0, 127.0, -127.0])
+    int8.clamp_pair_(odd, even)
+    assert odd.tolist() == [1.0, -1.0, 64.0, -123.0, 127.0, -127.0]
+
+
+def test_quantize_linear_follows_the_pairs_route(monkeypatch):
+    """quantize_linear quantizes pairs_safe weights exactly where weight_pairs_limited() says the int8 product
+    needs them, and otherwise keeps the full-range scale."""
+    w, bias = _paired_weight(24, 32), torch.zeros(24)
+    absmax = torch.ones(32)
+    for limited in (True, False):
+        monkeypatch.setattr(int8, "weight_pairs_limited", lambda limited=limited: limited)
+        lin = int8.quantize_linear(w, bias, absmax)
+        assert pairs_safe(lin.weight) == limited

@@ -15,7 +15,9 @@ import torch
 from mtbert_fast import ops
 from mtbert_fast.ops import int8 as int8_ops
 from mtbert_fast.ops import reference
-from mtbert_fast.ops.int8 import FP32_EXACT, MAX_K, onednn_int8_exact, sums_bound
+from mtbert_fast.ops.int8 import (
+    FP32_EXACT, MAX_K, PAIR_LIMIT, onednn_int8_exact, onednn_int8_pairs, pairs_safe, sums_bound,
+)
 from op_testing import rand
 
 OP_NAME = "quantize_rows"
@@ -117,31 +119,75 @@ def _extreme(n, k, m, seed=0):
     return q, w
 
 
-@pytest.mark.parametrize("int8_product", [True, False], ids=["onednn-int8", "onednn-float32"])
+def _pairs_safe_extreme(n, k, m, seed=0):
+    """_extreme's q with a pairs_safe weight at the ends of its range: rows 0 and 1 alternate 127 and 1 (-127 and -1)
+    on their first _MOST_EXACT entries, so that every pair of them sums to PAIR_LIMIT, the rest random in pairs that
+    stay within it."""
+    q, _ = _extreme(n, k, m, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    w = torch.randint(-64, 65, (m, k), dtype=torch.int8, generator=g)
+    for row, value in ((0, 1), (1, -1))[:m]:
+        w[row] = 0
+        w[row, :_MOST_EXACT] = value
+        w[row, :_MOST_EXACT:2] = 127 * value
+    assert pairs_safe(w)
+    return q, w
+
+
+@pytest.mark.parametrize("route", ["onednn-int8", "onednn-int8-pairs", "onednn-float32"])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (5, 7, 3), (37, 64, 96), (2, _MOST_EXACT, 4), (1, 768, 2304),
                                    (130, 96, 40), (9, 300, 7)])
-def test_int8_sums_are_exact(shape, int8_product, monkeypatch):
+def test_int8_sums_are_exact(shape, route, monkeypatch):
     """Every route of int8_sums equals the int64 product, on values at the ends of both ranges: oneDNN's int8
-    product on the packed weight (where it is exact on this CPU), oneDNN's float32 product on the weight packed
-    widened (the route of CPUs without VNNI, taken here too when told that the int8 one is not exact), and
-    torch._int_mm."""
-    if int8_product and not onednn_int8_exact():
+    product on the packed weight, on any weight where it is exact on this CPU (VNNI) and on pairs_safe weights where
+    it is exact for those (onednn_int8_pairs: CPUs without VNNI); oneDNN's float32 product on the weight packed
+    widened (taken here too when told that neither int8 route is exact); and torch._int_mm."""
+    if route == "onednn-int8" and not onednn_int8_exact():
         pytest.skip("oneDNN's int8 product saturates on this CPU (no VNNI)")
-    monkeypatch.setattr(int8_ops, "onednn_int8_exact", lambda: int8_product)
+    if route == "onednn-int8-pairs" and not onednn_int8_pairs():
+        pytest.skip("oneDNN's int8 product is not exact on pairs_safe weights here")
+    if route == "onednn-float32":
+        monkeypatch.setattr(int8_ops, "onednn_int8_exact", lambda: False)
+        monkeypatch.setattr(int8_ops, "onednn_int8_pairs", lambda: False)
     n, k, m = shape
-    q, w = _extreme(n, k, m)
+    q, w = (_pairs_safe_extreme if route == "onednn-int8-pairs" else _extreme)(n, k, m)
     want = reference.int8_sums(q, w)
     assert sums_bound(w) < FP32_EXACT
     packed = ops.pack_int8_weight(w)
-    assert packed is not None and packed.float_sums == (not int8_product)
+    assert packed is not None and packed.float_sums == (route == "onednn-float32")
     zero = torch.randint(0, 256, (n,)).float()
-    for route in (packed, None):
-        acc, zero_of_acc = ops.int8_sums(q, zero, w, route)
-        assert acc.dtype == (torch.int32 if route is None else torch.float32) and acc.shape == (n, m)
+    for packing in (packed, None):
+        acc, zero_of_acc = ops.int8_sums(q, zero, w, packing)
+        assert acc.dtype == (torch.int32 if packing is None else torch.float32) and acc.shape == (n, m)
         centred = acc.long() - zero_of_acc.long()[:, None] * w.long().sum(1)
-        assert torch.equal(centred, want - zero.long()[:, None] * w.long().sum(1)), route
-        if route is not None:
+        assert torch.equal(centred, want - zero.long()[:, None] * w.long().sum(1)), packing
+        if packing is not None:
             assert torch.equal(acc.long(), want) and torch.equal(zero_of_acc, zero)
+
+
+def test_weights_past_the_pair_limit_take_the_float32_product_where_int8_pairs_saturate(monkeypatch):
+    """Where only pairs_safe weights run on the int8 product, one pair past PAIR_LIMIT sends the weight to the
+    float32 product, and its sums stay exact."""
+    monkeypatch.setattr(int8_ops, "onednn_int8_exact", lambda: False)
+    q, w = _pairs_safe_extreme(4, 64, 6)
+    assert not ops.pack_int8_weight(w).float_sums or not onednn_int8_pairs()
+    w[3, 10], w[3, 11] = 100, 29
+    assert int8_ops.pair_sums(w)[3].item() == PAIR_LIMIT + 1 and not pairs_safe(w)
+    packed = ops.pack_int8_weight(w)
+    assert packed.float_sums
+    acc, _ = ops.int8_sums(q, torch.zeros(4), w, packed)
+    assert torch.equal(acc.long(), reference.int8_sums(q, w))
+
+
+def test_pair_sums_and_the_pairs_probe():
+    w = torch.tensor([[127, 1, -3, -125, 5], [0, 0, 0, 0, -128], [-64, 64, 64, -64, 0]], dtype=torch.int8)
+    assert int8_ops.pair_sums(w).tolist() == [128, 128, 64]
+    assert int8_ops.pair_sums(torch.tensor([[0.5, 0.25, -1.0, -0.5]])).tolist() == [1.5]
+    assert int8_ops.pair_sums(torch.zeros(3, 0, dtype=torch.int8)).tolist() == [0, 0, 0]
+    assert pairs_safe(w[:1]) and not pairs_safe(torch.tensor([[100, 29]], dtype=torch.int8))
+    # the probe holds wherever the int8 product is exact on any weight
+    assert onednn_int8_pairs() or not onednn_int8_exact()
+    assert int8_ops.weight_pairs_limited() == (onednn_int8_pairs() and not onednn_int8_exact())
 
 
 def test_int8_sums_past_fp32_are_not_packed():
