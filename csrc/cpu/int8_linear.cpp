@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -48,6 +49,18 @@ inline void store_uint8(uint8_t* p, const fVec& v, const fVec& zero, int64_t n) 
 #if defined(CPU_CAPABILITY_AVX512)
   _mm_mask_storeu_epi8(p, static_cast<__mmask16>(n == kVec ? 0xFFFF : (1u << n) - 1),
                        _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  // r holds integers in [0, 255]: converted exactly, then narrowed by two saturating packs that change nothing
+  const __m256i i32 = _mm256_cvtps_epi32(r);
+  const __m128i u16 = _mm_packus_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+  const __m128i u8 = _mm_packus_epi16(u16, u16);
+  if (n == kVec) {
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), u8);
+  } else {
+    uint8_t buf[16];
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(buf), u8);
+    std::memcpy(p, buf, n);
+  }
 #else
   float buf[kVec];
   r.store(buf);
