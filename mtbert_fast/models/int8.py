@@ -105,7 +105,8 @@ def clamp_pair_(odd: torch.Tensor, even: torch.Tensor) -> torch.Tensor:
 
 def round_to_nearest(weight: torch.Tensor, scale: torch.Tensor, pairs: bool = False) -> torch.Tensor:
     """weight [N, K] over its per-row scale [N], rounded to the nearest int8 in [-127, 127]; with `pairs`, each odd
-    column then clamped against its even neighbour (clamp_pair_: a no-op for a scale from `weight_scale`)."""
+    column then clamped against its even neighbour (clamp_pair_; after a scale from `weight_scale` it changes
+    nothing, but for a pair that float rounding leaves a hair past the limit)."""
     q = torch.round(weight / scale[:, None]).clamp_(-127, 127)
     if pairs:
         clamp_pair_(q[:, 1::2], q[:, 0:q.shape[1] // 2 * 2:2])
