@@ -49,9 +49,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from mtbert_fast import FastBertModel  # noqa: E402
 from mtbert_fast.bench import harness, measure  # noqa: E402
-from mtbert_fast.models.weight_pack import onednn_weight, panel_weight  # noqa: E402
+from mtbert_fast.models import encoder  # noqa: E402
+from mtbert_fast.models.weight_pack import onednn_weight  # noqa: E402
 from mtbert_fast.ops import attention_varlen  # noqa: E402
-from mtbert_fast.ops.panel_linear import encoder_rows as panel_rows  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 OV_PRECISION = {"float32": "f32", "bfloat16": None}  # None: the plugin's default
@@ -126,31 +126,21 @@ def gemm_routes(dtype: torch.dtype, shape=harness.GEMM_SHAPE) -> dict:
 
 
 def linears_alone(fast: FastBertModel, tokens: int):
-    """One layer's four products with nothing around them, on the route the encoder takes for `tokens` rows:
-    panel_linear where it hands them that kernel (see mtbert_fast.ops.panel_linear.encoder_rows), else oneDNN's linear,
-    each on its packed weight."""
+    """One layer's four products with nothing around them, on the encoder's own inference route for `tokens` rows
+    (panel_linear or oneDNN's linear, each on its packed weight)."""
     layer = fast.layers[0]
     g = torch.Generator().manual_seed(0)
     h, i = fast.config.hidden_size, fast.config.intermediate_size
     x = torch.randn(tokens, h, generator=g).to(fast.dtype)
     inner = torch.randn(tokens, i, generator=g).to(fast.dtype)
     approximate = fast.config.gelu_approximate
-    products = ((x, layer.qkv, None), (x, layer.attn_out, None), (x, layer.ffn_in, approximate),
-                (inner, layer.ffn_out, None))
-    if tokens <= panel_rows(fast.dtype) and all(panel_weight(m.weight) is not None for _, m, _ in products):
-        panel_linear = torch.ops.mtbert_fast_C.panel_linear
-
-        def product(a, m, gelu):
-            return panel_linear(a, panel_weight(m.weight), m.bias, m.weight.shape[0], gelu is not None,
-                                gelu or "none")
-    else:
-        def product(a, m, gelu):
-            return torch.ops.mkldnn._linear_pointwise(a, onednn_weight(m.weight), m.bias,
-                                                      "none" if gelu is None else "gelu", [], gelu or "")
+    linear = encoder._Linear(True, None)
 
     def run():
-        for a, m, gelu in products:
-            product(a, m, gelu)
+        linear(x, layer.qkv.weight, layer.qkv.bias)
+        linear(x, layer.attn_out.weight, layer.attn_out.bias)
+        linear.gelu(x, layer.ffn_in.weight, layer.ffn_in.bias, approximate)
+        linear(inner, layer.ffn_out.weight, layer.ffn_out.bias)
 
     return run
 

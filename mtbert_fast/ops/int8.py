@@ -91,21 +91,30 @@ def sums_bound(weight: torch.Tensor) -> int:
     return 255 * max(w.clamp(min=0).sum(1).max().item(), (-w).clamp(min=0).sum(1).max().item(), 0)
 
 
+def _onednn_exact_at_255(w: torch.Tensor, rows: tuple[int, ...]) -> bool:
+    """Whether oneDNN's int8 linear runs here and returns the exact sums of uint8 rows of 255 with the int8 weight w,
+    for each count of rows in `rows`."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+            and hasattr(torch.ops.onednn, "qlinear_prepack")):
+        return False
+    try:
+        packed = torch.ops.onednn.qlinear_prepack(w, None)
+        for m in rows:
+            q = torch.full((m, w.shape[1]), 255, dtype=torch.uint8)
+            if not torch.equal(_onednn_sums(q, packed, w.shape[0]), (q.to(torch.int64) @ w.to(torch.int64).T).float()):
+                return False
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
 @functools.cache
 def onednn_int8_exact() -> bool:
     """Whether this torch's oneDNN int8 linear runs here and returns exact uint8 x int8 sums on values (255 x 127)
     whose pairs overflow int16."""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")):
-        return False
-    k, n = 64, 32
-    w = torch.full((n, k), 127, dtype=torch.int8)
+    w = torch.full((32, 64), 127, dtype=torch.int8)
     w[1::2] = -128 + 1
-    q = torch.full((5, k), 255, dtype=torch.uint8)
-    try:
-        got = _onednn_sums(q, torch.ops.onednn.qlinear_prepack(w, None), n)
-    except (RuntimeError, TypeError):
-        return False
-    return bool(torch.equal(got, (q.to(torch.int64) @ w.to(torch.int64).T).float()))
+    return _onednn_exact_at_255(w, (5,))
 
 
 # the largest |w[2i] + w[2i + 1]| of two entries of one sign for which 255 * it fits an int16 (255 * 128 = 32,640)
@@ -137,20 +146,10 @@ def onednn_int8_pairs() -> bool:
     of one, a few and many rows, where some pairs sum to PAIR_LIMIT and the misaligned pairs (2i + 1, 2i + 2)
     would overflow: it adds columns 2i and 2i + 1 in int16, and nothing else there. True wherever
     onednn_int8_exact() is."""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")):
-        return False
-    k, n = 70, 12
+    k = 70
     rows = [[127, 1, 0, 127], [64, 64, -64, -64], [-127, 0, 0, -127], [1, 127, 127, 1]]
-    w = torch.tensor([(r * (k // 4 + 1))[:k] for r in rows] * (n // len(rows)), dtype=torch.int8)
-    try:
-        packed = torch.ops.onednn.qlinear_prepack(w, None)
-        for m in (1, 5, 130):
-            q = torch.full((m, k), 255, dtype=torch.uint8)
-            if not torch.equal(_onednn_sums(q, packed, n), (q.to(torch.int64) @ w.to(torch.int64).T).float()):
-                return False
-    except (RuntimeError, TypeError):
-        return False
-    return True
+    w = torch.tensor([(r * (k // 4 + 1))[:k] for r in rows] * 3, dtype=torch.int8)
+    return _onednn_exact_at_255(w, (1, 5, 130))
 
 
 def weight_pairs_limited() -> bool:
