@@ -215,8 +215,10 @@ struct Int8Epilogue {
     }
   }
 
+  // `cost`: the epilogue's work per element in units of a plain pass over it (row_grain's), so that a few rows of
+  // GELU or LayerNorm still split over the threads.
   template <typename Epilogue>
-  void run(const Epilogue& epilogue) const {
+  void run(const Epilogue& epilogue, int64_t cost = 1) const {
     const at::Tensor ac = acc.contiguous();
     const at::Tensor sc = scale.contiguous(), zc = zero.contiguous();
     const at::Tensor wsc = wscale.contiguous(), wsm = wsum.contiguous();
@@ -225,7 +227,7 @@ struct Int8Epilogue {
     const float* xo_p = k ? xo.const_data_ptr<float>() : nullptr;
     const float* wo_p = k ? wo.const_data_ptr<float>() : nullptr;
     const auto each_row = [&](auto* acc_p) {
-      at::parallel_for(0, rows(), std::max<int64_t>(1, row_grain(N)), [&](int64_t r0, int64_t r1) {
+      at::parallel_for(0, rows(), std::max<int64_t>(1, row_grain(N * cost)), [&](int64_t r0, int64_t r1) {
         for (int64_t row = r0; row < r1; ++row) {
           const RowDequant<std::remove_const_t<std::remove_pointer_t<decltype(acc_p)>>> dq{
               acc_p + row * N, wsc.const_data_ptr<float>(), wsm.const_data_ptr<float>(),
@@ -279,6 +281,11 @@ struct QuantizedRows {
                  zero.mutable_data_ptr<float>() + row);
   }
 };
+
+// The epilogues' work per element against a plain pass (Int8Epilogue::run's cost): dequantization, GELU and the
+// min/max and quantization passes over its row; dequantization, LayerNorm's passes (and a quantization).
+constexpr int64_t kGeluEpilogueCost = 4;
+constexpr int64_t kLayerNormEpilogueCost = 2;
 
 void check_smooth(const char* op, const at::Tensor& smooth, int64_t N, const at::Tensor& like) {
   check_dtype(op, "smooth", smooth, at::kFloat);
@@ -341,7 +348,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_linear_gelu_quan
       dq(N, bf.const_data_ptr<float>(), [&](int64_t d, auto n, const fVec& y) { store(g.data() + d, gelu<K>(y), n); });
       for (int64_t j = 0; j < kept_n; ++j) kept_p[row * kept_n + j] = g[keep_p[j]];
       out.quantize(row, N, [&](int64_t d, auto n) { return load(g.data() + d, n) * load(m + d, n); });
-    });
+    }, kGeluEpilogueCost);
   });
   return {out.q, out.scale, out.zero, kept};
 }
@@ -386,7 +393,7 @@ at::Tensor residual_layer_norm(const char* op, const Int8Epilogue& prod, const a
       layer_norm_row(s.data(), lane_sum(sum), wf.const_data_ptr<float>(), bt.const_data_ptr<float>(), eps,
                      o + row * N, &mean, &rstd, N);
       after_row(row, static_cast<const T*>(o + row * N));
-    });
+    }, kLayerNormEpilogueCost);
   });
   return out;
 }

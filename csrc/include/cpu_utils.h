@@ -130,6 +130,10 @@ inline fVec reciprocal(const fVec& v) {
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 r = _mm512_rcp14_ps(v);
   return _mm512_mul_ps(r, _mm512_fnmadd_ps(v, r, _mm512_set1_ps(2.f)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  // the 12-bit estimate, whose Newton step leaves about 23 bits
+  const __m256 r = _mm256_rcp_ps(v);
+  return _mm256_mul_ps(r, _mm256_fnmadd_ps(v, r, _mm256_set1_ps(2.f)));
 #else
   return v.reciprocal();
 #endif
@@ -137,19 +141,34 @@ inline fVec reciprocal(const fVec& v) {
 
 // exp of a finite v: 2^n e^r with n = round(v / ln2) and r = v - n ln2 in one fused step (fp32 ln2 costs
 // |n| * 2e-9 relative, under 3e-7 for the arguments used here), and e^r by a degree-5 minimax polynomial on
-// [-ln2/2, ln2/2] (relative error 1.5e-7). scalef applies 2^n and gives 0 below the fp32 range and inf above it,
-// so no special cases are needed (the general exp spends much of its time on them).
+// [-ln2/2, ln2/2] (relative error 1.5e-7). AVX-512's scalef applies 2^n and gives 0 below the fp32 range and inf
+// above it, so no special cases are needed (the general exp spends much of its time on them).
 inline fVec exp_finite(const fVec& v) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945309f), v);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.008290315f), r, _mm512_set1_ps(0.04189793f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.16667636f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.4999915f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.9999997f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  const fVec x = v;
+#else
+  // Without scalef, 2^n is built in the exponent bits, for v clamped to [kLo, kHi] where n stays in [-126, 127]
+  // (a normal fp32); below kLo the result is 0 and above kHi inf (e^v is under 2^-126 or past 2^127 there, which
+  // the arguments used here never approach: GELU's are in [-113, 80]).
+  constexpr float kLo = -87.33654f, kHi = 88.02969f;
+  const fVec x = at::vec::clamp(v, fVec(kLo), fVec(kHi));
+#endif
+  const fVec n = (x * fVec(1.44269504088896341f)).round();
+  const fVec r = at::vec::fnmadd(n, fVec(0.693147180559945309f), x);
+  fVec p = at::vec::fmadd(fVec(0.008290315f), r, fVec(0.04189793f));
+  p = at::vec::fmadd(p, r, fVec(0.16667636f));
+  p = at::vec::fmadd(p, r, fVec(0.4999915f));
+  p = at::vec::fmadd(p, r, fVec(0.9999997f));
+  p = at::vec::fmadd(p, r, fVec(1.f));
+#if defined(CPU_CAPABILITY_AVX512)
   return _mm512_scalef_ps(p, n);
+#else
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const fVec y = p * fVec(_mm256_castsi256_ps(bits));
+  const fVec low = fVec::blendv(y, fVec(0.f), v < fVec(kLo));
+  return fVec::blendv(low, fVec(INFINITY), v > fVec(kHi));
+#endif
 #else
   return v.exp();
 #endif
