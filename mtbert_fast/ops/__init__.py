@@ -8,7 +8,7 @@ from mtbert_fast.ops.dispatch import BACKENDS, BackendUnavailable
 from mtbert_fast.ops.geglu import geglu
 from mtbert_fast.ops.int8 import (
     int8_linear, int8_linear_gelu_quantize, int8_linear_residual_layer_norm, int8_linear_residual_layer_norm_quantize,
-    int8_sums, pack_int8_weight, quantize_rows,
+    int8_panel_sums, int8_sums, pack_int8_panels, pack_int8_weight, quantize_rows,
 )
 from mtbert_fast.ops.mlm_gather_loss import mlm_gather_loss
 from mtbert_fast.ops.panel_linear import pack_panels, panel_linear
@@ -29,8 +29,10 @@ __all__ = [
     "int8_linear_gelu_quantize",
     "int8_linear_residual_layer_norm",
     "int8_linear_residual_layer_norm_quantize",
+    "int8_panel_sums",
     "int8_sums",
     "mlm_gather_loss",
+    "pack_int8_panels",
     "pack_int8_weight",
     "pack_panels",
     "pad",

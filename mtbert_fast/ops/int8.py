@@ -30,6 +30,7 @@ import functools
 
 import torch
 
+from mtbert_fast import _ext
 from mtbert_fast.ops import reference
 from mtbert_fast.ops._checks import check_gelu
 from mtbert_fast.ops.registry import CPU_DTYPES, Backend, Op
@@ -177,19 +178,87 @@ def _onednn_float32() -> bool:
         hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+# ---- few rows: int8 panels ------------------------------------------------------------------------------------
+
+PANEL = 32  # columns per panel (csrc/cpu/int8_panels.cpp's kPanel)
+PANEL_GROUP = 4  # reduction entries of a column next to each other in a panel
+# The most rows whose sums run on int8 panels (int8_panel_sums) rather than oneDNN's int8 product, where that is
+# exact only for pairs_safe weights (CPUs without VNNI). The products alone, oneDNN's time over the panels' on a
+# 2-core AVX2 EPYC (2 threads, all-MiniLM-L6-v2's and bert-base's shapes): 5-12x at 1 row, 1.6-3x at 16, 1.1-1.5x at
+# 64, 0.9-1.3x at 128, 0.8-1.1x at 256 and 1,024.
+PANEL_ROWS = 128
+
+
+def _panel_kernel() -> bool:
+    return _ext.has_kernel("int8_panel_sums", "CPU")
+
+
+def pack_int8_panels(weight: torch.Tensor) -> torch.Tensor:
+    """The int8 weight [N, K] as int8_panel_sums' panels: int8 [P, K4, PANEL, PANEL_GROUP], P = ceil(N / PANEL) and
+    K4 = ceil(K / PANEL_GROUP), with the PANEL_GROUP entries k = 4j..4j+3 of each column next to each other; columns
+    past N and entries past K are zero. The weight must be pairs_safe: the kernel adds neighbouring pairs in int16."""
+    if weight.dtype != torch.int8 or weight.dim() != 2 or 0 in weight.shape:
+        raise TypeError(f"pack_int8_panels: weight must be a non-empty 2-D torch.int8 tensor, got {weight.dtype} "
+                        f"{tuple(weight.shape)}")
+    if not pairs_safe(weight):
+        raise ValueError(f"pack_int8_panels: the weight has neighbouring entries (columns 2i, 2i + 1) of one sign "
+                         f"summing to {int(pair_sums(weight).max())} in magnitude, past PAIR_LIMIT ({PAIR_LIMIT}), "
+                         "where int16 pair sums would saturate; quantize it with pairs (mtbert_fast.models.int8) or "
+                         "take its sums from int8_sums")
+    n, k = weight.shape
+    p, k4 = -(-n // PANEL), -(-k // PANEL_GROUP)
+    w = torch.nn.functional.pad(weight.detach(), (0, k4 * PANEL_GROUP - k, 0, p * PANEL - n))
+    return w.view(p, PANEL, k4, PANEL_GROUP).permute(0, 2, 1, 3).contiguous()
+
+
+def int8_panel_sums(q: torch.Tensor, panels: torch.Tensor, out_features: int, *, backend: str | None = None
+                    ) -> torch.Tensor:
+    """The exact integer sums q @ W^T of q uint8 [N, K] with W int8 [out_features, K], panels = pack_int8_panels(W):
+    int32 [N, out_features], for int8_linear and the other epilogues as acc (with quantize_rows' zero). For few rows,
+    where oneDNN's int8 product, blocked for many, reads the weights slowly. Checks that the panels hold a pairs_safe
+    weight (a pass over them: the encoder calls the kernel directly on panels it packed)."""
+    op = "int8_panel_sums"
+    if q.dtype != torch.uint8 or q.dim() != 2:
+        raise TypeError(f"{op}: q must be a 2-D torch.uint8 tensor (from quantize_rows), got {q.dtype} "
+                        f"{tuple(q.shape)}")
+    if panels.device != q.device:
+        raise ValueError(f"{op}: panels are on {panels.device} but q is on {q.device}")
+    if out_features <= 0:
+        raise ValueError(f"{op}: out_features must be positive, got {out_features}")
+    want = (-(-out_features // PANEL), -(-q.shape[1] // PANEL_GROUP), PANEL, PANEL_GROUP)
+    if panels.dtype != torch.int8 or tuple(panels.shape) != want:
+        raise ValueError(f"{op}: panels must be torch.int8 of shape {want} for q of {q.shape[1]} columns and "
+                         f"{out_features} out_features (pack_int8_panels of an [{out_features}, {q.shape[1]}] "
+                         f"weight), got {panels.dtype} {tuple(panels.shape)}")
+    if q.shape[1] > MAX_K:
+        raise ValueError(f"{op}: rows of {q.shape[1]} entries can sum past int32; at most {MAX_K} are taken")
+    safe = (pair_sums(reference.unpack_int8_panels(panels, out_features)) <= PAIR_LIMIT).all()
+    message = (f"{op}: the panels hold neighbouring entries of one sign summing past PAIR_LIMIT ({PAIR_LIMIT}) in "
+               "magnitude, whose int16 pair sums would saturate (pack_int8_panels refuses such weights)")
+    if torch.compiler.is_compiling():
+        torch._assert_async(safe, message)  # a check on the data that a compiled graph keeps
+    elif not safe:
+        raise ValueError(message)
+    return INT8_PANEL_SUMS(q, panels, out_features, backend=backend)
+
+
 class PackedInt8Weight:
     """oneDNN's packed copy of an int8 weight [M, K] (an opaque tensor, which has no storage to copy or save): for
     its int8 product where that is exact here for this weight (on any weight, or on pairs_safe ones), else
-    (`float_sums`) the weight widened to fp32 for its float32 product. It is never written, so copies of a model
-    share it; pickling stores the plain weight and packs it again on loading (on the route of that machine)."""
+    (`float_sums`) the weight widened to fp32 for its float32 product. Where oneDNN's int8 product is exact only for
+    pairs_safe weights and the weight is one, also its int8 panels (`panels`), on which products of at most
+    PANEL_ROWS rows run. It is never written, so copies of a model share it; pickling stores the plain weight and
+    packs it again on loading (on the route of that machine)."""
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
-        self.float_sums = not (onednn_int8_exact() or (onednn_int8_pairs() and pairs_safe(weight)))
+        pairs = not onednn_int8_exact() and onednn_int8_pairs() and pairs_safe(weight)
+        self.float_sums = not (onednn_int8_exact() or pairs)
         if self.float_sums:
             self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight.float())
         else:
             self.tensor = torch.ops.onednn.qlinear_prepack(weight.contiguous(), None)
+        self.panels = pack_int8_panels(weight) if pairs and _panel_kernel() else None
 
     def __deepcopy__(self, memo) -> PackedInt8Weight:
         return self
@@ -231,6 +300,8 @@ def int8_sums(q: torch.Tensor, zero: torch.Tensor, weight: torch.Tensor, packed:
 def int8_sums_unchecked(q, zero, weight, packed=None) -> tuple[torch.Tensor, torch.Tensor]:
     """int8_sums without its argument checks, for callers that made q and the weight themselves (the int8 layer)."""
     if packed is not None:
+        if packed.panels is not None and q.shape[0] <= PANEL_ROWS:
+            return INT8_PANEL_SUMS.kernel("cpu")(q, packed.panels, weight.shape[0]), zero
         if packed.float_sums:
             return torch.ops.mkldnn._linear_pointwise(q.float(), packed.tensor, None, "none", [], ""), zero
         return _onednn_sums(q, packed.tensor, weight.shape[0]), zero
@@ -344,6 +415,14 @@ QUANTIZE_ROWS = Op(
     backends={"cpu": Backend(dtypes=CPU_DTYPES)},
     fake=lambda x, smooth: _fake_quantized(x),
     result_outputs=3,
+)
+
+INT8_PANEL_SUMS = Op(
+    name="int8_panel_sums",
+    schema="(Tensor q, Tensor panels, int out_features) -> Tensor",
+    reference=reference.int8_panel_sums,
+    backends={"cpu": Backend(dtypes=None)},
+    fake=lambda q, panels, out_features: q.new_empty((q.shape[0], out_features), dtype=torch.int32),
 )
 
 INT8_LINEAR = Op(

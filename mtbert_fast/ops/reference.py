@@ -207,6 +207,19 @@ def int8_sums(q: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return q.long() @ weight.long().T
 
 
+def unpack_int8_panels(panels: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The int8 weight [out_features, 4 * K4] of int8_panel_sums' panels int8 [P, K4, 32, 4] (K padded with zeros to
+    a multiple of 4)."""
+    p, k4, width, group = panels.shape
+    return panels.permute(0, 2, 1, 3).reshape(p * width, k4 * group)[:out_features]
+
+
+def int8_panel_sums(q: torch.Tensor, panels: torch.Tensor, out_features: int) -> torch.Tensor:
+    """q uint8 [N, K] @ W^T exact -> int32 [N, out_features], W = unpack_int8_panels(panels)."""
+    w = unpack_int8_panels(panels, out_features)[:, : q.shape[1]]
+    return int8_sums(q, w).to(torch.int32)
+
+
 def _int8_product(acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w) -> torch.Tensor:
     """scale * weight_scale * (acc - zero * weight_sum) + bias in fp32, the centred integer sums exact in fp64, plus
     outlier_x @ outlier_w where given."""

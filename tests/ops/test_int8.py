@@ -134,31 +134,42 @@ def _pairs_safe_extreme(n, k, m, seed=0):
     return q, w
 
 
-@pytest.mark.parametrize("route", ["onednn-int8", "onednn-int8-pairs", "onednn-float32"])
+@pytest.mark.parametrize("route", ["onednn-int8", "onednn-int8-pairs", "int8-panels", "onednn-float32"])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (5, 7, 3), (37, 64, 96), (2, _MOST_EXACT, 4), (1, 768, 2304),
                                    (130, 96, 40), (9, 300, 7)])
 def test_int8_sums_are_exact(shape, route, monkeypatch):
     """Every route of int8_sums equals the int64 product, on values at the ends of both ranges: oneDNN's int8
     product on the packed weight, on any weight where it is exact on this CPU (VNNI) and on pairs_safe weights where
-    it is exact for those (onednn_int8_pairs: CPUs without VNNI); oneDNN's float32 product on the weight packed
+    it is exact for those (onednn_int8_pairs: CPUs without VNNI); the int8 panels that take the few rows of such
+    weights there (taken here for every count of rows, on any CPU); oneDNN's float32 product on the weight packed
     widened (taken here too when told that neither int8 route is exact); and torch._int_mm."""
     if route == "onednn-int8" and not onednn_int8_exact():
         pytest.skip("oneDNN's int8 product saturates on this CPU (no VNNI)")
     if route == "onednn-int8-pairs" and not onednn_int8_pairs():
         pytest.skip("oneDNN's int8 product is not exact on pairs_safe weights here")
+    if route == "onednn-int8-pairs":
+        monkeypatch.setattr(int8_ops, "PANEL_ROWS", 0)
+    if route == "int8-panels":
+        monkeypatch.setattr(int8_ops, "onednn_int8_exact", lambda: False)
+        monkeypatch.setattr(int8_ops, "onednn_int8_pairs", lambda: True)
+        monkeypatch.setattr(int8_ops, "PANEL_ROWS", 1 << 30)
     if route == "onednn-float32":
         monkeypatch.setattr(int8_ops, "onednn_int8_exact", lambda: False)
         monkeypatch.setattr(int8_ops, "onednn_int8_pairs", lambda: False)
     n, k, m = shape
-    q, w = (_pairs_safe_extreme if route == "onednn-int8-pairs" else _extreme)(n, k, m)
+    q, w = (_pairs_safe_extreme if route in ("onednn-int8-pairs", "int8-panels") else _extreme)(n, k, m)
     want = reference.int8_sums(q, w)
     assert sums_bound(w) < FP32_EXACT
     packed = ops.pack_int8_weight(w)
     assert packed is not None and packed.float_sums == (route == "onednn-float32")
+    # panels where oneDNN's int8 product is exact only for pairs_safe weights (told so, or on this CPU)
+    pairs_only = route == "int8-panels" or (route == "onednn-int8-pairs" and int8_ops.weight_pairs_limited())
+    assert (packed.panels is not None) == pairs_only
     zero = torch.randint(0, 256, (n,)).float()
     for packing in (packed, None):
         acc, zero_of_acc = ops.int8_sums(q, zero, w, packing)
-        assert acc.dtype == (torch.int32 if packing is None else torch.float32) and acc.shape == (n, m)
+        integer = packing is None or route == "int8-panels"
+        assert acc.dtype == (torch.int32 if integer else torch.float32) and acc.shape == (n, m)
         centred = acc.long() - zero_of_acc.long()[:, None] * w.long().sum(1)
         assert torch.equal(centred, want - zero.long()[:, None] * w.long().sum(1)), packing
         if packing is not None:
@@ -188,6 +199,48 @@ def test_pair_sums_and_the_pairs_probe():
     # the probe holds wherever the int8 product is exact on any weight
     assert onednn_int8_pairs() or not onednn_int8_exact()
     assert int8_ops.weight_pairs_limited() == (onednn_int8_pairs() and not onednn_int8_exact())
+
+
+@pytest.mark.parametrize("shape", [(0, 8, 3), (1, 1, 1), (2, 3, 32), (3, 4, 33), (4, 13, 65), (7, 64, 96),
+                                   (130, 96, 40), (2, 1030, 7)])
+def test_int8_panel_sums(backend, shape):
+    """The panels' sums equal the int64 product for every count of rows (tiles of 1, 2 and 3 rows), columns past a
+    whole panel and reductions past a whole group of four, at the ends of the ranges: rows of 255 against pairs that
+    sum to PAIR_LIMIT."""
+    n, k, m = shape
+    q, w = _pairs_safe_extreme(max(n, 1), k, m)
+    q = q[:n]
+    panels = ops.pack_int8_panels(w)
+    assert panels.shape == (-(-m // 32), -(-k // 4), 32, 4) and panels.dtype == torch.int8
+    assert torch.equal(reference.unpack_int8_panels(panels, m)[:, :k], w)
+    got = ops.int8_panel_sums(*backend.to(q, panels), m, backend=backend.name)
+    assert got.dtype == torch.int32 and got.shape == (n, m)
+    assert torch.equal(got.cpu().long(), reference.int8_sums(q, w))
+
+
+def test_int8_panel_sums_errors_name_the_problem():
+    q, w = _pairs_safe_extreme(3, 10, 5)
+    panels = ops.pack_int8_panels(w)
+    with pytest.raises(ValueError, match=r"summing to 129 in magnitude, past PAIR_LIMIT \(128\)"):
+        ops.pack_int8_panels(torch.tensor([[100, 29]], dtype=torch.int8))
+    with pytest.raises(TypeError, match="weight must be a non-empty 2-D torch.int8"):
+        ops.pack_int8_panels(w.float())
+    with pytest.raises(TypeError, match="q must be a 2-D torch.uint8"):
+        ops.int8_panel_sums(q.to(torch.int8), panels, 5)
+    with pytest.raises(ValueError, match=r"panels must be torch.int8 of shape \(1, 3, 32, 4\) for q of 10 columns"):
+        ops.int8_panel_sums(q, panels[:, :2], 5)
+    with pytest.raises(ValueError, match="out_features must be positive"):
+        ops.int8_panel_sums(q, panels, 0)
+    saturating = panels.clone()
+    saturating[0, 0, 1, :2] = torch.tensor([100, 29], dtype=torch.int8)
+    with pytest.raises(ValueError, match="panels hold neighbouring entries of one sign summing past PAIR_LIMIT"):
+        ops.int8_panel_sums(q, saturating, 5)
+    # the kernel's own checks, for callers that skip the wrapper's
+    kernel = int8_ops.INT8_PANEL_SUMS.kernel("cpu")
+    with pytest.raises(RuntimeError, match=r"panels must have shape \[1, 3, 32, 4\] for q of 10 columns"):
+        kernel(q, panels[:, :2], 5)
+    with pytest.raises(RuntimeError, match="out_features must be positive"):
+        kernel(q, panels, 0)
 
 
 def test_int8_sums_past_fp32_are_not_packed():

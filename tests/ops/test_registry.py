@@ -40,6 +40,12 @@ def _forward_args(name, device):
         # 40 out_features: a whole panel and a part of one
         "panel_linear": lambda: (x, ops.pack_panels(rand(40, 12, seed=14)).to(device).transpose(1, 2).contiguous()
                                  .transpose(1, 2), rand(80, seed=15, device=device)[::2], 40, True, "tanh"),
+        # 40 out_features and 10 of 12 columns: a whole panel and a part of one, a part of the last group of four
+        "int8_panel_sums": lambda: (torch.randint(0, 256, (10, 5), dtype=torch.uint8,
+                                                  generator=torch.Generator().manual_seed(17)).to(device).t(),
+                                    ops.pack_int8_panels(torch.randint(-64, 65, (40, 10), dtype=torch.int8,
+                                                                       generator=torch.Generator().manual_seed(18)))
+                                    .to(device), 40),
         "post_norm_layers": lambda: (x, cu_seqlens([3, 2], device), 3, _layer_args(device), 2, 0.3, 1e-12, "tanh",
                                      rand(2, 5, seed=16, device=device)),
         **{name: (lambda name=name: _int8_args(name, device)) for name in INT8_PRODUCTS},
@@ -122,13 +128,13 @@ def _grad_leaves(args, requires_grad, op_name=None):
 def test_every_op_has_a_reference_and_a_cpu_kernel():
     assert set(registry.OPS) == {"attention_varlen", "bias_gelu", "bias_gelu_layer_norm", "bias_residual_layer_norm",
                                  "gather_rows", "mlm_gather_loss", "scatter_rows", "quantize_rows", "rotary_qk",
-                                 "geglu", "panel_linear", "post_norm_layers", *INT8_PRODUCTS}
+                                 "geglu", "panel_linear", "post_norm_layers", "int8_panel_sums", *INT8_PRODUCTS}
     for name, op in registry.OPS.items():
         assert callable(op.reference), name
         assert "cpu" in op.backends, name
         assert set(op.backends) <= set(registry.KERNEL_BACKENDS), name
         inference_only = ("gather_rows", "scatter_rows", "quantize_rows", "panel_linear", "post_norm_layers",
-                          *INT8_PRODUCTS)
+                          "int8_panel_sums", *INT8_PRODUCTS)
         # rotary_qk's backward is its own forward, rotating back
         assert (op.backward_schema is None) == (name in (*inference_only, "rotary_qk")), name
 
@@ -233,6 +239,7 @@ _WRAPPERS = {
     "quantize_rows": lambda *a, **k: ops.quantize_rows(*a, **k),
     "rotary_qk": lambda q, c, s, p, inverse, **k: ops.rotary_qk(q, c, s, p, **k),
     "geglu": lambda x, a, **k: ops.geglu(x, a, **k),
+    "int8_panel_sums": lambda q, p, n, **k: ops.int8_panel_sums(q, p, n, **k),
     "panel_linear": lambda x, p, b, n, g, a, **k: ops.panel_linear(x, p, b, n, gelu=g, approximate=a, **k),
     "post_norm_layers": lambda *a, **k: ops.post_norm_layers(*a, **k),
     # the ops' arguments 6 and 7 (outlier_x, outlier_w) are the wrappers' `outliers`, the GELU op's last its `keep`

@@ -1,0 +1,158 @@
+// int8_panel_sums: the exact integer sums q @ w^T of a few uint8 rows q [M, K] with an int8 weight w [N, K], CPU.
+//
+// w is packed once into panels of kPanel columns (mtbert_fast.ops.int8.pack_int8_panels): int8 [P, K4, kPanel, 4]
+// with K4 = ceil(K / 4), the four reduction entries k = 4j..4j+3 of a column next to each other; columns past N and
+// entries past K are zero. A thread takes whole panels and runs every row block of q over a panel while it sits in
+// its cache, so each weight is read once per call, as panel_linear does for float weights. oneDNN's int8 linear is
+// blocked for many rows; at one row it runs at a twentieth of its full rate and at 16 rows at a half (on an AVX2
+// EPYC), where these panels keep most of it.
+//
+// AVX2 (and the AVX-512 build, on its 256-bit registers): a 32-byte load of a panel holds 8 columns x 4 entries, the
+// row's 4 bytes are broadcast to all 8, vpmaddubsw multiplies uint8 by int8 and adds the pairs (4j, 4j + 1) and
+// (4j + 2, 4j + 3) in saturating int16, and vpmaddwd by ones adds the two pairs into int32. The int16 step is exact
+// only while 255 times a pair of one sign fits it: weights whose same-sign neighbouring pairs (columns 2i, 2i + 1 of
+// w's rows) sum to at most 128 in magnitude, which pack_int8_panels checks. Without AVX2 the sums are plain int32
+// loops, exact for any weight.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/empty.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#define MTBF_INT8_PAIRS 1
+#endif
+
+#include "checks.h"
+
+namespace mtbert_fast {
+namespace {
+
+constexpr int64_t kPanel = 32;                   // columns per panel
+constexpr int64_t kGroup = 4;                    // reduction entries per column next to each other
+constexpr int kMaxRows = 3;                      // rows per tile: 12 accumulators of the 16 AVX2 registers
+constexpr int64_t kTaskMacs = int64_t{1} << 17;  // multiply-adds below which a thread takes more panels
+
+// Stores a tile row's sums for the panel's valid columns (the last panel may hold fewer than kPanel).
+inline void store_row(const int32_t* sums, int32_t* out, int64_t cols) {
+  std::memcpy(out, sums, sizeof(int32_t) * static_cast<size_t>(std::min(kPanel, cols)));
+}
+
+#ifdef MTBF_INT8_PAIRS
+constexpr int kVecs = kPanel / 8;  // int32 vectors of 8 columns per panel row
+
+inline __m256i broadcast4(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return _mm256_set1_epi32(v);
+}
+
+// out[r, :cols] = q[r, :] @ panel for MR rows of q (lda apart) over one panel of K4 groups.
+template <int MR>
+void tile(int64_t K4, const uint8_t* a, int64_t lda, const int8_t* panel, int32_t* out, int64_t ldo, int64_t cols) {
+  __m256i acc[MR][kVecs];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < kVecs; ++v) acc[r][v] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t j = 0; j < K4; ++j) {
+    __m256i x[MR];
+    for (int r = 0; r < MR; ++r) x[r] = broadcast4(a + r * lda + kGroup * j);
+    const int8_t* b = panel + j * kPanel * kGroup;
+    for (int v = 0; v < kVecs; ++v) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + v * 32));
+      for (int r = 0; r < MR; ++r)
+        acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(_mm256_maddubs_epi16(x[r], w), ones));
+    }
+  }
+  alignas(32) int32_t sums[kPanel];
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < kVecs; ++v) _mm256_store_si256(reinterpret_cast<__m256i*>(sums + v * 8), acc[r][v]);
+    store_row(sums, out + r * ldo, cols);
+  }
+}
+
+using Tile = void (*)(int64_t, const uint8_t*, int64_t, const int8_t*, int32_t*, int64_t, int64_t);
+
+Tile tile_of(int64_t rows) {
+  switch (rows) {
+    case 1: return &tile<1>;
+    case 2: return &tile<2>;
+    default: return &tile<3>;
+  }
+}
+#else
+void tile_rows(int64_t rows, int64_t K4, const uint8_t* a, int64_t lda, const int8_t* panel, int32_t* out,
+               int64_t ldo, int64_t cols) {
+  int32_t sums[kPanel];
+  for (int64_t r = 0; r < rows; ++r) {
+    std::fill(sums, sums + kPanel, 0);
+    for (int64_t j = 0; j < K4; ++j) {
+      const int8_t* b = panel + j * kPanel * kGroup;
+      const uint8_t* x = a + r * lda + kGroup * j;
+      for (int64_t c = 0; c < kPanel; ++c)
+        for (int64_t e = 0; e < kGroup; ++e) sums[c] += int32_t{x[e]} * int32_t{b[c * kGroup + e]};
+    }
+    store_row(sums, out + r * ldo, cols);
+  }
+}
+#endif
+
+// out [M, N] = a [M, K4 * 4] @ panels, a's rows lda apart.
+void run_panels(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, const int8_t* panels, int64_t P, int32_t* out,
+                int64_t N) {
+  // row blocks of at most kMaxRows, as even as possible (4 rows: two of 2, not 3 and 1)
+  const int64_t blocks = (M + kMaxRows - 1) / kMaxRows, base = M / blocks, extra = M % blocks;
+  const int64_t grain = std::max<int64_t>(1, kTaskMacs / (std::max<int64_t>(M, 4) * K4 * kGroup * kPanel));
+  at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int8_t* panel = panels + p * K4 * kPanel * kGroup;
+      const int64_t cols = std::min(kPanel, N - p * kPanel);
+      int64_t m0 = 0;
+      for (int64_t i = 0; i < blocks; ++i) {
+        const int64_t mr = base + (i < extra ? 1 : 0);
+#ifdef MTBF_INT8_PAIRS
+        tile_of(mr)(K4, a + m0 * lda, lda, panel, out + m0 * N + p * kPanel, N, cols);
+#else
+        tile_rows(mr, K4, a + m0 * lda, lda, panel, out + m0 * N + p * kPanel, N, cols);
+#endif
+        m0 += mr;
+      }
+    }
+  });
+}
+
+at::Tensor int8_panel_sums_cpu(const at::Tensor& q, const at::Tensor& panels, int64_t out_features) {
+  constexpr const char* op = "int8_panel_sums";
+  MTBF_CHECK_DEVICE_TYPE("int8_panel_sums", q, c10::DeviceType::CPU);
+  MTBF_CHECK_SAME_DEVICE("int8_panel_sums", q, panels);
+  MTBF_CHECK_DIM("int8_panel_sums", q, 2);
+  MTBF_CHECK_DTYPE("int8_panel_sums", q, at::kByte);
+  MTBF_CHECK_DTYPE("int8_panel_sums", panels, at::kChar);
+  const int64_t M = q.size(0), K = q.size(1), N = out_features;
+  TORCH_CHECK(N > 0, op, ": out_features must be positive, got ", N);
+  const int64_t K4 = (K + kGroup - 1) / kGroup, P = (N + kPanel - 1) / kPanel;
+  TORCH_CHECK(panels.sizes() == at::IntArrayRef({P, K4, kPanel, kGroup}), op, ": panels must have shape [", P, ", ",
+              K4, ", ", kPanel, ", ", kGroup, "] for q of ", K, " columns and ", N, " out_features, got ",
+              panels.sizes());
+  // sums of K products of at most 255 * 127 in magnitude fit int32 up to K = (2^31 - 1) / (255 * 127)
+  TORCH_CHECK(K <= ((int64_t{1} << 31) - 1) / (255 * 127), op, ": rows of ", K, " entries can sum past int32");
+  at::Tensor out = at::empty({M, N}, q.options().dtype(at::kInt));
+  if (M == 0) return out;
+  // a whole last group per row: q's rows padded with zeros to K4 * 4 entries where K is not a multiple of 4
+  const at::Tensor a = K == K4 * kGroup ? q.contiguous() : at::constant_pad_nd(q, {0, K4 * kGroup - K});
+  const at::Tensor w = panels.contiguous();
+  run_panels(a.const_data_ptr<uint8_t>(), M, K4 * kGroup, K4, w.const_data_ptr<int8_t>(), P,
+             out.mutable_data_ptr<int32_t>(), N);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtbert_fast_C, CPU, m) { m.impl("int8_panel_sums", &int8_panel_sums_cpu); }
+
+}  // namespace mtbert_fast
