@@ -18,7 +18,9 @@ in int32. oneDNN's uint8 x int8 product is checked once against an exact one on 
 whose neighbouring entries (columns 2i and 2i + 1, the pair the int16 step adds) of the same sign sum to at most
 PAIR_LIMIT (128) in magnitude, since 255 * 128 fits an int16: a second check confirms that oneDNN pairs the columns
 so here (`onednn_int8_pairs`), and mtbert_fast.models.int8 then quantizes the weights to keep every pair within the
-limit (`pairs_safe`). Any other weight is packed for oneDNN's float32 product instead, which multiplies q and the
+limit (`pairs_safe`), and products of at most PANEL_ROWS rows take their sums from int8 panels of the weight
+(`pack_int8_panels`, `int8_panel_sums`: our kernel, which reads each weight once a call where oneDNN's, blocked for
+many rows, is slow at few). Any other weight is packed for oneDNN's float32 product instead, which multiplies q and the
 weight widened to fp32: every product and every partial sum is an integer below the same 2^24 bound, so those sums
 are exact too. That runs at the float32 rate, where torch._int_mm on such a CPU (an AVX2 one) runs 20-30x slower,
 and the int8 product on pair-safe weights at about twice it.
@@ -285,7 +287,8 @@ def int8_sums(q: torch.Tensor, zero: torch.Tensor, weight: torch.Tensor, packed:
     """The integer sums of the product of q uint8 [N, K] (zero fp32 [N], from quantize_rows) with weight int8 [M, K],
     exact, and the zero point they go with: (acc [N, M], zero' [N]) with acc - zero' * weight_sum = (q - zero) @
     weight^T. On `packed` (pack_int8_weight of weight): oneDNN's fp32 sums of q (its int8 product, or its float32
-    one on q widened), and zero itself. Else torch._int_mm's int32 sums of q - 128 (int8), and zero - 128."""
+    one on q widened), or for at most PANEL_ROWS rows the int32 sums of its int8 panels where it has them, and zero
+    itself. Else torch._int_mm's int32 sums of q - 128 (int8), and zero - 128."""
     if q.dtype != torch.uint8 or q.dim() != 2:
         raise TypeError(f"int8_sums: q must be a 2-D torch.uint8 tensor (from quantize_rows), got {q.dtype} "
                         f"{tuple(q.shape)}")
