@@ -304,6 +304,9 @@ def int8_sums_unchecked(q, zero, weight, packed=None) -> tuple[torch.Tensor, tor
     """int8_sums without its argument checks, for callers that made q and the weight themselves (the int8 layer)."""
     if packed is not None:
         if packed.panels is not None and q.shape[0] <= PANEL_ROWS:
+            # the kernel directly in eager (it checks its arguments itself), the op with its fake under torch.compile
+            if torch.compiler.is_compiling():
+                return INT8_PANEL_SUMS(q, packed.panels, weight.shape[0], backend="cpu"), zero
             return INT8_PANEL_SUMS.kernel("cpu")(q, packed.panels, weight.shape[0]), zero
         if packed.float_sums:
             return torch.ops.mkldnn._linear_pointwise(q.float(), packed.tensor, None, "none", [], ""), zero

@@ -218,6 +218,22 @@ def test_int8_panel_sums(backend, shape):
     assert torch.equal(got.cpu().long(), reference.int8_sums(q, w))
 
 
+def test_int8_sums_on_panels_compile(monkeypatch, fresh_inductor):
+    """Under torch.compile the panels' sums go through the op (its fake), not the bare kernel, and equal eager's."""
+    monkeypatch.setattr(int8_ops, "onednn_int8_exact", lambda: False)
+    monkeypatch.setattr(int8_ops, "onednn_int8_pairs", lambda: True)
+    q, w = _pairs_safe_extreme(5, 40, 36)
+    packed = ops.pack_int8_weight(w)
+    assert packed.panels is not None
+
+    def sums(q, zero):
+        return ops.int8_sums(q, zero, w, packed)
+
+    zero = torch.zeros(5)
+    acc, _ = torch.compile(sums, fullgraph=True)(q, zero)
+    assert acc.dtype == torch.int32 and torch.equal(acc.long(), reference.int8_sums(q, w))
+
+
 def test_int8_panel_sums_errors_name_the_problem():
     q, w = _pairs_safe_extreme(3, 10, 5)
     panels = ops.pack_int8_panels(w)
