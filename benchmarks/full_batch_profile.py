@@ -117,9 +117,12 @@ def gemm_routes(dtype: torch.dtype, shape=harness.GEMM_SHAPE) -> dict:
     x = torch.randn(m, k, generator=g).to(dtype)
     w = torch.randn(n, k, generator=g).to(dtype)
     packed = onednn_weight(w)
+    # bf16 on a CPU without oneDNN bf16 products: the float32 pack, which the encoder multiplies x widened by (and
+    # oneDNN's unpacked product the same widened operands)
+    xp, wp = x.to(packed.dtype), w.to(packed.dtype)
     products = {
-        "gemm packed": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
-        "gemm plain": lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
+        "gemm packed": lambda: torch.ops.mkldnn._linear_pointwise(xp, packed, None, "none", [], ""),
+        "gemm plain": lambda: torch.ops.mkldnn._linear_pointwise(xp, wp, None, "none", [], ""),
         "gemm F.linear": lambda: F.linear(x, w),
     }
     return {name: (lambda f=f: [f() for _ in range(GEMM_CALLS)]) for name, f in products.items()}
