@@ -142,6 +142,18 @@ def main() -> None:
                     lambda x, w, b, a=approximate: reference.bias_gelu(x.detach() @ w.detach().t(), b.detach(), a),
                     (x, 0.1 * _rand((40, D), dtype, 13), _rand((40,), dtype, 14)),
                 )
+            # int8 panels (integer sums, the same in both loops): 7 rows (tiles of 3 and 2), 98 columns (a part of the
+            # last group of four), 40 outputs; rows of 255 against pairs of one sign at PAIR_LIMIT
+            g = torch.Generator().manual_seed(15)
+            q8 = torch.randint(0, 256, (7, 98), dtype=torch.uint8, generator=g)
+            q8[0] = 255
+            w8 = torch.randint(-64, 65, (40, 98), dtype=torch.int8, generator=g)
+            w8[0, 0::2], w8[0, 1::2], w8[1, 0::2], w8[1, 1::2] = 127, 1, -1, -127
+            cases["int8_panel_sums"] = (
+                lambda q, w: ops.int8_panel_sums(q, ops.pack_int8_panels(w), 40, backend="cpu"),
+                lambda q, w: reference.int8_sums(q, w),
+                (q8, w8),
+            )
             for name, (kernel, ref, inputs) in cases.items():
                 check(name, dtype, kernel, ref, inputs)
                 passed.append(f"{name} {str(dtype).replace('torch.', '')}")

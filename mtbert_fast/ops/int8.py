@@ -185,9 +185,9 @@ def _onednn_float32() -> bool:
 PANEL = 32  # columns per panel (csrc/cpu/int8_panels.cpp's kPanel)
 PANEL_GROUP = 4  # reduction entries of a column next to each other in a panel
 # The most rows whose sums run on int8 panels (int8_panel_sums) rather than oneDNN's int8 product, where that is
-# exact only for pairs_safe weights (CPUs without VNNI). The products alone, oneDNN's time over the panels' on a
-# 2-core AVX2 EPYC (2 threads, all-MiniLM-L6-v2's and bert-base's shapes): 5-12x at 1 row, 1.6-3x at 16, 1.1-1.5x at
-# 64, 0.9-1.3x at 128, 0.8-1.1x at 256 and 1,024.
+# exact only for pairs_safe weights (CPUs without VNNI). benchmarks/int8_panels.py on a 2-core AVX2 EPYC (2 threads,
+# all-MiniLM-L6-v2's and bert-base's shapes), the products alone, oneDNN's time over the panels': 2.9-4.3x at 1 row,
+# 1.6-2.6x at 16, 1.1-1.6x at 64, 0.96-1.34x at 128, 0.80-1.16x at 1,024; whole forwards lost with a limit past 128.
 PANEL_ROWS = 128
 
 
