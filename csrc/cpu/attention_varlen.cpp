@@ -160,6 +160,27 @@ C10_ALWAYS_INLINE void pack_b(const ST* src, int64_t k, int64_t n, int64_t ld_sr
   std::fill(dst + k * ldb, dst + k_pad * ldb, 0.f);
 }
 
+// dst [n, m] (row stride ld_dst) = the transpose of src [m, n] (row stride ld_src). ATen's AVX-512 transpose_mxn
+// runs in 16 x 16 register blocks; its AVX2 build has register blocks of 8 x 8 only, the runtime-sized form being a
+// scalar loop, which made the packing of K^T a sixth of the fp32 attention forward's time at head_dim 32.
+inline void transpose_words(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t m, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const int64_t m8 = m / 8 * 8, n8 = n / 8 * 8;
+  for (int64_t i = 0; i < m8; i += 8) {
+    for (int64_t j = 0; j < n8; j += 8)
+      at::vec::transpose_mxn<float, 8, 8>(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
+    if (n8 < n)
+      at::vec::transpose_mxn<float>(src + i * ld_src + n8, ld_src, dst + n8 * ld_dst + i, ld_dst, 8,
+                                    static_cast<int>(n - n8));
+  }
+  if (m8 < m)
+    at::vec::transpose_mxn<float>(src + m8 * ld_src, ld_src, dst + m8, ld_dst, static_cast<int>(m - m8),
+                                  static_cast<int>(n));
+#else
+  at::vec::transpose_mxn<float>(src, ld_src, dst, ld_dst, static_cast<int>(m), static_cast<int>(n));
+#endif
+}
+
 // The B operand of gemm from the transpose of src [n, k] (row stride ld_src): element (i, j) is src[j * ld_src + i].
 // Zero past k (up to k_pad = round_up(k, kPair)) and past n (up to ldb).
 template <typename CT, typename ST>
@@ -169,8 +190,7 @@ void pack_b_transposed(const ST* src, int64_t k, int64_t n, int64_t ld_src, int6
     // A packed row (for bf16 a pair of rows, adjacent in src) takes one 32-bit word from each row of src: a
     // transpose of words.
     if (k % P == 0 && ld_src % P == 0 && reinterpret_cast<uintptr_t>(src) % sizeof(float) == 0) {
-      at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(src), ld_src / P, reinterpret_cast<float*>(dst),
-                                    ldb, static_cast<int>(n), static_cast<int>(k / P));
+      transpose_words(reinterpret_cast<const float*>(src), ld_src / P, reinterpret_cast<float*>(dst), ldb, n, k / P);
       for (int64_t w = 0; w < k / P; ++w) std::fill(dst + (w * ldb + n) * P, dst + (w + 1) * ldb * P, CT(0));
       return;
     }
@@ -190,17 +210,30 @@ constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
 // 2^x for x <= 0: the forward's softmax works in base 2, its scale multiplied by log2(e). 2^n 2^f with
 // n = round(x), f in [-1/2, 1/2], 2^f a degree-5 polynomial fitted to relative error 2.2e-7 (about 2 ulp; ATen's
 // exp_u20 allows 20), and 2^n applied by vscalefps, which also gives 0 for arguments too negative for a normal
-// result: 8 vector operations, where exp_u20 takes 19.
+// result: 8 vector operations, where exp_u20 takes 19. AVX2 has no scalef: x is raised to -127 at least, and 2^n
+// is built in the exponent bits, whose field is then 0 for n = -127, so 2^x under 2^-126.5 comes out 0 (a
+// probability 2^-126 below the row's largest, which the row sum of at least 1 never sees): 12 operations.
 inline Vec exp2_nonpositive(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.3266970636323094e-3f), f, _mm512_set1_ps(9.675459936261177e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550742521882057e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022121727466583e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440460205e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
+  const Vec n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const Vec f = x - n;
+#else
+  const Vec xc = _mm256_max_ps(_mm256_set1_ps(-127.f), x);  // x where x is NaN: NaN goes on to the output
+  const Vec n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const Vec f = xc - n;
+#endif
+  Vec p = at::vec::fmadd(Vec(1.3266970636323094e-3f), f, Vec(9.675459936261177e-3f));
+  p = at::vec::fmadd(p, f, Vec(5.550742521882057e-2f));
+  p = at::vec::fmadd(p, f, Vec(2.4022121727466583e-1f));
+  p = at::vec::fmadd(p, f, Vec(6.931469440460205e-1f));
+  p = at::vec::fmadd(p, f, Vec(1.0000001192092896f));
+#if defined(CPU_CAPABILITY_AVX512)
   return _mm512_scalef_ps(p, n);
+#else
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return p * Vec(_mm256_castsi256_ps(bits));
+#endif
 #else
   return (x * Vec(kLn2)).exp_u20();
 #endif
@@ -534,6 +567,8 @@ C10_ALWAYS_INLINE void prefetch_share(const Geometry& g, const ST* qkv, const Qu
 inline Vec max_ignoring_nan(const Vec& a, const Vec& b) {
 #if defined(CPU_CAPABILITY_AVX512)
   return _mm512_max_ps(a, b);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_max_ps(a, b);
 #else
   return at::vec::maximum(a, b);
 #endif
@@ -1018,7 +1053,7 @@ void backward_seqs(const Geometry& g,
             apply_keep_bits(pt_blk + j * blk, keep.data() + (j0 + j) * keep_ld, bm, drop.scale);
         gemm<float>(bn, vdim, bm, pt_blk, blk, do_b.data() + i0 * vdim, vdim, dv.data() + j0 * vdim, vdim, true);
         gemm<float>(bn, vdim, bm, dst_blk, blk, q_b.data() + i0 * vdim, vdim, dk.data() + j0 * vdim, vdim, true);
-        at::vec::transpose_mxn<float>(dst_blk, blk, ds.data(), blk, static_cast<int>(bn), static_cast<int>(bm));
+        transpose_words(dst_blk, blk, ds.data(), blk, bn, bm);
         gemm<float>(bm, vdim, bn, ds.data(), blk, k_b.data() + j0 * vdim, vdim, dq_blk, vdim, true);
       }
     }

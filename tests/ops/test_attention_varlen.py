@@ -96,7 +96,7 @@ def _check_kernels(backend, lens, heads, head_dim, dtype, scale=None, qkv=None, 
 
 
 @pytest.mark.interpreter_cases(head_dim=[7, 80])
-@pytest.mark.parametrize("head_dim", [7, 32, 64, 80])
+@pytest.mark.parametrize("head_dim", [7, 20, 32, 64, 80])
 def test_ragged(backend, dtype, head_dim):
     _check_kernels(backend, RAGGED, heads=3, head_dim=head_dim, dtype=dtype)
 
@@ -145,6 +145,28 @@ def test_every_score_far_below_zero(backend, dtype, length):
     torch.testing.assert_close(lse, exact_lse, atol=1e-3, rtol=1e-5)
     native = _native(qkv, cu, 300.0, fused=backend.name == "cpu") if dtype != torch.float32 else out
     assert_close(out, exact_out, native, dtype, "out", atol=1e-4, rtol=1e-4, floor=1e-5)
+
+
+@pytest.mark.parametrize("part", [0, 1, 2])
+def test_nan_reaches_its_sequence_only(backend, dtype, part):
+    """A NaN in one token's query, key or value makes exactly the outputs it enters NaN and leaves the other sequence
+    exact: a softmax must not drop a NaN score as one that underflows."""
+    lens, heads, head_dim = [9, 20], 2, 32
+    cu = cu_seqlens(lens, backend.device)
+    qkv = rand(sum(lens), 3, heads, head_dim, seed=16, dtype=dtype, device=backend.device)
+    qkv[12, part, 1, 5] = float("nan")
+    out, _ = backend.forward(qkv, cu, max(lens), 1.0 / math.sqrt(head_dim))
+    expected = torch.zeros(out.shape, dtype=torch.bool)
+    if part == 0:
+        expected[12, 1] = True  # the query's own row
+    elif part == 1:
+        expected[9:, 1] = True  # every score of the sequence's head 1 against that key
+    else:
+        expected[9:, 1, 5] = True  # the value's entry, in every row that averages it
+    assert torch.equal(out.isnan().cpu(), expected)
+    exact_out = _exact(qkv[:9], cu_seqlens(lens[:1], backend.device), 1.0 / math.sqrt(head_dim),
+                       torch.zeros_like(out[:9]))[0]
+    torch.testing.assert_close(out[:9].float(), exact_out, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0)
 
 
 def test_strided_qkv_and_scale(backend, dtype):
