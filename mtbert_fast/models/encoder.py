@@ -1006,11 +1006,14 @@ class FastBertModel(nn.Module):
     ) -> FastBertModel:
         """From an HF model directory: config.json and model.safetensors (or sharded safetensors); never unpickles.
         dtype=torch.qint8: int8 inference with float32 activations (see `quantize`, which reads `calibration`)."""
-        from mtbert_fast.models.hf_mapping import fast_state_dict_from_hf, read_safetensors_dir
+        from mtbert_fast.models.hf_mapping import LAYOUTS, fast_state_dict_from_hf, read_safetensors_dir
 
         config = EncoderConfig.from_json_file(os.path.join(path, "config.json"))
         hf_state = read_safetensors_dir(path)
-        has_pooler = any(k.endswith(("pooler.dense.weight", "pooler.dense.bias")) for k in hf_state)
+        # a pooler only where the family's base model has one: DeBERTa's task models keep their own ContextPooler
+        # under the same name, outside the encoder
+        has_pooler = LAYOUTS[config.family].pooler and any(
+            k.endswith(("pooler.dense.weight", "pooler.dense.bias")) for k in hf_state)
         state = fast_state_dict_from_hf(hf_state, config, has_pooler=has_pooler)
         return cls._from_state(config, state, has_pooler, dtype, backend, device, calibration)
 

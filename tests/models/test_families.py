@@ -62,11 +62,12 @@ def test_encoder_parity(family, loader, model_backend, family_config, make_hf, h
             assert_tokens_close(a, r, mask, what=f"hidden_states[{i}]")
 
 
-@pytest.mark.parametrize("family,suffix", [(f, s) for f in FAMILIES for s in HEADS[f]]
+@pytest.mark.parametrize("family,suffix", [(f, s) for f in HEAD_FAMILIES for s in (*HEADS[f], "ForMultipleChoice")]
                          + [("electra", "ForMaskedLM"), ("electra", "ForPreTraining")])
 def test_from_pretrained_task_checkpoints(family, suffix, family_config, make_hf, ragged_batch, tmp_path,
                                           assert_tokens_close):
-    """The encoder of any task model's checkpoint (prefix distilbert. / electra.), the head ignored."""
+    """The encoder of any task model's checkpoint (prefix distilbert. / electra. / ...), the head ignored, even where
+    the head holds weights named like an encoder's (DeBERTa's ContextPooler is pooler.dense)."""
     cls = getattr(transformers, f"{PREFIX[family]}{suffix}")
     config = family_config(family)
     hf = make_hf(cls, config)
