@@ -601,6 +601,14 @@ def test_unsupported_config_is_refused_and_model_untouched(overrides, match, cls
     assert_swap_refused(make_hf(cls, config), *ragged_batch(config, [5, 9]), match)
 
 
+def test_cross_attention_config_is_refused_and_model_untouched(bert_config, make_hf, ragged_batch, assert_swap_refused):
+    """A config that asks for cross-attention (HF builds it only in decoders, so it is set after construction)."""
+    config = bert_config()
+    model = make_hf(BertForSequenceClassification, config)
+    model.config.add_cross_attention = True
+    assert_swap_refused(model, *ragged_batch(config, [5, 9]), r"add_cross_attention=True: cross-attention is not")
+
+
 def _tiny_gpt2():
     return GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100, n_positions=16))
 

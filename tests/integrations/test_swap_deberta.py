@@ -197,6 +197,11 @@ def test_multiple_choice(model_backend, deberta_config, make_hf, multiple_choice
     (dict(embedding_size=32), UnsupportedModelError, "embedding_size=32: a DeBERTa embedding projection"),
     (dict(pos_att_type=["c2p", "p2p"]), UnsupportedModelError, "pos_att_type holds 'p2p'"),
     (dict(hidden_act="relu"), UnsupportedModelError, "hidden_act='relu' is not supported"),
+    (dict(z_steps=2), UnsupportedModelError, "z_steps=2 is not supported"),
+    (dict(attention_head_size=8), UnsupportedModelError, "attention_head_size=8: heads of another width"),
+    (dict(norm_rel_ebd="layer_norm|batch_norm"), UnsupportedModelError,
+     r"norm_rel_ebd='layer_norm\|batch_norm': only layer_norm or none"),
+    (dict(pooler_hidden_size=32), UnsupportedModelError, "pooler_hidden_size=32: a pooler of another width"),
 ])  # fmt: skip
 def test_unsupported_config_is_refused_before_anything_changes(overrides, error, match, deberta_config, make_hf):
     config = deberta_config()

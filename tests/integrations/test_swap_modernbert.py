@@ -192,6 +192,8 @@ def test_config_round_trip(modernbert_config):
     (lambda c: setattr(c, "hidden_activation", "silu"), UnsupportedModelError, "hidden_act='silu' is not supported"),
     (lambda c: setattr(c, "layer_types", ["full_attention"] * 3), ValueError,
      "layer_types names 3 layers, but num_hidden_layers is 4"),
+    (lambda c: setattr(c, "layer_types", ["full_attention", "chunked_attention"] * 2), UnsupportedModelError,
+     "layer_types holds 'chunked_attention'; supported: "),
 ])  # fmt: skip
 def test_unsupported_config_is_refused_before_anything_changes(change, error, match, modernbert_config, make_hf):
     config = modernbert_config()

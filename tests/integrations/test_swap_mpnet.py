@@ -181,3 +181,10 @@ def test_config_refusals(mpnet_config):
         EncoderConfig(relative_attention_num_buckets=32)
     with pytest.raises(ValueError, match="hidden_act='relu' is not supported"):
         EncoderConfig.from_hf(mpnet_config(hidden_act="relu"))
+
+
+def test_unsupported_config_is_refused_and_model_untouched(mpnet_config, make_hf, ragged_batch, assert_swap_refused):
+    config = mpnet_config()
+    model = _model(make_hf, MPNetForSequenceClassification, config)
+    model.config.hidden_act = "relu"
+    assert_swap_refused(model, *ragged_batch(config, [5, 9]), "hidden_act='relu' is not supported")
