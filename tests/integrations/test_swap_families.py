@@ -20,6 +20,7 @@ from transformers import (
     DistilBertForSequenceClassification,
     DistilBertForTokenClassification,
     DistilBertModel,
+    ElectraForCausalLM,
     ElectraForMaskedLM,
     ElectraForMultipleChoice,
     ElectraForPreTraining,
@@ -34,10 +35,11 @@ from mtbert_fast import swap
 pytestmark = pytest.mark.usefixtures("one_thread_unless_marked")
 DISTILBERT = [DistilBertModel, DistilBertForSequenceClassification, DistilBertForTokenClassification,
               DistilBertForQuestionAnswering, DistilBertForMaskedLM]
-# ElectraForMaskedLM (the generator) and ElectraForPreTraining (the discriminator's replaced-token head) run HF's own
+# ElectraForMaskedLM (the generator), ElectraForPreTraining (the discriminator's replaced-token head) and
+# ElectraForCausalLM (the generator's head on a bidirectional encoder, as HF runs it without is_decoder) run HF's own
 # heads on the swapped encoder's output
 ELECTRA = [ElectraModel, ElectraForSequenceClassification, ElectraForTokenClassification, ElectraForQuestionAnswering,
-           ElectraForMaskedLM, ElectraForPreTraining]
+           ElectraForMaskedLM, ElectraForPreTraining, ElectraForCausalLM]
 TASKS = DISTILBERT + ELECTRA
 
 
@@ -66,6 +68,8 @@ def _task_inputs(cls, config, ids, mask, seed=0):
         return {}, {"start_logits": True, "end_logits": True}
     if name.endswith("ForMaskedLM"):
         return {"labels": token_labels(config.vocab_size, keep=0.3)}, {"logits": True, "loss": False}
+    if name.endswith("ForCausalLM"):  # no loss: HF's shifted loss would read the logits at padding positions
+        return {}, {"logits": True}
     if cls is ElectraForPreTraining:  # HF's loss counts the real tokens only
         return {"labels": torch.randint(0, 2, (b, l), generator=g)}, {"logits": True, "loss": False}
     raise AssertionError(cls)
@@ -210,7 +214,8 @@ def test_swapped_distilbert_ignores_token_types_as_hf_does(distilbert_config, ma
     (ElectraForSequenceClassification, dict(hidden_act="relu"), r"hidden_act='relu' is not supported"),
     (ElectraForSequenceClassification, dict(position_embedding_type="relative_key"),
      r"position_embedding_type='relative_key'.*only absolute"),
-], ids=["distilbert-relu", "electra-relu", "electra-relative-positions"])
+    (ElectraForCausalLM, dict(is_decoder=True), r"is_decoder=True: decoders \(causal attention\) are not supported"),
+], ids=["distilbert-relu", "electra-relu", "electra-relative-positions", "electra-causal"])
 def test_unsupported_config_is_refused_and_model_untouched(cls, overrides, match, distilbert_config, electra_config,
                                                            make_hf, ragged_batch, assert_swap_refused):
     config = _config(cls, distilbert_config, electra_config, **overrides)
