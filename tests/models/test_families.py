@@ -255,7 +255,7 @@ def test_own_checkpoint_round_trip(family, family_config, ragged_batch, tmp_path
             assert torch.equal(b.outputs[task][name], value), (task, name)
 
 
-@pytest.mark.parametrize("cls", ["ElectraForMaskedLM", "ElectraForPreTraining"])
+@pytest.mark.parametrize("cls", ["ElectraForMaskedLM", "ElectraForPreTraining", "ElectraForCausalLM"])
 def test_electra_generator_and_discriminator_heads_are_refused(cls, family_config):
     model = getattr(transformers, cls)(family_config("electra")).eval()
     with pytest.raises(UnsupportedModelError, match=f"{cls} is not a supported task model; supported: .*"
