@@ -511,8 +511,10 @@ def input_variant():
 
 @pytest.fixture
 def assert_swap_bf16(assert_low_precision_error):
-    """assert_swap_bf16(ref_model, ids, mask): a copy of the fp32 HF task model `ref_model`, swapped with
-    dtype=torch.bfloat16, gives logits and hidden states within twice the error of HF's own bf16 model."""
+    """assert_swap_bf16(ref_model, ids, mask): a copy of the fp32 HF model `ref_model` (a base or task model),
+    swapped with dtype=torch.bfloat16, gives its outputs (last_hidden_state, logits, start_logits, end_logits: those
+    it has) and hidden states within twice the error of HF's own bf16 model. Per-token outputs are compared at the
+    real tokens."""
     import copy
 
     from mtbert_fast import swap
@@ -524,8 +526,12 @@ def assert_swap_bf16(assert_low_precision_error):
             ref = ref_model(ids, **kwargs)
             native = copy.deepcopy(ref_model).to(torch.bfloat16)(ids, **kwargs)
             out = model(ids, **kwargs)
-        assert out.logits.dtype == torch.bfloat16
-        assert_low_precision_error(out.logits, native.logits, ref.logits, what="logits")
+        fields = [f for f in ("last_hidden_state", "logits", "start_logits", "end_logits") if ref.get(f) is not None]
+        assert fields, type(ref_model).__name__
+        for f in fields:
+            assert out[f].dtype == torch.bfloat16, f
+            per_token = out[f].shape[:2] == mask.shape
+            assert_low_precision_error(out[f], native[f], ref[f], mask if per_token else None, what=f)
         for i, (a, n, r) in enumerate(zip(out.hidden_states, native.hidden_states, ref.hidden_states, strict=True)):
             assert_low_precision_error(a, n, r, mask, what=f"hidden_states[{i}]")
 

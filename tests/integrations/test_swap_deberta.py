@@ -156,10 +156,10 @@ def test_padding_inside_a_row_is_refused(deberta_config, make_hf, ragged_batch):
         model(ids, attention_mask=mask)
 
 
-def test_bf16(deberta_config, make_hf, ragged_batch, assert_swap_bf16):
+@pytest.mark.parametrize("cls", TASKS, ids=lambda c: c.__name__)
+def test_bf16(cls, deberta_config, make_hf, ragged_batch, assert_swap_bf16):
     config = deberta_config()
-    assert_swap_bf16(_model(make_hf, DebertaV2ForSequenceClassification, config),
-                     *ragged_batch(config, [7, 40, 2, 23]))
+    assert_swap_bf16(_model(make_hf, cls, config), *ragged_batch(config, [7, 40, 2, 23]))
 
 
 @pytest.mark.parametrize("variant", ["v3", "v2-own-projections"])

@@ -155,8 +155,7 @@ def test_input_variants(variant, cls, model_backend, distilbert_config, electra_
         assert_tokens_close(out.last_hidden_state, ref.last_hidden_state, real)
 
 
-@pytest.mark.parametrize("cls", [DistilBertForSequenceClassification, ElectraForSequenceClassification],
-                         ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", TASKS, ids=lambda c: c.__name__)
 def test_bf16(cls, distilbert_config, electra_config, make_hf, ragged_batch, assert_swap_bf16):
     config = _config(cls, distilbert_config, electra_config)
     assert_swap_bf16(make_hf(cls, config), *ragged_batch(config, [7, 40, 2, 23]))

@@ -143,9 +143,10 @@ def test_padding_inside_a_row_is_refused(modernbert_config, make_hf, ragged_batc
         model(ids, attention_mask=mask)
 
 
-def test_bf16(modernbert_config, make_hf, ragged_batch, assert_swap_bf16):
+@pytest.mark.parametrize("cls", TASKS, ids=lambda c: c.__name__)
+def test_bf16(cls, modernbert_config, make_hf, ragged_batch, assert_swap_bf16):
     config = modernbert_config()
-    assert_swap_bf16(make_hf(ModernBertForSequenceClassification, config), *ragged_batch(config, [7, 40, 2, 23]))
+    assert_swap_bf16(make_hf(cls, config), *ragged_batch(config, [7, 40, 2, 23]))
 
 
 def test_gradients_match_hf(model_backend, modernbert_config, make_hf, ragged_batch, assert_grad_close):

@@ -127,9 +127,10 @@ def test_padding_inside_a_row_is_refused(mpnet_config, make_hf, ragged_batch):
         model(ids, attention_mask=mask)
 
 
-def test_bf16(mpnet_config, make_hf, ragged_batch, assert_swap_bf16):
+@pytest.mark.parametrize("cls", TASKS, ids=lambda c: c.__name__)
+def test_bf16(cls, mpnet_config, make_hf, ragged_batch, assert_swap_bf16):
     config = mpnet_config()
-    assert_swap_bf16(_model(make_hf, MPNetForSequenceClassification, config), *ragged_batch(config, [7, 40, 2, 23]))
+    assert_swap_bf16(_model(make_hf, cls, config), *ragged_batch(config, [7, 40, 2, 23]))
 
 
 def test_gradients_match_hf(model_backend, mpnet_config, make_hf, ragged_batch, assert_grad_close):
