@@ -1,5 +1,7 @@
 """Every C++ CPU op, forward and backward, against its PyTorch reference in fp32 and bf16, on the CPU build of the
 kernels this process loaded; run by test_cpu_isa.py in a subprocess per instruction set ($MTBERT_FAST_CPU_ISA).
+Left to tests/ops/test_int8.py (on the build loaded): the ops that quantize rows (quantize_rows and the epilogues
+ending in _quantize), whose uint8 results may move by a step where a value lies at a rounding tie.
 Prints one JSON line: the instruction set loaded, the libraries of the extension loaded, the load error, and the
 cases that passed.
 
@@ -153,6 +155,44 @@ def main() -> None:
                 lambda q, w: ops.int8_panel_sums(q, ops.pack_int8_panels(w), 40, backend="cpu"),
                 lambda q, w: reference.int8_sums(q, w),
                 (q8, w8),
+            )
+            # int8 product epilogues on given integer sums: 7 rows, 40 outputs, two outlier channels; every float
+            # input but the bias, residual and norm fp32 as the ops take them
+            acc = torch.randint(-40000, 40000, (7, 40), dtype=torch.int32, generator=g)
+            scale8, zero8 = 0.01 * _rand((7,), torch.float32, 16).abs(), torch.randint(0, 256, (7,), generator=g).float()
+            wscale, wsum = 0.01 * _rand((40,), torch.float32, 17).abs(), torch.randint(-900, 900, (40,), generator=g)
+            product = (acc, scale8, zero8, wscale, wsum.float(), _rand((40,), dtype, 18))
+
+            def fp32(t):  # the references compute in fp32: their "exact" run gets fp32 for fp64
+                return [u.float() if u.dtype == torch.float64 else u for u in t]
+
+            outliers = (_rand((7, 2), torch.float32, 19), _rand((2, 40), torch.float32, 20))
+            cases["int8_linear"] = (
+                lambda *t: ops.int8_linear(*(u.detach() for u in t), outliers=outliers, backend="cpu"),
+                lambda *t: reference.int8_linear(*fp32(t), *outliers),
+                product,
+            )
+            norm = (_rand((7, 40), dtype, 21), 1 + 0.1 * _rand((40,), dtype, 22), _rand((40,), dtype, 23))
+            cases["int8_linear_residual_layer_norm"] = (
+                lambda *t: ops.int8_linear_residual_layer_norm(*(u.detach() for u in t), 1e-5, outliers=outliers,
+                                                               backend="cpu"),
+                lambda *t: reference.int8_linear_residual_layer_norm(*fp32(t[:6]), *outliers, *fp32(t[6:]), 1e-5),
+                product + norm,
+            )
+            # two post-norm layers of hidden 64 (2 heads of 32) and 100 intermediate units on the ragged batch above
+            hidden, inner = 64, 100
+            shapes = [(3 * hidden, hidden), (3 * hidden,), (hidden, hidden), (hidden,), (hidden,), (hidden,),
+                      (inner, hidden), (inner,), (hidden, inner), (hidden,), (hidden,), (hidden,)] * 2
+            layer = [0.1 * _rand(shape, dtype, 30 + i) for i, shape in enumerate(shapes)]
+            for i in (4, 10, 16, 22):
+                layer[i] = layer[i] + 1  # the norms' weights
+            packed = [ops.pack_panels(w) if w.dim() == 2 else w for w in layer]
+            cases["post_norm_layers"] = (
+                lambda x: ops.post_norm_layers(x.detach(), cu, max(lens), packed, 2, 32 ** -0.5, 1e-5, "none",
+                                               backend="cpu"),
+                lambda x: reference.post_norm_layers(x, cu, max(lens), [w.to(x.dtype) for w in packed], 2, 32 ** -0.5,
+                                                     1e-5, "none"),
+                (_rand((sum(lens), hidden), dtype, 29),),
             )
             for name, (kernel, ref, inputs) in cases.items():
                 check(name, dtype, kernel, ref, inputs)
