@@ -20,7 +20,8 @@ and P V, 4 L^2 H per layer per sequence; elementwise work is not counted. The ro
 GEMM rate, also taken per round against that round's GEMM rate (robust to a load that changes between rounds), and
 the ratio to OpenVINO likewise. The attainable fraction is what the model would reach with its linears at the GEMM
 rate and attention at the rate its own kernel reaches; `--profile` adds a torch.profiler breakdown of mtbert_fast's
-forward by part (linears, attention, LayerNorm, the rest) with the GFLOP/s of each.
+forward by part (linears, attention, LayerNorm, the rest) with the GFLOP/s of each, and OpenVINO's own per-node
+timers by the same parts, with the kernels its linears ran on.
 
 Every timed call follows a pause of SETTLE seconds, so that no call pays for the previous one's spinning threads.
 On a machine that other jobs keep busy, run with OMP_WAIT_POLICY=PASSIVE (it must be set before the process
@@ -172,12 +173,67 @@ def profile_parts(fast: FastBertModel, inputs: dict, flops: dict[str, float], ru
     for event in prof.key_averages():
         part = PARTS.get(event.key, "rest")
         ms[part] = ms.get(part, 0.0) + event.self_cpu_time_total / 1e3 / runs
+    print_parts("profile (self CPU time per forward)", ms, flops)
+
+
+def print_parts(title: str, ms: dict[str, float], flops: dict[str, float]) -> None:
     total = sum(ms.values())
-    print("    profile (self CPU time per forward):")
+    print(f"    {title}:")
     for part in ("linears", "attention", "layernorm", "rest"):
         t = ms.get(part, 0.0)
         rate = f"{flops[part] / t / 1e6:7.1f} GFLOP/s" if part in flops and t > 0 else ""
         print(f"      {part:10s} {t:8.2f} ms {100 * t / total:5.1f} %  {rate}")
+
+
+# OpenVINO node type -> part. The attention's head split and merge are Transposes there (the encoder reads the
+# packed [T, 3, heads, head_dim] in place); the residual Add stays in "rest" (the encoder fuses it into its LayerNorm).
+OV_PARTS = {"FullyConnected": "linears", "ScaledDotProductAttention": "attention", "Softmax": "attention",
+            "MatMul": "attention", "Transpose": "attention", "MVN": "layernorm", "MulAdd": "layernorm"}
+
+
+def openvino_part(node_type: str, node_name: str) -> str:
+    if node_type == "Subgraph":  # a fused kernel: the attention's when it stands for scaled_dot_product_attention
+        return "attention" if "scaled_dot_product_attention" in node_name.lower() else "rest"
+    return OV_PARTS.get(node_type, "rest")
+
+
+def openvino_part_times(runs: list) -> tuple[dict[str, float], dict[str, tuple[int, float]]]:
+    """Per forward, from OpenVINO's per-node timers of each run (lists of (node type, node name, kernel, ms) of the
+    nodes that executed): ms per part, and per kernel of the linears (FullyConnected) how many nodes and ms."""
+    parts: dict[str, float] = {}
+    kernels: dict[str, tuple[int, float]] = {}
+    for nodes in runs:
+        for node_type, node_name, kernel, ms in nodes:
+            part = openvino_part(node_type, node_name)
+            parts[part] = parts.get(part, 0.0) + ms / len(runs)
+            if part == "linears":
+                count, total = kernels.get(kernel, (0, 0.0))
+                kernels[kernel] = (count + 1, total + ms / len(runs))
+    return parts, {k: (count // len(runs), ms) for k, (count, ms) in kernels.items()}
+
+
+def openvino_profile(hf, inputs: dict, threads: int, precision: str | None, flops: dict[str, float],
+                     runs: int = 5) -> None:
+    """OpenVINO's own per-node timers (PERF_COUNT) by the parts of profile_parts, on a second compiled copy so that
+    the timed one runs without them."""
+    import openvino as ov
+
+    with torch.no_grad():
+        model = ov.convert_model(hf, example_input=inputs)
+    config = {"INFERENCE_NUM_THREADS": str(threads), "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": "YES"}
+    if precision is not None:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    request = ov.Core().compile_model(model, "CPU", config).create_infer_request()
+    feeds = {k: v.numpy() for k, v in inputs.items()}
+    request.infer(feeds)
+    measured = []
+    for _ in range(runs):
+        request.infer(feeds)
+        measured.append([(p.node_type, p.node_name, p.exec_type, p.real_time.total_seconds() * 1e3)
+                         for p in request.profiling_info if p.status == p.Status.EXECUTED])
+    parts, kernels = openvino_part_times(measured)
+    print_parts("OpenVINO's profile (its per-node timers, per forward)", parts, flops)
+    print("      linears by kernel: " + ", ".join(f"{k} x{n} {ms:.2f} ms" for k, (n, ms) in kernels.items()))
 
 
 def page_faults(fn, calls: int = 3) -> float:
@@ -260,6 +316,8 @@ def run_point(name: str, hf, dtype_name: str, args) -> None:
     print(f"    page faults per mtbert_fast forward: {page_faults(fns['mtbert_fast']):.0f}")
     if args.profile:
         profile_parts(fast, inputs, part_flops)
+        if "openvino" in timing:
+            openvino_profile(hf, inputs, args.threads, OV_PRECISION[dtype_name], part_flops)
 
 
 def main(argv=None) -> None:

@@ -1,0 +1,51 @@
+"""The pure parts of the scripts under benchmarks/ (the timing itself is a benchmark, not a test)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def full_batch_profile():
+    spec = importlib.util.spec_from_file_location("full_batch_profile", SCRIPTS / "full_batch_profile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "node_type, node_name, part",
+    [
+        ("FullyConnected", "__module.encoder.layer.0.output.dense/aten::linear/Add", "linears"),
+        ("Subgraph", "__module.encoder.layer.0.attention.self/aten::scaled_dot_product_attention/SDPA", "attention"),
+        ("Subgraph", "__module.encoder.layer.0.intermediate/aten::gelu/Gelu", "rest"),
+        ("Transpose", "Transpose_15007", "attention"),
+        ("MVN", "__module.encoder.layer.0.output.LayerNorm/aten::layer_norm/MVN", "layernorm"),
+        ("MulAdd", "__module.encoder.layer.0.output.LayerNorm/aten::layer_norm/Multiply_1", "layernorm"),
+        ("Add", "__module.encoder.layer.0.output/aten::add/Add", "rest"),
+        ("Gather", "__module.embeddings.word_embeddings/aten::embedding/Gather", "rest"),
+    ],
+)
+def test_openvino_nodes_fall_into_the_encoders_parts(full_batch_profile, node_type, node_name, part):
+    assert full_batch_profile.openvino_part(node_type, node_name) == part
+
+
+def test_openvino_part_times_average_over_runs(full_batch_profile):
+    def run(scale):
+        return [
+            ("FullyConnected", "q", "gemm_mlas_f32", 2.0 * scale),
+            ("FullyConnected", "k", "gemm_mlas_f32", 3.0 * scale),
+            ("FullyConnected", "ffn", "brgemm_avx2_f32", 10.0 * scale),
+            ("Subgraph", "self/aten::scaled_dot_product_attention/x", "jit_avx2_f32", 4.0 * scale),
+            ("MVN", "LayerNorm/MVN", "jit_avx2_f32", 1.0 * scale),
+            ("Add", "output/aten::add/Add", "jit_avx2_f32", 0.5 * scale),
+        ]
+
+    parts, kernels = full_batch_profile.openvino_part_times([run(1.0), run(3.0)])
+    assert parts == pytest.approx({"linears": 30.0, "attention": 8.0, "layernorm": 2.0, "rest": 1.0})
+    assert kernels.keys() == {"gemm_mlas_f32", "brgemm_avx2_f32"}
+    assert kernels["gemm_mlas_f32"][0] == 2 and kernels["gemm_mlas_f32"][1] == pytest.approx(10.0)
+    assert kernels["brgemm_avx2_f32"][0] == 1 and kernels["brgemm_avx2_f32"][1] == pytest.approx(20.0)
