@@ -99,13 +99,13 @@ struct StoreC {
 
   template <int MR, int NV>
   void init(Vec (&acc)[MR][NV]) const {
-    for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? Vec::loadu(c + r * ldc + v * kLanes) : Vec(0.f);
+    MTBF_UNROLL for (int r = 0; r < MR; ++r)
+      MTBF_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? Vec::loadu(c + r * ldc + v * kLanes) : Vec(0.f);
   }
   template <int MR, int NV>
   void finish(const Vec (&acc)[MR][NV]) const {
-    for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v) acc[r][v].store(c + r * ldc + v * kLanes);
+    MTBF_UNROLL for (int r = 0; r < MR; ++r)
+      MTBF_UNROLL for (int v = 0; v < NV; ++v) acc[r][v].store(c + r * ldc + v * kLanes);
   }
 };
 
@@ -603,17 +603,17 @@ struct StoreScores {
 
   template <int MR, int NV>
   void init(Vec (&acc)[MR][NV]) const {
-    for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v) acc[r][v] = Vec(0.f);
+    MTBF_UNROLL for (int r = 0; r < MR; ++r)
+      MTBF_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = Vec(0.f);
   }
   template <int MR, int NV>
   void finish(const Vec (&acc)[MR][NV]) const {
     const Vec vscale(scale), minus_inf(-std::numeric_limits<float>::infinity());
     // Most tiles of a band lie inside it: they mask nothing.
     const bool edge = kWindow && (offset - (MR - 1) < -window || offset + NV * kLanes - 1 > window);
-    for (int r = 0; r < MR; ++r) {
+    MTBF_UNROLL for (int r = 0; r < MR; ++r) {
       Vec m = row_max[r];  // in a register: s may alias row_max for all the compiler knows
-      for (int v = 0; v < NV; ++v) {
+      MTBF_UNROLL for (int v = 0; v < NV; ++v) {
         Vec x;
         if constexpr (kBias || kWindow || kTokens) {
           if constexpr (kTokens) x = at::vec::fmadd(acc[r][v], vscale, Vec::loadu(s + r * lds + v * kLanes));
@@ -648,13 +648,14 @@ struct StoreOut {
 
   template <int MR, int NV>
   void init(Vec (&acc)[MR][NV]) const {
-    for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v) acc[r][v] = first ? Vec(0.f) : Vec::loadu(o + r * ldo + v * kLanes) * Vec(alpha[r]);
+    MTBF_UNROLL for (int r = 0; r < MR; ++r)
+      MTBF_UNROLL for (int v = 0; v < NV; ++v)
+        acc[r][v] = first ? Vec(0.f) : Vec::loadu(o + r * ldo + v * kLanes) * Vec(alpha[r]);
   }
   template <int MR, int NV>
   void finish(const Vec (&acc)[MR][NV]) const {
-    for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v) {
+    MTBF_UNROLL for (int r = 0; r < MR; ++r)
+      MTBF_UNROLL for (int v = 0; v < NV; ++v) {
         if (!last) {
           acc[r][v].store(o + r * ldo + v * kLanes);
           continue;

@@ -58,29 +58,40 @@ struct PanelStore {
   template <int MR, int NV>
   void init(Vec (&acc)[MR][NV]) const {
     if (!first) {
-      for (int r = 0; r < MR; ++r)
-        for (int v = 0; v < NV; ++v) acc[r][v] = Vec::loadu(partial + r * kPanel + v * kLanes);
+      MTBF_UNROLL for (int r = 0; r < MR; ++r)
+        MTBF_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = Vec::loadu(partial + r * kPanel + v * kLanes);
       return;
     }
-    for (int v = 0; v < NV; ++v) {
+    const bool whole = bias != nullptr && cols >= NV * kLanes;  // plain loads, no column checks
+    MTBF_UNROLL for (int v = 0; v < NV; ++v) {
       const int64_t n = std::min<int64_t>(kLanes, cols - v * kLanes);
-      const Vec b = bias != nullptr && n > 0 ? cpu::load(bias + v * kLanes, n) : Vec(0.f);
-      for (int r = 0; r < MR; ++r) acc[r][v] = b;
+      const Vec b = whole ? Vec::loadu(bias + v * kLanes)
+                          : (bias != nullptr && n > 0 ? cpu::load(bias + v * kLanes, n) : Vec(0.f));
+      MTBF_UNROLL for (int r = 0; r < MR; ++r) acc[r][v] = b;
     }
   }
   template <int MR, int NV>
   void finish(const Vec (&acc)[MR][NV]) const {
     if (!last) {
-      for (int r = 0; r < MR; ++r)
-        for (int v = 0; v < NV; ++v) acc[r][v].store(partial + r * kPanel + v * kLanes);
+      MTBF_UNROLL for (int r = 0; r < MR; ++r)
+        MTBF_UNROLL for (int v = 0; v < NV; ++v) acc[r][v].store(partial + r * kPanel + v * kLanes);
       return;
     }
-    for (int r = 0; r < MR; ++r) {
-      for (int v = 0; v < NV; ++v) {
+    // locals: stores through out could otherwise reload the members after every store
+    T* const o = out;
+    const int64_t ld = ldo, c = cols;
+    if (c >= NV * kLanes) {
+      MTBF_UNROLL for (int r = 0; r < MR; ++r)
+        MTBF_UNROLL for (int v = 0; v < NV; ++v)
+          cpu::store(o + r * ld + v * kLanes, Gelu ? cpu::gelu<K>(acc[r][v]) : acc[r][v], cpu::Full{});
+      return;
+    }
+    MTBF_UNROLL for (int r = 0; r < MR; ++r) {
+      MTBF_UNROLL for (int v = 0; v < NV; ++v) {
         const Vec y = Gelu ? cpu::gelu<K>(acc[r][v]) : acc[r][v];
-        const int64_t n = cols - v * kLanes;
-        if (n >= kLanes) cpu::store(out + r * ldo + v * kLanes, y, cpu::Full{});
-        else if (n > 0) cpu::store(out + r * ldo + v * kLanes, y, n);
+        const int64_t n = c - v * kLanes;
+        if (n >= kLanes) cpu::store(o + r * ld + v * kLanes, y, cpu::Full{});
+        else if (n > 0) cpu::store(o + r * ld + v * kLanes, y, n);
       }
     }
   }

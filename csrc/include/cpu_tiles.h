@@ -18,6 +18,9 @@
 #define MTBF_BF16_DOT 1
 #endif
 
+// Fully unrolls a loop over a tile's rows or vectors, so that its accumulators stay in registers.
+#define MTBF_UNROLL _Pragma("GCC unroll 32")
+
 namespace mtbert_fast::cpu {
 
 using Vec = at::vec::Vectorized<float>;
@@ -40,10 +43,10 @@ void tile_f32(int64_t k, const float* a, int64_t lda, const BT* b, int64_t ldb, 
   epi.init(acc);
   for (int64_t kk = 0; kk < k; ++kk) {
     Vec bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = load(b + kk * ldb + v * kLanes, Full{});
-    for (int r = 0; r < MR; ++r) {
+    MTBF_UNROLL for (int v = 0; v < NV; ++v) bv[v] = load(b + kk * ldb + v * kLanes, Full{});
+    MTBF_UNROLL for (int r = 0; r < MR; ++r) {
       const Vec av(a[r * lda + kk]);
-      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(av, bv[v], acc[r][v]);
+      MTBF_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(av, bv[v], acc[r][v]);
     }
   }
   epi.finish(acc);
@@ -57,12 +60,12 @@ __attribute__((target("avx512bf16"))) void tile_bf16(int64_t k, const at::BFloat
   epi.init(acc);
   for (int64_t kk = 0; kk < k; kk += 2) {
     __m512bh bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + kk * ldb + v * 32);
-    for (int r = 0; r < MR; ++r) {
+    MTBF_UNROLL for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + kk * ldb + v * 32);
+    MTBF_UNROLL for (int r = 0; r < MR; ++r) {
       int32_t pair;  // a[r, kk] and a[r, kk + 1], broadcast to every lane
       std::memcpy(&pair, a + r * lda + kk, sizeof(pair));
       const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+      MTBF_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
     }
   }
   epi.finish(acc);
