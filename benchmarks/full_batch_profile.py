@@ -84,6 +84,15 @@ def full_batch(config, batch: int, length: int) -> dict[str, torch.Tensor]:
     }
 
 
+def openvino_config(threads: int, precision: str | None, **extra: str) -> dict[str, str]:
+    """OpenVINO's CPU plugin settings for this benchmark: `threads` threads, latency mode, `precision` (None: the
+    plugin's default), and any further properties."""
+    config = {"INFERENCE_NUM_THREADS": str(threads), "PERFORMANCE_HINT": "LATENCY", **extra}
+    if precision is not None:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    return config
+
+
 def openvino_runner(hf, inputs: dict, threads: int, precision: str | None):
     """(callable, precision it runs in) or (None, why not)."""
     try:
@@ -92,10 +101,7 @@ def openvino_runner(hf, inputs: dict, threads: int, precision: str | None):
         return None, "openvino is not installed (pip install openvino)"
     with torch.no_grad():
         model = ov.convert_model(hf, example_input=inputs)
-    config = {"INFERENCE_NUM_THREADS": str(threads), "PERFORMANCE_HINT": "LATENCY"}
-    if precision is not None:
-        config["INFERENCE_PRECISION_HINT"] = precision
-    compiled = ov.Core().compile_model(model, "CPU", config)
+    compiled = ov.Core().compile_model(model, "CPU", openvino_config(threads, precision))
     request = compiled.create_infer_request()
     feeds = {k: v.numpy() for k, v in inputs.items()}
 
@@ -220,10 +226,8 @@ def openvino_profile(hf, inputs: dict, threads: int, precision: str | None, flop
 
     with torch.no_grad():
         model = ov.convert_model(hf, example_input=inputs)
-    config = {"INFERENCE_NUM_THREADS": str(threads), "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": "YES"}
-    if precision is not None:
-        config["INFERENCE_PRECISION_HINT"] = precision
-    request = ov.Core().compile_model(model, "CPU", config).create_infer_request()
+    compiled = ov.Core().compile_model(model, "CPU", openvino_config(threads, precision, PERF_COUNT="YES"))
+    request = compiled.create_infer_request()
     feeds = {k: v.numpy() for k, v in inputs.items()}
     request.infer(feeds)
     measured = []
