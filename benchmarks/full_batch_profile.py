@@ -30,7 +30,8 @@ On a quiet machine leave the default: under PASSIVE the forward after a pause ra
 the scheduler placed the threads anew. Set MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_MMAP_THRESHOLD_=33554432 as
 well: in some processes glibc otherwise returns the top of its heap to the OS after every forward, and the next one
 faults its activations in again; the faults per forward are printed (docs/cpu-full-batch.md). The header prints the
-policy in force and the load average.
+policy in force and the load average. Last, the cores each engine's forward keeps busy (CPU time over wall time):
+under its thread count by the time its threads wait, on a part that runs on one thread or on a thread that wakes late.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import argparse
 import os
 import resource
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -240,6 +242,18 @@ def openvino_profile(hf, inputs: dict, threads: int, precision: str | None, flop
     print("      linears by kernel: " + ", ".join(f"{k} x{n} {ms:.2f} ms" for k, (n, ms) in kernels.items()))
 
 
+def cores_busy(fn, calls: int = 5, wall=time.perf_counter, cpu=time.process_time) -> float:
+    """The cores a call of fn keeps busy on average: the process's CPU time over the wall time of back-to-back calls.
+    Below the thread count by the time its threads wait: a part that runs on one thread, a thread that wakes late, a
+    share of the work that ends early. Threads that spin while they wait count as busy."""
+    with torch.inference_mode():
+        fn()
+        wall0, cpu0 = wall(), cpu()
+        for _ in range(calls):
+            fn()
+        return (cpu() - cpu0) / (wall() - wall0)
+
+
 def page_faults(fn, calls: int = 3) -> float:
     """Page faults per call of fn: memory that the C library handed back to the OS after one call and the next
     call touched again (glibc trims the top of its heap once more than its trim threshold lies free there)."""
@@ -318,6 +332,8 @@ def run_point(name: str, hf, dtype_name: str, args) -> None:
               f" {np.median([ov[i] / fast_t[i] for i in rounds]):.3f}x per round (median),"
               f" {min(ov) / min(fast_t):.3f}x of the fastest calls")
     print(f"    page faults per mtbert_fast forward: {page_faults(fns['mtbert_fast']):.0f}")
+    print("    cores busy per forward (CPU time / wall time, back to back): "
+          + ", ".join(f"{p} {cores_busy(fns[p]):.2f}" for p in ("mtbert_fast", "openvino") if p in fns))
     if args.profile:
         profile_parts(fast, inputs, part_flops)
         if "openvino" in timing:

@@ -49,3 +49,15 @@ def test_openvino_part_times_average_over_runs(full_batch_profile):
     assert kernels.keys() == {"gemm_mlas_f32", "brgemm_avx2_f32"}
     assert kernels["gemm_mlas_f32"][0] == 2 and kernels["gemm_mlas_f32"][1] == pytest.approx(10.0)
     assert kernels["brgemm_avx2_f32"][0] == 1 and kernels["brgemm_avx2_f32"][1] == pytest.approx(20.0)
+
+
+def test_cores_busy_is_cpu_time_over_wall_time(full_batch_profile):
+    # clocks that advance by fixed steps per reading: each call of fn moves the wall clock 2 s and the CPU clock 3 s
+    state = {"wall": 0.0, "cpu": 0.0}
+
+    def fn():
+        state["wall"] += 2.0
+        state["cpu"] += 3.0
+
+    busy = full_batch_profile.cores_busy(fn, calls=4, wall=lambda: state["wall"], cpu=lambda: state["cpu"])
+    assert busy == pytest.approx(1.5)

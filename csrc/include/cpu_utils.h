@@ -126,7 +126,7 @@ struct SumPair {
 };
 
 // 1 / v to full fp32 precision: one Newton step on the 14-bit estimate is far cheaper than a divide.
-inline fVec reciprocal(const fVec& v) {
+C10_ALWAYS_INLINE fVec reciprocal(const fVec& v) {
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 r = _mm512_rcp14_ps(v);
   return _mm512_mul_ps(r, _mm512_fnmadd_ps(v, r, _mm512_set1_ps(2.f)));
@@ -143,7 +143,7 @@ inline fVec reciprocal(const fVec& v) {
 // |n| * 2e-9 relative, under 3e-7 for the arguments used here), and e^r by a degree-5 minimax polynomial on
 // [-ln2/2, ln2/2] (relative error 1.5e-7). AVX-512's scalef applies 2^n and gives 0 below the fp32 range and inf
 // above it, so no special cases are needed (the general exp spends much of its time on them).
-inline fVec exp_finite(const fVec& v) {
+C10_ALWAYS_INLINE fVec exp_finite(const fVec& v) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #if defined(CPU_CAPABILITY_AVX512)
   const fVec x = v;
@@ -175,7 +175,7 @@ inline fVec exp_finite(const fVec& v) {
 }
 
 // if_negative where x < 0, otherwise 1 - if_negative.
-inline fVec one_minus_unless_negative(const fVec& x, const fVec& if_negative) {
+C10_ALWAYS_INLINE fVec one_minus_unless_negative(const fVec& x, const fVec& if_negative) {
 #if defined(CPU_CAPABILITY_AVX512)
   const __mmask16 not_negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NLT_UQ);
   return _mm512_mask_sub_ps(if_negative, not_negative, _mm512_set1_ps(1.f), if_negative);
@@ -185,12 +185,14 @@ inline fVec one_minus_unless_negative(const fVec& x, const fVec& if_negative) {
 }
 
 // Standard normal CDF Phi(x); also returns exp(-x^2 / 2), which the GELU derivative reuses.
+// The GELU pieces are always inlined: GCC left normal_cdf out of line in the unrolled tile epilogues, where each of
+// the tile's calls (through the PLT) spilled every live accumulator to the stack.
 // erfc(a) ~= t * poly(t) * exp(-a^2) with t = 1 / (1 + p a), a = |x| / sqrt(2) (Abramowitz & Stegun 7.1.26,
 // |error| < 1.5e-7, the approximation ATen's vectorized erf uses); the 1 / sqrt(2) and Phi's factor 1/2 are folded
 // into the constants. Taking Phi from erfc on either side keeps the far negative tail accurate instead of
 // cancelling 1 + erf. |x| is capped at 15, past which exp(-x^2 / 2) is 0 in fp32 (Phi exactly 0 or 1), so that
 // infinite inputs reach neither the Newton step nor exp.
-inline fVec normal_cdf(const fVec& x, fVec& gauss) {
+C10_ALWAYS_INLINE fVec normal_cdf(const fVec& x, fVec& gauss) {
   const fVec ax = at::vec::clamp_max(x.abs(), fVec(15.f));
   const fVec t = reciprocal(at::vec::fmadd(fVec(0.3275911f * 0.70710678118654752f), ax, fVec(1.f)));
   fVec half_poly = at::vec::fmadd(fVec(0.5f * 1.061405429f), t, fVec(0.5f * -1.453152027f));
@@ -203,7 +205,7 @@ inline fVec normal_cdf(const fVec& x, fVec& gauss) {
 
 // Logistic sigmoid; the argument is clamped to [-80, 80], where it is 0 or 1 in fp32 yet exp stays finite.
 // (at::vec's clamp and clamp_max keep a NaN argument.)
-inline fVec sigmoid(const fVec& u) {
+C10_ALWAYS_INLINE fVec sigmoid(const fVec& u) {
   const fVec e = exp_finite(at::vec::clamp(u.neg(), fVec(-80.f), fVec(80.f)));
   return reciprocal(e + fVec(1.f));
 }
@@ -214,7 +216,7 @@ constexpr float kTanhC = 0.044715f;
 constexpr float kInvSqrt2Pi = 0.3989422804014327f;
 
 template <GeluKind K>
-inline fVec gelu(const fVec& x) {
+C10_ALWAYS_INLINE fVec gelu(const fVec& x) {
   if constexpr (K == GeluKind::Erf) {
     fVec gauss;
     return x * normal_cdf(x, gauss);
@@ -228,7 +230,7 @@ inline fVec gelu(const fVec& x) {
 //   erf:  d/dx x Phi(x) = Phi(x) + x phi(x)
 //   tanh: d/dx x s(u) = s + x s (1 - s) u',  u = 2k(x + c x^3), u' = 2k(1 + 3c x^2)
 template <GeluKind K>
-inline void gelu_and_grad(const fVec& x, fVec& y, fVec& dy) {
+C10_ALWAYS_INLINE void gelu_and_grad(const fVec& x, fVec& y, fVec& dy) {
   if constexpr (K == GeluKind::Erf) {
     fVec gauss;
     const fVec cdf = normal_cdf(x, gauss);
