@@ -32,6 +32,8 @@ well: in some processes glibc otherwise returns the top of its heap to the OS af
 faults its activations in again; the faults per forward are printed (docs/cpu-full-batch.md). The header prints the
 policy in force and the load average. Last, the cores each engine's forward keeps busy (CPU time over wall time):
 under its thread count by the time its threads wait, on a part that runs on one thread or on a thread that wakes late.
+Do not bind the OpenMP threads (OMP_PROC_BIND) here: the binding pins the main thread, OpenVINO's TBB workers
+inherit it and share one core (its cores busy then read 1.00).
 """
 
 from __future__ import annotations
