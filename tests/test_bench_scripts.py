@@ -52,7 +52,7 @@ def test_openvino_part_times_average_over_runs(full_batch_profile):
 
 
 def test_cores_busy_is_cpu_time_over_wall_time(full_batch_profile):
-    # clocks that advance by fixed steps per reading: each call of fn moves the wall clock 2 s and the CPU clock 3 s
+    # fake clocks that only fn moves: each call adds 2 s of wall time and 3 s of CPU time
     state = {"wall": 0.0, "cpu": 0.0}
 
     def fn():

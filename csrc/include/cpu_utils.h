@@ -125,6 +125,9 @@ struct SumPair {
   SumPair operator+(const SumPair& o) const { return {first + o.first, second + o.second}; }
 };
 
+// The vector helpers from here to gelu_and_grad are always inlined: GCC left normal_cdf out of line in the unrolled
+// tile epilogues, where each of the tile's calls (through the PLT) spilled every live accumulator to the stack.
+
 // 1 / v to full fp32 precision: one Newton step on the 14-bit estimate is far cheaper than a divide.
 C10_ALWAYS_INLINE fVec reciprocal(const fVec& v) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -185,8 +188,6 @@ C10_ALWAYS_INLINE fVec one_minus_unless_negative(const fVec& x, const fVec& if_n
 }
 
 // Standard normal CDF Phi(x); also returns exp(-x^2 / 2), which the GELU derivative reuses.
-// The GELU pieces are always inlined: GCC left normal_cdf out of line in the unrolled tile epilogues, where each of
-// the tile's calls (through the PLT) spilled every live accumulator to the stack.
 // erfc(a) ~= t * poly(t) * exp(-a^2) with t = 1 / (1 + p a), a = |x| / sqrt(2) (Abramowitz & Stegun 7.1.26,
 // |error| < 1.5e-7, the approximation ATen's vectorized erf uses); the 1 / sqrt(2) and Phi's factor 1/2 are folded
 // into the constants. Taking Phi from erfc on either side keeps the far negative tail accurate instead of
