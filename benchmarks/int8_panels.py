@@ -1,15 +1,19 @@
-"""int8 products of few rows: the int8 panels (ops.int8_panel_sums) against oneDNN's int8 product, where oneDNN's is
-exact only for pair-safe weights (CPUs without VNNI, where the int8 model packs panels).
+"""int8 products: our int8 panels (ops.int8_panel_sums) against oneDNN's int8 product.
 
     python benchmarks/int8_panels.py [--models minilm bert-base] [--rows 1,16,64,128,256,1024] [--threads 2]
                                      [--repeats 9] [--products-only]
 
-Two parts, each in one process with the two routes interleaved round by round (medians of the per-round ratios):
+On CPUs with AVX512-VNNI the panels multiply with vpdpbusd, exact for any weight, and the int8 model takes every
+product's sums from them (ops.int8.panels_vnni); elsewhere (AVX2) they add int16 pairs, oneDNN's int8 product too, and
+both are exact only for pair-safe weights, where the model takes the sums of at most ops.int8.PANEL_ROWS rows from the
+panels. Two parts, each in one process with the two routes interleaved round by round (medians of the per-round
+ratios):
   - products: the integer sums of random uint8 rows with random pair-safe weights at each model's four product
     shapes, in GOP/s, and oneDNN's time over the panels' (above 1: the panels are faster);
   - forwards: the int8 model (float32 activations, quantized without calibration) on B=1 inputs of 16 and 128 tokens
-    and a B=8 batch of 128, with the panels taking calls of at most ops.int8.PANEL_ROWS rows against none, the same
-    ratio. The encoder picks the panels by PANEL_ROWS; these figures are what it was set from.
+    and a B=8 batch of 128, on the route the model picks here against the same model with every product on oneDNN's
+    int8 product (AVX2: pair-safe weights, the panels off), the same ratio. These figures are what the routes were
+    set from.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch  # noqa: E402
 
 from mtbert_fast import FastBertModel, ops  # noqa: E402
 from mtbert_fast.bench.measure import bert_base_config, default_model_dir, random_bert  # noqa: E402
+from mtbert_fast.models.int8 import PRODUCTS  # noqa: E402
 from mtbert_fast.ops import int8 as int8_ops  # noqa: E402
 
 SHAPES = {"minilm": (384, 1536), "bert-base": (768, 3072)}
@@ -70,25 +75,39 @@ def products(name: str, rows: list[int], repeats: int) -> None:
         print(f"{name:9s} [{out_features:4d}, {k:4d}]  " + "  ".join(cells), flush=True)
 
 
+def _onednn_packed(packed: int8_ops.PackedInt8Weight) -> int8_ops.PackedInt8Weight:
+    """The same weight packed for oneDNN's int8 product only (no panels); a weight on oneDNN's float32 product (not
+    pair-safe where the int8 one needs that) stays there."""
+    if packed.float_sums:
+        return packed
+    alt = object.__new__(int8_ops.PackedInt8Weight)
+    alt.weight, alt.all_rows, alt.float_sums, alt.panels = packed.weight, False, False, None
+    alt.tensor = torch.ops.onednn.qlinear_prepack(packed.weight.contiguous(), None)
+    return alt
+
+
 def forwards(name: str, repeats: int) -> None:
     model = FastBertModel.from_hf(random_bert(bert_base_config())) if name == "bert-base" else \
         FastBertModel.from_pretrained(default_model_dir())
     model.eval().quantize()
-    limit = int8_ops.PANEL_ROWS
+    panels = model.int8.layers
+    onednn = [w._replace(**{p: getattr(w, p)._replace(packed=_onednn_packed(getattr(w, p).packed))
+                            for p in PRODUCTS if getattr(w, p).packed is not None}) for w in panels]
     gen = torch.Generator().manual_seed(0)
     for batch, length in ((1, 16), (1, 128), (8, 128)):
         ids = torch.randint(1000, model.config.vocab_size, (batch, length), generator=gen)
         mask = torch.ones(batch, length, dtype=torch.long)
 
-        def run(rows, ids=ids, mask=mask):
-            int8_ops.PANEL_ROWS = rows
-            model(ids, mask)
+        def run(layers, ids=ids, mask=mask):
+            model.int8.layers = layers
+            return model(ids, mask).last_hidden_state
 
         with torch.inference_mode():
-            times = _interleaved({"onednn": lambda: run(0), "panels": lambda: run(limit)}, repeats)
-        int8_ops.PANEL_ROWS = limit
-        print(f"{name:9s} B={batch} L={length:3d}: with panels {statistics.median(times['panels']) * 1e3:7.2f} ms, "
-              f"without {_ratio(times, 'onednn', 'panels'):.2f}x that", flush=True)
+            assert torch.equal(run(panels), run(onednn))  # the same sums, so the same bits
+            times = _interleaved({"onednn": lambda: run(onednn), "panels": lambda: run(panels)}, repeats)
+        model.int8.layers = panels
+        print(f"{name:9s} B={batch} L={length:3d}: on the model's route {statistics.median(times['panels']) * 1e3:7.2f} "
+              f"ms, on oneDNN's {_ratio(times, 'onednn', 'panels'):.2f}x that", flush=True)
 
 
 def main() -> None:
@@ -100,10 +119,9 @@ def main() -> None:
     p.add_argument("--products-only", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    if not int8_ops.weight_pairs_limited():
-        print("note: oneDNN's int8 product is exact on any weight here (VNNI): the int8 model packs no panels, and "
-              "the forwards below run the same route twice")
-    print(f"torch {torch.__version__}, {args.threads} threads, PANEL_ROWS {int8_ops.PANEL_ROWS}")
+    route = "every product on VNNI panels" if int8_ops.panels_vnni() else \
+        f"panels for at most {int8_ops.PANEL_ROWS} rows" if int8_ops.weight_pairs_limited() else "no panels"
+    print(f"torch {torch.__version__}, {args.threads} threads, the model's route here: {route}")
     for name in args.models:
         products(name, [int(r) for r in args.rows.split(",")], args.repeats)
     if not args.products_only:

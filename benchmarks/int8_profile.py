@@ -5,8 +5,8 @@
 
 In one process, interleaved round by round (medians of the per-round ratios), on full batches (every token real)
 and on ragged ones (lengths uniform in [length / 8, length]), the int8 model with bfloat16 activations:
-  - int8: the encoder's layers as the model runs them (oneDNN's int8 linear on packed weights, each LayerNorm's
-    output quantized in the LayerNorm's pass);
+  - int8: the encoder's layers as the model runs them (the int8 panels with AVX512-VNNI, else oneDNN's int8 linear,
+    on weights packed once; each LayerNorm's output quantized in the LayerNorm's pass);
   - unpacked: the same layers with the integer sums from torch._int_mm (the route of weights that are not packed);
   - unfused: the same layers, each product's input quantized by its own quantize_rows pass;
   - no-outliers: the same layers without the outlier channels' fp32 part (for its cost only: those channels are

@@ -20,8 +20,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
@@ -85,6 +87,64 @@ Tile tile_of(int64_t rows) {
     default: return &tile<3>;
   }
 }
+
+#ifdef CPU_CAPABILITY_AVX512
+// AVX512-VNNI: vpdpbusd multiplies the row's 4 uint8 (broadcast) by a column's 4 int8 and adds all four products to
+// the column's int32 lane, exactly (no int16 step, no saturation), so any int8 weight runs here. A 64-byte load holds
+// 16 columns x 4 entries: 2 accumulators per row and panel, kVnniRows rows per tile (24 of the 32 registers).
+constexpr std::size_t kVnniRows = 12;
+
+// One row's step: its 4 entries of the group, broadcast, times both halves of the panel's group.
+__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline void vnni_row(
+    const uint8_t* x, const __m512i& w0, const __m512i& w1, __m512i& lo, __m512i& hi) {
+  int32_t v;
+  std::memcpy(&v, x, sizeof(v));
+  const __m512i xv = _mm512_set1_epi32(v);
+  // acc += xv (uint8) . w (int8) in place; GCC 12 compiles _mm512_dpbusd_epi32 into a copy of the accumulator and a
+  // store to the stack around every step, which halves the tile's rate
+  asm("vpdpbusd %2, %1, %0" : "+v"(lo) : "v"(xv), "v"(w0));
+  asm("vpdpbusd %2, %1, %0" : "+v"(hi) : "v"(xv), "v"(w1));
+}
+
+// The rows are a pack expanded at compile time (not a loop), so every accumulator has a constant index and the
+// compiler keeps them all in registers.
+template <std::size_t... R>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_vnni(int64_t K4, const uint8_t* a, int64_t lda,
+                                                                       const int8_t* panel, int32_t* out, int64_t ldo,
+                                                                       int64_t cols) {
+  constexpr std::size_t MR = sizeof...(R);
+  __m512i lo_acc[MR], hi_acc[MR];
+  ((lo_acc[R] = _mm512_setzero_si512(), hi_acc[R] = _mm512_setzero_si512()), ...);
+  for (int64_t j = 0; j < K4; ++j) {
+    const int8_t* b = panel + j * kPanel * kGroup;
+    const __m512i w0 = _mm512_loadu_si512(b), w1 = _mm512_loadu_si512(b + 64);
+    const uint8_t* x = a + kGroup * j;
+    (vnni_row(x + R * lda, w0, w1, lo_acc[R], hi_acc[R]), ...);
+  }
+  const __mmask16 lo = static_cast<__mmask16>(cols >= 16 ? 0xFFFF : (1u << cols) - 1);
+  const __mmask16 hi = static_cast<__mmask16>(cols >= kPanel ? 0xFFFF : cols <= 16 ? 0 : (1u << (cols - 16)) - 1);
+  ((_mm512_mask_storeu_epi32(out + R * ldo, lo, lo_acc[R]),
+    _mm512_mask_storeu_epi32(out + R * ldo + 16, hi, hi_acc[R])),
+   ...);
+}
+
+template <typename Rows>
+struct VnniTile;
+template <std::size_t... R>
+struct VnniTile<std::index_sequence<R...>> {
+  static constexpr Tile fn = &tile_vnni<R...>;
+};
+
+template <std::size_t... R>
+constexpr std::array<Tile, sizeof...(R)> vnni_tiles(std::index_sequence<R...>) {
+  return {VnniTile<std::make_index_sequence<R + 1>>::fn...};
+}
+
+bool cpu_has_vnni() {
+  static const bool has = __builtin_cpu_supports("avx512vnni");
+  return has;
+}
+#endif
 #else
 void tile_rows(int64_t rows, int64_t K4, const uint8_t* a, int64_t lda, const int8_t* panel, int32_t* out,
                int64_t ldo, int64_t cols) {
@@ -105,8 +165,15 @@ void tile_rows(int64_t rows, int64_t K4, const uint8_t* a, int64_t lda, const in
 // out [M, N] = a [M, K4 * 4] @ panels, a's rows lda apart.
 void run_panels(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, const int8_t* panels, int64_t P, int32_t* out,
                 int64_t N) {
-  // row blocks of at most kMaxRows, as even as possible (4 rows: two of 2, not 3 and 1)
-  const int64_t blocks = (M + kMaxRows - 1) / kMaxRows, base = M / blocks, extra = M % blocks;
+#ifdef CPU_CAPABILITY_AVX512
+  static constexpr auto kVnniTiles = vnni_tiles(std::make_index_sequence<kVnniRows>{});
+  const bool vnni = cpu_has_vnni();
+  const int64_t max_rows = vnni ? static_cast<int64_t>(kVnniRows) : kMaxRows;
+#else
+  constexpr int64_t max_rows = kMaxRows;
+#endif
+  // row blocks of at most max_rows, as even as possible (4 rows: two of 2, not 3 and 1)
+  const int64_t blocks = (M + max_rows - 1) / max_rows, base = M / blocks, extra = M % blocks;
   const int64_t grain = std::max<int64_t>(1, kTaskMacs / (std::max<int64_t>(M, 4) * K4 * kGroup * kPanel));
   at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
@@ -115,7 +182,9 @@ void run_panels(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, const int8
       int64_t m0 = 0;
       for (int64_t i = 0; i < blocks; ++i) {
         const int64_t mr = base + (i < extra ? 1 : 0);
-#ifdef MTBF_INT8_PAIRS
+#ifdef CPU_CAPABILITY_AVX512
+        (vnni ? kVnniTiles[mr - 1] : tile_of(mr))(K4, a + m0 * lda, lda, panel, out + m0 * N + p * kPanel, N, cols);
+#elif defined(MTBF_INT8_PAIRS)
         tile_of(mr)(K4, a + m0 * lda, lda, panel, out + m0 * N + p * kPanel, N, cols);
 #else
         tile_rows(mr, K4, a + m0 * lda, lda, panel, out + m0 * N + p * kPanel, N, cols);

@@ -134,7 +134,7 @@ def _pairs_safe_extreme(n, k, m, seed=0):
     return q, w
 
 
-@pytest.mark.parametrize("route", ["onednn-int8", "onednn-int8-pairs", "int8-panels", "onednn-float32"])
+@pytest.mark.parametrize("route", ["vnni-panels", "onednn-int8", "onednn-int8-pairs", "int8-panels", "onednn-float32"])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (5, 7, 3), (37, 64, 96), (2, _MOST_EXACT, 4), (1, 768, 2304),
                                    (130, 96, 40), (9, 300, 7)])
 def test_int8_sums_are_exact(shape, route, monkeypatch):
@@ -142,7 +142,12 @@ def test_int8_sums_are_exact(shape, route, monkeypatch):
     product on the packed weight, on any weight where it is exact on this CPU (VNNI) and on pairs_safe weights where
     it is exact for those (onednn_int8_pairs: CPUs without VNNI); the int8 panels that take the few rows of such
     weights there (taken here for every count of rows, on any CPU); oneDNN's float32 product on the weight packed
-    widened (taken here too when told that neither int8 route is exact); and torch._int_mm."""
+    widened (taken here too when told that neither int8 route is exact); and torch._int_mm. With AVX512-VNNI every
+    product runs on the int8 panels, exact for any weight (the other routes are taken there by turning that off)."""
+    if route == "vnni-panels" and not int8_ops.panels_vnni():
+        pytest.skip("the int8 panels multiply with VNNI only on an AVX-512 CPU with it")
+    if route != "vnni-panels":
+        monkeypatch.setattr(int8_ops, "panels_vnni", lambda: False)
     if route == "onednn-int8" and not onednn_int8_exact():
         pytest.skip("oneDNN's int8 product saturates on this CPU (no VNNI)")
     if route == "onednn-int8-pairs" and not onednn_int8_pairs():
@@ -162,13 +167,14 @@ def test_int8_sums_are_exact(shape, route, monkeypatch):
     assert sums_bound(w) < FP32_EXACT
     packed = ops.pack_int8_weight(w)
     assert packed is not None and packed.float_sums == (route == "onednn-float32")
-    # panels where oneDNN's int8 product is exact only for pairs_safe weights (told so, or on this CPU)
+    # panels with VNNI, and where oneDNN's int8 product is exact only for pairs_safe weights (told so, or on this CPU)
     pairs_only = route == "int8-panels" or (route == "onednn-int8-pairs" and int8_ops.weight_pairs_limited())
-    assert (packed.panels is not None) == pairs_only
+    assert (packed.panels is not None) == (pairs_only or route == "vnni-panels")
+    assert packed.all_rows == (route == "vnni-panels") and (packed.tensor is None) == packed.all_rows
     zero = torch.randint(0, 256, (n,)).float()
     for packing in (packed, None):
         acc, zero_of_acc = ops.int8_sums(q, zero, w, packing)
-        integer = packing is None or route == "int8-panels"
+        integer = packing is None or route in ("int8-panels", "vnni-panels")
         assert acc.dtype == (torch.int32 if integer else torch.float32) and acc.shape == (n, m)
         centred = acc.long() - zero_of_acc.long()[:, None] * w.long().sum(1)
         assert torch.equal(centred, want - zero.long()[:, None] * w.long().sum(1)), packing
@@ -179,6 +185,7 @@ def test_int8_sums_are_exact(shape, route, monkeypatch):
 def test_weights_past_the_pair_limit_take_the_float32_product_where_int8_pairs_saturate(monkeypatch):
     """Where only pairs_safe weights run on the int8 product, one pair past PAIR_LIMIT sends the weight to the
     float32 product, and its sums stay exact."""
+    monkeypatch.setattr(int8_ops, "panels_vnni", lambda: False)
     monkeypatch.setattr(int8_ops, "onednn_int8_exact", lambda: False)
     q, w = _pairs_safe_extreme(4, 64, 6)
     assert not ops.pack_int8_weight(w).float_sums or not onednn_int8_pairs()
@@ -218,8 +225,33 @@ def test_int8_panel_sums(backend, shape):
     assert torch.equal(got.cpu().long(), reference.int8_sums(q, w))
 
 
+@pytest.mark.parametrize("shape", [(1, 4, 32), (12, 64, 31), (13, 7, 33), (25, 300, 96), (30, 1030, 17),
+                                   (1024, 384, 40)])
+def test_vnni_panel_sums_are_exact_for_any_weight(shape):
+    """With AVX512-VNNI the panels' sums equal the int64 product on weights that are not pairs_safe (127 next to 127,
+    -128 next to -128) against rows of 255: every tile height (1 to 12 rows, then more tiles), panels cut short at
+    the last columns, reductions past a whole group of four. No pair check refuses such weights there."""
+    if not int8_ops.panels_vnni():
+        pytest.skip("the int8 panels multiply with VNNI only on an AVX-512 CPU with it")
+    n, k, m = shape
+    q, w = _extreme(n, k, m)
+    w[0, : min(k, 4)] = 127
+    w[-1, : min(k, 4)] = -128
+    assert not pairs_safe(w) or k == 1
+    panels = ops.pack_int8_panels(w)
+    for rows in {1, 2, min(n, 11), min(n, 12), n}:
+        got = ops.int8_panel_sums(q[:rows], panels, m)
+        assert got.dtype == torch.int32 and torch.equal(got.long(), reference.int8_sums(q[:rows], w)), rows
+    packed = ops.pack_int8_weight(w)
+    assert packed.all_rows and packed.panels is not None and packed.tensor is None
+    zero = torch.randint(0, 256, (n,)).float()
+    acc, zero_of_acc = ops.int8_sums(q, zero, w, packed)
+    assert torch.equal(acc.long(), reference.int8_sums(q, w)) and torch.equal(zero_of_acc, zero)
+
+
 def test_int8_sums_on_panels_compile(monkeypatch, fresh_inductor):
     """Under torch.compile the panels' sums go through the op (its fake), not the bare kernel, and equal eager's."""
+    monkeypatch.setattr(int8_ops, "panels_vnni", lambda: False)
     monkeypatch.setattr(int8_ops, "onednn_int8_exact", lambda: False)
     monkeypatch.setattr(int8_ops, "onednn_int8_pairs", lambda: True)
     q, w = _pairs_safe_extreme(5, 40, 36)
@@ -234,7 +266,8 @@ def test_int8_sums_on_panels_compile(monkeypatch, fresh_inductor):
     assert acc.dtype == torch.int32 and torch.equal(acc.long(), reference.int8_sums(q, w))
 
 
-def test_int8_panel_sums_errors_name_the_problem():
+def test_int8_panel_sums_errors_name_the_problem(monkeypatch):
+    monkeypatch.setattr(int8_ops, "panels_vnni", lambda: False)  # the pair checks, which VNNI's exact sums skip
     q, w = _pairs_safe_extreme(3, 10, 5)
     panels = ops.pack_int8_panels(w)
     with pytest.raises(ValueError, match=r"summing to 129 in magnitude, past PAIR_LIMIT \(128\)"):
@@ -259,11 +292,16 @@ def test_int8_panel_sums_errors_name_the_problem():
         kernel(q, panels, 0)
 
 
-def test_int8_sums_past_fp32_are_not_packed():
-    """A weight whose sums could pass 2^24 is left unpacked, and its sums come back exact in int32."""
+def test_int8_sums_past_fp32_are_not_packed_for_onednn(monkeypatch):
+    """A weight whose sums could pass 2^24 is left unpacked for oneDNN's fp32 sums, and its sums come back exact in
+    int32 (from torch._int_mm); VNNI panels, whose sums are int32, pack it."""
     k = FP32_EXACT // (255 * 127) + 1
     q, w = torch.full((3, k), 255, dtype=torch.uint8), torch.full((4, k), 127, dtype=torch.int8)
     assert sums_bound(w) >= FP32_EXACT > sums_bound(w[:, :-1])
+    if int8_ops.panels_vnni():
+        acc, _ = ops.int8_sums(q, torch.zeros(3), w, ops.pack_int8_weight(w))
+        assert acc.dtype == torch.int32 and torch.equal(acc.long(), reference.int8_sums(q, w))
+    monkeypatch.setattr(int8_ops, "panels_vnni", lambda: False)
     assert ops.pack_int8_weight(w) is None
     zero = torch.zeros(3)
     acc, zero_of_acc = ops.int8_sums(q, zero, w, ops.pack_int8_weight(w))
