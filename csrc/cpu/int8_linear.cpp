@@ -47,8 +47,12 @@ inline iVec load_int(const int32_t* p, int64_t n) { return iVec::loadu(p, n); }
 inline void store_uint8(uint8_t* p, const fVec& v, const fVec& zero, int64_t n) {
   const fVec r = at::vec::clamp(v.round() + zero, fVec(0.f), fVec(255.f));
 #if defined(CPU_CAPABILITY_AVX512)
-  _mm_mask_storeu_epi8(p, static_cast<__mmask16>(n == kVec ? 0xFFFF : (1u << n) - 1),
-                       _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r)));
+  const __m128i u8 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r));
+  if (n == kVec) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), u8);  // every lane written: no mask to apply
+  } else {
+    _mm_mask_storeu_epi8(p, static_cast<__mmask16>((1u << n) - 1), u8);
+  }
 #elif defined(CPU_CAPABILITY_AVX2)
   // r holds integers in [0, 255]: converted exactly, then narrowed by two saturating packs that change nothing
   const __m256i i32 = _mm256_cvtps_epi32(r);
