@@ -12,22 +12,22 @@ Where the CPU has AVX512-VNNI (and the AVX-512 kernels are loaded) every product
 weight, packed once (`pack_int8_weight`, `pack_int8_panels`, `int8_panel_sums`: our kernel, whose vpdpbusd adds four
 uint8 x int8 products into an int32 sum exactly, for any weight), which ran faster than oneDNN's int8 product at
 every row count measured there (`panels_vnni`). Elsewhere the sums run on oneDNN's int8 linear with the weight
-packed once (`pack_int8_weight`), uint8 activations with zero
-point 0, scales 1 and fp32 output: the int32 sums, converted to fp32 once. Each sum of a row of q (0..255) with
-weight row n lies in [255 * (sum of w[n]'s negative entries), 255 * (sum of its positive ones)]; where every such
-bound is below 2^24 in magnitude, fp32 holds every sum exactly. A weight past that bound (all-MiniLM-L6-v2's largest
-is 2^22.7, a random bert-base's 2^23.6: docs/cpu-int8.md) is not packed, and its sums come from `torch._int_mm`
-in int32. oneDNN's uint8 x int8 product is checked once against an exact one on inputs that overflow an int16 pair
-(CPUs without VNNI multiply through int16 and saturate). Where it fails, its sums are still exact for a weight
-whose neighbouring entries (columns 2i and 2i + 1, the pair the int16 step adds) of the same sign sum to at most
-PAIR_LIMIT (128) in magnitude, since 255 * 128 fits an int16: a second check confirms that oneDNN pairs the columns
-so here (`onednn_int8_pairs`), and mtbert_fast.models.int8 then quantizes the weights to keep every pair within the
-limit (`pairs_safe`), and products of at most PANEL_ROWS rows take their sums from int8 panels of the weight
-(`pack_int8_panels`, `int8_panel_sums`: our kernel, which reads each weight once a call where oneDNN's, blocked for
-many rows, is slow at few). Any other weight is packed for oneDNN's float32 product instead, which multiplies q and the
-weight widened to fp32: every product and every partial sum is an integer below the same 2^24 bound, so those sums
-are exact too. That runs at the float32 rate, where torch._int_mm on such a CPU (an AVX2 one) runs 20-30x slower,
-and the int8 product on pair-safe weights at about twice it.
+packed once (`pack_int8_weight`), uint8 activations with zero point 0, scales 1 and fp32 output: the int32 sums,
+converted to fp32 once. Each sum of a row of q (0..255) with weight row n lies in [255 * (sum of w[n]'s negative
+entries), 255 * (sum of its positive ones)]; where every such bound is below 2^24 in magnitude, fp32 holds every sum
+exactly. A weight past that bound (all-MiniLM-L6-v2's largest is 2^22.7, a random bert-base's 2^23.6:
+docs/cpu-int8.md) is not packed, and its sums come from `torch._int_mm` in int32. oneDNN's uint8 x int8 product is
+checked once against an exact one on inputs that overflow an int16 pair (CPUs without VNNI multiply through int16
+and saturate). Where it fails, its sums are still exact for a weight whose neighbouring entries (columns 2i and
+2i + 1, the pair the int16 step adds) of the same sign sum to at most PAIR_LIMIT (128) in magnitude, since 255 *
+128 fits an int16: a second check confirms that oneDNN pairs the columns so here (`onednn_int8_pairs`), and
+mtbert_fast.models.int8 then quantizes the weights to keep every pair within the limit (`pairs_safe`), and products
+of at most PANEL_ROWS rows take their sums from int8 panels of the weight (`pack_int8_panels`, `int8_panel_sums`:
+our kernel, which reads each weight once a call where oneDNN's, blocked for many rows, is slow at few). Any other
+weight is packed for oneDNN's float32 product instead, which multiplies q and the weight widened to fp32: every
+product and every partial sum is an integer below the same 2^24 bound, so those sums are exact too. That runs at the
+float32 rate, where torch._int_mm on such a CPU (an AVX2 one) runs 20-30x slower, and the int8 product on pair-safe
+weights at about twice it.
 """
 
 from __future__ import annotations
