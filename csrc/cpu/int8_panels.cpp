@@ -1,4 +1,5 @@
-// int8_panel_sums: the exact integer sums q @ w^T of a few uint8 rows q [M, K] with an int8 weight w [N, K], CPU.
+// int8_panel_sums: the exact integer sums q @ w^T of uint8 rows q [M, K] with an int8 weight w [N, K], CPU: a few
+// rows, or any number where the CPU has AVX512-VNNI (below).
 //
 // w is packed once into panels of kPanel columns (mtbert_fast.ops.int8.pack_int8_panels): int8 [P, K4, kPanel, 4]
 // with K4 = ceil(K / 4), the four reduction entries k = 4j..4j+3 of a column next to each other; columns past N and
@@ -7,12 +8,12 @@
 // blocked for many rows; at one row it runs at a twentieth of its full rate and at 16 rows at a half (on an AVX2
 // EPYC), where these panels keep most of it.
 //
-// AVX2 (and the AVX-512 build, on its 256-bit registers): a 32-byte load of a panel holds 8 columns x 4 entries, the
-// row's 4 bytes are broadcast to all 8, vpmaddubsw multiplies uint8 by int8 and adds the pairs (4j, 4j + 1) and
-// (4j + 2, 4j + 3) in saturating int16, and vpmaddwd by ones adds the two pairs into int32. The int16 step is exact
-// only while 255 times a pair of one sign fits it: weights whose same-sign neighbouring pairs (columns 2i, 2i + 1 of
-// w's rows) sum to at most 128 in magnitude, which pack_int8_panels checks. Without AVX2 the sums are plain int32
-// loops, exact for any weight.
+// AVX2 (and the AVX-512 build on a CPU without VNNI, on its 256-bit registers): a 32-byte load of a panel holds 8
+// columns x 4 entries, the row's 4 bytes are broadcast to all 8, vpmaddubsw multiplies uint8 by int8 and adds the pairs
+// (4j, 4j + 1) and (4j + 2, 4j + 3) in saturating int16, and vpmaddwd by ones adds the two pairs into int32. The int16
+// step is exact only while 255 times a pair of one sign fits it: weights whose same-sign neighbouring pairs (columns
+// 2i, 2i + 1 of w's rows) sum to at most 128 in magnitude, which pack_int8_panels checks. Without AVX2 the sums are
+// plain int32 loops, exact for any weight.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>

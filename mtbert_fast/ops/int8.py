@@ -253,15 +253,14 @@ def int8_panel_sums(q: torch.Tensor, panels: torch.Tensor, out_features: int, *,
                          f"weight), got {panels.dtype} {tuple(panels.shape)}")
     if q.shape[1] > MAX_K:
         raise ValueError(f"{op}: rows of {q.shape[1]} entries can sum past int32; at most {MAX_K} are taken")
-    if panels_vnni():
-        return INT8_PANEL_SUMS(q, panels, out_features, backend=backend)
-    safe = (pair_sums(reference.unpack_int8_panels(panels, out_features)) <= PAIR_LIMIT).all()
-    message = (f"{op}: the panels hold neighbouring entries of one sign summing past PAIR_LIMIT ({PAIR_LIMIT}) in "
-               "magnitude, whose int16 pair sums would saturate (pack_int8_panels refuses such weights)")
-    if torch.compiler.is_compiling():
-        torch._assert_async(safe, message)  # a check on the data that a compiled graph keeps
-    elif not safe:
-        raise ValueError(message)
+    if not panels_vnni():  # VNNI's sums are exact for any weight
+        safe = (pair_sums(reference.unpack_int8_panels(panels, out_features)) <= PAIR_LIMIT).all()
+        message = (f"{op}: the panels hold neighbouring entries of one sign summing past PAIR_LIMIT ({PAIR_LIMIT}) "
+                   "in magnitude, whose int16 pair sums would saturate (pack_int8_panels refuses such weights)")
+        if torch.compiler.is_compiling():
+            torch._assert_async(safe, message)  # a check on the data that a compiled graph keeps
+        elif not safe:
+            raise ValueError(message)
     return INT8_PANEL_SUMS(q, panels, out_features, backend=backend)
 
 
@@ -303,11 +302,7 @@ def pack_int8_weight(weight: torch.Tensor) -> PackedInt8Weight | None:
                         f"{tuple(weight.shape)}")
     if weight.device.type != "cpu":
         return None
-    if panels_vnni():
-        return PackedInt8Weight(weight)
-    if sums_bound(weight) >= FP32_EXACT:
-        return None
-    if not (onednn_int8_exact() or _onednn_float32()):
+    if not panels_vnni() and (sums_bound(weight) >= FP32_EXACT or not (onednn_int8_exact() or _onednn_float32())):
         return None
     return PackedInt8Weight(weight)
 
@@ -318,8 +313,7 @@ def int8_sums(q: torch.Tensor, zero: torch.Tensor, weight: torch.Tensor, packed:
     exact, and the zero point they go with: (acc [N, M], zero' [N]) with acc - zero' * weight_sum = (q - zero) @
     weight^T. On `packed` (pack_int8_weight of weight): oneDNN's fp32 sums of q (its int8 product, or its float32
     one on q widened), or the int32 sums of its int8 panels where it has them (with VNNI for any number of rows, else
-    for at most PANEL_ROWS), and zero
-    itself. Else torch._int_mm's int32 sums of q - 128 (int8), and zero - 128."""
+    for at most PANEL_ROWS), and zero itself. Else torch._int_mm's int32 sums of q - 128 (int8), and zero - 128."""
     if q.dtype != torch.uint8 or q.dim() != 2:
         raise TypeError(f"int8_sums: q must be a 2-D torch.uint8 tensor (from quantize_rows), got {q.dtype} "
                         f"{tuple(q.shape)}")
