@@ -12,8 +12,10 @@ ratios):
     shapes, in GOP/s, and oneDNN's time over the panels' (above 1: the panels are faster);
   - forwards: the int8 model (float32 activations, quantized without calibration) on B=1 inputs of 16 and 128 tokens
     and a B=8 batch of 128, on the route the model picks here against the same model with every product on oneDNN's
-    int8 product (AVX2: pair-safe weights, the panels off), the same ratio. These figures are what the routes were
-    set from.
+    int8 product (AVX2: pair-safe weights, the panels off), and against the model's route with each product's sums
+    taken by int8_panel_sums first and the epilogue op run on them after (models.int8.EPILOGUE_SUMS off; the model
+    hands q and the panels to the epilogue op, which takes the sums a block of rows at a time), the same ratios.
+    These figures are what the routes were set from.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch  # noqa: E402
 
 from mtbert_fast import FastBertModel, ops  # noqa: E402
 from mtbert_fast.bench.measure import bert_base_config, default_model_dir, random_bert  # noqa: E402
+from mtbert_fast.models import int8 as int8_model  # noqa: E402
 from mtbert_fast.models.int8 import PRODUCTS  # noqa: E402
 from mtbert_fast.ops import int8 as int8_ops  # noqa: E402
 
@@ -98,16 +101,23 @@ def forwards(name: str, repeats: int) -> None:
         ids = torch.randint(1000, model.config.vocab_size, (batch, length), generator=gen)
         mask = torch.ones(batch, length, dtype=torch.long)
 
-        def run(layers, ids=ids, mask=mask):
+        def run(layers, epilogue_sums=True, ids=ids, mask=mask):
             model.int8.layers = layers
-            return model(ids, mask).last_hidden_state
+            int8_model.EPILOGUE_SUMS = epilogue_sums
+            try:
+                return model(ids, mask).last_hidden_state
+            finally:
+                int8_model.EPILOGUE_SUMS = True
 
         with torch.inference_mode():
-            assert torch.equal(run(panels), run(onednn))  # the same sums, so the same bits
-            times = _interleaved({"onednn": lambda: run(onednn), "panels": lambda: run(panels)}, repeats)
+            # the same sums, so the same bits
+            assert torch.equal(run(panels), run(onednn)) and torch.equal(run(panels), run(panels, False))
+            times = _interleaved({"onednn": lambda: run(onednn), "separate": lambda: run(panels, False),
+                                  "panels": lambda: run(panels)}, repeats)
         model.int8.layers = panels
         print(f"{name:9s} B={batch} L={length:3d}: on the model's route {statistics.median(times['panels']) * 1e3:7.2f} "
-              f"ms, on oneDNN's {_ratio(times, 'onednn', 'panels'):.2f}x that", flush=True)
+              f"ms, on oneDNN's {_ratio(times, 'onednn', 'panels'):.2f}x that, with the sums stored before each "
+              f"epilogue {_ratio(times, 'separate', 'panels'):.2f}x", flush=True)
 
 
 def main() -> None:

@@ -14,14 +14,19 @@
 // those channels and outlier_w [k, N] the float weight's columns there. Where given, the GELU op also returns its
 // outputs at the next product's outlier channels (`keep`), which that product's epilogue adds back.
 //
-// The products themselves run outside these kernels (oneDNN's int8 linear on a pre-packed weight, see
-// mtbert_fast/ops/int8.py): the kernels take their integer sums acc, as int32 or as fp32 holding them exactly.
+// The products' integer sums reach these kernels in one of two ways. As acc, int32 or fp32 holding them exactly,
+// from a product run before (oneDNN's int8 linear on a pre-packed weight, or int8_panel_sums; see
+// mtbert_fast/ops/int8.py). Or as the quantized input q itself with the weight's int8 panels (int8_tiles.h): the
+// kernel then takes the sums of a block of rows at a time on one thread and hands the block to the epilogue while
+// it is in cache, so that the int32 sums never go to memory (with few rows, too few blocks to share among the
+// threads, the panels are split over the threads instead and the sums stored once, as int8_panel_sums does).
 //
 // Ops: quantize_rows; int8_linear (+ bias, float out); int8_linear_gelu_quantize (+ bias, GELU, and the result
 // quantized again for the next product, so the [T, I] activation never goes to memory in float);
 // int8_linear_residual_layer_norm (+ bias + residual, LayerNorm).
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -32,6 +37,7 @@
 
 #include "checks.h"
 #include "cpu_utils.h"
+#include "int8_tiles.h"
 
 namespace mtbert_fast {
 namespace {
@@ -170,8 +176,11 @@ struct RowDequant {
 // The outlier channels' fp32 inputs [T, k] and weights [k, N], given together or not at all.
 using Outliers = std::optional<at::Tensor>;
 
-// The common part of the three product ops: checks, then epilogue(row, RowDequant of the row) in parallel over the
-// rows of acc.
+// Rows per block of a product on panels: two 12-row VNNI tiles; their int32 sums (24 x N) stay in the core's cache.
+constexpr int64_t kBlockRows = 24;
+
+// The common part of the product ops: checks, then epilogue(row, RowDequant of the row) in parallel over the rows.
+// acc: the integer sums [M, N], or with panels the quantized input q uint8 [M, K] (N: weight_scale's length).
 struct Int8Epilogue {
   const at::Tensor& acc;
   const at::Tensor& scale;
@@ -181,18 +190,36 @@ struct Int8Epilogue {
   const at::Tensor& bias;
   const Outliers& outlier_x;
   const Outliers& outlier_w;
+  const std::optional<at::Tensor>& panels;
 
   int64_t outliers() const { return outlier_x.has_value() ? outlier_x->size(1) : 0; }
 
   int64_t rows() const { return acc.size(0); }
-  int64_t out_features() const { return acc.size(1); }
+  int64_t out_features() const { return panels.has_value() ? wscale.size(0) : acc.size(1); }
 
   void check(const char* op) const {
     TORCH_CHECK(acc.device().type() == at::kCPU, op, ": acc must be on cpu, got ", acc.device());
-    TORCH_CHECK(acc.scalar_type() == at::kInt || acc.scalar_type() == at::kFloat, op,
-                ": acc (the integer sums) must be int32 or float32, got ", acc.scalar_type());
     TORCH_CHECK(acc.dim() == 2, op, ": acc must have 2 dims, got shape ", acc.sizes());
-    const int64_t N = acc.size(1);
+    if (panels.has_value()) {
+      check_dtype(op, "acc (with panels, the quantized input q)", acc, at::kByte);
+      TORCH_CHECK(wscale.dim() == 1 && wscale.size(0) > 0, op, ": weight_scale must have shape [out_features], got ",
+                  wscale.sizes());
+      const int64_t K = acc.size(1), N = wscale.size(0);
+      const int64_t P = (N + cpu::int8::kPanel - 1) / cpu::int8::kPanel;
+      const int64_t K4 = (K + cpu::int8::kGroup - 1) / cpu::int8::kGroup;
+      check_dtype(op, "panels", *panels, at::kChar);
+      TORCH_CHECK(panels->device() == acc.device(), op, ": panels are on ", panels->device(), " but acc is on ",
+                  acc.device());
+      TORCH_CHECK(panels->sizes() == at::IntArrayRef({P, K4, cpu::int8::kPanel, cpu::int8::kGroup}), op,
+                  ": panels must have shape [", P, ", ", K4, ", ", cpu::int8::kPanel, ", ", cpu::int8::kGroup,
+                  "] for q of ", K, " columns and ", N, " out_features, got ", panels->sizes());
+      // sums of K products of at most 255 * 127 in magnitude fit int32 up to K = (2^31 - 1) / (255 * 127)
+      TORCH_CHECK(K <= ((int64_t{1} << 31) - 1) / (255 * 127), op, ": rows of ", K, " entries can sum past int32");
+    } else {
+      TORCH_CHECK(acc.scalar_type() == at::kInt || acc.scalar_type() == at::kFloat, op,
+                  ": acc (the integer sums) must be int32 or float32, got ", acc.scalar_type());
+    }
+    const int64_t N = out_features();
     check_vector(op, "scale", scale, acc.size(0), acc);
     check_vector(op, "zero", zero, acc.size(0), acc);
     check_vector(op, "weight_scale", wscale, N, acc);
@@ -215,7 +242,7 @@ struct Int8Epilogue {
       TORCH_CHECK(x.dim() == 2 && x.size(0) == acc.size(0), op, ": outlier_x must have shape [", acc.size(0),
                   ", k], got ", x.sizes());
       TORCH_CHECK(w.dim() == 2 && w.size(0) == x.size(1) && w.size(1) == N, op, ": outlier_w must have shape [",
-                  x.size(1), ", ", N, "] (outlier_x's k, acc's columns), got ", w.sizes());
+                  x.size(1), ", ", N, "] (outlier_x's k, the product's columns), got ", w.sizes());
     }
   }
 
@@ -223,29 +250,60 @@ struct Int8Epilogue {
   // GELU or LayerNorm still split over the threads.
   template <typename Epilogue>
   void run(const Epilogue& epilogue, int64_t cost = 1) const {
-    const at::Tensor ac = acc.contiguous();
     const at::Tensor sc = scale.contiguous(), zc = zero.contiguous();
     const at::Tensor wsc = wscale.contiguous(), wsm = wsum.contiguous();
-    const int64_t N = out_features(), k = outliers();
+    const int64_t M = rows(), N = out_features(), k = outliers();
     const at::Tensor xo = k ? outlier_x->contiguous() : at::Tensor(), wo = k ? outlier_w->contiguous() : at::Tensor();
     const float* xo_p = k ? xo.const_data_ptr<float>() : nullptr;
     const float* wo_p = k ? wo.const_data_ptr<float>() : nullptr;
-    const auto each_row = [&](auto* acc_p) {
-      at::parallel_for(0, rows(), std::max<int64_t>(1, row_grain(N * cost)), [&](int64_t r0, int64_t r1) {
-        for (int64_t row = r0; row < r1; ++row) {
-          const RowDequant<std::remove_const_t<std::remove_pointer_t<decltype(acc_p)>>> dq{
-              acc_p + row * N, wsc.const_data_ptr<float>(), wsm.const_data_ptr<float>(),
-              sc.const_data_ptr<float>()[row], zc.const_data_ptr<float>()[row],
-              k ? xo_p + row * k : nullptr, wo_p, k};
-          epilogue(row, dq);
-        }
+    // the epilogue of one row whose sums are at acc_row
+    const auto row_epilogue = [&](int64_t row, const auto* acc_row) {
+      const RowDequant<std::remove_const_t<std::remove_pointer_t<decltype(acc_row)>>> dq{
+          acc_row, wsc.const_data_ptr<float>(), wsm.const_data_ptr<float>(), sc.const_data_ptr<float>()[row],
+          zc.const_data_ptr<float>()[row], k ? xo_p + row * k : nullptr, wo_p, k};
+      epilogue(row, dq);
+    };
+    const auto each_row = [&](const auto* acc_p) {
+      at::parallel_for(0, M, std::max<int64_t>(1, row_grain(N * cost)), [&](int64_t r0, int64_t r1) {
+        for (int64_t row = r0; row < r1; ++row) row_epilogue(row, acc_p + row * N);
       });
     };
-    if (ac.scalar_type() == at::kInt) {
-      each_row(ac.const_data_ptr<int32_t>());
-    } else {
-      each_row(ac.const_data_ptr<float>());
+    if (!panels.has_value()) {
+      const at::Tensor ac = acc.contiguous();
+      if (ac.scalar_type() == at::kInt) {
+        each_row(ac.const_data_ptr<int32_t>());
+      } else {
+        each_row(ac.const_data_ptr<float>());
+      }
+      return;
     }
+    if (M == 0) return;
+    // q's rows padded with zeros to whole groups of 4 entries where K is not a multiple of 4
+    using cpu::int8::kGroup;
+    const int64_t K = acc.size(1), K4 = (K + kGroup - 1) / kGroup, P = panels->size(0);
+    const at::Tensor a = K == K4 * kGroup ? acc.contiguous() : at::constant_pad_nd(acc, {0, K4 * kGroup - K});
+    const at::Tensor w = panels->contiguous();
+    const uint8_t* a_p = a.const_data_ptr<uint8_t>();
+    const int8_t* w_p = w.const_data_ptr<int8_t>();
+    const int64_t lda = K4 * kGroup, threads = at::get_num_threads();
+    if (M < 2 * threads * kBlockRows) {  // too few blocks for each thread: the panels split over them instead
+      at::Tensor sums = at::empty({M, N}, acc.options().dtype(at::kInt));
+      cpu::int8::run_panels(a_p, M, lda, K4, w_p, P, sums.mutable_data_ptr<int32_t>(), N);
+      each_row(static_cast<const int32_t*>(sums.const_data_ptr<int32_t>()));
+      return;
+    }
+    // blocks of at most kBlockRows rows, their count a multiple of the threads' and their sizes as even as possible
+    const int64_t blocks = (M + kBlockRows * threads - 1) / (kBlockRows * threads) * threads;
+    const int64_t base = M / blocks, extra = M % blocks;
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      thread_local std::vector<int32_t> sums;  // the block's int32 sums [rows, N]
+      sums.resize(static_cast<size_t>((base + 1) * N));
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r0 = b * base + std::min(b, extra), rows = base + (b < extra ? 1 : 0);
+        cpu::int8::panel_rows(a_p + r0 * lda, rows, lda, K4, w_p, P, sums.data(), N);
+        for (int64_t r = 0; r < rows; ++r) row_epilogue(r0 + r, static_cast<const int32_t*>(sums.data() + r * N));
+      }
+    });
   }
 };
 
@@ -298,8 +356,9 @@ void check_smooth(const char* op, const at::Tensor& smooth, int64_t N, const at:
 
 at::Tensor int8_linear_cpu(const at::Tensor& acc, const at::Tensor& scale, const at::Tensor& zero,
                            const at::Tensor& weight_scale, const at::Tensor& weight_sum, const at::Tensor& bias,
-                           const Outliers& outlier_x, const Outliers& outlier_w) {
-  const Int8Epilogue prod{acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w};
+                           const Outliers& outlier_x, const Outliers& outlier_w,
+                           const std::optional<at::Tensor>& panels) {
+  const Int8Epilogue prod{acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w, panels};
   prod.check("int8_linear");
   const int64_t N = prod.out_features();
   at::Tensor out = at::empty({prod.rows(), N}, bias.options());
@@ -317,10 +376,11 @@ at::Tensor int8_linear_cpu(const at::Tensor& acc, const at::Tensor& scale, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_linear_gelu_quantize_cpu(
     const at::Tensor& acc, const at::Tensor& scale, const at::Tensor& zero, const at::Tensor& weight_scale,
     const at::Tensor& weight_sum, const at::Tensor& bias, const Outliers& outlier_x, const Outliers& outlier_w,
-    c10::string_view approximate, const at::Tensor& smooth, const std::optional<at::Tensor>& keep) {
+    c10::string_view approximate, const at::Tensor& smooth, const std::optional<at::Tensor>& keep,
+    const std::optional<at::Tensor>& panels) {
   constexpr const char* op = "int8_linear_gelu_quantize";
   const GeluKind kind = parse_gelu(op, approximate);
-  const Int8Epilogue prod{acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w};
+  const Int8Epilogue prod{acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w, panels};
   prod.check(op);
   const int64_t M = prod.rows(), N = prod.out_features();
   check_smooth(op, smooth, N, acc);
@@ -405,9 +465,10 @@ at::Tensor residual_layer_norm(const char* op, const Int8Epilogue& prod, const a
 at::Tensor int8_linear_residual_layer_norm_cpu(
     const at::Tensor& acc, const at::Tensor& scale, const at::Tensor& zero, const at::Tensor& weight_scale,
     const at::Tensor& weight_sum, const at::Tensor& bias, const Outliers& outlier_x, const Outliers& outlier_w,
-    const at::Tensor& residual, const at::Tensor& norm_weight, const at::Tensor& norm_bias, double eps) {
+    const at::Tensor& residual, const at::Tensor& norm_weight, const at::Tensor& norm_bias, double eps,
+    const std::optional<at::Tensor>& panels) {
   constexpr const char* op = "int8_linear_residual_layer_norm";
-  const Int8Epilogue prod{acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w};
+  const Int8Epilogue prod{acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w, panels};
   prod.check(op);
   return residual_layer_norm(op, prod, residual, norm_weight, norm_bias, eps, [](int64_t, const auto*) {});
 }
@@ -418,9 +479,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_linear_residual_
     const at::Tensor& acc, const at::Tensor& scale, const at::Tensor& zero, const at::Tensor& weight_scale,
     const at::Tensor& weight_sum, const at::Tensor& bias, const Outliers& outlier_x, const Outliers& outlier_w,
     const at::Tensor& residual, const at::Tensor& norm_weight, const at::Tensor& norm_bias, double eps,
-    const at::Tensor& smooth) {
+    const at::Tensor& smooth, const std::optional<at::Tensor>& panels) {
   constexpr const char* op = "int8_linear_residual_layer_norm_quantize";
-  const Int8Epilogue prod{acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w};
+  const Int8Epilogue prod{acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w, panels};
   prod.check(op);
   const int64_t M = prod.rows(), N = prod.out_features();
   check_smooth(op, smooth, N, acc);

@@ -1,200 +1,22 @@
-// int8_panel_sums: the exact integer sums q @ w^T of uint8 rows q [M, K] with an int8 weight w [N, K], CPU: a few
-// rows, or any number where the CPU has AVX512-VNNI (below).
+// int8_panel_sums: the exact integer sums q @ w^T of uint8 rows q [M, K] with an int8 weight w [N, K] packed into
+// panels (int8_tiles.h), CPU: a few rows, or any number where the CPU has AVX512-VNNI.
 //
-// w is packed once into panels of kPanel columns (mtbert_fast.ops.int8.pack_int8_panels): int8 [P, K4, kPanel, 4]
-// with K4 = ceil(K / 4), the four reduction entries k = 4j..4j+3 of a column next to each other; columns past N and
-// entries past K are zero. A thread takes whole panels and runs every row block of q over a panel while it sits in
-// its cache, so each weight is read once per call, as panel_linear does for float weights. oneDNN's int8 linear is
-// blocked for many rows; at one row it runs at a twentieth of its full rate and at 16 rows at a half (on an AVX2
-// EPYC), where these panels keep most of it.
-//
-// AVX2 (and the AVX-512 build on a CPU without VNNI, on its 256-bit registers): a 32-byte load of a panel holds 8
-// columns x 4 entries, the row's 4 bytes are broadcast to all 8, vpmaddubsw multiplies uint8 by int8 and adds the pairs
-// (4j, 4j + 1) and (4j + 2, 4j + 3) in saturating int16, and vpmaddwd by ones adds the two pairs into int32. The int16
-// step is exact only while 255 times a pair of one sign fits it: weights whose same-sign neighbouring pairs (columns
-// 2i, 2i + 1 of w's rows) sum to at most 128 in magnitude, which pack_int8_panels checks. Without AVX2 the sums are
-// plain int32 loops, exact for any weight.
+// A thread takes whole panels and runs every row block of q over a panel while it sits in its cache, so each weight
+// is read once per call, as panel_linear does for float weights. oneDNN's int8 linear is blocked for many rows; at
+// one row it runs at a twentieth of its full rate and at 16 rows at a half (on an AVX2 EPYC), where these panels
+// keep most of it.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <array>
-#include <cstdint>
-#include <cstring>
-#include <utility>
-
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-#include <immintrin.h>
-#define MTBF_INT8_PAIRS 1
-#endif
-
 #include "checks.h"
+#include "int8_tiles.h"
 
 namespace mtbert_fast {
 namespace {
 
-constexpr int64_t kPanel = 32;                   // columns per panel
-constexpr int64_t kGroup = 4;                    // reduction entries per column next to each other
-constexpr int kMaxRows = 3;                      // rows per tile: 12 accumulators of the 16 AVX2 registers
-constexpr int64_t kTaskMacs = int64_t{1} << 17;  // multiply-adds below which a thread takes more panels
-
-// Stores a tile row's sums for the panel's valid columns (the last panel may hold fewer than kPanel).
-inline void store_row(const int32_t* sums, int32_t* out, int64_t cols) {
-  std::memcpy(out, sums, sizeof(int32_t) * static_cast<size_t>(std::min(kPanel, cols)));
-}
-
-#ifdef MTBF_INT8_PAIRS
-constexpr int kVecs = kPanel / 8;  // int32 vectors of 8 columns per panel row
-
-inline __m256i broadcast4(const uint8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, sizeof(v));
-  return _mm256_set1_epi32(v);
-}
-
-// out[r, :cols] = q[r, :] @ panel for MR rows of q (lda apart) over one panel of K4 groups.
-template <int MR>
-void tile(int64_t K4, const uint8_t* a, int64_t lda, const int8_t* panel, int32_t* out, int64_t ldo, int64_t cols) {
-  __m256i acc[MR][kVecs];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < kVecs; ++v) acc[r][v] = _mm256_setzero_si256();
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t j = 0; j < K4; ++j) {
-    __m256i x[MR];
-    for (int r = 0; r < MR; ++r) x[r] = broadcast4(a + r * lda + kGroup * j);
-    const int8_t* b = panel + j * kPanel * kGroup;
-    for (int v = 0; v < kVecs; ++v) {
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + v * 32));
-      for (int r = 0; r < MR; ++r)
-        acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(_mm256_maddubs_epi16(x[r], w), ones));
-    }
-  }
-  alignas(32) int32_t sums[kPanel];
-  for (int r = 0; r < MR; ++r) {
-    for (int v = 0; v < kVecs; ++v) _mm256_store_si256(reinterpret_cast<__m256i*>(sums + v * 8), acc[r][v]);
-    store_row(sums, out + r * ldo, cols);
-  }
-}
-
-using Tile = void (*)(int64_t, const uint8_t*, int64_t, const int8_t*, int32_t*, int64_t, int64_t);
-
-Tile tile_of(int64_t rows) {
-  switch (rows) {
-    case 1: return &tile<1>;
-    case 2: return &tile<2>;
-    default: return &tile<3>;
-  }
-}
-
-#ifdef CPU_CAPABILITY_AVX512
-// AVX512-VNNI: vpdpbusd multiplies the row's 4 uint8 (broadcast) by a column's 4 int8 and adds all four products to
-// the column's int32 lane, exactly (no int16 step, no saturation), so any int8 weight runs here. A 64-byte load holds
-// 16 columns x 4 entries: 2 accumulators per row and panel, kVnniRows rows per tile (24 of the 32 registers).
-constexpr std::size_t kVnniRows = 12;
-
-// One row's step: its 4 entries of the group, broadcast, times both halves of the panel's group.
-__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline void vnni_row(
-    const uint8_t* x, const __m512i& w0, const __m512i& w1, __m512i& lo, __m512i& hi) {
-  int32_t v;
-  std::memcpy(&v, x, sizeof(v));
-  const __m512i xv = _mm512_set1_epi32(v);
-  // acc += xv (uint8) . w (int8) in place; GCC 12 compiles _mm512_dpbusd_epi32 into a copy of the accumulator and a
-  // store to the stack around every step, which halves the tile's rate
-  asm("vpdpbusd %2, %1, %0" : "+v"(lo) : "v"(xv), "v"(w0));
-  asm("vpdpbusd %2, %1, %0" : "+v"(hi) : "v"(xv), "v"(w1));
-}
-
-// The rows are a pack expanded at compile time (not a loop), so every accumulator has a constant index and the
-// compiler keeps them all in registers.
-template <std::size_t... R>
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_vnni(int64_t K4, const uint8_t* a, int64_t lda,
-                                                                       const int8_t* panel, int32_t* out, int64_t ldo,
-                                                                       int64_t cols) {
-  constexpr std::size_t MR = sizeof...(R);
-  __m512i lo_acc[MR], hi_acc[MR];
-  ((lo_acc[R] = _mm512_setzero_si512(), hi_acc[R] = _mm512_setzero_si512()), ...);
-  for (int64_t j = 0; j < K4; ++j) {
-    const int8_t* b = panel + j * kPanel * kGroup;
-    const __m512i w0 = _mm512_loadu_si512(b), w1 = _mm512_loadu_si512(b + 64);
-    const uint8_t* x = a + kGroup * j;
-    (vnni_row(x + R * lda, w0, w1, lo_acc[R], hi_acc[R]), ...);
-  }
-  const __mmask16 lo = static_cast<__mmask16>(cols >= 16 ? 0xFFFF : (1u << cols) - 1);
-  const __mmask16 hi = static_cast<__mmask16>(cols >= kPanel ? 0xFFFF : cols <= 16 ? 0 : (1u << (cols - 16)) - 1);
-  ((_mm512_mask_storeu_epi32(out + R * ldo, lo, lo_acc[R]),
-    _mm512_mask_storeu_epi32(out + R * ldo + 16, hi, hi_acc[R])),
-   ...);
-}
-
-template <typename Rows>
-struct VnniTile;
-template <std::size_t... R>
-struct VnniTile<std::index_sequence<R...>> {
-  static constexpr Tile fn = &tile_vnni<R...>;
-};
-
-template <std::size_t... R>
-constexpr std::array<Tile, sizeof...(R)> vnni_tiles(std::index_sequence<R...>) {
-  return {VnniTile<std::make_index_sequence<R + 1>>::fn...};
-}
-
-bool cpu_has_vnni() {
-  static const bool has = __builtin_cpu_supports("avx512vnni");
-  return has;
-}
-#endif
-#else
-void tile_rows(int64_t rows, int64_t K4, const uint8_t* a, int64_t lda, const int8_t* panel, int32_t* out,
-               int64_t ldo, int64_t cols) {
-  int32_t sums[kPanel];
-  for (int64_t r = 0; r < rows; ++r) {
-    std::fill(sums, sums + kPanel, 0);
-    for (int64_t j = 0; j < K4; ++j) {
-      const int8_t* b = panel + j * kPanel * kGroup;
-      const uint8_t* x = a + r * lda + kGroup * j;
-      for (int64_t c = 0; c < kPanel; ++c)
-        for (int64_t e = 0; e < kGroup; ++e) sums[c] += int32_t{x[e]} * int32_t{b[c * kGroup + e]};
-    }
-    store_row(sums, out + r * ldo, cols);
-  }
-}
-#endif
-
-// out [M, N] = a [M, K4 * 4] @ panels, a's rows lda apart.
-void run_panels(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, const int8_t* panels, int64_t P, int32_t* out,
-                int64_t N) {
-#ifdef CPU_CAPABILITY_AVX512
-  static constexpr auto kVnniTiles = vnni_tiles(std::make_index_sequence<kVnniRows>{});
-  const bool vnni = cpu_has_vnni();
-  const int64_t max_rows = vnni ? static_cast<int64_t>(kVnniRows) : kMaxRows;
-#else
-  constexpr int64_t max_rows = kMaxRows;
-#endif
-  // row blocks of at most max_rows, as even as possible (4 rows: two of 2, not 3 and 1)
-  const int64_t blocks = (M + max_rows - 1) / max_rows, base = M / blocks, extra = M % blocks;
-  const int64_t grain = std::max<int64_t>(1, kTaskMacs / (std::max<int64_t>(M, 4) * K4 * kGroup * kPanel));
-  at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int8_t* panel = panels + p * K4 * kPanel * kGroup;
-      const int64_t cols = std::min(kPanel, N - p * kPanel);
-      int64_t m0 = 0;
-      for (int64_t i = 0; i < blocks; ++i) {
-        const int64_t mr = base + (i < extra ? 1 : 0);
-#ifdef CPU_CAPABILITY_AVX512
-        (vnni ? kVnniTiles[mr - 1] : tile_of(mr))(K4, a + m0 * lda, lda, panel, out + m0 * N + p * kPanel, N, cols);
-#elif defined(MTBF_INT8_PAIRS)
-        tile_of(mr)(K4, a + m0 * lda, lda, panel, out + m0 * N + p * kPanel, N, cols);
-#else
-        tile_rows(mr, K4, a + m0 * lda, lda, panel, out + m0 * N + p * kPanel, N, cols);
-#endif
-        m0 += mr;
-      }
-    }
-  });
-}
+using namespace cpu::int8;
 
 at::Tensor int8_panel_sums_cpu(const at::Tensor& q, const at::Tensor& panels, int64_t out_features) {
   constexpr const char* op = "int8_panel_sums";

@@ -41,7 +41,7 @@ from mtbert_fast.ops import (
 )
 from mtbert_fast.ops.int8 import (
     INT8_LINEAR, INT8_LINEAR_GELU_QUANTIZE, INT8_LINEAR_RESIDUAL_LAYER_NORM, INT8_LINEAR_RESIDUAL_LAYER_NORM_QUANTIZE,
-    PAIR_LIMIT, QUANTIZE_ROWS, PackedInt8Weight, int8_sums_unchecked, pair_sums, weight_pairs_limited,
+    PAIR_LIMIT, QUANTIZE_ROWS, PackedInt8Weight, int8_sums_unchecked, pair_sums, sums_panels, weight_pairs_limited,
 )
 
 DEFAULT_SMOOTHING = 0.5
@@ -58,6 +58,18 @@ SYNTHETIC_ROWS = 64
 SYNTHETIC_LENGTHS = (3, 64)
 # the four products of a layer, named by where their input comes from
 PRODUCTS = ("qkv", "attn_out", "ffn_in", "ffn_out")
+# Where a product's sums come from int8 panels (ops.int8.sums_panels), its epilogue op takes them itself, a block of
+# rows at a time, so that they never go to memory (the ops' `panels`); False: int8_sums first, the epilogue on its
+# result (for comparison: benchmarks/int8_panels.py).
+EPILOGUE_SUMS = True
+
+
+class Product(NamedTuple):
+    """A product op's leading arguments (the integer sums, or with `panels` the quantized input q itself; the
+    input's scale and zero; the weight's scale and sums; the bias) and the panels its sums come from (or None)."""
+
+    args: tuple
+    panels: torch.Tensor | None
 
 
 class Int8Linear(NamedTuple):
@@ -70,13 +82,16 @@ class Int8Linear(NamedTuple):
     outlier_index: torch.Tensor  # int64 [k]: the input channels left out of the int8 product
     outlier_weight: torch.Tensor  # fp32 [k, N]: the float weight's columns at those channels
 
-    def sums(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, checked: bool = True
-             ) -> tuple[torch.Tensor, ...]:
-        """The epilogue ops' leading arguments for the quantized input (q, scale, zero): the integer sums, the
-        input's scale and zero, the weight's scale and sums, the bias. checked=False: q comes from quantize_rows
-        or an epilogue op of the layer, and int8_sums' checks are skipped."""
+    def sums(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, checked: bool = True) -> Product:
+        """The epilogue ops' product (Product) for the quantized input (q, scale, zero): q and the weight's panels
+        where its sums come from panels (EPILOGUE_SUMS), else the integer sums. checked=False: q comes from
+        quantize_rows or an epilogue op of the layer, and int8_sums' checks are skipped."""
+        rest = self.weight_scale, self.weight_sum, self.bias
+        panels = sums_panels(self.packed, q.shape[0]) if EPILOGUE_SUMS else None
+        if panels is not None:
+            return Product((q, scale, zero, *rest), panels)
         acc, zero = (int8_sums if checked else int8_sums_unchecked)(q, zero, self.weight, self.packed)
-        return acc, scale, zero, self.weight_scale, self.weight_sum, self.bias
+        return Product((acc, scale, zero, *rest), None)
 
     def outliers(self, x: torch.Tensor | None = None, kept: torch.Tensor | None = None):
         """The epilogue ops' `outliers` for the float input x [T, K], or for its values at the outlier channels
@@ -200,7 +215,7 @@ class _Int8Ops(NamedTuple):
 
 def _kernel_call(op) -> Callable:
     kernel = op.kernel("cpu")
-    return lambda product, outliers, *rest: kernel(*product, *(outliers or (None, None)), *rest)
+    return lambda product, outliers, *rest: kernel(*product.args, *(outliers or (None, None)), *rest, product.panels)
 
 
 @functools.cache
@@ -211,7 +226,8 @@ def _direct_ops() -> _Int8Ops:
 
 
 def _wrapper_call(fn, backend: str | None) -> Callable:
-    return lambda product, outliers, *rest: fn(*product, *rest, outliers=outliers, backend=backend)
+    return lambda product, outliers, *rest: fn(*product.args, *rest, outliers=outliers, panels=product.panels,
+                                               backend=backend)
 
 
 def _int8_ops(x: torch.Tensor, backend: str | None) -> _Int8Ops:
@@ -227,7 +243,7 @@ def _int8_ops(x: torch.Tensor, backend: str | None) -> _Int8Ops:
         lambda x, smooth: quantize_rows(x, smooth, backend=backend),
         _wrapper_call(int8_linear, backend),
         lambda product, outliers, approximate, smooth, keep: int8_linear_gelu_quantize(
-            *product, approximate, smooth, outliers=outliers, keep=keep, backend=backend),
+            *product.args, approximate, smooth, outliers=outliers, keep=keep, panels=product.panels, backend=backend),
         _wrapper_call(int8_linear_residual_layer_norm, backend),
         _wrapper_call(int8_linear_residual_layer_norm_quantize, backend),
     )

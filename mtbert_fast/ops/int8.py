@@ -58,8 +58,10 @@ def _check_vector(op: str, name: str, t: torch.Tensor, n: int, like: torch.Tenso
         raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected ({n},)")
 
 
-def _check_outliers(op: str, acc: torch.Tensor, outliers) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """outliers: None, or (outlier_x fp32 [rows, k], outlier_w fp32 [k, out]) -> the two op arguments."""
+def _check_outliers(op: str, acc: torch.Tensor, shape: tuple[int, int], outliers
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """outliers: None, or (outlier_x fp32 [rows, k], outlier_w fp32 [k, out]) for a product of `shape` (rows,
+    out) -> the two op arguments."""
     if outliers is None:
         return None, None
     x, w = outliers
@@ -68,25 +70,34 @@ def _check_outliers(op: str, acc: torch.Tensor, outliers) -> tuple[torch.Tensor 
             raise ValueError(f"{op}: {name} is on {t.device} but acc is on {acc.device}")
         if t.dtype != torch.float32:
             raise TypeError(f"{op}: {name} must be torch.float32, got {t.dtype}")
-    if x.dim() != 2 or x.shape[0] != acc.shape[0]:
-        raise ValueError(f"{op}: outlier_x must be [{acc.shape[0]}, k] (acc's rows), got {tuple(x.shape)}")
-    if w.shape != (x.shape[1], acc.shape[1]):
-        raise ValueError(f"{op}: outlier_w must be [{x.shape[1]}, {acc.shape[1]}] (outlier_x's k, acc's columns), got "
-                         f"{tuple(w.shape)}")
+    if x.dim() != 2 or x.shape[0] != shape[0]:
+        raise ValueError(f"{op}: outlier_x must be [{shape[0]}, k] (acc's rows), got {tuple(x.shape)}")
+    if w.shape != (x.shape[1], shape[1]):
+        raise ValueError(f"{op}: outlier_w must be [{x.shape[1]}, {shape[1]}] (outlier_x's k, the product's "
+                         f"columns), got {tuple(w.shape)}")
     return x, w
 
 
-def _check_product(op, acc, scale, zero, weight_scale, weight_sum, bias) -> None:
-    if acc.dtype not in _SUMS:
-        raise TypeError(f"{op}: acc (the integer sums) must be torch.int32 or torch.float32, got {acc.dtype}")
-    if acc.dim() != 2:
-        raise ValueError(f"{op}: acc must be 2-D [rows, out], got shape {tuple(acc.shape)}")
-    rows, out = acc.shape
+def _check_product(op, acc, scale, zero, weight_scale, weight_sum, bias, panels) -> tuple[int, int]:
+    """Checks a product op's leading arguments -> its output's shape (rows, out): acc's, or with panels q's rows and
+    weight_scale's length."""
+    if panels is None:
+        if acc.dtype not in _SUMS:
+            raise TypeError(f"{op}: acc (the integer sums) must be torch.int32 or torch.float32, got {acc.dtype}")
+        if acc.dim() != 2:
+            raise ValueError(f"{op}: acc must be 2-D [rows, out], got shape {tuple(acc.shape)}")
+        rows, out = acc.shape
+    else:
+        if weight_scale.dim() != 1 or weight_scale.shape[0] == 0:
+            raise ValueError(f"{op}: weight_scale must be [out] with out > 0, got shape {tuple(weight_scale.shape)}")
+        _check_panels(op, acc, panels, weight_scale.shape[0], "acc (with panels, the quantized input q)")
+        rows, out = acc.shape[0], weight_scale.shape[0]
     _check_vector(op, "scale", scale, rows, acc)
     _check_vector(op, "zero", zero, rows, acc)
     _check_vector(op, "weight_scale", weight_scale, out, acc)
     _check_vector(op, "weight_sum", weight_sum, out, acc)
     _check_vector(op, "bias", bias, out, acc, _FLOATS)
+    return rows, out
 
 
 # ---- the integer sums -----------------------------------------------------------------------------------------
@@ -231,21 +242,14 @@ def pack_int8_panels(weight: torch.Tensor) -> torch.Tensor:
     return w.view(p, PANEL, k4, PANEL_GROUP).permute(0, 2, 1, 3).contiguous()
 
 
-def int8_panel_sums(q: torch.Tensor, panels: torch.Tensor, out_features: int, *, backend: str | None = None
-                    ) -> torch.Tensor:
-    """The exact integer sums q @ W^T of q uint8 [N, K] with W int8 [out_features, K], panels = pack_int8_panels(W):
-    int32 [N, out_features], for int8_linear and the other epilogues as acc (with quantize_rows' zero). For few rows,
-    where oneDNN's int8 product, blocked for many, reads the weights slowly, and for any number of rows with VNNI
-    (panels_vnni). Without VNNI, checks that the panels hold a pairs_safe weight (a pass over them: the encoder calls
-    the kernel directly on panels it packed)."""
-    op = "int8_panel_sums"
+def _check_panels(op: str, q: torch.Tensor, panels: torch.Tensor, out_features: int, what: str = "q") -> None:
+    """Checks q uint8 [N, K] and the panels of an [out_features, K] weight; without VNNI, that the panels hold a
+    pairs_safe weight (a pass over them: the encoder calls the kernels directly on panels it packed)."""
     if q.dtype != torch.uint8 or q.dim() != 2:
-        raise TypeError(f"{op}: q must be a 2-D torch.uint8 tensor (from quantize_rows), got {q.dtype} "
+        raise TypeError(f"{op}: {what} must be a 2-D torch.uint8 tensor (from quantize_rows), got {q.dtype} "
                         f"{tuple(q.shape)}")
     if panels.device != q.device:
         raise ValueError(f"{op}: panels are on {panels.device} but q is on {q.device}")
-    if out_features <= 0:
-        raise ValueError(f"{op}: out_features must be positive, got {out_features}")
     want = (-(-out_features // PANEL), -(-q.shape[1] // PANEL_GROUP), PANEL, PANEL_GROUP)
     if panels.dtype != torch.int8 or tuple(panels.shape) != want:
         raise ValueError(f"{op}: panels must be torch.int8 of shape {want} for q of {q.shape[1]} columns and "
@@ -261,6 +265,19 @@ def int8_panel_sums(q: torch.Tensor, panels: torch.Tensor, out_features: int, *,
             torch._assert_async(safe, message)  # a check on the data that a compiled graph keeps
         elif not safe:
             raise ValueError(message)
+
+
+def int8_panel_sums(q: torch.Tensor, panels: torch.Tensor, out_features: int, *, backend: str | None = None
+                    ) -> torch.Tensor:
+    """The exact integer sums q @ W^T of q uint8 [N, K] with W int8 [out_features, K], panels = pack_int8_panels(W):
+    int32 [N, out_features], for int8_linear and the other epilogues as acc (with quantize_rows' zero). For few rows,
+    where oneDNN's int8 product, blocked for many, reads the weights slowly, and for any number of rows with VNNI
+    (panels_vnni). Without VNNI, checks that the panels hold a pairs_safe weight (a pass over them: the encoder calls
+    the kernel directly on panels it packed)."""
+    op = "int8_panel_sums"
+    if out_features <= 0:
+        raise ValueError(f"{op}: out_features must be positive, got {out_features}")
+    _check_panels(op, q, panels, out_features)
     return INT8_PANEL_SUMS(q, panels, out_features, backend=backend)
 
 
@@ -325,10 +342,18 @@ def int8_sums(q: torch.Tensor, zero: torch.Tensor, weight: torch.Tensor, packed:
     return int8_sums_unchecked(q, zero, weight, packed)
 
 
+def sums_panels(packed: PackedInt8Weight | None, rows: int) -> torch.Tensor | None:
+    """The int8 panels that the sums of a product of `rows` rows on `packed` come from (every row count with VNNI,
+    else at most PANEL_ROWS where the weight has panels), or None where they come from elsewhere."""
+    if packed is None or packed.panels is None or not (packed.all_rows or rows <= PANEL_ROWS):
+        return None
+    return packed.panels
+
+
 def int8_sums_unchecked(q, zero, weight, packed=None) -> tuple[torch.Tensor, torch.Tensor]:
     """int8_sums without its argument checks, for callers that made q and the weight themselves (the int8 layer)."""
     if packed is not None:
-        if packed.panels is not None and (packed.all_rows or q.shape[0] <= PANEL_ROWS):
+        if sums_panels(packed, q.shape[0]) is not None:
             # the kernel directly in eager (it checks its arguments itself), the op with its fake under torch.compile
             if torch.compiler.is_compiling():
                 return INT8_PANEL_SUMS(q, packed.panels, weight.shape[0], backend="cpu"), zero
@@ -356,71 +381,76 @@ def quantize_rows(x: torch.Tensor, smooth: torch.Tensor, *, backend: str | None 
     return QUANTIZE_ROWS(x, smooth, backend=backend)
 
 
-def int8_linear(acc, scale, zero, weight_scale, weight_sum, bias, *, outliers=None, backend: str | None = None):
+def int8_linear(acc, scale, zero, weight_scale, weight_sum, bias, *, outliers=None, panels=None,
+                backend: str | None = None):
     """The dequantized product plus bias: acc [N, M] (int8_sums), scale, zero [N] (quantize_rows), weight_scale,
     weight_sum fp32 [M] -> [N, M] in bias's dtype (float32 / bfloat16). outliers: (outlier_x fp32 [N, k],
     outlier_w fp32 [k, M]), the fp32 part of the product over input channels left out of q, added to every output:
-    + outlier_x @ outlier_w. The same keyword on the other product ops."""
+    + outlier_x @ outlier_w. panels: the weight's int8 panels (pack_int8_panels); acc is then the quantized input q
+    uint8 [N, K] itself and the op takes its sums, int8_panel_sums(q, panels, M), a block of rows at a time, each
+    block's sums handed to the epilogue while they are in cache instead of stored. The same keywords on the other
+    product ops."""
     op = "int8_linear"
-    _check_product(op, acc, scale, zero, weight_scale, weight_sum, bias)
-    ox, ow = _check_outliers(op, acc, outliers)
-    return INT8_LINEAR(acc, scale, zero, weight_scale, weight_sum, bias, ox, ow, backend=backend)
+    shape = _check_product(op, acc, scale, zero, weight_scale, weight_sum, bias, panels)
+    ox, ow = _check_outliers(op, acc, shape, outliers)
+    return INT8_LINEAR(acc, scale, zero, weight_scale, weight_sum, bias, ox, ow, panels, backend=backend)
 
 
 def int8_linear_gelu_quantize(acc, scale, zero, weight_scale, weight_sum, bias, approximate: str,
                               smooth: torch.Tensor, *, outliers=None, keep: torch.Tensor | None = None,
-                              backend: str | None = None):
+                              panels=None, backend: str | None = None):
     """GELU(product + bias) in fp32, quantized again for the next product with its smooth [M]:
     (q uint8 [N, M], scale, zero fp32 [N], kept fp32 [N, len(keep)]). The float activation is never stored, except
     at the channels `keep` (int64 [k]; none where None), returned in `kept` for the next product's outliers (the
     kernel refuses a channel outside [0, M))."""
     op = "int8_linear_gelu_quantize"
     check_gelu(op, approximate)
-    _check_product(op, acc, scale, zero, weight_scale, weight_sum, bias)
-    _check_vector(op, "smooth", smooth, acc.shape[1], acc)
-    ox, ow = _check_outliers(op, acc, outliers)
+    shape = _check_product(op, acc, scale, zero, weight_scale, weight_sum, bias, panels)
+    _check_vector(op, "smooth", smooth, shape[1], acc)
+    ox, ow = _check_outliers(op, acc, shape, outliers)
     if keep is not None:
         if keep.dtype != torch.int64 or keep.dim() != 1 or keep.device != acc.device:
             raise TypeError(f"{op}: keep must be a 1-D torch.int64 tensor on {acc.device}, got {keep.dtype} "
                             f"{tuple(keep.shape)} on {keep.device}")
     return INT8_LINEAR_GELU_QUANTIZE(acc, scale, zero, weight_scale, weight_sum, bias, ox, ow, approximate, smooth,
-                                     keep, backend=backend)
+                                     keep, panels, backend=backend)
 
 
-def _check_residual_layer_norm(op, acc, bias, residual, norm_weight, norm_bias) -> None:
-    if residual.shape != acc.shape:
-        raise ValueError(f"{op}: residual has shape {tuple(residual.shape)}, expected {tuple(acc.shape)} (acc's)")
+def _check_residual_layer_norm(op, acc, shape, bias, residual, norm_weight, norm_bias) -> None:
+    if tuple(residual.shape) != shape:
+        raise ValueError(f"{op}: residual has shape {tuple(residual.shape)}, expected {shape} (the product's)")
     if residual.device != acc.device or residual.dtype != bias.dtype:
         raise TypeError(f"{op}: residual must be {bias.dtype} (bias's dtype) on {acc.device}, got {residual.dtype} "
                         f"on {residual.device}")
     for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
-        _check_vector(op, name, t, acc.shape[1], acc, (bias.dtype, torch.float32))
+        _check_vector(op, name, t, shape[1], acc, (bias.dtype, torch.float32))
 
 
 def int8_linear_residual_layer_norm(acc, scale, zero, weight_scale, weight_sum, bias, residual, norm_weight,
-                                    norm_bias, eps: float, *, outliers=None, backend: str | None = None):
+                                    norm_bias, eps: float, *, outliers=None, panels=None, backend: str | None = None):
     """LayerNorm(product + bias + residual) * norm_weight + norm_bias, in fp32 -> [N, M] in bias's dtype.
     residual [N, M] in bias's dtype; norm_weight, norm_bias [M] in bias's dtype or float32."""
     op = "int8_linear_residual_layer_norm"
-    _check_product(op, acc, scale, zero, weight_scale, weight_sum, bias)
-    _check_residual_layer_norm(op, acc, bias, residual, norm_weight, norm_bias)
-    ox, ow = _check_outliers(op, acc, outliers)
+    shape = _check_product(op, acc, scale, zero, weight_scale, weight_sum, bias, panels)
+    _check_residual_layer_norm(op, acc, shape, bias, residual, norm_weight, norm_bias)
+    ox, ow = _check_outliers(op, acc, shape, outliers)
     return INT8_LINEAR_RESIDUAL_LAYER_NORM(acc, scale, zero, weight_scale, weight_sum, bias, ox, ow, residual,
-                                           norm_weight, norm_bias, eps, backend=backend)
+                                           norm_weight, norm_bias, eps, panels, backend=backend)
 
 
 def int8_linear_residual_layer_norm_quantize(acc, scale, zero, weight_scale, weight_sum, bias, residual, norm_weight,
                                              norm_bias, eps: float, smooth: torch.Tensor, *, outliers=None,
-                                             backend: str | None = None):
+                                             panels=None, backend: str | None = None):
     """int8_linear_residual_layer_norm's output y, and y quantized for the next product with its smooth [M], in the
     same pass: (y [N, M] in bias's dtype, q uint8 [N, M], scale, zero fp32 [N]), q as quantize_rows(y, smooth)."""
     op = "int8_linear_residual_layer_norm_quantize"
-    _check_product(op, acc, scale, zero, weight_scale, weight_sum, bias)
-    _check_residual_layer_norm(op, acc, bias, residual, norm_weight, norm_bias)
-    _check_vector(op, "smooth", smooth, acc.shape[1], acc)
-    ox, ow = _check_outliers(op, acc, outliers)
+    shape = _check_product(op, acc, scale, zero, weight_scale, weight_sum, bias, panels)
+    _check_residual_layer_norm(op, acc, shape, bias, residual, norm_weight, norm_bias)
+    _check_vector(op, "smooth", smooth, shape[1], acc)
+    ox, ow = _check_outliers(op, acc, shape, outliers)
     return INT8_LINEAR_RESIDUAL_LAYER_NORM_QUANTIZE(acc, scale, zero, weight_scale, weight_sum, bias, ox, ow,
-                                                    residual, norm_weight, norm_bias, eps, smooth, backend=backend)
+                                                    residual, norm_weight, norm_bias, eps, smooth, panels,
+                                                    backend=backend)
 
 
 def _fake_quantized(x):
@@ -429,13 +459,24 @@ def _fake_quantized(x):
         x.new_empty((n,), dtype=torch.float32)
 
 
-def _fake_product(acc, bias):
-    return acc.new_empty(acc.shape, dtype=bias.dtype)
+def _product_shape(acc, weight_scale, panels):
+    """A product op's output shape: acc's, or with panels q's rows and weight_scale's length."""
+    return (acc.shape[0], weight_scale.shape[0]) if panels is not None else acc.shape
+
+
+def _fake_product(acc, weight_scale, bias, panels):
+    return acc.new_empty(_product_shape(acc, weight_scale, panels), dtype=bias.dtype)
+
+
+def _fake_quantized_product(acc, weight_scale, panels):
+    return _fake_quantized(acc.new_empty(_product_shape(acc, weight_scale, panels), dtype=torch.uint8))
 
 
 _PRODUCT = ("Tensor acc, Tensor scale, Tensor zero, Tensor weight_scale, Tensor weight_sum, Tensor bias, "
             "Tensor? outlier_x, Tensor? outlier_w")
 _RESIDUAL_LAYER_NORM = "Tensor residual, Tensor norm_weight, Tensor norm_bias, float eps"
+# last, so that the products' other arguments keep their places: with panels, acc is the quantized input q
+_PANELS = "Tensor? panels"
 # the products' main input is acc (integer sums): their kernels take any activation dtype the checks above let through
 _PRODUCT_BACKENDS = {"cpu": Backend(dtypes=None)}
 
@@ -458,37 +499,40 @@ INT8_PANEL_SUMS = Op(
 
 INT8_LINEAR = Op(
     name="int8_linear",
-    schema=f"({_PRODUCT}) -> Tensor",
+    schema=f"({_PRODUCT}, {_PANELS}) -> Tensor",
     reference=reference.int8_linear,
     backends=_PRODUCT_BACKENDS,
-    fake=lambda acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w: _fake_product(acc, bias),
+    fake=lambda acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w, panels: _fake_product(
+        acc, weight_scale, bias, panels),
 )
 
 INT8_LINEAR_GELU_QUANTIZE = Op(
     name="int8_linear_gelu_quantize",
-    schema=f"({_PRODUCT}, str approximate, Tensor smooth, Tensor? keep) -> (Tensor, Tensor, Tensor, Tensor)",
+    schema=f"({_PRODUCT}, str approximate, Tensor smooth, Tensor? keep, {_PANELS}) -> (Tensor, Tensor, Tensor, Tensor)",
     reference=reference.int8_linear_gelu_quantize,
     backends=_PRODUCT_BACKENDS,
-    fake=lambda acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w, approximate, smooth, keep: (
-        *_fake_quantized(acc), acc.new_empty((acc.shape[0], 0 if keep is None else keep.shape[0]),
-                                             dtype=torch.float32)),
+    fake=lambda acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w, approximate, smooth, keep,
+    panels: (*_fake_quantized_product(acc, weight_scale, panels),
+                  acc.new_empty((acc.shape[0], 0 if keep is None else keep.shape[0]), dtype=torch.float32)),
     result_outputs=4,
 )
 
 INT8_LINEAR_RESIDUAL_LAYER_NORM = Op(
     name="int8_linear_residual_layer_norm",
-    schema=f"({_PRODUCT}, {_RESIDUAL_LAYER_NORM}) -> Tensor",
+    schema=f"({_PRODUCT}, {_RESIDUAL_LAYER_NORM}, {_PANELS}) -> Tensor",
     reference=reference.int8_linear_residual_layer_norm,
     backends=_PRODUCT_BACKENDS,
-    fake=lambda acc, scale, zero, weight_scale, weight_sum, bias, *rest: _fake_product(acc, bias),
+    fake=lambda acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w, residual, norm_weight,
+    norm_bias, eps, panels: _fake_product(acc, weight_scale, bias, panels),
 )
 
 INT8_LINEAR_RESIDUAL_LAYER_NORM_QUANTIZE = Op(
     name="int8_linear_residual_layer_norm_quantize",
-    schema=f"({_PRODUCT}, {_RESIDUAL_LAYER_NORM}, Tensor smooth) -> (Tensor, Tensor, Tensor, Tensor)",
+    schema=f"({_PRODUCT}, {_RESIDUAL_LAYER_NORM}, Tensor smooth, {_PANELS}) -> (Tensor, Tensor, Tensor, Tensor)",
     reference=reference.int8_linear_residual_layer_norm_quantize,
     backends=_PRODUCT_BACKENDS,
-    fake=lambda acc, scale, zero, weight_scale, weight_sum, bias, *rest: (_fake_product(acc, bias),
-                                                                          *_fake_quantized(acc)),
+    fake=lambda acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w, residual, norm_weight,
+    norm_bias, eps, smooth, panels: (_fake_product(acc, weight_scale, bias, panels),
+                                          *_fake_quantized_product(acc, weight_scale, panels)),
     result_outputs=4,
 )

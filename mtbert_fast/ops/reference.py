@@ -220,6 +220,11 @@ def int8_panel_sums(q: torch.Tensor, panels: torch.Tensor, out_features: int) ->
     return int8_sums(q, w).to(torch.int32)
 
 
+def _sums(acc, panels, weight_scale):
+    """The integer sums for the product ops: acc itself, or with panels the sums of q = acc on them."""
+    return acc if panels is None else int8_panel_sums(acc, panels, weight_scale.shape[0])
+
+
 def _int8_product(acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w) -> torch.Tensor:
     """scale * weight_scale * (acc - zero * weight_sum) + bias in fp32, the centred integer sums exact in fp64, plus
     outlier_x @ outlier_w where given."""
@@ -228,36 +233,40 @@ def _int8_product(acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, o
     return out if outlier_x is None else out + outlier_x @ outlier_w
 
 
-def int8_linear(acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w) -> torch.Tensor:
+def int8_linear(acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w, panels=None) -> torch.Tensor:
     """The dequantized product plus bias.  acc [N, M]: the integer sums q @ weight^T (int8_sums) of q uint8 [N, K]
     with scale, zero [N] (from quantize_rows) and an int8 weight [M, K] with weight_scale fp32 [M] and weight_sum
     fp32 [M] (its row sums); bias [M]; outlier_x fp32 [N, k] and outlier_w fp32 [k, M] or None: the fp32 part of the
-    product over input channels left out of q -> [N, M] in bias's dtype."""
-    return _int8_product(acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w).to(bias.dtype)
+    product over input channels left out of q -> [N, M] in bias's dtype. With panels (pack_int8_panels of the
+    weight), acc is q itself and the sums are int8_panel_sums(q, panels, M); the same on the other product ops."""
+    return _int8_product(_sums(acc, panels, weight_scale), scale, zero, weight_scale, weight_sum, bias, outlier_x,
+                         outlier_w).to(bias.dtype)
 
 
 def int8_linear_gelu_quantize(acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w, approximate,
-                              smooth, keep):
+                              smooth, keep, panels=None):
     """GELU of int8_linear, kept in fp32 and quantized again with the next product's smooth [M]: (q, scale, zero,
     kept), kept fp32 [N, len(keep)] the GELU output at the channels keep (int64 [k], or None: none)."""
-    h = _gelu(_int8_product(acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w), approximate)
+    h = _gelu(_int8_product(_sums(acc, panels, weight_scale), scale, zero, weight_scale, weight_sum, bias, outlier_x,
+                            outlier_w), approximate)
     kept = h[:, keep] if keep is not None else h.new_empty((h.shape[0], 0))
     return (*quantize_rows(h, smooth), kept)
 
 
 def int8_linear_residual_layer_norm(acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w, residual,
-                                    norm_weight, norm_bias, eps):
+                                    norm_weight, norm_bias, eps, panels=None):
     """LayerNorm(int8_linear in fp32 + residual) * norm_weight + norm_bias -> [N, M] in bias's dtype."""
-    s = _int8_product(acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w) + residual.float()
+    s = _int8_product(_sums(acc, panels, weight_scale), scale, zero, weight_scale, weight_sum, bias, outlier_x,
+                      outlier_w) + residual.float()
     out = F.layer_norm(s, (s.shape[-1],), norm_weight.float(), norm_bias.float(), eps)
     return out.to(bias.dtype)
 
 
 def int8_linear_residual_layer_norm_quantize(acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w,
-                                             residual, norm_weight, norm_bias, eps, smooth):
+                                             residual, norm_weight, norm_bias, eps, smooth, panels=None):
     """int8_linear_residual_layer_norm's output y and quantize_rows(y, smooth): (y, q, scale, zero)."""
     y = int8_linear_residual_layer_norm(acc, scale, zero, weight_scale, weight_sum, bias, outlier_x, outlier_w,
-                                        residual, norm_weight, norm_bias, eps)
+                                        residual, norm_weight, norm_bias, eps, panels)
     return (y, *quantize_rows(y, smooth))
 
 

@@ -109,7 +109,8 @@ def _product(lin, x):
     from mtbert_fast import ops
 
     q, scale, zero = ops.quantize_rows(x, lin.smooth)
-    return ops.int8_linear(*lin.sums(q, scale, zero), outliers=lin.outliers(x))
+    product = lin.sums(q, scale, zero)
+    return ops.int8_linear(*product.args, outliers=lin.outliers(x), panels=product.panels)
 
 
 def test_outlier_channels_run_in_fp32(monkeypatch):

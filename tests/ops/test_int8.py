@@ -435,6 +435,109 @@ def test_outliers_and_keep_errors_name_the_problem():
         ops.int8_linear_gelu_quantize(*args, "none", smooth, keep=torch.tensor([3]))
 
 
+def _panel_product(n, k, m, dtype, outliers, seed=0):
+    """The product arguments with the quantized input q in acc's place, the pair-safe weight's int8 panels (every
+    route packs them), the outliers, and the same arguments with the sums acc = int8_panel_sums(q, panels, m)."""
+    q, scale, zero = reference.quantize_rows(_rows(n, k, torch.float32, seed), torch.ones(k))
+    w = torch.randint(-64, 65, (m, k), dtype=torch.int8, generator=torch.Generator().manual_seed(seed + 3))
+    panels = ops.pack_int8_panels(w)
+    rest = (scale, zero, rand(m, seed=seed + 4).abs() * 0.01 + 1e-3, w.float().sum(1), rand(m, seed=7, dtype=dtype))
+    return (q, *rest), panels, _outliers(n, m, outliers), (ops.int8_panel_sums(q, panels, m), *rest)
+
+
+def _product_ops(dtype, m, backend=None, seed=0):
+    """Each product op as a call on (product arguments, outliers as the keyword takes them, panels) on `backend`."""
+    smooth = rand(m, seed=seed + 20).abs() + 0.5
+    keep = torch.tensor([0, m - 1])
+    residual = rand(1, m, seed=seed + 21, dtype=dtype)  # broadcast to the rows below
+    norm = (rand(m, seed=seed + 22, dtype=dtype) + 1, rand(m, seed=seed + 23, dtype=dtype), 1e-5)
+
+    def rows_of(args):
+        return residual.expand(args[0].shape[0], m).contiguous()
+
+    return {
+        "linear": lambda a, o, p: ops.int8_linear(*a, outliers=o, panels=p, backend=backend),
+        "gelu_quantize": lambda a, o, p: ops.int8_linear_gelu_quantize(*a, "none", smooth, outliers=o, keep=keep,
+                                                                        panels=p, backend=backend),
+        "residual_layer_norm": lambda a, o, p: ops.int8_linear_residual_layer_norm(
+            *a, rows_of(a), *norm, outliers=o, panels=p, backend=backend),
+        "residual_layer_norm_quantize": lambda a, o, p: ops.int8_linear_residual_layer_norm_quantize(
+            *a, rows_of(a), *norm, smooth, outliers=o, panels=p, backend=backend),
+    }
+
+
+def _as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("outliers", [False, True], ids=["int8", "outliers"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", ["linear", "gelu_quantize", "residual_layer_norm", "residual_layer_norm_quantize"])
+@pytest.mark.parametrize("shape", [(1, 5, 3), (23, 30, 70), (47, 64, 33), (48, 8, 32), (97, 30, 70), (301, 96, 40)])
+def test_product_ops_take_the_sums_from_panels(shape, op, dtype, outliers, threads):
+    """With panels, a product op takes the sums of q on them itself (a block of rows at a time once there are two
+    blocks of rows for every thread, else after all of them): the same bits as the op on int8_panel_sums' result, at
+    row counts on either side of those thresholds, K not a multiple of 4 and a last panel not full; the reference
+    agrees likewise."""
+    n, k, m = shape
+    args, panels, extra, summed = _panel_product(n, k, m, dtype, outliers)
+    extra = None if extra[0] is None else extra
+    call, ref = _product_ops(dtype, m, "cpu")[op], _product_ops(dtype, m, "reference")[op]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got, want = _as_tuple(call(args, extra, panels)), _as_tuple(call(summed, extra, None))
+    finally:
+        torch.set_num_threads(before)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype and torch.equal(g, w)
+    for g, w in zip(_as_tuple(ref(args, extra, panels)), _as_tuple(ref(summed, extra, None)), strict=True):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("op", ["linear", "gelu_quantize", "residual_layer_norm_quantize"])
+def test_product_ops_on_panels_compile(op, fresh_inductor):
+    """Under torch.compile a product op on panels goes through its fake (the output's columns from weight_scale, not
+    from q) and gives eager's bits."""
+    args, panels, extra, _ = _panel_product(100, 30, 70, torch.float32, True)
+    call = _product_ops(torch.float32, 70)[op]
+    want = _as_tuple(call(args, extra, panels))
+    got = _as_tuple(torch.compile(lambda a, o, p: call(a, o, p), fullgraph=True)(args, extra, panels))
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and torch.equal(g, w)
+
+
+@pytest.mark.parametrize("case, error, match", [
+    ("q int32", TypeError, "acc \\(with panels, the quantized input q\\) must be a 2-D torch.uint8 tensor"),
+    ("panels of another weight", ValueError, "panels must be torch.int8 of shape \\(3, 8, 32, 4\\)"),
+    ("weight_scale 2-D", ValueError, "weight_scale must be \\[out\\] with out > 0"),
+    ("bias short", ValueError, "bias has shape \\(69,\\), expected \\(70,\\)"),
+    ("residual short", ValueError, "residual has shape \\(5, 69\\), expected \\(5, 70\\)"),
+])
+def test_product_ops_on_panels_errors_name_the_problem(case, error, match):
+    """The wrappers' checks with panels, and the kernels' own (called directly, as the int8 layer does)."""
+    args, panels, _, _ = _panel_product(5, 30, 70, torch.float32, False)
+    q, scale, zero, ws, wsum, bias = args
+    residual = rand(5, 70)
+    if case == "q int32":
+        q = q.int()
+    elif case == "panels of another weight":
+        panels = ops.pack_int8_panels(torch.zeros(70, 40, dtype=torch.int8))
+    elif case == "weight_scale 2-D":
+        ws = ws[None]
+    elif case == "bias short":
+        bias = bias[:-1]
+    elif case == "residual short":
+        residual = residual[:, :-1]
+    norm = (torch.ones(70), torch.zeros(70), 1e-5)
+    with pytest.raises(error, match=match):
+        ops.int8_linear_residual_layer_norm(q, scale, zero, ws, wsum, bias, residual, *norm, panels=panels)
+    kernel = int8_ops.INT8_LINEAR_RESIDUAL_LAYER_NORM.kernel("cpu")
+    with pytest.raises(RuntimeError, match="int8_linear_residual_layer_norm: "):
+        kernel(q, scale, zero, ws, wsum, bias, None, None, residual, *norm, panels)
+
+
 @pytest.mark.parametrize("case, error, match", [
     ("acc int8", TypeError, "acc \\(the integer sums\\) must be torch.int32 or torch.float32"),
     ("acc 1-D", ValueError, "acc must be 2-D"),

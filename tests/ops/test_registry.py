@@ -72,7 +72,8 @@ def _layer_args(device):
 
 
 def _int8_args(name, device):
-    """An int8 product's arguments: the column-major int32 sums of q from quantize_rows with an int8 weight [6, 12]."""
+    """An int8 product's arguments: the column-major int32 sums of q from quantize_rows with an int8 weight [6, 12]
+    (panels None, the last argument)."""
     q, scale, zero = ops.reference.quantize_rows(rand(12, 5, seed=1).t(), torch.ones(12))
     w = torch.randint(-127, 128, (12, 6), dtype=torch.int8, generator=torch.Generator().manual_seed(3)).t()
     acc = ops.reference.int8_sums(q, w).to(torch.int32).t().contiguous().t()
@@ -80,13 +81,14 @@ def _int8_args(name, device):
     # two input channels' fp32 part (outlier_x [5, 2], outlier_w [2, 6]), both strided
     product += [rand(2, 5, seed=11, device=device).t(), rand(12, 2, seed=12, device=device)[::2].t()]
     if name == "int8_linear_gelu_quantize":
-        return (*product, "tanh", rand(12, seed=6, device=device)[::2].abs(), torch.tensor([5, 1], device=device))
+        return (*product, "tanh", rand(12, seed=6, device=device)[::2].abs(), torch.tensor([5, 1], device=device),
+                None)
     if name.startswith("int8_linear_residual_layer_norm"):
         norm = (rand(5, 12, seed=7, device=device)[:, ::2], 1 + rand(6, seed=8, scale=0.1, device=device),
                 rand(6, seed=9, device=device), 1e-12)
         smooth = (rand(12, seed=10, device=device)[::2].abs(),) if name.endswith("_quantize") else ()
-        return (*product, *norm, *smooth)
-    return tuple(product)
+        return (*product, *norm, *smooth, None)
+    return (*product, None)
 
 
 def _differentiable(name) -> bool:
@@ -242,14 +244,15 @@ _WRAPPERS = {
     "int8_panel_sums": lambda q, p, n, **k: ops.int8_panel_sums(q, p, n, **k),
     "panel_linear": lambda x, p, b, n, g, a, **k: ops.panel_linear(x, p, b, n, gelu=g, approximate=a, **k),
     "post_norm_layers": lambda *a, **k: ops.post_norm_layers(*a, **k),
-    # the ops' arguments 6 and 7 (outlier_x, outlier_w) are the wrappers' `outliers`, the GELU op's last its `keep`
-    "int8_linear": lambda *a, **k: ops.int8_linear(*a[:6], outliers=a[6:8], **k),
+    # the ops' arguments 6 and 7 (outlier_x, outlier_w) are the wrappers' `outliers`, their last one `panels`, the
+    # GELU op's one before it `keep`
+    "int8_linear": lambda *a, **k: ops.int8_linear(*a[:6], outliers=a[6:8], panels=a[8], **k),
     "int8_linear_gelu_quantize": lambda *a, **k: ops.int8_linear_gelu_quantize(*a[:6], *a[8:10], outliers=a[6:8],
-                                                                               keep=a[10], **k),
-    "int8_linear_residual_layer_norm": lambda *a, **k: ops.int8_linear_residual_layer_norm(*a[:6], *a[8:],
-                                                                                           outliers=a[6:8], **k),
+                                                                               keep=a[10], panels=a[11], **k),
+    "int8_linear_residual_layer_norm": lambda *a, **k: ops.int8_linear_residual_layer_norm(
+        *a[:6], *a[8:-1], outliers=a[6:8], panels=a[-1], **k),
     "int8_linear_residual_layer_norm_quantize": lambda *a, **k: ops.int8_linear_residual_layer_norm_quantize(
-        *a[:6], *a[8:], outliers=a[6:8], **k),
+        *a[:6], *a[8:-1], outliers=a[6:8], panels=a[-1], **k),
 }
 
 
