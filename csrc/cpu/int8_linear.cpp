@@ -79,19 +79,29 @@ inline void store_uint8(uint8_t* p, const fVec& v, const fVec& zero, int64_t n) 
 }
 inline void store_uint8(uint8_t* p, const fVec& v, const fVec& zero, Full) { store_uint8(p, v, zero, kVec); }
 
-// The row quantization of fp32 values v (already smoothed): returns nothing, writes q and the row's scale and zero.
+// The range of a row's values as it is read, lane by lane: lo = min(v, 0), hi = max(v, 0).
+struct RowRange {
+  fVec lo{0.f}, hi{0.f};
+
+  template <typename Lanes>
+  void add(const fVec& v, Lanes n) {
+    const fVec k = keep_lanes(v, n);
+    lo = at::vec::minimum(lo, k);
+    hi = at::vec::maximum(hi, k);
+  }
+};
+
+// The row quantization of fp32 values v (already smoothed) whose range is known: returns nothing, writes q and the
+// row's scale and zero.
 //   lo = min(v, 0), hi = max(v, 0), scale = (hi - lo) / 255, zero = round(-lo / scale), q = round(v / scale) + zero
 // A row of zeros gets scale 0 (its q dequantize to 0 whatever they hold).
 template <typename ValueOf>
-inline void quantize_row(int64_t K, const ValueOf& value_of, uint8_t* q, float* scale, float* zero) {
-  fVec lo(0.f), hi(0.f);
-  for_each_vec(K, [&](int64_t k, auto n) {
-    const fVec v = keep_lanes(value_of(k, n), n);
-    lo = at::vec::minimum(lo, v);
-    hi = at::vec::maximum(hi, v);
-  });
-  const float lo_s = at::vec::vec_reduce_all<float>([](const fVec& a, const fVec& b) { return at::vec::minimum(a, b); }, lo);
-  const float hi_s = at::vec::vec_reduce_all<float>([](const fVec& a, const fVec& b) { return at::vec::maximum(a, b); }, hi);
+inline void quantize_row_in(int64_t K, const RowRange& range, const ValueOf& value_of, uint8_t* q, float* scale,
+                            float* zero) {
+  const float lo_s = at::vec::vec_reduce_all<float>(
+      [](const fVec& a, const fVec& b) { return at::vec::minimum(a, b); }, range.lo);
+  const float hi_s = at::vec::vec_reduce_all<float>(
+      [](const fVec& a, const fVec& b) { return at::vec::maximum(a, b); }, range.hi);
   const float s = (hi_s - lo_s) / 255.f;
   const float inv = s > 0.f ? 1.f / s : 0.f;
   const float z = std::nearbyint(-lo_s * inv);
@@ -99,6 +109,14 @@ inline void quantize_row(int64_t K, const ValueOf& value_of, uint8_t* q, float* 
   for_each_vec(K, [&](int64_t k, auto n) { store_uint8(q + k, value_of(k, n) * inv_v, z_v, n); });
   *scale = s;
   *zero = z;
+}
+
+// The same, with a pass of its own for the range.
+template <typename ValueOf>
+inline void quantize_row(int64_t K, const ValueOf& value_of, uint8_t* q, float* scale, float* zero) {
+  RowRange range;
+  for_each_vec(K, [&](int64_t k, auto n) { range.add(value_of(k, n), n); });
+  quantize_row_in(K, range, value_of, q, scale, zero);
 }
 
 template <typename T>
@@ -342,6 +360,13 @@ struct QuantizedRows {
     quantize_row(N, value_of, q.mutable_data_ptr<uint8_t>() + row * N, scale.mutable_data_ptr<float>() + row,
                  zero.mutable_data_ptr<float>() + row);
   }
+
+  // The same for a row whose range was taken as its values were made.
+  template <typename ValueOf>
+  void quantize_in(int64_t row, int64_t N, const RowRange& range, const ValueOf& value_of) {
+    quantize_row_in(N, range, value_of, q.mutable_data_ptr<uint8_t>() + row * N,
+                    scale.mutable_data_ptr<float>() + row, zero.mutable_data_ptr<float>() + row);
+  }
 };
 
 // The epilogues' work per element against a plain pass (Int8Epilogue::run's cost): dequantization, GELU and the
@@ -409,9 +434,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_linear_gelu_quan
       thread_local std::vector<float> g;  // the row after GELU, in fp32
       g.resize(N);
       const float* m = mc.const_data_ptr<float>();
-      dq(N, bf.const_data_ptr<float>(), [&](int64_t d, auto n, const fVec& y) { store(g.data() + d, gelu<K>(y), n); });
+      RowRange range;  // of the smoothed GELU output, taken in the same pass
+      dq(N, bf.const_data_ptr<float>(), [&](int64_t d, auto n, const fVec& y) {
+        const fVec v = gelu<K>(y);
+        store(g.data() + d, v, n);
+        range.add(v * load(m + d, n), n);
+      });
       for (int64_t j = 0; j < kept_n; ++j) kept_p[row * kept_n + j] = g[keep_p[j]];
-      out.quantize(row, N, [&](int64_t d, auto n) { return load(g.data() + d, n) * load(m + d, n); });
+      out.quantize_in(row, N, range, [&](int64_t d, auto n) { return load(g.data() + d, n) * load(m + d, n); });
     }, kGeluEpilogueCost);
   });
   return {out.q, out.scale, out.zero, kept};
