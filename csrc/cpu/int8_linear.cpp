@@ -26,7 +26,6 @@
 // int8_linear_residual_layer_norm (+ bias + residual, LayerNorm).
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -222,17 +221,7 @@ struct Int8Epilogue {
       check_dtype(op, "acc (with panels, the quantized input q)", acc, at::kByte);
       TORCH_CHECK(wscale.dim() == 1 && wscale.size(0) > 0, op, ": weight_scale must have shape [out_features], got ",
                   wscale.sizes());
-      const int64_t K = acc.size(1), N = wscale.size(0);
-      const int64_t P = (N + cpu::int8::kPanel - 1) / cpu::int8::kPanel;
-      const int64_t K4 = (K + cpu::int8::kGroup - 1) / cpu::int8::kGroup;
-      check_dtype(op, "panels", *panels, at::kChar);
-      TORCH_CHECK(panels->device() == acc.device(), op, ": panels are on ", panels->device(), " but acc is on ",
-                  acc.device());
-      TORCH_CHECK(panels->sizes() == at::IntArrayRef({P, K4, cpu::int8::kPanel, cpu::int8::kGroup}), op,
-                  ": panels must have shape [", P, ", ", K4, ", ", cpu::int8::kPanel, ", ", cpu::int8::kGroup,
-                  "] for q of ", K, " columns and ", N, " out_features, got ", panels->sizes());
-      // sums of K products of at most 255 * 127 in magnitude fit int32 up to K = (2^31 - 1) / (255 * 127)
-      TORCH_CHECK(K <= ((int64_t{1} << 31) - 1) / (255 * 127), op, ": rows of ", K, " entries can sum past int32");
+      cpu::int8::check_panels(op, acc, *panels, wscale.size(0));
     } else {
       TORCH_CHECK(acc.scalar_type() == at::kInt || acc.scalar_type() == at::kFloat, op,
                   ": acc (the integer sums) must be int32 or float32, got ", acc.scalar_type());
@@ -296,18 +285,15 @@ struct Int8Epilogue {
       return;
     }
     if (M == 0) return;
-    // q's rows padded with zeros to whole groups of 4 entries where K is not a multiple of 4
-    using cpu::int8::kGroup;
-    const int64_t K = acc.size(1), K4 = (K + kGroup - 1) / kGroup, P = panels->size(0);
-    const at::Tensor a = K == K4 * kGroup ? acc.contiguous() : at::constant_pad_nd(acc, {0, K4 * kGroup - K});
-    const at::Tensor w = panels->contiguous();
+    const at::Tensor a = cpu::int8::grouped_rows(acc), w = panels->contiguous();
     const uint8_t* a_p = a.const_data_ptr<uint8_t>();
     const int8_t* w_p = w.const_data_ptr<int8_t>();
-    const int64_t lda = K4 * kGroup, threads = at::get_num_threads();
+    const int64_t lda = a.size(1), K4 = lda / cpu::int8::kGroup, P = panels->size(0);
+    const int64_t threads = at::get_num_threads();
     if (M < 2 * threads * kBlockRows) {  // too few blocks for each thread: the panels split over them instead
       at::Tensor sums = at::empty({M, N}, acc.options().dtype(at::kInt));
       cpu::int8::run_panels(a_p, M, lda, K4, w_p, P, sums.mutable_data_ptr<int32_t>(), N);
-      each_row(static_cast<const int32_t*>(sums.const_data_ptr<int32_t>()));
+      each_row(sums.const_data_ptr<int32_t>());
       return;
     }
     // blocks of at most kBlockRows rows, their count a multiple of the threads' and their sizes as even as possible
@@ -319,7 +305,7 @@ struct Int8Epilogue {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * base + std::min(b, extra), rows = base + (b < extra ? 1 : 0);
         cpu::int8::panel_rows(a_p + r0 * lda, rows, lda, K4, w_p, P, sums.data(), N);
-        for (int64_t r = 0; r < rows; ++r) row_epilogue(r0 + r, static_cast<const int32_t*>(sums.data() + r * N));
+        for (int64_t r = 0; r < rows; ++r) row_epilogue(r0 + r, sums.data() + r * N);
       }
     });
   }

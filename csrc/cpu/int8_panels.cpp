@@ -6,7 +6,6 @@
 // one row it runs at a twentieth of its full rate and at 16 rows at a half (on an AVX2 EPYC), where these panels
 // keep most of it.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -21,25 +20,16 @@ using namespace cpu::int8;
 at::Tensor int8_panel_sums_cpu(const at::Tensor& q, const at::Tensor& panels, int64_t out_features) {
   constexpr const char* op = "int8_panel_sums";
   MTBF_CHECK_DEVICE_TYPE("int8_panel_sums", q, c10::DeviceType::CPU);
-  MTBF_CHECK_SAME_DEVICE("int8_panel_sums", q, panels);
   MTBF_CHECK_DIM("int8_panel_sums", q, 2);
   MTBF_CHECK_DTYPE("int8_panel_sums", q, at::kByte);
-  MTBF_CHECK_DTYPE("int8_panel_sums", panels, at::kChar);
-  const int64_t M = q.size(0), K = q.size(1), N = out_features;
+  const int64_t M = q.size(0), N = out_features;
   TORCH_CHECK(N > 0, op, ": out_features must be positive, got ", N);
-  const int64_t K4 = (K + kGroup - 1) / kGroup, P = (N + kPanel - 1) / kPanel;
-  TORCH_CHECK(panels.sizes() == at::IntArrayRef({P, K4, kPanel, kGroup}), op, ": panels must have shape [", P, ", ",
-              K4, ", ", kPanel, ", ", kGroup, "] for q of ", K, " columns and ", N, " out_features, got ",
-              panels.sizes());
-  // sums of K products of at most 255 * 127 in magnitude fit int32 up to K = (2^31 - 1) / (255 * 127)
-  TORCH_CHECK(K <= ((int64_t{1} << 31) - 1) / (255 * 127), op, ": rows of ", K, " entries can sum past int32");
+  check_panels(op, q, panels, N);
   at::Tensor out = at::empty({M, N}, q.options().dtype(at::kInt));
   if (M == 0) return out;
-  // a whole last group per row: q's rows padded with zeros to K4 * 4 entries where K is not a multiple of 4
-  const at::Tensor a = K == K4 * kGroup ? q.contiguous() : at::constant_pad_nd(q, {0, K4 * kGroup - K});
-  const at::Tensor w = panels.contiguous();
-  run_panels(a.const_data_ptr<uint8_t>(), M, K4 * kGroup, K4, w.const_data_ptr<int8_t>(), P,
-             out.mutable_data_ptr<int32_t>(), N);
+  const at::Tensor a = grouped_rows(q), w = panels.contiguous();
+  run_panels(a.const_data_ptr<uint8_t>(), M, a.size(1), a.size(1) / kGroup, w.const_data_ptr<int8_t>(),
+             panels.size(0), out.mutable_data_ptr<int32_t>(), N);
   return out;
 }
 

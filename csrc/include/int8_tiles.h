@@ -13,7 +13,10 @@
 // plain int32 loops, exact for any weight.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <array>
@@ -154,6 +157,26 @@ inline void tile_rows(int64_t rows, int64_t K4, const uint8_t* a, int64_t lda, c
   }
 }
 #endif
+
+// Checks that `panels` (int8, on q's device) hold an [N, K] weight for q's rows of K entries, and that such rows'
+// sums fit int32; q [M, K] is the kernel's 2-D uint8 input, checked by the caller.
+inline void check_panels(const char* op, const at::Tensor& q, const at::Tensor& panels, int64_t N) {
+  TORCH_CHECK(panels.scalar_type() == at::kChar, op, ": panels must be ", at::kChar, ", got ", panels.scalar_type());
+  TORCH_CHECK(panels.device() == q.device(), op, ": panels are on ", panels.device(), " but q is on ", q.device());
+  const int64_t K = q.size(1), K4 = (K + kGroup - 1) / kGroup, P = (N + kPanel - 1) / kPanel;
+  TORCH_CHECK(panels.sizes() == at::IntArrayRef({P, K4, kPanel, kGroup}), op, ": panels must have shape [", P, ", ",
+              K4, ", ", kPanel, ", ", kGroup, "] for q of ", K, " columns and ", N, " out_features, got ",
+              panels.sizes());
+  // sums of K products of at most 255 * 127 in magnitude fit int32 up to K = (2^31 - 1) / (255 * 127)
+  TORCH_CHECK(K <= ((int64_t{1} << 31) - 1) / (255 * 127), op, ": rows of ", K, " entries can sum past int32");
+}
+
+// q [M, K] as the tiles read it: contiguous, each row padded with zeros to whole groups of kGroup entries where K is
+// not a multiple of kGroup (its leading dimension is then K4 * kGroup).
+inline at::Tensor grouped_rows(const at::Tensor& q) {
+  const int64_t K = q.size(1), padded = (K + kGroup - 1) / kGroup * kGroup;
+  return K == padded ? q.contiguous() : at::constant_pad_nd(q, {0, padded - K});
+}
 
 // M > 0 rows in blocks of at most the tile's rows, as even as possible (4 rows: two of 2, not 3 and 1).
 struct RowBlocks {
