@@ -508,6 +508,20 @@ def test_product_ops_on_panels_compile(op, fresh_inductor):
         assert g.shape == w.shape and torch.equal(g, w)
 
 
+@pytest.mark.parametrize("name", ["int8_linear", "int8_linear_gelu_quantize", "int8_linear_residual_layer_norm",
+                                  "int8_linear_residual_layer_norm_quantize"])
+def test_product_ops_on_panels_opcheck(name):
+    """torch.library.opcheck of each product op's dispatcher op with panels (its fake's shapes from weight_scale
+    against the kernel's), at a row count where the sums are taken a block of rows at a time."""
+    (q, scale, zero, ws, wsum, bias), panels, (ox, ow), _ = _panel_product(100, 30, 70, torch.float32, True)
+    norm = (rand(100, 70, seed=30), torch.ones(70), torch.zeros(70), 1e-5)
+    smooth = rand(70, seed=31).abs() + 0.5
+    rest = {"int8_linear": (), "int8_linear_gelu_quantize": ("none", smooth, torch.tensor([0, 69])),
+            "int8_linear_residual_layer_norm": norm, "int8_linear_residual_layer_norm_quantize": (*norm, smooth)}
+    op = getattr(int8_ops, name.upper())
+    torch.library.opcheck(op.op, (q, scale, zero, ws, wsum, bias, ox, ow, *rest[name], panels, "cpu"))
+
+
 @pytest.mark.parametrize("case, error, match", [
     ("q int32", TypeError, "acc \\(with panels, the quantized input q\\) must be a 2-D torch.uint8 tensor"),
     ("panels of another weight", ValueError, "panels must be torch.int8 of shape \\(3, 8, 32, 4\\)"),
