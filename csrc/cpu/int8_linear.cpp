@@ -163,8 +163,8 @@ inline fVec centred(const float* acc, const float* wsum, int32_t zero, int64_t d
   return at::vec::fnmadd(fVec(static_cast<float>(zero)), load(wsum + d, n), load(acc + d, n));
 }
 
-// The dequantized product of one row, plus bias and the outlier channels' fp32 part, handed to f(d, lanes, y)
-// vector by vector.
+// The dequantized product of one row, plus bias (fp32 or bfloat16) and the outlier channels' fp32 part, handed to
+// f(d, lanes, y) vector by vector.
 template <typename A>
 struct RowDequant {
   const A* acc;         // [N] this row's integer sums
@@ -176,8 +176,8 @@ struct RowDequant {
   const float* outlier_w;  // [k, N]
   int64_t outliers;        // k (0: none)
 
-  template <typename F>
-  inline void operator()(int64_t N, const float* bias, const F& f) const {
+  template <typename B, typename F>
+  inline void operator()(int64_t N, const B* bias, const F& f) const {
     const fVec s(scale);
     const int32_t z = static_cast<int32_t>(zero);
     for_each_vec(N, [&](int64_t d, auto n) {
@@ -373,12 +373,13 @@ at::Tensor int8_linear_cpu(const at::Tensor& acc, const at::Tensor& scale, const
   prod.check("int8_linear");
   const int64_t N = prod.out_features();
   at::Tensor out = at::empty({prod.rows(), N}, bias.options());
-  const at::Tensor bf = bias.to(at::kFloat).contiguous();
+  const at::Tensor bc = bias.contiguous();
   dispatch_float_bf16(bias.scalar_type(), [&](auto t) {
     using T = decltype(t);
     T* o = out.mutable_data_ptr<T>();
+    const T* b = bc.const_data_ptr<T>();
     prod.run([&](int64_t row, const auto& dq) {
-      dq(N, bf.const_data_ptr<float>(), [&](int64_t d, auto n, const fVec& y) { store(o + row * N + d, y, n); });
+      dq(N, b, [&](int64_t d, auto n, const fVec& y) { store(o + row * N + d, y, n); });
     });
   });
   return out;
@@ -413,15 +414,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_linear_gelu_quan
   QuantizedRows out(M, N, acc);
   at::Tensor kept = at::empty({M, kept_n}, acc.options().dtype(at::kFloat));
   float* kept_p = kept.mutable_data_ptr<float>();
-  const at::Tensor bf = bias.to(at::kFloat).contiguous();
-  dispatch_gelu(kind, [&](auto k) {
+  const at::Tensor bc = bias.contiguous();
+  const auto epilogue = [&](auto k, const auto* b) {
     constexpr GeluKind K = decltype(k)::value;
     prod.run([&](int64_t row, const auto& dq) {
       thread_local std::vector<float> g;  // the row after GELU, in fp32
       g.resize(N);
       const float* m = mc.const_data_ptr<float>();
       RowRange range;  // of the smoothed GELU output, taken in the same pass
-      dq(N, bf.const_data_ptr<float>(), [&](int64_t d, auto n, const fVec& y) {
+      dq(N, b, [&](int64_t d, auto n, const fVec& y) {
         const fVec v = gelu<K>(y);
         store(g.data() + d, v, n);
         range.add(v * load(m + d, n), n);
@@ -429,6 +430,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_linear_gelu_quan
       for (int64_t j = 0; j < kept_n; ++j) kept_p[row * kept_n + j] = g[keep_p[j]];
       out.quantize_in(row, N, range, [&](int64_t d, auto n) { return load(g.data() + d, n) * load(m + d, n); });
     }, kGeluEpilogueCost);
+  };
+  dispatch_gelu(kind, [&](auto k) {
+    dispatch_float_bf16(bias.scalar_type(), [&](auto t) { epilogue(k, bc.const_data_ptr<decltype(t)>()); });
   });
   return {out.q, out.scale, out.zero, kept};
 }
@@ -452,25 +456,26 @@ at::Tensor residual_layer_norm(const char* op, const Int8Epilogue& prod, const a
                 " must be float32 or bias's dtype ", bias.scalar_type(), ", got ", t.scalar_type());
   }
   check_dtype(op, "norm_bias", norm_bias, norm_weight.scalar_type());
-  const at::Tensor rc = residual.contiguous();
-  const at::Tensor bf = bias.to(at::kFloat).contiguous();
-  const at::Tensor wf = norm_weight.to(at::kFloat).contiguous(), bt = norm_bias.to(at::kFloat).contiguous();
+  const at::Tensor rc = residual.contiguous(), bc = bias.contiguous();
+  const at::Tensor wc = norm_weight.contiguous(), nbc = norm_bias.contiguous();
   at::Tensor out = at::empty({M, N}, bias.options());
-  dispatch_float_bf16(bias.scalar_type(), [&](auto t) {
+  dispatch_layer_norm_types(bias.scalar_type(), norm_weight.scalar_type(), [&](auto t, auto w) {
     using T = decltype(t);
+    using W = decltype(w);
     const T* res = rc.const_data_ptr<T>();
+    const T* b = bc.const_data_ptr<T>();
     T* o = out.mutable_data_ptr<T>();
     prod.run([&](int64_t row, const auto& dq) {
       thread_local std::vector<float> s;  // the row's pre-norm values, in fp32
       s.resize(N);
       fVec sum(0.f);
-      dq(N, bf.const_data_ptr<float>(), [&](int64_t d, auto n, const fVec& y) {
+      dq(N, b, [&](int64_t d, auto n, const fVec& y) {
         const fVec v = y + load(res + row * N + d, n);
         store(s.data() + d, v, n);
         sum += keep_lanes(v, n);
       });
       float mean, rstd;
-      layer_norm_row(s.data(), lane_sum(sum), wf.const_data_ptr<float>(), bt.const_data_ptr<float>(), eps,
+      layer_norm_row(s.data(), lane_sum(sum), wc.const_data_ptr<W>(), nbc.const_data_ptr<W>(), eps,
                      o + row * N, &mean, &rstd, N);
       after_row(row, static_cast<const T*>(o + row * N));
     }, kLayerNormEpilogueCost);
