@@ -14,8 +14,9 @@ ratios):
     and a B=8 batch of 128, on the route the model picks here against the same model with every product on oneDNN's
     int8 product (AVX2: pair-safe weights, the panels off), and against the model's route with each product's sums
     taken by int8_panel_sums first and the epilogue op run on them after (models.int8.EPILOGUE_SUMS off; the model
-    hands q and the panels to the epilogue op, which takes the sums a block of rows at a time), the same ratios.
-    These figures are what the routes were set from.
+    hands q and the panels to the epilogue op, which takes the sums a block of rows at a time), and against the
+    model's route with its layers run one at a time from Python (models.int8.LAYERS_IN_ONE_CALL off; the model runs
+    them in one int8_layers call), the same ratios. These figures are what the routes were set from.
 """
 
 from __future__ import annotations
@@ -101,23 +102,26 @@ def forwards(name: str, repeats: int) -> None:
         ids = torch.randint(1000, model.config.vocab_size, (batch, length), generator=gen)
         mask = torch.ones(batch, length, dtype=torch.long)
 
-        def run(layers, epilogue_sums=True, ids=ids, mask=mask):
+        def run(layers, epilogue_sums=True, one_call=True, ids=ids, mask=mask):
             model.int8.layers = layers
-            int8_model.EPILOGUE_SUMS = epilogue_sums
+            int8_model.EPILOGUE_SUMS, int8_model.LAYERS_IN_ONE_CALL = epilogue_sums, one_call
             try:
                 return model(ids, mask).last_hidden_state
             finally:
-                int8_model.EPILOGUE_SUMS = True
+                int8_model.EPILOGUE_SUMS = int8_model.LAYERS_IN_ONE_CALL = True
 
         with torch.inference_mode():
             # the same sums, so the same bits
-            assert torch.equal(run(panels), run(onednn)) and torch.equal(run(panels), run(panels, False))
+            want = run(panels)
+            assert all(torch.equal(want, run(*route)) for route in ((onednn,), (panels, False), (panels, True, False)))
             times = _interleaved({"onednn": lambda: run(onednn), "separate": lambda: run(panels, False),
-                                  "panels": lambda: run(panels)}, repeats)
+                                  "by-layer": lambda: run(panels, True, False), "panels": lambda: run(panels)},
+                                 repeats)
         model.int8.layers = panels
         print(f"{name:9s} B={batch} L={length:3d}: on the model's route {statistics.median(times['panels']) * 1e3:7.2f} "
               f"ms, on oneDNN's {_ratio(times, 'onednn', 'panels'):.2f}x that, with the sums stored before each "
-              f"epilogue {_ratio(times, 'separate', 'panels'):.2f}x", flush=True)
+              f"epilogue {_ratio(times, 'separate', 'panels'):.2f}x, layer by layer "
+              f"{_ratio(times, 'by-layer', 'panels'):.2f}x", flush=True)
 
 
 def main() -> None:

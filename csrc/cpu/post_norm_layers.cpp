@@ -49,15 +49,8 @@ at::Tensor post_norm_layers_cpu(const at::Tensor& x,           // [T, H]
                                 c10::string_view approximate,
                                 const std::optional<at::Tensor>& rel_bias) {  // fp32 [heads, 2R + 1]
   constexpr const char* op = "post_norm_layers";
-  MTBF_CHECK_DEVICE_TYPE("post_norm_layers", x, c10::DeviceType::CPU);
-  MTBF_CHECK_DIM("post_norm_layers", x, 2);
-  MTBF_CHECK_FLOAT_OR_BF16("post_norm_layers", x);
+  const int64_t layers = check_layer_stack(op, x, heads, weights, kPerLayer);
   const int64_t T = x.size(0), H = x.size(1);
-  TORCH_CHECK(heads > 0 && H % heads == 0, op, ": the hidden size ", H, " (x's columns) must be a multiple of heads, "
-              "got heads = ", heads);
-  TORCH_CHECK(!weights.empty() && weights.size() % kPerLayer == 0, op, ": weights must hold ", kPerLayer,
-              " tensors per layer and at least one layer, got ", weights.size());
-  const int64_t layers = static_cast<int64_t>(weights.size()) / kPerLayer;
   for (int64_t i = 0; i < layers; ++i) {
     const at::Tensor* w = weights.data() + i * kPerLayer;
     const std::tuple<int, const char*, int64_t> vectors[] = {

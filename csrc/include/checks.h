@@ -212,6 +212,21 @@ inline void check_token_position_args(const char* op, const at::Tensor& qkv, con
   TORCH_CHECK(index.size(0) <= INT_MAX, op, ": pos_index has ", index.size(0), " entries, at most ", INT_MAX);
 }
 
+// The leading checks of a stack of encoder layers in one call (post_norm_layers, int8_layers): x [T, H] float32 or
+// bfloat16 on the CPU, H a multiple of heads, `per_layer` tensors per layer in weights. Returns the layers' count.
+inline int64_t check_layer_stack(const char* op, const at::Tensor& x, int64_t heads, at::TensorList weights,
+                                 int64_t per_layer) {
+  TORCH_CHECK(x.device().type() == c10::DeviceType::CPU, op, ": x must be on cpu, got ", x.device());
+  TORCH_CHECK(x.dim() == 2, op, ": x must have 2 dims, got shape ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
+              ": x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(heads > 0 && x.size(1) % heads == 0, op, ": the hidden size ", x.size(1),
+              " (x's columns) must be a multiple of heads, got heads = ", heads);
+  TORCH_CHECK(!weights.empty() && weights.size() % per_layer == 0, op, ": weights must hold ", per_layer,
+              " tensors per layer and at least one layer, got ", weights.size());
+  return static_cast<int64_t>(weights.size()) / per_layer;
+}
+
 // GELU variant named by the op's `approximate` argument.
 enum class GeluKind { Erf, Tanh };
 

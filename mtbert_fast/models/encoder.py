@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from mtbert_fast.models.config import EncoderConfig, UnsupportedModelError
 from mtbert_fast.models.int8 import (
     DEFAULT_SMOOTHING, InputStats, Int8LayerWeights, calibration_batches, check_int8_device, check_int8_dtype,
-    check_model_dtype, check_smoothing, gram_passes, int8_layer_forward, quantize_layers, weights_snapshot,
+    check_model_dtype, check_smoothing, gram_passes, int8_layer_forward, int8_stack, quantize_layers, weights_snapshot,
 )
 from mtbert_fast.models.weight_pack import onednn_weight, panel_weight
 from mtbert_fast.ops import (
@@ -28,6 +28,7 @@ from mtbert_fast.ops import (
 )
 from mtbert_fast.ops.attention_varlen import OP as attention_varlen_op
 from mtbert_fast.ops.bias_residual_layer_norm import OP as bias_residual_layer_norm_op
+from mtbert_fast.ops.int8_layers import OP as int8_layers_op
 from mtbert_fast.ops.panel_linear import OP as panel_linear_op
 from mtbert_fast.ops.panel_linear import encoder_rows as panel_rows
 from mtbert_fast.ops.post_norm_layers import OP as post_norm_layers_op
@@ -668,13 +669,14 @@ def encode(
     states = [x] if output_hidden_states else None
     if config.int8_reason is not None and any(isinstance(w, Int8LayerWeights) for w in layers):
         raise UnsupportedModelError(config.int8_reason)
-    stack = None
+    stack = stack_op = None
     if not training and observe is None and states is None and terms is None:
-        stack = _post_norm_stack(config, layers, x, packed, backend)
+        stack, stack_op = _post_norm_stack(config, layers, x, packed, backend), post_norm_layers_op
+        if stack is None and not config.pre_norm:
+            stack, stack_op = int8_stack(layers, x, x.shape[0], backend), int8_layers_op
     if stack is not None:  # the layers below, kernel for kernel, called from C++
-        x = post_norm_layers_op.kernel("cpu")(x, packed.cu_seqlens, packed.max_seqlen, stack,
-                                              config.num_attention_heads, config.attention_scale,
-                                              config.layer_norm_eps, config.gelu_approximate, rel_bias)
+        x = stack_op.kernel("cpu")(x, packed.cu_seqlens, packed.max_seqlen, stack, config.num_attention_heads,
+                                   config.attention_scale, config.layer_norm_eps, config.gelu_approximate, rel_bias)
     else:
         for i, w in enumerate(layers):
             if config.pre_norm:

@@ -43,6 +43,8 @@ from mtbert_fast.ops.int8 import (
     INT8_LINEAR, INT8_LINEAR_GELU_QUANTIZE, INT8_LINEAR_RESIDUAL_LAYER_NORM, INT8_LINEAR_RESIDUAL_LAYER_NORM_QUANTIZE,
     PAIR_LIMIT, QUANTIZE_ROWS, PackedInt8Weight, int8_sums_unchecked, pair_sums, sums_panels, weight_pairs_limited,
 )
+from mtbert_fast.ops.int8_layers import OP as INT8_LAYERS
+from mtbert_fast.ops.int8_layers import product_weights
 
 DEFAULT_SMOOTHING = 0.5
 # input channels per product computed in fp32 instead of int8: at most OUTLIER_CHANNELS, those whose smoothed
@@ -62,6 +64,9 @@ PRODUCTS = ("qkv", "attn_out", "ffn_in", "ffn_out")
 # rows at a time, so that they never go to memory (the ops' `panels`); False: int8_sums first, the epilogue on its
 # result (for comparison: benchmarks/int8_panels.py).
 EPILOGUE_SUMS = True
+# Where every product's sums come from panels, inference runs the whole stack of int8 layers in one int8_layers call
+# (int8_stack); False: one layer at a time from Python (for comparison: benchmarks/int8_panels.py).
+LAYERS_IN_ONE_CALL = True
 
 
 class Product(NamedTuple):
@@ -274,6 +279,29 @@ def int8_layer_forward(config: EncoderConfig, w: Int8LayerWeights, x, packed, ba
     if next_smooth is None:
         return k.residual_layer_norm(product, outliers, *norm)
     return tuple(k.residual_layer_norm_quantize(product, outliers, *norm, next_smooth))
+
+
+def int8_stack(layers: Sequence, x: torch.Tensor, rows: int, backend: str | None) -> list[torch.Tensor] | None:
+    """Every layer's tensors for one int8_layers call (ops.int8_layers), where that kernel runs exactly what
+    int8_layer_forward would: inference on the C++ kernels (no autograd or tracing), every layer int8 with each
+    product's sums on its panels for `rows` rows (EPILOGUE_SUMS) and its bias in x's dtype; else (or with
+    LAYERS_IN_ONE_CALL off) None."""
+    if (not (LAYERS_IN_ONE_CALL and EPILOGUE_SUMS) or torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or dispatch.choose(INT8_LINEAR.name, x, backend) != "cpu"
+            or dispatch.choose(INT8_LAYERS.name, x, backend) != "cpu"):
+        return None
+    weights = []
+    for w in layers:
+        if not isinstance(w, Int8LayerWeights):
+            return None
+        for lin in (w.qkv, w.attn_out, w.ffn_in, w.ffn_out):
+            panels = sums_panels(lin.packed, rows)
+            if panels is None or lin.bias.dtype != x.dtype:
+                return None
+            weights += product_weights(panels, lin.weight_scale, lin.weight_sum, lin.bias, lin.smooth,
+                                       lin.outlier_index, lin.outlier_weight)
+        weights += [w.attn_norm_weight, w.attn_norm_bias, w.ffn_norm_weight, w.ffn_norm_bias]
+    return weights or None
 
 
 # ---- calibration --------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from mtbert_fast.ops.int8 import (
     int8_linear, int8_linear_gelu_quantize, int8_linear_residual_layer_norm, int8_linear_residual_layer_norm_quantize,
     int8_panel_sums, int8_sums, pack_int8_panels, pack_int8_weight, quantize_rows,
 )
+from mtbert_fast.ops.int8_layers import int8_layers
 from mtbert_fast.ops.mlm_gather_loss import mlm_gather_loss
 from mtbert_fast.ops.panel_linear import pack_panels, panel_linear
 from mtbert_fast.ops.post_norm_layers import post_norm_layers
@@ -25,6 +26,7 @@ __all__ = [
     "bias_residual_layer_norm",
     "gather_rows",
     "geglu",
+    "int8_layers",
     "int8_linear",
     "int8_linear_gelu_quantize",
     "int8_linear_residual_layer_norm",

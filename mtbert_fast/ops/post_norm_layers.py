@@ -32,8 +32,9 @@ def layer_weights(qkv_panels, qkv_bias, out_panels, out_bias, attn_norm_weight, 
             ffn_out_panels, ffn_out_bias, ffn_norm_weight, ffn_norm_bias]
 
 
-def _check(x: torch.Tensor, weights: Sequence[torch.Tensor], heads: int) -> None:
-    op = "post_norm_layers"
+def check_stack(op: str, x: torch.Tensor, weights: Sequence[torch.Tensor], heads: int, per_layer: int) -> None:
+    """The leading checks of a stack of layers in one call: x [T, H] float32 or bfloat16, H a multiple of heads,
+    `per_layer` tensors per layer in weights."""
     if x.dim() != 2:
         raise ValueError(f"{op}: x must be [T, H], got shape {tuple(x.shape)}")
     if x.dtype not in CPU_DTYPES:
@@ -41,9 +42,15 @@ def _check(x: torch.Tensor, weights: Sequence[torch.Tensor], heads: int) -> None
     h = x.shape[1]
     if heads <= 0 or h % heads:
         raise ValueError(f"{op}: the hidden size {h} (x's columns) must be a multiple of heads, got heads = {heads}")
-    if not weights or len(weights) % PER_LAYER:
-        raise ValueError(f"{op}: weights must hold {PER_LAYER} tensors per layer and at least one layer, got "
+    if not weights or len(weights) % per_layer:
+        raise ValueError(f"{op}: weights must hold {per_layer} tensors per layer and at least one layer, got "
                          f"{len(weights)}")
+
+
+def _check(x: torch.Tensor, weights: Sequence[torch.Tensor], heads: int) -> None:
+    op = "post_norm_layers"
+    check_stack(op, x, weights, heads, PER_LAYER)
+    h = x.shape[1]
     for i in range(0, len(weights), PER_LAYER):
         w = weights[i:i + PER_LAYER]
         inner = w[7].shape[0] if w[7].dim() == 1 else 0
@@ -73,16 +80,19 @@ def post_norm_layers(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
     return OP(x, cu_seqlens, max_seqlen, weights, heads, scale, eps, approximate, rel_bias, backend=backend)
 
 
-def _fake(x, cu_seqlens, max_seqlen, weights, heads, scale, eps, approximate, rel_bias):
+def fake_stack(x, cu_seqlens, max_seqlen, weights, heads, scale, eps, approximate, rel_bias):
     return x.new_empty(x.shape)
 
 
+# the schema of a stack of layers in one call: x [T, H], cu_seqlens int32 [B+1], each layer's weights, rel_bias fp32
+# [heads, 2R+1] -> [T, H]
+STACK_SCHEMA = ("(Tensor x, Tensor cu_seqlens, int max_seqlen, Tensor[] weights, int heads, float scale, float eps, "
+                "str approximate, Tensor? rel_bias=None) -> Tensor")
+
 OP = Op(
     name="post_norm_layers",
-    # x [T, H], cu_seqlens int32 [B+1], weights 12 per layer (see layer_weights), rel_bias fp32 [heads, 2R+1] -> [T, H]
-    schema="(Tensor x, Tensor cu_seqlens, int max_seqlen, Tensor[] weights, int heads, float scale, float eps, "
-           "str approximate, Tensor? rel_bias=None) -> Tensor",
+    schema=STACK_SCHEMA,  # weights: 12 per layer (see layer_weights)
     reference=reference.post_norm_layers,
     backends={"cpu": Backend(dtypes=CPU_DTYPES)},
-    fake=_fake,
+    fake=fake_stack,
 )

@@ -270,6 +270,45 @@ def int8_linear_residual_layer_norm_quantize(acc, scale, zero, weight_scale, wei
     return (y, *quantize_rows(y, smooth))
 
 
+def int8_layers(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, weights: list[torch.Tensor], heads: int,
+                scale: float, eps: float, approximate: str, rel_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Post-norm (BERT) encoder layers with int8 products on packed tokens.  x [T, H]; weights: 32 per layer, for
+    each of the QKV, attention output, intermediate and output products (panels, weight_scale, weight_sum, bias,
+    smooth, outlier_index, outlier_weight), then the attention norm's and the output norm's weight and bias -> [T, H].
+    Each product quantizes its input with its smooth (the LayerNorm and GELU epilogues quantize their outputs for the
+    next product), takes the int8 sums on its panels and adds back, in fp32, its input at its outlier channels times
+    outlier_weight."""
+    t, h = x.shape
+    per_layer = 32
+    layers = [weights[i:i + per_layer] for i in range(0, len(weights), per_layer)]
+
+    def product(w, q, outlier_x):
+        panels, weight_scale, weight_sum, bias, _, index, outlier_weight = w
+        outliers = (outlier_x, outlier_weight) if index.numel() else (None, None)
+        return (*q, weight_scale, weight_sum, bias, *outliers), panels
+
+    def gathered(x, w):
+        return x.index_select(1, w[5]).float()
+
+    q = quantize_rows(x, layers[0][4])
+    for i, w in enumerate(layers):
+        qkv_w, out_w, inner_w, ffn_w = (w[j:j + 7] for j in range(0, 28, 7))
+        g1, b1, g2, b2 = w[28:]
+        args, panels = product(qkv_w, q, gathered(x, qkv_w))
+        qkv = int8_linear(*args, panels).view(t, 3, heads, h // heads)
+        ctx = attention_varlen(qkv, cu_seqlens, max_seqlen, scale, rel_bias=rel_bias).reshape(t, h)
+        args, panels = product(out_w, quantize_rows(ctx, out_w[4]), gathered(ctx, out_w))
+        x, *q = int8_linear_residual_layer_norm_quantize(*args, x, g1, b1, eps, inner_w[4], panels)
+        args, panels = product(inner_w, q, gathered(x, inner_w))
+        *q, kept = int8_linear_gelu_quantize(*args, approximate, ffn_w[4], ffn_w[5], panels)
+        args, panels = product(ffn_w, q, kept)
+        if i + 1 == len(layers):
+            x = int8_linear_residual_layer_norm(*args, x, g2, b2, eps, panels)
+        else:
+            x, *q = int8_linear_residual_layer_norm_quantize(*args, x, g2, b2, eps, layers[i + 1][4], panels)
+    return x
+
+
 def rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
               inverse: bool = False) -> torch.Tensor:
     """qkv [T, 3, heads, D] with its query and key heads rotated by the angles of each token's position (RoFormer,

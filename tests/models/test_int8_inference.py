@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import mtbert_fast
 from mtbert_fast import FastBertModel, MultiTaskBert
+from mtbert_fast.models import int8
 from mtbert_fast.models.heads import SequenceClassificationHead
 from mtbert_fast.models.int8 import PRODUCTS, int8_layer_forward
 from mtbert_fast.ops import quantize_rows
@@ -75,7 +76,6 @@ def test_contract_calibrated_on_real_text(hf_minilm, int8_minilm, split):
 def test_calibration_text_rounds_the_weights_with_error_compensation(hf_minilm, int8_minilm, split, monkeypatch):
     """Given calibration text, the weights are rounded with GPTQ's error compensation: on the held-out sentences the
     embeddings' mean distance to the float model's is at least 15% below rounding to nearest's (measured: 24%)."""
-    from mtbert_fast.models import int8
 
     nearest_linear = int8.quantize_linear
     monkeypatch.setattr(int8, "quantize_linear", lambda w, b, a, s, gram: nearest_linear(w, b, a, s))
@@ -288,7 +288,6 @@ def test_inference_calls_the_kernels_directly_with_the_same_result(minilm_dir, m
     """In inference the int8 layer calls the C++ kernels without the wrappers' Python checks; with grad enabled it
     goes through the checked wrappers. Both give the same bits, and the kernels still refuse a bad argument by
     name."""
-    from mtbert_fast.models import int8
     from mtbert_fast.models.encoder import PackedBatch, embed_packed
 
     model = FastBertModel.from_pretrained(minilm_dir, dtype=torch.qint8).requires_grad_(False)
@@ -305,3 +304,37 @@ def test_inference_calls_the_kernels_directly_with_the_same_result(minilm_dir, m
     bad = layer._replace(qkv=layer.qkv._replace(bias=layer.qkv.bias[:-1]))
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"int8_linear: bias must have shape \[1152\]"):
         int8_layer_forward(config, bad, x, packed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_runs_the_int8_layers_in_one_call(minilm_dir, minilm_batch, dtype, monkeypatch):
+    """Where every product's sums come from its panels, inference runs all the int8 layers in one int8_layers call,
+    with the result of the layers run one by one, bit for bit; a forward that asks for every layer's output, or
+    records gradients, runs them one by one."""
+    from mtbert_fast.models import encoder
+
+    model = FastBertModel.from_pretrained(minilm_dir).to(dtype).eval().quantize().requires_grad_(False)
+    rows = int(minilm_batch["attention_mask"].sum())
+    if any(int8.sums_panels(lin.packed, rows) is None for w in model.int8.layers for lin in w[:4]):
+        # oneDNN's products here (a CPU without VNNI, or rows past the panels'): the stack is not taken
+        x = torch.zeros(rows, model.config.hidden_size, dtype=dtype)
+        with torch.inference_mode():
+            assert int8.int8_stack(model.int8.layers, x, rows, None) is None
+        return
+    stack_kernel = encoder.int8_layers_op.kernel("cpu")
+    calls = []
+
+    def spy(x, *args):
+        calls.append(len(args[2]))
+        return stack_kernel(x, *args)
+
+    monkeypatch.setitem(encoder.int8_layers_op._kernels, ("cpu", "forward"), spy)
+    with torch.inference_mode():
+        stacked = model(**minilm_batch)
+        assert calls == [32 * model.config.num_hidden_layers]
+        by_layer = model(**minilm_batch, output_hidden_states=True)
+        assert len(calls) == 1
+    assert torch.equal(stacked.last_hidden_state, by_layer.last_hidden_state)
+    with torch.enable_grad():
+        model(**minilm_batch)
+    assert len(calls) == 1

@@ -48,6 +48,8 @@ def _forward_args(name, device):
                                     .to(device), 40),
         "post_norm_layers": lambda: (x, cu_seqlens([3, 2], device), 3, _layer_args(device), 2, 0.3, 1e-12, "tanh",
                                      rand(2, 5, seed=16, device=device)),
+        "int8_layers": lambda: (x, cu_seqlens([3, 2], device), 3, _int8_layer_args(device), 2, 0.3, 1e-12, "tanh",
+                                rand(2, 5, seed=16, device=device)),
         **{name: (lambda name=name: _int8_args(name, device)) for name in INT8_PRODUCTS},
         "scatter_rows": lambda: (x[:3], torch.tensor([4, 0, 2], device=device), 6),
         "geglu": lambda: (rand(12, 5, seed=1, device=device).t()[:, 2:], "tanh"),
@@ -69,6 +71,22 @@ def _layer_args(device):
         t = rand(*shape, seed=20 + i, scale=0.3)
         out.append(ops.pack_panels(t).to(device) if t.dim() == 2 else t.to(device)[::2])
     return out
+
+
+def _int8_layer_args(device):
+    """One int8 layer's 32 tensors for x of 12 columns (an intermediate size of 20), quantized from random weights,
+    with an outlier channel in the QKV and the intermediate products."""
+    from mtbert_fast.models.int8 import quantize_linear
+
+    out = []
+    for i, (n, k) in enumerate(((36, 12), (12, 12), (20, 12), (12, 20))):
+        absmax = 1 + rand(k, seed=30 + i, scale=0.1).abs()
+        absmax[i % k] *= 1 if i % 2 else 40
+        lin = quantize_linear(rand(n, k, seed=40 + i, scale=0.3), rand(n, seed=50 + i, scale=0.1), absmax)
+        out += [ops.pack_int8_panels(lin.weight), lin.weight_scale, lin.weight_sum, lin.bias, lin.smooth,
+                lin.outlier_index, lin.outlier_weight]
+    out += [1 + rand(12, seed=60 + i, scale=0.1) if i % 2 == 0 else rand(12, seed=60 + i, scale=0.1) for i in range(4)]
+    return [t.to(device) for t in out]
 
 
 def _int8_args(name, device):
@@ -130,13 +148,14 @@ def _grad_leaves(args, requires_grad, op_name=None):
 def test_every_op_has_a_reference_and_a_cpu_kernel():
     assert set(registry.OPS) == {"attention_varlen", "bias_gelu", "bias_gelu_layer_norm", "bias_residual_layer_norm",
                                  "gather_rows", "mlm_gather_loss", "scatter_rows", "quantize_rows", "rotary_qk",
-                                 "geglu", "panel_linear", "post_norm_layers", "int8_panel_sums", *INT8_PRODUCTS}
+                                 "geglu", "panel_linear", "post_norm_layers", "int8_layers", "int8_panel_sums",
+                                 *INT8_PRODUCTS}
     for name, op in registry.OPS.items():
         assert callable(op.reference), name
         assert "cpu" in op.backends, name
         assert set(op.backends) <= set(registry.KERNEL_BACKENDS), name
         inference_only = ("gather_rows", "scatter_rows", "quantize_rows", "panel_linear", "post_norm_layers",
-                          "int8_panel_sums", *INT8_PRODUCTS)
+                          "int8_layers", "int8_panel_sums", *INT8_PRODUCTS)
         # rotary_qk's backward is its own forward, rotating back
         assert (op.backward_schema is None) == (name in (*inference_only, "rotary_qk")), name
 
@@ -244,6 +263,7 @@ _WRAPPERS = {
     "int8_panel_sums": lambda q, p, n, **k: ops.int8_panel_sums(q, p, n, **k),
     "panel_linear": lambda x, p, b, n, g, a, **k: ops.panel_linear(x, p, b, n, gelu=g, approximate=a, **k),
     "post_norm_layers": lambda *a, **k: ops.post_norm_layers(*a, **k),
+    "int8_layers": lambda *a, **k: ops.int8_layers(*a, **k),
     # the ops' arguments 6 and 7 (outlier_x, outlier_w) are the wrappers' `outliers`, their last one `panels`, the
     # GELU op's one before it `keep`
     "int8_linear": lambda *a, **k: ops.int8_linear(*a[:6], outliers=a[6:8], panels=a[8], **k),
