@@ -159,7 +159,7 @@ class _SwapState:
             layers = self.layer_weights(base)
         int8 = quantize_encoder(self.config, _embedding_weights(base, self.layout), layers, calibration, smoothing,
                                 self.backend, self.relative_bias(base))
-        self.int8 = Int8State(int8, list(self.layers(base).parameters()))
+        self.int8 = Int8State(int8, self.layers(base))
 
     def relative_bias(self, base: nn.Module) -> torch.Tensor | None:
         """MPNet's [buckets, heads] relative position bias weight, or None."""
@@ -189,7 +189,7 @@ class _SwapState:
 
     def run_layers(self, base: nn.Module) -> list:
         if self.int8 is not None:
-            return self.int8.current(list(self.layers(base).parameters()))
+            return self.int8.current(self.layers(base))
         return self.layer_weights(base)
 
     def layer_weights(self, base: nn.Module) -> list[LayerWeights]:

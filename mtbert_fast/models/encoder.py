@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from mtbert_fast.models.config import EncoderConfig, UnsupportedModelError
 from mtbert_fast.models.int8 import (
-    DEFAULT_SMOOTHING, InputStats, Int8LayerWeights, calibration_batches, check_int8_device, check_int8_dtype,
-    check_model_dtype, check_smoothing, gram_passes, int8_layer_forward, int8_stack, quantize_layers, weights_snapshot,
+    DEFAULT_SMOOTHING, InputStats, Int8LayerWeights, ParameterWatch, calibration_batches, check_int8_device,
+    check_int8_dtype, check_model_dtype, check_smoothing, gram_passes, int8_layer_forward, int8_stack, quantize_layers,
 )
 from mtbert_fast.models.weight_pack import onednn_weight, panel_weight
 from mtbert_fast.ops import (
@@ -743,14 +743,15 @@ def quantize_encoder(
 
 
 class Int8State:
-    """The int8 layers of a quantized model and the float parameters they were made from: if those change (an
-    in-place update, .to(), loading a state dict) the int8 copies are stale, and using them is refused."""
+    """The int8 layers of a quantized model and the float layers (a module tree) they were made from: if those change
+    (an in-place update, .to(), loading a state dict, a replaced parameter or submodule) the int8 copies are stale,
+    and using them is refused."""
 
-    def __init__(self, layers: list[Int8LayerWeights], params: Sequence[torch.Tensor]):
-        self.layers, self.snapshot = layers, weights_snapshot(params)
+    def __init__(self, layers: list[Int8LayerWeights], source: nn.Module):
+        self.layers, self.source = layers, ParameterWatch(source)
 
-    def current(self, params: Sequence[torch.Tensor]) -> list[Int8LayerWeights]:
-        if weights_snapshot(params) != self.snapshot:
+    def current(self, source: nn.Module) -> list[Int8LayerWeights]:
+        if not self.source.unchanged(source):
             raise RuntimeError("the float weights changed after the model was quantized to int8, so its int8 weights "
                                "are stale: quantize it again (or dequantize it to run the float weights)")
         return self.layers
@@ -916,7 +917,7 @@ class FastBertModel(nn.Module):
         has passed these very inputs, so they are not checked again."""
         pooler = (self.pooler.weight, self.pooler.bias) if self.pooler is not None else None
         if self.int8 is not None:
-            layers = self.int8.current(list(self.layers.parameters()))
+            layers = self.int8.current(self.layers)
         else:
             layers = [layer.weights() for layer in self.layers]
         return encode(
@@ -964,7 +965,7 @@ class FastBertModel(nn.Module):
             layers = [layer.weights() for layer in self.layers]
         int8 = quantize_encoder(self.config, self.embeddings.weights(), layers, calibration, smoothing, self.backend,
                                 self._relative_attention_bias())
-        self.int8 = Int8State(int8, list(self.layers.parameters()))
+        self.int8 = Int8State(int8, self.layers)
         return self
 
     def dequantize(self) -> FastBertModel:

@@ -433,7 +433,34 @@ def check_int8_device(device: torch.device) -> None:
         )
 
 
-def weights_snapshot(tensors: Iterable[torch.Tensor]) -> tuple:
+def weights_snapshot(tensors: Iterable[torch.Tensor]) -> list:
     """What identifies the float weights that were quantized: a later in-place change or .to() alters it (inference
     tensors, made under torch.inference_mode, keep no version counter: only their storage is compared)."""
-    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device) for t in tensors)
+    return [(t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device) for t in tensors]
+
+
+class ParameterWatch:
+    """A module tree's parameters as they were when watched, to tell on every forward whether any changed: a
+    parameter or submodule put in another's place (set as an attribute, or in the module's own dictionaries), or a
+    parameter's values (an in-place update, a loaded state dict) or storage (.to(), .data =) changed. The tree is
+    walked once; each check then looks every parameter and submodule up where it was and compares the snapshot,
+    without nn.Module.parameters()' generators (which cost a forward of a few tokens several percent)."""
+
+    def __init__(self, root: torch.nn.Module):
+        self.root = root
+        self.params: list[tuple[torch.nn.Module, str, torch.Tensor]] = []
+        self.children: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
+        stack = [root]
+        while stack:
+            module = stack.pop()
+            self.params += [(module, name, p) for name, p in module._parameters.items() if p is not None]
+            for name, child in module._modules.items():
+                if child is not None:
+                    self.children.append((module, name, child))
+                    stack.append(child)
+        self.snapshot = weights_snapshot(p for _, _, p in self.params)
+
+    def unchanged(self, root: torch.nn.Module) -> bool:
+        return (root is self.root and all(m._parameters.get(name) is p for m, name, p in self.params)
+                and all(m._modules.get(name) is child for m, name, child in self.children)
+                and weights_snapshot(p for _, _, p in self.params) == self.snapshot)

@@ -184,6 +184,32 @@ def test_changed_weights_are_refused_until_quantized_again(minilm_batch):
         swapped(**batch)
 
 
+@pytest.mark.parametrize("change", ["setattr", "dict", "module", "data", "layers"])
+def test_replaced_weights_are_refused(minilm_batch, change):
+    """A parameter or module put in the place of one the int8 weights were made from, by any route, makes them
+    stale, as do new storage under a parameter and another layer list."""
+    import torch.nn as nn
+
+    model = FastBertModel.from_hf(_tiny_hf(), dtype=torch.qint8)
+    batch = {"input_ids": minilm_batch["input_ids"] % 50, "attention_mask": minilm_batch["attention_mask"]}
+    with torch.inference_mode():
+        model(**batch)
+    linear = model.layers[1].ffn_out
+    fresh = nn.Parameter(linear.weight.detach().clone())
+    if change == "setattr":
+        linear.weight = fresh
+    elif change == "dict":  # as torch.func.functional_call swaps parameters in
+        linear._parameters["weight"] = fresh
+    elif change == "module":
+        model.layers[1].ffn_out = nn.Linear(*reversed(linear.weight.shape))
+    elif change == "data":
+        linear.weight.data = fresh.detach()
+    else:
+        model.layers = nn.ModuleList(list(model.layers))
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="stale"):
+        model(**batch)
+
+
 def test_errors_name_the_problem(minilm_batch):
     with pytest.raises(TypeError, match="torch.int8 is not supported"):
         mtbert_fast.swap(_tiny_hf(), dtype=torch.int8)
