@@ -30,6 +30,7 @@ same exact sums.
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
@@ -433,34 +434,41 @@ def check_int8_device(device: torch.device) -> None:
         )
 
 
-def weights_snapshot(tensors: Iterable[torch.Tensor]) -> list:
-    """What identifies the float weights that were quantized: a later in-place change or .to() alters it (inference
-    tensors, made under torch.inference_mode, keep no version counter: only their storage is compared)."""
-    return [(t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device) for t in tensors]
+_VERSION = operator.attrgetter("_version")
 
 
 class ParameterWatch:
     """A module tree's parameters as they were when watched, to tell on every forward whether any changed: a
     parameter or submodule put in another's place (set as an attribute, or in the module's own dictionaries), or a
     parameter's values (an in-place update, a loaded state dict) or storage (.to(), .data =) changed. The tree is
-    walked once; each check then looks every parameter and submodule up where it was and compares the snapshot,
-    without nn.Module.parameters()' generators (which cost a forward of a few tokens several percent)."""
+    walked once; each check then looks every parameter and submodule up where it was (`is`, never ==) and compares
+    the storages and version counters (inference tensors, made under torch.inference_mode, keep no version counter:
+    only their storage is compared), without nn.Module.parameters()' generators, which cost a forward of a few
+    tokens several percent. A change of dtype or device gives a parameter new storage while the old one is still
+    held, so the storage comparison sees it."""
 
     def __init__(self, root: torch.nn.Module):
         self.root = root
-        self.params: list[tuple[torch.nn.Module, str, torch.Tensor]] = []
-        self.children: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
+        # (dictionary, key, value) of every parameter and every submodule
+        dicts, keys, values = [], [], []
         stack = [root]
         while stack:
             module = stack.pop()
-            self.params += [(module, name, p) for name, p in module._parameters.items() if p is not None]
-            for name, child in module._modules.items():
-                if child is not None:
-                    self.children.append((module, name, child))
-                    stack.append(child)
-        self.snapshot = weights_snapshot(p for _, _, p in self.params)
+            for table in (module._parameters, module._modules):
+                for name, value in table.items():
+                    if value is not None:
+                        dicts.append(table)
+                        keys.append(name)
+                        values.append(value)
+            stack += [child for child in module._modules.values() if child is not None]
+        self.dicts, self.keys, self.values = dicts, keys, values
+        self.params = [v for v in values if isinstance(v, torch.Tensor)]
+        self.versioned = [p for p in self.params if not p.is_inference()]
+        self.snapshot = self._state()
+
+    def _state(self) -> tuple[list[int], list[int]]:
+        return list(map(torch.Tensor.data_ptr, self.params)), list(map(_VERSION, self.versioned))
 
     def unchanged(self, root: torch.nn.Module) -> bool:
-        return (root is self.root and all(m._parameters.get(name) is p for m, name, p in self.params)
-                and all(m._modules.get(name) is child for m, name, child in self.children)
-                and weights_snapshot(p for _, _, p in self.params) == self.snapshot)
+        return (root is self.root and all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.values))
+                and self._state() == self.snapshot)
