@@ -163,8 +163,8 @@ inline fVec centred(const float* acc, const float* wsum, int32_t zero, int64_t d
   return at::vec::fnmadd(fVec(static_cast<float>(zero)), load(wsum + d, n), load(acc + d, n));
 }
 
-// The dequantized product of one row, plus bias (fp32 or bfloat16) and the outlier channels' fp32 part, handed to
-// f(d, lanes, y) vector by vector.
+// The dequantized product of one row, plus bias and the outlier channels' fp32 part, handed to f(d, lanes, y)
+// vector by vector.
 template <typename A>
 struct RowDequant {
   const A* acc;         // [N] this row's integer sums
@@ -176,8 +176,8 @@ struct RowDequant {
   const float* outlier_w;  // [k, N]
   int64_t outliers;        // k (0: none)
 
-  template <typename B, typename F>
-  inline void operator()(int64_t N, const B* bias, const F& f) const {
+  template <typename F>
+  inline void operator()(int64_t N, const float* bias, const F& f) const {
     const fVec s(scale);
     const int32_t z = static_cast<int32_t>(zero);
     for_each_vec(N, [&](int64_t d, auto n) {
@@ -377,9 +377,9 @@ at::Tensor int8_linear_cpu(const at::Tensor& acc, const at::Tensor& scale, const
   dispatch_float_bf16(bias.scalar_type(), [&](auto t) {
     using T = decltype(t);
     T* o = out.mutable_data_ptr<T>();
-    const T* b = bc.const_data_ptr<T>();
+    const ParamF32<T> b(bc.const_data_ptr<T>(), N);  // converted once, read by every row
     prod.run([&](int64_t row, const auto& dq) {
-      dq(N, b, [&](int64_t d, auto n, const fVec& y) { store(o + row * N + d, y, n); });
+      dq(N, b.data(), [&](int64_t d, auto n, const fVec& y) { store(o + row * N + d, y, n); });
     });
   });
   return out;
@@ -415,7 +415,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_linear_gelu_quan
   at::Tensor kept = at::empty({M, kept_n}, acc.options().dtype(at::kFloat));
   float* kept_p = kept.mutable_data_ptr<float>();
   const at::Tensor bc = bias.contiguous();
-  const auto epilogue = [&](auto k, const auto* b) {
+  const auto epilogue = [&](auto k, const float* b) {
     constexpr GeluKind K = decltype(k)::value;
     prod.run([&](int64_t row, const auto& dq) {
       thread_local std::vector<float> g;  // the row after GELU, in fp32
@@ -431,8 +431,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_linear_gelu_quan
       out.quantize_in(row, N, range, [&](int64_t d, auto n) { return load(g.data() + d, n) * load(m + d, n); });
     }, kGeluEpilogueCost);
   };
-  dispatch_gelu(kind, [&](auto k) {
-    dispatch_float_bf16(bias.scalar_type(), [&](auto t) { epilogue(k, bc.const_data_ptr<decltype(t)>()); });
+  dispatch_float_bf16(bias.scalar_type(), [&](auto t) {
+    const ParamF32<decltype(t)> b(bc.const_data_ptr<decltype(t)>(), N);
+    dispatch_gelu(kind, [&](auto k) { epilogue(k, b.data()); });
   });
   return {out.q, out.scale, out.zero, kept};
 }
@@ -463,20 +464,20 @@ at::Tensor residual_layer_norm(const char* op, const Int8Epilogue& prod, const a
     using T = decltype(t);
     using W = decltype(w);
     const T* res = rc.const_data_ptr<T>();
-    const T* b = bc.const_data_ptr<T>();
+    const ParamF32<T> b(bc.const_data_ptr<T>(), N);
+    const ParamF32<W> nw(wc.const_data_ptr<W>(), N), nb(nbc.const_data_ptr<W>(), N);
     T* o = out.mutable_data_ptr<T>();
     prod.run([&](int64_t row, const auto& dq) {
       thread_local std::vector<float> s;  // the row's pre-norm values, in fp32
       s.resize(N);
       fVec sum(0.f);
-      dq(N, b, [&](int64_t d, auto n, const fVec& y) {
+      dq(N, b.data(), [&](int64_t d, auto n, const fVec& y) {
         const fVec v = y + load(res + row * N + d, n);
         store(s.data() + d, v, n);
         sum += keep_lanes(v, n);
       });
       float mean, rstd;
-      layer_norm_row(s.data(), lane_sum(sum), wc.const_data_ptr<W>(), nbc.const_data_ptr<W>(), eps,
-                     o + row * N, &mean, &rstd, N);
+      layer_norm_row(s.data(), lane_sum(sum), nw.data(), nb.data(), eps, o + row * N, &mean, &rstd, N);
       after_row(row, static_cast<const T*>(o + row * N));
     }, kLayerNormEpilogueCost);
   });

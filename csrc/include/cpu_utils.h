@@ -314,13 +314,13 @@ inline int64_t leading_rows(const at::Tensor& t) {
 
 // Normalizes one row from its fp32 pre-norm values s, two-pass (the row is in L1, and the two passes avoid the
 // cancellation of E[s^2] - mean^2): out = (s - mean) * rstd * weight + beta, rstd = 1 / sqrt(var + eps) with the
-// biased variance. weight and beta in fp32, or bfloat16 read as they are.
-template <typename T, typename W>
+// biased variance.
+template <typename T>
 inline void layer_norm_row(
     const float* s,       // [D]
     float sum,            // sum of s
-    const W* weight,      // [D]
-    const W* beta,        // [D]
+    const float* weight,  // [D]
+    const float* beta,    // [D]
     double eps,
     T* out,               // [D]
     float* mean,          // [1]
