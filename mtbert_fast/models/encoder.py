@@ -185,9 +185,9 @@ def validate_inputs(
     if shape[0] == 0 or shape[1] == 0:
         raise ValueError(f"empty batch: input shape {shape}")
     if input_ids is not None and input_ids.numel():
-        lo, hi = torch.aminmax(input_ids)
+        lo, hi = (int(v) for v in torch.aminmax(input_ids))
         if lo < 0 or hi >= config.vocab_size:
-            bad = int(lo) if lo < 0 else int(hi)
+            bad = lo if lo < 0 else hi
             raise ValueError(f"input_ids hold token id {bad}, outside the vocabulary [0, {config.vocab_size})")
     if attention_mask is not None:
         if attention_mask.shape != shape:
@@ -221,9 +221,9 @@ def validate_inputs(
             raise ValueError(f"token_type_ids given, but a {config.family} model has no token types")
         if token_type_ids.shape != shape:
             raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)} but the input is {shape}")
-        lo, hi = torch.aminmax(token_type_ids)
+        lo, hi = (int(v) for v in torch.aminmax(token_type_ids))
         if lo < 0 or hi >= config.type_vocab_size:
-            raise ValueError(f"token_type_ids must be in [0, {config.type_vocab_size}), got values in [{int(lo)}, {int(hi)}]")
+            raise ValueError(f"token_type_ids must be in [0, {config.type_vocab_size}), got values in [{lo}, {hi}]")
     if position_ids is not None and position_ids.shape not in (shape, (1, shape[1])):
         raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected {shape} or (1, {shape[1]})")
     return shape
@@ -329,14 +329,15 @@ def packed_positions(
         positions = packed.indices % l
         if padding_idx is not None:
             positions = positions + padding_idx + 1
-        if packed.all_real:  # every row numbers 0 .. l - 1 (after the padding id): the last is the largest
-            last = l - 1 + (padding_idx + 1 if padding_idx is not None else 0)
-            if last >= config.max_position_embeddings:
-                raise ValueError(
-                    f"position id {last} is outside [0, {config.max_position_embeddings}): a sequence of {l} tokens "
-                    "is longer than the model's max_position_embeddings allows"
-                )
+        # every position is at most the last slot's (the largest where every row is real)
+        last = l - 1 + (padding_idx + 1 if padding_idx is not None else 0)
+        if last < config.max_position_embeddings:
             return positions
+        if packed.all_real:
+            raise ValueError(
+                f"position id {last} is outside [0, {config.max_position_embeddings}): a sequence of {l} tokens "
+                "is longer than the model's max_position_embeddings allows"
+            )
     if positions.numel():
         lo, hi = torch.aminmax(positions)
         if position_ids is not None and (lo < 0 or hi >= config.max_position_embeddings):
