@@ -1,7 +1,7 @@
 """int8 inference on the CPU: what each part of the int8 layer costs, and what each of its routes buys.
 
     python benchmarks/int8_profile.py [--models minilm bert-base] [--batch 8] [--length 128] [--threads 2]
-                                      [--repeats 15] [--profile]
+                                      [--repeats 15] [--profile] [--sentences 16]
 
 In one process, interleaved round by round (medians of the per-round ratios), on full batches (every token real)
 and on ragged ones (lengths uniform in [length / 8, length]), the int8 model with bfloat16 activations:
@@ -13,7 +13,10 @@ and on ragged ones (lengths uniform in [length / 8, length]), the int8 model wit
     then dropped, not computed);
   - bf16: the model's own bfloat16 layers (oneDNN's bf16 linear on packed weights).
 Each row gives the time of `int8` and every other route's time over it (above 1: int8 is faster). `--profile` adds a
-torch.profiler breakdown of the int8 layers by op.
+torch.profiler breakdown of the int8 layers by op. `--sentences N` adds whole forwards on real text, as users call
+them: the bundled all-MiniLM-L6-v2 swapped (mtbert_fast.swap) in bfloat16 and in int8 with bfloat16 activations, on N
+of the bundled sentences in batches of --batch (each padded to its longest), interleaved round by round, with the
+median of the per-round ratios bf16 / int8.
 
 Run with OMP_WAIT_POLICY=PASSIVE set before the process starts on a machine that other jobs keep busy
 (docs/cpu-full-batch.md).
@@ -96,6 +99,40 @@ def _time(fn, x) -> float:
     return time.perf_counter() - start
 
 
+def sentences(count: int, batch: int, repeats: int) -> None:
+    """Whole forwards of the swapped MiniLM on real sentences: bf16 against int8 with bf16 activations."""
+    import copy
+
+    from transformers import AutoModel, AutoTokenizer
+
+    from mtbert_fast import swap
+    from mtbert_fast.bench.measure import load_sentences, make_batches
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    batches = make_batches(tokenizer, load_sentences(None, count), batch, 128, torch.device("cpu"))
+    hf = AutoModel.from_pretrained(default_model_dir()).eval().to(torch.bfloat16)
+    models = {"bf16": swap(copy.deepcopy(hf)), "int8": swap(copy.deepcopy(hf), dtype=torch.qint8)}
+
+    def run(model):
+        for b in batches:
+            model(**b)
+
+    with torch.inference_mode():
+        for model in models.values():
+            run(model)
+        times = {name: [] for name in models}
+        for _ in range(repeats):
+            for name, model in models.items():
+                start = time.perf_counter()
+                run(model)
+                times[name].append(time.perf_counter() - start)
+    ratio = statistics.median(b / i for b, i in zip(times["bf16"], times["int8"]))
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    print(f"minilm    {count} sentences, B={batch} ({len(batches)} batches, {tokens} tokens): int8 "
+          f"{statistics.median(times['int8']) * 1e3:.2f} ms, bf16 {statistics.median(times['bf16']) * 1e3:.2f} ms, "
+          f"bf16 / int8 {ratio:.3f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["minilm", "bert-base"], choices=["minilm", "bert-base"])
@@ -104,6 +141,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--sentences", type=int, default=0, help="also time whole forwards on this many real sentences")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, OMP_WAIT_POLICY="
@@ -130,6 +168,8 @@ def main() -> None:
                         for _ in range(3):
                             routes["int8"](x)
                     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    if args.sentences:
+        sentences(args.sentences, args.batch, args.repeats)
 
 
 if __name__ == "__main__":
