@@ -59,6 +59,12 @@ GPTQ_BLOCK = 128
 GRAM_BUDGET_BYTES = 256 * 2**20
 SYNTHETIC_ROWS = 64
 SYNTHETIC_LENGTHS = (3, 64)
+# The ids a tokenizer puts first and last in every sequence, as each family's released vocabularies number them:
+# BERT's WordPiece [CLS] and [SEP] (DistilBERT and ELECTRA use that vocabulary), RoBERTa's and MPNet's <s> and </s>,
+# DeBERTa-v3's [CLS] and [SEP], ModernBERT's. Synthetic calibration rows start and end with them: the activations at
+# those two tokens set some channels' ranges, and rows without them calibrate those channels on random tokens.
+FRAME_IDS = {"bert": (101, 102), "distilbert": (101, 102), "electra": (101, 102), "roberta": (0, 2), "mpnet": (0, 2),
+             "deberta": (1, 2), "modernbert": (50281, 50282)}
 # the four products of a layer, named by where their input comes from
 PRODUCTS = ("qkv", "attn_out", "ffn_in", "ffn_out")
 # Where a product's sums come from int8 panels (ops.int8.sums_panels), its epilogue op takes them itself, a block of
@@ -308,9 +314,19 @@ def int8_stack(layers: Sequence, x: torch.Tensor, rows: int, backend: str | None
 # ---- calibration --------------------------------------------------------------------------------------------------
 
 
+def frame_ids(config: EncoderConfig) -> tuple[int, int] | None:
+    """(first, last): the ids that synthetic calibration rows start and end with (FRAME_IDS of the family), or None
+    where the vocabulary is too small to hold them or one of them is the padding id."""
+    frame = FRAME_IDS.get(config.family)
+    if frame is None or max(frame) >= config.vocab_size or config.pad_token_id in frame:
+        return None
+    return frame
+
+
 def synthetic_batches(config: EncoderConfig, device: torch.device, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """Calibration input when none is given: SYNTHETIC_ROWS rows of random token ids (never the padding id), lengths
-    uniform in SYNTHETIC_LENGTHS (at most the model's maximum), right-padded."""
+    uniform in SYNTHETIC_LENGTHS (at most the model's maximum), right-padded; each row's first and last ids are
+    frame_ids' where it gives them, as a tokenizer frames a sentence."""
     g = torch.Generator().manual_seed(seed)
     longest = min(SYNTHETIC_LENGTHS[1], config.max_position_embeddings - 2)
     shortest = min(SYNTHETIC_LENGTHS[0], longest)
@@ -318,6 +334,10 @@ def synthetic_batches(config: EncoderConfig, device: torch.device, seed: int = 0
     ids = torch.randint(0, config.vocab_size, (SYNTHETIC_ROWS, longest), generator=g)
     if config.pad_token_id is not None and config.vocab_size > 1:
         ids = torch.where(ids == config.pad_token_id, (ids + 1) % config.vocab_size, ids)
+    frame = frame_ids(config)
+    if frame is not None and shortest >= 2:
+        ids[:, 0] = frame[0]
+        ids[torch.arange(SYNTHETIC_ROWS), lengths - 1] = frame[1]
     mask = (torch.arange(longest)[None, :] < lengths[:, None]).long()
     pad = config.pad_token_id if config.pad_token_id is not None else 0
     ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad))
