@@ -61,7 +61,9 @@ class EncoderConfig:
     pos_att_type terms ("c2p": query . relative-position key, "p2c": key . relative-position query) over the
     relative_position_table rows of log-bucketed distances (position_buckets, max_relative_positions), with the
     table LayerNorm-ed where norm_rel_ebd and projected by the layer's own query/key linears where share_att_key;
-    absolute positions are added to the embeddings only where position_biased_input.
+    absolute positions are added to the embeddings only where position_biased_input. bos_token_id and eos_token_id:
+    the ids a tokenizer puts first and last in a sequence, where the HF config names them (RoBERTa's, MPNet's and
+    ModernBERT's do; BERT's do not); synthetic int8 calibration frames its rows with them.
     """
 
     vocab_size: int = 30522
@@ -94,6 +96,8 @@ class EncoderConfig:
     share_att_key: bool = False
     position_biased_input: bool = True
     norm_rel_ebd: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -284,6 +288,9 @@ class EncoderConfig:
         """As an HF config.json of the family holds it (DistilBERT under its own names); from_dict reads it back."""
         d = dataclasses.asdict(self)
         d["model_type"] = d.pop("family")
+        for key in _FRAME_FIELDS:
+            if d[key] is None:
+                del d[key]
         del d["embedding_size"]
         if self.family == "mpnet":
             del d["type_vocab_size"]
@@ -310,6 +317,8 @@ class EncoderConfig:
         return d
 
 
+# the ids of a sequence's first and last tokens, kept where the HF config names them
+_FRAME_FIELDS = ("bos_token_id", "eos_token_id")
 _MODERNBERT_FIELDS = ("layer_types", "local_attention", "rope_theta", "local_rope_theta", "norm_bias", "attention_bias",
                       "mlp_bias", "embedding_dropout_prob")
 # ModernBertConfig's names for the fields that BERT names otherwise
@@ -331,7 +340,7 @@ def _modernbert_fields(d: dict[str, Any]) -> dict[str, Any]:
     layer_types = d.get("layer_types") or [LAYER_TYPES[bool(i % every)] for i in range(layers)]
     out = {k: d[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                              "intermediate_size", "max_position_embeddings", "pad_token_id", "norm_bias",
-                             "attention_bias", "mlp_bias", "local_attention") if k in d}
+                             "attention_bias", "mlp_bias", "local_attention", *_FRAME_FIELDS) if k in d}
     out.update({ours: d[theirs] for theirs, ours in _MODERNBERT_NAMES.items() if theirs in d})
     out.update(type_vocab_size=0, layer_types=tuple(layer_types), local_attention=d.get("local_attention", 128),
                rope_theta=float((rope.get("full_attention") or {}).get("rope_theta", d.get("global_rope_theta",

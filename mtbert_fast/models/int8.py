@@ -315,9 +315,11 @@ def int8_stack(layers: Sequence, x: torch.Tensor, rows: int, backend: str | None
 
 
 def frame_ids(config: EncoderConfig) -> tuple[int, int] | None:
-    """(first, last): the ids that synthetic calibration rows start and end with (FRAME_IDS of the family), or None
-    where the vocabulary is too small to hold them or one of them is the padding id."""
-    frame = FRAME_IDS.get(config.family)
+    """(first, last): the ids that synthetic calibration rows start and end with: the config's bos_token_id and
+    eos_token_id where it names both, else FRAME_IDS of the family; None where the vocabulary is too small to hold
+    them or one of them is the padding id."""
+    named = (config.bos_token_id, config.eos_token_id)
+    frame = named if None not in named else FRAME_IDS.get(config.family)
     if frame is None or max(frame) >= config.vocab_size or config.pad_token_id in frame:
         return None
     return frame

@@ -108,6 +108,11 @@ def test_synthetic_calibration_rows_are_framed_like_sentences():
     roberta = int8.synthetic_batches(EncoderConfig(family="roberta", pad_token_id=1), torch.device("cpu"))[0]
     lengths = roberta["attention_mask"].sum(1)
     assert (roberta["input_ids"][:, 0] == 0).all() and (roberta["input_ids"][rows, lengths - 1] == 2).all()
+    # ids the config names win over the family's: CamemBERT's <s> and </s> are 5 and 6
+    camembert = EncoderConfig.from_dict({"model_type": "camembert", "vocab_size": 32005, "pad_token_id": 1,
+                                         "bos_token_id": 5, "eos_token_id": 6})
+    assert int8.frame_ids(camembert) == (5, 6)
+    assert EncoderConfig.from_dict(camembert.to_dict()) == camembert
     # a vocabulary too small for the family's ids, or one whose padding id is one of them: random ids only
     assert int8.frame_ids(EncoderConfig(vocab_size=100)) is None
     assert int8.frame_ids(EncoderConfig(pad_token_id=102)) is None
