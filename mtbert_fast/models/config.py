@@ -271,6 +271,10 @@ class EncoderConfig:
         if family != "deberta":
             fields -= set(_DEBERTA_FIELDS)
         kwargs = {k: d[k] for k in fields if k in d and d[k] is not None}
+        for key in _FRAME_FIELDS:  # one id each, or none (a config may list several end ids)
+            value = kwargs.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                del kwargs[key]
         if kwargs.get("embedding_size") == kwargs.get("hidden_size", cls.hidden_size):
             del kwargs["embedding_size"]  # no projection
         return cls(family=family, **kwargs)

@@ -113,6 +113,10 @@ def test_synthetic_calibration_rows_are_framed_like_sentences():
                                          "bos_token_id": 5, "eos_token_id": 6})
     assert int8.frame_ids(camembert) == (5, 6)
     assert EncoderConfig.from_dict(camembert.to_dict()) == camembert
+    # a config that lists several end ids names no single one: the family's ids frame the rows
+    listed = EncoderConfig.from_dict({"model_type": "roberta", "pad_token_id": 1, "bos_token_id": 0,
+                                      "eos_token_id": [2, 3]})
+    assert listed.eos_token_id is None and int8.frame_ids(listed) == (0, 2)
     # a vocabulary too small for the family's ids, or one whose padding id is one of them: random ids only
     assert int8.frame_ids(EncoderConfig(vocab_size=100)) is None
     assert int8.frame_ids(EncoderConfig(pad_token_id=102)) is None
