@@ -18,9 +18,11 @@
 // where they are used: in the forward per query row, in the backward per query block (regenerated, never stored).
 //
 // Precision of bf16 inputs: the products of two input tensors (Q K^T, dO V^T) use the AVX512-BF16 dot product
-// (vdpbf16ps, exact products, fp32 sums) where the CPU has it. The products with probabilities or their gradients
-// (P V, P^T dO, dS K, dS^T Q) stay fp32 with the bf16 operand widened when packed: rounding P or dS to bf16 would
-// double the error of PyTorch's own bf16 attention, which keeps them in fp32.
+// (vdpbf16ps, exact products, fp32 sums) where the CPU has it. So does the forward's P V, on the unnormalized
+// probabilities rounded to bf16 (their sum stays that of the fp32 ones), as PyTorch's own CPU attention and
+// FlashAttention round them: the output's error is then PyTorch's (rms over random inputs; a P V in fp32 had 0.9x
+// of it, at half the rate). The backward's products with probabilities or their gradients (P^T dO, dS K, dS^T Q)
+// stay fp32 with the bf16 operand widened when packed.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -160,6 +162,23 @@ C10_ALWAYS_INLINE void pack_b(const ST* src, int64_t k, int64_t n, int64_t ld_sr
   std::fill(dst + k * ldb, dst + k_pad * ldb, 0.f);
 }
 
+#ifdef MTBF_BF16_DOT
+// The bf16 B operand of gemm from the [k, n] matrix whose rows are contiguous: pairs of rows interleaved
+// ([k_pad / 2, ldb, 2]), zero in rows k..k_pad and columns n..ldb. Per pair of rows, 16 columns at a time: each row
+// widened to 32-bit lanes, the second shifted into the high halves.
+C10_ALWAYS_INLINE void pack_b(const at::BFloat16* src, int64_t k, int64_t n, int64_t ld_src, int64_t k_pad,
+                              int64_t ldb, at::BFloat16* dst) {
+  const auto row = [&](int64_t i, int64_t j) {
+    if (i >= k || j >= n) return _mm512_setzero_si512();
+    const __mmask16 lanes = j + kLanes <= n ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1);
+    return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, src + i * ld_src + j));
+  };
+  for (int64_t i = 0; i < k_pad; i += 2)
+    for (int64_t j = 0; j < ldb; j += kLanes)
+      _mm512_storeu_si512(dst + (i * ldb + 2 * j), _mm512_or_si512(row(i, j), _mm512_slli_epi32(row(i + 1, j), 16)));
+}
+#endif
+
 // dst [n, m] (row stride ld_dst) = the transpose of src [m, n] (row stride ld_src). ATen's AVX-512 transpose_mxn
 // runs in 16 x 16 register blocks; its AVX2 build has register blocks of 8 x 8 only, the runtime-sized form being a
 // scalar loop, which made the packing of K^T a sixth of the fp32 attention forward's time at head_dim 32.
@@ -265,6 +284,12 @@ template <typename ST>
 void store_scaled(float* src, float factor, int64_t n, ST* dst) {
   at::vec::map([factor](Vec x) { return x * Vec(factor); }, src, src, n);
   at::vec::convert(src, dst, n);
+}
+
+// dst[0:n] = x[0:n] rounded to bf16, and dst[n] = 0 for odd n, completing the last pair of the bf16 dot products.
+inline void round_row(const float* x, int64_t n, at::BFloat16* dst) {
+  cpu::for_each_vec(n, [&](int64_t j, auto lanes) { cpu::store(dst + j, cpu::load(x + j, lanes), lanes); });
+  if (n % 2) dst[n] = at::BFloat16(0.f);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -718,8 +743,13 @@ void forward_blocks(const Geometry& g,
   const int64_t max_pad = round_up(max_len, kLanes);
   const int64_t ld_s = round_up(std::min(max_len, kKeyBlock), kLanes);
 
-  std::vector<CT> k_t(kdim * max_pad), q_a(kQueryBlock * kdim);
-  std::vector<float> v_b(max_pad * vdim), s(R * ld_s), o(R * vdim);
+  std::vector<CT> k_t(kdim * max_pad), q_a(kQueryBlock * kdim), v_b(max_pad * vdim);
+  std::vector<float> s(R * ld_s), o(R * vdim);
+  // P V takes the probabilities in the compute type: bf16 copies of a group's rows, zero past the keys up to a pair.
+  std::vector<CT> p_c(std::is_same<CT, float>::value ? 0 : R * ld_s);
+  const CT* p;
+  if constexpr (std::is_same<CT, float>::value) p = s.data();
+  else p = p_c.data();
   float row_max[R], row_sum[R], alpha[R], inv_sum[R];
   Vec vmax[R];
   std::vector<uint16_t> keep(drop.enabled ? row_bits_size(kKeyBlock) : 0);
@@ -771,7 +801,7 @@ void forward_blocks(const Geometry& g,
       }
       using Scores = StoreScores<kBias, kWindow, kTokens>;
       const auto scores_tile = pick_tile<CT, Scores>(mr, kTileVecs);
-      const auto out_tile = pick_tile<float, StoreOut<ST>>(mr, kTileVecs);
+      const auto out_tile = pick_tile<CT, StoreOut<ST>>(mr, kTileVecs);
       for (int64_t j0 = jlo; j0 < jhi; j0 += kKeyBlock) {
         const bool first = j0 == jlo;
         const int64_t bn = std::min(kKeyBlock, jhi - j0);
@@ -809,12 +839,13 @@ void forward_blocks(const Geometry& g,
                           keep.data());
             apply_keep_bits(srow, keep.data(), bn, drop.scale);
           }
+          if constexpr (!std::is_same<CT, float>::value) round_row(srow, bn, p_c.data() + r * ld_s);
         }
         const bool last = j0 + bn == jhi;
         for (int64_t c0 = 0; c0 < vdim; c0 += kTileVecs * kLanes) {
           const int nv = static_cast<int>(std::min<int64_t>(kTileVecs, (vdim - c0) / kLanes));
-          (nv == kTileVecs ? out_tile : pick_tile<float, StoreOut<ST>>(mr, nv))(
-              bn, s.data(), ld_s, v_b.data() + j0 * vdim + c0, vdim,
+          (nv == kTileVecs ? out_tile : pick_tile<CT, StoreOut<ST>>(mr, nv))(
+              round_up(bn, P), p, ld_s, v_b.data() + j0 * vdim + c0 * P, vdim,
               StoreOut<ST>{o.data() + c0, vdim, first, last, alpha, inv_sum,
                            out + row0 * ld_out + qb.head * dim + c0, ld_out, dim - c0});
         }

@@ -90,7 +90,9 @@ def attention_varlen(
     pos_k: torch.Tensor | None = None,
     pos_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Bidirectional softmax attention over packed sequences, softmax in fp32.
+    """Bidirectional softmax attention over packed sequences, softmax in fp32. For fp16 and bf16 inputs the product
+    with V takes the unnormalized probabilities rounded to the input dtype, as the kernels (and FlashAttention, and
+    PyTorch's own CPU attention) do, and divides by the sum of the unrounded ones.
 
     qkv [T, 3, heads, head_dim]; cu_seqlens int32 [B+1] (sequence b owns rows cu_seqlens[b]:cu_seqlens[b+1]);
     -> [T, heads, head_dim].  out_i = sum_j softmax_j(scale * q_i . k_j + bias_ij) v_j over j in i's sequence, with
@@ -111,6 +113,8 @@ def attention_varlen(
     bounds = cu_seqlens.tolist()
     outs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
         q, k, v = _acc(qkv[start:end]).unbind(1)  # each [L, heads, head_dim]
         scores = torch.einsum("ihd,jhd->hij", q, k) * scale
         pos = torch.arange(end - start, device=qkv.device)
@@ -128,12 +132,15 @@ def attention_varlen(
                 scores = scores + torch.gather(t, 2, column.t().expand(heads, -1, -1)).transpose(1, 2)
         if window >= 0:
             scores = scores.masked_fill(rel.abs() > window, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
+        probs = torch.exp(scores - scores.amax(-1, keepdim=True))
+        total = probs.sum(-1, keepdim=True)
         if dropout_p > 0.0:
             rows = torch.arange(start, end, dtype=torch.int64)
             keep = dropout.keep_mask(rng_state, dropout_p, heads, rows, rows).to(probs.device)
             probs = probs * keep / (1.0 - dropout_p)
-        outs.append(torch.einsum("hij,jhd->ihd", probs, v))
+        if qkv.dtype in (torch.float16, torch.bfloat16):
+            probs = probs.to(qkv.dtype).to(probs.dtype)
+        outs.append(torch.einsum("hij,jhd->ihd", probs, v) / total.permute(1, 0, 2))
     out = torch.cat(outs, 0) if outs else qkv.new_zeros((0,) + qkv.shape[2:])
     return out.to(qkv.dtype)
 
