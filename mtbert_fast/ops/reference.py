@@ -132,15 +132,20 @@ def attention_varlen(
                 scores = scores + torch.gather(t, 2, column.t().expand(heads, -1, -1)).transpose(1, 2)
         if window >= 0:
             scores = scores.masked_fill(rel.abs() > window, float("-inf"))
-        probs = torch.exp(scores - scores.amax(-1, keepdim=True))
-        total = probs.sum(-1, keepdim=True)
+        half = qkv.dtype in (torch.float16, torch.bfloat16)
+        if half:
+            probs = torch.exp(scores - scores.amax(-1, keepdim=True))
+            total = probs.sum(-1, keepdim=True).permute(1, 0, 2)  # [L, heads, 1]
+        else:
+            probs = torch.softmax(scores, dim=-1)
         if dropout_p > 0.0:
             rows = torch.arange(start, end, dtype=torch.int64)
             keep = dropout.keep_mask(rng_state, dropout_p, heads, rows, rows).to(probs.device)
             probs = probs * keep / (1.0 - dropout_p)
-        if qkv.dtype in (torch.float16, torch.bfloat16):
-            probs = probs.to(qkv.dtype).to(probs.dtype)
-        outs.append(torch.einsum("hij,jhd->ihd", probs, v) / total.permute(1, 0, 2))
+        if half:
+            outs.append(torch.einsum("hij,jhd->ihd", probs.to(qkv.dtype).to(probs.dtype), v) / total)
+        else:
+            outs.append(torch.einsum("hij,jhd->ihd", probs, v))
     out = torch.cat(outs, 0) if outs else qkv.new_zeros((0,) + qkv.shape[2:])
     return out.to(qkv.dtype)
 
