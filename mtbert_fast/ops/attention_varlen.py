@@ -52,7 +52,8 @@ def attention_varlen(
         pos_k = K_j . Q_pos, position-to-content, both already scaled, as a batched product per head writes them;
         pos_index the bucket column of each distance). Either table may be None; pos_index comes with them. Both
         have gradients.
-    -> [T, heads, head_dim] in qkv's dtype.
+    -> [T, heads, head_dim] in qkv's dtype. In fp16 and bf16 the product with V takes the unnormalized probabilities
+    rounded to that dtype (the row sums stay fp32), as PyTorch's own CPU attention and FlashAttention do.
 
     Shapes, dtypes and devices are checked on every backend without a device synchronisation; the values of
     cu_seqlens (0 first, non-decreasing, T last) are checked where that is free (CPU tensors) and on the GPU only
