@@ -65,8 +65,8 @@ def test_speedups_are_against_the_baseline_and_none_on_failed_parity(rows):
 
 def test_versus_fastest_peer_ranks_only_peers_that_passed_parity(rows):
     peer = report.versus_fastest_peer(rows)
-    assert peer[id(_row(rows, "mtbert_fast[cpu]"))] == (1.25, "onnxruntime[fused]"), "openvino failed parity"
-    assert peer[id(_row(rows, "mtbert_fast[auto]", "L=32", dtype="int8"))] == (1.2, "ctranslate2")
+    assert peer[id(_row(rows, "mtbert_fast[cpu]"))] == (1.25, 1.25, "onnxruntime[fused]"), "openvino failed parity"
+    assert peer[id(_row(rows, "mtbert_fast[auto]", "L=32", dtype="int8"))] == (1.2, 1.2, "ctranslate2")
     assert id(_row(rows, "mtbert_fast[reference]")) not in peer, "a row failing parity gets no ratio"
     assert id(_row(rows, "onnxruntime[fused]")) not in peer and id(_row(rows, measure.BASELINE)) not in peer
     assert id(_row(rows, "mtbert_fast[cpu]", "L=32", "multitask")) not in peer, "no peer runs multitask"
@@ -79,19 +79,20 @@ def test_table_renders_every_row_and_the_skipped_providers(rows):
     assert "mtbert_fast 0.1.0 (abc1234), 2025-01-02T03:04:05+00:00" in lines[1]
     header = next(line for line in lines if line.startswith("model"))
     assert "2 threads for every provider" in lines[2]
-    for column in ("real tok/s", "p10-p90", "p50 ms", "p90 ms", "peak MiB", "vs base", "vs peer", "fastest peer",
-                   "roofline", "max|diff|", "cos", "parity"):  # fmt: skip
+    for column in ("real tok/s", "p10-p90", "p50 ms", "p90 ms", "peak MiB", "vs base", "vs peer", "per round",
+                   "fastest peer", "roofline", "max|diff|", "cos", "parity"):  # fmt: skip
         assert column in header
     body = lines[lines.index(header) + 2: lines.index(header) + 2 + len(rows)]
     assert len(body) == len(rows) and all(line.startswith("tiny") for line in body)
     fast = next(line for line in body if "mtbert_fast[cpu]" in line and "encoder" in line)
     assert "2,000" in fast and "2.00x" in fast and "20%" in fast and fast.endswith("ok")
-    assert "1.25x  onnxruntime[fused]" in fast and "1.0000" in fast
+    assert "1.25x      1.25x  onnxruntime[fused]" in fast and "1.0000" in fast
     failed = next(line for line in body if "mtbert_fast[reference]" in line)
     assert failed.endswith("FAIL") and " - " in failed
     assert next(line for line in body if "openvino[f32]" in line).split()[-2:] == ["0.9000", "FAIL"]
     int8 = next(line for line in body if "mtbert_fast[auto]" in line)
-    assert "int8" in int8 and "3.00x" in int8 and "1.20x  ctranslate2" in int8 and int8.endswith("0.9800  ok")
+    assert "int8" in int8 and "3.00x" in int8 and "1.20x      1.20x  ctranslate2" in int8
+    assert int8.endswith("0.9800  ok")
     assert next(line for line in body if "torch.quantize_dynamic" in line).endswith("0.5000  FAIL")
     multitask = next(line for line in body if "multitask" in line and "mtbert_fast[cpu]" in line)
     assert "3.00x" in multitask and multitask.split()[-2:] == ["-", "ok"]
@@ -111,6 +112,7 @@ def test_csv_appends_one_row_per_result(rows, tmp_path):
     fast = written[4]
     assert fast["provider"] == "mtbert_fast[cpu]" and fast["speedup_vs_hf_sdpa"] == "2.0000"
     assert fast["speedup_vs_fastest_peer"] == "1.2500" and fast["fastest_peer"] == "onnxruntime[fused]"
+    assert fast["speedup_vs_fastest_peer_per_round"] == "1.2500"
     assert fast["roofline_fraction"] == "0.2000" and fast["gemm_gflops"] == "100.0"
     assert fast["tokens_per_s_median"] == "2000.0" and fast["latency_p50_ms"] == "20.000"
     assert fast["commit"] == "abc1234" and fast["backends"] == "all ops on cpu"
@@ -136,3 +138,14 @@ def test_runner_prints_writes_and_exits_1_on_failed_parity(rows, tmp_path, monke
     monkeypatch.setattr(measure, "run", lambda cfg: (passing, META, {}))
     assert runner.main(measure.BenchConfig(out=None)) == 0
     assert "results appended" not in capsys.readouterr().out
+
+
+def test_per_round_ratio_pairs_the_repetitions():
+    """One repetition that met a busy minute for the fast row moves the ratio of medians (0.88x) but not the median
+    of the per-repetition ratios (1.1x in two of three)."""
+    fast = _result("mtbert_fast[cpu]", [880.0, 1100.0, 440.0])
+    peer = _result("openvino[f32]", [800.0, 1000.0, 1250.0])
+    assert fast.median / peer.median == pytest.approx(0.88)
+    assert report.per_round_ratio(fast, peer) == pytest.approx(1.1)
+    assert report.per_round_ratio(fast, _result("openvino[f32]", [800.0, 1000.0])) is None, "unpaired repetitions"
+    assert report.per_round_ratio(_result("mtbert_fast[cpu]", []), _result("openvino[f32]", [])) is None

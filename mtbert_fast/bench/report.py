@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
 
 from mtbert_fast.bench import harness
 from mtbert_fast.bench.measure import (BASELINE, FP32_TOLERANCE, FULL_POINT, INT8_MIN_COSINE, MULTITASK_BASELINE,
@@ -16,8 +19,8 @@ CSV_FIELDS = harness.META_FIELDS + [
     "model", "task", "point", "batch", "max_length", "provider", "dtype", "sentences", "batches", "real_tokens",
     "padded_tokens", "repeats", "threads", "tokens_per_s_median", "tokens_per_s_p10", "tokens_per_s_p90",
     "latency_p50_ms", "latency_p90_ms", "peak_mem_mib", "speedup_vs_hf_sdpa", "speedup_vs_fastest_peer",
-    "fastest_peer", "roofline_fraction", "gemm_gflops", "max_abs_diff", "min_cosine", "parity_limit", "parity",
-    "backends",
+    "speedup_vs_fastest_peer_per_round", "fastest_peer", "roofline_fraction", "gemm_gflops", "max_abs_diff",
+    "min_cosine", "parity_limit", "parity", "backends",
 ]  # fmt: skip
 
 
@@ -30,15 +33,32 @@ def speedups(results: list[Result]) -> dict[int, float | None]:
     return {id(r): (r.median / base[r.base_key] if r.parity_ok and r.base_key in base else None) for r in results}
 
 
-def versus_fastest_peer(results: list[Result]) -> dict[int, tuple[float, str]]:
-    """id(mtbert_fast result) -> (its median tokens/s over the fastest peer's, that peer): the fastest peer that
-    passed parity at the same point in the same dtype. No entry where there is none, or the row failed parity."""
+class PeerRatio(NamedTuple):
+    of_medians: float | None  # median tokens/s over the peer's (None only in the placeholder of rows without one)
+    per_round: float | None  # the median over repetitions of the two rows' tokens/s ratio in that repetition
+    peer: str
+
+
+def per_round_ratio(a: Result, b: Result) -> float | None:
+    """The median over repetitions of a's tokens/s over b's in the same repetition. Each repetition runs every
+    provider of a point one after the other, seconds apart, so a machine whose load changes from minute to minute
+    moves this ratio less than the ratio of medians. None where the rows' repetitions do not pair up."""
+    if not a.tokens_per_s or len(a.tokens_per_s) != len(b.tokens_per_s):
+        return None
+    return float(np.median(np.asarray(a.tokens_per_s) / np.asarray(b.tokens_per_s)))
+
+
+def versus_fastest_peer(results: list[Result]) -> dict[int, PeerRatio]:
+    """id(mtbert_fast result) -> its speed over the fastest peer's (the fastest by median tokens/s that passed parity
+    at the same point in the same dtype): of medians and per round. No entry where there is none, or the row failed
+    parity."""
     fastest: dict[tuple, Result] = {}
     for r in results:
         if is_peer(r.provider) and r.parity_ok and (r.key not in fastest or r.median > fastest[r.key].median):
             fastest[r.key] = r
-    return {id(r): (r.median / fastest[r.key].median, fastest[r.key].provider) for r in results
-            if r.provider.startswith("mtbert_fast") and r.parity_ok and r.key in fastest}  # fmt: skip
+    return {id(r): PeerRatio(r.median / fastest[r.key].median, per_round_ratio(r, fastest[r.key]),
+                             fastest[r.key].provider)
+            for r in results if r.provider.startswith("mtbert_fast") and r.parity_ok and r.key in fastest}
 
 
 def format_table(results: list[Result], meta: dict[str, str], skipped: dict[str, str] | None = None) -> str:
@@ -54,21 +74,23 @@ def format_table(results: list[Result], meta: dict[str, str], skipped: dict[str,
         "",
     ]
     headers = ["model", "task", "point", "B", "provider", "dtype", "real tok/s", "p10-p90", "p50 ms", "p90 ms",
-               "peak MiB", "vs base", "vs peer", "fastest peer", "roofline", "max|diff|", "cos", "parity"]  # fmt: skip
+               "peak MiB", "vs base", "vs peer", "per round", "fastest peer", "roofline", "max|diff|", "cos",
+               "parity"]  # fmt: skip
     rows = []
     for r in results:
         x = ratio[id(r)]
-        vs_peer, peer_name = peer.get(id(r), (None, "-"))
+        vs_peer = peer.get(id(r), PeerRatio(None, None, "-"))
         t = harness.Timing(r.tokens_per_s)
         rows.append([
             r.model, r.task, r.point, str(r.batch), r.provider, r.dtype, f"{r.median:,.0f}",
             f"{t.p10:,.0f}-{t.p90:,.0f}", f"{r.latency_ms(50):.1f}", f"{r.latency_ms(90):.1f}",
-            f"{r.peak_mem_bytes / 2**20:.1f}", _ratio(x), _ratio(vs_peer), peer_name,
+            f"{r.peak_mem_bytes / 2**20:.1f}", _ratio(x), _ratio(vs_peer.of_medians), _ratio(vs_peer.per_round),
+            vs_peer.peer,
             f"{100 * r.roofline:.0f}%" if math.isfinite(r.roofline) else "-", f"{r.max_abs_diff:.1e}",
             f"{r.min_cosine:.4f}" if math.isfinite(r.min_cosine) else "-", "ok" if r.parity_ok else "FAIL",
         ])  # fmt: skip
     widths = [max(len(c) for c in col) for col in zip(headers, *rows)]
-    right = set(range(6, 13)) | {14, 15, 16}
+    right = set(range(6, 14)) | {15, 16, 17}
     fmt = lambda cells: "  ".join(  # noqa: E731
         c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
     ).rstrip()
@@ -81,7 +103,9 @@ def format_table(results: list[Result], meta: dict[str, str], skipped: dict[str,
         "ratio",
         "vs peer: an mtbert_fast row's median real tokens/s over the fastest peer (torch.compile, ONNX Runtime, "
         "OpenVINO, CTranslate2, torch int8: neither HF eager/sdpa nor mtbert_fast) that passed parity in the same "
-        "dtype at the same point; fastest peer: which one",
+        "dtype at the same point; per round: the median over the timed repetitions of the same ratio within one "
+        "repetition (each runs every provider of the point, seconds apart), which a changing machine load moves "
+        "less; fastest peer: which one",
         "roofline: encoder FLOPs on the real tokens per second over the measured GEMM rate in that dtype (int8: "
         "the faster of torch._int_mm and oneDNN's int8 linear); peak MiB: memory a call added at its peak (RSS on "
         "cpu)",
@@ -98,6 +122,10 @@ def _ratio(x: float | None) -> str:
     return f"{x:.2f}x" if x is not None else "-"
 
 
+def _fixed(x: float | None) -> str:
+    return f"{x:.4f}" if x is not None else ""
+
+
 def append_csv(results: list[Result], meta: dict[str, str], out_dir: Path) -> Path:
     """Appends one row per result to out_dir/results.csv (header written when the file is new; a file with other
     columns is left alone, see harness.append_csv); returns the path written."""
@@ -105,7 +133,7 @@ def append_csv(results: list[Result], meta: dict[str, str], out_dir: Path) -> Pa
     rows = []
     for r in results:
         x = ratio[id(r)]
-        vs_peer, peer_name = peer.get(id(r), (None, ""))
+        vs_peer = peer.get(id(r), PeerRatio(None, None, ""))
         t = harness.Timing(r.tokens_per_s)
         rows.append({
             **meta, "model": r.model, "task": r.task, "point": r.point, "batch": r.batch,
@@ -114,8 +142,9 @@ def append_csv(results: list[Result], meta: dict[str, str], out_dir: Path) -> Pa
             "tokens_per_s_median": f"{r.median:.1f}", "tokens_per_s_p10": f"{t.p10:.1f}",
             "tokens_per_s_p90": f"{t.p90:.1f}", "latency_p50_ms": f"{r.latency_ms(50):.3f}",
             "latency_p90_ms": f"{r.latency_ms(90):.3f}", "peak_mem_mib": f"{r.peak_mem_bytes / 2**20:.2f}",
-            "speedup_vs_hf_sdpa": f"{x:.4f}" if x is not None else "",
-            "speedup_vs_fastest_peer": f"{vs_peer:.4f}" if vs_peer is not None else "", "fastest_peer": peer_name,
+            "speedup_vs_hf_sdpa": _fixed(x),
+            "speedup_vs_fastest_peer": _fixed(vs_peer.of_medians),
+            "speedup_vs_fastest_peer_per_round": _fixed(vs_peer.per_round), "fastest_peer": vs_peer.peer,
             "roofline_fraction": f"{r.roofline:.4f}" if math.isfinite(r.roofline) else "",
             "gemm_gflops": f"{r.gemm_flops_per_s / 1e9:.1f}" if math.isfinite(r.gemm_flops_per_s) else "",
             "max_abs_diff": f"{r.max_abs_diff:.3e}", "parity_limit": f"{r.parity_limit:.3e}",
