@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import importlib
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mtbert_fast import ops
+from mtbert_fast import _ext, ops
 from mtbert_fast.ops import reference
 from op_testing import assert_close, rand
 
@@ -28,11 +29,12 @@ def _native(x, w, bias, gelu, approximate):
 @pytest.mark.parametrize("gelu,approximate", ACTIVATIONS)
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (1, 384, 1152), (3, 7, 33), (13, 31, 64), (16, 64, 40),
                                    (40, 33, 95), (25, 768, 96), (7, 201, 33), (50, 301, 70), (301, 96, 70),
-                                   (130, 700, 40)])
+                                   (130, 700, 40), (24, 1024, 40), (20, 2047, 33)])
 def test_kernel_against_the_reference(backend, dtype, M, K, N, gelu, approximate):
     """Every row count against the tiles (1..12 rows, blocks split evenly), odd K (bf16 pairs pad it), a tail
     panel, the fp32 and bf16 panels, and K walked in chunks of 64 or 128 (the AVX2 kernels, x of up to 96 rows) or
-    512 (97-384 rows) with a shorter last one."""
+    512 (97-384 rows) with a shorter last one; rows of 4 KiB (fp32 K=1024, bf16 K=2047 padded to pairs) that the
+    kernel copies apart for tiles of more than 8 rows."""
     x, w, bias = backend.to(rand(M, K, dtype=dtype), rand(N, K, seed=1, scale=K**-0.5, dtype=dtype),
                             rand(N, seed=2, dtype=dtype))
     panels = ops.pack_panels(w.cpu()).to(backend.device)
@@ -70,6 +72,23 @@ def test_bf16_panels_of_rows_equal_fp32_panels(backend, M, K, N, gelu, approxima
     out = backend.forward(x, rows, bias, N, gelu, approximate)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, backend.forward(x, ops.pack_panels(w.float()), bias, N, gelu, approximate))
+
+
+@pytest.mark.parametrize("K", [1024, 2048, 3072])
+def test_rows_copied_apart_give_the_same_bits(K):
+    """x's rows 4 KiB apart (fp32 K=1024 and 3072; bf16 K=2048) run on a copy with longer rows when a tile takes more
+    than 8 of them; each output row is the same sum in the same order either way, so the 24 rows of two 12-row
+    tiles equal those of three calls of 8 rows (tiles of 8, x used in place) bit for bit."""
+    if os.environ.get("MTBERT_FAST_SKIP_BUILD") == "1":
+        pytest.skip("pure-Python install requested: no compiled kernels")
+    assert _ext.has_kernel(OP_NAME, "CPU"), _ext.load_error
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w, bias = rand(24, K, dtype=dtype), rand(40, K, seed=1, scale=K**-0.5, dtype=dtype), rand(40, seed=2)
+        panels = ops.pack_panels(w)
+        whole = torch.ops.mtbert_fast_C.panel_linear(x, panels, bias.to(dtype), 40, True, "none")
+        parts = [torch.ops.mtbert_fast_C.panel_linear(x[i:i + 8], panels, bias.to(dtype), 40, True, "none")
+                 for i in (0, 8, 16)]
+        assert torch.equal(whole, torch.cat(parts))
 
 
 @pytest.mark.parametrize("isa,pairs,want", [
