@@ -34,15 +34,16 @@ def bf16_pairs() -> bool:
 
 
 # The most rows for which the encoder's inference linears run panel_linear rather than oneDNN's linear, by the
-# instruction set of the CPU kernels loaded. Whole forwards, oneDNN's time over panel_linear's (all-MiniLM-L6-v2 /
-# bert-base, 2 threads):
-# - avx512 (2-core AMD EPYC with AVX-512 and BF16): fp32 1.21x / 1.06x at 16 tokens, 1.06x / 1.00x at 48, 1.05x /
-#   0.99x at 96; bf16 1.37x / 1.15x at 16, 1.10x / 1.02x at 96, 1.08x / 1.03x at 120, 1.04x / 1.00x at 252.
+# instruction set of the CPU kernels loaded. Whole forwards at B=1, oneDNN's time over panel_linear's (all-MiniLM-L6-v2
+# / bert-base, 2 threads, interleaved in one process):
+# - avx512 (2-core AMD EPYC with AVX-512 and BF16, no AMX): fp32 1.44x / 1.37x at 16 tokens, 1.19x / 1.05x at 48,
+#   1.12-1.26x / 1.02-1.10x at 64-128, 1.02-1.08x / 1.01-1.05x at 160-256, 1.06-1.10x / 0.98-1.00x at 384-512;
+#   bf16 1.37x / 1.15x at 16, 1.08x / 1.03x at 120, 1.03-1.07x / 1.03-1.05x at 192-256.
 # - avx2 (2-core AMD EPYC with AVX2, no AVX-512, where oneDNN's kernels are AVX2 ones too): fp32 1.33x / 1.23x at 16,
 #   1.15x / 1.16x at 48, 1.11x / 1.05x at 128, 1.03x / 1.08x at 1,024, MiniLM 1.03x at 2,048 and 0.93x at 4,096;
 #   bf16 (float32 products on such a CPU) MiniLM 1.39x at 16, 1.17x at 128, 1.10x at 1,024, 1.05x at 2,048.
 MAX_ROWS = {
-    "avx512": {torch.float32: 48, torch.bfloat16: 128},
+    "avx512": {torch.float32: 256, torch.bfloat16: 256},
     "avx2": {torch.float32: 2048, torch.bfloat16: 2048},
 }
 
