@@ -91,15 +91,18 @@ def test_rows_copied_apart_give_the_same_bits(K):
         assert torch.equal(whole, torch.cat(parts))
 
 
-@pytest.mark.parametrize("isa,pairs,want", [
-    ("avx512", True, {torch.float32: 256, torch.bfloat16: 256}),
-    ("avx512", False, {torch.float32: 256, torch.bfloat16: 0}),  # oneDNN's bf16 product is the faster one there
-    ("avx2", False, {torch.float32: 2048, torch.bfloat16: 2048}),
-    ("default", False, {torch.float32: 0, torch.bfloat16: 0}),
-    (None, False, {torch.float32: 0, torch.bfloat16: 0}),  # no CPU kernels loaded
+@pytest.mark.parametrize("isa,pairs,amx,want", [
+    ("avx512", True, False, {torch.float32: 256, torch.bfloat16: 256}),
+    ("avx512", True, True, {torch.float32: 256, torch.bfloat16: 128}),  # oneDNN's bf16 runs on AMX tiles there
+    ("avx512", False, False, {torch.float32: 256, torch.bfloat16: 0}),  # oneDNN's bf16 product is the faster one
+    ("avx2", False, False, {torch.float32: 2048, torch.bfloat16: 2048}),
+    ("default", False, False, {torch.float32: 0, torch.bfloat16: 0}),
+    (None, False, False, {torch.float32: 0, torch.bfloat16: 0}),  # no CPU kernels loaded
 ])
-def test_encoder_rows_follow_the_loaded_kernels(isa, pairs, want, monkeypatch):
-    """How many rows the encoder hands panel_linear, by the instruction set of the CPU kernels loaded."""
+def test_encoder_rows_follow_the_loaded_kernels(isa, pairs, amx, want, monkeypatch):
+    """How many rows the encoder hands panel_linear, by the instruction set of the CPU kernels loaded and the CPU."""
+    flags = {"avx512f", "avx512_bf16"} | ({"amx_bf16", "amx_tile"} if amx else set())
+    monkeypatch.setattr(panel_module._ext, "_cpu_flags", lambda: flags)
     monkeypatch.setattr(panel_module._ext, "cpu_isa", lambda: isa)
     monkeypatch.setattr(panel_module._ext, "has_kernel", lambda op, device: isa is not None)
     monkeypatch.setattr(panel_module, "bf16_pairs", lambda: pairs)
