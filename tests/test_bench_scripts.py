@@ -8,12 +8,16 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def full_batch_profile():
-    spec = importlib.util.spec_from_file_location("full_batch_profile", SCRIPTS / "full_batch_profile.py")
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def full_batch_profile():
+    return _script("full_batch_profile")
 
 
 @pytest.mark.parametrize(
@@ -61,3 +65,36 @@ def test_cores_busy_is_cpu_time_over_wall_time(full_batch_profile):
 
     busy = full_batch_profile.cores_busy(fn, calls=4, wall=lambda: state["wall"], cpu=lambda: state["cpu"])
     assert busy == pytest.approx(1.5)
+
+
+@pytest.fixture(scope="module")
+def panel_rows():
+    return _script("panel_rows")
+
+
+def test_panel_rows_products_cover_the_layer(panel_rows):
+    """One layer's four products and their sum, each panel_linear's speed over oneDNN's: positive ratios."""
+    import torch
+
+    ratios = panel_rows.products(torch.float32, 32, 3, repeats=1)
+    assert set(ratios) == {"qkv", "attn_out", "ffn_in", "ffn_out", "layer"}
+    assert all(r > 0 for r in ratios.values())
+
+
+def test_panel_rows_forwards_put_the_row_limit_back(panel_rows):
+    """Timing the encoder at two row limits leaves the limit and the cached routes as they were."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from mtbert_fast import FastBertModel
+
+    torch.manual_seed(0)
+    hf = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                              vocab_size=1100)).eval()
+    fast = FastBertModel.from_hf(hf)
+    module = panel_rows.panel_module
+    before = {isa: dict(rows) for isa, rows in module.MAX_ROWS.items()}
+    limit = module.encoder_rows(torch.float32)
+    of_medians, per_round = panel_rows.forwards(fast, torch.float32, 5, (0, 8), repeats=1)
+    assert of_medians > 0 and per_round > 0
+    assert module.MAX_ROWS == before and module.encoder_rows(torch.float32) == limit
