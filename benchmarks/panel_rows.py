@@ -24,7 +24,6 @@ import importlib
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from mtbert_fast import FastBertModel
@@ -88,8 +87,7 @@ def forwards(fast: FastBertModel, dtype: torch.dtype, length: int, limits: tuple
     finally:
         panel_module.MAX_ROWS[isa].update(saved)
         panel_module.encoder_rows.cache_clear()
-    per_round = float(np.median(np.asarray(t["onednn"].samples) / np.asarray(t["panels"].samples)))
-    return t["onednn"].median / t["panels"].median, per_round
+    return t["onednn"].median / t["panels"].median, harness.median_ratio(t["onednn"].samples, t["panels"].samples)
 
 
 def main(argv=None) -> int:

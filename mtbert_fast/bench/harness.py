@@ -49,6 +49,15 @@ class Timing:
     def p90(self) -> float:
         return self.percentile(90)
 
+
+def median_ratio(a: list[float], b: list[float]) -> float | None:
+    """The median over rounds of a[i] / b[i], for samples taken round by round (each round runs both, seconds
+    apart, so a load that changes from minute to minute moves this less than the ratio of the medians); None where
+    the samples do not pair up."""
+    if not a or len(a) != len(b):
+        return None
+    return float(np.median(np.asarray(a) / np.asarray(b)))
+
     @property
     def spread(self) -> float:
         """(p90 - p10) / 2 relative to the median."""

@@ -7,8 +7,6 @@ import math
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
-
 from mtbert_fast.bench import harness
 from mtbert_fast.bench.measure import (BASELINE, FP32_TOLERANCE, FULL_POINT, INT8_MIN_COSINE, MULTITASK_BASELINE,
                                       Result, is_peer)  # fmt: skip
@@ -40,12 +38,9 @@ class PeerRatio(NamedTuple):
 
 
 def per_round_ratio(a: Result, b: Result) -> float | None:
-    """The median over repetitions of a's tokens/s over b's in the same repetition. Each repetition runs every
-    provider of a point one after the other, seconds apart, so a machine whose load changes from minute to minute
-    moves this ratio less than the ratio of medians. None where the rows' repetitions do not pair up."""
-    if not a.tokens_per_s or len(a.tokens_per_s) != len(b.tokens_per_s):
-        return None
-    return float(np.median(np.asarray(a.tokens_per_s) / np.asarray(b.tokens_per_s)))
+    """The median over repetitions of a's tokens/s over b's in the same repetition (each repetition runs every
+    provider of a point one after the other); None where the rows' repetitions do not pair up."""
+    return harness.median_ratio(a.tokens_per_s, b.tokens_per_s)
 
 
 def versus_fastest_peer(results: list[Result]) -> dict[int, PeerRatio]:
