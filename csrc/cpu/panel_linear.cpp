@@ -131,14 +131,16 @@ PanelTile<AT, BT, Epilogue> pick_rows(int mr) {
   }
 }
 
+// Row blocks of x for M >= 1 rows: at most kMaxRows each, as even as possible (16 rows: two of 8, not 12 and 4).
+inline int64_t row_blocks(int64_t M) { return (M + kMaxRows - 1) / kMaxRows; }
+
 // out [M, N] = act(a [M, Kp] @ panels + bias); AT and BT the types of a and the panels, Kp their reduction length,
 // lda >= Kp a's row stride.
 template <typename AT, typename BT, typename T, bool Gelu, GeluKind K>
 void run_panels(const AT* a, int64_t lda, int64_t M, int64_t Kp, const BT* panels, int64_t P, const float* bias,
                 T* out, int64_t N) {
   using Epilogue = PanelStore<T, Gelu, K>;
-  // row blocks of at most kMaxRows, as even as possible (16 rows: two of 8, not 12 and 4)
-  const int64_t blocks = (M + kMaxRows - 1) / kMaxRows, base = M / blocks, extra = M % blocks;
+  const int64_t blocks = row_blocks(M), base = M / blocks, extra = M % blocks;
   const int64_t grain = std::max<int64_t>(1, kTaskFmas / (std::max<int64_t>(M, 4) * Kp * kPanel));
   const int64_t chunk = chunk_rows(M, Kp);
   // bf16 panels of rows under fp32 products: a single row block widens them as it loads them; more row blocks run
@@ -206,8 +208,8 @@ void dispatch_activation(bool gelu, GeluKind kind, const at::Tensor& a, int64_t 
 // against 1.0-1.2x at K=768. Up to 8 rows a tile (up to 8 rows of x, or 13-16) they share a set without loss, and the
 // copy would cost more than it saves.
 at::Tensor rows_for_tiles(const at::Tensor& x, int64_t Kp) {
-  const int64_t M = x.size(0), blocks = (M + kMaxRows - 1) / kMaxRows;
-  const bool aliased = (M + blocks - 1) / std::max<int64_t>(blocks, 1) > 8 && Kp * x.element_size() % 4096 == 0;
+  const int64_t M = x.size(0), blocks = row_blocks(M);  // M >= 1: the caller returns on empty x
+  const bool aliased = (M + blocks - 1) / blocks > 8 && Kp * x.element_size() % 4096 == 0;
   const int64_t pad = Kp - x.size(1) + (aliased ? 64 / x.element_size() : 0);
   const at::Tensor a = x.contiguous();
   return pad > 0 ? at::constant_pad_nd(a, {0, pad}) : a;
