@@ -1,7 +1,7 @@
 """int8 products: our int8 panels (ops.int8_panel_sums) against oneDNN's int8 product.
 
-    python benchmarks/int8_panels.py [--models minilm bert-base] [--rows 1,16,64,128,256,1024] [--threads 2]
-                                     [--repeats 9] [--products-only]
+    python benchmarks/int8_panels.py [--models minilm bert-base bert-large] [--rows 1,16,64,128,256,1024]
+                                     [--threads 2] [--repeats 9] [--products-only]
 
 On CPUs with AVX512-VNNI the panels multiply with vpdpbusd, exact for any weight, and the int8 model takes every
 product's sums from them (ops.int8.panels_vnni); elsewhere (AVX2) they add int16 pairs, oneDNN's int8 product too, and
@@ -39,7 +39,21 @@ from mtbert_fast.models import int8 as int8_model  # noqa: E402
 from mtbert_fast.models.int8 import PRODUCTS  # noqa: E402
 from mtbert_fast.ops import int8 as int8_ops  # noqa: E402
 
-SHAPES = {"minilm": (384, 1536), "bert-base": (768, 3072)}
+SHAPES = {"minilm": (384, 1536), "bert-base": (768, 3072), "bert-large": (1024, 4096)}
+
+
+def bert_large_config():
+    """A bert-large-sized BertConfig (24 layers, hidden 1024, 16 heads, FFN 4096): its FFN output reads rows of 4 KiB."""
+    from transformers import BertConfig
+
+    return BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+
+
+def load_model(name: str) -> FastBertModel:
+    """The bundled all-MiniLM-L6-v2, or a bert-base- or bert-large-sized BERT with random weights."""
+    if name == "minilm":
+        return FastBertModel.from_pretrained(default_model_dir())
+    return FastBertModel.from_hf(random_bert(bert_base_config() if name == "bert-base" else bert_large_config()))
 
 
 def _interleaved(fns: dict, repeats: int) -> dict:
@@ -91,8 +105,7 @@ def _onednn_packed(packed: int8_ops.PackedInt8Weight) -> int8_ops.PackedInt8Weig
 
 
 def forwards(name: str, repeats: int) -> None:
-    model = FastBertModel.from_hf(random_bert(bert_base_config())) if name == "bert-base" else \
-        FastBertModel.from_pretrained(default_model_dir())
+    model = load_model(name)
     model.eval().quantize()
     panels = model.int8.layers
     onednn = [w._replace(**{p: getattr(w, p)._replace(packed=_onednn_packed(getattr(w, p).packed))

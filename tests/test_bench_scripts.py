@@ -98,3 +98,13 @@ def test_panel_rows_forwards_put_the_row_limit_back(panel_rows):
     of_medians, per_round = panel_rows.forwards(fast, torch.float32, 5, (0, 8), repeats=1)
     assert of_medians > 0 and per_round > 0
     assert module.MAX_ROWS == before and module.encoder_rows(torch.float32) == limit
+
+
+def test_int8_panels_products_at_bert_large_shapes(capsys):
+    """bert-large's four product shapes (its FFN output reads rows of 4 KiB): the script's check that the panels' sums
+    equal oneDNN's int8 product holds, and each shape gets its line."""
+    int8_panels = _script("int8_panels")
+    int8_panels.products("bert-large", [1, 9], repeats=1)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("]")[0] for line in lines] == [
+        "bert-large [3072, 1024", "bert-large [1024, 1024", "bert-large [4096, 1024", "bert-large [1024, 4096"]

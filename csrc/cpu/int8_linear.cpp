@@ -119,13 +119,13 @@ inline void quantize_row(int64_t K, const ValueOf& value_of, uint8_t* q, float* 
 }
 
 template <typename T>
-void quantize_rows_kernel(const T* x, const float* smooth, uint8_t* q, float* scale, float* zero, int64_t N,
-                          int64_t K) {
+void quantize_rows_kernel(const T* x, const float* smooth, uint8_t* q, int64_t ldq, float* scale, float* zero,
+                          int64_t N, int64_t K) {
   at::parallel_for(0, N, row_grain(K), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const T* x_row = x + row * K;
       quantize_row(
-          K, [&](int64_t k, auto n) { return load(x_row + k, n) * load(smooth + k, n); }, q + row * K, scale + row,
+          K, [&](int64_t k, auto n) { return load(x_row + k, n) * load(smooth + k, n); }, q + row * ldq, scale + row,
           zero + row);
     }
   });
@@ -285,20 +285,23 @@ struct Int8Epilogue {
       return;
     }
     if (M == 0) return;
-    const at::Tensor a = cpu::int8::grouped_rows(acc), w = panels->contiguous();
-    const uint8_t* a_p = a.const_data_ptr<uint8_t>();
+    const int64_t threads = at::get_num_threads(), K4 = panels->size(1), P = panels->size(0);
+    const at::Tensor w = panels->contiguous();
     const int8_t* w_p = w.const_data_ptr<int8_t>();
-    const int64_t lda = a.size(1), K4 = lda / cpu::int8::kGroup, P = panels->size(0);
-    const int64_t threads = at::get_num_threads();
     if (M < 2 * threads * kBlockRows) {  // too few blocks for each thread: the panels split over them instead
+      const at::Tensor a = cpu::int8::grouped_rows(acc, cpu::int8::RowBlocks(M).most());
       at::Tensor sums = at::empty({M, N}, acc.options().dtype(at::kInt));
-      cpu::int8::run_panels(a_p, M, lda, K4, w_p, P, sums.mutable_data_ptr<int32_t>(), N);
+      cpu::int8::run_panels(a.const_data_ptr<uint8_t>(), M, a.stride(0), K4, w_p, P, sums.mutable_data_ptr<int32_t>(),
+                            N);
       each_row(sums.const_data_ptr<int32_t>());
       return;
     }
     // blocks of at most kBlockRows rows, their count a multiple of the threads' and their sizes as even as possible
     const int64_t blocks = (M + kBlockRows * threads - 1) / (kBlockRows * threads) * threads;
     const int64_t base = M / blocks, extra = M % blocks;
+    const at::Tensor a = cpu::int8::grouped_rows(acc, cpu::int8::RowBlocks(base + (extra > 0 ? 1 : 0)).most());
+    const uint8_t* a_p = a.const_data_ptr<uint8_t>();
+    const int64_t lda = a.stride(0);
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       thread_local std::vector<int32_t> sums;  // the block's int32 sums [rows, N]
       sums.resize(static_cast<size_t>((base + 1) * N));
@@ -321,36 +324,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows_cpu(const at::Tenso
   MTBF_CHECK_SIZE("quantize_rows", smooth, 0, x.size(1));
   const at::Tensor xc = x.contiguous(), mc = smooth.contiguous();
   const int64_t N = x.size(0), K = x.size(1);
-  at::Tensor q = at::empty({N, K}, x.options().dtype(at::kByte));
+  at::Tensor q = cpu::int8::new_quantized_rows(N, K, x.options());
   at::Tensor scale = at::empty({N}, x.options().dtype(at::kFloat));
   at::Tensor zero = at::empty({N}, x.options().dtype(at::kFloat));
   dispatch_float_bf16(x.scalar_type(), [&](auto t) {
     using T = decltype(t);
     quantize_rows_kernel<T>(xc.const_data_ptr<T>(), mc.const_data_ptr<float>(), q.mutable_data_ptr<uint8_t>(),
-                            scale.mutable_data_ptr<float>(), zero.mutable_data_ptr<float>(), N, K);
+                            q.stride(0), scale.mutable_data_ptr<float>(), zero.mutable_data_ptr<float>(), N, K);
   });
   return {q, scale, zero};
 }
 
-// Quantized rows [M, N] with their scales and zeros, to be filled row by row by quantize_row.
+// Quantized rows [M, N] (new_quantized_rows) with their scales and zeros, to be filled row by row by quantize_row.
 struct QuantizedRows {
   at::Tensor q, scale, zero;
 
   QuantizedRows(int64_t M, int64_t N, const at::Tensor& like)
-      : q(at::empty({M, N}, like.options().dtype(at::kByte))),
+      : q(cpu::int8::new_quantized_rows(M, N, like.options())),
         scale(at::empty({M}, like.options().dtype(at::kFloat))),
         zero(at::empty({M}, like.options().dtype(at::kFloat))) {}
 
   template <typename ValueOf>
   void quantize(int64_t row, int64_t N, const ValueOf& value_of) {
-    quantize_row(N, value_of, q.mutable_data_ptr<uint8_t>() + row * N, scale.mutable_data_ptr<float>() + row,
+    quantize_row(N, value_of, q.mutable_data_ptr<uint8_t>() + row * q.stride(0), scale.mutable_data_ptr<float>() + row,
                  zero.mutable_data_ptr<float>() + row);
   }
 
   // The same for a row whose range was taken as its values were made.
   template <typename ValueOf>
   void quantize_in(int64_t row, int64_t N, const RowRange& range, const ValueOf& value_of) {
-    quantize_row_in(N, range, value_of, q.mutable_data_ptr<uint8_t>() + row * N,
+    quantize_row_in(N, range, value_of, q.mutable_data_ptr<uint8_t>() + row * q.stride(0),
                     scale.mutable_data_ptr<float>() + row, zero.mutable_data_ptr<float>() + row);
   }
 };

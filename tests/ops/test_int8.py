@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mtbert_fast import ops
 from mtbert_fast.ops import int8 as int8_ops
@@ -249,6 +250,50 @@ def test_vnni_panel_sums_are_exact_for_any_weight(shape):
     assert torch.equal(acc.long(), reference.int8_sums(q, w)) and torch.equal(zero_of_acc, zero)
 
 
+@pytest.mark.parametrize("rows", [9, 12, 24, 97])
+def test_panel_sums_of_rows_4_kib_long(rows):
+    """Rows of 4096 entries (4 KiB) alias in the L1 cache where a VNNI tile reads more than 8 of them side by side:
+    the panels take such q from a copy whose rows stand one cache line further apart, or as it is where its rows already
+    do (a view into wider rows, as quantize_rows and the quantizing epilogues write them). Every layout gives the int64
+    product's sums: contiguous, one line apart, 8 KiB apart (copied), columns not contiguous (copied)."""
+    k, m = 4096, 40
+    q, w = _pairs_safe_extreme(rows, k, m)
+    panels = ops.pack_int8_panels(w)
+    want = reference.int8_sums(q, w)
+    apart, far = torch.zeros(rows, k + 64, dtype=torch.uint8), torch.zeros(rows, 2 * k, dtype=torch.uint8)
+    apart[:, :k], far[:, :k] = q, q
+    for name, view in {"contiguous": q, "one line apart": apart[:, :k], "8 KiB apart": far[:, :k],
+                       "column-major": q.t().contiguous().t()}.items():
+        assert torch.equal(ops.int8_panel_sums(view, panels, m).long(), want), name
+
+
+def test_quantized_rows_of_4_kib_stand_apart_for_the_panels():
+    """quantize_rows and the quantizing epilogues write rows of 4096 entries one cache line apart more where a VNNI
+    tile takes more than 8 rows (so that the next product reads them uncopied), with the reference's levels; the
+    panels' sums of such q equal those of its contiguous copy."""
+    n, k = 24, 4096
+    apart = k + 64 if int8_ops.panels_vnni() else k
+    x, smooth = _rows(n, k, torch.float32), rand(k, seed=5).abs() + 0.5
+    got = ops.quantize_rows(x, smooth)
+    assert got[0].shape == (n, k) and got[0].stride() == (apart, 1)
+    _assert_quantized_close(got, reference.quantize_rows(x, smooth))
+    w = torch.randint(-64, 65, (40, k), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    panels = ops.pack_int8_panels(w)
+    assert torch.equal(ops.int8_panel_sums(got[0], panels, 40), ops.int8_panel_sums(got[0].contiguous(), panels, 40))
+    assert ops.quantize_rows(x[:8], smooth)[0].is_contiguous()  # tiles of at most 8 rows: no gap
+    with FakeTensorMode() as mode:  # what torch.compile plans with
+        fake = ops.quantize_rows(mode.from_tensor(x), mode.from_tensor(smooth))
+    assert [f.stride() for f in fake] == [g.stride() for g in got]
+    args, w_panels, _, _ = _panel_product(n, 64, k, torch.float32, False)
+    gelu_quantize = _product_ops(torch.float32, k)["gelu_quantize"]
+    reference_gelu_quantize = _product_ops(torch.float32, k, "reference")["gelu_quantize"]
+    *got, _ = gelu_quantize(args, None, w_panels)
+    assert got[0].shape == (n, k) and got[0].stride() == (apart, 1)
+    torch.library.opcheck(int8_ops.INT8_LINEAR_GELU_QUANTIZE.op,
+                          (*args, None, None, "none", smooth, None, w_panels, "cpu"))
+    _assert_quantized_close(got, reference_gelu_quantize(args, None, w_panels)[:3], max_level_diff=1)
+
+
 def test_int8_sums_on_panels_compile(monkeypatch, fresh_inductor):
     """Under torch.compile the panels' sums go through the op (its fake), not the bare kernel, and equal eager's."""
     monkeypatch.setattr(int8_ops, "panels_vnni", lambda: False)
@@ -474,12 +519,13 @@ def _as_tuple(out):
 @pytest.mark.parametrize("outliers", [False, True], ids=["int8", "outliers"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("op", ["linear", "gelu_quantize", "residual_layer_norm", "residual_layer_norm_quantize"])
-@pytest.mark.parametrize("shape", [(1, 5, 3), (23, 30, 70), (47, 64, 33), (48, 8, 32), (97, 30, 70), (301, 96, 40)])
+@pytest.mark.parametrize("shape", [(1, 5, 3), (23, 30, 70), (47, 64, 33), (48, 8, 32), (97, 30, 70), (301, 96, 40),
+                                   (97, 4096, 40)])
 def test_product_ops_take_the_sums_from_panels(shape, op, dtype, outliers, threads):
     """With panels, a product op takes the sums of q on them itself (a block of rows at a time once there are two
     blocks of rows for every thread, else after all of them): the same bits as the op on int8_panel_sums' result, at
-    row counts on either side of those thresholds, K not a multiple of 4 and a last panel not full; the reference
-    agrees likewise."""
+    row counts on either side of those thresholds, K not a multiple of 4 and a last panel not full, rows of 4 KiB; the
+    reference agrees likewise."""
     n, k, m = shape
     args, panels, extra, summed = _panel_product(n, k, m, dtype, outliers)
     extra = None if extra[0] is None else extra
