@@ -135,10 +135,10 @@ PanelTile<AT, BT, Epilogue> pick_rows(int mr) {
 inline int64_t row_blocks(int64_t M) { return (M + kMaxRows - 1) / kMaxRows; }
 
 // out [M, N] = act(a [M, Kp] @ panels + bias); AT and BT the types of a and the panels, Kp their reduction length,
-// lda >= Kp a's row stride.
+// lda >= Kp a's row stride, ldo >= N out's.
 template <typename AT, typename BT, typename T, bool Gelu, GeluKind K>
 void run_panels(const AT* a, int64_t lda, int64_t M, int64_t Kp, const BT* panels, int64_t P, const float* bias,
-                T* out, int64_t N) {
+                T* out, int64_t N, int64_t ldo) {
   using Epilogue = PanelStore<T, Gelu, K>;
   const int64_t blocks = row_blocks(M), base = M / blocks, extra = M % blocks;
   const int64_t grain = std::max<int64_t>(1, kTaskFmas / (std::max<int64_t>(M, 4) * Kp * kPanel));
@@ -154,7 +154,7 @@ void run_panels(const AT* a, int64_t lda, int64_t M, int64_t Kp, const BT* panel
       const BT* panel = panels + p * Kp * kPanel;
       for (int64_t k0 = 0; k0 < Kp; k0 += chunk) {
         const int64_t kc = std::min(chunk, Kp - k0);
-        Epilogue epi{bias != nullptr ? bias + p * kPanel : nullptr, partial.data(), out + p * kPanel, N,
+        Epilogue epi{bias != nullptr ? bias + p * kPanel : nullptr, partial.data(), out + p * kPanel, ldo,
                      std::min(kPanel, N - p * kPanel), k0 == 0, k0 + kc == Kp};
         // The next chunk (of this panel or of the thread's next one) is fetched while this one runs: a share of
         // its cache lines before each row block. A single row block streams the weights at the memory's rate
@@ -171,7 +171,7 @@ void run_panels(const AT* a, int64_t lda, int64_t M, int64_t Kp, const BT* panel
             const int mr = static_cast<int>(base + (i < extra ? 1 : 0));
             pick_rows<AT, B, Epilogue>(mr)(kc, a + m0 * lda + k0, lda, b, kPanel, epi);
             epi.partial += mr * kPanel;
-            epi.out += mr * N;
+            epi.out += mr * ldo;
             m0 += mr;
           }
         };
@@ -192,27 +192,44 @@ void run_panels(const AT* a, int64_t lda, int64_t M, int64_t Kp, const BT* panel
 
 template <typename AT, typename BT, typename T>
 void dispatch_activation(bool gelu, GeluKind kind, const at::Tensor& a, int64_t M, int64_t Kp, const BT* panels,
-                         int64_t P, const float* bias, T* out, int64_t N) {
+                         int64_t P, const float* bias, at::Tensor& out) {
   const AT* ap = a.const_data_ptr<AT>();
-  const int64_t lda = a.stride(0);
-  if (!gelu) return run_panels<AT, BT, T, false, GeluKind::Erf>(ap, lda, M, Kp, panels, P, bias, out, N);
+  const int64_t lda = a.stride(0), N = out.size(1), ldo = out.stride(0);
+  T* o = out.mutable_data_ptr<T>();
+  if (!gelu) return run_panels<AT, BT, T, false, GeluKind::Erf>(ap, lda, M, Kp, panels, P, bias, o, N, ldo);
   cpu::dispatch_gelu(kind, [&](auto tag) {
-    run_panels<AT, BT, T, true, decltype(tag)::value>(ap, lda, M, Kp, panels, P, bias, out, N);
+    run_panels<AT, BT, T, true, decltype(tag)::value>(ap, lda, M, Kp, panels, P, bias, o, N, ldo);
   });
 }
 
-// x's rows as the tiles read them: [M, Kp] contiguous (zero past x's K columns), with one cache line more per row
-// where Kp elements span a multiple of 4 KiB and a tile takes more than 8 rows. A tile reads its rows of x side by
-// side, and rows 4 KiB apart fall into one set of an 8-way L1 cache: at bert-base's K=3072 in fp32 the 12 rows of
-// an AVX-512 tile evicted each other on every step, and its products ran at 0.6-0.86x oneDNN's from 24 rows on,
-// against 1.0-1.2x at K=768. Up to 8 rows a tile (up to 8 rows of x, or 13-16) they share a set without loss, and the
-// copy would cost more than it saves.
+// Whether M >= 1 rows of x, row_bytes apart, evict each other in the tiles. A tile reads its rows of x side by side,
+// and rows 4 KiB apart fall into one set of an 8-way L1 cache: at bert-base's K=3072 in fp32 the 12 rows of an
+// AVX-512 tile evicted each other on every step, and its products ran at 0.6-0.86x oneDNN's from 24 rows on, against
+// 1.0-1.2x at K=768. Up to 8 rows a tile (up to 8 rows of x, or 13-16) they share a set without loss.
+inline bool rows_alias(int64_t M, int64_t row_bytes) {
+  const int64_t blocks = row_blocks(M);
+  return (M + blocks - 1) / blocks > 8 && row_bytes > 0 && row_bytes % 4096 == 0;
+}
+
+// x's rows as the tiles read them: x itself where its Kp columns are contiguous and its rows do not alias; else a
+// copy [M, Kp] (zero past x's K columns), its rows one cache line longer where they would alias (a copy costs less
+// than the aliasing from 9 rows a tile on, but more for 8 rows or fewer).
 at::Tensor rows_for_tiles(const at::Tensor& x, int64_t Kp) {
-  const int64_t M = x.size(0), blocks = row_blocks(M);  // M >= 1: the caller returns on empty x
-  const bool aliased = (M + blocks - 1) / blocks > 8 && Kp * x.element_size() % 4096 == 0;
-  const int64_t pad = Kp - x.size(1) + (aliased ? 64 / x.element_size() : 0);
+  const int64_t M = x.size(0), K = x.size(1), elem = x.element_size();  // M >= 1: the caller returns on empty x
+  if (K == Kp && x.stride(1) == 1 && (M == 1 || x.stride(0) >= K) && !rows_alias(M, x.stride(0) * elem)) return x;
+  const int64_t pad = Kp - K + (rows_alias(M, Kp * elem) ? 64 / elem : 0);
   const at::Tensor a = x.contiguous();
   return pad > 0 ? at::constant_pad_nd(a, {0, pad}) : a;
+}
+
+// The output [M, N]: with GELU (an FFN's inner activation, which the FFN's output product reads next) its rows one
+// cache line apart more where that product's tiles would take them aliased (mtbert_fast.ops.panel_linear's fake
+// gives the same strides), so that it reads them without a copy; else contiguous.
+at::Tensor new_output(const at::Tensor& x, int64_t N, bool gelu) {
+  const int64_t M = x.size(0), elem = x.element_size();
+  const bool apart = gelu && M > 0 && rows_alias(M, N * elem);
+  const at::Tensor out = at::empty({M, apart ? N + 64 / elem : N}, x.options());
+  return apart ? out.narrow(1, 0, N) : out;
 }
 
 at::Tensor panel_linear_cpu(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias,
@@ -246,14 +263,14 @@ at::Tensor panel_linear_cpu(const at::Tensor& x, const at::Tensor& panels, const
   }
   const float* bias_ptr = bias_f32.defined() ? bias_f32.const_data_ptr<float>() : nullptr;
   const at::Tensor w = panels.contiguous();
-  at::Tensor out = at::empty({M, N}, x.options());
+  at::Tensor out = new_output(x, N, gelu);
   if (M == 0) return out;
   if (pairs) {
 #ifdef MTBF_BF16_DOT
     TORCH_CHECK(cpu::cpu_has_bf16_dot(), op,
                 ": bfloat16 pair panels need a CPU with AVX512-BF16; pack the weight as panels of rows here");
-    dispatch_activation<at::BFloat16>(gelu, kind, rows_for_tiles(x, Kp), M, Kp, w.const_data_ptr<at::BFloat16>(),
-                                      P, bias_ptr, out.mutable_data_ptr<at::BFloat16>(), N);
+    dispatch_activation<at::BFloat16, at::BFloat16, at::BFloat16>(gelu, kind, rows_for_tiles(x, Kp), M, Kp,
+                                                                  w.const_data_ptr<at::BFloat16>(), P, bias_ptr, out);
 #else
     TORCH_CHECK(false, op, ": bfloat16 pair panels need the AVX-512 build of the CPU kernels on a CPU with "
                 "AVX512-BF16; pack the weight as panels of rows here");
@@ -264,11 +281,10 @@ at::Tensor panel_linear_cpu(const at::Tensor& x, const at::Tensor& panels, const
   cpu::dispatch_float_bf16(x.scalar_type(), [&](auto t) {
     using T = decltype(t);
     if (bf16_panels) {
-      dispatch_activation<float>(gelu, kind, a, M, K, w.const_data_ptr<at::BFloat16>(), P, bias_ptr,
-                                 out.mutable_data_ptr<T>(), N);
+      dispatch_activation<float, at::BFloat16, T>(gelu, kind, a, M, K, w.const_data_ptr<at::BFloat16>(), P, bias_ptr,
+                                                  out);
     } else {
-      dispatch_activation<float>(gelu, kind, a, M, K, w.const_data_ptr<float>(), P, bias_ptr,
-                                 out.mutable_data_ptr<T>(), N);
+      dispatch_activation<float, float, T>(gelu, kind, a, M, K, w.const_data_ptr<float>(), P, bias_ptr, out);
     }
   });
   return out;

@@ -111,14 +111,37 @@ def check_product(op: str, x, panels, bias, out_features) -> None:
 def panel_linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, out_features: int, *,
                  gelu: bool = False, approximate: str = "none", backend: str | None = None) -> torch.Tensor:
     """x [M, K] @ W^T + bias -> [M, out_features] in x's dtype, with GELU (approximate "none" or "tanh") when gelu;
-    panels = pack_panels(W) for W [out_features, K]. Accumulates in fp32."""
+    panels = pack_panels(W) for W [out_features, K]. Accumulates in fp32. x may have any row stride; with GELU on the
+    CPU the output's rows stand output_row_stride(M, out_features, x.dtype, True) apart, more than out_features where
+    rows of 4 KiB would alias in the next product's tiles."""
     check_gelu("panel_linear", approximate)
     check_product("panel_linear", x, panels, bias, out_features)
     return OP(x, panels, bias, out_features, gelu, approximate, backend=backend)
 
 
+def rows_alias(rows: int, row_bytes: int) -> bool:
+    """Whether `rows` rows of x, `row_bytes` apart, evict each other in the CPU kernel's tiles (its rows_alias): a
+    tile of the AVX-512 kernels reads up to 12 rows side by side, and rows 4 KiB apart fall into one set of an 8-way
+    L1 cache once a tile takes more than 8 of them. The kernel then multiplies from a copy with rows one cache line
+    further apart."""
+    if rows <= 0 or row_bytes <= 0 or row_bytes % 4096:
+        return False
+    tile = 12 if _ext.cpu_isa() == "avx512" else 3  # csrc/cpu/panel_linear.cpp's kMaxRows
+    blocks = -(-rows // tile)
+    return -(-rows // blocks) > 8
+
+
+def output_row_stride(rows: int, out_features: int, dtype: torch.dtype, gelu: bool) -> int:
+    """The row stride of the CPU kernel's output [rows, out_features]: out_features, or one cache line more with GELU
+    (an FFN's inner activation, which its output product reads next) where that product's tiles would take the rows
+    aliased (rows_alias), so that it reads them without a copy (the output is then not contiguous)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return out_features + 64 // elem if gelu and rows_alias(rows, out_features * elem) else out_features
+
+
 def _fake(x, panels, bias, out_features, gelu, approximate):
-    return x.new_empty((x.shape[0], out_features))
+    stride = output_row_stride(x.shape[0], out_features, x.dtype, gelu)
+    return x.new_empty_strided((x.shape[0], out_features), (stride, 1))
 
 
 OP = Op(

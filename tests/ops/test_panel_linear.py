@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mtbert_fast import _ext, ops
 from mtbert_fast.ops import reference
@@ -89,6 +90,37 @@ def test_rows_copied_apart_give_the_same_bits(K):
         parts = [torch.ops.mtbert_fast_C.panel_linear(x[i:i + 8], panels, bias.to(dtype), 40, True, "none")
                  for i in (0, 8, 16)]
         assert torch.equal(whole, torch.cat(parts))
+
+
+@pytest.mark.parametrize("dtype,N", [(torch.float32, 1024), (torch.float32, 3072), (torch.bfloat16, 2048)])
+def test_gelu_rows_of_4_kib_stand_apart_for_the_next_product(dtype, N):
+    """With GELU (an FFN's inner activation) an output whose rows span a multiple of 4 KiB comes back with its rows one
+    cache line apart wherever the next product's tiles would take them aliased, so that product reads them without a
+    copy; the fake gives every row count the kernel's strides. The values are those of calls of at most 8 rows (whose
+    outputs are contiguous), and the next product on them equals that on their contiguous copy, bit for bit."""
+    if os.environ.get("MTBERT_FAST_SKIP_BUILD") == "1":
+        pytest.skip("pure-Python install requested: no compiled kernels")
+    assert _ext.has_kernel(OP_NAME, "CPU"), _ext.load_error
+    kernel = torch.ops.mtbert_fast_C.panel_linear
+    inner = ops.pack_panels(rand(N, 16, seed=1, scale=0.25, dtype=dtype))
+    out = ops.pack_panels(rand(40, N, seed=3, scale=N**-0.5, dtype=dtype))
+    apart = []
+    for M in range(1, 41):
+        x = rand(M, 16, seed=M, dtype=dtype)
+        h = kernel(x, inner, None, N, True, "none")
+        with FakeTensorMode() as mode:  # the dispatcher op torch.compile plans with
+            fake = panel_module.OP.op(mode.from_tensor(x), mode.from_tensor(inner), None, N, True, "none", "cpu")
+        assert h.shape == fake.shape == (M, N) and h.stride() == fake.stride(), M
+        assert h.stride() == (panel_module.output_row_stride(M, N, dtype, True), 1)
+        assert kernel(x, inner, None, N, False, "none").is_contiguous()
+        apart += [M] if h.stride(0) > N else []
+        if M in (8, 12, 16, 17, 24, 40):
+            parts = [kernel(x[i:i + 8], inner, None, N, True, "none") for i in range(0, M, 8)]
+            assert torch.equal(h, torch.cat(parts)), M
+            assert torch.equal(kernel(h, out, None, 40, False, "none"), kernel(h.contiguous(), out, None, 40, False,
+                                                                                   "none")), M
+    tiles_of_12 = _ext.cpu_isa() == "avx512"
+    assert apart == ([m for m in range(9, 41) if m not in (13, 14, 15, 16)] if tiles_of_12 else [])
 
 
 @pytest.mark.parametrize("isa,pairs,amx,want", [
