@@ -163,3 +163,12 @@ def test_bench_point_runs_each_provider_over_its_batches_in_a_row(monkeypatch):
     calls.clear()
     measure._time_point(fns, [{"attention_mask": torch.ones(8, 5)}], repeats=1, device="cpu")
     assert calls == [("a", 5)] * 2 + [("b", 5)] * 2, "a long call gets its untimed call after the pause too"
+
+
+def test_timing_spread_and_the_median_of_per_round_ratios():
+    """A Timing's spread is (p90 - p10) / 2 over its median; median_ratio pairs two providers' samples round by
+    round, and gives None where they do not pair up."""
+    t = harness.Timing([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert t.spread == pytest.approx((t.p90 - t.p10) / 2 / 3.0) and harness.Timing([0.0, 0.0]).spread == 0.0
+    assert harness.median_ratio([2.0, 9.0, 3.0], [1.0, 3.0, 1.0]) == 3.0
+    assert harness.median_ratio([], []) is None and harness.median_ratio([1.0], [1.0, 2.0]) is None

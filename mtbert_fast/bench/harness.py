@@ -49,6 +49,11 @@ class Timing:
     def p90(self) -> float:
         return self.percentile(90)
 
+    @property
+    def spread(self) -> float:
+        """(p90 - p10) / 2 relative to the median."""
+        return (self.p90 - self.p10) / 2 / self.median if self.median > 0 else 0.0
+
 
 def median_ratio(a: list[float], b: list[float]) -> float | None:
     """The median over rounds of a[i] / b[i], for samples taken round by round (each round runs both, seconds
@@ -57,11 +62,6 @@ def median_ratio(a: list[float], b: list[float]) -> float | None:
     if not a or len(a) != len(b):
         return None
     return float(np.median(np.asarray(a) / np.asarray(b)))
-
-    @property
-    def spread(self) -> float:
-        """(p90 - p10) / 2 relative to the median."""
-        return (self.p90 - self.p10) / 2 / self.median if self.median > 0 else 0.0
 
 
 def sync(device: torch.device | str) -> None:
