@@ -14,8 +14,6 @@
 // same results. A bf16 x with panels of rows is widened once per call. The bias starts the fp32 accumulators, and
 // GELU is applied to them before the single store of the last chunk.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/constant_pad_nd.h>
-#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -29,6 +27,7 @@
 #include "checks.h"
 #include "cpu_tiles.h"
 #include "cpu_utils.h"
+#include "tile_rows.h"
 
 namespace mtbert_fast {
 namespace {
@@ -202,34 +201,18 @@ void dispatch_activation(bool gelu, GeluKind kind, const at::Tensor& a, int64_t 
   });
 }
 
-// Whether M >= 1 rows of x, row_bytes apart, evict each other in the tiles. A tile reads its rows of x side by side,
-// and rows 4 KiB apart fall into one set of an 8-way L1 cache: at bert-base's K=3072 in fp32 the 12 rows of an
-// AVX-512 tile evicted each other on every step, and its products ran at 0.6-0.86x oneDNN's from 24 rows on, against
-// 1.0-1.2x at K=768. Up to 8 rows a tile (up to 8 rows of x, or 13-16) they share a set without loss.
-inline bool rows_alias(int64_t M, int64_t row_bytes) {
+// The most rows a tile of x takes when M >= 1 rows run in row_blocks(M) even blocks.
+inline int64_t tile_rows(int64_t M) {
   const int64_t blocks = row_blocks(M);
-  return (M + blocks - 1) / blocks > 8 && row_bytes > 0 && row_bytes % 4096 == 0;
-}
-
-// x's rows as the tiles read them: x itself where its Kp columns are contiguous and its rows do not alias; else a
-// copy [M, Kp] (zero past x's K columns), its rows one cache line longer where they would alias (a copy costs less
-// than the aliasing from 9 rows a tile on, but more for 8 rows or fewer).
-at::Tensor rows_for_tiles(const at::Tensor& x, int64_t Kp) {
-  const int64_t M = x.size(0), K = x.size(1), elem = x.element_size();  // M >= 1: the caller returns on empty x
-  if (K == Kp && x.stride(1) == 1 && (M == 1 || x.stride(0) >= K) && !rows_alias(M, x.stride(0) * elem)) return x;
-  const int64_t pad = Kp - K + (rows_alias(M, Kp * elem) ? 64 / elem : 0);
-  const at::Tensor a = x.contiguous();
-  return pad > 0 ? at::constant_pad_nd(a, {0, pad}) : a;
+  return (M + blocks - 1) / blocks;
 }
 
 // The output [M, N]: with GELU (an FFN's inner activation, which the FFN's output product reads next) its rows one
 // cache line apart more where that product's tiles would take them aliased (mtbert_fast.ops.panel_linear's fake
 // gives the same strides), so that it reads them without a copy; else contiguous.
 at::Tensor new_output(const at::Tensor& x, int64_t N, bool gelu) {
-  const int64_t M = x.size(0), elem = x.element_size();
-  const bool apart = gelu && M > 0 && rows_alias(M, N * elem);
-  const at::Tensor out = at::empty({M, apart ? N + 64 / elem : N}, x.options());
-  return apart ? out.narrow(1, 0, N) : out;
+  const int64_t M = x.size(0);
+  return cpu::new_rows(M, N, x.options(), gelu && M > 0 && cpu::rows_alias(tile_rows(M), N * x.element_size()));
 }
 
 at::Tensor panel_linear_cpu(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias,
@@ -269,15 +252,16 @@ at::Tensor panel_linear_cpu(const at::Tensor& x, const at::Tensor& panels, const
 #ifdef MTBF_BF16_DOT
     TORCH_CHECK(cpu::cpu_has_bf16_dot(), op,
                 ": bfloat16 pair panels need a CPU with AVX512-BF16; pack the weight as panels of rows here");
-    dispatch_activation<at::BFloat16, at::BFloat16, at::BFloat16>(gelu, kind, rows_for_tiles(x, Kp), M, Kp,
-                                                                  w.const_data_ptr<at::BFloat16>(), P, bias_ptr, out);
+    const at::Tensor a = cpu::rows_for_tiles(x, Kp, tile_rows(M));
+    const at::BFloat16* wp = w.const_data_ptr<at::BFloat16>();
+    dispatch_activation<at::BFloat16, at::BFloat16, at::BFloat16>(gelu, kind, a, M, Kp, wp, P, bias_ptr, out);
 #else
     TORCH_CHECK(false, op, ": bfloat16 pair panels need the AVX-512 build of the CPU kernels on a CPU with "
                 "AVX512-BF16; pack the weight as panels of rows here");
 #endif
     return out;
   }
-  const at::Tensor a = rows_for_tiles(x.to(at::kFloat), K);
+  const at::Tensor a = cpu::rows_for_tiles(x.to(at::kFloat), K, tile_rows(M));
   cpu::dispatch_float_bf16(x.scalar_type(), [&](auto t) {
     using T = decltype(t);
     if (bf16_panels) {

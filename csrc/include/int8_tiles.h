@@ -14,7 +14,6 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
@@ -23,6 +22,8 @@
 #include <cstdint>
 #include <cstring>
 #include <utility>
+
+#include "tile_rows.h"
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
@@ -193,30 +194,18 @@ struct RowBlocks {
   int64_t most() const { return base + (extra > 0 ? 1 : 0); }  // rows of the largest block
 };
 
-// Whether rows lda bytes apart evict each other in a tile of tile_rows rows. A VNNI tile reads its 12 rows side by
-// side, and rows 4 KiB apart fall into one set of an 8-way L1 cache: at K=4096 (a bert-large-sized FFN output) the
-// sums ran at 0.72-0.77x the rate of K=4032. Up to 8 rows share a set without loss.
-inline bool rows_alias(int64_t tile_rows, int64_t lda) { return tile_rows > 8 && lda > 0 && lda % 4096 == 0; }
-
 // Uninitialised uint8 rows [M, K] for a product's quantized input: contiguous, or one cache line apart more where the
 // rows would alias in a tile, so that grouped_rows takes them as they are (the ops' fakes give the same strides:
 // mtbert_fast.ops.int8.quantized_row_stride).
 inline at::Tensor new_quantized_rows(int64_t M, int64_t K, const at::TensorOptions& options) {
-  const bool apart = rows_alias(std::min(M, max_tile_rows()), K);
-  const at::Tensor q = at::empty({M, apart ? K + 64 : K}, options.dtype(at::kByte));
-  return apart ? q.narrow(1, 0, K) : q;
+  return new_rows(M, K, options.dtype(at::kByte), rows_alias(std::min(M, max_tile_rows()), K));
 }
 
 // q [M, K] as the tiles read it, its rows in blocks of at most `tile_rows` rows: q itself where its rows are whole
-// groups of kGroup entries, contiguous and apart enough (rows_alias); else a copy, each row padded with zeros to whole
-// groups and by one cache line more where the copy's rows would alias. The tiles take its row stride as lda.
+// groups of kGroup entries, contiguous and apart enough; else a copy padded with zeros to whole groups
+// (rows_for_tiles). The tiles take its row stride as lda.
 inline at::Tensor grouped_rows(const at::Tensor& q, int64_t tile_rows) {
-  const int64_t M = q.size(0), K = q.size(1), padded = (K + kGroup - 1) / kGroup * kGroup;
-  const bool alias = rows_alias(tile_rows, q.stride(0));
-  if (K == padded && q.stride(1) == 1 && (M == 1 || q.stride(0) >= K) && !alias) return q;
-  const int64_t pad = padded - K + (rows_alias(tile_rows, padded) ? 64 : 0);
-  const at::Tensor a = q.contiguous();
-  return pad > 0 ? at::constant_pad_nd(a, {0, pad}) : a;
+  return rows_for_tiles(q, (q.size(1) + kGroup - 1) / kGroup * kGroup, tile_rows);
 }
 
 // out[:, p's columns] = a [M, K4 * 4] @ panel p, every row block of a run over the panel while it sits in cache;
