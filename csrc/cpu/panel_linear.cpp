@@ -215,6 +215,16 @@ at::Tensor new_output(const at::Tensor& x, int64_t N, bool gelu) {
   return cpu::new_rows(M, N, x.options(), gelu && M > 0 && cpu::rows_alias(tile_rows(M), N * x.element_size()));
 }
 
+// x [M >= 1, K] as fp32 rows for the float tiles: an fp32 x as rows_for_tiles takes it, a bf16 x widened once into
+// rows that do not alias.
+at::Tensor float_rows_for_tiles(const at::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1), rows = tile_rows(M);
+  if (x.scalar_type() == at::kFloat) return cpu::rows_for_tiles(x, K, rows);
+  at::Tensor a = cpu::new_rows(M, K, x.options().dtype(at::kFloat), cpu::rows_alias(rows, K * 4));
+  a.copy_(x);
+  return a;
+}
+
 at::Tensor panel_linear_cpu(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias,
                             int64_t out_features, bool gelu, c10::string_view approximate) {
   constexpr const char* op = "panel_linear";
@@ -261,7 +271,7 @@ at::Tensor panel_linear_cpu(const at::Tensor& x, const at::Tensor& panels, const
 #endif
     return out;
   }
-  const at::Tensor a = cpu::rows_for_tiles(x.to(at::kFloat), K, tile_rows(M));
+  const at::Tensor a = float_rows_for_tiles(x);
   cpu::dispatch_float_bf16(x.scalar_type(), [&](auto t) {
     using T = decltype(t);
     if (bf16_panels) {

@@ -61,10 +61,11 @@ def test_bf16_rows_on_fp32_panels(backend):
 
 
 @pytest.mark.parametrize("gelu,approximate", ACTIVATIONS)
-@pytest.mark.parametrize("M,K,N", [(1, 70, 50), (16, 201, 33), (50, 301, 70), (120, 40, 64)])
+@pytest.mark.parametrize("M,K,N", [(1, 70, 50), (16, 201, 33), (50, 301, 70), (120, 40, 64), (24, 1024, 40)])
 def test_bf16_panels_of_rows_equal_fp32_panels(backend, M, K, N, gelu, approximate, monkeypatch):
     """bf16 panels of rows (what a CPU without AVX512-BF16 packs a bf16 weight into), widened as they are loaded:
-    bit for bit what fp32 panels of the same weight give, in half their bytes."""
+    bit for bit what fp32 panels of the same weight give, in half their bytes; also where x's widened rows span 4 KiB
+    (K=1024) and are written apart for tiles of 12 rows."""
     monkeypatch.setattr(panel_module, "bf16_pairs", lambda: False)
     x, w, bias = (rand(M, K, dtype=torch.bfloat16), rand(N, K, seed=1, scale=K**-0.5, dtype=torch.bfloat16),
                   rand(N, seed=2, dtype=torch.bfloat16))
