@@ -39,7 +39,7 @@ import torch
 from mtbert_fast import _ext
 from mtbert_fast.ops import reference
 from mtbert_fast.ops._checks import check_gelu
-from mtbert_fast.ops.registry import CPU_DTYPES, Backend, Op
+from mtbert_fast.ops.registry import CACHE_LINE, CPU_DTYPES, Backend, Op, tile_rows_alias
 
 _FLOATS = (torch.float32, torch.bfloat16)
 _SUMS = (torch.int32, torch.float32)
@@ -459,8 +459,8 @@ def quantized_row_stride(rows: int, k: int, device: torch.device) -> int:
     epilogues): k, or k + 64 where k bytes span a multiple of 4 KiB and a VNNI tile takes more than 8 rows. A tile
     reads its rows side by side, and rows 4 KiB apart fall into one set of an 8-way L1 cache: the next product reads
     rows one cache line further apart without a copy (at K=4096 the aliased rows ran at 0.72-0.77x the sums' rate)."""
-    apart = device.type == "cpu" and panels_vnni() and k > 0 and k % 4096 == 0 and rows > 8
-    return k + 64 if apart else k
+    apart = device.type == "cpu" and panels_vnni() and tile_rows_alias(min(rows, 12), k)  # a VNNI tile: 12 rows
+    return k + CACHE_LINE if apart else k
 
 
 def _fake_quantized(x):

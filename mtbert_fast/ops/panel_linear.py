@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from mtbert_fast import _ext
 from mtbert_fast.ops import reference
 from mtbert_fast.ops._checks import check_gelu
-from mtbert_fast.ops.registry import CPU_DTYPES, Backend, Op
+from mtbert_fast.ops.registry import CACHE_LINE, CPU_DTYPES, Backend, Op, tile_rows_alias
 
 PANEL = 32  # columns per panel (csrc/cpu/panel_linear.cpp's kPanel)
 
@@ -120,15 +120,14 @@ def panel_linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | Non
 
 
 def rows_alias(rows: int, row_bytes: int) -> bool:
-    """Whether `rows` rows of x, `row_bytes` apart, evict each other in the CPU kernel's tiles (its rows_alias): a
-    tile of the AVX-512 kernels reads up to 12 rows side by side, and rows 4 KiB apart fall into one set of an 8-way
-    L1 cache once a tile takes more than 8 of them. The kernel then multiplies from a copy with rows one cache line
-    further apart."""
-    if rows <= 0 or row_bytes <= 0 or row_bytes % 4096:
+    """Whether `rows` rows of x, `row_bytes` apart, evict each other in the CPU kernel's tiles (tile_rows_alias, with
+    the rows of its largest tile: up to 12 on AVX-512, split evenly). The kernel then multiplies from a copy with rows
+    one cache line further apart."""
+    if rows <= 0:
         return False
     tile = 12 if _ext.cpu_isa() == "avx512" else 3  # csrc/cpu/panel_linear.cpp's kMaxRows
     blocks = -(-rows // tile)
-    return -(-rows // blocks) > 8
+    return tile_rows_alias(-(-rows // blocks), row_bytes)
 
 
 def output_row_stride(rows: int, out_features: int, dtype: torch.dtype, gelu: bool) -> int:
@@ -136,7 +135,7 @@ def output_row_stride(rows: int, out_features: int, dtype: torch.dtype, gelu: bo
     (an FFN's inner activation, which its output product reads next) where that product's tiles would take the rows
     aliased (rows_alias), so that it reads them without a copy (the output is then not contiguous)."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return out_features + 64 // elem if gelu and rows_alias(rows, out_features * elem) else out_features
+    return out_features + CACHE_LINE // elem if gelu and rows_alias(rows, out_features * elem) else out_features
 
 
 def _fake(x, panels, bias, out_features, gelu, approximate):

@@ -43,6 +43,17 @@ CUDA_MAX_HEADS = 65535
 INT32_ROWS = 2**31 - 1
 TRITON_MAX_ROW = 65536  # a Triton row-op program holds one row in registers
 
+# The CPU product kernels' tiles read their rows of x side by side; rows a multiple of 4 KiB apart fall into one set
+# of the 8-way L1 cache and evict each other once a tile takes more than 8 of them. The kernels then keep such rows
+# one cache line further apart (csrc/include/tile_rows.h); the ops' fakes give the same strides with these.
+CACHE_LINE = 64
+
+
+def tile_rows_alias(tile_rows: int, row_bytes: int) -> bool:
+    """Whether rows `row_bytes` apart evict each other in a tile of `tile_rows` rows."""
+    return tile_rows > 8 and row_bytes > 0 and row_bytes % 4096 == 0
+
+
 _lib = torch.library.Library(NAMESPACE, "DEF")
 # FRAGMENT: the CUDA build also defines its tensor-less queries (cuda_archs, ...) in this namespace, in C++
 _kernel_lib = torch.library.Library(KERNEL_NAMESPACE, "FRAGMENT")
