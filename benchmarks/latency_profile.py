@@ -15,7 +15,9 @@ numbers do not. Engines:
 A peer that is not installed (or fails to convert) is skipped with the reason. The breakdown splits FastBertModel's
 time into the whole forward, its layers (the Python layer code), the same layers' kernels called directly (no
 wrapper, check or dispatch), and the rest (input checks, packing, embeddings, output); --profile adds
-torch.profiler's table of ops.
+torch.profiler's table of ops. Last, what keeping the layer weights between calls saves (encoder.LayerCache): the
+swapped model against a copy that gathers them from its modules on every call, one call each in turn (the order
+alternating), as the median of the pairs' ratios; `--kept-only` runs that comparison alone, with no peer loaded.
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ import copy
 import os
 import sys
 import tempfile
+import time
 
 import numpy as np
 import torch
 
 from mtbert_fast import FastBertModel, swap
 from mtbert_fast.bench import harness, measure
+from mtbert_fast.integrations import hf as hf_integration
 from mtbert_fast.models import encoder
 from mtbert_fast.models.weight_pack import onednn_weight, panel_weight
 from mtbert_fast.ops.panel_linear import encoder_rows as panel_rows
@@ -120,6 +124,31 @@ def ov_engine(hf32, sample, dtype_name, threads):
     return run, None
 
 
+class GatherEveryCall(encoder.LayerCache):
+    """A LayerCache that keeps nothing: the layer weights gathered, and their stack built, on every call."""
+
+    def current(self, root, gather):
+        return gather(), None
+
+
+def kept_against_gathered(swapped, gathering, batch: dict, rounds: int) -> tuple[float, float, float]:
+    """(ms kept, ms gathered, gathered / kept): `swapped` against `gathering`, the same model swapped again, made to
+    gather its layer weights on every call; alternating call by call (`rounds` pairs)."""
+    getattr(gathering, hf_integration._STATE).layer_cache = GatherEveryCall()
+    times = {"kept": [], "gathered": []}
+    models = [("kept", swapped), ("gathered", gathering)]
+    with torch.inference_mode():
+        for _, model in models:
+            model(**batch)
+        for i in range(rounds):
+            for name, model in models if i % 2 == 0 else models[::-1]:
+                start = time.perf_counter()
+                model(**batch)
+                times[name].append(time.perf_counter() - start)
+    kept, gathered = (float(np.median(times[k])) * 1e3 for k in ("kept", "gathered"))
+    return kept, gathered, harness.median_ratio(times["gathered"], times["kept"])
+
+
 def kernels_only(fast: FastBertModel, batch: dict):
     """The layers' kernels on the packed input, called directly: what the layers would cost with no Python
     between kernels beyond the calls themselves."""
@@ -200,6 +229,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lengths", nargs="+", type=int, default=[16, 128])
     ap.add_argument("--repeats", type=int, default=60, help="timed calls per engine and case")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's table for each case")
+    ap.add_argument("--kept-only", action="store_true",
+                    help="only the layer weights kept against gathered, 10x --repeats pairs a case, no peers loaded")
     args = ap.parse_args(argv)
     rounds = max(1, args.repeats // BLOCK)
     torch.set_num_threads(args.threads)
@@ -210,6 +241,14 @@ def main(argv=None) -> int:
             hf32 = MODELS[model_name]()
             for length in args.lengths:
                 batch = inputs(hf32.config.vocab_size, length)
+                if args.kept_only:
+                    for dtype_name in args.dtypes:
+                        dtype = DTYPES[dtype_name]
+                        kept = kept_against_gathered(swap(copy.deepcopy(hf32), dtype=dtype),
+                                                     swap(copy.deepcopy(hf32), dtype=dtype), batch, 10 * args.repeats)
+                        print(f"{model_name} {dtype_name} B=1 L={length}: swap, layer weights kept {kept[0]:.3f} ms, "
+                              f"gathered every call {kept[1]:.3f} ms: {kept[2]:.3f}x")
+                    continue
                 ort_run, ort_why = ort_engine(hf32, batch, workdir, args.threads)
                 for dtype_name in args.dtypes:
                     dtype = DTYPES[dtype_name]
@@ -239,10 +278,17 @@ def main(argv=None) -> int:
                     print("  fast breakdown (ms): " + "  ".join(f"{k} {v:.3f}" for k, v in parts.items()))
                     if args.profile:
                         profile(fast, batch)
-                    rows.append((case, ratios["fast"], ratios["swap"]))
+                    kept = kept_against_gathered(swapped, swap(copy.deepcopy(hf32), dtype=dtype), batch,
+                                                 2 * args.repeats)
+                    print(f"  swap, layer weights kept {kept[0]:.3f} ms, gathered every call {kept[1]:.3f} ms: "
+                          f"{kept[2]:.3f}x")
+                    rows.append((case, ratios["fast"], ratios["swap"], kept[2]))
+    if args.kept_only:
+        return 0
     print("\nsummary: latency / fastest peer (target <= 0.90)")
-    for case, f, s in rows:
-        print(f"  {case:28s} fast {f:.2f}x  swap {s:.2f}x")
+    for case, f, s, kept in rows:
+        print(f"  {case:28s} fast {f:.2f}x  swap {s:.2f}x  (swap gathering its layer weights every call: {kept:.3f}x "
+              "swap's latency)")
     print(f"  geomean: fast {np.exp(np.mean([np.log(r[1]) for r in rows])):.2f}x")
     return 0
 

@@ -19,7 +19,8 @@ import torch.nn as nn
 
 from mtbert_fast.models.config import EncoderConfig, family_names
 from mtbert_fast.models.encoder import (
-    DisentangledWeights, EmbeddingWeights, Int8State, LayerWeights, disentangled_projections, encode, quantize_encoder,
+    DisentangledWeights, EmbeddingWeights, Int8State, LayerCache, LayerWeights, disentangled_projections, encode,
+    quantize_encoder,
 )
 from mtbert_fast.models.hf_mapping import HF_PREFIXES, LAYOUTS, HfLayout
 from mtbert_fast.models.int8 import DEFAULT_SMOOTHING, check_model_dtype
@@ -141,6 +142,7 @@ class _SwapState:
 
         self.state_dict_hook = base.register_state_dict_post_hook(unshare_qkv)
         self.int8: Int8State | None = None
+        self.layer_cache = LayerCache()
 
     def layers(self, base: nn.Module) -> nn.ModuleList:
         return _submodule(base, self.layers_path)
@@ -187,10 +189,11 @@ class _SwapState:
         norm = base.get_submodule(self.layout.final_norm)
         return norm.weight, norm.bias
 
-    def run_layers(self, base: nn.Module) -> list:
+    def run_layers(self, base: nn.Module) -> tuple[list, dict | None]:
+        """The layers to run and, for float layers in inference, LayerCache's stacks for encode."""
         if self.int8 is not None:
-            return self.int8.current(self.layers(base))
-        return self.layer_weights(base)
+            return self.int8.current(self.layers(base)), None
+        return self.layer_cache.current(self.layers(base), lambda: self.layer_weights(base))
 
     def layer_weights(self, base: nn.Module) -> list[LayerWeights]:
         out = []
@@ -253,7 +256,7 @@ def _swapped_forward(
     if not state.layout.token_types:  # HF's DistilBertModel takes token_type_ids in **kwargs and ignores them
         token_type_ids = None
     pooler = getattr(self, "pooler", None) if state.layout.pooler else None
-    layers = state.run_layers(self)
+    layers, stacks = state.run_layers(self)
     out = encode(
         state.config,
         _embedding_weights(self, state.layout),
@@ -270,6 +273,7 @@ def _swapped_forward(
         relative_attention_bias=state.relative_bias(self),
         final_norm=state.final_norm(self),
         disentangled=state.disentangled(self, layers),
+        stacks=stacks,
     )
     # after encode(), which has validated the mask
     if pooler is not None and not out.packed.all_real and bool((attention_mask[:, 0] == 0).any()):

@@ -22,6 +22,7 @@ from mtbert_fast.models.int8 import (
     check_int8_dtype, check_model_dtype, check_smoothing, gram_passes, int8_layer_forward, int8_stack, quantize_layers,
 )
 from mtbert_fast.models.weight_pack import onednn_weight, panel_weight
+from mtbert_fast.models.weight_pack import releases as pack_releases
 from mtbert_fast.ops import (
     attention_varlen, bias_gelu, bias_residual_layer_norm, dispatch, gather_rows, geglu, pad, rotary_qk, rotary_tables,
     unpad_indices,
@@ -577,11 +578,12 @@ def position_terms(config: EncoderConfig, w: DisentangledWeights, packed: Packed
 
 
 def _post_norm_stack(config: EncoderConfig, layers: Sequence, x: torch.Tensor, packed: PackedBatch,
-                     backend: str | None) -> list[torch.Tensor] | None:
+                     backend: str | None, stacks: dict | None = None) -> list[torch.Tensor] | None:
     """Every layer's tensors for one post_norm_layers call, where that kernel runs exactly what layer_forward would:
     CPU inference on panel_linear's few rows (no autograd, autocast or tracing), float post-norm layers with every
     bias and norm parameter, each weight packed in panels; else None. The caller has excluded DeBERTa's position
-    terms, observers and per-layer outputs."""
+    terms, observers and per-layer outputs. stacks: where given, the tensors already gathered for these very layers,
+    by dtype (LayerCache), and the place to keep them."""
     if (config.pre_norm or torch.is_grad_enabled() or torch.compiler.is_compiling()
             or x.shape[0] > panel_rows(x.dtype)):
         return None
@@ -589,9 +591,18 @@ def _post_norm_stack(config: EncoderConfig, layers: Sequence, x: torch.Tensor, p
     # CPU-only op rather than let the layers run there
     if not _onednn_ok(x, (), backend) or packed.kernel_backend(post_norm_layers_op.name, x, backend) != "cpu":
         return None
+    if stacks is None:
+        return _post_norm_weights(layers, x.dtype)
+    if x.dtype not in stacks:
+        stacks[x.dtype] = _post_norm_weights(layers, x.dtype)
+    return stacks[x.dtype]
+
+
+def _post_norm_weights(layers: Sequence, dtype: torch.dtype) -> list[torch.Tensor] | None:
+    """_post_norm_stack's tensors for layers whose every weight is `dtype` and packs in panels, else None."""
     weights = []
     for w in layers:
-        if not isinstance(w, LayerWeights) or any(t is None or t.dtype != x.dtype for t in w):
+        if not isinstance(w, LayerWeights) or any(t is None or t.dtype != dtype for t in w):
             return None
         panels = [panel_weight(t) for t in (w.qkv_weight, w.attn_out_weight, w.ffn_in_weight, w.ffn_out_weight)]
         if any(p is None for p in panels):
@@ -600,6 +611,37 @@ def _post_norm_stack(config: EncoderConfig, layers: Sequence, x: torch.Tensor, p
                                  w.attn_norm_bias, panels[2], w.ffn_in_bias, panels[3], w.ffn_out_bias,
                                  w.ffn_norm_weight, w.ffn_norm_bias)
     return weights or None
+
+
+class LayerCache:
+    """A module tree's float layer weights for inference calls, gathered once and kept while the tree is unchanged,
+    with the tensors of the single-call layer stack made from them (_post_norm_stack). Gathering them walks the
+    modules and looks up every weight's packs: a few hundred microseconds a forward, much of a short input's time,
+    and more where the layers' weights have just pushed the interpreter's own data out of the caches.
+    The cache is used in inference only (no autograd, no tracing). It is rebuilt when a ParameterWatch sees the tree
+    change (a parameter or submodule replaced, an in-place update, .to()) or after weight_pack.release_packs()."""
+
+    def __init__(self):
+        self.watch: ParameterWatch | None = None
+        self.layers: list = []
+        self.stacks: dict = {}
+        self.releases = -1
+
+    def __reduce__(self):
+        # a copied or pickled model starts with an empty cache: the packs are the weights' size again, and the watch
+        # would look at the original's modules
+        return LayerCache, ()
+
+    def current(self, root: nn.Module, gather: Callable[[], list]) -> tuple[list, dict | None]:
+        """(layers, stacks): gather()'s layer weights of `root`, from the cache where they are still current, and
+        the stacks to hand to encode (None outside inference: gathered afresh, nothing kept)."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return gather(), None
+        if self.watch is None or self.releases != pack_releases() or not self.watch.unchanged(root):
+            self.watch = None  # until the new layers are in place: a failed gather leaves nothing to reuse
+            self.layers, self.stacks, self.releases = gather(), {}, pack_releases()
+            self.watch = ParameterWatch(root)
+        return self.layers, self.stacks
 
 
 def encode(
@@ -621,6 +663,7 @@ def encode(
     relative_attention_bias: torch.Tensor | None = None,
     final_norm: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     disentangled: DisentangledWeights | None = None,
+    stacks: dict | None = None,
 ) -> EncoderOutput:
     """The whole encoder: validate, unpad once, embed, run the layers, pool. The padded outputs are built when
     read (see EncoderOutput). inputs_checked: the caller has run validate_inputs on exactly these inputs, so it
@@ -629,7 +672,8 @@ def encode(
     relative_attention_bias: [buckets, heads], MPNet's one table for every layer; required exactly when the config
     has relative_attention_num_buckets. final_norm: (weight, bias) of the LayerNorm after the last layer of a
     pre-norm encoder (ModernBERT), which then holds its output in place of the last layer's in the hidden states.
-    disentangled: DeBERTa's relative positions, required exactly when config.disentangled."""
+    disentangled: DeBERTa's relative positions, required exactly when config.disentangled. stacks: LayerCache's
+    for these very layers, where the caller keeps one."""
     device = embeddings.word.device
     if inputs_checked:
         batch, seqlen = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
@@ -672,7 +716,7 @@ def encode(
         raise UnsupportedModelError(config.int8_reason)
     stack = stack_op = None
     if not training and observe is None and states is None and terms is None:
-        stack, stack_op = _post_norm_stack(config, layers, x, packed, backend), post_norm_layers_op
+        stack, stack_op = _post_norm_stack(config, layers, x, packed, backend, stacks), post_norm_layers_op
         if stack is None and not config.pre_norm:
             stack, stack_op = int8_stack(layers, x, x.shape[0], backend), int8_layers_op
     if stack is not None:  # the layers below, kernel for kernel, called from C++
@@ -880,6 +924,7 @@ class FastBertModel(nn.Module):
         norm = config.relative_attention and config.norm_rel_ebd
         self.rel_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if norm else None
         self.int8: Int8State | None = None
+        self._layer_cache = LayerCache()
         self._init_weights()
         self.to(device=device, dtype=dtype)
 
@@ -917,10 +962,11 @@ class FastBertModel(nn.Module):
         """input_ids [B, L]; attention_mask [B, L] of 0/1 (default: all real). inputs_checked: `check_inputs`
         has passed these very inputs, so they are not checked again."""
         pooler = (self.pooler.weight, self.pooler.bias) if self.pooler is not None else None
+        stacks = None
         if self.int8 is not None:
             layers = self.int8.current(self.layers)
         else:
-            layers = [layer.weights() for layer in self.layers]
+            layers, stacks = self._layer_cache.current(self.layers, lambda: [layer.weights() for layer in self.layers])
         return encode(
             self.config,
             self.embeddings.weights(),
@@ -938,6 +984,7 @@ class FastBertModel(nn.Module):
             relative_attention_bias=self._relative_attention_bias(),
             final_norm=(self.final_norm.weight, self.final_norm.bias) if self.final_norm is not None else None,
             disentangled=self._disentangled(),
+            stacks=stacks,
         )
 
     def _disentangled(self) -> DisentangledWeights | None:

@@ -44,6 +44,9 @@ class _Pack(NamedTuple):
 # when the weight dies, before its id can be reused. Plain dictionary reads: a WeakIdKeyDictionary lookup builds a key
 # object.
 _packs: dict[str, dict[int, tuple[weakref.ref, _Pack]]] = {"onednn": {}, "panels": {}}
+# how many times release_packs has run: what holds packs beyond this module (the encoder's layer caches) drops them
+# when it changes
+_releases = 0
 
 
 def _layout(w: torch.Tensor) -> tuple:
@@ -99,8 +102,15 @@ def panel_weight(w: torch.Tensor) -> torch.Tensor | None:
 
 def release_packs() -> None:
     """Drops every cached pack; the next inference call packs its weights afresh."""
+    global _releases
     for cache in _packs.values():
         cache.clear()
+    _releases += 1
+
+
+def releases() -> int:
+    """How many times release_packs has run."""
+    return _releases
 
 
 def pack_count(kind: str = "onednn") -> int:
