@@ -190,9 +190,9 @@ class _SwapState:
         return norm.weight, norm.bias
 
     def run_layers(self, base: nn.Module) -> tuple[list, dict | None]:
-        """The layers to run and, for float layers in inference, LayerCache's stacks for encode."""
+        """The layers to run and the one-call stacks kept for them (Int8State's, or LayerCache's in inference)."""
         if self.int8 is not None:
-            return self.int8.current(self.layers(base)), None
+            return self.int8.current(self.layers(base)), self.int8.stacks
         return self.layer_cache.current(self.layers(base), lambda: self.layer_weights(base))
 
     def layer_weights(self, base: nn.Module) -> list[LayerWeights]:

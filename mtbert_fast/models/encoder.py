@@ -583,7 +583,7 @@ def _post_norm_stack(config: EncoderConfig, layers: Sequence, x: torch.Tensor, p
     CPU inference on panel_linear's few rows (no autograd, autocast or tracing), float post-norm layers with every
     bias and norm parameter, each weight packed in panels; else None. The caller has excluded DeBERTa's position
     terms, observers and per-layer outputs. stacks: where given, the tensors already gathered for these very layers,
-    by dtype (LayerCache), and the place to keep them."""
+    by dtype (Stacks), and the place to keep them."""
     if (config.pre_norm or torch.is_grad_enabled() or torch.compiler.is_compiling()
             or x.shape[0] > panel_rows(x.dtype)):
         return None
@@ -613,6 +613,14 @@ def _post_norm_weights(layers: Sequence, dtype: torch.dtype) -> list[torch.Tenso
     return weights or None
 
 
+class Stacks(dict):
+    """A model's one-call layer stacks (the tensor lists of post_norm_layers and int8_layers) by dtype and route, kept
+    for layers that have not changed. A copied or pickled model starts with none: they hold the weights' packs."""
+
+    def __reduce__(self):
+        return Stacks, ()
+
+
 class LayerCache:
     """A module tree's float layer weights for inference calls, gathered once and kept while the tree is unchanged,
     with the tensors of the single-call layer stack made from them (_post_norm_stack). Gathering them walks the
@@ -624,7 +632,7 @@ class LayerCache:
     def __init__(self):
         self.watch: ParameterWatch | None = None
         self.layers: list = []
-        self.stacks: dict = {}
+        self.stacks = Stacks()
         self.releases = -1
 
     def __reduce__(self):
@@ -639,7 +647,7 @@ class LayerCache:
             return gather(), None
         if self.watch is None or self.releases != pack_releases() or not self.watch.unchanged(root):
             self.watch = None  # until the new layers are in place: a failed gather leaves nothing to reuse
-            self.layers, self.stacks, self.releases = gather(), {}, pack_releases()
+            self.layers, self.stacks, self.releases = gather(), Stacks(), pack_releases()
             self.watch = ParameterWatch(root)
         return self.layers, self.stacks
 
@@ -672,8 +680,8 @@ def encode(
     relative_attention_bias: [buckets, heads], MPNet's one table for every layer; required exactly when the config
     has relative_attention_num_buckets. final_norm: (weight, bias) of the LayerNorm after the last layer of a
     pre-norm encoder (ModernBERT), which then holds its output in place of the last layer's in the hidden states.
-    disentangled: DeBERTa's relative positions, required exactly when config.disentangled. stacks: LayerCache's
-    for these very layers, where the caller keeps one."""
+    disentangled: DeBERTa's relative positions, required exactly when config.disentangled. stacks: the one-call
+    stacks kept for these very layers (LayerCache's or Int8State's), where the caller keeps them."""
     device = embeddings.word.device
     if inputs_checked:
         batch, seqlen = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
@@ -718,7 +726,7 @@ def encode(
     if not training and observe is None and states is None and terms is None:
         stack, stack_op = _post_norm_stack(config, layers, x, packed, backend, stacks), post_norm_layers_op
         if stack is None and not config.pre_norm:
-            stack, stack_op = int8_stack(layers, x, x.shape[0], backend), int8_layers_op
+            stack, stack_op = int8_stack(layers, x, x.shape[0], backend, stacks), int8_layers_op
     if stack is not None:  # the layers below, kernel for kernel, called from C++
         x = stack_op.kernel("cpu")(x, packed.cu_seqlens, packed.max_seqlen, stack, config.num_attention_heads,
                                    config.attention_scale, config.layer_norm_eps, config.gelu_approximate, rel_bias)
@@ -790,10 +798,11 @@ def quantize_encoder(
 class Int8State:
     """The int8 layers of a quantized model and the float layers (a module tree) they were made from: if those change
     (an in-place update, .to(), loading a state dict, a replaced parameter or submodule) the int8 copies are stale,
-    and using them is refused."""
+    and using them is refused. The int8 layers themselves never change, so their int8_layers stacks are kept."""
 
     def __init__(self, layers: list[Int8LayerWeights], source: nn.Module):
         self.layers, self.source = layers, ParameterWatch(source)
+        self.stacks = Stacks()
 
     def current(self, source: nn.Module) -> list[Int8LayerWeights]:
         if not self.source.unchanged(source):
@@ -962,9 +971,8 @@ class FastBertModel(nn.Module):
         """input_ids [B, L]; attention_mask [B, L] of 0/1 (default: all real). inputs_checked: `check_inputs`
         has passed these very inputs, so they are not checked again."""
         pooler = (self.pooler.weight, self.pooler.bias) if self.pooler is not None else None
-        stacks = None
         if self.int8 is not None:
-            layers = self.int8.current(self.layers)
+            layers, stacks = self.int8.current(self.layers), self.int8.stacks
         else:
             layers, stacks = self._layer_cache.current(self.layers, lambda: [layer.weights() for layer in self.layers])
         return encode(

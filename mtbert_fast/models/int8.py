@@ -44,6 +44,7 @@ from mtbert_fast.ops.int8 import (
     INT8_LINEAR, INT8_LINEAR_GELU_QUANTIZE, INT8_LINEAR_RESIDUAL_LAYER_NORM, INT8_LINEAR_RESIDUAL_LAYER_NORM_QUANTIZE,
     PAIR_LIMIT, QUANTIZE_ROWS, PackedInt8Weight, int8_sums_unchecked, pair_sums, sums_panels, weight_pairs_limited,
 )
+import mtbert_fast.ops.int8 as int8_ops
 from mtbert_fast.ops.int8_layers import OP as INT8_LAYERS
 from mtbert_fast.ops.int8_layers import product_weights
 
@@ -288,22 +289,35 @@ def int8_layer_forward(config: EncoderConfig, w: Int8LayerWeights, x, packed, ba
     return tuple(k.residual_layer_norm_quantize(product, outliers, *norm, next_smooth))
 
 
-def int8_stack(layers: Sequence, x: torch.Tensor, rows: int, backend: str | None) -> list[torch.Tensor] | None:
+def int8_stack(layers: Sequence, x: torch.Tensor, rows: int, backend: str | None,
+               stacks: dict | None = None) -> list[torch.Tensor] | None:
     """Every layer's tensors for one int8_layers call (ops.int8_layers), where that kernel runs exactly what
     int8_layer_forward would: inference on the C++ kernels (no autograd or tracing), every layer int8 with each
     product's sums on its panels for `rows` rows (EPILOGUE_SUMS) and its bias in x's dtype; else (or with
-    LAYERS_IN_ONE_CALL off) None."""
+    LAYERS_IN_ONE_CALL off) None. stacks: where given, the lists already made for these very layers (an Int8State's,
+    whose layers never change), and the place to keep them."""
     if (not (LAYERS_IN_ONE_CALL and EPILOGUE_SUMS) or torch.is_grad_enabled() or torch.compiler.is_compiling()
             or dispatch.choose(INT8_LINEAR.name, x, backend) != "cpu"
             or dispatch.choose(INT8_LAYERS.name, x, backend) != "cpu"):
         return None
+    if stacks is None:
+        return _int8_weights(layers, x.dtype, rows)
+    key = ("int8", x.dtype, rows <= int8_ops.PANEL_ROWS)  # what sums_panels reads of the rows
+    if key not in stacks:
+        stacks[key] = _int8_weights(layers, x.dtype, rows)
+    return stacks[key]
+
+
+def _int8_weights(layers: Sequence, dtype: torch.dtype, rows: int) -> list[torch.Tensor] | None:
+    """int8_stack's tensors for int8 layers whose products take their sums from panels for `rows` rows and whose
+    biases are `dtype`, else None."""
     weights = []
     for w in layers:
         if not isinstance(w, Int8LayerWeights):
             return None
         for lin in (w.qkv, w.attn_out, w.ffn_in, w.ffn_out):
             panels = sums_panels(lin.packed, rows)
-            if panels is None or lin.bias.dtype != x.dtype:
+            if panels is None or lin.bias.dtype != dtype:
                 return None
             weights += product_weights(panels, lin.weight_scale, lin.weight_sum, lin.bias, lin.smooth,
                                        lin.outlier_index, lin.outlier_weight)
@@ -467,7 +481,8 @@ class ParameterWatch:
     the storages and version counters (inference tensors, made under torch.inference_mode, keep no version counter:
     only their storage is compared), without nn.Module.parameters()' generators, which cost a forward of a few
     tokens several percent. A change of dtype or device gives a parameter new storage while the old one is still
-    held, so the storage comparison sees it."""
+    held, so the storage comparison sees it. A deep copy or a pickle of the watch watches the copied modules, as
+    unchanged as these were when copied."""
 
     def __init__(self, root: torch.nn.Module):
         self.root = root
@@ -488,9 +503,21 @@ class ParameterWatch:
         self.versioned = [p for p in self.params if not p.is_inference()]
         self.snapshot = self._state()
 
+    def __reduce__(self):
+        # a copied or unpickled watch looks at the copy's modules, whose storages and version counters are their own:
+        # watched afresh, and reporting a change if this one had seen one
+        return _rewatched, (self.root, self.unchanged(self.root))
+
     def _state(self) -> tuple[list[int], list[int]]:
         return list(map(torch.Tensor.data_ptr, self.params)), list(map(_VERSION, self.versioned))
 
     def unchanged(self, root: torch.nn.Module) -> bool:
         return (root is self.root and all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.values))
                 and self._state() == self.snapshot)
+
+
+def _rewatched(root: torch.nn.Module, unchanged: bool) -> ParameterWatch:
+    watch = ParameterWatch(root)
+    if not unchanged:
+        watch.snapshot = None  # never equal to a state: every check reports the change
+    return watch

@@ -312,25 +312,6 @@ def test_layers_hand_on_their_output_quantized(minilm_dir, minilm_batch):
                            int8_layer_forward(config, second, y, packed))
 
 
-def test_a_quantized_model_copies_and_pickles(minilm_batch):
-    """A quantized model (its packed weights too) deep-copies and pickles; as for any change of the float weights'
-    storage, a copy runs once quantized again, and then gives the original's output."""
-    import io
-
-    model = FastBertModel.from_hf(_tiny_hf(), dtype=torch.qint8)
-    batch = {"input_ids": minilm_batch["input_ids"] % 50, "attention_mask": minilm_batch["attention_mask"]}
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    copies = (copy.deepcopy(model), torch.load(buffer, weights_only=False))
-    with torch.inference_mode():
-        want = model(**batch).last_hidden_state
-        for other in copies:
-            with pytest.raises(RuntimeError, match="stale"):
-                other(**batch)
-            assert torch.equal(other.quantize()(**batch).last_hidden_state, want)
-
-
 def test_int8_hidden_states_are_each_layers_output(minilm_batch):
     """With output_hidden_states, an int8 model returns each layer's float output (not the quantized copy it hands
     the next layer), the last one equal to the final output."""
@@ -362,6 +343,68 @@ def test_inference_calls_the_kernels_directly_with_the_same_result(minilm_dir, m
     bad = layer._replace(qkv=layer.qkv._replace(bias=layer.qkv.bias[:-1]))
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"int8_linear: bias must have shape \[1152\]"):
         int8_layer_forward(config, bad, x, packed)
+
+
+def test_a_quantized_model_copies_and_pickles(minilm_batch):
+    """A deep copy or a pickle round trip of a quantized model runs, with the original's outputs (its watch of the
+    float weights looks at the copy's own); one made after the float weights changed refuses as the original does."""
+    import io
+
+    model = FastBertModel.from_hf(_tiny_hf(), dtype=torch.qint8)
+    batch = {"input_ids": minilm_batch["input_ids"] % 50, "attention_mask": minilm_batch["attention_mask"]}
+
+    def round_trip(m):
+        buf = io.BytesIO()
+        torch.save(m, buf)
+        buf.seek(0)
+        return torch.load(buf, weights_only=False)
+
+    with torch.no_grad():
+        want = model(**batch).last_hidden_state
+        for copied in (copy.deepcopy(model), round_trip(model)):
+            assert torch.equal(copied(**batch).last_hidden_state, want)
+        with torch.inference_mode():
+            assert torch.equal(copy.deepcopy(model)(**batch).last_hidden_state, want)
+        model.layers[0].ffn_in.weight.mul_(2.0)
+        for copied in (model, copy.deepcopy(model), round_trip(model)):
+            with pytest.raises(RuntimeError, match="quantize it again"):
+                copied(**batch)
+
+
+def test_int8_stacks_are_kept_by_dtype_and_row_route(minilm_batch, monkeypatch):
+    """The int8_layers tensor list is made once per dtype and per side of PANEL_ROWS (where weights without VNNI
+    panels for every row count change route) and reused; a copy of the model starts without them."""
+    import mtbert_fast.ops.int8 as int8_ops
+    from mtbert_fast.models import encoder
+
+    model = FastBertModel.from_hf(_tiny_hf(), dtype=torch.qint8)
+    batch = {"input_ids": minilm_batch["input_ids"] % 50, "attention_mask": minilm_batch["attention_mask"]}
+    rows = int(batch["attention_mask"].sum())
+    if any(int8.sums_panels(lin.packed, rows) is None for w in model.int8.layers for lin in w[:4]):
+        pytest.skip("this CPU takes these products' sums from oneDNN: no int8_layers call to keep")
+    made, lists = [], []
+    make = int8._int8_weights
+    monkeypatch.setattr(int8, "_int8_weights", lambda *a: made.append(1) or make(*a))
+    stack_kernel = encoder.int8_layers_op.kernel("cpu")
+
+    def spy(x, *args):
+        lists.append(args[2])
+        return stack_kernel(x, *args)
+
+    monkeypatch.setitem(encoder.int8_layers_op._kernels, ("cpu", "forward"), spy)
+    monkeypatch.setattr(int8_ops, "PANEL_ROWS", rows)  # the batch's rows within the panels' limit
+    with torch.inference_mode():
+        first = model(**batch).last_hidden_state
+        again = model(**batch).last_hidden_state
+        assert len(made) == 1 and lists[1] is lists[0]
+        monkeypatch.setattr(int8_ops, "PANEL_ROWS", rows - 1)  # the same rows, now past the panels' limit
+        past = model(**batch).last_hidden_state
+        assert len(made) == 2 and lists[2] is not lists[0]
+        twin = copy.deepcopy(model)
+        assert not twin.int8.stacks
+        copied = twin(**batch).last_hidden_state
+    for out in (again, past, copied):
+        assert torch.equal(out, first)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
