@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from mtbert_fast.models.config import EncoderConfig, UnsupportedModelError
 from mtbert_fast.models.int8 import (
-    DEFAULT_SMOOTHING, InputStats, Int8LayerWeights, ParameterWatch, calibration_batches, check_int8_device,
+    DEFAULT_SMOOTHING, InputStats, Int8LayerWeights, ParameterWatch, Stacks, calibration_batches, check_int8_device,
     check_int8_dtype, check_model_dtype, check_smoothing, gram_passes, int8_layer_forward, int8_stack, quantize_layers,
 )
 from mtbert_fast.models.weight_pack import onednn_weight, panel_weight
@@ -591,11 +591,7 @@ def _post_norm_stack(config: EncoderConfig, layers: Sequence, x: torch.Tensor, p
     # CPU-only op rather than let the layers run there
     if not _onednn_ok(x, (), backend) or packed.kernel_backend(post_norm_layers_op.name, x, backend) != "cpu":
         return None
-    if stacks is None:
-        return _post_norm_weights(layers, x.dtype)
-    if x.dtype not in stacks:
-        stacks[x.dtype] = _post_norm_weights(layers, x.dtype)
-    return stacks[x.dtype]
+    return Stacks.kept(stacks, x.dtype, lambda: _post_norm_weights(layers, x.dtype))
 
 
 def _post_norm_weights(layers: Sequence, dtype: torch.dtype) -> list[torch.Tensor] | None:
@@ -611,14 +607,6 @@ def _post_norm_weights(layers: Sequence, dtype: torch.dtype) -> list[torch.Tenso
                                  w.attn_norm_bias, panels[2], w.ffn_in_bias, panels[3], w.ffn_out_bias,
                                  w.ffn_norm_weight, w.ffn_norm_bias)
     return weights or None
-
-
-class Stacks(dict):
-    """A model's one-call layer stacks (the tensor lists of post_norm_layers and int8_layers) by dtype and route, kept
-    for layers that have not changed. A copied or pickled model starts with none: they hold the weights' packs."""
-
-    def __reduce__(self):
-        return Stacks, ()
 
 
 class LayerCache:

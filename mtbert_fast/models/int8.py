@@ -300,12 +300,8 @@ def int8_stack(layers: Sequence, x: torch.Tensor, rows: int, backend: str | None
             or dispatch.choose(INT8_LINEAR.name, x, backend) != "cpu"
             or dispatch.choose(INT8_LAYERS.name, x, backend) != "cpu"):
         return None
-    if stacks is None:
-        return _int8_weights(layers, x.dtype, rows)
     key = ("int8", x.dtype, rows <= int8_ops.PANEL_ROWS)  # what sums_panels reads of the rows
-    if key not in stacks:
-        stacks[key] = _int8_weights(layers, x.dtype, rows)
-    return stacks[key]
+    return Stacks.kept(stacks, key, lambda: _int8_weights(layers, x.dtype, rows))
 
 
 def _int8_weights(layers: Sequence, dtype: torch.dtype, rows: int) -> list[torch.Tensor] | None:
@@ -471,6 +467,23 @@ def check_int8_device(device: torch.device) -> None:
 
 
 _VERSION = operator.attrgetter("_version")
+
+
+class Stacks(dict):
+    """A model's one-call layer stacks (the tensor lists of post_norm_layers and int8_layers) by dtype and route, kept
+    for layers that have not changed. A copied or pickled model starts with none: they hold the weights' packs."""
+
+    def __reduce__(self):
+        return Stacks, ()
+
+    @staticmethod
+    def kept(stacks: Stacks | None, key, make: Callable[[], list[torch.Tensor] | None]) -> list[torch.Tensor] | None:
+        """make()'s stack, kept in `stacks` under `key` and taken from there once made; made afresh without stacks."""
+        if stacks is None:
+            return make()
+        if key not in stacks:
+            stacks[key] = make()
+        return stacks[key]
 
 
 class ParameterWatch:
