@@ -1,15 +1,17 @@
 """The bench's peer runtimes and parity measures: a tiny random BertModel through each peer that is installed
 matches HF float32 on a padded batch; a peer whose package is missing is a skip with the reason; the parity
-helpers; mtbert_fast's int8 rows (float32 and bfloat16 activations), and a skip with swap's reason where it refuses
-qint8."""
+helpers; mtbert_fast's int8 rows (float32 and bfloat16 activations) with their bfloat16 reference, and a skip with
+swap's reason where it refuses qint8."""
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import pytest
 import torch
 
+import mtbert_fast
 from mtbert_fast.bench import measure, peers
 
 CPU = torch.device("cpu")
@@ -122,7 +124,12 @@ def test_mtbert_fast_int8_rows_and_their_skips(tiny, monkeypatch):
     hf, batch = tiny[0], tiny[1]
     skipped = {}
     calls, extra = measure._fast_calls(measure.BenchConfig(backend="cpu"), hf, "int8", CPU, skipped)
-    assert skipped == {} and set(calls) == {"mtbert_fast[cpu]", "mtbert_fast[cpu,bf16-act]"}
+    assert skipped == {} and set(calls) == {"mtbert_fast[cpu]", "mtbert_fast[cpu,bf16-act]", measure.OWN_BF16}
+    assert set(extra) == {"mtbert_fast[cpu]", "mtbert_fast[cpu,bf16-act]"}, "the bf16 reference gets no row"
+    with torch.no_grad():
+        own = calls[measure.OWN_BF16](batch)[0]
+        bf16 = mtbert_fast.swap(copy.deepcopy(hf), backend="cpu", dtype=torch.bfloat16)
+        torch.testing.assert_close(own, measure._real_rows(bf16(**batch), batch), rtol=0, atol=0)
     assert extra["mtbert_fast[cpu,bf16-act]"] == {"backends": "int8, cpu, bfloat16 activations"}
     with torch.inference_mode():
         rows = calls["mtbert_fast[cpu]"](batch)[0]

@@ -27,7 +27,7 @@ def _result(provider, tokens_per_s, point="sentences", batch=4, max_length=512, 
 def rows():
     """Two points of the encoder task (HF sdpa the baseline, a fast provider twice as fast, one failing parity,
     two peers: one 1.6x as fast as HF, one faster still but failing parity), one int8 point (two peers and
-    mtbert_fast, one peer's output broken) and one multitask point."""
+    mtbert_fast, one peer's output broken; mtbert_fast's own bf16 model timed beside it) and one multitask point."""
     out = []
     for point, batch, max_length in (("sentences", 4, 512), ("L=32", 8, 32)):
         out += [
@@ -41,7 +41,8 @@ def rows():
         ]
     out += [_result("ctranslate2", [2500.0], "L=32", 8, 32, dtype="int8", diff=0.2, cosine=0.99),
             _result("torch.quantize_dynamic", [9000.0], "L=32", 8, 32, dtype="int8", diff=3.0, cosine=0.5),
-            _result("mtbert_fast[auto]", [3000.0], "L=32", 8, 32, dtype="int8", diff=0.3, cosine=0.98)]
+            _result("mtbert_fast[auto]", [3000.0], "L=32", 8, 32, dtype="int8", diff=0.3, cosine=0.98,
+                    own_bf16_tokens_per_s=[2000.0])]
     out += [_result(measure.MULTITASK_BASELINE, [500.0], "L=32", 8, 32, task="multitask", cosine=float("nan")),
             _result("mtbert_fast[cpu]", [1500.0], "L=32", 8, 32, task="multitask", cosine=float("nan"))]
     return out
@@ -80,7 +81,7 @@ def test_table_renders_every_row_and_the_skipped_providers(rows):
     header = next(line for line in lines if line.startswith("model"))
     assert "2 threads for every provider" in lines[2]
     for column in ("real tok/s", "p10-p90", "p50 ms", "p90 ms", "peak MiB", "vs base", "vs peer", "per round",
-                   "fastest peer", "roofline", "max|diff|", "cos", "parity"):  # fmt: skip
+                   "fastest peer", "vs bf16", "roofline", "max|diff|", "cos", "parity"):  # fmt: skip
         assert column in header
     body = lines[lines.index(header) + 2: lines.index(header) + 2 + len(rows)]
     assert len(body) == len(rows) and all(line.startswith("tiny") for line in body)
@@ -92,6 +93,9 @@ def test_table_renders_every_row_and_the_skipped_providers(rows):
     assert next(line for line in body if "openvino[f32]" in line).split()[-2:] == ["0.9000", "FAIL"]
     int8 = next(line for line in body if "mtbert_fast[auto]" in line)
     assert "int8" in int8 and "3.00x" in int8 and "1.20x      1.20x  ctranslate2" in int8
+    assert int8.split()[int8.split().index("ctranslate2") + 1] == "1.50x", "over our own bf16, per round"
+    assert fast.split()[fast.split().index("onnxruntime[fused]") + 1] == "-", "a float row has no int8 ratio"
+    assert any(line.startswith("vs bf16: ") for line in lines)
     assert int8.endswith("0.9800  ok")
     assert next(line for line in body if "torch.quantize_dynamic" in line).endswith("0.5000  FAIL")
     multitask = next(line for line in body if "multitask" in line and "mtbert_fast[cpu]" in line)
@@ -117,7 +121,11 @@ def test_csv_appends_one_row_per_result(rows, tmp_path):
     assert fast["tokens_per_s_median"] == "2000.0" and fast["latency_p50_ms"] == "20.000"
     assert fast["commit"] == "abc1234" and fast["backends"] == "all ops on cpu"
     assert fast["min_cosine"] == "0.999990" and fast["threads"] == "2"
+    assert fast["speedup_vs_own_bf16"] == "" and fast["own_bf16_tokens_per_s_median"] == ""
     assert written[5]["parity"] == "FAIL" and written[5]["speedup_vs_hf_sdpa"] == ""
+    int8 = next(w for w in written if w["dtype"] == "int8" and w["provider"] == "mtbert_fast[auto]")
+    assert int8["own_bf16_tokens_per_s_median"] == "2000.0"
+    assert int8["speedup_vs_own_bf16"] == "1.5000" and int8["speedup_vs_own_bf16_per_round"] == "1.5000"
 
 
 def test_plot_draws_the_encoder_points(rows, tmp_path):
@@ -149,3 +157,15 @@ def test_per_round_ratio_pairs_the_repetitions():
     assert report.per_round_ratio(fast, peer) == pytest.approx(1.1)
     assert report.per_round_ratio(fast, _result("openvino[f32]", [800.0, 1000.0])) is None, "unpaired repetitions"
     assert report.per_round_ratio(_result("mtbert_fast[cpu]", []), _result("openvino[f32]", [])) is None
+
+
+def test_int8_rows_over_our_own_bf16_pair_the_repetitions():
+    """The bf16 reference runs in the int8 point's repetitions: its row leaves the results and each mtbert_fast int8
+    row carries its repetitions, paired one by one; peers get none."""
+    int8 = _result("mtbert_fast[cpu]", [1400.0, 1500.0, 600.0], dtype="int8")
+    peer = _result("onnxruntime[int8]", [1000.0, 1000.0, 1000.0], dtype="int8")
+    own = _result(measure.OWN_BF16, [1000.0, 1000.0, 500.0], dtype="int8")
+    assert measure._beside_own_bf16([int8, peer, own]) == [int8, peer]
+    assert int8.own_bf16_tokens_per_s == [1000.0, 1000.0, 500.0] and peer.own_bf16_tokens_per_s == []
+    assert int8.over_own_bf16 == (pytest.approx(1.4), pytest.approx(1.4)) and peer.over_own_bf16 is None
+    assert measure._beside_own_bf16([int8, peer]) == [int8, peer], "no reference: the rows as they are"

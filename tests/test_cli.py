@@ -83,6 +83,9 @@ def test_bench_ranks_mtbert_fast_against_a_peer_in_fp32_and_int8(monkeypatch, ca
     int8 = [r for r in rows if "int8" in r]
     assert {r[r.index("int8") - 1] for r in int8} >= {"ctranslate2"} and all(r[-1] == "ok" for r in int8)
     assert {"mtbert_fast[cpu]", "mtbert_fast[cpu,bf16-act]"} <= {r[r.index("int8") - 1] for r in int8}
+    ours = [r for r in int8 if r[r.index("int8") - 1].startswith("mtbert_fast")]
+    assert all(r[r.index("ctranslate2") + 1].endswith("x") for r in ours), "int8 over our own bf16, same rounds"
+    assert measure.OWN_BF16 not in "\n".join(lines), "the bf16 reference gets no row of its own"
 
 
 def test_bench_multitask(tmp_path, monkeypatch, capsys):

@@ -19,7 +19,8 @@ difference, and the lowest cosine between mean-pooled outputs) and warms up (tor
 call on the point's largest batch measures peak memory; in each timed repetition every provider then runs all the
 point's batches in a row, the first provider rotating (after a pause and an untimed pass over them, see
 _time_point). Throughput counts real tokens only; each ratio is against HF sdpa in the same dtype at the
-same point (int8 rows: HF sdpa float32), measured in the same run; the roofline fraction is the encoder's FLOPs on
+same point (int8 rows: HF sdpa float32), measured in the same run; mtbert_fast's int8 rows also carry their ratio
+over mtbert_fast's own bfloat16 model, which runs in the int8 point's repetitions for it; the roofline fraction is the encoder's FLOPs on
 the real tokens over the time, against this machine's measured GEMM rate in that dtype (int8: int8 products). Task
 "multitask" adds MultiTaskBert (sequence-cls + token-cls + masked-LM heads on one pass, 15% of tokens masked)
 against the three separate HF task models, at the largest batch and length (not for ELECTRA, whose masked-LM model
@@ -69,6 +70,7 @@ SETTLE_S = 0.3  # the pause before each provider's turn at a point (see _time_po
 BASELINE = "hf-sdpa"
 MULTITASK_BASELINE = "hf-3-models"  # the three HF task models, one after the other
 HF_PROVIDERS = ("hf-eager", BASELINE, MULTITASK_BASELINE)
+OWN_BF16 = "mtbert_fast bfloat16"  # the int8 points' reference: mtbert_fast's bfloat16 model, timed beside int8
 FP32_TOLERANCE = 1e-4
 INT8_MIN_COSINE = 0.8  # int8 rows: only catches broken outputs; the cosine itself is shown for every provider
 MLM_FRACTION = 0.15
@@ -119,6 +121,8 @@ class Result:
     gemm_flops_per_s: float = float("nan")
     backends: str = ""
     min_cosine: float = float("nan")  # lowest cosine between mean-pooled outputs and HF fp32's (encoder task)
+    # mtbert_fast's int8 rows: its bfloat16 model's tokens/s in the same repetitions (empty where it did not run)
+    own_bf16_tokens_per_s: list[float] = dataclasses.field(default_factory=list)
 
     @property
     def median(self) -> float:
@@ -140,6 +144,15 @@ class Result:
     @property
     def roofline(self) -> float:
         return self.flops * self.median / self.real_tokens / self.gemm_flops_per_s
+
+    @property
+    def over_own_bf16(self) -> tuple[float, float | None] | None:
+        """(of medians, per round): tokens/s over mtbert_fast's own bfloat16 model timed in the same repetitions;
+        None where that model did not run beside this row."""
+        if not self.own_bf16_tokens_per_s:
+            return None
+        return (self.median / float(np.median(self.own_bf16_tokens_per_s)),
+                harness.median_ratio(self.tokens_per_s, self.own_bf16_tokens_per_s))
 
     def latency_ms(self, q: float) -> float:
         return float(np.percentile(self.latencies_s, q)) * 1e3
@@ -534,7 +547,9 @@ def _hf_calls(hf32, ref_model, dtype: torch.dtype) -> dict:
 def _fast_calls(cfg, hf32, dtype_name: str, device, skipped: dict) -> tuple[dict, dict]:
     """(mtbert_fast provider -> call, provider -> Result fields): one per backend that can run in that dtype;
     int8: swap(dtype=torch.qint8) with --backend, with float32 activations (`mtbert_fast[b]`) and bfloat16 ones
-    (`mtbert_fast[b,bf16-act]`, the model cast to bfloat16 first); a skip where swap refuses qint8."""
+    (`mtbert_fast[b,bf16-act]`, the model cast to bfloat16 first); a skip where swap refuses qint8. Beside them,
+    OWN_BF16: the model swapped in bfloat16 (the first backend that runs it), the int8 rows' reference (see
+    _beside_own_bf16); a skip where no backend runs bfloat16."""
     dtype = DTYPES[dtype_name]
     if dtype_name == INT8:
         calls, extra = {}, {}
@@ -547,6 +562,12 @@ def _fast_calls(cfg, hf32, dtype_name: str, device, skipped: dict) -> tuple[dict
                 continue
             calls[name] = lambda batch, m=m: [_real_rows(m(**batch), batch)]
             extra[name] = {"backends": f"int8, {cfg.backend}, {str(activations).replace('torch.', '')} activations"}
+        usable, why_not = fast_backends(device, torch.bfloat16, cfg.backend)
+        if calls and usable:
+            m = mtbert_fast.swap(copy.deepcopy(hf32), backend=usable[0], dtype=torch.bfloat16)
+            calls[OWN_BF16] = lambda batch, m=m: [_real_rows(m(**batch), batch)]
+        elif calls:
+            skipped[f"{OWN_BF16} int8"] = "; ".join(f"{b}: {why}" for b, why in why_not.items())
         return calls, extra
     usable, why_not = fast_backends(device, dtype, cfg.backend)
     for b, why in why_not.items():
@@ -575,7 +596,8 @@ def _encoder_runs(cfg, model: _Model, dtype_name: str, device, points, gemm_rate
     for point in points:
         _progress(f"  {model.name} {dtype_name} {point[0]} B={point[1]}: {', '.join(calls)}")
         reference = [[_real_rows(ref_model(**b), b)] for b in point[3]]
-        rs = _run_point(point, calls, reference, model.name, "encoder", dtype_name, device, cfg.repeats, extra)
+        rs = _beside_own_bf16(_run_point(point, calls, reference, model.name, "encoder", dtype_name, device,
+                                         cfg.repeats, extra))
         for r in rs:
             r.flops = sum(harness.encoder_flops(sizes, b["attention_mask"].sum(1).tolist(), pooler=pooler)
                           for b in point[3])  # fmt: skip
@@ -583,6 +605,19 @@ def _encoder_runs(cfg, model: _Model, dtype_name: str, device, points, gemm_rate
         _set_limits(rs, dtype_name, "hf-eager")
         results += rs
     return results
+
+
+def _beside_own_bf16(results: list[Result]) -> list[Result]:
+    """The point's rows without OWN_BF16's, whose tokens/s per repetition go to each mtbert_fast int8 row (its
+    ratio over our own bfloat16 model, paired repetition by repetition: each ran in the same repetitions)."""
+    ref = next((r for r in results if r.provider == OWN_BF16), None)
+    if ref is None:
+        return results
+    rest = [r for r in results if r is not ref]
+    for r in rest:
+        if r.provider.startswith("mtbert_fast"):
+            r.own_bf16_tokens_per_s = list(ref.tokens_per_s)
+    return rest
 
 
 def _multitask_runs(cfg, model: _Model, dtype_name: str, device, sentences) -> list[Result]:

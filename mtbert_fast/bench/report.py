@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+
+import numpy as np
 from typing import NamedTuple
 
 from mtbert_fast.bench import harness
@@ -17,7 +19,8 @@ CSV_FIELDS = harness.META_FIELDS + [
     "model", "task", "point", "batch", "max_length", "provider", "dtype", "sentences", "batches", "real_tokens",
     "padded_tokens", "repeats", "threads", "tokens_per_s_median", "tokens_per_s_p10", "tokens_per_s_p90",
     "latency_p50_ms", "latency_p90_ms", "peak_mem_mib", "speedup_vs_hf_sdpa", "speedup_vs_fastest_peer",
-    "speedup_vs_fastest_peer_per_round", "fastest_peer", "roofline_fraction", "gemm_gflops", "max_abs_diff",
+    "speedup_vs_fastest_peer_per_round", "fastest_peer", "own_bf16_tokens_per_s_median", "speedup_vs_own_bf16",
+    "speedup_vs_own_bf16_per_round", "roofline_fraction", "gemm_gflops", "max_abs_diff",
     "min_cosine", "parity_limit", "parity", "backends",
 ]  # fmt: skip
 
@@ -69,8 +72,8 @@ def format_table(results: list[Result], meta: dict[str, str], skipped: dict[str,
         "",
     ]
     headers = ["model", "task", "point", "B", "provider", "dtype", "real tok/s", "p10-p90", "p50 ms", "p90 ms",
-               "peak MiB", "vs base", "vs peer", "per round", "fastest peer", "roofline", "max|diff|", "cos",
-               "parity"]  # fmt: skip
+               "peak MiB", "vs base", "vs peer", "per round", "fastest peer", "vs bf16", "roofline", "max|diff|",
+               "cos", "parity"]  # fmt: skip
     rows = []
     for r in results:
         x = ratio[id(r)]
@@ -80,12 +83,12 @@ def format_table(results: list[Result], meta: dict[str, str], skipped: dict[str,
             r.model, r.task, r.point, str(r.batch), r.provider, r.dtype, f"{r.median:,.0f}",
             f"{t.p10:,.0f}-{t.p90:,.0f}", f"{r.latency_ms(50):.1f}", f"{r.latency_ms(90):.1f}",
             f"{r.peak_mem_bytes / 2**20:.1f}", _ratio(x), _ratio(vs_peer.of_medians), _ratio(vs_peer.per_round),
-            vs_peer.peer,
+            vs_peer.peer, _ratio(own[1]) if (own := r.over_own_bf16) else "-",
             f"{100 * r.roofline:.0f}%" if math.isfinite(r.roofline) else "-", f"{r.max_abs_diff:.1e}",
             f"{r.min_cosine:.4f}" if math.isfinite(r.min_cosine) else "-", "ok" if r.parity_ok else "FAIL",
         ])  # fmt: skip
     widths = [max(len(c) for c in col) for col in zip(headers, *rows)]
-    right = set(range(6, 14)) | {15, 16, 17}
+    right = set(range(6, 14)) | {15, 16, 17, 18}
     fmt = lambda cells: "  ".join(  # noqa: E731
         c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
     ).rstrip()
@@ -101,6 +104,8 @@ def format_table(results: list[Result], meta: dict[str, str], skipped: dict[str,
         "dtype at the same point; per round: the median over the timed repetitions of the same ratio within one "
         "repetition (each runs every provider of the point, seconds apart), which a changing machine load moves "
         "less; fastest peer: which one",
+        "vs bf16: an mtbert_fast int8 row's real tokens/s over mtbert_fast's own bfloat16 model, which runs in the "
+        "int8 point's repetitions for this, the median of the per-repetition ratios",
         "roofline: encoder FLOPs on the real tokens per second over the measured GEMM rate in that dtype (int8: "
         "the faster of torch._int_mm and oneDNN's int8 linear); peak MiB: memory a call added at its peak (RSS on "
         "cpu)",
@@ -130,6 +135,7 @@ def append_csv(results: list[Result], meta: dict[str, str], out_dir: Path) -> Pa
         x = ratio[id(r)]
         vs_peer = peer.get(id(r), PeerRatio(None, None, ""))
         t = harness.Timing(r.tokens_per_s)
+        own = r.over_own_bf16
         rows.append({
             **meta, "model": r.model, "task": r.task, "point": r.point, "batch": r.batch,
             "max_length": r.max_length, "provider": r.provider, "dtype": r.dtype, "batches": r.batches,
@@ -140,6 +146,9 @@ def append_csv(results: list[Result], meta: dict[str, str], out_dir: Path) -> Pa
             "speedup_vs_hf_sdpa": _fixed(x),
             "speedup_vs_fastest_peer": _fixed(vs_peer.of_medians),
             "speedup_vs_fastest_peer_per_round": _fixed(vs_peer.per_round), "fastest_peer": vs_peer.peer,
+            "own_bf16_tokens_per_s_median": f"{np.median(r.own_bf16_tokens_per_s):.1f}" if own else "",
+            "speedup_vs_own_bf16": _fixed(own[0] if own else None),
+            "speedup_vs_own_bf16_per_round": _fixed(own[1] if own else None),
             "roofline_fraction": f"{r.roofline:.4f}" if math.isfinite(r.roofline) else "",
             "gemm_gflops": f"{r.gemm_flops_per_s / 1e9:.1f}" if math.isfinite(r.gemm_flops_per_s) else "",
             "max_abs_diff": f"{r.max_abs_diff:.3e}", "parity_limit": f"{r.parity_limit:.3e}",
