@@ -253,8 +253,9 @@ struct Int8Epilogue {
     }
   }
 
-  // `cost`: the epilogue's work per element in units of a plain pass over it (row_grain's), so that a few rows of
-  // GELU or LayerNorm still split over the threads.
+  // epilogue(row, dq, scratch) runs once per row, with the row's RowDequant and N floats of this thread's scratch
+  // space. `cost`: the epilogue's work per element in units of a plain pass over it (row_grain's), so that a few rows
+  // of GELU or LayerNorm still split over the threads.
   template <typename Epilogue>
   void run(const Epilogue& epilogue, int64_t cost = 1) const {
     const at::Tensor sc = scale.contiguous(), zc = zero.contiguous();
@@ -263,16 +264,24 @@ struct Int8Epilogue {
     const at::Tensor xo = k ? outlier_x->contiguous() : at::Tensor(), wo = k ? outlier_w->contiguous() : at::Tensor();
     const float* xo_p = k ? xo.const_data_ptr<float>() : nullptr;
     const float* wo_p = k ? wo.const_data_ptr<float>() : nullptr;
+    const float *sc_p = sc.const_data_ptr<float>(), *zc_p = zc.const_data_ptr<float>();
+    const float *wsc_p = wsc.const_data_ptr<float>(), *wsm_p = wsm.const_data_ptr<float>();
+    // this thread's scratch row, taken once per parallel task
+    const auto scratch = [N] {
+      thread_local std::vector<float> row;
+      row.resize(static_cast<size_t>(N));
+      return row.data();
+    };
     // the epilogue of one row whose sums are at acc_row
-    const auto row_epilogue = [&](int64_t row, const auto* acc_row) {
+    const auto row_epilogue = [&](int64_t row, const auto* acc_row, float* space) {
       const RowDequant<std::remove_const_t<std::remove_pointer_t<decltype(acc_row)>>> dq{
-          acc_row, wsc.const_data_ptr<float>(), wsm.const_data_ptr<float>(), sc.const_data_ptr<float>()[row],
-          zc.const_data_ptr<float>()[row], k ? xo_p + row * k : nullptr, wo_p, k};
-      epilogue(row, dq);
+          acc_row, wsc_p, wsm_p, sc_p[row], zc_p[row], k ? xo_p + row * k : nullptr, wo_p, k};
+      epilogue(row, dq, space);
     };
     const auto each_row = [&](const auto* acc_p) {
       at::parallel_for(0, M, std::max<int64_t>(1, row_grain(N * cost)), [&](int64_t r0, int64_t r1) {
-        for (int64_t row = r0; row < r1; ++row) row_epilogue(row, acc_p + row * N);
+        float* space = scratch();
+        for (int64_t row = r0; row < r1; ++row) row_epilogue(row, acc_p + row * N, space);
       });
     };
     if (!panels.has_value()) {
@@ -305,10 +314,11 @@ struct Int8Epilogue {
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       thread_local std::vector<int32_t> sums;  // the block's int32 sums [rows, N]
       sums.resize(static_cast<size_t>((base + 1) * N));
+      float* space = scratch();
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * base + std::min(b, extra), rows = base + (b < extra ? 1 : 0);
         cpu::int8::panel_rows(a_p + r0 * lda, rows, lda, K4, w_p, P, sums.data(), N);
-        for (int64_t r = 0; r < rows; ++r) row_epilogue(r0 + r, sums.data() + r * N);
+        for (int64_t r = 0; r < rows; ++r) row_epilogue(r0 + r, sums.data() + r * N, space);
       }
     });
   }
@@ -338,23 +348,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows_cpu(const at::Tenso
 // Quantized rows [M, N] (new_quantized_rows) with their scales and zeros, to be filled row by row by quantize_row.
 struct QuantizedRows {
   at::Tensor q, scale, zero;
+  uint8_t* q_p;
+  float *scale_p, *zero_p;
+  int64_t ldq;
 
   QuantizedRows(int64_t M, int64_t N, const at::Tensor& like)
       : q(cpu::int8::new_quantized_rows(M, N, like.options())),
         scale(at::empty({M}, like.options().dtype(at::kFloat))),
-        zero(at::empty({M}, like.options().dtype(at::kFloat))) {}
+        zero(at::empty({M}, like.options().dtype(at::kFloat))),
+        q_p(q.mutable_data_ptr<uint8_t>()),
+        scale_p(scale.mutable_data_ptr<float>()),
+        zero_p(zero.mutable_data_ptr<float>()),
+        ldq(q.stride(0)) {}
 
   template <typename ValueOf>
   void quantize(int64_t row, int64_t N, const ValueOf& value_of) {
-    quantize_row(N, value_of, q.mutable_data_ptr<uint8_t>() + row * q.stride(0), scale.mutable_data_ptr<float>() + row,
-                 zero.mutable_data_ptr<float>() + row);
+    quantize_row(N, value_of, q_p + row * ldq, scale_p + row, zero_p + row);
   }
 
   // The same for a row whose range was taken as its values were made.
   template <typename ValueOf>
   void quantize_in(int64_t row, int64_t N, const RowRange& range, const ValueOf& value_of) {
-    quantize_row_in(N, range, value_of, q.mutable_data_ptr<uint8_t>() + row * q.stride(0),
-                    scale.mutable_data_ptr<float>() + row, zero.mutable_data_ptr<float>() + row);
+    quantize_row_in(N, range, value_of, q_p + row * ldq, scale_p + row, zero_p + row);
   }
 };
 
@@ -381,7 +396,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& acc, const at::Tensor& scale, const
     using T = decltype(t);
     T* o = out.mutable_data_ptr<T>();
     const ParamF32<T> b(bc.const_data_ptr<T>(), N);  // converted once, read by every row
-    prod.run([&](int64_t row, const auto& dq) {
+    prod.run([&](int64_t row, const auto& dq, float*) {
       dq(N, b.data(), [&](int64_t d, auto n, const fVec& y) { store(o + row * N + d, y, n); });
     });
   });
@@ -418,20 +433,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_linear_gelu_quan
   at::Tensor kept = at::empty({M, kept_n}, acc.options().dtype(at::kFloat));
   float* kept_p = kept.mutable_data_ptr<float>();
   const at::Tensor bc = bias.contiguous();
+  const float* m = mc.const_data_ptr<float>();
   const auto epilogue = [&](auto k, const float* b) {
     constexpr GeluKind K = decltype(k)::value;
-    prod.run([&](int64_t row, const auto& dq) {
-      thread_local std::vector<float> g;  // the row after GELU, in fp32
-      g.resize(N);
-      const float* m = mc.const_data_ptr<float>();
+    prod.run([&](int64_t row, const auto& dq, float* g) {  // g: the row after GELU, in fp32
       RowRange range;  // of the smoothed GELU output, taken in the same pass
       dq(N, b, [&](int64_t d, auto n, const fVec& y) {
         const fVec v = gelu<K>(y);
-        store(g.data() + d, v, n);
+        store(g + d, v, n);
         range.add(v * load(m + d, n), n);
       });
       for (int64_t j = 0; j < kept_n; ++j) kept_p[row * kept_n + j] = g[keep_p[j]];
-      out.quantize_in(row, N, range, [&](int64_t d, auto n) { return load(g.data() + d, n) * load(m + d, n); });
+      out.quantize_in(row, N, range, [&](int64_t d, auto n) { return load(g + d, n) * load(m + d, n); });
     }, kGeluEpilogueCost);
   };
   dispatch_float_bf16(bias.scalar_type(), [&](auto t) {
@@ -470,17 +483,15 @@ at::Tensor residual_layer_norm(const char* op, const Int8Epilogue& prod, const a
     const ParamF32<T> b(bc.const_data_ptr<T>(), N);
     const ParamF32<W> nw(wc.const_data_ptr<W>(), N), nb(nbc.const_data_ptr<W>(), N);
     T* o = out.mutable_data_ptr<T>();
-    prod.run([&](int64_t row, const auto& dq) {
-      thread_local std::vector<float> s;  // the row's pre-norm values, in fp32
-      s.resize(N);
+    prod.run([&](int64_t row, const auto& dq, float* s) {  // s: the row's pre-norm values, in fp32
       fVec sum(0.f);
       dq(N, b.data(), [&](int64_t d, auto n, const fVec& y) {
         const fVec v = y + load(res + row * N + d, n);
-        store(s.data() + d, v, n);
+        store(s + d, v, n);
         sum += keep_lanes(v, n);
       });
       float mean, rstd;
-      layer_norm_row(s.data(), lane_sum(sum), nw.data(), nb.data(), eps, o + row * N, &mean, &rstd, N);
+      layer_norm_row(s, lane_sum(sum), nw.data(), nb.data(), eps, o + row * N, &mean, &rstd, N);
       after_row(row, static_cast<const T*>(o + row * N));
     }, kLayerNormEpilogueCost);
   });
