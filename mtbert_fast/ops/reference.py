@@ -202,12 +202,12 @@ def scatter_rows(x: torch.Tensor, indices: torch.Tensor, num_rows: int) -> torch
 
 def quantize_rows(x: torch.Tensor, smooth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each row of x * smooth as uint8 with an fp32 scale and an integer zero in [0, 255]: x * smooth ~= scale *
-    (q - zero), asymmetric over [min(row, 0), max(row, 0)], ties rounded to even.  x [N, K], smooth fp32 [K] ->
-    q uint8 [N, K], scale, zero fp32 [N]."""
+    (q - zero), asymmetric over [min(row, 0), max(row, 0)], ties rounded to even; a row holding NaN or an infinity
+    gets a NaN scale (it dequantizes to NaN).  x [N, K], smooth fp32 [K] -> q uint8 [N, K], scale, zero fp32 [N]."""
     v = x.float() * smooth
     lo = v.amin(1).clamp(max=0)
     hi = v.amax(1).clamp(min=0)
-    scale = (hi - lo) / 255
+    scale = torch.where(v.isfinite().all(1), (hi - lo) / 255, torch.nan)
     inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
     zero = torch.round(-lo * inv)
     q = (torch.round(v * inv[:, None]) + zero[:, None]).clamp(0, 255).to(torch.uint8)

@@ -368,6 +368,30 @@ def test_int8_sums_errors_name_the_problem():
         ops.int8_sums(torch.zeros(1, k, dtype=torch.uint8), torch.zeros(1), torch.zeros(1, k, dtype=torch.int8))
 
 
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_a_row_holding_nan_or_inf_dequantizes_to_nan(backend, dtype, bad):
+    """Such a row gets a NaN scale, so every product that reads it comes out NaN in that row (never finite values
+    made from a broken range); the other rows are quantized as without it, and a GELU or LayerNorm epilogue that
+    quantizes its output again hands the NaN on."""
+    x = _rows(6, 40, torch.float32)
+    x[2, 7] = bad
+    smooth = rand(40, seed=5).abs() + 0.5
+    q, scale, zero = backend.forward(*backend.to(x.to(dtype), smooth))
+    assert scale[2].isnan() and scale[torch.arange(6) != 2].isfinite().all()
+    keep = torch.arange(6) != 2
+    want = reference.quantize_rows(x.to(dtype)[keep], smooth)
+    _assert_quantized_close((q[keep], scale[keep], zero[keep]), want)
+    w, ws, wsum = _weights(24, 40)
+    acc = reference.int8_sums(q.cpu(), w).to(torch.int32)
+    args = (acc, scale.cpu(), zero.cpu(), ws, wsum, rand(24, seed=7, dtype=dtype))
+    y = ops.int8_linear(*backend.to(*args), backend=backend.name).cpu()
+    assert y[2].isnan().all() and y[keep].isfinite().all()
+    *h, _ = ops.int8_linear_gelu_quantize(*backend.to(*args), "none", backend.to(rand(24, seed=8).abs() + 0.5)[0],
+                                          backend=backend.name)
+    assert h[1][2].isnan() and h[1][keep].isfinite().all()
+
+
 # ---- the epilogues -----------------------------------------------------------------------------------------------
 
 
