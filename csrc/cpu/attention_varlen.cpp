@@ -588,17 +588,6 @@ C10_ALWAYS_INLINE void prefetch_share(const Geometry& g, const ST* qkv, const Qu
   }
 }
 
-// at::vec::maximum propagates NaN at the price of a compare and a blend; a NaN score gives a NaN output anyway.
-inline Vec max_ignoring_nan(const Vec& a, const Vec& b) {
-#if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_max_ps(a, b);
-#elif defined(CPU_CAPABILITY_AVX2)
-  return _mm256_max_ps(a, b);
-#else
-  return at::vec::maximum(a, b);
-#endif
-}
-
 // The score of a key outside the window: exp2_row makes it 0 against any finite row maximum, where -inf would
 // give NaN (exp2_nonpositive's fraction of -inf is -inf - -inf).
 constexpr float kMasked = std::numeric_limits<float>::lowest();
@@ -651,7 +640,7 @@ struct StoreScores {
           x = acc[r][v] * vscale;
         }
         if ((v + 1) * kLanes > cols) x = Vec::set(minus_inf, x, std::max<int64_t>(0, cols - v * kLanes));
-        m = max_ignoring_nan(m, x);
+        m = cpu::max_ignoring_nan(m, x);  // a NaN score gives a NaN output anyway
       }
       row_max[r] = m;
     }

@@ -78,27 +78,6 @@ inline void store_uint8(uint8_t* p, const fVec& v, const fVec& zero, int64_t n) 
 }
 inline void store_uint8(uint8_t* p, const fVec& v, const fVec& zero, Full) { store_uint8(p, v, zero, kVec); }
 
-// min and max of two vectors that need not propagate NaN (RowRange tracks NaN apart): one instruction each, where
-// at::vec::minimum and maximum spend three.
-inline fVec plain_min(const fVec& a, const fVec& b) {
-#if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_min_ps(a, b);
-#elif defined(CPU_CAPABILITY_AVX2)
-  return _mm256_min_ps(a, b);
-#else
-  return at::vec::minimum(a, b);
-#endif
-}
-inline fVec plain_max(const fVec& a, const fVec& b) {
-#if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_max_ps(a, b);
-#elif defined(CPU_CAPABILITY_AVX2)
-  return _mm256_max_ps(a, b);
-#else
-  return at::vec::maximum(a, b);
-#endif
-}
-
 // The range of a row's values as it is read, lane by lane: lo = min(v, 0), hi = max(v, 0); and `bad`, the sum of
 // v * 0, which turns NaN once any value is NaN or infinite (the range then reads NaN, see quantize_row_in).
 struct RowRange {
@@ -107,8 +86,8 @@ struct RowRange {
   template <typename Lanes>
   void add(const fVec& v, Lanes n) {
     const fVec k = keep_lanes(v, n);
-    lo = plain_min(lo, k);
-    hi = plain_max(hi, k);
+    lo = min_ignoring_nan(lo, k);
+    hi = max_ignoring_nan(hi, k);
     bad = at::vec::fmadd(k, fVec(0.f), bad);
   }
 };
@@ -123,9 +102,9 @@ inline void quantize_row_in(int64_t K, const RowRange& range, const ValueOf& val
                             float* zero) {
   const bool finite = !std::isnan(lane_sum(range.bad));
   const float lo_s = finite ? at::vec::vec_reduce_all<float>(
-      [](const fVec& a, const fVec& b) { return plain_min(a, b); }, range.lo) : NAN;
+      [](const fVec& a, const fVec& b) { return min_ignoring_nan(a, b); }, range.lo) : NAN;
   const float hi_s = finite ? at::vec::vec_reduce_all<float>(
-      [](const fVec& a, const fVec& b) { return plain_max(a, b); }, range.hi) : NAN;
+      [](const fVec& a, const fVec& b) { return max_ignoring_nan(a, b); }, range.hi) : NAN;
   const float s = (hi_s - lo_s) / 255.f;
   const float inv = s > 0.f ? 1.f / s : 0.f;
   const float z = std::nearbyint(-lo_s * inv);

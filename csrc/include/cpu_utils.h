@@ -115,6 +115,27 @@ inline Acc reduce_vecs(int64_t D, const Acc& zero, const F& f) {
   return (a0 + a1) + (a2 + a3);
 }
 
+// min and max of two vectors for callers that need not propagate NaN (or track it apart): one instruction each,
+// where at::vec::minimum and maximum add a compare and a blend.
+inline fVec min_ignoring_nan(const fVec& a, const fVec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_min_ps(a, b);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_min_ps(a, b);
+#else
+  return at::vec::minimum(a, b);
+#endif
+}
+inline fVec max_ignoring_nan(const fVec& a, const fVec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_max_ps(a, b);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_max_ps(a, b);
+#else
+  return at::vec::maximum(a, b);
+#endif
+}
+
 // Sum of a vector's lanes.
 inline float lane_sum(const fVec& v) { return at::vec::vec_reduce_all<float>(std::plus<fVec>(), v); }
 
