@@ -16,7 +16,7 @@
 // when Python calls them one by one; here they follow each other through the C++ dispatcher.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/index_select.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -24,6 +24,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "cpu_utils.h"
 
 namespace mtbert_fast {
 namespace {
@@ -55,6 +56,26 @@ using Attention = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at
                                                      const OptTensor&, const OptTensor&, int64_t, const OptTensor&,
                                                      const OptTensor&, const OptTensor&);
 
+// x [T, H]'s columns `index` (int64 [k], checked in [0, H)) as fp32 [T, k]: ATen's index_select along the columns
+// and a cast, in one pass that takes a fraction of their time on short inputs.
+at::Tensor gather_columns(const at::Tensor& x, const at::Tensor& index) {
+  const int64_t T = x.size(0), H = x.size(1), k = index.numel();
+  const at::Tensor xc = x.contiguous(), ic = index.contiguous();
+  const int64_t* ix = ic.const_data_ptr<int64_t>();
+  for (int64_t j = 0; j < k; ++j) {
+    TORCH_CHECK(ix[j] >= 0 && ix[j] < H, "outlier_index holds channel ", ix[j], ", outside [0, ", H, ")");
+  }
+  at::Tensor out = at::empty({T, k}, x.options().dtype(at::kFloat));
+  float* o = out.mutable_data_ptr<float>();
+  cpu::dispatch_float_bf16(x.scalar_type(), [&](auto t) {
+    using S = decltype(t);
+    const S* src = xc.const_data_ptr<S>();
+    for (int64_t r = 0; r < T; ++r)
+      for (int64_t j = 0; j < k; ++j) o[r * k + j] = static_cast<float>(src[r * H + ix[j]]);
+  });
+  return out;
+}
+
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> kernel_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
@@ -71,7 +92,7 @@ struct Product {
   // The product's outlier_x and outlier_w for the float input x (none where it has no outlier channels).
   std::pair<OptTensor, OptTensor> outliers(const at::Tensor& x) const {
     if (w[5].numel() == 0) return {};
-    return {at::index_select(x, 1, w[5]).to(at::kFloat), w[6]};
+    return {gather_columns(x, w[5]), w[6]};
   }
   // The same for inputs already gathered at the outlier channels (kept [T, k] fp32).
   std::pair<OptTensor, OptTensor> kept(const at::Tensor& kept) const {

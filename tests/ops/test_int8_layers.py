@@ -131,6 +131,10 @@ def test_errors_name_the_problem(backend, call):
     bad[2 * 7 + 5] = bad[2 * 7 + 5].int()
     with pytest.raises((ValueError, RuntimeError), match="layer 0, the intermediate product.*outlier_index"):
         run(x, cu, max_seqlen, bad, heads, scale)
+    bad = list(weights)  # layer 0's QKV product: an outlier channel past x's 16 columns
+    bad[5] = torch.tensor([16])
+    with pytest.raises((ValueError, RuntimeError), match="layer 0, the QKV product.*outlier_index holds channel 16"):
+        run(x, cu, max_seqlen, bad, heads, scale)
     bad = list(weights)  # layer 1's attention output product: panels of another weight
     bad[PER_LAYER + 7] = ops.pack_int8_panels(torch.ones(16, 24, dtype=torch.int8))
     with pytest.raises((ValueError, RuntimeError), match="layer 1, the attention output product.*panels"):
