@@ -294,8 +294,13 @@ def _forward_with_signature(hf_forward) -> types.FunctionType:
     """A forward that keeps HF's signature (as inspect.signature shows it and as positional arguments map to it)
     and runs `_swapped_forward`: a swapped BertModel is called exactly as before."""
     signature = inspect.signature(hf_forward)
+    params = list(signature.parameters.values())[1:]
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    any_keyword = any(p.kind is p.VAR_KEYWORD for p in params)
 
     def forward(self, *args, **kwargs):
+        if not args and (any_keyword or kwargs.keys() <= named):  # keywords alone: bind would hand them on as given
+            return _swapped_forward(self, **kwargs)
         arguments = signature.bind(self, *args, **kwargs).arguments
         arguments.pop(next(iter(signature.parameters)))
         for name, param in signature.parameters.items():

@@ -257,6 +257,25 @@ def test_positional_arguments_keep_their_meaning(model_backend, bert_config, mak
     assert (plain.last_hidden_state - out.last_hidden_state)[mask.bool()].abs().max() > 1e-2
 
 
+def test_keyword_calls_mean_what_bound_ones_do(model_backend, bert_config, make_hf, ragged_batch):
+    """A call with keywords alone skips binding them to HF's signature: the same output as the same arguments given
+    positionally; an argument that the swapped encoder does not take is refused either way."""
+    config = bert_config()
+    model = make_hf(BertModel, config)
+    ids, mask = ragged_batch(config, [6, 12])
+    types = torch.ones_like(ids) * mask
+    swap(model, backend=model_backend)
+    with torch.no_grad():
+        bound = model(ids, mask, types)
+        keywords = model(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    assert torch.equal(bound.last_hidden_state, keywords.last_hidden_state)
+    assert torch.equal(bound.pooler_output, keywords.pooler_output)
+    with pytest.raises(TypeError, match="unexpected arguments for the swapped encoder: bogus"):
+        model(input_ids=ids, bogus=1)
+    with pytest.raises(TypeError, match="unexpected arguments for the swapped encoder: bogus"):
+        model(ids, bogus=1)
+
+
 @pytest.mark.parametrize("cls", [BertModel, BertForSequenceClassification, RobertaForMaskedLM],
                          ids=lambda c: c.__name__)
 def test_output_hidden_states(cls, model_backend, bert_config, roberta_config, make_hf, ragged_batch,
