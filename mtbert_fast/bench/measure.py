@@ -20,11 +20,11 @@ call on the point's largest batch measures peak memory; in each timed repetition
 point's batches in a row, the first provider rotating (after a pause and an untimed pass over them, see
 _time_point). Throughput counts real tokens only; each ratio is against HF sdpa in the same dtype at the
 same point (int8 rows: HF sdpa float32), measured in the same run; mtbert_fast's int8 rows also carry their ratio
-over mtbert_fast's own bfloat16 model, which runs in the int8 point's repetitions for it; the roofline fraction is the encoder's FLOPs on
-the real tokens over the time, against this machine's measured GEMM rate in that dtype (int8: int8 products). Task
-"multitask" adds MultiTaskBert (sequence-cls + token-cls + masked-LM heads on one pass, 15% of tokens masked)
-against the three separate HF task models, at the largest batch and length (not for ELECTRA, whose masked-LM model
-is its generator, which MultiTaskBert does not map).
+over mtbert_fast's own bfloat16 model, which runs in the int8 point's repetitions for it; the roofline fraction is
+the encoder's FLOPs on the real tokens over the time, against this machine's measured GEMM rate in that dtype (int8:
+int8 products). Task "multitask" adds MultiTaskBert (sequence-cls + token-cls + masked-LM heads on one pass, 15% of
+tokens masked) against the three separate HF task models, at the largest batch and length (not for ELECTRA, whose
+masked-LM model is its generator, which MultiTaskBert does not map).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import tempfile
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -146,13 +147,19 @@ class Result:
         return self.flops * self.median / self.real_tokens / self.gemm_flops_per_s
 
     @property
+    def own_bf16_median(self) -> float | None:
+        """The median tokens/s of mtbert_fast's own bfloat16 model in this row's repetitions; None where it did not
+        run beside this row."""
+        return float(np.median(self.own_bf16_tokens_per_s)) if self.own_bf16_tokens_per_s else None
+
+    @property
     def over_own_bf16(self) -> tuple[float, float | None] | None:
         """(of medians, per round): tokens/s over mtbert_fast's own bfloat16 model timed in the same repetitions;
         None where that model did not run beside this row."""
-        if not self.own_bf16_tokens_per_s:
+        own = self.own_bf16_median
+        if own is None:
             return None
-        return (self.median / float(np.median(self.own_bf16_tokens_per_s)),
-                harness.median_ratio(self.tokens_per_s, self.own_bf16_tokens_per_s))
+        return self.median / own, harness.median_ratio(self.tokens_per_s, self.own_bf16_tokens_per_s)
 
     def latency_ms(self, q: float) -> float:
         return float(np.percentile(self.latencies_s, q)) * 1e3
@@ -544,6 +551,11 @@ def _hf_calls(hf32, ref_model, dtype: torch.dtype) -> dict:
     return {n: (lambda b, m=m: [_real_rows(m(**b), b)]) for n, m in models.items()}
 
 
+def _rows_call(model) -> Callable[[dict], list[torch.Tensor]]:
+    """A provider's call: the swapped model on a batch -> [its output at the real tokens]."""
+    return lambda batch: [_real_rows(model(**batch), batch)]
+
+
 def _fast_calls(cfg, hf32, dtype_name: str, device, skipped: dict) -> tuple[dict, dict]:
     """(mtbert_fast provider -> call, provider -> Result fields): one per backend that can run in that dtype;
     int8: swap(dtype=torch.qint8) with --backend, with float32 activations (`mtbert_fast[b]`) and bfloat16 ones
@@ -560,12 +572,11 @@ def _fast_calls(cfg, hf32, dtype_name: str, device, skipped: dict) -> tuple[dict
             except (TypeError, ValueError, NotImplementedError) as exc:
                 skipped[f"{name} int8"] = f"mtbert_fast.swap(dtype=torch.qint8) refused: {exc}"
                 continue
-            calls[name] = lambda batch, m=m: [_real_rows(m(**batch), batch)]
+            calls[name] = _rows_call(m)
             extra[name] = {"backends": f"int8, {cfg.backend}, {str(activations).replace('torch.', '')} activations"}
         usable, why_not = fast_backends(device, torch.bfloat16, cfg.backend)
         if calls and usable:
-            m = mtbert_fast.swap(copy.deepcopy(hf32), backend=usable[0], dtype=torch.bfloat16)
-            calls[OWN_BF16] = lambda batch, m=m: [_real_rows(m(**batch), batch)]
+            calls[OWN_BF16] = _rows_call(mtbert_fast.swap(copy.deepcopy(hf32), backend=usable[0], dtype=torch.bfloat16))
         elif calls:
             skipped[f"{OWN_BF16} int8"] = "; ".join(f"{b}: {why}" for b, why in why_not.items())
         return calls, extra
@@ -574,8 +585,7 @@ def _fast_calls(cfg, hf32, dtype_name: str, device, skipped: dict) -> tuple[dict
         skipped[f"mtbert_fast[{b}]"] = why
     calls = {}
     for b in usable:
-        m = mtbert_fast.swap(copy.deepcopy(hf32), backend=b, dtype=dtype)
-        calls[f"mtbert_fast[{b}]"] = lambda batch, m=m: [_real_rows(m(**batch), batch)]
+        calls[f"mtbert_fast[{b}]"] = _rows_call(mtbert_fast.swap(copy.deepcopy(hf32), backend=b, dtype=dtype))
     return calls, {f"mtbert_fast[{b}]": {"backends": f"all ops on {b}"} for b in usable}
 
 

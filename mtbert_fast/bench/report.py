@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-
-import numpy as np
 from typing import NamedTuple
 
 from mtbert_fast.bench import harness
@@ -146,7 +144,7 @@ def append_csv(results: list[Result], meta: dict[str, str], out_dir: Path) -> Pa
             "speedup_vs_hf_sdpa": _fixed(x),
             "speedup_vs_fastest_peer": _fixed(vs_peer.of_medians),
             "speedup_vs_fastest_peer_per_round": _fixed(vs_peer.per_round), "fastest_peer": vs_peer.peer,
-            "own_bf16_tokens_per_s_median": f"{np.median(r.own_bf16_tokens_per_s):.1f}" if own else "",
+            "own_bf16_tokens_per_s_median": f"{r.own_bf16_median:.1f}" if own else "",
             "speedup_vs_own_bf16": _fixed(own[0] if own else None),
             "speedup_vs_own_bf16_per_round": _fixed(own[1] if own else None),
             "roofline_fraction": f"{r.roofline:.4f}" if math.isfinite(r.roofline) else "",
