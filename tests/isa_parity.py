@@ -1,7 +1,8 @@
 """Every C++ CPU op, forward and backward, against its PyTorch reference in fp32 and bf16, on the CPU build of the
 kernels this process loaded; run by test_cpu_isa.py in a subprocess per instruction set ($MTBERT_FAST_CPU_ISA).
 Left to tests/ops/test_int8.py (on the build loaded): the ops that quantize rows (quantize_rows and the epilogues
-ending in _quantize), whose uint8 results may move by a step where a value lies at a rounding tie.
+ending in _quantize), whose uint8 results may move by a step where a value lies at a rounding tie; to
+tests/ops/test_pack_mask.py: pack_mask, integer bookkeeping without vector code or floating-point results.
 Prints one JSON line: the instruction set loaded, the libraries of the extension loaded, the load error, and the
 cases that passed.
 
@@ -91,6 +92,15 @@ def main() -> None:
                 lambda x, i: ops.scatter_rows(x, i, 9, backend="cpu"),
                 lambda x, i: reference.scatter_rows(x, i, 9),
                 (x[:4], rows),
+            )
+            # the embeddings of 11 real tokens of a [2, 9] batch, rows of D = 100
+            ids = torch.randint(0, 37, (2, 9), generator=torch.Generator().manual_seed(40))
+            types = torch.randint(0, 2, (2, 9), generator=torch.Generator().manual_seed(41))
+            slots = torch.tensor([0, 1, 2, 3, 4, 5, 6, 9, 10, 11, 12])
+            cases["token_embeddings"] = (
+                lambda *t: ops.token_embeddings(ids, slots, types, *(a.detach() for a in t), 1e-5, backend="cpu"),
+                lambda *t: reference.token_embeddings(ids, slots, types, *t, 1e-5),
+                (_rand((37, D), dtype, 42), _rand((9, D), dtype, 43), _rand((2, D), dtype, 44), weight, beta),
             )
             V = 37
             labels = torch.tensor([3, -100, 0, 36, -100, 11, 5], dtype=torch.int64)

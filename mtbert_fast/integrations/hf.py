@@ -19,8 +19,8 @@ import torch.nn as nn
 
 from mtbert_fast.models.config import EncoderConfig, family_names
 from mtbert_fast.models.encoder import (
-    DisentangledWeights, EmbeddingWeights, Int8State, LayerCache, LayerWeights, disentangled_projections, encode,
-    quantize_encoder,
+    DisentangledWeights, EmbeddingWeights, Int8State, LayerCache, LayerWeights, PackedBatch, disentangled_projections,
+    encode, quantize_encoder,
 )
 from mtbert_fast.models.hf_mapping import HF_PREFIXES, LAYOUTS, HfLayout
 from mtbert_fast.models.int8 import DEFAULT_SMOOTHING, check_model_dtype
@@ -276,7 +276,7 @@ def _swapped_forward(
         stacks=stacks,
     )
     # after encode(), which has validated the mask
-    if pooler is not None and not out.packed.all_real and bool((attention_mask[:, 0] == 0).any()):
+    if pooler is not None and not out.packed.all_real and _first_column_padded(out.packed, attention_mask):
         warnings.warn(
             "left-padded batch: the swapped pooler reads each row's first real token, where HF's reads position 0 "
             "(a padding slot), so pooler_output and the heads that read it differ from HF's there; pad on the right "
@@ -288,6 +288,11 @@ def _swapped_forward(
         fields["pooler_output"] = out.pooler_output
     result = getattr(modeling_outputs, state.layout.output)(**fields)
     return result if return_dict else result.to_tuple()
+
+
+def _first_column_padded(packed: PackedBatch, attention_mask: torch.Tensor) -> bool:
+    known = packed.first_column_padded
+    return known if known is not None else bool((attention_mask[:, 0] == 0).any())
 
 
 def _forward_with_signature(hf_forward) -> types.FunctionType:

@@ -34,6 +34,9 @@ from mtbert_fast.ops.panel_linear import OP as panel_linear_op
 from mtbert_fast.ops.panel_linear import encoder_rows as panel_rows
 from mtbert_fast.ops.post_norm_layers import OP as post_norm_layers_op
 from mtbert_fast.ops.post_norm_layers import layer_weights
+from mtbert_fast.ops.pack_mask import OP as pack_mask_op
+from mtbert_fast.ops.pack_mask import MaskStats, mask_stats
+from mtbert_fast.ops.token_embeddings import OP as token_embeddings_op
 from mtbert_fast.ops.dispatch import requested_backend
 
 
@@ -81,6 +84,7 @@ class PackedBatch:
     batch: int
     seqlen: int
     all_real: bool = False  # no padding: the packed rows are the [batch, seqlen] rows in order
+    first_column_padded: bool | None = None  # some row starts with padding (None: not known)
     # op name -> the backend chosen for its kernel in inference on this batch: every layer of a forward hands an op
     # inputs of one shape and dtype, so the dispatch runs once per op, not once per layer
     kernels: dict[str, str] = dataclasses.field(default_factory=dict, repr=False, compare=False)
@@ -165,6 +169,20 @@ def validate_inputs(
     inputs_embeds: torch.Tensor | None,
 ) -> tuple[int, int]:
     """Checks every input and names the problem; returns (batch, seqlen). Nothing is computed on bad input."""
+    return _validate(config, device, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)[:2]
+
+
+def _validate(
+    config: EncoderConfig,
+    device: torch.device,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    token_type_ids: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    backend: str | None = None,
+) -> tuple[int, int, PackedMask | None]:
+    """validate_inputs, also returning the mask's packing where pack_mask's kernel read it (_packed_mask)."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids and inputs_embeds")
     if input_ids is not None:
@@ -178,6 +196,7 @@ def validate_inputs(
             raise ValueError(f"inputs_embeds must be [batch, seqlen, {config.embedding_width}], got "
                              f"{_describe(inputs_embeds)}")
         shape = tuple(inputs_embeds.shape[:2])
+    packed_mask = None
     named = {"input_ids": input_ids, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
              "token_type_ids": token_type_ids, "position_ids": position_ids}
     for name, t in named.items():
@@ -196,25 +215,15 @@ def validate_inputs(
         if attention_mask.dtype.is_complex:
             raise TypeError(f"attention_mask must hold integers, bools or floats (1 = real token, 0 = padding), got "
                             f"{attention_mask.dtype}")
-        # an integer mask within [0, 1] holds only 0 and 1, and one whose least value is 1 has no padding at all:
-        # one pass over it on the common path (a float mask may hold fractions: its values are compared)
-        lo = hi = None
-        if attention_mask.dtype != torch.bool and not attention_mask.dtype.is_floating_point:
-            lo, hi = (int(v) for v in torch.aminmax(attention_mask))
-        if attention_mask.dtype != torch.bool and (lo is None or lo < 0 or hi > 1):
-            other = attention_mask[(attention_mask != 0) & (attention_mask != 1)]
-            if other.numel() and attention_mask.dtype.is_floating_point:
-                raise ValueError(
-                    f"a float attention_mask must hold only 0.0 and 1.0 (1 = real token, 0 = padding), as HF's "
-                    f"tokenizers make it; it holds {float(other[0])}: an additive mask (0 / -inf or a large negative "
-                    "number at padding) or fractional weights are not accepted"
-                )
-            if other.numel():
-                raise ValueError(f"attention_mask must hold only 0 and 1, it holds {int(other[0])}")
-        if lo != 1:
-            empty = (attention_mask == 0).all(dim=1).nonzero()
-            if empty.numel():
-                raise ValueError(f"row {int(empty[0])} of attention_mask has no real token")
+        packed_mask = _packed_mask(attention_mask, backend)
+        if packed_mask is not None:
+            stats = packed_mask.stats
+            if stats.first_other >= 0:
+                _refuse_mask_value(attention_mask, attention_mask.reshape(-1)[stats.first_other])
+            if stats.first_empty_row >= 0:
+                _refuse_empty_row(stats.first_empty_row)
+        else:
+            _check_mask_values(attention_mask)
         if config.relative_positions:
             _check_no_holes(config, attention_mask != 0)
     if token_type_ids is not None:
@@ -227,7 +236,65 @@ def validate_inputs(
             raise ValueError(f"token_type_ids must be in [0, {config.type_vocab_size}), got values in [{lo}, {hi}]")
     if position_ids is not None and position_ids.shape not in (shape, (1, shape[1])):
         raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected {shape} or (1, {shape[1]})")
-    return shape
+    return shape[0], shape[1], packed_mask
+
+
+class PackedMask(NamedTuple):
+    """pack_mask's answers for a mask: its slots (the real tokens' first), cu_seqlens and the stats read on the
+    host."""
+
+    slots: torch.Tensor
+    cu_seqlens: torch.Tensor
+    stats: MaskStats
+
+    def batch(self, batch: int, seqlen: int) -> PackedBatch:
+        if self.stats.tokens == batch * seqlen:  # the slots are 0, 1, ..., as PackedBatch.dense makes them
+            return PackedBatch(self.slots, self.cu_seqlens, seqlen, batch, seqlen, all_real=True,
+                               first_column_padded=False)
+        return PackedBatch(self.slots[: self.stats.tokens], self.cu_seqlens, self.stats.longest, batch, seqlen,
+                           first_column_padded=self.stats.first_column_padded)
+
+
+def _packed_mask(attention_mask: torch.Tensor | None, backend: str | None) -> PackedMask | None:
+    """The checks' answers and the packing of a [B, L] mask on the CPU in one pack_mask call; None where its kernel
+    does not run (no mask, another device, another backend asked for, tracing)."""
+    if (attention_mask is None or attention_mask.device.type != "cpu" or torch.compiler.is_compiling()
+            or requested_backend(backend) not in ("auto", "cpu")
+            or dispatch.choose(pack_mask_op.name, attention_mask, backend) != "cpu"):
+        return None
+    slots, cu_seqlens, stats = pack_mask_op.kernel("cpu")(attention_mask)
+    return PackedMask(slots, cu_seqlens, mask_stats(stats))
+
+
+def _refuse_mask_value(attention_mask: torch.Tensor, value: torch.Tensor) -> None:
+    if attention_mask.dtype.is_floating_point:
+        raise ValueError(
+            f"a float attention_mask must hold only 0.0 and 1.0 (1 = real token, 0 = padding), as HF's "
+            f"tokenizers make it; it holds {float(value)}: an additive mask (0 / -inf or a large negative "
+            "number at padding) or fractional weights are not accepted"
+        )
+    raise ValueError(f"attention_mask must hold only 0 and 1, it holds {int(value)}")
+
+
+def _refuse_empty_row(row: int) -> None:
+    raise ValueError(f"row {row} of attention_mask has no real token")
+
+
+def _check_mask_values(attention_mask: torch.Tensor) -> None:
+    """Only 0 and 1 in the mask, and a real token in every row, by tensor ops (any device)."""
+    # an integer mask within [0, 1] holds only 0 and 1, and one whose least value is 1 has no padding at all:
+    # one pass over it on the common path (a float mask may hold fractions: its values are compared)
+    lo = hi = None
+    if attention_mask.dtype != torch.bool and not attention_mask.dtype.is_floating_point:
+        lo, hi = (int(v) for v in torch.aminmax(attention_mask))
+    if attention_mask.dtype != torch.bool and (lo is None or lo < 0 or hi > 1):
+        other = attention_mask[(attention_mask != 0) & (attention_mask != 1)]
+        if other.numel():
+            _refuse_mask_value(attention_mask, other[0])
+    if lo != 1:
+        empty = (attention_mask == 0).all(dim=1).nonzero()
+        if empty.numel():
+            _refuse_empty_row(int(empty[0]))
 
 
 def _check_no_holes(config: EncoderConfig, real: torch.Tensor) -> None:
@@ -368,6 +435,46 @@ def embed_packed(
 ) -> torch.Tensor:
     """LayerNorm(word + token_type + position embeddings) of the real tokens only, projected to H where the
     embedding width differs (ELECTRA) -> [T, H]."""
+    if _one_call_embeddings(config, w, packed, input_ids, position_ids, inputs_embeds, training, backend):
+        if token_type_ids is not None and token_type_ids.dtype != input_ids.dtype:
+            token_type_ids = token_type_ids.to(input_ids.dtype)
+        x = token_embeddings_op.kernel("cpu")(input_ids, None if packed.all_real else packed.indices, token_type_ids,
+                                              w.word, w.position, w.token_type, w.norm_weight, w.norm_bias,
+                                              config.layer_norm_eps)
+    else:
+        x = _embeddings_by_op(config, w, packed, input_ids, token_type_ids, position_ids, inputs_embeds)
+        x = F.layer_norm(x, (x.shape[-1],), w.norm_weight, w.norm_bias, config.layer_norm_eps)
+    p = config.hidden_dropout_prob if config.embedding_dropout_prob is None else config.embedding_dropout_prob
+    x = F.dropout(x, p, training)
+    if w.project_weight is None:
+        return x
+    project = (w.project_weight, w.project_bias)
+    return _Linear(_onednn_ok(x, project, backend), backend)(x, *project)
+
+
+def _one_call_embeddings(config: EncoderConfig, w: EmbeddingWeights, packed: PackedBatch,
+                         input_ids: torch.Tensor | None, position_ids: torch.Tensor | None,
+                         inputs_embeds: torch.Tensor | None, training: bool, backend: str | None) -> bool:
+    """Whether the token_embeddings kernel computes exactly what _embeddings_by_op and the LayerNorm would: CPU
+    inference (no autograd, autocast or tracing) from input_ids, each token's position its column (no position_ids,
+    no RoBERTa numbering from the padding id) and every column within the position table (longer inputs take the
+    other path, which names the position that is out of range)."""
+    if (inputs_embeds is not None or position_ids is not None or config.position_padding_idx is not None
+            or training or torch.is_grad_enabled() or torch.compiler.is_compiling()):
+        return False
+    if w.position is not None and packed.seqlen > w.position.shape[0]:
+        return False
+    if (w.word.device.type != "cpu" or torch.is_autocast_enabled("cpu")
+            or requested_backend(backend) not in ("auto", "cpu")):
+        return False
+    return packed.kernel_backend(token_embeddings_op.name, w.word, backend) == "cpu"
+
+
+def _embeddings_by_op(config: EncoderConfig, w: EmbeddingWeights, packed: PackedBatch, input_ids: torch.Tensor | None,
+                      token_type_ids: torch.Tensor | None, position_ids: torch.Tensor | None,
+                      inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+    """word + token_type + position embeddings of the real tokens, before the LayerNorm, added as the HF modules
+    add them (in the model's dtype)."""
     if inputs_embeds is not None:
         x = packed.rows(inputs_embeds)
     else:
@@ -378,13 +485,7 @@ def embed_packed(
         x = x + w.token_type[0]
     if w.position is not None:
         x = x + F.embedding(packed_positions(config, input_ids, position_ids, packed), w.position)
-    x = F.layer_norm(x, (x.shape[-1],), w.norm_weight, w.norm_bias, config.layer_norm_eps)
-    p = config.hidden_dropout_prob if config.embedding_dropout_prob is None else config.embedding_dropout_prob
-    x = F.dropout(x, p, training)
-    if w.project_weight is None:
-        return x
-    project = (w.project_weight, w.project_bias)
-    return _Linear(_onednn_ok(x, project, backend), backend)(x, *project)
+    return x
 
 
 def _residual_norm(a, bias, residual, weight, beta, eps, p, training, backend, packed: PackedBatch):
@@ -673,15 +774,18 @@ def encode(
     device = embeddings.word.device
     if inputs_checked:
         batch, seqlen = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        packed_mask = _packed_mask(attention_mask, backend)
     else:
-        batch, seqlen = validate_inputs(
-            config, device, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
+        batch, seqlen, packed_mask = _validate(
+            config, device, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, backend
         )
     if inputs_embeds is not None and inputs_embeds.dtype != embeddings.word.dtype:
         raise TypeError(f"inputs_embeds has dtype {inputs_embeds.dtype} but the model runs in {embeddings.word.dtype}")
     if attention_mask is not None and attention_mask.dtype.is_floating_point:  # 0.0 / 1.0, as validated
         attention_mask = attention_mask != 0
-    if attention_mask is None or bool(attention_mask.all()):
+    if packed_mask is not None:
+        packed = packed_mask.batch(batch, seqlen)
+    elif attention_mask is None or bool(attention_mask.all()):
         packed = PackedBatch.dense(batch, seqlen, device)
     else:
         packed = PackedBatch(*unpad_indices(attention_mask), batch=batch, seqlen=seqlen)

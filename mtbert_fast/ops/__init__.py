@@ -12,10 +12,12 @@ from mtbert_fast.ops.int8 import (
 )
 from mtbert_fast.ops.int8_layers import int8_layers
 from mtbert_fast.ops.mlm_gather_loss import mlm_gather_loss
+from mtbert_fast.ops.pack_mask import pack_mask
 from mtbert_fast.ops.panel_linear import pack_panels, panel_linear
 from mtbert_fast.ops.post_norm_layers import post_norm_layers
 from mtbert_fast.ops.rotary_qk import rotary_qk, rotary_tables
 from mtbert_fast.ops.rows import gather_rows, pad, scatter_rows, unpad, unpad_indices
+from mtbert_fast.ops.token_embeddings import token_embeddings
 
 __all__ = [
     "BACKENDS",
@@ -36,6 +38,7 @@ __all__ = [
     "mlm_gather_loss",
     "pack_int8_panels",
     "pack_int8_weight",
+    "pack_mask",
     "pack_panels",
     "pad",
     "panel_linear",
@@ -44,6 +47,7 @@ __all__ = [
     "rotary_qk",
     "rotary_tables",
     "scatter_rows",
+    "token_embeddings",
     "unpad",
     "unpad_indices",
 ]

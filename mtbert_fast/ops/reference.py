@@ -197,6 +197,39 @@ def scatter_rows(x: torch.Tensor, indices: torch.Tensor, num_rows: int) -> torch
     return out.index_put((indices,), x)
 
 
+def pack_mask(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """attention_mask [B, L] (nonzero = real token) -> slots int64 [B * L] (the real tokens' slots of the flattened
+    mask in order, then the padding's), cu_seqlens int32 [B + 1], stats int64 [5]: the real tokens T, the longest
+    row's count, the slot of the first real entry other than 1 (-1: none), the first row without a real token (-1:
+    none), and 1 where some row's first column is padding (else 0)."""
+    b, l = attention_mask.shape
+    flat = attention_mask.reshape(-1)
+    real = flat != 0
+    slots = torch.cat([real.nonzero().flatten(), (~real).nonzero().flatten()])
+    counts = real.reshape(b, l).sum(1)
+    cu_seqlens = F.pad(torch.cumsum(counts, 0), (1, 0)).to(torch.int32)
+    other, empty = (real & (flat != 1)).nonzero(), (counts == 0).nonzero()
+    stats = [int(counts.sum()), int(counts.max()) if b else 0, int(other[0]) if other.numel() else -1,
+             int(empty[0]) if empty.numel() else -1, int(bool((attention_mask[:, 0] == 0).any())) if l else 0]
+    return slots, cu_seqlens, torch.tensor(stats, dtype=torch.int64, device=attention_mask.device)
+
+
+def token_embeddings(input_ids: torch.Tensor, indices: torch.Tensor | None, token_type_ids: torch.Tensor | None,
+                     word: torch.Tensor, position: torch.Tensor | None, token_type: torch.Tensor | None,
+                     weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """LayerNorm(word[id] + token_type[type] + position[column]) of the tokens at `indices` (slots of the flattened
+    input_ids [B, L]; None: every slot) -> [T, E] in word's dtype. A token's type is 0 without token_type_ids, its
+    position its column in input_ids."""
+    slots = indices if indices is not None else torch.arange(input_ids.numel(), device=input_ids.device)
+    x = _acc(word)[input_ids.reshape(-1)[slots].long()]
+    if token_type is not None:
+        types = token_type_ids.reshape(-1)[slots].long() if token_type_ids is not None else torch.zeros_like(slots)
+        x = x + _acc(token_type)[types]
+    if position is not None:
+        x = x + _acc(position)[slots % input_ids.shape[1]]
+    return F.layer_norm(x, (x.shape[-1],), _acc(weight), _acc(bias) if bias is not None else None, eps).to(word.dtype)
+
+
 # ---- int8 products ----------------------------------------------------------------------------------------------
 
 

@@ -235,7 +235,7 @@ def test_inference_layer_equals_the_checked_wrapper_path(bert_config, model_back
 def test_inference_chooses_each_kernel_once_per_forward(bert_config, model_backend, make_hf, ragged_batch,
                                                          monkeypatch):
     """Every layer hands attention and the LayerNorms inputs of one shape and dtype: the dispatch runs once per op
-    and forward, and the batch remembers the choice. (Every layer's output is asked for, so the layers run one by
+    and forward (the embeddings' op too), and the batch remembers the choice. (Every layer's output is asked for, so the layers run one by
     one, not in one post_norm_layers call.)"""
     from mtbert_fast.ops import dispatch
 
@@ -251,12 +251,67 @@ def test_inference_chooses_each_kernel_once_per_forward(bert_config, model_backe
     monkeypatch.setattr(dispatch, "choose", spy)
     with torch.no_grad():
         out = fast(ids, mask, output_hidden_states=True)
-    assert set(out.packed.kernels) == {"attention_varlen", "bias_residual_layer_norm"}
+    layer_ops = {"attention_varlen", "bias_residual_layer_norm"}
     if model_backend == "reference":  # the reference runs the ops' wrappers, which choose again
+        assert set(out.packed.kernels) == layer_ops
         assert set(out.packed.kernels.values()) == {"reference"}
-    else:
-        assert calls.count("attention_varlen") == 1 and calls.count("bias_residual_layer_norm") == 1
+    else:  # and the embeddings run in one token_embeddings call
+        assert set(out.packed.kernels) == layer_ops | {"token_embeddings"}
+        assert all(calls.count(op) == 1 for op in out.packed.kernels)
         assert "reference" not in out.packed.kernels.values()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["ragged", "full", "int32_ids", "no_token_types"])
+def test_cpu_inference_embeds_in_one_call(case, dtype, bert_config, make_hf, ragged_batch, monkeypatch):
+    """In CPU inference from input_ids the embeddings are one token_embeddings call, which gives what the per-op
+    path gives (fp32 within the LayerNorm's rounding; bf16 closer to fp32, its sums not rounded to bf16)."""
+    from mtbert_fast.models import encoder
+    from mtbert_fast.ops.token_embeddings import OP
+
+    config = bert_config(num_hidden_layers=1)
+    fast = FastBertModel.from_hf(make_hf(BertModel, config), dtype=dtype)
+    ids, mask = ragged_batch(config, [7, 7] if case == "full" else [7, 2, 5])
+    kwargs = {"token_type_ids": None if case == "no_token_types" else (torch.arange(7) > 3).long().expand_as(ids)}
+    if case == "int32_ids":
+        ids, kwargs["token_type_ids"] = ids.int(), kwargs["token_type_ids"].int()
+    kernel, calls = OP.kernel("cpu"), []
+    monkeypatch.setitem(OP._kernels, ("cpu", "forward"), lambda *a: calls.append(a[1]) or kernel(*a))
+    with torch.inference_mode():
+        one_call = fast(ids, mask, **kwargs).last_hidden_state
+        assert len(calls) == 1 and (calls[0] is None) == (case == "full")
+        monkeypatch.setattr(encoder, "_one_call_embeddings", lambda *a: False)
+        by_op = fast(ids, mask, **kwargs).last_hidden_state
+        fp32 = FastBertModel.from_hf(make_hf(BertModel, config))(ids, mask, **kwargs).last_hidden_state
+    assert len(calls) == 1
+    if dtype == torch.float32:
+        torch.testing.assert_close(one_call, by_op, atol=2e-5, rtol=0)
+    else:
+        assert (one_call.float() - fp32).abs().max() <= (by_op.float() - fp32).abs().max() * 1.25
+
+
+@pytest.mark.parametrize("case", ["position_ids", "inputs_embeds", "grad", "reference", "too_long"])
+def test_embeddings_in_one_call_only_where_it_computes_the_same(case, bert_config, make_hf, ragged_batch,
+                                                                 monkeypatch):
+    """Explicit position_ids, inputs_embeds, autograd, another backend asked for, and an input longer than the
+    position table (whose error the per-op path names) take the per-op path."""
+    from mtbert_fast.ops.token_embeddings import OP
+
+    config = bert_config(num_hidden_layers=1, max_position_embeddings=8 if case == "too_long" else 512)
+    fast = FastBertModel.from_hf(make_hf(BertModel, config), backend="reference" if case == "reference" else None)
+    ids, mask = ragged_batch(config, [9, 4] if case == "too_long" else [7, 4])
+    calls = []
+    monkeypatch.setitem(OP._kernels, ("cpu", "forward"), lambda *a: calls.append(a))
+    kwargs = {"position_ids": torch.arange(ids.shape[1])[None]} if case == "position_ids" else {}
+    if case == "inputs_embeds":
+        kwargs, ids = {"inputs_embeds": fast.embeddings.word_embeddings(ids).detach()}, None
+    with torch.enable_grad() if case == "grad" else torch.inference_mode():
+        if case == "too_long":
+            with pytest.raises(ValueError, match="position id 8 is outside"):
+                fast(ids, mask)
+        else:
+            fast(ids, mask, **kwargs)
+    assert calls == []
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])

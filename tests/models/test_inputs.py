@@ -135,8 +135,15 @@ def test_good_inputs_run(target, good):
     assert result.shape[0] == BATCH and torch.isfinite(result).all()
 
 
+@pytest.mark.parametrize("mask_check", ["one_pass", "by_ops"])
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_is_refused(case, target, good):
+def test_bad_input_is_refused(case, mask_check, target, good, monkeypatch):
+    """Every case refused with its message, the mask read by pack_mask's one pass (CPU) and by tensor ops (every
+    other device and backend)."""
+    from mtbert_fast.models import encoder
+
+    if mask_check == "by_ops":
+        monkeypatch.setattr(encoder, "_packed_mask", lambda *a: None)
     model, _ = target
     make, error, match = BAD_INPUTS[case]
     kwargs = make(*good)

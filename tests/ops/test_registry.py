@@ -52,6 +52,16 @@ def _forward_args(name, device):
                                 rand(2, 5, seed=16, device=device)),
         **{name: (lambda name=name: _int8_args(name, device)) for name in INT8_PRODUCTS},
         "scatter_rows": lambda: (x[:3], torch.tensor([4, 0, 2], device=device), 6),
+        # rows [1, 1, 1, 0], [0, 1, 0, 0], [1, 1, 0, 0], transposed
+        "pack_mask": lambda: (torch.tensor([[1, 0, 1], [1, 1, 1], [1, 0, 0], [0, 0, 0]], device=device).t(),),
+        # ids [3, 7] transposed, the tables' rows strided: 5 tokens of 21 slots
+        "token_embeddings": lambda: (
+            torch.randint(0, 10, (7, 3), generator=torch.Generator().manual_seed(19)).to(device).t(),
+            torch.tensor([0, 1, 7, 8, 20], device=device),
+            torch.randint(0, 2, (3, 7), generator=torch.Generator().manual_seed(20)).to(device),
+            rand(10, 24, seed=2, device=device)[:, ::2], rand(7, 12, seed=3, device=device),
+            rand(2, 12, seed=4, device=device), 1 + rand(24, seed=5, scale=0.1, device=device)[::2],
+            rand(12, seed=6, device=device), 1e-12),
         "geglu": lambda: (rand(12, 5, seed=1, device=device).t()[:, 2:], "tanh"),
         "rotary_qk": lambda: (rand(5, 3, 2, 16, seed=10, device=device)[..., :8], *ops.rotary_tables(8, 6, 100.0, device),
                               torch.tensor([0, 1, 2, 0, 5], device=device), False),
@@ -149,13 +159,15 @@ def test_every_op_has_a_reference_and_a_cpu_kernel():
     assert set(registry.OPS) == {"attention_varlen", "bias_gelu", "bias_gelu_layer_norm", "bias_residual_layer_norm",
                                  "gather_rows", "mlm_gather_loss", "scatter_rows", "quantize_rows", "rotary_qk",
                                  "geglu", "panel_linear", "post_norm_layers", "int8_layers", "int8_panel_sums",
+                                 "token_embeddings", "pack_mask",
                                  *INT8_PRODUCTS}
     for name, op in registry.OPS.items():
         assert callable(op.reference), name
         assert "cpu" in op.backends, name
         assert set(op.backends) <= set(registry.KERNEL_BACKENDS), name
         inference_only = ("gather_rows", "scatter_rows", "quantize_rows", "panel_linear", "post_norm_layers",
-                          "int8_layers", "int8_panel_sums", *INT8_PRODUCTS)
+                          "int8_layers", "int8_panel_sums", "token_embeddings", "pack_mask",
+                          *INT8_PRODUCTS)
         # rotary_qk's backward is its own forward, rotating back
         assert (op.backward_schema is None) == (name in (*inference_only, "rotary_qk")), name
 
@@ -263,6 +275,8 @@ _WRAPPERS = {
     "int8_panel_sums": lambda q, p, n, **k: ops.int8_panel_sums(q, p, n, **k),
     "panel_linear": lambda x, p, b, n, g, a, **k: ops.panel_linear(x, p, b, n, gelu=g, approximate=a, **k),
     "post_norm_layers": lambda *a, **k: ops.post_norm_layers(*a, **k),
+    "token_embeddings": lambda *a, **k: ops.token_embeddings(*a, **k),
+    "pack_mask": lambda m, **k: ops.pack_mask(m, **k),
     "int8_layers": lambda *a, **k: ops.int8_layers(*a, **k),
     # the ops' arguments 6 and 7 (outlier_x, outlier_w) are the wrappers' `outliers`, their last one `panels`, the
     # GELU op's one before it `keep`
