@@ -816,9 +816,11 @@ def encode(
         raise UnsupportedModelError(config.int8_reason)
     stack = stack_op = None
     if not training and observe is None and states is None and terms is None:
-        stack, stack_op = _post_norm_stack(config, layers, x, packed, backend, stacks), post_norm_layers_op
-        if stack is None and not config.pre_norm:
-            stack, stack_op = int8_stack(layers, x, x.shape[0], backend, stacks), int8_layers_op
+        if layers and isinstance(layers[0], Int8LayerWeights):
+            if not config.pre_norm:
+                stack, stack_op = int8_stack(layers, x, x.shape[0], backend, stacks), int8_layers_op
+        else:
+            stack, stack_op = _post_norm_stack(config, layers, x, packed, backend, stacks), post_norm_layers_op
     if stack is not None:  # the layers below, kernel for kernel, called from C++
         x = stack_op.kernel("cpu")(x, packed.cu_seqlens, packed.max_seqlen, stack, config.num_attention_heads,
                                    config.attention_scale, config.layer_norm_eps, config.gelu_approximate, rel_bias)
