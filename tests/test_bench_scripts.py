@@ -108,3 +108,19 @@ def test_int8_panels_products_at_bert_large_shapes(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("]")[0] for line in lines] == [
         "bert-large [3072, 1024", "bert-large [1024, 1024", "bert-large [4096, 1024", "bert-large [1024, 4096"]
+
+
+def test_one_pass_inputs_compares_against_the_per_op_path_and_restores_it():
+    """benchmarks/one_pass_inputs.py's per-op side: inside PerOpPath the encoder reads the mask by tensor ops and
+    embeds op by op; after it, the one-pass steps are back."""
+    import torch
+
+    from mtbert_fast.models import encoder
+
+    one_pass = _script("one_pass_inputs")
+    saved = encoder._packed_mask, encoder._one_call_embeddings
+    mask = torch.tensor([[1, 1, 0]])
+    with one_pass.PerOpPath():
+        assert encoder._packed_mask(mask, None) is None
+        assert encoder._one_call_embeddings() is False
+    assert (encoder._packed_mask, encoder._one_call_embeddings) == saved
