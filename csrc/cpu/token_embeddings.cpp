@@ -148,32 +148,28 @@ at::Tensor token_embeddings_cpu(
   }
   const at::Tensor ids_c = input_ids.contiguous();
   const at::Tensor types_c = token_type_ids.has_value() ? token_type_ids->contiguous() : at::Tensor();
-  AT_DISPATCH_INDEX_TYPES(input_ids.scalar_type(), "token_embeddings", [&] {
-    check_lookups("input_ids", ids_c.const_data_ptr<index_t>(), slots, N, L, word.size(0));
-    if (token_type.has_value()) {
-      TORCH_CHECK_INDEX(token_type_ids.has_value() || token_type->size(0) > 0, kOp,
-                        ": no token_type_ids, and the token_type table has no type 0");
-      if (token_type_ids.has_value()) {
-        check_lookups("token_type_ids", types_c.const_data_ptr<index_t>(), slots, N, L, token_type->size(0));
-      }
-    }
-  });
-
   const at::Tensor word_c = word.contiguous();
   const at::Tensor position_c = position.has_value() ? position->contiguous() : at::Tensor();
   const at::Tensor token_type_c = token_type.has_value() ? token_type->contiguous() : at::Tensor();
   const at::Tensor weight_c = weight.contiguous();
-  const at::Tensor beta_c = bias.has_value() ? bias->contiguous() : at::zeros({E}, weight.options());
   at::Tensor out = at::empty({N, E}, word.options());
-  if (N == 0) return out;
   AT_DISPATCH_INDEX_TYPES(input_ids.scalar_type(), "token_embeddings", [&] {
+    const index_t* ids = ids_c.const_data_ptr<index_t>();
+    const index_t* types = token_type_ids.has_value() ? types_c.const_data_ptr<index_t>() : nullptr;
+    check_lookups("input_ids", ids, slots, N, L, word.size(0));
+    if (token_type.has_value()) {
+      TORCH_CHECK_INDEX(types != nullptr || token_type->size(0) > 0, kOp,
+                        ": no token_type_ids, and the token_type table has no type 0");
+      if (types != nullptr) check_lookups("token_type_ids", types, slots, N, L, token_type->size(0));
+    }
+    if (N == 0) return;
+    const at::Tensor beta_c = bias.has_value() ? bias->contiguous() : at::zeros({E}, weight.options());
     dispatch_layer_norm_types(word.scalar_type(), weight.scalar_type(), [&](auto t, auto w) {
       using T = decltype(t);
       using W = decltype(w);
       token_embeddings_kernel<T, W, index_t>(
-          ids_c.const_data_ptr<index_t>(),
-          token_type.has_value() && token_type_ids.has_value() ? types_c.const_data_ptr<index_t>() : nullptr, slots,
-          word_c.const_data_ptr<T>(), position.has_value() ? position_c.const_data_ptr<T>() : nullptr,
+          ids, token_type.has_value() ? types : nullptr, slots, word_c.const_data_ptr<T>(),
+          position.has_value() ? position_c.const_data_ptr<T>() : nullptr,
           token_type.has_value() ? token_type_c.const_data_ptr<T>() : nullptr, weight_c.const_data_ptr<W>(),
           beta_c.const_data_ptr<W>(), eps, out.mutable_data_ptr<T>(), N, L, E);
     });

@@ -781,14 +781,15 @@ def encode(
         )
     if inputs_embeds is not None and inputs_embeds.dtype != embeddings.word.dtype:
         raise TypeError(f"inputs_embeds has dtype {inputs_embeds.dtype} but the model runs in {embeddings.word.dtype}")
-    if attention_mask is not None and attention_mask.dtype.is_floating_point:  # 0.0 / 1.0, as validated
-        attention_mask = attention_mask != 0
     if packed_mask is not None:
         packed = packed_mask.batch(batch, seqlen)
-    elif attention_mask is None or bool(attention_mask.all()):
-        packed = PackedBatch.dense(batch, seqlen, device)
     else:
-        packed = PackedBatch(*unpad_indices(attention_mask), batch=batch, seqlen=seqlen)
+        if attention_mask is not None and attention_mask.dtype.is_floating_point:  # 0.0 / 1.0, as validated
+            attention_mask = attention_mask != 0
+        if attention_mask is None or bool(attention_mask.all()):
+            packed = PackedBatch.dense(batch, seqlen, device)
+        else:
+            packed = PackedBatch(*unpad_indices(attention_mask), batch=batch, seqlen=seqlen)
 
     rel_bias = None
     if config.relative_attention_num_buckets is not None:
