@@ -3,10 +3,11 @@
 #
 # Compiles mtbert_fast._C with csrc/cuda/*.cu against a CUDA build of torch (nvcc must be installed), imports
 # mtbert_fast from that build, and checks that every op whose declaration (mtbert_fast/ops/registry.py, OPS) has a
-# cuda backend has its C++ kernels (forward and backward) registered for the CUDA dispatch key, and that the build's tensor-less ops answer: cuda_archs() names the archs
-# of TORCH_CUDA_ARCH_LIST (as setup.py's cuda_arch_names spells them) and cuda_attention_shared_bytes() gives a
-# size for every head dim and dtype. Exits non-zero when a .cu does not compile or link, when the import fails, or
-# when an op is missing or answers wrong. Nothing CUDA runs: the GPU tests are tests/cuda/.
+# cuda backend has its C++ kernels (forward and backward) registered for the CUDA dispatch key, and that the build's
+# tensor-less ops answer: cuda_archs() names the archs of TORCH_CUDA_ARCH_LIST (as setup.py's cuda_arch_names spells
+# them) and cuda_attention_shared_bytes() gives a size for every head dim and dtype, and raises a RuntimeError past
+# the largest. Exits non-zero when a .cu does not compile or link, when the import fails, or when an op is missing or
+# answers wrong. Nothing CUDA runs: the GPU tests are tests/cuda/.
 #
 # Nothing is written inside the clone: the venv and the build live in a cache directory, so the clone's own
 # in-place CPU build (used by `make test`) is left alone. The sources are mirrored into the cache by content,
@@ -210,6 +211,15 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
         sizes[(str(dtype).replace("torch.", ""), head_dim)] = n
 print("    cuda_attention_shared_bytes: " + ", ".join(f"{d} hd{h} {n}" for (d, h), n in sizes.items()
                                                       if h in (64, 128, 256)))
+# a failed check in a CUDA translation unit reaches Python as an exception
+try:
+    torch.ops.mtbert_fast_C.cuda_attention_shared_bytes(257, torch.float16)
+except RuntimeError as e:
+    if "head_dim" not in str(e):
+        sys.exit(f"cuda_build_check: cuda_attention_shared_bytes(257) raised without naming head_dim: {e}")
+else:
+    sys.exit("cuda_build_check: cuda_attention_shared_bytes(257) returned instead of raising")
+print("    a failed check in a .cu raises RuntimeError")
 print(f"    torch {torch.__version__} (CUDA {torch.version.cuda}), GPU visible: {torch.cuda.is_available()}")
 PYEOF
 )
