@@ -5,7 +5,9 @@
 #   2. build    the CUDA kernels for the GPU found only, and the CPU kernels for this CPU only, in place; info.txt
 #   3. errors   tests/cuda/errors_case.py --toolchains: a failed argument check must reach Python as an exception
 #               from every kind of code (torch, the CPU kernels, the CUDA translation units) and from a one-function
-#               extension built with each compiler, each in its own process; it names the compilers and runtimes
+#               extension built with each compiler, each in its own process; it names the compilers and runtimes.
+#               Where the build's compiler is at fault and the system's is not, the package is rebuilt with the
+#               system's (CC, CXX, LDSHARED) for the steps that follow, and probed again
 #   4. tests    the GPU test suite (tests/cuda): every op forward and backward on both GPU backends (cuda, triton),
 #               fp16/bf16/fp32, head dims 32-256, ragged lengths with 1 and 512, dropout on and off, strided inputs;
 #               FastBertModel and swap parity against HF; a short MLM+NSP training run whose loss must fall. Each
@@ -132,6 +134,17 @@ fi
 # ---- 3. errors reach Python --------------------------------------------------------------------------------------
 step errors 120 "$python" tests/cuda/errors_case.py --toolchains
 grep -v "^$" "$logs/errors.log" | sed 's/^/  /' | cut -c1-200 | tee -a "$summary"
+# where a failed check crashes an extension built by the build's compiler and not one built by the system's, the
+# rest of the run uses a build by the system's compiler (nvcc's host compiler too), probed again
+if grep -q "one-function ext, build *CRASHED" "$logs/errors.log" \
+    && grep -q "one-function ext, system *raised" "$logs/errors.log"; then
+    echo "rebuild    with /usr/bin/gcc and /usr/bin/g++: the build's compiler crashes on a failed check" | tee -a "$summary"
+    export CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED="/usr/bin/g++ -shared"
+    rm -rf build
+    step rebuild 360 "$python" setup.py build_ext --inplace && "$python" -m mtbert_fast.info >"$out/info.txt" 2>&1
+    step errors-again 60 "$python" tests/cuda/errors_case.py
+    grep -v "^$" "$logs/errors-again.log" | sed 's/^/  /' | cut -c1-200 | tee -a "$summary"
+fi
 
 # ---- 4. GPU tests -------------------------------------------------------------------------------------------------
 extra=()
