@@ -103,17 +103,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--toolchains", action="store_true", help="also build a one-function extension three ways")
     args = parser.parse_args()
-    crashed = False
-    for name, call in CASES.items():
-        result = outcome(PRELUDE, call)
-        crashed |= result.startswith("CRASHED")
+    with tempfile.TemporaryDirectory() as workdir, ThreadPoolExecutor(8) as pool:
+        # every case in its own process, all at once: each one's time is mostly importing torch
+        jobs = {name: pool.submit(outcome, PRELUDE, call) for name, call in CASES.items()}
+        if args.toolchains:
+            for flavour in ("build", "system", "nvcc"):
+                jobs[f"one-function ext, {flavour}"] = pool.submit(tiny_extension, flavour, workdir)
+        results = {name: job.result() for name, job in jobs.items()}
+    for name, result in results.items():
         print(f"{name:26s} {result}", flush=True)
-    if args.toolchains:
-        with tempfile.TemporaryDirectory() as workdir, ThreadPoolExecutor(3) as pool:
-            flavours = ("build", "system", "nvcc")
-            for flavour, result in zip(flavours, pool.map(lambda f: tiny_extension(f, workdir), flavours)):
-                crashed |= result.startswith("CRASHED")
-                print(f"{'one-function ext, ' + flavour:26s} {result}", flush=True)
+    crashed = any(result.startswith("CRASHED") for result in results.values())
     for line in environment():
         print(line)
     return 1 if crashed else 0
