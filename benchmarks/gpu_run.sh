@@ -58,9 +58,9 @@ save() {
 step() {
     local name=$1 limit=$2 t0=$SECONDS rc
     shift 2
-    local left=$((budget - (SECONDS - start_all) - 15))
+    local what="$*" left=$((budget - (SECONDS - start_all) - 15))
     if [[ $dry -eq 0 && $left -lt 20 ]]; then
-        printf '%-10s %-24s %4d s   %s\n' "$name" "SKIPPED: budget spent" 0 "${*:0:110}" | tee -a "$summary"
+        printf '%-10s %-24s %4d s   %s\n' "$name" "SKIPPED: budget spent" 0 "${what:0:110}" | tee -a "$summary"
         failed=1
         return 1
     fi
@@ -77,7 +77,6 @@ step() {
         verdict="FAILED (exit $rc)"
         failed=1
     fi
-    local what="$*"
     printf '%-10s %-24s %4d s   %s\n' "$name" "$verdict" "$((SECONDS - t0))" "${what:0:110}" | tee -a "$summary"
     [[ $dry -eq 1 ]] || save
     return $rc

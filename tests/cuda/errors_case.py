@@ -7,7 +7,7 @@ With --toolchains, the same question is asked of a one-function extension built 
 build, the system's /usr/bin/g++, and nvcc), which tells a toolchain fault from a fault of this package's code.
 
 `python tests/cuda/errors_case.py [--toolchains]`: one line per case, then the compilers and runtime libraries in
-use; exits 1 when any case crashes."""
+use; exits 1 when any case crashes or returns instead of raising."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def outcome(setup: str, call: str) -> str:
 def environment() -> list[str]:
     """The compilers a build would use and the C++ runtime libraries a process loads."""
     lines = [f"CC={os.environ.get('CC', '')!r} CXX={os.environ.get('CXX', '')!r}"]
-    for compiler in {os.environ.get("CXX", "c++"), "/usr/bin/g++", "/opt/gcc/bin/g++"}:
+    for compiler in dict.fromkeys([os.environ.get("CXX", "c++"), "/usr/bin/g++", "/opt/gcc/bin/g++"]):
         path = shutil.which(compiler)
         if path:
             version = subprocess.run([path, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
@@ -112,10 +112,10 @@ def main() -> int:
         results = {name: job.result() for name, job in jobs.items()}
     for name, result in results.items():
         print(f"{name:26s} {result}", flush=True)
-    crashed = any(result.startswith("CRASHED") for result in results.values())
+    failed = any(result.startswith(("CRASHED", "returned")) for result in results.values())
     for line in environment():
         print(line)
-    return 1 if crashed else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
