@@ -1,6 +1,6 @@
 """Batch-1 latency of mtbert_fast against OpenVINO and ONNX Runtime, and where mtbert_fast's time goes.
 
-    HF_HUB_OFFLINE=1 python benchmarks/latency_profile.py [--threads 2] [--lengths 16 128] [--profile]
+    HF_HUB_OFFLINE=1 python benchmarks/latency_profile.py [--threads 2] [--lengths 16 128] [--per-op] [--profile]
 
 For each model (all-MiniLM-L6-v2, a random bert-base), dtype (fp32, bf16) and length (one sequence, every token
 real), every engine runs in turn in one process (rounds of BLOCK calls in a row per engine after a 0.3 s pause and
@@ -14,10 +14,13 @@ numbers do not. Engines:
 
 A peer that is not installed (or fails to convert) is skipped with the reason. The breakdown splits FastBertModel's
 time into the whole forward, its layers (the Python layer code), the same layers' kernels called directly (no
-wrapper, check or dispatch), and the rest (input checks, packing, embeddings, output); --profile adds
-torch.profiler's table of ops. Last, what keeping the layer weights between calls saves (encoder.LayerCache): the
-swapped model against a copy that gathers them from its modules on every call, one call each in turn (the order
-alternating), as the median of the pairs' ratios; `--kept-only` runs that comparison alone, with no peer loaded.
+wrapper, check or dispatch), and the rest (input checks, packing, embeddings, output); --per-op times each of those
+kernels inside the sequence (ms per layer, and the products' and attention's rate against the GEMM rate measured in
+the same process; attention also once more on the same input, in cache, which shows what its first reads cost);
+--profile adds torch.profiler's table of ops. Last, what keeping the layer weights between calls saves
+(encoder.LayerCache): the swapped model against a copy that gathers them from its modules on every call, one call
+each in turn (the order alternating), as the median of the pairs' ratios; `--kept-only` runs that comparison alone,
+with no peer loaded.
 """
 
 from __future__ import annotations
@@ -151,7 +154,8 @@ def kept_against_gathered(swapped, gathering, batch: dict, rounds: int) -> tuple
 
 def kernels_only(fast: FastBertModel, batch: dict):
     """The layers' kernels on the packed input, called directly: what the layers would cost with no Python
-    between kernels beyond the calls themselves."""
+    between kernels beyond the calls themselves. Returns (run, layers): run(times=None) runs the kernels, and with a
+    dict adds each kernel's seconds to times[its step's name]; layers() runs the Python layer code."""
     cfg = fast.config
     with torch.inference_mode():
         out = fast(**batch, output_hidden_states=True)
@@ -178,16 +182,34 @@ def kernels_only(fast: FastBertModel, batch: dict):
     scale = cfg.head_dim ** -0.5
     eps = cfg.layer_norm_eps
 
-    def run():
+    def attention(qkv):
+        qkv = qkv.view(t, 3, cfg.num_attention_heads, cfg.head_dim)
+        return C.attention_varlen(qkv, packed.cu_seqlens, packed.max_seqlen, scale, 0.0, None)[0].reshape(t, h)
+
+    def run(times=None):
+        clock = time.perf_counter
+
+        def step(name, f, *a):
+            if times is None:
+                return f(*a)
+            start = clock()
+            y = f(*a)
+            times[name] = times.get(name, 0.0) + clock() - start
+            return y
+
         x = x0
         for w, (qkv_w, out_w, in_w, ffn_out_w) in zip(ws, packs):
-            qkv = lin(x, qkv_w, w.qkv_bias, "none", "").view(t, 3, cfg.num_attention_heads, cfg.head_dim)
-            ctx = C.attention_varlen(qkv, packed.cu_seqlens, packed.max_seqlen, scale, 0.0, None)[0].reshape(t, h)
-            x = C.bias_residual_layer_norm(lin(ctx, out_w, None, "none", ""), w.attn_out_bias, x,
-                                           w.attn_norm_weight, w.attn_norm_bias, eps)[0]
-            inner = lin(x, in_w, w.ffn_in_bias, "gelu", cfg.gelu_approximate)
-            x = C.bias_residual_layer_norm(lin(inner, ffn_out_w, None, "none", ""), w.ffn_out_bias, x,
-                                           w.ffn_norm_weight, w.ffn_norm_bias, eps)[0]
+            qkv = step("qkv", lin, x, qkv_w, w.qkv_bias, "none", "")
+            ctx = step("attention", attention, qkv)
+            if times is not None:  # again on the same input, now in cache: what its first reads cost
+                step("attention again", attention, qkv)
+            y = step("attention output", lin, ctx, out_w, None, "none", "")
+            x = step("layernorm 1", C.bias_residual_layer_norm, y, w.attn_out_bias, x, w.attn_norm_weight,
+                     w.attn_norm_bias, eps)[0]
+            inner = step("ffn in + gelu", lin, x, in_w, w.ffn_in_bias, "gelu", cfg.gelu_approximate)
+            y = step("ffn out", lin, inner, ffn_out_w, None, "none", "")
+            x = step("layernorm 2", C.bias_residual_layer_norm, y, w.ffn_out_bias, x, w.ffn_norm_weight,
+                     w.ffn_norm_bias, eps)[0]
         return x
 
     def layers():
@@ -197,6 +219,31 @@ def kernels_only(fast: FastBertModel, batch: dict):
         return x
 
     return run, layers
+
+
+def per_op(fast: FastBertModel, batch: dict, repeats: int) -> None:
+    """Each layer kernel's time inside the kernel sequence (ms per layer), and for the products and attention their
+    rate and its fraction of the GEMM rate measured here in the dtype."""
+    run, _ = kernels_only(fast, batch)
+    cfg = fast.config
+    t = int(batch["attention_mask"].sum())
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    flops = {"qkv": 6 * t * h * h, "attention": 4 * t * t * h, "attention again": 4 * t * t * h,
+             "attention output": 2 * t * h * h, "ffn in + gelu": 2 * t * h * inter, "ffn out": 2 * t * inter * h}
+    times: dict[str, float] = {}
+    with torch.inference_mode():
+        run()
+        for _ in range(repeats):
+            run(times)
+        rate = harness.gemm_flops_per_s(next(fast.parameters()).dtype)
+    calls = repeats * cfg.num_hidden_layers
+    print(f"  per layer kernel inside the sequence (GEMM rate {rate / 1e9:.0f} GFLOP/s):")
+    for name, seconds in times.items():
+        each = seconds / calls
+        extra = f"  {flops[name] / each / 1e9:.0f} GFLOP/s ({flops[name] / each / rate:.2f})" if name in flops else ""
+        print(f"    {name:18s} {each * 1e3:.3f} ms{extra}")
+    kernels = sum(v for k, v in times.items() if k != "attention again") / repeats
+    print(f"    sum per forward   {kernels * 1e3:.2f} ms")
 
 
 def breakdown(fast, batch, repeats):
@@ -229,6 +276,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lengths", nargs="+", type=int, default=[16, 128])
     ap.add_argument("--repeats", type=int, default=60, help="timed calls per engine and case")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's table for each case")
+    ap.add_argument("--per-op", action="store_true",
+                    help="time each layer kernel inside the kernel sequence, with its fraction of the GEMM rate")
     ap.add_argument("--kept-only", action="store_true",
                     help="only the layer weights kept against gathered, 10x --repeats pairs a case, no peers loaded")
     args = ap.parse_args(argv)
@@ -276,6 +325,8 @@ def main(argv=None) -> int:
                     print("  ratio to the fastest peer: " + "  ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
                     parts = breakdown(fast, batch, args.repeats)
                     print("  fast breakdown (ms): " + "  ".join(f"{k} {v:.3f}" for k, v in parts.items()))
+                    if args.per_op:
+                        per_op(fast, batch, max(3, args.repeats // 4))
                     if args.profile:
                         profile(fast, batch)
                     kept = kept_against_gathered(swapped, swap(copy.deepcopy(hf32), dtype=dtype), batch,
