@@ -1,14 +1,17 @@
 // A stack of post-norm encoder layers (BERT's) on packed tokens, for inference on the CPU, in one call.
 //
 // Each layer is the encoder's inference layer, kernel for kernel:
-//   qkv = x @ Wqkv^T + bqkv                                  panel_linear
+//   qkv = x @ Wqkv^T + bqkv                                  product
 //   ctx = attention_varlen(qkv, cu_seqlens, max_seqlen)      (rel_bias added to the scores where given)
-//   x   = LayerNorm(ctx @ Wo^T + bo + x)                     panel_linear, bias_residual_layer_norm
-//   h   = GELU(x @ Wi^T + bi)                                panel_linear with its GELU epilogue
-//   x   = LayerNorm(h @ Wf^T + bf + x)                       panel_linear, bias_residual_layer_norm
-// so its output equals the layer-by-layer calls bit for bit. A short input spends a large share of a forward between
-// the kernels when they are called one by one from Python (argument parsing, the op dispatch, the layer's own code):
-// here the kernels follow each other through the C++ dispatcher.
+//   x   = LayerNorm(ctx @ Wo^T + bo + x)                     product, bias_residual_layer_norm
+//   h   = GELU(x @ Wi^T + bi)                                product with its GELU epilogue
+//   x   = LayerNorm(h @ Wf^T + bf + x)                       product, bias_residual_layer_norm
+// so its output equals the layer-by-layer calls bit for bit. Each product runs on the kernel its weight is packed
+// for: panel_linear on the panels of pack_panels (inputs of few rows), oneDNN's linear (mkldnn::_linear_pointwise)
+// on a weight in oneDNN's blocked layout (an mkldnn tensor, from mkldnn::_reorder_linear_weight). Called one by one
+// from Python, the kernels wait between each other for argument parsing, the op dispatch and the layer's own code: a
+// large share of a short input's forward, and 2 to 4 % of a full batch's. Here they follow each other through the C++
+// dispatcher.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -32,6 +35,9 @@ using Attention = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at
                                                      const std::optional<at::Tensor>&,
                                                      const std::optional<at::Tensor>&,
                                                      const std::optional<at::Tensor>&);
+using OnednnLinear = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                c10::string_view, c10::List<std::optional<at::Scalar>>,
+                                std::optional<c10::string_view>);
 using ResidualNorm = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                     const at::Tensor&, const at::Tensor&,
                                                                     const at::Tensor&, double);
@@ -41,8 +47,8 @@ c10::TypedOperatorHandle<Sig> kernel_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-// weights: per layer, in order, [Wqkv panels, bqkv [3H], Wo panels, bo [H], norm weight [H], norm bias [H],
-// Wi panels, bi [I], Wf panels, bf [H], norm weight [H], norm bias [H]]; the panels of pack_panels.
+// weights: per layer, in order, [Wqkv, bqkv [3H], Wo, bo [H], norm weight [H], norm bias [H], Wi, bi [I], Wf, bf [H],
+// norm weight [H], norm bias [H]]; each matrix as the panels of pack_panels or in oneDNN's layout in x's dtype.
 at::Tensor post_norm_layers_cpu(const at::Tensor& x,           // [T, H]
                                 const at::Tensor& cu_seqlens,  // int32 [B + 1]
                                 int64_t max_seqlen, at::TensorList weights, int64_t heads, double scale, double eps,
@@ -65,22 +71,42 @@ at::Tensor post_norm_layers_cpu(const at::Tensor& x,           // [T, H]
                   n == 0 ? std::string("I > 0") : std::to_string(n), " elements for x of ", H,
                   " columns, got shape ", w[k].sizes());
     }
+    // a matrix in oneDNN's layout: [out_features, in_features] in x's dtype (panel_linear checks its panels itself)
+    const int64_t I = w[7].size(0);
+    const std::tuple<int, const char*, int64_t, int64_t> matrices[] = {
+        {0, "the QKV weight", 3 * H, H}, {2, "the attention output weight", H, H},
+        {6, "the intermediate weight", I, H}, {8, "the output weight", H, I}};
+    for (const auto& [k, what, n, kk] : matrices) {
+      if (!w[k].is_mkldnn()) continue;
+      TORCH_CHECK(w[k].dim() == 2 && w[k].size(0) == n && w[k].size(1) == kk, op, ": weights[", i * kPerLayer + k,
+                  "] (layer ", i, ", ", what, ") in oneDNN's layout must have shape [", n, ", ", kk, "], got ",
+                  w[k].sizes());
+      TORCH_CHECK(w[k].scalar_type() == x.scalar_type(), op, ": weights[", i * kPerLayer + k, "] (layer ", i, ", ",
+                  what, ") in oneDNN's layout must have x's dtype ", x.scalar_type(), ", got ", w[k].scalar_type());
+    }
   }
   static const auto linear = kernel_op<PanelLinear>("mtbert_fast_C::panel_linear");
   static const auto attention = kernel_op<Attention>("mtbert_fast_C::attention_varlen");
   static const auto residual_norm = kernel_op<ResidualNorm>("mtbert_fast_C::bias_residual_layer_norm");
   const std::optional<at::Tensor> none;
+  const auto product = [&](const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& b, int64_t n,
+                           bool gelu) {
+    if (w.is_mkldnn()) {
+      static const auto onednn = kernel_op<OnednnLinear>("mkldnn::_linear_pointwise");
+      return onednn.call(a, w, b, gelu ? "gelu" : "none", c10::List<std::optional<at::Scalar>>(),
+                         gelu ? std::optional<c10::string_view>(approximate) : std::optional<c10::string_view>(""));
+    }
+    return linear.call(a, w, b, n, gelu, gelu ? approximate : "none");
+  };
   at::Tensor h = x;
   for (int64_t i = 0; i < layers; ++i) {
     const at::Tensor* w = weights.data() + i * kPerLayer;
-    const at::Tensor qkv = linear.call(h, w[0], w[1], 3 * H, false, "none").view({T, 3, heads, H / heads});
+    const at::Tensor qkv = product(h, w[0], w[1], 3 * H, false).view({T, 3, heads, H / heads});
     const at::Tensor ctx = std::get<0>(attention.call(qkv, cu_seqlens, max_seqlen, scale, 0.0, none, rel_bias, -1,
                                                       none, none, none));
-    h = std::get<0>(residual_norm.call(linear.call(ctx.view({T, H}), w[2], none, H, false, "none"), w[3], h, w[4],
-                                       w[5], eps));
-    const at::Tensor inner = linear.call(h, w[6], w[7], w[7].size(0), true, approximate);
-    h = std::get<0>(residual_norm.call(linear.call(inner, w[8], none, H, false, "none"), w[9], h, w[10], w[11],
-                                       eps));
+    h = std::get<0>(residual_norm.call(product(ctx.view({T, H}), w[2], none, H, false), w[3], h, w[4], w[5], eps));
+    const at::Tensor inner = product(h, w[6], w[7], w[7].size(0), true);
+    h = std::get<0>(residual_norm.call(product(inner, w[8], none, H, false), w[9], h, w[10], w[11], eps));
   }
   return h;
 }
@@ -88,5 +114,7 @@ at::Tensor post_norm_layers_cpu(const at::Tensor& x,           // [T, H]
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mtbert_fast_C, CPU, m) { m.impl("post_norm_layers", &post_norm_layers_cpu); }
+// weights in oneDNN's blocked layout (mkldnn tensors) put the call under this key
+TORCH_LIBRARY_IMPL(mtbert_fast_C, MkldnnCPU, m) { m.impl("post_norm_layers", &post_norm_layers_cpu); }
 
 }  // namespace mtbert_fast

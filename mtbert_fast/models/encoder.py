@@ -21,7 +21,7 @@ from mtbert_fast.models.int8 import (
     DEFAULT_SMOOTHING, InputStats, Int8LayerWeights, ParameterWatch, Stacks, calibration_batches, check_int8_device,
     check_int8_dtype, check_model_dtype, check_smoothing, gram_passes, int8_layer_forward, int8_stack, quantize_layers,
 )
-from mtbert_fast.models.weight_pack import onednn_weight, panel_weight
+from mtbert_fast.models.weight_pack import onednn_dtype, onednn_weight, panel_weight
 from mtbert_fast.models.weight_pack import releases as pack_releases
 from mtbert_fast.ops import (
     attention_varlen, bias_gelu, bias_residual_layer_norm, dispatch, gather_rows, geglu, pad, rotary_qk, rotary_tables,
@@ -681,31 +681,41 @@ def position_terms(config: EncoderConfig, w: DisentangledWeights, packed: Packed
 def _post_norm_stack(config: EncoderConfig, layers: Sequence, x: torch.Tensor, packed: PackedBatch,
                      backend: str | None, stacks: dict | None = None) -> list[torch.Tensor] | None:
     """Every layer's tensors for one post_norm_layers call, where that kernel runs exactly what layer_forward would:
-    CPU inference on panel_linear's few rows (no autograd, autocast or tracing), float post-norm layers with every
-    bias and norm parameter, each weight packed in panels; else None. The caller has excluded DeBERTa's position
-    terms, observers and per-layer outputs. stacks: where given, the tensors already gathered for these very layers,
-    by dtype (Stacks), and the place to keep them."""
-    if (config.pre_norm or torch.is_grad_enabled() or torch.compiler.is_compiling()
-            or x.shape[0] > panel_rows(x.dtype)):
+    CPU inference (no autograd, autocast or tracing) of float post-norm layers with every bias and norm parameter,
+    each weight packed for the product layer_forward runs at x's rows: in panels for panel_linear's few rows, else
+    in oneDNN's blocked layout where oneDNN multiplies x's dtype itself; else None. The caller has excluded DeBERTa's
+    position terms, observers and per-layer outputs. stacks: where given, the tensors already gathered for these
+    very layers, by route and dtype (Stacks), and the place to keep them."""
+    if config.pre_norm or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None
     # a CPU tensor and a backend of auto or cpu first: asked for another backend, the dispatch would refuse this
     # CPU-only op rather than let the layers run there
     if not _onednn_ok(x, (), backend) or packed.kernel_backend(post_norm_layers_op.name, x, backend) != "cpu":
         return None
-    return Stacks.kept(stacks, x.dtype, lambda: _post_norm_weights(layers, x.dtype))
+    if x.shape[0] <= panel_rows(x.dtype):
+        return Stacks.kept(stacks, ("panels", x.dtype), lambda: _post_norm_weights(layers, x.dtype, panel_weight))
+    if onednn_dtype(x.dtype) != x.dtype:  # layer_forward widens such x for each product: no stack
+        return None
+    return Stacks.kept(stacks, ("onednn", x.dtype), lambda: _post_norm_weights(layers, x.dtype, _onednn_pack))
 
 
-def _post_norm_weights(layers: Sequence, dtype: torch.dtype) -> list[torch.Tensor] | None:
-    """_post_norm_stack's tensors for layers whose every weight is `dtype` and packs in panels, else None."""
+def _onednn_pack(w: torch.Tensor) -> torch.Tensor | None:
+    """w in oneDNN's blocked layout (an mkldnn tensor), or None where it is not packed (see weight_pack)."""
+    packed = onednn_weight(w)
+    return packed if packed.is_mkldnn else None
+
+
+def _post_norm_weights(layers: Sequence, dtype: torch.dtype, pack: Callable) -> list[torch.Tensor] | None:
+    """_post_norm_stack's tensors for layers whose every weight is `dtype` and is packed by pack(), else None."""
     weights = []
     for w in layers:
         if not isinstance(w, LayerWeights) or any(t is None or t.dtype != dtype for t in w):
             return None
-        panels = [panel_weight(t) for t in (w.qkv_weight, w.attn_out_weight, w.ffn_in_weight, w.ffn_out_weight)]
-        if any(p is None for p in panels):
+        packs = [pack(t) for t in (w.qkv_weight, w.attn_out_weight, w.ffn_in_weight, w.ffn_out_weight)]
+        if any(p is None for p in packs):
             return None
-        weights += layer_weights(panels[0], w.qkv_bias, panels[1], w.attn_out_bias, w.attn_norm_weight,
-                                 w.attn_norm_bias, panels[2], w.ffn_in_bias, panels[3], w.ffn_out_bias,
+        weights += layer_weights(packs[0], w.qkv_bias, packs[1], w.attn_out_bias, w.attn_norm_weight,
+                                 w.attn_norm_bias, packs[2], w.ffn_in_bias, packs[3], w.ffn_out_bias,
                                  w.ffn_norm_weight, w.ffn_norm_bias)
     return weights or None
 

@@ -1,10 +1,13 @@
 """post_norm_layers: a stack of post-norm (BERT) encoder layers on packed tokens, in one call, for CPU inference.
 
-Each layer is the encoder's inference layer on weights packed by `pack_panels`, kernel for kernel: the QKV product
-(panel_linear), attention_varlen, the attention output's product and bias_residual_layer_norm, the intermediate
-product with its GELU, the output product and bias_residual_layer_norm; its result equals those calls made one by
-one, bit for bit. On a short input (one query of a few tokens) a forward spends a large share of its time between
-those kernels when Python calls them; here they follow each other in C++. Inference only (no autograd).
+Each layer is the encoder's inference layer, kernel for kernel: the QKV product, attention_varlen, the attention
+output's product and bias_residual_layer_norm, the intermediate product with its GELU, the output product and
+bias_residual_layer_norm; its result equals those calls made one by one, bit for bit. Each product runs on the
+kernel its weight is packed for: panel_linear on the panels of `pack_panels` (the encoder's inputs of few rows), or
+oneDNN's linear on a weight in oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, an mkldnn tensor
+in x's dtype; the encoder's other inputs). Called from Python the kernels wait between each other for the
+interpreter: a large share of a short input's forward and a few percent of a full batch's; here they follow each
+other in C++. Inference only (no autograd).
 """
 
 from __future__ import annotations
@@ -60,8 +63,12 @@ def _check(x: torch.Tensor, weights: Sequence[torch.Tensor], heads: int) -> None
                 raise ValueError(f"{op}: weights[{i + k}] (layer {i // PER_LAYER}, {what}) must be a vector of "
                                  f"{n or 'I > 0'} elements for x of {h} columns, got shape {tuple(w[k].shape)}")
         for k, rows, cols in ((0, h, 3 * h), (2, h, h), (6, h, inner), (8, inner, h)):
-            check_product(f"{op}: weights[{i + k}] (layer {i // PER_LAYER})", x.new_empty((0, rows)), w[k], None,
-                          cols)
+            where = f"{op}: weights[{i + k}] (layer {i // PER_LAYER})"
+            if not w[k].is_mkldnn:
+                check_product(where, x.new_empty((0, rows)), w[k], None, cols)
+            elif tuple(w[k].shape) != (cols, rows) or w[k].dtype != x.dtype:
+                raise ValueError(f"{where} in oneDNN's layout must be [{cols}, {rows}] in x's dtype {x.dtype}, got "
+                                 f"{tuple(w[k].shape)} {w[k].dtype}")
 
 
 def post_norm_layers(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, weights: Sequence[torch.Tensor],
@@ -70,7 +77,8 @@ def post_norm_layers(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
     """x [T, H] through len(weights) / 12 post-norm encoder layers -> [T, H] in x's dtype.
 
     cu_seqlens int32 [B+1] and max_seqlen as for attention_varlen; weights: each layer's 12 tensors in the order of
-    `layer_weights` (panels from pack_panels of each [out_features, in_features] weight, in x's dtype); heads the
+    `layer_weights`, each [out_features, in_features] weight as its panels (pack_panels) or in oneDNN's layout
+    (torch.ops.mkldnn._reorder_linear_weight), in x's dtype; heads the
     attention heads, scale the scores' scale, eps the LayerNorms' epsilon, approximate GELU's form ("none" or
     "tanh"); rel_bias fp32 [heads, 2R+1], a relative position bias added to every layer's scores (MPNet), or None.
     """
@@ -95,4 +103,5 @@ OP = Op(
     reference=reference.post_norm_layers,
     backends={"cpu": Backend(dtypes=CPU_DTYPES)},
     fake=fake_stack,
+    more_keys=("MkldnnCPU",),  # weights in oneDNN's layout
 )

@@ -153,19 +153,28 @@ def attention_varlen(
 def post_norm_layers(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, weights: list[torch.Tensor],
                      heads: int, scale: float, eps: float, approximate: str,
                      rel_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Post-norm (BERT) encoder layers on packed tokens.  x [T, H]; weights: 12 per layer (QKV panels, its bias
-    [3H], the attention output's panels and bias [H], that norm's weight and bias [H], the intermediate panels and
-    bias [I], the output's panels and bias [H], that norm's weight and bias [H]) -> [T, H]. Each layer:
+    """Post-norm (BERT) encoder layers on packed tokens.  x [T, H]; weights: 12 per layer (QKV weight, its bias
+    [3H], the attention output's weight and bias [H], that norm's weight and bias [H], the intermediate weight and
+    bias [I], the output's weight and bias [H], that norm's weight and bias [H]), each weight as panels or in
+    oneDNN's blocked layout -> [T, H]. Each layer:
     x = LN(attention(x Wqkv^T + bqkv) Wo^T + bo + x), x = LN(GELU(x Wi^T + bi) Wf^T + bf + x), in x's dtype
     between the steps, as the kernels store them."""
     t, h = x.shape
+
+    def product(a, w, b, n, gelu=False):
+        if w.is_mkldnn:  # a weight in oneDNN's blocked layout
+            y = _acc(a) @ _acc(w.to_dense()).t()
+            y = y if b is None else y + _acc(b)
+            return (_gelu(y, approximate) if gelu else y).to(a.dtype)
+        return panel_linear(a, w, b, n, gelu, approximate if gelu else "none")
+
     for i in range(0, len(weights), 12):
         wqkv, bqkv, wo, bo, g1, b1, wi, bi, wf, bf, g2, b2 = weights[i:i + 12]
-        qkv = panel_linear(x, wqkv, bqkv, 3 * h, False, "none").view(t, 3, heads, h // heads)
+        qkv = product(x, wqkv, bqkv, 3 * h).view(t, 3, heads, h // heads)
         ctx = attention_varlen(qkv, cu_seqlens, max_seqlen, scale, rel_bias=rel_bias).reshape(t, h)
-        x = bias_residual_layer_norm(panel_linear(ctx, wo, None, h, False, "none"), bo, x, g1, b1, eps)
-        inner = panel_linear(x, wi, bi, bi.shape[0], True, approximate)
-        x = bias_residual_layer_norm(panel_linear(inner, wf, None, h, False, "none"), bf, x, g2, b2, eps)
+        x = bias_residual_layer_norm(product(ctx, wo, None, h), bo, x, g1, b1, eps)
+        inner = product(x, wi, bi, bi.shape[0], gelu=True)
+        x = bias_residual_layer_norm(product(inner, wf, None, h), bf, x, g2, b2, eps)
     return x
 
 

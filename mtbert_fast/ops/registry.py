@@ -103,6 +103,8 @@ class Op:
     setup_context(ctx, inputs, output) and backward(ctx, *grads) -> one gradient per schema argument: the autograd
     formula; `inputs` and `ctx.backend` exclude the trailing backend argument, and `op.backward_kernel(ctx.backend)`
     is the backward op bound to the backend that ran the forward.
+    more_keys: dispatch keys beyond CPU and CUDA that the op's inputs can carry (MkldnnCPU: a weight in oneDNN's
+    blocked layout); the op is registered for them too, and its C++ kernel must be.
     """
 
     name: str
@@ -117,6 +119,7 @@ class Op:
     backward_fake: Callable | None = None
     setup_context: Callable | None = None
     backward: Callable | None = None
+    more_keys: tuple[str, ...] = ()
     _kernels: dict[tuple[str, str], Callable] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -141,7 +144,7 @@ class Op:
         if any(b in self.backends for b in ("cpu", "cuda")):
             _kernel_lib.define(name + cpp_schema)
         _lib.define(name + _with_backend(schema))
-        for key in ("CPU", "CUDA"):
+        for key in ("CPU", "CUDA", *self.more_keys):
             _lib.impl(name, impl, key)
         torch.library.register_fake(f"{NAMESPACE}::{name}", _drop_backend(fake), lib=_lib)
 

@@ -236,16 +236,20 @@ def test_swapped_model_sees_in_place_edits(route, bert_config, make_hf, ragged_b
         assert_close(model(ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits)
 
 
+@pytest.mark.parametrize("route", ["panels", "onednn"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("family", ["bert", "distilbert", "mpnet"])
-def test_panel_route_runs_the_layers_in_one_call(family, dtype, bert_config, distilbert_config, mpnet_config,
-                                                 make_hf, ragged_batch, monkeypatch):
-    """On the panel route, inference runs every layer in one post_norm_layers call (MPNet's relative position bias
-    too), with the result of the layers run one by one, bit for bit; a forward that asks for every layer's output,
-    or records gradients, runs them one by one."""
+def test_inference_runs_the_layers_in_one_call(route, family, dtype, bert_config, distilbert_config, mpnet_config,
+                                               make_hf, ragged_batch, monkeypatch):
+    """On either route (panel_linear's few rows, or oneDNN's linear for more), inference runs every layer in one
+    post_norm_layers call (MPNet's relative position bias too) on the weights packed for that route, with the result
+    of the layers run one by one, bit for bit; a forward that asks for every layer's output, or records gradients,
+    runs them one by one."""
     from transformers import DistilBertModel, MPNetModel
 
-    monkeypatch.setattr(encoder, "panel_rows", lambda dtype: 1 << 30)
+    if route == "onednn" and weight_pack.onednn_dtype(dtype) != dtype:
+        pytest.skip(f"oneDNN does not multiply {dtype} on this CPU: its layers widen each product's input")
+    monkeypatch.setattr(encoder, "panel_rows", lambda dtype: 1 << 30 if route == "panels" else 0)
     config = {"bert": bert_config, "distilbert": distilbert_config, "mpnet": mpnet_config}[family]()
     cls = {"bert": BertModel, "distilbert": DistilBertModel, "mpnet": MPNetModel}[family]
     fast = FastBertModel.from_hf(make_hf(cls, config), dtype=dtype).eval()
@@ -254,13 +258,14 @@ def test_panel_route_runs_the_layers_in_one_call(family, dtype, bert_config, dis
     calls = []
 
     def spy(x, *args):
-        calls.append(len(args[2]))
+        weights = args[2]
+        calls.append((len(weights), {w.is_mkldnn for w in weights[0::12] + weights[8::12]}))
         return stack_kernel(x, *args)
 
     monkeypatch.setitem(encoder.post_norm_layers_op._kernels, ("cpu", "forward"), spy)
     with torch.no_grad():
         stacked = fast(ids, mask)
-        assert calls == [12 * config.num_hidden_layers]
+        assert calls == [(12 * config.num_hidden_layers, {route == "onednn"})]
         by_layer = fast(ids, mask, output_hidden_states=True)
         assert len(calls) == 1
     assert torch.equal(stacked.last_hidden_state, by_layer.last_hidden_state)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mtbert_fast import ops
+from mtbert_fast.models import weight_pack
 from mtbert_fast.ops import reference
 from mtbert_fast.ops.post_norm_layers import layer_weights
 from op_testing import assert_close, cu_seqlens, rand
@@ -31,6 +32,17 @@ def _layer(h, inner, dtype, seed):
 def _packed(plain):
     """The op's 12 tensors of a layer: each matrix as panels."""
     return layer_weights(*(ops.pack_panels(t) if t.dim() == 2 else t for t in plain))
+
+
+def _onednn(t):
+    return torch.ops.mkldnn._reorder_linear_weight(t)
+
+
+def _onednn_packed(plain, dtype):
+    """The op's 12 tensors of a layer: each matrix in oneDNN's blocked layout."""
+    if not weight_pack.AVAILABLE or weight_pack.onednn_dtype(dtype) != dtype:
+        pytest.skip(f"oneDNN does not multiply {dtype} weights on this CPU")
+    return layer_weights(*(_onednn(t) if t.dim() == 2 else t for t in plain))
 
 
 def _native(x, lengths, layers, heads, scale, eps, approximate, rel_bias):
@@ -89,6 +101,61 @@ def test_equals_the_kernels_called_one_by_one(backend, dtype):
         inner_out = ops.panel_linear(want, wi, bi, inner, gelu=True)
         want = ops.bias_residual_layer_norm(ops.panel_linear(inner_out, wf, None, h), bf, want, g2, b2, eps)
     assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_onednn_weights_equal_the_kernels_called_one_by_one(backend, dtype, approximate):
+    """Weights in oneDNN's layout run on oneDNN's linear, as the encoder runs a full batch: the result of the kernels
+    called one by one, bit for bit, and the reference's; a stack may hold both kinds of weight, each product on the
+    kernel its weight is packed for."""
+    lengths, h, heads, inner = [9, 3, 20], 48, 4, 72
+    t, scale, eps = sum(lengths), 0.25, 1e-12
+    plain = [_layer(h, inner, dtype, seed) for seed in (1, 2)]
+    weights = [w for layer in plain for w in _onednn_packed(layer, dtype)]
+    rel_bias = rand(heads, 2 * max(lengths) - 1, seed=7)
+    x, cu = rand(t, h, seed=3, dtype=dtype), cu_seqlens(lengths)
+    out = backend.forward(x, cu, max(lengths), weights, heads, scale, eps, approximate, rel_bias)
+    want = x
+    for i in range(0, len(weights), 12):
+        wqkv, bqkv, wo, bo, g1, b1, wi, bi, wf, bf, g2, b2 = weights[i:i + 12]
+        qkv = torch.ops.mkldnn._linear_pointwise(want, wqkv, bqkv, "none", [], "").view(t, 3, heads, h // heads)
+        ctx = ops.attention_varlen(qkv, cu, max(lengths), scale, rel_bias=rel_bias).reshape(t, h)
+        o = torch.ops.mkldnn._linear_pointwise(ctx, wo, None, "none", [], "")
+        want = ops.bias_residual_layer_norm(o, bo, want, g1, b1, eps)
+        inner_out = torch.ops.mkldnn._linear_pointwise(want, wi, bi, "gelu", [], approximate)
+        f = torch.ops.mkldnn._linear_pointwise(inner_out, wf, None, "none", [], "")
+        want = ops.bias_residual_layer_norm(f, bf, want, g2, b2, eps)
+    assert torch.equal(out, want)
+    # (the reference widens a weight in oneDNN's layout itself)
+    ref = reference.post_norm_layers(x.float(), cu, max(lengths), [w if w.is_mkldnn else w.float() for w in weights],
+                                     heads, scale, eps, approximate, rel_bias)
+    native = _native(x, lengths, plain, heads, scale, eps, approximate, rel_bias)
+    assert_close(out, ref, native, dtype, atol=1e-5, rtol=1e-5)
+    mixed = list(weights)
+    for k, w in ((0, plain[0][0]), (8, plain[0][8]), (12 + 6, plain[1][6])):
+        mixed[k] = ops.pack_panels(w)
+    both = backend.forward(x, cu, max(lengths), mixed, heads, scale, eps, approximate, rel_bias)
+    assert_close(both, ref, native, dtype, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("call", ["wrapper", "kernel"])
+def test_onednn_weight_errors_name_the_weight(backend, call):
+    """A weight in oneDNN's layout of another shape or dtype than its product's is refused with its place and
+    shape, before anything runs."""
+    x, cu, max_seqlen, _, heads, scale = _args()
+    layer = _layer(16, 24, torch.float32, 1)
+    weights = list(_onednn_packed(layer, torch.float32))
+    run = ops.post_norm_layers if call == "wrapper" else (
+        lambda *a: backend.forward(*a, 1e-12, "none", None))
+    bad = list(weights)
+    bad[6] = _onednn(rand(24, 12))
+    with pytest.raises((ValueError, RuntimeError), match=r"weights\[6\] \(layer 0.*oneDNN's layout must .*24, 16"):
+        run(x, cu, max_seqlen, bad, heads, scale)
+    if weight_pack.onednn_dtype(torch.bfloat16) == torch.bfloat16:
+        bad = list(weights)
+        bad[8] = _onednn(layer[8].bfloat16())
+        with pytest.raises((ValueError, RuntimeError), match=r"weights\[8\] \(layer 0.*oneDNN's layout.*dtype"):
+            run(x, cu, max_seqlen, bad, heads, scale)
 
 
 def _args(dtype=torch.float32, layers=1):
