@@ -35,9 +35,6 @@ using Attention = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at
                                                      const std::optional<at::Tensor>&,
                                                      const std::optional<at::Tensor>&,
                                                      const std::optional<at::Tensor>&);
-using OnednnLinear = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                c10::string_view, c10::List<std::optional<at::Scalar>>,
-                                std::optional<c10::string_view>);
 using ResidualNorm = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                     const at::Tensor&, const at::Tensor&,
                                                                     const at::Tensor&, double);
@@ -92,9 +89,13 @@ at::Tensor post_norm_layers_cpu(const at::Tensor& x,           // [T, H]
   const auto product = [&](const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& b, int64_t n,
                            bool gelu) {
     if (w.is_mkldnn()) {
-      static const auto onednn = kernel_op<OnednnLinear>("mkldnn::_linear_pointwise");
-      return onednn.call(a, w, b, gelu ? "gelu" : "none", c10::List<std::optional<at::Scalar>>(),
-                         gelu ? std::optional<c10::string_view>(approximate) : std::optional<c10::string_view>(""));
+      // boxed: the op's C++ argument types are ATen's internals (its schema is the stable part)
+      static const c10::OperatorHandle onednn =
+          c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+      torch::jit::Stack stack{a, w, b, std::string(gelu ? "gelu" : "none"), c10::List<std::optional<at::Scalar>>(),
+                              std::string(gelu ? approximate : "")};
+      onednn.callBoxed(&stack);
+      return std::move(stack[0]).toTensor();
     }
     return linear.call(a, w, b, n, gelu, gelu ? approximate : "none");
   };
