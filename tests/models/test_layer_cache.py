@@ -20,11 +20,13 @@ from mtbert_fast.models.encoder import LayerCache
 pytestmark = pytest.mark.usefixtures("one_thread_unless_marked")
 
 
-@pytest.fixture(autouse=True)
-def panel_route(monkeypatch):
-    """Every inference input on panel_linear's rows, so the layers run in the one post_norm_layers call whose tensors
-    the cache keeps."""
-    monkeypatch.setattr(encoder, "panel_rows", lambda dtype: 1 << 30)
+@pytest.fixture(autouse=True, params=["panels", "onednn"])
+def one_call_route(request, monkeypatch):
+    """Every inference input on one route, panel_linear's rows or oneDNN's, each with the layers in the one
+    post_norm_layers call whose tensors the cache keeps."""
+    if request.param == "onednn" and not weight_pack.AVAILABLE:
+        pytest.skip("this PyTorch has no oneDNN linear")
+    monkeypatch.setattr(encoder, "panel_rows", lambda dtype: 1 << 30 if request.param == "panels" else 0)
     weight_pack.release_packs()
     yield
     weight_pack.release_packs()
