@@ -42,7 +42,11 @@ def unpack_panels(panels: torch.Tensor, out_features: int) -> torch.Tensor:
 def panel_linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, out_features: int, gelu: bool,
                  approximate: str) -> torch.Tensor:
     """x [M, K] @ W^T + bias (then GELU) -> [M, out_features], W = unpack_panels(panels)."""
-    w = unpack_panels(panels, out_features)[:, : x.shape[1]]
+    return _linear(x, unpack_panels(panels, out_features)[:, : x.shape[1]], bias, gelu, approximate)
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, gelu: bool, approximate: str) -> torch.Tensor:
+    """x [M, K] @ w [N, K]^T + bias (then GELU) -> [M, N] in x's dtype, accumulated in _acc's dtype."""
     y = _acc(x) @ _acc(w).t()
     if bias is not None:
         y = y + _acc(bias)
@@ -163,9 +167,7 @@ def post_norm_layers(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
 
     def product(a, w, b, n, gelu=False):
         if w.is_mkldnn:  # a weight in oneDNN's blocked layout
-            y = _acc(a) @ _acc(w.to_dense()).t()
-            y = y if b is None else y + _acc(b)
-            return (_gelu(y, approximate) if gelu else y).to(a.dtype)
+            return _linear(a, w.to_dense(), b, gelu, approximate)
         return panel_linear(a, w, b, n, gelu, approximate if gelu else "none")
 
     for i in range(0, len(weights), 12):
