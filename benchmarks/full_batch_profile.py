@@ -2,6 +2,7 @@
 
     python benchmarks/full_batch_profile.py [--models minilm bert-base] [--dtypes float32 bfloat16]
                                             [--batch 8] [--length 128] [--threads 2] [--repeats 15]
+                                            [--no-openvino] [--profile] [--products]
 
 Every token is real (no padding). Per model and dtype, in one process, interleaved round by round (medians):
   - mtbert_fast: FastBertModel from the HF model in that dtype;
@@ -19,9 +20,11 @@ FLOPs are exact (harness.encoder_flops): every linear including the pooler, and 
 and P V, 4 L^2 H per layer per sequence; elementwise work is not counted. The roofline fraction is FLOPs / time /
 GEMM rate, also taken per round against that round's GEMM rate (robust to a load that changes between rounds), and
 the ratio to OpenVINO likewise. The attainable fraction is what the model would reach with its linears at the GEMM
-rate and attention at the rate its own kernel reaches; `--profile` adds a torch.profiler breakdown of mtbert_fast's
-forward by part (linears, attention, LayerNorm, the rest) with the GFLOP/s of each, and OpenVINO's own per-node
-timers by the same parts, with the kernels its linears ran on.
+rate and attention at the rate its own kernel reaches. `--products` adds each of one layer's products alone (on the
+encoder's route and packed weights, interleaved with the GEMM) as a fraction of the GEMM rate, the FFN's input
+product with and without its GELU epilogue, and what that epilogue adds to a forward. `--profile` adds a
+torch.profiler breakdown of mtbert_fast's forward by part (linears, attention, LayerNorm, the rest) with the GFLOP/s
+of each, and OpenVINO's own per-node timers by the same parts, with the kernels its linears ran on.
 
 Every timed call follows a pause of SETTLE seconds, so that no call pays for the previous one's spinning threads.
 On a machine that other jobs keep busy, run with OMP_WAIT_POLICY=PASSIVE (it must be set before the process
@@ -139,9 +142,10 @@ def gemm_routes(dtype: torch.dtype, shape=harness.GEMM_SHAPE) -> dict:
     return {name: (lambda f=f: [f() for _ in range(GEMM_CALLS)]) for name, f in products.items()}
 
 
-def linears_alone(fast: FastBertModel, tokens: int):
-    """One layer's four products with nothing around them, on the encoder's own inference route for `tokens` rows
-    (panel_linear or oneDNN's linear, each on its packed weight)."""
+def layer_products(fast: FastBertModel, tokens: int) -> dict[str, tuple]:
+    """One layer's products on random inputs of `tokens` rows, each on the encoder's own inference route for that
+    many rows (panel_linear or oneDNN's linear, on its packed weight): name -> (callable, multiply-adds per row). The
+    FFN's input product is there twice: with its GELU epilogue, as the encoder runs it, and with the bias alone."""
     layer = fast.layers[0]
     g = torch.Generator().manual_seed(0)
     h, i = fast.config.hidden_size, fast.config.intermediate_size
@@ -149,14 +153,62 @@ def linears_alone(fast: FastBertModel, tokens: int):
     inner = torch.randn(tokens, i, generator=g).to(fast.dtype)
     approximate = fast.config.gelu_approximate
     linear = encoder._Linear(True, None)
+    return {
+        "QKV": (lambda: linear(x, layer.qkv.weight, layer.qkv.bias), 3 * h * h),
+        "attention output": (lambda: linear(x, layer.attn_out.weight, layer.attn_out.bias), h * h),
+        "FFN in + GELU": (lambda: linear.gelu(x, layer.ffn_in.weight, layer.ffn_in.bias, approximate), h * i),
+        "FFN in, bias only": (lambda: linear(x, layer.ffn_in.weight, layer.ffn_in.bias), h * i),
+        "FFN out": (lambda: linear(inner, layer.ffn_out.weight, layer.ffn_out.bias), h * i),
+    }
+
+
+def linears_alone(fast: FastBertModel, tokens: int):
+    """One layer's four products (the FFN's input with its GELU) with nothing around them, as the encoder runs them
+    for `tokens` rows."""
+    products = layer_products(fast, tokens)
+    calls = [products[name][0] for name in ("QKV", "attention output", "FFN in + GELU", "FFN out")]
 
     def run():
-        linear(x, layer.qkv.weight, layer.qkv.bias)
-        linear(x, layer.attn_out.weight, layer.attn_out.bias)
-        linear.gelu(x, layer.ffn_in.weight, layer.ffn_in.bias, approximate)
-        linear(inner, layer.ffn_out.weight, layer.ffn_out.bias)
+        for call in calls:
+            call()
 
     return run
+
+
+PRODUCT_CALLS = 4  # products per timed call in products_alone
+
+
+def products_alone(fast: FastBertModel, tokens: int) -> dict[str, tuple]:
+    """layer_products, each PRODUCT_CALLS times per call: name -> (callable, FLOPs per call). The FFN's input
+    product with its GELU less the same product with the bias alone is what the GELU costs."""
+    return {name: (lambda f=f: [f() for _ in range(PRODUCT_CALLS)], PRODUCT_CALLS * 2 * tokens * macs)
+            for name, (f, macs) in layer_products(fast, tokens).items()}
+
+
+def report_products(fast: FastBertModel, tokens: int, dtype: torch.dtype, forward_ms: float, repeats: int) -> None:
+    """Times products_alone against the GEMM routes, interleaved, and prints each product's fraction of the GEMM
+    rate (of medians / per round) and what the GELU epilogue adds to a forward."""
+    products = products_alone(fast, tokens)
+    fns = {name: f for name, (f, _) in products.items()}
+    fns.update(gemm_routes(dtype))
+    with torch.inference_mode():
+        timing = harness.time_interleaved(fns, repeats=repeats, warmup=2, settle=0.02)
+    m, k, n = harness.GEMM_SHAPE
+    gemm_flops = GEMM_CALLS * 2 * m * k * n
+    routes = [r for r in fns if r.startswith("gemm")]
+    gemm_rate = max(gemm_flops / timing[r].median for r in routes)
+    round_gemm = [max(gemm_flops / timing[r].samples[i] for r in routes) for i in range(repeats)]
+    print(f"    products alone at {tokens} rows (GEMM rate {gemm_rate / 1e9:.1f} GFLOP/s): fraction of it, of medians"
+          " / per round")
+    for name, (_, flops) in products.items():
+        t = timing[name]
+        per_round = np.median([flops / t.samples[i] / round_gemm[i] for i in range(repeats)])
+        print(f"      {name:18s} {t.median / PRODUCT_CALLS * 1e3:7.3f} ms  {flops / t.median / gemm_rate:.3f} /"
+              f" {per_round:.3f}")
+    gelu_ms = (timing["FFN in + GELU"].median - timing["FFN in, bias only"].median) / PRODUCT_CALLS * 1e3
+    layers = fast.config.num_hidden_layers
+    print(f"      the GELU epilogue: {gelu_ms:.3f} ms a layer, {gelu_ms * layers:.2f} ms a forward"
+          f" ({100 * gelu_ms * layers / forward_ms:.1f} % of mtbert_fast's median forward)")
 
 
 def attention_alone(fast: FastBertModel, batch: int, length: int):
@@ -336,6 +388,8 @@ def run_point(name: str, hf, dtype_name: str, args) -> None:
     print(f"    page faults per mtbert_fast forward: {page_faults(fns['mtbert_fast']):.0f}")
     print("    cores busy per forward (CPU time / wall time, back to back): "
           + ", ".join(f"{p} {cores_busy(fns[p]):.2f}" for p in ("mtbert_fast", "openvino") if p in fns))
+    if args.products:
+        report_products(fast, tokens, dtype, timing["mtbert_fast"].median * 1e3, args.repeats)
     if args.profile:
         profile_parts(fast, inputs, part_flops)
         if "openvino" in timing:
@@ -353,6 +407,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--no-openvino", action="store_true", help="leave OpenVINO out")
     parser.add_argument("--profile", action="store_true", help="add a torch.profiler breakdown by part")
+    parser.add_argument("--products", action="store_true",
+                        help="add each product alone as a fraction of the GEMM rate, and the GELU epilogue's cost")
     args = parser.parse_args(argv)
 
     import transformers

@@ -67,6 +67,35 @@ def test_cores_busy_is_cpu_time_over_wall_time(full_batch_profile):
     assert busy == pytest.approx(1.5)
 
 
+def test_products_alone_are_the_layers_linears_and_the_gelu_free_ffn_input(full_batch_profile):
+    """products_alone: the layer's four products (the FFN's input product twice, with and without GELU), whose FLOPs
+    are one layer's share of linear_flops; each with GELU matches the encoder's linear, without it the plain product."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import BertConfig, BertModel
+
+    from mtbert_fast import FastBertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=1100)
+    fast = FastBertModel.from_hf(BertModel(config).eval())
+    tokens = 6
+    products = full_batch_profile.products_alone(fast, tokens)
+    assert list(products) == ["QKV", "attention output", "FFN in + GELU", "FFN in, bias only", "FFN out"]
+    layer_flops = sum(flops for name, (_, flops) in products.items() if name != "FFN in, bias only")
+    calls = full_batch_profile.PRODUCT_CALLS
+    expected = (full_batch_profile.linear_flops(config, tokens, 1) - 2 * config.hidden_size ** 2) / 2
+    assert layer_flops == calls * expected
+    assert products["FFN in + GELU"][1] == products["FFN in, bias only"][1]
+    with torch.inference_mode():
+        with_gelu = products["FFN in + GELU"][0]()
+        plain = products["FFN in, bias only"][0]()
+    assert len(with_gelu) == len(plain) == calls
+    assert not torch.equal(with_gelu[0], plain[0])
+    torch.testing.assert_close(with_gelu[0], F.gelu(plain[0]), atol=1e-5, rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def panel_rows():
     return _script("panel_rows")
