@@ -142,6 +142,16 @@ def gemm_routes(dtype: torch.dtype, shape=harness.GEMM_SHAPE) -> dict:
     return {name: (lambda f=f: [f() for _ in range(GEMM_CALLS)]) for name, f in products.items()}
 
 
+def gemm_rates(timing: dict, repeats: int) -> tuple[dict[str, float], float, list[float]]:
+    """From a timing that holds gemm_routes' calls: each route's rate (of medians), the fastest of them (the GEMM
+    rate of the roofline) and, per round, the fastest route's rate in that round."""
+    m, k, n = harness.GEMM_SHAPE
+    gemm_flops = GEMM_CALLS * 2 * m * k * n
+    routes = {r: gemm_flops / t.median for r, t in timing.items() if r.startswith("gemm")}
+    round_gemm = [max(gemm_flops / timing[r].samples[i] for r in routes) for i in range(repeats)]
+    return routes, max(routes.values()), round_gemm
+
+
 def layer_products(fast: FastBertModel, tokens: int) -> dict[str, tuple]:
     """One layer's products on random inputs of `tokens` rows, each on the encoder's own inference route for that
     many rows (panel_linear or oneDNN's linear, on its packed weight): name -> (callable, multiply-adds per row). The
@@ -193,11 +203,7 @@ def report_products(fast: FastBertModel, tokens: int, dtype: torch.dtype, forwar
     fns.update(gemm_routes(dtype))
     with torch.inference_mode():
         timing = harness.time_interleaved(fns, repeats=repeats, warmup=2, settle=0.02)
-    m, k, n = harness.GEMM_SHAPE
-    gemm_flops = GEMM_CALLS * 2 * m * k * n
-    routes = [r for r in fns if r.startswith("gemm")]
-    gemm_rate = max(gemm_flops / timing[r].median for r in routes)
-    round_gemm = [max(gemm_flops / timing[r].samples[i] for r in routes) for i in range(repeats)]
+    _, gemm_rate, round_gemm = gemm_rates(timing, repeats)
     print(f"    products alone at {tokens} rows (GEMM rate {gemm_rate / 1e9:.1f} GFLOP/s): fraction of it, of medians"
           " / per round")
     for name, (_, flops) in products.items():
@@ -351,14 +357,10 @@ def run_point(name: str, hf, dtype_name: str, args) -> None:
 
     with torch.inference_mode():
         timing = harness.time_interleaved(fns, repeats=args.repeats, warmup=2, settle=SETTLE)
-    m, k, n = harness.GEMM_SHAPE
-    gemm_flops = GEMM_CALLS * 2 * m * k * n
-    routes = {r: gemm_flops / timing[r].median for r in fns if r.startswith("gemm")}
-    gemm_rate = max(routes.values())
     # per round: the GEMM rate of that round, and ratios of calls made seconds apart, which a load that changes
     # from round to round moves less than it moves the medians
+    routes, gemm_rate, round_gemm = gemm_rates(timing, args.repeats)
     rounds = range(args.repeats)
-    round_gemm = [max(gemm_flops / timing[r].samples[i] for r in routes) for i in rounds]
     work = {"mtbert_fast": flops, "openvino": flops,
             "linears alone": part_flops["linears"] - 2 * args.batch * config.hidden_size ** 2,
             "attention alone": part_flops["attention"]}
