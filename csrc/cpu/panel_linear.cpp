@@ -246,15 +246,25 @@ at::Tensor panel_linear_cpu(const at::Tensor& x, const at::Tensor& panels, const
   TORCH_CHECK(panels.sizes() == at::IntArrayRef(want), op, ": panels must have shape ", at::IntArrayRef(want),
               " for x of ", K, " columns and ", N, " out_features, got ", panels.sizes());
   const GeluKind kind = parse_gelu(op, approximate);
-  at::Tensor bias_f32;
+  // the bias as the accumulators' fp32: an fp32 bias read where it is, a bf16 one widened into this call's buffer
+  // (a short forward makes a dozen such calls, each of which a new tensor would cost an allocation and a dispatch)
+  at::Tensor bias_rows;
+  std::vector<float> widened_bias;
+  const float* bias_ptr = nullptr;
   if (bias.has_value()) {
-    const at::Tensor& b = *bias;
-    MTBF_CHECK_SAME_DEVICE("panel_linear", x, b);
-    MTBF_CHECK_FLOAT_OR_BF16("panel_linear", b);
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == N, op, ": bias must have shape [", N, "] (out_features), got ", b.sizes());
-    bias_f32 = b.to(at::kFloat).contiguous();
+    MTBF_CHECK_SAME_DEVICE("panel_linear", x, *bias);
+    MTBF_CHECK_FLOAT_OR_BF16("panel_linear", *bias);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N, "] (out_features), got ",
+                bias->sizes());
+    bias_rows = bias->contiguous();
+    if (bias_rows.scalar_type() == at::kFloat) {
+      bias_ptr = bias_rows.const_data_ptr<float>();
+    } else {
+      const at::BFloat16* b = bias_rows.const_data_ptr<at::BFloat16>();
+      widened_bias.assign(b, b + N);
+      bias_ptr = widened_bias.data();
+    }
   }
-  const float* bias_ptr = bias_f32.defined() ? bias_f32.const_data_ptr<float>() : nullptr;
   const at::Tensor w = panels.contiguous();
   at::Tensor out = new_output(x, N, gelu);
   if (M == 0) return out;

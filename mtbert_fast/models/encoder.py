@@ -36,6 +36,9 @@ from mtbert_fast.ops.post_norm_layers import OP as post_norm_layers_op
 from mtbert_fast.ops.post_norm_layers import layer_weights
 from mtbert_fast.ops.pack_mask import OP as pack_mask_op
 from mtbert_fast.ops.pack_mask import MaskStats, mask_stats
+from mtbert_fast.ops.registry import Op
+from mtbert_fast.ops.rows import GATHER as gather_rows_op
+from mtbert_fast.ops.rows import SCATTER as scatter_rows_op
 from mtbert_fast.ops.token_embeddings import OP as token_embeddings_op
 from mtbert_fast.ops.dispatch import requested_backend
 
@@ -110,11 +113,23 @@ class PackedBatch:
         """Packed row of each sequence's first real token (its CLS with right padding): int64 [batch]."""
         return self.cu_seqlens[:-1].long()
 
+    def _rows_kernel(self, op: Op, t: torch.Tensor) -> Callable | None:
+        """op's kernel for `t` and this batch's own indices in inference (no autograd or tracing), called directly:
+        the batch made the indices, so the wrapper's checks and dispatch would only repeat themselves on every call
+        of a short forward. None where the checked op must run."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        chosen = self.kernel_backend(op.name, t, None)
+        return None if chosen == "reference" else op.kernel(chosen)
+
     def first_tokens(self, packed: torch.Tensor) -> torch.Tensor:
         """packed [T, ...] -> the rows of each sequence's first real token, [batch, ...] (a view when nothing is
         padded)."""
         if self.all_real:
             return packed[:: self.seqlen]
+        kernel = self._rows_kernel(gather_rows_op, packed)
+        if kernel is not None:
+            return kernel(packed, self.first_token_rows)
         return gather_rows(packed, self.first_token_rows)
 
     def rows(self, t: torch.Tensor) -> torch.Tensor:
@@ -124,8 +139,12 @@ class PackedBatch:
 
     def pad(self, packed: torch.Tensor) -> torch.Tensor:
         """packed [T, ...] -> [batch, seqlen, ...], zeros at the padding; a view of `packed` when there is none."""
+        shape = (self.batch, self.seqlen) + tuple(packed.shape[1:])
         if self.all_real:
-            return packed.reshape((self.batch, self.seqlen) + tuple(packed.shape[1:]))
+            return packed.reshape(shape)
+        kernel = self._rows_kernel(scatter_rows_op, packed)
+        if kernel is not None:
+            return kernel(packed, self.indices, self.batch * self.seqlen).reshape(shape)
         return pad(packed, self.indices, self.batch, self.seqlen)
 
 

@@ -235,8 +235,8 @@ def test_inference_layer_equals_the_checked_wrapper_path(bert_config, model_back
 def test_inference_chooses_each_kernel_once_per_forward(bert_config, model_backend, make_hf, ragged_batch,
                                                          monkeypatch):
     """Every layer hands attention and the LayerNorms inputs of one shape and dtype: the dispatch runs once per op
-    and forward (the embeddings' op too), and the batch remembers the choice. (Every layer's output is asked for, so the layers run one by
-    one, not in one post_norm_layers call.)"""
+    and forward (the embeddings' op and the pooler's gather of the first tokens too), and the batch remembers the
+    choice. (Every layer's output is asked for, so the layers run one by one, not in one post_norm_layers call.)"""
     from mtbert_fast.ops import dispatch
 
     config = bert_config(num_hidden_layers=3)
@@ -252,12 +252,15 @@ def test_inference_chooses_each_kernel_once_per_forward(bert_config, model_backe
     with torch.no_grad():
         out = fast(ids, mask, output_hidden_states=True)
     layer_ops = {"attention_varlen", "bias_residual_layer_norm"}
+    # the packing's own row copies take the backend that $MTBERT_FAST_BACKEND or the dispatch picks, as before
+    assert out.packed.kernels.pop("gather_rows") == choose("gather_rows", out.packed_hidden_state)
     if model_backend == "reference":  # the reference runs the ops' wrappers, which choose again
         assert set(out.packed.kernels) == layer_ops
         assert set(out.packed.kernels.values()) == {"reference"}
     else:  # and the embeddings run in one token_embeddings call
         assert set(out.packed.kernels) == layer_ops | {"token_embeddings"}
         assert all(calls.count(op) == 1 for op in out.packed.kernels)
+        assert calls.count("gather_rows") == 1
         assert "reference" not in out.packed.kernels.values()
 
 

@@ -93,6 +93,22 @@ def test_rows_copied_apart_give_the_same_bits(K):
         assert torch.equal(whole, torch.cat(parts))
 
 
+@pytest.mark.parametrize("bias_dtype", [torch.float32, torch.bfloat16])
+def test_bias_read_in_any_layout(bias_dtype):
+    """The kernel reads an fp32 bias where it lies and widens a bf16 one itself: a strided bias gives the bits of its
+    contiguous copy, and a bf16 bias those of its fp32 widening."""
+    if os.environ.get("MTBERT_FAST_SKIP_BUILD") == "1":
+        pytest.skip("pure-Python install requested: no compiled kernels")
+    assert _ext.has_kernel(OP_NAME, "CPU"), _ext.load_error
+    x, w = rand(5, 70, dtype=torch.bfloat16), rand(50, 70, seed=1, scale=0.1, dtype=torch.bfloat16)
+    every_other = rand(100, seed=2, dtype=bias_dtype)[::2]
+    panels = ops.pack_panels(w)
+    kernel = torch.ops.mtbert_fast_C.panel_linear
+    out = kernel(x, panels, every_other, 50, True, "none")
+    assert torch.equal(out, kernel(x, panels, every_other.contiguous(), 50, True, "none"))
+    assert torch.equal(out, kernel(x, panels, every_other.float(), 50, True, "none"))
+
+
 @pytest.mark.parametrize("dtype,N", [(torch.float32, 1024), (torch.float32, 3072), (torch.bfloat16, 2048)])
 def test_gelu_rows_of_4_kib_stand_apart_for_the_next_product(dtype, N):
     """With GELU (an FFN's inner activation) an output whose rows span a multiple of 4 KiB comes back with its rows one
