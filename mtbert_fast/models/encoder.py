@@ -113,13 +113,14 @@ class PackedBatch:
         """Packed row of each sequence's first real token (its CLS with right padding): int64 [batch]."""
         return self.cu_seqlens[:-1].long()
 
-    def _rows_kernel(self, op: Op, t: torch.Tensor) -> Callable | None:
-        """op's kernel for `t` and this batch's own indices in inference (no autograd or tracing), called directly:
-        the batch made the indices, so the wrapper's checks and dispatch would only repeat themselves on every call
-        of a short forward. None where the checked op must run."""
+    def inference_kernel(self, op: Op, t: torch.Tensor, backend: str | None = None) -> Callable | None:
+        """op's kernel on the backend kernel_backend chose, for a caller whose inputs this batch and the encoder
+        made, in inference (no autograd or tracing): the wrapper's checks would only repeat themselves on every call
+        of a short forward, and the kernels check their arguments again. None where the checked op must run (with
+        autograd, while tracing, or on the reference backend)."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
-        chosen = self.kernel_backend(op.name, t, None)
+        chosen = self.kernel_backend(op.name, t, backend)
         return None if chosen == "reference" else op.kernel(chosen)
 
     def first_tokens(self, packed: torch.Tensor) -> torch.Tensor:
@@ -127,7 +128,7 @@ class PackedBatch:
         padded)."""
         if self.all_real:
             return packed[:: self.seqlen]
-        kernel = self._rows_kernel(gather_rows_op, packed)
+        kernel = self.inference_kernel(gather_rows_op, packed)
         if kernel is not None:
             return kernel(packed, self.first_token_rows)
         return gather_rows(packed, self.first_token_rows)
@@ -142,7 +143,7 @@ class PackedBatch:
         shape = (self.batch, self.seqlen) + tuple(packed.shape[1:])
         if self.all_real:
             return packed.reshape(shape)
-        kernel = self._rows_kernel(scatter_rows_op, packed)
+        kernel = self.inference_kernel(scatter_rows_op, packed)
         if kernel is not None:
             return kernel(packed, self.indices, self.batch * self.seqlen).reshape(shape)
         return pad(packed, self.indices, self.batch, self.seqlen)
@@ -613,11 +614,9 @@ def layer_forward(
                                pos_k=pos_k, pos_index=pos_index, backend=backend)
     else:  # qkv is the view above and packed was built by encode(): the wrapper's checks hold, so it is skipped
         args = (qkv, packed.cu_seqlens, packed.max_seqlen, scale, 0.0, None, rel_bias, -1, pos_q, pos_k, pos_index)
-        chosen = packed.kernel_backend(attention_varlen_op.name, qkv, backend)
-        if chosen == "reference" or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            ctx = attention_varlen_op(*args, backend=backend)
-        else:  # as the op itself runs it with nothing to record: its kernel, without a second dispatch
-            ctx = attention_varlen_op.kernel(chosen)(*args)[0]
+        kernel = packed.inference_kernel(attention_varlen_op, qkv, backend)
+        # as the op itself runs it with nothing to record: its kernel, without a second dispatch
+        ctx = attention_varlen_op(*args, backend=backend) if kernel is None else kernel(*args)[0]
     ctx = ctx.reshape(t, h)
     observe("attn_out", ctx)
     x = _residual_norm(linear(ctx, w.attn_out_weight), w.attn_out_bias, x, w.attn_norm_weight,
