@@ -278,26 +278,68 @@ inline Vec exp2_nonpositive(const Vec& x) {
 #endif
 }
 
-// x[j] = 2^(x[j] * scale - shift) in place for j < n, x[j] * scale <= shift; returns the sum. One rounding, of a
-// result near 0 for the probabilities that count, where rounding x[j] * scale first would cost the rounding of a
-// number as large as the scores.
-float exp2_row(float* x, int64_t n, float scale, float shift) {
-  const Vec vscale(scale), vshift(-shift);
-  Vec sum(0.f);
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    const Vec e = exp2_nonpositive(at::vec::fmadd(Vec::loadu(x + j), vscale, vshift));
-    e.store(x + j);
-    sum = sum + e;
+// For each row r < mr of x (row stride ld): x[r, j] = 2^(x[r, j] * scale - shift[r]) in place for j < n,
+// x[r, j] * scale <= shift[r], and sums[r] their sum. One rounding, of a result near 0 for the probabilities that
+// count, where rounding x[j] * scale first would cost the rounding of a number as large as the scores. The rows' sums
+// are reduced together at the end, so that no row waits on the reduction of the one before.
+void exp2_rows(float* x, int64_t ld, int mr, int64_t n, float scale, const float* shift, float* sums) {
+  const Vec vscale(scale);
+  const int64_t full = n / kLanes * kLanes, rest = n - full;
+  Vec sum[kTileRows];
+  for (int r = 0; r < mr; ++r) {
+    float* xr = x + r * ld;
+    const Vec vshift(-shift[r]);
+    Vec acc(0.f);
+    for (int64_t j = 0; j < full; j += kLanes) {
+      const Vec e = exp2_nonpositive(at::vec::fmadd(Vec::loadu(xr + j), vscale, vshift));
+      e.store(xr + j);
+      acc = acc + e;
+    }
+    if (rest > 0) {
+      const Vec e = exp2_nonpositive(at::vec::fmadd(Vec::loadu(xr + full, rest), vscale, vshift));
+      e.store(xr + full, rest);
+      acc = acc + Vec::set(Vec(0.f), e, rest);
+    }
+    sum[r] = acc;
   }
-  if (j < n) {
-    const int64_t rest = n - j;
-    const Vec e = exp2_nonpositive(at::vec::fmadd(Vec::loadu(x + j, rest), vscale, vshift));
-    e.store(x + j, rest);
-    sum = sum + Vec::set(Vec(0.f), e, rest);
-  }
-  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, sum);
+  for (int r = 0; r < mr; ++r)
+    sums[r] = at::vec::vec_reduce_all<float>([](Vec& u, Vec& v) { return u + v; }, sum[r]);
 }
+
+#ifdef MTBF_BF16_DOT
+// exp2_rows and round_row in one pass, for the bf16 P V without dropout: dst[r, j] = 2^(x[r, j] * scale - shift[r])
+// rounded to bf16 for j < n (and dst[r, n] = 0 for odd n), and sums[r] the sum of the unrounded values; x is only
+// read. The rounding is AVX512-BF16's own instruction, which every CPU that runs the bf16 dot products has (ATen's
+// portable rounding takes 8 operations per vector).
+__attribute__((target("avx512bf16"))) void exp2_round_rows(const float* x, int64_t ld, int mr, int64_t n,
+                                                           float scale, const float* shift, at::BFloat16* dst,
+                                                           float* sums) {
+  const Vec vscale(scale);
+  const int64_t full = n / kLanes * kLanes, rest = n - full;
+  const __mmask16 tail = static_cast<__mmask16>((1u << rest) - 1);
+  const __mmask16 tail_pair = static_cast<__mmask16>((1u << (rest + rest % 2)) - 1);
+  Vec sum[kTileRows];
+  for (int r = 0; r < mr; ++r) {
+    const float* xr = x + r * ld;
+    at::BFloat16* dr = dst + r * ld;
+    const Vec vshift(-shift[r]);
+    Vec acc(0.f);
+    for (int64_t j = 0; j < full; j += kLanes) {
+      const Vec e = exp2_nonpositive(at::vec::fmadd(Vec::loadu(xr + j), vscale, vshift));
+      acc = acc + e;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dr + j), (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    if (rest > 0) {
+      const Vec xt = _mm512_maskz_loadu_ps(tail, xr + full);
+      const Vec e = _mm512_maskz_mov_ps(tail, exp2_nonpositive(at::vec::fmadd(xt, vscale, vshift)));
+      acc = acc + e;
+      _mm256_mask_storeu_epi16(dr + full, tail_pair, (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    sum[r] = acc;
+  }
+  for (int r = 0; r < mr; ++r) sums[r] = _mm512_reduce_add_ps(sum[r]);
+}
+#endif
 
 // dst[0:n] = src[0:n] * factor, rounded once to the tensor dtype; src is overwritten.
 template <typename ST>
@@ -608,7 +650,7 @@ C10_ALWAYS_INLINE void prefetch_share(const Geometry& g, const ST* qkv, const Qu
   }
 }
 
-// The score of a key outside the window: exp2_row makes it 0 against any finite row maximum, where -inf would
+// The score of a key outside the window: exp2_rows makes it 0 against any finite row maximum, where -inf would
 // give NaN (exp2_nonpositive's fraction of -inf is -inf - -inf).
 constexpr float kMasked = std::numeric_limits<float>::lowest();
 
@@ -623,7 +665,7 @@ inline Vec mask_window(const Vec& x, int64_t d, int64_t window) {
 // Epilogue of the scores tile: s [MR, NV vectors] = acc, and row_max [MR] raised to scale * acc (the forward passes
 // scale * log2(e)) but for the columns from `cols` on (K^T's zero padding must not raise a row maximum). With a
 // position term (kBias, kWindow, kTokens), s and the maxima take the whole score, scale * acc + bias (the bias in the
-// same log2 units), kMasked outside the window: exp2_row then takes s with scale 1. With kTokens, s holds the
+// same log2 units), kMasked outside the window: exp2_rows then takes s with scale 1. With kTokens, s holds the
 // position terms on entry (query_terms, rel_bias among them), and the tile adds its products to them.
 template <bool kBias, bool kWindow, bool kTokens = false>
 struct StoreScores {
@@ -831,24 +873,38 @@ void forward_blocks(const Geometry& g,
               Scores{s.data() + c0, ld_s, g.scale * kLog2e, cols, vmax, kBias ? bias + j0 + c0 : nullptr,
                      j0 + c0 - qpos, pos.window});
         }
+        const float exp_scale = kBias || kWindow || kTokens ? 1.f : g.scale * kLog2e;
+        float new_max[R], block_sum[R];
         for (int r = 0; r < mr; ++r) {
-          float* srow = s.data() + r * ld_s;
           const float block_max =
               at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vmax[r]);
-          const float new_max = first ? block_max : std::max(row_max[r], block_max);
-          const float block_sum = exp2_row(srow, bn, kBias || kWindow || kTokens ? 1.f : g.scale * kLog2e, new_max);
+          new_max[r] = first ? block_max : std::max(row_max[r], block_max);
+        }
+        if constexpr (!std::is_same<CT, float>::value) {
+          if (drop.enabled) exp2_rows(s.data(), ld_s, mr, bn, exp_scale, new_max, block_sum);
+          else exp2_round_rows(s.data(), ld_s, mr, bn, exp_scale, new_max, p_c.data(), block_sum);
+        } else {
+          exp2_rows(s.data(), ld_s, mr, bn, exp_scale, new_max, block_sum);
+        }
+        for (int r = 0; r < mr; ++r) {
+          float* srow = s.data() + r * ld_s;
           // Rescale what earlier key blocks accumulated to the new running maximum.
-          alpha[r] = first ? 1.f : std::exp2(row_max[r] - new_max);
-          row_sum[r] = first ? block_sum : row_sum[r] * alpha[r] + block_sum;
-          row_max[r] = new_max;
+          if (first) {
+            alpha[r] = 1.f;
+            row_sum[r] = block_sum[r];
+          } else {
+            alpha[r] = std::exp2(row_max[r] - new_max[r]);
+            row_sum[r] = row_sum[r] * alpha[r] + block_sum[r];
+          }
+          row_max[r] = new_max[r];
           inv_sum[r] = 1.f / row_sum[r];
           // Dropout acts on the normalized probabilities, so the sum above and lse stay those of the undropped ones.
           if (drop.enabled) {
             keep_bits_row(drop, static_cast<uint32_t>(qb.head), static_cast<uint32_t>(row0 + r), qb.start + j0, bn,
                           keep.data());
             apply_keep_bits(srow, keep.data(), bn, drop.scale);
+            if constexpr (!std::is_same<CT, float>::value) round_row(srow, bn, p_c.data() + r * ld_s);
           }
-          if constexpr (!std::is_same<CT, float>::value) round_row(srow, bn, p_c.data() + r * ld_s);
         }
         const bool last = j0 + bn == jhi;
         for (int64_t c0 = 0; c0 < vdim; c0 += kTileVecs * kLanes) {
