@@ -876,8 +876,7 @@ void forward_blocks(const Geometry& g,
         const float exp_scale = kBias || kWindow || kTokens ? 1.f : g.scale * kLog2e;
         float new_max[R], block_sum[R];
         for (int r = 0; r < mr; ++r) {
-          const float block_max =
-              at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vmax[r]);
+          const float block_max = cpu::lane_max(vmax[r]);
           new_max[r] = first ? block_max : std::max(row_max[r], block_max);
         }
         if constexpr (!std::is_same<CT, float>::value) {

@@ -138,6 +138,10 @@ inline fVec max_ignoring_nan(const fVec& a, const fVec& b) {
 
 // Sum of a vector's lanes.
 inline float lane_sum(const fVec& v) { return at::vec::vec_reduce_all<float>(std::plus<fVec>(), v); }
+// The largest lane, NaN lanes left out (as max_ignoring_nan): a NaN score gives a NaN output anyway.
+inline float lane_max(const fVec& v) {
+  return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return max_ignoring_nan(a, b); }, v);
+}
 
 // Two row sums carried together through reduce_vecs.
 struct SumPair {
