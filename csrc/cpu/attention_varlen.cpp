@@ -302,8 +302,7 @@ void exp2_rows(float* x, int64_t ld, int mr, int64_t n, float scale, const float
     }
     sum[r] = acc;
   }
-  for (int r = 0; r < mr; ++r)
-    sums[r] = at::vec::vec_reduce_all<float>([](Vec& u, Vec& v) { return u + v; }, sum[r]);
+  for (int r = 0; r < mr; ++r) sums[r] = cpu::lane_sum(sum[r]);
 }
 
 #ifdef MTBF_BF16_DOT
@@ -337,7 +336,7 @@ __attribute__((target("avx512bf16"))) void exp2_round_rows(const float* x, int64
     }
     sum[r] = acc;
   }
-  for (int r = 0; r < mr; ++r) sums[r] = _mm512_reduce_add_ps(sum[r]);
+  for (int r = 0; r < mr; ++r) sums[r] = cpu::lane_sum(sum[r]);
 }
 #endif
 
