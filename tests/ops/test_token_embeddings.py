@@ -85,6 +85,25 @@ def test_the_encoders_embeddings_exactly_in_fp32(backend):
     torch.testing.assert_close(out.cpu(), modules, atol=2e-6, rtol=0)
 
 
+def test_rows_split_over_threads_give_one_threads_bits():
+    """A batch above the size the CPU kernel splits over threads (about 128K elements) gives bitwise the rows of one
+    thread."""
+    word, position, token_type = _tables(384, torch.bfloat16)
+    weight, bias = 1 + rand(384, seed=6, scale=0.1), rand(384, seed=7, scale=0.1)
+    input_ids, token_type_ids = _ids((40, POSITIONS), VOCAB, 12), _ids((40, POSITIONS), TYPES, 13)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(ops.token_embeddings(input_ids, None, token_type_ids, word, position, token_type, weight,
+                                             bias, 1e-12, backend="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert outs[0].shape == (40 * POSITIONS, 384)
+    assert torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("bad,message", [
     ("input_id", r"input_ids\[1, 2\] = 50 is outside the table's 50 rows"),
     ("negative_id", r"input_ids\[0, 4\] = -1 is outside the table's 50 rows"),
