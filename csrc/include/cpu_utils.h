@@ -325,7 +325,7 @@ inline int64_t row_grain(int64_t D) { return std::max<int64_t>(1, kGrainElems / 
 // LayerNorms on one thread, bert-base 1.02x (about 0.2 ms a LayerNorm inside the forward, where its input comes
 // from both cores' caches). Each split adds a parallel region: under OMP_WAIT_POLICY=PASSIVE its thread wake ate the
 // gain (0.99-1.01x), and with the default policy on a machine whose other jobs hold the cores it cost 10% (where
-// the same forward ran 2.6x slower than under PASSIVE anyway). At 128 tokens of 768 (98K elements) splitting saved
+// the same forward ran 1.4x slower than under PASSIVE anyway). At 128 tokens of 768 (98K elements) splitting saved
 // under 1%, less than a wake: such inputs stay on one thread.
 constexpr int64_t kLayerNormGrainElems = int64_t{1} << 17;
 inline int64_t layer_norm_row_grain(int64_t D) {
