@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from mtbert_fast import ops
 from mtbert_fast.ops import reference
-from op_testing import assert_close, forward_backward, rand, runners
+from op_testing import assert_close, forward_backward, num_threads, rand, runners
 
 EPS = 1e-5
 LOSS_SCALE = 2.0**16
@@ -325,15 +325,11 @@ def test_weight_grads_do_not_depend_on_threads(ln):
     cpu = next(r for r in runners(ln.name) if r.name == "cpu")
     x, b, r, w, beta = ln.inputs((300, 96), torch.float32)
     grad_out = rand(300, 96, seed=7)
-    threads = torch.get_num_threads()
     results = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
+    for n in (1, 2):
+        with num_threads(n):
             _, mean, rstd = ln.forward(cpu, x, b, r, w, beta)
             results.append(ln.backward(cpu, grad_out, x, b, r, w, mean, rstd))
-    finally:
-        torch.set_num_threads(threads)
     for a, c in zip(*results):
         assert torch.equal(a, c)
 
@@ -343,13 +339,9 @@ def test_forward_does_not_depend_on_threads(ln):
     rstd of one thread."""
     cpu = next(r for r in runners(ln.name) if r.name == "cpu")
     x, b, r, w, beta = ln.inputs((400, 384), torch.float32)
-    threads = torch.get_num_threads()
     results = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
+    for n in (1, 2):
+        with num_threads(n):
             results.append(ln.forward(cpu, x, b, r, w, beta))
-    finally:
-        torch.set_num_threads(threads)
     for a, c in zip(*results):
         assert torch.equal(a, c)

@@ -12,6 +12,7 @@ a small floor.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 from dataclasses import dataclass
@@ -24,6 +25,17 @@ CPU = torch.device("cpu")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_GPU = torch.cuda.is_available()
 FLOOR = 1e-6
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    """torch's intra-op threads set to n inside the block, and back to what they were after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from mtbert_fast.ops import reference
 from mtbert_fast.ops.int8 import (
     FP32_EXACT, MAX_K, PAIR_LIMIT, onednn_int8_exact, onednn_int8_pairs, pairs_safe, sums_bound,
 )
-from op_testing import rand
+from op_testing import num_threads, rand
 
 OP_NAME = "quantize_rows"
 SHAPES = [(0, 8), (1, 1), (5, 7), (37, 31), (19, 768), (3, 1000)]
@@ -554,12 +554,8 @@ def test_product_ops_take_the_sums_from_panels(shape, op, dtype, outliers, threa
     args, panels, extra, summed = _panel_product(n, k, m, dtype, outliers)
     extra = None if extra[0] is None else extra
     call, ref = _product_ops(dtype, m, "cpu")[op], _product_ops(dtype, m, "reference")[op]
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         got, want = _as_tuple(call(args, extra, panels)), _as_tuple(call(summed, extra, None))
-    finally:
-        torch.set_num_threads(before)
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape and g.dtype == w.dtype and torch.equal(g, w)
     for g, w in zip(_as_tuple(ref(args, extra, panels)), _as_tuple(ref(summed, extra, None)), strict=True):

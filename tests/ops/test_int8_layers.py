@@ -12,7 +12,7 @@ from mtbert_fast import ops
 from mtbert_fast.models.int8 import quantize_linear
 from mtbert_fast.ops import reference
 from mtbert_fast.ops.int8_layers import PER_LAYER, product_weights
-from op_testing import cu_seqlens, rand
+from op_testing import cu_seqlens, num_threads, rand
 
 OP_NAME = "int8_layers"
 
@@ -78,14 +78,9 @@ def test_equals_the_kernels_called_one_by_one(backend, dtype, approximate, relat
     weights = [w for seed in (1, 2, 3) for w in _layer(h, inner, dtype, seed)]
     rel_bias = rand(heads, 2 * max(lengths) - 1, seed=7) if relative else None
     x, cu = rand(t, h, seed=3, dtype=dtype), cu_seqlens(lengths)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            out = backend.forward(x, cu, max(lengths), weights, heads, scale, eps, approximate, rel_bias)
-            want = _one_by_one(x, cu, max(lengths), weights, heads, scale, eps, approximate, rel_bias)
-    finally:
-        torch.set_num_threads(previous)
+    with num_threads(threads), torch.inference_mode():
+        out = backend.forward(x, cu, max(lengths), weights, heads, scale, eps, approximate, rel_bias)
+        want = _one_by_one(x, cu, max(lengths), weights, heads, scale, eps, approximate, rel_bias)
     assert out.dtype == dtype and out.shape == (t, h)
     assert torch.equal(out, want)
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mtbert_fast import ops
 from mtbert_fast.ops import reference
-from op_testing import assert_close, rand
+from op_testing import assert_close, num_threads, rand
 
 OP_NAME = "token_embeddings"
 VOCAB, POSITIONS, TYPES = 50, 16, 3
@@ -91,15 +91,11 @@ def test_rows_split_over_threads_give_one_threads_bits():
     word, position, token_type = _tables(384, torch.bfloat16)
     weight, bias = 1 + rand(384, seed=6, scale=0.1), rand(384, seed=7, scale=0.1)
     input_ids, token_type_ids = _ids((40, POSITIONS), VOCAB, 12), _ids((40, POSITIONS), TYPES, 13)
-    threads = torch.get_num_threads()
     outs = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
+    for n in (1, 2):
+        with num_threads(n):
             outs.append(ops.token_embeddings(input_ids, None, token_type_ids, word, position, token_type, weight,
                                              bias, 1e-12, backend="cpu"))
-    finally:
-        torch.set_num_threads(threads)
     assert outs[0].shape == (40 * POSITIONS, 384)
     assert torch.equal(outs[0], outs[1])
 
