@@ -178,6 +178,12 @@ def test_strided_qkv_and_scale(backend, dtype):
     _check_kernels(backend, lens, heads, head_dim, dtype, scale=0.3, qkv=qkv)
 
 
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+def test_negative_and_zero_scale(backend, dtype, scale):
+    """A negative scale turns the softmax towards the smallest products; zero makes it uniform."""
+    _check_kernels(backend, [9, 20, 33], heads=2, head_dim=32, dtype=dtype, scale=scale, seed=16)
+
+
 @pytest.mark.parametrize("lens", [[], [0, 0]])
 def test_no_tokens(backend, dtype, lens):
     cu = cu_seqlens(lens, backend.device)
