@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import types
 
 import pytest
 import torch
 
 from mtbert_fast.bench import harness
+from mtbert_fast.models import weight_pack
 
 
 def test_peak_memory_sees_a_temporary_allocation():
@@ -163,6 +165,58 @@ def test_bench_point_runs_each_provider_over_its_batches_in_a_row(monkeypatch):
     calls.clear()
     measure._time_point(fns, [{"attention_mask": torch.ones(8, 5)}], repeats=1, device="cpu")
     assert calls == [("a", 5)] * 2 + [("b", 5)] * 2, "a long call gets its untimed call after the pause too"
+
+
+def test_bench_point_times_the_gemm_of_the_roofline_in_its_repetitions(monkeypatch):
+    """With a GEMM, each repetition gives it a turn beside the providers' (an untimed call and a timed one per
+    batch); every Result of the point takes the rate of those timed calls, and the GEMM is no Result."""
+    from mtbert_fast.bench import measure
+
+    monkeypatch.setattr(measure, "SETTLE_S", 0.0)
+    batches = [{"attention_mask": torch.ones(2, n)} for n in (4, 3)]
+    rows = [torch.ones(int(b["attention_mask"].sum()), 4) for b in batches]
+    fns = {p: (lambda b: [torch.ones(int(b["attention_mask"].sum()), 4)]) for p in ("a", "b")}
+    gemm_calls = []
+    point = ("sentences", 2, 4, batches)
+    results = measure._run_point(point, fns, [[r] for r in rows], "m", "encoder", "float32", "cpu", 3, {},
+                                 gemm=(lambda: gemm_calls.append(1), 1e6))  # fmt: skip
+    assert [r.provider for r in results] == ["a", "b"]
+    assert len(gemm_calls) == 3 * 2 * len(batches)
+    rates = {r.gemm_flops_per_s for r in results}
+    assert len(rates) == 1 and 0 < rates.pop() < float("inf")
+    results = measure._run_point(point, fns, [[r] for r in rows], "m", "encoder", "float32", "cpu", 1, {})
+    assert all(math.isnan(r.gemm_flops_per_s) for r in results), "no GEMM, no rate"
+
+
+def test_gemm_summary_names_the_route_and_the_rates_at_the_points():
+    from mtbert_fast.bench import measure
+
+    def row(dtype, rate):
+        return measure.Result("m", "encoder", "full", 8, 128, "p", dtype, 1, 1, 1, [1.0], [1.0], 0.0,
+                              gemm_flops_per_s=rate)  # fmt: skip
+
+    fastest = {"float32": (2.1e11, "onednn, packed weight", None), "bfloat16": (4.4e11, "F.linear", None)}
+    rows = [row("float32", 2.0e11), row("float32", 2.2e11), row("bfloat16", float("nan"))]
+    assert measure.gemm_summary(fastest, rows) == (
+        "float32 210 GFLOP/s (onednn, packed weight; at the points 200-220), bfloat16 440 GFLOP/s (F.linear)")
+
+
+def test_gemm_routes_compute_the_same_product():
+    """Every route of the roofline's GEMM multiplies the same operands: the fastest one cannot win by computing
+    something else. On a CPU with oneDNN the routes include its linear on a packed weight, as the encoder runs it."""
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        routes = harness.gemm_routes(dtype, torch.device("cpu"), (24, 40, 56))
+        if weight_pack.AVAILABLE:
+            assert any("packed weight" in r for r in routes), list(routes)
+        with torch.inference_mode():
+            outs = {r: call().float() for r, call in routes.items()}
+        ref = outs.pop("F.linear")
+        assert ref.shape == (24, 56)
+        for r, out in outs.items():
+            torch.testing.assert_close(out, ref, atol=tol * ref.abs().max().item(), rtol=0, msg=r)
+    rate, route, call = harness.fastest_gemm(torch.float32, repeats=2, shape=(24, 40, 56))
+    assert rate > 0 and call is not None
+    assert route in harness.gemm_routes(torch.float32, torch.device("cpu"), (24, 40, 56))
 
 
 def test_timing_spread_and_the_median_of_per_round_ratios():

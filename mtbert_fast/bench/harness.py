@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import mtbert_fast
+from mtbert_fast.models import weight_pack
 from mtbert_fast.models.weight_pack import onednn_dtype
 
 GEMM_SHAPE = (1024, 768, 3072)  # [M, K] @ [K, N]: a bert-base FFN matrix product on 1024 tokens
@@ -188,12 +189,15 @@ def gemm_routes(dtype: torch.dtype, device: torch.device, shape) -> dict[str, Ca
     w = torch.randn(n, k, generator=gen).to(device=device, dtype=dtype)
     routes = {"F.linear": lambda: F.linear(x, w)}
     if device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        if onednn_dtype(dtype) == dtype:
-            routes["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-        else:  # bf16 where oneDNN has no bf16 product: the encoder's route, float32 products on a float32 weight
-            w32 = w.float()
-            routes["onednn, float32 products"] = lambda: torch.ops.mkldnn._linear_pointwise(
-                x.float(), w32, None, "none", [], "").to(dtype)
+        # bf16 where oneDNN has no bf16 product: the encoder's route, float32 products on a float32 weight
+        wide = onednn_dtype(dtype) != dtype
+        xo, wo = x.to(onednn_dtype(dtype)), w.to(onednn_dtype(dtype))
+        suffix = ", float32 products" if wide else ""
+        routes[f"onednn{suffix}"] = lambda: torch.ops.mkldnn._linear_pointwise(xo, wo, None, "none", [], "").to(dtype)
+        if weight_pack.AVAILABLE:  # the weight in oneDNN's blocked layout, packed once, as the encoder runs it
+            packed = torch.ops.mkldnn._reorder_linear_weight(wo)
+            routes[f"onednn, packed weight{suffix}"] = lambda: torch.ops.mkldnn._linear_pointwise(
+                xo, packed, None, "none", [], "").to(dtype)
     return routes
 
 
@@ -214,18 +218,28 @@ def _onednn_int8_route(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[
     return {"onednn": call}
 
 
+def fastest_gemm(
+    dtype: torch.dtype, device: torch.device | str = "cpu", repeats: int = 10, shape=GEMM_SHAPE
+) -> tuple[float, str, Callable[[], object]]:
+    """(rate in FLOP/s, route, call) of the fastest route PyTorch offers for the [M, K] x [K, N] product in `dtype`,
+    each route timed `repeats` times in interleaved rounds (medians): F.linear, and on the CPU also oneDNN's linear
+    (which the encoder uses) on a plain weight and on one packed in oneDNN's layout, on float32 products for bf16
+    where oneDNN has none in bf16; int8 or qint8: torch._int_mm, and on the CPU also oneDNN's int8 linear."""
+    m, k, n = shape
+    device = torch.device(device)
+    routes = gemm_routes(dtype, device, shape)
+    with torch.inference_mode():
+        timing = time_interleaved(routes, repeats=repeats, warmup=2, device=device)
+    best = min(timing, key=lambda r: timing[r].median)
+    return 2 * m * k * n / timing[best].median, best, routes[best]
+
+
 def gemm_flops_per_s(
     dtype: torch.dtype, device: torch.device | str = "cpu", repeats: int = 10, shape=GEMM_SHAPE
 ) -> float:
     """The machine's measured matrix-product rate in `dtype`: [M, K] x [K, N], median of `repeats`, by the
-    fastest route PyTorch offers (F.linear, and on the CPU also oneDNN's linear, which the encoder uses, on float32
-    products for bf16 where oneDNN has none in bf16; int8 or qint8: torch._int_mm, and on the CPU also oneDNN's int8
-    linear)."""
-    m, k, n = shape
-    device = torch.device(device)
-    with torch.inference_mode():
-        timing = time_interleaved(gemm_routes(dtype, device, shape), repeats=repeats, warmup=2, device=device)
-    return 2 * m * k * n / min(t.median for t in timing.values())
+    fastest route PyTorch offers (see fastest_gemm)."""
+    return fastest_gemm(dtype, device, repeats, shape)[0]
 
 
 def encoder_flops(config, lengths, *, pooler: bool = False) -> float:

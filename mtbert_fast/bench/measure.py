@@ -21,8 +21,9 @@ point's batches in a row, the first provider rotating (after a pause and an unti
 _time_point). Throughput counts real tokens only; each ratio is against HF sdpa in the same dtype at the
 same point (int8 rows: HF sdpa float32), measured in the same run; mtbert_fast's int8 rows also carry their ratio
 over mtbert_fast's own bfloat16 model, which runs in the int8 point's repetitions for it; the roofline fraction is
-the encoder's FLOPs on the real tokens over the time, against this machine's measured GEMM rate in that dtype (int8:
-int8 products). Task "multitask" adds MultiTaskBert (sequence-cls + token-cls + masked-LM heads on one pass, 15% of
+the encoder's FLOPs on the real tokens over the time, against this machine's GEMM rate in that dtype (int8: int8
+products), measured at the point itself: the fastest GEMM route takes a turn in each of its repetitions, as the
+providers do, so that a machine whose speed drifts over the run moves both alike. Task "multitask" adds MultiTaskBert (sequence-cls + token-cls + masked-LM heads on one pass, 15% of
 tokens masked) against the three separate HF task models, at the largest batch and length (not for ELECTRA, whose
 masked-LM model is its generator, which MultiTaskBert does not map).
 """
@@ -67,6 +68,7 @@ POINTS = ("sentences", "lengths", "full", "latency")
 FULL_POINT = (8, 128)  # batch, length
 LATENCY_LENGTHS = (16, 128)
 LATENCY_CALLS = 4  # different single rows per latency point
+GEMM_TURN = "(the GEMM of the roofline)"  # its turn in a point's repetitions, beside the providers'
 SETTLE_S = 0.3  # the pause before each provider's turn at a point (see _time_point)
 BASELINE = "hf-sdpa"
 MULTITASK_BASELINE = "hf-3-models"  # the three HF task models, one after the other
@@ -514,10 +516,12 @@ def _time_point(fns: dict, batches: list, repeats: int, device) -> dict[str, tup
     return {n: (reps[n], calls[n]) for n in names}
 
 
-def _run_point(point, fns, reference, model_name, task, dtype_name, device, repeats, meta_extra):
+def _run_point(point, fns, reference, model_name, task, dtype_name, device, repeats, meta_extra, gemm=None):
     """The point's Result per provider: the untimed pass (parity, warm-up: torch.compile compiles there), the peak
     memory of one more call on the point's largest batch, then the timed passes. The encoder task's outputs are
-    [real rows]; their mean-pooled cosine is taken per sequence."""
+    [real rows]; their mean-pooled cosine is taken per sequence. gemm: None, or (call, FLOPs) of the GEMM of the
+    roofline, which then takes a turn in the timed repetitions (one call per batch) and gives every Result its
+    gemm_flops_per_s: its FLOPs over the median seconds of those calls."""
     name, batch, max_len, batches = point
     largest = max(batches, key=lambda b: b["attention_mask"].numel())
     results = {}
@@ -534,7 +538,12 @@ def _run_point(point, fns, reference, model_name, task, dtype_name, device, repe
         cosine = min(cosines, default=float("nan"))
         results[prov] = Result(model_name, task, name, batch, max_len, prov, dtype_name, real, padded, len(batches),
                                [], [], diff, peak, min_cosine=cosine, **meta_extra.get(prov, {}))  # fmt: skip
-    timed = _time_point(fns, batches, repeats, device)
+    turns = fns if gemm is None else {**fns, GEMM_TURN: lambda _batch: gemm[0]()}
+    timed = _time_point(turns, batches, repeats, device)
+    if gemm is not None:
+        rate = gemm[1] / float(np.median(timed.pop(GEMM_TURN)[1]))
+        for r in results.values():
+            r.gemm_flops_per_s = rate
     for prov, (reps, calls) in timed.items():
         r = results[prov]
         r.tokens_per_s = [r.real_tokens / s for s in reps]
@@ -589,9 +598,10 @@ def _fast_calls(cfg, hf32, dtype_name: str, device, skipped: dict) -> tuple[dict
     return calls, {f"mtbert_fast[{b}]": {"backends": f"all ops on {b}"} for b in usable}
 
 
-def _encoder_runs(cfg, model: _Model, dtype_name: str, device, points, gemm_rate, peer_set: peers.Peers,
+def _encoder_runs(cfg, model: _Model, dtype_name: str, device, points, gemm, peer_set: peers.Peers,
                   skipped: dict) -> list[Result]:  # fmt: skip
-    """Every provider of `dtype_name` at every point: HF eager and sdpa (not in int8), the peers, mtbert_fast."""
+    """Every provider of `dtype_name` at every point: HF eager and sdpa (not in int8), the peers, mtbert_fast;
+    gemm: (call, FLOPs) of the GEMM of the roofline in that dtype, timed at every point beside them."""
     hf32 = model.hf.to(device)
     ref_model = with_attention(hf32, "eager")
     calls = {} if dtype_name == INT8 else _hf_calls(hf32, ref_model, DTYPES[dtype_name])
@@ -607,11 +617,10 @@ def _encoder_runs(cfg, model: _Model, dtype_name: str, device, points, gemm_rate
         _progress(f"  {model.name} {dtype_name} {point[0]} B={point[1]}: {', '.join(calls)}")
         reference = [[_real_rows(ref_model(**b), b)] for b in point[3]]
         rs = _beside_own_bf16(_run_point(point, calls, reference, model.name, "encoder", dtype_name, device,
-                                         cfg.repeats, extra))
+                                         cfg.repeats, extra, gemm))
         for r in rs:
             r.flops = sum(harness.encoder_flops(sizes, b["attention_mask"].sum(1).tolist(), pooler=pooler)
                           for b in point[3])  # fmt: skip
-            r.gemm_flops_per_s = gemm_rate
         _set_limits(rs, dtype_name, "hf-eager")
         results += rs
     return results
@@ -685,6 +694,19 @@ def _model_runs(cfg: BenchConfig, model: _Model, device, sentences, gemm: dict, 
     return results
 
 
+def gemm_summary(fastest: dict, results: list[Result]) -> str:
+    """The GEMM rates of a run: per dtype, the fastest route's rate measured at the start, its route, and the range
+    of the rates measured at the points (which their roofline fractions use)."""
+    parts = []
+    for d, (rate, route, _) in fastest.items():
+        at_points = [r.gemm_flops_per_s for r in results if r.dtype == d and np.isfinite(r.gemm_flops_per_s)]
+        text = f"{d} {rate / 1e9:,.0f} GFLOP/s ({route}"
+        if at_points:
+            text += f"; at the points {min(at_points) / 1e9:,.0f}-{max(at_points) / 1e9:,.0f}"
+        parts.append(text + ")")
+    return ", ".join(parts)
+
+
 def run(cfg: BenchConfig) -> tuple[list[Result], dict[str, str], dict[str, str]]:
     """Runs the benchmark; returns (results, the run's description, skipped provider -> why)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -697,8 +719,10 @@ def run(cfg: BenchConfig) -> tuple[list[Result], dict[str, str], dict[str, str]]
     threads = cfg.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     sentences = load_sentences(cfg.text, cfg.sentences)
-    _progress(f"measuring the GEMM rate on {device} ({', '.join(cfg.dtypes)}), {threads} threads")
-    gemm = {d: harness.gemm_flops_per_s(DTYPES[d], device) for d in cfg.dtypes}
+    _progress(f"finding the fastest GEMM route on {device} ({', '.join(cfg.dtypes)}), {threads} threads")
+    m, k, n = harness.GEMM_SHAPE
+    fastest = {d: harness.fastest_gemm(DTYPES[d], device) for d in cfg.dtypes}
+    gemm = {d: (call, 2 * m * k * n) for d, (_, _, call) in fastest.items()}
     results, skipped = [], {}
     # no_grad, not inference_mode: weights loaded (or copied) under inference_mode are inference tensors, which have
     # no version counter, so the encoder never packs them (weight_pack) and every call would pay for oneDNN's weight
@@ -709,5 +733,5 @@ def run(cfg: BenchConfig) -> tuple[list[Result], dict[str, str], dict[str, str]]
             results += _model_runs(cfg, _load_model(name), device, sentences, gemm, threads, skipped)
     meta = harness.run_metadata(device)
     meta.update(sentences=str(len(sentences)), repeats=str(cfg.repeats), threads=str(threads))
-    meta["gemm"] = ", ".join(f"{d} {g / 1e9:,.0f} GFLOP/s" for d, g in gemm.items())
+    meta["gemm"] = gemm_summary(fastest, results)
     return results, meta, skipped

@@ -104,9 +104,9 @@ def format_table(results: list[Result], meta: dict[str, str], skipped: dict[str,
         "less; fastest peer: which one",
         "vs bf16: an mtbert_fast int8 row's real tokens/s over mtbert_fast's own bfloat16 model, which runs in the "
         "int8 point's repetitions for this, the median of the per-repetition ratios",
-        "roofline: encoder FLOPs on the real tokens per second over the measured GEMM rate in that dtype (int8: "
-        "the faster of torch._int_mm and oneDNN's int8 linear); peak MiB: memory a call added at its peak (RSS on "
-        "cpu)",
+        "roofline: encoder FLOPs on the real tokens per second over the GEMM rate in that dtype measured at that "
+        "point, in its repetitions (the fastest route, int8: of torch._int_mm and oneDNN's int8 linear); peak MiB: "
+        "memory a call added at its peak (RSS on cpu)",
         f"max|diff|: largest difference from HF eager float32 at the real tokens; limit float32 {FP32_TOLERANCE:.0e}, "
         "bfloat16/float16 twice HF's own error in that dtype; cos: lowest cosine, over the sequences, between the "
         f"output mean-pooled over real tokens and HF float32's; int8 rows pass with cos >= {INT8_MIN_COSINE}",
