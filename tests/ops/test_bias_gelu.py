@@ -48,6 +48,17 @@ def test_wrapper_autograd(backend, dtype, shape, approximate):
             [x, b], dtype, f"bias_gelu {approximate}", atol=2e-5, rtol=1e-4)
 
 
+def test_cpu_bf16_output_is_the_fp32_result_rounded_to_nearest_even():
+    """The CPU kernels' bf16 stores round as torch does, to nearest with ties to even (AVX512-BF16's own conversion
+    where the CPU has it, ATen's rounding elsewhere): bias_gelu in bf16 is its fp32 result on the same values,
+    rounded."""
+    x, bias = rand(64, 1000, scale=2.0, dtype=torch.bfloat16), rand(1000, seed=1, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = ops.bias_gelu(x, bias, backend="cpu")
+        want = ops.bias_gelu(x.float(), bias.float(), backend="cpu").to(torch.bfloat16)
+    assert torch.equal(out, want)
+
+
 @pytest.mark.parametrize("approximate", GELUS)
 def test_special_values(backend, approximate):
     """Far tails against a float64 GELU; +inf stays inf (the limit) and NaN stays NaN."""
