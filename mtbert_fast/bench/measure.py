@@ -23,9 +23,10 @@ same point (int8 rows: HF sdpa float32), measured in the same run; mtbert_fast's
 over mtbert_fast's own bfloat16 model, which runs in the int8 point's repetitions for it; the roofline fraction is
 the encoder's FLOPs on the real tokens over the time, against this machine's GEMM rate in that dtype (int8: int8
 products), measured at the point itself: the fastest GEMM route takes a turn in each of its repetitions, as the
-providers do, so that a machine whose speed drifts over the run moves both alike. Task "multitask" adds MultiTaskBert (sequence-cls + token-cls + masked-LM heads on one pass, 15% of
-tokens masked) against the three separate HF task models, at the largest batch and length (not for ELECTRA, whose
-masked-LM model is its generator, which MultiTaskBert does not map).
+providers do, so that a machine whose speed drifts over the run moves both alike. Task "multitask" adds
+MultiTaskBert (sequence-cls + token-cls + masked-LM heads on one pass, 15% of tokens masked) against the three
+separate HF task models, at the largest batch and length (not for ELECTRA, whose masked-LM model is its generator,
+which MultiTaskBert does not map).
 """
 
 from __future__ import annotations
