@@ -53,12 +53,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from mtbert_fast import FastBertModel  # noqa: E402
 from mtbert_fast.bench import harness, measure  # noqa: E402
 from mtbert_fast.models import encoder  # noqa: E402
-from mtbert_fast.models.weight_pack import onednn_weight  # noqa: E402
 from mtbert_fast.ops import attention_varlen  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -126,27 +124,16 @@ GEMM_CALLS = 8  # products per timed call, so that one call lasts as long as sev
 
 
 def gemm_routes(dtype: torch.dtype, shape=harness.GEMM_SHAPE) -> dict:
-    m, k, n = shape
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(m, k, generator=g).to(dtype)
-    w = torch.randn(n, k, generator=g).to(dtype)
-    packed = onednn_weight(w)
-    # bf16 on a CPU without oneDNN bf16 products: the float32 pack, which the encoder multiplies x widened by (and
-    # oneDNN's unpacked product the same widened operands)
-    xp, wp = x.to(packed.dtype), w.to(packed.dtype)
-    products = {
-        "gemm packed": lambda: torch.ops.mkldnn._linear_pointwise(xp, packed, None, "none", [], ""),
-        "gemm plain": lambda: torch.ops.mkldnn._linear_pointwise(xp, wp, None, "none", [], ""),
-        "gemm F.linear": lambda: F.linear(x, w),
-    }
-    return {name: (lambda f=f: [f() for _ in range(GEMM_CALLS)]) for name, f in products.items()}
+    """harness.gemm_routes (F.linear, oneDNN's linear on a plain and on a packed weight), GEMM_CALLS products per
+    call, each named "gemm <route>"."""
+    routes = harness.gemm_routes(dtype, torch.device("cpu"), shape)
+    return {f"gemm {name}": (lambda f=f: [f() for _ in range(GEMM_CALLS)]) for name, f in routes.items()}
 
 
 def gemm_rates(timing: dict, repeats: int) -> tuple[dict[str, float], float, list[float]]:
     """From a timing that holds gemm_routes' calls: each route's rate (of medians), the fastest of them (the GEMM
     rate of the roofline) and, per round, the fastest route's rate in that round."""
-    m, k, n = harness.GEMM_SHAPE
-    gemm_flops = GEMM_CALLS * 2 * m * k * n
+    gemm_flops = GEMM_CALLS * harness.gemm_flops()
     routes = {r: gemm_flops / t.median for r, t in timing.items() if r.startswith("gemm")}
     round_gemm = [max(gemm_flops / timing[r].samples[i] for r in routes) for i in range(repeats)]
     return routes, max(routes.values()), round_gemm

@@ -71,10 +71,7 @@ __attribute__((target("avx512bf16"))) void tile_bf16(int64_t k, const at::BFloat
   epi.finish(acc);
 }
 
-inline bool cpu_has_bf16_dot() {
-  static const bool has = __builtin_cpu_supports("avx512bf16");
-  return has;
-}
+inline bool cpu_has_bf16_dot() { return kCpuHasAvx512Bf16; }
 #endif
 
 template <typename CT, typename Epilogue>

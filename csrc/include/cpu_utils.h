@@ -40,9 +40,10 @@ inline fVec load(const at::BFloat16* p, int64_t n) {
 inline void store(float* p, const fVec& v, Full) { v.store(p); }
 inline void store(float* p, const fVec& v, int64_t n) { v.store(p, n); }
 #if defined(CPU_CAPABILITY_AVX512)
-// Whether the CPU has AVX512-BF16, whose conversion the bf16 stores below then use: checked once, when the library
-// loads (__builtin_cpu_init first, since this may run before libgcc's own constructor has read the CPU's features).
-inline const bool kCpuBf16Convert = (__builtin_cpu_init(), __builtin_cpu_supports("avx512bf16"));
+// Whether the CPU has AVX512-BF16 (the bf16 stores below, the bf16 dot-product tiles of cpu_tiles.h): checked once,
+// when the library loads (__builtin_cpu_init first, since this may run before libgcc's own constructor has read the
+// CPU's features).
+inline const bool kCpuHasAvx512Bf16 = (__builtin_cpu_init(), __builtin_cpu_supports("avx512bf16"));
 
 // One 16-lane conversion (round to nearest even, NaN kept) instead of ATen's two-vector one. Where the CPU has
 // AVX512-BF16, its single instruction (which also flushes fp32 denormals to zero), written as assembly because this
@@ -51,7 +52,7 @@ inline __m256i to_bf16_bits(const fVec& v) {
 #if defined(__AVX512BF16__)
   return (__m256i)_mm512_cvtneps_pbh(v);
 #else
-  if (kCpuBf16Convert) {
+  if (kCpuHasAvx512Bf16) {
     __m256i bits;
     asm("vcvtneps2bf16 %1, %0" : "=v"(bits) : "v"(__m512(v)));
     return bits;

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 import mtbert_fast
 from mtbert_fast.models import weight_pack
-from mtbert_fast.models.weight_pack import onednn_dtype
 
 GEMM_SHAPE = (1024, 768, 3072)  # [M, K] @ [K, N]: a bert-base FFN matrix product on 1024 tokens
 
@@ -190,12 +189,12 @@ def gemm_routes(dtype: torch.dtype, device: torch.device, shape) -> dict[str, Ca
     routes = {"F.linear": lambda: F.linear(x, w)}
     if device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         # bf16 where oneDNN has no bf16 product: the encoder's route, float32 products on a float32 weight
-        wide = onednn_dtype(dtype) != dtype
-        xo, wo = x.to(onednn_dtype(dtype)), w.to(onednn_dtype(dtype))
-        suffix = ", float32 products" if wide else ""
+        op_dtype = weight_pack.onednn_dtype(dtype)
+        xo, wo = x.to(op_dtype), w.to(op_dtype)
+        suffix = ", float32 products" if op_dtype != dtype else ""
         routes[f"onednn{suffix}"] = lambda: torch.ops.mkldnn._linear_pointwise(xo, wo, None, "none", [], "").to(dtype)
         if weight_pack.AVAILABLE:  # the weight in oneDNN's blocked layout, packed once, as the encoder runs it
-            packed = torch.ops.mkldnn._reorder_linear_weight(wo)
+            packed = weight_pack.pack_onednn(w)
             routes[f"onednn, packed weight{suffix}"] = lambda: torch.ops.mkldnn._linear_pointwise(
                 xo, packed, None, "none", [], "").to(dtype)
     return routes
@@ -218,6 +217,12 @@ def _onednn_int8_route(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[
     return {"onednn": call}
 
 
+def gemm_flops(shape=GEMM_SHAPE) -> float:
+    """FLOPs of one [M, K] x [K, N] product."""
+    m, k, n = shape
+    return 2.0 * m * k * n
+
+
 def fastest_gemm(
     dtype: torch.dtype, device: torch.device | str = "cpu", repeats: int = 10, shape=GEMM_SHAPE
 ) -> tuple[float, str, Callable[[], object]]:
@@ -225,13 +230,12 @@ def fastest_gemm(
     each route timed `repeats` times in interleaved rounds (medians): F.linear, and on the CPU also oneDNN's linear
     (which the encoder uses) on a plain weight and on one packed in oneDNN's layout, on float32 products for bf16
     where oneDNN has none in bf16; int8 or qint8: torch._int_mm, and on the CPU also oneDNN's int8 linear."""
-    m, k, n = shape
     device = torch.device(device)
     routes = gemm_routes(dtype, device, shape)
     with torch.inference_mode():
         timing = time_interleaved(routes, repeats=repeats, warmup=2, device=device)
     best = min(timing, key=lambda r: timing[r].median)
-    return 2 * m * k * n / timing[best].median, best, routes[best]
+    return gemm_flops(shape) / timing[best].median, best, routes[best]
 
 
 def gemm_flops_per_s(

@@ -721,9 +721,8 @@ def run(cfg: BenchConfig) -> tuple[list[Result], dict[str, str], dict[str, str]]
     torch.set_num_threads(threads)
     sentences = load_sentences(cfg.text, cfg.sentences)
     _progress(f"finding the fastest GEMM route on {device} ({', '.join(cfg.dtypes)}), {threads} threads")
-    m, k, n = harness.GEMM_SHAPE
     fastest = {d: harness.fastest_gemm(DTYPES[d], device) for d in cfg.dtypes}
-    gemm = {d: (call, 2 * m * k * n) for d, (_, _, call) in fastest.items()}
+    gemm = {d: (call, harness.gemm_flops()) for d, (_, _, call) in fastest.items()}
     results, skipped = [], {}
     # no_grad, not inference_mode: weights loaded (or copied) under inference_mode are inference tensors, which have
     # no version counter, so the encoder never packs them (weight_pack) and every call would pay for oneDNN's weight

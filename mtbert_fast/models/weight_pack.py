@@ -78,7 +78,9 @@ def onednn_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.bfloat16 and not ONEDNN_BF16 else dtype
 
 
-def _pack_onednn(w: torch.Tensor) -> torch.Tensor:
+def pack_onednn(w: torch.Tensor) -> torch.Tensor:
+    """`w` [N, K] copied now into oneDNN's blocked layout, in `onednn_dtype(w.dtype)`, uncached (`onednn_weight`
+    keeps one per weight)."""
     return torch.ops.mkldnn._reorder_linear_weight(w.to(onednn_dtype(w.dtype)))
 
 
@@ -89,7 +91,7 @@ def onednn_weight(w: torch.Tensor) -> torch.Tensor:
     widens x (and the bias) to the returned dtype."""
     if not AVAILABLE or not _packable(w):
         return w.to(onednn_dtype(w.dtype))
-    return _cached("onednn", w, _pack_onednn)
+    return _cached("onednn", w, pack_onednn)
 
 
 def panel_weight(w: torch.Tensor) -> torch.Tensor | None:
