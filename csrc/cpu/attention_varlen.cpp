@@ -282,7 +282,36 @@ inline Vec exp2_nonpositive(const Vec& x) {
 // x[r, j] * scale <= shift[r], and sums[r] their sum. One rounding, of a result near 0 for the probabilities that
 // count, where rounding x[j] * scale first would cost the rounding of a number as large as the scores. The rows' sums
 // are reduced together at the end, so that no row waits on the reduction of the one before.
-void exp2_rows(float* x, int64_t ld, int mr, int64_t n, float scale, const float* shift, float* sums) {
+// x * y rounded on its own, as the scores tile rounds it: GCC would otherwise fuse the product with the subtraction
+// that follows into one multiply-add (it contracts vector arithmetic in C++), and the two would no longer agree. The
+// product goes through memory behind a compiler barrier; this runs only for rows of scores past 2^24.
+inline Vec product_rounded(const Vec& x, const Vec& y) {
+  alignas(64) float p[kLanes];
+  (x * y).store(p);
+  asm volatile("" : "+m"(p));  // the compiler must take p as changed here, so it cannot forward the product
+  return Vec::loadu(p);
+}
+
+// The shift is the largest *rounded* x * scale, the maximum the scores tile took, so the exact difference of the
+// largest score is not 0 but off by up to half an ulp of the shift, either way: harmless below 2^24, where that is at
+// most 1, but from 2^31 on enough to overflow that exp or make it 0 with every other. For a row group whose shift
+// reaches 2^24 (see needs_rounded) the caller sets `rounded`: the difference is then taken of the rounded product,
+// the very value the maximum was taken of, so the largest score's exp is exactly 1.
+template <bool kRounded>
+C10_ALWAYS_INLINE Vec exp2_shifted(const Vec& x, const Vec& scale, const Vec& minus_shift) {
+  if constexpr (kRounded) return exp2_nonpositive(product_rounded(x, scale) + minus_shift);
+  return exp2_nonpositive(at::vec::fmadd(x, scale, minus_shift));
+}
+
+// Whether a row group's shifts need exp2_shifted's rounded product (NaN shifts do not: the rows are NaN either way).
+inline bool needs_rounded(const float* shift, int mr) {
+  for (int r = 0; r < mr; ++r)
+    if (std::fabs(shift[r]) >= 0x1p24f) return true;
+  return false;
+}
+
+template <bool kRounded>
+void exp2_rows_as(float* x, int64_t ld, int mr, int64_t n, float scale, const float* shift, float* sums) {
   const Vec vscale(scale);
   const int64_t full = n / kLanes * kLanes, rest = n - full;
   Vec sum[kTileRows];
@@ -291,12 +320,12 @@ void exp2_rows(float* x, int64_t ld, int mr, int64_t n, float scale, const float
     const Vec vshift(-shift[r]);
     Vec acc(0.f);
     for (int64_t j = 0; j < full; j += kLanes) {
-      const Vec e = exp2_nonpositive(at::vec::fmadd(Vec::loadu(xr + j), vscale, vshift));
+      const Vec e = exp2_shifted<kRounded>(Vec::loadu(xr + j), vscale, vshift);
       e.store(xr + j);
       acc = acc + e;
     }
     if (rest > 0) {
-      const Vec e = exp2_nonpositive(at::vec::fmadd(Vec::loadu(xr + full, rest), vscale, vshift));
+      const Vec e = exp2_shifted<kRounded>(Vec::loadu(xr + full, rest), vscale, vshift);
       e.store(xr + full, rest);
       acc = acc + Vec::set(Vec(0.f), e, rest);
     }
@@ -305,14 +334,19 @@ void exp2_rows(float* x, int64_t ld, int mr, int64_t n, float scale, const float
   for (int r = 0; r < mr; ++r) sums[r] = cpu::lane_sum(sum[r]);
 }
 
+void exp2_rows(float* x, int64_t ld, int mr, int64_t n, float scale, const float* shift, float* sums, bool rounded) {
+  (rounded ? exp2_rows_as<true> : exp2_rows_as<false>)(x, ld, mr, n, scale, shift, sums);
+}
+
 #ifdef MTBF_BF16_DOT
 // exp2_rows and round_row in one pass, for the bf16 P V without dropout: dst[r, j] = 2^(x[r, j] * scale - shift[r])
 // rounded to bf16 for j < n (and dst[r, n] = 0 for odd n), and sums[r] the sum of the unrounded values; x is only
 // read. The rounding is AVX512-BF16's own instruction, which every CPU that runs the bf16 dot products has (ATen's
 // portable rounding takes 8 operations per vector).
-__attribute__((target("avx512bf16"))) void exp2_round_rows(const float* x, int64_t ld, int mr, int64_t n,
-                                                           float scale, const float* shift, at::BFloat16* dst,
-                                                           float* sums) {
+template <bool kRounded>
+__attribute__((target("avx512bf16"))) void exp2_round_rows_as(const float* x, int64_t ld, int mr, int64_t n,
+                                                              float scale, const float* shift, at::BFloat16* dst,
+                                                              float* sums) {
   const Vec vscale(scale);
   const int64_t full = n / kLanes * kLanes, rest = n - full;
   const __mmask16 tail = static_cast<__mmask16>((1u << rest) - 1);
@@ -324,13 +358,13 @@ __attribute__((target("avx512bf16"))) void exp2_round_rows(const float* x, int64
     const Vec vshift(-shift[r]);
     Vec acc(0.f);
     for (int64_t j = 0; j < full; j += kLanes) {
-      const Vec e = exp2_nonpositive(at::vec::fmadd(Vec::loadu(xr + j), vscale, vshift));
+      const Vec e = exp2_shifted<kRounded>(Vec::loadu(xr + j), vscale, vshift);
       acc = acc + e;
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dr + j), (__m256i)_mm512_cvtneps_pbh(e));
     }
     if (rest > 0) {
       const Vec xt = _mm512_maskz_loadu_ps(tail, xr + full);
-      const Vec e = _mm512_maskz_mov_ps(tail, exp2_nonpositive(at::vec::fmadd(xt, vscale, vshift)));
+      const Vec e = _mm512_maskz_mov_ps(tail, exp2_shifted<kRounded>(xt, vscale, vshift));
       acc = acc + e;
       _mm256_mask_storeu_epi16(dr + full, tail_pair, (__m256i)_mm512_cvtneps_pbh(e));
     }
@@ -338,7 +372,16 @@ __attribute__((target("avx512bf16"))) void exp2_round_rows(const float* x, int64
   }
   for (int r = 0; r < mr; ++r) sums[r] = cpu::lane_sum(sum[r]);
 }
+
+__attribute__((target("avx512bf16"))) void exp2_round_rows(const float* x, int64_t ld, int mr, int64_t n,
+                                                           float scale, const float* shift, at::BFloat16* dst,
+                                                           float* sums, bool rounded) {
+  (rounded ? exp2_round_rows_as<true> : exp2_round_rows_as<false>)(x, ld, mr, n, scale, shift, dst, sums);
+}
 #endif
+
+// e^v as ATen's exp_u20, but NaN where v is NaN: exp_u20 clamps its argument first, which turns NaN into inf.
+inline Vec exp_keeping_nan(const Vec& v) { return Vec::blendv(v.exp_u20(), v, v != v); }
 
 // dst[0:n] = src[0:n] * factor, rounded once to the tensor dtype; src is overwritten.
 template <typename ST>
@@ -878,11 +921,12 @@ void forward_blocks(const Geometry& g,
           const float block_max = cpu::lane_max(vmax[r]);
           new_max[r] = first ? block_max : std::max(row_max[r], block_max);
         }
+        const bool rounded = exp_scale != 1.f && needs_rounded(new_max, mr);
         if constexpr (!std::is_same<CT, float>::value) {
-          if (drop.enabled) exp2_rows(s.data(), ld_s, mr, bn, exp_scale, new_max, block_sum);
-          else exp2_round_rows(s.data(), ld_s, mr, bn, exp_scale, new_max, p_c.data(), block_sum);
+          if (drop.enabled) exp2_rows(s.data(), ld_s, mr, bn, exp_scale, new_max, block_sum, rounded);
+          else exp2_round_rows(s.data(), ld_s, mr, bn, exp_scale, new_max, p_c.data(), block_sum, rounded);
         } else {
-          exp2_rows(s.data(), ld_s, mr, bn, exp_scale, new_max, block_sum);
+          exp2_rows(s.data(), ld_s, mr, bn, exp_scale, new_max, block_sum, rounded);
         }
         for (int r = 0; r < mr; ++r) {
           float* srow = s.data() + r * ld_s;
@@ -1082,14 +1126,16 @@ void backward_seqs(const Geometry& g,
                                                                         bias_diag.data(), lse_row, len, j0 + j, i0,
                                                                         lo, hi, terms.data());
             });
-            at::vec::map2([scale = g.scale](Vec x, Vec t) { return at::vec::fmadd(x, Vec(scale), t).exp_u20(); },
+            at::vec::map2([scale = g.scale](Vec x, Vec t) { return exp_keeping_nan(at::vec::fmadd(x, Vec(scale), t)); },
                           row + lo, row + lo, terms.data() + lo, hi - lo);
           } else if (has_bias)
             at::vec::map3(
-                [scale = g.scale](Vec x, Vec l, Vec b) { return (at::vec::fmadd(x, Vec(scale), b) - l).exp_u20(); },
+                [scale = g.scale](Vec x, Vec l, Vec b) {
+                  return exp_keeping_nan(at::vec::fmadd(x, Vec(scale), b) - l);
+                },
                 row + lo, row + lo, lse_row + i0 + lo, bias_diag.data() + (len - 1 - (j0 + j) + i0 + lo), hi - lo);
           else
-            at::vec::map2([scale = g.scale](Vec x, Vec l) { return at::vec::fmsub(x, Vec(scale), l).exp_u20(); },
+            at::vec::map2([scale = g.scale](Vec x, Vec l) { return exp_keeping_nan(at::vec::fmsub(x, Vec(scale), l)); },
                           row + lo, row + lo, lse_row + i0 + lo, hi - lo);
         }
         if (drop.enabled) {

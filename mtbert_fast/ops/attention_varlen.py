@@ -132,26 +132,33 @@ def _check_token_tables(op: str, qkv: torch.Tensor, pos_q: torch.Tensor | None, 
 
 def check_inputs(op: str, qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> None:
     """Every check that needs no device synchronisation, and the value checks of cu_seqlens where they are free."""
-    if qkv.dim() != 4 or qkv.shape[1] != 3:
-        raise ValueError(f"{op}: qkv must be [T, 3, heads, head_dim], got shape {tuple(qkv.shape)}")
+    if qkv.dim() != 4 or qkv.shape[1] != 3 or qkv.shape[2] < 1 or qkv.shape[3] < 1:
+        raise ValueError(f"{op}: qkv must be [T, 3, heads, head_dim] with heads and head_dim >= 1, got shape "
+                         f"{tuple(qkv.shape)}")
     if not qkv.dtype.is_floating_point:
         raise TypeError(f"{op}: qkv must be a floating-point tensor, got {qkv.dtype}")
+    check_sequences(op, cu_seqlens, max_seqlen, qkv, "qkv")
+
+
+def check_sequences(op: str, cu_seqlens: torch.Tensor, max_seqlen: int, rows: torch.Tensor, name: str) -> None:
+    """cu_seqlens and max_seqlen for `rows`, a tensor of T rows named `name`: the checks that need no device
+    synchronisation, and the value checks of cu_seqlens where they are free."""
     if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
         raise ValueError(
             f"{op}: cu_seqlens must be a 1-D int32 tensor, got {cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}"
         )
-    if cu_seqlens.device != qkv.device:
-        raise ValueError(f"{op}: cu_seqlens is on {cu_seqlens.device} but qkv is on {qkv.device}")
+    if cu_seqlens.device != rows.device:
+        raise ValueError(f"{op}: cu_seqlens is on {cu_seqlens.device} but {name} is on {rows.device}")
     if cu_seqlens.numel() < 1:
         raise ValueError(f"{op}: cu_seqlens must hold B + 1 >= 1 offsets, got an empty tensor")
-    if cu_seqlens.numel() == 1 and qkv.shape[0] > 0:
-        raise ValueError(f"{op}: cu_seqlens = [0] describes no sequence, but qkv has {qkv.shape[0]} rows")
+    if cu_seqlens.numel() == 1 and rows.shape[0] > 0:
+        raise ValueError(f"{op}: cu_seqlens = [0] describes no sequence, but {name} has {rows.shape[0]} rows")
     if max_seqlen < 0:
         raise ValueError(f"{op}: max_seqlen must be >= 0, got {max_seqlen}")
     if torch.compiler.is_compiling():
         return
     if cu_seqlens.device.type == "cpu" or os.environ.get(DEBUG_CHECKS_ENV) == "1":
-        check_cu_seqlens_values(op, cu_seqlens, qkv.shape[0])
+        check_cu_seqlens_values(op, cu_seqlens, rows.shape[0], name)
 
 
 def check_backward_inputs(
@@ -177,13 +184,14 @@ def check_backward_inputs(
                              f"of shape {list(x.shape)} on {x.device}")
 
 
-def check_cu_seqlens_values(op: str, cu_seqlens: torch.Tensor, tokens: int) -> None:
-    """cu_seqlens[0] == 0, non-decreasing, cu_seqlens[-1] == tokens (reads cu_seqlens on the host)."""
+def check_cu_seqlens_values(op: str, cu_seqlens: torch.Tensor, tokens: int, name: str = "qkv") -> None:
+    """cu_seqlens[0] == 0, non-decreasing, cu_seqlens[-1] == tokens, the rows of `name` (reads cu_seqlens on the
+    host)."""
     c = cu_seqlens.tolist()
     if c[0] != 0:
         raise ValueError(f"{op}: cu_seqlens[0] must be 0, got {c[0]}")
     if c[-1] != tokens:
-        raise ValueError(f"{op}: cu_seqlens[-1] must equal the {tokens} rows of qkv, got {c[-1]}")
+        raise ValueError(f"{op}: cu_seqlens[-1] must equal the {tokens} rows of {name}, got {c[-1]}")
     for b, (lo, hi) in enumerate(zip(c[:-1], c[1:])):
         if hi < lo:
             raise ValueError(f"{op}: cu_seqlens must be non-decreasing, got cu_seqlens[{b}] = {lo} > "

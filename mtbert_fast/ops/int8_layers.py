@@ -20,6 +20,7 @@ import torch
 
 from mtbert_fast.ops import reference
 from mtbert_fast.ops._checks import check_gelu
+from mtbert_fast.ops.attention_varlen import check_sequences
 from mtbert_fast.ops.post_norm_layers import STACK_SCHEMA, check_stack, fake_stack
 from mtbert_fast.ops.registry import CPU_DTYPES, Backend, Op
 
@@ -85,6 +86,7 @@ def int8_layers(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, weig
     check_gelu("int8_layers", approximate)
     weights = list(weights)
     _check(x, weights, heads)
+    check_sequences("int8_layers", cu_seqlens, max_seqlen, x, "x")
     return OP(x, cu_seqlens, max_seqlen, weights, heads, scale, eps, approximate, rel_bias, backend=backend)
 
 

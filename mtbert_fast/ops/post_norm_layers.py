@@ -18,6 +18,7 @@ import torch
 
 from mtbert_fast.ops import reference
 from mtbert_fast.ops._checks import check_gelu
+from mtbert_fast.ops.attention_varlen import check_sequences
 from mtbert_fast.ops.panel_linear import check_product
 from mtbert_fast.ops.registry import CPU_DTYPES, Backend, Op
 
@@ -85,6 +86,7 @@ def post_norm_layers(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
     check_gelu("post_norm_layers", approximate)
     weights = list(weights)
     _check(x, weights, heads)
+    check_sequences("post_norm_layers", cu_seqlens, max_seqlen, x, "x")
     return OP(x, cu_seqlens, max_seqlen, weights, heads, scale, eps, approximate, rel_bias, backend=backend)
 
 

@@ -150,7 +150,7 @@ def attention_varlen(
             outs.append(torch.einsum("hij,jhd->ihd", probs.to(qkv.dtype).to(probs.dtype), v) / total)
         else:
             outs.append(torch.einsum("hij,jhd->ihd", probs, v))
-    out = torch.cat(outs, 0) if outs else qkv.new_zeros((0,) + qkv.shape[2:])
+    out = torch.cat(outs, 0) if outs else qkv[:0, 0]  # no tokens: still a function of qkv, for autograd
     return out.to(qkv.dtype)
 
 

@@ -147,6 +147,41 @@ def test_every_score_far_below_zero(backend, dtype, length):
     assert_close(out, exact_out, native, dtype, "out", atol=1e-4, rtol=1e-4, floor=1e-5)
 
 
+@pytest.mark.parametrize("magnitude", [1e6, 1e11, 1e30])
+def test_huge_scores_stay_finite(backend, dtype, magnitude):
+    """One query element far past any real score (scaled scores up to ~1e30): the row's softmax picks its largest key
+    as the reference's does, and nothing overflows (the row maximum of rounded scaled scores lies up to half an ulp
+    under an exact one, which past 2^31 would take its exp beyond fp32)."""
+    lens, heads, head_dim = [9, 20], 2, 32
+    cu = cu_seqlens(lens, backend.device)
+    magnitude = min(magnitude, torch.finfo(dtype).max / 8)  # fp16 holds no more
+    qkv = rand(sum(lens), 3, heads, head_dim, seed=21)
+    qkv[3, 0, 1, 4] = magnitude
+    qkv[12, 0, 0, 7] = -magnitude
+    qkv = qkv.to(dtype=dtype, device=backend.device)
+    scale = 1.0 / math.sqrt(head_dim)
+    out, _ = backend.forward(qkv, cu, max(lens), scale)
+    assert torch.isfinite(out).all()
+    exact_out = _exact(qkv, cu, scale, torch.zeros_like(out))[0]
+    torch.testing.assert_close(out.float(), exact_out, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("part", [0, 1])
+def test_nan_reaches_the_gradients_it_enters(backend, dtype, part):
+    """A NaN in a query or key: the backward's probabilities are NaN where the forward's are, so the value gradients
+    of that head are NaN (never an infinity from an exp of NaN), as the reference's."""
+    lens, heads, head_dim = [9, 20], 2, 32
+    cu = cu_seqlens(lens, backend.device)
+    qkv = rand(sum(lens), 3, heads, head_dim, seed=17, dtype=dtype, device=backend.device)
+    qkv[12, part, 1, 5] = float("nan")
+    grad_out = rand(sum(lens), heads, head_dim, seed=18, dtype=dtype, device=backend.device)
+    out, lse = backend.forward(qkv, cu, max(lens), 1.0 / math.sqrt(head_dim))
+    grad, *_ = backend.backward(grad_out, qkv, out, lse, cu, max(lens), 1.0 / math.sqrt(head_dim))
+    exact_grad = _exact(qkv, cu, 1.0 / math.sqrt(head_dim), grad_out)[2]
+    assert torch.equal(grad.isnan().cpu(), exact_grad.isnan().cpu())
+    assert not grad.isinf().any()
+
+
 @pytest.mark.parametrize("part", [0, 1, 2])
 def test_nan_reaches_its_sequence_only(backend, dtype, part):
     """A NaN in one token's query, key or value makes exactly the outputs it enters NaN and leaves the other sequence
@@ -192,10 +227,11 @@ def test_no_tokens(backend, dtype, lens):
     assert out.shape == (0, 2, 32) and lse.shape == (2, 0)
     grad, *_ = backend.backward(torch.zeros_like(out), qkv, out, lse, cu, 0, 0.125)
     assert grad.shape == (0, 3, 2, 32)
-    leaf = qkv.clone().requires_grad_()
-    out = ops.attention_varlen(leaf, cu, 0, backend=backend.name)
-    out.sum().backward()
-    assert out.shape == (0, 2, 32) and leaf.grad.shape == qkv.shape
+    for name in (backend.name, "reference"):
+        leaf = qkv.clone().requires_grad_()
+        out = ops.attention_varlen(leaf, cu, 0, backend=name)
+        out.sum().backward()
+        assert out.shape == (0, 2, 32) and leaf.grad.shape == qkv.shape
 
 
 @pytest.mark.interpreter_cases(max_seqlen=[0], dropout_p=[0.2])
@@ -431,6 +467,8 @@ def test_bad_input_is_named(backend):
     cases = [
         (lambda: attention(qkv[:, :2], cu, max_len), r"qkv must be \[T, 3, heads, head_dim\]"),
         (lambda: attention(qkv[:, 0], cu, max_len), r"qkv must be \[T, 3, heads, head_dim\]"),
+        (lambda: attention(qkv[..., :0], cu, max_len), r"qkv must be \[T, 3, heads, head_dim\] with heads and "
+                                                       r"head_dim >= 1, got shape \(5, 3, 2, 0\)"),
         (lambda: attention(qkv, cu.long(), max_len), "cu_seqlens must be a 1-D int32"),
         (lambda: attention(qkv, cu.to("meta"), max_len), "cu_seqlens is on meta"),
         (lambda: attention(qkv, cu[:0], max_len), "cu_seqlens must hold B \\+ 1 >= 1 offsets"),

@@ -140,3 +140,13 @@ def test_wrapper_refuses_a_gelu_it_does_not_know():
     x, cu, max_seqlen, weights, heads, scale = _args(layers=1)
     with pytest.raises(ValueError, match="approximate"):
         ops.int8_layers(x, cu, max_seqlen, weights, heads, scale, approximate="sigmoid")
+
+
+@pytest.mark.parametrize("name", ["cpu", "reference"])
+def test_wrapper_checks_cu_seqlens_on_every_backend(name):
+    x, cu, max_seqlen, weights, heads, scale = _args()
+    with pytest.raises(ValueError, match=r"int8_layers: cu_seqlens\[-1\] must equal the 6 rows of x, got 5"):
+        ops.int8_layers(x, torch.tensor([0, 2, 5], dtype=torch.int32), max_seqlen, weights, heads, scale, backend=name)
+    with pytest.raises(ValueError, match="int8_layers: cu_seqlens must be a 1-D int32 tensor"):
+        ops.int8_layers(x, cu.long(), max_seqlen, weights, heads, scale, backend=name)
+

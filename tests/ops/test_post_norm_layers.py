@@ -190,3 +190,21 @@ def test_wrapper_refuses_a_gelu_it_does_not_know():
     x, cu, max_seqlen, weights, heads, scale = _args()
     with pytest.raises(ValueError, match="approximate"):
         ops.post_norm_layers(x, cu, max_seqlen, weights, heads, scale, approximate="sigmoid")
+
+
+@pytest.mark.parametrize("name", ["cpu", "reference"])
+def test_wrapper_checks_cu_seqlens_on_every_backend(name):
+    """The wrapper checks cu_seqlens and max_seqlen against x before any backend runs, naming the op: the reference
+    would otherwise fail on a reshape far from the cause."""
+    x, cu, max_seqlen, weights, heads, scale = _args()
+    cases = [
+        (cu.long(), max_seqlen, "post_norm_layers: cu_seqlens must be a 1-D int32 tensor, got torch.int64"),
+        (torch.tensor([1, 2, 6], dtype=torch.int32), max_seqlen, r"post_norm_layers: cu_seqlens\[0\] must be 0"),
+        (torch.tensor([0, 2, 5], dtype=torch.int32), max_seqlen,
+         r"post_norm_layers: cu_seqlens\[-1\] must equal the 6 rows of x, got 5"),
+        (torch.tensor([0, 4, 2, 6], dtype=torch.int32), max_seqlen, "post_norm_layers: cu_seqlens must be non-decreasing"),
+        (cu, -1, "post_norm_layers: max_seqlen must be >= 0"),
+    ]
+    for bad_cu, bad_max, match in cases:
+        with pytest.raises(ValueError, match=match):
+            ops.post_norm_layers(x, bad_cu, bad_max, weights, heads, scale, backend=name)
