@@ -240,11 +240,12 @@ C10_ALWAYS_INLINE fVec normal_cdf(const fVec& x, fVec& gauss) {
   return one_minus_unless_negative(x, t * half_poly * gauss);
 }
 
-// Logistic sigmoid; the argument is clamped to [-80, 80], where it is 0 or 1 in fp32 yet exp stays finite.
-// (at::vec's clamp and clamp_max keep a NaN argument.)
+// Logistic sigmoid; exp takes the argument clamped to [-80, 80], where exp stays finite. Above 80 that gives 1, as
+// fp32 does; below -80 the result is set to 0 (the true value is under 1.8e-35), since the clamped 1.8e-35 would
+// make x * sigmoid(u) grow with x. (at::vec's clamp and clamp_max keep a NaN argument, and so does the blend.)
 C10_ALWAYS_INLINE fVec sigmoid(const fVec& u) {
   const fVec e = exp_finite(at::vec::clamp(u.neg(), fVec(-80.f), fVec(80.f)));
-  return reciprocal(e + fVec(1.f));
+  return fVec::blendv(reciprocal(e + fVec(1.f)), fVec(0.f), u < fVec(-80.f));
 }
 
 // tanh form: 0.5 x (1 + tanh(k (x + c x^3))) = x * sigmoid(2 k (x + c x^3)).
@@ -371,7 +372,15 @@ inline void layer_norm_row(
     const fVec c = keep_lanes(load(s + d, n) - fVec(mu), n);
     acc = at::vec::fmadd(c, c, acc);
   });
-  const float rs = static_cast<float>(1.0 / std::sqrt(static_cast<double>(lane_sum(sq)) / D + eps));
+  double sum_sq = lane_sum(sq);
+  if (std::isinf(sum_sq)) {  // the fp32 squares overflowed (|s - mean| past ~1e19): again in double, this row only
+    sum_sq = 0.0;
+    for (int64_t d = 0; d < D; ++d) {
+      const double c = static_cast<double>(s[d]) - mu;
+      sum_sq += c * c;
+    }
+  }
+  const float rs = static_cast<float>(1.0 / std::sqrt(sum_sq / D + eps));
   for_each_vec(D, [&](int64_t d, auto n) {
     const fVec xhat = (load(s + d, n) - fVec(mu)) * fVec(rs);
     store(out + d, at::vec::fmadd(xhat, load(weight + d, n), load(beta + d, n)), n);

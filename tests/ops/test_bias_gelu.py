@@ -70,6 +70,20 @@ def test_special_values(backend, approximate):
     assert out[9] == float("inf") and out[10].isnan()
 
 
+def test_tanh_form_far_below_zero(backend):
+    """The tanh form past x = -10, where its sigmoid is under 1e-35: 0 as PyTorch's (-0), never a value that grows with
+    |x|, and the derivative 0 as PyTorch's, or NaN as PyTorch's where x^2 overflows fp32."""
+    x = torch.tensor([[-3e38, -1e30, -1e20, -1e10, -1e4, -100.0, -20.0, -10.5]])
+    x, zero = backend.to(x, torch.zeros(x.shape[1]))
+    out = backend.forward(x, zero, "tanh")[0]
+    leaf = x.detach().clone().requires_grad_()
+    want = F.gelu(leaf, approximate="tanh")
+    (want_grad,) = torch.autograd.grad(want.sum(), leaf)
+    torch.testing.assert_close(out, want[0], atol=0, rtol=0)
+    grad = backend.backward(torch.ones_like(x), x, zero, "tanh")[0]
+    torch.testing.assert_close(grad, want_grad[0], atol=0, rtol=0, equal_nan=True)
+
+
 def test_leading_dims_and_strides(backend, dtype):
     """x [2, 3, D] transposed and a strided bias: the output keeps x's shape, contiguous, the values of the
     contiguous copies; so does the gradient."""

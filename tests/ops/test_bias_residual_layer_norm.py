@@ -61,3 +61,17 @@ def test_cpu_kernel_checks_name_the_op_and_tensor():
         op(xb, bias, xb, wf, wf, EPS)
     with pytest.raises(RuntimeError, match="layer_norm_backward: weight has dtype Half but x has BFloat16"):
         backward(xb, xb, bb, xb, wf.half(), mean, rstd)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_variance_past_the_fp32_range(dtype):
+    """A row whose squared deviations overflow fp32 (|x - mean| past ~1e19): the CPU kernel takes that row's variance
+    again in double, giving the LayerNorm of float64 math, where fp32 sums would give rstd 0 and every output beta."""
+    x = torch.tensor([[1e20, 1.0, 2.0, -3.0], [4e30, -4e30, 0.0, 1.0], [0.5, 1.0, 2.0, -3.0]]).to(dtype)
+    zero = torch.zeros(4, dtype=dtype)
+    weight, beta = torch.full((4,), 2.0, dtype=dtype), torch.full((4,), 0.5, dtype=dtype)
+    out = ops.bias_residual_layer_norm(x, zero, torch.zeros_like(x), weight, beta, EPS, backend="cpu")
+    x64 = x.double()
+    want = (x64 - x64.mean(1, keepdim=True)) / torch.sqrt(x64.var(1, unbiased=False, keepdim=True) + EPS) * 2.0 + 0.5
+    torch.testing.assert_close(out.double(), want.to(dtype).double(), atol=1e-5 if dtype == torch.float32 else 2e-2,
+                               rtol=1e-5 if dtype == torch.float32 else 1e-2)
