@@ -26,6 +26,9 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 # families whose position ids count from a padding id + 1, skipping padding tokens (fairseq's make_positions), and
 # that id: RoBERTa's pad_token_id; MPNet's embeddings fix it at 1 whatever the config's pad_token_id
 _POSITION_PADDING = {"roberta": None, "mpnet": 1}
+# HF's MPNet buckets relative distances into this many buckets, a constant of its code: the config's
+# relative_attention_num_buckets sizes the table only (rows past these are never read)
+MPNET_BUCKETS = 32
 # HF hidden_act -> the `approximate` argument of the GELU ops
 ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 # DistilBertConfig's own names for the fields (it has no token types and a fixed LayerNorm eps)
@@ -110,9 +113,10 @@ class EncoderConfig:
         buckets = self.relative_attention_num_buckets
         if (buckets is not None) != (self.family == "mpnet"):
             raise ValueError(f"relative_attention_num_buckets={buckets}: an MPNet option, which MPNet needs")
-        if buckets is not None and buckets < 4:
-            raise ValueError(f"relative_attention_num_buckets must be >= 4 (a half per direction, half of each "
-                             f"exact), got {buckets}")
+        if buckets is not None and buckets < MPNET_BUCKETS:
+            raise ValueError(f"relative_attention_num_buckets must be >= {MPNET_BUCKETS}: HF's MPNet buckets the "
+                             f"distances into {MPNET_BUCKETS} whatever the config says (the table's size only), so a "
+                             f"smaller table cannot hold them; got {buckets}")
         self._check_modernbert()
         self._check_deberta()
         if self.hidden_act not in ACTIVATIONS:
@@ -216,6 +220,12 @@ class EncoderConfig:
     def embedding_width(self) -> int:
         """Width of the embedding table and its LayerNorm (ELECTRA's embedding_size, else hidden_size)."""
         return self.embedding_size or self.hidden_size
+
+    @property
+    def word_padding_idx(self) -> int | None:
+        """The word embedding row HF builds as padding_idx, which no gradient reaches: pad_token_id (MPNet's
+        embeddings fix it at 1)."""
+        return 1 if self.family == "mpnet" else self.pad_token_id
 
     @property
     def position_padding_idx(self) -> int | None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtbert_fast.models.config import EncoderConfig, UnsupportedModelError
+from mtbert_fast.models.config import MPNET_BUCKETS, EncoderConfig, UnsupportedModelError
 from mtbert_fast.models.int8 import (
     DEFAULT_SMOOTHING, InputStats, Int8LayerWeights, ParameterWatch, Stacks, calibration_batches, check_int8_device,
     check_int8_dtype, check_model_dtype, check_smoothing, gram_passes, int8_layer_forward, int8_stack, quantize_layers,
@@ -249,14 +249,39 @@ def _validate(
     if token_type_ids is not None:
         if config.type_vocab_size == 0:
             raise ValueError(f"token_type_ids given, but a {config.family} model has no token types")
+        if token_type_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"token_type_ids must be int64 or int32, got {_describe(token_type_ids)}")
         if token_type_ids.shape != shape:
             raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)} but the input is {shape}")
         lo, hi = (int(v) for v in torch.aminmax(token_type_ids))
         if lo < 0 or hi >= config.type_vocab_size:
             raise ValueError(f"token_type_ids must be in [0, {config.type_vocab_size}), got values in [{lo}, {hi}]")
-    if position_ids is not None and position_ids.shape not in (shape, (1, shape[1])):
-        raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected {shape} or (1, {shape[1]})")
+    if position_ids is not None:
+        if position_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"position_ids must be int64 or int32, got {_describe(position_ids)}")
+        if position_ids.shape not in (shape, (1, shape[1])):
+            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected {shape} or "
+                             f"(1, {shape[1]})")
+        if attention_mask is None and config.family in _PACKED_POSITION_FAMILIES:
+            _refuse_packed_positions(position_ids)
     return shape[0], shape[1], packed_mask
+
+
+# The families whose HF models (transformers 5) read position_ids given without an attention_mask as several
+# sequences packed in each row wherever the ids do not count up by one (transformers' flattening format), and then
+# attend within each sequence only.
+_PACKED_POSITION_FAMILIES = ("bert", "roberta", "electra")
+
+
+def _refuse_packed_positions(position_ids: torch.Tensor) -> None:
+    steps = position_ids[:, 1:] - position_ids[:, :-1]
+    if steps.numel() and bool((steps != 1).any()):
+        row, col = (int(i) for i in (steps != 1).nonzero()[0])
+        raise ValueError(
+            f"position_ids do not count up by one in row {row} (token {col + 1}) and no attention_mask is given: "
+            "the Hugging Face model reads such a row as several sequences packed together and attends within "
+            "each, which this encoder does not do; pass the sequences as rows of their own with an attention_mask, "
+            "or pass an attention_mask to use these position_ids on one sequence per row")
 
 
 class PackedMask(NamedTuple):
@@ -356,7 +381,7 @@ def relative_bias_table(weight: torch.Tensor, max_seqlen: int, max_distance: int
     direction's last bucket, so the kernels' clamp to R is exact, and the GPU backward sums those pairs per tile."""
     r = min(max(max_seqlen - 1, 0), max_distance)
     distance = torch.arange(-r, r + 1, device=weight.device)
-    return F.embedding(relative_position_buckets(distance, weight.shape[0]), weight).t().float().contiguous()
+    return F.embedding(relative_position_buckets(distance, MPNET_BUCKETS), weight).t().float().contiguous()
 
 
 def deberta_buckets(distance: torch.Tensor, bucket_size: int, max_position: int) -> torch.Tensor:
@@ -494,17 +519,18 @@ def _embeddings_by_op(config: EncoderConfig, w: EmbeddingWeights, packed: Packed
                       token_type_ids: torch.Tensor | None, position_ids: torch.Tensor | None,
                       inputs_embeds: torch.Tensor | None) -> torch.Tensor:
     """word + token_type + position embeddings of the real tokens, before the LayerNorm, added as the HF modules
-    add them (in the model's dtype)."""
+    add them (in the model's dtype); the rows HF's embeddings hold as padding_idx get no gradient, as there."""
     if inputs_embeds is not None:
         x = packed.rows(inputs_embeds)
     else:
-        x = F.embedding(packed.rows(input_ids.long()), w.word)
+        x = F.embedding(packed.rows(input_ids.long()), w.word, padding_idx=config.word_padding_idx)
     if token_type_ids is not None:
         x = x + F.embedding(packed.rows(token_type_ids.long()), w.token_type)
     elif w.token_type is not None:
         x = x + w.token_type[0]
     if w.position is not None:
-        x = x + F.embedding(packed_positions(config, input_ids, position_ids, packed), w.position)
+        x = x + F.embedding(packed_positions(config, input_ids, position_ids, packed), w.position,
+                            padding_idx=config.position_padding_idx)
     return x
 
 

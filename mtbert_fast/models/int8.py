@@ -445,11 +445,16 @@ def quantize_layers(
     return out
 
 
+MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.qint8)
+
+
 def check_model_dtype(dtype: torch.dtype | None) -> None:
-    """The dtypes a model can be built or swapped in: a float dtype, or torch.qint8 for int8 inference."""
-    if dtype is not None and dtype != torch.qint8 and not dtype.is_floating_point:
-        raise TypeError(f"dtype {dtype} is not supported: use float32, bfloat16 or float16, or torch.qint8 for int8 "
-                        "inference (int8 products, float activations)")
+    """The dtypes a model can be built or swapped in: float32, bfloat16, float16 (float64 for checks), or
+    torch.qint8 for int8 inference. Checked before anything is cast."""
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or dtype not in MODEL_DTYPES):
+        raise TypeError(f"dtype {dtype!r} is not supported: pass torch.float32, torch.bfloat16 or torch.float16 "
+                        "(torch.float64 also runs, for checks), or torch.qint8 for int8 inference (int8 products, "
+                        "float activations)")
 
 
 def check_int8_dtype(dtype: torch.dtype) -> None:

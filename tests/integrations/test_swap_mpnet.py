@@ -97,6 +97,15 @@ def test_lengths_1_and_512(model_backend, mpnet_config, make_hf, hf_outputs, rag
         compare_outputs(out, ref, {"logits": True}, mask)
 
 
+def test_larger_bucket_table_reads_mpnets_32_buckets(model_backend, mpnet_config, make_hf, ragged_batch, swap_parity):
+    """HF's MPNet buckets distances into 32 whatever relative_attention_num_buckets says: a larger table's rows
+    past 32 are never read, here as there."""
+    config = mpnet_config(relative_attention_num_buckets=64)
+    model = _model(make_hf, MPNetModel, config)
+    ids, mask = ragged_batch(config, [40, 7])
+    swap_parity(model, model_backend, ids, mask, _fields(MPNetModel))
+
+
 @pytest.mark.parametrize("variant", ["position_ids", "inputs_embeds", "float_mask", "no_mask", "left_padding"])
 def test_input_variants(variant, model_backend, mpnet_config, make_hf, hf_outputs, ragged_batch, assert_tokens_close,
                         input_variant):
@@ -176,8 +185,8 @@ def test_fast_model_needs_the_bias_table(mpnet_config, make_hf, tmp_path):
 def test_config_refusals(mpnet_config):
     from mtbert_fast.models import EncoderConfig
 
-    with pytest.raises(ValueError, match="relative_attention_num_buckets must be >= 4"):
-        EncoderConfig.from_hf(mpnet_config(relative_attention_num_buckets=2))
+    with pytest.raises(ValueError, match="relative_attention_num_buckets must be >= 32"):
+        EncoderConfig.from_hf(mpnet_config(relative_attention_num_buckets=16))
     with pytest.raises(ValueError, match="relative_attention_num_buckets=32: an MPNet option"):
         EncoderConfig(relative_attention_num_buckets=32)
     with pytest.raises(ValueError, match="hidden_act='relu' is not supported"):

@@ -120,6 +120,15 @@ BAD_INPUTS = {
                             ValueError, r"input_ids must be \[batch, seqlen\], got torch.int64 \(16,\)"),
     "float_ids": (lambda ids, mask: dict(input_ids=ids.float(), attention_mask=mask),
                   TypeError, r"input_ids must be int64 or int32"),
+    "float_token_types": (lambda ids, mask: dict(input_ids=ids, attention_mask=mask, token_type_ids=mask * 0.9),
+                          TypeError, r"token_type_ids must be int64 or int32, got torch.float32"),
+    "bool_position_ids": (
+        lambda ids, mask: dict(input_ids=ids, attention_mask=mask, position_ids=torch.ones_like(ids, dtype=torch.bool)),
+        TypeError, r"position_ids must be int64 or int32, got torch.bool"),
+    # transformers reads restarting position ids without a mask as sequences packed in a row (its flattening format)
+    "packed_position_ids_without_mask": (
+        lambda ids, mask: dict(input_ids=ids, position_ids=torch.cat([torch.arange(9), torch.arange(7)])[None]),
+        ValueError, r"position_ids do not count up by one in row 0 \(token 9\) and no attention_mask is given"),
     "empty_batch": (lambda ids, mask: dict(input_ids=ids[:0], attention_mask=mask[:0]),
                     ValueError, r"empty batch: input shape \(0, 16\)"),
 }
@@ -294,3 +303,50 @@ def test_checkpoint_without_embeddings_is_named(bert_config, make_hf, tmp_path):
     save_file(state, path, metadata={"format": "pt"})
     with pytest.raises(MissingWeightError, match=r"no embeddings.word_embeddings.weight in the checkpoint"):
         FastBertModel.from_pretrained(tmp_path)
+
+
+def test_positions_that_count_up_run_without_a_mask(target, good, bert_config, make_hf):
+    """position_ids without a mask that count up by one from any start are one sequence per row, in HF as here."""
+    model, config = target
+    ids, _ = good
+    ref = make_hf(BertForSequenceClassification, config)
+    positions = torch.arange(SEQLEN)[None] + 3
+    with torch.no_grad():
+        out, expected = model(input_ids=ids, position_ids=positions), ref(input_ids=ids, position_ids=positions)
+    if hasattr(out, "logits"):
+        torch.testing.assert_close(out.logits, expected.logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", torch.float8_e4m3fn, torch.int8, torch.complex64])
+def test_unsupported_dtype_argument_is_refused_before_any_change(dtype, bert_config, make_hf):
+    hf = make_hf(BertModel, bert_config())
+    message = r"dtype .* is not supported: pass torch.float32, torch.bfloat16 or torch.float16"
+    with pytest.raises(TypeError, match=message):
+        FastBertModel.from_hf(hf, dtype=dtype)
+    with pytest.raises(TypeError, match=message):
+        swap(hf, dtype=dtype)
+    assert all(p.dtype == torch.float32 for p in hf.parameters())
+    assert not hasattr(hf, "_mtbert_fast_swap")
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_padding_rows_of_the_embeddings_get_no_gradient(family, bert_config, roberta_config, make_hf):
+    """HF builds the word embeddings (and RoBERTa's positions) with padding_idx: where the padding id sits at a real
+    token (a padded batch given without its mask), its row gets no gradient. Trained through swap, the same."""
+    from transformers import RobertaModel
+
+    config = (bert_config if family == "bert" else roberta_config)(hidden_dropout_prob=0.0,
+                                                                   attention_probs_dropout_prob=0.0)
+    cls = BertModel if family == "bert" else RobertaModel
+    ref, ours = make_hf(cls, config).train(), swap(make_hf(cls, config).train())
+    ids = torch.randint(3, config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    ids[:, 7:] = config.pad_token_id
+    for model in (ref, ours):
+        model(input_ids=ids).last_hidden_state.square().sum().backward()
+    for name in ("word_embeddings", "position_embeddings"):
+        g_ref = getattr(ref.embeddings, name).weight.grad
+        g_ours = getattr(ours.embeddings, name).weight.grad
+        torch.testing.assert_close(g_ours, g_ref, atol=1e-4, rtol=1e-4)
+    pad = config.pad_token_id
+    assert ours.embeddings.word_embeddings.weight.grad[pad].abs().max() == 0
+    assert ref.embeddings.word_embeddings.weight.grad[pad].abs().max() == 0
