@@ -146,6 +146,19 @@ def _check_not_padding(task: str, what: str, marked: torch.Tensor, real: torch.T
                          f"set {IGNORE_INDEX} (or False) at padding")
 
 
+def _check_dropout(name: str, p: float) -> float:
+    """A dropout probability, checked when the head is built rather than at its first training step."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
+    return float(p)
+
+
+def _check_num_labels(num_labels: int) -> int:
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+        raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}")
+    return num_labels
+
+
 def _bert_init(module: nn.Module, std: float = 0.02) -> None:
     """BERT's initialization of head layers: normal(0, std) matrices, zero biases, unit LayerNorm."""
     for m in module.modules():
@@ -238,7 +251,8 @@ class SequenceClassificationHead(Head):
     pooled=True (the default for the BERT head): dropout + linear on the encoder's pooler output.
     roberta_style=True: a dense head on the first token: dropout, dense, activation, dropout, out_proj; RoBERTa's
     with activation "tanh", ELECTRA's with "gelu" (erf); DistilBERT's is dense, "relu", dropout, out_proj
-    (dropout_before_dense=False).
+    (dropout_before_dense=False). dense_dropout, where given, is the rate of the dropout before the dense when it
+    differs from the one after it (DeBERTa's ContextPooler: pooler_dropout before, cls_dropout after).
     pooled=False without roberta_style: dropout + linear on the first token's hidden state.
     transform (a PredictionTransform's config): ModernBERT's head, transform, dropout and linear on the first token
     or, with mean_pooled, on the mean of the real tokens.
@@ -264,9 +278,17 @@ class SequenceClassificationHead(Head):
         dropout_before_dense: bool = True,
         transform: dict[str, Any] | None = None,
         mean_pooled: bool = False,
+        dense_dropout: float | None = None,
     ):
         super().__init__()
         problem_type = self._HF_PROBLEM_TYPES.get(problem_type, problem_type)
+        _check_num_labels(num_labels)
+        dropout = _check_dropout("dropout", dropout)
+        if dense_dropout is not None:
+            dense_dropout = _check_dropout("dense_dropout", dense_dropout)
+            if not (roberta_style and dropout_before_dense):
+                raise ValueError("dense_dropout is the dropout before a dense head's dense: it takes "
+                                 "roberta_style=True and dropout_before_dense=True")
         if transform is not None and (roberta_style or pooled):
             raise ValueError("transform runs ModernBERT's head on the tokens: it takes neither roberta_style nor "
                              "pooled=True")
@@ -278,6 +300,10 @@ class SequenceClassificationHead(Head):
             raise ValueError("activation and dropout_before_dense shape the dense head: pass roberta_style=True")
         if problem_type not in self.PROBLEM_TYPES:
             raise ValueError(f"problem_type must be one of {', '.join(self.PROBLEM_TYPES)}, got {problem_type!r}")
+        if problem_type == "single_label" and num_labels == 1:
+            raise ValueError("a single_label head with num_labels=1 has a cross-entropy of 0 whatever it predicts: "
+                             "pass problem_type='regression' for one output (as HF does for num_labels=1), or "
+                             "num_labels >= 2")
         if pooled and roberta_style:
             raise ValueError("roberta_style reads the first token through its own dense + tanh, not the pooler: "
                              "pass pooled=False (or leave it unset)")
@@ -288,6 +314,7 @@ class SequenceClassificationHead(Head):
         self.mean_pooled = mean_pooled
         self.roberta_style, self.dropout, self.id2label = roberta_style, dropout, _id2label(id2label)
         self.activation, self.dropout_before_dense = activation, dropout_before_dense
+        self.dense_dropout = dense_dropout
         if roberta_style:
             self.dense = nn.Linear(hidden, hidden)
             self.out_proj = nn.Linear(hidden, num_labels)
@@ -309,7 +336,8 @@ class SequenceClassificationHead(Head):
                 "pooled": self.pooled, "roberta_style": self.roberta_style, "dropout": self.dropout,
                 "id2label": None if self.id2label is None else {str(k): v for k, v in self.id2label.items()},
                 "activation": self.activation, "dropout_before_dense": self.dropout_before_dense,
-                "transform": _transform_config(self.transform), "mean_pooled": self.mean_pooled}
+                "transform": _transform_config(self.transform), "mean_pooled": self.mean_pooled,
+                "dense_dropout": self.dense_dropout}
 
     def check_labels(self, task, labels, real):
         b, c = real.shape[0], self.num_labels
@@ -317,7 +345,13 @@ class SequenceClassificationHead(Head):
             t = _tensor(task, "labels", labels, (b,), f"integer class indices of shape ({b},)", "int")
             return _check_classes(task, "labels", t, c, "num_labels")
         if self.problem_type == "multi_label":
-            return _tensor(task, "labels", labels, (b, c), f"0/1 targets of shape ({b}, {c})", "number")
+            t = _tensor(task, "labels", labels, (b, c), f"0/1 targets of shape ({b}, {c})", "number")
+            bad = ~((t >= 0) & (t <= 1))  # NaN too
+            if bool(bad.any()):
+                row, col = (int(i) for i in bad.nonzero()[0])
+                raise ValueError(f"labels for task {task!r} must be targets in [0, 1] (multi_label); row {row}, "
+                                 f"label {col} holds {float(t[row, col])}")
+            return t
         shapes = ((b,), (b, 1)) if c == 1 else ((b, c),)
         shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) and tuple(labels.shape) in shapes else shapes[0]
         return _tensor(task, "labels", labels, shape, f"float targets of shape {shapes[0]}", "float")
@@ -330,7 +364,7 @@ class SequenceClassificationHead(Head):
         if self.transform is not None:
             x = self.transform(x)
         if self.dropout_before_dense:
-            x = F.dropout(x, self.dropout, self.training)
+            x = F.dropout(x, self.dropout if self.dense_dropout is None else self.dense_dropout, self.training)
         if self.roberta_style:
             x = F.dropout(self.ACTIVATIONS[self.activation](self.dense(x)), self.dropout, self.training)
             logits = self.out_proj(x)
@@ -362,6 +396,8 @@ class TokenClassificationHead(Head):
     def __init__(self, hidden: int, num_labels: int, dropout: float = 0.1, id2label: dict[int, str] | None = None,
                  transform: dict[str, Any] | None = None):
         super().__init__()
+        _check_num_labels(num_labels)
+        dropout = _check_dropout("dropout", dropout)
         if id2label is not None and len(id2label) != num_labels:
             raise ValueError(f"id2label has {len(id2label)} entries for num_labels={num_labels}")
         self.hidden, self.num_labels, self.dropout, self.id2label = hidden, num_labels, dropout, _id2label(id2label)
@@ -537,7 +573,8 @@ class NextSentenceHead(Head):
 
 class SpanExtractionHead(Head):
     """Extractive QA, as BertForQuestionAnswering: linear(H, 2) on every real token; with `transform`, ModernBERT's
-    PredictionTransform and dropout before it.
+    PredictionTransform before it. `dropout` acts right before the linear (DistilBERT's qa_dropout, ModernBERT's
+    classifier_dropout; BERT's QA head has none).
 
     Outputs start_logits, end_logits [B_t, L], the dtype's most negative value at padding (HF computes garbage
     there; a softmax or argmax over a row then ignores padding). Labels: (start_positions, end_positions) or
@@ -550,9 +587,7 @@ class SpanExtractionHead(Head):
 
     def __init__(self, hidden: int, transform: dict[str, Any] | None = None, dropout: float = 0.0):
         super().__init__()
-        if dropout and transform is None:
-            raise ValueError("dropout comes with transform (ModernBERT's QA head); BERT's QA head has none")
-        self.hidden, self.dropout = hidden, dropout
+        self.hidden, self.dropout = hidden, _check_dropout("dropout", dropout)
         self.qa_outputs = nn.Linear(hidden, 2)
         self.transform = _transform(hidden, transform)
         _bert_init(self)
@@ -594,8 +629,8 @@ class SpanExtractionHead(Head):
     def forward(self, view, labels=None, positions=None, mlm_logits=True):
         hidden, packed = view.tokens()
         if self.transform is not None:
-            hidden = F.dropout(self.transform(hidden), self.dropout, self.training)
-        logits = packed.pad(self.qa_outputs(hidden))  # [B_t, L, 2]
+            hidden = self.transform(hidden)
+        logits = packed.pad(self.qa_outputs(F.dropout(hidden, self.dropout, self.training)))  # [B_t, L, 2]
         padding = ~view.real_mask()
         start, end = (s.squeeze(-1).masked_fill(padding, torch.finfo(s.dtype).min) for s in logits.split(1, -1))
         loss = None

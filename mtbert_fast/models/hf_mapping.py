@@ -336,16 +336,18 @@ def _sequence_classification_from_hf(hf_model, encoder_config: EncoderConfig) ->
         return head
     names, activation, dropout_first = _DENSE_CLASSIFIERS[family]
     dropout = cfg.seq_classif_dropout if family == "distilbert" else _classifier_dropout(cfg)
-    if family == "deberta":  # ContextPooler: dropout, dense, pooler_hidden_act; then dropout, classifier
+    dense_dropout = None
+    if family == "deberta":  # ContextPooler: pooler_dropout, dense, pooler_hidden_act; then cls_dropout, classifier
         activation = cfg.pooler_hidden_act
         if activation not in SequenceClassificationHead.ACTIVATIONS:
             raise UnsupportedModelError(f"pooler_hidden_act={activation!r} is not supported; supported: "
                                         f"{', '.join(SequenceClassificationHead.ACTIVATIONS)}")
         cls_dropout = getattr(cfg, "cls_dropout", None)
         dropout = cfg.hidden_dropout_prob if cls_dropout is None else cls_dropout
+        dense_dropout = cfg.pooler_dropout
     head = SequenceClassificationHead(cfg.hidden_size, cfg.num_labels, problem_type, roberta_style=True,
                                       dropout=dropout, id2label=cfg.id2label, activation=activation,
-                                      dropout_before_dense=dropout_first)
+                                      dropout_before_dense=dropout_first, dense_dropout=dense_dropout)
     for ours, theirs in zip(("dense", "out_proj"), names):
         getattr(head, ours).load_state_dict(hf_model.get_submodule(theirs).state_dict())
     return head
@@ -368,8 +370,10 @@ def _sequence_classification_to_hf(head: SequenceClassificationHead, encoder_con
         _, activation, dropout_first = dense
         if family == "deberta":  # any activation, named in the config
             activation = head.activation
+        # DeBERTa's config alone names the dropout before the dense apart from the one after it
         fits = (head.roberta_style and not head.pooled and head.activation == activation
-                and head.dropout_before_dense == dropout_first)
+                and head.dropout_before_dense == dropout_first
+                and (family == "deberta" or head.dense_dropout in (None, head.dropout)))
         hf_head = (f"a dense + {activation} head on the first token"
                    + ("" if dropout_first else " (no dropout before the dense)"))
     if not fits:
@@ -380,7 +384,8 @@ def _sequence_classification_to_hf(head: SequenceClassificationHead, encoder_con
     if family == "distilbert":
         config["seq_classif_dropout"] = head.dropout
     elif family == "deberta":
-        config.update(pooler_hidden_act=head.activation, pooler_dropout=head.dropout, cls_dropout=head.dropout)
+        config.update(pooler_hidden_act=head.activation, cls_dropout=head.dropout,
+                      pooler_dropout=head.dropout if head.dense_dropout is None else head.dense_dropout)
     elif family not in _ENCODER_DROPOUT_HEADS:
         config["classifier_dropout"] = head.dropout
     if dense is None:
@@ -497,7 +502,9 @@ def _span_extraction_from_hf(hf_model, encoder_config: EncoderConfig) -> SpanExt
         head = SpanExtractionHead(cfg.hidden_size, _modernbert_transform(cfg), cfg.classifier_dropout)
         _load_modernbert_head(head.transform, head.qa_outputs, hf_model)
         return head
-    head = SpanExtractionHead(cfg.hidden_size)
+    # DistilBERT's QA head applies qa_dropout to the tokens before its linear; the other families' have no dropout
+    qa_dropout = cfg.qa_dropout if encoder_config.family == "distilbert" else 0.0
+    head = SpanExtractionHead(cfg.hidden_size, dropout=qa_dropout)
     head.qa_outputs.load_state_dict(outputs.state_dict())
     return head
 
@@ -506,8 +513,14 @@ def _span_extraction_to_hf(head: SpanExtractionHead, encoder_config: EncoderConf
     if encoder_config.family == "modernbert" or head.transform is not None:
         return _modernbert_head_to_hf("ForQuestionAnswering", head, head.qa_outputs, encoder_config,
                                       {"num_labels": 2})
-    return (f"{HF_PREFIXES[encoder_config.family]}ForQuestionAnswering", {"num_labels": 2},
-            _prefixed("qa_outputs", head.qa_outputs))
+    class_name = f"{HF_PREFIXES[encoder_config.family]}ForQuestionAnswering"
+    config: dict[str, Any] = {"num_labels": 2}
+    if encoder_config.family == "distilbert":
+        config["qa_dropout"] = head.dropout
+    elif head.dropout:
+        raise UnsupportedModelError(f"{class_name} has no dropout before its QA linear; this head has "
+                                    f"dropout={head.dropout} there")
+    return class_name, config, _prefixed("qa_outputs", head.qa_outputs)
 
 
 def _sentence_embedding_to_hf(head: SentenceEmbeddingHead, encoder_config: EncoderConfig) -> HfHead:

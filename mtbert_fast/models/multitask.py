@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -66,10 +67,14 @@ class MultiTaskBert(nn.Module):
         unknown = set(loss_weights or {}) - set(heads)
         if unknown:
             raise ValueError(f"loss_weights name unknown tasks {sorted(unknown)}; known tasks: {', '.join(heads)}")
+        weights = {task: (loss_weights or {}).get(task, 1.0) for task in heads}
+        for task, w in weights.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise ValueError(f"loss_weights[{task!r}] must be a finite number >= 0, got {w!r}")
         self.encoder = encoder
         self.heads = nn.ModuleDict(heads)
         self.heads.to(device=encoder.device, dtype=encoder.dtype)
-        self.loss_weights = {task: float((loss_weights or {}).get(task, 1.0)) for task in heads}
+        self.loss_weights = {task: float(w) for task, w in weights.items()}
         self.tie_weights()
 
     @property
@@ -283,16 +288,27 @@ class MultiTaskBert(nn.Module):
         if saved.get("format") != FORMAT or saved.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{config_file} is not a {FORMAT} v{FORMAT_VERSION} config (format "
                              f"{saved.get('format')!r}, version {saved.get('format_version')!r})")
-        encoder_config = EncoderConfig.from_dict(saved["encoder"])
+        def field(section: Any, key: str, where: str) -> Any:
+            if not isinstance(section, dict) or key not in section:
+                raise ValueError(f"{config_file}: {where} lacks {key!r}")
+            return section[key]
+
+        encoder_config = EncoderConfig.from_dict(field(saved, "encoder", "the file"))
         with torch.device("meta"):
-            encoder = FastBertModel(encoder_config, add_pooling_layer=saved["encoder_pooler"], backend=backend)
+            encoder = FastBertModel(encoder_config, add_pooling_layer=field(saved, "encoder_pooler", "the file"),
+                                    backend=backend)
             heads = {}
-            for task, spec in saved["tasks"].items():
-                if spec["kind"] not in HEAD_KINDS:
-                    raise ValueError(f"task {task!r} has unknown head kind {spec['kind']!r}; known kinds: "
+            for task, spec in field(saved, "tasks", "the file").items():
+                kind, config = field(spec, "kind", f"task {task!r}"), field(spec, "config", f"task {task!r}")
+                if kind not in HEAD_KINDS:
+                    raise ValueError(f"task {task!r} has unknown head kind {kind!r}; known kinds: "
                                      f"{', '.join(HEAD_KINDS)}")
-                heads[task] = HEAD_KINDS[spec["kind"]].from_config(spec["config"], encoder_config)
-            model = cls(encoder, heads, saved["loss_weights"])
+                try:
+                    heads[task] = HEAD_KINDS[kind].from_config(config, encoder_config)
+                except (TypeError, ValueError) as exc:  # a field missing, one the head does not take, a bad value
+                    raise ValueError(f"{config_file}: the config of task {task!r} does not fit a {kind} head: "
+                                     f"{exc}") from exc
+            model = cls(encoder, heads, field(saved, "loss_weights", "the file"))
 
         state = load_file(weights_file)
         tied = set(model.tied_keys())

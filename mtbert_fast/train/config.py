@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -343,8 +344,9 @@ def _check_task(t: TaskSpec, base_dir: str, problems: list[str]) -> None:
             problems.append(f"{where}: {key} {path} does not exist")
     if t.format is not None and t.format not in ("jsonl", "csv", "tsv"):
         problems.append(f"{where}: format {t.format!r} is unknown; choose jsonl, csv or tsv")
-    if t.loss_weight < 0:
-        problems.append(f"{where}: loss_weight must be >= 0, got {t.loss_weight}")
+    w = t.loss_weight
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+        problems.append(f"{where}: loss_weight must be a finite number >= 0, got {t.loss_weight}")
     if not 0.0 < t.mlm_probability < 1.0:
         problems.append(f"{where}: mlm_probability must be in (0, 1), got {t.mlm_probability}")
     if t.max_length is not None and t.max_length < 8:

@@ -123,9 +123,11 @@ def make_head(task: TaskSpec, enc: EncoderConfig, has_pooler: bool):
                                               pooled=has_pooler and transform is None, dropout=enc.hidden_dropout_prob,
                                               id2label=id2label, transform=transform)
         activation, dropout_first = dense
+        # DeBERTa's ContextPooler has its own dropout before the dense, 0 in HF's default config
         return SequenceClassificationHead(enc.hidden_size, task.num_labels, task.problem_type, roberta_style=True,
                                           dropout=enc.hidden_dropout_prob, id2label=id2label, activation=activation,
-                                          dropout_before_dense=dropout_first)
+                                          dropout_before_dense=dropout_first,
+                                          dense_dropout=0.0 if enc.family == "deberta" else None)
     if task.kind == "token_classification":
         return TokenClassificationHead(enc.hidden_size, task.num_labels, enc.hidden_dropout_prob, id2label, transform)
     if task.kind == "masked_lm":
@@ -137,7 +139,9 @@ def make_head(task: TaskSpec, enc: EncoderConfig, has_pooler: bool):
     if task.kind == "span_extraction":
         if transform is not None:
             return SpanExtractionHead(enc.hidden_size, transform, enc.hidden_dropout_prob)
-        return SpanExtractionHead(enc.hidden_size)
+        # DistilBERT's QA head has a dropout before its linear (qa_dropout, the encoder's rate by default)
+        qa_dropout = enc.hidden_dropout_prob if enc.family == "distilbert" else 0.0
+        return SpanExtractionHead(enc.hidden_size, dropout=qa_dropout)
     if task.kind == "pretraining":
         return PreTrainingHead(enc)
     raise ValueError(f"unknown task kind {task.kind!r}")

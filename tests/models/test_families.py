@@ -15,6 +15,7 @@ import transformers
 
 from mtbert_fast import FastBertModel, MultiTaskBert
 from mtbert_fast.models import EncoderConfig, UnsupportedModelError
+from mtbert_fast.models.hf_mapping import head_to_hf
 
 pytestmark = pytest.mark.usefixtures("one_thread_unless_marked")
 FAMILIES = ("distilbert", "electra", "mpnet")
@@ -283,6 +284,15 @@ def test_sequence_head_styles_export_only_to_their_family(family_config):
         SequenceClassificationHead(48, 3, activation="gelu")
 
 
+def _seeded(hf_call, our_call):
+    """(ours, HF's) each called after the same seed: in train mode, with the same dropout masks where both draw
+    them in the same order."""
+    torch.manual_seed(1)
+    ref = hf_call()
+    torch.manual_seed(1)
+    return our_call(), ref
+
+
 def test_distilbert_dense_head_trains_like_hf(family_config, ragged_batch):
     """DistilBERT's head has no dropout before its dense: in train mode with the same seed, its dropout masks and
     so its logits equal HF's (dropout elsewhere off)."""
@@ -291,11 +301,47 @@ def test_distilbert_dense_head_trains_like_hf(family_config, ragged_batch):
     hf = transformers.DistilBertForSequenceClassification(config).train()
     model = MultiTaskBert.from_hf_heads({"cls": hf}).train()
     ids, mask = ragged_batch(config, [6, 9])
-    torch.manual_seed(1)
-    ref = hf(ids, attention_mask=mask).logits
-    torch.manual_seed(1)
-    got = model(ids, mask).outputs["cls"]["logits"]
+    got, ref = _seeded(lambda: hf(ids, attention_mask=mask).logits, lambda: model(ids, mask).outputs["cls"]["logits"])
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
     assert not torch.equal(ref, F.linear(F.relu(hf.pre_classifier(hf.distilbert(ids, attention_mask=mask)
                                                                     .last_hidden_state[:, 0])),
                                          hf.classifier.weight, hf.classifier.bias))
+
+
+def test_distilbert_qa_head_has_its_dropout(family_config):
+    """DistilBERT's QA head drops out the tokens before its linear (qa_dropout): in train mode with the same seed its
+    logits equal HF's (every row real, so the packed tokens are HF's in order; dropout elsewhere off), and the export
+    writes the rate back."""
+    config = family_config("distilbert", dropout=0.0, attention_dropout=0.0, qa_dropout=0.5)
+    torch.manual_seed(0)
+    hf = transformers.DistilBertForQuestionAnswering(config).train()
+    model = MultiTaskBert.from_hf_heads({"qa": hf}).train()
+    assert model.heads["qa"].dropout == 0.5
+    ids = torch.randint(3, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    got, ref = _seeded(lambda: hf(ids, attention_mask=torch.ones_like(ids)),
+                       lambda: model(ids, torch.ones_like(ids)).outputs["qa"])
+    torch.testing.assert_close(got["start_logits"], ref.start_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got["end_logits"], ref.end_logits, atol=1e-4, rtol=0)
+    name, hf_config, _ = head_to_hf(model.heads["qa"], model.encoder.config)
+    assert name == "DistilBertForQuestionAnswering" and hf_config["qa_dropout"] == 0.5
+    electra = EncoderConfig.from_hf(family_config("electra"))
+    with pytest.raises(UnsupportedModelError, match="has no dropout before its QA linear; this head has dropout=0.5"):
+        head_to_hf(model.heads["qa"], electra)
+
+
+@pytest.mark.parametrize("pooler_dropout, cls_dropout", [(0.0, 0.5), (0.5, 0.0)])
+def test_deberta_classifier_keeps_its_two_dropouts(family_config, ragged_batch, pooler_dropout, cls_dropout):
+    """DeBERTa's ContextPooler drops out the first token with pooler_dropout before its dense; the classifier then
+    drops out with cls_dropout. In train mode with the same seed the logits equal HF's, and the export writes both."""
+    config = family_config("deberta", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                           pooler_dropout=pooler_dropout, cls_dropout=cls_dropout, num_labels=3)
+    torch.manual_seed(0)
+    hf = transformers.DebertaV2ForSequenceClassification(config).train()
+    model = MultiTaskBert.from_hf_heads({"cls": hf}).train()
+    head = model.heads["cls"]
+    assert (head.dense_dropout, head.dropout) == (pooler_dropout, cls_dropout)
+    ids, mask = ragged_batch(config, [6, 9])
+    got, ref = _seeded(lambda: hf(ids, attention_mask=mask).logits, lambda: model(ids, mask).outputs["cls"]["logits"])
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    _, hf_config, _ = head_to_hf(head, model.encoder.config)
+    assert (hf_config["pooler_dropout"], hf_config["cls_dropout"]) == (pooler_dropout, cls_dropout)

@@ -20,6 +20,8 @@ from mtbert_fast.models import (  # noqa: E402
     MissingWeightError,
     SentenceEmbeddingHead,
     SequenceClassificationHead,
+    SpanExtractionHead,
+    TokenClassificationHead,
 )
 from mtbert_fast.models import encoder as encoder_module  # noqa: E402
 from mtbert_fast.models import heads as heads_module  # noqa: E402
@@ -604,6 +606,10 @@ def test_bad_input_errors_before_any_compute(bert):
         (dict(tasks="sentiment", labels={"sentiment": torch.zeros(4)}),
          "must be integer class indices of shape \\(4,\\), got torch.float32"),
         (dict(tasks="topics", labels={"topics": torch.zeros(4, 3)}), "must be 0/1 targets of shape \\(4, 4\\)"),
+        (dict(tasks="topics", labels={"topics": torch.full((4, 4), 2.0)}),
+         "labels for task 'topics' must be targets in \\[0, 1\\] \\(multi_label\\); row 0, label 0 holds 2.0"),
+        (dict(tasks="topics", labels={"topics": torch.zeros(4, 4).index_fill_(0, torch.tensor([2]), float("nan"))}),
+         "row 2, label 0 holds nan"),
         (dict(tasks="mlm", labels={"mlm": labels["mlm"].masked_fill(labels["mlm"] == labels["mlm"].max(), 99)}),
          "labels for task 'mlm' holds 99, out of range: vocab_size is 99"),
         (dict(tasks="mlm", labels={"mlm": labels["mlm"][:, :5]}), "must be integer token ids of shape \\(4, 12\\)"),
@@ -652,6 +658,57 @@ def test_from_hf_heads_refuses_different_encoders(bert):
         MultiTaskBert.from_hf_heads({"sentiment": models["sentiment"], "ner": other})
     with pytest.raises(ValueError, match="unsupported|not a supported task model"):
         MultiTaskBert.from_hf_heads({"x": transformers.BertForMultipleChoice(_config())})
+
+
+def test_head_and_weight_values_are_checked_when_built():
+    config = EncoderConfig(vocab_size=99, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           intermediate_size=128, max_position_embeddings=SEQLEN)
+    encoder = FastBertModel(config, add_pooling_layer=False)
+    head = SequenceClassificationHead(64, 2, pooled=False)
+    for weight in (-1.0, float("nan"), float("inf"), "2"):
+        with pytest.raises(ValueError, match=f"loss_weights\\['s'\\] must be a finite number >= 0, got"):
+            MultiTaskBert(encoder, {"s": head}, {"s": weight})
+    with pytest.raises(ValueError, match="single_label head with num_labels=1 has a cross-entropy of 0"):
+        SequenceClassificationHead(64, 1)
+    assert SequenceClassificationHead(64, 1, problem_type="regression").num_labels == 1
+    for make in (lambda: SequenceClassificationHead(64, 0, problem_type="regression"),
+                 lambda: TokenClassificationHead(64, 0)):
+        with pytest.raises(ValueError, match="num_labels must be a positive integer, got 0"):
+            make()
+    for make, name in ((lambda p: SequenceClassificationHead(64, 2, dropout=p), "dropout"),
+                       (lambda p: TokenClassificationHead(64, 2, dropout=p), "dropout"),
+                       (lambda p: SpanExtractionHead(64, dropout=p), "dropout"),
+                       (lambda p: SequenceClassificationHead(64, 2, roberta_style=True, dense_dropout=p),
+                        "dense_dropout")):
+        for p in (-0.1, 1.5, float("nan")):
+            with pytest.raises(ValueError, match=f"{name} must be a probability in \\[0, 1\\], got"):
+                make(p)
+    with pytest.raises(ValueError, match="dense_dropout is the dropout before a dense head's dense"):
+        SequenceClassificationHead(64, 2, dense_dropout=0.1)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda saved: saved["tasks"]["ner"]["config"].pop("num_labels"),
+     "the config of task 'ner' does not fit a token_classification head: .*missing 1 required positional argument: "
+     "'num_labels'"),
+    (lambda saved: saved["tasks"]["ner"]["config"].update(labels=3),
+     "the config of task 'ner' does not fit a token_classification head: .*unexpected keyword argument 'labels'"),
+    (lambda saved: saved["tasks"]["ner"]["config"].update(num_labels=0),
+     "the config of task 'ner' does not fit a token_classification head: num_labels must be a positive integer"),
+    (lambda saved: saved["tasks"]["ner"].pop("kind"), "task 'ner' lacks 'kind'"),
+    (lambda saved: saved["tasks"]["ner"].pop("config"), "task 'ner' lacks 'config'"),
+    (lambda saved: saved.pop("loss_weights"), "the file lacks 'loss_weights'"),
+    (lambda saved: saved.pop("encoder_pooler"), "the file lacks 'encoder_pooler'"),
+], ids=["missing field", "unknown field", "bad value", "no kind", "no config", "no loss_weights", "no pooler flag"])
+def test_from_pretrained_names_what_a_config_lacks(bert, tmp_path, edit, message):
+    _, model = bert
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "multitask_config.json"
+    saved = json.loads(path.read_text())
+    edit(saved)
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=f"multitask_config.json: {message}"):
+        MultiTaskBert.from_pretrained(tmp_path)
 
 
 def test_head_construction_errors():

@@ -202,9 +202,16 @@ def test_trainer_heads_are_the_familys_own(family, request, tmp_path):
     heads = {kind: make_head(TaskSpec(name=kind, kind=kind, train_file="unused", num_labels=n), enc, False)
              for kind, n in kinds.items()}
     model = MultiTaskBert(encoder, heads).eval()
+    exported = {}
     for kind in kinds:
         model.export_hf(kind, tmp_path / kind)
-        assert json.loads((tmp_path / kind / "config.json").read_text())["model_type"] == hf_config.model_type
+        exported[kind] = json.loads((tmp_path / kind / "config.json").read_text())
+        assert exported[kind]["model_type"] == hf_config.model_type
+    if family == "deberta":  # HF's ContextPooler has no dropout by default; the classifier's is the encoder's
+        assert exported["sequence_classification"]["pooler_dropout"] == 0.0
+        assert exported["sequence_classification"]["cls_dropout"] == enc.hidden_dropout_prob
+    if family == "distilbert":  # its QA head drops out the tokens, at the encoder's rate by default
+        assert heads["span_extraction"].dropout == exported["span_extraction"]["qa_dropout"] == enc.hidden_dropout_prob
     hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "sequence_classification").eval()
     ids = torch.randint(5, enc.vocab_size, (3, 11), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
