@@ -11,6 +11,8 @@ into one [3H, H] buffer that the three parameters view, so the fused QKV GEMM ne
 from __future__ import annotations
 
 import inspect
+import os
+import sys
 import types
 import warnings
 
@@ -221,6 +223,21 @@ def _embedding_weights(base: nn.Module, layout: HfLayout) -> EmbeddingWeights:
     )
 
 
+# The packages a swapped model's call passes through before it reaches the encoder: this one, PyTorch's module call,
+# transformers' task models, sentence-transformers' wrappers.
+_LIBRARIES = ("mtbert_fast", "torch", "transformers", "sentence_transformers")
+
+
+def _caller_level() -> int:
+    """The warnings stacklevel of the first frame outside those packages: the user's own call, however deeply the
+    task model and the module call nest the encoder's."""
+    dirs = tuple(os.path.dirname(sys.modules[name].__file__) + os.sep for name in _LIBRARIES if name in sys.modules)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(dirs):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _swapped_forward(
     self,
     input_ids=None,
@@ -281,7 +298,7 @@ def _swapped_forward(
             "left-padded batch: the swapped pooler reads each row's first real token, where HF's reads position 0 "
             "(a padding slot), so pooler_output and the heads that read it differ from HF's there; pad on the right "
             "(the BERT tokenizers' default) to match HF",
-            stacklevel=2,
+            stacklevel=_caller_level(),
         )
     fields = {"last_hidden_state": out.last_hidden_state, "hidden_states": out.hidden_states}
     if state.layout.pooler:

@@ -687,8 +687,13 @@ def test_left_padding_warns_that_the_pooler_differs(bert_config, make_hf, ragged
     with torch.no_grad():
         hf(input_ids=ids, attention_mask=mask)
         assert not [w for w in recwarn if "left-padded" in str(w.message)]
-        with pytest.warns(UserWarning, match="left-padded batch: the swapped pooler reads each row's first real"):
+        with pytest.warns(UserWarning, match="left-padded batch: the swapped pooler reads each row's first") as got:
             hf(input_ids=ids.flip(1), attention_mask=mask.flip(1))
+        task = swap(make_hf(BertForSequenceClassification, config))
+        with pytest.warns(UserWarning, match="left-padded batch") as got_task:
+            task(input_ids=ids.flip(1), attention_mask=mask.flip(1))
+    # each warning points at the line that called the model, through the module call and the task model alike
+    assert {w.filename for w in [*got, *got_task]} == {__file__}
 
 
 @pytest.mark.parametrize("family", ["xlm-roberta", "camembert"])
