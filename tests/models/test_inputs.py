@@ -267,6 +267,23 @@ def test_from_pretrained_without_weights(bert_config, make_hf, tmp_path):
         FastBertModel.from_pretrained(tmp_path)
 
 
+def test_from_pretrained_warns_of_layers_the_config_leaves_out(bert_config, make_hf, tmp_path, recwarn):
+    """A checkpoint deeper than its config.json (HF loads it too, with a warning): the layers past the config's are
+    named, never dropped unsaid."""
+    import json
+
+    make_hf(BertModel, bert_config(num_hidden_layers=3)).save_pretrained(tmp_path)
+    FastBertModel.from_pretrained(tmp_path)
+    assert not [w for w in recwarn if "encoder layers" in str(w.message)]
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    with pytest.warns(UserWarning, match=r"the checkpoint holds encoder layers 1..2 \(weights such as "
+                                         r"'encoder.layer.1.attention.self.query.weight'\), which the config's "
+                                         r"num_hidden_layers=1 leaves out: they are not loaded") as got:
+        model = FastBertModel.from_pretrained(tmp_path)
+    assert len(model.layers) == 1 and {w.filename for w in got} == {__file__}
+
+
 MISSING = [
     "encoder.layer.1.attention.self.key.weight",
     "encoder.layer.0.attention.self.query.bias",
