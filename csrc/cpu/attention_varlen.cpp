@@ -278,10 +278,6 @@ inline Vec exp2_nonpositive(const Vec& x) {
 #endif
 }
 
-// For each row r < mr of x (row stride ld): x[r, j] = 2^(x[r, j] * scale - shift[r]) in place for j < n,
-// x[r, j] * scale <= shift[r], and sums[r] their sum. One rounding, of a result near 0 for the probabilities that
-// count, where rounding x[j] * scale first would cost the rounding of a number as large as the scores. The rows' sums
-// are reduced together at the end, so that no row waits on the reduction of the one before.
 // x * y rounded on its own, as the scores tile rounds it: GCC would otherwise fuse the product with the subtraction
 // that follows into one multiply-add (it contracts vector arithmetic in C++), and the two would no longer agree. The
 // product goes through memory behind a compiler barrier; this runs only for rows of scores past 2^24.
@@ -310,6 +306,10 @@ inline bool needs_rounded(const float* shift, int mr) {
   return false;
 }
 
+// For each row r < mr of x (row stride ld): x[r, j] = 2^(x[r, j] * scale - shift[r]) in place for j < n,
+// x[r, j] * scale <= shift[r] (but see exp2_shifted), and sums[r] their sum. One rounding, of a result near 0 for the
+// probabilities that count, where rounding x[j] * scale first would cost the rounding of a number as large as the
+// scores. The rows' sums are reduced together at the end, so that no row waits on the reduction of the one before.
 template <bool kRounded>
 void exp2_rows_as(float* x, int64_t ld, int mr, int64_t n, float scale, const float* shift, float* sums) {
   const Vec vscale(scale);
