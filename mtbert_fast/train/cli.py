@@ -47,8 +47,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> dict:
     out = {}
-    if args.max_steps is not None:
-        out["max_steps"] = args.max_steps
+    if args.max_steps is not None:  # the run's length from the command line, in place of the file's
+        out["max_steps"], out["epochs"] = args.max_steps, None
     if args.seed is not None:
         out["seed"] = args.seed
     if args.device is not None:

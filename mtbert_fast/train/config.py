@@ -296,18 +296,31 @@ def _check_training(t: TrainingSpec, base_dir: str, problems: list[str]) -> None
             problems.append(f"training.{key} must be at least 1 (or absent), got {value}")
     if t.max_steps is None and t.epochs is None:
         problems.append("training needs max_steps or epochs")
-    if t.epochs is not None and t.epochs <= 0:
-        problems.append(f"training.epochs must be > 0, got {t.epochs}")
-    if t.lr <= 0:
-        problems.append(f"training.lr must be > 0, got {t.lr}")
+    if t.max_steps is not None and t.epochs is not None:
+        problems.append("training takes max_steps or epochs, not both")
+    # JSON's parser takes NaN and Infinity: every number must be finite, and NaN fails every comparison below
+    if t.epochs is not None and not (math.isfinite(t.epochs) and t.epochs > 0):
+        problems.append(f"training.epochs must be a finite number > 0, got {t.epochs}")
+    if not (math.isfinite(t.lr) and t.lr > 0):
+        problems.append(f"training.lr must be a finite number > 0, got {t.lr}")
+    if not (math.isfinite(t.weight_decay) and t.weight_decay >= 0):
+        problems.append(f"training.weight_decay must be a finite number >= 0, got {t.weight_decay}")
+    if t.max_grad_norm is not None and not (math.isfinite(t.max_grad_norm) and t.max_grad_norm > 0):
+        problems.append(f"training.max_grad_norm must be a finite number > 0 (or null for no clipping), got "
+                        f"{t.max_grad_norm}: 0 would zero every gradient and a negative one reverse them")
     if not 0.0 <= t.warmup_ratio < 1.0:
         problems.append(f"training.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    if t.warmup_steps is not None:
+        if t.warmup_steps < 0:
+            problems.append(f"training.warmup_steps must be >= 0, got {t.warmup_steps}")
+        if t.warmup_ratio:
+            problems.append("training takes warmup_steps or warmup_ratio, not both")
     if not 0.0 <= t.eval_split < 1.0:
         problems.append(f"training.eval_split must be in [0, 1), got {t.eval_split}")
     if t.sampler not in SAMPLERS:
         problems.append(f"training.sampler {t.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
-    if t.temperature <= 0:
-        problems.append(f"training.temperature must be > 0, got {t.temperature}")
+    if not (math.isfinite(t.temperature) and t.temperature > 0):
+        problems.append(f"training.temperature must be a finite number > 0, got {t.temperature}")
     if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
         problems.append(f"training.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     if t.checkpoint_every is not None and t.checkpoint_dir is None:
@@ -328,7 +341,9 @@ def _check_task(t: TaskSpec, base_dir: str, problems: list[str]) -> None:
         problems.append(f"{where}: unknown kind {t.kind!r}; known kinds: {', '.join(KINDS)}")
         return
     required, optional = KINDS[t.kind]
-    for role in t.columns:
+    for role, column in t.columns.items():
+        if not isinstance(column, str) or not column:
+            problems.append(f"{where}: columns[{role!r}] must name a column (a non-empty string), got {column!r}")
         if role not in required + optional:
             problems.append(f"{where}: columns names the role {role!r}, which a {t.kind} task does not use; "
                             f"its roles: {', '.join(required + optional)}")
@@ -340,7 +355,9 @@ def _check_task(t: TaskSpec, base_dir: str, problems: list[str]) -> None:
         if t.format is None and os.path.splitext(path)[1].lower() not in FORMATS:
             problems.append(f"{where}: cannot tell the format of {path} from its extension; "
                             f"set format to jsonl, csv or tsv")
-        if not os.path.isfile(path):
+        if os.path.isdir(path):
+            problems.append(f"{where}: {key} {path} is a directory; name the file")
+        elif not os.path.isfile(path):
             problems.append(f"{where}: {key} {path} does not exist")
     if t.format is not None and t.format not in ("jsonl", "csv", "tsv"):
         problems.append(f"{where}: format {t.format!r} is unknown; choose jsonl, csv or tsv")

@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import json
 import math
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -33,7 +34,8 @@ class TaskRecords:
 
 def _rows(path: str, fmt: str) -> Iterator[tuple[int, dict[str, Any] | None, list[str], str | None]]:
     """(line number, row or None, the columns present, a parse problem or None) for each row of a file."""
-    with open(path, encoding="utf-8", newline="") as f:
+    # utf-8-sig: a byte-order mark some editors write is not read as part of the first column's name
+    with open(path, encoding="utf-8-sig", newline="") as f:
         if fmt == "jsonl":
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -48,7 +50,9 @@ def _rows(path: str, fmt: str) -> Iterator[tuple[int, dict[str, Any] | None, lis
                     continue
                 yield n, row, list(row), None
         else:
-            reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")
+            # a tab-separated file has no quoting: a " is text (GLUE's files are full of them), never a field's edge
+            reader = (csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if fmt == "tsv"
+                      else csv.DictReader(f))
             header = list(reader.fieldnames or [])
             for row in reader:
                 yield reader.line_num, row, header, None
@@ -109,7 +113,10 @@ class _RowChecker:
             if problem is not None:
                 self.fail(path, problem)
                 continue
-            missing = [r for r in required if _lookup(row, task.column(r)) is _MISSING]
+            # an optional role the config's columns name is as required as the others: a pair task whose pair
+            # column is misspelt must not train on single sentences
+            wanted = list(required) + [r for r in KINDS[task.kind][1] if r in task.columns]
+            missing = [r for r in wanted if _lookup(row, task.column(r)) is _MISSING]
             for role in missing:
                 self.fail_grouped(("missing", role), where if fmt == "jsonl" else f"{path} header",
                                   f"column {task.column(role)!r} ({self.describe(role)}) is missing; the "
@@ -157,6 +164,10 @@ class _RowChecker:
             if len(tokens) != len(tags):
                 self.fail(where, f"{len(tokens)} tokens but {len(tags)} tags: one tag a token")
                 return None
+            if not tokens:
+                self.fail(where, f"column {task.column('tokens')!r} holds no tokens: a row with nothing to tag "
+                                 "would give its batch a loss of NaN")
+                return None
             indices = [self.label(t, where, "tags") for t in tags]
             return None if any(i is None for i in indices) else {"tokens": tokens, "tags": indices}
         if kind == "masked_lm":
@@ -173,10 +184,13 @@ class _RowChecker:
         column = task.column(role)
         if task.problem_type == "regression":
             try:
-                return float(value)
+                target = float(value)
             except (TypeError, ValueError):
-                self.fail(where, f"column {column!r}: regression label {value!r} is not a number")
+                target = math.nan
+            if isinstance(value, bool) or not math.isfinite(target):
+                self.fail(where, f"column {column!r}: regression label {value!r} is not a finite number")
                 return None
+            return target
         if self.label_index is not None:
             index = self.label_index.get(_key(value))
             if index is None:
@@ -210,12 +224,19 @@ class _RowChecker:
         task = self.task
         # SQuAD keeps lists of answers: the first one is trained on
         start, answer = values["answer_start"], values["answer"]
+        if start == [] or answer == []:
+            self.fail(where, "the row has no answer (SQuAD v2's unanswerable questions): span extraction trains on "
+                             "answerable rows only; leave such rows out")
+            return None
         start = start[0] if isinstance(start, list) and start else start
         answer = answer[0] if isinstance(answer, list) and answer else answer
         try:
             start = int(start)
+            if isinstance(start, bool) or start < 0:
+                raise ValueError
         except (TypeError, ValueError):
-            self.fail(where, f"column {task.column('answer_start')!r}: {start!r} is not a character offset")
+            self.fail(where, f"column {task.column('answer_start')!r}: {start!r} is not a character offset "
+                             "(an integer >= 0)")
             return None
         context = values["context"]
         if not isinstance(context, str) or not isinstance(answer, str) or not isinstance(values["question"], str):
@@ -294,27 +315,50 @@ def _features(enc, i: int) -> dict[str, list[int]]:
             "special_tokens_mask": enc["special_tokens_mask"][i]}
 
 
+def _warn_truncated(task: TaskSpec, encodings: list, max_length: int, lost: str) -> None:
+    """Says how many rows max_length cut, and what they lost by it (tokenizers keep what a cut left over)."""
+    cut = sum(1 for e in encodings if e.overflowing)
+    if cut:
+        warnings.warn(f"task {task.name!r}: {cut} of {len(encodings)} rows are longer than max_length={max_length} "
+                      f"tokens and were cut: {lost}", stacklevel=3)
+
+
+def _pair_encodings(tokenizer, texts: list[str], pairs: list[str | None], common: dict) -> tuple[list[dict], list]:
+    """Features and encodings of each row, a pair where it has one and a single text where not (one call with ""
+    for the missing pairs would end those rows with an empty second segment, [SEP] [SEP])."""
+    features, encodings = [None] * len(texts), [None] * len(texts)
+    for has_pair in (False, True):
+        rows = [i for i, p in enumerate(pairs) if (p is not None) == has_pair]
+        if not rows:
+            continue
+        args = ([texts[i] for i in rows], [pairs[i] for i in rows]) if has_pair else ([texts[i] for i in rows],)
+        enc = tokenizer(*args, **common)
+        for j, i in enumerate(rows):
+            features[i], encodings[i] = _features(enc, j), enc.encodings[j]
+    return features, encodings
+
+
 def encode_task(task: TaskSpec, records: list[dict], tokenizer, max_length: int, seed: int = 0) -> list[dict]:
     """Checked records -> features: input_ids, token_type_ids, special_tokens_mask and the task's labels
-    (label; token_labels; start_position/end_position; nothing for masked_lm, masked at batch time)."""
+    (label; token_labels; start_position/end_position; nothing for masked_lm, masked at batch time). Rows that
+    max_length cuts are counted in a warning that says what they lose."""
     if not records:
         return []
     common = dict(truncation=True, max_length=max_length, return_token_type_ids=True,
                   return_special_tokens_mask=True)
     kind = task.kind
     if kind in ("sequence_classification", "next_sentence"):
-        texts = [r["text"] for r in records]
-        pairs = [r["text_pair"] for r in records]
-        if any(p is not None for p in pairs):
-            enc = tokenizer(texts, [p or "" for p in pairs], **common)
-        else:
-            enc = tokenizer(texts, **common)
-        return [{**_features(enc, i), "label": r["label"]} for i, r in enumerate(records)]
+        features, encodings = _pair_encodings(tokenizer, [r["text"] for r in records],
+                                              [r["text_pair"] for r in records], common)
+        _warn_truncated(task, encodings, max_length, "the model sees their first tokens only")
+        return [{**f, "label": r["label"]} for f, r in zip(features, records)]
     if kind == "masked_lm":
         enc = tokenizer([r["text"] for r in records], **common)
+        _warn_truncated(task, enc.encodings, max_length, "the text past the cut is not trained on")
         return [_features(enc, i) for i in range(len(records))]
     if kind == "token_classification":
         enc = tokenizer([r["tokens"] for r in records], is_split_into_words=True, **common)
+        _warn_truncated(task, enc.encodings, max_length, "the words past the cut, and their tags, are left out")
         out = []
         for i, r in enumerate(records):
             labels, previous = [], None
@@ -325,19 +369,35 @@ def encode_task(task: TaskSpec, records: list[dict], tokenizer, max_length: int,
             out.append({**_features(enc, i), "token_labels": labels})
         return out
     if kind == "span_extraction":
-        enc = tokenizer([r["question"] for r in records], [r["context"] for r in records],
+        questions = [r["question"] for r in records]
+        room = max_length - tokenizer.num_special_tokens_to_add(pair=True)
+        for i, ids in enumerate(tokenizer(questions, add_special_tokens=False)["input_ids"]):
+            if len(ids) >= room:
+                raise ValueError(f"task {task.name!r}: the question of row {i} ({questions[i][:60]!r}) is "
+                                 f"{len(ids)} tokens long, which leaves its context no room within "
+                                 f"max_length={max_length}")
+        enc = tokenizer(questions, [r["context"] for r in records],
                         truncation="only_second", max_length=max_length, return_token_type_ids=True,
                         return_special_tokens_mask=True, return_offsets_mapping=True)
-        out = []
+        out, lost = [], 0
         for i, r in enumerate(records):
             offsets = enc["offset_mapping"][i]
             context = [t for t, seq in enumerate(enc.sequence_ids(i)) if seq == 1]
-            if context and offsets[context[0]][0] <= r["start_char"] and offsets[context[-1]][1] >= r["end_char"]:
-                start = next(t for t in context if offsets[t][1] > r["start_char"])
-                end = max(t for t in context if offsets[t][0] < r["end_char"])
+            # the context tokens the answer's characters overlap: characters that make no token (a trailing space,
+            # a stripped accent, a zero-width mark) at its edges do not matter
+            inside = [t for t in context if offsets[t][1] > r["start_char"] and offsets[t][0] < r["end_char"]]
+            cut = bool(enc.encodings[i].overflowing) and (
+                not inside or inside[-1] == context[-1] and offsets[context[-1]][1] < r["end_char"])
+            if inside and not cut:
+                start, end = inside[0], inside[-1]
             else:
                 start = end = 0  # an answer cut off by truncation points at [CLS], as in SQuAD 2.0
+                lost += cut
             out.append({**_features(enc, i), "start_position": start, "end_position": end})
+        if lost:
+            warnings.warn(f"task {task.name!r}: {lost} of {len(records)} rows have their answer past "
+                          f"max_length={max_length} tokens: they train as unanswerable (start and end at [CLS])",
+                          stacklevel=2)
         return out
     if kind == "pretraining":
         docs = [tokenizer([s for s in r["sentences"]], add_special_tokens=False)["input_ids"] for r in records]

@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -467,6 +468,9 @@ class Trainer:
         if tr.resume_from == "latest":
             found = list_checkpoints(tr.checkpoint_dir)
             if not found:
+                # a first run under a job scheduler that always resumes: said, since a misspelt directory looks alike
+                warnings.warn(f"no complete checkpoint in {tr.checkpoint_dir} to resume from: training starts at "
+                              "step 0", stacklevel=2)
                 return None
             path = found[-1]
         else:

@@ -130,6 +130,92 @@ def test_structural_mistakes(files, no_work):
         assert expected in _error(config), expected
 
 
+def test_training_numbers_must_be_usable(tmp_path, files, no_work):
+    """Numbers that would train to nothing, to NaN or backwards are refused; JSON's NaN and Infinity too."""
+    def without_max_steps(c, **training):
+        c["training"].pop("max_steps")
+        c["training"].update(training)
+
+    cases = [
+        (dict(max_grad_norm=0), "max_grad_norm must be a finite number > 0 (or null for no clipping), got 0.0"),
+        (dict(max_grad_norm=-1.0), "max_grad_norm must be a finite number > 0"),
+        (dict(max_grad_norm=float("nan")), "max_grad_norm must be a finite number > 0"),
+        (dict(lr=float("inf")), "training.lr must be a finite number > 0, got inf"),
+        (dict(lr=float("nan")), "training.lr must be a finite number > 0, got nan"),
+        (dict(weight_decay=-0.5), "training.weight_decay must be a finite number >= 0, got -0.5"),
+        (dict(temperature=float("nan")), "training.temperature must be a finite number > 0, got nan"),
+        (dict(warmup_steps=-5), "training.warmup_steps must be >= 0, got -5"),
+        (dict(warmup_ratio=0.1), "training takes warmup_steps or warmup_ratio, not both"),
+        (dict(epochs=2), "training takes max_steps or epochs, not both"),
+    ]
+    for training, expected in cases:
+        config = syn.base_config(files)
+        config["training"].update(training)
+        assert expected in _error(config), expected
+    config = syn.base_config(files)
+    without_max_steps(config, epochs=float("nan"))
+    assert "training.epochs must be a finite number > 0, got nan" in _error(config)
+    config = syn.base_config(files)
+    config["tasks"][0]["columns"] = {"text": 5}
+    assert "columns['text'] must name a column (a non-empty string), got 5" in _error(config)
+    config = syn.base_config(files)
+    config["tasks"][0]["train_file"] = str(tmp_path)
+    assert f"train_file {tmp_path} is a directory; name the file" in _error(config)
+
+
+def _topic_task(train_file, **spec):
+    return {"name": "t", "kind": "sequence_classification", "train_file": train_file, "labels": ["neg", "pos"],
+            **spec}
+
+
+def _records(files, task):
+    config = syn.base_config(files, tasks=())
+    config["tasks"] = [task]
+    return load_records(load_config(config))["t"]
+
+
+def test_tsv_quotes_are_text_and_a_bom_is_not_a_column(tmp_path, files):
+    """A tab-separated file has no quoting (a " is text, as in GLUE's files); a UTF-8 byte-order mark is not part of
+    the first column's name."""
+    tsv = tmp_path / "d.tsv"
+    tsv.write_text('text\tlabel\n"Hello" she said\tpos\n"unclosed quote\tneg\nthird row\tpos\n5 inches" long\tneg\n')
+    records = _records(files, _topic_task(str(tsv)))
+    assert sorted(r["text"] for r in records.train + records.eval) == sorted(
+        ['"Hello" she said', '"unclosed quote', "third row", '5 inches" long'])
+    csv_file = tmp_path / "d.csv"
+    csv_file.write_bytes("\ufefftext,label\nw1 w2,pos\nw3,neg\n".encode())
+    records = _records(files, _topic_task(str(csv_file)))
+    assert len(records.train) + len(records.eval) == 2
+
+
+def test_row_values_that_would_train_wrongly_are_refused(tmp_path, files, no_work):
+    cases = [
+        (syn.write_jsonl(str(tmp_path / "p.jsonl"), [{"text": "w1", "sentence_2": "w2", "label": "pos"}]),
+         dict(columns={"text_pair": "sentence2"}), "column 'sentence2' (the second text of a pair) is missing"),
+        (syn.write_jsonl(str(tmp_path / "r.jsonl"), [{"text": "w1", "label": float("nan")}]),
+         dict(labels=None, num_labels=1, problem_type="regression"), "regression label nan is not a finite number"),
+    ]
+    for path, spec, expected in cases:
+        config = syn.base_config(files, tasks=())
+        config["tasks"] = [{**_topic_task(path), **spec}]
+        assert expected in _error(config), expected
+    empty = syn.write_jsonl(str(tmp_path / "e.jsonl"), [{"tokens": [], "tags": []}])
+    negative = syn.write_jsonl(str(tmp_path / "n.jsonl"),
+                               [{"question": "w1", "context": "w2 w1", "answer": "w1", "answer_start": -2}])
+    unanswerable = syn.write_jsonl(str(tmp_path / "u.jsonl"),
+                                   [{"question": "w1", "context": "w2 w1", "answer": [], "answer_start": []}])
+    cases = [
+        ({"name": "t", "kind": "token_classification", "train_file": empty, "labels": ["X"]},
+         "column 'tokens' holds no tokens"),
+        ({"name": "s", "kind": "span_extraction", "train_file": negative}, "-2 is not a character offset"),
+        ({"name": "s", "kind": "span_extraction", "train_file": unanswerable}, "the row has no answer"),
+    ]
+    for task, expected in cases:
+        config = syn.base_config(files, tasks=())
+        config["tasks"] = [task]
+        assert expected in _error(config), expected
+
+
 def test_row_level_mistakes(tmp_path, files, no_work):
     bad_tags = syn.write_jsonl(str(tmp_path / "t.jsonl"), [{"tokens": ["w1", "w2"], "tags": ["X"]}])
     bad_span = syn.write_jsonl(str(tmp_path / "s.jsonl"),
@@ -189,10 +275,49 @@ def test_span_positions_cover_the_answer(files):
         start, end = feat["start_position"], feat["end_position"]
         answer = rec["context"][rec["start_char"]:rec["end_char"]]
         assert start > 0 and tok.decode(feat["input_ids"][start:end + 1]) == answer
-    # an answer cut off by truncation points at [CLS]
-    cut = encode_task(config.tasks[0], [{"question": "w1", "context": "w2 w3 w4 w5 w6 w7 w1",
-                                          "start_char": 18, "end_char": 20}], tok, 8)
+    # an answer cut off by truncation points at [CLS] (and is counted in a warning)
+    with pytest.warns(UserWarning, match="have their answer past max_length=8 tokens"):
+        cut = encode_task(config.tasks[0], [{"question": "w1", "context": "w2 w3 w4 w5 w6 w7 w1",
+                                              "start_char": 18, "end_char": 20}], tok, 8)
     assert (cut[0]["start_position"], cut[0]["end_position"]) == (0, 0)
+
+
+def test_pairs_and_single_texts_in_one_call(files):
+    """A row without a pair is encoded as a single text even beside rows with one: no empty second segment."""
+    tok = load_tokenizer(files["tokenizer"])
+    config = load_config(syn.base_config(files, tasks=("topic",)))
+    feats = encode_task(config.tasks[0], [{"text": "w1 w2", "text_pair": "w3", "label": 0},
+                                          {"text": "w4", "text_pair": None, "label": 1}], tok, 32)
+    assert tok.convert_ids_to_tokens(feats[0]["input_ids"]) == ["[CLS]", "w1", "w2", "[SEP]", "w3", "[SEP]"]
+    assert tok.convert_ids_to_tokens(feats[1]["input_ids"]) == ["[CLS]", "w4", "[SEP]"]
+    assert feats[1]["token_type_ids"] == [0, 0, 0]
+
+
+def test_span_answers_with_tokenless_edges_keep_their_tokens(files):
+    """Characters that make no token at an answer's edges (spaces, a zero-width mark) do not turn it into "no
+    answer"."""
+    tok = load_tokenizer(files["tokenizer"])
+    config = load_config(syn.base_config(files, tasks=("span",)))
+    for context, answer, start_char in (("w2 w3 w1 ", "w1 ", 6), (" w1 w2", " w1", 0), ("w2 w1\u200b", "w1\u200b", 3)):
+        feat = encode_task(config.tasks[0], [{"question": "w4", "context": context, "start_char": start_char,
+                                              "end_char": start_char + len(answer)}], tok, 32)[0]
+        start, end = feat["start_position"], feat["end_position"]
+        assert tok.convert_ids_to_tokens(feat["input_ids"][start:end + 1]) == ["w1"], (context, answer)
+
+
+def test_truncation_is_counted_and_a_question_too_long_is_named(files):
+    tok = load_tokenizer(files["tokenizer"])
+    config = load_config(syn.base_config(files, tasks=("tags", "span")))
+    tags, span = config.tasks
+    with pytest.warns(UserWarning, match="task 'tags': 1 of 2 rows are longer than max_length=6 tokens and were cut: "
+                                         "the words past the cut, and their tags, are left out"):
+        encode_task(tags, [{"tokens": ["w1"] * 9, "tags": [0] * 9}, {"tokens": ["w1"], "tags": [1]}], tok, 6)
+    with pytest.warns(UserWarning, match="task 'span': 1 of 1 rows have their answer past max_length=8 tokens"):
+        encode_task(span, [{"question": "w1", "context": "w2 w3 w4 w5 w6 w7 w1", "start_char": 18,
+                            "end_char": 20}], tok, 8)
+    with pytest.raises(ValueError, match="task 'span': the question of row 0 .* is 9 tokens long, which leaves its "
+                                         "context no room within max_length=8"):
+        encode_task(span, [{"question": "w1 " * 9, "context": "w2", "start_char": 0, "end_char": 2}], tok, 8)
 
 
 def test_collate_pads_and_masks(files):

@@ -111,6 +111,10 @@ def test_resume_from_an_explicit_checkpoint_and_refusals(tmp_path):
     config["training"]["resume_from"] = str(tmp_path)
     with pytest.raises(ValueError, match="not a complete training checkpoint"):
         train(config)
+    config["training"].update(resume_from="latest", checkpoint_dir=str(tmp_path / "no-such-dir"))
+    with pytest.warns(UserWarning, match="no complete checkpoint in .*no-such-dir to resume from: training starts at "
+                                         "step 0"):
+        assert Trainer(load_config(config)).resume() is None
 
 
 def test_pretrained_encoder_is_fine_tuned(tmp_path, minilm_dir):
