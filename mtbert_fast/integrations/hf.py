@@ -382,6 +382,8 @@ def swap(
     int8 = dtype == torch.qint8
     if calibration is not None and not int8:
         raise ValueError("calibration is read for int8 only: pass dtype=torch.qint8 with it")
+    if smoothing != DEFAULT_SMOOTHING and not int8:
+        raise ValueError("smoothing is read for int8 only: pass dtype=torch.qint8 with it")
     if dtype is not None and not int8:
         model.to(dtype)
     states = []

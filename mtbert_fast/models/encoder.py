@@ -869,6 +869,12 @@ def encode(
     states = [x] if output_hidden_states else None
     if config.int8_reason is not None and any(isinstance(w, Int8LayerWeights) for w in layers):
         raise UnsupportedModelError(config.int8_reason)
+    # the int8 layers have no backward: their input leaves the graph here and rejoins it after them through
+    # _Int8HasNoBackward, so that a backward stops with an error instead of reaching the embeddings through the
+    # residual sums alone
+    int8_source = None
+    if any(isinstance(w, Int8LayerWeights) for w in layers) and torch.is_grad_enabled() and x.requires_grad:
+        int8_source, x = x, x.detach()
     stack = stack_op = None
     if not training and observe is None and states is None and terms is None:
         if layers and isinstance(layers[0], Int8LayerWeights):
@@ -896,6 +902,8 @@ def encode(
                                   rel_bias, terms[i] if terms is not None else None)
             if states is not None:
                 states.append(x[0] if isinstance(x, tuple) else x)
+    if int8_source is not None:
+        x = _Int8HasNoBackward.apply(int8_source, x)
     if final_norm is not None:
         x = F.layer_norm(x, (x.shape[-1],), *final_norm, config.layer_norm_eps)
         if states is not None:  # as HF's ModernBertModel reports them
@@ -944,6 +952,20 @@ def quantize_encoder(
     return out
 
 
+class _Int8HasNoBackward(torch.autograd.Function):
+    """out, joined in autograd to the int8 layers' input `source`: a backward through the layers raises."""
+
+    @staticmethod
+    def forward(ctx, source: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        raise RuntimeError("an int8 model has no backward: its int8 layers are made for inference. Run it under "
+                           "torch.no_grad() or torch.inference_mode(); to train, train the float model and quantize "
+                           "it after")
+
+
 class Int8State:
     """The int8 layers of a quantized model and the float layers (a module tree) they were made from: if those change
     (an in-place update, .to(), loading a state dict, a replaced parameter or submodule) the int8 copies are stale,
@@ -952,11 +974,16 @@ class Int8State:
     def __init__(self, layers: list[Int8LayerWeights], source: nn.Module):
         self.layers, self.source = layers, ParameterWatch(source)
         self.stacks = Stacks()
+        self.releases = pack_releases()
 
     def current(self, source: nn.Module) -> list[Int8LayerWeights]:
-        if not self.source.unchanged(source):
-            raise RuntimeError("the float weights changed after the model was quantized to int8, so its int8 weights "
-                               "are stale: quantize it again (or dequantize it to run the float weights)")
+        # release_packs() is how a write through weight.data, which nothing else sees, is announced
+        changed = "changed" if not self.source.unchanged(source) else (
+            "may have changed (release_packs() ran)" if pack_releases() != self.releases else None)
+        if changed is not None:
+            raise RuntimeError(f"the float weights {changed} after the model was quantized to int8, so its int8 "
+                               "weights may be stale: quantize it again (a swapped HF model: unswap it and swap it "
+                               "again with dtype=torch.qint8), or dequantize it to run the float weights")
         return self.layers
 
 
@@ -1223,6 +1250,8 @@ class FastBertModel(nn.Module):
         has_pooler = LAYOUTS[config.family].pooler and any(
             k.endswith(("pooler.dense.weight", "pooler.dense.bias")) for k in hf_state)
         state = fast_state_dict_from_hf(hf_state, config, has_pooler=has_pooler)
+        if dtype == torch.qint8:  # float32 activations, whatever dtype the checkpoint was saved in
+            state = {k: v.float() for k, v in state.items()}
         return cls._from_state(config, state, has_pooler, dtype, backend, device, calibration)
 
     @classmethod

@@ -356,11 +356,20 @@ def synthetic_batches(config: EncoderConfig, device: torch.device, seed: int = 0
     return [{"input_ids": ids.to(device), "attention_mask": mask.to(device)}]
 
 
+# what tokenizers return besides model inputs: a calibration dict may hold them, and they are not read
+_TOKENIZER_EXTRAS = {"special_tokens_mask", "offset_mapping", "overflow_to_sample_mapping", "length", "labels",
+                     "label"}
+
+
 def calibration_batches(calibration, config: EncoderConfig, device: torch.device) -> list[dict[str, torch.Tensor]]:
     """`calibration` as a list of input dicts: None (synthetic), one dict of model inputs (as a tokenizer returns
     them) or an iterable of such dicts."""
     if calibration is None:
         return synthetic_batches(config, device)
+    if not isinstance(calibration, (Mapping, Iterable)) or isinstance(calibration, (str, bytes, torch.Tensor)):
+        raise TypeError(f"calibration must be a dict of model inputs (input_ids, attention_mask, ...) as a tokenizer "
+                        f"returns them, a list of such dicts, or None for synthetic calibration; got "
+                        f"{type(calibration).__name__}")
     batches = [calibration] if isinstance(calibration, Mapping) else list(calibration)
     if not batches:
         raise ValueError("calibration is empty: pass a dict of model inputs (input_ids, attention_mask, ...) as a "
@@ -371,6 +380,10 @@ def calibration_batches(calibration, config: EncoderConfig, device: torch.device
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
             raise TypeError(f"calibration batch {i} must be a dict of model inputs with input_ids, got "
                             f"{type(batch).__name__}")
+        unknown = sorted(set(batch) - allowed - _TOKENIZER_EXTRAS)
+        if unknown:  # a misspelt attention_mask would otherwise calibrate the padding as real tokens, unsaid
+            raise ValueError(f"calibration batch {i} has keys {unknown} that no model input is called; the inputs "
+                             f"read are {sorted(allowed)}")
         out.append({k: torch.as_tensor(v).to(device) for k, v in batch.items() if k in allowed})
     return out
 
@@ -416,6 +429,8 @@ def gram_passes(layers: Sequence, budget: int | None = None) -> list[list[int]]:
 
 
 def check_smoothing(smoothing: float) -> None:
+    if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)):
+        raise TypeError(f"smoothing must be a number in [0, 1] (SmoothQuant's alpha), got {smoothing!r}")
     if not 0.0 <= smoothing <= 1.0:
         raise ValueError(f"smoothing must be in [0, 1] (SmoothQuant's alpha), got {smoothing}")
 

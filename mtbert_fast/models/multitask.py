@@ -276,7 +276,8 @@ class MultiTaskBert(nn.Module):
         calibration=None,
     ) -> MultiTaskBert:
         """From a directory written by save_pretrained; reads JSON and safetensors only (never unpickles).
-        dtype=torch.qint8: int8 inference for the encoder (see `quantize`, which reads `calibration`)."""
+        dtype=torch.qint8: int8 inference for the encoder with float32 activations (see `quantize`, which reads
+        `calibration`)."""
         from safetensors.torch import load_file
 
         config_file, weights_file = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
@@ -326,7 +327,7 @@ class MultiTaskBert(nn.Module):
         if calibration is not None and dtype != torch.qint8:
             raise ValueError("calibration is read by int8 models only: pass dtype=torch.qint8 with it")
         if dtype == torch.qint8:
-            return model.to(device=device).eval().quantize(calibration)
+            return model.to(device=device, dtype=torch.float32).eval().quantize(calibration)
         return model.to(device=device, dtype=dtype).eval()
 
 

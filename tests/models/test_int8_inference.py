@@ -15,6 +15,7 @@ from importlib import resources
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
 import mtbert_fast
 from mtbert_fast import FastBertModel, MultiTaskBert
@@ -212,8 +213,50 @@ def test_changed_weights_are_refused_until_quantized_again(minilm_batch):
     swapped = mtbert_fast.swap(_tiny_hf(), dtype=torch.qint8)
     with torch.no_grad():
         swapped.encoder.layer[1].attention.self.query.weight.add_(1)
-    with pytest.raises(RuntimeError, match="stale"):
+    with pytest.raises(RuntimeError, match="stale: quantize it again \\(a swapped HF model: unswap it and swap it"):
         swapped(**batch)
+
+
+def test_a_write_through_data_is_refused_once_announced(minilm_batch):
+    """A write through weight.data changes no version counter; release_packs() announces it, after which the int8
+    copies are refused as stale until the model is quantized again."""
+    from mtbert_fast.models.weight_pack import release_packs
+
+    model = FastBertModel.from_hf(_tiny_hf(), dtype=torch.qint8)
+    batch = {"input_ids": minilm_batch["input_ids"] % 50, "attention_mask": minilm_batch["attention_mask"]}
+    with torch.no_grad():
+        before = model(**batch).last_hidden_state
+        model.layers[0].ffn_in.weight.data.mul_(2)
+        release_packs()
+        with pytest.raises(RuntimeError, match="may have changed \\(release_packs\\(\\) ran\\)"):
+            model(**batch)
+        model.quantize()
+        assert not torch.equal(model(**batch).last_hidden_state, before)
+
+
+def test_backward_through_int8_layers_is_refused(minilm_batch):
+    """With autograd on, an int8 model's outputs carry a graph whose backward stops at the int8 layers with an error,
+    rather than reaching the embeddings through the residual sums alone; the forward is that of no_grad."""
+    model = FastBertModel.from_hf(_tiny_hf(), dtype=torch.qint8)
+    batch = {"input_ids": minilm_batch["input_ids"] % 50, "attention_mask": minilm_batch["attention_mask"]}
+    out = model(**batch).last_hidden_state
+    assert out.requires_grad
+    with pytest.raises(RuntimeError, match="an int8 model has no backward"):
+        out.sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(out.detach(), model(**batch).last_hidden_state, atol=1e-5, rtol=0)
+    swapped = mtbert_fast.swap(transformers.BertForSequenceClassification(_tiny_hf().config).eval(), dtype=torch.qint8)
+    loss = swapped(**batch, labels=torch.zeros(batch["input_ids"].shape[0], dtype=torch.long)).loss
+    with pytest.raises(RuntimeError, match="an int8 model has no backward"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("saved", [torch.bfloat16, torch.float16])
+def test_from_pretrained_int8_runs_float32_activations(saved, tmp_path):
+    """from_pretrained(dtype=torch.qint8) keeps float32 activations whatever dtype the checkpoint was saved in."""
+    _tiny_hf().to(saved).save_pretrained(tmp_path)
+    model = FastBertModel.from_pretrained(tmp_path, dtype=torch.qint8)
+    assert model.dtype == torch.float32 and model.int8 is not None
 
 
 @pytest.mark.parametrize("change", ["setattr", "dict", "module", "data", "layers"])
@@ -257,6 +300,16 @@ def test_errors_name_the_problem(minilm_batch):
         mtbert_fast.swap(torch.nn.Linear(2, 2), dtype=torch.qint8)
     with pytest.raises(ValueError, match="smoothing must be in"):
         FastBertModel.from_hf(_tiny_hf()).quantize(smoothing=2.0)
+    for smoothing in ("0.5", None):
+        with pytest.raises(TypeError, match="smoothing must be a number in \\[0, 1\\]"):
+            FastBertModel.from_hf(_tiny_hf()).quantize(smoothing=smoothing)
+    with pytest.raises(ValueError, match="smoothing is read for int8 only"):
+        mtbert_fast.swap(_tiny_hf(), smoothing=0.2)
+    with pytest.raises(TypeError, match="calibration must be a dict of model inputs .* got int"):
+        mtbert_fast.swap(_tiny_hf(), dtype=torch.qint8, calibration=3)
+    misspelt = {"input_ids": minilm_batch["input_ids"] % 50, "attention_masks": minilm_batch["attention_mask"]}
+    with pytest.raises(ValueError, match="calibration batch 0 has keys \\['attention_masks'\\] that no model input"):
+        mtbert_fast.swap(_tiny_hf(), dtype=torch.qint8, calibration=misspelt)
 
     model = FastBertModel.from_hf(_tiny_hf(), dtype=torch.qint8).train()
     with pytest.raises(RuntimeError, match="inference only"):
