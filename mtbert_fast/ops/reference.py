@@ -197,13 +197,29 @@ def mlm_gather_loss(
     return F.cross_entropy(logits, labels[keep], reduction=reduction)
 
 
+def _first_outside(indices: torch.Tensor, n: int) -> tuple[int, int] | None:
+    """(position, value) of the first index outside [0, n), or None: Python's indexing would wrap a negative one
+    around where the kernels refuse it."""
+    bad = ((indices < 0) | (indices >= n)).nonzero()
+    return None if not bad.numel() else (int(bad[0]), int(indices[bad[0]]))
+
+
 def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """x [R, ...], indices int64 [N] -> x[indices] [N, ...]."""
+    """x [R, ...], indices int64 [N] in [0, R) -> x[indices] [N, ...]."""
+    bad = _first_outside(indices, x.shape[0])
+    if bad is not None:
+        raise ValueError(f"gather_rows: indices[{bad[0]}] = {bad[1]} is out of range for x with {x.shape[0]} rows")
     return x[indices]
 
 
 def scatter_rows(x: torch.Tensor, indices: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """x [N, ...], indices int64 [N] distinct -> out [num_rows, ...] with out[indices] = x, zeros elsewhere."""
+    """x [N, ...], indices int64 [N] distinct, in [0, num_rows) -> out [num_rows, ...] with out[indices] = x, zeros
+    elsewhere."""
+    bad = _first_outside(indices, num_rows)
+    if bad is not None:
+        raise ValueError(f"scatter_rows: indices[{bad[0]}] = {bad[1]} is out of range for num_rows = {num_rows}")
+    if torch.unique(indices).numel() != indices.numel():
+        raise ValueError("scatter_rows: indices must be distinct (their rows would race for one output row)")
     out = x.new_zeros((num_rows,) + tuple(x.shape[1:]))
     return out.index_put((indices,), x)
 
@@ -232,6 +248,13 @@ def token_embeddings(input_ids: torch.Tensor, indices: torch.Tensor | None, toke
     input_ids [B, L]; None: every slot) -> [T, E] in word's dtype. A token's type is 0 without token_type_ids, its
     position its column in input_ids."""
     slots = indices if indices is not None else torch.arange(input_ids.numel(), device=input_ids.device)
+    bad = _first_outside(slots, input_ids.numel())
+    if bad is not None:
+        raise ValueError(f"token_embeddings: indices[{bad[0]}] = {bad[1]} is out of range for input_ids of "
+                         f"{input_ids.numel()} slots")
+    for name, ids, table in (("input_ids", input_ids, word), ("token_type_ids", token_type_ids, token_type)):
+        if ids is not None and table is not None and _first_outside(ids.reshape(-1)[slots], table.shape[0]):
+            raise ValueError(f"token_embeddings: {name} hold values outside [0, {table.shape[0]})")
     x = _acc(word)[input_ids.reshape(-1)[slots].long()]
     if token_type is not None:
         types = token_type_ids.reshape(-1)[slots].long() if token_type_ids is not None else torch.zeros_like(slots)

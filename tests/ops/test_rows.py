@@ -99,3 +99,15 @@ def test_cpu_kernel_bad_indices():
         scatter(x[:3], torch.tensor([3, 1, 3]), 6)
     with pytest.raises(RuntimeError, match=r"scatter_rows: indices.size\(0\) must be 5"):
         scatter(x, torch.tensor([0, 1]), 6)
+
+
+def test_reference_refuses_what_the_kernels_refuse():
+    """Indices out of range, negative (which Python's indexing would wrap around) or repeated in a scatter."""
+    x = rand(5, 4)
+    with pytest.raises(ValueError, match=r"gather_rows: indices\[0\] = -1 is out of range for x with 5 rows"):
+        ops.gather_rows(x, torch.tensor([-1, 0]), backend="reference")
+    with pytest.raises(ValueError, match=r"scatter_rows: indices\[2\] = 9 is out of range for num_rows = 6"):
+        ops.scatter_rows(x[:3], torch.tensor([0, 1, 9]), 6, backend="reference")
+    with pytest.raises(ValueError, match="scatter_rows: indices must be distinct"):
+        ops.scatter_rows(x[:3], torch.tensor([3, 1, 3]), 6, backend="reference")
+

@@ -127,6 +127,27 @@ def test_an_id_outside_its_table_is_named(backend, bad, message):
                                          torch.ones(8), torch.zeros(8)), backend=backend.name)
 
 
+@pytest.mark.parametrize("bad,message", [
+    ("negative_id", r"token_embeddings: input_ids hold values outside \[0, 50\)"),
+    ("type", r"token_embeddings: token_type_ids hold values outside \[0, 3\)"),
+    ("negative_index", r"token_embeddings: indices\[1\] = -1 is out of range for input_ids of 24 slots"),
+])
+def test_reference_refuses_what_the_kernels_refuse(bad, message):
+    """Python's indexing would wrap a negative id or slot around; the reference refuses them as the kernels do."""
+    input_ids, token_type_ids = _ids((2, 12), VOCAB, 12), _ids((2, 12), TYPES, 13)
+    indices = torch.tensor([0, 1, 12, 14])
+    if bad == "negative_id":
+        input_ids[0, 1] = -1
+    elif bad == "type":
+        token_type_ids[1, 0] = TYPES
+    else:
+        indices[1] = -1
+    word, position, token_type = _tables(8, torch.float32)
+    with pytest.raises(ValueError, match=message):
+        ops.token_embeddings(input_ids, indices, token_type_ids, word, position, token_type, torch.ones(8),
+                             torch.zeros(8), backend="reference")
+
+
 def _good():
     word, position, token_type = _tables(8, torch.float32)
     return dict(input_ids=_ids((2, 5), VOCAB, 14), indices=torch.tensor([0, 5, 6]),
