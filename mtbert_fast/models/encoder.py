@@ -208,8 +208,7 @@ def _validate(
     if input_ids is not None:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seqlen], got {_describe(input_ids)}")
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"input_ids must be int64 or int32, got {_describe(input_ids)}")
+        _check_integer_ids("input_ids", input_ids)
         shape = tuple(input_ids.shape)
     else:
         if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.embedding_width:
@@ -249,22 +248,26 @@ def _validate(
     if token_type_ids is not None:
         if config.type_vocab_size == 0:
             raise ValueError(f"token_type_ids given, but a {config.family} model has no token types")
-        if token_type_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"token_type_ids must be int64 or int32, got {_describe(token_type_ids)}")
+        _check_integer_ids("token_type_ids", token_type_ids)
         if token_type_ids.shape != shape:
             raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)} but the input is {shape}")
         lo, hi = (int(v) for v in torch.aminmax(token_type_ids))
         if lo < 0 or hi >= config.type_vocab_size:
             raise ValueError(f"token_type_ids must be in [0, {config.type_vocab_size}), got values in [{lo}, {hi}]")
     if position_ids is not None:
-        if position_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"position_ids must be int64 or int32, got {_describe(position_ids)}")
+        _check_integer_ids("position_ids", position_ids)
         if position_ids.shape not in (shape, (1, shape[1])):
             raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected {shape} or "
                              f"(1, {shape[1]})")
         if attention_mask is None and config.family in _PACKED_POSITION_FAMILIES:
             _refuse_packed_positions(position_ids)
     return shape[0], shape[1], packed_mask
+
+
+def _check_integer_ids(name: str, t: torch.Tensor) -> None:
+    """Ids index embedding tables: int64 or int32, as HF's embeddings take them (nothing is cast silently)."""
+    if t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be int64 or int32, got {_describe(t)}")
 
 
 # The families whose HF models (transformers 5) read position_ids given without an attention_mask as several
@@ -867,13 +870,14 @@ def encode(
     x = embed_packed(config, embeddings, packed, input_ids, token_type_ids, position_ids, inputs_embeds, training,
                      backend)
     states = [x] if output_hidden_states else None
-    if config.int8_reason is not None and any(isinstance(w, Int8LayerWeights) for w in layers):
+    int8 = any(isinstance(w, Int8LayerWeights) for w in layers)
+    if int8 and config.int8_reason is not None:
         raise UnsupportedModelError(config.int8_reason)
     # the int8 layers have no backward: their input leaves the graph here and rejoins it after them through
     # _Int8HasNoBackward, so that a backward stops with an error instead of reaching the embeddings through the
     # residual sums alone
     int8_source = None
-    if any(isinstance(w, Int8LayerWeights) for w in layers) and torch.is_grad_enabled() and x.requires_grad:
+    if int8 and torch.is_grad_enabled() and x.requires_grad:
         int8_source, x = x, x.detach()
     stack = stack_op = None
     if not training and observe is None and states is None and terms is None:

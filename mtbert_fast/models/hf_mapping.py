@@ -216,10 +216,13 @@ def fast_state_dict_from_hf(
     for i in range(config.num_hidden_layers):
         for kind in _qkv_kinds(config):
             out[f"layers.{i}.qkv.{kind}"] = torch.cat([take(k) for k in _qkv_keys(config, i, kind)], 0)
-    extra = _qkv_keys(config, config.num_hidden_layers, _qkv_kinds(config)[0])[0]
+    def first_key(layer: int) -> str:
+        return _qkv_keys(config, layer, _qkv_kinds(config)[0])[0]
+
+    extra = first_key(config.num_hidden_layers)
     if extra in src:  # the checkpoint's encoder is deeper than the config says: layers would go unused, unsaid
         last = config.num_hidden_layers
-        while _qkv_keys(config, last + 1, _qkv_kinds(config)[0])[0] in src:
+        while first_key(last + 1) in src:
             last += 1
         warnings.warn(f"the checkpoint holds encoder layers {config.num_hidden_layers}..{last} (weights such as "
                       f"{extra!r}), which the config's num_hidden_layers={config.num_hidden_layers} leaves out: "
