@@ -1,7 +1,8 @@
 """What is particular to the Triton backend's mechanics, on CPU tensors: the attention kernels' grid capped below a
 sequence's block count (each program then loops over its blocks), and a compile of every kernel for an H100 (sm_90)
 at the GPU launch settings, which needs no GPU. The kernels' results are tested with every other backend's, per op
-(test_<op>.py), under Triton's interpreter."""
+(test_<op>.py), under Triton's interpreter; here, too, the wrappers' strided index and statistics inputs, which the
+kernels read with unit stride."""
 
 from __future__ import annotations
 
@@ -50,6 +51,55 @@ def test_attention_varlen_capped_grid(cap, dropout_p, monkeypatch):
         "_fwd": cap, "_bwd_dkdv": cap, "_bwd_dq": cap}
     assert len(grids["_bwd_delta"]) == 1  # rows of T x heads on axis 0
 
+
+def _strided(t: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """t's values as a column of a [n, 2] table beside `other`: a view with stride 2, whose unit-stride neighbours
+    are other's values."""
+    view = torch.stack([t, other], 1)[:, 0]
+    assert not view.is_contiguous() and torch.equal(view, t)
+    return view
+
+
+@pytest.mark.parametrize("tables", [False, True])
+def test_attention_varlen_strided_indices(tables):
+    """cu_seqlens and pos_index given as strided views (the kernels read them with unit stride): forward and backward
+    (of qkv and of pos_q, pos_k) match the reference on the contiguous ones."""
+    qkv, cu, max_len = packed([5, 18], 2, 16, seed=4)
+    # the neighbours are in range, so that a unit-stride read computes on other rows and columns rather than faults
+    cu_view = _strided(cu, torch.tensor([3, 9, 11], dtype=torch.int32))
+    index = torch.tensor([0, 1, 1, 2, 3, 3, 3], dtype=torch.int32)  # P = 3 into W = 4 columns
+    index_view = _strided(index, torch.tensor([3, 2, 0, 0, 1, 2, 0], dtype=torch.int32))
+    pos = [rand(2, qkv.shape[0], 4, seed=5), rand(2, qkv.shape[0], 4, seed=6)] if tables else []
+
+    def position(pos_index, pos_tables):
+        return dict(pos_q=pos_tables[0], pos_k=pos_tables[1], pos_index=pos_index) if pos_tables else {}
+
+    compare(
+        lambda q, *t: ops.attention_varlen(q, cu_view, max_len, **position(index_view, t), backend="triton"),
+        lambda q, *t: reference.attention_varlen(q, cu, max_len, **position(index, t)),
+        None, [qkv, *pos], torch.float32, f"attention_varlen on strided indices, tables {tables}", atol=2e-5,
+        rtol=1e-4,
+    )
+
+
+@pytest.mark.parametrize("op_name", ["bias_residual_layer_norm", "bias_gelu_layer_norm"])
+def test_layer_norm_backward_strided_statistics(op_name):
+    """The LayerNorm backwards (the public backward ops) with mean and rstd as strided views, which the kernels read
+    with unit stride: the same gradients as with the contiguous statistics."""
+    op = registry.OPS[op_name]
+    x, grad = rand(6, 32, seed=1), rand(6, 32, seed=2)
+    bias, weight, beta = (rand(32, seed=seed) for seed in (3, 4, 5))
+    residual = (rand(6, 32, seed=6),) if op_name == "bias_residual_layer_norm" else ()
+    approximate = () if residual else ("none",)
+    _, mean, rstd = op.op(x, bias, *residual, weight, beta, 1e-5, *approximate, "triton")
+
+    def backward(m, r):
+        return op.backward_op(grad, x, bias, *residual, weight, m, r, *approximate, "triton")
+
+    want = backward(mean, rstd)
+    got = backward(_strided(mean, -mean), _strided(rstd, 2 * rstd))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=0.0, rtol=0.0)
 
 
 _SIGNATURE_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",

@@ -572,7 +572,8 @@ def forward(
     check_inputs("attention_varlen", qkv, cu_seqlens, max_seqlen)
     check_position_args("attention_varlen", qkv, rel_bias, window, pos_q, pos_k, pos_index)
     dropout.check_rng_state("attention_varlen", dropout_p, rng_state)
-    qkv = qkv.contiguous()
+    qkv, cu_seqlens = qkv.contiguous(), cu_seqlens.contiguous()
+    pos_index = None if pos_index is None else pos_index.contiguous()
     t, _, heads, head_dim = qkv.shape
     out = qkv.new_empty((t, heads, head_dim))
     lse = qkv.new_empty((heads, t), dtype=torch.float32)
@@ -602,6 +603,8 @@ def backward(
     check_backward_inputs(grad_out, qkv, out, lse, cu_seqlens, max_seqlen, dropout_p, rng_state, rel_bias, window,
                           pos_q, pos_k, pos_index)
     qkv, out, grad_out, lse = qkv.contiguous(), out.contiguous(), grad_out.contiguous(), lse.contiguous()
+    cu_seqlens = cu_seqlens.contiguous()
+    pos_index = None if pos_index is None else pos_index.contiguous()
     t, _, heads, head_dim = qkv.shape
     grad_qkv = qkv.new_empty(qkv.shape)
     batch = cu_seqlens.numel() - 1

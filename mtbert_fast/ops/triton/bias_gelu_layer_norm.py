@@ -139,6 +139,7 @@ def backward(
     d = x.shape[-1]
     block = row_block("bias_gelu_layer_norm", d)
     x, grad_y = x.contiguous(), grad_y.contiguous()
+    mean, rstd = mean.contiguous(), rstd.contiguous()
     rows = mean.numel()
     grad_x = torch.empty_like(x)
     programs = reduction_programs(x, rows)

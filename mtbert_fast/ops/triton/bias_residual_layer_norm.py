@@ -142,6 +142,7 @@ def backward(
     d = x.shape[-1]
     block = row_block("bias_residual_layer_norm", d)
     x, residual, grad_y = x.contiguous(), residual.contiguous(), grad_y.contiguous()
+    mean, rstd = mean.contiguous(), rstd.contiguous()
     rows = mean.numel()
     grad_s = torch.empty_like(x)
     programs = reduction_programs(x, rows)
