@@ -174,6 +174,10 @@ class _RowChecker:
             if not isinstance(values["text"], str):
                 self.fail(where, f"column {task.column('text')!r} must hold a string, got {values['text']!r}")
                 return None
+            if not values["text"].strip():
+                self.fail(where, f"column {task.column('text')!r} holds only whitespace: a row with no token to mask "
+                                 "would give its batch a loss of NaN")
+                return None
             return {"text": values["text"]}
         if kind == "span_extraction":
             return self.span(values, where)
@@ -257,6 +261,10 @@ class _RowChecker:
         else:
             self.fail(where, f"column {self.task.column('text')!r} must hold a document: a list of sentences or "
                              f"a string with a sentence a line, got {value!r}")
+            return None
+        if not sentences:
+            self.fail(where, f"column {self.task.column('text')!r}: the document holds no sentence (nothing but "
+                             f"blanks), got {value!r}")
             return None
         return {"sentences": sentences}
 
@@ -412,8 +420,13 @@ def encode_task(task: TaskSpec, records: list[dict], tokenizer, max_length: int,
 
 # --- batches ----------------------------------------------------------------------------------------------------
 
+# what a random stream is for: mixed into its seed after training.seed, so that streams of different purposes
+# never share a seed, whatever their rank, task or epoch
+SHUFFLE_STREAM, MASK_STREAM, EVAL_MASK_STREAM, DROPOUT_STREAM = 1, 2, 3, 4
+
+
 def _mix(*parts: int) -> int:
-    """One 63-bit seed from several integers (splitmix-style), so each task, epoch and rank draws its own."""
+    """One 63-bit seed from several integers (splitmix-style): each purpose, task, epoch and rank draws its own."""
     h = 0x9E3779B97F4A7C15
     for p in parts:
         h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
@@ -446,7 +459,7 @@ class TaskStream:
         return math.ceil(self.shard_size / self.batch_size)
 
     def _make_shard(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(_mix(self.seed, self.task_index, epoch))
+        g = torch.Generator().manual_seed(_mix(self.seed, SHUFFLE_STREAM, self.task_index, epoch))
         order = torch.randperm(self.size, generator=g)
         return order[self.rank:self.shard_size * self.world_size:self.world_size].tolist()
 

@@ -42,7 +42,18 @@ from mtbert_fast.models import (
 )
 from mtbert_fast.models.hf_mapping import dense_classifier_form
 from mtbert_fast.train.config import NAMED_CONFIGS, ConfigError, TaskSpec, TrainConfig, load_config
-from mtbert_fast.train.data import Batch, TaskStream, _mix, collate, encode_task, load_records, load_tokenizer
+from mtbert_fast.train.data import (
+    DROPOUT_STREAM,
+    EVAL_MASK_STREAM,
+    MASK_STREAM,
+    Batch,
+    TaskStream,
+    _mix,
+    collate,
+    encode_task,
+    load_records,
+    load_tokenizer,
+)
 from mtbert_fast.train.samplers import make_sampler
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -229,7 +240,7 @@ class Trainer:
         self.tasks = {t.name: t for t in config.tasks}
 
         self.features, self.eval_batches, sizes = {}, {}, {}
-        eval_generator = torch.Generator().manual_seed(_mix(tr.seed, self.rank, 2))
+        eval_generator = torch.Generator().manual_seed(_mix(tr.seed, EVAL_MASK_STREAM, self.rank))
         for task in config.tasks:
             max_length = task.max_length or config.model.max_length
             examples = encode_task(task, self.records[task.name].train, self.tokenizer, max_length, seed=tr.seed)
@@ -247,7 +258,7 @@ class Trainer:
         self.streams = {t.name: TaskStream(sizes[t.name], tr.batch_size, tr.seed, i, self.rank, self.world_size)
                         for i, t in enumerate(config.tasks)}
         self.sampler = make_sampler(tr.sampler, sizes, tr.temperature, tr.seed)
-        self.mask_generator = torch.Generator().manual_seed(_mix(tr.seed, self.rank, 1))
+        self.mask_generator = torch.Generator().manual_seed(_mix(tr.seed, MASK_STREAM, self.rank))
 
         per_epoch = sum(s.batches_per_epoch for s in self.streams.values())
         self.total_steps = tr.max_steps or max(1, math.ceil(tr.epochs * per_epoch / tr.grad_accum_steps))
@@ -269,7 +280,7 @@ class Trainer:
                 find_unused_parameters=True,
             )
         # dropout draws from torch's generator: its own stream on each rank
-        torch.manual_seed(_mix(tr.seed, self.rank, 3))
+        torch.manual_seed(_mix(tr.seed, DROPOUT_STREAM, self.rank))
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
@@ -295,12 +306,13 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def _mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+    def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """values summed over the processes, on the CPU.  The collective runs on the training device: nccl, the
+        process group on CUDA, serves CUDA tensors only."""
         if self.world_size > 1:
-            values = values.clone()
+            values = values.to(self.device, copy=True)
             dist.all_reduce(values)
-            values /= self.world_size
-        return values
+        return values.cpu()
 
     @property
     def is_main(self) -> bool:
@@ -323,8 +335,7 @@ class Trainer:
                                      mlm_logits=False)
                 sums[i, 0] += float(out.losses[name]) * b.rows
                 sums[i, 1] += b.rows
-        if self.world_size > 1:
-            dist.all_reduce(sums)
+        sums = self._sum_over_ranks(sums)
         self.model.train(was_training)
         return {name: float(sums[i, 0] / sums[i, 1]) for i, name in enumerate(names)}
 
@@ -359,7 +370,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        loss = self._mean_over_ranks(torch.stack(raw_losses).mean().cpu())
+        loss = self._sum_over_ranks(torch.stack(raw_losses).mean()) / self.world_size
         record = {"step": self.step, "task": name, "loss": float(loss), "lr": lr}
         self.history.append(record)
         return record

@@ -1,5 +1,5 @@
 """Two processes under torchrun (gloo, CPU) with DistributedDataParallel: each rank reads a disjoint shard of every
-task, and both end with identical weights."""
+task, and both end with identical weights; the collectives get their tensors on the training device."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
+
+from mtbert_fast.train import Trainer, load_config
 
 import train_synthetic as syn
 
@@ -63,3 +66,36 @@ def test_two_ranks_read_disjoint_shards_and_end_identical(tmp_path):
     checkpoint = tmp_path / "ckpt" / "checkpoint-00000008"
     assert {"rng-0.pt", "rng-1.pt", "trainer_state.pt", "COMPLETE"} <= set(os.listdir(checkpoint))
     assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+class _Reduced(Exception):
+    """Raised by the stand-in collective once it has seen its tensor."""
+
+
+def test_collectives_take_tensors_on_the_training_device(tmp_path, monkeypatch):
+    """nccl, the process group on CUDA, serves CUDA tensors only: the step loss and the held-out loss sums reach the
+    collective on the training device, whatever device the losses come back on.  The meta device stands in for the
+    GPU; the stand-in all_reduce records the device of its tensor."""
+    files = syn.write_tasks(str(tmp_path), n=16)
+    trainer = Trainer(load_config(syn.base_config(files, tasks=("topic",), max_steps=2, device="cpu")))
+    devices = []
+
+    def all_reduce(tensor, *args, **kwargs):
+        devices.append(tensor.device)
+        raise _Reduced
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    trainer.world_size, trainer.device = 2, torch.device("meta")
+    weight = torch.nn.Parameter(torch.ones(()))
+    trainer.loss_module = lambda *inputs: (2 * weight, torch.tensor(2.0))
+    with pytest.raises(_Reduced):
+        trainer.train_step()
+
+    class HeldOut(torch.nn.Module):
+        def forward(self, *inputs, tasks, labels, mlm_logits):
+            return SimpleNamespace(losses={tasks: torch.tensor(2.0)})
+
+    trainer.model = HeldOut()
+    with pytest.raises(_Reduced):
+        trainer.evaluate()
+    assert devices == [torch.device("meta")] * 2

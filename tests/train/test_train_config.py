@@ -5,12 +5,25 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import pytest
 import torch
 
 from mtbert_fast.train import ConfigError, Trainer, load_config
+from mtbert_fast.train import data as data_module
 from mtbert_fast.train import trainer as trainer_module
-from mtbert_fast.train.data import TaskStream, collate, encode_task, load_records, load_tokenizer
+from mtbert_fast.train.data import (
+    DROPOUT_STREAM,
+    EVAL_MASK_STREAM,
+    MASK_STREAM,
+    SHUFFLE_STREAM,
+    TaskStream,
+    _mix,
+    collate,
+    encode_task,
+    load_records,
+    load_tokenizer,
+)
 from mtbert_fast.train.masking import IGNORE_INDEX
 
 import train_synthetic as syn
@@ -216,6 +229,24 @@ def test_row_values_that_would_train_wrongly_are_refused(tmp_path, files, no_wor
         assert expected in _error(config), expected
 
 
+def test_rows_with_nothing_to_train_on_are_refused(tmp_path, files, no_work):
+    """A pretraining document without a sentence would crash the tokenizer, a masked-LM row of whitespace has no
+    token to mask: the check names each such row."""
+    for blank in ("   ", " \n\t\n", [], ["", " "]):
+        docs = syn.write_jsonl(str(tmp_path / "d.jsonl"), syn.doc_rows(4, random.Random(0)) + [{"text": blank}])
+        config = syn.base_config(files, tasks=())
+        config["tasks"] = [{"name": "p", "kind": "pretraining", "train_file": docs}]
+        expected = f"task 'p': {docs} line 5: column 'text': the document holds no sentence"
+        assert expected in _error(config), blank
+    lm = syn.write_jsonl(str(tmp_path / "m.jsonl"), [{"text": "w1 w2"}, {"text": "  "}, {"text": "w3"}, {"text": "\t"}])
+    config = syn.base_config(files, tasks=())
+    config["tasks"] = [{"name": "m", "kind": "masked_lm", "train_file": lm}]
+    message = _error(config)
+    for line in (2, 4):
+        assert f"task 'm': {lm} line {line}: column 'text' holds only whitespace" in message
+    assert f"{lm} line 1" not in message and f"{lm} line 3" not in message
+
+
 def test_row_level_mistakes(tmp_path, files, no_work):
     bad_tags = syn.write_jsonl(str(tmp_path / "t.jsonl"), [{"tokens": ["w1", "w2"], "tags": ["X"]}])
     bad_span = syn.write_jsonl(str(tmp_path / "s.jsonl"),
@@ -359,6 +390,38 @@ def test_streams_give_each_rank_a_disjoint_shard():
     t = TaskStream(size, bs, seed=0, task_index=1)
     t.load_state_dict(s.state_dict())
     assert [s.next_indices() for _ in range(20)] == [t.next_indices() for _ in range(20)]
+
+
+def test_random_streams_of_different_purposes_have_different_seeds():
+    """The shuffles (per task and epoch), the masks, the held-out masks and dropout (per rank) never share a seed."""
+    for seed in (0, 1, 12345):
+        seeds = [_mix(seed, SHUFFLE_STREAM, task, epoch) for task in range(8) for epoch in range(8)]
+        seeds += [_mix(seed, purpose, rank) for purpose in (MASK_STREAM, EVAL_MASK_STREAM, DROPOUT_STREAM)
+                  for rank in range(8)]
+        assert len(set(seeds)) == len(seeds)
+
+
+def test_trainer_seeds_masks_and_dropout_apart_from_the_shuffles(files, monkeypatch):
+    """The seeds a trainer draws its masks, held-out masks and dropout from are none of its tasks' shuffle seeds."""
+
+    def recording(module) -> set[int]:
+        mix, seeds = module._mix, set()
+
+        def recorded(*parts: int) -> int:
+            seeds.add(mix(*parts))
+            return mix(*parts)
+
+        monkeypatch.setattr(module, "_mix", recorded)
+        return seeds
+
+    shuffles, own = recording(data_module), recording(trainer_module)
+    trainer = Trainer(load_config(syn.base_config(files, tasks=("lm", "topic"))))
+    for stream in trainer.streams.values():
+        for epoch in range(8):
+            stream.load_state_dict({"epoch": epoch, "cursor": 0})
+    assert len(shuffles) == 2 * 8 and len(own) == 3
+    assert {trainer.mask_generator.initial_seed(), torch.initial_seed()} <= own
+    assert not own & shuffles
 
 
 def test_held_out_split_partitions_the_rows_by_seed(files):
