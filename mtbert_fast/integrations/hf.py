@@ -10,21 +10,23 @@ into one [3H, H] buffer that the three parameters view, so the fused QKV GEMM ne
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import functools
 import inspect
 import os
 import sys
-import types
 import warnings
 
 import torch
 import torch.nn as nn
 
-from mtbert_fast.models.config import EncoderConfig, family_names
+from mtbert_fast.models.config import EncoderConfig, UnsupportedModelError, family_names
 from mtbert_fast.models.encoder import (
     DisentangledWeights, EmbeddingWeights, Int8State, LayerCache, LayerWeights, PackedBatch, disentangled_projections,
     encode, quantize_encoder,
 )
-from mtbert_fast.models.hf_mapping import HF_PREFIXES, LAYOUTS, HfLayout
+from mtbert_fast.models.hf_mapping import HF_PREFIXES, LAYOUTS, HfLayout, hf_encoder_keys
 from mtbert_fast.models.int8 import DEFAULT_SMOOTHING, check_model_dtype
 from mtbert_fast.ops.dispatch import requested_backend
 
@@ -53,6 +55,118 @@ def _submodule(module: nn.Module, path: tuple[str, ...]) -> nn.Module:
     return module
 
 
+# The module classes whose weights the swapped forward reads in place of calling them: exactly these, since a
+# subclass or a wrapper (a LoRA adapter, a quantized linear) computes something else with them.
+_PLAIN_MODULES = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.Identity)
+_HOOK_TABLES = {"_forward_hooks": "forward hook", "_forward_pre_hooks": "forward pre-hook",
+                "_backward_hooks": "backward hook", "_backward_pre_hooks": "backward pre-hook"}
+
+
+def _observer(hook) -> bool:
+    """transformers' own output-capturing hooks, which it leaves on the layers once a call asked for hidden states:
+    they record outputs only inside HF's forward, and do nothing otherwise."""
+    return getattr(hook, "__module__", None) == "transformers.utils.output_capturing"
+
+
+def _not_run(path: str, what: str) -> str:
+    return (f"{path} {what}, but the swapped encoder reads its modules' weights without calling the modules, so it "
+            "would never run")
+
+
+def _check_runs_plain(path: str, module: nn.Module) -> None:
+    """Refuses, by name, a module whose call would do more than its weights say: hooks, or a forward replaced on the
+    instance (as accelerate's offloading does)."""
+    for table, kind in _HOOK_TABLES.items():
+        if not all(map(_observer, getattr(module, table, {}).values())):
+            raise UnsupportedModelError(_not_run(path, f"has a {kind}") + "; remove it before mtbert_fast.swap, or "
+                                        "hook the model itself")
+    if "forward" in module.__dict__:
+        raise UnsupportedModelError(_not_run(path, "has its own forward, set on the instance") + "; swap the model "
+                                    "without it")
+
+
+def _check_plain_module(path: str, module: nn.Module) -> None:
+    """A module whose weights the swapped forward reads: one of _PLAIN_MODULES exactly, running plain. Checked on
+    every forward that reads it: at once where the module's hook tables are the swap's (a module that was there at
+    swap time), in full for a module put in since, whose hook tables then become the swap's."""
+    if type(module) in _PLAIN_MODULES and type(module.__dict__.get("_forward_hooks")) is _HooksRefused:
+        return
+    if type(module) not in _PLAIN_MODULES:
+        raise UnsupportedModelError(
+            f"{path} is a {type(module).__module__}.{type(module).__qualname__}, where the swapped encoder reads the "
+            f"weights of a plain torch.nn module in place of calling it (a wrapper such as a LoRA adapter would be "
+            f"left out); merge adapters into the weights first (peft's merge_and_unload), or call mtbert_fast.unswap"
+        )
+    _check_runs_plain(path, module)
+    _refuse_hooks(module, path)
+
+
+def _check_encoder_modules(base: nn.Module, config: EncoderConfig, layout: HfLayout) -> None:
+    """Refuses what the swapped forward would leave out without a word: parameters that are none of the encoder's
+    weights (adapters, added modules), weight modules that are not plain torch.nn modules, hooks and replaced forwards
+    anywhere inside the base model, and query/key/value weights of another shape than the config's (pruned heads)."""
+    keys = hf_encoder_keys(config, has_pooler=layout.pooler and getattr(base, "pooler", None) is not None)
+    unread = [name for name, _ in base.named_parameters() if name not in keys]
+    if unread:
+        shown = ", ".join(unread[:4]) + (f" and {len(unread) - 4} more" if len(unread) > 4 else "")
+        raise UnsupportedModelError(
+            f"{type(base).__name__} holds parameters that are no weights of a {config.family} encoder ({shown}): the "
+            "swapped encoder would leave them out; merge adapters into the weights first (peft's merge_and_unload)"
+        )
+    for path, module in base.named_modules():
+        if module is not base:
+            _check_runs_plain(path, module)
+    for key in sorted(keys):
+        path = key.rpartition(".")[0]
+        module = base.get_submodule(path)
+        if type(module) not in _PLAIN_MODULES:
+            _check_plain_module(path, module)
+    h = config.hidden_size
+    for i, layer in enumerate(_submodule(base, tuple(layout.layers.split(".")))):
+        for name in layout.qkv:
+            weight = layer.get_submodule(name).weight
+            want = (h * 3 // len(layout.qkv), h)
+            if tuple(weight.shape) != want:
+                raise UnsupportedModelError(
+                    f"{layout.layers}.{i}.{name}.weight has shape {list(weight.shape)}, where hidden_size {h} asks "
+                    f"for {list(want)}: attention heads pruned from the weights are not supported"
+                )
+
+
+class _HooksRefused(collections.OrderedDict):
+    """The hook table of a module inside a swapped encoder: registering a hook there raises, since the swapped
+    forward never calls the module (transformers' output-capturing hooks excepted, and kept)."""
+
+    def __init__(self, path: str = "", hooks=()):
+        super().__init__()
+        self.path = path
+        for key, hook in hooks:
+            super().__setitem__(key, hook)
+
+    def __setitem__(self, key, value):
+        if _observer(value):
+            super().__setitem__(key, value)
+            return
+        raise RuntimeError(_not_run(self.path, "is inside a swapped encoder: a hook on it") + "; hook the swapped "
+                           "model itself, or call mtbert_fast.unswap(model) first")
+
+
+def _refuse_hooks(root: nn.Module, prefix: str = "") -> None:
+    """Gives every module under root (root too where a prefix names it) hook tables that refuse hooks."""
+    for path, module in root.named_modules(prefix=prefix):
+        if path:
+            for table in _HOOK_TABLES:
+                setattr(module, table, _HooksRefused(path, getattr(module, table).items()))
+
+
+def _allow_hooks(base: nn.Module) -> None:
+    for module in base.modules():
+        for table in _HOOK_TABLES:
+            hooks = getattr(module, table, None)
+            if isinstance(hooks, _HooksRefused):
+                setattr(module, table, collections.OrderedDict(hooks.items()))
+
+
 def _param(module: nn.Module, kind: str) -> torch.Tensor | None:
     """getattr(module, kind, None) for a parameter, without nn.Module.__getattr__'s Python fallback."""
     params = module._parameters
@@ -68,7 +182,7 @@ class _QKVFusion:
     """
 
     def __init__(self, linears: tuple[nn.Linear, nn.Linear, nn.Linear]):
-        self.linears = linears
+        self.linears = self.modules = linears
         self.fuse()
 
     def fuse(self) -> None:
@@ -116,9 +230,18 @@ class _FusedQKV:
 
     def __init__(self, linear: nn.Linear):
         self.linear = linear
+        self.modules = (linear,)
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.linear.weight, self.linear.bias
+
+
+def _unshare_qkv(qkv_keys: frozenset[str], module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """state_dict's post hook: a copy of each query/key/value weight and bias in place of its view of the fused
+    buffer, so that checkpoints never hold shared storage (the parameters themselves under keep_vars=True)."""
+    for key, value in state_dict.items():
+        if key.startswith(prefix) and key[len(prefix):] in qkv_keys and not isinstance(value, nn.Parameter):
+            state_dict[key] = value.clone()
 
 
 class _SwapState:
@@ -128,29 +251,70 @@ class _SwapState:
         self.layers_path = tuple(self.layout.layers.split("."))
         self.layer_paths = [tuple(name.split(".")) for _, name in self.layout.layer]
         self.backend = backend
+        self.qkv_paths = [tuple(name.split(".")) for name in self.layout.qkv]
+        self.qkv = [self._fusion(tuple(_submodule(layer, path) for path in self.qkv_paths))
+                    for layer in self.layers(base)]
         if len(self.layout.qkv) == 1:
-            self.qkv = [_FusedQKV(layer.get_submodule(self.layout.qkv[0])) for layer in self.layers(base)]
             qkv_keys = set()
         else:
-            self.qkv = [_QKVFusion(tuple(layer.get_submodule(n) for n in self.layout.qkv))
-                        for layer in self.layers(base)]
             qkv_keys = {f"{self.layout.layers}.{i}.{n}.{kind}" for i in range(len(self.qkv)) for n in self.layout.qkv
                         for kind in ("weight", "bias")}
 
-        def unshare_qkv(module, state_dict, prefix, local_metadata):
-            for key, value in state_dict.items():
-                if key.startswith(prefix) and key[len(prefix):] in qkv_keys:
-                    state_dict[key] = value.clone()
-
-        self.state_dict_hook = base.register_state_dict_post_hook(unshare_qkv)
+        self.state_dict_hook = base.register_state_dict_post_hook(functools.partial(_unshare_qkv, frozenset(qkv_keys)))
         self.int8: Int8State | None = None
         self.layer_cache = LayerCache()
 
     def layers(self, base: nn.Module) -> nn.ModuleList:
         return _submodule(base, self.layers_path)
 
+    def training_config(self, base: nn.Module) -> EncoderConfig:
+        """The config with the dropout rates the HF modules hold now, as HF's own forward would apply them (setting a
+        Dropout's p, or putting an Identity in its place, are the usual ways to change them); one rate per kind, since
+        the swapped encoder runs one rate for every layer."""
+        layers = [(f"{self.layout.layers}.{i}.", layer) for i, layer in enumerate(self.layers(base))]
+        attention = [(prefix, layer, path) for prefix, layer in layers for path in self.layout.attention_dropout]
+        hidden = [(prefix, layer, path) for prefix, layer in layers for path in self.layout.hidden_dropout]
+        embedding = [("", base, self.layout.embedding_dropout)]
+        groups = {"attention_probs_dropout_prob": attention}
+        if self.config.embedding_dropout_prob is None:  # the embeddings drop out at the hidden rate
+            groups["hidden_dropout_prob"] = embedding + hidden
+        else:
+            groups.update(hidden_dropout_prob=hidden, embedding_dropout_prob=embedding)
+        rates = {}
+        for field, places in groups.items():
+            found = {}
+            for prefix, module, path in places:
+                rate = _dropout_rate(module, path, prefix + path)
+                if rate is not None:
+                    found.setdefault(rate, prefix + path)
+            if len(found) > 1:
+                (p0, at0), (p1, at1) = list(found.items())[:2]
+                raise UnsupportedModelError(
+                    f"{at0} drops out with p={p0} but {at1} with p={p1}: the swapped encoder runs one rate for every "
+                    f"{field.removesuffix('_prob').replace('_', ' ')} (set them alike, or call mtbert_fast.unswap)"
+                )
+            if found:
+                rates[field] = next(iter(found))
+        if all(getattr(self.config, field) == rate for field, rate in rates.items()):
+            return self.config
+        return dataclasses.replace(self.config, **rates)
+
+    def _fusion(self, modules: tuple[nn.Module, ...]) -> _QKVFusion | _FusedQKV:
+        return _FusedQKV(modules[0]) if len(modules) == 1 else _QKVFusion(modules)
+
+    def _current_qkv(self, index: int, layer: nn.Module) -> _QKVFusion | _FusedQKV:
+        """Layer `index`'s query/key/value, fused afresh where a module was put in the place of one (a new plain
+        Linear is taken; anything else is refused by name)."""
+        fusion = self.qkv[index]
+        modules = tuple(_submodule(layer, path) for path in self.qkv_paths)
+        if any(m is not kept for m, kept in zip(modules, fusion.modules)):
+            for name, module in zip(self.layout.qkv, modules):
+                _check_plain_module(f"{self.layout.layers}.{index}.{name}", module)
+            fusion = self.qkv[index] = self._fusion(modules)
+        return fusion
+
     def release(self) -> None:
-        """Undo what the state did to the model: the state_dict hook, the shared QKV storage."""
+        """Undo what the state did to the model: the state_dict hook, the shared QKV storage, the refused hooks."""
         self.state_dict_hook.remove()
         for fusion in self.qkv:  # give each parameter its own storage again
             for lin in fusion.linears:
@@ -199,12 +363,33 @@ class _SwapState:
 
     def layer_weights(self, base: nn.Module) -> list[LayerWeights]:
         out = []
-        for layer, fusion in zip(self.layers(base), self.qkv):
+        for i, layer in enumerate(self.layers(base)):
+            fusion = self._current_qkv(i, layer)
             modules = [_submodule(layer, path) for path in self.layer_paths]
+            for (_, name), module in zip(self.layout.layer, modules):
+                _check_plain_module(f"{self.layout.layers}.{i}.{name}", module)
             # ModernBERT's first attn_norm is an Identity and its linears may have no bias: None there
             out.append(LayerWeights(*fusion.weights(), *(_param(m, kind) for m in modules
                                                          for kind in ("weight", "bias"))))
         return out
+
+
+def _dropout_rate(module: nn.Module, path: str, name: str) -> float | None:
+    """The dropout rate at `path` under module: a Dropout's p, 0 for an Identity in its place, or a float attribute
+    (ModernBERT's attention_dropout); None where the model has nothing there."""
+    obj = module
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+    if obj is None:
+        return None
+    if type(obj) is nn.Dropout:
+        return float(obj.p)
+    if type(obj) is nn.Identity:
+        return 0.0
+    if isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        return float(obj)
+    raise UnsupportedModelError(f"{name} is a {type(obj).__name__}, where the swapped encoder applies a plain dropout "
+                                "(torch.nn.Dropout, or an Identity for none)")
 
 
 def _embedding_weights(base: nn.Module, layout: HfLayout) -> EmbeddingWeights:
@@ -212,8 +397,15 @@ def _embedding_weights(base: nn.Module, layout: HfLayout) -> EmbeddingWeights:
     types, project = getattr(emb, "token_type_embeddings", None), getattr(base, "embeddings_project", None)
     norm = emb.get_submodule(layout.norm)
     positions = getattr(emb, "position_embeddings", None) if layout.positions else None
+    word = emb.get_submodule(layout.word)
+    for name, module in ((layout.word, word), ("token_type_embeddings", types), (layout.norm, norm),
+                         ("position_embeddings", positions)):
+        if module is not None:
+            _check_plain_module(f"embeddings.{name}", module)
+    if project is not None:
+        _check_plain_module("embeddings_project", project)
     return EmbeddingWeights(
-        emb.get_submodule(layout.word).weight,
+        word.weight,
         positions.weight if positions is not None else None,
         types.weight if types is not None else None,
         norm.weight,
@@ -262,7 +454,7 @@ def _swapped_forward(
             "output_attentions=True is not available after mtbert_fast.swap: the fused attention never forms the "
             "attention probabilities. Call mtbert_fast.unswap(model) to get them from HF's implementation."
         )
-    unknown = set(kwargs) - _IGNORED_KWARGS
+    unknown = {name for name, value in kwargs.items() if value is not None} - _IGNORED_KWARGS
     if unknown:
         raise TypeError(f"unexpected arguments for the swapped encoder: {', '.join(sorted(unknown))}")
     if output_hidden_states is None:
@@ -270,12 +462,16 @@ def _swapped_forward(
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
 
-    if not state.layout.token_types:  # HF's DistilBertModel takes token_type_ids in **kwargs and ignores them
+    # HF's DistilBertModel takes token_type_ids in **kwargs and ignores them, and DeBERTa-v2 without a token-type table
+    # (DeBERTa-v3's type_vocab_size 0) ignores them too: its tokenizer hands them out all the same
+    if not state.layout.token_types or state.config.type_vocab_size == 0:
         token_type_ids = None
     pooler = getattr(self, "pooler", None) if state.layout.pooler else None
+    if pooler is not None:
+        _check_plain_module("pooler.dense", pooler.dense)
     layers, stacks = state.run_layers(self)
     out = encode(
-        state.config,
+        state.training_config(self) if self.training else state.config,
         _embedding_weights(self, state.layout),
         layers,
         (pooler.dense.weight, pooler.dense.bias) if pooler is not None else None,
@@ -293,13 +489,16 @@ def _swapped_forward(
         stacks=stacks,
     )
     # after encode(), which has validated the mask
-    if pooler is not None and not out.packed.all_real and _first_column_padded(out.packed, attention_mask):
-        warnings.warn(
-            "left-padded batch: the swapped pooler reads each row's first real token, where HF's reads position 0 "
-            "(a padding slot), so pooler_output and the heads that read it differ from HF's there; pad on the right "
-            "(the BERT tokenizers' default) to match HF",
-            stacklevel=_caller_level(),
-        )
+    if not out.packed.all_real and _first_column_padded(out.packed, attention_mask):
+        if pooler is not None:
+            message = ("the swapped pooler reads each row's first real token, where HF's reads position 0 (a padding "
+                       "slot), so pooler_output and the heads that read it differ from HF's there")
+        else:
+            message = ("position 0 of last_hidden_state is then a padding slot, zeros after the swap where HF's holds "
+                       "a padding token's state, so a head that reads position 0 (the classification heads of "
+                       "RoBERTa, ELECTRA, DistilBERT, DeBERTa, ModernBERT) differs from HF's there")
+        warnings.warn(f"left-padded batch: {message}; pad on the right (these tokenizers' default) to match HF",
+                      stacklevel=_caller_level())
     fields = {"last_hidden_state": out.last_hidden_state, "hidden_states": out.hidden_states}
     if state.layout.pooler:
         fields["pooler_output"] = out.pooler_output
@@ -312,28 +511,35 @@ def _first_column_padded(packed: PackedBatch, attention_mask: torch.Tensor) -> b
     return known if known is not None else bool((attention_mask[:, 0] == 0).any())
 
 
-def _forward_with_signature(hf_forward) -> types.FunctionType:
-    """A forward that keeps HF's signature (as inspect.signature shows it and as positional arguments map to it)
-    and runs `_swapped_forward`: a swapped BertModel is called exactly as before."""
-    signature = inspect.signature(hf_forward)
-    params = list(signature.parameters.values())[1:]
-    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    any_keyword = any(p.kind is p.VAR_KEYWORD for p in params)
+class _SwappedForward:
+    """A swapped base model's forward: HF's signature (as inspect.signature shows it and as positional arguments map
+    to it) around `_swapped_forward`, so that a swapped BertModel is called exactly as before. Kept on the module
+    itself, and pickled, copied and deep-copied along with it."""
 
-    def forward(self, *args, **kwargs):
-        if not args and (any_keyword or kwargs.keys() <= named):  # keywords alone: bind would hand them on as given
-            return _swapped_forward(self, **kwargs)
-        arguments = signature.bind(self, *args, **kwargs).arguments
-        arguments.pop(next(iter(signature.parameters)))
-        for name, param in signature.parameters.items():
+    def __init__(self, module: nn.Module, hf_forward):
+        self.module, self.hf_forward = module, hf_forward
+        signature = inspect.signature(hf_forward)
+        self.signature = signature
+        params = list(signature.parameters.values())[1:]
+        self.__signature__ = signature.replace(parameters=params)
+        self.named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        self.any_keyword = any(p.kind is p.VAR_KEYWORD for p in params)
+
+    def __reduce__(self):
+        return _SwappedForward, (self.module, self.hf_forward)
+
+    def __call__(self, *args, **kwargs):
+        module = self.module
+        if not args and (self.any_keyword or kwargs.keys() <= self.named):  # keywords alone: bound as given
+            return _swapped_forward(module, **kwargs)
+        arguments = self.signature.bind(module, *args, **kwargs).arguments
+        arguments.pop(next(iter(self.signature.parameters)))
+        for name, param in self.signature.parameters.items():
             if param.kind is param.VAR_KEYWORD:
                 arguments.update(arguments.pop(name, {}))
             elif param.kind is param.VAR_POSITIONAL and arguments.pop(name, ()):
-                raise TypeError(f"{type(self).__name__}.forward got unexpected positional arguments")
-        return _swapped_forward(self, **arguments)
-
-    forward.__signature__ = signature
-    return forward
+                raise TypeError(f"{type(module).__name__}.forward got unexpected positional arguments")
+        return _swapped_forward(module, **arguments)
 
 
 def _hf_models(model: nn.Module) -> list[nn.Module]:
@@ -375,9 +581,10 @@ def swap(
     bases = [_base_model(m) for m in _hf_models(model)]
     requested_backend(backend)
     for base in bases:  # refuses unsupported configs before anything changes
-        EncoderConfig.from_hf(base.config)
+        config = EncoderConfig.from_hf(base.config)
         if hasattr(base, _STATE):
             raise RuntimeError(f"{type(model).__name__} is already swapped; call mtbert_fast.unswap(model) first")
+        _check_encoder_modules(base, config, LAYOUTS[config.family])
     check_model_dtype(dtype)
     int8 = dtype == torch.qint8
     if calibration is not None and not int8:
@@ -398,7 +605,8 @@ def swap(
         raise
     for base, state in zip(bases, states):
         setattr(base, _STATE, state)
-        base.forward = types.MethodType(_forward_with_signature(type(base).forward), base)
+        base.forward = _SwappedForward(base, type(base).forward)
+        _refuse_hooks(base)
     return model
 
 
@@ -409,6 +617,7 @@ def unswap(model: nn.Module) -> nn.Module:
         raise RuntimeError(f"{type(model).__name__} is not swapped")
     for base in bases:
         getattr(base, _STATE).release()
+        _allow_hooks(base)
         del base.forward
         delattr(base, _STATE)
     return model

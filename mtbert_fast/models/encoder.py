@@ -201,8 +201,11 @@ def _validate(
     position_ids: torch.Tensor | None,
     inputs_embeds: torch.Tensor | None,
     backend: str | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[int, int, PackedMask | None]:
-    """validate_inputs, also returning the mask's packing where pack_mask's kernel read it (_packed_mask)."""
+    """validate_inputs, also returning the mask's packing where pack_mask's kernel read it (_packed_mask).
+    vocab_size: the word table's rows, where the caller holds the table (it follows a resized table; the config's
+    count by default)."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids and inputs_embeds")
     if input_ids is not None:
@@ -224,10 +227,11 @@ def _validate(
     if shape[0] == 0 or shape[1] == 0:
         raise ValueError(f"empty batch: input shape {shape}")
     if input_ids is not None and input_ids.numel():
+        vocab = config.vocab_size if vocab_size is None else vocab_size
         lo, hi = (int(v) for v in torch.aminmax(input_ids))
-        if lo < 0 or hi >= config.vocab_size:
+        if lo < 0 or hi >= vocab:
             bad = lo if lo < 0 else hi
-            raise ValueError(f"input_ids hold token id {bad}, outside the vocabulary [0, {config.vocab_size})")
+            raise ValueError(f"input_ids hold token id {bad}, outside the vocabulary [0, {vocab})")
     if attention_mask is not None:
         if attention_mask.shape != shape:
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but the input is {shape}")
@@ -834,7 +838,8 @@ def encode(
         packed_mask = _packed_mask(attention_mask, backend)
     else:
         batch, seqlen, packed_mask = _validate(
-            config, device, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, backend
+            config, device, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, backend,
+            embeddings.word.shape[0],
         )
     if inputs_embeds is not None and inputs_embeds.dtype != embeddings.word.dtype:
         raise TypeError(f"inputs_embeds has dtype {inputs_embeds.dtype} but the model runs in {embeddings.word.dtype}")

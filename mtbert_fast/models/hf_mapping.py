@@ -40,7 +40,9 @@ class HfLayout:
     the embeddings have a token-type table; pooler: whether the base model can have a pooler; output: the
     transformers.modeling_outputs class the base model returns; relative_bias: the Embedding of relative position
     biases (MPNet's), or None; word, norm: the embeddings' table and LayerNorm; positions: whether the embeddings
-    have a position table; final_norm: the LayerNorm after the last layer (ModernBERT's), or None.
+    have a position table; final_norm: the LayerNorm after the last layer (ModernBERT's), or None;
+    attention_dropout, hidden_dropout: where a layer keeps the dropout of the attention probabilities and those of
+    its hidden states (Dropout modules, or a module's float attribute), embedding_dropout: the embeddings' Dropout.
     """
 
     layers: str
@@ -54,6 +56,9 @@ class HfLayout:
     norm: str = "LayerNorm"
     positions: bool = True
     final_norm: str | None = None
+    attention_dropout: tuple[str, ...] = ("attention.self.dropout",)
+    hidden_dropout: tuple[str, ...] = ("attention.output.dropout", "output.dropout")
+    embedding_dropout: str = "embeddings.dropout"
 
     def embedding_pairs(self, config: EncoderConfig) -> list[tuple[str, str]]:
         """(FastEmbeddings name, HF embeddings name) of every embedding weight."""
@@ -90,6 +95,8 @@ LAYOUTS = {
         token_types=False,
         pooler=False,
         output="BaseModelOutput",
+        attention_dropout=("attention.dropout",),
+        hidden_dropout=("ffn.dropout",),
     ),
     "mpnet": HfLayout(
         layers="encoder.layer",
@@ -100,6 +107,8 @@ LAYOUTS = {
         pooler=True,
         output="BaseModelOutputWithPooling",
         relative_bias="encoder.relative_attention_bias",
+        attention_dropout=("attention.attn.dropout",),
+        hidden_dropout=("attention.dropout", "output.dropout"),
     ),
     "modernbert": HfLayout(
         layers="layers",
@@ -113,6 +122,9 @@ LAYOUTS = {
         norm="norm",
         positions=False,
         final_norm="final_norm",
+        attention_dropout=("attn.attention_dropout", "attn.out_drop"),
+        hidden_dropout=("mlp.drop",),
+        embedding_dropout="embeddings.drop",
     ),
     "deberta": HfLayout(
         layers="encoder.layer",
@@ -121,6 +133,7 @@ LAYOUTS = {
         token_types=True,
         pooler=False,
         output="BaseModelOutput",
+        hidden_dropout=("attention.output.dropout", "output.dropout", "attention.self.pos_dropout"),
     ),
 }
 # DeBERTa's relative positions: (FastBertModel name, HF base-model name) of the table and its LayerNorm, and of each
@@ -199,6 +212,16 @@ def _qkv_kinds(config: EncoderConfig) -> tuple[str, ...]:
 def _qkv_keys(config: EncoderConfig, i: int, kind: str) -> list[str]:
     layout = LAYOUTS[config.family]
     return [f"{layout.layers}.{i}.{name}.{kind}" for name in layout.qkv]
+
+
+def hf_encoder_keys(config: EncoderConfig, has_pooler: bool) -> set[str]:
+    """The HF base model's keys of every weight the fast encoder reads: all of a supported model's parameters."""
+    keys = {hf for _, hf in _encoder_key_pairs(config)}
+    keys.update(key for i in range(config.num_hidden_layers) for kind in _qkv_kinds(config)
+                for key in _qkv_keys(config, i, kind))
+    if has_pooler:
+        keys.update(("pooler.dense.weight", "pooler.dense.bias"))
+    return keys
 
 
 def fast_state_dict_from_hf(

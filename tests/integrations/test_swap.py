@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import pickle
 
 import pytest
 import torch
@@ -274,6 +275,33 @@ def test_keyword_calls_mean_what_bound_ones_do(model_backend, bert_config, make_
         model(input_ids=ids, bogus=1)
     with pytest.raises(TypeError, match="unexpected arguments for the swapped encoder: bogus"):
         model(ids, bogus=1)
+    with torch.no_grad():  # an argument given as None is no argument (older callers pass head_mask=None)
+        none = model(input_ids=ids, attention_mask=mask, token_type_ids=types, head_mask=None)
+    assert torch.equal(none.last_hidden_state, keywords.last_hidden_state)
+    with pytest.raises(TypeError, match="unexpected arguments for the swapped encoder: head_mask"):
+        model(input_ids=ids, head_mask=torch.ones(config.num_attention_heads))
+
+
+def test_resized_vocabulary_is_read_from_the_table(bert_config, make_hf, ragged_batch):
+    """Token ids are checked against the word table the model holds now: after resize_token_embeddings the new ids
+    run (as in HF), and an id past the table names the table's size."""
+    config = bert_config()
+    model = make_hf(BertModel, config)
+    vocab = config.vocab_size
+    swap(model)
+    model.resize_token_embeddings(vocab + 3)  # also sets config.vocab_size
+    ids, mask = ragged_batch(config, [5, 8])
+    ids[0, 1] = vocab + 2
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask).last_hidden_state
+        unswap(model)
+        ref = model(ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=1e-5)
+    swap(model)
+    ids[0, 1] = vocab + 3
+    with pytest.raises(ValueError, match=rf"token id {vocab + 3}, outside the vocabulary \[0, {vocab + 3}\)"):
+        model(ids, attention_mask=mask)
 
 
 @pytest.mark.parametrize("cls", [BertModel, BertForSequenceClassification, RobertaForMaskedLM],
@@ -376,16 +404,25 @@ def test_swap_unswap_swap(bert_config, make_hf, ragged_batch, assert_close):
         assert_close(model(ids, attention_mask=mask).logits, ref)
 
 
-def test_deepcopy_of_swapped_model(bert_config, make_hf, ragged_batch, assert_close):
-    """A deep copy is swapped on its own: it runs on its own weights, and unswapping it leaves the original swapped."""
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_copies_of_a_swapped_model(how, bert_config, make_hf, ragged_batch, assert_close, tmp_path):
+    """A deep copy, a pickle (multiprocessing) or torch.save of the whole model is swapped on its own: it runs on its
+    own weights, and unswapping it leaves the original swapped."""
     config = bert_config()
     model = make_hf(BertForSequenceClassification, config)
     ids, mask = ragged_batch(config, [7, 15, 2])
     with torch.no_grad():
         ref = model(ids, attention_mask=mask).logits
         swap(model)
-        twin = copy.deepcopy(model)
-        assert is_swapped(twin) and twin.bert.forward.__self__ is twin.bert
+        if how == "deepcopy":
+            twin = copy.deepcopy(model)
+        elif how == "pickle":
+            twin = pickle.loads(pickle.dumps(model))
+        else:
+            torch.save(model, tmp_path / "model.pt")
+            twin = torch.load(tmp_path / "model.pt", weights_only=False)
+        assert is_swapped(twin) and twin.bert.forward.module is twin.bert
+        assert_close(twin(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
         twin.bert.encoder.layer[1].attention.self.value.weight.mul_(2.0)  # must not reach the original
         changed = twin(ids, attention_mask=mask).logits
         assert_close(model(ids, attention_mask=mask).logits, ref)
@@ -394,6 +431,16 @@ def test_deepcopy_of_swapped_model(bert_config, make_hf, ragged_batch, assert_cl
         assert not is_swapped(twin) and is_swapped(model)
         assert_close(twin(ids, attention_mask=mask).logits, changed)
         assert_close(model(ids, attention_mask=mask).logits, ref)
+
+
+def test_state_dict_keep_vars_gives_the_parameters(bert_config, make_hf):
+    """state_dict(keep_vars=True) hands out the parameters themselves, as HF's does; the plain state_dict copies the
+    query/key/value views of the fused buffer, so that a checkpoint holds no shared storage."""
+    model = swap(make_hf(BertForSequenceClassification, bert_config()))
+    query = model.bert.encoder.layer[0].attention.self.query.weight
+    assert model.state_dict(keep_vars=True)["bert.encoder.layer.0.attention.self.query.weight"] is query
+    plain = model.state_dict()["bert.encoder.layer.0.attention.self.query.weight"]
+    assert torch.equal(plain, query) and plain.data_ptr() != query.data_ptr()
 
 
 def test_swap_twice_and_unswap_twice_raise(bert_config, make_hf):
@@ -696,6 +743,18 @@ def test_left_padding_warns_that_the_pooler_differs(bert_config, make_hf, ragged
     assert {w.filename for w in [*got, *got_task]} == {__file__}
 
 
+def test_left_padding_warns_without_a_pooler(roberta_config, make_hf, ragged_batch):
+    """RoBERTa's classification head reads position 0 of last_hidden_state, a padding slot in a left-padded batch
+    (zeros after the swap, a padding token's state in HF): the logits differ from HF's there, and the call says so."""
+    config = roberta_config()
+    model = make_hf(RobertaForSequenceClassification, config)
+    ids, mask = ragged_batch(config, [5, 9])
+    swap(model)
+    with torch.no_grad(), pytest.warns(UserWarning, match="left-padded batch: position 0 of last_hidden_state") as got:
+        model(input_ids=ids.flip(1), attention_mask=mask.flip(1))
+    assert {w.filename for w in got} == {__file__}
+
+
 @pytest.mark.parametrize("family", ["xlm-roberta", "camembert"])
 def test_roberta_architecture_families(family, model_backend, roberta_config, make_hf, ragged_batch,
                                        assert_tokens_close, assert_close):
@@ -714,3 +773,154 @@ def test_roberta_architecture_families(family, model_backend, roberta_config, ma
         ref = task(ids, attention_mask=mask).logits
         swap(task, backend=model_backend)
         assert_close(task(ids, attention_mask=mask).logits, ref)
+
+
+class _Adapted(nn.Module):
+    """A LoRA-style wrapper: the wrapped Linear plus a low-rank update, as peft's adapters wrap one."""
+
+    def __init__(self, base: nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False)
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+def test_adapters_and_hooks_are_refused_by_name(bert_config, make_hf):
+    """The swapped forward reads the weights of the encoder's modules without calling them: an adapter wrapping a
+    linear, a hook on a submodule or a forward set on one would be left out without a word, so swap refuses each by
+    name, and leaves the model as it was."""
+    config = bert_config()
+    query = "encoder.layer.0.attention.self.query"
+    model = make_hf(BertModel, config)
+    layer = model.encoder.layer[0]
+    layer.attention.self.query = _Adapted(layer.attention.self.query)
+    with pytest.raises(UnsupportedModelError, match=rf"parameters that are no weights of a bert encoder "
+                                                    rf"\({query}\.base_layer\.weight, {query}\.base_layer\.bias, "
+                                                    rf"{query}\.lora_A\.weight, {query}\.lora_B\.weight\)"):
+        swap(model)
+    assert not is_swapped(model)
+
+    model = make_hf(BertModel, config)
+    handle = model.encoder.layer[1].output.register_forward_hook(lambda module, args, out: out * 2)
+    with pytest.raises(UnsupportedModelError, match="encoder.layer.1.output has a forward hook, but the swapped "
+                                                    "encoder reads its modules' weights without calling the modules"):
+        swap(model)
+    handle.remove()
+    model.encoder.layer[1].intermediate.dense.forward = lambda x: x
+    with pytest.raises(UnsupportedModelError, match="encoder.layer.1.intermediate.dense has its own forward"):
+        swap(model)
+    del model.encoder.layer[1].intermediate.dense.forward
+    swap(model)
+    assert is_swapped(model)
+
+
+def test_hooks_and_replaced_modules_after_swap(bert_config, make_hf, ragged_batch):
+    """After the swap, a hook on a module inside the encoder is refused where it is registered; a plain Linear put in
+    the place of a query is read (the outputs follow it, as HF's do); a wrapper put there is refused by name at the
+    next call, with or without autograd. transformers' own output-capturing hooks stay where they were."""
+    config = bert_config()
+    model = make_hf(BertForSequenceClassification, config)
+    ids, mask = ragged_batch(config, [6, 9])
+    with torch.no_grad():
+        model(ids, attention_mask=mask, output_hidden_states=True)  # HF leaves its output-capturing hooks on layers
+    layer = model.bert.encoder.layer[0]
+    hf_hooks = dict(layer._forward_hooks)
+    assert hf_hooks
+    swap(model)
+    with pytest.raises(RuntimeError, match="encoder.layer.0.attention.output.dense is inside a swapped encoder: a "
+                                           "hook on it.*would never run"):
+        layer.attention.output.dense.register_forward_hook(lambda module, args, out: out)
+    with pytest.raises(RuntimeError, match="encoder.layer.0 is inside a swapped encoder"):
+        layer.register_forward_pre_hook(lambda module, args: None)
+    with pytest.raises(RuntimeError, match="encoder.layer.0.output.LayerNorm is inside a swapped encoder"):
+        layer.output.LayerNorm.register_full_backward_hook(lambda module, grad_in, grad_out: None)
+
+    replacement = nn.Linear(config.hidden_size, config.hidden_size)
+    layer.attention.self.query = replacement
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask).logits
+        unswap(model)
+        ref = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert dict(layer._forward_hooks) == hf_hooks  # kept through swap and unswap
+
+    swap(model)
+    layer.attention.self.key = _Adapted(layer.attention.self.key)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), pytest.raises(
+            UnsupportedModelError, match=r"encoder.layer.0.attention.self.key is a .*_Adapted, where the swapped "
+                                         r"encoder reads the weights of a plain torch.nn module"):
+            model(ids, attention_mask=mask)
+    layer.attention.self.key = layer.attention.self.key.base_layer
+    model.bert.embeddings.word_embeddings = _Adapted(nn.Linear(2, 2))
+    with pytest.raises(UnsupportedModelError, match="embeddings.word_embeddings is a .*_Adapted"):
+        model(ids, attention_mask=mask)
+
+
+def test_pruned_heads_are_refused_by_name(bert_config, make_hf):
+    """Heads pruned by shrinking the query/key/value linears leave weights of another shape than the config's."""
+    config = bert_config()
+    model = make_hf(BertModel, config)
+    h = config.hidden_size
+    model.encoder.layer[1].attention.self.query = nn.Linear(h, h - config.hidden_size // config.num_attention_heads)
+    with pytest.raises(UnsupportedModelError, match=rf"encoder.layer.1.attention.self.query.weight has shape "
+                                                    rf"\[{h - h // config.num_attention_heads}, {h}\], where "
+                                                    rf"hidden_size {h} asks for \[{h}, {h}\]"):
+        swap(model)
+
+
+_DROPOUT_FAMILIES = {
+    "bert": ("bert_config", BertModel),
+    "distilbert": ("distilbert_config", "DistilBertModel"),
+    "mpnet": ("mpnet_config", "MPNetModel"),
+    "deberta": ("deberta_config", "DebertaV2Model"),
+    "modernbert": ("modernbert_config", "ModernBertModel"),
+}
+
+
+@pytest.mark.parametrize("family", list(_DROPOUT_FAMILIES))
+def test_dropout_rates_follow_the_modules(family, request, make_hf, ragged_batch):
+    """In training, the swapped encoder takes its dropout rates from the HF modules, as HF's forward does: with every
+    Dropout's p set to 0 (or an Identity put in its place) a training call is deterministic and matches HF's; rates
+    that differ between layers are refused by name."""
+    import transformers
+
+    fixture, cls = _DROPOUT_FAMILIES[family]
+    cls = getattr(transformers, cls) if isinstance(cls, str) else cls
+    config = request.getfixturevalue(fixture)()
+    model = make_hf(cls, config)
+    ids, mask = ragged_batch(config, [6, 9])
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    if family == "modernbert":
+        for layer in model.layers:
+            layer.attn.attention_dropout = 0.0
+    model.train()
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).last_hidden_state
+        swap(model)
+        first = model(ids, attention_mask=mask).last_hidden_state
+        second = model(ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first[real], ref[real], atol=1e-4, rtol=1e-4)
+    state = model._mtbert_fast_swap
+    assert state.training_config(model).hidden_dropout_prob == 0.0
+    assert state.training_config(model).attention_probs_dropout_prob == 0.0
+
+    dropouts = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Dropout)]
+    name, module = dropouts[-1]
+    module.p = 0.25
+    with pytest.raises(UnsupportedModelError, match=rf"{name} with p=0.25: the swapped encoder runs one rate"):
+        model(ids, attention_mask=mask)
+    model.eval()
+    with torch.no_grad():  # inference applies no dropout: nothing to refuse
+        model(ids, attention_mask=mask)

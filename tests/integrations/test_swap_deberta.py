@@ -221,3 +221,19 @@ def test_refusals_by_name(deberta_config, make_hf):
     legacy_off = make_hf(DebertaV2ForMaskedLM, deberta_config(legacy=False))
     with pytest.raises(UnsupportedModelError, match="DebertaV2ForMaskedLM with legacy=False"):
         MultiTaskBert.from_hf_heads({"mlm": legacy_off})
+
+
+def test_token_types_without_a_table_are_ignored_as_hf_does(deberta_config, make_hf, ragged_batch):
+    """DeBERTa-v3 has no token-type table (type_vocab_size 0), yet its tokenizer hands out token_type_ids: HF's
+    embeddings ignore them, and so does the swapped encoder."""
+    config = deberta_config()
+    assert config.type_vocab_size == 0
+    model = _model(make_hf, DebertaV2Model, config)
+    ids, mask = ragged_batch(config, [9, 12])
+    types = torch.ones_like(ids)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        swap(model)
+        out = model(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(out[real], ref[real], atol=1e-4, rtol=1e-4)
