@@ -554,3 +554,26 @@ def assert_swap_refused():
             assert torch.equal(model(ids, attention_mask=mask).logits, ref)
 
     return check
+
+
+class _Adapted(torch.nn.Module):
+    """A LoRA-style wrapper of a Linear: the wrapped layer plus a low-rank update, as peft's adapters wrap one."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.lora_B = torch.nn.Linear(rank, base.out_features, bias=False)
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+@pytest.fixture
+def adapted():
+    """The class of a LoRA-style wrapper (`adapted(linear)`), which the fast encoder must refuse by name."""
+    return _Adapted

@@ -10,7 +10,6 @@ into one [3H, H] buffer that the three parameters view, so the fused QKV GEMM ne
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import inspect
@@ -28,6 +27,9 @@ from mtbert_fast.models.encoder import (
 )
 from mtbert_fast.models.hf_mapping import HF_PREFIXES, LAYOUTS, HfLayout, hf_encoder_keys
 from mtbert_fast.models.int8 import DEFAULT_SMOOTHING, check_model_dtype
+from mtbert_fast.models.plain_modules import (
+    PLAIN_MODULES, allow_hooks, check_plain_module, check_runs_plain, refuse_hooks,
+)
 from mtbert_fast.ops.dispatch import requested_backend
 
 _STATE = "_mtbert_fast_swap"
@@ -55,52 +57,6 @@ def _submodule(module: nn.Module, path: tuple[str, ...]) -> nn.Module:
     return module
 
 
-# The module classes whose weights the swapped forward reads in place of calling them: exactly these, since a
-# subclass or a wrapper (a LoRA adapter, a quantized linear) computes something else with them.
-_PLAIN_MODULES = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.Identity)
-_HOOK_TABLES = {"_forward_hooks": "forward hook", "_forward_pre_hooks": "forward pre-hook",
-                "_backward_hooks": "backward hook", "_backward_pre_hooks": "backward pre-hook"}
-
-
-def _observer(hook) -> bool:
-    """transformers' own output-capturing hooks, which it leaves on the layers once a call asked for hidden states:
-    they record outputs only inside HF's forward, and do nothing otherwise."""
-    return getattr(hook, "__module__", None) == "transformers.utils.output_capturing"
-
-
-def _not_run(path: str, what: str) -> str:
-    return (f"{path} {what}, but the swapped encoder reads its modules' weights without calling the modules, so it "
-            "would never run")
-
-
-def _check_runs_plain(path: str, module: nn.Module) -> None:
-    """Refuses, by name, a module whose call would do more than its weights say: hooks, or a forward replaced on the
-    instance (as accelerate's offloading does)."""
-    for table, kind in _HOOK_TABLES.items():
-        if not all(map(_observer, getattr(module, table, {}).values())):
-            raise UnsupportedModelError(_not_run(path, f"has a {kind}") + "; remove it before mtbert_fast.swap, or "
-                                        "hook the model itself")
-    if "forward" in module.__dict__:
-        raise UnsupportedModelError(_not_run(path, "has its own forward, set on the instance") + "; swap the model "
-                                    "without it")
-
-
-def _check_plain_module(path: str, module: nn.Module) -> None:
-    """A module whose weights the swapped forward reads: one of _PLAIN_MODULES exactly, running plain. Checked on
-    every forward that reads it: at once where the module's hook tables are the swap's (a module that was there at
-    swap time), in full for a module put in since, whose hook tables then become the swap's."""
-    if type(module) in _PLAIN_MODULES and type(module.__dict__.get("_forward_hooks")) is _HooksRefused:
-        return
-    if type(module) not in _PLAIN_MODULES:
-        raise UnsupportedModelError(
-            f"{path} is a {type(module).__module__}.{type(module).__qualname__}, where the swapped encoder reads the "
-            f"weights of a plain torch.nn module in place of calling it (a wrapper such as a LoRA adapter would be "
-            f"left out); merge adapters into the weights first (peft's merge_and_unload), or call mtbert_fast.unswap"
-        )
-    _check_runs_plain(path, module)
-    _refuse_hooks(module, path)
-
-
 def _check_encoder_modules(base: nn.Module, config: EncoderConfig, layout: HfLayout) -> None:
     """Refuses what the swapped forward would leave out without a word: parameters that are none of the encoder's
     weights (adapters, added modules), weight modules that are not plain torch.nn modules, hooks and replaced forwards
@@ -115,12 +71,12 @@ def _check_encoder_modules(base: nn.Module, config: EncoderConfig, layout: HfLay
         )
     for path, module in base.named_modules():
         if module is not base:
-            _check_runs_plain(path, module)
+            check_runs_plain(path, module)
     for key in sorted(keys):
         path = key.rpartition(".")[0]
         module = base.get_submodule(path)
-        if type(module) not in _PLAIN_MODULES:
-            _check_plain_module(path, module)
+        if type(module) not in PLAIN_MODULES:
+            check_plain_module(path, module)
     h = config.hidden_size
     for i, layer in enumerate(_submodule(base, tuple(layout.layers.split(".")))):
         for name in layout.qkv:
@@ -131,40 +87,6 @@ def _check_encoder_modules(base: nn.Module, config: EncoderConfig, layout: HfLay
                     f"{layout.layers}.{i}.{name}.weight has shape {list(weight.shape)}, where hidden_size {h} asks "
                     f"for {list(want)}: attention heads pruned from the weights are not supported"
                 )
-
-
-class _HooksRefused(collections.OrderedDict):
-    """The hook table of a module inside a swapped encoder: registering a hook there raises, since the swapped
-    forward never calls the module (transformers' output-capturing hooks excepted, and kept)."""
-
-    def __init__(self, path: str = "", hooks=()):
-        super().__init__()
-        self.path = path
-        for key, hook in hooks:
-            super().__setitem__(key, hook)
-
-    def __setitem__(self, key, value):
-        if _observer(value):
-            super().__setitem__(key, value)
-            return
-        raise RuntimeError(_not_run(self.path, "is inside a swapped encoder: a hook on it") + "; hook the swapped "
-                           "model itself, or call mtbert_fast.unswap(model) first")
-
-
-def _refuse_hooks(root: nn.Module, prefix: str = "") -> None:
-    """Gives every module under root (root too where a prefix names it) hook tables that refuse hooks."""
-    for path, module in root.named_modules(prefix=prefix):
-        if path:
-            for table in _HOOK_TABLES:
-                setattr(module, table, _HooksRefused(path, getattr(module, table).items()))
-
-
-def _allow_hooks(base: nn.Module) -> None:
-    for module in base.modules():
-        for table in _HOOK_TABLES:
-            hooks = getattr(module, table, None)
-            if isinstance(hooks, _HooksRefused):
-                setattr(module, table, collections.OrderedDict(hooks.items()))
 
 
 def _param(module: nn.Module, kind: str) -> torch.Tensor | None:
@@ -309,7 +231,7 @@ class _SwapState:
         modules = tuple(_submodule(layer, path) for path in self.qkv_paths)
         if any(m is not kept for m, kept in zip(modules, fusion.modules)):
             for name, module in zip(self.layout.qkv, modules):
-                _check_plain_module(f"{self.layout.layers}.{index}.{name}", module)
+                check_plain_module(f"{self.layout.layers}.{index}.{name}", module)
             fusion = self.qkv[index] = self._fusion(modules)
         return fusion
 
@@ -367,7 +289,7 @@ class _SwapState:
             fusion = self._current_qkv(i, layer)
             modules = [_submodule(layer, path) for path in self.layer_paths]
             for (_, name), module in zip(self.layout.layer, modules):
-                _check_plain_module(f"{self.layout.layers}.{i}.{name}", module)
+                check_plain_module(f"{self.layout.layers}.{i}.{name}", module)
             # ModernBERT's first attn_norm is an Identity and its linears may have no bias: None there
             out.append(LayerWeights(*fusion.weights(), *(_param(m, kind) for m in modules
                                                          for kind in ("weight", "bias"))))
@@ -401,9 +323,9 @@ def _embedding_weights(base: nn.Module, layout: HfLayout) -> EmbeddingWeights:
     for name, module in ((layout.word, word), ("token_type_embeddings", types), (layout.norm, norm),
                          ("position_embeddings", positions)):
         if module is not None:
-            _check_plain_module(f"embeddings.{name}", module)
+            check_plain_module(f"embeddings.{name}", module)
     if project is not None:
-        _check_plain_module("embeddings_project", project)
+        check_plain_module("embeddings_project", project)
     return EmbeddingWeights(
         word.weight,
         positions.weight if positions is not None else None,
@@ -468,7 +390,7 @@ def _swapped_forward(
         token_type_ids = None
     pooler = getattr(self, "pooler", None) if state.layout.pooler else None
     if pooler is not None:
-        _check_plain_module("pooler.dense", pooler.dense)
+        check_plain_module("pooler.dense", pooler.dense)
     layers, stacks = state.run_layers(self)
     out = encode(
         state.training_config(self) if self.training else state.config,
@@ -606,7 +528,7 @@ def swap(
     for base, state in zip(bases, states):
         setattr(base, _STATE, state)
         base.forward = _SwappedForward(base, type(base).forward)
-        _refuse_hooks(base)
+        refuse_hooks(base)
     return model
 
 
@@ -617,7 +539,7 @@ def unswap(model: nn.Module) -> nn.Module:
         raise RuntimeError(f"{type(model).__name__} is not swapped")
     for base in bases:
         getattr(base, _STATE).release()
-        _allow_hooks(base)
+        allow_hooks(base)
         del base.forward
         delattr(base, _STATE)
     return model

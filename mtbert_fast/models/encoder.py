@@ -21,6 +21,7 @@ from mtbert_fast.models.int8 import (
     DEFAULT_SMOOTHING, InputStats, Int8LayerWeights, ParameterWatch, Stacks, calibration_batches, check_int8_device,
     check_int8_dtype, check_model_dtype, check_smoothing, gram_passes, int8_layer_forward, int8_stack, quantize_layers,
 )
+from mtbert_fast.models.plain_modules import check_plain_module, refuse_hooks
 from mtbert_fast.models.weight_pack import onednn_dtype, onednn_weight, panel_weight
 from mtbert_fast.models.weight_pack import releases as pack_releases
 from mtbert_fast.ops import (
@@ -1011,6 +1012,9 @@ class FastEmbeddings(nn.Module):
         self.project = nn.Linear(e, config.hidden_size) if e != config.hidden_size else None
 
     def weights(self) -> EmbeddingWeights:
+        for name, module in self._modules.items():
+            if module is not None:
+                check_plain_module(f"embeddings.{name}", module)
         types, project, positions = self.token_type_embeddings, self.project, self.position_embeddings
         return EmbeddingWeights(
             self.word_embeddings.weight,
@@ -1067,12 +1071,16 @@ class FastBertLayer(nn.Module):
         """(key weight, key bias, query weight, query bias) of DisentangledWeights.layers for this layer."""
         return disentangled_projections(config, self.qkv.weight, self.qkv.bias, self.pos_key, self.pos_query)
 
-    def weights(self) -> LayerWeights:
+    def weights(self, path: str = "layer") -> LayerWeights:
+        """The layer's weights, its modules checked to be plain ones (models/plain_modules.py; `path` names them)."""
         # read from the module dictionaries: each nn.Module attribute read costs a Python __getattr__, and an
         # inference forward reads every layer's weights
         modules = self._modules
-        return LayerWeights(*(t for name in ("qkv", "attn_out", "attn_norm", "ffn_in", "ffn_out", "ffn_norm")
-                              for t in _weight_and_bias(modules.get(name))))
+        names = ("qkv", "attn_out", "attn_norm", "ffn_in", "ffn_out", "ffn_norm", "pos_key", "pos_query")
+        for name in names:
+            if modules.get(name) is not None:
+                check_plain_module(f"{path}.{name}", modules[name])
+        return LayerWeights(*(t for name in names[:6] for t in _weight_and_bias(modules.get(name))))
 
 
 class FastBertModel(nn.Module):
@@ -1121,6 +1129,8 @@ class FastBertModel(nn.Module):
         self._layer_cache = LayerCache()
         self._init_weights()
         self.to(device=device, dtype=dtype)
+        # forward reads the submodules' weights and never calls them: a hook on one would never run
+        refuse_hooks(self)
 
     def _init_weights(self, std: float = 0.02) -> None:
         """BERT's initialization: normal(0, 0.02) matrices and embeddings, zero biases, unit LayerNorm."""
@@ -1155,11 +1165,14 @@ class FastBertModel(nn.Module):
     ) -> EncoderOutput:
         """input_ids [B, L]; attention_mask [B, L] of 0/1 (default: all real). inputs_checked: `check_inputs`
         has passed these very inputs, so they are not checked again."""
+        for name in ("pooler", "final_norm", "relative_attention_bias", "rel_embeddings", "rel_norm"):
+            if self._modules.get(name) is not None:
+                check_plain_module(name, self._modules[name])
         pooler = (self.pooler.weight, self.pooler.bias) if self.pooler is not None else None
         if self.int8 is not None:
             layers, stacks = self.int8.current(self.layers), self.int8.stacks
         else:
-            layers, stacks = self._layer_cache.current(self.layers, lambda: [layer.weights() for layer in self.layers])
+            layers, stacks = self._layer_cache.current(self.layers, self._layer_weights)
         return encode(
             self.config,
             self.embeddings.weights(),
@@ -1179,6 +1192,9 @@ class FastBertModel(nn.Module):
             disentangled=self._disentangled(),
             stacks=stacks,
         )
+
+    def _layer_weights(self) -> list[LayerWeights]:
+        return [layer.weights(f"layers.{i}") for i, layer in enumerate(self.layers)]
 
     def _disentangled(self) -> DisentangledWeights | None:
         if not self.config.disentangled:
@@ -1203,7 +1219,7 @@ class FastBertModel(nn.Module):
         SmoothQuant's alpha (0: none). Inference only: a quantized model refuses train mode.
         """
         with torch.no_grad():
-            layers = [layer.weights() for layer in self.layers]
+            layers = self._layer_weights()
         int8 = quantize_encoder(self.config, self.embeddings.weights(), layers, calibration, smoothing, self.backend,
                                 self._relative_attention_bias())
         self.int8 = Int8State(int8, self.layers)

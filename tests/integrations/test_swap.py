@@ -775,24 +775,7 @@ def test_roberta_architecture_families(family, model_backend, roberta_config, ma
         assert_close(task(ids, attention_mask=mask).logits, ref)
 
 
-class _Adapted(nn.Module):
-    """A LoRA-style wrapper: the wrapped Linear plus a low-rank update, as peft's adapters wrap one."""
-
-    def __init__(self, base: nn.Linear, rank: int = 2):
-        super().__init__()
-        self.base_layer = base
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False)
-
-    @property
-    def weight(self):
-        return self.base_layer.weight
-
-    def forward(self, x):
-        return self.base_layer(x) + self.lora_B(self.lora_A(x))
-
-
-def test_adapters_and_hooks_are_refused_by_name(bert_config, make_hf):
+def test_adapters_and_hooks_are_refused_by_name(bert_config, make_hf, adapted):
     """The swapped forward reads the weights of the encoder's modules without calling them: an adapter wrapping a
     linear, a hook on a submodule or a forward set on one would be left out without a word, so swap refuses each by
     name, and leaves the model as it was."""
@@ -800,7 +783,7 @@ def test_adapters_and_hooks_are_refused_by_name(bert_config, make_hf):
     query = "encoder.layer.0.attention.self.query"
     model = make_hf(BertModel, config)
     layer = model.encoder.layer[0]
-    layer.attention.self.query = _Adapted(layer.attention.self.query)
+    layer.attention.self.query = adapted(layer.attention.self.query)
     with pytest.raises(UnsupportedModelError, match=rf"parameters that are no weights of a bert encoder "
                                                     rf"\({query}\.base_layer\.weight, {query}\.base_layer\.bias, "
                                                     rf"{query}\.lora_A\.weight, {query}\.lora_B\.weight\)"):
@@ -809,7 +792,7 @@ def test_adapters_and_hooks_are_refused_by_name(bert_config, make_hf):
 
     model = make_hf(BertModel, config)
     handle = model.encoder.layer[1].output.register_forward_hook(lambda module, args, out: out * 2)
-    with pytest.raises(UnsupportedModelError, match="encoder.layer.1.output has a forward hook, but the swapped "
+    with pytest.raises(UnsupportedModelError, match="encoder.layer.1.output has a forward hook, but mtbert_fast's "
                                                     "encoder reads its modules' weights without calling the modules"):
         swap(model)
     handle.remove()
@@ -821,7 +804,7 @@ def test_adapters_and_hooks_are_refused_by_name(bert_config, make_hf):
     assert is_swapped(model)
 
 
-def test_hooks_and_replaced_modules_after_swap(bert_config, make_hf, ragged_batch):
+def test_hooks_and_replaced_modules_after_swap(bert_config, make_hf, ragged_batch, adapted):
     """After the swap, a hook on a module inside the encoder is refused where it is registered; a plain Linear put in
     the place of a query is read (the outputs follow it, as HF's do); a wrapper put there is refused by name at the
     next call, with or without autograd. transformers' own output-capturing hooks stay where they were."""
@@ -834,12 +817,12 @@ def test_hooks_and_replaced_modules_after_swap(bert_config, make_hf, ragged_batc
     hf_hooks = dict(layer._forward_hooks)
     assert hf_hooks
     swap(model)
-    with pytest.raises(RuntimeError, match="encoder.layer.0.attention.output.dense is inside a swapped encoder: a "
+    with pytest.raises(RuntimeError, match="encoder.layer.0.attention.output.dense is inside a fast encoder: a "
                                            "hook on it.*would never run"):
         layer.attention.output.dense.register_forward_hook(lambda module, args, out: out)
-    with pytest.raises(RuntimeError, match="encoder.layer.0 is inside a swapped encoder"):
+    with pytest.raises(RuntimeError, match="encoder.layer.0 is inside a fast encoder"):
         layer.register_forward_pre_hook(lambda module, args: None)
-    with pytest.raises(RuntimeError, match="encoder.layer.0.output.LayerNorm is inside a swapped encoder"):
+    with pytest.raises(RuntimeError, match="encoder.layer.0.output.LayerNorm is inside a fast encoder"):
         layer.output.LayerNorm.register_full_backward_hook(lambda module, grad_in, grad_out: None)
 
     replacement = nn.Linear(config.hidden_size, config.hidden_size)
@@ -852,14 +835,14 @@ def test_hooks_and_replaced_modules_after_swap(bert_config, make_hf, ragged_batc
     assert dict(layer._forward_hooks) == hf_hooks  # kept through swap and unswap
 
     swap(model)
-    layer.attention.self.key = _Adapted(layer.attention.self.key)
+    layer.attention.self.key = adapted(layer.attention.self.key)
     for grad in (False, True):
         with torch.set_grad_enabled(grad), pytest.raises(
-            UnsupportedModelError, match=r"encoder.layer.0.attention.self.key is a .*_Adapted, where the swapped "
+            UnsupportedModelError, match=r"encoder.layer.0.attention.self.key is a .*_Adapted, where mtbert_fast's "
                                          r"encoder reads the weights of a plain torch.nn module"):
             model(ids, attention_mask=mask)
     layer.attention.self.key = layer.attention.self.key.base_layer
-    model.bert.embeddings.word_embeddings = _Adapted(nn.Linear(2, 2))
+    model.bert.embeddings.word_embeddings = adapted(nn.Linear(2, 2))
     with pytest.raises(UnsupportedModelError, match="embeddings.word_embeddings is a .*_Adapted"):
         model(ids, attention_mask=mask)
 

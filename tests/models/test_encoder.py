@@ -14,6 +14,7 @@ import json
 
 import pytest
 import torch
+import torch.nn as nn
 from transformers import (
     AlbertConfig,
     AlbertModel,
@@ -546,3 +547,39 @@ def test_encoder_config_round_trip(bert_config, roberta_config, tmp_path):
         path = tmp_path / f"{family}.json"
         path.write_text(json.dumps(cfg.to_dict()))
         assert EncoderConfig.from_json_file(path) == cfg
+
+
+def test_modules_are_read_not_called(bert_config, make_hf, ragged_batch, adapted):
+    """FastBertModel reads its submodules' weights into the fused kernels and never calls them: a hook on one is
+    refused where it is registered, a wrapper put in place of one (a LoRA adapter) is refused by name at the next call,
+    with or without autograd, and a plain Linear put in place is read. Hooks on the model itself run."""
+    config = bert_config()
+    model = FastBertModel.from_hf(make_hf(BertModel, config)).eval()
+    ids, mask = ragged_batch(config, [6, 9])
+    with pytest.raises(RuntimeError, match="layers.1.ffn_in is inside a fast encoder: a hook on it, but mtbert_fast's "
+                                           "encoder reads its modules' weights without calling the modules"):
+        model.layers[1].ffn_in.register_forward_hook(lambda module, args, out: out)
+    with pytest.raises(RuntimeError, match="embeddings.LayerNorm is inside a fast encoder"):
+        model.embeddings.LayerNorm.register_forward_pre_hook(lambda module, args: None)
+    seen = []
+    model.register_forward_hook(lambda module, args, out: seen.append(out))
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).last_hidden_state
+    assert len(seen) == 1
+
+    replacement = nn.Linear(config.hidden_size, config.hidden_size)
+    model.layers[0].attn_out = replacement
+    with torch.no_grad():
+        replaced = model(ids, attention_mask=mask).last_hidden_state
+        assert not torch.equal(replaced, ref)
+        model.layers[0].attn_out = adapted(replacement)
+        with pytest.raises(UnsupportedModelError, match=r"layers.0.attn_out is a .*_Adapted, where mtbert_fast's "
+                                                        r"encoder reads the weights of a plain torch.nn module"):
+            model(ids, attention_mask=mask)
+    with pytest.raises(UnsupportedModelError, match=r"layers.0.attn_out is a .*_Adapted"):
+        model(ids, attention_mask=mask)
+    model.layers[0].attn_out = replacement
+    with pytest.raises(RuntimeError, match="layers.0.attn_out is inside a fast encoder"):  # guarded once read
+        with torch.no_grad():
+            model(ids, attention_mask=mask)
+            replacement.register_forward_hook(lambda module, args, out: out)
