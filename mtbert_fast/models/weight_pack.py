@@ -54,7 +54,9 @@ def _layout(w: torch.Tensor) -> tuple:
 
 
 def _packable(w: torch.Tensor) -> bool:
-    return w.device.type == "cpu" and not w.is_inference() and not (w.requires_grad and torch.is_grad_enabled())
+    # not while torch.compile traces: the cache, keyed on id(w), would make it guard on every weight and recompile
+    return (w.device.type == "cpu" and not w.is_inference() and not (w.requires_grad and torch.is_grad_enabled())
+            and not torch.compiler.is_compiling())
 
 
 def _cached(kind: str, w: torch.Tensor, make) -> torch.Tensor:

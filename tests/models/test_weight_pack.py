@@ -129,6 +129,16 @@ def test_inference_tensors_and_grad_weights_are_not_packed():
     assert pack_count() == 1
 
 
+def test_nothing_is_packed_while_torch_compile_traces(monkeypatch):
+    """The pack cache is keyed on id(weight): traced, it would make torch.compile guard on every weight and recompile
+    past its limit, so a traced call takes the weight as it is."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    w = torch.randn(32, 16)
+    with torch.no_grad():
+        assert onednn_weight(w) is w and panel_weight(w) is None
+    assert pack_count("onednn") == pack_count("panels") == 0
+
+
 def test_pack_is_freed_with_its_weight():
     w = torch.randn(32, 16)
     onednn_weight(w)
