@@ -116,9 +116,10 @@ def _describe(t: Any) -> str:
 
 
 def _tensor(task: str, what: str, t: Any, shape: tuple[int, ...], expected: str, kind: str) -> torch.Tensor:
-    """t must be a tensor of `shape` whose dtype is of `kind` ("int", "float", "number", "bool")."""
+    """t must be a tensor of `shape` whose dtype is of `kind` ("int": signed, so that the ignore index -100 is one;
+    "float", "number", "bool")."""
     ok_dtype = isinstance(t, torch.Tensor) and {
-        "int": not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool),
+        "int": t.dtype.is_signed and not (t.dtype.is_floating_point or t.dtype.is_complex),
         "float": t.dtype.is_floating_point,
         "number": not t.dtype.is_complex,
         "bool": t.dtype == torch.bool,

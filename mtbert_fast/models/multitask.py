@@ -56,6 +56,9 @@ class MultiTaskBert(nn.Module):
         for task, head in heads.items():
             if not isinstance(task, str) or not task or "." in task:
                 raise ValueError(f"task names must be non-empty strings without '.', got {task!r}")
+            if hasattr(nn.ModuleDict(), task):
+                raise ValueError(f"task name {task!r} is the name of an nn.ModuleDict attribute, which the heads are "
+                                 "kept in: choose another name")
             if not isinstance(head, Head):
                 raise TypeError(f"head for task {task!r} is a {type(head).__name__}, not a mtbert_fast Head")
             if head.hidden_size is not None and head.hidden_size != config.hidden_size:

@@ -26,6 +26,8 @@ import math
 import os
 from typing import Any
 
+import torch.nn as nn
+
 from mtbert_fast.train.samplers import SAMPLERS
 
 
@@ -337,6 +339,9 @@ def _check_task(t: TaskSpec, base_dir: str, problems: list[str]) -> None:
     where = f"task {t.name!r}"
     if not t.name or not t.name.replace("_", "").replace("-", "").isalnum():
         problems.append(f"{where}: a task name must be letters, digits, '_' or '-'")
+    elif hasattr(nn.ModuleDict(), t.name):
+        problems.append(f"{where}: the name of an nn.ModuleDict attribute, which the model's heads are kept in; "
+                        "choose another name")
     if t.kind not in KINDS:
         problems.append(f"{where}: unknown kind {t.kind!r}; known kinds: {', '.join(KINDS)}")
         return

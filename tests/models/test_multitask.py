@@ -419,6 +419,10 @@ def test_a_forward_checks_inputs_labels_and_positions_once(bert, check_calls):
     (dict(tasks="sentiment", labels={"sentiment": torch.zeros(4)}), ValueError,
      "labels for task 'sentiment' must be integer class indices of shape \\(4,\\), got torch.float32",
      "sentiment.check_labels"),
+    # unsigned: the ignore index -100 would wrap around to a class id (156 in uint8)
+    (dict(tasks="sentiment", labels={"sentiment": torch.full((4,), 156, dtype=torch.uint8)}), ValueError,
+     "labels for task 'sentiment' must be integer class indices of shape \\(4,\\), got torch.uint8",
+     "sentiment.check_labels"),
     (dict(tasks="ner", labels={"ner": torch.full((4, SEQLEN), 5)}), ValueError,
      "labels for task 'ner' marks padding position \\(row 1, token 7\\)", "ner.check_labels"),
     (dict(tasks="ner", positions={"ner": torch.ones(4, SEQLEN, dtype=torch.bool)}), ValueError,
@@ -668,6 +672,9 @@ def test_head_and_weight_values_are_checked_when_built():
     for weight in (-1.0, float("nan"), float("inf"), "2"):
         with pytest.raises(ValueError, match=f"loss_weights\\['s'\\] must be a finite number >= 0, got"):
             MultiTaskBert(encoder, {"s": head}, {"s": weight})
+    for name in ("keys", "training", "forward", "update"):  # the heads live in an nn.ModuleDict
+        with pytest.raises(ValueError, match=f"task name '{name}' is the name of an nn.ModuleDict attribute"):
+            MultiTaskBert(encoder, {name: head})
     with pytest.raises(ValueError, match="single_label head with num_labels=1 has a cross-entropy of 0"):
         SequenceClassificationHead(64, 1)
     assert SequenceClassificationHead(64, 1, problem_type="regression").num_labels == 1

@@ -132,6 +132,7 @@ def test_structural_mistakes(files, no_work):
         (lambda c: c["training"].update(batch_size="16"), "batch_size must be an integer"),
         (lambda c: c["training"].pop("max_steps"), "needs max_steps or epochs"),
         (lambda c: c["tasks"].append(dict(c["tasks"][0])), "task name 'topic' is used 2 times"),
+        (lambda c: c["tasks"][0].update(name="keys"), "task 'keys': the name of an nn.ModuleDict attribute"),
         (lambda c: c["tasks"][0].update(columns={"tokens": "x"}), "does not use"),
         (lambda c: c["tasks"][0].update(labels=None), "give the label list"),
         (lambda c: c["tasks"][2].update(labels=["a"]), "takes no labels"),
