@@ -188,9 +188,39 @@ def validate_inputs(
     token_type_ids: torch.Tensor | None,
     position_ids: torch.Tensor | None,
     inputs_embeds: torch.Tensor | None,
+    *,
+    dtype: torch.dtype | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[int, int]:
-    """Checks every input and names the problem; returns (batch, seqlen). Nothing is computed on bad input."""
-    return _validate(config, device, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)[:2]
+    """Checks every input and names the problem; returns (batch, seqlen). Nothing is computed on bad input.
+    dtype: the model's, which inputs_embeds must have; vocab_size: its word table's rows (default: the config's).
+    Position ids past the model's table (a long sequence, or position_ids out of range) are refused here too."""
+    batch, seqlen, packed_mask = _validate(config, device, input_ids, attention_mask, token_type_ids, position_ids,
+                                           inputs_embeds, vocab_size=vocab_size)
+    if dtype is not None:
+        _check_embeds_dtype(inputs_embeds, dtype)
+    offset = config.position_padding_idx + 1 if config.position_padding_idx is not None else 0
+    uses_positions = config.pre_norm or config.position_biased_input
+    if uses_positions and (position_ids is not None or seqlen - 1 + offset >= config.max_position_embeddings):
+        packed_positions(config, input_ids, position_ids, _pack(attention_mask, packed_mask, batch, seqlen, device))
+    return batch, seqlen
+
+
+def _check_embeds_dtype(inputs_embeds: torch.Tensor | None, dtype: torch.dtype) -> None:
+    if inputs_embeds is not None and inputs_embeds.dtype != dtype:
+        raise TypeError(f"inputs_embeds has dtype {inputs_embeds.dtype} but the model runs in {dtype}")
+
+
+def _pack(attention_mask: torch.Tensor | None, packed_mask: PackedMask | None, batch: int, seqlen: int,
+          device: torch.device) -> PackedBatch:
+    """The batch's packing, from pack_mask's where it ran, else from the (validated) mask."""
+    if packed_mask is not None:
+        return packed_mask.batch(batch, seqlen)
+    if attention_mask is not None and attention_mask.dtype.is_floating_point:  # 0.0 / 1.0, as validated
+        attention_mask = attention_mask != 0
+    if attention_mask is None or bool(attention_mask.all()):
+        return PackedBatch.dense(batch, seqlen, device)
+    return PackedBatch(*unpad_indices(attention_mask), batch=batch, seqlen=seqlen)
 
 
 def _validate(
@@ -840,19 +870,10 @@ def encode(
     else:
         batch, seqlen, packed_mask = _validate(
             config, device, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, backend,
-            embeddings.word.shape[0],
+            vocab_size=embeddings.word.shape[0],
         )
-    if inputs_embeds is not None and inputs_embeds.dtype != embeddings.word.dtype:
-        raise TypeError(f"inputs_embeds has dtype {inputs_embeds.dtype} but the model runs in {embeddings.word.dtype}")
-    if packed_mask is not None:
-        packed = packed_mask.batch(batch, seqlen)
-    else:
-        if attention_mask is not None and attention_mask.dtype.is_floating_point:  # 0.0 / 1.0, as validated
-            attention_mask = attention_mask != 0
-        if attention_mask is None or bool(attention_mask.all()):
-            packed = PackedBatch.dense(batch, seqlen, device)
-        else:
-            packed = PackedBatch(*unpad_indices(attention_mask), batch=batch, seqlen=seqlen)
+    _check_embeds_dtype(inputs_embeds, embeddings.word.dtype)
+    packed = _pack(attention_mask, packed_mask, batch, seqlen, device)
 
     rel_bias = None
     if config.relative_attention_num_buckets is not None:
@@ -983,13 +1004,21 @@ class Int8State:
 
     def __init__(self, layers: list[Int8LayerWeights], source: nn.Module):
         self.layers, self.source = layers, ParameterWatch(source)
+        if len(self.source.versioned) != len(self.source.params):
+            # an inference tensor keeps no version counter: a write in place would leave the int8 copies stale unseen
+            raise RuntimeError(
+                "the layer weights are inference tensors (made under torch.inference_mode), whose in-place changes "
+                "cannot be seen, so int8 copies of them could go stale without a word: create or load the model "
+                "outside torch.inference_mode (calling it inside is fine), then quantize it")
         self.stacks = Stacks()
         self.releases = pack_releases()
 
     def current(self, source: nn.Module) -> list[Int8LayerWeights]:
         # release_packs() is how a write through weight.data, which nothing else sees, is announced
-        changed = "changed" if not self.source.unchanged(source) else (
-            "may have changed (release_packs() ran)" if pack_releases() != self.releases else None)
+        if not self.source.unchanged(source):
+            changed = "changed (written, replaced, or moved to another dtype or device)"
+        else:
+            changed = "may have changed (release_packs() ran)" if pack_releases() != self.releases else None
         if changed is not None:
             raise RuntimeError(f"the float weights {changed} after the model was quantized to int8, so its int8 "
                                "weights may be stale: quantize it again (a swapped HF model: unswap it and swap it "
@@ -1241,7 +1270,8 @@ class FastBertModel(nn.Module):
         """The checks `forward` runs on its inputs, without running it: (batch, seqlen), or an error naming the
         problem."""
         return validate_inputs(self.config, self.device, input_ids, attention_mask, token_type_ids, position_ids,
-                               inputs_embeds)
+                               inputs_embeds, dtype=self.dtype,
+                               vocab_size=self.embeddings.word_embeddings.num_embeddings)
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module, *, dtype=None, backend: str | None = None, calibration=None

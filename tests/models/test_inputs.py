@@ -160,6 +160,24 @@ def test_bad_input_is_refused(case, mask_check, target, good, monkeypatch):
         model(**kwargs)
 
 
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_check_inputs_refuses_what_forward_refuses(case, bert_config, make_hf, good):
+    """FastBertModel.check_inputs (which MultiTaskBert runs once before any compute) refuses every bad input with the
+    error forward gives, long sequences and position ids past the table included."""
+    config = bert_config(max_position_embeddings=MAX_POSITIONS)
+    model = FastBertModel.from_hf(make_hf(BertModel, config))
+    make, error, match = BAD_INPUTS[case]
+    with pytest.raises(error, match=match):
+        model.check_inputs(**make(*good))
+    too_long = torch.ones(1, MAX_POSITIONS + 1, dtype=torch.long)
+    for kwargs in (dict(input_ids=too_long), dict(inputs_embeds=torch.zeros(1, MAX_POSITIONS + 1, 64))):
+        with pytest.raises(ValueError, match=rf"a sequence of {MAX_POSITIONS + 1} tokens is longer"):
+            model.check_inputs(**kwargs)
+    padded = torch.ones(2, MAX_POSITIONS + 4, dtype=torch.long)
+    padded[1, MAX_POSITIONS:] = 0
+    assert model.check_inputs(too_long[:, :1].expand(2, MAX_POSITIONS + 4), padded[[1, 1]]) == (2, MAX_POSITIONS + 4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_float_mask_of_zeros_and_ones_equals_the_integer_mask(dtype, target, good):
     """HF takes a float 0.0/1.0 mask as it takes an integer one; so does the fast path (the int8 path's calibration

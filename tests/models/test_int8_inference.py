@@ -325,9 +325,19 @@ def test_a_failed_quantization_leaves_the_model_unswapped():
                .untyped_storage().data_ptr() for p in [model.encoder.layer[0].attention.self.query.weight])
 
 
-def test_a_model_built_under_inference_mode_quantizes(minilm_batch):
+def test_weights_made_under_inference_mode_are_refused(minilm_batch):
+    """Inference tensors keep no version counter, so a write in place (a state dict loaded under inference_mode) would
+    leave the int8 copies stale unseen: weights made under inference_mode are refused by name, before anything
+    changes. A model made outside it quantizes, and runs inside it."""
     with torch.inference_mode():
-        model = mtbert_fast.swap(_tiny_hf(), dtype=torch.qint8)
+        hf = _tiny_hf()
+        with pytest.raises(RuntimeError, match="the layer weights are inference tensors"):
+            mtbert_fast.swap(hf, dtype=torch.qint8)
+        assert not mtbert_fast.is_swapped(hf)
+        with pytest.raises(RuntimeError, match="the layer weights are inference tensors"):
+            FastBertModel.from_hf(hf).quantize()
+    model = mtbert_fast.swap(_tiny_hf(), dtype=torch.qint8)
+    with torch.inference_mode():
         out = model(input_ids=minilm_batch["input_ids"] % 50, attention_mask=minilm_batch["attention_mask"])
     assert torch.isfinite(out.last_hidden_state).all()
 
