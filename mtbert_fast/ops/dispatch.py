@@ -155,14 +155,15 @@ def _load_triton() -> None:
 
 def reason(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """Why `backend` cannot run `op` on this device and dtype, or None when it can."""
+    # TRITON_INTERPRET is read at every call (tests turn it on and off), and first: without it a CPU tensor never
+    # needs the Triton kernels imported (an import, which torch.compile cannot trace, and a fifth of a second)
+    if (backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"
+            and "triton" in registry.OPS[op].backends):
+        return f"{_TRITON_DEVICES}, got a cpu tensor"
     key = (backend, op, device.type, dtype)
     if key not in _reasons:  # a function of the key alone once the extension and Triton have loaded
         _reasons[key] = _reason(backend, op, device, dtype)
-    why = _reasons[key]
-    # TRITON_INTERPRET is read at every call: tests turn it on and off
-    if why is None and backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return f"{_TRITON_DEVICES}, got a cpu tensor"
-    return why
+    return _reasons[key]
 
 
 def _reason(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str | None:

@@ -22,12 +22,12 @@ nothing here imports Triton.
 
 from __future__ import annotations
 
-import functools
 import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _dispatch_mode
 
 NAMESPACE = "mtbert_fast"
 KERNEL_NAMESPACE = "mtbert_fast_C"
@@ -130,9 +130,15 @@ class Op:
             raise ValueError(f"op {self.name}: unknown backends {sorted(unknown)}")
         OPS[self.name] = self
         self._define(self.name, self.schema, self.schema, self._forward_impl, self.fake)
+        namespace = getattr(torch.ops, NAMESPACE)
+        # the dispatcher ops torch.ops.mtbert_fast.<name> (and <name>_backward): plain attributes, which torch.compile
+        # reads without a trace break (a cached_property takes a lock)
+        self.op: torch._ops.OpOverload = getattr(namespace, self.name).default
+        self.backward_op: torch._ops.OpOverload | None = None
         if self.backward_schema is not None:
             self._define(f"{self.name}_backward", self.backward_schema, self.cpp_backward_schema or self.backward_schema,
                          self._backward_impl, self.backward_fake)
+            self.backward_op = getattr(namespace, f"{self.name}_backward").default
         if self.backward is not None:
             torch.library.register_autograd(
                 f"{NAMESPACE}::{self.name}", self._autograd_backward, setup_context=self._autograd_setup, lib=_lib
@@ -146,24 +152,23 @@ class Op:
         _lib.define(name + _with_backend(schema))
         for key in ("CPU", "CUDA", *self.more_keys):
             _lib.impl(name, impl, key)
-        torch.library.register_fake(f"{NAMESPACE}::{name}", _drop_backend(fake), lib=_lib)
+        torch.library.register_fake(f"{NAMESPACE}::{name}", _drop_backend(fake, name), lib=_lib)
 
     def _forward_impl(self, *args):
-        *inputs, backend = args
+        *inputs, backend = _all_arguments(self.op, args)
         if backend == "auto":
-            backend = self._resolve(inputs)
+            backend = self._resolve(inputs[self.main])
         return self.kernel(backend)(*inputs)
 
     def _backward_impl(self, *args):
-        *inputs, backend = args
+        *inputs, backend = _all_arguments(self.backward_op, args)
         if backend == "auto":
-            backend = self._resolve(inputs)
+            backend = self._resolve(inputs[0])
         return self.kernel(backend, backward=True)(*inputs)
 
-    def _resolve(self, inputs) -> str:
+    def _resolve(self, tensor: torch.Tensor) -> str:
         from mtbert_fast.ops import dispatch
 
-        tensor = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
         backend = dispatch.choose(self.name, tensor)
         if backend == "reference":
             raise dispatch.BackendUnavailable(
@@ -180,16 +185,6 @@ class Op:
         return tuple(self.backward(ctx, *grads)) + (None,)
 
     # ---- kernels -----------------------------------------------------------------------------------------------
-
-    @functools.cached_property
-    def op(self) -> torch._ops.OpOverload:
-        """The dispatcher op torch.ops.mtbert_fast.<name>."""
-        return getattr(getattr(torch.ops, NAMESPACE), self.name).default
-
-    @functools.cached_property
-    def backward_op(self) -> torch._ops.OpOverload:
-        """The dispatcher op torch.ops.mtbert_fast.<name>_backward."""
-        return getattr(getattr(torch.ops, NAMESPACE), f"{self.name}_backward").default
 
     def kernel(self, backend: str, backward: bool = False) -> Callable:
         """The function that runs `backend`'s forward (or backward) kernel on the schema's arguments."""
@@ -218,12 +213,17 @@ class Op:
         """The op's result on the backend the dispatch chooses for these inputs (or the one `backend` forces)."""
         from mtbert_fast.ops import dispatch
 
-        chosen = dispatch.choose(self.name, inputs[self.main], backend)
+        main = inputs[self.main]
+        grad = torch.is_grad_enabled()
+        if grad and self.backward is None and _any_requires_grad(inputs):
+            raise RuntimeError(f"{self.name} has no backward (it runs inference only): call it under torch.no_grad() "
+                               "or torch.inference_mode()")
+        chosen = dispatch.choose(self.name, main, backend)
         if chosen == "reference":
             return self.reference(*inputs)
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if grad or torch.compiler.is_compiling() or type(main) is not torch.Tensor or _dispatch_mode() is not None:
             out = self.op(*inputs, chosen)
-        else:  # nothing to record for autograd or a graph: the kernel itself, without the dispatcher op's hop
+        else:  # nothing to record for autograd, a graph or a mode: the kernel itself, without the dispatcher op's hop
             out = self.kernel(chosen)(*inputs)
         if not isinstance(out, (tuple, list)):
             return out
@@ -246,8 +246,21 @@ def _with_backend(schema: str) -> str:
     return f"{args}, str backend='auto'{arrow}{outputs}"
 
 
-def _drop_backend(fake: Callable) -> Callable:
+def _all_arguments(op: torch._ops.OpOverload, args: tuple) -> tuple:
+    """args as the schema lists them: the dispatcher leaves out trailing arguments equal to their defaults (the
+    backend 'auto' among them) before it calls a Python kernel or fake."""
+    params = op._schema.arguments
+    return tuple(args) + tuple(p.default_value for p in params[len(args):])
+
+
+def _any_requires_grad(inputs: tuple) -> bool:
+    return any(t.requires_grad for x in inputs for t in (x if isinstance(x, (list, tuple)) else (x,))
+               if isinstance(t, torch.Tensor))
+
+
+def _drop_backend(fake: Callable, name: str) -> Callable:
     def fake_without_backend(*args):
-        return fake(*args[:-1])
+        op = getattr(getattr(torch.ops, NAMESPACE), name).default
+        return fake(*_all_arguments(op, args)[:-1])
 
     return fake_without_backend

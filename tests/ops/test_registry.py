@@ -229,6 +229,57 @@ def test_forced_backend_runs_its_kernel(op_name, backend, mode, monkeypatch):
     torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("op_name", CPP_OP_NAMES)
+def test_the_default_backend_reaches_kernel_and_fake(op_name):
+    """The dispatcher op called without its backend (the schema's 'auto', which the dispatcher leaves out of the
+    arguments it hands a Python kernel, with every other trailing default) runs the kernel the dispatch chooses for
+    the op's main input, and its fake plans the same outputs."""
+    op = registry.OPS[op_name]
+    args = _forward_args(op_name, "cpu")
+    want = _call(op.op, args, "cpu")
+    for got in (op.op(*args), op.op(*args, "auto")):
+        got = tuple(got) if isinstance(got, (tuple, list)) else (got,)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=0, rtol=0)
+    with FakeTensorMode() as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor)
+                     else [mode.from_tensor(t) for t in a] if isinstance(a, list) else a for a in args]
+        fake = op.op(*fake_args)
+    fake = tuple(fake) if isinstance(fake, (tuple, list)) else (fake,)
+    assert [(f.shape, f.dtype) for f in fake] == [(w.shape, w.dtype) for w in want]
+
+
+# int8_panel_sums and pack_mask take integer tensors alone, which cannot require grad
+@pytest.mark.parametrize("op_name", sorted(name for name, op in registry.OPS.items()
+                                           if op.backward is None and name not in ("int8_panel_sums", "pack_mask")))
+def test_ops_without_a_backward_refuse_inputs_that_require_grad(op_name):
+    """An op with no backward would hand back an output no gradient reaches (or, on the reference, one that does):
+    with grad enabled, an input that requires grad is refused by name, on every backend; without grad it runs."""
+    op = registry.OPS[op_name]
+    args = _forward_args(op_name, "cpu")
+    leaves = _grad_leaves(args, True)
+    if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in leaves):
+        leaves = [[t.detach().clone().requires_grad_(t.is_floating_point()) for t in a] if isinstance(a, list) else a
+                  for a in leaves]
+    for backend in ("cpu", "reference"):
+        with pytest.raises(RuntimeError, match=f"{op_name} has no backward \\(it runs inference only\\)"):
+            op(*leaves, backend=backend)
+    with torch.no_grad():
+        op(*leaves, backend="cpu")
+
+
+def test_no_grad_calls_trace_through_the_dispatcher_op():
+    """Under no_grad a call goes straight to the kernel, except while a dispatch mode traces it (FakeTensorMode,
+    make_fx), which only the dispatcher op (with its fake) can answer."""
+    x, b = rand(4, 8), rand(8)
+    with torch.no_grad():
+        with FakeTensorMode() as mode:
+            out = ops.bias_gelu(mode.from_tensor(x), mode.from_tensor(b), "none")
+        assert out.shape == (4, 8)
+        graph = torch.fx.experimental.proxy_tensor.make_fx(lambda x, b: ops.bias_gelu(x, b, "none"))(x, b)
+    assert "mtbert_fast.bias_gelu.default" in str(graph.graph)
+
+
 def test_opcheck(op_name, backend):
     """torch.library.opcheck of the dispatcher op (schema, fake against real: shapes, dtypes, strides; the autograd
     registration) on strided inputs, and of the backward op."""

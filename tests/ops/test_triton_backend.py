@@ -6,7 +6,7 @@ kernels read with unit stride."""
 
 from __future__ import annotations
 
-import sys
+import importlib
 
 import pytest
 import torch
@@ -18,7 +18,7 @@ from mtbert_fast.ops import reference, registry  # noqa: E402
 from mtbert_fast.ops.triton import _jit  # noqa: E402
 from op_testing import compare, packed, rand, rng_state  # noqa: E402
 
-attention_module = sys.modules["mtbert_fast.ops.triton.attention_varlen"]
+attention_module = importlib.import_module("mtbert_fast.ops.triton.attention_varlen")
 
 
 @pytest.fixture(autouse=True)
@@ -151,7 +151,7 @@ def test_kernels_compile_for_sm90(monkeypatch):
 
     monkeypatch.setattr(_jit.Kernel, "run", compile_launch)
     for module in ("attention_varlen", "mlm_gather_loss"):
-        monkeypatch.setattr(sys.modules[f"mtbert_fast.ops.triton.{module}"], "on_gpu", lambda t: True)
+        monkeypatch.setattr(importlib.import_module(f"mtbert_fast.ops.triton.{module}"), "on_gpu", lambda t: True)
 
     dt = torch.bfloat16
     x, b = rand(4, 768, dtype=dt).requires_grad_(), rand(768, dtype=dt).requires_grad_()
