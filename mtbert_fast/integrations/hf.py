@@ -75,7 +75,7 @@ def _check_encoder_modules(base: nn.Module, config: EncoderConfig, layout: HfLay
     for key in sorted(keys):
         path = key.rpartition(".")[0]
         module = base.get_submodule(path)
-        if type(module) not in PLAIN_MODULES:
+        if type(module) not in PLAIN_MODULES:  # for its message: on a plain module it would install the hook tables
             check_plain_module(path, module)
     h = config.hidden_size
     for i, layer in enumerate(_submodule(base, tuple(layout.layers.split(".")))):
@@ -185,6 +185,7 @@ class _SwapState:
         self.state_dict_hook = base.register_state_dict_post_hook(functools.partial(_unshare_qkv, frozenset(qkv_keys)))
         self.int8: Int8State | None = None
         self.layer_cache = LayerCache()
+        refuse_hooks(base)  # the swapped forward never calls the modules inside: a hook there would never run
 
     def layers(self, base: nn.Module) -> nn.ModuleList:
         return _submodule(base, self.layers_path)
@@ -235,8 +236,9 @@ class _SwapState:
             fusion = self.qkv[index] = self._fusion(modules)
         return fusion
 
-    def release(self) -> None:
+    def release(self, base: nn.Module) -> None:
         """Undo what the state did to the model: the state_dict hook, the shared QKV storage, the refused hooks."""
+        allow_hooks(base)
         self.state_dict_hook.remove()
         for fusion in self.qkv:  # give each parameter its own storage again
             for lin in fusion.linears:
@@ -522,13 +524,12 @@ def swap(
             if int8:
                 states[-1].quantize(base, calibration, smoothing)
     except Exception:
-        for state in states:
-            state.release()
+        for base, state in zip(bases, states):
+            state.release(base)
         raise
     for base, state in zip(bases, states):
         setattr(base, _STATE, state)
         base.forward = _SwappedForward(base, type(base).forward)
-        refuse_hooks(base)
     return model
 
 
@@ -538,8 +539,7 @@ def unswap(model: nn.Module) -> nn.Module:
     if not all(hasattr(base, _STATE) for base in bases):
         raise RuntimeError(f"{type(model).__name__} is not swapped")
     for base in bases:
-        getattr(base, _STATE).release()
-        allow_hooks(base)
+        getattr(base, _STATE).release(base)
         del base.forward
         delattr(base, _STATE)
     return model

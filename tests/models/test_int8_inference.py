@@ -323,6 +323,7 @@ def test_a_failed_quantization_leaves_the_model_unswapped():
     assert not mtbert_fast.is_swapped(model)
     assert all(p.untyped_storage().data_ptr() != model.encoder.layer[0].attention.self.key.weight
                .untyped_storage().data_ptr() for p in [model.encoder.layer[0].attention.self.query.weight])
+    model.encoder.layer[0].output.dense.register_forward_hook(lambda module, args, out: None)  # hooks allowed again
 
 
 def test_weights_made_under_inference_mode_are_refused(minilm_batch):
