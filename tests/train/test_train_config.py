@@ -51,6 +51,17 @@ def _error(config: dict) -> str:
     return str(info.value)
 
 
+def _one_task(files, task: dict) -> dict:
+    """The base config with `task` as its only task."""
+    config = syn.base_config(files, tasks=())
+    config["tasks"] = [task]
+    return config
+
+
+def _task_error(files, task: dict) -> str:
+    return _error(_one_task(files, task))
+
+
 def test_good_config_loads(files, no_work):
     config = load_config(syn.base_config(files, tasks=("topic", "tags", "lm", "docs", "span")))
     records = load_records(config)
@@ -183,9 +194,7 @@ def _topic_task(train_file, **spec):
 
 
 def _records(files, task):
-    config = syn.base_config(files, tasks=())
-    config["tasks"] = [task]
-    return load_records(load_config(config))["t"]
+    return load_records(load_config(_one_task(files, task)))["t"]
 
 
 def test_tsv_quotes_are_text_and_a_bom_is_not_a_column(tmp_path, files):
@@ -210,9 +219,7 @@ def test_row_values_that_would_train_wrongly_are_refused(tmp_path, files, no_wor
          dict(labels=None, num_labels=1, problem_type="regression"), "regression label nan is not a finite number"),
     ]
     for path, spec, expected in cases:
-        config = syn.base_config(files, tasks=())
-        config["tasks"] = [{**_topic_task(path), **spec}]
-        assert expected in _error(config), expected
+        assert expected in _task_error(files, {**_topic_task(path), **spec}), expected
     empty = syn.write_jsonl(str(tmp_path / "e.jsonl"), [{"tokens": [], "tags": []}])
     negative = syn.write_jsonl(str(tmp_path / "n.jsonl"),
                                [{"question": "w1", "context": "w2 w1", "answer": "w1", "answer_start": -2}])
@@ -225,9 +232,7 @@ def test_row_values_that_would_train_wrongly_are_refused(tmp_path, files, no_wor
         ({"name": "s", "kind": "span_extraction", "train_file": unanswerable}, "the row has no answer"),
     ]
     for task, expected in cases:
-        config = syn.base_config(files, tasks=())
-        config["tasks"] = [task]
-        assert expected in _error(config), expected
+        assert expected in _task_error(files, task), expected
 
 
 def test_rows_with_nothing_to_train_on_are_refused(tmp_path, files, no_work):
@@ -235,14 +240,10 @@ def test_rows_with_nothing_to_train_on_are_refused(tmp_path, files, no_work):
     token to mask: the check names each such row."""
     for blank in ("   ", " \n\t\n", [], ["", " "]):
         docs = syn.write_jsonl(str(tmp_path / "d.jsonl"), syn.doc_rows(4, random.Random(0)) + [{"text": blank}])
-        config = syn.base_config(files, tasks=())
-        config["tasks"] = [{"name": "p", "kind": "pretraining", "train_file": docs}]
         expected = f"task 'p': {docs} line 5: column 'text': the document holds no sentence"
-        assert expected in _error(config), blank
+        assert expected in _task_error(files, {"name": "p", "kind": "pretraining", "train_file": docs}), blank
     lm = syn.write_jsonl(str(tmp_path / "m.jsonl"), [{"text": "w1 w2"}, {"text": "  "}, {"text": "w3"}, {"text": "\t"}])
-    config = syn.base_config(files, tasks=())
-    config["tasks"] = [{"name": "m", "kind": "masked_lm", "train_file": lm}]
-    message = _error(config)
+    message = _task_error(files, {"name": "m", "kind": "masked_lm", "train_file": lm})
     for line in (2, 4):
         assert f"task 'm': {lm} line {line}: column 'text' holds only whitespace" in message
     assert f"{lm} line 1" not in message and f"{lm} line 3" not in message
@@ -264,9 +265,7 @@ def test_row_level_mistakes(tmp_path, files, no_work):
         ({"name": "p", "kind": "pretraining", "train_file": one_doc}, "at least two documents"),
     ]
     for task, expected in cases:
-        config = syn.base_config(files, tasks=())
-        config["tasks"] = [task]
-        assert expected in _error(config), expected
+        assert expected in _task_error(files, task), expected
 
 
 def test_yaml_and_json_files_give_the_same_config(tmp_path, files):
