@@ -362,19 +362,37 @@ def encode_task(task: TaskSpec, records: list[dict], tokenizer, max_length: int,
         return [{**f, "label": r["label"]} for f, r in zip(features, records)]
     if kind == "masked_lm":
         enc = tokenizer([r["text"] for r in records], **common)
+        empty = [i for i in range(len(records)) if all(enc["special_tokens_mask"][i])]
+        if empty:
+            # characters the tokenizer drops (zero-width marks, control characters): nothing to mask, and a batch of
+            # such rows would have a loss of NaN
+            raise ValueError(f"task {task.name!r}: {len(empty)} of {len(records)} rows make no token but the special "
+                             f"ones, row {empty[0]} ({records[empty[0]]['text'][:60]!r}) first: a masked-LM row needs "
+                             "a token to mask")
         _warn_truncated(task, enc.encodings, max_length, "the text past the cut is not trained on")
         return [_features(enc, i) for i in range(len(records))]
     if kind == "token_classification":
         enc = tokenizer([r["tokens"] for r in records], is_split_into_words=True, **common)
         _warn_truncated(task, enc.encodings, max_length, "the words past the cut, and their tags, are left out")
-        out = []
+        out, tokenless = [], []
         for i, r in enumerate(records):
             labels, previous = [], None
             for word in enc.word_ids(i):
                 # the first sub-word of each word carries its tag; the rest and the specials are ignored
                 labels.append(r["tags"][word] if word is not None and word != previous else IGNORE_INDEX)
                 previous = word
+            words = {w for w in enc.word_ids(i) if w is not None}
+            if not words:
+                raise ValueError(f"task {task.name!r}: row {i} ({r['tokens'][:8]!r}) makes no token but the special "
+                                 "ones: a row with nothing to tag would give its batch a loss of NaN")
+            if len(words) <= max(words):  # a word before the last one kept made no token
+                tokenless.append(i)
             out.append({**_features(enc, i), "token_labels": labels})
+        if tokenless:
+            first = records[tokenless[0]]["tokens"]
+            warnings.warn(f"task {task.name!r}: {len(tokenless)} of {len(records)} rows have words that make no token "
+                          f"(characters the tokenizer drops), row {tokenless[0]} ({first[:8]!r}) first: their tags "
+                          "are left out", stacklevel=2)
         return out
     if kind == "span_extraction":
         questions = [r["question"] for r in records]

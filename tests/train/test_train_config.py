@@ -351,6 +351,24 @@ def test_truncation_is_counted_and_a_question_too_long_is_named(files):
         encode_task(span, [{"question": "w1 " * 9, "context": "w2", "start_char": 0, "end_char": 2}], tok, 8)
 
 
+def test_rows_the_tokenizer_empties_are_named(files):
+    """Characters the tokenizer drops (zero-width spaces) leave a masked-LM row nothing to mask and a tagging row
+    nothing to tag: both are refused by row; a tagging word that makes no token loses its tag with a warning."""
+    tok = load_tokenizer(files["tokenizer"])
+    config = load_config(syn.base_config(files, tasks=("lm", "tags")))
+    lm, tags = config.tasks
+    with pytest.raises(ValueError, match=r"task 'lm': 1 of 2 rows make no token but the special ones, row 1 "
+                                         r"\('\\u200b \\u200b'\) first: a masked-LM row needs a token to mask"):
+        encode_task(lm, [{"text": "w1 w2"}, {"text": "\u200b \u200b"}], tok, 32)
+    with pytest.raises(ValueError, match=r"task 'tags': row 0 \(\['\\u200b'\]\) makes no token but the special ones"):
+        encode_task(tags, [{"tokens": ["\u200b"], "tags": [0]}], tok, 32)
+    with pytest.warns(UserWarning, match=r"task 'tags': 1 of 2 rows have words that make no token .* row 1 "
+                                         r"\(\['w1', '\\u200b', 'w2'\]\) first: their tags are left out"):
+        feats = encode_task(tags, [{"tokens": ["w1"], "tags": [0]},
+                                   {"tokens": ["w1", "\u200b", "w2"], "tags": [0, 1, 2]}], tok, 32)
+    assert [t for t in feats[1]["token_labels"] if t != IGNORE_INDEX] == [0, 2]
+
+
 def test_collate_pads_and_masks(files):
     tok = load_tokenizer(files["tokenizer"])
     config = load_config(syn.base_config(files, tasks=("lm", "docs")))
