@@ -466,9 +466,12 @@ def packed_positions(
     position_ids: torch.Tensor | None,
     packed: PackedBatch,
 ) -> torch.Tensor:
-    """Position id of every packed token, int64 [T], numbered as the HF model numbers them."""
+    """Position id of every packed token, int64 [T], numbered as the HF model numbers them. Ids that index a table
+    must lie inside it; rotary positions (ModernBERT) have no table, so only negative ones are refused, and a sequence
+    may run past max_position_embeddings as in HF."""
     b, l = packed.batch, packed.seqlen
     padding_idx = config.position_padding_idx
+    limit = None if config.pre_norm else config.max_position_embeddings
     if position_ids is not None:
         positions = packed.rows(position_ids.expand(b, l).long())
     elif padding_idx is not None and input_ids is not None:
@@ -482,14 +485,18 @@ def packed_positions(
             positions = positions + padding_idx + 1
         # every position is at most the last slot's (the largest where every row is real)
         last = l - 1 + (padding_idx + 1 if padding_idx is not None else 0)
-        if last < config.max_position_embeddings:
+        if limit is None or last < limit:
             return positions
         if packed.all_real:
             raise ValueError(
                 f"position id {last} is outside [0, {config.max_position_embeddings}): a sequence of {l} tokens "
                 "is longer than the model's max_position_embeddings allows"
             )
-    if positions.numel():
+    if positions.numel() and limit is None:
+        if bool(positions.min() < 0):
+            raise ValueError(f"position_ids hold negative values (down to {int(positions.min())}): rotary positions "
+                             "are counted from 0")
+    elif positions.numel():
         lo, hi = torch.aminmax(positions)
         if position_ids is not None and (lo < 0 or hi >= config.max_position_embeddings):
             raise ValueError(
@@ -703,7 +710,9 @@ class Rotary(NamedTuple):
 def rotary_for(config: EncoderConfig, packed: PackedBatch, position_ids: torch.Tensor | None) -> Rotary:
     """Positions as HF numbers them (0.. over the padded row, or position_ids) and tables long enough for them."""
     positions = packed_positions(config, None, position_ids, packed)
-    size = config.max_position_embeddings if position_ids is not None else packed.seqlen
+    size = packed.seqlen
+    if position_ids is not None:
+        size = max(config.max_position_embeddings, int(positions.max()) + 1 if positions.numel() else 0)
     device = positions.device
     thetas = {"full_attention": config.rope_theta, "sliding_attention": config.local_rope_theta}
     return Rotary(positions, {kind: rotary_tables(config.head_dim, size, thetas[kind], device)

@@ -85,18 +85,25 @@ def test_mean_pooled_classifier(model_backend, modernbert_config, make_hf, ragge
 
 @pytest.mark.all_threads
 def test_lengths_1_and_512(model_backend, modernbert_config, make_hf, hf_outputs, ragged_batch, compare_outputs):
-    """ModernBERT's own window (local_attention 128: 64 each side) on a 512-token row."""
+    """ModernBERT's own window (local_attention 128: 64 each side) on a 512-token row, and rows past
+    max_position_embeddings (512), which HF runs too: rotary positions index no table. Negative position_ids are
+    refused."""
     config = modernbert_config(local_attention=128)
     model = make_hf(ModernBertForTokenClassification, config)
     ids, mask = ragged_batch(config, [1, 512, 64], seed=2)
-    refs = hf_outputs(model, ids, attention_mask=mask)
+    longer = torch.randint(3, 997, (1, 530), generator=torch.Generator().manual_seed(3))
+    past = torch.arange(40).unsqueeze(0) + 500
+    cases = [((ids,), dict(attention_mask=mask), mask), ((longer,), {}, torch.ones_like(longer)),
+             ((longer[:, :40],), dict(position_ids=past), torch.ones_like(past))]
+    refs = [hf_outputs(model, *args, **kwargs) for args, kwargs, _ in cases]
     swap(model, backend=model_backend)
     with torch.no_grad():
-        out = model(ids, attention_mask=mask)
-        with pytest.raises(ValueError, match="a sequence of 513 tokens is longer than the model's"):
-            model(torch.randint(3, 997, (1, 513)))
-    for ref in refs.values():
-        compare_outputs(out, ref, {"logits": True}, mask)
+        outs = [model(*args, **kwargs) for args, kwargs, _ in cases]
+        with pytest.raises(ValueError, match=r"position_ids hold negative values \(down to -1\)"):
+            model(longer[:, :40], position_ids=past - 501)
+    for out, case_refs, (_, _, real) in zip(outs, refs, cases):
+        for ref in case_refs.values():
+            compare_outputs(out, ref, {"logits": True}, real)
 
 
 @pytest.mark.parametrize("variant", ["position_ids", "inputs_embeds", "float_mask", "no_mask", "left_padding"])
