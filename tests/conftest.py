@@ -50,6 +50,15 @@ def pytest_configure(config):
 
 
 @pytest.fixture
+def fresh_inductor():
+    """torch.compile from scratch, Inductor's caches off: a graph compiled with an earlier fake cannot stand in."""
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(force_disable_caches=True):
+        yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
 def one_thread_unless_marked(request):
     """One thread for tests of small models: they run fastest so and steady on a loaded machine, where two threads
     spin-wait on each tiny matrix product. Tests marked all_threads (real sizes, 512 tokens) keep torch's default, so

@@ -604,8 +604,9 @@ def _onednn_ok(x: torch.Tensor, w: Sequence[torch.Tensor | None], backend: str |
         return False
     if requested_backend(backend) not in ("auto", "cpu"):
         return False
-    # autocast does not reach oneDNN's op, and that op takes one dtype for activations and weights
-    if torch.is_autocast_enabled("cpu") or any(t.dtype != x.dtype for t in w):
+    # autocast does not reach oneDNN's op, and that op takes one dtype for activations and weights; inductor lowers
+    # it only for weights frozen into the graph as constants, so compiled code takes F.linear
+    if torch.is_autocast_enabled("cpu") or any(t.dtype != x.dtype for t in w) or torch.compiler.is_compiling():
         return False
     return not (torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in w)))
 

@@ -264,12 +264,12 @@ OP = Op(
     name="attention_varlen",
     # qkv [T, 3, heads, head_dim], cu_seqlens int32 [B+1], rel_bias fp32 [heads, 2R+1], pos_q / pos_k [heads, T, W],
     # pos_index int32 [2P+1] -> out [T, heads, head_dim], lse fp32 [heads, T] (the log-sum-exp of the full scores)
-    schema="(Tensor qkv, Tensor cu_seqlens, int max_seqlen, float scale, float dropout_p=0., Tensor? rng_state=None, "
+    schema="(Tensor qkv, Tensor cu_seqlens, SymInt max_seqlen, float scale, float dropout_p=0., Tensor? rng_state=None, "
            "Tensor? rel_bias=None, int window=-1, Tensor? pos_q=None, Tensor? pos_k=None, Tensor? pos_index=None) "
            "-> (Tensor, Tensor)",
     # -> grad_qkv [T, 3, heads, head_dim], grad_rel_bias fp32 [heads, 2R+1], grad_pos_q, grad_pos_k [heads, T, W]
     # (each [0] without its input)
-    backward_schema="(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, Tensor cu_seqlens, int max_seqlen, "
+    backward_schema="(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, Tensor cu_seqlens, SymInt max_seqlen, "
                     "float scale, float dropout_p=0., Tensor? rng_state=None, Tensor? rel_bias=None, int window=-1, "
                     "Tensor? pos_q=None, Tensor? pos_k=None, Tensor? pos_index=None) -> (Tensor, Tensor, Tensor, Tensor)",
     reference=reference.attention_varlen,

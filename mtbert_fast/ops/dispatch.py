@@ -127,12 +127,20 @@ def requested_backend(backend: str | None = None) -> str:
 def _triton_reason(op: str, device: torch.device) -> str | None:
     if "triton" not in registry.OPS[op].backends:
         return f"no Triton kernel for {op}"
-    _load_triton()
-    if _triton_import_error is not None:
-        return _triton_import_error
+    error = _triton_load_error()
+    if error is not None:
+        return error
     if device.type in ("cuda", "cpu"):
         return None
     return f"{_TRITON_DEVICES}, got a {device.type} tensor"
+
+
+@torch.compiler.assume_constant_result
+def _triton_load_error() -> str | None:
+    """_load_triton's outcome: None, or why the Triton backend cannot load. torch.compile runs it while tracing (an
+    import cannot be traced) and takes its result as a constant, as it is once the kernels have loaded or failed."""
+    _load_triton()
+    return _triton_import_error
 
 
 def _load_triton() -> None:

@@ -96,7 +96,7 @@ def fake_stack(x, cu_seqlens, max_seqlen, weights, heads, scale, eps, approximat
 
 # the schema of a stack of layers in one call: x [T, H], cu_seqlens int32 [B+1], each layer's weights, rel_bias fp32
 # [heads, 2R+1] -> [T, H]
-STACK_SCHEMA = ("(Tensor x, Tensor cu_seqlens, int max_seqlen, Tensor[] weights, int heads, float scale, float eps, "
+STACK_SCHEMA = ("(Tensor x, Tensor cu_seqlens, SymInt max_seqlen, Tensor[] weights, int heads, float scale, float eps, "
                 "str approximate, Tensor? rel_bias=None) -> Tensor")
 
 OP = Op(

@@ -148,7 +148,7 @@ class Op:
 
     def _define(self, name: str, schema: str, cpp_schema: str, impl: Callable, fake: Callable) -> None:
         if any(b in self.backends for b in ("cpu", "cuda")):
-            _kernel_lib.define(name + cpp_schema)
+            _kernel_lib.define(name + kernel_schema(cpp_schema))
         _lib.define(name + _with_backend(schema))
         for key in ("CPU", "CUDA", *self.more_keys):
             _lib.impl(name, impl, key)
@@ -236,6 +236,13 @@ class Op:
 
     def limits(self, backend: str) -> tuple[Limit, ...]:
         return self.backends[backend].limits if backend in self.backends else ()
+
+
+def kernel_schema(schema: str) -> str:
+    """The C++ kernels' schema of an op's: sizes that follow the data (max_seqlen, num_rows) are SymInt in the
+    dispatcher op, so that torch.compile keeps them symbolic instead of compiling once per value; the kernels take
+    them as int."""
+    return schema.replace("SymInt ", "int ")
 
 
 def _with_backend(schema: str) -> str:

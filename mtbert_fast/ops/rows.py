@@ -105,7 +105,7 @@ GATHER = Op(
 SCATTER = Op(
     name="scatter_rows",
     # x [N, ...], indices int64 [N] (distinct) -> out [num_rows, ...], zero where no index points
-    schema="(Tensor x, Tensor indices, int num_rows) -> Tensor",
+    schema="(Tensor x, Tensor indices, SymInt num_rows) -> Tensor",
     reference=reference.scatter_rows,
     backends=_ANY_DTYPE,
     fake=_fake_scatter,

@@ -481,6 +481,33 @@ def test_gradients_match_hf(model_backend, bert_config, make_hf, ragged_batch, a
         assert_grad_close(got["layers.0.qkv.weight"].grad[rows], expected["layers.0.qkv.weight"][rows], what=part)
 
 
+@pytest.mark.parametrize("kind", ["fast", "swapped"])
+def test_compiled_inference_follows_the_lengths(kind, bert_config, make_hf, ragged_batch, assert_tokens_close,
+                                                fresh_inductor):
+    """torch.compile(dynamic=True) of the model in inference: the products run as F.linear there (Inductor lowers
+    oneDNN's linear only for weights frozen into the graph), and batches of new lengths reuse the compiled code:
+    max_seqlen and the row counts stay symbolic, where an int in the ops' schemas compiled the layers once per length
+    until torch.compile's recompile limit sent them back to eager."""
+    from torch._dynamo.utils import counters
+
+    from mtbert_fast import swap
+
+    hf = make_hf(BertModel, bert_config())
+    model = FastBertModel.from_hf(hf) if kind == "fast" else swap(copy.deepcopy(hf))
+    compiled = torch.compile(model, dynamic=True)
+    counters.clear()
+    graphs = []
+    with torch.no_grad():
+        for seed, lengths in enumerate([[9, 4], [13, 13], [17, 2], [23, 11], [30, 30], [5, 3], [7, 7]]):
+            ids, mask = ragged_batch(hf.config, lengths, seed=seed)
+            out = compiled(ids, attention_mask=mask).last_hidden_state
+            assert_tokens_close(out, model(ids, attention_mask=mask).last_hidden_state, mask)
+            graphs.append(counters["stats"]["unique_graphs"])
+    # the first calls of each kind (ragged, every token real) fill the dispatch's caches, which the guards of the
+    # call before read as empty
+    assert graphs[3] == graphs[-1], graphs
+
+
 def test_train_mode_dropout(bert_config, make_hf, ragged_batch, assert_tokens_close, assert_close):
     ids_mask = ragged_batch(bert_config(), [8, 21, 3])
     mask = ids_mask[1]

@@ -78,12 +78,3 @@ def backend(request, monkeypatch):
     if runner.interpreted:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     return runner
-
-
-@pytest.fixture
-def fresh_inductor():
-    """torch.compile from scratch, Inductor's caches off: a graph compiled with an earlier fake cannot stand in."""
-    torch._dynamo.reset()
-    with torch._inductor.config.patch(force_disable_caches=True):
-        yield
-    torch._dynamo.reset()
