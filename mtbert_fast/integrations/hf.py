@@ -33,7 +33,9 @@ from mtbert_fast.models.plain_modules import (
 from mtbert_fast.ops.dispatch import requested_backend
 
 _STATE = "_mtbert_fast_swap"
-_IGNORED_KWARGS = {"use_cache", "cache", "past_key_values", "cache_position"}
+# what HF's encoders take and ignore: decoder caching, and the token count of a loss that transformers' Trainer hands
+# every model whose forward takes **kwargs (the task models pass it on to the base model)
+_IGNORED_KWARGS = {"use_cache", "cache", "past_key_values", "cache_position", "num_items_in_batch"}
 
 
 def _base_model(model: nn.Module) -> nn.Module:

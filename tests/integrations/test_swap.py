@@ -282,6 +282,24 @@ def test_keyword_calls_mean_what_bound_ones_do(model_backend, bert_config, make_
         model(input_ids=ids, head_mask=torch.ones(config.num_attention_heads))
 
 
+def test_trainer_loss_kwargs_are_taken(bert_config, make_hf, ragged_batch):
+    """transformers' Trainer passes num_items_in_batch to every model whose forward takes **kwargs, and the task
+    models pass it on to the base model, which ignores it: so does the swapped one. Packed-row kwargs are refused."""
+    config = bert_config()
+    hf = make_hf(BertForTokenClassification, config)
+    ids, mask = ragged_batch(config, [9, 5])
+    labels = torch.where(mask.bool(), ids % config.num_labels, torch.full_like(ids, -100))
+    kwargs = dict(attention_mask=mask, labels=labels, num_items_in_batch=torch.tensor(14))
+    with torch.no_grad():
+        ref = hf(ids, **kwargs)
+        model = swap(copy.deepcopy(hf))
+        out = model(ids, **kwargs)
+        torch.testing.assert_close(out.loss, ref.loss)
+        torch.testing.assert_close(out.logits[mask.bool()], ref.logits[mask.bool()])
+        with pytest.raises(TypeError, match="unexpected arguments for the swapped encoder: cu_seq_lens_q"):
+            model(ids, cu_seq_lens_q=torch.tensor([0, 9, 14], dtype=torch.int32))
+
+
 def test_resized_vocabulary_is_read_from_the_table(bert_config, make_hf, ragged_batch):
     """Token ids are checked against the word table the model holds now: after resize_token_embeddings the new ids
     run (as in HF), and an id past the table names the table's size."""
