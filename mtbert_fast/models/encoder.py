@@ -1023,6 +1023,18 @@ class Int8State:
         self.stacks = Stacks()
         self.releases = pack_releases()
 
+    def __getstate__(self) -> dict:
+        # release_packs() calls are counted per process: a copy or a pickle keeps only whether one ran since the
+        # quantization, and counts from the loading process's count
+        state = dict(self.__dict__)
+        state["releases"] = pack_releases() != self.releases
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        released = state.pop("releases")
+        self.__dict__.update(state)
+        self.releases = -1 if released else pack_releases()  # -1: never a count, so the release is reported
+
     def current(self, source: nn.Module) -> list[Int8LayerWeights]:
         # release_packs() is how a write through weight.data, which nothing else sees, is announced
         if not self.source.unchanged(source):
