@@ -463,7 +463,11 @@ def _load_masked_lm(head: MaskedLMHead, transform_dense: nn.Module, layer_norm: 
 
 
 def _tied(hf_model, decoder: nn.Linear) -> bool:
-    return torch.equal(decoder.weight, hf_model.base_model.get_input_embeddings().weight)
+    """Whether the decoder reads the word table itself (HF ties them as one parameter), not a copy of equal values,
+    which trains apart from it."""
+    weight, table = decoder.weight, hf_model.base_model.get_input_embeddings().weight
+    return weight is table or (weight.data_ptr() == table.data_ptr() and weight.shape == table.shape
+                               and weight.stride() == table.stride() and weight.device == table.device)
 
 
 def _masked_lm_from_hf(hf_model, encoder_config: EncoderConfig) -> MaskedLMHead:

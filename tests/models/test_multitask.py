@@ -664,6 +664,26 @@ def test_from_hf_heads_refuses_different_encoders(bert):
         MultiTaskBert.from_hf_heads({"x": transformers.BertForMultipleChoice(_config())})
 
 
+@pytest.mark.parametrize("cls", [transformers.BertForMaskedLM, transformers.BertForPreTraining])
+def test_an_untied_decoder_equal_to_the_word_table_stays_untied(cls, tmp_path):
+    """Tying follows HF's model (the decoder is the word table itself), never equal values: an untied decoder that
+    starts as a copy of the table trains apart from it, and exports untied."""
+    torch.manual_seed(0)
+    untied = cls(_config(tie_word_embeddings=False))
+    decoder = untied.get_output_embeddings()
+    with torch.no_grad():
+        decoder.weight.copy_(untied.get_input_embeddings().weight)
+    tied = cls(_config())
+    assert decoder.weight is not untied.get_input_embeddings().weight
+    for hf, want in ((untied, False), (tied, True)):
+        model = MultiTaskBert.from_hf_heads({"lm": hf})
+        head = model.heads["lm"]
+        assert (head.mlm if cls is transformers.BertForPreTraining else head).tied is want
+        model.export_hf("lm", tmp_path / str(want))
+        exported = cls.from_pretrained(tmp_path / str(want))
+        assert (exported.get_output_embeddings().weight is exported.get_input_embeddings().weight) is want
+
+
 def test_head_and_weight_values_are_checked_when_built():
     config = EncoderConfig(vocab_size=99, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
                            intermediate_size=128, max_position_embeddings=SEQLEN)
