@@ -71,6 +71,10 @@ def _check_encoder_modules(base: nn.Module, config: EncoderConfig, layout: HfLay
             f"{type(base).__name__} holds parameters that are no weights of a {config.family} encoder ({shown}): the "
             "swapped encoder would leave them out; merge adapters into the weights first (peft's merge_and_unload)"
         )
+    if "forward" in base.__dict__:
+        raise UnsupportedModelError(
+            f"{type(base).__name__} has its own forward, set on the instance (as accelerate's hooks set one): the swap "
+            "would replace it, and unswap would not bring it back; swap the model before such a forward is set")
     for path, module in base.named_modules():
         if module is not base:
             check_runs_plain(path, module)
@@ -471,7 +475,7 @@ class _SwappedForward:
 def _hf_models(model: nn.Module) -> list[nn.Module]:
     """The transformers models `swap` works on: `model` itself, or those inside a sentence-transformers model
     (SentenceTransformer, CrossEncoder): each module of it that holds one as `auto_model`."""
-    if not type(model).__module__.startswith("sentence_transformers."):
+    if not any(cls.__module__.startswith("sentence_transformers.") for cls in type(model).__mro__):
         return [model]
     inner = list({id(m.auto_model): m.auto_model for m in model.modules()
                   if isinstance(getattr(m, "auto_model", None), nn.Module)}.values())

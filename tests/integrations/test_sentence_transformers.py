@@ -47,6 +47,20 @@ def test_sentence_transformer_wraps_a_bert_model(minilm_st):
     assert type(model[0].auto_model).__name__ == "BertModel"
 
 
+def test_a_subclass_of_sentence_transformer_is_swapped(minilm_dir, minilm_st, real_sentences):
+    """A SentenceTransformer subclass defined outside sentence-transformers is a sentence-transformers model too."""
+
+    class Embedder(st.SentenceTransformer):
+        pass
+
+    model = Embedder(minilm_dir, device="cpu").eval()
+    swap(model)
+    assert is_swapped(model) and is_swapped(model[0].auto_model)
+    assert _cosine(_embed(model, real_sentences), minilm_st[1]).min().item() >= COSINE
+    unswap(model)
+    assert not is_swapped(model)
+
+
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_sentence_transformer_swap_unswap(backend, minilm_st, real_sentences):
     model, ref = minilm_st

@@ -10,6 +10,7 @@ load_state_dict after the swap, bit-exact outputs after unswap; bf16; dropout in
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import pickle
 
@@ -818,6 +819,12 @@ def test_adapters_and_hooks_are_refused_by_name(bert_config, make_hf, adapted):
     with pytest.raises(UnsupportedModelError, match="encoder.layer.1.intermediate.dense has its own forward"):
         swap(model)
     del model.encoder.layer[1].intermediate.dense.forward
+    task = make_hf(BertForSequenceClassification, config)
+    task.bert.forward = functools.partial(type(task.bert).forward, task.bert)  # as accelerate's hooks wrap it
+    with pytest.raises(UnsupportedModelError, match="BertModel has its own forward, set on the instance .*the swap "
+                                                    "would replace it, and unswap would not bring it back"):
+        swap(task)
+    assert not is_swapped(task) and isinstance(task.bert.forward, functools.partial)
     swap(model)
     assert is_swapped(model)
 
