@@ -188,6 +188,29 @@ def test_bench_point_times_the_gemm_of_the_roofline_in_its_repetitions(monkeypat
     assert all(math.isnan(r.gemm_flops_per_s) for r in results), "no GEMM, no rate"
 
 
+def test_a_nan_in_a_later_batch_fails_the_point(monkeypatch):
+    """A provider whose output holds a NaN only in its second batch gets max|diff| inf and a NaN cosine (so it fails
+    parity in every dtype), where the first batch's values hid it."""
+    from mtbert_fast.bench import measure
+
+    monkeypatch.setattr(measure, "SETTLE_S", 0.0)
+    batches = [{"attention_mask": torch.ones(2, n)} for n in (4, 3)]
+    rows = [torch.ones(int(b["attention_mask"].sum()), 4) for b in batches]
+
+    def broken(b):
+        out = torch.ones(int(b["attention_mask"].sum()), 4)
+        if b["attention_mask"].shape[1] == 3:
+            out[0, 0] = float("nan")
+        return [out]
+
+    point = ("sentences", 2, 4, batches)
+    for dtype in ("float32", "int8"):
+        (result,) = measure._run_point(point, {"broken": broken}, [[r] for r in rows], "m", "encoder", dtype, "cpu", 1,
+                                       {})
+        result.parity_limit = 1e-3
+        assert result.max_abs_diff == float("inf") and math.isnan(result.min_cosine) and not result.parity_ok
+
+
 def test_gemm_summary_names_the_route_and_the_rates_at_the_points():
     from mtbert_fast.bench import measure
 

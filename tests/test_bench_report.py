@@ -169,3 +169,24 @@ def test_int8_rows_over_our_own_bf16_pair_the_repetitions():
     assert int8.own_bf16_tokens_per_s == [1000.0, 1000.0, 500.0] and peer.own_bf16_tokens_per_s == []
     assert int8.over_own_bf16 == (pytest.approx(1.4), pytest.approx(1.4)) and peer.over_own_bf16 is None
     assert measure._beside_own_bf16([int8, peer]) == [int8, peer], "no reference: the rows as they are"
+    failing = _result("mtbert_fast[cpu]", [3000.0, 3000.0, 3000.0], dtype="int8", cosine=0.5)
+    assert measure._beside_own_bf16([failing, own]) == [failing]
+    assert failing.over_own_bf16 is None, "a row failing parity gets no ratio over our bf16"
+    broken_own = _result(measure.OWN_BF16, [1000.0, 1000.0, 500.0], dtype="int8", cosine=float("nan"))
+    fresh = _result("mtbert_fast[cpu]", [1400.0, 1500.0, 600.0], dtype="int8")
+    assert measure._beside_own_bf16([fresh, broken_own]) == [fresh] and fresh.over_own_bf16 is None
+
+
+def test_nan_outputs_fail_parity_wherever_they_are():
+    """A NaN anywhere in a provider's outputs fails its parity: Python's max() and min() keep an earlier value over a
+    NaN, which turned a NaN output into max|diff| 0."""
+    import torch
+
+    ref = [torch.zeros(3, 4)]
+    bad = torch.zeros(3, 4)
+    bad[1, 2] = float("nan")
+    assert measure.max_abs_diff([bad], ref) == float("inf")
+    assert measure._worst((0.0, measure.max_abs_diff([bad], ref), 0.5)) == float("inf")
+    assert measure._worst((float("nan"), 0.25)) == float("inf")
+    assert measure.max_abs_diff([torch.ones(3, 4)], ref) == 1.0
+    assert not _result("peer", [1.0], diff=float("inf")).parity_ok

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import random
 import sys
@@ -158,9 +159,9 @@ class Result:
     @property
     def over_own_bf16(self) -> tuple[float, float | None] | None:
         """(of medians, per round): tokens/s over mtbert_fast's own bfloat16 model timed in the same repetitions;
-        None where that model did not run beside this row."""
+        None where that model did not run beside this row, or this row failed parity."""
         own = self.own_bf16_median
-        if own is None:
+        if own is None or not self.parity_ok:
             return None
         return self.median / own, harness.median_ratio(self.tokens_per_s, self.own_bf16_tokens_per_s)
 
@@ -303,8 +304,14 @@ def is_peer(provider: str) -> bool:
 
 
 def max_abs_diff(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
-    """The largest |out - ref| over the paired tensors (0 for empty ones)."""
-    return max((float((o.float() - r.float()).abs().max()) for o, r in zip(outs, refs) if o.numel()), default=0.0)
+    """The largest |out - ref| over the paired tensors (0 for empty ones); inf where either holds a NaN, which
+    Python's max() would otherwise drop."""
+    return _worst(float((o.float() - r.float()).abs().max()) for o, r in zip(outs, refs) if o.numel())
+
+
+def _worst(diffs) -> float:
+    """The largest of diffs (0 for none), NaN counted as inf."""
+    return max((math.inf if math.isnan(d) else d for d in diffs), default=0.0)
 
 
 def min_pooled_cosine(real_rows: torch.Tensor, ref_rows: torch.Tensor, lengths) -> float:
@@ -530,13 +537,14 @@ def _run_point(point, fns, reference, model_name, task, dtype_name, device, repe
         diff, cosines = 0.0, []
         for b, ref in zip(batches, reference):
             out = fn(b)
-            diff = max(diff, max_abs_diff(out, ref))
+            diff = _worst((diff, max_abs_diff(out, ref)))
             if task == "encoder":
                 cosines.append(min_pooled_cosine(out[0], ref[0], b["attention_mask"].sum(1)))
         _, peak = harness.peak_memory(lambda: fn(largest), device)
         real = sum(int(b["attention_mask"].sum()) for b in batches)
         padded = sum(b["attention_mask"].numel() for b in batches)
-        cosine = min(cosines, default=float("nan"))
+        # a NaN cosine (a NaN output) is the lowest: min() would drop it after another
+        cosine = float("nan") if any(map(math.isnan, cosines)) else min(cosines, default=float("nan"))
         results[prov] = Result(model_name, task, name, batch, max_len, prov, dtype_name, real, padded, len(batches),
                                [], [], diff, peak, min_cosine=cosine, **meta_extra.get(prov, {}))  # fmt: skip
     turns = fns if gemm is None else {**fns, GEMM_TURN: lambda _batch: gemm[0]()}
@@ -634,6 +642,8 @@ def _beside_own_bf16(results: list[Result]) -> list[Result]:
     if ref is None:
         return results
     rest = [r for r in results if r is not ref]
+    if not ref.parity_ok:  # a reference that computes something else gives no ratio
+        return rest
     for r in rest:
         if r.provider.startswith("mtbert_fast"):
             r.own_bf16_tokens_per_s = list(ref.tokens_per_s)
