@@ -33,13 +33,21 @@ def test_encoder_flops_is_a_hand_count():
     assert harness.encoder_flops(cfg, [3, 2], pooler=True) == 2 * (1280 + 208) + 2 * 2 * 16
 
 
-def test_encoder_flops_counts_every_linear_of_a_bert_model():
-    """The count equals 2 * in * out per row through every nn.Linear of an HF BertModel (each sequence run alone,
-    so no padding row), plus attention's Q K^T and P V per layer."""
+@pytest.mark.parametrize("family", ["bert", "electra"])
+def test_encoder_flops_counts_every_linear_of_a_bert_model(family):
+    """The count equals 2 * in * out per row through every nn.Linear of an HF BertModel or ElectraModel (whose
+    embeddings, 24 wide, are projected to H) (each sequence run alone, so no padding row), plus attention's Q K^T and
+    P V per layer; the same from the EncoderConfig the benchmark reads."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=48, vocab_size=50)  # fmt: skip
-    model = transformers.BertModel(config).eval()
+    from mtbert_fast import EncoderConfig
+
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, vocab_size=50)
+    if family == "electra":
+        config = transformers.ElectraConfig(embedding_size=24, **sizes)
+        model = transformers.ElectraModel(config).eval()
+    else:
+        config = transformers.BertConfig(**sizes)
+        model = transformers.BertModel(config).eval()
     counted = []
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
@@ -50,7 +58,9 @@ def test_encoder_flops_counts_every_linear_of_a_bert_model():
         for n in lengths:
             model(input_ids=torch.arange(1, n + 1)[None])
     attention = config.num_hidden_layers * sum(2 * 2 * n * n * 32 for n in lengths)
-    assert sum(counted) + attention == harness.encoder_flops(config, lengths, pooler=True)
+    pooler = family == "bert"
+    assert sum(counted) + attention == harness.encoder_flops(config, lengths, pooler=pooler)
+    assert sum(counted) + attention == harness.encoder_flops(EncoderConfig.from_hf(config), lengths, pooler=pooler)
 
 
 def test_encoder_flops_counts_every_linear_of_a_modernbert_model():

@@ -4,6 +4,7 @@ error."""
 from __future__ import annotations
 
 import csv
+import types
 
 import pytest
 
@@ -183,6 +184,9 @@ def test_bench_new_families(small_random_models, monkeypatch, capsys):
         (["bench", "--peers", "tensorrt"], "unknown peer tensorrt"),
         (["bench", "--dtype", "int8"], "--dtype int8 is compared with HF sdpa in float32"),
         (["bench", "--threads", "0"], "must be a positive integer, got 0"),
+        (["bench", "--batch", "8,64", "--points", "sentences"], "--batch 64 is more than the 32 sentences"),
+        (["bench", "--max-length", "64", "--lengths", "32"], "--max-length 64 is below the full and latency points' "
+                                                             "128 tokens"),
         ([], "required: COMMAND"),
     ],
 )
@@ -211,6 +215,41 @@ def test_empty_text_is_an_empty_batch_error(tmp_path, capsys):
         cli.main(["bench", "--text", str(empty), "--no-csv"])
     assert exit_info.value.code == 2
     assert "empty batch" in capsys.readouterr().err
+
+
+def test_one_directory_named_twice_is_refused(minilm_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--model", minilm_dir, minilm_dir + "/", "--no-csv"])
+    assert exit_info.value.code == 2
+    assert "--model names one model twice" in capsys.readouterr().err
+
+
+def test_model_labels_keep_directories_of_one_name_apart(tmp_path):
+    """Rows carry a model's directory name, or the directory as given where two share a name (their speed-ups would
+    otherwise be taken over each other's baseline)."""
+    a, b = str(tmp_path / "a" / "tiny"), str(tmp_path / "b" / "tiny")
+    assert measure.model_labels(["minilm", a, str(tmp_path / "other")]) == {
+        "minilm": "minilm", a: "tiny", str(tmp_path / "other"): "other"}
+    assert measure.model_labels([a, b]) == {a: a, b: b}
+
+
+def test_latency_rows_and_sentence_batches_from_few_sentences(minilm_dir):
+    """Latency rows cut from fewer sentences than calls rotate through them; sentence batches pad on the right
+    whatever the tokenizer's side (the peers that take token lists cut rows at their length)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    tok.padding_side = "left"
+    cfg = measure.BenchConfig(points=("latency", "sentences"), batches=(2,))
+    model = types.SimpleNamespace(tokenizer=tok, inputs=lambda x: x)
+    points = measure._points(cfg, model, ["one two three", "four five"], "cpu")
+    latency = [p for p in points if p[0].startswith("latency")]
+    assert [len(p[3]) for p in latency] == [measure.LATENCY_CALLS] * len(measure.LATENCY_LENGTHS)
+    (sentences,) = [p for p in points if p[0] == "sentences"]
+    (batch,) = sentences[3]
+    assert batch["attention_mask"][:, 0].all() and not batch["attention_mask"][:, -1].all()
+    with pytest.raises(measure.BenchError, match="the sentences make no token"):
+        measure.text_batch(tok, ["\u200b"], [8])
 
 
 def test_sentences_cycle_the_text():

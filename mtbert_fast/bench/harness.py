@@ -255,7 +255,7 @@ def encoder_flops(config, lengths, *, pooler: bool = False) -> float:
     sliding-window layer: those within the window). DeBERTa's position terms add, per term and layer, the
     projection of the W relative-position rows the batch reaches, 2 * W * H^2, and the product of every token with
     them, 2 * T * W * H. With `pooler`, the pooler's linear on each sequence's first token, 2 * H^2 per sequence.
-    Elementwise work, embeddings, biases and softmax are left out. config: anything with hidden_size,
+    Embeddings narrower than H (ELECTRA's embedding_size E) add their projection, 2 * T * E * H. Elementwise work, embeddings, biases and softmax are left out. config: anything with hidden_size,
     intermediate_size, num_hidden_layers (an HF config or an EncoderConfig; an EncoderConfig's pre_norm, layer_types
     and window describe ModernBERT's layers, its disentangled and pos_att_type DeBERTa's).
     """
@@ -275,6 +275,9 @@ def encoder_flops(config, lengths, *, pooler: bool = False) -> float:
     for kind in kinds:
         window = config.window if kind == "sliding_attention" else -1
         total += linears + 2 * 2 * sum(attended_pairs(n, window) for n in lengths) * h
+    width = getattr(config, "embedding_width", None) or getattr(config, "embedding_size", None) or h
+    if width != h:
+        total += 2 * tokens * width * h
     if pooler:
         total += 2 * len(lengths) * h * h
     return float(total)

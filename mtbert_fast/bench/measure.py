@@ -220,7 +220,9 @@ def make_batches(tokenizer, sentences: list[str], batch: int, max_length: int, d
     random.Random(0).shuffle(order)
     batches = []
     for start in range(0, len(order), batch):
-        enc = tokenizer(order[start : start + batch], padding="longest", truncation=True,
+        # right padding whatever the tokenizer's default: the peers that take token lists (CTranslate2) cut each row
+        # at its real length from the left
+        enc = tokenizer(order[start : start + batch], padding="longest", truncation=True, padding_side="right",
                         max_length=max_length, return_tensors="pt")  # fmt: skip
         batches.append({k: v.to(device) for k, v in enc.items()})
     return batches
@@ -230,6 +232,8 @@ def text_batch(tokenizer, sentences: list[str], lengths: list[int], device: torc
     """One batch of real text: row i holds lengths[i] tokens ([CLS] text [SEP]) cut from the sentences joined
     end to end; padded to the longest row."""
     stream = [t for s in sentences for t in tokenizer(s, add_special_tokens=False)["input_ids"]]
+    if not stream:
+        raise BenchError("the sentences make no token: nothing to cut rows of real text from")
     cls_id, sep_id, pad_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id or 0
     width = max(lengths)
     ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
@@ -440,10 +444,26 @@ def _check(cfg: BenchConfig) -> torch.device:
         if m not in NAMED_MODELS and not (Path(m) / "config.json").is_file():
             raise BenchError(f"unknown model {m!r}: give one of {', '.join(NAMED_MODELS)} or an HF model directory "
                              "(with config.json)")
+    seen = [m if m in NAMED_MODELS else str(Path(m).resolve()) for m in cfg.models]
+    if len(set(seen)) < len(seen):
+        raise BenchError(f"--model names one model twice: {', '.join(cfg.models)}")
+    fixed = ([FULL_POINT[1]] if "full" in cfg.points else []) + (list(LATENCY_LENGTHS) if "latency" in cfg.points
+                                                                 else [])
+    if fixed and max(fixed) > cfg.max_length:
+        raise BenchError(f"--max-length {cfg.max_length} is below the full and latency points' {max(fixed)} tokens: "
+                         "leave those points out (--points) or raise it")
     return device
 
 
-def _load_model(name: str) -> _Model:
+def model_labels(models: list[str]) -> dict[str, str]:
+    """The name each model's rows carry: a named model's, else its directory's name, or the directory as given where
+    two directories share a name (their rows would mix)."""
+    short = {m: m if m in NAMED_MODELS else Path(m).name for m in models}
+    clash = {v for v in short.values() if list(short.values()).count(v) > 1}
+    return {m: m if short[m] in clash else short[m] for m in models}
+
+
+def _load_model(name: str, label: str) -> _Model:
     from transformers import AutoModel, AutoTokenizer
 
     minilm = default_model_dir() if name in NAMED_MODELS else None
@@ -464,7 +484,7 @@ def _load_model(name: str) -> _Model:
     except Exception as exc:  # noqa: BLE001 - any tokenizer load failure is the same user error
         raise BenchError(f"{name}: no tokenizer could be loaded ({exc}); the benchmark encodes real text") from exc
     hf = AutoModel.from_pretrained(name)  # sdpa where the class has it
-    return _Model(Path(name).name, hf.float().eval(), tokenizer)
+    return _Model(label, hf.float().eval(), tokenizer)
 
 
 def _fastest_attention(model_class) -> str:
@@ -487,8 +507,10 @@ def _points(cfg: BenchConfig, model: _Model, sentences: list[str], device: torch
         batch, n = FULL_POINT
         points.append(("full", batch, n, [text_batch(tok, sentences, [n] * batch, device)]))
     if "latency" in cfg.points:
-        points += [(f"latency L={n}", 1, n, [text_batch(tok, sentences[i:], [n], device) for i in range(LATENCY_CALLS)])
-                   for n in LATENCY_LENGTHS]  # fmt: skip
+        # each call's row starts at another sentence (the list rotated, however few sentences there are)
+        starts = [i % len(sentences) for i in range(LATENCY_CALLS)]
+        points += [(f"latency L={n}", 1, n, [text_batch(tok, sentences[i:] + sentences[:i], [n], device)
+                                             for i in starts]) for n in LATENCY_LENGTHS]  # fmt: skip
     return [(name, b, n, [model.inputs(x) for x in batches]) for name, b, n, batches in points]
 
 
@@ -730,6 +752,9 @@ def run(cfg: BenchConfig) -> tuple[list[Result], dict[str, str], dict[str, str]]
     threads = cfg.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     sentences = load_sentences(cfg.text, cfg.sentences)
+    if "sentences" in cfg.points and max(cfg.batches) > len(sentences):
+        raise BenchError(f"--batch {max(cfg.batches)} is more than the {len(sentences)} sentences (--sentences): a "
+                         "sentences point of that batch would hold them all, fewer rows than it names")
     _progress(f"finding the fastest GEMM route on {device} ({', '.join(cfg.dtypes)}), {threads} threads")
     fastest = {d: harness.fastest_gemm(DTYPES[d], device) for d in cfg.dtypes}
     gemm = {d: (call, harness.gemm_flops()) for d, (_, _, call) in fastest.items()}
@@ -738,9 +763,9 @@ def run(cfg: BenchConfig) -> tuple[list[Result], dict[str, str], dict[str, str]]
     # no version counter, so the encoder never packs them (weight_pack) and every call would pay for oneDNN's weight
     # reorder and skip panel_linear, as in a user's process that loads its model that way
     with torch.no_grad():
-        for name in cfg.models:
+        for name, label in model_labels(cfg.models).items():
             _progress(f"loading {name}")
-            results += _model_runs(cfg, _load_model(name), device, sentences, gemm, threads, skipped)
+            results += _model_runs(cfg, _load_model(name, label), device, sentences, gemm, threads, skipped)
     meta = harness.run_metadata(device)
     meta.update(sentences=str(len(sentences)), repeats=str(cfg.repeats), threads=str(threads))
     meta["gemm"] = gemm_summary(fastest, results)
