@@ -30,8 +30,9 @@ TaskSpec = str | Sequence[str] | Sequence[str | Sequence[str] | None] | None
 @dataclasses.dataclass
 class MultiTaskOutput:
     """outputs: task -> {name: tensor} (each has `rows`, int64 [B_t], the batch rows it covers);
-    losses: task -> scalar fp32, for the tasks given labels; loss: sum of loss_weights[task] * losses[task],
-    None when no task had labels."""
+    losses: task -> scalar fp32, for the tasks given labels (NaN, as HF's, for a task whose labels in the batch are
+    all ignored); loss: sum of loss_weights[task] * losses[task] over the tasks of nonzero weight (one of weight 0
+    adds nothing, not even a NaN), None when no task had labels, 0 when every task with labels has weight 0."""
 
     outputs: dict[str, dict[str, torch.Tensor]]
     losses: dict[str, torch.Tensor]
@@ -205,8 +206,12 @@ class MultiTaskBert(nn.Module):
                 losses[task] = loss
         total = None
         for task, loss in losses.items():
+            if self.loss_weights[task] == 0.0:
+                continue
             weighted = self.loss_weights[task] * loss
             total = weighted if total is None else total + weighted
+        if total is None and losses:
+            total = torch.zeros((), device=device)
         return MultiTaskOutput(outputs, losses, total)
 
     def quantize(self, calibration=None, *, smoothing: float = DEFAULT_SMOOTHING) -> MultiTaskBert:

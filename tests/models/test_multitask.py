@@ -307,6 +307,24 @@ def test_training_step_backward(bert):
     assert model.heads["mlm"].decoder_weight is words
 
 
+def test_a_task_of_weight_zero_adds_nothing_to_the_loss(bert):
+    """A task of loss weight 0 adds nothing to the total, not even the NaN its loss is (as HF's) when its labels in
+    the batch are all ignored; with only such tasks the total is 0."""
+    models, _ = bert
+    model = MultiTaskBert.from_hf_heads({t: models[t] for t in ("sentiment", "ner")},
+                                        loss_weights={"ner": 0.0}).train()
+    batch = _batch()
+    labels = _labels(batch)
+    ignored = torch.full_like(labels["ner"], -100)
+    out = model(**batch, labels={"sentiment": labels["sentiment"], "ner": ignored})
+    assert torch.isnan(out.losses["ner"])
+    _close(out.loss, out.losses["sentiment"])
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    only = model(**batch, labels={"ner": labels["ner"]})
+    assert torch.isfinite(only.losses["ner"]) and only.loss.item() == 0.0
+
+
 # --- padding: only what a head or an output reads ------------------------------------------------------------------
 
 
