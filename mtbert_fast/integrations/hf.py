@@ -2,16 +2,15 @@
 sentence-transformers model) in place, and back.
 
 `swap` replaces the forward of the model's base encoder (BertModel / RobertaModel / DistilBertModel / ElectraModel /
-MPNetModel / ModernBertModel / DebertaV2Model, also inside any `*For*` task model) with the packed-token path. No module is replaced and no parameter is renamed,
-so state_dict keys, the forward signature and the output types stay HF's. Query, key and value weights are moved
-into one [3H, H] buffer that the three parameters view, so the fused QKV GEMM needs no copy; while swapped,
-`state_dict()` hands out independent copies of those three, so checkpoints never hold shared storage.
+MPNetModel / ModernBertModel / DebertaV2Model, also inside any `*For*` task model) with the packed-token path. No
+module is replaced, no parameter is renamed or moved, so state_dict keys (and the tensors it hands out), the forward
+signature and the output types stay HF's. The fused QKV product reads a [3H, H] concatenation of the query, key and
+value weights, kept while they do not change.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import os
 import sys
@@ -30,6 +29,7 @@ from mtbert_fast.models.int8 import DEFAULT_SMOOTHING, check_model_dtype
 from mtbert_fast.models.plain_modules import (
     PLAIN_MODULES, allow_hooks, check_plain_module, check_runs_plain, refuse_hooks,
 )
+from mtbert_fast.models.weight_pack import releases as pack_releases
 from mtbert_fast.ops.dispatch import requested_backend
 
 _STATE = "_mtbert_fast_swap"
@@ -102,52 +102,41 @@ def _param(module: nn.Module, kind: str) -> torch.Tensor | None:
 
 
 class _QKVFusion:
-    """One layer's query/key/value parameters as views of one [3H, H] weight and one [3H] bias buffer.
-
-    The parameters keep their own version counters (`.data =` does not share the buffer's), so a write through a
-    parameter (load_state_dict, an optimizer step) moves the fused weight's version on by hand: the packed copy
-    oneDNN computes with (models/weight_pack.py) follows it.
-    """
+    """One layer's query/key/value parameters, and the [3H, H] weight and [3H] bias that the fused QKV product reads:
+    concatenated from the parameters, which keep their own storage (so state_dict() aliases them, as PyTorch's does),
+    and kept while every parameter keeps its storage and version counter and release_packs() has not run (a write
+    through .data changes neither, as for the packed weights of models/weight_pack.py). Parameters that are inference
+    tensors (no version counter) or that autograd must reach are concatenated at every call."""
 
     def __init__(self, linears: tuple[nn.Linear, nn.Linear, nn.Linear]):
         self.linears = self.modules = linears
-        self.fuse()
+        self.weight = self.bias = self.key = None
 
-    def fuse(self) -> None:
-        for kind in ("weight", "bias"):
-            params = [_param(lin, kind) for lin in self.linears]
-            buf = torch.cat([p.detach() for p in params], 0)
-            for p, view in zip(params, buf.chunk(3, 0)):
-                p.data = view
-            setattr(self, kind, buf)
-        self.versions = self._weight_versions()
-        self.addresses = self._addresses()
+    def __getstate__(self) -> dict:
+        # a copy or a pickle concatenates its own parameters: the kept buffers are not carried along
+        return {**self.__dict__, "weight": None, "bias": None, "key": None}
 
-    def _weight_versions(self) -> tuple[int, ...] | None:
-        weights = [_param(lin, "weight") for lin in self.linears]
-        if any(w.is_inference() for w in weights):  # no version counter; such weights are never packed
-            return None
-        return tuple(w._version for w in weights)
+    def _params(self) -> list[torch.Tensor | None]:
+        return [_param(lin, kind) for kind in ("weight", "bias") for lin in self.linears]
 
-    def _addresses(self) -> tuple[int, ...]:
-        return tuple(_param(lin, kind).data_ptr() for kind in ("weight", "bias") for lin in self.linears)
+    @staticmethod
+    def _fused(params: list[torch.Tensor | None]) -> torch.Tensor | None:
+        return None if any(p is None for p in params) else torch.cat(params, 0)
 
-    def _intact(self) -> bool:
-        """Whether every parameter is still its view of the fused buffers: .to(), .half() or assigning a parameter
-        gives it other memory, and while the buffers live no other tensor can take their addresses."""
-        return self._addresses() == self.addresses
-
-    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused [3H, H] weight and [3H] bias; concatenated afresh when autograd must reach the parameters."""
-        params = [_param(lin, k) for k in ("weight", "bias") for lin in self.linears]
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return torch.cat(params[:3], 0), torch.cat(params[3:], 0)
-        if not self._intact():  # .to(), .half() or a reassigned parameter broke the views
-            self.fuse()
-        versions = self._weight_versions()
-        if versions != self.versions and not self.weight.is_inference():
-            torch.autograd.graph.increment_version(self.weight)
-            self.versions = versions
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fused [3H, H] weight and [3H] bias (None where the linears have no bias)."""
+        params = self._params()
+        if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
+            return self._fused(params[:3]), self._fused(params[3:])
+        present = [p for p in params if p is not None]
+        if any(p.is_inference() for p in present):
+            self.weight = self.bias = self.key = None
+            return self._fused(params[:3]), self._fused(params[3:])
+        key = (tuple(p.data_ptr() for p in present), tuple(p._version for p in present), pack_releases())
+        if key != self.key:
+            self.weight, self.bias = (self._fused([p.detach() if p is not None else None for p in group])
+                                      for group in (params[:3], params[3:]))
+            self.key = key
         return self.weight, self.bias
 
 
@@ -164,14 +153,6 @@ class _FusedQKV:
         return self.linear.weight, self.linear.bias
 
 
-def _unshare_qkv(qkv_keys: frozenset[str], module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
-    """state_dict's post hook: a copy of each query/key/value weight and bias in place of its view of the fused
-    buffer, so that checkpoints never hold shared storage (the parameters themselves under keep_vars=True)."""
-    for key, value in state_dict.items():
-        if key.startswith(prefix) and key[len(prefix):] in qkv_keys and not isinstance(value, nn.Parameter):
-            state_dict[key] = value.clone()
-
-
 class _SwapState:
     def __init__(self, base: nn.Module, backend: str | None):
         self.config = EncoderConfig.from_hf(base.config)
@@ -182,13 +163,6 @@ class _SwapState:
         self.qkv_paths = [tuple(name.split(".")) for name in self.layout.qkv]
         self.qkv = [self._fusion(tuple(_submodule(layer, path) for path in self.qkv_paths))
                     for layer in self.layers(base)]
-        if len(self.layout.qkv) == 1:
-            qkv_keys = set()
-        else:
-            qkv_keys = {f"{self.layout.layers}.{i}.{n}.{kind}" for i in range(len(self.qkv)) for n in self.layout.qkv
-                        for kind in ("weight", "bias")}
-
-        self.state_dict_hook = base.register_state_dict_post_hook(functools.partial(_unshare_qkv, frozenset(qkv_keys)))
         self.int8: Int8State | None = None
         self.layer_cache = LayerCache()
         refuse_hooks(base)  # the swapped forward never calls the modules inside: a hook there would never run
@@ -243,14 +217,8 @@ class _SwapState:
         return fusion
 
     def release(self, base: nn.Module) -> None:
-        """Undo what the state did to the model: the state_dict hook, the shared QKV storage, the refused hooks."""
+        """Undo what the state did to the model: the refused hooks."""
         allow_hooks(base)
-        self.state_dict_hook.remove()
-        for fusion in self.qkv:  # give each parameter its own storage again
-            for lin in fusion.linears:
-                for kind in ("weight", "bias"):
-                    p = getattr(lin, kind)
-                    p.data = p.data.clone()
 
     def quantize(self, base: nn.Module, calibration, smoothing: float) -> None:
         with torch.no_grad():  # the fused QKV buffers, not copies made for autograd

@@ -452,14 +452,22 @@ def test_copies_of_a_swapped_model(how, bert_config, make_hf, ragged_batch, asse
         assert_close(model(ids, attention_mask=mask).logits, ref)
 
 
-def test_state_dict_keep_vars_gives_the_parameters(bert_config, make_hf):
-    """state_dict(keep_vars=True) hands out the parameters themselves, as HF's does; the plain state_dict copies the
-    query/key/value views of the fused buffer, so that a checkpoint holds no shared storage."""
-    model = swap(make_hf(BertForSequenceClassification, bert_config()))
+def test_state_dict_aliases_the_parameters(bert_config, make_hf, ragged_batch, assert_close):
+    """state_dict(keep_vars=True) hands out the parameters themselves and the plain state_dict their detached
+    aliases, as HF's does: a write through them (an exponential moving average kept in a twin model) reaches the
+    swapped model's outputs, query, key and value included."""
+    config = bert_config()
+    model = swap(make_hf(BertForSequenceClassification, config, seed=0))
+    other = make_hf(BertForSequenceClassification, config, seed=1)
     query = model.bert.encoder.layer[0].attention.self.query.weight
     assert model.state_dict(keep_vars=True)["bert.encoder.layer.0.attention.self.query.weight"] is query
-    plain = model.state_dict()["bert.encoder.layer.0.attention.self.query.weight"]
-    assert torch.equal(plain, query) and plain.data_ptr() != query.data_ptr()
+    assert model.state_dict()["bert.encoder.layer.0.attention.self.query.weight"].data_ptr() == query.data_ptr()
+    ids, mask = ragged_batch(config, [7, 3])
+    with torch.no_grad():
+        model(ids, attention_mask=mask)  # the fused weights exist and have been used
+        for mine, theirs in zip(model.state_dict().values(), other.state_dict().values()):
+            mine.copy_(theirs)
+        assert_close(model(ids, attention_mask=mask).logits, other(ids, attention_mask=mask).logits)
 
 
 def test_swap_twice_and_unswap_twice_raise(bert_config, make_hf):
@@ -551,9 +559,13 @@ def test_dtype_change_after_swap(bert_config, make_hf, ragged_batch, assert_toke
             model.float().load_state_dict(ref_model.state_dict())  # undo the rounding before the next dtype
 
 
-@pytest.mark.parametrize("how", ["load_state_dict", "load_state_dict_assign", "in_place_edit"])
+@pytest.mark.parametrize("how", ["load_state_dict", "load_state_dict_assign", "in_place_edit", "through_data"])
 def test_weights_changed_after_swap(how, model_backend, bert_config, make_hf, ragged_batch, assert_tokens_close,
                                     assert_close):
+    """Outputs follow the weights after a loaded state dict or an in-place edit; after a write through .data once
+    release_packs() announces it."""
+    from mtbert_fast.models.weight_pack import release_packs
+
     config = bert_config()
     model = make_hf(BertForSequenceClassification, config, seed=0)
     other = make_hf(BertForSequenceClassification, config, seed=1)
@@ -563,11 +575,18 @@ def test_weights_changed_after_swap(how, model_backend, bert_config, make_hf, ra
         old = model(ids, **kwargs)
         swap(model, backend=model_backend)
         model(ids, **kwargs)  # the fused buffers exist and have been used
-        if how == "in_place_edit":
+        if how in ("in_place_edit", "through_data"):
             for layer in (model.bert.encoder.layer[0], other.bert.encoder.layer[0]):
-                layer.attention.self.value.weight.mul_(3.0)
-                layer.attention.self.key.bias.add_(0.5)
+                value, key = layer.attention.self.value, layer.attention.self.key
+                if how == "through_data":
+                    value, key = value.weight.data, key.bias.data
+                else:
+                    value, key = value.weight, key.bias
+                value.mul_(3.0)
+                key.add_(0.5)
             other.load_state_dict(model.state_dict())
+            if how == "through_data":
+                release_packs()
         else:
             model.load_state_dict(other.state_dict(), assign=how == "load_state_dict_assign")
         expected = other(ids, **kwargs)
