@@ -34,6 +34,7 @@ import operator
 from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from mtbert_fast.models.config import EncoderConfig
 from mtbert_fast.ops import (
@@ -487,6 +488,9 @@ def check_int8_device(device: torch.device) -> None:
 
 
 _VERSION = operator.attrgetter("_version")
+# the address of a tensor's StorageImpl: while a StorageWeakRef holds it, no other storage can take that address (a
+# freed one's data can come back at the same data_ptr, as after .half() then .float())
+_STORAGE = getattr(torch._C, "_storage_address", lambda t: t.untyped_storage()._cdata)
 
 
 class Stacks(dict):
@@ -511,11 +515,11 @@ class ParameterWatch:
     parameter or submodule put in another's place (set as an attribute, or in the module's own dictionaries), or a
     parameter's values (an in-place update, a loaded state dict) or storage (.to(), .data =) changed. The tree is
     walked once; each check then looks every parameter and submodule up where it was (`is`, never ==) and compares
-    the storages and version counters (inference tensors, made under torch.inference_mode, keep no version counter:
-    only their storage is compared), without nn.Module.parameters()' generators, which cost a forward of a few
-    tokens several percent. A change of dtype or device gives a parameter new storage while the old one is still
-    held, so the storage comparison sees it. A deep copy or a pickle of the watch watches the copied modules, as
-    unchanged as these were when copied."""
+    the storages, data pointers and version counters (inference tensors, made under torch.inference_mode, keep no
+    version counter: only their storage is compared), without nn.Module.parameters()' generators, which cost a
+    forward of a few tokens several percent. The watch holds a weak reference to each storage it saw, so no new
+    storage (after a change of dtype or device, even two in a row) can take a watched one's address. A deep copy or
+    a pickle of the watch watches the copied modules, as unchanged as these were when copied."""
 
     def __init__(self, root: torch.nn.Module):
         self.root = root
@@ -534,6 +538,7 @@ class ParameterWatch:
         self.dicts, self.keys, self.values = dicts, keys, values
         self.params = [v for v in values if isinstance(v, torch.Tensor)]
         self.versioned = [p for p in self.params if not p.is_inference()]
+        self.storages = [StorageWeakRef(p.untyped_storage()) for p in self.params]
         self.snapshot = self._state()
 
     def __reduce__(self):
@@ -541,8 +546,9 @@ class ParameterWatch:
         # watched afresh, and reporting a change if this one had seen one
         return _rewatched, (self.root, self.unchanged(self.root))
 
-    def _state(self) -> tuple[list[int], list[int]]:
-        return list(map(torch.Tensor.data_ptr, self.params)), list(map(_VERSION, self.versioned))
+    def _state(self) -> tuple[list[int], list[int], list[int]]:
+        return (list(map(_STORAGE, self.params)), list(map(torch.Tensor.data_ptr, self.params)),
+                list(map(_VERSION, self.versioned)))
 
     def unchanged(self, root: torch.nn.Module) -> bool:
         return (root is self.root and all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.values))

@@ -1,7 +1,8 @@
 """The float layers' weights kept between inference calls (LayerCache): gathered once while the layers are unchanged,
 gathered again after any change a forward must see (an in-place update, a replaced parameter or submodule, a loaded
-state dict, a write through .data followed by release_packs; .to() and a training step: test_weight_pack.py), never
-kept under autograd, and never carried into a copy or a pickle, for FastBertModel and a swapped HF model."""
+state dict, a write through .data followed by release_packs, new storage where the old one's data was; .to() and a
+training step: test_weight_pack.py), never kept under autograd, and never carried into a copy or a pickle, for
+FastBertModel and a swapped HF model."""
 
 from __future__ import annotations
 
@@ -98,8 +99,24 @@ def _write_through_data(model):
     weight_pack.release_packs()
 
 
+_KEPT = []  # what a test's storage must outlive
+
+
+def _new_storage_at_the_old_address(model):
+    """What .half() then .float() can do between two calls: the weight gets new storage whose data the allocator put
+    where the old storage's was (same data_ptr, same version counter) and other values. Made here for certain, with a
+    second storage over the old memory, the old tensor kept so that the memory stays valid."""
+    weight = model.layers[0].ffn_in.weight
+    old = weight.data
+    _KEPT.append(old)
+    alias = torch._C._construct_storage_from_data_pointer(old.data_ptr(), old.device, old.untyped_storage().nbytes())
+    weight.data = torch.empty(0, dtype=old.dtype).set_(alias, 0, old.shape, old.stride())
+    weight.data.mul_(1.5)
+
+
 CHANGES = {
     "in place": lambda m: m.layers[0].ffn_in.weight.mul_(1.5),
+    "new storage at the old address": _new_storage_at_the_old_address,
     "replaced parameter": _replace_bias,
     "replaced submodule": _replace_module,
     "load_state_dict": _load_state_dict,
