@@ -64,6 +64,15 @@ def test_speedups_are_against_the_baseline_and_none_on_failed_parity(rows):
     assert ratio[id(_row(rows, "torch.quantize_dynamic", "L=32", dtype="int8"))] is None, "cosine below 0.8"
 
 
+def test_a_baseline_failing_parity_gives_way_to_hf_eager(rows):
+    sdpa = _row(rows, measure.BASELINE)
+    sdpa.max_abs_diff = 1.0
+    assert not sdpa.parity_ok
+    ratio = report.speedups(rows)
+    assert ratio[id(_row(rows, "mtbert_fast[cpu]"))] == pytest.approx(2000.0 / 850.0), "over HF eager's median"
+    assert ratio[id(sdpa)] is None
+
+
 def test_versus_fastest_peer_ranks_only_peers_that_passed_parity(rows):
     peer = report.versus_fastest_peer(rows)
     assert peer[id(_row(rows, "mtbert_fast[cpu]"))] == (1.25, 1.25, "onnxruntime[fused]"), "openvino failed parity"

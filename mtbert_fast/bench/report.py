@@ -26,9 +26,9 @@ CSV_FIELDS = harness.META_FIELDS + [
 def speedups(results: list[Result]) -> dict[int, float | None]:
     """id(result) -> median tokens/s over the baseline's (HF sdpa; HF eager for a model transformers runs without
     sdpa, such as MPNet; or the three HF task models) at the same point in the same dtype (int8 rows: the baseline in
-    float32); None where parity failed."""
-    base = {r.key: r.median for r in results if r.provider == "hf-eager"}
-    base.update({r.key: r.median for r in results if r.provider in (BASELINE, MULTITASK_BASELINE)})
+    float32; HF eager where the baseline failed parity); None where parity failed."""
+    base = {r.key: r.median for r in results if r.provider == "hf-eager" and r.parity_ok}
+    base.update({r.key: r.median for r in results if r.provider in (BASELINE, MULTITASK_BASELINE) and r.parity_ok})
     return {id(r): (r.median / base[r.base_key] if r.parity_ok and r.base_key in base else None) for r in results}
 
 
@@ -94,7 +94,7 @@ def format_table(results: list[Result], meta: dict[str, str], skipped: dict[str,
     lines += [
         "",
         "vs base: median real tokens/s over HF sdpa's in the same dtype at the same point (HF eager's for a model "
-        "transformers runs without sdpa, such as MPNet; int8 rows: over that baseline in float32; multitask: over the "
+        "transformers runs without sdpa, such as MPNet, or where sdpa failed parity; int8 rows: over that baseline in float32; multitask: over the "
         "three HF task models run one after the other); a provider failing parity is marked as such and gets no "
         "ratio",
         "vs peer: an mtbert_fast row's median real tokens/s over the fastest peer (torch.compile, ONNX Runtime, "
@@ -106,7 +106,9 @@ def format_table(results: list[Result], meta: dict[str, str], skipped: dict[str,
         "int8 point's repetitions for this, the median of the per-repetition ratios",
         "roofline: encoder FLOPs on the real tokens per second over the GEMM rate in that dtype measured at that "
         "point, in its repetitions (the fastest route, int8: of torch._int_mm and oneDNN's int8 linear); peak MiB: "
-        "memory a call added at its peak (RSS on cpu)",
+        "memory a call on the point's largest batch added at its peak in this process, after the untimed pass (RSS on "
+        "cpu): what a runtime's pools kept from earlier calls is not counted, nor CTranslate2's, whose calls run in a "
+        "worker process",
         f"max|diff|: largest difference from HF eager float32 at the real tokens; limit float32 {FP32_TOLERANCE:.0e}, "
         "bfloat16/float16 twice HF's own error in that dtype; cos: lowest cosine, over the sequences, between the "
         f"output mean-pooled over real tokens and HF float32's; int8 rows pass with cos >= {INT8_MIN_COSINE}",
