@@ -221,6 +221,32 @@ def test_a_nan_in_a_later_batch_fails_the_point(monkeypatch):
         assert result.max_abs_diff == float("inf") and math.isnan(result.min_cosine) and not result.parity_ok
 
 
+def test_a_peer_failing_at_a_point_is_skipped_there(monkeypatch):
+    """A peer runtime that raises at a point (a shape its first call did not meet) is left out of that point with
+    its reason; mtbert_fast or HF raising still ends the run."""
+    from mtbert_fast.bench import measure
+
+    monkeypatch.setattr(measure, "SETTLE_S", 0.0)
+    batches = [{"attention_mask": torch.ones(2, n)} for n in (4, 3)]
+    rows = [[torch.ones(int(b["attention_mask"].sum()), 4)] for b in batches]
+
+    def ok(b):
+        return [torch.ones(int(b["attention_mask"].sum()), 4)]
+
+    def fails(b):
+        raise RuntimeError("shape not supported")
+
+    skipped = {}
+    point = ("sentences", 2, 4, batches)
+    results = measure._run_point(point, {"mtbert_fast[cpu]": ok, "openvino[f32]": fails}, rows, "m", "encoder",
+                                 "float32", "cpu", 1, {}, skipped=skipped)
+    assert [r.provider for r in results] == ["mtbert_fast[cpu]"]
+    assert skipped == {"openvino[f32] float32 at sentences B=2": "failed: RuntimeError: shape not supported"}
+    with pytest.raises(RuntimeError, match="shape not supported"):
+        measure._run_point(point, {"mtbert_fast[cpu]": fails}, rows, "m", "encoder", "float32", "cpu", 1, {},
+                           skipped=skipped)
+
+
 def test_gemm_summary_names_the_route_and_the_rates_at_the_points():
     from mtbert_fast.bench import measure
 

@@ -546,23 +546,33 @@ def _time_point(fns: dict, batches: list, repeats: int, device) -> dict[str, tup
     return {n: (reps[n], calls[n]) for n in names}
 
 
-def _run_point(point, fns, reference, model_name, task, dtype_name, device, repeats, meta_extra, gemm=None):
+def _run_point(point, fns, reference, model_name, task, dtype_name, device, repeats, meta_extra, gemm=None,
+               skipped=None):
     """The point's Result per provider: the untimed pass (parity, warm-up: torch.compile compiles there), the peak
     memory of one more call on the point's largest batch, then the timed passes. The encoder task's outputs are
     [real rows]; their mean-pooled cosine is taken per sequence. gemm: None, or (call, FLOPs) of the GEMM of the
     roofline, which then takes a turn in the timed repetitions (one call per batch) and gives every Result its
-    gemm_flops_per_s: its FLOPs over the median seconds of those calls."""
+    gemm_flops_per_s: its FLOPs over the median seconds of those calls. skipped: where given, a peer that raises in
+    the untimed pass is left out of the point with its reason there, instead of ending the run."""
     name, batch, max_len, batches = point
     largest = max(batches, key=lambda b: b["attention_mask"].numel())
     results = {}
-    for prov, fn in fns.items():
+    fns = dict(fns)
+    for prov, fn in list(fns.items()):
         diff, cosines = 0.0, []
-        for b, ref in zip(batches, reference):
-            out = fn(b)
-            diff = _worst((diff, max_abs_diff(out, ref)))
-            if task == "encoder":
-                cosines.append(min_pooled_cosine(out[0], ref[0], b["attention_mask"].sum(1)))
-        _, peak = harness.peak_memory(lambda: fn(largest), device)
+        try:
+            for b, ref in zip(batches, reference):
+                out = fn(b)
+                diff = _worst((diff, max_abs_diff(out, ref)))
+                if task == "encoder":
+                    cosines.append(min_pooled_cosine(out[0], ref[0], b["attention_mask"].sum(1)))
+            _, peak = harness.peak_memory(lambda: fn(largest), device)
+        except Exception as exc:  # noqa: BLE001 - a peer runtime fails in its own ways; ours must not
+            if skipped is None or not is_peer(prov):
+                raise
+            skipped[f"{prov} {dtype_name} at {name} B={batch}"] = f"failed: {type(exc).__name__}: {exc}"
+            del fns[prov]
+            continue
         real = sum(int(b["attention_mask"].sum()) for b in batches)
         padded = sum(b["attention_mask"].numel() for b in batches)
         # a NaN cosine (a NaN output) is the lowest: min() would drop it after another
@@ -648,7 +658,7 @@ def _encoder_runs(cfg, model: _Model, dtype_name: str, device, points, gemm, pee
         _progress(f"  {model.name} {dtype_name} {point[0]} B={point[1]}: {', '.join(calls)}")
         reference = [[_real_rows(ref_model(**b), b)] for b in point[3]]
         rs = _beside_own_bf16(_run_point(point, calls, reference, model.name, "encoder", dtype_name, device,
-                                         cfg.repeats, extra, gemm))
+                                         cfg.repeats, extra, gemm, skipped))
         for r in rs:
             r.flops = sum(harness.encoder_flops(sizes, b["attention_mask"].sum(1).tolist(), pooler=pooler)
                           for b in point[3])  # fmt: skip
