@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -255,9 +256,14 @@ class MultiTaskBert(nn.Module):
     # --- own checkpoint --------------------------------------------------------------------------------------
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """model.safetensors (tied decoders saved once, as the word embeddings) and multitask_config.json."""
+        """model.safetensors (tied decoders saved once, as the word embeddings) and multitask_config.json. The float
+        weights only: a quantized model is saved as the float model it was made from (with a warning)."""
         from safetensors.torch import save_file
 
+        if self.encoder.int8 is not None:
+            warnings.warn("this model runs int8, and its checkpoint holds the float weights it was quantized from: "
+                          "load it with MultiTaskBert.from_pretrained(path, dtype=torch.qint8, calibration=...) to run "
+                          "int8 again", stacklevel=2)
         os.makedirs(path, exist_ok=True)
         tied = set(self.tied_keys())
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k not in tied}

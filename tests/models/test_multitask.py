@@ -557,6 +557,22 @@ def test_save_load_round_trip(bert, tmp_path, monkeypatch):
         assert torch.equal(a.losses[task], b.losses[task])
 
 
+def test_a_quantized_model_saves_its_float_weights_and_says_so(bert, tmp_path):
+    """save_pretrained of an int8 model writes the float weights it was quantized from, with a warning that names how
+    to load it as int8 again; loaded so, it runs int8."""
+    models, _ = bert
+    model = MultiTaskBert.from_hf_heads({"sentiment": models["sentiment"]}).quantize()
+    with pytest.warns(UserWarning, match=r"its checkpoint holds the float weights it was quantized from: load it with "
+                                         r"MultiTaskBert.from_pretrained\(path, dtype=torch.qint8"):
+        model.save_pretrained(tmp_path)
+    assert MultiTaskBert.from_pretrained(tmp_path).encoder.int8 is None
+    loaded = MultiTaskBert.from_pretrained(tmp_path, dtype=torch.qint8)
+    assert loaded.encoder.int8 is not None
+    batch = _batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).outputs["sentiment"]["logits"], model(**batch).outputs["sentiment"]["logits"])
+
+
 def test_from_pretrained_names_a_missing_head_weight(bert, tmp_path):
     from safetensors.torch import load_file, save_file
 
