@@ -1,6 +1,6 @@
 # The README's commands. `make test` and `make bench` do all the set-up on a fresh machine: a virtual
-# environment in .venv with a CPU build of torch, the test dependencies, and the package installed in
-# editable mode with mtbert_fast._C compiled against that torch.
+# environment in .venv with torch (the build the machine's package index serves; the tests need no GPU), the test
+# dependencies, and the package installed in editable mode with mtbert_fast._C compiled against that torch.
 
 PYTHON ?= python3
 VENV := .venv
@@ -28,7 +28,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 venv: $(BUILD_STAMP)
 
 $(DEPS_STAMP):
-	@echo "==> creating $(VENV) with torch==$(TORCH_VERSION) (CPU build) and the test dependencies"
+	@echo "==> creating $(VENV) with torch==$(TORCH_VERSION) and the test dependencies"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade "setuptools>=77" wheel
 	$(PIP) install torch==$(TORCH_VERSION) $(TEST_DEPS)

@@ -113,7 +113,7 @@ def report() -> str:
         out.append(f"${var} = {os.environ.get(var, '(unset)')}")
 
     out.append("")
-    out.append("Ops (each declared once in mtbert_fast/ops/<op>.py; kernels per backend besides the reference):")
+    out.append("Ops (each declared once under mtbert_fast/ops/; kernels per backend besides the reference):")
     out.extend("  " + line for line in _table(["op", "kernels", "backward", "schema"], op_rows()))
 
     out.append("")

@@ -664,6 +664,9 @@ _TO_HF: dict[type[Head], Callable[[Any, EncoderConfig], HfHead]] = {
 _TASKS = {
     "Bert": tuple(_FROM_HF),
     "Roberta": ("ForSequenceClassification", "ForTokenClassification", "ForMaskedLM", "ForQuestionAnswering"),
+    # RoBERTa's architecture under other names (exported back as Roberta* classes)
+    "XLMRoberta": ("ForSequenceClassification", "ForTokenClassification", "ForMaskedLM", "ForQuestionAnswering"),
+    "Camembert": ("ForSequenceClassification", "ForTokenClassification", "ForMaskedLM", "ForQuestionAnswering"),
     "DistilBert": ("ForSequenceClassification", "ForTokenClassification", "ForMaskedLM", "ForQuestionAnswering"),
     "Electra": ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering"),
     "MPNet": ("ForSequenceClassification", "ForTokenClassification", "ForMaskedLM", "ForQuestionAnswering"),

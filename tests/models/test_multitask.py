@@ -683,6 +683,33 @@ def test_bad_input_errors_before_any_compute(bert):
         model(**batch, labels=labels["sentiment"])
 
 
+@pytest.mark.parametrize("prefix", ["XLMRoberta", "Camembert"])
+def test_roberta_under_other_names_gives_its_heads(prefix):
+    """XLM-R's and CamemBERT's task models are RoBERTa's under other class names: their heads map as RoBERTa's."""
+    config = getattr(transformers, f"{prefix}Config")(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                                                      num_attention_heads=2, intermediate_size=64,
+                                                      max_position_embeddings=SEQLEN + 2, pad_token_id=1)
+    torch.manual_seed(0)
+    models = {s: getattr(transformers, prefix + s)(config).eval()
+              for s in ("ForSequenceClassification", "ForTokenClassification", "ForMaskedLM", "ForQuestionAnswering")}
+    encoder = models["ForSequenceClassification"].roberta.state_dict()
+    for m in models.values():
+        m.base_model.load_state_dict(encoder)
+    model = MultiTaskBert.from_hf_heads(models).eval()
+    ids = torch.randint(3, 99, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    labels = torch.full_like(ids, -100)
+    labels[0, 3], labels[1, 7] = 5, 9
+    with torch.no_grad():
+        out = model(ids, mask, labels={"ForMaskedLM": labels})
+        for task, m in models.items():
+            if task == "ForMaskedLM":
+                _close(out.losses[task], m(ids, attention_mask=mask, labels=labels).loss)
+            else:
+                field = "start_logits" if task == "ForQuestionAnswering" else "logits"
+                _close(out.outputs[task][field], getattr(m(ids, attention_mask=mask), field))
+
+
 def test_from_hf_heads_refuses_different_encoders(bert):
     models, _ = bert
     ner = _task_models("bert", {"ner": BERT_TASKS["ner"]})["ner"]
