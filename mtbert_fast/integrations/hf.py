@@ -18,6 +18,7 @@ import warnings
 
 import torch
 import torch.nn as nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from mtbert_fast.models.config import EncoderConfig, UnsupportedModelError, family_names
 from mtbert_fast.models.encoder import (
@@ -25,7 +26,7 @@ from mtbert_fast.models.encoder import (
     encode, quantize_encoder,
 )
 from mtbert_fast.models.hf_mapping import HF_PREFIXES, LAYOUTS, HfLayout, hf_encoder_keys
-from mtbert_fast.models.int8 import DEFAULT_SMOOTHING, check_model_dtype
+from mtbert_fast.models.int8 import DEFAULT_SMOOTHING, STORAGE_ADDRESS, check_model_dtype
 from mtbert_fast.models.plain_modules import (
     PLAIN_MODULES, allow_hooks, check_plain_module, check_runs_plain, refuse_hooks,
 )
@@ -104,17 +105,23 @@ def _param(module: nn.Module, kind: str) -> torch.Tensor | None:
 class _QKVFusion:
     """One layer's query/key/value parameters, and the [3H, H] weight and [3H] bias that the fused QKV product reads:
     concatenated from the parameters, which keep their own storage (so state_dict() aliases them, as PyTorch's does),
-    and kept while every parameter keeps its storage and version counter and release_packs() has not run (a write
-    through .data changes neither, as for the packed weights of models/weight_pack.py). Parameters that are inference
-    tensors (no version counter) or that autograd must reach are concatenated at every call."""
+    and kept for inference while every parameter keeps its storage (by identity: a weak reference holds each one's,
+    so no new storage can take its address) and version counter and release_packs() has not run (a write through
+    .data changes neither, as for the packed weights of models/weight_pack.py). Parameters that are inference tensors
+    (no version counter) or that autograd must reach are concatenated at every call, and nothing is kept then."""
 
     def __init__(self, linears: tuple[nn.Linear, nn.Linear, nn.Linear]):
         self.linears = self.modules = linears
+        self.drop()
+
+    def drop(self) -> None:
+        """Forget the kept concatenation (its memory goes with it)."""
         self.weight = self.bias = self.key = None
+        self.storages: list[StorageWeakRef] = []
 
     def __getstate__(self) -> dict:
         # a copy or a pickle concatenates its own parameters: the kept buffers are not carried along
-        return {**self.__dict__, "weight": None, "bias": None, "key": None}
+        return {**self.__dict__, "weight": None, "bias": None, "key": None, "storages": []}
 
     def _params(self) -> list[torch.Tensor | None]:
         return [_param(lin, kind) for kind in ("weight", "bias") for lin in self.linears]
@@ -126,17 +133,20 @@ class _QKVFusion:
     def weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The fused [3H, H] weight and [3H] bias (None where the linears have no bias)."""
         params = self._params()
-        if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
-            return self._fused(params[:3]), self._fused(params[3:])
         present = [p for p in params if p is not None]
-        if any(p.is_inference() for p in present):
-            self.weight = self.bias = self.key = None
+        if (torch.is_grad_enabled() and any(p.requires_grad for p in present)) or any(p.is_inference()
+                                                                                       for p in present):
+            self.drop()
             return self._fused(params[:3]), self._fused(params[3:])
-        key = (tuple(p.data_ptr() for p in present), tuple(p._version for p in present), pack_releases())
+        key = (tuple(map(STORAGE_ADDRESS, present)), tuple(p.data_ptr() for p in present),
+               tuple(p._version for p in present), pack_releases())
         if key != self.key:
-            self.weight, self.bias = (self._fused([p.detach() if p is not None else None for p in group])
-                                      for group in (params[:3], params[3:]))
-            self.key = key
+            # never an inference tensor, whatever mode this call runs in: it is kept for later calls, which may save
+            # it for a backward, and inference tensors are never packed
+            with torch.inference_mode(False):
+                self.weight, self.bias = (self._fused([None if p is None else p.detach() for p in group])
+                                          for group in (params[:3], params[3:]))
+            self.key, self.storages = key, [StorageWeakRef(p.untyped_storage()) for p in present]
         return self.weight, self.bias
 
 
@@ -226,6 +236,9 @@ class _SwapState:
         int8 = quantize_encoder(self.config, _embedding_weights(base, self.layout), layers, calibration, smoothing,
                                 self.backend, self.relative_bias(base))
         self.int8 = Int8State(int8, self.layers(base))
+        for fusion in self.qkv:  # the int8 layers never read the float concatenations
+            if isinstance(fusion, _QKVFusion):
+                fusion.drop()
 
     def relative_bias(self, base: nn.Module) -> torch.Tensor | None:
         """MPNet's [buckets, heads] relative position bias weight, or None."""

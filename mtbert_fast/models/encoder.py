@@ -581,12 +581,14 @@ def _embeddings_by_op(config: EncoderConfig, w: EmbeddingWeights, packed: Packed
 
 def _residual_norm(a, bias, residual, weight, beta, eps, p, training, backend, packed: PackedBatch):
     """LayerNorm(dropout(a + bias) + residual); the bias folds into the fused kernel when there is no dropout.
-    Under torch.autocast the residual stream keeps the model's float32, as HF's does (autocast runs LayerNorm in
-    float32 and the sum of a product and the residual promotes to it): only the products run in autocast's dtype."""
-    if residual.dtype == torch.float32 and torch.is_autocast_enabled(a.device.type):
-        with torch.autocast(a.device.type, enabled=False):
-            return _residual_norm(a.float(), bias.float(), residual, weight.float(), beta.float(), eps, p, training,
-                                  backend, packed)
+    Under torch.autocast the LayerNorm runs where HF's does: in float32 on CUDA (autocast's LayerNorm), and on the
+    CPU in the dtype of a + residual (a float32 residual stream stays float32); only the products run in autocast's
+    dtype."""
+    device = a.device.type
+    if torch.is_autocast_enabled(device) and (device == "cuda" or residual.dtype == torch.float32):
+        with torch.autocast(device, enabled=False):
+            return _residual_norm(a.float(), bias.float(), residual.float(), weight.float(), beta.float(), eps, p,
+                                  training, backend, packed)
     if training and p > 0.0:
         a = F.dropout(a + bias, p, True)
         bias = torch.zeros_like(bias)

@@ -490,7 +490,7 @@ def check_int8_device(device: torch.device) -> None:
 _VERSION = operator.attrgetter("_version")
 # the address of a tensor's StorageImpl: while a StorageWeakRef holds it, no other storage can take that address (a
 # freed one's data can come back at the same data_ptr, as after .half() then .float())
-_STORAGE = getattr(torch._C, "_storage_address", lambda t: t.untyped_storage()._cdata)
+STORAGE_ADDRESS = getattr(torch._C, "_storage_address", lambda t: t.untyped_storage()._cdata)
 
 
 class Stacks(dict):
@@ -547,7 +547,7 @@ class ParameterWatch:
         return _rewatched, (self.root, self.unchanged(self.root))
 
     def _state(self) -> tuple[list[int], list[int], list[int]]:
-        return (list(map(_STORAGE, self.params)), list(map(torch.Tensor.data_ptr, self.params)),
+        return (list(map(STORAGE_ADDRESS, self.params)), list(map(torch.Tensor.data_ptr, self.params)),
                 list(map(_VERSION, self.versioned)))
 
     def unchanged(self, root: torch.nn.Module) -> bool:

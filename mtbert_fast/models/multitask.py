@@ -32,8 +32,8 @@ TaskSpec = str | Sequence[str] | Sequence[str | Sequence[str] | None] | None
 class MultiTaskOutput:
     """outputs: task -> {name: tensor} (each has `rows`, int64 [B_t], the batch rows it covers);
     losses: task -> scalar fp32, for the tasks given labels (NaN, as HF's, for a task whose labels in the batch are
-    all ignored); loss: sum of loss_weights[task] * losses[task] over the tasks of nonzero weight (one of weight 0
-    adds nothing, not even a NaN), None when no task had labels, 0 when every task with labels has weight 0."""
+    all ignored); loss: sum of loss_weights[task] * losses[task] (a task of weight 0 adds a zero, even where its loss
+    is NaN, that keeps the graph for backward), None when no task had labels."""
 
     outputs: dict[str, dict[str, torch.Tensor]]
     losses: dict[str, torch.Tensor]
@@ -207,12 +207,10 @@ class MultiTaskBert(nn.Module):
                 losses[task] = loss
         total = None
         for task, loss in losses.items():
-            if self.loss_weights[task] == 0.0:
-                continue
-            weighted = self.loss_weights[task] * loss
+            w = self.loss_weights[task]
+            # weight 0: a zero that keeps the graph (a step on that task alone can still call backward), never NaN
+            weighted = w * loss if w != 0.0 else torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0
             total = weighted if total is None else total + weighted
-        if total is None and losses:
-            total = torch.zeros((), device=device)
         return MultiTaskOutput(outputs, losses, total)
 
     def quantize(self, calibration=None, *, smoothing: float = DEFAULT_SMOOTHING) -> MultiTaskBert:

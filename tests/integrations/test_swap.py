@@ -596,6 +596,50 @@ def test_weights_changed_after_swap(how, model_backend, bert_config, make_hf, ra
     assert_tokens_close(out.hidden_states[-1], expected.hidden_states[-1], mask)
 
 
+def test_fused_qkv_made_under_inference_mode_serves_a_backward(bert_config, make_hf, ragged_batch):
+    """The fused query/key/value kept from a call under torch.inference_mode is an ordinary tensor: a later training
+    step with those weights frozen saves it for the backward (an inference tensor cannot be saved)."""
+    config = bert_config()
+    model = swap(make_hf(BertForSequenceClassification, config))
+    ids, mask = ragged_batch(config, [7, 4])
+    with torch.inference_mode():
+        model(ids, attention_mask=mask)
+    for layer in model.bert.encoder.layer:
+        for linear in (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value):
+            linear.requires_grad_(False)
+    model.train()(ids, attention_mask=mask, labels=torch.tensor([0, 1])).loss.backward()
+    assert model.bert.encoder.layer[0].attention.output.dense.weight.grad is not None
+
+
+def test_fused_qkv_sees_new_storage_at_the_old_address(bert_config, make_hf, ragged_batch, assert_close):
+    """A value weight given new storage where the old one's data was, with other values (same data pointer, same
+    version counter: what .half() then .float() can give when the allocator hands back the freed block): the fused
+    weights follow it, as every other weight does."""
+    config = bert_config()
+    hf = make_hf(BertForSequenceClassification, config)
+    model = swap(copy.deepcopy(hf))
+    ids, mask = ragged_batch(config, [7, 4])
+    kept = []
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+        for m in (model, hf):
+            weight = m.bert.encoder.layer[0].attention.self.value.weight
+            old = weight.data
+            kept.append(old)
+            alias = torch._C._construct_storage_from_data_pointer(old.data_ptr(), old.device,
+                                                                  old.untyped_storage().nbytes())
+            weight.data = torch.empty(0, dtype=old.dtype).set_(alias, 0, old.shape, old.stride())
+            weight.data.mul_(3.0)
+        assert_close(model(ids, attention_mask=mask).logits, hf(ids, attention_mask=mask).logits)
+
+
+def test_int8_swap_keeps_no_float_qkv(bert_config, make_hf):
+    """An int8 swap reads the fused float query/key/value once, to quantize them, and keeps none of them."""
+    model = swap(make_hf(BertModel, bert_config()), dtype=torch.qint8)
+    fusions = model._mtbert_fast_swap.qkv
+    assert fusions and all(f.weight is None and f.bias is None for f in fusions)
+
+
 # --- bf16, dropout ---------------------------------------------------------------------------------------------------
 
 

@@ -309,7 +309,8 @@ def test_training_step_backward(bert):
 
 def test_a_task_of_weight_zero_adds_nothing_to_the_loss(bert):
     """A task of loss weight 0 adds nothing to the total, not even the NaN its loss is (as HF's) when its labels in
-    the batch are all ignored; with only such tasks the total is 0."""
+    the batch are all ignored; with only such tasks the total is a zero that backward still runs through (a training
+    step drawn for that task)."""
     models, _ = bert
     model = MultiTaskBert.from_hf_heads({t: models[t] for t in ("sentiment", "ner")},
                                         loss_weights={"ner": 0.0}).train()
@@ -323,6 +324,9 @@ def test_a_task_of_weight_zero_adds_nothing_to_the_loss(bert):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     only = model(**batch, labels={"ner": labels["ner"]})
     assert torch.isfinite(only.losses["ner"]) and only.loss.item() == 0.0
+    model.zero_grad()
+    only.loss.backward()
+    assert all(not p.grad.any() for p in model.parameters() if p.grad is not None)
 
 
 # --- padding: only what a head or an output reads ------------------------------------------------------------------

@@ -147,6 +147,17 @@ def test_bf16_autocast_trains(tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
 
 
+def test_a_task_of_weight_zero_takes_its_steps(tmp_path):
+    """A task of loss weight 0 (watched only) still gets the steps the sampler draws for it: its step's loss is a
+    zero that backward runs through, and the other task trains."""
+    files = syn.write_tasks(str(tmp_path), n=48)
+    config = syn.base_config(files, tasks=("topic", "tags"), max_steps=6)
+    config["tasks"][1]["loss_weight"] = 0.0
+    result = train(config)
+    assert {r["task"] for r in result.history} == {"topic", "tags"}
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
+
+
 def test_progress_without_tqdm_prints_lines(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # as if tqdm were not installed
     files = syn.write_tasks(str(tmp_path), n=48)
