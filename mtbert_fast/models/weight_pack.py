@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from mtbert_fast.ops.panel_linear import pack_panels
 
@@ -115,6 +116,19 @@ def release_packs() -> None:
 def releases() -> int:
     """How many times release_packs has run."""
     return _releases
+
+
+def _fused_step_writes(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """After any optimizer's step: a fused step (fused=True, as for AdamW and Adam) writes the parameters in place
+    without moving their version counters on, which every cache here keys on, so they are moved on for it."""
+    for group in optimizer.param_groups:
+        if group.get("fused"):
+            params = [p for p in group["params"] if not p.is_inference()]
+            if params:
+                torch.autograd.graph.increment_version(params)
+
+
+register_optimizer_step_post_hook(_fused_step_writes)
 
 
 def pack_count(kind: str = "onednn") -> int:

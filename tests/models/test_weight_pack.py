@@ -198,14 +198,23 @@ def test_panel_route_matches_the_onednn_route(dtype, bert_config, make_hf, ragge
     torch.testing.assert_close(panels.pooler_output.float(), onednn.pooler_output.float(), **tol)
 
 
-def test_fast_model_sees_a_training_step(route, bert_config, make_hf, ragged_batch, assert_tokens_close):
-    """Eval after an optimizer step computes with the stepped weights, not the packs of the eval before it."""
+OPTIMIZERS = {"sgd": lambda p: torch.optim.SGD(p, lr=1.0),
+              "adamw foreach": lambda p: torch.optim.AdamW(p, lr=1e-2, foreach=True),
+              "adamw fused": lambda p: torch.optim.AdamW(p, lr=1e-2, fused=True)}
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+@pytest.mark.parametrize("kind", ["fast", "swapped"])
+def test_eval_sees_a_training_step(kind, optimizer, route, bert_config, make_hf, ragged_batch, assert_tokens_close):
+    """Eval after an optimizer step computes with the stepped weights, not the packs of the eval before it; a fused
+    step too, which writes the weights without moving their version counters (a step hook moves them)."""
     config = bert_config()
-    fast = FastBertModel.from_hf(make_hf(BertModel, config))
+    hf = make_hf(BertModel, config)
+    fast = FastBertModel.from_hf(hf) if kind == "fast" else swap(hf)
     ids, mask = _batch(ragged_batch, config)
     with torch.no_grad():
         before = fast(ids, mask).last_hidden_state
-    opt = torch.optim.SGD(fast.parameters(), lr=1.0)
+    opt = optimizer(fast.parameters())
     fast.train()
     fast(ids, mask).last_hidden_state.square().mean().backward()
     opt.step()
