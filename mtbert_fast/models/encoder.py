@@ -717,15 +717,18 @@ class Rotary(NamedTuple):
 
 
 def rotary_for(config: EncoderConfig, packed: PackedBatch, position_ids: torch.Tensor | None) -> Rotary:
-    """Positions as HF numbers them (0.. over the padded row, or position_ids) and tables long enough for them."""
+    """Positions as HF numbers them (0.. over the padded row, or position_ids) and tables for them: rows 0..L-1 read
+    at each token's position, or with position_ids, whose values may be anything (rotary positions index no table),
+    a row per token read at the token's own index."""
     positions = packed_positions(config, None, position_ids, packed)
-    size = packed.seqlen
-    if position_ids is not None:
-        size = max(config.max_position_embeddings, int(positions.max()) + 1 if positions.numel() else 0)
     device = positions.device
     thetas = {"full_attention": config.rope_theta, "sliding_attention": config.local_rope_theta}
-    return Rotary(positions, {kind: rotary_tables(config.head_dim, size, thetas[kind], device)
-                              for kind in set(config.layer_types)})
+    if position_ids is None:
+        return Rotary(positions, {kind: rotary_tables(config.head_dim, packed.seqlen, thetas[kind], device)
+                                  for kind in set(config.layer_types)})
+    rows = torch.arange(positions.numel(), device=device)
+    return Rotary(rows, {kind: rotary_tables(config.head_dim, positions, thetas[kind], device)
+                         for kind in set(config.layer_types)})
 
 
 def pre_norm_layer_forward(

@@ -63,13 +63,17 @@ def _check_positions(op: str, positions: torch.Tensor, tables: int) -> None:
                              "positions of the cos/sin tables")
 
 
-def rotary_tables(head_dim: int, positions: int, theta: float, device: torch.device | str | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [positions, head_dim / 2] float32 of p * theta^(-2i / head_dim), the angles rotary_qk reads."""
+def rotary_tables(head_dim: int, positions: int | torch.Tensor, theta: float,
+                  device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [P, head_dim / 2] float32 of p * theta^(-2i / head_dim), the angles rotary_qk reads: for p in
+    0..positions-1, or for each p of a positions tensor [P] (a row per token, read at its own index)."""
     if head_dim % 2 or head_dim <= 0:
         raise ValueError(f"rotary_tables: head_dim must be even and positive, got {head_dim}")
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
-    angles = torch.outer(torch.arange(positions, device=device, dtype=torch.float32), inv_freq)
+    if isinstance(positions, torch.Tensor):
+        angles = torch.outer(positions.to(device=inv_freq.device, dtype=torch.float32), inv_freq)
+    else:
+        angles = torch.outer(torch.arange(positions, device=device, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 
 

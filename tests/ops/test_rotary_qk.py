@@ -62,6 +62,10 @@ def test_matches_hf_rotary_embedding():
     torch.testing.assert_close(out[:, 1], k[0], atol=1e-6, rtol=1e-6)
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
     torch.testing.assert_close(cos, torch.outer(torch.arange(16).float(), inv_freq).cos())
+    # a row per token for positions given as a tensor (any values: rotary positions index no table)
+    given = torch.tensor([5, 0, 15, 5])
+    for per_token, table in zip(rotary_tables(head_dim, given, theta), (cos, sin)):
+        assert torch.equal(per_token, table[given])
 
 
 @pytest.mark.parametrize("lengths", [[3], [4, 1, 6]])
