@@ -260,6 +260,10 @@ def parse_config(data: dict, base_dir: str = ".") -> TrainConfig:
         _check_task(t, base_dir, problems)
         if names.count(t.name) > 1 and names.index(t.name) == tasks.index(t):
             problems.append(f"task name {t.name!r} is used {names.count(t.name)} times; task names must be unique")
+    weights = [t.loss_weight for t in tasks]
+    if tasks and all(isinstance(w, (int, float)) and w == 0 for w in weights):
+        problems.append("every task has loss_weight 0: nothing would train (a task of weight 0 is held out of "
+                        "training and only evaluated)")
     if problems:
         raise ConfigError(problems)
     return TrainConfig(model=model, tasks=tasks, training=training)

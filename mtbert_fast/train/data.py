@@ -431,6 +431,11 @@ def encode_task(task: TaskSpec, records: list[dict], tokenizer, max_length: int,
             # a held-out split too small for pairs: no evaluation rather than a failure
             return []
         pairs = make_nsp_examples(docs, tokenizer.cls_token_id, tokenizer.sep_token_id, max_length, seed=seed)
+        cut = sum(p.cut for p in pairs)
+        if cut:
+            warnings.warn(f"task {task.name!r}: {cut} of {len(pairs)} next-sentence pairs are longer than "
+                          f"max_length={max_length} tokens and were cut: the longer sentence of each loses its last "
+                          "tokens", stacklevel=2)
         return [{"input_ids": p.input_ids, "token_type_ids": p.token_type_ids,
                  "special_tokens_mask": p.special_tokens_mask, "label": p.label} for p in pairs]
     raise ValueError(f"unknown task kind {kind!r}")

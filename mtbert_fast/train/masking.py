@@ -65,12 +65,14 @@ def mask_tokens(
 
 class NspExample(NamedTuple):
     """One pre-training pair: input_ids = [CLS] A [SEP] B [SEP], token_type_ids 0 over "[CLS] A [SEP]" and 1 over
-    "B [SEP]", special_tokens_mask 1 at [CLS]/[SEP], label IS_NEXT (0) or NOT_NEXT (1)."""
+    "B [SEP]", special_tokens_mask 1 at [CLS]/[SEP], label IS_NEXT (0) or NOT_NEXT (1); cut: whether max_length cut
+    A or B."""
 
     input_ids: list[int]
     token_type_ids: list[int]
     special_tokens_mask: list[int]
     label: int
+    cut: bool = False
 
 
 def truncate_pair(a: list[int], b: list[int], max_tokens: int) -> tuple[list[int], list[int]]:
@@ -83,11 +85,12 @@ def truncate_pair(a: list[int], b: list[int], max_tokens: int) -> tuple[list[int
 
 def nsp_pair(a: Sequence[int], b: Sequence[int], label: int, cls_id: int, sep_id: int, max_length: int) -> NspExample:
     """[CLS] A [SEP] B [SEP], truncated to max_length tokens."""
+    cut = len(a) + len(b) > max_length - 3
     a, b = truncate_pair(list(a), list(b), max_length - 3)
     ids = [cls_id, *a, sep_id, *b, sep_id]
     types = [0] * (len(a) + 2) + [1] * (len(b) + 1)
     special = [1] + [0] * len(a) + [1] + [0] * len(b) + [1]
-    return NspExample(ids, types, special, label)
+    return NspExample(ids, types, special, label, cut)
 
 
 def make_nsp_examples(

@@ -54,6 +54,7 @@ from mtbert_fast.train.data import (
     load_records,
     load_tokenizer,
 )
+from mtbert_fast.train.masking import IGNORE_INDEX
 from mtbert_fast.train.samplers import make_sampler
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -108,9 +109,14 @@ def build_model(config: TrainConfig, tokenizer) -> MultiTaskBert:
     if len(tokenizer) > enc.vocab_size:
         problems.append(f"the tokenizer has {len(tokenizer)} tokens but the encoder's vocabulary only {enc.vocab_size}")
     longest = max([m.max_length] + [t.max_length or 0 for t in config.tasks])
-    if longest > enc.max_position_embeddings:
-        problems.append(f"max_length {longest} exceeds the encoder's max_position_embeddings "
-                        f"{enc.max_position_embeddings}")
+    # the rows of the position table a sequence can reach: RoBERTa and MPNet number from the padding id + 1; rotary
+    # positions (ModernBERT) and DeBERTa's relative-only ones index no table
+    if not enc.pre_norm and enc.position_biased_input:
+        offset = enc.position_padding_idx + 1 if enc.position_padding_idx is not None else 0
+        if longest + offset > enc.max_position_embeddings:
+            problems.append(f"max_length {longest} exceeds the {enc.max_position_embeddings - offset} tokens the "
+                            f"encoder's {enc.max_position_embeddings} position embeddings hold"
+                            + (f" (positions start at {offset})" if offset else ""))
     if encoder.pooler is None:
         needs = [t.name for t in config.tasks if t.kind in ("next_sentence", "pretraining")]
         if needs:
@@ -225,6 +231,11 @@ class _Progress:
             self.bar.close()
 
 
+def _labelled(labels: torch.Tensor) -> int:
+    """How many labels a token-level loss averages over: those that are not IGNORE_INDEX."""
+    return int((labels != IGNORE_INDEX).sum())
+
+
 class Trainer:
     """Checks the configuration and every data file, then builds the tokenizer, model, batches, optimizer and
     sampler.  `train()` runs (or resumes) the loop; `evaluate()` gives each task's held-out loss."""
@@ -257,12 +268,18 @@ class Trainer:
                                             for j in range(0, len(mine), bs)] if held else None
         self.streams = {t.name: TaskStream(sizes[t.name], tr.batch_size, tr.seed, i, self.rank, self.world_size)
                         for i, t in enumerate(config.tasks)}
-        self.sampler = make_sampler(tr.sampler, sizes, tr.temperature, tr.seed)
+        # a task of loss weight 0 is watched only: evaluated, never drawn for a step (whose zero loss would still
+        # move the weights through the optimizer's momentum and decay)
+        trained = [t.name for t in config.tasks if t.loss_weight > 0]
+        self.sampler = make_sampler(tr.sampler, {n: sizes[n] for n in trained}, tr.temperature, tr.seed)
         self.mask_generator = torch.Generator().manual_seed(_mix(tr.seed, MASK_STREAM, self.rank))
 
-        per_epoch = sum(s.batches_per_epoch for s in self.streams.values())
+        per_epoch = sum(self.streams[n].batches_per_epoch for n in trained)
         self.total_steps = tr.max_steps or max(1, math.ceil(tr.epochs * per_epoch / tr.grad_accum_steps))
         warmup = tr.warmup_steps if tr.warmup_steps is not None else round(tr.warmup_ratio * self.total_steps)
+        if warmup >= self.total_steps > 1:
+            warnings.warn(f"training: {warmup} warmup steps in a run of {self.total_steps}: the learning rate never "
+                          f"reaches training.lr ({tr.lr})", stacklevel=2)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
@@ -322,22 +339,37 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Each task's held-out loss: the row-weighted mean of its batch losses over every process's shard."""
+        """Each task's held-out loss over every process's shard, as one batch of all of it would give: a mean over
+        the labelled tokens for the token-level losses (tagging, masked LM), over the rows for the others; for
+        pre-training the sum of its masked-LM and next-sentence means."""
         was_training = self.model.training
         self.model.eval()
         names = [name for name, batches in self.eval_batches.items() if batches is not None]
-        sums = torch.zeros(len(names), 2, dtype=torch.float64)
+        # per task: (sum, weight) of the token-level part, then of the row-level part
+        sums = torch.zeros(len(names), 4, dtype=torch.float64)
         for i, name in enumerate(names):
+            kind = self.tasks[name].kind
             for batch in self.eval_batches[name]:
                 b = batch.to(self.device)
                 with self._autocast():
                     out = self.model(b.input_ids, b.attention_mask, b.token_type_ids, tasks=name, labels=b.labels,
                                      mlm_logits=False)
-                sums[i, 0] += float(out.losses[name]) * b.rows
-                sums[i, 1] += b.rows
+                labels = b.labels[name]
+                if kind == "pretraining":
+                    parts = ((out.outputs[name]["mlm_loss"], _labelled(labels[0])),
+                             (out.outputs[name]["nsp_loss"], b.rows))
+                elif kind in ("token_classification", "masked_lm"):
+                    parts = ((out.losses[name], _labelled(labels)),)
+                else:
+                    parts = ((None, 0), (out.losses[name], b.rows))
+                for j, (loss, weight) in enumerate(parts):
+                    if weight:
+                        sums[i, 2 * j] += float(loss) * weight
+                        sums[i, 2 * j + 1] += weight
         sums = self._sum_over_ranks(sums)
         self.model.train(was_training)
-        return {name: float(sums[i, 0] / sums[i, 1]) for i, name in enumerate(names)}
+        return {name: float(sum(sums[i, j] / sums[i, j + 1] for j in (0, 2) if sums[i, j + 1] > 0))
+                for i, name in enumerate(names)}
 
     def _record_eval(self, progress: _Progress) -> None:
         losses = self.evaluate()

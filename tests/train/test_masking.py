@@ -96,9 +96,10 @@ def test_nsp_pair_layout():
     assert ex.input_ids == [CLS, 5, 6, 7, SEP, 8, 9, SEP]
     assert ex.token_type_ids == [0, 0, 0, 0, 0, 1, 1, 1]
     assert ex.special_tokens_mask == [1, 0, 0, 0, 1, 0, 0, 1]
-    # truncation trims the longer segment from its end
+    assert not ex.cut and not nsp_pair([5, 6, 7], [8, 9], IS_NEXT, CLS, SEP, max_length=8).cut
+    # truncation trims the longer segment from its end, and says so
     ex = nsp_pair(list(range(10, 20)), [8, 9], NOT_NEXT, CLS, SEP, max_length=9)
-    assert ex.input_ids == [CLS, 10, 11, 12, 13, SEP, 8, 9, SEP] and ex.label == NOT_NEXT
+    assert ex.input_ids == [CLS, 10, 11, 12, 13, SEP, 8, 9, SEP] and ex.label == NOT_NEXT and ex.cut
 
 
 def test_nsp_pairs_are_half_next_half_random():

@@ -197,6 +197,20 @@ def _records(files, task):
     return load_records(load_config(_one_task(files, task)))["t"]
 
 
+@pytest.mark.parametrize("model_type, longest", [("bert", 16), ("roberta", 15)])
+def test_max_length_is_checked_against_the_rows_of_the_position_table(model_type, longest, files):
+    """RoBERTa numbers positions from its padding id + 1: 16 position embeddings hold 15 tokens, and max_length 16
+    is refused before training (it failed at the first full batch); BERT's hold 16."""
+    config = syn.base_config(files, tasks=("lm",), max_steps=1)
+    config["model"]["config"] = dict(syn.TINY_ENCODER, model_type=model_type, max_position_embeddings=16,
+                                     pad_token_id=0)
+    config["model"]["max_length"] = longest
+    Trainer(load_config(config))
+    config["model"]["max_length"] = longest + 1
+    message = _error(config)
+    assert f"max_length {longest + 1} exceeds the {longest} tokens the encoder's 16 position embeddings hold" in message
+
+
 def test_tsv_quotes_are_text_and_a_bom_is_not_a_column(tmp_path, files):
     """A tab-separated file has no quoting (a " is text, as in GLUE's files); a UTF-8 byte-order mark is not part of
     the first column's name."""
@@ -349,6 +363,10 @@ def test_truncation_is_counted_and_a_question_too_long_is_named(files):
     with pytest.raises(ValueError, match="task 'span': the question of row 0 .* is 9 tokens long, which leaves its "
                                          "context no room within max_length=8"):
         encode_task(span, [{"question": "w1 " * 9, "context": "w2", "start_char": 0, "end_char": 2}], tok, 8)
+    docs = load_config(syn.base_config(files, tasks=("docs",))).tasks[0]
+    with pytest.warns(UserWarning, match="task 'docs': 1 of 1 next-sentence pairs are longer than max_length=8 tokens "
+                                         "and were cut"):
+        encode_task(docs, [{"sentences": ["w1 w2 w3 w4 w5 w6", "w7"]}, {"sentences": ["w8"]}], tok, 8)
 
 
 def test_rows_the_tokenizer_empties_are_named(files):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mtbert_fast.models import MultiTaskBert
-from mtbert_fast.train import Trainer, load_config, train
+from mtbert_fast.train import ConfigError, Trainer, load_config, train
 from mtbert_fast.train.cli import add_train_parser
 from mtbert_fast.train.data import load_tokenizer
 from mtbert_fast.train.trainer import list_checkpoints
@@ -147,15 +147,52 @@ def test_bf16_autocast_trains(tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
 
 
-def test_a_task_of_weight_zero_takes_its_steps(tmp_path):
-    """A task of loss weight 0 (watched only) still gets the steps the sampler draws for it: its step's loss is a
-    zero that backward runs through, and the other task trains."""
+def test_a_task_of_weight_zero_is_watched_not_trained(tmp_path):
+    """A task of loss weight 0 is evaluated but never drawn for a step (a step on its zero loss would still move the
+    weights through AdamW's momentum and decay); every task of weight 0 is refused."""
     files = syn.write_tasks(str(tmp_path), n=48)
-    config = syn.base_config(files, tasks=("topic", "tags"), max_steps=6)
+    config = syn.base_config(files, tasks=("topic", "tags"), max_steps=6, sampler="round_robin")
     config["tasks"][1]["loss_weight"] = 0.0
     result = train(config)
-    assert {r["task"] for r in result.history} == {"topic", "tags"}
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
+    assert {r["task"] for r in result.history} == {"topic"}
+    assert set(result.evals[-1]["losses"]) == {"topic", "tags"}
+    config["tasks"][0]["loss_weight"] = 0
+    with pytest.raises(ConfigError, match="every task has loss_weight 0: nothing would train"):
+        train(config)
+
+
+def test_warmup_longer_than_the_run_is_named(tmp_path):
+    files = syn.write_tasks(str(tmp_path), n=48)
+    with pytest.warns(UserWarning, match=r"training: 10 warmup steps in a run of 3: the learning rate never reaches "
+                                         r"training.lr \(0.002\)"):
+        Trainer(load_config(syn.base_config(files, tasks=("topic",), max_steps=3)))
+
+
+def test_held_out_loss_does_not_depend_on_how_rows_fall_into_batches(tmp_path):
+    """The held-out loss of a token-level task is the mean over its labelled tokens, whatever eval_batch_size splits
+    the rows into (a row-weighted mean of batch means moved with it); pre-training's is its masked-LM token mean plus
+    its next-sentence row mean."""
+    from mtbert_fast.train.data import Batch, encode_task
+
+    files = syn.write_tasks(str(tmp_path), n=64)
+    trainer = Trainer(load_config(syn.base_config(files, tasks=("tags", "lm", "docs"), eval_split=0.25)))
+    for name in ("tags", "lm", "docs"):
+        task = trainer.tasks[name]
+        held = encode_task(task, trainer.records[name].eval, trainer.tokenizer, 32, seed=1)
+        full = trainer._collate(task, held, torch.Generator().manual_seed(0))  # one set of masks for every split
+
+        def rows(a, b):
+            labels = full.labels[name]
+            labels = tuple(t[a:b] for t in labels) if isinstance(labels, tuple) else labels[a:b]
+            return Batch(name, full.input_ids[a:b], full.attention_mask[a:b], full.token_type_ids[a:b],
+                         {name: labels})
+
+        losses = []
+        for size in (1, 3, full.rows):
+            trainer.eval_batches = {name: [rows(a, a + size) for a in range(0, full.rows, size)]}
+            losses.append(trainer.evaluate()[name])
+        assert losses[0] == pytest.approx(losses[2], rel=1e-5) and losses[1] == pytest.approx(losses[2], rel=1e-5), (
+            name, losses)
 
 
 def test_progress_without_tqdm_prints_lines(tmp_path, capsys, monkeypatch):
