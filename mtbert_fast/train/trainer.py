@@ -64,8 +64,8 @@ COMPLETE_NAME = "COMPLETE"
 
 @dataclasses.dataclass
 class TrainResult:
-    """history: per optimizer step {"step", "task", "loss" (the task's unweighted loss, averaged over its
-    micro-batches and processes), "lr"}; evals: {"step", "losses": task -> held-out loss}; model: the trained
+    """history: per optimizer step {"step", "task", "loss" (the task's unweighted loss over the step's micro-batches
+    and processes, as one batch of them all would give it), "lr"}; evals: {"step", "losses": task -> held-out loss}; model: the trained
     MultiTaskBert."""
 
     steps: int
@@ -173,8 +173,10 @@ class _TaskLoss(nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, token_type_ids, task: str, labels: dict):
+        """-> (weighted loss, raw loss, pre-training's (masked-LM loss, next-sentence loss) or None)."""
         out = self.model(input_ids, attention_mask, token_type_ids, tasks=task, labels=labels)
-        return out.loss, out.losses[task]
+        parts = out.outputs[task]
+        return out.loss, out.losses[task], (parts["mlm_loss"], parts["nsp_loss"]) if "nsp_loss" in parts else None
 
 
 def linear_schedule(warmup_steps: int, total_steps: int):
@@ -234,6 +236,18 @@ class _Progress:
 def _labelled(labels: torch.Tensor) -> int:
     """How many labels a token-level loss averages over: those that are not IGNORE_INDEX."""
     return int((labels != IGNORE_INDEX).sum())
+
+
+# the task kinds whose loss is a mean over labelled tokens, not over rows
+_TOKEN_LEVEL = ("token_classification", "masked_lm")
+
+
+def _step_tokens(kind: str, batch: Batch) -> int:
+    """The labelled tokens of a batch's token-level loss (pre-training's masked-LM part); 0 for row-level ones."""
+    labels = batch.labels[batch.task]
+    if kind == "pretraining":
+        return _labelled(labels[0])
+    return _labelled(labels) if kind in _TOKEN_LEVEL else 0
 
 
 class Trainer:
@@ -358,7 +372,7 @@ class Trainer:
                 if kind == "pretraining":
                     parts = ((out.outputs[name]["mlm_loss"], _labelled(labels[0])),
                              (out.outputs[name]["nsp_loss"], b.rows))
-                elif kind in ("token_classification", "masked_lm"):
+                elif kind in _TOKEN_LEVEL:
                     parts = ((out.losses[name], _labelled(labels)),)
                 else:
                     parts = ((None, 0), (out.losses[name], b.rows))
@@ -384,17 +398,31 @@ class Trainer:
         tr = self.config.training
         name = self.sampler.next()
         task, stream, features = self.tasks[name], self.streams[name], self.features[name]
-        raw_losses = []
-        for micro in range(tr.grad_accum_steps):
-            batch = self._collate(task, [features[i] for i in stream.next_indices()], self.mask_generator)
+        batches = [self._collate(task, [features[i] for i in stream.next_indices()], self.mask_generator)
+                   for _ in range(tr.grad_accum_steps)]
+        # each micro-batch's loss counts by its share of the step's labelled tokens (token-level losses) or rows,
+        # over every process (whose gradients DistributedDataParallel averages): the step's gradient is then that of
+        # one batch of all of them, however they were split
+        counts = torch.tensor([[_step_tokens(task.kind, b), b.rows] for b in batches], dtype=torch.float64)
+        shares = (counts * self.world_size / self._sum_over_ranks(counts.sum(0)).clamp(min=1)).tolist()
+        step_losses = []  # each micro-batch's share of the step's loss
+        for micro, batch in enumerate(batches):
             b = batch.to(self.device)
             last = micro == tr.grad_accum_steps - 1
             no_sync = getattr(self.loss_module, "no_sync", None)
             with contextlib.nullcontext() if last or no_sync is None else no_sync():
                 with self._autocast():
-                    weighted, raw = self.loss_module(b.input_ids, b.attention_mask, b.token_type_ids, name, b.labels)
-                (weighted / tr.grad_accum_steps).backward()
-            raw_losses.append(raw.detach().float())
+                    weighted, raw, parts = self.loss_module(b.input_ids, b.attention_mask, b.token_type_ids, name,
+                                                            b.labels)
+                token_share, row_share = shares[micro]
+                if parts is not None:  # pre-training: a token-level masked-LM loss plus a row-level one
+                    share = parts[0] * token_share + parts[1] * row_share
+                    scaled = task.loss_weight * share
+                else:
+                    share = raw * (token_share if task.kind in _TOKEN_LEVEL else row_share)
+                    scaled = weighted * (token_share if task.kind in _TOKEN_LEVEL else row_share)
+                scaled.backward()
+            step_losses.append(share.detach().float())
         if tr.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tr.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
@@ -402,7 +430,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        loss = self._sum_over_ranks(torch.stack(raw_losses).mean()) / self.world_size
+        loss = self._sum_over_ranks(torch.stack(step_losses).sum()) / self.world_size
         record = {"step": self.step, "task": name, "loss": float(loss), "lr": lr}
         self.history.append(record)
         return record

@@ -161,6 +161,24 @@ def test_a_task_of_weight_zero_is_watched_not_trained(tmp_path):
         train(config)
 
 
+def test_gradient_accumulation_is_one_larger_batch(tmp_path):
+    """16 rows a step as 1 x 16, 2 x 8 or 4 x 4 micro-batches train alike, for a row-level and a token-level task:
+    each micro-batch counts by its share of the step's rows or labelled tokens (a mean of micro-batch means weighed
+    a tagging row of few tags as much as one of many)."""
+    files = syn.write_tasks(str(tmp_path), n=96)
+    runs = [train(syn.base_config(files, tasks=("topic", "tags"), max_steps=6, batch_size=16 // accum,
+                                  grad_accum_steps=accum, warmup_steps=0))
+            for accum in (1, 2, 4)]
+    first = runs[0]
+    for run in runs[1:]:
+        assert [r["task"] for r in run.history] == [r["task"] for r in first.history]
+        for a, b in zip(run.history, first.history):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        want = first.model.state_dict()
+        for key, value in run.model.state_dict().items():
+            torch.testing.assert_close(value, want[key], atol=1e-5, rtol=1e-4)
+
+
 def test_warmup_longer_than_the_run_is_named(tmp_path):
     files = syn.write_tasks(str(tmp_path), n=48)
     with pytest.warns(UserWarning, match=r"training: 10 warmup steps in a run of 3: the learning rate never reaches "
