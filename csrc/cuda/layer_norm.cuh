@@ -3,7 +3,8 @@
 //
 // Forward: one block per row. On the fast path the row sits in registers (ITEMS vectors of VEC elements per thread,
 // 128-bit loads); mean and variance are two block sums over the registers (two passes: no E[s^2] - mean^2
-// cancellation). Rows that are unaligned (D not a multiple of the vector) or too long for the registers take the
+// cancellation; the second also sums the deviations from the first mean, whose rounding it corrects, so a constant
+// row normalizes to exactly beta). Rows that are unaligned (D not a multiple of the vector) or too long for the registers take the
 // generic kernel, which re-reads the row (from L1/L2) instead of keeping it.
 //
 // Backward: xhat = (s - mean) * rstd, g = grad_out * weight, grad_s = rstd * (g - mean(g) - xhat * mean(g * xhat)).
@@ -145,20 +146,24 @@ __global__ void __launch_bounds__(kLnMaxThreads) ln_forward_kernel(
         for (int k = 0; k < VEC; ++k) sum += s[it][k];
       }
     }
-    const float mu = block_sum(sum) * inv_d;
-    float sq = 0.f;
+    const float mu0 = block_sum(sum) * inv_d;
+    float sc = 0.f, sq = 0.f;
 #pragma unroll
     for (int it = 0; it < ITEMS; ++it) {
       const int64_t col = (threadIdx.x + static_cast<int64_t>(it) * blockDim.x) * VEC;
       if (col < D) {
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          const float c = s[it][k] - mu;
+          const float c = s[it][k] - mu0;
+          sc += c;
           sq = fmaf(c, c, sq);
         }
       }
     }
-    const float rs = rsqrtf(block_sum(sq) * inv_d + eps);
+    const float2 dev = block_sum2(sc, sq);
+    const float shift = dev.x / static_cast<float>(D);
+    const float mu = mu0 + shift;
+    const float rs = rsqrtf(fmaxf(dev.y * inv_d - shift * shift, 0.f) + eps);
 #pragma unroll
     for (int it = 0; it < ITEMS; ++it) {
       const int64_t col = (threadIdx.x + static_cast<int64_t>(it) * blockDim.x) * VEC;
@@ -198,15 +203,19 @@ __global__ void __launch_bounds__(kLnMaxThreads) ln_forward_generic_kernel(
       rows.template values<1>(offset, col, s);
       sum += s[0];
     }
-    const float mu = block_sum(sum) * inv_d;
-    float sq = 0.f;
+    const float mu0 = block_sum(sum) * inv_d;
+    float sc = 0.f, sq = 0.f;
     for (int64_t col = threadIdx.x; col < D; col += blockDim.x) {
       float s[1];
       rows.template values<1>(offset, col, s);
-      const float c = s[0] - mu;
+      const float c = s[0] - mu0;
+      sc += c;
       sq = fmaf(c, c, sq);
     }
-    const float rs = rsqrtf(block_sum(sq) * inv_d + eps);
+    const float2 dev = block_sum2(sc, sq);
+    const float shift = dev.x / static_cast<float>(D);
+    const float mu = mu0 + shift;
+    const float rs = rsqrtf(fmaxf(dev.y * inv_d - shift * shift, 0.f) + eps);
     for (int64_t col = threadIdx.x; col < D; col += blockDim.x) {
       float s[1];
       rows.template values<1>(offset, col, s);

@@ -355,7 +355,9 @@ inline int64_t leading_rows(const at::Tensor& t) {
 
 // Normalizes one row from its fp32 pre-norm values s, two-pass (the row is in L1, and the two passes avoid the
 // cancellation of E[s^2] - mean^2): out = (s - mean) * rstd * weight + beta, rstd = 1 / sqrt(var + eps) with the
-// biased variance.
+// biased variance. The second pass also sums the deviations from the first mean, sum(s) / D, whose rounding it
+// corrects (the corrected two-pass algorithm): a constant row's deviations are then exactly 0 and its output beta,
+// where with eps 1e-12 rstd (up to 1e6) turned the first mean's rounding into outputs of the weights' size.
 template <typename T>
 inline void layer_norm_row(
     const float* s,       // [D]
@@ -367,20 +369,25 @@ inline void layer_norm_row(
     float* mean,          // [1]
     float* rstd,          // [1]
     int64_t D) {
-  const float mu = sum / static_cast<float>(D);
-  const fVec sq = reduce_vecs(D, fVec(0.f), [&](int64_t d, auto n, fVec& acc) {
-    const fVec c = keep_lanes(load(s + d, n) - fVec(mu), n);
-    acc = at::vec::fmadd(c, c, acc);
+  const float mu0 = sum / static_cast<float>(D);
+  const SumPair sums = reduce_vecs(D, SumPair{fVec(0.f), fVec(0.f)}, [&](int64_t d, auto n, SumPair& acc) {
+    const fVec c = keep_lanes(load(s + d, n) - fVec(mu0), n);
+    acc.first += c;
+    acc.second = at::vec::fmadd(c, c, acc.second);
   });
-  double sum_sq = lane_sum(sq);
+  double sum_c = lane_sum(sums.first);
+  double sum_sq = lane_sum(sums.second);
   if (std::isinf(sum_sq)) {  // the fp32 squares overflowed (|s - mean| past ~1e19): again in double, this row only
-    sum_sq = 0.0;
+    sum_c = sum_sq = 0.0;
     for (int64_t d = 0; d < D; ++d) {
-      const double c = static_cast<double>(s[d]) - mu;
+      const double c = static_cast<double>(s[d]) - mu0;
+      sum_c += c;
       sum_sq += c * c;
     }
   }
-  const float rs = static_cast<float>(1.0 / std::sqrt(sum_sq / D + eps));
+  const double shift = sum_c / D;
+  const float mu = static_cast<float>(mu0 + shift);
+  const float rs = static_cast<float>(1.0 / std::sqrt(std::max(sum_sq / D - shift * shift, 0.0) + eps));
   for_each_vec(D, [&](int64_t d, auto n) {
     const fVec xhat = (load(s + d, n) - fVec(mu)) * fVec(rs);
     store(out + d, at::vec::fmadd(xhat, load(weight + d, n), load(beta + d, n)), n);

@@ -117,6 +117,21 @@ def test_kernels(ln, backend, dtype, D, N, approximate):
         assert_close(got, want, base, dtype, name, atol=tol, rtol=tol, floor=1e-5)
 
 
+@pytest.mark.parametrize("D", [384, 768, 1000])
+def test_constant_rows_normalize_to_beta(ln, backend, D):
+    """A row whose pre-norm values are all one number normalizes to exactly beta, as PyTorch's LayerNorm gives, even
+    with BERT's eps of 1e-12: the rounding of sum / D, times rstd up to 1e6, gave outputs of the weights' size."""
+    c = torch.tensor([123.456, -5.67, 0.3, 2.345])
+    x = c[:, None].expand(-1, D).contiguous()
+    if not ln.residual:  # the constant GELU(x) of the other op
+        x = x.abs()
+    zeros = torch.zeros(D)
+    w, beta = rand(D, seed=3), rand(D, seed=4)
+    args = [t.to(backend.device) for t in (x, zeros, torch.zeros_like(x), w, beta)]
+    out, _, _ = ln.forward(backend, *args, 1e-12)
+    assert (out.cpu() - beta).abs().max().item() <= 1e-6
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (1, 7), (5, 7), (13, 100), (37, 31), (3, 768), (2, 3, 33), (2, 3, 1000),
                                    (0, 16)])
 def test_wrapper_autograd(ln, backend, dtype, shape, approximate):

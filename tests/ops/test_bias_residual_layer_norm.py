@@ -8,7 +8,7 @@ import torch
 
 from mtbert_fast import ops
 from layer_norm_testing import (  # noqa: F401  (the shared tests and their fixture, collected here)
-    EPS, LayerNormOp, ln, test_autocast_param_grads_sum_in_fp32, test_bad_shapes_are_named,
+    EPS, test_constant_rows_normalize_to_beta, LayerNormOp, ln, test_autocast_param_grads_sum_in_fp32, test_bad_shapes_are_named,
     test_compile_non_contiguous_inputs, test_fp32_params_forward_and_backward, test_kernel_returns_param_grads_in_param_dtype,
     test_kernels, test_leading_dims_and_strides, test_same_dtype_params_unchanged_outside_autocast,
     test_forward_does_not_depend_on_threads, test_weight_grads_do_not_depend_on_threads, test_wrapper_autograd,

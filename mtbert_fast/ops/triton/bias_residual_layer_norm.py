@@ -44,9 +44,14 @@ def _fwd(
         + tl.load(Bias + cols, mask=mask, other=0.0).to(tl.float32)
         + tl.load(Res + offs, mask=mask, other=0.0).to(tl.float32)
     )
-    mean = tl.sum(s, axis=0) / D
+    # the corrected two-pass mean: the deviations' own mean corrects the rounding of the first, so a constant row's
+    # deviations are exactly 0 (with eps 1e-12, rstd would magnify that rounding to the weights' size)
+    mean0 = tl.sum(s, axis=0) / D
+    dev = tl.where(mask, s - mean0, 0.0)
+    shift = tl.sum(dev, axis=0) / D
+    mean = mean0 + shift
     diff = tl.where(mask, s - mean, 0.0)
-    rstd = tl.math.rsqrt(tl.sum(diff * diff, axis=0) / D + eps)
+    rstd = tl.math.rsqrt(tl.maximum(tl.sum(dev * dev, axis=0) / D - shift * shift, 0.0) + eps)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     beta = tl.load(Beta + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + offs, (diff * rstd * w + beta).to(Y.dtype.element_ty), mask=mask)
