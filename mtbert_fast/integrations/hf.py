@@ -25,7 +25,7 @@ from mtbert_fast.models.encoder import (
     DisentangledWeights, EmbeddingWeights, Int8State, LayerCache, LayerWeights, PackedBatch, disentangled_projections,
     encode, quantize_encoder,
 )
-from mtbert_fast.models.hf_mapping import HF_PREFIXES, LAYOUTS, HfLayout, hf_encoder_keys
+from mtbert_fast.models.hf_mapping import HF_PREFIXES, LAYOUTS, HfLayout, check_layer_norm_eps, hf_encoder_keys
 from mtbert_fast.models.int8 import DEFAULT_SMOOTHING, STORAGE_ADDRESS, check_model_dtype
 from mtbert_fast.models.plain_modules import (
     PLAIN_MODULES, allow_hooks, check_plain_module, check_runs_plain, refuse_hooks,
@@ -76,6 +76,7 @@ def _check_encoder_modules(base: nn.Module, config: EncoderConfig, layout: HfLay
         raise UnsupportedModelError(
             f"{type(base).__name__} has its own forward, set on the instance (as accelerate's hooks set one): the swap "
             "would replace it, and unswap would not bring it back; swap the model before such a forward is set")
+    check_layer_norm_eps(base, config)
     for path, module in base.named_modules():
         if module is not base:
             check_runs_plain(path, module)

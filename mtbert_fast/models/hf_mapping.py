@@ -214,6 +214,18 @@ def _qkv_keys(config: EncoderConfig, i: int, kind: str) -> list[str]:
     return [f"{layout.layers}.{i}.{name}.{kind}" for name in layout.qkv]
 
 
+def check_layer_norm_eps(base: nn.Module, config: EncoderConfig) -> None:
+    """Every LayerNorm of an HF base model runs the config's eps, which the fast encoder reads for all of them (HF's
+    modules each read their own, the same where the config built them); an eps set on a module by hand is refused by
+    name."""
+    for path, module in base.named_modules():
+        eps = getattr(module, "eps", None) if isinstance(module, nn.LayerNorm) else None
+        if eps is not None and eps != config.layer_norm_eps:
+            raise UnsupportedModelError(
+                f"{path} is a LayerNorm of eps {eps}, where the config's layer_norm_eps, which mtbert_fast's encoder "
+                f"runs for every LayerNorm, is {config.layer_norm_eps}: set one eps for all of them in the config")
+
+
 def hf_encoder_keys(config: EncoderConfig, has_pooler: bool) -> set[str]:
     """The HF base model's keys of every weight the fast encoder reads: all of a supported model's parameters."""
     keys = {hf for _, hf in _encoder_key_pairs(config)}

@@ -193,8 +193,14 @@ def mlm_gather_loss(
     hidden [N, H], weight [V, H], bias [V], labels int64 [N] -> scalar fp32 ("mean" over counted rows, or "sum").
     """
     keep = labels != ignore_index
+    kept = labels[keep]
+    bad = _first_outside(kept, weight.shape[0])
+    if bad is not None:  # F.cross_entropy would drop a -100 left in (its own default), in the sum but not the mean
+        row = int(keep.nonzero()[bad[0]])
+        raise ValueError(f"mlm_gather_loss: label {bad[1]} at row {row} is outside [0, {weight.shape[0]}) and is not "
+                         f"ignore_index ({ignore_index})")
     logits = F.linear(_acc(hidden[keep]), _acc(weight), _acc(bias))
-    return F.cross_entropy(logits, labels[keep], reduction=reduction)
+    return F.cross_entropy(logits, kept, reduction=reduction)
 
 
 def _first_outside(indices: torch.Tensor, n: int) -> tuple[int, int] | None:

@@ -892,6 +892,19 @@ def test_adapters_and_hooks_are_refused_by_name(bert_config, make_hf, adapted):
     assert is_swapped(model)
 
 
+def test_a_layer_norm_eps_set_by_hand_is_refused(bert_config, make_hf):
+    """The encoder runs the config's layer_norm_eps for every LayerNorm, where HF's modules read their own: a module
+    whose eps was set apart from the config is refused by name, by swap and by FastBertModel.from_hf."""
+    model = make_hf(BertModel, bert_config())
+    model.encoder.layer[1].output.LayerNorm.eps = 1e-2
+    match = r"encoder.layer.1.output.LayerNorm is a LayerNorm of eps 0.01, where the config's layer_norm_eps"
+    with pytest.raises(UnsupportedModelError, match=match):
+        swap(model)
+    with pytest.raises(UnsupportedModelError, match=match):
+        FastBertModel.from_hf(model)
+    assert not is_swapped(model)
+
+
 def test_hooks_and_replaced_modules_after_swap(bert_config, make_hf, ragged_batch, adapted):
     """After the swap, a hook on a module inside the encoder is refused where it is registered; a plain Linear put in
     the place of a query is read (the outputs follow it, as HF's do); a wrapper put there is refused by name at the

@@ -87,6 +87,21 @@ def test_bad_label(backend, bad):
         ops.mlm_gather_loss(h, w, b, labels, backend=backend.name)
 
 
+def test_reference_refuses_a_label_that_is_not_its_ignore_index():
+    """With ignore_index -1, a -100 label is a bad label for the reference as for the kernels (F.cross_entropy's own
+    default would drop it from the sum but count it in the mean)."""
+    h, w, b, labels = _inputs()
+    labels = labels.clamp(min=0)
+    labels[2], labels[5] = -1, -100
+    with pytest.raises(ValueError, match=r"label -100 at row 5 is outside \[0, 1003\) and is not ignore_index \(-1\)"):
+        ops.mlm_gather_loss(h, w, b, labels, ignore_index=-1, backend="reference")
+    labels[5] = 7
+    keep = labels != -1
+    want = torch.nn.functional.cross_entropy(h[keep].double() @ w.double().T + b.double(), labels[keep])
+    torch.testing.assert_close(ops.mlm_gather_loss(h, w, b, labels, ignore_index=-1, backend="reference").double(),
+                               want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.interpreter_cases(rows=[1, 9, 13])
 @pytest.mark.parametrize("rows,vocab,chunk", [(1, 7, 0), (9, 100, 4), (13, 101, 4), (40, 1000, 0)])
 def test_wrapper_mean(backend, dtype, rows, vocab, chunk):
