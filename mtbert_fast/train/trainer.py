@@ -441,6 +441,9 @@ class Trainer:
         checkpoint_dir is set), as a job with a time limit would."""
         tr = self.config.training
         resumed = self.resume()
+        if self.step > self.total_steps:
+            raise ConfigError(f"the checkpoint {resumed} is at step {self.step}, past the {self.total_steps} steps this "
+                              "configuration trains to: raise training.max_steps (or epochs), or start afresh")
         progress = _Progress(tr.progress and self.is_main, self.total_steps, self.step, tr.log_every)
         if resumed:
             progress.write(f"resumed from {resumed} at step {self.step}")

@@ -111,6 +111,11 @@ def test_resume_from_an_explicit_checkpoint_and_refusals(tmp_path):
     config["training"]["resume_from"] = str(tmp_path)
     with pytest.raises(ValueError, match="not a complete training checkpoint"):
         train(config)
+    config["training"].update(resume_from="latest", max_steps=3)
+    with pytest.raises(ConfigError, match="the checkpoint .*checkpoint-00000004 is at step 4, past the 3 steps this "
+                                          "configuration trains to"):
+        train(config)
+    config["training"]["max_steps"] = 4
     config["training"].update(resume_from="latest", checkpoint_dir=str(tmp_path / "no-such-dir"))
     with pytest.warns(UserWarning, match="no complete checkpoint in .*no-such-dir to resume from: training starts at "
                                          "step 0"):
