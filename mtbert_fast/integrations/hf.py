@@ -232,11 +232,13 @@ class _SwapState:
         allow_hooks(base)
 
     def quantize(self, base: nn.Module, calibration, smoothing: float) -> None:
-        with torch.no_grad():  # the fused QKV buffers, not copies made for autograd
-            layers = self.layer_weights(base)
-        int8 = quantize_encoder(self.config, _embedding_weights(base, self.layout), layers, calibration, smoothing,
-                                self.backend, self.relative_bias(base))
-        self.int8 = Int8State(int8, self.layers(base))
+        def quantize():
+            with torch.no_grad():  # the fused QKV buffers, not copies made for autograd
+                layers = self.layer_weights(base)
+            return quantize_encoder(self.config, _embedding_weights(base, self.layout), layers, calibration,
+                                    smoothing, self.backend, self.relative_bias(base))
+
+        self.int8 = Int8State(self.layers(base), quantize)
         for fusion in self.qkv:  # the int8 layers never read the float concatenations
             if isinstance(fusion, _QKVFusion):
                 fusion.drop()

@@ -829,13 +829,14 @@ class LayerCache:
     modules and looks up every weight's packs: a few hundred microseconds a forward, much of a short input's time,
     and more where the layers' weights have just pushed the interpreter's own data out of the caches.
     The cache is used in inference only (no autograd, no tracing). It is rebuilt when a ParameterWatch sees the tree
-    change (a parameter or submodule replaced, an in-place update, .to()) or after weight_pack.release_packs()."""
+    change (a parameter or submodule replaced, an in-place update, .to()) or after weight_pack.release_packs().
+    The watch is taken before the gather, so a write that lands during it (from another thread) shows at the next
+    call, and the cache is one tuple, replaced whole, so that threads calling at once each read one consistent
+    state."""
 
     def __init__(self):
-        self.watch: ParameterWatch | None = None
-        self.layers: list = []
-        self.stacks = Stacks()
-        self.releases = -1
+        # (watch, release count, layers, stacks) of the last gather, or None
+        self.state: tuple[ParameterWatch, int, list, Stacks] | None = None
 
     def __reduce__(self):
         # a copied or pickled model starts with an empty cache: the packs are the weights' size again, and the watch
@@ -847,11 +848,13 @@ class LayerCache:
         the stacks to hand to encode (None outside inference: gathered afresh, nothing kept)."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return gather(), None
-        if self.watch is None or self.releases != pack_releases() or not self.watch.unchanged(root):
-            self.watch = None  # until the new layers are in place: a failed gather leaves nothing to reuse
-            self.layers, self.stacks, self.releases = gather(), Stacks(), pack_releases()
-            self.watch = ParameterWatch(root)
-        return self.layers, self.stacks
+        state = self.state
+        if state is None or state[1] != pack_releases() or not state[0].unchanged(root):
+            self.state = None  # until the new layers are in place: a failed gather leaves nothing to reuse
+            watch, releases = ParameterWatch(root), pack_releases()
+            state = (watch, releases, gather(), Stacks())
+            self.state = state
+        return state[2], state[3]
 
 
 def encode(
@@ -1021,10 +1024,12 @@ class _Int8HasNoBackward(torch.autograd.Function):
 class Int8State:
     """The int8 layers of a quantized model and the float layers (a module tree) they were made from: if those change
     (an in-place update, .to(), loading a state dict, a replaced parameter or submodule) the int8 copies are stale,
-    and using them is refused. The int8 layers themselves never change, so their int8_layers stacks are kept."""
+    and using them is refused. The int8 layers themselves never change, so their int8_layers stacks are kept.
+    quantize() makes the int8 layers from the float ones; the watch is taken before it runs, so that a write landing
+    while it reads the float weights (from another thread) shows at the next call."""
 
-    def __init__(self, layers: list[Int8LayerWeights], source: nn.Module):
-        self.layers, self.source = layers, ParameterWatch(source)
+    def __init__(self, source: nn.Module, quantize: Callable[[], list[Int8LayerWeights]]):
+        self.source = ParameterWatch(source)
         if len(self.source.versioned) != len(self.source.params):
             # an inference tensor keeps no version counter: a write in place would leave the int8 copies stale unseen
             raise RuntimeError(
@@ -1033,6 +1038,7 @@ class Int8State:
                 "outside torch.inference_mode (calling it inside is fine), then quantize it")
         self.stacks = Stacks()
         self.releases = pack_releases()
+        self.layers = quantize()
 
     def __getstate__(self) -> dict:
         # release_packs() calls are counted per process: a copy or a pickle keeps only whether one ran since the
@@ -1280,11 +1286,13 @@ class FastBertModel(nn.Module):
         Input channels whose range still stands out after smoothing run in fp32 (models/int8.py). smoothing:
         SmoothQuant's alpha (0: none). Inference only: a quantized model refuses train mode.
         """
-        with torch.no_grad():
-            layers = self._layer_weights()
-        int8 = quantize_encoder(self.config, self.embeddings.weights(), layers, calibration, smoothing, self.backend,
-                                self._relative_attention_bias())
-        self.int8 = Int8State(int8, self.layers)
+        def quantize() -> list[Int8LayerWeights]:
+            with torch.no_grad():
+                layers = self._layer_weights()
+            return quantize_encoder(self.config, self.embeddings.weights(), layers, calibration, smoothing,
+                                    self.backend, self._relative_attention_bias())
+
+        self.int8 = Int8State(self.layers, quantize)
         return self
 
     def dequantize(self) -> FastBertModel:

@@ -515,7 +515,7 @@ class ParameterWatch:
     parameter or submodule put in another's place (set as an attribute, or in the module's own dictionaries), or a
     parameter's values (an in-place update, a loaded state dict) or storage (.to(), .data =) changed. The tree is
     walked once; each check then looks every parameter and submodule up where it was (`is`, never ==) and compares
-    the storages, data pointers and version counters (inference tensors, made under torch.inference_mode, keep no
+    the storages, offsets into them and version counters (inference tensors, made under torch.inference_mode, keep no
     version counter: only their storage is compared), without nn.Module.parameters()' generators, which cost a
     forward of a few tokens several percent. The watch holds a weak reference to each storage it saw, so no new
     storage (after a change of dtype or device, even two in a row) can take a watched one's address. A deep copy or
@@ -547,7 +547,9 @@ class ParameterWatch:
         return _rewatched, (self.root, self.unchanged(self.root))
 
     def _state(self) -> tuple[list[int], list[int], list[int]]:
-        return (list(map(STORAGE_ADDRESS, self.params)), list(map(torch.Tensor.data_ptr, self.params)),
+        # the storage and the offset into it, not the data pointer: share_memory_() (torch.multiprocessing hands a
+        # model to a worker so) moves a storage's data, values and all, and would read as a change
+        return (list(map(STORAGE_ADDRESS, self.params)), list(map(torch.Tensor.storage_offset, self.params)),
                 list(map(_VERSION, self.versioned)))
 
     def unchanged(self, root: torch.nn.Module) -> bool:

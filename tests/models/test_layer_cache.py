@@ -154,10 +154,10 @@ def test_copies_and_pickles_start_empty(bert_config, make_hf, ragged_batch, asse
     cold = pickled_size(fast)
     with torch.no_grad():
         before = fast(ids, mask).last_hidden_state
-        assert fast._layer_cache.stacks  # the layers ran in one call from the cache
+        assert fast._layer_cache.state[3]  # the layers ran in one call from the cache
         assert pickled_size(fast) == cold
         twin = copy.deepcopy(fast)
-        assert twin._layer_cache.watch is None
+        assert twin._layer_cache.state is None
         twin.layers[0].ffn_in.weight.mul_(2.0)
         assert (twin(ids, mask).last_hidden_state - before)[mask.bool()].abs().max() > 1e-3
         assert_tokens_close(fast(ids, mask).last_hidden_state, before, mask, atol=0.0)
@@ -192,3 +192,47 @@ def test_swapped_model_sees_every_change(change, bert_config, make_hf, ragged_ba
         expected = reference(ids, attention_mask=mask).last_hidden_state
     assert (after - before)[mask.bool()].abs().max() > 1e-3
     assert_tokens_close(after, expected, mask)
+
+
+def test_a_write_during_the_gather_is_seen_next_call(bert_config, make_hf, ragged_batch, assert_tokens_close):
+    """The watch is taken before the layers are gathered: a write that lands while they are gathered (another
+    thread's update, here after a swapped model concatenated its query, key and value) is seen at the next call, not
+    taken for the state the layers were gathered from."""
+    config = bert_config()
+    hf = make_hf(BertModel, config)
+    model = swap(copy.deepcopy(hf))
+    state = model._mtbert_fast_swap
+    ids, mask = ragged_batch(config, [9, 4])
+    gather = state.layer_weights
+
+    def racing(base):
+        layers = gather(base)
+        with torch.no_grad():
+            for m in (model, hf):  # after the layers were read, before the watch would have been taken
+                m.encoder.layer[1].attention.self.query.weight.add_(0.05)
+        return layers
+
+    with torch.inference_mode():
+        model(ids, attention_mask=mask)
+        model.encoder.layer[0].output.dense.bias.add_(0.0)  # a write: the next call gathers again
+        state.layer_weights = racing
+        model(ids, attention_mask=mask)
+        state.layer_weights = gather
+        after = model(ids, attention_mask=mask).last_hidden_state
+        want = hf(ids, attention_mask=mask).last_hidden_state
+    assert_tokens_close(after, want, mask)
+
+
+def test_shared_memory_is_no_change(bert_config, make_hf, ragged_batch):
+    """share_memory_() moves a weight's data, values and all (torch.multiprocessing does so to hand a model to a
+    worker): an int8 model is not refused for it, and a float one keeps its layers."""
+    config = bert_config()
+    hf = make_hf(BertModel, config)
+    ids, mask = ragged_batch(config, [9, 4])
+    for dtype in (None, torch.qint8):
+        model = FastBertModel.from_hf(hf, dtype=dtype).eval()
+        with torch.no_grad():
+            before = model(ids, mask).last_hidden_state
+            model.share_memory()
+            assert torch.equal(model(ids, mask).last_hidden_state, before)
+
