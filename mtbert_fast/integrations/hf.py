@@ -113,16 +113,17 @@ class _QKVFusion:
 
     def __init__(self, linears: tuple[nn.Linear, nn.Linear, nn.Linear]):
         self.linears = self.modules = linears
-        self.drop()
+        # (key, weight, bias, weak references to the parameters' storages) of the kept concatenation, or None: one
+        # tuple, replaced whole, so that threads calling at once each read one consistent state
+        self.kept: tuple | None = None
 
     def drop(self) -> None:
         """Forget the kept concatenation (its memory goes with it)."""
-        self.weight = self.bias = self.key = None
-        self.storages: list[StorageWeakRef] = []
+        self.kept = None
 
     def __getstate__(self) -> dict:
         # a copy or a pickle concatenates its own parameters: the kept buffers are not carried along
-        return {**self.__dict__, "weight": None, "bias": None, "key": None, "storages": []}
+        return {**self.__dict__, "kept": None}
 
     def _params(self) -> list[torch.Tensor | None]:
         return [_param(lin, kind) for kind in ("weight", "bias") for lin in self.linears]
@@ -139,16 +140,19 @@ class _QKVFusion:
                                                                                        for p in present):
             self.drop()
             return self._fused(params[:3]), self._fused(params[3:])
+        # the key is read before the parameters are: a write landing in between shows at the next call
         key = (tuple(map(STORAGE_ADDRESS, present)), tuple(p.data_ptr() for p in present),
                tuple(p._version for p in present), pack_releases())
-        if key != self.key:
+        kept = self.kept
+        if kept is None or kept[0] != key:
             # never an inference tensor, whatever mode this call runs in: it is kept for later calls, which may save
             # it for a backward, and inference tensors are never packed
             with torch.inference_mode(False):
-                self.weight, self.bias = (self._fused([None if p is None else p.detach() for p in group])
-                                          for group in (params[:3], params[3:]))
-            self.key, self.storages = key, [StorageWeakRef(p.untyped_storage()) for p in present]
-        return self.weight, self.bias
+                weight, bias = (self._fused([None if p is None else p.detach() for p in group])
+                                for group in (params[:3], params[3:]))
+            kept = (key, weight, bias, [StorageWeakRef(p.untyped_storage()) for p in present])
+            self.kept = kept
+        return kept[1], kept[2]
 
 
 class _FusedQKV:

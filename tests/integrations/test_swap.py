@@ -637,7 +637,7 @@ def test_int8_swap_keeps_no_float_qkv(bert_config, make_hf):
     """An int8 swap reads the fused float query/key/value once, to quantize them, and keeps none of them."""
     model = swap(make_hf(BertModel, bert_config()), dtype=torch.qint8)
     fusions = model._mtbert_fast_swap.qkv
-    assert fusions and all(f.weight is None and f.bias is None for f in fusions)
+    assert fusions and all(f.kept is None for f in fusions)
 
 
 # --- bf16, dropout ---------------------------------------------------------------------------------------------------
