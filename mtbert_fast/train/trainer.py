@@ -419,8 +419,8 @@ class Trainer:
                     share = parts[0] * token_share + parts[1] * row_share
                     scaled = task.loss_weight * share
                 else:
-                    share = raw * (token_share if task.kind in _TOKEN_LEVEL else row_share)
-                    scaled = weighted * (token_share if task.kind in _TOKEN_LEVEL else row_share)
+                    part = token_share if task.kind in _TOKEN_LEVEL else row_share
+                    share, scaled = raw * part, weighted * part
                 scaled.backward()
             step_losses.append(share.detach().float())
         if tr.max_grad_norm is not None:
