@@ -56,6 +56,22 @@ def check(name, dtype, kernel, ref, inputs):
         assert err <= 2 * base + floor, f"{name} bf16 result {i}: error {err:.3g}, the reference's {base:.3g}"
 
 
+def bf16_probabilities() -> None:
+    """In bf16, P V takes the probabilities rounded to bf16 on every build, with the CPU's bf16 dot products or on
+    float products alike: the outputs match the reference's, which rounds them so, to an ulp and nearly all exactly."""
+    lens = [1, 7, 33, 130]
+    cu = torch.tensor([0, 1, 8, 41, 171], dtype=torch.int32)
+    qkv = 2 * _rand((sum(lens), 3, 2, 20), torch.bfloat16, 24)
+    with torch.inference_mode():
+        out = ops.attention_varlen(qkv, cu, max(lens), backend="cpu").float()
+        ref = reference.attention_varlen(qkv, cu, max(lens)).float()
+    diff = (out - ref).abs()
+    ulp = torch.finfo(torch.bfloat16).eps * torch.exp2(torch.floor(torch.log2(ref.abs().clamp_min(1e-30))))
+    assert (diff <= ulp).all(), f"bf16 attention: {(diff / ulp).max().item():.1f} ulp from the reference"
+    exact = (diff == 0).float().mean().item()
+    assert exact >= 0.99, f"bf16 attention: only {exact:.3f} of the outputs exact"
+
+
 def main() -> None:
     passed = []
     if _ext.loaded():
@@ -207,6 +223,8 @@ def main() -> None:
             for name, (kernel, ref, inputs) in cases.items():
                 check(name, dtype, kernel, ref, inputs)
                 passed.append(f"{name} {str(dtype).replace('torch.', '')}")
+        bf16_probabilities()
+        passed.append("attention_varlen[bf16 probabilities]")
     libs = sorted(os.path.basename(p).split(".")[0] for p in torch.ops.loaded_libraries if "mtbert_fast" in p)
     print(json.dumps({"isa": _ext.cpu_isa(), "libs": libs, "load_error": _ext.load_error, "passed": passed}))
 

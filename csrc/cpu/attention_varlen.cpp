@@ -310,10 +310,16 @@ inline bool needs_rounded(const float* shift, int mr) {
 // x[r, j] * scale <= shift[r] (but see exp2_shifted), and sums[r] their sum. One rounding, of a result near 0 for the
 // probabilities that count, where rounding x[j] * scale first would cost the rounding of a number as large as the
 // scores. The rows' sums are reduced together at the end, so that no row waits on the reduction of the one before.
-template <bool kRounded>
+// kBf16: each x[r, j] is stored rounded to bf16 (still in fp32), the sums staying those of the unrounded values: the
+// bf16 P V on float products, where the CPU has no bf16 dot products, takes the probabilities that the bf16 one does.
+template <bool kRounded, bool kBf16>
 void exp2_rows_as(float* x, int64_t ld, int mr, int64_t n, float scale, const float* shift, float* sums) {
   const Vec vscale(scale);
   const int64_t full = n / kLanes * kLanes, rest = n - full;
+  const auto stored = [](const Vec& e) {
+    if constexpr (kBf16) return cpu::round_to_bf16(e);
+    else return e;
+  };
   Vec sum[kTileRows];
   for (int r = 0; r < mr; ++r) {
     float* xr = x + r * ld;
@@ -321,12 +327,12 @@ void exp2_rows_as(float* x, int64_t ld, int mr, int64_t n, float scale, const fl
     Vec acc(0.f);
     for (int64_t j = 0; j < full; j += kLanes) {
       const Vec e = exp2_shifted<kRounded>(Vec::loadu(xr + j), vscale, vshift);
-      e.store(xr + j);
+      stored(e).store(xr + j);
       acc = acc + e;
     }
     if (rest > 0) {
       const Vec e = exp2_shifted<kRounded>(Vec::loadu(xr + full, rest), vscale, vshift);
-      e.store(xr + full, rest);
+      stored(e).store(xr + full, rest);
       acc = acc + Vec::set(Vec(0.f), e, rest);
     }
     sum[r] = acc;
@@ -334,8 +340,10 @@ void exp2_rows_as(float* x, int64_t ld, int mr, int64_t n, float scale, const fl
   for (int r = 0; r < mr; ++r) sums[r] = cpu::lane_sum(sum[r]);
 }
 
-void exp2_rows(float* x, int64_t ld, int mr, int64_t n, float scale, const float* shift, float* sums, bool rounded) {
-  (rounded ? exp2_rows_as<true> : exp2_rows_as<false>)(x, ld, mr, n, scale, shift, sums);
+void exp2_rows(float* x, int64_t ld, int mr, int64_t n, float scale, const float* shift, float* sums, bool rounded,
+               bool bf16 = false) {
+  if (bf16) (rounded ? exp2_rows_as<true, true> : exp2_rows_as<false, true>)(x, ld, mr, n, scale, shift, sums);
+  else (rounded ? exp2_rows_as<true, false> : exp2_rows_as<false, false>)(x, ld, mr, n, scale, shift, sums);
 }
 
 #ifdef MTBF_BF16_DOT
@@ -394,6 +402,13 @@ void store_scaled(float* src, float factor, int64_t n, ST* dst) {
 inline void round_row(const float* x, int64_t n, at::BFloat16* dst) {
   cpu::for_each_vec(n, [&](int64_t j, auto lanes) { cpu::store(dst + j, cpu::load(x + j, lanes), lanes); });
   if (n % 2) dst[n] = at::BFloat16(0.f);
+}
+
+// x[0:n] rounded to bf16 in place, for the bf16 P V on float products.
+inline void round_row_in_place(float* x, int64_t n) {
+  cpu::for_each_vec(n, [&](int64_t j, auto lanes) {
+    cpu::store(x + j, cpu::round_to_bf16(cpu::load(x + j, lanes)), lanes);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -839,6 +854,8 @@ void forward_blocks(const Geometry& g,
   Zeroed<CT> k_t(kdim * max_pad), q_a(kQueryBlock * kdim), v_b(max_pad * vdim);
   std::vector<float> s(R * ld_s), o(R * vdim);
   // P V takes the probabilities in the compute type: bf16 copies of a group's rows, zero past the keys up to a pair.
+  // In bf16 on float products it takes them rounded to bf16 all the same, so that every CPU gives the same outputs.
+  constexpr bool kBf16Probs = std::is_same<ST, at::BFloat16>::value && std::is_same<CT, float>::value;
   Zeroed<CT> p_c(std::is_same<CT, float>::value ? 0 : R * ld_s);
   const CT* p;
   if constexpr (std::is_same<CT, float>::value) p = s.data();
@@ -926,7 +943,7 @@ void forward_blocks(const Geometry& g,
           if (drop.enabled) exp2_rows(s.data(), ld_s, mr, bn, exp_scale, new_max, block_sum, rounded);
           else exp2_round_rows(s.data(), ld_s, mr, bn, exp_scale, new_max, p_c.data(), block_sum, rounded);
         } else {
-          exp2_rows(s.data(), ld_s, mr, bn, exp_scale, new_max, block_sum, rounded);
+          exp2_rows(s.data(), ld_s, mr, bn, exp_scale, new_max, block_sum, rounded, kBf16Probs && !drop.enabled);
         }
         for (int r = 0; r < mr; ++r) {
           float* srow = s.data() + r * ld_s;
@@ -946,6 +963,7 @@ void forward_blocks(const Geometry& g,
                           keep.data());
             apply_keep_bits(srow, keep.data(), bn, drop.scale);
             if constexpr (!std::is_same<CT, float>::value) round_row(srow, bn, p_c.data() + r * ld_s);
+            else if constexpr (kBf16Probs) round_row_in_place(srow, bn);
           }
         }
         const bool last = j0 + bn == jhi;

@@ -75,6 +75,15 @@ inline void store(at::BFloat16* p, const fVec& v, int64_t n) {
 }
 #endif
 
+// v rounded to bf16 as store() rounds it, kept in fp32 lanes: what a bf16 store and load give back.
+inline fVec round_to_bf16(const fVec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16_bits(v)), 16));
+#else
+  return std::get<0>(at::vec::convert_to_float<at::BFloat16>(at::vec::convert_from_float<at::BFloat16>(v, v)));
+#endif
+}
+
 // Zeroes the lanes past a tail so that they drop out of row sums.
 inline fVec keep_lanes(const fVec& v, Full) { return v; }
 inline fVec keep_lanes(const fVec& v, int64_t n) { return fVec::set(fVec(0.f), v, n); }
