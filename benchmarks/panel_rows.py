@@ -57,8 +57,10 @@ def products(dtype: torch.dtype, hidden: int, rows: int, repeats: int) -> dict[s
         act = ("gelu", "none") if gelu else ("none", "")
         fns[f"panel {name}"] = lambda x=x, p=panels, b=b, n=n, gelu=gelu: [
             C.panel_linear(x, p, b, n, gelu, "none") for _ in range(CALLS)]
-        fns[f"onednn {name}"] = lambda x=x, p=packed, b=b, act=act: [
-            torch.ops.mkldnn._linear_pointwise(x, p, b, act[0], [], act[1]) for _ in range(CALLS)]
+        # where oneDNN has no bf16 product, the encoder's route: x and the bias widened, the result rounded back
+        fns[f"onednn {name}"] = lambda x=x, p=packed, b=b.to(packed.dtype), act=act: [
+            torch.ops.mkldnn._linear_pointwise(x.to(p.dtype), p, b, act[0], [], act[1]).to(x.dtype)
+            for _ in range(CALLS)]
     with torch.inference_mode():
         t = harness.time_interleaved(fns, repeats=repeats, warmup=1, settle=0.02)
     out = {name: t[f"onednn {name}"].median / t[f"panel {name}"].median for name in shapes}
@@ -70,12 +72,12 @@ def forwards(fast: FastBertModel, dtype: torch.dtype, length: int, limits: tuple
     """oneDNN's time over panel_linear's for one sequence of `length` tokens: the encoder's row limit at limits[0]
     (below the length: oneDNN) and at limits[1] (panel_linear); of medians and per round."""
     batch = fbp.full_batch(fast.config, 1, length)
-    isa = panel_module._ext.cpu_isa()
-    saved = dict(panel_module.MAX_ROWS[isa])
+    key = panel_module.limit_key(dtype)
+    saved = dict(panel_module.MAX_ROWS[key])
 
     def with_limit(limit: int):
         def run():
-            panel_module.MAX_ROWS[isa][dtype] = limit
+            panel_module.MAX_ROWS[key][dtype] = limit
             panel_module.encoder_rows.cache_clear()
             fast(**batch)
         return run
@@ -85,7 +87,7 @@ def forwards(fast: FastBertModel, dtype: torch.dtype, length: int, limits: tuple
             t = harness.time_interleaved({"onednn": with_limit(limits[0]), "panels": with_limit(limits[1])},
                                          repeats=repeats, warmup=2, settle=0.02)
     finally:
-        panel_module.MAX_ROWS[isa].update(saved)
+        panel_module.MAX_ROWS[key].update(saved)
         panel_module.encoder_rows.cache_clear()
     return t["onednn"].median / t["panels"].median, harness.median_ratio(t["onednn"].samples, t["panels"].samples)
 

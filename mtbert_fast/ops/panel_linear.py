@@ -42,8 +42,13 @@ def bf16_pairs() -> bool:
 # - avx2 (2-core AMD EPYC with AVX2, no AVX-512, where oneDNN's kernels are AVX2 ones too): fp32 1.33x / 1.23x at 16,
 #   1.15x / 1.16x at 48, 1.11x / 1.05x at 128, 1.03x / 1.08x at 1,024, MiniLM 1.03x at 2,048 and 0.93x at 4,096;
 #   bf16 (float32 products on such a CPU) MiniLM 1.39x at 16, 1.17x at 128, 1.10x at 1,024, 1.05x at 2,048.
+# - avx512 widened (bf16 on an AVX-512 CPU without AVX512-BF16: the panels widened to fp32 as they load, against
+#   oneDNN's float32 product on x widened, as weight_pack runs it there; oneDNN's own bf16 product runs at a quarter of
+#   its float32 rate on such a CPU), 2-core Xeon with AVX-512 and VNNI: 1.60x / 1.42x at 16 tokens, 1.19x / 1.05x at
+#   128, 1.09x / 1.03x at 512, 1.00x / 1.03x at B=8 L=128, 1.07x / 0.96x at B=16 L=128.
 MAX_ROWS = {
     "avx512": {torch.float32: 256, torch.bfloat16: 256},
+    "avx512 widened": {torch.bfloat16: 1024},
     "avx2": {torch.float32: 2048, torch.bfloat16: 2048},
 }
 # bf16 where the CPU has AMX: oneDNN's bf16 products run on its tiles, several times the rate of the dot products
@@ -52,20 +57,25 @@ MAX_ROWS = {
 AMX_BF16_ROWS = 128
 
 
+def limit_key(dtype: torch.dtype) -> str:
+    """The entry of MAX_ROWS that holds the encoder's row limit for `dtype` here: the CPU kernels loaded, and for bf16
+    on AVX-512 whether they multiply bf16 pairs ("avx512") or widen the panels ("avx512 widened")."""
+    isa = _ext.cpu_isa()
+    if isa == "avx512" and dtype == torch.bfloat16 and not bf16_pairs():
+        return "avx512 widened"
+    return isa
+
+
 @functools.cache
 def encoder_rows(dtype: torch.dtype) -> int:
     """The most rows of `dtype` the encoder hands panel_linear (0: never): where the AVX-512 or AVX2 kernels are
-    loaded, and for bf16 on AVX-512 only where they multiply bf16 pairs (else oneDNN's bf16 product is faster), fewer
-    where the CPU has AMX."""
-    isa = _ext.cpu_isa()
-    if not _ext.has_kernel("panel_linear", "CPU") or isa not in MAX_ROWS:
+    loaded, as MAX_ROWS has it for them, fewer for bf16 where the CPU has AMX."""
+    key = limit_key(dtype)
+    if not _ext.has_kernel("panel_linear", "CPU") or key not in MAX_ROWS:
         return 0
-    if isa == "avx512" and dtype == torch.bfloat16:
-        if not bf16_pairs():
-            return 0
-        if "amx_bf16" in (_ext._cpu_flags() or set()):
-            return min(AMX_BF16_ROWS, MAX_ROWS[isa][dtype])
-    return MAX_ROWS[isa].get(dtype, 0)
+    if key == "avx512" and dtype == torch.bfloat16 and "amx_bf16" in (_ext._cpu_flags() or set()):
+        return min(AMX_BF16_ROWS, MAX_ROWS[key][dtype])
+    return MAX_ROWS[key].get(dtype, 0)
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:

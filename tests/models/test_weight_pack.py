@@ -56,11 +56,29 @@ def test_pack_is_made_once_and_gives_the_plain_product(dtype):
     assert torch.equal(_linear(x, packed), _linear(x, w))
 
 
+@pytest.mark.parametrize("flags,want", [
+    ({"avx2", "avx512f", "avx512_bf16"}, True),
+    ({"avx2", "avx512f", "amx_bf16", "amx_tile"}, True),
+    ({"avx2", "avx_ne_convert"}, True),
+    # oneDNN takes bf16 on any AVX-512 CPU, but widens it itself at a fraction of its float32 rate
+    ({"avx2", "avx512f", "avx512_vnni"}, False),
+    ({"avx2", "fma"}, False),
+    (set(), True),  # no x86 flags to read: torch's answer stands
+])
+def test_onednn_bf16_needs_bf16_instructions(flags, want, monkeypatch):
+    monkeypatch.setattr(weight_pack, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert weight_pack._onednn_bf16() is (want and weight_pack.AVAILABLE)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert weight_pack._onednn_bf16() is False
+
+
 @pytest.mark.parametrize("packable", [True, False])
 @pytest.mark.parametrize("approximate", [None, "none", "tanh"])
 def test_bf16_without_onednn_bf16_products_runs_float32_products(packable, approximate, monkeypatch):
-    """Where oneDNN has no bf16 product (CPUs without AVX-512), a bf16 weight packs as float32 (or, where it cannot
-    be packed, is widened on each call), and the encoder's bf16 linears run float32 products rounded once to bf16."""
+    """Where oneDNN has no bf16 product at a bf16 rate (CPUs without AVX512-BF16, AMX or AVX-NE-CONVERT), a bf16
+    weight packs as float32 (or, where it cannot be packed, is widened on each call), and the encoder's bf16 linears
+    run float32 products rounded once to bf16."""
     monkeypatch.setattr(weight_pack, "ONEDNN_BF16", False)
     monkeypatch.setattr(encoder, "panel_rows", lambda dtype: 0)
     g = torch.Generator().manual_seed(0)
