@@ -59,6 +59,16 @@ def _cpu_flags() -> set[str] | None:
         return None
 
 
+def _cpu_vendor() -> str | None:
+    """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD"), or None where there is none to read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("vendor_id")), None)
+    except OSError:
+        return None
+    return line.split(":")[-1].strip() if line else None
+
+
 def supported_isas() -> tuple[str, ...]:
     """The instruction sets this CPU runs: from /proc/cpuinfo, or else up to ATen's capability."""
     flags = _cpu_flags()

@@ -5,6 +5,7 @@ Also: an instruction set the CPU or the build lacks is refused with a reason, an
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -54,3 +55,19 @@ def test_isa_the_cpu_lacks_is_refused():
     isa, error = _run(["-c", REPORT], lacking[0])
     assert isa is None
     assert f"{_ext.ISA_ENV}={lacking[0]}: this CPU lacks it" in error
+
+
+@pytest.mark.parametrize("text,want", [
+    ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n", "GenuineIntel"),
+    ("processor\t: 0\nvendor_id\t: AuthenticAMD\n", "AuthenticAMD"),
+    ("processor\t: 0\nFeatures\t: fp asimd\n", None),  # no vendor_id line (aarch64)
+    (None, None),  # no /proc/cpuinfo
+])
+def test_cpu_vendor_reads_vendor_id(text, want, monkeypatch):
+    def fake_open(path, *args, **kwargs):
+        if text is None:
+            raise FileNotFoundError(path)
+        return io.StringIO(text)
+
+    monkeypatch.setattr(_ext, "open", fake_open, raising=False)
+    assert _ext._cpu_vendor() == want

@@ -46,8 +46,12 @@ def bf16_pairs() -> bool:
 #   oneDNN's float32 product on x widened, as weight_pack runs it there; oneDNN's own bf16 product runs at a quarter of
 #   its float32 rate on such a CPU), 2-core Xeon with AVX-512 and VNNI: 1.60x / 1.42x at 16 tokens, 1.19x / 1.05x at
 #   128, 1.09x / 1.03x at 512, 1.00x / 1.03x at B=8 L=128, 1.07x / 0.96x at B=16 L=128.
+# - avx512 intel (fp32 on an Intel CPU with AVX-512, where oneDNN's float32 product wins from far fewer rows than on
+#   the EPYC above), 2-core Xeon with AVX-512 and VNNI: 1.14x / 0.97x at 8 tokens, 1.08x / 0.94x at 16, 1.00x / 0.93x
+#   at 32, 1.01x / 0.89x at 48, 0.98x / 0.89x at 64, 0.96x / 0.85x at 128, 0.97x / 0.93x at 256.
 MAX_ROWS = {
     "avx512": {torch.float32: 256, torch.bfloat16: 256},
+    "avx512 intel": {torch.float32: 16},
     "avx512 widened": {torch.bfloat16: 1024},
     "avx2": {torch.float32: 2048, torch.bfloat16: 2048},
 }
@@ -58,11 +62,14 @@ AMX_BF16_ROWS = 128
 
 
 def limit_key(dtype: torch.dtype) -> str:
-    """The entry of MAX_ROWS that holds the encoder's row limit for `dtype` here: the CPU kernels loaded, and for bf16
-    on AVX-512 whether they multiply bf16 pairs ("avx512") or widen the panels ("avx512 widened")."""
+    """The entry of MAX_ROWS that holds the encoder's row limit for `dtype` here: the CPU kernels loaded, and on
+    AVX-512 for bf16 whether they multiply bf16 pairs ("avx512") or widen the panels ("avx512 widened"), for fp32
+    whether the CPU is Intel's ("avx512 intel")."""
     isa = _ext.cpu_isa()
     if isa == "avx512" and dtype == torch.bfloat16 and not bf16_pairs():
         return "avx512 widened"
+    if isa == "avx512" and dtype == torch.float32 and _ext._cpu_vendor() == "GenuineIntel":
+        return "avx512 intel"
     return isa
 
 
