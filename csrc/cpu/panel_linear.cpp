@@ -102,10 +102,12 @@ struct PanelStore {
 // chunks of L2's size are enough: a panel of 768 or more reduction rows (96 KiB and up in fp32) walked in chunks of
 // 512 ran bert-base's products 1.03-1.08x faster at 128-256 rows, and shorter panels gain nothing. From a few hundred
 // rows on, chunking costs more (x's rows fetched again and partial sums stored per chunk) than it saves: one chunk.
-// Measured with the 3-row tiles of AVX2; the AVX-512 kernels, whose 12-row tiles pass over a panel a quarter as
-// often, keep whole panels.
+// Measured with the 3-row tiles of AVX2. The AVX-512 kernels' 12-row tiles pass over a panel a quarter as often:
+// there x of one row block keeps whole panels, and x of 13-96 rows takes the small chunks (whole forwards on a Xeon
+// 1.04-1.28x faster at 16-64 rows, where whole panels had run about as fast as oneDNN's linear or slower); the
+// L2-sized ones were not measured there.
 inline int64_t chunk_rows(int64_t M, int64_t Kp) {
-  if (kLanes >= 16 || M > 384) return Kp;
+  if ((kLanes >= 16 && (M <= kMaxRows || M > 96)) || M > 384) return Kp;
   if (M > 96) return 512;
   return M <= 32 ? 64 : 128;
 }
