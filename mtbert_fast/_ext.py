@@ -51,22 +51,24 @@ def _read_build_info() -> dict | None:
         return None
 
 
-def _cpu_flags() -> set[str] | None:
+def _cpuinfo_field(name: str) -> str | None:
+    """The value of /proc/cpuinfo's first `name` line ("" where it has none), or None where it cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
-            return set(next((line for line in f if line.startswith("flags")), "").split(":")[-1].split())
+            line = next((line for line in f if line.startswith(name)), "")
     except OSError:
         return None
+    return line.split(":", 1)[-1].strip()
+
+
+def _cpu_flags() -> set[str] | None:
+    flags = _cpuinfo_field("flags")
+    return None if flags is None else set(flags.split())
 
 
 def _cpu_vendor() -> str | None:
     """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD"), or None where there is none to read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((line for line in f if line.startswith("vendor_id")), None)
-    except OSError:
-        return None
-    return line.split(":")[-1].strip() if line else None
+    return _cpuinfo_field("vendor_id") or None
 
 
 def supported_isas() -> tuple[str, ...]:
