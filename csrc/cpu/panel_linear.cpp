@@ -5,8 +5,9 @@
 // multiplies them; columns past N and the odd row past K are zero. A thread takes whole panels and runs every row
 // block of x over a panel while it sits in its cache, so each weight is read from memory once per call. With few
 // rows a call is bound by reading the weights; oneDNN's linear, blocked for many rows, reads them at about half the
-// rate there (docs/cpu-latency.md). For such x a panel is walked in chunks that stay in L1 over every row block, the
-// next chunk fetched while one runs; for a few hundred rows, a long panel in chunks of L2's size (chunk_rows).
+// rate there (docs/cpu-latency.md). For such x a panel is walked in chunks that stay in L1 over every row block; for a
+// few hundred rows, a long panel in chunks of L2's size (chunk_rows). The next chunk or panel is fetched while the
+// row blocks run over the current one.
 //
 // Accumulation is fp32: between chunks a row block's partial sums wait in a per-thread fp32 buffer. bf16 pair panels
 // use the AVX512-BF16 dot product (exact products, fp32 sums). Elsewhere a bf16 weight is packed as bf16 panels of
@@ -53,6 +54,8 @@ struct PanelStore {
   int64_t cols;
   bool first;
   bool last;
+  const void* fetch = nullptr;  // cache lines for the tile to fetch as it runs (cpu_tiles.h's FetchAhead)
+  int64_t fetch_lines = 0;
 
   template <int MR, int NV>
   void init(Vec (&acc)[MR][NV]) const {
@@ -104,11 +107,12 @@ struct PanelStore {
 // rows on, chunking costs more (x's rows fetched again and partial sums stored per chunk) than it saves: one chunk.
 // Measured with the 3-row tiles of AVX2. The AVX-512 kernels' 12-row tiles pass over a panel a quarter as often:
 // there x of one row block keeps whole panels, and x of 13-96 rows takes the small chunks (whole forwards on a Xeon
-// 1.04-1.28x faster at 16-64 rows, where whole panels had run about as fast as oneDNN's linear or slower); the
-// L2-sized ones were not measured there.
+// 1.04-1.28x faster at 16-64 rows, where whole panels had run about as fast as oneDNN's linear or slower). For 97-384
+// rows they take chunks of 768: bert-base's FFN output product (3,072 reduction rows, whose x of 128 rows alone is
+// most of L2) ran 1.07-1.09x faster at 128-192 rows on that Xeon than on whole panels, and as fast at 256-384.
 inline int64_t chunk_rows(int64_t M, int64_t Kp) {
-  if ((kLanes >= 16 && (M <= kMaxRows || M > 96)) || M > 384) return Kp;
-  if (M > 96) return 512;
+  if ((kLanes >= 16 && M <= kMaxRows) || M > 384) return Kp;
+  if (M > 96) return kLanes >= 16 ? std::min<int64_t>(Kp, 768) : 512;
   return M <= 32 ? 64 : 128;
 }
 
@@ -157,18 +161,23 @@ void run_panels(const AT* a, int64_t lda, int64_t M, int64_t Kp, const BT* panel
         const int64_t kc = std::min(chunk, Kp - k0);
         Epilogue epi{bias != nullptr ? bias + p * kPanel : nullptr, partial.data(), out + p * kPanel, ldo,
                      std::min(kPanel, N - p * kPanel), k0 == 0, k0 + kc == Kp};
-        // The next chunk (of this panel or of the thread's next one) is fetched while this one runs: a share of
-        // its cache lines before each row block. A single row block streams the weights at the memory's rate
-        // without help.
+        // The next chunk or panel (of this panel or of the thread's next one) is fetched while this one runs: each
+        // row block's tile fetches a share of its cache lines, spread over its steps. Without that, the first row
+        // block over a panel waits on memory for all of it (a single block for every step). On a Xeon, bert-base's
+        // four products of a layer, on weights that come from memory as in a forward, ran 1.22-1.33x faster with it
+        // at 8-12 rows, 1.12-1.23x at 32-128 and 1.02-1.10x at 256-384 than on whole panels unfetched, and 1.03x at
+        // 16 than on the small chunks fetched in a burst before each row block.
         const char* next = reinterpret_cast<const char*>(panel + (k0 + kc) * kPanel);
         const char* next_end =
             reinterpret_cast<const char*>(panels + std::min(p1 * Kp, p * Kp + k0 + kc + chunk) * kPanel);
-        const int64_t share = chunk < Kp && blocks > 1 ? ((next_end - next) / 64 + blocks - 1) / blocks : 0;
+        const int64_t share = ((next_end - next) / 64 + blocks - 1) / blocks;
         const auto run_blocks = [&](const auto* b) {
           using B = std::remove_const_t<std::remove_pointer_t<decltype(b)>>;
           int64_t m0 = 0;
           for (int64_t i = 0; i < blocks; ++i) {
-            for (int64_t l = 0; l < share && next < next_end; ++l, next += 64) __builtin_prefetch(next, 0, 3);
+            epi.fetch = next;
+            epi.fetch_lines = std::min<int64_t>(share, (next_end - next) / 64);
+            next += epi.fetch_lines * 64;
             const int mr = static_cast<int>(base + (i < extra ? 1 : 0));
             pick_rows<AT, B, Epilogue>(mr)(kc, a + m0 * lda + k0, lda, b, kPanel, epi);
             epi.partial += mr * kPanel;

@@ -7,9 +7,11 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "cpu_utils.h"
 
@@ -34,6 +36,44 @@ constexpr int64_t kPair = std::is_same<CT, float>::value ? 1 : 2;
 // up (init) and takes them away (finish). a is row-major with leading dimension lda. b is packed: rows of ldb
 // columns (a multiple of kLanes), and for bf16 each pair of rows interleaved ([k / 2, ldb, 2]), the layout vdpbf16ps
 // multiplies. k must be a multiple of kPair<CT>.
+//
+// An epilogue may also hand its tile memory to fetch into L1 while it runs: fetch_lines cache lines from fetch on,
+// the data its caller reads next. The tile spreads them evenly over its reduction steps, at most one line a step, so
+// that they arrive while it computes and never queue up ahead of its own loads, as a burst of prefetches before the
+// tile would. Lines beyond one a step are left to the hardware's prefetcher.
+
+template <typename E, typename = void>
+struct FetchesAhead : std::false_type {};
+template <typename E>
+struct FetchesAhead<E, std::void_t<decltype(std::declval<const E&>().fetch_lines)>> : std::true_type {};
+
+// The fetches of one tile's epilogue over `steps` reduction steps: step() once per step.
+template <typename Epilogue>
+class FetchAhead {
+ public:
+  FetchAhead(const Epilogue& epi, int64_t steps) {
+    if constexpr (FetchesAhead<Epilogue>::value) {
+      next_ = static_cast<const char*>(epi.fetch);
+      lines_ = epi.fetch_lines;
+      every_ = lines_ > 0 ? std::max<int64_t>(1, steps / lines_) : 0;
+      left_ = every_;
+    }
+  }
+  C10_ALWAYS_INLINE void step() {
+    if constexpr (FetchesAhead<Epilogue>::value) {
+      if (lines_ > 0 && --left_ == 0) {
+        __builtin_prefetch(next_, 0, 3);
+        next_ += 64;
+        --lines_;
+        left_ = every_;
+      }
+    }
+  }
+
+ private:
+  const char* next_ = nullptr;
+  int64_t lines_ = 0, every_ = 0, left_ = 0;
+};
 
 // BT: the type of b's elements, float or bf16 widened exactly to fp32 as it is loaded (half the bytes to read, for
 // tiles bound by reading b); the products and sums are fp32.
@@ -41,7 +81,9 @@ template <int MR, int NV, typename Epilogue, typename BT = float>
 void tile_f32(int64_t k, const float* a, int64_t lda, const BT* b, int64_t ldb, const Epilogue& epi) {
   Vec acc[MR][NV];
   epi.init(acc);
+  FetchAhead<Epilogue> ahead(epi, k);
   for (int64_t kk = 0; kk < k; ++kk) {
+    ahead.step();
     Vec bv[NV];
     MTBF_UNROLL for (int v = 0; v < NV; ++v) bv[v] = load(b + kk * ldb + v * kLanes, Full{});
     MTBF_UNROLL for (int r = 0; r < MR; ++r) {
@@ -58,7 +100,9 @@ __attribute__((target("avx512bf16"))) void tile_bf16(int64_t k, const at::BFloat
                                                      const at::BFloat16* b, int64_t ldb, const Epilogue& epi) {
   Vec acc[MR][NV];
   epi.init(acc);
+  FetchAhead<Epilogue> ahead(epi, k / 2);
   for (int64_t kk = 0; kk < k; kk += 2) {
+    ahead.step();
     __m512bh bv[NV];
     MTBF_UNROLL for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + kk * ldb + v * 32);
     MTBF_UNROLL for (int r = 0; r < MR; ++r) {

@@ -46,13 +46,14 @@ def bf16_pairs() -> bool:
 #   oneDNN's float32 product on x widened, as weight_pack runs it there; oneDNN's own bf16 product runs at a quarter of
 #   its float32 rate on such a CPU), 2-core Xeon with AVX-512 and VNNI: 1.60x / 1.42x at 16 tokens, 1.19x / 1.05x at
 #   128, 1.09x / 1.03x at 512, 1.00x / 1.03x at B=8 L=128, 1.07x / 0.96x at B=16 L=128.
-# - avx512 intel (fp32 on an Intel CPU with AVX-512, where oneDNN's float32 product wins from far fewer rows than on
-#   the EPYC above), 2-core Xeon with AVX-512 and VNNI: 1.14x / 0.97x at 8 tokens, 1.33x / 1.20x at 16, 1.19x / 1.09x
-#   at 32, 1.16x / 1.01x at 48, 1.02x / 1.08x at 64, 0.97x / 0.94x at 96, 0.98x / 0.81x at 128 (with whole panels
-#   for x of 13-96 rows, before the small chunks of csrc/cpu/panel_linear.cpp's chunk_rows: 0.93-1.08x at 16-64).
+# - avx512 intel (fp32 on an Intel CPU with AVX-512, where oneDNN's float32 product wins from fewer rows than on the
+#   EPYC above), 2-core Xeon with AVX-512 and VNNI, with each row block's tile fetching the next panel or chunk as it
+#   runs (csrc/cpu/panel_linear.cpp): 1.41x / 1.31x at 16 tokens, 1.20x / 1.19x at 64, 1.02-1.13x / 1.09-1.14x at
+#   128, then about even with oneDNN, run to run: 0.94-1.03x / 0.96-1.02x at 256, 0.92-1.06x / 0.96-1.07x at 384,
+#   1.01x / 0.96x at 512. Without those fetches oneDNN won from about 96 tokens.
 MAX_ROWS = {
     "avx512": {torch.float32: 256, torch.bfloat16: 256},
-    "avx512 intel": {torch.float32: 64},
+    "avx512 intel": {torch.float32: 128},
     "avx512 widened": {torch.bfloat16: 1024},
     "avx2": {torch.float32: 2048, torch.bfloat16: 2048},
 }
