@@ -8,7 +8,8 @@ Two measurements, each interleaved round by round in one process (medians; ratio
 
 - products: one layer's four products (QKV, attention output, FFN input with its GELU, FFN output) of
   all-MiniLM-L6-v2's and bert-base's sizes at each --rows, panel_linear over oneDNN's linear, each on its own packed
-  weight (random weights, 12 calls a timing);
+  weights (random weights; 12 calls a timing, each on another layer's weight, so that they come from memory as in a
+  forward, and the FFN output's x strided as panel_linear's GELU output is);
 - forwards: FastBertModel (the bundled all-MiniLM-L6-v2 and a random bert-base) on one sequence of each --rows
   tokens, with the encoder's row limit set to each pair of neighbouring --limits that the length falls between
   (oneDNN's time over panel_linear's for that length, of medians and per round).
@@ -41,7 +42,10 @@ CALLS = 12
 
 
 def products(dtype: torch.dtype, hidden: int, rows: int, repeats: int) -> dict[str, float]:
-    """Each product's panel_linear speed over oneDNN's at `rows` rows, and the layer's (the four summed)."""
+    """Each product's panel_linear speed over oneDNN's at `rows` rows, and the layer's (the four summed). As in a
+    forward: each of a timing's CALLS calls multiplies a weight of its own (a layer's), so that bert-base's weights
+    come from memory, and the FFN output product's x has the row stride that panel_linear's GELU output gives it
+    (oneDNN's output, which oneDNN's product reads, is contiguous)."""
     g = torch.Generator().manual_seed(0)
     shapes = {"qkv": (hidden, 3 * hidden), "attn_out": (hidden, hidden), "ffn_in": (hidden, 4 * hidden),
               "ffn_out": (4 * hidden, hidden)}
@@ -49,18 +53,19 @@ def products(dtype: torch.dtype, hidden: int, rows: int, repeats: int) -> dict[s
     fns = {}
     for name, (k, n) in shapes.items():
         # packed outside inference mode: weights made under it have no version counter and are never packed
-        w = (torch.randn(n, k, generator=g) * k**-0.5).to(dtype)
+        ws = [(torch.randn(n, k, generator=g) * k**-0.5).to(dtype) for _ in range(CALLS)]
         b = torch.randn(n, generator=g).to(dtype)
         x = torch.randn(rows, k, generator=g).to(dtype)
-        panels, packed = panel_weight(w), onednn_weight(w)
+        stride = panel_module.output_row_stride(rows, k, dtype, gelu=name == "ffn_out")
+        x_panel = torch.empty_strided((rows, k), (stride, 1), dtype=dtype).copy_(x)
+        panels, packed = [panel_weight(w) for w in ws], [onednn_weight(w) for w in ws]
         gelu = name == "ffn_in"
         act = ("gelu", "none") if gelu else ("none", "")
-        fns[f"panel {name}"] = lambda x=x, p=panels, b=b, n=n, gelu=gelu: [
-            C.panel_linear(x, p, b, n, gelu, "none") for _ in range(CALLS)]
+        fns[f"panel {name}"] = lambda x=x_panel, ps=panels, b=b, n=n, gelu=gelu: [
+            C.panel_linear(x, p, b, n, gelu, "none") for p in ps]
         # where oneDNN has no bf16 product, the encoder's route: x and the bias widened, the result rounded back
-        fns[f"onednn {name}"] = lambda x=x, p=packed, b=b.to(packed.dtype), act=act: [
-            torch.ops.mkldnn._linear_pointwise(x.to(p.dtype), p, b, act[0], [], act[1]).to(x.dtype)
-            for _ in range(CALLS)]
+        fns[f"onednn {name}"] = lambda x=x, ps=packed, b=b.to(packed[0].dtype), act=act: [
+            torch.ops.mkldnn._linear_pointwise(x.to(p.dtype), p, b, act[0], [], act[1]).to(x.dtype) for p in ps]
     with torch.inference_mode():
         t = harness.time_interleaved(fns, repeats=repeats, warmup=1, settle=0.02)
     out = {name: t[f"onednn {name}"].median / t[f"panel {name}"].median for name in shapes}
