@@ -164,9 +164,9 @@ void run_panels(const AT* a, int64_t lda, int64_t M, int64_t Kp, const BT* panel
         // The next chunk or panel (of this panel or of the thread's next one) is fetched while this one runs: each
         // row block's tile fetches a share of its cache lines, spread over its steps. Without that, the first row
         // block over a panel waits on memory for all of it (a single block for every step). On a Xeon, bert-base's
-        // four products of a layer, on weights that come from memory as in a forward, ran 1.22-1.33x faster with it
-        // at 8-12 rows, 1.12-1.23x at 32-128 and 1.02-1.10x at 256-384 than on whole panels unfetched, and 1.03x at
-        // 16 than on the small chunks fetched in a burst before each row block.
+        // four products of a layer, on weights that come from memory as in a forward, ran 1.2-1.3x faster with it
+        // at 8-12 rows, 1.15-1.27x at 32-128 and 1.0-1.1x at 256-384 than on whole panels unfetched, and 1.03-1.05x
+        // at 16 than on the small chunks fetched in a burst before each row block.
         const char* next = reinterpret_cast<const char*>(panel + (k0 + kc) * kPanel);
         const char* next_end =
             reinterpret_cast<const char*>(panels + std::min(p1 * Kp, p * Kp + k0 + kc + chunk) * kPanel);
