@@ -166,11 +166,13 @@ void run_panels(const AT* a, int64_t lda, int64_t M, int64_t Kp, const BT* panel
         // block over a panel waits on memory for all of it (a single block for every step). On a Xeon, bert-base's
         // four products of a layer, on weights that come from memory as in a forward, ran 1.2-1.3x faster with it
         // at 8-12 rows, 1.15-1.27x at 32-128 and 1.0-1.1x at 256-384 than on whole panels unfetched, and 1.03-1.05x
-        // at 16 than on the small chunks fetched in a burst before each row block.
+        // at 16 than on the small chunks fetched in a burst before each row block. Beyond 384 rows the first row
+        // block's wait is spread over dozens of blocks, and the fetches cost the tiles more than they save (the AVX2
+        // kernels' products at 512-1,024 rows ran 0.93-0.95x with them): nothing is fetched.
         const char* next = reinterpret_cast<const char*>(panel + (k0 + kc) * kPanel);
         const char* next_end =
             reinterpret_cast<const char*>(panels + std::min(p1 * Kp, p * Kp + k0 + kc + chunk) * kPanel);
-        const int64_t share = ((next_end - next) / 64 + blocks - 1) / blocks;
+        const int64_t share = M <= 384 ? ((next_end - next) / 64 + blocks - 1) / blocks : 0;
         const auto run_blocks = [&](const auto* b) {
           using B = std::remove_const_t<std::remove_pointer_t<decltype(b)>>;
           int64_t m0 = 0;
