@@ -40,6 +40,7 @@ constexpr int64_t kPanel = 32;                       // columns per panel
 constexpr int kPanelVecs = kPanel / kLanes;          // accumulator vectors per row of a tile
 constexpr int kMaxRows = kLanes >= 16 ? 12 : 3;      // rows per tile: 24 of 32 AVX-512 registers, 12 of 16 AVX2
 constexpr int64_t kTaskFmas = int64_t{1} << 16;      // multiply-adds below which a thread takes more panels
+constexpr int64_t kWholeRows = 384;                  // x of more rows: whole panels, nothing fetched
 
 // Sets up and takes away one tile's accumulators for one chunk of a panel. The first chunk starts them at the bias,
 // later ones at the partial sums that the previous chunk left in `partial`; the last chunk sends them through GELU
@@ -111,7 +112,7 @@ struct PanelStore {
 // rows they take chunks of 768: bert-base's FFN output product (3,072 reduction rows, whose x of 128 rows alone is
 // most of L2) ran 1.07-1.09x faster at 128-192 rows on that Xeon than on whole panels, and as fast at 256-384.
 inline int64_t chunk_rows(int64_t M, int64_t Kp) {
-  if ((kLanes >= 16 && M <= kMaxRows) || M > 384) return Kp;
+  if ((kLanes >= 16 && M <= kMaxRows) || M > kWholeRows) return Kp;
   if (M > 96) return kLanes >= 16 ? std::min<int64_t>(Kp, 768) : 512;
   return M <= 32 ? 64 : 128;
 }
@@ -172,7 +173,7 @@ void run_panels(const AT* a, int64_t lda, int64_t M, int64_t Kp, const BT* panel
         const char* next = reinterpret_cast<const char*>(panel + (k0 + kc) * kPanel);
         const char* next_end =
             reinterpret_cast<const char*>(panels + std::min(p1 * Kp, p * Kp + k0 + kc + chunk) * kPanel);
-        const int64_t share = M <= 384 ? ((next_end - next) / 64 + blocks - 1) / blocks : 0;
+        const int64_t share = M <= kWholeRows ? ((next_end - next) / 64 + blocks - 1) / blocks : 0;
         const auto run_blocks = [&](const auto* b) {
           using B = std::remove_const_t<std::remove_pointer_t<decltype(b)>>;
           int64_t m0 = 0;

@@ -145,7 +145,7 @@ def test_gelu_rows_of_4_kib_stand_apart_for_the_next_product(dtype, N):
     ("avx512", True, True, "AuthenticAMD", {torch.float32: 256, torch.bfloat16: 128}),  # bf16 on AMX tiles there
     # bf16 panels widened where the CPU has no AVX512-BF16: oneDNN's bf16 product there is far slower
     ("avx512", False, False, "AuthenticAMD", {torch.float32: 256, torch.bfloat16: 1024}),
-    # Intel's: oneDNN's float32 product is the faster one from a few dozen rows on
+    # Intel's: oneDNN's float32 product is as fast or faster from a hundred-odd rows on
     ("avx512", True, True, "GenuineIntel", {torch.float32: 128, torch.bfloat16: 128}),
     ("avx512", False, False, "GenuineIntel", {torch.float32: 128, torch.bfloat16: 1024}),
     ("avx512", False, False, None, {torch.float32: 256, torch.bfloat16: 1024}),
