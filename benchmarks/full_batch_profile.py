@@ -141,8 +141,9 @@ def gemm_rates(timing: dict, repeats: int) -> tuple[dict[str, float], float, lis
 
 def layer_products(fast: FastBertModel, tokens: int) -> dict[str, tuple]:
     """One layer's products on random inputs of `tokens` rows, each on the encoder's own inference route for that
-    many rows (panel_linear or oneDNN's linear, on its packed weight): name -> (callable, multiply-adds per row). The
-    FFN's input product is there twice: with its GELU epilogue, as the encoder runs it, and with the bias alone."""
+    many rows (panel_linear, oneDNN's linear or MKL's packed sgemm, on its packed weight): name -> (callable,
+    multiply-adds per row). The FFN's input product is there twice: with its GELU epilogue, as the encoder runs it,
+    and with the bias alone."""
     layer = fast.layers[0]
     g = torch.Generator().manual_seed(0)
     h, i = fast.config.hidden_size, fast.config.intermediate_size

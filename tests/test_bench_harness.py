@@ -10,6 +10,7 @@ import torch
 
 from mtbert_fast.bench import harness
 from mtbert_fast.models import weight_pack
+from mtbert_fast.ops.mkl_linear import available as mkl_available
 
 
 def test_peak_memory_sees_a_temporary_allocation():
@@ -262,11 +263,13 @@ def test_gemm_summary_names_the_route_and_the_rates_at_the_points():
 
 def test_gemm_routes_compute_the_same_product():
     """Every route of the roofline's GEMM multiplies the same operands: the fastest one cannot win by computing
-    something else. On a CPU with oneDNN the routes include its linear on a packed weight, as the encoder runs it."""
+    something else. On a CPU with oneDNN the routes include its linear on a packed weight, as the encoder runs it,
+    and for float32 where PyTorch carries MKL its packed sgemm."""
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
         routes = harness.gemm_routes(dtype, torch.device("cpu"), (24, 40, 56))
         if weight_pack.AVAILABLE:
             assert any("packed weight" in r for r in routes), list(routes)
+        assert ("mkl, packed weight" in routes) == (dtype == torch.float32 and mkl_available())
         with torch.inference_mode():
             outs = {r: call().float() for r, call in routes.items()}
         ref = outs.pop("F.linear")

@@ -129,6 +129,39 @@ def test_panel_rows_forwards_put_the_row_limit_back(panel_rows):
     assert module.MAX_ROWS == before and module.encoder_rows(torch.float32) == limit
 
 
+@pytest.fixture(scope="module")
+def mkl_rows():
+    return _script("mkl_rows")
+
+
+def test_mkl_rows_products_cover_the_layer(mkl_rows):
+    """One layer's four products, each with oneDNN's and MKL's rates: positive."""
+    if not mkl_rows.mkl_module.available():
+        pytest.skip("this PyTorch has no MKL")
+    rates = mkl_rows.products(32, 3, repeats=1)
+    assert set(rates) == {"qkv", "attn_out", "ffn_in", "ffn_out"}
+    assert all(a > 0 and m > 0 for a, m in rates.values())
+
+
+def test_mkl_rows_forwards_put_the_route_back(mkl_rows):
+    """Timing the encoder on both routes leaves the encoder's route as it was."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from mtbert_fast import FastBertModel
+    from mtbert_fast.models import encoder
+
+    if not mkl_rows.mkl_module.available():
+        pytest.skip("this PyTorch has no MKL")
+    torch.manual_seed(0)
+    hf = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                              vocab_size=1100)).eval()
+    rows = encoder.mkl_rows
+    of_medians, per_round = mkl_rows.forwards(FastBertModel.from_hf(hf), 2, repeats=1)
+    assert of_medians > 0 and per_round > 0
+    assert encoder.mkl_rows is rows
+
+
 def test_int8_panels_products_at_bert_large_shapes(capsys):
     """bert-large's four product shapes (its FFN output reads rows of 4 KiB): the script's check that the panels' sums
     equal oneDNN's int8 product holds, and each shape gets its line."""

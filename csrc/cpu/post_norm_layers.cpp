@@ -8,7 +8,8 @@
 //   x   = LayerNorm(h @ Wf^T + bf + x)                       product, bias_residual_layer_norm
 // so its output equals the layer-by-layer calls bit for bit. Each product runs on the kernel its weight is packed
 // for: panel_linear on the panels of pack_panels (inputs of few rows), oneDNN's linear (mkldnn::_linear_pointwise)
-// on a weight in oneDNN's blocked layout (an mkldnn tensor, from mkldnn::_reorder_linear_weight). Called one by one
+// on a weight in oneDNN's blocked layout (an mkldnn tensor, from mkldnn::_reorder_linear_weight), or mkl_linear on a
+// plain float32 weight with its MKL pack (mkl_pack) in packs. Called one by one
 // from Python, the kernels wait between each other for argument parsing, the op dispatch and the layer's own code: a
 // large share of a short input's forward, and 2 to 4 % of a full batch's. Here they follow each other through the C++
 // dispatcher.
@@ -39,6 +40,9 @@ using ResidualNorm = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Te
                                                                     const at::Tensor&, const at::Tensor&,
                                                                     const at::Tensor&, double);
 
+using MklLinear = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const std::optional<at::Tensor>&, bool, c10::string_view);
+
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> kernel_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
@@ -50,10 +54,15 @@ at::Tensor post_norm_layers_cpu(const at::Tensor& x,           // [T, H]
                                 const at::Tensor& cu_seqlens,  // int32 [B + 1]
                                 int64_t max_seqlen, at::TensorList weights, int64_t heads, double scale, double eps,
                                 c10::string_view approximate,
-                                const std::optional<at::Tensor>& rel_bias) {  // fp32 [heads, 2R + 1]
+                                const std::optional<at::Tensor>& rel_bias,  // fp32 [heads, 2R + 1]
+                                // MKL's packs of the float32 weights given plain, 4 a layer
+                                const std::optional<at::TensorList>& mkl_packs) {
   constexpr const char* op = "post_norm_layers";
   const int64_t layers = check_layer_stack(op, x, heads, weights, kPerLayer);
   const int64_t T = x.size(0), H = x.size(1);
+  const at::TensorList packs = mkl_packs.value_or(at::TensorList());
+  TORCH_CHECK(packs.empty() || static_cast<int64_t>(packs.size()) == 4 * layers, op, ": packs must be empty or hold ",
+              4 * layers, " tensors (4 a layer), got ", packs.size());
   for (int64_t i = 0; i < layers; ++i) {
     const at::Tensor* w = weights.data() + i * kPerLayer;
     const std::tuple<int, const char*, int64_t> vectors[] = {
@@ -74,6 +83,13 @@ at::Tensor post_norm_layers_cpu(const at::Tensor& x,           // [T, H]
         {0, "the QKV weight", 3 * H, H}, {2, "the attention output weight", H, H},
         {6, "the intermediate weight", I, H}, {8, "the output weight", H, I}};
     for (const auto& [k, what, n, kk] : matrices) {
+      if (!w[k].is_mkldnn() && w[k].dim() == 2) {  // a plain weight, multiplied by mkl_linear on its pack
+        TORCH_CHECK(!packs.empty(), op, ": weights[", i * kPerLayer + k, "] (layer ", i, ", ", what,
+                    ") is a plain [N, K] weight, which needs its MKL pack in packs");
+        TORCH_CHECK(w[k].size(0) == n && w[k].size(1) == kk, op, ": weights[", i * kPerLayer + k, "] (layer ", i,
+                    ", ", what, ") must have shape [", n, ", ", kk, "], got ", w[k].sizes());
+        continue;
+      }
       if (!w[k].is_mkldnn()) continue;
       TORCH_CHECK(w[k].dim() == 2 && w[k].size(0) == n && w[k].size(1) == kk, op, ": weights[", i * kPerLayer + k,
                   "] (layer ", i, ", ", what, ") in oneDNN's layout must have shape [", n, ", ", kk, "], got ",
@@ -85,9 +101,11 @@ at::Tensor post_norm_layers_cpu(const at::Tensor& x,           // [T, H]
   static const auto linear = kernel_op<PanelLinear>("mtbert_fast_C::panel_linear");
   static const auto attention = kernel_op<Attention>("mtbert_fast_C::attention_varlen");
   static const auto residual_norm = kernel_op<ResidualNorm>("mtbert_fast_C::bias_residual_layer_norm");
+  static const auto mkl_linear = kernel_op<MklLinear>("mtbert_fast_C::mkl_linear");
   const std::optional<at::Tensor> none;
   const auto product = [&](const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& b, int64_t n,
-                           bool gelu) {
+                           bool gelu, const at::Tensor* pack) {
+    if (!w.is_mkldnn() && w.dim() == 2) return mkl_linear.call(a, *pack, w, b, gelu, gelu ? approximate : "none");
     if (w.is_mkldnn()) {
       // boxed: the op's C++ argument types are ATen's internals (its schema is the stable part)
       static const c10::OperatorHandle onednn =
@@ -102,12 +120,15 @@ at::Tensor post_norm_layers_cpu(const at::Tensor& x,           // [T, H]
   at::Tensor h = x;
   for (int64_t i = 0; i < layers; ++i) {
     const at::Tensor* w = weights.data() + i * kPerLayer;
-    const at::Tensor qkv = product(h, w[0], w[1], 3 * H, false).view({T, 3, heads, H / heads});
+    const at::Tensor* p = packs.empty() ? nullptr : packs.data() + 4 * i;
+    const auto pack = [&](int j) { return p == nullptr ? nullptr : p + j; };
+    const at::Tensor qkv = product(h, w[0], w[1], 3 * H, false, pack(0)).view({T, 3, heads, H / heads});
     const at::Tensor ctx = std::get<0>(attention.call(qkv, cu_seqlens, max_seqlen, scale, 0.0, none, rel_bias, -1,
                                                       none, none, none));
-    h = std::get<0>(residual_norm.call(product(ctx.view({T, H}), w[2], none, H, false), w[3], h, w[4], w[5], eps));
-    const at::Tensor inner = product(h, w[6], w[7], w[7].size(0), true);
-    h = std::get<0>(residual_norm.call(product(inner, w[8], none, H, false), w[9], h, w[10], w[11], eps));
+    h = std::get<0>(
+        residual_norm.call(product(ctx.view({T, H}), w[2], none, H, false, pack(1)), w[3], h, w[4], w[5], eps));
+    const at::Tensor inner = product(h, w[6], w[7], w[7].size(0), true, pack(2));
+    h = std::get<0>(residual_norm.call(product(inner, w[8], none, H, false, pack(3)), w[9], h, w[10], w[11], eps));
   }
   return h;
 }

@@ -24,6 +24,9 @@ import torch.nn.functional as F
 
 import mtbert_fast
 from mtbert_fast.models import weight_pack
+from mtbert_fast.ops.mkl_linear import OP as mkl_linear_op
+from mtbert_fast.ops.mkl_linear import available as mkl_available
+from mtbert_fast.ops.mkl_linear import pack_mkl
 
 GEMM_SHAPE = (1024, 768, 3072)  # [M, K] @ [K, N]: a bert-base FFN matrix product on 1024 tokens
 
@@ -197,6 +200,10 @@ def gemm_routes(dtype: torch.dtype, device: torch.device, shape) -> dict[str, Ca
             packed = weight_pack.pack_onednn(w)
             routes[f"onednn, packed weight{suffix}"] = lambda: torch.ops.mkldnn._linear_pointwise(
                 xo, packed, None, "none", [], "").to(dtype)
+    if device.type == "cpu" and dtype == torch.float32 and mkl_available():
+        # MKL's packed sgemm on a weight packed once, as the encoder runs float32 on Intel CPUs with AVX-512
+        mkl_pack, mkl = pack_mkl(w), mkl_linear_op.kernel("cpu")
+        routes["mkl, packed weight"] = lambda: mkl(x, mkl_pack, w, None, False, "none")
     return routes
 
 
@@ -229,7 +236,7 @@ def fastest_gemm(
     """(rate in FLOP/s, route, call) of the fastest route PyTorch offers for the [M, K] x [K, N] product in `dtype`,
     each route timed `repeats` times in interleaved rounds (medians): F.linear, and on the CPU also oneDNN's linear
     (which the encoder uses) on a plain weight and on one packed in oneDNN's layout, on float32 products for bf16
-    where oneDNN has none in bf16; int8 or qint8: torch._int_mm, and on the CPU also oneDNN's int8 linear."""
+    where oneDNN has none in bf16, and for float32 MKL's packed sgemm where PyTorch carries MKL; int8 or qint8: torch._int_mm, and on the CPU also oneDNN's int8 linear."""
     device = torch.device(device)
     routes = gemm_routes(dtype, device, shape)
     with torch.inference_mode():

@@ -22,7 +22,7 @@ from mtbert_fast.models.int8 import (
     check_int8_dtype, check_model_dtype, check_smoothing, gram_passes, int8_layer_forward, int8_stack, quantize_layers,
 )
 from mtbert_fast.models.plain_modules import check_plain_module, refuse_hooks
-from mtbert_fast.models.weight_pack import onednn_dtype, onednn_weight, panel_weight
+from mtbert_fast.models.weight_pack import mkl_weight, onednn_dtype, onednn_weight, panel_weight
 from mtbert_fast.models.weight_pack import releases as pack_releases
 from mtbert_fast.ops import (
     attention_varlen, bias_gelu, bias_residual_layer_norm, dispatch, gather_rows, geglu, pad, rotary_qk, rotary_tables,
@@ -31,6 +31,8 @@ from mtbert_fast.ops import (
 from mtbert_fast.ops.attention_varlen import OP as attention_varlen_op
 from mtbert_fast.ops.bias_residual_layer_norm import OP as bias_residual_layer_norm_op
 from mtbert_fast.ops.int8_layers import OP as int8_layers_op
+from mtbert_fast.ops.mkl_linear import OP as mkl_linear_op
+from mtbert_fast.ops.mkl_linear import encoder_rows as mkl_rows
 from mtbert_fast.ops.panel_linear import OP as panel_linear_op
 from mtbert_fast.ops.panel_linear import encoder_rows as panel_rows
 from mtbert_fast.ops.post_norm_layers import OP as post_norm_layers_op
@@ -621,7 +623,8 @@ def _onednn_ok(x: torch.Tensor, w: Sequence[torch.Tensor | None], backend: str |
 
 class _Linear:
     """x @ W.T (+ bias) (GELU): in inference on the CPU by panel_linear for inputs of few rows and by oneDNN for the
-    others (weights pre-packed for each, see weight_pack), by F.linear and the fused ops otherwise."""
+    others, or for float32 by MKL's packed sgemm up to the rows mkl_linear.encoder_rows() gives (weights pre-packed
+    for each, see weight_pack), by F.linear and the fused ops otherwise."""
 
     def __init__(self, onednn: bool, backend: str | None):
         self.onednn, self.backend = onednn, backend
@@ -634,6 +637,11 @@ class _Linear:
                 # the kernel is called directly: the encoder made its inputs, and the kernel checks them itself
                 kernel = panel_linear_op.kernel("cpu")
                 return kernel(x, panels, bias, weight.shape[0], approximate is not None, approximate or "none")
+        if x.shape[0] <= mkl_rows(x.dtype):
+            pack = mkl_weight(weight)
+            if pack is not None:
+                kernel = mkl_linear_op.kernel("cpu")
+                return kernel(x, pack, weight, bias, approximate is not None, approximate or "none")
         attr = ("none", "") if approximate is None else ("gelu", approximate)
         packed = onednn_weight(weight)
         if packed.dtype == x.dtype:
@@ -782,10 +790,12 @@ def position_terms(config: EncoderConfig, w: DisentangledWeights, packed: Packed
 
 
 def _post_norm_stack(config: EncoderConfig, layers: Sequence, x: torch.Tensor, packed: PackedBatch,
-                     backend: str | None, stacks: dict | None = None) -> list[torch.Tensor] | None:
-    """Every layer's tensors for one post_norm_layers call, where that kernel runs exactly what layer_forward would:
-    CPU inference (no autograd, autocast or tracing) of float post-norm layers with every bias and norm parameter,
-    each weight packed for the product layer_forward runs at x's rows: in panels for panel_linear's few rows, else
+                     backend: str | None, stacks: dict | None = None
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """Every layer's tensors for one post_norm_layers call, and the MKL packs it takes, where that kernel runs
+    exactly what layer_forward would: CPU inference (no autograd, autocast or tracing) of float post-norm layers with
+    every bias and norm parameter, each weight packed for the product layer_forward runs at x's rows: in panels for
+    panel_linear's few rows, else plain with its MKL pack for the float32 rows mkl_linear.encoder_rows() takes, else
     in oneDNN's blocked layout where oneDNN multiplies x's dtype itself; else None. The caller has excluded DeBERTa's
     position terms, observers and per-layer outputs. stacks: where given, the tensors already gathered for these
     very layers, by route and dtype (Stacks), and the place to keep them."""
@@ -797,6 +807,8 @@ def _post_norm_stack(config: EncoderConfig, layers: Sequence, x: torch.Tensor, p
         return None
     if x.shape[0] <= panel_rows(x.dtype):
         return Stacks.kept(stacks, ("panels", x.dtype), lambda: _post_norm_weights(layers, x.dtype, panel_weight))
+    if x.shape[0] <= mkl_rows(x.dtype):
+        return Stacks.kept(stacks, ("mkl", x.dtype), lambda: _mkl_stack(layers))
     if onednn_dtype(x.dtype) != x.dtype:  # layer_forward widens such x for each product: no stack
         return None
     return Stacks.kept(stacks, ("onednn", x.dtype), lambda: _post_norm_weights(layers, x.dtype, _onednn_pack))
@@ -808,8 +820,10 @@ def _onednn_pack(w: torch.Tensor) -> torch.Tensor | None:
     return packed if packed.is_mkldnn else None
 
 
-def _post_norm_weights(layers: Sequence, dtype: torch.dtype, pack: Callable) -> list[torch.Tensor] | None:
-    """_post_norm_stack's tensors for layers whose every weight is `dtype` and is packed by pack(), else None."""
+def _post_norm_weights(layers: Sequence, dtype: torch.dtype, pack: Callable
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """_post_norm_stack's tensors for layers whose every weight is `dtype` and is packed by pack(), else None; no
+    MKL packs."""
     weights = []
     for w in layers:
         if not isinstance(w, LayerWeights) or any(t is None or t.dtype != dtype for t in w):
@@ -820,7 +834,19 @@ def _post_norm_weights(layers: Sequence, dtype: torch.dtype, pack: Callable) -> 
         weights += layer_weights(packs[0], w.qkv_bias, packs[1], w.attn_out_bias, w.attn_norm_weight,
                                  w.attn_norm_bias, packs[2], w.ffn_in_bias, packs[3], w.ffn_out_bias,
                                  w.ffn_norm_weight, w.ffn_norm_bias)
-    return weights or None
+    return (weights, []) if weights else None
+
+
+def _mkl_stack(layers: Sequence) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """_post_norm_stack's tensors for float32 layers on MKL's packed sgemm: the plain weights, and their packs
+    (mkl_weight) in the same order; None where a weight cannot be packed."""
+    plain = _post_norm_weights(layers, torch.float32, lambda t: t)
+    if plain is None:
+        return None
+    weights = plain[0]
+    packs = [mkl_weight(t) for i in range(0, len(weights), 12) for t in (weights[i], weights[i + 2], weights[i + 6],
+                                                                          weights[i + 8])]
+    return None if any(p is None for p in packs) else (weights, packs)
 
 
 class LayerCache:
@@ -938,8 +964,11 @@ def encode(
         else:
             stack, stack_op = _post_norm_stack(config, layers, x, packed, backend, stacks), post_norm_layers_op
     if stack is not None:  # the layers below, kernel for kernel, called from C++
-        x = stack_op.kernel("cpu")(x, packed.cu_seqlens, packed.max_seqlen, stack, config.num_attention_heads,
-                                   config.attention_scale, config.layer_norm_eps, config.gelu_approximate, rel_bias)
+        # the float stack comes with the MKL packs of its plain weights (or none)
+        weights, extra = (stack[0], (stack[1],)) if stack_op is post_norm_layers_op else (stack, ())
+        x = stack_op.kernel("cpu")(x, packed.cu_seqlens, packed.max_seqlen, weights, config.num_attention_heads,
+                                   config.attention_scale, config.layer_norm_eps, config.gelu_approximate, rel_bias,
+                                   *extra)
     else:
         for i, w in enumerate(layers):
             if config.pre_norm:

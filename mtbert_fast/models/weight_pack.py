@@ -3,7 +3,10 @@
 Handed a plain [N, K] weight, oneDNN's matrix product copies it into its blocked layout on every call, a few percent
 of a BERT forward on the CPU. `onednn_weight(w)` makes that blocked copy once and returns it while `w` is unchanged.
 `panel_weight(w)` does the same for the column panels of `mtbert_fast.ops.panel_linear`, which the encoder uses for
-inputs of few rows; a weight gets that second copy only once such an input has run.
+inputs of few rows; a weight gets that second copy only once such an input has run. `mkl_weight(w)` keeps MKL's
+pack of a float32 weight for `mtbert_fast.ops.mkl_linear`, which the encoder uses in place of oneDNN's linear for the
+rows `mkl_linear.encoder_rows()` gives (about 2.2x the weight's memory; a weight gets a oneDNN pack as well only once
+an input of more rows runs).
 A pack stays valid while the weight keeps its storage, offset, shape, strides and version counter: in-place updates
 through the tensor (optimizer steps, `load_state_dict`, `copy_` under no_grad) bump the version, and `.to()`,
 `.half()` or assigning `.data` give it other storage. Two cases cannot be seen and are never packed or must be
@@ -31,6 +34,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from mtbert_fast._ext import _cpu_flags
+from mtbert_fast.ops.mkl_linear import pack_mkl
 from mtbert_fast.ops.panel_linear import pack_panels
 
 AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
@@ -62,7 +66,7 @@ class _Pack(NamedTuple):
 # per kind of pack: id(weight) -> (a weak reference to the weight, its pack); the reference's callback drops the entry
 # when the weight dies, before its id can be reused. Plain dictionary reads: a WeakIdKeyDictionary lookup builds a key
 # object.
-_packs: dict[str, dict[int, tuple[weakref.ref, _Pack]]] = {"onednn": {}, "panels": {}}
+_packs: dict[str, dict[int, tuple[weakref.ref, _Pack]]] = {"onednn": {}, "panels": {}, "mkl": {}}
 # how many times release_packs has run: what holds packs beyond this module (the encoder's layer caches) drops them
 # when it changes
 _releases = 0
@@ -123,6 +127,14 @@ def panel_weight(w: torch.Tensor) -> torch.Tensor | None:
     return _cached("panels", w, pack_panels)
 
 
+def mkl_weight(w: torch.Tensor) -> torch.Tensor | None:
+    """The float32 `w` [N, K] packed for `mtbert_fast.ops.mkl_linear`, on first use and again whenever `w` has
+    changed; None where it cannot be packed (see the module docstring) or is not float32."""
+    if w.dtype != torch.float32 or not _packable(w):
+        return None
+    return _cached("mkl", w, pack_mkl)
+
+
 def release_packs() -> None:
     """Drops every cached pack; the next inference call packs its weights afresh."""
     global _releases
@@ -150,5 +162,5 @@ register_optimizer_step_post_hook(_fused_step_writes)
 
 
 def pack_count(kind: str = "onednn") -> int:
-    """How many weights hold a pack of `kind` ("onednn", "panels") now."""
+    """How many weights hold a pack of `kind` ("onednn", "panels", "mkl") now."""
     return len(_packs[kind])

@@ -11,6 +11,7 @@ from mtbert_fast.ops.int8 import (
     int8_panel_sums, int8_sums, pack_int8_panels, pack_int8_weight, quantize_rows,
 )
 from mtbert_fast.ops.int8_layers import int8_layers
+from mtbert_fast.ops.mkl_linear import mkl_linear, pack_mkl
 from mtbert_fast.ops.mlm_gather_loss import mlm_gather_loss
 from mtbert_fast.ops.pack_mask import pack_mask
 from mtbert_fast.ops.panel_linear import pack_panels, panel_linear
@@ -35,10 +36,12 @@ __all__ = [
     "int8_linear_residual_layer_norm_quantize",
     "int8_panel_sums",
     "int8_sums",
+    "mkl_linear",
     "mlm_gather_loss",
     "pack_int8_panels",
     "pack_int8_weight",
     "pack_mask",
+    "pack_mkl",
     "pack_panels",
     "pad",
     "panel_linear",

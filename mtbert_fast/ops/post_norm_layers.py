@@ -3,11 +3,12 @@
 Each layer is the encoder's inference layer, kernel for kernel: the QKV product, attention_varlen, the attention
 output's product and bias_residual_layer_norm, the intermediate product with its GELU, the output product and
 bias_residual_layer_norm; its result equals those calls made one by one, bit for bit. Each product runs on the
-kernel its weight is packed for: panel_linear on the panels of `pack_panels` (the encoder's inputs of few rows), or
-oneDNN's linear on a weight in oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, an mkldnn tensor
-in x's dtype; the encoder's other inputs). Called from Python the kernels wait between each other for the
-interpreter: a large share of a short input's forward and a few percent of a full batch's; here they follow each
-other in C++. Inference only (no autograd).
+kernel its weight is packed for: panel_linear on the panels of `pack_panels` (the encoder's inputs of few rows),
+mkl_linear on a plain float32 weight with its pack (`pack_mkl`, in `packs`; the encoder's other float32 inputs on
+Intel CPUs with AVX-512), or oneDNN's linear on a weight in oneDNN's blocked layout
+(`torch.ops.mkldnn._reorder_linear_weight`, an mkldnn tensor in x's dtype; the encoder's other inputs). Called
+from Python the kernels wait between each other for the interpreter: a large share of a short input's forward and a
+few percent of a full batch's; here they follow each other in C++. Inference only (no autograd).
 """
 
 from __future__ import annotations
@@ -51,10 +52,13 @@ def check_stack(op: str, x: torch.Tensor, weights: Sequence[torch.Tensor], heads
                          f"{len(weights)}")
 
 
-def _check(x: torch.Tensor, weights: Sequence[torch.Tensor], heads: int) -> None:
+def _check(x: torch.Tensor, weights: Sequence[torch.Tensor], heads: int, packs: Sequence[torch.Tensor]) -> None:
     op = "post_norm_layers"
     check_stack(op, x, weights, heads, PER_LAYER)
     h = x.shape[1]
+    if packs and len(packs) != 4 * (len(weights) // PER_LAYER):
+        raise ValueError(f"{op}: packs must be empty or hold 4 tensors a layer ({4 * (len(weights) // PER_LAYER)}), "
+                         f"got {len(packs)}")
     for i in range(0, len(weights), PER_LAYER):
         w = weights[i:i + PER_LAYER]
         inner = w[7].shape[0] if w[7].dim() == 1 else 0
@@ -65,7 +69,13 @@ def _check(x: torch.Tensor, weights: Sequence[torch.Tensor], heads: int) -> None
                                  f"{n or 'I > 0'} elements for x of {h} columns, got shape {tuple(w[k].shape)}")
         for k, rows, cols in ((0, h, 3 * h), (2, h, h), (6, h, inner), (8, inner, h)):
             where = f"{op}: weights[{i + k}] (layer {i // PER_LAYER})"
-            if not w[k].is_mkldnn:
+            if not w[k].is_mkldnn and w[k].dim() == 2:  # a plain weight, multiplied by mkl_linear on its pack
+                if tuple(w[k].shape) != (cols, rows) or w[k].dtype != torch.float32 or x.dtype != torch.float32:
+                    raise ValueError(f"{where}, a plain weight, must be float32 [{cols}, {rows}] with a float32 x, "
+                                     f"got {w[k].dtype} {tuple(w[k].shape)} and x {x.dtype}")
+                if not packs:
+                    raise ValueError(f"{where} is a plain weight, which needs its MKL pack (pack_mkl) in packs")
+            elif not w[k].is_mkldnn:
                 check_product(where, x.new_empty((0, rows)), w[k], None, cols)
             elif tuple(w[k].shape) != (cols, rows) or w[k].dtype != x.dtype:
                 raise ValueError(f"{where} in oneDNN's layout must be [{cols}, {rows}] in x's dtype {x.dtype}, got "
@@ -74,23 +84,25 @@ def _check(x: torch.Tensor, weights: Sequence[torch.Tensor], heads: int) -> None
 
 def post_norm_layers(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, weights: Sequence[torch.Tensor],
                      heads: int, scale: float, eps: float = 1e-12, approximate: str = "none",
-                     rel_bias: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
+                     rel_bias: torch.Tensor | None = None, packs: Sequence[torch.Tensor] | None = None, *,
+                     backend: str | None = None) -> torch.Tensor:
     """x [T, H] through len(weights) / 12 post-norm encoder layers -> [T, H] in x's dtype.
 
     cu_seqlens int32 [B+1] and max_seqlen as for attention_varlen; weights: each layer's 12 tensors in the order of
-    `layer_weights`, each [out_features, in_features] weight as its panels (pack_panels) or in oneDNN's layout
-    (torch.ops.mkldnn._reorder_linear_weight), in x's dtype; heads the
+    `layer_weights`, each [out_features, in_features] weight as its panels (pack_panels), in oneDNN's layout
+    (torch.ops.mkldnn._reorder_linear_weight), in x's dtype, or plain (float32, with its pack_mkl in packs: the
+    four products' packs of each layer in turn); heads the
     attention heads, scale the scores' scale, eps the LayerNorms' epsilon, approximate GELU's form ("none" or
     "tanh"); rel_bias fp32 [heads, 2R+1], a relative position bias added to every layer's scores (MPNet), or None.
     """
     check_gelu("post_norm_layers", approximate)
-    weights = list(weights)
-    _check(x, weights, heads)
+    weights, packs = list(weights), list(packs or ())
+    _check(x, weights, heads, packs)
     check_sequences("post_norm_layers", cu_seqlens, max_seqlen, x, "x")
-    return OP(x, cu_seqlens, max_seqlen, weights, heads, scale, eps, approximate, rel_bias, backend=backend)
+    return OP(x, cu_seqlens, max_seqlen, weights, heads, scale, eps, approximate, rel_bias, packs, backend=backend)
 
 
-def fake_stack(x, cu_seqlens, max_seqlen, weights, heads, scale, eps, approximate, rel_bias):
+def fake_stack(x, cu_seqlens, max_seqlen, weights, heads, scale, eps, approximate, rel_bias, packs=None):
     return x.new_empty(x.shape)
 
 
@@ -101,7 +113,8 @@ STACK_SCHEMA = ("(Tensor x, Tensor cu_seqlens, SymInt max_seqlen, Tensor[] weigh
 
 OP = Op(
     name="post_norm_layers",
-    schema=STACK_SCHEMA,  # weights: 12 per layer (see layer_weights)
+    # weights: 12 per layer (see layer_weights); packs: MKL's packs of the plain weights, 4 per layer, or none
+    schema=STACK_SCHEMA.replace("Tensor? rel_bias=None)", "Tensor? rel_bias=None, Tensor[]? packs=None)"),
     reference=reference.post_norm_layers,
     backends={"cpu": Backend(dtypes=CPU_DTYPES)},
     fake=fake_stack,

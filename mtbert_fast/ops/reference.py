@@ -53,6 +53,12 @@ def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, gelu: b
     return (_gelu(y, approximate) if gelu else y).to(x.dtype)
 
 
+def mkl_linear(x: torch.Tensor, pack: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool,
+               approximate: str) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T + bias (then GELU) in float32; pack (MKL's copy of weight) is not read."""
+    return _linear(x, weight, bias, gelu, approximate)
+
+
 def bias_residual_layer_norm(
     x: torch.Tensor,
     bias: torch.Tensor,
@@ -156,11 +162,12 @@ def attention_varlen(
 
 def post_norm_layers(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, weights: list[torch.Tensor],
                      heads: int, scale: float, eps: float, approximate: str,
-                     rel_bias: torch.Tensor | None = None) -> torch.Tensor:
+                     rel_bias: torch.Tensor | None = None, packs: list[torch.Tensor] | None = None
+                     ) -> torch.Tensor:
     """Post-norm (BERT) encoder layers on packed tokens.  x [T, H]; weights: 12 per layer (QKV weight, its bias
     [3H], the attention output's weight and bias [H], that norm's weight and bias [H], the intermediate weight and
-    bias [I], the output's weight and bias [H], that norm's weight and bias [H]), each weight as panels or in
-    oneDNN's blocked layout -> [T, H]. Each layer:
+    bias [I], the output's weight and bias [H], that norm's weight and bias [H]), each weight as panels, in
+    oneDNN's blocked layout or plain (packs, MKL's copies of the plain ones, are not read) -> [T, H]. Each layer:
     x = LN(attention(x Wqkv^T + bqkv) Wo^T + bo + x), x = LN(GELU(x Wi^T + bi) Wf^T + bf + x), in x's dtype
     between the steps, as the kernels store them."""
     t, h = x.shape
@@ -168,6 +175,8 @@ def post_norm_layers(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
     def product(a, w, b, n, gelu=False):
         if w.is_mkldnn:  # a weight in oneDNN's blocked layout
             return _linear(a, w.to_dense(), b, gelu, approximate)
+        if w.dim() == 2:  # a plain weight
+            return _linear(a, w, b, gelu, approximate)
         return panel_linear(a, w, b, n, gelu, approximate if gelu else "none")
 
     for i in range(0, len(weights), 12):

@@ -1,7 +1,8 @@
-"""The cache of packed linear weights (oneDNN's blocked layout, and the column panels of panel_linear, which the
-encoder runs for inputs of few rows): a pack is made once and reused, gives the same products as the plain weight,
-and is replaced whenever the weight changes (in place, by `.to()`, by assigning `.data`), for FastBertModel and a
-swapped HF model on either route; gradients and inference tensors never go through a pack."""
+"""The cache of packed linear weights (oneDNN's blocked layout, the column panels of panel_linear, which the
+encoder runs for inputs of few rows, and MKL's packs of float32 weights): a pack is made once and reused, gives the
+same products as the plain weight, and is replaced whenever the weight changes (in place, by `.to()`, by assigning
+`.data`), for FastBertModel and a swapped HF model on each route; gradients and inference tensors never go through a
+pack."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from transformers import BertForSequenceClassification, BertModel
 from mtbert_fast import FastBertModel, swap
 from mtbert_fast.models import encoder, weight_pack
 from mtbert_fast.models.weight_pack import onednn_dtype, onednn_weight, pack_count, panel_weight, release_packs
-from mtbert_fast.ops import reference
+from mtbert_fast.ops import mkl_linear, reference
+from mtbert_fast.ops.mkl_linear import available as mkl_available
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread_unless_marked"),
@@ -37,11 +39,18 @@ def no_packs():
     release_packs()
 
 
-@pytest.fixture(params=["onednn", "panels"])
+def _set_route(route: str, monkeypatch) -> None:
+    """The encoder's inference linears on oneDNN's linear, on panel_linear, or (float32) on MKL's packed sgemm,
+    whatever the number of rows."""
+    if route == "mkl" and not mkl_available():
+        pytest.skip("this PyTorch has no MKL")
+    monkeypatch.setattr(encoder, "panel_rows", lambda dtype: 1 << 30 if route == "panels" else 0)
+    monkeypatch.setattr(encoder, "mkl_rows", lambda dtype: 1 << 30 if route == "mkl" and dtype == torch.float32 else 0)
+
+
+@pytest.fixture(params=["onednn", "panels", "mkl"])
 def route(request, monkeypatch):
-    """The encoder's inference linears on oneDNN's linear or on panel_linear, whatever the number of rows."""
-    rows = 0 if request.param == "onednn" else 1 << 30
-    monkeypatch.setattr(encoder, "panel_rows", lambda dtype: rows)
+    _set_route(request.param, monkeypatch)
     return request.param
 
 
@@ -185,7 +194,7 @@ def test_panels_are_made_once_and_repacked_when_the_weight_changes():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fast_model_outputs_equal_unpacked(dtype, bert_config, make_hf, ragged_batch, monkeypatch):
-    monkeypatch.setattr(encoder, "panel_rows", lambda dtype: 0)
+    _set_route("onednn", monkeypatch)
     config = bert_config()
     fast = FastBertModel.from_hf(make_hf(BertModel, config), dtype=dtype)
     ids, mask = _batch(ragged_batch, config)
@@ -207,13 +216,46 @@ def test_panel_route_matches_the_onednn_route(dtype, bert_config, make_hf, ragge
         monkeypatch.setattr(encoder, "panel_rows", lambda dtype: 1 << 30)
         panels = fast(ids, mask)
         assert pack_count("panels") == 4 * config.num_hidden_layers + 1 and pack_count() == 0
-        monkeypatch.setattr(encoder, "panel_rows", lambda dtype: 0)
+        _set_route("onednn", monkeypatch)
         onednn = fast(ids, mask)
     real = mask.bool()
     # the same products summed in another order: fp32 rounding, or in bf16 an output rounding that may differ
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
     torch.testing.assert_close(panels.last_hidden_state[real].float(), onednn.last_hidden_state[real].float(), **tol)
     torch.testing.assert_close(panels.pooler_output.float(), onednn.pooler_output.float(), **tol)
+
+
+def test_mkl_route_matches_the_onednn_route(bert_config, make_hf, ragged_batch, monkeypatch):
+    """float32 on MKL's packed sgemm: one pack per weight (the pooler's too) and no oneDNN pack, the oneDNN route's
+    outputs up to float32 rounding, and the same outputs on a second call."""
+    config = bert_config()
+    fast = FastBertModel.from_hf(make_hf(BertModel, config))
+    ids, mask = _batch(ragged_batch, config)
+    with torch.no_grad():
+        _set_route("mkl", monkeypatch)
+        mkl = fast(ids, mask)
+        assert pack_count("mkl") == 4 * config.num_hidden_layers + 1 and pack_count() == 0
+        assert torch.equal(fast(ids, mask).last_hidden_state, mkl.last_hidden_state)
+        _set_route("onednn", monkeypatch)
+        onednn = fast(ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(mkl.last_hidden_state[real], onednn.last_hidden_state[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mkl.pooler_output, onednn.pooler_output, atol=1e-5, rtol=1e-5)
+
+
+def test_mkl_packs_are_made_once_and_repacked_when_the_weight_changes():
+    if not mkl_available():
+        pytest.skip("this PyTorch has no MKL")
+    w = torch.randn(40, 24)
+    pack = weight_pack.mkl_weight(w)
+    assert weight_pack.mkl_weight(w) is pack and pack_count("mkl") == 1
+    assert weight_pack.mkl_weight(w.bfloat16()) is None
+    x = torch.randn(300, 24)
+    with torch.no_grad():
+        w.mul_(2)
+    again = weight_pack.mkl_weight(w)
+    assert again is not pack
+    torch.testing.assert_close(mkl_linear(x, again, w), x @ w.t(), atol=1e-5, rtol=1e-5)
 
 
 OPTIMIZERS = {"sgd": lambda p: torch.optim.SGD(p, lr=1.0),
@@ -273,20 +315,22 @@ def test_swapped_model_sees_in_place_edits(route, bert_config, make_hf, ragged_b
         assert_close(model(ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits)
 
 
-@pytest.mark.parametrize("route", ["panels", "onednn"])
+@pytest.mark.parametrize("route", ["panels", "onednn", "mkl"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("family", ["bert", "distilbert", "mpnet"])
 def test_inference_runs_the_layers_in_one_call(route, family, dtype, bert_config, distilbert_config, mpnet_config,
                                                make_hf, ragged_batch, monkeypatch):
-    """On either route (panel_linear's few rows, or oneDNN's linear for more), inference runs every layer in one
-    post_norm_layers call (MPNet's relative position bias too) on the weights packed for that route, with the result
-    of the layers run one by one, bit for bit; a forward that asks for every layer's output, or records gradients,
-    runs them one by one."""
+    """On every route (panel_linear's few rows, or oneDNN's linear or MKL's packed sgemm for more), inference runs
+    every layer in one post_norm_layers call (MPNet's relative position bias too) on the weights packed for that
+    route, with the result of the layers run one by one, bit for bit; a forward that asks for every layer's output,
+    or records gradients, runs them one by one."""
     from transformers import DistilBertModel, MPNetModel
 
     if route == "onednn" and weight_pack.onednn_dtype(dtype) != dtype:
         pytest.skip(f"oneDNN does not multiply {dtype} on this CPU: its layers widen each product's input")
-    monkeypatch.setattr(encoder, "panel_rows", lambda dtype: 1 << 30 if route == "panels" else 0)
+    if route == "mkl" and dtype != torch.float32:
+        pytest.skip("MKL's packed sgemm multiplies float32 only")
+    _set_route(route, monkeypatch)
     config = {"bert": bert_config, "distilbert": distilbert_config, "mpnet": mpnet_config}[family]()
     cls = {"bert": BertModel, "distilbert": DistilBertModel, "mpnet": MPNetModel}[family]
     fast = FastBertModel.from_hf(make_hf(cls, config), dtype=dtype).eval()
@@ -295,14 +339,15 @@ def test_inference_runs_the_layers_in_one_call(route, family, dtype, bert_config
     calls = []
 
     def spy(x, *args):
-        weights = args[2]
-        calls.append((len(weights), {w.is_mkldnn for w in weights[0::12] + weights[8::12]}))
+        weights, packs = args[2], args[8] if len(args) > 8 else []
+        calls.append((len(weights), {w.is_mkldnn for w in weights[0::12] + weights[8::12]}, len(packs)))
         return stack_kernel(x, *args)
 
     monkeypatch.setitem(encoder.post_norm_layers_op._kernels, ("cpu", "forward"), spy)
     with torch.no_grad():
         stacked = fast(ids, mask)
-        assert calls == [(12 * config.num_hidden_layers, {route == "onednn"})]
+        packs = 4 * config.num_hidden_layers if route == "mkl" else 0
+        assert calls == [(12 * config.num_hidden_layers, {route == "onednn"}, packs)]
         by_layer = fast(ids, mask, output_hidden_states=True)
         assert len(calls) == 1
     assert torch.equal(stacked.last_hidden_state, by_layer.last_hidden_state)

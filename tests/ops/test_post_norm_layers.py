@@ -3,6 +3,7 @@ reference, against the same kernels called one by one (bit for bit), and its err
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -16,6 +17,7 @@ from mtbert_fast.ops.post_norm_layers import layer_weights
 from op_testing import assert_close, cu_seqlens, rand
 
 OP_NAME = "post_norm_layers"
+mkl_module = importlib.import_module("mtbert_fast.ops.mkl_linear")
 
 
 def _layer(h, inner, dtype, seed):
@@ -156,6 +158,63 @@ def test_onednn_weight_errors_name_the_weight(backend, call):
         bad[8] = _onednn(layer[8].bfloat16())
         with pytest.raises((ValueError, RuntimeError), match=r"weights\[8\] \(layer 0.*oneDNN's layout.*dtype"):
             run(x, cu, max_seqlen, bad, heads, scale)
+
+
+@pytest.mark.skipif(not mkl_module.available(), reason="this PyTorch has no MKL")
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_plain_weights_with_mkl_packs_equal_the_kernels_called_one_by_one(backend, approximate):
+    """Plain float32 weights with their MKL packs run on mkl_linear, as the encoder runs a float32 full batch on an
+    Intel CPU: the result of the kernels called one by one, bit for bit, and the reference's (which reads the plain
+    weights); a stack may mix them with panels."""
+    lengths, h, heads, inner = [9, 3, 20], 48, 4, 72
+    t, scale, eps = sum(lengths), 0.25, 1e-12
+    plain = [_layer(h, inner, torch.float32, seed) for seed in (1, 2)]
+    weights = [w for layer in plain for w in layer_weights(*layer)]
+    packs = [ops.pack_mkl(w) for layer in plain for w in (layer[0], layer[2], layer[6], layer[8])]
+    rel_bias = rand(heads, 2 * max(lengths) - 1, seed=7)
+    x, cu = rand(t, h, seed=3), cu_seqlens(lengths)
+    out = ops.post_norm_layers(x, cu, max(lengths), weights, heads, scale, eps, approximate, rel_bias, packs,
+                               backend=backend.name)
+    want = x
+    for i in range(0, len(weights), 12):
+        wqkv, bqkv, wo, bo, g1, b1, wi, bi, wf, bf, g2, b2 = weights[i:i + 12]
+        pqkv, po, pi, pf = packs[i // 3:i // 3 + 4]
+        qkv = ops.mkl_linear(want, pqkv, wqkv, bqkv).view(t, 3, heads, h // heads)
+        ctx = ops.attention_varlen(qkv, cu, max(lengths), scale, rel_bias=rel_bias).reshape(t, h)
+        want = ops.bias_residual_layer_norm(ops.mkl_linear(ctx, po, wo), bo, want, g1, b1, eps)
+        inner_out = ops.mkl_linear(want, pi, wi, bi, gelu=True, approximate=approximate)
+        want = ops.bias_residual_layer_norm(ops.mkl_linear(inner_out, pf, wf), bf, want, g2, b2, eps)
+    assert torch.equal(out, want)
+    ref = reference.post_norm_layers(x.double(), cu, max(lengths), [w.double() for w in weights], heads, scale, eps,
+                                     approximate, rel_bias.double())
+    native = _native(x, lengths, plain, heads, scale, eps, approximate, rel_bias)
+    assert_close(out, ref, native, torch.float32, atol=1e-5, rtol=1e-5)
+    mixed = list(weights)
+    mixed[12 + 6] = ops.pack_panels(plain[1][6])
+    both = ops.post_norm_layers(x, cu, max(lengths), mixed, heads, scale, eps, approximate, rel_bias, packs,
+                                backend=backend.name)
+    assert_close(both, ref, native, torch.float32, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not mkl_module.available(), reason="this PyTorch has no MKL")
+@pytest.mark.parametrize("call", ["wrapper", "kernel"])
+def test_plain_weight_errors_name_the_weight(backend, call):
+    """A plain weight without packs, packs of another count, a plain weight of the wrong shape: refused with its
+    place, before anything runs."""
+    x, cu, max_seqlen, _, heads, scale = _args()
+    layer = _layer(16, 24, torch.float32, 1)
+    weights = list(layer_weights(*layer))
+    packs = [ops.pack_mkl(w) for w in (layer[0], layer[2], layer[6], layer[8])]
+    run = (lambda *a: ops.post_norm_layers(*a[:6], 1e-12, "none", None, a[6])) if call == "wrapper" else (
+        lambda *a: backend.forward(*a[:6], 1e-12, "none", None, a[6]))
+    with pytest.raises((ValueError, RuntimeError), match=r"weights\[0\] \(layer 0.* plain .*needs its MKL pack"):
+        run(x, cu, max_seqlen, weights, heads, scale, [])
+    with pytest.raises((ValueError, RuntimeError), match="packs must be empty or hold 4"):
+        run(x, cu, max_seqlen, weights, heads, scale, packs[:3])
+    bad = list(weights)
+    bad[8] = rand(16, 23)
+    with pytest.raises((ValueError, RuntimeError), match=r"weights\[8\] \(layer 0.*\[16, 24\]"):
+        run(x, cu, max_seqlen, bad, heads, scale, packs)
 
 
 def _args(dtype=torch.float32, layers=1):

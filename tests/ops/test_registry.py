@@ -47,7 +47,9 @@ def _forward_args(name, device):
                                                                        generator=torch.Generator().manual_seed(18)))
                                     .to(device), 40),
         "post_norm_layers": lambda: (x, cu_seqlens([3, 2], device), 3, _layer_args(device), 2, 0.3, 1e-12, "tanh",
-                                     rand(2, 5, seed=16, device=device)),
+                                     rand(2, 5, seed=16, device=device), []),
+        # 40 out_features; the plain weight strided (its pack is what the kernel multiplies)
+        "mkl_linear": lambda: _mkl_args(rand(40, 24, seed=14)[:, ::2], x, rand(80, seed=15, device=device)[::2]),
         "int8_layers": lambda: (x, cu_seqlens([3, 2], device), 3, _int8_layer_args(device), 2, 0.3, 1e-12, "tanh",
                                 rand(2, 5, seed=16, device=device)),
         **{name: (lambda name=name: _int8_args(name, device)) for name in INT8_PRODUCTS},
@@ -67,6 +69,10 @@ def _forward_args(name, device):
                               torch.tensor([0, 1, 2, 0, 5], device=device), False),
     }
     return args[name]()
+
+
+def _mkl_args(w, x, bias):
+    return x, ops.pack_mkl(w), w, bias, True, "tanh"
 
 
 INT8_PRODUCTS = ("int8_linear", "int8_linear_gelu_quantize", "int8_linear_residual_layer_norm",
@@ -159,14 +165,14 @@ def test_every_op_has_a_reference_and_a_cpu_kernel():
     assert set(registry.OPS) == {"attention_varlen", "bias_gelu", "bias_gelu_layer_norm", "bias_residual_layer_norm",
                                  "gather_rows", "mlm_gather_loss", "scatter_rows", "quantize_rows", "rotary_qk",
                                  "geglu", "panel_linear", "post_norm_layers", "int8_layers", "int8_panel_sums",
-                                 "token_embeddings", "pack_mask",
+                                 "token_embeddings", "pack_mask", "mkl_linear",
                                  *INT8_PRODUCTS}
     for name, op in registry.OPS.items():
         assert callable(op.reference), name
         assert "cpu" in op.backends, name
         assert set(op.backends) <= set(registry.KERNEL_BACKENDS), name
         inference_only = ("gather_rows", "scatter_rows", "quantize_rows", "panel_linear", "post_norm_layers",
-                          "int8_layers", "int8_panel_sums", "token_embeddings", "pack_mask",
+                          "int8_layers", "int8_panel_sums", "token_embeddings", "pack_mask", "mkl_linear",
                           *INT8_PRODUCTS)
         # rotary_qk's backward is its own forward, rotating back
         assert (op.backward_schema is None) == (name in (*inference_only, "rotary_qk")), name
@@ -280,12 +286,20 @@ def test_no_grad_calls_trace_through_the_dispatcher_op():
     assert "mtbert_fast.bias_gelu.default" in str(graph.graph)
 
 
+# opcheck's schema, fake and AOT checks run the op on copies of its arguments; an MKL pack holds addresses into
+# itself and refuses to run moved (test_mkl_linear.py), so mkl_linear's fake is checked against its kernel by
+# test_fakes_describe_the_kernels_outputs and its compiled form by test_compile_fullgraph instead
+_OPCHECK_UTILS = {"mkl_linear": ("test_autograd_registration",)}
+
+
 def test_opcheck(op_name, backend):
     """torch.library.opcheck of the dispatcher op (schema, fake against real: shapes, dtypes, strides; the autograd
     registration) on strided inputs, and of the backward op."""
     op = registry.OPS[op_name]
     args = _forward_args(op_name, backend.device)
-    torch.library.opcheck(op.op, (*_grad_leaves(args, _differentiable(op_name), op_name), backend.name))
+    utils = _OPCHECK_UTILS.get(op_name, torch.library._OPCHECK_DEFAULT_UTILS)
+    torch.library.opcheck(op.op, (*_grad_leaves(args, _differentiable(op_name), op_name), backend.name),
+                          test_utils=utils)
     if op.backward_schema is not None:
         bargs = _backward_args(op_name, args, _call(op.op, args, backend.name))
         torch.library.opcheck(op.backward_op, (*_grad_leaves(bargs, False), backend.name))
@@ -325,6 +339,7 @@ _WRAPPERS = {
     "geglu": lambda x, a, **k: ops.geglu(x, a, **k),
     "int8_panel_sums": lambda q, p, n, **k: ops.int8_panel_sums(q, p, n, **k),
     "panel_linear": lambda x, p, b, n, g, a, **k: ops.panel_linear(x, p, b, n, gelu=g, approximate=a, **k),
+    "mkl_linear": lambda x, p, w, b, g, a, **k: ops.mkl_linear(x, p, w, b, gelu=g, approximate=a, **k),
     "post_norm_layers": lambda *a, **k: ops.post_norm_layers(*a, **k),
     "token_embeddings": lambda *a, **k: ops.token_embeddings(*a, **k),
     "pack_mask": lambda m, **k: ops.pack_mask(m, **k),

@@ -1,0 +1,110 @@
+"""mkl_linear: x @ W^T + bias (then GELU) in float32 by MKL's packed sgemm, on a weight packed once (`pack_mkl`).
+
+PyTorch's x86 builds carry MKL. Its packed sgemm keeps the weight in the layout its kernels read, so a product
+copies nothing but x's blocks; on a Xeon with AVX-512 it ran the products of bert-base and all-MiniLM-L6-v2 of
+256-2,048 rows 10-25 % faster than oneDNN's linear on a weight in oneDNN's blocked layout (docs/cpu-full-batch.md).
+The encoder uses it for float32 inputs of more rows than panel_linear takes and up to MAX_ROWS, on Intel CPUs with
+AVX-512 (`route`, `encoder_rows`); elsewhere (more rows, AMD's CPUs, where MKL's speed was not measured, or a
+PyTorch without MKL) it keeps oneDNN's linear.
+
+A pack (`pack_mkl`) is a uint8 vector: a 64-byte header (the address it was packed at, N, K), then MKL's buffer,
+about 2.2x the weight's bytes. MKL sizes that buffer alike for every row count, so one pack serves every input, and
+`route()` checks that once per process on a small product at several row counts. MKL's buffer holds addresses into
+itself, so a pack copied elsewhere (`clone()`, a deep copy) is refused with an error, never multiplied: make packs
+where they are used (weight_pack keeps one per weight). The pack must be `pack_mkl(weight)` of the very weight given
+with it. Inference only (no autograd); float32 only.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from mtbert_fast import _ext
+from mtbert_fast.ops import reference
+from mtbert_fast.ops._checks import check_gelu
+from mtbert_fast.ops.registry import Backend, Op
+
+
+def available() -> bool:
+    """Whether MKL's packed sgemm can run here: the CPU kernels are loaded and this PyTorch carries MKL."""
+    return _ext.has_kernel("mkl_linear", "CPU") and torch.ops.mtbert_fast_C.mkl_sgemm_available()
+
+
+def pack_mkl(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] float32 -> its MKL pack (see the module docstring) for mkl_linear."""
+    if weight.dim() != 2 or weight.dtype != torch.float32 or weight.device.type != "cpu":
+        raise TypeError(f"pack_mkl: weight must be a 2-D float32 CPU tensor, got {weight.dtype} "
+                        f"{tuple(weight.shape)} on {weight.device}")
+    if not available():
+        raise RuntimeError("pack_mkl: MKL's packed sgemm is not available here (a PyTorch without MKL, or the CPU "
+                           "kernels are not built)")
+    return torch.ops.mtbert_fast_C.mkl_pack(weight)
+
+
+# The most rows the encoder hands mkl_linear. Whole float32 forwards of B sequences of 128 tokens on a 2-core Xeon
+# with AVX-512, oneDNN's time over MKL's (benchmarks/mkl_rows.py, of medians / per round): bert-base 1.21x / 1.17x at
+# B=2, 1.14x / 1.11x at B=4, 1.06-1.07x at B=8, 0.97-1.01x at B=16 and 0.98x at B=32; MiniLM 1.02-1.07x at B=2,
+# 1.09-1.21x at B=4, 1.00-1.03x at B=8, 0.94-0.95x at B=16 and 0.93-0.94x at B=32.
+MAX_ROWS = 1024
+
+
+@functools.cache
+def route() -> bool:
+    """Whether the encoder multiplies float32 inputs of many rows by mkl_linear here: on an Intel CPU with the
+    AVX-512 kernels loaded, where MKL is available and one pack gives x @ W^T at 1, 5, 40 and 300 rows."""
+    if _ext.cpu_isa() != "avx512" or _ext._cpu_vendor() != "GenuineIntel" or not available():
+        return False
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 72, generator=g)
+    pack = pack_mkl(w)
+    kernel = OP.kernel("cpu")
+    for rows in (1, 5, 40, 300):
+        x = torch.randn(rows, 72, generator=g)
+        if not torch.allclose(kernel(x, pack, w, None, False, "none"), x @ w.t(), rtol=1e-5, atol=1e-5):
+            return False
+    return True
+
+
+def encoder_rows(dtype: torch.dtype) -> int:
+    """The most rows of `dtype` the encoder hands mkl_linear here (0: never): MAX_ROWS for float32 where route()."""
+    return MAX_ROWS if dtype == torch.float32 and route() else 0
+
+
+def mkl_linear(x: torch.Tensor, pack: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+               gelu: bool = False, approximate: str = "none", backend: str | None = None) -> torch.Tensor:
+    """x [M, K] @ weight^T + bias -> [M, N] float32, with GELU (approximate "none" or "tanh") when gelu; pack =
+    pack_mkl(weight) for weight [N, K]. x may have any row stride."""
+    check_gelu("mkl_linear", approximate)
+    if x.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"mkl_linear: x and weight must be 2-D, got shapes {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        raise TypeError(f"mkl_linear: x and weight must be float32, got {x.dtype} and {weight.dtype}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"mkl_linear: weight must be [N, {x.shape[1]}] for x of {x.shape[1]} columns, got "
+                         f"{tuple(weight.shape)}")
+    if pack.dtype != torch.uint8 or pack.dim() != 1:
+        raise TypeError(f"mkl_linear: pack must be the uint8 vector of pack_mkl(weight), got {pack.dtype} "
+                        f"{tuple(pack.shape)}")
+    for name, t in (("pack", pack), ("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"mkl_linear: {name} is on {t.device} but x is on {x.device}")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != torch.float32):
+        raise ValueError(f"mkl_linear: bias must be float32 of shape ({weight.shape[0]},) (out_features), got "
+                         f"{bias.dtype} {tuple(bias.shape)}")
+    return OP(x, pack, weight, bias, gelu, approximate, backend=backend)
+
+
+def _fake(x, pack, weight, bias, gelu, approximate):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+OP = Op(
+    name="mkl_linear",
+    schema="(Tensor x, Tensor pack, Tensor weight, Tensor? bias, bool gelu, str approximate) -> Tensor",
+    reference=reference.mkl_linear,
+    backends={"cpu": Backend(dtypes=(torch.float32,))},
+    fake=_fake,
+)
