@@ -236,7 +236,8 @@ def fastest_gemm(
     """(rate in FLOP/s, route, call) of the fastest route PyTorch offers for the [M, K] x [K, N] product in `dtype`,
     each route timed `repeats` times in interleaved rounds (medians): F.linear, and on the CPU also oneDNN's linear
     (which the encoder uses) on a plain weight and on one packed in oneDNN's layout, on float32 products for bf16
-    where oneDNN has none in bf16, and for float32 MKL's packed sgemm where PyTorch carries MKL; int8 or qint8: torch._int_mm, and on the CPU also oneDNN's int8 linear."""
+    where oneDNN has none in bf16, and for float32 MKL's packed sgemm where PyTorch carries MKL; int8 or qint8:
+    torch._int_mm, and on the CPU also oneDNN's int8 linear."""
     device = torch.device(device)
     routes = gemm_routes(dtype, device, shape)
     with torch.inference_mode():

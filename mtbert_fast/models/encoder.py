@@ -843,10 +843,9 @@ def _mkl_stack(layers: Sequence) -> tuple[list[torch.Tensor], list[torch.Tensor]
     plain = _post_norm_weights(layers, torch.float32, lambda t: t)
     if plain is None:
         return None
-    weights = plain[0]
-    packs = [mkl_weight(t) for i in range(0, len(weights), 12) for t in (weights[i], weights[i + 2], weights[i + 6],
-                                                                          weights[i + 8])]
-    return None if any(p is None for p in packs) else (weights, packs)
+    packs = [mkl_weight(t) for w in layers
+             for t in (w.qkv_weight, w.attn_out_weight, w.ffn_in_weight, w.ffn_out_weight)]
+    return None if any(p is None for p in packs) else (plain[0], packs)
 
 
 class LayerCache:

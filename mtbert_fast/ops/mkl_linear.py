@@ -2,7 +2,8 @@
 
 PyTorch's x86 builds carry MKL. Its packed sgemm keeps the weight in the layout its kernels read, so a product
 copies nothing but x's blocks; on a Xeon with AVX-512 it ran the products of bert-base and all-MiniLM-L6-v2 of
-256-2,048 rows 10-25 % faster than oneDNN's linear on a weight in oneDNN's blocked layout (docs/cpu-full-batch.md).
+160-256 rows 1.1-1.3x faster than oneDNN's linear on a weight in oneDNN's blocked layout, and whole forwards of
+256-1,024 tokens 1.00-1.21x (docs/cpu-full-batch.md).
 The encoder uses it for float32 inputs of more rows than panel_linear takes and up to MAX_ROWS, on Intel CPUs with
 AVX-512 (`route`, `encoder_rows`); elsewhere (more rows, AMD's CPUs, where MKL's speed was not measured, or a
 PyTorch without MKL) it keeps oneDNN's linear.

@@ -297,9 +297,8 @@ def test_opcheck(op_name, backend):
     registration) on strided inputs, and of the backward op."""
     op = registry.OPS[op_name]
     args = _forward_args(op_name, backend.device)
-    utils = _OPCHECK_UTILS.get(op_name, torch.library._OPCHECK_DEFAULT_UTILS)
-    torch.library.opcheck(op.op, (*_grad_leaves(args, _differentiable(op_name), op_name), backend.name),
-                          test_utils=utils)
+    utils = {"test_utils": _OPCHECK_UTILS[op_name]} if op_name in _OPCHECK_UTILS else {}
+    torch.library.opcheck(op.op, (*_grad_leaves(args, _differentiable(op_name), op_name), backend.name), **utils)
     if op.backward_schema is not None:
         bargs = _backward_args(op_name, args, _call(op.op, args, backend.name))
         torch.library.opcheck(op.backward_op, (*_grad_leaves(bargs, False), backend.name))
