@@ -264,12 +264,15 @@ def test_gemm_summary_names_the_route_and_the_rates_at_the_points():
 def test_gemm_routes_compute_the_same_product():
     """Every route of the roofline's GEMM multiplies the same operands: the fastest one cannot win by computing
     something else. On a CPU with oneDNN the routes include its linear on a packed weight, as the encoder runs it,
-    and for float32 where PyTorch carries MKL its packed sgemm."""
+    and where PyTorch carries MKL its packed sgemm for float32, and for bf16 where the CPU multiplies bf16 as
+    float32."""
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
         routes = harness.gemm_routes(dtype, torch.device("cpu"), (24, 40, 56))
         if weight_pack.AVAILABLE:
             assert any("packed weight" in r for r in routes), list(routes)
-        assert ("mkl, packed weight" in routes) == (dtype == torch.float32 and mkl_available())
+        bf16_on_float32 = dtype == torch.bfloat16 and weight_pack.onednn_dtype(dtype) != dtype
+        mkl = "mkl, packed weight, float32 products" if bf16_on_float32 else "mkl, packed weight"
+        assert (mkl in routes) == ((dtype == torch.float32 or bf16_on_float32) and mkl_available()), list(routes)
         with torch.inference_mode():
             outs = {r: call().float() for r, call in routes.items()}
         ref = outs.pop("F.linear")

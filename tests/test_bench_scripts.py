@@ -134,17 +134,19 @@ def mkl_rows():
     return _script("mkl_rows")
 
 
-def test_mkl_rows_products_cover_the_layer(mkl_rows):
-    """One layer's four products, each with oneDNN's and MKL's rates: positive."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mkl_rows_products_cover_the_layer(mkl_rows, dtype):
+    """One layer's four products, each with oneDNN's, MKL's and the panels' rates: positive."""
     if not mkl_rows.mkl_module.available():
         pytest.skip("this PyTorch has no MKL")
-    rates = mkl_rows.products(32, 3, repeats=1)
+    rates = mkl_rows.products(32, 3, mkl_rows.DTYPES[dtype], repeats=1)
     assert set(rates) == {"qkv", "attn_out", "ffn_in", "ffn_out"}
-    assert all(a > 0 and m > 0 for a, m in rates.values())
+    assert all(set(r) == {"onednn", "mkl", "panels"} and min(r.values()) > 0 for r in rates.values())
 
 
-def test_mkl_rows_forwards_put_the_route_back(mkl_rows):
-    """Timing the encoder on both routes leaves the encoder's route as it was."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mkl_rows_forwards_put_the_routes_back(mkl_rows, dtype):
+    """Timing the encoder on each route leaves the encoder's routes as they were."""
     import torch
     from transformers import BertConfig, BertModel
 
@@ -156,10 +158,12 @@ def test_mkl_rows_forwards_put_the_route_back(mkl_rows):
     torch.manual_seed(0)
     hf = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                               vocab_size=1100)).eval()
-    rows = encoder.mkl_rows
-    of_medians, per_round = mkl_rows.forwards(FastBertModel.from_hf(hf), 2, repeats=1)
-    assert of_medians > 0 and per_round > 0
-    assert encoder.mkl_rows is rows
+    routes = encoder.panel_rows, encoder.mkl_rows
+    fast = FastBertModel.from_hf(hf).to(mkl_rows.DTYPES[dtype])
+    ratios = mkl_rows.forwards(fast, 2, 16, repeats=1)
+    assert set(ratios) == {"onednn", "panels"}
+    assert all(a > 0 and b > 0 for a, b in ratios.values())
+    assert (encoder.panel_rows, encoder.mkl_rows) == routes
 
 
 def test_int8_panels_products_at_bert_large_shapes(capsys):

@@ -9,7 +9,7 @@
 // so its output equals the layer-by-layer calls bit for bit. Each product runs on the kernel its weight is packed
 // for: panel_linear on the panels of pack_panels (inputs of few rows), oneDNN's linear (mkldnn::_linear_pointwise)
 // on a weight in oneDNN's blocked layout (an mkldnn tensor, from mkldnn::_reorder_linear_weight), or mkl_linear on a
-// plain float32 weight with its MKL pack (mkl_pack) in packs. Called one by one
+// plain weight in x's dtype with its MKL pack (mkl_pack) in packs. Called one by one
 // from Python, the kernels wait between each other for argument parsing, the op dispatch and the layer's own code: a
 // large share of a short input's forward, and 2 to 4 % of a full batch's. Here they follow each other through the C++
 // dispatcher.
@@ -55,7 +55,7 @@ at::Tensor post_norm_layers_cpu(const at::Tensor& x,           // [T, H]
                                 int64_t max_seqlen, at::TensorList weights, int64_t heads, double scale, double eps,
                                 c10::string_view approximate,
                                 const std::optional<at::Tensor>& rel_bias,  // fp32 [heads, 2R + 1]
-                                // MKL's packs of the float32 weights given plain, 4 a layer
+                                // MKL's packs of the weights given plain, 4 a layer
                                 const std::optional<at::TensorList>& mkl_packs) {
   constexpr const char* op = "post_norm_layers";
   const int64_t layers = check_layer_stack(op, x, heads, weights, kPerLayer);
@@ -88,6 +88,8 @@ at::Tensor post_norm_layers_cpu(const at::Tensor& x,           // [T, H]
                     ") is a plain [N, K] weight, which needs its MKL pack in packs");
         TORCH_CHECK(w[k].size(0) == n && w[k].size(1) == kk, op, ": weights[", i * kPerLayer + k, "] (layer ", i,
                     ", ", what, ") must have shape [", n, ", ", kk, "], got ", w[k].sizes());
+        TORCH_CHECK(w[k].scalar_type() == x.scalar_type(), op, ": weights[", i * kPerLayer + k, "] (layer ", i, ", ",
+                    what, "), a plain weight, must have x's dtype ", x.scalar_type(), ", got ", w[k].scalar_type());
         continue;
       }
       if (!w[k].is_mkldnn()) continue;

@@ -200,10 +200,13 @@ def gemm_routes(dtype: torch.dtype, device: torch.device, shape) -> dict[str, Ca
             packed = weight_pack.pack_onednn(w)
             routes[f"onednn, packed weight{suffix}"] = lambda: torch.ops.mkldnn._linear_pointwise(
                 xo, packed, None, "none", [], "").to(dtype)
-    if device.type == "cpu" and dtype == torch.float32 and mkl_available():
-        # MKL's packed sgemm on a weight packed once, as the encoder runs float32 on Intel CPUs with AVX-512
+    bf16_on_float32 = dtype == torch.bfloat16 and weight_pack.onednn_dtype(dtype) != dtype
+    if device.type == "cpu" and (dtype == torch.float32 or bf16_on_float32) and mkl_available():
+        # MKL's packed sgemm on a weight packed once, as the encoder runs float32 on Intel CPUs with AVX-512, and bf16
+        # there where the CPU has no bf16 arithmetic (float32 products of x widened a block at a time)
         mkl_pack, mkl = pack_mkl(w), mkl_linear_op.kernel("cpu")
-        routes["mkl, packed weight"] = lambda: mkl(x, mkl_pack, w, None, False, "none")
+        suffix = ", float32 products" if bf16_on_float32 else ""
+        routes[f"mkl, packed weight{suffix}"] = lambda: mkl(x, mkl_pack, w, None, False, "none")
     return routes
 
 
@@ -236,7 +239,8 @@ def fastest_gemm(
     """(rate in FLOP/s, route, call) of the fastest route PyTorch offers for the [M, K] x [K, N] product in `dtype`,
     each route timed `repeats` times in interleaved rounds (medians): F.linear, and on the CPU also oneDNN's linear
     (which the encoder uses) on a plain weight and on one packed in oneDNN's layout, on float32 products for bf16
-    where oneDNN has none in bf16, and for float32 MKL's packed sgemm where PyTorch carries MKL; int8 or qint8:
+    where oneDNN has none in bf16, and MKL's packed sgemm where PyTorch carries MKL (for float32, and for bf16 where it
+    runs on float32 products); int8 or qint8:
     torch._int_mm, and on the CPU also oneDNN's int8 linear."""
     device = torch.device(device)
     routes = gemm_routes(dtype, device, shape)

@@ -623,7 +623,7 @@ def _onednn_ok(x: torch.Tensor, w: Sequence[torch.Tensor | None], backend: str |
 
 class _Linear:
     """x @ W.T (+ bias) (GELU): in inference on the CPU by panel_linear for inputs of few rows and by oneDNN for the
-    others, or for float32 by MKL's packed sgemm up to the rows mkl_linear.encoder_rows() gives (weights pre-packed
+    others, or by MKL's packed sgemm up to the rows mkl_linear.encoder_rows() gives (weights pre-packed
     for each, see weight_pack), by F.linear and the fused ops otherwise."""
 
     def __init__(self, onednn: bool, backend: str | None):
@@ -795,7 +795,7 @@ def _post_norm_stack(config: EncoderConfig, layers: Sequence, x: torch.Tensor, p
     """Every layer's tensors for one post_norm_layers call, and the MKL packs it takes, where that kernel runs
     exactly what layer_forward would: CPU inference (no autograd, autocast or tracing) of float post-norm layers with
     every bias and norm parameter, each weight packed for the product layer_forward runs at x's rows: in panels for
-    panel_linear's few rows, else plain with its MKL pack for the float32 rows mkl_linear.encoder_rows() takes, else
+    panel_linear's few rows, else plain with its MKL pack for the rows mkl_linear.encoder_rows() takes, else
     in oneDNN's blocked layout where oneDNN multiplies x's dtype itself; else None. The caller has excluded DeBERTa's
     position terms, observers and per-layer outputs. stacks: where given, the tensors already gathered for these
     very layers, by route and dtype (Stacks), and the place to keep them."""
@@ -808,7 +808,7 @@ def _post_norm_stack(config: EncoderConfig, layers: Sequence, x: torch.Tensor, p
     if x.shape[0] <= panel_rows(x.dtype):
         return Stacks.kept(stacks, ("panels", x.dtype), lambda: _post_norm_weights(layers, x.dtype, panel_weight))
     if x.shape[0] <= mkl_rows(x.dtype):
-        return Stacks.kept(stacks, ("mkl", x.dtype), lambda: _mkl_stack(layers))
+        return Stacks.kept(stacks, ("mkl", x.dtype), lambda: _mkl_stack(layers, x.dtype))
     if onednn_dtype(x.dtype) != x.dtype:  # layer_forward widens such x for each product: no stack
         return None
     return Stacks.kept(stacks, ("onednn", x.dtype), lambda: _post_norm_weights(layers, x.dtype, _onednn_pack))
@@ -837,10 +837,10 @@ def _post_norm_weights(layers: Sequence, dtype: torch.dtype, pack: Callable
     return (weights, []) if weights else None
 
 
-def _mkl_stack(layers: Sequence) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
-    """_post_norm_stack's tensors for float32 layers on MKL's packed sgemm: the plain weights, and their packs
+def _mkl_stack(layers: Sequence, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """_post_norm_stack's tensors for `dtype` layers on MKL's packed sgemm: the plain weights, and their packs
     (mkl_weight) in the same order; None where a weight cannot be packed."""
-    plain = _post_norm_weights(layers, torch.float32, lambda t: t)
+    plain = _post_norm_weights(layers, dtype, lambda t: t)
     if plain is None:
         return None
     packs = [mkl_weight(t) for w in layers

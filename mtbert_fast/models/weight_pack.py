@@ -4,9 +4,9 @@ Handed a plain [N, K] weight, oneDNN's matrix product copies it into its blocked
 of a BERT forward on the CPU. `onednn_weight(w)` makes that blocked copy once and returns it while `w` is unchanged.
 `panel_weight(w)` does the same for the column panels of `mtbert_fast.ops.panel_linear`, which the encoder uses for
 inputs of few rows; a weight gets that second copy only once such an input has run. `mkl_weight(w)` keeps MKL's
-pack of a float32 weight for `mtbert_fast.ops.mkl_linear`, which the encoder uses in place of oneDNN's linear for the
-rows `mkl_linear.encoder_rows()` gives (about 2.2x the weight's memory; a weight gets a oneDNN pack as well only once
-an input of more rows runs).
+float32 pack of a float32 or bf16 weight for `mtbert_fast.ops.mkl_linear`, which the encoder uses in place of oneDNN's
+linear for the rows `mkl_linear.encoder_rows()` gives (about 2.2x the weight's float32 bytes; a weight gets a oneDNN
+pack as well only once an input of more rows runs).
 A pack stays valid while the weight keeps its storage, offset, shape, strides and version counter: in-place updates
 through the tensor (optimizer steps, `load_state_dict`, `copy_` under no_grad) bump the version, and `.to()`,
 `.half()` or assigning `.data` give it other storage. Two cases cannot be seen and are never packed or must be
@@ -128,9 +128,9 @@ def panel_weight(w: torch.Tensor) -> torch.Tensor | None:
 
 
 def mkl_weight(w: torch.Tensor) -> torch.Tensor | None:
-    """The float32 `w` [N, K] packed for `mtbert_fast.ops.mkl_linear`, on first use and again whenever `w` has
-    changed; None where it cannot be packed (see the module docstring) or is not float32."""
-    if w.dtype != torch.float32 or not _packable(w):
+    """The float32 or bfloat16 `w` [N, K] packed (as float32) for `mtbert_fast.ops.mkl_linear`, on first use and again
+    whenever `w` has changed; None where it cannot be packed (see the module docstring) or is of another dtype."""
+    if w.dtype not in (torch.float32, torch.bfloat16) or not _packable(w):
         return None
     return _cached("mkl", w, pack_mkl)
 

@@ -8,12 +8,17 @@ The encoder uses it for float32 inputs of more rows than panel_linear takes and 
 AVX-512 (`route`, `encoder_rows`); elsewhere (more rows, AMD's CPUs, where MKL's speed was not measured, or a
 PyTorch without MKL) it keeps oneDNN's linear.
 
-A pack (`pack_mkl`) is a uint8 vector: a 64-byte header (the address it was packed at, N, K), then MKL's buffer,
-about 2.2x the weight's bytes. MKL sizes that buffer alike for every row count, so one pack serves every input, and
-`route()` checks that once per process on a small product at several row counts. MKL's buffer holds addresses into
-itself, so a pack copied elsewhere (`clone()`, a deep copy) is refused with an error, never multiplied: make packs
-where they are used (weight_pack keeps one per weight). The pack must be `pack_mkl(weight)` of the very weight given
-with it. Inference only (no autograd); float32 only.
+bfloat16 x and weights run the same float32 products of the same exact terms, with float32 sums rounded once to
+bf16: the pack holds the weight widened, and the kernel widens x a block of rows at a time. That is how the encoder
+runs bf16 on such CPUs where they have no bf16 arithmetic (no AVX512-BF16 or AMX), where oneDNN's own bf16 product
+runs at a quarter of its float32 rate.
+
+A pack (`pack_mkl`) is a uint8 vector: a 64-byte header (the address it was packed at, N, K), then MKL's buffer, about
+2.2x the weight's float32 bytes (4.4x a bf16 weight's). MKL sizes that buffer alike for every row count, so one pack
+serves every input, and `route()` checks that once per process on a small product at several row counts. MKL's buffer
+holds addresses into itself, so a pack copied elsewhere (`clone()`, a deep copy) is refused with an error, never
+multiplied: make packs where they are used (weight_pack keeps one per weight). The pack must be `pack_mkl(weight)` of
+the very weight given with it. Inference only (no autograd); float32 and bfloat16.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 from mtbert_fast import _ext
 from mtbert_fast.ops import reference
 from mtbert_fast.ops._checks import check_gelu
-from mtbert_fast.ops.registry import Backend, Op
+from mtbert_fast.ops.registry import CPU_DTYPES, Backend, Op
 
 
 def available() -> bool:
@@ -34,9 +39,9 @@ def available() -> bool:
 
 
 def pack_mkl(weight: torch.Tensor) -> torch.Tensor:
-    """weight [N, K] float32 -> its MKL pack (see the module docstring) for mkl_linear."""
-    if weight.dim() != 2 or weight.dtype != torch.float32 or weight.device.type != "cpu":
-        raise TypeError(f"pack_mkl: weight must be a 2-D float32 CPU tensor, got {weight.dtype} "
+    """weight [N, K] float32 or bfloat16 -> its MKL pack (see the module docstring) for mkl_linear."""
+    if weight.dim() != 2 or weight.dtype not in CPU_DTYPES or weight.device.type != "cpu":
+        raise TypeError(f"pack_mkl: weight must be a 2-D float32 or bfloat16 CPU tensor, got {weight.dtype} "
                         f"{tuple(weight.shape)} on {weight.device}")
     if not available():
         raise RuntimeError("pack_mkl: MKL's packed sgemm is not available here (a PyTorch without MKL, or the CPU "
@@ -68,21 +73,31 @@ def route() -> bool:
     return True
 
 
+def bf16_on_float32() -> bool:
+    """Whether this CPU multiplies bf16 only by widening it to float32: no AVX512-BF16 or AMX among its features."""
+    return not {"avx512_bf16", "amx_bf16"} & (_ext._cpu_flags() or set())
+
+
 def encoder_rows(dtype: torch.dtype) -> int:
-    """The most rows of `dtype` the encoder hands mkl_linear here (0: never): MAX_ROWS for float32 where route()."""
-    return MAX_ROWS if dtype == torch.float32 and route() else 0
+    """The most rows of `dtype` the encoder hands mkl_linear here (0: never): MAX_ROWS where route(), for float32,
+    and for bfloat16 where the CPU has no bf16 arithmetic (bf16_on_float32)."""
+    if dtype == torch.bfloat16 and not bf16_on_float32():
+        return 0
+    return MAX_ROWS if dtype in CPU_DTYPES and route() else 0
 
 
 def mkl_linear(x: torch.Tensor, pack: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                gelu: bool = False, approximate: str = "none", backend: str | None = None) -> torch.Tensor:
-    """x [M, K] @ weight^T + bias -> [M, N] float32, with GELU (approximate "none" or "tanh") when gelu; pack =
-    pack_mkl(weight) for weight [N, K]. x may have any row stride."""
+    """x [M, K] @ weight^T + bias -> [M, N] in x's dtype (float32 or bfloat16, float32 products and sums), with
+    GELU (approximate "none" or "tanh") when gelu; pack = pack_mkl(weight) for weight [N, K], weight and bias of x's
+    dtype. x may have any row stride."""
     check_gelu("mkl_linear", approximate)
     if x.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"mkl_linear: x and weight must be 2-D, got shapes {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
-    if x.dtype != torch.float32 or weight.dtype != torch.float32:
-        raise TypeError(f"mkl_linear: x and weight must be float32, got {x.dtype} and {weight.dtype}")
+    if x.dtype not in CPU_DTYPES or weight.dtype != x.dtype:
+        raise TypeError(f"mkl_linear: x and weight must be both float32 or both bfloat16, got {x.dtype} and "
+                        f"{weight.dtype}")
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"mkl_linear: weight must be [N, {x.shape[1]}] for x of {x.shape[1]} columns, got "
                          f"{tuple(weight.shape)}")
@@ -92,8 +107,8 @@ def mkl_linear(x: torch.Tensor, pack: torch.Tensor, weight: torch.Tensor, bias: 
     for name, t in (("pack", pack), ("weight", weight), ("bias", bias)):
         if t is not None and t.device != x.device:
             raise ValueError(f"mkl_linear: {name} is on {t.device} but x is on {x.device}")
-    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != torch.float32):
-        raise ValueError(f"mkl_linear: bias must be float32 of shape ({weight.shape[0]},) (out_features), got "
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != x.dtype):
+        raise ValueError(f"mkl_linear: bias must be {x.dtype} of shape ({weight.shape[0]},) (out_features), got "
                          f"{bias.dtype} {tuple(bias.shape)}")
     return OP(x, pack, weight, bias, gelu, approximate, backend=backend)
 
@@ -106,6 +121,6 @@ OP = Op(
     name="mkl_linear",
     schema="(Tensor x, Tensor pack, Tensor weight, Tensor? bias, bool gelu, str approximate) -> Tensor",
     reference=reference.mkl_linear,
-    backends={"cpu": Backend(dtypes=(torch.float32,))},
+    backends={"cpu": Backend(dtypes=CPU_DTYPES)},
     fake=_fake,
 )

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from mtbert_fast import _ext
 from mtbert_fast.ops import reference
 from mtbert_fast.ops._checks import check_gelu
+from mtbert_fast.ops.mkl_linear import encoder_rows as mkl_rows
 from mtbert_fast.ops.registry import CACHE_LINE, CPU_DTYPES, Backend, Op, tile_rows_alias
 
 PANEL = 32  # columns per panel (csrc/cpu/panel_linear.cpp's kPanel)
@@ -51,10 +52,16 @@ def bf16_pairs() -> bool:
 #   runs (csrc/cpu/panel_linear.cpp): 1.41x / 1.31x at 16 tokens, 1.20x / 1.19x at 64, 1.02-1.13x / 1.09-1.14x at
 #   128, then about even with oneDNN, run to run: 0.94-1.03x / 0.96-1.02x at 256, 0.92-1.06x / 0.96-1.07x at 384,
 #   1.01x / 0.96x at 512. Without those fetches oneDNN won from about 96 tokens.
+# - avx512 widened, mkl (as avx512 widened, where MKL's packed sgemm multiplies bf16 inputs of more rows as float32,
+#   mkl_linear.encoder_rows), same Xeon, whole forwards at B=1, the panels' time over MKL's (benchmarks/mkl_rows.py):
+#   0.66-0.75x at 16 tokens, 0.75-0.93x at 32, 0.79-0.81x at 40, 0.88-1.00x at 48, 0.91-1.14x at 64 (two runs),
+#   0.94-1.03x at 80, 0.91-1.30x at 96 (two runs), 1.15-1.26x at 112, 1.12-1.44x at 128; B=2-8 sequences of 128
+#   tokens 1.06-1.28x. In float32 the two ran even from 64 to 128 tokens there (0.96-1.05x): float32 keeps its limit.
 MAX_ROWS = {
     "avx512": {torch.float32: 256, torch.bfloat16: 256},
     "avx512 intel": {torch.float32: 128},
     "avx512 widened": {torch.bfloat16: 1024},
+    "avx512 widened, mkl": {torch.bfloat16: 96},
     "avx2": {torch.float32: 2048, torch.bfloat16: 2048},
 }
 # bf16 where the CPU has AMX: oneDNN's bf16 products run on its tiles, several times the rate of the dot products
@@ -65,11 +72,12 @@ AMX_BF16_ROWS = 128
 
 def limit_key(dtype: torch.dtype) -> str:
     """The entry of MAX_ROWS that holds the encoder's row limit for `dtype` here: the CPU kernels loaded, and on
-    AVX-512 for bf16 whether they multiply bf16 pairs ("avx512") or widen the panels ("avx512 widened"), for fp32
-    whether the CPU is Intel's ("avx512 intel")."""
+    AVX-512 for bf16 whether they multiply bf16 pairs ("avx512") or widen the panels ("avx512 widened", or "avx512
+    widened, mkl" where MKL's packed sgemm takes the rows above), for fp32 whether the CPU is Intel's ("avx512
+    intel")."""
     isa = _ext.cpu_isa()
     if isa == "avx512" and dtype == torch.bfloat16 and not bf16_pairs():
-        return "avx512 widened"
+        return "avx512 widened, mkl" if mkl_rows(dtype) else "avx512 widened"
     if isa == "avx512" and dtype == torch.float32 and _ext._cpu_vendor() == "GenuineIntel":
         return "avx512 intel"
     return isa

@@ -2,13 +2,13 @@
 
 Each layer is the encoder's inference layer, kernel for kernel: the QKV product, attention_varlen, the attention
 output's product and bias_residual_layer_norm, the intermediate product with its GELU, the output product and
-bias_residual_layer_norm; its result equals those calls made one by one, bit for bit. Each product runs on the
-kernel its weight is packed for: panel_linear on the panels of `pack_panels` (the encoder's inputs of few rows),
-mkl_linear on a plain float32 weight with its pack (`pack_mkl`, in `packs`; the encoder's other float32 inputs on
-Intel CPUs with AVX-512), or oneDNN's linear on a weight in oneDNN's blocked layout
-(`torch.ops.mkldnn._reorder_linear_weight`, an mkldnn tensor in x's dtype; the encoder's other inputs). Called
-from Python the kernels wait between each other for the interpreter: a large share of a short input's forward and a
-few percent of a full batch's; here they follow each other in C++. Inference only (no autograd).
+bias_residual_layer_norm; its result equals those calls made one by one, bit for bit. Each product runs on the kernel
+its weight is packed for: panel_linear on the panels of `pack_panels` (the encoder's inputs of few rows), mkl_linear on
+a plain weight in x's dtype with its pack (`pack_mkl`, in `packs`; the encoder's other float32 inputs on Intel CPUs with
+AVX-512, and bf16 ones where they have no bf16 arithmetic), or oneDNN's linear on a weight in oneDNN's blocked layout
+(`torch.ops.mkldnn._reorder_linear_weight`, an mkldnn tensor in x's dtype; the encoder's other inputs). Called from
+Python the kernels wait between each other for the interpreter: a large share of a short input's forward and a few
+percent of a full batch's; here they follow each other in C++. Inference only (no autograd).
 """
 
 from __future__ import annotations
@@ -70,9 +70,9 @@ def _check(x: torch.Tensor, weights: Sequence[torch.Tensor], heads: int, packs: 
         for k, rows, cols in ((0, h, 3 * h), (2, h, h), (6, h, inner), (8, inner, h)):
             where = f"{op}: weights[{i + k}] (layer {i // PER_LAYER})"
             if not w[k].is_mkldnn and w[k].dim() == 2:  # a plain weight, multiplied by mkl_linear on its pack
-                if tuple(w[k].shape) != (cols, rows) or w[k].dtype != torch.float32 or x.dtype != torch.float32:
-                    raise ValueError(f"{where}, a plain weight, must be float32 [{cols}, {rows}] with a float32 x, "
-                                     f"got {w[k].dtype} {tuple(w[k].shape)} and x {x.dtype}")
+                if tuple(w[k].shape) != (cols, rows) or w[k].dtype != x.dtype:
+                    raise ValueError(f"{where}, a plain weight, must be [{cols}, {rows}] in x's dtype {x.dtype}, "
+                                     f"got {w[k].dtype} {tuple(w[k].shape)}")
                 if not packs:
                     raise ValueError(f"{where} is a plain weight, which needs its MKL pack (pack_mkl) in packs")
             elif not w[k].is_mkldnn:
@@ -90,10 +90,10 @@ def post_norm_layers(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
 
     cu_seqlens int32 [B+1] and max_seqlen as for attention_varlen; weights: each layer's 12 tensors in the order of
     `layer_weights`, each [out_features, in_features] weight as its panels (pack_panels), in oneDNN's layout
-    (torch.ops.mkldnn._reorder_linear_weight), in x's dtype, or plain (float32, with its pack_mkl in packs: the
-    four products' packs of each layer in turn); heads the
-    attention heads, scale the scores' scale, eps the LayerNorms' epsilon, approximate GELU's form ("none" or
-    "tanh"); rel_bias fp32 [heads, 2R+1], a relative position bias added to every layer's scores (MPNet), or None.
+    (torch.ops.mkldnn._reorder_linear_weight), in x's dtype, or plain in x's dtype with its pack_mkl in packs (the four
+    products' packs of each layer in turn); heads the attention heads, scale the scores' scale, eps the LayerNorms'
+    epsilon, approximate GELU's form ("none" or "tanh"); rel_bias fp32 [heads, 2R+1], a relative position bias added to
+    every layer's scores (MPNet), or None.
     """
     check_gelu("post_norm_layers", approximate)
     weights, packs = list(weights), list(packs or ())

@@ -1,6 +1,6 @@
-"""mkl_linear, the float32 inference linear on MKL's packed sgemm, on every backend that runs here against the
-reference (op_testing.py states the backends and tolerances): one pack for every row count, its GELU and bias, its
-errors, and where the encoder takes it."""
+"""mkl_linear, the float32 and bfloat16 inference linear on MKL's packed sgemm, on every backend that runs here against
+the reference (op_testing.py states the backends and tolerances): one pack for every row count, its GELU and bias,
+bf16 as float32 products rounded once, its errors, and where the encoder takes it."""
 
 from __future__ import annotations
 
@@ -27,21 +27,34 @@ def _native(x, w, bias, gelu, approximate):
     return F.gelu(y, approximate=approximate) if gelu else y
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gelu,approximate", ACTIVATIONS)
 @pytest.mark.parametrize("K,N", [(1, 1), (7, 33), (96, 40), (384, 1152), (301, 70)])
-def test_one_pack_serves_every_row_count(backend, K, N, gelu, approximate):
-    """One pack, multiplied by x of 1 to 1,500 rows (MKL's small- and large-row kernels), with and without a bias:
-    the reference's product each time."""
-    w, bias = rand(N, K, seed=1, scale=K**-0.5), rand(N, seed=2)
+def test_one_pack_serves_every_row_count(backend, K, N, gelu, approximate, dtype):
+    """One pack, multiplied by x of 1 to 1,500 rows (MKL's small- and large-row kernels, one or several blocks of
+    rows), with and without a bias: the reference's product each time, in x's dtype."""
+    w, bias = rand(N, K, seed=1, scale=K**-0.5).to(dtype), rand(N, seed=2).to(dtype)
     pack = ops.pack_mkl(w)
     for M in (1, 5, 40, 300, 1500):
-        x = rand(M, K, seed=M)
+        x = rand(M, K, seed=M).to(dtype)
         for b in (bias, None):
             out = backend.forward(x, pack, w, b, gelu, approximate)
-            assert out.dtype == torch.float32 and out.shape == (M, N)
+            assert out.dtype == dtype and out.shape == (M, N)
             ref = reference.mkl_linear(x.double(), pack, w.double(), None if b is None else b.double(), gelu,
                                        approximate)
-            assert_close(out, ref, _native(x, w, b, gelu, approximate), torch.float32, atol=1e-5, rtol=1e-5)
+            assert_close(out, ref, _native(x, w, b, gelu, approximate), dtype, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gelu,approximate", ACTIVATIONS)
+def test_bf16_is_the_float32_product_rounded_once(gelu, approximate):
+    """bf16 x, weight and bias: the float32 kernel's result on the same values widened, rounded once to bf16, bit for
+    bit, over several blocks of rows (the bf16 pack is the widened weight's)."""
+    w, bias = rand(200, 96, seed=1, scale=0.1).bfloat16(), rand(200, seed=2).bfloat16()
+    x = rand(600, 96, seed=3).bfloat16()
+    wide = w.float()
+    out = ops.mkl_linear(x, ops.pack_mkl(w), w, bias, gelu=gelu, approximate=approximate)
+    want = ops.mkl_linear(x.float(), ops.pack_mkl(wide), wide, bias.float(), gelu=gelu, approximate=approximate)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, want.bfloat16())
 
 
 def test_x_of_any_row_stride():
@@ -77,8 +90,12 @@ def test_errors_name_the_problem(call):
         run(x, pack, rand(24, 24))
     with pytest.raises(RuntimeError, match="not made by mkl_pack"):
         run(x, torch.zeros(4096, dtype=torch.uint8), w)
-    with pytest.raises((TypeError, RuntimeError), match="float32|Float"):
+    with pytest.raises((TypeError, RuntimeError), match="both float32 or both bfloat16|weight must have x's dtype"):
         run(x.bfloat16(), pack, w)
+    with pytest.raises((TypeError, RuntimeError), match="float32 or (both )?bfloat16"):
+        run(x.half(), pack, w.half())
+    with pytest.raises((ValueError, RuntimeError), match="bias must be torch.bfloat16|bias must have x's dtype"):
+        run(x.bfloat16(), pack, w.bfloat16(), bias)
     with pytest.raises((ValueError, RuntimeError), match=r"weight must be \[N, 24\]"):
         run(rand(5, 24), pack, rand(40, 23))
     with pytest.raises((ValueError, RuntimeError), match=r"bias must .*shape.*40"):
@@ -106,9 +123,9 @@ def test_wrapper_refuses_a_gelu_it_does_not_know():
         ops.mkl_linear(rand(5, 24), ops.pack_mkl(w), w, gelu=True, approximate="sigmoid")
 
 
-def test_pack_mkl_takes_float32_cpu_weights_only():
-    with pytest.raises(TypeError, match="pack_mkl: weight must be a 2-D float32 CPU tensor"):
-        ops.pack_mkl(rand(40, 24).bfloat16())
+def test_pack_mkl_takes_float32_and_bfloat16_cpu_weights_only():
+    with pytest.raises(TypeError, match="pack_mkl: weight must be a 2-D float32 or bfloat16 CPU tensor"):
+        ops.pack_mkl(rand(40, 24).half())
     with pytest.raises(TypeError, match="pack_mkl"):
         ops.pack_mkl(rand(40))
 
@@ -126,10 +143,15 @@ def test_the_encoder_takes_it_on_intel_avx512_only(vendor, isa, want, monkeypatc
         mkl_module.route.cache_clear()
 
 
-def test_encoder_rows_bound_the_route(monkeypatch):
-    """The encoder hands mkl_linear float32 inputs of up to MAX_ROWS rows where the route is taken, nothing else."""
+@pytest.mark.parametrize("flags,bf16", [({"avx512f", "avx512_vnni"}, True), ({"avx512f", "avx512_bf16"}, False),
+                                       ({"avx512f", "avx512_bf16", "amx_bf16"}, False)])
+def test_encoder_rows_bound_the_route(flags, bf16, monkeypatch):
+    """The encoder hands mkl_linear inputs of up to MAX_ROWS rows where the route is taken: float32, and bf16 where
+    the CPU has no bf16 arithmetic (its bf16 products are float32 ones anyway); nothing else."""
+    monkeypatch.setattr(_ext, "_cpu_flags", lambda: flags)
     monkeypatch.setattr(mkl_module, "route", lambda: True)
     assert mkl_module.encoder_rows(torch.float32) == mkl_module.MAX_ROWS == 1024
-    assert mkl_module.encoder_rows(torch.bfloat16) == 0
+    assert mkl_module.encoder_rows(torch.bfloat16) == (1024 if bf16 else 0)
+    assert mkl_module.encoder_rows(torch.float16) == 0
     monkeypatch.setattr(mkl_module, "route", lambda: False)
-    assert mkl_module.encoder_rows(torch.float32) == 0
+    assert mkl_module.encoder_rows(torch.float32) == mkl_module.encoder_rows(torch.bfloat16) == 0

@@ -140,27 +140,31 @@ def test_gelu_rows_of_4_kib_stand_apart_for_the_next_product(dtype, N):
     assert apart == ([m for m in range(9, 41) if m not in (13, 14, 15, 16)] if tiles_of_12 else [])
 
 
-@pytest.mark.parametrize("isa,pairs,amx,vendor,want", [
-    ("avx512", True, False, "AuthenticAMD", {torch.float32: 256, torch.bfloat16: 256}),
-    ("avx512", True, True, "AuthenticAMD", {torch.float32: 256, torch.bfloat16: 128}),  # bf16 on AMX tiles there
+@pytest.mark.parametrize("isa,pairs,amx,vendor,mkl,want", [
+    ("avx512", True, False, "AuthenticAMD", False, {torch.float32: 256, torch.bfloat16: 256}),
+    ("avx512", True, True, "AuthenticAMD", False, {torch.float32: 256, torch.bfloat16: 128}),  # bf16 on AMX tiles there
     # bf16 panels widened where the CPU has no AVX512-BF16: oneDNN's bf16 product there is far slower
-    ("avx512", False, False, "AuthenticAMD", {torch.float32: 256, torch.bfloat16: 1024}),
+    ("avx512", False, False, "AuthenticAMD", False, {torch.float32: 256, torch.bfloat16: 1024}),
     # Intel's: oneDNN's float32 product is as fast or faster from a hundred-odd rows on
-    ("avx512", True, True, "GenuineIntel", {torch.float32: 128, torch.bfloat16: 128}),
-    ("avx512", False, False, "GenuineIntel", {torch.float32: 128, torch.bfloat16: 1024}),
-    ("avx512", False, False, None, {torch.float32: 256, torch.bfloat16: 1024}),
-    ("avx2", False, False, "GenuineIntel", {torch.float32: 2048, torch.bfloat16: 2048}),
-    ("default", False, False, "AuthenticAMD", {torch.float32: 0, torch.bfloat16: 0}),
-    (None, False, False, "AuthenticAMD", {torch.float32: 0, torch.bfloat16: 0}),  # no CPU kernels loaded
+    ("avx512", True, True, "GenuineIntel", False, {torch.float32: 128, torch.bfloat16: 128}),
+    ("avx512", False, False, "GenuineIntel", False, {torch.float32: 128, torch.bfloat16: 1024}),
+    # and where MKL's packed sgemm takes bf16 as float32 products, it is faster from about a hundred rows
+    ("avx512", False, False, "GenuineIntel", True, {torch.float32: 128, torch.bfloat16: 96}),
+    ("avx512", False, False, None, False, {torch.float32: 256, torch.bfloat16: 1024}),
+    ("avx2", False, False, "GenuineIntel", False, {torch.float32: 2048, torch.bfloat16: 2048}),
+    ("default", False, False, "AuthenticAMD", False, {torch.float32: 0, torch.bfloat16: 0}),
+    (None, False, False, "AuthenticAMD", False, {torch.float32: 0, torch.bfloat16: 0}),  # no CPU kernels loaded
 ])
-def test_encoder_rows_follow_the_loaded_kernels(isa, pairs, amx, vendor, want, monkeypatch):
-    """How many rows the encoder hands panel_linear, by the instruction set of the CPU kernels loaded and the CPU."""
+def test_encoder_rows_follow_the_loaded_kernels(isa, pairs, amx, vendor, mkl, want, monkeypatch):
+    """How many rows the encoder hands panel_linear, by the instruction set of the CPU kernels loaded, the CPU, and
+    whether MKL's packed sgemm takes the encoder's bf16 products of more rows."""
     flags = {"avx512f", "avx512_bf16"} | ({"amx_bf16", "amx_tile"} if amx else set())
     monkeypatch.setattr(panel_module._ext, "_cpu_flags", lambda: flags)
     monkeypatch.setattr(panel_module._ext, "_cpu_vendor", lambda: vendor)
     monkeypatch.setattr(panel_module._ext, "cpu_isa", lambda: isa)
     monkeypatch.setattr(panel_module._ext, "has_kernel", lambda op, device: isa is not None)
     monkeypatch.setattr(panel_module, "bf16_pairs", lambda: pairs)
+    monkeypatch.setattr(panel_module, "mkl_rows", lambda dtype: 1024 if mkl and dtype == torch.bfloat16 else 0)
     panel_module.encoder_rows.cache_clear()
     try:
         assert {dtype: panel_module.encoder_rows(dtype) for dtype in want} == want

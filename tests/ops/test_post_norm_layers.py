@@ -161,18 +161,19 @@ def test_onednn_weight_errors_name_the_weight(backend, call):
 
 
 @pytest.mark.skipif(not mkl_module.available(), reason="this PyTorch has no MKL")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_plain_weights_with_mkl_packs_equal_the_kernels_called_one_by_one(backend, approximate):
-    """Plain float32 weights with their MKL packs run on mkl_linear, as the encoder runs a float32 full batch on an
-    Intel CPU: the result of the kernels called one by one, bit for bit, and the reference's (which reads the plain
-    weights); a stack may mix them with panels."""
+def test_plain_weights_with_mkl_packs_equal_the_kernels_called_one_by_one(backend, approximate, dtype):
+    """Plain weights with their MKL packs run on mkl_linear, as the encoder runs a full batch on an Intel CPU
+    (bf16 where the CPU has no bf16 arithmetic): the result of the kernels called one by one, bit for bit, and the
+    reference's (which reads the plain weights); a stack may mix them with panels."""
     lengths, h, heads, inner = [9, 3, 20], 48, 4, 72
     t, scale, eps = sum(lengths), 0.25, 1e-12
-    plain = [_layer(h, inner, torch.float32, seed) for seed in (1, 2)]
+    plain = [_layer(h, inner, dtype, seed) for seed in (1, 2)]
     weights = [w for layer in plain for w in layer_weights(*layer)]
     packs = [ops.pack_mkl(w) for layer in plain for w in (layer[0], layer[2], layer[6], layer[8])]
     rel_bias = rand(heads, 2 * max(lengths) - 1, seed=7)
-    x, cu = rand(t, h, seed=3), cu_seqlens(lengths)
+    x, cu = rand(t, h, seed=3, dtype=dtype), cu_seqlens(lengths)
     out = ops.post_norm_layers(x, cu, max(lengths), weights, heads, scale, eps, approximate, rel_bias, packs,
                                backend=backend.name)
     want = x
@@ -188,19 +189,19 @@ def test_plain_weights_with_mkl_packs_equal_the_kernels_called_one_by_one(backen
     ref = reference.post_norm_layers(x.double(), cu, max(lengths), [w.double() for w in weights], heads, scale, eps,
                                      approximate, rel_bias.double())
     native = _native(x, lengths, plain, heads, scale, eps, approximate, rel_bias)
-    assert_close(out, ref, native, torch.float32, atol=1e-5, rtol=1e-5)
+    assert_close(out, ref, native, dtype, atol=1e-5, rtol=1e-5)
     mixed = list(weights)
     mixed[12 + 6] = ops.pack_panels(plain[1][6])
     both = ops.post_norm_layers(x, cu, max(lengths), mixed, heads, scale, eps, approximate, rel_bias, packs,
                                 backend=backend.name)
-    assert_close(both, ref, native, torch.float32, atol=1e-5, rtol=1e-5)
+    assert_close(both, ref, native, dtype, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not mkl_module.available(), reason="this PyTorch has no MKL")
 @pytest.mark.parametrize("call", ["wrapper", "kernel"])
 def test_plain_weight_errors_name_the_weight(backend, call):
-    """A plain weight without packs, packs of another count, a plain weight of the wrong shape: refused with its
-    place, before anything runs."""
+    """A plain weight without packs, packs of another count, a plain weight of the wrong shape or dtype: refused with
+    its place, before anything runs."""
     x, cu, max_seqlen, _, heads, scale = _args()
     layer = _layer(16, 24, torch.float32, 1)
     weights = list(layer_weights(*layer))
@@ -214,6 +215,9 @@ def test_plain_weight_errors_name_the_weight(backend, call):
     bad = list(weights)
     bad[8] = rand(16, 23)
     with pytest.raises((ValueError, RuntimeError), match=r"weights\[8\] \(layer 0.*\[16, 24\]"):
+        run(x, cu, max_seqlen, bad, heads, scale, packs)
+    bad[8] = layer[8].bfloat16()
+    with pytest.raises((ValueError, RuntimeError), match=r"weights\[8\] \(layer 0.*plain weight, must .*x's dtype"):
         run(x, cu, max_seqlen, bad, heads, scale, packs)
 
 
