@@ -5,7 +5,8 @@ copies nothing but x's blocks; on a Xeon with AVX-512 it ran the products of ber
 160-256 rows 1.1-1.3x faster than oneDNN's linear on a weight in oneDNN's blocked layout, and whole forwards of
 256-1,024 tokens 1.00-1.21x (docs/cpu-full-batch.md).
 The encoder uses it for float32 inputs of more rows than panel_linear takes and up to MAX_ROWS, on Intel CPUs with
-AVX-512 (`route`, `encoder_rows`); elsewhere (more rows, AMD's CPUs, where MKL's speed was not measured, or a
+AVX-512 (`route`, `encoder_rows`), and there for bf16 inputs of every count above panel_linear's where the CPU has
+no bf16 arithmetic; elsewhere (more rows, AMD's CPUs, where MKL's speed was not measured, or a
 PyTorch without MKL) it keeps oneDNN's linear.
 
 bfloat16 x and weights run the same float32 products of the same exact terms, with float32 sums rounded once to
@@ -24,6 +25,7 @@ the very weight given with it. Inference only (no autograd); float32 and bfloat1
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 
@@ -49,11 +51,16 @@ def pack_mkl(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mtbert_fast_C.mkl_pack(weight)
 
 
-# The most rows the encoder hands mkl_linear. Whole float32 forwards of B sequences of 128 tokens on a 2-core Xeon
-# with AVX-512, oneDNN's time over MKL's (benchmarks/mkl_rows.py, of medians / per round): bert-base 1.21x / 1.17x at
-# B=2, 1.14x / 1.11x at B=4, 1.06-1.07x at B=8, 0.97-1.01x at B=16 and 0.98x at B=32; MiniLM 1.02-1.07x at B=2,
-# 1.09-1.21x at B=4, 1.00-1.03x at B=8, 0.94-0.95x at B=16 and 0.93-0.94x at B=32.
-MAX_ROWS = 1024
+# The most rows of each dtype the encoder hands mkl_linear (sys.maxsize: every count). Whole forwards of B sequences of
+# 128 tokens on a 2-core Xeon with AVX-512, oneDNN's time over MKL's (benchmarks/mkl_rows.py, of medians / per
+# round):
+# - float32: bert-base 1.21x / 1.17x at B=2, 1.14x / 1.11x at B=4, 1.06-1.07x at B=8, 0.97-1.04x at B=16 and
+#   0.98-0.99x at B=32; MiniLM 1.02-1.07x at B=2, 1.09-1.21x at B=4, 1.00-1.03x at B=8, 0.94-0.97x at B=16 and
+#   0.87-0.94x at B=32;
+# - bfloat16 where the CPU has no bf16 arithmetic (against oneDNN's float32 product on x widened for each product):
+#   bert-base 1.11-1.15x at B=2-4, 1.20-1.24x at B=8, 1.14-1.16x at B=16, 1.25-1.26x at B=32; MiniLM 1.11-1.20x at
+#   B=2-8, 1.15-1.16x at B=16 and B=32.
+MAX_ROWS = {torch.float32: 1024, torch.bfloat16: sys.maxsize}
 
 
 @functools.cache
@@ -83,7 +90,7 @@ def encoder_rows(dtype: torch.dtype) -> int:
     and for bfloat16 where the CPU has no bf16 arithmetic (bf16_on_float32)."""
     if dtype == torch.bfloat16 and not bf16_on_float32():
         return 0
-    return MAX_ROWS if dtype in CPU_DTYPES and route() else 0
+    return MAX_ROWS.get(dtype, 0) if route() else 0
 
 
 def mkl_linear(x: torch.Tensor, pack: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

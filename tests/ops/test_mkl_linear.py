@@ -5,6 +5,7 @@ bf16 as float32 products rounded once, its errors, and where the encoder takes i
 from __future__ import annotations
 
 import importlib
+import sys
 
 import pytest
 import torch
@@ -146,12 +147,12 @@ def test_the_encoder_takes_it_on_intel_avx512_only(vendor, isa, want, monkeypatc
 @pytest.mark.parametrize("flags,bf16", [({"avx512f", "avx512_vnni"}, True), ({"avx512f", "avx512_bf16"}, False),
                                        ({"avx512f", "avx512_bf16", "amx_bf16"}, False)])
 def test_encoder_rows_bound_the_route(flags, bf16, monkeypatch):
-    """The encoder hands mkl_linear inputs of up to MAX_ROWS rows where the route is taken: float32, and bf16 where
-    the CPU has no bf16 arithmetic (its bf16 products are float32 ones anyway); nothing else."""
+    """The encoder hands mkl_linear inputs where the route is taken: float32 of up to 1,024 rows, and bf16 of any
+    count where the CPU has no bf16 arithmetic (its bf16 products are float32 ones anyway); nothing else."""
     monkeypatch.setattr(_ext, "_cpu_flags", lambda: flags)
     monkeypatch.setattr(mkl_module, "route", lambda: True)
-    assert mkl_module.encoder_rows(torch.float32) == mkl_module.MAX_ROWS == 1024
-    assert mkl_module.encoder_rows(torch.bfloat16) == (1024 if bf16 else 0)
+    assert mkl_module.encoder_rows(torch.float32) == 1024
+    assert mkl_module.encoder_rows(torch.bfloat16) == (sys.maxsize if bf16 else 0)
     assert mkl_module.encoder_rows(torch.float16) == 0
     monkeypatch.setattr(mkl_module, "route", lambda: False)
     assert mkl_module.encoder_rows(torch.float32) == mkl_module.encoder_rows(torch.bfloat16) == 0
