@@ -808,7 +808,8 @@ def _post_norm_stack(config: EncoderConfig, layers: Sequence, x: torch.Tensor, p
     if x.shape[0] <= panel_rows(x.dtype):
         return Stacks.kept(stacks, ("panels", x.dtype), lambda: _post_norm_weights(layers, x.dtype, panel_weight))
     if x.shape[0] <= mkl_rows(x.dtype):
-        return Stacks.kept(stacks, ("mkl", x.dtype), lambda: _mkl_stack(layers, x.dtype))
+        # MKL's packs are planned for the thread count they were made under (weight_pack.mkl_weight makes them anew)
+        return Stacks.kept(stacks, ("mkl", x.dtype), lambda: _mkl_stack(layers, x.dtype), torch.get_num_threads())
     if onednn_dtype(x.dtype) != x.dtype:  # layer_forward widens such x for each product: no stack
         return None
     return Stacks.kept(stacks, ("onednn", x.dtype), lambda: _post_norm_weights(layers, x.dtype, _onednn_pack))

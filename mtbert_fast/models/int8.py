@@ -501,13 +501,16 @@ class Stacks(dict):
         return Stacks, ()
 
     @staticmethod
-    def kept(stacks: Stacks | None, key, make: Callable[[], list[torch.Tensor] | None]) -> list[torch.Tensor] | None:
-        """make()'s stack, kept in `stacks` under `key` and taken from there once made; made afresh without stacks."""
+    def kept(stacks: Stacks | None, key, make: Callable[[], list[torch.Tensor] | None], made_for=None
+             ) -> list[torch.Tensor] | None:
+        """make()'s stack, kept in `stacks` under `key` and taken from there once made, while made_for (what the
+        stack's packs were made for, beyond the layers themselves) is what it was; made afresh without stacks."""
         if stacks is None:
             return make()
-        if key not in stacks:
-            stacks[key] = make()
-        return stacks[key]
+        entry = stacks.get(key)
+        if entry is None or entry[0] != made_for:
+            stacks[key] = entry = (made_for, make())
+        return entry[1]
 
 
 class ParameterWatch:

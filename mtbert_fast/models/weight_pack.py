@@ -82,13 +82,14 @@ def _packable(w: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
-def _cached(kind: str, w: torch.Tensor, make) -> torch.Tensor:
-    """The `kind` pack of w, made by make(w) on first use and again whenever w has changed."""
+def _cached(kind: str, w: torch.Tensor, make, made_for: tuple = ()) -> torch.Tensor:
+    """The `kind` pack of w, made by make(w) on first use and again whenever w has changed or made_for (what else the
+    pack depends on) is not what it was."""
     cache = _packs[kind]
     key = id(w)
     entry = cache.get(key)
     pack = entry[1] if entry is not None and entry[0]() is w else None
-    layout = _layout(w)
+    layout = _layout(w) + made_for
     if pack is None or pack.layout != layout or pack.storage.cdata != w.untyped_storage()._cdata:
         with torch.no_grad():
             packed = make(w.detach().contiguous())
@@ -129,10 +130,12 @@ def panel_weight(w: torch.Tensor) -> torch.Tensor | None:
 
 def mkl_weight(w: torch.Tensor) -> torch.Tensor | None:
     """The float32 or bfloat16 `w` [N, K] packed (as float32) for `mtbert_fast.ops.mkl_linear`, on first use and again
-    whenever `w` has changed; None where it cannot be packed (see the module docstring) or is of another dtype."""
+    whenever `w` has changed or torch's thread count is not the one it was packed under (MKL plans a pack's work for
+    that count: a pack made on one thread ran products of 160-256 rows on one thread of two); None where it cannot be
+    packed (see the module docstring) or is of another dtype."""
     if w.dtype not in (torch.float32, torch.bfloat16) or not _packable(w):
         return None
-    return _cached("mkl", w, pack_mkl)
+    return _cached("mkl", w, pack_mkl, (torch.get_num_threads(),))
 
 
 def release_packs() -> None:

@@ -41,7 +41,10 @@ def available() -> bool:
 
 
 def pack_mkl(weight: torch.Tensor) -> torch.Tensor:
-    """weight [N, K] float32 or bfloat16 -> its MKL pack (see the module docstring) for mkl_linear."""
+    """weight [N, K] float32 or bfloat16 -> its MKL pack (see the module docstring) for mkl_linear. MKL plans the
+    pack's work for torch's thread count now: products on more threads run correctly, but those of a few hundred rows
+    on as many threads as the pack was made under, so pack again after torch.set_num_threads (weight_pack.mkl_weight
+    does)."""
     if weight.dim() != 2 or weight.dtype not in CPU_DTYPES or weight.device.type != "cpu":
         raise TypeError(f"pack_mkl: weight must be a 2-D float32 or bfloat16 CPU tensor, got {weight.dtype} "
                         f"{tuple(weight.shape)} on {weight.device}")

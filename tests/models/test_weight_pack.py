@@ -247,6 +247,39 @@ def test_mkl_route_matches_the_onednn_route(dtype, bert_config, make_hf, ragged_
     torch.testing.assert_close(mkl.pooler_output.float(), onednn.pooler_output.float(), **tol)
 
 
+def test_mkl_packs_are_made_again_under_another_thread_count(bert_config, make_hf, ragged_batch, monkeypatch):
+    """MKL plans a pack's work for the thread count it is made under: a weight's pack, and the encoder's layer stack
+    that holds the packs, are made anew when torch's thread count changes (one pack per weight all along), with the
+    same outputs."""
+    config = bert_config()
+    fast = FastBertModel.from_hf(make_hf(BertModel, config))
+    ids, mask = _batch(ragged_batch, config)
+    _set_route("mkl", monkeypatch)
+    stack_kernel = encoder.post_norm_layers_op.kernel("cpu")
+    seen = []
+
+    def spy(x, *args):
+        seen.append(args[8])
+        return stack_kernel(x, *args)
+
+    monkeypatch.setitem(encoder.post_norm_layers_op._kernels, ("cpu", "forward"), spy)
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            one = fast(ids, mask).last_hidden_state
+            torch.set_num_threads(2)
+            two = fast(ids, mask).last_hidden_state
+            again = fast(ids, mask).last_hidden_state
+    finally:
+        torch.set_num_threads(threads)
+    assert len(seen) == 3 and seen[1] is seen[2]
+    assert not {id(p) for p in seen[0]} & {id(p) for p in seen[1]}
+    assert pack_count("mkl") == 4 * config.num_hidden_layers + 1
+    torch.testing.assert_close(one, two, atol=1e-5, rtol=1e-5)
+    assert torch.equal(two, again)
+
+
 def test_mkl_packs_are_made_once_and_repacked_when_the_weight_changes():
     if not mkl_available():
         pytest.skip("this PyTorch has no MKL")
