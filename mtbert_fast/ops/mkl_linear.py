@@ -68,8 +68,8 @@ MAX_ROWS = {torch.float32: 1024, torch.bfloat16: sys.maxsize}
 
 @functools.cache
 def route() -> bool:
-    """Whether the encoder multiplies float32 inputs of many rows by mkl_linear here: on an Intel CPU with the
-    AVX-512 kernels loaded, where MKL is available and one pack gives x @ W^T at 1, 5, 40 and 300 rows."""
+    """Whether the encoder multiplies inputs of many rows by mkl_linear here (see encoder_rows): on an Intel CPU with
+    the AVX-512 kernels loaded, where MKL is available and one pack gives x @ W^T at 1, 5, 40 and 300 rows."""
     if _ext.cpu_isa() != "avx512" or _ext._cpu_vendor() != "GenuineIntel" or not available():
         return False
     g = torch.Generator().manual_seed(0)
@@ -83,8 +83,10 @@ def route() -> bool:
     return True
 
 
+@functools.cache
 def bf16_on_float32() -> bool:
-    """Whether this CPU multiplies bf16 only by widening it to float32: no AVX512-BF16 or AMX among its features."""
+    """Whether this CPU multiplies bf16 only by widening it to float32: no AVX512-BF16 or AMX among its features
+    (read from /proc/cpuinfo once: the encoder asks on every bf16 product)."""
     return not {"avx512_bf16", "amx_bf16"} & (_ext._cpu_flags() or set())
 
 

@@ -151,8 +151,12 @@ def test_encoder_rows_bound_the_route(flags, bf16, monkeypatch):
     count where the CPU has no bf16 arithmetic (its bf16 products are float32 ones anyway); nothing else."""
     monkeypatch.setattr(_ext, "_cpu_flags", lambda: flags)
     monkeypatch.setattr(mkl_module, "route", lambda: True)
-    assert mkl_module.encoder_rows(torch.float32) == 1024
-    assert mkl_module.encoder_rows(torch.bfloat16) == (sys.maxsize if bf16 else 0)
-    assert mkl_module.encoder_rows(torch.float16) == 0
-    monkeypatch.setattr(mkl_module, "route", lambda: False)
-    assert mkl_module.encoder_rows(torch.float32) == mkl_module.encoder_rows(torch.bfloat16) == 0
+    mkl_module.bf16_on_float32.cache_clear()
+    try:
+        assert mkl_module.encoder_rows(torch.float32) == 1024
+        assert mkl_module.encoder_rows(torch.bfloat16) == (sys.maxsize if bf16 else 0)
+        assert mkl_module.encoder_rows(torch.float16) == 0
+        monkeypatch.setattr(mkl_module, "route", lambda: False)
+        assert mkl_module.encoder_rows(torch.float32) == mkl_module.encoder_rows(torch.bfloat16) == 0
+    finally:
+        mkl_module.bf16_on_float32.cache_clear()
