@@ -240,8 +240,7 @@ def fastest_gemm(
     each route timed `repeats` times in interleaved rounds (medians): F.linear, and on the CPU also oneDNN's linear
     (which the encoder uses) on a plain weight and on one packed in oneDNN's layout, on float32 products for bf16
     where oneDNN has none in bf16, and MKL's packed sgemm where PyTorch carries MKL (for float32, and for bf16 where it
-    runs on float32 products); int8 or qint8:
-    torch._int_mm, and on the CPU also oneDNN's int8 linear."""
+    runs on float32 products); int8 or qint8: torch._int_mm, and on the CPU also oneDNN's int8 linear."""
     device = torch.device(device)
     routes = gemm_routes(dtype, device, shape)
     with torch.inference_mode():

@@ -207,44 +207,27 @@ def test_fast_model_outputs_equal_unpacked(dtype, bert_config, make_hf, ragged_b
     assert torch.equal(packed.pooler_output, plain.pooler_output)
 
 
+@pytest.mark.parametrize("route", ["panels", "mkl"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_panel_route_matches_the_onednn_route(dtype, bert_config, make_hf, ragged_batch, monkeypatch):
+def test_route_matches_the_onednn_route(route, dtype, bert_config, make_hf, ragged_batch, monkeypatch):
+    """On panel_linear's panels or MKL's packed sgemm: one pack of that kind per weight (the pooler's too) and no
+    oneDNN pack, the oneDNN route's outputs up to rounding, and the same outputs on a second call."""
     config = bert_config()
     fast = FastBertModel.from_hf(make_hf(BertModel, config), dtype=dtype)
     ids, mask = _batch(ragged_batch, config)
     with torch.no_grad():
-        monkeypatch.setattr(encoder, "panel_rows", lambda dtype: 1 << 30)
-        panels = fast(ids, mask)
-        assert pack_count("panels") == 4 * config.num_hidden_layers + 1 and pack_count() == 0
+        _set_route(route, monkeypatch)
+        out = fast(ids, mask)
+        assert pack_count(route) == 4 * config.num_hidden_layers + 1 and pack_count() == 0
+        assert torch.equal(fast(ids, mask).last_hidden_state, out.last_hidden_state)
         _set_route("onednn", monkeypatch)
         onednn = fast(ids, mask)
     real = mask.bool()
-    # the same products summed in another order: fp32 rounding, or in bf16 an output rounding that may differ
+    # the same products summed in another order: fp32 rounding, or in bf16 an output rounding that may differ (rounded
+    # once from float32 products, or on oneDNN's bf16 product where the CPU has one)
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
-    torch.testing.assert_close(panels.last_hidden_state[real].float(), onednn.last_hidden_state[real].float(), **tol)
-    torch.testing.assert_close(panels.pooler_output.float(), onednn.pooler_output.float(), **tol)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_mkl_route_matches_the_onednn_route(dtype, bert_config, make_hf, ragged_batch, monkeypatch):
-    """On MKL's packed sgemm: one pack per weight (the pooler's too) and no oneDNN pack, the oneDNN route's outputs up
-    to rounding, and the same outputs on a second call."""
-    config = bert_config()
-    fast = FastBertModel.from_hf(make_hf(BertModel, config), dtype=dtype)
-    ids, mask = _batch(ragged_batch, config)
-    with torch.no_grad():
-        _set_route("mkl", monkeypatch)
-        mkl = fast(ids, mask)
-        assert pack_count("mkl") == 4 * config.num_hidden_layers + 1 and pack_count() == 0
-        assert torch.equal(fast(ids, mask).last_hidden_state, mkl.last_hidden_state)
-        _set_route("onednn", monkeypatch)
-        onednn = fast(ids, mask)
-    real = mask.bool()
-    # the same products summed in another order (bf16: and rounded once, or on oneDNN's bf16 product where the CPU
-    # has one)
-    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
-    torch.testing.assert_close(mkl.last_hidden_state[real].float(), onednn.last_hidden_state[real].float(), **tol)
-    torch.testing.assert_close(mkl.pooler_output.float(), onednn.pooler_output.float(), **tol)
+    torch.testing.assert_close(out.last_hidden_state[real].float(), onednn.last_hidden_state[real].float(), **tol)
+    torch.testing.assert_close(out.pooler_output.float(), onednn.pooler_output.float(), **tol)
 
 
 def test_mkl_packs_are_made_again_under_another_thread_count(bert_config, make_hf, ragged_batch, monkeypatch):
