@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import warnings
+import zlib
 from typing import Any, Iterator
 
 import torch
@@ -529,6 +530,27 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.int64)
 
 
+MASKED_KINDS = ("masked_lm", "pretraining")
+
+
+def mask_held_out(task: TaskSpec, features: list[dict], vocab_size: int, mask_token_id: int,
+                  seed: int) -> list[dict]:
+    """A masked-LM task's held-out features with their masks drawn once, each example's from a generator of its own,
+    seeded by (seed, the task's name, the example's index): the masks, and so the held-out loss, do not depend on the
+    other tasks, on eval_batch_size or on how many processes share the examples. Returns copies with the corrupted
+    "input_ids" and their "mlm_labels", which `collate` takes as they are."""
+    if task.kind not in MASKED_KINDS:
+        raise ValueError(f"mask_held_out: task {task.name!r} is {task.kind}, not a masked-LM task")
+    name = zlib.crc32(task.name.encode())
+    masked = []
+    for i, f in enumerate(features):
+        generator = torch.Generator().manual_seed(_mix(seed, EVAL_MASK_STREAM, name, i))
+        ids, labels = mask_tokens(torch.tensor([f["input_ids"]]), None, torch.tensor([f["special_tokens_mask"]]),
+                                  vocab_size, mask_token_id, task.mlm_probability, generator)
+        masked.append({**f, "input_ids": ids[0].tolist(), "mlm_labels": labels[0].tolist()})
+    return masked
+
+
 def collate(
     task: TaskSpec,
     features: list[dict],
@@ -538,17 +560,24 @@ def collate(
     generator: torch.Generator | None = None,
 ) -> Batch:
     """Pads features to the batch's longest row (right padding) and builds each head's labels; masked-LM
-    inputs are corrupted here with `mask_tokens`, drawing from `generator`."""
+    inputs are corrupted here with `mask_tokens`, drawing from `generator`, unless every feature carries its masks
+    already (`mask_held_out`)."""
     input_ids = _pad([f["input_ids"] for f in features], pad_token_id)
     attention_mask = _pad([[1] * len(f["input_ids"]) for f in features], 0)
     token_type_ids = _pad([f["token_type_ids"] for f in features], 0)
     kind, name = task.kind, task.name
     labels: dict[str, Any] = {}
-    if kind in ("masked_lm", "pretraining"):
-        special = _pad([f["special_tokens_mask"] for f in features], 1)
-        input_ids, mlm_labels = mask_tokens(input_ids, attention_mask, special, vocab_size, mask_token_id,
-                                            task.mlm_probability, generator)
-        labels[name] = mlm_labels
+    if kind in MASKED_KINDS:
+        premasked = sum("mlm_labels" in f for f in features)
+        if premasked == len(features):
+            labels[name] = _pad([f["mlm_labels"] for f in features], IGNORE_INDEX)
+        elif premasked:
+            raise ValueError(f"collate: task {name!r}: {premasked} of {len(features)} features carry their masks "
+                             "(mlm_labels); mask all of them or none")
+        else:
+            special = _pad([f["special_tokens_mask"] for f in features], 1)
+            input_ids, labels[name] = mask_tokens(input_ids, attention_mask, special, vocab_size, mask_token_id,
+                                                  task.mlm_probability, generator)
     if kind == "pretraining":
         labels[name] = (labels[name], torch.tensor([f["label"] for f in features], dtype=torch.int64))
     elif kind in ("sequence_classification", "next_sentence"):

@@ -44,8 +44,8 @@ from mtbert_fast.models.hf_mapping import dense_classifier_form
 from mtbert_fast.train.config import NAMED_CONFIGS, ConfigError, TaskSpec, TrainConfig, load_config
 from mtbert_fast.train.data import (
     DROPOUT_STREAM,
-    EVAL_MASK_STREAM,
     MASK_STREAM,
+    MASKED_KINDS,
     Batch,
     TaskStream,
     _mix,
@@ -53,6 +53,7 @@ from mtbert_fast.train.data import (
     encode_task,
     load_records,
     load_tokenizer,
+    mask_held_out,
 )
 from mtbert_fast.train.masking import IGNORE_INDEX
 from mtbert_fast.train.samplers import make_sampler
@@ -265,7 +266,6 @@ class Trainer:
         self.tasks = {t.name: t for t in config.tasks}
 
         self.features, self.eval_batches, sizes = {}, {}, {}
-        eval_generator = torch.Generator().manual_seed(_mix(tr.seed, EVAL_MASK_STREAM, self.rank))
         for task in config.tasks:
             max_length = task.max_length or config.model.max_length
             examples = encode_task(task, self.records[task.name].train, self.tokenizer, max_length, seed=tr.seed)
@@ -276,9 +276,12 @@ class Trainer:
             self.features[task.name] = examples
             sizes[task.name] = len(examples)
             # held-out batches are built once, masks included, so every evaluation measures the same thing
+            if task.kind in MASKED_KINDS:
+                held = mask_held_out(task, held, self.model.encoder.config.vocab_size, self.tokenizer.mask_token_id,
+                                     tr.seed)
             mine = held[self.rank::self.world_size]
             bs = tr.eval_batch_size or tr.batch_size
-            self.eval_batches[task.name] = [self._collate(task, mine[j:j + bs], eval_generator)
+            self.eval_batches[task.name] = [self._collate(task, mine[j:j + bs], None)
                                             for j in range(0, len(mine), bs)] if held else None
         self.streams = {t.name: TaskStream(sizes[t.name], tr.batch_size, tr.seed, i, self.rank, self.world_size)
                         for i, t in enumerate(config.tasks)}
@@ -328,7 +331,7 @@ class Trainer:
                 name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         return torch.device(name)
 
-    def _collate(self, task: TaskSpec, features: list[dict], generator: torch.Generator) -> Batch:
+    def _collate(self, task: TaskSpec, features: list[dict], generator: torch.Generator | None) -> Batch:
         return collate(task, features, self.tokenizer.pad_token_id, self.model.encoder.config.vocab_size,
                        self.tokenizer.mask_token_id, generator)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import zlib
 import pytest
 import torch
 
@@ -23,6 +24,7 @@ from mtbert_fast.train.data import (
     encode_task,
     load_records,
     load_tokenizer,
+    mask_held_out,
 )
 from mtbert_fast.train.masking import IGNORE_INDEX
 
@@ -406,6 +408,34 @@ def test_collate_pads_and_masks(files):
     assert set(batch.token_type_ids.unique().tolist()) == {0, 1}
 
 
+def test_held_out_masks_are_drawn_per_example_and_collated_as_they_are(files):
+    """mask_held_out masks each example from its own seed: the first examples get the same masks whatever follows
+    them, the seed moves them, special tokens are never masked, and collate pads them without drawing again."""
+    tok = load_tokenizer(files["tokenizer"])
+    config = load_config(syn.base_config(files, tasks=("lm", "topic")))
+    lm, topic = config.tasks
+    feats = encode_task(lm, load_records(config)["lm"].train[:12], tok, 32)
+    masked = mask_held_out(lm, feats, len(tok), tok.mask_token_id, seed=0)
+    assert mask_held_out(lm, feats[:5], len(tok), tok.mask_token_id, seed=0) == masked[:5]
+    assert [m["input_ids"] for m in masked] != [m["input_ids"] for m in
+                                                mask_held_out(lm, feats, len(tok), tok.mask_token_id, seed=1)]
+    for f, m in zip(feats, masked):
+        picked = [i for i, t in enumerate(m["mlm_labels"]) if t != IGNORE_INDEX]
+        assert picked and all(not f["special_tokens_mask"][i] and m["mlm_labels"][i] == f["input_ids"][i]
+                              for i in picked)
+        assert [a for i, a in enumerate(m["input_ids"]) if i not in picked] == [
+            a for i, a in enumerate(f["input_ids"]) if i not in picked]
+    batch = collate(lm, masked[:4], tok.pad_token_id, len(tok), tok.mask_token_id, None)
+    for row, m in enumerate(masked[:4]):
+        n = len(m["input_ids"])
+        assert batch.input_ids[row, :n].tolist() == m["input_ids"]
+        assert batch.labels["lm"][row].tolist() == m["mlm_labels"] + [IGNORE_INDEX] * (batch.input_ids.shape[1] - n)
+    with pytest.raises(ValueError, match=r"collate: task 'lm': 1 of 3 features carry their masks"):
+        collate(lm, masked[:1] + feats[1:3], tok.pad_token_id, len(tok), tok.mask_token_id, None)
+    with pytest.raises(ValueError, match=r"mask_held_out: task 'topic' is sequence_classification, not a masked-LM"):
+        mask_held_out(topic, feats, len(tok), tok.mask_token_id, seed=0)
+
+
 def test_streams_give_each_rank_a_disjoint_shard():
     world, size, bs = 3, 50, 4
     streams = [TaskStream(size, bs, seed=0, task_index=1, rank=r, world_size=world) for r in range(world)]
@@ -429,35 +459,42 @@ def test_streams_give_each_rank_a_disjoint_shard():
 
 
 def test_random_streams_of_different_purposes_have_different_seeds():
-    """The shuffles (per task and epoch), the masks, the held-out masks and dropout (per rank) never share a seed."""
+    """The shuffles (per task and epoch), the masks and dropout (per rank) and the held-out masks (per task and
+    example) never share a seed."""
     for seed in (0, 1, 12345):
         seeds = [_mix(seed, SHUFFLE_STREAM, task, epoch) for task in range(8) for epoch in range(8)]
-        seeds += [_mix(seed, purpose, rank) for purpose in (MASK_STREAM, EVAL_MASK_STREAM, DROPOUT_STREAM)
-                  for rank in range(8)]
+        seeds += [_mix(seed, purpose, rank) for purpose in (MASK_STREAM, DROPOUT_STREAM) for rank in range(8)]
+        seeds += [_mix(seed, EVAL_MASK_STREAM, zlib.crc32(name.encode()), i) for name in ("lm", "pre")
+                  for i in range(64)]
         assert len(set(seeds)) == len(seeds)
 
 
 def test_trainer_seeds_masks_and_dropout_apart_from_the_shuffles(files, monkeypatch):
     """The seeds a trainer draws its masks, held-out masks and dropout from are none of its tasks' shuffle seeds."""
 
-    def recording(module) -> set[int]:
-        mix, seeds = module._mix, set()
+    def recording(module) -> dict[int, set[int]]:
+        mix, seeds = module._mix, {}
 
         def recorded(*parts: int) -> int:
-            seeds.add(mix(*parts))
+            seeds.setdefault(parts[1], set()).add(mix(*parts))
             return mix(*parts)
 
         monkeypatch.setattr(module, "_mix", recorded)
         return seeds
 
-    shuffles, own = recording(data_module), recording(trainer_module)
-    trainer = Trainer(load_config(syn.base_config(files, tasks=("lm", "topic"))))
+    in_data, in_trainer = recording(data_module), recording(trainer_module)
+    trainer = Trainer(load_config(syn.base_config(files, tasks=("lm", "topic"), eval_split=0.25)))
     for stream in trainer.streams.values():
         for epoch in range(8):
             stream.load_state_dict({"epoch": epoch, "cursor": 0})
-    assert len(shuffles) == 2 * 8 and len(own) == 3
-    assert {trainer.mask_generator.initial_seed(), torch.initial_seed()} <= own
-    assert not own & shuffles
+    held_out = len(trainer.records["lm"].eval)
+    assert held_out > 0
+    assert set(in_data) == {SHUFFLE_STREAM, EVAL_MASK_STREAM} and set(in_trainer) == {MASK_STREAM, DROPOUT_STREAM}
+    assert len(in_data[SHUFFLE_STREAM]) == 2 * 8 and len(in_data[EVAL_MASK_STREAM]) == held_out
+    assert {trainer.mask_generator.initial_seed(), torch.initial_seed()} == in_trainer[MASK_STREAM] | in_trainer[
+        DROPOUT_STREAM]
+    every = [seed for seeds in (*in_data.values(), *in_trainer.values()) for seed in seeds]
+    assert len(set(every)) == len(every)
 
 
 def test_held_out_split_partitions_the_rows_by_seed(files):

@@ -218,6 +218,32 @@ def test_held_out_loss_does_not_depend_on_how_rows_fall_into_batches(tmp_path):
             name, losses)
 
 
+def _held_out_rows(trainer: Trainer, name: str) -> list[tuple[list[int], list[int]]]:
+    """Each held-out example of a masked-LM task as its trainer evaluates it: (corrupted ids, labels), unpadded."""
+    rows = []
+    for batch in trainer.eval_batches[name]:
+        labels = batch.labels[name]
+        labels = labels[0] if isinstance(labels, tuple) else labels
+        for ids, mask, lab in zip(batch.input_ids, batch.attention_mask, labels):
+            n = int(mask.sum())
+            rows.append((ids[:n].tolist(), lab[:n].tolist()))
+    return rows
+
+
+@pytest.mark.parametrize("name", ["lm", "docs"])
+def test_held_out_masks_do_not_depend_on_other_tasks_or_batching(tmp_path, name):
+    """A masked-LM task's held-out examples keep their masks whatever other tasks train beside it, in whatever order,
+    and however eval_batch_size batches them, so its held-out loss compares across such runs."""
+    files = syn.write_tasks(str(tmp_path), n=64)
+    alone = Trainer(load_config(syn.base_config(files, tasks=(name,), eval_split=0.25)))
+    rows = _held_out_rows(alone, name)
+    assert rows and all(any(t != -100 for t in labels) for _, labels in rows)
+    others = (name, "topic", "lm" if name == "docs" else "docs")
+    for tasks, extra in ((others, {}), (others[::-1], {"eval_batch_size": 3})):
+        trainer = Trainer(load_config(syn.base_config(files, tasks=tasks, eval_split=0.25, **extra)))
+        assert _held_out_rows(trainer, name) == rows, (tasks, extra)
+
+
 def test_progress_without_tqdm_prints_lines(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # as if tqdm were not installed
     files = syn.write_tasks(str(tmp_path), n=48)
