@@ -191,9 +191,13 @@ def gptq_round(weight: torch.Tensor, scale: torch.Tensor, gram: torch.Tensor, da
 
 
 def quantize_linear(weight: torch.Tensor, bias: torch.Tensor, input_absmax: torch.Tensor,
-                    smoothing: float = DEFAULT_SMOOTHING, gram: torch.Tensor | None = None) -> Int8Linear:
+                    smoothing: float = DEFAULT_SMOOTHING, gram: torch.Tensor | None = None,
+                    pairs: bool | None = None) -> Int8Linear:
     """weight [N, K] and bias [N] of a float linear, input_absmax fp32 [K] from calibration -> Int8Linear.
-    gram: X^T X [K, K] of the calibration inputs, for error-compensated rounding (gptq_round); None: to nearest."""
+    gram: X^T X [K, K] of the calibration inputs, for error-compensated rounding (gptq_round); None: to nearest.
+    pairs: whether to quantize the weight pairs_safe, as the products without VNNI need it (True for int8 panels
+    that multiply without it, as for ops.int8_layers there: not ops.int8.panels_vnni()); None: as this machine's
+    products need (weight_pairs_limited)."""
     w = weight.detach().float()
     s = input_absmax.float().clamp_min(1e-5).pow(smoothing) / w.abs().amax(0).clamp_min(1e-5).pow(1 - smoothing)
     s = s.clamp(1e-4, 1e4)
@@ -205,7 +209,7 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor, input_absmax: torc
     inliers = torch.ones_like(s, dtype=torch.bool)
     inliers[outliers] = False
     ws = w * s * inliers
-    pairs = weight_pairs_limited()
+    pairs = weight_pairs_limited() if pairs is None else pairs
     scale = weight_scale(ws, pairs)
     if gram is None:
         q = round_to_nearest(ws, scale, pairs)

@@ -234,8 +234,8 @@ def pack_int8_panels(weight: torch.Tensor) -> torch.Tensor:
     if not panels_vnni() and not pairs_safe(weight):
         raise ValueError(f"pack_int8_panels: the weight has neighbouring entries (columns 2i, 2i + 1) of one sign "
                          f"summing to {int(pair_sums(weight).max())} in magnitude, past PAIR_LIMIT ({PAIR_LIMIT}), "
-                         "where int16 pair sums would saturate; quantize it with pairs (mtbert_fast.models.int8) or "
-                         "take its sums from int8_sums")
+                         "where int16 pair sums would saturate; quantize it with pairs (mtbert_fast.models.int8's "
+                         "quantize_linear(..., pairs=True)) or take its sums from int8_sums")
     n, k = weight.shape
     p, k4 = -(-n // PANEL), -(-k // PANEL_GROUP)
     w = torch.nn.functional.pad(weight.detach(), (0, k4 * PANEL_GROUP - k, 0, p * PANEL - n))

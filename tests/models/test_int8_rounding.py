@@ -180,10 +180,12 @@ def test_clamp_pair_keeps_each_pair_within_the_limit():
 
 def test_quantize_linear_follows_the_pairs_route(monkeypatch):
     """quantize_linear quantizes pairs_safe weights exactly where weight_pairs_limited() says the int8 product
-    needs them, and otherwise keeps the full-range scale."""
+    needs them, and otherwise keeps the full-range scale; `pairs` decides it instead where given (int8 panels
+    without VNNI need pairs_safe weights whatever oneDNN's product needs)."""
     w, bias = _paired_weight(24, 32), torch.zeros(24)
     absmax = torch.ones(32)
     for limited in (True, False):
         monkeypatch.setattr(int8, "weight_pairs_limited", lambda limited=limited: limited)
-        lin = int8.quantize_linear(w, bias, absmax)
-        assert pairs_safe(lin.weight) == limited
+        assert pairs_safe(int8.quantize_linear(w, bias, absmax).weight) == limited
+        for pairs in (True, False):
+            assert pairs_safe(int8.quantize_linear(w, bias, absmax, pairs=pairs).weight) == pairs

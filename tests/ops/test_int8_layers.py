@@ -11,6 +11,7 @@ import torch
 from mtbert_fast import ops
 from mtbert_fast.models.int8 import quantize_linear
 from mtbert_fast.ops import reference
+from mtbert_fast.ops.int8 import panels_vnni
 from mtbert_fast.ops.int8_layers import PER_LAYER, product_weights
 from op_testing import cu_seqlens, num_threads, rand
 
@@ -22,7 +23,8 @@ def _product(n, k, dtype, seed, spikes):
     `spikes` channels far above the rest (they become outlier channels, computed in fp32)."""
     absmax = 1 + rand(k, seed=seed + 2, scale=0.2).abs()
     absmax[torch.randperm(k, generator=torch.Generator().manual_seed(seed))[:spikes]] *= 40
-    lin = quantize_linear(rand(n, k, seed=seed, scale=k**-0.5), rand(n, seed=seed + 1, scale=0.1).to(dtype), absmax)
+    lin = quantize_linear(rand(n, k, seed=seed, scale=k**-0.5), rand(n, seed=seed + 1, scale=0.1).to(dtype), absmax,
+                          pairs=not panels_vnni())
     assert lin.outlier_index.numel() == spikes
     return product_weights(ops.pack_int8_panels(lin.weight), lin.weight_scale, lin.weight_sum, lin.bias, lin.smooth,
                            lin.outlier_index, lin.outlier_weight)

@@ -93,12 +93,14 @@ def _int8_layer_args(device):
     """One int8 layer's 32 tensors for x of 12 columns (an intermediate size of 20), quantized from random weights,
     with an outlier channel in the QKV and the intermediate products."""
     from mtbert_fast.models.int8 import quantize_linear
+    from mtbert_fast.ops.int8 import panels_vnni
 
     out = []
     for i, (n, k) in enumerate(((36, 12), (12, 12), (20, 12), (12, 20))):
         absmax = 1 + rand(k, seed=30 + i, scale=0.1).abs()
         absmax[i % k] *= 1 if i % 2 else 40
-        lin = quantize_linear(rand(n, k, seed=40 + i, scale=0.3), rand(n, seed=50 + i, scale=0.1), absmax)
+        lin = quantize_linear(rand(n, k, seed=40 + i, scale=0.3), rand(n, seed=50 + i, scale=0.1), absmax,
+                              pairs=not panels_vnni())
         out += [ops.pack_int8_panels(lin.weight), lin.weight_scale, lin.weight_sum, lin.bias, lin.smooth,
                 lin.outlier_index, lin.outlier_weight]
     out += [1 + rand(12, seed=60 + i, scale=0.1) if i % 2 == 0 else rand(12, seed=60 + i, scale=0.1) for i in range(4)]
