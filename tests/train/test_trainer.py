@@ -15,6 +15,7 @@ from mtbert_fast.models import MultiTaskBert
 from mtbert_fast.train import ConfigError, Trainer, load_config, train
 from mtbert_fast.train.cli import add_train_parser
 from mtbert_fast.train.data import load_tokenizer
+from mtbert_fast.train.masking import IGNORE_INDEX
 from mtbert_fast.train.trainer import list_checkpoints
 
 import train_synthetic as syn
@@ -237,7 +238,7 @@ def test_held_out_masks_do_not_depend_on_other_tasks_or_batching(tmp_path, name)
     files = syn.write_tasks(str(tmp_path), n=64)
     alone = Trainer(load_config(syn.base_config(files, tasks=(name,), eval_split=0.25)))
     rows = _held_out_rows(alone, name)
-    assert rows and all(any(t != -100 for t in labels) for _, labels in rows)
+    assert rows and all(any(t != IGNORE_INDEX for t in labels) for _, labels in rows)
     others = (name, "topic", "lm" if name == "docs" else "docs")
     for tasks, extra in ((others, {}), (others[::-1], {"eval_batch_size": 3})):
         trainer = Trainer(load_config(syn.base_config(files, tasks=tasks, eval_split=0.25, **extra)))
