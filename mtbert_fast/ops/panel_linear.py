@@ -65,9 +65,10 @@ MAX_ROWS = {
     "avx2": {torch.float32: 2048, torch.bfloat16: 2048},
 }
 # bf16 where the CPU has AMX: oneDNN's bf16 products run on its tiles, several times the rate of the dot products
-# panel_linear uses, so its rows stay at the 128 chosen before the limit above was measured (on a CPU without AMX);
-# not measured on an AMX CPU.
-AMX_BF16_ROWS = 128
+# panel_linear uses (benchmarks/panel_rows.py, 2-core Intel Xeon with AMX, family 6 model 207, 2 threads, one
+# sequence, oneDNN's time over panel_linear's, MiniLM / bert-base): 1.52x / 1.56x at 4 tokens, 1.28x / 1.35x at 6,
+# 1.04-1.20x / 0.84-0.96x at 8, 1.08x / 0.88x at 12, 0.89x / 0.61x at 16, 0.39x / 0.22x at 128.
+AMX_BF16_ROWS = 8
 
 
 def limit_key(dtype: torch.dtype) -> str:
