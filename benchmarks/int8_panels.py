@@ -1,22 +1,23 @@
 """int8 products: our int8 panels (ops.int8_panel_sums) against oneDNN's int8 product.
 
     python benchmarks/int8_panels.py [--models minilm bert-base bert-large] [--rows 1,16,64,128,256,1024]
-                                     [--threads 2] [--repeats 9] [--products-only]
+                                     [--shapes 1x16,1x128,8x128] [--threads 2] [--repeats 9] [--products-only]
 
 On CPUs with AVX512-VNNI the panels multiply with vpdpbusd, exact for any weight, and the int8 model takes every
-product's sums from them (ops.int8.panels_vnni); elsewhere (AVX2) they add int16 pairs, oneDNN's int8 product too, and
+product's sums from them (ops.int8.panels_vnni), or those of at most ops.int8.AMX_PANEL_ROWS rows where oneDNN's int8
+product runs on AMX tiles (ops.int8.onednn_amx); elsewhere (AVX2) they add int16 pairs, oneDNN's int8 product too, and
 both are exact only for pair-safe weights, where the model takes the sums of at most ops.int8.PANEL_ROWS rows from the
-panels. Two parts, each in one process with the two routes interleaved round by round (medians of the per-round
-ratios):
+panels. Two parts, each in one process with the routes interleaved round by round (medians of the per-round ratios):
   - products: the integer sums of random uint8 rows with random pair-safe weights at each model's four product
     shapes, in GOP/s, and oneDNN's time over the panels' (above 1: the panels are faster);
-  - forwards: the int8 model (float32 activations, quantized without calibration) on B=1 inputs of 16 and 128 tokens
-    and a B=8 batch of 128, on the route the model picks here against the same model with every product on oneDNN's
-    int8 product (AVX2: pair-safe weights, the panels off), and against the model's route with each product's sums
-    taken by int8_panel_sums first and the epilogue op run on them after (models.int8.EPILOGUE_SUMS off; the model
-    hands q and the panels to the epilogue op, which takes the sums a block of rows at a time), and against the
-    model's route with its layers run one at a time from Python (models.int8.LAYERS_IN_ONE_CALL off; the model runs
-    them in one int8_layers call), the same ratios. These figures are what the routes were set from.
+  - forwards: the int8 model (float32 activations, quantized without calibration) on each --shapes input (B
+    sequences of L tokens), on the route the model picks here against the same model with every product on the
+    panels (where its weights have them) and with every product on oneDNN's int8 product (AVX2: pair-safe weights),
+    and against the model's route with each product's sums taken by int8_panel_sums first and the epilogue op run on
+    them after (models.int8.EPILOGUE_SUMS off; the model hands q and the panels to the epilogue op, which takes the
+    sums a block of rows at a time), and with its layers run one at a time from Python (models.int8.LAYERS_IN_ONE_CALL
+    off; the model runs them in one int8_layers call), each time over the model's route's. These figures are what the
+    routes were set from.
 """
 
 from __future__ import annotations
@@ -99,19 +100,33 @@ def _onednn_packed(packed: int8_ops.PackedInt8Weight) -> int8_ops.PackedInt8Weig
     if packed.float_sums:
         return packed
     alt = object.__new__(int8_ops.PackedInt8Weight)
-    alt.weight, alt.all_rows, alt.float_sums, alt.panels = packed.weight, False, False, None
+    alt.weight, alt.all_rows, alt.amx, alt.float_sums, alt.panels = packed.weight, False, False, False, None
     alt.tensor = torch.ops.onednn.qlinear_prepack(packed.weight.contiguous(), None)
     return alt
 
 
-def forwards(name: str, repeats: int) -> None:
+def _panels_packed(packed: int8_ops.PackedInt8Weight) -> int8_ops.PackedInt8Weight:
+    """The same weight with every product's sums on its int8 panels, where it has them."""
+    if packed.panels is None:
+        return packed
+    alt = object.__new__(int8_ops.PackedInt8Weight)
+    alt.weight, alt.all_rows, alt.amx, alt.float_sums = packed.weight, True, False, False
+    alt.panels, alt.tensor = packed.panels, None
+    return alt
+
+
+def _repacked(layers: list, repack) -> list:
+    return [w._replace(**{p: getattr(w, p)._replace(packed=repack(getattr(w, p).packed))
+                          for p in PRODUCTS if getattr(w, p).packed is not None}) for w in layers]
+
+
+def forwards(name: str, shapes: list[tuple[int, int]], repeats: int) -> None:
     model = load_model(name)
     model.eval().quantize()
-    panels = model.int8.layers
-    onednn = [w._replace(**{p: getattr(w, p)._replace(packed=_onednn_packed(getattr(w, p).packed))
-                            for p in PRODUCTS if getattr(w, p).packed is not None}) for w in panels]
+    own = model.int8.layers
+    routes = {"panels": _repacked(own, _panels_packed), "onednn": _repacked(own, _onednn_packed)}
     gen = torch.Generator().manual_seed(0)
-    for batch, length in ((1, 16), (1, 128), (8, 128)):
+    for batch, length in shapes:
         ids = torch.randint(1000, model.config.vocab_size, (batch, length), generator=gen)
         mask = torch.ones(batch, length, dtype=torch.long)
 
@@ -125,16 +140,18 @@ def forwards(name: str, repeats: int) -> None:
 
         with torch.inference_mode():
             # the same sums, so the same bits
-            want = run(panels)
-            assert all(torch.equal(want, run(*route)) for route in ((onednn,), (panels, False), (panels, True, False)))
-            times = _interleaved({"onednn": lambda: run(onednn), "separate": lambda: run(panels, False),
-                                  "by-layer": lambda: run(panels, True, False), "panels": lambda: run(panels)},
-                                 repeats)
-        model.int8.layers = panels
-        print(f"{name:9s} B={batch} L={length:3d}: on the model's route {statistics.median(times['panels']) * 1e3:7.2f} "
-              f"ms, on oneDNN's {_ratio(times, 'onednn', 'panels'):.2f}x that, with the sums stored before each "
-              f"epilogue {_ratio(times, 'separate', 'panels'):.2f}x, layer by layer "
-              f"{_ratio(times, 'by-layer', 'panels'):.2f}x", flush=True)
+            want = run(own)
+            assert all(torch.equal(want, run(*route)) for route in ((routes["panels"],), (routes["onednn"],),
+                                                                    (own, False), (own, True, False)))
+            times = _interleaved({"panels": lambda: run(routes["panels"]), "onednn": lambda: run(routes["onednn"]),
+                                  "separate": lambda: run(own, False), "by-layer": lambda: run(own, True, False),
+                                  "model": lambda: run(own)}, repeats)
+        model.int8.layers = own
+        print(f"{name:9s} B={batch} L={length:3d}: on the model's route {statistics.median(times['model']) * 1e3:7.2f} "
+              f"ms; every product on the panels {_ratio(times, 'panels', 'model'):.2f}x that, on oneDNN's "
+              f"{_ratio(times, 'onednn', 'model'):.2f}x, with the sums stored before each epilogue "
+              f"{_ratio(times, 'separate', 'model'):.2f}x, layer by layer {_ratio(times, 'by-layer', 'model'):.2f}x",
+              flush=True)
 
 
 def main() -> None:
@@ -143,17 +160,19 @@ def main() -> None:
     p.add_argument("--rows", default="1,16,64,128,256,1024")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--shapes", default="1x16,1x128,8x128", help="the forwards' inputs, BxL each")
     p.add_argument("--products-only", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    route = "every product on VNNI panels" if int8_ops.panels_vnni() else \
-        f"panels for at most {int8_ops.PANEL_ROWS} rows" if int8_ops.weight_pairs_limited() else "no panels"
+    route = (f"VNNI panels for at most {int8_ops.AMX_PANEL_ROWS} rows, oneDNN's int8 product on AMX tiles past that"
+             if int8_ops.onednn_amx() else "every product on VNNI panels" if int8_ops.panels_vnni() else
+             f"panels for at most {int8_ops.PANEL_ROWS} rows" if int8_ops.weight_pairs_limited() else "no panels")
     print(f"torch {torch.__version__}, {args.threads} threads, the model's route here: {route}")
     for name in args.models:
         products(name, [int(r) for r in args.rows.split(",")], args.repeats)
     if not args.products_only:
         for name in args.models:
-            forwards(name, args.repeats)
+            forwards(name, [tuple(map(int, shape.split("x"))) for shape in args.shapes.split(",")], args.repeats)
 
 
 if __name__ == "__main__":

@@ -305,7 +305,7 @@ def int8_stack(layers: Sequence, x: torch.Tensor, rows: int, backend: str | None
             or dispatch.choose(INT8_LINEAR.name, x, backend) != "cpu"
             or dispatch.choose(INT8_LAYERS.name, x, backend) != "cpu"):
         return None
-    key = ("int8", x.dtype, rows <= int8_ops.PANEL_ROWS)  # what sums_panels reads of the rows
+    key = ("int8", x.dtype, rows <= int8_ops.PANEL_ROWS, rows <= int8_ops.AMX_PANEL_ROWS)  # what sums_panels reads
     return Stacks.kept(stacks, key, lambda: _int8_weights(layers, x.dtype, rows))
 
 

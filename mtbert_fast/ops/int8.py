@@ -216,11 +216,27 @@ _PANELS_VNNI = _panel_kernel() and _ext.cpu_isa() == "avx512" and "avx512_vnni" 
 
 def panels_vnni() -> bool:
     """Whether int8_panel_sums multiplies with AVX512-VNNI here (the AVX-512 CPU kernels loaded on a CPU with it):
-    there its sums are exact for any int8 weight, and the encoder takes every product's sums from the panels, which
-    ran faster than oneDNN's int8 product at every shape and row count measured (benchmarks/int8_panels.py, 2-core
-    AMD EPYC with AVX512-VNNI, all-MiniLM-L6-v2's and bert-base's shapes, oneDNN's time over the panels': 1.3-2.8x at
-    16 rows, 1.1-1.7x at 128, 1.00-1.11x at 1,024; whole int8 forwards 1.05x at B=8 L=128, 1.10-1.46x at B=1)."""
+    there its sums are exact for any int8 weight, and the encoder takes the sums of every product from the panels
+    (of at most AMX_PANEL_ROWS rows where oneDNN's int8 product runs on AMX tiles: onednn_amx), which ran faster than
+    oneDNN's int8 product at every shape and row count measured on a CPU without AMX (benchmarks/int8_panels.py,
+    2-core AMD EPYC with AVX512-VNNI, all-MiniLM-L6-v2's and bert-base's shapes, oneDNN's time over the panels':
+    1.3-2.8x at 16 rows, 1.1-1.7x at 128, 1.00-1.11x at 1,024; whole int8 forwards 1.05x at B=8 L=128, 1.10-1.46x at
+    B=1)."""
     return _PANELS_VNNI
+
+
+# The most rows whose sums come from VNNI panels where oneDNN's int8 product runs on AMX tiles (onednn_amx); more go to
+# oneDNN. benchmarks/int8_panels.py on a 2-core Intel Xeon with AMX (family 6 model 207), 2 threads, all-MiniLM-L6-v2's
+# and bert-base's shapes, the products alone, oneDNN's time over the panels': 1.6-3.3x at 16 rows, 0.76-2.0x at 64,
+# 0.75-1.6x at 128, 0.63-1.08x at 256, 0.54-0.78x at 1,024.
+AMX_PANEL_ROWS = 128
+
+
+@functools.cache
+def onednn_amx() -> bool:
+    """Whether products of many rows run on oneDNN's int8 product rather than the VNNI panels: the CPU has AMX-INT8,
+    whose tiles oneDNN multiplies on, and that product is exact here (onednn_int8_exact)."""
+    return panels_vnni() and "amx_int8" in (_ext._cpu_flags() or set()) and onednn_int8_exact()
 
 
 def pack_int8_panels(weight: torch.Tensor) -> torch.Tensor:
@@ -283,25 +299,28 @@ def int8_panel_sums(q: torch.Tensor, panels: torch.Tensor, out_features: int, *,
 
 class PackedInt8Weight:
     """An int8 weight [M, K] packed for its products. With VNNI (panels_vnni): its int8 panels (`panels`), on which
-    every product runs (`all_rows`), and nothing of oneDNN's. Else oneDNN's packed copy (`tensor`, an opaque tensor,
-    which has no storage to copy or save): for its int8 product where that is exact here for this weight (on any
-    weight, or on pairs_safe ones), else (`float_sums`) the weight widened to fp32 for its float32 product; where
-    oneDNN's int8 product is exact only for pairs_safe weights and the weight is one, also its int8 panels, on which
-    products of at most PANEL_ROWS rows run. It is never written, so copies of a model share it; pickling stores the
+    every product runs (`all_rows`), and nothing of oneDNN's; or, where oneDNN multiplies on AMX tiles (onednn_amx)
+    and its float32 sums of this weight are exact (sums_bound below FP32_EXACT: `amx`), those panels for products of
+    at most AMX_PANEL_ROWS rows and oneDNN's int8 product for the others. Else oneDNN's packed copy (`tensor`, an
+    opaque tensor, which has no storage to copy or save): for its int8 product where that is exact here for this
+    weight (on any weight, or on pairs_safe ones), else (`float_sums`) the weight widened to fp32 for its float32
+    product; where oneDNN's int8 product is exact only for pairs_safe weights and the weight is one, also its int8
+    panels, on which products of at most PANEL_ROWS rows run. It is never written, so copies of a model share it; pickling stores the
     plain weight and packs it again on loading (on the route of that machine)."""
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
-        self.all_rows = panels_vnni()
-        pairs = not self.all_rows and not onednn_int8_exact() and onednn_int8_pairs() and pairs_safe(weight)
-        self.float_sums = not (self.all_rows or onednn_int8_exact() or pairs)
+        self.amx = onednn_amx() and sums_bound(weight) < FP32_EXACT
+        self.all_rows = panels_vnni() and not self.amx
+        pairs = not panels_vnni() and not onednn_int8_exact() and onednn_int8_pairs() and pairs_safe(weight)
+        self.float_sums = not (panels_vnni() or onednn_int8_exact() or pairs)
         if self.all_rows:
             self.tensor = None
         elif self.float_sums:
             self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight.float())
         else:
             self.tensor = torch.ops.onednn.qlinear_prepack(weight.contiguous(), None)
-        self.panels = pack_int8_panels(weight) if self.all_rows or (pairs and _panel_kernel()) else None
+        self.panels = pack_int8_panels(weight) if panels_vnni() or (pairs and _panel_kernel()) else None
 
     def __deepcopy__(self, memo) -> PackedInt8Weight:
         return self
@@ -329,8 +348,7 @@ def int8_sums(q: torch.Tensor, zero: torch.Tensor, weight: torch.Tensor, packed:
     """The integer sums of the product of q uint8 [N, K] (zero fp32 [N], from quantize_rows) with weight int8 [M, K],
     exact, and the zero point they go with: (acc [N, M], zero' [N]) with acc - zero' * weight_sum = (q - zero) @
     weight^T. On `packed` (pack_int8_weight of weight): oneDNN's fp32 sums of q (its int8 product, or its float32
-    one on q widened), or the int32 sums of its int8 panels where it has them (with VNNI for any number of rows, else
-    for at most PANEL_ROWS), and zero itself. Else torch._int_mm's int32 sums of q - 128 (int8), and zero - 128."""
+    one on q widened), or the int32 sums of its int8 panels where sums_panels takes them, and zero itself. Else torch._int_mm's int32 sums of q - 128 (int8), and zero - 128."""
     if q.dtype != torch.uint8 or q.dim() != 2:
         raise TypeError(f"int8_sums: q must be a 2-D torch.uint8 tensor (from quantize_rows), got {q.dtype} "
                         f"{tuple(q.shape)}")
@@ -343,11 +361,14 @@ def int8_sums(q: torch.Tensor, zero: torch.Tensor, weight: torch.Tensor, packed:
 
 
 def sums_panels(packed: PackedInt8Weight | None, rows: int) -> torch.Tensor | None:
-    """The int8 panels that the sums of a product of `rows` rows on `packed` come from (every row count with VNNI,
-    else at most PANEL_ROWS where the weight has panels), or None where they come from elsewhere."""
-    if packed is None or packed.panels is None or not (packed.all_rows or rows <= PANEL_ROWS):
+    """The int8 panels that the sums of a product of `rows` rows on `packed` come from (every row count with VNNI, at
+    most AMX_PANEL_ROWS where oneDNN's product takes more, else at most PANEL_ROWS where the weight has panels), or
+    None where they come from elsewhere."""
+    if packed is None or packed.panels is None:
         return None
-    return packed.panels
+    if packed.all_rows or rows <= (AMX_PANEL_ROWS if packed.amx else PANEL_ROWS):
+        return packed.panels
+    return None
 
 
 def int8_sums_unchecked(q, zero, weight, packed=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -135,7 +135,8 @@ def _pairs_safe_extreme(n, k, m, seed=0):
     return q, w
 
 
-@pytest.mark.parametrize("route", ["vnni-panels", "onednn-int8", "onednn-int8-pairs", "int8-panels", "onednn-float32"])
+@pytest.mark.parametrize("route", ["vnni-panels", "vnni-amx", "onednn-int8", "onednn-int8-pairs", "int8-panels",
+                                   "onednn-float32"])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (5, 7, 3), (37, 64, 96), (2, _MOST_EXACT, 4), (1, 768, 2304),
                                    (130, 96, 40), (9, 300, 7)])
 def test_int8_sums_are_exact(shape, route, monkeypatch):
@@ -144,10 +145,16 @@ def test_int8_sums_are_exact(shape, route, monkeypatch):
     it is exact for those (onednn_int8_pairs: CPUs without VNNI); the int8 panels that take the few rows of such
     weights there (taken here for every count of rows, on any CPU); oneDNN's float32 product on the weight packed
     widened (taken here too when told that neither int8 route is exact); and torch._int_mm. With AVX512-VNNI every
-    product runs on the int8 panels, exact for any weight (the other routes are taken there by turning that off)."""
-    if route == "vnni-panels" and not int8_ops.panels_vnni():
+    product runs on the int8 panels, exact for any weight, or with AMX those of at most AMX_PANEL_ROWS rows, the
+    others on oneDNN's int8 product (told so here on any VNNI CPU; the other routes are taken there by turning
+    VNNI off)."""
+    if route.startswith("vnni") and not int8_ops.panels_vnni():
         pytest.skip("the int8 panels multiply with VNNI only on an AVX-512 CPU with it")
-    if route != "vnni-panels":
+    if route == "vnni-amx" and not onednn_int8_exact():
+        pytest.skip("oneDNN's int8 product is not exact here")
+    if route.startswith("vnni"):
+        monkeypatch.setattr(int8_ops, "onednn_amx", lambda: route == "vnni-amx")
+    else:
         monkeypatch.setattr(int8_ops, "panels_vnni", lambda: False)
     if route == "onednn-int8" and not onednn_int8_exact():
         pytest.skip("oneDNN's int8 product saturates on this CPU (no VNNI)")
@@ -170,17 +177,21 @@ def test_int8_sums_are_exact(shape, route, monkeypatch):
     assert packed is not None and packed.float_sums == (route == "onednn-float32")
     # panels with VNNI, and where oneDNN's int8 product is exact only for pairs_safe weights (told so, or on this CPU)
     pairs_only = route == "int8-panels" or (route == "onednn-int8-pairs" and int8_ops.weight_pairs_limited())
-    assert (packed.panels is not None) == (pairs_only or route == "vnni-panels")
+    assert (packed.panels is not None) == (pairs_only or route.startswith("vnni"))
     assert packed.all_rows == (route == "vnni-panels") and (packed.tensor is None) == packed.all_rows
+    assert packed.amx == (route == "vnni-amx")
     zero = torch.randint(0, 256, (n,)).float()
-    for packing in (packed, None):
-        acc, zero_of_acc = ops.int8_sums(q, zero, w, packing)
-        integer = packing is None or route in ("int8-panels", "vnni-panels")
-        assert acc.dtype == (torch.int32 if integer else torch.float32) and acc.shape == (n, m)
-        centred = acc.long() - zero_of_acc.long()[:, None] * w.long().sum(1)
-        assert torch.equal(centred, want - zero.long()[:, None] * w.long().sum(1)), packing
-        if packing is not None:
-            assert torch.equal(acc.long(), want) and torch.equal(zero_of_acc, zero)
+    # with AMX, n rows on each side of the panels' limit
+    for limit in (n, n - 1) if route == "vnni-amx" else (int8_ops.AMX_PANEL_ROWS,):
+        monkeypatch.setattr(int8_ops, "AMX_PANEL_ROWS", limit)
+        for packing in (packed, None):
+            acc, zero_of_acc = ops.int8_sums(q, zero, w, packing)
+            integer = packing is None or route in ("int8-panels", "vnni-panels") or (route == "vnni-amx" and limit == n)
+            assert acc.dtype == (torch.int32 if integer else torch.float32) and acc.shape == (n, m)
+            centred = acc.long() - zero_of_acc.long()[:, None] * w.long().sum(1)
+            assert torch.equal(centred, want - zero.long()[:, None] * w.long().sum(1)), packing
+            if packing is not None:
+                assert torch.equal(acc.long(), want) and torch.equal(zero_of_acc, zero)
 
 
 def test_weights_past_the_pair_limit_take_the_float32_product_where_int8_pairs_saturate(monkeypatch):
@@ -228,12 +239,13 @@ def test_int8_panel_sums(backend, shape):
 
 @pytest.mark.parametrize("shape", [(1, 4, 32), (12, 64, 31), (13, 7, 33), (25, 300, 96), (30, 1030, 17),
                                    (1024, 384, 40)])
-def test_vnni_panel_sums_are_exact_for_any_weight(shape):
+def test_vnni_panel_sums_are_exact_for_any_weight(shape, monkeypatch):
     """With AVX512-VNNI the panels' sums equal the int64 product on weights that are not pairs_safe (127 next to 127,
     -128 next to -128) against rows of 255: every tile height (1 to 12 rows, then more tiles), panels cut short at
     the last columns, reductions past a whole group of four. No pair check refuses such weights there."""
     if not int8_ops.panels_vnni():
         pytest.skip("the int8 panels multiply with VNNI only on an AVX-512 CPU with it")
+    monkeypatch.setattr(int8_ops, "onednn_amx", lambda: False)
     n, k, m = shape
     q, w = _extreme(n, k, m)
     w[0, : min(k, 4)] = 127
@@ -248,6 +260,28 @@ def test_vnni_panel_sums_are_exact_for_any_weight(shape):
     zero = torch.randint(0, 256, (n,)).float()
     acc, zero_of_acc = ops.int8_sums(q, zero, w, packed)
     assert torch.equal(acc.long(), reference.int8_sums(q, w)) and torch.equal(zero_of_acc, zero)
+
+
+@pytest.mark.parametrize("k", [(FP32_EXACT - 1) // (255 * 127), (FP32_EXACT - 1) // (255 * 127) + 1])
+def test_amx_route_keeps_weights_whose_float_sums_are_not_exact_on_the_panels(k, monkeypatch):
+    """Where oneDNN's int8 product takes products of many rows (onednn_amx), a weight whose sums can reach 2^24,
+    past what oneDNN's float32 output holds exactly, keeps every product on its panels; one just below goes to oneDNN
+    past AMX_PANEL_ROWS rows. Either way the sums of rows of 255 are exact."""
+    if not (int8_ops.panels_vnni() and onednn_int8_exact()):
+        pytest.skip("the AMX route needs the VNNI panels and oneDNN's exact int8 product")
+    monkeypatch.setattr(int8_ops, "onednn_amx", lambda: True)
+    monkeypatch.setattr(int8_ops, "AMX_PANEL_ROWS", 2)
+    n, m = 3, 5
+    q, w = _extreme(n, k, m)
+    w[0] = 127
+    exact_in_float = sums_bound(w) < FP32_EXACT
+    assert exact_in_float == (k * 255 * 127 < FP32_EXACT)
+    packed = ops.pack_int8_weight(w)
+    assert packed.amx == exact_in_float and packed.all_rows == (not exact_in_float)
+    assert (packed.tensor is None) == packed.all_rows and packed.panels is not None
+    acc, _ = ops.int8_sums(q, torch.zeros(n), w, packed)
+    assert acc.dtype == (torch.float32 if exact_in_float else torch.int32)
+    assert torch.equal(acc.long(), reference.int8_sums(q, w))
 
 
 @pytest.mark.parametrize("rows", [9, 12, 24, 97])
