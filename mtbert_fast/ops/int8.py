@@ -232,11 +232,13 @@ def panels_vnni() -> bool:
 AMX_PANEL_ROWS = 128
 
 
-@functools.cache
+_AMX_INT8 = "amx_int8" in (_ext._cpu_flags() or set())
+
+
 def onednn_amx() -> bool:
-    """Whether products of many rows run on oneDNN's int8 product rather than the VNNI panels: the CPU has AMX-INT8,
-    whose tiles oneDNN multiplies on, and that product is exact here (onednn_int8_exact)."""
-    return panels_vnni() and "amx_int8" in (_ext._cpu_flags() or set()) and onednn_int8_exact()
+    """Whether products of many rows run on oneDNN's int8 product rather than the VNNI panels (panels_vnni): the CPU
+    has AMX-INT8, whose tiles oneDNN multiplies on, and that product is exact here (onednn_int8_exact)."""
+    return panels_vnni() and _AMX_INT8 and onednn_int8_exact()
 
 
 def pack_int8_panels(weight: torch.Tensor) -> torch.Tensor:
