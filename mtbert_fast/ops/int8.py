@@ -307,8 +307,8 @@ class PackedInt8Weight:
     opaque tensor, which has no storage to copy or save): for its int8 product where that is exact here for this
     weight (on any weight, or on pairs_safe ones), else (`float_sums`) the weight widened to fp32 for its float32
     product; where oneDNN's int8 product is exact only for pairs_safe weights and the weight is one, also its int8
-    panels, on which products of at most PANEL_ROWS rows run. It is never written, so copies of a model share it; pickling stores the
-    plain weight and packs it again on loading (on the route of that machine)."""
+    panels, on which products of at most PANEL_ROWS rows run. It is never written, so copies of a model share it;
+    pickling stores the plain weight and packs it again on loading (on the route of that machine)."""
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
@@ -350,7 +350,8 @@ def int8_sums(q: torch.Tensor, zero: torch.Tensor, weight: torch.Tensor, packed:
     """The integer sums of the product of q uint8 [N, K] (zero fp32 [N], from quantize_rows) with weight int8 [M, K],
     exact, and the zero point they go with: (acc [N, M], zero' [N]) with acc - zero' * weight_sum = (q - zero) @
     weight^T. On `packed` (pack_int8_weight of weight): oneDNN's fp32 sums of q (its int8 product, or its float32
-    one on q widened), or the int32 sums of its int8 panels where sums_panels takes them, and zero itself. Else torch._int_mm's int32 sums of q - 128 (int8), and zero - 128."""
+    one on q widened), or the int32 sums of its int8 panels where sums_panels takes them, and zero itself. Else
+    torch._int_mm's int32 sums of q - 128 (int8), and zero - 128."""
     if q.dtype != torch.uint8 or q.dim() != 2:
         raise TypeError(f"int8_sums: q must be a 2-D torch.uint8 tensor (from quantize_rows), got {q.dtype} "
                         f"{tuple(q.shape)}")
