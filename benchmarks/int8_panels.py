@@ -94,25 +94,26 @@ def products(name: str, rows: list[int], repeats: int) -> None:
         print(f"{name:9s} [{out_features:4d}, {k:4d}]  " + "  ".join(cells), flush=True)
 
 
+def _rerouted(packed: int8_ops.PackedInt8Weight, panels: torch.Tensor | None, tensor) -> int8_ops.PackedInt8Weight:
+    """packed's weight with its products' sums on `panels` for every row count (given) or else on oneDNN's int8
+    product on `tensor`."""
+    alt = object.__new__(int8_ops.PackedInt8Weight)
+    alt.weight, alt.all_rows, alt.amx, alt.float_sums = packed.weight, panels is not None, False, False
+    alt.panels, alt.tensor = panels, tensor
+    return alt
+
+
 def _onednn_packed(packed: int8_ops.PackedInt8Weight) -> int8_ops.PackedInt8Weight:
     """The same weight packed for oneDNN's int8 product only (no panels); a weight on oneDNN's float32 product (not
     pair-safe where the int8 one needs that) stays there."""
     if packed.float_sums:
         return packed
-    alt = object.__new__(int8_ops.PackedInt8Weight)
-    alt.weight, alt.all_rows, alt.amx, alt.float_sums, alt.panels = packed.weight, False, False, False, None
-    alt.tensor = torch.ops.onednn.qlinear_prepack(packed.weight.contiguous(), None)
-    return alt
+    return _rerouted(packed, None, torch.ops.onednn.qlinear_prepack(packed.weight.contiguous(), None))
 
 
 def _panels_packed(packed: int8_ops.PackedInt8Weight) -> int8_ops.PackedInt8Weight:
     """The same weight with every product's sums on its int8 panels, where it has them."""
-    if packed.panels is None:
-        return packed
-    alt = object.__new__(int8_ops.PackedInt8Weight)
-    alt.weight, alt.all_rows, alt.amx, alt.float_sums = packed.weight, True, False, False
-    alt.panels, alt.tensor = packed.panels, None
-    return alt
+    return packed if packed.panels is None else _rerouted(packed, packed.panels, None)
 
 
 def _repacked(layers: list, repack) -> list:
