@@ -13,7 +13,8 @@ route's rate is the roofline (on the AMD EPYC of docs/cpu-full-batch.md, F.linea
 rate in fp32). Attention FLOPs are its two products, Q K^T and P V: 4 L^2 head_dim per head per sequence; the
 softmax is not counted. --rel-bias R adds a relative position bias table [heads, 2R+1]; --window W attends to the
 keys within W positions only, and the FLOPs count only the pairs attended. --pos W adds per-token position tables
-pos_q and pos_k [heads, T, W] (DeBERTa's disentangled attention) over the distances up to W / 2, clamped. The
+pos_q and pos_k [heads, T, W] (DeBERTa's disentangled attention) over the distances up to W / 2, clamped. In bf16 on a
+CPU with AMX-BF16 each case runs twice, on the tiles (amx) and on the AVX512-BF16 dot products (dots). The
 fraction is the attention rate over the GEMM rate, of medians and as the median of per-round fractions against that
 round's fastest route (robust to a load that moves between rounds). One thread is timed by the thread's CPU time
 (time.thread_time), which other jobs on a shared machine do not inflate by descheduling it; more threads by wall
@@ -34,7 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mtbert_fast.bench import harness  # noqa: E402
-from mtbert_fast.ops import attention_varlen  # noqa: E402
+from mtbert_fast.ops import attention_varlen, cpu_attention_amx  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 HEADS = 12
@@ -77,6 +78,16 @@ def attention_case(lens: list[int], head_dim: int, dtype: torch.dtype, rel_r: in
                                      **tables)), flops
 
 
+def routed(call, allow_amx: bool):
+    """call, run with the CPU forward's AMX tiles allowed or not (cpu_attention_amx), set before every call."""
+
+    def run_routed():
+        cpu_attention_amx(allow_amx)
+        return call()
+
+    return run_routed
+
+
 def run(threads: int, dtype_name: str, args) -> None:
     torch.set_num_threads(threads)
     dtype = DTYPES[dtype_name]
@@ -84,12 +95,16 @@ def run(threads: int, dtype_name: str, args) -> None:
     routes = {f"gemm {r}": fn for r, fn in harness.gemm_routes(dtype, torch.device("cpu"), harness.GEMM_SHAPE).items()}
     fns = dict(routes)
     flops = dict.fromkeys(routes, 2.0 * m * k * n)
+    # bf16 on a CPU with AMX: each case on the tiles and on the AVX512-BF16 dot products (the route set per call)
+    amx_routes = {"amx": True, "dots": False} if dtype == torch.bfloat16 and cpu_attention_amx() else {"": True}
     for head_dim in args.head_dims:
         cases = {f"L={length}": [length] * max(1, TOKENS // length) for length in args.lengths}
         cases["ragged"] = ragged_lengths()
         for label, lens in cases.items():
-            name = f"d={head_dim} {label}"
-            fns[name], flops[name] = attention_case(lens, head_dim, dtype, args.rel_bias, args.window, args.pos)
+            call, case_flops = attention_case(lens, head_dim, dtype, args.rel_bias, args.window, args.pos)
+            for suffix, allow in amx_routes.items():
+                name = f"d={head_dim} {label} {suffix}".rstrip()
+                fns[name], flops[name] = routed(call, allow), case_flops
     # one thread: its CPU time, which other jobs on a busy machine do not inflate; more: wall time
     clock = time.thread_time if threads == 1 else time.perf_counter
     with torch.inference_mode():
@@ -100,13 +115,13 @@ def run(threads: int, dtype_name: str, args) -> None:
     round_gemm = [max(flops[r] / timing[r].samples[i] for r in routes) for i in rounds]
     print(f"\n{dtype_name}, {threads} thread(s), {'thread CPU' if threads == 1 else 'wall'} time: GEMM {gemm_rate / 1e9:.0f} GFLOP/s ("
           + ", ".join(f"{r} {v / 1e9:.0f}" for r, v in rates.items()) + ")")
-    print(f"    {'case':16s} {'us':>9s} {'GFLOP/s':>8s}  fraction of GEMM rate (of medians / per round)")
+    print(f"    {'case':21s} {'us':>9s} {'GFLOP/s':>8s}  fraction of GEMM rate (of medians / per round)")
     for name, t in timing.items():
         if name in routes:
             continue
         rate = flops[name] / t.median
         per_round = np.median([flops[name] / t.samples[i] / round_gemm[i] for i in rounds])
-        print(f"    {name:16s} {t.median * 1e6:9.0f} {rate / 1e9:8.1f}  {rate / gemm_rate:.3f} / {per_round:.3f}")
+        print(f"    {name:21s} {t.median * 1e6:9.0f} {rate / 1e9:8.1f}  {rate / gemm_rate:.3f} / {per_round:.3f}")
 
 
 def main(argv=None) -> None:

@@ -22,7 +22,9 @@
 // probabilities rounded to bf16 (their sum stays that of the fp32 ones), as PyTorch's own CPU attention and
 // FlashAttention round them: the output's error is then PyTorch's (rms over random inputs; a P V in fp32 had 0.9x
 // of it, at half the rate). The backward's products with probabilities or their gradients (P^T dO, dS K, dS^T Q)
-// stay fp32 with the bf16 operand widened when packed.
+// stay fp32 with the bf16 operand widened when packed. On CPUs with AMX-BF16 the forward without position terms or
+// dropout runs its two products on AMX tiles instead (forward_blocks_amx): the same exact products and fp32 sums, in
+// another order.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -45,6 +47,7 @@
 
 #include "attention_dropout.h"
 #include "checks.h"
+#include "cpu_amx.h"
 #include "cpu_tiles.h"
 #include "cpu_utils.h"
 
@@ -163,8 +166,10 @@ void pack_a(const ST* src, int64_t rows, int64_t cols, int64_t ld_src, CT* dst, 
   for (int64_t r = 0; r < rows; ++r) {
     const ST* s = src + r * ld_src;
     CT* d = dst + r * ld_dst;
-    for (int64_t c = 0; c < cols; ++c) d[c] = to_compute<CT>(s[c]);
-    for (int64_t c = cols; c < ld_dst; ++c) d[c] = CT(0);
+    if constexpr (std::is_same<CT, ST>::value) std::memcpy(d, s, cols * sizeof(CT));
+    else
+      for (int64_t c = 0; c < cols; ++c) d[c] = to_compute<CT>(s[c]);
+    std::fill(d + cols, d + ld_dst, CT(0));
   }
 }
 
@@ -833,6 +838,18 @@ void query_terms(const ST* pq,        // [len, W]: the sequence's rows of pos_q 
 // diagonals. A window limits each group to the keys of its band. kBias, kWindow: rel_bias, a window is given.
 // kTokens: the tables are given; their terms, rel_bias's with them (kBias is then false), go into the scores buffer
 // before each scores tile, a group's rows against a key block at a time.
+// A query block's lse [heads, T] from its rows' maxima (log2 units) and sums, in one vector pass (a scalar log per
+// row took 3 % of the kernel at head_dim 32).
+inline void store_lse(const Geometry& g, const QueryBlock& qb, const float* row_max, const float* row_sum,
+                      float* lse) {
+  float* lse_rows = lse + qb.head * g.tokens + qb.start + qb.q0;
+  for (int64_t i = 0; i < qb.qn; i += kLanes) {
+    const int64_t m = std::min(kLanes, qb.qn - i);
+    const Vec x = at::vec::fmadd(Vec::loadu(row_max + i, m), Vec(kLn2), Vec::loadu(row_sum + i, m).log());
+    x.store(lse_rows + i, m);
+  }
+}
+
 template <typename ST, typename CT, bool kBias, bool kWindow, bool kTokens = false>
 void forward_blocks(const Geometry& g,
                     const DropoutParams& drop,
@@ -979,14 +996,180 @@ void forward_blocks(const Geometry& g,
       std::copy(row_max, row_max + mr, lse_max + r0);
       std::copy(row_sum, row_sum + mr, lse_sum + r0);
     }
-    // The block's lse in one vector pass (a scalar log per row took 3 % of the kernel at head_dim 32)
-    float* lse_rows = lse + qb.head * g.tokens + qb.start + qb.q0;
-    for (int64_t i = 0; i < qb.qn; i += kLanes) {
-      const int64_t m = std::min(kLanes, qb.qn - i);
-      const Vec x = at::vec::fmadd(Vec::loadu(lse_max + i, m), Vec(kLn2), Vec::loadu(lse_sum + i, m).log());
-      x.store(lse_rows + i, m);
+    store_lse(g, qb, lse_max, lse_sum, lse);
+  }
+}
+
+#ifdef MTBF_AMX
+// ---------------------------------------------------------------------------------------------------------------
+// The bf16 forward on AMX tiles, for attention without position terms or dropout (inference), on CPUs with AMX-BF16.
+// The vdpbf16ps tiles above spend about 2 cycles a score on the two products at head_dim 32-64, four times the
+// softmax's share; TDPBF16PS does a tile's 8192 multiply-adds in 16 cycles. Per row group of 32 queries:
+// S = Q K^T into fp32 tiles of 16 x 16 (2 x 2 at a time), the softmax as forward_blocks takes it (row maxima of the
+// rounded scale * S, 2^(scale * S - max) rounded to bf16 by exp2_round_rows, fp32 sums), then O = P V into fp32
+// tiles over key steps of 32. The operands are packed as forward_blocks packs them (K^T and V in pairs, Q and P
+// row-major), their reduction dimensions (head_dim in Q K^T, keys in P V) zero-padded to the tile's step of 32. Rows
+// of a group past the block's queries run on stale operands and are never stored: a row of a product reads only its
+// own row of the left operand.
+
+constexpr int64_t kAmxRows = cpu::amx::kRows;
+constexpr int64_t kAmxStep = cpu::amx::kRowBytes / 2;  // bf16 of a tile row: the reduction step
+constexpr int64_t kAmxCols = cpu::amx::kRowBytes / 4;  // fp32 columns of a result tile
+static_assert(kQueryBlock % (2 * kAmxRows) == 0, "a query block is whole row groups");
+
+// c [32, 32] (fp32, row stride ldc) = a [32, k] @ b [k, 32], or its first 16 rows (two_rows false) or columns
+// (two_cols false): a bf16 row-major (row stride lda), b bf16 in pairs ([k / 2, ldb, 2]), k a multiple of kAmxStep.
+// Result tiles 0 and 1 take rows 0-15, 2 and 3 rows 16-31; tiles 4 and 5 hold a's two row halves, 6 and 7 b's two
+// column halves, so that each loaded tile serves two products and no load waits for a product to free its tile.
+inline void amx_product(bool two_rows, bool two_cols, int64_t k, const at::BFloat16* a, int64_t lda,
+                        const at::BFloat16* b, int64_t ldb, float* c, int64_t ldc) {
+  const int64_t a_bytes = lda * 2, b_bytes = ldb * 4, c_bytes = ldc * 4;
+  const at::BFloat16* a1 = a + kAmxRows * lda;
+  MTBF_TILE_ZERO(0);
+  if (two_cols) MTBF_TILE_ZERO(1);
+  if (two_rows) MTBF_TILE_ZERO(2);
+  if (two_rows && two_cols) MTBF_TILE_ZERO(3);
+  for (int64_t kk = 0; kk < k; kk += kAmxStep) {
+    const at::BFloat16* bk = b + kk * ldb;  // pair row kk / 2
+    MTBF_TILE_LOAD(4, a + kk, a_bytes);
+    MTBF_TILE_LOAD(6, bk, b_bytes);
+    MTBF_TILE_DPBF16PS(0, 4, 6);
+    if (two_cols) {
+      MTBF_TILE_LOAD(7, bk + 2 * kAmxCols, b_bytes);
+      MTBF_TILE_DPBF16PS(1, 4, 7);
+    }
+    if (two_rows) {
+      MTBF_TILE_LOAD(5, a1 + kk, a_bytes);
+      MTBF_TILE_DPBF16PS(2, 5, 6);
+      if (two_cols) MTBF_TILE_DPBF16PS(3, 5, 7);
     }
   }
+  MTBF_TILE_STORE(0, c, c_bytes);
+  if (two_cols) MTBF_TILE_STORE(1, c + kAmxCols, c_bytes);
+  if (two_rows) MTBF_TILE_STORE(2, c + kAmxRows * ldc, c_bytes);
+  if (two_rows && two_cols) MTBF_TILE_STORE(3, c + kAmxRows * ldc + kAmxCols, c_bytes);
+}
+
+// The largest scale * x[r, j] (rounded product, NaN left out) of each row r < mr over the columns j < n.
+void scaled_row_max(const float* x, int64_t ld, int64_t mr, int64_t n, float scale, float* max) {
+  const Vec vscale(scale), minus_inf(-std::numeric_limits<float>::infinity());
+  for (int64_t r = 0; r < mr; ++r) {
+    const float* xr = x + r * ld;
+    Vec m = minus_inf;
+    cpu::for_each_vec(n, [&](int64_t j, auto lanes) {
+      Vec v = cpu::load(xr + j, lanes) * vscale;
+      if constexpr (!std::is_same<decltype(lanes), cpu::Full>::value) v = Vec::set(minus_inf, v, lanes);
+      m = cpu::max_ignoring_nan(m, v);
+    });
+    max[r] = cpu::lane_max(m);
+  }
+}
+
+void forward_blocks_amx(const Geometry& g, const at::BFloat16* qkv, const QueryBlock* blocks, int64_t n,
+                        at::BFloat16* out, float* lse) {
+  using BF = at::BFloat16;
+  constexpr int64_t R = 2 * kAmxRows;
+  const int64_t dim = g.head_dim, kdim = round_up(dim, kAmxStep), vdim = round_up(dim, kAmxCols);
+  const int64_t ld_out = g.heads * dim;
+  int64_t max_len = 0;
+  for (int64_t t = 0; t < n; ++t) max_len = std::max(max_len, blocks[t].len);
+  const int64_t ld_s = round_up(std::min(max_len, kKeyBlock), kAmxStep);
+  const int64_t key_rows = round_up(max_len, kAmxStep);
+  Zeroed<BF> k_t(kdim * key_rows), q_a(R * kdim), v_b(key_rows * vdim), p(R * ld_s);
+  std::vector<float> s(R * ld_s), o(R * vdim), o_block(R * vdim);
+  float row_max[R], row_sum[R], alpha[R], inv_sum[R], new_max[R], block_sum[R];
+  float lse_max[kQueryBlock], lse_sum[kQueryBlock];
+  const float scale = g.scale * kLog2e;
+  int64_t packed_start = -1, packed_head = -1, keys = 0;
+
+  cpu::amx::configure(cpu::amx::Config(8));
+  for (int64_t t = 0; t < n; ++t) {
+    const QueryBlock& qb = blocks[t];
+    const BF* q = qkv + qb.start * g.tok_stride + qb.head * g.head_stride;
+    if (qb.start != packed_start || qb.head != packed_head) {
+      keys = round_up(qb.len, kAmxCols);  // K^T's columns: whole result tiles
+      pack_b_transposed(q + g.part_stride, dim, qb.len, g.tok_stride, kdim, keys, k_t.data());
+      // pack_b_transposed leaves the pair rows past head_dim as they were (for another sequence's length)
+      std::fill(k_t.data() + round_up(dim, 2) * keys, k_t.data() + kdim * keys, BF(0.f));
+      pack_b(q + 2 * g.part_stride, qb.len, dim, g.tok_stride, round_up(qb.len, kAmxStep), vdim, v_b.data());
+      packed_start = qb.start;
+      packed_head = qb.head;
+    }
+    for (int64_t r0 = 0; r0 < qb.qn; r0 += R) {
+      const int64_t mr = std::min(R, qb.qn - r0);
+      const int64_t row0 = qb.start + qb.q0 + r0;
+      const bool two_rows = mr > kAmxRows;
+      // The tiles read Q's rows in place where they hold whole tile rows and the group's rows all lie in the block
+      const BF* a = q + (qb.q0 + r0) * g.tok_stride;
+      int64_t lda = g.tok_stride;
+      if (dim != kdim || mr < R) {
+        pack_a(a, mr, dim, g.tok_stride, q_a.data(), kdim);
+        a = q_a.data();
+        lda = kdim;
+      }
+      for (int64_t j0 = 0; j0 < qb.len; j0 += kKeyBlock) {
+        const bool first = j0 == 0, last = j0 + kKeyBlock >= qb.len;
+        const int64_t bn = std::min(kKeyBlock, qb.len - j0), bn_cols = round_up(bn, kAmxCols);
+        for (int64_t c0 = 0; c0 < bn_cols; c0 += 2 * kAmxCols)
+          amx_product(two_rows, bn_cols - c0 > kAmxCols, kdim, a, lda, k_t.data() + 2 * (j0 + c0), keys,
+                      s.data() + c0, ld_s);
+        scaled_row_max(s.data(), ld_s, mr, bn, scale, new_max);
+        for (int64_t r = 0; r < mr; ++r)
+          if (!first) new_max[r] = std::max(row_max[r], new_max[r]);
+        const bool rounded = scale != 1.f && needs_rounded(new_max, static_cast<int>(mr));
+        for (int64_t r = 0; r < mr; r += kTileRows)
+          exp2_round_rows(s.data() + r * ld_s, ld_s, static_cast<int>(std::min<int64_t>(kTileRows, mr - r)), bn,
+                          scale, new_max + r, p.data() + r * ld_s, block_sum + r, rounded);
+        const int64_t bn_steps = round_up(bn, kAmxStep);
+        for (int64_t r = 0; r < mr; ++r) {
+          std::fill(p.data() + r * ld_s + round_up(bn, 2), p.data() + r * ld_s + bn_steps, BF(0.f));
+          alpha[r] = first ? 1.f : std::exp2(row_max[r] - new_max[r]);
+          row_sum[r] = first ? block_sum[r] : row_sum[r] * alpha[r] + block_sum[r];
+          row_max[r] = new_max[r];
+          inv_sum[r] = 1.f / row_sum[r];
+        }
+        for (int64_t c0 = 0; c0 < vdim; c0 += 2 * kAmxCols)
+          amx_product(two_rows, vdim - c0 > kAmxCols, bn_steps, p.data(), ld_s, v_b.data() + j0 * vdim + 2 * c0,
+                      vdim, o_block.data() + c0, vdim);
+        // The rows' outputs: this key block's, or added to those of the blocks before it, rescaled to the new
+        // maximum; after the last, times 1 / sum and rounded once.
+        for (int64_t r = 0; r < mr; ++r) {
+          const float* ob = o_block.data() + r * vdim;
+          float* acc = o.data() + r * vdim;
+          BF* dst = out + (row0 + r) * ld_out + qb.head * dim;
+          cpu::for_each_vec(dim, [&](int64_t c, auto lanes) {
+            Vec x = cpu::load(ob + c, lanes);
+            if (!first) x = at::vec::fmadd(cpu::load(acc + c, lanes), Vec(alpha[r]), x);
+            if (last) cpu::store(dst + c, x * Vec(inv_sum[r]), lanes);
+            else cpu::store(acc + c, x, lanes);
+          });
+        }
+      }
+      std::copy(row_max, row_max + mr, lse_max + r0);
+      std::copy(row_sum, row_sum + mr, lse_sum + r0);
+    }
+    store_lse(g, qb, lse_max, lse_sum, lse);
+  }
+  cpu::amx::release();
+}
+#endif
+
+// Whether the bf16 forward may take forward_blocks_amx (on a CPU and kernel that give this process the tiles).
+std::atomic<bool> amx_allowed{true};
+
+bool amx_forward() {
+#ifdef MTBF_AMX
+  return amx_allowed.load(std::memory_order_relaxed) && cpu::amx::bf16_tiles();
+#else
+  return false;
+#endif
+}
+
+// cpu_attention_amx(allow): sets whether the bf16 forward may run on AMX tiles (None leaves it), and returns whether
+// it now does.
+bool cpu_attention_amx(std::optional<bool> allow) {
+  if (allow.has_value()) amx_allowed.store(*allow, std::memory_order_relaxed);
+  return amx_forward();
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1362,6 +1545,8 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_cpu(const at::Tensor& qkv_in
         blocks.push_back({start, len, h, q0, qn});
         cost.push_back(static_cast<double>(qn + 8) * (std::min(len, keys_seen(len, window) + qn) + 8));
       }
+  // AMX tiles take the bf16 forward without position terms or dropout
+  const bool tiles = !index.defined() && pos.rel_bias == nullptr && pos.window < 0 && !drop.enabled && amx_forward();
   dispatch_types(qkv.scalar_type(), [&](auto st, auto ct) {
     using ST = decltype(st);
     using CT = decltype(ct);
@@ -1372,6 +1557,14 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_cpu(const at::Tensor& qkv_in
     PositionArgs with_tables = pos;
     with_tables.tables = &tables;
     run_balanced(cost, [&](int64_t first, int64_t count) {
+#ifdef MTBF_AMX
+      if constexpr (std::is_same<CT, at::BFloat16>::value) {
+        if (tiles) {
+          forward_blocks_amx(g, qkv_p, blocks.data() + first, count, out_p, lse_p);
+          return;
+        }
+      }
+#endif
       // With the tables rel_bias joins their terms: kBias stays false, which saves instantiations.
       if (index.defined()) {
         if (pos.window >= 0)
@@ -1471,6 +1664,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_varlen_back
 }
 
 }  // namespace
+
+// A tensor-less query of this CPU build, in the kernels' namespace.
+TORCH_LIBRARY_FRAGMENT(mtbert_fast_C, m) { m.def("cpu_attention_amx(bool? allow=None) -> bool", &cpu_attention_amx); }
 
 TORCH_LIBRARY_IMPL(mtbert_fast_C, CPU, m) {
   m.impl("attention_varlen", &attention_varlen_cpu);

@@ -270,6 +270,88 @@ def test_cpu_bf16_probabilities_round_as_the_reference(head_dim):
     assert (diff == 0).float().mean() >= 0.99, f"only {(diff == 0).float().mean().item():.3f} of the outputs exact"
 
 
+@pytest.fixture
+def amx_tiles():
+    """The CPU forward's AMX route, switched back on after the test. Skips where the CPU has no AMX-BF16 (or Linux
+    does not grant the tiles): the bf16 tests above then run the AVX512-BF16 route only, which this one compares
+    against."""
+    if not ops.cpu_attention_amx():
+        pytest.skip("no AMX-BF16 tiles on this CPU")
+    yield
+    ops.cpu_attention_amx(True)
+
+
+def _cpu_forward_routes(qkv, cu, max_seqlen, scale):
+    """The CPU kernel's (out, lse) on AMX tiles and on the AVX512-BF16 dot products."""
+    forward = _cpu("attention_varlen")
+    routes = []
+    for allow in (True, False):
+        assert ops.cpu_attention_amx(allow) == allow
+        routes.append(forward(qkv, cu, max_seqlen, scale))
+    return routes
+
+
+@pytest.mark.parametrize("head_dim", [1, 20, 32, 33, 64, 80, 256])
+@pytest.mark.parametrize("lens", [[1], RAGGED, [31, 32, 33, 48], [600], [1030, 2]])
+def test_cpu_amx_forward_is_the_dot_products_forward(amx_tiles, head_dim, lens):
+    """On AMX tiles (head_dim padded to the tile's 32, keys to 32, row groups of 32 queries, several key blocks past
+    512) the bf16 forward gives the outputs of the AVX512-BF16 route but for the order of its fp32 sums: nearly all
+    bit for bit, the rest within the one bf16 ulp of a probability whose rounding that order can flip (bounded by
+    eps * sum_j p_j |v_j| / sum_j p_j, plus an ulp of the output), lse to fp32 rounding; and within the bound of the
+    tests above against the fp32 reference."""
+    cu = cu_seqlens(lens)
+    qkv = rand(sum(lens), 3, 2, head_dim, seed=head_dim + len(lens), scale=2.0, dtype=torch.bfloat16)
+    scale = 1.0 / math.sqrt(head_dim)
+    (tiles, tiles_lse), (dots, dots_lse) = _cpu_forward_routes(qkv, cu, max(lens), scale)
+    torch.testing.assert_close(tiles_lse, dots_lse, atol=1e-5, rtol=1e-5)
+    eps = torch.finfo(torch.bfloat16).eps
+    abs_v = qkv.float().clone()
+    abs_v[:, 2] = abs_v[:, 2].abs()
+    spread = reference.attention_varlen(abs_v, cu, max(lens), scale)  # sum_j p_j |v_j| / sum_j p_j
+    ulp = eps * torch.exp2(torch.floor(torch.log2(dots.float().abs().clamp_min(1e-30))))
+    diff = (tiles.float() - dots.float()).abs()
+    assert (diff <= eps * spread + ulp).all(), f"{(diff - eps * spread - ulp).max().item():.3g} past the bound"
+    if diff.numel():
+        assert (diff == 0).float().mean() >= 0.99, f"only {(diff == 0).float().mean().item():.4f} bit for bit"
+    exact_out, exact_lse, _ = _exact(qkv, cu, scale, torch.zeros_like(tiles))
+    assert_close(tiles, exact_out, _native(qkv, cu, scale), torch.bfloat16, "out")
+
+
+@pytest.mark.parametrize("case", ["nan", "huge", "far below zero", "strided"])
+def test_cpu_amx_forward_edge_cases(amx_tiles, case):
+    """NaN in one query, huge and far-negative scores and a strided qkv take the AMX route to the same outputs as
+    the dot products (NaN rows and finite rows alike)."""
+    lens, heads, head_dim = [9, 40], 2, 64
+    qkv = rand(sum(lens), 3, heads, head_dim, seed=5)
+    scale = 1.0 / math.sqrt(head_dim)
+    if case == "nan":
+        qkv[3, 0, 1, 4] = float("nan")
+    elif case == "huge":
+        qkv[3, 0, 1, 4], qkv[12, 0, 0, 7] = 1e30, -1e30
+    elif case == "far below zero":
+        scale = 300.0
+        u = F.normalize(rand(1, 1, 1, head_dim, seed=13), dim=-1)
+        qkv = torch.cat([-u + 0.05 * qkv[:, :1], u + 0.05 * qkv[:, 1:2], qkv[:, 2:]], 1)
+    qkv = qkv.bfloat16()
+    if case == "strided":  # rows of qkv further apart than 3 * heads * head_dim
+        qkv = torch.cat([qkv, qkv.flip(0)], 3)[..., head_dim:]
+    (tiles, tiles_lse), (dots, dots_lse) = _cpu_forward_routes(qkv, cu_seqlens(lens), max(lens), scale)
+    assert torch.equal(tiles.isnan(), dots.isnan()) and torch.equal(tiles_lse.isnan(), dots_lse.isnan())
+    torch.testing.assert_close(tiles.float(), dots.float(), atol=2e-2, rtol=1e-2, equal_nan=True)
+    torch.testing.assert_close(tiles_lse, dots_lse, atol=1e-4, rtol=1e-5, equal_nan=True)
+
+
+def test_cpu_attention_amx_switch():
+    """cpu_attention_amx(False) keeps the forward off the tiles, True lets it back where the CPU has them."""
+    available = ops.cpu_attention_amx()
+    try:
+        assert ops.cpu_attention_amx(False) is False
+        assert ops.cpu_attention_amx() is False
+        assert ops.cpu_attention_amx(True) is available
+    finally:
+        ops.cpu_attention_amx(True)
+
+
 def _one_hot_attention(backend, lens, heads, dropout_p, rng):
     """The kernels' dropout multipliers, read off exactly: with Q = K = 0 every probability of a sequence of length L
     is 1/L, and with V_j one-hot at j's place in its sequence out_i[j] = M_ij / L; with dO_i one-hot at i's place the
