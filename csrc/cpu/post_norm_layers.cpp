@@ -15,13 +15,16 @@
 // dispatcher.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/cat.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "checks.h"
+#include "cpu_amx.h"
 
 namespace mtbert_fast {
 namespace {
@@ -46,6 +49,45 @@ using MklLinear = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Ten
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> kernel_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// oneDNN's bf16 linear on AMX tiles (the oneDNN of PyTorch 2.13) runs products of 448-1,280 rows with weights of
+// 768-1,024 output features at about half its rate (a BERT-base layer's attention output and FFN output products at
+// B=8, L=128: 1,100-1,500 GFLOP/s, where its other products and these at 384 rows or fewer, or 1,536 and more, run at
+// 2,100-3,000 on a 2-core Xeon), so such products run in equal blocks of at most 384 rows, one oneDNN call each: the
+// rows of each block of a product's input, or all of them.
+constexpr int64_t kAmxBlockRows = 384;
+
+int64_t onednn_row_block(int64_t rows, int64_t out_features, at::ScalarType dtype) {
+#ifdef MTBF_AMX
+  const bool slow = dtype == at::kBFloat16 && out_features >= 768 && out_features <= 1024 && rows >= 448 &&
+                    rows <= 1280 && cpu::amx::bf16_tiles();
+  if (slow) {
+    const int64_t blocks = (rows + kAmxBlockRows - 1) / kAmxBlockRows;
+    return (rows + blocks - 1) / blocks;
+  }
+#endif
+  return rows;
+}
+
+// oneDNN's linear (mkldnn::_linear_pointwise) of a on a weight w in its blocked layout, with GELU where asked, in
+// blocks of onednn_row_block rows.
+at::Tensor onednn_linear(const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& b, bool gelu,
+                         c10::string_view approximate) {
+  // boxed: the op's C++ argument types are ATen's internals (its schema is the stable part)
+  static const c10::OperatorHandle onednn =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  const auto call = [&](const at::Tensor& rows) {
+    torch::jit::Stack stack{rows, w, b, std::string(gelu ? "gelu" : "none"), c10::List<std::optional<at::Scalar>>(),
+                            std::string(gelu ? approximate : "")};
+    onednn.callBoxed(&stack);
+    return std::move(stack[0]).toTensor();
+  };
+  const int64_t block = onednn_row_block(a.size(0), w.size(0), a.scalar_type());
+  if (block >= a.size(0)) return call(a);
+  std::vector<at::Tensor> parts;
+  for (const at::Tensor& rows : a.split(block)) parts.push_back(call(rows));
+  return at::cat(parts);
 }
 
 // weights: per layer, in order, [Wqkv, bqkv [3H], Wo, bo [H], norm weight [H], norm bias [H], Wi, bi [I], Wf, bf [H],
@@ -108,15 +150,7 @@ at::Tensor post_norm_layers_cpu(const at::Tensor& x,           // [T, H]
   const auto product = [&](const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& b, int64_t n,
                            bool gelu, const at::Tensor* pack) {
     if (!w.is_mkldnn() && w.dim() == 2) return mkl_linear.call(a, *pack, w, b, gelu, gelu ? approximate : "none");
-    if (w.is_mkldnn()) {
-      // boxed: the op's C++ argument types are ATen's internals (its schema is the stable part)
-      static const c10::OperatorHandle onednn =
-          c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
-      torch::jit::Stack stack{a, w, b, std::string(gelu ? "gelu" : "none"), c10::List<std::optional<at::Scalar>>(),
-                              std::string(gelu ? approximate : "")};
-      onednn.callBoxed(&stack);
-      return std::move(stack[0]).toTensor();
-    }
+    if (w.is_mkldnn()) return onednn_linear(a, w, b, gelu, approximate);
     return linear.call(a, w, b, n, gelu, gelu ? approximate : "none");
   };
   at::Tensor h = x;
@@ -136,6 +170,12 @@ at::Tensor post_norm_layers_cpu(const at::Tensor& x,           // [T, H]
 }
 
 }  // namespace
+
+// A tensor-less query of this CPU build, in the kernels' namespace: the encoder's layer-by-layer products block their
+// rows as the stack's do.
+TORCH_LIBRARY_FRAGMENT(mtbert_fast_C, m) {
+  m.def("onednn_row_block(int rows, int out_features, ScalarType dtype) -> int", &onednn_row_block);
+}
 
 TORCH_LIBRARY_IMPL(mtbert_fast_C, CPU, m) { m.impl("post_norm_layers", &post_norm_layers_cpu); }
 // weights in oneDNN's blocked layout (mkldnn tensors) put the call under this key

@@ -22,7 +22,7 @@ from mtbert_fast.models.int8 import (
     check_int8_dtype, check_model_dtype, check_smoothing, gram_passes, int8_layer_forward, int8_stack, quantize_layers,
 )
 from mtbert_fast.models.plain_modules import check_plain_module, refuse_hooks
-from mtbert_fast.models.weight_pack import mkl_weight, onednn_dtype, onednn_weight, panel_weight
+from mtbert_fast.models.weight_pack import ONEDNN_AMX_BF16, mkl_weight, onednn_dtype, onednn_weight, panel_weight
 from mtbert_fast.models.weight_pack import releases as pack_releases
 from mtbert_fast.ops import (
     attention_varlen, bias_gelu, bias_residual_layer_norm, dispatch, gather_rows, geglu, pad, rotary_qk, rotary_tables,
@@ -645,6 +645,12 @@ class _Linear:
         attr = ("none", "") if approximate is None else ("gelu", approximate)
         packed = onednn_weight(weight)
         if packed.dtype == x.dtype:
+            block = x.shape[0]
+            if ONEDNN_AMX_BF16 and x.dtype == torch.bfloat16:  # as post_norm_layers blocks them
+                block = torch.ops.mtbert_fast_C.onednn_row_block(x.shape[0], weight.shape[0], x.dtype)
+            if block < x.shape[0]:
+                return torch.cat([torch.ops.mkldnn._linear_pointwise(rows, packed, bias, attr[0], [], attr[1])
+                                  for rows in x.split(block)])
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, attr[0], [], attr[1])
         # bf16 where oneDNN has no bf16 product: float32 products of the same exact terms, rounded once to bf16
         bias = None if bias is None else bias.float()

@@ -33,7 +33,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from mtbert_fast._ext import _cpu_flags
+from mtbert_fast._ext import _cpu_flags, has_kernel
 from mtbert_fast.ops.mkl_linear import pack_mkl
 from mtbert_fast.ops.panel_linear import pack_panels
 
@@ -55,6 +55,9 @@ def _onednn_bf16() -> bool:
 
 # whether oneDNN multiplies bf16 operands on this CPU
 ONEDNN_BF16 = _onednn_bf16()
+# whether it does so on AMX tiles, where the encoder hands it some products in blocks of rows (the CPU kernels'
+# onednn_row_block says which)
+ONEDNN_AMX_BF16 = ONEDNN_BF16 and "amx_bf16" in (_cpu_flags() or set()) and has_kernel("post_norm_layers", "CPU")
 
 
 class _Pack(NamedTuple):

@@ -18,6 +18,7 @@ from op_testing import assert_close, cu_seqlens, rand
 
 OP_NAME = "post_norm_layers"
 mkl_module = importlib.import_module("mtbert_fast.ops.mkl_linear")
+encoder_module = importlib.import_module("mtbert_fast.models.encoder")
 
 
 def _layer(h, inner, dtype, seed):
@@ -138,6 +139,50 @@ def test_onednn_weights_equal_the_kernels_called_one_by_one(backend, dtype, appr
         mixed[k] = ops.pack_panels(w)
     both = backend.forward(x, cu, max(lengths), mixed, heads, scale, eps, approximate, rel_bias)
     assert_close(both, ref, native, dtype, atol=1e-5, rtol=1e-5)
+
+
+def test_onednn_row_blocks():
+    """Where oneDNN multiplies bf16 on AMX tiles, products of 448-1,280 rows with weights of 768-1,024 output features
+    run in equal blocks of at most 384 rows (oneDNN runs them at half its rate in one call); every other product, and
+    every product elsewhere, in one call."""
+    block = torch.ops.mtbert_fast_C.onednn_row_block
+    amx = weight_pack.ONEDNN_AMX_BF16
+    for rows, features, blocked in [(1024, 768, 342), (448, 768, 224), (1280, 1024, 320), (1024, 3072, 1024),
+                                    (1024, 384, 1024), (1281, 768, 1281), (447, 768, 447), (384, 768, 384)]:
+        assert block(rows, features, torch.bfloat16) == (blocked if amx else rows), (rows, features)
+        assert block(rows, features, torch.float32) == rows
+
+
+def test_onednn_products_in_row_blocks_equal_the_kernels_called_one_by_one(backend):
+    """A bf16 layer of BERT-base's width on 480 tokens: where the products of 768 output features run in row blocks
+    (onednn_row_block), the stack gives the products called block by block, bit for bit, and the encoder's own
+    layer-by-layer linear does the same; within bf16's bound of the reference either way."""
+    dtype, lengths, h, heads, inner = torch.bfloat16, [200, 130, 150], 768, 12, 1536
+    t, scale, eps = sum(lengths), 0.125, 1e-12
+    plain = _layer(h, inner, dtype, 1)
+    weights = _onednn_packed(plain, dtype)
+    x, cu = rand(t, h, seed=3, dtype=dtype), cu_seqlens(lengths)
+    out = backend.forward(x, cu, max(lengths), weights, heads, scale, eps, "none", None)
+    rows = torch.ops.mtbert_fast_C.onednn_row_block(t, h, dtype)
+    assert rows == (240 if weight_pack.ONEDNN_AMX_BF16 else t)
+
+    def product(a, w, b, gelu=False):
+        parts = [torch.ops.mkldnn._linear_pointwise(r, w, b, "gelu" if gelu else "none", [], "none" if gelu else "")
+                 for r in a.split(torch.ops.mtbert_fast_C.onednn_row_block(a.shape[0], w.shape[0], dtype))]
+        return torch.cat(parts)
+
+    wqkv, bqkv, wo, bo, g1, b1, wi, bi, wf, bf, g2, b2 = weights
+    ctx = ops.attention_varlen(product(x, wqkv, bqkv).view(t, 3, heads, h // heads), cu, max(lengths), scale)
+    want = ops.bias_residual_layer_norm(product(ctx.reshape(t, h), wo, None), bo, x, g1, b1, eps)
+    inner_out = product(want, wi, bi, gelu=True)
+    want = ops.bias_residual_layer_norm(product(inner_out, wf, None), bf, want, g2, b2, eps)
+    assert torch.equal(out, want)
+    linear = encoder_module._Linear(True, "cpu")
+    assert torch.equal(linear(ctx.reshape(t, h), plain[2]), product(ctx.reshape(t, h), wo, None))
+    ref = reference.post_norm_layers(x.float(), cu, max(lengths), [w if w.is_mkldnn else w.float() for w in weights],
+                                     heads, scale, eps, "none", None)
+    native = _native(x, lengths, [plain], heads, scale, eps, "none", None)
+    assert_close(out, ref, native, dtype, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("call", ["wrapper", "kernel"])
