@@ -190,3 +190,10 @@ def test_one_pass_inputs_compares_against_the_per_op_path_and_restores_it():
         assert encoder._packed_mask(mask, None) is None
         assert encoder._one_call_embeddings() is False
     assert (encoder._packed_mask, encoder._one_call_embeddings) == saved
+
+
+@pytest.mark.parametrize("rows, most, block", [(1024, 384, 342), (384, 384, 384), (385, 384, 193), (100, 384, 100)])
+def test_onednn_rows_splits_into_equal_blocks(rows, most, block):
+    """benchmarks/onednn_rows.py: the equal blocks of at most `most` rows, as the encoder's onednn_row_block makes
+    them."""
+    assert _script("onednn_rows").blocks(rows, most) == block
