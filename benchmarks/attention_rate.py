@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mtbert_fast.bench import harness  # noqa: E402
-from mtbert_fast.ops import attention_varlen, cpu_attention_amx  # noqa: E402
+from mtbert_fast.ops import attention_varlen, cpu_amx  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 HEADS = 12
@@ -79,10 +79,10 @@ def attention_case(lens: list[int], head_dim: int, dtype: torch.dtype, rel_r: in
 
 
 def routed(call, allow_amx: bool):
-    """call, run with the CPU forward's AMX tiles allowed or not (cpu_attention_amx), set before every call."""
+    """call, run with the CPU forward's AMX tiles allowed or not (cpu_amx), set before every call."""
 
     def run_routed():
-        cpu_attention_amx(allow_amx)
+        cpu_amx(allow_amx)
         return call()
 
     return run_routed
@@ -96,7 +96,7 @@ def run(threads: int, dtype_name: str, args) -> None:
     fns = dict(routes)
     flops = dict.fromkeys(routes, 2.0 * m * k * n)
     # bf16 on a CPU with AMX: each case on the tiles and on the AVX512-BF16 dot products (the route set per call)
-    amx_routes = {"amx": True, "dots": False} if dtype == torch.bfloat16 and cpu_attention_amx() else {"": True}
+    amx_routes = {"amx": True, "dots": False} if dtype == torch.bfloat16 and cpu_amx() else {"": True}
     for head_dim in args.head_dims:
         cases = {f"L={length}": [length] * max(1, TOKENS // length) for length in args.lengths}
         cases["ragged"] = ragged_lengths()

@@ -190,3 +190,16 @@ def cuda_attention_shared_bytes(head_dim: int, dtype: torch.dtype) -> int:
     """The most dynamic shared memory per block that the CUDA attention kernels (forward and backward) ask for at
     this head_dim and dtype."""
     return int(torch.ops.mtbert_fast_C.cuda_attention_shared_bytes(head_dim, dtype))
+
+
+def cpu_amx(allow: bool | None = None) -> bool:
+    """Whether the CPU kernels run on AMX tiles where they can: attention's bf16 forward without position terms or
+    dropout, and panel_linear on bf16 pair panels whose reduction length is a multiple of 32, on a CPU with AMX-BF16
+    (Intel Xeon from Sapphire Rapids on) under a Linux that grants a process the tiles (5.16 on). Their products then
+    run on TDPBF16PS instead of the AVX512-BF16 dot products (attention's forward 1.6-2.6x as fast on sequences of
+    128-512 tokens at head_dim 32-64, 1.1x on 32): the same exact products and fp32 sums in another order, which can
+    flip a bf16 rounding. `allow` False keeps this process on the dot products, True lets it use the tiles again;
+    None leaves it. False where the CPU kernels are not loaded."""
+    if not has_kernel("attention_varlen", "CPU"):
+        return False
+    return bool(torch.ops.mtbert_fast_C.cpu_amx(allow))

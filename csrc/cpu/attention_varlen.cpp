@@ -1012,43 +1012,11 @@ void forward_blocks(const Geometry& g,
 // of a group past the block's queries run on stale operands and are never stored: a row of a product reads only its
 // own row of the left operand.
 
+using cpu::amx::product_2x2;
 constexpr int64_t kAmxRows = cpu::amx::kRows;
-constexpr int64_t kAmxStep = cpu::amx::kRowBytes / 2;  // bf16 of a tile row: the reduction step
-constexpr int64_t kAmxCols = cpu::amx::kRowBytes / 4;  // fp32 columns of a result tile
+constexpr int64_t kAmxStep = cpu::amx::kStep;
+constexpr int64_t kAmxCols = cpu::amx::kCols;
 static_assert(kQueryBlock % (2 * kAmxRows) == 0, "a query block is whole row groups");
-
-// c [32, 32] (fp32, row stride ldc) = a [32, k] @ b [k, 32], or its first 16 rows (two_rows false) or columns
-// (two_cols false): a bf16 row-major (row stride lda), b bf16 in pairs ([k / 2, ldb, 2]), k a multiple of kAmxStep.
-// Result tiles 0 and 1 take rows 0-15, 2 and 3 rows 16-31; tiles 4 and 5 hold a's two row halves, 6 and 7 b's two
-// column halves, so that each loaded tile serves two products and no load waits for a product to free its tile.
-inline void amx_product(bool two_rows, bool two_cols, int64_t k, const at::BFloat16* a, int64_t lda,
-                        const at::BFloat16* b, int64_t ldb, float* c, int64_t ldc) {
-  const int64_t a_bytes = lda * 2, b_bytes = ldb * 4, c_bytes = ldc * 4;
-  const at::BFloat16* a1 = a + kAmxRows * lda;
-  MTBF_TILE_ZERO(0);
-  if (two_cols) MTBF_TILE_ZERO(1);
-  if (two_rows) MTBF_TILE_ZERO(2);
-  if (two_rows && two_cols) MTBF_TILE_ZERO(3);
-  for (int64_t kk = 0; kk < k; kk += kAmxStep) {
-    const at::BFloat16* bk = b + kk * ldb;  // pair row kk / 2
-    MTBF_TILE_LOAD(4, a + kk, a_bytes);
-    MTBF_TILE_LOAD(6, bk, b_bytes);
-    MTBF_TILE_DPBF16PS(0, 4, 6);
-    if (two_cols) {
-      MTBF_TILE_LOAD(7, bk + 2 * kAmxCols, b_bytes);
-      MTBF_TILE_DPBF16PS(1, 4, 7);
-    }
-    if (two_rows) {
-      MTBF_TILE_LOAD(5, a1 + kk, a_bytes);
-      MTBF_TILE_DPBF16PS(2, 5, 6);
-      if (two_cols) MTBF_TILE_DPBF16PS(3, 5, 7);
-    }
-  }
-  MTBF_TILE_STORE(0, c, c_bytes);
-  if (two_cols) MTBF_TILE_STORE(1, c + kAmxCols, c_bytes);
-  if (two_rows) MTBF_TILE_STORE(2, c + kAmxRows * ldc, c_bytes);
-  if (two_rows && two_cols) MTBF_TILE_STORE(3, c + kAmxRows * ldc + kAmxCols, c_bytes);
-}
 
 // The largest scale * x[r, j] (rounded product, NaN left out) of each row r < mr over the columns j < n.
 void scaled_row_max(const float* x, int64_t ld, int64_t mr, int64_t n, float scale, float* max) {
@@ -1111,7 +1079,7 @@ void forward_blocks_amx(const Geometry& g, const at::BFloat16* qkv, const QueryB
         const bool first = j0 == 0, last = j0 + kKeyBlock >= qb.len;
         const int64_t bn = std::min(kKeyBlock, qb.len - j0), bn_cols = round_up(bn, kAmxCols);
         for (int64_t c0 = 0; c0 < bn_cols; c0 += 2 * kAmxCols)
-          amx_product(two_rows, bn_cols - c0 > kAmxCols, kdim, a, lda, k_t.data() + 2 * (j0 + c0), keys,
+          product_2x2(two_rows, bn_cols - c0 > kAmxCols, kdim, a, lda, k_t.data() + 2 * (j0 + c0), keys,
                       s.data() + c0, ld_s);
         scaled_row_max(s.data(), ld_s, mr, bn, scale, new_max);
         for (int64_t r = 0; r < mr; ++r)
@@ -1129,7 +1097,7 @@ void forward_blocks_amx(const Geometry& g, const at::BFloat16* qkv, const QueryB
           inv_sum[r] = 1.f / row_sum[r];
         }
         for (int64_t c0 = 0; c0 < vdim; c0 += 2 * kAmxCols)
-          amx_product(two_rows, vdim - c0 > kAmxCols, bn_steps, p.data(), ld_s, v_b.data() + j0 * vdim + 2 * c0,
+          product_2x2(two_rows, vdim - c0 > kAmxCols, bn_steps, p.data(), ld_s, v_b.data() + j0 * vdim + 2 * c0,
                       vdim, o_block.data() + c0, vdim);
         // The rows' outputs: this key block's, or added to those of the blocks before it, rescaled to the new
         // maximum; after the last, times 1 / sum and rounded once.
@@ -1154,22 +1122,25 @@ void forward_blocks_amx(const Geometry& g, const at::BFloat16* qkv, const QueryB
 }
 #endif
 
-// Whether the bf16 forward may take forward_blocks_amx (on a CPU and kernel that give this process the tiles).
-std::atomic<bool> amx_allowed{true};
-
+// Whether the bf16 forward may take forward_blocks_amx: the tiles enabled (cpu_amx) on a CPU and kernel that give
+// this process them.
 bool amx_forward() {
 #ifdef MTBF_AMX
-  return amx_allowed.load(std::memory_order_relaxed) && cpu::amx::bf16_tiles();
+  return cpu::amx::enabled();
 #else
   return false;
 #endif
 }
 
-// cpu_attention_amx(allow): sets whether the bf16 forward may run on AMX tiles (None leaves it), and returns whether
-// it now does.
-bool cpu_attention_amx(std::optional<bool> allow) {
-  if (allow.has_value()) amx_allowed.store(*allow, std::memory_order_relaxed);
-  return amx_forward();
+// cpu_amx(allow): sets whether the CPU kernels may run on AMX tiles (None leaves it), and returns whether they now
+// do: attention's bf16 forward here, and panel_linear's products on bf16 pair panels.
+bool cpu_amx(std::optional<bool> allow) {
+#ifdef MTBF_AMX
+  if (allow.has_value()) cpu::amx::allowed.store(*allow, std::memory_order_relaxed);
+  return cpu::amx::enabled();
+#else
+  return false;
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1666,7 +1637,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_varlen_back
 }  // namespace
 
 // A tensor-less query of this CPU build, in the kernels' namespace.
-TORCH_LIBRARY_FRAGMENT(mtbert_fast_C, m) { m.def("cpu_attention_amx(bool? allow=None) -> bool", &cpu_attention_amx); }
+TORCH_LIBRARY_FRAGMENT(mtbert_fast_C, m) { m.def("cpu_amx(bool? allow=None) -> bool", &cpu_amx); }
 
 TORCH_LIBRARY_IMPL(mtbert_fast_C, CPU, m) {
   m.impl("attention_varlen", &attention_varlen_cpu);

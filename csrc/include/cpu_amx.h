@@ -11,6 +11,9 @@
 // them.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+
+#include <atomic>
 #include <cstdint>
 
 #if defined(CPU_CAPABILITY_AVX512) && defined(__x86_64__) && defined(__linux__)
@@ -35,8 +38,16 @@ inline bool bf16_tiles() {
   return granted;
 }
 
+// Whether the kernels may use the tiles (cpu_amx(allow) sets it): one switch for the process.
+inline std::atomic<bool> allowed{true};
+
+// Whether they do: allowed, and granted.
+inline bool enabled() { return allowed.load(std::memory_order_relaxed) && bf16_tiles(); }
+
 constexpr int kRows = 16;      // rows of a tile
 constexpr int kRowBytes = 64;  // bytes of a tile row: 32 bf16 (the reduction step), or 16 fp32 columns
+constexpr int64_t kStep = kRowBytes / 2;  // bf16 of a tile row: the reduction step
+constexpr int64_t kCols = kRowBytes / 4;  // fp32 columns of a result tile
 
 // The tile configuration (palette 1): every tile in use kRows rows of kRowBytes.
 struct alignas(64) Config {
@@ -71,5 +82,44 @@ inline void release() { asm volatile("tilerelease" : : : "memory"); }
   asm volatile("tilestored %%tmm" #t ", (%0,%1,1)" : : "r"(base), "r"(static_cast<long>(stride)) : "memory")
 // Tile c += a @ b, a bf16 [16, 32], b bf16 pairs [16, 16, 2], c fp32 [16, 16].
 #define MTBF_TILE_DPBF16PS(c, a, b) asm volatile("tdpbf16ps %%tmm" #b ", %%tmm" #a ", %%tmm" #c : : : "memory")
+
+namespace mtbert_fast::cpu::amx {
+
+// c [32, 32] (fp32, row stride ldc) = a [32, k] @ b [k, 32], or its first 16 rows (two_rows false) or columns
+// (two_cols false): a bf16 row-major (row stride lda), b bf16 in pairs ([k / 2, ldb, 2]), k a multiple of kStep;
+// under a configuration of 8 full tiles. Result tiles 0 and 1 take rows 0-15, 2 and 3 rows 16-31; tiles 4 and 5 hold
+// a's two row halves, 6 and 7 b's two column halves, so that each loaded tile serves two products and no load waits
+// for a product to free its tile. Rows of a past 16 (two_rows false) and columns of b past 16 (two_cols false) are
+// not read.
+inline void product_2x2(bool two_rows, bool two_cols, int64_t k, const c10::BFloat16* a, int64_t lda,
+                        const c10::BFloat16* b, int64_t ldb, float* c, int64_t ldc) {
+  const int64_t a_bytes = lda * 2, b_bytes = ldb * 4, c_bytes = ldc * 4;
+  const c10::BFloat16* a1 = a + kRows * lda;
+  MTBF_TILE_ZERO(0);
+  if (two_cols) MTBF_TILE_ZERO(1);
+  if (two_rows) MTBF_TILE_ZERO(2);
+  if (two_rows && two_cols) MTBF_TILE_ZERO(3);
+  for (int64_t kk = 0; kk < k; kk += kStep) {
+    const c10::BFloat16* bk = b + kk * ldb;  // pair row kk / 2
+    MTBF_TILE_LOAD(4, a + kk, a_bytes);
+    MTBF_TILE_LOAD(6, bk, b_bytes);
+    MTBF_TILE_DPBF16PS(0, 4, 6);
+    if (two_cols) {
+      MTBF_TILE_LOAD(7, bk + 2 * kCols, b_bytes);
+      MTBF_TILE_DPBF16PS(1, 4, 7);
+    }
+    if (two_rows) {
+      MTBF_TILE_LOAD(5, a1 + kk, a_bytes);
+      MTBF_TILE_DPBF16PS(2, 5, 6);
+      if (two_cols) MTBF_TILE_DPBF16PS(3, 5, 7);
+    }
+  }
+  MTBF_TILE_STORE(0, c, c_bytes);
+  if (two_cols) MTBF_TILE_STORE(1, c + kCols, c_bytes);
+  if (two_rows) MTBF_TILE_STORE(2, c + kRows * ldc, c_bytes);
+  if (two_rows && two_cols) MTBF_TILE_STORE(3, c + kRows * ldc + kCols, c_bytes);
+}
+
+}  // namespace mtbert_fast::cpu::amx
 
 #endif

@@ -1,6 +1,7 @@
 """The mtbert_fast ops: typed wrappers over torch.ops.mtbert_fast with backend choice (see dispatch.py)."""
 
-from mtbert_fast.ops.attention_varlen import attention_varlen, cpu_attention_amx
+from mtbert_fast._ext import cpu_amx
+from mtbert_fast.ops.attention_varlen import attention_varlen
 from mtbert_fast.ops.bias_gelu import bias_gelu
 from mtbert_fast.ops.bias_gelu_layer_norm import bias_gelu_layer_norm
 from mtbert_fast.ops.bias_residual_layer_norm import bias_residual_layer_norm
@@ -27,7 +28,7 @@ __all__ = [
     "bias_gelu",
     "bias_gelu_layer_norm",
     "bias_residual_layer_norm",
-    "cpu_attention_amx",
+    "cpu_amx",
     "gather_rows",
     "geglu",
     "int8_layers",

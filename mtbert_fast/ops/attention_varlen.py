@@ -9,7 +9,6 @@ import os
 
 import torch
 
-from mtbert_fast import _ext
 from mtbert_fast.ops import dispatch, dropout, reference
 from mtbert_fast.ops.registry import CPU_DTYPES, CUDA_MAX_HEADS, INT32_ROWS, MAX_HEAD_DIM, Backend, Limit, Op
 
@@ -72,18 +71,6 @@ def attention_varlen(
         rng_state = None
     return OP(qkv, cu_seqlens, max_seqlen, scale, dropout_p, rng_state, rel_bias, window, pos_q, pos_k, pos_index,
               backend=backend)
-
-
-def cpu_attention_amx(allow: bool | None = None) -> bool:
-    """Whether the CPU kernel's bf16 forward runs on AMX tiles: attention without position terms or dropout, on a CPU
-    with AMX-BF16 (Intel Xeon from Sapphire Rapids on) under a Linux that grants a process the tiles (5.16 on). The
-    two products, Q K^T and P V, then run on TDPBF16PS instead of the AVX512-BF16 dot products (the forward 1.6-2.6x
-    as fast on sequences of 128-512 tokens at head_dim 32-64, 1.1x on 32); the outputs agree with the dot products'
-    up to the order of the fp32 sums, which can flip the bf16 rounding of a probability. `allow` False keeps this process on the dot products, True lets it use the tiles again; None leaves it.
-    False where the CPU kernels are not loaded."""
-    if not _ext.has_kernel("attention_varlen", "CPU"):
-        return False
-    return bool(torch.ops.mtbert_fast_C.cpu_attention_amx(allow))
 
 
 def check_position_args(op: str, qkv: torch.Tensor, rel_bias: torch.Tensor | None, window: int,

@@ -67,7 +67,9 @@ MAX_ROWS = {
 # bf16 where the CPU has AMX: oneDNN's bf16 products run on its tiles, several times the rate of the dot products
 # panel_linear uses (benchmarks/panel_rows.py, 2-core Intel Xeon with AMX, family 6 model 207, 2 threads, one
 # sequence, oneDNN's time over panel_linear's, MiniLM / bert-base): 1.52x / 1.56x at 4 tokens, 1.28x / 1.35x at 6,
-# 1.04-1.20x / 0.84-0.96x at 8, 1.08x / 0.88x at 12, 0.89x / 0.61x at 16, 0.39x / 0.22x at 128.
+# 1.04-1.20x / 0.84-0.96x at 8, 1.08x / 0.88x at 12, 0.89x / 0.61x at 16, 0.39x / 0.22x at 128. panel_linear now runs
+# its own bf16 products on the tiles too from 2 rows on (its pair panels are the tiles' layout, `cpu_amx`); with them
+# the same script read the two even from 8 tokens on (0.98-1.11x at 16-128, MiniLM and bert-base), so the limit stays.
 AMX_BF16_ROWS = 8
 
 

@@ -275,10 +275,10 @@ def amx_tiles():
     """The CPU forward's AMX route, switched back on after the test. Skips where the CPU has no AMX-BF16 (or Linux
     does not grant the tiles): the bf16 tests above then run the AVX512-BF16 route only, which this one compares
     against."""
-    if not ops.cpu_attention_amx():
+    if not ops.cpu_amx():
         pytest.skip("no AMX-BF16 tiles on this CPU")
     yield
-    ops.cpu_attention_amx(True)
+    ops.cpu_amx(True)
 
 
 def _cpu_forward_routes(qkv, cu, max_seqlen, scale):
@@ -286,7 +286,7 @@ def _cpu_forward_routes(qkv, cu, max_seqlen, scale):
     forward = _cpu("attention_varlen")
     routes = []
     for allow in (True, False):
-        assert ops.cpu_attention_amx(allow) == allow
+        assert ops.cpu_amx(allow) == allow
         routes.append(forward(qkv, cu, max_seqlen, scale))
     return routes
 
@@ -341,15 +341,15 @@ def test_cpu_amx_forward_edge_cases(amx_tiles, case):
     torch.testing.assert_close(tiles_lse, dots_lse, atol=1e-4, rtol=1e-5, equal_nan=True)
 
 
-def test_cpu_attention_amx_switch():
-    """cpu_attention_amx(False) keeps the forward off the tiles, True lets it back where the CPU has them."""
-    available = ops.cpu_attention_amx()
+def test_cpu_amx_switch():
+    """cpu_amx(False) keeps the forward off the tiles, True lets it back where the CPU has them."""
+    available = ops.cpu_amx()
     try:
-        assert ops.cpu_attention_amx(False) is False
-        assert ops.cpu_attention_amx() is False
-        assert ops.cpu_attention_amx(True) is available
+        assert ops.cpu_amx(False) is False
+        assert ops.cpu_amx() is False
+        assert ops.cpu_amx(True) is available
     finally:
-        ops.cpu_attention_amx(True)
+        ops.cpu_amx(True)
 
 
 def _one_hot_attention(backend, lens, heads, dropout_p, rng):

@@ -222,3 +222,34 @@ def test_kernel_checks_its_arguments():
         kernel(rand(4), panels, None, 40, False, "none")
     with pytest.raises(RuntimeError, match="bfloat16 panels multiply a bfloat16 x only"):
         kernel(x, torch.zeros(2, 5, 32, 2, dtype=torch.bfloat16), None, 40, False, "none")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 17, 40])
+@pytest.mark.parametrize("k, n", [(64, 40), (384, 1152), (3072, 96), (40, 64)])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_bf16_pairs_on_amx_tiles_are_the_dot_products(rows, k, n, gelu):
+    """Where the CPU has AMX-BF16, bf16 pair panels whose reduction length is a multiple of 32 run on the tiles from 2
+    rows on (up to 16 rows two panels at a time, more in groups of 32; a last panel part-filled): the dot products'
+    outputs but for the order of their fp32 sums, nearly all bit for bit and the rest an ulp of bf16 apart, and
+    within the bound of the reference. Elsewhere (and at k = 40, or one row) both calls take the dot products."""
+    if not ops.cpu_amx():
+        pytest.skip("no AMX-BF16 tiles on this CPU")
+    x = rand(rows, k, seed=rows + k, dtype=torch.bfloat16)
+    w = rand(n, k, seed=n, scale=k**-0.5, dtype=torch.bfloat16)
+    bias = rand(n, seed=3, dtype=torch.bfloat16)
+    panels = ops.pack_panels(w)
+    outs = []
+    try:
+        for allow in (True, False):
+            ops.cpu_amx(allow)
+            outs.append(ops.panel_linear(x, panels, bias, n, gelu=gelu).float())
+    finally:
+        ops.cpu_amx(True)
+    tiles, dots = outs
+    ulp = torch.finfo(torch.bfloat16).eps * torch.exp2(torch.floor(torch.log2(dots.abs().clamp_min(1e-30))))
+    assert ((tiles - dots).abs() <= ulp).all()
+    assert (tiles == dots).float().mean() >= 0.95
+    ref = F.linear(x.float(), w.float(), bias.float())
+    ref = F.gelu(ref) if gelu else ref
+    native = F.linear(x, w, bias)
+    assert_close(tiles, ref, F.gelu(native) if gelu else native, torch.bfloat16)
