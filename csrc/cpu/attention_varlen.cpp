@@ -1122,25 +1122,11 @@ void forward_blocks_amx(const Geometry& g, const at::BFloat16* qkv, const QueryB
 }
 #endif
 
-// Whether the bf16 forward may take forward_blocks_amx: the tiles enabled (cpu_amx) on a CPU and kernel that give
-// this process them.
-bool amx_forward() {
-#ifdef MTBF_AMX
-  return cpu::amx::enabled();
-#else
-  return false;
-#endif
-}
-
 // cpu_amx(allow): sets whether the CPU kernels may run on AMX tiles (None leaves it), and returns whether they now
 // do: attention's bf16 forward here, and panel_linear's products on bf16 pair panels.
 bool cpu_amx(std::optional<bool> allow) {
-#ifdef MTBF_AMX
   if (allow.has_value()) cpu::amx::allowed.store(*allow, std::memory_order_relaxed);
   return cpu::amx::enabled();
-#else
-  return false;
-#endif
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1517,7 +1503,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_cpu(const at::Tensor& qkv_in
         cost.push_back(static_cast<double>(qn + 8) * (std::min(len, keys_seen(len, window) + qn) + 8));
       }
   // AMX tiles take the bf16 forward without position terms or dropout
-  const bool tiles = !index.defined() && pos.rel_bias == nullptr && pos.window < 0 && !drop.enabled && amx_forward();
+  const bool tiles = !index.defined() && pos.rel_bias == nullptr && pos.window < 0 && !drop.enabled && cpu::amx::enabled();
   dispatch_types(qkv.scalar_type(), [&](auto st, auto ct) {
     using ST = decltype(st);
     using CT = decltype(ct);

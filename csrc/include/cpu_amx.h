@@ -38,12 +38,6 @@ inline bool bf16_tiles() {
   return granted;
 }
 
-// Whether the kernels may use the tiles (cpu_amx(allow) sets it): one switch for the process.
-inline std::atomic<bool> allowed{true};
-
-// Whether they do: allowed, and granted.
-inline bool enabled() { return allowed.load(std::memory_order_relaxed) && bf16_tiles(); }
-
 constexpr int kRows = 16;      // rows of a tile
 constexpr int kRowBytes = 64;  // bytes of a tile row: 32 bf16 (the reduction step), or 16 fp32 columns
 constexpr int64_t kStep = kRowBytes / 2;  // bf16 of a tile row: the reduction step
@@ -123,3 +117,19 @@ inline void product_2x2(bool two_rows, bool two_cols, int64_t k, const c10::BFlo
 }  // namespace mtbert_fast::cpu::amx
 
 #endif
+
+namespace mtbert_fast::cpu::amx {
+
+// Whether the kernels may use the tiles (cpu_amx(allow) sets it): one switch for the process.
+inline std::atomic<bool> allowed{true};
+
+// Whether they do: allowed, and granted (never in a build without the tile kernels).
+inline bool enabled() {
+#ifdef MTBF_AMX
+  return allowed.load(std::memory_order_relaxed) && bf16_tiles();
+#else
+  return false;
+#endif
+}
+
+}  // namespace mtbert_fast::cpu::amx
