@@ -4,16 +4,20 @@
                                      [--shapes 1x16,1x128,8x128] [--threads 2] [--repeats 9] [--products-only]
 
 On CPUs with AVX512-VNNI the panels multiply with vpdpbusd, exact for any weight, and the int8 model takes every
-product's sums from them (ops.int8.panels_vnni), or those of at most ops.int8.AMX_PANEL_ROWS rows where oneDNN's int8
-product runs on AMX tiles (ops.int8.onednn_amx); elsewhere (AVX2) they add int16 pairs, oneDNN's int8 product too, and
-both are exact only for pair-safe weights, where the model takes the sums of at most ops.int8.PANEL_ROWS rows from the
-panels. Two parts, each in one process with the routes interleaved round by round (medians of the per-round ratios):
+product's sums from them (ops.int8.panels_vnni); with AMX-INT8 too they multiply on its tiles
+(ops.int8.panels_on_tiles), or, for a weight whose panels do not, the model takes those of at most
+ops.int8.AMX_PANEL_ROWS rows from them and oneDNN's int8 product (on AMX tiles: ops.int8.onednn_amx) the others;
+elsewhere (AVX2) they add int16 pairs, oneDNN's int8 product too, and both are exact only for pair-safe weights,
+where the model takes the sums of at most ops.int8.PANEL_ROWS rows from the panels. Two parts, each in one process
+with the routes interleaved round by round (medians of the per-round ratios):
   - products: the integer sums of random uint8 rows with random pair-safe weights at each model's four product
-    shapes, in GOP/s, and oneDNN's time over the panels' (above 1: the panels are faster);
+    shapes, in GOP/s, and oneDNN's time over the panels' (above 1: the panels are faster); where the panels run on
+    AMX tiles, also the VNNI panels' time over the tiles' (ops.cpu_amx(False) for those calls);
   - forwards: the int8 model (float32 activations, quantized without calibration) on each --shapes input (B
     sequences of L tokens), on the route the model picks here against the same model with every product on the
     panels (where its weights have them) and with every product on oneDNN's int8 product (AVX2: pair-safe weights),
-    and against the model's route with each product's sums taken by int8_panel_sums first and the epilogue op run on
+    and, where the panels run on AMX tiles, with the panels on VNNI instead (ops.cpu_amx(False)), and against the
+    model's route with each product's sums taken by int8_panel_sums first and the epilogue op run on
     them after (models.int8.EPILOGUE_SUMS off; the model hands q and the panels to the epilogue op, which takes the
     sums a block of rows at a time), and with its layers run one at a time from Python (models.int8.LAYERS_IN_ONE_CALL
     off; the model runs them in one int8_layers call), each time over the model's route's. These figures are what the
@@ -82,16 +86,30 @@ def products(name: str, rows: list[int], repeats: int) -> None:
         packed = torch.ops.onednn.qlinear_prepack(w, None)  # oneDNN's int8 product, exact on pair-safe weights
         panels = ops.pack_int8_panels(w)
         kernel = int8_ops.INT8_PANEL_SUMS.kernel("cpu")
+        tiles = int8_ops.panels_on_tiles(k)
         cells = []
         for m in rows:
             q = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=gen)
             onednn = int8_ops._onednn_sums(q, packed, out_features)
             assert torch.equal(kernel(q, panels, out_features).float(), onednn)
-            times = _interleaved({"onednn": lambda: int8_ops._onednn_sums(q, packed, out_features),
-                                  "panels": lambda: kernel(q, panels, out_features)}, repeats)
+            fns = {"onednn": lambda: int8_ops._onednn_sums(q, packed, out_features),
+                   "panels": lambda: kernel(q, panels, out_features)}
+            if tiles:
+                fns["vnni"] = lambda: _on_vnni(lambda: kernel(q, panels, out_features))
+            times = _interleaved(fns, repeats)
             rate = 2 * m * out_features * k / statistics.median(times["panels"]) / 1e9
-            cells.append(f"{m}: {rate:.0f} GOP/s {_ratio(times, 'onednn', 'panels'):.2f}x")
+            vnni = f" VNNI {_ratio(times, 'vnni', 'panels'):.2f}x" if tiles else ""
+            cells.append(f"{m}: {rate:.0f} GOP/s {_ratio(times, 'onednn', 'panels'):.2f}x{vnni}")
         print(f"{name:9s} [{out_features:4d}, {k:4d}]  " + "  ".join(cells), flush=True)
+
+
+def _on_vnni(fn):
+    """fn() with the CPU kernels kept off the AMX tiles."""
+    ops.cpu_amx(False)
+    try:
+        return fn()
+    finally:
+        ops.cpu_amx(True)
 
 
 def _rerouted(packed: int8_ops.PackedInt8Weight, panels: torch.Tensor | None, tensor) -> int8_ops.PackedInt8Weight:
@@ -125,6 +143,7 @@ def forwards(name: str, shapes: list[tuple[int, int]], repeats: int) -> None:
     model = load_model(name)
     model.eval().quantize()
     own = model.int8.layers
+    tiles = int8_ops.panels_on_tiles(model.config.hidden_size)
     routes = {"panels": _repacked(own, _panels_packed), "onednn": _repacked(own, _onednn_packed)}
     gen = torch.Generator().manual_seed(0)
     for batch, length in shapes:
@@ -144,12 +163,16 @@ def forwards(name: str, shapes: list[tuple[int, int]], repeats: int) -> None:
             want = run(own)
             assert all(torch.equal(want, run(*route)) for route in ((routes["panels"],), (routes["onednn"],),
                                                                     (own, False), (own, True, False)))
-            times = _interleaved({"panels": lambda: run(routes["panels"]), "onednn": lambda: run(routes["onednn"]),
-                                  "separate": lambda: run(own, False), "by-layer": lambda: run(own, True, False),
-                                  "model": lambda: run(own)}, repeats)
+            fns = {"panels": lambda: run(routes["panels"]), "onednn": lambda: run(routes["onednn"]),
+                   "separate": lambda: run(own, False), "by-layer": lambda: run(own, True, False),
+                   "model": lambda: run(own)}
+            if tiles:
+                fns["vnni"] = lambda: _on_vnni(lambda: run(routes["panels"]))
+            times = _interleaved(fns, repeats)
         model.int8.layers = own
+        vnni = f", every product on the VNNI panels {_ratio(times, 'vnni', 'model'):.2f}x" if tiles else ""
         print(f"{name:9s} B={batch} L={length:3d}: on the model's route {statistics.median(times['model']) * 1e3:7.2f} "
-              f"ms; every product on the panels {_ratio(times, 'panels', 'model'):.2f}x that, on oneDNN's "
+              f"ms; every product on the panels {_ratio(times, 'panels', 'model'):.2f}x that{vnni}, on oneDNN's "
               f"{_ratio(times, 'onednn', 'model'):.2f}x, with the sums stored before each epilogue "
               f"{_ratio(times, 'separate', 'model'):.2f}x, layer by layer {_ratio(times, 'by-layer', 'model'):.2f}x",
               flush=True)
@@ -165,7 +188,9 @@ def main() -> None:
     p.add_argument("--products-only", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    route = (f"VNNI panels for at most {int8_ops.AMX_PANEL_ROWS} rows, oneDNN's int8 product on AMX tiles past that"
+    route = ("every product on the int8 panels, on AMX-INT8 tiles where the reduction is whole steps of 64"
+             if int8_ops.panels_on_tiles(64) else
+             f"VNNI panels for at most {int8_ops.AMX_PANEL_ROWS} rows, oneDNN's int8 product on AMX tiles past that"
              if int8_ops.onednn_amx() else "every product on VNNI panels" if int8_ops.panels_vnni() else
              f"panels for at most {int8_ops.PANEL_ROWS} rows" if int8_ops.weight_pairs_limited() else "no panels")
     print(f"torch {torch.__version__}, {args.threads} threads, the model's route here: {route}")

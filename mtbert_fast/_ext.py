@@ -198,8 +198,9 @@ def cpu_amx(allow: bool | None = None) -> bool:
     (Intel Xeon from Sapphire Rapids on) under a Linux that grants a process the tiles (5.16 on). Their products then
     run on TDPBF16PS instead of the AVX512-BF16 dot products (attention's forward 1.6-2.6x as fast on sequences of
     128-512 tokens at head_dim 32-64, 1.1x on 32): the same exact products and fp32 sums in another order, which can
-    flip a bf16 rounding. `allow` False keeps this process on the dot products, True lets it use the tiles again;
-    None leaves it. False where the CPU kernels are not loaded."""
+    flip a bf16 rounding. With AMX-INT8 too, the int8 panels' products of 16 rows and more run on TDPBUSD instead of
+    VNNI, with the same exact int32 sums (ops.int8.panels_on_tiles). `allow` False keeps this process on the dot
+    products, True lets it use the tiles again; None leaves it. False where the CPU kernels are not loaded."""
     if not has_kernel("attention_varlen", "CPU"):
         return False
     return bool(torch.ops.mtbert_fast_C.cpu_amx(allow))

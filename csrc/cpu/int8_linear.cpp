@@ -301,7 +301,11 @@ struct Int8Epilogue {
     const int64_t threads = at::get_num_threads(), K4 = panels->size(1), P = panels->size(0);
     const at::Tensor w = panels->contiguous();
     const int8_t* w_p = w.const_data_ptr<int8_t>();
-    if (M < 2 * threads * kBlockRows) {  // too few blocks for each thread: the panels split over them instead
+    // on AMX tiles: blocks of 32 or 128 rows, their sums stored as whole tiles (ldc: every panel's columns)
+    const bool tiles = cpu::int8::on_tiles(M, K4);
+    const int64_t block_rows = tiles ? cpu::int8::tile_block_rows(P, K4) : kBlockRows;
+    const int64_t ldc = tiles ? P * cpu::int8::kPanel : N;
+    if (M < 2 * threads * block_rows) {  // too few blocks for each thread: the panels split over them instead
       const at::Tensor a = cpu::int8::grouped_rows(acc, cpu::int8::RowBlocks(M).most());
       at::Tensor sums = at::empty({M, N}, acc.options().dtype(at::kInt));
       cpu::int8::run_panels(a.const_data_ptr<uint8_t>(), M, a.stride(0), K4, w_p, P, sums.mutable_data_ptr<int32_t>(),
@@ -309,20 +313,20 @@ struct Int8Epilogue {
       each_row(sums.const_data_ptr<int32_t>());
       return;
     }
-    // blocks of at most kBlockRows rows, their count a multiple of the threads' and their sizes as even as possible
-    const int64_t blocks = (M + kBlockRows * threads - 1) / (kBlockRows * threads) * threads;
+    // blocks of at most block_rows rows, their count a multiple of the threads' and their sizes as even as possible
+    const int64_t blocks = (M + block_rows * threads - 1) / (block_rows * threads) * threads;
     const int64_t base = M / blocks, extra = M % blocks;
     const at::Tensor a = cpu::int8::grouped_rows(acc, cpu::int8::RowBlocks(base + (extra > 0 ? 1 : 0)).most());
     const uint8_t* a_p = a.const_data_ptr<uint8_t>();
     const int64_t lda = a.stride(0);
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-      thread_local std::vector<int32_t> sums;  // the block's int32 sums [rows, N]
-      sums.resize(static_cast<size_t>((base + 1) * N));
+      thread_local std::vector<int32_t> sums;  // the block's int32 sums [rows, N], ldc apart
+      sums.resize(static_cast<size_t>((tiles ? block_rows : base + 1) * ldc));
       float* space = scratch();
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * base + std::min(b, extra), rows = base + (b < extra ? 1 : 0);
-        cpu::int8::panel_rows(a_p + r0 * lda, rows, lda, K4, w_p, P, sums.data(), N);
-        for (int64_t r = 0; r < rows; ++r) row_epilogue(r0 + r, sums.data() + r * N, space);
+        cpu::int8::panel_rows(a_p + r0 * lda, rows, lda, K4, w_p, P, sums.data(), N, ldc);
+        for (int64_t r = 0; r < rows; ++r) row_epilogue(r0 + r, sums.data() + r * ldc, space);
       }
     });
   }

@@ -219,58 +219,11 @@ void dispatch_activation(bool gelu, GeluKind kind, const at::Tensor& a, int64_t 
 }
 
 #ifdef MTBF_AMX
-// c [16, 64] (fp32, row stride 2 kPanel) = a [16, k] @ the pair panels b0 and b1 side by side, or c [16, 32] = a @ b0
-// alone (b1 nullptr); k a multiple of the tiles' step (32). Result tiles 0-3 take 16 columns each, tile 4 a's rows,
-// 5-7 the panels' column halves in turn: four independent sums, so that each product does not wait on the one before
-// into the same tile (a long panel is a long chain of them).
-inline void panel_pair_product(int64_t k, const at::BFloat16* a, int64_t lda, const at::BFloat16* b0,
-                               const at::BFloat16* b1, float* c) {
-  constexpr int64_t kHalf = 2 * cpu::amx::kCols;  // bf16 of a pair panel row between its two column halves
-  constexpr int64_t kAhead = 4;                     // steps between a panel row's fetch and its use
-  constexpr int64_t kStepBytes = cpu::amx::kStep * kPanel * 2;  // a panel's bytes in one step
-  const int64_t a_bytes = lda * 2, b_bytes = kPanel * 4, c_bytes = 2 * kPanel * 4;
-  MTBF_TILE_ZERO(0);
-  MTBF_TILE_ZERO(1);
-  if (b1 != nullptr) {
-    MTBF_TILE_ZERO(2);
-    MTBF_TILE_ZERO(3);
-  }
-  for (int64_t kk = 0; kk < k; kk += cpu::amx::kStep) {
-    // the panels' rows kAhead steps on are fetched as these run (weights come from memory, once each)
-    if (kk + kAhead * cpu::amx::kStep < k) {
-      const char* f0 = reinterpret_cast<const char*>(b0 + (kk + kAhead * cpu::amx::kStep) * kPanel);
-      const char* f1 = b1 != nullptr ? reinterpret_cast<const char*>(b1 + (kk + kAhead * cpu::amx::kStep) * kPanel)
-                                     : nullptr;
-      for (int64_t line = 0; line < kStepBytes; line += 64) {
-        __builtin_prefetch(f0 + line, 0, 3);
-        if (f1 != nullptr) __builtin_prefetch(f1 + line, 0, 3);
-      }
-    }
-    MTBF_TILE_LOAD(4, a + kk, a_bytes);
-    MTBF_TILE_LOAD(5, b0 + kk * kPanel, b_bytes);
-    MTBF_TILE_DPBF16PS(0, 4, 5);
-    MTBF_TILE_LOAD(6, b0 + kk * kPanel + kHalf, b_bytes);
-    MTBF_TILE_DPBF16PS(1, 4, 6);
-    if (b1 != nullptr) {
-      MTBF_TILE_LOAD(7, b1 + kk * kPanel, b_bytes);
-      MTBF_TILE_DPBF16PS(2, 4, 7);
-      MTBF_TILE_LOAD(5, b1 + kk * kPanel + kHalf, b_bytes);
-      MTBF_TILE_DPBF16PS(3, 4, 5);
-    }
-  }
-  MTBF_TILE_STORE(0, c, c_bytes);
-  MTBF_TILE_STORE(1, c + cpu::amx::kCols, c_bytes);
-  if (b1 != nullptr) {
-    MTBF_TILE_STORE(2, c + 2 * cpu::amx::kCols, c_bytes);
-    MTBF_TILE_STORE(3, c + 3 * cpu::amx::kCols, c_bytes);
-  }
-}
-
 // out [M, N] = act(a [M, Kp] @ panels + bias) on AMX tiles, for bf16 pair panels with Kp a multiple of the tiles'
 // reduction step (32): a pair panel [Kp / 2, kPanel, 2] is the tiles' B layout two result tiles wide, at a row stride
 // of 128 bytes. a holds its rows up to a multiple of 16 (the rows past M are read, never stored). x of up to 16 rows
-// runs two panels at a time (panel_pair_product), more rows a panel at a time in groups of 32 (the 2 x 2 tiles of
-// cpu_amx.h); the results go through an fp32 buffer to the epilogue: bias, GELU, one rounding. With few rows the
+// runs two panels at a time, more rows a panel at a time in groups of 32 (cpu_amx.h's panel_pair_product and 2 x 2
+// tiles); the results go through an fp32 buffer to the epilogue: bias, GELU, one rounding. With few rows the
 // vdpbf16ps tiles spend 32 dot products on each 128 bytes of a panel, more than two cores take to read them from
 // memory; on the tiles the read is the bound.
 template <typename T, bool Gelu, GeluKind K>
@@ -300,7 +253,8 @@ void run_panels_amx(const at::BFloat16* a, int64_t lda, int64_t M, int64_t Kp, c
       for (int64_t p = p0; p < p1; p += 2) {
         const at::BFloat16* panel = panels + p * Kp * kPanel;
         const bool two = p + 1 < p1;
-        panel_pair_product(Kp, a, lda, panel, two ? panel + Kp * kPanel : nullptr, c);
+        cpu::amx::panel_pair_product<cpu::amx::Dot::Bf16>(Kp / cpu::amx::kStep, a, lda * 2, panel,
+                                                          two ? panel + Kp * kPanel : nullptr, c, 2 * kPanel * 4);
         finish(c, 2 * kPanel, p, two ? 2 : 1, 0, M);
       }
     } else {

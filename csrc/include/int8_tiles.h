@@ -11,6 +11,10 @@
 // step is exact only while 255 times a pair of one sign fits it: weights whose same-sign neighbouring pairs (columns
 // 2i, 2i + 1 of w's rows) sum to at most 128 in magnitude, which pack_int8_panels checks. Without AVX2 the sums are
 // plain int32 loops, exact for any weight.
+//
+// AMX-INT8: a panel's rows of 32 columns x 4 entries (128 bytes) are two B tiles of TDPBUSD side by side, so the same
+// panels run on the tiles where the reduction is whole steps of 16 groups (K4 a multiple of 16): up to 16 rows two
+// panels at a time, more in groups of 32 rows (cpu_amx.h). The sums are the same exact int32 sums.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -23,6 +27,7 @@
 #include <cstring>
 #include <utility>
 
+#include "cpu_amx.h"
 #include "tile_rows.h"
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
@@ -159,6 +164,85 @@ inline void tile_rows(int64_t rows, int64_t K4, const uint8_t* a, int64_t lda, c
 }
 #endif
 
+inline constexpr int64_t kTileGroups = 16;  // groups of a reduction step on the tiles: 64 entries
+inline constexpr int64_t kTileRows = 32;    // rows of q in one 2 x 2 tile product
+inline constexpr int64_t kChunkRows = 256;  // rows of q that tile_panels runs over its panels at a time
+
+inline constexpr int64_t kTileMinRows = 16;  // fewer rows take the VNNI tiles
+
+// Whether a product of M rows over panels of K4 groups runs on AMX tiles here (cpu_amx(allow) switches them with the
+// others): from 16 rows. A tile product costs what 16 rows do whatever the rows it holds; with fewer, the VNNI tiles
+// ran the int8 products of all-MiniLM-L6-v2 and bert-base 1.2-2x faster at 1-4 rows, 0.97-1.25x at 8, and 0.7-1.2x
+// at 12, where the tiles ran them 1.1-1.4x faster at 16 rows but one shape (0.91x at [384, 384]) and 1.9-2.5x at 128
+// (2-core Xeon with AMX, benchmarks/int8_panels.py).
+inline bool on_tiles(int64_t M, int64_t K4) {
+  return M >= kTileMinRows && K4 % kTileGroups == 0 && amx::int8_enabled();
+}
+
+// The most rows a thread takes at a time through P panels of K4 groups on the tiles, its sums then handed to an
+// epilogue while they are in its cache: 32 where the weight fits 1 MiB (half the L2 of a core of the CPUs with AMX), so
+// it stays in the core's L2 from block to block; else 128, so that each weight byte read from the shared L3 serves 128
+// rows. Int8 forwards of B=4 and B=8 sequences of 128 tokens on a 2-core Xeon with AMX, each shape's best of 32, 64 and
+// 128 for all its products: all-MiniLM-L6-v2 (weights of at most 590 KB) 32, 1.04-1.16x faster than 128; bert-base
+// (weights of up to 2.4 MB) 128, 1.05-1.11x faster than 32.
+inline int64_t tile_block_rows(int64_t P, int64_t K4) {
+  return P * K4 * kPanel * kGroup <= (int64_t{1} << 20) ? kTileRows : 4 * kTileRows;
+}
+
+#ifdef MTBF_AMX
+
+// out [M, columns of panels p0..p1-1] = a [M, K4 * 4] @ those panels on the tiles, under a configuration of 8 full
+// tiles; on_tiles(M, K4). Up to 16 rows two panels at a time (panel_pair_product), more a panel at a time in groups of 32
+// rows (product_2x2). A tile load reads 16 rows, so a's rows must be readable up to M + 15 (readable_rows); those
+// past M are never stored. `whole`: out has room for whole tiles (16 rows with M <= 16, else M rounded up to 32, and
+// every panel's 32 columns) and the tiles store there; else whole tiles go straight to out and partial ones through
+// a buffer.
+inline void tile_panels(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, const int8_t* panels, int64_t p0,
+                        int64_t p1, int64_t N, int32_t* out, int64_t ldo, bool whole) {
+  using amx::Dot;
+  const int64_t steps = K4 / kTileGroups, panel_bytes = K4 * kPanel * kGroup, out_bytes = ldo * 4;
+  alignas(64) int32_t c[kTileRows * 2 * kPanel];
+  const auto copy = [&](const int32_t* from, int64_t ldc, int64_t m0, int64_t rows, int64_t c0, int64_t cols) {
+    for (int64_t r = 0; r < rows; ++r) {
+      std::memcpy(out + (m0 + r) * ldo + c0, from + r * ldc, sizeof(int32_t) * static_cast<size_t>(cols));
+    }
+  };
+  if (M <= amx::kRows) {
+    for (int64_t p = p0; p < p1; p += 2) {
+      const bool two = p + 1 < p1;
+      const int8_t* b0 = panels + p * panel_bytes;
+      const int64_t c0 = p * kPanel, cols = std::min((two ? 2 : 1) * kPanel, N - c0);
+      if (whole || (M == amx::kRows && cols == (two ? 2 : 1) * kPanel)) {
+        amx::panel_pair_product<Dot::Int8>(steps, a, lda, b0, two ? b0 + panel_bytes : nullptr, out + c0, out_bytes);
+      } else {
+        amx::panel_pair_product<Dot::Int8>(steps, a, lda, b0, two ? b0 + panel_bytes : nullptr, c, 2 * kPanel * 4);
+        copy(c, 2 * kPanel, 0, M, c0, cols);
+      }
+    }
+    return;
+  }
+  // rows in chunks of kChunkRows, each run over the panels in turn: a chunk's rows stay in the core's L2 while they
+  // meet every panel, and a panel in L1 while it meets the chunk's row groups
+  for (int64_t chunk = 0; chunk < M; chunk += kChunkRows) {
+   for (int64_t p = p0; p < p1; ++p) {
+    const int8_t* b = panels + p * panel_bytes;
+    const int64_t c0 = p * kPanel, cols = std::min(kPanel, N - c0);
+    for (int64_t m0 = chunk; m0 < std::min(M, chunk + kChunkRows); m0 += kTileRows) {
+      const int64_t rows = std::min(kTileRows, M - m0);
+      const bool two_rows = rows > amx::kRows;
+      if (whole || (cols == kPanel && rows == (two_rows ? kTileRows : amx::kRows))) {
+        amx::product_2x2<Dot::Int8>(two_rows, true, steps, a + m0 * lda, lda, b, amx::kPanelBytes,
+                                    out + m0 * ldo + c0, out_bytes);
+      } else {
+        amx::product_2x2<Dot::Int8>(two_rows, true, steps, a + m0 * lda, lda, b, amx::kPanelBytes, c, kPanel * 4);
+        copy(c, kPanel, m0, rows, c0, cols);
+      }
+    }
+   }
+  }
+}
+#endif
+
 // Checks that `panels` (int8, on q's device) hold an [N, K] weight for q's rows of K entries, and that such rows'
 // sums fit int32; q [M, K] is the kernel's 2-D uint8 input, checked by the caller.
 inline void check_panels(const char* op, const at::Tensor& q, const at::Tensor& panels, int64_t N) {
@@ -196,16 +280,31 @@ struct RowBlocks {
 
 // Uninitialised uint8 rows [M, K] for a product's quantized input: contiguous, or one cache line apart more where the
 // rows would alias in a tile, so that grouped_rows takes them as they are (the ops' fakes give the same strides:
-// mtbert_fast.ops.int8.quantized_row_stride).
+// mtbert_fast.ops.int8.quantized_row_stride); on the AMX tiles with room for 15 rows more in their storage.
 inline at::Tensor new_quantized_rows(int64_t M, int64_t K, const at::TensorOptions& options) {
-  return new_rows(M, K, options.dtype(at::kByte), rows_alias(std::min(M, max_tile_rows()), K));
+  const int64_t room = on_tiles(M, (K + kGroup - 1) / kGroup) ? kTileGroups - 1 : 0;
+  return new_rows(M + room, K, options.dtype(at::kByte), rows_alias(std::min(M, max_tile_rows()), K)).narrow(0, 0, M);
+}
+
+// a [M, K] (byte rows) as it is where its storage holds `rows` rows at its row stride, else a copy whose storage
+// does (the rows past M uninitialised): an AMX tile load reads 16 rows, past the last one it stores.
+inline at::Tensor readable_rows(const at::Tensor& a, int64_t rows) {
+  const int64_t M = a.size(0), K = a.size(1), lda = std::max(a.stride(0), K);
+  if (a.stride(1) == 1 && a.storage_offset() + (rows - 1) * lda + K <= static_cast<int64_t>(a.storage().nbytes())) {
+    return a;
+  }
+  const at::Tensor room = at::empty({rows, lda}, a.options()).narrow(0, 0, M).narrow(1, 0, K);
+  room.copy_(a);
+  return room;
 }
 
 // q [M, K] as the tiles read it, its rows in blocks of at most `tile_rows` rows: q itself where its rows are whole
 // groups of kGroup entries, contiguous and apart enough; else a copy padded with zeros to whole groups
 // (rows_for_tiles). The tiles take its row stride as lda.
 inline at::Tensor grouped_rows(const at::Tensor& q, int64_t tile_rows) {
-  return rows_for_tiles(q, (q.size(1) + kGroup - 1) / kGroup * kGroup, tile_rows);
+  const int64_t K4 = (q.size(1) + kGroup - 1) / kGroup;
+  const at::Tensor a = rows_for_tiles(q, K4 * kGroup, tile_rows);
+  return on_tiles(q.size(0), K4) ? readable_rows(a, a.size(0) + kTileGroups - 1) : a;
 }
 
 // out[:, p's columns] = a [M, K4 * 4] @ panel p, every row block of a run over the panel while it sits in cache;
@@ -236,6 +335,19 @@ inline void panel_blocks(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, c
 // out [M, N] = a [M, K4 * 4] @ panels (P of them), the panels split over the threads: each weight is read once.
 inline void run_panels(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, const int8_t* panels, int64_t P,
                        int32_t* out, int64_t N) {
+#ifdef MTBF_AMX
+  if (on_tiles(M, K4)) {
+    const bool pairs = M <= amx::kRows;
+    const int64_t macs = std::max<int64_t>(M, 4) * K4 * kGroup * kPanel;  // a panel's
+    const int64_t grain = std::max<int64_t>(pairs ? 2 : 1, kTaskMacs / macs);
+    at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
+      amx::configure(amx::Config(8));
+      tile_panels(a, M, lda, K4, panels, p0, p1, N, out, N, false);
+      amx::release();
+    });
+    return;
+  }
+#endif
   const RowBlocks blocks(M);
   const int64_t grain = std::max<int64_t>(1, kTaskMacs / (std::max<int64_t>(M, 4) * K4 * kGroup * kPanel));
   at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
@@ -243,11 +355,20 @@ inline void run_panels(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, con
   });
 }
 
-// The same for a few rows on the calling thread (no parallel region): out [M, N], its rows N apart.
+// The same for a few rows on the calling thread (no parallel region): out [M, N], its rows ldo apart. On the tiles
+// (on_tiles(M, K4)) out has room for whole tiles: M rounded up to kTileRows rows of P * kPanel columns.
 inline void panel_rows(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, const int8_t* panels, int64_t P,
-                       int32_t* out, int64_t N) {
+                       int32_t* out, int64_t N, int64_t ldo) {
+#ifdef MTBF_AMX
+  if (on_tiles(M, K4)) {
+    amx::configure(amx::Config(8));
+    tile_panels(a, M, lda, K4, panels, 0, P, N, out, ldo, true);
+    amx::release();
+    return;
+  }
+#endif
   const RowBlocks blocks(M);
-  for (int64_t p = 0; p < P; ++p) panel_blocks(a, M, lda, K4, panels, p, N, blocks, out, N);
+  for (int64_t p = 0; p < P; ++p) panel_blocks(a, M, lda, K4, panels, p, N, blocks, out, ldo);
 }
 
 }  // namespace mtbert_fast::cpu::int8

@@ -11,7 +11,8 @@ mtbert_fast.models.int8 for how weights are quantized).
 Where the CPU has AVX512-VNNI (and the AVX-512 kernels are loaded) every product's sums come from int8 panels of the
 weight, packed once (`pack_int8_weight`, `pack_int8_panels`, `int8_panel_sums`: our kernel, whose vpdpbusd adds four
 uint8 x int8 products into an int32 sum exactly, for any weight), which ran faster than oneDNN's int8 product at
-every row count measured there (`panels_vnni`). Elsewhere the sums run on oneDNN's int8 linear with the weight
+every row count measured there (`panels_vnni`); where it also has AMX-INT8, the same panels multiply on its tiles
+(`panels_on_tiles`). Elsewhere the sums run on oneDNN's int8 linear with the weight
 packed once (`pack_int8_weight`), uint8 activations with zero point 0, scales 1 and fp32 output: the int32 sums,
 converted to fp32 once. Each sum of a row of q (0..255) with weight row n lies in [255 * (sum of w[n]'s negative
 entries), 255 * (sum of its positive ones)]; where every such bound is below 2^24 in magnitude, fp32 holds every sum
@@ -217,7 +218,8 @@ _PANELS_VNNI = _panel_kernel() and _ext.cpu_isa() == "avx512" and "avx512_vnni" 
 def panels_vnni() -> bool:
     """Whether int8_panel_sums multiplies with AVX512-VNNI here (the AVX-512 CPU kernels loaded on a CPU with it):
     there its sums are exact for any int8 weight, and the encoder takes the sums of every product from the panels
-    (of at most AMX_PANEL_ROWS rows where oneDNN's int8 product runs on AMX tiles: onednn_amx), which ran faster than
+    (on AMX-INT8 tiles where panels_on_tiles; else of at most AMX_PANEL_ROWS rows where oneDNN's int8 product runs on
+    AMX tiles: onednn_amx), which ran faster than
     oneDNN's int8 product at every shape and row count measured on a CPU without AMX (benchmarks/int8_panels.py,
     2-core AMD EPYC with AVX512-VNNI, all-MiniLM-L6-v2's and bert-base's shapes, oneDNN's time over the panels':
     1.3-2.8x at 16 rows, 1.1-1.7x at 128, 1.00-1.11x at 1,024; whole int8 forwards 1.05x at B=8 L=128, 1.10-1.46x at
@@ -225,10 +227,10 @@ def panels_vnni() -> bool:
     return _PANELS_VNNI
 
 
-# The most rows whose sums come from VNNI panels where oneDNN's int8 product runs on AMX tiles (onednn_amx); more go to
-# oneDNN. benchmarks/int8_panels.py on a 2-core Intel Xeon with AMX (family 6 model 207), 2 threads, all-MiniLM-L6-v2's
-# and bert-base's shapes, the products alone, oneDNN's time over the panels': 1.6-3.3x at 16 rows, 0.76-2.0x at 64,
-# 0.75-1.6x at 128, 0.63-1.08x at 256, 0.54-0.78x at 1,024.
+# The most rows whose sums come from VNNI panels where oneDNN's int8 product runs on AMX tiles (onednn_amx) and the
+# panels do not (panels_on_tiles); more go to oneDNN. benchmarks/int8_panels.py on a 2-core Intel Xeon with AMX (family
+# 6 model 207), 2 threads, all-MiniLM-L6-v2's and bert-base's shapes on VNNI panels, the products alone, oneDNN's time
+# over the panels': 1.6-3.3x at 16 rows, 0.76-2.0x at 64, 0.75-1.6x at 128, 0.63-1.08x at 256, 0.54-0.78x at 1,024.
 AMX_PANEL_ROWS = 128
 
 
@@ -236,9 +238,25 @@ _AMX_INT8 = "amx_int8" in (_ext._cpu_flags() or set())
 
 
 def onednn_amx() -> bool:
-    """Whether products of many rows run on oneDNN's int8 product rather than the VNNI panels (panels_vnni): the CPU
-    has AMX-INT8, whose tiles oneDNN multiplies on, and that product is exact here (onednn_int8_exact)."""
+    """Whether products of many rows of a weight whose panels do not run on AMX tiles (panels_on_tiles) run on oneDNN's
+    int8 product rather than the VNNI panels (panels_vnni): the CPU has AMX-INT8, whose tiles oneDNN multiplies on, and
+    that product is exact here (onednn_int8_exact)."""
     return panels_vnni() and _AMX_INT8 and onednn_int8_exact()
+
+
+def panels_on_tiles(k: int) -> bool:
+    """Whether the int8 panels of a weight of k input features multiply on AMX-INT8 tiles here (TDPBUSD: the same
+    exact int32 sums): the CPU has AMX-INT8 and VNNI (panels_vnni), the process may use the tiles (`ops.cpu_amx()`),
+    and the panels' groups of four entries come in whole steps of 16 (ceil(k / 4) a multiple of 16). Every product of
+    such a weight runs on its panels, whatever its rows: those of 16 rows and more on the tiles, fewer on VNNI (which
+    ran 1-4 rows up to 2x faster). benchmarks/int8_panels.py on a 2-core Intel Xeon with AMX (family 6 model 207), 2
+    threads, all-MiniLM-L6-v2's and bert-base's shapes, the products alone, oneDNN's int8 product's time over the
+    tiles': 1.5-2.4x at 16 rows, 1.3-2.0x at 64, 1.1-1.7x at 128, 1.0-1.5x at 256, 0.6-0.9x at 1,024 (the op splits
+    the panels over the threads, where a model's products of many rows run in blocks of rows, each with its
+    epilogue); whole int8 forwards at 16-1,024 tokens, every product on the VNNI panels over the tiles: MiniLM
+    1.07-1.59x, bert-base 1.68-2.08x; on oneDNN's int8 product 0.97-1.04x. Decided when a weight is packed:
+    `cpu_amx(False)` afterwards runs its panels on VNNI."""
+    return panels_vnni() and _AMX_INT8 and -(-k // PANEL_GROUP) % 16 == 0 and _ext.cpu_amx()
 
 
 def pack_int8_panels(weight: torch.Tensor) -> torch.Tensor:
@@ -301,8 +319,9 @@ def int8_panel_sums(q: torch.Tensor, panels: torch.Tensor, out_features: int, *,
 
 class PackedInt8Weight:
     """An int8 weight [M, K] packed for its products. With VNNI (panels_vnni): its int8 panels (`panels`), on which
-    every product runs (`all_rows`), and nothing of oneDNN's; or, where oneDNN multiplies on AMX tiles (onednn_amx)
-    and its float32 sums of this weight are exact (sums_bound below FP32_EXACT: `amx`), those panels for products of
+    every product runs (`all_rows`; on AMX-INT8 tiles where panels_on_tiles), and nothing of oneDNN's; or, where oneDNN
+    multiplies on AMX tiles (onednn_amx), the panels do not (panels_on_tiles false) and oneDNN's float32 sums of this
+    weight are exact (sums_bound below FP32_EXACT: `amx`), those panels for products of
     at most AMX_PANEL_ROWS rows and oneDNN's int8 product for the others. Else oneDNN's packed copy (`tensor`, an
     opaque tensor, which has no storage to copy or save): for its int8 product where that is exact here for this
     weight (on any weight, or on pairs_safe ones), else (`float_sums`) the weight widened to fp32 for its float32
@@ -312,7 +331,7 @@ class PackedInt8Weight:
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
-        self.amx = onednn_amx() and sums_bound(weight) < FP32_EXACT
+        self.amx = onednn_amx() and not panels_on_tiles(weight.shape[1]) and sums_bound(weight) < FP32_EXACT
         self.all_rows = panels_vnni() and not self.amx
         pairs = not panels_vnni() and not onednn_int8_exact() and onednn_int8_pairs() and pairs_safe(weight)
         self.float_sums = not (panels_vnni() or onednn_int8_exact() or pairs)

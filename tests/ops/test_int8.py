@@ -154,6 +154,7 @@ def test_int8_sums_are_exact(shape, route, monkeypatch):
         pytest.skip("oneDNN's int8 product is not exact here")
     if route.startswith("vnni"):
         monkeypatch.setattr(int8_ops, "onednn_amx", lambda: route == "vnni-amx")
+        monkeypatch.setattr(int8_ops, "panels_on_tiles", lambda k: False)  # where they are, oneDNN takes no rows
     else:
         monkeypatch.setattr(int8_ops, "panels_vnni", lambda: False)
     if route == "onednn-int8" and not onednn_int8_exact():
@@ -270,6 +271,7 @@ def test_amx_route_keeps_weights_whose_float_sums_are_not_exact_on_the_panels(k,
     if not (int8_ops.panels_vnni() and onednn_int8_exact()):
         pytest.skip("the AMX route needs the VNNI panels and oneDNN's exact int8 product")
     monkeypatch.setattr(int8_ops, "onednn_amx", lambda: True)
+    monkeypatch.setattr(int8_ops, "panels_on_tiles", lambda k: False)
     monkeypatch.setattr(int8_ops, "AMX_PANEL_ROWS", 2)
     n, m = 3, 5
     q, w = _extreme(n, k, m)
@@ -594,6 +596,55 @@ def test_product_ops_take_the_sums_from_panels(shape, op, dtype, outliers, threa
         assert g.shape == w.shape and g.dtype == w.dtype and torch.equal(g, w)
     for g, w in zip(_as_tuple(ref(args, extra, panels)), _as_tuple(ref(summed, extra, None)), strict=True):
         assert torch.equal(g, w)
+
+
+@pytest.fixture
+def int8_tiles():
+    """The int8 panels on AMX-INT8 tiles (ops.cpu_amx switches them), switched back on after the test. Skips where the
+    CPU has no AMX-INT8 (or Linux does not grant the tiles): the panel tests above then run on the VNNI panels."""
+    if not int8_ops.panels_on_tiles(64):
+        pytest.skip("no AMX-INT8 tiles for the int8 panels on this CPU")
+    yield
+    ops.cpu_amx(True)
+
+
+@pytest.mark.parametrize("k, m", [(64, 32), (62, 40), (128, 96), (192, 33), (1024, 70), (100, 40)])
+def test_panel_sums_on_amx_tiles(int8_tiles, k, m):
+    """On AMX-INT8 tiles the panels' sums equal the int64 product and the VNNI panels' sums, on a weight that is not
+    pairs_safe: 16 rows (two panels at a time), more in groups of 32, cut short in rows and in columns (the last
+    panel), a reduction padded to a whole step of 64 (k = 62) and one that is not whole steps (k = 100), which stays on
+    VNNI as fewer than 16 rows do; q as it is, with room in its storage for a tile's rows past its last, and without
+    (the end of a tensor, a view of narrower rows)."""
+    q, w = _extreme(300, k, m)
+    w[0, : min(k, 4)] = 127
+    w[-1, : min(k, 4)] = -128
+    panels = ops.pack_int8_panels(w)
+    wide = torch.cat([q, q[:, :7]], 1)
+    inputs = [x for rows in (1, 2, 15, 16, 17, 31, 32, 33, 48, 64, 100, 130, 300)
+              for x in (q[:rows], q[-rows:], wide[-rows:, :k])]
+    got = [ops.int8_panel_sums(x, panels, m) for x in inputs]
+    ops.cpu_amx(False)  # the fixture switches the tiles back on
+    vnni = [ops.int8_panel_sums(x, panels, m) for x in inputs]
+    for x, g, v in zip(inputs, got, vnni, strict=True):
+        assert torch.equal(g.long(), reference.int8_sums(x, w)) and torch.equal(g, v), x.shape
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("op", ["linear", "gelu_quantize", "residual_layer_norm", "residual_layer_norm_quantize"])
+@pytest.mark.parametrize("shape", [(16, 64, 40), (100, 128, 70), (300, 64, 33), (300, 1024, 1056), (520, 1024, 1056)])
+def test_product_ops_on_amx_tiles(int8_tiles, shape, op, threads):
+    """The product ops on the tiles give the VNNI panels' bits: the panels split over the threads, or blocks of 32
+    rows (a weight of at most 1 MiB) or of up to 128 ([1056, 1024]) each run with its epilogue, blocks cut short;
+    q from the reference quantization, which leaves no room past its rows."""
+    n, k, m = shape
+    args, panels, _, summed = _panel_product(n, k, m, torch.bfloat16, False)
+    call = _product_ops(torch.bfloat16, m, "cpu")[op]
+    with num_threads(threads):
+        got = _as_tuple(call(args, None, panels))
+        ops.cpu_amx(False)  # the fixture switches the tiles back on
+        vnni = _as_tuple(call(args, None, panels))
+    for g, v, s in zip(got, vnni, _as_tuple(call(summed, None, None)), strict=True):
+        assert torch.equal(g, v) and torch.equal(g, s)
 
 
 @pytest.mark.parametrize("op", ["linear", "gelu_quantize", "residual_layer_norm_quantize"])
