@@ -306,17 +306,17 @@ struct Int8Epilogue {
     const int64_t block_rows = tiles ? cpu::int8::tile_block_rows(P, K4) : kBlockRows;
     const int64_t ldc = tiles ? P * cpu::int8::kPanel : N;
     if (M < 2 * threads * block_rows) {  // too few blocks for each thread: the panels split over them instead
-      const at::Tensor a = cpu::int8::grouped_rows(acc, cpu::int8::RowBlocks(M).most());
+      const at::Tensor a = cpu::int8::grouped_rows(acc, cpu::int8::RowBlocks(M).most(), tiles);
       at::Tensor sums = at::empty({M, N}, acc.options().dtype(at::kInt));
       cpu::int8::run_panels(a.const_data_ptr<uint8_t>(), M, a.stride(0), K4, w_p, P, sums.mutable_data_ptr<int32_t>(),
-                            N);
+                            N, tiles);
       each_row(sums.const_data_ptr<int32_t>());
       return;
     }
     // blocks of at most block_rows rows, their count a multiple of the threads' and their sizes as even as possible
     const int64_t blocks = (M + block_rows * threads - 1) / (block_rows * threads) * threads;
     const int64_t base = M / blocks, extra = M % blocks;
-    const at::Tensor a = cpu::int8::grouped_rows(acc, cpu::int8::RowBlocks(base + (extra > 0 ? 1 : 0)).most());
+    const at::Tensor a = cpu::int8::grouped_rows(acc, cpu::int8::RowBlocks(base + (extra > 0 ? 1 : 0)).most(), tiles);
     const uint8_t* a_p = a.const_data_ptr<uint8_t>();
     const int64_t lda = a.stride(0);
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -325,7 +325,8 @@ struct Int8Epilogue {
       float* space = scratch();
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * base + std::min(b, extra), rows = base + (b < extra ? 1 : 0);
-        cpu::int8::panel_rows(a_p + r0 * lda, rows, lda, K4, w_p, P, sums.data(), N, ldc);
+        cpu::int8::panel_rows(a_p + r0 * lda, rows, lda, K4, w_p, P, sums.data(), N, ldc,
+                              tiles && rows >= cpu::int8::kTileMinRows);
         for (int64_t r = 0; r < rows; ++r) row_epilogue(r0 + r, sums.data() + r * ldc, space);
       }
     });

@@ -27,9 +27,11 @@ at::Tensor int8_panel_sums_cpu(const at::Tensor& q, const at::Tensor& panels, in
   check_panels(op, q, panels, N);
   at::Tensor out = at::empty({M, N}, q.options().dtype(at::kInt));
   if (M == 0) return out;
-  const at::Tensor a = grouped_rows(q, RowBlocks(M).most()), w = panels.contiguous();
-  run_panels(a.const_data_ptr<uint8_t>(), M, a.stride(0), panels.size(1), w.const_data_ptr<int8_t>(), panels.size(0),
-             out.mutable_data_ptr<int32_t>(), N);
+  const int64_t K4 = panels.size(1);
+  const bool tiles = on_tiles(M, K4);  // asked once: the copy below and the kernel go by the same answer
+  const at::Tensor a = grouped_rows(q, RowBlocks(M).most(), tiles), w = panels.contiguous();
+  run_panels(a.const_data_ptr<uint8_t>(), M, a.stride(0), K4, w.const_data_ptr<int8_t>(), panels.size(0),
+             out.mutable_data_ptr<int32_t>(), N, tiles);
   return out;
 }
 

@@ -192,9 +192,9 @@ inline int64_t tile_block_rows(int64_t P, int64_t K4) {
 #ifdef MTBF_AMX
 
 // out [M, columns of panels p0..p1-1] = a [M, K4 * 4] @ those panels on the tiles, under a configuration of 8 full
-// tiles; on_tiles(M, K4). Up to 16 rows two panels at a time (panel_pair_product), more a panel at a time in groups of 32
-// rows (product_2x2). A tile load reads 16 rows, so a's rows must be readable up to M + 15 (readable_rows); those
-// past M are never stored. `whole`: out has room for whole tiles (16 rows with M <= 16, else M rounded up to 32, and
+// tiles; on_tiles(M, K4). 16 rows two panels at a time (panel_pair_product), more a panel at a time in groups of 32
+// rows (product_2x2). A tile load reads 16 rows, so a's rows must be readable up to M + 15 (readable_rows); those past
+// M are never stored. `whole`: out has room for whole tiles (16 rows with M <= 16, else M rounded up to 32, and
 // every panel's 32 columns) and the tiles store there; else whole tiles go straight to out and partial ones through
 // a buffer.
 inline void tile_panels(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, const int8_t* panels, int64_t p0,
@@ -224,21 +224,22 @@ inline void tile_panels(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, co
   // rows in chunks of kChunkRows, each run over the panels in turn: a chunk's rows stay in the core's L2 while they
   // meet every panel, and a panel in L1 while it meets the chunk's row groups
   for (int64_t chunk = 0; chunk < M; chunk += kChunkRows) {
-   for (int64_t p = p0; p < p1; ++p) {
-    const int8_t* b = panels + p * panel_bytes;
-    const int64_t c0 = p * kPanel, cols = std::min(kPanel, N - c0);
-    for (int64_t m0 = chunk; m0 < std::min(M, chunk + kChunkRows); m0 += kTileRows) {
-      const int64_t rows = std::min(kTileRows, M - m0);
-      const bool two_rows = rows > amx::kRows;
-      if (whole || (cols == kPanel && rows == (two_rows ? kTileRows : amx::kRows))) {
-        amx::product_2x2<Dot::Int8>(two_rows, true, steps, a + m0 * lda, lda, b, amx::kPanelBytes,
-                                    out + m0 * ldo + c0, out_bytes);
-      } else {
-        amx::product_2x2<Dot::Int8>(two_rows, true, steps, a + m0 * lda, lda, b, amx::kPanelBytes, c, kPanel * 4);
-        copy(c, kPanel, m0, rows, c0, cols);
+    const int64_t chunk_end = std::min(M, chunk + kChunkRows);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int8_t* b = panels + p * panel_bytes;
+      const int64_t c0 = p * kPanel, cols = std::min(kPanel, N - c0);
+      for (int64_t m0 = chunk; m0 < chunk_end; m0 += kTileRows) {
+        const int64_t rows = std::min(kTileRows, M - m0);
+        const bool two_rows = rows > amx::kRows;
+        if (whole || (cols == kPanel && rows == (two_rows ? kTileRows : amx::kRows))) {
+          amx::product_2x2<Dot::Int8>(two_rows, true, steps, a + m0 * lda, lda, b, amx::kPanelBytes,
+                                      out + m0 * ldo + c0, out_bytes);
+        } else {
+          amx::product_2x2<Dot::Int8>(two_rows, true, steps, a + m0 * lda, lda, b, amx::kPanelBytes, c, kPanel * 4);
+          copy(c, kPanel, m0, rows, c0, cols);
+        }
       }
     }
-   }
   }
 }
 #endif
@@ -300,11 +301,11 @@ inline at::Tensor readable_rows(const at::Tensor& a, int64_t rows) {
 
 // q [M, K] as the tiles read it, its rows in blocks of at most `tile_rows` rows: q itself where its rows are whole
 // groups of kGroup entries, contiguous and apart enough; else a copy padded with zeros to whole groups
-// (rows_for_tiles). The tiles take its row stride as lda.
-inline at::Tensor grouped_rows(const at::Tensor& q, int64_t tile_rows) {
-  const int64_t K4 = (q.size(1) + kGroup - 1) / kGroup;
-  const at::Tensor a = rows_for_tiles(q, K4 * kGroup, tile_rows);
-  return on_tiles(q.size(0), K4) ? readable_rows(a, a.size(0) + kTileGroups - 1) : a;
+// (rows_for_tiles). The tiles take its row stride as lda. `tiles`: the product runs on AMX tiles (on_tiles, asked once
+// per call by the caller, who hands the same answer to run_panels or panel_rows), which read 15 rows past M.
+inline at::Tensor grouped_rows(const at::Tensor& q, int64_t tile_rows, bool tiles) {
+  const at::Tensor a = rows_for_tiles(q, (q.size(1) + kGroup - 1) / kGroup * kGroup, tile_rows);
+  return tiles ? readable_rows(a, a.size(0) + kTileGroups - 1) : a;
 }
 
 // out[:, p's columns] = a [M, K4 * 4] @ panel p, every row block of a run over the panel while it sits in cache;
@@ -332,11 +333,12 @@ inline void panel_blocks(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, c
   }
 }
 
-// out [M, N] = a [M, K4 * 4] @ panels (P of them), the panels split over the threads: each weight is read once.
+// out [M, N] = a [M, K4 * 4] @ panels (P of them), the panels split over the threads: each weight is read once. On AMX
+// tiles where `tiles` (on_tiles(M, K4), a from grouped_rows with the same answer).
 inline void run_panels(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, const int8_t* panels, int64_t P,
-                       int32_t* out, int64_t N) {
+                       int32_t* out, int64_t N, bool tiles) {
 #ifdef MTBF_AMX
-  if (on_tiles(M, K4)) {
+  if (tiles) {
     const bool pairs = M <= amx::kRows;
     const int64_t macs = std::max<int64_t>(M, 4) * K4 * kGroup * kPanel;  // a panel's
     const int64_t grain = std::max<int64_t>(pairs ? 2 : 1, kTaskMacs / macs);
@@ -356,11 +358,11 @@ inline void run_panels(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, con
 }
 
 // The same for a few rows on the calling thread (no parallel region): out [M, N], its rows ldo apart. On the tiles
-// (on_tiles(M, K4)) out has room for whole tiles: M rounded up to kTileRows rows of P * kPanel columns.
+// (`tiles`: on_tiles(M, K4)) out has room for whole tiles: M rounded up to kTileRows rows of P * kPanel columns.
 inline void panel_rows(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, const int8_t* panels, int64_t P,
-                       int32_t* out, int64_t N, int64_t ldo) {
+                       int32_t* out, int64_t N, int64_t ldo, bool tiles) {
 #ifdef MTBF_AMX
-  if (on_tiles(M, K4)) {
+  if (tiles) {
     amx::configure(amx::Config(8));
     tile_panels(a, M, lda, K4, panels, 0, P, N, out, ldo, true);
     amx::release();
