@@ -52,6 +52,10 @@ def bf16_pairs() -> bool:
 #   runs (csrc/cpu/panel_linear.cpp): 1.41x / 1.31x at 16 tokens, 1.20x / 1.19x at 64, 1.02-1.13x / 1.09-1.14x at
 #   128, then about even with oneDNN, run to run: 0.94-1.03x / 0.96-1.02x at 256, 0.92-1.06x / 0.96-1.07x at 384,
 #   1.01x / 0.96x at 512. Without those fetches oneDNN won from about 96 tokens.
+# - avx512 intel amx (fp32 on an Intel CPU with AMX, Sapphire Rapids on: float32 has no AMX products, but the route
+#   above the limit wins from fewer rows there), 2-core Xeon with AMX (family 6 model 207), benchmarks/panel_rows.py
+#   --dtypes fp32: 1.19x / 1.16x at 48 tokens, 1.09x / 1.05x at 64, 1.00-1.02x / 0.98x at 80, 0.99x / 0.95-0.97x at
+#   96, 0.96x / 0.93x at 112, 0.94-0.96x / 0.89-0.93x at 128.
 # - avx512 widened, mkl (as avx512 widened, where MKL's packed sgemm multiplies bf16 inputs of more rows as float32,
 #   mkl_linear.encoder_rows), same Xeon, whole forwards at B=1, the panels' time over MKL's (benchmarks/mkl_rows.py):
 #   0.66-0.75x at 16 tokens, 0.75-0.93x at 32, 0.79-0.81x at 40, 0.88-1.00x at 48, 0.91-1.14x at 64 (two runs),
@@ -60,6 +64,7 @@ def bf16_pairs() -> bool:
 MAX_ROWS = {
     "avx512": {torch.float32: 256, torch.bfloat16: 256},
     "avx512 intel": {torch.float32: 128},
+    "avx512 intel amx": {torch.float32: 64},
     "avx512 widened": {torch.bfloat16: 1024},
     "avx512 widened, mkl": {torch.bfloat16: 96},
     "avx2": {torch.float32: 2048, torch.bfloat16: 2048},
@@ -79,12 +84,12 @@ def limit_key(dtype: torch.dtype) -> str:
     """The entry of MAX_ROWS that holds the encoder's row limit for `dtype` here: the CPU kernels loaded, and on
     AVX-512 for bf16 whether they multiply bf16 pairs ("avx512") or widen the panels ("avx512 widened", or "avx512
     widened, mkl" where MKL's packed sgemm takes the rows above), for fp32 whether the CPU is Intel's ("avx512
-    intel")."""
+    intel", or "avx512 intel amx" where it has AMX)."""
     isa = _ext.cpu_isa()
     if isa == "avx512" and dtype == torch.bfloat16 and not bf16_pairs():
         return "avx512 widened, mkl" if mkl_rows(dtype) else "avx512 widened"
     if isa == "avx512" and dtype == torch.float32 and _ext._cpu_vendor() == "GenuineIntel":
-        return "avx512 intel"
+        return "avx512 intel amx" if "amx_tile" in (_ext._cpu_flags() or set()) else "avx512 intel"
     return isa
 
 
