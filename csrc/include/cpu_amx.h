@@ -156,7 +156,7 @@ inline void product_2x2(bool two_rows, bool two_cols, int64_t k, const c10::BFlo
 // side, or c [16, 32] = a @ b0 alone (b1 nullptr): panels of 32 columns, rows kPanelBytes apart (a bf16 pair panel or
 // an int8 quad panel). Result tiles 0-3 take 16 columns each, tile 4 a's rows, 5-7 the panels' column halves in turn:
 // four independent sums, so that each product does not wait on the one before into the same tile (a long panel is a
-// long chain of them). The panels' rows `ahead` steps on are fetched as these run: weights read once, from memory.
+// long chain of them). The panels' rows kAhead steps on are fetched as these run: weights read once, from memory.
 template <Dot D>
 inline void panel_pair_product(int64_t steps, const void* a, int64_t a_bytes, const void* b0, const void* b1, void* c,
                                int64_t c_bytes) {

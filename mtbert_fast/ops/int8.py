@@ -219,11 +219,10 @@ def panels_vnni() -> bool:
     """Whether int8_panel_sums multiplies with AVX512-VNNI here (the AVX-512 CPU kernels loaded on a CPU with it):
     there its sums are exact for any int8 weight, and the encoder takes the sums of every product from the panels
     (on AMX-INT8 tiles where panels_on_tiles; else of at most AMX_PANEL_ROWS rows where oneDNN's int8 product runs on
-    AMX tiles: onednn_amx), which ran faster than
-    oneDNN's int8 product at every shape and row count measured on a CPU without AMX (benchmarks/int8_panels.py,
-    2-core AMD EPYC with AVX512-VNNI, all-MiniLM-L6-v2's and bert-base's shapes, oneDNN's time over the panels':
-    1.3-2.8x at 16 rows, 1.1-1.7x at 128, 1.00-1.11x at 1,024; whole int8 forwards 1.05x at B=8 L=128, 1.10-1.46x at
-    B=1)."""
+    AMX tiles: onednn_amx), which ran faster than oneDNN's int8 product at every shape and row count measured on a CPU
+    without AMX (benchmarks/int8_panels.py, 2-core AMD EPYC with AVX512-VNNI, all-MiniLM-L6-v2's and bert-base's
+    shapes, oneDNN's time over the panels': 1.3-2.8x at 16 rows, 1.1-1.7x at 128, 1.00-1.11x at 1,024; whole int8
+    forwards 1.05x at B=8 L=128, 1.10-1.46x at B=1)."""
     return _PANELS_VNNI
 
 

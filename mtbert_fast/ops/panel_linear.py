@@ -70,9 +70,10 @@ MAX_ROWS = {
     "avx2": {torch.float32: 2048, torch.bfloat16: 2048},
 }
 # bf16 where the CPU has AMX: oneDNN's bf16 products run on its tiles, several times the rate of the dot products
-# panel_linear used before (2-core Intel Xeon with AMX, family 6 model 207, 2 threads: oneDNN 1.5x faster than those
-# at 4 tokens, 4.5x at 128). panel_linear runs its own bf16 products on the tiles too from 2 rows on (its pair panels
-# are the tiles' layout, `cpu_amx`). benchmarks/panel_rows.py --dtypes bf16 --rows 16 32 64 128 256 --limits 8 16 32
+# panel_linear used before (2-core Intel Xeon with AMX, family 6 model 207, 2 threads, whole forwards of one sequence,
+# oneDNN's time over the dot products', MiniLM / bert-base: 1.52x / 1.56x at 4 tokens, 0.39x / 0.22x at 128).
+# panel_linear runs its own bf16 products on the tiles too from 2 rows on (its pair panels are the tiles' layout,
+# `cpu_amx`). benchmarks/panel_rows.py --dtypes bf16 --rows 16 32 64 128 256 --limits 8 16 32
 # 64 128 256, same Xeon, whole forwards of one sequence, oneDNN's time over panel_linear's (per round): bert-base
 # 1.33x at 16 tokens, 1.23x at 32, 1.13x at 64, 1.02x at 128, 0.96x at 256; MiniLM 1.31x, 1.06x, 1.06x, 1.09x, 1.10x.
 # With the weights evicted before each call (as when other work runs between calls), one process per route: bert-base
