@@ -334,10 +334,25 @@ inline void panel_blocks(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, c
 }
 
 // out [M, N] = a [M, K4 * 4] @ panels (P of them), the panels split over the threads: each weight is read once. On AMX
-// tiles where `tiles` (on_tiles(M, K4), a from grouped_rows with the same answer).
+// tiles where `tiles` (on_tiles(M, K4), a from grouped_rows with the same answer), and there, from two blocks of
+// tile_block_rows a thread on, the blocks split over the threads instead.
 inline void run_panels(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, const int8_t* panels, int64_t P,
                        int32_t* out, int64_t N, bool tiles) {
 #ifdef MTBF_AMX
+  const int64_t block = tile_block_rows(P, K4), threads = at::get_num_threads();
+  if (tiles && M >= 2 * threads * block) {
+    // many rows: blocks of rows split over the threads, each block through every panel, as the fused epilogues run
+    // them (a thread streaming all the rows past its half of the panels reads them from L3 once per panel)
+    at::parallel_for(0, (M + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
+      amx::configure(amx::Config(8));
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r0 = b * block;
+        tile_panels(a + r0 * lda, std::min(block, M - r0), lda, K4, panels, 0, P, N, out + r0 * N, N, false);
+      }
+      amx::release();
+    });
+    return;
+  }
   if (tiles) {
     const bool pairs = M <= amx::kRows;
     const int64_t macs = std::max<int64_t>(M, 4) * K4 * kGroup * kPanel;  // a panel's

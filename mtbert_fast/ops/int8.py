@@ -250,11 +250,11 @@ def panels_on_tiles(k: int) -> bool:
     such a weight runs on its panels, whatever its rows: those of 16 rows and more on the tiles, fewer on VNNI (which
     ran 1-4 rows up to 2x faster). benchmarks/int8_panels.py on a 2-core Intel Xeon with AMX (family 6 model 207), 2
     threads, all-MiniLM-L6-v2's and bert-base's shapes, the products alone, oneDNN's int8 product's time over the
-    tiles': 1.5-2.4x at 16 rows, 1.3-2.0x at 64, 1.1-1.7x at 128, 1.0-1.5x at 256, 0.6-0.9x at 1,024 (the op splits
-    the panels over the threads, where a model's products of many rows run in blocks of rows, each with its
-    epilogue); whole int8 forwards at 16-1,024 tokens, every product on the VNNI panels over the tiles: MiniLM
-    1.07-1.59x, bert-base 1.68-2.08x; on oneDNN's int8 product 0.97-1.04x. Decided when a weight is packed:
-    `cpu_amx(False)` afterwards runs its panels on VNNI."""
+    tiles': 1.5-2.4x at 16 rows, 1.3-2.0x at 64, 1.1-1.7x at 128, 1.0-1.5x at 256, 0.74-1.68x at 1,024 (bert-base's
+    QKV and FFN input, each block of 128 rows reading the whole weight from L3, the slowest); whole int8 forwards at
+    16-1,024 tokens, every product on the VNNI panels over the tiles: MiniLM 1.07-1.59x, bert-base 1.68-2.08x; on
+    oneDNN's int8 product 0.97-1.04x. Decided when a weight is packed: `cpu_amx(False)` afterwards runs its panels on
+    VNNI."""
     return panels_vnni() and _AMX_INT8 and -(-k // PANEL_GROUP) % 16 == 0 and _ext.cpu_amx()
 
 
