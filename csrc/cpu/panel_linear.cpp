@@ -20,8 +20,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
-#include <memory>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -354,27 +352,15 @@ at::Tensor panel_linear_cpu(const at::Tensor& x, const at::Tensor& panels, const
     const at::BFloat16* wp = w.const_data_ptr<at::BFloat16>();
 #ifdef MTBF_AMX
     if (panels_on_tiles(M, Kp)) {
-      // x's rows up to a multiple of 16 for the tiles: x itself where it has as many, else a copy (the rows past M
-      // left as they come: their results are never stored)
+      // x's rows Kp wide (zeros past K, which an odd K leaves: the panels' last pair row is half padding) and
+      // readable up to a multiple of 16 for the tiles (the rows past M left as they come: never stored)
       const int64_t rows = (M + cpu::amx::kRows - 1) / cpu::amx::kRows * cpu::amx::kRows;
-      const at::BFloat16* ap = x.const_data_ptr<at::BFloat16>();
-      int64_t lda = x.stride(0);
-      std::unique_ptr<at::BFloat16[]> copy;
-      if (rows != M || x.stride(1) != 1) {
-        copy.reset(new at::BFloat16[rows * K]);
-        const int64_t s0 = x.stride(0), s1 = x.stride(1);
-        for (int64_t r = 0; r < M; ++r) {
-          if (s1 == 1) std::memcpy(copy.get() + r * K, ap + r * s0, K * sizeof(at::BFloat16));
-          else
-            for (int64_t k = 0; k < K; ++k) copy[r * K + k] = ap[r * s0 + k * s1];
-        }
-        ap = copy.get();
-        lda = K;
-      }
+      const at::Tensor a = cpu::readable_rows(cpu::rows_for_tiles(x, Kp, cpu::amx::kRows), rows);
+      const at::BFloat16* ap = a.const_data_ptr<at::BFloat16>();
       at::BFloat16* o = out.mutable_data_ptr<at::BFloat16>();
       const auto run = [&](auto gelu_tag, auto kind_tag) {
         run_panels_amx<at::BFloat16, decltype(gelu_tag)::value, decltype(kind_tag)::value>(
-            ap, lda, M, Kp, wp, P, bias_ptr, o, N, out.stride(0));
+            ap, a.stride(0), M, Kp, wp, P, bias_ptr, o, N, out.stride(0));
       };
       if (!gelu) run(std::false_type{}, std::integral_constant<GeluKind, GeluKind::Erf>{});
       else cpu::dispatch_gelu(kind, [&](auto tag) { run(std::true_type{}, tag); });

@@ -287,18 +287,6 @@ inline at::Tensor new_quantized_rows(int64_t M, int64_t K, const at::TensorOptio
   return new_rows(M + room, K, options.dtype(at::kByte), rows_alias(std::min(M, max_tile_rows()), K)).narrow(0, 0, M);
 }
 
-// a [M, K] (byte rows) as it is where its storage holds `rows` rows at its row stride, else a copy whose storage
-// does (the rows past M uninitialised): an AMX tile load reads 16 rows, past the last one it stores.
-inline at::Tensor readable_rows(const at::Tensor& a, int64_t rows) {
-  const int64_t M = a.size(0), K = a.size(1), lda = std::max(a.stride(0), K);
-  if (a.stride(1) == 1 && a.storage_offset() + (rows - 1) * lda + K <= static_cast<int64_t>(a.storage().nbytes())) {
-    return a;
-  }
-  const at::Tensor room = at::empty({rows, lda}, a.options()).narrow(0, 0, M).narrow(1, 0, K);
-  room.copy_(a);
-  return room;
-}
-
 // q [M, K] as the tiles read it, its rows in blocks of at most `tile_rows` rows: q itself where its rows are whole
 // groups of kGroup entries, contiguous and apart enough; else a copy padded with zeros to whole groups
 // (rows_for_tiles). The tiles take its row stride as lda. `tiles`: the product runs on AMX tiles (on_tiles, asked once

@@ -253,3 +253,32 @@ def test_bf16_pairs_on_amx_tiles_are_the_dot_products(rows, k, n, gelu):
     ref = F.gelu(ref) if gelu else ref
     native = F.linear(x, w, bias)
     assert_close(tiles, ref, F.gelu(native) if gelu else native, torch.bfloat16)
+
+
+@pytest.mark.parametrize("rows", [4, 20])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_bf16_tiles_pad_an_odd_reduction_with_zeros(rows, layout):
+    """With an odd reduction length (767) the pair panels end in a half-padding row and the tiles read 768 entries
+    of each row of x: they read them from a copy padded with zeros, so an infinity at the start of one row never
+    meets the padding of the row before it (0 * inf), in a row-major x and in a strided one; each other row is the
+    dot products' within an ulp."""
+    if not ops.cpu_amx():
+        pytest.skip("no AMX-BF16 tiles on this CPU")
+    k, n = 767, 64
+    x = rand(rows, k, seed=rows, dtype=torch.bfloat16)
+    x[1, 0] = float("inf")
+    x = x if layout == "contiguous" else x.t().contiguous().t()
+    w = rand(n, k, seed=n, scale=k**-0.5, dtype=torch.bfloat16)
+    bias = rand(n, seed=3, dtype=torch.bfloat16)
+    panels = ops.pack_panels(w)
+    outs = []
+    try:
+        for allow in (True, False):
+            ops.cpu_amx(allow)
+            outs.append(ops.panel_linear(x, panels, bias, n).float())
+    finally:
+        ops.cpu_amx(True)
+    tiles, dots = (o[torch.arange(rows) != 1] for o in outs)
+    assert torch.isfinite(tiles).all()
+    ulp = torch.finfo(torch.bfloat16).eps * torch.exp2(torch.floor(torch.log2(dots.abs().clamp_min(1e-30))))
+    assert ((tiles - dots).abs() <= ulp).all()
