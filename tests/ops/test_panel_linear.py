@@ -224,6 +224,18 @@ def test_kernel_checks_its_arguments():
         kernel(x, torch.zeros(2, 5, 32, 2, dtype=torch.bfloat16), None, 40, False, "none")
 
 
+def _tiles_and_dots(x, panels, bias, n, gelu=False):
+    """panel_linear's float output on the AMX tiles and on the AVX512-BF16 dot products (cpu_amx on, then off)."""
+    outs = []
+    try:
+        for allow in (True, False):
+            ops.cpu_amx(allow)
+            outs.append(ops.panel_linear(x, panels, bias, n, gelu=gelu).float())
+    finally:
+        ops.cpu_amx(True)
+    return outs
+
+
 @pytest.mark.parametrize("rows", [1, 2, 5, 16, 17, 40])
 @pytest.mark.parametrize("k, n", [(64, 40), (384, 1152), (3072, 96), (40, 64)])
 @pytest.mark.parametrize("gelu", [False, True])
@@ -237,15 +249,7 @@ def test_bf16_pairs_on_amx_tiles_are_the_dot_products(rows, k, n, gelu):
     x = rand(rows, k, seed=rows + k, dtype=torch.bfloat16)
     w = rand(n, k, seed=n, scale=k**-0.5, dtype=torch.bfloat16)
     bias = rand(n, seed=3, dtype=torch.bfloat16)
-    panels = ops.pack_panels(w)
-    outs = []
-    try:
-        for allow in (True, False):
-            ops.cpu_amx(allow)
-            outs.append(ops.panel_linear(x, panels, bias, n, gelu=gelu).float())
-    finally:
-        ops.cpu_amx(True)
-    tiles, dots = outs
+    tiles, dots = _tiles_and_dots(x, ops.pack_panels(w), bias, n, gelu)
     ulp = torch.finfo(torch.bfloat16).eps * torch.exp2(torch.floor(torch.log2(dots.abs().clamp_min(1e-30))))
     assert ((tiles - dots).abs() <= ulp).all()
     assert (tiles == dots).float().mean() >= 0.95
@@ -270,15 +274,7 @@ def test_bf16_tiles_pad_an_odd_reduction_with_zeros(rows, layout):
     x = x if layout == "contiguous" else x.t().contiguous().t()
     w = rand(n, k, seed=n, scale=k**-0.5, dtype=torch.bfloat16)
     bias = rand(n, seed=3, dtype=torch.bfloat16)
-    panels = ops.pack_panels(w)
-    outs = []
-    try:
-        for allow in (True, False):
-            ops.cpu_amx(allow)
-            outs.append(ops.panel_linear(x, panels, bias, n).float())
-    finally:
-        ops.cpu_amx(True)
-    tiles, dots = (o[torch.arange(rows) != 1] for o in outs)
+    tiles, dots = (o[torch.arange(rows) != 1] for o in _tiles_and_dots(x, ops.pack_panels(w), bias, n))
     assert torch.isfinite(tiles).all()
     ulp = torch.finfo(torch.bfloat16).eps * torch.exp2(torch.floor(torch.log2(dots.abs().clamp_min(1e-30))))
     assert ((tiles - dots).abs() <= ulp).all()
