@@ -163,22 +163,20 @@ def kernels_only(fast: FastBertModel, batch: dict):
     ws = [layer.weights() for layer in fast.layers]
     t, h = x0.shape
     C = torch.ops.mtbert_fast_C
-    # the route the layers take: panel_linear for few rows, else oneDNN's linear (packed where autograd is off);
-    # each weight as (its pack, its out_features)
-    if t <= panel_rows(x0.dtype):
-        pack = panel_weight
+    # the route the layers take: panel_linear for few rows (more for narrow weights, panel_rows(dtype, features)),
+    # else oneDNN's linear (packed where autograd is off); each weight as (its pack, its out_features, on panels)
+    def pack(m):
+        panels = t <= panel_rows(x0.dtype, m.shape[0])
+        return (panel_weight(m) if panels else onednn_weight(m)), m.shape[0], panels
 
-        def lin(x, packed_weight, bias, act, approximate):
-            panels, out_features = packed_weight
-            return C.panel_linear(x, panels, bias, out_features, act == "gelu", approximate or "none")
-    else:
-        pack = onednn_weight
+    def lin(x, packed_weight, bias, act, approximate):
+        weight, out_features, panels = packed_weight
+        if panels:
+            return C.panel_linear(x, weight, bias, out_features, act == "gelu", approximate or "none")
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, act, [], approximate)
 
-        def lin(x, packed_weight, bias, act, approximate):
-            return torch.ops.mkldnn._linear_pointwise(x, packed_weight[0], bias, act, [], approximate)
     with torch.inference_mode():
-        packs = [[(pack(m), m.shape[0]) for m in (w.qkv_weight, w.attn_out_weight, w.ffn_in_weight, w.ffn_out_weight)]
-                 for w in ws]
+        packs = [[pack(m) for m in (w.qkv_weight, w.attn_out_weight, w.ffn_in_weight, w.ffn_out_weight)] for w in ws]
     scale = cfg.head_dim ** -0.5
     eps = cfg.layer_norm_eps
 

@@ -78,12 +78,14 @@ def forwards(fast: FastBertModel, dtype: torch.dtype, length: int, limits: tuple
     (below the length: oneDNN) and at limits[1] (panel_linear); of medians and per round."""
     batch = fbp.full_batch(fast.config, 1, length)
     key = panel_module.limit_key(dtype)
-    saved, saved_amx = dict(panel_module.MAX_ROWS[key]), panel_module.AMX_BF16_ROWS
+    saved = dict(panel_module.MAX_ROWS[key]), panel_module.AMX_BF16_ROWS, panel_module.AMX_BF16_NARROW_ROWS
 
     def with_limit(limit: int):
         def run():
-            # both limits: on a CPU with AMX the encoder takes the lower of the two for bf16
+            # every limit: on a CPU with AMX the encoder takes the lower of the first two for bf16, and the third for
+            # narrow weights
             panel_module.MAX_ROWS[key][dtype] = panel_module.AMX_BF16_ROWS = limit
+            panel_module.AMX_BF16_NARROW_ROWS = limit
             panel_module.encoder_rows.cache_clear()
             fast(**batch)
         return run
@@ -93,8 +95,8 @@ def forwards(fast: FastBertModel, dtype: torch.dtype, length: int, limits: tuple
             t = harness.time_interleaved({"onednn": with_limit(limits[0]), "panels": with_limit(limits[1])},
                                          repeats=repeats, warmup=2, settle=0.02)
     finally:
-        panel_module.MAX_ROWS[key].update(saved)
-        panel_module.AMX_BF16_ROWS = saved_amx
+        panel_module.MAX_ROWS[key].update(saved[0])
+        panel_module.AMX_BF16_ROWS, panel_module.AMX_BF16_NARROW_ROWS = saved[1:]
         panel_module.encoder_rows.cache_clear()
     return t["onednn"].median / t["panels"].median, harness.median_ratio(t["onednn"].samples, t["panels"].samples)
 

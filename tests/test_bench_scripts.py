@@ -123,10 +123,11 @@ def test_panel_rows_forwards_put_the_row_limit_back(panel_rows):
     fast = FastBertModel.from_hf(hf)
     module = panel_rows.panel_module
     before = {isa: dict(rows) for isa, rows in module.MAX_ROWS.items()}
-    limit = module.encoder_rows(torch.float32)
+    limit, amx_limits = module.encoder_rows(torch.float32), (module.AMX_BF16_ROWS, module.AMX_BF16_NARROW_ROWS)
     of_medians, per_round = panel_rows.forwards(fast, torch.float32, 5, (0, 8), repeats=1)
     assert of_medians > 0 and per_round > 0
     assert module.MAX_ROWS == before and module.encoder_rows(torch.float32) == limit
+    assert (module.AMX_BF16_ROWS, module.AMX_BF16_NARROW_ROWS) == amx_limits
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +191,23 @@ def test_one_pass_inputs_compares_against_the_per_op_path_and_restores_it():
         assert encoder._packed_mask(mask, None) is None
         assert encoder._one_call_embeddings() is False
     assert (encoder._packed_mask, encoder._one_call_embeddings) == saved
+
+
+def test_tile_rows_times_both_routes_of_each_product():
+    """benchmarks/tile_rows.py: oneDNN's time over panel_linear's for a layer's products, per row count (on any CPU
+    whose oneDNN multiplies bf16; the script itself runs only where panel_linear's bf16 runs on AMX tiles)."""
+    import torch
+
+    from mtbert_fast.models.weight_pack import onednn_dtype
+
+    if onednn_dtype(torch.bfloat16) != torch.bfloat16:
+        pytest.skip("oneDNN does not multiply bfloat16 on this CPU")
+    script = _script("tile_rows")
+    assert set(script.products(32)) == {"qkv", "attn_out", "ffn_in", "ffn_out"}
+    g = torch.Generator().manual_seed(0)
+    for k, n, gelu in script.products(32).values():
+        got = script.ratios(k, n, gelu, [3, 17], repeats=1, g=g)
+        assert set(got) == {3, 17} and all(r > 0 for r in got.values())
 
 
 @pytest.mark.parametrize("rows, most, block", [(1024, 384, 342), (384, 384, 384), (385, 384, 193), (100, 384, 100)])

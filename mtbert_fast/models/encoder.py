@@ -34,6 +34,7 @@ from mtbert_fast.ops.int8_layers import OP as int8_layers_op
 from mtbert_fast.ops.mkl_linear import OP as mkl_linear_op
 from mtbert_fast.ops.mkl_linear import encoder_rows as mkl_rows
 from mtbert_fast.ops.panel_linear import OP as panel_linear_op
+from mtbert_fast.ops.panel_linear import NARROW_FEATURES
 from mtbert_fast.ops.panel_linear import encoder_rows as panel_rows
 from mtbert_fast.ops.post_norm_layers import OP as post_norm_layers_op
 from mtbert_fast.ops.post_norm_layers import layer_weights
@@ -631,7 +632,7 @@ class _Linear:
 
     def _cpu(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str | None):
         """approximate: GELU's form, None for no GELU."""
-        if x.shape[0] <= panel_rows(x.dtype):
+        if x.shape[0] <= panel_rows(x.dtype, weight.shape[0]):
             panels = panel_weight(weight)
             if panels is not None:
                 # the kernel is called directly: the encoder made its inputs, and the kernel checks them itself
@@ -642,6 +643,11 @@ class _Linear:
             if pack is not None:
                 kernel = mkl_linear_op.kernel("cpu")
                 return kernel(x, pack, weight, bias, approximate is not None, approximate or "none")
+        return self._onednn(x, weight, bias, approximate)
+
+    @staticmethod
+    def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str | None):
+        """_cpu's product on oneDNN's linear, on the packed weight (in blocks of rows where onednn_row_block says)."""
         attr = ("none", "") if approximate is None else ("gelu", approximate)
         packed = onednn_weight(weight)
         if packed.dtype == x.dtype:
@@ -818,6 +824,9 @@ def _post_norm_stack(config: EncoderConfig, layers: Sequence, x: torch.Tensor, p
         return Stacks.kept(stacks, ("mkl", x.dtype), lambda: _mkl_stack(layers, x.dtype), torch.get_num_threads())
     if onednn_dtype(x.dtype) != x.dtype:  # layer_forward widens such x for each product: no stack
         return None
+    if x.shape[0] <= panel_rows(x.dtype, NARROW_FEATURES):  # the narrow weights on panel_linear, the others oneDNN's
+        return Stacks.kept(stacks, ("onednn, narrow panels", x.dtype),
+                           lambda: _post_norm_weights(layers, x.dtype, _narrow_panels_pack))
     return Stacks.kept(stacks, ("onednn", x.dtype), lambda: _post_norm_weights(layers, x.dtype, _onednn_pack))
 
 
@@ -825,6 +834,11 @@ def _onednn_pack(w: torch.Tensor) -> torch.Tensor | None:
     """w in oneDNN's blocked layout (an mkldnn tensor), or None where it is not packed (see weight_pack)."""
     packed = onednn_weight(w)
     return packed if packed.is_mkldnn else None
+
+
+def _narrow_panels_pack(w: torch.Tensor) -> torch.Tensor | None:
+    """w as panel_linear's panels where it has at most NARROW_FEATURES output features, else as _onednn_pack."""
+    return panel_weight(w) if w.shape[0] <= NARROW_FEATURES else _onednn_pack(w)
 
 
 def _post_norm_weights(layers: Sequence, dtype: torch.dtype, pack: Callable

@@ -79,6 +79,15 @@ MAX_ROWS = {
 # With the weights evicted before each call (as when other work runs between calls), one process per route: bert-base
 # 16 tokens 8.0-8.3 ms on the panels against 10.7-11.1 on oneDNN, 64 tokens 13.6 against 15.4.
 AMX_BF16_ROWS = 128
+# Narrow weights keep the tile panels for more rows there: oneDNN's bf16 linear on AMX runs products of a few hundred
+# rows by weights of at most 512 output features well below its rate on wider ones, where panel_linear's tiles keep
+# theirs. benchmarks/tile_rows.py, same Xeon, oneDNN's time (as the encoder calls it) over panel_linear's, median of 21
+# interleaved rounds, two runs: [384, 384] (all-MiniLM-L6-v2's attention output) 1.13-2.15x at 160-640 rows,
+# 0.95-1.00x at 768-896, 0.64-0.92x from 1,024; [384, 1536] (its FFN output) 1.63-2.00x at 160-640, 1.27-1.54x at
+# 768-896, 0.63-0.78x from 1,024. Wider weights (bert-base's, bert-large's) read 0.7-1.3x from 256 rows, and every
+# shape 0.5-0.85x from 1,536. Whole MiniLM forwards of 1-5 sequences of 128-256 tokens 1.04-1.11x faster.
+NARROW_FEATURES = 512
+AMX_BF16_NARROW_ROWS = 640
 
 
 def limit_key(dtype: torch.dtype) -> str:
@@ -95,13 +104,16 @@ def limit_key(dtype: torch.dtype) -> str:
 
 
 @functools.cache
-def encoder_rows(dtype: torch.dtype) -> int:
-    """The most rows of `dtype` the encoder hands panel_linear (0: never): where the AVX-512 or AVX2 kernels are
-    loaded, as MAX_ROWS has it for them, fewer for bf16 where the CPU has AMX."""
+def encoder_rows(dtype: torch.dtype, out_features: int | None = None) -> int:
+    """The most rows of `dtype` the encoder hands panel_linear (0: never) for a weight of `out_features` output
+    features (None: any weight): where the AVX-512 or AVX2 kernels are loaded, as MAX_ROWS has it for them; for bf16
+    where the CPU has AMX, fewer, but AMX_BF16_NARROW_ROWS for a weight of at most NARROW_FEATURES features."""
     key = limit_key(dtype)
     if not _ext.has_kernel("panel_linear", "CPU") or key not in MAX_ROWS:
         return 0
     if key == "avx512" and dtype == torch.bfloat16 and "amx_bf16" in (_ext._cpu_flags() or set()):
+        if out_features is not None and out_features <= NARROW_FEATURES:
+            return AMX_BF16_NARROW_ROWS
         return min(AMX_BF16_ROWS, MAX_ROWS[key][dtype])
     return MAX_ROWS[key].get(dtype, 0)
 

@@ -27,7 +27,8 @@ def one_call_route(request, monkeypatch):
     post_norm_layers call whose tensors the cache keeps."""
     if request.param == "onednn" and not weight_pack.AVAILABLE:
         pytest.skip("this PyTorch has no oneDNN linear")
-    monkeypatch.setattr(encoder, "panel_rows", lambda dtype: 1 << 30 if request.param == "panels" else 0)
+    rows = 1 << 30 if request.param == "panels" else 0
+    monkeypatch.setattr(encoder, "panel_rows", lambda dtype, out_features=None: rows)
     weight_pack.release_packs()
     yield
     weight_pack.release_packs()

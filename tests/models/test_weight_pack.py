@@ -44,7 +44,8 @@ def _set_route(route: str, monkeypatch) -> None:
     number of rows."""
     if route == "mkl" and not mkl_available():
         pytest.skip("this PyTorch has no MKL")
-    monkeypatch.setattr(encoder, "panel_rows", lambda dtype: 1 << 30 if route == "panels" else 0)
+    rows = 1 << 30 if route == "panels" else 0
+    monkeypatch.setattr(encoder, "panel_rows", lambda dtype, out_features=None: rows)
     monkeypatch.setattr(encoder, "mkl_rows", lambda dtype: 1 << 30 if route == "mkl" else 0)
 
 
@@ -89,7 +90,7 @@ def test_bf16_without_onednn_bf16_products_runs_float32_products(packable, appro
     weight packs as float32 (or, where it cannot be packed, is widened on each call), and the encoder's bf16 linears
     run float32 products rounded once to bf16."""
     monkeypatch.setattr(weight_pack, "ONEDNN_BF16", False)
-    monkeypatch.setattr(encoder, "panel_rows", lambda dtype: 0)
+    monkeypatch.setattr(encoder, "panel_rows", lambda dtype, out_features=None: 0)
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode(not packable):
         w = torch.randn(96, 64, generator=g).bfloat16()
@@ -374,12 +375,52 @@ def test_inference_runs_the_layers_in_one_call(route, family, dtype, bert_config
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_narrow_weights_take_panels_beside_onednn(dtype, bert_config, make_hf, ragged_batch, monkeypatch):
+    """Where narrow weights keep panel_linear for more rows than the others (bf16 on AMX tiles), the one
+    post_norm_layers call takes those weights as panels and the others in oneDNN's layout, and gives the layers run
+    one by one, each product on the same route, bit for bit."""
+    if weight_pack.onednn_dtype(dtype) != dtype:
+        pytest.skip(f"oneDNN does not multiply {dtype} on this CPU: its layers widen each product's input")
+    config = bert_config()
+    narrow = config.hidden_size  # the attention output and FFN output weights, not QKV's or the FFN input's
+    monkeypatch.setattr(encoder, "NARROW_FEATURES", narrow)
+    monkeypatch.setattr(encoder, "panel_rows", lambda dtype, out_features=None: (
+        1 << 30 if out_features is not None and out_features <= narrow else 0))
+    monkeypatch.setattr(encoder, "mkl_rows", lambda dtype: 0)
+    fast = FastBertModel.from_hf(make_hf(BertModel, config), dtype=dtype).eval()
+    ids, mask = ragged_batch(config, [7, 1, 12])
+    stack_kernel = encoder.post_norm_layers_op.kernel("cpu")
+    panel_kernel = encoder.panel_linear_op.kernel("cpu")
+    calls, panel_calls = [], []
+
+    def spy(x, *args):
+        weights = args[2]
+        calls.append([{w.is_mkldnn for w in weights[i::12]} for i in (0, 2, 6, 8)])
+        return stack_kernel(x, *args)
+
+    def panel_spy(x, panels, bias, out_features, *args):
+        panel_calls.append(out_features)
+        return panel_kernel(x, panels, bias, out_features, *args)
+
+    monkeypatch.setitem(encoder.post_norm_layers_op._kernels, ("cpu", "forward"), spy)
+    monkeypatch.setitem(encoder.panel_linear_op._kernels, ("cpu", "forward"), panel_spy)
+    with torch.no_grad():
+        stacked = fast(ids, mask)
+        assert calls == [[{True}, {False}, {True}, {False}]]
+        assert panel_calls == [narrow]  # the pooler's dense, [H, H]
+        by_layer = fast(ids, mask, output_hidden_states=True)
+        assert len(calls) == 1
+    assert panel_calls == [narrow] * (2 * config.num_hidden_layers + 2)
+    assert torch.equal(stacked.last_hidden_state, by_layer.last_hidden_state)
+
+
 @pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
 def test_layers_in_one_call_defer_to_a_forced_backend(backend, bert_config, make_hf, monkeypatch):
     """Asked for a backend other than cpu (a GPU's, or the reference), the encoder does not take the CPU-only
     post_norm_layers call, whose dispatch would refuse that backend: the layers run one by one on the backend asked
     for, or fail there with its own reason."""
-    monkeypatch.setattr(encoder, "panel_rows", lambda dtype: 1 << 30)
+    monkeypatch.setattr(encoder, "panel_rows", lambda dtype, out_features=None: 1 << 30)
     config = bert_config()
     fast = FastBertModel.from_hf(make_hf(BertModel, config))
     layers = [layer.weights() for layer in fast.layers]

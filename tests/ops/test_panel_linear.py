@@ -156,8 +156,9 @@ def test_gelu_rows_of_4_kib_stand_apart_for_the_next_product(dtype, N):
     (None, False, False, "AuthenticAMD", False, {torch.float32: 0, torch.bfloat16: 0}),  # no CPU kernels loaded
 ])
 def test_encoder_rows_follow_the_loaded_kernels(isa, pairs, amx, vendor, mkl, want, monkeypatch):
-    """How many rows the encoder hands panel_linear, by the instruction set of the CPU kernels loaded, the CPU, and
-    whether MKL's packed sgemm takes the encoder's bf16 products of more rows."""
+    """How many rows the encoder hands panel_linear, by the instruction set of the CPU kernels loaded, the CPU,
+    whether MKL's packed sgemm takes the encoder's bf16 products of more rows, and for bf16 on AMX tiles the width of
+    the weight."""
     flags = {"avx512f", "avx512_bf16"} | ({"amx_bf16", "amx_tile"} if amx else set())
     monkeypatch.setattr(panel_module._ext, "_cpu_flags", lambda: flags)
     monkeypatch.setattr(panel_module._ext, "_cpu_vendor", lambda: vendor)
@@ -168,6 +169,13 @@ def test_encoder_rows_follow_the_loaded_kernels(isa, pairs, amx, vendor, mkl, wa
     panel_module.encoder_rows.cache_clear()
     try:
         assert {dtype: panel_module.encoder_rows(dtype) for dtype in want} == want
+        # a weight of any width gets the same rows, but for bf16 on AMX tiles one of at most NARROW_FEATURES features
+        narrow = panel_module.NARROW_FEATURES
+        assert {dtype: panel_module.encoder_rows(dtype, narrow + 1) for dtype in want} == want
+        amx_bf16 = isa == "avx512" and pairs and amx
+        assert {dtype: panel_module.encoder_rows(dtype, narrow) for dtype in want} == (
+            {**want, torch.bfloat16: panel_module.AMX_BF16_NARROW_ROWS} if amx_bf16 else want)
+        assert panel_module.encoder_rows(torch.bfloat16, 1) == panel_module.encoder_rows(torch.bfloat16, narrow)
     finally:
         panel_module.encoder_rows.cache_clear()
 
