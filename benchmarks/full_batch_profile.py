@@ -65,6 +65,7 @@ PARTS = {  # profiler event name -> part
     "mkldnn::_linear_pointwise": "linears",
     "aten::addmm": "linears",
     "mtbert_fast_C::panel_linear": "linears",
+    "mtbert_fast_C::mkl_linear": "linears",
     "mtbert_fast_C::attention_varlen": "attention",
     "mtbert_fast_C::bias_residual_layer_norm": "layernorm",
     "aten::native_layer_norm": "layernorm",
@@ -219,7 +220,8 @@ def linear_flops(config, tokens: int, batch: int) -> float:
     return config.num_hidden_layers * 2 * tokens * (4 * h * h + 2 * h * i) + 2 * batch * h * h
 
 
-def profile_parts(fast: FastBertModel, inputs: dict, flops: dict[str, float], runs: int = 3) -> None:
+def part_times(fast: FastBertModel, inputs: dict, runs: int = 3) -> dict[str, float]:
+    """torch.profiler's self CPU time per forward, ms, summed by part (PARTS; "rest" for any other event)."""
     with torch.inference_mode():
         fast(**inputs)
         with torch.profiler.profile() as prof:
@@ -229,7 +231,11 @@ def profile_parts(fast: FastBertModel, inputs: dict, flops: dict[str, float], ru
     for event in prof.key_averages():
         part = PARTS.get(event.key, "rest")
         ms[part] = ms.get(part, 0.0) + event.self_cpu_time_total / 1e3 / runs
-    print_parts("profile (self CPU time per forward)", ms, flops)
+    return ms
+
+
+def profile_parts(fast: FastBertModel, inputs: dict, flops: dict[str, float], runs: int = 3) -> None:
+    print_parts("profile (self CPU time per forward)", part_times(fast, inputs, runs), flops)
 
 
 def print_parts(title: str, ms: dict[str, float], flops: dict[str, float]) -> None:

@@ -67,6 +67,35 @@ def test_cores_busy_is_cpu_time_over_wall_time(full_batch_profile):
     assert busy == pytest.approx(1.5)
 
 
+@pytest.mark.parametrize("route", ["panels", "mkl", "onednn"])
+def test_profile_parts_count_every_linear_route(full_batch_profile, route, monkeypatch):
+    """The profile's parts find the encoder's linears on each of its routes (panel_linear, MKL's packed sgemm,
+    oneDNN's linear) under "linears", none of them in "rest"."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from mtbert_fast import FastBertModel
+    from mtbert_fast.models import encoder
+    from mtbert_fast.ops.mkl_linear import available as mkl_available
+
+    if route == "mkl" and not mkl_available():
+        pytest.skip("this PyTorch has no MKL")
+    panel_rows, mkl_rows = (1 << 30 if route == "panels" else 0), (1 << 30 if route == "mkl" else 0)
+    monkeypatch.setattr(encoder, "panel_rows", lambda dtype, out_features=None: panel_rows)
+    monkeypatch.setattr(encoder, "mkl_rows", lambda dtype: mkl_rows)
+    torch.manual_seed(0)
+    hf = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                              vocab_size=1100)).eval()
+    fast = FastBertModel.from_hf(hf)
+    with torch.profiler.profile() as prof, torch.inference_mode():
+        fast(**full_batch_profile.full_batch(hf.config, 2, 8))
+    linear_ops = {"panels": "mtbert_fast_C::panel_linear", "mkl": "mtbert_fast_C::mkl_linear",
+                  "onednn": "mkldnn::_linear_pointwise"}
+    assert linear_ops[route] in {e.key for e in prof.key_averages()}
+    assert full_batch_profile.PARTS[linear_ops[route]] == "linears"
+    assert full_batch_profile.part_times(fast, full_batch_profile.full_batch(hf.config, 2, 8), runs=1)["linears"] > 0
+
+
 def test_products_alone_are_the_layers_linears_and_the_gelu_free_ffn_input(full_batch_profile):
     """products_alone: the layer's four products (the FFN's input product twice, with and without GELU), whose FLOPs
     are one layer's share of linear_flops; each with GELU matches the encoder's linear, without it the plain product."""
