@@ -211,19 +211,12 @@ inline std::atomic<bool> allowed{true};
 
 // Whether they do: allowed, and granted (never in a build without the tile kernels); int8_enabled for the int8
 // products.
-inline bool enabled() {
 #ifdef MTBF_AMX
-  return allowed.load(std::memory_order_relaxed) && bf16_tiles();
+inline bool enabled() { return allowed.load(std::memory_order_relaxed) && bf16_tiles(); }
+inline bool int8_enabled() { return allowed.load(std::memory_order_relaxed) && int8_tiles(); }
 #else
-  return false;
+inline bool enabled() { return false; }
+inline bool int8_enabled() { return false; }
 #endif
-}
-inline bool int8_enabled() {
-#ifdef MTBF_AMX
-  return allowed.load(std::memory_order_relaxed) && int8_tiles();
-#else
-  return false;
-#endif
-}
 
 }  // namespace mtbert_fast::cpu::amx
