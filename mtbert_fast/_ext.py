@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -192,6 +193,16 @@ def cuda_attention_shared_bytes(head_dim: int, dtype: torch.dtype) -> int:
     return int(torch.ops.mtbert_fast_C.cuda_attention_shared_bytes(head_dim, dtype))
 
 
+# what is kept between calls and follows cpu_amx's answer (the encoder's row limits): run on every switch
+_AMX_SWITCH_HOOKS: list[Callable[[], object]] = []
+
+
+def on_cpu_amx_switch(hook: Callable[[], object]) -> None:
+    """Runs hook() whenever cpu_amx(allow) is given an allow: how a cache of a decision that follows cpu_amx()
+    forgets it."""
+    _AMX_SWITCH_HOOKS.append(hook)
+
+
 def cpu_amx(allow: bool | None = None) -> bool:
     """Whether the CPU kernels run on AMX tiles where they can: attention's bf16 forward without position terms or
     dropout, and panel_linear on bf16 pair panels whose reduction length is a multiple of 32, on a CPU with AMX-BF16
@@ -200,7 +211,13 @@ def cpu_amx(allow: bool | None = None) -> bool:
     128-512 tokens at head_dim 32-64, 1.1x on 32): the same exact products and fp32 sums in another order, which can
     flip a bf16 rounding. With AMX-INT8 too, the int8 panels' products of 16 rows and more run on TDPBUSD instead of
     VNNI, with the same exact int32 sums (ops.int8.panels_on_tiles). `allow` False keeps this process on the dot
-    products, True lets it use the tiles again; None leaves it. False where the CPU kernels are not loaded."""
+    products, True lets it use the tiles again; None leaves it. False where the CPU kernels are not loaded. The encoder
+    routes its bf16 products by the answer: off the tiles, panel_linear keeps only the few rows where the dot products
+    beat oneDNN's linear (panel_linear.encoder_rows)."""
     if not has_kernel("attention_varlen", "CPU"):
         return False
-    return bool(torch.ops.mtbert_fast_C.cpu_amx(allow))
+    on = bool(torch.ops.mtbert_fast_C.cpu_amx(allow))
+    if allow is not None:
+        for hook in _AMX_SWITCH_HOOKS:
+            hook()
+    return on

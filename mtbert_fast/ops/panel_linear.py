@@ -88,6 +88,13 @@ AMX_BF16_ROWS = 128
 # shape 0.5-0.85x from 1,536. Whole MiniLM forwards of 1-5 sequences of 128-256 tokens 1.04-1.11x faster.
 NARROW_FEATURES = 512
 AMX_BF16_NARROW_ROWS = 640
+# bf16 on a CPU with AMX-BF16 whose tiles the CPU kernels do not use (`cpu_amx(False)`): panel_linear multiplies on
+# the AVX512-BF16 dot products while oneDNN's linear keeps its tiles, which it takes from a few rows on. Same Xeon,
+# benchmarks/panel_rows.py --dtypes bf16 under cpu_amx(False), whole forwards of one sequence, oneDNN's time over the
+# dot products' (per round): bert-base 1.25x at 1 token, 1.11-1.14x at 2, 1.03-1.06x at 4, 0.86-0.87x at 8, 0.67-0.69x
+# at 16, 0.44x at 32; MiniLM 1.13x at 4, 1.07x at 8, 1.02x at 16, 0.65x at 32. With the limits of the tiles (128
+# rows, 640 for narrow weights) such forwards of 32 tokens ran 2.3x slower.
+AMX_BF16_DOT_ROWS = 4
 
 
 def limit_key(dtype: torch.dtype) -> str:
@@ -107,15 +114,22 @@ def limit_key(dtype: torch.dtype) -> str:
 def encoder_rows(dtype: torch.dtype, out_features: int | None = None) -> int:
     """The most rows of `dtype` the encoder hands panel_linear (0: never) for a weight of `out_features` output
     features (None: any weight): where the AVX-512 or AVX2 kernels are loaded, as MAX_ROWS has it for them; for bf16
-    where the CPU has AMX, fewer, but AMX_BF16_NARROW_ROWS for a weight of at most NARROW_FEATURES features."""
+    where the CPU has AMX, fewer, but AMX_BF16_NARROW_ROWS for a weight of at most NARROW_FEATURES features, and
+    AMX_BF16_DOT_ROWS for any weight where the CPU kernels keep off the tiles (`cpu_amx()` False: switched off, or not
+    granted to the process, where oneDNN is taken to be on the tiles still). Cached; `cpu_amx(allow)` clears it."""
     key = limit_key(dtype)
     if not _ext.has_kernel("panel_linear", "CPU") or key not in MAX_ROWS:
         return 0
     if key == "avx512" and dtype == torch.bfloat16 and "amx_bf16" in (_ext._cpu_flags() or set()):
+        if not _ext.cpu_amx():
+            return AMX_BF16_DOT_ROWS
         if out_features is not None and out_features <= NARROW_FEATURES:
             return AMX_BF16_NARROW_ROWS
         return min(AMX_BF16_ROWS, MAX_ROWS[key][dtype])
     return MAX_ROWS[key].get(dtype, 0)
+
+
+_ext.on_cpu_amx_switch(encoder_rows.cache_clear)
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:

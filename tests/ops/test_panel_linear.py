@@ -164,6 +164,7 @@ def test_encoder_rows_follow_the_loaded_kernels(isa, pairs, amx, vendor, mkl, wa
     monkeypatch.setattr(panel_module._ext, "_cpu_vendor", lambda: vendor)
     monkeypatch.setattr(panel_module._ext, "cpu_isa", lambda: isa)
     monkeypatch.setattr(panel_module._ext, "has_kernel", lambda op, device: isa is not None)
+    monkeypatch.setattr(panel_module._ext, "cpu_amx", lambda allow=None: amx)  # the CPU kernels use the tiles
     monkeypatch.setattr(panel_module, "bf16_pairs", lambda: pairs)
     monkeypatch.setattr(panel_module, "mkl_rows", lambda dtype: 1024 if mkl and dtype == torch.bfloat16 else 0)
     panel_module.encoder_rows.cache_clear()
@@ -178,6 +179,39 @@ def test_encoder_rows_follow_the_loaded_kernels(isa, pairs, amx, vendor, mkl, wa
         assert panel_module.encoder_rows(torch.bfloat16, 1) == panel_module.encoder_rows(torch.bfloat16, narrow)
     finally:
         panel_module.encoder_rows.cache_clear()
+
+
+@pytest.mark.parametrize("vendor", ["GenuineIntel", "AuthenticAMD"])
+def test_encoder_rows_off_the_tiles(vendor, monkeypatch):
+    """bf16 on a CPU with AMX-BF16 whose tiles the CPU kernels keep off (cpu_amx() False): panel_linear multiplies on
+    the dot products there, ahead of oneDNN's tiles for a few rows of any weight only; float32 keeps its limit."""
+    monkeypatch.setattr(panel_module._ext, "_cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    monkeypatch.setattr(panel_module._ext, "_cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(panel_module._ext, "cpu_isa", lambda: "avx512")
+    monkeypatch.setattr(panel_module._ext, "has_kernel", lambda op, device: True)
+    monkeypatch.setattr(panel_module._ext, "cpu_amx", lambda allow=None: False)
+    monkeypatch.setattr(panel_module, "bf16_pairs", lambda: True)
+    monkeypatch.setattr(panel_module, "mkl_rows", lambda dtype: 0)
+    panel_module.encoder_rows.cache_clear()
+    try:
+        widths = [None, 1, panel_module.NARROW_FEATURES, panel_module.NARROW_FEATURES + 1, 3072]
+        assert {panel_module.encoder_rows(torch.bfloat16, n) for n in widths} == {panel_module.AMX_BF16_DOT_ROWS}
+        assert panel_module.encoder_rows(torch.float32) == (64 if vendor == "GenuineIntel" else 256)
+    finally:
+        panel_module.encoder_rows.cache_clear()
+
+
+def test_cpu_amx_switch_forgets_the_encoder_rows():
+    """Switching the tiles, even to what they were, clears the row limits kept, so that the next call asks cpu_amx()
+    again; asking without a switch keeps them."""
+    try:
+        panel_module.encoder_rows(torch.bfloat16)
+        ops.cpu_amx()
+        assert panel_module.encoder_rows.cache_info().currsize > 0
+        ops.cpu_amx(ops.cpu_amx())
+        assert panel_module.encoder_rows.cache_info().currsize == 0
+    finally:
+        ops.cpu_amx(True)
 
 
 @pytest.mark.parametrize("pairs", [False, True])
