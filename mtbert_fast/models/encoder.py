@@ -837,8 +837,9 @@ def _onednn_pack(w: torch.Tensor) -> torch.Tensor | None:
 
 
 def _narrow_panels_pack(w: torch.Tensor) -> torch.Tensor | None:
-    """w as panel_linear's panels where it has at most NARROW_FEATURES output features, else as _onednn_pack."""
-    return panel_weight(w) if w.shape[0] <= NARROW_FEATURES else _onednn_pack(w)
+    """w as panel_linear's panels where encoder_rows gives its width more rows than any weight's (the narrow weights
+    that layer_forward multiplies on panels past that limit), else as _onednn_pack."""
+    return panel_weight(w) if panel_rows(w.dtype, w.shape[0]) > panel_rows(w.dtype) else _onednn_pack(w)
 
 
 def _post_norm_weights(layers: Sequence, dtype: torch.dtype, pack: Callable
