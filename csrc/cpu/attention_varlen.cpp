@@ -73,14 +73,17 @@ constexpr int64_t kRunsPerThread = 4;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// n elements set to zero by calloc, for the packed operands: std::vector value-initialises bf16 elements one 2-byte
-// store at a time, which took a twentieth of the forward on short sequences.
+// n elements set to zero, on a 64-byte boundary (tile loads and vectors of 64 bytes then read whole cache lines), for
+// the packed operands: std::vector value-initialises bf16 elements one 2-byte store at a time, which took a twentieth
+// of the forward on short sequences.
 template <typename T>
 class Zeroed {
  public:
-  explicit Zeroed(int64_t n)
-      : p_(static_cast<T*>(std::calloc(static_cast<size_t>(std::max<int64_t>(n, 1)), sizeof(T)))) {
+  explicit Zeroed(int64_t n) {
+    const size_t bytes = round_up(std::max<int64_t>(n, 1) * static_cast<int64_t>(sizeof(T)), 64);
+    p_.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
     TORCH_CHECK(p_ != nullptr, "attention_varlen: out of memory for a buffer of ", n, " elements");
+    std::memset(p_.get(), 0, bytes);
   }
   T* data() { return p_.get(); }
 
@@ -869,7 +872,7 @@ void forward_blocks(const Geometry& g,
   const int64_t ld_s = round_up(std::min(max_len, kKeyBlock), kLanes);
 
   Zeroed<CT> k_t(kdim * max_pad), q_a(kQueryBlock * kdim), v_b(max_pad * vdim);
-  std::vector<float> s(R * ld_s), o(R * vdim);
+  cpu::LineVector<float> s(R * ld_s), o(R * vdim);
   // P V takes the probabilities in the compute type: bf16 copies of a group's rows, zero past the keys up to a pair.
   // In bf16 on float products it takes them rounded to bf16 all the same, so that every CPU gives the same outputs.
   constexpr bool kBf16Probs = std::is_same<ST, at::BFloat16>::value && std::is_same<CT, float>::value;
@@ -882,7 +885,7 @@ void forward_blocks(const Geometry& g,
   Vec vmax[R];
   std::vector<uint16_t> keep(drop.enabled ? row_bits_size(kKeyBlock) : 0);
   // Query i's biases against the keys up to len_pad, in log2 units: [2 len_pad]. With kTokens zeros but for rel_bias.
-  std::vector<float> bias_diag(kBias || kTokens ? 2 * max_pad : 0);
+  cpu::LineVector<float> bias_diag(kBias || kTokens ? 2 * max_pad : 0);
   const bool spread = kBias || (kTokens && pos.rel_bias != nullptr);
   std::vector<int32_t> cols(kTokens ? 2 * max_pad : 0);  // spread_columns of the sequence
   const TokenTables<ST> tables = kTokens ? *static_cast<const TokenTables<ST>*>(pos.tables) : TokenTables<ST>{};
@@ -1044,7 +1047,7 @@ void forward_blocks_amx(const Geometry& g, const at::BFloat16* qkv, const QueryB
   const int64_t ld_s = round_up(std::min(max_len, kKeyBlock), kAmxStep);
   const int64_t key_rows = round_up(max_len, kAmxStep);
   Zeroed<BF> k_t(kdim * key_rows), q_a(R * kdim), v_b(key_rows * vdim), p(R * ld_s);
-  std::vector<float> s(R * ld_s), o(R * vdim), o_block(R * vdim);
+  cpu::LineVector<float> s(R * ld_s), o(R * vdim), o_block(R * vdim);
   float row_max[R], row_sum[R], alpha[R], inv_sum[R], new_max[R], block_sum[R];
   float lse_max[kQueryBlock], lse_sum[kQueryBlock];
   const float scale = g.scale * kLog2e;
@@ -1217,20 +1220,20 @@ void backward_seqs(const Geometry& g,
 
   Zeroed<CT> q_t(kdim * max_pad), do_t(kdim * max_pad);                               // [head_dim, rows]
   Zeroed<CT> k_a(direct_kv ? 0 : max_pad * kdim), v_a(direct_kv ? 0 : max_pad * kdim);  // [rows, head_dim]
-  std::vector<float> q_b(max_pad * vdim), k_b(max_pad * vdim), do_b(max_pad * vdim);  // [rows, head_dim]
-  std::vector<float> dq(max_pad * vdim), dk(max_pad * vdim), dv(max_pad * vdim);
+  cpu::LineVector<float> q_b(max_pad * vdim), k_b(max_pad * vdim), do_b(max_pad * vdim);  // [rows, head_dim]
+  cpu::LineVector<float> dq(max_pad * vdim), dk(max_pad * vdim), dv(max_pad * vdim);
   // P^T and dP^T (then dS^T) of one query block against every key [keys, blk]; dS of one block pair; D.
-  std::vector<float> pt(max_pad * blk), dpt(max_pad * blk), ds(blk * blk), d_sum(blk);
+  cpu::LineVector<float> pt(max_pad * blk), dpt(max_pad * blk), ds(blk * blk), d_sum(blk);
   // Keep bits of one query block against every key [keys, blk / 16]: bit l of word v for query 16v + l.
   constexpr int64_t keep_ld = blk / 16;
   std::vector<uint16_t> keep(drop.enabled ? max_pad * keep_ld : 0);
   // Key j's biases against the queries, and dS summed along the diagonals (spread_bias with sign -1): [2 len - 1].
   const bool has_bias = pos.rel_bias != nullptr, has_tables = pos.tables != nullptr;
   const TokenTables<ST> tables = has_tables ? *static_cast<const TokenTables<ST>*>(pos.tables) : TokenTables<ST>{};
-  std::vector<float> bias_diag(has_bias || has_tables ? 2 * max_len : 0), ds_diag(has_bias ? 2 * max_len : 0);
+  cpu::LineVector<float> bias_diag(has_bias || has_tables ? 2 * max_len : 0), ds_diag(has_bias ? 2 * max_len : 0);
   // With the tables: the columns of the sequence's distances (spread_columns) and one key's terms (key_terms).
   std::vector<int32_t> cols(has_tables ? 2 * max_len : 0);
-  std::vector<float> terms(has_tables ? blk : 0), p_sum(has_tables ? blk : 0);
+  cpu::LineVector<float> terms(has_tables ? blk : 0), p_sum(has_tables ? blk : 0);
 
   for (int64_t t = 0; t < n; ++t) {
     const SeqHead& sh = seqs[t];

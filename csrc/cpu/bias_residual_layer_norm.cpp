@@ -34,7 +34,7 @@ void bias_residual_layer_norm_kernel(
   at::parallel_for(0, N, layer_norm_row_grain(D), [&](int64_t begin, int64_t end) {
     const ParamF32<T> b(bias, D);
     const ParamF32<W> w(weight, D), bt(beta, D);
-    std::vector<float> s(D);
+    LineVector<float> s(D);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t offset = row * D;
       const fVec sum = reduce_vecs(D, fVec(0.f), [&](int64_t d, auto n, fVec& acc) {
@@ -65,7 +65,7 @@ void bias_residual_layer_norm_backward_kernel(
   at::parallel_for(0, blocks, grain, [&](int64_t first, int64_t last) {
     const ParamF32<T> b(bias, D);
     const ParamF32<W> w(weight, D);
-    std::vector<float> scratch(2 * D);
+    LineVector<float> scratch(2 * D);
     float* xhat = scratch.data();
     float* g = xhat + D;
     const auto s_of = [&](int64_t row, int64_t d, auto n) {

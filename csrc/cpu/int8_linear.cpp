@@ -272,7 +272,7 @@ struct Int8Epilogue {
     const float *wsc_p = wsc.const_data_ptr<float>(), *wsm_p = wsm.const_data_ptr<float>();
     // this thread's scratch row, taken once per parallel task
     const auto scratch = [N] {
-      thread_local std::vector<float> row;
+      thread_local LineVector<float> row;
       row.resize(static_cast<size_t>(N));
       return row.data();
     };
@@ -320,7 +320,7 @@ struct Int8Epilogue {
     const uint8_t* a_p = a.const_data_ptr<uint8_t>();
     const int64_t lda = a.stride(0);
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-      thread_local std::vector<int32_t> sums;  // the block's int32 sums [rows, N], ldc apart
+      thread_local LineVector<int32_t> sums;  // the block's int32 sums [rows, N], ldc apart
       sums.resize(static_cast<size_t>((tiles ? block_rows : base + 1) * ldc));
       float* space = scratch();
       for (int64_t b = b0; b < b1; ++b) {

@@ -155,8 +155,8 @@ void run_panels(const AT* a, int64_t lda, int64_t M, int64_t Kp, const BT* panel
   constexpr bool widened = std::is_same<AT, float>::value && !std::is_same<BT, float>::value;
   const bool widen_once = widened && blocks > 1;
   at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
-    std::vector<float> partial(chunk < Kp ? M * kPanel : 0);
-    std::vector<float> wide(widen_once ? std::min(chunk, Kp) * kPanel : 0);
+    cpu::LineVector<float> partial(chunk < Kp ? M * kPanel : 0);
+    cpu::LineVector<float> wide(widen_once ? std::min(chunk, Kp) * kPanel : 0);
     for (int64_t p = p0; p < p1; ++p) {
       const BT* panel = panels + p * Kp * kPanel;
       for (int64_t k0 = 0; k0 < Kp; k0 += chunk) {
@@ -326,7 +326,7 @@ at::Tensor panel_linear_cpu(const at::Tensor& x, const at::Tensor& panels, const
   // the bias as the accumulators' fp32: an fp32 bias read where it is, a bf16 one widened into this call's buffer
   // (a short forward makes a dozen such calls, each of which a new tensor would cost an allocation and a dispatch)
   at::Tensor bias_rows;
-  std::vector<float> widened_bias;
+  cpu::LineVector<float> widened_bias;
   const float* bias_ptr = nullptr;
   if (bias.has_value()) {
     MTBF_CHECK_SAME_DEVICE("panel_linear", x, *bias);

@@ -40,7 +40,7 @@ void token_embeddings_kernel(
     int64_t E) {
   at::parallel_for(0, N, layer_norm_row_grain(E), [&](int64_t begin, int64_t end) {
     const ParamF32<W> w(weight, E), bt(beta, E);
-    std::vector<float> s(E);
+    LineVector<float> s(E);
     float mean, rstd;
     for (int64_t n = begin; n < end; ++n) {
       const int64_t slot = slots != nullptr ? slots[n] : n;

@@ -10,13 +10,39 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <functional>
+#include <new>
 #include <type_traits>
 #include <vector>
 
 #include "checks.h"
 
 namespace mtbert_fast::cpu {
+
+// Allocates on 64-byte boundaries, so that a buffer's vectors of 64 bytes each sit in one cache line: malloc aligns to
+// 16 bytes, and a 64-byte load or store across two lines costs two accesses.
+template <typename T>
+struct CacheLineAllocator {
+  using value_type = T;
+  static constexpr std::align_val_t kAlign{64};
+
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}  // NOLINT(google-explicit-constructor): std containers rebind
+
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kAlign)); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, kAlign); }
+
+  template <typename U>
+  bool operator==(const CacheLineAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const CacheLineAllocator<U>&) const { return false; }
+};
+
+// The kernels' scratch buffers, read and written a vector at a time.
+template <typename T>
+using LineVector = std::vector<T, CacheLineAllocator<T>>;
 
 using fVec = at::vec::Vectorized<float>;
 using bVec = at::vec::Vectorized<at::BFloat16>;
@@ -113,7 +139,7 @@ class ParamF32 {
   const float* data() const { return data_; }
 
  private:
-  std::vector<float> copy_;
+  LineVector<float> copy_;
   const float* data_;
 };
 
