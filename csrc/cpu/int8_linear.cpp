@@ -50,15 +50,24 @@ inline iVec load_int(const int32_t* p, int64_t n) { return iVec::loadu(p, n); }
 // round(v) + zero, saturated to [0, 255] (v and zero hold integers after the rounding; ties go to even, as
 // torch.round).
 inline void store_uint8(uint8_t* p, const fVec& v, const fVec& zero, int64_t n) {
-  const fVec r = at::vec::clamp(v.round() + zero, fVec(0.f), fVec(255.f));
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m128i u8 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r));
+  // the same in int32: the conversion rounds to nearest even as round() does, adding the zero and the clamp at 0 are
+  // exact there, and the narrowing saturates at 255. v is capped at 2^30 first, so that +inf gives 255 as the float
+  // clamp does; NaN passes the cap (vminps returns its second operand) and converts to a negative value: 0, as there
+  const __m512 capped = _mm512_min_ps(_mm512_set1_ps(1073741824.f), v);
+  const __m512i r = _mm512_max_epi32(
+      _mm512_add_epi32(_mm512_cvt_roundps_epi32(capped, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                       _mm512_cvtps_epi32(zero)),
+      _mm512_setzero_si512());
+  const __m128i u8 = _mm512_cvtusepi32_epi8(r);
   if (n == kVec) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), u8);  // every lane written: no mask to apply
   } else {
     _mm_mask_storeu_epi8(p, static_cast<__mmask16>((1u << n) - 1), u8);
   }
-#elif defined(CPU_CAPABILITY_AVX2)
+#else
+  const fVec r = at::vec::clamp(v.round() + zero, fVec(0.f), fVec(255.f));
+#if defined(CPU_CAPABILITY_AVX2)
   // r holds integers in [0, 255]: converted exactly, then narrowed by two saturating packs that change nothing
   const __m256i i32 = _mm256_cvtps_epi32(r);
   const __m128i u16 = _mm_packus_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
@@ -74,6 +83,7 @@ inline void store_uint8(uint8_t* p, const fVec& v, const fVec& zero, int64_t n) 
   float buf[kVec];
   r.store(buf);
   for (int64_t i = 0; i < n; ++i) p[i] = static_cast<uint8_t>(buf[i]);
+#endif
 #endif
 }
 inline void store_uint8(uint8_t* p, const fVec& v, const fVec& zero, Full) { store_uint8(p, v, zero, kVec); }

@@ -99,6 +99,23 @@ def test_quantize_rows(backend, dtype, shape):
         assert zero[2] == 255 and q[2].min() == 0
 
 
+def test_quantize_rows_rounds_ties_to_even_and_clamps(backend):
+    # scale 1 and zero 0 (range [0, 255]): every x.5 is a tie, rounded to the even neighbour; scale 2 and zero 128
+    # (range [-256, 254]): the ends land on 0 and 255 exactly
+    halves = torch.tensor([0.5, 1.5, 2.5, 3.5, 126.5, 127.5, 253.5, 254.5])
+    x = torch.zeros(2, 12)
+    x[0, :8], x[0, 8:] = halves, torch.tensor([0.0, 255.0, 254.49998, 0.50001])
+    x[1, :4] = torch.tensor([-256.0, 254.0, -1.0, 1.0])
+    x[1, 4:] = torch.tensor([-255.0, -3.0, 3.0, 5.0, 7.0, 251.0, 253.0, -253.0])
+    q, scale, zero = backend.forward(*backend.to(x, torch.ones(12)))
+    want = reference.quantize_rows(x, torch.ones(12))
+    _assert_quantized_close((q.cpu(), scale.cpu(), zero.cpu()), want)
+    assert scale.tolist() == [1.0, 2.0] and zero.tolist() == [0.0, 128.0]
+    assert q[0].tolist() == [0, 2, 2, 4, 126, 128, 254, 254, 0, 255, 254, 1]
+    assert q[1, :4].tolist() == [0, 255, 128, 128]  # -0.5 and 0.5 round to 0, both sides of the zero point
+    assert q[1, 4:].tolist() == [0, 126, 130, 130, 132, 254, 254, 2]
+
+
 # ---- the integer sums ------------------------------------------------------------------------------------------
 
 
