@@ -219,15 +219,20 @@ void dispatch_activation(bool gelu, GeluKind kind, const at::Tensor& a, int64_t 
 #ifdef MTBF_AMX
 // out [M, N] = act(a [M, Kp] @ panels + bias) on AMX tiles, for bf16 pair panels with Kp a multiple of the tiles'
 // reduction step (32): a pair panel [Kp / 2, kPanel, 2] is the tiles' B layout two result tiles wide, at a row stride
-// of 128 bytes. a holds its rows up to a multiple of 16 (the rows past M are read, never stored). x of up to 16 rows
-// runs two panels at a time, more rows a panel at a time in groups of 32 (cpu_amx.h's panel_pair_product and 2 x 2
-// tiles); the results go through an fp32 buffer to the epilogue: bias, GELU, one rounding. With few rows the
+// of 128 bytes. The tiles read whole tiles of 16 rows (the rows past M are read, never stored): a's row group from
+// row `tail_row` on (the last, or all of a with 16 rows or fewer) is read from `tail`, a copy of those rows with room
+// for a whole group at the same row stride, where a's storage does not hold them (tail_row = M: a does). x of up to
+// 16 rows runs two panels at a time, more rows a panel at a time in groups of 32 (cpu_amx.h's panel_pair_product and
+// 2 x 2 tiles); the results go through an fp32 buffer to the epilogue: bias, GELU, one rounding. With few rows the
 // vdpbf16ps tiles spend 32 dot products on each 128 bytes of a panel, more than two cores take to read them from
 // memory; on the tiles the read is the bound.
+constexpr int64_t kAmxGroup = 2 * cpu::amx::kRows;
+
 template <typename T, bool Gelu, GeluKind K>
 void run_panels_amx(const at::BFloat16* a, int64_t lda, int64_t M, int64_t Kp, const at::BFloat16* panels, int64_t P,
-                    const float* bias, T* out, int64_t N, int64_t ldo) {
-  constexpr int64_t kGroup = 2 * cpu::amx::kRows;
+                    const float* bias, T* out, int64_t N, int64_t ldo, const at::BFloat16* tail, int64_t tail_row) {
+  constexpr int64_t kGroup = kAmxGroup;
+  const auto rows_at = [&](int64_t m0) { return m0 >= tail_row ? tail + (m0 - tail_row) * lda : a + m0 * lda; };
   const bool pairs = M <= cpu::amx::kRows;
   const int64_t grain = std::max<int64_t>(pairs ? 2 : 1, kTaskFmas / (std::max<int64_t>(M, 4) * Kp * kPanel));
   // c's columns for p0's panel and, with pairs, the next one: the epilogue of `rows` rows from row m0
@@ -251,7 +256,7 @@ void run_panels_amx(const at::BFloat16* a, int64_t lda, int64_t M, int64_t Kp, c
       for (int64_t p = p0; p < p1; p += 2) {
         const at::BFloat16* panel = panels + p * Kp * kPanel;
         const bool two = p + 1 < p1;
-        cpu::amx::panel_pair_product<cpu::amx::Dot::Bf16>(Kp / cpu::amx::kStep, a, lda * 2, panel,
+        cpu::amx::panel_pair_product<cpu::amx::Dot::Bf16>(Kp / cpu::amx::kStep, rows_at(0), lda * 2, panel,
                                                           two ? panel + Kp * kPanel : nullptr, c, 2 * kPanel * 4);
         finish(c, 2 * kPanel, p, two ? 2 : 1, 0, M);
       }
@@ -259,7 +264,7 @@ void run_panels_amx(const at::BFloat16* a, int64_t lda, int64_t M, int64_t Kp, c
       for (int64_t p = p0; p < p1; ++p) {
         for (int64_t m0 = 0; m0 < M; m0 += kGroup) {
           const int64_t rows = std::min(kGroup, M - m0);
-          cpu::amx::product_2x2(rows > cpu::amx::kRows, true, Kp, a + m0 * lda, lda, panels + p * Kp * kPanel,
+          cpu::amx::product_2x2(rows > cpu::amx::kRows, true, Kp, rows_at(m0), lda, panels + p * Kp * kPanel,
                                 kPanel, c, kPanel);
           finish(c, kPanel, p, 1, m0, rows);
         }
@@ -352,15 +357,25 @@ at::Tensor panel_linear_cpu(const at::Tensor& x, const at::Tensor& panels, const
     const at::BFloat16* wp = w.const_data_ptr<at::BFloat16>();
 #ifdef MTBF_AMX
     if (panels_on_tiles(M, Kp)) {
-      // x's rows Kp wide (zeros past K, which an odd K leaves: the panels' last pair row is half padding) and
-      // readable up to a multiple of 16 for the tiles (the rows past M left as they come: never stored)
+      // x's rows Kp wide (zeros past K, which an odd K leaves: the panels' last pair row is half padding), read up
+      // to a multiple of 16 by the tiles; where x's storage ends before, its last row group is read from a copy with
+      // room for a whole group (the rows past M left as they come: never stored), not the whole of x
+      const at::Tensor a = cpu::rows_for_tiles(x, Kp, cpu::amx::kRows);
+      const int64_t lda = a.stride(0);
       const int64_t rows = (M + cpu::amx::kRows - 1) / cpu::amx::kRows * cpu::amx::kRows;
-      const at::Tensor a = cpu::readable_rows(cpu::rows_for_tiles(x, Kp, cpu::amx::kRows), rows);
+      int64_t tail_row = M;
+      at::Tensor tail;
+      if (!cpu::rows_readable(a, rows)) {
+        tail_row = M <= cpu::amx::kRows ? 0 : (M - 1) / kAmxGroup * kAmxGroup;
+        tail = at::empty({kAmxGroup, lda}, a.options());
+        tail.narrow(0, 0, M - tail_row).narrow(1, 0, Kp).copy_(a.narrow(0, tail_row, M - tail_row).narrow(1, 0, Kp));
+      }
       const at::BFloat16* ap = a.const_data_ptr<at::BFloat16>();
+      const at::BFloat16* tp = tail.defined() ? tail.const_data_ptr<at::BFloat16>() : nullptr;
       at::BFloat16* o = out.mutable_data_ptr<at::BFloat16>();
       const auto run = [&](auto gelu_tag, auto kind_tag) {
         run_panels_amx<at::BFloat16, decltype(gelu_tag)::value, decltype(kind_tag)::value>(
-            ap, a.stride(0), M, Kp, wp, P, bias_ptr, o, N, out.stride(0));
+            ap, lda, M, Kp, wp, P, bias_ptr, o, N, out.stride(0), tp, tail_row);
       };
       if (!gelu) run(std::false_type{}, std::integral_constant<GeluKind, GeluKind::Erf>{});
       else cpu::dispatch_gelu(kind, [&](auto tag) { run(std::true_type{}, tag); });

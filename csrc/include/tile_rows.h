@@ -43,12 +43,18 @@ inline at::Tensor rows_for_tiles(const at::Tensor& x, int64_t Kp, int64_t tile_r
   return pad > 0 ? at::constant_pad_nd(a, {0, pad}) : a;
 }
 
-// a [M, K] as it is where its storage holds `rows` >= M rows at its row stride, else a copy whose storage does (the
-// rows past M uninitialised): an AMX tile load reads 16 rows, past the last one a kernel stores.
-inline at::Tensor readable_rows(const at::Tensor& a, int64_t rows) {
-  const int64_t M = a.size(0), K = a.size(1), lda = std::max(a.stride(0), K);
+// Whether a [M, K]'s storage holds `rows` >= M rows at its row stride: an AMX tile load reads 16 rows, past the last
+// one a kernel stores.
+inline bool rows_readable(const at::Tensor& a, int64_t rows) {
+  const int64_t K = a.size(1), lda = std::max(a.stride(0), K);
   const int64_t stored = static_cast<int64_t>(a.storage().nbytes()) / static_cast<int64_t>(a.element_size());
-  if (a.stride(1) == 1 && a.storage_offset() + (rows - 1) * lda + K <= stored) return a;
+  return a.stride(1) == 1 && a.storage_offset() + (rows - 1) * lda + K <= stored;
+}
+
+// a as it is where rows_readable(a, rows), else a copy whose storage holds them (the rows past M uninitialised).
+inline at::Tensor readable_rows(const at::Tensor& a, int64_t rows) {
+  if (rows_readable(a, rows)) return a;
+  const int64_t M = a.size(0), K = a.size(1), lda = std::max(a.stride(0), K);
   const at::Tensor room = at::empty({rows, lda}, a.options()).narrow(0, 0, M).narrow(1, 0, K);
   room.copy_(a);
   return room;

@@ -49,6 +49,20 @@ def test_kernel_against_the_reference(backend, dtype, M, K, N, gelu, approximate
                  _native(x, w, None, gelu, approximate), dtype, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("M", [5, 37, 50, 64])
+def test_rows_past_the_input_read_in_place_or_from_a_copy(M):
+    """On AMX tiles a tile reads 16 rows: x whose storage holds rows past M is read in place, x that ends at row M has
+    its last row group read from a copy of those rows. Both give the same bits (and so do the CPUs without tiles)."""
+    big, w, bias = rand(80, 128, dtype=torch.bfloat16), rand(96, 128, seed=1, scale=0.1, dtype=torch.bfloat16), rand(
+        96, seed=2, dtype=torch.bfloat16)
+    panels = ops.pack_panels(w)
+    in_place = ops.panel_linear(big[:M], panels, bias, 96, gelu=True, backend="cpu")
+    ends_at_m = ops.panel_linear(big[:M].clone(), panels, bias, 96, gelu=True, backend="cpu")
+    assert torch.equal(in_place, ends_at_m)
+    assert_close(ends_at_m, _native(big[:M].float(), w.float(), bias.float(), True, "none"),
+                 _native(big[:M], w, bias, True, "none"), torch.bfloat16, atol=1e-5, rtol=1e-5)
+
+
 def test_bf16_rows_on_fp32_panels(backend):
     """A bf16 x on fp32 panels (what a CPU without AVX512-BF16 packs): widened, products in fp32."""
     x, w, bias = rand(5, 70, dtype=torch.bfloat16), rand(50, 70, seed=1, scale=0.1), rand(50, seed=2)
