@@ -19,7 +19,8 @@
 // mtbert_fast/ops/int8.py). Or as the quantized input q itself with the weight's int8 panels (int8_tiles.h): the
 // kernel then takes the sums of a block of rows at a time on one thread and hands the block to the epilogue while
 // it is in cache, so that the int32 sums never go to memory (with few rows, too few blocks to share among the
-// threads, the panels are split over the threads instead and the sums stored once, as int8_panel_sums does).
+// threads, the panels are split over the threads instead: int8_linear's epilogue then takes each thread's columns
+// from its own cache, the others' epilogues the sums stored once, as int8_panel_sums does).
 //
 // Ops: quantize_rows; int8_linear (+ bias, float out); int8_linear_gelu_quantize (+ bias, GELU, and the result
 // quantized again for the next product, so the [T, I] activation never goes to memory in float);
@@ -181,7 +182,7 @@ inline fVec centred(const float* acc, const float* wsum, int32_t zero, int64_t d
 // vector by vector.
 template <typename A>
 struct RowDequant {
-  const A* acc;         // [N] this row's integer sums
+  const A* acc;         // this row's integer sums from column `first` on
   const float* wscale;  // [N]
   const float* wsum;    // [N]
   float scale;
@@ -189,18 +190,27 @@ struct RowDequant {
   const float* outlier_x;  // [k] this row's inputs at the outlier channels
   const float* outlier_w;  // [k, N]
   int64_t outliers;        // k (0: none)
+  int64_t first = 0;       // the column of acc[0]
 
+  // Columns [c0, c1) of a row of N (c0 >= first).
   template <typename F>
-  inline void operator()(int64_t N, const float* bias, const F& f) const {
+  inline void columns(int64_t c0, int64_t c1, int64_t N, const float* bias, const F& f) const {
     const fVec s(scale);
     const int32_t z = static_cast<int32_t>(zero);
-    for_each_vec(N, [&](int64_t d, auto n) {
-      fVec y = at::vec::fmadd(centred(acc, wsum, z, d, n), s * load(wscale + d, n), load(bias + d, n));
+    const A* a = acc + (c0 - first);
+    for_each_vec(c1 - c0, [&](int64_t i, auto n) {
+      const int64_t d = c0 + i;
+      fVec y = at::vec::fmadd(centred(a, wsum + c0, z, i, n), s * load(wscale + d, n), load(bias + d, n));
       for (int64_t j = 0; j < outliers; ++j) {
         y = at::vec::fmadd(fVec(outlier_x[j]), load(outlier_w + j * N + d, n), y);
       }
       f(d, n, y);
     });
+  }
+
+  template <typename F>
+  inline void operator()(int64_t N, const float* bias, const F& f) const {
+    columns(0, N, N, bias, f);
   }
 };
 
@@ -209,6 +219,10 @@ using Outliers = std::optional<at::Tensor>;
 
 // Rows per block of a product on panels: two 12-row VNNI tiles; their int32 sums (24 x N) stay in the core's cache.
 constexpr int64_t kBlockRows = 24;
+// The most rows at a time of a column task (Int8Epilogue::run_column_tasks), as tile_panels takes them: each pass over
+// the rows reads the task's panels again, from L3 where they do not fit the core's L2 beside the sums (half of
+// bert-base's QKV weight is 0.9 MB).
+constexpr int64_t kColumnChunkRows = 256;
 
 // The common part of the product ops: checks, then epilogue(row, RowDequant of the row) in parallel over the rows.
 // acc: the integer sums [M, N], or with panels the quantized input q uint8 [M, K] (N: weight_scale's length).
@@ -267,19 +281,100 @@ struct Int8Epilogue {
     }
   }
 
+  // The epilogue's per-row and per-column inputs, contiguous, and each row's RowDequant.
+  struct RowInputs {
+    at::Tensor sc, zc, wsc, wsm, xo, wo;
+    int64_t k;
+    const float *sc_p, *zc_p, *wsc_p, *wsm_p, *xo_p, *wo_p;
+
+    explicit RowInputs(const Int8Epilogue& e)
+        : sc(e.scale.contiguous()),
+          zc(e.zero.contiguous()),
+          wsc(e.wscale.contiguous()),
+          wsm(e.wsum.contiguous()),
+          xo(e.outliers() ? e.outlier_x->contiguous() : at::Tensor()),
+          wo(e.outliers() ? e.outlier_w->contiguous() : at::Tensor()),
+          k(e.outliers()),
+          sc_p(sc.const_data_ptr<float>()),
+          zc_p(zc.const_data_ptr<float>()),
+          wsc_p(wsc.const_data_ptr<float>()),
+          wsm_p(wsm.const_data_ptr<float>()),
+          xo_p(k ? xo.const_data_ptr<float>() : nullptr),
+          wo_p(k ? wo.const_data_ptr<float>() : nullptr) {}
+
+    // row's RowDequant over its sums at acc, which hold the row's columns from `first` on
+    template <typename A>
+    RowDequant<A> row(int64_t r, const A* acc, int64_t first = 0) const {
+      return {acc, wsc_p, wsm_p, sc_p[r], zc_p[r], k ? xo_p + r * k : nullptr, wo_p, k, first};
+    }
+  };
+
+  // Whether the product's sums come from panels with too few rows for two blocks of rows a thread (run's few-rows
+  // route): such products split their panels over the threads.
+  bool splits_panels() const {
+    if (!panels.has_value() || rows() == 0) return false;
+    const int64_t K4 = panels->size(1), P = panels->size(0), M = rows();
+    const int64_t block_rows = cpu::int8::on_tiles(M, K4) ? cpu::int8::tile_block_rows(P, K4) : kBlockRows;
+    return M < 2 * at::get_num_threads() * block_rows;
+  }
+
+  // Panels [p0, p1) of column task t of `tasks`: as even a split as whole units allow (pairs of panels where the tiles
+  // take the rows two panels at a time).
+  std::pair<int64_t, int64_t> task_panels(int64_t t, int64_t tasks) const {
+    const int64_t P = panels->size(0), M = rows();
+    const int64_t unit = cpu::int8::on_tiles(M, panels->size(1)) && M <= cpu::int8::kTileMinRows ? 2 : 1;
+    const int64_t units = (P + unit - 1) / unit;
+    return {std::min(P, t * units / tasks * unit), std::min(P, (t + 1) * units / tasks * unit)};
+  }
+
+  // The few-rows route (splits_panels()) for epilogues that take a row's columns apart: the panels split into `tasks`
+  // ranges (task_panels), a task a thread where there are as many threads. Each task takes the sums of every row at its
+  // panels' columns, kColumnChunkRows rows at a time, and hands each row's columns [c0, c1) to columns(row, c0, c1, dq)
+  // while they are in its cache: the sums never leave the core that made them, where run's few-rows route stores them
+  // all and then reads half of them back on the other cores.
+  template <typename Columns>
+  void run_column_tasks(int64_t tasks, const Columns& columns) const {
+    using cpu::int8::kTileMinRows;
+    using cpu::int8::kTileRows;
+    const int64_t M = rows(), N = out_features(), K4 = panels->size(1);
+    const RowInputs in(*this);
+    const bool tiles = cpu::int8::on_tiles(M, K4);
+    const at::Tensor a = cpu::int8::grouped_rows(acc, cpu::int8::RowBlocks(M).most(), tiles);
+    const uint8_t* a_p = a.const_data_ptr<uint8_t>();
+    const int64_t lda = a.stride(0);
+    const at::Tensor w = panels->contiguous();
+    const int8_t* w_p = w.const_data_ptr<int8_t>();
+    // the rows in as few chunks as kColumnChunkRows allows, as even as whole groups of kTileRows allow
+    const int64_t chunks = (M + kColumnChunkRows - 1) / kColumnChunkRows;
+    const int64_t chunk = std::min(M, ((M + chunks - 1) / chunks + kTileRows - 1) / kTileRows * kTileRows);
+    // a chunk's sums with room for whole tiles (panel_rows)
+    const int64_t room =
+        !tiles ? chunk : chunk <= kTileMinRows ? kTileMinRows : (chunk + kTileRows - 1) / kTileRows * kTileRows;
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      thread_local LineVector<int32_t> sums;
+      for (int64_t t = t0; t < t1; ++t) {
+        const auto [p0, p1] = task_panels(t, tasks);
+        if (p0 == p1) continue;
+        const int64_t c0 = p0 * cpu::int8::kPanel, c1 = std::min(N, p1 * cpu::int8::kPanel);
+        const int64_t ldc = (p1 - p0) * cpu::int8::kPanel;
+        sums.resize(static_cast<size_t>(room * ldc));
+        for (int64_t r0 = 0; r0 < M; r0 += chunk) {
+          const int64_t m = std::min(chunk, M - r0);
+          cpu::int8::panel_rows(a_p + r0 * lda, m, lda, K4, w_p, p0, p1, sums.data(), N, ldc,
+                                tiles && m >= kTileMinRows);
+          for (int64_t r = 0; r < m; ++r) columns(r0 + r, c0, c1, in.row(r0 + r, sums.data() + r * ldc, c0));
+        }
+      }
+    });
+  }
+
   // epilogue(row, dq, scratch) runs once per row, with the row's RowDequant and N floats of this thread's scratch
   // space. `cost`: the epilogue's work per element in units of a plain pass over it (row_grain's), so that a few rows
   // of GELU or LayerNorm still split over the threads.
   template <typename Epilogue>
   void run(const Epilogue& epilogue, int64_t cost = 1) const {
-    const at::Tensor sc = scale.contiguous(), zc = zero.contiguous();
-    const at::Tensor wsc = wscale.contiguous(), wsm = wsum.contiguous();
-    const int64_t M = rows(), N = out_features(), k = outliers();
-    const at::Tensor xo = k ? outlier_x->contiguous() : at::Tensor(), wo = k ? outlier_w->contiguous() : at::Tensor();
-    const float* xo_p = k ? xo.const_data_ptr<float>() : nullptr;
-    const float* wo_p = k ? wo.const_data_ptr<float>() : nullptr;
-    const float *sc_p = sc.const_data_ptr<float>(), *zc_p = zc.const_data_ptr<float>();
-    const float *wsc_p = wsc.const_data_ptr<float>(), *wsm_p = wsm.const_data_ptr<float>();
+    const RowInputs in(*this);
+    const int64_t M = rows(), N = out_features();
     // this thread's scratch row, taken once per parallel task
     const auto scratch = [N] {
       thread_local LineVector<float> row;
@@ -288,9 +383,7 @@ struct Int8Epilogue {
     };
     // the epilogue of one row whose sums are at acc_row
     const auto row_epilogue = [&](int64_t row, const auto* acc_row, float* space) {
-      const RowDequant<std::remove_const_t<std::remove_pointer_t<decltype(acc_row)>>> dq{
-          acc_row, wsc_p, wsm_p, sc_p[row], zc_p[row], k ? xo_p + row * k : nullptr, wo_p, k};
-      epilogue(row, dq, space);
+      epilogue(row, in.row(row, acc_row), space);
     };
     const auto each_row = [&](const auto* acc_p) {
       at::parallel_for(0, M, std::max<int64_t>(1, row_grain(N * cost)), [&](int64_t r0, int64_t r1) {
@@ -315,7 +408,7 @@ struct Int8Epilogue {
     const bool tiles = cpu::int8::on_tiles(M, K4);
     const int64_t block_rows = tiles ? cpu::int8::tile_block_rows(P, K4) : kBlockRows;
     const int64_t ldc = tiles ? P * cpu::int8::kPanel : N;
-    if (M < 2 * threads * block_rows) {  // too few blocks for each thread: the panels split over them instead
+    if (splits_panels()) {  // too few blocks for each thread: the panels split over them instead
       const at::Tensor a = cpu::int8::grouped_rows(acc, cpu::int8::RowBlocks(M).most(), tiles);
       at::Tensor sums = at::empty({M, N}, acc.options().dtype(at::kInt));
       cpu::int8::run_panels(a.const_data_ptr<uint8_t>(), M, a.stride(0), K4, w_p, P, sums.mutable_data_ptr<int32_t>(),
@@ -335,7 +428,7 @@ struct Int8Epilogue {
       float* space = scratch();
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * base + std::min(b, extra), rows = base + (b < extra ? 1 : 0);
-        cpu::int8::panel_rows(a_p + r0 * lda, rows, lda, K4, w_p, P, sums.data(), N, ldc,
+        cpu::int8::panel_rows(a_p + r0 * lda, rows, lda, K4, w_p, 0, P, sums.data(), N, ldc,
                               tiles && rows >= cpu::int8::kTileMinRows);
         for (int64_t r = 0; r < rows; ++r) row_epilogue(r0 + r, sums.data() + r * ldc, space);
       }
@@ -415,9 +508,14 @@ at::Tensor int8_linear_cpu(const at::Tensor& acc, const at::Tensor& scale, const
     using T = decltype(t);
     T* o = out.mutable_data_ptr<T>();
     const ParamF32<T> b(bc.const_data_ptr<T>(), N);  // converted once, read by every row
-    prod.run([&](int64_t row, const auto& dq, float*) {
-      dq(N, b.data(), [&](int64_t d, auto n, const fVec& y) { store(o + row * N + d, y, n); });
-    });
+    const auto columns = [&](int64_t row, int64_t c0, int64_t c1, const auto& dq) {
+      dq.columns(c0, c1, N, b.data(), [&](int64_t d, auto n, const fVec& y) { store(o + row * N + d, y, n); });
+    };
+    if (prod.splits_panels()) {
+      prod.run_column_tasks(at::get_num_threads(), columns);
+    } else {
+      prod.run([&](int64_t row, const auto& dq, float*) { columns(row, 0, N, dq); });
+    }
   });
   return out;
 }

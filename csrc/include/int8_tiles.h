@@ -192,8 +192,9 @@ inline int64_t tile_block_rows(int64_t P, int64_t K4) {
 #ifdef MTBF_AMX
 
 // out [M, columns of panels p0..p1-1] = a [M, K4 * 4] @ those panels on the tiles, under a configuration of 8 full
-// tiles; on_tiles(M, K4). 16 rows two panels at a time (panel_pair_product), more a panel at a time in groups of 32
-// rows (product_2x2). A tile load reads 16 rows, so a's rows must be readable up to M + 15 (readable_rows); those past
+// tiles; on_tiles(M, K4). out's column 0 is panel p0's first (N, the weight's columns, tells the last panel's valid
+// ones). 16 rows two panels at a time (panel_pair_product), more a panel at a time in groups of 32 rows
+// (product_2x2). A tile load reads 16 rows, so a's rows must be readable up to M + 15 (readable_rows); those past
 // M are never stored. `whole`: out has room for whole tiles (16 rows with M <= 16, else M rounded up to 32, and
 // every panel's 32 columns) and the tiles store there; else whole tiles go straight to out and partial ones through
 // a buffer.
@@ -211,7 +212,7 @@ inline void tile_panels(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, co
     for (int64_t p = p0; p < p1; p += 2) {
       const bool two = p + 1 < p1;
       const int8_t* b0 = panels + p * panel_bytes;
-      const int64_t c0 = p * kPanel, cols = std::min((two ? 2 : 1) * kPanel, N - c0);
+      const int64_t c0 = (p - p0) * kPanel, cols = std::min((two ? 2 : 1) * kPanel, N - p * kPanel);
       if (whole || (M == amx::kRows && cols == (two ? 2 : 1) * kPanel)) {
         amx::panel_pair_product<Dot::Int8>(steps, a, lda, b0, two ? b0 + panel_bytes : nullptr, out + c0, out_bytes);
       } else {
@@ -227,7 +228,7 @@ inline void tile_panels(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, co
     const int64_t chunk_end = std::min(M, chunk + kChunkRows);
     for (int64_t p = p0; p < p1; ++p) {
       const int8_t* b = panels + p * panel_bytes;
-      const int64_t c0 = p * kPanel, cols = std::min(kPanel, N - c0);
+      const int64_t c0 = (p - p0) * kPanel, cols = std::min(kPanel, N - p * kPanel);
       for (int64_t m0 = chunk; m0 < chunk_end; m0 += kTileRows) {
         const int64_t rows = std::min(kTileRows, M - m0);
         const bool two_rows = rows > amx::kRows;
@@ -296,8 +297,8 @@ inline at::Tensor grouped_rows(const at::Tensor& q, int64_t tile_rows, bool tile
   return tiles ? readable_rows(a, a.size(0) + kTileGroups - 1) : a;
 }
 
-// out[:, p's columns] = a [M, K4 * 4] @ panel p, every row block of a run over the panel while it sits in cache;
-// a's rows lda apart, out's ldo.
+// out [M, p's columns] = a [M, K4 * 4] @ panel p, every row block of a run over the panel while it sits in cache;
+// a's rows lda apart, out's ldo; out's column 0 is the panel's first.
 inline void panel_blocks(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, const int8_t* panels, int64_t p,
                          int64_t N, const RowBlocks& blocks, int32_t* out, int64_t ldo) {
 #ifdef CPU_CAPABILITY_AVX512
@@ -309,7 +310,7 @@ inline void panel_blocks(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, c
   int64_t m0 = 0;
   for (int64_t i = 0; i < blocks.count; ++i) {
     const int64_t mr = blocks.rows(i);
-    int32_t* o = out + m0 * ldo + p * kPanel;
+    int32_t* o = out + m0 * ldo;
 #ifdef CPU_CAPABILITY_AVX512
     (vnni ? kVnniTiles[mr - 1] : tile_of(mr))(K4, a + m0 * lda, lda, panel, o, ldo, cols);
 #elif defined(MTBF_INT8_PAIRS)
@@ -347,7 +348,7 @@ inline void run_panels(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, con
     const int64_t grain = std::max<int64_t>(pairs ? 2 : 1, kTaskMacs / macs);
     at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
       amx::configure(amx::Config(8));
-      tile_panels(a, M, lda, K4, panels, p0, p1, N, out, N, false);
+      tile_panels(a, M, lda, K4, panels, p0, p1, N, out + p0 * kPanel, N, false);
       amx::release();
     });
     return;
@@ -356,24 +357,25 @@ inline void run_panels(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, con
   const RowBlocks blocks(M);
   const int64_t grain = std::max<int64_t>(1, kTaskMacs / (std::max<int64_t>(M, 4) * K4 * kGroup * kPanel));
   at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) panel_blocks(a, M, lda, K4, panels, p, N, blocks, out, N);
+    for (int64_t p = p0; p < p1; ++p) panel_blocks(a, M, lda, K4, panels, p, N, blocks, out + p * kPanel, N);
   });
 }
 
-// The same for a few rows on the calling thread (no parallel region): out [M, N], its rows ldo apart. On the tiles
-// (`tiles`: on_tiles(M, K4)) out has room for whole tiles: M rounded up to kTileRows rows of P * kPanel columns.
-inline void panel_rows(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, const int8_t* panels, int64_t P,
-                       int32_t* out, int64_t N, int64_t ldo, bool tiles) {
+// The same for a few rows on the calling thread (no parallel region), over panels p0..p1-1: out [M, their columns],
+// its rows ldo apart. On the tiles (`tiles`: on_tiles(M, K4)) out has room for whole tiles: M rounded up to kTileRows
+// rows (amx::kRows where M is at most that) of (p1 - p0) * kPanel columns.
+inline void panel_rows(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, const int8_t* panels, int64_t p0,
+                       int64_t p1, int32_t* out, int64_t N, int64_t ldo, bool tiles) {
 #ifdef MTBF_AMX
   if (tiles) {
     amx::configure(amx::Config(8));
-    tile_panels(a, M, lda, K4, panels, 0, P, N, out, ldo, true);
+    tile_panels(a, M, lda, K4, panels, p0, p1, N, out, ldo, true);
     amx::release();
     return;
   }
 #endif
   const RowBlocks blocks(M);
-  for (int64_t p = 0; p < P; ++p) panel_blocks(a, M, lda, K4, panels, p, N, blocks, out, ldo);
+  for (int64_t p = p0; p < p1; ++p) panel_blocks(a, M, lda, K4, panels, p, N, blocks, out + (p - p0) * kPanel, ldo);
 }
 
 }  // namespace mtbert_fast::cpu::int8
