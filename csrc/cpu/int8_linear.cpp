@@ -19,8 +19,8 @@
 // mtbert_fast/ops/int8.py). Or as the quantized input q itself with the weight's int8 panels (int8_tiles.h): the
 // kernel then takes the sums of a block of rows at a time on one thread and hands the block to the epilogue while
 // it is in cache, so that the int32 sums never go to memory (with few rows, too few blocks to share among the
-// threads, the panels are split over the threads instead: int8_linear's epilogue then takes each thread's columns
-// from its own cache, the others' epilogues the sums stored once, as int8_panel_sums does).
+// threads, the panels are split over the threads instead: int8_linear's and the GELU's epilogues then take each
+// thread's columns from its own cache, the LayerNorms' the sums stored once, as int8_panel_sums does).
 //
 // Ops: quantize_rows; int8_linear (+ bias, float out); int8_linear_gelu_quantize (+ bias, GELU, and the result
 // quantized again for the next product, so the [T, I] activation never goes to memory in float);
@@ -103,26 +103,52 @@ struct RowRange {
   }
 };
 
-// The row quantization of fp32 values v (already smoothed) whose range is known: returns nothing, writes q and the
-// row's scale and zero.
+// The range of a row whose columns were taken apart: the lane-wise min, max and sum of the parts' (exact as one pass's:
+// the min and max are, and `bad` turns NaN as it would).
+inline RowRange merged(const RowRange* parts, int64_t count) {
+  RowRange range;
+  for (int64_t i = 0; i < count; ++i) {
+    range.lo = min_ignoring_nan(range.lo, parts[i].lo);
+    range.hi = max_ignoring_nan(range.hi, parts[i].hi);
+    range.bad = range.bad + parts[i].bad;
+  }
+  return range;
+}
+
+// A row's quantization from the range of its fp32 values v (already smoothed):
 //   lo = min(v, 0), hi = max(v, 0), scale = (hi - lo) / 255, zero = round(-lo / scale), q = round(v / scale) + zero
 // A row of zeros gets scale 0 (its q dequantize to 0 whatever they hold); a row holding NaN or an infinity gets a
 // NaN scale, so that whatever reads it dequantizes to NaN.
+struct RowScale {
+  float scale, inv, zero;
+
+  explicit RowScale(const RowRange& range) {
+    const bool finite = !std::isnan(lane_sum(range.bad));
+    const float lo_s = finite ? at::vec::vec_reduce_all<float>(
+        [](const fVec& a, const fVec& b) { return min_ignoring_nan(a, b); }, range.lo) : NAN;
+    const float hi_s = finite ? at::vec::vec_reduce_all<float>(
+        [](const fVec& a, const fVec& b) { return max_ignoring_nan(a, b); }, range.hi) : NAN;
+    scale = (hi_s - lo_s) / 255.f;
+    inv = scale > 0.f ? 1.f / scale : 0.f;
+    zero = std::nearbyint(-lo_s * inv);
+  }
+
+  // q[c0:c1] from the values of those columns
+  template <typename ValueOf>
+  void quantize(int64_t c0, int64_t c1, const ValueOf& value_of, uint8_t* q) const {
+    const fVec inv_v(inv), z_v(zero);
+    for_each_vec(c1 - c0, [&](int64_t i, auto n) { store_uint8(q + c0 + i, value_of(c0 + i, n) * inv_v, z_v, n); });
+  }
+};
+
+// The row quantization of values whose range is known: writes q and the row's scale and zero.
 template <typename ValueOf>
 inline void quantize_row_in(int64_t K, const RowRange& range, const ValueOf& value_of, uint8_t* q, float* scale,
                             float* zero) {
-  const bool finite = !std::isnan(lane_sum(range.bad));
-  const float lo_s = finite ? at::vec::vec_reduce_all<float>(
-      [](const fVec& a, const fVec& b) { return min_ignoring_nan(a, b); }, range.lo) : NAN;
-  const float hi_s = finite ? at::vec::vec_reduce_all<float>(
-      [](const fVec& a, const fVec& b) { return max_ignoring_nan(a, b); }, range.hi) : NAN;
-  const float s = (hi_s - lo_s) / 255.f;
-  const float inv = s > 0.f ? 1.f / s : 0.f;
-  const float z = std::nearbyint(-lo_s * inv);
-  const fVec inv_v(inv), z_v(z);
-  for_each_vec(K, [&](int64_t k, auto n) { store_uint8(q + k, value_of(k, n) * inv_v, z_v, n); });
-  *scale = s;
-  *zero = z;
+  const RowScale rs(range);
+  rs.quantize(0, K, value_of, q);
+  *scale = rs.scale;
+  *zero = rs.zero;
 }
 
 // The same, with a pass of its own for the range.
@@ -223,6 +249,12 @@ constexpr int64_t kBlockRows = 24;
 // the rows reads the task's panels again, from L3 where they do not fit the core's L2 beside the sums (half of
 // bert-base's QKV weight is 0.9 MB).
 constexpr int64_t kColumnChunkRows = 256;
+// Panels a column task takes at a time (an even count: the tiles take 16 rows two panels at a time): their sums
+// (256 x 128 int32 at the most) stay in the core's L1 and L2 for the epilogue.
+constexpr int64_t kColumnGroupPanels = 4;
+// Rows from which a column task prefetches its next group's panels into L2 while the epilogue runs on the group
+// before: with fewer, the epilogue is too short to hide the loads behind it.
+constexpr int64_t kPrefetchRows = 32;
 
 // The common part of the product ops: checks, then epilogue(row, RowDequant of the row) in parallel over the rows.
 // acc: the integer sums [M, N], or with panels the quantized input q uint8 [M, K] (N: weight_scale's length).
@@ -327,13 +359,22 @@ struct Int8Epilogue {
     return {std::min(P, t * units / tasks * unit), std::min(P, (t + 1) * units / tasks * unit)};
   }
 
+  // The output columns [c0, c1) of the same.
+  std::pair<int64_t, int64_t> task_columns(int64_t t, int64_t tasks) const {
+    const auto [p0, p1] = task_panels(t, tasks);
+    return {p0 * cpu::int8::kPanel, std::min(out_features(), p1 * cpu::int8::kPanel)};
+  }
+
   // The few-rows route (splits_panels()) for epilogues that take a row's columns apart: the panels split into `tasks`
-  // ranges (task_panels), a task a thread where there are as many threads. Each task takes the sums of every row at its
-  // panels' columns, kColumnChunkRows rows at a time, and hands each row's columns [c0, c1) to columns(row, c0, c1, dq)
-  // while they are in its cache: the sums never leave the core that made them, where run's few-rows route stores them
-  // all and then reads half of them back on the other cores.
+  // ranges (task_panels), a task a thread where there are as many threads. Each task takes the sums of every row at
+  // kColumnGroupPanels of its panels at a time (kColumnChunkRows rows at a time) and hands each row's columns [c0, c1)
+  // of the group to columns(task, row, c0, c1, dq) while they are in its cache: the sums never leave the core that
+  // made them, where run's few-rows route stores them all and then reads half of them back on the other cores. While
+  // the epilogue runs on a group, the group after it is fetched into L2: weights read from memory (an encoder's are,
+  // call after call) then arrive under the epilogue's arithmetic instead of after it.
   template <typename Columns>
   void run_column_tasks(int64_t tasks, const Columns& columns) const {
+    using cpu::int8::kPanel;
     using cpu::int8::kTileMinRows;
     using cpu::int8::kTileRows;
     const int64_t M = rows(), N = out_features(), K4 = panels->size(1);
@@ -344,25 +385,38 @@ struct Int8Epilogue {
     const int64_t lda = a.stride(0);
     const at::Tensor w = panels->contiguous();
     const int8_t* w_p = w.const_data_ptr<int8_t>();
+    const int64_t panel_bytes = K4 * kPanel * cpu::int8::kGroup;
     // the rows in as few chunks as kColumnChunkRows allows, as even as whole groups of kTileRows allow
     const int64_t chunks = (M + kColumnChunkRows - 1) / kColumnChunkRows;
     const int64_t chunk = std::min(M, ((M + chunks - 1) / chunks + kTileRows - 1) / kTileRows * kTileRows);
-    // a chunk's sums with room for whole tiles (panel_rows)
+    // a group's sums with room for whole tiles (panel_rows)
     const int64_t room =
         !tiles ? chunk : chunk <= kTileMinRows ? kTileMinRows : (chunk + kTileRows - 1) / kTileRows * kTileRows;
+    const int64_t ldc = kColumnGroupPanels * kPanel;
     at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
       thread_local LineVector<int32_t> sums;
+      sums.resize(static_cast<size_t>(room * ldc));
+      const cpu::int8::TileConfig held(tiles);
       for (int64_t t = t0; t < t1; ++t) {
         const auto [p0, p1] = task_panels(t, tasks);
-        if (p0 == p1) continue;
-        const int64_t c0 = p0 * cpu::int8::kPanel, c1 = std::min(N, p1 * cpu::int8::kPanel);
-        const int64_t ldc = (p1 - p0) * cpu::int8::kPanel;
-        sums.resize(static_cast<size_t>(room * ldc));
         for (int64_t r0 = 0; r0 < M; r0 += chunk) {
           const int64_t m = std::min(chunk, M - r0);
-          cpu::int8::panel_rows(a_p + r0 * lda, m, lda, K4, w_p, p0, p1, sums.data(), N, ldc,
-                                tiles && m >= kTileMinRows);
-          for (int64_t r = 0; r < m; ++r) columns(r0 + r, c0, c1, in.row(r0 + r, sums.data() + r * ldc, c0));
+          for (int64_t g0 = p0; g0 < p1; g0 += kColumnGroupPanels) {
+            const int64_t g1 = std::min(p1, g0 + kColumnGroupPanels);
+            cpu::int8::panel_rows(a_p + r0 * lda, m, lda, K4, w_p, g0, g1, sums.data(), N, ldc,
+                                  tiles && m >= kTileMinRows);
+            // the next group's panels, a share of their lines before each row's epilogue
+            const int64_t next_panels = m < kPrefetchRows ? 0 : std::min(p1, g1 + kColumnGroupPanels) - g1;
+            const int64_t lines = next_panels * panel_bytes / 64, per_row = (lines + m - 1) / m;
+            const char* next = reinterpret_cast<const char*>(w_p + g1 * panel_bytes);
+            const int64_t c0 = g0 * kPanel, c1 = std::min(N, g1 * kPanel);
+            for (int64_t r = 0; r < m; ++r) {
+              for (int64_t l = r * per_row, end = std::min(lines, l + per_row); l < end; ++l) {
+                __builtin_prefetch(next + l * 64, 0, 2);  // prefetcht1: into L2
+              }
+              columns(t, r0 + r, c0, c1, in.row(r0 + r, sums.data() + r * ldc, c0));
+            }
+          }
         }
       }
     });
@@ -426,6 +480,7 @@ struct Int8Epilogue {
       thread_local LineVector<int32_t> sums;  // the block's int32 sums [rows, N], ldc apart
       sums.resize(static_cast<size_t>((tiles ? block_rows : base + 1) * ldc));
       float* space = scratch();
+      const cpu::int8::TileConfig held(tiles);
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * base + std::min(b, extra), rows = base + (b < extra ? 1 : 0);
         cpu::int8::panel_rows(a_p + r0 * lda, rows, lda, K4, w_p, 0, P, sums.data(), N, ldc,
@@ -512,7 +567,9 @@ at::Tensor int8_linear_cpu(const at::Tensor& acc, const at::Tensor& scale, const
       dq.columns(c0, c1, N, b.data(), [&](int64_t d, auto n, const fVec& y) { store(o + row * N + d, y, n); });
     };
     if (prod.splits_panels()) {
-      prod.run_column_tasks(at::get_num_threads(), columns);
+      prod.run_column_tasks(at::get_num_threads(), [&](int64_t, int64_t row, int64_t c0, int64_t c1, const auto& dq) {
+        columns(row, c0, c1, dq);
+      });
     } else {
       prod.run([&](int64_t row, const auto& dq, float*) { columns(row, 0, N, dq); });
     }
@@ -551,18 +608,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_linear_gelu_quan
   float* kept_p = kept.mutable_data_ptr<float>();
   const at::Tensor bc = bias.contiguous();
   const float* m = mc.const_data_ptr<float>();
+  // GELU of a row's columns [c0, c1) into g (the row's values, in fp32), the range of their smoothed values added to
+  // range
+  const auto gelu_columns = [&](auto k, const float* b, int64_t c0, int64_t c1, const auto& dq, float* g,
+                                RowRange& range) {
+    dq.columns(c0, c1, N, b, [&](int64_t d, auto n, const fVec& y) {
+      const fVec v = gelu<decltype(k)::value>(y);
+      store(g + d, v, n);
+      range.add(v * load(m + d, n), n);
+    });
+  };
+  const auto smoothed = [&](const float* g) {
+    return [g, m](int64_t d, auto n) { return load(g + d, n) * load(m + d, n); };
+  };
+  const auto keep_row = [&](int64_t row, const float* g) {
+    for (int64_t j = 0; j < kept_n; ++j) kept_p[row * kept_n + j] = g[keep_p[j]];
+  };
   const auto epilogue = [&](auto k, const float* b) {
-    constexpr GeluKind K = decltype(k)::value;
-    prod.run([&](int64_t row, const auto& dq, float* g) {  // g: the row after GELU, in fp32
-      RowRange range;  // of the smoothed GELU output, taken in the same pass
-      dq(N, b, [&](int64_t d, auto n, const fVec& y) {
-        const fVec v = gelu<K>(y);
-        store(g + d, v, n);
-        range.add(v * load(m + d, n), n);
-      });
-      for (int64_t j = 0; j < kept_n; ++j) kept_p[row * kept_n + j] = g[keep_p[j]];
-      out.quantize_in(row, N, range, [&](int64_t d, auto n) { return load(g + d, n) * load(m + d, n); });
-    }, kGeluEpilogueCost);
+    if (!prod.splits_panels()) {
+      prod.run([&](int64_t row, const auto& dq, float* g) {
+        RowRange range;
+        gelu_columns(k, b, 0, N, dq, g, range);
+        keep_row(row, g);
+        out.quantize_in(row, N, range, smoothed(g));
+      }, kGeluEpilogueCost);
+      return;
+    }
+    // few rows: each task's columns apart (their values in fp32 and each row's range at them), then, once every task's
+    // part of the range is in, every row quantized at each task's columns
+    const int64_t tasks = at::get_num_threads();
+    thread_local LineVector<float> values;  // [M, N] after GELU
+    values.resize(static_cast<size_t>(M * N));
+    float* g = values.data();
+    LineVector<RowRange> ranges(static_cast<size_t>(M * tasks));  // [M, tasks]
+    prod.run_column_tasks(tasks, [&](int64_t t, int64_t row, int64_t c0, int64_t c1, const auto& dq) {
+      gelu_columns(k, b, c0, c1, dq, g + row * N, ranges[row * tasks + t]);
+    });
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const auto [c0, c1] = prod.task_columns(t, tasks);
+        for (int64_t row = 0; row < M; ++row) {
+          const RowScale rs(merged(ranges.data() + row * tasks, tasks));
+          rs.quantize(c0, c1, smoothed(g + row * N), out.q_p + row * out.ldq);
+          if (t == 0) {
+            out.scale_p[row] = rs.scale;
+            out.zero_p[row] = rs.zero;
+            keep_row(row, g + row * N);
+          }
+        }
+      }
+    });
   };
   dispatch_float_bf16(bias.scalar_type(), [&](auto t) {
     const ParamF32<decltype(t)> b(bc.const_data_ptr<decltype(t)>(), N);

@@ -361,16 +361,35 @@ inline void run_panels(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, con
   });
 }
 
+// The tiles configured for tile_panels (8 full tiles) while it lives, where `tiles`: held by a thread around its
+// panel_rows calls.
+class TileConfig {
+ public:
+  explicit TileConfig(bool tiles) : tiles_(tiles) {
+#ifdef MTBF_AMX
+    if (tiles_) amx::configure(amx::Config(8));
+#endif
+  }
+  ~TileConfig() {
+#ifdef MTBF_AMX
+    if (tiles_) amx::release();
+#endif
+  }
+  TileConfig(const TileConfig&) = delete;
+  TileConfig& operator=(const TileConfig&) = delete;
+
+ private:
+  bool tiles_;
+};
+
 // The same for a few rows on the calling thread (no parallel region), over panels p0..p1-1: out [M, their columns],
-// its rows ldo apart. On the tiles (`tiles`: on_tiles(M, K4)) out has room for whole tiles: M rounded up to kTileRows
-// rows (amx::kRows where M is at most that) of (p1 - p0) * kPanel columns.
+// its rows ldo apart. On the tiles (`tiles`: on_tiles(M, K4), under a TileConfig the thread holds) out has room for
+// whole tiles: M rounded up to kTileRows rows (amx::kRows where M is at most that) of (p1 - p0) * kPanel columns.
 inline void panel_rows(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, const int8_t* panels, int64_t p0,
                        int64_t p1, int32_t* out, int64_t N, int64_t ldo, bool tiles) {
 #ifdef MTBF_AMX
   if (tiles) {
-    amx::configure(amx::Config(8));
     tile_panels(a, M, lda, K4, panels, p0, p1, N, out, ldo, true);
-    amx::release();
     return;
   }
 #endif

@@ -600,8 +600,9 @@ def _as_tuple(out):
                                    (97, 4096, 40)])
 def test_product_ops_take_the_sums_from_panels(shape, op, dtype, outliers, threads):
     """With panels, a product op takes the sums of q on them itself (a block of rows at a time once there are two
-    blocks of rows for every thread, else with the panels split over the threads: int8_linear's epilogue on each
-    thread's columns, the others' after all of them): the same bits as the op on int8_panel_sums' result, at
+    blocks of rows for every thread, else with the panels split over the threads: int8_linear's and the GELU's
+    epilogues on each thread's columns, the LayerNorms' after all of them): the same bits as the op on
+    int8_panel_sums' result, at
     row counts on either side of those thresholds, K not a multiple of 4 and a last panel not full, rows of 4 KiB; the
     reference agrees likewise."""
     n, k, m = shape
@@ -618,18 +619,23 @@ def test_product_ops_take_the_sums_from_panels(shape, op, dtype, outliers, threa
 
 @pytest.mark.parametrize("threads", [3, 5])
 @pytest.mark.parametrize("outliers", [False, True], ids=["int8", "outliers"])
+@pytest.mark.parametrize("op", ["linear", "gelu_quantize"])
 @pytest.mark.parametrize("shape", [(5, 30, 33), (16, 64, 40), (40, 64, 200), (90, 30, 70)])
-def test_int8_linear_splits_its_columns_over_any_thread_count(shape, outliers, threads):
-    """With few rows int8_linear splits the panels over the threads and each thread dequantizes its own columns: with
+def test_column_epilogues_split_over_any_thread_count(shape, op, outliers, threads):
+    """With few rows int8_linear and the GELU op split the panels over the threads and each thread takes its own
+    columns (the GELU's rows quantized from every thread's part of their range, a row holding NaN among them): with
     more threads than panels (a thread without columns), pairs of panels (16 rows on AMX tiles) and uneven splits, the
     op on panels gives the bits of the op on int8_panel_sums' result."""
     n, k, m = shape
     args, panels, extra, summed = _panel_product(n, k, m, torch.bfloat16, outliers)
     extra = None if extra[0] is None else extra
-    call = _product_ops(torch.bfloat16, m, "cpu")["linear"]
+    args[1][1] = summed[1][1] = float("nan")  # row 1's scale
+    call = _product_ops(torch.bfloat16, m, "cpu")[op]
     with num_threads(threads):
-        got, want = call(args, extra, panels), call(summed, extra, None)
-    assert torch.equal(got, want)
+        got, want = _as_tuple(call(args, extra, panels)), _as_tuple(call(summed, extra, None))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+    assert got[0][1].isnan().all() if op == "linear" else got[1][1].isnan()
 
 
 @pytest.fixture
@@ -667,10 +673,10 @@ def test_panel_sums_on_amx_tiles(int8_tiles, k, m):
 @pytest.mark.parametrize("op", ["linear", "gelu_quantize", "residual_layer_norm", "residual_layer_norm_quantize"])
 @pytest.mark.parametrize("shape", [(16, 64, 40), (100, 128, 70), (300, 64, 33), (300, 1024, 1056), (520, 1024, 1056)])
 def test_product_ops_on_amx_tiles(int8_tiles, shape, op, threads):
-    """The product ops on the tiles give the VNNI panels' bits: the panels split over the threads (int8_linear's
-    columns taken in chunks of at most 256 rows), or blocks of 32 rows (a weight of at most 1 MiB) or of up to 128
-    ([1056, 1024]) each run with its epilogue, blocks cut short;
-    q from the reference quantization, which leaves no room past its rows."""
+    """The product ops on the tiles give the VNNI panels' bits: the panels split over the threads (int8_linear's and
+    the GELU's columns taken in chunks of at most 256 rows), or blocks of 32 rows (a weight of at most 1 MiB) or of up
+    to 128 ([1056, 1024]) each run with its epilogue, blocks cut short; q from the reference quantization, which
+    leaves no room past its rows."""
     n, k, m = shape
     args, panels, _, summed = _panel_product(n, k, m, torch.bfloat16, False)
     call = _product_ops(torch.bfloat16, m, "cpu")[op]
