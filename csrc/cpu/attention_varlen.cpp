@@ -1053,7 +1053,7 @@ void forward_blocks_amx(const Geometry& g, const at::BFloat16* qkv, const QueryB
   const float scale = g.scale * kLog2e;
   int64_t packed_start = -1, packed_head = -1, keys = 0;
 
-  cpu::amx::configure(cpu::amx::Config(8));
+  const cpu::amx::TileConfig held;
   for (int64_t t = 0; t < n; ++t) {
     const QueryBlock& qb = blocks[t];
     const BF* q = qkv + qb.start * g.tok_stride + qb.head * g.head_stride;
@@ -1121,7 +1121,6 @@ void forward_blocks_amx(const Geometry& g, const at::BFloat16* qkv, const QueryB
     }
     store_lse(g, qb, lse_max, lse_sum, lse);
   }
-  cpu::amx::release();
 }
 #endif
 

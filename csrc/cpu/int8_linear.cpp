@@ -341,13 +341,17 @@ struct Int8Epilogue {
     }
   };
 
+  // The most rows of a block that a thread takes through every panel, with its epilogue (with panels): 32 or 128 on
+  // AMX tiles (tile_block_rows), else kBlockRows.
+  int64_t block_rows() const {
+    const int64_t K4 = panels->size(1);
+    return cpu::int8::on_tiles(rows(), K4) ? cpu::int8::tile_block_rows(panels->size(0), K4) : kBlockRows;
+  }
+
   // Whether the product's sums come from panels with too few rows for two blocks of rows a thread (run's few-rows
   // route): such products split their panels over the threads.
   bool splits_panels() const {
-    if (!panels.has_value() || rows() == 0) return false;
-    const int64_t K4 = panels->size(1), P = panels->size(0), M = rows();
-    const int64_t block_rows = cpu::int8::on_tiles(M, K4) ? cpu::int8::tile_block_rows(P, K4) : kBlockRows;
-    return M < 2 * at::get_num_threads() * block_rows;
+    return panels.has_value() && rows() > 0 && rows() < 2 * at::get_num_threads() * block_rows();
   }
 
   // Panels [p0, p1) of column task t of `tasks`: as even a split as whole units allow (pairs of panels where the tiles
@@ -396,7 +400,7 @@ struct Int8Epilogue {
     at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
       thread_local LineVector<int32_t> sums;
       sums.resize(static_cast<size_t>(room * ldc));
-      const cpu::int8::TileConfig held(tiles);
+      const cpu::amx::TileConfig held(tiles);
       for (int64_t t = t0; t < t1; ++t) {
         const auto [p0, p1] = task_panels(t, tasks);
         for (int64_t r0 = 0; r0 < M; r0 += chunk) {
@@ -460,7 +464,7 @@ struct Int8Epilogue {
     const int8_t* w_p = w.const_data_ptr<int8_t>();
     // on AMX tiles: blocks of 32 or 128 rows, their sums stored as whole tiles (ldc: every panel's columns)
     const bool tiles = cpu::int8::on_tiles(M, K4);
-    const int64_t block_rows = tiles ? cpu::int8::tile_block_rows(P, K4) : kBlockRows;
+    const int64_t block_rows = this->block_rows();
     const int64_t ldc = tiles ? P * cpu::int8::kPanel : N;
     if (splits_panels()) {  // too few blocks for each thread: the panels split over them instead
       const at::Tensor a = cpu::int8::grouped_rows(acc, cpu::int8::RowBlocks(M).most(), tiles);
@@ -480,7 +484,7 @@ struct Int8Epilogue {
       thread_local LineVector<int32_t> sums;  // the block's int32 sums [rows, N], ldc apart
       sums.resize(static_cast<size_t>((tiles ? block_rows : base + 1) * ldc));
       float* space = scratch();
-      const cpu::int8::TileConfig held(tiles);
+      const cpu::amx::TileConfig held(tiles);
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * base + std::min(b, extra), rows = base + (b < extra ? 1 : 0);
         cpu::int8::panel_rows(a_p + r0 * lda, rows, lda, K4, w_p, 0, P, sums.data(), N, ldc,

@@ -251,7 +251,7 @@ void run_panels_amx(const at::BFloat16* a, int64_t lda, int64_t M, int64_t Kp, c
   };
   at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
     alignas(64) float c[kGroup * kPanel];
-    cpu::amx::configure(cpu::amx::Config(8));
+    const cpu::amx::TileConfig held;
     if (pairs) {
       for (int64_t p = p0; p < p1; p += 2) {
         const at::BFloat16* panel = panels + p * Kp * kPanel;
@@ -270,7 +270,6 @@ void run_panels_amx(const at::BFloat16* a, int64_t lda, int64_t M, int64_t Kp, c
         }
       }
     }
-    cpu::amx::release();
   });
 }
 

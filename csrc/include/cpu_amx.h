@@ -219,4 +219,25 @@ inline bool enabled() { return false; }
 inline bool int8_enabled() { return false; }
 #endif
 
+// The tiles configured as 8 full tiles (Config(8)) for the calling thread while it lives, where `tiles`, and released
+// after (on an exception too). A build without the tile kernels never configures them.
+class TileConfig {
+ public:
+  explicit TileConfig(bool tiles = true) : tiles_(tiles) {
+#ifdef MTBF_AMX
+    if (tiles_) configure(Config(8));
+#endif
+  }
+  ~TileConfig() {
+#ifdef MTBF_AMX
+    if (tiles_) release();
+#endif
+  }
+  TileConfig(const TileConfig&) = delete;
+  TileConfig& operator=(const TileConfig&) = delete;
+
+ private:
+  bool tiles_;
+};
+
 }  // namespace mtbert_fast::cpu::amx

@@ -333,12 +333,11 @@ inline void run_panels(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, con
     // many rows: blocks of rows split over the threads, each block through every panel, as the fused epilogues run
     // them (a thread streaming all the rows past its half of the panels reads them from L3 once per panel)
     at::parallel_for(0, (M + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
-      amx::configure(amx::Config(8));
+      const amx::TileConfig held;
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * block;
         tile_panels(a + r0 * lda, std::min(block, M - r0), lda, K4, panels, 0, P, N, out + r0 * N, N, false);
       }
-      amx::release();
     });
     return;
   }
@@ -347,9 +346,8 @@ inline void run_panels(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, con
     const int64_t macs = std::max<int64_t>(M, 4) * K4 * kGroup * kPanel;  // a panel's
     const int64_t grain = std::max<int64_t>(pairs ? 2 : 1, kTaskMacs / macs);
     at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
-      amx::configure(amx::Config(8));
+      const amx::TileConfig held;
       tile_panels(a, M, lda, K4, panels, p0, p1, N, out + p0 * kPanel, N, false);
-      amx::release();
     });
     return;
   }
@@ -361,30 +359,9 @@ inline void run_panels(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, con
   });
 }
 
-// The tiles configured for tile_panels (8 full tiles) while it lives, where `tiles`: held by a thread around its
-// panel_rows calls.
-class TileConfig {
- public:
-  explicit TileConfig(bool tiles) : tiles_(tiles) {
-#ifdef MTBF_AMX
-    if (tiles_) amx::configure(amx::Config(8));
-#endif
-  }
-  ~TileConfig() {
-#ifdef MTBF_AMX
-    if (tiles_) amx::release();
-#endif
-  }
-  TileConfig(const TileConfig&) = delete;
-  TileConfig& operator=(const TileConfig&) = delete;
-
- private:
-  bool tiles_;
-};
-
 // The same for a few rows on the calling thread (no parallel region), over panels p0..p1-1: out [M, their columns],
-// its rows ldo apart. On the tiles (`tiles`: on_tiles(M, K4), under a TileConfig the thread holds) out has room for
-// whole tiles: M rounded up to kTileRows rows (amx::kRows where M is at most that) of (p1 - p0) * kPanel columns.
+// its rows ldo apart. On the tiles (`tiles`: on_tiles(M, K4), under an amx::TileConfig the thread holds) out has room
+// for whole tiles: M rounded up to kTileRows rows (amx::kRows where M is at most that) of (p1 - p0) * kPanel columns.
 inline void panel_rows(const uint8_t* a, int64_t M, int64_t lda, int64_t K4, const int8_t* panels, int64_t p0,
                        int64_t p1, int32_t* out, int64_t N, int64_t ldo, bool tiles) {
 #ifdef MTBF_AMX
