@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "phi_polynomials.h"
 
 namespace mtbert_fast::cpu {
 
@@ -301,18 +302,52 @@ constexpr float kTanhK2 = 2.f * 0.7978845608028654f;  // 2 sqrt(2 / pi)
 constexpr float kTanhC = 0.044715f;
 constexpr float kInvSqrt2Pi = 0.3989422804014327f;
 
+#if defined(CPU_CAPABILITY_AVX512)
+// x Phi(x) with Phi from the polynomials of phi_polynomials.h, for x >= -kPhiEdge (+inf included: past the edge, x takes
+// the last interval's end, where Phi is 1 in fp32). About 20 vector operations against normal_cdf's 30, and a far
+// shorter chain of dependent ones (no reciprocal or exp), with a smaller error where |GELU| > 1e-3 (relative 5e-7,
+// against 2e-4 for the erfc form). Lanes below -kPhiEdge get a value without meaning.
+C10_ALWAYS_INLINE fVec gelu_erf_polynomial(const fVec& x) {
+  constexpr float kInvWidth = kPhiIntervals / (2 * kPhiEdge);  // intervals per unit of x
+  static_assert(kPhiIntervals == 32 && kInvWidth == 2.f, "two registers of 16 lanes hold a coefficient's table, and "
+                "the intervals' width must be a power of 2, so that v below is exact");
+  // x capped where 2 x + 16 stays under 32 in fp32, so that the interval index does too
+  const __m512 t = _mm512_min_ps(x, _mm512_set1_ps(kPhiEdge - 0x1p-20f));
+  const __m512i i = _mm512_cvttps_epi32(_mm512_fmadd_ps(t, _mm512_set1_ps(kInvWidth), _mm512_set1_ps(2 * kPhiEdge)));
+  // v = 2 t + 16 - i in one rounding: 16 - i is exact, and the product is not rounded before the sum
+  const __m512 start = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_set1_epi32(2 * kPhiEdge), i));
+  const __m512 v = _mm512_fmadd_ps(t, _mm512_set1_ps(kInvWidth), start);
+  const auto coefficient = [&](int d) {
+    return _mm512_permutex2var_ps(_mm512_load_ps(kPhiPoly[d]), i, _mm512_load_ps(kPhiPoly[d] + 16));
+  };
+  __m512 p = coefficient(kPhiDegree);
+  for (int d = kPhiDegree - 1; d >= 0; --d) p = _mm512_fmadd_ps(p, v, coefficient(d));
+  return _mm512_mul_ps(x, p);
+}
+#endif
+
 template <GeluKind K>
 C10_ALWAYS_INLINE fVec gelu(const fVec& x) {
   if constexpr (K == GeluKind::Erf) {
+#if defined(CPU_CAPABILITY_AVX512)
+    // the polynomials where every lane is at least -kPhiEdge; a lane further down (Phi under 7e-16 there), or NaN,
+    // takes the erfc form, the others the polynomials still, so that each lane's result depends on its x alone
+    const __mmask16 far = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-kPhiEdge), _CMP_NGE_UQ);
+    if (C10_LIKELY(far == 0)) return gelu_erf_polynomial(x);
+    fVec gauss;
+    const fVec tail = x * normal_cdf(x, gauss);
+    return far == 0xFFFF ? tail : fVec(_mm512_mask_blend_ps(far, gelu_erf_polynomial(x), tail));
+#else
     fVec gauss;
     return x * normal_cdf(x, gauss);
+#endif
   } else {
     const fVec x2 = x * x;
     return x * sigmoid(fVec(kTanhK2) * x * at::vec::fmadd(fVec(kTanhC), x2, fVec(1.f)));
   }
 }
 
-// GELU and its derivative together, sharing the exp.
+// GELU and its derivative together, sharing the exp (the erf form's y is gelu's, from the polynomials on AVX-512).
 //   erf:  d/dx x Phi(x) = Phi(x) + x phi(x)
 //   tanh: d/dx x s(u) = s + x s (1 - s) u',  u = 2k(x + c x^3), u' = 2k(1 + 3c x^2)
 template <GeluKind K>
@@ -320,7 +355,7 @@ C10_ALWAYS_INLINE void gelu_and_grad(const fVec& x, fVec& y, fVec& dy) {
   if constexpr (K == GeluKind::Erf) {
     fVec gauss;
     const fVec cdf = normal_cdf(x, gauss);
-    y = x * cdf;
+    y = gelu<K>(x);  // the forward's value bit for bit: a backward that recomputes it (LayerNorm's) must see the same
     dy = at::vec::fmadd(x * fVec(kInvSqrt2Pi), gauss, cdf);
   } else {
     const fVec x2 = x * x;
