@@ -303,19 +303,20 @@ constexpr float kTanhC = 0.044715f;
 constexpr float kInvSqrt2Pi = 0.3989422804014327f;
 
 #if defined(CPU_CAPABILITY_AVX512)
-// x Phi(x) with Phi from the polynomials of phi_polynomials.h, for x >= -kPhiEdge (+inf included: past the edge, x takes
-// the last interval's end, where Phi is 1 in fp32). About 20 vector operations against normal_cdf's 30, and a far
-// shorter chain of dependent ones (no reciprocal or exp), with a smaller error where |GELU| > 1e-3 (relative 5e-7,
+// x Phi(x) with Phi from the polynomials of phi_polynomials.h, for x >= -kPhiEdge (+inf included: past the edge, x
+// takes the last interval's end, where Phi is 1 in fp32). About 20 vector operations against normal_cdf's 30, and a
+// far shorter chain of dependent ones (no reciprocal or exp), with a smaller error where |GELU| > 1e-3 (relative 5e-7,
 // against 2e-4 for the erfc form). Lanes below -kPhiEdge get a value without meaning.
 C10_ALWAYS_INLINE fVec gelu_erf_polynomial(const fVec& x) {
   constexpr float kInvWidth = kPhiIntervals / (2 * kPhiEdge);  // intervals per unit of x
+  constexpr int kOffset = static_cast<int>(kPhiEdge * kInvWidth);  // x's position s = x * kInvWidth + kOffset
   static_assert(kPhiIntervals == 32 && kInvWidth == 2.f, "two registers of 16 lanes hold a coefficient's table, and "
                 "the intervals' width must be a power of 2, so that v below is exact");
-  // x capped where 2 x + 16 stays under 32 in fp32, so that the interval index does too
-  const __m512 t = _mm512_min_ps(x, _mm512_set1_ps(kPhiEdge - 0x1p-20f));
-  const __m512i i = _mm512_cvttps_epi32(_mm512_fmadd_ps(t, _mm512_set1_ps(kInvWidth), _mm512_set1_ps(2 * kPhiEdge)));
-  // v = 2 t + 16 - i in one rounding: 16 - i is exact, and the product is not rounded before the sum
-  const __m512 start = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_set1_epi32(2 * kPhiEdge), i));
+  // x capped where s stays under kPhiIntervals in fp32 (s = 32 - 2^-19 at the cap), so that the index does too
+  const __m512 t = _mm512_min_ps(x, _mm512_set1_ps(kPhiEdge - 0x1p-19f / kInvWidth));
+  const __m512i i = _mm512_cvttps_epi32(_mm512_fmadd_ps(t, _mm512_set1_ps(kInvWidth), _mm512_set1_ps(kOffset)));
+  // v = s - i in one rounding: kOffset - i is exact, and the product is not rounded before the sum
+  const __m512 start = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_set1_epi32(kOffset), i));
   const __m512 v = _mm512_fmadd_ps(t, _mm512_set1_ps(kInvWidth), start);
   const auto coefficient = [&](int d) {
     return _mm512_permutex2var_ps(_mm512_load_ps(kPhiPoly[d]), i, _mm512_load_ps(kPhiPoly[d] + 16));
