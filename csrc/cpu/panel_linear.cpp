@@ -228,6 +228,28 @@ void dispatch_activation(bool gelu, GeluKind kind, const at::Tensor& a, int64_t 
 // memory; on the tiles the read is the bound.
 constexpr int64_t kAmxGroup = 2 * cpu::amx::kRows;
 
+// More rows are blocked so that the tiles read both operands from the core's caches: a's rows in blocks of about
+// kAmxBlockBytes, which stay in L2 while every panel of the thread's share runs over them, and each panel in chunks
+// of at most kAmxChunk reduction rows (24 KiB), which stay in L1 over a block's row groups; between chunks a group's
+// sums wait in an fp32 buffer. Unblocked, one panel ran over all of a: a whole panel of 768 reduction rows (48 KiB)
+// does not stay in L1 while a's rows stream past it, and a of 1,024 rows by 3,072 (6 MiB) not even in L2.
+constexpr int64_t kAmxBlockBytes = 768 * 1024;
+constexpr int64_t kAmxChunk = 384;
+
+// Rows of a block for M rows of Kp bf16: whole groups of 32, as many as fit kAmxBlockBytes, in equal blocks.
+inline int64_t amx_row_block(int64_t M, int64_t Kp) {
+  const int64_t fit = std::max<int64_t>(1, kAmxBlockBytes / (Kp * 2 * kAmxGroup));
+  const int64_t groups = (M + kAmxGroup - 1) / kAmxGroup, blocks = (groups + fit - 1) / fit;
+  return (groups + blocks - 1) / blocks * kAmxGroup;
+}
+
+// Reduction rows of a panel's chunk for Kp of them: the fewest chunks of at most kAmxChunk, as equal as the tiles'
+// step of 32 allows.
+inline int64_t amx_chunk(int64_t Kp) {
+  const int64_t steps = Kp / cpu::amx::kStep, chunks = (Kp + kAmxChunk - 1) / kAmxChunk;
+  return (steps + chunks - 1) / chunks * cpu::amx::kStep;
+}
+
 template <typename T, bool Gelu, GeluKind K>
 void run_panels_amx(const at::BFloat16* a, int64_t lda, int64_t M, int64_t Kp, const at::BFloat16* panels, int64_t P,
                     const float* bias, T* out, int64_t N, int64_t ldo, const at::BFloat16* tail, int64_t tail_row) {
@@ -235,6 +257,7 @@ void run_panels_amx(const at::BFloat16* a, int64_t lda, int64_t M, int64_t Kp, c
   const auto rows_at = [&](int64_t m0) { return m0 >= tail_row ? tail + (m0 - tail_row) * lda : a + m0 * lda; };
   const bool pairs = M <= cpu::amx::kRows;
   const int64_t grain = std::max<int64_t>(pairs ? 2 : 1, kTaskFmas / (std::max<int64_t>(M, 4) * Kp * kPanel));
+  const int64_t block = amx_row_block(M, Kp), chunk = amx_chunk(Kp);
   // c's columns for p0's panel and, with pairs, the next one: the epilogue of `rows` rows from row m0
   const auto finish = [&](const float* c, int64_t ldc, int64_t p0, int64_t panels_done, int64_t m0, int64_t rows) {
     const int64_t c0 = p0 * kPanel, cols = std::min(panels_done * kPanel, N - c0);
@@ -250,9 +273,9 @@ void run_panels_amx(const at::BFloat16* a, int64_t lda, int64_t M, int64_t Kp, c
     }
   };
   at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
-    alignas(64) float c[kGroup * kPanel];
     const cpu::amx::TileConfig held;
     if (pairs) {
+      alignas(64) float c[cpu::amx::kRows * 2 * kPanel];
       for (int64_t p = p0; p < p1; p += 2) {
         const at::BFloat16* panel = panels + p * Kp * kPanel;
         const bool two = p + 1 < p1;
@@ -261,14 +284,50 @@ void run_panels_amx(const at::BFloat16* a, int64_t lda, int64_t M, int64_t Kp, c
         finish(c, 2 * kPanel, p, two ? 2 : 1, 0, M);
       }
     } else {
-      for (int64_t p = p0; p < p1; ++p) {
-        for (int64_t m0 = 0; m0 < M; m0 += kGroup) {
-          const int64_t rows = std::min(kGroup, M - m0);
-          cpu::amx::product_2x2(rows > cpu::amx::kRows, true, Kp, rows_at(m0), lda, panels + p * Kp * kPanel,
-                                kPanel, c, kPanel);
-          finish(c, kPanel, p, 1, m0, rows);
+      // A group's epilogue runs while the next group's products do, a few of its rows after each of their tile
+      // steps, from the other of two buffers: the vector work then overlaps the tiles' instead of waiting behind them
+      // (after a group's products its epilogue's first loads wait for the last product, and the front end, filled
+      // with the epilogue's operations, issues no tile work until they start).
+      cpu::LineVector<float> partial(chunk < Kp ? block * kPanel : 0), done(2 * kGroup * kPanel);
+      struct Pending {
+        int64_t p = -1, m0 = 0, rows = 0, next = 0;  // next: the first row whose epilogue has not run
+      } pending;
+      int flip = 0;
+      const auto drain = [&](int64_t upto) {  // the pending group's rows up to `upto`, from the buffer before flip's
+        if (pending.p < 0) return;
+        upto = std::min(upto, pending.rows);
+        if (upto > pending.next) {
+          finish(done.data() + (1 - flip) * kGroup * kPanel + pending.next * kPanel, kPanel, pending.p, 1,
+                 pending.m0 + pending.next, upto - pending.next);
+          pending.next = upto;
+        }
+      };
+      for (int64_t b0 = 0; b0 < M; b0 += block) {
+        const int64_t b1 = std::min(M, b0 + block);
+        for (int64_t p = p0; p < p1; ++p) {
+          const at::BFloat16* panel = panels + p * Kp * kPanel;
+          for (int64_t k0 = 0; k0 < Kp; k0 += chunk) {
+            const int64_t kn = std::min(chunk, Kp - k0);
+            const bool first = k0 == 0, last = k0 + kn == Kp;
+            const int64_t per_step = (kGroup * cpu::amx::kStep + kn - 1) / kn;
+            for (int64_t m0 = b0; m0 < b1; m0 += kGroup) {
+              const int64_t rows = std::min(kGroup, b1 - m0);
+              float* sums = partial.data() + (m0 - b0) * kPanel;
+              float* dst = last ? done.data() + flip * kGroup * kPanel : sums;
+              const int64_t start = pending.next;
+              cpu::amx::product_2x2(rows > cpu::amx::kRows, true, kn, rows_at(m0) + k0, lda, panel + k0 * kPanel,
+                                    kPanel, dst, kPanel, first ? nullptr : sums,
+                                    [&](int64_t s) { drain(start + (s + 1) * per_step); });
+              if (last) {
+                drain(kGroup);
+                pending = {p, m0, rows, 0};
+                flip = 1 - flip;
+              }
+            }
+          }
         }
       }
+      drain(kGroup);
     }
   });
 }

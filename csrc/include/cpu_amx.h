@@ -112,18 +112,28 @@ constexpr int64_t kPanelBytes = 2 * kRowBytes;  // a row of a panel of 32 column
 // b's columns 16-31 64 bytes into its rows; under a configuration of 8 full tiles. Result tiles 0 and 1 take rows
 // 0-15, 2 and 3 rows 16-31; tiles 4 and 5 hold a's two row halves, 6 and 7 b's two column halves, so that each loaded
 // tile serves two products and no load waits for a product to free its tile. Rows of a past 16 (two_rows false) and
-// columns of b past 16 (two_cols false) are not read.
-template <Dot D>
+// columns of b past 16 (two_cols false) are not read. With c_in, the sums start from c_in's (rows c_bytes apart, as
+// c's; c_in may be c) instead of 0: a product whose reduction runs in chunks. after_step(s) runs after step s's tile
+// instructions are issued: vector work placed there overlaps the tiles' (see panel_linear's epilogue).
+template <Dot D, typename AfterStep>
 inline void product_2x2(bool two_rows, bool two_cols, int64_t steps, const void* a, int64_t a_bytes, const void* b,
-                        int64_t b_bytes, void* c, int64_t c_bytes) {
+                        int64_t b_bytes, void* c, int64_t c_bytes, const void* c_in, AfterStep&& after_step) {
   const char* a0 = static_cast<const char*>(a);
   const char* a1 = a0 + kRows * a_bytes;
   const char* bk = static_cast<const char*>(b);
   char* c0 = static_cast<char*>(c);
-  MTBF_TILE_ZERO(0);
-  if (two_cols) MTBF_TILE_ZERO(1);
-  if (two_rows) MTBF_TILE_ZERO(2);
-  if (two_rows && two_cols) MTBF_TILE_ZERO(3);
+  if (c_in != nullptr) {
+    const char* i0 = static_cast<const char*>(c_in);
+    MTBF_TILE_LOAD(0, i0, c_bytes);
+    if (two_cols) MTBF_TILE_LOAD(1, i0 + kRowBytes, c_bytes);
+    if (two_rows) MTBF_TILE_LOAD(2, i0 + kRows * c_bytes, c_bytes);
+    if (two_rows && two_cols) MTBF_TILE_LOAD(3, i0 + kRows * c_bytes + kRowBytes, c_bytes);
+  } else {
+    MTBF_TILE_ZERO(0);
+    if (two_cols) MTBF_TILE_ZERO(1);
+    if (two_rows) MTBF_TILE_ZERO(2);
+    if (two_rows && two_cols) MTBF_TILE_ZERO(3);
+  }
   for (int64_t s = 0; s < steps; ++s, bk += kRows * b_bytes) {
     const int64_t ak = s * kRowBytes;
     MTBF_TILE_LOAD(4, a0 + ak, a_bytes);
@@ -138,6 +148,7 @@ inline void product_2x2(bool two_rows, bool two_cols, int64_t steps, const void*
       MTBF_TILE_DOT(D, 2, 5, 6);
       if (two_cols) MTBF_TILE_DOT(D, 3, 5, 7);
     }
+    after_step(s);
   }
   MTBF_TILE_STORE(0, c0, c_bytes);
   if (two_cols) MTBF_TILE_STORE(1, c0 + kRowBytes, c_bytes);
@@ -145,11 +156,19 @@ inline void product_2x2(bool two_rows, bool two_cols, int64_t steps, const void*
   if (two_rows && two_cols) MTBF_TILE_STORE(3, c0 + kRows * c_bytes + kRowBytes, c_bytes);
 }
 
+template <Dot D>
+inline void product_2x2(bool two_rows, bool two_cols, int64_t steps, const void* a, int64_t a_bytes, const void* b,
+                        int64_t b_bytes, void* c, int64_t c_bytes, const void* c_in = nullptr) {
+  product_2x2<D>(two_rows, two_cols, steps, a, a_bytes, b, b_bytes, c, c_bytes, c_in, [](int64_t) {});
+}
+
 // The bf16 form: c [32, 32] fp32 (row stride ldc) = a [32, k] bf16 (row stride lda) @ b bf16 in pairs ([k / 2, ldb,
-// 2]), k a multiple of kStep.
+// 2]) (+ c_in), k a multiple of kStep.
+template <typename AfterStep = void (*)(int64_t)>
 inline void product_2x2(bool two_rows, bool two_cols, int64_t k, const c10::BFloat16* a, int64_t lda,
-                        const c10::BFloat16* b, int64_t ldb, float* c, int64_t ldc) {
-  product_2x2<Dot::Bf16>(two_rows, two_cols, k / kStep, a, lda * 2, b, ldb * 4, c, ldc * 4);
+                        const c10::BFloat16* b, int64_t ldb, float* c, int64_t ldc, const float* c_in = nullptr,
+                        AfterStep&& after_step = [](int64_t) {}) {
+  product_2x2<Dot::Bf16>(two_rows, two_cols, k / kStep, a, lda * 2, b, ldb * 4, c, ldc * 4, c_in, after_step);
 }
 
 // c [16, 64] (sums of 4 bytes, rows c_bytes apart) = a [16, steps x 64 bytes] @ the panels b0 and b1 side by

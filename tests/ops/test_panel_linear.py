@@ -315,6 +315,29 @@ def test_bf16_pairs_on_amx_tiles_are_the_dot_products(rows, k, n, gelu):
     assert_close(tiles, ref, F.gelu(native) if gelu else native, torch.bfloat16)
 
 
+@pytest.mark.parametrize("rows", [48, 200])
+@pytest.mark.parametrize("k, n", [(384, 1152), (768, 96), (3072, 96)])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_bf16_tiles_in_blocks_and_chunks_keep_the_bits_of_few_rows(rows, k, n, gelu):
+    """More than 16 rows on the tiles run in blocks of rows (200 rows of 3,072: blocks of 128 and 72, the last group
+    part-filled), each panel in chunks of the reduction (k = 768: 2, 3,072: 8) whose sums wait in fp32 between them,
+    and each group's epilogue interleaved with the next group's tile steps. Every output's sum still runs over the
+    reduction in one order, as with 16 rows or fewer (two panels at a time, no blocks or chunks): the same bits as
+    those rows 16 at a time, and within the bound of the reference."""
+    if not ops.cpu_amx():
+        pytest.skip("no AMX-BF16 tiles on this CPU")
+    x = rand(rows, k, seed=rows + k, dtype=torch.bfloat16)
+    w = rand(n, k, seed=n, scale=k**-0.5, dtype=torch.bfloat16)
+    bias = rand(n, seed=3, dtype=torch.bfloat16)
+    panels = ops.pack_panels(w)
+    out = ops.panel_linear(x, panels, bias, n, gelu=gelu)
+    few = torch.cat([ops.panel_linear(x[i:i + 16], panels, bias, n, gelu=gelu) for i in range(0, rows, 16)])
+    assert torch.equal(out, few)
+    ref = F.linear(x.float(), w.float(), bias.float())
+    native = F.linear(x, w, bias)
+    assert_close(out.float(), F.gelu(ref) if gelu else ref, F.gelu(native) if gelu else native, torch.bfloat16)
+
+
 @pytest.mark.parametrize("rows", [4, 20])
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 def test_bf16_tiles_pad_an_odd_reduction_with_zeros(rows, layout):
