@@ -163,10 +163,11 @@ def kernels_only(fast: FastBertModel, batch: dict):
     ws = [layer.weights() for layer in fast.layers]
     t, h = x0.shape
     C = torch.ops.mtbert_fast_C
-    # the route the layers take: panel_linear for few rows (more for narrow weights, panel_rows(dtype, features)),
-    # else oneDNN's linear (packed where autograd is off); each weight as (its pack, its out_features, on panels)
-    def pack(m):
-        panels = t <= panel_rows(x0.dtype, m.shape[0])
+    # the route the layers take: panel_linear for few rows (more for some weights and for GELU's product,
+    # panel_rows(dtype, out_features, in_features, gelu)), else oneDNN's linear (packed where autograd is off); each
+    # weight as (its pack, its out_features, on panels)
+    def pack(m, gelu=False):
+        panels = t <= panel_rows(x0.dtype, m.shape[0], m.shape[1], gelu)
         return (panel_weight(m) if panels else onednn_weight(m)), m.shape[0], panels
 
     def lin(x, packed_weight, bias, act, approximate):
@@ -176,7 +177,8 @@ def kernels_only(fast: FastBertModel, batch: dict):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, act, [], approximate)
 
     with torch.inference_mode():
-        packs = [[pack(m) for m in (w.qkv_weight, w.attn_out_weight, w.ffn_in_weight, w.ffn_out_weight)] for w in ws]
+        packs = [[pack(w.qkv_weight), pack(w.attn_out_weight), pack(w.ffn_in_weight, True), pack(w.ffn_out_weight)]
+                 for w in ws]
     scale = cfg.head_dim ** -0.5
     eps = cfg.layer_norm_eps
 

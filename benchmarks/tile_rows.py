@@ -8,13 +8,14 @@ Per product shape of the models' layers (QKV, attention output, FFN input with i
 bias included) and per row count, both routes in turn in each of --repeats rounds (one process): oneDNN's time over
 panel_linear's, the median of the rounds' ratios (above 1: the panels are faster). oneDNN runs on its packed weight
 and in the row blocks the encoder hands it (onednn_row_block), panel_linear on its panels. A star marks the rows
-the encoder hands panel_linear for that weight (panel_linear.encoder_rows(bfloat16, out_features)). Without AMX-BF16
+the encoder hands panel_linear for that product (panel_linear.encoder_rows(bfloat16, n, k, gelu)). Without AMX-BF16
 panel_linear multiplies bf16 on dot products, far slower than oneDNN's tiles: the script says so and stops.
 
 --forwards BxL ... adds whole bf16 forwards of all-MiniLM-L6-v2 (bundled) and bert-base (random weights) on B full
-sequences of L tokens: with the narrow weights' limit as it is (AMX_BF16_NARROW_ROWS) against the same model with that
-limit at AMX_BF16_ROWS (every weight on oneDNN above it), interleaved; the time at the lower limit over the time at the
-higher, of medians and per round.
+sequences of L tokens: with the limits that keep some products on the panels past AMX_BF16_ROWS as they are (narrow
+weights, weights of no more output than input features, products with GELU) against the same model with all of them
+at AMX_BF16_ROWS (every product on oneDNN above it), interleaved; the time at the lower limits over the time at
+these, of medians and per round.
 """
 
 from __future__ import annotations
@@ -67,28 +68,34 @@ def ratios(k: int, n: int, gelu: bool, rows: list[int], repeats: int, g: torch.G
     return {m: harness.median_ratio(timing[f"onednn {m}"].samples, timing[f"panels {m}"].samples) for m in rows}
 
 
+WIDER_LIMITS = ("AMX_BF16_NARROW_ROWS", "AMX_BF16_CONTRACTING_ROWS", "AMX_BF16_GELU_ROWS")
+
+
 def forwards(fast: FastBertModel, batch: int, length: int, repeats: int) -> tuple[float, float]:
-    """A whole forward on `batch` full sequences of `length` tokens with the narrow weights' row limit at
-    AMX_BF16_ROWS, its time over the same forward at AMX_BF16_NARROW_ROWS: (of medians, per round). Puts the limit
+    """A whole forward on `batch` full sequences of `length` tokens with the wider limits (WIDER_LIMITS) at
+    AMX_BF16_ROWS, its time over the same forward with them as they are: (of medians, per round). Puts the limits
     back."""
     inputs = fbp.full_batch(fast.config, batch, length)
-    saved = panel_module.AMX_BF16_NARROW_ROWS
+    saved = {name: getattr(panel_module, name) for name in WIDER_LIMITS}
 
-    def with_limit(limit: int):
+    def with_limits(limits: dict):
         def run():
-            panel_module.AMX_BF16_NARROW_ROWS = limit
+            for name, limit in limits.items():
+                setattr(panel_module, name, limit)
             panel_module.encoder_rows.cache_clear()
             fast(**inputs)
         return run
 
+    lower = {name: panel_module.AMX_BF16_ROWS for name in WIDER_LIMITS}
     try:
         with torch.inference_mode():
-            t = harness.time_interleaved({"lower": with_limit(panel_module.AMX_BF16_ROWS), "narrow": with_limit(saved)},
+            t = harness.time_interleaved({"lower": with_limits(lower), "wider": with_limits(saved)},
                                          repeats=repeats, warmup=2, settle=0.02)
     finally:
-        panel_module.AMX_BF16_NARROW_ROWS = saved
+        for name, limit in saved.items():
+            setattr(panel_module, name, limit)
         panel_module.encoder_rows.cache_clear()
-    return t["lower"].median / t["narrow"].median, harness.median_ratio(t["lower"].samples, t["narrow"].samples)
+    return t["lower"].median / t["wider"].median, harness.median_ratio(t["lower"].samples, t["wider"].samples)
 
 
 def main(argv=None) -> int:
@@ -116,13 +123,13 @@ def main(argv=None) -> int:
     for model in args.models:
         for name, (k, n, gelu) in products(SIZES[model]).items():
             r = ratios(k, n, gelu, args.rows, args.repeats, g)
-            limit = panel_module.encoder_rows(torch.bfloat16, n)
+            limit = panel_module.encoder_rows(torch.bfloat16, n, k, gelu)
             cells = [f"{r[m]:.2f}{'*' if m <= limit else ' '}" for m in args.rows]
             print(f"{model + ' ' + name + f' [{n}, {k}]':34s}" + "".join(f"{c:>8s}" for c in cells), flush=True)
     if args.forwards:
-        print(f"\nwhole bf16 forwards: the time with the narrow weights on oneDNN above {panel_module.AMX_BF16_ROWS} "
-              f"rows over the time with them on the panels up to {panel_module.AMX_BF16_NARROW_ROWS} (of medians / per "
-              "round)")
+        print(f"\nwhole bf16 forwards: the time with every product on oneDNN above {panel_module.AMX_BF16_ROWS} rows "
+              "over the time with the wider limits (" + ", ".join(f"{name} {getattr(panel_module, name)}"
+                                                         for name in WIDER_LIMITS) + ") (of medians / per round)")
         for model in ("minilm", "bert-base"):
             fast = FastBertModel.from_hf(fbp.load_model(model), dtype=torch.bfloat16)
             for shape in args.forwards:

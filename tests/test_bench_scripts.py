@@ -81,7 +81,7 @@ def test_profile_parts_count_every_linear_route(full_batch_profile, route, monke
     if route == "mkl" and not mkl_available():
         pytest.skip("this PyTorch has no MKL")
     panel_rows, mkl_rows = (1 << 30 if route == "panels" else 0), (1 << 30 if route == "mkl" else 0)
-    monkeypatch.setattr(encoder, "panel_rows", lambda dtype, out_features=None: panel_rows)
+    monkeypatch.setattr(encoder, "panel_rows", lambda dtype, *weight: panel_rows)
     monkeypatch.setattr(encoder, "mkl_rows", lambda dtype: mkl_rows)
     torch.manual_seed(0)
     hf = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -237,6 +237,28 @@ def test_tile_rows_times_both_routes_of_each_product():
     for k, n, gelu in script.products(32).values():
         got = script.ratios(k, n, gelu, [3, 17], repeats=1, g=g)
         assert set(got) == {3, 17} and all(r > 0 for r in got.values())
+
+
+def test_tile_rows_forwards_put_the_limits_back():
+    """benchmarks/tile_rows.py --forwards: timing the encoder with the wider row limits lowered and as they are leaves
+    them, and the cached routes, as they were."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from mtbert_fast import FastBertModel
+
+    script = _script("tile_rows")
+    module = script.panel_module
+    torch.manual_seed(0)
+    hf = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                              vocab_size=1100)).eval()
+    fast = FastBertModel.from_hf(hf, dtype=torch.bfloat16)
+    before = {name: getattr(module, name) for name in script.WIDER_LIMITS}
+    rows = module.encoder_rows(torch.bfloat16, 32, 64, True)
+    of_medians, per_round = script.forwards(fast, 2, 8, repeats=1)
+    assert of_medians > 0 and per_round > 0
+    assert {name: getattr(module, name) for name in script.WIDER_LIMITS} == before
+    assert module.encoder_rows(torch.bfloat16, 32, 64, True) == rows
 
 
 @pytest.mark.parametrize("rows, most, block", [(1024, 384, 342), (384, 384, 384), (385, 384, 193), (100, 384, 100)])

@@ -34,7 +34,6 @@ from mtbert_fast.ops.int8_layers import OP as int8_layers_op
 from mtbert_fast.ops.mkl_linear import OP as mkl_linear_op
 from mtbert_fast.ops.mkl_linear import encoder_rows as mkl_rows
 from mtbert_fast.ops.panel_linear import OP as panel_linear_op
-from mtbert_fast.ops.panel_linear import NARROW_FEATURES
 from mtbert_fast.ops.panel_linear import encoder_rows as panel_rows
 from mtbert_fast.ops.post_norm_layers import OP as post_norm_layers_op
 from mtbert_fast.ops.post_norm_layers import layer_weights
@@ -632,7 +631,7 @@ class _Linear:
 
     def _cpu(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str | None):
         """approximate: GELU's form, None for no GELU."""
-        if x.shape[0] <= panel_rows(x.dtype, weight.shape[0]):
+        if x.shape[0] <= panel_rows(x.dtype, weight.shape[0], weight.shape[1], approximate is not None):
             panels = panel_weight(weight)
             if panels is not None:
                 # the kernel is called directly: the encoder made its inputs, and the kernel checks them itself
@@ -818,16 +817,34 @@ def _post_norm_stack(config: EncoderConfig, layers: Sequence, x: torch.Tensor, p
     if not _onednn_ok(x, (), backend) or packed.kernel_backend(post_norm_layers_op.name, x, backend) != "cpu":
         return None
     if x.shape[0] <= panel_rows(x.dtype):
-        return Stacks.kept(stacks, ("panels", x.dtype), lambda: _post_norm_weights(layers, x.dtype, panel_weight))
+        return Stacks.kept(stacks, ("panels", x.dtype),
+                           lambda: _post_norm_weights(layers, x.dtype, lambda w, gelu: panel_weight(w)))
     if x.shape[0] <= mkl_rows(x.dtype):
         # MKL's packs are planned for the thread count they were made under (weight_pack.mkl_weight makes them anew)
         return Stacks.kept(stacks, ("mkl", x.dtype), lambda: _mkl_stack(layers, x.dtype), torch.get_num_threads())
     if onednn_dtype(x.dtype) != x.dtype:  # layer_forward widens such x for each product: no stack
         return None
-    if x.shape[0] <= panel_rows(x.dtype, NARROW_FEATURES):  # the narrow weights on panel_linear, the others oneDNN's
-        return Stacks.kept(stacks, ("onednn, narrow panels", x.dtype),
-                           lambda: _post_norm_weights(layers, x.dtype, _narrow_panels_pack))
-    return Stacks.kept(stacks, ("onednn", x.dtype), lambda: _post_norm_weights(layers, x.dtype, _onednn_pack))
+    limit = _panels_limit(layers, x.dtype, x.shape[0])
+    if limit is not None:  # the weights whose products keep panel_linear for x's rows on it, the others on oneDNN
+        return Stacks.kept(stacks, ("onednn, panels", x.dtype, limit),
+                           lambda: _post_norm_weights(layers, x.dtype, functools.partial(_panels_pack, limit)))
+    return Stacks.kept(stacks, ("onednn", x.dtype),
+                       lambda: _post_norm_weights(layers, x.dtype, lambda w, gelu: _onednn_pack(w)))
+
+
+def _panels_limit(layers: Sequence, dtype: torch.dtype, rows: int) -> int | None:
+    """The least of the row limits that encoder_rows gives the layers' products (by weight shape and GELU) at or
+    above `rows`, or None where rows exceed them all: the products on panel_linear are those whose limit reaches it,
+    the same for any rows up to it, so that it names the stack."""
+    limits = {panel_rows(dtype, t.shape[0], t.shape[1], gelu) for w in layers if isinstance(w, LayerWeights)
+              for t, gelu in _products(w) if t is not None}
+    reached = [limit for limit in limits if limit >= rows]
+    return min(reached) if reached else None
+
+
+def _products(w: LayerWeights) -> tuple[tuple[torch.Tensor | None, bool], ...]:
+    """A layer's four weights in post_norm_layers' order, each with whether its product applies GELU."""
+    return (w.qkv_weight, False), (w.attn_out_weight, False), (w.ffn_in_weight, True), (w.ffn_out_weight, False)
 
 
 def _onednn_pack(w: torch.Tensor) -> torch.Tensor | None:
@@ -836,21 +853,21 @@ def _onednn_pack(w: torch.Tensor) -> torch.Tensor | None:
     return packed if packed.is_mkldnn else None
 
 
-def _narrow_panels_pack(w: torch.Tensor) -> torch.Tensor | None:
-    """w as panel_linear's panels where encoder_rows gives its width more rows than any weight's (the narrow weights
-    that layer_forward multiplies on panels past that limit), else as _onednn_pack."""
-    return panel_weight(w) if panel_rows(w.dtype, w.shape[0]) > panel_rows(w.dtype) else _onednn_pack(w)
+def _panels_pack(limit: int, w: torch.Tensor, gelu: bool) -> torch.Tensor | None:
+    """w as panel_linear's panels where encoder_rows gives its product at least `limit` rows, else as
+    _onednn_pack."""
+    return panel_weight(w) if panel_rows(w.dtype, w.shape[0], w.shape[1], gelu) >= limit else _onednn_pack(w)
 
 
 def _post_norm_weights(layers: Sequence, dtype: torch.dtype, pack: Callable
                        ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
-    """_post_norm_stack's tensors for layers whose every weight is `dtype` and is packed by pack(), else None; no
-    MKL packs."""
+    """_post_norm_stack's tensors for layers whose every weight is `dtype` and is packed by pack(weight, gelu)
+    (gelu: whether its product applies GELU), else None; no MKL packs."""
     weights = []
     for w in layers:
         if not isinstance(w, LayerWeights) or any(t is None or t.dtype != dtype for t in w):
             return None
-        packs = [pack(t) for t in (w.qkv_weight, w.attn_out_weight, w.ffn_in_weight, w.ffn_out_weight)]
+        packs = [pack(t, gelu) for t, gelu in _products(w)]
         if any(p is None for p in packs):
             return None
         weights += layer_weights(packs[0], w.qkv_bias, packs[1], w.attn_out_bias, w.attn_norm_weight,
@@ -862,7 +879,7 @@ def _post_norm_weights(layers: Sequence, dtype: torch.dtype, pack: Callable
 def _mkl_stack(layers: Sequence, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
     """_post_norm_stack's tensors for `dtype` layers on MKL's packed sgemm: the plain weights, and their packs
     (mkl_weight) in the same order; None where a weight cannot be packed."""
-    plain = _post_norm_weights(layers, dtype, lambda t: t)
+    plain = _post_norm_weights(layers, dtype, lambda t, gelu: t)
     if plain is None:
         return None
     packs = [mkl_weight(t) for w in layers

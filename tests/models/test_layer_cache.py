@@ -28,7 +28,7 @@ def one_call_route(request, monkeypatch):
     if request.param == "onednn" and not weight_pack.AVAILABLE:
         pytest.skip("this PyTorch has no oneDNN linear")
     rows = 1 << 30 if request.param == "panels" else 0
-    monkeypatch.setattr(encoder, "panel_rows", lambda dtype, out_features=None: rows)
+    monkeypatch.setattr(encoder, "panel_rows", lambda dtype, *weight: rows)
     weight_pack.release_packs()
     yield
     weight_pack.release_packs()

@@ -45,7 +45,7 @@ def _set_route(route: str, monkeypatch) -> None:
     if route == "mkl" and not mkl_available():
         pytest.skip("this PyTorch has no MKL")
     rows = 1 << 30 if route == "panels" else 0
-    monkeypatch.setattr(encoder, "panel_rows", lambda dtype, out_features=None: rows)
+    monkeypatch.setattr(encoder, "panel_rows", lambda dtype, *weight: rows)
     monkeypatch.setattr(encoder, "mkl_rows", lambda dtype: 1 << 30 if route == "mkl" else 0)
 
 
@@ -90,7 +90,7 @@ def test_bf16_without_onednn_bf16_products_runs_float32_products(packable, appro
     weight packs as float32 (or, where it cannot be packed, is widened on each call), and the encoder's bf16 linears
     run float32 products rounded once to bf16."""
     monkeypatch.setattr(weight_pack, "ONEDNN_BF16", False)
-    monkeypatch.setattr(encoder, "panel_rows", lambda dtype, out_features=None: 0)
+    monkeypatch.setattr(encoder, "panel_rows", lambda dtype, *weight: 0)
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode(not packable):
         w = torch.randn(96, 64, generator=g).bfloat16()
@@ -384,8 +384,7 @@ def test_narrow_weights_take_panels_beside_onednn(dtype, bert_config, make_hf, r
         pytest.skip(f"oneDNN does not multiply {dtype} on this CPU: its layers widen each product's input")
     config = bert_config()
     narrow = config.hidden_size  # the attention output and FFN output weights, not QKV's or the FFN input's
-    monkeypatch.setattr(encoder, "NARROW_FEATURES", narrow)
-    monkeypatch.setattr(encoder, "panel_rows", lambda dtype, out_features=None: (
+    monkeypatch.setattr(encoder, "panel_rows", lambda dtype, out_features=None, in_features=None, gelu=False: (
         1 << 30 if out_features is not None and out_features <= narrow else 0))
     monkeypatch.setattr(encoder, "mkl_rows", lambda dtype: 0)
     fast = FastBertModel.from_hf(make_hf(BertModel, config), dtype=dtype).eval()
@@ -415,12 +414,47 @@ def test_narrow_weights_take_panels_beside_onednn(dtype, bert_config, make_hf, r
     assert torch.equal(stacked.last_hidden_state, by_layer.last_hidden_state)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stack_follows_each_products_row_limit(dtype, bert_config, make_hf, ragged_batch, monkeypatch):
+    """Where products keep panel_linear for rows by their own limits (bf16 on AMX tiles: the FFN input's GELU
+    product for more rows than the others), the one post_norm_layers call takes as panels exactly the weights whose
+    limit reaches the input's rows, the others in oneDNN's layout, keyed by that limit: an input past the FFN input's
+    limit after one within it gets a stack of oneDNN layouts only, not the one kept from before. Each gives the layers
+    run one by one bit for bit."""
+    if weight_pack.onednn_dtype(dtype) != dtype:
+        pytest.skip(f"oneDNN does not multiply {dtype} on this CPU: its layers widen each product's input")
+    config = bert_config()
+    monkeypatch.setattr(encoder, "panel_rows", lambda dtype, out_features=None, in_features=None, gelu=False: (
+        30 if gelu else 8 if out_features is not None and out_features == config.hidden_size else 0))
+    monkeypatch.setattr(encoder, "mkl_rows", lambda dtype: 0)
+    fast = FastBertModel.from_hf(make_hf(BertModel, config), dtype=dtype).eval()
+    stack_kernel = encoder.post_norm_layers_op.kernel("cpu")
+    calls = []
+
+    def spy(x, *args):
+        weights = args[2]
+        calls.append([{w.is_mkldnn for w in weights[i::12]} for i in (0, 2, 6, 8)])
+        return stack_kernel(x, *args)
+
+    monkeypatch.setitem(encoder.post_norm_layers_op._kernels, ("cpu", "forward"), spy)
+    with torch.no_grad():
+        for lengths, want in (([7, 1, 12], [{True}, {True}, {False}, {True}]),  # 20 tokens: the FFN input's only
+                              ([20, 13], [{True}, {True}, {True}, {True}]),  # 33: past every limit
+                              ([3, 4], [{True}, {False}, {False}, {False}])):  # 7: all but QKV's
+            ids, mask = ragged_batch(config, lengths)
+            stacked = fast(ids, mask)
+            assert calls.pop() == want
+            by_layer = fast(ids, mask, output_hidden_states=True)
+            assert not calls
+            assert torch.equal(stacked.last_hidden_state, by_layer.last_hidden_state)
+
+
 @pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
 def test_layers_in_one_call_defer_to_a_forced_backend(backend, bert_config, make_hf, monkeypatch):
     """Asked for a backend other than cpu (a GPU's, or the reference), the encoder does not take the CPU-only
     post_norm_layers call, whose dispatch would refuse that backend: the layers run one by one on the backend asked
     for, or fail there with its own reason."""
-    monkeypatch.setattr(encoder, "panel_rows", lambda dtype, out_features=None: 1 << 30)
+    monkeypatch.setattr(encoder, "panel_rows", lambda dtype, *weight: 1 << 30)
     config = bert_config()
     fast = FastBertModel.from_hf(make_hf(BertModel, config))
     layers = [layer.weights() for layer in fast.layers]

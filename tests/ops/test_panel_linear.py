@@ -191,6 +191,21 @@ def test_encoder_rows_follow_the_loaded_kernels(isa, pairs, amx, vendor, mkl, wa
         assert {dtype: panel_module.encoder_rows(dtype, narrow) for dtype in want} == (
             {**want, torch.bfloat16: panel_module.AMX_BF16_NARROW_ROWS} if amx_bf16 else want)
         assert panel_module.encoder_rows(torch.bfloat16, 1) == panel_module.encoder_rows(torch.bfloat16, narrow)
+        # and more again for a wider weight of no more output features than input features, and for a product with
+        # GELU (the most of the limits that apply); float32 and every other CPU keep one limit for every product
+        wide = narrow + 1
+        shapes = {(wide + 1, wide, False): panel_module.AMX_BF16_ROWS,
+                  (wide, wide, False): panel_module.AMX_BF16_CONTRACTING_ROWS,
+                  (wide, panel_module.AMX_BF16_CONTRACTING_MAX_IN + 1, False): panel_module.AMX_BF16_ROWS,
+                  (narrow, narrow, False): panel_module.AMX_BF16_NARROW_ROWS,
+                  (narrow, narrow - 1, False): panel_module.AMX_BF16_NARROW_ROWS,
+                  (4 * wide, wide, True): panel_module.AMX_BF16_GELU_ROWS,
+                  (wide, 4 * wide, True): panel_module.AMX_BF16_GELU_ROWS}
+        for (n, k, gelu), amx_rows in shapes.items():
+            assert panel_module.encoder_rows(torch.bfloat16, n, k, gelu) == (
+                amx_rows if amx_bf16 else want[torch.bfloat16])
+            if torch.float32 in want:
+                assert panel_module.encoder_rows(torch.float32, n, k, gelu) == want[torch.float32]
     finally:
         panel_module.encoder_rows.cache_clear()
 
@@ -210,6 +225,8 @@ def test_encoder_rows_off_the_tiles(vendor, monkeypatch):
     try:
         widths = [None, 1, panel_module.NARROW_FEATURES, panel_module.NARROW_FEATURES + 1, 3072]
         assert {panel_module.encoder_rows(torch.bfloat16, n) for n in widths} == {panel_module.AMX_BF16_DOT_ROWS}
+        assert {panel_module.encoder_rows(torch.bfloat16, 768, k, gelu) for k in (384, 768, 3072)
+                for gelu in (False, True)} == {panel_module.AMX_BF16_DOT_ROWS}
         assert panel_module.encoder_rows(torch.float32) == (64 if vendor == "GenuineIntel" else 256)
     finally:
         panel_module.encoder_rows.cache_clear()

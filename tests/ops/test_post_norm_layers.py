@@ -153,10 +153,11 @@ def test_onednn_row_blocks():
         assert block(rows, features, torch.float32) == rows
 
 
-def test_onednn_products_in_row_blocks_equal_the_kernels_called_one_by_one(backend):
+def test_onednn_products_in_row_blocks_equal_the_kernels_called_one_by_one(backend, monkeypatch):
     """A bf16 layer of BERT-base's width on 480 tokens: where the products of 768 output features run in row blocks
     (onednn_row_block), the stack gives the products called block by block, bit for bit, and the encoder's own
-    layer-by-layer linear does the same; within bf16's bound of the reference either way."""
+    layer-by-layer linear, where it takes oneDNN (here every product: panel_linear's row limits at 0), does the same;
+    within bf16's bound of the reference either way."""
     dtype, lengths, h, heads, inner = torch.bfloat16, [200, 130, 150], 768, 12, 1536
     t, scale, eps = sum(lengths), 0.125, 1e-12
     plain = _layer(h, inner, dtype, 1)
@@ -178,6 +179,7 @@ def test_onednn_products_in_row_blocks_equal_the_kernels_called_one_by_one(backe
     want = ops.bias_residual_layer_norm(product(inner_out, wf, None), bf, want, g2, b2, eps)
     assert torch.equal(out, want)
     linear = encoder_module._Linear(True, "cpu")
+    monkeypatch.setattr(encoder_module, "panel_rows", lambda dtype, *weight: 0)
     assert torch.equal(linear(ctx.reshape(t, h), plain[2]), product(ctx.reshape(t, h), wo, None))
     ref = reference.post_norm_layers(x.float(), cu, max(lengths), [w if w.is_mkldnn else w.float() for w in weights],
                                      heads, scale, eps, "none", None)
