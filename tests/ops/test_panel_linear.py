@@ -333,11 +333,12 @@ def test_bf16_pairs_on_amx_tiles_are_the_dot_products(rows, k, n, gelu):
 
 
 @pytest.mark.parametrize("rows", [48, 200])
-@pytest.mark.parametrize("k, n", [(384, 1152), (768, 96), (3072, 96)])
+@pytest.mark.parametrize("k, n", [(384, 1152), (768, 96), (800, 40), (3072, 96)])
 @pytest.mark.parametrize("gelu", [False, True])
 def test_bf16_tiles_in_blocks_and_chunks_keep_the_bits_of_few_rows(rows, k, n, gelu):
     """More than 16 rows on the tiles run in blocks of rows (200 rows of 3,072: blocks of 128 and 72, the last group
-    part-filled), each panel in chunks of the reduction (k = 768: 2, 3,072: 8) whose sums wait in fp32 between them,
+    part-filled), each panel in chunks of the reduction (k = 768: 2, 800: 288 + 288 + 224, 3,072: 8) whose sums wait
+    in fp32 between them,
     and each group's epilogue interleaved with the next group's tile steps. Every output's sum still runs over the
     reduction in one order, as with 16 rows or fewer (two panels at a time, no blocks or chunks): the same bits as
     those rows 16 at a time, and within the bound of the reference."""
