@@ -91,15 +91,14 @@ AMX_BF16_NARROW_ROWS = 640
 # Since the tiles run a panel's rows in blocks that stay in L2 and its reduction in chunks that stay in L1, with each
 # group's epilogue interleaved with the next group's tile steps, two more kinds of product keep them for more rows.
 # Those with GELU (an FFN's input), whose epilogue the tiles' work now hides, and whose GELU oneDNN's post-op applies
-# after its product (benchmarks/tile_rows.py, same Xeon, oneDNN's time over the panels', two runs): MiniLM's
-# [1536, 384] 1.04-1.73x at 192-3,072 rows, bert-base's [3072, 768] 1.05-3.24x, bert-large's [4096, 1024] 1.05-3.80x
-# but 0.81x at 768. And weights of no more output features than input features (an
-# attention output's, an FFN output's) wider than NARROW_FEATURES and of at most AMX_BF16_CONTRACTING_MAX_IN input
-# features, where oneDNN runs in the row blocks of onednn_row_block: bert-base's [768, 768] 1.09-1.59x at 192-1,024
-# rows, its [768, 3072] 1.22-1.51x, bert-large's [1024, 1024] 1.06-1.45x, all 0.86-0.98x from 1,536. bert-large's
-# [1024, 4096] read 0.82-0.89x at 384-1,024 rows and stays on oneDNN; MiniLM's narrow ones, either side of even at
-# 768-1,024 rows (0.86-1.11x over several runs; whole forwards of 8 sequences of 128 tokens 0.98x with them on the
-# panels), keep AMX_BF16_NARROW_ROWS.
+# after its product (benchmarks/tile_rows.py, same Xeon, oneDNN's time over the panels', two runs): MiniLM's [1536, 384]
+# 1.04-1.73x at 192-3,072 rows, bert-base's [3072, 768] 1.05-3.24x, bert-large's [4096, 1024] 1.05-3.80x but 0.81x at
+# 768. And weights of no more output features than input features (an attention output's, an FFN output's) wider than
+# NARROW_FEATURES and of at most AMX_BF16_CONTRACTING_MAX_IN input features, where oneDNN runs in the row blocks of
+# onednn_row_block: bert-base's [768, 768] 1.09-1.59x at 192-1,024 rows, its [768, 3072] 1.22-1.51x, bert-large's [1024,
+# 1024] 1.06-1.45x, all 0.86-0.98x from 1,536. bert-large's [1024, 4096] read 0.82-0.89x at 384-1,024 rows and stays on
+# oneDNN; MiniLM's narrow ones, either side of even at 768-1,024 rows (0.86-1.11x over several runs; whole forwards of 8
+# sequences of 128 tokens 0.98x with them on the panels), keep AMX_BF16_NARROW_ROWS.
 AMX_BF16_GELU_ROWS = 2048
 AMX_BF16_CONTRACTING_ROWS = 1024
 AMX_BF16_CONTRACTING_MAX_IN = 3072
@@ -132,10 +131,10 @@ def encoder_rows(dtype: torch.dtype, out_features: int | None = None, in_feature
     (None: any weight), with GELU or not: where the AVX-512 or AVX2 kernels are loaded, as MAX_ROWS has it for them;
     for bf16 where the CPU has AMX, fewer, but AMX_BF16_NARROW_ROWS for a weight of at most NARROW_FEATURES features,
     AMX_BF16_CONTRACTING_ROWS for a wider one of no more output features than input features (at most
-    AMX_BF16_CONTRACTING_MAX_IN of them), AMX_BF16_GELU_ROWS for a product
-    with GELU (the most of those that apply), and AMX_BF16_DOT_ROWS for any product where the CPU kernels keep off the
-    tiles (`cpu_amx()` False: switched off, or not granted to the process, where oneDNN is taken to be on the tiles
-    still). Cached; `cpu_amx(allow)` clears it."""
+    AMX_BF16_CONTRACTING_MAX_IN of them), AMX_BF16_GELU_ROWS for a product with GELU (the most of those that apply),
+    and AMX_BF16_DOT_ROWS for any product where the CPU kernels keep off the tiles (`cpu_amx()` False: switched off,
+    or not granted to the process, where oneDNN is taken to be on the tiles still). Cached; `cpu_amx(allow)` clears
+    it."""
     key = limit_key(dtype)
     if not _ext.has_kernel("panel_linear", "CPU") or key not in MAX_ROWS:
         return 0
