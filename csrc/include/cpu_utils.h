@@ -356,7 +356,13 @@ C10_ALWAYS_INLINE void gelu_and_grad(const fVec& x, fVec& y, fVec& dy) {
   if constexpr (K == GeluKind::Erf) {
     fVec gauss;
     const fVec cdf = normal_cdf(x, gauss);
-    y = gelu<K>(x);  // the forward's value bit for bit: a backward that recomputes it (LayerNorm's) must see the same
+    // the forward's value bit for bit (a backward that recomputes it, LayerNorm's, must see the same): the polynomials
+    // on AVX-512, elsewhere gelu's erfc form, x times the cdf already at hand
+#if defined(CPU_CAPABILITY_AVX512)
+    y = gelu<K>(x);
+#else
+    y = x * cdf;
+#endif
     dy = at::vec::fmadd(x * fVec(kInvSqrt2Pi), gauss, cdf);
   } else {
     const fVec x2 = x * x;
