@@ -332,6 +332,24 @@ def test_bf16_pairs_on_amx_tiles_are_the_dot_products(rows, k, n, gelu):
     assert_close(tiles, ref, F.gelu(native) if gelu else native, torch.bfloat16)
 
 
+def _bf16_tile_case(rows: int, k: int, n: int):
+    """x [rows, k], a weight [n, k], a bias and the weight's panels, all bf16, for the AMX tile path (skips where the
+    CPU has no AMX-BF16 tiles)."""
+    if not ops.cpu_amx():
+        pytest.skip("no AMX-BF16 tiles on this CPU")
+    x = rand(rows, k, seed=rows + k, dtype=torch.bfloat16)
+    w = rand(n, k, seed=n, scale=k**-0.5, dtype=torch.bfloat16)
+    bias = rand(n, seed=3, dtype=torch.bfloat16)
+    return x, w, bias, ops.pack_panels(w)
+
+
+def _assert_bf16_product(out, x, w, bias, gelu: bool) -> None:
+    """out, a bf16 panel_linear of x by w and bias (with GELU where gelu), within the bound of the fp32 reference."""
+    ref = F.linear(x.float(), w.float(), bias.float())
+    native = F.linear(x, w, bias)
+    assert_close(out.float(), F.gelu(ref) if gelu else ref, F.gelu(native) if gelu else native, torch.bfloat16)
+
+
 @pytest.mark.parametrize("rows", [48, 200])
 @pytest.mark.parametrize("k, n", [(384, 1152), (768, 96), (800, 40), (3072, 96)])
 @pytest.mark.parametrize("gelu", [False, True])
@@ -342,18 +360,33 @@ def test_bf16_tiles_in_blocks_and_chunks_keep_the_bits_of_few_rows(rows, k, n, g
     and each group's epilogue interleaved with the next group's tile steps. Every output's sum still runs over the
     reduction in one order, as with 16 rows or fewer (two panels at a time, no blocks or chunks): the same bits as
     those rows 16 at a time, and within the bound of the reference."""
-    if not ops.cpu_amx():
-        pytest.skip("no AMX-BF16 tiles on this CPU")
-    x = rand(rows, k, seed=rows + k, dtype=torch.bfloat16)
-    w = rand(n, k, seed=n, scale=k**-0.5, dtype=torch.bfloat16)
-    bias = rand(n, seed=3, dtype=torch.bfloat16)
-    panels = ops.pack_panels(w)
+    x, w, bias, panels = _bf16_tile_case(rows, k, n)
     out = ops.panel_linear(x, panels, bias, n, gelu=gelu)
     few = torch.cat([ops.panel_linear(x[i:i + 16], panels, bias, n, gelu=gelu) for i in range(0, rows, 16)])
     assert torch.equal(out, few)
-    ref = F.linear(x.float(), w.float(), bias.float())
-    native = F.linear(x, w, bias)
-    assert_close(out.float(), F.gelu(ref) if gelu else ref, F.gelu(native) if gelu else native, torch.bfloat16)
+    _assert_bf16_product(out, x, w, bias, gelu)
+
+
+@pytest.mark.parametrize("rows, k, n", [(320, 384, 384), (1000, 800, 1152), (300, 3072, 96)])
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_bf16_tiles_shared_by_rows_keep_the_bits_of_one_thread(rows, k, n, threads, gelu):
+    """Products of many rows whose activations are large against the weight share the work among threads by rows
+    (each thread every panel over its own whole row groups) rather than by panels. Each output's sum runs over the
+    reduction in the same order either way (1,000 rows: a part-filled last group in the last thread's share; k = 800
+    and 3,072: several chunks), so every split, uneven ones too (three threads on ten groups: 3, 3 and 4), gives the
+    bits of one thread, which runs every panel over every row."""
+    x, w, bias, panels = _bf16_tile_case(rows, k, n)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.panel_linear(x, panels, bias, n, gelu=gelu)
+        torch.set_num_threads(threads)
+        shared = ops.panel_linear(x, panels, bias, n, gelu=gelu)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(shared, one)
+    _assert_bf16_product(shared, x, w, bias, gelu)
 
 
 @pytest.mark.parametrize("rows", [4, 20])
