@@ -288,7 +288,7 @@ void run_panels_amx(const at::BFloat16* a, int64_t lda, int64_t M, int64_t Kp, c
       });
     }
   };
-  // panels [p0, p1) over rows [m_lo, m_hi)
+  // panels [p0, p1) over rows [m_lo, m_hi) (all of them with pairs)
   const auto run = [&](int64_t p0, int64_t p1, int64_t m_lo, int64_t m_hi) {
     const cpu::amx::TileConfig held;
     if (pairs) {
@@ -353,12 +353,9 @@ void run_panels_amx(const at::BFloat16* a, int64_t lda, int64_t M, int64_t Kp, c
     at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) { run(p0, p1, 0, M); });
     return;
   }
-  // thread t: whole row groups, as even a share as they allow
-  const int64_t groups = (M + kGroup - 1) / kGroup;
-  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      run(0, P, groups * t / threads * kGroup, std::min(M, groups * (t + 1) / threads * kGroup));
-  });
+  // each thread a contiguous run of whole row groups, as at::parallel_for shares rows in the other kernels
+  at::parallel_for(0, (M + kGroup - 1) / kGroup, 1,
+                   [&](int64_t g0, int64_t g1) { run(0, P, g0 * kGroup, std::min(M, g1 * kGroup)); });
 }
 
 // Whether M rows of x over bf16 pair panels of Kp reduction rows run on AMX tiles: from 2 rows on. At one row the

@@ -356,10 +356,9 @@ def _assert_bf16_product(out, x, w, bias, gelu: bool) -> None:
 def test_bf16_tiles_in_blocks_and_chunks_keep_the_bits_of_few_rows(rows, k, n, gelu):
     """More than 16 rows on the tiles run in blocks of rows (200 rows of 3,072: blocks of 128 and 72, the last group
     part-filled), each panel in chunks of the reduction (k = 768: 2, 800: 288 + 288 + 224, 3,072: 8) whose sums wait
-    in fp32 between them,
-    and each group's epilogue interleaved with the next group's tile steps. Every output's sum still runs over the
-    reduction in one order, as with 16 rows or fewer (two panels at a time, no blocks or chunks): the same bits as
-    those rows 16 at a time, and within the bound of the reference."""
+    in fp32 between them, and each group's epilogue interleaved with the next group's tile steps. Every output's sum
+    still runs over the reduction in one order, as with 16 rows or fewer (two panels at a time, no blocks or chunks):
+    the same bits as those rows 16 at a time, and within the bound of the reference."""
     x, w, bias, panels = _bf16_tile_case(rows, k, n)
     out = ops.panel_linear(x, panels, bias, n, gelu=gelu)
     few = torch.cat([ops.panel_linear(x[i:i + 16], panels, bias, n, gelu=gelu) for i in range(0, rows, 16)])
@@ -374,7 +373,7 @@ def test_bf16_tiles_shared_by_rows_keep_the_bits_of_one_thread(rows, k, n, threa
     """Products of many rows whose activations are large against the weight share the work among threads by rows
     (each thread every panel over its own whole row groups) rather than by panels. Each output's sum runs over the
     reduction in the same order either way (1,000 rows: a part-filled last group in the last thread's share; k = 800
-    and 3,072: several chunks), so every split, uneven ones too (three threads on ten groups: 3, 3 and 4), gives the
+    and 3,072: several chunks), so every split, uneven ones too (three threads on ten groups: 4, 4 and 2), gives the
     bits of one thread, which runs every panel over every row."""
     x, w, bias, panels = _bf16_tile_case(rows, k, n)
     before = torch.get_num_threads()
