@@ -2,7 +2,7 @@
 `mtbert_fast.ops.panel_linear.MAX_ROWS`, measured on this CPU.
 
     HF_HUB_OFFLINE=1 python benchmarks/panel_rows.py [--threads 2] [--dtypes fp32 bf16] [--rows 16 48 128 256]
-        [--limits 0 48 128 256] [--repeats 9]
+        [--limits 0 48 128 256] [--repeats 9] [--walks]
 
 Two measurements, each interleaved round by round in one process (medians; ratios above 1 favour panel_linear):
 
@@ -16,6 +16,10 @@ Two measurements, each interleaved round by round in one process (medians; ratio
 
 The first shows which product shapes a kernel handles well; the second is what the limit decides. Weights are
 packed before the timing, so neither includes the first call's packing.
+
+With --walks, only a third: the same forwards at each --rows under the encoder's own limits, with panel_linear
+walking its panels in chunks fetched ahead and walking whole panels (`ops.panel_fetch(True)` and `(False)`): whole
+panels' time over the chunks' (above 1 favours the chunks; the kernel's default on this CPU is printed).
 """
 
 from __future__ import annotations
@@ -101,6 +105,27 @@ def forwards(fast: FastBertModel, dtype: torch.dtype, length: int, limits: tuple
     return t["onednn"].median / t["panels"].median, harness.median_ratio(t["onednn"].samples, t["panels"].samples)
 
 
+def walks(fast: FastBertModel, length: int, repeats: int) -> tuple[float, float]:
+    """Whole panels' time over chunks fetched ahead (ops.panel_fetch False / True) for one sequence of `length`
+    tokens, of medians and per round; each sample three forwards after an untimed one. The switch is put back."""
+    batch = fbp.full_batch(fast.config, 1, length)
+    saved = panel_module.panel_fetch()
+
+    def walk(fetch: bool):
+        def run():
+            panel_module.panel_fetch(fetch)
+            fast(**batch)
+        return run
+
+    try:
+        with torch.inference_mode():
+            t = harness.time_interleaved({"whole": walk(False), "chunks": walk(True)}, repeats=repeats, warmup=1,
+                                         block=3, settle=0.02)
+    finally:
+        panel_module.panel_fetch(saved)
+    return t["whole"].median / t["chunks"].median, harness.median_ratio(t["whole"].samples, t["chunks"].samples)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -108,6 +133,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", nargs="+", type=int, default=[16, 48, 128, 256])
     ap.add_argument("--limits", nargs="+", type=int, default=[0, 48, 128, 256])
     ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--walks", action="store_true",
+                    help="only the forwards with the panels walked in chunks fetched ahead against whole panels")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     isa = panel_module._ext.cpu_isa()
@@ -115,6 +142,21 @@ def main(argv=None) -> int:
     if isa not in panel_module.MAX_ROWS:
         print("panel_linear does not run here: no AVX-512 or AVX2 CPU kernels loaded")
         return 1
+    if args.walks:
+        print(f"\nforwards, one sequence: whole panels' time over chunks fetched ahead (of medians / per round);"
+              f" this CPU's default: {'chunks' if panel_module.panel_fetch() else 'whole panels'}")
+        for model in SIZES:
+            hf = fbp.load_model(model)
+            for dtype_name in args.dtypes:
+                fast = FastBertModel.from_hf(hf, dtype=DTYPES[dtype_name])
+                for rows in args.rows:
+                    limit = panel_module.encoder_rows(DTYPES[dtype_name])
+                    if rows > limit:
+                        print(f"  {model} {dtype_name} L={rows}: above the encoder's panel limit ({limit})")
+                        continue
+                    of_medians, per_round = walks(fast, rows, args.repeats)
+                    print(f"  {model} {dtype_name} L={rows}: {of_medians:.3f}x / {per_round:.3f}x")
+        return 0
     limits = sorted(set(args.limits))
     print("\nproducts: panel_linear's speed over oneDNN's linear")
     for dtype_name in args.dtypes:

@@ -159,6 +159,29 @@ def test_panel_rows_forwards_put_the_row_limit_back(panel_rows):
     assert (module.AMX_BF16_ROWS, module.AMX_BF16_NARROW_ROWS) == amx_limits
 
 
+def test_panel_rows_walks_put_the_switch_back(panel_rows):
+    """Timing forwards on whole panels and on chunks fetched ahead leaves ops.panel_fetch() as it was, either way."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from mtbert_fast import FastBertModel, _ext, ops
+
+    torch.manual_seed(0)
+    hf = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                              vocab_size=1100)).eval()
+    fast = FastBertModel.from_hf(hf)
+    loaded = _ext.has_kernel("panel_linear", "CPU")
+    before = ops.panel_fetch()
+    try:
+        for setting in (False, True):
+            ops.panel_fetch(setting)
+            of_medians, per_round = panel_rows.walks(fast, 5, repeats=1)
+            assert of_medians > 0 and per_round > 0
+            assert ops.panel_fetch() is (setting and loaded)
+    finally:
+        ops.panel_fetch(before)
+
+
 @pytest.fixture(scope="module")
 def mkl_rows():
     return _script("mkl_rows")

@@ -7,7 +7,8 @@
 // rows a call is bound by reading the weights; oneDNN's linear, blocked for many rows, reads them at about half the
 // rate there (docs/cpu-latency.md). For such x a panel is walked in chunks that stay in L1 over every row block; for a
 // few hundred rows, a long panel in chunks of L2's size (chunk_rows). The next chunk or panel is fetched while the
-// row blocks run over the current one.
+// row blocks run over the current one. Both where fetch_ahead holds (panel_fetch): with the AVX2 kernels, and with the
+// AVX-512 ones on Intel CPUs; elsewhere x walks whole panels and the hardware's prefetcher fetches them.
 //
 // Accumulation is fp32: between chunks a row block's partial sums wait in a per-thread fp32 buffer. bf16 pair panels
 // use the AVX512-BF16 dot product (exact products, fp32 sums). Elsewhere a bf16 weight is packed as bf16 panels of
@@ -19,7 +20,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -30,6 +33,10 @@
 #include "cpu_tiles.h"
 #include "cpu_utils.h"
 #include "tile_rows.h"
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
 
 namespace mtbert_fast {
 namespace {
@@ -42,6 +49,40 @@ constexpr int kPanelVecs = kPanel / kLanes;          // accumulator vectors per 
 constexpr int kMaxRows = kLanes >= 16 ? 12 : 3;      // rows per tile: 24 of 32 AVX-512 registers, 12 of 16 AVX2
 constexpr int64_t kTaskFmas = int64_t{1} << 16;      // multiply-adds below which a thread takes more panels
 constexpr int64_t kWholeRows = 384;                  // x of more rows: whole panels, nothing fetched
+
+// Whether the CPU is Intel's (CPUID's vendor string); asked once.
+bool intel_cpu() {
+#if defined(__x86_64__)
+  static const bool intel = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+    char vendor[12];
+    std::memcpy(vendor, &b, 4);
+    std::memcpy(vendor + 4, &d, 4);
+    std::memcpy(vendor + 8, &c, 4);
+    return std::memcmp(vendor, "GenuineIntel", 12) == 0;
+  }();
+  return intel;
+#else
+  return false;
+#endif
+}
+
+// Whether x of up to kWholeRows rows walks the panels in chunks (chunk_rows) with the next chunk or panel fetched into
+// L1 as the row blocks run (panel_fetch(allow) sets it); otherwise whole panels, fetched by the hardware's
+// prefetcher. The same sums in the same order either way. On by default for the AVX2 kernels (3-row tiles, which pass
+// over a panel four times as often as 12-row ones; chunk_rows has what the chunks gain there) and for the AVX-512
+// kernels on Intel CPUs (on a Xeon without AMX, bert-base's forwards of 16-64 tokens ran 1.04-1.28x faster with
+// them). Off for the AVX-512 kernels on other CPUs: on an AMD EPYC (Zen 4: 32 KiB of L1 and 1 MiB of L2 a core)
+// forwards of one sequence of 1-256 tokens ran faster on whole panels, bert-base's 1.01-1.22x in float32 and
+// 1.01-1.14x in bf16 except at 16 tokens (0.95-1.00x), MiniLM's 0.96-1.14x (docs/cpu-latency.md, "Later: the
+// panels' walk on an AMD EPYC").
+std::atomic<bool> fetch_ahead{kLanes < 16 || intel_cpu()};
+
+bool panel_fetch(std::optional<bool> allow) {
+  if (allow.has_value()) fetch_ahead.store(*allow, std::memory_order_relaxed);
+  return fetch_ahead.load(std::memory_order_relaxed);
+}
 
 // Sets up and takes away one tile's accumulators for one chunk of a panel. The first chunk starts them at the bias,
 // later ones at the partial sums that the previous chunk left in `partial`; the last chunk sends them through GELU
@@ -112,8 +153,9 @@ struct PanelStore {
 // 1.04-1.28x faster at 16-64 rows, where whole panels had run about as fast as oneDNN's linear or slower). For 97-384
 // rows they take chunks of 768: bert-base's FFN output product (3,072 reduction rows, whose x of 128 rows alone is
 // most of L2) ran 1.07-1.09x faster at 128-192 rows on that Xeon than on whole panels, and as fast at 256-384.
-inline int64_t chunk_rows(int64_t M, int64_t Kp) {
-  if ((kLanes >= 16 && M <= kMaxRows) || M > kWholeRows) return Kp;
+// `fetch`: whether this call walks panels fetched ahead at all (fetch_ahead, and at most kWholeRows rows).
+inline int64_t chunk_rows(int64_t M, int64_t Kp, bool fetch) {
+  if (!fetch || (kLanes >= 16 && M <= kMaxRows)) return Kp;
   if (M > 96) return kLanes >= 16 ? std::min<int64_t>(Kp, 768) : 512;
   return M <= 32 ? 64 : 128;
 }
@@ -149,7 +191,8 @@ void run_panels(const AT* a, int64_t lda, int64_t M, int64_t Kp, const BT* panel
   using Epilogue = PanelStore<T, Gelu, K>;
   const int64_t blocks = row_blocks(M), base = M / blocks, extra = M % blocks;
   const int64_t grain = std::max<int64_t>(1, kTaskFmas / (std::max<int64_t>(M, 4) * Kp * kPanel));
-  const int64_t chunk = chunk_rows(M, Kp);
+  const bool fetch = fetch_ahead.load(std::memory_order_relaxed) && M <= kWholeRows;
+  const int64_t chunk = chunk_rows(M, Kp, fetch);
   // bf16 panels of rows under fp32 products: a single row block widens them as it loads them; more row blocks run
   // over a chunk widened once into fp32, since widening in every block would cost more than the products.
   constexpr bool widened = std::is_same<AT, float>::value && !std::is_same<BT, float>::value;
@@ -163,18 +206,18 @@ void run_panels(const AT* a, int64_t lda, int64_t M, int64_t Kp, const BT* panel
         const int64_t kc = std::min(chunk, Kp - k0);
         Epilogue epi{bias != nullptr ? bias + p * kPanel : nullptr, partial.data(), out + p * kPanel, ldo,
                      std::min(kPanel, N - p * kPanel), k0 == 0, k0 + kc == Kp};
-        // The next chunk or panel (of this panel or of the thread's next one) is fetched while this one runs: each
-        // row block's tile fetches a share of its cache lines, spread over its steps. Without that, the first row
-        // block over a panel waits on memory for all of it (a single block for every step). On a Xeon, bert-base's
-        // four products of a layer, on weights that come from memory as in a forward, ran 1.2-1.3x faster with it
-        // at 8-12 rows, 1.15-1.27x at 32-128 and 1.0-1.1x at 256-384 than on whole panels unfetched, and 1.03-1.05x
-        // at 16 than on the small chunks fetched in a burst before each row block. Beyond 384 rows the first row
-        // block's wait is spread over dozens of blocks, and the fetches cost the tiles more than they save (the AVX2
-        // kernels' products at 512-1,024 rows ran 0.93-0.95x with them): nothing is fetched.
+        // Where `fetch`, the next chunk or panel (of this panel or of the thread's next one) is fetched while this
+        // one runs: each row block's tile fetches a share of its cache lines, spread over its steps. Without that,
+        // the first row block over a panel waits on memory for all of it (a single block for every step). On a
+        // Xeon, bert-base's four products of a layer, on weights that come from memory as in a forward, ran
+        // 1.2-1.3x faster with it at 8-12 rows, 1.15-1.27x at 32-128 and 1.0-1.1x at 256-384 than on whole panels
+        // unfetched, and 1.03-1.05x at 16 than on the small chunks fetched in a burst before each row block. Beyond
+        // 384 rows the first row block's wait is spread over dozens of blocks, and the fetches cost the tiles more
+        // than they save (the AVX2 kernels' products at 512-1,024 rows ran 0.93-0.95x with them): nothing is fetched.
         const char* next = reinterpret_cast<const char*>(panel + (k0 + kc) * kPanel);
         const char* next_end =
             reinterpret_cast<const char*>(panels + std::min(p1 * Kp, p * Kp + k0 + kc + chunk) * kPanel);
-        const int64_t share = M <= kWholeRows ? ((next_end - next) / 64 + blocks - 1) / blocks : 0;
+        const int64_t share = fetch ? ((next_end - next) / 64 + blocks - 1) / blocks : 0;
         const auto run_blocks = [&](const auto* b) {
           using B = std::remove_const_t<std::remove_pointer_t<decltype(b)>>;
           int64_t m0 = 0;
@@ -488,6 +531,9 @@ at::Tensor panel_linear_cpu(const at::Tensor& x, const at::Tensor& panels, const
 }
 
 }  // namespace
+
+// A tensor-less switch of this CPU build, in the kernels' namespace.
+TORCH_LIBRARY_FRAGMENT(mtbert_fast_C, m) { m.def("panel_fetch(bool? allow=None) -> bool", &panel_fetch); }
 
 TORCH_LIBRARY_IMPL(mtbert_fast_C, CPU, m) { m.impl("panel_linear", &panel_linear_cpu); }
 

@@ -15,7 +15,7 @@ from mtbert_fast.ops.int8_layers import int8_layers
 from mtbert_fast.ops.mkl_linear import mkl_linear, pack_mkl
 from mtbert_fast.ops.mlm_gather_loss import mlm_gather_loss
 from mtbert_fast.ops.pack_mask import pack_mask
-from mtbert_fast.ops.panel_linear import pack_panels, panel_linear
+from mtbert_fast.ops.panel_linear import pack_panels, panel_fetch, panel_linear
 from mtbert_fast.ops.post_norm_layers import post_norm_layers
 from mtbert_fast.ops.rotary_qk import rotary_qk, rotary_tables
 from mtbert_fast.ops.rows import gather_rows, pad, scatter_rows, unpad, unpad_indices
@@ -45,6 +45,7 @@ __all__ = [
     "pack_mask",
     "pack_mkl",
     "pack_panels",
+    "panel_fetch",
     "pad",
     "panel_linear",
     "post_norm_layers",

@@ -207,6 +207,19 @@ def panel_linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | Non
     return OP(x, panels, bias, out_features, gelu, approximate, backend=backend)
 
 
+def panel_fetch(allow: bool | None = None) -> bool:
+    """Whether the CPU kernel walks each panel in chunks, with the next chunk or panel fetched into L1 while the rows
+    run over the current one, for x of up to 384 rows; otherwise it walks whole panels and leaves their fetching to
+    the hardware's prefetcher. The same sums in the same order either way (the same bits); only the speed differs.
+    On by default with the AVX2 kernels and with the AVX-512 kernels on Intel CPUs, where the chunks ran faster; off
+    with the AVX-512 kernels on other CPUs (measured on an AMD EPYC, Zen 4: docs/cpu-latency.md, "Later: the
+    panels' walk on an AMD EPYC"). `allow` sets it for this process (None leaves it); False where the CPU kernels
+    are not loaded."""
+    if not _ext.has_kernel("panel_linear", "CPU"):
+        return False
+    return bool(torch.ops.mtbert_fast_C.panel_fetch(allow))
+
+
 def rows_alias(rows: int, row_bytes: int) -> bool:
     """Whether `rows` rows of x, `row_bytes` apart, evict each other in the CPU kernel's tiles (tile_rows_alias, with
     the rows of its largest tile: up to 12 on AVX-512, split evenly). The kernel then multiplies from a copy with rows

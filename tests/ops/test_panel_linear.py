@@ -407,3 +407,52 @@ def test_bf16_tiles_pad_an_odd_reduction_with_zeros(rows, layout):
     assert torch.isfinite(tiles).all()
     ulp = torch.finfo(torch.bfloat16).eps * torch.exp2(torch.floor(torch.log2(dots.abs().clamp_min(1e-30))))
     assert ((tiles - dots).abs() <= ulp).all()
+
+
+@pytest.fixture
+def panel_fetch_kept():
+    """ops.panel_fetch() as it was before the test, set again after it."""
+    before = ops.panel_fetch()
+    yield
+    ops.panel_fetch(before)
+
+
+def test_panel_fetch_switch(panel_fetch_kept):
+    """Chunks fetched ahead by default with the AVX2 kernels and with the AVX-512 ones on Intel CPUs, whole panels
+    with the AVX-512 ones elsewhere; a switch for the process, read back as set."""
+    if not _ext.has_kernel("panel_linear", "CPU"):
+        assert ops.panel_fetch() is False
+        return
+    assert ops.panel_fetch() is (_ext.cpu_isa() != "avx512" or _ext._cpu_vendor() == "GenuineIntel")
+    assert ops.panel_fetch(False) is False and ops.panel_fetch() is False
+    assert ops.panel_fetch(True) is True and ops.panel_fetch() is True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, k, n", [(1, 768, 64), (13, 700, 40), (40, 3072, 70), (130, 800, 33),
+                                        (384, 3072, 40)])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_panels_walked_whole_or_in_chunks_keep_the_bits(dtype, rows, k, n, gelu, panel_fetch_kept):
+    """Whole panels and panels in chunks fetched ahead (ops.panel_fetch) sum each output over the reduction in the
+    same order, the chunks' partial sums waiting in fp32: the same bits, for one row, for 13-40 rows (chunks of 64
+    or 128 reduction rows, 700 ending in a shorter one), for 130 and 384 (chunks of 768 on AVX-512, 512 on AVX2;
+    3,072 in four or six), with a part-filled last panel; within the reference's bound. bf16 runs off the AMX tiles,
+    which do not walk the panels this way."""
+    if not _ext.has_kernel("panel_linear", "CPU"):
+        pytest.skip("the CPU kernels are not loaded")
+    x = rand(rows, k, seed=rows, dtype=dtype)
+    w = rand(n, k, seed=n, scale=k**-0.5, dtype=dtype)
+    bias = rand(n, seed=3, dtype=dtype)
+    panels = ops.pack_panels(w)
+    try:
+        ops.cpu_amx(False)
+        whole, chunks = [], []
+        for fetch, out in ((False, whole), (True, chunks)):
+            ops.panel_fetch(fetch)
+            out.append(ops.panel_linear(x, panels, bias, n, gelu=gelu))
+    finally:
+        ops.cpu_amx(True)
+    assert torch.equal(whole[0], chunks[0])
+    ref = F.linear(x.float(), w.float(), bias.float())
+    native = _native(x, w, bias, gelu, "none")
+    assert_close(whole[0], F.gelu(ref) if gelu else ref, native, dtype, atol=1e-5, rtol=1e-5)
