@@ -149,8 +149,8 @@ def main(argv=None) -> int:
             hf = fbp.load_model(model)
             for dtype_name in args.dtypes:
                 fast = FastBertModel.from_hf(hf, dtype=DTYPES[dtype_name])
+                limit = panel_module.encoder_rows(DTYPES[dtype_name])
                 for rows in args.rows:
-                    limit = panel_module.encoder_rows(DTYPES[dtype_name])
                     if rows > limit:
                         print(f"  {model} {dtype_name} L={rows}: above the encoder's panel limit ({limit})")
                         continue

@@ -130,6 +130,20 @@ def panel_rows():
     return _script("panel_rows")
 
 
+@pytest.fixture
+def small_fast():
+    """A FastBertModel of one small random BERT layer."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from mtbert_fast import FastBertModel
+
+    torch.manual_seed(0)
+    hf = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                              vocab_size=1100)).eval()
+    return FastBertModel.from_hf(hf)
+
+
 def test_panel_rows_products_cover_the_layer(panel_rows):
     """One layer's four products and their sum, each panel_linear's speed over oneDNN's: positive ratios."""
     import torch
@@ -139,43 +153,29 @@ def test_panel_rows_products_cover_the_layer(panel_rows):
     assert all(r > 0 for r in ratios.values())
 
 
-def test_panel_rows_forwards_put_the_row_limit_back(panel_rows):
+def test_panel_rows_forwards_put_the_row_limit_back(panel_rows, small_fast):
     """Timing the encoder at two row limits leaves the limit and the cached routes as they were."""
     import torch
-    from transformers import BertConfig, BertModel
 
-    from mtbert_fast import FastBertModel
-
-    torch.manual_seed(0)
-    hf = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                              vocab_size=1100)).eval()
-    fast = FastBertModel.from_hf(hf)
     module = panel_rows.panel_module
     before = {isa: dict(rows) for isa, rows in module.MAX_ROWS.items()}
     limit, amx_limits = module.encoder_rows(torch.float32), (module.AMX_BF16_ROWS, module.AMX_BF16_NARROW_ROWS)
-    of_medians, per_round = panel_rows.forwards(fast, torch.float32, 5, (0, 8), repeats=1)
+    of_medians, per_round = panel_rows.forwards(small_fast, torch.float32, 5, (0, 8), repeats=1)
     assert of_medians > 0 and per_round > 0
     assert module.MAX_ROWS == before and module.encoder_rows(torch.float32) == limit
     assert (module.AMX_BF16_ROWS, module.AMX_BF16_NARROW_ROWS) == amx_limits
 
 
-def test_panel_rows_walks_put_the_switch_back(panel_rows):
+def test_panel_rows_walks_put_the_switch_back(panel_rows, small_fast):
     """Timing forwards on whole panels and on chunks fetched ahead leaves ops.panel_fetch() as it was, either way."""
-    import torch
-    from transformers import BertConfig, BertModel
+    from mtbert_fast import _ext, ops
 
-    from mtbert_fast import FastBertModel, _ext, ops
-
-    torch.manual_seed(0)
-    hf = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                              vocab_size=1100)).eval()
-    fast = FastBertModel.from_hf(hf)
     loaded = _ext.has_kernel("panel_linear", "CPU")
     before = ops.panel_fetch()
     try:
         for setting in (False, True):
             ops.panel_fetch(setting)
-            of_medians, per_round = panel_rows.walks(fast, 5, repeats=1)
+            of_medians, per_round = panel_rows.walks(small_fast, 5, repeats=1)
             assert of_medians > 0 and per_round > 0
             assert ops.panel_fetch() is (setting and loaded)
     finally:

@@ -444,15 +444,17 @@ def test_panels_walked_whole_or_in_chunks_keep_the_bits(dtype, rows, k, n, gelu,
     w = rand(n, k, seed=n, scale=k**-0.5, dtype=dtype)
     bias = rand(n, seed=3, dtype=dtype)
     panels = ops.pack_panels(w)
+
+    def walked(fetch: bool) -> torch.Tensor:
+        ops.panel_fetch(fetch)
+        return ops.panel_linear(x, panels, bias, n, gelu=gelu)
+
     try:
         ops.cpu_amx(False)
-        whole, chunks = [], []
-        for fetch, out in ((False, whole), (True, chunks)):
-            ops.panel_fetch(fetch)
-            out.append(ops.panel_linear(x, panels, bias, n, gelu=gelu))
+        whole, chunks = walked(False), walked(True)
     finally:
         ops.cpu_amx(True)
-    assert torch.equal(whole[0], chunks[0])
+    assert torch.equal(whole, chunks)
     ref = F.linear(x.float(), w.float(), bias.float())
     native = _native(x, w, bias, gelu, "none")
-    assert_close(whole[0], F.gelu(ref) if gelu else ref, native, dtype, atol=1e-5, rtol=1e-5)
+    assert_close(whole, F.gelu(ref) if gelu else ref, native, dtype, atol=1e-5, rtol=1e-5)
