@@ -686,13 +686,15 @@ struct QueryBlock {
 
 // Rows of qkv lie a whole token apart (kilobytes: a page or more), too far for the hardware prefetchers, so each
 // row a work item reads first is a cache miss. While one item computes, its row groups prefetch, share by share,
-// the rows the next item reads: its query rows, and the key and value rows if it packs them.
+// the rows the next item reads: its query rows, and the key and value rows if it packs them. They go to L2, not L1:
+// at L=128 they are 20-80 KiB (head sizes 32-64, bf16 or fp32), as much as L1 holds or more, and fetched into L1 they
+// would push out the packed K^T and V that the current item's tiles read for every row group.
 inline void prefetch(const char* p) {
 #if defined(__x86_64__) || defined(__i386__)
   // GCC deletes a loop of __builtin_prefetch as a loop without side effects (C++ assumes loops finish).
-  asm volatile("prefetcht0 %0" : : "m"(*p));
+  asm volatile("prefetcht1 %0" : : "m"(*p));
 #else
-  __builtin_prefetch(p);
+  __builtin_prefetch(p, 0, 2);
 #endif
 }
 
