@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from mtbert_fast import ops  # noqa: E402
 from mtbert_fast.ops import dispatch  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -70,6 +71,14 @@ def one_thread_unless_marked(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def panel_fetch_kept():
+    """ops.panel_fetch() as it was before the test, set again after it."""
+    before = ops.panel_fetch()
+    yield
+    ops.panel_fetch(before)
 
 
 @pytest.fixture(params=MODEL_BACKENDS)

@@ -166,20 +166,16 @@ def test_panel_rows_forwards_put_the_row_limit_back(panel_rows, small_fast):
     assert (module.AMX_BF16_ROWS, module.AMX_BF16_NARROW_ROWS) == amx_limits
 
 
-def test_panel_rows_walks_put_the_switch_back(panel_rows, small_fast):
+def test_panel_rows_walks_put_the_switch_back(panel_rows, small_fast, panel_fetch_kept):
     """Timing forwards on whole panels and on chunks fetched ahead leaves ops.panel_fetch() as it was, either way."""
     from mtbert_fast import _ext, ops
 
     loaded = _ext.has_kernel("panel_linear", "CPU")
-    before = ops.panel_fetch()
-    try:
-        for setting in (False, True):
-            ops.panel_fetch(setting)
-            of_medians, per_round = panel_rows.walks(small_fast, 5, repeats=1)
-            assert of_medians > 0 and per_round > 0
-            assert ops.panel_fetch() is (setting and loaded)
-    finally:
-        ops.panel_fetch(before)
+    for setting in (False, True):
+        ops.panel_fetch(setting)
+        of_medians, per_round = panel_rows.walks(small_fast, 5, repeats=1)
+        assert of_medians > 0 and per_round > 0
+        assert ops.panel_fetch() is (setting and loaded)
 
 
 @pytest.fixture(scope="module")

@@ -409,14 +409,6 @@ def test_bf16_tiles_pad_an_odd_reduction_with_zeros(rows, layout):
     assert ((tiles - dots).abs() <= ulp).all()
 
 
-@pytest.fixture
-def panel_fetch_kept():
-    """ops.panel_fetch() as it was before the test, set again after it."""
-    before = ops.panel_fetch()
-    yield
-    ops.panel_fetch(before)
-
-
 def test_panel_fetch_switch(panel_fetch_kept):
     """Chunks fetched ahead by default with the AVX2 kernels and with the AVX-512 ones on Intel CPUs, whole panels
     with the AVX-512 ones elsewhere; a switch for the process, read back as set."""
