@@ -25,7 +25,9 @@ from mtbert_fast.models.encoder import (
     DisentangledWeights, EmbeddingWeights, Int8State, LayerCache, LayerWeights, PackedBatch, disentangled_projections,
     encode, quantize_encoder,
 )
-from mtbert_fast.models.hf_mapping import HF_PREFIXES, LAYOUTS, HfLayout, check_layer_norm_eps, hf_encoder_keys
+from mtbert_fast.models.hf_mapping import (
+    HF_PREFIXES, LAYOUTS, HfLayout, check_layer_norm_eps, hf_encoder_keys, layer_has_bias, shared_layer_norm_eps,
+)
 from mtbert_fast.models.int8 import DEFAULT_SMOOTHING, STORAGE_ADDRESS, check_model_dtype
 from mtbert_fast.models.plain_modules import (
     PLAIN_MODULES, allow_hooks, check_plain_module, check_runs_plain, refuse_hooks,
@@ -129,8 +131,15 @@ class _QKVFusion:
         return [_param(lin, kind) for kind in ("weight", "bias") for lin in self.linears]
 
     @staticmethod
-    def _fused(params: list[torch.Tensor | None]) -> torch.Tensor | None:
-        return None if any(p is None for p in params) else torch.cat(params, 0)
+    def _fused(params: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The [3H, H] weight and the [3H] bias of [query, key, value weights, their biases]: no bias where none of
+        the three has one, and zeros in the place of a missing one beside the others' (it adds nothing)."""
+        weights, biases = params[:3], params[3:]
+        present = next((b for b in biases if b is not None), None)
+        if present is None:
+            return torch.cat(weights, 0), None
+        return torch.cat(weights, 0), torch.cat([present.new_zeros(w.shape[0]) if b is None else b
+                                                 for w, b in zip(weights, biases)])
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The fused [3H, H] weight and [3H] bias (None where the linears have no bias)."""
@@ -139,7 +148,7 @@ class _QKVFusion:
         if (torch.is_grad_enabled() and any(p.requires_grad for p in present)) or any(p.is_inference()
                                                                                        for p in present):
             self.drop()
-            return self._fused(params[:3]), self._fused(params[3:])
+            return self._fused(params)
         # the key is read before the parameters are: a write landing in between shows at the next call
         key = (tuple(map(STORAGE_ADDRESS, present)), tuple(p.data_ptr() for p in present),
                tuple(p._version for p in present), pack_releases())
@@ -148,8 +157,7 @@ class _QKVFusion:
             # never an inference tensor, whatever mode this call runs in: it is kept for later calls, which may save
             # it for a backward, and inference tensors are never packed
             with torch.inference_mode(False):
-                weight, bias = (self._fused([None if p is None else p.detach() for p in group])
-                                for group in (params[:3], params[3:]))
+                weight, bias = self._fused([None if p is None else p.detach() for p in params])
             kept = (key, weight, bias, [StorageWeakRef(p.untyped_storage()) for p in present])
             self.kept = kept
         return kept[1], kept[2]
@@ -180,6 +188,10 @@ class _SwapState:
                     for layer in self.layers(base)]
         self.int8: Int8State | None = None
         self.layer_cache = LayerCache()
+        self.norm_path = tuple(self.layout.norm.split("."))
+        self.final_norm_path = tuple((self.layout.final_norm or "").split("."))
+        # the layers' LayerNorms as the last gather of their weights found them: (path, module)
+        self.layer_norms = self._layer_norms(base)
         refuse_hooks(base)  # the swapped forward never calls the modules inside: a hook there would never run
 
     def layers(self, base: nn.Module) -> nn.ModuleList:
@@ -216,6 +228,26 @@ class _SwapState:
         if all(getattr(self.config, field) == rate for field, rate in rates.items()):
             return self.config
         return dataclasses.replace(self.config, **rates)
+
+    def _layer_norms(self, base: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [(f"{self.layout.layers}.{i}.{name}", _submodule(layer, path))
+                for i, layer in enumerate(self.layers(base))
+                for (part, name), path in zip(self.layout.layer, self.layer_paths) if part.endswith("_norm")]
+
+    def run_config(self, base: nn.Module) -> EncoderConfig:
+        """The config of this call: the dropout rates the modules hold in training (training_config), and the eps
+        that every LayerNorm holds now, which the encoder reads from the config for all of them (set on the modules
+        after the swap, it is followed; LayerNorms of different eps are refused by name)."""
+        config = self.training_config(base) if base.training else self.config
+        norms = [(f"embeddings.{self.layout.norm}", _submodule(base.embeddings, self.norm_path)), *self.layer_norms]
+        if self.layout.final_norm is not None:
+            norms.append((self.layout.final_norm, _submodule(base, self.final_norm_path)))
+        if config.disentangled and config.norm_rel_ebd:
+            norms.append(("encoder.LayerNorm", base.encoder.LayerNorm))
+        eps = shared_layer_norm_eps(norms)
+        if eps is None or eps == config.layer_norm_eps:
+            return config
+        return dataclasses.replace(config, layer_norm_eps=eps)
 
     def _fusion(self, modules: tuple[nn.Module, ...]) -> _QKVFusion | _FusedQKV:
         return _FusedQKV(modules[0]) if len(modules) == 1 else _QKVFusion(modules)
@@ -286,9 +318,17 @@ class _SwapState:
             modules = [_submodule(layer, path) for path in self.layer_paths]
             for (_, name), module in zip(self.layout.layer, modules):
                 check_plain_module(f"{self.layout.layers}.{i}.{name}", module)
-            # ModernBERT's first attn_norm is an Identity and its linears may have no bias: None there
-            out.append(LayerWeights(*fusion.weights(), *(_param(m, kind) for m in modules
-                                                         for kind in ("weight", "bias"))))
+            params = []
+            for (part, _), module in zip(self.layout.layer, modules):
+                weight, bias = _param(module, "weight"), _param(module, "bias")
+                # A linear or LayerNorm built without a bias where the config gives that part one (a Linear(...,
+                # bias=False) put in its place) adds nothing: zeros stand in for the kernels that take a bias.
+                # ModernBERT's first attn_norm is an Identity, and its parts may have no bias: None there.
+                if bias is None and weight is not None and layer_has_bias(self.config, part):
+                    bias = weight.detach().new_zeros(weight.shape[0])
+                params += [weight, bias]
+            out.append(LayerWeights(*fusion.weights(), *params))
+        self.layer_norms = self._layer_norms(base)
         return out
 
 
@@ -389,7 +429,7 @@ def _swapped_forward(
         check_plain_module("pooler.dense", pooler.dense)
     layers, stacks = state.run_layers(self)
     out = encode(
-        state.training_config(self) if self.training else state.config,
+        state.run_config(self),
         _embedding_weights(self, state.layout),
         layers,
         (pooler.dense.weight, pooler.dense.bias) if pooler is not None else None,

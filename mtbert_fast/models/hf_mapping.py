@@ -8,7 +8,7 @@ import dataclasses
 import json
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -147,6 +147,12 @@ _LAYER_BIAS = {"qkv": "attention_bias", "attn_out": "attention_bias", "attn_norm
 _PROJECTION = (("embeddings.project", "embeddings_project"),)
 
 
+def layer_has_bias(config: EncoderConfig, part: str) -> bool:
+    """Whether the config gives that part of a layer ("qkv", "attn_out", "attn_norm", "ffn_in", "ffn_out",
+    "ffn_norm") a bias."""
+    return bool(getattr(config, _LAYER_BIAS[part]))
+
+
 class MissingWeightError(KeyError):
     """A weight the encoder needs is not in the checkpoint; the message names it."""
 
@@ -224,6 +230,22 @@ def check_layer_norm_eps(base: nn.Module, config: EncoderConfig) -> None:
             raise UnsupportedModelError(
                 f"{path} is a LayerNorm of eps {eps}, where the config's layer_norm_eps, which mtbert_fast's encoder "
                 f"runs for every LayerNorm, is {config.layer_norm_eps}: set one eps for all of them in the config")
+
+
+def shared_layer_norm_eps(norms: Iterable[tuple[str, nn.Module]]) -> float | None:
+    """The eps that the LayerNorms among (path, module) pairs hold, one for all of them (None where there are none);
+    two that differ are refused by name."""
+    first = None
+    for path, module in norms:
+        if not isinstance(module, nn.LayerNorm):
+            continue
+        if first is None:
+            first = path, module.eps
+        elif module.eps != first[1]:
+            raise UnsupportedModelError(
+                f"{path} is a LayerNorm of eps {module.eps}, where {first[0]} holds {first[1]}: mtbert_fast's encoder "
+                "runs one eps for every LayerNorm; set them alike")
+    return None if first is None else first[1]
 
 
 def hf_encoder_keys(config: EncoderConfig, has_pooler: bool) -> set[str]:

@@ -905,6 +905,80 @@ def test_a_layer_norm_eps_set_by_hand_is_refused(bert_config, make_hf):
     assert not is_swapped(model)
 
 
+def test_layer_norm_eps_set_after_the_swap_is_followed(bert_config, make_hf, ragged_batch, assert_tokens_close):
+    """The LayerNorms' eps is read from the modules on every call, with autograd or without and where the layer
+    weights are kept between calls, as HF's modules read their own: set on every one after the swap, it is followed;
+    set on one apart from the others, the next call names it."""
+    config = bert_config()
+    ref = make_hf(BertModel, config)
+    model = copy.deepcopy(ref)
+    swap(model)
+    ids, mask = ragged_batch(config, [7, 12])
+    with torch.no_grad():
+        model(ids, attention_mask=mask)  # the layer weights are now kept for inference calls
+    for m in (ref, model):
+        for module in m.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.eps = 0.5
+    with torch.no_grad():
+        want = ref(ids, attention_mask=mask).last_hidden_state
+        assert_tokens_close(model(ids, attention_mask=mask).last_hidden_state, want, mask)
+    assert_tokens_close(model(ids, attention_mask=mask).last_hidden_state.detach(), want, mask)
+    model.encoder.layer[1].attention.output.LayerNorm.eps = 1e-3
+    with pytest.raises(UnsupportedModelError, match=r"encoder.layer.1.attention.output.LayerNorm is a LayerNorm of "
+                                                    r"eps 0.001, where embeddings.LayerNorm holds 0.5"):
+        model(ids, attention_mask=mask)
+
+
+# a part of a BERT layer built without its bias: (module path in the layer, whether it is a LayerNorm)
+UNBIASED_PARTS = [("attention.self.query", False), ("attention.self.key", False), ("attention.self.value", False),
+                  ("attention.output.dense", False), ("attention.output.LayerNorm", True),
+                  ("intermediate.dense", False), ("output.dense", False), ("output.LayerNorm", True)]
+
+
+@pytest.mark.parametrize("part, norm", UNBIASED_PARTS, ids=[p for p, _ in UNBIASED_PARTS])
+def test_a_part_built_without_a_bias_adds_nothing(part, norm, bert_config, make_hf, ragged_batch,
+                                                   assert_tokens_close):
+    """A Linear or LayerNorm without a bias (bias=False, or one of query, key and value without one beside the
+    others' biases) adds nothing, as in HF: the swapped model matches HF with and without autograd (gradients too)
+    and quantizes to int8, where the biases that remain count."""
+    config = bert_config()
+    ref = make_hf(BertModel, config)
+    with torch.no_grad():  # biases that matter: HF initializes them to zero
+        for name, p in ref.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    owner, _, leaf = f"encoder.layer.0.{part}".rpartition(".")
+    if norm:
+        old = ref.get_submodule(f"{owner}.{leaf}")
+        new = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=False)
+        with torch.no_grad():
+            new.weight.copy_(old.weight)
+        setattr(ref.get_submodule(owner), leaf, new)
+    else:
+        ref.get_submodule(f"{owner}.{leaf}").bias = None
+    model = copy.deepcopy(ref)
+    swap(model)
+    ids, mask = ragged_batch(config, [5, 11])
+    with torch.no_grad():
+        want = ref(ids, attention_mask=mask).last_hidden_state
+        assert_tokens_close(model(ids, attention_mask=mask).last_hidden_state, want, mask)
+    ref_out = ref(ids, attention_mask=mask).last_hidden_state
+    out = model(ids, attention_mask=mask).last_hidden_state
+    assert_tokens_close(out.detach(), want, mask)
+    (ref_out * mask[..., None]).square().sum().backward()
+    (out * mask[..., None]).square().sum().backward()
+    weights = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(weights[name].grad, p.grad, atol=2e-4, rtol=1e-4, msg=f"gradient of {name}")
+    int8 = swap(copy.deepcopy(ref), dtype=torch.qint8)
+    with torch.no_grad():
+        got = int8(ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    cos = torch.nn.functional.cosine_similarity(got[real], want[real], dim=-1)
+    assert cos.min() > 0.99, f"int8 without the {part} bias: lowest token cosine {cos.min():.4f}"
+
+
 def test_hooks_and_replaced_modules_after_swap(bert_config, make_hf, ragged_batch, adapted):
     """After the swap, a hook on a module inside the encoder is refused where it is registered; a plain Linear put in
     the place of a query is read (the outputs follow it, as HF's do); a wrapper put there is refused by name at the
