@@ -249,8 +249,12 @@ def shared_layer_norm_eps(norms: Iterable[tuple[str, nn.Module]]) -> float | Non
 
 
 def hf_encoder_keys(config: EncoderConfig, has_pooler: bool) -> set[str]:
-    """The HF base model's keys of every weight the fast encoder reads: all of a supported model's parameters."""
+    """The HF base model's keys of all of a supported model's parameters: every weight the fast encoder reads, and
+    DeBERTa's LayerNorm of the relative-position table where HF builds it (norm_rel_ebd) without relative attention,
+    which its forward then never applies."""
     keys = {hf for _, hf in _encoder_key_pairs(config)}
+    if config.family == "deberta" and config.norm_rel_ebd and not config.relative_attention:
+        keys.update(f"{_DEBERTA_TABLE[1][1]}.{kind}" for kind in ("weight", "bias"))
     keys.update(key for i in range(config.num_hidden_layers) for kind in _qkv_kinds(config)
                 for key in _qkv_keys(config, i, kind))
     if has_pooler:

@@ -182,6 +182,19 @@ def test_gradients_match_hf(variant, model_backend, deberta_config, make_hf, rag
         assert_grad_close(grads[name].grad, p.grad, what=name)
 
 
+def test_unused_table_norm_without_relative_attention(deberta_config, make_hf, ragged_batch, assert_tokens_close):
+    """Without relative attention HF still builds the table's LayerNorm where norm_rel_ebd names it, and never applies
+    it: the swap takes such a model (that LayerNorm is no weight it leaves out) and matches HF."""
+    config = deberta_config(relative_attention=False, position_biased_input=True, norm_rel_ebd="layer_norm")
+    hf = _model(make_hf, DebertaV2Model, config)
+    assert isinstance(hf.encoder.LayerNorm, torch.nn.LayerNorm)
+    ids, mask = ragged_batch(config, [3, 9])
+    with torch.no_grad():
+        want = hf(ids, attention_mask=mask).last_hidden_state
+        swap(hf)
+        assert_tokens_close(hf(ids, attention_mask=mask).last_hidden_state, want, mask)
+
+
 def test_unswap_restores_bit_exact_outputs(deberta_config, make_hf, unswap_is_bit_exact):
     config = deberta_config()
     unswap_is_bit_exact(_model(make_hf, DebertaV2ForMaskedLM, config), config)
