@@ -994,6 +994,8 @@ def encode(
     int8_source = None
     if int8 and torch.is_grad_enabled() and x.requires_grad:
         int8_source, x = x, x.detach()
+    if int8 and rel_bias is not None:  # and MPNet's bias table, which only those layers read
+        rel_bias = rel_bias.detach()
     stack = stack_op = None
     if not training and observe is None and states is None and terms is None:
         if layers and isinstance(layers[0], Int8LayerWeights):

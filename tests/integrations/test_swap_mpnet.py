@@ -158,6 +158,20 @@ def test_gradients_match_hf(model_backend, mpnet_config, make_hf, ragged_batch, 
         assert_grad_close(grads[name].grad, p.grad, what=name)
 
 
+def test_int8_with_autograd_on_runs_its_no_grad_forward(mpnet_config, make_hf, ragged_batch):
+    """An int8 MPNet called with autograd on (eval mode, outside torch.no_grad) runs the forward of no_grad, its
+    relative bias table kept out of the graph with the int8 layers, and a backward stops at those layers by name."""
+    config = mpnet_config()
+    model = swap(make_hf(MPNetModel, config), dtype=torch.qint8)
+    ids, mask = ragged_batch(config, [4, 10])
+    out = model(ids, attention_mask=mask).last_hidden_state
+    assert out.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(out.detach(), model(ids, attention_mask=mask).last_hidden_state, atol=1e-5, rtol=0)
+    with pytest.raises(RuntimeError, match="an int8 model has no backward"):
+        out.sum().backward()
+
+
 def test_unswap_restores_bit_exact_outputs(mpnet_config, make_hf, unswap_is_bit_exact):
     config = mpnet_config()
     unswap_is_bit_exact(_model(make_hf, MPNetForMaskedLM, config), config)
