@@ -87,16 +87,19 @@ def _check_encoder_modules(base: nn.Module, config: EncoderConfig, layout: HfLay
         module = base.get_submodule(path)
         if type(module) not in PLAIN_MODULES:  # for its message: on a plain module it would install the hook tables
             check_plain_module(path, module)
-    h = config.hidden_size
     for i, layer in enumerate(_submodule(base, tuple(layout.layers.split(".")))):
         for name in layout.qkv:
-            weight = layer.get_submodule(name).weight
-            want = (h * 3 // len(layout.qkv), h)
-            if tuple(weight.shape) != want:
-                raise UnsupportedModelError(
-                    f"{layout.layers}.{i}.{name}.weight has shape {list(weight.shape)}, where hidden_size {h} asks "
-                    f"for {list(want)}: attention heads pruned from the weights are not supported"
-                )
+            _check_qkv_shape(config, layout, f"{layout.layers}.{i}.{name}", layer.get_submodule(name))
+
+
+def _check_qkv_shape(config: EncoderConfig, layout: HfLayout, path: str, module: nn.Module) -> None:
+    h = config.hidden_size
+    want = (h * 3 // len(layout.qkv), h)
+    if tuple(module.weight.shape) != want:
+        raise UnsupportedModelError(
+            f"{path}.weight has shape {list(module.weight.shape)}, where hidden_size {h} asks for {list(want)}: "
+            "attention heads pruned from the weights are not supported"
+        )
 
 
 def _param(module: nn.Module, kind: str) -> torch.Tensor | None:
@@ -260,6 +263,7 @@ class _SwapState:
         if any(m is not kept for m, kept in zip(modules, fusion.modules)):
             for name, module in zip(self.layout.qkv, modules):
                 check_plain_module(f"{self.layout.layers}.{index}.{name}", module)
+                _check_qkv_shape(self.config, self.layout, f"{self.layout.layers}.{index}.{name}", module)
             fusion = self.qkv[index] = self._fusion(modules)
         return fusion
 

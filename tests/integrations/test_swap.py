@@ -1023,15 +1023,22 @@ def test_hooks_and_replaced_modules_after_swap(bert_config, make_hf, ragged_batc
 
 
 def test_pruned_heads_are_refused_by_name(bert_config, make_hf):
-    """Heads pruned by shrinking the query/key/value linears leave weights of another shape than the config's."""
+    """Heads pruned by shrinking the query/key/value linears leave weights of another shape than the config's: refused
+    by name at the swap, and at the next call for such a linear put in place after it."""
     config = bert_config()
     model = make_hf(BertModel, config)
     h = config.hidden_size
     model.encoder.layer[1].attention.self.query = nn.Linear(h, h - config.hidden_size // config.num_attention_heads)
-    with pytest.raises(UnsupportedModelError, match=rf"encoder.layer.1.attention.self.query.weight has shape "
-                                                    rf"\[{h - h // config.num_attention_heads}, {h}\], where "
-                                                    rf"hidden_size {h} asks for \[{h}, {h}\]"):
+    match = (rf"encoder.layer.1.attention.self.query.weight has shape \[{h - h // config.num_attention_heads}, {h}\], "
+             rf"where hidden_size {h} asks for \[{h}, {h}\]")
+    with pytest.raises(UnsupportedModelError, match=match):
         swap(model)
+    ids = torch.randint(3, config.vocab_size, (2, 6))
+    swapped = swap(make_hf(BertModel, config))
+    swapped.encoder.layer[1].attention.self.query = nn.Linear(h, h - config.hidden_size // config.num_attention_heads)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), pytest.raises(UnsupportedModelError, match=match):
+            swapped(ids)
 
 
 _DROPOUT_FAMILIES = {
