@@ -24,7 +24,9 @@ def mlm_gather_loss(
 
     hidden [N, H] (the head-transformed rows), weight [V, H] (the tied decoder), bias [V] or None,
     labels int64 [N].  The vocabulary projection runs chunk_size rows at a time (0: a default) and the
-    gradient is recomputed chunk by chunk, so memory never holds [N, V] logits.
+    gradient is recomputed chunk by chunk, so memory never holds [N, V] logits. The kernels take the logits from a
+    GEMM in the inputs' dtype (in bf16 rounded to bf16, as a bf16 linear's are; the CPU kernel adds the bias after
+    that rounding, in fp32) and the log-sum-exp and the loss in fp32; the reference multiplies in fp32.
     -> fp32 scalar: the mean over counted rows ("mean", NaN when none is counted, as F.cross_entropy) or "sum".
     """
     op = "mlm_gather_loss"
