@@ -87,12 +87,14 @@ def _packable(w: torch.Tensor) -> bool:
 
 def _cached(kind: str, w: torch.Tensor, make, made_for: tuple = ()) -> torch.Tensor:
     """The `kind` pack of w, made by make(w) on first use and again whenever w has changed or made_for (what else the
-    pack depends on) is not what it was."""
+    pack depends on) is not what it was. The pack records how many releases had run before it read w: one made from
+    w's values of before a write through .data and the release_packs() after it (another thread packing meanwhile)
+    is used by the call that made it only, and made again by the next."""
     cache = _packs[kind]
     key = id(w)
     entry = cache.get(key)
     pack = entry[1] if entry is not None and entry[0]() is w else None
-    layout = _layout(w) + made_for
+    layout = _layout(w) + made_for + (_releases,)
     if pack is None or pack.layout != layout or pack.storage.cdata != w.untyped_storage()._cdata:
         with torch.no_grad():
             packed = make(w.detach().contiguous())

@@ -146,6 +146,34 @@ def test_writes_through_data_need_release_packs():
     assert torch.equal(_linear(x, onednn_weight(w)), _linear(x, w))
 
 
+@pytest.mark.parametrize("kind", ["onednn", "panels"])
+def test_a_pack_made_across_a_release_is_made_again(kind, monkeypatch):
+    """A pack that read the weight before a write through .data and the release_packs() after it, stored once that
+    release has run (another thread packing meanwhile: here the write lands inside the pack function), serves that
+    call only; the next call packs the written values."""
+    w = torch.randn(48, 32)
+    x = torch.randn(5, 32)
+    get, make = (onednn_weight, "pack_onednn") if kind == "onednn" else (panel_weight, "pack_panels")
+    real = getattr(weight_pack, make)
+
+    def pack_then_write(weight):
+        packed = real(weight)
+        w.data.mul_(2.0)
+        release_packs()
+        return packed
+
+    monkeypatch.setattr(weight_pack, make, pack_then_write)
+    stale = get(w)
+    monkeypatch.setattr(weight_pack, make, real)
+    fresh = get(w)
+    assert fresh is not stale
+    if kind == "onednn":
+        assert torch.equal(_linear(x, fresh), _linear(x, w))
+    else:
+        from mtbert_fast.ops import panel_linear
+        torch.testing.assert_close(panel_linear(x, fresh, None, w.shape[0]), x @ w.T, atol=1e-5, rtol=1e-5)
+
+
 def test_inference_tensors_and_grad_weights_are_not_packed():
     with torch.inference_mode():
         frozen = torch.randn(32, 16)
