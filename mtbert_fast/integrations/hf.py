@@ -23,7 +23,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from mtbert_fast.models.config import EncoderConfig, UnsupportedModelError, family_names
 from mtbert_fast.models.encoder import (
     DisentangledWeights, EmbeddingWeights, Int8State, LayerCache, LayerWeights, PackedBatch, disentangled_projections,
-    encode, quantize_encoder,
+    encode, quantize_encoder, refuse_graph_capture,
 )
 from mtbert_fast.models.hf_mapping import (
     HF_PREFIXES, LAYOUTS, HfLayout, check_layer_norm_eps, hf_encoder_keys, layer_has_bias, shared_layer_norm_eps,
@@ -408,6 +408,7 @@ def _swapped_forward(
 ):
     from transformers import modeling_outputs
 
+    refuse_graph_capture()  # before the int8 weights' watch, which export's own parameters would trip
     state: _SwapState = getattr(self, _STATE)
     if encoder_hidden_states is not None or encoder_attention_mask is not None:
         raise NotImplementedError("mtbert_fast's encoder has no cross-attention (encoder_hidden_states)")

@@ -921,6 +921,17 @@ class LayerCache:
         return state[2], state[3]
 
 
+def refuse_graph_capture() -> None:
+    """torch.export and torch.jit.trace record one call as a graph, where which rows the encoder packs and how it splits
+    them into sequences come from the attention mask's values: the graph would keep this call's (a traced model failed
+    on any other count of real tokens). Refused by name; torch.compile guards on those values and runs the encoder."""
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():
+        raise NotImplementedError(
+            "torch.export and torch.jit.trace cannot capture mtbert_fast's encoder: the rows it packs depend on the "
+            "attention mask's values, which a captured graph would fix to this call's. Run it with torch.compile, "
+            "or export a swapped HF model after mtbert_fast.unswap(model)")
+
+
 def encode(
     config: EncoderConfig,
     embeddings: EmbeddingWeights,
@@ -951,6 +962,7 @@ def encode(
     pre-norm encoder (ModernBERT), which then holds its output in place of the last layer's in the hidden states.
     disentangled: DeBERTa's relative positions, required exactly when config.disentangled. stacks: the one-call
     stacks kept for these very layers (LayerCache's or Int8State's), where the caller keeps them."""
+    refuse_graph_capture()
     device = embeddings.word.device
     if inputs_checked:
         batch, seqlen = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
@@ -1302,6 +1314,7 @@ class FastBertModel(nn.Module):
     ) -> EncoderOutput:
         """input_ids [B, L]; attention_mask [B, L] of 0/1 (default: all real). inputs_checked: `check_inputs`
         has passed these very inputs, so they are not checked again."""
+        refuse_graph_capture()
         for name in ("pooler", "final_norm", "relative_attention_bias", "rel_embeddings", "rel_norm"):
             if self._modules.get(name) is not None:
                 check_plain_module(name, self._modules[name])

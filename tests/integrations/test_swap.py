@@ -979,6 +979,36 @@ def test_a_part_built_without_a_bias_adds_nothing(part, norm, bert_config, make_
     assert cos.min() > 0.99, f"int8 without the {part} bias: lowest token cosine {cos.min():.4f}"
 
 
+@pytest.mark.parametrize("capture", ["export", "jit.trace"])
+def test_export_and_jit_trace_are_refused_by_name(capture, bert_config, make_hf, ragged_batch):
+    """torch.export and torch.jit.trace would keep one call's packing of the real tokens in their graph: a swapped
+    model (float and int8) and FastBertModel refuse them by name (not with the int8 model's message about changed
+    weights, which export's own parameters would trip), and run as before afterwards."""
+    config = bert_config()
+    hf = make_hf(BertModel, config)
+    ids, mask = ragged_batch(config, [4, 9])
+
+    class Hidden(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids, mask):
+            return self.model(ids, attention_mask=mask).last_hidden_state
+
+    for model in (swap(copy.deepcopy(hf)), swap(copy.deepcopy(hf), dtype=torch.qint8), FastBertModel.from_hf(hf)):
+        wrapped = Hidden(model.eval())
+        with torch.no_grad():
+            before = wrapped(ids, mask)
+            with pytest.raises(NotImplementedError, match="torch.export and torch.jit.trace cannot capture "
+                                                          "mtbert_fast's encoder"):
+                if capture == "export":
+                    torch.export.export(wrapped, (ids, mask))
+                else:
+                    torch.jit.trace(wrapped, (ids, mask))
+            torch.testing.assert_close(wrapped(ids, mask), before, atol=0, rtol=0)
+
+
 def test_hooks_and_replaced_modules_after_swap(bert_config, make_hf, ragged_batch, adapted):
     """After the swap, a hook on a module inside the encoder is refused where it is registered; a plain Linear put in
     the place of a query is read (the outputs follow it, as HF's do); a wrapper put there is refused by name at the
