@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 from typing import Callable, NamedTuple, Sequence
@@ -16,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtbert_fast.models.config import MPNET_BUCKETS, EncoderConfig, UnsupportedModelError
+from mtbert_fast.models.config import MODEL_TYPES, MPNET_BUCKETS, EncoderConfig, UnsupportedModelError
 from mtbert_fast.models.int8 import (
     DEFAULT_SMOOTHING, InputStats, Int8LayerWeights, ParameterWatch, Stacks, calibration_batches, check_int8_device,
     check_int8_dtype, check_model_dtype, check_smoothing, gram_passes, int8_layer_forward, int8_stack, quantize_layers,
@@ -921,6 +922,44 @@ class LayerCache:
         return state[2], state[3]
 
 
+def _state_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    """The one floating dtype of a state's tensors; several are refused by name."""
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(dtypes) != 1:
+        found = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes)) or "none"
+        raise ValueError(f"the weights hold tensors of several dtypes ({found}): pass dtype= to choose the model's")
+    return dtypes.pop()
+
+
+def _checkpoint_config(path: str | os.PathLike) -> tuple[EncoderConfig, torch.dtype | None]:
+    """(the EncoderConfig, the dtype it names or None) of an HF model directory's config.json. Its model_type is
+    required, as HF's AutoConfig requires it; keys the file leaves out take the family's defaults from its HF config
+    class where transformers is installed (a RoBERTa config without pad_token_id pads with 1, not BERT's 0), else the
+    EncoderConfig defaults."""
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(
+            f"{file} does not exist: from_pretrained reads a local model directory (config.json and safetensors "
+            "weights); for a Hub id, download it first (huggingface_hub.snapshot_download) or load the HF model and "
+            "call from_hf")
+    with open(file) as f:
+        d = json.load(f)
+    if not isinstance(d, dict):
+        raise ValueError(f"{file} holds a JSON {type(d).__name__}, not an object of config fields")
+    if "model_type" not in d:
+        raise UnsupportedModelError(f"{file} names no model_type: the family it belongs to would be a guess")
+    if d["model_type"] in MODEL_TYPES:
+        try:
+            from transformers import AutoConfig
+        except ImportError:
+            pass
+        else:
+            d = AutoConfig.for_model(**d).to_dict()
+    saved = d.get("dtype", d.get("torch_dtype"))
+    saved = getattr(torch, saved, None) if isinstance(saved, str) else None
+    return EncoderConfig.from_dict(d), saved if isinstance(saved, torch.dtype) and saved.is_floating_point else None
+
+
 def refuse_graph_capture() -> None:
     """torch.export and torch.jit.trace record one call as a graph, where which rows the encoder packs and how it splits
     them into sequences come from the attention mask's values: the graph would keep this call's (a traced model failed
@@ -1422,7 +1461,7 @@ class FastBertModel(nn.Module):
         dtype=torch.qint8: int8 inference with float32 activations (see `quantize`, which reads `calibration`)."""
         from mtbert_fast.models.hf_mapping import LAYOUTS, fast_state_dict_from_hf, read_safetensors_dir
 
-        config = EncoderConfig.from_json_file(os.path.join(path, "config.json"))
+        config, saved_dtype = _checkpoint_config(path)
         hf_state = read_safetensors_dir(path)
         # a pooler only where the family's base model has one: DeBERTa's task models keep their own ContextPooler
         # under the same name, outside the encoder
@@ -1431,15 +1470,20 @@ class FastBertModel(nn.Module):
         state = fast_state_dict_from_hf(hf_state, config, has_pooler=has_pooler)
         if dtype == torch.qint8:  # float32 activations, whatever dtype the checkpoint was saved in
             state = {k: v.float() for k, v in state.items()}
-        return cls._from_state(config, state, has_pooler, dtype, backend, device, calibration)
+        return cls._from_state(config, state, has_pooler, dtype, backend, device, calibration, saved_dtype)
 
     @classmethod
-    def _from_state(cls, config, state, has_pooler, dtype, backend, device=None, calibration=None) -> FastBertModel:
+    def _from_state(cls, config, state, has_pooler, dtype, backend, device=None, calibration=None,
+                    saved_dtype: torch.dtype | None = None) -> FastBertModel:
+        """dtype None: the model's dtype is saved_dtype (the config's) where given, else that of the state's tensors,
+        one for all of them (mixed dtypes are refused: pass dtype)."""
         int8 = dtype == torch.qint8
         check_model_dtype(dtype)
         if calibration is not None and not int8:
             raise ValueError("calibration is read by int8 models only: pass dtype=torch.qint8 with it")
-        float_dtype = next(iter(state.values())).dtype if int8 or dtype is None else dtype
+        float_dtype = dtype
+        if int8 or dtype is None:
+            float_dtype = saved_dtype if saved_dtype is not None and not int8 else _state_dtype(state)
         with torch.device("meta"):
             model = cls(config, add_pooling_layer=has_pooler, backend=backend)
         model.load_state_dict(state, strict=True, assign=True)

@@ -274,9 +274,16 @@ def fast_state_dict_from_hf(
         return src[name]
 
     out = {fast: take(hf) for fast, hf in _encoder_key_pairs(config)}
+    h = config.hidden_size
     for i in range(config.num_hidden_layers):
         for kind in _qkv_kinds(config):
-            out[f"layers.{i}.qkv.{kind}"] = torch.cat([take(k) for k in _qkv_keys(config, i, kind)], 0)
+            keys = _qkv_keys(config, i, kind)
+            want = (3 * h // len(keys), h) if kind == "weight" else (3 * h // len(keys),)
+            for key in keys:  # each on its own: parts of other shapes could still concatenate to the fused one's
+                if tuple(take(key).shape) != want:
+                    raise ValueError(f"size mismatch for {key!r}: the checkpoint holds {list(take(key).shape)}, where "
+                                     f"the config's hidden_size {h} asks for {list(want)}")
+            out[f"layers.{i}.qkv.{kind}"] = torch.cat([take(k) for k in keys], 0)
     def first_key(layer: int) -> str:
         return _qkv_keys(config, layer, _qkv_kinds(config)[0])[0]
 

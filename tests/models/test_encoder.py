@@ -451,6 +451,69 @@ def test_from_pretrained_dtype(bert_config, make_hf, ragged_batch, tmp_path):
     assert out.last_hidden_state.dtype == torch.bfloat16 and torch.isfinite(out.last_hidden_state).all()
 
 
+def _edit_checkpoint(path, config=None, weights=None):
+    """Rewrites a saved model's config.json through config(dict) -> dict and its model.safetensors through
+    weights(dict) -> dict."""
+    from safetensors.torch import load_file, save_file
+
+    if config is not None:
+        d = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps(config(d)))
+    if weights is not None:
+        save_file(weights(load_file(path / "model.safetensors")), path / "model.safetensors")
+
+
+def test_from_pretrained_reads_the_config_as_hf_does(roberta_config, make_hf, ragged_batch, tmp_path,
+                                                     assert_tokens_close):
+    """config.json keys left out take the family's HF defaults (RoBERTa pads with 1, where BERT's default is 0, and
+    numbers its positions from it), and a config.json that names no model_type is refused, as HF's AutoConfig
+    refuses it, instead of being read as BERT."""
+    config = roberta_config(pad_token_id=1)
+    make_hf(RobertaModel, config).save_pretrained(tmp_path)
+    _edit_checkpoint(tmp_path, config=lambda d: {k: v for k, v in d.items() if k != "pad_token_id"})
+    hf = RobertaModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert hf.config.pad_token_id == 1
+    fast = FastBertModel.from_pretrained(tmp_path)
+    ids, mask = ragged_batch(config, [5, 12])
+    ids = ids.masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        assert_tokens_close(fast(ids, mask).last_hidden_state, hf(ids, attention_mask=mask).last_hidden_state, mask)
+    _edit_checkpoint(tmp_path, config=lambda d: {k: v for k, v in d.items() if k != "model_type"})
+    with pytest.raises(UnsupportedModelError, match="config.json names no model_type"):
+        FastBertModel.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_dtype_of_mixed_weights(bert_config, make_hf, ragged_batch, tmp_path, assert_tokens_close):
+    """dtype=None takes the dtype config.json names, not that of whichever tensor comes first (a float32 model whose
+    word table alone was stored in bf16 loads in float32, as HF loads it); from_hf refuses a model of mixed dtypes
+    unless dtype says which."""
+    config = bert_config()
+    make_hf(BertModel, config).save_pretrained(tmp_path)
+    word = "embeddings.word_embeddings.weight"
+    _edit_checkpoint(tmp_path, weights=lambda w: {**w, word: w[word].bfloat16()})
+    hf = BertModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    fast = FastBertModel.from_pretrained(tmp_path)
+    assert {p.dtype for p in fast.parameters()} == {p.dtype for p in hf.parameters()} == {torch.float32}
+    ids, mask = ragged_batch(config, [7, 3])
+    with torch.no_grad():
+        assert_tokens_close(fast(ids, mask).last_hidden_state, hf(ids, attention_mask=mask).last_hidden_state, mask)
+    hf.encoder.layer[0].output.LayerNorm.to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"tensors of several dtypes \(bfloat16, float32\): pass dtype="):
+        FastBertModel.from_hf(hf)
+    assert FastBertModel.from_hf(hf, dtype=torch.float32).dtype == torch.float32
+
+
+def test_from_pretrained_checks_each_of_query_key_value(bert_config, make_hf, tmp_path):
+    """A query and a key whose shapes are wrong but add up to the fused [3H, H] are refused by name."""
+    config = bert_config()
+    make_hf(BertModel, config).save_pretrained(tmp_path)
+    h, cut = config.hidden_size, 8
+    q, k = "encoder.layer.0.attention.self.query.weight", "encoder.layer.0.attention.self.key.weight"
+    _edit_checkpoint(tmp_path, weights=lambda w: {**w, q: torch.cat([w[q], w[k][:cut]]), k: w[k][cut:]})
+    with pytest.raises(ValueError, match=rf"size mismatch for '{q}': the checkpoint holds \[{h + cut}, {h}\]"):
+        FastBertModel.from_pretrained(tmp_path)
+
+
 def test_from_hf_owns_its_weights(bert_config, make_hf):
     """Training or editing the fast model leaves the HF model it came from unchanged."""
     hf = make_hf(BertModel, bert_config())
