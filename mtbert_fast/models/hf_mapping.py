@@ -262,6 +262,10 @@ def hf_encoder_keys(config: EncoderConfig, has_pooler: bool) -> set[str]:
     return keys
 
 
+# buffers that older transformers versions saved with the embeddings, which no forward reads from a checkpoint
+_UNREAD_BUFFERS = frozenset({"embeddings.position_ids", "embeddings.token_type_ids"})
+
+
 def fast_state_dict_from_hf(
     hf_state: dict[str, torch.Tensor], config: EncoderConfig, has_pooler: bool
 ) -> dict[str, torch.Tensor]:
@@ -298,6 +302,19 @@ def fast_state_dict_from_hf(
     if has_pooler:
         out["pooler.weight"] = take("pooler.dense.weight")
         out["pooler.bias"] = take("pooler.dense.bias")
+    layers = LAYOUTS[config.family].layers + "."
+
+    def deeper(key: str) -> bool:  # a layer past num_hidden_layers, which the warning above names
+        index = key[len(layers):].partition(".")[0] if key.startswith(layers) else ""
+        return index.isdigit() and int(index) >= config.num_hidden_layers
+
+    unread = sorted(k for k in set(src) - hf_encoder_keys(config, has_pooler) - _UNREAD_BUFFERS
+                    if not deeper(k) and not (k.startswith("pooler.") and not has_pooler))
+    if unread:  # what HF's loading would list as unexpected keys
+        shown = ", ".join(unread[:4]) + (f" and {len(unread) - 4} more" if len(unread) > 4 else "")
+        warnings.warn(f"the checkpoint holds weights of the encoder that are none of a {config.family} encoder's "
+                      f"({shown}): they are not loaded, so an adapter among them (LoRA) is not applied; merge "
+                      "adapters into the weights first (peft's merge_and_unload)", stacklevel=3)
     return out
 
 

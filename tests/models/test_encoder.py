@@ -514,6 +514,25 @@ def test_from_pretrained_checks_each_of_query_key_value(bert_config, make_hf, tm
         FastBertModel.from_pretrained(tmp_path)
 
 
+def test_from_pretrained_names_encoder_weights_it_does_not_read(bert_config, make_hf, tmp_path):
+    """Weights under the encoder that are none of its own (an unmerged LoRA adapter) are named in a warning, as HF
+    lists unexpected keys; the embeddings' position_ids buffer that older checkpoints hold, and a task model's head
+    outside the encoder, are not."""
+    import warnings
+
+    config = bert_config()
+    make_hf(BertForSequenceClassification, config).save_pretrained(tmp_path)
+    extra = "bert.encoder.layer.1.attention.self.value.lora_A.weight"
+    _edit_checkpoint(tmp_path, weights=lambda w: {**w, "bert.embeddings.position_ids": torch.arange(8)[None]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FastBertModel.from_pretrained(tmp_path)
+    _edit_checkpoint(tmp_path, weights=lambda w: {**w, extra: torch.zeros(4, config.hidden_size)})
+    with pytest.warns(UserWarning, match=r"holds weights of the encoder that are none of a bert encoder's \(encoder"
+                                         r".layer.1.attention.self.value.lora_A.weight\): they are not loaded"):
+        FastBertModel.from_pretrained(tmp_path)
+
+
 def test_from_hf_owns_its_weights(bert_config, make_hf):
     """Training or editing the fast model leaves the HF model it came from unchanged."""
     hf = make_hf(BertModel, bert_config())
