@@ -922,7 +922,7 @@ class LayerCache:
         return state[2], state[3]
 
 
-def _state_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+def weights_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
     """The one floating dtype of a state's tensors; several are refused by name."""
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(dtypes) != 1:
@@ -1483,7 +1483,7 @@ class FastBertModel(nn.Module):
             raise ValueError("calibration is read by int8 models only: pass dtype=torch.qint8 with it")
         float_dtype = dtype
         if int8 or dtype is None:
-            float_dtype = saved_dtype if saved_dtype is not None and not int8 else _state_dtype(state)
+            float_dtype = saved_dtype if saved_dtype is not None and not int8 else weights_dtype(state)
         with torch.device("meta"):
             model = cls(config, add_pooling_layer=has_pooler, backend=backend)
         model.load_state_dict(state, strict=True, assign=True)

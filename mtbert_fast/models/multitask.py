@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from mtbert_fast.models.config import EncoderConfig
-from mtbert_fast.models.encoder import FastBertModel
+from mtbert_fast.models.encoder import FastBertModel, weights_dtype
 from mtbert_fast.models.heads import HEAD_KINDS, Head, HeadInput
 from mtbert_fast.models.hf_mapping import MissingWeightError, encoder_and_heads_from_hf, save_hf_task
 from mtbert_fast.models.int8 import DEFAULT_SMOOTHING, check_model_dtype
@@ -333,9 +333,11 @@ class MultiTaskBert(nn.Module):
         unexpected = sorted(set(state) - set(expected))
         if unexpected:
             raise ValueError(f"{weights_file} holds weights the model does not have: {', '.join(unexpected[:5])}")
+        check_model_dtype(dtype)
+        if dtype is None:  # one dtype for the model: the weights' own, mixed refused
+            dtype = weights_dtype(state)
         model.load_state_dict(state, strict=False, assign=True)
         model.tie_weights()
-        check_model_dtype(dtype)
         if calibration is not None and dtype != torch.qint8:
             raise ValueError("calibration is read by int8 models only: pass dtype=torch.qint8 with it")
         if dtype == torch.qint8:

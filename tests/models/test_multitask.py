@@ -590,6 +590,23 @@ def test_from_pretrained_names_a_missing_head_weight(bert, tmp_path):
         MultiTaskBert.from_pretrained(tmp_path)
 
 
+def test_from_pretrained_of_mixed_dtypes_asks_for_one(bert, tmp_path):
+    """A checkpoint whose weights mix dtypes is refused at load time, naming them (it used to load and fail at the
+    first forward in a product of two dtypes); dtype= chooses one, as for FastBertModel."""
+    from safetensors.torch import load_file, save_file
+
+    _, model = bert
+    model.save_pretrained(tmp_path)
+    path = os.path.join(tmp_path, "model.safetensors")
+    state = load_file(path)
+    state["heads.ner.classifier.weight"] = state["heads.ner.classifier.weight"].bfloat16()
+    save_file(state, path)
+    with pytest.raises(ValueError, match=r"several dtypes \(bfloat16, float32\): pass dtype="):
+        MultiTaskBert.from_pretrained(tmp_path)
+    loaded = MultiTaskBert.from_pretrained(tmp_path, dtype=torch.float32)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+
+
 # --- export to transformers ----------------------------------------------------------------------------------------
 
 
