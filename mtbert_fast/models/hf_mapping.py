@@ -302,6 +302,13 @@ def fast_state_dict_from_hf(
     if has_pooler:
         out["pooler.weight"] = take("pooler.dense.weight")
         out["pooler.bias"] = take("pooler.dense.bias")
+    with torch.device("meta"):  # the shapes the config gives every weight, named by the checkpoint's keys
+        expected = FastBertModel(config, add_pooling_layer=has_pooler).state_dict()
+    pooler = [(f"pooler.{kind}", f"pooler.dense.{kind}") for kind in ("weight", "bias")]
+    for fast, hf in _encoder_key_pairs(config) + pooler:
+        if fast in out and fast in expected and out[fast].shape != expected[fast].shape:
+            raise ValueError(f"size mismatch for {hf!r}: the checkpoint holds {list(out[fast].shape)}, where the "
+                             f"config asks for {list(expected[fast].shape)}: the config and the weights disagree")
     layers = LAYOUTS[config.family].layers + "."
 
     def deeper(key: str) -> bool:  # a layer past num_hidden_layers, which the warning above names

@@ -514,6 +514,18 @@ def test_from_pretrained_checks_each_of_query_key_value(bert_config, make_hf, tm
         FastBertModel.from_pretrained(tmp_path)
 
 
+def test_from_pretrained_names_the_checkpoint_key_of_a_wrong_shape(bert_config, make_hf, tmp_path):
+    """A weight whose shape the config does not give it is named by the checkpoint's own key, not the fast model's,
+    and the message says that the config and the weights disagree."""
+    config = bert_config()
+    make_hf(BertModel, config).save_pretrained(tmp_path)
+    _edit_checkpoint(tmp_path, config=lambda d: {**d, "intermediate_size": d["intermediate_size"] + 8})
+    with pytest.raises(ValueError, match=r"size mismatch for 'encoder.layer.0.intermediate.dense.weight': the "
+                                         rf"checkpoint holds \[{config.intermediate_size}, {config.hidden_size}\], "
+                                         r"where the config asks for .*: the config and the weights disagree"):
+        FastBertModel.from_pretrained(tmp_path)
+
+
 def test_from_pretrained_names_encoder_weights_it_does_not_read(bert_config, make_hf, tmp_path):
     """Weights under the encoder that are none of its own (an unmerged LoRA adapter) are named in a warning, as HF
     lists unexpected keys; the embeddings' position_ids buffer that older checkpoints hold, and a task model's head
