@@ -285,3 +285,30 @@ def test_onednn_rows_splits_into_equal_blocks(rows, most, block):
     """benchmarks/onednn_rows.py: the equal blocks of at most `most` rows, as the encoder's onednn_row_block makes
     them."""
     assert _script("onednn_rows").blocks(rows, most) == block
+
+
+def test_eval_autograd_shapes_are_batch_by_length():
+    import argparse
+
+    script = _script("eval_autograd")
+    assert script.parse_shape("8x128") == (8, 128) and script.parse_shape("1X16") == (1, 16)
+    for bad in ("8", "8x", "0x16", "axb"):
+        with pytest.raises(argparse.ArgumentTypeError, match="BATCHxLENGTH|positive"):
+            script.parse_shape(bad)
+
+
+def test_eval_autograd_steps_write_every_layer_weight_before_the_call():
+    import torch
+
+    script = _script("eval_autograd")
+    model = torch.nn.Module()
+    model.head = torch.nn.Linear(2, 2)
+    model.encoder = torch.nn.Module()
+    model.encoder.layer = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+    start = [p._version for p in model.parameters()]
+    seen = []
+    run = script.stepped(model, lambda: seen.append([p._version for p in model.parameters()]))
+    run()
+    run()
+    assert seen[0][:2] == seen[1][:2] == start[:2]  # the head is left alone
+    assert all(s < a < b for s, a, b in zip(start[2:], seen[0][2:], seen[1][2:]))

@@ -108,13 +108,32 @@ def _param(module: nn.Module, kind: str) -> torch.Tensor | None:
     return params[kind] if kind in params else getattr(module, kind, None)
 
 
+class _QKVSlices(torch.autograd.Function):
+    """The kept [3H, H] weight and [3H] bias as autograd's concatenation of the query, key and value parameters: the
+    forward hands the kept tensors on (no copy), the backward gives each parameter its rows of the gradient."""
+
+    @staticmethod
+    def forward(ctx, weight, bias, *params):
+        ctx.rows = [w.shape[0] for w in params[:3]]
+        ctx.has_bias = [b is not None for b in params[3:]]
+        return weight.view_as(weight), None if bias is None else bias.view_as(bias)
+
+    @staticmethod
+    def backward(ctx, grad_weight, grad_bias):
+        weights = [None] * 3 if grad_weight is None else list(grad_weight.split(ctx.rows))
+        biases = [None] * 3 if grad_bias is None else list(grad_bias.split(ctx.rows))
+        return None, None, *weights, *[g if has else None for g, has in zip(biases, ctx.has_bias)]
+
+
 class _QKVFusion:
     """One layer's query/key/value parameters, and the [3H, H] weight and [3H] bias that the fused QKV product reads:
     concatenated from the parameters, which keep their own storage (so state_dict() aliases them, as PyTorch's does),
-    and kept for inference while every parameter keeps its storage (by identity: a weak reference holds each one's,
-    so no new storage can take its address) and version counter and release_packs() has not run (a write through
-    .data changes neither, as for the packed weights of models/weight_pack.py). Parameters that are inference tensors
-    (no version counter) or that autograd must reach are concatenated at every call, and nothing is kept then."""
+    and kept while every parameter keeps its storage (by identity: a weak reference holds each one's, so no new
+    storage can take its address) and version counter and release_packs() has not run (a write through .data changes
+    neither, as for the packed weights of models/weight_pack.py). Where autograd must reach the parameters, the kept
+    tensors are handed out through _QKVSlices (a model in eval mode called without torch.no_grad copies nothing);
+    in training, where each optimizer step changes the parameters, inference tensors (no version counter) and
+    while compiling, they are concatenated at every call and nothing is kept."""
 
     def __init__(self, linears: tuple[nn.Linear, nn.Linear, nn.Linear]):
         self.linears = self.modules = linears
@@ -144,12 +163,13 @@ class _QKVFusion:
         return torch.cat(weights, 0), torch.cat([present.new_zeros(w.shape[0]) if b is None else b
                                                  for w, b in zip(weights, biases)])
 
-    def weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The fused [3H, H] weight and [3H] bias (None where the linears have no bias)."""
+    def weights(self, training: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fused [3H, H] weight and [3H] bias (None where the linears have no bias). training: the model is in
+        training mode (nothing is kept for parameters that autograd reaches)."""
         params = self._params()
         present = [p for p in params if p is not None]
-        if (torch.is_grad_enabled() and any(p.requires_grad for p in present)) or any(p.is_inference()
-                                                                                       for p in present):
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in present)
+        if (grad and (training or torch.compiler.is_compiling())) or any(p.is_inference() for p in present):
             self.drop()
             return self._fused(params)
         # the key is read before the parameters are: a write landing in between shows at the next call
@@ -163,6 +183,8 @@ class _QKVFusion:
                 weight, bias = self._fused([None if p is None else p.detach() for p in params])
             kept = (key, weight, bias, [StorageWeakRef(p.untyped_storage()) for p in present])
             self.kept = kept
+        if grad:
+            return _QKVSlices.apply(kept[1], kept[2], *params)
         return kept[1], kept[2]
 
 
@@ -175,7 +197,7 @@ class _FusedQKV:
         self.linear = linear
         self.modules = (linear,)
 
-    def weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def weights(self, training: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.linear.weight, self.linear.bias
 
 
@@ -331,7 +353,7 @@ class _SwapState:
                 if bias is None and weight is not None and layer_has_bias(self.config, part):
                     bias = weight.detach().new_zeros(weight.shape[0])
                 params += [weight, bias]
-            out.append(LayerWeights(*fusion.weights(), *params))
+            out.append(LayerWeights(*fusion.weights(base.training), *params))
         self.layer_norms = self._layer_norms(base)
         return out
 

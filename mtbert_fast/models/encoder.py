@@ -23,7 +23,9 @@ from mtbert_fast.models.int8 import (
     check_int8_dtype, check_model_dtype, check_smoothing, gram_passes, int8_layer_forward, int8_stack, quantize_layers,
 )
 from mtbert_fast.models.plain_modules import check_plain_module, refuse_hooks
-from mtbert_fast.models.weight_pack import ONEDNN_AMX_BF16, mkl_weight, onednn_dtype, onednn_weight, panel_weight
+from mtbert_fast.models.weight_pack import (
+    ONEDNN_AMX_BF16, mkl_weight, onednn_dtype, onednn_weight, panel_weight, settled,
+)
 from mtbert_fast.models.weight_pack import releases as pack_releases
 from mtbert_fast.ops import (
     attention_varlen, bias_gelu, bias_residual_layer_norm, dispatch, gather_rows, geglu, pad, rotary_qk, rotary_tables,
@@ -542,7 +544,7 @@ def embed_packed(
     if w.project_weight is None:
         return x
     project = (w.project_weight, w.project_bias)
-    return _Linear(_onednn_ok(x, project, backend), backend)(x, *project)
+    return _linear_for(x, project, backend, training)(x, *project)
 
 
 def _one_call_embeddings(config: EncoderConfig, w: EmbeddingWeights, packed: PackedBatch,
@@ -605,11 +607,14 @@ def _residual_norm(a, bias, residual, weight, beta, eps, p, training, backend, p
 
 
 # oneDNN's linear: on CPUs where MKL's sgemm does not use AVX-512 it runs fp32 products ~2x faster, and it
-# applies GELU to the fp32 accumulators before the single store. It has no autograd, so it serves inference.
+# applies GELU to the fp32 accumulators before the single store. It has no autograd: it serves inference, and the
+# forward of _PackedProduct.
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _onednn_ok(x: torch.Tensor, w: Sequence[torch.Tensor | None], backend: str | None) -> bool:
+def _packed_products_ok(x: torch.Tensor, w: Sequence[torch.Tensor | None], backend: str | None) -> bool:
+    """Whether the products on packed weights (panel_linear, MKL's packed sgemm, oneDNN) compute what F.linear would
+    for x and the weights w: CPU float tensors of one dtype, the auto or cpu backend, no autocast, no tracing."""
     w = [t for t in w if t is not None]
     if not _ONEDNN_LINEAR or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         return False
@@ -617,18 +622,74 @@ def _onednn_ok(x: torch.Tensor, w: Sequence[torch.Tensor | None], backend: str |
         return False
     # autocast does not reach oneDNN's op, and that op takes one dtype for activations and weights; inductor lowers
     # it only for weights frozen into the graph as constants, so compiled code takes F.linear
-    if torch.is_autocast_enabled("cpu") or any(t.dtype != x.dtype for t in w) or torch.compiler.is_compiling():
-        return False
-    return not (torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in w)))
+    return not (torch.is_autocast_enabled("cpu") or any(t.dtype != x.dtype for t in w)
+                or torch.compiler.is_compiling())
+
+
+def _records(x: torch.Tensor, w: Sequence[torch.Tensor | None]) -> bool:
+    """Whether autograd records a product of x and w."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in w))
+
+
+def _onednn_ok(x: torch.Tensor, w: Sequence[torch.Tensor | None], backend: str | None) -> bool:
+    """_packed_products_ok, with nothing for autograd to record."""
+    return _packed_products_ok(x, w, backend) and not _records(x, w)
+
+
+def _linear_for(x: torch.Tensor, w: Sequence[torch.Tensor | None], backend: str | None, training: bool) -> _Linear:
+    """The products of x with the weights w: on packed weights in inference; where autograd records them outside
+    training (a model in eval mode called without torch.no_grad), on packed weights through _PackedProduct for the
+    weights that are settled (unchanged since the call before: no optimizer steps between calls); by F.linear
+    otherwise (in training each optimizer step would make every pack anew)."""
+    if not _packed_products_ok(x, w, backend):
+        return _Linear(False, backend)
+    if not _records(x, w):
+        return _Linear(True, backend)
+    return _Linear(False, backend, autograd=not training)
+
+
+def _pack_source(w: torch.Tensor) -> torch.Tensor:
+    """w, or the tensor w views where w is all of it: the packs are kept per tensor, and a swapped model's fused QKV
+    weight reaches autograd as a new view of its kept concatenation at every call (see the HF integration)."""
+    base = w._base
+    if (base is not None and base.shape == w.shape and base.stride() == w.stride()
+            and base.storage_offset() == w.storage_offset()):
+        return base
+    return w
+
+
+class _PackedProduct(torch.autograd.Function):
+    """x @ W.T (+ bias) computed on W's packed forms, differentiated as F.linear: the backward multiplies the
+    gradient by the plain weight and by x."""
+
+    @staticmethod
+    def forward(x, weight, bias, linear):
+        return linear._cpu(x, _pack_source(weight), bias, None)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, _ = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_weight, need_bias, _ = ctx.needs_input_grad
+        grad_x = grad.matmul(weight) if need_x else None
+        grad_weight = grad.t().matmul(x) if need_weight else None
+        grad_bias = grad.sum(0) if need_bias and ctx.has_bias else None
+        return grad_x, grad_weight, grad_bias, None
 
 
 class _Linear:
-    """x @ W.T (+ bias) (GELU): in inference on the CPU by panel_linear for inputs of few rows and by oneDNN for the
-    others, or by MKL's packed sgemm up to the rows mkl_linear.encoder_rows() gives (weights pre-packed
-    for each, see weight_pack), by F.linear and the fused ops otherwise."""
+    """x @ W.T (+ bias) (GELU): on the CPU by panel_linear for inputs of few rows and by oneDNN for the others, or
+    by MKL's packed sgemm up to the rows mkl_linear.encoder_rows() gives (weights pre-packed for each, see
+    weight_pack), in inference (packed) and, through _PackedProduct, where autograd records them (autograd); by
+    F.linear and the fused ops otherwise."""
 
-    def __init__(self, onednn: bool, backend: str | None):
-        self.onednn, self.backend = onednn, backend
+    def __init__(self, onednn: bool, backend: str | None, autograd: bool = False):
+        self.onednn, self.backend, self.autograd = onednn, backend, autograd
 
     def _cpu(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str | None):
         """approximate: GELU's form, None for no GELU."""
@@ -665,12 +726,14 @@ class _Linear:
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.onednn:
             return self._cpu(x, weight, bias, None)
+        if self.autograd and settled(_pack_source(weight)):
+            return _PackedProduct.apply(x, weight, bias, self)
         return F.linear(x, weight, bias)
 
     def gelu(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
         if self.onednn:
             return self._cpu(x, weight, bias, approximate)
-        return bias_gelu(F.linear(x, weight), bias, approximate, backend=self.backend)
+        return bias_gelu(self(x, weight), bias, approximate, backend=self.backend)
 
 
 def _ignore(product: str, x: torch.Tensor) -> None:
@@ -697,7 +760,7 @@ def layer_forward(
     t, h = x.shape
     eps, p = config.layer_norm_eps, config.hidden_dropout_prob
     scale = config.attention_scale
-    linear = _Linear(_onednn_ok(x, w, backend), backend)
+    linear = _linear_for(x, w, backend, training)
     observe = observe or _ignore
     observe("qkv", x)
     qkv = linear(x, w.qkv_weight, w.qkv_bias).view(t, 3, config.num_attention_heads, config.head_dim)
@@ -766,7 +829,7 @@ def pre_norm_layer_forward(
     config.window of each token."""
     t, h = x.shape
     eps = config.layer_norm_eps
-    linear = _Linear(_onednn_ok(x, w, backend), backend)
+    linear = _linear_for(x, w, backend, training)
     a = x if w.attn_norm_weight is None else F.layer_norm(x, (h,), w.attn_norm_weight, w.attn_norm_bias, eps)
     qkv = linear(a, w.qkv_weight, w.qkv_bias).view(t, 3, config.num_attention_heads, config.head_dim)
     qkv = rotary_qk(qkv, *rotary.tables[layer_type], rotary.positions, backend=backend)
@@ -1086,7 +1149,7 @@ def encode(
 
     pooled = None
     if pooler is not None:
-        linear = _Linear(_onednn_ok(x, pooler, backend), backend)
+        linear = _linear_for(x, pooler, backend, training)
         pooled = torch.tanh(linear(packed.first_tokens(x), *pooler))
     return EncoderOutput(
         pooler_output=pooled,

@@ -14,7 +14,9 @@ released by hand:
   - inference tensors (made under torch.inference_mode) have no version counter, so they are never packed;
   - writes through `w.data` bypass the version counter, as they bypass autograd: call `release_packs()` after them.
 
-Packs are for inference only (neither product has autograd); the encoder uses them exactly where it uses those ops.
+The products on packs have no autograd: the encoder uses them in inference and, in eval mode, as the forward of products
+that autograd records (their backward reads the plain weight), for weights that are `settled` (unchanged since the
+call before).
 A pack costs one more copy of the weight's memory, freed with the weight.
 
 oneDNN multiplies bf16 on bf16 instructions only where the CPU has AVX512-BF16, AMX or AVX-NE-CONVERT; on other
@@ -70,6 +72,8 @@ class _Pack(NamedTuple):
 # when the weight dies, before its id can be reused. Plain dictionary reads: a WeakIdKeyDictionary lookup builds a key
 # object.
 _packs: dict[str, dict[int, tuple[weakref.ref, _Pack]]] = {"onednn": {}, "panels": {}, "mkl": {}}
+# the layout each weight had when settled() last read it: id -> (weak reference, layout)
+_looked: dict[int, tuple[weakref.ref, tuple]] = {}
 # how many times release_packs has run: what holds packs beyond this module (the encoder's layer caches) drops them
 # when it changes
 _releases = 0
@@ -101,6 +105,22 @@ def _cached(kind: str, w: torch.Tensor, make, made_for: tuple = ()) -> torch.Ten
         pack = _Pack(StorageWeakRef(w.untyped_storage()), layout, packed)
         cache[key] = (weakref.ref(w, lambda _, key=key: cache.pop(key, None)), pack)
     return pack.packed
+
+
+def settled(w: torch.Tensor) -> bool:
+    """Whether `w` is as the last settled(w) found it: the same storage, offset, shape, strides and version, and no
+    release_packs() since. The encoder packs a weight that autograd reaches only once it is settled, so that a model
+    stepped by an optimizer between calls in eval mode does not make every pack anew at every call. An inference
+    tensor (no version counter) is never settled."""
+    if w.is_inference():
+        return False
+    key = id(w)
+    entry = _looked.get(key)
+    layout = _layout(w) + (_releases, w.untyped_storage()._cdata)
+    if entry is not None and entry[0]() is w and entry[1] == layout:
+        return True
+    _looked[key] = (weakref.ref(w, lambda _, key=key: _looked.pop(key, None)), layout)
+    return False
 
 
 def onednn_dtype(dtype: torch.dtype) -> torch.dtype:

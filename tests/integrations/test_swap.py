@@ -36,7 +36,7 @@ from transformers import (
 
 import mtbert_fast
 from mtbert_fast import FastBertModel, is_swapped, swap, unswap
-from mtbert_fast.models import UnsupportedModelError
+from mtbert_fast.models import UnsupportedModelError, weight_pack
 from mtbert_fast.ops import BackendUnavailable, dispatch
 
 pytestmark = pytest.mark.usefixtures("one_thread_unless_marked")
@@ -1119,3 +1119,49 @@ def test_dropout_rates_follow_the_modules(family, request, make_hf, ragged_batch
     model.eval()
     with torch.no_grad():  # inference applies no dropout: nothing to refuse
         model(ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", list(_DROPOUT_FAMILIES))
+def test_eval_calls_with_autograd_match_hf(family, dtype, request, make_hf, ragged_batch, assert_grad_close,
+                                           assert_tokens_close, assert_low_precision_error):
+    """A model in eval mode called with autograd on: the first call multiplies the plain weights, later ones (the
+    weights unchanged) their packs; each call's output and gradients are HF's (bf16: within twice HF's own bf16
+    error of the fp32 result)."""
+    import transformers
+
+    fixture, cls = _DROPOUT_FAMILIES[family]
+    cls = getattr(transformers, cls) if isinstance(cls, str) else cls
+    config = request.getfixturevalue(fixture)()
+    ref32 = make_hf(cls, config)
+    ref = copy.deepcopy(ref32).to(dtype)
+    model = swap(copy.deepcopy(ref))
+    ids, mask = ragged_batch(config, [6, 13])
+    w = torch.randn(*ids.shape, config.hidden_size, generator=torch.Generator().manual_seed(2)) * mask[..., None]
+
+    def grads(m):
+        m.zero_grad()
+        out = m(ids, attention_mask=mask).last_hidden_state
+        (out.float() * w).sum().backward()
+        return out.detach().float(), {name: p.grad for name, p in m.named_parameters() if p.grad is not None}
+
+    want32, grads32 = grads(ref32)
+    want, hf_grads = grads(ref)
+    weight_pack.release_packs()
+    for call in range(2):
+        out, got = grads(model)
+        packs = sum(weight_pack.pack_count(kind) for kind in ("onednn", "panels", "mkl"))
+        assert (packs > 0) == (call > 0 and weight_pack.AVAILABLE), f"call {call}: {packs} packs"
+        assert got.keys() == hf_grads.keys(), f"call {call}"
+        if dtype == torch.float32:
+            assert_tokens_close(out, want, mask, zero_padding=False)
+            for name, grad in hf_grads.items():
+                if grad.abs().max() < 1e-7:  # the key bias's, zero in exact arithmetic: rounding noise on both sides
+                    assert got[name].abs().max() < 1e-7, f"call {call}: {name}"
+                else:
+                    assert_grad_close(got[name], grad, what=f"call {call}: {name}")
+        else:
+            assert_low_precision_error(out, want, want32, mask, what=f"call {call}: output")
+            for name, grad in grads32.items():
+                assert_low_precision_error(got[name].float(), hf_grads[name].float(), grad,
+                                           what=f"call {call}: {name}")

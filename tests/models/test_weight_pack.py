@@ -14,6 +14,7 @@ from transformers import BertForSequenceClassification, BertModel
 
 from mtbert_fast import FastBertModel, swap
 from mtbert_fast.models import encoder, weight_pack
+from mtbert_fast.models.hf_mapping import fast_state_dict_from_hf
 from mtbert_fast.models.weight_pack import onednn_dtype, onednn_weight, pack_count, panel_weight, release_packs
 from mtbert_fast.ops import mkl_linear, reference
 from mtbert_fast.ops.mkl_linear import available as mkl_available
@@ -195,6 +196,22 @@ def test_nothing_is_packed_while_torch_compile_traces(monkeypatch):
     assert pack_count("onednn") == pack_count("panels") == 0
 
 
+def test_a_weight_is_settled_once_unchanged_since_the_call_before():
+    w = torch.randn(32, 16)
+    assert not weight_pack.settled(w) and weight_pack.settled(w) and weight_pack.settled(w)
+    with torch.no_grad():
+        w.add_(1.0)  # an optimizer step between calls
+    assert not weight_pack.settled(w) and weight_pack.settled(w)
+    w.data = torch.randn(32, 16)
+    assert not weight_pack.settled(w) and weight_pack.settled(w)
+    release_packs()
+    assert not weight_pack.settled(w) and weight_pack.settled(w)
+    assert not weight_pack.settled(w[:8]) and not weight_pack.settled(torch.randn(32, 16))
+    with torch.inference_mode():
+        frozen = torch.randn(32, 16)
+    assert not weight_pack.settled(frozen) and not weight_pack.settled(frozen)
+
+
 def test_pack_is_freed_with_its_weight():
     w = torch.randn(32, 16)
     onednn_weight(w)
@@ -333,6 +350,81 @@ def test_eval_sees_a_training_step(kind, optimizer, route, bert_config, make_hf,
         fresh = copy.deepcopy(fast)(ids, mask).last_hidden_state
     assert (after - before)[mask.bool()].abs().max() > 1e-3
     assert_tokens_close(after, fresh, mask, atol=0.0)
+
+
+def _model(kind, hf):
+    return FastBertModel.from_hf(hf) if kind == "fast" else swap(copy.deepcopy(hf))
+
+
+@pytest.mark.parametrize("kind", ["fast", "swapped"])
+def test_eval_with_autograd_runs_on_packs_made_once(kind, route, bert_config, make_hf, ragged_batch,
+                                                     assert_tokens_close, assert_grad_close):
+    """A model in eval mode called with autograd on (no torch.no_grad) runs its products on packs once its weights
+    are the same as at the call before, and keeps them for the next calls (the swapped model's query/key/value
+    concatenation too), with HF's outputs and gradients; in training mode nothing is packed or kept (every
+    optimizer step would make them anew)."""
+    config = bert_config()
+    hf = make_hf(BertModel, config)
+    model = _model(kind, hf)
+    ids, mask = _batch(ragged_batch, config)
+    model(ids, mask)
+    assert pack_count(route) == 0
+    first = model(ids, mask).last_hidden_state
+    packs = pack_count(route)
+    assert packs == 4 * config.num_hidden_layers + 1  # and the pooler's
+    fusion = None if kind == "fast" else model._mtbert_fast_swap.qkv[0]
+    kept = None if fusion is None else fusion.kept[1]
+    out = model(ids, mask)
+    assert pack_count(route) == packs and (fusion is None or fusion.kept[1] is kept)
+    want = hf(ids, attention_mask=mask)
+    assert_tokens_close(out.last_hidden_state.detach(), want.last_hidden_state.detach(), mask)
+    assert torch.equal(first, out.last_hidden_state)
+    g = torch.Generator().manual_seed(1)
+    w_tokens = torch.randn(*ids.shape, config.hidden_size, generator=g) * mask[..., None]
+
+    def loss(o):
+        return (o.last_hidden_state * w_tokens).sum() / mask.sum() + o.pooler_output.square().mean()
+
+    loss(out).backward()
+    loss(want).backward()
+    hf_grads = {name: p.grad for name, p in hf.named_parameters()}
+    if kind == "fast":
+        expected = fast_state_dict_from_hf(hf_grads, model.config, has_pooler=True)
+    else:
+        expected = hf_grads
+    got = dict(model.named_parameters())
+    assert set(got) == set(expected)
+    for name, grad in expected.items():
+        assert_grad_close(got[name].grad, grad, what=name)
+
+    release_packs()
+    model.train()(ids, mask).last_hidden_state.square().mean().backward()
+    assert pack_count(route) == 0 and (fusion is None or model._mtbert_fast_swap.qkv[0].kept is None)
+
+
+@pytest.mark.parametrize("kind", ["fast", "swapped"])
+def test_eval_mode_steps_match_hf(kind, route, bert_config, make_hf, ragged_batch, assert_tokens_close):
+    """Optimizer steps taken in eval mode (fine-tuning without dropout) follow HF's step for step, and pack nothing
+    while the weights change at every step; calls after the steps run on packs of the weights the last step left."""
+    config = bert_config()
+    hf = make_hf(BertModel, config)
+    model = _model(kind, hf)
+    ids, mask = _batch(ragged_batch, config)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (hf, model)]
+    for _ in range(3):
+        outs = []
+        for m, opt in zip((hf, model), opts):
+            opt.zero_grad()
+            out = m(ids, attention_mask=mask)
+            ((out.last_hidden_state * mask[..., None]).square().mean() + out.pooler_output.square().mean()).backward()
+            opt.step()
+            outs.append(out.last_hidden_state.detach())
+        assert_tokens_close(outs[1], outs[0], mask)
+    assert pack_count(route) == 0
+    want = hf(ids, attention_mask=mask).last_hidden_state
+    for _ in range(2):
+        assert_tokens_close(model(ids, attention_mask=mask).last_hidden_state.detach(), want.detach(), mask)
+    assert pack_count(route) == 4 * config.num_hidden_layers + 1
 
 
 def test_fast_model_sees_to_dtype(route, bert_config, make_hf, ragged_batch, assert_tokens_close):
