@@ -48,6 +48,13 @@ class UnsupportedModelError(ValueError):
     """The model uses a feature the fast encoder does not implement; the message names what is supported."""
 
 
+# EncoderConfig's integer sizes and the least value each takes; the optional ones may be None
+_SIZES = {"vocab_size": 1, "hidden_size": 1, "num_hidden_layers": 0, "num_attention_heads": 1, "intermediate_size": 1,
+          "max_position_embeddings": 0, "type_vocab_size": 0, "embedding_size": 1}
+_OPTIONAL_SIZES = {"embedding_size"}
+_RATES = ("hidden_dropout_prob", "attention_probs_dropout_prob", "embedding_dropout_prob")
+
+
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
     """Sizes and options of a BERT-family encoder, as in an HF config.json.
@@ -105,6 +112,7 @@ class EncoderConfig:
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise UnsupportedModelError(f"model family {self.family!r} is not supported; supported: {FAMILIES}")
+        self._check_sizes()
         if self.embedding_size is not None and self.family != "electra":
             raise ValueError(f"embedding_size is an ELECTRA option; a {self.family} model embeds in hidden_size")
         if self.family != "deberta" and (self.type_vocab_size == 0) != (self.family in NO_TOKEN_TYPES):
@@ -127,6 +135,26 @@ class EncoderConfig:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
             )
+
+    def _check_sizes(self) -> None:
+        """Sizes are integers (at least 1 where a table or a product needs one row or feature), rates are in
+        [0, 1] and layer_norm_eps is a number >= 0: a config.json written by hand is named here, not deep in a
+        forward."""
+        for name, least in _SIZES.items():
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL_SIZES:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        for name in _RATES:
+            value = getattr(self, name)
+            if value is None and name == "embedding_dropout_prob":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0.0:
+            raise ValueError(f"layer_norm_eps must be a number >= 0, got {eps!r}")
 
     def _check_modernbert(self) -> None:
         modern = self.family == "modernbert"

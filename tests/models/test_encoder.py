@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -726,3 +727,17 @@ def test_modules_are_read_not_called(bert_config, make_hf, ragged_batch, adapted
         with torch.no_grad():
             model(ids, attention_mask=mask)
             replacement.register_forward_hook(lambda module, args, out: out)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("num_attention_heads", 0), ("hidden_size", "32"), ("hidden_size", 0), ("num_hidden_layers", -1),
+    ("num_hidden_layers", 2.0), ("intermediate_size", None), ("vocab_size", True), ("max_position_embeddings", -1),
+    ("type_vocab_size", -2), ("hidden_dropout_prob", 1.5), ("attention_probs_dropout_prob", "0.1"),
+    ("layer_norm_eps", -1e-12), ("layer_norm_eps", float("nan")), ("layer_norm_eps", "1e-12"),
+])
+def test_config_sizes_and_rates_are_checked_by_name(field, value):
+    """A config written by hand with a size that is no integer (or too small), a rate outside [0, 1] or an eps
+    below 0 is refused at once, naming the field and the value, instead of failing inside a forward."""
+    with pytest.raises(ValueError, match=rf"^{field} must be .*, got {re.escape(repr(value))}$"):
+        EncoderConfig(**{**dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=50),
+                         field: value})
