@@ -1438,8 +1438,8 @@ at::Tensor checked_pos_index(const char* op, const at::Tensor& qkv, const std::o
   at::Tensor index = pos_index->contiguous();
   const int32_t* c = index.data_ptr<int32_t>();
   for (int64_t k = 0; k < index.numel(); ++k)
-    TORCH_CHECK(c[k] >= 0 && c[k] < width, op, ": pos_index holds ", c[k], ", outside the tables' columns [0, ",
-                width, ")");
+    TORCH_CHECK_VALUE(c[k] >= 0 && c[k] < width, op, ": pos_index holds ", c[k],
+                      ", outside the tables' columns [0, ", width, ")");
   return index;
 }
 

@@ -108,8 +108,8 @@ Inputs check_inputs(const char* op, const at::Tensor& hidden, const at::Tensor& 
   const int64_t* l = lab.data_ptr<int64_t>();
   for (int64_t r = 0; r < in.rows; ++r) {
     if (l[r] == ignore_index) continue;
-    TORCH_CHECK(l[r] >= 0 && l[r] < in.vocab, op, ": label ", l[r], " at row ", r, " is outside [0, ", in.vocab,
-                ") and is not ignore_index (", ignore_index, ")");
+    TORCH_CHECK_VALUE(l[r] >= 0 && l[r] < in.vocab, op, ": label ", l[r], " at row ", r, " is outside [0, ",
+                      in.vocab, ") and is not ignore_index (", ignore_index, ")");
     in.kept.push_back(r);
   }
   in.kept_index = at::tensor(in.kept, labels.options().dtype(at::kLong));

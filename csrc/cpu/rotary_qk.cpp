@@ -67,8 +67,8 @@ at::Tensor rotary_qk_cpu(const at::Tensor& qkv, const at::Tensor& cos, const at:
     AT_DISPATCH_INDEX_TYPES(pc.scalar_type(), "rotary_qk", [&] {
       const index_t* pos = pc.const_data_ptr<index_t>();
       for (int64_t t = 0; t < N; ++t) {
-        TORCH_CHECK(pos[t] >= 0 && pos[t] < P, op, ": positions[", t, "] = ", pos[t], " is outside the ", P,
-                    " positions of the cos/sin tables");
+        TORCH_CHECK_VALUE(pos[t] >= 0 && pos[t] < P, op, ": positions[", t, "] = ", pos[t], " is outside the ", P,
+                          " positions of the cos/sin tables");
       }
       rotary_kernel<T, index_t>(xc.const_data_ptr<T>(), cc.const_data_ptr<float>(), sc.const_data_ptr<float>(), pos,
                                 out.mutable_data_ptr<T>(), N, H, D, inverse);

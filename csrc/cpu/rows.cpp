@@ -68,8 +68,8 @@ at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& indices) {
   const int64_t N = indices.size(0);
   const int64_t* index = ic.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < N; ++i) {
-    TORCH_CHECK(index[i] >= 0 && index[i] < R, "gather_rows: indices[", i, "] = ", index[i],
-                " is out of range for x with ", R, " rows (shape ", x.sizes(), ")");
+    TORCH_CHECK_VALUE(index[i] >= 0 && index[i] < R, "gather_rows: indices[", i, "] = ", index[i],
+                      " is out of range for x with ", R, " rows (shape ", x.sizes(), ")");
   }
 
   std::vector<int64_t> sizes = x.sizes().vec();
@@ -98,10 +98,10 @@ at::Tensor scatter_rows_cpu(const at::Tensor& x, const at::Tensor& indices, int6
   std::vector<int64_t> source(num_rows, -1);
   for (int64_t i = 0; i < N; ++i) {
     const int64_t r = index[i];
-    TORCH_CHECK(r >= 0 && r < num_rows, "scatter_rows: indices[", i, "] = ", r, " is out of range for num_rows = ",
-                num_rows);
-    TORCH_CHECK(source[r] < 0, "scatter_rows: indices must be distinct, but indices[", source[r], "] and indices[", i,
-                "] are both ", r);
+    TORCH_CHECK_VALUE(r >= 0 && r < num_rows, "scatter_rows: indices[", i, "] = ", r,
+                      " is out of range for num_rows = ", num_rows);
+    TORCH_CHECK_VALUE(source[r] < 0, "scatter_rows: indices must be distinct, but indices[", source[r],
+                      "] and indices[", i, "] are both ", r);
     source[r] = i;
   }
 

@@ -94,7 +94,7 @@ void check_lookups(const char* what, const I* ids, const int64_t* slots, int64_t
   for (int64_t n = 0; n < N; ++n) {
     const int64_t slot = slots != nullptr ? slots[n] : n;
     const int64_t id = static_cast<int64_t>(ids[slot]);
-    TORCH_CHECK_INDEX(id >= 0 && id < rows, kOp, ": ", what, "[", slot / L, ", ", slot % L, "] = ", id,
+    TORCH_CHECK_VALUE(id >= 0 && id < rows, kOp, ": ", what, "[", slot / L, ", ", slot % L, "] = ", id,
                       " is outside the table's ", rows, " rows");
   }
 }
@@ -138,12 +138,12 @@ at::Tensor token_embeddings_cpu(
   const at::Tensor slots_c = indices.has_value() ? indices->contiguous() : at::Tensor();
   const int64_t* slots = indices.has_value() ? slots_c.const_data_ptr<int64_t>() : nullptr;
   for (int64_t n = 0; n < N && slots != nullptr; ++n) {
-    TORCH_CHECK_INDEX(slots[n] >= 0 && slots[n] < B * L, kOp, ": indices[", n, "] = ", slots[n],
+    TORCH_CHECK_VALUE(slots[n] >= 0 && slots[n] < B * L, kOp, ": indices[", n, "] = ", slots[n],
                       " is outside the ", B, " x ", L, " input_ids");
   }
   if (position.has_value()) {
     // a slot's position is its column: every column of a row of L must have its row in the table
-    TORCH_CHECK_INDEX(L <= position->size(0), kOp, ": input_ids has ", L, " columns but the position table only ",
+    TORCH_CHECK_VALUE(L <= position->size(0), kOp, ": input_ids has ", L, " columns but the position table only ",
                       position->size(0), " rows");
   }
   const at::Tensor ids_c = input_ids.contiguous();

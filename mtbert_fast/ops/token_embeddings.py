@@ -59,7 +59,7 @@ def token_embeddings(input_ids: torch.Tensor, indices: torch.Tensor | None, toke
     input_ids [B, L] int64 or int32; indices int64 [T], slots of the flattened [B * L] (unpad_indices), or None for
     every slot in order; token_type_ids like input_ids, or None for type 0; word [V, E]; position [P, E] or None (no
     absolute positions), a token's position its column in input_ids; token_type [TT, E] or None; weight, bias [E] in
-    word's dtype or float32, bias None for none. An id, type or position outside its table is an IndexError naming
+    word's dtype or float32, bias None for none. An id, type or position outside its table is a ValueError naming
     it. The sum (word + token type) + position is formed in fp32, where the modules add in their dtype.
     """
     _check(input_ids, indices, token_type_ids, word, position, token_type, weight, bias)

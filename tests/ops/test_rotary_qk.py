@@ -122,7 +122,7 @@ def test_out_of_range_position_never_reads_another_row(backend):
     cos, sin = rotary_tables(8, 10, 10000.0)
     qkv, cos, sin, pos = backend.to(rand(3, 3, 2, 8), cos, sin, torch.tensor([0, 10, 2]))
     if backend.name == "cpu":
-        with pytest.raises(RuntimeError, match=r"positions\[1\] = 10 is outside the 10 positions"):
+        with pytest.raises(ValueError, match=r"positions\[1\] = 10 is outside the 10 positions"):
             backend.forward(qkv, cos, sin, pos, False)
         return
     out = backend.forward(qkv, cos, sin, pos, False)
@@ -139,7 +139,7 @@ def test_cpu_kernel_checks_name_the_op_and_tensor():
     qkv, pos = rand(4, 3, 2, 8), _positions([4])
     with pytest.raises(RuntimeError, match=r"rotary_qk: cos.size\(1\) must be 4"):
         op(qkv, cos[:, :3], sin[:, :3], pos, False)
-    with pytest.raises(RuntimeError, match=r"rotary_qk: positions\[3\] = 12 is outside the 10 positions"):
+    with pytest.raises(ValueError, match=r"rotary_qk: positions\[3\] = 12 is outside the 10 positions"):
         op(qkv, cos, sin, torch.tensor([0, 1, 2, 12]), False)
     with pytest.raises(RuntimeError, match="rotary_qk: qkv must be float32 or bfloat16"):
         op(qkv.double(), cos, sin, pos, False)

@@ -85,17 +85,17 @@ def test_cpu_kernel_bad_indices():
     gather = lambda *args: torch.ops.mtbert_fast.gather_rows(*args, backend="cpu")  # noqa: E731
     scatter = lambda *args: torch.ops.mtbert_fast.scatter_rows(*args, backend="cpu")  # noqa: E731
     x = rand(5, 4)
-    with pytest.raises(RuntimeError, match=r"gather_rows: indices\[1\] = 5 is out of range for x with 5 rows"):
+    with pytest.raises(ValueError, match=r"gather_rows: indices\[1\] = 5 is out of range for x with 5 rows"):
         gather(x, torch.tensor([0, 5]))
-    with pytest.raises(RuntimeError, match=r"indices\[1\] = 3 is out of range"):
+    with pytest.raises(ValueError, match=r"indices\[1\] = 3 is out of range"):
         ops.gather_rows(x[:3], torch.tensor([0, 3]), backend="cpu")
-    with pytest.raises(RuntimeError, match=r"gather_rows: indices\[0\] = -1 is out of range"):
+    with pytest.raises(ValueError, match=r"gather_rows: indices\[0\] = -1 is out of range"):
         gather(x, torch.tensor([-1]))
     with pytest.raises(RuntimeError, match="gather_rows: indices must be Long"):
         gather(x, torch.tensor([0], dtype=torch.int32))
-    with pytest.raises(RuntimeError, match=r"scatter_rows: indices\[2\] = 9 is out of range for num_rows = 6"):
+    with pytest.raises(ValueError, match=r"scatter_rows: indices\[2\] = 9 is out of range for num_rows = 6"):
         scatter(x[:3], torch.tensor([0, 1, 9]), 6)
-    with pytest.raises(RuntimeError, match=r"indices must be distinct, but indices\[0\] and indices\[2\] are both 3"):
+    with pytest.raises(ValueError, match=r"indices must be distinct, but indices\[0\] and indices\[2\] are both 3"):
         scatter(x[:3], torch.tensor([3, 1, 3]), 6)
     with pytest.raises(RuntimeError, match=r"scatter_rows: indices.size\(0\) must be 5"):
         scatter(x, torch.tensor([0, 1]), 6)

@@ -122,7 +122,7 @@ def test_an_id_outside_its_table_is_named(backend, bad, message):
     elif bad == "index":
         indices[3] = 24
     word, position, token_type = _tables(8, torch.float32)
-    with pytest.raises(IndexError, match=message):
+    with pytest.raises(ValueError, match=message):
         ops.token_embeddings(*backend.to(input_ids, indices, token_type_ids, word, position, token_type,
                                          torch.ones(8), torch.zeros(8)), backend=backend.name)
 

@@ -97,7 +97,7 @@ def _counted_rows(labels: torch.Tensor, ignore_index: int, vocab: int) -> tuple[
     kept_labels = labels.index_select(0, kept)
     if kept_labels.numel() and bool(((kept_labels < 0) | (kept_labels >= vocab)).any()):
         bad = kept_labels[(kept_labels < 0) | (kept_labels >= vocab)][0].item()
-        raise RuntimeError(
+        raise ValueError(
             f"mlm_gather_loss: label {bad} is outside [0, {vocab}) and is not ignore_index ({ignore_index})"
         )
     return kept, kept_labels
