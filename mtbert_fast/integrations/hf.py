@@ -26,7 +26,8 @@ from mtbert_fast.models.encoder import (
     encode, quantize_encoder, refuse_graph_capture,
 )
 from mtbert_fast.models.hf_mapping import (
-    HF_PREFIXES, LAYOUTS, HfLayout, check_layer_norm_eps, hf_encoder_keys, layer_has_bias, shared_layer_norm_eps,
+    HF_PREFIXES, LAYOUTS, HfLayout, check_layer_norm_eps, hf_encoder_keys, layer_has_bias, qkv_part_shape,
+    shared_layer_norm_eps,
 )
 from mtbert_fast.models.int8 import DEFAULT_SMOOTHING, STORAGE_ADDRESS, check_model_dtype
 from mtbert_fast.models.plain_modules import (
@@ -94,7 +95,7 @@ def _check_encoder_modules(base: nn.Module, config: EncoderConfig, layout: HfLay
 
 def _check_qkv_shape(config: EncoderConfig, layout: HfLayout, path: str, module: nn.Module) -> None:
     h = config.hidden_size
-    want = (h * 3 // len(layout.qkv), h)
+    want = qkv_part_shape(config, len(layout.qkv))
     if tuple(module.weight.shape) != want:
         raise UnsupportedModelError(
             f"{path}.weight has shape {list(module.weight.shape)}, where hidden_size {h} asks for {list(want)}: "

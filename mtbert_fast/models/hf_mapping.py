@@ -215,6 +215,13 @@ def _qkv_kinds(config: EncoderConfig) -> tuple[str, ...]:
     return _kinds(config.attention_bias)
 
 
+def qkv_part_shape(config: EncoderConfig, parts: int, kind: str = "weight") -> tuple[int, ...]:
+    """The shape of each of the `parts` linears that hold a layer's query/key/value `kind` ("weight" or "bias"):
+    three of [H, H] for separate query, key and value, one of [3H, H] for a fused Wqkv."""
+    h = config.hidden_size
+    return (3 * h // parts, h) if kind == "weight" else (3 * h // parts,)
+
+
 def _qkv_keys(config: EncoderConfig, i: int, kind: str) -> list[str]:
     layout = LAYOUTS[config.family]
     return [f"{layout.layers}.{i}.{name}.{kind}" for name in layout.qkv]
@@ -282,7 +289,7 @@ def fast_state_dict_from_hf(
     for i in range(config.num_hidden_layers):
         for kind in _qkv_kinds(config):
             keys = _qkv_keys(config, i, kind)
-            want = (3 * h // len(keys), h) if kind == "weight" else (3 * h // len(keys),)
+            want = qkv_part_shape(config, len(keys), kind)
             for key in keys:  # each on its own: parts of other shapes could still concatenate to the fused one's
                 if tuple(take(key).shape) != want:
                     raise ValueError(f"size mismatch for {key!r}: the checkpoint holds {list(take(key).shape)}, where "
