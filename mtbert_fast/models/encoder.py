@@ -1505,11 +1505,12 @@ class FastBertModel(nn.Module):
         task models (their encoder is taken).
         dtype=torch.qint8: int8 inference with activations in the HF model's float dtype (see `quantize`, which
         reads `calibration`)."""
-        from mtbert_fast.models.hf_mapping import check_layer_norm_eps, fast_state_dict_from_hf
+        from mtbert_fast.models.hf_mapping import fast_state_dict_from_hf, hf_layer_norm_eps
 
         base = getattr(hf_model, "base_model", hf_model)
         config = EncoderConfig.from_hf(base.config)
-        check_layer_norm_eps(base, config)
+        # the eps the modules hold, as HF's forward reads it (set on all of them by hand, it is not the config's)
+        config = dataclasses.replace(config, layer_norm_eps=hf_layer_norm_eps(base, config))
         has_pooler = getattr(base, "pooler", None) is not None
         state = fast_state_dict_from_hf(base.state_dict(), config, has_pooler=has_pooler)
         # copies: the fast model owns its weights, so changing or training it leaves the HF model as it was

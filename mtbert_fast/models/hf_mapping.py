@@ -227,16 +227,12 @@ def _qkv_keys(config: EncoderConfig, i: int, kind: str) -> list[str]:
     return [f"{layout.layers}.{i}.{name}.{kind}" for name in layout.qkv]
 
 
-def check_layer_norm_eps(base: nn.Module, config: EncoderConfig) -> None:
-    """Every LayerNorm of an HF base model runs the config's eps, which the fast encoder reads for all of them (HF's
-    modules each read their own, the same where the config built them); an eps set on a module by hand is refused by
-    name."""
-    for path, module in base.named_modules():
-        eps = getattr(module, "eps", None) if isinstance(module, nn.LayerNorm) else None
-        if eps is not None and eps != config.layer_norm_eps:
-            raise UnsupportedModelError(
-                f"{path} is a LayerNorm of eps {eps}, where the config's layer_norm_eps, which mtbert_fast's encoder "
-                f"runs for every LayerNorm, is {config.layer_norm_eps}: set one eps for all of them in the config")
+def hf_layer_norm_eps(base: nn.Module, config: EncoderConfig) -> float:
+    """The eps that every LayerNorm of an HF base model holds, which the fast encoder runs for all of them (HF's
+    modules each read their own): the config's where the model has no LayerNorm; LayerNorms of different eps are
+    refused by name (shared_layer_norm_eps)."""
+    eps = shared_layer_norm_eps(base.named_modules())
+    return config.layer_norm_eps if eps is None else eps
 
 
 def shared_layer_norm_eps(norms: Iterable[tuple[str, nn.Module]]) -> float | None:

@@ -893,16 +893,35 @@ def test_adapters_and_hooks_are_refused_by_name(bert_config, make_hf, adapted):
 
 
 def test_a_layer_norm_eps_set_by_hand_is_refused(bert_config, make_hf):
-    """The encoder runs the config's layer_norm_eps for every LayerNorm, where HF's modules read their own: a module
-    whose eps was set apart from the config is refused by name, by swap and by FastBertModel.from_hf."""
+    """The encoder runs one eps for every LayerNorm, where HF's modules read their own: a module whose eps was set
+    apart from the others is refused by name, by swap and by FastBertModel.from_hf."""
     model = make_hf(BertModel, bert_config())
     model.encoder.layer[1].output.LayerNorm.eps = 1e-2
-    match = r"encoder.layer.1.output.LayerNorm is a LayerNorm of eps 0.01, where the config's layer_norm_eps"
+    match = r"encoder.layer.1.output.LayerNorm is a LayerNorm of eps 0.01, where embeddings.LayerNorm holds 1e-12"
     with pytest.raises(UnsupportedModelError, match=match):
         swap(model)
     with pytest.raises(UnsupportedModelError, match=match):
         FastBertModel.from_hf(model)
     assert not is_swapped(model)
+
+
+def test_an_eps_set_on_every_layer_norm_before_the_swap_is_followed(bert_config, make_hf, ragged_batch,
+                                                                      assert_tokens_close):
+    """An eps set on every LayerNorm by hand, apart from the config's, is the one HF's forward runs: swap and
+    FastBertModel.from_hf run it too."""
+    config = bert_config()
+    ref = make_hf(BertModel, config)
+    for module in ref.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.eps = 0.5
+    ids, mask = ragged_batch(config, [7, 12])
+    fast = FastBertModel.from_hf(ref)
+    assert fast.config.layer_norm_eps == 0.5
+    model = swap(copy.deepcopy(ref))
+    with torch.no_grad():
+        want = ref(ids, attention_mask=mask).last_hidden_state
+        assert_tokens_close(model(ids, attention_mask=mask).last_hidden_state, want, mask)
+        assert_tokens_close(fast(ids, mask).last_hidden_state, want, mask)
 
 
 def test_layer_norm_eps_set_after_the_swap_is_followed(bert_config, make_hf, ragged_batch, assert_tokens_close):
