@@ -26,8 +26,7 @@ from mtbert_fast.models.encoder import (
     encode, quantize_encoder, refuse_graph_capture,
 )
 from mtbert_fast.models.hf_mapping import (
-    HF_PREFIXES, LAYOUTS, HfLayout, hf_encoder_keys, hf_layer_norm_eps, layer_has_bias, qkv_part_shape,
-    shared_layer_norm_eps,
+    HF_PREFIXES, LAYOUTS, HfLayout, hf_encoder_keys, layer_has_bias, qkv_part_shape, shared_layer_norm_eps,
 )
 from mtbert_fast.models.int8 import DEFAULT_SMOOTHING, STORAGE_ADDRESS, check_model_dtype
 from mtbert_fast.models.plain_modules import (
@@ -79,7 +78,7 @@ def _check_encoder_modules(base: nn.Module, config: EncoderConfig, layout: HfLay
         raise UnsupportedModelError(
             f"{type(base).__name__} has its own forward, set on the instance (as accelerate's hooks set one): the swap "
             "would replace it, and unswap would not bring it back; swap the model before such a forward is set")
-    hf_layer_norm_eps(base, config)  # LayerNorms of different eps refused here; each call reads the one they hold
+    shared_layer_norm_eps(base.named_modules())  # LayerNorms of different eps; each call reads the one they hold
     for path, module in base.named_modules():
         if module is not base:
             check_runs_plain(path, module)

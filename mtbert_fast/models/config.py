@@ -48,11 +48,15 @@ class UnsupportedModelError(ValueError):
     """The model uses a feature the fast encoder does not implement; the message names what is supported."""
 
 
-# EncoderConfig's integer sizes and the least value each takes; the optional ones may be None
+# EncoderConfig's integer sizes and the least value each takes, its dropout rates, and which of them may be None
 _SIZES = {"vocab_size": 1, "hidden_size": 1, "num_hidden_layers": 0, "num_attention_heads": 1, "intermediate_size": 1,
           "max_position_embeddings": 0, "type_vocab_size": 0, "embedding_size": 1}
-_OPTIONAL_SIZES = {"embedding_size"}
 _RATES = ("hidden_dropout_prob", "attention_probs_dropout_prob", "embedding_dropout_prob")
+_OPTIONAL = {"embedding_size", "embedding_dropout_prob"}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,18 +146,18 @@ class EncoderConfig:
         forward."""
         for name, least in _SIZES.items():
             value = getattr(self, name)
-            if value is None and name in _OPTIONAL_SIZES:
+            if value is None and name in _OPTIONAL:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            if not (_is_number(value) and isinstance(value, int) and value >= least):
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         for name in _RATES:
             value = getattr(self, name)
-            if value is None and name == "embedding_dropout_prob":
+            if value is None and name in _OPTIONAL:
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            if not (_is_number(value) and 0.0 <= value <= 1.0):
                 raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
         eps = self.layer_norm_eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0.0:
+        if not (_is_number(eps) and eps >= 0.0):
             raise ValueError(f"layer_norm_eps must be a number >= 0, got {eps!r}")
 
     def _check_modernbert(self) -> None:
