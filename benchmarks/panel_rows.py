@@ -2,7 +2,7 @@
 `mtbert_fast.ops.panel_linear.MAX_ROWS`, measured on this CPU.
 
     HF_HUB_OFFLINE=1 python benchmarks/panel_rows.py [--threads 2] [--dtypes fp32 bf16] [--rows 16 48 128 256]
-        [--limits 0 48 128 256] [--repeats 9] [--walks]
+        [--limits 0 48 128 256] [--repeats 9] [--batch 1] [--walks]
 
 Two measurements, each interleaved round by round in one process (medians; ratios above 1 favour panel_linear):
 
@@ -10,9 +10,9 @@ Two measurements, each interleaved round by round in one process (medians; ratio
   all-MiniLM-L6-v2's and bert-base's sizes at each --rows, panel_linear over oneDNN's linear, each on its own packed
   weights (random weights; 12 calls a timing, each on another layer's weight, so that they come from memory as in a
   forward, and the FFN output's x strided as panel_linear's GELU output is);
-- forwards: FastBertModel (the bundled all-MiniLM-L6-v2 and a random bert-base) on one sequence of each --rows
-  tokens, with the encoder's row limit set to each pair of neighbouring --limits that the length falls between
-  (oneDNN's time over panel_linear's for that length, of medians and per round).
+- forwards: FastBertModel (the bundled all-MiniLM-L6-v2 and a random bert-base) on --batch sequences of each --rows
+  tokens, with the encoder's row limit set to each pair of neighbouring --limits that the batch's token count falls
+  between (oneDNN's time over panel_linear's for that batch, of medians and per round).
 
 The first shows which product shapes a kernel handles well; the second is what the limit decides. Weights are
 packed before the timing, so neither includes the first call's packing.
@@ -77,10 +77,11 @@ def products(dtype: torch.dtype, hidden: int, rows: int, repeats: int) -> dict[s
     return out
 
 
-def forwards(fast: FastBertModel, dtype: torch.dtype, length: int, limits: tuple[int, int], repeats: int):
-    """oneDNN's time over panel_linear's for one sequence of `length` tokens: the encoder's row limit at limits[0]
-    (below the length: oneDNN) and at limits[1] (panel_linear); of medians and per round."""
-    batch = fbp.full_batch(fast.config, 1, length)
+def forwards(fast: FastBertModel, dtype: torch.dtype, length: int, limits: tuple[int, int], repeats: int,
+             sequences: int = 1):
+    """oneDNN's time over panel_linear's for `sequences` sequences of `length` tokens: the encoder's row limit at
+    limits[0] (below their token count: oneDNN) and at limits[1] (panel_linear); of medians and per round."""
+    batch = fbp.full_batch(fast.config, sequences, length)
     key = panel_module.limit_key(dtype)
     saved = dict(panel_module.MAX_ROWS[key]), panel_module.AMX_BF16_ROWS, panel_module.AMX_BF16_NARROW_ROWS
 
@@ -133,6 +134,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", nargs="+", type=int, default=[16, 48, 128, 256])
     ap.add_argument("--limits", nargs="+", type=int, default=[0, 48, 128, 256])
     ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--batch", type=int, default=1, help="sequences of --rows tokens in each forward (default 1)")
     ap.add_argument("--walks", action="store_true",
                     help="only the forwards with the panels walked in chunks fetched ahead against whole panels")
     args = ap.parse_args(argv)
@@ -164,19 +166,21 @@ def main(argv=None) -> int:
             for rows in args.rows:
                 r = products(DTYPES[dtype_name], hidden, rows, args.repeats)
                 print(f"  {model} {dtype_name} {rows} rows: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()))
-    print("\nforwards, one sequence: oneDNN's time over panel_linear's (of medians / per round)")
+    print(f"\nforwards, {args.batch} sequence(s) of L tokens: oneDNN's time over panel_linear's (of medians / per"
+          " round)")
     for model in SIZES:
         hf = fbp.load_model(model)
         for dtype_name in args.dtypes:
             fast = FastBertModel.from_hf(hf, dtype=DTYPES[dtype_name])
             for rows in args.rows:
-                below = [lim for lim in limits if lim < rows]
-                above = [lim for lim in limits if lim >= rows]
+                tokens = args.batch * rows
+                below = [lim for lim in limits if lim < tokens]
+                above = [lim for lim in limits if lim >= tokens]
                 if not below or not above:
                     print(f"  {model} {dtype_name} L={rows}: no pair of --limits around it")
                     continue
                 pair = (below[-1], above[0])
-                of_medians, per_round = forwards(fast, DTYPES[dtype_name], rows, pair, args.repeats)
+                of_medians, per_round = forwards(fast, DTYPES[dtype_name], rows, pair, args.repeats, args.batch)
                 print(f"  {model} {dtype_name} L={rows} (limit {pair[0]} -> {pair[1]}): {of_medians:.3f}x /"
                       f" {per_round:.3f}x")
     return 0

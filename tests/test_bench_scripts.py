@@ -166,6 +166,17 @@ def test_panel_rows_forwards_put_the_row_limit_back(panel_rows, small_fast):
     assert (module.AMX_BF16_ROWS, module.AMX_BF16_NARROW_ROWS) == amx_limits
 
 
+def test_panel_rows_forwards_take_a_batch_of_sequences(panel_rows, small_fast, monkeypatch):
+    """--batch: the forwards run that many sequences of the length, under the limits given for their token count."""
+    import torch
+
+    made = []
+    full_batch = panel_rows.fbp.full_batch
+    monkeypatch.setattr(panel_rows.fbp, "full_batch", lambda *a: made.append(a[1:]) or full_batch(*a))
+    of_medians, per_round = panel_rows.forwards(small_fast, torch.float32, 5, (8, 16), repeats=1, sequences=2)
+    assert made == [(2, 5)] and of_medians > 0 and per_round > 0
+
+
 def test_panel_rows_walks_put_the_switch_back(panel_rows, small_fast, panel_fetch_kept):
     """Timing forwards on whole panels and on chunks fetched ahead leaves ops.panel_fetch() as it was, either way."""
     from mtbert_fast import _ext, ops

@@ -39,7 +39,12 @@ def bf16_pairs() -> bool:
 # / bert-base, 2 threads, interleaved in one process):
 # - avx512 (2-core AMD EPYC with AVX-512 and BF16, no AMX): fp32 1.44x / 1.37x at 16 tokens, 1.19x / 1.05x at 48,
 #   1.12-1.26x / 1.02-1.10x at 64-128, 1.02-1.08x / 1.01-1.05x at 160-256, 1.06-1.10x / 0.98-1.00x at 384-512;
-#   bf16 1.37x / 1.15x at 16, 1.08x / 1.03x at 120, 1.03-1.07x / 1.03-1.05x at 192-256.
+#   bf16 1.37x / 1.15x at 16, 1.08x / 1.03x at 120, 1.03-1.07x / 1.03-1.05x at 192-256. With the 12-row tiles
+#   keeping their rows' addresses in registers (cpu_tiles.h, TileRows), a layer's fp32 products at 256-1,024 rows ran
+#   1.03-1.06x oneDNN's speed (MiniLM) and 1.00-1.05x (bert-base) in benchmarks/panel_rows.py, and full batches of 8
+#   sequences of 128 tokens (1,024 rows) 1.02-1.08x / 1.00-1.02x on the panels in two runs (benchmarks/panel_rows.py
+#   --dtypes fp32 --rows 128 --batch 8 --limits 256 1024), 4 sequences 0.99-1.01x / 1.02x, 16 (2,048 rows) 0.99x /
+#   1.00x: fp32 up to 1,024 rows. bf16 read 0.97-1.03x at 512-2,048 rows and keeps its limit.
 # - avx2 (2-core AMD EPYC with AVX2, no AVX-512, where oneDNN's kernels are AVX2 ones too): fp32 1.33x / 1.23x at 16,
 #   1.15x / 1.16x at 48, 1.11x / 1.05x at 128, 1.03x / 1.08x at 1,024, MiniLM 1.03x at 2,048 and 0.93x at 4,096;
 #   bf16 (float32 products on such a CPU) MiniLM 1.39x at 16, 1.17x at 128, 1.10x at 1,024, 1.05x at 2,048.
@@ -62,7 +67,7 @@ def bf16_pairs() -> bool:
 #   0.94-1.03x at 80, 0.91-1.30x at 96 (two runs), 1.15-1.26x at 112, 1.12-1.44x at 128; B=2-8 sequences of 128
 #   tokens 1.06-1.28x. In float32 the two ran even from 64 to 128 tokens there (0.96-1.05x): float32 keeps its limit.
 MAX_ROWS = {
-    "avx512": {torch.float32: 256, torch.bfloat16: 256},
+    "avx512": {torch.float32: 1024, torch.bfloat16: 256},
     "avx512 intel": {torch.float32: 128},
     "avx512 intel amx": {torch.float32: 64},
     "avx512 widened": {torch.bfloat16: 1024},

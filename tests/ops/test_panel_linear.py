@@ -155,16 +155,16 @@ def test_gelu_rows_of_4_kib_stand_apart_for_the_next_product(dtype, N):
 
 
 @pytest.mark.parametrize("isa,pairs,amx,vendor,mkl,want", [
-    ("avx512", True, False, "AuthenticAMD", False, {torch.float32: 256, torch.bfloat16: 256}),
-    ("avx512", True, True, "AuthenticAMD", False, {torch.float32: 256, torch.bfloat16: 128}),  # bf16 on AMX tiles there
+    ("avx512", True, False, "AuthenticAMD", False, {torch.float32: 1024, torch.bfloat16: 256}),
+    ("avx512", True, True, "AuthenticAMD", False, {torch.float32: 1024, torch.bfloat16: 128}),  # bf16 on AMX tiles there
     # bf16 panels widened where the CPU has no AVX512-BF16: oneDNN's bf16 product there is far slower
-    ("avx512", False, False, "AuthenticAMD", False, {torch.float32: 256, torch.bfloat16: 1024}),
+    ("avx512", False, False, "AuthenticAMD", False, {torch.float32: 1024, torch.bfloat16: 1024}),
     # Intel's: oneDNN's float32 product is as fast or faster from a hundred-odd rows on (from 64-80 where it has AMX)
     ("avx512", True, True, "GenuineIntel", False, {torch.float32: 64, torch.bfloat16: 128}),
     ("avx512", False, False, "GenuineIntel", False, {torch.float32: 128, torch.bfloat16: 1024}),
     # and where MKL's packed sgemm takes bf16 as float32 products, it is faster from about a hundred rows
     ("avx512", False, False, "GenuineIntel", True, {torch.float32: 128, torch.bfloat16: 96}),
-    ("avx512", False, False, None, False, {torch.float32: 256, torch.bfloat16: 1024}),
+    ("avx512", False, False, None, False, {torch.float32: 1024, torch.bfloat16: 1024}),
     ("avx2", False, False, "GenuineIntel", False, {torch.float32: 2048, torch.bfloat16: 2048}),
     ("default", False, False, "AuthenticAMD", False, {torch.float32: 0, torch.bfloat16: 0}),
     (None, False, False, "AuthenticAMD", False, {torch.float32: 0, torch.bfloat16: 0}),  # no CPU kernels loaded
@@ -227,7 +227,7 @@ def test_encoder_rows_off_the_tiles(vendor, monkeypatch):
         assert {panel_module.encoder_rows(torch.bfloat16, n) for n in widths} == {panel_module.AMX_BF16_DOT_ROWS}
         assert {panel_module.encoder_rows(torch.bfloat16, 768, k, gelu) for k in (384, 768, 3072)
                 for gelu in (False, True)} == {panel_module.AMX_BF16_DOT_ROWS}
-        assert panel_module.encoder_rows(torch.float32) == (64 if vendor == "GenuineIntel" else 256)
+        assert panel_module.encoder_rows(torch.float32) == (64 if vendor == "GenuineIntel" else 1024)
     finally:
         panel_module.encoder_rows.cache_clear()
 
