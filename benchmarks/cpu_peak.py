@@ -14,7 +14,9 @@ rate is what the core's vector units can issue: the ceiling of any product built
 Rates are giga multiply-adds a second (GMAC/s; fp32 GFLOP/s are twice that) on one thread and on --threads threads
 (each thread its own chains), the median of --rounds rounds, and each mix's rate over fp32 fma's in the same round.
 Last, oneDNN's linear [1024, 768] x [768, 3072] in float32 with its weight packed, as the benchmark measures its
-GEMM rate, as a fraction of the fp32 fma peak on the same threads.
+GEMM rate, and mtbert_fast's panel_linear at [128, 768] x [768, 3072] (the FFN input product of bert-base on one
+sequence of 128 tokens, the products a batch-1 forward runs), each as a fraction of the fp32 fma peak on the same
+threads.
 """
 
 from __future__ import annotations
@@ -185,6 +187,28 @@ def gemm_rate() -> float:
     return 2 * 1024 * 768 * 3072 / statistics.median(times) / 1e9
 
 
+def panel_rate(rows: int = 128) -> float | None:
+    """mtbert_fast's panel_linear [rows, 768] x [768, 3072] in float32 with its weight in panels, in GFLOP/s (median
+    of 15); None where the package's CPU kernels are not loaded."""
+    try:
+        from mtbert_fast import _ext
+        from mtbert_fast.ops import pack_panels, panel_linear
+    except ImportError:
+        return None
+    if not _ext.has_kernel("panel_linear", "CPU"):
+        return None
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(rows, 768, generator=g), torch.randn(3072, 768, generator=g)
+    panels = pack_panels(w)
+    times = []
+    for i in range(18):
+        t = time.perf_counter()
+        panel_linear(x, panels, None, 3072)
+        if i >= 3:
+            times.append(time.perf_counter() - t)
+    return 2 * rows * 768 * 3072 / statistics.median(times) / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -211,6 +235,12 @@ def main() -> None:
     rate = gemm_rate()
     print(f"oneDNN fp32 GEMM [1024, 768] x [768, 3072]: {rate:.1f} GFLOP/s, {rate / peak:.2f} of the fp32 fma peak "
           f"({peak:.1f} GFLOP/s on {args.threads} threads)")
+    panels = panel_rate()
+    if panels is None:
+        print("mtbert_fast panel_linear: not measured (the package's CPU kernels are not loaded)")
+    else:
+        print(f"mtbert_fast panel_linear fp32 [128, 768] x [768, 3072]: {panels:.1f} GFLOP/s, {panels / peak:.2f} of the"
+              f" peak, {panels / rate:.2f} of the GEMM")
 
 
 if __name__ == "__main__":

@@ -323,3 +323,12 @@ def test_eval_autograd_steps_write_every_layer_weight_before_the_call():
     run()
     assert seen[0][:2] == seen[1][:2] == start[:2]  # the head is left alone
     assert all(s < a < b for s, a, b in zip(start[2:], seen[0][2:], seen[1][2:]))
+
+
+def test_cpu_peak_times_the_panels():
+    """cpu_peak's panel_linear rate: a positive GFLOP/s where the CPU kernels are loaded, None where they are not."""
+    from mtbert_fast import _ext
+
+    rate = _script("cpu_peak").panel_rate(rows=4)
+    assert (rate is None) == (not _ext.has_kernel("panel_linear", "CPU"))
+    assert rate is None or rate > 0
