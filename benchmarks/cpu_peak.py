@@ -173,18 +173,23 @@ MIXES = ("fp32 fma", "int8 via int16", "int8 via maddubs", "int8 vnni", "bf16 do
 ITERS = 20_000_000  # about 0.1-0.2 s a kernel on one core
 
 
+def _product_rate(call, rows: int) -> float:
+    """GFLOP/s of call(), a [rows, 768] x [768, 3072] product: the median of 15 calls after 3 untimed ones."""
+    times = []
+    for i in range(18):
+        t = time.perf_counter()
+        call()
+        if i >= 3:
+            times.append(time.perf_counter() - t)
+    return 2 * rows * 768 * 3072 / statistics.median(times) / 1e9
+
+
 def gemm_rate() -> float:
     """oneDNN's float32 linear [1024, 768] x [768, 3072] with a packed weight, in GFLOP/s (median of 15)."""
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(1024, 768, generator=g), torch.randn(3072, 768, generator=g)
     packed = torch.ops.mkldnn._reorder_linear_weight(w)
-    times = []
-    for i in range(18):
-        t = time.perf_counter()
-        torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-        if i >= 3:
-            times.append(time.perf_counter() - t)
-    return 2 * 1024 * 768 * 3072 / statistics.median(times) / 1e9
+    return _product_rate(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), 1024)
 
 
 def panel_rate(rows: int = 128) -> float | None:
@@ -200,13 +205,7 @@ def panel_rate(rows: int = 128) -> float | None:
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(rows, 768, generator=g), torch.randn(3072, 768, generator=g)
     panels = pack_panels(w)
-    times = []
-    for i in range(18):
-        t = time.perf_counter()
-        panel_linear(x, panels, None, 3072)
-        if i >= 3:
-            times.append(time.perf_counter() - t)
-    return 2 * rows * 768 * 3072 / statistics.median(times) / 1e9
+    return _product_rate(lambda: panel_linear(x, panels, None, 3072), rows)
 
 
 def main() -> None:
