@@ -89,7 +89,7 @@ def forwards(fast: FastBertModel, batch: int, length: int, repeats: int) -> dict
         panels, mkl_rows = limits[route]
 
         def run():
-            encoder.panel_rows, encoder.mkl_rows = (lambda dtype, *weight: panels), (lambda dtype: mkl_rows)
+            encoder.panel_rows, encoder.mkl_rows = (lambda dtype, *weight: panels), (lambda dtype, *weight: mkl_rows)
             fast(**inputs)
         return run
 

@@ -82,7 +82,7 @@ def test_profile_parts_count_every_linear_route(full_batch_profile, route, monke
         pytest.skip("this PyTorch has no MKL")
     panel_rows, mkl_rows = (1 << 30 if route == "panels" else 0), (1 << 30 if route == "mkl" else 0)
     monkeypatch.setattr(encoder, "panel_rows", lambda dtype, *weight: panel_rows)
-    monkeypatch.setattr(encoder, "mkl_rows", lambda dtype: mkl_rows)
+    monkeypatch.setattr(encoder, "mkl_rows", lambda dtype, *weight: mkl_rows)
     torch.manual_seed(0)
     hf = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                               vocab_size=1100)).eval()

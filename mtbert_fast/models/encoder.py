@@ -699,7 +699,7 @@ class _Linear:
                 # the kernel is called directly: the encoder made its inputs, and the kernel checks them itself
                 kernel = panel_linear_op.kernel("cpu")
                 return kernel(x, panels, bias, weight.shape[0], approximate is not None, approximate or "none")
-        if x.shape[0] <= mkl_rows(x.dtype):
+        if x.shape[0] <= mkl_rows(x.dtype, weight.shape[0], weight.shape[1]):
             pack = mkl_weight(weight)
             if pack is not None:
                 kernel = mkl_linear_op.kernel("cpu")
@@ -883,7 +883,7 @@ def _post_norm_stack(config: EncoderConfig, layers: Sequence, x: torch.Tensor, p
     if x.shape[0] <= panel_rows(x.dtype):
         return Stacks.kept(stacks, ("panels", x.dtype),
                            lambda: _post_norm_weights(layers, x.dtype, lambda w, gelu: panel_weight(w)))
-    if x.shape[0] <= mkl_rows(x.dtype):
+    if x.shape[0] <= _mkl_limit(layers, x.dtype):
         # MKL's packs are planned for the thread count they were made under (weight_pack.mkl_weight makes them anew)
         return Stacks.kept(stacks, ("mkl", x.dtype), lambda: _mkl_stack(layers, x.dtype), torch.get_num_threads())
     if onednn_dtype(x.dtype) != x.dtype:  # layer_forward widens such x for each product: no stack
@@ -904,6 +904,13 @@ def _panels_limit(layers: Sequence, dtype: torch.dtype, rows: int) -> int | None
               for t, gelu in _products(w) if t is not None}
     reached = [limit for limit in limits if limit >= rows]
     return min(reached) if reached else None
+
+
+def _mkl_limit(layers: Sequence, dtype: torch.dtype) -> int:
+    """The least of the row limits that mkl_linear.encoder_rows gives the layers' products (by weight shape): the
+    stack runs on MKL only where every product would."""
+    return min((mkl_rows(dtype, t.shape[0], t.shape[1]) for w in layers if isinstance(w, LayerWeights)
+                for t, _ in _products(w) if t is not None), default=0)
 
 
 def _products(w: LayerWeights) -> tuple[tuple[torch.Tensor | None, bool], ...]:

@@ -4,8 +4,9 @@ PyTorch's x86 builds carry MKL. Its packed sgemm keeps the weight in the layout 
 copies nothing but x's blocks; on a Xeon with AVX-512 it ran the products of bert-base and all-MiniLM-L6-v2 of
 160-256 rows 1.1-1.3x faster than oneDNN's linear on a weight in oneDNN's blocked layout, and whole forwards of
 256-1,024 tokens 1.00-1.21x (docs/cpu-full-batch.md).
-The encoder uses it for float32 inputs of more rows than panel_linear takes and up to MAX_ROWS, on Intel CPUs with
-AVX-512 (`route`, `encoder_rows`), and there for bf16 inputs of every count above panel_linear's where the CPU has
+The encoder uses it for float32 inputs of more rows than panel_linear takes and up to MAX_ROWS (NARROW_ROWS for
+the products by narrow weights, such as all-MiniLM-L6-v2's), on Intel CPUs with AVX-512 (`route`, `encoder_rows`), and
+there for bf16 inputs of every count above panel_linear's where the CPU has
 no bf16 arithmetic; elsewhere (more rows, AMD's CPUs, where MKL's speed was not measured, or a
 PyTorch without MKL) it keeps oneDNN's linear.
 
@@ -55,15 +56,23 @@ def pack_mkl(weight: torch.Tensor) -> torch.Tensor:
 
 
 # The most rows of each dtype the encoder hands mkl_linear (sys.maxsize: every count). Whole forwards of B sequences of
-# 128 tokens on a 2-core Xeon with AVX-512, oneDNN's time over MKL's (benchmarks/mkl_rows.py, of medians / per
-# round):
-# - float32: bert-base 1.21x / 1.17x at B=2, 1.14x / 1.11x at B=4, 1.06-1.07x at B=8, 0.97-1.04x at B=16 and
-#   0.98-0.99x at B=32; MiniLM 1.02-1.07x at B=2, 1.09-1.21x at B=4, 1.00-1.03x at B=8, 0.94-0.97x at B=16 and
-#   0.87-0.94x at B=32;
+# 128 tokens on 2-core Xeons with AVX-512, oneDNN's time over MKL's (benchmarks/mkl_rows.py, of medians / per round):
+# - float32, family 6 model 207 (AVX-512 and VNNI shown, no BF16 or AMX): bert-base 1.21x / 1.17x at B=2, 1.14x /
+#   1.11x at B=4, 1.06-1.07x at B=8, 0.97-1.04x at B=16 and 0.98-0.99x at B=32; MiniLM 1.02-1.07x at B=2, 1.09-1.21x
+#   at B=4, 1.00-1.03x at B=8, 0.94-0.97x at B=16 and 0.87-0.94x at B=32;
+# - float32, family 6 model 167 (with AMX), two runs: bert-base 1.07-1.08x at B=4, 1.05-1.09x at B=8, 1.02-1.03x at
+#   B=12, 1.01-1.02x at B=16; MiniLM (see NARROW_ROWS) 1.02-1.03x at B=4, 1.00-1.05x at B=5, 1.00-1.01x at B=6,
+#   0.98-0.99x at B=7, 0.97-0.98x at B=8, 0.96-0.97x at B=12;
 # - bfloat16 where the CPU has no bf16 arithmetic (against oneDNN's float32 product on x widened for each product):
 #   bert-base 1.11-1.15x at B=2-4, 1.20-1.24x at B=8, 1.14-1.16x at B=16, 1.25-1.26x at B=32; MiniLM 1.11-1.20x at
 #   B=2-8, 1.15-1.16x at B=16 and B=32.
-MAX_ROWS = {torch.float32: 1024, torch.bfloat16: sys.maxsize}
+MAX_ROWS = {torch.float32: 1536, torch.bfloat16: sys.maxsize}
+# Fewer float32 rows for a weight with at most NARROW_FEATURES features on either side (all-MiniLM-L6-v2's, of hidden
+# size 384): past about 768 rows oneDNN's product by such a weight ran as fast as MKL's or faster (the MiniLM figures
+# above; its products alone at 896-1,536 rows, GFLOP/s oneDNN / MKL: QKV 331-395 / 345-393, attention output 325-388 /
+# 332-370, FFN input with GELU 314-362 / 308-342).
+NARROW_FEATURES = 512
+NARROW_ROWS = {torch.float32: 768}
 
 
 @functools.cache
@@ -90,12 +99,16 @@ def bf16_on_float32() -> bool:
     return not {"avx512_bf16", "amx_bf16"} & (_ext._cpu_flags() or set())
 
 
-def encoder_rows(dtype: torch.dtype) -> int:
-    """The most rows of `dtype` the encoder hands mkl_linear here (0: never): MAX_ROWS where route(), for float32,
-    and for bfloat16 where the CPU has no bf16 arithmetic (bf16_on_float32)."""
-    if dtype == torch.bfloat16 and not bf16_on_float32():
+def encoder_rows(dtype: torch.dtype, out_features: int | None = None, in_features: int | None = None) -> int:
+    """The most rows of `dtype` the encoder hands mkl_linear here (0: never) for a weight [out_features, in_features]
+    (None: any weight): where route(), for float32, MAX_ROWS, or NARROW_ROWS for a weight of at most NARROW_FEATURES
+    features on either side, and for bfloat16 MAX_ROWS where the CPU has no bf16 arithmetic (bf16_on_float32)."""
+    if dtype == torch.bfloat16 and not bf16_on_float32() or not route():
         return 0
-    return MAX_ROWS.get(dtype, 0) if route() else 0
+    rows = MAX_ROWS.get(dtype, 0)
+    if out_features is not None and in_features is not None and min(out_features, in_features) <= NARROW_FEATURES:
+        rows = min(rows, NARROW_ROWS.get(dtype, rows))
+    return rows
 
 
 def mkl_linear(x: torch.Tensor, pack: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

@@ -7,6 +7,7 @@ pack."""
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -18,6 +19,9 @@ from mtbert_fast.models.hf_mapping import fast_state_dict_from_hf
 from mtbert_fast.models.weight_pack import onednn_dtype, onednn_weight, pack_count, panel_weight, release_packs
 from mtbert_fast.ops import mkl_linear, reference
 from mtbert_fast.ops.mkl_linear import available as mkl_available
+
+# the module (mtbert_fast.ops.mkl_linear is the wrapper function)
+mkl_linear_module = importlib.import_module("mtbert_fast.ops.mkl_linear")
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread_unless_marked"),
@@ -47,7 +51,7 @@ def _set_route(route: str, monkeypatch) -> None:
         pytest.skip("this PyTorch has no MKL")
     rows = 1 << 30 if route == "panels" else 0
     monkeypatch.setattr(encoder, "panel_rows", lambda dtype, *weight: rows)
-    monkeypatch.setattr(encoder, "mkl_rows", lambda dtype: 1 << 30 if route == "mkl" else 0)
+    monkeypatch.setattr(encoder, "mkl_rows", lambda dtype, *weight: 1 << 30 if route == "mkl" else 0)
 
 
 @pytest.fixture(params=["onednn", "panels", "mkl"])
@@ -495,6 +499,36 @@ def test_inference_runs_the_layers_in_one_call(route, family, dtype, bert_config
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("tokens,on_mkl", [(20, True), (21, False)])
+def test_float32_stack_and_layers_leave_mkl_past_the_narrow_weights_limit(tokens, on_mkl, bert_config, make_hf,
+                                                                          ragged_batch, monkeypatch):
+    """mkl_linear's row limit is a weight's (narrow weights take fewer rows): the one post_norm_layers call runs on
+    MKL's packs only where every product's limit reaches the input's rows, else every product on oneDNN's layout, and
+    the layers run one by one take the same route, product by product, bit for bit."""
+    if not mkl_available():
+        pytest.skip("this PyTorch has no MKL")
+    monkeypatch.setattr(mkl_linear_module, "route", lambda: True)
+    monkeypatch.setattr(mkl_linear_module, "NARROW_ROWS", {torch.float32: 20})
+    monkeypatch.setattr(encoder, "panel_rows", lambda dtype, *weight: 0)
+    config = bert_config()
+    fast = FastBertModel.from_hf(make_hf(BertModel, config)).eval()
+    ids, mask = ragged_batch(config, [tokens - 9, 9])
+    stack_kernel = encoder.post_norm_layers_op.kernel("cpu")
+    calls = []
+
+    def spy(x, *args):
+        weights, packs = args[2], args[8] if len(args) > 8 else []
+        calls.append(({w.is_mkldnn for w in weights[0::12] + weights[8::12]}, len(packs)))
+        return stack_kernel(x, *args)
+
+    monkeypatch.setitem(encoder.post_norm_layers_op._kernels, ("cpu", "forward"), spy)
+    with torch.no_grad():
+        stacked = fast(ids, mask)
+        assert calls == [({not on_mkl}, 4 * config.num_hidden_layers if on_mkl else 0)]
+        by_layer = fast(ids, mask, output_hidden_states=True)
+    assert torch.equal(stacked.last_hidden_state, by_layer.last_hidden_state)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_narrow_weights_take_panels_beside_onednn(dtype, bert_config, make_hf, ragged_batch, monkeypatch):
     """Where narrow weights keep panel_linear for more rows than the others (bf16 on AMX tiles), the one
@@ -506,7 +540,7 @@ def test_narrow_weights_take_panels_beside_onednn(dtype, bert_config, make_hf, r
     narrow = config.hidden_size  # the attention output and FFN output weights, not QKV's or the FFN input's
     monkeypatch.setattr(encoder, "panel_rows", lambda dtype, out_features=None, in_features=None, gelu=False: (
         1 << 30 if out_features is not None and out_features <= narrow else 0))
-    monkeypatch.setattr(encoder, "mkl_rows", lambda dtype: 0)
+    monkeypatch.setattr(encoder, "mkl_rows", lambda dtype, *weight: 0)
     fast = FastBertModel.from_hf(make_hf(BertModel, config), dtype=dtype).eval()
     ids, mask = ragged_batch(config, [7, 1, 12])
     stack_kernel = encoder.post_norm_layers_op.kernel("cpu")
@@ -546,7 +580,7 @@ def test_stack_follows_each_products_row_limit(dtype, bert_config, make_hf, ragg
     config = bert_config()
     monkeypatch.setattr(encoder, "panel_rows", lambda dtype, out_features=None, in_features=None, gelu=False: (
         30 if gelu else 8 if out_features is not None and out_features == config.hidden_size else 0))
-    monkeypatch.setattr(encoder, "mkl_rows", lambda dtype: 0)
+    monkeypatch.setattr(encoder, "mkl_rows", lambda dtype, *weight: 0)
     fast = FastBertModel.from_hf(make_hf(BertModel, config), dtype=dtype).eval()
     stack_kernel = encoder.post_norm_layers_op.kernel("cpu")
     calls = []
