@@ -5,7 +5,7 @@ copies nothing but x's blocks; on a Xeon with AVX-512 it ran the products of ber
 160-256 rows 1.1-1.3x faster than oneDNN's linear on a weight in oneDNN's blocked layout, and whole forwards of
 256-1,024 tokens 1.00-1.21x (docs/cpu-full-batch.md).
 The encoder uses it for float32 inputs of more rows than panel_linear takes and up to MAX_ROWS (NARROW_ROWS for
-the products by narrow weights, such as all-MiniLM-L6-v2's), on Intel CPUs with AVX-512 (`route`, `encoder_rows`), and
+the products by narrow weights, such as all-MiniLM-L6-v2's, on more than one thread), on Intel CPUs with AVX-512 (`route`, `encoder_rows`), and
 there for bf16 inputs of every count above panel_linear's where the CPU has
 no bf16 arithmetic; elsewhere (more rows, AMD's CPUs, where MKL's speed was not measured, or a
 PyTorch without MKL) it keeps oneDNN's linear.
@@ -68,9 +68,10 @@ def pack_mkl(weight: torch.Tensor) -> torch.Tensor:
 #   B=2-8, 1.15-1.16x at B=16 and B=32.
 MAX_ROWS = {torch.float32: 1536, torch.bfloat16: sys.maxsize}
 # Fewer float32 rows for a weight with at most NARROW_FEATURES features on either side (all-MiniLM-L6-v2's, of hidden
-# size 384): past about 768 rows oneDNN's product by such a weight ran as fast as MKL's or faster (the MiniLM figures
-# above; its products alone at 896-1,536 rows, GFLOP/s oneDNN / MKL: QKV 331-395 / 345-393, attention output 325-388 /
-# 332-370, FFN input with GELU 314-362 / 308-342).
+# size 384) where torch runs more than one thread: past about 768 rows oneDNN's product by such a weight ran as fast
+# as MKL's or faster on two threads (the MiniLM figures above; its products alone at 896-1,536 rows, GFLOP/s oneDNN /
+# MKL: QKV 331-395 / 345-393, attention output 325-388 / 332-370, FFN input with GELU 314-362 / 308-342), but not on
+# one (same Xeon, one thread: MiniLM 1.03-1.05x at B=6, 1.02-1.03x at B=8, 0.99-1.00x at B=12).
 NARROW_FEATURES = 512
 NARROW_ROWS = {torch.float32: 768}
 
@@ -102,11 +103,13 @@ def bf16_on_float32() -> bool:
 def encoder_rows(dtype: torch.dtype, out_features: int | None = None, in_features: int | None = None) -> int:
     """The most rows of `dtype` the encoder hands mkl_linear here (0: never) for a weight [out_features, in_features]
     (None: any weight): where route(), for float32, MAX_ROWS, or NARROW_ROWS for a weight of at most NARROW_FEATURES
-    features on either side, and for bfloat16 MAX_ROWS where the CPU has no bf16 arithmetic (bf16_on_float32)."""
+    features on either side on more than one thread, and for bfloat16 MAX_ROWS where the CPU has no bf16 arithmetic
+    (bf16_on_float32)."""
     if dtype == torch.bfloat16 and not bf16_on_float32() or not route():
         return 0
     rows = MAX_ROWS.get(dtype, 0)
-    if out_features is not None and in_features is not None and min(out_features, in_features) <= NARROW_FEATURES:
+    if (out_features is not None and in_features is not None and min(out_features, in_features) <= NARROW_FEATURES
+            and torch.get_num_threads() > 1):
         rows = min(rows, NARROW_ROWS.get(dtype, rows))
     return rows
 

@@ -499,12 +499,13 @@ def test_inference_runs_the_layers_in_one_call(route, family, dtype, bert_config
     assert len(calls) == 1
 
 
-@pytest.mark.parametrize("tokens,on_mkl", [(20, True), (21, False)])
-def test_float32_stack_and_layers_leave_mkl_past_the_narrow_weights_limit(tokens, on_mkl, bert_config, make_hf,
-                                                                          ragged_batch, monkeypatch):
-    """mkl_linear's row limit is a weight's (narrow weights take fewer rows): the one post_norm_layers call runs on
-    MKL's packs only where every product's limit reaches the input's rows, else every product on oneDNN's layout, and
-    the layers run one by one take the same route, product by product, bit for bit."""
+@pytest.mark.all_threads
+@pytest.mark.parametrize("threads,tokens,on_mkl", [(2, 20, True), (2, 21, False), (1, 21, True)])
+def test_float32_stack_and_layers_leave_mkl_past_the_narrow_weights_limit(threads, tokens, on_mkl, bert_config,
+                                                                          make_hf, ragged_batch, monkeypatch):
+    """mkl_linear's row limit is a weight's (narrow weights take fewer rows on more than one thread): the one
+    post_norm_layers call runs on MKL's packs only where every product's limit reaches the input's rows, else every
+    product on oneDNN's layout, and the layers run one by one take the same route, product by product, bit for bit."""
     if not mkl_available():
         pytest.skip("this PyTorch has no MKL")
     monkeypatch.setattr(mkl_linear_module, "route", lambda: True)
@@ -522,10 +523,15 @@ def test_float32_stack_and_layers_leave_mkl_past_the_narrow_weights_limit(tokens
         return stack_kernel(x, *args)
 
     monkeypatch.setitem(encoder.post_norm_layers_op._kernels, ("cpu", "forward"), spy)
-    with torch.no_grad():
-        stacked = fast(ids, mask)
-        assert calls == [({not on_mkl}, 4 * config.num_hidden_layers if on_mkl else 0)]
-        by_layer = fast(ids, mask, output_hidden_states=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            stacked = fast(ids, mask)
+            assert calls == [({not on_mkl}, 4 * config.num_hidden_layers if on_mkl else 0)]
+            by_layer = fast(ids, mask, output_hidden_states=True)
+    finally:
+        torch.set_num_threads(before)
     assert torch.equal(stacked.last_hidden_state, by_layer.last_hidden_state)
 
 

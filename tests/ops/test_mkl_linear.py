@@ -148,21 +148,26 @@ def test_the_encoder_takes_it_on_intel_avx512_only(vendor, isa, want, monkeypatc
                                        ({"avx512f", "avx512_bf16", "amx_bf16"}, False)])
 def test_encoder_rows_bound_the_route(flags, bf16, monkeypatch):
     """The encoder hands mkl_linear inputs where the route is taken: float32 of up to 1,536 rows (768 by a weight of
-    at most 512 features on either side), and bf16 of any count, by any weight, where the CPU has no bf16 arithmetic
-    (its bf16 products are float32 ones anyway); nothing else."""
+    at most 512 features on either side, on more than one thread), and bf16 of any count, by any weight, where the CPU
+    has no bf16 arithmetic (its bf16 products are float32 ones anyway); nothing else."""
     monkeypatch.setattr(_ext, "_cpu_flags", lambda: flags)
     monkeypatch.setattr(mkl_module, "route", lambda: True)
     mkl_module.bf16_on_float32.cache_clear()
+    threads = torch.get_num_threads()
     try:
-        assert mkl_module.encoder_rows(torch.float32) == 1536
-        for out_features, in_features in [(2304, 768), (768, 3072), (513, 4096)]:
-            assert mkl_module.encoder_rows(torch.float32, out_features, in_features) == 1536
-        for out_features, in_features in [(1152, 384), (384, 1536), (512, 4096), (4096, 512), (32, 32)]:
-            assert mkl_module.encoder_rows(torch.float32, out_features, in_features) == 768
+        narrow = [(1152, 384), (384, 1536), (512, 4096), (4096, 512), (32, 32)]
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert mkl_module.encoder_rows(torch.float32) == 1536
+            for out_features, in_features in [(2304, 768), (768, 3072), (513, 4096)]:
+                assert mkl_module.encoder_rows(torch.float32, out_features, in_features) == 1536
+            for out_features, in_features in narrow:
+                assert mkl_module.encoder_rows(torch.float32, out_features, in_features) == (1536 if n == 1 else 768)
         assert mkl_module.encoder_rows(torch.bfloat16) == (sys.maxsize if bf16 else 0)
         assert mkl_module.encoder_rows(torch.bfloat16, 384, 384) == (sys.maxsize if bf16 else 0)
         assert mkl_module.encoder_rows(torch.float16) == 0
         monkeypatch.setattr(mkl_module, "route", lambda: False)
         assert mkl_module.encoder_rows(torch.float32) == mkl_module.encoder_rows(torch.bfloat16) == 0
     finally:
+        torch.set_num_threads(threads)
         mkl_module.bf16_on_float32.cache_clear()
