@@ -908,9 +908,9 @@ def _panels_limit(layers: Sequence, dtype: torch.dtype, rows: int) -> int | None
 
 def _mkl_limit(layers: Sequence, dtype: torch.dtype) -> int:
     """The least of the row limits that mkl_linear.encoder_rows gives the layers' products (by weight shape): the
-    stack runs on MKL only where every product would."""
-    return min((mkl_rows(dtype, t.shape[0], t.shape[1]) for w in layers if isinstance(w, LayerWeights)
-                for t, _ in _products(w) if t is not None), default=0)
+    stack runs on MKL only where every product would. Asked once per distinct shape (a forward's hot path)."""
+    shapes = {t.shape for w in layers if isinstance(w, LayerWeights) for t, _ in _products(w) if t is not None}
+    return min((mkl_rows(dtype, *shape) for shape in shapes), default=0)
 
 
 def _products(w: LayerWeights) -> tuple[tuple[torch.Tensor | None, bool], ...]:

@@ -5,9 +5,9 @@ copies nothing but x's blocks; on a Xeon with AVX-512 it ran the products of ber
 160-256 rows 1.1-1.3x faster than oneDNN's linear on a weight in oneDNN's blocked layout, and whole forwards of
 256-1,024 tokens 1.00-1.21x (docs/cpu-full-batch.md).
 The encoder uses it for float32 inputs of more rows than panel_linear takes and up to MAX_ROWS (NARROW_ROWS for
-the products by narrow weights, such as all-MiniLM-L6-v2's, on more than one thread), on Intel CPUs with AVX-512 (`route`, `encoder_rows`), and
-there for bf16 inputs of every count above panel_linear's where the CPU has
-no bf16 arithmetic; elsewhere (more rows, AMD's CPUs, where MKL's speed was not measured, or a
+the products by narrow weights, such as all-MiniLM-L6-v2's, on more than one thread), on Intel CPUs with AVX-512
+(`route`, `encoder_rows`), and there for bf16 inputs of every count above panel_linear's where the CPU has no bf16
+arithmetic; elsewhere (more rows, AMD's CPUs, where MKL's speed was not measured, or a
 PyTorch without MKL) it keeps oneDNN's linear.
 
 bfloat16 x and weights run the same float32 products of the same exact terms, with float32 sums rounded once to
