@@ -105,7 +105,7 @@ def encoder_rows(dtype: torch.dtype, out_features: int | None = None, in_feature
     (None: any weight): where route(), for float32, MAX_ROWS, or NARROW_ROWS for a weight of at most NARROW_FEATURES
     features on either side on more than one thread, and for bfloat16 MAX_ROWS where the CPU has no bf16 arithmetic
     (bf16_on_float32)."""
-    if dtype == torch.bfloat16 and not bf16_on_float32() or not route():
+    if not route() or (dtype == torch.bfloat16 and not bf16_on_float32()):
         return 0
     rows = MAX_ROWS.get(dtype, 0)
     if (out_features is not None and in_features is not None and min(out_features, in_features) <= NARROW_FEATURES
