@@ -1,15 +1,19 @@
 """The encoder's post-norm layers in one post_norm_layers call against the same kernels called layer by layer from
-Python, on the CPU, in inference.
+Python, and the call with each thread on its own sequences against the call over the whole batch, on the CPU, in
+inference.
 
     HF_HUB_OFFLINE=1 python benchmarks/layer_stack.py [--models minilm bert-base] [--dtypes float32 bfloat16]
                                                       [--batch 8] [--lengths 16 128] [--threads 2] [--repeats 15]
 
 Per model, dtype and length, on B full sequences (every token real), in one process, interleaved round by round:
 the layers as `encode` runs them in one call (the weights packed for the route the rows take: panels for few rows,
-oneDNN's blocked layout for more), and `layer_forward` once per layer, which calls the same kernels from Python. The
-two results must agree bit for bit. Printed: each route's median time, and the median of the per-round ratios
-(layer by layer over one call; above 1 the single call is faster). The layers only: the embeddings and the pooler,
-the same on both routes, are left out.
+oneDNN's blocked layout for more) over the whole batch on every thread (`ops.stack_by_sequences(False)`), the same
+call with each thread on its own group of sequences where `ops.stack_groups` forms groups (as the encoder runs it),
+and `layer_forward` once per layer, which calls the same kernels from Python. The layer-by-layer result and the whole
+call's must agree bit for bit, the grouped call's with the whole one within the dtype's rounding. Printed: each
+route's median time, and the medians of the per-round ratios (layer by layer over the whole call, the whole call over
+the grouped one; above 1 the latter is faster). The layers only: the embeddings and the pooler, the same on every
+route, are left out.
 
 Set MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_MMAP_THRESHOLD_=33554432 before the process starts (see
 full_batch_profile.py).
@@ -27,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from mtbert_fast import FastBertModel  # noqa: E402
+from mtbert_fast import FastBertModel, ops  # noqa: E402
 from mtbert_fast.bench import harness  # noqa: E402
 from mtbert_fast.bench.measure import bert_base_config, default_model_dir, random_bert  # noqa: E402
 from mtbert_fast.models import encoder  # noqa: E402
@@ -39,8 +43,10 @@ def _model(name: str, dtype: torch.dtype) -> FastBertModel:
     return FastBertModel.from_pretrained(default_model_dir()).to(dtype).eval()
 
 
-def compare(model: FastBertModel, batch: int, length: int, repeats: int) -> tuple[float, float, float, str]:
-    """(layer-by-layer ms, one-call ms, median per-round ratio, the one call's route)."""
+def compare(model: FastBertModel, batch: int, length: int, repeats: int) -> dict:
+    """Each route's median ms ("by_layer", "stacked", "grouped"), the per-round ratios ("loop_ratio": layer by layer
+    over the whole call, "group_ratio": the whole call over the grouped one), the QKV product's "route" and the "groups"
+    (ops.stack_groups: [] where the batch stays whole)."""
     config = model.config
     layers = [layer.weights() for layer in model.layers]
     packed = encoder.PackedBatch.dense(batch, length, torch.device("cpu"))
@@ -48,12 +54,20 @@ def compare(model: FastBertModel, batch: int, length: int, repeats: int) -> tupl
     stack = encoder._post_norm_stack(config, layers, x, packed, None)
     if stack is None:
         raise SystemExit(f"{config.family} in {model.dtype} at {x.shape[0]} rows does not run in one call here")
-    route = "oneDNN" if stack[0].is_mkldnn else "panels"
+    weights, packs = stack
+    route = "oneDNN" if weights[0].is_mkldnn else "MKL" if packs else "panels"
     one_call = encoder.post_norm_layers_op.kernel("cpu")
 
+    def call(by_sequences: bool):
+        ops.stack_by_sequences(by_sequences)
+        return one_call(x, packed.cu_seqlens, packed.max_seqlen, weights, config.num_attention_heads,
+                        config.attention_scale, config.layer_norm_eps, config.gelu_approximate, None, packs)
+
     def stacked():
-        return one_call(x, packed.cu_seqlens, packed.max_seqlen, stack, config.num_attention_heads,
-                        config.attention_scale, config.layer_norm_eps, config.gelu_approximate, None)
+        return call(False)
+
+    def grouped():
+        return call(True)
 
     def by_layer():
         h = x
@@ -61,11 +75,28 @@ def compare(model: FastBertModel, batch: int, length: int, repeats: int) -> tupl
             h = encoder.layer_forward(config, w, h, packed, training=False)
         return h
 
-    if not torch.equal(stacked(), by_layer()):
+    allowed = ops.stack_by_sequences()
+    try:
+        return _timed(by_layer, stacked, grouped, model.dtype, route, repeats,
+                      ops.stack_groups(packed.cu_seqlens, torch.get_num_threads(), config.hidden_size,
+                                       config.intermediate_size))
+    finally:
+        ops.stack_by_sequences(allowed)
+
+
+def _timed(by_layer, stacked, grouped, dtype, route, repeats, groups) -> dict:
+    whole = stacked()
+    if not torch.equal(whole, by_layer()):
         raise SystemExit("the single call and the layer-by-layer kernels disagree")
-    times = harness.time_interleaved({"by_layer": by_layer, "stacked": stacked}, repeats=repeats, warmup=2)
-    ratio = harness.median_ratio(times["by_layer"].samples, times["stacked"].samples)
-    return times["by_layer"].median * 1e3, times["stacked"].median * 1e3, ratio, route
+    # panels give each row the same bits at any row count; oneDNN's blocking can move the last bits
+    worst = (grouped().float() - whole.float()).abs().max().item()
+    if worst > (0.0 if route == "panels" else 1e-4 if dtype == torch.float32 else 0.1):
+        raise SystemExit(f"the grouped call differs from the whole one by {worst}")
+    times = harness.time_interleaved({"by_layer": by_layer, "stacked": stacked, "grouped": grouped},
+                                     repeats=repeats, warmup=2)
+    return {**{k: t.median * 1e3 for k, t in times.items()}, "route": route, "groups": groups,
+            "loop_ratio": harness.median_ratio(times["by_layer"].samples, times["stacked"].samples),
+            "group_ratio": harness.median_ratio(times["stacked"].samples, times["grouped"].samples)}
 
 
 def main() -> None:
@@ -85,10 +116,12 @@ def main() -> None:
             model = _model(name, getattr(torch, dtype_name))
             with torch.inference_mode():
                 for length in args.lengths:
-                    loop, one, ratio, route = compare(model, args.batch, length, args.repeats)
-                    print(f"{name:9s} {dtype_name:8s} B={args.batch} L={length:<4d} ({route:6s}) layer by layer "
-                          f"{loop:8.2f} ms, one call {one:8.2f} ms: {loop / one:.3f}x of medians, {ratio:.3f}x per "
-                          "round")
+                    r = compare(model, args.batch, length, args.repeats)
+                    groups = f"groups {r['groups']}" if r["groups"] else "no groups"
+                    print(f"{name:9s} {dtype_name:8s} B={args.batch} L={length:<4d} ({r['route']:6s}) layer by layer "
+                          f"{r['by_layer']:8.2f} ms, one call {r['stacked']:8.2f} ms ({r['loop_ratio']:.3f}x per "
+                          f"round), by sequences {r['grouped']:8.2f} ms ({r['group_ratio']:.3f}x per round, "
+                          f"{groups})")
 
 
 if __name__ == "__main__":

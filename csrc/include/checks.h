@@ -227,6 +227,36 @@ inline int64_t check_layer_stack(const char* op, const at::Tensor& x, int64_t he
   return static_cast<int64_t>(weights.size()) / per_layer;
 }
 
+// Checks cu_seqlens against the T packed rows of `rows_of` (the tensor's name, for the message); returns the (start,
+// len) of every sequence. max_seqlen only has to be >= 0, as on every backend: a longer sequence is computed in full.
+inline std::vector<std::pair<int64_t, int64_t>> read_cu_seqlens(const char* op, const at::Tensor& cu_seqlens,
+                                                                int64_t tokens, int64_t max_seqlen,
+                                                                const char* rows_of = "qkv") {
+  TORCH_CHECK(max_seqlen >= 0, op, ": max_seqlen must be >= 0, got ", max_seqlen);
+  TORCH_CHECK(cu_seqlens.device().is_cpu(), op, ": cu_seqlens must be on cpu, got ", cu_seqlens.device());
+  TORCH_CHECK(cu_seqlens.dim() == 1, op, ": cu_seqlens must have 1 dim, got shape ", cu_seqlens.sizes());
+  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt, op, ": cu_seqlens must be Int (int32), got ",
+              cu_seqlens.scalar_type());
+  TORCH_CHECK(cu_seqlens.numel() >= 1, op, ": cu_seqlens must hold at least one offset (B + 1 entries)");
+  const at::Tensor cu = cu_seqlens.contiguous();
+  const int32_t* c = cu.data_ptr<int32_t>();
+  const int64_t batch = cu.numel() - 1;
+  TORCH_CHECK(c[0] == 0, op, ": cu_seqlens[0] must be 0, got ", c[0]);
+  TORCH_CHECK(batch > 0 || tokens == 0, op, ": cu_seqlens = [0] describes no sequence, but ", rows_of, " has ",
+              tokens, " rows");
+  TORCH_CHECK(c[batch] == tokens, op, ": cu_seqlens[-1] must equal the ", tokens, " rows of ", rows_of, ", got ",
+              c[batch]);
+  std::vector<std::pair<int64_t, int64_t>> seqs;
+  seqs.reserve(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t len = int64_t{c[b + 1]} - c[b];
+    TORCH_CHECK(len >= 0, op, ": cu_seqlens must be non-decreasing, got cu_seqlens[", b, "] = ", c[b],
+                " > cu_seqlens[", b + 1, "] = ", c[b + 1]);
+    seqs.emplace_back(c[b], len);
+  }
+  return seqs;
+}
+
 // GELU variant named by the op's `approximate` argument.
 enum class GeluKind { Erf, Tanh };
 

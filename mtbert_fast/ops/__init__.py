@@ -16,7 +16,7 @@ from mtbert_fast.ops.mkl_linear import mkl_linear, pack_mkl
 from mtbert_fast.ops.mlm_gather_loss import mlm_gather_loss
 from mtbert_fast.ops.pack_mask import pack_mask
 from mtbert_fast.ops.panel_linear import pack_panels, panel_fetch, panel_linear
-from mtbert_fast.ops.post_norm_layers import post_norm_layers
+from mtbert_fast.ops.post_norm_layers import post_norm_layers, stack_by_sequences, stack_groups
 from mtbert_fast.ops.rotary_qk import rotary_qk, rotary_tables
 from mtbert_fast.ops.rows import gather_rows, pad, scatter_rows, unpad, unpad_indices
 from mtbert_fast.ops.token_embeddings import token_embeddings
@@ -53,6 +53,8 @@ __all__ = [
     "rotary_qk",
     "rotary_tables",
     "scatter_rows",
+    "stack_by_sequences",
+    "stack_groups",
     "token_embeddings",
     "unpad",
     "unpad_indices",

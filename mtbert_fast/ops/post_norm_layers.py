@@ -2,13 +2,20 @@
 
 Each layer is the encoder's inference layer, kernel for kernel: the QKV product, attention_varlen, the attention
 output's product and bias_residual_layer_norm, the intermediate product with its GELU, the output product and
-bias_residual_layer_norm; its result equals those calls made one by one, bit for bit. Each product runs on the kernel
+bias_residual_layer_norm; its result equals those calls made one by one, bit for bit (on each group of sequences
+where the stack runs its threads apart, below). Each product runs on the kernel
 its weight is packed for: panel_linear on the panels of `pack_panels` (the encoder's inputs of few rows), mkl_linear on
 a plain weight in x's dtype with its pack (`pack_mkl`, in `packs`; the encoder's other float32 inputs on Intel CPUs with
 AVX-512, and bf16 ones where they have no bf16 arithmetic), or oneDNN's linear on a weight in oneDNN's blocked layout
 (`torch.ops.mkldnn._reorder_linear_weight`, an mkldnn tensor in x's dtype; the encoder's other inputs). Called from
 Python the kernels wait between each other for the interpreter: a large share of a short input's forward and a few
 percent of a full batch's; here they follow each other in C++. Inference only (no autograd).
+
+With several threads and a batch of enough rows in whole sequences that split evenly enough, each thread runs the
+whole stack on its own consecutive sequences, every kernel on that thread alone (`stack_groups` says which groups,
+`stack_by_sequences` switches it): the kernels then share no parallel region, so neither thread waits at their
+barriers or for the serial work between them, and each core reads the rows it wrote, at the cost of each reading every
+weight (docs/cpu-full-batch.md, "Each thread on its own sequences").
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from mtbert_fast import _ext
 from mtbert_fast.ops import reference
 from mtbert_fast.ops._checks import check_gelu
 from mtbert_fast.ops.attention_varlen import check_sequences
@@ -100,6 +108,27 @@ def post_norm_layers(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
     _check(x, weights, heads, packs)
     check_sequences("post_norm_layers", cu_seqlens, max_seqlen, x, "x")
     return OP(x, cu_seqlens, max_seqlen, weights, heads, scale, eps, approximate, rel_bias, packs, backend=backend)
+
+
+def stack_by_sequences(allow: bool | None = None) -> bool:
+    """Whether the CPU kernel of post_norm_layers may run each thread on its own sequences (`stack_groups`): on by
+    default. The kernels then see each group's rows instead of the batch's, so a product whose result depends on its
+    row count (oneDNN's blocking, `onednn_row_block`) can differ in its last bits from the batch run whole;
+    panel_linear, attention and the LayerNorms give every row the same bits either way. `allow` sets it for this
+    process (None leaves it); False where the CPU kernels are not loaded."""
+    if not _ext.has_kernel("post_norm_layers", "CPU"):
+        return False
+    return bool(torch.ops.mtbert_fast_C.stack_by_sequences(allow))
+
+
+def stack_groups(cu_seqlens: torch.Tensor, threads: int, hidden: int, intermediate: int) -> list[int]:
+    """The groups of sequences the CPU kernel of post_norm_layers runs apart, one a thread, for layers of that hidden
+    and intermediate size on `threads` threads: the first sequence of each group and the sequence count after the
+    last, or [] where the batch runs whole (one thread, fewer sequences than threads, too few rows a thread for each
+    to read every weight, or no split of whole consecutive sequences near enough to even)."""
+    if not _ext.has_kernel("post_norm_layers", "CPU"):
+        return []
+    return list(torch.ops.mtbert_fast_C.stack_groups(cu_seqlens, threads, hidden, intermediate))
 
 
 def fake_stack(x, cu_seqlens, max_seqlen, weights, heads, scale, eps, approximate, rel_bias, packs=None):

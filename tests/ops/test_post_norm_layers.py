@@ -32,6 +32,27 @@ def _layer(h, inner, dtype, seed):
             1 + rand(h, seed=s + 10, scale=0.1, dtype=dtype), rand(h, seed=s + 11, scale=0.1, dtype=dtype))
 
 
+@pytest.fixture
+def whole_batch():
+    """The stack over the whole batch on every thread, as the kernels called one by one on the batch see it (no
+    groups of sequences on threads of their own); the switch restored after."""
+    before = ops.stack_by_sequences()
+    ops.stack_by_sequences(False)
+    yield
+    ops.stack_by_sequences(before)
+
+
+@pytest.fixture
+def by_sequences():
+    """Two threads, and the stack free to run each on its own sequences; both restored after."""
+    threads, allowed = torch.get_num_threads(), ops.stack_by_sequences()
+    torch.set_num_threads(2)
+    ops.stack_by_sequences(True)
+    yield
+    torch.set_num_threads(threads)
+    ops.stack_by_sequences(allowed)
+
+
 def _packed(plain):
     """The op's 12 tensors of a layer: each matrix as panels."""
     return layer_weights(*(ops.pack_panels(t) if t.dim() == 2 else t for t in plain))
@@ -88,7 +109,7 @@ def test_kernel_against_the_reference(backend, dtype, lengths, h, heads, inner, 
     assert_close(out, ref, native, dtype, atol=1e-5, rtol=1e-5)
 
 
-def test_equals_the_kernels_called_one_by_one(backend, dtype):
+def test_equals_the_kernels_called_one_by_one(backend, dtype, whole_batch):
     """The stack runs exactly the encoder's per-layer kernels: the same result, bit for bit."""
     lengths, h, heads, inner = [9, 3], 48, 4, 72
     t, scale, eps = sum(lengths), 0.25, 1e-12
@@ -107,7 +128,7 @@ def test_equals_the_kernels_called_one_by_one(backend, dtype):
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_onednn_weights_equal_the_kernels_called_one_by_one(backend, dtype, approximate):
+def test_onednn_weights_equal_the_kernels_called_one_by_one(backend, dtype, approximate, whole_batch):
     """Weights in oneDNN's layout run on oneDNN's linear, as the encoder runs a full batch: the result of the kernels
     called one by one, bit for bit, and the reference's; a stack may hold both kinds of weight, each product on the
     kernel its weight is packed for."""
@@ -153,7 +174,7 @@ def test_onednn_row_blocks():
         assert block(rows, features, torch.float32) == rows
 
 
-def test_onednn_products_in_row_blocks_equal_the_kernels_called_one_by_one(backend, monkeypatch):
+def test_onednn_products_in_row_blocks_equal_the_kernels_called_one_by_one(backend, monkeypatch, whole_batch):
     """A bf16 layer of BERT-base's width on 480 tokens: where the products of 768 output features run in row blocks
     (onednn_row_block), the stack gives the products called block by block, bit for bit, and the encoder's own
     layer-by-layer linear, where it takes oneDNN (here every product: panel_linear's row limits at 0), does the same;
@@ -187,6 +208,69 @@ def test_onednn_products_in_row_blocks_equal_the_kernels_called_one_by_one(backe
     assert_close(out, ref, native, dtype, atol=1e-5, rtol=1e-5)
 
 
+def test_stack_groups():
+    """The groups of sequences the stack runs one a thread: whole consecutive sequences, each boundary at the sequence
+    start nearest its even share of the rows. None with one thread, fewer sequences than threads, fewer rows a thread
+    than 0.4 of a layer's sum K N / sum (K + N) (123 at MiniLM's sizes, 246 at bert-base's) or more than 768, or a
+    group of more than 1.25 times an even share."""
+    minilm, bert_base = (384, 1536), (768, 3072)
+    full = cu_seqlens([128] * 8)
+    assert ops.stack_groups(full, 2, *minilm) == [0, 4, 8]
+    assert ops.stack_groups(full, 4, *bert_base) == [0, 2, 4, 6, 8]
+    assert ops.stack_groups(cu_seqlens([128] * 3), 3, *minilm) == [0, 1, 2, 3]
+    assert ops.stack_groups(full, 1, *minilm) == []
+    assert ops.stack_groups(cu_seqlens([512]), 2, *minilm) == []
+    assert ops.stack_groups(cu_seqlens([32] * 8), 2, *minilm) == [0, 4, 8]  # 128 rows a thread
+    assert ops.stack_groups(cu_seqlens([30] * 8), 2, *minilm) == []  # 120
+    assert ops.stack_groups(cu_seqlens([32] * 8), 2, *bert_base) == []
+    assert ops.stack_groups(cu_seqlens([62] * 8), 2, *bert_base) == [0, 4, 8]
+    assert ops.stack_groups(cu_seqlens([192] * 8), 2, *minilm) == [0, 4, 8]  # 768 rows a thread
+    assert ops.stack_groups(cu_seqlens([194] * 8), 2, *minilm) == []  # 776
+    # 480 rows: the start nearest 240 is 200 (not 330), and 280 rows are within 1.25 x 240
+    assert ops.stack_groups(cu_seqlens([200, 130, 150]), 2, *minilm) == [0, 1, 3]
+    assert ops.stack_groups(cu_seqlens([320, 60, 60, 40]), 2, *minilm) == []
+    # empty sequences go with a neighbour; no group is left without a sequence
+    assert ops.stack_groups(cu_seqlens([0, 128, 0, 0, 128, 0]), 2, *minilm) == [0, 4, 6]
+    with pytest.raises(RuntimeError, match="stack_groups: cu_seqlens must be a 1-D int32"):
+        ops.stack_groups(full.long(), 2, *minilm)
+
+
+@pytest.mark.parametrize("kind", ["panels", "onednn"])
+def test_groups_of_sequences_equal_the_stack_on_each_group(backend, dtype, kind, by_sequences):
+    """On two threads a batch of enough rows runs as two groups of sequences, one a thread: the result of the stack on
+    each group run whole (stack_by_sequences(False)), bit for bit; on panels (each row's bits the same at any row
+    count) also the result of the whole batch run whole; within the dtype's bound of the reference either way."""
+    lengths, h, heads, inner = [20, 24, 18, 22, 9], 48, 4, 72
+    t, scale, eps = sum(lengths), 0.25, 1e-12
+    plain = [_layer(h, inner, dtype, seed) for seed in (1, 2)]
+    weights = [w for layer in plain for w in (_packed(layer) if kind == "panels" else _onednn_packed(layer, dtype))]
+    rel_bias = rand(heads, 2 * max(lengths) - 1, seed=7)
+    x, cu = rand(t, h, seed=3, dtype=dtype), cu_seqlens(lengths)
+    first = ops.stack_groups(cu, 2, h, inner)
+    assert first == [0, 2, 5]
+
+    def run(rows, offsets):
+        return ops.post_norm_layers(rows, offsets, max(lengths), weights, heads, scale, eps, "none", rel_bias,
+                                    backend=backend.name)
+
+    with torch.inference_mode():
+        assert ops.stack_by_sequences() is True
+        out = run(x, cu)
+        assert ops.stack_by_sequences(False) is False and ops.stack_by_sequences() is False
+        whole = run(x, cu)
+        parts = []
+        for a, b in zip(first, first[1:]):
+            r0, r1 = int(cu[a]), int(cu[b])
+            parts.append(run(x[r0:r1], (cu[a:b + 1] - r0).to(torch.int32)))
+    assert torch.equal(out, torch.cat(parts))
+    if kind == "panels":
+        assert torch.equal(out, whole)
+    ref = reference.post_norm_layers(x.float(), cu, max(lengths), [w if w.is_mkldnn else w.float() for w in weights],
+                                     heads, scale, eps, "none", rel_bias)
+    native = _native(x, lengths, plain, heads, scale, eps, "none", rel_bias)
+    assert_close(out, ref, native, dtype, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("call", ["wrapper", "kernel"])
 def test_onednn_weight_errors_name_the_weight(backend, call):
     """A weight in oneDNN's layout of another shape or dtype than its product's is refused with its place and
@@ -210,7 +294,7 @@ def test_onednn_weight_errors_name_the_weight(backend, call):
 @pytest.mark.skipif(not mkl_module.available(), reason="this PyTorch has no MKL")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_plain_weights_with_mkl_packs_equal_the_kernels_called_one_by_one(backend, approximate, dtype):
+def test_plain_weights_with_mkl_packs_equal_the_kernels_called_one_by_one(backend, approximate, dtype, whole_batch):
     """Plain weights with their MKL packs run on mkl_linear, as the encoder runs a full batch on an Intel CPU
     (bf16 where the CPU has no bf16 arithmetic): the result of the kernels called one by one, bit for bit, and the
     reference's (which reads the plain weights); a stack may mix them with panels."""
