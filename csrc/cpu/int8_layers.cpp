@@ -13,7 +13,9 @@
 // where each product adds back its outlier channels in fp32 (the input's values there, gathered in fp32, times the
 // float weight's columns there; GELU's output keeps its values at the next product's outlier channels), so its output
 // equals the layer-by-layer calls bit for bit. A short input spends a large share of a forward between those kernels
-// when Python calls them one by one; here they follow each other through the C++ dispatcher.
+// when Python calls them one by one; here they follow each other through the C++ dispatcher. With several threads and
+// a batch of enough rows in sequences of even enough lengths, each thread runs the whole stack on its own sequences
+// (sequence_groups.h); the result is then that of the kernels called one by one on each group of sequences.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
@@ -25,6 +27,7 @@
 
 #include "checks.h"
 #include "cpu_utils.h"
+#include "sequence_groups.h"
 
 namespace mtbert_fast {
 namespace {
@@ -148,52 +151,57 @@ at::Tensor int8_layers_cpu(const at::Tensor& x,           // [T, H]
   const auto product = [&](int64_t layer, int64_t p) {
     return Product{weights.data() + layer * kPerLayer + p * kPerProduct};
   };
-  at::Tensor h = x;
-  // h quantized for the next product: (q, scale, zero)
-  Quantized hq = in_layer(0, "quantizing x", [&] { return quantize_rows.call(h, product(0, 0).smooth()); });
-  for (int64_t i = 0; i < layers; ++i) {
-    const Product qkv_w = product(i, 0), out_w = product(i, 1), inner_w = product(i, 2), ffn_w = product(i, 3);
-    const at::Tensor* norms = weights.data() + i * kPerLayer + kProducts * kPerProduct;
-    const auto call = [&](const Product& w, const Quantized& q, const std::pair<OptTensor, OptTensor>& outliers,
-                          const auto& kernel, auto&&... rest) {
-      return kernel.call(std::get<0>(q), std::get<1>(q), std::get<2>(q), w.w[1], w.w[2], w.w[3], outliers.first,
-                         outliers.second, rest...);
-    };
-    const at::Tensor qkv = in_layer(i, kProductNames[0], [&] {
-      return call(qkv_w, hq, qkv_w.outliers(h), linear, OptTensor(qkv_w.panels()));
-    });
-    const at::Tensor ctx = in_layer(i, "attention", [&] {
-      return std::get<0>(attention.call(qkv.view({T, 3, heads, H / heads}), cu_seqlens, max_seqlen, scale, 0.0,
-                                        none, rel_bias, -1, none, none, none))
-          .reshape({T, H});
-    });
-    Quantized4 normed = in_layer(i, kProductNames[1], [&] {
-      const Quantized cq = quantize_rows.call(ctx, out_w.smooth());
-      return call(out_w, cq, out_w.outliers(ctx), residual_norm_quantize, h, norms[0], norms[1], eps,
-                  inner_w.smooth(), OptTensor(out_w.panels()));
-    });
-    h = std::get<0>(normed);
-    hq = {std::get<1>(normed), std::get<2>(normed), std::get<3>(normed)};
-    const Quantized4 inner = in_layer(i, kProductNames[2], [&] {
-      return call(inner_w, hq, inner_w.outliers(h), gelu_quantize, approximate, ffn_w.smooth(),
-                  OptTensor(ffn_w.outlier_index()), OptTensor(inner_w.panels()));
-    });
-    const Quantized iq = {std::get<0>(inner), std::get<1>(inner), std::get<2>(inner)};
-    const auto outliers = ffn_w.kept(std::get<3>(inner));
-    if (i + 1 == layers) {
-      h = in_layer(i, kProductNames[3], [&] {
-        return call(ffn_w, iq, outliers, residual_norm, h, norms[2], norms[3], eps, OptTensor(ffn_w.panels()));
+  // the layers over the rows of whole sequences and their cu_seqlens (max_seqlen bounds every group's)
+  const auto stack = [&](at::Tensor h, const at::Tensor& cu) {
+    const int64_t rows = h.size(0);
+    // h quantized for the next product: (q, scale, zero)
+    Quantized hq = in_layer(0, "quantizing x", [&] { return quantize_rows.call(h, product(0, 0).smooth()); });
+    for (int64_t i = 0; i < layers; ++i) {
+      const Product qkv_w = product(i, 0), out_w = product(i, 1), inner_w = product(i, 2), ffn_w = product(i, 3);
+      const at::Tensor* norms = weights.data() + i * kPerLayer + kProducts * kPerProduct;
+      const auto call = [&](const Product& w, const Quantized& q, const std::pair<OptTensor, OptTensor>& outliers,
+                            const auto& kernel, auto&&... rest) {
+        return kernel.call(std::get<0>(q), std::get<1>(q), std::get<2>(q), w.w[1], w.w[2], w.w[3], outliers.first,
+                           outliers.second, rest...);
+      };
+      const at::Tensor qkv = in_layer(i, kProductNames[0], [&] {
+        return call(qkv_w, hq, qkv_w.outliers(h), linear, OptTensor(qkv_w.panels()));
       });
-    } else {
-      normed = in_layer(i, kProductNames[3], [&] {
-        return call(ffn_w, iq, outliers, residual_norm_quantize, h, norms[2], norms[3], eps,
-                    product(i + 1, 0).smooth(), OptTensor(ffn_w.panels()));
+      const at::Tensor ctx = in_layer(i, "attention", [&] {
+        return std::get<0>(attention.call(qkv.view({rows, 3, heads, H / heads}), cu, max_seqlen, scale, 0.0,
+                                          none, rel_bias, -1, none, none, none))
+            .reshape({rows, H});
+      });
+      Quantized4 normed = in_layer(i, kProductNames[1], [&] {
+        const Quantized cq = quantize_rows.call(ctx, out_w.smooth());
+        return call(out_w, cq, out_w.outliers(ctx), residual_norm_quantize, h, norms[0], norms[1], eps,
+                    inner_w.smooth(), OptTensor(out_w.panels()));
       });
       h = std::get<0>(normed);
       hq = {std::get<1>(normed), std::get<2>(normed), std::get<3>(normed)};
+      const Quantized4 inner = in_layer(i, kProductNames[2], [&] {
+        return call(inner_w, hq, inner_w.outliers(h), gelu_quantize, approximate, ffn_w.smooth(),
+                    OptTensor(ffn_w.outlier_index()), OptTensor(inner_w.panels()));
+      });
+      const Quantized iq = {std::get<0>(inner), std::get<1>(inner), std::get<2>(inner)};
+      const auto outliers = ffn_w.kept(std::get<3>(inner));
+      if (i + 1 == layers) {
+        h = in_layer(i, kProductNames[3], [&] {
+          return call(ffn_w, iq, outliers, residual_norm, h, norms[2], norms[3], eps, OptTensor(ffn_w.panels()));
+        });
+      } else {
+        normed = in_layer(i, kProductNames[3], [&] {
+          return call(ffn_w, iq, outliers, residual_norm_quantize, h, norms[2], norms[3], eps,
+                      product(i + 1, 0).smooth(), OptTensor(ffn_w.panels()));
+        });
+        h = std::get<0>(normed);
+        hq = {std::get<1>(normed), std::get<2>(normed), std::get<3>(normed)};
+      }
     }
-  }
-  return h;
+    return h;
+  };
+  read_cu_seqlens(op, cu_seqlens, T, max_seqlen, "x");
+  return cpu::by_sequence_groups(x, cu_seqlens.contiguous(), H, weights[2 * kPerProduct + 1].size(0), stack);
 }
 
 }  // namespace

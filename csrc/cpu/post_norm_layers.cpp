@@ -15,21 +15,13 @@
 // dispatcher.
 //
 // With several threads and a batch of enough rows in sequences of even enough lengths, each thread runs the whole
-// stack on its own sequences (sequence_groups), every kernel on that one thread: the kernels then share no parallel
-// region, so no thread waits at their barriers for the other or for the serial work between them, and each core
-// reads only the rows it wrote itself; in exchange each reads every weight. The result is then that of the kernels
-// called one by one on each group of sequences.
-#include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
+// stack on its own sequences (sequence_groups.h); the result is then that of the kernels called one by one on each
+// group of sequences.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/cat.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/sub.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <atomic>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -37,6 +29,7 @@
 
 #include "checks.h"
 #include "cpu_amx.h"
+#include "sequence_groups.h"
 
 namespace mtbert_fast {
 namespace {
@@ -102,45 +95,6 @@ at::Tensor onednn_linear(const at::Tensor& a, const at::Tensor& w, const std::op
   return at::cat(parts);
 }
 
-// Whether a stack may run each thread on its own sequences (stack_by_sequences).
-std::atomic<bool> by_sequences{true};
-
-// The least rows a thread takes its own sequences for, as a share of a layer's weight values per input and output
-// width summed over its four products (sum K N / sum (K + N): 307 rows for MiniLM's layers, 614 for bert-base's):
-// each thread then reads every weight, which enough rows pay for. With 64 rows a thread (8 sequences of 16 tokens on
-// two threads: 0.1-0.2 of that) bert-base's stacks and MiniLM's float32 one ran 6-13 % slower apart, with 128 (0.2-0.4)
-// even, from about 0.4 on 0-5 % faster (docs/cpu-full-batch.md, "Each thread on its own sequences").
-constexpr double kMinRowsShare = 0.4;
-// The most rows a thread takes its own sequences for: past about 1,000 rows a thread the shared kernels ran as fast
-// (float32) or up to 4 % faster (MiniLM in bf16 at 2,048 rows a thread).
-constexpr int64_t kMaxThreadRows = 768;
-// The most rows a group may hold over an even share: the threads wait for the largest.
-constexpr double kMaxGroupShare = 1.25;
-
-// The first sequence of each of `threads` groups of whole, consecutive sequences, B after the last, for the stack to
-// run each group on its own thread; empty where the batch stays whole: one thread, fewer sequences than threads, fewer
-// rows a thread than kMinRowsShare asks of the layers' shapes (H, I) or more than kMaxThreadRows, or no grouping within
-// kMaxGroupShare of an even share. Each boundary is the sequence start nearest its even share of the rows.
-std::vector<int64_t> sequence_groups(const int32_t* cu, int64_t B, int64_t threads, int64_t H, int64_t I) {
-  const int64_t T = cu[B];
-  const double weights = 4.0 * H * H + 2.0 * H * I, widths = 7.0 * H + 2.0 * I;
-  if (threads < 2 || B < threads || T < kMinRowsShare * weights / widths * threads || T > kMaxThreadRows * threads)
-    return {};
-  std::vector<int64_t> first(threads + 1, B);
-  first[0] = 0;
-  int64_t s = 0;
-  for (int64_t g = 1; g < threads; ++g) {
-    const double even = static_cast<double>(g) * T / threads;
-    while (s < B && cu[s + 1] <= even) ++s;  // cu[s] <= even < cu[s + 1]
-    const int64_t nearest = s < B && cu[s + 1] - even < even - cu[s] ? s + 1 : s;
-    first[g] = std::clamp<int64_t>(nearest, first[g - 1] + 1, B - (threads - g));
-  }
-  for (int64_t g = 0; g < threads; ++g) {
-    if (cu[first[g + 1]] - cu[first[g]] > kMaxGroupShare * T / threads) return {};
-  }
-  return first;
-}
-
 // weights: per layer, in order, [Wqkv, bqkv [3H], Wo, bo [H], norm weight [H], norm bias [H], Wi, bi [I], Wf, bf [H],
 // norm weight [H], norm bias [H]]; each matrix as the panels of pack_panels or in oneDNN's layout in x's dtype.
 at::Tensor post_norm_layers_cpu(const at::Tensor& x,           // [T, H]
@@ -204,8 +158,8 @@ at::Tensor post_norm_layers_cpu(const at::Tensor& x,           // [T, H]
     if (w.is_mkldnn()) return onednn_linear(a, w, b, gelu, approximate);
     return linear.call(a, w, b, n, gelu, gelu ? approximate : "none");
   };
-  // the layers over the rows of whole sequences: x [T, H] and their cu_seqlens
-  const auto stack = [&](at::Tensor h, const at::Tensor& cu, int64_t max_len) {
+  // the layers over the rows of whole sequences and their cu_seqlens (max_seqlen bounds every group's)
+  const auto stack = [&](at::Tensor h, const at::Tensor& cu) {
     const int64_t rows = h.size(0);
     for (int64_t i = 0; i < layers; ++i) {
       const at::Tensor* w = weights.data() + i * kPerLayer;
@@ -213,7 +167,7 @@ at::Tensor post_norm_layers_cpu(const at::Tensor& x,           // [T, H]
       const auto pack = [&](int j) { return p == nullptr ? nullptr : p + j; };
       const at::Tensor qkv = product(h, w[0], w[1], 3 * H, false, pack(0)).view({rows, 3, heads, H / heads});
       const at::Tensor ctx =
-          std::get<0>(attention.call(qkv, cu, max_len, scale, 0.0, none, rel_bias, -1, none, none, none));
+          std::get<0>(attention.call(qkv, cu, max_seqlen, scale, 0.0, none, rel_bias, -1, none, none, none));
       h = std::get<0>(
           residual_norm.call(product(ctx.view({rows, H}), w[2], none, H, false, pack(1)), w[3], h, w[4], w[5], eps));
       const at::Tensor inner = product(h, w[6], w[7], w[7].size(0), true, pack(2));
@@ -222,35 +176,14 @@ at::Tensor post_norm_layers_cpu(const at::Tensor& x,           // [T, H]
     return h;
   };
   read_cu_seqlens(op, cu_seqlens, T, max_seqlen, "x");
-  const at::Tensor cu = cu_seqlens.contiguous();
-  const int64_t B = cu.size(0) - 1;
-  const std::vector<int64_t> first =
-      by_sequences.load(std::memory_order_relaxed)
-          ? sequence_groups(cu.const_data_ptr<int32_t>(), B, at::get_num_threads(), H, weights[7].size(0))
-          : std::vector<int64_t>();
-  if (first.empty()) return stack(x, cu, max_seqlen);
-  // each group on its own thread, under the caller's thread-local state (inference mode, grad mode); the kernels
-  // inside run on that thread alone (at::parallel_for, oneDNN and MKL run serially inside a parallel region)
-  const int32_t* c = cu.const_data_ptr<int32_t>();
-  at::Tensor out = at::empty_like(x);
-  const at::ThreadLocalState state;
-  const int64_t groups = static_cast<int64_t>(first.size()) - 1;
-  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    const at::ThreadLocalStateGuard guard(state);
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t r0 = c[first[g]], rows = c[first[g + 1]] - r0;
-      const at::Tensor cu_g = at::sub(cu.narrow(0, first[g], first[g + 1] - first[g] + 1), r0);
-      out.narrow(0, r0, rows).copy_(stack(x.narrow(0, r0, rows), cu_g, max_seqlen));
-    }
-  });
-  return out;
+  return cpu::by_sequence_groups(x, cu_seqlens.contiguous(), H, weights[7].size(0), stack);
 }
 
-// stack_by_sequences(allow): sets whether a stack may run each thread on its own sequences (None leaves it), and
-// returns whether it now may.
+// stack_by_sequences(allow): sets whether the stacks (this op's and int8_layers) may run each thread on its own
+// sequences (None leaves it), and returns whether they now may.
 bool stack_by_sequences(std::optional<bool> allow) {
-  if (allow.has_value()) by_sequences.store(*allow, std::memory_order_relaxed);
-  return by_sequences.load(std::memory_order_relaxed);
+  if (allow.has_value()) cpu::by_sequences.store(*allow, std::memory_order_relaxed);
+  return cpu::by_sequences.load(std::memory_order_relaxed);
 }
 
 // stack_groups(cu_seqlens, threads, hidden, intermediate): the first sequence of each group that a stack of layers
@@ -265,7 +198,7 @@ std::vector<int64_t> stack_groups(const at::Tensor& cu_seqlens, int64_t threads,
   TORCH_CHECK(threads > 0 && hidden > 0 && intermediate > 0, op,
               ": threads, hidden and intermediate must be positive, got ", threads, ", ", hidden, ", ", intermediate);
   const at::Tensor cu = cu_seqlens.contiguous();
-  return sequence_groups(cu.const_data_ptr<int32_t>(), cu.size(0) - 1, threads, hidden, intermediate);
+  return cpu::sequence_groups(cu.const_data_ptr<int32_t>(), cu.size(0) - 1, threads, hidden, intermediate);
 }
 
 }  // namespace

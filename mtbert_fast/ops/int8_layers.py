@@ -9,7 +9,9 @@ GELU and quantization (int8_linear_gelu_quantize), and the output product with i
 the next layer (plain int8_linear_residual_layer_norm for the last one). Each product adds back its outlier channels
 in fp32. The result equals those calls made one by one, bit for bit; on a short input a forward spends a large
 share of its time between the kernels when Python calls them, and here they follow each other in C++. Inference
-only (no autograd).
+only (no autograd). Where a batch has enough rows on several threads, each thread runs the layers on its own
+sequences, as post_norm_layers does (`stack_groups`, `stack_by_sequences`); every int8 kernel gives each row the
+same bits at any row count, so the result is the same.
 """
 
 from __future__ import annotations

@@ -111,21 +111,23 @@ def post_norm_layers(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
 
 
 def stack_by_sequences(allow: bool | None = None) -> bool:
-    """Whether the CPU kernel of post_norm_layers may run each thread on its own sequences (`stack_groups`): on by
-    default. The kernels then see each group's rows instead of the batch's, so a product whose result depends on its
-    row count (oneDNN's blocking, `onednn_row_block`) can differ in its last bits from the batch run whole;
-    panel_linear, attention and the LayerNorms give every row the same bits either way. `allow` sets it for this
-    process (None leaves it); False where the CPU kernels are not loaded."""
+    """Whether the CPU kernels of post_norm_layers and int8_layers may run each thread on its own sequences
+    (`stack_groups`): on by default. The kernels then see each group's rows instead of the batch's, so a product whose
+    result depends on its row count (oneDNN's or MKL's blocking, `onednn_row_block`) can differ in its last bits from
+    the batch run whole; panel_linear, attention, the LayerNorms and the int8 kernels give every row the same bits
+    either way. `allow` sets it for this process (None leaves it); False where the CPU kernels are
+    not loaded."""
     if not _ext.has_kernel("post_norm_layers", "CPU"):
         return False
     return bool(torch.ops.mtbert_fast_C.stack_by_sequences(allow))
 
 
 def stack_groups(cu_seqlens: torch.Tensor, threads: int, hidden: int, intermediate: int) -> list[int]:
-    """The groups of sequences the CPU kernel of post_norm_layers runs apart, one a thread, for layers of that hidden
-    and intermediate size on `threads` threads: the first sequence of each group and the sequence count after the
-    last, or [] where the batch runs whole (one thread, fewer sequences than threads, too few rows a thread for each
-    to read every weight, or no split of whole consecutive sequences near enough to even)."""
+    """The groups of sequences the CPU kernels of post_norm_layers and int8_layers run apart, one a thread, for layers
+    of that hidden and intermediate size on `threads` threads: the first sequence of each group and the sequence count
+    after the last, or [] where the batch runs whole (one thread, fewer sequences than threads, too few rows a thread
+    for each to read every weight or too many for the groups to gain, or no split of whole consecutive sequences near
+    enough to even)."""
     if not _ext.has_kernel("post_norm_layers", "CPU"):
         return []
     return list(torch.ops.mtbert_fast_C.stack_groups(cu_seqlens, threads, hidden, intermediate))

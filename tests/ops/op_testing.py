@@ -38,6 +38,24 @@ def num_threads(n: int):
         torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def sequence_groups(allow: bool):
+    """Two threads, and the CPU layer stacks free (allow) or not to run each thread on its own sequences
+    (ops.stack_by_sequences); both set back after. Yields a list that, after the block, holds the threads that ran
+    each attention_varlen call inside it (by torch.profiler, which follows the stacks onto their threads)."""
+    from mtbert_fast import ops
+
+    before = ops.stack_by_sequences()
+    ops.stack_by_sequences(allow)
+    calls = []
+    try:
+        with num_threads(2), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            yield calls
+    finally:
+        ops.stack_by_sequences(before)
+    calls.extend(e.thread for e in prof.events() if e.name == "mtbert_fast_C::attention_varlen")
+
+
 @dataclass(frozen=True)
 class Runner:
     """One backend of one op on one device."""

@@ -13,7 +13,7 @@ from mtbert_fast.models.int8 import quantize_linear
 from mtbert_fast.ops import reference
 from mtbert_fast.ops.int8 import panels_vnni
 from mtbert_fast.ops.int8_layers import PER_LAYER, product_weights
-from op_testing import cu_seqlens, num_threads, rand
+from op_testing import cu_seqlens, num_threads, rand, sequence_groups
 
 OP_NAME = "int8_layers"
 
@@ -85,6 +85,34 @@ def test_equals_the_kernels_called_one_by_one(backend, dtype, approximate, relat
         want = _one_by_one(x, cu, max(lengths), weights, heads, scale, eps, approximate, rel_bias)
     assert out.dtype == dtype and out.shape == (t, h)
     assert torch.equal(out, want)
+
+
+def test_groups_of_sequences_equal_the_kernels_called_one_by_one(backend, dtype):
+    """On two threads a batch of enough rows runs as two groups of sequences, one a thread (ops.stack_groups: each
+    layer's attention then runs once a group, on two threads): every int8 kernel gives each row the same bits at any
+    row count, so the result is still the kernels' called one by one on the whole batch, bit for bit, and the
+    stack's on each group run on its own."""
+    lengths, h, heads, inner = [20, 24, 18, 22, 9], 48, 4, 72
+    t, scale, eps = sum(lengths), 1 / math.sqrt(h // heads), 1e-12
+    weights = [w for seed in (1, 2) for w in _layer(h, inner, dtype, seed)]
+    x, cu = rand(t, h, seed=3, dtype=dtype), cu_seqlens(lengths)
+    first = ops.stack_groups(cu, 2, h, inner)
+    assert first == [0, 2, 5]
+
+    def run(rows, offsets):
+        return backend.forward(rows, offsets, max(lengths), weights, heads, scale, eps, "none", None)
+
+    with torch.inference_mode():
+        with sequence_groups(True) as grouped:
+            out = run(x, cu)
+        with sequence_groups(False) as whole:
+            parts = [run(x[int(cu[a]):int(cu[b])], (cu[a:b + 1] - cu[a]).to(torch.int32))
+                     for a, b in zip(first, first[1:])]
+            want = _one_by_one(x, cu, max(lengths), weights, heads, scale, eps, "none", None)
+    assert len(grouped) == 2 * 2 and len(set(grouped)) == 2
+    assert len(whole) == 2 * 2 + 2 and len(set(whole)) == 1
+    assert torch.equal(out, want)
+    assert torch.equal(out, torch.cat(parts))
 
 
 @pytest.mark.parametrize("lengths", [[1], [5, 12]])

@@ -14,7 +14,7 @@ from mtbert_fast import ops
 from mtbert_fast.models import weight_pack
 from mtbert_fast.ops import reference
 from mtbert_fast.ops.post_norm_layers import layer_weights
-from op_testing import assert_close, cu_seqlens, rand
+from op_testing import assert_close, cu_seqlens, rand, sequence_groups
 
 OP_NAME = "post_norm_layers"
 mkl_module = importlib.import_module("mtbert_fast.ops.mkl_linear")
@@ -40,17 +40,6 @@ def whole_batch():
     ops.stack_by_sequences(False)
     yield
     ops.stack_by_sequences(before)
-
-
-@pytest.fixture
-def by_sequences():
-    """Two threads, and the stack free to run each on its own sequences; both restored after."""
-    threads, allowed = torch.get_num_threads(), ops.stack_by_sequences()
-    torch.set_num_threads(2)
-    ops.stack_by_sequences(True)
-    yield
-    torch.set_num_threads(threads)
-    ops.stack_by_sequences(allowed)
 
 
 def _packed(plain):
@@ -236,10 +225,11 @@ def test_stack_groups():
 
 
 @pytest.mark.parametrize("kind", ["panels", "onednn"])
-def test_groups_of_sequences_equal_the_stack_on_each_group(backend, dtype, kind, by_sequences):
-    """On two threads a batch of enough rows runs as two groups of sequences, one a thread: the result of the stack on
-    each group run whole (stack_by_sequences(False)), bit for bit; on panels (each row's bits the same at any row
-    count) also the result of the whole batch run whole; within the dtype's bound of the reference either way."""
+def test_groups_of_sequences_equal_the_stack_on_each_group(backend, dtype, kind):
+    """On two threads a batch of enough rows runs as two groups of sequences, one a thread (each layer's attention
+    then runs once a group, on two threads): the result of the stack on each group run whole, bit for bit; on panels
+    (each row's bits the same at any row count) also the result of the whole batch run whole; within the dtype's
+    bound of the reference either way."""
     lengths, h, heads, inner = [20, 24, 18, 22, 9], 48, 4, 72
     t, scale, eps = sum(lengths), 0.25, 1e-12
     plain = [_layer(h, inner, dtype, seed) for seed in (1, 2)]
@@ -254,17 +244,17 @@ def test_groups_of_sequences_equal_the_stack_on_each_group(backend, dtype, kind,
                                     backend=backend.name)
 
     with torch.inference_mode():
-        assert ops.stack_by_sequences() is True
-        out = run(x, cu)
-        assert ops.stack_by_sequences(False) is False and ops.stack_by_sequences() is False
-        whole = run(x, cu)
-        parts = []
-        for a, b in zip(first, first[1:]):
-            r0, r1 = int(cu[a]), int(cu[b])
-            parts.append(run(x[r0:r1], (cu[a:b + 1] - r0).to(torch.int32)))
+        with sequence_groups(True) as grouped:
+            out = run(x, cu)
+        with sequence_groups(False) as whole:
+            whole_out = run(x, cu)
+            parts = [run(x[int(cu[a]):int(cu[b])], (cu[a:b + 1] - cu[a]).to(torch.int32))
+                     for a, b in zip(first, first[1:])]
+    assert len(grouped) == 2 * 2 and len(set(grouped)) == 2
+    assert len(whole) == 2 + 2 * 2 and len(set(whole)) == 1
     assert torch.equal(out, torch.cat(parts))
     if kind == "panels":
-        assert torch.equal(out, whole)
+        assert torch.equal(out, whole_out)
     ref = reference.post_norm_layers(x.float(), cu, max(lengths), [w if w.is_mkldnn else w.float() for w in weights],
                                      heads, scale, eps, "none", rel_bias)
     native = _native(x, lengths, plain, heads, scale, eps, "none", rel_bias)
