@@ -203,6 +203,16 @@ template <typename Lanes>
 inline fVec centred(const float* acc, const float* wsum, int32_t zero, int64_t d, Lanes n) {
   return at::vec::fnmadd(fVec(static_cast<float>(zero)), load(wsum + d, n), load(acc + d, n));
 }
+// The same from int32 sums that fp32 holds exactly, with zero * wsum (kExactInFloat): each converted exactly, and one
+// fused multiply-add rounds their difference once, as the int32 route's conversion does, in two operations fewer
+// (the int32 product of zero and wsum takes two on the port that also converts).
+template <typename Lanes>
+inline fVec centred_in_float(const int32_t* acc, const float* wsum, int32_t zero, int64_t d, Lanes n) {
+  return at::vec::fnmadd(fVec(static_cast<float>(zero)), load(wsum + d, n),
+                         at::vec::convert_to_fp_of_same_size<float>(load_int(acc + d, n)));
+}
+// The longest reduction whose int32 sums and zero * wsum fp32 holds exactly: |q w| <= 255 * 128 per term, 2^24 in all.
+constexpr int64_t kExactInFloat = (int64_t{1} << 24) / (255 * 128);
 
 // The dequantized product of one row, plus bias and the outlier channels' fp32 part, handed to f(d, lanes, y)
 // vector by vector.
@@ -217,6 +227,7 @@ struct RowDequant {
   const float* outlier_w;  // [k, N]
   int64_t outliers;        // k (0: none)
   int64_t first = 0;       // the column of acc[0]
+  bool in_float = false;   // int32 sums of a reduction of at most kExactInFloat: centred_in_float
 
   // Columns [c0, c1) of a row of N (c0 >= first).
   template <typename F>
@@ -224,14 +235,23 @@ struct RowDequant {
     const fVec s(scale);
     const int32_t z = static_cast<int32_t>(zero);
     const A* a = acc + (c0 - first);
-    for_each_vec(c1 - c0, [&](int64_t i, auto n) {
-      const int64_t d = c0 + i;
-      fVec y = at::vec::fmadd(centred(a, wsum + c0, z, i, n), s * load(wscale + d, n), load(bias + d, n));
-      for (int64_t j = 0; j < outliers; ++j) {
-        y = at::vec::fmadd(fVec(outlier_x[j]), load(outlier_w + j * N + d, n), y);
+    const auto each = [&](auto centre) {
+      for_each_vec(c1 - c0, [&](int64_t i, auto n) {
+        const int64_t d = c0 + i;
+        fVec y = at::vec::fmadd(centre(a, wsum + c0, z, i, n), s * load(wscale + d, n), load(bias + d, n));
+        for (int64_t j = 0; j < outliers; ++j) {
+          y = at::vec::fmadd(fVec(outlier_x[j]), load(outlier_w + j * N + d, n), y);
+        }
+        f(d, n, y);
+      });
+    };
+    if constexpr (std::is_same_v<A, int32_t>) {
+      if (in_float) {
+        each([](auto&&... args) { return centred_in_float(args...); });
+        return;
       }
-      f(d, n, y);
-    });
+    }
+    each([](auto&&... args) { return centred(args...); });
   }
 
   template <typename F>
@@ -318,6 +338,7 @@ struct Int8Epilogue {
     at::Tensor sc, zc, wsc, wsm, xo, wo;
     int64_t k;
     const float *sc_p, *zc_p, *wsc_p, *wsm_p, *xo_p, *wo_p;
+    bool in_float;  // the sums come from panels of a reduction of at most kExactInFloat (sums of acc: not known)
 
     explicit RowInputs(const Int8Epilogue& e)
         : sc(e.scale.contiguous()),
@@ -332,12 +353,13 @@ struct Int8Epilogue {
           wsc_p(wsc.const_data_ptr<float>()),
           wsm_p(wsm.const_data_ptr<float>()),
           xo_p(k ? xo.const_data_ptr<float>() : nullptr),
-          wo_p(k ? wo.const_data_ptr<float>() : nullptr) {}
+          wo_p(k ? wo.const_data_ptr<float>() : nullptr),
+          in_float(e.panels.has_value() && e.panels->size(1) * cpu::int8::kGroup <= kExactInFloat) {}
 
     // row's RowDequant over its sums at acc, which hold the row's columns from `first` on
     template <typename A>
     RowDequant<A> row(int64_t r, const A* acc, int64_t first = 0) const {
-      return {acc, wsc_p, wsm_p, sc_p[r], zc_p[r], k ? xo_p + r * k : nullptr, wo_p, k, first};
+      return {acc, wsc_p, wsm_p, sc_p[r], zc_p[r], k ? xo_p + r * k : nullptr, wo_p, k, first, in_float};
     }
   };
 

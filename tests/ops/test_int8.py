@@ -617,6 +617,29 @@ def test_product_ops_take_the_sums_from_panels(shape, op, dtype, outliers, threa
         assert torch.equal(g, w)
 
 
+@pytest.mark.parametrize("op", ["linear", "gelu_quantize", "residual_layer_norm", "residual_layer_norm_quantize"])
+@pytest.mark.parametrize("k", [512, 516])
+def test_panel_sums_at_their_largest_dequantize_as_the_summed_ones(k, op):
+    """The panels' epilogues centre int32 sums of reductions of up to 514 in fp32 (acc and zero * wsum each exact
+    there, their difference rounded once), the longer ones in int32: at the largest sums either way (q of 255 or 0,
+    zero points of 0 and 255, weight rows of -128 but one -127, whose sums past 2^24 are odd, or of 127) the same bits
+    as the ops on int8_panel_sums' result. Centred in fp32 at 516, the rows of q and zero 255 would read a rounding
+    of acc instead of 0."""
+    n, m = 32, 64
+    q = torch.full((n, k), 255, dtype=torch.uint8)
+    q[n // 2:] = 0
+    w = torch.full((m, k), -128, dtype=torch.int8)
+    w[:, 0] = -127
+    w[1::2] = 127
+    zero = torch.tensor([0.0, 255.0]).repeat(n // 2)
+    args = (q, rand(n, seed=1).abs() * 1e-3, zero, rand(m, seed=2).abs() * 1e-2, w.float().sum(1), rand(m, seed=3))
+    summed = (ops.int8_panel_sums(q, ops.pack_int8_panels(w), m), *args[1:])
+    call = _product_ops(torch.float32, m, "cpu")[op]
+    got, want = _as_tuple(call(args, None, ops.pack_int8_panels(w))), _as_tuple(call(summed, None, None))
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
 @pytest.mark.parametrize("threads", [3, 5])
 @pytest.mark.parametrize("outliers", [False, True], ids=["int8", "outliers"])
 @pytest.mark.parametrize("op", ["linear", "gelu_quantize"])
