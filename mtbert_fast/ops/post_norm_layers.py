@@ -3,10 +3,10 @@
 Each layer is the encoder's inference layer, kernel for kernel: the QKV product, attention_varlen, the attention
 output's product and bias_residual_layer_norm, the intermediate product with its GELU, the output product and
 bias_residual_layer_norm; its result equals those calls made one by one, bit for bit (on each group of sequences
-where the stack runs its threads apart, below). Each product runs on the kernel
-its weight is packed for: panel_linear on the panels of `pack_panels` (the encoder's inputs of few rows), mkl_linear on
-a plain weight in x's dtype with its pack (`pack_mkl`, in `packs`; the encoder's other float32 inputs on Intel CPUs with
-AVX-512, and bf16 ones where they have no bf16 arithmetic), or oneDNN's linear on a weight in oneDNN's blocked layout
+where the stack runs its threads apart, below). Each product runs on the kernel its weight is packed for:
+panel_linear on the panels of `pack_panels` (the encoder's inputs of few rows), mkl_linear on a plain weight in x's
+dtype with its pack (`pack_mkl`, in `packs`; the encoder's other float32 inputs on Intel CPUs with AVX-512, and bf16
+ones where they have no bf16 arithmetic), or oneDNN's linear on a weight in oneDNN's blocked layout
 (`torch.ops.mkldnn._reorder_linear_weight`, an mkldnn tensor in x's dtype; the encoder's other inputs). Called from
 Python the kernels wait between each other for the interpreter: a large share of a short input's forward and a few
 percent of a full batch's; here they follow each other in C++. Inference only (no autograd).
@@ -115,8 +115,7 @@ def stack_by_sequences(allow: bool | None = None) -> bool:
     (`stack_groups`): on by default. The kernels then see each group's rows instead of the batch's, so a product whose
     result depends on its row count (oneDNN's or MKL's blocking, `onednn_row_block`) can differ in its last bits from
     the batch run whole; panel_linear, attention, the LayerNorms and the int8 kernels give every row the same bits
-    either way. `allow` sets it for this process (None leaves it); False where the CPU kernels are
-    not loaded."""
+    either way. `allow` sets it for this process (None leaves it); False where the CPU kernels are not loaded."""
     if not _ext.has_kernel("post_norm_layers", "CPU"):
         return False
     return bool(torch.ops.mtbert_fast_C.stack_by_sequences(allow))

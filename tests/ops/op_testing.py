@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mtbert_fast import ops
 from mtbert_fast.ops import registry
 
 CPU = torch.device("cpu")
@@ -43,8 +44,6 @@ def sequence_groups(allow: bool):
     """Two threads, and the CPU layer stacks free (allow) or not to run each thread on its own sequences
     (ops.stack_by_sequences); both set back after. Yields a list that, after the block, holds the threads that ran
     each attention_varlen call inside it (by torch.profiler, which follows the stacks onto their threads)."""
-    from mtbert_fast import ops
-
     before = ops.stack_by_sequences()
     ops.stack_by_sequences(allow)
     calls = []
